@@ -1,0 +1,352 @@
+/* Launch-parameter structs of every blockcascade kernel: the single contract between the
+ * kernels (cuda/*.cu, compiled by nvcc or as host C++ under cuda/emu) and Rust
+ * (src/kernels/params.rs is generated from this file by scripts/regen-params.sh; CI checks
+ * that the committed twin is up to date).
+ *
+ * Plain C (no CUDA headers) so that bindgen can read it. Conventions:
+ * - `bc_bf16` is a bfloat16 stored as its 16 raw bits; in kernels it is `__nv_bfloat16`.
+ * - activations feeding GEMMs are bf16, row-major `[rows, dim]` with an explicit row stride
+ *   (in elements); the residual stream, latents, per-frame conditioning, norm weights and
+ *   biases are f32;
+ * - per-frame conditioning is `[frames, ...]` with a frame stride (in elements), row `r` of
+ *   the activations uses frame `r / tokens_per_frame`; so `e0 [frames, 6, dim]` can be passed
+ *   directly as `shift = e0 + 0*dim`, `scale = e0 + 1*dim`, `frame_stride = 6*dim`;
+ * - every pointer is a device pointer (a host pointer under emulation); pointers marked
+ *   "optional" may be NULL;
+ * - counts are int32 (all shapes of the model fit), pointers are 16-byte aligned and `dim`,
+ *   `head_dim` are multiples of 8 unless said otherwise.
+ */
+#ifndef BLOCKCASCADE_PARAMS_H
+#define BLOCKCASCADE_PARAMS_H
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 bc_bf16;
+typedef long long bc_i64;
+typedef int bc_i32;
+#elif defined(BC_EMU)
+#include "../emu/bf16.h"
+typedef __nv_bfloat16 bc_bf16;
+typedef long long bc_i64;
+typedef int bc_i32;
+#else
+#include <stdint.h>
+/** A bfloat16 value stored as its raw bits. */
+typedef uint16_t bc_bf16;
+typedef int64_t bc_i64;
+typedef int32_t bc_i32;
+#endif
+
+/** Threads per block of the row-wise kernels (one block per row). */
+#define BC_ROW_THREADS 256
+/** Threads per block of the element-wise kernels. */
+#define BC_ELEM_THREADS 256
+/** Threads per block of the attention kernels. */
+#define BC_ATTN_THREADS 128
+/** Query rows per attention block (grid.x = ceil(max rows of a group / BC_ATTN_BQ)). */
+#define BC_ATTN_BQ 32
+/** Keys per attention tile. */
+#define BC_ATTN_BK 32
+
+/** Grid and block dimensions of one launch (used by the emulated launcher). */
+typedef struct BcLaunchDims {
+    /** Blocks per grid (x, y, z). */
+    unsigned int grid[3];
+    /** Threads per block (x, y, z). */
+    unsigned int block[3];
+    /** Dynamic shared memory in bytes. */
+    unsigned int shared_bytes;
+} BcLaunchDims;
+
+/** `bc_ln_modulate`: `out = LN(x) * (1 + scale[f] + scale_bias) + shift[f] + shift_bias`,
+ * LayerNorm without affine (f32 statistics). Grid (rows), block BC_ROW_THREADS.
+ * The head modulation is this kernel with `shift = e`, `shift_bias = head.modulation[0]`,
+ * `scale = e`, `scale_bias = head.modulation[1]`. */
+typedef struct BcLnModulateParams {
+    /** Input rows `[rows, x_stride]`, f32 (the residual stream). */
+    const float *x;
+    /** Output rows `[rows, out_stride]`, bf16. */
+    bc_bf16 *out;
+    /** Per-frame shift `[frames, frame_stride]`, f32. */
+    const float *shift;
+    /** Per-frame scale `[frames, frame_stride]`, f32. */
+    const float *scale;
+    /** Optional `[dim]` f32 added to every frame's shift. */
+    const float *shift_bias;
+    /** Optional `[dim]` f32 added to every frame's scale. */
+    const float *scale_bias;
+    /** Number of rows. */
+    bc_i32 rows;
+    /** Row length. */
+    bc_i32 dim;
+    /** Row stride of `x` in elements. */
+    bc_i32 x_stride;
+    /** Row stride of `out` in elements. */
+    bc_i32 out_stride;
+    /** Elements between consecutive frames of `shift`/`scale`. */
+    bc_i32 frame_stride;
+    /** Rows per frame. */
+    bc_i32 tokens_per_frame;
+    /** LayerNorm epsilon. */
+    float eps;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcLnModulateParams;
+
+/** `bc_layer_norm_affine`: `out = LN(x) * weight + bias` (f32 in, bf16 out).
+ * Grid (rows), block BC_ROW_THREADS. */
+typedef struct BcLayerNormParams {
+    /** Input rows, f32. */
+    const float *x;
+    /** Output rows, bf16. */
+    bc_bf16 *out;
+    /** `[dim]` f32. */
+    const float *weight;
+    /** `[dim]` f32. */
+    const float *bias;
+    /** Number of rows. */
+    bc_i32 rows;
+    /** Row length. */
+    bc_i32 dim;
+    /** Row stride of `x` in elements. */
+    bc_i32 x_stride;
+    /** Row stride of `out` in elements. */
+    bc_i32 out_stride;
+    /** LayerNorm epsilon. */
+    float eps;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcLayerNormParams;
+
+/** `bc_gated_residual`: `x += delta * (gate[f] + gate_bias)` (x f32, delta bf16);
+ * `gate = NULL` means a plain residual add. Grid (ceil(rows*dim/2 / BC_ELEM_THREADS)),
+ * block BC_ELEM_THREADS. */
+typedef struct BcGatedResidualParams {
+    /** Residual stream `[rows, dim]` f32 (contiguous), updated in place. */
+    float *x;
+    /** `[rows, delta_stride]` bf16. */
+    const bc_bf16 *delta;
+    /** Optional per-frame gate `[frames, frame_stride]` f32. */
+    const float *gate;
+    /** Optional `[dim]` f32 added to every frame's gate (only used with `gate`). */
+    const float *gate_bias;
+    /** Number of rows. */
+    bc_i32 rows;
+    /** Row length (even). */
+    bc_i32 dim;
+    /** Row stride of `delta` in elements. */
+    bc_i32 delta_stride;
+    /** Elements between consecutive frames of `gate`. */
+    bc_i32 frame_stride;
+    /** Rows per frame. */
+    bc_i32 tokens_per_frame;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcGatedResidualParams;
+
+/** `bc_qk_norm_rope`: optional RMSNorm over the full row (f32 statistics, with weight),
+ * then optional 3D RoPE per head, then a store either to contiguous rows or into KV-cache
+ * ring-buffer slots. Used for q (norm + rope), k (norm + rope, to the cache) and v (copy to
+ * the cache). Row `r` belongs to local frame `lf = r / tokens_per_frame` whose absolute frame
+ * index (the temporal RoPE position) is `frame_pos[lf]` (or `first_frame + lf` without
+ * `frame_pos`); its height/width positions are `(r % tpf) / wp`, `r % wp`. Output row:
+ * `out + (slot * tokens_per_frame + r % tpf) * out_stride` with `slot = frame_slot[lf]`, or
+ * `out + r * out_stride` without `frame_slot`. Can run in place (out == x, no slots).
+ * Grid (rows), block BC_ROW_THREADS. */
+typedef struct BcQkNormRopeParams {
+    /** Input rows `[rows, x_stride]` bf16. */
+    const bc_bf16 *x;
+    /** Output base, bf16. */
+    bc_bf16 *out;
+    /** Optional RMSNorm weight `[heads*head_dim]` f32 (NULL: no norm). */
+    const float *norm_weight;
+    /** Optional `[frames]` absolute frame index of each local frame. */
+    const bc_i32 *frame_pos;
+    /** Optional `[frames]` cache slot of each local frame. */
+    const bc_i32 *frame_slot;
+    /** Number of rows. */
+    bc_i32 rows;
+    /** Heads per row. */
+    bc_i32 heads;
+    /** Head dimension (even). */
+    bc_i32 head_dim;
+    /** Row stride of `x` in elements. */
+    bc_i32 x_stride;
+    /** Row stride of `out` in elements. */
+    bc_i32 out_stride;
+    /** Rows per frame (= hp * wp). */
+    bc_i32 tokens_per_frame;
+    /** Patch columns per frame row. */
+    bc_i32 wp;
+    /** Temporal position of local frame 0 when `frame_pos` is NULL. */
+    bc_i32 first_frame;
+    /** 1: apply RoPE, 0: do not. */
+    bc_i32 rope;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+    /** RMSNorm epsilon. */
+    float eps;
+    /** RoPE theta (10000). */
+    float theta;
+} BcQkNormRopeParams;
+
+/** One contiguous run of keys and values (e.g. one cache slot or one window member). */
+typedef struct BcKvSegment {
+    /** Keys: row 0 of the run, rows of `kv_stride` elements. */
+    const bc_bf16 *k;
+    /** Values: row 0 of the run, rows of `kv_stride` elements. */
+    const bc_bf16 *v;
+    /** Number of key rows. */
+    bc_i32 tokens;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcKvSegment;
+
+/** A run of query rows that all see the same key segments (one window member). */
+typedef struct BcAttnGroup {
+    /** First query row. */
+    bc_i32 q_begin;
+    /** Number of query rows. */
+    bc_i32 q_rows;
+    /** First entry of this group's list in `seg_index`. */
+    bc_i32 seg_begin;
+    /** Number of segments this group sees. */
+    bc_i32 seg_count;
+} BcAttnGroup;
+
+/** `bc_attention_hd64` / `bc_attention_hd128` (head_dim <= 64 / <= 128, multiple of 8):
+ * `out[n, h] = softmax(q[n, h] . K[:, h]^T * scale) . V[:, h]` over the segments listed for
+ * n's group, online softmax, f32 accumulation; a group without keys gets zeros.
+ * Tables (`segments`, `seg_index`, `groups`) live in device memory so that one captured
+ * graph can be replayed with new lengths. Grid (ceil(max q_rows / BC_ATTN_BQ), heads,
+ * num_groups), block BC_ATTN_THREADS. Self- and cross-attention use the same kernel. */
+typedef struct BcAttentionParams {
+    /** Queries `[nq, q_stride]` bf16, head h at columns `h*head_dim`. */
+    const bc_bf16 *q;
+    /** Output `[nq, out_stride]` bf16. */
+    bc_bf16 *out;
+    /** Segment table. */
+    const BcKvSegment *segments;
+    /** Concatenated per-group lists of indices into `segments`. */
+    const bc_i32 *seg_index;
+    /** `[num_groups]` query groups. */
+    const BcAttnGroup *groups;
+    /** Number of groups (= grid.z). */
+    bc_i32 num_groups;
+    /** Number of heads. */
+    bc_i32 heads;
+    /** Head dimension. */
+    bc_i32 head_dim;
+    /** Row stride of `q` in elements. */
+    bc_i32 q_stride;
+    /** Row stride of keys and values in elements. */
+    bc_i32 kv_stride;
+    /** Row stride of `out` in elements. */
+    bc_i32 out_stride;
+    /** Softmax scale, usually `1/sqrt(head_dim)`. */
+    float scale;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcAttentionParams;
+
+/** Activation selector of `bc_activation`. */
+#define BC_ACT_GELU_TANH 0
+/** Activation selector of `bc_activation`. */
+#define BC_ACT_SILU 1
+
+/** `bc_activation`: `out[i] = act(x[i])`, bf16 (`bf16 = 1`) or f32; may run in place.
+ * Grid (ceil(n / BC_ELEM_THREADS)), block BC_ELEM_THREADS. */
+typedef struct BcActivationParams {
+    /** Input, `n` values. */
+    const void *x;
+    /** Output, `n` values. */
+    void *out;
+    /** Number of values. */
+    bc_i64 n;
+    /** BC_ACT_GELU_TANH or BC_ACT_SILU. */
+    bc_i32 op;
+    /** 1: bf16 data, 0: f32 data. */
+    bc_i32 bf16;
+} BcActivationParams;
+
+/** `bc_time_embedding`: `out[f] = [cos(t_f w_i), sin(t_f w_i)]`, `w_i = 10000^(-i/half)`,
+ * computed in f64. Grid (frames), block BC_ELEM_THREADS. */
+typedef struct BcTimeEmbeddingParams {
+    /** `[frames]` timesteps. */
+    const float *t;
+    /** `[frames, freq_dim]` f32. */
+    float *out;
+    /** Number of frames. */
+    bc_i32 frames;
+    /** Embedding size (even). */
+    bc_i32 freq_dim;
+} BcTimeEmbeddingParams;
+
+/** `bc_patchify` (latents f32 `[frames, ch, h, w]` to bf16 rows `[frames*(h/2)*(w/2), ch*4]`,
+ * element order (c, dh, dw)) and `bc_unpatchify` (bf16 rows `[tokens, row_stride]`, element
+ * order (dh, dw, c), to f32 latents). One thread per output element; grid
+ * (ceil(frames*ch*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS. */
+typedef struct BcPatchParams {
+    /** Latents `[frames, ch, h, w]` f32 (input of patchify, output of unpatchify). */
+    float *latents;
+    /** Patch rows bf16 (output of patchify, input of unpatchify). */
+    bc_bf16 *rows;
+    /** Number of frames. */
+    bc_i32 frames;
+    /** Channels (16). */
+    bc_i32 ch;
+    /** Latent height (even). */
+    bc_i32 h;
+    /** Latent width (even). */
+    bc_i32 w;
+    /** Row stride of `rows` in elements (>= ch*4). */
+    bc_i32 row_stride;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcPatchParams;
+
+/** `bc_flow_step`, per frame f (elements `[f*frame_elems, (f+1)*frame_elems)`):
+ * `x0 = x - sigma[f] * v`; if `sigma_next` is given and `sigma_next[f] >= 0`:
+ * `x = (1 - sn) * x0 + sn * noise`, else `x = x0`. `x0_out` (optional) receives x0.
+ * Grid (ceil(frames*frame_elems / BC_ELEM_THREADS)), block BC_ELEM_THREADS. */
+typedef struct BcFlowStepParams {
+    /** Latents, f32, updated in place. */
+    float *x;
+    /** Flow prediction, f32. */
+    const float *v;
+    /** Optional renoise `[frames, frame_elems]` f32 (needed when renoising). */
+    const float *noise;
+    /** Optional x0 output, f32. */
+    float *x0_out;
+    /** `[frames]` sigma of the current step. */
+    const float *sigma;
+    /** Optional `[frames]` sigma of the next step, negative: no renoise for that frame. */
+    const float *sigma_next;
+    /** Number of frames. */
+    bc_i32 frames;
+    /** Elements per frame (ch*h*w). */
+    bc_i32 frame_elems;
+} BcFlowStepParams;
+
+/** One copy of `bytes` bytes (peer copies of latents and K/V between devices). */
+typedef struct BcCopyRegion {
+    /** Source. */
+    const void *src;
+    /** Destination (may be on a peer device). */
+    void *dst;
+    /** Byte count. */
+    bc_i64 bytes;
+} BcCopyRegion;
+
+/** `bc_copy`: every region copied, 16-byte vectors when both ends are 16-byte aligned.
+ * Grid (blocks per region, num_regions), block BC_ELEM_THREADS. */
+typedef struct BcCopyParams {
+    /** `[num_regions]` regions, in device memory. */
+    const BcCopyRegion *regions;
+    /** Number of regions (= grid.y). */
+    bc_i32 num_regions;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcCopyParams;
+
+#endif /* BLOCKCASCADE_PARAMS_H */

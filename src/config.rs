@@ -1,0 +1,296 @@
+//! Configuration: the Wan `config.json` of a model, and the settings of a generation.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+fn default_text_dim() -> usize {
+    4096
+}
+fn default_patch() -> Vec<usize> {
+    vec![1, 2, 2]
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_freq_dim() -> usize {
+    256
+}
+fn default_text_len() -> usize {
+    512
+}
+fn default_in_dim() -> usize {
+    16
+}
+fn default_model_type() -> String {
+    "t2v".into()
+}
+
+/// The fields of a Wan `config.json` this engine uses.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModelConfig {
+    /// Hidden size.
+    pub dim: usize,
+    /// FFN hidden size.
+    pub ffn_dim: usize,
+    /// Size of the sinusoidal time embedding.
+    #[serde(default = "default_freq_dim")]
+    pub freq_dim: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Transformer blocks.
+    pub num_layers: usize,
+    /// Latent channels in.
+    #[serde(default = "default_in_dim")]
+    pub in_dim: usize,
+    /// Latent channels out.
+    #[serde(default = "default_in_dim")]
+    pub out_dim: usize,
+    /// Text tokens cross-attention sees (prompts are zero-padded to this).
+    #[serde(default = "default_text_len")]
+    pub text_len: usize,
+    /// Width of the prompt embeddings.
+    #[serde(default = "default_text_dim")]
+    pub text_dim: usize,
+    /// Patch size (t, h, w); only `[1, 2, 2]` is supported.
+    #[serde(default = "default_patch")]
+    pub patch_size: Vec<usize>,
+    /// Norm epsilon.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// `t2v` (text to video) is supported.
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: ModelConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::format(format!("{}: malformed config: {e}", path.display())))?;
+        cfg.validate()
+            .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
+    /// Checks the combination of fields this engine supports.
+    pub fn validate(&self) -> Result<()> {
+        let err = |m: String| Err(Error::Unsupported(m));
+        if self.dim == 0 || self.num_heads == 0 || self.num_layers == 0 || self.ffn_dim == 0 {
+            return err("dim, ffn_dim, num_heads and num_layers must be positive".into());
+        }
+        if self.dim % self.num_heads != 0 || (self.dim / self.num_heads) % 2 != 0 {
+            return err(format!(
+                "dim {} must split into {} heads of even size",
+                self.dim, self.num_heads
+            ));
+        }
+        if self.patch_size != [1, 2, 2] {
+            return err(format!("patch_size {:?} (only [1, 2, 2])", self.patch_size));
+        }
+        if self.in_dim != 16 || self.out_dim != 16 {
+            return err(format!(
+                "in_dim {} / out_dim {} (only 16 latent channels)",
+                self.in_dim, self.out_dim
+            ));
+        }
+        if self.model_type != "t2v" {
+            return err(format!("model_type `{}` (only t2v)", self.model_type));
+        }
+        if self.freq_dim == 0 || self.freq_dim % 2 != 0 || self.text_len == 0 || self.text_dim == 0 {
+            return err("freq_dim must be even and text_len, text_dim positive".into());
+        }
+        Ok(())
+    }
+
+    /// Channels per attention head.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.num_heads
+    }
+
+    /// Parameter count implied by the config.
+    pub fn parameter_count(&self) -> usize {
+        weight_shapes(self).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+}
+
+/// Every weight the model needs, with its shape, in the upstream naming.
+pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let d = c.dim;
+    let mut v: Vec<(String, Vec<usize>)> = vec![
+        ("patch_embedding.weight".into(), vec![d, c.in_dim, 1, 2, 2]),
+        ("patch_embedding.bias".into(), vec![d]),
+        ("text_embedding.0.weight".into(), vec![d, c.text_dim]),
+        ("text_embedding.0.bias".into(), vec![d]),
+        ("text_embedding.2.weight".into(), vec![d, d]),
+        ("text_embedding.2.bias".into(), vec![d]),
+        ("time_embedding.0.weight".into(), vec![d, c.freq_dim]),
+        ("time_embedding.0.bias".into(), vec![d]),
+        ("time_embedding.2.weight".into(), vec![d, d]),
+        ("time_embedding.2.bias".into(), vec![d]),
+        ("time_projection.1.weight".into(), vec![6 * d, d]),
+        ("time_projection.1.bias".into(), vec![6 * d]),
+    ];
+    for l in 0..c.num_layers {
+        for a in ["self_attn", "cross_attn"] {
+            for p in ["q", "k", "v", "o"] {
+                v.push((format!("blocks.{l}.{a}.{p}.weight"), vec![d, d]));
+                v.push((format!("blocks.{l}.{a}.{p}.bias"), vec![d]));
+            }
+            v.push((format!("blocks.{l}.{a}.norm_q.weight"), vec![d]));
+            v.push((format!("blocks.{l}.{a}.norm_k.weight"), vec![d]));
+        }
+        v.push((format!("blocks.{l}.norm3.weight"), vec![d]));
+        v.push((format!("blocks.{l}.norm3.bias"), vec![d]));
+        v.push((format!("blocks.{l}.ffn.0.weight"), vec![c.ffn_dim, d]));
+        v.push((format!("blocks.{l}.ffn.0.bias"), vec![c.ffn_dim]));
+        v.push((format!("blocks.{l}.ffn.2.weight"), vec![d, c.ffn_dim]));
+        v.push((format!("blocks.{l}.ffn.2.bias"), vec![d]));
+        v.push((format!("blocks.{l}.modulation"), vec![1, 6, d]));
+    }
+    let po = c.out_dim * 4;
+    v.push(("head.head.weight".into(), vec![po, d]));
+    v.push(("head.head.bias".into(), vec![po]));
+    v.push(("head.modulation".into(), vec![1, 2, d]));
+    v
+}
+
+/// Which schedule runs the blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Schedule {
+    /// Self-Forcing order: every block finishes all steps before the next starts (lag = S).
+    Sequential,
+    /// Block Cascading with the given lag (1..=S).
+    Cascade {
+        /// Steps a block completes before its successor starts.
+        lag: usize,
+    },
+}
+
+/// Visibility among the denoising members of a cascade window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttentionMode {
+    /// A member sees only earlier frames.
+    Causal,
+    /// A denoising member also sees the later denoising members.
+    Bidirectional,
+}
+
+/// What happens to the KV cache when the prompt changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Recache {
+    /// Keep the cache (cascade behaviour).
+    None,
+    /// Re-run the cached frames under the new prompt (LongLive).
+    Window,
+}
+
+/// Settings of one generation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenerateOptions {
+    /// Latent height (even).
+    pub height: usize,
+    /// Latent width (even).
+    pub width: usize,
+    /// Latent frames per block.
+    pub block_frames: usize,
+    /// Denoising steps on the 0..1000 scale before warping, e.g. `[1000, 750, 500, 250]`.
+    pub steps: Vec<f64>,
+    /// Flow-matching shift.
+    pub shift: f64,
+    /// Local attention window in frames (`None` = global attention).
+    pub local_attn: Option<usize>,
+    /// Sink frames kept visible with local attention.
+    pub sink: usize,
+    /// Timestep of the context member (only 0 is supported).
+    pub context_noise: f64,
+    /// The schedule.
+    pub schedule: Schedule,
+    /// Visibility among denoising members.
+    pub attention: AttentionMode,
+    /// Cache behaviour at prompt switches.
+    pub recache: Recache,
+    /// Run the context member as its own forward instead of merging it into the next
+    /// block's first step (the literal Self-Forcing loop; slower, same result).
+    pub separate_context_pass: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            height: 8,
+            width: 12,
+            block_frames: 3,
+            steps: vec![1000.0, 750.0, 500.0, 250.0],
+            shift: 5.0,
+            local_attn: None,
+            sink: 0,
+            context_noise: 0.0,
+            schedule: Schedule::Sequential,
+            attention: AttentionMode::Causal,
+            recache: Recache::None,
+            separate_context_pass: false,
+        }
+    }
+}
+
+impl GenerateOptions {
+    /// Checks the settings; `frames` (if known) must be whole blocks.
+    pub fn validate(&self, frames: Option<usize>) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.height == 0 || self.width == 0 || self.height % 2 != 0 || self.width % 2 != 0 {
+            return bad(format!(
+                "latent height and width must be positive and even (patch 2x2), got {}x{}",
+                self.height, self.width
+            ));
+        }
+        if self.block_frames == 0 {
+            return bad("block frames must be at least 1".into());
+        }
+        if let Some(f) = frames {
+            if f == 0 || f % self.block_frames != 0 {
+                return bad(format!(
+                    "frames ({f}) must be a positive multiple of the block size ({})",
+                    self.block_frames
+                ));
+            }
+        }
+        if self.steps.is_empty() || self.steps.iter().any(|s| !(s.is_finite() && *s > 0.0 && *s <= 1000.0)) {
+            return bad(format!("steps must be values in (0, 1000], got {:?}", self.steps));
+        }
+        if !(self.shift.is_finite() && self.shift > 0.0) {
+            return bad(format!("shift must be positive, got {}", self.shift));
+        }
+        if let Some(l) = self.local_attn {
+            if l <= self.sink {
+                return bad(format!(
+                    "local attention window ({l}) must be larger than the sink ({})",
+                    self.sink
+                ));
+            }
+        } else if self.sink > 0 {
+            return bad("--sink needs a local attention window (--local-attn)".into());
+        }
+        if self.context_noise != 0.0 {
+            return Err(Error::Unsupported(
+                "context_noise other than 0 (the context pass runs at t = 0)".into(),
+            ));
+        }
+        let s = self.steps.len();
+        if let Schedule::Cascade { lag } = self.schedule {
+            if lag == 0 || lag > s {
+                return bad(format!("lag must be in 1..={s} (the number of steps), got {lag}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The lag the executor runs with (S for the sequential schedule).
+    pub fn lag(&self) -> usize {
+        match self.schedule {
+            Schedule::Sequential => self.steps.len(),
+            Schedule::Cascade { lag } => lag,
+        }
+    }
+}

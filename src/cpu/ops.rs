@@ -1,0 +1,289 @@
+//! Element-wise and row-wise ops of the Wan DiT, f32 reference (statistics in f64).
+//!
+//! Layout conventions shared with the CUDA kernels (`cuda/`):
+//! - activations are row-major `[tokens, dim]`, tokens ordered (frame, row, column);
+//! - per-frame conditioning (`shift`, `scale`, `gate`) is `[frames, dim]` and row `r` uses
+//!   frame `r / tokens_per_frame`;
+//! - latents are `[frames, 16, height, width]`; patches are 64-vectors in the order
+//!   (channel, dh, dw) going in and (dh, dw, channel) coming out of the head.
+
+use rayon::prelude::*;
+
+/// Rows handled per rayon task in row-wise ops.
+const ROWS_PER_TASK: usize = 16;
+
+fn row_stats(row: &[f32], eps: f64) -> (f32, f32) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// `out = LayerNorm(x) * (1 + scale[frame]) + shift[frame]` (LayerNorm without affine).
+pub fn ln_modulate(
+    x: &[f32],
+    dim: usize,
+    eps: f64,
+    tokens_per_frame: usize,
+    shift: &[f32],
+    scale: &[f32],
+    out: &mut [f32],
+) {
+    out.par_chunks_mut(dim * ROWS_PER_TASK)
+        .zip(x.par_chunks(dim * ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(c, (oc, xc))| {
+            for (i, (o, xr)) in oc.chunks_mut(dim).zip(xc.chunks(dim)).enumerate() {
+                let f = (c * ROWS_PER_TASK + i) / tokens_per_frame;
+                let (m, r) = row_stats(xr, eps);
+                let sh = &shift[f * dim..(f + 1) * dim];
+                let sc = &scale[f * dim..(f + 1) * dim];
+                for d in 0..dim {
+                    o[d] = (xr[d] - m) * r * (1.0 + sc[d]) + sh[d];
+                }
+            }
+        });
+}
+
+/// `out = LayerNorm(x) * weight + bias` (the affine `norm3` before cross-attention).
+pub fn layer_norm_affine(x: &[f32], dim: usize, eps: f64, w: &[f32], b: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(dim * ROWS_PER_TASK)
+        .zip(x.par_chunks(dim * ROWS_PER_TASK))
+        .for_each(|(oc, xc)| {
+            for (o, xr) in oc.chunks_mut(dim).zip(xc.chunks(dim)) {
+                let (m, r) = row_stats(xr, eps);
+                for d in 0..dim {
+                    o[d] = (xr[d] - m) * r * w[d] + b[d];
+                }
+            }
+        });
+}
+
+/// `x += delta * gate[frame]` (gated residual); `gate = None` means a plain residual add.
+pub fn gated_residual(
+    x: &mut [f32],
+    delta: &[f32],
+    dim: usize,
+    tokens_per_frame: usize,
+    gate: Option<&[f32]>,
+) {
+    x.par_chunks_mut(dim * ROWS_PER_TASK)
+        .zip(delta.par_chunks(dim * ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(c, (xc, dc))| {
+            for (i, (xr, dr)) in xc.chunks_mut(dim).zip(dc.chunks(dim)).enumerate() {
+                match gate {
+                    Some(g) => {
+                        let f = (c * ROWS_PER_TASK + i) / tokens_per_frame;
+                        let g = &g[f * dim..(f + 1) * dim];
+                        for d in 0..dim {
+                            xr[d] += dr[d] * g[d];
+                        }
+                    }
+                    None => {
+                        for d in 0..dim {
+                            xr[d] += dr[d];
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// In place RMSNorm over each row of `dim` values: `x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm(x: &mut [f32], dim: usize, eps: f64, w: &[f32]) {
+    x.par_chunks_mut(dim * ROWS_PER_TASK).for_each(|xc| {
+        for xr in xc.chunks_mut(dim) {
+            let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
+            let r = (1.0 / (ms + eps).sqrt()) as f32;
+            for d in 0..dim {
+                xr[d] = xr[d] * r * w[d];
+            }
+        }
+    });
+}
+
+/// The split of a head into (temporal, height, width) RoPE channels: `d - 4*(d/6)`, `2*(d/6)`, `2*(d/6)`.
+pub fn rope_parts(head_dim: usize) -> [usize; 3] {
+    let d6 = head_dim / 6;
+    [head_dim - 4 * d6, 2 * d6, 2 * d6]
+}
+
+/// Rotation angles of one token: `angles[j]` for pair j of a head (`head_dim / 2` values),
+/// `position[axis] * 10000^(-2i/n)` computed in f64, so positions have no upper limit.
+pub fn rope_angles(head_dim: usize, pos: [f64; 3], angles: &mut [f64]) {
+    let mut j = 0;
+    for (axis, &n) in rope_parts(head_dim).iter().enumerate() {
+        for i in 0..n / 2 {
+            angles[j] = pos[axis] * 10000f64.powf(-2.0 * i as f64 / n as f64);
+            j += 1;
+        }
+    }
+}
+
+/// 3D RoPE in place on rows of `heads * head_dim` values. Token `r` has position
+/// `(first_frame + r / (hp*wp), (r / wp) % hp, r % wp)`; adjacent pairs rotate as complex numbers.
+pub fn rope_3d(x: &mut [f32], heads: usize, head_dim: usize, first_frame: usize, hp: usize, wp: usize) {
+    let dim = heads * head_dim;
+    let tpf = hp * wp;
+    x.par_chunks_mut(dim).enumerate().for_each(|(r, row)| {
+        let pos = [
+            (first_frame + r / tpf) as f64,
+            ((r / wp) % hp) as f64,
+            (r % wp) as f64,
+        ];
+        let mut ang = [0f64; 512];
+        let ang = &mut ang[..head_dim / 2];
+        rope_angles(head_dim, pos, ang);
+        let cs: Vec<(f32, f32)> = ang.iter().map(|a| (a.cos() as f32, a.sin() as f32)).collect();
+        for h in 0..heads {
+            let hr = &mut row[h * head_dim..(h + 1) * head_dim];
+            for (j, &(c, s)) in cs.iter().enumerate() {
+                let a = hr[2 * j];
+                let b = hr[2 * j + 1];
+                hr[2 * j] = a * c - b * s;
+                hr[2 * j + 1] = a * s + b * c;
+            }
+        }
+    });
+}
+
+/// GELU with the tanh approximation, in place.
+pub fn gelu_tanh(x: &mut [f32]) {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    x.par_chunks_mut(4096).for_each(|c| {
+        for v in c {
+            let u = *v;
+            *v = 0.5 * u * (1.0 + (C * (u + 0.044715 * u * u * u)).tanh());
+        }
+    });
+}
+
+/// SiLU `x * sigmoid(x)`, in place.
+pub fn silu(x: &mut [f32]) {
+    for v in x {
+        *v /= 1.0 + (-*v).exp();
+    }
+}
+
+/// Sinusoidal timestep embedding `[cos(t*w_i), sin(t*w_i)]`, `w_i = 10000^(-i/half)`, in f64.
+pub fn sinusoidal(freq_dim: usize, t: f64) -> Vec<f32> {
+    let half = freq_dim / 2;
+    let mut out = vec![0f32; freq_dim];
+    for i in 0..half {
+        let a = t * 10000f64.powf(-(i as f64) / half as f64);
+        out[i] = a.cos() as f32;
+        out[half + i] = a.sin() as f32;
+    }
+    out
+}
+
+/// Latents `[frames, 16, h, w]` to patch rows `[frames*(h/2)*(w/2), 64]`, element order (c, dh, dw).
+pub fn patchify(lat: &[f32], frames: usize, ch: usize, h: usize, w: usize, out: &mut [f32]) {
+    let (hp, wp) = (h / 2, w / 2);
+    let pd = ch * 4;
+    for f in 0..frames {
+        for i in 0..hp {
+            for j in 0..wp {
+                let row = &mut out[((f * hp + i) * wp + j) * pd..][..pd];
+                for c in 0..ch {
+                    for dh in 0..2 {
+                        for dw in 0..2 {
+                            row[c * 4 + dh * 2 + dw] =
+                                lat[((f * ch + c) * h + 2 * i + dh) * w + 2 * j + dw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Head rows `[frames*(h/2)*(w/2), 64]` (order dh, dw, c) back to latents `[frames, 16, h, w]`.
+pub fn unpatchify(rows: &[f32], frames: usize, ch: usize, h: usize, w: usize, out: &mut [f32]) {
+    let (hp, wp) = (h / 2, w / 2);
+    let pd = ch * 4;
+    for f in 0..frames {
+        for i in 0..hp {
+            for j in 0..wp {
+                let row = &rows[((f * hp + i) * wp + j) * pd..][..pd];
+                for dh in 0..2 {
+                    for dw in 0..2 {
+                        for c in 0..ch {
+                            out[((f * ch + c) * h + 2 * i + dh) * w + 2 * j + dw] =
+                                row[dh * 2 * ch + dw * ch + c];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Flow prediction to clean latents and, unless this was the last step, renoise:
+/// `x0 = x - sigma * v`; `next = (1 - sigma_next) * x0 + sigma_next * noise`.
+/// Returns `x0` in `x` when `next` is `None`, otherwise the renoised latents.
+pub fn flow_step(x: &mut [f32], v: &[f32], sigma: f32, next: Option<(f32, &[f32])>) {
+    match next {
+        None => x.iter_mut().zip(v).for_each(|(a, &b)| *a -= sigma * b),
+        Some((sn, noise)) => x
+            .iter_mut()
+            .zip(v)
+            .zip(noise)
+            .for_each(|((a, &b), &n)| *a = (1.0 - sn) * (*a - sigma * b) + sn * n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patchify_roundtrip_and_layout() {
+        let (f, c, h, w) = (2, 16, 4, 6);
+        let lat: Vec<f32> = (0..f * c * h * w).map(|i| i as f32).collect();
+        let mut p = vec![0.0; lat.len()];
+        patchify(&lat, f, c, h, w, &mut p);
+        // token (frame 1, row 1, col 2), channel 3, dh 1, dw 0
+        let tok = (2 + 1) * 3 + 2;
+        assert_eq!(p[tok * 64 + 3 * 4 + 2], lat[((16 + 3) * h + 3) * w + 4]);
+        // The head order is (dh, dw, c): permute to it, then unpatchify must give the latents back.
+        let mut q = vec![0.0; p.len()];
+        for t in 0..p.len() / 64 {
+            for c in 0..16 {
+                for d in 0..4 {
+                    q[t * 64 + d * 16 + c] = p[t * 64 + c * 4 + d];
+                }
+            }
+        }
+        let mut back = vec![f32::NAN; lat.len()];
+        unpatchify(&q, f, c, h, w, &mut back);
+        assert_eq!(back, lat);
+    }
+
+    #[test]
+    fn rope_preserves_norm_and_rotates_pairs() {
+        let (heads, hd) = (2, 12);
+        let mut x: Vec<f32> = (0..3 * heads * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+        let orig = x.clone();
+        rope_3d(&mut x, heads, hd, 5, 1, 3);
+        for (a, b) in x.chunks(2).zip(orig.chunks(2)) {
+            let na = a[0] * a[0] + a[1] * a[1];
+            let nb = b[0] * b[0] + b[1] * b[1];
+            assert!((na - nb).abs() < 1e-5);
+        }
+        // token 0 has position (5, 0, 0): temporal pair 0 rotates by angle 5.
+        let (c, s) = (5f32.cos(), 5f32.sin());
+        assert!((x[0] - (orig[0] * c - orig[1] * s)).abs() < 1e-5);
+        // its height pairs (position 0) are unchanged.
+        assert_eq!(x[4], orig[4]);
+        assert_ne!(x, orig);
+    }
+
+    #[test]
+    fn sinusoidal_matches_formula() {
+        let e = sinusoidal(8, 3.0);
+        assert!((e[0] - 3f32.cos()).abs() < 1e-6);
+        assert!((e[5] - (3.0f64 * 10000f64.powf(-0.25)).sin() as f32).abs() < 1e-6);
+    }
+}

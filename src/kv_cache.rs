@@ -1,0 +1,168 @@
+//! The clean KV cache of self-attention: per layer, K and V of committed frames.
+//!
+//! Global attention keeps every committed frame. Local attention (`local_attn` frames, `sink`
+//! of them pinned) keeps the sink frames plus a ring buffer of the `local_attn - sink` most
+//! recent frames: memory is fixed, whatever the video length. A query block ending at frame
+//! `e` sees committed frame `f < e` when `f >= e - (local_attn - sink)` or `f < sink`
+//! (DESIGN §3); every frame it can see is still resident.
+
+use crate::{Error, Result};
+
+/// K/V storage of all layers.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    frame_len: usize,
+    sink: usize,
+    window: Option<usize>,
+    committed: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers and frames of `frame_len` values (`tokens * dim`).
+    /// With `local_attn = Some(l)` the ring holds `l - sink` frames and memory is allocated now.
+    pub fn new(layers: usize, frame_len: usize, local_attn: Option<usize>, sink: usize) -> Result<Self> {
+        let window = match local_attn {
+            Some(l) if l <= sink => {
+                return Err(Error::invalid(format!(
+                    "local attention window ({l}) must exceed the sink ({sink})"
+                )))
+            }
+            Some(l) => Some(l - sink),
+            None => None,
+        };
+        let slots = window.map_or(0, |w| w + sink);
+        let n = slots
+            .checked_mul(frame_len)
+            .ok_or_else(|| Error::OutOfMemory("KV cache size overflows".into()))?;
+        let mut layers_v = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            layers_v.push((vec![0f32; n], vec![0f32; n]));
+        }
+        Ok(KvCache {
+            layers: layers_v,
+            frame_len,
+            sink,
+            window,
+            committed: 0,
+        })
+    }
+
+    /// An empty cache with the same geometry.
+    pub fn empty_like(&self) -> Self {
+        let mut c = self.clone();
+        c.committed = 0;
+        c
+    }
+
+    /// Frames `[0, committed)` have been committed.
+    pub fn committed(&self) -> usize {
+        self.committed
+    }
+
+    /// True when key frame `f` is admitted for a query block ending at `e_end` by the
+    /// local/sink rule (always true with global attention).
+    pub fn in_window(&self, f: usize, e_end: usize) -> bool {
+        match self.window {
+            None => true,
+            Some(w) => f + w >= e_end || f < self.sink,
+        }
+    }
+
+    fn slot(&self, frame: usize) -> usize {
+        match self.window {
+            None => frame,
+            Some(_) if frame < self.sink => frame,
+            Some(w) => self.sink + (frame - self.sink) % w,
+        }
+    }
+
+    /// True when committed frame `f` is still held.
+    pub fn resident(&self, f: usize) -> bool {
+        f < self.committed
+            && match self.window {
+                None => true,
+                Some(w) => f < self.sink || f + w >= self.committed,
+            }
+    }
+
+    /// The committed frames visible to a query block `[f0, e_end)`, in increasing order.
+    pub fn visible(&self, f0: usize, e_end: usize) -> Vec<usize> {
+        let lo = match self.window {
+            None => 0,
+            Some(w) => e_end.saturating_sub(w),
+        };
+        let mut v: Vec<usize> = (0..self.sink.min(f0).min(self.committed)).collect();
+        v.extend((lo.max(v.len())..f0.min(self.committed)).filter(|&f| self.resident(f)));
+        v
+    }
+
+    /// K and V of a resident frame in `layer`.
+    pub fn frame(&self, layer: usize, f: usize) -> (&[f32], &[f32]) {
+        let s = self.slot(f) * self.frame_len;
+        let (k, v) = &self.layers[layer];
+        (&k[s..s + self.frame_len], &v[s..s + self.frame_len])
+    }
+
+    /// Writes K and V of frame `f` of `layer` (new frames become visible after [`Self::commit`]).
+    pub fn write(&mut self, layer: usize, f: usize, k: &[f32], v: &[f32]) {
+        let s = self.slot(f) * self.frame_len;
+        let fl = self.frame_len;
+        let (kc, vc) = &mut self.layers[layer];
+        if kc.len() < s + fl {
+            // Global attention grows by one frame at a time.
+            kc.resize(s + fl, 0.0);
+            vc.resize(s + fl, 0.0);
+        }
+        kc[s..s + fl].copy_from_slice(k);
+        vc[s..s + fl].copy_from_slice(v);
+    }
+
+    /// Marks frames `[0, end)` committed.
+    pub fn commit(&mut self, end: usize) {
+        self.committed = self.committed.max(end);
+    }
+
+    /// Sets the committed frame count (used when a rebuilt cache replaces this one).
+    pub(crate) fn set_committed(&mut self, end: usize) {
+        self.committed = end;
+    }
+
+    /// Bytes held by the cache right now.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| (k.capacity() + v.capacity()) * 4).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_keeps_sink_and_recent_frames_in_fixed_memory() {
+        let mut c = KvCache::new(1, 2, Some(5), 1).unwrap();
+        let bytes = c.bytes();
+        for f in 0..40 {
+            c.write(0, f, &[f as f32; 2], &[-(f as f32); 2]);
+            c.commit(f + 1);
+            assert_eq!(c.bytes(), bytes);
+        }
+        // Query block [40, 43): sees sink frame 0 and frames >= 43 - 4 = 39.
+        assert_eq!(c.visible(40, 43), vec![0, 39]);
+        assert_eq!(c.frame(0, 39).0, &[39.0, 39.0]);
+        assert_eq!(c.frame(0, 0).1, &[0.0, 0.0]);
+        assert!(!c.resident(35));
+        assert!(c.resident(36));
+    }
+
+    #[test]
+    fn global_cache_sees_everything_before_the_block() {
+        let mut c = KvCache::new(2, 3, None, 0).unwrap();
+        for f in 0..6 {
+            c.write(1, f, &[f as f32; 3], &[0.0; 3]);
+        }
+        c.commit(6);
+        assert_eq!(c.visible(3, 6), vec![0, 1, 2]);
+        assert_eq!(c.frame(1, 4).0, &[4.0; 3]);
+    }
+}

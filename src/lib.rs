@@ -1,0 +1,31 @@
+//! blockcascade: an inference engine for block-causal video diffusion (the Wan2.1 causal DiT
+//! behind CausVid, Self-Forcing and LongLive) with Block Cascading.
+//!
+//! Start with [`Engine`] (a model), make a [`Generator`] with [`GenerateOptions`], a
+//! [`NoiseSource`] and [`PromptEmbeds`], then [`Generator::run`] to stream blocks.
+#![warn(missing_docs)]
+
+pub mod cascade;
+pub mod config;
+pub mod cpu;
+pub mod engine;
+pub mod error;
+pub mod executor;
+pub mod kernels;
+pub mod kv_cache;
+pub mod model;
+pub mod noise;
+pub mod prompt;
+pub mod schedule;
+pub mod tensorfile;
+pub mod weights;
+
+pub use config::{AttentionMode, GenerateOptions, ModelConfig, Recache, Schedule};
+pub use engine::Engine;
+pub use error::{Error, Result};
+pub use executor::{FinishedBlock, Generator, RunReport};
+pub use noise::NoiseSource;
+pub use prompt::PromptEmbeds;
+
+/// The crate version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod executor;
+pub mod ffi;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;

@@ -1,0 +1,1 @@
+//! The C ABI (see `ffi/include/blockcascade.h`).

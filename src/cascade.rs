@@ -75,9 +75,15 @@ impl Plan {
             }
             let s = tau - block * self.lag;
             if s < self.steps {
-                v.push(PlannedMember { block, role: Role::Denoise(s) });
+                v.push(PlannedMember {
+                    block,
+                    role: Role::Denoise(s),
+                });
             } else if s == self.steps && block + 1 < self.blocks {
-                v.push(PlannedMember { block, role: Role::Context });
+                v.push(PlannedMember {
+                    block,
+                    role: Role::Context,
+                });
             }
         }
         v
@@ -116,7 +122,11 @@ impl Plan {
             s.push_str(&format!(
                 "{tau:>4}  {:<52} {}\n",
                 desc.join(" "),
-                if commits.is_empty() { "-".into() } else { commits.join(" ") }
+                if commits.is_empty() {
+                    "-".into()
+                } else {
+                    commits.join(" ")
+                }
             ));
         }
         s
@@ -134,12 +144,24 @@ mod tests {
         assert_eq!(
             p.members(4),
             vec![
-                PlannedMember { block: 0, role: Role::Context },
-                PlannedMember { block: 1, role: Role::Denoise(0) }
+                PlannedMember {
+                    block: 0,
+                    role: Role::Context
+                },
+                PlannedMember {
+                    block: 1,
+                    role: Role::Denoise(0)
+                }
             ]
         );
         // The last block has no context pass.
-        assert_eq!(p.members(11), vec![PlannedMember { block: 2, role: Role::Denoise(3) }]);
+        assert_eq!(
+            p.members(11),
+            vec![PlannedMember {
+                block: 2,
+                role: Role::Denoise(3)
+            }]
+        );
     }
 
     #[test]
@@ -148,14 +170,37 @@ mod tests {
         assert_eq!(p.ticks(), 6);
         assert_eq!(p.parallelism(), 4);
         let m = p.members(4);
-        assert_eq!(m[0], PlannedMember { block: 0, role: Role::Context });
-        assert_eq!(m[1], PlannedMember { block: 1, role: Role::Denoise(3) });
-        assert_eq!(m[2], PlannedMember { block: 2, role: Role::Denoise(2) });
+        assert_eq!(
+            m[0],
+            PlannedMember {
+                block: 0,
+                role: Role::Context
+            }
+        );
+        assert_eq!(
+            m[1],
+            PlannedMember {
+                block: 1,
+                role: Role::Denoise(3)
+            }
+        );
+        assert_eq!(
+            m[2],
+            PlannedMember {
+                block: 2,
+                role: Role::Denoise(2)
+            }
+        );
         // Every block runs every step exactly once.
         for b in 0..3 {
             for st in 0..4 {
                 let n = (0..p.ticks())
-                    .filter(|&t| p.members(t).contains(&PlannedMember { block: b, role: Role::Denoise(st) }))
+                    .filter(|&t| {
+                        p.members(t).contains(&PlannedMember {
+                            block: b,
+                            role: Role::Denoise(st),
+                        })
+                    })
                     .count();
                 assert_eq!(n, 1);
             }

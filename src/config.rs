@@ -98,7 +98,8 @@ impl ModelConfig {
         if self.model_type != "t2v" {
             return err(format!("model_type `{}` (only t2v)", self.model_type));
         }
-        if self.freq_dim == 0 || self.freq_dim % 2 != 0 || self.text_len == 0 || self.text_dim == 0 {
+        if self.freq_dim == 0 || self.freq_dim % 2 != 0 || self.text_len == 0 || self.text_dim == 0
+        {
             return err("freq_dim must be even and text_len, text_dim positive".into());
         }
         Ok(())
@@ -111,7 +112,10 @@ impl ModelConfig {
 
     /// Parameter count implied by the config.
     pub fn parameter_count(&self) -> usize {
-        weight_shapes(self).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        weight_shapes(self)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -256,8 +260,16 @@ impl GenerateOptions {
                 ));
             }
         }
-        if self.steps.is_empty() || self.steps.iter().any(|s| !(s.is_finite() && *s > 0.0 && *s <= 1000.0)) {
-            return bad(format!("steps must be values in (0, 1000], got {:?}", self.steps));
+        if self.steps.is_empty()
+            || self
+                .steps
+                .iter()
+                .any(|s| !(s.is_finite() && *s > 0.0 && *s <= 1000.0))
+        {
+            return bad(format!(
+                "steps must be values in (0, 1000], got {:?}",
+                self.steps
+            ));
         }
         if !(self.shift.is_finite() && self.shift > 0.0) {
             return bad(format!("shift must be positive, got {}", self.shift));
@@ -280,7 +292,9 @@ impl GenerateOptions {
         let s = self.steps.len();
         if let Schedule::Cascade { lag } = self.schedule {
             if lag == 0 || lag > s {
-                return bad(format!("lag must be in 1..={s} (the number of steps), got {lag}"));
+                return bad(format!(
+                    "lag must be in 1..={s} (the number of steps), got {lag}"
+                ));
             }
         }
         Ok(())

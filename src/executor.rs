@@ -71,7 +71,12 @@ pub struct Generator<'m> {
 
 impl<'m> Generator<'m> {
     /// Validates the options and computes the prompt's cross-attention K/V.
-    pub fn new(model: &'m Model, opts: GenerateOptions, noise: NoiseSource, prompt: &PromptEmbeds) -> Result<Self> {
+    pub fn new(
+        model: &'m Model,
+        opts: GenerateOptions,
+        noise: NoiseSource,
+        prompt: &PromptEmbeds,
+    ) -> Result<Self> {
         opts.validate(None)?;
         let steps = StepSchedule::new(&opts.steps, opts.shift)?;
         prompt.check(model.config())?;
@@ -110,7 +115,10 @@ impl<'m> Generator<'m> {
 
     /// Replaces the prompt from block `block` on (e.g. between two streamed runs).
     pub fn switch_prompt(&mut self, block: usize, prompt: &PromptEmbeds) -> Result<()> {
-        self.set_prompt_schedule(&[PromptSwitch { block, embeds: prompt.clone() }])
+        self.set_prompt_schedule(&[PromptSwitch {
+            block,
+            embeds: prompt.clone(),
+        }])
     }
 
     fn prompt_for(&self, block: usize) -> &Arc<PromptContext> {
@@ -131,7 +139,11 @@ impl<'m> Generator<'m> {
     /// Generates `blocks` blocks, calling `on_block` for each as soon as it is final (in
     /// order). Returning `false` stops the run with [`Error::Cancelled`]. Memory does not grow
     /// with `blocks` when local attention is used.
-    pub fn run(&self, blocks: usize, mut on_block: impl FnMut(&FinishedBlock) -> bool) -> Result<RunReport> {
+    pub fn run(
+        &self,
+        blocks: usize,
+        mut on_block: impl FnMut(&FinishedBlock) -> bool,
+    ) -> Result<RunReport> {
         let o = &self.opts;
         let cfg = self.model.config();
         let bf = o.block_frames;
@@ -159,7 +171,10 @@ impl<'m> Generator<'m> {
         let mut finals: HashMap<usize, Vec<f32>> = HashMap::new();
         // Clean latents of cached frames, for recaching (frame -> latents).
         let mut clean: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
-        let mut report = RunReport { ticks: plan.ticks(), ..Default::default() };
+        let mut report = RunReport {
+            ticks: plan.ticks(),
+            ..Default::default()
+        };
         let start = Instant::now();
         let mut last_done = start;
         let mut next_emit = 0usize;
@@ -175,7 +190,10 @@ impl<'m> Generator<'m> {
                         lat[fi * flen..(fi + 1) * flen].copy_from_slice(&frame_buf);
                     }
                     state.insert(m.block, lat);
-                    if keep_latents && m.block > 0 && self.prompts.iter().any(|(b, _)| *b == m.block) {
+                    if keep_latents
+                        && m.block > 0
+                        && self.prompts.iter().any(|(b, _)| *b == m.block)
+                    {
                         let t0 = Instant::now();
                         let frames = self.recache(&mut cache, &clean, m.block)?;
                         report.recache_passes += 1;
@@ -202,14 +220,20 @@ impl<'m> Generator<'m> {
             }
             report.tokens_per_tick.push(members.len() * bf * tpf);
             let flows = if o.separate_context_pass && members.len() > 1 && members[0].context {
-                let mut f = self.model.forward(&members[..1], &mut cache, o.attention, h, w)?;
+                let mut f = self
+                    .model
+                    .forward(&members[..1], &mut cache, o.attention, h, w)?;
                 cache.commit(members[0].first_frame + bf);
-                f.extend(self.model.forward(&members[1..], &mut cache, o.attention, h, w)?);
+                f.extend(
+                    self.model
+                        .forward(&members[1..], &mut cache, o.attention, h, w)?,
+                );
                 report.forward_passes += 2;
                 f
             } else {
                 report.forward_passes += 1;
-                self.model.forward(&members, &mut cache, o.attention, h, w)?
+                self.model
+                    .forward(&members, &mut cache, o.attention, h, w)?
             };
             drop(members);
             // Apply the results.
@@ -220,7 +244,10 @@ impl<'m> Generator<'m> {
                         if let Some(lat) = finals.remove(&m.block) {
                             if keep_latents {
                                 for fi in 0..bf {
-                                    clean.insert(m.block * bf + fi, lat[fi * flen..(fi + 1) * flen].to_vec());
+                                    clean.insert(
+                                        m.block * bf + fi,
+                                        lat[fi * flen..(fi + 1) * flen].to_vec(),
+                                    );
                                 }
                                 clean.retain(|&f, _| cache.resident(f));
                             }
@@ -237,7 +264,12 @@ impl<'m> Generator<'m> {
                                 self.noise.fill(m.block * bf + fi, s + 1, &mut frame_buf)?;
                                 noise[fi * flen..(fi + 1) * flen].copy_from_slice(&frame_buf);
                             }
-                            crate::cpu::ops::flow_step(&mut x, &v, self.steps.sigmas[s], Some((sn, &noise)));
+                            crate::cpu::ops::flow_step(
+                                &mut x,
+                                &v,
+                                self.steps.sigmas[s],
+                                Some((sn, &noise)),
+                            );
                             state.insert(m.block, x);
                         } else {
                             crate::cpu::ops::flow_step(&mut x, &v, self.steps.sigmas[s], None);
@@ -284,10 +316,19 @@ impl<'m> Generator<'m> {
 
     /// LongLive recache: rebuilds the KV cache from the clean latents of the resident frames
     /// under the prompt of `block`. Returns the number of frames re-run.
-    fn recache(&self, cache: &mut KvCache, clean: &BTreeMap<usize, Vec<f32>>, block: usize) -> Result<usize> {
+    fn recache(
+        &self,
+        cache: &mut KvCache,
+        clean: &BTreeMap<usize, Vec<f32>>,
+        block: usize,
+    ) -> Result<usize> {
         let o = &self.opts;
         let bf = o.block_frames;
-        let frames: Vec<usize> = clean.keys().copied().filter(|&f| cache.resident(f)).collect();
+        let frames: Vec<usize> = clean
+            .keys()
+            .copied()
+            .filter(|&f| cache.resident(f))
+            .collect();
         if frames.is_empty() {
             return Ok(0);
         }
@@ -296,7 +337,9 @@ impl<'m> Generator<'m> {
         let mut groups: Vec<(usize, Vec<f32>)> = Vec::new();
         for &f in &frames {
             match groups.last_mut() {
-                Some((f0, lat)) if f0.div_euclid(bf) == f / bf && *f0 + lat.len() / clean[&f].len() == f => {
+                Some((f0, lat))
+                    if f0.div_euclid(bf) == f / bf && *f0 + lat.len() / clean[&f].len() == f =>
+                {
                     lat.extend_from_slice(&clean[&f])
                 }
                 _ => groups.push((f, clean[&f].clone())),
@@ -313,7 +356,8 @@ impl<'m> Generator<'m> {
             })
             .collect();
         let mut fresh = cache.empty_like();
-        self.model.forward(&members, &mut fresh, o.attention, o.height, o.width)?;
+        self.model
+            .forward(&members, &mut fresh, o.attention, o.height, o.width)?;
         fresh.set_committed(cache.committed());
         *cache = fresh;
         Ok(frames.len())

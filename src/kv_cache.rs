@@ -21,7 +21,12 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `layers` layers and frames of `frame_len` values (`tokens * dim`).
     /// With `local_attn = Some(l)` the ring holds `l - sink` frames and memory is allocated now.
-    pub fn new(layers: usize, frame_len: usize, local_attn: Option<usize>, sink: usize) -> Result<Self> {
+    pub fn new(
+        layers: usize,
+        frame_len: usize,
+        local_attn: Option<usize>,
+        sink: usize,
+    ) -> Result<Self> {
         let window = match local_attn {
             Some(l) if l <= sink => {
                 return Err(Error::invalid(format!(
@@ -130,7 +135,10 @@ impl KvCache {
 
     /// Bytes held by the cache right now.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|(k, v)| (k.capacity() + v.capacity()) * 4).sum()
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.capacity() + v.capacity()) * 4)
+            .sum()
     }
 }
 

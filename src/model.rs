@@ -73,13 +73,22 @@ impl Model {
             )));
         }
         if embeds.iter().any(|v| !v.is_finite()) {
-            return Err(Error::invalid("prompt embeddings contain NaN or infinite values"));
+            return Err(Error::invalid(
+                "prompt embeddings contain NaN or infinite values",
+            ));
         }
         let w = &self.weights;
         let mut padded = vec![0f32; tl * c.text_dim];
         padded[..embeds.len()].copy_from_slice(embeds);
         let mut h = vec![0f32; tl * d];
-        linear(&padded, tl, c.text_dim, &w.text[0].0, Some(&w.text[0].1), &mut h);
+        linear(
+            &padded,
+            tl,
+            c.text_dim,
+            &w.text[0].0,
+            Some(&w.text[0].1),
+            &mut h,
+        );
         ops::gelu_tanh(&mut h);
         let mut ctx = vec![0f32; tl * d];
         linear(&h, tl, d, &w.text[1].0, Some(&w.text[1].1), &mut ctx);
@@ -87,7 +96,14 @@ impl Model {
         let mut both = vec![0f32; tl * 2 * d];
         for l in &w.layers {
             let ca = &l.cross_attn;
-            linear(&ctx, tl, d, &ca.qkv_w[d * d..], Some(&ca.qkv_b[d..]), &mut both);
+            linear(
+                &ctx,
+                tl,
+                d,
+                &ca.qkv_w[d * d..],
+                Some(&ca.qkv_b[d..]),
+                &mut both,
+            );
             let (mut k, mut v) = (vec![0f32; tl * d], vec![0f32; tl * d]);
             for r in 0..tl {
                 k[r * d..(r + 1) * d].copy_from_slice(&both[r * 2 * d..r * 2 * d + d]);
@@ -147,7 +163,9 @@ impl Model {
                 )));
             }
             if i > 0 && m.first_frame < members[i - 1].first_frame + frames[i - 1] {
-                return Err(Error::Internal("window members overlap or are out of order".into()));
+                return Err(Error::Internal(
+                    "window members overlap or are out of order".into(),
+                ));
             }
             let f = m.latents.len() / flen;
             frames.push(f);
@@ -162,10 +180,24 @@ impl Model {
         // Patch embedding.
         let mut patches = vec![0f32; n * CHANNELS * 4];
         for (i, m) in members.iter().enumerate() {
-            ops::patchify(m.latents, frames[i], CHANNELS, h, w, &mut patches[row0[i] * 64..]);
+            ops::patchify(
+                m.latents,
+                frames[i],
+                CHANNELS,
+                h,
+                w,
+                &mut patches[row0[i] * 64..],
+            );
         }
         let mut x = vec![0f32; n * d];
-        linear(&patches, n, CHANNELS * 4, &wt.patch_w, Some(&wt.patch_b), &mut x);
+        linear(
+            &patches,
+            n,
+            CHANNELS * 4,
+            &wt.patch_w,
+            Some(&wt.patch_b),
+            &mut x,
+        );
         drop(patches);
         // Time conditioning, one per frame of the window.
         let mut e_frames = vec![0f32; nf * d];
@@ -219,14 +251,23 @@ impl Model {
                 }
                 for (j, o) in members.iter().enumerate() {
                     let r = row0[j] * d..(row0[j] + frames[j] * tpf) * d;
-                    let all = KvSegment { k: &k[r.clone()], v: &v[r] };
+                    let all = KvSegment {
+                        k: &k[r.clone()],
+                        v: &v[r],
+                    };
                     if j == i {
                         push_segment(&mut segs, all);
                     } else if o.first_frame < m.first_frame {
                         for fi in 0..frames[j] {
                             if cache.in_window(o.first_frame + fi, e_end) {
                                 let r = (row0[j] + fi * tpf) * d..(row0[j] + (fi + 1) * tpf) * d;
-                                push_segment(&mut segs, KvSegment { k: &k[r.clone()], v: &v[r] });
+                                push_segment(
+                                    &mut segs,
+                                    KvSegment {
+                                        k: &k[r.clone()],
+                                        v: &v[r],
+                                    },
+                                );
                             }
                         }
                     } else if mode == AttentionMode::Bidirectional && !o.context && !m.context {
@@ -259,7 +300,13 @@ impl Model {
                 }
                 let rows = row0[i] * d..(row0[j - 1] + frames[j - 1] * tpf) * d;
                 let (pk, pv) = &p.kv[li];
-                attention(&q[rows.clone()], nh, hd, &[KvSegment { k: pk, v: pv }], &mut att[rows]);
+                attention(
+                    &q[rows.clone()],
+                    nh,
+                    hd,
+                    &[KvSegment { k: pk, v: pv }],
+                    &mut att[rows],
+                );
                 i = j;
             }
             linear(&att, n, d, &ca.o_w, Some(&ca.o_b), &mut y);

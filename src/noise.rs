@@ -93,10 +93,20 @@ pub struct RecordedNoise {
 impl RecordedNoise {
     /// Loads `noise` and `renoise` and checks them against the requested generation:
     /// `frames` latent frames of `[channels, height, width]` with `steps` denoising steps.
-    pub fn load(path: &Path, frames: usize, ch: usize, h: usize, w: usize, steps: usize) -> Result<Self> {
+    pub fn load(
+        path: &Path,
+        frames: usize,
+        ch: usize,
+        h: usize,
+        w: usize,
+        steps: usize,
+    ) -> Result<Self> {
         let f = TensorFile::open(path)?;
         let noise = f.tensor_f32("noise", Some(&[frames, ch, h, w]))?;
-        let renoise = f.tensor_f32("renoise", Some(&[frames, steps.saturating_sub(1), ch, h, w]))?;
+        let renoise = f.tensor_f32(
+            "renoise",
+            Some(&[frames, steps.saturating_sub(1), ch, h, w]),
+        )?;
         for (name, v) in [("noise", &noise), ("renoise", &renoise)] {
             if v.iter().any(|x| !x.is_finite()) {
                 return Err(Error::format(format!(
@@ -166,7 +176,10 @@ mod tests {
         src.fill(3, 1, &mut a).unwrap();
         let mean = a.iter().map(|&v| v as f64).sum::<f64>() / a.len() as f64;
         let var = a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
         let mut b = vec![0f32; 20000];
         src.fill(3, 1, &mut b).unwrap();
         assert_eq!(a, b);

@@ -21,7 +21,11 @@ impl PromptEmbeds {
     pub fn load(path: &Path, cfg: &ModelConfig) -> Result<Self> {
         let f = TensorFile::open(path)?;
         let info = f.tensors().get("prompt_embeds").ok_or_else(|| {
-            Error::format(format!("{}: missing tensor `prompt_embeds` [L, {}]", path.display(), cfg.text_dim))
+            Error::format(format!(
+                "{}: missing tensor `prompt_embeds` [L, {}]",
+                path.display(),
+                cfg.text_dim
+            ))
         })?;
         let shape = info.shape.clone();
         let rows = match shape.as_slice() {
@@ -29,10 +33,10 @@ impl PromptEmbeds {
             [1, l, w] if *w == cfg.text_dim => *l,
             _ => {
                 return Err(Error::invalid(format!(
-                    "{}: prompt_embeds has shape {shape:?}, expected [L, {}] (the model's text_dim)",
-                    path.display(),
-                    cfg.text_dim
-                )))
+                "{}: prompt_embeds has shape {shape:?}, expected [L, {}] (the model's text_dim)",
+                path.display(),
+                cfg.text_dim
+            )))
             }
         };
         let data = f.convert(info);
@@ -59,7 +63,9 @@ impl PromptEmbeds {
             )));
         }
         if self.data.iter().any(|v| !v.is_finite()) {
-            return Err(Error::invalid("prompt embeddings contain NaN or infinite values"));
+            return Err(Error::invalid(
+                "prompt embeddings contain NaN or infinite values",
+            ));
         }
         Ok(())
     }
@@ -87,17 +93,31 @@ pub struct PromptSwitch {
 /// Parses a prompt schedule: a JSON list of `{ "block": n, "prompt_embeds": "file.safetensors" }`
 /// (or `"frame": f` with `f` a multiple of the block size). Relative paths are resolved
 /// against the schedule file's folder. Returns the switches sorted by block.
-pub fn load_schedule(path: &Path, cfg: &ModelConfig, block_frames: usize) -> Result<Vec<PromptSwitch>> {
+pub fn load_schedule(
+    path: &Path,
+    cfg: &ModelConfig,
+    block_frames: usize,
+) -> Result<Vec<PromptSwitch>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::format(format!("{}: malformed prompt schedule: {e}", path.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        Error::format(format!(
+            "{}: malformed prompt schedule: {e}",
+            path.display()
+        ))
+    })?;
     let list = v.as_array().ok_or_else(|| {
-        Error::format(format!("{}: a prompt schedule is a JSON list of {{\"block\", \"prompt_embeds\"}}", path.display()))
+        Error::format(format!(
+            "{}: a prompt schedule is a JSON list of {{\"block\", \"prompt_embeds\"}}",
+            path.display()
+        ))
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut out: Vec<PromptSwitch> = Vec::new();
     for (i, e) in list.iter().enumerate() {
-        let block = match (e.get("block").and_then(|b| b.as_u64()), e.get("frame").and_then(|b| b.as_u64())) {
+        let block = match (
+            e.get("block").and_then(|b| b.as_u64()),
+            e.get("frame").and_then(|b| b.as_u64()),
+        ) {
             (Some(b), None) => b as usize,
             (None, Some(f)) => {
                 let f = f as usize;
@@ -116,15 +136,27 @@ pub fn load_schedule(path: &Path, cfg: &ModelConfig, block_frames: usize) -> Res
                 )))
             }
         };
-        let file = e.get("prompt_embeds").and_then(|p| p.as_str()).ok_or_else(|| {
-            Error::format(format!("{}: entry {i} needs a `prompt_embeds` file name", path.display()))
-        })?;
+        let file = e
+            .get("prompt_embeds")
+            .and_then(|p| p.as_str())
+            .ok_or_else(|| {
+                Error::format(format!(
+                    "{}: entry {i} needs a `prompt_embeds` file name",
+                    path.display()
+                ))
+            })?;
         let fp = PathBuf::from(file);
         let fp = if fp.is_absolute() { fp } else { base.join(fp) };
         if out.iter().any(|s| s.block == block) {
-            return Err(Error::invalid(format!("{}: two entries switch at block {block}", path.display())));
+            return Err(Error::invalid(format!(
+                "{}: two entries switch at block {block}",
+                path.display()
+            )));
         }
-        out.push(PromptSwitch { block, embeds: PromptEmbeds::load(&fp, cfg)? });
+        out.push(PromptSwitch {
+            block,
+            embeds: PromptEmbeds::load(&fp, cfg)?,
+        });
     }
     out.sort_by_key(|s| s.block);
     Ok(out)

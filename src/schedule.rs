@@ -52,9 +52,9 @@ pub fn parse_steps(s: &str) -> Result<Vec<f64>> {
     let v: Result<Vec<f64>> = s
         .split(',')
         .map(|p| {
-            p.trim()
-                .parse::<f64>()
-                .map_err(|_| Error::invalid(format!("malformed --steps `{s}`: `{p}` is not a number")))
+            p.trim().parse::<f64>().map_err(|_| {
+                Error::invalid(format!("malformed --steps `{s}`: `{p}` is not a number"))
+            })
         })
         .collect();
     let v = v?;

@@ -74,9 +74,17 @@ impl TensorFile {
         // SAFETY: the map is read-only; a concurrent truncation by another process could fault,
         // which is the documented limitation of memory-mapped model files.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bad = |m: String| Error::format(format!("{}: not a valid safetensors file: {m}", path.display()));
+        let bad = |m: String| {
+            Error::format(format!(
+                "{}: not a valid safetensors file: {m}",
+                path.display()
+            ))
+        };
         if map.len() < 8 {
-            return Err(bad(format!("{} bytes is too short for a header", map.len())));
+            return Err(bad(format!(
+                "{} bytes is too short for a header",
+                map.len()
+            )));
         }
         let mut n8 = [0u8; 8];
         n8.copy_from_slice(&map[..8]);
@@ -89,7 +97,8 @@ impl TensorFile {
         }
         let data_start = 8 + n as usize;
         let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&map[8..data_start]).map_err(|e| bad(format!("header JSON: {e}")))?;
+            serde_json::from_slice(&map[8..data_start])
+                .map_err(|e| bad(format!("header JSON: {e}")))?;
         let data_len = map.len() - data_start;
         let mut tensors = BTreeMap::new();
         let mut metadata = BTreeMap::new();
@@ -103,8 +112,11 @@ impl TensorFile {
                 continue;
             }
             let dt = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
-            let dtype = Dtype::parse(dt)
-                .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {dt} (F32, BF16, F16 are supported)")))?;
+            let dtype = Dtype::parse(dt).ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` has unsupported dtype {dt} (F32, BF16, F16 are supported)"
+                ))
+            })?;
             let shape: Vec<usize> = v
                 .get("shape")
                 .and_then(|s| s.as_array())
@@ -132,7 +144,15 @@ impl TensorFile {
                     end - start
                 )));
             }
-            tensors.insert(name, TensorInfo { dtype, shape, start, end });
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dtype,
+                    shape,
+                    start,
+                    end,
+                },
+            );
         }
         Ok(TensorFile {
             path: path.to_path_buf(),
@@ -200,16 +220,26 @@ impl TensorFile {
 pub type OutTensor<'a> = (&'a str, Vec<usize>, &'a [f32]);
 
 /// Writes f32 tensors and string metadata to `path` atomically (temp file + rename).
-pub fn write_f32(path: &Path, tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
+pub fn write_f32(
+    path: &Path,
+    tensors: &[OutTensor],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap_or_default());
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap_or_default(),
+        );
     }
     let mut off = 0usize;
     for (name, shape, data) in tensors {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(Error::Internal(format!("tensor {name}: shape {shape:?} but {} values", data.len())));
+            return Err(Error::Internal(format!(
+                "tensor {name}: shape {shape:?} but {} values",
+                data.len()
+            )));
         }
         header.insert(
             name.to_string(),
@@ -221,7 +251,10 @@ pub fn write_f32(path: &Path, tensors: &[OutTensor], metadata: &BTreeMap<String,
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().and_then(|s| s.to_str()).unwrap_or("out"),

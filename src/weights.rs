@@ -123,7 +123,10 @@ impl Weights {
         }
         let config = ModelConfig::load(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
-        let opened: Vec<TensorFile> = files.iter().map(|p| TensorFile::open(p)).collect::<Result<_>>()?;
+        let opened: Vec<TensorFile> = files
+            .iter()
+            .map(|p| TensorFile::open(p))
+            .collect::<Result<_>>()?;
         // name (without prefix) -> (file index, stored name)
         let mut index: HashMap<String, (usize, String)> = HashMap::new();
         for (fi, f) in opened.iter().enumerate() {
@@ -213,17 +216,30 @@ impl Weights {
         Self::from_map(config, Dtype::F32, map).unwrap_or_else(|e| unreachable!("{e}"))
     }
 
-    fn from_map(config: ModelConfig, source_dtype: Dtype, mut m: HashMap<String, Vec<f32>>) -> Result<Self> {
+    fn from_map(
+        config: ModelConfig,
+        source_dtype: Dtype,
+        mut m: HashMap<String, Vec<f32>>,
+    ) -> Result<Self> {
         fn take(m: &mut HashMap<String, Vec<f32>>, n: &str) -> Result<Vec<f32>> {
             m.remove(n)
                 .ok_or_else(|| Error::Internal(format!("weight `{n}` was not loaded")))
         }
         fn pair(m: &mut HashMap<String, Vec<f32>>, p: &str) -> Result<(Vec<f32>, Vec<f32>)> {
-            Ok((take(m, &format!("{p}.weight"))?, take(m, &format!("{p}.bias"))?))
+            Ok((
+                take(m, &format!("{p}.weight"))?,
+                take(m, &format!("{p}.bias"))?,
+            ))
         }
         let patch = pair(&mut m, "patch_embedding")?;
-        let text = [pair(&mut m, "text_embedding.0")?, pair(&mut m, "text_embedding.2")?];
-        let time = [pair(&mut m, "time_embedding.0")?, pair(&mut m, "time_embedding.2")?];
+        let text = [
+            pair(&mut m, "text_embedding.0")?,
+            pair(&mut m, "text_embedding.2")?,
+        ];
+        let time = [
+            pair(&mut m, "time_embedding.0")?,
+            pair(&mut m, "time_embedding.2")?,
+        ];
         let time_proj = pair(&mut m, "time_projection.1")?;
         let head = pair(&mut m, "head.head")?;
         let mut layers = Vec::with_capacity(config.num_layers);
@@ -287,7 +303,11 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut idx = Vec::new();
     for e in entries.flatten() {
         let p = e.path();
-        let name = p.file_name().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let name = p
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
         if name.ends_with(".safetensors.index.json") {
             idx.push(p);
         } else if name.ends_with(".safetensors") {
@@ -306,11 +326,17 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .ok_or_else(|| Error::format(format!("{}: no `weight_map` object", ip.display())))?;
         let mut shards: BTreeMap<String, ()> = BTreeMap::new();
         for f in map.values() {
-            let f = f
-                .as_str()
-                .ok_or_else(|| Error::format(format!("{}: weight_map values must be file names", ip.display())))?;
+            let f = f.as_str().ok_or_else(|| {
+                Error::format(format!(
+                    "{}: weight_map values must be file names",
+                    ip.display()
+                ))
+            })?;
             if f.contains('/') || f.contains("..") {
-                return Err(Error::format(format!("{}: shard name `{f}` must be a plain file name", ip.display())));
+                return Err(Error::format(format!(
+                    "{}: shard name `{f}` must be a plain file name",
+                    ip.display()
+                )));
             }
             shards.insert(f.to_string(), ());
         }
@@ -347,8 +373,14 @@ mod tests {
 
     #[test]
     fn prefix_detection() {
-        assert_eq!(detect_prefix(["a", "model.patch_embedding.weight"].into_iter()), "model.");
-        assert_eq!(detect_prefix(["patch_embedding.weight", "model.patch_embedding.weight"].into_iter()), "");
+        assert_eq!(
+            detect_prefix(["a", "model.patch_embedding.weight"].into_iter()),
+            "model."
+        );
+        assert_eq!(
+            detect_prefix(["patch_embedding.weight", "model.patch_embedding.weight"].into_iter()),
+            ""
+        );
         assert_eq!(detect_prefix(["xpatch_embedding.weight"].into_iter()), "");
     }
 }

@@ -13,7 +13,10 @@ fn run(schedule: Schedule, attention: AttentionMode, separate: bool) -> Vec<f32>
     let gen = Generator::new(g.engine.model(), opts.clone(), g.noise.clone(), &g.prompt).unwrap();
     let (lat, report) = gen.generate(g.frames / opts.block_frames).unwrap();
     let lag = opts.lag();
-    assert_eq!(report.ticks, (g.frames / opts.block_frames - 1) * lag + opts.steps.len());
+    assert_eq!(
+        report.ticks,
+        (g.frames / opts.block_frames - 1) * lag + opts.steps.len()
+    );
     lat
 }
 
@@ -41,7 +44,10 @@ fn merged_context_pass_equals_separate_context_pass() {
 #[test]
 fn every_cascade_lag_matches_the_spec() {
     for lag in 1..=3 {
-        for (mode, name) in [(AttentionMode::Causal, "causal"), (AttentionMode::Bidirectional, "bidirectional")] {
+        for (mode, name) in [
+            (AttentionMode::Causal, "causal"),
+            (AttentionMode::Bidirectional, "bidirectional"),
+        ] {
             let exp = expected(&format!("cascade-lag{lag}-{name}.safetensors"));
             let lat = run(Schedule::Cascade { lag }, mode, false);
             let err = rel_l2(&exp, &lat);

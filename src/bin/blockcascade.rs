@@ -1,1 +1,449 @@
-fn main(){}
+//! The `blockcascade` command line: `generate`, `plan`, `info`, `bench`.
+
+use blockcascade::bench;
+use blockcascade::cascade::Plan;
+use blockcascade::engine::MemoryEstimate;
+use blockcascade::noise::{NoiseSource, RecordedNoise};
+use blockcascade::prompt::{load_schedule, PromptEmbeds};
+use blockcascade::schedule::{parse_steps, StepSchedule};
+use blockcascade::tensorfile::write_f32;
+use blockcascade::{
+    AttentionMode, Engine, Error, GenerateOptions, Generator, Recache, Result, Schedule,
+};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "blockcascade",
+    version,
+    about = "Block-causal video diffusion inference with Block Cascading"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate video latents (built-in tiny model and seeded noise when no files are given).
+    Generate(GenerateArgs),
+    /// Print the ticks of a cascade plan.
+    Plan(PlanArgs),
+    /// Print a model's config, size and memory needs (or the kernel report).
+    Info(InfoArgs),
+    /// Benchmark the CPU backend (time per forward and per block); JSON on stdout.
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ScheduleArg {
+    Sequential,
+    Cascade,
+}
+#[derive(Clone, Copy, ValueEnum)]
+enum AttentionArg {
+    Causal,
+    Bidirectional,
+}
+#[derive(Clone, Copy, ValueEnum)]
+enum RecacheArg {
+    None,
+    Window,
+}
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum BackendArg {
+    Cpu,
+    Cuda,
+}
+
+/// Sampling settings shared by `generate`, `info` and `bench`.
+#[derive(clap::Args, Clone)]
+struct SamplingArgs {
+    /// Latent height (even). Default: 8 for the built-in model, 60 (480 px) otherwise.
+    #[arg(long)]
+    height: Option<usize>,
+    /// Latent width (even). Default: 12 for the built-in model, 104 (832 px) otherwise.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Latent frames per block.
+    #[arg(long, default_value_t = 3)]
+    block_frames: usize,
+    /// Denoising steps (0..1000 scale), comma-separated.
+    #[arg(long, default_value = "1000,750,500,250")]
+    steps: String,
+    /// Flow-matching shift.
+    #[arg(long, default_value_t = 5.0)]
+    shift: f64,
+    /// Local attention window in frames (-1 = global attention).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    local_attn: i64,
+    /// Sink frames kept visible with local attention.
+    #[arg(long, default_value_t = 0)]
+    sink: usize,
+    /// sequential (Self-Forcing) or cascade (Block Cascading, see --lag).
+    #[arg(long, value_enum, default_value = "sequential")]
+    schedule: ScheduleArg,
+    /// Cascade lag: steps a block completes before the next starts (1..=steps).
+    #[arg(long)]
+    lag: Option<usize>,
+    /// Visibility among denoising members of a cascade window.
+    #[arg(long, value_enum, default_value = "causal")]
+    attention: AttentionArg,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model directory (Wan config.json + safetensors). Default: the built-in tiny model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt embeddings (safetensors, tensor `prompt_embeds` [L, text_dim]). Default: built-in.
+    #[arg(long)]
+    prompt_embeds: Option<PathBuf>,
+    /// Prompt schedule: JSON list of {"block": n, "prompt_embeds": "file.safetensors"}.
+    #[arg(long)]
+    prompt_schedule: Option<PathBuf>,
+    /// Cache behaviour at prompt switches: none (cascade) or window (LongLive recache).
+    #[arg(long, value_enum, default_value = "none")]
+    recache: RecacheArg,
+    /// Recorded noise (safetensors: `noise` [F,16,H,W], `renoise` [F,S-1,16,H,W]).
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// Seed of the built-in noise generator.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Latent frames to generate (a multiple of --block-frames).
+    #[arg(long, default_value_t = 21)]
+    frames: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Run the context pass as its own forward (the literal Self-Forcing loop).
+    #[arg(long)]
+    separate_context_pass: bool,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// Devices (comma-separated indices); the CPU backend runs on device 0.
+    #[arg(long, default_value = "0")]
+    devices: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Output file (safetensors with `latents` [F,16,H,W] f32).
+    #[arg(long, default_value = "latents.safetensors")]
+    out: PathBuf,
+    /// Print a run report (forwards, tokens per tick, per-block times) to stderr.
+    #[arg(long)]
+    report: bool,
+    /// With --report: also run the sequential schedule and print the latents' relative difference.
+    #[arg(long)]
+    compare_sequential: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Blocks.
+    #[arg(long, default_value_t = 7)]
+    blocks: usize,
+    /// Lag (default: the number of steps, i.e. sequential).
+    #[arg(long)]
+    lag: Option<usize>,
+    /// Denoising steps.
+    #[arg(long, default_value = "1000,750,500,250")]
+    steps: String,
+    /// Shift.
+    #[arg(long, default_value_t = 5.0)]
+    shift: f64,
+}
+
+#[derive(clap::Args)]
+struct InfoArgs {
+    /// Model directory (default: the built-in tiny model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Built-in model name instead of a directory (tiny, medium, wan-1.3b-shape).
+    #[arg(long, conflicts_with = "model")]
+    builtin: Option<String>,
+    /// Frames for the memory estimate.
+    #[arg(long, default_value_t = 21)]
+    frames: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print the CUDA kernel report (registers, shared memory, spills) instead.
+    #[arg(long)]
+    kernels: bool,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Built-in models to benchmark (comma-separated: tiny, medium, wan-1.3b-shape).
+    #[arg(long, default_value = "tiny,medium")]
+    models: String,
+    /// Repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Also time lag S..1 (cascade) per block.
+    #[arg(long)]
+    cascade: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Plan(a) => plan(a),
+        Cmd::Info(a) => info(a),
+        Cmd::Bench(a) => bench_cmd(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn options(s: &SamplingArgs, builtin: bool) -> Result<GenerateOptions> {
+    let steps = parse_steps(&s.steps)?;
+    let local_attn = match s.local_attn {
+        -1 => None,
+        l if l > 0 => Some(l as usize),
+        l => {
+            return Err(Error::invalid(format!(
+                "--local-attn must be -1 (global) or positive, got {l}"
+            )))
+        }
+    };
+    let schedule = match (s.schedule, s.lag) {
+        (ScheduleArg::Sequential, None) => Schedule::Sequential,
+        (ScheduleArg::Sequential, Some(_)) => {
+            return Err(Error::invalid("--lag needs --schedule cascade"));
+        }
+        (ScheduleArg::Cascade, lag) => Schedule::Cascade {
+            lag: lag.unwrap_or(1),
+        },
+    };
+    let (dh, dw) = if builtin { (8, 12) } else { (60, 104) };
+    let o = GenerateOptions {
+        height: s.height.unwrap_or(dh),
+        width: s.width.unwrap_or(dw),
+        block_frames: s.block_frames,
+        steps,
+        shift: s.shift,
+        local_attn,
+        sink: s.sink,
+        schedule,
+        attention: match s.attention {
+            AttentionArg::Causal => AttentionMode::Causal,
+            AttentionArg::Bidirectional => AttentionMode::Bidirectional,
+        },
+        ..Default::default()
+    };
+    o.validate(None)?;
+    Ok(o)
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    if a.backend == BackendArg::Cuda {
+        return Err(Error::Unsupported(
+            "the CUDA backend is not available in this build yet (use --backend cpu)".into(),
+        ));
+    }
+    let devices: Vec<&str> = a.devices.split(',').map(str::trim).collect();
+    if devices != ["0"] {
+        return Err(Error::Unsupported(format!(
+            "--devices {}: the CPU backend runs on one device (0)",
+            a.devices
+        )));
+    }
+    if let Some(t) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+    }
+    let mut opts = options(&a.sampling, a.model.is_none())?;
+    opts.separate_context_pass = a.separate_context_pass;
+    opts.recache = match a.recache {
+        RecacheArg::None => Recache::None,
+        RecacheArg::Window => Recache::Window,
+    };
+    opts.validate(Some(a.frames))?;
+    let blocks = a.frames / opts.block_frames;
+    // Check every input before loading the model's weights.
+    let noise = match &a.noise {
+        Some(p) => NoiseSource::Recorded(RecordedNoise::load(
+            p,
+            a.frames,
+            16,
+            opts.height,
+            opts.width,
+            opts.steps.len(),
+        )?),
+        None => NoiseSource::Seeded(a.seed),
+    };
+    let engine = Engine::open(a.model.as_deref())?;
+    let cfg = engine.config().clone();
+    let prompt = match &a.prompt_embeds {
+        Some(p) => PromptEmbeds::load(p, &cfg)?,
+        None => PromptEmbeds::builtin(&cfg, 0),
+    };
+    let switches = match &a.prompt_schedule {
+        Some(p) => load_schedule(p, &cfg, opts.block_frames)?,
+        None => Vec::new(),
+    };
+    let mut gen = Generator::new(engine.model(), opts.clone(), noise.clone(), &prompt)?;
+    gen.set_prompt_schedule(&switches)?;
+    let progress = !a.quiet;
+    let tty = std::io::stderr().is_terminal();
+    let mut latents = Vec::new();
+    let report = gen.run(blocks, |b| {
+        latents.extend_from_slice(b.latents);
+        if progress {
+            let done = b.index + 1;
+            let secs = b.since_start.as_secs_f64().max(1e-9);
+            let rate = done as f64 / secs;
+            let eta = (blocks - done) as f64 / rate;
+            let width = 24;
+            let filled = done * width / blocks;
+            let line = format!(
+                "[{}{}] {done}/{blocks} blocks  {rate:.2} blocks/s  block {:.3}s  ETA {eta:.1}s",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+                b.block_time.as_secs_f64()
+            );
+            if tty {
+                eprint!("\r{line}");
+                if done == blocks {
+                    eprintln!();
+                }
+            } else {
+                eprintln!("{line}");
+            }
+            let _ = std::io::stderr().flush();
+        }
+        true
+    })?;
+    let mut meta = BTreeMap::new();
+    meta.insert("blockcascade_version".into(), blockcascade::VERSION.into());
+    meta.insert("model".into(), engine.source().into());
+    meta.insert("frames".into(), a.frames.to_string());
+    meta.insert(
+        "seed".into(),
+        if a.noise.is_some() {
+            "recorded".into()
+        } else {
+            a.seed.to_string()
+        },
+    );
+    meta.insert(
+        "options".into(),
+        serde_json::to_string(&opts).map_err(|e| Error::Internal(e.to_string()))?,
+    );
+    let shape = vec![a.frames, 16, opts.height, opts.width];
+    write_f32(&a.out, &[("latents", shape, &latents)], &meta)?;
+    if progress {
+        eprintln!(
+            "wrote {} ({} frames, {:.2}s, {:.2} blocks/s)",
+            a.out.display(),
+            a.frames,
+            report.total_seconds,
+            blocks as f64 / report.total_seconds.max(1e-9)
+        );
+    }
+    if a.report {
+        eprintln!(
+            "report: {}",
+            serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?
+        );
+        if a.compare_sequential {
+            let mut so = opts.clone();
+            so.schedule = Schedule::Sequential;
+            let mut sg = Generator::new(engine.model(), so, noise, &prompt)?;
+            sg.set_prompt_schedule(&switches)?;
+            let (seq, _) = sg.generate(blocks)?;
+            eprintln!(
+                "relative L2 vs sequential: {:.3e}",
+                blockcascade::bench::rel_l2(&seq, &latents)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn plan(a: PlanArgs) -> Result<()> {
+    let steps = StepSchedule::new(&parse_steps(&a.steps)?, a.shift)?;
+    let p = Plan::new(a.blocks, steps.len(), a.lag.unwrap_or(steps.len()))?;
+    print!("{}", p.table(&steps.timesteps));
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    if a.kernels {
+        return Err(Error::Unsupported(
+            "the kernel report is not available in this build".into(),
+        ));
+    }
+    let engine = match (&a.model, &a.builtin) {
+        (_, Some(b)) => Engine::builtin(b)?,
+        (m, None) => Engine::open(m.as_deref())?,
+    };
+    let cfg = engine.config();
+    let opts = options(&a.sampling, a.model.is_none())?;
+    opts.validate(Some(a.frames))?;
+    let mem = MemoryEstimate::new(cfg, &opts, a.frames);
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    println!("model:        {}", engine.source());
+    println!(
+        "config:       dim {} ffn {} heads {} (head_dim {}) layers {} freq_dim {} text {}x{} eps {}",
+        cfg.dim,
+        cfg.ffn_dim,
+        cfg.num_heads,
+        cfg.head_dim(),
+        cfg.num_layers,
+        cfg.freq_dim,
+        cfg.text_len,
+        cfg.text_dim,
+        cfg.eps
+    );
+    println!(
+        "parameters:   {} ({:.3} B)",
+        cfg.parameter_count(),
+        cfg.parameter_count() as f64 / 1e9
+    );
+    println!(
+        "weight dtype: {} on disk, f32 on the CPU backend",
+        engine.model().weights.source_dtype.name()
+    );
+    println!(
+        "memory for {} frames of {}x{} latents ({} tokens/frame), lag {}: weights {:.3} GiB + KV cache {:.3} GiB + activations {:.3} GiB = {:.3} GiB",
+        a.frames,
+        opts.height,
+        opts.width,
+        (opts.height / 2) * (opts.width / 2),
+        opts.lag(),
+        gib(mem.weights),
+        gib(mem.kv_cache),
+        gib(mem.activations),
+        gib(mem.total())
+    );
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let models: Vec<&str> = a.models.split(',').map(str::trim).collect();
+    let results = bench::run_cpu(&models, a.reps.max(1), a.cascade)?;
+    eprint!("{}", bench::table(&results));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&results).map_err(|e| Error::Internal(e.to_string()))?
+    );
+    Ok(())
+}

@@ -122,7 +122,9 @@ fn tile(
                 l[r] = l[r] * alpha + sum;
                 m[r] = mx;
                 if alpha != 1.0 {
-                    acc[r * hd..(r + 1) * hd].iter_mut().for_each(|a| *a *= alpha);
+                    acc[r * hd..(r + 1) * hd]
+                        .iter_mut()
+                        .for_each(|a| *a *= alpha);
                 }
             }
             // SAFETY: as above; acc is rows×hd.
@@ -169,7 +171,9 @@ mod tests {
                 let s: Vec<f64> = (0..nk)
                     .map(|j| {
                         (0..hd)
-                            .map(|d| q[i * dim + h * hd + d] as f64 * k[j * dim + h * hd + d] as f64)
+                            .map(|d| {
+                                q[i * dim + h * hd + d] as f64 * k[j * dim + h * hd + d] as f64
+                            })
                             .sum::<f64>()
                             / (hd as f64).sqrt()
                     })
@@ -178,8 +182,10 @@ mod tests {
                 let p: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
                 let z: f64 = p.iter().sum();
                 for d in 0..hd {
-                    out[i * dim + h * hd + d] =
-                        (0..nk).map(|j| p[j] * v[j * dim + h * hd + d] as f64).sum::<f64>() as f32 / z as f32;
+                    out[i * dim + h * hd + d] = (0..nk)
+                        .map(|j| p[j] * v[j * dim + h * hd + d] as f64)
+                        .sum::<f64>() as f32
+                        / z as f32;
                 }
             }
         }
@@ -197,8 +203,20 @@ mod tests {
         let v: Vec<f32> = (0..nk * dim).map(|_| rng.normal()).collect();
         let mut segs = Vec::new();
         // Split keys into uneven segments; two adjacent ones must merge.
-        push_segment(&mut segs, KvSegment { k: &k[..10 * dim], v: &v[..10 * dim] });
-        push_segment(&mut segs, KvSegment { k: &k[10 * dim..300 * dim], v: &v[10 * dim..300 * dim] });
+        push_segment(
+            &mut segs,
+            KvSegment {
+                k: &k[..10 * dim],
+                v: &v[..10 * dim],
+            },
+        );
+        push_segment(
+            &mut segs,
+            KvSegment {
+                k: &k[10 * dim..300 * dim],
+                v: &v[10 * dim..300 * dim],
+            },
+        );
         assert_eq!(segs.len(), 1);
         let k2 = k[300 * dim..].to_vec();
         let v2 = v[300 * dim..].to_vec();

@@ -117,7 +117,10 @@ mod tests {
             linear(&x, n, k, &w, Some(&b), &mut y);
             let r = naive(&x, n, k, &w, &b);
             for (a, e) in y.iter().zip(&r) {
-                assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "{a} vs {e} at {n}x{k}x{o}");
+                assert!(
+                    (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{a} vs {e} at {n}x{k}x{o}"
+                );
             }
             let mut y0 = vec![f32::NAN; n * o];
             linear(&x, n, k, &w, None, &mut y0);

@@ -123,7 +123,14 @@ pub fn rope_angles(head_dim: usize, pos: [f64; 3], angles: &mut [f64]) {
 
 /// 3D RoPE in place on rows of `heads * head_dim` values. Token `r` has position
 /// `(first_frame + r / (hp*wp), (r / wp) % hp, r % wp)`; adjacent pairs rotate as complex numbers.
-pub fn rope_3d(x: &mut [f32], heads: usize, head_dim: usize, first_frame: usize, hp: usize, wp: usize) {
+pub fn rope_3d(
+    x: &mut [f32],
+    heads: usize,
+    head_dim: usize,
+    first_frame: usize,
+    hp: usize,
+    wp: usize,
+) {
     let dim = heads * head_dim;
     let tpf = hp * wp;
     x.par_chunks_mut(dim).enumerate().for_each(|(r, row)| {
@@ -135,7 +142,10 @@ pub fn rope_3d(x: &mut [f32], heads: usize, head_dim: usize, first_frame: usize,
         let mut ang = [0f64; 512];
         let ang = &mut ang[..head_dim / 2];
         rope_angles(head_dim, pos, ang);
-        let cs: Vec<(f32, f32)> = ang.iter().map(|a| (a.cos() as f32, a.sin() as f32)).collect();
+        let cs: Vec<(f32, f32)> = ang
+            .iter()
+            .map(|a| (a.cos() as f32, a.sin() as f32))
+            .collect();
         for h in 0..heads {
             let hr = &mut row[h * head_dim..(h + 1) * head_dim];
             for (j, &(c, s)) in cs.iter().enumerate() {
@@ -264,7 +274,9 @@ mod tests {
     #[test]
     fn rope_preserves_norm_and_rotates_pairs() {
         let (heads, hd) = (2, 12);
-        let mut x: Vec<f32> = (0..3 * heads * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut x: Vec<f32> = (0..3 * heads * hd)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
         let orig = x.clone();
         rope_3d(&mut x, heads, hd, 5, 1, 3);
         for (a, b) in x.chunks(2).zip(orig.chunks(2)) {

@@ -31,25 +31,51 @@ pub fn golden() -> Golden {
         height: u("height"),
         width: u("width"),
         block_frames: u("block_frames"),
-        steps: case["steps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect(),
+        steps: case["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect(),
         shift: case["shift"].as_f64().unwrap(),
-        local_attn: if local < 0 { None } else { Some(local as usize) },
+        local_attn: if local < 0 {
+            None
+        } else {
+            Some(local as usize)
+        },
         sink: u("sink"),
         context_noise: case["context_noise"].as_f64().unwrap(),
         ..Default::default()
     };
     let frames = u("frames");
     let noise = NoiseSource::Recorded(
-        RecordedNoise::load(&dir.join("noise.safetensors"), frames, 16, opts.height, opts.width, opts.steps.len())
-            .unwrap(),
+        RecordedNoise::load(
+            &dir.join("noise.safetensors"),
+            frames,
+            16,
+            opts.height,
+            opts.width,
+            opts.steps.len(),
+        )
+        .unwrap(),
     );
-    let prompt = PromptEmbeds::load(&dir.join("prompt_embeds.safetensors"), engine.config()).unwrap();
-    Golden { engine, opts, frames, noise, prompt }
+    let prompt =
+        PromptEmbeds::load(&dir.join("prompt_embeds.safetensors"), engine.config()).unwrap();
+    Golden {
+        engine,
+        opts,
+        frames,
+        noise,
+        prompt,
+    }
 }
 
 /// Loads tensor `latents` from a golden file.
 pub fn expected(name: &str) -> Vec<f32> {
-    TensorFile::open(&golden_dir().join(name)).unwrap().tensor_f32("latents", None).unwrap()
+    TensorFile::open(&golden_dir().join(name))
+        .unwrap()
+        .tensor_f32("latents", None)
+        .unwrap()
 }
 
 /// Relative L2 error of `a` against `e`; infinite when shapes differ or `a` is not finite.
@@ -57,7 +83,11 @@ pub fn rel_l2(e: &[f32], a: &[f32]) -> f64 {
     if e.len() != a.len() || a.iter().any(|v| !v.is_finite()) {
         return f64::INFINITY;
     }
-    let num: f64 = e.iter().zip(a).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let num: f64 = e
+        .iter()
+        .zip(a)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
     let den: f64 = e.iter().map(|x| (*x as f64).powi(2)).sum();
     (num / den).sqrt()
 }

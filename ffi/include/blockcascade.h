@@ -1,0 +1,210 @@
+/*
+ * blockcascade.h — the C ABI of blockcascade, an inference engine for block-causal video
+ * diffusion models (the Wan2.1 causal DiT) with Block Cascading.
+ *
+ * Build the library with `cargo build --release`; it produces target/release/libblockcascade.so
+ * (shared) and target/release/libblockcascade.a (static). See ffi/README.md for linking.
+ *
+ * Conventions
+ * -----------
+ * - Every function that can fail returns a bc_status. BC_OK (0) means success; on failure a
+ *   human-readable message is available from bc_last_error() on the same thread, and no output
+ *   parameter has been written.
+ * - Option structs start with `struct_size`: set it to sizeof(the struct) — the *_default()
+ *   functions do that for you — so that later versions can grow the structs without breaking
+ *   code compiled against this header. A size smaller than the first published version of the
+ *   struct or larger than the library's version is BC_ERR_INVALID_ARGUMENT.
+ * - Handles (bc_engine*, bc_session*) are opaque: never dereference them. The library keeps a
+ *   registry of live handles, so NULL, closed or made-up handles are reported as
+ *   BC_ERR_INVALID_ARGUMENT instead of crashing. Handle values are never reused.
+ * - No Rust panic ever crosses this boundary: an internal failure is reported as
+ *   BC_ERR_INTERNAL.
+ *
+ * Thread safety
+ * -------------
+ * - All functions may be called from any thread.
+ * - A bc_engine (the loaded model weights) is immutable once opened and may be shared: several
+ *   sessions, on different threads, may be opened from one engine and generate concurrently.
+ * - A bc_session is used by one thread at a time. A call on a session that is already inside
+ *   another call (on another thread, or re-entrantly from its own block callback) fails with
+ *   BC_ERR_INVALID_ARGUMENT rather than blocking; different sessions are independent.
+ * - bc_last_error() is per thread.
+ *
+ * Lifetimes
+ * ---------
+ * - A session keeps its engine's model alive: bc_engine_close() may be called while sessions
+ *   opened from it are still open; they keep working, and the memory is released when the
+ *   last of them is closed. The engine handle itself is invalid after bc_engine_close().
+ * - Pointers passed in (paths, prompt embeddings, option structs) are only read during the call;
+ *   the library copies what it keeps.
+ * - Pointers passed out (latents in the block callback, bc_last_error(), bc_version()) are
+ *   owned by the library; see each function for how long they stay valid.
+ */
+#ifndef BLOCKCASCADE_H
+#define BLOCKCASCADE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* An opened model (weights). Create with bc_engine_open, destroy with bc_engine_close. */
+typedef struct bc_engine bc_engine;
+
+/* A generation context on an engine: options, seed and prompt. Create with bc_session_open,
+   destroy with bc_session_close. */
+typedef struct bc_session bc_session;
+
+/* Result codes. Values are stable. */
+typedef enum {
+  BC_OK = 0,                   /* success */
+  BC_ERR_INVALID_ARGUMENT = 1, /* bad argument: NULL/closed handle, wrong struct_size, bad shape, NaN, ... */
+  BC_ERR_IO = 2,               /* a file could not be opened, read or written */
+  BC_ERR_FORMAT = 3,           /* a file's content is malformed or does not match the model */
+  BC_ERR_UNSUPPORTED = 4,      /* a valid request this build or model cannot serve (e.g. the CUDA backend) */
+  BC_ERR_OUT_OF_MEMORY = 5,    /* not enough memory */
+  BC_ERR_DEVICE = 6,           /* a device (GPU) failed */
+  BC_ERR_CANCELLED = 7,        /* the block callback returned non-zero */
+  BC_ERR_INTERNAL = 8          /* a bug in the library (including a caught panic) */
+} bc_status;
+
+/* Options of bc_engine_open. Get defaults from bc_engine_options_default(). */
+typedef struct {
+  uint32_t struct_size;   /* sizeof(bc_engine_options) */
+  const char *backend;    /* "cpu", "cuda" or NULL = best available (the CPU in this build) */
+  const int32_t *devices; /* device ordinals to use; NULL/0 = the default device. With the CPU
+                             backend only device 0 exists. */
+  uint32_t n_devices;     /* number of entries in devices */
+} bc_engine_options;
+
+/* Options of bc_session_open. Get defaults from bc_session_options_default(). */
+typedef struct {
+  uint32_t struct_size;   /* sizeof(bc_session_options) */
+  uint32_t height, width; /* latent height and width, positive and even (default 8 x 12) */
+  uint32_t block_frames;  /* latent frames per block, >= 1 (default 3) */
+  uint32_t lag;           /* 0 = sequential Self-Forcing schedule (default); 1..S = Block
+                             Cascading with this lag (S = 4 denoising steps) */
+  uint32_t bidirectional; /* 0 = causal (default); 1 = denoising members of a cascade window
+                             also see later members */
+  int32_t local_attn;     /* -1 = global attention (default); > 0 = local window in frames */
+  uint32_t sink;          /* sink frames kept visible with local attention (default 0) */
+  uint64_t seed;          /* seed of the noise and of the default prompt (default 0) */
+} bc_session_options;
+
+/* Called once per finished block, in order; latents are [frames][channels][height][width] f32,
+   valid only during the call. Return non-zero to stop generation (bc_session_generate then
+   returns BC_ERR_CANCELLED). `user` is the pointer given to bc_session_generate.
+   The callback must not call bc_session_generate on the same session. */
+typedef int32_t (*bc_block_callback)(void *user, uint32_t block_index, const float *latents,
+                                     uint32_t frames, uint32_t channels, uint32_t height,
+                                     uint32_t width);
+
+/* The library version, e.g. "0.1.0". Static storage; never NULL. */
+const char *bc_version(void);
+
+/* The message of the last failed call on this thread, or "" if none has failed. Never NULL.
+   Successful calls do not clear it. The string stays valid until the next call into the
+   library on this thread; copy it to keep it. */
+const char *bc_last_error(void);
+
+/* Default engine options: struct_size set, backend NULL (best available), no devices. */
+bc_engine_options bc_engine_options_default(void);
+
+/* Default session options: struct_size set, 8 x 12 latents, 3 frames per block, sequential
+   (lag 0), causal, global attention (local_attn -1), sink 0, seed 0. */
+bc_session_options bc_session_options_default(void);
+
+/* Opens a model. `model_dir` is a folder with config.json and safetensors weights, or NULL for
+   the built-in tiny model (random weights, for tests and examples). `opts` may be NULL for the
+   defaults. On success writes a new handle to *out; close it with bc_engine_close.
+   Errors: BC_ERR_INVALID_ARGUMENT (out NULL, bad options, unknown backend or device),
+   BC_ERR_UNSUPPORTED (backend "cuda" in a build without it), BC_ERR_IO / BC_ERR_FORMAT (model
+   files). */
+bc_status bc_engine_open(const char *model_dir /* NULL = built-in tiny model */,
+                         const bc_engine_options *opts /* NULL = defaults */, bc_engine **out);
+
+/* Closes an engine handle. NULL is a no-op; an unknown or already closed handle is ignored.
+   Sessions opened from the engine stay valid (see Lifetimes). */
+void bc_engine_close(bc_engine *engine);
+
+/* Opens a session on an engine. `opts` may be NULL for the defaults. The options are validated
+   here. The session's prompt is the built-in prompt for its seed until bc_session_set_prompt.
+   On success writes a new handle to *out; close it with bc_session_close.
+   Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed engine, out NULL, bad options). */
+bc_status bc_session_open(bc_engine *engine, const bc_session_options *opts, bc_session **out);
+
+/* Sets the prompt: `embeds` is [rows][cols] f32 row-major (the text encoder's output), with
+   cols equal to the model's text_dim (see bc_engine_get_info) and 1 <= rows <= text_len.
+   Removes the prompt switches added by bc_session_switch_prompt. The values are copied.
+   Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed session, embeds NULL, wrong width, too many
+   rows, NaN or infinite values). */
+bc_status bc_session_set_prompt(bc_session *s, const float *embeds, uint32_t rows, uint32_t cols);
+
+/* Generates n_blocks (>= 1) blocks of block_frames latent frames and calls cb for each one as
+   soon as it is final, in order (block_index 0, 1, ...). Each call starts a new video from
+   scratch with the session's seed, noise and prompts: calling it twice with the same session
+   state yields the same latents. Returns BC_OK after the last block.
+   Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed/busy session, cb NULL, n_blocks 0, a prompt
+   switch at or after n_blocks, recorded noise too short), BC_ERR_CANCELLED (cb returned
+   non-zero; no further callback is made), BC_ERR_INTERNAL. */
+bc_status bc_session_generate(bc_session *s, uint32_t n_blocks, bc_block_callback cb, void *user);
+
+/* Closes a session. NULL is a no-op; an unknown or already closed handle is ignored. */
+void bc_session_close(bc_session *s);
+
+/* ---- Extensions (not in the first version of the API) ---- */
+
+/* Model facts a client needs, e.g. the prompt width. */
+typedef struct {
+  uint32_t struct_size; /* set by the caller to sizeof(bc_engine_info) */
+  uint32_t dim;         /* hidden size */
+  uint32_t num_layers;  /* transformer blocks */
+  uint32_t num_heads;   /* attention heads */
+  uint32_t text_dim;    /* width (cols) of prompt embeddings */
+  uint32_t text_len;    /* maximum prompt rows */
+  uint32_t channels;    /* latent channels (16) */
+  uint32_t num_steps;   /* denoising steps S (the maximum lag) */
+} bc_engine_info;
+
+/* Fills *info (whose struct_size the caller sets) with facts about the engine's model.
+   Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed engine, info NULL, wrong struct_size). */
+bc_status bc_engine_get_info(const bc_engine *engine, bc_engine_info *info);
+
+/* Switches the prompt from block `block` (>= 1, counted from the start of each
+   bc_session_generate call) on: blocks before it use the earlier prompt. The cross-attention
+   of the new prompt applies from the switch on; the KV cache is kept (no recache). Adding a
+   switch at a block that already has one replaces it. Same embeds rules as
+   bc_session_set_prompt. Errors: BC_ERR_INVALID_ARGUMENT. */
+bc_status bc_session_switch_prompt(bc_session *s, uint32_t block, const float *embeds,
+                                   uint32_t rows, uint32_t cols);
+
+/* Uses noise recorded in a safetensors file (tensors `noise` [F,16,H,W] and `renoise`
+   [F,S-1,16,H,W]) instead of the seeded generator, so that results can be compared with other
+   implementations exactly; generations are then limited to F / block_frames blocks. NULL path
+   goes back to seeded noise. The file is read during the call.
+   Errors: BC_ERR_INVALID_ARGUMENT, BC_ERR_IO, BC_ERR_FORMAT (missing tensors, wrong shapes for
+   the session's height, width and steps, NaN). */
+bc_status bc_session_set_noise_file(bc_session *s, const char *path);
+
+/* Statistics of the last successful bc_session_generate call on a session. */
+typedef struct {
+  uint32_t struct_size;         /* set by the caller to sizeof(bc_session_stats) */
+  uint32_t blocks;              /* blocks generated */
+  uint64_t ticks;               /* cascade ticks (joint forwards over a window) */
+  uint64_t forward_passes;      /* model forwards */
+  uint64_t max_cache_bytes;     /* largest KV cache size seen */
+  double time_to_first_block;   /* seconds until block 0 was final */
+  double total_seconds;         /* wall-clock seconds of the call */
+} bc_session_stats;
+
+/* Fills *stats (whose struct_size the caller sets) with the statistics of the last
+   successful generation. Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed session, stats NULL,
+   wrong struct_size, no generation has succeeded yet on this session). */
+bc_status bc_session_last_stats(const bc_session *s, bc_session_stats *stats);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BLOCKCASCADE_H */

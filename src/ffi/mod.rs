@@ -1,0 +1,760 @@
+//! The C ABI (see `ffi/include/blockcascade.h` and `ffi/README.md`).
+//!
+//! Handles are opaque values registered in a global registry: a handle is looked up (and its
+//! kind checked) on every call, so NULL, closed, made-up or wrong-kind handles are reported as
+//! `BC_ERR_INVALID_ARGUMENT` instead of being dereferenced. Handle values come from a counter
+//! and are never reused. Every entry point runs under `catch_unwind`, and the message of the
+//! last failure is kept per thread for `bc_last_error`.
+
+pub mod sys;
+
+use crate::config::{AttentionMode, GenerateOptions, Schedule};
+use crate::executor::{Generator, RunReport};
+use crate::model::CHANNELS;
+use crate::noise::{NoiseSource, RecordedNoise};
+use crate::prompt::{PromptEmbeds, PromptSwitch};
+use crate::tensorfile::TensorFile;
+use crate::{Engine, Error, Result};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::mem::size_of;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use sys::*;
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: String) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);
+}
+
+/// The `bc_status` code of an error.
+pub fn status_of(e: &Error) -> bc_status {
+    match e {
+        Error::InvalidArgument(_) => BC_ERR_INVALID_ARGUMENT,
+        Error::Io { .. } => BC_ERR_IO,
+        Error::Format(_) => BC_ERR_FORMAT,
+        Error::Unsupported(_) => BC_ERR_UNSUPPORTED,
+        Error::OutOfMemory(_) => BC_ERR_OUT_OF_MEMORY,
+        Error::Device(_) => BC_ERR_DEVICE,
+        Error::Cancelled => BC_ERR_CANCELLED,
+        Error::Internal(_) => BC_ERR_INTERNAL,
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".into()
+    }
+}
+
+/// Runs an entry point: catches panics, records the error message, returns the status.
+fn guard(what: &str, f: impl FnOnce() -> Result<(), Failure>) -> bc_status {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => BC_OK,
+        Ok(Err(e)) => {
+            set_last_error(format!("{what}: {}", e.msg));
+            e.status
+        }
+        Err(p) => {
+            set_last_error(format!(
+                "{what}: internal error: panic: {}",
+                panic_message(p.as_ref())
+            ));
+            BC_ERR_INTERNAL
+        }
+    }
+}
+
+/// A failed call: its status and message.
+struct Failure {
+    status: bc_status,
+    msg: String,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure {
+            status: status_of(&e),
+            msg: e.to_string(),
+        }
+    }
+}
+
+fn invalid<T, E: From<Error>>(msg: impl Into<String>) -> Result<T, E> {
+    Err(Error::InvalidArgument(msg.into()).into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handles
+
+/// A session: what `bc_session_generate` needs to start a generation from scratch.
+struct Session {
+    engine: Engine,
+    opts: GenerateOptions,
+    seed: u64,
+    /// The prompt from block 0.
+    prompt: PromptEmbeds,
+    /// Prompt switches (block >= 1).
+    switches: BTreeMap<usize, PromptEmbeds>,
+    noise: Option<RecordedNoise>,
+    last: Option<(usize, RunReport)>,
+}
+
+enum Object {
+    Engine(Engine),
+    Session(Arc<Mutex<Session>>),
+}
+
+static REGISTRY: Mutex<BTreeMap<usize, Object>> = Mutex::new(BTreeMap::new());
+/// Handle values: distinct, aligned, never reused, never dereferenced.
+static NEXT_HANDLE: AtomicUsize = AtomicUsize::new(0x10_0000);
+
+fn registry() -> MutexGuard<'static, BTreeMap<usize, Object>> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn register(obj: Object) -> usize {
+    let h = NEXT_HANDLE.fetch_add(16, Ordering::Relaxed);
+    registry().insert(h, obj);
+    h
+}
+
+fn lookup_engine(h: *const bc_engine) -> Result<Engine> {
+    if h.is_null() {
+        return invalid("the engine handle is NULL");
+    }
+    match registry().get(&(h as usize)) {
+        Some(Object::Engine(e)) => Ok(e.clone()),
+        Some(Object::Session(_)) => invalid("the handle is a bc_session, not a bc_engine"),
+        None => invalid(format!(
+            "{h:p} is not a live bc_engine handle (closed, or never returned by bc_engine_open)"
+        )),
+    }
+}
+
+fn lookup_session(h: *const bc_session) -> Result<Arc<Mutex<Session>>> {
+    if h.is_null() {
+        return invalid("the session handle is NULL");
+    }
+    match registry().get(&(h as usize)) {
+        Some(Object::Session(s)) => Ok(s.clone()),
+        Some(Object::Engine(_)) => invalid("the handle is a bc_engine, not a bc_session"),
+        None => invalid(format!(
+            "{h:p} is not a live bc_session handle (closed, or never returned by bc_session_open)"
+        )),
+    }
+}
+
+/// Runs `f` on a session, refusing (instead of blocking) when another call holds it.
+fn with_session<T>(
+    h: *const bc_session,
+    f: impl FnOnce(&mut Session) -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    let s = lookup_session(h)?;
+    let mut guard =
+        match s.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return invalid(
+                "the session is busy in another call (a session may be used by one thread at a \
+                 time, and not from its own block callback)",
+            ),
+        };
+    f(&mut guard)
+}
+
+/// Removes a handle of the given kind; unknown handles and other kinds are ignored. The object
+/// is dropped outside the registry lock.
+fn close_handle(h: usize, engine: bool) {
+    let _ = catch_unwind(|| {
+        let mut reg = registry();
+        let kind_ok = matches!(
+            (reg.get(&h), engine),
+            (Some(Object::Engine(_)), true) | (Some(Object::Session(_)), false)
+        );
+        if kind_ok {
+            let removed = reg.remove(&h);
+            drop(reg);
+            drop(removed);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Option structs
+
+/// Sizes of the first published version of each struct (the smallest `struct_size` accepted).
+const ENGINE_OPTIONS_V1: usize = size_of::<bc_engine_options>();
+const SESSION_OPTIONS_V1: usize = size_of::<bc_session_options>();
+const ENGINE_INFO_V1: usize = size_of::<bc_engine_info>();
+const SESSION_STATS_V1: usize = size_of::<bc_session_stats>();
+
+/// Reads a caller's option struct of any size from its first version to ours; fields the caller
+/// does not know keep their defaults.
+///
+/// # Safety
+/// `p` must point to a readable struct whose first field is `uint32_t struct_size` and which
+/// is at least `struct_size` bytes long.
+unsafe fn read_struct<T: Copy>(p: *const T, default: T, v1: usize, name: &str) -> Result<T> {
+    let size = std::ptr::read(p as *const u32) as usize;
+    check_size(size, v1, size_of::<T>(), name)?;
+    let mut out = default;
+    std::ptr::copy_nonoverlapping(p as *const u8, &mut out as *mut T as *mut u8, size);
+    std::ptr::write(&mut out as *mut T as *mut u32, size_of::<T>() as u32);
+    Ok(out)
+}
+
+/// Writes `value` into a caller's struct of any size from its first version to ours.
+///
+/// # Safety
+/// `p` must point to a writable struct whose first field is `uint32_t struct_size` (set by the
+/// caller) and which is at least `struct_size` bytes long.
+unsafe fn write_struct<T: Copy>(p: *mut T, value: T, v1: usize, name: &str) -> Result<()> {
+    let size = std::ptr::read(p as *const u32) as usize;
+    check_size(size, v1, size_of::<T>(), name)?;
+    std::ptr::copy_nonoverlapping(&value as *const T as *const u8, p as *mut u8, size);
+    std::ptr::write(p as *mut u32, size as u32);
+    Ok(())
+}
+
+fn check_size(size: usize, v1: usize, current: usize, name: &str) -> Result<()> {
+    if size < v1 || size > current {
+        return invalid(format!(
+            "{name}.struct_size is {size}, expected {current} (sizeof({name}); this library \
+             accepts {v1}..={current}); initialize it with the _default() function or sizeof"
+        ));
+    }
+    Ok(())
+}
+
+fn default_engine_options() -> bc_engine_options {
+    bc_engine_options {
+        struct_size: size_of::<bc_engine_options>() as u32,
+        backend: std::ptr::null(),
+        devices: std::ptr::null(),
+        n_devices: 0,
+    }
+}
+
+fn default_session_options() -> bc_session_options {
+    bc_session_options {
+        struct_size: size_of::<bc_session_options>() as u32,
+        height: 8,
+        width: 12,
+        block_frames: 3,
+        lag: 0,
+        bidirectional: 0,
+        local_attn: -1,
+        sink: 0,
+        seed: 0,
+    }
+}
+
+/// Converts C session options to the engine's options (validated).
+fn generate_options(o: &bc_session_options) -> Result<GenerateOptions> {
+    let local_attn = match o.local_attn {
+        -1 => None,
+        l if l > 0 => Some(l as usize),
+        l => {
+            return invalid(format!(
+                "local_attn must be -1 (global attention) or a positive number of frames, got {l}"
+            ))
+        }
+    };
+    let attention = match o.bidirectional {
+        0 => AttentionMode::Causal,
+        1 => AttentionMode::Bidirectional,
+        b => return invalid(format!("bidirectional must be 0 or 1, got {b}")),
+    };
+    let opts = GenerateOptions {
+        height: o.height as usize,
+        width: o.width as usize,
+        block_frames: o.block_frames as usize,
+        local_attn,
+        sink: o.sink as usize,
+        schedule: match o.lag {
+            0 => Schedule::Sequential,
+            lag => Schedule::Cascade { lag: lag as usize },
+        },
+        attention,
+        ..GenerateOptions::default()
+    };
+    opts.validate(None)?;
+    Ok(opts)
+}
+
+/// Refuses requests whose working set clearly exceeds the machine's memory (an allocation
+/// failure would abort the process instead of returning an error). `frames` = frames kept in
+/// the KV cache.
+fn check_memory(engine: &Engine, o: &GenerateOptions, frames: usize) -> Result<()> {
+    let cfg = engine.config();
+    let (h, w) = (o.height as u128, o.width as u128);
+    let tpf = (h / 2) * (w / 2);
+    let cached = o.local_attn.map_or(frames, |l| l.min(frames)) as u128;
+    let window = (o.steps.len().div_ceil(o.lag()) as u128 + 1) * o.block_frames as u128;
+    let (dim, ffn) = (cfg.dim as u128, cfg.ffn_dim as u128);
+    let kv = cfg.num_layers as u128 * 2 * cached * tpf * dim * 4;
+    let act = window * tpf * (12 * dim + ffn + 2 * CHANNELS as u128 * 4) * 4;
+    let need = kv + act;
+    let avail = total_memory().unwrap_or(u64::MAX) as u128;
+    if need > avail {
+        return Err(Error::OutOfMemory(format!(
+            "{}x{} latents, {} frames per block and {frames} cached frames need about {} MiB, \
+             more than this machine's {} MiB",
+            o.height,
+            o.width,
+            o.block_frames,
+            need >> 20,
+            avail >> 20
+        )));
+    }
+    Ok(())
+}
+
+fn total_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Copies and checks prompt embeddings given as `[rows][cols]`.
+///
+/// # Safety
+/// `embeds` must be NULL or point to `rows * cols` readable floats.
+unsafe fn read_prompt(
+    engine: &Engine,
+    embeds: *const f32,
+    rows: u32,
+    cols: u32,
+) -> Result<PromptEmbeds> {
+    let cfg = engine.config();
+    if embeds.is_null() {
+        return invalid("the prompt embeddings pointer is NULL");
+    }
+    if cols as usize != cfg.text_dim {
+        return invalid(format!(
+            "prompt embeddings have {cols} columns, but the model's text_dim is {}",
+            cfg.text_dim
+        ));
+    }
+    if rows == 0 || rows as usize > cfg.text_len {
+        return invalid(format!(
+            "prompt embeddings have {rows} rows; the model takes 1..={} (text_len)",
+            cfg.text_len
+        ));
+    }
+    let n = rows as usize * cols as usize;
+    let data = std::slice::from_raw_parts(embeds, n).to_vec();
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        return invalid(format!(
+            "prompt embeddings contain a NaN or infinite value (row {}, column {})",
+            i / cols as usize,
+            i % cols as usize
+        ));
+    }
+    let p = PromptEmbeds {
+        data,
+        rows: rows as usize,
+    };
+    p.check(cfg)?;
+    Ok(p)
+}
+
+/// A path from a NUL-terminated string (bytes as-is).
+///
+/// # Safety
+/// `p` must be a valid NUL-terminated string.
+unsafe fn c_path(p: *const c_char) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(CStr::from_ptr(p).to_bytes()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exports
+
+static VERSION_C: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+
+/// `const char *bc_version(void)`: the library version.
+#[no_mangle]
+pub extern "C" fn bc_version() -> *const c_char {
+    VERSION_C.as_ptr() as *const c_char
+}
+
+/// `const char *bc_last_error(void)`: the message of the last failure on this thread, or "".
+#[no_mangle]
+pub extern "C" fn bc_last_error() -> *const c_char {
+    static EMPTY: &[u8] = b"\0";
+    LAST_ERROR
+        .try_with(|e| e.borrow().as_ptr())
+        .unwrap_or(EMPTY.as_ptr() as *const c_char)
+}
+
+/// `bc_engine_options bc_engine_options_default(void)`.
+#[no_mangle]
+pub extern "C" fn bc_engine_options_default() -> bc_engine_options {
+    default_engine_options()
+}
+
+/// `bc_session_options bc_session_options_default(void)`.
+#[no_mangle]
+pub extern "C" fn bc_session_options_default() -> bc_session_options {
+    default_session_options()
+}
+
+/// Opens a model directory (or the built-in tiny model for NULL).
+///
+/// # Safety
+/// `model_dir` is NULL or a NUL-terminated string; `opts` is NULL or points to a
+/// `bc_engine_options` of at least its `struct_size` bytes (with valid `backend`/`devices`
+/// pointers); `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn bc_engine_open(
+    model_dir: *const c_char,
+    opts: *const bc_engine_options,
+    out: *mut *mut bc_engine,
+) -> bc_status {
+    guard("bc_engine_open", || {
+        if out.is_null() {
+            return invalid("out is NULL");
+        }
+        let o = if opts.is_null() {
+            default_engine_options()
+        } else {
+            read_struct(
+                opts,
+                default_engine_options(),
+                ENGINE_OPTIONS_V1,
+                "bc_engine_options",
+            )?
+        };
+        let backend = if o.backend.is_null() {
+            None
+        } else {
+            Some(CStr::from_ptr(o.backend).to_string_lossy().into_owned())
+        };
+        match backend.as_deref() {
+            None | Some("cpu") => {}
+            Some("cuda") => {
+                return Err(Error::Unsupported(
+                    "the CUDA backend is not available in this build (use \"cpu\" or NULL)".into(),
+                )
+                .into())
+            }
+            Some(b) => {
+                return invalid(format!(
+                    "unknown backend \"{b}\" (expected \"cpu\", \"cuda\" or NULL)"
+                ))
+            }
+        }
+        if o.n_devices > 0 {
+            if o.devices.is_null() {
+                return invalid(format!("n_devices is {} but devices is NULL", o.n_devices));
+            }
+            let devs = std::slice::from_raw_parts(o.devices, o.n_devices as usize);
+            if devs != [0] {
+                return invalid(format!(
+                    "devices {devs:?}: the CPU backend has exactly one device, 0"
+                ));
+            }
+        }
+        let engine = if model_dir.is_null() {
+            Engine::open(None)?
+        } else {
+            Engine::open(Some(&c_path(model_dir)))?
+        };
+        *out = register(Object::Engine(engine)) as *mut bc_engine;
+        Ok(())
+    })
+}
+
+/// Closes an engine handle (NULL or unknown: no-op). Open sessions keep the model alive.
+#[no_mangle]
+pub extern "C" fn bc_engine_close(engine: *mut bc_engine) {
+    close_handle(engine as usize, true);
+}
+
+/// Opens a session on an engine.
+///
+/// # Safety
+/// `opts` is NULL or points to a `bc_session_options` of at least its `struct_size` bytes;
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn bc_session_open(
+    engine: *mut bc_engine,
+    opts: *const bc_session_options,
+    out: *mut *mut bc_session,
+) -> bc_status {
+    guard("bc_session_open", || {
+        let engine = lookup_engine(engine)?;
+        if out.is_null() {
+            return invalid("out is NULL");
+        }
+        let o = if opts.is_null() {
+            default_session_options()
+        } else {
+            read_struct(
+                opts,
+                default_session_options(),
+                SESSION_OPTIONS_V1,
+                "bc_session_options",
+            )?
+        };
+        let gopts = generate_options(&o)?;
+        check_memory(&engine, &gopts, gopts.block_frames)?;
+        let prompt = PromptEmbeds::builtin(engine.config(), o.seed);
+        let session = Session {
+            engine,
+            opts: gopts,
+            seed: o.seed,
+            prompt,
+            switches: BTreeMap::new(),
+            noise: None,
+            last: None,
+        };
+        *out = register(Object::Session(Arc::new(Mutex::new(session)))) as *mut bc_session;
+        Ok(())
+    })
+}
+
+/// Sets the prompt (and removes prompt switches).
+///
+/// # Safety
+/// `embeds` is NULL or points to `rows * cols` readable floats.
+#[no_mangle]
+pub unsafe extern "C" fn bc_session_set_prompt(
+    s: *mut bc_session,
+    embeds: *const f32,
+    rows: u32,
+    cols: u32,
+) -> bc_status {
+    guard("bc_session_set_prompt", || {
+        with_session(s, |sess| {
+            sess.prompt = read_prompt(&sess.engine, embeds, rows, cols)?;
+            sess.switches.clear();
+            Ok(())
+        })
+    })
+}
+
+/// Generates `n_blocks` blocks from scratch, streaming each to `cb`.
+///
+/// # Safety
+/// `cb` is NULL or a function that is safe to call with `user` and the documented arguments.
+#[no_mangle]
+pub unsafe extern "C" fn bc_session_generate(
+    s: *mut bc_session,
+    n_blocks: u32,
+    cb: bc_block_callback,
+    user: *mut c_void,
+) -> bc_status {
+    guard("bc_session_generate", || {
+        with_session(s, |sess| {
+            let Some(cb) = cb else {
+                return invalid("the block callback is NULL");
+            };
+            if n_blocks == 0 {
+                return invalid("n_blocks must be at least 1");
+            }
+            let blocks = n_blocks as usize;
+            let o = &sess.opts;
+            check_memory(&sess.engine, o, blocks * o.block_frames)?;
+            let noise = match &sess.noise {
+                Some(r) => NoiseSource::Recorded(r.clone()),
+                None => NoiseSource::Seeded(sess.seed),
+            };
+            let mut gen = Generator::new(sess.engine.model(), o.clone(), noise, &sess.prompt)?;
+            if let Some((&b, _)) = sess.switches.range(blocks..).next() {
+                return invalid(format!(
+                    "a prompt switch is set at block {b}, but only {blocks} blocks are generated"
+                ));
+            }
+            let switches: Vec<PromptSwitch> = sess
+                .switches
+                .iter()
+                .map(|(&block, embeds)| PromptSwitch {
+                    block,
+                    embeds: embeds.clone(),
+                })
+                .collect();
+            gen.set_prompt_schedule(&switches)?;
+            let (h, w) = (o.height as u32, o.width as u32);
+            let mut stopped_at = None;
+            let result = gen.run(blocks, |b| {
+                let r = cb(
+                    user,
+                    b.index as u32,
+                    b.latents.as_ptr(),
+                    b.frames as u32,
+                    CHANNELS as u32,
+                    h,
+                    w,
+                );
+                if r != 0 {
+                    stopped_at = Some((b.index, r));
+                }
+                r == 0
+            });
+            match (result, stopped_at) {
+                (Ok(report), _) => {
+                    sess.last = Some((blocks, report));
+                    Ok(())
+                }
+                (Err(Error::Cancelled), Some((i, r))) => Err(Failure {
+                    status: BC_ERR_CANCELLED,
+                    msg: format!("cancelled: the block callback returned {r} for block {i}"),
+                }),
+                (Err(e), _) => Err(e.into()),
+            }
+        })
+    })
+}
+
+/// Closes a session handle (NULL or unknown: no-op).
+#[no_mangle]
+pub extern "C" fn bc_session_close(s: *mut bc_session) {
+    close_handle(s as usize, false);
+}
+
+/// Fills `*info` with facts about the engine's model.
+///
+/// # Safety
+/// `info` is NULL or points to a writable `bc_engine_info` of at least its `struct_size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn bc_engine_get_info(
+    engine: *const bc_engine,
+    info: *mut bc_engine_info,
+) -> bc_status {
+    guard("bc_engine_get_info", || {
+        let engine = lookup_engine(engine)?;
+        if info.is_null() {
+            return invalid("info is NULL");
+        }
+        let c = engine.config();
+        let value = bc_engine_info {
+            struct_size: size_of::<bc_engine_info>() as u32,
+            dim: c.dim as u32,
+            num_layers: c.num_layers as u32,
+            num_heads: c.num_heads as u32,
+            text_dim: c.text_dim as u32,
+            text_len: c.text_len as u32,
+            channels: CHANNELS as u32,
+            num_steps: GenerateOptions::default().steps.len() as u32,
+        };
+        write_struct(info, value, ENGINE_INFO_V1, "bc_engine_info")?;
+        Ok(())
+    })
+}
+
+/// Switches the prompt from block `block` (>= 1) on.
+///
+/// # Safety
+/// `embeds` is NULL or points to `rows * cols` readable floats.
+#[no_mangle]
+pub unsafe extern "C" fn bc_session_switch_prompt(
+    s: *mut bc_session,
+    block: u32,
+    embeds: *const f32,
+    rows: u32,
+    cols: u32,
+) -> bc_status {
+    guard("bc_session_switch_prompt", || {
+        with_session(s, |sess| {
+            if block == 0 {
+                return invalid(
+                    "a prompt switch needs block >= 1 (use bc_session_set_prompt for block 0)",
+                );
+            }
+            let p = read_prompt(&sess.engine, embeds, rows, cols)?;
+            sess.switches.insert(block as usize, p);
+            Ok(())
+        })
+    })
+}
+
+/// Uses recorded noise from a safetensors file (NULL: back to seeded noise).
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn bc_session_set_noise_file(
+    s: *mut bc_session,
+    path: *const c_char,
+) -> bc_status {
+    guard("bc_session_set_noise_file", || {
+        with_session(s, |sess| {
+            if path.is_null() {
+                sess.noise = None;
+                return Ok(());
+            }
+            let path = c_path(path);
+            let o = &sess.opts;
+            let frames = {
+                let f = TensorFile::open(&path)?;
+                match f.tensors().get("noise").map(|t| t.shape.as_slice()) {
+                    Some([frames, ..]) => *frames,
+                    _ => {
+                        return Err(Error::format(format!(
+                            "{}: missing tensor `noise` [F, {CHANNELS}, {}, {}]",
+                            path.display(),
+                            o.height,
+                            o.width
+                        ))
+                        .into())
+                    }
+                }
+            };
+            let noise =
+                RecordedNoise::load(&path, frames, CHANNELS, o.height, o.width, o.steps.len())?;
+            sess.noise = Some(noise);
+            Ok(())
+        })
+    })
+}
+
+/// Statistics of the last successful generation.
+///
+/// # Safety
+/// `stats` is NULL or points to a writable `bc_session_stats` of at least its `struct_size`
+/// bytes.
+#[no_mangle]
+pub unsafe extern "C" fn bc_session_last_stats(
+    s: *const bc_session,
+    stats: *mut bc_session_stats,
+) -> bc_status {
+    guard("bc_session_last_stats", || {
+        with_session(s, |sess| {
+            if stats.is_null() {
+                return invalid("stats is NULL");
+            }
+            let Some((blocks, r)) = &sess.last else {
+                return invalid("no generation has succeeded on this session yet");
+            };
+            let value = bc_session_stats {
+                struct_size: size_of::<bc_session_stats>() as u32,
+                blocks: *blocks as u32,
+                ticks: r.ticks as u64,
+                forward_passes: r.forward_passes as u64,
+                max_cache_bytes: r.max_cache_bytes as u64,
+                time_to_first_block: r.time_to_first_block,
+                total_seconds: r.total_seconds,
+            };
+            write_struct(stats, value, SESSION_STATS_V1, "bc_session_stats")?;
+            Ok(())
+        })
+    })
+}

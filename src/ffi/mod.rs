@@ -741,6 +741,12 @@ pub unsafe extern "C" fn bc_session_last_stats(
             if stats.is_null() {
                 return invalid("stats is NULL");
             }
+            check_size(
+                std::ptr::read(stats as *const u32) as usize,
+                SESSION_STATS_V1,
+                size_of::<bc_session_stats>(),
+                "bc_session_stats",
+            )?;
             let Some((blocks, r)) = &sess.last else {
                 return invalid("no generation has succeeded on this session yet");
             };

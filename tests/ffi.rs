@@ -1,0 +1,818 @@
+//! The C ABI: the C example compiled with `cc` and linked against the built library (static and
+//! shared), compared with the Rust API; valgrind; bad handles and bad inputs through the
+//! exported functions.
+
+mod common;
+
+use blockcascade::ffi::sys::*;
+use blockcascade::ffi::*;
+use blockcascade::{Engine, GenerateOptions, Generator, NoiseSource, PromptEmbeds, Schedule};
+use std::ffi::{c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::ptr::{null, null_mut};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// The profile folder holding `libblockcascade.{a,so}`: the test binary is in `<profile>/deps`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn cc() -> String {
+    std::env::var("CC").unwrap_or_else(|_| "cc".into())
+}
+
+/// Compiles `ffi/examples/stream.c` against the static (`shared == false`) or shared library.
+fn build_example(dir: &Path, shared: bool) -> PathBuf {
+    let lib_dir = profile_dir();
+    let exe = dir.join(if shared {
+        "stream-shared"
+    } else {
+        "stream-static"
+    });
+    let mut cmd = Command::new(cc());
+    cmd.args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-g", "-O1"])
+        .arg(repo().join("ffi/examples/stream.c"))
+        .arg("-I")
+        .arg(repo().join("ffi/include"))
+        .arg("-o")
+        .arg(&exe);
+    if shared {
+        let so = lib_dir.join("libblockcascade.so");
+        assert!(so.exists(), "{} was not built", so.display());
+        cmd.arg("-L").arg(&lib_dir).arg("-lblockcascade");
+        cmd.arg(format!("-Wl,-rpath,{}", lib_dir.display()));
+        cmd.arg("-lm");
+    } else {
+        let a = lib_dir.join("libblockcascade.a");
+        assert!(a.exists(), "{} was not built", a.display());
+        cmd.arg(a);
+        cmd.args(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"]);
+    }
+    let out = cmd.output().expect("running the C compiler (set CC)");
+    assert!(
+        out.status.success(),
+        "compiling stream.c failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// What the Rust API produces for the session defaults with `seed`, `lag` and `blocks`.
+fn rust_latents(seed: u64, lag: u32, blocks: usize) -> Vec<f32> {
+    let engine = Engine::open(None).unwrap();
+    let opts = GenerateOptions {
+        schedule: if lag == 0 {
+            Schedule::Sequential
+        } else {
+            Schedule::Cascade { lag: lag as usize }
+        },
+        ..Default::default()
+    };
+    let prompt = PromptEmbeds::builtin(engine.config(), seed);
+    let gen = Generator::new(engine.model(), opts, NoiseSource::Seeded(seed), &prompt).unwrap();
+    gen.generate(blocks).unwrap().0
+}
+
+/// Bit-for-bit equal, or (should a build ever differ in float evaluation) within 1e-6 relative.
+fn assert_same(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if got == want {
+        return;
+    }
+    let mut worst = 0f64;
+    for (g, w) in got.iter().zip(want) {
+        let d = (*g as f64 - *w as f64).abs() / (w.abs() as f64).max(1e-3);
+        worst = worst.max(d);
+    }
+    assert!(worst < 1e-6, "{what}: worst relative difference {worst}");
+}
+
+fn last_error() -> String {
+    unsafe { CStr::from_ptr(bc_last_error()) }
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Asserts a status and a non-empty last error mentioning `needle`.
+#[track_caller]
+fn expect_err(status: bc_status, code: bc_status, needle: &str) {
+    assert_eq!(status, code, "status (last error: {})", last_error());
+    let msg = last_error();
+    assert!(!msg.is_empty(), "empty bc_last_error");
+    assert!(
+        msg.to_lowercase().contains(&needle.to_lowercase()),
+        "bc_last_error `{msg}` does not mention `{needle}`"
+    );
+}
+
+fn open_engine() -> *mut bc_engine {
+    let mut e = null_mut();
+    assert_eq!(unsafe { bc_engine_open(null(), null(), &mut e) }, BC_OK);
+    assert!(!e.is_null());
+    e
+}
+
+fn open_session(e: *mut bc_engine, opts: Option<bc_session_options>) -> *mut bc_session {
+    let mut s = null_mut();
+    let p = opts.as_ref().map_or(null(), |o| o as *const _);
+    let st = unsafe { bc_session_open(e, p, &mut s) };
+    assert_eq!(st, BC_OK, "{}", last_error());
+    s
+}
+
+unsafe extern "C" fn collect(
+    user: *mut c_void,
+    block_index: u32,
+    latents: *const f32,
+    frames: u32,
+    channels: u32,
+    height: u32,
+    width: u32,
+) -> i32 {
+    let out = &mut *(user as *mut Vec<f32>);
+    assert_eq!(
+        out.len(),
+        (block_index * frames * channels * height * width) as usize
+    );
+    let n = (frames * channels * height * width) as usize;
+    out.extend_from_slice(std::slice::from_raw_parts(latents, n));
+    0
+}
+
+fn generate(s: *mut bc_session, blocks: u32) -> (bc_status, Vec<f32>) {
+    let mut out: Vec<f32> = Vec::new();
+    let st = unsafe {
+        bc_session_generate(
+            s,
+            blocks,
+            Some(collect),
+            &mut out as *mut Vec<f32> as *mut c_void,
+        )
+    };
+    (st, out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The C example
+
+#[test]
+fn c_example_static_matches_rust_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_example(dir.path(), false);
+    for (seed, lag) in [(7u64, 0u32), (3, 1)] {
+        let out = dir.path().join(format!("latents-{seed}-{lag}.f32"));
+        let run = Command::new(&exe)
+            .arg(&out)
+            .args(["3", &seed.to_string(), &lag.to_string()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "stream failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("block ")).collect();
+        assert_eq!(lines.len(), 3, "one line per block:\n{stdout}");
+        assert!(lines[2].starts_with("block 2: 3 frames x 16 channels x 8 x 12"));
+        let got = read_f32(&out);
+        let want = rust_latents(seed, lag, 3);
+        assert_eq!(got.len(), 3 * 3 * 16 * 8 * 12);
+        assert_same(&got, &want, "C example (static) vs Rust API");
+    }
+}
+
+#[test]
+fn c_example_shared_library_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_example(dir.path(), true);
+    let out = dir.path().join("latents.f32");
+    let run = Command::new(&exe)
+        .arg(&out)
+        .args(["2", "11"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_same(
+        &read_f32(&out),
+        &rust_latents(11, 0, 2),
+        "C example (shared) vs Rust API",
+    );
+}
+
+#[test]
+fn c_example_is_clean_under_valgrind() {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        eprintln!("SKIPPED c_example_is_clean_under_valgrind: valgrind is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_example(dir.path(), false);
+    let out = dir.path().join("latents.f32");
+    let run = Command::new("valgrind")
+        .args([
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite,indirect,possible",
+            "--error-exitcode=99",
+        ])
+        .arg(format!(
+            "--suppressions={}",
+            repo().join("ffi/valgrind.supp").display()
+        ))
+        .arg(&exe)
+        .arg(&out)
+        .args(["2", "5", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "valgrind reported errors (exit {:?}):\n{stderr}",
+        run.status.code()
+    );
+    assert!(stderr.contains("ERROR SUMMARY: 0 errors"), "{stderr}");
+    assert!(
+        stderr.contains("definitely lost: 0 bytes") || stderr.contains("no leaks are possible")
+    );
+    assert_same(
+        &read_f32(&out),
+        &rust_latents(5, 2, 2),
+        "C example (valgrind) vs Rust API",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the exported functions
+
+#[test]
+fn version_defaults_and_empty_last_error() {
+    std::thread::spawn(|| {
+        assert_eq!(last_error(), "", "no failure yet on a new thread");
+        let v = unsafe { CStr::from_ptr(bc_version()) };
+        assert_eq!(v.to_str().unwrap(), blockcascade::VERSION);
+        let e = bc_engine_options_default();
+        assert_eq!(
+            e.struct_size as usize,
+            std::mem::size_of::<bc_engine_options>()
+        );
+        assert!(e.backend.is_null() && e.devices.is_null() && e.n_devices == 0);
+        let s = bc_session_options_default();
+        assert_eq!(
+            s.struct_size as usize,
+            std::mem::size_of::<bc_session_options>()
+        );
+        assert_eq!(
+            (
+                s.height,
+                s.width,
+                s.block_frames,
+                s.lag,
+                s.bidirectional,
+                s.local_attn,
+                s.sink,
+                s.seed
+            ),
+            (8, 12, 3, 0, 0, -1, 0, 0)
+        );
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn ffi_generation_matches_rust_api_and_repeats() {
+    let e = open_engine();
+    let mut o = bc_session_options_default();
+    o.seed = 9;
+    let s = open_session(e, Some(o));
+    let (st, a) = generate(s, 3);
+    assert_eq!(st, BC_OK, "{}", last_error());
+    assert_eq!(a, rust_latents(9, 0, 3));
+    let (st, b) = generate(s, 3);
+    assert_eq!(st, BC_OK);
+    assert_eq!(a, b, "each generate call starts from scratch");
+    let mut stats = bc_session_stats {
+        struct_size: std::mem::size_of::<bc_session_stats>() as u32,
+        blocks: 0,
+        ticks: 0,
+        forward_passes: 0,
+        max_cache_bytes: 0,
+        time_to_first_block: 0.0,
+        total_seconds: 0.0,
+    };
+    assert_eq!(unsafe { bc_session_last_stats(s, &mut stats) }, BC_OK);
+    assert_eq!((stats.blocks, stats.ticks), (3, 12));
+    assert!(stats.total_seconds > 0.0 && stats.max_cache_bytes > 0);
+    bc_session_close(s);
+    bc_engine_close(e);
+}
+
+#[test]
+fn golden_case_through_the_c_abi() {
+    let dir = common::golden_dir();
+    let model = CString::new(dir.join("model").to_str().unwrap()).unwrap();
+    let noise = CString::new(dir.join("noise.safetensors").to_str().unwrap()).unwrap();
+    let mut e = null_mut();
+    let opts = bc_engine_options {
+        backend: c"cpu".as_ptr(),
+        ..bc_engine_options_default()
+    };
+    assert_eq!(
+        unsafe { bc_engine_open(model.as_ptr(), &opts, &mut e) },
+        BC_OK,
+        "{}",
+        last_error()
+    );
+    let g = common::golden();
+    let text_dim = g.engine.config().text_dim as u32;
+    for (lag, name) in [
+        (0u32, "expected.safetensors"),
+        (2, "cascade-lag2-causal.safetensors"),
+    ] {
+        let o = bc_session_options {
+            lag,
+            ..bc_session_options_default()
+        };
+        let s = open_session(e, Some(o));
+        let p = &g.prompt;
+        let st = unsafe { bc_session_set_prompt(s, p.data.as_ptr(), p.rows as u32, text_dim) };
+        assert_eq!(st, BC_OK, "{}", last_error());
+        assert_eq!(
+            unsafe { bc_session_set_noise_file(s, noise.as_ptr()) },
+            BC_OK,
+            "{}",
+            last_error()
+        );
+        let (st, got) = generate(s, (g.frames / 3) as u32);
+        assert_eq!(st, BC_OK, "{}", last_error());
+        let want = common::expected(name);
+        let num: f64 = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+        assert!(
+            (num / den).sqrt() < 1e-4,
+            "{name}: relative L2 {}",
+            (num / den).sqrt()
+        );
+        // Recorded noise holds 3 blocks.
+        expect_err(generate(s, 4).0, BC_ERR_INVALID_ARGUMENT, "recorded noise");
+        bc_session_close(s);
+    }
+    bc_engine_close(e);
+    // Missing model folder and noise file.
+    let bad = CString::new("/nonexistent/model").unwrap();
+    let mut e2 = null_mut();
+    let st = unsafe { bc_engine_open(bad.as_ptr(), null(), &mut e2) };
+    assert!(
+        st == BC_ERR_IO || st == BC_ERR_FORMAT,
+        "{st}: {}",
+        last_error()
+    );
+    assert!(e2.is_null(), "no handle on failure");
+    let e = open_engine();
+    let s = open_session(e, None);
+    let missing = CString::new("/nonexistent/noise.safetensors").unwrap();
+    expect_err(
+        unsafe { bc_session_set_noise_file(s, missing.as_ptr()) },
+        BC_ERR_IO,
+        "nonexistent",
+    );
+    bc_session_close(s);
+    bc_engine_close(e);
+}
+
+#[test]
+fn null_pointers_are_invalid_arguments() {
+    let e = open_engine();
+    expect_err(
+        unsafe { bc_engine_open(null(), null(), null_mut()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "out is NULL",
+    );
+    expect_err(
+        unsafe { bc_session_open(e, null(), null_mut()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "out is NULL",
+    );
+    let mut s = null_mut();
+    expect_err(
+        unsafe { bc_session_open(null_mut(), null(), &mut s) },
+        BC_ERR_INVALID_ARGUMENT,
+        "engine handle is NULL",
+    );
+    assert!(s.is_null());
+    expect_err(
+        unsafe { bc_session_set_prompt(null_mut(), null(), 1, 32) },
+        BC_ERR_INVALID_ARGUMENT,
+        "session handle is NULL",
+    );
+    expect_err(
+        unsafe { bc_session_generate(null_mut(), 1, Some(collect), null_mut()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "NULL",
+    );
+    expect_err(
+        unsafe { bc_engine_get_info(e, null_mut()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "info is NULL",
+    );
+    let s = open_session(e, None);
+    expect_err(
+        unsafe { bc_session_generate(s, 1, None, null_mut()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "callback is NULL",
+    );
+    expect_err(
+        unsafe { bc_session_set_prompt(s, null(), 1, 32) },
+        BC_ERR_INVALID_ARGUMENT,
+        "NULL",
+    );
+    expect_err(
+        unsafe { bc_session_last_stats(s, null_mut()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "stats is NULL",
+    );
+    expect_err(generate(s, 0).0, BC_ERR_INVALID_ARGUMENT, "at least 1");
+    // Closing NULL is a no-op.
+    bc_session_close(null_mut());
+    bc_engine_close(null_mut());
+    bc_session_close(s);
+    bc_engine_close(e);
+}
+
+#[test]
+fn closed_and_bogus_handles_are_detected() {
+    let e = open_engine();
+    let s = open_session(e, None);
+    bc_session_close(s);
+    expect_err(
+        generate(s, 1).0,
+        BC_ERR_INVALID_ARGUMENT,
+        "not a live bc_session",
+    );
+    let p = [0f32; 32];
+    expect_err(
+        unsafe { bc_session_set_prompt(s, p.as_ptr(), 1, 32) },
+        BC_ERR_INVALID_ARGUMENT,
+        "not a live bc_session",
+    );
+    bc_session_close(s); // double close: ignored
+                         // A made-up pointer and a handle of the wrong kind.
+    let bogus = 0xdead_beef_usize as *mut bc_session;
+    expect_err(
+        generate(bogus, 1).0,
+        BC_ERR_INVALID_ARGUMENT,
+        "not a live bc_session",
+    );
+    expect_err(
+        generate(e as *mut bc_session, 1).0,
+        BC_ERR_INVALID_ARGUMENT,
+        "is a bc_engine",
+    );
+    bc_session_close(e as *mut bc_session); // wrong kind: ignored, the engine stays open
+    let s2 = open_session(e, None);
+    bc_engine_close(e);
+    let mut s3 = null_mut();
+    expect_err(
+        unsafe { bc_session_open(e, null(), &mut s3) },
+        BC_ERR_INVALID_ARGUMENT,
+        "not a live bc_engine",
+    );
+    bc_engine_close(e); // double close: ignored
+                        // The session outlives its engine handle.
+    let (st, got) = generate(s2, 1);
+    assert_eq!(st, BC_OK, "{}", last_error());
+    assert_eq!(got, rust_latents(0, 0, 1));
+    bc_session_close(s2);
+}
+
+#[test]
+fn wrong_struct_sizes_are_rejected() {
+    let e = open_engine();
+    for size in [0u32, 4, 39, 41, 1000] {
+        let o = bc_session_options {
+            struct_size: size,
+            ..bc_session_options_default()
+        };
+        let mut s = null_mut();
+        expect_err(
+            unsafe { bc_session_open(e, &o, &mut s) },
+            BC_ERR_INVALID_ARGUMENT,
+            "struct_size",
+        );
+        assert!(s.is_null());
+    }
+    let o = bc_engine_options {
+        struct_size: 8,
+        ..bc_engine_options_default()
+    };
+    let mut e2 = null_mut();
+    expect_err(
+        unsafe { bc_engine_open(null(), &o, &mut e2) },
+        BC_ERR_INVALID_ARGUMENT,
+        "bc_engine_options.struct_size",
+    );
+    let mut info: bc_engine_info = unsafe { std::mem::zeroed() };
+    expect_err(
+        unsafe { bc_engine_get_info(e, &mut info) },
+        BC_ERR_INVALID_ARGUMENT,
+        "bc_engine_info.struct_size",
+    );
+    info.struct_size = std::mem::size_of::<bc_engine_info>() as u32;
+    assert_eq!(unsafe { bc_engine_get_info(e, &mut info) }, BC_OK);
+    assert_eq!((info.text_dim, info.channels, info.num_steps), (32, 16, 4));
+    bc_engine_close(e);
+}
+
+#[test]
+fn bad_options_and_backends() {
+    let mut e = null_mut();
+    let cuda = bc_engine_options {
+        backend: c"cuda".as_ptr(),
+        ..bc_engine_options_default()
+    };
+    expect_err(
+        unsafe { bc_engine_open(null(), &cuda, &mut e) },
+        BC_ERR_UNSUPPORTED,
+        "CUDA backend is not available",
+    );
+    let tpu = bc_engine_options {
+        backend: c"tpu".as_ptr(),
+        ..bc_engine_options_default()
+    };
+    expect_err(
+        unsafe { bc_engine_open(null(), &tpu, &mut e) },
+        BC_ERR_INVALID_ARGUMENT,
+        "unknown backend",
+    );
+    let dev1 = [1i32];
+    let d = bc_engine_options {
+        devices: dev1.as_ptr(),
+        n_devices: 1,
+        ..bc_engine_options_default()
+    };
+    expect_err(
+        unsafe { bc_engine_open(null(), &d, &mut e) },
+        BC_ERR_INVALID_ARGUMENT,
+        "one device",
+    );
+    let d = bc_engine_options {
+        n_devices: 1,
+        ..bc_engine_options_default()
+    };
+    expect_err(
+        unsafe { bc_engine_open(null(), &d, &mut e) },
+        BC_ERR_INVALID_ARGUMENT,
+        "devices is NULL",
+    );
+    assert!(e.is_null());
+    let dev0 = [0i32];
+    let d = bc_engine_options {
+        backend: c"cpu".as_ptr(),
+        devices: dev0.as_ptr(),
+        n_devices: 1,
+        ..bc_engine_options_default()
+    };
+    assert_eq!(unsafe { bc_engine_open(null(), &d, &mut e) }, BC_OK);
+    let d = bc_session_options_default();
+    let cases: [(bc_session_options, &str); 7] = [
+        (bc_session_options { height: 7, ..d }, "even"),
+        (bc_session_options { width: 0, ..d }, "even"),
+        (
+            bc_session_options {
+                block_frames: 0,
+                ..d
+            },
+            "block frames",
+        ),
+        (bc_session_options { lag: 5, ..d }, "lag"),
+        (
+            bc_session_options {
+                bidirectional: 2,
+                ..d
+            },
+            "bidirectional",
+        ),
+        (bc_session_options { local_attn: 0, ..d }, "local_attn"),
+        (bc_session_options { sink: 1, ..d }, "sink"),
+    ];
+    for (o, needle) in cases {
+        let mut s = null_mut();
+        expect_err(
+            unsafe { bc_session_open(e, &o, &mut s) },
+            BC_ERR_INVALID_ARGUMENT,
+            needle,
+        );
+    }
+    let huge = bc_session_options {
+        height: 1 << 30,
+        width: 1 << 30,
+        ..d
+    };
+    let mut s = null_mut();
+    expect_err(
+        unsafe { bc_session_open(e, &huge, &mut s) },
+        BC_ERR_OUT_OF_MEMORY,
+        "MiB",
+    );
+    bc_engine_close(e);
+}
+
+#[test]
+fn bad_prompts_are_rejected() {
+    let e = open_engine();
+    let s = open_session(e, None);
+    let good = vec![0.5f32; 4 * 32];
+    expect_err(
+        unsafe { bc_session_set_prompt(s, good.as_ptr(), 4, 31) },
+        BC_ERR_INVALID_ARGUMENT,
+        "text_dim is 32",
+    );
+    expect_err(
+        unsafe { bc_session_set_prompt(s, good.as_ptr(), 0, 32) },
+        BC_ERR_INVALID_ARGUMENT,
+        "rows",
+    );
+    let many = vec![0.5f32; 10_000 * 32];
+    expect_err(
+        unsafe { bc_session_set_prompt(s, many.as_ptr(), 10_000, 32) },
+        BC_ERR_INVALID_ARGUMENT,
+        "text_len",
+    );
+    let mut nan = good.clone();
+    nan[70] = f32::NAN;
+    expect_err(
+        unsafe { bc_session_set_prompt(s, nan.as_ptr(), 4, 32) },
+        BC_ERR_INVALID_ARGUMENT,
+        "NaN",
+    );
+    nan[70] = f32::INFINITY;
+    expect_err(
+        unsafe { bc_session_switch_prompt(s, 1, nan.as_ptr(), 4, 32) },
+        BC_ERR_INVALID_ARGUMENT,
+        "infinite",
+    );
+    expect_err(
+        unsafe { bc_session_switch_prompt(s, 0, good.as_ptr(), 4, 32) },
+        BC_ERR_INVALID_ARGUMENT,
+        "block >= 1",
+    );
+    // A valid prompt and a switch, compared with the Rust API.
+    assert_eq!(
+        unsafe { bc_session_set_prompt(s, good.as_ptr(), 4, 32) },
+        BC_OK
+    );
+    let other: Vec<f32> = (0..8 * 32).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect();
+    assert_eq!(
+        unsafe { bc_session_switch_prompt(s, 2, other.as_ptr(), 8, 32) },
+        BC_OK
+    );
+    expect_err(generate(s, 2).0, BC_ERR_INVALID_ARGUMENT, "prompt switch");
+    let (st, got) = generate(s, 3);
+    assert_eq!(st, BC_OK, "{}", last_error());
+    let engine = Engine::open(None).unwrap();
+    let p0 = PromptEmbeds {
+        data: good.clone(),
+        rows: 4,
+    };
+    let p1 = PromptEmbeds {
+        data: other,
+        rows: 8,
+    };
+    let mut gen = Generator::new(
+        engine.model(),
+        GenerateOptions::default(),
+        NoiseSource::Seeded(0),
+        &p0,
+    )
+    .unwrap();
+    gen.switch_prompt(2, &p1).unwrap();
+    assert_eq!(got, gen.generate(3).unwrap().0);
+    bc_session_close(s);
+    bc_engine_close(e);
+}
+
+unsafe extern "C" fn stop_at_1(
+    user: *mut c_void,
+    block_index: u32,
+    _latents: *const f32,
+    _frames: u32,
+    _channels: u32,
+    _height: u32,
+    _width: u32,
+) -> i32 {
+    *(user as *mut u32) += 1;
+    if block_index == 1 {
+        42
+    } else {
+        0
+    }
+}
+
+#[test]
+fn callback_can_cancel() {
+    let e = open_engine();
+    let s = open_session(e, None);
+    let mut calls = 0u32;
+    let st = unsafe {
+        bc_session_generate(s, 4, Some(stop_at_1), &mut calls as *mut u32 as *mut c_void)
+    };
+    expect_err(st, BC_ERR_CANCELLED, "returned 42 for block 1");
+    assert_eq!(calls, 2, "no callback after the stop");
+    expect_err(
+        unsafe { bc_session_last_stats(s, &mut std::mem::zeroed()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "struct_size",
+    );
+    // The session is still usable.
+    assert_eq!(generate(s, 1).0, BC_OK);
+    bc_session_close(s);
+    bc_engine_close(e);
+}
+
+unsafe extern "C" fn reenter(
+    user: *mut c_void,
+    block_index: u32,
+    _latents: *const f32,
+    _frames: u32,
+    _channels: u32,
+    _height: u32,
+    _width: u32,
+) -> i32 {
+    if block_index > 0 {
+        return 0;
+    }
+    let s = user as *mut bc_session;
+    let st = bc_session_generate(s, 1, Some(collect), null_mut());
+    if st != BC_ERR_INVALID_ARGUMENT || !last_error().contains("busy") {
+        eprintln!("re-entrant generate: status {st}, `{}`", last_error());
+        return 1;
+    }
+    // Closing the session from its own callback is allowed: the running call keeps it alive.
+    bc_session_close(s);
+    0
+}
+
+#[test]
+fn reentrant_calls_are_refused() {
+    let e = open_engine();
+    let s = open_session(e, None);
+    let st = unsafe { bc_session_generate(s, 2, Some(reenter), s as *mut c_void) };
+    assert_eq!(st, BC_OK, "{}", last_error());
+    expect_err(
+        generate(s, 1).0,
+        BC_ERR_INVALID_ARGUMENT,
+        "not a live bc_session",
+    );
+    bc_engine_close(e);
+}
+
+#[test]
+fn sessions_share_an_engine_across_threads() {
+    let e = open_engine() as usize;
+    let want: Vec<Vec<f32>> = (0..3).map(|seed| rust_latents(seed, 1, 2)).collect();
+    let threads: Vec<_> = (0..3u64)
+        .map(|seed| {
+            std::thread::spawn(move || {
+                let o = bc_session_options {
+                    seed,
+                    lag: 1,
+                    ..bc_session_options_default()
+                };
+                let s = open_session(e as *mut bc_engine, Some(o));
+                let (st, got) = generate(s, 2);
+                assert_eq!(st, BC_OK, "{}", last_error());
+                bc_session_close(s);
+                got
+            })
+        })
+        .collect();
+    for (t, w) in threads.into_iter().zip(want) {
+        assert_eq!(t.join().unwrap(), w);
+    }
+    bc_engine_close(e as *mut bc_engine);
+}

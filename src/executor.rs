@@ -196,14 +196,19 @@ impl<'m> Generator<'m> {
                     {
                         let t0 = Instant::now();
                         let frames = self.recache(&mut cache, &clean, m.block)?;
-                        report.recache_passes += 1;
-                        report.forward_passes += 1;
-                        report.recache_frames += frames;
-                        report.recache_seconds += t0.elapsed().as_secs_f64();
+                        if frames > 0 {
+                            report.recache_passes += 1;
+                            report.forward_passes += 1;
+                            report.recache_frames += frames;
+                            report.recache_seconds += t0.elapsed().as_secs_f64();
+                        }
                     }
                 }
             }
-            // Build the window.
+            // Build the window. With `--recache window` a block's context pass runs under the
+            // prompt of the block after it (its first reader): in the sequential schedule this is
+            // LongLive's re-encoding of the cache at a switch, and blocks of the old prompt still
+            // in flight never see context encoded under the new one.
             let mut members = Vec::with_capacity(planned.len());
             for m in &planned {
                 let (lat, t, ctx) = match m.role {
@@ -215,7 +220,11 @@ impl<'m> Generator<'m> {
                     latents: lat,
                     timestep: t,
                     context: ctx,
-                    prompt: self.prompt_for(m.block),
+                    prompt: if ctx && keep_latents {
+                        self.prompt_for(m.block + 1)
+                    } else {
+                        self.prompt_for(m.block)
+                    },
                 });
             }
             report.tokens_per_tick.push(members.len() * bf * tpf);

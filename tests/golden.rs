@@ -56,3 +56,57 @@ fn every_cascade_lag_matches_the_spec() {
         }
     }
 }
+
+/// Local attention with a sink: 5 blocks so the ring buffer wraps; expected from the f64 spec.
+#[test]
+fn local_window_with_sink_matches_the_spec_for_every_schedule() {
+    use blockcascade::noise::{NoiseSource, RecordedNoise};
+    use blockcascade::GenerateOptions;
+    let dir = golden_dir().parent().unwrap().join("spec-local-window");
+    let g = golden();
+    let opts = GenerateOptions {
+        height: 4,
+        width: 6,
+        local_attn: Some(5),
+        sink: 1,
+        ..Default::default()
+    };
+    let noise = NoiseSource::Recorded(
+        RecordedNoise::load(&dir.join("noise.safetensors"), 15, 16, 4, 6, 4).unwrap(),
+    );
+    let load = |n: &str| {
+        blockcascade::tensorfile::TensorFile::open(&dir.join(n))
+            .unwrap()
+            .tensor_f32("latents", None)
+            .unwrap()
+    };
+    let mut cases = vec![(
+        Schedule::Sequential,
+        AttentionMode::Causal,
+        "sequential".to_string(),
+    )];
+    for lag in 1..=3 {
+        for (m, n) in [
+            (AttentionMode::Causal, "causal"),
+            (AttentionMode::Bidirectional, "bidirectional"),
+        ] {
+            cases.push((
+                Schedule::Cascade { lag },
+                m,
+                format!("cascade-lag{lag}-{n}"),
+            ));
+        }
+    }
+    for (schedule, attention, name) in cases {
+        let o = GenerateOptions {
+            schedule,
+            attention,
+            ..opts.clone()
+        };
+        let gen = Generator::new(g.engine.model(), o, noise.clone(), &g.prompt).unwrap();
+        let (lat, _) = gen.generate(5).unwrap();
+        let err = rel_l2(&load(&format!("{name}.safetensors")), &lat);
+        println!("local window {name}: rel L2 {err:.3e}");
+        assert!(err < 1e-4, "{name}: rel L2 {err}");
+    }
+}

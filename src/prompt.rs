@@ -73,7 +73,7 @@ impl PromptEmbeds {
     /// The built-in prompt: `min(text_len, 16)` rows of N(0, 1) values from seed `seed`.
     pub fn builtin(cfg: &ModelConfig, seed: u64) -> Self {
         let rows = cfg.text_len.min(16);
-        let mut rng = Rng::new(seed ^ 0x5EED_0F_7E47);
+        let mut rng = Rng::new(seed ^ 0x05EE_D0F7_E47A);
         PromptEmbeds {
             data: (0..rows * cfg.text_dim).map(|_| rng.normal()).collect(),
             rows,

@@ -357,10 +357,9 @@ fn detect_prefix<'a>(names: impl Iterator<Item = &'a str>) -> String {
     let mut best: Option<String> = None;
     for n in names {
         if let Some(p) = n.strip_suffix(ANCHOR) {
-            if p.is_empty() || p.ends_with('.') {
-                if best.as_ref().is_none_or(|b| p.len() < b.len()) {
-                    best = Some(p.to_string());
-                }
+            if (p.is_empty() || p.ends_with('.')) && best.as_ref().is_none_or(|b| p.len() < b.len())
+            {
+                best = Some(p.to_string());
             }
         }
     }

@@ -1,5 +1,5 @@
 /* Launch-parameter structs of every blockcascade kernel: the single contract between the
- * kernels (cuda/*.cu, compiled by nvcc or as host C++ under cuda/emu) and Rust
+ * kernels (cuda/ *.cu files, compiled by nvcc or as host C++ under cuda/emu) and Rust
  * (src/kernels/params.rs is generated from this file by scripts/regen-params.sh; CI checks
  * that the committed twin is up to date).
  *
@@ -33,7 +33,9 @@ typedef int bc_i32;
 #include <stdint.h>
 /** A bfloat16 value stored as its raw bits. */
 typedef uint16_t bc_bf16;
+/** 64-bit signed count. */
 typedef int64_t bc_i64;
+/** 32-bit signed count. */
 typedef int32_t bc_i32;
 #endif
 

@@ -1,0 +1,59 @@
+// Element-wise kernels.
+//
+// bc_activation:     out[i] = gelu_tanh(x[i]) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+//                    or silu(x[i]) = x / (1 + exp(-x)); f32 or bf16 data (f32 math), in place ok.
+// bc_time_embedding: out[f] = [cos(t_f w_i), sin(t_f w_i)] (i < half), w_i = 10000^(-i/half),
+//                    in f64 like cpu::ops::sinusoidal; one block per frame.
+// bc_flow_step:      x0 = x - sigma[f] v; x = (1 - sn) x0 + sn noise when sigma_next[f] >= 0,
+//                    else x = x0; x0_out (optional) gets x0. f32 latents [frames, frame_elems].
+//
+// One thread per element, EW_THREADS per block.
+// Checked by tests/kernels_emu.rs against cpu::ops::{gelu_tanh, silu, sinusoidal, flow_step}.
+#include "include/common.cuh"
+
+namespace {
+constexpr int EW_THREADS = BC_ELEM_THREADS;
+}  // namespace
+
+__device__ __forceinline__ float bc_act(float u, int op) {
+    if (op == BC_ACT_SILU) return u / (1.f + expf(-u));
+    const float c = 0.7978845608f;  // sqrt(2/pi)
+    return 0.5f * u * (1.f + tanhf(c * (u + 0.044715f * u * u * u)));
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS) bc_activation(BcActivationParams p) {
+    const long long i = (long long)blockIdx.x * EW_THREADS + threadIdx.x;
+    if (i >= p.n) return;
+    if (p.bf16) {
+        const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
+        __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out);
+        o[i] = __float2bfloat16(bc_act(__bfloat162float(x[i]), p.op));
+    } else {
+        static_cast<float*>(p.out)[i] = bc_act(static_cast<const float*>(p.x)[i], p.op);
+    }
+}
+BC_EMU_ENTRY(bc_activation, BcActivationParams)
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS) bc_time_embedding(BcTimeEmbeddingParams p) {
+    const int f = blockIdx.x;
+    const int half = p.freq_dim / 2;
+    const double t = (double)p.t[f];
+    const double ln1e4 = 9.210340371976184;  // ln(10000)
+    for (int i = threadIdx.x; i < half; i += EW_THREADS) {
+        const double a = t * exp(-(double)i / (double)half * ln1e4);
+        p.out[(size_t)f * p.freq_dim + i] = (float)cos(a);
+        p.out[(size_t)f * p.freq_dim + half + i] = (float)sin(a);
+    }
+}
+BC_EMU_ENTRY(bc_time_embedding, BcTimeEmbeddingParams)
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS) bc_flow_step(BcFlowStepParams p) {
+    const long long i = (long long)blockIdx.x * EW_THREADS + threadIdx.x;
+    if (i >= (long long)p.frames * p.frame_elems) return;
+    const int f = (int)(i / p.frame_elems);
+    const float x0 = p.x[i] - p.sigma[f] * p.v[i];
+    if (p.x0_out) p.x0_out[i] = x0;
+    const float sn = p.sigma_next ? p.sigma_next[f] : -1.f;
+    p.x[i] = sn >= 0.f ? (1.f - sn) * x0 + sn * p.noise[i] : x0;
+}
+BC_EMU_ENTRY(bc_flow_step, BcFlowStepParams)

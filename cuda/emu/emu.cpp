@@ -1,0 +1,432 @@
+// Runtime of the SIMT emulation layer (see emu.h): fibers, the per-block scheduler that
+// resolves barriers and warp collectives, deadlock/divergence detection, and the launcher
+// that spreads blocks over OS threads.
+#include "emu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../include/params.h"
+
+namespace emu {
+
+namespace {
+constexpr size_t kStackBytes = 128 * 1024;
+constexpr size_t kGuardBytes = 4096;
+constexpr int kMaxThreads = 1024;
+
+enum State { kRunnable, kAtBarrier, kAtCollective, kExited, kFailed };
+
+const char* kind_name(int kind) {
+    static const char* names[] = {"__shfl_sync",   "__shfl_xor_sync", "__shfl_down_sync", "__shfl_up_sync",
+                                  "__ballot_sync", "__syncwarp",      "__match_any_sync"};
+    return (kind >= 0 && kind < 7) ? names[kind] : "?";
+}
+}  // namespace
+
+struct Fiber {
+    ucontext_t ctx;
+    dim3 tid;
+    int linear = 0;
+    State state = kRunnable;
+    const char* file = nullptr;
+    int line = 0;
+    // barrier
+    int pred = 0;
+    int bar_result = 0;
+    // collective
+    int kind = 0;
+    unsigned mask = 0;
+    uint64_t value = 0;
+    int arg = 0;
+    int width = 32;
+    uint64_t result = 0;
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    char* stacks = nullptr;
+    size_t stacks_n = 0;
+    ucontext_t sched;
+    void (*body)(const void*) = nullptr;
+    const void* arg = nullptr;
+    int code = 0;
+    std::string error;
+    std::vector<uint64_t> smem;
+
+    ~Block() {
+        if (stacks) munmap(stacks, stacks_n * (kStackBytes + kGuardBytes));
+    }
+    bool ensure_stacks(size_t n) {
+        if (n <= stacks_n) return true;
+        if (stacks) munmap(stacks, stacks_n * (kStackBytes + kGuardBytes));
+        size_t per = kStackBytes + kGuardBytes;
+        void* p = mmap(nullptr, n * per, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            stacks = nullptr;
+            stacks_n = 0;
+            return false;
+        }
+        stacks = static_cast<char*>(p);
+        stacks_n = n;
+        for (size_t i = 0; i < n; ++i) mprotect(stacks + i * per, kGuardBytes, PROT_NONE);  // overflow guard
+        return true;
+    }
+    char* stack(size_t i) { return stacks + i * (kStackBytes + kGuardBytes) + kGuardBytes; }
+};
+
+thread_local Fiber* tls_fiber = nullptr;
+thread_local dim3 tls_block_idx;
+thread_local dim3 tls_block_dim;
+thread_local dim3 tls_grid_dim;
+static thread_local Block* tls_block = nullptr;
+
+const dim3& thread_idx() { return tls_fiber->tid; }
+
+static void set_error(Block* b, int code, const char* fmt, ...) {
+    if (b->code) return;
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    b->code = code;
+    char where[96];
+    snprintf(where, sizeof where, " (block %u,%u,%u)", tls_block_idx.x, tls_block_idx.y, tls_block_idx.z);
+    b->error = std::string(buf) + where;
+}
+
+static void yield_to_scheduler() {
+    Fiber* f = tls_fiber;
+    swapcontext(&f->ctx, &tls_block->sched);
+}
+
+static void fiber_main() {
+    Block* b = tls_block;
+    b->body(b->arg);
+    tls_fiber->state = kExited;
+    yield_to_scheduler();
+    std::abort();  // an exited fiber is never resumed
+}
+
+void syncthreads(const char* file, int line) { (void)syncthreads_count(0, file, line); }
+
+int syncthreads_count(int pred, const char* file, int line) {
+    Fiber* f = tls_fiber;
+    f->state = kAtBarrier;
+    f->file = file;
+    f->line = line;
+    f->pred = pred ? 1 : 0;
+    yield_to_scheduler();
+    return f->bar_result;
+}
+
+uint64_t warp_collective(int kind, unsigned mask, uint64_t value, int arg, int width, const char* file, int line) {
+    Fiber* f = tls_fiber;
+    f->state = kAtCollective;
+    f->kind = kind;
+    f->mask = mask;
+    f->value = value;
+    f->arg = arg;
+    f->width = width;
+    f->file = file;
+    f->line = line;
+    yield_to_scheduler();
+    return f->result;
+}
+
+void fail(const char* what, const char* file, int line) {
+    Fiber* f = tls_fiber;
+    set_error(tls_block, 3, "%s at %s:%d, thread (%u,%u,%u)", what, file, line, f->tid.x, f->tid.y, f->tid.z);
+    f->state = kFailed;
+    yield_to_scheduler();
+    std::abort();
+}
+
+unsigned activemask() {
+    Block* b = tls_block;
+    int base = tls_fiber->linear & ~31;
+    unsigned m = 0;
+    for (int i = 0; i < 32 && base + i < (int)b->fibers.size(); ++i)
+        if (b->fibers[base + i].state != kExited) m |= 1u << i;
+    return m;
+}
+
+void* dynamic_smem() { return tls_block->smem.data(); }
+
+// Resolves every warp collective whose mask has fully arrived. Returns the number resolved;
+// sets an error for collectives that can never complete.
+static int resolve_collectives(Block* b) {
+    int n = (int)b->fibers.size();
+    int resolved = 0;
+    for (int i = 0; i < n && !b->code; ++i) {
+        Fiber& f = b->fibers[i];
+        if (f.state != kAtCollective) continue;
+        int base = i & ~31, lane = i & 31;
+        unsigned m = f.mask;
+        if (!(m >> lane & 1u)) {
+            set_error(b, 2, "%s at %s:%d: mask 0x%08x omits the calling lane %d (thread %d)", kind_name(f.kind), f.file,
+                      f.line, m, lane, i);
+            return resolved;
+        }
+        if (f.width <= 0 || f.width > 32 || (f.width & (f.width - 1))) {
+            set_error(b, 2, "%s at %s:%d: width %d is not a power of two <= 32", kind_name(f.kind), f.file, f.line,
+                      f.width);
+            return resolved;
+        }
+        for (int l = 0; l < 32; ++l) {
+            if (!(m >> l & 1u)) continue;
+            int t = base + l;
+            if (t >= n) {
+                set_error(b, 2, "%s at %s:%d: mask 0x%08x names lane %d, which is outside the block", kind_name(f.kind),
+                          f.file, f.line, m, l);
+                return resolved;
+            }
+            const Fiber& g = b->fibers[t];
+            if (g.state == kExited) {
+                set_error(b, 2, "%s at %s:%d: mask 0x%08x names lane %d, which has exited", kind_name(f.kind), f.file,
+                          f.line, m, l);
+                return resolved;
+            }
+            if (g.state == kAtBarrier) {
+                set_error(b, 2, "%s at %s:%d: mask 0x%08x names lane %d, which waits at __syncthreads at %s:%d (deadlock)",
+                          kind_name(f.kind), f.file, f.line, m, l, g.file, g.line);
+                return resolved;
+            }
+            if (g.state != kAtCollective || g.kind != f.kind || g.mask != m || g.width != f.width) {
+                set_error(b, 2,
+                          "warp collective mismatch: lane %d is at %s (mask 0x%08x) at %s:%d, lane %d at %s (mask 0x%08x) "
+                          "at %s:%d",
+                          lane, kind_name(f.kind), m, f.file, f.line, l, kind_name(g.kind), g.mask, g.file, g.line);
+                return resolved;
+            }
+        }
+        // All lanes of the mask are here: compute every lane's result.
+        unsigned ballot = 0;
+        for (int l = 0; l < 32; ++l)
+            if (m >> l & 1u && b->fibers[base + l].value) ballot |= 1u << l;
+        for (int l = 0; l < 32; ++l) {
+            if (!(m >> l & 1u)) continue;
+            Fiber& g = b->fibers[base + l];
+            int w = g.width, seg = l & ~(w - 1), src = l;
+            switch (g.kind) {
+                case 0:
+                    src = seg + (g.arg & (w - 1));
+                    break;
+                case 1:
+                    src = l ^ g.arg;
+                    if (src < seg || src >= seg + w) src = l;
+                    break;
+                case 2:
+                    src = l + g.arg;
+                    if (src >= seg + w) src = l;
+                    break;
+                case 3:
+                    src = l - g.arg;
+                    if (src < seg) src = l;
+                    break;
+                default:
+                    break;
+            }
+            if (g.kind <= 3) {
+                if (src < 0 || src > 31 || !(m >> src & 1u)) {
+                    set_error(b, 2, "%s at %s:%d: lane %d reads lane %d, which is not in mask 0x%08x", kind_name(g.kind),
+                              g.file, g.line, l, src, m);
+                    return resolved;
+                }
+                g.result = b->fibers[base + src].value;
+            } else if (g.kind == 4) {
+                g.result = ballot;
+            } else if (g.kind == 6) {
+                unsigned eq = 0;
+                for (int k = 0; k < 32; ++k)
+                    if (m >> k & 1u && b->fibers[base + k].value == g.value) eq |= 1u << k;
+                g.result = eq;
+            }
+        }
+        for (int l = 0; l < 32; ++l)
+            if (m >> l & 1u) b->fibers[base + l].state = kRunnable;
+        ++resolved;
+    }
+    return resolved;
+}
+
+// Runs one block to completion; returns 0 or an error code (message in b->error).
+static int run_block(Block* b) {
+    int n = (int)b->fibers.size();
+    for (int i = 0; i < n; ++i) {
+        Fiber& f = b->fibers[i];
+        f.state = kRunnable;
+        f.result = 0;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = b->stack(i);
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    // Uninitialised shared memory: poison dynamic shared memory with NaNs.
+    std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
+    for (;;) {
+        for (int i = 0; i < n; ++i) {
+            Fiber& f = b->fibers[i];
+            if (f.state != kRunnable) continue;
+            tls_fiber = &f;
+            swapcontext(&b->sched, &f.ctx);
+            tls_fiber = nullptr;
+            if (b->code) return b->code;
+        }
+        int exited = 0, at_bar = 0, at_coll = 0;
+        for (auto& f : b->fibers) {
+            exited += f.state == kExited;
+            at_bar += f.state == kAtBarrier;
+            at_coll += f.state == kAtCollective;
+        }
+        if (exited == n) return 0;
+        if (at_coll) {
+            int r = resolve_collectives(b);
+            if (b->code) return b->code;
+            if (r) continue;
+            set_error(b, 2, "unresolvable warp collective");
+            return b->code;
+        }
+        // Only barrier waiters and exited threads remain.
+        const Fiber* first = nullptr;
+        const Fiber* other = nullptr;
+        for (auto& f : b->fibers) {
+            if (f.state != kAtBarrier) continue;
+            if (!first)
+                first = &f;
+            else if (!other && (f.line != first->line || std::strcmp(f.file, first->file) != 0))
+                other = &f;
+        }
+        if (exited) {
+            set_error(b, 1, "divergent __syncthreads: %d of %d threads wait at %s:%d but %d threads exited without reaching it",
+                      at_bar, n, first->file, first->line, exited);
+            return b->code;
+        }
+        if (other) {
+            set_error(b, 1, "divergent __syncthreads: thread %d waits at %s:%d, thread %d at %s:%d", first->linear,
+                      first->file, first->line, other->linear, other->file, other->line);
+            return b->code;
+        }
+        int count = 0;
+        for (auto& f : b->fibers) count += f.pred;
+        for (auto& f : b->fibers) {
+            f.bar_result = count;
+            f.state = kRunnable;
+        }
+    }
+}
+
+namespace {
+struct Shared {
+    const BcLaunchDims* dims;
+    void (*body)(const void*);
+    const void* arg;
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> stop{false};
+    std::mutex mu;
+    int code = 0;
+    std::string error;
+};
+
+void worker(Shared* s) {
+    static thread_local Block block;  // reused by later launches on this thread, freed at its exit
+    Block* b = &block;
+    const BcLaunchDims* d = s->dims;
+    int n = (int)(d->block[0] * d->block[1] * d->block[2]);
+    if (!b->ensure_stacks((size_t)n)) {
+        std::lock_guard<std::mutex> g(s->mu);
+        if (!s->code) {
+            s->code = 4;
+            s->error = "emulation: cannot allocate fiber stacks";
+        }
+        s->stop = true;
+        return;
+    }
+    b->fibers.assign((size_t)n, Fiber());
+    for (int i = 0; i < n; ++i) {
+        Fiber& f = b->fibers[i];
+        f.linear = i;
+        f.tid.x = (unsigned)i % d->block[0];
+        f.tid.y = ((unsigned)i / d->block[0]) % d->block[1];
+        f.tid.z = (unsigned)i / (d->block[0] * d->block[1]);
+    }
+    b->smem.assign((d->shared_bytes + 7) / 8, 0);
+    b->body = s->body;
+    b->arg = s->arg;
+    tls_block = b;
+    tls_block_dim = dim3{d->block[0], d->block[1], d->block[2]};
+    tls_grid_dim = dim3{d->grid[0], d->grid[1], d->grid[2]};
+    uint64_t total = (uint64_t)d->grid[0] * d->grid[1] * d->grid[2];
+    for (;;) {
+        if (s->stop.load(std::memory_order_relaxed)) break;
+        uint64_t idx = s->next.fetch_add(1);
+        if (idx >= total) break;
+        tls_block_idx = dim3{(unsigned)(idx % d->grid[0]), (unsigned)(idx / d->grid[0] % d->grid[1]),
+                             (unsigned)(idx / ((uint64_t)d->grid[0] * d->grid[1]))};
+        b->code = 0;
+        b->error.clear();
+        if (run_block(b)) {
+            std::lock_guard<std::mutex> g(s->mu);
+            if (!s->code) {
+                s->code = b->code;
+                s->error = b->error;
+            }
+            s->stop = true;
+            break;
+        }
+    }
+    tls_block = nullptr;
+}
+
+int worker_count(uint64_t blocks) {
+    static int configured = [] {
+        const char* e = std::getenv("BC_EMU_THREADS");
+        int v = e ? std::atoi(e) : 0;
+        if (v <= 0) v = (int)std::max(1u, std::thread::hardware_concurrency());
+        return v;
+    }();
+    return (int)std::min<uint64_t>((uint64_t)configured, blocks);
+}
+}  // namespace
+
+int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg, char* err, size_t errlen) {
+    auto report = [&](int code, const std::string& msg) {
+        if (err && errlen) snprintf(err, errlen, "%s", msg.c_str());
+        return code;
+    };
+    uint64_t threads = (uint64_t)dims->block[0] * dims->block[1] * dims->block[2];
+    uint64_t blocks = (uint64_t)dims->grid[0] * dims->grid[1] * dims->grid[2];
+    if (threads == 0 || threads > (uint64_t)kMaxThreads)
+        return report(4, "invalid launch: " + std::to_string(threads) + " threads per block");
+    if (dims->grid[1] > 65535 || dims->grid[2] > 65535) return report(4, "invalid launch: grid.y/z above 65535");
+    if (dims->shared_bytes > 227 * 1024) return report(4, "invalid launch: too much dynamic shared memory");
+    if (blocks == 0) return report(0, "");
+    Shared s;
+    s.dims = dims;
+    s.body = body;
+    s.arg = arg;
+    int nw = worker_count(blocks);
+    if (nw <= 1) {
+        worker(&s);
+    } else {
+        std::vector<std::thread> ts;
+        for (int i = 0; i < nw; ++i) ts.emplace_back(worker, &s);
+        for (auto& t : ts) t.join();
+    }
+    return report(s.code, s.error);
+}
+
+}  // namespace emu

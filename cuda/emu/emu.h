@@ -1,0 +1,245 @@
+// SIMT emulation layer: lets every cuda/*.cu compile as host C++17 (g++ -DBC_EMU) and run
+// on the CPU with CUDA semantics, for testing kernels without a GPU.
+//
+// Model: a launch runs its blocks on a few OS threads (blocks of one OS thread run one
+// after the other); the threads of a block are cooperatively scheduled fibers. A fiber runs
+// until it reaches a scheduling point — `__syncthreads`, a warp collective (`__shfl*_sync`,
+// `__ballot_sync`, `__any_sync`, `__all_sync`, `__syncwarp`, `__match_any_sync`) — or exits.
+// When no fiber can run, pending warp collectives whose whole mask has arrived are resolved,
+// then a barrier is released if every thread of the block waits at the same `__syncthreads`
+// (same source line). Anything else is a deadlock on hardware and is reported as an error
+// (returned through the launcher to Rust): a barrier that some threads exited without or
+// reached at different lines, a collective whose mask names exited lanes, lanes outside the
+// block, lanes that wait elsewhere, or disagrees between lanes, or whose mask omits the
+// calling lane. `__trap()` and `BC_EMU_CHECK` failures are errors too.
+//
+// `__shared__` variables are `static thread_local`: one copy per OS thread, i.e. per block
+// being run, shared by that block's fibers. `threadIdx`, `blockIdx`, `blockDim`, `gridDim`
+// are per fiber / per OS thread. Atomics are real atomics (blocks run in parallel).
+//
+// Not emulated: tensor-core instructions (mma.sync, ldmatrix, cp.async) — the kernels do not
+// use them yet — and Hopper-only features (wgmma, TMA), which are exempt from emulation.
+#ifndef BC_EMU_EMU_H
+#define BC_EMU_EMU_H
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "bf16.h"
+
+// ---- keywords -------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __constant__ static
+#define __shared__ static thread_local
+#define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+// g++ understands __restrict__ natively.
+
+// ---- vector types ---------------------------------------------------------------------
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+typedef dim3 uint3;
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(8) int2 {
+    int x, y;
+};
+struct alignas(16) int4 {
+    int x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned int x, y;
+};
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline int2 make_int2(int x, int y) { return int2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 p) { return float2{__bfloat162float(p.x), __bfloat162float(p.y)}; }
+inline __nv_bfloat162 __float22bfloat162_rn(float2 f) { return __floats2bfloat162_rn(f.x, f.y); }
+
+// ---- built-in variables ----------------------------------------------------------------
+namespace emu {
+struct Fiber;
+extern thread_local Fiber* tls_fiber;
+extern thread_local dim3 tls_block_idx;
+extern thread_local dim3 tls_block_dim;
+extern thread_local dim3 tls_grid_dim;
+const dim3& thread_idx();
+}  // namespace emu
+#define threadIdx (::emu::thread_idx())
+#define blockIdx (::emu::tls_block_idx)
+#define blockDim (::emu::tls_block_dim)
+#define gridDim (::emu::tls_grid_dim)
+#define warpSize 32
+
+// ---- synchronisation (scheduling points) --------------------------------------------------
+namespace emu {
+void syncthreads(const char* file, int line);
+int syncthreads_count(int pred, const char* file, int line);
+// kind: 0 shfl idx, 1 shfl xor, 2 shfl down, 3 shfl up, 4 ballot, 5 syncwarp, 6 match_any
+uint64_t warp_collective(int kind, unsigned mask, uint64_t value, int arg, int width, const char* file,
+                         int line);
+[[noreturn]] void fail(const char* what, const char* file, int line);
+unsigned activemask();
+void* dynamic_smem();
+}  // namespace emu
+
+#define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
+#define __syncthreads_count(p) ::emu::syncthreads_count((p), __FILE__, __LINE__)
+#define __syncthreads_or(p) (::emu::syncthreads_count((p), __FILE__, __LINE__) != 0)
+#define __syncthreads_and(p) (::emu::syncthreads_count(!(p), __FILE__, __LINE__) == 0)
+#define __syncwarp(...) ((void)::emu::warp_collective(5, ::emu::syncwarp_mask(__VA_ARGS__), 0, 0, 32, __FILE__, __LINE__))
+#define __trap() ::emu::fail("__trap()", __FILE__, __LINE__)
+#define __threadfence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define __threadfence_block() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+/// Emulation-only assertion: reported as a launch error (compiled out under nvcc).
+#define BC_EMU_CHECK(cond)                                                       \
+    do {                                                                         \
+        if (!(cond)) ::emu::fail("BC_EMU_CHECK(" #cond ") failed", __FILE__, __LINE__); \
+    } while (0)
+
+namespace emu {
+inline unsigned syncwarp_mask() { return 0xffffffffu; }
+inline unsigned syncwarp_mask(unsigned m) { return m; }
+
+template <class T>
+inline uint64_t to_bits(T v) {
+    static_assert(sizeof(T) <= 8, "shuffle of a type larger than 8 bytes");
+    uint64_t b = 0;
+    std::memcpy(&b, &v, sizeof(T));
+    return b;
+}
+template <class T>
+inline T from_bits(uint64_t b) {
+    T v;
+    std::memcpy(&v, &b, sizeof(T));
+    return v;
+}
+template <class T>
+inline T shfl(int kind, unsigned mask, T v, int arg, int width, const char* f, int l) {
+    return from_bits<T>(warp_collective(kind, mask, to_bits(v), arg, width, f, l));
+}
+}  // namespace emu
+
+#define __shfl_sync(m, v, lane, ...) ::emu::shfl(0, (m), (v), (lane), ::emu::width_arg(__VA_ARGS__), __FILE__, __LINE__)
+#define __shfl_xor_sync(m, v, lm, ...) ::emu::shfl(1, (m), (v), (lm), ::emu::width_arg(__VA_ARGS__), __FILE__, __LINE__)
+#define __shfl_down_sync(m, v, d, ...) ::emu::shfl(2, (m), (v), (d), ::emu::width_arg(__VA_ARGS__), __FILE__, __LINE__)
+#define __shfl_up_sync(m, v, d, ...) ::emu::shfl(3, (m), (v), (d), ::emu::width_arg(__VA_ARGS__), __FILE__, __LINE__)
+#define __ballot_sync(m, p) ((unsigned)::emu::warp_collective(4, (m), (p) ? 1 : 0, 0, 32, __FILE__, __LINE__))
+#define __any_sync(m, p) (__ballot_sync((m), (p)) != 0u)
+#define __all_sync(m, p) (__ballot_sync((m), !(p)) == 0u)
+#define __match_any_sync(m, v) ((unsigned)::emu::warp_collective(6, (m), ::emu::to_bits(v), 0, 32, __FILE__, __LINE__))
+#define __activemask() ::emu::activemask()
+
+namespace emu {
+inline int width_arg() { return 32; }
+inline int width_arg(int w) { return w; }
+}  // namespace emu
+
+// ---- atomics (real atomics: blocks run concurrently) ----------------------------------------
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+inline float atomicAdd(float* p, float v) {
+    float old, nv;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    do {
+        nv = old + v;
+    } while (!__atomic_compare_exchange(p, &old, &nv, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return old;
+}
+inline int atomicMax(int* p, int v) {
+    int old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
+inline int atomicMin(int* p, int v) {
+    int old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (old > v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
+inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicExch(unsigned* p, unsigned v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
+inline int atomicCAS(int* p, int cmp, int v) {
+    __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    return cmp;
+}
+inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned v) {
+    __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    return cmp;
+}
+
+// ---- math intrinsics --------------------------------------------------------------------
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __exp2f(float x) { return std::exp2(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __sinf(float x) { return std::sin(x); }
+inline float __cosf(float x) { return std::cos(x); }
+inline void __sincosf(float x, float* s, float* c) {
+    *s = std::sin(x);
+    *c = std::cos(x);
+}
+inline float __tanhf(float x) { return std::tanh(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
+inline unsigned __brev(unsigned x) {
+    unsigned r = 0;
+    for (int i = 0; i < 32; ++i) r |= ((x >> i) & 1u) << (31 - i);
+    return r;
+}
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
+template <class T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+
+// ---- launching ------------------------------------------------------------------------------
+extern "C" {
+struct BcLaunchDims;
+}
+namespace emu {
+/// Runs `body(arg)` as a kernel over `dims`; returns 0 or an error code (message in `err`).
+int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg, char* err, size_t errlen);
+}  // namespace emu
+
+/// Defines `bc_emu_<kernel>`, the C entry point the Rust launcher calls for `kernel`.
+#define BC_EMU_ENTRY(kernel, Params)                                                                \
+    extern "C" int bc_emu_##kernel(const BcLaunchDims* dims, const Params* p, char* err, size_t errlen) { \
+        return ::emu::launch(dims, [](const void* a) { kernel(*static_cast<const Params*>(a)); }, p, err, \
+                             errlen);                                                                 \
+    }
+
+#endif

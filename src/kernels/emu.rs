@@ -1,0 +1,888 @@
+//! The CUDA kernels run on the CPU through the SIMT emulation layer (`cuda/emu/`).
+//!
+//! Every `cuda/*.cu` is compiled as host C++ into a static library with one `extern "C"`
+//! entry point per kernel (`bc_emu_<kernel>`), which runs the kernel's blocks with CUDA
+//! semantics (threads as fibers, real barriers and warp collectives). The same source is what
+//! nvcc compiles, so these functions test the kernels without a GPU. Divergent barriers and
+//! bad warp-collective masks come back as [`EmuError`]s rather than hangs.
+//!
+//! [`launch_raw`] takes a kernel, launch dimensions and a params struct (from
+//! [`super::params`]); the safe wrappers below check buffer sizes, fill the params, pick the
+//! grid like the GPU backend does, and mirror the CPU reference ops in
+//! [`crate::cpu::ops`] / [`crate::cpu::attention`]. bf16 buffers are `half::bf16`.
+#![allow(clippy::too_many_arguments)]
+
+use super::params::*;
+use half::bf16;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::fmt;
+use std::ops::Range;
+
+/// The kernels of the emulated library.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// `bc_ln_modulate` ([`BcLnModulateParams`]).
+    LnModulate,
+    /// `bc_layer_norm_affine` ([`BcLayerNormParams`]).
+    LayerNormAffine,
+    /// `bc_gated_residual` ([`BcGatedResidualParams`]).
+    GatedResidual,
+    /// `bc_qk_norm_rope` ([`BcQkNormRopeParams`]).
+    QkNormRope,
+    /// `bc_attention_hd64` ([`BcAttentionParams`]).
+    AttentionHd64,
+    /// `bc_attention_hd128` ([`BcAttentionParams`]).
+    AttentionHd128,
+    /// `bc_activation` ([`BcActivationParams`]).
+    Activation,
+    /// `bc_time_embedding` ([`BcTimeEmbeddingParams`]).
+    TimeEmbedding,
+    /// `bc_flow_step` ([`BcFlowStepParams`]).
+    FlowStep,
+    /// `bc_patchify` ([`BcPatchParams`]).
+    Patchify,
+    /// `bc_unpatchify` ([`BcPatchParams`]).
+    Unpatchify,
+    /// `bc_copy` ([`BcCopyParams`]).
+    Copy,
+    /// Emulation-only test kernel `bc_test_sync` (see `cuda/emu/test_kernels.cu`).
+    TestSync,
+}
+
+type Entry = unsafe extern "C" fn(*const BcLaunchDims, *const c_void, *mut c_char, usize) -> c_int;
+
+extern "C" {
+    fn bc_emu_bc_ln_modulate(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_layer_norm_affine(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_gated_residual(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_qk_norm_rope(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_attention_hd64(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_attention_hd128(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_activation(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_time_embedding(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_flow_step(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_patchify(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_unpatchify(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_copy(d: *const BcLaunchDims, p: *const c_void, e: *mut c_char, n: usize) -> c_int;
+    fn bc_emu_bc_test_sync(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+}
+
+impl Kernel {
+    /// The kernel's entry-point name in the fatbin.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::LnModulate => "bc_ln_modulate",
+            Kernel::LayerNormAffine => "bc_layer_norm_affine",
+            Kernel::GatedResidual => "bc_gated_residual",
+            Kernel::QkNormRope => "bc_qk_norm_rope",
+            Kernel::AttentionHd64 => "bc_attention_hd64",
+            Kernel::AttentionHd128 => "bc_attention_hd128",
+            Kernel::Activation => "bc_activation",
+            Kernel::TimeEmbedding => "bc_time_embedding",
+            Kernel::FlowStep => "bc_flow_step",
+            Kernel::Patchify => "bc_patchify",
+            Kernel::Unpatchify => "bc_unpatchify",
+            Kernel::Copy => "bc_copy",
+            Kernel::TestSync => "bc_test_sync",
+        }
+    }
+
+    fn entry(self) -> Entry {
+        match self {
+            Kernel::LnModulate => bc_emu_bc_ln_modulate,
+            Kernel::LayerNormAffine => bc_emu_bc_layer_norm_affine,
+            Kernel::GatedResidual => bc_emu_bc_gated_residual,
+            Kernel::QkNormRope => bc_emu_bc_qk_norm_rope,
+            Kernel::AttentionHd64 => bc_emu_bc_attention_hd64,
+            Kernel::AttentionHd128 => bc_emu_bc_attention_hd128,
+            Kernel::Activation => bc_emu_bc_activation,
+            Kernel::TimeEmbedding => bc_emu_bc_time_embedding,
+            Kernel::FlowStep => bc_emu_bc_flow_step,
+            Kernel::Patchify => bc_emu_bc_patchify,
+            Kernel::Unpatchify => bc_emu_bc_unpatchify,
+            Kernel::Copy => bc_emu_bc_copy,
+            Kernel::TestSync => bc_emu_bc_test_sync,
+        }
+    }
+}
+
+/// What went wrong in an emulated launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmuErrorKind {
+    /// A `__syncthreads` that not every thread reached (some exited, or they wait at
+    /// different barriers).
+    BarrierDivergence,
+    /// A warp collective with a bad mask (exited/absent lanes, lanes elsewhere, mismatched masks).
+    WarpCollective,
+    /// `__trap()` or a failed `BC_EMU_CHECK`.
+    Trap,
+    /// A launch configuration the hardware would refuse.
+    InvalidLaunch,
+    /// The safe wrapper refused its arguments (sizes, alignment).
+    InvalidArgument,
+}
+
+/// An emulated launch that failed.
+#[derive(Clone, Debug)]
+pub struct EmuError {
+    /// The kernel.
+    pub kernel: &'static str,
+    /// The kind of failure.
+    pub kind: EmuErrorKind,
+    /// What the emulator (or the wrapper) reported.
+    pub message: String,
+}
+
+impl fmt::Display for EmuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "emulated kernel {}: {}", self.kernel, self.message)
+    }
+}
+
+impl std::error::Error for EmuError {}
+
+impl From<EmuError> for crate::Error {
+    fn from(e: EmuError) -> Self {
+        match e.kind {
+            EmuErrorKind::InvalidArgument => crate::Error::InvalidArgument(e.to_string()),
+            _ => crate::Error::Device(e.to_string()),
+        }
+    }
+}
+
+/// Result of an emulated launch.
+pub type EmuResult<T = ()> = Result<T, EmuError>;
+
+fn invalid(kernel: Kernel, msg: impl Into<String>) -> EmuError {
+    EmuError {
+        kernel: kernel.name(),
+        kind: EmuErrorKind::InvalidArgument,
+        message: msg.into(),
+    }
+}
+
+/// Launch dimensions from grid and block sizes.
+pub fn dims(grid: [u32; 3], block: [u32; 3]) -> BcLaunchDims {
+    BcLaunchDims {
+        grid,
+        block,
+        shared_bytes: 0,
+    }
+}
+
+/// Runs `kernel` under emulation with `params`, blocking until every block has finished.
+///
+/// # Safety
+/// `params` must point to the params struct `kernel` expects, and every pointer in it must be
+/// valid for the accesses the kernel makes with the given dimensions (as on a GPU).
+pub unsafe fn launch_raw(kernel: Kernel, dims: &BcLaunchDims, params: *const c_void) -> EmuResult {
+    let mut err = [0 as c_char; 1024];
+    let code = (kernel.entry())(dims, params, err.as_mut_ptr(), err.len());
+    if code == 0 {
+        return Ok(());
+    }
+    let message = CStr::from_ptr(err.as_ptr()).to_string_lossy().into_owned();
+    let kind = match code {
+        1 => EmuErrorKind::BarrierDivergence,
+        2 => EmuErrorKind::WarpCollective,
+        3 => EmuErrorKind::Trap,
+        _ => EmuErrorKind::InvalidLaunch,
+    };
+    Err(EmuError {
+        kernel: kernel.name(),
+        kind,
+        message,
+    })
+}
+
+fn launch<P>(kernel: Kernel, grid: [u32; 3], block: u32, p: &P) -> EmuResult {
+    // SAFETY: the wrappers below build `p` from slices whose sizes they checked against the
+    // extents the kernel touches for this grid.
+    unsafe {
+        launch_raw(
+            kernel,
+            &dims(grid, [block, 1, 1]),
+            p as *const P as *const c_void,
+        )
+    }
+}
+
+fn i32_of(kernel: Kernel, v: usize, what: &str) -> EmuResult<i32> {
+    i32::try_from(v).map_err(|_| invalid(kernel, format!("{what} = {v} does not fit in i32")))
+}
+
+fn check_len(kernel: Kernel, what: &str, have: usize, need: usize) -> EmuResult {
+    if have < need {
+        return Err(invalid(
+            kernel,
+            format!("{what} has {have} values, needs {need}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_align<T>(kernel: Kernel, what: &str, p: *const T, align: usize) -> EmuResult {
+    if (p as usize) % align != 0 {
+        return Err(invalid(
+            kernel,
+            format!("{what} is not {align}-byte aligned"),
+        ));
+    }
+    Ok(())
+}
+
+fn opt_ptr(v: Option<&[f32]>) -> *const f32 {
+    v.map_or(std::ptr::null(), |s| s.as_ptr())
+}
+
+fn blocks(kernel: Kernel, n: usize, per: u32) -> EmuResult<u32> {
+    u32::try_from(n.div_ceil(per as usize)).map_err(|_| invalid(kernel, "grid too large"))
+}
+
+/// `out = LN(x) * (1 + scale[f] + scale_bias) + shift[f] + shift_bias` (`bc_ln_modulate`),
+/// `x` `[rows, dim]` f32, `shift`/`scale` `[frames, frame_stride]`, row r using frame
+/// `r / tokens_per_frame`, `out` `[rows, dim]` bf16.
+pub fn ln_modulate(
+    x: &[f32],
+    dim: usize,
+    eps: f32,
+    tokens_per_frame: usize,
+    shift: &[f32],
+    scale: &[f32],
+    frame_stride: usize,
+    shift_bias: Option<&[f32]>,
+    scale_bias: Option<&[f32]>,
+    out: &mut [bf16],
+) -> EmuResult {
+    let k = Kernel::LnModulate;
+    if dim == 0 || dim % 2 != 0 || tokens_per_frame == 0 || x.len() % dim != 0 {
+        return Err(invalid(
+            k,
+            "dim must be even and divide x.len(); tokens_per_frame > 0",
+        ));
+    }
+    let rows = x.len() / dim;
+    let frames = rows.div_ceil(tokens_per_frame);
+    let need = if frames == 0 {
+        0
+    } else {
+        (frames - 1) * frame_stride + dim
+    };
+    check_len(k, "shift", shift.len(), need)?;
+    check_len(k, "scale", scale.len(), need)?;
+    check_len(k, "out", out.len(), rows * dim)?;
+    for b in [shift_bias, scale_bias].into_iter().flatten() {
+        check_len(k, "bias", b.len(), dim)?;
+    }
+    let p = BcLnModulateParams {
+        x: x.as_ptr(),
+        out: out.as_mut_ptr() as *mut bc_bf16,
+        shift: shift.as_ptr(),
+        scale: scale.as_ptr(),
+        shift_bias: opt_ptr(shift_bias),
+        scale_bias: opt_ptr(scale_bias),
+        rows: i32_of(k, rows, "rows")?,
+        dim: i32_of(k, dim, "dim")?,
+        x_stride: dim as i32,
+        out_stride: dim as i32,
+        frame_stride: i32_of(k, frame_stride, "frame_stride")?,
+        tokens_per_frame: i32_of(k, tokens_per_frame, "tokens_per_frame")?,
+        eps,
+        _pad: 0,
+    };
+    launch(k, [rows as u32, 1, 1], BC_ROW_THREADS, &p)
+}
+
+/// `out = LN(x) * weight + bias` (`bc_layer_norm_affine`), `x` `[rows, dim]` f32, `out` bf16.
+pub fn layer_norm_affine(
+    x: &[f32],
+    dim: usize,
+    eps: f32,
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [bf16],
+) -> EmuResult {
+    let k = Kernel::LayerNormAffine;
+    if dim == 0 || dim % 2 != 0 || x.len() % dim != 0 {
+        return Err(invalid(k, "dim must be even and divide x.len()"));
+    }
+    let rows = x.len() / dim;
+    check_len(k, "weight", weight.len(), dim)?;
+    check_len(k, "bias", bias.len(), dim)?;
+    check_len(k, "out", out.len(), rows * dim)?;
+    let p = BcLayerNormParams {
+        x: x.as_ptr(),
+        out: out.as_mut_ptr() as *mut bc_bf16,
+        weight: weight.as_ptr(),
+        bias: bias.as_ptr(),
+        rows: i32_of(k, rows, "rows")?,
+        dim: i32_of(k, dim, "dim")?,
+        x_stride: dim as i32,
+        out_stride: dim as i32,
+        eps,
+        _pad: 0,
+    };
+    launch(k, [rows as u32, 1, 1], BC_ROW_THREADS, &p)
+}
+
+/// `x += delta * (gate[f] + gate_bias)` (`bc_gated_residual`); `gate = None`: `x += delta`.
+/// `x` `[rows, dim]` f32, `delta` `[rows, dim]` bf16, `gate` `[frames, frame_stride]`.
+pub fn gated_residual(
+    x: &mut [f32],
+    delta: &[bf16],
+    dim: usize,
+    tokens_per_frame: usize,
+    gate: Option<(&[f32], usize)>,
+    gate_bias: Option<&[f32]>,
+) -> EmuResult {
+    let k = Kernel::GatedResidual;
+    if dim == 0 || dim % 2 != 0 || tokens_per_frame == 0 || x.len() % dim != 0 {
+        return Err(invalid(
+            k,
+            "dim must be even and divide x.len(); tokens_per_frame > 0",
+        ));
+    }
+    let rows = x.len() / dim;
+    check_len(k, "delta", delta.len(), rows * dim)?;
+    let (gate_ptr, frame_stride) = match gate {
+        Some((g, fs)) => {
+            let frames = rows.div_ceil(tokens_per_frame);
+            check_len(
+                k,
+                "gate",
+                g.len(),
+                if frames == 0 {
+                    0
+                } else {
+                    (frames - 1) * fs + dim
+                },
+            )?;
+            (g.as_ptr(), fs)
+        }
+        None => (std::ptr::null(), 0),
+    };
+    if let Some(b) = gate_bias {
+        check_len(k, "gate_bias", b.len(), dim)?;
+    }
+    let p = BcGatedResidualParams {
+        x: x.as_mut_ptr(),
+        delta: delta.as_ptr() as *const bc_bf16,
+        gate: gate_ptr,
+        gate_bias: opt_ptr(gate_bias),
+        rows: i32_of(k, rows, "rows")?,
+        dim: i32_of(k, dim, "dim")?,
+        delta_stride: dim as i32,
+        frame_stride: i32_of(k, frame_stride, "frame_stride")?,
+        tokens_per_frame: i32_of(k, tokens_per_frame, "tokens_per_frame")?,
+        _pad: 0,
+    };
+    launch(
+        k,
+        [blocks(k, rows * dim / 2, BC_ELEM_THREADS)?, 1, 1],
+        BC_ELEM_THREADS,
+        &p,
+    )
+}
+
+/// Arguments of [`qk_norm_rope`] besides the data.
+#[derive(Clone, Copy, Debug)]
+pub struct QkNormRope<'a> {
+    /// Heads per row.
+    pub heads: usize,
+    /// Head dimension (even).
+    pub head_dim: usize,
+    /// Rows per latent frame (`hp * wp`).
+    pub tokens_per_frame: usize,
+    /// Patch columns per frame row.
+    pub wp: usize,
+    /// Absolute index of local frame 0 (temporal RoPE position) when `frame_pos` is `None`.
+    pub first_frame: i32,
+    /// Absolute frame index of every local frame.
+    pub frame_pos: Option<&'a [i32]>,
+    /// Cache slot of every local frame: row r goes to row `slot * tpf + r % tpf` of `out`.
+    pub frame_slot: Option<&'a [i32]>,
+    /// RMSNorm weight `[heads*head_dim]` (None: no norm).
+    pub norm_weight: Option<&'a [f32]>,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Whether to apply RoPE.
+    pub rope: bool,
+}
+
+/// RMSNorm + 3D RoPE + store (`bc_qk_norm_rope`): `x` `[rows, heads*head_dim]` bf16 into `out`
+/// (contiguous rows, or cache slots of `[tokens_per_frame, dim]` with `frame_slot`).
+pub fn qk_norm_rope(x: &[bf16], a: &QkNormRope, out: &mut [bf16]) -> EmuResult {
+    let k = Kernel::QkNormRope;
+    let dim = a.heads * a.head_dim;
+    if dim == 0 || a.head_dim % 2 != 0 || a.tokens_per_frame == 0 || a.wp == 0 || x.len() % dim != 0
+    {
+        return Err(invalid(k, "bad shape"));
+    }
+    let rows = x.len() / dim;
+    let frames = rows.div_ceil(a.tokens_per_frame);
+    if let Some(fp) = a.frame_pos {
+        check_len(k, "frame_pos", fp.len(), frames)?;
+    }
+    match a.frame_slot {
+        Some(fs) => {
+            check_len(k, "frame_slot", fs.len(), frames)?;
+            for &s in &fs[..frames] {
+                if s < 0 {
+                    return Err(invalid(k, "negative cache slot"));
+                }
+                check_len(
+                    k,
+                    "out (cache)",
+                    out.len(),
+                    (s as usize + 1) * a.tokens_per_frame * dim,
+                )?;
+            }
+        }
+        None => check_len(k, "out", out.len(), rows * dim)?,
+    }
+    if let Some(w) = a.norm_weight {
+        check_len(k, "norm_weight", w.len(), dim)?;
+    }
+    let p = BcQkNormRopeParams {
+        x: x.as_ptr() as *const bc_bf16,
+        out: out.as_mut_ptr() as *mut bc_bf16,
+        norm_weight: opt_ptr(a.norm_weight),
+        frame_pos: a.frame_pos.map_or(std::ptr::null(), |s| s.as_ptr()),
+        frame_slot: a.frame_slot.map_or(std::ptr::null(), |s| s.as_ptr()),
+        rows: i32_of(k, rows, "rows")?,
+        heads: i32_of(k, a.heads, "heads")?,
+        head_dim: i32_of(k, a.head_dim, "head_dim")?,
+        x_stride: i32_of(k, dim, "dim")?,
+        out_stride: dim as i32,
+        tokens_per_frame: i32_of(k, a.tokens_per_frame, "tokens_per_frame")?,
+        wp: i32_of(k, a.wp, "wp")?,
+        first_frame: a.first_frame,
+        rope: a.rope as i32,
+        _pad: 0,
+        eps: a.eps,
+        theta: 10000.0,
+    };
+    launch(k, [rows as u32, 1, 1], BC_ROW_THREADS, &p)
+}
+
+/// A run of keys and values for [`attention`]: rows of `heads*head_dim` bf16 values.
+#[derive(Clone, Copy, Debug)]
+pub struct KvSegment<'a> {
+    /// Keys `[tokens, dim]`.
+    pub k: &'a [bf16],
+    /// Values `[tokens, dim]`.
+    pub v: &'a [bf16],
+}
+
+/// Query rows that see the same list of segments.
+#[derive(Clone, Debug)]
+pub struct QueryGroup {
+    /// Query rows of the group.
+    pub rows: Range<usize>,
+    /// Indices into the segment list.
+    pub segments: Vec<usize>,
+}
+
+/// Flash attention (`bc_attention_hd64` / `bc_attention_hd128`): `q` and `out`
+/// `[nq, heads*head_dim]` bf16; each group's rows attend to its segments; scale
+/// `1/sqrt(head_dim)`. Rows not in any group are left untouched.
+pub fn attention(
+    q: &[bf16],
+    heads: usize,
+    head_dim: usize,
+    segments: &[KvSegment],
+    groups: &[QueryGroup],
+    out: &mut [bf16],
+) -> EmuResult {
+    let dim = heads * head_dim;
+    let k = if head_dim <= 64 {
+        Kernel::AttentionHd64
+    } else {
+        Kernel::AttentionHd128
+    };
+    if dim == 0 || head_dim % 8 != 0 || head_dim > 128 || q.len() % dim != 0 {
+        return Err(invalid(
+            k,
+            "head_dim must be a multiple of 8 and at most 128",
+        ));
+    }
+    let nq = q.len() / dim;
+    check_len(k, "out", out.len(), nq * dim)?;
+    check_align(k, "q", q.as_ptr(), 16)?;
+    check_align(k, "out", out.as_ptr(), 16)?;
+    let mut segs = Vec::with_capacity(segments.len());
+    for (i, s) in segments.iter().enumerate() {
+        if s.k.len() % dim != 0 || s.v.len() != s.k.len() {
+            return Err(invalid(k, format!("segment {i}: k/v sizes")));
+        }
+        check_align(k, "segment k", s.k.as_ptr(), 16)?;
+        check_align(k, "segment v", s.v.as_ptr(), 16)?;
+        segs.push(BcKvSegment {
+            k: s.k.as_ptr() as *const bc_bf16,
+            v: s.v.as_ptr() as *const bc_bf16,
+            tokens: i32_of(k, s.k.len() / dim, "segment tokens")?,
+            _pad: 0,
+        });
+    }
+    let mut index = Vec::new();
+    let mut gs = Vec::with_capacity(groups.len());
+    let mut max_rows = 0;
+    for g in groups {
+        if g.rows.start > g.rows.end || g.rows.end > nq {
+            return Err(invalid(k, "group rows out of range"));
+        }
+        if let Some(&bad) = g.segments.iter().find(|&&s| s >= segments.len()) {
+            return Err(invalid(k, format!("segment index {bad} out of range")));
+        }
+        gs.push(BcAttnGroup {
+            q_begin: i32_of(k, g.rows.start, "q_begin")?,
+            q_rows: i32_of(k, g.rows.len(), "q_rows")?,
+            seg_begin: i32_of(k, index.len(), "seg_begin")?,
+            seg_count: i32_of(k, g.segments.len(), "seg_count")?,
+        });
+        index.extend(g.segments.iter().map(|&s| s as i32));
+        max_rows = max_rows.max(g.rows.len());
+    }
+    if gs.is_empty() || max_rows == 0 {
+        return Ok(());
+    }
+    let p = BcAttentionParams {
+        q: q.as_ptr() as *const bc_bf16,
+        out: out.as_mut_ptr() as *mut bc_bf16,
+        segments: segs.as_ptr(),
+        seg_index: index.as_ptr(),
+        groups: gs.as_ptr(),
+        num_groups: i32_of(k, gs.len(), "groups")?,
+        heads: i32_of(k, heads, "heads")?,
+        head_dim: head_dim as i32,
+        q_stride: i32_of(k, dim, "dim")?,
+        kv_stride: dim as i32,
+        out_stride: dim as i32,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        _pad: 0,
+    };
+    let grid = [
+        blocks(k, max_rows, BC_ATTN_BQ)?,
+        heads as u32,
+        gs.len() as u32,
+    ];
+    launch(k, grid, BC_ATTN_THREADS, &p)
+}
+
+/// Activation selector of [`activation_f32`] / [`activation_bf16`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// GELU, tanh approximation.
+    GeluTanh,
+    /// SiLU.
+    Silu,
+}
+
+fn activation_raw(x: *mut c_void, n: usize, act: Act, is_bf16: bool) -> EmuResult {
+    let k = Kernel::Activation;
+    let p = BcActivationParams {
+        x: x as *const c_void,
+        out: x,
+        n: n as i64,
+        op: match act {
+            Act::GeluTanh => BC_ACT_GELU_TANH as i32,
+            Act::Silu => BC_ACT_SILU as i32,
+        },
+        bf16: is_bf16 as i32,
+    };
+    launch(
+        k,
+        [blocks(k, n, BC_ELEM_THREADS)?, 1, 1],
+        BC_ELEM_THREADS,
+        &p,
+    )
+}
+
+/// `x = act(x)` in place on f32 values (`bc_activation`).
+pub fn activation_f32(x: &mut [f32], act: Act) -> EmuResult {
+    activation_raw(x.as_mut_ptr() as *mut c_void, x.len(), act, false)
+}
+
+/// `x = act(x)` in place on bf16 values (`bc_activation`).
+pub fn activation_bf16(x: &mut [bf16], act: Act) -> EmuResult {
+    activation_raw(x.as_mut_ptr() as *mut c_void, x.len(), act, true)
+}
+
+/// Sinusoidal embedding of every timestep in `t` (`bc_time_embedding`), `out`
+/// `[t.len(), freq_dim]`.
+pub fn time_embedding(t: &[f32], freq_dim: usize, out: &mut [f32]) -> EmuResult {
+    let k = Kernel::TimeEmbedding;
+    if freq_dim % 2 != 0 {
+        return Err(invalid(k, "freq_dim must be even"));
+    }
+    check_len(k, "out", out.len(), t.len() * freq_dim)?;
+    let p = BcTimeEmbeddingParams {
+        t: t.as_ptr(),
+        out: out.as_mut_ptr(),
+        frames: i32_of(k, t.len(), "frames")?,
+        freq_dim: i32_of(k, freq_dim, "freq_dim")?,
+    };
+    launch(k, [t.len() as u32, 1, 1], BC_ELEM_THREADS, &p)
+}
+
+fn patch_params(
+    k: Kernel,
+    lat: *mut f32,
+    lat_len: usize,
+    rows: *mut bc_bf16,
+    rows_len: usize,
+    frames: usize,
+    ch: usize,
+    h: usize,
+    w: usize,
+) -> EmuResult<BcPatchParams> {
+    if h % 2 != 0 || w % 2 != 0 {
+        return Err(invalid(k, "h and w must be even"));
+    }
+    let n = frames * ch * h * w;
+    check_len(k, "latents", lat_len, n)?;
+    check_len(k, "rows", rows_len, n)?;
+    Ok(BcPatchParams {
+        latents: lat,
+        rows,
+        frames: i32_of(k, frames, "frames")?,
+        ch: i32_of(k, ch, "ch")?,
+        h: i32_of(k, h, "h")?,
+        w: i32_of(k, w, "w")?,
+        row_stride: i32_of(k, ch * 4, "row_stride")?,
+        _pad: 0,
+    })
+}
+
+/// Latents `[frames, ch, h, w]` to patch rows `[frames*(h/2)*(w/2), ch*4]` (`bc_patchify`).
+pub fn patchify(
+    lat: &[f32],
+    frames: usize,
+    ch: usize,
+    h: usize,
+    w: usize,
+    out: &mut [bf16],
+) -> EmuResult {
+    let k = Kernel::Patchify;
+    // The kernel only reads the latents.
+    let p = patch_params(
+        k,
+        lat.as_ptr() as *mut f32,
+        lat.len(),
+        out.as_mut_ptr() as *mut bc_bf16,
+        out.len(),
+        frames,
+        ch,
+        h,
+        w,
+    )?;
+    launch(
+        k,
+        [blocks(k, frames * ch * h * w, BC_ELEM_THREADS)?, 1, 1],
+        BC_ELEM_THREADS,
+        &p,
+    )
+}
+
+/// Head rows (order dh, dw, c) back to latents `[frames, ch, h, w]` (`bc_unpatchify`).
+pub fn unpatchify(
+    rows: &[bf16],
+    frames: usize,
+    ch: usize,
+    h: usize,
+    w: usize,
+    out: &mut [f32],
+) -> EmuResult {
+    let k = Kernel::Unpatchify;
+    // The kernel only reads the rows.
+    let p = patch_params(
+        k,
+        out.as_mut_ptr(),
+        out.len(),
+        rows.as_ptr() as *mut bc_bf16,
+        rows.len(),
+        frames,
+        ch,
+        h,
+        w,
+    )?;
+    launch(
+        k,
+        [blocks(k, frames * ch * h * w, BC_ELEM_THREADS)?, 1, 1],
+        BC_ELEM_THREADS,
+        &p,
+    )
+}
+
+/// `x0 = x - sigma[f] v`; per frame, renoise `x = (1 - sn) x0 + sn noise` when
+/// `next = Some((sigma_next, noise))` and `sigma_next[f] >= 0`, else `x = x0`
+/// (`bc_flow_step`); `x0_out` receives x0.
+pub fn flow_step(
+    x: &mut [f32],
+    v: &[f32],
+    frame_elems: usize,
+    sigma: &[f32],
+    next: Option<(&[f32], &[f32])>,
+    x0_out: Option<&mut [f32]>,
+) -> EmuResult {
+    let k = Kernel::FlowStep;
+    if frame_elems == 0 || x.len() % frame_elems != 0 {
+        return Err(invalid(k, "frame_elems must divide x.len()"));
+    }
+    let frames = x.len() / frame_elems;
+    check_len(k, "v", v.len(), x.len())?;
+    check_len(k, "sigma", sigma.len(), frames)?;
+    let (sn, noise) = match next {
+        Some((sn, noise)) => {
+            check_len(k, "sigma_next", sn.len(), frames)?;
+            check_len(k, "noise", noise.len(), x.len())?;
+            (sn.as_ptr(), noise.as_ptr())
+        }
+        None => (std::ptr::null(), std::ptr::null()),
+    };
+    let x0 = match x0_out {
+        Some(o) => {
+            check_len(k, "x0_out", o.len(), x.len())?;
+            o.as_mut_ptr()
+        }
+        None => std::ptr::null_mut(),
+    };
+    let p = BcFlowStepParams {
+        x: x.as_mut_ptr(),
+        v: v.as_ptr(),
+        noise,
+        x0_out: x0,
+        sigma: sigma.as_ptr(),
+        sigma_next: sn,
+        frames: i32_of(k, frames, "frames")?,
+        frame_elems: i32_of(k, frame_elems, "frame_elems")?,
+    };
+    launch(
+        k,
+        [blocks(k, x.len(), BC_ELEM_THREADS)?, 1, 1],
+        BC_ELEM_THREADS,
+        &p,
+    )
+}
+
+/// Copies every `(src, dst)` pair (`bc_copy`); the two slices of a pair must have equal
+/// lengths. `blocks_per_region` is the grid's x size.
+pub fn copy(regions: &mut [(&[u8], &mut [u8])], blocks_per_region: u32) -> EmuResult {
+    let k = Kernel::Copy;
+    let mut table = Vec::with_capacity(regions.len());
+    for (src, dst) in regions.iter_mut() {
+        if src.len() != dst.len() {
+            return Err(invalid(k, "source and destination lengths differ"));
+        }
+        table.push(BcCopyRegion {
+            src: src.as_ptr() as *const c_void,
+            dst: dst.as_mut_ptr() as *mut c_void,
+            bytes: src.len() as i64,
+        });
+    }
+    if table.is_empty() {
+        return Ok(());
+    }
+    let p = BcCopyParams {
+        regions: table.as_ptr(),
+        num_regions: i32_of(k, table.len(), "regions")?,
+        _pad: 0,
+    };
+    launch(
+        k,
+        [blocks_per_region.max(1), table.len() as u32, 1],
+        BC_ELEM_THREADS,
+        &p,
+    )
+}
+
+#[repr(C)]
+struct TestParams {
+    data: *mut f32,
+    n: i32,
+    mode: i32,
+    arg: i32,
+    _pad: i32,
+}
+
+/// Runs the emulation-only test kernel `bc_test_sync` over `data` in blocks of `block`
+/// threads: mode 0 is correct (every element becomes its block's sum), modes 1-4 are
+/// deliberately broken (see `cuda/emu/test_kernels.cu`) and must return an error.
+#[doc(hidden)]
+pub fn test_sync(data: &mut [f32], block: u32, mode: i32, arg: i32) -> EmuResult {
+    let k = Kernel::TestSync;
+    if block == 0 || block > 1024 || data.len() % block as usize != 0 {
+        return Err(invalid(
+            k,
+            "data must be whole blocks of at most 1024 threads",
+        ));
+    }
+    let p = TestParams {
+        data: data.as_mut_ptr(),
+        n: data.len() as i32,
+        mode,
+        arg,
+        _pad: 0,
+    };
+    launch(k, [data.len() as u32 / block, 1, 1], block, &p)
+}

@@ -1,0 +1,571 @@
+//! Every CUDA kernel, run on the CPU through the SIMT emulation layer, against the f32 CPU
+//! reference (`blockcascade::cpu`). Inputs are fresh random normals (bf16 inputs are rounded
+//! first and the reference gets the same rounded values), outputs are poisoned with NaN before
+//! the launch, tolerance is bf16-level (1e-2 relative), and a non-finite output never passes.
+
+use blockcascade::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
+use blockcascade::cpu::ops;
+use blockcascade::kernels::emu::{self, Act, EmuErrorKind, KvSegment, QkNormRope, QueryGroup};
+use blockcascade::noise::Rng;
+use half::bf16;
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() * scale).collect()
+}
+
+/// Random values already rounded to bf16, as f32 (for the reference) and bf16 (for the kernel).
+fn randn_bf16(rng: &mut Rng, n: usize, scale: f32) -> (Vec<f32>, Vec<bf16>) {
+    let b: Vec<bf16> = randn(rng, n, scale)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    (b.iter().map(|v| v.to_f32()).collect(), b)
+}
+
+fn to_f32(b: &[bf16]) -> Vec<f32> {
+    b.iter().map(|v| v.to_f32()).collect()
+}
+
+/// Asserts `got` matches `want` within `rtol * (|want| + 0.05 * rms(want))`; NaN never passes.
+fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let rms =
+        (want.iter().map(|v| (v * v) as f64).sum::<f64>() / want.len().max(1) as f64).sqrt() as f32;
+    let mut worst = (0usize, 0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}: element {i} is {g} (want {w})");
+        let err = (g - w).abs() / (w.abs() + 0.05 * rms).max(1e-30);
+        if err > worst.1 {
+            worst = (i, err);
+        }
+    }
+    assert!(
+        worst.1 <= rtol,
+        "{what}: element {} is {} but want {} (relative error {:.3e} > {rtol:.0e})",
+        worst.0,
+        got[worst.0],
+        want[worst.0],
+        worst.1
+    );
+}
+
+const EPS: f32 = 1e-6;
+
+#[test]
+fn ln_modulate_and_head_modulation() {
+    let mut rng = Rng::new(1);
+    for &(dim, tpf, frames) in &[(40usize, 7usize, 3usize), (1064, 5, 2)] {
+        let rows = tpf * frames;
+        let x = randn(&mut rng, rows * dim, 2.0);
+        // Block modulation: shift/scale read straight out of e0 [frames, 6, dim] + modulation.
+        let e0 = randn(&mut rng, frames * 6 * dim, 0.5);
+        let m = randn(&mut rng, 6 * dim, 0.5);
+        let mut out = vec![bf16::NAN; rows * dim];
+        emu::ln_modulate(
+            &x,
+            dim,
+            EPS,
+            tpf,
+            &e0[3 * dim..],
+            &e0[4 * dim..],
+            6 * dim,
+            Some(&m[3 * dim..4 * dim]),
+            Some(&m[4 * dim..5 * dim]),
+            &mut out,
+        )
+        .unwrap();
+        let eff = |c: usize| -> Vec<f32> {
+            (0..frames)
+                .flat_map(|f| (0..dim).map(move |d| (f, d)))
+                .map(|(f, d)| e0[(f * 6 + c) * dim + d] + m[c * dim + d])
+                .collect()
+        };
+        let mut want = vec![0f32; rows * dim];
+        ops::ln_modulate(&x, dim, EPS as f64, tpf, &eff(3), &eff(4), &mut want);
+        assert_close("ln_modulate", &to_f32(&out), &want, 1e-2);
+
+        // Head modulation: shift = e + m0, scale = e + m1 with e [frames, dim].
+        let e = randn(&mut rng, frames * dim, 0.5);
+        let hm = randn(&mut rng, 2 * dim, 0.5);
+        let mut out = vec![bf16::NAN; rows * dim];
+        emu::ln_modulate(
+            &x,
+            dim,
+            EPS,
+            tpf,
+            &e,
+            &e,
+            dim,
+            Some(&hm[..dim]),
+            Some(&hm[dim..]),
+            &mut out,
+        )
+        .unwrap();
+        let sh: Vec<f32> = (0..frames * dim).map(|i| e[i] + hm[i % dim]).collect();
+        let sc: Vec<f32> = (0..frames * dim)
+            .map(|i| e[i] + hm[dim + i % dim])
+            .collect();
+        ops::ln_modulate(&x, dim, EPS as f64, tpf, &sh, &sc, &mut want);
+        assert_close("head modulation", &to_f32(&out), &want, 1e-2);
+    }
+}
+
+#[test]
+fn layer_norm_affine() {
+    let mut rng = Rng::new(2);
+    for &(dim, rows) in &[(48usize, 13usize), (776, 3)] {
+        let x = randn(&mut rng, rows * dim, 3.0);
+        let w = randn(&mut rng, dim, 1.0);
+        let b = randn(&mut rng, dim, 1.0);
+        let mut out = vec![bf16::NAN; rows * dim];
+        emu::layer_norm_affine(&x, dim, EPS, &w, &b, &mut out).unwrap();
+        let mut want = vec![0f32; rows * dim];
+        ops::layer_norm_affine(&x, dim, EPS as f64, &w, &b, &mut want);
+        assert_close("layer_norm_affine", &to_f32(&out), &want, 1e-2);
+    }
+}
+
+#[test]
+fn gated_residual_with_and_without_gate() {
+    let mut rng = Rng::new(3);
+    let (dim, tpf, frames) = (72, 9, 3);
+    let rows = tpf * frames;
+    let x0 = randn(&mut rng, rows * dim, 1.0);
+    let (delta_f, delta) = randn_bf16(&mut rng, rows * dim, 1.0);
+    let e0 = randn(&mut rng, frames * 6 * dim, 0.5);
+    let m = randn(&mut rng, 6 * dim, 0.5);
+
+    let mut x = x0.clone();
+    emu::gated_residual(
+        &mut x,
+        &delta,
+        dim,
+        tpf,
+        Some((&e0[2 * dim..], 6 * dim)),
+        Some(&m[2 * dim..3 * dim]),
+    )
+    .unwrap();
+    let gate: Vec<f32> = (0..frames * dim)
+        .map(|i| e0[(i / dim * 6 + 2) * dim + i % dim] + m[2 * dim + i % dim])
+        .collect();
+    let mut want = x0.clone();
+    ops::gated_residual(&mut want, &delta_f, dim, tpf, Some(&gate));
+    assert_close("gated_residual", &x, &want, 1e-5);
+
+    let mut x = x0.clone();
+    emu::gated_residual(&mut x, &delta, dim, tpf, None, None).unwrap();
+    let mut want = x0;
+    ops::gated_residual(&mut want, &delta_f, dim, tpf, None);
+    assert_close("residual", &x, &want, 1e-6);
+}
+
+#[test]
+fn qk_norm_rope_contiguous_q() {
+    let mut rng = Rng::new(4);
+    for &(heads, hd) in &[(2usize, 32usize), (3, 64), (2, 128), (1, 24)] {
+        let (hp, wp, frames, first) = (3usize, 4usize, 3usize, 5usize);
+        let dim = heads * hd;
+        let rows = frames * hp * wp;
+        let (xf, x) = randn_bf16(&mut rng, rows * dim, 2.0);
+        let w = randn(&mut rng, dim, 1.0);
+        let mut out = vec![bf16::NAN; rows * dim];
+        let args = QkNormRope {
+            heads,
+            head_dim: hd,
+            tokens_per_frame: hp * wp,
+            wp,
+            first_frame: first as i32,
+            frame_pos: None,
+            frame_slot: None,
+            norm_weight: Some(&w),
+            eps: EPS,
+            rope: true,
+        };
+        emu::qk_norm_rope(&x, &args, &mut out).unwrap();
+        let mut want = xf.clone();
+        ops::rms_norm(&mut want, dim, EPS as f64, &w);
+        ops::rope_3d(&mut want, heads, hd, first, hp, wp);
+        assert_close(&format!("q norm+rope hd{hd}"), &to_f32(&out), &want, 1e-2);
+    }
+}
+
+#[test]
+fn qk_norm_rope_into_wrapped_cache_slots() {
+    let mut rng = Rng::new(5);
+    let (heads, hd, hp, wp, frames) = (2usize, 32usize, 2usize, 3usize, 3usize);
+    let (dim, tpf) = (heads * hd, hp * wp);
+    let rows = frames * tpf;
+    let slots = 4;
+    // Window frames 1_000_003..1_000_005 (a long stream: absolute positions, no table) land in
+    // ring slots 3, 0, 1 (wrapped); slot 2 must stay untouched.
+    let first = 1_000_003usize;
+    let pos: Vec<i32> = (0..frames as i32).map(|f| first as i32 + f).collect();
+    let slot: Vec<i32> = vec![3, 0, 1];
+    let (kf, k) = randn_bf16(&mut rng, rows * dim, 1.5);
+    let (vf, v) = randn_bf16(&mut rng, rows * dim, 1.5);
+    let w = randn(&mut rng, dim, 1.0);
+    let mut kc = vec![bf16::NAN; slots * tpf * dim];
+    let mut vc = vec![bf16::NAN; slots * tpf * dim];
+    let base = QkNormRope {
+        heads,
+        head_dim: hd,
+        tokens_per_frame: tpf,
+        wp,
+        first_frame: 0,
+        frame_pos: Some(&pos),
+        frame_slot: Some(&slot),
+        norm_weight: Some(&w),
+        eps: EPS,
+        rope: true,
+    };
+    emu::qk_norm_rope(&k, &base, &mut kc).unwrap();
+    let vargs = QkNormRope {
+        norm_weight: None,
+        rope: false,
+        ..base
+    };
+    emu::qk_norm_rope(&v, &vargs, &mut vc).unwrap();
+
+    let mut want = kf.clone();
+    ops::rms_norm(&mut want, dim, EPS as f64, &w);
+    ops::rope_3d(&mut want, heads, hd, first, hp, wp);
+    let fr = tpf * dim;
+    for f in 0..frames {
+        let s = slot[f] as usize;
+        assert_close(
+            "k cache slot",
+            &to_f32(&kc[s * fr..(s + 1) * fr]),
+            &want[f * fr..(f + 1) * fr],
+            1e-2,
+        );
+        assert_eq!(
+            to_f32(&vc[s * fr..(s + 1) * fr]),
+            vf[f * fr..(f + 1) * fr],
+            "v cache slot"
+        );
+    }
+    assert!(
+        kc[2 * fr..3 * fr].iter().all(|v| v.is_nan()),
+        "slot 2 was written"
+    );
+    assert!(
+        vc[2 * fr..3 * fr].iter().all(|v| v.is_nan()),
+        "slot 2 was written"
+    );
+}
+
+/// A cache of `slots` ring slots of `tpf` tokens, a window of members, and groups with
+/// sink + local-window visibility (ring wrap), compared group by group with the CPU reference.
+fn check_attention(seed: u64, heads: usize, hd: usize) {
+    let mut rng = Rng::new(seed);
+    let dim = heads * hd;
+    let tpf = 10;
+    let slots = 5;
+    let (ckf, ck) = randn_bf16(&mut rng, slots * tpf * dim, 1.0);
+    let (cvf, cv) = randn_bf16(&mut rng, slots * tpf * dim, 1.0);
+    // Window: member 0 has 2 frames (20 rows), member 1 has 3 frames (30), member 2 has 45 rows
+    // (two query tiles, the second partial): nq = 95, not a multiple of the tile.
+    let member_rows = [20usize, 30, 45];
+    let nq: usize = member_rows.iter().sum();
+    let (qf, q) = randn_bf16(&mut rng, nq * dim, 1.5);
+    let (wkf, wk) = randn_bf16(&mut rng, nq * dim, 1.0);
+    let (wvf, wv) = randn_bf16(&mut rng, nq * dim, 1.0);
+    let fr = tpf * dim;
+    let starts = [0usize, 20, 50, 95];
+    let mut segs: Vec<KvSegment> = (0..slots)
+        .map(|s| KvSegment {
+            k: &ck[s * fr..(s + 1) * fr],
+            v: &cv[s * fr..(s + 1) * fr],
+        })
+        .collect();
+    for m in 0..3 {
+        segs.push(KvSegment {
+            k: &wk[starts[m] * dim..starts[m + 1] * dim],
+            v: &wv[starts[m] * dim..starts[m + 1] * dim],
+        });
+    }
+    // Segment ids: 0..5 cache slots, 5..8 members. Slot 0 is the sink; the local window has
+    // wrapped around the ring (slots 4, then 1, 2 hold the newest frames).
+    let lists: Vec<Vec<usize>> = vec![
+        vec![0, 4, 1, 5],       // member 0: sink + local window + itself
+        vec![0, 1, 2, 5, 6, 7], // member 1: sink, window, member 0, itself, later member (bidirectional)
+        vec![2, 6, 7],          // member 2: one cache slot, member 1, itself
+    ];
+    let groups: Vec<QueryGroup> = (0..3)
+        .map(|m| QueryGroup {
+            rows: starts[m]..starts[m + 1],
+            segments: lists[m].clone(),
+        })
+        .collect();
+    let mut out = vec![bf16::NAN; nq * dim];
+    emu::attention(&q, heads, hd, &segs, &groups, &mut out).unwrap();
+
+    let seg_f32 = |i: usize| -> (&[f32], &[f32]) {
+        if i < slots {
+            (&ckf[i * fr..(i + 1) * fr], &cvf[i * fr..(i + 1) * fr])
+        } else {
+            let m = i - slots;
+            (
+                &wkf[starts[m] * dim..starts[m + 1] * dim],
+                &wvf[starts[m] * dim..starts[m + 1] * dim],
+            )
+        }
+    };
+    for m in 0..3 {
+        let cs: Vec<CpuSeg> = lists[m]
+            .iter()
+            .map(|&i| {
+                let (k, v) = seg_f32(i);
+                CpuSeg { k, v }
+            })
+            .collect();
+        let qm = &qf[starts[m] * dim..starts[m + 1] * dim];
+        let mut want = vec![0f32; qm.len()];
+        cpu_attention(qm, heads, hd, &cs, &mut want);
+        assert_close(
+            &format!("attention hd{hd} member {m}"),
+            &to_f32(&out[starts[m] * dim..starts[m + 1] * dim]),
+            &want,
+            1e-2,
+        );
+    }
+}
+
+#[test]
+fn attention_head_dim_32() {
+    check_attention(6, 2, 32);
+}
+
+#[test]
+fn attention_head_dim_64() {
+    check_attention(7, 2, 64);
+}
+
+#[test]
+fn attention_head_dim_128() {
+    check_attention(8, 2, 128);
+}
+
+#[test]
+fn attention_head_dim_40_and_empty_group() {
+    // head_dim 40: a multiple of 8 that is not a multiple of 32; plus a group without keys.
+    check_attention(9, 1, 40);
+    let (heads, hd) = (1, 40);
+    let mut rng = Rng::new(10);
+    let (_, q) = randn_bf16(&mut rng, 5 * hd, 1.0);
+    let (_, k) = randn_bf16(&mut rng, 3 * hd, 1.0);
+    let segs = [KvSegment { k: &k, v: &k }];
+    let groups = [QueryGroup {
+        rows: 0..5,
+        segments: vec![],
+    }];
+    let mut out = vec![bf16::NAN; 5 * hd];
+    emu::attention(&q, heads, hd, &segs, &groups, &mut out).unwrap();
+    assert!(
+        out.iter().all(|v| v.to_f32() == 0.0),
+        "a group without keys gets zeros"
+    );
+}
+
+#[test]
+fn cross_attention_512_text_tokens() {
+    let mut rng = Rng::new(11);
+    let (heads, hd, nq, text) = (2usize, 32usize, 37usize, 512usize);
+    let dim = heads * hd;
+    let (qf, q) = randn_bf16(&mut rng, nq * dim, 1.5);
+    let (kf, k) = randn_bf16(&mut rng, text * dim, 1.0);
+    let (vf, v) = randn_bf16(&mut rng, text * dim, 1.0);
+    let mut out = vec![bf16::NAN; nq * dim];
+    let groups = [QueryGroup {
+        rows: 0..nq,
+        segments: vec![0],
+    }];
+    emu::attention(
+        &q,
+        heads,
+        hd,
+        &[KvSegment { k: &k, v: &v }],
+        &groups,
+        &mut out,
+    )
+    .unwrap();
+    let mut want = vec![0f32; nq * dim];
+    cpu_attention(&qf, heads, hd, &[CpuSeg { k: &kf, v: &vf }], &mut want);
+    assert_close("cross attention", &to_f32(&out), &want, 1e-2);
+}
+
+#[test]
+fn activations_f32_and_bf16() {
+    let mut rng = Rng::new(12);
+    for act in [Act::GeluTanh, Act::Silu] {
+        let x = randn(&mut rng, 1001, 3.0);
+        let mut got = x.clone();
+        emu::activation_f32(&mut got, act).unwrap();
+        let mut want = x.clone();
+        match act {
+            Act::GeluTanh => ops::gelu_tanh(&mut want),
+            Act::Silu => ops::silu(&mut want),
+        }
+        assert_close(&format!("{act:?} f32"), &got, &want, 1e-5);
+
+        let (xf, mut xb) = randn_bf16(&mut rng, 777, 3.0);
+        emu::activation_bf16(&mut xb, act).unwrap();
+        let mut want = xf;
+        match act {
+            Act::GeluTanh => ops::gelu_tanh(&mut want),
+            Act::Silu => ops::silu(&mut want),
+        }
+        assert_close(&format!("{act:?} bf16"), &to_f32(&xb), &want, 1e-2);
+    }
+}
+
+#[test]
+fn time_embedding_matches_sinusoidal() {
+    let mut rng = Rng::new(13);
+    let freq_dim = 256;
+    let mut t: Vec<f32> = vec![1000.0, 937.5, 0.0, 833.3333];
+    t.push(rng.normal().abs() * 500.0);
+    let mut out = vec![f32::NAN; t.len() * freq_dim];
+    emu::time_embedding(&t, freq_dim, &mut out).unwrap();
+    let want: Vec<f32> = t
+        .iter()
+        .flat_map(|&ti| ops::sinusoidal(freq_dim, ti as f64))
+        .collect();
+    assert_close("time embedding", &out, &want, 1e-5);
+}
+
+#[test]
+fn patchify_and_unpatchify() {
+    let mut rng = Rng::new(14);
+    let (frames, ch, h, w) = (2usize, 16usize, 6usize, 10usize);
+    let n = frames * ch * h * w;
+    let (latf, _) = randn_bf16(&mut rng, n, 1.0);
+    let mut rows = vec![bf16::NAN; n];
+    emu::patchify(&latf, frames, ch, h, w, &mut rows).unwrap();
+    let mut want = vec![0f32; n];
+    ops::patchify(&latf, frames, ch, h, w, &mut want);
+    assert_eq!(to_f32(&rows), want, "patchify (bf16-exact inputs)");
+
+    let (headf, head) = randn_bf16(&mut rng, n, 1.0);
+    let mut lat = vec![f32::NAN; n];
+    emu::unpatchify(&head, frames, ch, h, w, &mut lat).unwrap();
+    let mut want = vec![0f32; n];
+    ops::unpatchify(&headf, frames, ch, h, w, &mut want);
+    assert_eq!(lat, want, "unpatchify");
+}
+
+#[test]
+fn flow_step_per_frame_sigmas() {
+    let mut rng = Rng::new(15);
+    let (frames, fe) = (3usize, 16 * 4 * 6);
+    let x0 = randn(&mut rng, frames * fe, 1.0);
+    let v = randn(&mut rng, frames * fe, 1.0);
+    let noise = randn(&mut rng, frames * fe, 1.0);
+    let sigma = [0.9f32, 0.7, 0.3];
+    let next = [0.5f32, -1.0, 0.2]; // frame 1: last step, no renoise
+    let mut x = x0.clone();
+    let mut x0_out = vec![f32::NAN; frames * fe];
+    emu::flow_step(
+        &mut x,
+        &v,
+        fe,
+        &sigma,
+        Some((&next, &noise)),
+        Some(&mut x0_out),
+    )
+    .unwrap();
+    for f in 0..frames {
+        let r = f * fe..(f + 1) * fe;
+        let mut want = x0[r.clone()].to_vec();
+        let nx = (next[f] >= 0.0).then(|| (next[f], &noise[r.clone()]));
+        ops::flow_step(&mut want, &v[r.clone()], sigma[f], nx);
+        assert_close("flow_step x", &x[r.clone()], &want, 1e-6);
+        let mut want0 = x0[r.clone()].to_vec();
+        ops::flow_step(&mut want0, &v[r.clone()], sigma[f], None);
+        assert_close("flow_step x0", &x0_out[r], &want0, 1e-6);
+    }
+    // Without renoise at all: x becomes x0.
+    let mut x = x0.clone();
+    emu::flow_step(&mut x, &v, fe, &sigma, None, None).unwrap();
+    let mut want = x0;
+    for (f, &sg) in sigma.iter().enumerate() {
+        let r = f * fe..(f + 1) * fe;
+        ops::flow_step(&mut want[r.clone()], &v[r], sg, None);
+    }
+    assert_close("flow_step no renoise", &x, &want, 1e-6);
+}
+
+#[test]
+fn copy_regions_aligned_and_unaligned() {
+    let mut rng = Rng::new(16);
+    let src: Vec<u8> = (0..20000).map(|_| (rng.next_u64() & 0xff) as u8).collect();
+    let mut a = vec![0xAAu8; 8192];
+    let mut b = vec![0xAAu8; 5000];
+    let mut c = [0xAAu8; 17];
+    {
+        let (a0, b0, c0) = (&mut a[..], &mut b[3..4999], &mut c[..]);
+        let la = a0.len();
+        let lb = b0.len();
+        let mut regions: [(&[u8], &mut [u8]); 3] = [
+            (&src[..la], a0),            // 16-byte aligned, 16-multiple
+            (&src[1000..1000 + lb], b0), // unaligned, odd length
+            (&src[19983..], c0),         // short tail
+        ];
+        emu::copy(&mut regions, 2).unwrap();
+    }
+    assert_eq!(&a[..], &src[..8192]);
+    assert_eq!(b[0..3], [0xAA; 3]);
+    assert_eq!(&b[3..4999], &src[1000..1000 + 4996]);
+    assert_eq!(b[4999], 0xAA);
+    assert_eq!(&c[..], &src[19983..]);
+}
+
+/// Runs `f` on a thread and fails (instead of hanging) if it does not finish in 60 s.
+fn no_hang<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("emulated kernel hung")
+}
+
+#[test]
+fn divergent_barrier_and_bad_masks_are_errors_not_hangs() {
+    // Mode 0: correct kernel, every element becomes its block's sum.
+    let res = no_hang(|| {
+        let mut rng = Rng::new(17);
+        let mut d = randn(&mut rng, 3 * 64, 1.0);
+        let orig = d.clone();
+        emu::test_sync(&mut d, 64, 0, 0).map(|_| (d, orig))
+    });
+    let (d, orig) = res.unwrap();
+    for b in 0..3 {
+        let s: f32 = orig[b * 64..(b + 1) * 64].iter().sum();
+        for &v in &d[b * 64..(b + 1) * 64] {
+            assert!((v - s).abs() < 1e-4, "{v} vs {s}");
+        }
+    }
+    let cases = [
+        (1, 5, EmuErrorKind::BarrierDivergence, "exited"),
+        (
+            2,
+            0,
+            EmuErrorKind::BarrierDivergence,
+            "divergent __syncthreads",
+        ),
+        (3, 7, EmuErrorKind::WarpCollective, "mask 0xffffff7f"),
+        (4, 9, EmuErrorKind::WarpCollective, "has exited"),
+    ];
+    for (mode, arg, kind, text) in cases {
+        let err = no_hang(move || {
+            let mut d = vec![1f32; 2 * 64];
+            emu::test_sync(&mut d, 64, mode, arg)
+        })
+        .expect_err("a broken kernel must fail");
+        assert_eq!(err.kind, kind, "mode {mode}: {err}");
+        assert!(err.message.contains(text), "mode {mode}: {err}");
+    }
+}

@@ -9,7 +9,8 @@
 //!    cubins + compute_80 PTX) with `-Xptxas -v`; the build FAILS on any register spill. The
 //!    fatbin and a per-kernel resource report are written to OUT_DIR and embedded, and the cfg
 //!    `bc_fatbin` is set. Without nvcc the crate still builds (CPU only) and the report says so.
-//!    `BC_SKIP_NVCC=1` forces the CPU-only path.
+//!    `BC_SKIP_NVCC=1` forces the CPU-only path; `BC_NVCC_FLAGS` adds nvcc flags
+//!    (whitespace-separated; note `__launch_bounds__` overrides `-maxrregcount`).
 
 use std::env;
 use std::fmt::Write as _;
@@ -29,7 +30,14 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     println!("cargo:rustc-check-cfg=cfg(bc_fatbin)");
     println!("cargo:rerun-if-changed=build.rs");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "BC_SKIP_NVCC"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "BC_SKIP_NVCC",
+        "BC_NVCC_FLAGS",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -227,6 +235,9 @@ fn build_fatbin(
     ]);
     for a in ARCHS {
         cmd.arg("-gencode").arg(a);
+    }
+    if let Ok(extra) = env::var("BC_NVCC_FLAGS") {
+        cmd.args(extra.split_whitespace());
     }
     cmd.arg("-I")
         .arg(cuda.join("include"))

@@ -35,4 +35,6 @@ chmod +x "$BIN"/* 2>/dev/null || true
 find "$DEST/nvidia/cu13" -path '*nvvm/bin/*' -type f -exec chmod +x {} + 2>/dev/null || true
 "$NVCC" --version | tail -n 2
 echo "$WANT" > "$STAMP"
+# build.rs cannot watch a folder that did not exist: make cargo rerun it to pick up nvcc.
+touch "$ROOT/build.rs"
 echo "cuda toolchain installed: $NVCC"

@@ -569,3 +569,32 @@ fn divergent_barrier_and_bad_masks_are_errors_not_hangs() {
         assert!(err.message.contains(text), "mode {mode}: {err}");
     }
 }
+
+#[test]
+fn fatbin_and_report_agree() {
+    use blockcascade::kernels;
+    let report = kernels::report();
+    match kernels::fatbin() {
+        Some(fb) => {
+            assert!(kernels::built());
+            assert_eq!(fb.as_ptr() as usize % 16, 0, "fatbin alignment");
+            assert!(fb.len() > 1000);
+            for name in kernels::KERNEL_NAMES {
+                for arch in ["sm_80", "sm_90a"] {
+                    let line = report
+                        .lines()
+                        .find(|l| l.starts_with(&format!("{name} ")) && l.contains(arch))
+                        .unwrap_or_else(|| {
+                            panic!("{name} ({arch}) missing from the report:\n{report}")
+                        });
+                    assert!(line.trim_end().ends_with(" 0/0"), "spills: {line}");
+                }
+            }
+        }
+        None => {
+            assert!(!kernels::built());
+            assert_eq!(report.trim(), kernels::NOT_BUILT);
+            eprintln!("skipping fatbin checks: {}", kernels::NOT_BUILT);
+        }
+    }
+}

@@ -277,8 +277,11 @@ static int run_block(Block* b) {
     }
     // Uninitialised shared memory: poison dynamic shared memory with NaNs.
     std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
-    for (;;) {
-        for (int i = 0; i < n; ++i) {
+    for (unsigned round = 0;; ++round) {
+        // Alternate the order threads run in between scheduling points (forward, backward), so
+        // a missing barrier shows up whichever side of the race the kernel got wrong.
+        for (int k = 0; k < n; ++k) {
+            const int i = (round & 1) ? n - 1 - k : k;
             Fiber& f = b->fibers[i];
             if (f.state != kRunnable) continue;
             tls_fiber = &f;

@@ -7,7 +7,9 @@
 // `__ballot_sync`, `__any_sync`, `__all_sync`, `__syncwarp`, `__match_any_sync`) — or exits.
 // When no fiber can run, pending warp collectives whose whole mask has arrived are resolved,
 // then a barrier is released if every thread of the block waits at the same `__syncthreads`
-// (same source line). Anything else is a deadlock on hardware and is reported as an error
+// (same source line). Threads run in increasing order between scheduling points in even
+// rounds and in decreasing order in odd rounds, so shared-memory races from a missing barrier
+// tend to show up as wrong results in the tests. Anything else is a deadlock on hardware and is reported as an error
 // (returned through the launcher to Rust): a barrier that some threads exited without or
 // reached at different lines, a collective whose mask names exited lanes, lanes outside the
 // block, lanes that wait elsewhere, or disagrees between lanes, or whose mask omits the

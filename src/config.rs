@@ -218,6 +218,14 @@ pub struct GenerateOptions {
     /// Run the context member as its own forward instead of merging it into the next
     /// block's first step (the literal Self-Forcing loop; slower, same result).
     pub separate_context_pass: bool,
+    /// Devices the window's members are spread over (CPU: worker threads), at least 1.
+    pub devices: usize,
+    /// How devices share K/V (only used with more than one device).
+    pub kv_exchange: crate::multi_device::KvExchange,
+    /// Testing hook: `(device, tick)` makes that device fail in that tick.
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub fail_device_at: Option<(usize, usize)>,
 }
 
 impl Default for GenerateOptions {
@@ -235,6 +243,9 @@ impl Default for GenerateOptions {
             attention: AttentionMode::Causal,
             recache: Recache::None,
             separate_context_pass: false,
+            devices: 1,
+            kv_exchange: crate::multi_device::KvExchange::Joint,
+            fail_device_at: None,
         }
     }
 }
@@ -283,6 +294,9 @@ impl GenerateOptions {
             }
         } else if self.sink > 0 {
             return bad("--sink needs a local attention window (--local-attn)".into());
+        }
+        if self.devices == 0 {
+            return bad("at least one device is needed".into());
         }
         if self.context_noise != 0.0 {
             return Err(Error::Unsupported(

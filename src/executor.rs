@@ -7,6 +7,7 @@ use crate::cascade::{Plan, Role};
 use crate::config::{GenerateOptions, Recache};
 use crate::kv_cache::KvCache;
 use crate::model::{Member, Model, PromptContext, CHANNELS};
+use crate::multi_device::{forward_tick, DeviceState};
 use crate::noise::NoiseSource;
 use crate::prompt::{PromptEmbeds, PromptSwitch};
 use crate::schedule::StepSchedule;
@@ -165,7 +166,12 @@ impl<'m> Generator<'m> {
         }
         let plan = Plan::new(blocks, s_count, o.lag())?;
         let tpf = (h / 2) * (w / 2);
-        let mut cache = KvCache::new(cfg.num_layers, tpf * cfg.dim, o.local_attn, o.sink)?;
+        let cache0 = KvCache::new(cfg.num_layers, tpf * cfg.dim, o.local_attn, o.sink)?;
+        // One cache replica per device; the single-device path uses the first.
+        let mut devices: Vec<DeviceState> = (0..o.devices.max(1))
+            .map(|_| DeviceState::new(cache0.clone()))
+            .collect();
+        drop(cache0);
         let keep_latents = o.recache == Recache::Window;
         let mut state: HashMap<usize, Vec<f32>> = HashMap::new();
         let mut finals: HashMap<usize, Vec<f32>> = HashMap::new();
@@ -195,7 +201,11 @@ impl<'m> Generator<'m> {
                         && self.prompts.iter().any(|(b, _)| *b == m.block)
                     {
                         let t0 = Instant::now();
-                        let frames = self.recache(&mut cache, &clean, m.block)?;
+                        let frames = self.recache(&mut devices[0].cache, &clean, m.block)?;
+                        let rebuilt = devices[0].cache.clone();
+                        devices[1..]
+                            .iter_mut()
+                            .for_each(|d| d.cache = rebuilt.clone());
                         if frames > 0 {
                             report.recache_passes += 1;
                             report.forward_passes += 1;
@@ -228,28 +238,48 @@ impl<'m> Generator<'m> {
                 });
             }
             report.tokens_per_tick.push(members.len() * bf * tpf);
+            let blocks_of: Vec<usize> = planned.iter().map(|m| m.block).collect();
+            let fail = o.fail_device_at.filter(|&(_, t)| t == tau).map(|(d, _)| d);
+            let run =
+                |ms: &[Member], bl: &[usize], devs: &mut [DeviceState]| -> Result<Vec<Vec<f32>>> {
+                    if devs.len() == 1 {
+                        self.model
+                            .forward(ms, &mut devs[0].cache, o.attention, h, w)
+                    } else {
+                        forward_tick(
+                            self.model,
+                            ms,
+                            bl,
+                            devs,
+                            o.kv_exchange,
+                            o.attention,
+                            h,
+                            w,
+                            fail,
+                        )
+                    }
+                };
             let flows = if o.separate_context_pass && members.len() > 1 && members[0].context {
-                let mut f = self
-                    .model
-                    .forward(&members[..1], &mut cache, o.attention, h, w)?;
-                cache.commit(members[0].first_frame + bf);
-                f.extend(
-                    self.model
-                        .forward(&members[1..], &mut cache, o.attention, h, w)?,
-                );
+                let mut f = run(&members[..1], &blocks_of[..1], &mut devices)?;
+                devices
+                    .iter_mut()
+                    .for_each(|d| d.cache.commit(members[0].first_frame + bf));
+                f.extend(run(&members[1..], &blocks_of[1..], &mut devices)?);
                 report.forward_passes += 2;
                 f
             } else {
                 report.forward_passes += 1;
-                self.model
-                    .forward(&members, &mut cache, o.attention, h, w)?
+                run(&members, &blocks_of, &mut devices)?
             };
             drop(members);
             // Apply the results.
             for (m, v) in planned.iter().zip(flows) {
                 match m.role {
                     Role::Context => {
-                        cache.commit((m.block + 1) * bf);
+                        devices
+                            .iter_mut()
+                            .for_each(|d| d.cache.commit((m.block + 1) * bf));
+                        let cache = &devices[0].cache;
                         if let Some(lat) = finals.remove(&m.block) {
                             if keep_latents {
                                 for fi in 0..bf {
@@ -299,7 +329,7 @@ impl<'m> Generator<'m> {
                                 latents: &x,
                                 since_start: now - start,
                                 block_time: now - last_done,
-                                cache_bytes: cache.bytes(),
+                                cache_bytes: devices[0].cache.bytes(),
                             };
                             if next_emit == 0 {
                                 report.time_to_first_block = fb.since_start.as_secs_f64();
@@ -317,7 +347,7 @@ impl<'m> Generator<'m> {
                     }
                 }
             }
-            report.max_cache_bytes = report.max_cache_bytes.max(cache.bytes());
+            report.max_cache_bytes = report.max_cache_bytes.max(devices[0].cache.bytes());
         }
         report.total_seconds = start.elapsed().as_secs_f64();
         Ok(report)

@@ -16,6 +16,7 @@ pub mod ffi;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;
+pub mod multi_device;
 pub mod noise;
 pub mod prompt;
 pub mod schedule;

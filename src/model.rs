@@ -22,6 +22,24 @@ pub struct PromptContext {
     pub kv: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
+/// This device's K/V of one member for one layer: (member index, K, V), each `[tokens, dim]`.
+pub type OwnKv<'a> = (usize, &'a [f32], &'a [f32]);
+
+/// A peer's K/V of one member for one layer, as received in an exchange.
+#[derive(Clone, Debug)]
+pub struct MemberKv {
+    /// Index of the member in the window.
+    pub member: usize,
+    /// Keys `[tokens, dim]` (normed, rotated).
+    pub k: Vec<f32>,
+    /// Values `[tokens, dim]`.
+    pub v: Vec<f32>,
+}
+
+/// The per-layer K/V exchange of [`Model::forward_partial`]: given the layer and this device's
+/// members' K/V, returns the peers' K/V.
+pub type KvExchangeFn<'a> = dyn FnMut(usize, &[OwnKv]) -> Result<Vec<MemberKv>> + 'a;
+
 /// One member of a window.
 #[derive(Clone, Copy, Debug)]
 pub struct Member<'a> {
@@ -144,17 +162,41 @@ impl Model {
         h: usize,
         w: usize,
     ) -> Result<Vec<Vec<f32>>> {
+        let all: Vec<usize> = (0..members.len()).collect();
+        let mut none = |_: usize, _: &[OwnKv]| Ok(Vec::new());
+        let out = self.forward_partial(members, &all, cache, mode, h, w, &mut none)?;
+        Ok(out.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// The part of a joint forward that one device runs: the members `mine` (indices into
+    /// `members`, increasing) are computed here; the K/V of the others arrive through
+    /// `exchange`, called once per layer with this device's members' K/V and returning what the
+    /// peers send (members whose K/V do not arrive are not attended to). Context members' K/V,
+    /// own or received, are written to `cache`. Returns `(member index, flow)` for `mine`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_partial(
+        &self,
+        members: &[Member],
+        mine: &[usize],
+        cache: &mut KvCache,
+        mode: AttentionMode,
+        h: usize,
+        w: usize,
+        exchange: &mut KvExchangeFn,
+    ) -> Result<Vec<(usize, Vec<f32>)>> {
         let c = self.config();
         let wt = &self.weights;
         let (d, nh, hd) = (c.dim, c.num_heads, c.head_dim());
         let (hp, wp) = (h / 2, w / 2);
         let tpf = hp * wp;
         let flen = CHANNELS * h * w;
-        // Geometry of the window.
+        if h == 0 || w == 0 || h % 2 != 0 || w % 2 != 0 {
+            return Err(Error::invalid(format!(
+                "latent size {h}x{w} must be positive and even"
+            )));
+        }
+        // Geometry of the whole window.
         let mut frames = Vec::with_capacity(members.len());
-        let mut row0 = Vec::with_capacity(members.len());
-        let mut fr0 = Vec::with_capacity(members.len());
-        let (mut n, mut nf) = (0usize, 0usize);
         for (i, m) in members.iter().enumerate() {
             if m.latents.is_empty() || m.latents.len() % flen != 0 {
                 return Err(Error::invalid(format!(
@@ -167,21 +209,29 @@ impl Model {
                     "window members overlap or are out of order".into(),
                 ));
             }
-            let f = m.latents.len() / flen;
-            frames.push(f);
-            row0.push(n);
-            fr0.push(nf);
-            n += f * tpf;
-            nf += f;
+            frames.push(m.latents.len() / flen);
         }
-        if n == 0 {
-            return Ok(Vec::new());
+        if mine.windows(2).any(|p| p[0] >= p[1]) || mine.iter().any(|&i| i >= members.len()) {
+            return Err(Error::Internal(
+                "device member list must be increasing indices".into(),
+            ));
         }
+        // Rows and frame slots of this device's members.
+        let mut row0 = vec![0usize; members.len()];
+        let mut fr0 = vec![0usize; members.len()];
+        let (mut n, mut nf) = (0usize, 0usize);
+        for &i in mine {
+            row0[i] = n;
+            fr0[i] = nf;
+            n += frames[i] * tpf;
+            nf += frames[i];
+        }
+        let rows_of = |i: usize| row0[i] * d..(row0[i] + frames[i] * tpf) * d;
         // Patch embedding.
         let mut patches = vec![0f32; n * CHANNELS * 4];
-        for (i, m) in members.iter().enumerate() {
+        for &i in mine {
             ops::patchify(
-                m.latents,
+                members[i].latents,
                 frames[i],
                 CHANNELS,
                 h,
@@ -199,11 +249,11 @@ impl Model {
             &mut x,
         );
         drop(patches);
-        // Time conditioning, one per frame of the window.
+        // Time conditioning, one per frame.
         let mut e_frames = vec![0f32; nf * d];
         let mut e0_frames = vec![0f32; nf * 6 * d];
-        for (i, m) in members.iter().enumerate() {
-            let (e, e0) = self.time_embedding(m.timestep);
+        for &i in mine {
+            let (e, e0) = self.time_embedding(members[i].timestep);
             for f in fr0[i]..fr0[i] + frames[i] {
                 e_frames[f * d..(f + 1) * d].copy_from_slice(&e);
                 e0_frames[f * 6 * d..(f + 1) * 6 * d].copy_from_slice(&e0);
@@ -225,7 +275,7 @@ impl Model {
                     }
                 }
             }
-            // Self-attention.
+            // Self-attention: q, k, v of this device's tokens.
             ops::ln_modulate(&x, d, c.eps, tpf, &mods[0], &mods[1], &mut y);
             let sa = &l.self_attn;
             linear(&y, n, d, &sa.qkv_w, Some(&sa.qkv_b), &mut qkv);
@@ -237,12 +287,33 @@ impl Model {
             }
             ops::rms_norm(&mut q, d, c.eps, &sa.norm_q);
             ops::rms_norm(&mut k, d, c.eps, &sa.norm_k);
-            for (i, m) in members.iter().enumerate() {
-                let rows = row0[i] * d..(row0[i] + frames[i] * tpf) * d;
-                ops::rope_3d(&mut q[rows.clone()], nh, hd, m.first_frame, hp, wp);
-                ops::rope_3d(&mut k[rows], nh, hd, m.first_frame, hp, wp);
+            for &i in mine {
+                let first = members[i].first_frame;
+                ops::rope_3d(&mut q[rows_of(i)], nh, hd, first, hp, wp);
+                ops::rope_3d(&mut k[rows_of(i)], nh, hd, first, hp, wp);
             }
-            for (i, m) in members.iter().enumerate() {
+            // Exchange K/V with the peers, then gather every member's K/V.
+            let own: Vec<OwnKv> = mine
+                .iter()
+                .map(|&i| (i, &k[rows_of(i)], &v[rows_of(i)]))
+                .collect();
+            let remote = exchange(li, &own)?;
+            let mut kv_of: Vec<Option<(&[f32], &[f32])>> = vec![None; members.len()];
+            for &(i, kk, vv) in &own {
+                kv_of[i] = Some((kk, vv));
+            }
+            for r in &remote {
+                let len = frames.get(r.member).map(|f| f * tpf * d);
+                if len != Some(r.k.len()) || r.k.len() != r.v.len() {
+                    return Err(Error::Device(format!(
+                        "peer sent malformed K/V for member {}",
+                        r.member
+                    )));
+                }
+                kv_of[r.member] = Some((&r.k, &r.v));
+            }
+            for &i in mine {
+                let m = &members[i];
                 let e_end = m.first_frame + frames[i];
                 let mut segs: Vec<KvSegment> = Vec::new();
                 for f in cache.visible(m.first_frame, e_end) {
@@ -250,55 +321,53 @@ impl Model {
                     push_segment(&mut segs, KvSegment { k: ck, v: cv });
                 }
                 for (j, o) in members.iter().enumerate() {
-                    let r = row0[j] * d..(row0[j] + frames[j] * tpf) * d;
-                    let all = KvSegment {
-                        k: &k[r.clone()],
-                        v: &v[r],
-                    };
+                    let Some((kj, vj)) = kv_of[j] else { continue };
                     if j == i {
-                        push_segment(&mut segs, all);
+                        push_segment(&mut segs, KvSegment { k: kj, v: vj });
                     } else if o.first_frame < m.first_frame {
                         for fi in 0..frames[j] {
                             if cache.in_window(o.first_frame + fi, e_end) {
-                                let r = (row0[j] + fi * tpf) * d..(row0[j] + (fi + 1) * tpf) * d;
+                                let r = fi * tpf * d..(fi + 1) * tpf * d;
                                 push_segment(
                                     &mut segs,
                                     KvSegment {
-                                        k: &k[r.clone()],
-                                        v: &v[r],
+                                        k: &kj[r.clone()],
+                                        v: &vj[r],
                                     },
                                 );
                             }
                         }
                     } else if mode == AttentionMode::Bidirectional && !o.context && !m.context {
-                        push_segment(&mut segs, all);
+                        push_segment(&mut segs, KvSegment { k: kj, v: vj });
                     }
                 }
-                let rows = row0[i] * d..(row0[i] + frames[i] * tpf) * d;
-                attention(&q[rows.clone()], nh, hd, &segs, &mut att[rows]);
+                attention(&q[rows_of(i)], nh, hd, &segs, &mut att[rows_of(i)]);
+            }
+            // Commit context members' K/V (own or received; attention for this layer is done).
+            let fl = tpf * d;
+            for (j, m) in members.iter().enumerate().filter(|(_, m)| m.context) {
+                if let Some((kk, vv)) = kv_of[j] {
+                    for fi in 0..frames[j] {
+                        let r = fi * fl..(fi + 1) * fl;
+                        cache.write(li, m.first_frame + fi, &kk[r.clone()], &vv[r]);
+                    }
+                }
             }
             linear(&att, n, d, &sa.o_w, Some(&sa.o_b), &mut y);
             ops::gated_residual(&mut x, &y, d, tpf, Some(&mods[2]));
-            // Commit context members' K/V (their attention for this layer is done).
-            for (i, m) in members.iter().enumerate().filter(|(_, m)| m.context) {
-                for fi in 0..frames[i] {
-                    let r = (row0[i] + fi * tpf) * d..(row0[i] + (fi + 1) * tpf) * d;
-                    cache.write(li, m.first_frame + fi, &k[r.clone()], &v[r]);
-                }
-            }
-            // Cross-attention (members sharing a prompt run together).
+            // Cross-attention (consecutive members sharing a prompt run together).
             let ca = &l.cross_attn;
             ops::layer_norm_affine(&x, d, c.eps, &l.norm3_w, &l.norm3_b, &mut y);
             linear(&y, n, d, &ca.qkv_w[..d * d], Some(&ca.qkv_b[..d]), &mut q);
             ops::rms_norm(&mut q, d, c.eps, &ca.norm_q);
-            let mut i = 0;
-            while i < members.len() {
-                let p = members[i].prompt;
-                let mut j = i + 1;
-                while j < members.len() && std::ptr::eq(members[j].prompt, p) {
-                    j += 1;
+            let mut a = 0;
+            while a < mine.len() {
+                let p = members[mine[a]].prompt;
+                let mut b = a + 1;
+                while b < mine.len() && std::ptr::eq(members[mine[b]].prompt, p) {
+                    b += 1;
                 }
-                let rows = row0[i] * d..(row0[j - 1] + frames[j - 1] * tpf) * d;
+                let rows = row0[mine[a]] * d..(row0[mine[b - 1]] + frames[mine[b - 1]] * tpf) * d;
                 let (pk, pv) = &p.kv[li];
                 attention(
                     &q[rows.clone()],
@@ -307,7 +376,7 @@ impl Model {
                     &[KvSegment { k: pk, v: pv }],
                     &mut att[rows],
                 );
-                i = j;
+                a = b;
             }
             linear(&att, n, d, &ca.o_w, Some(&ca.o_b), &mut y);
             ops::gated_residual(&mut x, &y, d, tpf, None);
@@ -330,11 +399,11 @@ impl Model {
         let po = c.out_dim * 4;
         let mut head = vec![0f32; n * po];
         linear(&y, n, d, &wt.head.0, Some(&wt.head.1), &mut head);
-        let mut out = Vec::with_capacity(members.len());
-        for i in 0..members.len() {
+        let mut out = Vec::with_capacity(mine.len());
+        for &i in mine {
             let mut lat = vec![0f32; frames[i] * flen];
             ops::unpatchify(&head[row0[i] * po..], frames[i], CHANNELS, h, w, &mut lat);
-            out.push(lat);
+            out.push((i, lat));
         }
         Ok(out)
     }

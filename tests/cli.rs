@@ -63,6 +63,8 @@ fn cli_reproduces_the_golden_case() {
             "1",
             "--attention",
             "bidirectional",
+            "--devices",
+            "3",
         ]
         .map(String::from),
     );
@@ -197,6 +199,8 @@ fn bad_generation_settings() {
         "must be larger than the sink",
     );
     fails(&["generate", "--backend", "cuda"], "CUDA");
+    fails(&["generate", "--devices", "0,x"], "malformed --devices");
+    fails(&["generate", "--kv-exchange", "sometimes"], "invalid value");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 use blockcascade::bench;
 use blockcascade::cascade::Plan;
 use blockcascade::engine::MemoryEstimate;
+use blockcascade::multi_device::KvExchange;
 use blockcascade::noise::{NoiseSource, RecordedNoise};
 use blockcascade::prompt::{load_schedule, PromptEmbeds};
 use blockcascade::schedule::{parse_steps, StepSchedule};
@@ -53,6 +54,11 @@ enum AttentionArg {
 enum RecacheArg {
     None,
     Window,
+}
+#[derive(Clone, Copy, ValueEnum)]
+enum ExchangeArg {
+    Joint,
+    Lagged,
 }
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum BackendArg {
@@ -126,9 +132,12 @@ struct GenerateArgs {
     /// Backend.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
-    /// Devices (comma-separated indices); the CPU backend runs on device 0.
+    /// Devices: a count N (CPU: N worker threads) or comma-separated indices (one device each).
     #[arg(long, default_value = "0")]
     devices: String,
+    /// How devices share K/V: joint (every layer, exact) or lagged (once per tick).
+    #[arg(long, value_enum, default_value = "joint")]
+    kv_exchange: ExchangeArg,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -256,13 +265,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             "the CUDA backend is not available in this build yet (use --backend cpu)".into(),
         ));
     }
-    let devices: Vec<&str> = a.devices.split(',').map(str::trim).collect();
-    if devices != ["0"] {
-        return Err(Error::Unsupported(format!(
-            "--devices {}: the CPU backend runs on one device (0)",
-            a.devices
-        )));
-    }
+    let devices = parse_devices(&a.devices)?;
     if let Some(t) = a.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))
@@ -271,6 +274,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let mut opts = options(&a.sampling, a.model.is_none())?;
     opts.separate_context_pass = a.separate_context_pass;
+    opts.devices = devices;
+    opts.kv_exchange = match a.kv_exchange {
+        ExchangeArg::Joint => KvExchange::Joint,
+        ExchangeArg::Lagged => KvExchange::Lagged,
+    };
     opts.recache = match a.recache {
         RecacheArg::None => Recache::None,
         RecacheArg::Window => Recache::Window,
@@ -376,6 +384,24 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--devices`: `N` (a count; `0` means the single device 0) or a list `0,1,2` (one each).
+fn parse_devices(s: &str) -> Result<usize> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let bad = || {
+        Error::invalid(format!(
+            "malformed --devices `{s}`: expected a count or a list of indices"
+        ))
+    };
+    let nums: Vec<usize> = parts
+        .iter()
+        .map(|p| p.parse::<usize>().map_err(|_| bad()))
+        .collect::<Result<_>>()?;
+    match nums.as_slice() {
+        [n] => Ok((*n).max(1)),
+        list => Ok(list.len()),
+    }
 }
 
 fn plan(a: PlanArgs) -> Result<()> {

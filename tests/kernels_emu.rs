@@ -598,3 +598,20 @@ fn fatbin_and_report_agree() {
         }
     }
 }
+
+#[test]
+fn tensor_core_fragment_layouts() {
+    let mut rng = Rng::new(18);
+    let (af, a) = randn_bf16(&mut rng, 256, 1.0);
+    let (bf, b) = randn_bf16(&mut rng, 128, 1.0);
+    let c = randn(&mut rng, 128, 1.0);
+    let (d1, d2) = emu::test_mma(&a, &b, &c).unwrap();
+    let want: Vec<f32> = (0..128)
+        .map(|i| {
+            let (r, n) = (i / 8, i % 8);
+            c[i] + (0..16).map(|k| af[r * 16 + k] * bf[k * 8 + n]).sum::<f32>()
+        })
+        .collect();
+    assert_close("mma via ldmatrix.trans", &d1, &want, 1e-4);
+    assert_close("mma via direct B fragments", &d2, &want, 1e-4);
+}

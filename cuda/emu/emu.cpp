@@ -93,6 +93,7 @@ thread_local dim3 tls_grid_dim;
 static thread_local Block* tls_block = nullptr;
 
 const dim3& thread_idx() { return tls_fiber->tid; }
+int lane_id() { return tls_fiber->linear & 31; }
 
 static void set_error(Block* b, int code, const char* fmt, ...) {
     if (b->code) return;

@@ -19,8 +19,9 @@
 // being run, shared by that block's fibers. `threadIdx`, `blockIdx`, `blockDim`, `gridDim`
 // are per fiber / per OS thread. Atomics are real atomics (blocks run in parallel).
 //
-// Not emulated: tensor-core instructions (mma.sync, ldmatrix, cp.async) — the kernels do not
-// use them yet — and Hopper-only features (wgmma, TMA), which are exempt from emulation.
+// Tensor-core instructions (mma.sync m16n8k16 bf16, ldmatrix, cp.async) are emulated behind the
+// device functions of cuda/include/mma.cuh. Not emulated: Hopper-only features (wgmma, TMA),
+// which are exempt from emulation.
 #ifndef BC_EMU_EMU_H
 #define BC_EMU_EMU_H
 
@@ -81,6 +82,8 @@ extern thread_local dim3 tls_block_idx;
 extern thread_local dim3 tls_block_dim;
 extern thread_local dim3 tls_grid_dim;
 const dim3& thread_idx();
+/// Lane of the calling thread in its warp (linear thread index % 32).
+int lane_id();
 }  // namespace emu
 #define threadIdx (::emu::thread_idx())
 #define blockIdx (::emu::tls_block_idx)

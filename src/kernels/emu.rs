@@ -47,6 +47,8 @@ pub enum Kernel {
     Copy,
     /// Emulation-only test kernel `bc_test_sync` (see `cuda/emu/test_kernels.cu`).
     TestSync,
+    /// Tensor-core layout test kernel `bc_test_mma` (see `cuda/test_mma.cu`).
+    TestMma,
 }
 
 type Entry = unsafe extern "C" fn(*const BcLaunchDims, *const c_void, *mut c_char, usize) -> c_int;
@@ -125,6 +127,12 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_test_mma(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
 }
 
 impl Kernel {
@@ -144,6 +152,7 @@ impl Kernel {
             Kernel::Unpatchify => "bc_unpatchify",
             Kernel::Copy => "bc_copy",
             Kernel::TestSync => "bc_test_sync",
+            Kernel::TestMma => "bc_test_mma",
         }
     }
 
@@ -162,6 +171,7 @@ impl Kernel {
             Kernel::Unpatchify => bc_emu_bc_unpatchify,
             Kernel::Copy => bc_emu_bc_copy,
             Kernel::TestSync => bc_emu_bc_test_sync,
+            Kernel::TestMma => bc_emu_bc_test_mma,
         }
     }
 }
@@ -885,4 +895,37 @@ pub fn test_sync(data: &mut [f32], block: u32, mode: i32, arg: i32) -> EmuResult
         _pad: 0,
     };
     launch(k, [data.len() as u32 / block, 1, 1], block, &p)
+}
+
+#[repr(C)]
+struct TestMmaParams {
+    a: *const bc_bf16,
+    b: *const bc_bf16,
+    bt: *const bc_bf16,
+    c: *const f32,
+    d1: *mut f32,
+    d2: *mut f32,
+}
+
+/// Runs the tensor-core layout test kernel `bc_test_mma` (one warp): `a` `[16][16]`, `b`
+/// `[16][8]` (k, n), `c` `[16][8]`; returns `(d1, d2)`, both `A.B + C` `[16][8]` computed
+/// through ldmatrix.trans and through direct fragment loads of `B^T`.
+#[doc(hidden)]
+pub fn test_mma(a: &[bf16], b: &[bf16], c: &[f32]) -> EmuResult<(Vec<f32>, Vec<f32>)> {
+    let k = Kernel::TestMma;
+    check_len(k, "a", a.len(), 256)?;
+    check_len(k, "b", b.len(), 128)?;
+    check_len(k, "c", c.len(), 128)?;
+    let bt: Vec<bf16> = (0..128).map(|i| b[(i % 16) * 8 + i / 16]).collect();
+    let (mut d1, mut d2) = (vec![f32::NAN; 128], vec![f32::NAN; 128]);
+    let p = TestMmaParams {
+        a: a.as_ptr() as *const bc_bf16,
+        b: b.as_ptr() as *const bc_bf16,
+        bt: bt.as_ptr() as *const bc_bf16,
+        c: c.as_ptr(),
+        d1: d1.as_mut_ptr(),
+        d2: d2.as_mut_ptr(),
+    };
+    launch(k, [1, 1, 1], 32, &p)?;
+    Ok((d1, d2))
 }

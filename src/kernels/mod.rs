@@ -27,6 +27,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_patchify",
     "bc_unpatchify",
     "bc_copy",
+    "bc_test_mma",
 ];
 
 #[cfg(bc_fatbin)]

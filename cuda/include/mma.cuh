@@ -1,0 +1,96 @@
+// Tensor-core building blocks (sm_80+): mma.sync m16n8k16 bf16 -> f32, ldmatrix (x4, with
+// and without .trans) and cp.async, as small device functions so kernels read the same under
+// nvcc (inline PTX) and under the SIMT emulation (cuda/emu), where each is built from warp
+// shuffles with the fragment layouts of the PTX ISA:
+//   g = lane / 4, t = lane % 4; every 32-bit register holds 2 bf16 (low half = lower column/k)
+//   A 16x16 (row-major):  a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..]  a[2] = A[g][2t+8..]
+//                         a[3] = A[g+8][2t+8..]
+//   B 16x8 (k x n, "col"): b[0] = B[2t..2t+1][g]  b[1] = B[2t+8..2t+9][g]
+//   C/D 16x8 f32:         d[0] = D[g][2t]  d[1] = D[g][2t+1]  d[2] = D[g+8][2t]  d[3] = D[g+8][2t+1]
+//   ldmatrix x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; r[i] of lane l holds
+//   matrix i's row l/4, columns 2(l%4)..+1 (.trans: rows 2(l%4), 2(l%4)+1 of column l/4).
+// Checked by cuda/test_mma.cu + tests/kernels_emu.rs (emulation vs. a plain matmul); the
+// emulated layouts still need the same test on a GPU. Hopper-only wgmma/TMA are not here
+// (they would be marked Hopper-only and exempt from emulation).
+#ifndef BC_MMA_CUH
+#define BC_MMA_CUH
+
+#include "common.cuh"
+
+#ifdef __CUDACC__
+__device__ __forceinline__ void bc_mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2],
+                                                  const float c[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+}
+__device__ __forceinline__ void bc_ldmatrix_x4(unsigned r[4], const void* row) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void bc_ldmatrix_x4_trans(unsigned r[4], const void* row) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+/// 16-byte asynchronous global -> shared copy (both 16-byte aligned).
+__device__ __forceinline__ void bc_cp_async16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void bc_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void bc_cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+#else
+inline float bc_emu_lo(unsigned w) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)(w & 0xffffu))); }
+inline float bc_emu_hi(unsigned w) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)(w >> 16))); }
+inline void bc_mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    const int lane = ::emu::lane_id(), g = lane / 4, t = lane % 4;
+    float acc[4] = {c[0], c[1], c[2], c[3]};
+    for (int tp = 0; tp < 4; ++tp) {  // k pairs 2tp, 2tp+1 and 2tp+8, 2tp+9
+        unsigned ra[4], rb0[2], rb1[2];
+        for (int i = 0; i < 4; ++i) ra[i] = __shfl_sync(BC_FULL_MASK, a[i], 4 * g + tp);
+        for (int i = 0; i < 2; ++i) {
+            rb0[i] = __shfl_sync(BC_FULL_MASK, b[i], 4 * (2 * t) + tp);      // column 2t
+            rb1[i] = __shfl_sync(BC_FULL_MASK, b[i], 4 * (2 * t + 1) + tp);  // column 2t+1
+        }
+        auto dot = [](unsigned x0, unsigned x1, const unsigned* y) {
+            return bc_emu_lo(x0) * bc_emu_lo(y[0]) + bc_emu_hi(x0) * bc_emu_hi(y[0]) +
+                   bc_emu_lo(x1) * bc_emu_lo(y[1]) + bc_emu_hi(x1) * bc_emu_hi(y[1]);
+        };
+        acc[0] += dot(ra[0], ra[2], rb0);
+        acc[1] += dot(ra[0], ra[2], rb1);
+        acc[2] += dot(ra[1], ra[3], rb0);
+        acc[3] += dot(ra[1], ra[3], rb1);
+    }
+    for (int i = 0; i < 4; ++i) d[i] = acc[i];
+}
+inline void bc_ldmatrix_x4(unsigned r[4], const void* row) {
+    const int lane = ::emu::lane_id();
+    for (int i = 0; i < 4; ++i) {
+        const char* p = __shfl_sync(BC_FULL_MASK, static_cast<const char*>(row), 8 * i + lane / 4);
+        std::memcpy(&r[i], p + 4 * (lane % 4), 4);
+    }
+}
+inline void bc_ldmatrix_x4_trans(unsigned r[4], const void* row) {
+    const int lane = ::emu::lane_id();
+    for (int i = 0; i < 4; ++i) {
+        const char* p0 = __shfl_sync(BC_FULL_MASK, static_cast<const char*>(row), 8 * i + 2 * (lane % 4));
+        const char* p1 = __shfl_sync(BC_FULL_MASK, static_cast<const char*>(row), 8 * i + 2 * (lane % 4) + 1);
+        unsigned short lo, hi;
+        std::memcpy(&lo, p0 + 2 * (lane / 4), 2);
+        std::memcpy(&hi, p1 + 2 * (lane / 4), 2);
+        r[i] = (unsigned)lo | ((unsigned)hi << 16);
+    }
+}
+inline void bc_cp_async16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }  // synchronous
+inline void bc_cp_async_commit() {}
+inline void bc_cp_async_wait_all() {}
+#endif
+
+#endif

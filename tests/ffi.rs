@@ -816,3 +816,52 @@ fn sessions_share_an_engine_across_threads() {
     }
     bc_engine_close(e as *mut bc_engine);
 }
+
+/// Function names declared by `pattern` lines (`... fn NAME(`) in a file.
+fn fn_names(path: &Path, pattern: &str) -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix(pattern))
+        .filter_map(|rest| rest.split('(').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_header_function_is_exported_and_signature_checked() {
+    let declared = fn_names(&repo().join("ffi/bindings.rs"), "pub fn ");
+    assert!(declared.len() >= 10, "{declared:?}");
+    let mut exported = fn_names(&repo().join("src/ffi/mod.rs"), "pub extern \"C\" fn ");
+    exported.extend(fn_names(
+        &repo().join("src/ffi/mod.rs"),
+        "pub unsafe extern \"C\" fn ",
+    ));
+    assert_eq!(declared, exported, "header declarations vs Rust exports");
+    let sys = std::fs::read_to_string(repo().join("src/ffi/sys.rs")).unwrap();
+    let list = &sys[sys.find("same!(").expect("the same!(...) list")..];
+    for name in &declared {
+        assert!(
+            list.contains(&format!("{name},")),
+            "{name} is missing from the signature check in src/ffi/sys.rs"
+        );
+    }
+    // The shared library exports exactly these C symbols (when binutils' nm is available).
+    let so = profile_dir().join("libblockcascade.so");
+    match Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(&so)
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let symbols: std::collections::BTreeSet<String> = text
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(2))
+                .filter(|s| s.starts_with("bc_"))
+                .map(str::to_owned)
+                .collect();
+            assert_eq!(symbols, declared, "bc_* symbols of {}", so.display());
+        }
+        _ => eprintln!("SKIPPED the symbol check: nm is not available"),
+    }
+}

@@ -95,7 +95,10 @@ typedef struct {
 /* Called once per finished block, in order; latents are [frames][channels][height][width] f32,
    valid only during the call. Return non-zero to stop generation (bc_session_generate then
    returns BC_ERR_CANCELLED). `user` is the pointer given to bc_session_generate.
-   The callback must not call bc_session_generate on the same session. */
+   The callback runs on the thread that called bc_session_generate. It may call any function on
+   other handles; on its own session every call but bc_session_close fails as busy
+   (BC_ERR_INVALID_ARGUMENT), and bc_session_close invalidates the handle at once while the
+   running generation finishes normally. */
 typedef int32_t (*bc_block_callback)(void *user, uint32_t block_index, const float *latents,
                                      uint32_t frames, uint32_t channels, uint32_t height,
                                      uint32_t width);

@@ -218,6 +218,8 @@ pub struct GenerateOptions {
     /// Run the context member as its own forward instead of merging it into the next
     /// block's first step (the literal Self-Forcing loop; slower, same result).
     pub separate_context_pass: bool,
+    /// Which backend runs the model.
+    pub backend: crate::backend::BackendKind,
     /// Devices the window's members are spread over (CPU: worker threads), at least 1.
     pub devices: usize,
     /// How devices share K/V (only used with more than one device).
@@ -243,6 +245,7 @@ impl Default for GenerateOptions {
             attention: AttentionMode::Causal,
             recache: Recache::None,
             separate_context_pass: false,
+            backend: crate::backend::BackendKind::Cpu,
             devices: 1,
             kv_exchange: crate::multi_device::KvExchange::Joint,
             fail_device_at: None,

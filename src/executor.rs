@@ -3,11 +3,11 @@
 //! Every schedule (sequential = lag S, cascade = lag 1..S-1) goes through the same loop: per
 //! tick, one joint [`Model::forward`] over the planned members, then renoise / finish / commit.
 
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, BackendKind};
 use crate::cascade::{Plan, Role};
 use crate::config::{GenerateOptions, Recache};
-use crate::kv_cache::KvCache;
 use crate::model::{Member, Model, PromptContext, CHANNELS};
-use crate::multi_device::{forward_tick, DeviceState};
 use crate::noise::NoiseSource;
 use crate::prompt::{PromptEmbeds, PromptSwitch};
 use crate::schedule::StepSchedule;
@@ -122,6 +122,14 @@ impl<'m> Generator<'m> {
         }])
     }
 
+    /// The backend the options ask for.
+    fn backend(&self) -> Result<Box<dyn Backend + 'm>> {
+        match self.opts.backend {
+            BackendKind::Cpu => Ok(Box::new(CpuBackend::new(self.model, &self.opts)?)),
+            BackendKind::Cuda => crate::backend::cuda_backend(self.model, &self.opts),
+        }
+    }
+
     fn prompt_for(&self, block: usize) -> &Arc<PromptContext> {
         let i = self.prompts.partition_point(|(b, _)| *b <= block);
         &self.prompts[i.saturating_sub(1)].1
@@ -146,7 +154,6 @@ impl<'m> Generator<'m> {
         mut on_block: impl FnMut(&FinishedBlock) -> bool,
     ) -> Result<RunReport> {
         let o = &self.opts;
-        let cfg = self.model.config();
         let bf = o.block_frames;
         let (h, w) = (o.height, o.width);
         let flen = CHANNELS * h * w;
@@ -166,12 +173,7 @@ impl<'m> Generator<'m> {
         }
         let plan = Plan::new(blocks, s_count, o.lag())?;
         let tpf = (h / 2) * (w / 2);
-        let cache0 = KvCache::new(cfg.num_layers, tpf * cfg.dim, o.local_attn, o.sink)?;
-        // One cache replica per device; the single-device path uses the first.
-        let mut devices: Vec<DeviceState> = (0..o.devices.max(1))
-            .map(|_| DeviceState::new(cache0.clone()))
-            .collect();
-        drop(cache0);
+        let mut backend = self.backend()?;
         let keep_latents = o.recache == Recache::Window;
         let mut state: HashMap<usize, Vec<f32>> = HashMap::new();
         let mut finals: HashMap<usize, Vec<f32>> = HashMap::new();
@@ -201,11 +203,7 @@ impl<'m> Generator<'m> {
                         && self.prompts.iter().any(|(b, _)| *b == m.block)
                     {
                         let t0 = Instant::now();
-                        let frames = self.recache(&mut devices[0].cache, &clean, m.block)?;
-                        let rebuilt = devices[0].cache.clone();
-                        devices[1..]
-                            .iter_mut()
-                            .for_each(|d| d.cache = rebuilt.clone());
+                        let frames = self.recache(backend.as_mut(), &clean, m.block)?;
                         if frames > 0 {
                             report.recache_passes += 1;
                             report.forward_passes += 1;
@@ -239,47 +237,22 @@ impl<'m> Generator<'m> {
             }
             report.tokens_per_tick.push(members.len() * bf * tpf);
             let blocks_of: Vec<usize> = planned.iter().map(|m| m.block).collect();
-            let fail = o.fail_device_at.filter(|&(_, t)| t == tau).map(|(d, _)| d);
-            let run =
-                |ms: &[Member], bl: &[usize], devs: &mut [DeviceState]| -> Result<Vec<Vec<f32>>> {
-                    if devs.len() == 1 {
-                        self.model
-                            .forward(ms, &mut devs[0].cache, o.attention, h, w)
-                    } else {
-                        forward_tick(
-                            self.model,
-                            ms,
-                            bl,
-                            devs,
-                            o.kv_exchange,
-                            o.attention,
-                            h,
-                            w,
-                            fail,
-                        )
-                    }
-                };
             let flows = if o.separate_context_pass && members.len() > 1 && members[0].context {
-                let mut f = run(&members[..1], &blocks_of[..1], &mut devices)?;
-                devices
-                    .iter_mut()
-                    .for_each(|d| d.cache.commit(members[0].first_frame + bf));
-                f.extend(run(&members[1..], &blocks_of[1..], &mut devices)?);
+                let mut f = backend.forward(&members[..1], &blocks_of[..1], tau)?;
+                backend.commit(members[0].first_frame + bf);
+                f.extend(backend.forward(&members[1..], &blocks_of[1..], tau)?);
                 report.forward_passes += 2;
                 f
             } else {
                 report.forward_passes += 1;
-                run(&members, &blocks_of, &mut devices)?
+                backend.forward(&members, &blocks_of, tau)?
             };
             drop(members);
             // Apply the results.
             for (m, v) in planned.iter().zip(flows) {
                 match m.role {
                     Role::Context => {
-                        devices
-                            .iter_mut()
-                            .for_each(|d| d.cache.commit((m.block + 1) * bf));
-                        let cache = &devices[0].cache;
+                        backend.commit((m.block + 1) * bf);
                         if let Some(lat) = finals.remove(&m.block) {
                             if keep_latents {
                                 for fi in 0..bf {
@@ -288,7 +261,7 @@ impl<'m> Generator<'m> {
                                         lat[fi * flen..(fi + 1) * flen].to_vec(),
                                     );
                                 }
-                                clean.retain(|&f, _| cache.resident(f));
+                                clean.retain(|&f, _| backend.resident(f));
                             }
                         }
                     }
@@ -329,7 +302,7 @@ impl<'m> Generator<'m> {
                                 latents: &x,
                                 since_start: now - start,
                                 block_time: now - last_done,
-                                cache_bytes: devices[0].cache.bytes(),
+                                cache_bytes: backend.cache_bytes(),
                             };
                             if next_emit == 0 {
                                 report.time_to_first_block = fb.since_start.as_secs_f64();
@@ -347,7 +320,7 @@ impl<'m> Generator<'m> {
                     }
                 }
             }
-            report.max_cache_bytes = report.max_cache_bytes.max(devices[0].cache.bytes());
+            report.max_cache_bytes = report.max_cache_bytes.max(backend.cache_bytes());
         }
         report.total_seconds = start.elapsed().as_secs_f64();
         Ok(report)
@@ -357,7 +330,7 @@ impl<'m> Generator<'m> {
     /// under the prompt of `block`. Returns the number of frames re-run.
     fn recache(
         &self,
-        cache: &mut KvCache,
+        backend: &mut dyn Backend,
         clean: &BTreeMap<usize, Vec<f32>>,
         block: usize,
     ) -> Result<usize> {
@@ -366,7 +339,7 @@ impl<'m> Generator<'m> {
         let frames: Vec<usize> = clean
             .keys()
             .copied()
-            .filter(|&f| cache.resident(f))
+            .filter(|&f| backend.resident(f))
             .collect();
         if frames.is_empty() {
             return Ok(0);
@@ -394,11 +367,7 @@ impl<'m> Generator<'m> {
                 prompt,
             })
             .collect();
-        let mut fresh = cache.empty_like();
-        self.model
-            .forward(&members, &mut fresh, o.attention, o.height, o.width)?;
-        fresh.set_committed(cache.committed());
-        *cache = fresh;
+        backend.recache(&members)?;
         Ok(frames.len())
     }
 }

@@ -5,6 +5,7 @@
 //! [`NoiseSource`] and [`PromptEmbeds`], then [`Generator::run`] to stream blocks.
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod bench;
 pub mod cascade;
 pub mod config;

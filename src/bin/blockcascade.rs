@@ -1,5 +1,6 @@
 //! The `blockcascade` command line: `generate`, `plan`, `info`, `bench`.
 
+use blockcascade::backend::BackendKind;
 use blockcascade::bench;
 use blockcascade::cascade::Plan;
 use blockcascade::engine::MemoryEstimate;
@@ -260,11 +261,6 @@ fn options(s: &SamplingArgs, builtin: bool) -> Result<GenerateOptions> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    if a.backend == BackendArg::Cuda {
-        return Err(Error::Unsupported(
-            "the CUDA backend is not available in this build yet (use --backend cpu)".into(),
-        ));
-    }
     let devices = parse_devices(&a.devices)?;
     if let Some(t) = a.threads {
         rayon::ThreadPoolBuilder::new()
@@ -275,6 +271,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut opts = options(&a.sampling, a.model.is_none())?;
     opts.separate_context_pass = a.separate_context_pass;
     opts.devices = devices;
+    opts.backend = match a.backend {
+        BackendArg::Cpu => BackendKind::Cpu,
+        BackendArg::Cuda => BackendKind::Cuda,
+    };
     opts.kv_exchange = match a.kv_exchange {
         ExchangeArg::Joint => KvExchange::Joint,
         ExchangeArg::Lagged => KvExchange::Lagged,

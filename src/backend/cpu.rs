@@ -1,0 +1,90 @@
+//! The CPU backend: [`Model::forward`] on one device, or [`forward_tick`] over several worker
+//! threads each holding a replica of the cache.
+
+use super::Backend;
+use crate::config::GenerateOptions;
+use crate::kv_cache::KvCache;
+use crate::model::{Member, Model};
+use crate::multi_device::{forward_tick, DeviceState};
+use crate::Result;
+
+/// CPU devices with their cache replicas.
+pub struct CpuBackend<'m> {
+    model: &'m Model,
+    opts: GenerateOptions,
+    devices: Vec<DeviceState>,
+}
+
+impl<'m> CpuBackend<'m> {
+    /// A backend for generations with `opts` (latent size, attention, devices).
+    pub fn new(model: &'m Model, opts: &GenerateOptions) -> Result<Self> {
+        let cfg = model.config();
+        let tpf = (opts.height / 2) * (opts.width / 2);
+        let cache = KvCache::new(cfg.num_layers, tpf * cfg.dim, opts.local_attn, opts.sink)?;
+        let devices = (0..opts.devices.max(1))
+            .map(|_| DeviceState::new(cache.clone()))
+            .collect();
+        Ok(CpuBackend {
+            model,
+            opts: opts.clone(),
+            devices,
+        })
+    }
+}
+
+impl Backend for CpuBackend<'_> {
+    fn forward(
+        &mut self,
+        members: &[Member],
+        blocks: &[usize],
+        tick: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let o = &self.opts;
+        if self.devices.len() == 1 {
+            return self.model.forward(
+                members,
+                &mut self.devices[0].cache,
+                o.attention,
+                o.height,
+                o.width,
+            );
+        }
+        let fail = o.fail_device_at.filter(|&(_, t)| t == tick).map(|(d, _)| d);
+        forward_tick(
+            self.model,
+            members,
+            blocks,
+            &mut self.devices,
+            o.kv_exchange,
+            o.attention,
+            o.height,
+            o.width,
+            fail,
+        )
+    }
+
+    fn commit(&mut self, end: usize) {
+        self.devices.iter_mut().for_each(|d| d.cache.commit(end));
+    }
+
+    fn resident(&self, f: usize) -> bool {
+        self.devices[0].cache.resident(f)
+    }
+
+    fn recache(&mut self, members: &[Member]) -> Result<()> {
+        let o = &self.opts;
+        let old = &self.devices[0].cache;
+        let mut fresh = old.empty_like();
+        self.model
+            .forward(members, &mut fresh, o.attention, o.height, o.width)?;
+        fresh.set_committed(old.committed());
+        for d in &mut self.devices {
+            d.cache = fresh.clone();
+        }
+        Ok(())
+    }
+
+    fn cache_bytes(&self) -> usize {
+        self.devices[0].cache.bytes()
+    }
+}

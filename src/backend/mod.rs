@@ -1,0 +1,52 @@
+//! Backends: what runs one tick's joint forward and holds the clean KV cache.
+//!
+//! The executor ([`crate::executor`]) owns the schedule (plan, noise, renoise, streaming) and is
+//! the same for every backend; a backend only runs forwards over window members and keeps the
+//! cache. [`cpu::CpuBackend`] is the exact reference (one device or several worker threads);
+//! the CUDA backend implements the same trait.
+
+pub mod cpu;
+
+use crate::model::Member;
+use crate::Result;
+
+/// Which backend runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BackendKind {
+    /// The exact f32 CPU backend.
+    Cpu,
+    /// NVIDIA GPUs.
+    Cuda,
+}
+
+/// A tick executor with its own KV cache.
+pub trait Backend {
+    /// One joint forward over `members` (ordered by first frame); `blocks[i]` is member i's
+    /// block index and `tick` the tick number. Returns each member's predicted flow; context
+    /// members' K/V are written to the cache (visible after [`Backend::commit`]).
+    fn forward(
+        &mut self,
+        members: &[Member],
+        blocks: &[usize],
+        tick: usize,
+    ) -> Result<Vec<Vec<f32>>>;
+    /// Frames `[0, end)` are committed.
+    fn commit(&mut self, end: usize);
+    /// True when committed frame `f` is still held by the cache.
+    fn resident(&self, f: usize) -> bool;
+    /// Rebuilds the cache from scratch by running `members` (context members covering the
+    /// resident frames) and keeps the committed frame count (LongLive recache).
+    fn recache(&mut self, members: &[Member]) -> Result<()>;
+    /// Bytes held by the KV cache (per device).
+    fn cache_bytes(&self) -> usize;
+}
+
+/// Opens the CUDA backend for `model` with `opts`.
+pub fn cuda_backend<'m>(
+    _model: &'m crate::model::Model,
+    _opts: &crate::config::GenerateOptions,
+) -> Result<Box<dyn Backend + 'm>> {
+    Err(crate::Error::Unsupported(
+        "the CUDA backend is not available in this build yet (use --backend cpu)".into(),
+    ))
+}

@@ -413,9 +413,8 @@ fn plan(a: PlanArgs) -> Result<()> {
 
 fn info(a: InfoArgs) -> Result<()> {
     if a.kernels {
-        return Err(Error::Unsupported(
-            "the kernel report is not available in this build".into(),
-        ));
+        println!("{}", blockcascade::kernels::report());
+        return Ok(());
     }
     let engine = match (&a.model, &a.builtin) {
         (_, Some(b)) => Engine::builtin(b)?,

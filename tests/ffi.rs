@@ -15,10 +15,21 @@ use std::ptr::{null, null_mut};
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// The profile folder holding `libblockcascade.{a,so}`: the test binary is in `<profile>/deps`.
-fn profile_dir() -> PathBuf {
+/// The built C library `name` (`libblockcascade.a` or `.so`) that matches this test binary.
+///
+/// The test binary lives in `<target>/<profile>/deps`. Cargo writes the `cdylib`/`staticlib`
+/// outputs of the library unit the tests were built with into that `deps` folder (a plain
+/// `cargo build` also copies them up to `<target>/<profile>`); the newest of the two is used.
+fn built_lib(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+    let deps = exe.parent().unwrap();
+    let candidates = [deps.join(name), deps.parent().unwrap().join(name)];
+    candidates
+        .iter()
+        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p)))
+        .max_by_key(|(t, _)| *t)
+        .map(|(_, p)| p.clone())
+        .unwrap_or_else(|| panic!("{name} was not built (looked in {candidates:?})"))
 }
 
 fn repo() -> PathBuf {
@@ -29,9 +40,20 @@ fn cc() -> String {
     std::env::var("CC").unwrap_or_else(|_| "cc".into())
 }
 
+/// System libraries a program linking `libblockcascade.a` needs (Linux).
+const STATIC_LIBS: &[&str] = &[
+    "-lstdc++",
+    "-lgcc_s",
+    "-lutil",
+    "-lrt",
+    "-lpthread",
+    "-lm",
+    "-ldl",
+    "-lc",
+];
+
 /// Compiles `ffi/examples/stream.c` against the static (`shared == false`) or shared library.
 fn build_example(dir: &Path, shared: bool) -> PathBuf {
-    let lib_dir = profile_dir();
     let exe = dir.join(if shared {
         "stream-shared"
     } else {
@@ -45,16 +67,18 @@ fn build_example(dir: &Path, shared: bool) -> PathBuf {
         .arg("-o")
         .arg(&exe);
     if shared {
-        let so = lib_dir.join("libblockcascade.so");
-        assert!(so.exists(), "{} was not built", so.display());
-        cmd.arg("-L").arg(&lib_dir).arg("-lblockcascade");
+        // Link the file itself (its folder may hold a stale copy under the same name); the
+        // rpath lets the loader find it by its soname.
+        let so = built_lib("libblockcascade.so");
+        let lib_dir = so.parent().unwrap();
+        cmd.arg(&so);
         cmd.arg(format!("-Wl,-rpath,{}", lib_dir.display()));
         cmd.arg("-lm");
     } else {
-        let a = lib_dir.join("libblockcascade.a");
-        assert!(a.exists(), "{} was not built", a.display());
-        cmd.arg(a);
-        cmd.args(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"]);
+        cmd.arg(built_lib("libblockcascade.a"));
+        // `cargo rustc --lib --crate-type staticlib -- --print native-static-libs`; libstdc++
+        // for the C++ kernel emulation layer that build.rs links in.
+        cmd.args(STATIC_LIBS);
     }
     let out = cmd.output().expect("running the C compiler (set CC)");
     assert!(
@@ -846,7 +870,7 @@ fn every_header_function_is_exported_and_signature_checked() {
         );
     }
     // The shared library exports exactly these C symbols (when binutils' nm is available).
-    let so = profile_dir().join("libblockcascade.so");
+    let so = built_lib("libblockcascade.so");
     match Command::new("nm")
         .args(["-D", "--defined-only"])
         .arg(&so)

@@ -9,7 +9,7 @@
  *
  * Build (after `cargo build --release`):
  *   cc ffi/examples/stream.c -Iffi/include target/release/libblockcascade.a \
- *      -lgcc_s -lutil -lrt -lpthread -lm -ldl -o stream
+ *      -lstdc++ -lgcc_s -lutil -lrt -lpthread -lm -ldl -o stream
  */
 #include <math.h>
 #include <stdio.h>

@@ -20,6 +20,7 @@ pub mod model;
 pub mod multi_device;
 pub mod noise;
 pub mod prompt;
+pub mod scaling;
 pub mod schedule;
 pub mod tensorfile;
 pub mod weights;

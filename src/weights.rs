@@ -76,16 +76,18 @@ pub struct Weights {
 }
 
 /// The names of the built-in models.
-pub const BUILTIN_MODELS: &[&str] = &["tiny", "medium", "wan-1.3b-shape"];
+pub const BUILTIN_MODELS: &[&str] = &["tiny", "medium", "wan-1.3b-shape", "wan-14b-shape"];
 
 /// The config of a built-in model: `tiny` (dim 64, 2 heads, 2 layers, text 16×32: the shape of
 /// the golden test model), `medium` (dim 512, 8 heads, 8 layers, ffn 2048, text 512×4096) and
-/// `wan-1.3b-shape` (the Wan2.1-T2V-1.3B shapes with random weights, for benchmarks).
+/// `wan-1.3b-shape` / `wan-14b-shape` (the Wan2.1-T2V-1.3B / 14B shapes with random weights,
+/// for benchmarks and the scaling model).
 pub fn builtin_config(name: &str) -> Result<ModelConfig> {
     let (dim, ffn_dim, num_heads, num_layers, text_len, text_dim) = match name {
         "tiny" => (64, 128, 2, 2, 16, 32),
         "medium" => (512, 2048, 8, 8, 512, 4096),
         "wan-1.3b-shape" => (1536, 8960, 12, 30, 512, 4096),
+        "wan-14b-shape" => (5120, 13824, 40, 40, 512, 4096),
         _ => {
             return Err(Error::invalid(format!(
                 "unknown built-in model `{name}` (known: {})",

@@ -320,3 +320,23 @@ fn default_generate_runs_with_no_files() {
     assert!(lat.iter().all(|v| v.is_finite()) && lat.iter().any(|&v| v != 0.0));
     assert!(String::from_utf8_lossy(&o.stderr).contains("blocks/s"));
 }
+
+#[test]
+fn plan_and_scaling_model_print_tables() {
+    let o = bin()
+        .args(["plan", "--blocks", "3", "--lag", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.contains("6 ticks") && t.contains("b0:C@0"), "{t}");
+    let o = bin().args(["bench", "--model-scaling"]).output().unwrap();
+    assert!(o.status.success());
+    let t = String::from_utf8_lossy(&o.stdout);
+    // 2 models x 2 links x (8 joint + 7 lagged device counts) x 4 lags, plus the header.
+    assert_eq!(t.lines().count(), 1 + 2 * 2 * 15 * 4, "{t}");
+    assert!(t.contains("wan-14b") && t.contains("lagged"));
+    let o = bin().args(["plan", "--lag", "9"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lag must be in 1..=4"));
+}

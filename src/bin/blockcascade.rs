@@ -201,6 +201,26 @@ struct BenchArgs {
     /// Also time lag S..1 (cascade) per block.
     #[arg(long)]
     cascade: bool,
+    /// Instead of timing the CPU: predict FPS for 1..8 GPUs, every lag, NVLink and PCIe, for the
+    /// Wan-1.3B and 14B shapes (see src/scaling.rs for the model).
+    #[arg(long)]
+    model_scaling: bool,
+    /// Scaling model: dense bf16 TFLOP/s of one device.
+    #[arg(long, default_value_t = 800.0)]
+    tflops: f64,
+    /// Scaling model: fraction of peak reached (overridden by --measured-ms-per-block).
+    #[arg(long, default_value_t = 0.6)]
+    mfu: f64,
+    /// Scaling model: a measured single-device sequential ms/block for Wan-1.3B (7 blocks of
+    /// 60x104, global attention) to calibrate the efficiency from.
+    #[arg(long)]
+    measured_ms_per_block: Option<f64>,
+    /// Scaling model: NVLink bandwidth per GPU, GB/s.
+    #[arg(long, default_value_t = 450.0)]
+    nvlink_gbs: f64,
+    /// Scaling model: PCIe bandwidth per GPU, GB/s.
+    #[arg(long, default_value_t = 25.0)]
+    pcie_gbs: f64,
 }
 
 fn main() -> ExitCode {
@@ -462,7 +482,82 @@ fn info(a: InfoArgs) -> Result<()> {
     Ok(())
 }
 
+fn scaling_cmd(a: &BenchArgs) -> Result<()> {
+    use blockcascade::scaling::{predict, Hardware, Workload};
+    use blockcascade::weights::builtin_config;
+    let w = Workload {
+        tokens_per_frame: 1560,
+        block_frames: 3,
+        blocks: 7,
+        steps: 4,
+        local_attn: None,
+    };
+    let mut mfu = a.mfu;
+    if let Some(ms) = a.measured_ms_per_block {
+        let ideal = Hardware {
+            tflops: a.tflops,
+            mfu: 1.0,
+            link_gbs: 1.0,
+            link_latency_us: 0.0,
+        };
+        let p = predict(
+            &builtin_config("wan-1.3b-shape")?,
+            &w,
+            &ideal,
+            1,
+            4,
+            KvExchange::Joint,
+        );
+        mfu = p.ms_per_block / ms;
+        eprintln!(
+            "calibrated efficiency from {ms} ms/block: {:.1}% of {} TFLOP/s",
+            mfu * 100.0,
+            a.tflops
+        );
+    }
+    let mut rows = Vec::new();
+    println!("model      link    xch     devices  lag  ms/block     FPS  comm%");
+    for model in ["wan-1.3b-shape", "wan-14b-shape"] {
+        let c = builtin_config(model)?;
+        for (link, gbs) in [("nvlink", a.nvlink_gbs), ("pcie", a.pcie_gbs)] {
+            let hw = Hardware {
+                tflops: a.tflops,
+                mfu,
+                link_gbs: gbs,
+                link_latency_us: 10.0,
+            };
+            for xch in [KvExchange::Joint, KvExchange::Lagged] {
+                for devices in 1..=8 {
+                    if devices == 1 && xch == KvExchange::Lagged {
+                        continue;
+                    }
+                    for lag in (1..=w.steps).rev() {
+                        let p = predict(&c, &w, &hw, devices, lag, xch);
+                        println!(
+                            "{:<10} {link:<7} {:<7} {devices:>7} {lag:>4} {:>9.1} {:>7.1} {:>5.1}",
+                            model.trim_end_matches("-shape"),
+                            format!("{xch:?}").to_lowercase(),
+                            p.ms_per_block,
+                            p.fps,
+                            p.comm_share * 100.0
+                        );
+                        rows.push(serde_json::json!({"model": model, "link": link, "exchange": xch, "prediction": p}));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{}",
+        serde_json::to_string(&rows).map_err(|e| Error::Internal(e.to_string()))?
+    );
+    Ok(())
+}
+
 fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if a.model_scaling {
+        return scaling_cmd(&a);
+    }
     let models: Vec<&str> = a.models.split(',').map(str::trim).collect();
     let results = bench::run_cpu(&models, a.reps.max(1), a.cascade)?;
     eprint!("{}", bench::table(&results));

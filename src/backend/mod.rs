@@ -6,6 +6,7 @@
 //! the CUDA backend implements the same trait.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::model::Member;
 use crate::Result;
@@ -41,12 +42,11 @@ pub trait Backend {
     fn cache_bytes(&self) -> usize;
 }
 
-/// Opens the CUDA backend for `model` with `opts`.
+/// Opens the CUDA backend for `model` with `opts` (see [`cuda`]; a clean error when the
+/// kernels were not built, or no driver, cuBLASLt or device is found).
 pub fn cuda_backend<'m>(
-    _model: &'m crate::model::Model,
-    _opts: &crate::config::GenerateOptions,
+    model: &'m crate::model::Model,
+    opts: &crate::config::GenerateOptions,
 ) -> Result<Box<dyn Backend + 'm>> {
-    Err(crate::Error::Unsupported(
-        "the CUDA backend is not available in this build yet (use --backend cpu)".into(),
-    ))
+    cuda::open(model, opts)
 }

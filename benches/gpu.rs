@@ -1,0 +1,2 @@
+//! GPU benchmarks (placeholder, filled below).
+fn main() {}

@@ -1,0 +1,565 @@
+//! The device layer of the CUDA backend: probing the driver and cuBLASLt, one context and
+//! stream, the kernel module loaded from the embedded fatbin, raw device buffers, kernel
+//! launches with the `params.h` structs, cuBLASLt GEMMs and CUDA graphs.
+//!
+//! Everything goes through `cudarc`'s `result`/`sys` layers (driver API, dynamic loading):
+//! cudarc panics when a library cannot be loaded, so [`probe`] must succeed before anything
+//! else here is called.
+
+use crate::kernels::{self, emu::Kernel};
+use crate::{Error, Result};
+use cudarc::cublaslt::{result as lt, sys as ltsys};
+use cudarc::driver::{result as drv, sys};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+
+/// A device pointer.
+pub type DevPtr = u64;
+
+/// What [`probe`] found.
+#[derive(Clone, Debug)]
+pub struct ProbeInfo {
+    /// Number of CUDA devices.
+    pub devices: usize,
+    /// Name of device 0.
+    pub name: String,
+    /// Compute capability of device 0.
+    pub capability: (i32, i32),
+    /// Total memory of device 0 in bytes.
+    pub total_mem: usize,
+}
+
+/// Checks, without panicking, that libcuda and libcublasLt can be loaded, that the driver
+/// initialises and that there is at least one device; returns what was found.
+pub fn probe() -> Result<ProbeInfo> {
+    // SAFETY: only tries to dlopen the candidate library names.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::Device(
+            "no CUDA driver found (libcuda.so): install the NVIDIA driver or add its folder to LD_LIBRARY_PATH".into(),
+        ));
+    }
+    // SAFETY: as above.
+    if !unsafe { ltsys::is_culib_present() } {
+        return Err(Error::Device(
+            "cuBLASLt not found (libcublasLt.so.13): install CUDA 13 or `pip install nvidia-cublas` and add its lib folder to LD_LIBRARY_PATH".into(),
+        ));
+    }
+    drv::init().map_err(|e| Error::Device(format!("cuInit failed: {e}")))?;
+    let n = drv::device::get_count()
+        .map_err(|e| Error::Device(format!("cuDeviceGetCount failed: {e}")))?;
+    if n <= 0 {
+        return Err(Error::Device("no CUDA device found".into()));
+    }
+    let dev = drv::device::get(0).map_err(dev_err("cuDeviceGet"))?;
+    let name = drv::device::get_name(dev).unwrap_or_else(|_| "unknown".into());
+    // SAFETY: `dev` is a valid device handle.
+    let (maj, min, total) = unsafe {
+        (
+            drv::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            )
+            .unwrap_or(0),
+            drv::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+            )
+            .unwrap_or(0),
+            drv::device::total_mem(dev).unwrap_or(0),
+        )
+    };
+    Ok(ProbeInfo {
+        devices: n as usize,
+        name,
+        capability: (maj, min),
+        total_mem: total,
+    })
+}
+
+fn dev_err(what: &'static str) -> impl Fn(drv::DriverError) -> Error {
+    move |e| Error::Device(format!("{what}: {e}"))
+}
+
+fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> Error {
+    move |e| Error::Device(format!("{what}: {e}"))
+}
+
+/// The kernels of the fatbin, by [`Kernel`].
+const KERNELS: &[Kernel] = &[
+    Kernel::LnModulate,
+    Kernel::LayerNormAffine,
+    Kernel::GatedResidual,
+    Kernel::QkNormRope,
+    Kernel::AttentionHd64,
+    Kernel::AttentionHd128,
+    Kernel::Activation,
+    Kernel::TimeEmbedding,
+    Kernel::FlowStep,
+    Kernel::Patchify,
+    Kernel::Unpatchify,
+    Kernel::Copy,
+];
+
+/// Output type of a GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutType {
+    /// bf16 output.
+    Bf16,
+    /// f32 output.
+    F32,
+}
+
+/// Epilogue of a GEMM (always with bias).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    /// `y = x W^T + b`.
+    Bias,
+    /// `y = GELU_tanh(x W^T + b)`.
+    GeluBias,
+}
+
+struct GemmPlan {
+    desc: ltsys::cublasLtMatmulDesc_t,
+    a: ltsys::cublasLtMatrixLayout_t,
+    b: ltsys::cublasLtMatrixLayout_t,
+    d: ltsys::cublasLtMatrixLayout_t,
+    algo: ltsys::cublasLtMatmulAlgo_t,
+}
+
+/// Size of the cuBLASLt workspace.
+pub const GEMM_WORKSPACE: usize = 32 << 20;
+
+/// One device: context, stream, kernels, cuBLASLt handle and workspace.
+pub struct Gpu {
+    ctx: sys::CUcontext,
+    dev: sys::CUdevice,
+    /// The stream every launch goes to.
+    pub stream: sys::CUstream,
+    module: sys::CUmodule,
+    funcs: HashMap<&'static str, sys::CUfunction>,
+    lt: ltsys::cublasLtHandle_t,
+    workspace: DevPtr,
+    plans: HashMap<(usize, usize, usize, OutType, Epilogue), GemmPlan>,
+    /// The device's name.
+    pub name: String,
+    /// Whether the GELU epilogue is used (else a separate activation kernel).
+    pub gelu_epilogue: bool,
+    allocs: Vec<DevPtr>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`: probes, creates the context and stream, loads the fatbin.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        let fatbin =
+            kernels::fatbin().ok_or_else(|| Error::Unsupported(kernels::NOT_BUILT.into()))?;
+        let info = probe()?;
+        if ordinal >= info.devices {
+            return Err(Error::Device(format!(
+                "device {ordinal} requested but only {} CUDA device(s) found",
+                info.devices
+            )));
+        }
+        let dev = drv::device::get(ordinal as i32).map_err(dev_err("cuDeviceGet"))?;
+        let name = drv::device::get_name(dev).unwrap_or_else(|_| "unknown".into());
+        // SAFETY: valid device; the primary context is released in Drop.
+        let ctx = unsafe { drv::primary_ctx::retain(dev) }
+            .map_err(dev_err("cuDevicePrimaryCtxRetain"))?;
+        // SAFETY: ctx was just retained.
+        unsafe { drv::ctx::set_current(ctx) }.map_err(dev_err("cuCtxSetCurrent"))?;
+        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+            .map_err(dev_err("cuStreamCreate"))?;
+        // SAFETY: the fatbin is 16-byte aligned and lives for the whole program.
+        let module = unsafe { drv::module::load_data(fatbin.as_ptr() as *const c_void) }.map_err(
+            |e| {
+                Error::Device(format!(
+                    "cuModuleLoadData: {e} (the fatbin holds sm_80/sm_90a cubins and compute_80 PTX; an older driver may reject CUDA 13 PTX)"
+                ))
+            },
+        )?;
+        let mut funcs = HashMap::new();
+        for k in KERNELS {
+            let cname = CString::new(k.name()).unwrap();
+            // SAFETY: module is loaded.
+            let f = unsafe { drv::module::get_function(module, cname) }.map_err(|e| {
+                Error::Device(format!("kernel {} not in the fatbin: {e}", k.name()))
+            })?;
+            funcs.insert(k.name(), f);
+        }
+        let handle = lt::create_handle().map_err(lt_err("cublasLtCreate"))?;
+        let mut gpu = Gpu {
+            ctx,
+            dev,
+            stream,
+            module,
+            funcs,
+            lt: handle,
+            workspace: 0,
+            plans: HashMap::new(),
+            name,
+            gelu_epilogue: std::env::var_os("BC_NO_GELU_EPILOGUE").is_none(),
+            allocs: Vec::new(),
+        };
+        gpu.workspace = gpu.alloc(GEMM_WORKSPACE)?;
+        Ok(gpu)
+    }
+
+    /// Makes this device's context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        // SAFETY: ctx is retained for the lifetime of self.
+        unsafe { drv::ctx::set_current(self.ctx) }.map_err(dev_err("cuCtxSetCurrent"))
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        drv::mem_get_info().map_err(dev_err("cuMemGetInfo"))
+    }
+
+    /// Allocates `bytes` (rounded up to 256) of device memory, freed with the device.
+    pub fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
+        let bytes = bytes.max(1).div_ceil(256) * 256;
+        // SAFETY: plain allocation in the current context.
+        let p = unsafe { drv::malloc_sync(bytes) }.map_err(|e| {
+            let free = self.mem_info().map(|m| m.0).unwrap_or(0);
+            Error::OutOfMemory(format!(
+                "cuMemAlloc of {bytes} bytes failed ({e}); {free} bytes free on the device"
+            ))
+        })?;
+        self.allocs.push(p);
+        Ok(p)
+    }
+
+    /// Copies `src` to device memory at `dst` (asynchronous on the stream; `src` must stay
+    /// alive until the next [`Gpu::sync`]).
+    pub fn upload<T: Copy>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: dst was allocated with at least src's size by the caller.
+        unsafe { drv::memcpy_htod_async(dst, src, self.stream) }
+            .map_err(dev_err("cuMemcpyHtoDAsync"))
+    }
+
+    /// Copies device memory at `src` into `dst` and waits for it.
+    pub fn download<T: Copy>(&self, dst: &mut [T], src: DevPtr) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: src holds at least dst's size (caller's contract); synchronised below.
+        unsafe { drv::memcpy_dtoh_async(dst, src, self.stream) }
+            .map_err(dev_err("cuMemcpyDtoHAsync"))?;
+        self.sync()
+    }
+
+    /// Sets `bytes` bytes at `dst` to `value`.
+    pub fn memset(&self, dst: DevPtr, value: u8, bytes: usize) -> Result<()> {
+        // SAFETY: dst holds `bytes` bytes (caller's contract).
+        unsafe { drv::memset_d8_async(dst, value, bytes, self.stream) }
+            .map_err(dev_err("cuMemsetD8Async"))
+    }
+
+    /// Device-to-device copy of `bytes` bytes.
+    pub fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        // SAFETY: both hold `bytes` bytes (caller's contract).
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }
+            .map_err(dev_err("cuMemcpyDtoDAsync"))
+    }
+
+    /// Waits for all work on the stream.
+    pub fn sync(&self) -> Result<()> {
+        // SAFETY: valid stream.
+        unsafe { drv::stream::synchronize(self.stream) }
+            .map_err(dev_err("kernel execution failed (cuStreamSynchronize)"))
+    }
+
+    /// Launches `kernel` with a params struct passed by value.
+    ///
+    /// # Safety
+    /// `P` must be the params struct of `kernel` and its pointers valid device pointers for
+    /// the accesses the kernel makes with this grid.
+    pub unsafe fn launch<P>(
+        &self,
+        kernel: Kernel,
+        grid: [u32; 3],
+        block: u32,
+        p: &P,
+    ) -> Result<()> {
+        if grid.iter().any(|&g| g == 0) {
+            return Ok(());
+        }
+        let f = self.funcs[kernel.name()];
+        let mut args = [p as *const P as *mut c_void];
+        drv::launch_kernel(
+            f,
+            (grid[0], grid[1], grid[2]),
+            (block, 1, 1),
+            0,
+            self.stream,
+            &mut args,
+        )
+        .map_err(|e| Error::Device(format!("launching {}: {e}", kernel.name())))
+    }
+
+    /// `d[rows, out] = epilogue(x[rows, inp] . w[out, inp]^T + bias[out])`, x and w bf16
+    /// row-major, bias f32, f32 accumulation; d bf16 or f32 with row stride `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &mut self,
+        x: DevPtr,
+        w: DevPtr,
+        bias: DevPtr,
+        d: DevPtr,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        ty: OutType,
+        ep: Epilogue,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let key = (rows, inp, out, ty, ep);
+        if !self.plans.contains_key(&key) {
+            let plan = self.plan(rows, inp, out, ty, ep)?;
+            self.plans.insert(key, plan);
+        }
+        let p = &self.plans[&key];
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: the layouts describe x, w, d as the caller promised; the bias pointer is
+        // set per call.
+        unsafe {
+            let bp = bias as *const c_void;
+            lt::set_matmul_desc_attribute(
+                p.desc,
+                ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &bp as *const _ as *const c_void,
+                std::mem::size_of::<*const c_void>(),
+            )
+            .map_err(lt_err("cublasLtMatmulDescSetAttribute(bias)"))?;
+            lt::matmul(
+                self.lt,
+                p.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w as *const c_void,
+                p.a,
+                x as *const c_void,
+                p.b,
+                d as *const c_void,
+                p.d,
+                d as *mut c_void,
+                p.d,
+                &p.algo,
+                self.workspace as *mut c_void,
+                GEMM_WORKSPACE,
+                self.stream as ltsys::cudaStream_t,
+            )
+            .map_err(|e| Error::Device(format!("cublasLtMatmul [{rows}x{inp}]x[{inp}x{out}]: {e}")))
+        }
+    }
+
+    fn plan(
+        &self,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        ty: OutType,
+        ep: Epilogue,
+    ) -> Result<GemmPlan> {
+        use ltsys::cublasLtMatmulDescAttributes_t as A;
+        use ltsys::cudaDataType_t as T;
+        let dt = match ty {
+            OutType::Bf16 => T::CUDA_R_16BF,
+            OutType::F32 => T::CUDA_R_32F,
+        };
+        // Column-major view: D[out, rows] = W^T(op T of [inp, out]) . X[inp, rows].
+        let desc = lt::create_matmul_desc(
+            ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            T::CUDA_R_32F,
+        )
+        .map_err(lt_err("cublasLtMatmulDescCreate"))?;
+        let a = lt::create_matrix_layout(T::CUDA_R_16BF, inp as u64, out as u64, inp as i64)
+            .map_err(lt_err("cublasLtMatrixLayoutCreate"))?;
+        let b = lt::create_matrix_layout(T::CUDA_R_16BF, inp as u64, rows as u64, inp as i64)
+            .map_err(lt_err("cublasLtMatrixLayoutCreate"))?;
+        let d = lt::create_matrix_layout(dt, out as u64, rows as u64, out as i64)
+            .map_err(lt_err("cublasLtMatrixLayoutCreate"))?;
+        let trans: i32 = 1; // CUBLAS_OP_T
+        let epi = match ep {
+            Epilogue::Bias => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::GeluBias => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+        };
+        let bias_ty = T::CUDA_R_32F;
+        // SAFETY: valid descriptors, attribute buffers of the documented sizes.
+        unsafe {
+            let set = |attr: A, p: *const c_void, n: usize| {
+                lt::set_matmul_desc_attribute(desc, attr, p, n)
+                    .map_err(lt_err("cublasLtMatmulDescSetAttribute"))
+            };
+            set(
+                A::CUBLASLT_MATMUL_DESC_TRANSA,
+                &trans as *const i32 as *const c_void,
+                4,
+            )?;
+            set(
+                A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                &epi as *const _ as *const c_void,
+                std::mem::size_of_val(&epi),
+            )?;
+            set(
+                A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                &bias_ty as *const _ as *const c_void,
+                std::mem::size_of_val(&bias_ty),
+            )?;
+            let pref =
+                lt::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
+            let ws = GEMM_WORKSPACE as u64;
+            lt::set_matmul_pref_attribute(
+                pref,
+                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as *const c_void,
+                8,
+            )
+            .map_err(lt_err("cublasLtMatmulPreferenceSetAttribute"))?;
+            let h = lt::get_matmul_algo_heuristic(self.lt, desc, a, b, d, d, pref).map_err(|e| {
+                Error::Device(format!(
+                    "cuBLASLt has no algorithm for bf16 [{rows}x{inp}]x[{inp}x{out}] -> {ty:?} with {ep:?} epilogue: {e}"
+                ))
+            });
+            let _ = lt::destroy_matmul_pref(pref);
+            Ok(GemmPlan {
+                desc,
+                a,
+                b,
+                d,
+                algo: h?.algo,
+            })
+        }
+    }
+
+    /// Begins capturing the stream into a graph.
+    pub fn begin_capture(&self) -> Result<()> {
+        // SAFETY: valid stream.
+        unsafe {
+            drv::stream::begin_capture(
+                self.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(dev_err("cuStreamBeginCapture"))
+    }
+
+    /// Ends the capture and instantiates the graph.
+    pub fn end_capture(&self) -> Result<Graph> {
+        // SAFETY: the stream is capturing.
+        unsafe {
+            let g = drv::stream::end_capture(self.stream).map_err(dev_err("cuStreamEndCapture"))?;
+            let exec = drv::graph::instantiate(g, sys::CUgraphInstantiate_flags(0));
+            let _ = drv::graph::destroy(g);
+            let exec = exec.map_err(dev_err("cuGraphInstantiate"))?;
+            Ok(Graph { exec })
+        }
+    }
+
+    /// Ends a capture that failed half-way (errors ignored).
+    pub fn abort_capture(&self) {
+        // SAFETY: valid stream; a graph, if any, is destroyed.
+        unsafe {
+            if let Ok(g) = drv::stream::end_capture(self.stream) {
+                if !g.is_null() {
+                    let _ = drv::graph::destroy(g);
+                }
+            }
+        }
+    }
+
+    /// Replays `graph` on the stream.
+    pub fn replay(&self, graph: &Graph) -> Result<()> {
+        // SAFETY: instantiated graph, valid stream.
+        unsafe { drv::graph::launch(graph.exec, self.stream) }.map_err(dev_err("cuGraphLaunch"))
+    }
+
+    /// Creates a timing event.
+    pub fn event(&self) -> Result<Event> {
+        drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(|e| Event { e })
+            .map_err(dev_err("cuEventCreate"))
+    }
+
+    /// Records `ev` on the stream.
+    pub fn record(&self, ev: &Event) -> Result<()> {
+        // SAFETY: valid event and stream.
+        unsafe { drv::event::record(ev.e, self.stream) }.map_err(dev_err("cuEventRecord"))
+    }
+
+    /// Milliseconds between two recorded events (waits for `end`).
+    pub fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
+        // SAFETY: valid events.
+        unsafe {
+            drv::event::synchronize(end.e).map_err(dev_err("cuEventSynchronize"))?;
+            drv::event::elapsed(start.e, end.e).map_err(dev_err("cuEventElapsedTime"))
+        }
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> i32 {
+        // SAFETY: valid device.
+        unsafe {
+            drv::device::get_attribute(
+                self.dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .unwrap_or(0)
+        }
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // SAFETY: every handle below was created by this struct and is destroyed once.
+        unsafe {
+            let _ = drv::ctx::set_current(self.ctx);
+            let _ = drv::stream::synchronize(self.stream);
+            for (_, p) in self.plans.drain() {
+                let _ = lt::destroy_matrix_layout(p.a);
+                let _ = lt::destroy_matrix_layout(p.b);
+                let _ = lt::destroy_matrix_layout(p.d);
+                let _ = lt::destroy_matmul_desc(p.desc);
+            }
+            let _ = lt::destroy_handle(self.lt);
+            for p in self.allocs.drain(..) {
+                let _ = drv::free_sync(p);
+            }
+            let _ = drv::module::unload(self.module);
+            let _ = drv::stream::destroy(self.stream);
+            let _ = drv::primary_ctx::release(self.dev);
+        }
+    }
+}
+
+/// An instantiated CUDA graph.
+pub struct Graph {
+    exec: sys::CUgraphExec,
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: created by end_capture, destroyed once.
+        unsafe {
+            let _ = drv::graph::exec_destroy(self.exec);
+        }
+    }
+}
+
+/// A timing event.
+pub struct Event {
+    e: sys::CUevent,
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by Gpu::event, destroyed once.
+        unsafe {
+            let _ = drv::event::destroy(self.e);
+        }
+    }
+}

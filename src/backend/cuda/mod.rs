@@ -1,0 +1,1114 @@
+//! The CUDA backend (DESIGN §5, issue 4): the same joint forward as
+//! [`Model::forward_partial`], op for op, on one NVIDIA GPU.
+//!
+//! - **Probing.** cudarc panics when libcuda or cuBLASLt cannot be loaded, so [`device::probe`]
+//!   checks both first; absence is a clean [`Error::Device`]. A build without nvcc reports
+//!   [`crate::kernels::NOT_BUILT`].
+//! - **Memory.** Everything is allocated when the backend opens: weights (GEMM weights bf16;
+//!   norms, biases and modulation f32), activations for the largest window
+//!   (`(ceil(S/lag)+1)` blocks), the KV cache (ring of `local_attn` slots as in
+//!   [`crate::kv_cache`], or [`CudaOptions::cache_frames`] frames with global attention),
+//!   cross-attention K/V slots for the prompts of one window, the attention tables. The free
+//!   memory is queried first; too little is an [`Error::OutOfMemory`] naming the bytes needed.
+//! - **Precision.** bf16 activations and weights, f32 accumulation everywhere, f32 residual
+//!   stream, f32 latents, per-frame conditioning and statistics (as `params.h` says). The time
+//!   embedding (a few tiny GEMVs per distinct timestep) and the prompt's cross-attention K/V
+//!   ([`Model::prompt_context`]) are computed on the CPU and uploaded.
+//! - **GEMMs** go through cuBLASLt (bf16 in, f32 accumulate, fused bias epilogue, GELU+bias
+//!   epilogue for `ffn.0`; `BC_NO_GELU_EPILOGUE=1` uses the activation kernel instead).
+//! - **Graphs.** One tick = one CUDA graph. Per-tick data (latents, conditioning, RoPE
+//!   positions, cache slots, attention segment tables) is uploaded to fixed device buffers
+//!   before the launch; kernels read it from there. Launch *shapes* (rows, grids, group
+//!   counts) are passed by value in the params structs, so a graph is captured once per
+//!   distinct window shape ([`ShapeKey`]: member frame counts and roles, cross-attention
+//!   groups) and replayed for every later tick of that shape: the first tick of a shape runs
+//!   eagerly (warm-up: cuBLASLt heuristics, module load), the second captures, later ones
+//!   replay. `BC_NO_GRAPHS=1` (or [`CudaOptions::graphs`] = false) runs everything eagerly.
+//! - **Visibility** (which cache slots and window members each member attends to) is built on
+//!   the host per tick with exactly the rules of [`Model::forward_partial`].
+//!
+//! Only one device is supported (`--devices 1`).
+
+pub mod device;
+pub mod ops;
+
+use crate::backend::Backend;
+use crate::config::{AttentionMode, GenerateOptions};
+use crate::kernels::params::{BcAttnGroup, BcKvSegment};
+use crate::kv_cache::KvCache;
+use crate::model::{Member, Model, PromptContext, CHANNELS};
+use crate::{Error, Result};
+use device::{DevPtr, Epilogue, Gpu, Graph, OutType};
+use half::bf16;
+use ops::{QkArgs, NULL};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Options of the CUDA backend that [`GenerateOptions`] does not carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub device: usize,
+    /// Capture and replay one CUDA graph per window shape (`BC_NO_GRAPHS=1` turns it off).
+    pub graphs: bool,
+    /// Frames the KV cache holds with global attention (`BC_CUDA_CACHE_FRAMES`, default 21,
+    /// the Self-Forcing video length). Local attention always uses its ring of `local_attn`.
+    pub cache_frames: usize,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            device: 0,
+            graphs: true,
+            cache_frames: 21,
+        }
+    }
+}
+
+impl CudaOptions {
+    /// Defaults overridden by `BC_CUDA_DEVICE`, `BC_NO_GRAPHS=1`, `BC_CUDA_CACHE_FRAMES`.
+    pub fn from_env() -> Self {
+        let mut o = CudaOptions::default();
+        let num = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
+        if let Some(d) = num("BC_CUDA_DEVICE") {
+            o.device = d;
+        }
+        if std::env::var("BC_NO_GRAPHS").is_ok_and(|v| !v.is_empty() && v != "0") {
+            o.graphs = false;
+        }
+        if let Some(f) = num("BC_CUDA_CACHE_FRAMES") {
+            o.cache_frames = f.max(1);
+        }
+        o
+    }
+}
+
+static OVERRIDE: Mutex<Option<CudaOptions>> = Mutex::new(None);
+
+/// Sets the options that [`open`] (and so `--backend cuda` through the executor) uses instead
+/// of [`CudaOptions::from_env`]; `None` restores the environment. For tests and benchmarks.
+pub fn set_session_options(o: Option<CudaOptions>) {
+    *OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()) = o;
+}
+
+/// Opens the CUDA backend for `model` with `opts` (what [`crate::backend::cuda_backend`] calls).
+pub fn open<'m>(model: &'m Model, opts: &GenerateOptions) -> Result<Box<dyn Backend + 'm>> {
+    let co = OVERRIDE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_else(CudaOptions::from_env);
+    Ok(Box::new(CudaBackend::new(model, opts, co)?))
+}
+
+/// Per-layer device weights and cache.
+struct LayerDev {
+    qkv_w: DevPtr,
+    qkv_b: DevPtr,
+    o_w: DevPtr,
+    o_b: DevPtr,
+    norm_q: DevPtr,
+    norm_k: DevPtr,
+    cq_w: DevPtr,
+    cq_b: DevPtr,
+    co_w: DevPtr,
+    co_b: DevPtr,
+    cnorm_q: DevPtr,
+    norm3_w: DevPtr,
+    norm3_b: DevPtr,
+    ffn0_w: DevPtr,
+    ffn0_b: DevPtr,
+    ffn2_w: DevPtr,
+    ffn2_b: DevPtr,
+    modulation: DevPtr,
+    cache_k: DevPtr,
+    cache_v: DevPtr,
+}
+
+/// Activation buffers and tables.
+struct Bufs {
+    lat: DevPtr,
+    flow: DevPtr,
+    patches: DevPtr,
+    x: DevPtr,
+    y: DevPtr,
+    qkv: DevPtr,
+    q: DevPtr,
+    k: DevPtr,
+    v: DevPtr,
+    att: DevPtr,
+    ffn: DevPtr,
+    head: DevPtr,
+    e: DevPtr,
+    e0: DevPtr,
+    frame_pos: DevPtr,
+    frame_slot: DevPtr,
+    sa_segs: DevPtr,
+    sa_index: DevPtr,
+    sa_groups: DevPtr,
+    ca_segs: DevPtr,
+    ca_index: DevPtr,
+    ca_groups: DevPtr,
+    prompt_kv: DevPtr,
+}
+
+/// What a captured graph depends on besides device-memory contents: per member (frames,
+/// context), and the member runs that share a prompt in cross-attention.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ShapeKey {
+    members: Vec<(usize, bool)>,
+    cross_runs: Vec<usize>,
+}
+
+enum GraphState {
+    /// Seen once (ran eagerly as warm-up).
+    Warm,
+    /// Captured.
+    Ready(Graph),
+}
+
+/// A run of keys: cache slots or window rows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Src {
+    Cache { slot: usize, frames: usize },
+    Win { row: usize, rows: usize },
+}
+
+fn push_src(v: &mut Vec<Src>, s: Src) {
+    if let Some(last) = v.last_mut() {
+        match (last, s) {
+            (
+                Src::Cache { slot, frames },
+                Src::Cache {
+                    slot: s2,
+                    frames: f2,
+                },
+            ) if *slot + *frames == s2 => {
+                *frames += f2;
+                return;
+            }
+            (Src::Win { row, rows }, Src::Win { row: r2, rows: n2 }) if *row + *rows == r2 => {
+                *rows += n2;
+                return;
+            }
+            _ => {}
+        }
+    }
+    v.push(s);
+}
+
+/// The CUDA backend: one device, its weights, activations, KV cache and graphs.
+pub struct CudaBackend<'m> {
+    graphs: HashMap<ShapeKey, GraphState>,
+    graphs_ok: bool,
+    gpu: Gpu,
+    model: &'m Model,
+    opts: GenerateOptions,
+    copts: CudaOptions,
+    geom: KvCache,
+    slots: usize,
+    max_frames: usize,
+    max_members: usize,
+    seg_max: usize,
+    patch_w: DevPtr,
+    patch_b: DevPtr,
+    head_w: DevPtr,
+    head_b: DevPtr,
+    head_mod: DevPtr,
+    layers: Vec<LayerDev>,
+    b: Bufs,
+    prompt_slots: Vec<Option<(usize, u64, usize)>>,
+    time_cache: HashMap<u64, (Vec<f32>, Vec<f32>)>,
+    cache_bytes: usize,
+    ticks: usize,
+}
+
+fn fingerprint(p: &PromptContext) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for (k, v) in p.kv.iter().take(2) {
+        for x in k.iter().take(64).chain(v.iter().take(64)) {
+            h = (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+impl<'m> CudaBackend<'m> {
+    /// Opens device `copts.device` and allocates everything a session with `opts` needs.
+    pub fn new(model: &'m Model, opts: &GenerateOptions, copts: CudaOptions) -> Result<Self> {
+        if opts.devices > 1 {
+            return Err(Error::Unsupported(
+                "the CUDA backend runs on one device for now (use --devices 1)".into(),
+            ));
+        }
+        let c = model.config();
+        let (d, hd) = (c.dim, c.head_dim());
+        if hd % 8 != 0 || hd > 128 || d % 8 != 0 {
+            return Err(Error::Unsupported(format!(
+                "the CUDA kernels need head_dim a multiple of 8 and at most 128 (model: {hd})"
+            )));
+        }
+        let (h, w) = (opts.height, opts.width);
+        if h == 0 || w == 0 || h % 2 != 0 || w % 2 != 0 {
+            return Err(Error::invalid(format!(
+                "latent size {h}x{w} must be positive and even"
+            )));
+        }
+        let mut gpu = Gpu::open(copts.device)?;
+        let tpf = (h / 2) * (w / 2);
+        let flen = CHANNELS * h * w;
+        let geom = KvCache::new(0, tpf * d, opts.local_attn, opts.sink)?;
+        let slots = match opts.local_attn {
+            Some(l) => l,
+            None => copts.cache_frames,
+        };
+        let steps = opts.steps.len().max(1);
+        let lag = opts.lag().clamp(1, steps);
+        let max_members = steps.div_ceil(lag) + 1;
+        let max_frames = max_members * opts.block_frames.max(1);
+        let n = max_frames * tpf;
+        let seg_max = max_members * (slots + max_frames + max_members) + 4;
+        let pslots = max_members;
+        let l = c.num_layers;
+        let (ffn, tl) = (c.ffn_dim, c.text_len);
+        // Byte plan.
+        let bf = 2usize;
+        let per_layer_w = bf * (3 * d * d + d * d + d * d + d * d + 2 * ffn * d)
+            + 4 * (3 * d + d + 2 * d + d + d + d + 2 * d + ffn + d + 6 * d);
+        let cache_layer = 2 * bf * slots * tpf * d;
+        let weights = l * per_layer_w + bf * (d * 64 + 64 * d) + 4 * (d + 64 + 2 * d);
+        let acts = 2 * 4 * max_frames * flen
+            + bf * n * 64
+            + 4 * n * d
+            + bf * n * d * 6
+            + bf * n * ffn
+            + bf * n * 64
+            + 4 * max_frames * 7 * d
+            + 2 * 4 * max_frames
+            + l * seg_max * std::mem::size_of::<BcKvSegment>()
+            + 4 * max_members * seg_max
+            + 16 * max_members
+            + l * pslots * std::mem::size_of::<BcKvSegment>()
+            + 4 * max_members
+            + 16 * max_members;
+        let prompts = pslots * l * 2 * bf * tl * d;
+        let need = weights + l * cache_layer + acts + prompts + device::GEMM_WORKSPACE;
+        let (free, total) = gpu.mem_info()?;
+        // Allocation granularity and the driver's own needs.
+        let margin = 64 << 20;
+        if need + margin > free {
+            return Err(Error::OutOfMemory(format!(
+                "the CUDA backend needs {need} bytes ({:.2} GiB: weights {:.2}, KV cache {:.2}, activations {:.2}, prompts {:.2}) but only {free} of {total} bytes are free on {}",
+                need as f64 / (1u64 << 30) as f64,
+                weights as f64 / (1u64 << 30) as f64,
+                (l * cache_layer) as f64 / (1u64 << 30) as f64,
+                acts as f64 / (1u64 << 30) as f64,
+                prompts as f64 / (1u64 << 30) as f64,
+                gpu.name
+            )));
+        }
+        let wt = &model.weights;
+        let up_bf = |gpu: &mut Gpu, v: &[f32]| -> Result<DevPtr> {
+            let p = gpu.alloc(v.len() * 2)?;
+            gpu.upload(p, &to_bf16(v))?;
+            gpu.sync()?;
+            Ok(p)
+        };
+        let up_f = |gpu: &mut Gpu, v: &[f32]| -> Result<DevPtr> {
+            let p = gpu.alloc(v.len() * 4)?;
+            gpu.upload(p, v)?;
+            gpu.sync()?;
+            Ok(p)
+        };
+        let patch_w = up_bf(&mut gpu, &wt.patch_w)?;
+        let patch_b = up_f(&mut gpu, &wt.patch_b)?;
+        let head_w = up_bf(&mut gpu, &wt.head.0)?;
+        let head_b = up_f(&mut gpu, &wt.head.1)?;
+        let head_mod = up_f(&mut gpu, &wt.head_modulation)?;
+        let mut layers = Vec::with_capacity(l);
+        for lw in &wt.layers {
+            let (sa, ca) = (&lw.self_attn, &lw.cross_attn);
+            let cache_k = gpu.alloc(slots * tpf * d * bf)?;
+            let cache_v = gpu.alloc(slots * tpf * d * bf)?;
+            gpu.memset(cache_k, 0, slots * tpf * d * bf)?;
+            gpu.memset(cache_v, 0, slots * tpf * d * bf)?;
+            layers.push(LayerDev {
+                qkv_w: up_bf(&mut gpu, &sa.qkv_w)?,
+                qkv_b: up_f(&mut gpu, &sa.qkv_b)?,
+                o_w: up_bf(&mut gpu, &sa.o_w)?,
+                o_b: up_f(&mut gpu, &sa.o_b)?,
+                norm_q: up_f(&mut gpu, &sa.norm_q)?,
+                norm_k: up_f(&mut gpu, &sa.norm_k)?,
+                cq_w: up_bf(&mut gpu, &ca.qkv_w[..d * d])?,
+                cq_b: up_f(&mut gpu, &ca.qkv_b[..d])?,
+                co_w: up_bf(&mut gpu, &ca.o_w)?,
+                co_b: up_f(&mut gpu, &ca.o_b)?,
+                cnorm_q: up_f(&mut gpu, &ca.norm_q)?,
+                norm3_w: up_f(&mut gpu, &lw.norm3_w)?,
+                norm3_b: up_f(&mut gpu, &lw.norm3_b)?,
+                ffn0_w: up_bf(&mut gpu, &lw.ffn0_w)?,
+                ffn0_b: up_f(&mut gpu, &lw.ffn0_b)?,
+                ffn2_w: up_bf(&mut gpu, &lw.ffn2_w)?,
+                ffn2_b: up_f(&mut gpu, &lw.ffn2_b)?,
+                modulation: up_f(&mut gpu, &lw.modulation)?,
+                cache_k,
+                cache_v,
+            });
+        }
+        let mut a = |bytes: usize| gpu.alloc(bytes);
+        let b = Bufs {
+            lat: a(4 * max_frames * flen)?,
+            flow: a(4 * max_frames * flen)?,
+            patches: a(bf * n * 64)?,
+            x: a(4 * n * d)?,
+            y: a(bf * n * d)?,
+            qkv: a(bf * n * 3 * d)?,
+            q: a(bf * n * d)?,
+            k: a(bf * n * d)?,
+            v: a(bf * n * d)?,
+            att: a(bf * n * d)?,
+            ffn: a(bf * n * ffn)?,
+            head: a(bf * n * 64)?,
+            e: a(4 * max_frames * d)?,
+            e0: a(4 * max_frames * 6 * d)?,
+            frame_pos: a(4 * max_frames)?,
+            frame_slot: a(4 * max_frames)?,
+            sa_segs: a(l * seg_max * std::mem::size_of::<BcKvSegment>())?,
+            sa_index: a(4 * max_members * seg_max)?,
+            sa_groups: a(std::mem::size_of::<BcAttnGroup>() * max_members)?,
+            ca_segs: a(l * pslots * std::mem::size_of::<BcKvSegment>())?,
+            ca_index: a(4 * max_members)?,
+            ca_groups: a(std::mem::size_of::<BcAttnGroup>() * max_members)?,
+            prompt_kv: a(prompts)?,
+        };
+        gpu.sync()?;
+        Ok(CudaBackend {
+            graphs: HashMap::new(),
+            graphs_ok: copts.graphs,
+            gpu,
+            model,
+            opts: opts.clone(),
+            copts,
+            geom,
+            slots,
+            max_frames,
+            max_members,
+            seg_max,
+            patch_w,
+            patch_b,
+            head_w,
+            head_b,
+            head_mod,
+            layers,
+            b,
+            prompt_slots: vec![None; pslots],
+            time_cache: HashMap::new(),
+            cache_bytes: l * cache_layer,
+            ticks: 0,
+        })
+    }
+
+    /// The options this backend was opened with.
+    pub fn options(&self) -> &CudaOptions {
+        &self.copts
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> &str {
+        &self.gpu.name
+    }
+
+    /// Number of graphs captured so far.
+    pub fn graphs_captured(&self) -> usize {
+        self.graphs
+            .values()
+            .filter(|g| matches!(g, GraphState::Ready(_)))
+            .count()
+    }
+
+    /// Whether graphs are in use (false when disabled or when a capture failed).
+    pub fn graphs_enabled(&self) -> bool {
+        self.graphs_ok
+    }
+
+    fn slot_of(&self, f: usize) -> Result<usize> {
+        let s = match self.opts.local_attn {
+            None => f,
+            Some(_) if f < self.opts.sink => f,
+            Some(l) => {
+                let w = l - self.opts.sink;
+                self.opts.sink + (f - self.opts.sink) % w
+            }
+        };
+        if s >= self.slots {
+            return Err(Error::OutOfMemory(format!(
+                "the CUDA KV cache holds {} frames with global attention and frame {f} does not fit: set BC_CUDA_CACHE_FRAMES or use local attention",
+                self.slots
+            )));
+        }
+        Ok(s)
+    }
+
+    fn time_embedding(&mut self, t: f64) -> (Vec<f32>, Vec<f32>) {
+        let m = self.model;
+        self.time_cache
+            .entry(t.to_bits())
+            .or_insert_with(|| m.time_embedding(t))
+            .clone()
+    }
+
+    /// Makes sure every prompt of `members` has a slot; returns the slot of each member.
+    fn load_prompts(&mut self, members: &[Member]) -> Result<Vec<usize>> {
+        let c = self.model.config();
+        let (l, tl, d) = (c.num_layers, c.text_len, c.dim);
+        let per = l * 2 * tl * d * 2;
+        let mut out = Vec::with_capacity(members.len());
+        let mut used = vec![false; self.prompt_slots.len()];
+        for m in members {
+            let key = (
+                m.prompt as *const PromptContext as usize,
+                fingerprint(m.prompt),
+            );
+            if let Some(s) = self
+                .prompt_slots
+                .iter()
+                .position(|p| p.is_some_and(|(a, f, _)| (a, f) == key))
+            {
+                used[s] = true;
+                self.prompt_slots[s].as_mut().unwrap().2 = self.ticks;
+                out.push(s);
+                continue;
+            }
+            // Least recently used slot not needed by this window.
+            let s = (0..self.prompt_slots.len())
+                .filter(|&s| !used[s])
+                .min_by_key(|&s| self.prompt_slots[s].map_or(0, |p| p.2 + 1))
+                .ok_or_else(|| Error::Internal("no free prompt slot".into()))?;
+            if m.prompt.kv.len() != l {
+                return Err(Error::Internal(
+                    "prompt context has the wrong layer count".into(),
+                ));
+            }
+            let base = self.b.prompt_kv + (s * per) as u64;
+            for (li, (k, v)) in m.prompt.kv.iter().enumerate() {
+                let off = base + (li * 2 * tl * d * 2) as u64;
+                self.gpu.upload(off, &to_bf16(k))?;
+                self.gpu.upload(off + (tl * d * 2) as u64, &to_bf16(v))?;
+                self.gpu.sync()?;
+            }
+            self.prompt_slots[s] = Some((key.0, key.1, self.ticks));
+            used[s] = true;
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    fn run(&mut self, members: &[Member]) -> Result<Vec<Vec<f32>>> {
+        self.gpu.bind()?;
+        let c = self.model.config().clone();
+        let d = c.dim;
+        let (h, w) = (self.opts.height, self.opts.width);
+        let tpf = (h / 2) * (w / 2);
+        let flen = CHANNELS * h * w;
+        let mut frames = Vec::with_capacity(members.len());
+        for (i, m) in members.iter().enumerate() {
+            if m.latents.is_empty() || m.latents.len() % flen != 0 {
+                return Err(Error::invalid(format!(
+                    "member {i}: {} latent values is not a whole number of [16, {h}, {w}] frames",
+                    m.latents.len()
+                )));
+            }
+            if i > 0 && m.first_frame < members[i - 1].first_frame + frames[i - 1] {
+                return Err(Error::Internal(
+                    "window members overlap or are out of order".into(),
+                ));
+            }
+            frames.push(m.latents.len() / flen);
+        }
+        let nf: usize = frames.iter().sum();
+        if members.len() > self.max_members || nf > self.max_frames {
+            return Err(Error::Internal(format!(
+                "window of {} members / {nf} frames exceeds the CUDA buffers ({} / {})",
+                members.len(),
+                self.max_members,
+                self.max_frames
+            )));
+        }
+        let n = nf * tpf;
+        let mut row0 = Vec::with_capacity(members.len());
+        let mut fr0 = Vec::with_capacity(members.len());
+        let (mut r, mut f) = (0, 0);
+        for &fc in &frames {
+            row0.push(r);
+            fr0.push(f);
+            r += fc * tpf;
+            f += fc;
+        }
+        let pslot = self.load_prompts(members)?;
+        // Per-tick host data.
+        let mut lat = Vec::with_capacity(nf * flen);
+        let mut e = Vec::with_capacity(nf * d);
+        let mut e0 = Vec::with_capacity(nf * 6 * d);
+        let mut pos = Vec::with_capacity(nf);
+        let mut slot = Vec::with_capacity(nf);
+        for (i, m) in members.iter().enumerate() {
+            lat.extend_from_slice(m.latents);
+            let (ei, e0i) = self.time_embedding(m.timestep);
+            for fi in 0..frames[i] {
+                e.extend_from_slice(&ei);
+                e0.extend_from_slice(&e0i);
+                let af = m.first_frame + fi;
+                pos.push(i32::try_from(af).map_err(|_| Error::invalid("frame index too large"))?);
+                slot.push(if m.context {
+                    self.slot_of(af)? as i32
+                } else {
+                    0
+                });
+            }
+        }
+        // Self-attention visibility (model.rs, forward_partial).
+        let mut lists: Vec<Vec<Src>> = Vec::with_capacity(members.len());
+        for (i, m) in members.iter().enumerate() {
+            let e_end = m.first_frame + frames[i];
+            let mut segs = Vec::new();
+            for f in self.geom.visible(m.first_frame, e_end) {
+                push_src(
+                    &mut segs,
+                    Src::Cache {
+                        slot: self.slot_of(f)?,
+                        frames: 1,
+                    },
+                );
+            }
+            for (j, o) in members.iter().enumerate() {
+                if j == i {
+                    push_src(
+                        &mut segs,
+                        Src::Win {
+                            row: row0[j],
+                            rows: frames[j] * tpf,
+                        },
+                    );
+                } else if o.first_frame < m.first_frame {
+                    for fi in 0..frames[j] {
+                        if self.geom.in_window(o.first_frame + fi, e_end) {
+                            push_src(
+                                &mut segs,
+                                Src::Win {
+                                    row: row0[j] + fi * tpf,
+                                    rows: tpf,
+                                },
+                            );
+                        }
+                    }
+                } else if self.opts.attention == AttentionMode::Bidirectional
+                    && !o.context
+                    && !m.context
+                {
+                    push_src(
+                        &mut segs,
+                        Src::Win {
+                            row: row0[j],
+                            rows: frames[j] * tpf,
+                        },
+                    );
+                }
+            }
+            lists.push(segs);
+        }
+        let nseg: usize = lists.iter().map(Vec::len).sum();
+        if nseg > self.seg_max {
+            return Err(Error::Internal("attention segment table overflow".into()));
+        }
+        let l = c.num_layers;
+        let row_bytes = (d * 2) as u64;
+        let mut seg_tab = Vec::with_capacity(l * self.seg_max);
+        for ld in &self.layers {
+            for s in lists.iter().flatten() {
+                let (k, v, tokens) = match *s {
+                    Src::Cache { slot, frames } => {
+                        let off = (slot * tpf) as u64 * row_bytes;
+                        (ld.cache_k + off, ld.cache_v + off, frames * tpf)
+                    }
+                    Src::Win { row, rows } => {
+                        let off = row as u64 * row_bytes;
+                        (self.b.k + off, self.b.v + off, rows)
+                    }
+                };
+                seg_tab.push(BcKvSegment {
+                    k: k as *const _,
+                    v: v as *const _,
+                    tokens: tokens as i32,
+                    _pad: 0,
+                });
+            }
+            while seg_tab.len() % self.seg_max != 0 {
+                seg_tab.push(BcKvSegment {
+                    k: std::ptr::null(),
+                    v: std::ptr::null(),
+                    tokens: 0,
+                    _pad: 0,
+                });
+            }
+        }
+        let mut index = Vec::with_capacity(nseg);
+        let mut groups = Vec::with_capacity(members.len());
+        for (i, list) in lists.iter().enumerate() {
+            groups.push(BcAttnGroup {
+                q_begin: row0[i] as i32,
+                q_rows: (frames[i] * tpf) as i32,
+                seg_begin: index.len() as i32,
+                seg_count: list.len() as i32,
+            });
+            let b = index.len() as i32;
+            index.extend((0..list.len() as i32).map(|x| b + x));
+        }
+        // Cross-attention: consecutive members sharing a prompt form one group.
+        let (tl, pslots) = (c.text_len, self.prompt_slots.len());
+        let per = l * 2 * tl * d * 2;
+        let mut ca_tab = Vec::with_capacity(l * pslots);
+        for li in 0..l {
+            for s in 0..pslots {
+                let k = self.b.prompt_kv + (s * per + li * 2 * tl * d * 2) as u64;
+                ca_tab.push(BcKvSegment {
+                    k: k as *const _,
+                    v: (k + (tl * d * 2) as u64) as *const _,
+                    tokens: tl as i32,
+                    _pad: 0,
+                });
+            }
+        }
+        let mut ca_groups = Vec::new();
+        let mut ca_index = Vec::new();
+        let mut cross_runs = Vec::new();
+        let mut a = 0;
+        while a < members.len() {
+            let mut b = a + 1;
+            while b < members.len() && std::ptr::eq(members[b].prompt, members[a].prompt) {
+                b += 1;
+            }
+            ca_groups.push(BcAttnGroup {
+                q_begin: row0[a] as i32,
+                q_rows: (row0[b - 1] + frames[b - 1] * tpf - row0[a]) as i32,
+                seg_begin: ca_index.len() as i32,
+                seg_count: 1,
+            });
+            ca_index.push(pslot[a] as i32);
+            cross_runs.push(b - a);
+            a = b;
+        }
+        let g = &self.gpu;
+        g.upload(self.b.lat, &lat)?;
+        g.upload(self.b.e, &e)?;
+        g.upload(self.b.e0, &e0)?;
+        g.upload(self.b.frame_pos, &pos)?;
+        g.upload(self.b.frame_slot, &slot)?;
+        g.upload(self.b.sa_segs, &seg_tab)?;
+        g.upload(self.b.sa_index, &index)?;
+        g.upload(self.b.sa_groups, &groups)?;
+        g.upload(self.b.ca_segs, &ca_tab)?;
+        g.upload(self.b.ca_index, &ca_index)?;
+        g.upload(self.b.ca_groups, &ca_groups)?;
+        let shape = Shape {
+            frames: frames.clone(),
+            context: members.iter().map(|m| m.context).collect(),
+            row0: row0.clone(),
+            fr0: fr0.clone(),
+            n,
+            nf,
+            cross_groups: ca_groups.iter().map(|g| g.q_rows as usize).collect(),
+        };
+        let key = ShapeKey {
+            members: frames
+                .iter()
+                .zip(members)
+                .map(|(&f, m)| (f, m.context))
+                .collect(),
+            cross_runs,
+        };
+        if !self.graphs_ok {
+            self.enqueue(&shape)?;
+        } else {
+            match self.graphs.get(&key) {
+                Some(GraphState::Ready(graph)) => self.gpu.replay(graph)?,
+                Some(GraphState::Warm) => {
+                    // All uploads above are ordered before the capture's replay.
+                    self.gpu.begin_capture()?;
+                    let res = self.enqueue(&shape);
+                    match res.and_then(|_| self.gpu.end_capture()) {
+                        Ok(graph) => {
+                            self.gpu.replay(&graph)?;
+                            self.graphs.insert(key, GraphState::Ready(graph));
+                        }
+                        Err(err) => {
+                            self.gpu.abort_capture();
+                            if std::env::var_os("BC_CUDA_VERBOSE").is_some() {
+                                eprintln!("CUDA graph capture failed, running eagerly: {err}");
+                            }
+                            self.graphs_ok = false;
+                            self.graphs.clear();
+                            self.enqueue(&shape)?;
+                        }
+                    }
+                }
+                None => {
+                    self.enqueue(&shape)?;
+                    self.graphs.insert(key, GraphState::Warm);
+                }
+            }
+        }
+        let mut flow = vec![0f32; nf * flen];
+        self.gpu.download(&mut flow, self.b.flow)?;
+        self.ticks += 1;
+        Ok(members
+            .iter()
+            .enumerate()
+            .map(|(i, _)| flow[fr0[i] * flen..(fr0[i] + frames[i]) * flen].to_vec())
+            .collect())
+    }
+
+    /// Enqueues one joint forward of a window of `s`'s shape (every launch of the tick).
+    fn enqueue(&mut self, s: &Shape) -> Result<()> {
+        let c = self.model.config().clone();
+        let (d, nh, hd, ffn) = (c.dim, c.num_heads, c.head_dim(), c.ffn_dim);
+        let eps = c.eps as f32;
+        let (h, w) = (self.opts.height, self.opts.width);
+        let (hp, wp) = (h / 2, w / 2);
+        let tpf = hp * wp;
+        let (n, nf) = (s.n, s.nf);
+        let b = &self.b;
+        let (x, y, q, k, v, att) = (b.x, b.y, b.q, b.k, b.v, b.att);
+        let g = &mut self.gpu;
+        ops::patch(g, true, b.lat, b.patches, nf, CHANNELS, h, w)?;
+        g.gemm(
+            b.patches,
+            self.patch_w,
+            self.patch_b,
+            x,
+            n,
+            64,
+            d,
+            OutType::F32,
+            Epilogue::Bias,
+        )?;
+        let f32b = 4u64;
+        let e0 = |j: usize| b.e0 + (j * d) as u64 * f32b;
+        let max_rows = s.frames.iter().map(|f| f * tpf).max().unwrap_or(0);
+        let seg_stride = (self.seg_max * std::mem::size_of::<BcKvSegment>()) as u64;
+        let ca_stride = (self.prompt_slots.len() * std::mem::size_of::<BcKvSegment>()) as u64;
+        let row = (d * 2) as u64;
+        for (li, ld) in self.layers.iter().enumerate() {
+            let m = |j: usize| ld.modulation + (j * d) as u64 * f32b;
+            // Self-attention.
+            ops::ln_modulate(g, x, y, n, d, eps, tpf, e0(0), e0(1), 6 * d, m(0), m(1))?;
+            g.gemm(
+                y,
+                ld.qkv_w,
+                ld.qkv_b,
+                b.qkv,
+                n,
+                d,
+                3 * d,
+                OutType::Bf16,
+                Epilogue::Bias,
+            )?;
+            let qa = QkArgs {
+                x: b.qkv,
+                x_stride: 3 * d,
+                out: q,
+                rows: n,
+                heads: nh,
+                head_dim: hd,
+                tpf,
+                wp,
+                norm: ld.norm_q,
+                frame_pos: b.frame_pos,
+                frame_slot: NULL,
+                rope: true,
+                eps,
+            };
+            ops::qk_norm_rope(g, &qa)?;
+            ops::qk_norm_rope(
+                g,
+                &QkArgs {
+                    x: b.qkv + row,
+                    out: k,
+                    norm: ld.norm_k,
+                    ..qa
+                },
+            )?;
+            ops::qk_norm_rope(
+                g,
+                &QkArgs {
+                    x: b.qkv + 2 * row,
+                    out: v,
+                    norm: NULL,
+                    rope: false,
+                    ..qa
+                },
+            )?;
+            ops::attention(
+                g,
+                q,
+                att,
+                nh,
+                hd,
+                b.sa_segs + li as u64 * seg_stride,
+                b.sa_index,
+                b.sa_groups,
+                s.frames.len(),
+                max_rows,
+            )?;
+            // Context members' K/V into the cache (after this layer's attention).
+            for (j, &ctx) in s.context.iter().enumerate() {
+                if !ctx {
+                    continue;
+                }
+                let rows = s.frames[j] * tpf;
+                let base = QkArgs {
+                    x: k + s.row0[j] as u64 * row,
+                    x_stride: d,
+                    out: ld.cache_k,
+                    rows,
+                    heads: nh,
+                    head_dim: hd,
+                    tpf,
+                    wp,
+                    norm: NULL,
+                    frame_pos: NULL,
+                    frame_slot: b.frame_slot + (s.fr0[j] * 4) as u64,
+                    rope: false,
+                    eps,
+                };
+                ops::qk_norm_rope(g, &base)?;
+                ops::qk_norm_rope(
+                    g,
+                    &QkArgs {
+                        x: v + s.row0[j] as u64 * row,
+                        out: ld.cache_v,
+                        ..base
+                    },
+                )?;
+            }
+            g.gemm(
+                att,
+                ld.o_w,
+                ld.o_b,
+                y,
+                n,
+                d,
+                d,
+                OutType::Bf16,
+                Epilogue::Bias,
+            )?;
+            ops::gated_residual(g, x, y, n, d, tpf, e0(2), 6 * d, m(2))?;
+            // Cross-attention.
+            ops::layer_norm_affine(g, x, y, n, d, eps, ld.norm3_w, ld.norm3_b)?;
+            g.gemm(
+                y,
+                ld.cq_w,
+                ld.cq_b,
+                q,
+                n,
+                d,
+                d,
+                OutType::Bf16,
+                Epilogue::Bias,
+            )?;
+            ops::qk_norm_rope(
+                g,
+                &QkArgs {
+                    x: q,
+                    x_stride: d,
+                    out: q,
+                    rows: n,
+                    heads: nh,
+                    head_dim: hd,
+                    tpf,
+                    wp,
+                    norm: ld.cnorm_q,
+                    frame_pos: NULL,
+                    frame_slot: NULL,
+                    rope: false,
+                    eps,
+                },
+            )?;
+            ops::attention(
+                g,
+                q,
+                att,
+                nh,
+                hd,
+                b.ca_segs + li as u64 * ca_stride,
+                b.ca_index,
+                b.ca_groups,
+                s.cross_groups.len(),
+                s.cross_groups.iter().copied().max().unwrap_or(0),
+            )?;
+            g.gemm(
+                att,
+                ld.co_w,
+                ld.co_b,
+                y,
+                n,
+                d,
+                d,
+                OutType::Bf16,
+                Epilogue::Bias,
+            )?;
+            ops::gated_residual(g, x, y, n, d, tpf, NULL, 0, NULL)?;
+            // FFN.
+            ops::ln_modulate(g, x, y, n, d, eps, tpf, e0(3), e0(4), 6 * d, m(3), m(4))?;
+            if g.gelu_epilogue {
+                g.gemm(
+                    y,
+                    ld.ffn0_w,
+                    ld.ffn0_b,
+                    b.ffn,
+                    n,
+                    d,
+                    ffn,
+                    OutType::Bf16,
+                    Epilogue::GeluBias,
+                )?;
+            } else {
+                g.gemm(
+                    y,
+                    ld.ffn0_w,
+                    ld.ffn0_b,
+                    b.ffn,
+                    n,
+                    d,
+                    ffn,
+                    OutType::Bf16,
+                    Epilogue::Bias,
+                )?;
+                ops::activation(g, b.ffn, n * ffn, true, true)?;
+            }
+            g.gemm(
+                b.ffn,
+                ld.ffn2_w,
+                ld.ffn2_b,
+                y,
+                n,
+                ffn,
+                d,
+                OutType::Bf16,
+                Epilogue::Bias,
+            )?;
+            ops::gated_residual(g, x, y, n, d, tpf, e0(5), 6 * d, m(5))?;
+        }
+        // Head: shift = m0 + e, scale = m1 + e.
+        ops::ln_modulate(
+            g,
+            x,
+            y,
+            n,
+            d,
+            eps,
+            tpf,
+            b.e,
+            b.e,
+            d,
+            self.head_mod,
+            self.head_mod + (d * 4) as u64,
+        )?;
+        g.gemm(
+            y,
+            self.head_w,
+            self.head_b,
+            b.head,
+            n,
+            d,
+            64,
+            OutType::Bf16,
+            Epilogue::Bias,
+        )?;
+        ops::patch(g, false, b.flow, b.head, nf, CHANNELS, h, w)?;
+        Ok(())
+    }
+}
+
+/// Launch-shape data of one tick.
+struct Shape {
+    frames: Vec<usize>,
+    context: Vec<bool>,
+    row0: Vec<usize>,
+    fr0: Vec<usize>,
+    n: usize,
+    nf: usize,
+    cross_groups: Vec<usize>,
+}
+
+impl Backend for CudaBackend<'_> {
+    fn forward(
+        &mut self,
+        members: &[Member],
+        _blocks: &[usize],
+        _tick: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.run(members)
+    }
+
+    fn commit(&mut self, end: usize) {
+        self.geom.commit(end);
+    }
+
+    fn resident(&self, f: usize) -> bool {
+        self.geom.resident(f)
+    }
+
+    fn recache(&mut self, members: &[Member]) -> Result<()> {
+        // Context members are causal among themselves, so running them in chunks that fit
+        // the window buffers, committing each chunk, sees exactly what one joint forward over
+        // a fresh cache sees.
+        let old = self.geom.committed();
+        self.geom = self.geom.empty_like();
+        let mut i = 0;
+        while i < members.len() {
+            let mut j = i;
+            let mut fr = 0;
+            let flen = CHANNELS * self.opts.height * self.opts.width;
+            while j < members.len()
+                && j - i < self.max_members
+                && fr + members[j].latents.len() / flen <= self.max_frames
+            {
+                fr += members[j].latents.len() / flen;
+                j += 1;
+            }
+            if j == i {
+                return Err(Error::Internal(
+                    "recache member larger than the window buffers".into(),
+                ));
+            }
+            self.run(&members[i..j])?;
+            let m = &members[j - 1];
+            self.geom.commit(m.first_frame + m.latents.len() / flen);
+            i = j;
+        }
+        self.geom = self.geom.empty_like();
+        self.geom.commit(old);
+        Ok(())
+    }
+
+    fn cache_bytes(&self) -> usize {
+        self.cache_bytes
+    }
+}
+
+impl Drop for CudaBackend<'_> {
+    fn drop(&mut self) {
+        let _ = self.gpu.bind();
+        // Graphs go before the context.
+        self.graphs.clear();
+    }
+}

@@ -259,6 +259,11 @@ impl Model {
                 e0_frames[f * 6 * d..(f + 1) * 6 * d].copy_from_slice(&e0);
             }
         }
+        // RoPE angles of this device's members (positions are absolute frames).
+        let rope: Vec<Vec<(f32, f32)>> = mine
+            .iter()
+            .map(|&i| ops::rope_table(hd, members[i].first_frame, frames[i], hp, wp))
+            .collect();
         // Scratch.
         let mut y = vec![0f32; n * d];
         let mut qkv = vec![0f32; n * 3 * d];
@@ -287,10 +292,9 @@ impl Model {
             }
             ops::rms_norm(&mut q, d, c.eps, &sa.norm_q);
             ops::rms_norm(&mut k, d, c.eps, &sa.norm_k);
-            for &i in mine {
-                let first = members[i].first_frame;
-                ops::rope_3d(&mut q[rows_of(i)], nh, hd, first, hp, wp);
-                ops::rope_3d(&mut k[rows_of(i)], nh, hd, first, hp, wp);
+            for (&i, table) in mine.iter().zip(&rope) {
+                ops::rope_apply(&mut q[rows_of(i)], nh, hd, table);
+                ops::rope_apply(&mut k[rows_of(i)], nh, hd, table);
             }
             // Exchange K/V with the peers, then gather every member's K/V.
             let own: Vec<OwnKv> = mine

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 /// Query rows per task.
-const Q_TILE: usize = 64;
+const Q_TILE: usize = 128;
 /// Keys per inner step.
 const K_TILE: usize = 256;
 

@@ -16,15 +16,15 @@ pub fn linear(x: &[f32], n: usize, k: usize, w: &[f32], bias: Option<&[f32]>, ou
         return;
     }
     let threads = rayon::current_num_threads().max(1);
-    if n >= MIN_SPLIT * threads || n >= o {
-        // Split over token rows.
-        let rows = n.div_ceil(threads * 2).max(MIN_SPLIT.min(n));
+    // matrixmultiply packs both operands per call: splitting over rows re-packs all of W in
+    // every task, splitting over columns re-packs all of x. Split the larger one.
+    if n >= o {
+        let rows = n.div_ceil(threads).max(MIN_SPLIT.min(n));
         out.par_chunks_mut(rows * o)
             .zip(x.par_chunks(rows * k))
             .for_each(|(oc, xc)| gemm_rows(xc, xc.len() / k, k, w, o, 0, o, bias, oc, o));
     } else {
-        // Few rows, many outputs (e.g. time embeddings): split over output columns.
-        let cols = o.div_ceil(threads * 2).max(MIN_SPLIT);
+        let cols = o.div_ceil(threads).max(MIN_SPLIT);
         let out_ptr = SendPtr(out.as_mut_ptr());
         (0..o.div_ceil(cols)).into_par_iter().for_each(|c| {
             let c0 = c * cols;

@@ -121,8 +121,56 @@ pub fn rope_angles(head_dim: usize, pos: [f64; 3], angles: &mut [f64]) {
     }
 }
 
+/// Cosines and sines of the RoPE angles of every token of `frames` frames starting at absolute
+/// frame `first_frame`: `[tokens, head_dim/2]` pairs `(cos, sin)`, shared by all heads, q and k
+/// and every layer of a forward.
+pub fn rope_table(
+    head_dim: usize,
+    first_frame: usize,
+    frames: usize,
+    hp: usize,
+    wp: usize,
+) -> Vec<(f32, f32)> {
+    let half = head_dim / 2;
+    let tpf = hp * wp;
+    let mut out = vec![(0f32, 0f32); frames * tpf * half];
+    out.par_chunks_mut(half).enumerate().for_each(|(r, row)| {
+        let pos = [
+            (first_frame + r / tpf) as f64,
+            ((r / wp) % hp) as f64,
+            (r % wp) as f64,
+        ];
+        let mut ang = vec![0f64; half];
+        rope_angles(head_dim, pos, &mut ang);
+        for (o, a) in row.iter_mut().zip(&ang) {
+            *o = (a.cos() as f32, a.sin() as f32);
+        }
+    });
+    out
+}
+
+/// Applies a [`rope_table`] in place to rows of `heads * head_dim` values: adjacent pairs
+/// rotate as complex numbers.
+pub fn rope_apply(x: &mut [f32], heads: usize, head_dim: usize, table: &[(f32, f32)]) {
+    let dim = heads * head_dim;
+    let half = head_dim / 2;
+    x.par_chunks_mut(dim)
+        .zip(table.par_chunks(half))
+        .for_each(|(row, cs)| {
+            for hr in row.chunks_mut(head_dim) {
+                for (j, &(c, s)) in cs.iter().enumerate() {
+                    let a = hr[2 * j];
+                    let b = hr[2 * j + 1];
+                    hr[2 * j] = a * c - b * s;
+                    hr[2 * j + 1] = a * s + b * c;
+                }
+            }
+        });
+}
+
 /// 3D RoPE in place on rows of `heads * head_dim` values. Token `r` has position
-/// `(first_frame + r / (hp*wp), (r / wp) % hp, r % wp)`; adjacent pairs rotate as complex numbers.
+/// `(first_frame + r / (hp*wp), (r / wp) % hp, r % wp)`; angles come from [`rope_angles`], so
+/// positions have no upper limit.
 pub fn rope_3d(
     x: &mut [f32],
     heads: usize,
@@ -131,40 +179,24 @@ pub fn rope_3d(
     hp: usize,
     wp: usize,
 ) {
-    let dim = heads * head_dim;
-    let tpf = hp * wp;
-    x.par_chunks_mut(dim).enumerate().for_each(|(r, row)| {
-        let pos = [
-            (first_frame + r / tpf) as f64,
-            ((r / wp) % hp) as f64,
-            (r % wp) as f64,
-        ];
-        let mut ang = [0f64; 512];
-        let ang = &mut ang[..head_dim / 2];
-        rope_angles(head_dim, pos, ang);
-        let cs: Vec<(f32, f32)> = ang
-            .iter()
-            .map(|a| (a.cos() as f32, a.sin() as f32))
-            .collect();
-        for h in 0..heads {
-            let hr = &mut row[h * head_dim..(h + 1) * head_dim];
-            for (j, &(c, s)) in cs.iter().enumerate() {
-                let a = hr[2 * j];
-                let b = hr[2 * j + 1];
-                hr[2 * j] = a * c - b * s;
-                hr[2 * j + 1] = a * s + b * c;
-            }
-        }
-    });
+    let frames = x.len() / (heads * head_dim) / (hp * wp).max(1);
+    rope_apply(
+        x,
+        heads,
+        head_dim,
+        &rope_table(head_dim, first_frame, frames, hp, wp),
+    );
 }
 
-/// GELU with the tanh approximation, in place.
+/// GELU with the tanh approximation, in place. `0.5·(1 + tanh(z))` is evaluated as the
+/// equal `1 / (1 + exp(-2z))`, which is cheaper than `tanhf` and exact to f32 rounding.
 pub fn gelu_tanh(x: &mut [f32]) {
     const C: f32 = 0.797_884_6; // sqrt(2/pi)
     x.par_chunks_mut(4096).for_each(|c| {
         for v in c {
             let u = *v;
-            *v = 0.5 * u * (1.0 + (C * (u + 0.044715 * u * u * u)).tanh());
+            let z = C * (u + 0.044715 * u * u * u);
+            *v = u / (1.0 + (-2.0 * z).exp());
         }
     });
 }
@@ -290,6 +322,31 @@ mod tests {
         // its height pairs (position 0) are unchanged.
         assert_eq!(x[4], orig[4]);
         assert_ne!(x, orig);
+    }
+
+    #[test]
+    fn rope_has_no_position_limit() {
+        // Frame 5000: the temporal pair 0 rotates by exactly 5000 radians (computed in f64).
+        let mut x = vec![1f32, 0.0, 0.0, 0.0, 0.0, 0.0];
+        rope_3d(&mut x, 1, 6, 5000, 1, 1);
+        assert!(
+            (x[0] - 5000f64.cos() as f32).abs() < 1e-6
+                && (x[1] - 5000f64.sin() as f32).abs() < 1e-6
+        );
+    }
+
+    #[test]
+    fn gelu_matches_the_tanh_formula() {
+        let mut x: Vec<f32> = (-80..80).map(|i| i as f32 * 0.1).collect();
+        let orig = x.clone();
+        gelu_tanh(&mut x);
+        for (g, u) in x.iter().zip(orig) {
+            let u = u as f64;
+            let e = 0.5
+                * u
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (u + 0.044715 * u * u * u)).tanh());
+            assert!((*g as f64 - e).abs() < 1e-6 * (1.0 + e.abs()), "{g} vs {e}");
+        }
     }
 
     #[test]

@@ -340,3 +340,44 @@ fn plan_and_scaling_model_print_tables() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("lag must be in 1..=4"));
 }
+
+#[test]
+fn report_shows_ticks_timings_and_the_difference_to_sequential() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r.safetensors");
+    let o = bin()
+        .args([
+            "generate",
+            "--schedule",
+            "cascade",
+            "--lag",
+            "1",
+            "--frames",
+            "12",
+            "--report",
+            "--compare-sequential",
+            "-q",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("report: "))
+        .expect("a report line");
+    let r: serde_json::Value = serde_json::from_str(&line["report: ".len()..]).unwrap();
+    // 4 blocks at lag 1: 3 + 4 = 7 ticks, one forward each.
+    assert_eq!(r["ticks"], 7);
+    assert_eq!(r["forward_passes"], 7);
+    assert_eq!(r["block_seconds"].as_array().unwrap().len(), 4);
+    assert_eq!(r["tokens_per_tick"][3], 4 * 3 * 24);
+    let diff = err
+        .lines()
+        .find(|l| l.starts_with("relative L2 vs sequential"))
+        .expect("a comparison line");
+    let v: f64 = diff.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(v > 0.0 && v < 1.0, "{diff}");
+}

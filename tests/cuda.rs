@@ -1,0 +1,693 @@
+//! The CUDA backend. Runs everywhere: without a GPU (or without the kernels built), every GPU
+//! test prints why it skips and passes; the CLI test checks the clean one-line error instead.
+//!
+//! On a GPU: every kernel against the CPU reference on random data with the output poisoned
+//! (NaN) first, at small and Wan-1.3B shapes (bf16 tolerance ~1e-2 relative, NaN never passes;
+//! each prints a `KERNEL <name> <shape> max_err=<e>` line that the GPU bundle collects), the
+//! cuBLASLt GEMMs, the golden case through `--backend cuda` (relative L2 < 2e-2), every
+//! cascade lag, and graph replay against eager launches.
+
+mod common;
+use blockcascade::backend::cuda::device::{probe, DevPtr, Epilogue, Gpu, OutType};
+use blockcascade::backend::cuda::{ops, set_session_options, CudaOptions};
+use blockcascade::backend::BackendKind;
+use blockcascade::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
+use blockcascade::cpu::gemm::linear;
+use blockcascade::cpu::ops as cops;
+use blockcascade::kernels::params::{BcAttnGroup, BcKvSegment};
+use blockcascade::noise::Rng;
+use blockcascade::{kernels, AttentionMode, Generator, Schedule};
+use common::*;
+use half::bf16;
+use std::sync::Mutex;
+
+/// GPU tests share one device and the session-options override: run them one at a time.
+static GPU_LOCK: Mutex<()> = Mutex::new(());
+
+fn gpu(test: &str) -> Option<Gpu> {
+    if !kernels::built() {
+        println!("SKIP {test}: {}", kernels::NOT_BUILT);
+        return None;
+    }
+    if let Err(e) = probe() {
+        println!("SKIP {test}: no GPU ({e})");
+        return None;
+    }
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => panic!("{test}: a GPU was found but could not be opened: {e}"),
+    }
+}
+
+fn randn(rng: &mut Rng, n: usize, s: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() * s).collect()
+}
+
+fn rb(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+fn rf(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// Random bf16-representable values: (f32 for the reference, bf16 for the kernel).
+fn randb(rng: &mut Rng, n: usize, s: f32) -> (Vec<f32>, Vec<bf16>) {
+    let b = rb(&randn(rng, n, s));
+    (rf(&b), b)
+}
+
+fn up<T: Copy>(g: &mut Gpu, v: &[T]) -> DevPtr {
+    let p = g.alloc(std::mem::size_of_val(v)).unwrap();
+    g.upload(p, v).unwrap();
+    g.sync().unwrap();
+    p
+}
+
+/// A NaN-poisoned device buffer of `bytes`.
+fn poisoned(g: &mut Gpu, bytes: usize) -> DevPtr {
+    let p = g.alloc(bytes).unwrap();
+    g.memset(p, 0xFF, bytes).unwrap();
+    p
+}
+
+fn down_f(g: &Gpu, p: DevPtr, n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    g.download(&mut v, p).unwrap();
+    v
+}
+
+fn down_b(g: &Gpu, p: DevPtr, n: usize) -> Vec<f32> {
+    let mut v = vec![bf16::ZERO; n];
+    g.download(&mut v, p).unwrap();
+    rf(&v)
+}
+
+/// Max of `|got - want| / (|want| + 0.05 rms(want))`; panics on non-finite output or above `tol`.
+fn check(name: &str, shape: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: lengths");
+    let rms =
+        (want.iter().map(|v| (v * v) as f64).sum::<f64>() / want.len().max(1) as f64).sqrt() as f32;
+    let mut worst = 0f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.is_finite(),
+            "{name} {shape}: element {i} is {g} (want {w})"
+        );
+        worst = worst.max((g - w).abs() / (w.abs() + 0.05 * rms).max(1e-30));
+    }
+    println!("KERNEL {name} {shape} max_err={worst:.3e}");
+    assert!(
+        worst <= tol,
+        "{name} {shape}: max relative error {worst} > {tol}"
+    );
+}
+
+struct Shape {
+    name: &'static str,
+    rows: usize,
+    dim: usize,
+    tpf: usize,
+    hp: usize,
+    wp: usize,
+    heads: usize,
+}
+
+const SMALL: Shape = Shape {
+    name: "small",
+    rows: 96,
+    dim: 64,
+    tpf: 24,
+    hp: 4,
+    wp: 6,
+    heads: 2,
+};
+/// One Wan-1.3B block of 3 frames at 60x104 latents: 3 * 30 * 52 = 4680 tokens.
+const WAN: Shape = Shape {
+    name: "wan1.3b",
+    rows: 4680,
+    dim: 1536,
+    tpf: 1560,
+    hp: 30,
+    wp: 52,
+    heads: 12,
+};
+
+fn shape_str(s: &Shape) -> String {
+    format!("{}:{}x{}", s.name, s.rows, s.dim)
+}
+
+#[test]
+fn cli_without_a_gpu_prints_one_error_line() {
+    if kernels::built() && probe().is_ok() {
+        println!("SKIP cli_without_a_gpu_prints_one_error_line: a GPU is present");
+        return;
+    }
+    let bin = std::env::var("BC_CLI")
+        .ok()
+        .or(option_env!("CARGO_BIN_EXE_blockcascade").map(String::from))
+        .filter(|p| std::path::Path::new(p).exists());
+    let Some(bin) = bin else {
+        println!("SKIP cli_without_a_gpu_prints_one_error_line: CLI binary not found (set BC_CLI)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let o = std::process::Command::new(bin)
+        .args(["generate", "--backend", "cuda", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    println!("stderr: {stderr}");
+    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(1), "exit code (a panic gives 101)");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "exactly one error line: {stderr:?}");
+    let l = lines[0];
+    assert!(l.starts_with("error:"), "{l}");
+    assert!(
+        l.contains("no CUDA driver found (libcuda.so)")
+            || l.contains("cuBLASLt not found")
+            || l.contains("no CUDA device found")
+            || l.contains(kernels::NOT_BUILT),
+        "{l}"
+    );
+    assert!(!out.exists(), "no output file on failure");
+}
+
+#[test]
+fn missing_kernels_or_driver_is_a_clean_error() {
+    let model =
+        blockcascade::model::Model::new(blockcascade::weights::Weights::builtin("tiny").unwrap());
+    let opts = blockcascade::GenerateOptions {
+        backend: BackendKind::Cuda,
+        ..Default::default()
+    };
+    let res = blockcascade::backend::cuda_backend(&model, &opts).map(|_| ());
+    match res {
+        Ok(_) => println!("a GPU is present: the backend opened"),
+        Err(e) => {
+            let msg = e.to_string();
+            println!("{msg}");
+            if !kernels::built() {
+                assert!(msg.contains(kernels::NOT_BUILT), "{msg}");
+            } else {
+                assert!(matches!(e, blockcascade::Error::Device(_)), "{msg}");
+            }
+        }
+    }
+}
+
+#[test]
+fn norm_and_elementwise_kernels_match_the_cpu() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut g) = gpu("norm_and_elementwise_kernels_match_the_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(7);
+    for s in [SMALL, WAN] {
+        let (n, d, tpf) = (s.rows, s.dim, s.tpf);
+        let frames = n.div_ceil(tpf);
+        let ss = shape_str(&s);
+        let x = randn(&mut rng, n * d, 1.0);
+        let e0 = randn(&mut rng, frames * 6 * d, 0.3);
+        let modu = randn(&mut rng, 6 * d, 0.3);
+        let xd = up(&mut g, &x);
+        let e0d = up(&mut g, &e0);
+        let md = up(&mut g, &modu);
+        // ln_modulate with per-frame shift/scale from e0 (stride 6d) plus modulation biases.
+        let out = poisoned(&mut g, n * d * 2);
+        ops::ln_modulate(
+            &g,
+            xd,
+            out,
+            n,
+            d,
+            1e-6,
+            tpf,
+            e0d,
+            e0d + 4 * d as u64,
+            6 * d,
+            md,
+            md + 4 * d as u64,
+        )
+        .unwrap();
+        let (mut sh, mut sc) = (vec![0f32; frames * d], vec![0f32; frames * d]);
+        for f in 0..frames {
+            for t in 0..d {
+                sh[f * d + t] = e0[f * 6 * d + t] + modu[t];
+                sc[f * d + t] = e0[f * 6 * d + d + t] + modu[d + t];
+            }
+        }
+        let mut want = vec![0f32; n * d];
+        cops::ln_modulate(&x, d, 1e-6, tpf, &sh, &sc, &mut want);
+        check("ln_modulate", &ss, &down_b(&g, out, n * d), &want, 1e-2);
+        // layer_norm_affine.
+        let (w, b) = (randn(&mut rng, d, 1.0), randn(&mut rng, d, 0.1));
+        let (wd, bd) = (up(&mut g, &w), up(&mut g, &b));
+        let out = poisoned(&mut g, n * d * 2);
+        ops::layer_norm_affine(&g, xd, out, n, d, 1e-6, wd, bd).unwrap();
+        cops::layer_norm_affine(&x, d, 1e-6, &w, &b, &mut want);
+        check(
+            "layer_norm_affine",
+            &ss,
+            &down_b(&g, out, n * d),
+            &want,
+            1e-2,
+        );
+        // gated_residual with gate = e0[2] + modulation[2].
+        let (delta, deltab) = randb(&mut rng, n * d, 1.0);
+        let dd = up(&mut g, &deltab);
+        let xr = up(&mut g, &x);
+        ops::gated_residual(
+            &g,
+            xr,
+            dd,
+            n,
+            d,
+            tpf,
+            e0d + 2 * 4 * d as u64,
+            6 * d,
+            md + 2 * 4 * d as u64,
+        )
+        .unwrap();
+        let mut gate = vec![0f32; frames * d];
+        for f in 0..frames {
+            for t in 0..d {
+                gate[f * d + t] = e0[f * 6 * d + 2 * d + t] + modu[2 * d + t];
+            }
+        }
+        let mut wantx = x.clone();
+        cops::gated_residual(&mut wantx, &delta, d, tpf, Some(&gate));
+        check("gated_residual", &ss, &down_f(&g, xr, n * d), &wantx, 1e-4);
+        // GELU (bf16, in place).
+        let (a, ab) = randb(&mut rng, n * d, 2.0);
+        let ad = up(&mut g, &ab);
+        ops::activation(&g, ad, n * d, true, true).unwrap();
+        let mut want = a.clone();
+        cops::gelu_tanh(&mut want);
+        check("gelu_bf16", &ss, &down_b(&g, ad, n * d), &want, 1e-2);
+        // SiLU (f32).
+        let ad = up(&mut g, &a);
+        ops::activation(&g, ad, n * d, false, false).unwrap();
+        let mut want = a.clone();
+        cops::silu(&mut want);
+        check("silu_f32", &ss, &down_f(&g, ad, n * d), &want, 1e-5);
+        // qk_norm_rope: RMSNorm + RoPE with frame positions, into cache slots.
+        let hd = d / s.heads;
+        let (q, qb) = randb(&mut rng, n * 3 * d, 1.0);
+        let qd = up(&mut g, &qb);
+        let nw = randn(&mut rng, d, 0.1)
+            .iter()
+            .map(|v| 1.0 + v)
+            .collect::<Vec<_>>();
+        let nwd = up(&mut g, &nw);
+        let first = 9usize;
+        let pos: Vec<i32> = (0..frames as i32).map(|f| first as i32 + f).collect();
+        let slots: Vec<i32> = (0..frames as i32).rev().collect();
+        let (posd, slotd) = (up(&mut g, &pos), up(&mut g, &slots));
+        let out = poisoned(&mut g, frames * tpf * d * 2);
+        ops::qk_norm_rope(
+            &g,
+            &ops::QkArgs {
+                x: qd + 2 * d as u64, // the k third of a fused qkv row
+                x_stride: 3 * d,
+                out,
+                rows: n,
+                heads: s.heads,
+                head_dim: hd,
+                tpf,
+                wp: s.wp,
+                norm: nwd,
+                frame_pos: posd,
+                frame_slot: slotd,
+                rope: true,
+                eps: 1e-6,
+            },
+        )
+        .unwrap();
+        let mut k: Vec<f32> = (0..n)
+            .flat_map(|r| q[r * 3 * d + d..r * 3 * d + 2 * d].to_vec())
+            .collect();
+        cops::rms_norm(&mut k, d, 1e-6, &nw);
+        cops::rope_3d(&mut k, s.heads, hd, first, s.hp, s.wp);
+        let got = down_b(&g, out, frames * tpf * d);
+        let mut got_rows = vec![0f32; n * d];
+        for r in 0..n {
+            let (f, t) = (r / tpf, r % tpf);
+            let src = (slots[f] as usize * tpf + t) * d;
+            got_rows[r * d..(r + 1) * d].copy_from_slice(&got[src..src + d]);
+        }
+        check("qk_norm_rope", &ss, &got_rows, &k, 1e-2);
+    }
+}
+
+#[test]
+fn patch_time_and_flow_kernels_match_the_cpu() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut g) = gpu("patch_time_and_flow_kernels_match_the_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(11);
+    for (name, frames, h, w) in [("small", 3usize, 8usize, 12usize), ("wan1.3b", 3, 60, 104)] {
+        let ss = format!("{name}:{frames}x16x{h}x{w}");
+        let n = frames * 16 * h * w;
+        let (lat, _) = randb(&mut rng, n, 1.0);
+        let latd = up(&mut g, &lat);
+        let rows = poisoned(&mut g, n * 2);
+        ops::patch(&g, true, latd, rows, frames, 16, h, w).unwrap();
+        let mut want = vec![0f32; n];
+        cops::patchify(&lat, frames, 16, h, w, &mut want);
+        check("patchify", &ss, &down_b(&g, rows, n), &want, 0.0);
+        let (hr, hrb) = randb(&mut rng, n, 1.0);
+        let hrd = up(&mut g, &hrb);
+        let out = poisoned(&mut g, n * 4);
+        ops::patch(&g, false, out, hrd, frames, 16, h, w).unwrap();
+        cops::unpatchify(&hr, frames, 16, h, w, &mut want);
+        check("unpatchify", &ss, &down_f(&g, out, n), &want, 0.0);
+        // flow_step: per-frame sigma, renoise all frames but the last.
+        let fe = 16 * h * w;
+        let (x, v, noise) = (
+            randn(&mut rng, n, 1.0),
+            randn(&mut rng, n, 1.0),
+            randn(&mut rng, n, 1.0),
+        );
+        let sigma: Vec<f32> = (0..frames).map(|f| 0.9 - 0.2 * f as f32).collect();
+        let sn: Vec<f32> = (0..frames)
+            .map(|f| {
+                if f + 1 == frames {
+                    -1.0
+                } else {
+                    0.5 - 0.1 * f as f32
+                }
+            })
+            .collect();
+        let (xd, vd, nd, sd, snd) = (
+            up(&mut g, &x),
+            up(&mut g, &v),
+            up(&mut g, &noise),
+            up(&mut g, &sigma),
+            up(&mut g, &sn),
+        );
+        let x0 = poisoned(&mut g, n * 4);
+        ops::flow_step(&g, xd, vd, nd, x0, sd, snd, frames, fe).unwrap();
+        let mut want = x.clone();
+        for f in 0..frames {
+            let r = f * fe..(f + 1) * fe;
+            let next = (sn[f] >= 0.0).then(|| (sn[f], &noise[r.clone()]));
+            cops::flow_step(&mut want[r.clone()], &v[r], sigma[f], next);
+        }
+        check("flow_step", &ss, &down_f(&g, xd, n), &want, 1e-5);
+    }
+    // Time embedding, f64 inside.
+    let t = [1000.0f32, 937.5, 833.333_3, 625.0, 0.0];
+    let td = up(&mut g, &t);
+    let out = poisoned(&mut g, t.len() * 256 * 4);
+    ops::time_embedding(&g, td, out, t.len(), 256).unwrap();
+    let want: Vec<f32> = t
+        .iter()
+        .flat_map(|&v| cops::sinusoidal(256, v as f64))
+        .collect();
+    check(
+        "time_embedding",
+        "5x256",
+        &down_f(&g, out, t.len() * 256),
+        &want,
+        1e-4,
+    );
+}
+
+#[test]
+fn gemms_match_the_cpu() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut g) = gpu("gemms_match_the_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(13);
+    for (name, n, k, o, gelu, f32out) in [
+        ("small_bias", 96usize, 64usize, 192usize, false, false),
+        ("small_gelu", 96, 64, 128, true, false),
+        ("wan_qkv", 4680, 1536, 4608, false, false),
+        ("wan_ffn0_gelu", 4680, 1536, 8960, true, false),
+        ("wan_ffn2", 4680, 8960, 1536, false, false),
+        ("wan_patch_f32", 4680, 64, 1536, false, true),
+    ] {
+        let (x, xb) = randb(&mut rng, n * k, 1.0);
+        let (w, wb) = randb(&mut rng, o * k, 1.0 / (k as f32).sqrt());
+        let b = randn(&mut rng, o, 0.1);
+        let (xd, wd, bd) = (up(&mut g, &xb), up(&mut g, &wb), up(&mut g, &b));
+        let out = poisoned(&mut g, n * o * 4);
+        let ty = if f32out { OutType::F32 } else { OutType::Bf16 };
+        let ep = if gelu {
+            Epilogue::GeluBias
+        } else {
+            Epilogue::Bias
+        };
+        g.gemm(xd, wd, bd, out, n, k, o, ty, ep).unwrap();
+        // Reference on a sample of rows (the full Wan shapes are slow on a CPU).
+        let rows: Vec<usize> = (0..n).step_by((n / 64).max(1)).collect();
+        let xs: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| x[r * k..(r + 1) * k].to_vec())
+            .collect();
+        let mut want = vec![0f32; rows.len() * o];
+        linear(&xs, rows.len(), k, &w, Some(&b), &mut want);
+        if gelu {
+            cops::gelu_tanh(&mut want);
+        }
+        let all = if f32out {
+            down_f(&g, out, n * o)
+        } else {
+            down_b(&g, out, n * o)
+        };
+        let got: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| all[r * o..(r + 1) * o].to_vec())
+            .collect();
+        check(
+            &format!("gemm_{name}"),
+            &format!("{n}x{k}x{o}"),
+            &got,
+            &want,
+            2e-2,
+        );
+    }
+}
+
+/// Self-attention with several groups (segments from a cache and the window) and
+/// cross-attention, at small and Wan-1.3B shapes (4680 queries, up to 32760 keys, 12 x 128).
+#[test]
+fn attention_matches_the_cpu() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut g) = gpu("attention_matches_the_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(17);
+    // (name, heads, head_dim, tokens per frame, query frames, cache frames, text tokens)
+    for (name, heads, hd, tpf, qf, cf, text) in [
+        (
+            "small_hd32",
+            2usize,
+            32usize,
+            24usize,
+            3usize,
+            5usize,
+            16usize,
+        ),
+        ("small_hd128", 2, 128, 40, 3, 4, 16),
+        ("wan1.3b_18f", 12, 128, 1560, 3, 18, 512),
+    ] {
+        let d = heads * hd;
+        let nq = qf * tpf;
+        let nc = cf * tpf;
+        let (q, qb) = randb(&mut rng, nq * d, 1.0);
+        let (kc, kcb) = randb(&mut rng, nc * d, 1.0);
+        let (vc, vcb) = randb(&mut rng, nc * d, 1.0);
+        let (kw, kwb) = randb(&mut rng, nq * d, 1.0);
+        let (vw, vwb) = randb(&mut rng, nq * d, 1.0);
+        let (qd, kcd, vcd, kwd, vwd) = (
+            up(&mut g, &qb),
+            up(&mut g, &kcb),
+            up(&mut g, &vcb),
+            up(&mut g, &kwb),
+            up(&mut g, &vwb),
+        );
+        let row = (d * 2) as u64;
+        // Segments: 0 = cache frames [0, cf-1) (skipping the last), 1 = last cache frame,
+        // 2 = the window. Group 0 = first query frame sees 0 + 2; group 1 (the rest) sees
+        // 0, 1, 2.
+        let segs = [
+            BcKvSegment {
+                k: kcd as *const _,
+                v: vcd as *const _,
+                tokens: ((cf - 1) * tpf) as i32,
+                _pad: 0,
+            },
+            BcKvSegment {
+                k: (kcd + ((cf - 1) * tpf) as u64 * row) as *const _,
+                v: (vcd + ((cf - 1) * tpf) as u64 * row) as *const _,
+                tokens: tpf as i32,
+                _pad: 0,
+            },
+            BcKvSegment {
+                k: kwd as *const _,
+                v: vwd as *const _,
+                tokens: nq as i32,
+                _pad: 0,
+            },
+        ];
+        let index = [0i32, 2, 0, 1, 2];
+        let groups = [
+            BcAttnGroup {
+                q_begin: 0,
+                q_rows: tpf as i32,
+                seg_begin: 0,
+                seg_count: 2,
+            },
+            BcAttnGroup {
+                q_begin: tpf as i32,
+                q_rows: (nq - tpf) as i32,
+                seg_begin: 2,
+                seg_count: 3,
+            },
+        ];
+        let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &index), up(&mut g, &groups));
+        let out = poisoned(&mut g, nq * d * 2);
+        ops::attention(&g, qd, out, heads, hd, sd, id, gd, 2, nq - tpf).unwrap();
+        let got = down_b(&g, out, nq * d);
+        // Reference on sampled rows of each group.
+        let mut want_rows = Vec::new();
+        let mut got_rows = Vec::new();
+        let sample: Vec<usize> = (0..nq).step_by((nq / 48).max(1)).collect();
+        for &r in &sample {
+            let lc = if r < tpf { cf - 1 } else { cf };
+            let cs = [
+                CpuSeg {
+                    k: &kc[..lc * tpf * d],
+                    v: &vc[..lc * tpf * d],
+                },
+                CpuSeg { k: &kw, v: &vw },
+            ];
+            let mut o = vec![0f32; d];
+            cpu_attention(&q[r * d..(r + 1) * d], heads, hd, &cs, &mut o);
+            want_rows.extend(o);
+            got_rows.extend_from_slice(&got[r * d..(r + 1) * d]);
+        }
+        let keys = nc + nq;
+        check(
+            &format!("attention_self_{name}"),
+            &format!("q{nq}xk{keys}xh{heads}x{hd}"),
+            &got_rows,
+            &want_rows,
+            2e-2,
+        );
+        // Cross-attention: every query row against `text` tokens.
+        let (kt, ktb) = randb(&mut rng, text * d, 1.0);
+        let (vt, vtb) = randb(&mut rng, text * d, 1.0);
+        let (ktd, vtd) = (up(&mut g, &ktb), up(&mut g, &vtb));
+        let segs = [BcKvSegment {
+            k: ktd as *const _,
+            v: vtd as *const _,
+            tokens: text as i32,
+            _pad: 0,
+        }];
+        let groups = [BcAttnGroup {
+            q_begin: 0,
+            q_rows: nq as i32,
+            seg_begin: 0,
+            seg_count: 1,
+        }];
+        let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &[0i32]), up(&mut g, &groups));
+        let out = poisoned(&mut g, nq * d * 2);
+        ops::attention(&g, qd, out, heads, hd, sd, id, gd, 1, nq).unwrap();
+        let got = down_b(&g, out, nq * d);
+        let (mut want_rows, mut got_rows) = (Vec::new(), Vec::new());
+        for &r in &sample {
+            let mut o = vec![0f32; d];
+            cpu_attention(
+                &q[r * d..(r + 1) * d],
+                heads,
+                hd,
+                &[CpuSeg { k: &kt, v: &vt }],
+                &mut o,
+            );
+            want_rows.extend(o);
+            got_rows.extend_from_slice(&got[r * d..(r + 1) * d]);
+        }
+        check(
+            &format!("attention_cross_{name}"),
+            &format!("q{nq}xk{text}xh{heads}x{hd}"),
+            &got_rows,
+            &want_rows,
+            2e-2,
+        );
+    }
+}
+
+fn run_golden(schedule: Schedule, mode: AttentionMode, graphs: bool) -> Vec<f32> {
+    set_session_options(Some(CudaOptions {
+        graphs,
+        ..CudaOptions::default()
+    }));
+    let gd = golden();
+    let mut opts = gd.opts.clone();
+    opts.schedule = schedule;
+    opts.attention = mode;
+    opts.backend = BackendKind::Cuda;
+    let gen = Generator::new(
+        gd.engine.model(),
+        opts.clone(),
+        gd.noise.clone(),
+        &gd.prompt,
+    )
+    .unwrap();
+    let res = gen.generate(gd.frames / opts.block_frames);
+    set_session_options(None);
+    res.unwrap().0
+}
+
+#[test]
+fn golden_case_on_the_gpu() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(g) = gpu("golden_case_on_the_gpu") else {
+        return;
+    };
+    drop(g);
+    let exp = expected("expected.safetensors");
+    let lat = run_golden(Schedule::Sequential, AttentionMode::Causal, true);
+    let err = rel_l2(&exp, &lat);
+    println!("GOLDEN sequential rel_l2={err:.3e}");
+    assert!(err < 2e-2, "sequential: rel L2 {err}");
+    for lag in 1..=3 {
+        for (mode, name) in [
+            (AttentionMode::Causal, "causal"),
+            (AttentionMode::Bidirectional, "bidirectional"),
+        ] {
+            let exp = expected(&format!("cascade-lag{lag}-{name}.safetensors"));
+            let lat = run_golden(Schedule::Cascade { lag }, mode, true);
+            let err = rel_l2(&exp, &lat);
+            println!("GOLDEN lag{lag}-{name} rel_l2={err:.3e}");
+            assert!(err < 2e-2, "lag {lag} {name}: rel L2 {err}");
+        }
+    }
+}
+
+#[test]
+fn graph_replay_equals_eager_launches() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(g) = gpu("graph_replay_equals_eager_launches") else {
+        return;
+    };
+    drop(g);
+    for schedule in [Schedule::Sequential, Schedule::Cascade { lag: 1 }] {
+        let eager = run_golden(schedule, AttentionMode::Causal, false);
+        let graph = run_golden(schedule, AttentionMode::Causal, true);
+        let err = rel_l2(&eager, &graph);
+        println!("GRAPH {schedule:?} graph_vs_eager_rel_l2={err:.3e}");
+        assert!(
+            err < 1e-6,
+            "{schedule:?}: graph replay differs from eager: rel L2 {err}"
+        );
+    }
+}

@@ -79,15 +79,4 @@ pub fn expected(name: &str) -> Vec<f32> {
 }
 
 /// Relative L2 error of `a` against `e`; infinite when shapes differ or `a` is not finite.
-pub fn rel_l2(e: &[f32], a: &[f32]) -> f64 {
-    if e.len() != a.len() || a.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = e
-        .iter()
-        .zip(a)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = e.iter().map(|x| (*x as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
+pub use blockcascade::bench::rel_l2;

@@ -146,9 +146,15 @@ fn expect_err(status: bc_status, code: bc_status, needle: &str) {
     );
 }
 
+/// The built-in model on the CPU backend (NULL options would pick CUDA on a GPU machine, and
+/// these tests compare bit for bit with the CPU Rust API).
 fn open_engine() -> *mut bc_engine {
     let mut e = null_mut();
-    assert_eq!(unsafe { bc_engine_open(null(), null(), &mut e) }, BC_OK);
+    let cpu = bc_engine_options {
+        backend: c"cpu".as_ptr(),
+        ..bc_engine_options_default()
+    };
+    assert_eq!(unsafe { bc_engine_open(null(), &cpu, &mut e) }, BC_OK);
     assert!(!e.is_null());
     e
 }
@@ -348,6 +354,34 @@ fn ffi_generation_matches_rust_api_and_repeats() {
     assert_eq!(unsafe { bc_session_last_stats(s, &mut stats) }, BC_OK);
     assert_eq!((stats.blocks, stats.ticks), (3, 12));
     assert!(stats.total_seconds > 0.0 && stats.max_cache_bytes > 0);
+    bc_session_close(s);
+    bc_engine_close(e);
+}
+
+#[test]
+fn cpu_devices_spread_the_window_and_give_the_same_latents() {
+    let devs = [0i32, 1, 2];
+    let opts = bc_engine_options {
+        backend: c"cpu".as_ptr(),
+        devices: devs.as_ptr(),
+        n_devices: 3,
+        ..bc_engine_options_default()
+    };
+    let mut e = null_mut();
+    assert_eq!(
+        unsafe { bc_engine_open(null(), &opts, &mut e) },
+        BC_OK,
+        "{}",
+        last_error()
+    );
+    let mut o = bc_session_options_default();
+    o.seed = 4;
+    o.lag = 1;
+    let s = open_session(e, Some(o));
+    let (st, a) = generate(s, 3);
+    assert_eq!(st, BC_OK, "{}", last_error());
+    let want = rust_latents(4, 1, 3);
+    assert!(common::rel_l2(&want, &a) < 1e-5);
     bc_session_close(s);
     bc_engine_close(e);
 }
@@ -579,11 +613,18 @@ fn bad_options_and_backends() {
         backend: c"cuda".as_ptr(),
         ..bc_engine_options_default()
     };
-    expect_err(
-        unsafe { bc_engine_open(null(), &cuda, &mut e) },
-        BC_ERR_UNSUPPORTED,
-        "CUDA backend is not available",
-    );
+    match blockcascade::backend::cuda::device::probe() {
+        // No driver here: a clean device error at open, not at the first generate.
+        Err(_) => expect_err(
+            unsafe { bc_engine_open(null(), &cuda, &mut e) },
+            BC_ERR_DEVICE,
+            "CUDA",
+        ),
+        Ok(_) => {
+            assert_eq!(unsafe { bc_engine_open(null(), &cuda, &mut e) }, BC_OK);
+            bc_engine_close(e);
+        }
+    }
     let tpu = bc_engine_options {
         backend: c"tpu".as_ptr(),
         ..bc_engine_options_default()
@@ -602,7 +643,7 @@ fn bad_options_and_backends() {
     expect_err(
         unsafe { bc_engine_open(null(), &d, &mut e) },
         BC_ERR_INVALID_ARGUMENT,
-        "one device",
+        "worker threads numbered 0..1",
     );
     let d = bc_engine_options {
         n_devices: 1,

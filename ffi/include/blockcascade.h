@@ -72,9 +72,11 @@ typedef enum {
 /* Options of bc_engine_open. Get defaults from bc_engine_options_default(). */
 typedef struct {
   uint32_t struct_size;   /* sizeof(bc_engine_options) */
-  const char *backend;    /* "cpu", "cuda" or NULL = best available (the CPU in this build) */
+  const char *backend;    /* "cpu", "cuda" or NULL = best available (CUDA when a driver, cuBLASLt
+                             and the kernels are present, else the CPU) */
   const int32_t *devices; /* device ordinals to use; NULL/0 = the default device. With the CPU
-                             backend only device 0 exists. */
+                             backend, {0, 1, ..., n-1} runs n worker threads as devices (the
+                             window's members are spread over them; same latents). */
   uint32_t n_devices;     /* number of entries in devices */
 } bc_engine_options;
 
@@ -122,8 +124,8 @@ bc_session_options bc_session_options_default(void);
    the built-in tiny model (random weights, for tests and examples). `opts` may be NULL for the
    defaults. On success writes a new handle to *out; close it with bc_engine_close.
    Errors: BC_ERR_INVALID_ARGUMENT (out NULL, bad options, unknown backend or device),
-   BC_ERR_UNSUPPORTED (backend "cuda" in a build without it), BC_ERR_IO / BC_ERR_FORMAT (model
-   files). */
+   BC_ERR_DEVICE (backend "cuda" without a usable driver or cuBLASLt), BC_ERR_UNSUPPORTED
+   (backend "cuda" in a build without kernels), BC_ERR_IO / BC_ERR_FORMAT (model files). */
 bc_status bc_engine_open(const char *model_dir /* NULL = built-in tiny model */,
                          const bc_engine_options *opts /* NULL = defaults */, bc_engine **out);
 

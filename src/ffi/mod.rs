@@ -8,6 +8,7 @@
 
 pub mod sys;
 
+use crate::backend::BackendKind;
 use crate::config::{AttentionMode, GenerateOptions, Schedule};
 use crate::executor::{Generator, RunReport};
 use crate::model::CHANNELS;
@@ -114,8 +115,16 @@ struct Session {
     last: Option<(usize, RunReport)>,
 }
 
+/// An engine handle: the model plus the backend and devices chosen at `bc_engine_open`.
+#[derive(Clone)]
+struct EngineEntry {
+    engine: Engine,
+    backend: BackendKind,
+    devices: usize,
+}
+
 enum Object {
-    Engine(Engine),
+    Engine(EngineEntry),
     Session(Arc<Mutex<Session>>),
 }
 
@@ -133,7 +142,7 @@ fn register(obj: Object) -> usize {
     h
 }
 
-fn lookup_engine(h: *const bc_engine) -> Result<Engine> {
+fn lookup_engine(h: *const bc_engine) -> Result<EngineEntry> {
     if h.is_null() {
         return invalid("the engine handle is NULL");
     }
@@ -447,35 +456,52 @@ pub unsafe extern "C" fn bc_engine_open(
         } else {
             Some(CStr::from_ptr(o.backend).to_string_lossy().into_owned())
         };
-        match backend.as_deref() {
-            None | Some("cpu") => {}
+        let kind = match backend.as_deref() {
+            None => {
+                if crate::backend::cuda::device::probe().is_ok() {
+                    BackendKind::Cuda
+                } else {
+                    BackendKind::Cpu
+                }
+            }
+            Some("cpu") => BackendKind::Cpu,
             Some("cuda") => {
-                return Err(Error::Unsupported(
-                    "the CUDA backend is not available in this build (use \"cpu\" or NULL)".into(),
-                )
-                .into())
+                // A clean BC_ERR_DEVICE / BC_ERR_UNSUPPORTED now rather than at the first generate.
+                crate::backend::cuda::device::probe()?;
+                BackendKind::Cuda
             }
             Some(b) => {
                 return invalid(format!(
                     "unknown backend \"{b}\" (expected \"cpu\", \"cuda\" or NULL)"
                 ))
             }
-        }
+        };
+        let mut devices = 1;
         if o.n_devices > 0 {
             if o.devices.is_null() {
                 return invalid(format!("n_devices is {} but devices is NULL", o.n_devices));
             }
             let devs = std::slice::from_raw_parts(o.devices, o.n_devices as usize);
-            if devs != [0] {
+            if devs.iter().any(|&d| d < 0) {
+                return invalid(format!("devices {devs:?}: indices must be >= 0"));
+            }
+            if kind == BackendKind::Cpu && devs.iter().any(|&d| d as usize >= devs.len()) {
                 return invalid(format!(
-                    "devices {devs:?}: the CPU backend has exactly one device, 0"
+                    "devices {devs:?}: CPU devices are worker threads numbered 0..{}",
+                    devs.len()
                 ));
             }
+            devices = devs.len();
         }
-        let engine = if model_dir.is_null() {
+        let model = if model_dir.is_null() {
             Engine::open(None)?
         } else {
             Engine::open(Some(&c_path(model_dir)))?
+        };
+        let engine = EngineEntry {
+            engine: model,
+            backend: kind,
+            devices,
         };
         *out = register(Object::Engine(engine)) as *mut bc_engine;
         Ok(())
@@ -500,7 +526,7 @@ pub unsafe extern "C" fn bc_session_open(
     out: *mut *mut bc_session,
 ) -> bc_status {
     guard("bc_session_open", || {
-        let engine = lookup_engine(engine)?;
+        let entry = lookup_engine(engine)?;
         if out.is_null() {
             return invalid("out is NULL");
         }
@@ -514,7 +540,10 @@ pub unsafe extern "C" fn bc_session_open(
                 "bc_session_options",
             )?
         };
-        let gopts = generate_options(&o)?;
+        let mut gopts = generate_options(&o)?;
+        gopts.backend = entry.backend;
+        gopts.devices = entry.devices;
+        let engine = entry.engine;
         check_memory(&engine, &gopts, gopts.block_frames)?;
         let prompt = PromptEmbeds::builtin(engine.config(), o.seed);
         let session = Session {
@@ -640,7 +669,7 @@ pub unsafe extern "C" fn bc_engine_get_info(
     info: *mut bc_engine_info,
 ) -> bc_status {
     guard("bc_engine_get_info", || {
-        let engine = lookup_engine(engine)?;
+        let engine = lookup_engine(engine)?.engine;
         if info.is_null() {
             return invalid("info is NULL");
         }

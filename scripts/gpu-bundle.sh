@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Builds the GPU validation bundle: release test binary of tests/cuda.rs, the CLI, the gpu
+# benchmark, the PyTorch baseline, tests/data and run.sh (from scripts/gpu-run.sh) in one
+# folder (< 64 MiB) that runs on a Linux x86-64 machine with an NVIDIA driver, without a Rust
+# toolchain or network. The kernels must be built (nvcc found: run
+# scripts/install-cuda-toolchain.sh first), otherwise the bundle would only say NOT_BUILT.
+#
+# Usage: scripts/gpu-bundle.sh [OUT_DIR]   (default: target/gpu-bundle)
+# Then on the GPU machine: OUT_DIR/run.sh   (prints one summary table; logs in OUT_DIR/logs)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$root/target/gpu-bundle}
+cd "$root"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+
+exe_of() { # filter cargo JSON messages for executables of target kind $1 and name $2
+    python3 -c '
+import json, sys
+kind, name = sys.argv[1], sys.argv[2]
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == name and kind in m["target"]["kind"]:
+        print(m["executable"])
+' "$1" "$2" | tail -n 1
+}
+
+echo "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)..." >&2
+cargo build --release --bin blockcascade >&2
+cli=$CARGO_TARGET_DIR/release/blockcascade
+if "$cli" info --kernels 2>/dev/null | grep -q "kernels were not built"; then
+    echo "error: the kernels were not built (no nvcc): run scripts/install-cuda-toolchain.sh" >&2
+    exit 1
+fi
+tests=$(cargo test --release --no-run --message-format=json --test cuda 2>/dev/null | exe_of test cuda)
+bench=$(cargo bench --no-run --message-format=json --bench gpu 2>/dev/null | exe_of bench gpu)
+[ -x "$tests" ] || { echo "error: test binary not found" >&2; exit 1; }
+[ -x "$bench" ] || { echo "error: bench binary not found" >&2; exit 1; }
+
+rm -rf "$out"
+mkdir -p "$out/bin" "$out/data"
+cp "$cli" "$out/bin/blockcascade"
+cp "$tests" "$out/bin/cuda-tests"
+cp "$bench" "$out/bin/gpu-bench"
+strip --strip-debug "$out/bin/"* 2>/dev/null || true
+cp -r tests/data/selfforcing-tiny "$out/data/"
+cp benches/pytorch_baseline.py "$out/"
+cp scripts/gpu-run.sh "$out/run.sh"
+chmod +x "$out/run.sh" "$out/bin/"*
+git -C "$root" rev-parse HEAD > "$out/COMMIT" 2>/dev/null || true
+size=$(du -sk "$out" | cut -f1)
+echo "bundle: $out ($((size / 1024)) MiB)" >&2
+if [ "$size" -ge $((64 * 1024)) ]; then
+    echo "error: the bundle is over 64 MiB" >&2
+    exit 1
+fi

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# run.sh of the GPU validation bundle (built by scripts/gpu-bundle.sh from scripts/gpu-run.sh).
+# Finds libcuda and cuBLASLt, runs every GPU test and benchmark, then the PyTorch baseline
+# when torch is importable, and prints one summary table. Logs go to ./logs next to this file.
+# Exit status: non-zero when a test failed (or no GPU was usable).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here"
+mkdir -p logs
+
+# --- libraries -------------------------------------------------------------------------
+libdirs=()
+add_dir() { [ -d "$1" ] && libdirs+=("$1"); }
+for d in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/local/cuda/lib64 \
+         /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64 \
+         /usr/local/cuda-13*/targets/x86_64-linux/lib /usr/lib/wsl/lib; do
+    add_dir "$d"
+done
+if command -v ldconfig >/dev/null 2>&1; then
+    while read -r p; do add_dir "$(dirname "$p")"; done < <(ldconfig -p 2>/dev/null | awk '/libcuda\.so|libcublasLt\.so/ {print $NF}')
+fi
+for py in python3 python; do
+    if command -v "$py" >/dev/null 2>&1; then
+        while read -r p; do add_dir "$p"; done < <("$py" - <<'PY' 2>/dev/null
+import site, sys, os, glob
+paths = set(site.getsitepackages() + [site.getusersitepackages()] + sys.path)
+for sp in paths:
+    for sub in ("nvidia/cublas/lib", "nvidia/cu13/lib", "nvidia/cuda_runtime/lib"):
+        d = os.path.join(sp, sub)
+        if glob.glob(os.path.join(d, "libcublasLt.so*")):
+            print(d)
+PY
+)
+    fi
+done
+ld=$(IFS=:; echo "${libdirs[*]:-}")
+export LD_LIBRARY_PATH="${ld}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+found() { for d in "${libdirs[@]:-}"; do ls "$d"/$1 >/dev/null 2>&1 && { ls "$d"/$1 | head -n 1; return; }; done; echo "NOT FOUND"; }
+libcuda=$(found 'libcuda.so*')
+libcublaslt=$(found 'libcublasLt.so*')
+echo "libcuda:     $libcuda"
+echo "libcublasLt: $libcublaslt"
+# cuBLASLt 13 is needed (the build targets CUDA 13); say so if only another major is there.
+case "$libcublaslt" in *libcublasLt.so.13*|*libcublasLt.so) ;; "NOT FOUND") ;; *) echo "note: cuBLASLt found is not version 13 ($libcublaslt); pip install nvidia-cublas (cu13) if the tests cannot load it";; esac
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee logs/nvidia-smi.txt
+
+export BC_TEST_DATA="$here/data"
+export BC_CLI="$here/bin/blockcascade"
+status=0
+
+# --- tests -----------------------------------------------------------------------------
+echo "== GPU tests"
+./bin/cuda-tests --test-threads=1 --nocapture 2>&1 | tee logs/tests.log
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# --- benchmarks ------------------------------------------------------------------------
+echo "== GPU benchmarks"
+BC_BENCH_JSON="$here/logs/gpu-bench.json" ./bin/gpu-bench 2>&1 | tee logs/bench.log
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== PyTorch baseline"
+if python3 -c "import torch" >/dev/null 2>&1; then
+    python3 pytorch_baseline.py 2>&1 | tee logs/pytorch.log
+else
+    echo "SKIP pytorch baseline: torch is not importable" | tee logs/pytorch.log
+fi
+
+# --- summary ---------------------------------------------------------------------------
+echo
+echo "================================ SUMMARY ================================"
+dev=$(grep -m1 '^device:' logs/bench.log || true)
+echo "${dev:-device: (none: $(grep -m1 -o 'SKIP.*' logs/tests.log || echo unknown))}"
+echo "commit: $(cat COMMIT 2>/dev/null || echo unknown)"
+echo
+echo "-- kernel max error vs CPU reference (tolerance ~1e-2)"
+grep '^KERNEL ' logs/tests.log | awk '{printf "  %-34s %-28s %s\n", $2, $3, $4}'
+echo "-- whole model (relative L2 vs f32 reference, < 2e-2)"
+grep -E '^(GOLDEN|GRAPH) ' logs/tests.log | sed 's/^/  /'
+echo "-- tests"
+grep -E '^test result|FAILED|panicked' logs/tests.log | sed 's/^/  /'
+grep -o 'SKIP.*' logs/tests.log | sort -u | sed 's/^/  /'
+echo "-- kernels (rate and % of measured peak)"
+sed -n '/^kernel /,/^$/p' logs/bench.log | sed 's/^/  /'
+echo "-- end to end (wan-1.3b-shape, 60x104, 21 frames, 4 steps)"
+sed -n '/^schedule /,/^$/p' logs/bench.log | grep -v '^JSON' | sed 's/^/  /'
+grep '^SKIP' logs/bench.log | sed 's/^/  /'
+echo "-- PyTorch baseline (same GPU)"
+py=$(grep -m1 -E '^(PYTORCH|SKIP)' logs/pytorch.log || echo "no result (see logs/pytorch.log)")
+echo "  $py"
+eng=$(awk '$1=="sequential" {print $3}' logs/bench.log | head -n 1)
+pt=$(echo "$py" | sed -n 's/.*sixth_block_ms=\([0-9.]*\).*/\1/p')
+if [ -n "$eng" ] && [ -n "$pt" ]; then
+    awk -v e="$eng" -v p="$pt" 'BEGIN { printf "  6th block: engine %.1f ms, PyTorch %.1f ms, engine/PyTorch speed-up %.2fx\n", e, p, p / e }'
+fi
+echo "logs: $here/logs"
+if grep -q 'SKIP.*no GPU' logs/tests.log; then
+    echo "no usable GPU: nothing was validated (exit 2)"
+    [ $status -ne 0 ] || status=2
+fi
+exit $status

@@ -283,7 +283,7 @@ impl Gpu {
         block: u32,
         p: &P,
     ) -> Result<()> {
-        if grid.iter().any(|&g| g == 0) {
+        if grid.contains(&0) {
             return Ok(());
         }
         let f = self.funcs[kernel.name()];

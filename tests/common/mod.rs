@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use blockcascade::noise::{NoiseSource, RecordedNoise};
 use blockcascade::tensorfile::TensorFile;

@@ -6,12 +6,15 @@
 //! cudarc panics when a library cannot be loaded, so [`probe`] must succeed before anything
 //! else here is called.
 
+use super::emu_device::{EmuDevice, EmuOp, GemmArgs};
 use crate::kernels::{self, emu::Kernel};
 use crate::{Error, Result};
 use cudarc::cublaslt::{result as lt, sys as ltsys};
 use cudarc::driver::{result as drv, sys};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::time::Instant;
 
 /// A device pointer.
 pub type DevPtr = u64;
@@ -145,9 +148,35 @@ pub struct Gpu {
     /// Whether the GELU epilogue is used (else a separate activation kernel).
     pub gelu_epilogue: bool,
     allocs: Vec<DevPtr>,
+    /// Set on an emulated device (every method then runs on the host, see `emu_device`).
+    emu: Option<Box<EmuDevice>>,
 }
 
 impl Gpu {
+    /// An emulated device: host memory, kernels under the SIMT emulation layer, CPU GEMMs,
+    /// recorded graphs. No driver or GPU needed.
+    pub fn open_emulated() -> Result<Gpu> {
+        Ok(Gpu {
+            ctx: std::ptr::null_mut(),
+            dev: 0,
+            stream: std::ptr::null_mut(),
+            module: std::ptr::null_mut(),
+            funcs: HashMap::new(),
+            lt: std::ptr::null_mut(),
+            workspace: 0,
+            plans: HashMap::new(),
+            name: "emulated device (SIMT emulation on the CPU)".into(),
+            gelu_epilogue: std::env::var_os("BC_NO_GELU_EPILOGUE").is_none(),
+            allocs: Vec::new(),
+            emu: Some(Box::new(EmuDevice::new())),
+        })
+    }
+
+    /// True for an emulated device.
+    pub fn is_emulated(&self) -> bool {
+        self.emu.is_some()
+    }
+
     /// Opens device `ordinal`: probes, creates the context and stream, loads the fatbin.
     pub fn open(ordinal: usize) -> Result<Gpu> {
         let fatbin =
@@ -198,6 +227,7 @@ impl Gpu {
             name,
             gelu_epilogue: std::env::var_os("BC_NO_GELU_EPILOGUE").is_none(),
             allocs: Vec::new(),
+            emu: None,
         };
         gpu.workspace = gpu.alloc(GEMM_WORKSPACE)?;
         Ok(gpu)
@@ -205,18 +235,27 @@ impl Gpu {
 
     /// Makes this device's context current on the calling thread.
     pub fn bind(&self) -> Result<()> {
+        if self.emu.is_some() {
+            return Ok(());
+        }
         // SAFETY: ctx is retained for the lifetime of self.
         unsafe { drv::ctx::set_current(self.ctx) }.map_err(dev_err("cuCtxSetCurrent"))
     }
 
     /// (free, total) device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
+        if let Some(e) = &self.emu {
+            return Ok(e.mem_info());
+        }
         drv::mem_get_info().map_err(dev_err("cuMemGetInfo"))
     }
 
     /// Allocates `bytes` (rounded up to 256) of device memory, freed with the device.
     pub fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
         let bytes = bytes.max(1).div_ceil(256) * 256;
+        if let Some(e) = &mut self.emu {
+            return e.alloc(bytes);
+        }
         // SAFETY: plain allocation in the current context.
         let p = unsafe { drv::malloc_sync(bytes) }.map_err(|e| {
             let free = self.mem_info().map(|m| m.0).unwrap_or(0);
@@ -234,6 +273,10 @@ impl Gpu {
         if src.is_empty() {
             return Ok(());
         }
+        if let Some(e) = &self.emu {
+            // SAFETY: dst was allocated with at least src's size by the caller.
+            return unsafe { e.upload(dst, src) };
+        }
         // SAFETY: dst was allocated with at least src's size by the caller.
         unsafe { drv::memcpy_htod_async(dst, src, self.stream) }
             .map_err(dev_err("cuMemcpyHtoDAsync"))
@@ -244,6 +287,10 @@ impl Gpu {
         if dst.is_empty() {
             return Ok(());
         }
+        if let Some(e) = &self.emu {
+            // SAFETY: src holds at least dst's size (caller's contract).
+            return unsafe { e.download(dst, src) };
+        }
         // SAFETY: src holds at least dst's size (caller's contract); synchronised below.
         unsafe { drv::memcpy_dtoh_async(dst, src, self.stream) }
             .map_err(dev_err("cuMemcpyDtoHAsync"))?;
@@ -252,6 +299,9 @@ impl Gpu {
 
     /// Sets `bytes` bytes at `dst` to `value`.
     pub fn memset(&self, dst: DevPtr, value: u8, bytes: usize) -> Result<()> {
+        if let Some(e) = &self.emu {
+            return e.memset(dst, value, bytes);
+        }
         // SAFETY: dst holds `bytes` bytes (caller's contract).
         unsafe { drv::memset_d8_async(dst, value, bytes, self.stream) }
             .map_err(dev_err("cuMemsetD8Async"))
@@ -259,6 +309,9 @@ impl Gpu {
 
     /// Device-to-device copy of `bytes` bytes.
     pub fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        if let Some(e) = &self.emu {
+            return e.copy(dst, src, bytes);
+        }
         // SAFETY: both hold `bytes` bytes (caller's contract).
         unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }
             .map_err(dev_err("cuMemcpyDtoDAsync"))
@@ -266,6 +319,9 @@ impl Gpu {
 
     /// Waits for all work on the stream.
     pub fn sync(&self) -> Result<()> {
+        if let Some(e) = &self.emu {
+            return e.sync();
+        }
         // SAFETY: valid stream.
         unsafe { drv::stream::synchronize(self.stream) }
             .map_err(dev_err("kernel execution failed (cuStreamSynchronize)"))
@@ -285,6 +341,9 @@ impl Gpu {
     ) -> Result<()> {
         if grid.contains(&0) {
             return Ok(());
+        }
+        if let Some(e) = &self.emu {
+            return e.launch(kernel, grid, block, p);
         }
         let f = self.funcs[kernel.name()];
         let mut args = [p as *const P as *mut c_void];
@@ -316,6 +375,20 @@ impl Gpu {
     ) -> Result<()> {
         if rows == 0 {
             return Ok(());
+        }
+        if let Some(e) = &self.emu {
+            let (x, w, bias, d) = (x, w, bias, d);
+            return e.gemm(GemmArgs {
+                x,
+                w,
+                bias,
+                d,
+                rows,
+                inp,
+                out,
+                ty,
+                ep,
+            });
         }
         let key = (rows, inp, out, ty, ep);
         if !self.plans.contains_key(&key) {
@@ -438,6 +511,9 @@ impl Gpu {
 
     /// Begins capturing the stream into a graph.
     pub fn begin_capture(&self) -> Result<()> {
+        if let Some(e) = &self.emu {
+            return e.begin_capture();
+        }
         // SAFETY: valid stream.
         unsafe {
             drv::stream::begin_capture(
@@ -450,18 +526,30 @@ impl Gpu {
 
     /// Ends the capture and instantiates the graph.
     pub fn end_capture(&self) -> Result<Graph> {
+        if let Some(e) = &self.emu {
+            return Ok(Graph {
+                exec: std::ptr::null_mut(),
+                emu_ops: Some(e.end_capture()?),
+            });
+        }
         // SAFETY: the stream is capturing.
         unsafe {
             let g = drv::stream::end_capture(self.stream).map_err(dev_err("cuStreamEndCapture"))?;
             let exec = drv::graph::instantiate(g, sys::CUgraphInstantiate_flags(0));
             let _ = drv::graph::destroy(g);
             let exec = exec.map_err(dev_err("cuGraphInstantiate"))?;
-            Ok(Graph { exec })
+            Ok(Graph {
+                exec,
+                emu_ops: None,
+            })
         }
     }
 
     /// Ends a capture that failed half-way (errors ignored).
     pub fn abort_capture(&self) {
+        if let Some(e) = &self.emu {
+            return e.abort_capture();
+        }
         // SAFETY: valid stream; a graph, if any, is destroyed.
         unsafe {
             if let Ok(g) = drv::stream::end_capture(self.stream) {
@@ -474,25 +562,52 @@ impl Gpu {
 
     /// Replays `graph` on the stream.
     pub fn replay(&self, graph: &Graph) -> Result<()> {
+        if let Some(e) = &self.emu {
+            let ops = graph.emu_ops.as_deref().ok_or_else(|| {
+                Error::Device("a GPU graph replayed on an emulated device".into())
+            })?;
+            return e.replay(ops);
+        }
         // SAFETY: instantiated graph, valid stream.
         unsafe { drv::graph::launch(graph.exec, self.stream) }.map_err(dev_err("cuGraphLaunch"))
     }
 
     /// Creates a timing event.
     pub fn event(&self) -> Result<Event> {
+        if self.emu.is_some() {
+            return Ok(Event {
+                e: std::ptr::null_mut(),
+                at: Cell::new(None),
+            });
+        }
         drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
-            .map(|e| Event { e })
+            .map(|e| Event {
+                e,
+                at: Cell::new(None),
+            })
             .map_err(dev_err("cuEventCreate"))
     }
 
     /// Records `ev` on the stream.
     pub fn record(&self, ev: &Event) -> Result<()> {
+        if self.emu.is_some() {
+            ev.at.set(Some(Instant::now()));
+            return Ok(());
+        }
         // SAFETY: valid event and stream.
         unsafe { drv::event::record(ev.e, self.stream) }.map_err(dev_err("cuEventRecord"))
     }
 
     /// Milliseconds between two recorded events (waits for `end`).
     pub fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
+        if self.emu.is_some() {
+            return match (start.at.get(), end.at.get()) {
+                (Some(a), Some(b)) => Ok((b - a).as_secs_f32() * 1e3),
+                _ => Err(Error::Device(
+                    "elapsed time of an event that was not recorded".into(),
+                )),
+            };
+        }
         // SAFETY: valid events.
         unsafe {
             drv::event::synchronize(end.e).map_err(dev_err("cuEventSynchronize"))?;
@@ -502,6 +617,9 @@ impl Gpu {
 
     /// Number of streaming multiprocessors.
     pub fn sm_count(&self) -> i32 {
+        if self.emu.is_some() {
+            return 1;
+        }
         // SAFETY: valid device.
         unsafe {
             drv::device::get_attribute(
@@ -515,6 +633,9 @@ impl Gpu {
 
 impl Drop for Gpu {
     fn drop(&mut self) {
+        if self.emu.is_some() {
+            return; // host memory is freed with the EmuDevice
+        }
         // SAFETY: every handle below was created by this struct and is destroyed once.
         unsafe {
             let _ = drv::ctx::set_current(self.ctx);
@@ -539,10 +660,15 @@ impl Drop for Gpu {
 /// An instantiated CUDA graph.
 pub struct Graph {
     exec: sys::CUgraphExec,
+    /// The recorded ops of a graph captured on an emulated device.
+    emu_ops: Option<Vec<EmuOp>>,
 }
 
 impl Drop for Graph {
     fn drop(&mut self) {
+        if self.exec.is_null() {
+            return;
+        }
         // SAFETY: created by end_capture, destroyed once.
         unsafe {
             let _ = drv::graph::exec_destroy(self.exec);
@@ -553,10 +679,15 @@ impl Drop for Graph {
 /// A timing event.
 pub struct Event {
     e: sys::CUevent,
+    /// When an emulated device recorded it.
+    at: Cell<Option<Instant>>,
 }
 
 impl Drop for Event {
     fn drop(&mut self) {
+        if self.e.is_null() {
+            return;
+        }
         // SAFETY: created by Gpu::event, destroyed once.
         unsafe {
             let _ = drv::event::destroy(self.e);

@@ -30,6 +30,7 @@
 //! Only one device is supported (`--devices 1`).
 
 pub mod device;
+pub mod emu_device;
 pub mod ops;
 
 use crate::backend::Backend;
@@ -54,6 +55,9 @@ pub struct CudaOptions {
     /// Frames the KV cache holds with global attention (`BC_CUDA_CACHE_FRAMES`, default 21,
     /// the Self-Forcing video length). Local attention always uses its ring of `local_attn`.
     pub cache_frames: usize,
+    /// Run on an emulated device instead of a GPU (`BC_CUDA_EMULATE=1`): the kernels under the
+    /// SIMT emulation layer and GEMMs on the CPU, for testing the backend without a GPU.
+    pub emulate: bool,
 }
 
 impl Default for CudaOptions {
@@ -62,6 +66,7 @@ impl Default for CudaOptions {
             device: 0,
             graphs: true,
             cache_frames: 21,
+            emulate: false,
         }
     }
 }
@@ -80,6 +85,9 @@ impl CudaOptions {
         }
         if std::env::var("BC_NO_GRAPHS").is_ok_and(|v| !v.is_empty() && v != "0") {
             o.graphs = false;
+        }
+        if std::env::var("BC_CUDA_EMULATE").is_ok_and(|v| !v.is_empty() && v != "0") {
+            o.emulate = true;
         }
         if let Some(f) = num("BC_CUDA_CACHE_FRAMES") {
             o.cache_frames = f.max(1);
@@ -263,7 +271,11 @@ impl<'m> CudaBackend<'m> {
                 "latent size {h}x{w} must be positive and even"
             )));
         }
-        let mut gpu = Gpu::open(copts.device)?;
+        let mut gpu = if copts.emulate {
+            Gpu::open_emulated()?
+        } else {
+            Gpu::open(copts.device)?
+        };
         let tpf = (h / 2) * (w / 2);
         let flen = CHANNELS * h * w;
         let geom = KvCache::new(0, tpf * d, opts.local_attn, opts.sink)?;

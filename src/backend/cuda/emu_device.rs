@@ -1,0 +1,307 @@
+//! An emulated device for the CUDA backend: the same [`super::device::Gpu`] interface with host
+//! memory, kernels run by the SIMT emulation layer (`cuda/emu`, the same kernel source as the
+//! fatbin), GEMMs on the CPU with bf16 operands and f32 accumulation, and graphs recorded and
+//! replayed op by op. It lets CI run the whole CUDA backend (buffers, tables, launches, graph
+//! capture) on machines without a GPU; `BC_CUDA_EMULATE=1` selects it.
+//!
+//! Device pointers are host addresses. Fresh allocations are poisoned with 0xFF bytes (NaN in
+//! bf16 and f32), so reading memory nobody wrote shows up in the results. As on a GPU, work
+//! submitted during a capture is recorded, not run, and host copies during a capture are errors.
+
+use super::device::{DevPtr, Epilogue, OutType};
+use crate::kernels::emu::{dims, launch_raw, Kernel};
+use crate::{Error, Result};
+use half::bf16;
+use std::cell::RefCell;
+
+/// One recorded operation of a graph.
+#[derive(Clone, Debug)]
+pub enum EmuOp {
+    /// A kernel launch with a copy of its params struct.
+    Launch {
+        /// Kernel.
+        kernel: Kernel,
+        /// Grid.
+        grid: [u32; 3],
+        /// Threads per block.
+        block: u32,
+        /// The params struct's bytes (16-byte aligned storage).
+        params: Vec<u128>,
+    },
+    /// A GEMM.
+    Gemm {
+        /// Arguments as passed to [`EmuDevice::gemm`].
+        args: GemmArgs,
+    },
+    /// A device-to-device copy.
+    Copy {
+        /// Destination.
+        dst: DevPtr,
+        /// Source.
+        src: DevPtr,
+        /// Bytes.
+        bytes: usize,
+    },
+    /// A memset.
+    Memset {
+        /// Destination.
+        dst: DevPtr,
+        /// Byte value.
+        value: u8,
+        /// Bytes.
+        bytes: usize,
+    },
+}
+
+/// Arguments of a GEMM (see `Gpu::gemm`).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmArgs {
+    /// bf16 `[rows, inp]`.
+    pub x: DevPtr,
+    /// bf16 `[out, inp]`.
+    pub w: DevPtr,
+    /// f32 `[out]` or 0.
+    pub bias: DevPtr,
+    /// Output `[rows, out]`.
+    pub d: DevPtr,
+    /// Rows.
+    pub rows: usize,
+    /// Input features.
+    pub inp: usize,
+    /// Output features.
+    pub out: usize,
+    /// Output type.
+    pub ty: OutType,
+    /// Epilogue.
+    pub ep: Epilogue,
+}
+
+/// Host memory and the op recorder of an emulated device.
+#[derive(Default)]
+pub struct EmuDevice {
+    allocs: Vec<Box<[u128]>>,
+    capture: RefCell<Option<Vec<EmuOp>>>,
+}
+
+/// Memory an emulated device reports as its total (bytes).
+pub const EMU_MEMORY: usize = 64 << 30;
+
+impl EmuDevice {
+    /// A device with no allocations.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Allocates `bytes` (16-byte aligned), poisoned with 0xFF.
+    pub fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
+        let words = bytes.max(1).div_ceil(16);
+        let mut v: Vec<u128> = Vec::new();
+        v.try_reserve_exact(words)
+            .map_err(|_| Error::OutOfMemory(format!("emulated device: {bytes} bytes")))?;
+        v.resize(words, u128::MAX);
+        let b = v.into_boxed_slice();
+        let p = b.as_ptr() as DevPtr;
+        self.allocs.push(b);
+        Ok(p)
+    }
+
+    /// (free, total) memory: the emulated device claims [`EMU_MEMORY`].
+    pub fn mem_info(&self) -> (usize, usize) {
+        let used: usize = self.allocs.iter().map(|a| a.len() * 16).sum();
+        (EMU_MEMORY.saturating_sub(used), EMU_MEMORY)
+    }
+
+    fn capturing(&self, what: &str) -> Result<()> {
+        if self.capture.borrow().is_some() {
+            return Err(Error::Device(format!(
+                "{what} during graph capture (not allowed on a GPU either)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn submit(&self, op: EmuOp) -> Result<()> {
+        if let Some(ops) = self.capture.borrow_mut().as_mut() {
+            ops.push(op);
+            return Ok(());
+        }
+        run(&op)
+    }
+
+    /// Host to device copy.
+    ///
+    /// # Safety
+    /// `dst` holds `size_of_val(src)` bytes.
+    pub unsafe fn upload<T: Copy>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
+        self.capturing("a host-to-device copy")?;
+        std::ptr::copy_nonoverlapping(
+            src.as_ptr() as *const u8,
+            dst as *mut u8,
+            std::mem::size_of_val(src),
+        );
+        Ok(())
+    }
+
+    /// Device to host copy.
+    ///
+    /// # Safety
+    /// `src` holds `size_of_val(dst)` bytes.
+    pub unsafe fn download<T: Copy>(&self, dst: &mut [T], src: DevPtr) -> Result<()> {
+        self.capturing("a device-to-host copy")?;
+        std::ptr::copy_nonoverlapping(
+            src as *const u8,
+            dst.as_mut_ptr() as *mut u8,
+            std::mem::size_of_val(dst),
+        );
+        Ok(())
+    }
+
+    /// Memset.
+    pub fn memset(&self, dst: DevPtr, value: u8, bytes: usize) -> Result<()> {
+        self.submit(EmuOp::Memset { dst, value, bytes })
+    }
+
+    /// Device to device copy.
+    pub fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        self.submit(EmuOp::Copy { dst, src, bytes })
+    }
+
+    /// Waits for the stream: everything already ran.
+    pub fn sync(&self) -> Result<()> {
+        self.capturing("a stream synchronisation")
+    }
+
+    /// Launches (or records) a kernel.
+    ///
+    /// # Safety
+    /// As `Gpu::launch`: `P` is the kernel's params struct with valid pointers.
+    pub unsafe fn launch<P>(
+        &self,
+        kernel: Kernel,
+        grid: [u32; 3],
+        block: u32,
+        p: &P,
+    ) -> Result<()> {
+        let n = std::mem::size_of::<P>().div_ceil(16);
+        let mut params = vec![0u128; n];
+        std::ptr::copy_nonoverlapping(
+            p as *const P as *const u8,
+            params.as_mut_ptr() as *mut u8,
+            std::mem::size_of::<P>(),
+        );
+        self.submit(EmuOp::Launch {
+            kernel,
+            grid,
+            block,
+            params,
+        })
+    }
+
+    /// Runs (or records) a GEMM.
+    pub fn gemm(&self, args: GemmArgs) -> Result<()> {
+        self.submit(EmuOp::Gemm { args })
+    }
+
+    /// Starts recording.
+    pub fn begin_capture(&self) -> Result<()> {
+        let mut c = self.capture.borrow_mut();
+        if c.is_some() {
+            return Err(Error::Device("a capture is already in progress".into()));
+        }
+        *c = Some(Vec::new());
+        Ok(())
+    }
+
+    /// Stops recording and returns the ops.
+    pub fn end_capture(&self) -> Result<Vec<EmuOp>> {
+        self.capture
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| Error::Device("end_capture without begin_capture".into()))
+    }
+
+    /// Drops a capture in progress.
+    pub fn abort_capture(&self) {
+        self.capture.borrow_mut().take();
+    }
+
+    /// Replays recorded ops.
+    pub fn replay(&self, ops: &[EmuOp]) -> Result<()> {
+        self.capturing("replaying a graph")?;
+        ops.iter().try_for_each(run)
+    }
+}
+
+fn run(op: &EmuOp) -> Result<()> {
+    match op {
+        EmuOp::Launch {
+            kernel,
+            grid,
+            block,
+            params,
+        } => {
+            if grid.contains(&0) {
+                return Ok(());
+            }
+            // SAFETY: the params were copied from the struct the caller passed to `launch`,
+            // whose pointers address this device's (host) allocations.
+            unsafe {
+                launch_raw(
+                    *kernel,
+                    &dims(*grid, [*block, 1, 1]),
+                    params.as_ptr() as *const std::ffi::c_void,
+                )
+            }
+            .map_err(|e| Error::Device(format!("emulated {e}")))
+        }
+        EmuOp::Copy { dst, src, bytes } => {
+            // SAFETY: both address allocations of at least `bytes` bytes (caller's contract);
+            // `copy` tolerates overlap.
+            unsafe { std::ptr::copy(*src as *const u8, *dst as *mut u8, *bytes) };
+            Ok(())
+        }
+        EmuOp::Memset { dst, value, bytes } => {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_bytes(*dst as *mut u8, *value, *bytes) };
+            Ok(())
+        }
+        EmuOp::Gemm { args } => gemm(args),
+    }
+}
+
+fn gemm(a: &GemmArgs) -> Result<()> {
+    if a.rows == 0 {
+        return Ok(());
+    }
+    // SAFETY: the pointers address allocations of the documented sizes (caller's contract).
+    let (x, w) = unsafe {
+        (
+            std::slice::from_raw_parts(a.x as *const bf16, a.rows * a.inp),
+            std::slice::from_raw_parts(a.w as *const bf16, a.out * a.inp),
+        )
+    };
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+    let bias = (a.bias != 0).then(|| {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(a.bias as *const f32, a.out) }
+    });
+    let mut y = vec![0f32; a.rows * a.out];
+    crate::cpu::gemm::linear(&xf, a.rows, a.inp, &wf, bias, &mut y);
+    if a.ep == Epilogue::GeluBias {
+        crate::cpu::ops::gelu_tanh(&mut y);
+    }
+    // SAFETY: d holds rows*out values of the output type.
+    unsafe {
+        match a.ty {
+            OutType::F32 => std::ptr::copy_nonoverlapping(y.as_ptr(), a.d as *mut f32, y.len()),
+            OutType::Bf16 => {
+                let d = std::slice::from_raw_parts_mut(a.d as *mut bf16, y.len());
+                d.iter_mut()
+                    .zip(&y)
+                    .for_each(|(o, v)| *o = bf16::from_f32(*v));
+            }
+        }
+    }
+    Ok(())
+}

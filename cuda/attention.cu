@@ -1,5 +1,5 @@
-// Fused flash attention over a list of K/V segments, bf16 in/out, f32 accumulation,
-// online softmax (base 2, scale folded into q).
+// Fused flash attention over a list of K/V segments, bf16 in/out, f32 accumulation: a
+// FlashAttention-2-style tensor-core kernel (mma.sync m16n8k16 bf16 -> f32).
 //
 //   out[n, h] = softmax(q[n, h] . K[:, h]^T * scale) . V[:, h]
 //
@@ -12,144 +12,273 @@
 // Layout: q/out [nq, stride] bf16 with head h at columns h*head_dim; segment k/v rows of
 // kv_stride elements. head_dim: a multiple of 8, <= 64 (bc_attention_hd64) or <= 128
 // (bc_attention_hd128); pointers 16-byte aligned, strides multiples of 8.
-// Grid (ceil(max group rows / BQ), heads, groups); block NT threads = WARPS warps; warp w owns
-// query rows [w*RPW, (w+1)*RPW) of the tile. Per key tile of BK keys (staged in shared memory):
-// lane j computes the scores of key j for the warp's rows, the row max is a warp reduction,
-// probabilities go through shared memory, then lane l accumulates head-dim pairs
-// l, l+32, ... of P.V. This version uses plain FMAs (no tensor cores). A tensor-core version
-// needs: mma.sync m16n8k16 bf16 (S = Q K^T and O += P V with P re-packed from the
-// accumulator fragment), ldmatrix(.trans) for the K/V fragments, cp.async double buffering
-// of the K/V tiles, and emulated equivalents of those three in cuda/emu with the documented
-// fragment layouts (not written yet).
-// Checked by tests/kernels_emu.rs against cpu::attention::attention: head_dim 32/64/128,
-// several groups with different segment lists (ring-buffer wrap, sink + local window), row
-// counts and segment lengths that are not multiples of the tiles, cross-attention shape.
-#include "include/common.cuh"
+//
+// Work split: grid (ceil(max group rows / ATT_BQ), heads, groups), block ATT_NT = 128 threads
+// = ATT_WARPS warps stacked along the query rows; warp w owns the ATT_WM = 16 query rows
+// [w*16, w*16+16) of the block's ATT_BQ = 64 rows (one m16 MMA tile). Keys are walked one
+// segment at a time in tiles of BK keys (64 for hd64, 32 for hd128: two stages of K and V
+// must fit the 48 KB of static shared memory); a tile never crosses a segment end, a partial
+// tile at a segment end is masked. Per block:
+//   1. Q [64 x hd] goes to shared memory (cp.async, in the stage-1 K/V buffer, which is free at
+//      that point) together with K/V tile 0 (stage 0); each warp keeps its Q rows as A
+//      fragments in registers (ldmatrix.x4) for the whole kernel.
+//   2. Per tile: cp.async of the next tile (next segment when this one ends) into the other
+//      stage, wait_group 1 for the current one (double buffering), then per warp
+//      S = Q K^T (mma, K B-fragments by ldmatrix.x4 from the row-major K tile), S in f32 times
+//      scale*log2(e), keys past the tile's end set to -inf, online softmax in base 2 on the
+//      accumulator fragments (each lane holds rows g = lane/4 and g+8; row max through quad
+//      shuffles xor 1, 2; the row sum stays per lane until the end), P re-packed from the
+//      accumulator fragments (n-tiles 2k, 2k+1) into the bf16 A fragment of k-step k, and
+//      O += P V (V B-fragments by ldmatrix.x4.trans from the row-major V tile).
+//   3. O / rowsum (0 for rows without keys) stored as bf16; rows past the group end are never
+//      stored (their Q rows are zeros), warps without a valid row skip the math.
+// Shared memory rows are HDMAX bf16 long; 16-byte chunk c of row r lives at chunk c ^ (r % 8)
+// (XOR swizzle: conflict-free ldmatrix and cp.async). head_dim < HDMAX: only ceil(hd/16)
+// k-steps / n-tile pairs are computed; the chunk between hd and the next multiple of 16 (hd %
+// 16 == 8) is zero-filled, like the K/V rows past a segment end and the Q rows past the group
+// end (finite zeros: masked keys have P = 0 and 0 * garbage could be NaN on a GPU).
+// FLOPs per launch: 4 * rows * keys * head_dim per head and group (2 for Q K^T, 2 for P V),
+// i.e. sum over groups of 4 * q_rows * (keys of its segments) * head_dim * heads.
+//
+// Registers (f32 accumulators per thread, hd128): O 64 + S 16 + Q fragments 32.
+// Checked by tests/kernels_emu.rs against cpu::attention::attention under the SIMT emulation
+// (emulated mma/ldmatrix/cp.async, see cuda/include/mma.cuh; cp.async lands only at its wait):
+// head_dim 32/40/64/128, groups with different segment lists (ring-buffer wrap, sink + local
+// window), many segments of odd lengths, row counts that are not multiples of the tile, empty
+// groups and empty segments, scales other than 1/sqrt(hd), large logits (online rescaling),
+// cross-attention with 512 keys. Real-GPU speed and the hardware fragment layouts are checked
+// by tests/cuda.rs / benches on a GPU only.
+#include "include/mma.cuh"
 
 namespace {
-constexpr int ATT_NT = BC_ATTN_THREADS;    // threads per block
-constexpr int ATT_WARPS = ATT_NT / 32;     // warps per block
-constexpr int ATT_BQ = BC_ATTN_BQ;         // query rows per block
-constexpr int ATT_BK = BC_ATTN_BK;         // keys per tile (= lanes of a warp)
-constexpr int ATT_RPW = ATT_BQ / ATT_WARPS;  // query rows per warp
-constexpr int ATT_MIN_BLOCKS = 2;          // __launch_bounds__ occupancy hint (avoids spills)
-static_assert(ATT_BK == 32, "one key per lane");
-static_assert(ATT_BQ % ATT_WARPS == 0, "rows per warp");
+constexpr int ATT_NT = BC_ATTN_THREADS;      // threads per block
+constexpr int ATT_WARPS = ATT_NT / 32;       // warps per block, stacked along the query rows
+constexpr int ATT_WM = 16;                   // query rows per warp (one m16 tile)
+constexpr int ATT_BQ = BC_ATTN_BQ;           // query rows per block
+constexpr int ATT_MIN_BLOCKS = 2;            // __launch_bounds__ occupancy hint (<= 255 regs)
+static_assert(ATT_BQ == ATT_WARPS * ATT_WM, "one m16 tile of query rows per warp");
+/// Keys per tile: 2 stages x (K + V) x BK x HDMAX bf16 = 32 KB of static shared memory.
+template <int HDMAX>
+struct AttTile {
+    static constexpr int BK = HDMAX <= 64 ? BC_ATTN_BK : BC_ATTN_BK / 2;
+};
+
+/// Element offset of 16-byte chunk `c` of shared-memory row `r` (XOR swizzle).
+__device__ __forceinline__ int att_swz(int r, int c) { return (c ^ (r & 7)) * 8; }
+
+__device__ __forceinline__ void att_zero16(__nv_bfloat16* dst) {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+}
+
+/// Two floats as a bf16 pair in one register (low half = `lo`).
+__device__ __forceinline__ unsigned att_pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+/// From list entry `si` on, the first non-empty segment of `g` (into `si`, `seg`); false when
+/// there is none.
+__device__ __forceinline__ bool att_next_segment(const BcAttentionParams& p, const BcAttnGroup& g, int& si,
+                                                 BcKvSegment& seg) {
+    for (; si < g.seg_count; ++si) {
+        seg = p.segments[p.seg_index[g.seg_begin + si]];
+        if (seg.tokens > 0) return true;
+    }
+    return false;
+}
 }  // namespace
 
 template <int HDMAX>
 __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p) {
-    static_assert(HDMAX % 64 == 0, "head_dim bound");
-    constexpr int HP = HDMAX / 2;         // head-dim pairs
-    constexpr int NPAIR = HDMAX / 64;     // pairs per lane in P.V
-    constexpr int KSTR = HP + 1;          // padded K row (in pairs): conflict-free column reads
-    __shared__ float2 qs[ATT_BQ][HP];
-    __shared__ __nv_bfloat162 ks[ATT_BK][KSTR];
-    __shared__ __align__(16) __nv_bfloat162 vs[ATT_BK][HP];
-    __shared__ float ps[ATT_WARPS][ATT_RPW][ATT_BK];
+    constexpr int BK = AttTile<HDMAX>::BK;
+    constexpr int KSTEPS = HDMAX / 16;  // k16 steps of Q K^T = n-tile pairs of P V (head dim)
+    constexpr int NS = BK / 8;          // n8 tiles of S (keys)
+    constexpr int NO = HDMAX / 8;       // n8 tiles of O (head dim)
+    static_assert(HDMAX % 64 == 0, "swizzle needs rows of >= 8 chunks");
+    static_assert(BK % 16 == 0 && 2 * BK >= ATT_BQ, "Q is staged in one K/V stage");
+    // [stage][K, V][key][head dim], swizzled 16-byte chunks
+    __shared__ __align__(128) __nv_bfloat16 kv[2][2][BK][HDMAX];
 
     BC_EMU_CHECK(p.head_dim > 0 && p.head_dim <= HDMAX && p.head_dim % 8 == 0);
     const BcAttnGroup grp = p.groups[blockIdx.z];
     const int r0 = blockIdx.x * ATT_BQ;
     if (r0 >= grp.q_rows) return;  // uniform for the whole block
-    const int hd = p.head_dim, hp = hd / 2, chunks = hd / 8;
+    const int hd = p.head_dim, cpr = hd / 8, cpr16 = (hd + 15) / 16 * 2, ksteps = cpr16 / 2;
     const int h = blockIdx.y;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const float qscale = p.scale * 1.4426950408889634f;  // softmax in base 2
+    const bool active = r0 + warp * ATT_WM < grp.q_rows;  // warp-uniform: the warp has a valid row
+    // Q [ATT_BQ][HDMAX] over stage 1 (its K and V halves are contiguous)
+    __nv_bfloat16(*qs)[HDMAX] = reinterpret_cast<__nv_bfloat16(*)[HDMAX]>(&kv[1][0][0][0]);
 
-    for (int e = tid; e < ATT_BQ * hp; e += ATT_NT) {
-        const int r = e / hp, c = e % hp;
-        float2 v = make_float2(0.f, 0.f);
-        if (r0 + r < grp.q_rows) v = bc_load_bf162(p.q + (size_t)(grp.q_begin + r0 + r) * p.q_stride + h * hd + 2 * c);
-        qs[r][c] = make_float2(v.x * qscale, v.y * qscale);
+    // 1. Q and the first K/V tile.
+    for (int e = tid; e < ATT_BQ * cpr16; e += ATT_NT) {
+        const int r = e / cpr16, c = e % cpr16;
+        __nv_bfloat16* dst = &qs[r][att_swz(r, c)];
+        if (r0 + r < grp.q_rows && c < cpr)
+            bc_cp_async16(dst, p.q + (size_t)(grp.q_begin + r0 + r) * p.q_stride + h * hd + 8 * c);
+        else
+            att_zero16(dst);
     }
+    auto load_kv = [&](int stage, const BcKvSegment& seg, int k0) {
+        const int kn = min(BK, seg.tokens - k0);
+        for (int e = tid; e < BK * cpr16; e += ATT_NT) {
+            const int r = e / cpr16, c = e % cpr16;
+            __nv_bfloat16* kd = &kv[stage][0][r][att_swz(r, c)];
+            __nv_bfloat16* vd = &kv[stage][1][r][att_swz(r, c)];
+            if (r < kn && c < cpr) {
+                const size_t off = (size_t)(k0 + r) * p.kv_stride + h * hd + 8 * c;
+                bc_cp_async16(kd, seg.k + off);
+                bc_cp_async16(vd, seg.v + off);
+            } else {
+                att_zero16(kd);
+                att_zero16(vd);
+            }
+        }
+    };
+    int si = 0, k0 = 0;
+    BcKvSegment seg{};
+    bool have = att_next_segment(p, grp, si, seg);
+    if (have) load_kv(0, seg, 0);
+    bc_cp_async_commit();
+    bc_cp_async_wait_all();
+    __syncthreads();
 
-    float m[ATT_RPW], l[ATT_RPW];
-    float2 acc[ATT_RPW][NPAIR];
+    unsigned qf[KSTEPS][4];
 #pragma unroll
-    for (int r = 0; r < ATT_RPW; ++r) {
-        m[r] = -INFINITY;
-        l[r] = 0.f;
-#pragma unroll
-        for (int t = 0; t < NPAIR; ++t) acc[r][t] = make_float2(0.f, 0.f);
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+        if (kk < ksteps) {
+            const int r = warp * ATT_WM + lane % 16;  // matrices: rows 0-7 / 8-15 x k 0-7 / 8-15
+            bc_ldmatrix_x4(qf[kk], &qs[r][att_swz(r, 2 * kk + lane / 16)]);
+        } else {
+            qf[kk][0] = qf[kk][1] = qf[kk][2] = qf[kk][3] = 0u;
+        }
     }
+    __syncthreads();  // stage 1 is free for the prefetch of tile 1
 
-    for (int si = 0; si < grp.seg_count; ++si) {
-        const BcKvSegment seg = p.segments[p.seg_index[grp.seg_begin + si]];
-        for (int k0 = 0; k0 < seg.tokens; k0 += ATT_BK) {
-            const int kn = min(ATT_BK, seg.tokens - k0);
-            __syncthreads();  // the previous tile is consumed (and q is staged)
-            for (int e = tid; e < ATT_BK * chunks; e += ATT_NT) {
-                const int r = e / chunks, c = e % chunks;
-                uint4 kk = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-                if (r < kn) {  // masked keys get zero K and V (never NaN garbage)
-                    const size_t off = (size_t)(k0 + r) * p.kv_stride + h * hd + 8 * c;
-                    kk = *reinterpret_cast<const uint4*>(seg.k + off);
-                    vv = *reinterpret_cast<const uint4*>(seg.v + off);
-                }
-                unsigned* kd = reinterpret_cast<unsigned*>(&ks[r][4 * c]);
-                kd[0] = kk.x;
-                kd[1] = kk.y;
-                kd[2] = kk.z;
-                kd[3] = kk.w;
-                *reinterpret_cast<uint4*>(&vs[r][4 * c]) = vv;
-            }
-            __syncthreads();
+    float o[NO][4];
+#pragma unroll
+    for (int j = 0; j < NO; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g, g+8
 
-            float s[ATT_RPW];
+    // 2. Key tiles, double-buffered.
+    for (int st = 0; have; st ^= 1) {
+        const int kn = min(BK, seg.tokens - k0);
+        int nsi = si, nk0 = k0 + BK;
+        BcKvSegment nseg = seg;
+        bool nhave = true;
+        if (nk0 >= seg.tokens) {
+            ++nsi;
+            nk0 = 0;
+            nhave = att_next_segment(p, grp, nsi, nseg);
+        }
+        if (nhave) load_kv(st ^ 1, nseg, nk0);
+        bc_cp_async_commit();
+        bc_cp_async_wait_group<1>();  // the current tile has landed (this thread's copies) ...
+        __syncthreads();              // ... and everyone's
+
+        if (active) {
+            const __nv_bfloat16(*ks)[HDMAX] = kv[st][0];
+            const __nv_bfloat16(*vs)[HDMAX] = kv[st][1];
+            // S = Q K^T: B fragments of n-tiles 2jj, 2jj+1 from K rows (keys) via ldmatrix.x4.
+            float s[NS][4];
 #pragma unroll
-            for (int r = 0; r < ATT_RPW; ++r) s[r] = 0.f;
-            for (int c = 0; c < hp; ++c) {
-                const float2 k = __bfloat1622float2(ks[lane][c]);
+            for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-                for (int r = 0; r < ATT_RPW; ++r) {
-                    const float2 q = qs[warp * ATT_RPW + r][c];
-                    s[r] = fmaf(q.x, k.x, fmaf(q.y, k.y, s[r]));
+            for (int kk = 0; kk < KSTEPS; ++kk) {
+                if (kk < ksteps) {
+#pragma unroll
+                    for (int jj = 0; jj < NS / 2; ++jj) {
+                        if (jj * 16 < kn) {
+                            // matrices: keys +0-7 / +8-15 (lane / 16) x head dim k 0-7 / 8-15
+                            const int r = jj * 16 + 8 * (lane / 16) + lane % 8;
+                            unsigned kb[4];
+                            bc_ldmatrix_x4(kb, &ks[r][att_swz(r, 2 * kk + (lane / 8) % 2)]);
+                            bc_mma_bf16_16816(s[2 * jj], qf[kk], &kb[0], s[2 * jj]);
+                            bc_mma_bf16_16816(s[2 * jj + 1], qf[kk], &kb[2], s[2 * jj + 1]);
+                        }
+                    }
+                }
+            }
+            // Online softmax (base 2) on the fragments: lane holds S[g][col], S[g+8][col] for
+            // col = 8j + 2t, 8j + 2t + 1.
+            float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int j = 0; j < NS; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float v = 8 * j + 2 * t + (e & 1) < kn ? s[j][e] * qscale : -INFINITY;
+                    s[j][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+            }
+            float mref[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 2));
+                const float mn = fmaxf(m[i], mx[i]);
+                mref[i] = mn == -INFINITY ? 0.f : mn;  // no key yet: keep exp2 finite
+                const float alpha = exp2f(m[i] - mref[i]);
+                m[i] = mn;
+                l[i] *= alpha;
+#pragma unroll
+                for (int j = 0; j < NO; ++j) {
+                    o[j][2 * i] *= alpha;
+                    o[j][2 * i + 1] *= alpha;
                 }
             }
 #pragma unroll
-            for (int r = 0; r < ATT_RPW; ++r) {
-                const float sr = lane < kn ? s[r] : -INFINITY;
-                const float mn = fmaxf(m[r], bc_warp_max(sr));
-                const float alpha = exp2f(m[r] - mn);
-                const float pr = exp2f(sr - mn);
-                l[r] = l[r] * alpha + pr;
-                m[r] = mn;
+            for (int j = 0; j < NS; ++j) {
 #pragma unroll
-                for (int t = 0; t < NPAIR; ++t) acc[r][t] = make_float2(acc[r][t].x * alpha, acc[r][t].y * alpha);
-                ps[warp][r][lane] = pr;
+                for (int e = 0; e < 4; ++e) {
+                    const float pr = exp2f(s[j][e] - mref[e >> 1]);
+                    s[j][e] = pr;
+                    l[e >> 1] += pr;
+                }
             }
-            __syncwarp();
-            for (int j = 0; j < kn; ++j) {
+            // O += P V: A fragment of key step kk = accumulator n-tiles 2kk, 2kk+1 as bf16;
+            // B fragments of head-dim n-tiles 2nn, 2nn+1 from V rows via ldmatrix.x4.trans.
 #pragma unroll
-                for (int t = 0; t < NPAIR; ++t) {
-                    const int c = lane + 32 * t;
-                    if (c < hp) {
-                        const float2 v = __bfloat1622float2(vs[j][c]);
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                if (kk * 16 < kn) {
+                    const unsigned pa[4] = {att_pack(s[2 * kk][0], s[2 * kk][1]), att_pack(s[2 * kk][2], s[2 * kk][3]),
+                                            att_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                            att_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-                        for (int r = 0; r < ATT_RPW; ++r) {
-                            const float pj = ps[warp][r][j];
-                            acc[r][t].x = fmaf(pj, v.x, acc[r][t].x);
-                            acc[r][t].y = fmaf(pj, v.y, acc[r][t].y);
+                    for (int nn = 0; nn < KSTEPS; ++nn) {
+                        if (nn < ksteps) {
+                            // matrices: keys +0-7 / +8-15 ((lane / 8) % 2) x head dim +0-7 / +8-15
+                            const int r = kk * 16 + 8 * ((lane / 8) % 2) + lane % 8;
+                            unsigned vb[4];
+                            bc_ldmatrix_x4_trans(vb, &vs[r][att_swz(r, 2 * nn + lane / 16)]);
+                            bc_mma_bf16_16816(o[2 * nn], pa, &vb[0], o[2 * nn]);
+                            bc_mma_bf16_16816(o[2 * nn + 1], pa, &vb[2], o[2 * nn + 1]);
                         }
                     }
                 }
             }
         }
+        __syncthreads();  // stage st is consumed before the next iteration refills it
+        si = nsi;
+        k0 = nk0;
+        seg = nseg;
+        have = nhave;
     }
 
+    // 3. Normalise and store.
+    if (!active) return;
 #pragma unroll
-    for (int r = 0; r < ATT_RPW; ++r) {
-        const float lt = bc_warp_sum(l[r]);
-        const float inv = lt > 0.f ? 1.f / lt : 0.f;
-        const int row = r0 + warp * ATT_RPW + r;
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(BC_FULL_MASK, l[i], 1);
+        l[i] += __shfl_xor_sync(BC_FULL_MASK, l[i], 2);
+        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        const int row = r0 + warp * ATT_WM + g + 8 * i;
         if (row < grp.q_rows) {
-            __nv_bfloat16* o = p.out + (size_t)(grp.q_begin + row) * p.out_stride + h * hd;
+            __nv_bfloat16* out = p.out + (size_t)(grp.q_begin + row) * p.out_stride + h * hd;
 #pragma unroll
-            for (int t = 0; t < NPAIR; ++t) {
-                const int c = lane + 32 * t;
-                if (c < hp) bc_store_bf162(o + 2 * c, acc[r][t].x * inv, acc[r][t].y * inv);
-            }
+            for (int j = 0; j < NO; ++j)
+                if (8 * j < hd) bc_store_bf162(out + 8 * j + 2 * t, o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
         }
     }
 }

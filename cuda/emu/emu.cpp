@@ -52,6 +52,15 @@ struct Fiber {
     int arg = 0;
     int width = 32;
     uint64_t result = 0;
+    // warp_exchange buffer parity
+    int xpar = 0;
+    // cp.async: pending copies (oldest first) and the end index of each committed group
+    struct Copy {
+        void* dst;
+        unsigned char data[16];
+    };
+    std::vector<Copy> cp_pending;
+    std::vector<size_t> cp_groups;
 };
 
 struct Block {
@@ -64,6 +73,7 @@ struct Block {
     int code = 0;
     std::string error;
     std::vector<uint64_t> smem;
+    std::vector<unsigned char> xbuf;  // warp_exchange slots: [warp][parity][lane][32 bytes]
 
     ~Block() {
         if (stacks) munmap(stacks, stacks_n * (kStackBytes + kGuardBytes));
@@ -165,6 +175,48 @@ unsigned activemask() {
 }
 
 void* dynamic_smem() { return tls_block->smem.data(); }
+
+const unsigned char* warp_exchange(const void* data, size_t bytes, const char* file, int line) {
+    Fiber* f = tls_fiber;
+    if (bytes > 32) fail("warp_exchange of more than 32 bytes", file, line);
+    const int warp = f->linear / 32, lane = f->linear % 32;
+    unsigned char* base = tls_block->xbuf.data() + (size_t)(warp * 2 + f->xpar) * 32 * 32;
+    std::memcpy(base + 32 * lane, data, bytes);
+    f->xpar ^= 1;
+    (void)warp_collective(5, 0xffffffffu, 0, 0, 32, file, line);
+    return base;
+}
+
+void cp_async16(void* dst, const void* src, const char* file, int line) {
+    if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16)
+        fail("cp.async with an address that is not 16-byte aligned", file, line);
+    Fiber::Copy c;
+    c.dst = dst;
+    std::memcpy(c.data, src, 16);
+    std::memset(dst, 0xff, 16);
+    tls_fiber->cp_pending.push_back(c);
+}
+
+void cp_async_commit() {
+    Fiber* f = tls_fiber;
+    f->cp_groups.push_back(f->cp_pending.size());
+}
+
+void cp_async_wait(int n) {
+    Fiber* f = tls_fiber;
+    size_t done = f->cp_pending.size();  // wait_all
+    if (n >= 0) {
+        const size_t groups = f->cp_groups.size();
+        if (groups <= (size_t)n) return;
+        done = f->cp_groups[groups - 1 - (size_t)n];
+    }
+    for (size_t i = 0; i < done; ++i) std::memcpy(f->cp_pending[i].dst, f->cp_pending[i].data, 16);
+    f->cp_pending.erase(f->cp_pending.begin(), f->cp_pending.begin() + (std::ptrdiff_t)done);
+    size_t kept = 0;
+    for (size_t g : f->cp_groups)
+        if (g > done) f->cp_groups[kept++] = g - done;
+    f->cp_groups.resize(kept);
+}
 
 // Resolves every warp collective whose mask has fully arrived. Returns the number resolved;
 // sets an error for collectives that can never complete.
@@ -270,6 +322,9 @@ static int run_block(Block* b) {
         Fiber& f = b->fibers[i];
         f.state = kRunnable;
         f.result = 0;
+        f.xpar = 0;
+        f.cp_pending.clear();
+        f.cp_groups.clear();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = b->stack(i);
         f.ctx.uc_stack.ss_size = kStackBytes;
@@ -368,6 +423,7 @@ void worker(Shared* s) {
         f.tid.z = (unsigned)i / (d->block[0] * d->block[1]);
     }
     b->smem.assign((d->shared_bytes + 7) / 8, 0);
+    b->xbuf.assign((size_t)(n + 31) / 32 * 2 * 32 * 32, 0);
     b->body = s->body;
     b->arg = s->arg;
     tls_block = b;

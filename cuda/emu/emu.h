@@ -20,8 +20,10 @@
 // are per fiber / per OS thread. Atomics are real atomics (blocks run in parallel).
 //
 // Tensor-core instructions (mma.sync m16n8k16 bf16, ldmatrix, cp.async) are emulated behind the
-// device functions of cuda/include/mma.cuh. Not emulated: Hopper-only features (wgmma, TMA),
-// which are exempt from emulation.
+// device functions of cuda/include/mma.cuh: an mma or ldmatrix is one warp exchange (one
+// scheduling point, `warp_exchange`), and cp.async copies land only at the wait that completes
+// their group (the destination reads as NaN before). Not emulated: Hopper-only features (wgmma,
+// TMA), which are exempt from emulation.
 #ifndef BC_EMU_EMU_H
 #define BC_EMU_EMU_H
 
@@ -101,6 +103,21 @@ uint64_t warp_collective(int kind, unsigned mask, uint64_t value, int arg, int w
 [[noreturn]] void fail(const char* what, const char* file, int line);
 unsigned activemask();
 void* dynamic_smem();
+/// Warp data exchange behind the emulated tensor-core ops (cuda/include/mma.cuh): the calling
+/// lane publishes `bytes` (<= 32) bytes and waits for its whole warp (a scheduling point, like
+/// `__syncwarp()` with the full mask); returns the warp's 32 slots of 32 bytes (slot l: lane l's
+/// data). The slots stay valid until the calling lane's next exchange (two buffers alternate,
+/// and no lane can publish twice before every lane has passed the exchange in between).
+const unsigned char* warp_exchange(const void* data, size_t bytes, const char* file, int line);
+/// Emulated `cp.async` (16 bytes): the source is read now, the destination gets NaN bytes
+/// (0xff) now and the data only when a wait completes the copy's group, so reading the
+/// destination before the matching wait shows up as NaN. Both addresses must be 16-byte aligned.
+void cp_async16(void* dst, const void* src, const char* file, int line);
+/// `cp.async.commit_group`: the calling thread's uncommitted copies become a group.
+void cp_async_commit();
+/// `cp.async.wait_group n` (n >= 0): completes all but the newest n committed groups of the
+/// calling thread; n < 0: `cp.async.wait_all` (every copy, committed or not).
+void cp_async_wait(int n);
 }  // namespace emu
 
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)

@@ -1,7 +1,7 @@
 // Tensor-core building blocks (sm_80+): mma.sync m16n8k16 bf16 -> f32, ldmatrix (x4, with
-// and without .trans) and cp.async, as small device functions so kernels read the same under
-// nvcc (inline PTX) and under the SIMT emulation (cuda/emu), where each is built from warp
-// shuffles with the fragment layouts of the PTX ISA:
+// and without .trans) and cp.async (commit, wait_group N, wait_all), as small device functions
+// so kernels read the same under nvcc (inline PTX) and under the SIMT emulation (cuda/emu), where each is one warp exchange
+// (emu::warp_exchange) with the fragment layouts of the PTX ISA:
 //   g = lane / 4, t = lane % 4; every 32-bit register holds 2 bf16 (low half = lower column/k)
 //   A 16x16 (row-major):  a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..]  a[2] = A[g][2t+8..]
 //                         a[3] = A[g+8][2t+8..]
@@ -46,51 +46,69 @@ __device__ __forceinline__ void bc_cp_async16(void* smem, const void* gmem) {
 }
 __device__ __forceinline__ void bc_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void bc_cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+/// Waits until at most N of this thread's committed cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void bc_cp_async_wait_group() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 #else
 inline float bc_emu_lo(unsigned w) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)(w & 0xffffu))); }
 inline float bc_emu_hi(unsigned w) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)(w >> 16))); }
+// Each op is one warp exchange (see emu.h): every lane publishes its operands (fragments or its
+// row address), then computes its own result from the other lanes' slots.
 inline void bc_mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    const unsigned mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    const unsigned char* x = ::emu::warp_exchange(mine, sizeof mine, __FILE__, __LINE__);
+    auto reg = [x](int l, int i) {  // register i (a0..a3, b0, b1) of lane l
+        unsigned r;
+        std::memcpy(&r, x + 32 * l + 4 * i, 4);
+        return r;
+    };
+    auto dot = [](unsigned x0, unsigned x1, unsigned y0, unsigned y1) {
+        return bc_emu_lo(x0) * bc_emu_lo(y0) + bc_emu_hi(x0) * bc_emu_hi(y0) + bc_emu_lo(x1) * bc_emu_lo(y1) +
+               bc_emu_hi(x1) * bc_emu_hi(y1);
+    };
     const int lane = ::emu::lane_id(), g = lane / 4, t = lane % 4;
     float acc[4] = {c[0], c[1], c[2], c[3]};
-    for (int tp = 0; tp < 4; ++tp) {  // k pairs 2tp, 2tp+1 and 2tp+8, 2tp+9
-        unsigned ra[4], rb0[2], rb1[2];
-        for (int i = 0; i < 4; ++i) ra[i] = __shfl_sync(BC_FULL_MASK, a[i], 4 * g + tp);
-        for (int i = 0; i < 2; ++i) {
-            rb0[i] = __shfl_sync(BC_FULL_MASK, b[i], 4 * (2 * t) + tp);      // column 2t
-            rb1[i] = __shfl_sync(BC_FULL_MASK, b[i], 4 * (2 * t + 1) + tp);  // column 2t+1
-        }
-        auto dot = [](unsigned x0, unsigned x1, const unsigned* y) {
-            return bc_emu_lo(x0) * bc_emu_lo(y[0]) + bc_emu_hi(x0) * bc_emu_hi(y[0]) +
-                   bc_emu_lo(x1) * bc_emu_lo(y[1]) + bc_emu_hi(x1) * bc_emu_hi(y[1]);
-        };
-        acc[0] += dot(ra[0], ra[2], rb0);
-        acc[1] += dot(ra[0], ra[2], rb1);
-        acc[2] += dot(ra[1], ra[3], rb0);
-        acc[3] += dot(ra[1], ra[3], rb1);
+    for (int tp = 0; tp < 4; ++tp) {  // k pairs 2tp, 2tp+1 (a0/a1, b0) and 2tp+8, 2tp+9 (a2/a3, b1)
+        const int la = 4 * g + tp, lb0 = 4 * (2 * t) + tp, lb1 = 4 * (2 * t + 1) + tp;  // row g; columns 2t, 2t+1
+        acc[0] += dot(reg(la, 0), reg(la, 2), reg(lb0, 4), reg(lb0, 5));
+        acc[1] += dot(reg(la, 0), reg(la, 2), reg(lb1, 4), reg(lb1, 5));
+        acc[2] += dot(reg(la, 1), reg(la, 3), reg(lb0, 4), reg(lb0, 5));
+        acc[3] += dot(reg(la, 1), reg(la, 3), reg(lb1, 4), reg(lb1, 5));
     }
     for (int i = 0; i < 4; ++i) d[i] = acc[i];
 }
+inline const char* bc_emu_row(const unsigned char* x, int l) {
+    const char* p;
+    std::memcpy(&p, x + 32 * l, sizeof p);
+    return p;
+}
 inline void bc_ldmatrix_x4(unsigned r[4], const void* row) {
+    if (reinterpret_cast<uintptr_t>(row) % 16) ::emu::fail("ldmatrix row address not 16-byte aligned", __FILE__, __LINE__);
+    const unsigned char* x = ::emu::warp_exchange(&row, sizeof row, __FILE__, __LINE__);
     const int lane = ::emu::lane_id();
-    for (int i = 0; i < 4; ++i) {
-        const char* p = __shfl_sync(BC_FULL_MASK, static_cast<const char*>(row), 8 * i + lane / 4);
-        std::memcpy(&r[i], p + 4 * (lane % 4), 4);
-    }
+    for (int i = 0; i < 4; ++i) std::memcpy(&r[i], bc_emu_row(x, 8 * i + lane / 4) + 4 * (lane % 4), 4);
 }
 inline void bc_ldmatrix_x4_trans(unsigned r[4], const void* row) {
+    if (reinterpret_cast<uintptr_t>(row) % 16) ::emu::fail("ldmatrix row address not 16-byte aligned", __FILE__, __LINE__);
+    const unsigned char* x = ::emu::warp_exchange(&row, sizeof row, __FILE__, __LINE__);
     const int lane = ::emu::lane_id();
     for (int i = 0; i < 4; ++i) {
-        const char* p0 = __shfl_sync(BC_FULL_MASK, static_cast<const char*>(row), 8 * i + 2 * (lane % 4));
-        const char* p1 = __shfl_sync(BC_FULL_MASK, static_cast<const char*>(row), 8 * i + 2 * (lane % 4) + 1);
         unsigned short lo, hi;
-        std::memcpy(&lo, p0 + 2 * (lane / 4), 2);
-        std::memcpy(&hi, p1 + 2 * (lane / 4), 2);
+        std::memcpy(&lo, bc_emu_row(x, 8 * i + 2 * (lane % 4)) + 2 * (lane / 4), 2);
+        std::memcpy(&hi, bc_emu_row(x, 8 * i + 2 * (lane % 4) + 1) + 2 * (lane / 4), 2);
         r[i] = (unsigned)lo | ((unsigned)hi << 16);
     }
 }
-inline void bc_cp_async16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }  // synchronous
-inline void bc_cp_async_commit() {}
-inline void bc_cp_async_wait_all() {}
+inline void bc_cp_async16(void* smem, const void* gmem) { ::emu::cp_async16(smem, gmem, __FILE__, __LINE__); }
+inline void bc_cp_async_commit() { ::emu::cp_async_commit(); }
+inline void bc_cp_async_wait_all() { ::emu::cp_async_wait(-1); }
+template <int N>
+inline void bc_cp_async_wait_group() {
+    static_assert(N >= 0, "wait_group count");
+    ::emu::cp_async_wait(N);
+}
 #endif
 
 #endif

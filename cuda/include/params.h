@@ -45,10 +45,11 @@ typedef int32_t bc_i32;
 #define BC_ELEM_THREADS 256
 /** Threads per block of the attention kernels. */
 #define BC_ATTN_THREADS 128
-/** Query rows per attention block (grid.x = ceil(max rows of a group / BC_ATTN_BQ)). */
-#define BC_ATTN_BQ 32
-/** Keys per attention tile. */
-#define BC_ATTN_BK 32
+/** Query rows per attention block (grid.x = ceil(max rows of a group / BC_ATTN_BQ)): 16 per
+ * warp. */
+#define BC_ATTN_BQ 64
+/** Keys per attention tile of `bc_attention_hd64`; `bc_attention_hd128` uses half as many. */
+#define BC_ATTN_BK 64
 
 /** Grid and block dimensions of one launch (used by the emulated launcher). */
 typedef struct BcLaunchDims {

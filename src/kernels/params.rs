@@ -6,8 +6,8 @@
 pub const BC_ROW_THREADS: u32 = 256;
 pub const BC_ELEM_THREADS: u32 = 256;
 pub const BC_ATTN_THREADS: u32 = 128;
-pub const BC_ATTN_BQ: u32 = 32;
-pub const BC_ATTN_BK: u32 = 32;
+pub const BC_ATTN_BQ: u32 = 64;
+pub const BC_ATTN_BK: u32 = 64;
 pub const BC_ACT_GELU_TANH: u32 = 0;
 pub const BC_ACT_SILU: u32 = 1;
 #[doc = " A bfloat16 value stored as its raw bits."]

@@ -186,18 +186,12 @@ impl<'m> Generator<'m> {
         let start = Instant::now();
         let mut last_done = start;
         let mut next_emit = 0usize;
-        let mut frame_buf = vec![0f32; flen];
         for tau in 0..plan.ticks() {
             let planned = plan.members(tau);
             // New blocks start from their initial noise; a prompt switch may trigger a recache.
             for m in &planned {
                 if m.role == Role::Denoise(0) {
-                    let mut lat = vec![0f32; bf * flen];
-                    for fi in 0..bf {
-                        self.noise.fill(m.block * bf + fi, 0, &mut frame_buf)?;
-                        lat[fi * flen..(fi + 1) * flen].copy_from_slice(&frame_buf);
-                    }
-                    state.insert(m.block, lat);
+                    state.insert(m.block, self.block_noise(m.block, 0)?);
                     if keep_latents
                         && m.block > 0
                         && self.prompts.iter().any(|(b, _)| *b == m.block)
@@ -271,11 +265,7 @@ impl<'m> Generator<'m> {
                         };
                         if s + 1 < s_count {
                             let sn = self.steps.sigmas[s + 1];
-                            let mut noise = vec![0f32; bf * flen];
-                            for fi in 0..bf {
-                                self.noise.fill(m.block * bf + fi, s + 1, &mut frame_buf)?;
-                                noise[fi * flen..(fi + 1) * flen].copy_from_slice(&frame_buf);
-                            }
+                            let noise = self.block_noise(m.block, s + 1)?;
                             crate::cpu::ops::flow_step(
                                 &mut x,
                                 &v,
@@ -324,6 +314,18 @@ impl<'m> Generator<'m> {
         }
         report.total_seconds = start.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// The noise of every frame of `block` for `slot` (0 = initial noise, `s >= 1` = the
+    /// renoise after step `s - 1`).
+    fn block_noise(&self, block: usize, slot: usize) -> Result<Vec<f32>> {
+        let bf = self.opts.block_frames;
+        let flen = CHANNELS * self.opts.height * self.opts.width;
+        let mut v = vec![0f32; bf * flen];
+        for (fi, frame) in v.chunks_mut(flen).enumerate() {
+            self.noise.fill(block * bf + fi, slot, frame)?;
+        }
+        Ok(v)
     }
 
     /// LongLive recache: rebuilds the KV cache from the clean latents of the resident frames

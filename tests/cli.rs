@@ -381,3 +381,42 @@ fn report_shows_ticks_timings_and_the_difference_to_sequential() {
     let v: f64 = diff.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(v > 0.0 && v < 1.0, "{diff}");
 }
+
+#[test]
+fn info_prints_config_size_dtype_memory_and_kernels() {
+    let model = golden_dir().join("model");
+    let o = bin()
+        .args(["info", "--model"])
+        .arg(&model)
+        .args(["--height", "8", "--width", "12", "--frames", "9"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = String::from_utf8_lossy(&o.stdout);
+    let params = blockcascade::Engine::open(Some(&model))
+        .unwrap()
+        .config()
+        .parameter_count();
+    assert!(t.contains(&format!("parameters:   {params}")), "{t}");
+    assert!(
+        t.contains("dim 64 ffn 128 heads 2 (head_dim 32) layers 2")
+            && t.contains("weight dtype: F32"),
+        "{t}"
+    );
+    assert!(
+        t.contains("memory for 9 frames of 8x12 latents (24 tokens/frame)"),
+        "{t}"
+    );
+    let o = bin().args(["info", "--kernels"]).output().unwrap();
+    assert!(o.status.success());
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.contains("bc_attention_hd128") || t.contains("kernels were not built"),
+        "{t}"
+    );
+    let o = bin()
+        .args(["info", "--model", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).starts_with("error: "));
+}

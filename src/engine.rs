@@ -3,7 +3,7 @@
 use crate::config::{GenerateOptions, ModelConfig};
 use crate::model::{Model, CHANNELS};
 use crate::weights::Weights;
-use crate::Result;
+use crate::{Error, Result};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -62,25 +62,55 @@ pub struct MemoryEstimate {
 }
 
 impl MemoryEstimate {
-    /// Estimates memory for `frames` latent frames with `opts`.
+    /// Estimates memory for `frames` latent frames with `opts` (saturating, never overflows).
     pub fn new(cfg: &ModelConfig, opts: &GenerateOptions, frames: usize) -> Self {
-        let tpf = (opts.height / 2) * (opts.width / 2);
+        let tpf = (opts.height / 2).saturating_mul(opts.width / 2);
         let cached = match opts.local_attn {
             Some(l) => l.min(frames),
             None => frames,
         };
-        let window_frames = (opts.steps.len().div_ceil(opts.lag()) + 1) * opts.block_frames;
-        let n = window_frames * tpf;
+        let window_frames =
+            (opts.steps.len().div_ceil(opts.lag().max(1)) + 1).saturating_mul(opts.block_frames);
+        let n = window_frames.saturating_mul(tpf);
+        let prod = |v: &[usize]| v.iter().fold(1usize, |a, &b| a.saturating_mul(b));
         MemoryEstimate {
-            weights: cfg.parameter_count() * 4,
-            kv_cache: cfg.num_layers * 2 * cached * tpf * cfg.dim * 4,
-            activations: n * (12 * cfg.dim + cfg.ffn_dim + 2 * CHANNELS * 4) * 4
-                + cfg.num_layers * 2 * cfg.text_len * cfg.dim * 4,
+            weights: cfg.parameter_count().saturating_mul(4),
+            kv_cache: prod(&[cfg.num_layers, 2, cached, tpf, cfg.dim, 4]),
+            activations: prod(&[n, 12 * cfg.dim + cfg.ffn_dim + 2 * CHANNELS * 4, 4])
+                .saturating_add(prod(&[cfg.num_layers, 2, cfg.text_len, cfg.dim, 4])),
         }
     }
 
     /// Total bytes.
     pub fn total(&self) -> usize {
-        self.weights + self.kv_cache + self.activations
+        self.weights
+            .saturating_add(self.kv_cache)
+            .saturating_add(self.activations)
     }
+
+    /// Checks that a run's KV cache and activations (the weights are already loaded) fit in the
+    /// memory this machine has available; a clean [`Error::OutOfMemory`] instead of an abort.
+    pub fn check_run(&self) -> Result<()> {
+        let need = self.kv_cache.saturating_add(self.activations);
+        if let Some(avail) = available_memory() {
+            if need > avail {
+                return Err(Error::OutOfMemory(format!(
+                    "this generation needs about {} MiB (KV cache {} MiB + activations {} MiB) but {} MiB are available",
+                    need >> 20,
+                    self.kv_cache >> 20,
+                    self.activations >> 20,
+                    avail >> 20
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo (None where it cannot be read).
+fn available_memory() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
 }

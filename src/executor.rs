@@ -7,6 +7,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, BackendKind};
 use crate::cascade::{Plan, Role};
 use crate::config::{GenerateOptions, Recache};
+use crate::engine::MemoryEstimate;
 use crate::model::{Member, Model, PromptContext, CHANNELS};
 use crate::noise::NoiseSource;
 use crate::prompt::{PromptEmbeds, PromptSwitch};
@@ -172,6 +173,9 @@ impl<'m> Generator<'m> {
             )));
         }
         let plan = Plan::new(blocks, s_count, o.lag())?;
+        if o.backend == BackendKind::Cpu {
+            MemoryEstimate::new(self.model.config(), o, blocks.saturating_mul(bf)).check_run()?;
+        }
         let tpf = (h / 2) * (w / 2);
         let mut backend = self.backend()?;
         let keep_latents = o.recache == Recache::Window;

@@ -198,8 +198,12 @@ fn bad_generation_settings() {
         &["generate", "--local-attn", "2", "--sink", "3"],
         "must be larger than the sink",
     );
-    fails(&["generate", "--backend", "cuda"], "CUDA");
+    fails(&["generate", "--backend", "cuda"], "cuda");
     fails(&["generate", "--devices", "0,x"], "malformed --devices");
+    fails(
+        &["generate", "--height", "20000", "--width", "20000"],
+        "out of memory",
+    );
     fails(&["generate", "--kv-exchange", "sometimes"], "invalid value");
 }
 

@@ -310,35 +310,7 @@ fn generate_options(o: &bc_session_options) -> Result<GenerateOptions> {
 /// failure would abort the process instead of returning an error). `frames` = frames kept in
 /// the KV cache.
 fn check_memory(engine: &Engine, o: &GenerateOptions, frames: usize) -> Result<()> {
-    let cfg = engine.config();
-    let (h, w) = (o.height as u128, o.width as u128);
-    let tpf = (h / 2) * (w / 2);
-    let cached = o.local_attn.map_or(frames, |l| l.min(frames)) as u128;
-    let window = (o.steps.len().div_ceil(o.lag()) as u128 + 1) * o.block_frames as u128;
-    let (dim, ffn) = (cfg.dim as u128, cfg.ffn_dim as u128);
-    let kv = cfg.num_layers as u128 * 2 * cached * tpf * dim * 4;
-    let act = window * tpf * (12 * dim + ffn + 2 * CHANNELS as u128 * 4) * 4;
-    let need = kv + act;
-    let avail = total_memory().unwrap_or(u64::MAX) as u128;
-    if need > avail {
-        return Err(Error::OutOfMemory(format!(
-            "{}x{} latents, {} frames per block and {frames} cached frames need about {} MiB, \
-             more than this machine's {} MiB",
-            o.height,
-            o.width,
-            o.block_frames,
-            need >> 20,
-            avail >> 20
-        )));
-    }
-    Ok(())
-}
-
-fn total_memory() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    crate::engine::MemoryEstimate::new(engine.config(), o, frames).check_run()
 }
 
 /// Copies and checks prompt embeddings given as `[rows][cols]`.

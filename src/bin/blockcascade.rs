@@ -188,6 +188,10 @@ struct InfoArgs {
     /// Print the CUDA kernel report (registers, shared memory, spills) instead.
     #[arg(long)]
     kernels: bool,
+    /// List the CUDA devices (name, memory, compute capability) and peer access between them
+    /// instead.
+    #[arg(long)]
+    devices: bool,
 }
 
 #[derive(clap::Args)]
@@ -281,7 +285,7 @@ fn options(s: &SamplingArgs, builtin: bool) -> Result<GenerateOptions> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let devices = parse_devices(&a.devices)?;
+    let (devices, device_list) = parse_devices(&a.devices)?;
     if let Some(t) = a.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))
@@ -295,6 +299,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
         BackendArg::Cpu => BackendKind::Cpu,
         BackendArg::Cuda => BackendKind::Cuda,
     };
+    if let (BackendKind::Cuda, Some(list)) = (opts.backend, device_list) {
+        // `--devices 0,0`: the CUDA ordinal of every logical device.
+        use blockcascade::backend::cuda::{set_session_options, CudaOptions};
+        set_session_options(Some(CudaOptions {
+            devices: list,
+            ..CudaOptions::from_env()
+        }));
+    }
     opts.kv_exchange = match a.kv_exchange {
         ExchangeArg::Joint => KvExchange::Joint,
         ExchangeArg::Lagged => KvExchange::Lagged,
@@ -407,7 +419,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 /// `--devices`: `N` (a count; `0` means the single device 0) or a list `0,1,2` (one each).
-fn parse_devices(s: &str) -> Result<usize> {
+fn parse_devices(s: &str) -> Result<(usize, Option<Vec<usize>>)> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     let bad = || {
         Error::invalid(format!(
@@ -419,8 +431,8 @@ fn parse_devices(s: &str) -> Result<usize> {
         .map(|p| p.parse::<usize>().map_err(|_| bad()))
         .collect::<Result<_>>()?;
     match nums.as_slice() {
-        [n] => Ok((*n).max(1)),
-        list => Ok(list.len()),
+        [n] => Ok(((*n).max(1), None)),
+        list => Ok((list.len(), Some(list.to_vec()))),
     }
 }
 
@@ -431,10 +443,40 @@ fn plan(a: PlanArgs) -> Result<()> {
     Ok(())
 }
 
+/// `info --devices`: CUDA devices and peer access (`cuDeviceCanAccessPeer`).
+fn info_devices() -> Result<()> {
+    let (devs, peer) = blockcascade::backend::cuda::device::list_devices()?;
+    for d in &devs {
+        println!(
+            "device {}: {}, {:.1} GiB, compute capability {}.{}",
+            d.ordinal,
+            d.name,
+            d.total_mem as f64 / (1u64 << 30) as f64,
+            d.capability.0,
+            d.capability.1
+        );
+    }
+    for (a, row) in peer.iter().enumerate() {
+        for (b, &can) in row.iter().enumerate().filter(|&(b, _)| b != a) {
+            println!(
+                "peer access {a} -> {b}: {} (link type: unknown, NVML not queried)",
+                if can { "yes" } else { "no" }
+            );
+        }
+    }
+    if devs.len() == 1 {
+        println!("one device: `--devices 0,0` runs two logical devices on it");
+    }
+    Ok(())
+}
+
 fn info(a: InfoArgs) -> Result<()> {
     if a.kernels {
         println!("{}", blockcascade::kernels::report());
         return Ok(());
+    }
+    if a.devices {
+        return info_devices();
     }
     let engine = match (&a.model, &a.builtin) {
         (_, Some(b)) => Engine::builtin(b)?,

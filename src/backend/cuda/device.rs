@@ -79,6 +79,59 @@ pub fn probe() -> Result<ProbeInfo> {
     })
 }
 
+/// One CUDA device as [`list_devices`] reports it.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// Ordinal.
+    pub ordinal: usize,
+    /// Name.
+    pub name: String,
+    /// Total memory in bytes.
+    pub total_mem: usize,
+    /// Compute capability.
+    pub capability: (i32, i32),
+}
+
+/// Every CUDA device and, per ordered pair `(a, b)`, whether `a` can access `b`'s memory
+/// (`cuDeviceCanAccessPeer`; the diagonal is `true`). A clean error without a driver.
+pub fn list_devices() -> Result<(Vec<DeviceInfo>, Vec<Vec<bool>>)> {
+    let info = probe()?;
+    let mut devs = Vec::with_capacity(info.devices);
+    let mut handles = Vec::with_capacity(info.devices);
+    for i in 0..info.devices {
+        let dev = drv::device::get(i as i32).map_err(dev_err("cuDeviceGet"))?;
+        let attr = |a| {
+            // SAFETY: valid device handle.
+            unsafe { drv::device::get_attribute(dev, a) }.unwrap_or(0)
+        };
+        devs.push(DeviceInfo {
+            ordinal: i,
+            name: drv::device::get_name(dev).unwrap_or_else(|_| "unknown".into()),
+            // SAFETY: valid device handle.
+            total_mem: unsafe { drv::device::total_mem(dev) }.unwrap_or(0),
+            capability: (
+                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+            ),
+        });
+        handles.push(dev);
+    }
+    let mut peer = vec![vec![true; handles.len()]; handles.len()];
+    for (a, &da) in handles.iter().enumerate() {
+        for (b, &db) in handles.iter().enumerate() {
+            if a != b {
+                let mut can = 0i32;
+                // SAFETY: valid device handles and an out pointer.
+                unsafe { sys::cuDeviceCanAccessPeer(&mut can, da, db) }
+                    .result()
+                    .map_err(dev_err("cuDeviceCanAccessPeer"))?;
+                peer[a][b] = can != 0;
+            }
+        }
+    }
+    Ok((devs, peer))
+}
+
 fn dev_err(what: &'static str) -> impl Fn(drv::DriverError) -> Error {
     move |e| Error::Device(format!("{what}: {e}"))
 }
@@ -315,6 +368,97 @@ impl Gpu {
         // SAFETY: both hold `bytes` bytes (caller's contract).
         unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }
             .map_err(dev_err("cuMemcpyDtoDAsync"))
+    }
+
+    /// Enables access from this device's context to `peer`'s memory where the topology
+    /// allows it (`cuDeviceCanAccessPeer`); returns whether peer access is on. Same context
+    /// (two logical devices on one GPU) or emulated devices: nothing to do, `true`.
+    pub fn enable_peer_access(&self, peer: &Gpu) -> Result<bool> {
+        if self.emu.is_some() || peer.emu.is_some() || self.ctx == peer.ctx {
+            return Ok(true);
+        }
+        let mut can = 0i32;
+        // SAFETY: valid device handles and an out pointer.
+        unsafe { sys::cuDeviceCanAccessPeer(&mut can, self.dev, peer.dev) }
+            .result()
+            .map_err(dev_err("cuDeviceCanAccessPeer"))?;
+        if can == 0 {
+            return Ok(false);
+        }
+        self.bind()?;
+        // SAFETY: peer.ctx is a retained context.
+        match unsafe { sys::cuCtxEnablePeerAccess(peer.ctx, 0) } {
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {
+                Ok(true)
+            }
+            e => Err(Error::Device(format!("cuCtxEnablePeerAccess: {e:?}"))),
+        }
+    }
+
+    /// Copies `regions` (`(dst, src, bytes)`: `dst` in `dst_gpu`'s memory, `src` in this
+    /// device's) to another (logical) device, ordered with events: the copy waits for the work
+    /// already enqueued on both streams, and `dst_gpu`'s later work waits for the copy.
+    /// `cuMemcpyPeerAsync` between contexts, a device-to-device copy within one context, a
+    /// memcpy between emulated devices. Leaves this device's context current.
+    pub fn copy_to_peer(&self, dst_gpu: &Gpu, regions: &[(DevPtr, DevPtr, usize)]) -> Result<()> {
+        match (&self.emu, &dst_gpu.emu) {
+            (Some(e), Some(_)) => {
+                // Host memory on both sides and everything already ran: a memcpy.
+                for &(dst, src, bytes) in regions {
+                    e.copy(dst, src, bytes)?;
+                }
+                return Ok(());
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::Device(
+                    "a copy between an emulated device and a GPU".into(),
+                ))
+            }
+        }
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        // SAFETY: events are created in the context they are recorded in, waited on by the
+        // other stream (allowed across contexts), and destroyed after use (the driver keeps
+        // pending events alive); the regions are valid allocations (caller's contract).
+        unsafe {
+            dst_gpu.bind()?;
+            let before = drv::event::create(flags).map_err(dev_err("cuEventCreate"))?;
+            let r = drv::event::record(before, dst_gpu.stream).map_err(dev_err("cuEventRecord"));
+            self.bind()?;
+            let r = r.and_then(|_| {
+                drv::stream::wait_event(
+                    self.stream,
+                    before,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(dev_err("cuStreamWaitEvent"))
+            });
+            let _ = drv::event::destroy(before);
+            r?;
+            for &(dst, src, bytes) in regions {
+                if self.ctx == dst_gpu.ctx {
+                    drv::memcpy_dtod_async(dst, src, bytes, self.stream)
+                        .map_err(dev_err("cuMemcpyDtoDAsync"))?;
+                } else {
+                    sys::cuMemcpyPeerAsync(dst, dst_gpu.ctx, src, self.ctx, bytes, self.stream)
+                        .result()
+                        .map_err(dev_err("cuMemcpyPeerAsync"))?;
+                }
+            }
+            let after = drv::event::create(flags).map_err(dev_err("cuEventCreate"))?;
+            let r = drv::event::record(after, self.stream)
+                .map_err(dev_err("cuEventRecord"))
+                .and_then(|_| {
+                    drv::stream::wait_event(
+                        dst_gpu.stream,
+                        after,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                    .map_err(dev_err("cuStreamWaitEvent"))
+                });
+            let _ = drv::event::destroy(after);
+            r
+        }
     }
 
     /// Waits for all work on the stream.

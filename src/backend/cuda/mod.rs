@@ -27,7 +27,8 @@
 //! - **Visibility** (which cache slots and window members each member attends to) is built on
 //!   the host per tick with exactly the rules of [`Model::forward_partial`].
 //!
-//! Only one device is supported (`--devices 1`).
+//! - **Several devices** (`--devices 0,1`, or `0,0` for two logical devices on one GPU):
+//!   [`MultiCudaBackend`], joint K/V exchange per layer, graphs off (see there).
 
 pub mod device;
 pub mod emu_device;
@@ -50,6 +51,11 @@ use std::sync::Mutex;
 pub struct CudaOptions {
     /// Device ordinal.
     pub device: usize,
+    /// Device ordinals of the logical devices of a multi-device run (`--devices 0,1`;
+    /// `0,0` runs two logical devices on GPU 0). Empty: `device`, `device + 1`, ... for
+    /// [`GenerateOptions::devices`]. With `emulate` every logical device is its own emulated
+    /// device.
+    pub devices: Vec<usize>,
     /// Capture and replay one CUDA graph per window shape (`BC_NO_GRAPHS=1` turns it off).
     pub graphs: bool,
     /// Frames the KV cache holds with global attention (`BC_CUDA_CACHE_FRAMES`, default 21,
@@ -64,6 +70,7 @@ impl Default for CudaOptions {
     fn default() -> Self {
         CudaOptions {
             device: 0,
+            devices: Vec::new(),
             graphs: true,
             cache_frames: 21,
             emulate: false,
@@ -104,13 +111,17 @@ pub fn set_session_options(o: Option<CudaOptions>) {
     *OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()) = o;
 }
 
-/// Opens the CUDA backend for `model` with `opts` (what [`crate::backend::cuda_backend`] calls).
+/// Opens the CUDA backend for `model` with `opts` (what [`crate::backend::cuda_backend`] calls):
+/// [`CudaBackend`] on one device, [`MultiCudaBackend`] with `opts.devices > 1`.
 pub fn open<'m>(model: &'m Model, opts: &GenerateOptions) -> Result<Box<dyn Backend + 'm>> {
     let co = OVERRIDE
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .unwrap_or_else(CudaOptions::from_env);
+    if opts.devices > 1 || co.devices.len() > 1 {
+        return Ok(Box::new(MultiCudaBackend::new(model, opts, co)?));
+    }
     Ok(Box::new(CudaBackend::new(model, opts, co)?))
 }
 
@@ -255,9 +266,20 @@ impl<'m> CudaBackend<'m> {
     pub fn new(model: &'m Model, opts: &GenerateOptions, copts: CudaOptions) -> Result<Self> {
         if opts.devices > 1 {
             return Err(Error::Unsupported(
-                "the CUDA backend runs on one device for now (use --devices 1)".into(),
+                "CudaBackend runs on one device: use MultiCudaBackend (or cuda::open) for --devices > 1".into(),
             ));
         }
+        let ordinal = copts.devices.first().copied().unwrap_or(copts.device);
+        Self::open_device(model, opts, copts, ordinal)
+    }
+
+    /// One logical device on GPU `ordinal` (or an emulated device), ignoring `opts.devices`.
+    fn open_device(
+        model: &'m Model,
+        opts: &GenerateOptions,
+        copts: CudaOptions,
+        ordinal: usize,
+    ) -> Result<Self> {
         let c = model.config();
         let (d, hd) = (c.dim, c.head_dim());
         if hd % 8 != 0 || hd > 128 || d % 8 != 0 {
@@ -274,7 +296,7 @@ impl<'m> CudaBackend<'m> {
         let mut gpu = if copts.emulate {
             Gpu::open_emulated()?
         } else {
-            Gpu::open(copts.device)?
+            Gpu::open(ordinal)?
         };
         let tpf = (h / 2) * (w / 2);
         let flen = CHANNELS * h * w;
@@ -524,8 +546,14 @@ impl<'m> CudaBackend<'m> {
         Ok(out)
     }
 
-    fn run(&mut self, members: &[Member]) -> Result<Vec<Vec<f32>>> {
-        self.gpu.bind()?;
+    /// Validates the window, uploads the tick's data and tables and returns the launch shape.
+    /// `own`: the members this device computes (all with `None`); the visibility tables and
+    /// the cache writes cover every member, the attention groups and row ranges only `own`.
+    fn prepare(&mut self, members: &[Member], own: Option<&[usize]>) -> Result<(Shape, ShapeKey)> {
+        let own: Vec<bool> = match own {
+            None => vec![true; members.len()],
+            Some(o) => (0..members.len()).map(|i| o.contains(&i)).collect(),
+        };
         let c = self.model.config().clone();
         let d = c.dim;
         let (h, w) = (self.opts.height, self.opts.width);
@@ -555,7 +583,6 @@ impl<'m> CudaBackend<'m> {
                 self.max_frames
             )));
         }
-        let n = nf * tpf;
         let mut row0 = Vec::with_capacity(members.len());
         let mut fr0 = Vec::with_capacity(members.len());
         let (mut r, mut f) = (0, 0);
@@ -675,12 +702,14 @@ impl<'m> CudaBackend<'m> {
         let mut index = Vec::with_capacity(nseg);
         let mut groups = Vec::with_capacity(members.len());
         for (i, list) in lists.iter().enumerate() {
-            groups.push(BcAttnGroup {
-                q_begin: row0[i] as i32,
-                q_rows: (frames[i] * tpf) as i32,
-                seg_begin: index.len() as i32,
-                seg_count: list.len() as i32,
-            });
+            if own[i] {
+                groups.push(BcAttnGroup {
+                    q_begin: row0[i] as i32,
+                    q_rows: (frames[i] * tpf) as i32,
+                    seg_begin: index.len() as i32,
+                    seg_count: list.len() as i32,
+                });
+            }
             let b = index.len() as i32;
             index.extend((0..list.len() as i32).map(|x| b + x));
         }
@@ -704,8 +733,13 @@ impl<'m> CudaBackend<'m> {
         let mut cross_runs = Vec::new();
         let mut a = 0;
         while a < members.len() {
+            if !own[a] {
+                a += 1;
+                continue;
+            }
             let mut b = a + 1;
-            while b < members.len() && std::ptr::eq(members[b].prompt, members[a].prompt) {
+            while b < members.len() && own[b] && std::ptr::eq(members[b].prompt, members[a].prompt)
+            {
                 b += 1;
             }
             ca_groups.push(BcAttnGroup {
@@ -730,13 +764,29 @@ impl<'m> CudaBackend<'m> {
         g.upload(self.b.ca_segs, &ca_tab)?;
         g.upload(self.b.ca_index, &ca_index)?;
         g.upload(self.b.ca_groups, &ca_groups)?;
+        // Runs of consecutive own members: (first row, rows, first frame, frames).
+        let mut ranges: Vec<(usize, usize, usize, usize)> = Vec::new();
+        for i in (0..members.len()).filter(|&i| own[i]) {
+            match ranges.last_mut() {
+                Some(r) if r.0 + r.1 == row0[i] => {
+                    r.1 += frames[i] * tpf;
+                    r.3 += frames[i];
+                }
+                _ => ranges.push((row0[i], frames[i] * tpf, fr0[i], frames[i])),
+            }
+        }
         let shape = Shape {
             frames: frames.clone(),
             context: members.iter().map(|m| m.context).collect(),
             row0: row0.clone(),
             fr0: fr0.clone(),
-            n,
-            nf,
+            ranges,
+            groups: groups.len(),
+            max_rows: (0..members.len())
+                .filter(|&i| own[i])
+                .map(|i| frames[i] * tpf)
+                .max()
+                .unwrap_or(0),
             cross_groups: ca_groups.iter().map(|g| g.q_rows as usize).collect(),
         };
         let key = ShapeKey {
@@ -747,6 +797,14 @@ impl<'m> CudaBackend<'m> {
                 .collect(),
             cross_runs,
         };
+        // The uploads read host vectors that end here.
+        self.gpu.sync()?;
+        Ok((shape, key))
+    }
+
+    fn run(&mut self, members: &[Member]) -> Result<Vec<Vec<f32>>> {
+        self.gpu.bind()?;
+        let (shape, key) = self.prepare(members, None)?;
         if !self.graphs_ok {
             self.enqueue(&shape)?;
         } else {
@@ -778,9 +836,12 @@ impl<'m> CudaBackend<'m> {
                 }
             }
         }
+        let flen = CHANNELS * self.opts.height * self.opts.width;
+        let nf: usize = shape.frames.iter().sum();
         let mut flow = vec![0f32; nf * flen];
         self.gpu.download(&mut flow, self.b.flow)?;
         self.ticks += 1;
+        let (fr0, frames) = (&shape.fr0, &shape.frames);
         Ok(members
             .iter()
             .enumerate()
@@ -788,45 +849,97 @@ impl<'m> CudaBackend<'m> {
             .collect())
     }
 
+    /// Downloads the flow of member `i` of the last tick.
+    fn download_member(&self, s: &Shape, i: usize) -> Result<Vec<f32>> {
+        let flen = CHANNELS * self.opts.height * self.opts.width;
+        let mut flow = vec![0f32; s.frames[i] * flen];
+        self.gpu
+            .download(&mut flow, self.b.flow + (s.fr0[i] * flen * 4) as u64)?;
+        Ok(flow)
+    }
+
     /// Enqueues one joint forward of a window of `s`'s shape (every launch of the tick).
     fn enqueue(&mut self, s: &Shape) -> Result<()> {
-        let c = self.model.config().clone();
-        let (d, nh, hd, ffn) = (c.dim, c.num_heads, c.head_dim(), c.ffn_dim);
-        let eps = c.eps as f32;
+        self.enqueue_embed(s)?;
+        for li in 0..self.layers.len() {
+            self.enqueue_pre(s, li)?;
+            self.enqueue_post(s, li)?;
+        }
+        self.enqueue_head(s)
+    }
+
+    /// Patch embedding of this device's rows.
+    fn enqueue_embed(&mut self, s: &Shape) -> Result<()> {
+        let d = self.model.config().dim;
         let (h, w) = (self.opts.height, self.opts.width);
-        let (hp, wp) = (h / 2, w / 2);
-        let tpf = hp * wp;
-        let (n, nf) = (s.n, s.nf);
+        let flen = (CHANNELS * h * w) as u64;
         let b = &self.b;
-        let (x, y, q, k, v, att) = (b.x, b.y, b.q, b.k, b.v, b.att);
         let g = &mut self.gpu;
-        ops::patch(g, true, b.lat, b.patches, nf, CHANNELS, h, w)?;
-        g.gemm(
-            b.patches,
-            self.patch_w,
-            self.patch_b,
-            x,
-            n,
-            64,
-            d,
-            OutType::F32,
-            Epilogue::Bias,
-        )?;
-        let f32b = 4u64;
-        let e0 = |j: usize| b.e0 + (j * d) as u64 * f32b;
-        let max_rows = s.frames.iter().map(|f| f * tpf).max().unwrap_or(0);
-        let seg_stride = (self.seg_max * std::mem::size_of::<BcKvSegment>()) as u64;
-        let ca_stride = (self.prompt_slots.len() * std::mem::size_of::<BcKvSegment>()) as u64;
-        let row = (d * 2) as u64;
-        for (li, ld) in self.layers.iter().enumerate() {
-            let m = |j: usize| ld.modulation + (j * d) as u64 * f32b;
-            // Self-attention.
-            ops::ln_modulate(g, x, y, n, d, eps, tpf, e0(0), e0(1), 6 * d, m(0), m(1))?;
+        for &(r0, rows, f0, nf) in &s.ranges {
+            let (r0, f0) = (r0 as u64, f0 as u64);
+            ops::patch(
+                g,
+                true,
+                b.lat + f0 * flen * 4,
+                b.patches + r0 * 64 * 2,
+                nf,
+                CHANNELS,
+                h,
+                w,
+            )?;
+            g.gemm(
+                b.patches + r0 * 64 * 2,
+                self.patch_w,
+                self.patch_b,
+                b.x + r0 * (d as u64) * 4,
+                rows,
+                64,
+                d,
+                OutType::F32,
+                Epilogue::Bias,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Layer `li` up to the exchange point: modulated LN, qkv GEMM, q/k norm + RoPE, v, for
+    /// this device's rows (into the window buffers `q`, `k`, `v` at the members' rows).
+    fn enqueue_pre(&mut self, s: &Shape, li: usize) -> Result<()> {
+        let c = self.model.config();
+        let (d, nh, hd) = (c.dim, c.num_heads, c.head_dim());
+        let eps = c.eps as f32;
+        let wp = self.opts.width / 2;
+        let tpf = (self.opts.height / 2) * wp;
+        let b = &self.b;
+        let ld = &self.layers[li];
+        let g = &mut self.gpu;
+        let (f32b, du) = (4u64, d as u64);
+        let row = du * 2;
+        let m = |j: usize| ld.modulation + (j * d) as u64 * f32b;
+        for &(r0, n, f0, _) in &s.ranges {
+            let (r0, f0) = (r0 as u64, f0 as u64);
+            let e0 = |j: usize| b.e0 + (f0 * 6 * du + (j * d) as u64) * f32b;
+            let y = b.y + r0 * row;
+            let qkv = b.qkv + r0 * 3 * row;
+            ops::ln_modulate(
+                g,
+                b.x + r0 * du * f32b,
+                y,
+                n,
+                d,
+                eps,
+                tpf,
+                e0(0),
+                e0(1),
+                6 * d,
+                m(0),
+                m(1),
+            )?;
             g.gemm(
                 y,
                 ld.qkv_w,
                 ld.qkv_b,
-                b.qkv,
+                qkv,
                 n,
                 d,
                 3 * d,
@@ -834,16 +947,16 @@ impl<'m> CudaBackend<'m> {
                 Epilogue::Bias,
             )?;
             let qa = QkArgs {
-                x: b.qkv,
+                x: qkv,
                 x_stride: 3 * d,
-                out: q,
+                out: b.q + r0 * row,
                 rows: n,
                 heads: nh,
                 head_dim: hd,
                 tpf,
                 wp,
                 norm: ld.norm_q,
-                frame_pos: b.frame_pos,
+                frame_pos: b.frame_pos + f0 * 4,
                 frame_slot: NULL,
                 rope: true,
                 eps,
@@ -852,8 +965,8 @@ impl<'m> CudaBackend<'m> {
             ops::qk_norm_rope(
                 g,
                 &QkArgs {
-                    x: b.qkv + row,
-                    out: k,
+                    x: qkv + row,
+                    out: b.k + r0 * row,
                     norm: ld.norm_k,
                     ..qa
                 },
@@ -861,75 +974,102 @@ impl<'m> CudaBackend<'m> {
             ops::qk_norm_rope(
                 g,
                 &QkArgs {
-                    x: b.qkv + 2 * row,
-                    out: v,
+                    x: qkv + 2 * row,
+                    out: b.v + r0 * row,
                     norm: NULL,
                     rope: false,
                     ..qa
                 },
             )?;
-            ops::attention(
-                g,
-                q,
-                att,
-                nh,
-                hd,
-                b.sa_segs + li as u64 * seg_stride,
-                b.sa_index,
-                b.sa_groups,
-                s.frames.len(),
-                max_rows,
-            )?;
-            // Context members' K/V into the cache (after this layer's attention).
-            for (j, &ctx) in s.context.iter().enumerate() {
-                if !ctx {
-                    continue;
-                }
-                let rows = s.frames[j] * tpf;
-                let base = QkArgs {
-                    x: k + s.row0[j] as u64 * row,
-                    x_stride: d,
-                    out: ld.cache_k,
-                    rows,
-                    heads: nh,
-                    head_dim: hd,
-                    tpf,
-                    wp,
-                    norm: NULL,
-                    frame_pos: NULL,
-                    frame_slot: b.frame_slot + (s.fr0[j] * 4) as u64,
-                    rope: false,
-                    eps,
-                };
-                ops::qk_norm_rope(g, &base)?;
-                ops::qk_norm_rope(
-                    g,
-                    &QkArgs {
-                        x: v + s.row0[j] as u64 * row,
-                        out: ld.cache_v,
-                        ..base
-                    },
-                )?;
+        }
+        Ok(())
+    }
+
+    /// Layer `li` from the exchange point on: self-attention of this device's members (every
+    /// member's K/V must be in the window buffers), every context member's K/V into the cache,
+    /// output projection, cross-attention, FFN.
+    fn enqueue_post(&mut self, s: &Shape, li: usize) -> Result<()> {
+        let c = self.model.config();
+        let (d, nh, hd, ffn) = (c.dim, c.num_heads, c.head_dim(), c.ffn_dim);
+        let eps = c.eps as f32;
+        let wp = self.opts.width / 2;
+        let tpf = (self.opts.height / 2) * wp;
+        let b = &self.b;
+        let ld = &self.layers[li];
+        let g = &mut self.gpu;
+        let (x, y, q, k, v, att) = (b.x, b.y, b.q, b.k, b.v, b.att);
+        let (f32b, du) = (4u64, d as u64);
+        let row = du * 2;
+        let seg_stride = (self.seg_max * std::mem::size_of::<BcKvSegment>()) as u64;
+        let ca_stride = (self.prompt_slots.len() * std::mem::size_of::<BcKvSegment>()) as u64;
+        let m = |j: usize| ld.modulation + (j * d) as u64 * f32b;
+        ops::attention(
+            g,
+            q,
+            att,
+            nh,
+            hd,
+            b.sa_segs + li as u64 * seg_stride,
+            b.sa_index,
+            b.sa_groups,
+            s.groups,
+            s.max_rows,
+        )?;
+        // Context members' K/V into the cache (after this layer's attention).
+        for (j, &ctx) in s.context.iter().enumerate() {
+            if !ctx {
+                continue;
             }
+            let rows = s.frames[j] * tpf;
+            let base = QkArgs {
+                x: k + s.row0[j] as u64 * row,
+                x_stride: d,
+                out: ld.cache_k,
+                rows,
+                heads: nh,
+                head_dim: hd,
+                tpf,
+                wp,
+                norm: NULL,
+                frame_pos: NULL,
+                frame_slot: b.frame_slot + (s.fr0[j] * 4) as u64,
+                rope: false,
+                eps,
+            };
+            ops::qk_norm_rope(g, &base)?;
+            ops::qk_norm_rope(
+                g,
+                &QkArgs {
+                    x: v + s.row0[j] as u64 * row,
+                    out: ld.cache_v,
+                    ..base
+                },
+            )?;
+        }
+        for &(r0, n, f0, _) in &s.ranges {
+            let (r0, f0) = (r0 as u64, f0 as u64);
+            let e0 = |j: usize| b.e0 + (f0 * 6 * du + (j * d) as u64) * f32b;
+            let (xr, yr, ar) = (x + r0 * du * f32b, y + r0 * row, att + r0 * row);
             g.gemm(
-                att,
+                ar,
                 ld.o_w,
                 ld.o_b,
-                y,
+                yr,
                 n,
                 d,
                 d,
                 OutType::Bf16,
                 Epilogue::Bias,
             )?;
-            ops::gated_residual(g, x, y, n, d, tpf, e0(2), 6 * d, m(2))?;
-            // Cross-attention.
-            ops::layer_norm_affine(g, x, y, n, d, eps, ld.norm3_w, ld.norm3_b)?;
+            ops::gated_residual(g, xr, yr, n, d, tpf, e0(2), 6 * d, m(2))?;
+            // Cross-attention queries.
+            ops::layer_norm_affine(g, xr, yr, n, d, eps, ld.norm3_w, ld.norm3_b)?;
+            let qr = q + r0 * row;
             g.gemm(
-                y,
+                yr,
                 ld.cq_w,
                 ld.cq_b,
-                q,
+                qr,
                 n,
                 d,
                 d,
@@ -939,9 +1079,9 @@ impl<'m> CudaBackend<'m> {
             ops::qk_norm_rope(
                 g,
                 &QkArgs {
-                    x: q,
+                    x: qr,
                     x_stride: d,
-                    out: q,
+                    out: qr,
                     rows: n,
                     heads: nh,
                     head_dim: hd,
@@ -954,38 +1094,44 @@ impl<'m> CudaBackend<'m> {
                     eps,
                 },
             )?;
-            ops::attention(
-                g,
-                q,
-                att,
-                nh,
-                hd,
-                b.ca_segs + li as u64 * ca_stride,
-                b.ca_index,
-                b.ca_groups,
-                s.cross_groups.len(),
-                s.cross_groups.iter().copied().max().unwrap_or(0),
-            )?;
+        }
+        ops::attention(
+            g,
+            q,
+            att,
+            nh,
+            hd,
+            b.ca_segs + li as u64 * ca_stride,
+            b.ca_index,
+            b.ca_groups,
+            s.cross_groups.len(),
+            s.cross_groups.iter().copied().max().unwrap_or(0),
+        )?;
+        for &(r0, n, f0, _) in &s.ranges {
+            let (r0, f0) = (r0 as u64, f0 as u64);
+            let e0 = |j: usize| b.e0 + (f0 * 6 * du + (j * d) as u64) * f32b;
+            let (xr, yr, ar) = (x + r0 * du * f32b, y + r0 * row, att + r0 * row);
+            let fr = b.ffn + r0 * (ffn as u64) * 2;
             g.gemm(
-                att,
+                ar,
                 ld.co_w,
                 ld.co_b,
-                y,
+                yr,
                 n,
                 d,
                 d,
                 OutType::Bf16,
                 Epilogue::Bias,
             )?;
-            ops::gated_residual(g, x, y, n, d, tpf, NULL, 0, NULL)?;
+            ops::gated_residual(g, xr, yr, n, d, tpf, NULL, 0, NULL)?;
             // FFN.
-            ops::ln_modulate(g, x, y, n, d, eps, tpf, e0(3), e0(4), 6 * d, m(3), m(4))?;
+            ops::ln_modulate(g, xr, yr, n, d, eps, tpf, e0(3), e0(4), 6 * d, m(3), m(4))?;
             if g.gelu_epilogue {
                 g.gemm(
-                    y,
+                    yr,
                     ld.ffn0_w,
                     ld.ffn0_b,
-                    b.ffn,
+                    fr,
                     n,
                     d,
                     ffn,
@@ -994,58 +1140,76 @@ impl<'m> CudaBackend<'m> {
                 )?;
             } else {
                 g.gemm(
-                    y,
+                    yr,
                     ld.ffn0_w,
                     ld.ffn0_b,
-                    b.ffn,
+                    fr,
                     n,
                     d,
                     ffn,
                     OutType::Bf16,
                     Epilogue::Bias,
                 )?;
-                ops::activation(g, b.ffn, n * ffn, true, true)?;
+                ops::activation(g, fr, n * ffn, true, true)?;
             }
             g.gemm(
-                b.ffn,
+                fr,
                 ld.ffn2_w,
                 ld.ffn2_b,
-                y,
+                yr,
                 n,
                 ffn,
                 d,
                 OutType::Bf16,
                 Epilogue::Bias,
             )?;
-            ops::gated_residual(g, x, y, n, d, tpf, e0(5), 6 * d, m(5))?;
+            ops::gated_residual(g, xr, yr, n, d, tpf, e0(5), 6 * d, m(5))?;
         }
-        // Head: shift = m0 + e, scale = m1 + e.
-        ops::ln_modulate(
-            g,
-            x,
-            y,
-            n,
-            d,
-            eps,
-            tpf,
-            b.e,
-            b.e,
-            d,
-            self.head_mod,
-            self.head_mod + (d * 4) as u64,
-        )?;
-        g.gemm(
-            y,
-            self.head_w,
-            self.head_b,
-            b.head,
-            n,
-            d,
-            64,
-            OutType::Bf16,
-            Epilogue::Bias,
-        )?;
-        ops::patch(g, false, b.flow, b.head, nf, CHANNELS, h, w)?;
+        Ok(())
+    }
+
+    /// The head and unpatchify of this device's rows into `flow`.
+    fn enqueue_head(&mut self, s: &Shape) -> Result<()> {
+        let c = self.model.config();
+        let (d, eps) = (c.dim, c.eps as f32);
+        let (h, w) = (self.opts.height, self.opts.width);
+        let tpf = (h / 2) * (w / 2);
+        let flen = (CHANNELS * h * w) as u64;
+        let b = &self.b;
+        let g = &mut self.gpu;
+        let du = d as u64;
+        for &(r0, n, f0, nf) in &s.ranges {
+            let (r0, f0) = (r0 as u64, f0 as u64);
+            let (xr, yr, hr) = (b.x + r0 * du * 4, b.y + r0 * du * 2, b.head + r0 * 64 * 2);
+            let er = b.e + f0 * du * 4;
+            // Head: shift = m0 + e, scale = m1 + e.
+            ops::ln_modulate(
+                g,
+                xr,
+                yr,
+                n,
+                d,
+                eps,
+                tpf,
+                er,
+                er,
+                d,
+                self.head_mod,
+                self.head_mod + (d * 4) as u64,
+            )?;
+            g.gemm(
+                yr,
+                self.head_w,
+                self.head_b,
+                hr,
+                n,
+                d,
+                64,
+                OutType::Bf16,
+                Epilogue::Bias,
+            )?;
+            ops::patch(g, false, b.flow + f0 * flen * 4, hr, nf, CHANNELS, h, w)?;
+        }
         Ok(())
     }
 }
@@ -1056,8 +1220,13 @@ struct Shape {
     context: Vec<bool>,
     row0: Vec<usize>,
     fr0: Vec<usize>,
-    n: usize,
-    nf: usize,
+    /// Runs of consecutive members this device computes: (first row, rows, first frame,
+    /// frames). One run covering the window on a single device.
+    ranges: Vec<(usize, usize, usize, usize)>,
+    /// Self-attention groups (members this device computes).
+    groups: usize,
+    /// Most query rows of one of those members.
+    max_rows: usize,
     cross_groups: Vec<usize>,
 }
 
@@ -1122,5 +1291,155 @@ impl Drop for CudaBackend<'_> {
         let _ = self.gpu.bind();
         // Graphs go before the context.
         self.graphs.clear();
+    }
+}
+
+/// The CUDA backend over several logical devices (DESIGN §4, multi-device, joint mode): one
+/// [`CudaBackend`] per device (weights, activation buffers and KV cache replicated), members
+/// placed with [`crate::multi_device::place`], and in every layer each member's K/V rows copied
+/// from the device that computed them into every peer's window buffers (same row offsets on
+/// every device) before attention, so every member sees exactly what it sees on one device.
+/// Every device writes every context member's K/V into its own cache.
+///
+/// All devices are driven from one host thread, layer by layer; ordering between devices is
+/// by events ([`Gpu::copy_to_peer`]). CUDA graphs are off in multi-device mode (graphs per
+/// device with cross-device events are future work). `recache` runs the whole rebuild on
+/// every device. Lagged exchange is not supported on CUDA yet.
+pub struct MultiCudaBackend<'m> {
+    devs: Vec<CudaBackend<'m>>,
+    opts: GenerateOptions,
+}
+
+impl<'m> MultiCudaBackend<'m> {
+    /// Opens one logical device per entry of `copts.devices` (or `opts.devices` devices from
+    /// `copts.device` on when the list is empty).
+    pub fn new(model: &'m Model, opts: &GenerateOptions, copts: CudaOptions) -> Result<Self> {
+        if opts.kv_exchange == crate::multi_device::KvExchange::Lagged {
+            return Err(Error::Unsupported(
+                "lagged K/V exchange is not implemented on the CUDA backend (use --kv-exchange joint or --backend cpu)".into(),
+            ));
+        }
+        let ordinals: Vec<usize> = if copts.devices.is_empty() {
+            (0..opts.devices.max(1)).map(|i| copts.device + i).collect()
+        } else {
+            copts.devices.clone()
+        };
+        if opts.devices > 1 && ordinals.len() != opts.devices {
+            return Err(Error::invalid(format!(
+                "{} devices requested but the CUDA device list has {} entries",
+                opts.devices,
+                ordinals.len()
+            )));
+        }
+        let mut one = opts.clone();
+        one.devices = 1;
+        let co = CudaOptions {
+            graphs: false,
+            ..copts
+        };
+        let mut devs = Vec::with_capacity(ordinals.len());
+        for &o in &ordinals {
+            devs.push(CudaBackend::open_device(model, &one, co.clone(), o)?);
+        }
+        for a in 0..devs.len() {
+            for b in 0..devs.len() {
+                if a != b {
+                    devs[a].gpu.enable_peer_access(&devs[b].gpu)?;
+                }
+            }
+        }
+        Ok(MultiCudaBackend {
+            devs,
+            opts: opts.clone(),
+        })
+    }
+
+    /// Number of logical devices.
+    pub fn device_count(&self) -> usize {
+        self.devs.len()
+    }
+}
+
+impl Backend for MultiCudaBackend<'_> {
+    fn forward(
+        &mut self,
+        members: &[Member],
+        _blocks: &[usize],
+        _tick: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let nd = self.devs.len();
+        let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
+        let placement = crate::multi_device::place(&tokens, nd);
+        let mut shapes = Vec::with_capacity(nd);
+        for (dev, own) in self.devs.iter_mut().zip(&placement) {
+            dev.gpu.bind()?;
+            shapes.push(dev.prepare(members, Some(own))?.0);
+        }
+        for (dev, s) in self.devs.iter_mut().zip(&shapes) {
+            dev.gpu.bind()?;
+            dev.enqueue_embed(s)?;
+        }
+        let layers = self.devs[0].layers.len();
+        let row = (self.devs[0].model.config().dim * 2) as u64;
+        for li in 0..layers {
+            for (dev, s) in self.devs.iter_mut().zip(&shapes) {
+                dev.gpu.bind()?;
+                dev.enqueue_pre(s, li)?;
+            }
+            // Exchange: every device's rows of K and V into every peer's window buffers.
+            for (src, ss) in shapes.iter().enumerate() {
+                for dst in (0..nd).filter(|&p| p != src) {
+                    let (sd, dd) = (&self.devs[src], &self.devs[dst]);
+                    let mut regions = Vec::with_capacity(2 * ss.ranges.len());
+                    for &(r0, rows, _, _) in &ss.ranges {
+                        let off = r0 as u64 * row;
+                        let bytes = rows * row as usize;
+                        regions.push((dd.b.k + off, sd.b.k + off, bytes));
+                        regions.push((dd.b.v + off, sd.b.v + off, bytes));
+                    }
+                    sd.gpu.copy_to_peer(&dd.gpu, &regions)?;
+                }
+            }
+            for (dev, s) in self.devs.iter_mut().zip(&shapes) {
+                dev.gpu.bind()?;
+                dev.enqueue_post(s, li)?;
+            }
+        }
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; members.len()];
+        for ((dev, s), own) in self.devs.iter_mut().zip(&shapes).zip(&placement) {
+            dev.gpu.bind()?;
+            dev.enqueue_head(s)?;
+            for &i in own {
+                out[i] = Some(dev.download_member(s, i)?);
+            }
+            dev.ticks += 1;
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, f)| f.ok_or_else(|| Error::Internal(format!("member {i} was not computed"))))
+            .collect()
+    }
+
+    fn commit(&mut self, end: usize) {
+        self.devs.iter_mut().for_each(|d| d.commit(end));
+    }
+
+    fn resident(&self, f: usize) -> bool {
+        self.devs[0].resident(f)
+    }
+
+    fn recache(&mut self, members: &[Member]) -> Result<()> {
+        self.devs.iter_mut().try_for_each(|d| d.recache(members))
+    }
+
+    fn cache_bytes(&self) -> usize {
+        self.devs[0].cache_bytes()
+    }
+}
+
+impl MultiCudaBackend<'_> {
+    /// The generation options this backend was opened with.
+    pub fn generate_options(&self) -> &GenerateOptions {
+        &self.opts
     }
 }

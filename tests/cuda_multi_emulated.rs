@@ -1,0 +1,99 @@
+//! Multi-device cascades on the CUDA backend (joint K/V exchange), on emulated devices: every
+//! logical device is its own emulated device (host memory, kernels under the SIMT emulation,
+//! CPU GEMMs), the per-layer K/V exchange is a copy between them, and the latents must equal
+//! the one-device emulated CUDA result (the arithmetic per member is the same).
+
+mod common;
+use blockcascade::backend::cuda::{set_session_options, CudaOptions};
+use blockcascade::backend::BackendKind;
+use blockcascade::multi_device::KvExchange;
+use blockcascade::{AttentionMode, Generator, Schedule};
+use common::*;
+use std::sync::Mutex;
+
+/// The backend options are process-global: one test at a time.
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn run(schedule: Schedule, mode: AttentionMode, devices: usize) -> blockcascade::Result<Vec<f32>> {
+    run_with(schedule, mode, devices, KvExchange::Joint)
+}
+
+fn run_with(
+    schedule: Schedule,
+    mode: AttentionMode,
+    devices: usize,
+    xch: KvExchange,
+) -> blockcascade::Result<Vec<f32>> {
+    set_session_options(Some(CudaOptions {
+        emulate: true,
+        ..CudaOptions::default()
+    }));
+    let g = golden();
+    let mut o = g.opts.clone();
+    o.schedule = schedule;
+    o.attention = mode;
+    o.backend = BackendKind::Cuda;
+    o.devices = devices;
+    o.kv_exchange = xch;
+    let res = Generator::new(g.engine.model(), o.clone(), g.noise.clone(), &g.prompt)
+        .and_then(|gen| gen.generate(g.frames / o.block_frames));
+    set_session_options(None);
+    res.map(|r| r.0)
+}
+
+fn check(schedule: Schedule, mode: AttentionMode, devices: usize, name: &str) {
+    let one = run(schedule, mode, 1).unwrap();
+    let many = run(schedule, mode, devices).unwrap();
+    let vs_one = rel_l2(&one, &many);
+    let vs_expected = rel_l2(&expected(&format!("{name}.safetensors")), &many);
+    println!(
+        "{devices} emulated CUDA devices, {name}: rel L2 {vs_one:.3e} vs 1 device (bit-identical: {}), {vs_expected:.3e} vs expected",
+        one == many
+    );
+    assert!(
+        vs_one < 1e-5,
+        "{name}: {devices} devices vs 1: rel L2 {vs_one}"
+    );
+    assert!(
+        vs_expected < 2e-2,
+        "{name}: vs expected: rel L2 {vs_expected}"
+    );
+}
+
+#[test]
+fn two_emulated_cuda_devices_equal_one_lag1_causal() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    check(
+        Schedule::Cascade { lag: 1 },
+        AttentionMode::Causal,
+        2,
+        "cascade-lag1-causal",
+    );
+}
+
+#[test]
+fn three_emulated_cuda_devices_equal_one_lag1_bidirectional() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    check(
+        Schedule::Cascade { lag: 1 },
+        AttentionMode::Bidirectional,
+        3,
+        "cascade-lag1-bidirectional",
+    );
+}
+
+#[test]
+fn lagged_exchange_is_unsupported_on_cuda() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let r = run_with(
+        Schedule::Cascade { lag: 1 },
+        AttentionMode::Causal,
+        2,
+        KvExchange::Lagged,
+    );
+    assert!(
+        matches!(r, Err(blockcascade::Error::Unsupported(_))),
+        "lagged exchange on CUDA: {:?}",
+        r.err()
+    );
+}

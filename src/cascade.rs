@@ -47,6 +47,11 @@ impl Plan {
                 "lag must be in 1..={steps} (the number of steps), got {lag}"
             )));
         }
+        // ticks() and the tick arithmetic must not overflow.
+        blocks
+            .checked_mul(lag)
+            .and_then(|t| t.checked_add(2 * steps))
+            .ok_or_else(|| Error::invalid(format!("{blocks} blocks is too many to plan")))?;
         Ok(Plan { blocks, steps, lag })
     }
 

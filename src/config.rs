@@ -80,6 +80,21 @@ impl ModelConfig {
         if self.dim == 0 || self.num_heads == 0 || self.num_layers == 0 || self.ffn_dim == 0 {
             return err("dim, ffn_dim, num_heads and num_layers must be positive".into());
         }
+        // Far above any Wan model (14B: dim 5120, ffn 13824, 40 layers, text 512x4096), low
+        // enough that no size computed from them overflows.
+        for (name, v, max) in [
+            ("dim", self.dim, 1 << 16),
+            ("ffn_dim", self.ffn_dim, 1 << 18),
+            ("num_heads", self.num_heads, 1 << 10),
+            ("num_layers", self.num_layers, 1 << 10),
+            ("freq_dim", self.freq_dim, 1 << 16),
+            ("text_len", self.text_len, 1 << 16),
+            ("text_dim", self.text_dim, 1 << 16),
+        ] {
+            if v > max {
+                return err(format!("{name} {v} (at most {max})"));
+            }
+        }
         if self.dim % self.num_heads != 0 || (self.dim / self.num_heads) % 2 != 0 {
             return err(format!(
                 "dim {} must split into {} heads of even size",
@@ -159,6 +174,9 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     v.push(("head.modulation".into(), vec![1, 2, d]));
     v
 }
+
+/// The most devices a generation may use.
+pub const MAX_DEVICES: usize = 64;
 
 /// Which schedule runs the blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,11 +313,20 @@ impl GenerateOptions {
                     self.sink
                 ));
             }
+            if l - self.sink < self.block_frames {
+                return bad(format!(
+                    "local attention window ({l}) minus the sink ({}) must hold at least one block ({} frames)",
+                    self.sink, self.block_frames
+                ));
+            }
         } else if self.sink > 0 {
             return bad("--sink needs a local attention window (--local-attn)".into());
         }
-        if self.devices == 0 {
-            return bad("at least one device is needed".into());
+        if self.devices == 0 || self.devices > MAX_DEVICES {
+            return bad(format!(
+                "devices must be in 1..={MAX_DEVICES}, got {}",
+                self.devices
+            ));
         }
         if self.context_noise != 0.0 {
             return Err(Error::Unsupported(
@@ -315,6 +342,16 @@ impl GenerateOptions {
             }
         }
         Ok(())
+    }
+
+    /// Members of the largest window: `ceil(S / lag)` denoising blocks plus a context block.
+    pub fn max_window_members(&self) -> usize {
+        self.steps.len().div_ceil(self.lag().max(1)) + 1
+    }
+
+    /// CPU devices that can get work: more than [`Self::max_window_members`] would idle.
+    pub fn useful_cpu_devices(&self) -> usize {
+        self.devices.clamp(1, self.max_window_members())
     }
 
     /// The lag the executor runs with (S for the sequential schedule).

@@ -69,13 +69,14 @@ impl MemoryEstimate {
             Some(l) => l.min(frames),
             None => frames,
         };
-        let window_frames =
-            (opts.steps.len().div_ceil(opts.lag().max(1)) + 1).saturating_mul(opts.block_frames);
+        let window_frames = opts.max_window_members().saturating_mul(opts.block_frames);
+        // The CPU backend replicates the cache on every device.
+        let replicas = opts.useful_cpu_devices();
         let n = window_frames.saturating_mul(tpf);
         let prod = |v: &[usize]| v.iter().fold(1usize, |a, &b| a.saturating_mul(b));
         MemoryEstimate {
             weights: cfg.parameter_count().saturating_mul(4),
-            kv_cache: prod(&[cfg.num_layers, 2, cached, tpf, cfg.dim, 4]),
+            kv_cache: prod(&[replicas, cfg.num_layers, 2, cached, tpf, cfg.dim, 4]),
             activations: prod(&[n, 12 * cfg.dim + cfg.ffn_dim + 2 * CHANNELS * 4, 4])
                 .saturating_add(prod(&[cfg.num_layers, 2, cfg.text_len, cfg.dim, 4])),
         }

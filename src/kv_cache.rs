@@ -2,7 +2,7 @@
 //!
 //! Global attention keeps every committed frame. Local attention (`local_attn` frames, `sink`
 //! of them pinned) keeps the sink frames plus a ring buffer of the `local_attn - sink` most
-//! recent frames: memory is fixed, whatever the video length. A query block ending at frame
+//! recent frames: memory stops growing once the ring is full, whatever the video length. A query block ending at frame
 //! `e` sees committed frame `f < e` when `f >= e - (local_attn - sink)` or `f < sink`
 //! (DESIGN §3); every frame it can see is still resident.
 
@@ -20,7 +20,8 @@ pub struct KvCache {
 
 impl KvCache {
     /// An empty cache for `layers` layers and frames of `frame_len` values (`tokens * dim`).
-    /// With `local_attn = Some(l)` the ring holds `l - sink` frames and memory is allocated now.
+    /// With `local_attn = Some(l)` the ring holds `l - sink` frames; memory grows with the
+    /// committed frames until the ring is full, then stays fixed.
     pub fn new(
         layers: usize,
         frame_len: usize,
@@ -36,14 +37,9 @@ impl KvCache {
             Some(l) => Some(l - sink),
             None => None,
         };
-        let slots = window.map_or(0, |w| w + sink);
-        let n = slots
-            .checked_mul(frame_len)
-            .ok_or_else(|| Error::OutOfMemory("KV cache size overflows".into()))?;
-        let mut layers_v = Vec::with_capacity(layers);
-        for _ in 0..layers {
-            layers_v.push((vec![0f32; n], vec![0f32; n]));
-        }
+        // Slots are allocated as frames arrive (up to `window + sink` with local attention), so
+        // a huge window on a short video costs only the frames it holds.
+        let layers_v = vec![(Vec::new(), Vec::new()); layers];
         Ok(KvCache {
             layers: layers_v,
             frame_len,
@@ -74,7 +70,8 @@ impl KvCache {
         }
     }
 
-    fn slot(&self, frame: usize) -> usize {
+    /// The storage slot of `frame` (its index in the ring, or the frame itself when global).
+    pub fn slot(&self, frame: usize) -> usize {
         match self.window {
             None => frame,
             Some(_) if frame < self.sink => frame,
@@ -102,6 +99,24 @@ impl KvCache {
         v
     }
 
+    /// K and V of the frames [`Self::visible`] returns for `[f0, e_end)`, as runs of adjacent
+    /// slots (each run one slice of this cache's storage).
+    pub fn visible_runs(&self, layer: usize, f0: usize, e_end: usize) -> Vec<(&[f32], &[f32])> {
+        let (k, v) = &self.layers[layer];
+        let fl = self.frame_len;
+        let mut runs: Vec<(usize, usize)> = Vec::new(); // (first slot, slot count)
+        for f in self.visible(f0, e_end) {
+            let s = self.slot(f);
+            match runs.last_mut() {
+                Some((s0, n)) if *s0 + *n == s => *n += 1,
+                _ => runs.push((s, 1)),
+            }
+        }
+        runs.into_iter()
+            .map(|(s, n)| (&k[s * fl..(s + n) * fl], &v[s * fl..(s + n) * fl]))
+            .collect()
+    }
+
     /// K and V of a resident frame in `layer`.
     pub fn frame(&self, layer: usize, f: usize) -> (&[f32], &[f32]) {
         let s = self.slot(f) * self.frame_len;
@@ -115,7 +130,10 @@ impl KvCache {
         let fl = self.frame_len;
         let (kc, vc) = &mut self.layers[layer];
         if kc.len() < s + fl {
-            // Global attention grows by one frame at a time.
+            kc.reserve_exact(s + fl - kc.len());
+            vc.reserve_exact(s + fl - vc.len());
+            // Slots are allocated in order as frames arrive (global: one per frame; local: until
+            // the ring is full).
             kc.resize(s + fl, 0.0);
             vc.resize(s + fl, 0.0);
         }
@@ -149,15 +167,26 @@ mod tests {
     #[test]
     fn ring_keeps_sink_and_recent_frames_in_fixed_memory() {
         let mut c = KvCache::new(1, 2, Some(5), 1).unwrap();
-        let bytes = c.bytes();
+        let mut sizes = Vec::new();
         for f in 0..40 {
             c.write(0, f, &[f as f32; 2], &[-(f as f32); 2]);
             c.commit(f + 1);
-            assert_eq!(c.bytes(), bytes);
+            sizes.push(c.bytes());
         }
+        // Grows while the 1 sink + 4 ring slots fill, then stays fixed.
+        assert!(sizes[0] < sizes[4]);
+        assert!(sizes[4..].iter().all(|&b| b == sizes[4]), "{sizes:?}");
         // Query block [40, 43): sees sink frame 0 and frames >= 43 - 4 = 39.
         assert_eq!(c.visible(40, 43), vec![0, 39]);
         assert_eq!(c.frame(0, 39).0, &[39.0, 39.0]);
+        // Frame 0 (slot 0) and frame 39 (slot 1 + 38 % 4 = 3) are not adjacent: two runs.
+        assert_eq!(
+            c.visible_runs(0, 40, 43),
+            vec![
+                (&[0.0f32, 0.0][..], &[-0.0f32, -0.0][..]),
+                (&[39.0, 39.0][..], &[-39.0, -39.0][..])
+            ]
+        );
         assert_eq!(c.frame(0, 0).1, &[0.0, 0.0]);
         assert!(!c.resident(35));
         assert!(c.resident(36));

@@ -6,7 +6,7 @@
 //! attention runs per member over the key frames that member may see (DESIGN §3–4).
 
 use crate::config::{AttentionMode, ModelConfig};
-use crate::cpu::attention::{attention, push_segment, KvSegment};
+use crate::cpu::attention::{attention, KvSegment};
 use crate::cpu::{gemm::linear, ops};
 use crate::kv_cache::KvCache;
 use crate::weights::Weights;
@@ -319,30 +319,36 @@ impl Model {
             for &i in mine {
                 let m = &members[i];
                 let e_end = m.first_frame + frames[i];
-                let mut segs: Vec<KvSegment> = Vec::new();
-                for f in cache.visible(m.first_frame, e_end) {
-                    let (ck, cv) = cache.frame(li, f);
-                    push_segment(&mut segs, KvSegment { k: ck, v: cv });
-                }
+                let mut segs: Vec<KvSegment> = cache
+                    .visible_runs(li, m.first_frame, e_end)
+                    .into_iter()
+                    .map(|(k, v)| KvSegment { k, v })
+                    .collect();
                 for (j, o) in members.iter().enumerate() {
                     let Some((kj, vj)) = kv_of[j] else { continue };
                     if j == i {
-                        push_segment(&mut segs, KvSegment { k: kj, v: vj });
+                        segs.push(KvSegment { k: kj, v: vj });
                     } else if o.first_frame < m.first_frame {
-                        for fi in 0..frames[j] {
-                            if cache.in_window(o.first_frame + fi, e_end) {
-                                let r = fi * tpf * d..(fi + 1) * tpf * d;
-                                push_segment(
-                                    &mut segs,
-                                    KvSegment {
-                                        k: &kj[r.clone()],
-                                        v: &vj[r],
-                                    },
-                                );
+                        // Runs of the earlier member's frames the window admits (sink frames
+                        // and the recent ones), each one slice of its K/V.
+                        let mut fi = 0;
+                        while fi < frames[j] {
+                            if !cache.in_window(o.first_frame + fi, e_end) {
+                                fi += 1;
+                                continue;
                             }
+                            let start = fi;
+                            while fi < frames[j] && cache.in_window(o.first_frame + fi, e_end) {
+                                fi += 1;
+                            }
+                            let r = start * tpf * d..fi * tpf * d;
+                            segs.push(KvSegment {
+                                k: &kj[r.clone()],
+                                v: &vj[r],
+                            });
                         }
                     } else if mode == AttentionMode::Bidirectional && !o.context && !m.context {
-                        push_segment(&mut segs, KvSegment { k: kj, v: vj });
+                        segs.push(KvSegment { k: kj, v: vj });
                     }
                 }
                 attention(&q[rows_of(i)], nh, hd, &segs, &mut att[rows_of(i)]);

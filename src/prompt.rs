@@ -98,6 +98,9 @@ pub fn load_schedule(
     cfg: &ModelConfig,
     block_frames: usize,
 ) -> Result<Vec<PromptSwitch>> {
+    if block_frames == 0 {
+        return Err(Error::invalid("block frames must be at least 1"));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
         Error::format(format!(

@@ -131,6 +131,13 @@ fn bad_model_directories() {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
     fails(&["generate", "--model", &s(d.path())], "malformed config");
+    let cfg = std::fs::read_to_string(golden_dir().join("model/config.json")).unwrap();
+    let big = cfg.replace("\"num_layers\": 2", "\"num_layers\": 100000000000");
+    std::fs::write(d.path().join("config.json"), big).unwrap();
+    fails(
+        &["generate", "--model", &s(d.path())],
+        "num_layers 100000000000 (at most 1024)",
+    );
     let missing = model_variant(|m| {
         m.remove("blocks.1.ffn.0.bias");
     });
@@ -205,6 +212,14 @@ fn bad_generation_settings() {
         "out of memory",
     );
     fails(&["generate", "--kv-exchange", "sometimes"], "invalid value");
+    fails(
+        &["generate", "--devices", "100000"],
+        "devices must be in 1..=64",
+    );
+    fails(
+        &["generate", "--local-attn", "2"],
+        "must hold at least one block",
+    );
 }
 
 #[test]
@@ -340,6 +355,17 @@ fn plan_and_scaling_model_print_tables() {
     // 2 models x 2 links x (8 joint + 7 lagged device counts) x 4 lags, plus the header.
     assert_eq!(t.lines().count(), 1 + 2 * 2 * 15 * 4, "{t}");
     assert!(t.contains("wan-14b") && t.contains("lagged"));
+    let o = bin()
+        .args(["plan", "--blocks", "18446744073709551615", "--lag", "2"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("too many to plan"));
+    let o = bin()
+        .args(["bench", "--model-scaling", "--measured-ms-per-block", "0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
     let o = bin().args(["plan", "--lag", "9"]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("lag must be in 1..=4"));

@@ -21,7 +21,8 @@ impl<'m> CpuBackend<'m> {
         let cfg = model.config();
         let tpf = (opts.height / 2) * (opts.width / 2);
         let cache = KvCache::new(cfg.num_layers, tpf * cfg.dim, opts.local_attn, opts.sink)?;
-        let devices = (0..opts.devices.max(1))
+        // Devices beyond the largest window would idle; each holds a cache replica.
+        let devices = (0..opts.useful_cpu_devices())
             .map(|_| DeviceState::new(cache.clone()))
             .collect();
         Ok(CpuBackend {

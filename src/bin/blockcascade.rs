@@ -535,7 +535,22 @@ fn scaling_cmd(a: &BenchArgs) -> Result<()> {
         local_attn: None,
     };
     let mut mfu = a.mfu;
+    for (name, v) in [
+        ("--tflops", a.tflops),
+        ("--mfu", a.mfu),
+        ("--nvlink-gbs", a.nvlink_gbs),
+        ("--pcie-gbs", a.pcie_gbs),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(Error::invalid(format!("{name} must be positive, got {v}")));
+        }
+    }
     if let Some(ms) = a.measured_ms_per_block {
+        if !(ms.is_finite() && ms > 0.0) {
+            return Err(Error::invalid(format!(
+                "--measured-ms-per-block must be positive, got {ms}"
+            )));
+        }
         let ideal = Hardware {
             tflops: a.tflops,
             mfu: 1.0,

@@ -1,8 +1,9 @@
 //! Blockwise attention with online softmax (flash-attention style) on the CPU.
 //!
 //! Memory stays O(query tile × key tile) whatever the number of keys: keys come as a list of
-//! segments (cache frames, window members' frames), each a row-major `[tokens, heads*head_dim]`
-//! block, and are consumed tile by tile with a running max and sum per query row.
+//! segments (runs of cache slots, window members' frames), each a row-major
+//! `[tokens, heads*head_dim]` block, and are consumed tile by tile with a running max and sum
+//! per query row.
 
 use rayon::prelude::*;
 
@@ -26,24 +27,6 @@ impl KvSegment<'_> {
     }
 }
 
-/// Appends `seg` to `list`, merging it into the last segment when both are adjacent in memory.
-pub fn push_segment<'a>(list: &mut Vec<KvSegment<'a>>, seg: KvSegment<'a>) {
-    if let Some(last) = list.last_mut() {
-        let kend = last.k.as_ptr_range().end;
-        let vend = last.v.as_ptr_range().end;
-        if kend == seg.k.as_ptr() && vend == seg.v.as_ptr() {
-            // SAFETY: the two slices are adjacent parts of one allocation (checked by address),
-            // borrowed for the same lifetime 'a.
-            unsafe {
-                last.k = std::slice::from_raw_parts(last.k.as_ptr(), last.k.len() + seg.k.len());
-                last.v = std::slice::from_raw_parts(last.v.as_ptr(), last.v.len() + seg.v.len());
-            }
-            return;
-        }
-    }
-    list.push(seg);
-}
-
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
@@ -51,26 +34,48 @@ unsafe impl Sync for SendPtr {}
 
 /// `out[n, h] = softmax(q[n, h] · K[:, h]ᵀ / sqrt(head_dim)) · V[:, h]` over all segments.
 /// `q` and `out` are `[nq, heads*head_dim]`.
+///
+/// # Panics
+/// When `q`/`out` are not whole rows of the same count, or a segment's K and V differ in
+/// length or are not whole rows.
 pub fn attention(q: &[f32], heads: usize, head_dim: usize, segs: &[KvSegment], out: &mut [f32]) {
     let dim = heads * head_dim;
+    assert!(
+        dim > 0 && q.len() % dim == 0 && out.len() == q.len(),
+        "attention: q {} / out {} values are not rows of {dim}",
+        q.len(),
+        out.len()
+    );
+    for s in segs {
+        assert!(
+            s.k.len() == s.v.len() && s.k.len() % dim == 0,
+            "attention: segment K {} / V {} values are not rows of {dim}",
+            s.k.len(),
+            s.v.len()
+        );
+    }
     let nq = q.len() / dim;
     let tiles = nq.div_ceil(Q_TILE);
     let scale = 1.0 / (head_dim as f32).sqrt();
     let optr = SendPtr(out.as_mut_ptr());
-    let olen = out.len();
     (0..heads * tiles).into_par_iter().for_each(|job| {
         let (h, t) = (job / tiles, job % tiles);
         let r0 = t * Q_TILE;
         let rows = Q_TILE.min(nq - r0);
         let p = optr;
-        // SAFETY: every job writes only rows [r0, r0+rows) × columns of head h: disjoint regions.
-        let out = unsafe { std::slice::from_raw_parts_mut(p.0, olen) };
-        tile(q, dim, h * head_dim, head_dim, r0, rows, segs, scale, out);
+        // SAFETY: `out` is nq×dim (asserted) and outlives the parallel scope; every job writes
+        // only rows [r0, r0+rows) × columns of head h through the raw pointer: disjoint.
+        unsafe { tile(q, dim, h * head_dim, head_dim, r0, rows, segs, scale, p.0) };
     });
 }
 
+/// One (head, query tile) job of [`attention`].
+///
+/// # Safety
+/// `out` is valid for writes of rows `[r0, r0+rows)`, columns `[c0, c0+hd)` at stride `dim`,
+/// and nothing else accesses them during the call.
 #[allow(clippy::too_many_arguments)]
-fn tile(
+unsafe fn tile(
     q: &[f32],
     dim: usize,
     c0: usize,
@@ -79,7 +84,7 @@ fn tile(
     rows: usize,
     segs: &[KvSegment],
     scale: f32,
-    out: &mut [f32],
+    out: *mut f32,
 ) {
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
@@ -151,9 +156,9 @@ fn tile(
     }
     for r in 0..rows {
         let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
-        let o = &mut out[(r0 + r) * dim + c0..][..hd];
-        for (d, a) in o.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
-            *d = a * inv;
+        let o = out.add((r0 + r) * dim + c0);
+        for (d, a) in acc[r * hd..(r + 1) * hd].iter().enumerate() {
+            *o.add(d) = a * inv;
         }
     }
 }
@@ -201,27 +206,20 @@ mod tests {
         let q: Vec<f32> = (0..nq * dim).map(|_| rng.normal() * 2.0).collect();
         let k: Vec<f32> = (0..nk * dim).map(|_| rng.normal()).collect();
         let v: Vec<f32> = (0..nk * dim).map(|_| rng.normal()).collect();
-        let mut segs = Vec::new();
-        // Split keys into uneven segments; two adjacent ones must merge.
-        push_segment(
-            &mut segs,
+        // Uneven segments, one of them in another buffer.
+        let k2 = k[300 * dim..].to_vec();
+        let v2 = v[300 * dim..].to_vec();
+        let segs = [
             KvSegment {
                 k: &k[..10 * dim],
                 v: &v[..10 * dim],
             },
-        );
-        push_segment(
-            &mut segs,
             KvSegment {
                 k: &k[10 * dim..300 * dim],
                 v: &v[10 * dim..300 * dim],
             },
-        );
-        assert_eq!(segs.len(), 1);
-        let k2 = k[300 * dim..].to_vec();
-        let v2 = v[300 * dim..].to_vec();
-        push_segment(&mut segs, KvSegment { k: &k2, v: &v2 });
-        assert_eq!(segs.len(), 2);
+            KvSegment { k: &k2, v: &v2 },
+        ];
         let mut out = vec![f32::NAN; q.len()];
         attention(&q, heads, hd, &segs, &mut out);
         let r = naive(&q, &k, &v, heads, hd);

@@ -7,11 +7,21 @@ const MIN_SPLIT: usize = 16;
 
 /// `out[n, o] = sum_i x[n, i] * w[o, i] + bias[o]`, with `x` row-major `[n, k]`, `w` row-major
 /// `[o, k]` (the PyTorch `nn.Linear` layout) and `out` row-major `[n, o]`.
+///
+/// # Panics
+/// When the slice lengths do not match these shapes (`o = w.len() / k`).
 pub fn linear(x: &[f32], n: usize, k: usize, w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
     let o = w.len() / k.max(1);
-    debug_assert_eq!(x.len(), n * k);
-    debug_assert_eq!(w.len(), o * k);
-    debug_assert_eq!(out.len(), n * o);
+    assert!(
+        x.len() == n * k
+            && w.len() == o * k
+            && out.len() == n * o
+            && bias.is_none_or(|b| b.len() == o),
+        "linear: x {} (want {n}x{k}), w {} (want {o}x{k}), out {} (want {n}x{o})",
+        x.len(),
+        w.len(),
+        out.len()
+    );
     if n == 0 || o == 0 {
         return;
     }
@@ -22,7 +32,11 @@ pub fn linear(x: &[f32], n: usize, k: usize, w: &[f32], bias: Option<&[f32]>, ou
         let rows = n.div_ceil(threads).max(MIN_SPLIT.min(n));
         out.par_chunks_mut(rows * o)
             .zip(x.par_chunks(rows * k))
-            .for_each(|(oc, xc)| gemm_rows(xc, xc.len() / k, k, w, o, 0, o, bias, oc, o));
+            .for_each(|(oc, xc)| {
+                let r = xc.len() / k;
+                // SAFETY: `xc` is r×k, `oc` is r×o, `w` is o×k (lengths asserted above).
+                unsafe { gemm_block(xc, r, k, w, 0, o, bias, oc.as_mut_ptr(), o) }
+            });
     } else {
         let cols = o.div_ceil(threads).max(MIN_SPLIT);
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -30,9 +44,9 @@ pub fn linear(x: &[f32], n: usize, k: usize, w: &[f32], bias: Option<&[f32]>, ou
             let c0 = c * cols;
             let c1 = (c0 + cols).min(o);
             let p = out_ptr;
-            // SAFETY: tasks write disjoint column ranges [c0, c1) of `out`, which outlives the scope.
-            let oc = unsafe { std::slice::from_raw_parts_mut(p.0, n * o) };
-            gemm_rows(x, n, k, w, o, c0, c1, bias, oc, o);
+            // SAFETY: `out` is n×o (asserted) and outlives the parallel scope; tasks write
+            // disjoint column ranges [c0, c1) through the raw pointer, no references overlap.
+            unsafe { gemm_block(x, n, k, w, c0, c1, bias, p.0, o) }
         });
     }
 }
@@ -42,49 +56,49 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Single-threaded GEMM of `n` rows of `x` against output columns `[c0, c1)` of `w`.
+/// Single-threaded GEMM of the `n` rows of `x` against output columns `[c0, c1)` of `w`,
+/// written to `out` (row stride `ldo`, column `c` at `out + r*ldo + c`).
+///
+/// # Safety
+/// `x` holds n×k values, `w` at least c1×k, `bias` (if any) at least c1; `out` is valid for
+/// writes of rows 0..n, columns c0..c1 at stride `ldo`, and nothing else accesses them.
 #[allow(clippy::too_many_arguments)]
-fn gemm_rows(
+unsafe fn gemm_block(
     x: &[f32],
     n: usize,
     k: usize,
     w: &[f32],
-    o: usize,
     c0: usize,
     c1: usize,
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    out: *mut f32,
     ldo: usize,
 ) {
-    debug_assert!(c1 <= o && out.len() >= (n.max(1) - 1) * ldo + c1);
     let beta = match bias {
         Some(b) => {
             for r in 0..n {
-                out[r * ldo + c0..r * ldo + c1].copy_from_slice(&b[c0..c1]);
+                std::ptr::copy_nonoverlapping(b.as_ptr().add(c0), out.add(r * ldo + c0), c1 - c0);
             }
             1.0
         }
         None => 0.0,
     };
-    // SAFETY: all pointers/strides describe regions inside the slices checked above.
-    unsafe {
-        matrixmultiply::sgemm(
-            n,
-            k,
-            c1 - c0,
-            1.0,
-            x.as_ptr(),
-            k as isize,
-            1,
-            w.as_ptr().add(c0 * k),
-            1,
-            k as isize,
-            beta,
-            out.as_mut_ptr().add(c0),
-            ldo as isize,
-            1,
-        );
-    }
+    matrixmultiply::sgemm(
+        n,
+        k,
+        c1 - c0,
+        1.0,
+        x.as_ptr(),
+        k as isize,
+        1,
+        w.as_ptr().add(c0 * k),
+        1,
+        k as isize,
+        beta,
+        out.add(c0),
+        ldo as isize,
+        1,
+    );
 }
 
 #[cfg(test)]

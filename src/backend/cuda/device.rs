@@ -327,8 +327,7 @@ impl Gpu {
             return Ok(());
         }
         if let Some(e) = &self.emu {
-            // SAFETY: dst was allocated with at least src's size by the caller.
-            return unsafe { e.upload(dst, src) };
+            return e.upload(dst, src);
         }
         // SAFETY: dst was allocated with at least src's size by the caller.
         unsafe { drv::memcpy_htod_async(dst, src, self.stream) }
@@ -341,8 +340,7 @@ impl Gpu {
             return Ok(());
         }
         if let Some(e) = &self.emu {
-            // SAFETY: src holds at least dst's size (caller's contract).
-            return unsafe { e.download(dst, src) };
+            return e.download(dst, src);
         }
         // SAFETY: src holds at least dst's size (caller's contract); synchronised below.
         unsafe { drv::memcpy_dtoh_async(dst, src, self.stream) }
@@ -402,10 +400,10 @@ impl Gpu {
     /// memcpy between emulated devices. Leaves this device's context current.
     pub fn copy_to_peer(&self, dst_gpu: &Gpu, regions: &[(DevPtr, DevPtr, usize)]) -> Result<()> {
         match (&self.emu, &dst_gpu.emu) {
-            (Some(e), Some(_)) => {
-                // Host memory on both sides and everything already ran: a memcpy.
+            (Some(e), Some(peer)) => {
+                // Host memory on both sides and everything already ran: a checked memcpy.
                 for &(dst, src, bytes) in regions {
-                    e.copy(dst, src, bytes)?;
+                    e.copy_to_peer(peer, dst, src, bytes)?;
                 }
                 return Ok(());
             }

@@ -7,6 +7,9 @@
 //! Device pointers are host addresses. Fresh allocations are poisoned with 0xFF bytes (NaN in
 //! bf16 and f32), so reading memory nobody wrote shows up in the results. As on a GPU, work
 //! submitted during a capture is recorded, not run, and host copies during a capture are errors.
+//! Copies, memsets, uploads, downloads and GEMM operands are checked against this device's
+//! allocations (an out-of-range pointer is an error, not a stray host write); kernel launches
+//! are `unsafe`, as on a GPU.
 
 use super::device::{DevPtr, Epilogue, OutType};
 use crate::kernels::emu::{dims, launch_raw, Kernel};
@@ -111,6 +114,47 @@ impl EmuDevice {
         (EMU_MEMORY.saturating_sub(used), EMU_MEMORY)
     }
 
+    /// Checks that `[ptr, ptr + bytes)` lies inside one allocation of this device.
+    pub fn check(&self, ptr: DevPtr, bytes: usize) -> Result<()> {
+        let end = ptr.checked_add(bytes as u64);
+        let inside = self.allocs.iter().any(|a| {
+            let start = a.as_ptr() as u64;
+            let stop = start + (a.len() * 16) as u64;
+            ptr >= start && end.is_some_and(|e| e <= stop)
+        });
+        if inside || bytes == 0 {
+            Ok(())
+        } else {
+            Err(Error::Device(format!(
+                "emulated device: [{ptr:#x}, +{bytes}) is not inside an allocation"
+            )))
+        }
+    }
+
+    fn check_op(&self, op: &EmuOp) -> Result<()> {
+        match op {
+            EmuOp::Launch { .. } => Ok(()),
+            EmuOp::Copy { dst, src, bytes } => {
+                self.check(*dst, *bytes)?;
+                self.check(*src, *bytes)
+            }
+            EmuOp::Memset { dst, bytes, .. } => self.check(*dst, *bytes),
+            EmuOp::Gemm { args: a } => {
+                let out = match a.ty {
+                    OutType::F32 => 4,
+                    OutType::Bf16 => 2,
+                };
+                let n = |x: usize, y: usize, z: usize| x.saturating_mul(y).saturating_mul(z);
+                self.check(a.x, n(a.rows, a.inp, 2))?;
+                self.check(a.w, n(a.out, a.inp, 2))?;
+                if a.bias != 0 {
+                    self.check(a.bias, n(a.out, 4, 1))?;
+                }
+                self.check(a.d, n(a.rows, a.out, out))
+            }
+        }
+    }
+
     fn capturing(&self, what: &str) -> Result<()> {
         if self.capture.borrow().is_some() {
             return Err(Error::Device(format!(
@@ -121,6 +165,7 @@ impl EmuDevice {
     }
 
     fn submit(&self, op: EmuOp) -> Result<()> {
+        self.check_op(&op)?;
         if let Some(ops) = self.capture.borrow_mut().as_mut() {
             ops.push(op);
             return Ok(());
@@ -128,31 +173,42 @@ impl EmuDevice {
         run(&op)
     }
 
-    /// Host to device copy.
-    ///
-    /// # Safety
-    /// `dst` holds `size_of_val(src)` bytes.
-    pub unsafe fn upload<T: Copy>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
+    /// Host to device copy (`dst` checked against the allocations).
+    pub fn upload<T: Copy>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
         self.capturing("a host-to-device copy")?;
-        std::ptr::copy_nonoverlapping(
-            src.as_ptr() as *const u8,
-            dst as *mut u8,
-            std::mem::size_of_val(src),
-        );
+        let bytes = std::mem::size_of_val(src);
+        self.check(dst, bytes)?;
+        // SAFETY: `dst` lies inside one of our allocations (checked), `src` is a live slice.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst as *mut u8, bytes) };
         Ok(())
     }
 
-    /// Device to host copy.
-    ///
-    /// # Safety
-    /// `src` holds `size_of_val(dst)` bytes.
-    pub unsafe fn download<T: Copy>(&self, dst: &mut [T], src: DevPtr) -> Result<()> {
+    /// Device to host copy (`src` checked against the allocations; `T` is a plain numeric type).
+    pub fn download<T: Copy>(&self, dst: &mut [T], src: DevPtr) -> Result<()> {
         self.capturing("a device-to-host copy")?;
-        std::ptr::copy_nonoverlapping(
-            src as *const u8,
-            dst.as_mut_ptr() as *mut u8,
-            std::mem::size_of_val(dst),
-        );
+        let bytes = std::mem::size_of_val(dst);
+        self.check(src, bytes)?;
+        // SAFETY: `src` lies inside one of our allocations (checked); `dst` is a live slice of
+        // a plain numeric type (any bit pattern is a value).
+        unsafe {
+            std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr() as *mut u8, bytes)
+        };
+        Ok(())
+    }
+
+    /// Copies `bytes` from this device's `src` to `dst` on `peer` (both checked).
+    pub fn copy_to_peer(
+        &self,
+        peer: &EmuDevice,
+        dst: DevPtr,
+        src: DevPtr,
+        bytes: usize,
+    ) -> Result<()> {
+        self.capturing("a peer copy")?;
+        self.check(src, bytes)?;
+        peer.check(dst, bytes)?;
+        // SAFETY: both ranges lie inside live allocations (checked); `copy` allows overlap.
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
     }
 
@@ -225,10 +281,14 @@ impl EmuDevice {
         self.capture.borrow_mut().take();
     }
 
-    /// Replays recorded ops.
+    /// Replays recorded ops (copies, memsets and GEMMs are re-checked; the launches carry the
+    /// contract of the `launch` calls that recorded them, as a GPU graph does).
     pub fn replay(&self, ops: &[EmuOp]) -> Result<()> {
         self.capturing("replaying a graph")?;
-        ops.iter().try_for_each(run)
+        ops.iter().try_for_each(|op| {
+            self.check_op(op)?;
+            run(op)
+        })
     }
 }
 

@@ -175,6 +175,20 @@ pub fn weight_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+/// The local attention window from its command-line / C ABI form: `-1` = global attention
+/// (`None`), a positive number of frames otherwise.
+pub fn local_attn_frames(v: i64) -> Result<Option<usize>> {
+    match v {
+        -1 => Ok(None),
+        l if l > 0 => usize::try_from(l)
+            .map(Some)
+            .map_err(|_| Error::invalid(format!("local attention window {l} is too large"))),
+        l => Err(Error::invalid(format!(
+            "the local attention window (local_attn, --local-attn) must be -1 (global attention) or a positive number of frames, got {l}"
+        ))),
+    }
+}
+
 /// The most devices a generation may use.
 pub const MAX_DEVICES: usize = 64;
 
@@ -240,6 +254,10 @@ pub struct GenerateOptions {
     pub backend: crate::backend::BackendKind,
     /// Devices the window's members are spread over (CPU: worker threads), at least 1.
     pub devices: usize,
+    /// CUDA: the GPU ordinal of every logical device (`--devices 0,0` = two logical devices on
+    /// GPU 0); empty = the backend's default (`BC_CUDA_DEVICE`, then consecutive GPUs).
+    #[serde(default)]
+    pub device_ids: Vec<usize>,
     /// How devices share K/V (only used with more than one device).
     pub kv_exchange: crate::multi_device::KvExchange,
     /// Testing hook: `(device, tick)` makes that device fail in that tick.
@@ -265,6 +283,7 @@ impl Default for GenerateOptions {
             separate_context_pass: false,
             backend: crate::backend::BackendKind::Cpu,
             devices: 1,
+            device_ids: Vec::new(),
             kv_exchange: crate::multi_device::KvExchange::Joint,
             fail_device_at: None,
         }

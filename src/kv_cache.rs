@@ -99,13 +99,13 @@ impl KvCache {
         v
     }
 
-    /// K and V of the frames [`Self::visible`] returns for `[f0, e_end)`, as runs of adjacent
-    /// slots (each run one slice of this cache's storage).
-    pub fn visible_runs(&self, layer: usize, f0: usize, e_end: usize) -> Vec<(&[f32], &[f32])> {
+    /// K and V of resident `frames` (increasing) of `layer`, as runs of adjacent slots, each
+    /// run one slice of this cache's storage.
+    pub fn frame_runs(&self, layer: usize, frames: &[usize]) -> Vec<(&[f32], &[f32])> {
         let (k, v) = &self.layers[layer];
         let fl = self.frame_len;
         let mut runs: Vec<(usize, usize)> = Vec::new(); // (first slot, slot count)
-        for f in self.visible(f0, e_end) {
+        for &f in frames {
             let s = self.slot(f);
             match runs.last_mut() {
                 Some((s0, n)) if *s0 + *n == s => *n += 1,
@@ -181,7 +181,7 @@ mod tests {
         assert_eq!(c.frame(0, 39).0, &[39.0, 39.0]);
         // Frame 0 (slot 0) and frame 39 (slot 1 + 38 % 4 = 3) are not adjacent: two runs.
         assert_eq!(
-            c.visible_runs(0, 40, 43),
+            c.frame_runs(0, &c.visible(40, 43)),
             vec![
                 (&[0.0f32, 0.0][..], &[-0.0f32, -0.0][..]),
                 (&[39.0, 39.0][..], &[-39.0, -39.0][..])

@@ -24,6 +24,7 @@ pub mod scaling;
 pub mod schedule;
 pub mod tensorfile;
 pub mod weights;
+pub mod window;
 
 pub use config::{AttentionMode, GenerateOptions, ModelConfig, Recache, Schedule};
 pub use engine::Engine;

@@ -10,6 +10,7 @@ use crate::cpu::attention::{attention, KvSegment};
 use crate::cpu::{gemm::linear, ops};
 use crate::kv_cache::KvCache;
 use crate::weights::Weights;
+use crate::window::{self, MemberGeom};
 use crate::{Error, Result};
 
 /// Latent channels.
@@ -211,6 +212,15 @@ impl Model {
             }
             frames.push(m.latents.len() / flen);
         }
+        let geom: Vec<MemberGeom> = members
+            .iter()
+            .zip(&frames)
+            .map(|(m, &f)| MemberGeom {
+                first_frame: m.first_frame,
+                frames: f,
+                context: m.context,
+            })
+            .collect();
         if mine.windows(2).any(|p| p[0] >= p[1]) || mine.iter().any(|&i| i >= members.len()) {
             return Err(Error::Internal(
                 "device member list must be increasing indices".into(),
@@ -317,38 +327,19 @@ impl Model {
                 kv_of[r.member] = Some((&r.k, &r.v));
             }
             for &i in mine {
-                let m = &members[i];
-                let e_end = m.first_frame + frames[i];
+                let vis = window::visible(&geom, i, cache, mode);
                 let mut segs: Vec<KvSegment> = cache
-                    .visible_runs(li, m.first_frame, e_end)
+                    .frame_runs(li, &vis.cache_frames)
                     .into_iter()
                     .map(|(k, v)| KvSegment { k, v })
                     .collect();
-                for (j, o) in members.iter().enumerate() {
-                    let Some((kj, vj)) = kv_of[j] else { continue };
-                    if j == i {
-                        segs.push(KvSegment { k: kj, v: vj });
-                    } else if o.first_frame < m.first_frame {
-                        // Runs of the earlier member's frames the window admits (sink frames
-                        // and the recent ones), each one slice of its K/V.
-                        let mut fi = 0;
-                        while fi < frames[j] {
-                            if !cache.in_window(o.first_frame + fi, e_end) {
-                                fi += 1;
-                                continue;
-                            }
-                            let start = fi;
-                            while fi < frames[j] && cache.in_window(o.first_frame + fi, e_end) {
-                                fi += 1;
-                            }
-                            let r = start * tpf * d..fi * tpf * d;
-                            segs.push(KvSegment {
-                                k: &kj[r.clone()],
-                                v: &vj[r],
-                            });
-                        }
-                    } else if mode == AttentionMode::Bidirectional && !o.context && !m.context {
-                        segs.push(KvSegment { k: kj, v: vj });
+                for (j, r) in vis.members {
+                    if let Some((kj, vj)) = kv_of[j] {
+                        let r = r.start * tpf * d..r.end * tpf * d;
+                        segs.push(KvSegment {
+                            k: &kj[r.clone()],
+                            v: &vj[r],
+                        });
                     }
                 }
                 attention(&q[rows_of(i)], nh, hd, &segs, &mut att[rows_of(i)]);

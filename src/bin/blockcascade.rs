@@ -3,6 +3,7 @@
 use blockcascade::backend::BackendKind;
 use blockcascade::bench;
 use blockcascade::cascade::Plan;
+use blockcascade::config::local_attn_frames;
 use blockcascade::engine::MemoryEstimate;
 use blockcascade::multi_device::KvExchange;
 use blockcascade::noise::{NoiseSource, RecordedNoise};
@@ -246,15 +247,7 @@ fn main() -> ExitCode {
 
 fn options(s: &SamplingArgs, builtin: bool) -> Result<GenerateOptions> {
     let steps = parse_steps(&s.steps)?;
-    let local_attn = match s.local_attn {
-        -1 => None,
-        l if l > 0 => Some(l as usize),
-        l => {
-            return Err(Error::invalid(format!(
-                "--local-attn must be -1 (global) or positive, got {l}"
-            )))
-        }
-    };
+    let local_attn = local_attn_frames(s.local_attn)?;
     let schedule = match (s.schedule, s.lag) {
         (ScheduleArg::Sequential, None) => Schedule::Sequential,
         (ScheduleArg::Sequential, Some(_)) => {
@@ -301,11 +294,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     if let (BackendKind::Cuda, Some(list)) = (opts.backend, device_list) {
         // `--devices 0,0`: the CUDA ordinal of every logical device.
-        use blockcascade::backend::cuda::{set_session_options, CudaOptions};
-        set_session_options(Some(CudaOptions {
-            devices: list,
-            ..CudaOptions::from_env()
-        }));
+        opts.device_ids = list;
     }
     opts.kv_exchange = match a.kv_exchange {
         ExchangeArg::Joint => KvExchange::Joint,

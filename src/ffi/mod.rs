@@ -121,6 +121,8 @@ struct EngineEntry {
     engine: Engine,
     backend: BackendKind,
     devices: usize,
+    /// CUDA ordinals of the logical devices (empty: the default device).
+    device_ids: Vec<usize>,
 }
 
 enum Object {
@@ -275,15 +277,7 @@ fn default_session_options() -> bc_session_options {
 
 /// Converts C session options to the engine's options (validated).
 fn generate_options(o: &bc_session_options) -> Result<GenerateOptions> {
-    let local_attn = match o.local_attn {
-        -1 => None,
-        l if l > 0 => Some(l as usize),
-        l => {
-            return invalid(format!(
-                "local_attn must be -1 (global attention) or a positive number of frames, got {l}"
-            ))
-        }
-    };
+    let local_attn = crate::config::local_attn_frames(o.local_attn as i64)?;
     let attention = match o.bidirectional {
         0 => AttentionMode::Causal,
         1 => AttentionMode::Bidirectional,
@@ -449,6 +443,7 @@ pub unsafe extern "C" fn bc_engine_open(
             }
         };
         let mut devices = 1;
+        let mut device_ids = Vec::new();
         if o.n_devices > 0 {
             if o.devices.is_null() {
                 return invalid(format!("n_devices is {} but devices is NULL", o.n_devices));
@@ -464,6 +459,9 @@ pub unsafe extern "C" fn bc_engine_open(
                 ));
             }
             devices = devs.len();
+            if kind == BackendKind::Cuda {
+                device_ids = devs.iter().map(|&d| d as usize).collect();
+            }
         }
         let model = if model_dir.is_null() {
             Engine::open(None)?
@@ -474,6 +472,7 @@ pub unsafe extern "C" fn bc_engine_open(
             engine: model,
             backend: kind,
             devices,
+            device_ids,
         };
         *out = register(Object::Engine(engine)) as *mut bc_engine;
         Ok(())
@@ -515,6 +514,7 @@ pub unsafe extern "C" fn bc_session_open(
         let mut gopts = generate_options(&o)?;
         gopts.backend = entry.backend;
         gopts.devices = entry.devices;
+        gopts.device_ids = entry.device_ids;
         let engine = entry.engine;
         check_memory(&engine, &gopts, gopts.block_frames)?;
         let prompt = PromptEmbeds::builtin(engine.config(), o.seed);

@@ -35,10 +35,11 @@ pub mod emu_device;
 pub mod ops;
 
 use crate::backend::Backend;
-use crate::config::{AttentionMode, GenerateOptions};
+use crate::config::GenerateOptions;
 use crate::kernels::params::{BcAttnGroup, BcKvSegment};
 use crate::kv_cache::KvCache;
 use crate::model::{Member, Model, PromptContext, CHANNELS};
+use crate::window::{self, MemberGeom};
 use crate::{Error, Result};
 use device::{DevPtr, Epilogue, Gpu, Graph, OutType};
 use half::bf16;
@@ -114,11 +115,14 @@ pub fn set_session_options(o: Option<CudaOptions>) {
 /// Opens the CUDA backend for `model` with `opts` (what [`crate::backend::cuda_backend`] calls):
 /// [`CudaBackend`] on one device, [`MultiCudaBackend`] with `opts.devices > 1`.
 pub fn open<'m>(model: &'m Model, opts: &GenerateOptions) -> Result<Box<dyn Backend + 'm>> {
-    let co = OVERRIDE
+    let mut co = OVERRIDE
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .unwrap_or_else(CudaOptions::from_env);
+    if !opts.device_ids.is_empty() {
+        co.devices = opts.device_ids.clone();
+    }
     if opts.devices > 1 || co.devices.len() > 1 {
         return Ok(Box::new(MultiCudaBackend::new(model, opts, co)?));
     }
@@ -475,14 +479,7 @@ impl<'m> CudaBackend<'m> {
     }
 
     fn slot_of(&self, f: usize) -> Result<usize> {
-        let s = match self.opts.local_attn {
-            None => f,
-            Some(_) if f < self.opts.sink => f,
-            Some(l) => {
-                let w = l - self.opts.sink;
-                self.opts.sink + (f - self.opts.sink) % w
-            }
-        };
+        let s = self.geom.slot(f);
         if s >= self.slots {
             return Err(Error::OutOfMemory(format!(
                 "the CUDA KV cache holds {} frames with global attention and frame {f} does not fit: set BC_CUDA_CACHE_FRAMES or use local attention",
@@ -614,12 +611,21 @@ impl<'m> CudaBackend<'m> {
                 });
             }
         }
-        // Self-attention visibility (model.rs, forward_partial).
+        // Self-attention visibility: the rule every backend shares (window.rs).
+        let geom: Vec<MemberGeom> = members
+            .iter()
+            .zip(&frames)
+            .map(|(m, &f)| MemberGeom {
+                first_frame: m.first_frame,
+                frames: f,
+                context: m.context,
+            })
+            .collect();
         let mut lists: Vec<Vec<Src>> = Vec::with_capacity(members.len());
-        for (i, m) in members.iter().enumerate() {
-            let e_end = m.first_frame + frames[i];
+        for i in 0..members.len() {
+            let vis = window::visible(&geom, i, &self.geom, self.opts.attention);
             let mut segs = Vec::new();
-            for f in self.geom.visible(m.first_frame, e_end) {
+            for f in vis.cache_frames {
                 push_src(
                     &mut segs,
                     Src::Cache {
@@ -628,39 +634,14 @@ impl<'m> CudaBackend<'m> {
                     },
                 );
             }
-            for (j, o) in members.iter().enumerate() {
-                if j == i {
-                    push_src(
-                        &mut segs,
-                        Src::Win {
-                            row: row0[j],
-                            rows: frames[j] * tpf,
-                        },
-                    );
-                } else if o.first_frame < m.first_frame {
-                    for fi in 0..frames[j] {
-                        if self.geom.in_window(o.first_frame + fi, e_end) {
-                            push_src(
-                                &mut segs,
-                                Src::Win {
-                                    row: row0[j] + fi * tpf,
-                                    rows: tpf,
-                                },
-                            );
-                        }
-                    }
-                } else if self.opts.attention == AttentionMode::Bidirectional
-                    && !o.context
-                    && !m.context
-                {
-                    push_src(
-                        &mut segs,
-                        Src::Win {
-                            row: row0[j],
-                            rows: frames[j] * tpf,
-                        },
-                    );
-                }
+            for (j, r) in vis.members {
+                push_src(
+                    &mut segs,
+                    Src::Win {
+                        row: row0[j] + r.start * tpf,
+                        rows: r.len() * tpf,
+                    },
+                );
             }
             lists.push(segs);
         }

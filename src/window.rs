@@ -1,0 +1,106 @@
+//! Which keys a window member's self-attention sees (DESIGN §3–4), shared by every backend.
+//!
+//! A member whose frames are `[f0, e)` sees: committed cache frames `f < f0` admitted by the
+//! local/sink rule; all of its own frames; the frames of earlier members (current-tick K/V)
+//! admitted by the same rule; and, in bidirectional mode, every frame of later denoising
+//! members when it is itself denoising. The context member is always causal.
+
+use crate::config::AttentionMode;
+use crate::kv_cache::KvCache;
+use std::ops::Range;
+
+/// A member's place in the window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberGeom {
+    /// Absolute first frame.
+    pub first_frame: usize,
+    /// Frames.
+    pub frames: usize,
+    /// Context member (clean, committed after the tick).
+    pub context: bool,
+}
+
+/// The keys member `i` sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Visible {
+    /// Committed cache frames, increasing.
+    pub cache_frames: Vec<usize>,
+    /// `(member j, frame offsets within j)`: runs of window frames, in member order.
+    pub members: Vec<(usize, Range<usize>)>,
+}
+
+/// The keys member `i` of `window` sees, given the committed `cache` (geometry only is used).
+pub fn visible(window: &[MemberGeom], i: usize, cache: &KvCache, mode: AttentionMode) -> Visible {
+    let m = window[i];
+    let e_end = m.first_frame + m.frames;
+    let mut members = Vec::new();
+    for (j, o) in window.iter().enumerate() {
+        if j == i {
+            members.push((j, 0..o.frames));
+        } else if o.first_frame < m.first_frame {
+            // Runs of the earlier member's frames the rule admits (sink frames, recent frames).
+            let mut fi = 0;
+            while fi < o.frames {
+                if !cache.in_window(o.first_frame + fi, e_end) {
+                    fi += 1;
+                    continue;
+                }
+                let start = fi;
+                while fi < o.frames && cache.in_window(o.first_frame + fi, e_end) {
+                    fi += 1;
+                }
+                members.push((j, start..fi));
+            }
+        } else if mode == AttentionMode::Bidirectional && !o.context && !m.context {
+            members.push((j, 0..o.frames));
+        }
+    }
+    Visible {
+        cache_frames: cache.visible(m.first_frame, e_end),
+        members,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(first_frame: usize, context: bool) -> MemberGeom {
+        MemberGeom {
+            first_frame,
+            frames: 3,
+            context,
+        }
+    }
+
+    #[test]
+    fn causal_bidirectional_and_context_rules() {
+        let mut c = KvCache::new(1, 1, None, 0).unwrap();
+        c.commit(3);
+        let w = [g(3, true), g(6, false), g(9, false)];
+        let v = visible(&w, 1, &c, AttentionMode::Bidirectional);
+        assert_eq!(v.cache_frames, vec![0, 1, 2]);
+        assert_eq!(v.members, vec![(0, 0..3), (1, 0..3), (2, 0..3)]);
+        let v = visible(&w, 1, &c, AttentionMode::Causal);
+        assert_eq!(v.members, vec![(0, 0..3), (1, 0..3)]);
+        // The context member never sees later members.
+        let v = visible(&w, 0, &c, AttentionMode::Bidirectional);
+        assert_eq!(v.members, vec![(0, 0..3)]);
+    }
+
+    #[test]
+    fn local_window_with_sink_splits_earlier_members() {
+        // local 5, sink 1: a block ending at 12 sees frames >= 8 and frame 0.
+        let c = KvCache::new(1, 1, Some(5), 1).unwrap();
+        let w = [
+            MemberGeom {
+                first_frame: 0,
+                frames: 9,
+                context: false,
+            },
+            g(9, false),
+        ];
+        let v = visible(&w, 1, &c, AttentionMode::Causal);
+        assert_eq!(v.members, vec![(0, 0..1), (0, 8..9), (1, 0..3)]);
+    }
+}

@@ -192,6 +192,10 @@ pub fn local_attn_frames(v: i64) -> Result<Option<usize>> {
 /// The most devices a generation may use.
 pub const MAX_DEVICES: usize = 64;
 
+fn default_true() -> bool {
+    true
+}
+
 /// Which schedule runs the blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Schedule {
@@ -254,6 +258,10 @@ pub struct GenerateOptions {
     pub backend: crate::backend::BackendKind,
     /// Devices the window's members are spread over (CPU: worker threads), at least 1.
     pub devices: usize,
+    /// CUDA: capture and replay one CUDA graph per window shape (`--no-graphs` turns it off
+    /// for debugging; `BC_NO_GRAPHS=1` too). Ignored by the CPU backend.
+    #[serde(default = "default_true")]
+    pub graphs: bool,
     /// CUDA: the GPU ordinal of every logical device (`--devices 0,0` = two logical devices on
     /// GPU 0); empty = the backend's default (`BC_CUDA_DEVICE`, then consecutive GPUs).
     #[serde(default)]
@@ -284,6 +292,7 @@ impl Default for GenerateOptions {
             backend: crate::backend::BackendKind::Cpu,
             devices: 1,
             device_ids: Vec::new(),
+            graphs: true,
             kv_exchange: crate::multi_device::KvExchange::Joint,
             fail_device_at: None,
         }

@@ -70,3 +70,47 @@ fn emulated_graph_replay_equals_eager_launches() {
         "{schedule:?}: graph replay differs from eager launches"
     );
 }
+
+#[test]
+fn cli_runs_the_emulated_cuda_backend_with_and_without_graphs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = golden_dir();
+    let p = |s: &str| d.join(s).display().to_string();
+    let mut outs = Vec::new();
+    for extra in [&[][..], &["--no-graphs"][..]] {
+        let out = dir.path().join(format!("o{}.safetensors", extra.len()));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_blockcascade"))
+            .env("BC_CUDA_EMULATE", "1")
+            .args([
+                "generate",
+                "--backend",
+                "cuda",
+                "--model",
+                &p("model"),
+                "--prompt-embeds",
+            ])
+            .arg(p("prompt_embeds.safetensors"))
+            .args([
+                "--noise",
+                &p("noise.safetensors"),
+                "--frames",
+                "9",
+                "--height",
+                "8",
+                "--width",
+                "12",
+            ])
+            .args(["--schedule", "cascade", "--lag", "2", "-q"])
+            .args(extra)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let f = blockcascade::tensorfile::TensorFile::open(&out).unwrap();
+        outs.push(f.tensor_f32("latents", None).unwrap());
+    }
+    assert_eq!(outs[0], outs[1], "--no-graphs changed the latents");
+    let err = rel_l2(&expected("cascade-lag2-causal.safetensors"), &outs[0]);
+    assert!(err < 2e-2, "rel L2 {err}");
+}

@@ -140,6 +140,9 @@ struct GenerateArgs {
     /// How devices share K/V: joint (every layer, exact) or lagged (once per tick).
     #[arg(long, value_enum, default_value = "joint")]
     kv_exchange: ExchangeArg,
+    /// CUDA: launch kernels one by one instead of replaying captured CUDA graphs (debugging).
+    #[arg(long)]
+    no_graphs: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -287,6 +290,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let mut opts = options(&a.sampling, a.model.is_none())?;
     opts.separate_context_pass = a.separate_context_pass;
+    opts.graphs = !a.no_graphs;
     opts.devices = devices;
     opts.backend = match a.backend {
         BackendArg::Cpu => BackendKind::Cpu,

@@ -123,6 +123,7 @@ pub fn open<'m>(model: &'m Model, opts: &GenerateOptions) -> Result<Box<dyn Back
     if !opts.device_ids.is_empty() {
         co.devices = opts.device_ids.clone();
     }
+    co.graphs &= opts.graphs;
     if opts.devices > 1 || co.devices.len() > 1 {
         return Ok(Box::new(MultiCudaBackend::new(model, opts, co)?));
     }

@@ -7,6 +7,7 @@
 //! cuBLASLt GEMMs, the golden case through `--backend cuda` (relative L2 < 2e-2), every
 //! cascade lag, and graph replay against eager launches.
 
+mod common;
 use blockcascade::backend::cuda::device::{probe, DevPtr, Epilogue, Gpu, OutType};
 use blockcascade::backend::cuda::{ops, set_session_options, CudaOptions};
 use blockcascade::backend::BackendKind;
@@ -16,94 +17,9 @@ use blockcascade::cpu::ops as cops;
 use blockcascade::kernels::params::{BcAttnGroup, BcKvSegment};
 use blockcascade::noise::Rng;
 use blockcascade::{kernels, AttentionMode, Generator, Schedule};
+use common::{expected, golden, rel_l2};
 use half::bf16;
 use std::sync::Mutex;
-
-/// Test data: `$BC_TEST_DATA` (the GPU bundle sets it) or this crate's `tests/data`.
-fn data_dir() -> std::path::PathBuf {
-    std::env::var_os("BC_TEST_DATA")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data"))
-        .join("selfforcing-tiny")
-}
-
-/// The golden case (as `tests/common`, but from [`data_dir`] so that it runs from the bundle).
-struct Golden {
-    engine: blockcascade::Engine,
-    opts: blockcascade::GenerateOptions,
-    frames: usize,
-    noise: blockcascade::NoiseSource,
-    prompt: blockcascade::PromptEmbeds,
-}
-
-fn golden() -> Golden {
-    use blockcascade::noise::{NoiseSource, RecordedNoise};
-    let dir = data_dir();
-    let engine = blockcascade::Engine::open(Some(&dir.join("model"))).unwrap();
-    let case: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let u = |k: &str| case[k].as_u64().unwrap() as usize;
-    let local = case["local_attn"].as_i64().unwrap();
-    let opts = blockcascade::GenerateOptions {
-        height: u("height"),
-        width: u("width"),
-        block_frames: u("block_frames"),
-        steps: case["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect(),
-        shift: case["shift"].as_f64().unwrap(),
-        local_attn: (local >= 0).then_some(local as usize),
-        sink: u("sink"),
-        context_noise: case["context_noise"].as_f64().unwrap(),
-        ..Default::default()
-    };
-    let frames = u("frames");
-    let noise = NoiseSource::Recorded(
-        RecordedNoise::load(
-            &dir.join("noise.safetensors"),
-            frames,
-            16,
-            opts.height,
-            opts.width,
-            opts.steps.len(),
-        )
-        .unwrap(),
-    );
-    let prompt =
-        blockcascade::PromptEmbeds::load(&dir.join("prompt_embeds.safetensors"), engine.config())
-            .unwrap();
-    Golden {
-        engine,
-        opts,
-        frames,
-        noise,
-        prompt,
-    }
-}
-
-fn expected(name: &str) -> Vec<f32> {
-    blockcascade::tensorfile::TensorFile::open(&data_dir().join(name))
-        .unwrap()
-        .tensor_f32("latents", None)
-        .unwrap()
-}
-
-fn rel_l2(e: &[f32], a: &[f32]) -> f64 {
-    assert_eq!(e.len(), a.len(), "lengths");
-    let num: f64 = e
-        .iter()
-        .zip(a)
-        .map(|(&x, &y)| ((x - y) as f64).powi(2))
-        .sum();
-    let den: f64 = e.iter().map(|&x| (x as f64).powi(2)).sum();
-    if a.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    (num / den.max(1e-30)).sqrt()
-}
 
 /// GPU tests share one device and the session-options override: run them one at a time.
 static GPU_LOCK: Mutex<()> = Mutex::new(());

@@ -6,9 +6,13 @@ use blockcascade::tensorfile::TensorFile;
 use blockcascade::{Engine, GenerateOptions, PromptEmbeds};
 use std::path::PathBuf;
 
-/// The golden case folder.
+/// The golden case folder: `$BC_TEST_DATA/selfforcing-tiny` when set (the GPU bundle carries
+/// the test data next to the test binaries), else this crate's `tests/data/selfforcing-tiny`.
 pub fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/selfforcing-tiny")
+    std::env::var_os("BC_TEST_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data"))
+        .join("selfforcing-tiny")
 }
 
 /// The golden case: engine, options from case.json, recorded noise, prompt.

@@ -1,7 +1,8 @@
-//! Multi-device cascades on the CUDA backend (joint K/V exchange), on emulated devices: every
+//! Multi-device cascades on the CUDA backend (joint and lagged K/V exchange), on emulated devices: every
 //! logical device is its own emulated device (host memory, kernels under the SIMT emulation,
 //! CPU GEMMs), the per-layer K/V exchange is a copy between them, and the latents must equal
-//! the one-device emulated CUDA result (the arithmetic per member is the same).
+//! the one-device emulated CUDA result (the arithmetic per member is the same); lagged exchange
+//! must follow the CPU backend's lagged exchange.
 
 mod common;
 use blockcascade::backend::cuda::{set_session_options, CudaOptions};
@@ -82,18 +83,61 @@ fn three_emulated_cuda_devices_equal_one_lag1_bidirectional() {
     );
 }
 
-#[test]
-fn lagged_exchange_is_unsupported_on_cuda() {
-    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let r = run_with(
-        Schedule::Cascade { lag: 1 },
+/// The CPU backend's result for the same case (the exact lagged-exchange reference).
+fn run_cpu(lag: usize, devices: usize, xch: KvExchange) -> Vec<f32> {
+    let g = golden();
+    let mut o = g.opts.clone();
+    o.schedule = Schedule::Cascade { lag };
+    o.attention = AttentionMode::Causal;
+    o.backend = BackendKind::Cpu;
+    o.devices = devices;
+    o.kv_exchange = xch;
+    Generator::new(g.engine.model(), o.clone(), g.noise.clone(), &g.prompt)
+        .and_then(|gen| gen.generate(g.frames / o.block_frames))
+        .unwrap()
+        .0
+}
+
+/// Lagged exchange on 3 emulated CUDA devices follows the CPU backend's lagged exchange on 3
+/// devices (bf16 tolerance) and differs from the joint result by more than that tolerance.
+fn check_lagged(lag: usize) {
+    let cuda = run_with(
+        Schedule::Cascade { lag },
         AttentionMode::Causal,
-        2,
+        3,
         KvExchange::Lagged,
+    )
+    .unwrap();
+    let cpu = run_cpu(lag, 3, KvExchange::Lagged);
+    let joint = run_cpu(lag, 3, KvExchange::Joint);
+    let vs_cpu = rel_l2(&cpu, &cuda);
+    let vs_joint = rel_l2(&joint, &cuda);
+    let cpu_drift = rel_l2(&joint, &cpu);
+    println!(
+        "lag {lag}, 3 emulated CUDA devices, lagged: rel L2 {vs_cpu:.3e} vs CPU lagged, {vs_joint:.3e} vs joint (CPU lagged vs joint: {cpu_drift:.3e})"
     );
     assert!(
-        matches!(r, Err(blockcascade::Error::Unsupported(_))),
-        "lagged exchange on CUDA: {:?}",
-        r.err()
+        vs_cpu < 2e-2,
+        "lag {lag}: CUDA lagged vs CPU lagged: {vs_cpu}"
     );
+    assert!(
+        vs_joint > 2e-2 && cpu_drift > 2e-2,
+        "lag {lag}: lagged must differ from joint: CUDA {vs_joint}, CPU {cpu_drift}"
+    );
+    assert!(
+        vs_cpu < vs_joint / 2.0,
+        "lag {lag}: CUDA lagged is closer to joint ({vs_joint}) than to CPU lagged ({vs_cpu})"
+    );
+}
+
+#[test]
+fn lagged_exchange_on_three_emulated_cuda_devices_lag1() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    check_lagged(1);
+}
+
+#[test]
+fn lagged_exchange_on_three_emulated_cuda_devices_lag2() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    check_lagged(2);
 }

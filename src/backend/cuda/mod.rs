@@ -28,7 +28,8 @@
 //!   the host per tick with exactly the rules of [`Model::forward_partial`].
 //!
 //! - **Several devices** (`--devices 0,1`, or `0,0` for two logical devices on one GPU):
-//!   [`MultiCudaBackend`], joint K/V exchange per layer, graphs off (see there).
+//!   [`MultiCudaBackend`], joint K/V exchange per layer or lagged exchange once per tick
+//!   (`--kv-exchange lagged`), graphs off (see there).
 
 pub mod device;
 pub mod emu_device;
@@ -199,8 +200,27 @@ enum GraphState {
 /// A run of keys: cache slots or window rows.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Src {
-    Cache { slot: usize, frames: usize },
-    Win { row: usize, rows: usize },
+    Cache {
+        slot: usize,
+        frames: usize,
+    },
+    Win {
+        row: usize,
+        rows: usize,
+    },
+    /// Rows of the previous tick's K/V (lagged exchange), in that tick's row layout.
+    Prev {
+        row: usize,
+        rows: usize,
+    },
+}
+
+/// Lagged exchange, as one device sees a tick: per member, the first row of its previous-tick
+/// K/V in `prev_kv` (`None`: not available, the member is not attended to), for members this
+/// device does not compute; and per layer the (K, V) buffers of the previous tick.
+struct LagView<'a> {
+    prev_row: &'a [Option<usize>],
+    prev_kv: &'a [(DevPtr, DevPtr)],
 }
 
 fn push_src(v: &mut Vec<Src>, s: Src) {
@@ -216,7 +236,10 @@ fn push_src(v: &mut Vec<Src>, s: Src) {
                 *frames += f2;
                 return;
             }
-            (Src::Win { row, rows }, Src::Win { row: r2, rows: n2 }) if *row + *rows == r2 => {
+            (Src::Win { row, rows }, Src::Win { row: r2, rows: n2 })
+            | (Src::Prev { row, rows }, Src::Prev { row: r2, rows: n2 })
+                if *row + *rows == r2 =>
+            {
                 *rows += n2;
                 return;
             }
@@ -547,7 +570,14 @@ impl<'m> CudaBackend<'m> {
     /// Validates the window, uploads the tick's data and tables and returns the launch shape.
     /// `own`: the members this device computes (all with `None`); the visibility tables and
     /// the cache writes cover every member, the attention groups and row ranges only `own`.
-    fn prepare(&mut self, members: &[Member], own: Option<&[usize]>) -> Result<(Shape, ShapeKey)> {
+    /// `lag`: lagged exchange (members of peers are read from the previous tick's K/V, or
+    /// not attended to; only this device's context members are written to its cache).
+    fn prepare(
+        &mut self,
+        members: &[Member],
+        own: Option<&[usize]>,
+        lag: Option<&LagView>,
+    ) -> Result<(Shape, ShapeKey)> {
         let own: Vec<bool> = match own {
             None => vec![true; members.len()],
             Some(o) => (0..members.len()).map(|i| o.contains(&i)).collect(),
@@ -636,13 +666,22 @@ impl<'m> CudaBackend<'m> {
                 );
             }
             for (j, r) in vis.members {
-                push_src(
-                    &mut segs,
-                    Src::Win {
-                        row: row0[j] + r.start * tpf,
-                        rows: r.len() * tpf,
+                let rows = r.len() * tpf;
+                let src = match lag {
+                    Some(lv) if !own[j] => match lv.prev_row[j] {
+                        Some(pr) => Src::Prev {
+                            row: pr + r.start * tpf,
+                            rows,
+                        },
+                        // The peer's K/V did not arrive: not attended to.
+                        None => continue,
                     },
-                );
+                    _ => Src::Win {
+                        row: row0[j] + r.start * tpf,
+                        rows,
+                    },
+                };
+                push_src(&mut segs, src);
             }
             lists.push(segs);
         }
@@ -653,7 +692,7 @@ impl<'m> CudaBackend<'m> {
         let l = c.num_layers;
         let row_bytes = (d * 2) as u64;
         let mut seg_tab = Vec::with_capacity(l * self.seg_max);
-        for ld in &self.layers {
+        for (li, ld) in self.layers.iter().enumerate() {
             for s in lists.iter().flatten() {
                 let (k, v, tokens) = match *s {
                     Src::Cache { slot, frames } => {
@@ -663,6 +702,14 @@ impl<'m> CudaBackend<'m> {
                     Src::Win { row, rows } => {
                         let off = row as u64 * row_bytes;
                         (self.b.k + off, self.b.v + off, rows)
+                    }
+                    Src::Prev { row, rows } => {
+                        let (pk, pv) = lag
+                            .and_then(|lv| lv.prev_kv.get(li))
+                            .copied()
+                            .ok_or_else(|| Error::Internal("lagged K/V buffers missing".into()))?;
+                        let off = row as u64 * row_bytes;
+                        (pk + off, pv + off, rows)
                     }
                 };
                 seg_tab.push(BcKvSegment {
@@ -759,7 +806,6 @@ impl<'m> CudaBackend<'m> {
         }
         let shape = Shape {
             frames: frames.clone(),
-            context: members.iter().map(|m| m.context).collect(),
             row0: row0.clone(),
             fr0: fr0.clone(),
             ranges,
@@ -770,6 +816,9 @@ impl<'m> CudaBackend<'m> {
                 .max()
                 .unwrap_or(0),
             cross_groups: ca_groups.iter().map(|g| g.q_rows as usize).collect(),
+            cache_writes: (0..members.len())
+                .filter(|&j| members[j].context && (own[j] || lag.is_none()))
+                .collect(),
         };
         let key = ShapeKey {
             members: frames
@@ -786,7 +835,7 @@ impl<'m> CudaBackend<'m> {
 
     fn run(&mut self, members: &[Member]) -> Result<Vec<Vec<f32>>> {
         self.gpu.bind()?;
-        let (shape, key) = self.prepare(members, None)?;
+        let (shape, key) = self.prepare(members, None, None)?;
         if !self.graphs_ok {
             self.enqueue(&shape)?;
         } else {
@@ -998,10 +1047,7 @@ impl<'m> CudaBackend<'m> {
             s.max_rows,
         )?;
         // Context members' K/V into the cache (after this layer's attention).
-        for (j, &ctx) in s.context.iter().enumerate() {
-            if !ctx {
-                continue;
-            }
+        for &j in &s.cache_writes {
             let rows = s.frames[j] * tpf;
             let base = QkArgs {
                 x: k + s.row0[j] as u64 * row,
@@ -1199,7 +1245,6 @@ impl<'m> CudaBackend<'m> {
 /// Launch-shape data of one tick.
 struct Shape {
     frames: Vec<usize>,
-    context: Vec<bool>,
     row0: Vec<usize>,
     fr0: Vec<usize>,
     /// Runs of consecutive members this device computes: (first row, rows, first frame,
@@ -1210,6 +1255,8 @@ struct Shape {
     /// Most query rows of one of those members.
     max_rows: usize,
     cross_groups: Vec<usize>,
+    /// Context members whose K/V this device writes to its cache.
+    cache_writes: Vec<usize>,
 }
 
 impl Backend for CudaBackend<'_> {
@@ -1286,21 +1333,39 @@ impl Drop for CudaBackend<'_> {
 /// All devices are driven from one host thread, layer by layer; ordering between devices is
 /// by events ([`Gpu::copy_to_peer`]). CUDA graphs are off in multi-device mode (graphs per
 /// device with cross-device events are future work). `recache` runs the whole rebuild on
-/// every device. Lagged exchange is not supported on CUDA yet.
+/// every device.
+///
+/// **Lagged** exchange ([`crate::multi_device::KvExchange::Lagged`], the semantics of
+/// [`crate::multi_device`]): no exchange inside the tick. Every device keeps two generations
+/// of per-layer K/V buffers in the window's row layout: during a tick it snapshots its own
+/// window members' K/V of every layer into the current generation, and its attention reads
+/// the peers' members from the previous generation (keyed by block index; a block that was
+/// not in the previous tick is not attended to). After the tick each device copies its
+/// window members' rows of the current generation, and its context members' cache frames, to
+/// every peer; the generations then swap. So every device holds every window member's K/V
+/// of the previous tick (a block may move to another device between ticks).
 pub struct MultiCudaBackend<'m> {
     devs: Vec<CudaBackend<'m>>,
     opts: GenerateOptions,
+    lag: Option<LagState>,
+}
+
+/// Lagged exchange state.
+struct LagState {
+    /// Per device, two generations of per-layer (K, V) buffers, each `[max_frames * tpf, dim]`
+    /// bf16 in the window's row layout.
+    gens: Vec<[Vec<(DevPtr, DevPtr)>; 2]>,
+    /// The generation written this tick (`1 - cur` holds the previous tick's K/V).
+    cur: usize,
+    /// Block index -> (first row, rows) in generation `1 - cur`: the previous tick's window
+    /// members (not its context members, whose K/V are in the caches).
+    prev: HashMap<usize, (usize, usize)>,
 }
 
 impl<'m> MultiCudaBackend<'m> {
     /// Opens one logical device per entry of `copts.devices` (or `opts.devices` devices from
     /// `copts.device` on when the list is empty).
     pub fn new(model: &'m Model, opts: &GenerateOptions, copts: CudaOptions) -> Result<Self> {
-        if opts.kv_exchange == crate::multi_device::KvExchange::Lagged {
-            return Err(Error::Unsupported(
-                "lagged K/V exchange is not implemented on the CUDA backend (use --kv-exchange joint or --backend cpu)".into(),
-            ));
-        }
         let ordinals: Vec<usize> = if copts.devices.is_empty() {
             (0..opts.devices.max(1)).map(|i| copts.device + i).collect()
         } else {
@@ -1330,9 +1395,39 @@ impl<'m> MultiCudaBackend<'m> {
                 }
             }
         }
+        let lag = if opts.kv_exchange == crate::multi_device::KvExchange::Lagged {
+            let mut gens = Vec::with_capacity(devs.len());
+            for dev in &mut devs {
+                let c = dev.model.config();
+                let tpf = (dev.opts.height / 2) * (dev.opts.width / 2);
+                let bytes = dev.max_frames * tpf * c.dim * 2;
+                let need = 2 * 2 * c.num_layers * bytes;
+                let (free, total) = dev.gpu.mem_info()?;
+                if need + (64 << 20) > free {
+                    return Err(Error::OutOfMemory(format!(
+                        "lagged K/V exchange needs {need} more bytes for the previous tick's K/V but only {free} of {total} bytes are free on {}",
+                        dev.gpu.name
+                    )));
+                }
+                let mut gen = || -> Result<Vec<(DevPtr, DevPtr)>> {
+                    (0..c.num_layers)
+                        .map(|_| Ok((dev.gpu.alloc(bytes)?, dev.gpu.alloc(bytes)?)))
+                        .collect()
+                };
+                gens.push([gen()?, gen()?]);
+            }
+            Some(LagState {
+                gens,
+                cur: 0,
+                prev: HashMap::new(),
+            })
+        } else {
+            None
+        };
         Ok(MultiCudaBackend {
             devs,
             opts: opts.clone(),
+            lag,
         })
     }
 
@@ -1346,16 +1441,19 @@ impl Backend for MultiCudaBackend<'_> {
     fn forward(
         &mut self,
         members: &[Member],
-        _blocks: &[usize],
+        blocks: &[usize],
         _tick: usize,
     ) -> Result<Vec<Vec<f32>>> {
+        if self.lag.is_some() {
+            return self.forward_lagged(members, blocks);
+        }
         let nd = self.devs.len();
         let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
         let placement = crate::multi_device::place(&tokens, nd);
         let mut shapes = Vec::with_capacity(nd);
         for (dev, own) in self.devs.iter_mut().zip(&placement) {
             dev.gpu.bind()?;
-            shapes.push(dev.prepare(members, Some(own))?.0);
+            shapes.push(dev.prepare(members, Some(own), None)?.0);
         }
         for (dev, s) in self.devs.iter_mut().zip(&shapes) {
             dev.gpu.bind()?;
@@ -1420,6 +1518,127 @@ impl Backend for MultiCudaBackend<'_> {
 }
 
 impl MultiCudaBackend<'_> {
+    /// One tick with lagged exchange (see [`MultiCudaBackend`]).
+    fn forward_lagged(&mut self, members: &[Member], blocks: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let Some(lag) = self.lag.as_mut() else {
+            return Err(Error::Internal("lagged state missing".into()));
+        };
+        if blocks.len() != members.len() {
+            return Err(Error::Internal(
+                "one block index per member expected".into(),
+            ));
+        }
+        let nd = self.devs.len();
+        let c = self.devs[0].model.config();
+        let (d, layers) = (c.dim, c.num_layers);
+        let (h, w) = (self.opts.height, self.opts.width);
+        let (tpf, flen) = ((h / 2) * (w / 2), CHANNELS * h * w);
+        let row = (d * 2) as u64;
+        let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
+        let placement = crate::multi_device::place(&tokens, nd);
+        // The previous tick's K/V of each member's block (same rows on every device).
+        let mut prev_row = Vec::with_capacity(members.len());
+        for (i, m) in members.iter().enumerate() {
+            let rows = m.latents.len() / flen * tpf;
+            prev_row.push(match lag.prev.get(&blocks[i]) {
+                Some(&(r0, n)) if n == rows => Some(r0),
+                Some(_) => {
+                    return Err(Error::Device(format!(
+                        "lagged K/V of block {} has the wrong size",
+                        blocks[i]
+                    )))
+                }
+                None => None,
+            });
+        }
+        let (cur, prv) = (lag.cur, 1 - lag.cur);
+        let mut shapes = Vec::with_capacity(nd);
+        for (di, (dev, own)) in self.devs.iter_mut().zip(&placement).enumerate() {
+            dev.gpu.bind()?;
+            let view = LagView {
+                prev_row: &prev_row,
+                prev_kv: &lag.gens[di][prv],
+            };
+            shapes.push(dev.prepare(members, Some(own), Some(&view))?.0);
+        }
+        for (dev, s) in self.devs.iter_mut().zip(&shapes) {
+            dev.gpu.bind()?;
+            dev.enqueue_embed(s)?;
+        }
+        for li in 0..layers {
+            for (di, ((dev, s), own)) in self
+                .devs
+                .iter_mut()
+                .zip(&shapes)
+                .zip(&placement)
+                .enumerate()
+            {
+                dev.gpu.bind()?;
+                dev.enqueue_pre(s, li)?;
+                // Snapshot this device's window members' K/V of this layer.
+                let (gk, gv) = lag.gens[di][cur][li];
+                for &i in own.iter().filter(|&&i| !members[i].context) {
+                    let off = s.row0[i] as u64 * row;
+                    let bytes = s.frames[i] * tpf * row as usize;
+                    dev.gpu.copy(gk + off, dev.b.k + off, bytes)?;
+                    dev.gpu.copy(gv + off, dev.b.v + off, bytes)?;
+                }
+                dev.enqueue_post(s, li)?;
+            }
+        }
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; members.len()];
+        for ((dev, s), own) in self.devs.iter_mut().zip(&shapes).zip(&placement) {
+            dev.gpu.bind()?;
+            dev.enqueue_head(s)?;
+            for &i in own {
+                out[i] = Some(dev.download_member(s, i)?);
+            }
+            dev.ticks += 1;
+        }
+        // End of tick: window members' K/V to every peer's current generation, context
+        // members' K/V to every peer's cache (same rows and cache slots on every device).
+        for (src, own) in placement.iter().enumerate() {
+            let s = &shapes[src];
+            for dst in (0..nd).filter(|&p| p != src) {
+                let (sd, dd) = (&self.devs[src], &self.devs[dst]);
+                let mut regions = Vec::new();
+                for &i in own {
+                    if members[i].context {
+                        let bytes = tpf * row as usize;
+                        for fi in 0..s.frames[i] {
+                            let slot = sd.slot_of(members[i].first_frame + fi)?;
+                            let off = (slot * tpf) as u64 * row;
+                            for (sl, dl) in sd.layers.iter().zip(&dd.layers) {
+                                regions.push((dl.cache_k + off, sl.cache_k + off, bytes));
+                                regions.push((dl.cache_v + off, sl.cache_v + off, bytes));
+                            }
+                        }
+                    } else {
+                        let off = s.row0[i] as u64 * row;
+                        let bytes = s.frames[i] * tpf * row as usize;
+                        for (sg, dg) in lag.gens[src][cur].iter().zip(&lag.gens[dst][cur]) {
+                            regions.push((dg.0 + off, sg.0 + off, bytes));
+                            regions.push((dg.1 + off, sg.1 + off, bytes));
+                        }
+                    }
+                }
+                if !regions.is_empty() {
+                    sd.gpu.copy_to_peer(&dd.gpu, &regions)?;
+                }
+            }
+        }
+        // The next tick reads this tick's window members.
+        lag.prev = (0..members.len())
+            .filter(|&i| !members[i].context)
+            .map(|i| (blocks[i], (shapes[0].row0[i], shapes[0].frames[i] * tpf)))
+            .collect();
+        lag.cur = prv;
+        out.into_iter()
+            .enumerate()
+            .map(|(i, f)| f.ok_or_else(|| Error::Internal(format!("member {i} was not computed"))))
+            .collect()
+    }
+
     /// The generation options this backend was opened with.
     pub fn generate_options(&self) -> &GenerateOptions {
         &self.opts

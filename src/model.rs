@@ -61,12 +61,22 @@ pub struct Member<'a> {
 pub struct Model {
     /// Weights (f32).
     pub weights: Weights,
+    /// Unique per model in this process (never reused), e.g. to key device copies of weights.
+    id: u64,
 }
+
+static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Model {
     /// Wraps loaded weights.
     pub fn new(weights: Weights) -> Self {
-        Model { weights }
+        let id = NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Model { weights, id }
+    }
+
+    /// This model's process-unique id.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The config.

@@ -67,6 +67,13 @@ pub struct Model {
 
 static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+impl Drop for Model {
+    fn drop(&mut self) {
+        // Device copies of these weights (the CUDA backend's weight cache) go with the model.
+        crate::backend::cuda::evict_model(self.id);
+    }
+}
+
 impl Model {
     /// Wraps loaded weights.
     pub fn new(weights: Weights) -> Self {

@@ -205,6 +205,16 @@ pub struct Gpu {
     emu: Option<Box<EmuDevice>>,
 }
 
+// SAFETY: a `Gpu` owns its handles (retained primary context, stream, module, cuBLASLt
+// handle, allocations) and none of them is tied to the thread that created it: every method
+// that talks to the driver runs in this device's context, which `Gpu::open` makes current and
+// callers re-establish with `Gpu::bind` before using the device on a thread (the CUDA backend
+// binds whenever it takes a cached device and before each forward); `Drop` makes the context
+// current itself. The emulated device's `RefCell` is only borrowed through `&self` methods,
+// and `Gpu` is not `Sync`, so moving a `Gpu` to another thread (the process-wide weight cache
+// of `super`) never shares it between threads.
+unsafe impl Send for Gpu {}
+
 impl Gpu {
     /// An emulated device: host memory, kernels under the SIMT emulation layer, CPU GEMMs,
     /// recorded graphs. No driver or GPU needed.
@@ -318,6 +328,24 @@ impl Gpu {
         })?;
         self.allocs.push(p);
         Ok(p)
+    }
+
+    /// Frees an allocation made by [`Gpu::alloc`] (the caller makes sure no work still in
+    /// flight uses it, e.g. by [`Gpu::sync`], and that no graph that captured it is replayed
+    /// again). An unknown pointer is an error and frees nothing.
+    pub fn free(&mut self, ptr: DevPtr) -> Result<()> {
+        if let Some(e) = &mut self.emu {
+            return e.free(ptr);
+        }
+        let i =
+            self.allocs.iter().position(|&p| p == ptr).ok_or_else(|| {
+                Error::Internal(format!("free of unknown device pointer {ptr:#x}"))
+            })?;
+        self.allocs.swap_remove(i);
+        self.bind()?;
+        // SAFETY: `ptr` came from cuMemAlloc on this context (it was in `allocs`, removed
+        // above, so it is freed exactly once).
+        unsafe { drv::free_sync(ptr) }.map_err(dev_err("cuMemFree"))
     }
 
     /// Copies `src` to device memory at `dst` (asynchronous on the stream; `src` must stay

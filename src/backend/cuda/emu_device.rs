@@ -108,6 +108,19 @@ impl EmuDevice {
         Ok(p)
     }
 
+    /// Frees the allocation that starts at `ptr` (an unknown pointer is an error).
+    pub fn free(&mut self, ptr: DevPtr) -> Result<()> {
+        let i = self
+            .allocs
+            .iter()
+            .position(|a| a.as_ptr() as DevPtr == ptr)
+            .ok_or_else(|| {
+                Error::Device(format!("emulated device: free of unknown pointer {ptr:#x}"))
+            })?;
+        self.allocs.swap_remove(i);
+        Ok(())
+    }
+
     /// (free, total) memory: the emulated device claims [`EMU_MEMORY`].
     pub fn mem_info(&self) -> (usize, usize) {
         let used: usize = self.allocs.iter().map(|a| a.len() * 16).sum();

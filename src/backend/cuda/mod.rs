@@ -10,6 +10,17 @@
 //!   [`crate::kv_cache`], or [`CudaOptions::cache_frames`] frames with global attention),
 //!   cross-attention K/V slots for the prompts of one window, the attention tables. The free
 //!   memory is queried first; too little is an [`Error::OutOfMemory`] naming the bytes needed.
+//! - **Weight cache.** The device and the weights outlive the run: when the backend is dropped
+//!   it syncs, drops its graphs, frees its per-run buffers ([`device::Gpu::free`]) and puts the
+//!   device with the weights into a process-wide cache keyed by ([`Model::id`], ordinal,
+//!   emulated); the next run of the same model there takes it and skips the upload (and does
+//!   not count the weights in the free-memory check). A run holds its entry exclusively: a
+//!   concurrent run, or a second logical device on the same ordinal (`--devices 0,0`), opens
+//!   its own device and uploads its own weights, and only one of them goes back to the cache.
+//!   A device with an error pending is not cached. When a run does not fit, other models'
+//!   cached weights on that GPU are dropped first. Dropping the [`Model`] drops its entries.
+//!   [`weight_uploads`] and [`cached_weight_sets`] count. The weights are snapshotted at upload:
+//!   a model whose `weights` are changed in place after a CUDA run keeps the old device copy.
 //! - **Precision.** bf16 activations and weights, f32 accumulation everywhere, f32 residual
 //!   stream, f32 latents, per-frame conditioning and statistics (as `params.h` says). The time
 //!   embedding (a few tiny GEMVs per distinct timestep) and the prompt's cross-attention K/V
@@ -46,6 +57,8 @@ use device::{DevPtr, Epilogue, Gpu, Graph, OutType};
 use half::bf16;
 use ops::{QkArgs, NULL};
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Options of the CUDA backend that [`GenerateOptions`] does not carry.
@@ -131,8 +144,9 @@ pub fn open<'m>(model: &'m Model, opts: &GenerateOptions) -> Result<Box<dyn Back
     Ok(Box::new(CudaBackend::new(model, opts, co)?))
 }
 
-/// Per-layer device weights and cache.
-struct LayerDev {
+/// Per-layer device weights (resident across runs, see [`weight_uploads`]).
+#[derive(Clone, Copy)]
+struct LayerW {
     qkv_w: DevPtr,
     qkv_b: DevPtr,
     o_w: DevPtr,
@@ -151,8 +165,106 @@ struct LayerDev {
     ffn2_w: DevPtr,
     ffn2_b: DevPtr,
     modulation: DevPtr,
+}
+
+/// One layer as a run sees it: the resident weights and this run's KV cache.
+struct LayerDev {
+    w: LayerW,
     cache_k: DevPtr,
     cache_v: DevPtr,
+}
+
+impl std::ops::Deref for LayerDev {
+    type Target = LayerW;
+    fn deref(&self) -> &LayerW {
+        &self.w
+    }
+}
+
+/// The weights of one model on one device.
+#[derive(Clone)]
+struct DevWeights {
+    patch_w: DevPtr,
+    patch_b: DevPtr,
+    head_w: DevPtr,
+    head_b: DevPtr,
+    head_mod: DevPtr,
+    layers: Vec<LayerW>,
+}
+
+/// A device with one model's weights on it, kept between runs.
+struct Resident {
+    gpu: Gpu,
+    w: DevWeights,
+}
+
+/// (model id, device ordinal, emulated).
+type CacheKey = (u64, usize, bool);
+
+/// The process-wide weight cache: devices with weights resident, one per key, not in use.
+/// A run takes its key's entry out (so a second run on the same key at the same time, or a
+/// second logical device on the same ordinal, finds none and opens its own device and
+/// uploads its own weights) and puts it back when it ends, after freeing its per-run buffers;
+/// when the key is already back in the cache by then, the later one is dropped.
+static CACHE: Mutex<Vec<(CacheKey, Resident)>> = Mutex::new(Vec::new());
+
+/// Number of weight uploads (one per model and device opened without resident weights).
+static WEIGHT_UPLOADS: AtomicUsize = AtomicUsize::new(0);
+
+fn cache_lock() -> std::sync::MutexGuard<'static, Vec<(CacheKey, Resident)>> {
+    CACHE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How many times the CUDA backend has uploaded a model's weights to a device in this process.
+/// A run finds the weights of its model still on the device when an earlier run of the same
+/// [`Model`] on the same device ordinal (and emulation setting) has ended, so a session that
+/// generates repeatedly uploads them once.
+pub fn weight_uploads() -> usize {
+    WEIGHT_UPLOADS.load(Ordering::Relaxed)
+}
+
+/// Number of devices held by the weight cache (not counting those in use by a run).
+pub fn cached_weight_sets() -> usize {
+    cache_lock().len()
+}
+
+/// Drops the cached device weights of model `id` (what `Drop for Model` calls). Cheap when
+/// nothing is cached; never panics.
+pub fn evict_model(id: u64) {
+    let gone: Vec<Resident> = {
+        let mut c = cache_lock();
+        if c.is_empty() {
+            return;
+        }
+        let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *c)
+            .into_iter()
+            .partition(|(k, _)| k.0 == id);
+        *c = keep;
+        gone.into_iter().map(|(_, r)| r).collect()
+    };
+    // Devices (and their memory) go outside the lock.
+    drop(gone);
+}
+
+/// Drops every cached device on `ordinal` (emulated or not as `emulate`), to make room.
+fn evict_ordinal(ordinal: usize, emulate: bool) -> usize {
+    let gone: Vec<Resident> = {
+        let mut c = cache_lock();
+        let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *c)
+            .into_iter()
+            .partition(|(k, _)| k.1 == ordinal && k.2 == emulate);
+        *c = keep;
+        gone.into_iter().map(|(_, r)| r).collect()
+    };
+    let n = gone.len();
+    drop(gone);
+    n
+}
+
+fn take_cached(key: CacheKey) -> Option<Resident> {
+    let mut c = cache_lock();
+    let i = c.iter().position(|(k, _)| *k == key)?;
+    Some(c.swap_remove(i).1)
 }
 
 /// Activation buffers and tables.
@@ -253,7 +365,13 @@ fn push_src(v: &mut Vec<Src>, s: Src) {
 pub struct CudaBackend<'m> {
     graphs: HashMap<ShapeKey, GraphState>,
     graphs_ok: bool,
-    gpu: Gpu,
+    /// Taken out in `Drop` (back to the weight cache, or dropped).
+    gpu: ManuallyDrop<Gpu>,
+    /// Where the weights' cache entry goes back to.
+    key: CacheKey,
+    /// Per-run allocations (activations, KV cache, tables, lagged-exchange buffers), freed
+    /// when the run ends; the weights stay.
+    run_allocs: Vec<DevPtr>,
     model: &'m Model,
     opts: GenerateOptions,
     copts: CudaOptions,
@@ -262,11 +380,7 @@ pub struct CudaBackend<'m> {
     max_frames: usize,
     max_members: usize,
     seg_max: usize,
-    patch_w: DevPtr,
-    patch_b: DevPtr,
-    head_w: DevPtr,
-    head_b: DevPtr,
-    head_mod: DevPtr,
+    w: DevWeights,
     layers: Vec<LayerDev>,
     b: Bufs,
     prompt_slots: Vec<Option<(usize, u64, usize)>>,
@@ -287,6 +401,61 @@ fn fingerprint(p: &PromptContext) -> u64 {
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+/// Uploads `model`'s weights (GEMM weights bf16, the rest f32) to `gpu`.
+fn upload_weights(gpu: &mut Gpu, model: &Model) -> Result<DevWeights> {
+    let d = model.config().dim;
+    let wt = &model.weights;
+    let up_bf = |gpu: &mut Gpu, v: &[f32]| -> Result<DevPtr> {
+        let p = gpu.alloc(v.len() * 2)?;
+        gpu.upload(p, &to_bf16(v))?;
+        gpu.sync()?;
+        Ok(p)
+    };
+    let up_f = |gpu: &mut Gpu, v: &[f32]| -> Result<DevPtr> {
+        let p = gpu.alloc(v.len() * 4)?;
+        gpu.upload(p, v)?;
+        gpu.sync()?;
+        Ok(p)
+    };
+    let patch_w = up_bf(gpu, &wt.patch_w)?;
+    let patch_b = up_f(gpu, &wt.patch_b)?;
+    let head_w = up_bf(gpu, &wt.head.0)?;
+    let head_b = up_f(gpu, &wt.head.1)?;
+    let head_mod = up_f(gpu, &wt.head_modulation)?;
+    let mut layers = Vec::with_capacity(wt.layers.len());
+    for lw in &wt.layers {
+        let (sa, ca) = (&lw.self_attn, &lw.cross_attn);
+        layers.push(LayerW {
+            qkv_w: up_bf(gpu, &sa.qkv_w)?,
+            qkv_b: up_f(gpu, &sa.qkv_b)?,
+            o_w: up_bf(gpu, &sa.o_w)?,
+            o_b: up_f(gpu, &sa.o_b)?,
+            norm_q: up_f(gpu, &sa.norm_q)?,
+            norm_k: up_f(gpu, &sa.norm_k)?,
+            cq_w: up_bf(gpu, &ca.qkv_w[..d * d])?,
+            cq_b: up_f(gpu, &ca.qkv_b[..d])?,
+            co_w: up_bf(gpu, &ca.o_w)?,
+            co_b: up_f(gpu, &ca.o_b)?,
+            cnorm_q: up_f(gpu, &ca.norm_q)?,
+            norm3_w: up_f(gpu, &lw.norm3_w)?,
+            norm3_b: up_f(gpu, &lw.norm3_b)?,
+            ffn0_w: up_bf(gpu, &lw.ffn0_w)?,
+            ffn0_b: up_f(gpu, &lw.ffn0_b)?,
+            ffn2_w: up_bf(gpu, &lw.ffn2_w)?,
+            ffn2_b: up_f(gpu, &lw.ffn2_b)?,
+            modulation: up_f(gpu, &lw.modulation)?,
+        });
+    }
+    Ok(DevWeights {
+        patch_w,
+        patch_b,
+        head_w,
+        head_b,
+        head_mod,
+        layers,
+    })
 }
 
 impl<'m> CudaBackend<'m> {
@@ -321,10 +490,16 @@ impl<'m> CudaBackend<'m> {
                 "latent size {h}x{w} must be positive and even"
             )));
         }
-        let mut gpu = if copts.emulate {
-            Gpu::open_emulated()?
-        } else {
-            Gpu::open(ordinal)?
+        let key: CacheKey = (model.id(), ordinal, copts.emulate);
+        // A cached device with this model's weights, or a fresh one (none cached, or another
+        // run / logical device on this ordinal holds the entry).
+        let (mut gpu, resident) = match take_cached(key) {
+            Some(r) => {
+                r.gpu.bind()?;
+                (r.gpu, Some(r.w))
+            }
+            None if copts.emulate => (Gpu::open_emulated()?, None),
+            None => (Gpu::open(ordinal)?, None),
         };
         let tpf = (h / 2) * (w / 2);
         let flen = CHANNELS * h * w;
@@ -363,70 +538,53 @@ impl<'m> CudaBackend<'m> {
             + 4 * max_members
             + 16 * max_members;
         let prompts = pslots * l * 2 * bf * tl * d;
-        let need = weights + l * cache_layer + acts + prompts + device::GEMM_WORKSPACE;
-        let (free, total) = gpu.mem_info()?;
+        // Resident weights (and the GEMM workspace of a device already open) are not needed
+        // again.
+        let fresh = resident.is_none();
+        let upload = if fresh {
+            weights + device::GEMM_WORKSPACE
+        } else {
+            0
+        };
+        let need = upload + l * cache_layer + acts + prompts;
+        let (mut free, mut total) = gpu.mem_info()?;
         // Allocation granularity and the driver's own needs.
         let margin = 64 << 20;
+        if need + margin > free && !copts.emulate && evict_ordinal(ordinal, false) > 0 {
+            // Other models' cached weights on this GPU made way.
+            gpu.bind()?;
+            (free, total) = gpu.mem_info()?;
+        }
         if need + margin > free {
             return Err(Error::OutOfMemory(format!(
-                "the CUDA backend needs {need} bytes ({:.2} GiB: weights {:.2}, KV cache {:.2}, activations {:.2}, prompts {:.2}) but only {free} of {total} bytes are free on {}",
+                "the CUDA backend needs {need} bytes ({:.2} GiB: weights {:.2}{}, KV cache {:.2}, activations {:.2}, prompts {:.2}) but only {free} of {total} bytes are free on {}",
                 need as f64 / (1u64 << 30) as f64,
                 weights as f64 / (1u64 << 30) as f64,
+                if fresh { "" } else { " already resident, not counted" },
                 (l * cache_layer) as f64 / (1u64 << 30) as f64,
                 acts as f64 / (1u64 << 30) as f64,
                 prompts as f64 / (1u64 << 30) as f64,
                 gpu.name
             )));
         }
-        let wt = &model.weights;
-        let up_bf = |gpu: &mut Gpu, v: &[f32]| -> Result<DevPtr> {
-            let p = gpu.alloc(v.len() * 2)?;
-            gpu.upload(p, &to_bf16(v))?;
-            gpu.sync()?;
+        let w = match resident {
+            Some(w) => w,
+            None => {
+                let w = upload_weights(&mut gpu, model)?;
+                WEIGHT_UPLOADS.fetch_add(1, Ordering::Relaxed);
+                w
+            }
+        };
+        let cb = slots * tpf * d * bf;
+        let mut run_allocs = Vec::new();
+        let mut a = |bytes: usize| -> Result<DevPtr> {
+            let p = gpu.alloc(bytes)?;
+            run_allocs.push(p);
             Ok(p)
         };
-        let up_f = |gpu: &mut Gpu, v: &[f32]| -> Result<DevPtr> {
-            let p = gpu.alloc(v.len() * 4)?;
-            gpu.upload(p, v)?;
-            gpu.sync()?;
-            Ok(p)
-        };
-        let patch_w = up_bf(&mut gpu, &wt.patch_w)?;
-        let patch_b = up_f(&mut gpu, &wt.patch_b)?;
-        let head_w = up_bf(&mut gpu, &wt.head.0)?;
-        let head_b = up_f(&mut gpu, &wt.head.1)?;
-        let head_mod = up_f(&mut gpu, &wt.head_modulation)?;
-        let mut layers = Vec::with_capacity(l);
-        for lw in &wt.layers {
-            let (sa, ca) = (&lw.self_attn, &lw.cross_attn);
-            let cache_k = gpu.alloc(slots * tpf * d * bf)?;
-            let cache_v = gpu.alloc(slots * tpf * d * bf)?;
-            gpu.memset(cache_k, 0, slots * tpf * d * bf)?;
-            gpu.memset(cache_v, 0, slots * tpf * d * bf)?;
-            layers.push(LayerDev {
-                qkv_w: up_bf(&mut gpu, &sa.qkv_w)?,
-                qkv_b: up_f(&mut gpu, &sa.qkv_b)?,
-                o_w: up_bf(&mut gpu, &sa.o_w)?,
-                o_b: up_f(&mut gpu, &sa.o_b)?,
-                norm_q: up_f(&mut gpu, &sa.norm_q)?,
-                norm_k: up_f(&mut gpu, &sa.norm_k)?,
-                cq_w: up_bf(&mut gpu, &ca.qkv_w[..d * d])?,
-                cq_b: up_f(&mut gpu, &ca.qkv_b[..d])?,
-                co_w: up_bf(&mut gpu, &ca.o_w)?,
-                co_b: up_f(&mut gpu, &ca.o_b)?,
-                cnorm_q: up_f(&mut gpu, &ca.norm_q)?,
-                norm3_w: up_f(&mut gpu, &lw.norm3_w)?,
-                norm3_b: up_f(&mut gpu, &lw.norm3_b)?,
-                ffn0_w: up_bf(&mut gpu, &lw.ffn0_w)?,
-                ffn0_b: up_f(&mut gpu, &lw.ffn0_b)?,
-                ffn2_w: up_bf(&mut gpu, &lw.ffn2_w)?,
-                ffn2_b: up_f(&mut gpu, &lw.ffn2_b)?,
-                modulation: up_f(&mut gpu, &lw.modulation)?,
-                cache_k,
-                cache_v,
-            });
-        }
-        let mut a = |bytes: usize| gpu.alloc(bytes);
+        let caches = (0..l)
+            .map(|_| Ok((a(cb)?, a(cb)?)))
+            .collect::<Result<Vec<_>>>()?;
         let b = Bufs {
             lat: a(4 * max_frames * flen)?,
             flow: a(4 * max_frames * flen)?,
@@ -452,11 +610,27 @@ impl<'m> CudaBackend<'m> {
             ca_groups: a(std::mem::size_of::<BcAttnGroup>() * max_members)?,
             prompt_kv: a(prompts)?,
         };
+        let layers = w
+            .layers
+            .iter()
+            .zip(&caches)
+            .map(|(&lw, &(cache_k, cache_v))| LayerDev {
+                w: lw,
+                cache_k,
+                cache_v,
+            })
+            .collect();
+        for &(k, v) in &caches {
+            gpu.memset(k, 0, cb)?;
+            gpu.memset(v, 0, cb)?;
+        }
         gpu.sync()?;
         Ok(CudaBackend {
             graphs: HashMap::new(),
             graphs_ok: copts.graphs,
-            gpu,
+            gpu: ManuallyDrop::new(gpu),
+            key,
+            run_allocs,
             model,
             opts: opts.clone(),
             copts,
@@ -465,11 +639,7 @@ impl<'m> CudaBackend<'m> {
             max_frames,
             max_members,
             seg_max,
-            patch_w,
-            patch_b,
-            head_w,
-            head_b,
-            head_mod,
+            w,
             layers,
             b,
             prompt_slots: vec![None; pslots],
@@ -477,6 +647,13 @@ impl<'m> CudaBackend<'m> {
             cache_bytes: l * cache_layer,
             ticks: 0,
         })
+    }
+
+    /// A per-run allocation (freed when the run ends).
+    fn alloc_run(&mut self, bytes: usize) -> Result<DevPtr> {
+        let p = self.gpu.alloc(bytes)?;
+        self.run_allocs.push(p);
+        Ok(p)
     }
 
     /// The options this backend was opened with.
@@ -920,8 +1097,8 @@ impl<'m> CudaBackend<'m> {
             )?;
             g.gemm(
                 b.patches + r0 * 64 * 2,
-                self.patch_w,
-                self.patch_b,
+                self.w.patch_w,
+                self.w.patch_b,
                 b.x + r0 * (d as u64) * 4,
                 rows,
                 64,
@@ -1222,13 +1399,13 @@ impl<'m> CudaBackend<'m> {
                 er,
                 er,
                 d,
-                self.head_mod,
-                self.head_mod + (d * 4) as u64,
+                self.w.head_mod,
+                self.w.head_mod + (d * 4) as u64,
             )?;
             g.gemm(
                 yr,
-                self.head_w,
-                self.head_b,
+                self.w.head_w,
+                self.w.head_b,
                 hr,
                 n,
                 d,
@@ -1317,9 +1494,30 @@ impl Backend for CudaBackend<'_> {
 
 impl Drop for CudaBackend<'_> {
     fn drop(&mut self) {
-        let _ = self.gpu.bind();
-        // Graphs go before the context.
+        // SAFETY: `self.gpu` is taken once, here, and not used afterwards.
+        let mut gpu = unsafe { ManuallyDrop::take(&mut self.gpu) };
+        let _ = gpu.bind();
+        // Graphs belong to the run: they go before the buffers they captured (and before the
+        // context).
         self.graphs.clear();
+        // Back to the weight cache only when the device is healthy (no error pending, no
+        // capture open) and the per-run buffers are gone; otherwise the device (weights
+        // included) is dropped and the next run starts fresh.
+        let ok = gpu.sync().is_ok() && self.run_allocs.drain(..).all(|p| gpu.free(p).is_ok());
+        if ok {
+            let mut c = cache_lock();
+            if !c.iter().any(|(k, _)| *k == self.key) {
+                c.push((
+                    self.key,
+                    Resident {
+                        gpu,
+                        w: self.w.clone(),
+                    },
+                ));
+                return;
+            }
+        }
+        drop(gpu);
     }
 }
 
@@ -1411,7 +1609,7 @@ impl<'m> MultiCudaBackend<'m> {
                 }
                 let mut gen = || -> Result<Vec<(DevPtr, DevPtr)>> {
                     (0..c.num_layers)
-                        .map(|_| Ok((dev.gpu.alloc(bytes)?, dev.gpu.alloc(bytes)?)))
+                        .map(|_| Ok((dev.alloc_run(bytes)?, dev.alloc_run(bytes)?)))
                         .collect()
                 };
                 gens.push([gen()?, gen()?]);

@@ -10,7 +10,7 @@ use crate::cpu::attention::{attention, KvSegment};
 use crate::cpu::{gemm::linear, ops};
 use crate::kv_cache::KvCache;
 use crate::weights::Weights;
-use crate::window::{self, MemberGeom};
+use crate::window;
 use crate::{Error, Result};
 
 /// Latent channels.
@@ -214,30 +214,8 @@ impl Model {
             )));
         }
         // Geometry of the whole window.
-        let mut frames = Vec::with_capacity(members.len());
-        for (i, m) in members.iter().enumerate() {
-            if m.latents.is_empty() || m.latents.len() % flen != 0 {
-                return Err(Error::invalid(format!(
-                    "member {i}: {} latent values is not a whole number of [16, {h}, {w}] frames",
-                    m.latents.len()
-                )));
-            }
-            if i > 0 && m.first_frame < members[i - 1].first_frame + frames[i - 1] {
-                return Err(Error::Internal(
-                    "window members overlap or are out of order".into(),
-                ));
-            }
-            frames.push(m.latents.len() / flen);
-        }
-        let geom: Vec<MemberGeom> = members
-            .iter()
-            .zip(&frames)
-            .map(|(m, &f)| MemberGeom {
-                first_frame: m.first_frame,
-                frames: f,
-                context: m.context,
-            })
-            .collect();
+        let geom = window::geometry(members, h, w)?;
+        let frames: Vec<usize> = geom.iter().map(|g| g.frames).collect();
         if mine.windows(2).any(|p| p[0] >= p[1]) || mine.iter().any(|&i| i >= members.len()) {
             return Err(Error::Internal(
                 "device member list must be increasing indices".into(),

@@ -7,6 +7,8 @@
 
 use crate::config::AttentionMode;
 use crate::kv_cache::KvCache;
+use crate::model::{Member, CHANNELS};
+use crate::{Error, Result};
 use std::ops::Range;
 
 /// A member's place in the window.
@@ -18,6 +20,34 @@ pub struct MemberGeom {
     pub frames: usize,
     /// Context member (clean, committed after the tick).
     pub context: bool,
+}
+
+/// The geometry of a window of `h`×`w` latents: every member is a whole number of frames, and
+/// members are ordered by first frame without overlapping.
+pub fn geometry(members: &[Member], h: usize, w: usize) -> Result<Vec<MemberGeom>> {
+    let flen = CHANNELS * h * w;
+    let mut geom: Vec<MemberGeom> = Vec::with_capacity(members.len());
+    for (i, m) in members.iter().enumerate() {
+        if flen == 0 || m.latents.is_empty() || m.latents.len() % flen != 0 {
+            return Err(Error::invalid(format!(
+                "member {i}: {} latent values is not a whole number of [16, {h}, {w}] frames",
+                m.latents.len()
+            )));
+        }
+        if let Some(p) = geom.last() {
+            if m.first_frame < p.first_frame + p.frames {
+                return Err(Error::Internal(
+                    "window members overlap or are out of order".into(),
+                ));
+            }
+        }
+        geom.push(MemberGeom {
+            first_frame: m.first_frame,
+            frames: m.latents.len() / flen,
+            context: m.context,
+        });
+    }
+    Ok(geom)
 }
 
 /// The keys member `i` sees.

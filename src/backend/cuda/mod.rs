@@ -51,7 +51,7 @@ use crate::config::GenerateOptions;
 use crate::kernels::params::{BcAttnGroup, BcKvSegment};
 use crate::kv_cache::KvCache;
 use crate::model::{Member, Model, PromptContext, CHANNELS};
-use crate::window::{self, MemberGeom};
+use crate::window;
 use crate::{Error, Result};
 use device::{DevPtr, Epilogue, Gpu, Graph, OutType};
 use half::bf16;
@@ -764,21 +764,8 @@ impl<'m> CudaBackend<'m> {
         let (h, w) = (self.opts.height, self.opts.width);
         let tpf = (h / 2) * (w / 2);
         let flen = CHANNELS * h * w;
-        let mut frames = Vec::with_capacity(members.len());
-        for (i, m) in members.iter().enumerate() {
-            if m.latents.is_empty() || m.latents.len() % flen != 0 {
-                return Err(Error::invalid(format!(
-                    "member {i}: {} latent values is not a whole number of [16, {h}, {w}] frames",
-                    m.latents.len()
-                )));
-            }
-            if i > 0 && m.first_frame < members[i - 1].first_frame + frames[i - 1] {
-                return Err(Error::Internal(
-                    "window members overlap or are out of order".into(),
-                ));
-            }
-            frames.push(m.latents.len() / flen);
-        }
+        let geom = window::geometry(members, h, w)?;
+        let frames: Vec<usize> = geom.iter().map(|g| g.frames).collect();
         let nf: usize = frames.iter().sum();
         if members.len() > self.max_members || nf > self.max_frames {
             return Err(Error::Internal(format!(
@@ -820,15 +807,6 @@ impl<'m> CudaBackend<'m> {
             }
         }
         // Self-attention visibility: the rule every backend shares (window.rs).
-        let geom: Vec<MemberGeom> = members
-            .iter()
-            .zip(&frames)
-            .map(|(m, &f)| MemberGeom {
-                first_frame: m.first_frame,
-                frames: f,
-                context: m.context,
-            })
-            .collect();
         let mut lists: Vec<Vec<Src>> = Vec::with_capacity(members.len());
         for i in 0..members.len() {
             let vis = window::visible(&geom, i, &self.geom, self.opts.attention);

@@ -44,6 +44,7 @@
 
 pub mod device;
 pub mod emu_device;
+pub mod nvtx;
 pub mod ops;
 
 use crate::backend::Backend;
@@ -1048,6 +1049,7 @@ impl<'m> CudaBackend<'m> {
     fn enqueue(&mut self, s: &Shape) -> Result<()> {
         self.enqueue_embed(s)?;
         for li in 0..self.layers.len() {
+            let _r = nvtx::range(|| format!("layer {li}"));
             self.enqueue_pre(s, li)?;
             self.enqueue_post(s, li)?;
         }
@@ -1419,8 +1421,9 @@ impl Backend for CudaBackend<'_> {
         &mut self,
         members: &[Member],
         _blocks: &[usize],
-        _tick: usize,
+        tick: usize,
     ) -> Result<Vec<Vec<f32>>> {
+        let _r = nvtx::range(|| nvtx::tick_label(tick, members));
         self.run(members)
     }
 
@@ -1618,8 +1621,9 @@ impl Backend for MultiCudaBackend<'_> {
         &mut self,
         members: &[Member],
         blocks: &[usize],
-        _tick: usize,
+        tick: usize,
     ) -> Result<Vec<Vec<f32>>> {
+        let _r = nvtx::range(|| nvtx::tick_label(tick, members));
         if self.lag.is_some() {
             return self.forward_lagged(members, blocks);
         }
@@ -1638,6 +1642,7 @@ impl Backend for MultiCudaBackend<'_> {
         let layers = self.devs[0].layers.len();
         let row = (self.devs[0].model.config().dim * 2) as u64;
         for li in 0..layers {
+            let _r = nvtx::range(|| format!("layer {li}"));
             for (dev, s) in self.devs.iter_mut().zip(&shapes) {
                 dev.gpu.bind()?;
                 dev.enqueue_pre(s, li)?;
@@ -1742,6 +1747,7 @@ impl MultiCudaBackend<'_> {
             dev.enqueue_embed(s)?;
         }
         for li in 0..layers {
+            let _r = nvtx::range(|| format!("layer {li}"));
             for (di, ((dev, s), own)) in self
                 .devs
                 .iter_mut()

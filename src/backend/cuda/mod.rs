@@ -1616,6 +1616,38 @@ impl<'m> MultiCudaBackend<'m> {
     }
 }
 
+/// Patch and time embedding of every device's members.
+fn embed_all(devs: &mut [CudaBackend], shapes: &[Shape]) -> Result<()> {
+    for (dev, s) in devs.iter_mut().zip(shapes) {
+        dev.gpu.bind()?;
+        dev.enqueue_embed(s)?;
+    }
+    Ok(())
+}
+
+/// Head of every device's members and the downloaded flow of all `n` members (each computed
+/// by the device it is placed on).
+fn heads_all(
+    devs: &mut [CudaBackend],
+    shapes: &[Shape],
+    placement: &[Vec<usize>],
+    n: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; n];
+    for ((dev, s), own) in devs.iter_mut().zip(shapes).zip(placement) {
+        dev.gpu.bind()?;
+        dev.enqueue_head(s)?;
+        for &i in own {
+            out[i] = Some(dev.download_member(s, i)?);
+        }
+        dev.ticks += 1;
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, f)| f.ok_or_else(|| Error::Internal(format!("member {i} was not computed"))))
+        .collect()
+}
+
 impl Backend for MultiCudaBackend<'_> {
     fn forward(
         &mut self,
@@ -1635,10 +1667,7 @@ impl Backend for MultiCudaBackend<'_> {
             dev.gpu.bind()?;
             shapes.push(dev.prepare(members, Some(own), None)?.0);
         }
-        for (dev, s) in self.devs.iter_mut().zip(&shapes) {
-            dev.gpu.bind()?;
-            dev.enqueue_embed(s)?;
-        }
+        embed_all(&mut self.devs, &shapes)?;
         let layers = self.devs[0].layers.len();
         let row = (self.devs[0].model.config().dim * 2) as u64;
         for li in 0..layers {
@@ -1666,19 +1695,8 @@ impl Backend for MultiCudaBackend<'_> {
                 dev.enqueue_post(s, li)?;
             }
         }
-        let mut out: Vec<Option<Vec<f32>>> = vec![None; members.len()];
-        for ((dev, s), own) in self.devs.iter_mut().zip(&shapes).zip(&placement) {
-            dev.gpu.bind()?;
-            dev.enqueue_head(s)?;
-            for &i in own {
-                out[i] = Some(dev.download_member(s, i)?);
-            }
-            dev.ticks += 1;
-        }
-        out.into_iter()
-            .enumerate()
-            .map(|(i, f)| f.ok_or_else(|| Error::Internal(format!("member {i} was not computed"))))
-            .collect()
+        let out = heads_all(&mut self.devs, &shapes, &placement, members.len())?;
+        Ok(out)
     }
 
     fn commit(&mut self, end: usize) {
@@ -1742,10 +1760,7 @@ impl MultiCudaBackend<'_> {
             };
             shapes.push(dev.prepare(members, Some(own), Some(&view))?.0);
         }
-        for (dev, s) in self.devs.iter_mut().zip(&shapes) {
-            dev.gpu.bind()?;
-            dev.enqueue_embed(s)?;
-        }
+        embed_all(&mut self.devs, &shapes)?;
         for li in 0..layers {
             let _r = nvtx::range(|| format!("layer {li}"));
             for (di, ((dev, s), own)) in self
@@ -1768,15 +1783,7 @@ impl MultiCudaBackend<'_> {
                 dev.enqueue_post(s, li)?;
             }
         }
-        let mut out: Vec<Option<Vec<f32>>> = vec![None; members.len()];
-        for ((dev, s), own) in self.devs.iter_mut().zip(&shapes).zip(&placement) {
-            dev.gpu.bind()?;
-            dev.enqueue_head(s)?;
-            for &i in own {
-                out[i] = Some(dev.download_member(s, i)?);
-            }
-            dev.ticks += 1;
-        }
+        let out = heads_all(&mut self.devs, &shapes, &placement, members.len())?;
         // End of tick: window members' K/V to every peer's current generation, context
         // members' K/V to every peer's cache (same rows and cache slots on every device).
         for (src, own) in placement.iter().enumerate() {
@@ -1815,10 +1822,7 @@ impl MultiCudaBackend<'_> {
             .map(|i| (blocks[i], (shapes[0].row0[i], shapes[0].frames[i] * tpf)))
             .collect();
         lag.cur = prv;
-        out.into_iter()
-            .enumerate()
-            .map(|(i, f)| f.ok_or_else(|| Error::Internal(format!("member {i} was not computed"))))
-            .collect()
+        Ok(out)
     }
 
     /// The generation options this backend was opened with.

@@ -1,7 +1,9 @@
 // Element-wise kernels.
 //
-// bc_activation:     out[i] = gelu_tanh(x[i]) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-//                    or silu(x[i]) = x / (1 + exp(-x)); f32 or bf16 data (f32 math), in place ok.
+// bc_activation:     out[i] = act(x[i] + bias[i % cols]) (bias optional), act = gelu_tanh(u) =
+//                    0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))), silu(u) = u / (1 + exp(-u))
+//                    or identity; f32 or bf16 data (f32 math), in place ok. With a bias it is
+//                    the epilogue of a GEMM that cuBLASLt does not fuse.
 // bc_time_embedding: out[f] = [cos(t_f w_i), sin(t_f w_i)] (i < half), w_i = 10000^(-i/half),
 //                    in f64 like cpu::ops::sinusoidal; one block per frame.
 // bc_flow_step:      x0 = x - sigma[f] v; x = (1 - sn) x0 + sn noise when sigma_next[f] >= 0,
@@ -16,6 +18,7 @@ constexpr int EW_THREADS = BC_ELEM_THREADS;
 }  // namespace
 
 __device__ __forceinline__ float bc_act(float u, int op) {
+    if (op == BC_ACT_NONE) return u;
     if (op == BC_ACT_SILU) return u / (1.f + expf(-u));
     const float c = 0.7978845608f;  // sqrt(2/pi)
     return 0.5f * u * (1.f + tanhf(c * (u + 0.044715f * u * u * u)));
@@ -24,12 +27,13 @@ __device__ __forceinline__ float bc_act(float u, int op) {
 extern "C" __global__ void __launch_bounds__(EW_THREADS) bc_activation(BcActivationParams p) {
     const long long i = (long long)blockIdx.x * EW_THREADS + threadIdx.x;
     if (i >= p.n) return;
+    const float b = p.bias ? p.bias[i % p.cols] : 0.f;
     if (p.bf16) {
         const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
         __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out);
-        o[i] = __float2bfloat16(bc_act(__bfloat162float(x[i]), p.op));
+        o[i] = __float2bfloat16(bc_act(__bfloat162float(x[i]) + b, p.op));
     } else {
-        static_cast<float*>(p.out)[i] = bc_act(static_cast<const float*>(p.x)[i], p.op);
+        static_cast<float*>(p.out)[i] = bc_act(static_cast<const float*>(p.x)[i] + b, p.op);
     }
 }
 BC_EMU_ENTRY(bc_activation, BcActivationParams)

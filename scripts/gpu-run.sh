@@ -48,6 +48,9 @@ export BC_TEST_DATA="$here/data"
 export BC_CLI="$here/bin/blockcascade"
 status=0
 
+# --- devices ---------------------------------------------------------------------------
+./bin/blockcascade info --devices > logs/devices.txt 2>&1 || true
+
 # --- tests -----------------------------------------------------------------------------
 echo "== GPU tests"
 ./bin/cuda-tests --test-threads=1 --nocapture 2>&1 | tee logs/tests.log
@@ -71,11 +74,13 @@ echo "================================ SUMMARY ================================"
 dev=$(grep -m1 '^device:' logs/bench.log || true)
 echo "${dev:-device: (none: $(grep -m1 -o 'SKIP.*' logs/tests.log || echo unknown))}"
 echo "commit: $(cat COMMIT 2>/dev/null || echo unknown)"
+echo "-- devices (blockcascade info --devices)"
+sed 's/^/  /' logs/devices.txt
 echo
 echo "-- kernel max error vs CPU reference (tolerance ~1e-2)"
 grep '^KERNEL ' logs/tests.log | awk '{printf "  %-34s %-28s %s\n", $2, $3, $4}'
 echo "-- whole model (relative L2 vs f32 reference, < 2e-2)"
-grep -E '^(GOLDEN|GRAPH) ' logs/tests.log | sed 's/^/  /'
+grep -E '^(GOLDEN|GRAPH|MULTI|EPILOGUE) ' logs/tests.log | sed 's/^/  /'
 echo "-- tests"
 grep -E '^test result|FAILED|panicked' logs/tests.log | sed 's/^/  /'
 grep -o 'SKIP.*' logs/tests.log | sort -u | sed 's/^/  /'

@@ -123,11 +123,11 @@ impl<'m> Generator<'m> {
         }])
     }
 
-    /// The backend the options ask for.
-    fn backend(&self) -> Result<Box<dyn Backend + 'm>> {
+    /// The backend the options ask for, for a run of `frames` frames.
+    fn backend(&self, frames: usize) -> Result<Box<dyn Backend + 'm>> {
         match self.opts.backend {
             BackendKind::Cpu => Ok(Box::new(CpuBackend::new(self.model, &self.opts)?)),
-            BackendKind::Cuda => crate::backend::cuda_backend(self.model, &self.opts),
+            BackendKind::Cuda => crate::backend::cuda_backend(self.model, &self.opts, Some(frames)),
         }
     }
 
@@ -177,7 +177,7 @@ impl<'m> Generator<'m> {
             MemoryEstimate::new(self.model.config(), o, blocks.saturating_mul(bf)).check_run()?;
         }
         let tpf = (h / 2) * (w / 2);
-        let mut backend = self.backend()?;
+        let mut backend = self.backend(blocks.saturating_mul(bf))?;
         let keep_latents = o.recache == Recache::Window;
         let mut state: HashMap<usize, Vec<f32>> = HashMap::new();
         let mut finals: HashMap<usize, Vec<f32>> = HashMap::new();

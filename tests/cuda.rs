@@ -206,7 +206,7 @@ fn missing_kernels_or_driver_is_a_clean_error() {
         backend: BackendKind::Cuda,
         ..Default::default()
     };
-    let res = blockcascade::backend::cuda_backend(&model, &opts).map(|_| ());
+    let res = blockcascade::backend::cuda_backend(&model, &opts, None).map(|_| ());
     match res {
         Ok(_) => println!("a GPU is present: the backend opened"),
         Err(e) => {
@@ -464,14 +464,12 @@ fn gemms_match_the_cpu() {
         let (w, wb) = randb(&mut rng, o * k, 1.0 / (k as f32).sqrt());
         let b = randn(&mut rng, o, 0.1);
         let (xd, wd, bd) = (up(&mut g, &xb), up(&mut g, &wb), up(&mut g, &b));
-        let out = poisoned(&mut g, n * o * 4);
         let ty = if f32out { OutType::F32 } else { OutType::Bf16 };
         let ep = if gelu {
             Epilogue::GeluBias
         } else {
             Epilogue::Bias
         };
-        g.gemm(xd, wd, bd, out, n, k, o, ty, ep).unwrap();
         // Reference on a sample of rows (the full Wan shapes are slow on a CPU).
         let rows: Vec<usize> = (0..n).step_by((n / 64).max(1)).collect();
         let xs: Vec<f32> = rows
@@ -483,23 +481,36 @@ fn gemms_match_the_cpu() {
         if gelu {
             cops::gelu_tanh(&mut want);
         }
-        let all = if f32out {
-            down_f(&g, out, n * o)
-        } else {
-            down_b(&g, out, n * o)
-        };
-        let got: Vec<f32> = rows
-            .iter()
-            .flat_map(|&r| all[r * o..(r + 1) * o].to_vec())
-            .collect();
-        check(
-            &format!("gemm_{name}"),
-            &format!("{n}x{k}x{o}"),
-            &got,
-            &want,
-            2e-2,
-        );
+        // Fused cuBLASLt epilogue, then the unfused path (plain GEMM + bias/GELU kernel).
+        for fused in [true, false] {
+            g.fused_epilogues = fused;
+            let out = poisoned(&mut g, n * o * 4);
+            g.gemm(xd, wd, bd, out, n, k, o, ty, ep).unwrap();
+            let all = if f32out {
+                down_f(&g, out, n * o)
+            } else {
+                down_b(&g, out, n * o)
+            };
+            let got: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| all[r * o..(r + 1) * o].to_vec())
+                .collect();
+            let suffix = if fused { "" } else { "_unfused" };
+            check(
+                &format!("gemm_{name}{suffix}"),
+                &format!("{n}x{k}x{o}"),
+                &got,
+                &want,
+                2e-2,
+            );
+        }
+        g.fused_epilogues = true;
     }
+    // Shapes where cuBLASLt had no fused epilogue (they ran the kernel fallback above too).
+    println!(
+        "EPILOGUE unfused_gemm_shapes={}",
+        blockcascade::backend::cuda::device::unfused_gemm_shapes()
+    );
 }
 
 /// Self-attention with several groups (segments from a cache and the window) and
@@ -731,9 +742,9 @@ fn two_logical_devices_on_gpu0_equal_one() {
         return;
     };
     drop(g);
-    let run = |devices: Vec<usize>| {
+    let run = |devices: Vec<usize>, graphs: bool| {
         set_session_options(Some(CudaOptions {
-            graphs: false,
+            graphs,
             devices: devices.clone(),
             ..CudaOptions::from_env()
         }));
@@ -752,8 +763,8 @@ fn two_logical_devices_on_gpu0_equal_one() {
         set_session_options(None);
         res.unwrap().0
     };
-    let one = run(vec![0]);
-    let two = run(vec![0, 0]);
+    let one = run(vec![0], false);
+    let two = run(vec![0, 0], false);
     let err = rel_l2(&one, &two);
     println!(
         "MULTI --devices 0,0 vs 0: rel_l2={err:.3e} identical={}",
@@ -761,6 +772,11 @@ fn two_logical_devices_on_gpu0_equal_one() {
     );
     // cuBLASLt may pick another algorithm for the smaller per-device GEMMs: bf16 tolerance.
     assert!(err < 1e-2, "--devices 0,0 vs --devices 0: rel L2 {err}");
+    // Graphs per device (one per stretch between two K/V exchanges) replay the eager result.
+    let two_graphs = run(vec![0, 0], true);
+    let eg = rel_l2(&two, &two_graphs);
+    println!("MULTI --devices 0,0 graphs vs eager: rel_l2={eg:.3e}");
+    assert!(eg < 1e-6, "--devices 0,0: graphs vs eager: rel L2 {eg}");
     let exp = expected("cascade-lag1-causal.safetensors");
     let e2 = rel_l2(&exp, &two);
     assert!(e2 < 2e-2, "--devices 0,0 vs expected: rel L2 {e2}");

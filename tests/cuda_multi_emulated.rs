@@ -5,7 +5,7 @@
 //! must follow the CPU backend's lagged exchange.
 
 mod common;
-use blockcascade::backend::cuda::{set_session_options, CudaOptions};
+use blockcascade::backend::cuda::{graph_replays, set_session_options, CudaOptions};
 use blockcascade::backend::BackendKind;
 use blockcascade::multi_device::KvExchange;
 use blockcascade::{AttentionMode, Generator, Schedule};
@@ -25,8 +25,22 @@ fn run_with(
     devices: usize,
     xch: KvExchange,
 ) -> blockcascade::Result<Vec<f32>> {
+    run_blocks(schedule, mode, devices, xch, true, None)
+}
+
+/// `blocks`: `None` for the golden case (its recorded noise), `Some(n)` for `n` blocks with
+/// seeded noise.
+fn run_blocks(
+    schedule: Schedule,
+    mode: AttentionMode,
+    devices: usize,
+    xch: KvExchange,
+    graphs: bool,
+    blocks: Option<usize>,
+) -> blockcascade::Result<Vec<f32>> {
     set_session_options(Some(CudaOptions {
         emulate: true,
+        graphs,
         ..CudaOptions::default()
     }));
     let g = golden();
@@ -36,8 +50,12 @@ fn run_with(
     o.backend = BackendKind::Cuda;
     o.devices = devices;
     o.kv_exchange = xch;
-    let res = Generator::new(g.engine.model(), o.clone(), g.noise.clone(), &g.prompt)
-        .and_then(|gen| gen.generate(g.frames / o.block_frames));
+    let (noise, n) = match blocks {
+        None => (g.noise.clone(), g.frames / o.block_frames),
+        Some(n) => (blockcascade::noise::NoiseSource::Seeded(7), n),
+    };
+    let res = Generator::new(g.engine.model(), o.clone(), noise, &g.prompt)
+        .and_then(|gen| gen.generate(n));
     set_session_options(None);
     res.map(|r| r.0)
 }
@@ -140,4 +158,47 @@ fn lagged_exchange_on_three_emulated_cuda_devices_lag1() {
 fn lagged_exchange_on_three_emulated_cuda_devices_lag2() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     check_lagged(2);
+}
+
+/// Graphs per device (joint: one per stretch between two exchanges; lagged: one per tick)
+/// replay exactly what eager launches compute, and are actually replayed.
+fn check_graphs(xch: KvExchange, devices: usize, blocks: usize) {
+    // Lag 1: from block 5 on, the steady-state window (context + 4 members) repeats on
+    // consecutive ticks; with 9 blocks a graph is replayed on ticks of both parities (the
+    // lagged K/V generations alternate with the tick).
+    let schedule = Schedule::Cascade { lag: 1 };
+    let run = |graphs| {
+        run_blocks(
+            schedule,
+            AttentionMode::Causal,
+            devices,
+            xch,
+            graphs,
+            Some(blocks),
+        )
+        .unwrap()
+    };
+    let before = graph_replays();
+    let eager = run(false);
+    assert_eq!(graph_replays(), before, "graphs replayed with graphs off");
+    let graph = run(true);
+    let replays = graph_replays() - before;
+    println!("{xch:?}, {devices} emulated CUDA devices: {replays} graph launches");
+    assert!(replays > 0, "{xch:?}: no graph was replayed");
+    assert_eq!(
+        eager, graph,
+        "{xch:?}, {devices} devices: graph replay differs from eager launches"
+    );
+}
+
+#[test]
+fn joint_exchange_graphs_equal_eager_on_two_emulated_cuda_devices() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    check_graphs(KvExchange::Joint, 2, 6);
+}
+
+#[test]
+fn lagged_exchange_graphs_equal_eager_on_three_emulated_cuda_devices() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    check_graphs(KvExchange::Lagged, 3, 9);
 }

@@ -717,6 +717,7 @@ fn activations_f32_and_bf16() {
         match act {
             Act::GeluTanh => ops::gelu_tanh(&mut want),
             Act::Silu => ops::silu(&mut want),
+            Act::None => {}
         }
         assert_close(&format!("{act:?} f32"), &got, &want, 1e-5);
 
@@ -726,9 +727,47 @@ fn activations_f32_and_bf16() {
         match act {
             Act::GeluTanh => ops::gelu_tanh(&mut want),
             Act::Silu => ops::silu(&mut want),
+            Act::None => {}
         }
         assert_close(&format!("{act:?} bf16"), &to_f32(&xb), &want, 1e-2);
     }
+}
+
+/// The unfused GEMM epilogue: `act(x + bias[col])` over rows of `cols` values, into a
+/// NaN-poisoned output, against the CPU's bias add and GELU.
+#[test]
+fn bias_activation_is_the_unfused_gemm_epilogue() {
+    let mut rng = Rng::new(15);
+    let (rows, cols) = (37usize, 96usize);
+    let bias = randn(&mut rng, cols, 1.0);
+    for act in [Act::None, Act::GeluTanh] {
+        let reference = |x: &[f32]| {
+            let mut want: Vec<f32> = x
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v + bias[i % cols])
+                .collect();
+            if act == Act::GeluTanh {
+                ops::gelu_tanh(&mut want);
+            }
+            want
+        };
+        let x = randn(&mut rng, rows * cols, 2.0);
+        let mut got = vec![f32::NAN; x.len()];
+        emu::bias_activation_f32(&x, &bias, &mut got, act).unwrap();
+        assert_close(&format!("bias + {act:?} f32"), &got, &reference(&x), 1e-5);
+
+        let (xf, xb) = randn_bf16(&mut rng, rows * cols, 2.0);
+        let mut got = vec![bf16::NAN; xb.len()];
+        emu::bias_activation_bf16(&xb, &bias, &mut got, act).unwrap();
+        let got = to_f32(&got);
+        assert_close(&format!("bias + {act:?} bf16"), &got, &reference(&xf), 1e-2);
+    }
+    // A bias that does not tile the data is refused, not read out of bounds.
+    let x = vec![1f32; 10];
+    let mut out = vec![0f32; 10];
+    let err = emu::bias_activation_f32(&x, &bias[..3], &mut out, Act::None).unwrap_err();
+    assert_eq!(err.kind, EmuErrorKind::InvalidArgument);
 }
 
 #[test]

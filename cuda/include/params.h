@@ -256,8 +256,12 @@ typedef struct BcAttentionParams {
 #define BC_ACT_GELU_TANH 0
 /** Activation selector of `bc_activation`. */
 #define BC_ACT_SILU 1
+/** Activation selector of `bc_activation`: identity (bias only). */
+#define BC_ACT_NONE 2
 
-/** `bc_activation`: `out[i] = act(x[i])`, bf16 (`bf16 = 1`) or f32; may run in place.
+/** `bc_activation`: `out[i] = act(x[i] + bias[i % cols])` (no bias when `bias` is NULL),
+ * bf16 (`bf16 = 1`) or f32 data, f32 math; may run in place. The bias add is the fallback
+ * for a GEMM whose bias / GELU epilogue cuBLASLt does not fuse.
  * Grid (ceil(n / BC_ELEM_THREADS)), block BC_ELEM_THREADS. */
 typedef struct BcActivationParams {
     /** Input, `n` values. */
@@ -270,6 +274,12 @@ typedef struct BcActivationParams {
     bc_i32 op;
     /** 1: bf16 data, 0: f32 data. */
     bc_i32 bf16;
+    /** `[cols]` f32 bias added before the activation, or NULL. */
+    const float *bias;
+    /** Row length of the data (the bias period); >= 1 when `bias` is set. */
+    bc_i32 cols;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
 } BcActivationParams;
 
 /** `bc_time_embedding`: `out[f] = [cos(t_f w_i), sin(t_f w_i)]`, `w_i = 10000^(-i/half)`,

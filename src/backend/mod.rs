@@ -44,9 +44,13 @@ pub trait Backend {
 
 /// Opens the CUDA backend for `model` with `opts` (see [`cuda`]; a clean error when the
 /// kernels were not built, or no driver, cuBLASLt or device is found).
+///
+/// `frames`: the length of the run when known; with global attention the KV cache is sized
+/// for it (otherwise for [`cuda::CudaOptions::cache_frames`]).
 pub fn cuda_backend<'m>(
     model: &'m crate::model::Model,
     opts: &crate::config::GenerateOptions,
+    frames: Option<usize>,
 ) -> Result<Box<dyn Backend + 'm>> {
-    cuda::open(model, opts)
+    cuda::open(model, opts, frames)
 }

@@ -436,24 +436,48 @@ fn plan(a: PlanArgs) -> Result<()> {
     Ok(())
 }
 
-/// `info --devices`: CUDA devices and peer access (`cuDeviceCanAccessPeer`).
+/// `info --devices`: CUDA devices, peer access (`cuDeviceCanAccessPeer`) and the link
+/// between each pair (NVLink / PCIe, from NVML when the driver has it).
 fn info_devices() -> Result<()> {
+    use blockcascade::backend::cuda::nvml::{LinkKind, Nvml};
     let (devs, peer) = blockcascade::backend::cuda::device::list_devices()?;
+    let nvml = Nvml::load();
     for d in &devs {
+        let nvlinks = match &nvml {
+            Ok(n) => match n.active_nvlinks(&d.pci_bus_id) {
+                Ok(0) => ", no active NVLink".to_string(),
+                Ok(k) => format!(", {k} active NVLinks"),
+                Err(_) => String::new(),
+            },
+            Err(_) => String::new(),
+        };
         println!(
-            "device {}: {}, {:.1} GiB, compute capability {}.{}",
+            "device {}: {}, {:.1} GiB, compute capability {}.{}, PCI {}{nvlinks}",
             d.ordinal,
             d.name,
             d.total_mem as f64 / (1u64 << 30) as f64,
             d.capability.0,
-            d.capability.1
+            d.capability.1,
+            if d.pci_bus_id.is_empty() {
+                "unknown"
+            } else {
+                &d.pci_bus_id
+            },
         );
+    }
+    if let Err(e) = &nvml {
+        println!("link types unknown: {e}");
     }
     for (a, row) in peer.iter().enumerate() {
         for (b, &can) in row.iter().enumerate().filter(|&(b, _)| b != a) {
+            let link = match &nvml {
+                Ok(n) => n.link(&devs[a].pci_bus_id, &devs[b].pci_bus_id),
+                Err(_) => LinkKind::Unknown("no NVML".into()),
+            };
             println!(
-                "peer access {a} -> {b}: {} (link type: unknown, NVML not queried)",
-                if can { "yes" } else { "no" }
+                "peer access {a} -> {b}: {}, link: {}",
+                if can { "yes" } else { "no" },
+                link.describe()
             );
         }
     }

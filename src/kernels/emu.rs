@@ -646,19 +646,42 @@ pub enum Act {
     GeluTanh,
     /// SiLU.
     Silu,
+    /// Identity (bias only).
+    None,
 }
 
-fn activation_raw(x: *mut c_void, n: usize, act: Act, is_bf16: bool) -> EmuResult {
+fn activation_raw(
+    x: *const c_void,
+    out: *mut c_void,
+    n: usize,
+    act: Act,
+    is_bf16: bool,
+    bias: Option<&[f32]>,
+) -> EmuResult {
     let k = Kernel::Activation;
+    let cols = match bias {
+        Some(b) if b.is_empty() || n % b.len() != 0 => {
+            return Err(invalid(
+                k,
+                format!("bias of {} values does not divide {n} values", b.len()),
+            ))
+        }
+        Some(b) => b.len(),
+        None => 1,
+    };
     let p = BcActivationParams {
-        x: x as *const c_void,
-        out: x,
+        x,
+        out,
         n: n as i64,
         op: match act {
             Act::GeluTanh => BC_ACT_GELU_TANH as i32,
             Act::Silu => BC_ACT_SILU as i32,
+            Act::None => BC_ACT_NONE as i32,
         },
         bf16: is_bf16 as i32,
+        bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+        cols: i32::try_from(cols).map_err(|_| invalid(k, "bias too long"))?,
+        _pad: 0,
     };
     launch(
         k,
@@ -670,12 +693,39 @@ fn activation_raw(x: *mut c_void, n: usize, act: Act, is_bf16: bool) -> EmuResul
 
 /// `x = act(x)` in place on f32 values (`bc_activation`).
 pub fn activation_f32(x: &mut [f32], act: Act) -> EmuResult {
-    activation_raw(x.as_mut_ptr() as *mut c_void, x.len(), act, false)
+    let px = x.as_mut_ptr() as *mut c_void;
+    activation_raw(px, px, x.len(), act, false, None)
+}
+
+/// `out = act(x + bias[i % bias.len()])` on f32 values (`bc_activation` with a bias, the
+/// unfused GEMM epilogue).
+pub fn bias_activation_f32(x: &[f32], bias: &[f32], out: &mut [f32], act: Act) -> EmuResult {
+    if out.len() != x.len() {
+        return Err(invalid(
+            Kernel::Activation,
+            "output length differs from input length",
+        ));
+    }
+    let (px, po) = (x.as_ptr() as *const c_void, out.as_mut_ptr() as *mut c_void);
+    activation_raw(px, po, x.len(), act, false, Some(bias))
+}
+
+/// `out = act(x + bias[i % bias.len()])` on bf16 values (see [`bias_activation_f32`]).
+pub fn bias_activation_bf16(x: &[bf16], bias: &[f32], out: &mut [bf16], act: Act) -> EmuResult {
+    if out.len() != x.len() {
+        return Err(invalid(
+            Kernel::Activation,
+            "output length differs from input length",
+        ));
+    }
+    let (px, po) = (x.as_ptr() as *const c_void, out.as_mut_ptr() as *mut c_void);
+    activation_raw(px, po, x.len(), act, true, Some(bias))
 }
 
 /// `x = act(x)` in place on bf16 values (`bc_activation`).
 pub fn activation_bf16(x: &mut [bf16], act: Act) -> EmuResult {
-    activation_raw(x.as_mut_ptr() as *mut c_void, x.len(), act, true)
+    let px = x.as_mut_ptr() as *mut c_void;
+    activation_raw(px, px, x.len(), act, true, None)
 }
 
 /// Sinusoidal embedding of every timestep in `t` (`bc_time_embedding`), `out`

@@ -10,6 +10,7 @@ pub const BC_ATTN_BQ: u32 = 64;
 pub const BC_ATTN_BK: u32 = 64;
 pub const BC_ACT_GELU_TANH: u32 = 0;
 pub const BC_ACT_SILU: u32 = 1;
+pub const BC_ACT_NONE: u32 = 2;
 #[doc = " A bfloat16 value stored as its raw bits."]
 pub type bc_bf16 = u16;
 #[doc = " 64-bit signed count."]
@@ -390,7 +391,7 @@ const _: () = {
     ["Offset of field: BcAttentionParams::_pad"]
         [::std::mem::offset_of!(BcAttentionParams, _pad) - 68usize];
 };
-#[doc = " `bc_activation`: `out[i] = act(x[i])`, bf16 (`bf16 = 1`) or f32; may run in place.\n Grid (ceil(n / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
+#[doc = " `bc_activation`: `out[i] = act(x[i] + bias[i % cols])` (no bias when `bias` is NULL),\n bf16 (`bf16 = 1`) or f32 data, f32 math; may run in place. The bias add is the fallback\n for a GEMM whose bias / GELU epilogue cuBLASLt does not fuse.\n Grid (ceil(n / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct BcActivationParams {
@@ -404,10 +405,16 @@ pub struct BcActivationParams {
     pub op: bc_i32,
     #[doc = " 1: bf16 data, 0: f32 data."]
     pub bf16: bc_i32,
+    #[doc = " `[cols]` f32 bias added before the activation, or NULL."]
+    pub bias: *const f32,
+    #[doc = " Row length of the data (the bias period); >= 1 when `bias` is set."]
+    pub cols: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BcActivationParams"][::std::mem::size_of::<BcActivationParams>() - 32usize];
+    ["Size of BcActivationParams"][::std::mem::size_of::<BcActivationParams>() - 48usize];
     ["Alignment of BcActivationParams"][::std::mem::align_of::<BcActivationParams>() - 8usize];
     ["Offset of field: BcActivationParams::x"]
         [::std::mem::offset_of!(BcActivationParams, x) - 0usize];
@@ -419,6 +426,12 @@ const _: () = {
         [::std::mem::offset_of!(BcActivationParams, op) - 24usize];
     ["Offset of field: BcActivationParams::bf16"]
         [::std::mem::offset_of!(BcActivationParams, bf16) - 28usize];
+    ["Offset of field: BcActivationParams::bias"]
+        [::std::mem::offset_of!(BcActivationParams, bias) - 32usize];
+    ["Offset of field: BcActivationParams::cols"]
+        [::std::mem::offset_of!(BcActivationParams, cols) - 40usize];
+    ["Offset of field: BcActivationParams::_pad"]
+        [::std::mem::offset_of!(BcActivationParams, _pad) - 44usize];
 };
 #[doc = " `bc_time_embedding`: `out[f] = [cos(t_f w_i), sin(t_f w_i)]`, `w_i = 10000^(-i/half)`,\n computed in f64. Grid (frames), block BC_ELEM_THREADS."]
 #[repr(C)]

@@ -90,6 +90,8 @@ pub struct DeviceInfo {
     pub total_mem: usize,
     /// Compute capability.
     pub capability: (i32, i32),
+    /// PCI bus id (`cuDeviceGetPCIBusId`, e.g. `0000:3b:00.0`; empty when unknown).
+    pub pci_bus_id: String,
 }
 
 /// Every CUDA device and, per ordered pair `(a, b)`, whether `a` can access `b`'s memory
@@ -113,6 +115,7 @@ pub fn list_devices() -> Result<(Vec<DeviceInfo>, Vec<Vec<bool>>)> {
                 attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
                 attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
             ),
+            pci_bus_id: pci_bus_id(dev),
         });
         handles.push(dev);
     }
@@ -130,6 +133,20 @@ pub fn list_devices() -> Result<(Vec<DeviceInfo>, Vec<Vec<bool>>)> {
         }
     }
     Ok((devs, peer))
+}
+
+/// The PCI bus id of `dev` (empty when the driver does not say).
+fn pci_bus_id(dev: sys::CUdevice) -> String {
+    let mut buf = [0 as std::ffi::c_char; 64];
+    // SAFETY: a buffer of the length passed and a valid device handle.
+    let rc = unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, dev) };
+    if rc != sys::CUresult::CUDA_SUCCESS {
+        return String::new();
+    }
+    // SAFETY: the driver wrote a NUL-terminated string into `buf` (its last byte stays 0).
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn dev_err(what: &'static str) -> impl Fn(drv::DriverError) -> Error {
@@ -165,9 +182,11 @@ pub enum OutType {
     F32,
 }
 
-/// Epilogue of a GEMM (always with bias).
+/// Epilogue of a GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Epilogue {
+    /// `y = x W^T` (the bias pointer is ignored).
+    None,
     /// `y = x W^T + b`.
     Bias,
     /// `y = GELU_tanh(x W^T + b)`.
@@ -182,8 +201,42 @@ struct GemmPlan {
     algo: ltsys::cublasLtMatmulAlgo_t,
 }
 
+/// Destroys a plan's cuBLASLt handles (null ones skipped).
+fn destroy_plan(p: &GemmPlan) {
+    // SAFETY: every non-null handle was created for this plan and is destroyed once (plans
+    // are destroyed when dropped from `Gpu::plans` or when their construction fails).
+    unsafe {
+        for l in [p.a, p.b, p.d] {
+            if !l.is_null() {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+        }
+        if !p.desc.is_null() {
+            let _ = lt::destroy_matmul_desc(p.desc);
+        }
+    }
+}
+
 /// Size of the cuBLASLt workspace.
 pub const GEMM_WORKSPACE: usize = 32 << 20;
+
+/// GEMM shapes whose fused cuBLASLt epilogue had no algorithm (bias / GELU run as a kernel).
+static UNFUSED_GEMM_SHAPES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many GEMM shapes (on any device of this process) run their bias / GELU as a separate
+/// kernel because cuBLASLt had no algorithm for the fused epilogue.
+pub fn unfused_gemm_shapes() -> usize {
+    UNFUSED_GEMM_SHAPES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Graph launches in this process (every device), so tests can tell that graphs are used.
+static GRAPH_REPLAYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many captured graphs have been launched in this process, on every device (real or
+/// emulated).
+pub fn graph_replays() -> usize {
+    GRAPH_REPLAYS.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// One device: context, stream, kernels, cuBLASLt handle and workspace.
 pub struct Gpu {
@@ -195,11 +248,18 @@ pub struct Gpu {
     funcs: HashMap<&'static str, sys::CUfunction>,
     lt: ltsys::cublasLtHandle_t,
     workspace: DevPtr,
-    plans: HashMap<(usize, usize, usize, OutType, Epilogue), GemmPlan>,
+    /// cuBLASLt plans by (rows, inp, out, output type, fused epilogue); `None`: cuBLASLt has
+    /// no algorithm for that epilogue (the bias / GELU then run as a kernel).
+    plans: HashMap<(usize, usize, usize, OutType, Epilogue), Option<GemmPlan>>,
     /// The device's name.
     pub name: String,
-    /// Whether the GELU epilogue is used (else a separate activation kernel).
+    /// Whether cuBLASLt's GELU epilogue is used (`BC_NO_GELU_EPILOGUE=1`: bias epilogue, then
+    /// the activation kernel).
     pub gelu_epilogue: bool,
+    /// Whether GEMM epilogues are fused at all (`BC_NO_GEMM_EPILOGUE=1`: plain GEMMs, bias
+    /// and GELU by the activation kernel; also what happens per shape when cuBLASLt has no
+    /// algorithm for the fused epilogue).
+    pub fused_epilogues: bool,
     allocs: Vec<DevPtr>,
     /// Set on an emulated device (every method then runs on the host, see `emu_device`).
     emu: Option<Box<EmuDevice>>,
@@ -230,6 +290,7 @@ impl Gpu {
             plans: HashMap::new(),
             name: "emulated device (SIMT emulation on the CPU)".into(),
             gelu_epilogue: std::env::var_os("BC_NO_GELU_EPILOGUE").is_none(),
+            fused_epilogues: std::env::var_os("BC_NO_GEMM_EPILOGUE").is_none(),
             allocs: Vec::new(),
             emu: Some(Box::new(EmuDevice::new())),
         })
@@ -289,6 +350,7 @@ impl Gpu {
             plans: HashMap::new(),
             name,
             gelu_epilogue: std::env::var_os("BC_NO_GELU_EPILOGUE").is_none(),
+            fused_epilogues: std::env::var_os("BC_NO_GEMM_EPILOGUE").is_none(),
             allocs: Vec::new(),
             emu: None,
         };
@@ -530,6 +592,13 @@ impl Gpu {
 
     /// `d[rows, out] = epilogue(x[rows, inp] . w[out, inp]^T + bias[out])`, x and w bf16
     /// row-major, bias f32, f32 accumulation; d bf16 or f32 with row stride `out`.
+    ///
+    /// The bias (and GELU) are fused into cuBLASLt's epilogue where it has an algorithm for
+    /// it; otherwise (or with `BC_NO_GEMM_EPILOGUE=1` / `BC_NO_GELU_EPILOGUE=1`) the GEMM runs
+    /// plain and `bc_activation` adds the bias and applies the GELU in place, so a missing
+    /// cuBLASLt feature costs one pass over `d`, not the run. A shape whose fused plan fails
+    /// is remembered (counted in [`unfused_gemm_shapes`]); plans are made on the first call of
+    /// a shape, which is always an eager warm-up launch, never inside a graph capture.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &mut self,
@@ -546,40 +615,111 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        if let Some(e) = &self.emu {
-            let (x, w, bias, d) = (x, w, bias, d);
-            return e.gemm(GemmArgs {
-                x,
-                w,
-                bias,
-                d,
-                rows,
-                inp,
-                out,
-                ty,
-                ep,
-            });
+        let gelu = ep == Epilogue::GeluBias;
+        let mut fused = match ep {
+            _ if !self.fused_epilogues => Epilogue::None,
+            Epilogue::GeluBias if !self.gelu_epilogue => Epilogue::Bias,
+            e => e,
+        };
+        if fused != Epilogue::None
+            && self.emu.is_none()
+            && self.plan_for(rows, inp, out, ty, fused)?.is_none()
+        {
+            fused = Epilogue::None;
         }
+        self.matmul(GemmArgs {
+            x,
+            w,
+            bias,
+            d,
+            rows,
+            inp,
+            out,
+            ty,
+            ep: fused,
+        })?;
+        let add_bias = fused == Epilogue::None && ep != Epilogue::None;
+        let act = gelu && fused != Epilogue::GeluBias;
+        if add_bias || act {
+            let op = if act {
+                crate::kernels::params::BC_ACT_GELU_TANH
+            } else {
+                crate::kernels::params::BC_ACT_NONE
+            };
+            let b = if add_bias { bias } else { 0 };
+            super::ops::bias_activation(self, d, b, out, rows * out, op, ty == OutType::Bf16)?;
+        }
+        Ok(())
+    }
+
+    /// The plan of a GEMM shape with a fused epilogue (made on first use; `None` when
+    /// cuBLASLt has no algorithm for it). Plain GEMMs (`Epilogue::None`) must have one.
+    fn plan_for(
+        &mut self,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        ty: OutType,
+        ep: Epilogue,
+    ) -> Result<Option<&GemmPlan>> {
         let key = (rows, inp, out, ty, ep);
         if !self.plans.contains_key(&key) {
-            let plan = self.plan(rows, inp, out, ty, ep)?;
+            let plan = match self.plan(rows, inp, out, ty, ep) {
+                Ok(p) => Some(p),
+                Err(e) if ep != Epilogue::None => {
+                    UNFUSED_GEMM_SHAPES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if std::env::var_os("BC_CUDA_VERBOSE").is_some() {
+                        eprintln!("{e}; running the epilogue as a kernel");
+                    }
+                    None
+                }
+                Err(e) => return Err(e),
+            };
             self.plans.insert(key, plan);
         }
-        let p = &self.plans[&key];
+        Ok(self.plans.get(&key).and_then(Option::as_ref))
+    }
+
+    /// One cuBLASLt matmul with epilogue `a.ep` (its plan must exist for a fused epilogue),
+    /// or the emulated GEMM.
+    fn matmul(&mut self, a: GemmArgs) -> Result<()> {
+        let bias = if a.ep == Epilogue::None { 0 } else { a.bias };
+        if let Some(e) = &self.emu {
+            return e.gemm(GemmArgs { bias, ..a });
+        }
+        let GemmArgs {
+            x,
+            w,
+            d,
+            rows,
+            inp,
+            out,
+            ty,
+            ep,
+            ..
+        } = a;
+        let (lt_handle, workspace, stream) = (self.lt, self.workspace, self.stream);
+        let p = self.plan_for(rows, inp, out, ty, ep)?.ok_or_else(|| {
+            Error::Internal(format!(
+                "no cuBLASLt plan for [{rows}x{inp}]x[{inp}x{out}] {ep:?}"
+            ))
+        })?;
         let (alpha, beta) = (1f32, 0f32);
         // SAFETY: the layouts describe x, w, d as the caller promised; the bias pointer is
         // set per call.
         unsafe {
-            let bp = bias as *const c_void;
-            lt::set_matmul_desc_attribute(
-                p.desc,
-                ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                &bp as *const _ as *const c_void,
-                std::mem::size_of::<*const c_void>(),
-            )
-            .map_err(lt_err("cublasLtMatmulDescSetAttribute(bias)"))?;
+            if ep != Epilogue::None {
+                let bp = bias as *const c_void;
+                lt::set_matmul_desc_attribute(
+                    p.desc,
+                    ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &bp as *const _ as *const c_void,
+                    std::mem::size_of::<*const c_void>(),
+                )
+                .map_err(lt_err("cublasLtMatmulDescSetAttribute(bias)"))?;
+            }
             lt::matmul(
-                self.lt,
+                lt_handle,
                 p.desc,
                 &alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
@@ -592,9 +732,9 @@ impl Gpu {
                 d as *mut c_void,
                 p.d,
                 &p.algo,
-                self.workspace as *mut c_void,
+                workspace as *mut c_void,
                 GEMM_WORKSPACE,
-                self.stream as ltsys::cudaStream_t,
+                stream as ltsys::cudaStream_t,
             )
             .map_err(|e| Error::Device(format!("cublasLtMatmul [{rows}x{inp}]x[{inp}x{out}]: {e}")))
         }
@@ -620,62 +760,81 @@ impl Gpu {
             T::CUDA_R_32F,
         )
         .map_err(lt_err("cublasLtMatmulDescCreate"))?;
-        let a = lt::create_matrix_layout(T::CUDA_R_16BF, inp as u64, out as u64, inp as i64)
-            .map_err(lt_err("cublasLtMatrixLayoutCreate"))?;
-        let b = lt::create_matrix_layout(T::CUDA_R_16BF, inp as u64, rows as u64, inp as i64)
-            .map_err(lt_err("cublasLtMatrixLayoutCreate"))?;
-        let d = lt::create_matrix_layout(dt, out as u64, rows as u64, out as i64)
-            .map_err(lt_err("cublasLtMatrixLayoutCreate"))?;
-        let trans: i32 = 1; // CUBLAS_OP_T
-        let epi = match ep {
-            Epilogue::Bias => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-            Epilogue::GeluBias => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+        // From here on the handles are owned by `plan` and destroyed by `destroy_plan` on
+        // every error path.
+        let mut plan = GemmPlan {
+            desc,
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            d: std::ptr::null_mut(),
+            algo: ltsys::cublasLtMatmulAlgo_t { data: [0; 8] },
         };
-        let bias_ty = T::CUDA_R_32F;
-        // SAFETY: valid descriptors, attribute buffers of the documented sizes.
-        unsafe {
-            let set = |attr: A, p: *const c_void, n: usize| {
-                lt::set_matmul_desc_attribute(desc, attr, p, n)
-                    .map_err(lt_err("cublasLtMatmulDescSetAttribute"))
+        let res = (|| -> Result<()> {
+            plan.a = lt::create_matrix_layout(T::CUDA_R_16BF, inp as u64, out as u64, inp as i64)
+                .map_err(lt_err("cublasLtMatrixLayoutCreate"))?;
+            plan.b = lt::create_matrix_layout(T::CUDA_R_16BF, inp as u64, rows as u64, inp as i64)
+                .map_err(lt_err("cublasLtMatrixLayoutCreate"))?;
+            plan.d = lt::create_matrix_layout(dt, out as u64, rows as u64, out as i64)
+                .map_err(lt_err("cublasLtMatrixLayoutCreate"))?;
+            let trans: i32 = 1; // CUBLAS_OP_T
+            let epi = match ep {
+                Epilogue::None => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+                Epilogue::Bias => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+                Epilogue::GeluBias => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
             };
-            set(
-                A::CUBLASLT_MATMUL_DESC_TRANSA,
-                &trans as *const i32 as *const c_void,
-                4,
-            )?;
-            set(
-                A::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &epi as *const _ as *const c_void,
-                std::mem::size_of_val(&epi),
-            )?;
-            set(
-                A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                &bias_ty as *const _ as *const c_void,
-                std::mem::size_of_val(&bias_ty),
-            )?;
-            let pref =
-                lt::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
-            let ws = GEMM_WORKSPACE as u64;
-            lt::set_matmul_pref_attribute(
-                pref,
-                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &ws as *const u64 as *const c_void,
-                8,
-            )
-            .map_err(lt_err("cublasLtMatmulPreferenceSetAttribute"))?;
-            let h = lt::get_matmul_algo_heuristic(self.lt, desc, a, b, d, d, pref).map_err(|e| {
-                Error::Device(format!(
-                    "cuBLASLt has no algorithm for bf16 [{rows}x{inp}]x[{inp}x{out}] -> {ty:?} with {ep:?} epilogue: {e}"
-                ))
-            });
-            let _ = lt::destroy_matmul_pref(pref);
-            Ok(GemmPlan {
-                desc,
-                a,
-                b,
-                d,
-                algo: h?.algo,
-            })
+            let bias_ty = T::CUDA_R_32F;
+            // SAFETY: valid descriptors, attribute buffers of the documented sizes.
+            unsafe {
+                let set = |attr: A, p: *const c_void, n: usize| {
+                    lt::set_matmul_desc_attribute(desc, attr, p, n)
+                        .map_err(lt_err("cublasLtMatmulDescSetAttribute"))
+                };
+                set(
+                    A::CUBLASLT_MATMUL_DESC_TRANSA,
+                    &trans as *const i32 as *const c_void,
+                    4,
+                )?;
+                set(
+                    A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    &epi as *const _ as *const c_void,
+                    std::mem::size_of_val(&epi),
+                )?;
+                if ep != Epilogue::None {
+                    set(
+                        A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                        &bias_ty as *const _ as *const c_void,
+                        std::mem::size_of_val(&bias_ty),
+                    )?;
+                }
+                let pref =
+                    lt::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
+                let ws = GEMM_WORKSPACE as u64;
+                let h = lt::set_matmul_pref_attribute(
+                    pref,
+                    ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const u64 as *const c_void,
+                    8,
+                )
+                .map_err(lt_err("cublasLtMatmulPreferenceSetAttribute"))
+                .and_then(|_| {
+                    lt::get_matmul_algo_heuristic(self.lt, desc, plan.a, plan.b, plan.d, plan.d, pref)
+                        .map_err(|e| {
+                            Error::Device(format!(
+                                "cuBLASLt has no algorithm for bf16 [{rows}x{inp}]x[{inp}x{out}] -> {ty:?} with {ep:?} epilogue: {e}"
+                            ))
+                        })
+                });
+                let _ = lt::destroy_matmul_pref(pref);
+                plan.algo = h?.algo;
+            }
+            Ok(())
+        })();
+        match res {
+            Ok(()) => Ok(plan),
+            Err(e) => {
+                destroy_plan(&plan);
+                Err(e)
+            }
         }
     }
 
@@ -730,8 +889,9 @@ impl Gpu {
         }
     }
 
-    /// Replays `graph` on the stream.
+    /// Replays `graph` on the stream (counted in [`graph_replays`]).
     pub fn replay(&self, graph: &Graph) -> Result<()> {
+        GRAPH_REPLAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(e) = &self.emu {
             let ops = graph.emu_ops.as_deref().ok_or_else(|| {
                 Error::Device("a GPU graph replayed on an emulated device".into())
@@ -811,10 +971,9 @@ impl Drop for Gpu {
             let _ = drv::ctx::set_current(self.ctx);
             let _ = drv::stream::synchronize(self.stream);
             for (_, p) in self.plans.drain() {
-                let _ = lt::destroy_matrix_layout(p.a);
-                let _ = lt::destroy_matrix_layout(p.b);
-                let _ = lt::destroy_matrix_layout(p.d);
-                let _ = lt::destroy_matmul_desc(p.desc);
+                if let Some(p) = p {
+                    destroy_plan(&p);
+                }
             }
             let _ = lt::destroy_handle(self.lt);
             for p in self.allocs.drain(..) {

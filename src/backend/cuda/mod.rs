@@ -26,7 +26,9 @@
 //!   embedding (a few tiny GEMVs per distinct timestep) and the prompt's cross-attention K/V
 //!   ([`Model::prompt_context`]) are computed on the CPU and uploaded.
 //! - **GEMMs** go through cuBLASLt (bf16 in, f32 accumulate, fused bias epilogue, GELU+bias
-//!   epilogue for `ffn.0`; `BC_NO_GELU_EPILOGUE=1` uses the activation kernel instead).
+//!   epilogue for `ffn.0`). Where cuBLASLt has no algorithm for a fused epilogue the GEMM runs
+//!   plain and the activation kernel adds the bias / applies the GELU ([`Gpu::gemm`];
+//!   `BC_NO_GELU_EPILOGUE=1` / `BC_NO_GEMM_EPILOGUE=1` force that path).
 //! - **Graphs.** One tick = one CUDA graph. Per-tick data (latents, conditioning, RoPE
 //!   positions, cache slots, attention segment tables) is uploaded to fixed device buffers
 //!   before the launch; kernels read it from there. Launch *shapes* (rows, grids, group
@@ -40,12 +42,15 @@
 //!
 //! - **Several devices** (`--devices 0,1`, or `0,0` for two logical devices on one GPU):
 //!   [`MultiCudaBackend`], joint K/V exchange per layer or lagged exchange once per tick
-//!   (`--kv-exchange lagged`), graphs off (see there).
+//!   (`--kv-exchange lagged`), graphs per device (see there).
 
 pub mod device;
 pub mod emu_device;
+pub mod nvml;
 pub mod nvtx;
 pub mod ops;
+
+pub use device::graph_replays;
 
 use crate::backend::Backend;
 use crate::config::GenerateOptions;
@@ -74,12 +79,20 @@ pub struct CudaOptions {
     pub devices: Vec<usize>,
     /// Capture and replay one CUDA graph per window shape (`BC_NO_GRAPHS=1` turns it off).
     pub graphs: bool,
-    /// Frames the KV cache holds with global attention (`BC_CUDA_CACHE_FRAMES`, default 21,
-    /// the Self-Forcing video length). Local attention always uses its ring of `local_attn`.
+    /// Frames the KV cache holds with global attention when the run's length is not known
+    /// (`BC_CUDA_CACHE_FRAMES`, default 21, the Self-Forcing video length); a
+    /// [`crate::Generator`] run sizes it for its own frames. Local attention always uses its
+    /// ring of `local_attn`.
     pub cache_frames: usize,
     /// Run on an emulated device instead of a GPU (`BC_CUDA_EMULATE=1`): the kernels under the
     /// SIMT emulation layer and GEMMs on the CPU, for testing the backend without a GPU.
     pub emulate: bool,
+    /// Fuse the bias (and GELU) into cuBLASLt's GEMM epilogue where it has an algorithm for it
+    /// (`BC_NO_GEMM_EPILOGUE=1` turns it off: plain GEMMs, then the activation kernel).
+    pub fuse_bias: bool,
+    /// Fuse the GELU of `ffn.0` into cuBLASLt's epilogue (`BC_NO_GELU_EPILOGUE=1` turns it
+    /// off: bias epilogue, then the activation kernel).
+    pub fuse_gelu: bool,
 }
 
 impl Default for CudaOptions {
@@ -90,12 +103,15 @@ impl Default for CudaOptions {
             graphs: true,
             cache_frames: 21,
             emulate: false,
+            fuse_bias: true,
+            fuse_gelu: true,
         }
     }
 }
 
 impl CudaOptions {
-    /// Defaults overridden by `BC_CUDA_DEVICE`, `BC_NO_GRAPHS=1`, `BC_CUDA_CACHE_FRAMES`.
+    /// Defaults overridden by `BC_CUDA_DEVICE`, `BC_NO_GRAPHS=1`, `BC_CUDA_CACHE_FRAMES`,
+    /// `BC_CUDA_EMULATE=1`, `BC_NO_GEMM_EPILOGUE=1`, `BC_NO_GELU_EPILOGUE=1`.
     pub fn from_env() -> Self {
         let mut o = CudaOptions::default();
         let num = |k: &str| {
@@ -115,6 +131,13 @@ impl CudaOptions {
         if let Some(f) = num("BC_CUDA_CACHE_FRAMES") {
             o.cache_frames = f.max(1);
         }
+        let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0");
+        if set("BC_NO_GEMM_EPILOGUE") {
+            o.fuse_bias = false;
+        }
+        if set("BC_NO_GELU_EPILOGUE") {
+            o.fuse_gelu = false;
+        }
         o
     }
 }
@@ -129,7 +152,15 @@ pub fn set_session_options(o: Option<CudaOptions>) {
 
 /// Opens the CUDA backend for `model` with `opts` (what [`crate::backend::cuda_backend`] calls):
 /// [`CudaBackend`] on one device, [`MultiCudaBackend`] with `opts.devices > 1`.
-pub fn open<'m>(model: &'m Model, opts: &GenerateOptions) -> Result<Box<dyn Backend + 'm>> {
+///
+/// `frames`: the number of frames the run generates, when known. With global attention the
+/// KV cache then holds exactly that many frames (a run too long for the GPU fails here, with
+/// the bytes it needs, instead of part-way); unknown, it holds [`CudaOptions::cache_frames`].
+pub fn open<'m>(
+    model: &'m Model,
+    opts: &GenerateOptions,
+    frames: Option<usize>,
+) -> Result<Box<dyn Backend + 'm>> {
     let mut co = OVERRIDE
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -139,6 +170,9 @@ pub fn open<'m>(model: &'m Model, opts: &GenerateOptions) -> Result<Box<dyn Back
         co.devices = opts.device_ids.clone();
     }
     co.graphs &= opts.graphs;
+    if let (None, Some(f)) = (opts.local_attn, frames) {
+        co.cache_frames = f.max(1);
+    }
     if opts.devices > 1 || co.devices.len() > 1 {
         return Ok(Box::new(MultiCudaBackend::new(model, opts, co)?));
     }
@@ -303,6 +337,17 @@ pub struct ShapeKey {
     cross_runs: Vec<usize>,
 }
 
+/// A captured graph's identity: the window shape and which part of the tick it holds. One
+/// device: part 0 is the whole tick. Several devices, joint exchange: part `i` is the work
+/// between the K/V exchanges `i - 1` and `i` (embedding + layer 0's q/k/v; layer `i-1`'s
+/// attention and FFN + layer `i`'s q/k/v; the last layer + head). Lagged exchange: the whole
+/// tick, part = the K/V generation the tick writes (its buffers are baked into the graph).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct GraphKey {
+    shape: ShapeKey,
+    part: usize,
+}
+
 enum GraphState {
     /// Seen once (ran eagerly as warm-up).
     Warm,
@@ -364,7 +409,7 @@ fn push_src(v: &mut Vec<Src>, s: Src) {
 
 /// The CUDA backend: one device, its weights, activations, KV cache and graphs.
 pub struct CudaBackend<'m> {
-    graphs: HashMap<ShapeKey, GraphState>,
+    graphs: HashMap<GraphKey, GraphState>,
     graphs_ok: bool,
     /// Taken out in `Drop` (back to the weight cache, or dropped).
     gpu: ManuallyDrop<Gpu>,
@@ -502,6 +547,8 @@ impl<'m> CudaBackend<'m> {
             None if copts.emulate => (Gpu::open_emulated()?, None),
             None => (Gpu::open(ordinal)?, None),
         };
+        gpu.fused_epilogues = copts.fuse_bias;
+        gpu.gelu_epilogue = copts.fuse_gelu;
         let tpf = (h / 2) * (w / 2);
         let flen = CHANNELS * h * w;
         let geom = KvCache::new(0, tpf * d, opts.local_attn, opts.sink)?;
@@ -992,37 +1039,13 @@ impl<'m> CudaBackend<'m> {
     fn run(&mut self, members: &[Member]) -> Result<Vec<Vec<f32>>> {
         self.gpu.bind()?;
         let (shape, key) = self.prepare(members, None, None)?;
-        if !self.graphs_ok {
-            self.enqueue(&shape)?;
-        } else {
-            match self.graphs.get(&key) {
-                Some(GraphState::Ready(graph)) => self.gpu.replay(graph)?,
-                Some(GraphState::Warm) => {
-                    // All uploads above are ordered before the capture's replay.
-                    self.gpu.begin_capture()?;
-                    let res = self.enqueue(&shape);
-                    match res.and_then(|_| self.gpu.end_capture()) {
-                        Ok(graph) => {
-                            self.gpu.replay(&graph)?;
-                            self.graphs.insert(key, GraphState::Ready(graph));
-                        }
-                        Err(err) => {
-                            self.gpu.abort_capture();
-                            if std::env::var_os("BC_CUDA_VERBOSE").is_some() {
-                                eprintln!("CUDA graph capture failed, running eagerly: {err}");
-                            }
-                            self.graphs_ok = false;
-                            self.graphs.clear();
-                            self.enqueue(&shape)?;
-                        }
-                    }
-                }
-                None => {
-                    self.enqueue(&shape)?;
-                    self.graphs.insert(key, GraphState::Warm);
-                }
-            }
-        }
+        self.launch(
+            GraphKey {
+                shape: key,
+                part: 0,
+            },
+            &|b: &mut Self| b.enqueue(&shape),
+        )?;
         let flen = CHANNELS * self.opts.height * self.opts.width;
         let nf: usize = shape.frames.iter().sum();
         let mut flow = vec![0f32; nf * flen];
@@ -1034,6 +1057,44 @@ impl<'m> CudaBackend<'m> {
             .enumerate()
             .map(|(i, _)| flow[fr0[i] * flen..(fr0[i] + frames[i]) * flen].to_vec())
             .collect())
+    }
+
+    /// Enqueues the work of `key` (`enqueue`): eagerly the first time a key is seen (warm-up:
+    /// cuBLASLt heuristics, module load), captured into a graph and replayed the second time,
+    /// replayed afterwards. With graphs off (or after a failed capture) always eagerly.
+    fn launch(&mut self, key: GraphKey, enqueue: &dyn Fn(&mut Self) -> Result<()>) -> Result<()> {
+        if !self.graphs_ok {
+            return enqueue(self);
+        }
+        match self.graphs.get(&key) {
+            Some(GraphState::Ready(graph)) => self.gpu.replay(graph),
+            Some(GraphState::Warm) => {
+                // All uploads before this call are ordered before the capture's replay.
+                self.gpu.begin_capture()?;
+                let res = enqueue(self);
+                match res.and_then(|_| self.gpu.end_capture()) {
+                    Ok(graph) => {
+                        self.gpu.replay(&graph)?;
+                        self.graphs.insert(key, GraphState::Ready(graph));
+                        Ok(())
+                    }
+                    Err(err) => {
+                        self.gpu.abort_capture();
+                        if std::env::var_os("BC_CUDA_VERBOSE").is_some() {
+                            eprintln!("CUDA graph capture failed, running eagerly: {err}");
+                        }
+                        self.graphs_ok = false;
+                        self.graphs.clear();
+                        enqueue(self)
+                    }
+                }
+            }
+            None => {
+                enqueue(self)?;
+                self.graphs.insert(key, GraphState::Warm);
+                Ok(())
+            }
+        }
     }
 
     /// Downloads the flow of member `i` of the last tick.
@@ -1311,32 +1372,17 @@ impl<'m> CudaBackend<'m> {
             ops::gated_residual(g, xr, yr, n, d, tpf, NULL, 0, NULL)?;
             // FFN.
             ops::ln_modulate(g, xr, yr, n, d, eps, tpf, e0(3), e0(4), 6 * d, m(3), m(4))?;
-            if g.gelu_epilogue {
-                g.gemm(
-                    yr,
-                    ld.ffn0_w,
-                    ld.ffn0_b,
-                    fr,
-                    n,
-                    d,
-                    ffn,
-                    OutType::Bf16,
-                    Epilogue::GeluBias,
-                )?;
-            } else {
-                g.gemm(
-                    yr,
-                    ld.ffn0_w,
-                    ld.ffn0_b,
-                    fr,
-                    n,
-                    d,
-                    ffn,
-                    OutType::Bf16,
-                    Epilogue::Bias,
-                )?;
-                ops::activation(g, fr, n * ffn, true, true)?;
-            }
+            g.gemm(
+                yr,
+                ld.ffn0_w,
+                ld.ffn0_b,
+                fr,
+                n,
+                d,
+                ffn,
+                OutType::Bf16,
+                Epilogue::GeluBias,
+            )?;
             g.gemm(
                 fr,
                 ld.ffn2_w,
@@ -1510,9 +1556,12 @@ impl Drop for CudaBackend<'_> {
 /// Every device writes every context member's K/V into its own cache.
 ///
 /// All devices are driven from one host thread, layer by layer; ordering between devices is
-/// by events ([`Gpu::copy_to_peer`]). CUDA graphs are off in multi-device mode (graphs per
-/// device with cross-device events are future work). `recache` runs the whole rebuild on
-/// every device.
+/// by events ([`Gpu::copy_to_peer`]). Graphs: each device captures the work between two
+/// exchanges as one graph ([`GraphKey`]: part 0 = embedding + layer 0's q/k/v, part `i` =
+/// layer `i-1`'s attention and FFN + layer `i`'s q/k/v, the last part ends with the head), so
+/// a tick is `layers + 1` graph launches per device with the event-ordered peer copies
+/// between them; graph launches are ordinary stream work, so the cross-device ordering is
+/// the same as with eager launches. `recache` runs the whole rebuild on every device.
 ///
 /// **Lagged** exchange ([`crate::multi_device::KvExchange::Lagged`], the semantics of
 /// [`crate::multi_device`]): no exchange inside the tick. Every device keeps two generations
@@ -1522,7 +1571,8 @@ impl Drop for CudaBackend<'_> {
 /// not in the previous tick is not attended to). After the tick each device copies its
 /// window members' rows of the current generation, and its context members' cache frames, to
 /// every peer; the generations then swap. So every device holds every window member's K/V
-/// of the previous tick (a block may move to another device between ticks).
+/// of the previous tick (a block may move to another device between ticks). With nothing
+/// exchanged inside the tick, each device's whole tick is one graph (one per generation).
 pub struct MultiCudaBackend<'m> {
     devs: Vec<CudaBackend<'m>>,
     opts: GenerateOptions,
@@ -1559,13 +1609,9 @@ impl<'m> MultiCudaBackend<'m> {
         }
         let mut one = opts.clone();
         one.devices = 1;
-        let co = CudaOptions {
-            graphs: false,
-            ..copts
-        };
         let mut devs = Vec::with_capacity(ordinals.len());
         for &o in &ordinals {
-            devs.push(CudaBackend::open_device(model, &one, co.clone(), o)?);
+            devs.push(CudaBackend::open_device(model, &one, copts.clone(), o)?);
         }
         for a in 0..devs.len() {
             for b in 0..devs.len() {
@@ -1616,18 +1662,9 @@ impl<'m> MultiCudaBackend<'m> {
     }
 }
 
-/// Patch and time embedding of every device's members.
-fn embed_all(devs: &mut [CudaBackend], shapes: &[Shape]) -> Result<()> {
-    for (dev, s) in devs.iter_mut().zip(shapes) {
-        dev.gpu.bind()?;
-        dev.enqueue_embed(s)?;
-    }
-    Ok(())
-}
-
-/// Head of every device's members and the downloaded flow of all `n` members (each computed
-/// by the device it is placed on).
-fn heads_all(
+/// The flow of all `n` members of the tick just enqueued, each downloaded from the device
+/// it was placed on.
+fn download_all(
     devs: &mut [CudaBackend],
     shapes: &[Shape],
     placement: &[Vec<usize>],
@@ -1636,7 +1673,6 @@ fn heads_all(
     let mut out: Vec<Option<Vec<f32>>> = vec![None; n];
     for ((dev, s), own) in devs.iter_mut().zip(shapes).zip(placement) {
         dev.gpu.bind()?;
-        dev.enqueue_head(s)?;
         for &i in own {
             out[i] = Some(dev.download_member(s, i)?);
         }
@@ -1662,20 +1698,30 @@ impl Backend for MultiCudaBackend<'_> {
         let nd = self.devs.len();
         let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
         let placement = crate::multi_device::place(&tokens, nd);
-        let mut shapes = Vec::with_capacity(nd);
+        let (mut shapes, mut keys) = (Vec::with_capacity(nd), Vec::with_capacity(nd));
         for (dev, own) in self.devs.iter_mut().zip(&placement) {
             dev.gpu.bind()?;
-            shapes.push(dev.prepare(members, Some(own), None)?.0);
+            let (s, k) = dev.prepare(members, Some(own), None)?;
+            shapes.push(s);
+            keys.push(k);
         }
-        embed_all(&mut self.devs, &shapes)?;
         let layers = self.devs[0].layers.len();
         let row = (self.devs[0].model.config().dim * 2) as u64;
+        // Part 0: embedding and layer 0's q/k/v, on every device.
+        for ((dev, s), k) in self.devs.iter_mut().zip(&shapes).zip(&keys) {
+            dev.gpu.bind()?;
+            let key = GraphKey {
+                shape: k.clone(),
+                part: 0,
+            };
+            dev.launch(key, &|b: &mut CudaBackend| {
+                b.enqueue_embed(s)?;
+                let _r = nvtx::range(|| "layer 0".to_string());
+                b.enqueue_pre(s, 0)
+            })?;
+        }
         for li in 0..layers {
-            let _r = nvtx::range(|| format!("layer {li}"));
-            for (dev, s) in self.devs.iter_mut().zip(&shapes) {
-                dev.gpu.bind()?;
-                dev.enqueue_pre(s, li)?;
-            }
+            let _r = nvtx::range(|| format!("layer {li} exchange"));
             // Exchange: every device's rows of K and V into every peer's window buffers.
             for (src, ss) in shapes.iter().enumerate() {
                 for dst in (0..nd).filter(|&p| p != src) {
@@ -1690,13 +1736,26 @@ impl Backend for MultiCudaBackend<'_> {
                     sd.gpu.copy_to_peer(&dd.gpu, &regions)?;
                 }
             }
-            for (dev, s) in self.devs.iter_mut().zip(&shapes) {
+            // Part li + 1: layer li's attention and FFN, then layer li + 1's q/k/v (or the
+            // head after the last layer).
+            for ((dev, s), k) in self.devs.iter_mut().zip(&shapes).zip(&keys) {
                 dev.gpu.bind()?;
-                dev.enqueue_post(s, li)?;
+                let key = GraphKey {
+                    shape: k.clone(),
+                    part: li + 1,
+                };
+                dev.launch(key, &|b: &mut CudaBackend| {
+                    b.enqueue_post(s, li)?;
+                    if li + 1 < layers {
+                        let _r = nvtx::range(|| format!("layer {}", li + 1));
+                        b.enqueue_pre(s, li + 1)
+                    } else {
+                        b.enqueue_head(s)
+                    }
+                })?;
             }
         }
-        let out = heads_all(&mut self.devs, &shapes, &placement, members.len())?;
-        Ok(out)
+        download_all(&mut self.devs, &shapes, &placement, members.len())
     }
 
     fn commit(&mut self, end: usize) {
@@ -1751,39 +1810,51 @@ impl MultiCudaBackend<'_> {
             });
         }
         let (cur, prv) = (lag.cur, 1 - lag.cur);
-        let mut shapes = Vec::with_capacity(nd);
+        let (mut shapes, mut keys) = (Vec::with_capacity(nd), Vec::with_capacity(nd));
         for (di, (dev, own)) in self.devs.iter_mut().zip(&placement).enumerate() {
             dev.gpu.bind()?;
             let view = LagView {
                 prev_row: &prev_row,
                 prev_kv: &lag.gens[di][prv],
             };
-            shapes.push(dev.prepare(members, Some(own), Some(&view))?.0);
+            let (s, k) = dev.prepare(members, Some(own), Some(&view))?;
+            shapes.push(s);
+            keys.push(k);
         }
-        embed_all(&mut self.devs, &shapes)?;
-        for li in 0..layers {
-            let _r = nvtx::range(|| format!("layer {li}"));
-            for (di, ((dev, s), own)) in self
-                .devs
-                .iter_mut()
-                .zip(&shapes)
-                .zip(&placement)
-                .enumerate()
-            {
-                dev.gpu.bind()?;
-                dev.enqueue_pre(s, li)?;
-                // Snapshot this device's window members' K/V of this layer.
-                let (gk, gv) = lag.gens[di][cur][li];
-                for &i in own.iter().filter(|&&i| !members[i].context) {
-                    let off = s.row0[i] as u64 * row;
-                    let bytes = s.frames[i] * tpf * row as usize;
-                    dev.gpu.copy(gk + off, dev.b.k + off, bytes)?;
-                    dev.gpu.copy(gv + off, dev.b.v + off, bytes)?;
+        // No exchange inside the tick: each device's tick is one graph (one per generation
+        // written, since the snapshot copies target that generation's buffers).
+        for (di, (((dev, s), k), own)) in self
+            .devs
+            .iter_mut()
+            .zip(&shapes)
+            .zip(&keys)
+            .zip(&placement)
+            .enumerate()
+        {
+            dev.gpu.bind()?;
+            let gen = &lag.gens[di][cur];
+            let key = GraphKey {
+                shape: k.clone(),
+                part: cur,
+            };
+            dev.launch(key, &|b: &mut CudaBackend| {
+                b.enqueue_embed(s)?;
+                for (li, &(gk, gv)) in gen.iter().enumerate().take(layers) {
+                    let _r = nvtx::range(|| format!("layer {li}"));
+                    b.enqueue_pre(s, li)?;
+                    // Snapshot this device's window members' K/V of this layer.
+                    for &i in own.iter().filter(|&&i| !members[i].context) {
+                        let off = s.row0[i] as u64 * row;
+                        let bytes = s.frames[i] * tpf * row as usize;
+                        b.gpu.copy(gk + off, b.b.k + off, bytes)?;
+                        b.gpu.copy(gv + off, b.b.v + off, bytes)?;
+                    }
+                    b.enqueue_post(s, li)?;
                 }
-                dev.enqueue_post(s, li)?;
-            }
+                b.enqueue_head(s)
+            })?;
         }
-        let out = heads_all(&mut self.devs, &shapes, &placement, members.len())?;
+        let out = download_all(&mut self.devs, &shapes, &placement, members.len())?;
         // End of tick: window members' K/V to every peer's current generation, context
         // members' K/V to every peer's cache (same rows and cache slots on every device).
         for (src, own) in placement.iter().enumerate() {

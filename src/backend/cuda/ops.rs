@@ -240,16 +240,30 @@ pub fn attention(
 
 /// `x = act(x)` in place, `n` values, bf16 or f32.
 pub fn activation(g: &Gpu, x: DevPtr, n: usize, gelu: bool, bf16: bool) -> Result<()> {
+    let op = if gelu { BC_ACT_GELU_TANH } else { BC_ACT_SILU };
+    bias_activation(g, x, NULL, 1, n, op, bf16)
+}
+
+/// `x = act(x + bias[i % cols])` in place, `n` values, bf16 or f32 (`op`: `BC_ACT_*`; `bias`
+/// [`NULL`] for none): the epilogue of a GEMM that cuBLASLt does not fuse.
+pub fn bias_activation(
+    g: &Gpu,
+    x: DevPtr,
+    bias: DevPtr,
+    cols: usize,
+    n: usize,
+    op: u32,
+    bf16: bool,
+) -> Result<()> {
     let prm = BcActivationParams {
         x: p(x),
         out: pm(x),
         n: n as i64,
-        op: if gelu {
-            BC_ACT_GELU_TANH as i32
-        } else {
-            BC_ACT_SILU as i32
-        },
+        op: op as i32,
         bf16: bf16 as i32,
+        bias: p(bias),
+        cols: cols.max(1) as i32,
+        _pad: 0,
     };
     // SAFETY: as above.
     unsafe {

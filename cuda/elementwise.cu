@@ -2,7 +2,8 @@
 //
 // bc_activation:     out[i] = act(x[i] + bias[i % cols]) (bias optional), act = gelu_tanh(u) =
 //                    0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))), silu(u) = u / (1 + exp(-u))
-//                    or identity; f32 or bf16 data (f32 math), in place ok. With a bias it is
+//                    identity, or rounding to bf16 (an f32 value that bf16 storage would hold);
+//                    f32 or bf16 data (f32 math), in place ok. With a bias it is
 //                    the epilogue of a GEMM that cuBLASLt does not fuse.
 // bc_time_embedding: out[f] = [cos(t_f w_i), sin(t_f w_i)] (i < half), w_i = 10000^(-i/half),
 //                    in f64 like cpu::ops::sinusoidal; one block per frame.
@@ -19,6 +20,7 @@ constexpr int EW_THREADS = BC_ELEM_THREADS;
 
 __device__ __forceinline__ float bc_act(float u, int op) {
     if (op == BC_ACT_NONE) return u;
+    if (op == BC_ACT_ROUND_BF16) return __bfloat162float(__float2bfloat16(u));
     if (op == BC_ACT_SILU) return u / (1.f + expf(-u));
     const float c = 0.7978845608f;  // sqrt(2/pi)
     return 0.5f * u * (1.f + tanhf(c * (u + 0.044715f * u * u * u)));

@@ -150,3 +150,36 @@ fn unfused_gemm_epilogues_match_the_fused_ones() {
         assert!(vs_expected < 2e-2, "vs expected: {vs_expected}");
     }
 }
+
+/// The residual-stream precision (issue 4): the backend keeps the residual stream in f32. This
+/// measures what bf16 storage of it would cost, by rounding it to bf16 after every residual
+/// add, on the golden case against the f32 reference; the README quotes the printed numbers.
+/// It asserts that the rounding is applied (the latents change) and stays within the bf16
+/// tolerance, so the measurement itself cannot silently measure nothing.
+#[test]
+fn residual_stream_precision_measured() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let g = golden();
+    let want = expected("expected.safetensors");
+    let run = |round: bool| {
+        set_session_options(Some(CudaOptions {
+            emulate: true,
+            round_residual_bf16: round,
+            ..CudaOptions::default()
+        }));
+        let mut o = g.opts.clone();
+        o.backend = BackendKind::Cuda;
+        let res = Generator::new(g.engine.model(), o.clone(), g.noise.clone(), &g.prompt)
+            .and_then(|gen| gen.generate(g.frames / o.block_frames));
+        set_session_options(None);
+        res.unwrap().0
+    };
+    let f32_res = run(false);
+    let bf16_res = run(true);
+    let (e32, e16) = (rel_l2(&want, &f32_res), rel_l2(&want, &bf16_res));
+    println!(
+        "RESIDUAL f32 rel_l2={e32:.3e} bf16 rel_l2={e16:.3e} (golden case vs the f32 reference)"
+    );
+    assert_ne!(f32_res, bf16_res, "rounding the residual changed nothing");
+    assert!(e16 < 2e-2, "bf16 residual: rel L2 {e16}");
+}

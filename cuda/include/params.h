@@ -258,6 +258,9 @@ typedef struct BcAttentionParams {
 #define BC_ACT_SILU 1
 /** Activation selector of `bc_activation`: identity (bias only). */
 #define BC_ACT_NONE 2
+/** Activation selector of `bc_activation`: round to bf16 and back (f32 data; the residual
+ * precision experiment of `CudaOptions::round_residual_bf16`). */
+#define BC_ACT_ROUND_BF16 3
 
 /** `bc_activation`: `out[i] = act(x[i] + bias[i % cols])` (no bias when `bias` is NULL),
  * bf16 (`bf16 = 1`) or f32 data, f32 math; may run in place. The bias add is the fallback

@@ -11,6 +11,7 @@ pub const BC_ATTN_BK: u32 = 64;
 pub const BC_ACT_GELU_TANH: u32 = 0;
 pub const BC_ACT_SILU: u32 = 1;
 pub const BC_ACT_NONE: u32 = 2;
+pub const BC_ACT_ROUND_BF16: u32 = 3;
 #[doc = " A bfloat16 value stored as its raw bits."]
 pub type bc_bf16 = u16;
 #[doc = " 64-bit signed count."]

@@ -22,7 +22,9 @@
 //!   [`weight_uploads`] and [`cached_weight_sets`] count. The weights are snapshotted at upload:
 //!   a model whose `weights` are changed in place after a CUDA run keeps the old device copy.
 //! - **Precision.** bf16 activations and weights, f32 accumulation everywhere, f32 residual
-//!   stream, f32 latents, per-frame conditioning and statistics (as `params.h` says). The time
+//!   stream (bf16 storage of it raises the golden error from 3.2e-3 to 4.3e-3 on the emulated
+//!   device, see [`CudaOptions::round_residual_bf16`] and the README), f32 latents, per-frame
+//!   conditioning and statistics (as `params.h` says). The time
 //!   embedding (a few tiny GEMVs per distinct timestep) and the prompt's cross-attention K/V
 //!   ([`Model::prompt_context`]) are computed on the CPU and uploaded.
 //! - **GEMMs** go through cuBLASLt (bf16 in, f32 accumulate, fused bias epilogue, GELU+bias
@@ -54,7 +56,7 @@ pub use device::graph_replays;
 
 use crate::backend::Backend;
 use crate::config::GenerateOptions;
-use crate::kernels::params::{BcAttnGroup, BcKvSegment};
+use crate::kernels::params::{BcAttnGroup, BcKvSegment, BC_ACT_ROUND_BF16};
 use crate::kv_cache::KvCache;
 use crate::model::{Member, Model, PromptContext, CHANNELS};
 use crate::window;
@@ -90,6 +92,10 @@ pub struct CudaOptions {
     /// Fuse the bias (and GELU) into cuBLASLt's GEMM epilogue where it has an algorithm for it
     /// (`BC_NO_GEMM_EPILOGUE=1` turns it off: plain GEMMs, then the activation kernel).
     pub fuse_bias: bool,
+    /// Measurement aid for the residual-stream precision (issue 4): round the f32 residual
+    /// stream to bf16 after every residual add, as bf16 storage of it would. Not faster (the
+    /// kernels still move f32); off by default, see the README for the measured error.
+    pub round_residual_bf16: bool,
     /// Fuse the GELU of `ffn.0` into cuBLASLt's epilogue (`BC_NO_GELU_EPILOGUE=1` turns it
     /// off: bias epilogue, then the activation kernel).
     pub fuse_gelu: bool,
@@ -105,6 +111,7 @@ impl Default for CudaOptions {
             emulate: false,
             fuse_bias: true,
             fuse_gelu: true,
+            round_residual_bf16: false,
         }
     }
 }
@@ -1245,6 +1252,7 @@ impl<'m> CudaBackend<'m> {
         let tpf = (self.opts.height / 2) * wp;
         let b = &self.b;
         let ld = &self.layers[li];
+        let round = self.copts.round_residual_bf16;
         let g = &mut self.gpu;
         let (x, y, q, k, v, att) = (b.x, b.y, b.q, b.k, b.v, b.att);
         let (f32b, du) = (4u64, d as u64);
@@ -1308,6 +1316,9 @@ impl<'m> CudaBackend<'m> {
                 Epilogue::Bias,
             )?;
             ops::gated_residual(g, xr, yr, n, d, tpf, e0(2), 6 * d, m(2))?;
+            if round {
+                ops::bias_activation(g, xr, NULL, 1, n * d, BC_ACT_ROUND_BF16, false)?;
+            }
             // Cross-attention queries.
             ops::layer_norm_affine(g, xr, yr, n, d, eps, ld.norm3_w, ld.norm3_b)?;
             let qr = q + r0 * row;
@@ -1370,6 +1381,9 @@ impl<'m> CudaBackend<'m> {
                 Epilogue::Bias,
             )?;
             ops::gated_residual(g, xr, yr, n, d, tpf, NULL, 0, NULL)?;
+            if round {
+                ops::bias_activation(g, xr, NULL, 1, n * d, BC_ACT_ROUND_BF16, false)?;
+            }
             // FFN.
             ops::ln_modulate(g, xr, yr, n, d, eps, tpf, e0(3), e0(4), 6 * d, m(3), m(4))?;
             g.gemm(
@@ -1395,6 +1409,9 @@ impl<'m> CudaBackend<'m> {
                 Epilogue::Bias,
             )?;
             ops::gated_residual(g, xr, yr, n, d, tpf, e0(5), 6 * d, m(5))?;
+            if round {
+                ops::bias_activation(g, xr, NULL, 1, n * d, BC_ACT_ROUND_BF16, false)?;
+            }
         }
         Ok(())
     }

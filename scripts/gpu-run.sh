@@ -10,11 +10,18 @@
 # Exit status: non-zero when a test failed (or no GPU was usable).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cd "$here"
-logs="${BC_LOGS:-$here/logs}"
-mkdir -p "$logs"
+# A relative BC_LOGS is relative to where run.sh was started; the default is logs/ here.
+[ -n "${BC_LOGS:-}" ] || cd "$here"
 parts="${*:-tests sanitizer bench pytorch}"
+for p in $parts; do
+    case "$p" in tests|sanitizer|bench|pytorch) ;;
+        *) echo "run.sh: unknown part '$p' (parts: tests sanitizer bench pytorch)" >&2; exit 64;;
+    esac
+done
 want() { [[ " $parts " == *" $1 "* ]]; }
+logs="${BC_LOGS:-logs}"
+mkdir -p "$logs" && logs=$(cd "$logs" && pwd)
+cd "$here"
 
 # --- libraries -------------------------------------------------------------------------
 libdirs=()
@@ -67,15 +74,17 @@ if want tests; then
 fi
 
 # --- compute-sanitizer (memcheck, racecheck) on the kernel tests at small shapes ---------
-san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -n 1)
+san=$(command -v compute-sanitizer || ls -d /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | sort -V | tail -n 1)
 if ! want sanitizer; then
     :
 elif [ -n "$san" ]; then
     : > "$logs"/sanitizer.txt
     for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
-        BC_TEST_SMALL=1 timeout 600 "$san" --tool "$tool" --error-exitcode 99 \
-            ./bin/cuda-tests --test-threads=1 match_the_cpu > "$logs/sanitizer-$tool.log" 2>&1
+        # Every test named *_the_cpu (all kernels, the attention kernel included); 270 s each
+        # keeps the part under the GPU machine's 10-minute command limit.
+        BC_TEST_SMALL=1 timeout 270 "$san" --tool "$tool" --error-exitcode 99 \
+            ./bin/cuda-tests --test-threads=1 _the_cpu > "$logs/sanitizer-$tool.log" 2>&1
         rc=$?
         echo "SANITIZER $tool exit=$rc $(grep -m1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$logs/sanitizer-$tool.log")" | tee -a "$logs"/sanitizer.txt
         [ $rc -eq 0 ] || status=1

@@ -9,7 +9,7 @@
 
 mod common;
 use blockcascade::backend::cuda::device::{probe, DevPtr, Epilogue, Gpu, OutType};
-use blockcascade::backend::cuda::{ops, set_session_options, CudaOptions};
+use blockcascade::backend::cuda::{graph_replays, ops, set_session_options, CudaOptions};
 use blockcascade::backend::BackendKind;
 use blockcascade::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
 use blockcascade::cpu::gemm::linear;
@@ -739,9 +739,15 @@ fn graph_replay_equals_eager_launches() {
     drop(g);
     for schedule in [Schedule::Sequential, Schedule::Cascade { lag: 1 }] {
         let eager = run_golden(schedule, AttentionMode::Causal, false);
+        let before = graph_replays();
         let graph = run_golden(schedule, AttentionMode::Causal, true);
+        let replays = graph_replays() - before;
         let err = rel_l2(&eager, &graph);
-        println!("GRAPH {schedule:?} graph_vs_eager_rel_l2={err:.3e}");
+        println!("GRAPH {schedule:?} graph_vs_eager_rel_l2={err:.3e} replays={replays}");
+        assert!(
+            replays > 0,
+            "{schedule:?}: no graph was replayed (capture failed?)"
+        );
         assert!(
             err < 1e-6,
             "{schedule:?}: graph replay differs from eager: rel L2 {err}"
@@ -787,9 +793,12 @@ fn two_logical_devices_on_gpu0_equal_one() {
     // cuBLASLt may pick another algorithm for the smaller per-device GEMMs: bf16 tolerance.
     assert!(err < 1e-2, "--devices 0,0 vs --devices 0: rel L2 {err}");
     // Graphs per device (one per stretch between two K/V exchanges) replay the eager result.
+    let before = graph_replays();
     let two_graphs = run(vec![0, 0], true);
+    let replays = graph_replays() - before;
     let eg = rel_l2(&two, &two_graphs);
-    println!("MULTI --devices 0,0 graphs vs eager: rel_l2={eg:.3e}");
+    println!("MULTI --devices 0,0 graphs vs eager: rel_l2={eg:.3e} replays={replays}");
+    assert!(replays > 0, "--devices 0,0: no graph was replayed");
     assert!(eg < 1e-6, "--devices 0,0: graphs vs eager: rel L2 {eg}");
     let exp = expected("cascade-lag1-causal.safetensors");
     let e2 = rel_l2(&exp, &two);

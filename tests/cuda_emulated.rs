@@ -183,3 +183,40 @@ fn residual_stream_precision_measured() {
     assert_ne!(f32_res, bf16_res, "rounding the residual changed nothing");
     assert!(e16 < 2e-2, "bf16 residual: rel L2 {e16}");
 }
+
+/// Sizes too large for any GPU (a latent size or a run length whose buffers overflow 64-bit
+/// byte counts, or simply exceed the device) are one out-of-memory error line and a non-zero
+/// exit from the CUDA backend, not a panic or an overflowed allocation.
+#[test]
+fn cuda_sizes_beyond_any_device_are_a_clean_out_of_memory_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["--height", "1099511627776", "--width", "2"][..],
+        &["--frames", "3000000000"][..],
+        &[
+            "--height",
+            "4611686018427387904",
+            "--width",
+            "4611686018427387904",
+        ][..],
+    ] {
+        let out = dir.path().join("o.safetensors");
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_blockcascade"))
+            .env("BC_CUDA_EMULATE", "1")
+            .args(["generate", "--backend", "cuda", "-q"])
+            .args(args)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}: succeeded");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.contains("out of memory") || err.contains("invalid"),
+            "{args:?}: {err}"
+        );
+        assert!(!out.exists(), "{args:?}: output written");
+    }
+}

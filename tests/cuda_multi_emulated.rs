@@ -8,6 +8,9 @@ mod common;
 use blockcascade::backend::cuda::{graph_replays, set_session_options, CudaOptions};
 use blockcascade::backend::BackendKind;
 use blockcascade::multi_device::KvExchange;
+use blockcascade::noise::NoiseSource;
+use blockcascade::prompt::{PromptEmbeds, PromptSwitch};
+use blockcascade::Recache;
 use blockcascade::{AttentionMode, Generator, Schedule};
 use common::*;
 use std::sync::Mutex;
@@ -201,4 +204,46 @@ fn joint_exchange_graphs_equal_eager_on_two_emulated_cuda_devices() {
 fn lagged_exchange_graphs_equal_eager_on_three_emulated_cuda_devices() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     check_graphs(KvExchange::Lagged, 3, 9);
+}
+
+/// A graph captured for one part of a multi-device tick must never be replayed for another
+/// kind of work with the same window shape: here a context pass run alone
+/// (`separate_context_pass`, one member, all on device 0) and the recache of that same single
+/// block after a prompt switch (`--recache window`) have the same shape. Graphs must give the
+/// eager result bit for bit.
+#[test]
+fn recache_and_context_pass_graphs_equal_eager_on_two_emulated_cuda_devices() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let g = golden();
+    let p1 = PromptEmbeds::builtin(g.engine.config(), 1);
+    let run = |graphs: bool| {
+        set_session_options(Some(CudaOptions {
+            emulate: true,
+            graphs,
+            ..CudaOptions::default()
+        }));
+        let mut o = g.opts.clone();
+        o.schedule = Schedule::Sequential;
+        o.backend = BackendKind::Cuda;
+        o.devices = 2;
+        o.separate_context_pass = true;
+        o.recache = Recache::Window;
+        let res = Generator::new(g.engine.model(), o, NoiseSource::Seeded(5), &g.prompt).and_then(
+            |mut gen| {
+                gen.set_prompt_schedule(&[PromptSwitch {
+                    block: 2,
+                    embeds: p1.clone(),
+                }])?;
+                gen.generate(4)
+            },
+        );
+        set_session_options(None);
+        res.unwrap()
+    };
+    let before = graph_replays();
+    let (eager, re) = run(false);
+    let (graph, _) = run(true);
+    assert!(re.recache_passes > 0, "no recache happened");
+    assert!(graph_replays() > before, "no graph was replayed");
+    assert_eq!(eager, graph, "graph replay differs from eager launches");
 }

@@ -201,6 +201,12 @@ struct GemmPlan {
     algo: ltsys::cublasLtMatmulAlgo_t,
 }
 
+/// Whether the environment variable `k` is set to something other than empty or `0` (how
+/// every `BC_*` switch is read).
+pub fn env_flag(k: &str) -> bool {
+    std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Destroys a plan's cuBLASLt handles (null ones skipped).
 fn destroy_plan(p: &GemmPlan) {
     // SAFETY: every non-null handle was created for this plan and is destroyed once (plans
@@ -223,8 +229,9 @@ pub const GEMM_WORKSPACE: usize = 32 << 20;
 /// GEMM shapes whose fused cuBLASLt epilogue had no algorithm (bias / GELU run as a kernel).
 static UNFUSED_GEMM_SHAPES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// How many GEMM shapes (on any device of this process) run their bias / GELU as a separate
-/// kernel because cuBLASLt had no algorithm for the fused epilogue.
+/// How many times (per device and GEMM shape, in this process) a fused cuBLASLt epilogue
+/// could not be planned (no algorithm, or the bias type / epilogue refused), so that shape runs
+/// its bias and/or GELU as a separate kernel.
 pub fn unfused_gemm_shapes() -> usize {
     UNFUSED_GEMM_SHAPES.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -289,8 +296,8 @@ impl Gpu {
             workspace: 0,
             plans: HashMap::new(),
             name: "emulated device (SIMT emulation on the CPU)".into(),
-            gelu_epilogue: std::env::var_os("BC_NO_GELU_EPILOGUE").is_none(),
-            fused_epilogues: std::env::var_os("BC_NO_GEMM_EPILOGUE").is_none(),
+            gelu_epilogue: !env_flag("BC_NO_GELU_EPILOGUE"),
+            fused_epilogues: !env_flag("BC_NO_GEMM_EPILOGUE"),
             allocs: Vec::new(),
             emu: Some(Box::new(EmuDevice::new())),
         })
@@ -349,8 +356,8 @@ impl Gpu {
             workspace: 0,
             plans: HashMap::new(),
             name,
-            gelu_epilogue: std::env::var_os("BC_NO_GELU_EPILOGUE").is_none(),
-            fused_epilogues: std::env::var_os("BC_NO_GEMM_EPILOGUE").is_none(),
+            gelu_epilogue: !env_flag("BC_NO_GELU_EPILOGUE"),
+            fused_epilogues: !env_flag("BC_NO_GEMM_EPILOGUE"),
             allocs: Vec::new(),
             emu: None,
         };
@@ -621,11 +628,15 @@ impl Gpu {
             Epilogue::GeluBias if !self.gelu_epilogue => Epilogue::Bias,
             e => e,
         };
-        if fused != Epilogue::None
+        // Without an algorithm for GELU+bias try bias alone, then a plain GEMM.
+        while fused != Epilogue::None
             && self.emu.is_none()
             && self.plan_for(rows, inp, out, ty, fused)?.is_none()
         {
-            fused = Epilogue::None;
+            fused = match fused {
+                Epilogue::GeluBias => Epilogue::Bias,
+                _ => Epilogue::None,
+            };
         }
         self.matmul(GemmArgs {
             x,

@@ -79,7 +79,8 @@ pub struct CudaOptions {
     /// [`GenerateOptions::devices`]. With `emulate` every logical device is its own emulated
     /// device.
     pub devices: Vec<usize>,
-    /// Capture and replay one CUDA graph per window shape (`BC_NO_GRAPHS=1` turns it off).
+    /// Capture and replay CUDA graphs, one per window shape and part of the tick (see
+    /// [`MultiCudaBackend`] for the parts with several devices; `BC_NO_GRAPHS=1` turns it off).
     pub graphs: bool,
     /// Frames the KV cache holds with global attention when the run's length is not known
     /// (`BC_CUDA_CACHE_FRAMES`, default 21, the Self-Forcing video length); a
@@ -129,20 +130,19 @@ impl CudaOptions {
         if let Some(d) = num("BC_CUDA_DEVICE") {
             o.device = d;
         }
-        if std::env::var("BC_NO_GRAPHS").is_ok_and(|v| !v.is_empty() && v != "0") {
+        if device::env_flag("BC_NO_GRAPHS") {
             o.graphs = false;
         }
-        if std::env::var("BC_CUDA_EMULATE").is_ok_and(|v| !v.is_empty() && v != "0") {
+        if device::env_flag("BC_CUDA_EMULATE") {
             o.emulate = true;
         }
         if let Some(f) = num("BC_CUDA_CACHE_FRAMES") {
             o.cache_frames = f.max(1);
         }
-        let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0");
-        if set("BC_NO_GEMM_EPILOGUE") {
+        if device::env_flag("BC_NO_GEMM_EPILOGUE") {
             o.fuse_bias = false;
         }
-        if set("BC_NO_GELU_EPILOGUE") {
+        if device::env_flag("BC_NO_GELU_EPILOGUE") {
             o.fuse_gelu = false;
         }
         o
@@ -344,15 +344,27 @@ pub struct ShapeKey {
     cross_runs: Vec<usize>,
 }
 
-/// A captured graph's identity: the window shape and which part of the tick it holds. One
-/// device: part 0 is the whole tick. Several devices, joint exchange: part `i` is the work
-/// between the K/V exchanges `i - 1` and `i` (embedding + layer 0's q/k/v; layer `i-1`'s
-/// attention and FFN + layer `i`'s q/k/v; the last layer + head). Lagged exchange: the whole
-/// tick, part = the K/V generation the tick writes (its buffers are baked into the graph).
+/// A captured graph's identity: the window shape and which part of the work it holds. The
+/// part is an enum so that two kinds of work with the same window shape (a whole one-device
+/// tick or recache chunk, and part 0 of a multi-device tick) never share a graph.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct GraphKey {
     shape: ShapeKey,
-    part: usize,
+    part: Part,
+}
+
+/// Which part of a tick a graph holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Part {
+    /// A whole forward on one device (a one-device tick, or a recache chunk).
+    Whole,
+    /// Several devices, joint exchange: the work between K/V exchanges `i - 1` and `i`
+    /// (0: embedding + layer 0's q/k/v; `i`: layer `i-1`'s attention and FFN + layer `i`'s
+    /// q/k/v; the last one ends with the head).
+    Joint(usize),
+    /// Several devices, lagged exchange: the whole tick writing K/V generation `g` (its
+    /// buffers are baked into the graph).
+    Lagged(usize),
 }
 
 enum GraphState {
@@ -556,9 +568,25 @@ impl<'m> CudaBackend<'m> {
         };
         gpu.fused_epilogues = copts.fuse_bias;
         gpu.gelu_epilogue = copts.fuse_gelu;
-        let tpf = (h / 2) * (w / 2);
-        let flen = CHANNELS * h * w;
-        let geom = KvCache::new(0, tpf * d, opts.local_attn, opts.sink)?;
+        // Sizes come from user options (latent size, block frames, steps, run length): every
+        // product is checked, and the byte plan is summed in u128, so a size too large for
+        // any GPU is an out-of-memory error, never an overflow.
+        let too_big = |what: &str| {
+            Error::OutOfMemory(format!(
+                "the CUDA buffers for {what} are larger than any device's memory"
+            ))
+        };
+        let tpf = (h / 2)
+            .checked_mul(w / 2)
+            .ok_or_else(|| too_big("the latent size"))?;
+        let flen = CHANNELS
+            .checked_mul(tpf)
+            .and_then(|v| v.checked_mul(4))
+            .ok_or_else(|| too_big("the latent size"))?;
+        let row = tpf
+            .checked_mul(d)
+            .ok_or_else(|| too_big("the latent size"))?;
+        let geom = KvCache::new(0, row, opts.local_attn, opts.sink)?;
         let slots = match opts.local_attn {
             Some(l) => l,
             None => copts.cache_frames,
@@ -566,57 +594,79 @@ impl<'m> CudaBackend<'m> {
         let steps = opts.steps.len().max(1);
         let lag = opts.lag().clamp(1, steps);
         let max_members = steps.div_ceil(lag) + 1;
-        let max_frames = max_members * opts.block_frames.max(1);
-        let n = max_frames * tpf;
-        let seg_max = max_members * (slots + max_frames + max_members) + 4;
+        let max_frames = max_members
+            .checked_mul(opts.block_frames.max(1))
+            .ok_or_else(|| too_big("the window"))?;
+        let n = max_frames
+            .checked_mul(tpf)
+            .ok_or_else(|| too_big("the window"))?;
+        let seg_max = slots
+            .checked_add(max_frames)
+            .and_then(|v| v.checked_add(max_members))
+            .and_then(|v| v.checked_mul(max_members))
+            .and_then(|v| v.checked_add(4))
+            .ok_or_else(|| too_big("the attention tables"))?;
         let pslots = max_members;
         let l = c.num_layers;
         let (ffn, tl) = (c.ffn_dim, c.text_len);
-        // Byte plan.
-        let bf = 2usize;
-        let per_layer_w = bf * (3 * d * d + d * d + d * d + d * d + 2 * ffn * d)
-            + 4 * (3 * d + d + 2 * d + d + d + d + 2 * d + ffn + d + 6 * d);
-        let cache_layer = 2 * bf * slots * tpf * d;
-        let weights = l * per_layer_w + bf * (d * 64 + 64 * d) + 4 * (d + 64 + 2 * d);
-        let acts = 2 * 4 * max_frames * flen
-            + bf * n * 64
-            + 4 * n * d
-            + bf * n * d * 6
-            + bf * n * ffn
-            + bf * n * 64
-            + 4 * max_frames * 7 * d
-            + 2 * 4 * max_frames
-            + l * seg_max * std::mem::size_of::<BcKvSegment>()
-            + 4 * max_members * seg_max
-            + 16 * max_members
-            + l * pslots * std::mem::size_of::<BcKvSegment>()
-            + 4 * max_members
-            + 16 * max_members;
-        let prompts = pslots * l * 2 * bf * tl * d;
+        // Byte plan (u128: no product of these can overflow it).
+        let u = |v: usize| v as u128;
+        let (bf, f4) = (2u128, 4u128);
+        let (du, lu, nu, ffu, mfu, mmu, su) = (
+            u(d),
+            u(l),
+            u(n),
+            u(ffn),
+            u(max_frames),
+            u(max_members),
+            u(seg_max),
+        );
+        let seg = u(std::mem::size_of::<BcKvSegment>());
+        let per_layer_w = bf * (3 * du * du + du * du + du * du + du * du + 2 * ffu * du)
+            + f4 * (3 * du + du + 2 * du + du + du + du + 2 * du + ffu + du + 6 * du);
+        let cache_layer = 2 * bf * u(slots) * u(tpf) * du;
+        let weights = lu * per_layer_w + bf * (du * 64 + 64 * du) + f4 * (du + 64 + 2 * du);
+        let acts = 2 * f4 * mfu * u(flen)
+            + bf * nu * 64
+            + f4 * nu * du
+            + bf * nu * du * 6
+            + bf * nu * ffu
+            + bf * nu * 64
+            + f4 * mfu * 7 * du
+            + 2 * f4 * mfu
+            + lu * su * seg
+            + f4 * mmu * su
+            + 16 * mmu
+            + lu * u(pslots) * seg
+            + f4 * mmu
+            + 16 * mmu;
+        let prompts = u(pslots) * lu * 2 * bf * u(tl) * du;
         // Resident weights (and the GEMM workspace of a device already open) are not needed
         // again.
         let fresh = resident.is_none();
         let upload = if fresh {
-            weights + device::GEMM_WORKSPACE
+            weights + u(device::GEMM_WORKSPACE)
         } else {
             0
         };
-        let need = upload + l * cache_layer + acts + prompts;
+        let need = upload + lu * cache_layer + acts + prompts;
         let (mut free, mut total) = gpu.mem_info()?;
         // Allocation granularity and the driver's own needs.
-        let margin = 64 << 20;
-        if need + margin > free && !copts.emulate && evict_ordinal(ordinal, false) > 0 {
+        let margin = 64u128 << 20;
+        if need + margin > u(free) && !copts.emulate && evict_ordinal(ordinal, false) > 0 {
             // Other models' cached weights on this GPU made way.
             gpu.bind()?;
             (free, total) = gpu.mem_info()?;
         }
-        if need + margin > free {
+        // From here on every size below is at most `need`, which fits in `free`: the usize
+        // arithmetic of the allocations cannot overflow.
+        if need + margin > u(free) {
             return Err(Error::OutOfMemory(format!(
                 "the CUDA backend needs {need} bytes ({:.2} GiB: weights {:.2}{}, KV cache {:.2}, activations {:.2}, prompts {:.2}) but only {free} of {total} bytes are free on {}",
                 need as f64 / (1u64 << 30) as f64,
                 weights as f64 / (1u64 << 30) as f64,
                 if fresh { "" } else { " already resident, not counted" },
-                (l * cache_layer) as f64 / (1u64 << 30) as f64,
+                (lu * cache_layer) as f64 / (1u64 << 30) as f64,
                 acts as f64 / (1u64 << 30) as f64,
                 prompts as f64 / (1u64 << 30) as f64,
                 gpu.name
@@ -630,6 +680,7 @@ impl<'m> CudaBackend<'m> {
                 w
             }
         };
+        let bf = 2usize;
         let cb = slots * tpf * d * bf;
         let mut run_allocs = Vec::new();
         let mut a = |bytes: usize| -> Result<DevPtr> {
@@ -663,7 +714,7 @@ impl<'m> CudaBackend<'m> {
             ca_segs: a(l * pslots * std::mem::size_of::<BcKvSegment>())?,
             ca_index: a(4 * max_members)?,
             ca_groups: a(std::mem::size_of::<BcAttnGroup>() * max_members)?,
-            prompt_kv: a(prompts)?,
+            prompt_kv: a(prompts as usize)?,
         };
         let layers = w
             .layers
@@ -699,7 +750,7 @@ impl<'m> CudaBackend<'m> {
             b,
             prompt_slots: vec![None; pslots],
             time_cache: HashMap::new(),
-            cache_bytes: l * cache_layer,
+            cache_bytes: (lu * cache_layer) as usize,
             ticks: 0,
         })
     }
@@ -738,7 +789,7 @@ impl<'m> CudaBackend<'m> {
         let s = self.geom.slot(f);
         if s >= self.slots {
             return Err(Error::OutOfMemory(format!(
-                "the CUDA KV cache holds {} frames with global attention and frame {f} does not fit: set BC_CUDA_CACHE_FRAMES or use local attention",
+                "the CUDA KV cache holds {} frames with global attention and frame {f} does not fit (a Generator run sizes it for its frames; otherwise set BC_CUDA_CACHE_FRAMES), or use local attention",
                 self.slots
             )));
         }
@@ -1049,7 +1100,7 @@ impl<'m> CudaBackend<'m> {
         self.launch(
             GraphKey {
                 shape: key,
-                part: 0,
+                part: Part::Whole,
             },
             &|b: &mut Self| b.enqueue(&shape),
         )?;
@@ -1729,7 +1780,7 @@ impl Backend for MultiCudaBackend<'_> {
             dev.gpu.bind()?;
             let key = GraphKey {
                 shape: k.clone(),
-                part: 0,
+                part: Part::Joint(0),
             };
             dev.launch(key, &|b: &mut CudaBackend| {
                 b.enqueue_embed(s)?;
@@ -1759,7 +1810,7 @@ impl Backend for MultiCudaBackend<'_> {
                 dev.gpu.bind()?;
                 let key = GraphKey {
                     shape: k.clone(),
-                    part: li + 1,
+                    part: Part::Joint(li + 1),
                 };
                 dev.launch(key, &|b: &mut CudaBackend| {
                     b.enqueue_post(s, li)?;
@@ -1852,7 +1903,7 @@ impl MultiCudaBackend<'_> {
             let gen = &lag.gens[di][cur];
             let key = GraphKey {
                 shape: k.clone(),
-                part: cur,
+                part: Part::Lagged(cur),
             };
             dev.launch(key, &|b: &mut CudaBackend| {
                 b.enqueue_embed(s)?;

@@ -104,6 +104,8 @@ const MAX_NVLINKS: c_uint = 18;
 /// An initialised NVML (shut down on drop).
 pub struct Nvml {
     lib: libloading::Library,
+    /// `nvmlInit_v2` succeeded (so `nvmlShutdown` is due on drop).
+    initialised: bool,
 }
 
 impl Nvml {
@@ -125,14 +127,16 @@ impl Nvml {
         // preconditions; a wrong library fails the symbol lookups below.
         let lib = unsafe { libloading::Library::new(path) }
             .map_err(|e| format!("NVML not available ({path}: {e})"))?;
-        let nvml = Nvml { lib };
+        let mut nvml = Nvml {
+            lib,
+            initialised: false,
+        };
         // SAFETY: `nvmlInit_v2` takes no arguments.
         let rc = unsafe { nvml.sym::<InitFn>("nvmlInit_v2")?() };
         if rc != 0 {
-            // Not initialised: do not call nvmlShutdown on drop.
-            std::mem::forget(nvml);
             return Err(format!("nvmlInit_v2 failed (NVML error {rc})"));
         }
+        nvml.initialised = true;
         Ok(nvml)
     }
 
@@ -204,6 +208,9 @@ impl Nvml {
 
 impl Drop for Nvml {
     fn drop(&mut self) {
+        if !self.initialised {
+            return;
+        }
         if let Ok(f) = self.sym::<InitFn>("nvmlShutdown") {
             // SAFETY: NVML was initialised by `load_from`; `nvmlShutdown` takes no arguments.
             unsafe { f() };

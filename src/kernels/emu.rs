@@ -7,11 +7,13 @@
 //! bad warp-collective masks come back as [`EmuError`]s rather than hangs.
 //!
 //! [`launch_raw`] takes a kernel, launch dimensions and a params struct (from
-//! [`super::params`]); the safe wrappers below check buffer sizes, fill the params, pick the
-//! grid like the GPU backend does, and mirror the CPU reference ops in
-//! [`crate::cpu::ops`] / [`crate::cpu::attention`]. bf16 buffers are `half::bf16`.
+//! [`super::params`]); the safe wrappers below check buffer sizes, then build the params,
+//! grid and block through [`super::launch`], the constructors the GPU backend launches
+//! with too, and mirror the CPU reference ops in [`crate::cpu::ops`] /
+//! [`crate::cpu::attention`]. bf16 buffers are `half::bf16`.
 #![allow(clippy::too_many_arguments)]
 
+use super::launch::{self, i32_of, Launch};
 use super::params::*;
 use half::bf16;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -223,7 +225,8 @@ impl From<EmuError> for crate::Error {
 /// Result of an emulated launch.
 pub type EmuResult<T = ()> = Result<T, EmuError>;
 
-fn invalid(kernel: Kernel, msg: impl Into<String>) -> EmuError {
+/// An [`EmuErrorKind::InvalidArgument`] error of `kernel`.
+pub(super) fn invalid(kernel: Kernel, msg: impl Into<String>) -> EmuError {
     EmuError {
         kernel: kernel.name(),
         kind: EmuErrorKind::InvalidArgument,
@@ -265,20 +268,18 @@ pub unsafe fn launch_raw(kernel: Kernel, dims: &BcLaunchDims, params: *const c_v
     })
 }
 
-fn launch<P>(kernel: Kernel, grid: [u32; 3], block: u32, p: &P) -> EmuResult {
-    // SAFETY: the wrappers below build `p` from slices whose sizes they checked against the
-    // extents the kernel touches for this grid.
+/// Runs a launch built by [`super::launch`] (or a test kernel's).
+fn run<P>(l: EmuResult<Launch<P>>) -> EmuResult {
+    let l = l?;
+    // SAFETY: the wrappers below build the params from slices whose sizes they checked
+    // against the extents the kernel touches for this grid.
     unsafe {
         launch_raw(
-            kernel,
-            &dims(grid, [block, 1, 1]),
-            p as *const P as *const c_void,
+            l.kernel,
+            &dims(l.grid, [l.block, 1, 1]),
+            &l.params as *const P as *const c_void,
         )
     }
-}
-
-fn i32_of(kernel: Kernel, v: usize, what: &str) -> EmuResult<i32> {
-    i32::try_from(v).map_err(|_| invalid(kernel, format!("{what} = {v} does not fit in i32")))
 }
 
 fn check_len(kernel: Kernel, what: &str, have: usize, need: usize) -> EmuResult {
@@ -301,12 +302,28 @@ fn check_align<T>(kernel: Kernel, what: &str, p: *const T, align: usize) -> EmuR
     Ok(())
 }
 
-fn opt_ptr(v: Option<&[f32]>) -> *const f32 {
+fn opt_ptr<T>(v: Option<&[T]>) -> *const T {
     v.map_or(std::ptr::null(), |s| s.as_ptr())
 }
 
-fn blocks(kernel: Kernel, n: usize, per: u32) -> EmuResult<u32> {
-    u32::try_from(n.div_ceil(per as usize)).map_err(|_| invalid(kernel, "grid too large"))
+/// Rows of `x_len` values for the per-frame kernels: `dim` even and dividing `x_len`,
+/// `tokens_per_frame > 0`.
+fn frame_rows(k: Kernel, x_len: usize, dim: usize, tokens_per_frame: usize) -> EmuResult<usize> {
+    if dim == 0 || dim % 2 != 0 || tokens_per_frame == 0 || x_len % dim != 0 {
+        return Err(invalid(
+            k,
+            "dim must be even and divide x.len(); tokens_per_frame > 0",
+        ));
+    }
+    Ok(x_len / dim)
+}
+
+/// Values a per-frame table `[frames, frame_stride]` needs for `rows` rows of `dim`.
+fn frame_table_len(rows: usize, tokens_per_frame: usize, frame_stride: usize, dim: usize) -> usize {
+    match rows.div_ceil(tokens_per_frame) {
+        0 => 0,
+        frames => (frames - 1) * frame_stride + dim,
+    }
 }
 
 /// `out = LN(x) * (1 + scale[f] + scale_bias) + shift[f] + shift_bias` (`bc_ln_modulate`),
@@ -325,42 +342,27 @@ pub fn ln_modulate(
     out: &mut [bf16],
 ) -> EmuResult {
     let k = Kernel::LnModulate;
-    if dim == 0 || dim % 2 != 0 || tokens_per_frame == 0 || x.len() % dim != 0 {
-        return Err(invalid(
-            k,
-            "dim must be even and divide x.len(); tokens_per_frame > 0",
-        ));
-    }
-    let rows = x.len() / dim;
-    let frames = rows.div_ceil(tokens_per_frame);
-    let need = if frames == 0 {
-        0
-    } else {
-        (frames - 1) * frame_stride + dim
-    };
+    let rows = frame_rows(k, x.len(), dim, tokens_per_frame)?;
+    let need = frame_table_len(rows, tokens_per_frame, frame_stride, dim);
     check_len(k, "shift", shift.len(), need)?;
     check_len(k, "scale", scale.len(), need)?;
     check_len(k, "out", out.len(), rows * dim)?;
     for b in [shift_bias, scale_bias].into_iter().flatten() {
         check_len(k, "bias", b.len(), dim)?;
     }
-    let p = BcLnModulateParams {
-        x: x.as_ptr(),
-        out: out.as_mut_ptr() as *mut bc_bf16,
-        shift: shift.as_ptr(),
-        scale: scale.as_ptr(),
-        shift_bias: opt_ptr(shift_bias),
-        scale_bias: opt_ptr(scale_bias),
-        rows: i32_of(k, rows, "rows")?,
-        dim: i32_of(k, dim, "dim")?,
-        x_stride: dim as i32,
-        out_stride: dim as i32,
-        frame_stride: i32_of(k, frame_stride, "frame_stride")?,
-        tokens_per_frame: i32_of(k, tokens_per_frame, "tokens_per_frame")?,
+    run(launch::ln_modulate(
+        x.as_ptr(),
+        out.as_mut_ptr().cast(),
+        rows,
+        dim,
         eps,
-        _pad: 0,
-    };
-    launch(k, [rows as u32, 1, 1], BC_ROW_THREADS, &p)
+        tokens_per_frame,
+        shift.as_ptr(),
+        scale.as_ptr(),
+        frame_stride,
+        opt_ptr(shift_bias),
+        opt_ptr(scale_bias),
+    ))
 }
 
 /// `out = LN(x) * weight + bias` (`bc_layer_norm_affine`), `x` `[rows, dim]` f32, `out` bf16.
@@ -380,19 +382,15 @@ pub fn layer_norm_affine(
     check_len(k, "weight", weight.len(), dim)?;
     check_len(k, "bias", bias.len(), dim)?;
     check_len(k, "out", out.len(), rows * dim)?;
-    let p = BcLayerNormParams {
-        x: x.as_ptr(),
-        out: out.as_mut_ptr() as *mut bc_bf16,
-        weight: weight.as_ptr(),
-        bias: bias.as_ptr(),
-        rows: i32_of(k, rows, "rows")?,
-        dim: i32_of(k, dim, "dim")?,
-        x_stride: dim as i32,
-        out_stride: dim as i32,
+    run(launch::layer_norm_affine(
+        x.as_ptr(),
+        out.as_mut_ptr().cast(),
+        rows,
+        dim,
         eps,
-        _pad: 0,
-    };
-    launch(k, [rows as u32, 1, 1], BC_ROW_THREADS, &p)
+        weight.as_ptr(),
+        bias.as_ptr(),
+    ))
 }
 
 /// `x += delta * (gate[f] + gate_bias)` (`bc_gated_residual`); `gate = None`: `x += delta`.
@@ -406,27 +404,12 @@ pub fn gated_residual(
     gate_bias: Option<&[f32]>,
 ) -> EmuResult {
     let k = Kernel::GatedResidual;
-    if dim == 0 || dim % 2 != 0 || tokens_per_frame == 0 || x.len() % dim != 0 {
-        return Err(invalid(
-            k,
-            "dim must be even and divide x.len(); tokens_per_frame > 0",
-        ));
-    }
-    let rows = x.len() / dim;
+    let rows = frame_rows(k, x.len(), dim, tokens_per_frame)?;
     check_len(k, "delta", delta.len(), rows * dim)?;
     let (gate_ptr, frame_stride) = match gate {
         Some((g, fs)) => {
-            let frames = rows.div_ceil(tokens_per_frame);
-            check_len(
-                k,
-                "gate",
-                g.len(),
-                if frames == 0 {
-                    0
-                } else {
-                    (frames - 1) * fs + dim
-                },
-            )?;
+            let need = frame_table_len(rows, tokens_per_frame, fs, dim);
+            check_len(k, "gate", g.len(), need)?;
             (g.as_ptr(), fs)
         }
         None => (std::ptr::null(), 0),
@@ -434,24 +417,16 @@ pub fn gated_residual(
     if let Some(b) = gate_bias {
         check_len(k, "gate_bias", b.len(), dim)?;
     }
-    let p = BcGatedResidualParams {
-        x: x.as_mut_ptr(),
-        delta: delta.as_ptr() as *const bc_bf16,
-        gate: gate_ptr,
-        gate_bias: opt_ptr(gate_bias),
-        rows: i32_of(k, rows, "rows")?,
-        dim: i32_of(k, dim, "dim")?,
-        delta_stride: dim as i32,
-        frame_stride: i32_of(k, frame_stride, "frame_stride")?,
-        tokens_per_frame: i32_of(k, tokens_per_frame, "tokens_per_frame")?,
-        _pad: 0,
-    };
-    launch(
-        k,
-        [blocks(k, rows * dim / 2, BC_ELEM_THREADS)?, 1, 1],
-        BC_ELEM_THREADS,
-        &p,
-    )
+    run(launch::gated_residual(
+        x.as_mut_ptr(),
+        delta.as_ptr().cast(),
+        rows,
+        dim,
+        tokens_per_frame,
+        gate_ptr,
+        frame_stride,
+        opt_ptr(gate_bias),
+    ))
 }
 
 /// Arguments of [`qk_norm_rope`] besides the data.
@@ -513,26 +488,22 @@ pub fn qk_norm_rope(x: &[bf16], a: &QkNormRope, out: &mut [bf16]) -> EmuResult {
     if let Some(w) = a.norm_weight {
         check_len(k, "norm_weight", w.len(), dim)?;
     }
-    let p = BcQkNormRopeParams {
-        x: x.as_ptr() as *const bc_bf16,
-        out: out.as_mut_ptr() as *mut bc_bf16,
-        norm_weight: opt_ptr(a.norm_weight),
-        frame_pos: a.frame_pos.map_or(std::ptr::null(), |s| s.as_ptr()),
-        frame_slot: a.frame_slot.map_or(std::ptr::null(), |s| s.as_ptr()),
-        rows: i32_of(k, rows, "rows")?,
-        heads: i32_of(k, a.heads, "heads")?,
-        head_dim: i32_of(k, a.head_dim, "head_dim")?,
-        x_stride: i32_of(k, dim, "dim")?,
-        out_stride: dim as i32,
-        tokens_per_frame: i32_of(k, a.tokens_per_frame, "tokens_per_frame")?,
-        wp: i32_of(k, a.wp, "wp")?,
-        first_frame: a.first_frame,
-        rope: a.rope as i32,
-        _pad: 0,
-        eps: a.eps,
-        theta: 10000.0,
-    };
-    launch(k, [rows as u32, 1, 1], BC_ROW_THREADS, &p)
+    run(launch::qk_norm_rope(
+        x.as_ptr().cast(),
+        dim,
+        out.as_mut_ptr().cast(),
+        rows,
+        a.heads,
+        a.head_dim,
+        a.tokens_per_frame,
+        a.wp,
+        opt_ptr(a.norm_weight),
+        opt_ptr(a.frame_pos),
+        opt_ptr(a.frame_slot),
+        a.first_frame,
+        a.rope,
+        a.eps,
+    ))
 }
 
 /// A run of keys and values for [`attention`]: rows of `heads*head_dim` bf16 values.
@@ -616,27 +587,17 @@ pub fn attention(
     if gs.is_empty() || max_rows == 0 {
         return Ok(());
     }
-    let p = BcAttentionParams {
-        q: q.as_ptr() as *const bc_bf16,
-        out: out.as_mut_ptr() as *mut bc_bf16,
-        segments: segs.as_ptr(),
-        seg_index: index.as_ptr(),
-        groups: gs.as_ptr(),
-        num_groups: i32_of(k, gs.len(), "groups")?,
-        heads: i32_of(k, heads, "heads")?,
-        head_dim: head_dim as i32,
-        q_stride: i32_of(k, dim, "dim")?,
-        kv_stride: dim as i32,
-        out_stride: dim as i32,
-        scale: 1.0 / (head_dim as f32).sqrt(),
-        _pad: 0,
-    };
-    let grid = [
-        blocks(k, max_rows, BC_ATTN_BQ)?,
-        heads as u32,
-        gs.len() as u32,
-    ];
-    launch(k, grid, BC_ATTN_THREADS, &p)
+    run(launch::attention(
+        q.as_ptr().cast(),
+        out.as_mut_ptr().cast(),
+        heads,
+        head_dim,
+        segs.as_ptr(),
+        index.as_ptr(),
+        gs.as_ptr(),
+        gs.len(),
+        max_rows,
+    ))
 }
 
 /// Activation selector of [`activation_f32`] / [`activation_bf16`].
@@ -652,13 +613,18 @@ pub enum Act {
 
 fn activation_raw(
     x: *const c_void,
+    x_len: usize,
     out: *mut c_void,
-    n: usize,
+    out_len: usize,
     act: Act,
     is_bf16: bool,
     bias: Option<&[f32]>,
 ) -> EmuResult {
     let k = Kernel::Activation;
+    if out_len != x_len {
+        return Err(invalid(k, "output length differs from input length"));
+    }
+    let n = x_len;
     let cols = match bias {
         Some(b) if b.is_empty() || n % b.len() != 0 => {
             return Err(invalid(
@@ -669,63 +635,45 @@ fn activation_raw(
         Some(b) => b.len(),
         None => 1,
     };
-    let p = BcActivationParams {
+    let op = match act {
+        Act::GeluTanh => BC_ACT_GELU_TANH,
+        Act::Silu => BC_ACT_SILU,
+        Act::None => BC_ACT_NONE,
+    };
+    run(launch::activation(
         x,
         out,
-        n: n as i64,
-        op: match act {
-            Act::GeluTanh => BC_ACT_GELU_TANH as i32,
-            Act::Silu => BC_ACT_SILU as i32,
-            Act::None => BC_ACT_NONE as i32,
-        },
-        bf16: is_bf16 as i32,
-        bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()),
-        cols: i32::try_from(cols).map_err(|_| invalid(k, "bias too long"))?,
-        _pad: 0,
-    };
-    launch(
-        k,
-        [blocks(k, n, BC_ELEM_THREADS)?, 1, 1],
-        BC_ELEM_THREADS,
-        &p,
-    )
+        n,
+        op,
+        is_bf16,
+        opt_ptr(bias),
+        cols,
+    ))
 }
 
 /// `x = act(x)` in place on f32 values (`bc_activation`).
 pub fn activation_f32(x: &mut [f32], act: Act) -> EmuResult {
     let px = x.as_mut_ptr() as *mut c_void;
-    activation_raw(px, px, x.len(), act, false, None)
+    activation_raw(px, x.len(), px, x.len(), act, false, None)
 }
 
 /// `out = act(x + bias[i % bias.len()])` on f32 values (`bc_activation` with a bias, the
 /// unfused GEMM epilogue).
 pub fn bias_activation_f32(x: &[f32], bias: &[f32], out: &mut [f32], act: Act) -> EmuResult {
-    if out.len() != x.len() {
-        return Err(invalid(
-            Kernel::Activation,
-            "output length differs from input length",
-        ));
-    }
     let (px, po) = (x.as_ptr() as *const c_void, out.as_mut_ptr() as *mut c_void);
-    activation_raw(px, po, x.len(), act, false, Some(bias))
+    activation_raw(px, x.len(), po, out.len(), act, false, Some(bias))
 }
 
 /// `out = act(x + bias[i % bias.len()])` on bf16 values (see [`bias_activation_f32`]).
 pub fn bias_activation_bf16(x: &[bf16], bias: &[f32], out: &mut [bf16], act: Act) -> EmuResult {
-    if out.len() != x.len() {
-        return Err(invalid(
-            Kernel::Activation,
-            "output length differs from input length",
-        ));
-    }
     let (px, po) = (x.as_ptr() as *const c_void, out.as_mut_ptr() as *mut c_void);
-    activation_raw(px, po, x.len(), act, true, Some(bias))
+    activation_raw(px, x.len(), po, out.len(), act, true, Some(bias))
 }
 
 /// `x = act(x)` in place on bf16 values (`bc_activation`).
 pub fn activation_bf16(x: &mut [bf16], act: Act) -> EmuResult {
     let px = x.as_mut_ptr() as *mut c_void;
-    activation_raw(px, px, x.len(), act, true, None)
+    activation_raw(px, x.len(), px, x.len(), act, true, None)
 }
 
 /// Sinusoidal embedding of every timestep in `t` (`bc_time_embedding`), `out`
@@ -736,17 +684,17 @@ pub fn time_embedding(t: &[f32], freq_dim: usize, out: &mut [f32]) -> EmuResult 
         return Err(invalid(k, "freq_dim must be even"));
     }
     check_len(k, "out", out.len(), t.len() * freq_dim)?;
-    let p = BcTimeEmbeddingParams {
-        t: t.as_ptr(),
-        out: out.as_mut_ptr(),
-        frames: i32_of(k, t.len(), "frames")?,
-        freq_dim: i32_of(k, freq_dim, "freq_dim")?,
-    };
-    launch(k, [t.len() as u32, 1, 1], BC_ELEM_THREADS, &p)
+    run(launch::time_embedding(
+        t.as_ptr(),
+        out.as_mut_ptr(),
+        t.len(),
+        freq_dim,
+    ))
 }
 
-fn patch_params(
-    k: Kernel,
+/// `bc_patchify` (`patchify`) or `bc_unpatchify` after checking both buffers' lengths.
+fn patch(
+    patchify: bool,
     lat: *mut f32,
     lat_len: usize,
     rows: *mut bc_bf16,
@@ -755,23 +703,19 @@ fn patch_params(
     ch: usize,
     h: usize,
     w: usize,
-) -> EmuResult<BcPatchParams> {
+) -> EmuResult {
+    let k = if patchify {
+        Kernel::Patchify
+    } else {
+        Kernel::Unpatchify
+    };
     if h % 2 != 0 || w % 2 != 0 {
         return Err(invalid(k, "h and w must be even"));
     }
     let n = frames * ch * h * w;
     check_len(k, "latents", lat_len, n)?;
     check_len(k, "rows", rows_len, n)?;
-    Ok(BcPatchParams {
-        latents: lat,
-        rows,
-        frames: i32_of(k, frames, "frames")?,
-        ch: i32_of(k, ch, "ch")?,
-        h: i32_of(k, h, "h")?,
-        w: i32_of(k, w, "w")?,
-        row_stride: i32_of(k, ch * 4, "row_stride")?,
-        _pad: 0,
-    })
+    run(launch::patch(patchify, lat, rows, frames, ch, h, w))
 }
 
 /// Latents `[frames, ch, h, w]` to patch rows `[frames*(h/2)*(w/2), ch*4]` (`bc_patchify`).
@@ -783,25 +727,9 @@ pub fn patchify(
     w: usize,
     out: &mut [bf16],
 ) -> EmuResult {
-    let k = Kernel::Patchify;
     // The kernel only reads the latents.
-    let p = patch_params(
-        k,
-        lat.as_ptr() as *mut f32,
-        lat.len(),
-        out.as_mut_ptr() as *mut bc_bf16,
-        out.len(),
-        frames,
-        ch,
-        h,
-        w,
-    )?;
-    launch(
-        k,
-        [blocks(k, frames * ch * h * w, BC_ELEM_THREADS)?, 1, 1],
-        BC_ELEM_THREADS,
-        &p,
-    )
+    let (pl, po) = (lat.as_ptr() as *mut f32, out.as_mut_ptr().cast());
+    patch(true, pl, lat.len(), po, out.len(), frames, ch, h, w)
 }
 
 /// Head rows (order dh, dw, c) back to latents `[frames, ch, h, w]` (`bc_unpatchify`).
@@ -813,25 +741,9 @@ pub fn unpatchify(
     w: usize,
     out: &mut [f32],
 ) -> EmuResult {
-    let k = Kernel::Unpatchify;
     // The kernel only reads the rows.
-    let p = patch_params(
-        k,
-        out.as_mut_ptr(),
-        out.len(),
-        rows.as_ptr() as *mut bc_bf16,
-        rows.len(),
-        frames,
-        ch,
-        h,
-        w,
-    )?;
-    launch(
-        k,
-        [blocks(k, frames * ch * h * w, BC_ELEM_THREADS)?, 1, 1],
-        BC_ELEM_THREADS,
-        &p,
-    )
+    let (pr, po) = (rows.as_ptr() as *mut bc_bf16, out.as_mut_ptr());
+    patch(false, po, out.len(), pr, rows.len(), frames, ch, h, w)
 }
 
 /// `x0 = x - sigma[f] v`; per frame, renoise `x = (1 - sn) x0 + sn noise` when
@@ -867,22 +779,16 @@ pub fn flow_step(
         }
         None => std::ptr::null_mut(),
     };
-    let p = BcFlowStepParams {
-        x: x.as_mut_ptr(),
-        v: v.as_ptr(),
+    run(launch::flow_step(
+        x.as_mut_ptr(),
+        v.as_ptr(),
         noise,
-        x0_out: x0,
-        sigma: sigma.as_ptr(),
-        sigma_next: sn,
-        frames: i32_of(k, frames, "frames")?,
-        frame_elems: i32_of(k, frame_elems, "frame_elems")?,
-    };
-    launch(
-        k,
-        [blocks(k, x.len(), BC_ELEM_THREADS)?, 1, 1],
-        BC_ELEM_THREADS,
-        &p,
-    )
+        x0,
+        sigma.as_ptr(),
+        sn,
+        frames,
+        frame_elems,
+    ))
 }
 
 /// Copies every `(src, dst)` pair (`bc_copy`); the two slices of a pair must have equal
@@ -903,17 +809,7 @@ pub fn copy(regions: &mut [(&[u8], &mut [u8])], blocks_per_region: u32) -> EmuRe
     if table.is_empty() {
         return Ok(());
     }
-    let p = BcCopyParams {
-        regions: table.as_ptr(),
-        num_regions: i32_of(k, table.len(), "regions")?,
-        _pad: 0,
-    };
-    launch(
-        k,
-        [blocks_per_region.max(1), table.len() as u32, 1],
-        BC_ELEM_THREADS,
-        &p,
-    )
+    run(launch::copy(table.as_ptr(), table.len(), blocks_per_region))
 }
 
 #[repr(C)]
@@ -944,7 +840,12 @@ pub fn test_sync(data: &mut [f32], block: u32, mode: i32, arg: i32) -> EmuResult
         arg,
         _pad: 0,
     };
-    launch(k, [data.len() as u32 / block, 1, 1], block, &p)
+    run(Ok(Launch {
+        kernel: k,
+        grid: [data.len() as u32 / block, 1, 1],
+        block,
+        params: p,
+    }))
 }
 
 #[repr(C)]
@@ -976,6 +877,11 @@ pub fn test_mma(a: &[bf16], b: &[bf16], c: &[f32]) -> EmuResult<(Vec<f32>, Vec<f
         d1: d1.as_mut_ptr(),
         d2: d2.as_mut_ptr(),
     };
-    launch(k, [1, 1, 1], 32, &p)?;
+    run(Ok(Launch {
+        kernel: k,
+        grid: [1, 1, 1],
+        block: 32,
+        params: p,
+    }))?;
     Ok((d1, d2))
 }

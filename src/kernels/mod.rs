@@ -1,5 +1,6 @@
 //! CUDA kernels: launch parameters shared with `cuda/include/params.h`, the embedded fatbin
-//! and its resource report, and the CPU (SIMT emulation) launcher.
+//! and its resource report, the CPU (SIMT emulation) launcher, and the per-kernel launch
+//! constructors ([`launch`]) that it and the CUDA backend share.
 //!
 //! `build.rs` compiles every `cuda/*.cu` twice: with nvcc (when found) into one fatbin
 //! (sm_80 + sm_90a cubins, compute_80 PTX) embedded here, and always as host C++ against the
@@ -9,6 +10,8 @@
 pub mod params;
 
 pub mod emu;
+
+pub mod launch;
 
 /// The message shown when the crate was built without nvcc.
 pub const NOT_BUILT: &str = "kernels were not built: run scripts/install-cuda-toolchain.sh";

@@ -1,22 +1,30 @@
-//! Kernel launches on device buffers: the params structs of `params.h` filled exactly like
-//! the emulated wrappers in [`crate::kernels::emu`] fill them, with the same grids.
+//! Kernel launches on device buffers: the params structs of `params.h`, grids and block sizes
+//! come from [`crate::kernels::launch`], the constructors the emulated wrappers in
+//! [`crate::kernels::emu`] use too.
 #![allow(clippy::too_many_arguments)]
 
 use super::device::{DevPtr, Gpu};
-use crate::kernels::emu::Kernel;
+use crate::kernels::emu::EmuResult;
+use crate::kernels::launch::{self, Launch};
 use crate::kernels::params::*;
-use crate::Result;
+use crate::{Error, Result};
 
-fn blocks(n: usize, per: u32) -> u32 {
-    n.div_ceil(per as usize) as u32
-}
-
+/// A device address as a typed pointer for a params field.
 fn p<T>(d: DevPtr) -> *const T {
     d as *const T
 }
 
+/// A device address as a typed mutable pointer for a params field.
 fn pm<T>(d: DevPtr) -> *mut T {
     d as *mut T
+}
+
+/// Launches `l` on `g`; a size that does not fit the params is an
+/// [`Error::InvalidArgument`].
+fn run<P>(g: &Gpu, l: EmuResult<Launch<P>>) -> Result<()> {
+    let l = l.map_err(|e| Error::InvalidArgument(format!("{}: {}", e.kernel, e.message)))?;
+    // SAFETY: the callers of the launchers below pass device buffers of the documented sizes.
+    unsafe { g.launch(l.kernel, l.grid, l.block, &l.params) }
 }
 
 /// `out = LN(x) * (1 + scale[f] + scale_bias) + shift[f] + shift_bias` (bf16 out).
@@ -34,31 +42,22 @@ pub fn ln_modulate(
     shift_bias: DevPtr,
     scale_bias: DevPtr,
 ) -> Result<()> {
-    let prm = BcLnModulateParams {
-        x: p(x),
-        out: pm(out),
-        shift: p(shift),
-        scale: p(scale),
-        shift_bias: p(shift_bias),
-        scale_bias: p(scale_bias),
-        rows: rows as i32,
-        dim: dim as i32,
-        x_stride: dim as i32,
-        out_stride: dim as i32,
-        frame_stride: frame_stride as i32,
-        tokens_per_frame: tpf as i32,
-        eps,
-        _pad: 0,
-    };
-    // SAFETY: the caller passes buffers of the documented sizes.
-    unsafe {
-        g.launch(
-            Kernel::LnModulate,
-            [rows as u32, 1, 1],
-            BC_ROW_THREADS,
-            &prm,
-        )
-    }
+    run(
+        g,
+        launch::ln_modulate(
+            p(x),
+            pm(out),
+            rows,
+            dim,
+            eps,
+            tpf,
+            p(shift),
+            p(scale),
+            frame_stride,
+            p(shift_bias),
+            p(scale_bias),
+        ),
+    )
 }
 
 /// `out = LN(x) * weight + bias` (bf16 out).
@@ -72,27 +71,10 @@ pub fn layer_norm_affine(
     weight: DevPtr,
     bias: DevPtr,
 ) -> Result<()> {
-    let prm = BcLayerNormParams {
-        x: p(x),
-        out: pm(out),
-        weight: p(weight),
-        bias: p(bias),
-        rows: rows as i32,
-        dim: dim as i32,
-        x_stride: dim as i32,
-        out_stride: dim as i32,
-        eps,
-        _pad: 0,
-    };
-    // SAFETY: as above.
-    unsafe {
-        g.launch(
-            Kernel::LayerNormAffine,
-            [rows as u32, 1, 1],
-            BC_ROW_THREADS,
-            &prm,
-        )
-    }
+    run(
+        g,
+        launch::layer_norm_affine(p(x), pm(out), rows, dim, eps, p(weight), p(bias)),
+    )
 }
 
 /// `x += delta * (gate[f] + gate_bias)`; `gate = 0`: `x += delta`.
@@ -107,27 +89,19 @@ pub fn gated_residual(
     frame_stride: usize,
     gate_bias: DevPtr,
 ) -> Result<()> {
-    let prm = BcGatedResidualParams {
-        x: pm(x),
-        delta: p(delta),
-        gate: p(gate),
-        gate_bias: p(gate_bias),
-        rows: rows as i32,
-        dim: dim as i32,
-        delta_stride: dim as i32,
-        frame_stride: frame_stride as i32,
-        tokens_per_frame: tpf as i32,
-        _pad: 0,
-    };
-    // SAFETY: as above.
-    unsafe {
-        g.launch(
-            Kernel::GatedResidual,
-            [blocks(rows * dim / 2, BC_ELEM_THREADS), 1, 1],
-            BC_ELEM_THREADS,
-            &prm,
-        )
-    }
+    run(
+        g,
+        launch::gated_residual(
+            pm(x),
+            p(delta),
+            rows,
+            dim,
+            tpf,
+            p(gate),
+            frame_stride,
+            p(gate_bias),
+        ),
+    )
 }
 
 /// Arguments of [`qk_norm_rope`].
@@ -163,35 +137,25 @@ pub struct QkArgs {
 
 /// RMSNorm + RoPE + store (`bc_qk_norm_rope`).
 pub fn qk_norm_rope(g: &Gpu, a: &QkArgs) -> Result<()> {
-    let dim = a.heads * a.head_dim;
-    let prm = BcQkNormRopeParams {
-        x: p(a.x),
-        out: pm(a.out),
-        norm_weight: p(a.norm),
-        frame_pos: p(a.frame_pos),
-        frame_slot: p(a.frame_slot),
-        rows: a.rows as i32,
-        heads: a.heads as i32,
-        head_dim: a.head_dim as i32,
-        x_stride: a.x_stride as i32,
-        out_stride: dim as i32,
-        tokens_per_frame: a.tpf as i32,
-        wp: a.wp as i32,
-        first_frame: 0,
-        rope: a.rope as i32,
-        _pad: 0,
-        eps: a.eps,
-        theta: 10000.0,
-    };
-    // SAFETY: as above.
-    unsafe {
-        g.launch(
-            Kernel::QkNormRope,
-            [a.rows as u32, 1, 1],
-            BC_ROW_THREADS,
-            &prm,
-        )
-    }
+    run(
+        g,
+        launch::qk_norm_rope(
+            p(a.x),
+            a.x_stride,
+            pm(a.out),
+            a.rows,
+            a.heads,
+            a.head_dim,
+            a.tpf,
+            a.wp,
+            p(a.norm),
+            p(a.frame_pos),
+            p(a.frame_slot),
+            0,
+            a.rope,
+            a.eps,
+        ),
+    )
 }
 
 /// Flash attention over device tables: `segments` (BcKvSegment), `seg_index` (i32),
@@ -208,34 +172,20 @@ pub fn attention(
     num_groups: usize,
     max_rows: usize,
 ) -> Result<()> {
-    let dim = heads * head_dim;
-    let k = if head_dim <= 64 {
-        Kernel::AttentionHd64
-    } else {
-        Kernel::AttentionHd128
-    };
-    let prm = BcAttentionParams {
-        q: p(q),
-        out: pm(out),
-        segments: p(segments),
-        seg_index: p(seg_index),
-        groups: p(groups),
-        num_groups: num_groups as i32,
-        heads: heads as i32,
-        head_dim: head_dim as i32,
-        q_stride: dim as i32,
-        kv_stride: dim as i32,
-        out_stride: dim as i32,
-        scale: 1.0 / (head_dim as f32).sqrt(),
-        _pad: 0,
-    };
-    let grid = [
-        blocks(max_rows, BC_ATTN_BQ),
-        heads as u32,
-        num_groups as u32,
-    ];
-    // SAFETY: as above.
-    unsafe { g.launch(k, grid, BC_ATTN_THREADS, &prm) }
+    run(
+        g,
+        launch::attention(
+            p(q),
+            pm(out),
+            heads,
+            head_dim,
+            p(segments),
+            p(seg_index),
+            p(groups),
+            num_groups,
+            max_rows,
+        ),
+    )
 }
 
 /// `x = act(x)` in place, `n` values, bf16 or f32.
@@ -255,25 +205,10 @@ pub fn bias_activation(
     op: u32,
     bf16: bool,
 ) -> Result<()> {
-    let prm = BcActivationParams {
-        x: p(x),
-        out: pm(x),
-        n: n as i64,
-        op: op as i32,
-        bf16: bf16 as i32,
-        bias: p(bias),
-        cols: cols.max(1) as i32,
-        _pad: 0,
-    };
-    // SAFETY: as above.
-    unsafe {
-        g.launch(
-            Kernel::Activation,
-            [blocks(n, BC_ELEM_THREADS), 1, 1],
-            BC_ELEM_THREADS,
-            &prm,
-        )
-    }
+    run(
+        g,
+        launch::activation(p(x), pm(x), n, op, bf16, p(bias), cols),
+    )
 }
 
 /// Sinusoidal embedding of `frames` timesteps `t` (f32) into `out` `[frames, freq_dim]`.
@@ -284,21 +219,7 @@ pub fn time_embedding(
     frames: usize,
     freq_dim: usize,
 ) -> Result<()> {
-    let prm = BcTimeEmbeddingParams {
-        t: p(t),
-        out: pm(out),
-        frames: frames as i32,
-        freq_dim: freq_dim as i32,
-    };
-    // SAFETY: as above.
-    unsafe {
-        g.launch(
-            Kernel::TimeEmbedding,
-            [frames as u32, 1, 1],
-            BC_ELEM_THREADS,
-            &prm,
-        )
-    }
+    run(g, launch::time_embedding(p(t), pm(out), frames, freq_dim))
 }
 
 /// Latents f32 `[frames, ch, h, w]` -> bf16 patch rows (`patchify = true`) or back.
@@ -312,30 +233,10 @@ pub fn patch(
     h: usize,
     w: usize,
 ) -> Result<()> {
-    let prm = BcPatchParams {
-        latents: pm(latents),
-        rows: pm(rows),
-        frames: frames as i32,
-        ch: ch as i32,
-        h: h as i32,
-        w: w as i32,
-        row_stride: (ch * 4) as i32,
-        _pad: 0,
-    };
-    let k = if patchify {
-        Kernel::Patchify
-    } else {
-        Kernel::Unpatchify
-    };
-    // SAFETY: as above.
-    unsafe {
-        g.launch(
-            k,
-            [blocks(frames * ch * h * w, BC_ELEM_THREADS), 1, 1],
-            BC_ELEM_THREADS,
-            &prm,
-        )
-    }
+    run(
+        g,
+        launch::patch(patchify, pm(latents), pm(rows), frames, ch, h, w),
+    )
 }
 
 /// `x0 = x - sigma[f] v`, optional renoise (see `BcFlowStepParams`).
@@ -350,25 +251,19 @@ pub fn flow_step(
     frames: usize,
     frame_elems: usize,
 ) -> Result<()> {
-    let prm = BcFlowStepParams {
-        x: pm(x),
-        v: p(v),
-        noise: p(noise),
-        x0_out: pm(x0_out),
-        sigma: p(sigma),
-        sigma_next: p(sigma_next),
-        frames: frames as i32,
-        frame_elems: frame_elems as i32,
-    };
-    // SAFETY: as above.
-    unsafe {
-        g.launch(
-            Kernel::FlowStep,
-            [blocks(frames * frame_elems, BC_ELEM_THREADS), 1, 1],
-            BC_ELEM_THREADS,
-            &prm,
-        )
-    }
+    run(
+        g,
+        launch::flow_step(
+            pm(x),
+            p(v),
+            p(noise),
+            pm(x0_out),
+            p(sigma),
+            p(sigma_next),
+            frames,
+            frame_elems,
+        ),
+    )
 }
 
 /// Copies every region of the device table `regions` (`BcCopyRegion`).
@@ -378,20 +273,7 @@ pub fn copy_regions(
     num_regions: usize,
     blocks_per_region: u32,
 ) -> Result<()> {
-    let prm = BcCopyParams {
-        regions: p(regions),
-        num_regions: num_regions as i32,
-        _pad: 0,
-    };
-    // SAFETY: as above.
-    unsafe {
-        g.launch(
-            Kernel::Copy,
-            [blocks_per_region.max(1), num_regions as u32, 1],
-            BC_ELEM_THREADS,
-            &prm,
-        )
-    }
+    run(g, launch::copy(p(regions), num_regions, blocks_per_region))
 }
 
 /// A null device pointer for optional arguments.

@@ -5,7 +5,9 @@
 //! must follow the CPU backend's lagged exchange.
 
 mod common;
-use blockcascade::backend::cuda::{graph_replays, set_session_options, CudaOptions};
+use blockcascade::backend::cuda::{
+    graph_replays, peer_copy_bytes, set_session_options, CudaOptions,
+};
 use blockcascade::backend::BackendKind;
 use blockcascade::multi_device::KvExchange;
 use blockcascade::noise::NoiseSource;
@@ -246,4 +248,33 @@ fn recache_and_context_pass_graphs_equal_eager_on_two_emulated_cuda_devices() {
     assert!(re.recache_passes > 0, "no recache happened");
     assert!(graph_replays() > before, "no graph was replayed");
     assert_eq!(eager, graph, "graph replay differs from eager launches");
+}
+
+/// Joint exchange copies only what a peer reads: with causal attention a device never gets
+/// the K/V of later members it does not attend to, so a causal tick moves fewer bytes than a
+/// bidirectional one over the same placement, and both still match the golden results.
+#[test]
+fn joint_exchange_copies_only_what_peers_read() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let schedule = Schedule::Cascade { lag: 1 };
+    let mut bytes = Vec::new();
+    for (mode, name) in [
+        (AttentionMode::Causal, "cascade-lag1-causal"),
+        (AttentionMode::Bidirectional, "cascade-lag1-bidirectional"),
+    ] {
+        let before = peer_copy_bytes();
+        let lat = run(schedule, mode, 3).unwrap();
+        let moved = peer_copy_bytes() - before;
+        let err = rel_l2(&expected(&format!("{name}.safetensors")), &lat);
+        println!("{name}, 3 emulated CUDA devices: {moved} bytes exchanged, rel L2 {err:.3e}");
+        assert!(err < 2e-2, "{name}: rel L2 {err}");
+        assert!(moved > 0, "{name}: nothing exchanged");
+        bytes.push(moved);
+    }
+    assert!(
+        bytes[0] < bytes[1],
+        "causal exchanged {} bytes, bidirectional {}",
+        bytes[0],
+        bytes[1]
+    );
 }

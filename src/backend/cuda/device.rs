@@ -236,6 +236,15 @@ pub fn unfused_gemm_shapes() -> usize {
     UNFUSED_GEMM_SHAPES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Bytes copied between (logical) devices in this process.
+static PEER_COPY_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many bytes [`Gpu::copy_to_peer`] has copied between devices in this process (real or
+/// emulated), so tests and benchmarks can see what an exchange moves.
+pub fn peer_copy_bytes() -> usize {
+    PEER_COPY_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Graph launches in this process (every device), so tests can tell that graphs are used.
 static GRAPH_REPLAYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -496,6 +505,8 @@ impl Gpu {
     /// `cuMemcpyPeerAsync` between contexts, a device-to-device copy within one context, a
     /// memcpy between emulated devices. Leaves this device's context current.
     pub fn copy_to_peer(&self, dst_gpu: &Gpu, regions: &[(DevPtr, DevPtr, usize)]) -> Result<()> {
+        let bytes: usize = regions.iter().map(|r| r.2).sum();
+        PEER_COPY_BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         match (&self.emu, &dst_gpu.emu) {
             (Some(e), Some(peer)) => {
                 // Host memory on both sides and everything already ran: a checked memcpy.

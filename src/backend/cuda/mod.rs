@@ -52,7 +52,7 @@ pub mod nvml;
 pub mod nvtx;
 pub mod ops;
 
-pub use device::graph_replays;
+pub use device::{graph_replays, peer_copy_bytes};
 
 use crate::backend::Backend;
 use crate::config::GenerateOptions;
@@ -1619,9 +1619,12 @@ impl Drop for CudaBackend<'_> {
 /// The CUDA backend over several logical devices (DESIGN §4, multi-device, joint mode): one
 /// [`CudaBackend`] per device (weights, activation buffers and KV cache replicated), members
 /// placed with [`crate::multi_device::place`], and in every layer each member's K/V rows copied
-/// from the device that computed them into every peer's window buffers (same row offsets on
-/// every device) before attention, so every member sees exactly what it sees on one device.
-/// Every device writes every context member's K/V into its own cache.
+/// from the device that computed them into the window buffers (same row offsets on every
+/// device) of every peer that reads them before attention, so every member sees exactly what
+/// it sees on one device. A peer reads a member's rows when one of its own members attends to
+/// it, or when it is a context member: every device writes every context member's K/V into
+/// its own cache. A device waits only for the copies it reads ([`peer_copy_bytes`] counts the
+/// bytes).
 ///
 /// All devices are driven from one host thread, layer by layer; ordering between devices is
 /// by events ([`Gpu::copy_to_peer`]). Graphs: each device captures the work between two
@@ -1788,16 +1791,43 @@ impl Backend for MultiCudaBackend<'_> {
                 b.enqueue_pre(s, 0)
             })?;
         }
+        // What each device reads of its peers' rows: the members its own members attend to
+        // this tick (the shared visibility rule), and every context member (each device
+        // writes every context member's K/V into its own cache). Nothing else is copied, and
+        // a device waits only for the copies it reads: with causal attention the device of
+        // the earliest members needs nothing from the devices of later ones.
+        let geom = window::geometry(members, self.opts.height, self.opts.width)?;
+        let tpf = (self.opts.height / 2) * (self.opts.width / 2);
+        let mut regions_to: Vec<Vec<Vec<(u64, usize)>>> = vec![vec![Vec::new(); nd]; nd];
+        for (dst, own) in placement.iter().enumerate() {
+            let mut needs: Vec<bool> = members.iter().map(|m| m.context).collect();
+            for &i in own {
+                let vis = window::visible(&geom, i, &self.devs[dst].geom, self.opts.attention);
+                for (j, _) in vis.members {
+                    needs[j] = true;
+                }
+            }
+            for (src, src_own) in placement.iter().enumerate().filter(|&(p, _)| p != dst) {
+                let s = &shapes[src];
+                let mut runs: Vec<(u64, usize)> = Vec::new();
+                for &j in src_own.iter().filter(|&&j| needs[j]) {
+                    let (off, bytes) = (s.row0[j] as u64 * row, s.frames[j] * tpf * row as usize);
+                    match runs.last_mut() {
+                        Some(r) if r.0 + r.1 as u64 == off => r.1 += bytes,
+                        _ => runs.push((off, bytes)),
+                    }
+                }
+                regions_to[src][dst] = runs;
+            }
+        }
         for li in 0..layers {
             let _r = nvtx::range(|| format!("layer {li} exchange"));
-            // Exchange: every device's rows of K and V into every peer's window buffers.
-            for (src, ss) in shapes.iter().enumerate() {
-                for dst in (0..nd).filter(|&p| p != src) {
+            // Exchange: the K and V rows each peer reads, from the device that computed them.
+            for (src, to) in regions_to.iter().enumerate() {
+                for (dst, runs) in to.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
                     let (sd, dd) = (&self.devs[src], &self.devs[dst]);
-                    let mut regions = Vec::with_capacity(2 * ss.ranges.len());
-                    for &(r0, rows, _, _) in &ss.ranges {
-                        let off = r0 as u64 * row;
-                        let bytes = rows * row as usize;
+                    let mut regions = Vec::with_capacity(2 * runs.len());
+                    for &(off, bytes) in runs {
                         regions.push((dd.b.k + off, sd.b.k + off, bytes));
                         regions.push((dd.b.v + off, sd.b.v + off, bytes));
                     }

@@ -192,6 +192,12 @@ pub fn local_attn_frames(v: i64) -> Result<Option<usize>> {
 /// The most devices a generation may use.
 pub const MAX_DEVICES: usize = 64;
 
+/// Largest latent height or width accepted (8x that in pixels).
+pub const MAX_LATENT_SIDE: usize = 1 << 14;
+
+/// Largest number of latent frames per block accepted.
+pub const MAX_BLOCK_FRAMES: usize = 1 << 12;
+
 fn default_true() -> bool {
     true
 }
@@ -309,8 +315,19 @@ impl GenerateOptions {
                 self.height, self.width
             ));
         }
-        if self.block_frames == 0 {
-            return bad("block frames must be at least 1".into());
+        // Far above any video model (Wan at 480x832 has 60x104 latents, blocks of 3 frames),
+        // low enough that no size derived from them can overflow.
+        if self.height > MAX_LATENT_SIDE || self.width > MAX_LATENT_SIDE {
+            return bad(format!(
+                "latent height and width must be at most {MAX_LATENT_SIDE}, got {}x{}",
+                self.height, self.width
+            ));
+        }
+        if self.block_frames == 0 || self.block_frames > MAX_BLOCK_FRAMES {
+            return bad(format!(
+                "block frames must be in 1..={MAX_BLOCK_FRAMES}, got {}",
+                self.block_frames
+            ));
         }
         if let Some(f) = frames {
             if f == 0 || f % self.block_frames != 0 {

@@ -160,7 +160,7 @@ impl<'m> Generator<'m> {
         let flen = CHANNELS * h * w;
         let s_count = self.steps.len();
         if let Some(avail) = self.noise.frames() {
-            if blocks * bf > avail {
+            if blocks.saturating_mul(bf) > avail {
                 return Err(Error::invalid(format!(
                     "recorded noise holds {avail} frames but {} were requested ({blocks} blocks of {bf})",
                     blocks * bf

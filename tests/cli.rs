@@ -208,9 +208,14 @@ fn bad_generation_settings() {
     fails(&["generate", "--backend", "cuda"], "cuda");
     fails(&["generate", "--devices", "0,x"], "malformed --devices");
     fails(
-        &["generate", "--height", "20000", "--width", "20000"],
+        &["generate", "--height", "16000", "--width", "16000"],
         "out of memory",
     );
+    fails(
+        &["generate", "--height", "20000", "--width", "20000"],
+        "must be at most 16384",
+    );
+    fails(&["generate", "--block-frames", "100000"], "block frames");
     fails(&["generate", "--kv-exchange", "sometimes"], "invalid value");
     fails(
         &["generate", "--devices", "100000"],

@@ -190,12 +190,18 @@ impl<'m> Generator<'m> {
         let start = Instant::now();
         let mut last_done = start;
         let mut next_emit = 0usize;
+        // Initial noise generated during the previous tick's forward, by (block, 0).
+        let mut noise_ahead: HashMap<(usize, usize), Vec<f32>> = HashMap::new();
         for tau in 0..plan.ticks() {
             let planned = plan.members(tau);
             // New blocks start from their initial noise; a prompt switch may trigger a recache.
             for m in &planned {
                 if m.role == Role::Denoise(0) {
-                    state.insert(m.block, self.block_noise(m.block, 0)?);
+                    let noise = match noise_ahead.remove(&(m.block, 0)) {
+                        Some(n) => n,
+                        None => self.block_noise(m.block, 0)?,
+                    };
+                    state.insert(m.block, noise);
                     if keep_latents
                         && m.block > 0
                         && self.prompts.iter().any(|(b, _)| *b == m.block)
@@ -235,16 +241,28 @@ impl<'m> Generator<'m> {
             }
             report.tokens_per_tick.push(members.len() * bf * tpf);
             let blocks_of: Vec<usize> = planned.iter().map(|m| m.block).collect();
-            // The renoise of this tick's denoising members is generated on another thread (and
-            // the rayon pool) while the backend runs the forward: on a GPU the host would
+            // The renoise of this tick's denoising members (and the initial noise of the blocks
+            // starting next tick) is generated on another thread (and the rayon pool) while
+            // the backend runs the forward: on a GPU the host would
             // otherwise generate it after the forward with the GPU idle (about 11 ms per
             // 3-frame block at 60x104 latents on one core of the 2-core CI machine).
+            // Also the initial noise of the blocks that start next tick.
+            let next_starts: Vec<(usize, usize)> = if tau + 1 < plan.ticks() {
+                plan.members(tau + 1)
+                    .iter()
+                    .filter(|m| m.role == Role::Denoise(0))
+                    .map(|m| (m.block, 0))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let wanted: Vec<(usize, usize)> = planned
                 .iter()
                 .filter_map(|m| match m.role {
                     Role::Denoise(s) if s + 1 < s_count => Some((m.block, s + 1)),
                     _ => None,
                 })
+                .chain(next_starts.iter().copied())
                 .collect();
             let (flows, mut renoise) = std::thread::scope(|sc| -> Result<_> {
                 let gen = sc.spawn(|| {
@@ -274,6 +292,11 @@ impl<'m> Generator<'m> {
                 Ok((flows?, noise??))
             })?;
             drop(members);
+            for key in next_starts {
+                if let Some(n) = renoise.remove(&key) {
+                    noise_ahead.insert(key, n);
+                }
+            }
             // Apply the results.
             for (m, v) in planned.iter().zip(flows) {
                 match m.role {

@@ -693,9 +693,20 @@ fn bad_options_and_backends() {
             needle,
         );
     }
-    let huge = bc_session_options {
+    let too_wide = bc_session_options {
         height: 1 << 30,
         width: 1 << 30,
+        ..d
+    };
+    let mut s = null_mut();
+    expect_err(
+        unsafe { bc_session_open(e, &too_wide, &mut s) },
+        BC_ERR_INVALID_ARGUMENT,
+        "at most 16384",
+    );
+    let huge = bc_session_options {
+        height: 1 << 14,
+        width: 1 << 14,
         ..d
     };
     let mut s = null_mut();

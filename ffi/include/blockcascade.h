@@ -83,7 +83,7 @@ typedef struct {
 /* Options of bc_session_open. Get defaults from bc_session_options_default(). */
 typedef struct {
   uint32_t struct_size;   /* sizeof(bc_session_options) */
-  uint32_t height, width; /* latent height and width, positive and even (default 8 x 12) */
+  uint32_t height, width; /* latent height and width: positive, even, at most 16384 (default 8 x 12) */
   uint32_t block_frames;  /* latent frames per block, >= 1 (default 3) */
   uint32_t lag;           /* 0 = sequential Self-Forcing schedule (default); 1..S = Block
                              Cascading with this lag (S = 4 denoising steps) */

@@ -71,10 +71,12 @@ enum BackendArg {
 /// Sampling settings shared by `generate`, `info` and `bench`.
 #[derive(clap::Args, Clone)]
 struct SamplingArgs {
-    /// Latent height (even). Default: 8 for the built-in model, 60 (480 px) otherwise.
+    /// Latent height (even, at most 16384). Default: 8 for the built-in model, 60 (480 px)
+    /// otherwise.
     #[arg(long)]
     height: Option<usize>,
-    /// Latent width (even). Default: 12 for the built-in model, 104 (832 px) otherwise.
+    /// Latent width (even, at most 16384). Default: 12 for the built-in model, 104 (832 px)
+    /// otherwise.
     #[arg(long)]
     width: Option<usize>,
     /// Latent frames per block.

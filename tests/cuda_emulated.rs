@@ -14,11 +14,20 @@ use std::sync::Mutex;
 static LOCK: Mutex<()> = Mutex::new(());
 
 fn run(schedule: Schedule, mode: AttentionMode, graphs: bool) -> Vec<f32> {
-    set_session_options(Some(CudaOptions {
-        graphs,
-        emulate: true,
-        ..CudaOptions::default()
-    }));
+    run_opts(
+        schedule,
+        mode,
+        CudaOptions {
+            graphs,
+            emulate: true,
+            ..CudaOptions::default()
+        },
+    )
+}
+
+/// The golden case with `schedule` and `mode` through the CUDA backend with options `co`.
+fn run_opts(schedule: Schedule, mode: AttentionMode, co: CudaOptions) -> Vec<f32> {
+    set_session_options(Some(co));
     let g = golden();
     let mut o = g.opts.clone();
     o.schedule = schedule;
@@ -121,20 +130,14 @@ fn cli_runs_the_emulated_cuda_backend_with_and_without_graphs() {
 #[test]
 fn unfused_gemm_epilogues_match_the_fused_ones() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let g = golden();
     let run = |fuse_bias: bool, fuse_gelu: bool| {
-        set_session_options(Some(CudaOptions {
+        let co = CudaOptions {
             emulate: true,
             fuse_bias,
             fuse_gelu,
             ..CudaOptions::default()
-        }));
-        let mut o = g.opts.clone();
-        o.backend = BackendKind::Cuda;
-        let res = Generator::new(g.engine.model(), o.clone(), g.noise.clone(), &g.prompt)
-            .and_then(|gen| gen.generate(g.frames / o.block_frames));
-        set_session_options(None);
-        res.unwrap().0
+        };
+        run_opts(Schedule::Sequential, AttentionMode::Causal, co)
     };
     let fused = run(true, true);
     let want = expected("expected.safetensors");
@@ -159,20 +162,14 @@ fn unfused_gemm_epilogues_match_the_fused_ones() {
 #[test]
 fn residual_stream_precision_measured() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let g = golden();
     let want = expected("expected.safetensors");
     let run = |round: bool| {
-        set_session_options(Some(CudaOptions {
+        let co = CudaOptions {
             emulate: true,
             round_residual_bf16: round,
             ..CudaOptions::default()
-        }));
-        let mut o = g.opts.clone();
-        o.backend = BackendKind::Cuda;
-        let res = Generator::new(g.engine.model(), o.clone(), g.noise.clone(), &g.prompt)
-            .and_then(|gen| gen.generate(g.frames / o.block_frames));
-        set_session_options(None);
-        res.unwrap().0
+        };
+        run_opts(Schedule::Sequential, AttentionMode::Causal, co)
     };
     let f32_res = run(false);
     let bf16_res = run(true);

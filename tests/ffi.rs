@@ -693,28 +693,18 @@ fn bad_options_and_backends() {
             needle,
         );
     }
-    let too_wide = bc_session_options {
-        height: 1 << 30,
-        width: 1 << 30,
-        ..d
-    };
-    let mut s = null_mut();
-    expect_err(
-        unsafe { bc_session_open(e, &too_wide, &mut s) },
-        BC_ERR_INVALID_ARGUMENT,
-        "at most 16384",
-    );
-    let huge = bc_session_options {
-        height: 1 << 14,
-        width: 1 << 14,
-        ..d
-    };
-    let mut s = null_mut();
-    expect_err(
-        unsafe { bc_session_open(e, &huge, &mut s) },
-        BC_ERR_OUT_OF_MEMORY,
-        "MiB",
-    );
+    for (side, code, needle) in [
+        (1u32 << 30, BC_ERR_INVALID_ARGUMENT, "at most 16384"),
+        (1 << 14, BC_ERR_OUT_OF_MEMORY, "MiB"),
+    ] {
+        let big = bc_session_options {
+            height: side,
+            width: side,
+            ..d
+        };
+        let mut s = null_mut();
+        expect_err(unsafe { bc_session_open(e, &big, &mut s) }, code, needle);
+    }
     bc_engine_close(e);
 }
 

@@ -6,8 +6,9 @@
 //! (`4 · tokens · keys · dim`) plus cross-attention over `text_len` keys. Members are placed on
 //! devices with [`crate::multi_device::place`]; a tick takes the busiest device's compute time
 //! plus the K/V exchange: in joint mode every layer each device sends its members' K and V
-//! (bf16) to every peer before attention (not overlapped: the conservative bound); in lagged mode
-//! the same bytes move once per tick, overlapped with the next tick's compute.
+//! (bf16) to the peers that read them before attention (with causal attention, the devices of
+//! later members; the context member's to every peer), not overlapped: the conservative bound;
+//! in lagged mode the same bytes move once per tick, overlapped with the next tick's compute.
 
 use crate::cascade::{Plan, Role};
 use crate::config::ModelConfig;
@@ -132,10 +133,26 @@ pub fn predict(
             .map(|ids| ids.iter().map(|&i| flops[i]).sum::<f64>() / rate)
             .fold(0.0, f64::max);
         let comm = if devices > 1 {
-            // Busiest sender: its members' K and V, bf16, to each peer, every layer.
-            let max_members = placement.iter().map(Vec::len).max().unwrap_or(0) as f64;
-            let bytes_per_layer =
-                max_members * (bf * tpf) as f64 * c.dim as f64 * 2.0 * 2.0 * (devices - 1) as f64;
+            // What the engine exchanges (joint mode, causal attention): member j's K and V
+            // (bf16) go to every other device that reads them, i.e. holds a later member (or
+            // any member, for the context member, whose K/V every device caches). The link
+            // time is that of the busiest device, sending or receiving.
+            let kv = (bf * tpf) as f64 * c.dim as f64 * 2.0 * 2.0;
+            let mut owner = vec![0usize; ms.len()];
+            for (d, ids) in placement.iter().enumerate() {
+                ids.iter().for_each(|&i| owner[i] = d);
+            }
+            let (mut sent, mut received) = (vec![0.0f64; devices], vec![0.0f64; devices]);
+            for (j, m) in ms.iter().enumerate() {
+                for (dst, ids) in placement.iter().enumerate() {
+                    let reads = m.role == Role::Context || ids.iter().any(|&i| i > j);
+                    if dst != owner[j] && reads {
+                        sent[owner[j]] += kv;
+                        received[dst] += kv;
+                    }
+                }
+            }
+            let bytes_per_layer = sent.iter().chain(&received).fold(0.0f64, |a, &b| a.max(b));
             let per_layer = bytes_per_layer / (hw.link_gbs * 1e9) + hw.link_latency_us * 1e-6;
             let all = per_layer * c.num_layers as f64;
             match xch {

@@ -84,7 +84,7 @@ typedef struct {
 typedef struct {
   uint32_t struct_size;   /* sizeof(bc_session_options) */
   uint32_t height, width; /* latent height and width: positive, even, at most 16384 (default 8 x 12) */
-  uint32_t block_frames;  /* latent frames per block, >= 1 (default 3) */
+  uint32_t block_frames;  /* latent frames per block, 1..4096 (default 3) */
   uint32_t lag;           /* 0 = sequential Self-Forcing schedule (default); 1..S = Block
                              Cascading with this lag (S = 4 denoising steps) */
   uint32_t bidirectional; /* 0 = causal (default); 1 = denoising members of a cascade window

@@ -163,7 +163,7 @@ impl<'m> Generator<'m> {
             if blocks.saturating_mul(bf) > avail {
                 return Err(Error::invalid(format!(
                     "recorded noise holds {avail} frames but {} were requested ({blocks} blocks of {bf})",
-                    blocks * bf
+                    blocks.saturating_mul(bf)
                 )));
             }
         }
@@ -264,14 +264,31 @@ impl<'m> Generator<'m> {
                 })
                 .chain(next_starts.iter().copied())
                 .collect();
+            let noise = |key: &(usize, usize)| Ok((*key, self.block_noise(key.0, key.1)?));
+            // Called from inside a rayon pool, the blocked caller could be the worker the
+            // parallel noise waits for: generate it sequentially then.
+            let in_pool = rayon::current_thread_index().is_some();
             let (flows, mut renoise) = std::thread::scope(|sc| -> Result<_> {
-                let gen = sc.spawn(|| {
-                    use rayon::prelude::*;
-                    wanted
-                        .par_iter()
-                        .map(|&(b, slot)| Ok(((b, slot), self.block_noise(b, slot)?)))
-                        .collect::<Result<HashMap<(usize, usize), Vec<f32>>>>()
-                });
+                let gen = (!wanted.is_empty())
+                    .then(|| {
+                        std::thread::Builder::new()
+                            .name("blockcascade-noise".into())
+                            .spawn_scoped(sc, || {
+                                use rayon::prelude::*;
+                                if in_pool {
+                                    wanted.iter().map(noise).collect::<Result<HashMap<_, _>>>()
+                                } else {
+                                    wanted
+                                        .par_iter()
+                                        .map(noise)
+                                        .collect::<Result<HashMap<_, _>>>()
+                                }
+                            })
+                            .map_err(|e| {
+                                Error::Internal(format!("cannot start the noise thread: {e}"))
+                            })
+                    })
+                    .transpose()?;
                 let mut forward = || -> Result<Vec<Vec<f32>>> {
                     if o.separate_context_pass && members.len() > 1 && members[0].context {
                         let mut f = backend.forward(&members[..1], &blocks_of[..1], tau)?;
@@ -286,10 +303,14 @@ impl<'m> Generator<'m> {
                 };
                 let flows = forward();
                 // Joined before any error is returned, so the scope never sees a panic.
-                let noise = gen
-                    .join()
-                    .map_err(|_| Error::Internal("the noise thread panicked".into()));
-                Ok((flows?, noise??))
+                let noise = match gen {
+                    Some(g) => g
+                        .join()
+                        .map_err(|_| Error::Internal("the noise thread panicked".into()))
+                        .and_then(|r| r),
+                    None => Ok(HashMap::new()),
+                };
+                Ok((flows?, noise?))
             })?;
             drop(members);
             for key in next_starts {

@@ -142,10 +142,13 @@ pub fn predict(
             for (d, ids) in placement.iter().enumerate() {
                 ids.iter().for_each(|&i| owner[i] = d);
             }
+            // Lagged exchange sends every member to every peer (what `forward_lagged` does).
             let (mut sent, mut received) = (vec![0.0f64; devices], vec![0.0f64; devices]);
             for (j, m) in ms.iter().enumerate() {
                 for (dst, ids) in placement.iter().enumerate() {
-                    let reads = m.role == Role::Context || ids.iter().any(|&i| i > j);
+                    let reads = xch == KvExchange::Lagged
+                        || m.role == Role::Context
+                        || ids.iter().any(|&i| i > j);
                     if dst != owner[j] && reads {
                         sent[owner[j]] += kv;
                         received[dst] += kv;

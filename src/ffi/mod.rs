@@ -573,7 +573,7 @@ pub unsafe extern "C" fn bc_session_generate(
             }
             let blocks = n_blocks as usize;
             let o = &sess.opts;
-            check_memory(&sess.engine, o, blocks * o.block_frames)?;
+            check_memory(&sess.engine, o, blocks.saturating_mul(o.block_frames))?;
             let noise = match &sess.noise {
                 Some(r) => NoiseSource::Recorded(r.clone()),
                 None => NoiseSource::Seeded(sess.seed),

@@ -319,10 +319,14 @@ fn frame_rows(k: Kernel, x_len: usize, dim: usize, tokens_per_frame: usize) -> E
 }
 
 /// Values a per-frame table `[frames, frame_stride]` needs for `rows` rows of `dim`.
+/// `usize::MAX` when that overflows (no slice is that long, so the length check fails).
 fn frame_table_len(rows: usize, tokens_per_frame: usize, frame_stride: usize, dim: usize) -> usize {
     match rows.div_ceil(tokens_per_frame) {
         0 => 0,
-        frames => (frames - 1) * frame_stride + dim,
+        frames => (frames - 1)
+            .checked_mul(frame_stride)
+            .and_then(|v| v.checked_add(dim))
+            .unwrap_or(usize::MAX),
     }
 }
 
@@ -475,12 +479,11 @@ pub fn qk_norm_rope(x: &[bf16], a: &QkNormRope, out: &mut [bf16]) -> EmuResult {
                 if s < 0 {
                     return Err(invalid(k, "negative cache slot"));
                 }
-                check_len(
-                    k,
-                    "out (cache)",
-                    out.len(),
-                    (s as usize + 1) * a.tokens_per_frame * dim,
-                )?;
+                let need = (s as usize + 1)
+                    .checked_mul(a.tokens_per_frame)
+                    .and_then(|v| v.checked_mul(dim))
+                    .ok_or_else(|| invalid(k, "cache slot too large"))?;
+                check_len(k, "out (cache)", out.len(), need)?;
             }
         }
         None => check_len(k, "out", out.len(), rows * dim)?,
@@ -712,7 +715,11 @@ fn patch(
     if h % 2 != 0 || w % 2 != 0 {
         return Err(invalid(k, "h and w must be even"));
     }
-    let n = frames * ch * h * w;
+    let n = frames
+        .checked_mul(ch)
+        .and_then(|v| v.checked_mul(h))
+        .and_then(|v| v.checked_mul(w))
+        .ok_or_else(|| invalid(k, "frames x channels x h x w overflows"))?;
     check_len(k, "latents", lat_len, n)?;
     check_len(k, "rows", rows_len, n)?;
     run(launch::patch(patchify, lat, rows, frames, ch, h, w))

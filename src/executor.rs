@@ -190,14 +190,14 @@ impl<'m> Generator<'m> {
         let start = Instant::now();
         let mut last_done = start;
         let mut next_emit = 0usize;
-        // Initial noise generated during the previous tick's forward, by (block, 0).
-        let mut noise_ahead: HashMap<(usize, usize), Vec<f32>> = HashMap::new();
+        // Noise generated while a forward ran, by (block, slot), until it is used.
+        let mut noise_ready: HashMap<(usize, usize), Vec<f32>> = HashMap::new();
         for tau in 0..plan.ticks() {
             let planned = plan.members(tau);
             // New blocks start from their initial noise; a prompt switch may trigger a recache.
             for m in &planned {
                 if m.role == Role::Denoise(0) {
-                    let noise = match noise_ahead.remove(&(m.block, 0)) {
+                    let noise = match noise_ready.remove(&(m.block, 0)) {
                         Some(n) => n,
                         None => self.block_noise(m.block, 0)?,
                     };
@@ -241,12 +241,10 @@ impl<'m> Generator<'m> {
             }
             report.tokens_per_tick.push(members.len() * bf * tpf);
             let blocks_of: Vec<usize> = planned.iter().map(|m| m.block).collect();
-            // The renoise of this tick's denoising members (and the initial noise of the blocks
-            // starting next tick) is generated on another thread (and the rayon pool) while
-            // the backend runs the forward: on a GPU the host would
-            // otherwise generate it after the forward with the GPU idle (about 11 ms per
-            // 3-frame block at 60x104 latents on one core of the 2-core CI machine).
-            // Also the initial noise of the blocks that start next tick.
+            // The renoise of this tick's denoising members, and the initial noise of the blocks
+            // starting next tick, are generated on another thread (and the rayon pool) while
+            // the backend runs the forward; otherwise a GPU would idle while the host makes
+            // them (about 11 ms per 3-frame block at 60x104 latents on one CI core).
             let next_starts: Vec<(usize, usize)> = if tau + 1 < plan.ticks() {
                 plan.members(tau + 1)
                     .iter()
@@ -262,13 +260,13 @@ impl<'m> Generator<'m> {
                     Role::Denoise(s) if s + 1 < s_count => Some((m.block, s + 1)),
                     _ => None,
                 })
-                .chain(next_starts.iter().copied())
+                .chain(next_starts)
                 .collect();
             let noise = |key: &(usize, usize)| Ok((*key, self.block_noise(key.0, key.1)?));
             // Called from inside a rayon pool, the blocked caller could be the worker the
             // parallel noise waits for: generate it sequentially then.
             let in_pool = rayon::current_thread_index().is_some();
-            let (flows, mut renoise) = std::thread::scope(|sc| -> Result<_> {
+            let (flows, generated) = std::thread::scope(|sc| -> Result<_> {
                 let gen = (!wanted.is_empty())
                     .then(|| {
                         std::thread::Builder::new()
@@ -313,11 +311,7 @@ impl<'m> Generator<'m> {
                 Ok((flows?, noise?))
             })?;
             drop(members);
-            for key in next_starts {
-                if let Some(n) = renoise.remove(&key) {
-                    noise_ahead.insert(key, n);
-                }
-            }
+            noise_ready.extend(generated);
             // Apply the results.
             for (m, v) in planned.iter().zip(flows) {
                 match m.role {
@@ -341,7 +335,7 @@ impl<'m> Generator<'m> {
                         };
                         if s + 1 < s_count {
                             let sn = self.steps.sigmas[s + 1];
-                            let noise = renoise.remove(&(m.block, s + 1)).ok_or_else(|| {
+                            let noise = noise_ready.remove(&(m.block, s + 1)).ok_or_else(|| {
                                 Error::Internal(format!("no renoise for block {}", m.block))
                             })?;
                             crate::cpu::ops::flow_step(

@@ -13,7 +13,7 @@ use blockcascade::multi_device::KvExchange;
 use blockcascade::noise::NoiseSource;
 use blockcascade::prompt::{PromptEmbeds, PromptSwitch};
 use blockcascade::Recache;
-use blockcascade::{AttentionMode, Generator, Schedule};
+use blockcascade::{AttentionMode, GenerateOptions, Generator, RunReport, Schedule};
 use common::*;
 use std::sync::Mutex;
 
@@ -43,6 +43,24 @@ fn run_blocks(
     graphs: bool,
     blocks: Option<usize>,
 ) -> blockcascade::Result<Vec<f32>> {
+    let edit = |o: &mut GenerateOptions| {
+        o.schedule = schedule;
+        o.attention = mode;
+        o.devices = devices;
+        o.kv_exchange = xch;
+    };
+    generate(graphs, blocks, edit, |_| Ok(())).map(|r| r.0)
+}
+
+/// One run of the golden model through the CUDA backend on emulated devices: `edit` changes
+/// the golden options (the backend is already CUDA), `prepare` the generator (e.g. its prompt
+/// schedule); `blocks` as in [`run_blocks`].
+fn generate(
+    graphs: bool,
+    blocks: Option<usize>,
+    edit: impl FnOnce(&mut GenerateOptions),
+    prepare: impl FnOnce(&mut Generator) -> blockcascade::Result<()>,
+) -> blockcascade::Result<(Vec<f32>, RunReport)> {
     set_session_options(Some(CudaOptions {
         emulate: true,
         graphs,
@@ -50,19 +68,18 @@ fn run_blocks(
     }));
     let g = golden();
     let mut o = g.opts.clone();
-    o.schedule = schedule;
-    o.attention = mode;
     o.backend = BackendKind::Cuda;
-    o.devices = devices;
-    o.kv_exchange = xch;
+    edit(&mut o);
     let (noise, n) = match blocks {
         None => (g.noise.clone(), g.frames / o.block_frames),
-        Some(n) => (blockcascade::noise::NoiseSource::Seeded(7), n),
+        Some(n) => (NoiseSource::Seeded(7), n),
     };
-    let res = Generator::new(g.engine.model(), o.clone(), noise, &g.prompt)
-        .and_then(|gen| gen.generate(n));
+    let res = Generator::new(g.engine.model(), o, noise, &g.prompt).and_then(|mut gen| {
+        prepare(&mut gen)?;
+        gen.generate(n)
+    });
     set_session_options(None);
-    res.map(|r| r.0)
+    res
 }
 
 fn check(schedule: Schedule, mode: AttentionMode, devices: usize, name: &str) {
@@ -216,31 +233,22 @@ fn lagged_exchange_graphs_equal_eager_on_three_emulated_cuda_devices() {
 #[test]
 fn recache_and_context_pass_graphs_equal_eager_on_two_emulated_cuda_devices() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let g = golden();
-    let p1 = PromptEmbeds::builtin(g.engine.config(), 1);
+    let p1 = PromptEmbeds::builtin(golden().engine.config(), 1);
     let run = |graphs: bool| {
-        set_session_options(Some(CudaOptions {
-            emulate: true,
-            graphs,
-            ..CudaOptions::default()
-        }));
-        let mut o = g.opts.clone();
-        o.schedule = Schedule::Sequential;
-        o.backend = BackendKind::Cuda;
-        o.devices = 2;
-        o.separate_context_pass = true;
-        o.recache = Recache::Window;
-        let res = Generator::new(g.engine.model(), o, NoiseSource::Seeded(5), &g.prompt).and_then(
-            |mut gen| {
-                gen.set_prompt_schedule(&[PromptSwitch {
-                    block: 2,
-                    embeds: p1.clone(),
-                }])?;
-                gen.generate(4)
-            },
-        );
-        set_session_options(None);
-        res.unwrap()
+        let edit = |o: &mut GenerateOptions| {
+            o.schedule = Schedule::Sequential;
+            o.devices = 2;
+            o.separate_context_pass = true;
+            o.recache = Recache::Window;
+        };
+        let switch = [PromptSwitch {
+            block: 2,
+            embeds: p1.clone(),
+        }];
+        generate(graphs, Some(4), edit, |gen| {
+            gen.set_prompt_schedule(&switch)
+        })
+        .unwrap()
     };
     let before = graph_replays();
     let (eager, re) = run(false);
@@ -285,28 +293,19 @@ fn joint_exchange_copies_only_what_peers_read() {
 #[test]
 fn partial_exchange_is_exact_with_local_attention_and_separate_context_pass() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let g = golden();
     let run = |devices: usize, local: bool| {
-        set_session_options(Some(CudaOptions {
-            emulate: true,
-            graphs: false,
-            ..CudaOptions::default()
-        }));
-        let mut o = g.opts.clone();
-        o.backend = BackendKind::Cuda;
-        o.devices = devices;
-        if local {
-            o.schedule = Schedule::Cascade { lag: 1 };
-            o.local_attn = Some(2 * o.block_frames + 1);
-            o.sink = 1;
-        } else {
-            o.schedule = Schedule::Cascade { lag: 2 };
-            o.separate_context_pass = true;
-        }
-        let res = Generator::new(g.engine.model(), o, NoiseSource::Seeded(7), &g.prompt)
-            .and_then(|gen| gen.generate(5));
-        set_session_options(None);
-        res.unwrap().0
+        let edit = |o: &mut GenerateOptions| {
+            o.devices = devices;
+            if local {
+                o.schedule = Schedule::Cascade { lag: 1 };
+                o.local_attn = Some(2 * o.block_frames + 1);
+                o.sink = 1;
+            } else {
+                o.schedule = Schedule::Cascade { lag: 2 };
+                o.separate_context_pass = true;
+            }
+        };
+        generate(false, Some(5), edit, |_| Ok(())).unwrap().0
     };
     for (local, devices) in [(true, 3), (false, 2)] {
         let one = run(1, local);

@@ -13,8 +13,9 @@
 //! `BC_BENCH_QUICK=1` skips the end-to-end runs.
 
 use blockcascade::backend::cuda::device::{probe, DevPtr, Epilogue, Gpu, OutType};
-use blockcascade::backend::cuda::ops;
+use blockcascade::backend::cuda::{attention_tune, ops};
 use blockcascade::backend::BackendKind;
+use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::kernels::params::{BcAttnGroup, BcKvSegment};
 use blockcascade::model::Model;
 use blockcascade::noise::Rng;
@@ -140,17 +141,6 @@ fn main() {
         seg_count: 1,
     }];
     let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &[0i32]), up(&mut g, &groups));
-    let ms = time_ms(&mut g, 5, |g| {
-        ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n).unwrap()
-    });
-    let fl = 4.0 * (n * keys * dim) as f64;
-    rows.push(Row {
-        name: format!("attention self q{n} k{keys} 12x128"),
-        ms,
-        value: fl / ms / 1e9,
-        unit: "TFLOP/s",
-        peak: peak_tflops,
-    });
     let segs = [BcKvSegment {
         k: kc as *const _,
         v: vc as *const _,
@@ -158,17 +148,31 @@ fn main() {
         _pad: 0,
     }];
     let sd2 = up(&mut g, &segs);
-    let ms = time_ms(&mut g, 20, |g| {
-        ops::attention(g, q, out, heads, hd, sd2, id, gd, 1, n).unwrap()
-    });
-    let fl = 4.0 * (n * 512 * dim) as f64;
-    rows.push(Row {
-        name: format!("attention cross q{n} k512 12x128"),
-        ms,
-        value: fl / ms / 1e9,
-        unit: "TFLOP/s",
-        peak: peak_tflops,
-    });
+    // Both tiles of the attention kernel (the backend times them at open and keeps the faster).
+    for tile in AttentionTile::ALL {
+        let ms = time_ms(&mut g, 5, |g| {
+            ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile).unwrap()
+        });
+        let fl = 4.0 * (n * keys * dim) as f64;
+        rows.push(Row {
+            name: format!("attention self q{n} k{keys} 12x128 {}", tile.name()),
+            ms,
+            value: fl / ms / 1e9,
+            unit: "TFLOP/s",
+            peak: peak_tflops,
+        });
+        let ms = time_ms(&mut g, 20, |g| {
+            ops::attention(g, q, out, heads, hd, sd2, id, gd, 1, n, tile).unwrap()
+        });
+        let fl = 4.0 * (n * 512 * dim) as f64;
+        rows.push(Row {
+            name: format!("attention cross q{n} k512 12x128 {}", tile.name()),
+            ms,
+            value: fl / ms / 1e9,
+            unit: "TFLOP/s",
+            peak: peak_tflops,
+        });
+    }
     // GEMMs of one layer.
     let x = rand_bf16(&mut g, n * ffn, 1.0, 7);
     let w = rand_bf16(&mut g, ffn * dim * 3, 0.02, 8);
@@ -291,12 +295,34 @@ fn main() {
     if std::env::var_os("BC_BENCH_QUICK").is_none() {
         e2e = end_to_end(peak_tflops);
     }
+    // The attention tile each end-to-end session picked at open (see attention_tune).
+    let mut tunes = Vec::new();
+    for (s, r) in attention_tune::remembered() {
+        let times: Vec<String> = r
+            .times
+            .iter()
+            .map(|(t, ms)| format!("{} {ms:.3} ms", t.name()))
+            .collect();
+        println!(
+            "TUNE attention q{} k{} {}x{}: {} -> {}",
+            s.rows,
+            s.keys,
+            s.heads,
+            s.head_dim,
+            times.join(", "),
+            r.tile.name()
+        );
+        tunes.push(json!({"rows": s.rows, "keys": s.keys, "heads": s.heads, "head_dim": s.head_dim,
+            "times_ms": r.times.iter().map(|(t, ms)| json!({"tile": t.name(), "ms": ms})).collect::<Vec<_>>(),
+            "picked": r.tile.name()}));
+    }
     let doc = json!({
         "device": info.name,
         "peak_bf16_tflops": peak_tflops,
         "peak_copy_gbs": peak_gbs,
         "kernels": kernels_json,
         "end_to_end": e2e,
+        "attention_tune": tunes,
     });
     let path = std::env::var("BC_BENCH_JSON").unwrap_or_else(|_| "gpu-bench.json".into());
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();

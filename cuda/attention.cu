@@ -10,16 +10,27 @@
 // with no keys gets zeros (like cpu::attention). All tables are read from device memory.
 //
 // Layout: q/out [nq, stride] bf16 with head h at columns h*head_dim; segment k/v rows of
-// kv_stride elements. head_dim: a multiple of 8, <= 64 (bc_attention_hd64) or <= 128
-// (bc_attention_hd128); pointers 16-byte aligned, strides multiples of 8.
+// kv_stride elements. head_dim: a multiple of 8, <= 64 (bc_attention_hd64*) or <= 128
+// (bc_attention_hd128*); pointers 16-byte aligned, strides multiples of 8.
 //
-// Work split: grid (ceil(max group rows / ATT_BQ), heads, groups), block ATT_NT = 128 threads
-// = ATT_WARPS warps stacked along the query rows; warp w owns the ATT_WM = 16 query rows
-// [w*16, w*16+16) of the block's ATT_BQ = 64 rows (one m16 MMA tile). Keys are walked one
-// segment at a time in tiles of BK keys (64 for hd64, 32 for hd128: two stages of K and V
-// must fit the 48 KB of static shared memory); a tile never crosses a segment end, a partial
-// tile at a segment end is masked. Per block:
-//   1. Q [64 x hd] goes to shared memory (cp.async, in the stage-1 K/V buffer, which is free at
+// Variants (tile sizes in params.h, AttCfg below; the backend picks one by timing both at
+// open, see src/backend/cuda/attention_tune.rs):
+//   bc_attention_hd{64,128}       BQ = 64 query rows per block, 4 warps, 2 blocks per SM;
+//                                 BK = 64 keys per tile (hd64) or 32 (hd128: two stages of K
+//                                 and V must fit the 48 KB of static shared memory).
+//   bc_attention_hd{64,128}_q128  BQ = 128 rows, 8 warps, 1 block per SM, BK = 64 (hd128: 64 KB
+//                                 of dynamic shared memory). Why: a block reads 4 * hd
+//                                 bytes of K/V per key from L2 and does 4 * BQ * hd FLOPs
+//                                 with them, BQ FLOP per byte: at BQ = 64, 350 TFLOP/s needs
+//                                 ~5.5 TB/s of L2 bandwidth, about all an H100 has; BQ = 128
+//                                 halves that. BK = 64 halves the barriers and softmax
+//                                 rescales per key. Registers: 8 warps x ~200 fit one block.
+// Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
+// stacked along the query rows; warp w owns the ATT_WM = 16 query rows [w*16, w*16+16) of the
+// block's BQ rows (one m16 MMA tile). Keys are walked one segment at a time in tiles of BK
+// keys; a tile never crosses a segment end, a partial tile at a segment end is masked. Per
+// block:
+//   1. Q [BQ x hd] goes to shared memory (cp.async, in the stage-1 K/V buffer, which is free at
 //      that point) together with K/V tile 0 (stage 0); each warp keeps its Q rows as A
 //      fragments in registers (ldmatrix.x4) for the whole kernel.
 //   2. Per tile: cp.async of the next tile (next segment when this one ends) into the other
@@ -40,7 +51,7 @@
 // FLOPs per launch: 4 * rows * keys * head_dim per head and group (2 for Q K^T, 2 for P V),
 // i.e. sum over groups of 4 * q_rows * (keys of its segments) * head_dim * heads.
 //
-// Registers (f32 accumulators per thread, hd128): O 64 + S 16 + Q fragments 32.
+// Registers (f32 accumulators per thread, hd128): O 64 + S BK/2 + Q fragments 32.
 // Checked by tests/kernels_emu.rs against cpu::attention::attention under the SIMT emulation
 // (emulated mma/ldmatrix/cp.async, see cuda/include/mma.cuh; cp.async lands only at its wait):
 // head_dim 32/40/64/128, groups with different segment lists (ring-buffer wrap, sink + local
@@ -51,17 +62,29 @@
 #include "include/mma.cuh"
 
 namespace {
-constexpr int ATT_NT = BC_ATTN_THREADS;      // threads per block
-constexpr int ATT_WARPS = ATT_NT / 32;       // warps per block, stacked along the query rows
-constexpr int ATT_WM = 16;                   // query rows per warp (one m16 tile)
-constexpr int ATT_BQ = BC_ATTN_BQ;           // query rows per block
-constexpr int ATT_MIN_BLOCKS = 2;            // __launch_bounds__ occupancy hint (<= 255 regs)
-static_assert(ATT_BQ == ATT_WARPS * ATT_WM, "one m16 tile of query rows per warp");
-/// Keys per tile: 2 stages x (K + V) x BK x HDMAX bf16 = 32 KB of static shared memory.
-template <int HDMAX>
-struct AttTile {
-    static constexpr int BK = HDMAX <= 64 ? BC_ATTN_BK : BC_ATTN_BK / 2;
+constexpr int ATT_WM = 16;  // query rows per warp (one m16 tile)
+/// Tile configuration of one kernel variant: WARPS warps stacked along the query rows (BQ =
+/// 16 * WARPS query rows per block), BK keys per K/V tile. Shared memory: 2 stages x (K + V) x
+/// BK x HDMAX bf16; Q [BQ x HDMAX] is staged in stage 1, so 2 * BK >= BQ.
+template <int HDMAX, int WARPS, int BK_>
+struct AttCfg {
+    static constexpr int NT = WARPS * 32;  // threads per block
+    static constexpr int BQ = WARPS * ATT_WM;
+    static constexpr int BK = BK_;
+    static constexpr int SMEM_BYTES = 2 * 2 * BK * HDMAX * 2;
+    static_assert(BK % 16 == 0 && 2 * BK >= BQ, "Q is staged in one K/V stage");
+    static_assert(HDMAX % 64 == 0, "swizzle needs rows of >= 8 chunks");
 };
+// The variants (params.h): 64 query rows per block with 2 blocks per SM (4 warps, 32 KB of
+// static shared memory each; hd128 tiles of 32 keys), and 128 rows per block (8 warps, tiles
+// of 64 keys: half the K/V traffic from L2 per FLOP and half the barriers per key; hd128 needs
+// 64 KB of dynamic shared memory).
+using AttHd64 = AttCfg<64, BC_ATTN_THREADS / 32, BC_ATTN_BK>;
+using AttHd128 = AttCfg<128, BC_ATTN_THREADS / 32, BC_ATTN_BK / 2>;
+using AttHd64Wide = AttCfg<64, BC_ATTN_WIDE_THREADS / 32, BC_ATTN_WIDE_BK>;
+using AttHd128Wide = AttCfg<128, BC_ATTN_WIDE_THREADS / 32, BC_ATTN_WIDE_BK>;
+static_assert(AttHd64::BQ == BC_ATTN_BQ && AttHd64Wide::BQ == BC_ATTN_WIDE_BQ, "params.h rows per block");
+static_assert(AttHd128Wide::SMEM_BYTES == BC_ATTN_WIDE_HD128_SMEM, "params.h shared memory");
 
 /// Element offset of 16-byte chunk `c` of shared-memory row `r` (XOR swizzle).
 __device__ __forceinline__ int att_swz(int r, int c) { return (c ^ (r & 7)) * 8; }
@@ -88,16 +111,14 @@ __device__ __forceinline__ bool att_next_segment(const BcAttentionParams& p, con
 }
 }  // namespace
 
-template <int HDMAX>
-__device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p) {
-    constexpr int BK = AttTile<HDMAX>::BK;
+template <int HDMAX, class Cfg>
+__device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p,
+                                                  __nv_bfloat16 (*kv)[2][Cfg::BK][HDMAX]) {
+    constexpr int BK = Cfg::BK, ATT_NT = Cfg::NT, ATT_BQ = Cfg::BQ;
     constexpr int KSTEPS = HDMAX / 16;  // k16 steps of Q K^T = n-tile pairs of P V (head dim)
     constexpr int NS = BK / 8;          // n8 tiles of S (keys)
     constexpr int NO = HDMAX / 8;       // n8 tiles of O (head dim)
-    static_assert(HDMAX % 64 == 0, "swizzle needs rows of >= 8 chunks");
-    static_assert(BK % 16 == 0 && 2 * BK >= ATT_BQ, "Q is staged in one K/V stage");
-    // [stage][K, V][key][head dim], swizzled 16-byte chunks
-    __shared__ __align__(128) __nv_bfloat16 kv[2][2][BK][HDMAX];
+    // kv: [stage][K, V][key][head dim], swizzled 16-byte chunks
 
     BC_EMU_CHECK(p.head_dim > 0 && p.head_dim <= HDMAX && p.head_dim % 8 == 0);
     const BcAttnGroup grp = p.groups[blockIdx.z];
@@ -283,12 +304,30 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(ATT_NT, ATT_MIN_BLOCKS) bc_attention_hd64(BcAttentionParams p) {
-    bc_attention_impl<64>(p);
+// 64 query rows per block, static shared memory, 2 blocks per SM.
+extern "C" __global__ void __launch_bounds__(AttHd64::NT, 2) bc_attention_hd64(BcAttentionParams p) {
+    __shared__ __align__(128) __nv_bfloat16 kv[2][2][AttHd64::BK][64];
+    bc_attention_impl<64, AttHd64>(p, kv);
 }
 BC_EMU_ENTRY(bc_attention_hd64, BcAttentionParams)
 
-extern "C" __global__ void __launch_bounds__(ATT_NT, ATT_MIN_BLOCKS) bc_attention_hd128(BcAttentionParams p) {
-    bc_attention_impl<128>(p);
+extern "C" __global__ void __launch_bounds__(AttHd128::NT, 2) bc_attention_hd128(BcAttentionParams p) {
+    __shared__ __align__(128) __nv_bfloat16 kv[2][2][AttHd128::BK][128];
+    bc_attention_impl<128, AttHd128>(p, kv);
 }
 BC_EMU_ENTRY(bc_attention_hd128, BcAttentionParams)
+
+// 128 query rows per block, one block per SM.
+extern "C" __global__ void __launch_bounds__(AttHd64Wide::NT, 1) bc_attention_hd64_q128(BcAttentionParams p) {
+    __shared__ __align__(128) __nv_bfloat16 kv[2][2][AttHd64Wide::BK][64];
+    bc_attention_impl<64, AttHd64Wide>(p, kv);
+}
+BC_EMU_ENTRY(bc_attention_hd64_q128, BcAttentionParams)
+
+// Dynamic shared memory (BC_ATTN_WIDE_HD128_SMEM bytes, over the 48 KB static limit): the
+// launcher raises the kernel's limit once after loading the module.
+extern "C" __global__ void __launch_bounds__(AttHd128Wide::NT, 1) bc_attention_hd128_q128(BcAttentionParams p) {
+    BC_DYNAMIC_SMEM(smem, AttHd128Wide::SMEM_BYTES);
+    bc_attention_impl<128, AttHd128Wide>(p, reinterpret_cast<__nv_bfloat16(*)[2][AttHd128Wide::BK][128]>(smem));
+}
+BC_EMU_ENTRY(bc_attention_hd128_q128, BcAttentionParams)

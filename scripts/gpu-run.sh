@@ -134,7 +134,7 @@ echo "-- kernels (rate and % of measured peak)"
 sed -n '/^kernel /,/^$/p' "$logs"/bench.log | sed 's/^/  /'
 echo "-- end to end (wan-1.3b-shape, 60x104, 21 frames, 4 steps)"
 sed -n '/^schedule /,/^$/p' "$logs"/bench.log | grep -v '^JSON' | sed 's/^/  /'
-grep '^SKIP' "$logs"/bench.log | sed 's/^/  /'
+grep -E '^(SKIP|TUNE) ' "$logs"/bench.log | sed 's/^/  /'
 echo "-- PyTorch baseline (same GPU)"
 py=$(grep -m1 -E '^(PYTORCH|SKIP)' "$logs"/pytorch.log || echo "no result (see $logs/pytorch.log)")
 echo "  $py"

@@ -14,6 +14,7 @@ use blockcascade::backend::BackendKind;
 use blockcascade::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
 use blockcascade::cpu::gemm::linear;
 use blockcascade::cpu::ops as cops;
+use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::kernels::params::{BcAttnGroup, BcKvSegment};
 use blockcascade::noise::Rng;
 use blockcascade::{kernels, AttentionMode, Generator, Schedule};
@@ -608,36 +609,39 @@ fn attention_matches_the_cpu() {
             },
         ];
         let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &index), up(&mut g, &groups));
-        let out = poisoned(&mut g, nq * d * 2);
-        ops::attention(&g, qd, out, heads, hd, sd, id, gd, 2, nq - tpf).unwrap();
-        let got = down_b(&g, out, nq * d);
-        // Reference on sampled rows of each group.
-        let mut want_rows = Vec::new();
-        let mut got_rows = Vec::new();
+        // Every tile variant of the kernel (the backend picks one at open by timing).
         let sample: Vec<usize> = (0..nq).step_by((nq / 48).max(1)).collect();
-        for &r in &sample {
-            let lc = if r < tpf { cf - 1 } else { cf };
-            let cs = [
-                CpuSeg {
-                    k: &kc[..lc * tpf * d],
-                    v: &vc[..lc * tpf * d],
-                },
-                CpuSeg { k: &kw, v: &vw },
-            ];
-            let mut o = vec![0f32; d];
-            cpu_attention(&q[r * d..(r + 1) * d], heads, hd, &cs, &mut o);
-            want_rows.extend(o);
-            got_rows.extend_from_slice(&got[r * d..(r + 1) * d]);
+        for tile in AttentionTile::ALL {
+            let out = poisoned(&mut g, nq * d * 2);
+            ops::attention(&g, qd, out, heads, hd, sd, id, gd, 2, nq - tpf, tile).unwrap();
+            let got = down_b(&g, out, nq * d);
+            // Reference on sampled rows of each group.
+            let mut want_rows = Vec::new();
+            let mut got_rows = Vec::new();
+            for &r in &sample {
+                let lc = if r < tpf { cf - 1 } else { cf };
+                let cs = [
+                    CpuSeg {
+                        k: &kc[..lc * tpf * d],
+                        v: &vc[..lc * tpf * d],
+                    },
+                    CpuSeg { k: &kw, v: &vw },
+                ];
+                let mut o = vec![0f32; d];
+                cpu_attention(&q[r * d..(r + 1) * d], heads, hd, &cs, &mut o);
+                want_rows.extend(o);
+                got_rows.extend_from_slice(&got[r * d..(r + 1) * d]);
+            }
+            let keys = nc + nq;
+            check_floor(
+                &format!("attention_self_{name}_{}", tile.name()),
+                &format!("q{nq}xk{keys}xh{heads}x{hd}"),
+                &got_rows,
+                &want_rows,
+                2e-2,
+                1.0,
+            );
         }
-        let keys = nc + nq;
-        check_floor(
-            &format!("attention_self_{name}"),
-            &format!("q{nq}xk{keys}xh{heads}x{hd}"),
-            &got_rows,
-            &want_rows,
-            2e-2,
-            1.0,
-        );
         // Cross-attention: every query row against `text` tokens.
         let (kt, ktb) = randb(&mut rng, text * d, 1.0);
         let (vt, vtb) = randb(&mut rng, text * d, 1.0);
@@ -655,30 +659,32 @@ fn attention_matches_the_cpu() {
             seg_count: 1,
         }];
         let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &[0i32]), up(&mut g, &groups));
-        let out = poisoned(&mut g, nq * d * 2);
-        ops::attention(&g, qd, out, heads, hd, sd, id, gd, 1, nq).unwrap();
-        let got = down_b(&g, out, nq * d);
-        let (mut want_rows, mut got_rows) = (Vec::new(), Vec::new());
-        for &r in &sample {
-            let mut o = vec![0f32; d];
-            cpu_attention(
-                &q[r * d..(r + 1) * d],
-                heads,
-                hd,
-                &[CpuSeg { k: &kt, v: &vt }],
-                &mut o,
+        for tile in AttentionTile::ALL {
+            let out = poisoned(&mut g, nq * d * 2);
+            ops::attention(&g, qd, out, heads, hd, sd, id, gd, 1, nq, tile).unwrap();
+            let got = down_b(&g, out, nq * d);
+            let (mut want_rows, mut got_rows) = (Vec::new(), Vec::new());
+            for &r in &sample {
+                let mut o = vec![0f32; d];
+                cpu_attention(
+                    &q[r * d..(r + 1) * d],
+                    heads,
+                    hd,
+                    &[CpuSeg { k: &kt, v: &vt }],
+                    &mut o,
+                );
+                want_rows.extend(o);
+                got_rows.extend_from_slice(&got[r * d..(r + 1) * d]);
+            }
+            check_floor(
+                &format!("attention_cross_{name}_{}", tile.name()),
+                &format!("q{nq}xk{text}xh{heads}x{hd}"),
+                &got_rows,
+                &want_rows,
+                2e-2,
+                1.0,
             );
-            want_rows.extend(o);
-            got_rows.extend_from_slice(&got[r * d..(r + 1) * d]);
         }
-        check_floor(
-            &format!("attention_cross_{name}"),
-            &format!("q{nq}xk{text}xh{heads}x{hd}"),
-            &got_rows,
-            &want_rows,
-            2e-2,
-            1.0,
-        );
     }
 }
 

@@ -4,8 +4,10 @@
 //! without a GPU. Tolerances are those of the GPU tests (bf16 activations).
 
 mod common;
+use blockcascade::backend::cuda::ops::attention_launches;
 use blockcascade::backend::cuda::{set_session_options, CudaOptions};
 use blockcascade::backend::BackendKind;
+use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::{AttentionMode, Generator, Schedule};
 use common::*;
 use std::sync::Mutex;
@@ -122,6 +124,44 @@ fn cli_runs_the_emulated_cuda_backend_with_and_without_graphs() {
     assert_eq!(outs[0], outs[1], "--no-graphs changed the latents");
     let err = rel_l2(&expected("cascade-lag2-causal.safetensors"), &outs[0]);
     assert!(err < 2e-2, "rel L2 {err}");
+}
+
+/// Both tiles of the attention kernel (64 or 128 query rows per block; on a GPU the backend
+/// times both at open) run the whole golden case, sequential and cascade, within the bf16
+/// tolerance, and the session really launches the tile it was given.
+#[test]
+fn both_attention_tiles_reproduce_the_golden_case() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for (schedule, name) in [
+        (Schedule::Sequential, "expected"),
+        (Schedule::Cascade { lag: 1 }, "cascade-lag1-causal"),
+    ] {
+        let want = expected(&format!("{name}.safetensors"));
+        let mut outs = Vec::new();
+        for tile in AttentionTile::ALL {
+            let other = AttentionTile::ALL.into_iter().find(|&t| t != tile);
+            let (mine0, other0) = (attention_launches(tile), other.map(attention_launches));
+            let co = CudaOptions {
+                emulate: true,
+                attention_tile: Some(tile),
+                ..CudaOptions::default()
+            };
+            let lat = run_opts(schedule, AttentionMode::Causal, co);
+            assert!(attention_launches(tile) > mine0, "{tile:?} never launched");
+            assert_eq!(
+                other.map(attention_launches),
+                other0,
+                "{tile:?} session launched the other tile"
+            );
+            let err = rel_l2(&want, &lat);
+            println!("TILE {} {name}: rel L2 {err:.3e}", tile.name());
+            assert!(err < 2e-2, "{tile:?} {name}: rel L2 {err}");
+            outs.push(lat);
+        }
+        let between = rel_l2(&outs[0], &outs[1]);
+        println!("TILE rows64 vs rows128 {name}: rel L2 {between:.3e}");
+        assert!(between < 1e-2, "{name}: tiles differ by {between}");
+    }
 }
 
 /// The unfused GEMM epilogue (what runs where cuBLASLt has no fused bias / GELU algorithm):

@@ -5,7 +5,9 @@
 
 use blockcascade::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
 use blockcascade::cpu::ops;
-use blockcascade::kernels::emu::{self, Act, EmuErrorKind, KvSegment, QkNormRope, QueryGroup};
+use blockcascade::kernels::emu::{
+    self, Act, AttentionTile, EmuErrorKind, KvSegment, QkNormRope, QueryGroup,
+};
 use blockcascade::noise::Rng;
 use half::bf16;
 use std::sync::mpsc;
@@ -271,6 +273,12 @@ fn qk_norm_rope_into_wrapped_cache_slots() {
 /// A cache of `slots` ring slots of `tpf` tokens, a window of members, and groups with
 /// sink + local-window visibility (ring wrap), compared group by group with the CPU reference.
 fn check_attention(seed: u64, heads: usize, hd: usize) {
+    for tile in AttentionTile::ALL {
+        check_attention_tile(seed, heads, hd, tile);
+    }
+}
+
+fn check_attention_tile(seed: u64, heads: usize, hd: usize, tile: AttentionTile) {
     let mut rng = Rng::new(seed);
     let dim = heads * hd;
     let tpf = 10;
@@ -312,7 +320,7 @@ fn check_attention(seed: u64, heads: usize, hd: usize) {
         })
         .collect();
     let mut out = vec![bf16::NAN; nq * dim];
-    emu::attention(&q, heads, hd, &segs, &groups, &mut out).unwrap();
+    emu::attention(&q, heads, hd, &segs, &groups, &mut out, tile).unwrap();
 
     let seg_f32 = |i: usize| -> (&[f32], &[f32]) {
         if i < slots {
@@ -337,7 +345,7 @@ fn check_attention(seed: u64, heads: usize, hd: usize) {
         let mut want = vec![0f32; qm.len()];
         cpu_attention(qm, heads, hd, &cs, &mut want);
         assert_attention_close(
-            &format!("attention hd{hd} member {m}"),
+            &format!("attention hd{hd} {tile:?} member {m}"),
             &to_f32(&out[starts[m] * dim..starts[m + 1] * dim]),
             &want,
         );
@@ -372,12 +380,14 @@ fn attention_head_dim_40_and_empty_group() {
         rows: 0..5,
         segments: vec![],
     }];
-    let mut out = vec![bf16::NAN; 5 * hd];
-    emu::attention(&q, heads, hd, &segs, &groups, &mut out).unwrap();
-    assert!(
-        out.iter().all(|v| v.to_f32() == 0.0),
-        "a group without keys gets zeros"
-    );
+    for tile in AttentionTile::ALL {
+        let mut out = vec![bf16::NAN; 5 * hd];
+        emu::attention(&q, heads, hd, &segs, &groups, &mut out, tile).unwrap();
+        assert!(
+            out.iter().all(|v| v.to_f32() == 0.0),
+            "{tile:?}: a group without keys gets zeros"
+        );
+    }
 }
 
 #[test]
@@ -388,23 +398,34 @@ fn cross_attention_512_text_tokens() {
     let (qf, q) = randn_bf16(&mut rng, nq * dim, 1.5);
     let (kf, k) = randn_bf16(&mut rng, text * dim, 1.0);
     let (vf, v) = randn_bf16(&mut rng, text * dim, 1.0);
-    let mut out = vec![bf16::NAN; nq * dim];
     let groups = [QueryGroup {
         rows: 0..nq,
         segments: vec![0],
     }];
-    emu::attention(
-        &q,
-        heads,
-        hd,
-        &[KvSegment { k: &k, v: &v }],
-        &groups,
-        &mut out,
-    )
-    .unwrap();
     let mut want = vec![0f32; nq * dim];
     cpu_attention(&qf, heads, hd, &[CpuSeg { k: &kf, v: &vf }], &mut want);
-    assert_attention_close("cross attention", &to_f32(&out), &want);
+    for tile in AttentionTile::ALL {
+        let mut out = vec![bf16::NAN; nq * dim];
+        emu::attention(
+            &q,
+            heads,
+            hd,
+            &[KvSegment { k: &k, v: &v }],
+            &groups,
+            &mut out,
+            tile,
+        )
+        .unwrap();
+        assert_attention_close(&format!("cross attention {tile:?}"), &to_f32(&out), &want);
+    }
+}
+
+/// Every case with every attention tile.
+fn with_tiles<T: Copy>(cases: &[T]) -> Vec<(AttentionTile, T)> {
+    AttentionTile::ALL
+        .into_iter()
+        .flat_map(|t| cases.iter().map(move |&c| (t, c)))
+        .collect()
 }
 
 /// K/V storage for the raw attention tests: `rows` rows of `stride` bf16 values (random,
@@ -419,6 +440,7 @@ struct KvStore {
 /// ranges of `kv`; groups are (query rows, segment list). `out` rows have `out_stride` values.
 #[allow(clippy::too_many_arguments)]
 fn attention_raw(
+    tile: AttentionTile,
     q: &[bf16],
     q_stride: usize,
     heads: usize,
@@ -430,9 +452,7 @@ fn attention_raw(
     out: &mut [bf16],
     out_stride: usize,
 ) {
-    use blockcascade::kernels::params::{
-        BcAttentionParams, BcAttnGroup, BcKvSegment, BC_ATTN_BQ, BC_ATTN_THREADS,
-    };
+    use blockcascade::kernels::params::{BcAttentionParams, BcAttnGroup, BcKvSegment};
     let table: Vec<BcKvSegment> = segs
         .iter()
         .map(|r| BcKvSegment {
@@ -473,13 +493,9 @@ fn attention_raw(
         scale,
         _pad: 0,
     };
-    let kernel = if hd <= 64 {
-        emu::Kernel::AttentionHd64
-    } else {
-        emu::Kernel::AttentionHd128
-    };
+    let kernel = tile.kernel(hd);
     let grid = [
-        max_rows.div_ceil(BC_ATTN_BQ as usize) as u32,
+        max_rows.div_ceil(tile.rows() as usize) as u32,
         heads as u32,
         gs.len() as u32,
     ];
@@ -487,7 +503,7 @@ fn attention_raw(
     unsafe {
         emu::launch_raw(
             kernel,
-            &emu::dims(grid, [BC_ATTN_THREADS, 1, 1]),
+            &emu::dims(kernel, grid, [tile.threads(), 1, 1]),
             &p as *const BcAttentionParams as *const std::ffi::c_void,
         )
     }
@@ -584,12 +600,12 @@ fn attention_many_odd_segments_strides_and_scale() {
         r += n;
     }
     let nq = r;
-    for (seed, heads, hd) in [
+    for (tile, (seed, heads, hd)) in with_tiles(&[
         (21u64, 2usize, 32usize),
         (22, 1, 40),
         (23, 2, 64),
         (24, 1, 128),
-    ] {
+    ]) {
         let mut rng = Rng::new(seed);
         let dim = heads * hd;
         let (q_stride, out_stride) = (dim + 8, dim + 16);
@@ -602,7 +618,7 @@ fn attention_many_odd_segments_strides_and_scale() {
         let scale = 0.37;
         let mut out = vec![bf16::NAN; nq * out_stride];
         attention_raw(
-            &q, q_stride, heads, hd, &kv, &segs, &groups, scale, &mut out, out_stride,
+            tile, &q, q_stride, heads, hd, &kv, &segs, &groups, scale, &mut out, out_stride,
         );
         for (gi, (rows, list)) in groups.iter().enumerate() {
             let got = group_out(&out, rows.clone(), dim, out_stride);
@@ -625,7 +641,11 @@ fn attention_many_odd_segments_strides_and_scale() {
                 list,
                 scale,
             );
-            assert_attention_close(&format!("odd segments hd{hd} group {gi}"), &got, &want);
+            assert_attention_close(
+                &format!("odd segments hd{hd} {tile:?} group {gi}"),
+                &got,
+                &want,
+            );
         }
     }
 }
@@ -637,7 +657,7 @@ fn attention_many_odd_segments_strides_and_scale() {
 fn attention_scale_zero_is_the_mean_of_visible_values() {
     let segs = [0usize..3, 3..32, 32..102, 102..103];
     let groups = [(0usize..70, vec![0usize, 1, 2, 3]), (70..79, vec![3, 1])];
-    for (seed, heads, hd) in [(31u64, 2usize, 40usize), (32, 1, 128)] {
+    for (tile, (seed, heads, hd)) in with_tiles(&[(31u64, 2usize, 40usize), (32, 1, 128)]) {
         let mut rng = Rng::new(seed);
         let dim = heads * hd;
         let kv = KvStore {
@@ -647,7 +667,9 @@ fn attention_scale_zero_is_the_mean_of_visible_values() {
         };
         let (_, q) = randn_bf16(&mut rng, 79 * dim, 1.0);
         let mut out = vec![bf16::NAN; 79 * dim];
-        attention_raw(&q, dim, heads, hd, &kv, &segs, &groups, 0.0, &mut out, dim);
+        attention_raw(
+            tile, &q, dim, heads, hd, &kv, &segs, &groups, 0.0, &mut out, dim,
+        );
         for (gi, (rows, list)) in groups.iter().enumerate() {
             let keys: Vec<usize> = list.iter().flat_map(|&i| segs[i].clone()).collect();
             let mean: Vec<f32> = (0..dim)
@@ -655,7 +677,12 @@ fn attention_scale_zero_is_the_mean_of_visible_values() {
                 .collect();
             let want: Vec<f32> = rows.clone().flat_map(|_| mean.iter().copied()).collect();
             let got = group_out(&out, rows.clone(), dim, dim);
-            assert_close(&format!("scale 0 hd{hd} group {gi}"), &got, &want, 1e-2);
+            assert_close(
+                &format!("scale 0 hd{hd} {tile:?} group {gi}"),
+                &got,
+                &want,
+                1e-2,
+            );
         }
     }
 }
@@ -667,7 +694,9 @@ fn attention_scale_zero_is_the_mean_of_visible_values() {
 fn attention_large_logits_online_rescaling() {
     let seg_len = [40usize, 70, 9, 50];
     let grow = [0.5f32, 1.0, 3.0, 6.0];
-    for (seed, heads, hd) in [(41u64, 1usize, 64usize), (42, 1, 128), (43, 2, 32)] {
+    for (tile, (seed, heads, hd)) in
+        with_tiles(&[(41u64, 1usize, 64usize), (42, 1, 128), (43, 2, 32)])
+    {
         let mut rng = Rng::new(seed);
         let dim = heads * hd;
         let mut segs = Vec::new();
@@ -696,12 +725,16 @@ fn attention_large_logits_online_rescaling() {
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![bf16::NAN; 90 * dim];
         attention_raw(
-            &q, dim, heads, hd, &kv, &segs, &groups, scale, &mut out, dim,
+            tile, &q, dim, heads, hd, &kv, &segs, &groups, scale, &mut out, dim,
         );
         for (gi, (rows, list)) in groups.iter().enumerate() {
             let got = group_out(&out, rows.clone(), dim, dim);
             let want = attention_ref(&qf, dim, heads, hd, &kv, &segs, rows.clone(), list, scale);
-            assert_attention_close(&format!("large logits hd{hd} group {gi}"), &got, &want);
+            assert_attention_close(
+                &format!("large logits hd{hd} {tile:?} group {gi}"),
+                &got,
+                &want,
+            );
         }
     }
 }

@@ -72,7 +72,8 @@ struct Block {
     const void* arg = nullptr;
     int code = 0;
     std::string error;
-    std::vector<uint64_t> smem;
+    std::vector<uint64_t> smem;  // dynamic shared memory (operator new: 16-byte aligned)
+    size_t smem_bytes = 0;
     std::vector<unsigned char> xbuf;  // warp_exchange slots: [warp][parity][lane][32 bytes]
 
     ~Block() {
@@ -175,6 +176,7 @@ unsigned activemask() {
 }
 
 void* dynamic_smem() { return tls_block->smem.data(); }
+size_t dynamic_smem_bytes() { return tls_block->smem_bytes; }
 
 const unsigned char* warp_exchange(const void* data, size_t bytes, const char* file, int line) {
     Fiber* f = tls_fiber;
@@ -422,7 +424,9 @@ void worker(Shared* s) {
         f.tid.y = ((unsigned)i / d->block[0]) % d->block[1];
         f.tid.z = (unsigned)i / (d->block[0] * d->block[1]);
     }
-    b->smem.assign((d->shared_bytes + 7) / 8, 0);
+    // 16-byte units, so the base is 16-byte aligned like a GPU's (ldmatrix, cp.async need it).
+    b->smem.assign((d->shared_bytes + 15) / 16 * 2, 0);
+    b->smem_bytes = d->shared_bytes;
     b->xbuf.assign((size_t)(n + 31) / 32 * 2 * 32 * 32, 0);
     b->body = s->body;
     b->arg = s->arg;

@@ -103,6 +103,7 @@ uint64_t warp_collective(int kind, unsigned mask, uint64_t value, int arg, int w
 [[noreturn]] void fail(const char* what, const char* file, int line);
 unsigned activemask();
 void* dynamic_smem();
+size_t dynamic_smem_bytes();
 /// Warp data exchange behind the emulated tensor-core ops (cuda/include/mma.cuh): the calling
 /// lane publishes `bytes` (<= 32) bytes and waits for its whole warp (a scheduling point, like
 /// `__syncwarp()` with the full mask); returns the warp's 32 slots of 32 bytes (slot l: lane l's
@@ -258,6 +259,12 @@ int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg,
 }  // namespace emu
 
 /// Defines `bc_emu_<kernel>`, the C entry point the Rust launcher calls for `kernel`.
+// Dynamic shared memory of the running block; fails unless the launch gave >= `bytes`.
+#define BC_DYNAMIC_SMEM(name, bytes)                                                                  \
+    if (::emu::dynamic_smem_bytes() < (size_t)(bytes))                                            \
+        ::emu::fail("launch gave too little dynamic shared memory", __FILE__, __LINE__);          \
+    unsigned char* name = static_cast<unsigned char*>(::emu::dynamic_smem())
+
 #define BC_EMU_ENTRY(kernel, Params)                                                                \
     extern "C" int bc_emu_##kernel(const BcLaunchDims* dims, const Params* p, char* err, size_t errlen) { \
         return ::emu::launch(dims, [](const void* a) { kernel(*static_cast<const Params*>(a)); }, p, err, \

@@ -11,6 +11,8 @@
 // Emulation-only hooks compile to nothing on the device.
 #define BC_EMU_ENTRY(kernel, Params)
 #define BC_EMU_CHECK(cond) ((void)0)
+// `unsigned char* name`: the block's dynamic shared memory (the launch gives >= `bytes`).
+#define BC_DYNAMIC_SMEM(name, bytes) extern __shared__ __align__(128) unsigned char name[]
 #else
 #ifndef BC_EMU
 #define BC_EMU 1

@@ -492,6 +492,15 @@ fn info_devices() -> Result<()> {
 fn info(a: InfoArgs) -> Result<()> {
     if a.kernels {
         println!("{}", blockcascade::kernels::report());
+        if blockcascade::kernels::built() {
+            // ptxas counts static shared memory only.
+            for k in blockcascade::kernels::emu::Kernel::ALL {
+                let b = k.dynamic_smem_bytes();
+                if b > 0 {
+                    println!("{}: plus {b} bytes of dynamic shared memory", k.name());
+                }
+            }
+        }
         return Ok(());
     }
     if a.devices {

@@ -13,6 +13,7 @@
 //! [`crate::cpu::attention`]. bf16 buffers are `half::bf16`.
 #![allow(clippy::too_many_arguments)]
 
+pub use super::launch::AttentionTile;
 use super::launch::{self, i32_of, Launch};
 use super::params::*;
 use half::bf16;
@@ -35,6 +36,11 @@ pub enum Kernel {
     AttentionHd64,
     /// `bc_attention_hd128` ([`BcAttentionParams`]).
     AttentionHd128,
+    /// `bc_attention_hd64_q128` ([`BcAttentionParams`]): 128 query rows per block.
+    AttentionHd64Q128,
+    /// `bc_attention_hd128_q128` ([`BcAttentionParams`]): 128 query rows per block, dynamic
+    /// shared memory.
+    AttentionHd128Q128,
     /// `bc_activation` ([`BcActivationParams`]).
     Activation,
     /// `bc_time_embedding` ([`BcTimeEmbeddingParams`]).
@@ -92,6 +98,18 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_attention_hd64_q128(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_attention_hd128_q128(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_activation(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -138,6 +156,26 @@ extern "C" {
 }
 
 impl Kernel {
+    /// Every kernel of the library.
+    pub const ALL: [Kernel; 16] = [
+        Kernel::LnModulate,
+        Kernel::LayerNormAffine,
+        Kernel::GatedResidual,
+        Kernel::QkNormRope,
+        Kernel::AttentionHd64,
+        Kernel::AttentionHd128,
+        Kernel::AttentionHd64Q128,
+        Kernel::AttentionHd128Q128,
+        Kernel::Activation,
+        Kernel::TimeEmbedding,
+        Kernel::FlowStep,
+        Kernel::Patchify,
+        Kernel::Unpatchify,
+        Kernel::Copy,
+        Kernel::TestSync,
+        Kernel::TestMma,
+    ];
+
     /// The kernel's entry-point name in the fatbin.
     pub fn name(self) -> &'static str {
         match self {
@@ -147,6 +185,8 @@ impl Kernel {
             Kernel::QkNormRope => "bc_qk_norm_rope",
             Kernel::AttentionHd64 => "bc_attention_hd64",
             Kernel::AttentionHd128 => "bc_attention_hd128",
+            Kernel::AttentionHd64Q128 => "bc_attention_hd64_q128",
+            Kernel::AttentionHd128Q128 => "bc_attention_hd128_q128",
             Kernel::Activation => "bc_activation",
             Kernel::TimeEmbedding => "bc_time_embedding",
             Kernel::FlowStep => "bc_flow_step",
@@ -158,6 +198,14 @@ impl Kernel {
         }
     }
 
+    /// Dynamic shared memory every launch of the kernel gets, in bytes (0: static only).
+    pub fn dynamic_smem_bytes(self) -> u32 {
+        match self {
+            Kernel::AttentionHd128Q128 => BC_ATTN_WIDE_HD128_SMEM,
+            _ => 0,
+        }
+    }
+
     fn entry(self) -> Entry {
         match self {
             Kernel::LnModulate => bc_emu_bc_ln_modulate,
@@ -166,6 +214,8 @@ impl Kernel {
             Kernel::QkNormRope => bc_emu_bc_qk_norm_rope,
             Kernel::AttentionHd64 => bc_emu_bc_attention_hd64,
             Kernel::AttentionHd128 => bc_emu_bc_attention_hd128,
+            Kernel::AttentionHd64Q128 => bc_emu_bc_attention_hd64_q128,
+            Kernel::AttentionHd128Q128 => bc_emu_bc_attention_hd128_q128,
             Kernel::Activation => bc_emu_bc_activation,
             Kernel::TimeEmbedding => bc_emu_bc_time_embedding,
             Kernel::FlowStep => bc_emu_bc_flow_step,
@@ -234,12 +284,13 @@ pub(super) fn invalid(kernel: Kernel, msg: impl Into<String>) -> EmuError {
     }
 }
 
-/// Launch dimensions from grid and block sizes.
-pub fn dims(grid: [u32; 3], block: [u32; 3]) -> BcLaunchDims {
+/// Launch dimensions of `kernel` from grid and block sizes (with the kernel's dynamic shared
+/// memory).
+pub fn dims(kernel: Kernel, grid: [u32; 3], block: [u32; 3]) -> BcLaunchDims {
     BcLaunchDims {
         grid,
         block,
-        shared_bytes: 0,
+        shared_bytes: kernel.dynamic_smem_bytes(),
     }
 }
 
@@ -276,7 +327,7 @@ fn run<P>(l: EmuResult<Launch<P>>) -> EmuResult {
     unsafe {
         launch_raw(
             l.kernel,
-            &dims(l.grid, [l.block, 1, 1]),
+            &dims(l.kernel, l.grid, [l.block, 1, 1]),
             &l.params as *const P as *const c_void,
         )
     }
@@ -537,13 +588,10 @@ pub fn attention(
     segments: &[KvSegment],
     groups: &[QueryGroup],
     out: &mut [bf16],
+    tile: AttentionTile,
 ) -> EmuResult {
     let dim = heads * head_dim;
-    let k = if head_dim <= 64 {
-        Kernel::AttentionHd64
-    } else {
-        Kernel::AttentionHd128
-    };
+    let k = tile.kernel(head_dim);
     if dim == 0 || head_dim % 8 != 0 || head_dim > 128 || q.len() % dim != 0 {
         return Err(invalid(
             k,
@@ -600,6 +648,7 @@ pub fn attention(
         gs.as_ptr(),
         gs.len(),
         max_rows,
+        tile,
     ))
 }
 

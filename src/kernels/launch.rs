@@ -203,10 +203,67 @@ pub fn qk_norm_rope(
     })
 }
 
-/// `bc_attention_hd64` (`head_dim <= 64`) or `bc_attention_hd128`: `q` and `out` rows of
-/// `heads*head_dim`, tables `segments` / `seg_index` / `groups` (`num_groups` entries),
-/// `max_rows` the largest group, scale `1/sqrt(head_dim)`. Grid
-/// (ceil(max_rows / `BC_ATTN_BQ`), heads, num_groups), block `BC_ATTN_THREADS`.
+/// Query rows per block of the attention kernel (two tile shapes of the same kernel source,
+/// `cuda/attention.cu`; the CUDA backend times both at open and keeps the faster).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttentionTile {
+    /// 64 query rows per block, 4 warps, 2 blocks per SM (`bc_attention_hd64`,
+    /// `bc_attention_hd128`).
+    Rows64,
+    /// 128 query rows per block, 8 warps, 1 block per SM, 64-key tiles
+    /// (`bc_attention_hd64_q128`, `bc_attention_hd128_q128`): half the K/V traffic per FLOP.
+    Rows128,
+}
+
+impl AttentionTile {
+    /// Both tiles.
+    pub const ALL: [AttentionTile; 2] = [AttentionTile::Rows64, AttentionTile::Rows128];
+
+    /// The kernel for `head_dim` (at most 64: the hd64 kernels, else the hd128 ones).
+    pub fn kernel(self, head_dim: usize) -> Kernel {
+        match (self, head_dim <= 64) {
+            (AttentionTile::Rows64, true) => Kernel::AttentionHd64,
+            (AttentionTile::Rows64, false) => Kernel::AttentionHd128,
+            (AttentionTile::Rows128, true) => Kernel::AttentionHd64Q128,
+            (AttentionTile::Rows128, false) => Kernel::AttentionHd128Q128,
+        }
+    }
+
+    /// Query rows per block.
+    pub fn rows(self) -> u32 {
+        match self {
+            AttentionTile::Rows64 => BC_ATTN_BQ,
+            AttentionTile::Rows128 => BC_ATTN_WIDE_BQ,
+        }
+    }
+
+    /// Threads per block.
+    pub fn threads(self) -> u32 {
+        match self {
+            AttentionTile::Rows64 => BC_ATTN_THREADS,
+            AttentionTile::Rows128 => BC_ATTN_WIDE_THREADS,
+        }
+    }
+
+    /// Short name (`rows64`, `rows128`), as `BC_ATTENTION_TILE` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionTile::Rows64 => "rows64",
+            AttentionTile::Rows128 => "rows128",
+        }
+    }
+
+    /// Parses [`Self::name`].
+    pub fn parse(s: &str) -> Option<AttentionTile> {
+        Self::ALL.into_iter().find(|t| t.name() == s.trim())
+    }
+}
+
+/// The attention kernel of `tile` for `head_dim` (`bc_attention_hd64*` for `head_dim <= 64`,
+/// else `bc_attention_hd128*`): `q` and `out` rows of `heads*head_dim`, tables `segments` /
+/// `seg_index` / `groups` (`num_groups` entries), `max_rows` the largest group, scale
+/// `1/sqrt(head_dim)`. Grid (ceil(max_rows / `tile.rows()`), heads, num_groups), block
+/// `tile.threads()` (and the kernel's [`Kernel::dynamic_smem_bytes`]).
 pub fn attention(
     q: *const bc_bf16,
     out: *mut bc_bf16,
@@ -217,22 +274,19 @@ pub fn attention(
     groups: *const BcAttnGroup,
     num_groups: usize,
     max_rows: usize,
+    tile: AttentionTile,
 ) -> EmuResult<Launch<BcAttentionParams>> {
-    let k = if head_dim <= 64 {
-        Kernel::AttentionHd64
-    } else {
-        Kernel::AttentionHd128
-    };
+    let k = tile.kernel(head_dim);
     let dim = i32_of(k, mul(k, heads, head_dim)?, "dim")?;
     let (heads, num_groups) = (i32_of(k, heads, "heads")?, i32_of(k, num_groups, "groups")?);
     Ok(Launch {
         kernel: k,
         grid: [
-            blocks(k, max_rows, BC_ATTN_BQ)?,
+            blocks(k, max_rows, tile.rows())?,
             heads as u32,
             num_groups as u32,
         ],
-        block: BC_ATTN_THREADS,
+        block: tile.threads(),
         params: BcAttentionParams {
             q,
             out,

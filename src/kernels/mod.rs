@@ -24,6 +24,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_qk_norm_rope",
     "bc_attention_hd64",
     "bc_attention_hd128",
+    "bc_attention_hd64_q128",
+    "bc_attention_hd128_q128",
     "bc_activation",
     "bc_time_embedding",
     "bc_flow_step",

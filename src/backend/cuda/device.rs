@@ -165,6 +165,8 @@ const KERNELS: &[Kernel] = &[
     Kernel::QkNormRope,
     Kernel::AttentionHd64,
     Kernel::AttentionHd128,
+    Kernel::AttentionHd64Q128,
+    Kernel::AttentionHd128Q128,
     Kernel::Activation,
     Kernel::TimeEmbedding,
     Kernel::FlowStep,
@@ -352,6 +354,24 @@ impl Gpu {
             let f = unsafe { drv::module::get_function(module, cname) }.map_err(|e| {
                 Error::Device(format!("kernel {} not in the fatbin: {e}", k.name()))
             })?;
+            let dyn_smem = k.dynamic_smem_bytes();
+            if dyn_smem > 0 {
+                // Above 48 KB of dynamic shared memory a kernel must opt in.
+                // SAFETY: f was just loaded.
+                unsafe {
+                    drv::function::set_function_attribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        dyn_smem as i32,
+                    )
+                }
+                .map_err(|e| {
+                    Error::Device(format!(
+                        "{} needs {dyn_smem} bytes of shared memory, more than this device allows: {e}",
+                        k.name()
+                    ))
+                })?;
+            }
             funcs.insert(k.name(), f);
         }
         let handle = lt::create_handle().map_err(lt_err("cublasLtCreate"))?;
@@ -601,7 +621,7 @@ impl Gpu {
             f,
             (grid[0], grid[1], grid[2]),
             (block, 1, 1),
-            0,
+            kernel.dynamic_smem_bytes(),
             self.stream,
             &mut args,
         )

@@ -321,7 +321,7 @@ fn run(op: &EmuOp) -> Result<()> {
             unsafe {
                 launch_raw(
                     *kernel,
-                    &dims(*grid, [*block, 1, 1]),
+                    &dims(*kernel, *grid, [*block, 1, 1]),
                     params.as_ptr() as *const std::ffi::c_void,
                 )
             }

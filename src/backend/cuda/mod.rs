@@ -46,6 +46,7 @@
 //!   [`MultiCudaBackend`], joint K/V exchange per layer or lagged exchange once per tick
 //!   (`--kv-exchange lagged`), graphs per device (see there).
 
+pub mod attention_tune;
 pub mod device;
 pub mod emu_device;
 pub mod nvml;
@@ -56,6 +57,7 @@ pub use device::{graph_replays, peer_copy_bytes};
 
 use crate::backend::Backend;
 use crate::config::GenerateOptions;
+use crate::kernels::launch::AttentionTile;
 use crate::kernels::params::{BcAttnGroup, BcKvSegment, BC_ACT_ROUND_BF16};
 use crate::kv_cache::KvCache;
 use crate::model::{Member, Model, PromptContext, CHANNELS};
@@ -100,6 +102,10 @@ pub struct CudaOptions {
     /// Fuse the GELU of `ffn.0` into cuBLASLt's epilogue (`BC_NO_GELU_EPILOGUE=1` turns it
     /// off: bias epilogue, then the activation kernel).
     pub fuse_gelu: bool,
+    /// The attention kernel's tile; `None` (the default) times both on the device at open and
+    /// keeps the faster (see [`attention_tune`]; an emulated device uses
+    /// [`AttentionTile::Rows128`]). `BC_ATTENTION_TILE=rows64|rows128|auto`.
+    pub attention_tile: Option<AttentionTile>,
 }
 
 impl Default for CudaOptions {
@@ -113,6 +119,7 @@ impl Default for CudaOptions {
             fuse_bias: true,
             fuse_gelu: true,
             round_residual_bf16: false,
+            attention_tile: None,
         }
     }
 }
@@ -145,7 +152,22 @@ impl CudaOptions {
         if device::env_flag("BC_NO_GELU_EPILOGUE") {
             o.fuse_gelu = false;
         }
+        // An unknown value is an error at open (`env_attention_tile`).
+        o.attention_tile = env_attention_tile().ok().flatten();
         o
+    }
+}
+
+/// `BC_ATTENTION_TILE`: `Ok(None)` when unset or `auto`, an error for an unknown value.
+fn env_attention_tile() -> Result<Option<AttentionTile>> {
+    match std::env::var("BC_ATTENTION_TILE") {
+        Err(_) => Ok(None),
+        Ok(v) if v.trim().is_empty() || v.trim() == "auto" => Ok(None),
+        Ok(v) => AttentionTile::parse(&v).map(Some).ok_or_else(|| {
+            Error::invalid(format!(
+                "BC_ATTENTION_TILE={v:?} is not one of rows64, rows128, auto"
+            ))
+        }),
     }
 }
 
@@ -452,6 +474,8 @@ pub struct CudaBackend<'m> {
     time_cache: HashMap<u64, (Vec<f32>, Vec<f32>)>,
     cache_bytes: usize,
     ticks: usize,
+    attn_tile: AttentionTile,
+    attn_tune: Option<attention_tune::TuneResult>,
 }
 
 fn fingerprint(p: &PromptContext) -> u64 {
@@ -726,6 +750,38 @@ impl<'m> CudaBackend<'m> {
                 cache_v,
             })
             .collect();
+        env_attention_tile()?;
+        let (attn_tile, attn_tune) = match copts.attention_tile {
+            Some(t) => (t, None),
+            None if copts.emulate => (AttentionTile::Rows128, None),
+            None => {
+                // Times both tiles on this window's rows against the whole layer-0 cache
+                // (random data, overwritten below and by every tick).
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&(ordinal, &gpu.name), &mut hasher);
+                let shape = attention_tune::TuneShape {
+                    device: std::hash::Hasher::finish(&hasher),
+                    heads: c.num_heads,
+                    head_dim: c.head_dim(),
+                    rows: n.min(attention_tune::TUNE_MAX_ROWS),
+                    keys: (slots * tpf).min(attention_tune::TUNE_MAX_KEYS),
+                };
+                let r = attention_tune::pick(
+                    &gpu,
+                    shape,
+                    &attention_tune::TuneBuffers {
+                        q: b.q,
+                        out: b.att,
+                        k: caches[0].0,
+                        v: caches[0].1,
+                        segments: b.sa_segs,
+                        seg_index: b.sa_index,
+                        groups: b.sa_groups,
+                    },
+                )?;
+                (r.tile, Some(r))
+            }
+        };
         for &(k, v) in &caches {
             gpu.memset(k, 0, cb)?;
             gpu.memset(v, 0, cb)?;
@@ -752,6 +808,8 @@ impl<'m> CudaBackend<'m> {
             time_cache: HashMap::new(),
             cache_bytes: (lu * cache_layer) as usize,
             ticks: 0,
+            attn_tile,
+            attn_tune,
         })
     }
 
@@ -770,6 +828,16 @@ impl<'m> CudaBackend<'m> {
     /// The device's name.
     pub fn device_name(&self) -> &str {
         &self.gpu.name
+    }
+
+    /// The attention tile this session runs.
+    pub fn attention_tile(&self) -> AttentionTile {
+        self.attn_tile
+    }
+
+    /// The timing that chose [`Self::attention_tile`] (`None` when it was set by option).
+    pub fn attention_tune(&self) -> Option<&attention_tune::TuneResult> {
+        self.attn_tune.as_ref()
     }
 
     /// Number of graphs captured so far.
@@ -1304,6 +1372,7 @@ impl<'m> CudaBackend<'m> {
         let b = &self.b;
         let ld = &self.layers[li];
         let round = self.copts.round_residual_bf16;
+        let tile = self.attn_tile;
         let g = &mut self.gpu;
         let (x, y, q, k, v, att) = (b.x, b.y, b.q, b.k, b.v, b.att);
         let (f32b, du) = (4u64, d as u64);
@@ -1322,6 +1391,7 @@ impl<'m> CudaBackend<'m> {
             b.sa_groups,
             s.groups,
             s.max_rows,
+            tile,
         )?;
         // Context members' K/V into the cache (after this layer's attention).
         for &j in &s.cache_writes {
@@ -1414,6 +1484,7 @@ impl<'m> CudaBackend<'m> {
             b.ca_groups,
             s.cross_groups.len(),
             s.cross_groups.iter().copied().max().unwrap_or(0),
+            tile,
         )?;
         for &(r0, n, f0, _) in &s.ranges {
             let (r0, f0) = (r0 as u64, f0 as u64);

@@ -5,7 +5,7 @@
 
 use super::device::{DevPtr, Gpu};
 use crate::kernels::emu::EmuResult;
-use crate::kernels::launch::{self, Launch};
+use crate::kernels::launch::{self, AttentionTile, Launch};
 use crate::kernels::params::*;
 use crate::{Error, Result};
 
@@ -158,8 +158,20 @@ pub fn qk_norm_rope(g: &Gpu, a: &QkArgs) -> Result<()> {
     )
 }
 
+static ATTENTION_LAUNCHES: [std::sync::atomic::AtomicUsize; 2] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+
+/// Attention launches enqueued with `tile` in this process (eager or captured into a graph;
+/// replays are not counted): lets tests check which kernel a session runs.
+pub fn attention_launches(tile: AttentionTile) -> usize {
+    ATTENTION_LAUNCHES[tile as usize].load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Flash attention over device tables: `segments` (BcKvSegment), `seg_index` (i32),
-/// `groups` (BcAttnGroup); `max_rows` is the largest group (sets grid.x).
+/// `groups` (BcAttnGroup); `max_rows` is the largest group (sets grid.x); `tile` picks the
+/// kernel variant.
 pub fn attention(
     g: &Gpu,
     q: DevPtr,
@@ -171,7 +183,9 @@ pub fn attention(
     groups: DevPtr,
     num_groups: usize,
     max_rows: usize,
+    tile: AttentionTile,
 ) -> Result<()> {
+    ATTENTION_LAUNCHES[tile as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     run(
         g,
         launch::attention(
@@ -184,6 +198,7 @@ pub fn attention(
             p(groups),
             num_groups,
             max_rows,
+            tile,
         ),
     )
 }

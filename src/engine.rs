@@ -110,8 +110,33 @@ impl MemoryEstimate {
 
 /// `MemAvailable` from /proc/meminfo (None where it cannot be read).
 fn available_memory() -> Option<usize> {
+    meminfo_bytes("MemAvailable:")
+}
+
+/// A `/proc/meminfo` entry in bytes (None where it cannot be read).
+fn meminfo_bytes(key: &str) -> Option<usize> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib.saturating_mul(1024))
+}
+
+/// Refuses to allocate `bytes` of host memory for `what` when they exceed the available memory
+/// plus free swap ([`Error::OutOfMemory`]): such an allocation would abort the process (or wake
+/// the OOM killer) instead of returning an error. Nothing is checked where /proc/meminfo cannot
+/// be read.
+pub fn ensure_host_memory(bytes: usize, what: impl FnOnce() -> String) -> Result<()> {
+    let Some(avail) = available_memory() else {
+        return Ok(());
+    };
+    let limit = avail.saturating_add(meminfo_bytes("SwapFree:").unwrap_or(0));
+    if bytes > limit {
+        return Err(Error::OutOfMemory(format!(
+            "{} needs {} MiB but {} MiB are available",
+            what(),
+            bytes >> 20,
+            limit >> 20
+        )));
+    }
+    Ok(())
 }

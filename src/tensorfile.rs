@@ -58,6 +58,13 @@ pub struct TensorInfo {
     end: usize,
 }
 
+impl TensorInfo {
+    /// Number of elements (the product of the shape; the header check guarantees it fits).
+    pub fn elements(&self) -> usize {
+        (self.end - self.start) / self.dtype.size()
+    }
+}
+
 /// A memory-mapped safetensors file with a validated header.
 pub struct TensorFile {
     path: PathBuf,
@@ -70,6 +77,18 @@ pub struct TensorFile {
 impl TensorFile {
     /// Opens and validates `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        // A directory, FIFO or device is refused before opening it (opening a FIFO would block
+        // until some other process writes to it).
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a regular file (a directory, FIFO or device); expected a safetensors file",
+                ),
+            ));
+        }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a concurrent truncation by another process could fault,
         // which is the documented limitation of memory-mapped model files.
@@ -96,44 +115,100 @@ impl TensorFile {
             )));
         }
         let data_start = 8 + n as usize;
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&map[8..data_start])
-                .map_err(|e| bad(format!("header JSON: {e}")))?;
+        let header: HeaderEntries = serde_json::from_slice(&map[8..data_start])
+            .map_err(|e| bad(format!("header JSON: {e}")))?;
         let data_len = map.len() - data_start;
         let mut tensors = BTreeMap::new();
         let mut metadata = BTreeMap::new();
-        for (name, v) in header {
+        let mut seen_metadata = false;
+        for (name, v) in header.0 {
             if name == "__metadata__" {
-                if let Some(m) = v.as_object() {
-                    for (k, v) in m {
-                        metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
-                    }
+                if std::mem::replace(&mut seen_metadata, true) {
+                    return Err(bad("`__metadata__` appears twice in the header".into()));
+                }
+                let m = v.as_object().ok_or_else(|| {
+                    bad(format!(
+                        "`__metadata__` must be an object of strings, got {}",
+                        json_brief(&v)
+                    ))
+                })?;
+                for (k, v) in m {
+                    let s = v.as_str().ok_or_else(|| {
+                        bad(format!(
+                            "`__metadata__` value `{k}` must be a string, got {}",
+                            json_brief(v)
+                        ))
+                    })?;
+                    metadata.insert(k.clone(), s.to_string());
                 }
                 continue;
             }
-            let dt = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
-            let dtype = Dtype::parse(dt).ok_or_else(|| {
+            if tensors.contains_key(&name) {
+                return Err(bad(format!("tensor `{name}` appears twice in the header")));
+            }
+            let entry = v.as_object().ok_or_else(|| {
                 bad(format!(
-                    "tensor `{name}` has unsupported dtype {dt} (F32, BF16, F16 are supported)"
+                    "tensor `{name}`: the entry must be an object with dtype, shape and data_offsets, got {}",
+                    json_brief(&v)
                 ))
             })?;
-            let shape: Vec<usize> = v
+            let dtype = match entry.get("dtype") {
+                None => return Err(bad(format!("tensor `{name}` has no dtype"))),
+                Some(d) => d.as_str().and_then(Dtype::parse).ok_or_else(|| {
+                    bad(format!(
+                        "tensor `{name}` has unsupported dtype {} (F32, BF16, F16 are supported)",
+                        d.as_str().map_or_else(|| json_brief(d), str::to_string)
+                    ))
+                })?,
+            };
+            let dt = dtype.name();
+            let shape: Vec<usize> = entry
                 .get("shape")
                 .and_then(|s| s.as_array())
                 .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-                .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
-            let off: Vec<usize> = v
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tensor `{name}` has no valid shape (a list of non-negative integers), got {}",
+                        entry.get("shape").map_or_else(|| "none".into(), json_brief)
+                    ))
+                })?;
+            let off: Vec<usize> = entry
                 .get("data_offsets")
                 .and_then(|s| s.as_array())
                 .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
                 .filter(|o: &Vec<usize>| o.len() == 2)
-                .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tensor `{name}` has no valid data_offsets (two non-negative integers [begin, end]), got {}",
+                        entry
+                            .get("data_offsets")
+                            .map_or_else(|| "none".into(), json_brief)
+                    ))
+                })?;
             let (start, end) = (off[0], off[1]);
+            // The byte count, and the element count even when a dimension is 0, must be a valid
+            // allocation size, so that nothing computed from the shape can overflow.
             let want = shape
                 .iter()
-                .try_fold(dtype.size(), |a, &b| a.checked_mul(b))
-                .ok_or_else(|| bad(format!("tensor `{name}` shape overflows")))?;
-            if start > end || end > data_len {
+                .try_fold(dtype.size(), |a, &b| a.checked_mul(b));
+            let nonzero = shape
+                .iter()
+                .filter(|&&d| d != 0)
+                .try_fold(dtype.size(), |a, &b| a.checked_mul(b));
+            let want = match (want, nonzero) {
+                (Some(w), Some(nz)) if nz <= isize::MAX as usize => w,
+                _ => {
+                    return Err(bad(format!(
+                        "tensor `{name}` shape {shape:?} overflows the address space"
+                    )))
+                }
+            };
+            if start > end {
+                return Err(bad(format!(
+                    "tensor `{name}` has reversed data_offsets [{start}, {end}]"
+                )));
+            }
+            if end > data_len {
                 return Err(bad(format!(
                     "tensor `{name}` data [{start}, {end}) lies outside the {data_len} data bytes (truncated file?)"
                 )));
@@ -153,6 +228,21 @@ impl TensorFile {
                     end,
                 },
             );
+        }
+        // Two tensors must not share bytes (a corrupt or hostile header).
+        let mut ranges: Vec<(usize, usize, &str)> = tensors
+            .iter()
+            .filter(|(_, t)| t.end > t.start)
+            .map(|(n, t)| (t.start, t.end, n.as_str()))
+            .collect();
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(bad(format!(
+                    "tensors `{}` [{}, {}) and `{}` [{}, {}) overlap",
+                    w[0].2, w[0].0, w[0].1, w[1].2, w[1].0, w[1].1
+                )));
+            }
         }
         Ok(TensorFile {
             path: path.to_path_buf(),
@@ -193,6 +283,13 @@ impl TensorFile {
                 )));
             }
         }
+        crate::engine::ensure_host_memory(info.elements().saturating_mul(4), || {
+            format!(
+                "{}: tensor `{name}` {:?} (as f32)",
+                self.path.display(),
+                info.shape
+            )
+        })?;
         Ok(self.convert(info))
     }
 
@@ -213,6 +310,43 @@ impl TensorFile {
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
         }
+    }
+}
+
+/// The top-level header object, in file order, duplicates kept (a JSON map would silently keep
+/// only the last of two entries with the same name).
+struct HeaderEntries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for HeaderEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = HeaderEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensor entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<HeaderEntries, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = m.next_entry::<String, serde_json::Value>()? {
+                    v.push(e);
+                }
+                Ok(HeaderEntries(v))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// A JSON value for an error message, cut to a readable length.
+fn json_brief(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 60 {
+        format!("{}...", s.chars().take(60).collect::<String>())
+    } else {
+        s
     }
 }
 

@@ -118,10 +118,15 @@ impl Weights {
     /// Loads and validates a model directory.
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
-            ));
+            let (kind, msg) = if dir.exists() {
+                (
+                    std::io::ErrorKind::InvalidInput,
+                    "not a directory (a model is a directory with config.json and safetensors weights)",
+                )
+            } else {
+                (std::io::ErrorKind::NotFound, "model directory not found")
+            };
+            return Err(Error::io(dir, std::io::Error::new(kind, msg)));
         }
         let config = ModelConfig::load(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
@@ -129,11 +134,11 @@ impl Weights {
             .iter()
             .map(|p| TensorFile::open(p))
             .collect::<Result<_>>()?;
-        // name (without prefix) -> (file index, stored name)
-        let mut index: HashMap<String, (usize, String)> = HashMap::new();
+        // stored name -> indices of the files that hold it
+        let mut index: HashMap<String, Vec<usize>> = HashMap::new();
         for (fi, f) in opened.iter().enumerate() {
             for name in f.tensors().keys() {
-                index.insert(name.clone(), (fi, name.clone()));
+                index.entry(name.clone()).or_default().push(fi);
             }
         }
         let prefix = detect_prefix(index.keys().map(String::as_str));
@@ -142,12 +147,23 @@ impl Weights {
         // Validate everything before converting anything.
         for (name, shape) in &shapes {
             let stored = format!("{prefix}{name}");
-            let (fi, _) = index.get(&stored).ok_or_else(|| {
-                Error::format(format!(
-                    "{}: missing tensor `{stored}` (expected shape {shape:?})",
-                    dir.display()
-                ))
-            })?;
+            let fi = match index.get(&stored).map(Vec::as_slice) {
+                Some([fi]) => fi,
+                Some([a, b, ..]) => {
+                    return Err(Error::format(format!(
+                        "{}: tensor `{stored}` is in both {} and {} (which one is meant?)",
+                        dir.display(),
+                        opened[*a].path().display(),
+                        opened[*b].path().display()
+                    )))
+                }
+                _ => {
+                    return Err(Error::format(format!(
+                        "{}: missing tensor `{stored}` (expected shape {shape:?})",
+                        dir.display()
+                    )))
+                }
+            };
             let info = &opened[*fi].tensors()[&stored];
             if &info.shape != shape {
                 return Err(Error::format(format!(
@@ -169,11 +185,18 @@ impl Weights {
                 _ => {}
             }
         }
+        // The f32 copies must fit in memory (a model too large for this machine is an error,
+        // not an abort of the allocator).
+        let bytes = shapes.iter().fold(0usize, |a, (_, s)| {
+            a.saturating_add(s.iter().fold(4usize, |p, &d| p.saturating_mul(d)))
+        });
+        crate::engine::ensure_host_memory(bytes, || {
+            format!("{}: the f32 weights of this model", dir.display())
+        })?;
         let mut map = HashMap::new();
         for (name, _) in &shapes {
             let stored = format!("{prefix}{name}");
-            let (fi, _) = &index[&stored];
-            let f = &opened[*fi];
+            let f = &opened[index[&stored][0]];
             let v = f.convert(&f.tensors()[&stored]);
             if v.iter().any(|x| !x.is_finite()) {
                 return Err(Error::format(format!(
@@ -191,6 +214,9 @@ impl Weights {
     /// modulations N(0, 1/dim).
     pub fn builtin(name: &str) -> Result<Self> {
         let config = builtin_config(name)?;
+        crate::engine::ensure_host_memory(config.parameter_count().saturating_mul(4), || {
+            format!("the f32 weights of the built-in model `{name}`")
+        })?;
         Ok(Self::random(config, BUILTIN_SEED))
     }
 
@@ -334,7 +360,11 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
                     ip.display()
                 ))
             })?;
-            if f.contains('/') || f.contains("..") {
+            let plain = matches!(
+                Path::new(f).components().collect::<Vec<_>>().as_slice(),
+                [std::path::Component::Normal(c)] if *c == std::ffi::OsStr::new(f)
+            );
+            if !plain || f.contains('/') || f.contains('\\') || f.contains("..") {
                 return Err(Error::format(format!(
                     "{}: shard name `{f}` must be a plain file name",
                     ip.display()

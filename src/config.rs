@@ -67,8 +67,17 @@ impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: ModelConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::format(format!("{}: malformed config: {e}", path.display())))?;
+        let malformed =
+            |m: String| Error::format(format!("{}: malformed config: {m}", path.display()));
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+        let cfg: ModelConfig = serde_json::from_value(v.clone()).map_err(|e| {
+            // serde names a missing field but not the field whose value has the wrong type.
+            malformed(match bad_config_field(&v) {
+                Some(field) => format!("field `{field}`: {e}"),
+                None => e.to_string(),
+            })
+        })?;
         cfg.validate()
             .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
         Ok(cfg)
@@ -97,7 +106,7 @@ impl ModelConfig {
         }
         if self.dim % self.num_heads != 0 || (self.dim / self.num_heads) % 2 != 0 {
             return err(format!(
-                "dim {} must split into {} heads of even size",
+                "dim {} must split into num_heads = {} heads of even size",
                 self.dim, self.num_heads
             ));
         }
@@ -117,6 +126,10 @@ impl ModelConfig {
         {
             return err("freq_dim must be even and text_len, text_dim positive".into());
         }
+        // RMSNorm / LayerNorm divide by sqrt(mean + eps): eps <= 0 can give inf or NaN.
+        if !(self.eps.is_finite() && self.eps > 0.0 && self.eps <= 1.0) {
+            return err(format!("eps {} (must be in (0, 1])", self.eps));
+        }
         Ok(())
     }
 
@@ -132,6 +145,32 @@ impl ModelConfig {
             .map(|(_, s)| s.iter().product::<usize>())
             .sum()
     }
+}
+
+/// The first field of a config object whose value has the wrong type for [`ModelConfig`].
+fn bad_config_field(v: &serde_json::Value) -> Option<&'static str> {
+    fn wrong<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> bool {
+        serde_json::from_value::<T>(v.clone()).is_err()
+    }
+    let obj = v.as_object()?;
+    let is_wrong = |f: &str, check: fn(&serde_json::Value) -> bool| obj.get(f).is_some_and(check);
+    const COUNTS: [&str; 9] = [
+        "dim",
+        "ffn_dim",
+        "freq_dim",
+        "num_heads",
+        "num_layers",
+        "in_dim",
+        "out_dim",
+        "text_len",
+        "text_dim",
+    ];
+    COUNTS
+        .into_iter()
+        .find(|f| is_wrong(f, wrong::<usize>))
+        .or_else(|| is_wrong("patch_size", wrong::<Vec<usize>>).then_some("patch_size"))
+        .or_else(|| is_wrong("eps", wrong::<f64>).then_some("eps"))
+        .or_else(|| is_wrong("model_type", wrong::<String>).then_some("model_type"))
 }
 
 /// Every weight the model needs, with its shape, in the upstream naming.
@@ -346,6 +385,12 @@ impl GenerateOptions {
             return bad(format!(
                 "steps must be values in (0, 1000], got {:?}",
                 self.steps
+            ));
+        }
+        if let Some(w) = self.steps.windows(2).find(|w| w[1] >= w[0]) {
+            return bad(format!(
+                "steps must be strictly decreasing (each step denoises further), got {} then {}",
+                w[0], w[1]
             ));
         }
         if !(self.shift.is_finite() && self.shift > 0.0) {

@@ -19,14 +19,28 @@ pub struct StepSchedule {
 impl StepSchedule {
     /// Warps the denoising steps (integers in 1..=1000) with `shift`.
     pub fn new(steps: &[f64], shift: f64) -> Result<Self> {
+        if !(shift.is_finite() && shift > 0.0) {
+            return Err(Error::invalid(format!(
+                "shift must be positive, got {shift}"
+            )));
+        }
+        if let Some(k) = steps
+            .iter()
+            .find(|k| !(k.fract() == 0.0 && (1.0..=1000.0).contains(*k)))
+        {
+            return Err(Error::invalid(format!(
+                "denoising steps must be integers in 1..=1000, got {k}"
+            )));
+        }
+        if let Some(w) = steps.windows(2).find(|w| w[1] >= w[0]) {
+            return Err(Error::invalid(format!(
+                "denoising steps must be strictly decreasing (each step denoises further), got {} then {}",
+                w[0], w[1]
+            )));
+        }
         let mut timesteps = Vec::with_capacity(steps.len());
         let mut sigmas = Vec::with_capacity(steps.len());
         for &k in steps {
-            if !(k.fract() == 0.0 && (1.0..=1000.0).contains(&k)) {
-                return Err(Error::invalid(format!(
-                    "denoising steps must be integers in 1..=1000, got {k}"
-                )));
-            }
             let i = 1000.0 - k;
             let u = 1.0 - i / 1000.0;
             let sigma = (shift * u / (1.0 + (shift - 1.0) * u)) as f32;

@@ -39,6 +39,15 @@ impl PromptEmbeds {
             )))
             }
         };
+        // Rows are checked before the data is converted, so that a huge (e.g. sparse) file is
+        // refused without allocating its f32 copy.
+        if rows == 0 || rows > cfg.text_len {
+            return Err(Error::invalid(format!(
+                "{}: prompt_embeds has {rows} rows (shape {shape:?}); the model takes 1..={} (text_len)",
+                path.display(),
+                cfg.text_len
+            )));
+        }
         let data = f.convert(info);
         let p = PromptEmbeds { data, rows };
         p.check(cfg).map_err(|e| match e {

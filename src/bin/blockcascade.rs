@@ -145,7 +145,7 @@ struct GenerateArgs {
     /// CUDA: launch kernels one by one instead of replaying captured CUDA graphs (debugging).
     #[arg(long)]
     no_graphs: bool,
-    /// Worker threads (default: all cores).
+    /// Worker threads, 1..=4096 (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
     /// Output file (safetensors with `latents` [F,16,H,W] f32).
@@ -155,7 +155,7 @@ struct GenerateArgs {
     #[arg(long)]
     report: bool,
     /// With --report: also run the sequential schedule and print the latents' relative difference.
-    #[arg(long)]
+    #[arg(long, requires = "report")]
     compare_sequential: bool,
     /// No progress bar.
     #[arg(long, short)]
@@ -282,11 +282,61 @@ fn options(s: &SamplingArgs, builtin: bool) -> Result<GenerateOptions> {
     Ok(o)
 }
 
+/// Most worker threads `--threads` accepts.
+const MAX_THREADS: usize = 4096;
+
+/// Checks, before any work, that `--out` can be written: not a directory, in an existing
+/// folder where a file can be created (probed with the temporary name `write_f32` uses).
+fn check_out(out: &std::path::Path) -> Result<()> {
+    let not = |msg: &str| {
+        Error::io(
+            out,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, msg.to_string()),
+        )
+    };
+    if out.is_dir() {
+        return Err(not(
+            "--out is a directory; give a file name such as latents.safetensors",
+        ));
+    }
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| not("--out has no file name"))?;
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !dir.is_dir() {
+        return Err(Error::io(
+            out,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the folder {} of --out does not exist", dir.display()),
+            ),
+        ));
+    }
+    let probe = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| Error::io(&probe, e))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
     let (devices, device_list) = parse_devices(&a.devices)?;
+    check_out(&a.out)?;
     if let Some(t) = a.threads {
+        if t == 0 || t > MAX_THREADS {
+            return Err(Error::invalid(format!(
+                "--threads must be in 1..={MAX_THREADS}, got {t}"
+            )));
+        }
         rayon::ThreadPoolBuilder::new()
-            .num_threads(t.max(1))
+            .num_threads(t)
             .build_global()
             .map_err(|e| Error::Internal(e.to_string()))?;
     }
@@ -312,6 +362,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     opts.validate(Some(a.frames))?;
     let blocks = a.frames / opts.block_frames;
+    // All latents are kept until they are written: they must fit in memory.
+    let out_bytes = [a.frames, 16, opts.height, opts.width, 4]
+        .iter()
+        .fold(1usize, |p, &d| p.saturating_mul(d));
+    blockcascade::engine::ensure_host_memory(out_bytes, || {
+        format!("the output latents of {} frames", a.frames)
+    })?;
     // Check every input before loading the model's weights.
     let noise = match &a.noise {
         Some(p) => NoiseSource::Recorded(RecordedNoise::load(
@@ -431,9 +488,21 @@ fn parse_devices(s: &str) -> Result<(usize, Option<Vec<usize>>)> {
     }
 }
 
+/// Most ticks `plan` prints.
+const MAX_PLAN_TICKS: usize = 100_000;
+
 fn plan(a: PlanArgs) -> Result<()> {
     let steps = StepSchedule::new(&parse_steps(&a.steps)?, a.shift)?;
+    if a.blocks == 0 {
+        return Err(Error::invalid("--blocks must be at least 1"));
+    }
     let p = Plan::new(a.blocks, steps.len(), a.lag.unwrap_or(steps.len()))?;
+    if p.ticks() > MAX_PLAN_TICKS {
+        return Err(Error::invalid(format!(
+            "the plan has {} ticks; at most {MAX_PLAN_TICKS} are printed (fewer --blocks)",
+            p.ticks()
+        )));
+    }
     print!("{}", p.table(&steps.timesteps));
     Ok(())
 }

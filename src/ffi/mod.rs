@@ -448,6 +448,13 @@ pub unsafe extern "C" fn bc_engine_open(
             if o.devices.is_null() {
                 return invalid(format!("n_devices is {} but devices is NULL", o.n_devices));
             }
+            if o.n_devices as usize > crate::config::MAX_DEVICES {
+                return invalid(format!(
+                    "n_devices is {}, at most {} devices are supported",
+                    o.n_devices,
+                    crate::config::MAX_DEVICES
+                ));
+            }
             let devs = std::slice::from_raw_parts(o.devices, o.n_devices as usize);
             if devs.iter().any(|&d| d < 0) {
                 return invalid(format!("devices {devs:?}: indices must be >= 0"));
@@ -707,6 +714,13 @@ pub unsafe extern "C" fn bc_session_set_noise_file(
             let frames = {
                 let f = TensorFile::open(&path)?;
                 match f.tensors().get("noise").map(|t| t.shape.as_slice()) {
+                    Some([0, ..]) => {
+                        return Err(Error::format(format!(
+                            "{}: tensor `noise` holds 0 frames",
+                            path.display()
+                        ))
+                        .into())
+                    }
                     Some([frames, ..]) => *frames,
                     _ => {
                         return Err(Error::format(format!(

@@ -61,6 +61,8 @@ pub fn run_cpu(models: &[&str], reps: usize, cascade: bool) -> Result<Vec<BenchR
         };
         let prompt = PromptEmbeds::builtin(cfg, 0);
         let ctx = model.prompt_context(&prompt.data, prompt.rows)?;
+        // The K/V are computed on first use: here, outside the timed forwards.
+        ctx.kv(model)?;
         let lat: Vec<f32> = {
             let mut v = vec![0f32; base.block_frames * CHANNELS * h * w];
             NoiseSource::Seeded(1).fill(0, 0, &mut v)?;

@@ -72,7 +72,9 @@ pub struct Generator<'m> {
 }
 
 impl<'m> Generator<'m> {
-    /// Validates the options and computes the prompt's cross-attention K/V.
+    /// Validates the options and the prompt embeddings. The prompt's cross-attention K/V are
+    /// computed when first needed: by the first CPU forward that uses the prompt, or on the
+    /// device by the CUDA backend (see [`PromptContext`]).
     pub fn new(
         model: &'m Model,
         opts: GenerateOptions,

@@ -16,11 +16,92 @@ use crate::{Error, Result};
 /// Latent channels.
 pub const CHANNELS: usize = 16;
 
-/// Cross-attention keys and values of one prompt, computed once per prompt.
-#[derive(Clone, Debug)]
+/// Per layer: K (RMS-normed with the layer's cross-attention `norm_k`) and V, each
+/// `[text_len, dim]`.
+pub type PromptKv = Vec<(Vec<f32>, Vec<f32>)>;
+
+static NEXT_PROMPT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// One prompt as the model's cross-attention sees it: validated prompt embeddings, and their
+/// text embedding and per-layer cross-attention K/V, computed lazily.
+///
+/// [`Model::prompt_context`] only validates and copies the embeddings; the K/V (the text MLP
+/// and one `[text_len, dim] x [dim, 2 dim]` projection per layer, about 150 GFLOP for
+/// Wan-1.3B) are computed on the CPU the first time [`PromptContext::kv`] is called, i.e. by
+/// the first CPU forward that uses the prompt. The CUDA backend never calls it: it computes
+/// the K/V on the device from [`PromptContext::embeds`] when the prompt first needs a slot.
+///
+/// A context belongs to the model that made it ([`PromptContext::model_id`]); using it with
+/// another model is an [`Error::InvalidArgument`]. Its [`id`](PromptContext::id) is unique in
+/// the process and never reused, so devices can key their copies by it (a clone keeps the id:
+/// same embeddings, same model, same K/V). The K/V are computed from the model's weights as
+/// they are at the first call (like the CUDA backend's weight snapshot).
+#[derive(Clone)]
 pub struct PromptContext {
-    /// Per layer: K (RMS-normed) and V, each `[text_len, dim]`.
-    pub kv: Vec<(Vec<f32>, Vec<f32>)>,
+    id: u64,
+    model_id: u64,
+    rows: usize,
+    /// `[rows, text_dim]`, finite.
+    embeds: Vec<f32>,
+    kv: std::sync::OnceLock<PromptKv>,
+}
+
+impl std::fmt::Debug for PromptContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromptContext")
+            .field("id", &self.id)
+            .field("model_id", &self.model_id)
+            .field("rows", &self.rows)
+            .field("kv_computed", &self.kv.get().is_some())
+            .finish()
+    }
+}
+
+impl PromptContext {
+    /// This prompt context's process-unique id (never reused; shared by clones).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The [`Model::id`] of the model it was made for.
+    pub fn model_id(&self) -> u64 {
+        self.model_id
+    }
+
+    /// Number of embedding rows (at most `text_len`; the rest are zero).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The prompt embeddings `[rows, text_dim]` (not padded).
+    pub fn embeds(&self) -> &[f32] {
+        &self.embeds
+    }
+
+    /// Whether the CPU K/V have been computed (by [`PromptContext::kv`]).
+    pub fn kv_computed(&self) -> bool {
+        self.kv.get().is_some()
+    }
+
+    /// Checks that `model` is the model this context was made for.
+    pub fn check_model(&self, model: &Model) -> Result<()> {
+        if model.id() != self.model_id {
+            return Err(Error::invalid(format!(
+                "a prompt context made for model {} was used with model {}",
+                self.model_id,
+                model.id()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The per-layer cross-attention K/V (f32), computed on the CPU on the first call (later
+    /// calls, from any thread, return the same values). `model` must be the model this
+    /// context was made for.
+    pub fn kv(&self, model: &Model) -> Result<&[(Vec<f32>, Vec<f32>)]> {
+        self.check_model(model)?;
+        Ok(self.kv.get_or_init(|| model.compute_prompt_kv(self)))
+    }
 }
 
 /// This device's K/V of one member for one layer: (member index, K, V), each `[tokens, dim]`.
@@ -91,11 +172,13 @@ impl Model {
         &self.weights.config
     }
 
-    /// Text embedding and cross-attention K/V of prompt embeddings `[rows, text_dim]`
-    /// (zero-padded to `text_len` rows; at most `text_len` rows, all finite).
+    /// Validates prompt embeddings `[rows, text_dim]` (1..=`text_len` rows, all finite; they
+    /// are zero-padded to `text_len` rows) and wraps them in a [`PromptContext`] for this
+    /// model. Cheap: the text embedding and cross-attention K/V are computed when first
+    /// needed ([`PromptContext::kv`] on the CPU, on the device by the CUDA backend).
     pub fn prompt_context(&self, embeds: &[f32], rows: usize) -> Result<PromptContext> {
         let c = self.config();
-        let (d, tl) = (c.dim, c.text_len);
+        let tl = c.text_len;
         if rows == 0 || embeds.len() != rows * c.text_dim {
             return Err(Error::invalid(format!(
                 "prompt embeddings must be [rows, {}] (text_dim of the model), got {} values for {rows} rows",
@@ -113,9 +196,23 @@ impl Model {
                 "prompt embeddings contain NaN or infinite values",
             ));
         }
+        Ok(PromptContext {
+            id: NEXT_PROMPT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            model_id: self.id,
+            rows,
+            embeds: embeds.to_vec(),
+            kv: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Text embedding (`Linear, GELU(tanh), Linear` over the zero-padded embeddings) and the
+    /// per-layer cross-attention K (RMS-normed) and V of `p`, in f32 on the CPU.
+    fn compute_prompt_kv(&self, p: &PromptContext) -> PromptKv {
+        let c = self.config();
+        let (d, tl) = (c.dim, c.text_len);
         let w = &self.weights;
         let mut padded = vec![0f32; tl * c.text_dim];
-        padded[..embeds.len()].copy_from_slice(embeds);
+        padded[..p.embeds.len()].copy_from_slice(&p.embeds);
         let mut h = vec![0f32; tl * d];
         linear(
             &padded,
@@ -148,7 +245,7 @@ impl Model {
             ops::rms_norm(&mut k, d, c.eps, &ca.norm_k);
             kv.push((k, v));
         }
-        Ok(PromptContext { kv })
+        kv
     }
 
     /// Time embedding `e` `[dim]` and projection `e0` `[6*dim]` for timestep `t`.
@@ -220,6 +317,11 @@ impl Model {
             return Err(Error::Internal(
                 "device member list must be increasing indices".into(),
             ));
+        }
+        // Cross-attention K/V of this device's members' prompts (computed on first use).
+        let mut prompt_kv = vec![None; members.len()];
+        for &i in mine {
+            prompt_kv[i] = Some(members[i].prompt.kv(self)?);
         }
         // Rows and frame slots of this device's members.
         let mut row0 = vec![0usize; members.len()];
@@ -358,13 +460,15 @@ impl Model {
             ops::rms_norm(&mut q, d, c.eps, &ca.norm_q);
             let mut a = 0;
             while a < mine.len() {
-                let p = members[mine[a]].prompt;
+                let p = members[mine[a]].prompt.id();
                 let mut b = a + 1;
-                while b < mine.len() && std::ptr::eq(members[mine[b]].prompt, p) {
+                while b < mine.len() && members[mine[b]].prompt.id() == p {
                     b += 1;
                 }
                 let rows = row0[mine[a]] * d..(row0[mine[b - 1]] + frames[mine[b - 1]] * tpf) * d;
-                let (pk, pv) = &p.kv[li];
+                let (pk, pv) = prompt_kv[mine[a]]
+                    .and_then(|kv| kv.get(li))
+                    .ok_or_else(|| Error::Internal("prompt K/V missing".into()))?;
                 attention(
                     &q[rows.clone()],
                     nh,

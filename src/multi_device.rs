@@ -94,6 +94,11 @@ pub fn forward_tick(
     w: usize,
     fail: Option<usize>,
 ) -> Result<Vec<Vec<f32>>> {
+    // The prompts' K/V are computed here, once, before the workers start (they only read
+    // them).
+    for m in members {
+        m.prompt.kv(model)?;
+    }
     let n = devices.len();
     let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
     let placement = place(&tokens, n);

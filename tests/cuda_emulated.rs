@@ -257,3 +257,99 @@ fn cuda_sizes_beyond_any_device_are_a_clean_out_of_memory_error() {
         assert!(!out.exists(), "{args:?}: output written");
     }
 }
+
+/// Prompt switches mid-run on the emulated device: the new prompts' cross-attention K/V are
+/// computed on the device when they enter a prompt slot (text MLP, K/V GEMMs into the slot,
+/// K's RMSNorm), and the latents stay within the bf16 tolerance of the CPU backend, for a
+/// cascade (no recache; members of two prompts in one window) and the sequential schedule
+/// with `--recache window`. Each case also runs with the K/V computed on the host
+/// (`host_prompt_context`): the two differ (the device path ran) and both are close to the
+/// CPU. The switched-to prompts have fewer rows than text_len.
+#[test]
+fn prompt_switches_on_the_emulated_device_match_the_cpu() {
+    use blockcascade::prompt::{PromptEmbeds, PromptSwitch};
+    use blockcascade::Recache;
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let g = golden();
+    let cfg = g.engine.config();
+    let short = |seed: u64, rows: usize| {
+        let p = PromptEmbeds::builtin(cfg, seed);
+        PromptEmbeds {
+            data: p.data[..rows * cfg.text_dim].to_vec(),
+            rows,
+        }
+    };
+    let switches = [
+        PromptSwitch {
+            block: 1,
+            embeds: short(1, 9),
+        },
+        PromptSwitch {
+            block: 2,
+            embeds: short(2, 5),
+        },
+    ];
+    let blocks = g.frames / g.opts.block_frames;
+    for (schedule, recache) in [
+        (Schedule::Cascade { lag: 1 }, Recache::None),
+        (Schedule::Sequential, Recache::Window),
+    ] {
+        let run = |backend: BackendKind, host: bool| {
+            set_session_options(Some(CudaOptions {
+                emulate: true,
+                host_prompt_context: host,
+                ..CudaOptions::default()
+            }));
+            let mut o = g.opts.clone();
+            o.schedule = schedule;
+            o.recache = recache;
+            o.backend = backend;
+            let res = Generator::new(g.engine.model(), o, g.noise.clone(), &g.prompt).and_then(
+                |mut gen| {
+                    gen.set_prompt_schedule(&switches)?;
+                    gen.generate(blocks)
+                },
+            );
+            set_session_options(None);
+            res.unwrap()
+        };
+        let (cpu, _) = run(BackendKind::Cpu, false);
+        let (dev, report) = run(BackendKind::Cuda, false);
+        let (host, _) = run(BackendKind::Cuda, true);
+        if recache == Recache::Window {
+            assert!(report.recache_passes > 0, "no recache happened");
+        }
+        let (e_dev, e_host, dev_host) =
+            (rel_l2(&cpu, &dev), rel_l2(&cpu, &host), rel_l2(&host, &dev));
+        println!(
+            "{schedule:?}, recache {recache:?}: device prompt K/V rel L2 {e_dev:.3e} vs CPU, host prompt K/V {e_host:.3e} vs CPU, device vs host {dev_host:.3e}"
+        );
+        assert!(e_dev < 2e-2, "device prompt K/V: rel L2 {e_dev}");
+        assert!(e_host < 2e-2, "host prompt K/V: rel L2 {e_host}");
+        assert!(
+            dev_host > 0.0,
+            "device and host prompt K/V gave identical latents"
+        );
+    }
+}
+
+/// The golden case with the prompt K/V computed on the device (the default) and on the host
+/// (`host_prompt_context`, the f32 CPU values rounded to bf16), both against the f32
+/// reference; the README quotes the printed numbers.
+#[test]
+fn golden_case_with_device_and_host_prompt_kv() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let want = expected("expected.safetensors");
+    let run = |host: bool| {
+        let co = CudaOptions {
+            emulate: true,
+            host_prompt_context: host,
+            ..CudaOptions::default()
+        };
+        run_opts(Schedule::Sequential, AttentionMode::Causal, co)
+    };
+    let (dev, host) = (rel_l2(&want, &run(false)), rel_l2(&want, &run(true)));
+    println!("PROMPT_KV device rel_l2={dev:.3e} host rel_l2={host:.3e} (golden case vs the f32 reference)");
+    assert!(dev < 2e-2, "device prompt K/V: rel L2 {dev}");
+    assert!(host < 2e-2, "host prompt K/V: rel L2 {host}");
+}

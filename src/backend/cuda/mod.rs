@@ -8,7 +8,8 @@
 //!   norms, biases and modulation f32), activations for the largest window
 //!   (`(ceil(S/lag)+1)` blocks), the KV cache (ring of `local_attn` slots as in
 //!   [`crate::kv_cache`], or [`CudaOptions::cache_frames`] frames with global attention),
-//!   cross-attention K/V slots for the prompts of one window, the attention tables. The free
+//!   cross-attention K/V slots for the prompts of one window (and the scratch that computes
+//!   them), the attention tables. The free
 //!   memory is queried first; too little is an [`Error::OutOfMemory`] naming the bytes needed.
 //! - **Weight cache.** The device and the weights outlive the run: when the backend is dropped
 //!   it syncs, drops its graphs, frees its per-run buffers ([`device::Gpu::free`]) and puts the
@@ -22,11 +23,15 @@
 //!   [`weight_uploads`] and [`cached_weight_sets`] count. The weights are snapshotted at upload:
 //!   a model whose `weights` are changed in place after a CUDA run keeps the old device copy.
 //! - **Precision.** bf16 activations and weights, f32 accumulation everywhere, f32 residual
-//!   stream (bf16 storage of it raises the golden error from 3.2e-3 to 4.3e-3 on the emulated
+//!   stream (bf16 storage of it raises the golden error from 3.7e-3 to 4.6e-3 on the emulated
 //!   device, see [`CudaOptions::round_residual_bf16`] and the README), f32 latents, per-frame
 //!   conditioning and statistics (as `params.h` says). The time
-//!   embedding (a few tiny GEMVs per distinct timestep) and the prompt's cross-attention K/V
-//!   ([`Model::prompt_context`]) are computed on the CPU and uploaded.
+//!   embedding (a few tiny GEMVs per distinct timestep) is computed on the CPU and uploaded.
+//! - **Prompts.** A prompt's cross-attention K/V are computed on the device when the prompt
+//!   first needs one of the prompt slots (keyed by [`PromptContext::id`]): text embedding and
+//!   per-layer K/V GEMMs written straight into the slot, K RMS-normed in place, eagerly before
+//!   the tick's graph (see `prompt_kv.rs`; [`CudaOptions::host_prompt_context`] computes them
+//!   on the CPU instead, [`PromptContext::kv`], and uploads them).
 //! - **GEMMs** go through cuBLASLt (bf16 in, f32 accumulate, fused bias epilogue, GELU+bias
 //!   epilogue for `ffn.0`). Where cuBLASLt has no algorithm for a fused epilogue the GEMM runs
 //!   plain and the activation kernel adds the bias / applies the GELU ([`Gpu::gemm`];
@@ -52,6 +57,7 @@ pub mod emu_device;
 pub mod nvml;
 pub mod nvtx;
 pub mod ops;
+mod prompt_kv;
 
 pub use device::{graph_replays, peer_copy_bytes};
 
@@ -60,7 +66,9 @@ use crate::config::GenerateOptions;
 use crate::kernels::launch::AttentionTile;
 use crate::kernels::params::{BcAttnGroup, BcKvSegment, BC_ACT_ROUND_BF16};
 use crate::kv_cache::KvCache;
-use crate::model::{Member, Model, PromptContext, CHANNELS};
+#[cfg(doc)]
+use crate::model::PromptContext;
+use crate::model::{Member, Model, CHANNELS};
 use crate::window;
 use crate::{Error, Result};
 use device::{DevPtr, Epilogue, Gpu, Graph, OutType};
@@ -92,6 +100,10 @@ pub struct CudaOptions {
     /// Run on an emulated device instead of a GPU (`BC_CUDA_EMULATE=1`): the kernels under the
     /// SIMT emulation layer and GEMMs on the CPU, for testing the backend without a GPU.
     pub emulate: bool,
+    /// Compute the prompts' cross-attention K/V on the CPU ([`PromptContext::kv`], f32) and
+    /// upload them, instead of on the device (`BC_HOST_PROMPT_CONTEXT=1`; for debugging: about
+    /// 150 GFLOP per prompt for Wan-1.3B).
+    pub host_prompt_context: bool,
     /// Fuse the bias (and GELU) into cuBLASLt's GEMM epilogue where it has an algorithm for it
     /// (`BC_NO_GEMM_EPILOGUE=1` turns it off: plain GEMMs, then the activation kernel).
     pub fuse_bias: bool,
@@ -116,6 +128,7 @@ impl Default for CudaOptions {
             graphs: true,
             cache_frames: 21,
             emulate: false,
+            host_prompt_context: false,
             fuse_bias: true,
             fuse_gelu: true,
             round_residual_bf16: false,
@@ -126,7 +139,8 @@ impl Default for CudaOptions {
 
 impl CudaOptions {
     /// Defaults overridden by `BC_CUDA_DEVICE`, `BC_NO_GRAPHS=1`, `BC_CUDA_CACHE_FRAMES`,
-    /// `BC_CUDA_EMULATE=1`, `BC_NO_GEMM_EPILOGUE=1`, `BC_NO_GELU_EPILOGUE=1`.
+    /// `BC_CUDA_EMULATE=1`, `BC_NO_GEMM_EPILOGUE=1`, `BC_NO_GELU_EPILOGUE=1`,
+    /// `BC_HOST_PROMPT_CONTEXT=1`.
     pub fn from_env() -> Self {
         let mut o = CudaOptions::default();
         let num = |k: &str| {
@@ -142,6 +156,9 @@ impl CudaOptions {
         }
         if device::env_flag("BC_CUDA_EMULATE") {
             o.emulate = true;
+        }
+        if device::env_flag("BC_HOST_PROMPT_CONTEXT") {
+            o.host_prompt_context = true;
         }
         if let Some(f) = num("BC_CUDA_CACHE_FRAMES") {
             o.cache_frames = f.max(1);
@@ -254,6 +271,8 @@ struct DevWeights {
     head_b: DevPtr,
     head_mod: DevPtr,
     layers: Vec<LayerW>,
+    /// Text embedding and cross-attention K/V weights (the prompts' K/V).
+    prompt: prompt_kv::PromptWeights,
 }
 
 /// A device with one model's weights on it, kept between runs.
@@ -356,6 +375,8 @@ struct Bufs {
     ca_index: DevPtr,
     ca_groups: DevPtr,
     prompt_kv: DevPtr,
+    /// Scratch of the prompts' text embedding ([`prompt_kv::scratch_bytes`]).
+    prompt_scratch: DevPtr,
 }
 
 /// What a captured graph depends on besides device-memory contents: per member (frames,
@@ -470,22 +491,13 @@ pub struct CudaBackend<'m> {
     w: DevWeights,
     layers: Vec<LayerDev>,
     b: Bufs,
-    prompt_slots: Vec<Option<(usize, u64, usize)>>,
+    /// Per prompt slot: (prompt id, last tick that used it).
+    prompt_slots: Vec<Option<(u64, usize)>>,
     time_cache: HashMap<u64, (Vec<f32>, Vec<f32>)>,
     cache_bytes: usize,
     ticks: usize,
     attn_tile: AttentionTile,
     attn_tune: Option<attention_tune::TuneResult>,
-}
-
-fn fingerprint(p: &PromptContext) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for (k, v) in p.kv.iter().take(2) {
-        for x in k.iter().take(64).chain(v.iter().take(64)) {
-            h = (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    h
 }
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
@@ -544,6 +556,7 @@ fn upload_weights(gpu: &mut Gpu, model: &Model) -> Result<DevWeights> {
         head_b,
         head_mod,
         layers,
+        prompt: prompt_kv::upload(gpu, model)?,
     })
 }
 
@@ -649,7 +662,10 @@ impl<'m> CudaBackend<'m> {
         let per_layer_w = bf * (3 * du * du + du * du + du * du + du * du + 2 * ffu * du)
             + f4 * (3 * du + du + 2 * du + du + du + du + 2 * du + ffu + du + 6 * du);
         let cache_layer = 2 * bf * u(slots) * u(tpf) * du;
-        let weights = lu * per_layer_w + bf * (du * 64 + 64 * du) + f4 * (du + 64 + 2 * du);
+        let weights = lu * per_layer_w
+            + bf * (du * 64 + 64 * du)
+            + f4 * (du + 64 + 2 * du)
+            + prompt_kv::weight_bytes(c);
         let acts = 2 * f4 * mfu * u(flen)
             + bf * nu * 64
             + f4 * nu * du
@@ -664,7 +680,10 @@ impl<'m> CudaBackend<'m> {
             + lu * u(pslots) * seg
             + f4 * mmu
             + 16 * mmu;
-        let prompts = u(pslots) * lu * 2 * bf * u(tl) * du;
+        // Prompt K/V slots and the scratch of their computation.
+        let slot_bytes = u(pslots) * lu * 2 * bf * u(tl) * du;
+        let scratch_bytes = prompt_kv::scratch_bytes(c);
+        let prompts = slot_bytes + scratch_bytes;
         // Resident weights (and the GEMM workspace of a device already open) are not needed
         // again.
         let fresh = resident.is_none();
@@ -738,7 +757,8 @@ impl<'m> CudaBackend<'m> {
             ca_segs: a(l * pslots * std::mem::size_of::<BcKvSegment>())?,
             ca_index: a(4 * max_members)?,
             ca_groups: a(std::mem::size_of::<BcAttnGroup>() * max_members)?,
-            prompt_kv: a(prompts as usize)?,
+            prompt_kv: a(slot_bytes as usize)?,
+            prompt_scratch: a(scratch_bytes as usize)?,
         };
         let layers = w
             .layers
@@ -872,48 +892,40 @@ impl<'m> CudaBackend<'m> {
             .clone()
     }
 
-    /// Makes sure every prompt of `members` has a slot; returns the slot of each member.
-    fn load_prompts(&mut self, members: &[Member]) -> Result<Vec<usize>> {
-        let c = self.model.config();
-        let (l, tl, d) = (c.num_layers, c.text_len, c.dim);
-        let per = l * 2 * tl * d * 2;
+    /// Makes sure the prompt of every member this device computes (`own`) has a slot, its
+    /// K/V computed when it enters one ([`Self::compute_prompt`]); returns the slot of each
+    /// member (`None` for the members of other devices). Slots are keyed by
+    /// [`PromptContext::id`]; a new prompt takes the least recently used slot that this window
+    /// does not need.
+    fn load_prompts(&mut self, members: &[Member], own: &[bool]) -> Result<Vec<Option<usize>>> {
         let mut out = Vec::with_capacity(members.len());
         let mut used = vec![false; self.prompt_slots.len()];
-        for m in members {
-            let key = (
-                m.prompt as *const PromptContext as usize,
-                fingerprint(m.prompt),
-            );
-            if let Some(s) = self
-                .prompt_slots
-                .iter()
-                .position(|p| p.is_some_and(|(a, f, _)| (a, f) == key))
-            {
-                used[s] = true;
-                self.prompt_slots[s].as_mut().unwrap().2 = self.ticks;
-                out.push(s);
+        for (m, &mine) in members.iter().zip(own) {
+            if !mine {
+                out.push(None);
                 continue;
             }
-            // Least recently used slot not needed by this window.
-            let s = (0..self.prompt_slots.len())
-                .filter(|&s| !used[s])
-                .min_by_key(|&s| self.prompt_slots[s].map_or(0, |p| p.2 + 1))
-                .ok_or_else(|| Error::Internal("no free prompt slot".into()))?;
-            if m.prompt.kv.len() != l {
-                return Err(Error::Internal(
-                    "prompt context has the wrong layer count".into(),
-                ));
-            }
-            let base = self.b.prompt_kv + (s * per) as u64;
-            for (li, (k, v)) in m.prompt.kv.iter().enumerate() {
-                let off = base + (li * 2 * tl * d * 2) as u64;
-                self.gpu.upload(off, &to_bf16(k))?;
-                self.gpu.upload(off + (tl * d * 2) as u64, &to_bf16(v))?;
-                self.gpu.sync()?;
-            }
-            self.prompt_slots[s] = Some((key.0, key.1, self.ticks));
+            let id = m.prompt.id();
+            let s = match self
+                .prompt_slots
+                .iter()
+                .position(|p| p.is_some_and(|(i, _)| i == id))
+            {
+                Some(s) => s,
+                None => {
+                    let s = (0..self.prompt_slots.len())
+                        .filter(|&s| !used[s])
+                        .min_by_key(|&s| self.prompt_slots[s].map_or(0, |p| p.1 + 1))
+                        .ok_or_else(|| Error::Internal("no free prompt slot".into()))?;
+                    // Empty until its K/V are written (a failure leaves it empty).
+                    self.prompt_slots[s] = None;
+                    self.compute_prompt(s, m.prompt)?;
+                    s
+                }
+            };
+            self.prompt_slots[s] = Some((id, self.ticks));
             used[s] = true;
-            out.push(s);
+            out.push(Some(s));
         }
         Ok(out)
     }
@@ -958,7 +970,7 @@ impl<'m> CudaBackend<'m> {
             r += fc * tpf;
             f += fc;
         }
-        let pslot = self.load_prompts(members)?;
+        let pslot = self.load_prompts(members, &own)?;
         // Per-tick host data.
         let mut lat = Vec::with_capacity(nf * flen);
         let mut e = Vec::with_capacity(nf * d);
@@ -1096,8 +1108,7 @@ impl<'m> CudaBackend<'m> {
                 continue;
             }
             let mut b = a + 1;
-            while b < members.len() && own[b] && std::ptr::eq(members[b].prompt, members[a].prompt)
-            {
+            while b < members.len() && own[b] && members[b].prompt.id() == members[a].prompt.id() {
                 b += 1;
             }
             ca_groups.push(BcAttnGroup {
@@ -1106,7 +1117,8 @@ impl<'m> CudaBackend<'m> {
                 seg_begin: ca_index.len() as i32,
                 seg_count: 1,
             });
-            ca_index.push(pslot[a] as i32);
+            let slot = pslot[a].ok_or_else(|| Error::Internal("prompt slot missing".into()))?;
+            ca_index.push(slot as i32);
             cross_runs.push(b - a);
             a = b;
         }

@@ -688,6 +688,58 @@ fn attention_matches_the_cpu() {
     }
 }
 
+/// The tensor-core fragment layouts on the hardware: `bc_test_mma` (one warp: cp.async,
+/// ldmatrix.x4 with and without .trans, mma.sync m16n8k16) against a plain matmul. The SIMT
+/// emulation implements these layouts from the PTX ISA (tests/kernels_emu.rs checks the
+/// emulation with the same kernel); this is the check that the emulation is the hardware.
+#[test]
+fn mma_fragment_layouts_match_the_hardware() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut g) = gpu("mma_fragment_layouts_match_the_hardware") else {
+        return;
+    };
+    let mut rng = Rng::new(77);
+    for round in 0..4 {
+        let (af, a) = randb(&mut rng, 256, 1.0);
+        let (bf, b) = randb(&mut rng, 128, 1.0);
+        let c = randn(&mut rng, 128, 1.0);
+        let bt: Vec<bf16> = (0..128).map(|i| b[(i % 16) * 8 + i / 16]).collect();
+        let (ad, bd, btd, cd) = (
+            up(&mut g, &a),
+            up(&mut g, &b),
+            up(&mut g, &bt),
+            up(&mut g, &c),
+        );
+        let (d1, d2) = (poisoned(&mut g, 512), poisoned(&mut g, 512));
+        let p = kernels::emu::TestMmaParams {
+            a: ad as *const _,
+            b: bd as *const _,
+            bt: btd as *const _,
+            c: cd as *const f32,
+            d1: d1 as *mut f32,
+            d2: d2 as *mut f32,
+        };
+        // SAFETY: every pointer is a device allocation of the size the kernel reads/writes.
+        unsafe { g.launch(kernels::emu::Kernel::TestMma, [1, 1, 1], 32, &p) }.unwrap();
+        g.sync().unwrap();
+        let want: Vec<f32> = (0..128)
+            .map(|i| {
+                let (r, n) = (i / 8, i % 8);
+                c[i] + (0..16).map(|k| af[r * 16 + k] * bf[k * 8 + n]).sum::<f32>()
+            })
+            .collect();
+        let shape = format!("16x16x8 round{round}");
+        check(
+            "mma_ldmatrix_trans",
+            &shape,
+            &down_f(&g, d1, 128),
+            &want,
+            1e-3,
+        );
+        check("mma_direct_b", &shape, &down_f(&g, d2, 128), &want, 1e-3);
+    }
+}
+
 fn run_golden(schedule: Schedule, mode: AttentionMode, graphs: bool) -> Vec<f32> {
     set_session_options(Some(CudaOptions {
         graphs,

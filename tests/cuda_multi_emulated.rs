@@ -5,6 +5,7 @@
 //! must follow the CPU backend's lagged exchange.
 
 mod common;
+use blockcascade::backend::cuda::emu_device::set_lazy_peer_copies;
 use blockcascade::backend::cuda::{
     graph_replays, peer_copy_bytes, set_session_options, CudaOptions,
 };
@@ -61,11 +62,26 @@ fn generate(
     edit: impl FnOnce(&mut GenerateOptions),
     prepare: impl FnOnce(&mut Generator) -> blockcascade::Result<()>,
 ) -> blockcascade::Result<(Vec<f32>, RunReport)> {
-    set_session_options(Some(CudaOptions {
-        emulate: true,
-        graphs,
-        ..CudaOptions::default()
-    }));
+    generate_with(
+        CudaOptions {
+            emulate: true,
+            graphs,
+            ..CudaOptions::default()
+        },
+        blocks,
+        edit,
+        prepare,
+    )
+}
+
+/// [`generate`] with explicit backend options.
+fn generate_with(
+    co: CudaOptions,
+    blocks: Option<usize>,
+    edit: impl FnOnce(&mut GenerateOptions),
+    prepare: impl FnOnce(&mut Generator) -> blockcascade::Result<()>,
+) -> blockcascade::Result<(Vec<f32>, RunReport)> {
+    set_session_options(Some(co));
     let g = golden();
     let mut o = g.opts.clone();
     o.backend = BackendKind::Cuda;
@@ -121,6 +137,63 @@ fn three_emulated_cuda_devices_equal_one_lag1_bidirectional() {
         3,
         "cascade-lag1-bidirectional",
     );
+}
+
+/// The joint exchange's peer copies run on each device's copy stream, ordered with the compute
+/// streams by marks only. With lazy emulated copies (a copy runs only when some stream waits
+/// for it, reading its source then), a missing wait shows up: a device reading peer rows
+/// before their copy, or overwriting rows before its copy read them, changes the latents.
+/// Both with the double-buffered window K/V (default) and single buffering, 2 and 3 devices,
+/// graphs and eager launches: bit-identical to one device.
+#[test]
+fn joint_exchange_is_exact_with_late_peer_copies() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    struct Lazy;
+    impl Drop for Lazy {
+        fn drop(&mut self) {
+            set_lazy_peer_copies(false);
+        }
+    }
+    for (mode, name) in [
+        (AttentionMode::Causal, "causal"),
+        (AttentionMode::Bidirectional, "bidirectional"),
+    ] {
+        let schedule = Schedule::Cascade { lag: 1 };
+        let run = |devices: usize, double_kv: bool, graphs: bool| {
+            let co = CudaOptions {
+                emulate: true,
+                graphs,
+                double_kv,
+                ..CudaOptions::default()
+            };
+            let edit = |o: &mut GenerateOptions| {
+                o.schedule = schedule;
+                o.attention = mode;
+                o.devices = devices;
+                o.kv_exchange = KvExchange::Joint;
+            };
+            generate_with(co, Some(6), edit, |_| Ok(())).unwrap().0
+        };
+        let one = run(1, true, false);
+        let _lazy = Lazy;
+        set_lazy_peer_copies(true);
+        let configs: &[(usize, bool, bool)] = match mode {
+            AttentionMode::Causal => &[(2, true, true), (3, true, false), (3, false, true)],
+            AttentionMode::Bidirectional => &[(3, true, true)],
+        };
+        for &(devices, double_kv, graphs) in configs {
+            let many = run(devices, double_kv, graphs);
+            println!(
+                "late copies, {name}, {devices} devices, double K/V {double_kv}, graphs {graphs}: rel L2 {:.3e}",
+                rel_l2(&one, &many)
+            );
+            assert!(
+                one == many,
+                "{name}, {devices} devices, double K/V {double_kv}, graphs {graphs}: late copies change the latents (rel L2 {})",
+                rel_l2(&one, &many)
+            );
+        }
+    }
 }
 
 /// The CPU backend's result for the same case (the exact lagged-exchange reference).

@@ -622,7 +622,7 @@ fn info(a: InfoArgs) -> Result<()> {
 }
 
 fn scaling_cmd(a: &BenchArgs) -> Result<()> {
-    use blockcascade::scaling::{predict, Hardware, Workload};
+    use blockcascade::scaling::{predict, predict_with, Hardware, Overlap, Workload};
     use blockcascade::weights::builtin_config;
     let w = Workload {
         tokens_per_frame: 1560,
@@ -680,22 +680,27 @@ fn scaling_cmd(a: &BenchArgs) -> Result<()> {
                 link_gbs: gbs,
                 link_latency_us: 10.0,
             };
-            for xch in [KvExchange::Joint, KvExchange::Lagged] {
+            // joint: overlapped with compute (copy stream, double-buffered K/V, the CUDA
+            // backend's default); serial: joint with every layer waiting for its exchange.
+            for (name, xch, overlap) in [
+                ("joint", KvExchange::Joint, Overlap::CopyStream),
+                ("serial", KvExchange::Joint, Overlap::None),
+                ("lagged", KvExchange::Lagged, Overlap::CopyStream),
+            ] {
                 for devices in 1..=8 {
-                    if devices == 1 && xch == KvExchange::Lagged {
+                    if devices == 1 && name != "joint" {
                         continue;
                     }
                     for lag in (1..=w.steps).rev() {
-                        let p = predict(&c, &w, &hw, devices, lag, xch);
+                        let p = predict_with(&c, &w, &hw, devices, lag, xch, overlap);
                         println!(
-                            "{:<10} {link:<7} {:<7} {devices:>7} {lag:>4} {:>9.1} {:>7.1} {:>5.1}",
+                            "{:<10} {link:<7} {name:<7} {devices:>7} {lag:>4} {:>9.1} {:>7.1} {:>5.1}",
                             model.trim_end_matches("-shape"),
-                            format!("{xch:?}").to_lowercase(),
                             p.ms_per_block,
                             p.fps,
                             p.comm_share * 100.0
                         );
-                        rows.push(serde_json::json!({"model": model, "link": link, "exchange": xch, "prediction": p}));
+                        rows.push(serde_json::json!({"model": model, "link": link, "exchange": name, "prediction": p}));
                     }
                 }
             }

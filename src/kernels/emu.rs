@@ -904,14 +904,24 @@ pub fn test_sync(data: &mut [f32], block: u32, mode: i32, arg: i32) -> EmuResult
     }))
 }
 
+/// Params of the layout test kernel `bc_test_mma` (declared in `cuda/test_mma.cu`, not in
+/// `params.h`: the engine never launches it).
+#[doc(hidden)]
 #[repr(C)]
-struct TestMmaParams {
-    a: *const bc_bf16,
-    b: *const bc_bf16,
-    bt: *const bc_bf16,
-    c: *const f32,
-    d1: *mut f32,
-    d2: *mut f32,
+#[derive(Clone, Copy, Debug)]
+pub struct TestMmaParams {
+    /// A `[16][16]` bf16.
+    pub a: *const bc_bf16,
+    /// B `[16][8]` (k, n).
+    pub b: *const bc_bf16,
+    /// B transposed `[8][16]` (n, k).
+    pub bt: *const bc_bf16,
+    /// C `[16][8]` f32.
+    pub c: *const f32,
+    /// D through ldmatrix.trans `[16][8]` f32.
+    pub d1: *mut f32,
+    /// D through direct B fragments `[16][8]` f32.
+    pub d2: *mut f32,
 }
 
 /// Runs the tensor-core layout test kernel `bc_test_mma` (one warp): `a` `[16][16]`, `b`

@@ -173,6 +173,7 @@ const KERNELS: &[Kernel] = &[
     Kernel::Patchify,
     Kernel::Unpatchify,
     Kernel::Copy,
+    Kernel::TestMma,
 ];
 
 /// Output type of a GEMM.
@@ -262,6 +263,9 @@ pub struct Gpu {
     dev: sys::CUdevice,
     /// The stream every launch goes to.
     pub stream: sys::CUstream,
+    /// The stream peer copies go to ([`Gpu::send_to_peer`]), so they overlap the compute
+    /// stream; ordered with it by [`Mark`]s only.
+    copy_stream: sys::CUstream,
     module: sys::CUmodule,
     funcs: HashMap<&'static str, sys::CUfunction>,
     lt: ltsys::cublasLtHandle_t,
@@ -301,6 +305,7 @@ impl Gpu {
             ctx: std::ptr::null_mut(),
             dev: 0,
             stream: std::ptr::null_mut(),
+            copy_stream: std::ptr::null_mut(),
             module: std::ptr::null_mut(),
             funcs: HashMap::new(),
             lt: std::ptr::null_mut(),
@@ -335,23 +340,42 @@ impl Gpu {
         // SAFETY: valid device; the primary context is released in Drop.
         let ctx = unsafe { drv::primary_ctx::retain(dev) }
             .map_err(dev_err("cuDevicePrimaryCtxRetain"))?;
+        // From here on `gpu` owns every handle: Drop releases what was created if a later
+        // step fails (it skips the null ones).
+        let mut gpu = Gpu {
+            ctx,
+            dev,
+            stream: std::ptr::null_mut(),
+            copy_stream: std::ptr::null_mut(),
+            module: std::ptr::null_mut(),
+            funcs: HashMap::new(),
+            lt: std::ptr::null_mut(),
+            workspace: 0,
+            plans: HashMap::new(),
+            name,
+            gelu_epilogue: !env_flag("BC_NO_GELU_EPILOGUE"),
+            fused_epilogues: !env_flag("BC_NO_GEMM_EPILOGUE"),
+            allocs: Vec::new(),
+            emu: None,
+        };
         // SAFETY: ctx was just retained.
         unsafe { drv::ctx::set_current(ctx) }.map_err(dev_err("cuCtxSetCurrent"))?;
-        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+        gpu.copy_stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+            .map_err(dev_err("cuStreamCreate"))?;
+        gpu.stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
             .map_err(dev_err("cuStreamCreate"))?;
         // SAFETY: the fatbin is 16-byte aligned and lives for the whole program.
-        let module = unsafe { drv::module::load_data(fatbin.as_ptr() as *const c_void) }.map_err(
-            |e| {
+        gpu.module = unsafe { drv::module::load_data(fatbin.as_ptr() as *const c_void) }
+            .map_err(|e| {
                 Error::Device(format!(
                     "cuModuleLoadData: {e} (the fatbin holds sm_80/sm_90a cubins and compute_80 PTX; an older driver may reject CUDA 13 PTX)"
                 ))
-            },
-        )?;
-        let mut funcs = HashMap::new();
+            })?;
         for k in KERNELS {
-            let cname = CString::new(k.name()).unwrap();
+            let cname = CString::new(k.name())
+                .map_err(|_| Error::Internal(format!("kernel name {}", k.name())))?;
             // SAFETY: module is loaded.
-            let f = unsafe { drv::module::get_function(module, cname) }.map_err(|e| {
+            let f = unsafe { drv::module::get_function(gpu.module, cname) }.map_err(|e| {
                 Error::Device(format!("kernel {} not in the fatbin: {e}", k.name()))
             })?;
             let dyn_smem = k.dynamic_smem_bytes();
@@ -372,24 +396,9 @@ impl Gpu {
                     ))
                 })?;
             }
-            funcs.insert(k.name(), f);
+            gpu.funcs.insert(k.name(), f);
         }
-        let handle = lt::create_handle().map_err(lt_err("cublasLtCreate"))?;
-        let mut gpu = Gpu {
-            ctx,
-            dev,
-            stream,
-            module,
-            funcs,
-            lt: handle,
-            workspace: 0,
-            plans: HashMap::new(),
-            name,
-            gelu_epilogue: !env_flag("BC_NO_GELU_EPILOGUE"),
-            fused_epilogues: !env_flag("BC_NO_GEMM_EPILOGUE"),
-            allocs: Vec::new(),
-            emu: None,
-        };
+        gpu.lt = lt::create_handle().map_err(lt_err("cublasLtCreate"))?;
         gpu.workspace = gpu.alloc(GEMM_WORKSPACE)?;
         Ok(gpu)
     }
@@ -408,6 +417,8 @@ impl Gpu {
         if let Some(e) = &self.emu {
             return Ok(e.mem_info());
         }
+        // This device's numbers, whatever context the caller left current.
+        self.bind()?;
         drv::mem_get_info().map_err(dev_err("cuMemGetInfo"))
     }
 
@@ -417,7 +428,10 @@ impl Gpu {
         if let Some(e) = &mut self.emu {
             return e.alloc(bytes);
         }
-        // SAFETY: plain allocation in the current context.
+        // On this device, whatever context the caller left current (several devices are
+        // driven from one thread).
+        self.bind()?;
+        // SAFETY: plain allocation in this device's context.
         let p = unsafe { drv::malloc_sync(bytes) }.map_err(|e| {
             let free = self.mem_info().map(|m| m.0).unwrap_or(0);
             Error::OutOfMemory(format!(
@@ -587,6 +601,148 @@ impl Gpu {
         }
     }
 
+    /// A mark at the current end of the compute stream (for [`Gpu::compute_wait`] and
+    /// [`Gpu::send_to_peer`] on this or another device).
+    pub fn mark_compute(&self) -> Result<Mark> {
+        if self.emu.is_some() {
+            // The emulated compute stream has already run everything enqueued.
+            return Ok(Mark {
+                e: std::ptr::null_mut(),
+                emu: None,
+            });
+        }
+        self.bind()?;
+        self.mark_on(self.stream)
+    }
+
+    fn mark_on(&self, stream: sys::CUstream) -> Result<Mark> {
+        let e = drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(dev_err("cuEventCreate"))?;
+        let m = Mark { e, emu: None };
+        // SAFETY: valid event and stream of the current context.
+        unsafe { drv::event::record(m.e, stream) }.map_err(dev_err("cuEventRecord"))?;
+        Ok(m)
+    }
+
+    /// Makes this device's compute stream wait until `m` (of any device) is reached.
+    pub fn compute_wait(&self, m: &Mark) -> Result<()> {
+        if let Some((q, upto)) = &m.emu {
+            // Lazy emulated copies: the wait is when they run.
+            q.lock()
+                .map_err(|_| Error::Internal("emulated copy queue poisoned".into()))?
+                .flush(*upto);
+            return Ok(());
+        }
+        if m.e.is_null() || self.emu.is_some() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: valid stream and event (waiting on another context's event is allowed).
+        unsafe {
+            drv::stream::wait_event(
+                self.stream,
+                m.e,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(dev_err("cuStreamWaitEvent"))
+    }
+
+    /// Copies `regions` (dst on `dst_gpu`, src here, bytes) on this device's copy stream once
+    /// every mark of `after` is reached, and returns a mark at the copies' end. The compute
+    /// stream is not involved: the caller orders it with the returned mark
+    /// ([`Gpu::compute_wait`]), on this device (before overwriting the sources) and on
+    /// `dst_gpu` (before reading the destinations).
+    pub fn send_to_peer(
+        &self,
+        dst_gpu: &Gpu,
+        regions: &[(DevPtr, DevPtr, usize)],
+        after: &[&Mark],
+    ) -> Result<Mark> {
+        let bytes: usize = regions.iter().map(|r| r.2).sum();
+        PEER_COPY_BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        match (&self.emu, &dst_gpu.emu) {
+            (Some(e), Some(peer)) => {
+                for m in after {
+                    self.compute_wait(m)?;
+                }
+                for &(dst, src, bytes) in regions {
+                    e.queue_peer_copy(peer, dst, src, bytes)?;
+                }
+                return self.mark_copies();
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::Device(
+                    "a copy between an emulated device and a GPU".into(),
+                ))
+            }
+        }
+        self.bind()?;
+        // SAFETY: valid streams and events; the regions are valid allocations of the two
+        // devices (caller's contract).
+        unsafe {
+            for m in after.iter().filter(|m| !m.e.is_null()) {
+                drv::stream::wait_event(
+                    self.copy_stream,
+                    m.e,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(dev_err("cuStreamWaitEvent"))?;
+            }
+            for &(dst, src, bytes) in regions {
+                if self.ctx == dst_gpu.ctx {
+                    drv::memcpy_dtod_async(dst, src, bytes, self.copy_stream)
+                        .map_err(dev_err("cuMemcpyDtoDAsync"))?;
+                } else {
+                    sys::cuMemcpyPeerAsync(
+                        dst,
+                        dst_gpu.ctx,
+                        src,
+                        self.ctx,
+                        bytes,
+                        self.copy_stream,
+                    )
+                    .result()
+                    .map_err(dev_err("cuMemcpyPeerAsync"))?;
+                }
+            }
+        }
+        self.mark_on(self.copy_stream)
+    }
+
+    /// A mark at the current end of the copy stream (after every copy queued so far).
+    pub fn mark_copies(&self) -> Result<Mark> {
+        if let Some(e) = &self.emu {
+            let end = e
+                .copies
+                .lock()
+                .map_err(|_| Error::Internal("emulated copy queue poisoned".into()))?
+                .end();
+            return Ok(Mark {
+                e: std::ptr::null_mut(),
+                emu: Some((e.copies.clone(), end)),
+            });
+        }
+        self.bind()?;
+        self.mark_on(self.copy_stream)
+    }
+
+    /// Waits for every copy [`Gpu::send_to_peer`] queued (run them, on an emulated device).
+    pub fn sync_copies(&self) -> Result<()> {
+        if let Some(e) = &self.emu {
+            e.copies
+                .lock()
+                .map_err(|_| Error::Internal("emulated copy queue poisoned".into()))?
+                .flush(u64::MAX);
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: valid stream.
+        unsafe { drv::stream::synchronize(self.copy_stream) }
+            .map_err(dev_err("peer copies failed (cuStreamSynchronize)"))
+    }
+
     /// Waits for all work on the stream.
     pub fn sync(&self) -> Result<()> {
         if let Some(e) = &self.emu {
@@ -615,7 +771,10 @@ impl Gpu {
         if let Some(e) = &self.emu {
             return e.launch(kernel, grid, block, p);
         }
-        let f = self.funcs[kernel.name()];
+        let f = *self
+            .funcs
+            .get(kernel.name())
+            .ok_or_else(|| Error::Internal(format!("kernel {} was not loaded", kernel.name())))?;
         let mut args = [p as *const P as *mut c_void];
         drv::launch_kernel(
             f,
@@ -740,6 +899,11 @@ impl Gpu {
             ep,
             ..
         } = a;
+        if (x | w | d) % 16 != 0 {
+            return Err(Error::Internal(format!(
+                "GEMM operands must be 16-byte aligned (x {x:#x}, w {w:#x}, d {d:#x})"
+            )));
+        }
         let (lt_handle, workspace, stream) = (self.lt, self.workspace, self.stream);
         let p = self.plan_for(rows, inp, out, ty, ep)?.ok_or_else(|| {
             Error::Internal(format!(
@@ -858,6 +1022,27 @@ impl Gpu {
                     8,
                 )
                 .map_err(lt_err("cublasLtMatmulPreferenceSetAttribute"))
+                .and_then(|_| {
+                    // Operands are row ranges of larger buffers: 16-byte aligned (rows of a
+                    // multiple of 8 bf16), not the 256 bytes cuBLASLt assumes by default.
+                    use ltsys::cublasLtMatmulPreferenceAttributes_t as P;
+                    let align: u32 = 16;
+                    for attr in [
+                        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                    ] {
+                        lt::set_matmul_pref_attribute(
+                            pref,
+                            attr,
+                            &align as *const u32 as *const c_void,
+                            4,
+                        )
+                        .map_err(lt_err("cublasLtMatmulPreferenceSetAttribute(alignment)"))?;
+                    }
+                    Ok(())
+                })
                 .and_then(|_| {
                     lt::get_matmul_algo_heuristic(self.lt, desc, plan.a, plan.b, plan.d, plan.d, pref)
                         .map_err(|e| {
@@ -1008,21 +1193,34 @@ impl Drop for Gpu {
         if self.emu.is_some() {
             return; // host memory is freed with the EmuDevice
         }
-        // SAFETY: every handle below was created by this struct and is destroyed once.
+        // SAFETY: every handle below was created by this struct and is destroyed once; null
+        // ones (an `open` that failed part-way) are skipped.
         unsafe {
             let _ = drv::ctx::set_current(self.ctx);
-            let _ = drv::stream::synchronize(self.stream);
+            for s in [self.copy_stream, self.stream] {
+                if !s.is_null() {
+                    let _ = drv::stream::synchronize(s);
+                }
+            }
             for (_, p) in self.plans.drain() {
                 if let Some(p) = p {
                     destroy_plan(&p);
                 }
             }
-            let _ = lt::destroy_handle(self.lt);
+            if !self.lt.is_null() {
+                let _ = lt::destroy_handle(self.lt);
+            }
             for p in self.allocs.drain(..) {
                 let _ = drv::free_sync(p);
             }
-            let _ = drv::module::unload(self.module);
-            let _ = drv::stream::destroy(self.stream);
+            if !self.module.is_null() {
+                let _ = drv::module::unload(self.module);
+            }
+            for s in [self.copy_stream, self.stream] {
+                if !s.is_null() {
+                    let _ = drv::stream::destroy(s);
+                }
+            }
             let _ = drv::primary_ctx::release(self.dev);
         }
     }
@@ -1043,6 +1241,30 @@ impl Drop for Graph {
         // SAFETY: created by end_capture, destroyed once.
         unsafe {
             let _ = drv::graph::exec_destroy(self.exec);
+        }
+    }
+}
+
+/// A point on a device's compute or copy stream that other streams (of any device) can wait
+/// for: [`Gpu::mark_compute`], [`Gpu::send_to_peer`], [`Gpu::compute_wait`].
+pub struct Mark {
+    e: sys::CUevent,
+    /// Emulated lazy copies: the queue and the sequence number the mark completes.
+    emu: Option<(
+        std::sync::Arc<std::sync::Mutex<super::emu_device::CopyQueue>>,
+        u64,
+    )>,
+}
+
+impl Drop for Mark {
+    fn drop(&mut self) {
+        if self.e.is_null() {
+            return;
+        }
+        // SAFETY: created by Gpu::mark_on, destroyed once; a recorded event that has not
+        // completed is released by the driver when it completes.
+        unsafe {
+            let _ = drv::event::destroy(self.e);
         }
     }
 }

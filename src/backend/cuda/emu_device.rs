@@ -16,6 +16,57 @@ use crate::kernels::emu::{dims, launch_raw, Kernel};
 use crate::{Error, Result};
 use half::bf16;
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+static LAZY_PEER_COPIES: AtomicBool = AtomicBool::new(false);
+
+/// Test aid: run emulated peer copies (the copy stream of `Gpu::send_to_peer`) as late as the
+/// stream ordering allows, i.e. only when a stream waits for them, instead of at once. The
+/// compute stream still runs at once, so a wait the backend forgot (a device reading peer rows
+/// before their copy landed, or overwriting rows a copy has yet to read) changes the results.
+pub fn set_lazy_peer_copies(lazy: bool) {
+    LAZY_PEER_COPIES.store(lazy, Ordering::Relaxed);
+}
+
+/// Whether [`set_lazy_peer_copies`] is on.
+pub fn lazy_peer_copies() -> bool {
+    LAZY_PEER_COPIES.load(Ordering::Relaxed)
+}
+
+/// Peer copies an emulated device's copy stream has accepted but not yet run (lazy mode).
+#[derive(Default, Debug)]
+pub struct CopyQueue {
+    /// Sequence number of the next copy.
+    next: u64,
+    /// (sequence number, dst, src, bytes), ranges checked when they were queued.
+    pending: Vec<(u64, DevPtr, DevPtr, usize)>,
+}
+
+impl CopyQueue {
+    /// Queues a checked copy; returns its sequence number.
+    fn push(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        self.pending.push((seq, dst, src, bytes));
+        seq
+    }
+
+    /// The sequence number the next queued copy will get (a mark at the current end).
+    pub fn end(&self) -> u64 {
+        self.next
+    }
+
+    /// Runs every queued copy with a sequence number below `upto`, in order.
+    pub fn flush(&mut self, upto: u64) {
+        let n = self.pending.partition_point(|c| c.0 < upto);
+        for (_, dst, src, bytes) in self.pending.drain(..n) {
+            // SAFETY: both ranges were checked against live allocations when queued, and the
+            // devices outlive their queued copies (flushed by the backend before it returns).
+            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        }
+    }
+}
 
 /// One recorded operation of a graph.
 #[derive(Clone, Debug)]
@@ -84,6 +135,8 @@ pub struct GemmArgs {
 pub struct EmuDevice {
     allocs: Vec<Box<[u128]>>,
     capture: RefCell<Option<Vec<EmuOp>>>,
+    /// The copy stream's queued peer copies (lazy mode, [`set_lazy_peer_copies`]).
+    pub copies: Arc<Mutex<CopyQueue>>,
 }
 
 /// Memory an emulated device reports as its total (bytes).
@@ -228,6 +281,28 @@ impl EmuDevice {
     /// Memset.
     pub fn memset(&self, dst: DevPtr, value: u8, bytes: usize) -> Result<()> {
         self.submit(EmuOp::Memset { dst, value, bytes })
+    }
+
+    /// A peer copy on the copy stream: run now, or queued in lazy mode
+    /// ([`set_lazy_peer_copies`]).
+    pub fn queue_peer_copy(
+        &self,
+        peer: &EmuDevice,
+        dst: DevPtr,
+        src: DevPtr,
+        bytes: usize,
+    ) -> Result<()> {
+        if !lazy_peer_copies() {
+            return self.copy_to_peer(peer, dst, src, bytes);
+        }
+        self.capturing("a peer copy")?;
+        self.check(src, bytes)?;
+        peer.check(dst, bytes)?;
+        self.copies
+            .lock()
+            .map_err(|_| Error::Internal("emulated copy queue poisoned".into()))?
+            .push(dst, src, bytes);
+        Ok(())
     }
 
     /// Device to device copy.

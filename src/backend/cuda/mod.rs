@@ -118,6 +118,10 @@ pub struct CudaOptions {
     /// keeps the faster (see [`attention_tune`]; an emulated device uses
     /// [`AttentionTile::Rows128`]). `BC_ATTENTION_TILE=rows64|rows128|auto`.
     pub attention_tile: Option<AttentionTile>,
+    /// Multi-device joint exchange: a second pair of window K/V buffers for odd layers, so
+    /// the peer copies of one layer overlap the next layer's compute (default; off: single
+    /// buffering, each device waits for its outgoing copies before its next layer).
+    pub double_kv: bool,
 }
 
 impl Default for CudaOptions {
@@ -133,6 +137,7 @@ impl Default for CudaOptions {
             fuse_gelu: true,
             round_residual_bf16: false,
             attention_tile: None,
+            double_kv: true,
         }
     }
 }
@@ -498,6 +503,8 @@ pub struct CudaBackend<'m> {
     ticks: usize,
     attn_tile: AttentionTile,
     attn_tune: Option<attention_tune::TuneResult>,
+    /// The window K/V buffers of odd layers when double-buffered ([`Self::kv_bufs`]).
+    kv_odd: Option<(DevPtr, DevPtr)>,
 }
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
@@ -830,7 +837,18 @@ impl<'m> CudaBackend<'m> {
             ticks: 0,
             attn_tile,
             attn_tune,
+            kv_odd: None,
         })
+    }
+
+    /// The window K/V buffers (K, V) that layer `li` writes and its attention reads. With
+    /// double buffering (multi-device joint exchange) odd layers use a second pair, so the peer
+    /// copies of layer `li` can still read, or land in, its rows while layer `li + 1` runs.
+    fn kv_bufs(&self, li: usize) -> (DevPtr, DevPtr) {
+        match self.kv_odd {
+            Some(p) if li % 2 == 1 => p,
+            _ => (self.b.k, self.b.v),
+        }
     }
 
     /// A per-run allocation (freed when the run ends).
@@ -1042,7 +1060,8 @@ impl<'m> CudaBackend<'m> {
                     }
                     Src::Win { row, rows } => {
                         let off = row as u64 * row_bytes;
-                        (self.b.k + off, self.b.v + off, rows)
+                        let (bk, bv) = self.kv_bufs(li);
+                        (bk + off, bv + off, rows)
                     }
                     Src::Prev { row, rows } => {
                         let (pk, pv) = lag
@@ -1297,6 +1316,7 @@ impl<'m> CudaBackend<'m> {
         let eps = c.eps as f32;
         let wp = self.opts.width / 2;
         let tpf = (self.opts.height / 2) * wp;
+        let (kb, vb) = self.kv_bufs(li);
         let b = &self.b;
         let ld = &self.layers[li];
         let g = &mut self.gpu;
@@ -1353,7 +1373,7 @@ impl<'m> CudaBackend<'m> {
                 g,
                 &QkArgs {
                     x: qkv + row,
-                    out: b.k + r0 * row,
+                    out: kb + r0 * row,
                     norm: ld.norm_k,
                     ..qa
                 },
@@ -1362,7 +1382,7 @@ impl<'m> CudaBackend<'m> {
                 g,
                 &QkArgs {
                     x: qkv + 2 * row,
-                    out: b.v + r0 * row,
+                    out: vb + r0 * row,
                     norm: NULL,
                     rope: false,
                     ..qa
@@ -1385,8 +1405,9 @@ impl<'m> CudaBackend<'m> {
         let ld = &self.layers[li];
         let round = self.copts.round_residual_bf16;
         let tile = self.attn_tile;
+        let (k, v) = self.kv_bufs(li);
         let g = &mut self.gpu;
-        let (x, y, q, k, v, att) = (b.x, b.y, b.q, b.k, b.v, b.att);
+        let (x, y, q, att) = (b.x, b.y, b.q, b.att);
         let (f32b, du) = (4u64, d as u64);
         let row = du * 2;
         let seg_stride = (self.seg_max * std::mem::size_of::<BcKvSegment>()) as u64;
@@ -1803,6 +1824,20 @@ impl<'m> MultiCudaBackend<'m> {
         } else {
             None
         };
+        if lag.is_none() && devs.len() > 1 && copts.double_kv {
+            // Joint exchange: a second pair of window K/V buffers for odd layers, so a device
+            // never waits for its outgoing copies of one layer before computing the next
+            // (see `forward`). Where it does not fit, single buffering (correct, less overlap).
+            for dev in &mut devs {
+                let c = dev.model.config();
+                let tpf = (dev.opts.height / 2) * (dev.opts.width / 2);
+                let bytes = dev.max_frames * tpf * c.dim * 2;
+                let (free, _) = dev.gpu.mem_info()?;
+                if 2 * bytes + (64 << 20) <= free {
+                    dev.kv_odd = Some((dev.alloc_run(bytes)?, dev.alloc_run(bytes)?));
+                }
+            }
+        }
         Ok(MultiCudaBackend {
             devs,
             opts: opts.clone(),
@@ -1903,24 +1938,71 @@ impl Backend for MultiCudaBackend<'_> {
                 regions_to[src][dst] = runs;
             }
         }
+        // The exchange runs on each source device's copy stream, ordered by marks only, so a
+        // device computes on while its K/V travel and waits only for the rows it reads:
+        //   (1) a copy of layer li starts after its source computed layer li's K/V;
+        //   (2) it lands after the destination finished reading the rows it overwrites: the
+        //       peer rows of the same buffer, last read by the destination's attention of layer
+        //       li - 2 with double buffering (part li - 1), of layer li - 1 without (part li);
+        //   (3) a device runs layer li's attention (part li + 1) after every copy into it;
+        //   (4) a device overwrites its own rows in a buffer after its outgoing copies read
+        //       them: part li + 1 writes layer li + 1's K/V, into the buffer of layer li - 1
+        //       with double buffering (so it waits for the copies of layer li - 1), into the
+        //       one of layer li without (the copies of layer li).
+        // With double buffering a device with early members runs ahead of the devices that
+        // read its K/V, and the copies overlap compute instead of stopping every device.
+        let double: Vec<bool> = self.devs.iter().map(|d| d.kv_odd.is_some()).collect();
+        let mut done_prev: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
+        let mut sent_prev: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
         for li in 0..layers {
             let _r = nvtx::range(|| format!("layer {li} exchange"));
-            // Exchange: the K and V rows each peer reads, from the device that computed them.
+            let done = self
+                .devs
+                .iter()
+                .map(|d| d.gpu.mark_compute())
+                .collect::<Result<Vec<_>>>()?;
+            // sent[src]: the end of all of src's copies of this layer; arrived[dst]: the ends
+            // of the copies into dst (the copy stream runs in order).
+            let mut sent: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
+            let mut arrived: Vec<Vec<device::Mark>> = (0..nd).map(|_| Vec::new()).collect();
             for (src, to) in regions_to.iter().enumerate() {
+                let sd = &self.devs[src];
+                let (sk, sv) = sd.kv_bufs(li);
                 for (dst, runs) in to.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-                    let (sd, dd) = (&self.devs[src], &self.devs[dst]);
+                    let dd = &self.devs[dst];
+                    let (dk, dv) = dd.kv_bufs(li);
                     let mut regions = Vec::with_capacity(2 * runs.len());
                     for &(off, bytes) in runs {
-                        regions.push((dd.b.k + off, sd.b.k + off, bytes));
-                        regions.push((dd.b.v + off, sd.b.v + off, bytes));
+                        regions.push((dk + off, sk + off, bytes));
+                        regions.push((dv + off, sv + off, bytes));
                     }
-                    sd.gpu.copy_to_peer(&dd.gpu, &regions)?;
+                    // (1) and (2).
+                    let war = if double[dst] {
+                        done_prev[dst].as_ref()
+                    } else {
+                        Some(&done[dst])
+                    };
+                    let after: Vec<&device::Mark> =
+                        std::iter::once(&done[src]).chain(war).collect();
+                    arrived[dst].push(sd.gpu.send_to_peer(&dd.gpu, &regions, &after)?);
+                }
+                if to.iter().any(|r| !r.is_empty()) {
+                    sent[src] = Some(sd.gpu.mark_copies()?);
                 }
             }
             // Part li + 1: layer li's attention and FFN, then layer li + 1's q/k/v (or the
             // head after the last layer).
-            for ((dev, s), k) in self.devs.iter_mut().zip(&shapes).zip(&keys) {
+            for (d, ((dev, s), k)) in self.devs.iter_mut().zip(&shapes).zip(&keys).enumerate() {
                 dev.gpu.bind()?;
+                // (3)
+                for m in &arrived[d] {
+                    dev.gpu.compute_wait(m)?;
+                }
+                // (4)
+                let own_sent = if double[d] { &sent_prev[d] } else { &sent[d] };
+                if let Some(m) = own_sent {
+                    dev.gpu.compute_wait(m)?;
+                }
                 let key = GraphKey {
                     shape: k.clone(),
                     part: Part::Joint(li + 1),
@@ -1935,6 +2017,11 @@ impl Backend for MultiCudaBackend<'_> {
                     }
                 })?;
             }
+            done_prev = done.into_iter().map(Some).collect();
+            sent_prev = sent;
+        }
+        for dev in &self.devs {
+            dev.gpu.sync_copies()?;
         }
         download_all(&mut self.devs, &shapes, &placement, members.len())
     }
@@ -2027,8 +2114,9 @@ impl MultiCudaBackend<'_> {
                     for &i in own.iter().filter(|&&i| !members[i].context) {
                         let off = s.row0[i] as u64 * row;
                         let bytes = s.frames[i] * tpf * row as usize;
-                        b.gpu.copy(gk + off, b.b.k + off, bytes)?;
-                        b.gpu.copy(gv + off, b.b.v + off, bytes)?;
+                        let (bk, bv) = b.kv_bufs(li);
+                        b.gpu.copy(gk + off, bk + off, bytes)?;
+                        b.gpu.copy(gv + off, bv + off, bytes)?;
                     }
                     b.enqueue_post(s, li)?;
                 }

@@ -357,9 +357,21 @@ fn plan_and_scaling_model_print_tables() {
     let o = bin().args(["bench", "--model-scaling"]).output().unwrap();
     assert!(o.status.success());
     let t = String::from_utf8_lossy(&o.stdout);
-    // 2 models x 2 links x (8 joint + 7 lagged device counts) x 4 lags, plus the header.
-    assert_eq!(t.lines().count(), 1 + 2 * 2 * 15 * 4, "{t}");
-    assert!(t.contains("wan-14b") && t.contains("lagged"));
+    // 2 models x 2 links x (8 joint + 7 serial + 7 lagged device counts) x 4 lags, plus the
+    // header.
+    assert_eq!(t.lines().count(), 1 + 2 * 2 * 22 * 4, "{t}");
+    assert!(t.contains("wan-14b") && t.contains("lagged") && t.contains("serial"));
+    // Overlapping the joint exchange never predicts fewer FPS than the serial bound.
+    let fps = |link: &str, xch: &str| -> f64 {
+        t.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| {
+                f[0] == "wan-1.3b" && f[1] == link && f[2] == xch && f[3] == "5" && f[4] == "1"
+            })
+            .and_then(|f| f[6].parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    assert!(fps("pcie", "joint") > fps("pcie", "serial"), "{t}");
     let o = bin()
         .args(["plan", "--blocks", "18446744073709551615", "--lag", "2"])
         .output()

@@ -15,16 +15,18 @@
 //
 // Variants (tile sizes in params.h, AttCfg below; the backend picks one by timing both at
 // open, see src/backend/cuda/attention_tune.rs):
-//   bc_attention_hd{64,128}       BQ = 64 query rows per block, 4 warps, 2 blocks per SM;
-//                                 BK = 64 keys per tile (hd64) or 32 (hd128: two stages of K
-//                                 and V must fit the 48 KB of static shared memory).
-//   bc_attention_hd{64,128}_q128  BQ = 128 rows, 8 warps, 1 block per SM, BK = 64 (hd128: 64 KB
-//                                 of dynamic shared memory). Why: a block reads 4 * hd
+//   bc_attention_hd{64,128}       BQ = 64 query rows per block, 4 warps, 2 blocks per SM.
+//   bc_attention_hd{64,128}_q128  BQ = 128 rows, 8 warps, 1 block per SM. Why: a block reads 4 * hd
 //                                 bytes of K/V per key from L2 and does 4 * BQ * hd FLOPs
 //                                 with them, BQ FLOP per byte: at BQ = 64, 350 TFLOP/s needs
 //                                 ~5.5 TB/s of L2 bandwidth, about all an H100 has; BQ = 128
 //                                 halves that. BK = 64 halves the barriers and softmax
 //                                 rescales per key. Registers: 8 warps x ~200 fit one block.
+// Every variant walks keys in tiles of BK = 64 (hd128: 64 KB of dynamic shared memory for the
+// two stages of K and V, over the 48 KB static limit) and gives each warp the same 16 rows'
+// work in the same order, so the variants differ only in how many warps share a block: their
+// outputs are bit-identical (tests/kernels_emu.rs), and the tile the backend picks by timing
+// never changes the numbers.
 // Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
 // stacked along the query rows; warp w owns the ATT_WM = 16 query rows [w*16, w*16+16) of the
 // block's BQ rows (one m16 MMA tile). Keys are walked one segment at a time in tiles of BK
@@ -80,11 +82,14 @@ struct AttCfg {
 // of 64 keys: half the K/V traffic from L2 per FLOP and half the barriers per key; hd128 needs
 // 64 KB of dynamic shared memory).
 using AttHd64 = AttCfg<64, BC_ATTN_THREADS / 32, BC_ATTN_BK>;
-using AttHd128 = AttCfg<128, BC_ATTN_THREADS / 32, BC_ATTN_BK / 2>;
+using AttHd128 = AttCfg<128, BC_ATTN_THREADS / 32, BC_ATTN_BK>;
 using AttHd64Wide = AttCfg<64, BC_ATTN_WIDE_THREADS / 32, BC_ATTN_WIDE_BK>;
 using AttHd128Wide = AttCfg<128, BC_ATTN_WIDE_THREADS / 32, BC_ATTN_WIDE_BK>;
 static_assert(AttHd64::BQ == BC_ATTN_BQ && AttHd64Wide::BQ == BC_ATTN_WIDE_BQ, "params.h rows per block");
-static_assert(AttHd128Wide::SMEM_BYTES == BC_ATTN_WIDE_HD128_SMEM, "params.h shared memory");
+static_assert(AttHd128::SMEM_BYTES == BC_ATTN_HD128_SMEM && AttHd128Wide::SMEM_BYTES == BC_ATTN_HD128_SMEM,
+              "params.h shared memory");
+static_assert(AttHd64::BK == AttHd64Wide::BK && AttHd128::BK == AttHd128Wide::BK,
+              "same key tiles: the variants give bit-identical outputs");
 
 /// Element offset of 16-byte chunk `c` of shared-memory row `r` (XOR swizzle).
 __device__ __forceinline__ int att_swz(int r, int c) { return (c ^ (r & 7)) * 8; }
@@ -304,7 +309,9 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p,
     }
 }
 
-// 64 query rows per block, static shared memory, 2 blocks per SM.
+// 64 query rows per block, 2 blocks per SM (hd64: static shared memory; hd128: dynamic,
+// BC_ATTN_HD128_SMEM bytes, over the 48 KB static limit: the launcher raises the kernel's
+// limit once after loading the module).
 extern "C" __global__ void __launch_bounds__(AttHd64::NT, 2) bc_attention_hd64(BcAttentionParams p) {
     __shared__ __align__(128) __nv_bfloat16 kv[2][2][AttHd64::BK][64];
     bc_attention_impl<64, AttHd64>(p, kv);
@@ -312,8 +319,8 @@ extern "C" __global__ void __launch_bounds__(AttHd64::NT, 2) bc_attention_hd64(B
 BC_EMU_ENTRY(bc_attention_hd64, BcAttentionParams)
 
 extern "C" __global__ void __launch_bounds__(AttHd128::NT, 2) bc_attention_hd128(BcAttentionParams p) {
-    __shared__ __align__(128) __nv_bfloat16 kv[2][2][AttHd128::BK][128];
-    bc_attention_impl<128, AttHd128>(p, kv);
+    BC_DYNAMIC_SMEM(smem, AttHd128::SMEM_BYTES);
+    bc_attention_impl<128, AttHd128>(p, reinterpret_cast<__nv_bfloat16(*)[2][AttHd128::BK][128]>(smem));
 }
 BC_EMU_ENTRY(bc_attention_hd128, BcAttentionParams)
 
@@ -324,8 +331,6 @@ extern "C" __global__ void __launch_bounds__(AttHd64Wide::NT, 1) bc_attention_hd
 }
 BC_EMU_ENTRY(bc_attention_hd64_q128, BcAttentionParams)
 
-// Dynamic shared memory (BC_ATTN_WIDE_HD128_SMEM bytes, over the 48 KB static limit): the
-// launcher raises the kernel's limit once after loading the module.
 extern "C" __global__ void __launch_bounds__(AttHd128Wide::NT, 1) bc_attention_hd128_q128(BcAttentionParams p) {
     BC_DYNAMIC_SMEM(smem, AttHd128Wide::SMEM_BYTES);
     bc_attention_impl<128, AttHd128Wide>(p, reinterpret_cast<__nv_bfloat16(*)[2][AttHd128Wide::BK][128]>(smem));

@@ -7,7 +7,7 @@
 mod common;
 use blockcascade::backend::cuda::emu_device::set_lazy_peer_copies;
 use blockcascade::backend::cuda::{
-    graph_replays, peer_copy_bytes, set_session_options, CudaOptions,
+    double_kv_devices, graph_replays, peer_copy_bytes, set_session_options, CudaOptions,
 };
 use blockcascade::backend::BackendKind;
 use blockcascade::multi_device::KvExchange;
@@ -141,10 +141,14 @@ fn three_emulated_cuda_devices_equal_one_lag1_bidirectional() {
 
 /// The joint exchange's peer copies run on each device's copy stream, ordered with the compute
 /// streams by marks only. With lazy emulated copies (a copy runs only when some stream waits
-/// for it, reading its source then), a missing wait shows up: a device reading peer rows
-/// before their copy, or overwriting rows before its copy read them, changes the latents.
-/// Both with the double-buffered window K/V (default) and single buffering, 2 and 3 devices,
-/// graphs and eager launches: bit-identical to one device.
+/// for it, reading its source then) a device that reads peer rows without waiting for their
+/// copy (rule 3 in `MultiCudaBackend::forward`) reads stale rows and the latents change
+/// (checked by deleting that wait: the test fails). What this cannot show: the emulated compute
+/// stream runs at once, so rules 1 and 2 (a copy after its source was written / after the
+/// receiver's last read) always hold here, and with double buffering every copy is flushed by
+/// its reader before the sender could overwrite it (rule 4); those rest on the ordering
+/// argument in the code. Double-buffered (default; asserted to be on) and single-buffered
+/// window K/V, 2 and 3 devices, graphs and eager launches: bit-identical to one device.
 #[test]
 fn joint_exchange_is_exact_with_late_peer_copies() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -182,7 +186,14 @@ fn joint_exchange_is_exact_with_late_peer_copies() {
             AttentionMode::Bidirectional => &[(3, true, true)],
         };
         for &(devices, double_kv, graphs) in configs {
+            let before = double_kv_devices();
             let many = run(devices, double_kv, graphs);
+            let doubled = double_kv_devices() - before;
+            assert_eq!(
+                doubled,
+                if double_kv { devices } else { 0 },
+                "double-buffered devices"
+            );
             println!(
                 "late copies, {name}, {devices} devices, double K/V {double_kv}, graphs {graphs}: rel L2 {:.3e}",
                 rel_l2(&one, &many)

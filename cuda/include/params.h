@@ -48,18 +48,19 @@ typedef int32_t bc_i32;
 /** Query rows per attention block (grid.x = ceil(max rows of a group / BC_ATTN_BQ)): 16 per
  * warp. */
 #define BC_ATTN_BQ 64
-/** Keys per attention tile of `bc_attention_hd64`; `bc_attention_hd128` uses half as many. */
+/** Keys per attention tile of every attention kernel. */
 #define BC_ATTN_BK 64
 /** Threads per block of the 128-row attention kernels (`bc_attention_hd64_q128`,
  * `bc_attention_hd128_q128`). */
 #define BC_ATTN_WIDE_THREADS 256
 /** Query rows per block of the 128-row attention kernels: 16 per warp. */
 #define BC_ATTN_WIDE_BQ 128
-/** Keys per attention tile of the 128-row attention kernels. */
+/** Keys per attention tile of the 128-row attention kernels (= BC_ATTN_BK: the variants give
+ * bit-identical outputs). */
 #define BC_ATTN_WIDE_BK 64
-/** Dynamic shared memory of `bc_attention_hd128_q128` in bytes (2 stages x K, V x 64 keys x
- * 128 bf16; the other attention kernels use static shared memory). */
-#define BC_ATTN_WIDE_HD128_SMEM 65536
+/** Dynamic shared memory of `bc_attention_hd128` and `bc_attention_hd128_q128` in bytes (2
+ * stages x K, V x 64 keys x 128 bf16; the hd64 kernels use static shared memory). */
+#define BC_ATTN_HD128_SMEM 65536
 
 /** Grid and block dimensions of one launch (used by the emulated launcher). */
 typedef struct BcLaunchDims {
@@ -234,8 +235,8 @@ typedef struct BcAttnGroup {
  * Tables (`segments`, `seg_index`, `groups`) live in device memory so that one captured
  * graph can be replayed with new lengths. Grid (ceil(max q_rows / BC_ATTN_BQ), heads,
  * num_groups), block BC_ATTN_THREADS (the `_q128` variants: BC_ATTN_WIDE_BQ and
- * BC_ATTN_WIDE_THREADS; `bc_attention_hd128_q128` with BC_ATTN_WIDE_HD128_SMEM bytes of
- * dynamic shared memory). Self- and cross-attention use the same kernel. */
+ * BC_ATTN_WIDE_THREADS; the hd128 kernels with BC_ATTN_HD128_SMEM bytes of dynamic shared
+ * memory). Self- and cross-attention use the same kernel. */
 typedef struct BcAttentionParams {
     /** Queries `[nq, q_stride]` bf16, head h at columns `h*head_dim`. */
     const bc_bf16 *q;

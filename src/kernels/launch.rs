@@ -210,8 +210,9 @@ pub enum AttentionTile {
     /// 64 query rows per block, 4 warps, 2 blocks per SM (`bc_attention_hd64`,
     /// `bc_attention_hd128`).
     Rows64,
-    /// 128 query rows per block, 8 warps, 1 block per SM, 64-key tiles
-    /// (`bc_attention_hd64_q128`, `bc_attention_hd128_q128`): half the K/V traffic per FLOP.
+    /// 128 query rows per block, 8 warps, 1 block per SM (`bc_attention_hd64_q128`,
+    /// `bc_attention_hd128_q128`): half the K/V traffic per FLOP. Same key tiles and per-warp
+    /// work as [`AttentionTile::Rows64`], so the same output bits.
     Rows128,
 }
 

@@ -61,6 +61,14 @@ mod prompt_kv;
 
 pub use device::{graph_replays, peer_copy_bytes};
 
+static DOUBLE_KV_DEVICES: AtomicUsize = AtomicUsize::new(0);
+
+/// Logical devices opened with double-buffered window K/V in this process
+/// ([`CudaOptions::double_kv`]; lets tests check that the overlapped exchange really ran).
+pub fn double_kv_devices() -> usize {
+    DOUBLE_KV_DEVICES.load(Ordering::Relaxed)
+}
+
 use crate::backend::Backend;
 use crate::config::GenerateOptions;
 use crate::kernels::launch::AttentionTile;
@@ -777,7 +785,10 @@ impl<'m> CudaBackend<'m> {
                 cache_v,
             })
             .collect();
-        env_attention_tile()?;
+        if copts.attention_tile.is_none() {
+            // A bad BC_ATTENTION_TILE is an error, unless the options chose a tile in code.
+            env_attention_tile()?;
+        }
         let (attn_tile, attn_tune) = match copts.attention_tile {
             Some(t) => (t, None),
             None if copts.emulate => (AttentionTile::Rows128, None),
@@ -1702,7 +1713,9 @@ impl Drop for CudaBackend<'_> {
         // Back to the weight cache only when the device is healthy (no error pending, no
         // capture open) and the per-run buffers are gone; otherwise the device (weights
         // included) is dropped and the next run starts fresh.
-        let ok = gpu.sync().is_ok() && self.run_allocs.drain(..).all(|p| gpu.free(p).is_ok());
+        let ok = gpu.sync_copies().is_ok()
+            && gpu.sync().is_ok()
+            && self.run_allocs.drain(..).all(|p| gpu.free(p).is_ok());
         if ok {
             let mut c = cache_lock();
             if !c.iter().any(|(k, _)| *k == self.key) {
@@ -1730,13 +1743,16 @@ impl Drop for CudaBackend<'_> {
 /// its own cache. A device waits only for the copies it reads ([`peer_copy_bytes`] counts the
 /// bytes).
 ///
-/// All devices are driven from one host thread, layer by layer; ordering between devices is
-/// by events ([`Gpu::copy_to_peer`]). Graphs: each device captures the work between two
-/// exchanges as one graph ([`GraphKey`]: part 0 = embedding + layer 0's q/k/v, part `i` =
-/// layer `i-1`'s attention and FFN + layer `i`'s q/k/v, the last part ends with the head), so
-/// a tick is `layers + 1` graph launches per device with the event-ordered peer copies
-/// between them; graph launches are ordinary stream work, so the cross-device ordering is
-/// the same as with eager launches. `recache` runs the whole rebuild on every device.
+/// All devices are driven from one host thread, layer by layer. The copies run on each
+/// source device's copy stream ([`Gpu::send_to_peer`]), ordered with the compute streams by
+/// events only ([`device::Mark`]), and the window K/V are double-buffered by layer parity
+/// ([`CudaOptions::double_kv`]), so the exchange overlaps compute (the rules are listed in
+/// `forward`). Graphs: each device captures the work between two exchanges as one graph
+/// ([`GraphKey`]: part 0 = embedding + layer 0's q/k/v, part `i` = layer `i-1`'s attention and
+/// FFN + layer `i`'s q/k/v, the last part ends with the head), so a tick is `layers + 1` graph
+/// launches per device with the event waits between them; graph launches are ordinary stream
+/// work, so the cross-device ordering is the same as with eager launches. `recache` runs the
+/// whole rebuild on every device.
 ///
 /// **Lagged** exchange ([`crate::multi_device::KvExchange::Lagged`], the semantics of
 /// [`crate::multi_device`]): no exchange inside the tick. Every device keeps two generations
@@ -1835,6 +1851,7 @@ impl<'m> MultiCudaBackend<'m> {
                 let (free, _) = dev.gpu.mem_info()?;
                 if 2 * bytes + (64 << 20) <= free {
                     dev.kv_odd = Some((dev.alloc_run(bytes)?, dev.alloc_run(bytes)?));
+                    DOUBLE_KV_DEVICES.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -1952,77 +1969,86 @@ impl Backend for MultiCudaBackend<'_> {
         // With double buffering a device with early members runs ahead of the devices that
         // read its K/V, and the copies overlap compute instead of stopping every device.
         let double: Vec<bool> = self.devs.iter().map(|d| d.kv_odd.is_some()).collect();
-        let mut done_prev: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
-        let mut sent_prev: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
-        for li in 0..layers {
-            let _r = nvtx::range(|| format!("layer {li} exchange"));
-            let done = self
-                .devs
-                .iter()
-                .map(|d| d.gpu.mark_compute())
-                .collect::<Result<Vec<_>>>()?;
-            // sent[src]: the end of all of src's copies of this layer; arrived[dst]: the ends
-            // of the copies into dst (the copy stream runs in order).
-            let mut sent: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
-            let mut arrived: Vec<Vec<device::Mark>> = (0..nd).map(|_| Vec::new()).collect();
-            for (src, to) in regions_to.iter().enumerate() {
-                let sd = &self.devs[src];
-                let (sk, sv) = sd.kv_bufs(li);
-                for (dst, runs) in to.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-                    let dd = &self.devs[dst];
-                    let (dk, dv) = dd.kv_bufs(li);
-                    let mut regions = Vec::with_capacity(2 * runs.len());
-                    for &(off, bytes) in runs {
-                        regions.push((dk + off, sk + off, bytes));
-                        regions.push((dv + off, sv + off, bytes));
+        // Every exit, error or not, waits for the copy streams: no copy may still read or
+        // write a buffer once the caller goes on (or drops the devices).
+        let res = (|| -> Result<()> {
+            let mut done_prev: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
+            let mut sent_prev: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
+            for li in 0..layers {
+                let _r = nvtx::range(|| format!("layer {li} exchange"));
+                let done = self
+                    .devs
+                    .iter()
+                    .map(|d| d.gpu.mark_compute())
+                    .collect::<Result<Vec<_>>>()?;
+                // sent[src]: the end of all of src's copies of this layer; arrived[dst]: the ends
+                // of the copies into dst (the copy stream runs in order).
+                let mut sent: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
+                let mut arrived: Vec<Vec<device::Mark>> = (0..nd).map(|_| Vec::new()).collect();
+                for (src, to) in regions_to.iter().enumerate() {
+                    let sd = &self.devs[src];
+                    let (sk, sv) = sd.kv_bufs(li);
+                    for (dst, runs) in to.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+                        let dd = &self.devs[dst];
+                        let (dk, dv) = dd.kv_bufs(li);
+                        let mut regions = Vec::with_capacity(2 * runs.len());
+                        for &(off, bytes) in runs {
+                            regions.push((dk + off, sk + off, bytes));
+                            regions.push((dv + off, sv + off, bytes));
+                        }
+                        // (1) and (2).
+                        let war = if double[dst] {
+                            done_prev[dst].as_ref()
+                        } else {
+                            Some(&done[dst])
+                        };
+                        let after: Vec<&device::Mark> =
+                            std::iter::once(&done[src]).chain(war).collect();
+                        arrived[dst].push(sd.gpu.send_to_peer(&dd.gpu, &regions, &after)?);
                     }
-                    // (1) and (2).
-                    let war = if double[dst] {
-                        done_prev[dst].as_ref()
-                    } else {
-                        Some(&done[dst])
+                    if to.iter().any(|r| !r.is_empty()) {
+                        sent[src] = Some(sd.gpu.mark_copies()?);
+                    }
+                }
+                // Part li + 1: layer li's attention and FFN, then layer li + 1's q/k/v (or the
+                // head after the last layer).
+                for (d, ((dev, s), k)) in self.devs.iter_mut().zip(&shapes).zip(&keys).enumerate() {
+                    dev.gpu.bind()?;
+                    // (3)
+                    for m in &arrived[d] {
+                        dev.gpu.compute_wait(m)?;
+                    }
+                    // (4)
+                    let own_sent = if double[d] { &sent_prev[d] } else { &sent[d] };
+                    if let Some(m) = own_sent {
+                        dev.gpu.compute_wait(m)?;
+                    }
+                    let key = GraphKey {
+                        shape: k.clone(),
+                        part: Part::Joint(li + 1),
                     };
-                    let after: Vec<&device::Mark> =
-                        std::iter::once(&done[src]).chain(war).collect();
-                    arrived[dst].push(sd.gpu.send_to_peer(&dd.gpu, &regions, &after)?);
+                    dev.launch(key, &|b: &mut CudaBackend| {
+                        b.enqueue_post(s, li)?;
+                        if li + 1 < layers {
+                            let _r = nvtx::range(|| format!("layer {}", li + 1));
+                            b.enqueue_pre(s, li + 1)
+                        } else {
+                            b.enqueue_head(s)
+                        }
+                    })?;
                 }
-                if to.iter().any(|r| !r.is_empty()) {
-                    sent[src] = Some(sd.gpu.mark_copies()?);
-                }
+                done_prev = done.into_iter().map(Some).collect();
+                sent_prev = sent;
             }
-            // Part li + 1: layer li's attention and FFN, then layer li + 1's q/k/v (or the
-            // head after the last layer).
-            for (d, ((dev, s), k)) in self.devs.iter_mut().zip(&shapes).zip(&keys).enumerate() {
-                dev.gpu.bind()?;
-                // (3)
-                for m in &arrived[d] {
-                    dev.gpu.compute_wait(m)?;
-                }
-                // (4)
-                let own_sent = if double[d] { &sent_prev[d] } else { &sent[d] };
-                if let Some(m) = own_sent {
-                    dev.gpu.compute_wait(m)?;
-                }
-                let key = GraphKey {
-                    shape: k.clone(),
-                    part: Part::Joint(li + 1),
-                };
-                dev.launch(key, &|b: &mut CudaBackend| {
-                    b.enqueue_post(s, li)?;
-                    if li + 1 < layers {
-                        let _r = nvtx::range(|| format!("layer {}", li + 1));
-                        b.enqueue_pre(s, li + 1)
-                    } else {
-                        b.enqueue_head(s)
-                    }
-                })?;
-            }
-            done_prev = done.into_iter().map(Some).collect();
-            sent_prev = sent;
-        }
+            Ok(())
+        })();
         for dev in &self.devs {
-            dev.gpu.sync_copies()?;
+            let synced = dev.gpu.sync_copies();
+            if res.is_ok() {
+                synced?;
+            }
         }
+        res?;
         download_all(&mut self.devs, &shapes, &placement, members.len())
     }
 
@@ -2040,6 +2066,15 @@ impl Backend for MultiCudaBackend<'_> {
 
     fn cache_bytes(&self) -> usize {
         self.devs[0].cache_bytes()
+    }
+}
+
+impl Drop for MultiCudaBackend<'_> {
+    fn drop(&mut self) {
+        // Before any device frees its buffers: no peer copy may still read or write them.
+        for d in &self.devs {
+            let _ = d.gpu.sync_copies();
+        }
     }
 }
 

@@ -11,7 +11,9 @@
 //! copy stream with double-buffered window K/V, so they overlap compute: a tick takes the
 //! longer of compute and exchange, plus one layer's exchange (the first copy a device waits
 //! for); [`Overlap::None`] gives the serial bound (compute plus every layer's exchange). In
-//! lagged mode the same bytes move once per tick, overlapped with the next tick's compute.
+//! lagged mode every member's K/V of every layer go to every peer once per tick, after the
+//! tick and before the next one (what the CUDA backend does: not overlapped), so it moves at
+//! least the joint exchange's bytes and is never predicted faster than the serial joint bound.
 
 use crate::cascade::{Plan, Role};
 use crate::config::ModelConfig;
@@ -187,7 +189,7 @@ pub fn predict_with(
             match (xch, overlap) {
                 (KvExchange::Joint, Overlap::None) => all,
                 (KvExchange::Joint, Overlap::CopyStream) => (all - compute).max(0.0) + per_layer,
-                (KvExchange::Lagged, _) => (all - compute).max(0.0) + hw.link_latency_us * 1e-6,
+                (KvExchange::Lagged, _) => all,
             }
         } else {
             0.0
@@ -257,10 +259,10 @@ mod tests {
         let five_pcie = predict(&c, &w, &pcie, 5, 1, KvExchange::Joint);
         assert!(five_pcie.fps < five_lag1.fps && five_pcie.comm_share > five_lag1.comm_share);
         // Overlapping the joint exchange never loses to the serial bound; the lagged exchange
-        // (once per tick, overlapped) beats the serial joint exchange on PCIe.
+        // (all-to-all, after the tick, not overlapped) never beats it.
         let serial = predict_with(&c, &w, &pcie, 5, 1, KvExchange::Joint, Overlap::None);
         assert!(five_pcie.fps >= serial.fps, "{five_pcie:?} vs {serial:?}");
         let lagged = predict(&c, &w, &pcie, 5, 1, KvExchange::Lagged);
-        assert!(lagged.fps >= serial.fps);
+        assert!(lagged.fps <= serial.fps, "{lagged:?} vs {serial:?}");
     }
 }

@@ -20,8 +20,7 @@
 //                                 bytes of K/V per key from L2 and does 4 * BQ * hd FLOPs
 //                                 with them, BQ FLOP per byte: at BQ = 64, 350 TFLOP/s needs
 //                                 ~5.5 TB/s of L2 bandwidth, about all an H100 has; BQ = 128
-//                                 halves that. BK = 64 halves the barriers and softmax
-//                                 rescales per key. Registers: 8 warps x ~200 fit one block.
+//                                 halves that. Registers: 8 warps x ~200 fit one block.
 // Every variant walks keys in tiles of BK = 64 (hd128: 64 KB of dynamic shared memory for the
 // two stages of K and V, over the 48 KB static limit) and gives each warp the same 16 rows'
 // work in the same order, so the variants differ only in how many warps share a block: their
@@ -77,10 +76,9 @@ struct AttCfg {
     static_assert(BK % 16 == 0 && 2 * BK >= BQ, "Q is staged in one K/V stage");
     static_assert(HDMAX % 64 == 0, "swizzle needs rows of >= 8 chunks");
 };
-// The variants (params.h): 64 query rows per block with 2 blocks per SM (4 warps, 32 KB of
-// static shared memory each; hd128 tiles of 32 keys), and 128 rows per block (8 warps, tiles
-// of 64 keys: half the K/V traffic from L2 per FLOP and half the barriers per key; hd128 needs
-// 64 KB of dynamic shared memory).
+// The variants (params.h): 64 query rows per block with 2 blocks per SM (4 warps) and 128 rows
+// per block (8 warps: half the K/V traffic from L2 per FLOP), all with tiles of 64 keys (hd64:
+// 32 KB of static shared memory; hd128: 64 KB of dynamic shared memory).
 using AttHd64 = AttCfg<64, BC_ATTN_THREADS / 32, BC_ATTN_BK>;
 using AttHd128 = AttCfg<128, BC_ATTN_THREADS / 32, BC_ATTN_BK>;
 using AttHd64Wide = AttCfg<64, BC_ATTN_WIDE_THREADS / 32, BC_ATTN_WIDE_BK>;

@@ -85,7 +85,7 @@ pub enum Overlap {
 }
 
 /// Predicts time per block and FPS for `devices` devices and lag `lag` (joint exchange
-/// overlapped with compute, as the CUDA backend runs it).
+/// overlapped with compute, as the CUDA backend runs it; lagged exchange never overlapped).
 pub fn predict(
     c: &ModelConfig,
     w: &Workload,

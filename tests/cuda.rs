@@ -611,10 +611,21 @@ fn attention_matches_the_cpu() {
         let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &index), up(&mut g, &groups));
         // Every tile variant of the kernel (the backend picks one at open by timing).
         let sample: Vec<usize> = (0..nq).step_by((nq / 48).max(1)).collect();
+        // The tiles must agree bit for bit (same key tiles and per-warp work; this also checks
+        // that nvcc compiled both template instances to the same arithmetic).
+        let same_bits = |first: &mut Option<Vec<u32>>, got: &[f32], what: &str| {
+            let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+            match first {
+                Some(b) => assert!(*b == bits, "{what}: the attention tiles differ"),
+                None => *first = Some(bits),
+            }
+        };
+        let mut first = None;
         for tile in AttentionTile::ALL {
             let out = poisoned(&mut g, nq * d * 2);
             ops::attention(&g, qd, out, heads, hd, sd, id, gd, 2, nq - tpf, tile).unwrap();
             let got = down_b(&g, out, nq * d);
+            same_bits(&mut first, &got, &format!("attention_self_{name}"));
             // Reference on sampled rows of each group.
             let mut want_rows = Vec::new();
             let mut got_rows = Vec::new();
@@ -659,10 +670,12 @@ fn attention_matches_the_cpu() {
             seg_count: 1,
         }];
         let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &[0i32]), up(&mut g, &groups));
+        let mut first = None;
         for tile in AttentionTile::ALL {
             let out = poisoned(&mut g, nq * d * 2);
             ops::attention(&g, qd, out, heads, hd, sd, id, gd, 1, nq, tile).unwrap();
             let got = down_b(&g, out, nq * d);
+            same_bits(&mut first, &got, &format!("attention_cross_{name}"));
             let (mut want_rows, mut got_rows) = (Vec::new(), Vec::new());
             for &r in &sample {
                 let mut o = vec![0f32; d];

@@ -296,7 +296,7 @@ fn check_attention_tile(seed: u64, heads: usize, hd: usize, tile: AttentionTile)
     let (ckf, ck) = randn_bf16(&mut rng, slots * tpf * dim, 1.0);
     let (cvf, cv) = randn_bf16(&mut rng, slots * tpf * dim, 1.0);
     // Window: member 0 has 2 frames (20 rows), member 1 has 3 frames (30), member 2 has 45 rows
-    // (two query tiles, the second partial): nq = 95, not a multiple of the tile.
+    // (a partial query tile): nq = 95, not a multiple of the tile.
     let member_rows = [20usize, 30, 45];
     let nq: usize = member_rows.iter().sum();
     let (qf, q) = randn_bf16(&mut rng, nq * dim, 1.5);
@@ -611,6 +611,10 @@ fn attention_many_odd_segments_strides_and_scale() {
         r += n;
     }
     let nq = r;
+    // Per case, the first tile's output: every tile must give the same bits (groups of up to
+    // 130 rows span several blocks and warps 4-7 of the 128-row tile; segments up to 100 keys
+    // span several key tiles).
+    let mut first: std::collections::HashMap<u64, Vec<u16>> = Default::default();
     for (tile, (seed, heads, hd)) in with_tiles(&[
         (21u64, 2usize, 32usize),
         (22, 1, 40),
@@ -631,6 +635,13 @@ fn attention_many_odd_segments_strides_and_scale() {
         attention_raw(
             tile, &q, q_stride, heads, hd, &kv, &segs, &groups, scale, &mut out, out_stride,
         );
+        let bits: Vec<u16> = out.iter().map(|v| v.to_bits()).collect();
+        match first.get(&seed) {
+            Some(b) => assert!(*b == bits, "hd{hd}: {tile:?} differs from the first tile"),
+            None => {
+                first.insert(seed, bits);
+            }
+        }
         for (gi, (rows, list)) in groups.iter().enumerate() {
             let got = group_out(&out, rows.clone(), dim, out_stride);
             let keys: usize = list.iter().map(|&i| segs[i].len()).sum();

@@ -685,7 +685,7 @@ fn scaling_cmd(a: &BenchArgs) -> Result<()> {
             for (name, xch, overlap) in [
                 ("joint", KvExchange::Joint, Overlap::CopyStream),
                 ("serial", KvExchange::Joint, Overlap::None),
-                ("lagged", KvExchange::Lagged, Overlap::CopyStream),
+                ("lagged", KvExchange::Lagged, Overlap::None),
             ] {
                 for devices in 1..=8 {
                     if devices == 1 && name != "joint" {

@@ -395,6 +395,16 @@ impl Gpu {
                         k.name()
                     ))
                 })?;
+                // Prefer the largest shared-memory carveout, so that two such blocks fit on an
+                // SM where the chip allows it (a hint: the driver may still choose otherwise).
+                // SAFETY: as above.
+                let _ = unsafe {
+                    drv::function::set_function_attribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                        100,
+                    )
+                };
             }
             gpu.funcs.insert(k.name(), f);
         }

@@ -157,25 +157,6 @@ fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> Error {
     move |e| Error::Device(format!("{what}: {e}"))
 }
 
-/// The kernels of the fatbin, by [`Kernel`].
-const KERNELS: &[Kernel] = &[
-    Kernel::LnModulate,
-    Kernel::LayerNormAffine,
-    Kernel::GatedResidual,
-    Kernel::QkNormRope,
-    Kernel::AttentionHd64,
-    Kernel::AttentionHd128,
-    Kernel::AttentionHd64Q128,
-    Kernel::AttentionHd128Q128,
-    Kernel::Activation,
-    Kernel::TimeEmbedding,
-    Kernel::FlowStep,
-    Kernel::Patchify,
-    Kernel::Unpatchify,
-    Kernel::Copy,
-    Kernel::TestMma,
-];
-
 /// Output type of a GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OutType {
@@ -371,7 +352,8 @@ impl Gpu {
                     "cuModuleLoadData: {e} (the fatbin holds sm_80/sm_90a cubins and compute_80 PTX; an older driver may reject CUDA 13 PTX)"
                 ))
             })?;
-        for k in KERNELS {
+        // Every kernel of the library but the emulation-only test kernel.
+        for k in Kernel::ALL.into_iter().filter(|&k| k != Kernel::TestSync) {
             let cname = CString::new(k.name())
                 .map_err(|_| Error::Internal(format!("kernel name {}", k.name())))?;
             // SAFETY: module is loaded.

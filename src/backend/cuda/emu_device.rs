@@ -270,12 +270,23 @@ impl EmuDevice {
         src: DevPtr,
         bytes: usize,
     ) -> Result<()> {
-        self.capturing("a peer copy")?;
-        self.check(src, bytes)?;
-        peer.check(dst, bytes)?;
+        self.check_peer_copy(peer, dst, src, bytes)?;
         // SAFETY: both ranges lie inside live allocations (checked); `copy` allows overlap.
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
+    }
+
+    /// A peer copy is allowed now (no capture open) and both ranges lie inside allocations.
+    fn check_peer_copy(
+        &self,
+        peer: &EmuDevice,
+        dst: DevPtr,
+        src: DevPtr,
+        bytes: usize,
+    ) -> Result<()> {
+        self.capturing("a peer copy")?;
+        self.check(src, bytes)?;
+        peer.check(dst, bytes)
     }
 
     /// Memset.
@@ -295,9 +306,7 @@ impl EmuDevice {
         if !lazy_peer_copies() {
             return self.copy_to_peer(peer, dst, src, bytes);
         }
-        self.capturing("a peer copy")?;
-        self.check(src, bytes)?;
-        peer.check(dst, bytes)?;
+        self.check_peer_copy(peer, dst, src, bytes)?;
         self.copies
             .lock()
             .map_err(|_| Error::Internal("emulated copy queue poisoned".into()))?

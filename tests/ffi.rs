@@ -3,6 +3,7 @@
 //! exported functions.
 
 mod common;
+use common::{cpu_engine, expect_c_err, last_error};
 
 use blockcascade::ffi::sys::*;
 use blockcascade::ffi::*;
@@ -125,38 +126,6 @@ fn assert_same(got: &[f32], want: &[f32], what: &str) {
         worst = worst.max(d);
     }
     assert!(worst < 1e-6, "{what}: worst relative difference {worst}");
-}
-
-fn last_error() -> String {
-    unsafe { CStr::from_ptr(bc_last_error()) }
-        .to_str()
-        .unwrap()
-        .to_owned()
-}
-
-/// Asserts a status and a non-empty last error mentioning `needle`.
-#[track_caller]
-fn expect_err(status: bc_status, code: bc_status, needle: &str) {
-    assert_eq!(status, code, "status (last error: {})", last_error());
-    let msg = last_error();
-    assert!(!msg.is_empty(), "empty bc_last_error");
-    assert!(
-        msg.to_lowercase().contains(&needle.to_lowercase()),
-        "bc_last_error `{msg}` does not mention `{needle}`"
-    );
-}
-
-/// The built-in model on the CPU backend (NULL options would pick CUDA on a GPU machine, and
-/// these tests compare bit for bit with the CPU Rust API).
-fn open_engine() -> *mut bc_engine {
-    let mut e = null_mut();
-    let cpu = bc_engine_options {
-        backend: c"cpu".as_ptr(),
-        ..bc_engine_options_default()
-    };
-    assert_eq!(unsafe { bc_engine_open(null(), &cpu, &mut e) }, BC_OK);
-    assert!(!e.is_null());
-    e
 }
 
 fn open_session(e: *mut bc_engine, opts: Option<bc_session_options>) -> *mut bc_session {
@@ -332,7 +301,7 @@ fn version_defaults_and_empty_last_error() {
 
 #[test]
 fn ffi_generation_matches_rust_api_and_repeats() {
-    let e = open_engine();
+    let e = cpu_engine();
     let mut o = bc_session_options_default();
     o.seed = 9;
     let s = open_session(e, Some(o));
@@ -437,7 +406,7 @@ fn golden_case_through_the_c_abi() {
             (num / den).sqrt()
         );
         // Recorded noise holds 3 blocks.
-        expect_err(generate(s, 4).0, BC_ERR_INVALID_ARGUMENT, "recorded noise");
+        expect_c_err(generate(s, 4).0, BC_ERR_INVALID_ARGUMENT, "recorded noise");
         bc_session_close(s);
     }
     bc_engine_close(e);
@@ -451,10 +420,10 @@ fn golden_case_through_the_c_abi() {
         last_error()
     );
     assert!(e2.is_null(), "no handle on failure");
-    let e = open_engine();
+    let e = cpu_engine();
     let s = open_session(e, None);
     let missing = CString::new("/nonexistent/noise.safetensors").unwrap();
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_set_noise_file(s, missing.as_ptr()) },
         BC_ERR_IO,
         "nonexistent",
@@ -465,56 +434,56 @@ fn golden_case_through_the_c_abi() {
 
 #[test]
 fn null_pointers_are_invalid_arguments() {
-    let e = open_engine();
-    expect_err(
+    let e = cpu_engine();
+    expect_c_err(
         unsafe { bc_engine_open(null(), null(), null_mut()) },
         BC_ERR_INVALID_ARGUMENT,
         "out is NULL",
     );
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_open(e, null(), null_mut()) },
         BC_ERR_INVALID_ARGUMENT,
         "out is NULL",
     );
     let mut s = null_mut();
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_open(null_mut(), null(), &mut s) },
         BC_ERR_INVALID_ARGUMENT,
         "engine handle is NULL",
     );
     assert!(s.is_null());
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_set_prompt(null_mut(), null(), 1, 32) },
         BC_ERR_INVALID_ARGUMENT,
         "session handle is NULL",
     );
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_generate(null_mut(), 1, Some(collect), null_mut()) },
         BC_ERR_INVALID_ARGUMENT,
         "NULL",
     );
-    expect_err(
+    expect_c_err(
         unsafe { bc_engine_get_info(e, null_mut()) },
         BC_ERR_INVALID_ARGUMENT,
         "info is NULL",
     );
     let s = open_session(e, None);
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_generate(s, 1, None, null_mut()) },
         BC_ERR_INVALID_ARGUMENT,
         "callback is NULL",
     );
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_set_prompt(s, null(), 1, 32) },
         BC_ERR_INVALID_ARGUMENT,
         "NULL",
     );
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_last_stats(s, null_mut()) },
         BC_ERR_INVALID_ARGUMENT,
         "stats is NULL",
     );
-    expect_err(generate(s, 0).0, BC_ERR_INVALID_ARGUMENT, "at least 1");
+    expect_c_err(generate(s, 0).0, BC_ERR_INVALID_ARGUMENT, "at least 1");
     // Closing NULL is a no-op.
     bc_session_close(null_mut());
     bc_engine_close(null_mut());
@@ -524,16 +493,16 @@ fn null_pointers_are_invalid_arguments() {
 
 #[test]
 fn closed_and_bogus_handles_are_detected() {
-    let e = open_engine();
+    let e = cpu_engine();
     let s = open_session(e, None);
     bc_session_close(s);
-    expect_err(
+    expect_c_err(
         generate(s, 1).0,
         BC_ERR_INVALID_ARGUMENT,
         "not a live bc_session",
     );
     let p = [0f32; 32];
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_set_prompt(s, p.as_ptr(), 1, 32) },
         BC_ERR_INVALID_ARGUMENT,
         "not a live bc_session",
@@ -541,12 +510,12 @@ fn closed_and_bogus_handles_are_detected() {
     bc_session_close(s); // double close: ignored
                          // A made-up pointer and a handle of the wrong kind.
     let bogus = 0xdead_beef_usize as *mut bc_session;
-    expect_err(
+    expect_c_err(
         generate(bogus, 1).0,
         BC_ERR_INVALID_ARGUMENT,
         "not a live bc_session",
     );
-    expect_err(
+    expect_c_err(
         generate(e as *mut bc_session, 1).0,
         BC_ERR_INVALID_ARGUMENT,
         "is a bc_engine",
@@ -555,7 +524,7 @@ fn closed_and_bogus_handles_are_detected() {
     let s2 = open_session(e, None);
     bc_engine_close(e);
     let mut s3 = null_mut();
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_open(e, null(), &mut s3) },
         BC_ERR_INVALID_ARGUMENT,
         "not a live bc_engine",
@@ -570,14 +539,14 @@ fn closed_and_bogus_handles_are_detected() {
 
 #[test]
 fn wrong_struct_sizes_are_rejected() {
-    let e = open_engine();
+    let e = cpu_engine();
     for size in [0u32, 4, 39, 41, 1000] {
         let o = bc_session_options {
             struct_size: size,
             ..bc_session_options_default()
         };
         let mut s = null_mut();
-        expect_err(
+        expect_c_err(
             unsafe { bc_session_open(e, &o, &mut s) },
             BC_ERR_INVALID_ARGUMENT,
             "struct_size",
@@ -589,13 +558,13 @@ fn wrong_struct_sizes_are_rejected() {
         ..bc_engine_options_default()
     };
     let mut e2 = null_mut();
-    expect_err(
+    expect_c_err(
         unsafe { bc_engine_open(null(), &o, &mut e2) },
         BC_ERR_INVALID_ARGUMENT,
         "bc_engine_options.struct_size",
     );
     let mut info: bc_engine_info = unsafe { std::mem::zeroed() };
-    expect_err(
+    expect_c_err(
         unsafe { bc_engine_get_info(e, &mut info) },
         BC_ERR_INVALID_ARGUMENT,
         "bc_engine_info.struct_size",
@@ -615,7 +584,7 @@ fn bad_options_and_backends() {
     };
     match blockcascade::backend::cuda::device::probe() {
         // No driver here: a clean device error at open, not at the first generate.
-        Err(_) => expect_err(
+        Err(_) => expect_c_err(
             unsafe { bc_engine_open(null(), &cuda, &mut e) },
             BC_ERR_DEVICE,
             "CUDA",
@@ -629,7 +598,7 @@ fn bad_options_and_backends() {
         backend: c"tpu".as_ptr(),
         ..bc_engine_options_default()
     };
-    expect_err(
+    expect_c_err(
         unsafe { bc_engine_open(null(), &tpu, &mut e) },
         BC_ERR_INVALID_ARGUMENT,
         "unknown backend",
@@ -640,7 +609,7 @@ fn bad_options_and_backends() {
         n_devices: 1,
         ..bc_engine_options_default()
     };
-    expect_err(
+    expect_c_err(
         unsafe { bc_engine_open(null(), &d, &mut e) },
         BC_ERR_INVALID_ARGUMENT,
         "worker threads numbered 0..1",
@@ -649,7 +618,7 @@ fn bad_options_and_backends() {
         n_devices: 1,
         ..bc_engine_options_default()
     };
-    expect_err(
+    expect_c_err(
         unsafe { bc_engine_open(null(), &d, &mut e) },
         BC_ERR_INVALID_ARGUMENT,
         "devices is NULL",
@@ -687,7 +656,7 @@ fn bad_options_and_backends() {
     ];
     for (o, needle) in cases {
         let mut s = null_mut();
-        expect_err(
+        expect_c_err(
             unsafe { bc_session_open(e, &o, &mut s) },
             BC_ERR_INVALID_ARGUMENT,
             needle,
@@ -703,46 +672,46 @@ fn bad_options_and_backends() {
             ..d
         };
         let mut s = null_mut();
-        expect_err(unsafe { bc_session_open(e, &big, &mut s) }, code, needle);
+        expect_c_err(unsafe { bc_session_open(e, &big, &mut s) }, code, needle);
     }
     bc_engine_close(e);
 }
 
 #[test]
 fn bad_prompts_are_rejected() {
-    let e = open_engine();
+    let e = cpu_engine();
     let s = open_session(e, None);
     let good = vec![0.5f32; 4 * 32];
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_set_prompt(s, good.as_ptr(), 4, 31) },
         BC_ERR_INVALID_ARGUMENT,
         "text_dim is 32",
     );
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_set_prompt(s, good.as_ptr(), 0, 32) },
         BC_ERR_INVALID_ARGUMENT,
         "rows",
     );
     let many = vec![0.5f32; 10_000 * 32];
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_set_prompt(s, many.as_ptr(), 10_000, 32) },
         BC_ERR_INVALID_ARGUMENT,
         "text_len",
     );
     let mut nan = good.clone();
     nan[70] = f32::NAN;
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_set_prompt(s, nan.as_ptr(), 4, 32) },
         BC_ERR_INVALID_ARGUMENT,
         "NaN",
     );
     nan[70] = f32::INFINITY;
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_switch_prompt(s, 1, nan.as_ptr(), 4, 32) },
         BC_ERR_INVALID_ARGUMENT,
         "infinite",
     );
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_switch_prompt(s, 0, good.as_ptr(), 4, 32) },
         BC_ERR_INVALID_ARGUMENT,
         "block >= 1",
@@ -757,7 +726,7 @@ fn bad_prompts_are_rejected() {
         unsafe { bc_session_switch_prompt(s, 2, other.as_ptr(), 8, 32) },
         BC_OK
     );
-    expect_err(generate(s, 2).0, BC_ERR_INVALID_ARGUMENT, "prompt switch");
+    expect_c_err(generate(s, 2).0, BC_ERR_INVALID_ARGUMENT, "prompt switch");
     let (st, got) = generate(s, 3);
     assert_eq!(st, BC_OK, "{}", last_error());
     let engine = Engine::open(None).unwrap();
@@ -801,15 +770,15 @@ unsafe extern "C" fn stop_at_1(
 
 #[test]
 fn callback_can_cancel() {
-    let e = open_engine();
+    let e = cpu_engine();
     let s = open_session(e, None);
     let mut calls = 0u32;
     let st = unsafe {
         bc_session_generate(s, 4, Some(stop_at_1), &mut calls as *mut u32 as *mut c_void)
     };
-    expect_err(st, BC_ERR_CANCELLED, "returned 42 for block 1");
+    expect_c_err(st, BC_ERR_CANCELLED, "returned 42 for block 1");
     assert_eq!(calls, 2, "no callback after the stop");
-    expect_err(
+    expect_c_err(
         unsafe { bc_session_last_stats(s, &mut std::mem::zeroed()) },
         BC_ERR_INVALID_ARGUMENT,
         "struct_size",
@@ -845,11 +814,11 @@ unsafe extern "C" fn reenter(
 
 #[test]
 fn reentrant_calls_are_refused() {
-    let e = open_engine();
+    let e = cpu_engine();
     let s = open_session(e, None);
     let st = unsafe { bc_session_generate(s, 2, Some(reenter), s as *mut c_void) };
     assert_eq!(st, BC_OK, "{}", last_error());
-    expect_err(
+    expect_c_err(
         generate(s, 1).0,
         BC_ERR_INVALID_ARGUMENT,
         "not a live bc_session",
@@ -859,7 +828,7 @@ fn reentrant_calls_are_refused() {
 
 #[test]
 fn sessions_share_an_engine_across_threads() {
-    let e = open_engine() as usize;
+    let e = cpu_engine() as usize;
     let want: Vec<Vec<f32>> = (0..3).map(|seed| rust_latents(seed, 1, 2)).collect();
     let threads: Vec<_> = (0..3u64)
         .map(|seed| {

@@ -15,7 +15,7 @@ use blockcascade::weights::{builtin_config, Weights};
 use blockcascade::{Error, GenerateOptions, ModelConfig};
 use common::*;
 use std::collections::BTreeMap;
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -1396,37 +1396,6 @@ fn cli_bad_input_files() {
 // ---------------------------------------------------------------------------------------------
 // 5. The C ABI
 
-fn last_error() -> String {
-    unsafe { CStr::from_ptr(bc_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-#[track_caller]
-fn c_err(status: bc_status, code: bc_status, needle: &str) {
-    let msg = last_error();
-    assert_eq!(status, code, "status (last error: {msg})");
-    assert!(
-        msg.to_lowercase().contains(&needle.to_lowercase()),
-        "bc_last_error `{msg}` does not mention `{needle}`"
-    );
-}
-
-fn cpu_engine() -> *mut bc_engine {
-    let mut e = null_mut();
-    let o = bc_engine_options {
-        backend: c"cpu".as_ptr(),
-        ..bc_engine_options_default()
-    };
-    assert_eq!(
-        unsafe { bc_engine_open(null(), &o, &mut e) },
-        BC_OK,
-        "{}",
-        last_error()
-    );
-    e
-}
-
 unsafe extern "C" fn count_blocks(
     user: *mut c_void,
     _block: u32,
@@ -1589,7 +1558,7 @@ fn c_abi_prompts_noise_callbacks_and_closed_sessions() {
                 &mut state as *mut (i32, u32) as *mut c_void,
             )
         };
-        c_err(st, BC_ERR_CANCELLED, &format!("returned {r} for block 0"));
+        expect_c_err(st, BC_ERR_CANCELLED, &format!("returned {r} for block 0"));
         assert_eq!(state.1, 1, "callback calls after returning {r}");
     }
     // Huge block counts: a clean out-of-memory error before any callback.
@@ -1602,34 +1571,34 @@ fn c_abi_prompts_noise_callbacks_and_closed_sessions() {
             &mut state as *mut (i32, u32) as *mut c_void,
         )
     };
-    c_err(st, BC_ERR_OUT_OF_MEMORY, "MiB");
+    expect_c_err(st, BC_ERR_OUT_OF_MEMORY, "MiB");
     assert_eq!(state.1, 0);
     // Noise files: missing, empty path, a directory, a FIFO, malformed, zero frames, NaN.
     let d = tempfile::tempdir().unwrap();
     let cs = |p: &Path| CString::new(p.display().to_string()).unwrap();
     let set_noise = |p: &CString| unsafe { bc_session_set_noise_file(s, p.as_ptr()) };
-    c_err(
+    expect_c_err(
         set_noise(&cs(&d.path().join("none.safetensors"))),
         BC_ERR_IO,
         "none.safetensors",
     );
-    c_err(
+    expect_c_err(
         set_noise(&CString::new("").unwrap()),
         BC_ERR_IO,
         "No such file",
     );
-    c_err(set_noise(&cs(d.path())), BC_ERR_IO, "not a regular file");
+    expect_c_err(set_noise(&cs(d.path())), BC_ERR_IO, "not a regular file");
     let fifo = d.path().join("fifo");
     if Command::new("mkfifo")
         .arg(&fifo)
         .status()
         .is_ok_and(|s| s.success())
     {
-        c_err(set_noise(&cs(&fifo)), BC_ERR_IO, "not a regular file");
+        expect_c_err(set_noise(&cs(&fifo)), BC_ERR_IO, "not a regular file");
     }
     let garbage = d.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"\xff\xff\xff\xff\xff\xff\xff\xffxx").unwrap();
-    c_err(
+    expect_c_err(
         set_noise(&cs(&garbage)),
         BC_ERR_FORMAT,
         "exceeds the file size",
@@ -1644,7 +1613,7 @@ fn c_abi_prompts_noise_callbacks_and_closed_sessions() {
         &BTreeMap::new(),
     )
     .unwrap();
-    c_err(set_noise(&cs(&zero)), BC_ERR_FORMAT, "0 frames");
+    expect_c_err(set_noise(&cs(&zero)), BC_ERR_FORMAT, "0 frames");
     let nan = d.path().join("nan.safetensors");
     let mut v = vec![0.0f32; 3 * 16 * 96];
     v[5] = f32::NAN;
@@ -1657,7 +1626,7 @@ fn c_abi_prompts_noise_callbacks_and_closed_sessions() {
         &BTreeMap::new(),
     )
     .unwrap();
-    c_err(set_noise(&cs(&nan)), BC_ERR_FORMAT, "NaN");
+    expect_c_err(set_noise(&cs(&nan)), BC_ERR_FORMAT, "NaN");
     let wrong = d.path().join("wrong.safetensors");
     write_f32(
         &wrong,
@@ -1665,7 +1634,7 @@ fn c_abi_prompts_noise_callbacks_and_closed_sessions() {
         &BTreeMap::new(),
     )
     .unwrap();
-    c_err(
+    expect_c_err(
         set_noise(&cs(&wrong)),
         BC_ERR_FORMAT,
         "expected [3, 16, 8, 12]",
@@ -1691,7 +1660,7 @@ fn c_abi_prompts_noise_callbacks_and_closed_sessions() {
             st as *mut (u32, bool) as *mut c_void,
         )
     };
-    c_err(
+    expect_c_err(
         gen(2, &mut state),
         BC_ERR_INVALID_ARGUMENT,
         "recorded noise holds 3 frames",
@@ -1704,29 +1673,29 @@ fn c_abi_prompts_noise_callbacks_and_closed_sessions() {
     let mut stats: bc_session_stats = unsafe { std::mem::zeroed() };
     stats.struct_size = std::mem::size_of::<bc_session_stats>() as u32;
     let dead = "not a live bc_session";
-    c_err(
+    expect_c_err(
         unsafe { bc_session_last_stats(s, &mut stats) },
         BC_ERR_INVALID_ARGUMENT,
         dead,
     );
-    c_err(set_noise(&cs(&ok)), BC_ERR_INVALID_ARGUMENT, dead);
-    c_err(
+    expect_c_err(set_noise(&cs(&ok)), BC_ERR_INVALID_ARGUMENT, dead);
+    expect_c_err(
         unsafe { bc_session_set_noise_file(s, null()) },
         BC_ERR_INVALID_ARGUMENT,
         dead,
     );
-    c_err(
+    expect_c_err(
         unsafe { bc_session_switch_prompt(s, 1, good.as_ptr(), 2, 32) },
         BC_ERR_INVALID_ARGUMENT,
         dead,
     );
-    c_err(gen(1, &mut state), BC_ERR_INVALID_ARGUMENT, dead);
+    expect_c_err(gen(1, &mut state), BC_ERR_INVALID_ARGUMENT, dead);
     // A session handle where an engine is expected, and a closed engine.
     let mut info: bc_engine_info = unsafe { std::mem::zeroed() };
     info.struct_size = std::mem::size_of::<bc_engine_info>() as u32;
     let mut s2 = null_mut();
     assert_eq!(unsafe { bc_session_open(e, null(), &mut s2) }, BC_OK);
-    c_err(
+    expect_c_err(
         unsafe { bc_engine_get_info(s2 as *const bc_engine, &mut info) },
         BC_ERR_INVALID_ARGUMENT,
         "is a bc_session",
@@ -1740,7 +1709,7 @@ fn c_abi_prompts_noise_callbacks_and_closed_sessions() {
     bc_session_close(s2);
     bc_engine_close(e);
     bc_engine_close(e);
-    c_err(
+    expect_c_err(
         unsafe { bc_engine_get_info(e, &mut info) },
         BC_ERR_INVALID_ARGUMENT,
         "not a live bc_engine",
@@ -1765,7 +1734,7 @@ fn c_abi_engine_open_inputs() {
             n_devices: devs.len() as u32,
             ..bc_engine_options_default()
         };
-        c_err(
+        expect_c_err(
             unsafe { bc_engine_open(null(), &o, &mut e) },
             BC_ERR_INVALID_ARGUMENT,
             needle,
@@ -1782,26 +1751,26 @@ fn c_abi_engine_open_inputs() {
         ..bc_engine_options_default()
     };
     let path = |p: &Path| CString::new(p.display().to_string()).unwrap();
-    c_err(
+    expect_c_err(
         unsafe { bc_engine_open(path(bad.path()).as_ptr(), &o, &mut e) },
         BC_ERR_FORMAT,
         "num_layers",
     );
     let p = path(&PathBuf::from("/nonexistent/model"));
-    c_err(
+    expect_c_err(
         unsafe { bc_engine_open(p.as_ptr(), &o, &mut e) },
         BC_ERR_IO,
         "not found",
     );
     let p = CString::new("").unwrap();
-    c_err(
+    expect_c_err(
         unsafe { bc_engine_open(p.as_ptr(), &o, &mut e) },
         BC_ERR_IO,
         "not found",
     );
     // Invalid UTF-8 in the path: an I/O error, not a panic.
     let p = CString::new(vec![b'/', 0xff, 0xfe]).unwrap();
-    c_err(
+    expect_c_err(
         unsafe { bc_engine_open(p.as_ptr(), &o, &mut e) },
         BC_ERR_IO,
         "not found",
@@ -1813,7 +1782,7 @@ fn c_abi_engine_open_inputs() {
             backend: b.as_ptr(),
             ..bc_engine_options_default()
         };
-        c_err(
+        expect_c_err(
             unsafe { bc_engine_open(null(), &o, &mut e) },
             BC_ERR_INVALID_ARGUMENT,
             "unknown backend",

@@ -84,3 +84,46 @@ pub fn expected(name: &str) -> Vec<f32> {
 
 /// Relative L2 error of `a` against `e`; infinite when shapes differ or `a` is not finite.
 pub use blockcascade::bench::rel_l2;
+
+// ---- C ABI (tests/ffi.rs, tests/robustness.rs) ----------------------------------------------
+
+/// The thread's `bc_last_error` message.
+pub fn last_error() -> String {
+    // SAFETY: bc_last_error returns a valid NUL-terminated string owned by the library.
+    unsafe { std::ffi::CStr::from_ptr(blockcascade::ffi::bc_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Asserts a status and a non-empty last error mentioning `needle`.
+#[track_caller]
+pub fn expect_c_err(
+    status: blockcascade::ffi::sys::bc_status,
+    code: blockcascade::ffi::sys::bc_status,
+    needle: &str,
+) {
+    let msg = last_error();
+    assert_eq!(status, code, "status (last error: {msg})");
+    assert!(!msg.is_empty(), "empty bc_last_error");
+    assert!(
+        msg.to_lowercase().contains(&needle.to_lowercase()),
+        "bc_last_error `{msg}` does not mention `{needle}`"
+    );
+}
+
+/// The built-in model on the CPU backend through the C ABI (NULL options would pick CUDA on a
+/// GPU machine, and the tests compare bit for bit with the CPU Rust API).
+pub fn cpu_engine() -> *mut blockcascade::ffi::sys::bc_engine {
+    use blockcascade::ffi::sys::*;
+    use blockcascade::ffi::*;
+    let mut e = std::ptr::null_mut();
+    let o = bc_engine_options {
+        backend: c"cpu".as_ptr(),
+        ..bc_engine_options_default()
+    };
+    // SAFETY: valid options and out pointer; a NULL model dir picks the built-in model.
+    let st = unsafe { bc_engine_open(std::ptr::null(), &o, &mut e) };
+    assert_eq!(st, BC_OK, "{}", last_error());
+    assert!(!e.is_null());
+    e
+}

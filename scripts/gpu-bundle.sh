@@ -6,7 +6,9 @@
 # scripts/install-cuda-toolchain.sh first), otherwise the bundle would only say NOT_BUILT.
 #
 # Usage: scripts/gpu-bundle.sh [OUT_DIR]   (default: target/gpu-bundle)
-# Then on the GPU machine: OUT_DIR/run.sh   (prints one summary table; logs in OUT_DIR/logs)
+# Then on the GPU machine: OUT_DIR/run.sh device   (one bounded call, BC_BUDGET_S seconds, default
+# 300; writes summary.txt and logs.tar.gz to $OUT; see the README's "GPU validation bundle"), or
+# OUT_DIR/run.sh [PARTS] (prints one summary table; logs in OUT_DIR/logs).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$root/target/gpu-bundle}
@@ -47,10 +49,20 @@ cp -r tests/data/selfforcing-tiny "$out/data/"
 cp benches/pytorch_baseline.py "$out/"
 cp scripts/gpu-run.sh "$out/run.sh"
 chmod +x "$out/run.sh" "$out/bin/"*
-git -C "$root" rev-parse HEAD > "$out/COMMIT" 2>/dev/null || true
+if commit=$(git -C "$root" rev-parse HEAD 2>/dev/null); then
+    # Tracked files changed since the commit are in the binaries too: say so.
+    [ -z "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ] || commit="$commit (with uncommitted changes)"
+    echo "$commit" > "$out/COMMIT"
+fi
 size=$(du -sk "$out" | cut -f1)
 echo "bundle: $out ($((size / 1024)) MiB)" >&2
 if [ "$size" -ge $((64 * 1024)) ]; then
     echo "error: the bundle is over 64 MiB" >&2
     exit 1
 fi
+# The device tool sends the working tree (tracked and untracked-not-ignored files) plus the
+# carried bundle, 64 MiB in all.
+tree=$( (git -C "$root" ls-files -co --exclude-standard -z 2>/dev/null | (cd "$root" && xargs -0 -r du -cb 2>/dev/null) | tail -n 1 | cut -f1) || echo 0)
+total=$(( size / 1024 + ${tree:-0} / 1048576 ))
+echo "working tree + bundle: about $total MiB (the device tool sends at most 64 MiB)" >&2
+[ "$total" -lt 62 ] || echo "warning: working tree + bundle may be over the device tool's 64 MiB" >&2

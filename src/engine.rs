@@ -93,7 +93,7 @@ impl MemoryEstimate {
     /// memory this machine has available; a clean [`Error::OutOfMemory`] instead of an abort.
     pub fn check_run(&self) -> Result<()> {
         let need = self.kv_cache.saturating_add(self.activations);
-        if let Some(avail) = available_memory() {
+        if let Some(avail) = crate::host_memory::available() {
             if need > avail {
                 return Err(Error::OutOfMemory(format!(
                     "this generation needs about {} MiB (KV cache {} MiB + activations {} MiB) but {} MiB are available",
@@ -108,35 +108,9 @@ impl MemoryEstimate {
     }
 }
 
-/// `MemAvailable` from /proc/meminfo (None where it cannot be read).
-fn available_memory() -> Option<usize> {
-    meminfo_bytes("MemAvailable:")
-}
-
-/// A `/proc/meminfo` entry in bytes (None where it cannot be read).
-fn meminfo_bytes(key: &str) -> Option<usize> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with(key))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib.saturating_mul(1024))
-}
-
-/// Refuses to allocate `bytes` of host memory for `what` when they exceed the available memory
-/// plus free swap ([`Error::OutOfMemory`]): such an allocation would abort the process (or wake
-/// the OOM killer) instead of returning an error. Nothing is checked where /proc/meminfo cannot
-/// be read.
+/// Refuses to allocate `bytes` of host memory for `what` when they exceed what the machine
+/// and this process's cgroup (container) limit leave ([`Error::OutOfMemory`]); see
+/// [`crate::host_memory`].
 pub fn ensure_host_memory(bytes: usize, what: impl FnOnce() -> String) -> Result<()> {
-    let Some(avail) = available_memory() else {
-        return Ok(());
-    };
-    let limit = avail.saturating_add(meminfo_bytes("SwapFree:").unwrap_or(0));
-    if bytes > limit {
-        return Err(Error::OutOfMemory(format!(
-            "{} needs {} MiB but {} MiB are available",
-            what(),
-            bytes >> 20,
-            limit >> 20
-        )));
-    }
-    Ok(())
+    crate::host_memory::ensure(bytes, what)
 }

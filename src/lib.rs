@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod ffi;
+pub mod host_memory;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;

@@ -5,7 +5,7 @@
 //! must follow the CPU backend's lagged exchange.
 
 mod common;
-use blockcascade::backend::cuda::emu_device::set_lazy_peer_copies;
+use blockcascade::backend::cuda::emu_device::{set_stream_order, StreamOrder};
 use blockcascade::backend::cuda::{
     double_kv_devices, graph_replays, peer_copy_bytes, set_session_options, CudaOptions,
 };
@@ -139,71 +139,157 @@ fn three_emulated_cuda_devices_equal_one_lag1_bidirectional() {
     );
 }
 
-/// The joint exchange's peer copies run on each device's copy stream, ordered with the compute
-/// streams by marks only. With lazy emulated copies (a copy runs only when some stream waits
-/// for it, reading its source then) a device that reads peer rows without waiting for their
-/// copy (rule 3 in `MultiCudaBackend::forward`) reads stale rows and the latents change
-/// (checked by deleting that wait: the test fails). What this cannot show: the emulated compute
-/// stream runs at once, so rules 1 and 2 (a copy after its source was written / after the
-/// receiver's last read) always hold here, and with double buffering every copy is flushed by
-/// its reader before the sender could overwrite it (rule 4); those rest on the ordering
-/// argument in the code. Double-buffered (default; asserted to be on) and single-buffered
-/// window K/V, 2 and 3 devices, graphs and eager launches: bit-identical to one device.
-#[test]
-fn joint_exchange_is_exact_with_late_peer_copies() {
-    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    struct Lazy;
-    impl Drop for Lazy {
-        fn drop(&mut self) {
-            set_lazy_peer_copies(false);
-        }
+/// Restores the immediate stream order when a test ends (also when it fails).
+struct OrderGuard;
+
+impl Drop for OrderGuard {
+    fn drop(&mut self) {
+        let _ = set_stream_order(StreamOrder::Immediate);
     }
-    for (mode, name) in [
-        (AttentionMode::Causal, "causal"),
-        (AttentionMode::Bidirectional, "bidirectional"),
-    ] {
-        let schedule = Schedule::Cascade { lag: 1 };
-        let run = |devices: usize, double_kv: bool, graphs: bool| {
-            let co = CudaOptions {
-                emulate: true,
-                graphs,
-                double_kv,
-                ..CudaOptions::default()
-            };
-            let edit = |o: &mut GenerateOptions| {
-                o.schedule = schedule;
-                o.attention = mode;
-                o.devices = devices;
-                o.kv_exchange = KvExchange::Joint;
-            };
-            generate_with(co, Some(6), edit, |_| Ok(())).unwrap().0
+}
+
+/// Whether the ordering tests sweep every order with every configuration
+/// (`BC_STREAM_ORDERS_FULL=1`; several times slower) instead of the default set.
+fn full_sweep() -> bool {
+    std::env::var("BC_STREAM_ORDERS_FULL").is_ok_and(|v| v == "1")
+}
+
+/// The deferred stream orders: copies as late as their marks allow, as early as they allow,
+/// and random interleavings.
+const ORDERS: [StreamOrder; 4] = [
+    StreamOrder::CopiesLate,
+    StreamOrder::CopiesEarly,
+    StreamOrder::Random(1),
+    StreamOrder::Random(2),
+];
+
+/// One joint-exchange configuration of the ordering test.
+#[derive(Clone, Copy, Debug)]
+struct JointCase {
+    mode: AttentionMode,
+    devices: usize,
+    double_kv: bool,
+    graphs: bool,
+}
+
+/// The joint exchange's peer copies run on each device's copy stream, ordered with the compute
+/// streams by marks only (rules 1 to 4 in `MultiCudaBackend::forward`). Under the deferred
+/// stream orders of the emulation every stream's work is queued and run in an order a GPU
+/// could choose, so a forgotten wait reads rows before they are written or after they are
+/// overwritten, and the latents change. Each rule was checked by deleting its wait: the test
+/// then fails (see the README). Double-buffered (default; asserted to be on) and
+/// single-buffered window K/V, 2 and 3 devices, causal and bidirectional attention, graphs and
+/// eager launches: bit-identical to one device under every order tried.
+#[test]
+fn joint_exchange_is_exact_under_every_stream_order() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = OrderGuard;
+    let blocks = 4;
+    let run = |c: JointCase| {
+        let co = CudaOptions {
+            emulate: true,
+            graphs: c.graphs,
+            double_kv: c.double_kv,
+            ..CudaOptions::default()
         };
-        let one = run(1, true, false);
-        let _lazy = Lazy;
-        set_lazy_peer_copies(true);
-        let configs: &[(usize, bool, bool)] = match mode {
-            AttentionMode::Causal => &[(2, true, true), (3, true, false), (3, false, true)],
-            AttentionMode::Bidirectional => &[(3, true, true)],
+        let edit = |o: &mut GenerateOptions| {
+            o.schedule = Schedule::Cascade { lag: 1 };
+            o.attention = c.mode;
+            o.devices = c.devices;
+            o.kv_exchange = KvExchange::Joint;
         };
-        for &(devices, double_kv, graphs) in configs {
-            let before = double_kv_devices();
-            let many = run(devices, double_kv, graphs);
-            let doubled = double_kv_devices() - before;
-            assert_eq!(
-                doubled,
-                if double_kv { devices } else { 0 },
-                "double-buffered devices"
-            );
-            println!(
-                "late copies, {name}, {devices} devices, double K/V {double_kv}, graphs {graphs}: rel L2 {:.3e}",
-                rel_l2(&one, &many)
-            );
-            assert!(
-                one == many,
-                "{name}, {devices} devices, double K/V {double_kv}, graphs {graphs}: late copies change the latents (rel L2 {})",
-                rel_l2(&one, &many)
-            );
+        generate_with(co, Some(blocks), edit, |_| Ok(())).unwrap().0
+    };
+    let case = |mode, devices, double_kv, graphs| JointCase {
+        mode,
+        devices,
+        double_kv,
+        graphs,
+    };
+    let (causal, bidi) = (AttentionMode::Causal, AttentionMode::Bidirectional);
+    let all = [
+        case(causal, 3, true, true),
+        case(causal, 3, false, false),
+        case(causal, 2, true, false),
+        case(bidi, 3, true, true),
+    ];
+    // Default: every order on the double- and single-buffered 3-device cases (between them
+    // they catch each rule's missing wait), the rest under one random order.
+    let plan: Vec<(StreamOrder, JointCase)> = if full_sweep() {
+        ORDERS
+            .iter()
+            .flat_map(|&o| all.iter().map(move |&c| (o, c)))
+            .collect()
+    } else {
+        let mut p: Vec<_> = ORDERS[..3]
+            .iter()
+            .flat_map(|&o| all[..2].iter().map(move |&c| (o, c)))
+            .collect();
+        p.extend(all[2..].iter().map(|&c| (ORDERS[3], c)));
+        p
+    };
+    set_stream_order(StreamOrder::Immediate).unwrap();
+    let mut one: Vec<(AttentionMode, Vec<f32>)> = Vec::new();
+    for (order, c) in plan {
+        if !one.iter().any(|(m, _)| *m == c.mode) {
+            set_stream_order(StreamOrder::Immediate).unwrap();
+            let r = run(case(c.mode, 1, true, false));
+            one.push((c.mode, r));
         }
+        let Some((_, one)) = one.iter().find(|(m, _)| *m == c.mode) else {
+            unreachable!()
+        };
+        set_stream_order(order).unwrap();
+        let before = double_kv_devices();
+        let many = run(c);
+        let doubled = double_kv_devices() - before;
+        assert_eq!(
+            doubled,
+            if c.double_kv { c.devices } else { 0 },
+            "double-buffered devices"
+        );
+        println!("{order:?}, {c:?}: rel L2 {:.3e}", rel_l2(one, &many));
+        assert!(
+            *one == many,
+            "{order:?}, {c:?}: the stream order changes the latents (rel L2 {})",
+            rel_l2(one, &many)
+        );
+    }
+}
+
+/// The lagged exchange's copies (on the compute streams, ordered with both devices' work) give
+/// the same latents under the deferred stream orders as under immediate execution.
+#[test]
+fn lagged_exchange_is_exact_under_every_stream_order() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = OrderGuard;
+    let run = |graphs: bool| {
+        run_blocks(
+            Schedule::Cascade { lag: 1 },
+            AttentionMode::Causal,
+            3,
+            KvExchange::Lagged,
+            graphs,
+            Some(4),
+        )
+        .unwrap()
+    };
+    set_stream_order(StreamOrder::Immediate).unwrap();
+    let immediate = run(false);
+    let orders = if full_sweep() {
+        &ORDERS[..]
+    } else {
+        &ORDERS[1..3]
+    };
+    for &order in orders {
+        set_stream_order(order).unwrap();
+        let got = run(true);
+        println!("{order:?}, lagged: rel L2 {:.3e}", rel_l2(&immediate, &got));
+        assert!(
+            immediate == got,
+            "{order:?}, lagged: the stream order changes the latents (rel L2 {})",
+            rel_l2(&immediate, &got)
+        );
     }
 }
 

@@ -534,13 +534,7 @@ impl Gpu {
         let bytes: usize = regions.iter().map(|r| r.2).sum();
         PEER_COPY_BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         match (&self.emu, &dst_gpu.emu) {
-            (Some(e), Some(peer)) => {
-                // Host memory on both sides and everything already ran: a checked memcpy.
-                for &(dst, src, bytes) in regions {
-                    e.copy_to_peer(peer, dst, src, bytes)?;
-                }
-                return Ok(());
-            }
+            (Some(e), Some(peer)) => return e.copy_to_peer(peer, regions),
             (None, None) => {}
             _ => {
                 return Err(Error::Device(
@@ -596,11 +590,10 @@ impl Gpu {
     /// A mark at the current end of the compute stream (for [`Gpu::compute_wait`] and
     /// [`Gpu::send_to_peer`] on this or another device).
     pub fn mark_compute(&self) -> Result<Mark> {
-        if self.emu.is_some() {
-            // The emulated compute stream has already run everything enqueued.
+        if let Some(e) = &self.emu {
             return Ok(Mark {
                 e: std::ptr::null_mut(),
-                emu: None,
+                emu: e.mark(false)?,
             });
         }
         self.bind()?;
@@ -618,14 +611,10 @@ impl Gpu {
 
     /// Makes this device's compute stream wait until `m` (of any device) is reached.
     pub fn compute_wait(&self, m: &Mark) -> Result<()> {
-        if let Some((q, upto)) = &m.emu {
-            // Lazy emulated copies: the wait is when they run.
-            q.lock()
-                .map_err(|_| Error::Internal("emulated copy queue poisoned".into()))?
-                .flush(*upto);
-            return Ok(());
+        if let Some(e) = &self.emu {
+            return e.wait(false, m.emu);
         }
-        if m.e.is_null() || self.emu.is_some() {
+        if m.e.is_null() {
             return Ok(());
         }
         self.bind()?;
@@ -656,7 +645,7 @@ impl Gpu {
         match (&self.emu, &dst_gpu.emu) {
             (Some(e), Some(peer)) => {
                 for m in after {
-                    self.compute_wait(m)?;
+                    e.wait(true, m.emu)?;
                 }
                 for &(dst, src, bytes) in regions {
                     e.queue_peer_copy(peer, dst, src, bytes)?;
@@ -706,28 +695,19 @@ impl Gpu {
     /// A mark at the current end of the copy stream (after every copy queued so far).
     pub fn mark_copies(&self) -> Result<Mark> {
         if let Some(e) = &self.emu {
-            let end = e
-                .copies
-                .lock()
-                .map_err(|_| Error::Internal("emulated copy queue poisoned".into()))?
-                .end();
             return Ok(Mark {
                 e: std::ptr::null_mut(),
-                emu: Some((e.copies.clone(), end)),
+                emu: e.mark(true)?,
             });
         }
         self.bind()?;
         self.mark_on(self.copy_stream)
     }
 
-    /// Waits for every copy [`Gpu::send_to_peer`] queued (run them, on an emulated device).
+    /// Waits for every copy [`Gpu::send_to_peer`] queued.
     pub fn sync_copies(&self) -> Result<()> {
         if let Some(e) = &self.emu {
-            e.copies
-                .lock()
-                .map_err(|_| Error::Internal("emulated copy queue poisoned".into()))?
-                .flush(u64::MAX);
-            return Ok(());
+            return e.sync_copies();
         }
         self.bind()?;
         // SAFETY: valid stream.
@@ -1241,11 +1221,8 @@ impl Drop for Graph {
 /// for: [`Gpu::mark_compute`], [`Gpu::send_to_peer`], [`Gpu::compute_wait`].
 pub struct Mark {
     e: sys::CUevent,
-    /// Emulated lazy copies: the queue and the sequence number the mark completes.
-    emu: Option<(
-        std::sync::Arc<std::sync::Mutex<super::emu_device::CopyQueue>>,
-        u64,
-    )>,
+    /// The point on an emulated stream (see `emu_device::StreamOrder`).
+    emu: super::emu_device::EmuMark,
 }
 
 impl Drop for Mark {

@@ -16,57 +16,206 @@ use crate::kernels::emu::{dims, launch_raw, Kernel};
 use crate::{Error, Result};
 use half::bf16;
 use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-static LAZY_PEER_COPIES: AtomicBool = AtomicBool::new(false);
-
-/// Test aid: run emulated peer copies (the copy stream of `Gpu::send_to_peer`) as late as the
-/// stream ordering allows, i.e. only when a stream waits for them, instead of at once. The
-/// compute stream still runs at once, so a wait the backend forgot (a device reading peer rows
-/// before their copy landed, or overwriting rows a copy has yet to read) changes the results.
-pub fn set_lazy_peer_copies(lazy: bool) {
-    LAZY_PEER_COPIES.store(lazy, Ordering::Relaxed);
+/// How an emulated machine orders the work of its streams. On a GPU each device's compute
+/// stream and copy stream run concurrently, ordered only by the marks the backend records and
+/// waits for ([`super::device::Mark`]); a backend that forgets a wait gets a race. The
+/// emulation can run the streams in orders a GPU could choose, so a forgotten wait changes the
+/// results instead of hiding: a test aid for multi-device ordering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamOrder {
+    /// Every op runs when it is submitted (the default).
+    Immediate,
+    /// Ops are queued per stream and run only when the host waits for a stream (sync,
+    /// download, a free); among the streams whose next op may run, compute streams first, so
+    /// peer copies run as late as the marks they wait for allow.
+    CopiesLate,
+    /// As `CopiesLate`, but copy streams first: peer copies run as early as their marks allow.
+    CopiesEarly,
+    /// As `CopiesLate`, but the next op is drawn at random (this seed) among the streams
+    /// whose next op may run.
+    Random(u64),
 }
 
-/// Whether [`set_lazy_peer_copies`] is on.
-pub fn lazy_peer_copies() -> bool {
-    LAZY_PEER_COPIES.load(Ordering::Relaxed)
+/// Whether any stream order but `Immediate` is set (the fast path of every submission).
+static DEFERRED: AtomicBool = AtomicBool::new(false);
+
+/// The streams of every emulated device in the process, their queued ops, and the order.
+static MACHINE: Mutex<Machine> = Mutex::new(Machine {
+    order: StreamOrder::Immediate,
+    rng: 0,
+    streams: BTreeMap::new(),
+    next_id: 0,
+});
+
+fn machine() -> Result<std::sync::MutexGuard<'static, Machine>> {
+    MACHINE
+        .lock()
+        .map_err(|_| Error::Internal("emulated stream state poisoned".into()))
 }
 
-/// Peer copies an emulated device's copy stream has accepted but not yet run (lazy mode).
-#[derive(Default, Debug)]
-pub struct CopyQueue {
-    /// Sequence number of the next copy.
-    next: u64,
-    /// (sequence number, dst, src, bytes), ranges checked when they were queued.
-    pending: Vec<(u64, DevPtr, DevPtr, usize)>,
+/// Sets the order in which emulated streams run their work (a test aid, process-wide). Work
+/// queued under the previous order runs first; an error is the first failure of that work.
+pub fn set_stream_order(order: StreamOrder) -> Result<()> {
+    let mut m = machine()?;
+    let r = m.drain_all();
+    m.order = order;
+    m.rng = match order {
+        StreamOrder::Random(seed) => seed ^ 0x9E37_79B9_7F4A_7C15,
+        _ => 0,
+    };
+    DEFERRED.store(order != StreamOrder::Immediate, Ordering::SeqCst);
+    r
 }
 
-impl CopyQueue {
-    /// Queues a checked copy; returns its sequence number.
-    fn push(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> u64 {
-        let seq = self.next;
-        self.next += 1;
-        self.pending.push((seq, dst, src, bytes));
-        seq
+/// The order set by [`set_stream_order`].
+pub fn stream_order() -> StreamOrder {
+    machine().map(|m| m.order).unwrap_or(StreamOrder::Immediate)
+}
+
+/// A queued item of a stream.
+enum Item {
+    /// Work: a kernel, GEMM, copy (a peer copy too: both sides are host memory) or memset.
+    Op(EmuOp),
+    /// Wait until `stream` has completed `upto` items (a mark).
+    Wait { stream: usize, upto: u64 },
+}
+
+/// One stream: its queued items and how many it has completed.
+struct Stream {
+    /// A copy stream (`Gpu::send_to_peer`), not a compute stream.
+    copy: bool,
+    queue: VecDeque<Item>,
+    done: u64,
+}
+
+impl Stream {
+    /// The mark at the current end of the stream.
+    fn end(&self) -> u64 {
+        self.done + self.queue.len() as u64
+    }
+}
+
+/// All emulated streams. Items are only pushed while the order is not `Immediate`; changing
+/// the order runs everything queued first, so under `Immediate` every queue is empty.
+struct Machine {
+    order: StreamOrder,
+    rng: u64,
+    streams: BTreeMap<usize, Stream>,
+    next_id: usize,
+}
+
+impl Machine {
+    /// A stream that is gone (its device dropped after running everything) counts as done.
+    fn reached(&self, stream: usize, upto: u64) -> bool {
+        self.streams.get(&stream).is_none_or(|s| s.done >= upto)
     }
 
-    /// The sequence number the next queued copy will get (a mark at the current end).
-    pub fn end(&self) -> u64 {
-        self.next
-    }
-
-    /// Runs every queued copy with a sequence number below `upto`, in order.
-    pub fn flush(&mut self, upto: u64) {
-        let n = self.pending.partition_point(|c| c.0 < upto);
-        for (_, dst, src, bytes) in self.pending.drain(..n) {
-            // SAFETY: both ranges were checked against live allocations when queued, and the
-            // devices outlive their queued copies (flushed by the backend before it returns).
-            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+    fn runnable(&self, s: &Stream) -> bool {
+        match s.queue.front() {
+            None => false,
+            Some(Item::Op(_)) => true,
+            Some(Item::Wait { stream, upto }) => self.reached(*stream, *upto),
         }
     }
+
+    /// Runs one item of a stream chosen by the order; `false` when nothing is queued. Some
+    /// stream can always go on: a wait names items queued before it, so the item queued
+    /// first among all that are still queued never waits for anything still queued.
+    fn step(&mut self) -> Result<bool> {
+        let ready: Vec<(usize, bool)> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| self.runnable(s))
+            .map(|(&id, s)| (id, s.copy))
+            .collect();
+        if ready.is_empty() {
+            if self.streams.values().any(|s| !s.queue.is_empty()) {
+                // Impossible by the argument above; drop the work rather than spin.
+                self.streams.values_mut().for_each(|s| s.queue.clear());
+                return Err(Error::Internal(
+                    "emulated streams wait for each other in a cycle".into(),
+                ));
+            }
+            return Ok(false);
+        }
+        let first = |copy: bool| ready.iter().find(|r| r.1 == copy).or(ready.first());
+        let pick = match self.order {
+            StreamOrder::Immediate | StreamOrder::CopiesLate => first(false),
+            StreamOrder::CopiesEarly => first(true),
+            StreamOrder::Random(_) => {
+                // xorshift64*: a reproducible draw per seed.
+                let mut x = self.rng.max(1);
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                self.rng = x;
+                ready.get((x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % ready.len())
+            }
+        };
+        let Some(&(id, _)) = pick else {
+            return Ok(false);
+        };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Ok(false);
+        };
+        let item = s.queue.pop_front();
+        s.done += 1;
+        match item {
+            Some(Item::Op(op)) => run(&op).map(|_| true),
+            _ => Ok(true),
+        }
+    }
+
+    /// Runs items until `stream` has completed `upto` of them (other streams' items too, as
+    /// the order picks them).
+    fn run_until(&mut self, stream: usize, upto: u64) -> Result<()> {
+        while !self.reached(stream, upto) {
+            if !self.step()? {
+                return Err(Error::Internal(
+                    "an emulated stream mark is never reached".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs everything queued.
+    fn drain_all(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        loop {
+            match self.step() {
+                Ok(true) => {}
+                Ok(false) => return first,
+                Err(e) => {
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, stream: usize, item: Item) -> Result<()> {
+        self.streams
+            .get_mut(&stream)
+            .ok_or_else(|| Error::Internal("an emulated stream is gone".into()))?
+            .queue
+            .push_back(item);
+        Ok(())
+    }
+
+    fn end(&self, stream: usize) -> u64 {
+        self.streams.get(&stream).map_or(0, |s| s.end())
+    }
 }
+
+/// A point on an emulated stream: the stream and the number of its items before the point.
+/// `None` under `Immediate`, where every point is reached when it is made.
+pub type EmuMark = Option<(usize, u64)>;
 
 /// One recorded operation of a graph.
 #[derive(Clone, Debug)]
@@ -130,13 +279,32 @@ pub struct GemmArgs {
     pub ep: Epilogue,
 }
 
-/// Host memory and the op recorder of an emulated device.
-#[derive(Default)]
+/// Host memory, the op recorder and the two streams of an emulated device.
 pub struct EmuDevice {
     allocs: Vec<Box<[u128]>>,
     capture: RefCell<Option<Vec<EmuOp>>>,
-    /// The copy stream's queued peer copies (lazy mode, [`set_lazy_peer_copies`]).
-    pub copies: Arc<Mutex<CopyQueue>>,
+    /// Id of the compute stream in the emulated machine ([`StreamOrder`]).
+    compute: usize,
+    /// Id of the copy stream (peer copies of `Gpu::send_to_peer`).
+    copies: usize,
+}
+
+impl Default for EmuDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for EmuDevice {
+    fn drop(&mut self) {
+        // Queued work may still read or write this device's memory (its own streams, or a
+        // peer's copy into it): run everything before the allocations go.
+        if let Ok(mut m) = MACHINE.lock() {
+            let _ = m.drain_all();
+            m.streams.remove(&self.compute);
+            m.streams.remove(&self.copies);
+        }
+    }
 }
 
 /// Memory an emulated device reports as its total (bytes).
@@ -145,7 +313,86 @@ pub const EMU_MEMORY: usize = 64 << 30;
 impl EmuDevice {
     /// A device with no allocations.
     pub fn new() -> Self {
-        Self::default()
+        let (compute, copies) = match MACHINE.lock() {
+            Ok(mut m) => {
+                let id = m.next_id;
+                m.next_id += 2;
+                for (i, copy) in [(id, false), (id + 1, true)] {
+                    m.streams.insert(
+                        i,
+                        Stream {
+                            copy,
+                            queue: VecDeque::new(),
+                            done: 0,
+                        },
+                    );
+                }
+                (id, id + 1)
+            }
+            // Poisoned: no stream is registered and every submission runs at once (pushing
+            // fails with an error, never silently).
+            Err(_) => (usize::MAX - 1, usize::MAX),
+        };
+        EmuDevice {
+            allocs: Vec::new(),
+            capture: RefCell::new(None),
+            compute,
+            copies,
+        }
+    }
+
+    /// Runs `op` on `stream` now (`Immediate`) or queues it.
+    fn enqueue(&self, stream: usize, op: EmuOp) -> Result<()> {
+        if DEFERRED.load(Ordering::SeqCst) {
+            let mut m = machine()?;
+            if m.order != StreamOrder::Immediate {
+                return m.push(stream, Item::Op(op));
+            }
+        }
+        run(&op)
+    }
+
+    /// Waits until this device's compute stream (or copy stream) has run everything queued
+    /// on it.
+    fn finish(&self, copy: bool) -> Result<()> {
+        if !DEFERRED.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut m = machine()?;
+        let id = if copy { self.copies } else { self.compute };
+        let end = m.end(id);
+        m.run_until(id, end)
+    }
+
+    /// A mark at the current end of the compute stream (or the copy stream).
+    pub fn mark(&self, copy: bool) -> Result<EmuMark> {
+        if !DEFERRED.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let m = machine()?;
+        if m.order == StreamOrder::Immediate {
+            return Ok(None);
+        }
+        let id = if copy { self.copies } else { self.compute };
+        Ok(Some((id, m.end(id))))
+    }
+
+    /// Makes the compute stream (or the copy stream) wait for `mark` (of any device).
+    pub fn wait(&self, copy: bool, mark: EmuMark) -> Result<()> {
+        let Some((stream, upto)) = mark else {
+            return Ok(());
+        };
+        let mut m = machine()?;
+        if m.order == StreamOrder::Immediate || m.reached(stream, upto) {
+            return Ok(());
+        }
+        let id = if copy { self.copies } else { self.compute };
+        m.push(id, Item::Wait { stream, upto })
+    }
+
+    /// Waits for the copy stream.
+    pub fn sync_copies(&self) -> Result<()> {
+        self.finish(true)
     }
 
     /// Allocates `bytes` (16-byte aligned), poisoned with 0xFF.
@@ -161,8 +408,12 @@ impl EmuDevice {
         Ok(p)
     }
 
-    /// Frees the allocation that starts at `ptr` (an unknown pointer is an error).
+    /// Frees the allocation that starts at `ptr` (an unknown pointer is an error). Like
+    /// `cuMemFree`, waits for queued work first.
     pub fn free(&mut self, ptr: DevPtr) -> Result<()> {
+        if DEFERRED.load(Ordering::SeqCst) {
+            machine()?.drain_all()?;
+        }
         let i = self
             .allocs
             .iter()
@@ -236,14 +487,16 @@ impl EmuDevice {
             ops.push(op);
             return Ok(());
         }
-        run(&op)
+        self.enqueue(self.compute, op)
     }
 
-    /// Host to device copy (`dst` checked against the allocations).
+    /// Host to device copy (`dst` checked against the allocations), in stream order: after
+    /// the work queued on the compute stream.
     pub fn upload<T: Copy>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
         self.capturing("a host-to-device copy")?;
         let bytes = std::mem::size_of_val(src);
         self.check(dst, bytes)?;
+        self.finish(false)?;
         // SAFETY: `dst` lies inside one of our allocations (checked), `src` is a live slice.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst as *mut u8, bytes) };
         Ok(())
@@ -254,6 +507,7 @@ impl EmuDevice {
         self.capturing("a device-to-host copy")?;
         let bytes = std::mem::size_of_val(dst);
         self.check(src, bytes)?;
+        self.finish(false)?;
         // SAFETY: `src` lies inside one of our allocations (checked); `dst` is a live slice of
         // a plain numeric type (any bit pattern is a value).
         unsafe {
@@ -262,18 +516,22 @@ impl EmuDevice {
         Ok(())
     }
 
-    /// Copies `bytes` from this device's `src` to `dst` on `peer` (both checked).
+    /// Copies `regions` (`dst` on `peer`, `src` here) on this device's compute stream, after
+    /// the work queued on both compute streams, and before `peer`'s later work (all checked
+    /// first).
     pub fn copy_to_peer(
         &self,
         peer: &EmuDevice,
-        dst: DevPtr,
-        src: DevPtr,
-        bytes: usize,
+        regions: &[(DevPtr, DevPtr, usize)],
     ) -> Result<()> {
-        self.check_peer_copy(peer, dst, src, bytes)?;
-        // SAFETY: both ranges lie inside live allocations (checked); `copy` allows overlap.
-        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
-        Ok(())
+        for &(dst, src, bytes) in regions {
+            self.check_peer_copy(peer, dst, src, bytes)?;
+        }
+        self.wait(false, peer.mark(false)?)?;
+        for &(dst, src, bytes) in regions {
+            self.enqueue(self.compute, EmuOp::Copy { dst, src, bytes })?;
+        }
+        peer.wait(false, self.mark(false)?)
     }
 
     /// A peer copy is allowed now (no capture open) and both ranges lie inside allocations.
@@ -294,8 +552,7 @@ impl EmuDevice {
         self.submit(EmuOp::Memset { dst, value, bytes })
     }
 
-    /// A peer copy on the copy stream: run now, or queued in lazy mode
-    /// ([`set_lazy_peer_copies`]).
+    /// A peer copy on the copy stream (checked), ordered with other streams by marks only.
     pub fn queue_peer_copy(
         &self,
         peer: &EmuDevice,
@@ -303,15 +560,8 @@ impl EmuDevice {
         src: DevPtr,
         bytes: usize,
     ) -> Result<()> {
-        if !lazy_peer_copies() {
-            return self.copy_to_peer(peer, dst, src, bytes);
-        }
         self.check_peer_copy(peer, dst, src, bytes)?;
-        self.copies
-            .lock()
-            .map_err(|_| Error::Internal("emulated copy queue poisoned".into()))?
-            .push(dst, src, bytes);
-        Ok(())
+        self.enqueue(self.copies, EmuOp::Copy { dst, src, bytes })
     }
 
     /// Device to device copy.
@@ -319,9 +569,10 @@ impl EmuDevice {
         self.submit(EmuOp::Copy { dst, src, bytes })
     }
 
-    /// Waits for the stream: everything already ran.
+    /// Waits for the compute stream.
     pub fn sync(&self) -> Result<()> {
-        self.capturing("a stream synchronisation")
+        self.capturing("a stream synchronisation")?;
+        self.finish(false)
     }
 
     /// Launches (or records) a kernel.
@@ -384,7 +635,7 @@ impl EmuDevice {
         self.capturing("replaying a graph")?;
         ops.iter().try_for_each(|op| {
             self.check_op(op)?;
-            run(op)
+            self.enqueue(self.compute, op.clone())
         })
     }
 }

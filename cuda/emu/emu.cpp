@@ -1,27 +1,113 @@
 // Runtime of the SIMT emulation layer (see emu.h): fibers, the per-block scheduler that
 // resolves barriers and warp collectives, deadlock/divergence detection, and the launcher
 // that spreads blocks over OS threads.
-#include "emu.h"
-
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdarg>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
+
+// After the standard headers: emu.h defines CUDA keywords (__noinline__, ...) as macros.
+#include "emu.h"
+
+// Fiber context switches. glibc's swapcontext saves and restores the signal mask, a system
+// call per switch, and a block switches at every barrier and warp collective of every thread:
+// on x86-64 a few instructions that swap the callee-saved registers and the stack pointer do
+// the same job without one. Elsewhere (or with BC_EMU_UCONTEXT) ucontext is used.
+#if defined(__x86_64__) && !defined(BC_EMU_UCONTEXT)
+#define BC_EMU_FAST_SWITCH 1
+extern "C" void bc_emu_switch(void** save_sp, void* load_sp);
+// Pushes rbp, rbx, r12-r15 and the SSE/x87 control words, stores rsp in *save_sp, loads
+// load_sp and pops the same from there. A fresh fiber's stack is laid out by ctx_make to look
+// like one that called bc_emu_switch, with its entry function as the return address.
+asm(R"(
+    .text
+    .globl bc_emu_switch
+    .hidden bc_emu_switch
+    .type bc_emu_switch, @function
+bc_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size bc_emu_switch, .-bc_emu_switch
+)");
+#else
+#include <ucontext.h>
+#endif
 
 #include "../include/params.h"
 
 namespace emu {
 
 namespace {
+#ifdef BC_EMU_FAST_SWITCH
+struct Ctx {
+    void* sp = nullptr;
+};
+
+void ctx_switch(Ctx* from, Ctx* to) { bc_emu_switch(&from->sp, to->sp); }
+
+// A context that starts `entry` (which never returns) on the stack [stack, stack + bytes).
+void ctx_make(Ctx* c, char* stack, size_t bytes, void (*entry)()) {
+    uintptr_t top = (uintptr_t)(stack + bytes) & ~(uintptr_t)15;
+    void** sp = (void**)top;
+    *--sp = nullptr;           // entry's own return address: none (top - 8)
+    *--sp = (void*)entry;      // bc_emu_switch returns here (top - 16, 16-byte aligned)
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12-r15
+    uint32_t mxcsr;
+    uint16_t fcw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fcw));
+    --sp;
+    std::memcpy(sp, &mxcsr, 4);
+    std::memcpy((char*)sp + 4, &fcw, 2);
+    c->sp = sp;
+}
+#else
+struct Ctx {
+    ucontext_t uc;
+};
+
+void ctx_switch(Ctx* from, Ctx* to) { swapcontext(&from->uc, &to->uc); }
+
+void ctx_make(Ctx* c, char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c->uc);
+    c->uc.uc_stack.ss_sp = stack;
+    c->uc.uc_stack.ss_size = bytes;
+    c->uc.uc_link = nullptr;
+    makecontext(&c->uc, entry, 0);
+}
+#endif
+
 constexpr size_t kStackBytes = 128 * 1024;
 constexpr size_t kGuardBytes = 4096;
 constexpr int kMaxThreads = 1024;
@@ -36,7 +122,7 @@ const char* kind_name(int kind) {
 }  // namespace
 
 struct Fiber {
-    ucontext_t ctx;
+    Ctx ctx;
     dim3 tid;
     int linear = 0;
     State state = kRunnable;
@@ -67,7 +153,7 @@ struct Block {
     std::vector<Fiber> fibers;
     char* stacks = nullptr;
     size_t stacks_n = 0;
-    ucontext_t sched;
+    Ctx sched;
     void (*body)(const void*) = nullptr;
     const void* arg = nullptr;
     int code = 0;
@@ -121,7 +207,7 @@ static void set_error(Block* b, int code, const char* fmt, ...) {
 
 static void yield_to_scheduler() {
     Fiber* f = tls_fiber;
-    swapcontext(&f->ctx, &tls_block->sched);
+    ctx_switch(&f->ctx, &tls_block->sched);
 }
 
 static void fiber_main() {
@@ -327,11 +413,7 @@ static int run_block(Block* b) {
         f.xpar = 0;
         f.cp_pending.clear();
         f.cp_groups.clear();
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = b->stack(i);
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, fiber_main, 0);
+        ctx_make(&f.ctx, b->stack(i), kStackBytes, fiber_main);
     }
     // Uninitialised shared memory: poison dynamic shared memory with NaNs.
     std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
@@ -343,7 +425,7 @@ static int run_block(Block* b) {
             Fiber& f = b->fibers[i];
             if (f.state != kRunnable) continue;
             tls_fiber = &f;
-            swapcontext(&b->sched, &f.ctx);
+            ctx_switch(&b->sched, &f.ctx);
             tls_fiber = nullptr;
             if (b->code) return b->code;
         }
@@ -455,6 +537,63 @@ void worker(Shared* s) {
     tls_block = nullptr;
 }
 
+// Helper threads that run `worker` for the launches of one launching thread.
+class Pool {
+  public:
+    explicit Pool(int n) {
+        for (int i = 0; i < n; ++i) threads_.emplace_back([this] { loop(); });
+    }
+    ~Pool() {
+        {
+            std::lock_guard<std::mutex> g(mu_);
+            quit_ = true;
+        }
+        wake_.notify_all();
+        for (auto& t : threads_) t.join();
+    }
+    int size() const { return (int)threads_.size(); }
+
+    // Runs `worker(s)` on `helpers` pool threads and the caller; returns when all are done.
+    void run(Shared* s, int helpers) {
+        {
+            std::lock_guard<std::mutex> g(mu_);
+            job_ = s;
+            tickets_ = helpers;
+            busy_ = helpers;
+        }
+        wake_.notify_all();
+        worker(s);
+        std::unique_lock<std::mutex> l(mu_);
+        done_.wait(l, [this] { return busy_ == 0; });
+        job_ = nullptr;
+    }
+
+  private:
+    void loop() {
+        for (;;) {
+            Shared* s;
+            {
+                std::unique_lock<std::mutex> l(mu_);
+                wake_.wait(l, [this] { return quit_ || tickets_ > 0; });
+                if (quit_) return;
+                --tickets_;
+                s = job_;
+            }
+            worker(s);
+            std::lock_guard<std::mutex> g(mu_);
+            if (--busy_ == 0) done_.notify_all();
+        }
+    }
+
+    std::vector<std::thread> threads_;
+    std::mutex mu_;
+    std::condition_variable wake_, done_;
+    Shared* job_ = nullptr;
+    int tickets_ = 0;
+    int busy_ = 0;
+    bool quit_ = false;
+};
+
 int worker_count(uint64_t blocks) {
     static int configured = [] {
         const char* e = std::getenv("BC_EMU_THREADS");
@@ -483,12 +622,14 @@ int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg,
     s.body = body;
     s.arg = arg;
     int nw = worker_count(blocks);
-    if (nw <= 1) {
-        worker(&s);
+    if (nw > 1) {
+        // One pool per launching thread, kept for its later launches (threads, fiber stacks
+        // and block state are made once, not per launch); joined when that thread exits.
+        thread_local std::unique_ptr<Pool> pool;
+        if (!pool || pool->size() < nw - 1) pool.reset(new Pool(nw - 1));
+        pool->run(&s, nw - 1);
     } else {
-        std::vector<std::thread> ts;
-        for (int i = 0; i < nw; ++i) ts.emplace_back(worker, &s);
-        for (auto& t : ts) t.join();
+        worker(&s);
     }
     return report(s.code, s.error);
 }

@@ -2,7 +2,9 @@
 // on the CPU with CUDA semantics, for testing kernels without a GPU.
 //
 // Model: a launch runs its blocks on a few OS threads (blocks of one OS thread run one
-// after the other); the threads of a block are cooperatively scheduled fibers. A fiber runs
+// after the other; the helper threads are a pool kept per launching thread, so their fiber
+// stacks are made once); the threads of a block are cooperatively scheduled fibers (switched
+// without a system call on x86-64, ucontext elsewhere). A fiber runs
 // until it reaches a scheduling point — `__syncthreads`, a warp collective (`__shfl*_sync`,
 // `__ballot_sync`, `__any_sync`, `__all_sync`, `__syncwarp`, `__match_any_sync`) — or exits.
 // When no fiber can run, pending warp collectives whose whole mask has arrived are resolved,

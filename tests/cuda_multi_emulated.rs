@@ -5,6 +5,7 @@
 //! must follow the CPU backend's lagged exchange.
 
 mod common;
+use blockcascade::backend::cuda::device::Gpu;
 use blockcascade::backend::cuda::emu_device::{set_stream_order, StreamOrder};
 use blockcascade::backend::cuda::{
     double_kv_devices, graph_replays, peer_copy_bytes, set_session_options, CudaOptions,
@@ -474,4 +475,65 @@ fn partial_exchange_is_exact_with_local_attention_and_separate_context_pass() {
             rel_l2(&one, &many)
         );
     }
+}
+
+/// The emulated streams themselves: a peer copy that waits for the sender's compute mark reads
+/// what the compute stream wrote, under every order; one that does not wait reads the old
+/// bytes under `CopiesEarly` (the emulation exposes the race instead of hiding it); marks and
+/// waits inside a graph capture are errors.
+#[test]
+fn emulated_streams_run_a_missing_wait_in_the_wrong_order() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = OrderGuard;
+    let n = 4096;
+    // (bytes the receiver sees, with the wait / without it) under `order`.
+    let exchange = |order: StreamOrder| -> (Vec<u8>, Vec<u8>) {
+        set_stream_order(order).unwrap();
+        let mut a = Gpu::open_emulated().unwrap();
+        let mut b = Gpu::open_emulated().unwrap();
+        let (src, dst_waited, dst_raced) = (
+            a.alloc(n).unwrap(),
+            b.alloc(n).unwrap(),
+            b.alloc(n).unwrap(),
+        );
+        a.memset(src, 1, n).unwrap();
+        a.sync().unwrap();
+        // The compute stream writes 7s. A copy stream runs in order, so the copy that does
+        // not wait goes first; the second waits for the write.
+        a.memset(src, 7, n).unwrap();
+        let written = a.mark_compute().unwrap();
+        let raced = a.send_to_peer(&b, &[(dst_raced, src, n)], &[]).unwrap();
+        let landed = a
+            .send_to_peer(&b, &[(dst_waited, src, n)], &[&written])
+            .unwrap();
+        b.compute_wait(&raced).unwrap();
+        b.compute_wait(&landed).unwrap();
+        let (mut w, mut r) = (vec![0u8; n], vec![0u8; n]);
+        b.download(&mut w, dst_waited).unwrap();
+        b.download(&mut r, dst_raced).unwrap();
+        a.sync_copies().unwrap();
+        (w, r)
+    };
+    for order in orders() {
+        let (waited, _) = exchange(order);
+        assert!(waited.iter().all(|&v| v == 7), "{order:?}: waited copy");
+    }
+    let (_, raced) = exchange(StreamOrder::CopiesEarly);
+    assert!(
+        raced.iter().all(|&v| v == 1),
+        "CopiesEarly: the copy without a wait ran after the write"
+    );
+    let (_, raced) = exchange(StreamOrder::CopiesLate);
+    assert!(raced.iter().all(|&v| v == 7), "CopiesLate: compute first");
+    // Inside a capture: marks and waits are refused.
+    set_stream_order(StreamOrder::Random(3)).unwrap();
+    let g = Gpu::open_emulated().unwrap();
+    let outside = g.mark_compute().unwrap();
+    g.begin_capture().unwrap();
+    let e = g.mark_compute().err().expect("a mark inside a capture");
+    assert!(e.to_string().contains("graph capture"), "{e}");
+    let e = g.compute_wait(&outside).err();
+    g.abort_capture();
+    let e = e.expect("a wait inside a capture");
+    assert!(e.to_string().contains("graph capture"), "{e}");
 }

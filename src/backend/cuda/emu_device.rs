@@ -366,6 +366,15 @@ impl EmuDevice {
 
     /// A mark at the current end of the compute stream (or the copy stream).
     pub fn mark(&self, copy: bool) -> Result<EmuMark> {
+        // The backend orders streams between graphs, never inside one (on a GPU a capture may
+        // not wait for an event recorded outside it, and a mark recorded inside one would be a
+        // graph node, not a point other streams can wait for).
+        if self.capture.borrow().is_some() {
+            return Err(Error::Device(
+                "a stream mark during graph capture (the backend orders streams between graphs)"
+                    .into(),
+            ));
+        }
         if !DEFERRED.load(Ordering::SeqCst) {
             return Ok(None);
         }
@@ -379,6 +388,7 @@ impl EmuDevice {
 
     /// Makes the compute stream (or the copy stream) wait for `mark` (of any device).
     pub fn wait(&self, copy: bool, mark: EmuMark) -> Result<()> {
+        self.capturing("a wait for a stream mark")?;
         let Some((stream, upto)) = mark else {
             return Ok(());
         };

@@ -5,8 +5,8 @@ directly in PyTorch: bf16 weights and activations, fp32 residual stream, F.scale
 a preallocated KV cache of 21 frames (global attention), cross-attention over 512 text tokens.
 Random weights (the engine's benchmark uses random weights too; speed does not depend on them).
 
-Prints ms per block for the 6th block of a 7-block video (18 cached frames), like the engine's
-`sixth block ms`, plus a JSON line. Usage: python3 benches/pytorch_baseline.py [--compile]
+Prints ms per block for the 6th block of a 7-block video (15 cached frames plus its own 3: 18 frames of
+keys), like the engine's `sixth block ms`, plus a JSON line. Usage: python3 benches/pytorch_baseline.py [--compile]
 """
 import json
 import math

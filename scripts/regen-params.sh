@@ -17,7 +17,9 @@ MODE="${1:-check}"
 have_libclang() {
   [[ -n "${LIBCLANG_PATH:-}" ]] && return 0
   ldconfig -p 2>/dev/null | grep -qE 'libclang(-[0-9.]+)?\.so' && return 0
-  compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" > /dev/null
+  # libclang itself, not libclang-cpp (the C++ library some images carry without it).
+  compgen -G "/usr/lib/llvm-*/lib/libclang.so*" > /dev/null ||
+    compgen -G "/usr/lib/llvm-*/lib/libclang-[0-9]*.so*" > /dev/null
 }
 if ! have_libclang; then
   echo "regen-params: installing libclang-dev" >&2

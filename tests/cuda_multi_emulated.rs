@@ -11,9 +11,12 @@ use blockcascade::backend::cuda::{
     double_kv_devices, graph_replays, peer_copy_bytes, set_session_options, CudaOptions,
 };
 use blockcascade::backend::BackendKind;
+use blockcascade::kernels::emu::Kernel;
+use blockcascade::model::Model;
 use blockcascade::multi_device::KvExchange;
 use blockcascade::noise::NoiseSource;
 use blockcascade::prompt::{PromptEmbeds, PromptSwitch};
+use blockcascade::weights::Weights;
 use blockcascade::Recache;
 use blockcascade::{AttentionMode, GenerateOptions, Generator, RunReport, Schedule};
 use common::*;
@@ -99,6 +102,37 @@ fn generate_with(
     res
 }
 
+/// The golden model's shape with 5 layers (random weights): with double-buffered window K/V a
+/// buffer is reused within a tick only from layer 2 on, so the golden model's 2 layers never
+/// exercise the reuse rules (2 and 4 of `MultiCudaBackend::forward`) in that form.
+fn five_layer_model() -> &'static (Model, PromptEmbeds) {
+    static M: std::sync::OnceLock<(Model, PromptEmbeds)> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        let mut cfg = golden().engine.config().clone();
+        cfg.num_layers = 5;
+        let prompt = PromptEmbeds::builtin(&cfg, 3);
+        (Model::new(Weights::random(cfg, 5)), prompt)
+    })
+}
+
+/// [`generate_with`] on [`five_layer_model`] with seeded noise.
+fn generate_five_layers(
+    co: CudaOptions,
+    blocks: usize,
+    edit: impl FnOnce(&mut GenerateOptions),
+) -> blockcascade::Result<Vec<f32>> {
+    set_session_options(Some(co));
+    let (model, prompt) = five_layer_model();
+    let mut o = golden().opts.clone();
+    o.backend = BackendKind::Cuda;
+    edit(&mut o);
+    let res = Generator::new(model, o, NoiseSource::Seeded(9), prompt)
+        .and_then(|gen| gen.generate(blocks))
+        .map(|r| r.0);
+    set_session_options(None);
+    res
+}
+
 fn check(schedule: Schedule, mode: AttentionMode, devices: usize, name: &str) {
     let one = run(schedule, mode, 1).unwrap();
     let many = run(schedule, mode, devices).unwrap();
@@ -165,6 +199,8 @@ fn orders() -> Vec<StreamOrder> {
 /// One joint-exchange configuration of the ordering test.
 #[derive(Clone, Copy, Debug)]
 struct JointCase {
+    /// On [`five_layer_model`] instead of the golden model.
+    five_layers: bool,
     mode: AttentionMode,
     devices: usize,
     double_kv: bool,
@@ -198,9 +234,14 @@ fn joint_exchange_is_exact_under_every_stream_order() {
             o.devices = c.devices;
             o.kv_exchange = KvExchange::Joint;
         };
-        generate_with(co, Some(blocks), edit, |_| Ok(())).unwrap().0
+        if c.five_layers {
+            generate_five_layers(co, blocks, edit).unwrap()
+        } else {
+            generate_with(co, Some(blocks), edit, |_| Ok(())).unwrap().0
+        }
     };
     let case = |mode, devices, double_kv, graphs| JointCase {
+        five_layers: false,
         mode,
         devices,
         double_kv,
@@ -212,20 +253,32 @@ fn joint_exchange_is_exact_under_every_stream_order() {
         case(causal, 3, false, false),
         case(causal, 2, true, false),
         case(bidi, 3, true, true),
+        JointCase {
+            five_layers: true,
+            ..case(causal, 3, true, true)
+        },
+        JointCase {
+            five_layers: true,
+            ..case(causal, 2, true, false)
+        },
     ];
     let plan: Vec<(StreamOrder, JointCase)> = orders()
         .into_iter()
         .flat_map(|o| all.iter().map(move |&c| (o, c)))
         .collect();
     set_stream_order(StreamOrder::Immediate).unwrap();
-    let mut one: Vec<(AttentionMode, Vec<f32>)> = Vec::new();
+    let mut one: Vec<((AttentionMode, bool), Vec<f32>)> = Vec::new();
     for (order, c) in plan {
-        if !one.iter().any(|(m, _)| *m == c.mode) {
+        let reference = (c.mode, c.five_layers);
+        if !one.iter().any(|(k, _)| *k == reference) {
             set_stream_order(StreamOrder::Immediate).unwrap();
-            let r = run(case(c.mode, 1, true, false));
-            one.push((c.mode, r));
+            let r = run(JointCase {
+                five_layers: c.five_layers,
+                ..case(c.mode, 1, true, false)
+            });
+            one.push((reference, r));
         }
-        let Some((_, one)) = one.iter().find(|(m, _)| *m == c.mode) else {
+        let Some((_, one)) = one.iter().find(|(k, _)| *k == reference) else {
             unreachable!()
         };
         set_stream_order(order).unwrap();
@@ -247,7 +300,11 @@ fn joint_exchange_is_exact_under_every_stream_order() {
 }
 
 /// The lagged exchange's copies (on the compute streams, ordered with both devices' work) give
-/// the same latents under the deferred stream orders as under immediate execution.
+/// the same latents under the deferred stream orders as under immediate execution. A weak
+/// check of their ordering: every device syncs at the start of the next tick (its inputs'
+/// upload), which also orders the copies (deleting the copy's wait in
+/// `EmuDevice::copy_to_peer` does not fail it); it does check that the deferred orders change
+/// nothing else (uploads, graphs, downloads).
 #[test]
 fn lagged_exchange_is_exact_under_every_stream_order() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -536,4 +593,38 @@ fn emulated_streams_run_a_missing_wait_in_the_wrong_order() {
     g.abort_capture();
     let e = e.expect("a wait inside a capture");
     assert!(e.to_string().contains("graph capture"), "{e}");
+}
+
+/// A queued op that fails is reported by its own device's next wait, and again after that
+/// (sticky, like a CUDA context), never by another device that happened to run it.
+#[test]
+fn a_failed_queued_op_is_reported_by_its_own_device() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = OrderGuard;
+    for order in orders() {
+        set_stream_order(order).unwrap();
+        let mut a = Gpu::open_emulated().unwrap();
+        let mut b = Gpu::open_emulated().unwrap();
+        let (pa, pb) = (a.alloc(64).unwrap(), b.alloc(64).unwrap());
+        // 2048 threads per block: the emulated launcher refuses it before reading the params.
+        let params = [0u64; 8];
+        // SAFETY: the launch is refused before the kernel body (and its params) is touched.
+        unsafe { a.launch(Kernel::TestSync, [1, 1, 1], 2048, &params) }.unwrap();
+        a.memset(pa, 3, 64).unwrap();
+        b.memset(pb, 4, 64).unwrap();
+        let after_a = a.mark_compute().unwrap();
+        b.compute_wait(&after_a).unwrap();
+        let mut got = vec![0u8; 64];
+        b.download(&mut got, pb).unwrap();
+        assert!(got.iter().all(|&v| v == 4), "{order:?}");
+        b.sync().unwrap();
+        for _ in 0..2 {
+            let e = a.sync().expect_err("the failed launch is reported");
+            assert!(
+                e.to_string().contains("threads per block"),
+                "{order:?}: {e}"
+            );
+        }
+        drop((a, b));
+    }
 }

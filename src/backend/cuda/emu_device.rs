@@ -51,17 +51,22 @@ static MACHINE: Mutex<Machine> = Mutex::new(Machine {
     next_id: 0,
 });
 
-fn machine() -> Result<std::sync::MutexGuard<'static, Machine>> {
-    MACHINE
-        .lock()
-        .map_err(|_| Error::Internal("emulated stream state poisoned".into()))
+/// The machine. A panic while the lock was held (inside an op) leaves it consistent (an item
+/// is popped and counted before it runs), so a poisoned lock is taken over, not fatal for
+/// every later emulated device in the process.
+fn machine() -> std::sync::MutexGuard<'static, Machine> {
+    MACHINE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Sets the order in which emulated streams run their work (a test aid, process-wide). Work
 /// queued under the previous order runs first; an error is the first failure of that work.
 pub fn set_stream_order(order: StreamOrder) -> Result<()> {
-    let mut m = machine()?;
-    let r = m.drain_all();
+    let mut m = machine();
+    m.drain_all();
+    let r = match m.streams.values().find_map(|s| s.error.clone()) {
+        Some(e) => Err(Error::Device(e)),
+        None => Ok(()),
+    };
     m.order = order;
     m.rng = match order {
         StreamOrder::Random(seed) => seed ^ 0x9E37_79B9_7F4A_7C15,
@@ -73,7 +78,7 @@ pub fn set_stream_order(order: StreamOrder) -> Result<()> {
 
 /// The order set by [`set_stream_order`].
 pub fn stream_order() -> StreamOrder {
-    machine().map(|m| m.order).unwrap_or(StreamOrder::Immediate)
+    machine().order
 }
 
 /// A queued item of a stream.
@@ -90,6 +95,9 @@ struct Stream {
     copy: bool,
     queue: VecDeque<Item>,
     done: u64,
+    /// The first op of this stream that failed: reported by every later wait for the stream's
+    /// device, like a CUDA context's sticky error (not by whichever device happened to run it).
+    error: Option<String>,
 }
 
 impl Stream {
@@ -125,7 +133,7 @@ impl Machine {
     /// Runs one item of a stream chosen by the order; `false` when nothing is queued. Some
     /// stream can always go on: a wait names items queued before it, so the item queued
     /// first among all that are still queued never waits for anything still queued.
-    fn step(&mut self) -> Result<bool> {
+    fn step(&mut self) -> bool {
         let ready: Vec<(usize, bool)> = self
             .streams
             .iter()
@@ -133,14 +141,16 @@ impl Machine {
             .map(|(&id, s)| (id, s.copy))
             .collect();
         if ready.is_empty() {
-            if self.streams.values().any(|s| !s.queue.is_empty()) {
-                // Impossible by the argument above; drop the work rather than spin.
-                self.streams.values_mut().for_each(|s| s.queue.clear());
-                return Err(Error::Internal(
-                    "emulated streams wait for each other in a cycle".into(),
-                ));
+            // A cycle is impossible by the argument above; if it happened, every stream left
+            // with work fails (sticky) rather than spinning or losing the work silently.
+            for s in self.streams.values_mut().filter(|s| !s.queue.is_empty()) {
+                s.done += s.queue.len() as u64;
+                s.queue.clear();
+                s.error.get_or_insert_with(|| {
+                    "emulated streams wait for each other in a cycle".into()
+                });
             }
-            return Ok(false);
+            return false;
         }
         let first = |copy: bool| ready.iter().find(|r| r.1 == copy).or(ready.first());
         let pick = match self.order {
@@ -157,24 +167,26 @@ impl Machine {
             }
         };
         let Some(&(id, _)) = pick else {
-            return Ok(false);
+            return false;
         };
         let Some(s) = self.streams.get_mut(&id) else {
-            return Ok(false);
+            return false;
         };
         let item = s.queue.pop_front();
         s.done += 1;
-        match item {
-            Some(Item::Op(op)) => run(&op).map(|_| true),
-            _ => Ok(true),
+        if let Some(Item::Op(op)) = item {
+            if let Err(e) = run(&op) {
+                s.error.get_or_insert_with(|| e.to_string());
+            }
         }
+        true
     }
 
     /// Runs items until `stream` has completed `upto` of them (other streams' items too, as
     /// the order picks them).
     fn run_until(&mut self, stream: usize, upto: u64) -> Result<()> {
         while !self.reached(stream, upto) {
-            if !self.step()? {
+            if !self.step() {
                 return Err(Error::Internal(
                     "an emulated stream mark is never reached".into(),
                 ));
@@ -183,19 +195,19 @@ impl Machine {
         Ok(())
     }
 
-    /// Runs everything queued.
-    fn drain_all(&mut self) -> Result<()> {
-        let mut first = Ok(());
-        loop {
-            match self.step() {
-                Ok(true) => {}
-                Ok(false) => return first,
-                Err(e) => {
-                    if first.is_ok() {
-                        first = Err(e);
-                    }
-                }
-            }
+    /// Runs everything queued (failures stay with their streams).
+    fn drain_all(&mut self) {
+        while self.step() {}
+    }
+
+    /// The sticky error of any of `streams`.
+    fn error_of(&self, streams: &[usize]) -> Result<()> {
+        match streams
+            .iter()
+            .find_map(|id| self.streams.get(id)?.error.clone())
+        {
+            Some(e) => Err(Error::Device(e)),
+            None => Ok(()),
         }
     }
 
@@ -244,6 +256,14 @@ pub enum EmuOp {
         src: DevPtr,
         /// Bytes.
         bytes: usize,
+    },
+    /// A host-to-device copy (the bytes copied when it was submitted, as the driver stages
+    /// them).
+    Write {
+        /// Destination.
+        dst: DevPtr,
+        /// The bytes (padding of the source type included, hence `MaybeUninit`).
+        data: Vec<std::mem::MaybeUninit<u8>>,
     },
     /// A memset.
     Memset {
@@ -299,11 +319,10 @@ impl Drop for EmuDevice {
     fn drop(&mut self) {
         // Queued work may still read or write this device's memory (its own streams, or a
         // peer's copy into it): run everything before the allocations go.
-        if let Ok(mut m) = MACHINE.lock() {
-            let _ = m.drain_all();
-            m.streams.remove(&self.compute);
-            m.streams.remove(&self.copies);
-        }
+        let mut m = machine();
+        m.drain_all();
+        m.streams.remove(&self.compute);
+        m.streams.remove(&self.copies);
     }
 }
 
@@ -313,26 +332,22 @@ pub const EMU_MEMORY: usize = 64 << 30;
 impl EmuDevice {
     /// A device with no allocations.
     pub fn new() -> Self {
-        let (compute, copies) = match MACHINE.lock() {
-            Ok(mut m) => {
-                let id = m.next_id;
-                m.next_id += 2;
-                for (i, copy) in [(id, false), (id + 1, true)] {
-                    m.streams.insert(
-                        i,
-                        Stream {
-                            copy,
-                            queue: VecDeque::new(),
-                            done: 0,
-                        },
-                    );
-                }
-                (id, id + 1)
-            }
-            // Poisoned: no stream is registered and every submission runs at once (pushing
-            // fails with an error, never silently).
-            Err(_) => (usize::MAX - 1, usize::MAX),
-        };
+        let mut m = machine();
+        let id = m.next_id;
+        m.next_id += 2;
+        for (i, copy) in [(id, false), (id + 1, true)] {
+            m.streams.insert(
+                i,
+                Stream {
+                    copy,
+                    queue: VecDeque::new(),
+                    done: 0,
+                    error: None,
+                },
+            );
+        }
+        drop(m);
+        let (compute, copies) = (id, id + 1);
         EmuDevice {
             allocs: Vec::new(),
             capture: RefCell::new(None),
@@ -344,7 +359,7 @@ impl EmuDevice {
     /// Runs `op` on `stream` now (`Immediate`) or queues it.
     fn enqueue(&self, stream: usize, op: EmuOp) -> Result<()> {
         if DEFERRED.load(Ordering::SeqCst) {
-            let mut m = machine()?;
+            let mut m = machine();
             if m.order != StreamOrder::Immediate {
                 return m.push(stream, Item::Op(op));
             }
@@ -353,15 +368,16 @@ impl EmuDevice {
     }
 
     /// Waits until this device's compute stream (or copy stream) has run everything queued
-    /// on it.
+    /// on it; then a failure of any op of this device's streams is the error (sticky).
     fn finish(&self, copy: bool) -> Result<()> {
         if !DEFERRED.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let mut m = machine()?;
+        let mut m = machine();
         let id = if copy { self.copies } else { self.compute };
         let end = m.end(id);
-        m.run_until(id, end)
+        m.run_until(id, end)?;
+        m.error_of(&[self.compute, self.copies])
     }
 
     /// A mark at the current end of the compute stream (or the copy stream).
@@ -378,7 +394,7 @@ impl EmuDevice {
         if !DEFERRED.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        let m = machine()?;
+        let m = machine();
         if m.order == StreamOrder::Immediate {
             return Ok(None);
         }
@@ -392,7 +408,7 @@ impl EmuDevice {
         let Some((stream, upto)) = mark else {
             return Ok(());
         };
-        let mut m = machine()?;
+        let mut m = machine();
         if m.order == StreamOrder::Immediate || m.reached(stream, upto) {
             return Ok(());
         }
@@ -418,11 +434,15 @@ impl EmuDevice {
         Ok(p)
     }
 
-    /// Frees the allocation that starts at `ptr` (an unknown pointer is an error). Like
-    /// `cuMemFree`, waits for queued work first.
+    /// Frees the allocation that starts at `ptr` (an unknown pointer is an error). Waits for
+    /// all queued work first, every device's (for memory safety: more than `cuMemFree`, which
+    /// waits for this device only, so a peer copy still using a freed buffer would go
+    /// unnoticed here), and reports this device's sticky error.
     pub fn free(&mut self, ptr: DevPtr) -> Result<()> {
         if DEFERRED.load(Ordering::SeqCst) {
-            machine()?.drain_all()?;
+            let mut m = machine();
+            m.drain_all();
+            m.error_of(&[self.compute, self.copies])?;
         }
         let i = self
             .allocs
@@ -466,6 +486,7 @@ impl EmuDevice {
                 self.check(*src, *bytes)
             }
             EmuOp::Memset { dst, bytes, .. } => self.check(*dst, *bytes),
+            EmuOp::Write { dst, data } => self.check(*dst, data.len()),
             EmuOp::Gemm { args: a } => {
                 let out = match a.ty {
                     OutType::F32 => 4,
@@ -500,13 +521,25 @@ impl EmuDevice {
         self.enqueue(self.compute, op)
     }
 
-    /// Host to device copy (`dst` checked against the allocations), in stream order: after
-    /// the work queued on the compute stream.
+    /// Host to device copy (`dst` checked against the allocations), in stream order: at once
+    /// (`Immediate`), or queued on the compute stream with a copy of the bytes.
     pub fn upload<T: Copy>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
         self.capturing("a host-to-device copy")?;
         let bytes = std::mem::size_of_val(src);
         self.check(dst, bytes)?;
-        self.finish(false)?;
+        if DEFERRED.load(Ordering::SeqCst) {
+            let mut data = vec![std::mem::MaybeUninit::<u8>::uninit(); bytes];
+            // SAFETY: `src` is a live slice of `bytes` bytes; the destination is as long and
+            // holds `MaybeUninit` bytes, so padding may be copied.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr() as *const std::mem::MaybeUninit<u8>,
+                    data.as_mut_ptr(),
+                    bytes,
+                )
+            };
+            return self.enqueue(self.compute, EmuOp::Write { dst, data });
+        }
         // SAFETY: `dst` lies inside one of our allocations (checked), `src` is a live slice.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst as *mut u8, bytes) };
         Ok(())
@@ -676,6 +709,17 @@ fn run(op: &EmuOp) -> Result<()> {
             // SAFETY: both address allocations of at least `bytes` bytes (caller's contract);
             // `copy` tolerates overlap.
             unsafe { std::ptr::copy(*src as *const u8, *dst as *mut u8, *bytes) };
+            Ok(())
+        }
+        EmuOp::Write { dst, data } => {
+            // SAFETY: `dst` holds `data.len()` bytes (checked when submitted).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    data.as_ptr() as *const u8,
+                    *dst as *mut u8,
+                    data.len(),
+                )
+            };
             Ok(())
         }
         EmuOp::Memset { dst, value, bytes } => {

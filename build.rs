@@ -106,6 +106,12 @@ fn build_emulation(cuda: &Path, kernels: &[PathBuf], out: &Path) {
         write_if_changed(&w, &format!("#include \"{}\"\n", src.display()));
         build.file(w);
     }
+    // BC_EMU_UCONTEXT=1: fibers switch through ucontext, the fallback of hosts other than
+    // x86-64 (to build and test it on one).
+    println!("cargo:rerun-if-env-changed=BC_EMU_UCONTEXT");
+    if std::env::var("BC_EMU_UCONTEXT").is_ok_and(|v| v == "1") {
+        build.define("BC_EMU_UCONTEXT", "1");
+    }
     build.file(cuda.join("emu").join("emu.cpp"));
     build.compile("bc_emu");
 }

@@ -32,7 +32,7 @@ extern "C" void bc_emu_switch(void** save_sp, void* load_sp);
 // load_sp and pops the same from there. A fresh fiber's stack is laid out by ctx_make to look
 // like one that called bc_emu_switch, with its entry function as the return address.
 asm(R"(
-    .text
+    .pushsection .text
     .globl bc_emu_switch
     .hidden bc_emu_switch
     .type bc_emu_switch, @function
@@ -59,6 +59,7 @@ bc_emu_switch:
     popq %rbp
     ret
     .size bc_emu_switch, .-bc_emu_switch
+    .popsection
 )");
 #else
 #include <ucontext.h>
@@ -540,8 +541,16 @@ void worker(Shared* s) {
 // Helper threads that run `worker` for the launches of one launching thread.
 class Pool {
   public:
+    // Up to n helpers: a thread that cannot be started (resource limits) means fewer
+    // helpers, not an exception escaping into Rust.
     explicit Pool(int n) {
-        for (int i = 0; i < n; ++i) threads_.emplace_back([this] { loop(); });
+        for (int i = 0; i < n; ++i) {
+            try {
+                threads_.emplace_back([this] { loop(); });
+            } catch (...) {
+                break;
+            }
+        }
     }
     ~Pool() {
         {
@@ -627,7 +636,7 @@ int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg,
         // and block state are made once, not per launch); joined when that thread exits.
         thread_local std::unique_ptr<Pool> pool;
         if (!pool || pool->size() < nw - 1) pool.reset(new Pool(nw - 1));
-        pool->run(&s, nw - 1);
+        pool->run(&s, std::min(nw - 1, pool->size()));
     } else {
         worker(&s);
     }

@@ -628,3 +628,25 @@ fn a_failed_queued_op_is_reported_by_its_own_device() {
         drop((a, b));
     }
 }
+
+/// Freeing a buffer that another device's queued peer copy still writes is an error under the
+/// deferred orders (on a GPU, `cuMemFree` would not wait for the peer's copy stream).
+#[test]
+fn freeing_a_buffer_a_peer_copy_still_uses_is_an_error() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = OrderGuard;
+    set_stream_order(StreamOrder::CopiesLate).unwrap();
+    let mut a = Gpu::open_emulated().unwrap();
+    let mut b = Gpu::open_emulated().unwrap();
+    let (src, dst) = (a.alloc(256).unwrap(), b.alloc(256).unwrap());
+    a.memset(src, 5, 256).unwrap();
+    let written = a.mark_compute().unwrap();
+    let _sent = a.send_to_peer(&b, &[(dst, src, 256)], &[&written]).unwrap();
+    let e = b.free(dst).expect_err("the copy into it is still queued");
+    assert!(e.to_string().contains("still uses"), "{e}");
+    // After a sync of the copies, freeing is fine.
+    let other = b.alloc(256).unwrap();
+    let _sent = a.send_to_peer(&b, &[(other, src, 256)], &[]).unwrap();
+    a.sync_copies().unwrap();
+    b.free(other).unwrap();
+}

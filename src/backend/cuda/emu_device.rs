@@ -434,16 +434,12 @@ impl EmuDevice {
         Ok(p)
     }
 
-    /// Frees the allocation that starts at `ptr` (an unknown pointer is an error). Waits for
-    /// all queued work first, every device's (for memory safety: more than `cuMemFree`, which
-    /// waits for this device only, so a peer copy still using a freed buffer would go
-    /// unnoticed here), and reports this device's sticky error.
+    /// Frees the allocation that starts at `ptr` (an unknown pointer is an error). Under a
+    /// deferred order, queued work of other devices that still uses the allocation (a copy,
+    /// memset, upload or GEMM operand; kernel arguments are opaque) is an error: `cuMemFree`
+    /// waits for this device's work, not for a peer's copy stream. Then all queued work runs
+    /// (every device's, for memory safety) and this device's sticky error is reported.
     pub fn free(&mut self, ptr: DevPtr) -> Result<()> {
-        if DEFERRED.load(Ordering::SeqCst) {
-            let mut m = machine();
-            m.drain_all();
-            m.error_of(&[self.compute, self.copies])?;
-        }
         let i = self
             .allocs
             .iter()
@@ -451,6 +447,31 @@ impl EmuDevice {
             .ok_or_else(|| {
                 Error::Device(format!("emulated device: free of unknown pointer {ptr:#x}"))
             })?;
+        if DEFERRED.load(Ordering::SeqCst) {
+            let mut m = machine();
+            let range = (ptr, ptr + (self.allocs[i].len() * 16) as u64);
+            let mine = [self.compute, self.copies];
+            let in_use = m
+                .streams
+                .iter()
+                .filter(|(id, _)| !mine.contains(id))
+                .any(|(_, s)| {
+                    s.queue.iter().any(|it| match it {
+                        Item::Op(op) => op_ranges(op)
+                            .iter()
+                            .any(|&(p, n)| p < range.1 && p + n as u64 > range.0),
+                        Item::Wait { .. } => false,
+                    })
+                });
+            m.drain_all();
+            m.error_of(&mine)?;
+            if in_use {
+                self.allocs.swap_remove(i);
+                return Err(Error::Device(format!(
+                    "emulated device: freeing {ptr:#x} while another device's queued work still uses it"
+                )));
+            }
+        }
         self.allocs.swap_remove(i);
         Ok(())
     }
@@ -680,6 +701,32 @@ impl EmuDevice {
             self.check_op(op)?;
             self.enqueue(self.compute, op.clone())
         })
+    }
+}
+
+/// The memory ranges `(start, bytes)` an op reads or writes (none for a kernel: its arguments
+/// are an opaque params struct).
+fn op_ranges(op: &EmuOp) -> Vec<(DevPtr, usize)> {
+    match op {
+        EmuOp::Launch { .. } => Vec::new(),
+        EmuOp::Copy { dst, src, bytes } => vec![(*dst, *bytes), (*src, *bytes)],
+        EmuOp::Memset { dst, bytes, .. } => vec![(*dst, *bytes)],
+        EmuOp::Write { dst, data } => vec![(*dst, data.len())],
+        EmuOp::Gemm { args: a } => {
+            let out = match a.ty {
+                OutType::F32 => 4,
+                OutType::Bf16 => 2,
+            };
+            let mut v = vec![
+                (a.x, a.rows * a.inp * 2),
+                (a.w, a.out * a.inp * 2),
+                (a.d, a.rows * a.out * out),
+            ];
+            if a.bias != 0 {
+                v.push((a.bias, a.out * 4));
+            }
+            v
+        }
     }
 }
 

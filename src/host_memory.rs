@@ -16,37 +16,32 @@ use std::path::{Path, PathBuf};
 
 /// Bytes of host memory this process can still allocate, or `None` where it cannot be told.
 pub fn available() -> Option<usize> {
-    match limits() {
-        (Some(m), Some(c)) => Some(m.min(c)),
-        (m, c) => m.or(c),
-    }
+    limit().map(|(bytes, _)| bytes)
 }
 
-/// (the machine's available memory plus free swap, what the cgroup limits leave).
-fn limits() -> (Option<usize>, Option<usize>) {
-    let machine = meminfo_bytes("MemAvailable:")
-        .map(|a| a.saturating_add(meminfo_bytes("SwapFree:").unwrap_or(0)));
+/// What binds: (bytes, whether it is the cgroup limit rather than the machine's memory), the
+/// smaller of the machine's available memory plus free swap and what the cgroup limits leave.
+fn limit() -> Option<(usize, bool)> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let entry = |key: &str| meminfo.as_deref().and_then(|s| meminfo_bytes(s, key));
+    let swap_free = entry("SwapFree:").unwrap_or(0);
+    let machine = entry("MemAvailable:").map(|a| a.saturating_add(swap_free));
     let cgroup = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
-        .and_then(|c| {
-            let swap = meminfo_bytes("SwapFree:").unwrap_or(0);
-            cgroup_available(Path::new("/sys/fs/cgroup"), &c, swap)
-        });
-    (machine, cgroup)
+        .and_then(|c| cgroup_available(Path::new("/sys/fs/cgroup"), &c, swap_free));
+    match (machine, cgroup) {
+        (Some(m), Some(c)) => Some((m.min(c), c < m)),
+        (None, Some(c)) => Some((c, true)),
+        (Some(m), None) => Some((m, false)),
+        (None, None) => None,
+    }
 }
 
 /// Refuses to allocate `bytes` of host memory for `what` when they exceed [`available`]
 /// ([`Error::OutOfMemory`], naming both numbers and whether a cgroup limit binds).
 pub fn ensure(bytes: usize, what: impl FnOnce() -> String) -> Result<()> {
-    let (machine, cgroup) = limits();
-    let (limit, by_cgroup) = match (machine, cgroup) {
-        (Some(m), Some(c)) => (m.min(c), c < m),
-        (None, Some(c)) => (c, true),
-        (Some(m), None) => (m, false),
-        (None, None) => return Ok(()),
-    };
-    if bytes > limit {
-        return Err(Error::OutOfMemory(format!(
+    match limit() {
+        Some((limit, by_cgroup)) if bytes > limit => Err(Error::OutOfMemory(format!(
             "{} needs {} MiB but {} MiB are available{}",
             what(),
             bytes >> 20,
@@ -56,15 +51,14 @@ pub fn ensure(bytes: usize, what: impl FnOnce() -> String) -> Result<()> {
             } else {
                 ""
             }
-        )));
+        ))),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-/// A `/proc/meminfo` entry in bytes (None where it cannot be read).
-fn meminfo_bytes(key: &str) -> Option<usize> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with(key))?;
+/// An entry of `/proc/meminfo`'s text in bytes (None where it is missing or malformed).
+fn meminfo_bytes(meminfo: &str, key: &str) -> Option<usize> {
+    let line = meminfo.lines().find(|l| l.starts_with(key))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib.saturating_mul(1024))
 }

@@ -76,11 +76,6 @@ pub fn set_stream_order(order: StreamOrder) -> Result<()> {
     r
 }
 
-/// The order set by [`set_stream_order`].
-pub fn stream_order() -> StreamOrder {
-    machine().order
-}
-
 /// A queued item of a stream.
 enum Item {
     /// Work: a kernel, GEMM, copy (a peer copy too: both sides are host memory) or memset.
@@ -459,7 +454,7 @@ impl EmuDevice {
                     s.queue.iter().any(|it| match it {
                         Item::Op(op) => op_ranges(op)
                             .iter()
-                            .any(|&(p, n)| p < range.1 && p + n as u64 > range.0),
+                            .any(|&(p, n)| p < range.1 && p.saturating_add(n as u64) > range.0),
                         Item::Wait { .. } => false,
                     })
                 });
@@ -500,28 +495,9 @@ impl EmuDevice {
     }
 
     fn check_op(&self, op: &EmuOp) -> Result<()> {
-        match op {
-            EmuOp::Launch { .. } => Ok(()),
-            EmuOp::Copy { dst, src, bytes } => {
-                self.check(*dst, *bytes)?;
-                self.check(*src, *bytes)
-            }
-            EmuOp::Memset { dst, bytes, .. } => self.check(*dst, *bytes),
-            EmuOp::Write { dst, data } => self.check(*dst, data.len()),
-            EmuOp::Gemm { args: a } => {
-                let out = match a.ty {
-                    OutType::F32 => 4,
-                    OutType::Bf16 => 2,
-                };
-                let n = |x: usize, y: usize, z: usize| x.saturating_mul(y).saturating_mul(z);
-                self.check(a.x, n(a.rows, a.inp, 2))?;
-                self.check(a.w, n(a.out, a.inp, 2))?;
-                if a.bias != 0 {
-                    self.check(a.bias, n(a.out, 4, 1))?;
-                }
-                self.check(a.d, n(a.rows, a.out, out))
-            }
-        }
+        op_ranges(op)
+            .into_iter()
+            .try_for_each(|(p, n)| self.check(p, n))
     }
 
     fn capturing(&self, what: &str) -> Result<()> {
@@ -705,7 +681,7 @@ impl EmuDevice {
 }
 
 /// The memory ranges `(start, bytes)` an op reads or writes (none for a kernel: its arguments
-/// are an opaque params struct).
+/// are an opaque params struct). Sizes saturate: an absurd GEMM shape fails the range check.
 fn op_ranges(op: &EmuOp) -> Vec<(DevPtr, usize)> {
     match op {
         EmuOp::Launch { .. } => Vec::new(),
@@ -717,14 +693,12 @@ fn op_ranges(op: &EmuOp) -> Vec<(DevPtr, usize)> {
                 OutType::F32 => 4,
                 OutType::Bf16 => 2,
             };
-            let mut v = vec![
-                (a.x, a.rows * a.inp * 2),
-                (a.w, a.out * a.inp * 2),
-                (a.d, a.rows * a.out * out),
-            ];
+            let n = |x: usize, y: usize, z: usize| x.saturating_mul(y).saturating_mul(z);
+            let mut v = vec![(a.x, n(a.rows, a.inp, 2)), (a.w, n(a.out, a.inp, 2))];
             if a.bias != 0 {
-                v.push((a.bias, a.out * 4));
+                v.push((a.bias, n(a.out, 4, 1)));
             }
+            v.push((a.d, n(a.rows, a.out, out)));
             v
         }
     }

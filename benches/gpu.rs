@@ -19,11 +19,11 @@
 
 use blockcascade::backend::cuda::device::{probe, DevPtr, Epilogue, Gpu, OutType};
 use blockcascade::backend::cuda::{attention_tune, ops};
-use blockcascade::backend::BackendKind;
+use blockcascade::config::BackendKind;
 use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::kernels::params::{BcAttnGroup, BcKvSegment};
 use blockcascade::model::Model;
-use blockcascade::noise::Rng;
+use blockcascade::rng::Rng;
 use blockcascade::weights::{builtin_config, Weights, BUILTIN_SEED};
 use blockcascade::{
     kernels, GenerateOptions, Generator, ModelConfig, NoiseSource, PromptEmbeds, Schedule,

@@ -138,6 +138,25 @@ impl Plan {
     }
 }
 
+/// Assigns members (given their token counts) to `devices`, balancing tokens: each member goes,
+/// in order, to the least-loaded device (lowest index on ties). Returns per device the member
+/// indices in increasing order.
+pub fn place(tokens: &[usize], devices: usize) -> Vec<Vec<usize>> {
+    let mut load = vec![0usize; devices.max(1)];
+    let mut out = vec![Vec::new(); devices.max(1)];
+    let mut order: Vec<usize> = (0..tokens.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(tokens[i]));
+    for i in order {
+        let d = (0..load.len()).min_by_key(|&d| (load[d], d)).unwrap_or(0);
+        load[d] += tokens[i];
+        out[d].push(i);
+    }
+    for v in &mut out {
+        v.sort_unstable();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +235,15 @@ mod tests {
     fn bad_lags_are_rejected() {
         assert!(Plan::new(3, 4, 0).is_err());
         assert!(Plan::new(3, 4, 5).is_err());
+    }
+
+    #[test]
+    fn placement_balances_tokens() {
+        assert_eq!(
+            place(&[10, 10, 10, 10, 10], 2),
+            vec![vec![0, 2, 4], vec![1, 3]]
+        );
+        assert_eq!(place(&[10, 30, 10], 2), vec![vec![1], vec![0, 2]]);
+        assert_eq!(place(&[5], 3), vec![vec![0], vec![], vec![]]);
     }
 }

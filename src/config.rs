@@ -271,6 +271,24 @@ pub enum Recache {
     Window,
 }
 
+/// Which backend runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendKind {
+    /// The exact f32 CPU backend.
+    Cpu,
+    /// NVIDIA GPUs.
+    Cuda,
+}
+
+/// How devices share K/V.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvExchange {
+    /// Every layer, before attention: exact.
+    Joint,
+    /// Once per tick: peers' K/V from the previous tick.
+    Lagged,
+}
+
 /// Settings of one generation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GenerateOptions {
@@ -300,7 +318,7 @@ pub struct GenerateOptions {
     /// block's first step (the literal Self-Forcing loop; slower, same result).
     pub separate_context_pass: bool,
     /// Which backend runs the model.
-    pub backend: crate::backend::BackendKind,
+    pub backend: BackendKind,
     /// Devices the window's members are spread over (CPU: worker threads), at least 1.
     pub devices: usize,
     /// CUDA: capture and replay one CUDA graph per window shape (`--no-graphs` turns it off
@@ -312,7 +330,7 @@ pub struct GenerateOptions {
     #[serde(default)]
     pub device_ids: Vec<usize>,
     /// How devices share K/V (only used with more than one device).
-    pub kv_exchange: crate::multi_device::KvExchange,
+    pub kv_exchange: KvExchange,
     /// Testing hook: `(device, tick)` makes that device fail in that tick.
     #[serde(skip)]
     #[doc(hidden)]
@@ -334,11 +352,11 @@ impl Default for GenerateOptions {
             attention: AttentionMode::Causal,
             recache: Recache::None,
             separate_context_pass: false,
-            backend: crate::backend::BackendKind::Cpu,
+            backend: BackendKind::Cpu,
             devices: 1,
             device_ids: Vec::new(),
             graphs: true,
-            kv_exchange: crate::multi_device::KvExchange::Joint,
+            kv_exchange: KvExchange::Joint,
             fail_device_at: None,
         }
     }

@@ -107,10 +107,3 @@ impl MemoryEstimate {
         Ok(())
     }
 }
-
-/// Refuses to allocate `bytes` of host memory for `what` when they exceed what the machine
-/// and this process's cgroup (container) limit leave ([`Error::OutOfMemory`]); see
-/// [`crate::host_memory`].
-pub fn ensure_host_memory(bytes: usize, what: impl FnOnce() -> String) -> Result<()> {
-    crate::host_memory::ensure(bytes, what)
-}

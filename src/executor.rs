@@ -4,8 +4,9 @@
 //! tick, one joint [`Model::forward`] over the planned members, then renoise / finish / commit.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, BackendKind};
+use crate::backend::Backend;
 use crate::cascade::{Plan, Role};
+use crate::config::BackendKind;
 use crate::config::{GenerateOptions, Recache};
 use crate::engine::MemoryEstimate;
 use crate::model::{Member, Model, PromptContext, CHANNELS};

@@ -21,6 +21,7 @@ pub mod model;
 pub mod multi_device;
 pub mod noise;
 pub mod prompt;
+pub mod rng;
 pub mod scaling;
 pub mod schedule;
 pub mod tensorfile;

@@ -148,10 +148,27 @@ pub struct Model {
 
 static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+/// What runs when a model is dropped, with its [`Model::id`]: a backend that keeps copies of a
+/// model's weights (the CUDA backend's weight cache) registers a hook that drops them, so the
+/// model does not need to know its backends.
+static DROP_HOOKS: std::sync::Mutex<Vec<fn(u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `hook` to run with a model's id whenever a [`Model`] is dropped. Backends call it
+/// once (before they first keep anything keyed by a model id).
+pub fn on_model_drop(hook: fn(u64)) {
+    DROP_HOOKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(hook);
+}
+
 impl Drop for Model {
     fn drop(&mut self) {
-        // Device copies of these weights (the CUDA backend's weight cache) go with the model.
-        crate::backend::cuda::evict_model(self.id);
+        // Copies of these weights that backends keep go with the model.
+        let hooks = DROP_HOOKS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for hook in hooks {
+            hook(self.id);
+        }
     }
 }
 

@@ -11,40 +11,13 @@
 //!
 //! A device that fails sends a failure message to every peer, so nobody waits forever.
 
-use crate::config::AttentionMode;
+use crate::cascade::place;
+use crate::config::{AttentionMode, KvExchange};
 use crate::kv_cache::KvCache;
 use crate::model::{Member, MemberKv, Model, OwnKv};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::mpsc::{channel, Receiver, Sender};
-
-/// How devices share K/V.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum KvExchange {
-    /// Every layer, before attention: exact.
-    Joint,
-    /// Once per tick: peers' K/V from the previous tick.
-    Lagged,
-}
-
-/// Assigns members (given their token counts) to `devices`, balancing tokens: each member goes,
-/// in order, to the least-loaded device (lowest index on ties). Returns per device the member
-/// indices in increasing order.
-pub fn place(tokens: &[usize], devices: usize) -> Vec<Vec<usize>> {
-    let mut load = vec![0usize; devices.max(1)];
-    let mut out = vec![Vec::new(); devices.max(1)];
-    let mut order: Vec<usize> = (0..tokens.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(tokens[i]));
-    for i in order {
-        let d = (0..load.len()).min_by_key(|&d| (load[d], d)).unwrap_or(0);
-        load[d] += tokens[i];
-        out[d].push(i);
-    }
-    for v in &mut out {
-        v.sort_unstable();
-    }
-    out
-}
 
 enum Msg {
     /// K/V of the sender's members for one layer.
@@ -316,19 +289,4 @@ fn device_tick(
         }
     }
     Ok(flows)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placement_balances_tokens() {
-        assert_eq!(
-            place(&[10, 10, 10, 10, 10], 2),
-            vec![vec![0, 2, 4], vec![1, 3]]
-        );
-        assert_eq!(place(&[10, 30, 10], 2), vec![vec![1], vec![0, 2]]);
-        assert_eq!(place(&[5], 3), vec![vec![0], vec![], vec![]]);
-    }
 }

@@ -1,7 +1,7 @@
 //! Prompt embeddings (files, the built-in prompt) and prompt schedules.
 
 use crate::config::ModelConfig;
-use crate::noise::Rng;
+use crate::rng::Rng;
 use crate::tensorfile::TensorFile;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! For every tick of a generation the planner gives the window members; each member's FLOPs are
 //! its linear layers (`2 · tokens · weights`) plus self-attention over the keys it may see
 //! (`4 · tokens · keys · dim`) plus cross-attention over `text_len` keys. Members are placed on
-//! devices with [`crate::multi_device::place`]; a tick takes the busiest device's compute time
+//! devices with [`crate::cascade::place`]; a tick takes the busiest device's compute time
 //! plus the K/V exchange: in joint mode every layer each device sends its members' K and V
 //! (bf16) to the peers that read them before attention (with causal attention, the devices of
 //! later members; the context member's to every peer). The CUDA backend runs those copies on a
@@ -15,9 +15,10 @@
 //! tick and before the next one (what the CUDA backend does: not overlapped), so it moves at
 //! least the joint exchange's bytes and is never predicted faster than the serial joint bound.
 
+use crate::cascade::place;
 use crate::cascade::{Plan, Role};
+use crate::config::KvExchange;
 use crate::config::ModelConfig;
-use crate::multi_device::{place, KvExchange};
 
 /// Device and link figures the prediction uses.
 #[derive(Clone, Debug, serde::Serialize)]

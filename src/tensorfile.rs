@@ -283,7 +283,7 @@ impl TensorFile {
                 )));
             }
         }
-        crate::engine::ensure_host_memory(info.elements().saturating_mul(4), || {
+        crate::host_memory::ensure(info.elements().saturating_mul(4), || {
             format!(
                 "{}: tensor `{name}` {:?} (as f32)",
                 self.path.display(),

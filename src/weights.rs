@@ -4,7 +4,7 @@
 //! whose weights are generated from a fixed seed.
 
 use crate::config::{weight_shapes, ModelConfig};
-use crate::noise::Rng;
+use crate::rng::Rng;
 use crate::tensorfile::{Dtype, TensorFile};
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -190,7 +190,7 @@ impl Weights {
         let bytes = shapes.iter().fold(0usize, |a, (_, s)| {
             a.saturating_add(s.iter().fold(4usize, |p, &d| p.saturating_mul(d)))
         });
-        crate::engine::ensure_host_memory(bytes, || {
+        crate::host_memory::ensure(bytes, || {
             format!("{}: the f32 weights of this model", dir.display())
         })?;
         let mut map = HashMap::new();
@@ -214,7 +214,7 @@ impl Weights {
     /// modulations N(0, 1/dim).
     pub fn builtin(name: &str) -> Result<Self> {
         let config = builtin_config(name)?;
-        crate::engine::ensure_host_memory(config.parameter_count().saturating_mul(4), || {
+        crate::host_memory::ensure(config.parameter_count().saturating_mul(4), || {
             format!("the f32 weights of the built-in model `{name}`")
         })?;
         Ok(Self::random(config, BUILTIN_SEED))

@@ -10,13 +10,13 @@
 mod common;
 use blockcascade::backend::cuda::device::{probe, DevPtr, Epilogue, Gpu, OutType};
 use blockcascade::backend::cuda::{graph_replays, ops, set_session_options, CudaOptions};
-use blockcascade::backend::BackendKind;
+use blockcascade::config::BackendKind;
 use blockcascade::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
 use blockcascade::cpu::gemm::linear;
 use blockcascade::cpu::ops as cops;
 use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::kernels::params::{BcAttnGroup, BcKvSegment};
-use blockcascade::noise::Rng;
+use blockcascade::rng::Rng;
 use blockcascade::{kernels, AttentionMode, Generator, Schedule};
 use common::{expected, golden, rel_l2};
 use half::bf16;

@@ -6,7 +6,7 @@
 mod common;
 use blockcascade::backend::cuda::ops::attention_launches;
 use blockcascade::backend::cuda::{set_session_options, CudaOptions};
-use blockcascade::backend::BackendKind;
+use blockcascade::config::BackendKind;
 use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::{AttentionMode, Generator, Schedule};
 use common::*;

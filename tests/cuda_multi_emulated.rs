@@ -10,10 +10,10 @@ use blockcascade::backend::cuda::emu_device::{set_stream_order, StreamOrder};
 use blockcascade::backend::cuda::{
     double_kv_devices, graph_replays, peer_copy_bytes, set_session_options, CudaOptions,
 };
-use blockcascade::backend::BackendKind;
+use blockcascade::config::BackendKind;
+use blockcascade::config::KvExchange;
 use blockcascade::kernels::emu::Kernel;
 use blockcascade::model::Model;
-use blockcascade::multi_device::KvExchange;
 use blockcascade::noise::NoiseSource;
 use blockcascade::prompt::{PromptEmbeds, PromptSwitch};
 use blockcascade::weights::Weights;

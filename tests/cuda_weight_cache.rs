@@ -6,8 +6,8 @@ mod common;
 use blockcascade::backend::cuda::{
     cached_weight_sets, set_session_options, weight_uploads, CudaOptions,
 };
-use blockcascade::backend::BackendKind;
-use blockcascade::multi_device::KvExchange;
+use blockcascade::config::BackendKind;
+use blockcascade::config::KvExchange;
 use blockcascade::{AttentionMode, GenerateOptions, Generator, Schedule};
 use common::*;
 use std::sync::Mutex;

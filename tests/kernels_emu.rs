@@ -8,7 +8,7 @@ use blockcascade::cpu::ops;
 use blockcascade::kernels::emu::{
     self, Act, AttentionTile, EmuErrorKind, KvSegment, QkNormRope, QueryGroup,
 };
-use blockcascade::noise::Rng;
+use blockcascade::rng::Rng;
 use half::bf16;
 use std::sync::mpsc;
 use std::time::Duration;

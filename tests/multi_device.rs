@@ -1,7 +1,7 @@
 //! Multi-device cascades on CPU worker threads: results independent of the device count.
 
 mod common;
-use blockcascade::multi_device::KvExchange;
+use blockcascade::config::KvExchange;
 use blockcascade::{AttentionMode, Error, Generator, Schedule};
 use common::*;
 

@@ -8,8 +8,9 @@ mod common;
 
 use blockcascade::ffi::sys::*;
 use blockcascade::ffi::*;
-use blockcascade::noise::{RecordedNoise, Rng};
+use blockcascade::noise::RecordedNoise;
 use blockcascade::prompt::{load_schedule, PromptEmbeds};
+use blockcascade::rng::Rng;
 use blockcascade::tensorfile::{write_f32, TensorFile};
 use blockcascade::weights::{builtin_config, Weights};
 use blockcascade::{Error, GenerateOptions, ModelConfig};

@@ -11,15 +11,6 @@ pub mod cuda;
 use crate::model::Member;
 use crate::Result;
 
-/// Which backend runs the model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum BackendKind {
-    /// The exact f32 CPU backend.
-    Cpu,
-    /// NVIDIA GPUs.
-    Cuda,
-}
-
 /// A tick executor with its own KV cache.
 pub trait Backend {
     /// One joint forward over `members` (ordered by first frame); `blocks[i]` is member i's

@@ -1,11 +1,11 @@
 //! The `blockcascade` command line: `generate`, `plan`, `info`, `bench`.
 
-use blockcascade::backend::BackendKind;
 use blockcascade::bench;
 use blockcascade::cascade::Plan;
 use blockcascade::config::local_attn_frames;
+use blockcascade::config::BackendKind;
+use blockcascade::config::KvExchange;
 use blockcascade::engine::MemoryEstimate;
-use blockcascade::multi_device::KvExchange;
 use blockcascade::noise::{NoiseSource, RecordedNoise};
 use blockcascade::prompt::{load_schedule, PromptEmbeds};
 use blockcascade::schedule::{parse_steps, StepSchedule};
@@ -366,7 +366,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let out_bytes = [a.frames, 16, opts.height, opts.width, 4]
         .iter()
         .fold(1usize, |p, &d| p.saturating_mul(d));
-    blockcascade::engine::ensure_host_memory(out_bytes, || {
+    blockcascade::host_memory::ensure(out_bytes, || {
         format!("the output latents of {} frames", a.frames)
     })?;
     // Check every input before loading the model's weights.

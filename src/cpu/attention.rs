@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn matches_naive_softmax_across_segments_and_tiles() {
-        let mut rng = crate::noise::Rng::new(3);
+        let mut rng = crate::rng::Rng::new(3);
         let (heads, hd) = (3, 8);
         let dim = heads * hd;
         let (nq, nk) = (70, 600);

@@ -122,7 +122,7 @@ mod tests {
 
     #[test]
     fn linear_matches_naive_in_both_split_modes() {
-        let mut rng = crate::noise::Rng::new(7);
+        let mut rng = crate::rng::Rng::new(7);
         for &(n, k, o) in &[(100, 33, 7), (3, 40, 500), (1, 5, 1), (37, 64, 64)] {
             let x: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
             let w: Vec<f32> = (0..o * k).map(|_| rng.normal()).collect();

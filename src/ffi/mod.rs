@@ -8,7 +8,7 @@
 
 pub mod sys;
 
-use crate::backend::BackendKind;
+use crate::config::BackendKind;
 use crate::config::{AttentionMode, GenerateOptions, Schedule};
 use crate::executor::{Generator, RunReport};
 use crate::model::CHANNELS;

@@ -18,7 +18,7 @@ use super::device::{DevPtr, Gpu};
 use super::ops;
 use crate::kernels::launch::AttentionTile;
 use crate::kernels::params::{BcAttnGroup, BcKvSegment};
-use crate::noise::Rng;
+use crate::rng::Rng;
 use crate::Result;
 use half::bf16;
 use std::collections::HashMap;

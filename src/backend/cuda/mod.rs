@@ -308,6 +308,9 @@ static CACHE: Mutex<Vec<(CacheKey, Resident)>> = Mutex::new(Vec::new());
 static WEIGHT_UPLOADS: AtomicUsize = AtomicUsize::new(0);
 
 fn cache_lock() -> std::sync::MutexGuard<'static, Vec<(CacheKey, Resident)>> {
+    // A model's cached weights go when the model does (registered before anything is cached).
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| crate::model::on_model_drop(evict_model));
     CACHE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -324,7 +327,7 @@ pub fn cached_weight_sets() -> usize {
     cache_lock().len()
 }
 
-/// Drops the cached device weights of model `id` (what `Drop for Model` calls). Cheap when
+/// Drops the cached device weights of model `id` (the hook `Drop for Model` runs). Cheap when
 /// nothing is cached; never panics.
 pub fn evict_model(id: u64) {
     let gone: Vec<Resident> = {
@@ -1735,7 +1738,7 @@ impl Drop for CudaBackend<'_> {
 
 /// The CUDA backend over several logical devices (DESIGN §4, multi-device, joint mode): one
 /// [`CudaBackend`] per device (weights, activation buffers and KV cache replicated), members
-/// placed with [`crate::multi_device::place`], and in every layer each member's K/V rows copied
+/// placed with [`crate::cascade::place`], and in every layer each member's K/V rows copied
 /// from the device that computed them into the window buffers (same row offsets on every
 /// device) of every peer that reads them before attention, so every member sees exactly what
 /// it sees on one device. A peer reads a member's rows when one of its own members attends to
@@ -1754,7 +1757,7 @@ impl Drop for CudaBackend<'_> {
 /// work, so the cross-device ordering is the same as with eager launches. `recache` runs the
 /// whole rebuild on every device.
 ///
-/// **Lagged** exchange ([`crate::multi_device::KvExchange::Lagged`], the semantics of
+/// **Lagged** exchange ([`crate::config::KvExchange::Lagged`], the semantics of
 /// [`crate::multi_device`]): no exchange inside the tick. Every device keeps two generations
 /// of per-layer K/V buffers in the window's row layout: during a tick it snapshots its own
 /// window members' K/V of every layer into the current generation, and its attention reads
@@ -1811,7 +1814,7 @@ impl<'m> MultiCudaBackend<'m> {
                 }
             }
         }
-        let lag = if opts.kv_exchange == crate::multi_device::KvExchange::Lagged {
+        let lag = if opts.kv_exchange == crate::config::KvExchange::Lagged {
             let mut gens = Vec::with_capacity(devs.len());
             for dev in &mut devs {
                 let c = dev.model.config();
@@ -1903,7 +1906,7 @@ impl Backend for MultiCudaBackend<'_> {
         }
         let nd = self.devs.len();
         let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
-        let placement = crate::multi_device::place(&tokens, nd);
+        let placement = crate::cascade::place(&tokens, nd);
         let (mut shapes, mut keys) = (Vec::with_capacity(nd), Vec::with_capacity(nd));
         for (dev, own) in self.devs.iter_mut().zip(&placement) {
             dev.gpu.bind()?;
@@ -2096,7 +2099,7 @@ impl MultiCudaBackend<'_> {
         let (tpf, flen) = ((h / 2) * (w / 2), CHANNELS * h * w);
         let row = (d * 2) as u64;
         let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
-        let placement = crate::multi_device::place(&tokens, nd);
+        let placement = crate::cascade::place(&tokens, nd);
         // The previous tick's K/V of each member's block (same rows on every device).
         let mut prev_row = Vec::with_capacity(members.len());
         for (i, m) in members.iter().enumerate() {

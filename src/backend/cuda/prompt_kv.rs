@@ -182,7 +182,7 @@ mod tests {
     use super::super::{CudaBackend, CudaOptions};
     use crate::config::GenerateOptions;
     use crate::model::{Member, Model, PromptContext};
-    use crate::noise::Rng;
+    use crate::rng::Rng;
     use crate::weights::{builtin_config, Weights};
     use crate::Error;
     use half::bf16;

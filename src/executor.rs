@@ -341,7 +341,7 @@ impl<'m> Generator<'m> {
                             let noise = noise_ready.remove(&(m.block, s + 1)).ok_or_else(|| {
                                 Error::Internal(format!("no renoise for block {}", m.block))
                             })?;
-                            crate::cpu::ops::flow_step(
+                            crate::backend::cpu::ops::flow_step(
                                 &mut x,
                                 &v,
                                 self.steps.sigmas[s],
@@ -349,7 +349,12 @@ impl<'m> Generator<'m> {
                             );
                             state.insert(m.block, x);
                         } else {
-                            crate::cpu::ops::flow_step(&mut x, &v, self.steps.sigmas[s], None);
+                            crate::backend::cpu::ops::flow_step(
+                                &mut x,
+                                &v,
+                                self.steps.sigmas[s],
+                                None,
+                            );
                             if x.iter().any(|v| !v.is_finite()) {
                                 return Err(Error::Internal(format!(
                                     "block {} produced non-finite latents (weights or inputs out of range?)",

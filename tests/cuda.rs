@@ -8,12 +8,12 @@
 //! cascade lag, and graph replay against eager launches.
 
 mod common;
+use blockcascade::backend::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
+use blockcascade::backend::cpu::gemm::linear;
+use blockcascade::backend::cpu::ops as cops;
 use blockcascade::backend::cuda::device::{probe, DevPtr, Epilogue, Gpu, OutType};
 use blockcascade::backend::cuda::{graph_replays, ops, set_session_options, CudaOptions};
 use blockcascade::config::BackendKind;
-use blockcascade::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
-use blockcascade::cpu::gemm::linear;
-use blockcascade::cpu::ops as cops;
 use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::kernels::params::{BcAttnGroup, BcKvSegment};
 use blockcascade::rng::Rng;

@@ -1,10 +1,10 @@
 //! Every CUDA kernel, run on the CPU through the SIMT emulation layer, against the f32 CPU
-//! reference (`blockcascade::cpu`). Inputs are fresh random normals (bf16 inputs are rounded
+//! reference (`blockcascade::backend::cpu`). Inputs are fresh random normals (bf16 inputs are rounded
 //! first and the reference gets the same rounded values), outputs are poisoned with NaN before
 //! the launch, tolerance is bf16-level (1e-2 relative), and a non-finite output never passes.
 
-use blockcascade::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
-use blockcascade::cpu::ops;
+use blockcascade::backend::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
+use blockcascade::backend::cpu::ops;
 use blockcascade::kernels::emu::{
     self, Act, AttentionTile, EmuErrorKind, KvSegment, QkNormRope, QueryGroup,
 };

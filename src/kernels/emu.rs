@@ -9,8 +9,8 @@
 //! [`launch_raw`] takes a kernel, launch dimensions and a params struct (from
 //! [`super::params`]); the safe wrappers below check buffer sizes, then build the params,
 //! grid and block through [`super::launch`], the constructors the GPU backend launches
-//! with too, and mirror the CPU reference ops in [`crate::cpu::ops`] /
-//! [`crate::cpu::attention`]. bf16 buffers are `half::bf16`.
+//! with too, and mirror the CPU reference ops in [`crate::backend::cpu::ops`] /
+//! [`crate::backend::cpu::attention`]. bf16 buffers are `half::bf16`.
 #![allow(clippy::too_many_arguments)]
 
 pub use super::launch::AttentionTile;

@@ -770,9 +770,9 @@ fn gemm(a: &GemmArgs) -> Result<()> {
         unsafe { std::slice::from_raw_parts(a.bias as *const f32, a.out) }
     });
     let mut y = vec![0f32; a.rows * a.out];
-    crate::cpu::gemm::linear(&xf, a.rows, a.inp, &wf, bias, &mut y);
+    crate::backend::cpu::gemm::linear(&xf, a.rows, a.inp, &wf, bias, &mut y);
     if a.ep == Epilogue::GeluBias {
-        crate::cpu::ops::gelu_tanh(&mut y);
+        crate::backend::cpu::ops::gelu_tanh(&mut y);
     }
     // SAFETY: d holds rows*out values of the output type.
     unsafe {

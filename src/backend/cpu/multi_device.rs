@@ -1,6 +1,6 @@
 //! Multi-device cascades on the CPU backend: the members of a tick are placed on N devices
 //! (worker threads), each holding a replica of the clean KV cache, and exchange K/V over
-//! channels (DESIGN §4, multi-device).
+//! channels.
 //!
 //! - **Joint** exchange: in every layer each device sends its members' K/V to every peer before
 //!   attention, so every member sees exactly what it sees on one device (results do not depend
@@ -11,10 +11,11 @@
 //!
 //! A device that fails sends a failure message to every peer, so nobody waits forever.
 
+use super::forward::{MemberKv, OwnKv};
 use crate::cascade::place;
 use crate::config::{AttentionMode, KvExchange};
 use crate::kv_cache::KvCache;
-use crate::model::{Member, MemberKv, Model, OwnKv};
+use crate::model::{Member, Model};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::mpsc::{channel, Receiver, Sender};

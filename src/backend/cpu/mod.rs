@@ -1,12 +1,23 @@
-//! The CPU backend: [`Model::forward`] on one device, or [`forward_tick`] over several worker
-//! threads each holding a replica of the cache.
+//! The CPU backend: the exact f32 reference. [`CpuBackend`] runs [`Model::forward`] on one
+//! device, or [`multi_device::forward_tick`] over several worker threads each holding a
+//! replica of the cache.
+//!
+//! Its ops ([`ops`], [`gemm`], [`attention`]) are the semantics every other backend (the CUDA
+//! kernels, their CPU emulation) is checked against. Hot paths use rayon over rows and
+//! `matrixmultiply` GEMMs.
+
+pub mod attention;
+pub mod forward;
+pub mod gemm;
+pub mod multi_device;
+pub mod ops;
 
 use super::Backend;
 use crate::config::GenerateOptions;
 use crate::kv_cache::KvCache;
 use crate::model::{Member, Model};
-use crate::multi_device::{forward_tick, DeviceState};
 use crate::Result;
+use multi_device::{forward_tick, DeviceState};
 
 /// CPU devices with their cache replicas.
 pub struct CpuBackend<'m> {

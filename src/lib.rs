@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bench;
 pub mod cascade;
 pub mod config;
+pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod executor;

@@ -1,0 +1,470 @@
+//! CPU building blocks shared by the two decoders: convolution as implicit GEMM, channel RMS
+//! norm, SiLU / ReLU, nearest 2x upsampling and single-head spatial attention.
+//!
+//! Activations are frame-major: one frame is a `Vec<f32>` laid out `[C, H, W]`, as PyTorch's
+//! NCHW. A convolution output frame is a sum over *sources*: input frames (or channel slices of
+//! a concatenation) paired with the time tap of the kernel they meet. A causal 3x3x3 conv is
+//! three sources (the two cached frames and the current one), a MemBlock's conv over
+//! `cat[x, past]` is two sources with different channel offsets, and a missing source is a zero
+//! frame (skipped, as adding zeros changes nothing).
+//!
+//! Each output frame is split into tiles of whole rows. A tile copies the rows it needs (plus a
+//! zero border) into a padded buffer of width `W + 2`, then runs one `Cout x Cin x rows*(W+2)`
+//! GEMM per kernel tap, with the tap's shift applied as an offset into that buffer; the two
+//! extra columns per row are computed and dropped. No im2col matrix is ever built, so the extra
+//! memory is one padded tile per thread. A source may also be read through a nearest 2x
+//! upsample, which is then never materialised.
+
+use rayon::prelude::*;
+
+/// Raw output pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only where tasks write disjoint index ranges of a live buffer (see call sites).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `c[i*rsc + j*csc] = beta*c[..] + sum_p a[i*rsa + p*csa] * b[p*rsb + j*csb]`, for an `m x k`
+/// times `k x n` product, each operand a slice plus an offset and strides.
+///
+/// # Panics
+/// When an index would fall outside a slice (a bug in the caller, never user input).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    (m, k, n): (usize, usize, usize),
+    a: (&[f32], usize, usize, usize),
+    b: (&[f32], usize, usize, usize),
+    beta: f32,
+    c: (*mut f32, usize, usize, usize, usize),
+) {
+    let (a, ao, rsa, csa) = a;
+    let (b, bo, rsb, csb) = b;
+    let (cp, clen, co, rsc, csc) = c;
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |o: usize, r: usize, rs: usize, cl: usize, cs: usize| {
+        o + r.saturating_sub(1) * rs + cl.saturating_sub(1) * cs
+    };
+    assert!(
+        k == 0 || last(ao, m, rsa, k, csa) < a.len(),
+        "gemm: A out of bounds"
+    );
+    assert!(
+        k == 0 || last(bo, k, rsb, n, csb) < b.len(),
+        "gemm: B out of bounds"
+    );
+    assert!(last(co, m, rsc, n, csc) < clen, "gemm: C out of bounds");
+    // SAFETY: every index the product touches was checked against the slice lengths above;
+    // the caller guarantees `cp` is valid for `clen` values and not aliased by `a` or `b`.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr().add(ao),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr().add(bo),
+            rsb as isize,
+            csb as isize,
+            beta,
+            cp.add(co),
+            rsc as isize,
+            csc as isize,
+        );
+    }
+}
+
+/// A convolution's weights, repacked for tap-wise GEMMs.
+pub(crate) struct Conv {
+    /// Output channels.
+    pub cout: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Temporal taps (1 for conv2d).
+    pub kt: usize,
+    /// Kernel height (1 or 3).
+    pub kh: usize,
+    /// Kernel width (1 or 3).
+    pub kw: usize,
+    /// `[kt][kh][kw][cout][cin]`.
+    taps: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+/// One input of a convolution output frame.
+#[derive(Clone, Copy)]
+pub(crate) struct Src<'a> {
+    /// The frame, `[c, H, W]` (or `[c, H/2, W/2]` when `up`).
+    pub data: &'a [f32],
+    /// The kernel's time tap this frame meets.
+    pub t: usize,
+    /// First weight input channel of this frame's channels.
+    pub c0: usize,
+    /// Channels of this frame.
+    pub c: usize,
+    /// Read through a nearest 2x spatial upsample.
+    pub up: bool,
+}
+
+impl<'a> Src<'a> {
+    /// A whole frame meeting tap `t`.
+    pub fn new(data: &'a [f32], t: usize, c: usize) -> Self {
+        Src {
+            data,
+            t,
+            c0: 0,
+            c,
+            up: false,
+        }
+    }
+}
+
+/// Target number of GEMM columns per tile.
+const TILE_COLS: usize = 4096;
+
+impl Conv {
+    /// Builds from PyTorch's layout `[cout, cin, (kt,) kh, kw]` (shape already validated to be
+    /// 4-D or 5-D with odd spatial sizes of 1 or 3).
+    pub fn from_torch(w: &[f32], shape: &[usize], bias: Option<Vec<f32>>) -> Conv {
+        let (cout, cin) = (shape[0], shape[1]);
+        let (kt, kh, kw) = if shape.len() == 5 {
+            (shape[2], shape[3], shape[4])
+        } else {
+            (1, shape[2], shape[3])
+        };
+        let mut taps = vec![0.0; w.len()];
+        for o in 0..cout {
+            for i in 0..cin {
+                for t in 0..kt {
+                    for y in 0..kh {
+                        for x in 0..kw {
+                            let src = (((o * cin + i) * kt + t) * kh + y) * kw + x;
+                            let dst = (((t * kh + y) * kw + x) * cout + o) * cin + i;
+                            taps[dst] = w[src];
+                        }
+                    }
+                }
+            }
+        }
+        Conv {
+            cout,
+            cin,
+            kt,
+            kh,
+            kw,
+            taps,
+            bias,
+        }
+    }
+
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.taps.len() + self.bias.as_ref().map_or(0, |b| b.len()))
+    }
+
+    /// Computes one output frame `[cout, h, w]` per job (a job is the list of its sources),
+    /// all jobs and row tiles in parallel.
+    pub fn forward(&self, jobs: &[Vec<Src>], h: usize, w: usize) -> Vec<Vec<f32>> {
+        let hw = h * w;
+        let mut outs: Vec<Vec<f32>> = jobs.iter().map(|_| vec![0.0; self.cout * hw]).collect();
+        if hw == 0 {
+            return outs;
+        }
+        let wp = w + self.kw - 1;
+        let threads = rayon::current_num_threads().max(1);
+        let mut rows = TILE_COLS.div_ceil(wp).clamp(1, h);
+        // Enough tiles to keep every thread busy on a single frame, when the frame allows it.
+        let want = (2 * threads).div_ceil(jobs.len().max(1));
+        if h.div_ceil(rows) < want {
+            rows = h.div_ceil(want).max(1);
+        }
+        let tiles = h.div_ceil(rows);
+        let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+        let len = self.cout * hw;
+        (0..jobs.len() * tiles).into_par_iter().for_each(|task| {
+            let (j, tile) = (task / tiles, task % tiles);
+            let r0 = tile * rows;
+            let r1 = (r0 + rows).min(h);
+            // SAFETY: `ptrs[j]` points at `outs[j]` (cout*hw values, alive until after this
+            // parallel loop); each task writes rows [r0, r1) of every channel of its own frame,
+            // disjoint from all other tasks.
+            let out = ptrs[j];
+            self.tile(&jobs[j], h, w, r0, r1, out, len);
+        });
+        outs
+    }
+
+    /// One row tile `[r0, r1)` of one output frame.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        &self,
+        srcs: &[Src],
+        h: usize,
+        w: usize,
+        r0: usize,
+        r1: usize,
+        out: SendPtr,
+        len: usize,
+    ) {
+        let (ph, pw) = (self.kh / 2, self.kw / 2);
+        let wp = w + 2 * pw;
+        let rows = r1 - r0;
+        let n = rows * wp;
+        let prow = rows + 2 * ph;
+        let mut acc = vec![0.0f32; self.cout * n];
+        let mut pad: Vec<f32> = Vec::new();
+        let mut beta = 0.0;
+        for s in srcs {
+            // The GEMM's B operand: rows = channels at stride `rsb`, columns contiguous.
+            let (b, bo, rsb): (&[f32], usize, usize) = if ph == 0 && pw == 0 && !s.up {
+                (s.data, r0 * w, h * w)
+            } else {
+                let need = s.c * prow * wp + 2 * pw;
+                pad.clear();
+                pad.resize(need, 0.0);
+                let (sh, sw) = if s.up { (h / 2, w / 2) } else { (h, w) };
+                for ci in 0..s.c {
+                    let plane = &s.data[ci * sh * sw..(ci + 1) * sh * sw];
+                    for pr in 0..prow {
+                        let y = r0 as isize + pr as isize - ph as isize;
+                        if y < 0 || y >= h as isize {
+                            continue;
+                        }
+                        let dst = &mut pad[ci * prow * wp + pr * wp + pw..][..w];
+                        if s.up {
+                            let srow = &plane[(y as usize / 2) * sw..][..sw];
+                            for (x, d) in dst.iter_mut().enumerate() {
+                                *d = srow[x / 2];
+                            }
+                        } else {
+                            dst.copy_from_slice(&plane[y as usize * w..][..w]);
+                        }
+                    }
+                }
+                (&pad, 0, prow * wp)
+            };
+            for dy in 0..self.kh {
+                for dx in 0..self.kw {
+                    let tap = ((s.t * self.kh + dy) * self.kw + dx) * self.cout * self.cin;
+                    gemm(
+                        (self.cout, s.c, n),
+                        (&self.taps, tap + s.c0, self.cin, 1),
+                        (b, bo + dy * wp + dx, rsb, 1),
+                        beta,
+                        (acc.as_mut_ptr(), acc.len(), 0, n, 1),
+                    );
+                    beta = 1.0;
+                }
+            }
+        }
+        let hw = h * w;
+        for o in 0..self.cout {
+            let bias = self.bias.as_ref().map_or(0.0, |b| b[o]);
+            for r in 0..rows {
+                let src = &acc[o * n + r * wp..][..w];
+                let at = o * hw + (r0 + r) * w;
+                debug_assert!(at + w <= len);
+                // SAFETY: `at + w <= cout*hw = len`, and rows [r0, r1) of this frame belong
+                // to this task only (see `forward`).
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), w) };
+                for (d, v) in dst.iter_mut().zip(src) {
+                    *d = v + bias;
+                }
+            }
+        }
+    }
+}
+
+/// Applies `f` to every element of every frame, in parallel.
+pub(crate) fn map_inplace(frames: &mut [Vec<f32>], f: impl Fn(f32) -> f32 + Sync) {
+    frames
+        .par_iter_mut()
+        .flat_map(|fr| fr.par_chunks_mut(1 << 14))
+        .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+}
+
+/// SiLU, `x * sigmoid(x)`.
+#[inline]
+pub(crate) fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Channel RMS norm as upstream `RMS_norm`: `x / max(||x||_2, 1e-12) * sqrt(C) * gamma`, the
+/// norm taken over the channels of each pixel; then SiLU when `act`. Returns new frames.
+pub(crate) fn rms_norm(frames: &[Vec<f32>], c: usize, gamma: &[f32], act: bool) -> Vec<Vec<f32>> {
+    let scale = (c as f32).sqrt();
+    frames
+        .iter()
+        .map(|x| {
+            let hw = x.len() / c.max(1);
+            let mut out = vec![0.0f32; x.len()];
+            let chunk = 1024usize;
+            let optr = SendPtr(out.as_mut_ptr());
+            (0..hw.div_ceil(chunk)).into_par_iter().for_each(|k| {
+                let p0 = k * chunk;
+                let p1 = (p0 + chunk).min(hw);
+                let mut ss = vec![0.0f32; p1 - p0];
+                for ch in 0..c {
+                    for (s, v) in ss.iter_mut().zip(&x[ch * hw + p0..ch * hw + p1]) {
+                        *s += v * v;
+                    }
+                }
+                for s in ss.iter_mut() {
+                    *s = s.sqrt().max(1e-12);
+                }
+                let o = optr;
+                for (ch, &g) in gamma.iter().enumerate().take(c) {
+                    // SAFETY: pixel range [p0, p1) of every channel belongs to this task only;
+                    // `out` has c*hw values and outlives the parallel loop.
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(o.0.add(ch * hw + p0), p1 - p0) };
+                    for ((d, v), n) in dst.iter_mut().zip(&x[ch * hw + p0..]).zip(&ss) {
+                        let y = v / n * scale * g;
+                        *d = if act { silu(y) } else { y };
+                    }
+                }
+            });
+            out
+        })
+        .collect()
+}
+
+/// Nearest 2x upsample of one frame `[c, h, w]` to `[c, 2h, 2w]`.
+pub(crate) fn upsample2x(x: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; c * 4 * h * w];
+    out.par_chunks_mut(4 * w)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (ch, y) = (row / (2 * h), row % (2 * h));
+            let src = &x[(ch * h + y / 2) * w..][..w];
+            for (xx, d) in dst.iter_mut().enumerate() {
+                *d = src[xx / 2];
+            }
+        });
+    out
+}
+
+/// Single-head softmax attention over the pixels of one frame, as upstream's `AttentionBlock`
+/// core: `qkv` is `[3C, P]` (q, k, v stacked), the result `[C, P]` is
+/// `softmax(q^T k / sqrt(C)) v^T` transposed back.
+pub(crate) fn attention(qkv: &[f32], c: usize, p: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; c * p];
+    let scale = 1.0 / (c as f32).sqrt();
+    let rq = 128usize.min(p.max(1));
+    let optr = SendPtr(out.as_mut_ptr());
+    let olen = out.len();
+    (0..p.div_ceil(rq)).into_par_iter().for_each(|k| {
+        let q0 = k * rq;
+        let m = rq.min(p - q0);
+        let mut s = vec![0.0f32; m * p];
+        // s[i, j] = sum_c q[c, q0+i] * k[c, j]
+        gemm(
+            (m, c, p),
+            (qkv, q0, 1, p),
+            (qkv, c * p, p, 1),
+            0.0,
+            (s.as_mut_ptr(), s.len(), 0, p, 1),
+        );
+        for row in s.chunks_mut(p) {
+            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
+            let mut sum = 0.0f32;
+            for v in row.iter_mut() {
+                *v = (*v * scale - mx).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+        // out[c, q0+i] = sum_j s[i, j] * v[c, j]
+        let o = optr;
+        gemm(
+            (m, p, c),
+            (&s, 0, p, 1),
+            (qkv, 2 * c * p, 1, p),
+            0.0,
+            (o.0, olen, q0, 1, p),
+        );
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_conv2d(
+        x: &[f32],
+        cin: usize,
+        h: usize,
+        w: usize,
+        wt: &[f32],
+        cout: usize,
+        k: usize,
+    ) -> Vec<f32> {
+        let p = k as isize / 2;
+        let mut out = vec![0.0f32; cout * h * w];
+        for o in 0..cout {
+            for y in 0..h {
+                for xx in 0..w {
+                    let mut s = 0.0f64;
+                    for i in 0..cin {
+                        for dy in 0..k {
+                            for dx in 0..k {
+                                let yy = y as isize + dy as isize - p;
+                                let xi = xx as isize + dx as isize - p;
+                                if yy < 0 || xi < 0 || yy >= h as isize || xi >= w as isize {
+                                    continue;
+                                }
+                                s += (wt[((o * cin + i) * k + dy) * k + dx]
+                                    * x[(i * h + yy as usize) * w + xi as usize])
+                                    as f64;
+                            }
+                        }
+                    }
+                    out[(o * h + y) * w + xx] = s as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::noise::Rng::new(seed);
+        (0..n).map(|_| r.normal()).collect()
+    }
+
+    #[test]
+    fn conv2d_matches_naive_including_upsampled_source() {
+        for &(cin, cout, h, w, k) in &[(3, 5, 7, 9, 3), (4, 6, 5, 3, 1), (2, 3, 1, 1, 3)] {
+            let x = rand(cin * h * w, 1);
+            let wt = rand(cout * cin * k * k, 2);
+            let conv = Conv::from_torch(&wt, &[cout, cin, k, k], None);
+            let got = conv.forward(&[vec![Src::new(&x, 0, cin)]], h, w);
+            let want = naive_conv2d(&x, cin, h, w, &wt, cout, k);
+            for (a, b) in got[0].iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+            let up = upsample2x(&x, cin, h, w);
+            let want = naive_conv2d(&up, cin, 2 * h, 2 * w, &wt, cout, k);
+            let mut s = Src::new(&x, 0, cin);
+            s.up = true;
+            let got = conv.forward(&[vec![s]], 2 * h, 2 * w);
+            for (a, b) in got[0].iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_rows_sum_to_one() {
+        // v = 1 everywhere: every output is exactly the softmax row sum.
+        let (c, p) = (4, 300);
+        let mut qkv = rand(3 * c * p, 3);
+        qkv[2 * c * p..].iter_mut().for_each(|v| *v = 1.0);
+        let out = attention(&qkv, c, p);
+        assert!(out.iter().all(|v| (v - 1.0).abs() < 1e-5));
+    }
+}

@@ -1,0 +1,373 @@
+//! Latents to pixels: the Wan2.1 VAE decoder and the TAEHV tiny decoder, on the CPU, whole
+//! videos or streamed block by block.
+//!
+//! [`Decoder::load`] reads either decoder from a safetensors file with the upstream tensor
+//! names (sizes come from the shapes; f32, bf16 and f16 are accepted). [`Decoder::stream`]
+//! starts a [`DecodeStream`] that takes the DiT's finished blocks of latent frames one after
+//! the other and returns their pixel frames at once, carrying only the decoders' causal state
+//! between blocks (bounded; it does not grow with the stream). Joining the blocks' frames gives
+//! the same video as [`Decoder::decode`] of all the latents at once. The math, the caches and
+//! their sizes are described in docs/decoders.md.
+
+mod bench;
+pub(crate) mod conv;
+mod taehv;
+mod wan_vae;
+mod weights;
+
+pub use bench::{bench_decode, table as bench_table, DecodeBench};
+
+use crate::tensorfile::TensorFile;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use weights::Weights;
+
+/// Which decoder a weight file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecoderKind {
+    /// The Wan2.1 VAE decoder (`Wan2.1_VAE.pth`): exact pixels, heavy.
+    WanVae,
+    /// TAEHV (`taew2_1`): the tiny decoder real-time demos use, ~10x cheaper.
+    Taehv,
+}
+
+impl std::str::FromStr for DecoderKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "wan" => Ok(DecoderKind::WanVae),
+            "taehv" => Ok(DecoderKind::Taehv),
+            _ => Err(Error::invalid(format!(
+                "unknown decoder `{s}` (expected `wan` or `taehv`)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for DecoderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            DecoderKind::WanVae => "wan",
+            DecoderKind::Taehv => "taehv",
+        })
+    }
+}
+
+/// Decoded pixels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Video {
+    /// Number of frames `T`.
+    pub frames: usize,
+    /// Height `H` in pixels.
+    pub height: usize,
+    /// Width `W` in pixels.
+    pub width: usize,
+    /// `[T, 3, H, W]` RGB, in [-1, 1] (the Wan VAE clamps; TAEHV's `2x - 1` may overshoot
+    /// slightly, as upstream's does).
+    pub data: Vec<f32>,
+}
+
+enum Inner {
+    Wan(Box<wan_vae::WanVae>),
+    Taehv(taehv::Taehv),
+}
+
+/// A loaded decoder: immutable weights, shared by any number of streams (`Send + Sync`).
+pub struct Decoder {
+    inner: Inner,
+}
+
+/// Largest latent height or width accepted (8192 pixels).
+const MAX_LATENT_SIDE: usize = 1024;
+
+impl Decoder {
+    /// Loads a decoder from a safetensors file, or a folder holding exactly one. The kind is
+    /// detected from the tensor names (`decoder.middle.*`/`conv2.*`: Wan VAE, whose
+    /// `encoder.*`/`conv1.*` are ignored; `decoder.{i}.*`: TAEHV) unless `kind` forces one.
+    pub fn load(path: &Path, kind: Option<DecoderKind>) -> Result<Decoder> {
+        let file = resolve(path)?;
+        let wt = Weights::file(TensorFile::open(&file)?);
+        let kind = match kind {
+            Some(k) => k,
+            None => detect(&wt)?,
+        };
+        Self::from_weights(&wt, kind)
+    }
+
+    fn from_weights(wt: &Weights, kind: DecoderKind) -> Result<Decoder> {
+        let inner = match kind {
+            DecoderKind::WanVae => Inner::Wan(Box::new(wan_vae::WanVae::load(wt)?)),
+            DecoderKind::Taehv => Inner::Taehv(taehv::Taehv::load(wt)?),
+        };
+        let d = Decoder { inner };
+        if d.latent_channels() != 16 {
+            return Err(wt.err(format!(
+                "the {kind} decoder takes {} latent channels; Wan2.1 latents have 16",
+                d.latent_channels()
+            )));
+        }
+        Ok(d)
+    }
+
+    /// A built-in tiny TAEHV-shaped decoder with random weights (widths 32, 16, 8, 8), so the
+    /// no-files path still ends in a video (noise-like pictures, not a real decode).
+    pub fn tiny_taehv(seed: u64) -> Decoder {
+        Self::synthetic(DecoderKind::Taehv, 8, seed)
+    }
+
+    /// A decoder of `kind` with random weights at width `dim` (Wan VAE: the base width, 96 in
+    /// the real model; TAEHV: the last width, 64 in the real model, the others 4x, 2x, 1x).
+    /// For benchmarks and the no-files path.
+    pub fn synthetic(kind: DecoderKind, dim: usize, seed: u64) -> Decoder {
+        let dim = dim.max(1);
+        let t = match kind {
+            DecoderKind::WanVae => wan_vae::synthetic(dim, 16, seed),
+            DecoderKind::Taehv => taehv::synthetic([4 * dim, 2 * dim, dim, dim], 16, seed),
+        };
+        let wt = Weights::mem(t);
+        match Self::from_weights(&wt, kind) {
+            Ok(d) => d,
+            // The generated names and shapes are those the loaders read.
+            Err(e) => unreachable!("synthetic {kind} decoder: {e}"),
+        }
+    }
+
+    /// Which decoder this is.
+    pub fn kind(&self) -> DecoderKind {
+        match self.inner {
+            Inner::Wan(_) => DecoderKind::WanVae,
+            Inner::Taehv(_) => DecoderKind::Taehv,
+        }
+    }
+
+    /// Latent channels the decoder takes (16).
+    pub fn latent_channels(&self) -> usize {
+        match &self.inner {
+            Inner::Wan(d) => d.z_dim,
+            Inner::Taehv(d) => d.z_dim,
+        }
+    }
+
+    fn up(&self) -> usize {
+        match &self.inner {
+            Inner::Wan(d) => d.up,
+            Inner::Taehv(d) => d.up,
+        }
+    }
+
+    /// `(H, W)` in pixels of a `latent_h x latent_w` latent grid (8x for both real decoders).
+    pub fn pixel_size(&self, latent_h: usize, latent_w: usize) -> (usize, usize) {
+        (latent_h * self.up(), latent_w * self.up())
+    }
+
+    /// Pixel frames for `latent_frames` latent frames decoded as one stream: `1 + 4(F-1)` for
+    /// the Wan VAE, `4F - 3` for TAEHV (0 for 0).
+    pub fn pixel_frames(&self, latent_frames: usize) -> usize {
+        if latent_frames == 0 {
+            return 0;
+        }
+        match &self.inner {
+            Inner::Wan(_) => 1 + 4 * (latent_frames - 1),
+            Inner::Taehv(d) => d.t_up * latent_frames - d.trim,
+        }
+    }
+
+    /// Checks that latents of `channels x h x w` per frame can be decoded.
+    pub fn check_latent_size(&self, channels: usize, h: usize, w: usize) -> Result<()> {
+        if channels != self.latent_channels() {
+            return Err(Error::invalid(format!(
+                "latents have {channels} channels; the {} decoder takes {}",
+                self.kind(),
+                self.latent_channels()
+            )));
+        }
+        if h == 0 || w == 0 || h > MAX_LATENT_SIDE || w > MAX_LATENT_SIDE {
+            return Err(Error::invalid(format!(
+                "latent size {h}x{w}: each side must be 1..={MAX_LATENT_SIDE}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the causal state a stream holds at latent size `h x w`, once warmed up (f32).
+    pub fn state_bytes(&self, latent_h: usize, latent_w: usize) -> usize {
+        match &self.inner {
+            Inner::Wan(d) => d.cache_bytes(latent_h, latent_w),
+            Inner::Taehv(d) => d.cache_bytes(latent_h, latent_w),
+        }
+    }
+
+    /// Bytes of weights held (f32).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.inner {
+            Inner::Wan(d) => d.weight_bytes(),
+            Inner::Taehv(d) => d.weight_bytes(),
+        }
+    }
+
+    /// Starts a stream of `latent_h x latent_w` latents. The stream borrows the decoder (wrap
+    /// the decoder in an `Arc` and keep it alive to hand streams to other threads).
+    pub fn stream(&self, latent_h: usize, latent_w: usize) -> Result<DecodeStream<'_>> {
+        self.check_latent_size(self.latent_channels(), latent_h, latent_w)?;
+        let state = match &self.inner {
+            Inner::Wan(d) => State::Wan(d.state()),
+            Inner::Taehv(d) => State::Taehv(d.state()),
+        };
+        Ok(DecodeStream {
+            dec: self,
+            h: latent_h,
+            w: latent_w,
+            state,
+        })
+    }
+
+    /// Decodes a whole latent video `[frames, 16, h, w]` (frame-major, as the DiT writes it).
+    pub fn decode(&self, latents: &[f32], frames: usize, h: usize, w: usize) -> Result<Video> {
+        self.stream(h, w)?.push(latents, frames)
+    }
+}
+
+enum State {
+    Wan(wan_vae::WanState),
+    Taehv(taehv::TaehvState),
+}
+
+/// A decode in progress: push the latent frames of each finished block, get its pixels.
+pub struct DecodeStream<'a> {
+    dec: &'a Decoder,
+    h: usize,
+    w: usize,
+    state: State,
+}
+
+impl DecodeStream<'_> {
+    /// Decodes the next `frames` latent frames `[frames, 16, h, w]` and returns their pixel
+    /// frames: 4 per latent frame, except the stream's first latent frame, which gives 1 (the
+    /// Wan VAE's causal first frame; TAEHV's 3 trimmed frames).
+    pub fn push(&mut self, latents: &[f32], frames: usize) -> Result<Video> {
+        let c = self.dec.latent_channels();
+        let per = c * self.h * self.w;
+        if frames.checked_mul(per) != Some(latents.len()) {
+            return Err(Error::invalid(format!(
+                "latents hold {} values; {frames} frames of [{c}, {}, {}] need {}",
+                latents.len(),
+                self.h,
+                self.w,
+                frames.saturating_mul(per)
+            )));
+        }
+        if let Some(i) = latents.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid(format!(
+                "latent value {i} is {} (not finite)",
+                latents[i]
+            )));
+        }
+        let (ph, pw) = self.dec.pixel_size(self.h, self.w);
+        let out: Vec<Vec<f32>> = match (&self.dec.inner, &mut self.state) {
+            (Inner::Wan(d), State::Wan(st)) => latents
+                .chunks(per)
+                .flat_map(|z| d.step(z, self.h, self.w, st))
+                .collect(),
+            (Inner::Taehv(d), State::Taehv(st)) => d.run(
+                latents.chunks(per).map(|z| z.to_vec()).collect(),
+                self.h,
+                self.w,
+                st,
+            ),
+            _ => return Err(Error::Internal("decoder and stream state differ".into())),
+        };
+        let mut data = Vec::with_capacity(out.len() * 3 * ph * pw);
+        for f in &out {
+            data.extend_from_slice(f);
+        }
+        Ok(Video {
+            frames: out.len(),
+            height: ph,
+            width: pw,
+            data,
+        })
+    }
+
+    /// Bytes of causal state the stream holds now (stays at most
+    /// [`Decoder::state_bytes`], however long the stream).
+    pub fn state_bytes(&self) -> usize {
+        match &self.state {
+            State::Wan(s) => s.bytes(),
+            State::Taehv(s) => s.bytes(),
+        }
+    }
+}
+
+/// The safetensors file at `path`, or the one inside folder `path`.
+fn resolve(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let rd = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+    let mut found: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::format(format!(
+            "{}: no .safetensors file in this folder",
+            path.display()
+        ))),
+        n => Err(Error::format(format!(
+            "{}: {n} .safetensors files in this folder; name the decoder's file",
+            path.display()
+        ))),
+    }
+}
+
+/// The decoder kind from the tensor names.
+fn detect(wt: &Weights) -> Result<DecoderKind> {
+    let wan = wt.has("conv2.weight") || wt.has_prefix("decoder.middle.");
+    let tae = wt.has("decoder.1.weight") || wt.has_prefix("decoder.3.conv.");
+    match (wan, tae) {
+        (true, false) => Ok(DecoderKind::WanVae),
+        (false, true) => Ok(DecoderKind::Taehv),
+        _ => {
+            let some: Vec<&str> = wt.names().take(3).collect();
+            Err(wt.err(format!(
+                "cannot tell the decoder kind from the tensor names (first: {some:?}); expected \
+                 the Wan VAE's `decoder.middle.*`/`conv2.*` or TAEHV's `decoder.<i>.*` (force \
+                 one with the decoder kind)"
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_parses_and_prints() {
+        for k in [DecoderKind::WanVae, DecoderKind::Taehv] {
+            assert_eq!(k.to_string().parse::<DecoderKind>().unwrap(), k);
+        }
+        assert!("vae".parse::<DecoderKind>().is_err());
+    }
+
+    #[test]
+    fn synthetic_decoders_stream_like_whole() {
+        for kind in [DecoderKind::WanVae, DecoderKind::Taehv] {
+            let d = Decoder::synthetic(kind, 2, 5);
+            let (f, h, w) = (4, 2, 3);
+            let mut r = crate::noise::Rng::new(9);
+            let z: Vec<f32> = (0..f * 16 * h * w).map(|_| r.normal()).collect();
+            let whole = d.decode(&z, f, h, w).unwrap();
+            assert_eq!(whole.frames, d.pixel_frames(f));
+            let mut s = d.stream(h, w).unwrap();
+            let mut joined = Vec::new();
+            for b in z.chunks(16 * h * w) {
+                joined.extend(s.push(b, 1).unwrap().data);
+            }
+            assert_eq!(joined, whole.data, "{kind}");
+            assert!(s.state_bytes() <= d.state_bytes(h, w));
+        }
+    }
+}

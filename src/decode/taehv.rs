@@ -1,0 +1,345 @@
+//! The TAEHV decoder (`taew2_1`, the tiny decoder of real-time Wan demos), as upstream
+//! `TAEHV.decode_video` runs it frame by frame, then mapped to [-1, 1] by `2x - 1` with the
+//! first `frames_to_trim` frames dropped. See docs/decoders.md.
+
+use super::conv::{map_inplace, upsample2x, Conv, Src};
+use super::weights::{random_tensor, Weights};
+use crate::Result;
+
+/// Upstream's decoder `nn.Sequential`, by index.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Clamp,
+    Conv,
+    Relu,
+    Mem,
+    Up,
+    TGrow,
+}
+
+const LAYOUT: [Kind; 23] = {
+    use Kind::*;
+    [
+        Clamp, Conv, Relu, Mem, Mem, Mem, Up, TGrow, Conv, Mem, Mem, Mem, Up, TGrow, Conv, Mem,
+        Mem, Mem, Up, TGrow, Conv, Relu, Conv,
+    ]
+};
+
+enum Layer {
+    Clamp,
+    Conv(Conv),
+    Relu,
+    /// `MemBlock`: relu(conv(relu(conv(relu(conv(cat[x, past]))))) + skip(x)).
+    Mem {
+        convs: Box<[Conv; 3]>,
+        skip: Option<Conv>,
+        slot: usize,
+    },
+    Up,
+    /// `TGrow`: a 1x1 conv to `stride * C` channels, split into `stride` frames (the first
+    /// channel chunk is the earlier frame).
+    TGrow {
+        conv: Conv,
+        stride: usize,
+    },
+}
+
+/// The loaded decoder.
+pub(crate) struct Taehv {
+    layers: Vec<Layer>,
+    /// Latent channels (16).
+    pub z_dim: usize,
+    /// Pixel frames per latent frame (4 in `taew2_1`).
+    pub t_up: usize,
+    /// Spatial upsampling factor (8).
+    pub up: usize,
+    /// Frames dropped at the start of a stream (`t_up - 1`).
+    pub trim: usize,
+    /// MemBlock memories: (channels, spatial factor).
+    mem_dims: Vec<(usize, usize)>,
+}
+
+/// Streaming state: every MemBlock's input of the previous frame (none before the first) and
+/// how many leading frames are still to be trimmed.
+pub(crate) struct TaehvState {
+    mem: Vec<Option<Vec<f32>>>,
+    to_trim: usize,
+}
+
+impl TaehvState {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.mem.iter().flatten().map(|m| 4 * m.len()).sum()
+    }
+}
+
+impl Taehv {
+    /// Reads the decoder from upstream tensor names (`decoder.{i}.*`), widths from the shapes.
+    pub fn load(wt: &Weights) -> Result<Taehv> {
+        let z = wt.shape("decoder.1.weight")?.get(1).copied().unwrap_or(0);
+        let mut c = z;
+        let (mut t_up, mut up) = (1usize, 1usize);
+        let mut layers = Vec::new();
+        let mut mem_dims = Vec::new();
+        for (i, kind) in LAYOUT.iter().enumerate() {
+            let p = format!("decoder.{i}");
+            let layer = match kind {
+                Kind::Clamp => Layer::Clamp,
+                Kind::Relu => Layer::Relu,
+                Kind::Up => {
+                    up *= 2;
+                    Layer::Up
+                }
+                Kind::Conv => {
+                    let cv = wt.conv(&p, 4, (1, 3, 3), Some(c), false)?;
+                    c = cv.cout;
+                    Layer::Conv(cv)
+                }
+                Kind::Mem => {
+                    let a = wt.conv(&format!("{p}.conv.0"), 4, (1, 3, 3), Some(2 * c), false)?;
+                    let o = a.cout;
+                    let b = wt.conv(&format!("{p}.conv.2"), 4, (1, 3, 3), Some(o), false)?;
+                    let d = wt.conv(&format!("{p}.conv.4"), 4, (1, 3, 3), Some(o), false)?;
+                    if b.cout != o || d.cout != o {
+                        return Err(wt.err(format!("`{p}.conv.*` must all output {o} channels")));
+                    }
+                    let skip = if wt.has(&format!("{p}.skip.weight")) {
+                        let s = wt.conv(&format!("{p}.skip"), 4, (1, 1, 1), Some(c), false)?;
+                        if s.cout != o {
+                            return Err(
+                                wt.err(format!("`{p}.skip.weight` must output {o} channels"))
+                            );
+                        }
+                        Some(s)
+                    } else if o != c {
+                        return Err(wt.err(format!("missing tensor `{p}.skip.weight`")));
+                    } else {
+                        None
+                    };
+                    mem_dims.push((c, up));
+                    c = o;
+                    Layer::Mem {
+                        convs: Box::new([a, b, d]),
+                        skip,
+                        slot: mem_dims.len() - 1,
+                    }
+                }
+                Kind::TGrow => {
+                    let cv = wt.conv(&format!("{p}.conv"), 4, (1, 1, 1), Some(c), false)?;
+                    if cv.cout % c != 0 {
+                        return Err(wt.err(format!(
+                            "`{p}.conv.weight` outputs {} channels, not a multiple of {c}",
+                            cv.cout
+                        )));
+                    }
+                    let stride = cv.cout / c;
+                    t_up *= stride;
+                    Layer::TGrow { conv: cv, stride }
+                }
+            };
+            layers.push(layer);
+        }
+        if c != 3 {
+            return Err(wt.err(format!(
+                "`decoder.22.weight` has {c} output channels, expected 3 (RGB)"
+            )));
+        }
+        Ok(Taehv {
+            layers,
+            z_dim: z,
+            t_up,
+            up,
+            trim: t_up - 1,
+            mem_dims,
+        })
+    }
+
+    /// Fresh streaming state.
+    pub fn state(&self) -> TaehvState {
+        TaehvState {
+            mem: vec![None; self.mem_dims.len()],
+            to_trim: self.trim,
+        }
+    }
+
+    /// Bytes the MemBlock memories take at latent size `h x w` (f32).
+    pub fn cache_bytes(&self, h: usize, w: usize) -> usize {
+        self.mem_dims
+            .iter()
+            .map(|&(c, s)| c * h * s * w * s * 4)
+            .sum()
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                Layer::Conv(c) | Layer::TGrow { conv: c, .. } => c.bytes(),
+                Layer::Mem { convs, skip, .. } => {
+                    convs.iter().map(|c| c.bytes()).sum::<usize>()
+                        + skip.as_ref().map_or(0, |s| s.bytes())
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Decodes latent frames (each `[z, h, w]`) continuing `st`; returns the pixel frames
+    /// `[3, H, W]` in [-1, 1]-ish (`2x - 1`, not clamped), leading frames trimmed.
+    pub fn run(
+        &self,
+        latents: Vec<Vec<f32>>,
+        h: usize,
+        w: usize,
+        st: &mut TaehvState,
+    ) -> Vec<Vec<f32>> {
+        let mut x = latents;
+        let (mut h, mut w) = (h, w);
+        // A pending nearest 2x upsample not yet applied to `x` (1x1 convs and ReLU commute with
+        // it; a 3x3 conv reads through it).
+        let mut pending = false;
+        let mut c = self.z_dim;
+        for layer in &self.layers {
+            if pending && matches!(layer, Layer::Mem { .. } | Layer::Up | Layer::Clamp) {
+                x = x.iter().map(|f| upsample2x(f, c, h, w)).collect();
+                h *= 2;
+                w *= 2;
+                pending = false;
+            }
+            match layer {
+                Layer::Clamp => map_inplace(&mut x, |v| (v / 3.0).tanh() * 3.0),
+                Layer::Relu => map_inplace(&mut x, |v| v.max(0.0)),
+                Layer::Up => pending = true,
+                Layer::Conv(cv) => {
+                    if pending {
+                        h *= 2;
+                        w *= 2;
+                    }
+                    let jobs: Vec<Vec<Src>> = x
+                        .iter()
+                        .map(|f| {
+                            let mut s = Src::new(f, 0, c);
+                            s.up = pending;
+                            vec![s]
+                        })
+                        .collect();
+                    pending = false;
+                    x = cv.forward(&jobs, h, w);
+                    c = cv.cout;
+                }
+                Layer::TGrow { conv, stride } => {
+                    let jobs: Vec<Vec<Src>> = x.iter().map(|f| vec![Src::new(f, 0, c)]).collect();
+                    let (sh, sw) = (h, w);
+                    let y = conv.forward(&jobs, sh, sw);
+                    let n = c * sh * sw;
+                    x = y
+                        .into_iter()
+                        .flat_map(|f| f.chunks(n).map(|s| s.to_vec()).collect::<Vec<_>>())
+                        .collect();
+                    debug_assert_eq!(conv.cout, stride * c);
+                }
+                Layer::Mem { convs, skip, slot } => {
+                    let prev = st.mem[*slot].take();
+                    let o = convs[0].cout;
+                    let jobs: Vec<Vec<Src>> = (0..x.len())
+                        .map(|i| {
+                            let past = if i == 0 {
+                                prev.as_deref()
+                            } else {
+                                Some(x[i - 1].as_slice())
+                            };
+                            let mut v = vec![Src::new(&x[i], 0, c)];
+                            if let Some(p) = past {
+                                v.push(Src {
+                                    data: p,
+                                    t: 0,
+                                    c0: c,
+                                    c,
+                                    up: false,
+                                });
+                            }
+                            v
+                        })
+                        .collect();
+                    let mut y = convs[0].forward(&jobs, h, w);
+                    for cv in &convs[1..] {
+                        map_inplace(&mut y, |v| v.max(0.0));
+                        let jobs: Vec<Vec<Src>> =
+                            y.iter().map(|f| vec![Src::new(f, 0, o)]).collect();
+                        y = cv.forward(&jobs, h, w);
+                    }
+                    let s = skip.as_ref().map(|s| {
+                        let jobs: Vec<Vec<Src>> =
+                            x.iter().map(|f| vec![Src::new(f, 0, c)]).collect();
+                        s.forward(&jobs, h, w)
+                    });
+                    let sk = s.as_ref().unwrap_or(&x);
+                    for (yf, xf) in y.iter_mut().zip(sk) {
+                        yf.iter_mut()
+                            .zip(xf)
+                            .for_each(|(a, b)| *a = (*a + b).max(0.0));
+                    }
+                    st.mem[*slot] = x.pop();
+                    x = y;
+                    c = o;
+                }
+            }
+        }
+        if pending {
+            x = x.iter().map(|f| upsample2x(f, c, h, w)).collect();
+        }
+        map_inplace(&mut x, |v| v * 2.0 - 1.0);
+        let drop = st.to_trim.min(x.len());
+        st.to_trim -= drop;
+        x.drain(..drop);
+        x
+    }
+}
+
+/// Weights of a TAEHV decoder with the given widths (real `taew2_1`: 256, 128, 64, 64) and
+/// random values, under upstream names.
+pub(crate) fn synthetic(
+    widths: [usize; 4],
+    z: usize,
+    seed: u64,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut rng = crate::noise::Rng::new(seed);
+    let mut t = Vec::new();
+    let mut c = z;
+    let mut level = 0;
+    for (i, kind) in LAYOUT.iter().enumerate() {
+        let p = format!("decoder.{i}");
+        let mut add = |n: String, s: Vec<usize>| t.push(random_tensor(&mut rng, &n, s));
+        match kind {
+            Kind::Conv => {
+                let o = if i == LAYOUT.len() - 1 {
+                    3
+                } else {
+                    widths[level.min(3)]
+                };
+                add(format!("{p}.weight"), vec![o, c, 3, 3]);
+                if i == 1 || i == LAYOUT.len() - 1 {
+                    add(format!("{p}.bias"), vec![o]);
+                }
+                c = o;
+            }
+            Kind::Mem => {
+                add(format!("{p}.conv.0.weight"), vec![c, 2 * c, 3, 3]);
+                for j in [0, 2, 4] {
+                    if j > 0 {
+                        add(format!("{p}.conv.{j}.weight"), vec![c, c, 3, 3]);
+                    }
+                    add(format!("{p}.conv.{j}.bias"), vec![c]);
+                }
+            }
+            Kind::TGrow => {
+                let stride = if level == 0 { 1 } else { 2 };
+                add(format!("{p}.conv.weight"), vec![stride * c, c, 1, 1]);
+                level += 1;
+            }
+            _ => {}
+        }
+    }
+    t
+}

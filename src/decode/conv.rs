@@ -335,7 +335,7 @@ pub(crate) fn rms_norm(frames: &[Vec<f32>], c: usize, gamma: &[f32], act: bool) 
 /// Nearest 2x upsample of one frame `[c, h, w]` to `[c, 2h, 2w]`.
 pub(crate) fn upsample2x(x: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; c * 4 * h * w];
-    out.par_chunks_mut(4 * w)
+    out.par_chunks_mut(2 * w)
         .enumerate()
         .for_each(|(row, dst)| {
             let (ch, y) = (row / (2 * h), row % (2 * h));

@@ -186,7 +186,7 @@ impl Taehv {
     }
 
     /// Decodes latent frames (each `[z, h, w]`) continuing `st`; returns the pixel frames
-    /// `[3, H, W]` in [-1, 1]-ish (`2x - 1`, not clamped), leading frames trimmed.
+    /// `[3, H, W]` (`2x - 1`, not clamped), the stream's leading frames trimmed.
     pub fn run(
         &self,
         latents: Vec<Vec<f32>>,
@@ -194,107 +194,133 @@ impl Taehv {
         w: usize,
         st: &mut TaehvState,
     ) -> Vec<Vec<f32>> {
-        let mut x = latents;
-        let (mut h, mut w) = (h, w);
-        // A pending nearest 2x upsample not yet applied to `x` (1x1 convs and ReLU commute with
-        // it; a 3x3 conv reads through it).
-        let mut pending = false;
-        let mut c = self.z_dim;
-        for layer in &self.layers {
+        let mut out = Vec::new();
+        for z in latents {
+            let at = Pos {
+                c: self.z_dim,
+                h,
+                w,
+                pending: false,
+            };
+            self.forward(0, z, at, st, &mut out);
+        }
+        let drop = st.to_trim.min(out.len());
+        st.to_trim -= drop;
+        out.drain(..drop);
+        out
+    }
+
+    /// Runs one frame `x` through layers `from..`, depth first as upstream's sequential mode:
+    /// after a `TGrow`, each of its frames goes through the rest of the decoder before the
+    /// next, so only one frame per level is alive at a time. Finished frames go to `out`.
+    fn forward(
+        &self,
+        from: usize,
+        mut x: Vec<f32>,
+        at: Pos,
+        st: &mut TaehvState,
+        out: &mut Vec<Vec<f32>>,
+    ) {
+        let Pos {
+            mut c,
+            mut h,
+            mut w,
+            mut pending,
+        } = at;
+        for (i, layer) in self.layers.iter().enumerate().skip(from) {
+            // A pending nearest 2x upsample not yet applied to `x`: 1x1 convs and ReLU commute
+            // with it, a 3x3 conv reads through it, anything else needs it applied.
             if pending && matches!(layer, Layer::Mem { .. } | Layer::Up | Layer::Clamp) {
-                x = x.iter().map(|f| upsample2x(f, c, h, w)).collect();
+                x = upsample2x(&x, c, h, w);
                 h *= 2;
                 w *= 2;
                 pending = false;
             }
             match layer {
-                Layer::Clamp => map_inplace(&mut x, |v| (v / 3.0).tanh() * 3.0),
-                Layer::Relu => map_inplace(&mut x, |v| v.max(0.0)),
+                Layer::Clamp => {
+                    map_inplace(std::slice::from_mut(&mut x), |v| (v / 3.0).tanh() * 3.0)
+                }
+                Layer::Relu => map_inplace(std::slice::from_mut(&mut x), |v| v.max(0.0)),
                 Layer::Up => pending = true,
                 Layer::Conv(cv) => {
                     if pending {
                         h *= 2;
                         w *= 2;
                     }
-                    let jobs: Vec<Vec<Src>> = x
-                        .iter()
-                        .map(|f| {
-                            let mut s = Src::new(f, 0, c);
-                            s.up = pending;
-                            vec![s]
-                        })
-                        .collect();
+                    x = first(cv.forward(&one(&x, c, pending), h, w));
                     pending = false;
-                    x = cv.forward(&jobs, h, w);
                     c = cv.cout;
                 }
                 Layer::TGrow { conv, stride } => {
-                    let jobs: Vec<Vec<Src>> = x.iter().map(|f| vec![Src::new(f, 0, c)]).collect();
-                    let (sh, sw) = (h, w);
-                    let y = conv.forward(&jobs, sh, sw);
-                    let n = c * sh * sw;
-                    x = y
-                        .into_iter()
-                        .flat_map(|f| f.chunks(n).map(|s| s.to_vec()).collect::<Vec<_>>())
-                        .collect();
+                    let y = first(conv.forward(&one(&x, c, false), h, w));
+                    drop(x);
                     debug_assert_eq!(conv.cout, stride * c);
+                    for f in y.chunks(c * h * w) {
+                        let at = Pos { c, h, w, pending };
+                        self.forward(i + 1, f.to_vec(), at, st, out);
+                    }
+                    return;
                 }
                 Layer::Mem { convs, skip, slot } => {
-                    let prev = st.mem[*slot].take();
+                    let past = st.mem[*slot].take();
                     let o = convs[0].cout;
-                    let jobs: Vec<Vec<Src>> = (0..x.len())
-                        .map(|i| {
-                            let past = if i == 0 {
-                                prev.as_deref()
-                            } else {
-                                Some(x[i - 1].as_slice())
-                            };
-                            let mut v = vec![Src::new(&x[i], 0, c)];
-                            if let Some(p) = past {
-                                v.push(Src {
-                                    data: p,
-                                    t: 0,
-                                    c0: c,
-                                    c,
-                                    up: false,
-                                });
-                            }
-                            v
-                        })
-                        .collect();
-                    let mut y = convs[0].forward(&jobs, h, w);
+                    let mut job = vec![Src::new(&x, 0, c)];
+                    if let Some(p) = &past {
+                        job.push(Src {
+                            data: p,
+                            t: 0,
+                            c0: c,
+                            c,
+                            up: false,
+                        });
+                    }
+                    let mut y = first(convs[0].forward(&[job], h, w));
                     for cv in &convs[1..] {
-                        map_inplace(&mut y, |v| v.max(0.0));
-                        let jobs: Vec<Vec<Src>> =
-                            y.iter().map(|f| vec![Src::new(f, 0, o)]).collect();
-                        y = cv.forward(&jobs, h, w);
+                        map_inplace(std::slice::from_mut(&mut y), |v| v.max(0.0));
+                        y = first(cv.forward(&one(&y, o, false), h, w));
                     }
-                    let s = skip.as_ref().map(|s| {
-                        let jobs: Vec<Vec<Src>> =
-                            x.iter().map(|f| vec![Src::new(f, 0, c)]).collect();
-                        s.forward(&jobs, h, w)
-                    });
+                    let s = skip
+                        .as_ref()
+                        .map(|s| first(s.forward(&one(&x, c, false), h, w)));
                     let sk = s.as_ref().unwrap_or(&x);
-                    for (yf, xf) in y.iter_mut().zip(sk) {
-                        yf.iter_mut()
-                            .zip(xf)
-                            .for_each(|(a, b)| *a = (*a + b).max(0.0));
-                    }
-                    st.mem[*slot] = x.pop();
+                    y.iter_mut()
+                        .zip(sk)
+                        .for_each(|(a, b)| *a = (*a + b).max(0.0));
+                    // The memory is the block's input; the previous one's buffer is freed.
+                    drop(past);
+                    st.mem[*slot] = Some(x);
                     x = y;
                     c = o;
                 }
             }
         }
         if pending {
-            x = x.iter().map(|f| upsample2x(f, c, h, w)).collect();
+            x = upsample2x(&x, c, h, w);
         }
-        map_inplace(&mut x, |v| v * 2.0 - 1.0);
-        let drop = st.to_trim.min(x.len());
-        st.to_trim -= drop;
-        x.drain(..drop);
-        x
+        map_inplace(std::slice::from_mut(&mut x), |v| v * 2.0 - 1.0);
+        out.push(x);
     }
+}
+
+/// Where a frame is in the decoder: channels, size, and whether a 2x upsample is pending.
+#[derive(Clone, Copy)]
+struct Pos {
+    c: usize,
+    h: usize,
+    w: usize,
+    pending: bool,
+}
+
+/// The job list of a conv over the single frame `x` (read through a 2x upsample when `up`).
+fn one(x: &[f32], c: usize, up: bool) -> Vec<Vec<Src<'_>>> {
+    let mut s = Src::new(x, 0, c);
+    s.up = up;
+    vec![vec![s]]
+}
+
+/// The single output frame of a one-job convolution.
+fn first(mut v: Vec<Vec<f32>>) -> Vec<f32> {
+    v.pop().unwrap_or_default()
 }
 
 /// Weights of a TAEHV decoder with the given widths (real `taew2_1`: 256, 128, 64, 64) and

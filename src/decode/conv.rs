@@ -168,6 +168,20 @@ impl Conv {
     /// Computes one output frame `[cout, h, w]` per job (a job is the list of its sources),
     /// all jobs and row tiles in parallel.
     pub fn forward(&self, jobs: &[Vec<Src>], h: usize, w: usize) -> Vec<Vec<f32>> {
+        self.forward_from(jobs, &[], true, h, w)
+    }
+
+    /// [`Conv::forward`] where job `j` starts from the partial sum `init[j]` (`[cout, h, w]`,
+    /// no bias; absent or `None`: zero) and the bias is added only when `bias`. Accumulating
+    /// the taps over several calls this way rounds exactly as one call over all sources.
+    pub fn forward_from(
+        &self,
+        jobs: &[Vec<Src>],
+        init: &[Option<&[f32]>],
+        bias: bool,
+        h: usize,
+        w: usize,
+    ) -> Vec<Vec<f32>> {
         let hw = h * w;
         let mut outs: Vec<Vec<f32>> = jobs.iter().map(|_| vec![0.0; self.cout * hw]).collect();
         if hw == 0 {
@@ -192,7 +206,8 @@ impl Conv {
             // parallel loop); each task writes rows [r0, r1) of every channel of its own frame,
             // disjoint from all other tasks.
             let out = ptrs[j];
-            self.tile(&jobs[j], h, w, r0, r1, out, len);
+            let init = init.get(j).copied().flatten();
+            self.tile(&jobs[j], init, bias, (h, w), (r0, r1), out, len);
         });
         outs
     }
@@ -202,10 +217,10 @@ impl Conv {
     fn tile(
         &self,
         srcs: &[Src],
-        h: usize,
-        w: usize,
-        r0: usize,
-        r1: usize,
+        init: Option<&[f32]>,
+        add_bias: bool,
+        (h, w): (usize, usize),
+        (r0, r1): (usize, usize),
         out: SendPtr,
         len: usize,
     ) {
@@ -217,6 +232,14 @@ impl Conv {
         let mut acc = vec![0.0f32; self.cout * n];
         let mut pad: Vec<f32> = Vec::new();
         let mut beta = 0.0;
+        if let Some(p) = init {
+            for o in 0..self.cout {
+                for r in 0..rows {
+                    acc[o * n + r * wp..][..w].copy_from_slice(&p[(o * h + r0 + r) * w..][..w]);
+                }
+            }
+            beta = 1.0;
+        }
         for s in srcs {
             // The GEMM's B operand: rows = channels at stride `rsb`, columns contiguous.
             let (b, bo, rsb): (&[f32], usize, usize) = if ph == 0 && pw == 0 && !s.up {
@@ -262,7 +285,10 @@ impl Conv {
         }
         let hw = h * w;
         for o in 0..self.cout {
-            let bias = self.bias.as_ref().map_or(0.0, |b| b[o]);
+            let bias = match &self.bias {
+                Some(b) if add_bias => b[o],
+                _ => 0.0,
+            };
             for r in 0..rows {
                 let src = &acc[o * n + r * wp..][..w];
                 let at = o * hw + (r0 + r) * w;

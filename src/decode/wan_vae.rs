@@ -97,6 +97,32 @@ fn causal(
     out
 }
 
+/// A causal conv like [`causal`] that keeps, instead of its last `kt - 1` input frames, the
+/// partial output sums those frames contribute to the next `kt - 1` outputs (`parts[j]` for
+/// output `next + j`). That is `kt - 1` frames of `cout` channels instead of `cin`: the head's
+/// cache (96 -> 3 channels at full resolution) shrinks 32x. The taps are accumulated in the
+/// same order as [`causal`], so the values are identical.
+fn causal_partial(
+    conv: &Conv,
+    x: Vec<Vec<f32>>,
+    parts: &mut Vec<Vec<f32>>,
+    h: usize,
+    w: usize,
+) -> Vec<Vec<f32>> {
+    let kt = conv.kt;
+    let mut out = Vec::with_capacity(x.len());
+    for f in &x {
+        let src = |t: usize| vec![Src::new(f, t, conv.cin)];
+        let get = |j: usize| parts.get(j).map(|p| p.as_slice());
+        out.extend(conv.forward_from(&[src(kt - 1)], &[get(0)], true, h, w));
+        let jobs: Vec<Vec<Src>> = (0..kt - 1).map(|j| src(kt - 2 - j)).collect();
+        let init: Vec<Option<&[f32]>> = (0..kt - 1).map(|j| get(j + 1)).collect();
+        let next = conv.forward_from(&jobs, &init, false, h, w);
+        *parts = next;
+    }
+    out
+}
+
 /// A pointwise conv (kernel 1) of every frame.
 fn pointwise(conv: &Conv, x: &[Vec<f32>], h: usize, w: usize) -> Vec<Vec<f32>> {
     let jobs: Vec<Vec<Src>> = x.iter().map(|f| vec![Src::new(f, 0, conv.cin)]).collect();
@@ -140,7 +166,7 @@ impl WanVae {
                 head.cout
             )));
         }
-        cache_dims.push((c, up));
+        cache_dims.push((c.min(head.cout), up));
         Ok(WanVae {
             z_dim: z,
             conv2,
@@ -288,9 +314,27 @@ impl WanVae {
             plane.iter_mut().for_each(|v| *v = *v / inv + mean);
         }
         let x = pointwise(&self.conv2, &[x], h, w);
-        let mut x = causal(&self.conv1, x, &mut st.caches[0], h, w);
-        let (mut h, mut w) = (h, w);
-        for b in &self.blocks {
+        let x = causal(&self.conv1, x, &mut st.caches[0], h, w);
+        let mut out = Vec::new();
+        self.forward(0, x, h, w, st, &mut out);
+        out
+    }
+
+    /// Runs frames `x` (one, in practice) through blocks `from..` and the head, depth first:
+    /// after a temporal upsample each of its two frames goes through the rest of the decoder
+    /// before the next, so only one frame per level is alive at a time. Every op is per frame
+    /// or a causal conv over its own input stream, so this order gives the same values as
+    /// upstream's whole-chunk order. Finished frames go to `out`.
+    fn forward(
+        &self,
+        from: usize,
+        mut x: Vec<Vec<f32>>,
+        mut h: usize,
+        mut w: usize,
+        st: &mut WanState,
+        out: &mut Vec<Vec<f32>>,
+    ) {
+        for (i, b) in self.blocks.iter().enumerate().skip(from) {
             x = match b {
                 Block::Res {
                     g1,
@@ -349,26 +393,35 @@ impl WanVae {
                     }
                     h *= 2;
                     w *= 2;
-                    let jobs: Vec<Vec<Src>> = f
-                        .iter()
-                        .map(|d| {
-                            let mut s = Src::new(d, 0, c);
-                            s.up = true;
-                            vec![s]
-                        })
-                        .collect();
-                    conv.forward(&jobs, h, w)
+                    let up = |d: &Vec<f32>| {
+                        let mut s = Src::new(d, 0, c);
+                        s.up = true;
+                        conv.forward(&[vec![s]], h, w)
+                    };
+                    if f.len() > 1 {
+                        for d in f {
+                            let y = up(&d);
+                            drop(d);
+                            self.forward(i + 1, y, h, w, st, out);
+                        }
+                        return;
+                    }
+                    f.iter().flat_map(up).collect()
                 }
             };
         }
         let r = rms_norm(&x, self.head.cin, &self.head_g, true);
         drop(x);
         let last = st.caches.len() - 1;
-        let mut out = causal(&self.head, r, &mut st.caches[last], h, w);
-        for f in out.iter_mut() {
+        let mut y = if self.head.cout < self.head.cin {
+            causal_partial(&self.head, r, &mut st.caches[last], h, w)
+        } else {
+            causal(&self.head, r, &mut st.caches[last], h, w)
+        };
+        for f in y.iter_mut() {
             f.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0));
         }
-        out
+        out.extend(y);
     }
 }
 
@@ -432,4 +485,27 @@ pub(crate) fn synthetic(dim: usize, z: usize, seed: u64) -> Vec<(String, Vec<usi
     add("decoder.head.2.weight".into(), k3(3, dim));
     add("decoder.head.2.bias".into(), vec![3]);
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_sum_cache_equals_input_cache_bit_for_bit() {
+        let (cin, cout, h, w) = (6, 2, 3, 4);
+        let mut r = crate::noise::Rng::new(4);
+        let mut v = |n: usize| (0..n).map(|_| r.normal()).collect::<Vec<f32>>();
+        let conv = Conv::from_torch(&v(cout * cin * 27), &[cout, cin, 3, 3, 3], Some(v(cout)));
+        let frames: Vec<Vec<f32>> = (0..7).map(|_| v(cin * h * w)).collect();
+        let whole = causal(&conv, frames.clone(), &mut Vec::new(), h, w);
+        let mut parts = Vec::new();
+        let mut got = Vec::new();
+        for chunk in [&frames[..1], &frames[1..3], &frames[3..]] {
+            got.extend(causal_partial(&conv, chunk.to_vec(), &mut parts, h, w));
+        }
+        assert_eq!(got, whole);
+        assert_eq!(parts.len(), 2);
+        assert!(parts.iter().all(|p| p.len() == cout * h * w));
+    }
 }

@@ -209,6 +209,20 @@ impl Decoder {
     /// the decoder in an `Arc` and keep it alive to hand streams to other threads).
     pub fn stream(&self, latent_h: usize, latent_w: usize) -> Result<DecodeStream<'_>> {
         self.check_latent_size(self.latent_channels(), latent_h, latent_w)?;
+        // The caches plus a few activation frames of the widest level.
+        let frame = match &self.inner {
+            Inner::Wan(d) => d.max_frame_bytes(latent_h, latent_w),
+            Inner::Taehv(d) => d.max_frame_bytes(latent_h, latent_w),
+        };
+        let need = self
+            .state_bytes(latent_h, latent_w)
+            .saturating_add(frame.saturating_mul(6));
+        crate::host_memory::ensure(need, || {
+            format!(
+                "decoding {latent_h}x{latent_w} latents with the {} decoder",
+                self.kind()
+            )
+        })?;
         let state = match &self.inner {
             Inner::Wan(d) => State::Wan(d.state()),
             Inner::Taehv(d) => State::Taehv(d.state()),
@@ -263,6 +277,12 @@ impl DecodeStream<'_> {
             )));
         }
         let (ph, pw) = self.dec.pixel_size(self.h, self.w);
+        let pixels = [frames, 4, 3, ph, pw, 4]
+            .iter()
+            .fold(1usize, |a, &b| a.saturating_mul(b));
+        crate::host_memory::ensure(pixels, || {
+            format!("{frames} latent frames decoded to {ph}x{pw} pixels")
+        })?;
         let out: Vec<Vec<f32>> = match (&self.dec.inner, &mut self.state) {
             (Inner::Wan(d), State::Wan(st)) => latents
                 .chunks(per)

@@ -3,6 +3,7 @@
 //! first `frames_to_trim` frames dropped. See docs/decoders.md.
 
 use super::conv::{map_inplace, upsample2x, Conv, Src};
+use super::wan_vae::frame_bytes;
 use super::weights::{random_tensor, Weights};
 use crate::Result;
 
@@ -166,8 +167,19 @@ impl Taehv {
     pub fn cache_bytes(&self, h: usize, w: usize) -> usize {
         self.mem_dims
             .iter()
-            .map(|&(c, s)| c * h * s * w * s * 4)
-            .sum()
+            .map(|&(c, s)| frame_bytes(c, s, h, w))
+            .fold(0, usize::saturating_add)
+    }
+
+    /// Bytes of the largest activation frame at latent size `h x w` (a MemBlock's concatenated
+    /// input counts twice).
+    pub fn max_frame_bytes(&self, h: usize, w: usize) -> usize {
+        self.mem_dims
+            .iter()
+            .map(|&(c, s)| frame_bytes(2 * c, s, h, w))
+            .chain([frame_bytes(3 * self.t_up, self.up, h, w)])
+            .max()
+            .unwrap_or(0)
     }
 
     /// Bytes of weights held.

@@ -123,6 +123,13 @@ fn causal_partial(
     out
 }
 
+/// Bytes of one f32 frame of `c` channels at `s` times the latent size `h x w` (saturating).
+pub(crate) fn frame_bytes(c: usize, s: usize, h: usize, w: usize) -> usize {
+    [c, s, h, s, w, 4]
+        .iter()
+        .fold(1usize, |a, &b| a.saturating_mul(b))
+}
+
 /// A pointwise conv (kernel 1) of every frame.
 fn pointwise(conv: &Conv, x: &[Vec<f32>], h: usize, w: usize) -> Vec<Vec<f32>> {
     let jobs: Vec<Vec<Src>> = x.iter().map(|f| vec![Src::new(f, 0, conv.cin)]).collect();
@@ -164,6 +171,12 @@ impl WanVae {
             return Err(wt.err(format!(
                 "`decoder.head.2.weight` has {} output channels, expected 3 (RGB)",
                 head.cout
+            )));
+        }
+        if up > 64 {
+            return Err(wt.err(format!(
+                "{} resample blocks: a {up}x spatial upsampling is not a Wan VAE",
+                up.trailing_zeros()
             )));
         }
         cache_dims.push((c.min(head.cout), up));
@@ -272,8 +285,18 @@ impl WanVae {
     pub fn cache_bytes(&self, h: usize, w: usize) -> usize {
         self.cache_dims
             .iter()
-            .map(|&(c, s)| 2 * c * h * s * w * s * 4)
-            .sum()
+            .map(|&(c, s)| frame_bytes(c, s, h, w).saturating_mul(2))
+            .fold(0, usize::saturating_add)
+    }
+
+    /// Bytes of the largest activation frame at latent size `h x w` (twice the widest input
+    /// of a level, which covers the temporal upsample's doubled channels).
+    pub fn max_frame_bytes(&self, h: usize, w: usize) -> usize {
+        self.cache_dims
+            .iter()
+            .map(|&(c, s)| frame_bytes(2 * c, s, h, w))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Bytes of weights held.

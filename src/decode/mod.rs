@@ -67,6 +67,24 @@ pub struct Video {
     pub data: Vec<f32>,
 }
 
+impl Video {
+    /// The frames as 8-bit RGB, `[T][H][W][3]` (interleaved, as video encoders and image files
+    /// want them): each value clamped to [-1, 1] and mapped by `round((x + 1) * 127.5)`.
+    pub fn to_rgb8(&self) -> Vec<u8> {
+        let hw = self.height * self.width;
+        let mut out = vec![0u8; self.frames * hw * 3];
+        for (f, o) in self.data.chunks(3 * hw).zip(out.chunks_mut(3 * hw)) {
+            for (p, px) in o.chunks_mut(3).enumerate() {
+                for (ch, v) in px.iter_mut().enumerate() {
+                    let x = f[ch * hw + p].clamp(-1.0, 1.0);
+                    *v = ((x + 1.0) * 127.5).round() as u8;
+                }
+            }
+        }
+        out
+    }
+}
+
 enum Inner {
     Wan(Box<wan_vae::WanVae>),
     Taehv(taehv::Taehv),
@@ -363,6 +381,17 @@ fn detect(wt: &Weights) -> Result<DecoderKind> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rgb8_interleaves_and_clamps() {
+        let v = Video {
+            frames: 1,
+            height: 1,
+            width: 2,
+            data: vec![-1.0, 2.0, 0.0, 0.5, 1.0, -3.0],
+        };
+        assert_eq!(v.to_rgb8(), vec![0, 128, 255, 255, 191, 0]);
+    }
 
     #[test]
     fn kind_parses_and_prints() {

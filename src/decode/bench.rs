@@ -55,7 +55,7 @@ pub fn bench_decode(
         })?;
         let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
         let mut stream = dec.stream(latent_h, latent_w)?;
-        let mut rng = crate::noise::Rng::new(2);
+        let mut rng = crate::rng::Rng::new(2);
         let per = 16 * latent_h * latent_w * block_frames.max(1);
         let mut times = Vec::new();
         for _ in 0..blocks.max(1) {

@@ -458,7 +458,7 @@ mod tests {
     }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = crate::noise::Rng::new(seed);
+        let mut r = crate::rng::Rng::new(seed);
         (0..n).map(|_| r.normal()).collect()
     }
 

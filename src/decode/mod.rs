@@ -406,7 +406,7 @@ mod tests {
         for kind in [DecoderKind::WanVae, DecoderKind::Taehv] {
             let d = Decoder::synthetic(kind, 2, 5);
             let (f, h, w) = (4, 2, 3);
-            let mut r = crate::noise::Rng::new(9);
+            let mut r = crate::rng::Rng::new(9);
             let z: Vec<f32> = (0..f * 16 * h * w).map(|_| r.normal()).collect();
             let whole = d.decode(&z, f, h, w).unwrap();
             assert_eq!(whole.frames, d.pixel_frames(f));

@@ -342,7 +342,7 @@ pub(crate) fn synthetic(
     z: usize,
     seed: u64,
 ) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut rng = crate::noise::Rng::new(seed);
+    let mut rng = crate::rng::Rng::new(seed);
     let mut t = Vec::new();
     let mut c = z;
     let mut level = 0;

@@ -452,7 +452,7 @@ impl WanVae {
 /// level, attention in the middle only, temporal upsampling in the first two levels) with
 /// random values, under upstream names. `dim` is 96 in the real model.
 pub(crate) fn synthetic(dim: usize, z: usize, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut rng = crate::noise::Rng::new(seed);
+    let mut rng = crate::rng::Rng::new(seed);
     let mut t = Vec::new();
     let mut add = |name: String, shape: Vec<usize>| t.push(random_tensor(&mut rng, &name, shape));
     let k3 = |o: usize, i: usize| vec![o, i, 3, 3, 3];
@@ -517,7 +517,7 @@ mod tests {
     #[test]
     fn partial_sum_cache_equals_input_cache_bit_for_bit() {
         let (cin, cout, h, w) = (6, 2, 3, 4);
-        let mut r = crate::noise::Rng::new(4);
+        let mut r = crate::rng::Rng::new(4);
         let mut v = |n: usize| (0..n).map(|_| r.normal()).collect::<Vec<f32>>();
         let conv = Conv::from_torch(&v(cout * cin * 27), &[cout, cin, 3, 3, 3], Some(v(cout)));
         let frames: Vec<Vec<f32>> = (0..7).map(|_| v(cin * h * w)).collect();

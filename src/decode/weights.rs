@@ -150,7 +150,7 @@ impl Weights {
 /// Random weights for generated decoders: normal values scaled by `1/sqrt(fan_in)` for
 /// weights (`fan_in` = product of all dims but the first), 0.02 for biases, 1 for `gamma`.
 pub(crate) fn random_tensor(
-    rng: &mut crate::noise::Rng,
+    rng: &mut crate::rng::Rng,
     name: &str,
     shape: Vec<usize>,
 ) -> (String, Vec<usize>, Vec<f32>) {

@@ -62,7 +62,11 @@ impl VideoFormat {
         if s.is_empty() {
             return Err(Error::invalid("the video output path is empty"));
         }
-        let folder = Ok((VideoFormat::Png, Some(PngTarget::Folder(p.to_path_buf()))));
+        // Without its trailing slash, so that `file/` is seen to exist (as a file).
+        let folder = Ok((
+            VideoFormat::Png,
+            Some(PngTarget::Folder(p.components().collect())),
+        ));
         if s.ends_with('/') || s.ends_with(std::path::MAIN_SEPARATOR) {
             return folder;
         }

@@ -424,13 +424,15 @@ impl Mp4Writer {
         let mut encoder = encoder;
         // OpenH264 prints warnings to stderr while it initialises (before the crate applies its
         // quiet trace level); silence it from the start.
-        let mut quiet = openh264_sys2::WELS_LOG_QUIET as i32;
+        // OpenH264 reads the level as a uint32; WELS_LOG_QUIET is 0.
+        const _: () = assert!(openh264_sys2::WELS_LOG_QUIET == 0);
+        let mut quiet: u32 = 0;
         // SAFETY: the trace level may be set before initialisation (OpenH264 allows exactly this
         // option then); the pointer is to a live i32, read during the call only.
         let rc = unsafe {
             encoder.raw_api().set_option(
                 openh264_sys2::ENCODER_OPTION_TRACE_LEVEL,
-                (&mut quiet as *mut i32).cast(),
+                (&mut quiet as *mut u32).cast(),
             )
         };
         if rc != 0 {
@@ -572,5 +574,125 @@ impl Mp4Writer {
         drop(w);
         self.out.commit()
         // `self.mdat` is deleted on drop.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annexb_splits_on_both_start_code_lengths() {
+        let stream = [
+            0, 0, 0, 1, 0x67, 1, 2, 0, // SPS with a trailing zero byte
+            0, 0, 1, 0x68, 3, // PPS after a 3-byte start code
+            0, 0, 0, 1, 0x65, 0, 0, 3, 1, 9, // IDR slice with an emulation-prevention byte
+        ];
+        let nals = split_annexb(&stream);
+        assert_eq!(
+            nals,
+            [
+                &[0x67, 1, 2][..],
+                &[0x68, 3][..],
+                &[0x65, 0, 0, 3, 1, 9][..]
+            ]
+        );
+        assert!(split_annexb(&[1, 2, 3]).is_empty());
+    }
+
+    #[test]
+    fn mdat_header_switches_to_64_bit() {
+        assert_eq!(mdat_header(10), [0, 0, 0, 18, b'm', b'd', b'a', b't']);
+        let big = mdat_header(u32::MAX as u64);
+        assert_eq!(&big[..8], &[0, 0, 0, 1, b'm', b'd', b'a', b't']);
+        assert_eq!(
+            u64::from_be_bytes(big[8..].try_into().unwrap()),
+            u32::MAX as u64 + 16
+        );
+    }
+
+    /// The direct children of a box body: (type, body).
+    fn children(mut d: &[u8]) -> Vec<([u8; 4], &[u8])> {
+        let mut v = Vec::new();
+        while d.len() >= 8 {
+            let n = u32::from_be_bytes(d[..4].try_into().unwrap()) as usize;
+            v.push((d[4..8].try_into().unwrap(), &d[8..n]));
+            d = &d[n..];
+        }
+        assert!(d.is_empty());
+        v
+    }
+
+    fn find<'a>(d: &'a [u8], path: &[&[u8; 4]]) -> &'a [u8] {
+        let (first, rest) = path.split_first().unwrap();
+        let (_, body) = children(d)
+            .into_iter()
+            .find(|(k, _)| k == *first)
+            .unwrap_or_else(|| panic!("no {}", String::from_utf8_lossy(*first)));
+        if rest.is_empty() {
+            body
+        } else {
+            find(body, rest)
+        }
+    }
+
+    #[test]
+    fn moov_tables_describe_the_samples() {
+        let s = |size, duration, sync| Sample {
+            size,
+            duration,
+            sync,
+        };
+        let t = Track {
+            width: 32,
+            height: 48,
+            timescale: 16000,
+            sps: vec![0x67, 66, 0xC0, 30, 0xAA],
+            pps: vec![0x68, 0xBB],
+            samples: vec![
+                s(100, 1000, true),
+                s(20, 1000, false),
+                s(30, 2000, false),
+                s(40, 1000, true),
+            ],
+        };
+        let moov = moov(&t, 1234).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(moov[..4].try_into().unwrap()) as usize,
+            moov.len()
+        );
+        let root = &moov[..];
+        let stbl: &[&[u8; 4]] = &[b"moov", b"trak", b"mdia", b"minf", b"stbl"];
+        let table = |k: &[u8; 4]| {
+            let mut p = stbl.to_vec();
+            p.push(k);
+            find(root, &p).to_vec()
+        };
+        let words = |b: Vec<u8>| -> Vec<u32> {
+            b.chunks(4)
+                .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        // Full boxes: the first word is version + flags (0).
+        assert_eq!(words(table(b"stts")), [0, 3, 2, 1000, 1, 2000, 1, 1000]);
+        assert_eq!(words(table(b"stss")), [0, 2, 1, 4]);
+        assert_eq!(words(table(b"stsz")), [0, 0, 4, 100, 20, 30, 40]);
+        assert_eq!(words(table(b"stsc")), [0, 1, 1, 4, 1]);
+        assert_eq!(words(table(b"stco")), [0, 1, 1234]);
+        // mdhd: timescale 16000 and a duration of 5000 ticks.
+        let mdhd = words(find(root, &[b"moov", b"trak", b"mdia", b"mdhd"]).to_vec());
+        assert_eq!(&mdhd[3..5], &[16000, 5000]);
+        // avcC inside avc1 (after the 78-byte visual sample entry), inside stsd (after 8 bytes).
+        let stsd = table(b"stsd");
+        let avc1 = children(&stsd[8..]);
+        assert_eq!(&avc1[0].0, b"avc1");
+        let entry = avc1[0].1;
+        assert_eq!(&entry[24..28], &[0, 32, 0, 48]);
+        let avcc = children(&entry[78..]);
+        assert_eq!(&avcc[0].0, b"avcC");
+        assert_eq!(
+            avcc[0].1,
+            &[1, 66, 0xC0, 30, 0xFF, 0xE1, 0, 5, 0x67, 66, 0xC0, 30, 0xAA, 1, 0, 2, 0x68, 0xBB]
+        );
     }
 }

@@ -550,3 +550,21 @@ fn bad_arguments_are_clear_errors() {
     wr.finish().unwrap();
     assert_eq!(listing(dir.path()), ["v.y4m"]);
 }
+
+#[test]
+fn writers_can_move_to_another_thread() {
+    // A decoder thread may hand its writer to a separate encoding thread.
+    fn send<T: Send>() {}
+    send::<VideoWriter>();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.mp4");
+    let mut wr = VideoWriter::create(&path, 16, 16, &VideoOptions::default()).unwrap();
+    let out = std::thread::spawn(move || {
+        wr.write_frames(&pattern(2, 16, 16), 2).unwrap();
+        wr.finish().unwrap()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(out, path);
+    assert_eq!(VideoFormat::from_path(&out).unwrap(), VideoFormat::Mp4);
+}

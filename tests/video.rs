@@ -568,3 +568,29 @@ fn writers_can_move_to_another_thread() {
     assert_eq!(out, path);
     assert_eq!(VideoFormat::from_path(&out).unwrap(), VideoFormat::Mp4);
 }
+
+#[test]
+fn a_failed_write_spends_the_writer_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("f%02d.png");
+    let mut wr = VideoWriter::create(&target, 8, 8, &VideoOptions::default()).unwrap();
+    let frames = pattern(1, 8, 8);
+    wr.write_frames(&frames, 1).unwrap();
+    // Pull the hidden working folder away: the next write fails on I/O.
+    let hidden: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(hidden.len(), 1, "{hidden:?}");
+    assert!(hidden[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with('.'));
+    std::fs::remove_dir_all(&hidden[0]).unwrap();
+    assert!(matches!(wr.write_frames(&frames, 1), Err(Error::Io { .. })));
+    // Spent: further writes and finish refuse, and nothing appears.
+    assert!(wr.write_frames(&frames, 1).is_err());
+    assert!(wr.finish().is_err());
+    assert!(listing(dir.path()).is_empty());
+}

@@ -24,6 +24,7 @@ pub mod rng;
 pub mod scaling;
 pub mod schedule;
 pub mod tensorfile;
+pub mod video;
 pub mod weights;
 pub mod window;
 

@@ -353,12 +353,15 @@ fn json_brief(v: &serde_json::Value) -> String {
 /// A tensor to write: name, shape, f32 data.
 pub type OutTensor<'a> = (&'a str, Vec<usize>, &'a [f32]);
 
-/// Writes f32 tensors and string metadata to `path` atomically (temp file + rename).
-pub fn write_f32(
-    path: &Path,
-    tensors: &[OutTensor],
+/// The JSON header of a safetensors file holding f32 tensors stored back to back in `entries`
+/// order, padded with spaces to at least `min_len` bytes and to a multiple of 8. A streaming
+/// writer reserves a padded header, writes the data, then rewrites the header in place with the
+/// final shapes (same length), so the data never has to be copied.
+pub fn f32_header(
+    entries: &[(&str, &[usize])],
     metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+    min_len: usize,
+) -> Result<Vec<u8>> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
@@ -367,6 +370,34 @@ pub fn write_f32(
         );
     }
     let mut off = 0usize;
+    for (name, shape) in entries {
+        let n = shape
+            .iter()
+            .try_fold(4usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::invalid(format!("tensor {name}: shape {shape:?} overflows")))?;
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + n]}),
+        );
+        off += n;
+    }
+    let mut h = serde_json::to_vec(&header).map_err(|e| Error::Internal(e.to_string()))?;
+    while h.len() < min_len || h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    Ok(h)
+}
+
+/// Writes f32 tensors and string metadata to `path` atomically (temp file + rename).
+pub fn write_f32(
+    path: &Path,
+    tensors: &[OutTensor],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let entries: Vec<(&str, &[usize])> = tensors
+        .iter()
+        .map(|(name, shape, _)| (*name, shape.as_slice()))
+        .collect();
     for (name, shape, data) in tensors {
         let n: usize = shape.iter().product();
         if n != data.len() {
@@ -375,16 +406,8 @@ pub fn write_f32(
                 data.len()
             )));
         }
-        header.insert(
-            name.to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + 4 * n]}),
-        );
-        off += 4 * n;
     }
-    let mut h = serde_json::to_vec(&header).map_err(|e| Error::Internal(e.to_string()))?;
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
+    let h = f32_header(&entries, metadata, 0)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -5,11 +5,14 @@ use blockcascade::cascade::Plan;
 use blockcascade::config::local_attn_frames;
 use blockcascade::config::BackendKind;
 use blockcascade::config::KvExchange;
+use blockcascade::decode::{BackgroundDecoder, Decoder, DecoderKind};
 use blockcascade::engine::MemoryEstimate;
 use blockcascade::noise::{NoiseSource, RecordedNoise};
 use blockcascade::prompt::{load_schedule, PromptEmbeds};
 use blockcascade::schedule::{parse_steps, StepSchedule};
 use blockcascade::tensorfile::write_f32;
+use blockcascade::tensorfile::TensorFile;
+use blockcascade::video::{VideoOptions, VideoWriter};
 use blockcascade::{
     AttentionMode, Engine, Error, GenerateOptions, Generator, Recache, Result, Schedule,
 };
@@ -18,6 +21,7 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +44,80 @@ enum Cmd {
     Info(InfoArgs),
     /// Benchmark the CPU backend (time per forward and per block); JSON on stdout.
     Bench(BenchArgs),
+    /// Decode latents to pixels (Wan2.1 VAE or TAEHV) and write a video.
+    Decode(DecodeArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DecoderArg {
+    Wan,
+    Taehv,
+}
+
+impl From<DecoderArg> for DecoderKind {
+    fn from(d: DecoderArg) -> Self {
+        match d {
+            DecoderArg::Wan => DecoderKind::WanVae,
+            DecoderArg::Taehv => DecoderKind::Taehv,
+        }
+    }
+}
+
+/// Decoder and video settings shared by `generate` and `decode`.
+#[derive(clap::Args, Clone)]
+struct VideoArgs {
+    /// Decoder weights: the Wan2.1 VAE or TAEHV (safetensors file, or a folder holding one).
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// Force the decoder kind instead of detecting it from the tensor names.
+    #[arg(long, value_enum)]
+    decoder: Option<DecoderArg>,
+    /// Frames per second of .mp4 / .y4m output.
+    #[arg(long, default_value_t = 16.0)]
+    fps: f64,
+}
+
+impl VideoArgs {
+    /// The decoder `--vae` names; without it, the built-in tiny random TAEHV-shaped decoder
+    /// when `builtin_ok` (its pixels are noise-like), else an error.
+    fn decoder(&self, builtin_ok: bool) -> Result<Arc<Decoder>> {
+        match &self.vae {
+            Some(p) => Ok(Arc::new(Decoder::load(p, self.decoder.map(Into::into))?)),
+            None if builtin_ok => match self.decoder {
+                Some(DecoderArg::Wan) => Err(Error::invalid(
+                    "--decoder wan needs --vae (there is no built-in Wan VAE)",
+                )),
+                _ => Ok(Arc::new(Decoder::tiny_taehv(0))),
+            },
+            None => Err(Error::invalid("--vae is required")),
+        }
+    }
+
+    fn options(&self) -> VideoOptions {
+        VideoOptions {
+            fps: self.fps,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct DecodeArgs {
+    #[command(flatten)]
+    video: VideoArgs,
+    /// Latents (safetensors, tensor `latents` [F,16,H,W], as `generate --out` writes).
+    #[arg(long)]
+    latents: PathBuf,
+    /// Output: .mp4 (H.264), .y4m, .safetensors (tensor `video` f32 [T,3,H,W], exact), a
+    /// folder ending in / or a name%04d.png pattern (PNG frames).
+    #[arg(long)]
+    out: PathBuf,
+    /// Latent frames decoded per step (the stream's block size; the result does not depend on it).
+    #[arg(long, default_value_t = 3)]
+    block_frames: usize,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -151,6 +229,13 @@ struct GenerateArgs {
     /// Output file (safetensors with `latents` [F,16,H,W] f32).
     #[arg(long, default_value = "latents.safetensors")]
     out: PathBuf,
+    /// Also decode each block as it finishes and write a video (.mp4, .y4m, .safetensors,
+    /// PNG folder or pattern). Without --vae a built-in tiny random decoder is used (noise-like
+    /// pixels: it only shows the path works).
+    #[arg(long)]
+    video: Option<PathBuf>,
+    #[command(flatten)]
+    video_opts: VideoArgs,
     /// Print a run report (forwards, tokens per tick, per-block times) to stderr.
     #[arg(long)]
     report: bool,
@@ -231,6 +316,13 @@ struct BenchArgs {
     /// Scaling model: PCIe bandwidth per GPU, GB/s.
     #[arg(long, default_value_t = 25.0)]
     pcie_gbs: f64,
+    /// Instead of the DiT: time both decoders (Wan VAE, TAEHV) at real widths with random
+    /// weights, ms per block of 3 latent frames at 60x104 latents (480x832 pixels), on the CPU.
+    #[arg(long)]
+    decode: bool,
+    /// With --decode: blocks to decode per decoder (the first block is reported apart).
+    #[arg(long, default_value_t = 3)]
+    decode_blocks: usize,
 }
 
 fn main() -> ExitCode {
@@ -240,6 +332,7 @@ fn main() -> ExitCode {
         Cmd::Plan(a) => plan(a),
         Cmd::Info(a) => info(a),
         Cmd::Bench(a) => bench_cmd(a),
+        Cmd::Decode(a) => decode_cmd(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -381,6 +474,20 @@ fn generate(a: GenerateArgs) -> Result<()> {
         )?),
         None => NoiseSource::Seeded(a.seed),
     };
+    if a.video.is_none() && (a.video_opts.vae.is_some() || a.video_opts.decoder.is_some()) {
+        return Err(Error::invalid("--vae / --decoder need --video OUT"));
+    }
+    // The decoder and the video file are checked before the model is loaded.
+    let mut pixels = match &a.video {
+        Some(path) => Some(start_video(
+            &a.video_opts,
+            true,
+            path,
+            opts.height,
+            opts.width,
+        )?),
+        None => None,
+    };
     let engine = Engine::open(a.model.as_deref())?;
     let cfg = engine.config().clone();
     let prompt = match &a.prompt_embeds {
@@ -396,8 +503,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let progress = !a.quiet;
     let tty = std::io::stderr().is_terminal();
     let mut latents = Vec::new();
+    let mut decode_err = None;
     let report = gen.run(blocks, |b| {
         latents.extend_from_slice(b.latents);
+        if let Some(p) = pixels.as_mut() {
+            if let Err(e) = p.push(b.latents, b.frames) {
+                decode_err = Some(e);
+                return false;
+            }
+        }
         if progress {
             let done = b.index + 1;
             let secs = b.since_start.as_secs_f64().max(1e-9);
@@ -422,7 +536,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
             let _ = std::io::stderr().flush();
         }
         true
-    })?;
+    });
+    let report = match (report, decode_err) {
+        (_, Some(e)) => return Err(e),
+        (r, None) => r?,
+    };
+    let video_path = match pixels {
+        Some(p) => Some(p.finish()?.finish()?),
+        None => None,
+    };
     let mut meta = BTreeMap::new();
     meta.insert("blockcascade_version".into(), blockcascade::VERSION.into());
     meta.insert("model".into(), engine.source().into());
@@ -449,6 +571,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
             report.total_seconds,
             blocks as f64 / report.total_seconds.max(1e-9)
         );
+        if let Some(v) = &video_path {
+            eprintln!("wrote {}", v.display());
+        }
     }
     if a.report {
         eprintln!(
@@ -717,6 +842,17 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.model_scaling {
         return scaling_cmd(&a);
     }
+    if a.decode {
+        let results = blockcascade::decode::bench_decode(
+            &[DecoderKind::Taehv, DecoderKind::WanVae],
+            60,
+            104,
+            3,
+            a.decode_blocks.max(1),
+        )?;
+        eprint!("{}", blockcascade::decode::bench_table(&results));
+        return Ok(());
+    }
     let models: Vec<&str> = a.models.split(',').map(str::trim).collect();
     let results = bench::run_cpu(&models, a.reps.max(1), a.cascade)?;
     eprint!("{}", bench::table(&results));
@@ -724,5 +860,81 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         "{}",
         serde_json::to_string_pretty(&results).map_err(|e| Error::Internal(e.to_string()))?
     );
+    Ok(())
+}
+
+/// Opens the decoder and the video writer for latents of `latent_h x latent_w`, and starts the
+/// decode thread that writes each block's frames as soon as they are decoded.
+fn start_video(
+    v: &VideoArgs,
+    builtin_ok: bool,
+    path: &std::path::Path,
+    latent_h: usize,
+    latent_w: usize,
+) -> Result<BackgroundDecoder<VideoWriter>> {
+    let decoder = v.decoder(builtin_ok)?;
+    decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
+    let (h, w) = decoder.pixel_size(latent_h, latent_w);
+    let writer = VideoWriter::create(path, w, h, &v.options())?;
+    BackgroundDecoder::spawn(decoder, latent_h, latent_w, writer, |wr, video| {
+        wr.write_frames(&video.data, video.frames)
+    })
+}
+
+/// `decode`: latents file to video, streamed in blocks of `--block-frames` latent frames.
+fn decode_cmd(a: DecodeArgs) -> Result<()> {
+    if a.block_frames == 0 {
+        return Err(Error::invalid("--block-frames must be at least 1"));
+    }
+    let file = TensorFile::open(&a.latents)?;
+    let info = file.tensors().get("latents").ok_or_else(|| {
+        Error::Format(format!(
+            "{}: no tensor `latents` (expected [F,16,H,W], as `generate --out` writes)",
+            a.latents.display()
+        ))
+    })?;
+    let shape = info.shape.clone();
+    let [frames, channels, lh, lw] = shape[..] else {
+        return Err(Error::Format(format!(
+            "{}: `latents` has shape {shape:?}; expected [F,16,H,W]",
+            a.latents.display()
+        )));
+    };
+    if frames == 0 {
+        return Err(Error::Format(format!(
+            "{}: `latents` has no frames",
+            a.latents.display()
+        )));
+    }
+    let decoder = a.video.decoder(false)?;
+    decoder.check_latent_size(channels, lh, lw)?;
+    let latents = file.tensor_f32("latents", Some(&shape))?;
+    let (h, w) = decoder.pixel_size(lh, lw);
+    let mut writer = VideoWriter::create(&a.out, w, h, &a.video.options())?;
+    let mut stream = decoder.stream(lh, lw)?;
+    let per_frame = channels * lh * lw;
+    let started = std::time::Instant::now();
+    for (i, chunk) in latents.chunks(a.block_frames * per_frame).enumerate() {
+        let n = chunk.len() / per_frame;
+        let video = stream.push(chunk, n)?;
+        writer.write_frames(&video.data, video.frames)?;
+        if !a.quiet {
+            let done = (i * a.block_frames + n).min(frames);
+            eprintln!(
+                "decoded {done}/{frames} latent frames  {} pixel frames  {:.2}s",
+                writer.frames(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let frames_out = writer.frames();
+    let path = writer.finish()?;
+    if !a.quiet {
+        eprintln!(
+            "wrote {} ({frames_out} frames of {w}x{h}, {} decoder)",
+            path.display(),
+            decoder.kind()
+        );
+    }
     Ok(())
 }

@@ -9,12 +9,14 @@
 //! the same video as [`Decoder::decode`] of all the latents at once. The math, the caches and
 //! their sizes are described in docs/decoders.md.
 
+mod background;
 mod bench;
 pub(crate) mod conv;
 mod taehv;
 mod wan_vae;
 mod weights;
 
+pub use background::{BackgroundDecoder, QUEUE_BLOCKS};
 pub use bench::{bench_decode, table as bench_table, DecodeBench};
 
 use crate::tensorfile::TensorFile;
@@ -69,19 +71,9 @@ pub struct Video {
 
 impl Video {
     /// The frames as 8-bit RGB, `[T][H][W][3]` (interleaved, as video encoders and image files
-    /// want them): each value clamped to [-1, 1] and mapped by `round((x + 1) * 127.5)`.
+    /// want them), by upstream's rule: see [`crate::video::to_rgb8`].
     pub fn to_rgb8(&self) -> Vec<u8> {
-        let hw = self.height * self.width;
-        let mut out = vec![0u8; self.frames * hw * 3];
-        for (f, o) in self.data.chunks(3 * hw).zip(out.chunks_mut(3 * hw)) {
-            for (p, px) in o.chunks_mut(3).enumerate() {
-                for (ch, v) in px.iter_mut().enumerate() {
-                    let x = f[ch * hw + p].clamp(-1.0, 1.0);
-                    *v = ((x + 1.0) * 127.5).round() as u8;
-                }
-            }
-        }
-        out
+        crate::video::to_rgb8(&self.data, self.frames, self.height, self.width)
     }
 }
 
@@ -390,7 +382,8 @@ mod tests {
             width: 2,
             data: vec![-1.0, 2.0, 0.0, 0.5, 1.0, -3.0],
         };
-        assert_eq!(v.to_rgb8(), vec![0, 128, 255, 255, 191, 0]);
+        // Truncation, as upstream: 0.0 -> 127 (not 128).
+        assert_eq!(v.to_rgb8(), vec![0, 127, 255, 255, 191, 0]);
     }
 
     #[test]

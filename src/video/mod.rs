@@ -39,7 +39,7 @@ impl Default for VideoOptions {
 /// The kind of output, chosen from the path by [`VideoFormat::from_path`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VideoFormat {
-    /// `.safetensors`: tensor `video`, f32 `[T, 3, H, W]` in [-1, 1], bit-exact decoder output.
+    /// `.safetensors`: tensor `video`, f32 `[T, 3, H, W]`, the decoder's output bit for bit.
     Safetensors,
     /// `.mp4`: H.264 (yuv420p) in MP4, playable by ffmpeg and browsers.
     Mp4,
@@ -190,7 +190,8 @@ impl VideoWriter {
         self.frames
     }
 
-    /// Appends `count` frames, `[count, 3, H, W]` f32 in [-1, 1] (values outside are clamped).
+    /// Appends `count` frames, `[count, 3, H, W]` f32 in [-1, 1] (values outside are clamped
+    /// for the 8-bit formats and kept as they are in `.safetensors`).
     /// Call it once per decoded block. After an error the writer is spent: drop it (nothing is
     /// left on disk).
     pub fn write_frames(&mut self, frames: &[f32], count: usize) -> Result<()> {

@@ -53,7 +53,8 @@ impl SafetensorsWriter {
         f32_header(&[("video", &[t, 3, h, w])], metadata, HEADER_RESERVE)
     }
 
-    /// Appends `[count, 3, H, W]` values, clamped to [-1, 1].
+    /// Appends `[count, 3, H, W]` values exactly as given (no clamp: TAEHV's output, like
+    /// upstream's, may leave [-1, 1] slightly, and this format is the bit-exact one).
     pub(crate) fn write(&mut self, frames: &[f32], count: usize) -> Result<()> {
         let Some(buf) = self.buf.as_mut() else {
             return Ok(());
@@ -62,7 +63,7 @@ impl SafetensorsWriter {
         for frame in frames.chunks_exact(3 * self.width * self.height) {
             bytes.clear();
             for v in frame {
-                bytes.extend_from_slice(&v.clamp(-1.0, 1.0).to_le_bytes());
+                bytes.extend_from_slice(&v.to_le_bytes());
             }
             buf.write_all(&bytes).map_err(|e| self.out.err(e))?;
         }

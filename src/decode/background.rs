@@ -1,0 +1,157 @@
+//! Decoding on a thread of its own, so that pixels are made while the DiT computes the next
+//! blocks: the generator hands each finished block's latents to [`BackgroundDecoder::push`] and
+//! goes on; a consumer (a video writer, a frames callback) sees each block's pixel frames as
+//! soon as they are decoded, in order.
+//!
+//! At most [`QUEUE_BLOCKS`] blocks wait for the decoder: a slow decoder slows the generator
+//! instead of letting memory grow.
+
+use super::{Decoder, Video};
+use crate::{Error, Result};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Blocks of latents that may wait for the decoder before `push` blocks.
+pub const QUEUE_BLOCKS: usize = 2;
+
+/// A decoder running on its own thread, feeding each block's frames to a consumer `S`.
+pub struct BackgroundDecoder<S: Send + 'static> {
+    tx: Option<SyncSender<(Vec<f32>, usize)>>,
+    worker: Option<JoinHandle<Result<S>>>,
+}
+
+impl<S: Send + 'static> BackgroundDecoder<S> {
+    /// Starts the thread: it decodes `[frames, C, latent_h, latent_w]` blocks in the order they
+    /// are pushed (carrying the decoder's causal state) and calls `on_frames(&mut state, video)`
+    /// for each. The first error stops it; [`push`](Self::push) or [`finish`](Self::finish)
+    /// then returns that error.
+    pub fn spawn<F>(
+        decoder: Arc<Decoder>,
+        latent_h: usize,
+        latent_w: usize,
+        state: S,
+        mut on_frames: F,
+    ) -> Result<Self>
+    where
+        F: FnMut(&mut S, &Video) -> Result<()> + Send + 'static,
+    {
+        // Check the size now, on the caller's thread, so a bad size fails before any work.
+        decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
+        let (tx, rx) = sync_channel::<(Vec<f32>, usize)>(QUEUE_BLOCKS);
+        let worker = std::thread::Builder::new()
+            .name("bc-decode".into())
+            .spawn(move || {
+                let mut state = state;
+                let mut stream = decoder.stream(latent_h, latent_w)?;
+                for (latents, frames) in rx {
+                    let video = stream.push(&latents, frames)?;
+                    on_frames(&mut state, &video)?;
+                }
+                Ok(state)
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the decode thread: {e}")))?;
+        Ok(BackgroundDecoder {
+            tx: Some(tx),
+            worker: Some(worker),
+        })
+    }
+
+    /// Queues one block of latent frames (copied). Waits while [`QUEUE_BLOCKS`] blocks are
+    /// already queued. If the decoder has stopped on an error, returns that error.
+    pub fn push(&mut self, latents: &[f32], frames: usize) -> Result<()> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send((latents.to_vec(), frames)).is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // The thread ended early: it failed. Report its error.
+        self.tx = None;
+        match self.join() {
+            Err(e) => Err(e),
+            Ok(_) => Err(Error::Internal("the decode thread ended early".into())),
+        }
+    }
+
+    /// Waits for every queued block to be decoded and consumed, and returns the consumer's
+    /// state (e.g. the video writer, to be finished).
+    pub fn finish(mut self) -> Result<S> {
+        self.tx = None;
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<S> {
+        let worker = self
+            .worker
+            .take()
+            .ok_or_else(|| Error::Internal("the decode thread was already joined".into()))?;
+        worker
+            .join()
+            .map_err(|_| Error::Internal("the decode thread panicked".into()))?
+    }
+}
+
+impl<S: Send + 'static> Drop for BackgroundDecoder<S> {
+    fn drop(&mut self) {
+        // Close the queue so the thread ends, and wait for it: no decode outlives its owner.
+        self.tx = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn latents(frames: usize, h: usize, w: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        (0..frames * 16 * h * w).map(|_| rng.normal()).collect()
+    }
+
+    #[test]
+    fn background_equals_direct_stream() {
+        let dec = Arc::new(Decoder::tiny_taehv(3));
+        let (h, w) = (2, 3);
+        let lat = latents(6, h, w, 9);
+        let whole = dec.decode(&lat, 6, h, w).unwrap();
+        let mut bg = BackgroundDecoder::spawn(dec.clone(), h, w, Vec::new(), |acc, v| {
+            acc.extend_from_slice(&v.data);
+            Ok(())
+        })
+        .unwrap();
+        let block = 3 * 16 * h * w;
+        bg.push(&lat[..block], 3).unwrap();
+        bg.push(&lat[block..], 3).unwrap();
+        let got = bg.finish().unwrap();
+        assert_eq!(got.len(), whole.data.len());
+        assert_eq!(got, whole.data);
+    }
+
+    #[test]
+    fn consumer_error_is_reported() {
+        let dec = Arc::new(Decoder::tiny_taehv(3));
+        let (h, w) = (2, 2);
+        let lat = latents(3, h, w, 1);
+        let mut bg = BackgroundDecoder::spawn(dec, h, w, (), |_, _| {
+            Err(Error::invalid("consumer refused"))
+        })
+        .unwrap();
+        // The first push is queued; the error surfaces on a later push or at finish.
+        let mut err = None;
+        for _ in 0..8 {
+            if let Err(e) = bg.push(&lat, 3) {
+                err = Some(e);
+                break;
+            }
+        }
+        let e = match err {
+            Some(e) => e,
+            None => bg.finish().err().expect("finish must fail"),
+        };
+        assert!(e.to_string().contains("consumer refused"), "{e}");
+    }
+}

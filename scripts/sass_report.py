@@ -7,8 +7,8 @@ Called by scripts/sass-report.sh (which installs cuobjdump/nvdisasm and finds th
 
 For every kernel and every sm_* cubin of the fatbin it prints:
   regs      registers per thread (cuobjdump -res-usage)
-  spill     spill store + load bytes from ptxas (build.rs's kernels_report.txt next to the
-            fatbin; the build already refuses spills)
+  spill     spill store + load bytes (the ptxas -v log build.rs writes next to the fatbin;
+            the build already refuses spills)
   lmem      STL/LDL instructions (spills or local arrays, e.g. the slow path of f64 sin/cos)
   BRA       branch instructions (predicated ones included)
   HMMA      tensor-core mma instructions
@@ -185,21 +185,29 @@ def resources(text):
 
 
 def ptxas_spills(fatbin):
-    """{(kernel, arch): spill bytes} from build.rs's kernels_report.txt beside the fatbin."""
+    """{(kernel, arch): spill bytes} from the `ptxas -v` log build.rs writes beside the fatbin
+    (ptxas.log; the spills of functions an entry calls count for the entry)."""
     out = {}
-    path = os.path.join(os.path.dirname(os.path.abspath(fatbin)), "kernels_report.txt")
+    path = os.path.join(os.path.dirname(os.path.abspath(fatbin)), "ptxas.log")
     if not os.path.exists(path):
         return out
+    cur = None
     with open(path) as f:
         for line in f:
-            m = re.match(r"(\S+)\s+(sm_\w+)\s+\d+\s+\d+\s+\d+\s+(\d+)/(\d+)\s*$", line)
+            m = re.search(r"Compiling entry function '([^']+)' for '([^']+)'", line)
             if m:
-                out[(m.group(1), m.group(2))] = int(m.group(3)) + int(m.group(4))
+                cur = (m.group(1), m.group(2))
+                out[cur] = 0
+                continue
+            m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if m and cur:
+                out[cur] += int(m.group(1)) + int(m.group(2))
     return out
 
 
 def collect(bindir, fatbin, dump):
     spills = ptxas_spills(fatbin)
+    bindir = os.path.abspath(bindir)
     cuobjdump = os.path.join(bindir, "cuobjdump")
     nvdisasm = os.path.join(bindir, "nvdisasm")
     rows = {}

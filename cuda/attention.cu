@@ -20,7 +20,7 @@
 //                                 bytes of K/V per key from L2 and does 4 * BQ * hd FLOPs
 //                                 with them, BQ FLOP per byte: at BQ = 64, 350 TFLOP/s needs
 //                                 ~5.5 TB/s of L2 bandwidth, about all an H100 has; BQ = 128
-//                                 halves that. Registers: 8 warps x ~200 fit one block.
+//                                 halves that. Registers: 8 warps x ~225 fit one block.
 // Every variant walks keys in tiles of BK = 64 (hd128: 64 KB of dynamic shared memory for the
 // two stages of K and V, over the 48 KB static limit) and gives each warp the same 16 rows'
 // work in the same order, so the variants differ only in how many warps share a block: their
@@ -29,30 +29,37 @@
 // Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
 // stacked along the query rows; warp w owns the ATT_WM = 16 query rows [w*16, w*16+16) of the
 // block's BQ rows (one m16 MMA tile). Keys are walked one segment at a time in tiles of BK
-// keys; a tile never crosses a segment end, a partial tile at a segment end is masked. Per
-// block:
-//   1. Q [BQ x hd] goes to shared memory (cp.async, in the stage-1 K/V buffer, which is free at
-//      that point) together with K/V tile 0 (stage 0); each warp keeps its Q rows as A
+// keys; a tile never crosses a segment end. Per block:
+//   1. Q [BQ x HDMAX] goes to shared memory (cp.async, in the stage-1 K/V buffer, which is free
+//      at that point) together with K/V tile 0 (stage 0); each warp keeps its Q rows as A
 //      fragments in registers (ldmatrix.x4) for the whole kernel.
 //   2. Per tile: cp.async of the next tile (next segment when this one ends) into the other
-//      stage, wait_group 1 for the current one (double buffering), then per warp
-//      S = Q K^T (mma, K B-fragments by ldmatrix.x4 from the row-major K tile), S in f32 times
-//      scale*log2(e), keys past the tile's end set to -inf, online softmax in base 2 on the
-//      accumulator fragments (each lane holds rows g = lane/4 and g+8; row max through quad
-//      shuffles xor 1, 2; the row sum stays per lane until the end), P re-packed from the
-//      accumulator fragments (n-tiles 2k, 2k+1) into the bf16 A fragment of k-step k, and
-//      O += P V (V B-fragments by ldmatrix.x4.trans from the row-major V tile).
+//      stage, wait_group 1 for the current one (double buffering), then per warp (att_tile)
+//      S = Q K^T (mma, K B-fragments by ldmatrix.x4 from the row-major K tile), online softmax
+//      in base 2 on the accumulator fragments (each lane holds rows g = lane/4 and g+8; row max
+//      through quad shuffles xor 1, 2; the row sum stays per lane until the end), P re-packed
+//      from the accumulator fragments (n-tiles 2k, 2k+1) into the bf16 A fragment of k-step k,
+//      and O += P V (V B-fragments by ldmatrix.x4.trans from the row-major V tile).
 //   3. O / rowsum (0 for rows without keys) stored as bf16; rows past the group end are never
 //      stored (their Q rows are zeros), warps without a valid row skip the math.
+// The inner loops are straight-line code: the head dimension they walk is the compile-time
+// HDMAX (head_dim < HDMAX computes on zero-filled columns), a full tile of BK keys runs without
+// any key test, and only the last tile of a segment (kn < BK keys) takes the masked copy of
+// the tile code (keys past kn: zero-filled K/V rows, P = 0). Shared-memory addresses are 32-bit
+// offsets computed once per thread (AttSmem): each ldmatrix / cp.async is a base register plus
+// an immediate. The ldmatrix of fragment step i + 1 is issued before the mma of step i. The
+// softmax scale is folded into log2(e) and into the exponent's FFMA (P = 2^(S * qscale - m) is
+// one FFMA + one MUFU.EX2, ex2.approx.ftz); a negative scale flips the sign of Q (exact).
 // Shared memory rows are HDMAX bf16 long; 16-byte chunk c of row r lives at chunk c ^ (r % 8)
-// (XOR swizzle: conflict-free ldmatrix and cp.async). head_dim < HDMAX: only ceil(hd/16)
-// k-steps / n-tile pairs are computed; the chunk between hd and the next multiple of 16 (hd %
-// 16 == 8) is zero-filled, like the K/V rows past a segment end and the Q rows past the group
-// end (finite zeros: masked keys have P = 0 and 0 * garbage could be NaN on a GPU).
+// (XOR swizzle: conflict-free ldmatrix and cp.async). Everything a copy does not read (columns
+// past head_dim, K/V rows past a segment end, Q rows past the group end) is zero-filled by the
+// cp.async itself (src-size 0): finite zeros, since masked keys have P = 0 and 0 * garbage
+// could be NaN on a GPU.
 // FLOPs per launch: 4 * rows * keys * head_dim per head and group (2 for Q K^T, 2 for P V),
 // i.e. sum over groups of 4 * q_rows * (keys of its segments) * head_dim * heads.
 //
-// Registers (f32 accumulators per thread, hd128): O 64 + S BK/2 + Q fragments 32.
+// Registers (f32 accumulators per thread, hd128): O 64 + S BK/2 + Q fragments 32 + two
+// K or V fragments 8 (ptxas: ~225, no spill).
 // Checked by tests/kernels_emu.rs against cpu::attention::attention under the SIMT emulation
 // (emulated mma/ldmatrix/cp.async, see cuda/include/mma.cuh; cp.async lands only at its wait):
 // head_dim 32/40/64/128, groups with different segment lists (ring-buffer wrap, sink + local
@@ -89,13 +96,6 @@ static_assert(AttHd128::SMEM_BYTES == BC_ATTN_HD128_SMEM && AttHd128Wide::SMEM_B
 static_assert(AttHd64::BK == AttHd64Wide::BK && AttHd128::BK == AttHd128Wide::BK,
               "same key tiles: the variants give bit-identical outputs");
 
-/// Element offset of 16-byte chunk `c` of shared-memory row `r` (XOR swizzle).
-__device__ __forceinline__ int att_swz(int r, int c) { return (c ^ (r & 7)) * 8; }
-
-__device__ __forceinline__ void att_zero16(__nv_bfloat16* dst) {
-    *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-}
-
 /// Two floats as a bf16 pair in one register (low half = `lo`).
 __device__ __forceinline__ unsigned att_pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -114,50 +114,174 @@ __device__ __forceinline__ bool att_next_segment(const BcAttentionParams& p, con
 }
 }  // namespace
 
+/// Shared-memory geometry of one variant and the per-lane addresses of its copies and
+/// fragment loads. Every address in the loops is a 32-bit shared offset computed here once:
+/// a per-thread base plus compile-time immediates.
 template <int HDMAX, class Cfg>
-__device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p,
-                                                  __nv_bfloat16 (*kv)[2][Cfg::BK][HDMAX]) {
-    constexpr int BK = Cfg::BK, ATT_NT = Cfg::NT, ATT_BQ = Cfg::BQ;
+struct AttSmem {
+    static constexpr int BK = Cfg::BK, NT = Cfg::NT;
+    static constexpr int ROWB = HDMAX * 2;        // bytes per row
+    static constexpr int CPR = HDMAX / 8;         // 16-byte chunks per row
+    static constexpr int TILEB = BK * ROWB;       // one K or V tile
+    static constexpr int STAGEB = 2 * TILEB;      // K + V
+    static constexpr int RP = NT / CPR;           // rows per copy pass of the block
+    static_assert(NT % CPR == 0 && RP % 8 == 0 && BK % RP == 0 && Cfg::BQ % RP == 0,
+                  "a thread copies the same chunk of rows that agree mod 8 (one swizzle)");
+    // Copies: thread tid moves chunk c = tid % CPR of rows tid / CPR + i * RP; since RP % 8 == 0
+    // its swizzled chunk c ^ (row % 8) is the same in every pass.
+    int c;            // source chunk
+    int r;            // first row
+    unsigned dst;     // shared offset of (row r, chunk c) in a tile
+    // Fragments: offsets (in a stage) for ldmatrix of k-step / n-tile pair index q % 4; the
+    // index q / 4 adds 128 bytes (chunk bit 3 is never swizzled), the key block 16 * ROWB.
+    unsigned k_at[4];  // K B fragments of Q K^T: keys 8 * (lane / 16) + lane % 8, chunks 2q, 2q + 1
+    unsigned v_at[4];  // V B fragments of P V (.trans): keys 8 * ((lane / 8) % 2) + lane % 8, head dim 16q
+    __device__ __forceinline__ AttSmem(int tid, int lane) {
+        c = tid % CPR;
+        r = tid / CPR;
+        dst = r * ROWB + ((c ^ (r & 7)) * 16);
+        const int x = lane % 8;  // row % 8 of the lane's fragment row: the swizzle
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            // chunk (2q + b) ^ x = (2q) ^ (b ^ x) for b in {0, 1}
+            k_at[q] = (8 * (lane / 16) + x) * ROWB + (((2 * q) ^ (((lane / 8) % 2) ^ x)) * 16);
+            v_at[q] = TILEB + (8 * ((lane / 8) % 2) + x) * ROWB + (((2 * q) ^ ((lane / 16) ^ x)) * 16);
+        }
+    }
+    /// Offset of the K fragment of k-step kk, key block jj (relative to the stage).
+    __device__ __forceinline__ unsigned k_frag(int kk, int jj) const {
+        return k_at[kk % 4] + (kk / 4) * 128 + jj * 16 * ROWB;
+    }
+    /// Offset of the V fragment of key block kk, head-dim n-tile pair nn (relative to the stage).
+    __device__ __forceinline__ unsigned v_frag(int kk, int nn) const {
+        return v_at[nn % 4] + (nn / 4) * 128 + kk * 16 * ROWB;
+    }
+};
+
+/// One key tile of one warp: S = Q K^T, online softmax (base 2), O += P V. MASK: the tile has
+/// kn < BK keys (the last tile of a segment); the others run without any key test. Fragment
+/// loads are software-pipelined: the ldmatrix of step i + 1 is issued before the mma of step i,
+/// and the first V fragment before the softmax.
+template <bool MASK, int HDMAX, class Cfg>
+__device__ __forceinline__ void att_tile(const AttSmem<HDMAX, Cfg>& sm, bc_saddr stage, const unsigned (*qf)[4],
+                                         float (*o)[4], float* m, float* l, float qscale, int kn, int t) {
+    constexpr int BK = Cfg::BK;
     constexpr int KSTEPS = HDMAX / 16;  // k16 steps of Q K^T = n-tile pairs of P V (head dim)
     constexpr int NS = BK / 8;          // n8 tiles of S (keys)
-    constexpr int NO = HDMAX / 8;       // n8 tiles of O (head dim)
-    // kv: [stage][K, V][key][head dim], swizzled 16-byte chunks
+    constexpr int QK = KSTEPS * (NS / 2), PV = (BK / 16) * KSTEPS;  // ldmatrix steps
+    // S = Q K^T: step i = (k-step i / (NS/2), key block i % (NS/2)), two mma per fragment.
+    float s[NS][4];
+#pragma unroll
+    for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    unsigned kb[2][4];
+    bc_ldmatrix_x4_at(kb[0], stage + sm.k_frag(0, 0));
+#pragma unroll
+    for (int i = 0; i < QK; ++i) {
+        const int kk = i / (NS / 2), jj = i % (NS / 2);
+        if (i + 1 < QK) bc_ldmatrix_x4_at(kb[(i + 1) % 2], stage + sm.k_frag((i + 1) / (NS / 2), (i + 1) % (NS / 2)));
+        bc_mma_bf16_16816(s[2 * jj], qf[kk], &kb[i % 2][0], s[2 * jj]);
+        bc_mma_bf16_16816(s[2 * jj + 1], qf[kk], &kb[i % 2][2], s[2 * jj + 1]);
+    }
+    unsigned vb[2][4];
+    bc_ldmatrix_x4_trans_at(vb[0], stage + sm.v_frag(0, 0));
+    // Online softmax (base 2) on the fragments: lane holds S[g][col], S[g+8][col] for col =
+    // 8j + 2t, 8j + 2t + 1. qscale >= 0 (the kernel folds a negative scale into Q), so the
+    // row max of S * qscale is qscale * (row max of S), and P = 2^(S * qscale - m) is one FFMA
+    // and one MUFU.EX2. Every tile has a key in every row: the maxima are finite.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float v = MASK && 8 * j + 2 * t + (e & 1) >= kn ? -INFINITY : s[j][e];
+            mx[e >> 1] = fmaxf(mx[e >> 1], v);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 2));
+        const float mn = fmaxf(m[i], mx[i] * qscale);
+        const float alpha = bc_ex2(m[i] - mn);  // 0 on the first tile (m = -inf)
+        m[i] = mn;
+        l[i] *= alpha;
+#pragma unroll
+        for (int j = 0; j < HDMAX / 8; ++j) {
+            o[j][2 * i] *= alpha;
+            o[j][2 * i + 1] *= alpha;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float pr = bc_ex2(fmaf(s[j][e], qscale, -m[e >> 1]));
+            if (MASK && 8 * j + 2 * t + (e & 1) >= kn) pr = 0.f;
+            s[j][e] = pr;
+            l[e >> 1] += pr;
+        }
+    }
+    // O += P V: A fragment of key block kk = accumulator n-tiles 2kk, 2kk+1 as bf16; B fragments
+    // of head-dim n-tiles 2nn, 2nn+1 via ldmatrix.x4.trans. Step i = (key block i / KSTEPS,
+    // n-tile pair i % KSTEPS). Keys past kn have P = 0 and zero-filled V rows.
+    unsigned pa[BK / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+        pa[kk][0] = att_pack(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = att_pack(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = att_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = att_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int i = 0; i < PV; ++i) {
+        const int kk = i / KSTEPS, nn = i % KSTEPS;
+        if (i + 1 < PV) bc_ldmatrix_x4_trans_at(vb[(i + 1) % 2], stage + sm.v_frag((i + 1) / KSTEPS, (i + 1) % KSTEPS));
+        bc_mma_bf16_16816(o[2 * nn], pa[kk], &vb[i % 2][0], o[2 * nn]);
+        bc_mma_bf16_16816(o[2 * nn + 1], pa[kk], &vb[i % 2][2], o[2 * nn + 1]);
+    }
+}
+
+template <int HDMAX, class Cfg>
+__device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, unsigned char* smem) {
+    constexpr int BK = Cfg::BK, ATT_BQ = Cfg::BQ;
+    constexpr int KSTEPS = HDMAX / 16;
+    constexpr int NO = HDMAX / 8;  // n8 tiles of O (head dim)
+    using Sm = AttSmem<HDMAX, Cfg>;
+    // smem: [stage][K, V][key][HDMAX] bf16, swizzled 16-byte chunks; Q over stage 1.
 
     BC_EMU_CHECK(p.head_dim > 0 && p.head_dim <= HDMAX && p.head_dim % 8 == 0);
     const BcAttnGroup grp = p.groups[blockIdx.z];
     const int r0 = blockIdx.x * ATT_BQ;
     if (r0 >= grp.q_rows) return;  // uniform for the whole block
-    const int hd = p.head_dim, cpr = hd / 8, cpr16 = (hd + 15) / 16 * 2, ksteps = cpr16 / 2;
+    const int hd = p.head_dim, cpr = hd / 8;
     const int h = blockIdx.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-    const float qscale = p.scale * 1.4426950408889634f;  // softmax in base 2
     const bool active = r0 + warp * ATT_WM < grp.q_rows;  // warp-uniform: the warp has a valid row
-    // Q [ATT_BQ][HDMAX] over stage 1 (its K and V halves are contiguous)
-    __nv_bfloat16(*qs)[HDMAX] = reinterpret_cast<__nv_bfloat16(*)[HDMAX]>(&kv[1][0][0][0]);
+    const bc_saddr base = bc_smem_addr(smem);
+    const Sm sm(tid, lane);
+    const bool chunk_ok = sm.c < cpr;  // head-dim chunks past hd are zero-filled
 
-    // 1. Q and the first K/V tile.
-    for (int e = tid; e < ATT_BQ * cpr16; e += ATT_NT) {
-        const int r = e / cpr16, c = e % cpr16;
-        __nv_bfloat16* dst = &qs[r][att_swz(r, c)];
-        if (r0 + r < grp.q_rows && c < cpr)
-            bc_cp_async16(dst, p.q + (size_t)(grp.q_begin + r0 + r) * p.q_stride + h * hd + 8 * c);
-        else
-            att_zero16(dst);
+    // 1. Q (into stage 1) and the first K/V tile (stage 0), zero-filled past the ends.
+    {
+        const int rows = grp.q_rows - r0;
+        const __nv_bfloat16* q = p.q + (size_t)(grp.q_begin + r0 + sm.r) * p.q_stride + h * hd + 8 * sm.c;
+#pragma unroll
+        for (int i = 0; i < ATT_BQ / Sm::RP; ++i) {
+            const bool ok = chunk_ok && sm.r + i * Sm::RP < rows;
+            bc_cp_async16_zfill(base + Sm::STAGEB + sm.dst + i * Sm::RP * Sm::ROWB,
+                                ok ? q + (size_t)i * Sm::RP * p.q_stride : p.q, ok ? 16 : 0);
+        }
     }
     auto load_kv = [&](int stage, const BcKvSegment& seg, int k0) {
         const int kn = min(BK, seg.tokens - k0);
-        for (int e = tid; e < BK * cpr16; e += ATT_NT) {
-            const int r = e / cpr16, c = e % cpr16;
-            __nv_bfloat16* kd = &kv[stage][0][r][att_swz(r, c)];
-            __nv_bfloat16* vd = &kv[stage][1][r][att_swz(r, c)];
-            if (r < kn && c < cpr) {
-                const size_t off = (size_t)(k0 + r) * p.kv_stride + h * hd + 8 * c;
-                bc_cp_async16(kd, seg.k + off);
-                bc_cp_async16(vd, seg.v + off);
-            } else {
-                att_zero16(kd);
-                att_zero16(vd);
-            }
+        const size_t off0 = (size_t)(k0 + sm.r) * p.kv_stride + h * hd + 8 * sm.c;
+        const bc_saddr dst = base + stage * Sm::STAGEB + sm.dst;
+#pragma unroll
+        for (int i = 0; i < BK / Sm::RP; ++i) {
+            const bool ok = chunk_ok && sm.r + i * Sm::RP < kn;
+            const size_t off = ok ? off0 + (size_t)i * Sm::RP * p.kv_stride : 0;
+            bc_cp_async16_zfill(dst + i * Sm::RP * Sm::ROWB, seg.k + off, ok ? 16 : 0);
+            bc_cp_async16_zfill(dst + Sm::TILEB + i * Sm::RP * Sm::ROWB, seg.v + off, ok ? 16 : 0);
         }
     };
     int si = 0, k0 = 0;
@@ -168,14 +292,19 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p,
     bc_cp_async_wait_all();
     __syncthreads();
 
+    // Q fragments of the warp's 16 rows (matrices: rows 0-7 / 8-15 x k 0-7 / 8-15). A negative
+    // scale is folded into Q (sign flip, exact) so that the softmax sees qscale >= 0.
+    float qscale = p.scale * 1.4426950408889634f;  // softmax in base 2
+    const unsigned qsign = qscale < 0.f ? 0x80008000u : 0u;
+    qscale = fabsf(qscale);
     unsigned qf[KSTEPS][4];
+    {
+        const int r = warp * ATT_WM + lane % 16;
 #pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk) {
-        if (kk < ksteps) {
-            const int r = warp * ATT_WM + lane % 16;  // matrices: rows 0-7 / 8-15 x k 0-7 / 8-15
-            bc_ldmatrix_x4(qf[kk], &qs[r][att_swz(r, 2 * kk + lane / 16)]);
-        } else {
-            qf[kk][0] = qf[kk][1] = qf[kk][2] = qf[kk][3] = 0u;
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            bc_ldmatrix_x4_at(qf[kk], base + Sm::STAGEB + r * Sm::ROWB + (((2 * kk + lane / 16) ^ (r & 7)) * 16));
+#pragma unroll
+            for (int e = 0; e < 4; ++e) qf[kk][e] ^= qsign;
         }
     }
     __syncthreads();  // stage 1 is free for the prefetch of tile 1
@@ -202,86 +331,11 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p,
         __syncthreads();              // ... and everyone's
 
         if (active) {
-            const __nv_bfloat16(*ks)[HDMAX] = kv[st][0];
-            const __nv_bfloat16(*vs)[HDMAX] = kv[st][1];
-            // S = Q K^T: B fragments of n-tiles 2jj, 2jj+1 from K rows (keys) via ldmatrix.x4.
-            float s[NS][4];
-#pragma unroll
-            for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < KSTEPS; ++kk) {
-                if (kk < ksteps) {
-#pragma unroll
-                    for (int jj = 0; jj < NS / 2; ++jj) {
-                        if (jj * 16 < kn) {
-                            // matrices: keys +0-7 / +8-15 (lane / 16) x head dim k 0-7 / 8-15
-                            const int r = jj * 16 + 8 * (lane / 16) + lane % 8;
-                            unsigned kb[4];
-                            bc_ldmatrix_x4(kb, &ks[r][att_swz(r, 2 * kk + (lane / 8) % 2)]);
-                            bc_mma_bf16_16816(s[2 * jj], qf[kk], &kb[0], s[2 * jj]);
-                            bc_mma_bf16_16816(s[2 * jj + 1], qf[kk], &kb[2], s[2 * jj + 1]);
-                        }
-                    }
-                }
-            }
-            // Online softmax (base 2) on the fragments: lane holds S[g][col], S[g+8][col] for
-            // col = 8j + 2t, 8j + 2t + 1.
-            float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-            for (int j = 0; j < NS; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float v = 8 * j + 2 * t + (e & 1) < kn ? s[j][e] * qscale : -INFINITY;
-                    s[j][e] = v;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
-                }
-            }
-            float mref[2];
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 1));
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 2));
-                const float mn = fmaxf(m[i], mx[i]);
-                mref[i] = mn == -INFINITY ? 0.f : mn;  // no key yet: keep exp2 finite
-                const float alpha = exp2f(m[i] - mref[i]);
-                m[i] = mn;
-                l[i] *= alpha;
-#pragma unroll
-                for (int j = 0; j < NO; ++j) {
-                    o[j][2 * i] *= alpha;
-                    o[j][2 * i + 1] *= alpha;
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < NS; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float pr = exp2f(s[j][e] - mref[e >> 1]);
-                    s[j][e] = pr;
-                    l[e >> 1] += pr;
-                }
-            }
-            // O += P V: A fragment of key step kk = accumulator n-tiles 2kk, 2kk+1 as bf16;
-            // B fragments of head-dim n-tiles 2nn, 2nn+1 from V rows via ldmatrix.x4.trans.
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) {
-                if (kk * 16 < kn) {
-                    const unsigned pa[4] = {att_pack(s[2 * kk][0], s[2 * kk][1]), att_pack(s[2 * kk][2], s[2 * kk][3]),
-                                            att_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                            att_pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-                    for (int nn = 0; nn < KSTEPS; ++nn) {
-                        if (nn < ksteps) {
-                            // matrices: keys +0-7 / +8-15 ((lane / 8) % 2) x head dim +0-7 / +8-15
-                            const int r = kk * 16 + 8 * ((lane / 8) % 2) + lane % 8;
-                            unsigned vb[4];
-                            bc_ldmatrix_x4_trans(vb, &vs[r][att_swz(r, 2 * nn + lane / 16)]);
-                            bc_mma_bf16_16816(o[2 * nn], pa, &vb[0], o[2 * nn]);
-                            bc_mma_bf16_16816(o[2 * nn + 1], pa, &vb[2], o[2 * nn + 1]);
-                        }
-                    }
-                }
-            }
+            const bc_saddr stage = base + st * Sm::STAGEB;
+            if (kn == BK)
+                att_tile<false, HDMAX, Cfg>(sm, stage, qf, o, m, l, qscale, kn, t);
+            else
+                att_tile<true, HDMAX, Cfg>(sm, stage, qf, o, m, l, qscale, kn, t);
         }
         __syncthreads();  // stage st is consumed before the next iteration refills it
         si = nsi;
@@ -311,26 +365,26 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p,
 // BC_ATTN_HD128_SMEM bytes, over the 48 KB static limit: the launcher raises the kernel's
 // limit once after loading the module).
 extern "C" __global__ void __launch_bounds__(AttHd64::NT, 2) bc_attention_hd64(BcAttentionParams p) {
-    __shared__ __align__(128) __nv_bfloat16 kv[2][2][AttHd64::BK][64];
-    bc_attention_impl<64, AttHd64>(p, kv);
+    __shared__ __align__(128) unsigned char smem[AttHd64::SMEM_BYTES];
+    bc_attention_impl<64, AttHd64>(p, smem);
 }
 BC_EMU_ENTRY(bc_attention_hd64, BcAttentionParams)
 
 extern "C" __global__ void __launch_bounds__(AttHd128::NT, 2) bc_attention_hd128(BcAttentionParams p) {
     BC_DYNAMIC_SMEM(smem, AttHd128::SMEM_BYTES);
-    bc_attention_impl<128, AttHd128>(p, reinterpret_cast<__nv_bfloat16(*)[2][AttHd128::BK][128]>(smem));
+    bc_attention_impl<128, AttHd128>(p, smem);
 }
 BC_EMU_ENTRY(bc_attention_hd128, BcAttentionParams)
 
 // 128 query rows per block, one block per SM.
 extern "C" __global__ void __launch_bounds__(AttHd64Wide::NT, 1) bc_attention_hd64_q128(BcAttentionParams p) {
-    __shared__ __align__(128) __nv_bfloat16 kv[2][2][AttHd64Wide::BK][64];
-    bc_attention_impl<64, AttHd64Wide>(p, kv);
+    __shared__ __align__(128) unsigned char smem[AttHd64Wide::SMEM_BYTES];
+    bc_attention_impl<64, AttHd64Wide>(p, smem);
 }
 BC_EMU_ENTRY(bc_attention_hd64_q128, BcAttentionParams)
 
 extern "C" __global__ void __launch_bounds__(AttHd128Wide::NT, 1) bc_attention_hd128_q128(BcAttentionParams p) {
     BC_DYNAMIC_SMEM(smem, AttHd128Wide::SMEM_BYTES);
-    bc_attention_impl<128, AttHd128Wide>(p, reinterpret_cast<__nv_bfloat16(*)[2][AttHd128Wide::BK][128]>(smem));
+    bc_attention_impl<128, AttHd128Wide>(p, smem);
 }
 BC_EMU_ENTRY(bc_attention_hd128_q128, BcAttentionParams)

@@ -9,6 +9,8 @@
 //   C/D 16x8 f32:         d[0] = D[g][2t]  d[1] = D[g][2t+1]  d[2] = D[g+8][2t]  d[3] = D[g+8][2t+1]
 //   ldmatrix x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; r[i] of lane l holds
 //   matrix i's row l/4, columns 2(l%4)..+1 (.trans: rows 2(l%4), 2(l%4)+1 of column l/4).
+// The `_at` forms and bc_cp_async16_zfill take a bc_saddr (32-bit shared offset from
+// bc_smem_addr) so that a kernel converts its shared array once; bc_ex2 is ex2.approx.ftz.
 // Checked by cuda/test_mma.cu + tests/kernels_emu.rs (emulation vs. a plain matmul); the
 // emulated layouts still need the same test on a GPU. Hopper-only wgmma/TMA are not here
 // (they would be marked Hopper-only and exempt from emulation).
@@ -38,6 +40,36 @@ __device__ __forceinline__ void bc_ldmatrix_x4_trans(unsigned r[4], const void* 
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
+}
+/// Shared-memory address as an integer: the 32-bit shared-window offset on the device (a kernel
+/// converts its shared array once and adds offsets, instead of a generic->shared conversion per
+/// access, which on sm_90 reads the CTA's window base each time), the host address under the
+/// emulation.
+typedef unsigned bc_saddr;
+__device__ __forceinline__ bc_saddr bc_smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void bc_ldmatrix_x4_at(unsigned r[4], bc_saddr a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void bc_ldmatrix_x4_trans_at(unsigned r[4], bc_saddr a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+/// 16-byte cp.async that reads `bytes` (0 or 16) from `gmem` and zero-fills the rest: a
+/// predicated copy without a branch (`gmem` must stay a valid address).
+__device__ __forceinline__ void bc_cp_async16_zfill(bc_saddr smem, const void* gmem, unsigned bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
+}
+/// 2^x by the hardware approximation (MUFU.EX2, ~2 ulp, subnormal results flushed to 0; -inf
+/// gives 0): one instruction where exp2f adds range handling around it.
+__device__ __forceinline__ float bc_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 /// 16-byte asynchronous global -> shared copy (both 16-byte aligned).
 __device__ __forceinline__ void bc_cp_async16(void* smem, const void* gmem) {
@@ -102,6 +134,22 @@ inline void bc_ldmatrix_x4_trans(unsigned r[4], const void* row) {
     }
 }
 inline void bc_cp_async16(void* smem, const void* gmem) { ::emu::cp_async16(smem, gmem, __FILE__, __LINE__); }
+typedef uintptr_t bc_saddr;
+inline bc_saddr bc_smem_addr(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+inline void bc_ldmatrix_x4_at(unsigned r[4], bc_saddr a) { bc_ldmatrix_x4(r, reinterpret_cast<const void*>(a)); }
+inline void bc_ldmatrix_x4_trans_at(unsigned r[4], bc_saddr a) {
+    bc_ldmatrix_x4_trans(r, reinterpret_cast<const void*>(a));
+}
+// The zero-fill is a copy from zeros: it lands at the wait like any other cp.async.
+inline void bc_cp_async16_zfill(bc_saddr smem, const void* gmem, unsigned bytes) {
+    alignas(16) static const unsigned char zeros[16] = {};
+    if (bytes != 0 && bytes != 16) ::emu::fail("cp.async zero-fill: bytes must be 0 or 16", __FILE__, __LINE__);
+    ::emu::cp_async16(reinterpret_cast<void*>(smem), bytes ? gmem : zeros, __FILE__, __LINE__);
+}
+inline float bc_ex2(float x) {
+    const float y = std::exp2(x);
+    return y < 1.17549435e-38f ? 0.f : y;  // ftz
+}
 inline void bc_cp_async_commit() { ::emu::cp_async_commit(); }
 inline void bc_cp_async_wait_all() { ::emu::cp_async_wait(-1); }
 template <int N>

@@ -1106,16 +1106,30 @@ impl<'m> CudaBackend<'m> {
         let mut groups = Vec::with_capacity(members.len());
         for (i, list) in lists.iter().enumerate() {
             if own[i] {
-                groups.push(BcAttnGroup {
-                    q_begin: row0[i] as i32,
-                    q_rows: (frames[i] * tpf) as i32,
-                    seg_begin: index.len() as i32,
-                    seg_count: list.len() as i32,
-                });
+                let keys: usize = list
+                    .iter()
+                    .map(|s| match *s {
+                        Src::Cache { frames, .. } => frames * tpf,
+                        Src::Win { rows, .. } | Src::Prev { rows, .. } => rows,
+                    })
+                    .sum();
+                groups.push((
+                    keys,
+                    BcAttnGroup {
+                        q_begin: row0[i] as i32,
+                        q_rows: (frames[i] * tpf) as i32,
+                        seg_begin: index.len() as i32,
+                        seg_count: list.len() as i32,
+                    },
+                ));
             }
             let b = index.len() as i32;
             index.extend((0..list.len() as i32).map(|x| b + x));
         }
+        // Groups with the most keys first: blocks start in grid order (the group is grid.z), so
+        // the longest blocks start first instead of forming the tail of the launch.
+        groups.sort_by_key(|&(keys, _)| std::cmp::Reverse(keys));
+        let groups: Vec<BcAttnGroup> = groups.into_iter().map(|(_, g)| g).collect();
         // Cross-attention: consecutive members sharing a prompt form one group.
         let (tl, pslots) = (c.text_len, self.prompt_slots.len());
         let per = l * 2 * tl * d * 2;

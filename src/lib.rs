@@ -24,6 +24,7 @@ pub mod prompt;
 pub mod scaling;
 pub mod schedule;
 pub mod tensorfile;
+pub mod text;
 pub mod weights;
 pub mod window;
 
@@ -33,6 +34,7 @@ pub use error::{Error, Result};
 pub use executor::{FinishedBlock, Generator, RunReport};
 pub use noise::NoiseSource;
 pub use prompt::PromptEmbeds;
+pub use text::TextEncoder;
 
 /// The crate version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

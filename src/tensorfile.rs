@@ -77,6 +77,17 @@ pub struct TensorFile {
 impl TensorFile {
     /// Opens and validates `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_impl(path, false)
+    }
+
+    /// Opens and validates `path` like [`TensorFile::open`], except that `I64` tensors (the
+    /// token ids `encode-prompt` writes next to `prompt_embeds`) are checked and left out
+    /// instead of refused.
+    pub fn open_skipping_ids(path: &Path) -> Result<Self> {
+        Self::open_impl(path, true)
+    }
+
+    fn open_impl(path: &Path, skip_i64: bool) -> Result<Self> {
         // A directory, FIFO or device is refused before opening it (opening a FIFO would block
         // until some other process writes to it).
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
@@ -152,8 +163,11 @@ impl TensorFile {
                     json_brief(&v)
                 ))
             })?;
+            let skip = skip_i64 && entry.get("dtype").and_then(|d| d.as_str()) == Some("I64");
             let dtype = match entry.get("dtype") {
                 None => return Err(bad(format!("tensor `{name}` has no dtype"))),
+                // Sized like F32 below, then checked with its 8-byte size and dropped.
+                Some(_) if skip => Dtype::F32,
                 Some(d) => d.as_str().and_then(Dtype::parse).ok_or_else(|| {
                     bad(format!(
                         "tensor `{name}` has unsupported dtype {} (F32, BF16, F16 are supported)",
@@ -188,13 +202,12 @@ impl TensorFile {
             let (start, end) = (off[0], off[1]);
             // The byte count, and the element count even when a dimension is 0, must be a valid
             // allocation size, so that nothing computed from the shape can overflow.
-            let want = shape
-                .iter()
-                .try_fold(dtype.size(), |a, &b| a.checked_mul(b));
+            let elem = if skip { 8 } else { dtype.size() };
+            let want = shape.iter().try_fold(elem, |a, &b| a.checked_mul(b));
             let nonzero = shape
                 .iter()
                 .filter(|&&d| d != 0)
-                .try_fold(dtype.size(), |a, &b| a.checked_mul(b));
+                .try_fold(elem, |a, &b| a.checked_mul(b));
             let want = match (want, nonzero) {
                 (Some(w), Some(nz)) if nz <= isize::MAX as usize => w,
                 _ => {
@@ -214,10 +227,14 @@ impl TensorFile {
                 )));
             }
             if end - start != want {
+                let dt = if skip { "I64" } else { dt };
                 return Err(bad(format!(
                     "tensor `{name}` holds {} bytes but shape {shape:?} {dt} needs {want}",
                     end - start
                 )));
+            }
+            if skip {
+                continue;
             }
             tensors.insert(
                 name,
@@ -293,9 +310,16 @@ impl TensorFile {
         Ok(self.convert(info))
     }
 
+    /// The raw little-endian bytes of an entry of this file, still memory-mapped: large
+    /// weights (the text encoder's) are converted a tile at a time from here instead of as a
+    /// whole f32 copy.
+    pub fn raw(&self, info: &TensorInfo) -> &[u8] {
+        &self.map[self.data_start + info.start..self.data_start + info.end]
+    }
+
     /// Converts the data of an entry of this file to f32.
     pub fn convert(&self, info: &TensorInfo) -> Vec<f32> {
-        let raw = &self.map[self.data_start + info.start..self.data_start + info.end];
+        let raw = self.raw(info);
         match info.dtype {
             Dtype::F32 => raw
                 .chunks_exact(4)
@@ -353,10 +377,47 @@ fn json_brief(v: &serde_json::Value) -> String {
 /// A tensor to write: name, shape, f32 data.
 pub type OutTensor<'a> = (&'a str, Vec<usize>, &'a [f32]);
 
+/// Data of a tensor to write with [`write_tensors`]: f32 values, or i64 (token ids).
+#[derive(Clone, Copy, Debug)]
+pub enum OutData<'a> {
+    /// `F32` values.
+    F32(&'a [f32]),
+    /// `I64` values.
+    I64(&'a [i64]),
+}
+
+impl OutData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            OutData::F32(d) => d.len(),
+            OutData::I64(d) => d.len(),
+        }
+    }
+    fn dtype(&self) -> (&'static str, usize) {
+        match self {
+            OutData::F32(_) => ("F32", 4),
+            OutData::I64(_) => ("I64", 8),
+        }
+    }
+}
+
 /// Writes f32 tensors and string metadata to `path` atomically (temp file + rename).
 pub fn write_f32(
     path: &Path,
     tensors: &[OutTensor],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let t: Vec<(&str, Vec<usize>, OutData)> = tensors
+        .iter()
+        .map(|(n, s, d)| (*n, s.clone(), OutData::F32(d)))
+        .collect();
+    write_tensors(path, &t, metadata)
+}
+
+/// Writes f32 and i64 tensors and string metadata to `path` atomically (temp file + rename).
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, OutData)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
@@ -375,11 +436,12 @@ pub fn write_f32(
                 data.len()
             )));
         }
+        let (dt, size) = data.dtype();
         header.insert(
             name.to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + 4 * n]}),
+            serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": [off, off + size * n]}),
         );
-        off += 4 * n;
+        off += size * n;
     }
     let mut h = serde_json::to_vec(&header).map_err(|e| Error::Internal(e.to_string()))?;
     while h.len() % 8 != 0 {
@@ -399,8 +461,9 @@ pub fn write_f32(
         f.write_all(&(h.len() as u64).to_le_bytes())?;
         f.write_all(&h)?;
         for (_, _, data) in tensors {
-            for v in data.iter() {
-                f.write_all(&v.to_le_bytes())?;
+            match data {
+                OutData::F32(d) => d.iter().try_for_each(|v| f.write_all(&v.to_le_bytes()))?,
+                OutData::I64(d) => d.iter().try_for_each(|v| f.write_all(&v.to_le_bytes()))?,
             }
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;

@@ -1,12 +1,18 @@
 //! The umT5 text encoder against the golden case `umt5-tiny` (ids and embeddings of 6 prompts
 //! from the public Wan code), both weight namings, other dtypes, and bad input.
 
+mod common;
+use blockcascade::ffi::sys::*;
+use blockcascade::ffi::*;
 use blockcascade::tensorfile::{TensorFile, TensorInfo};
 use blockcascade::text::umt5::Naming;
 use blockcascade::text::TextEncoder;
 use blockcascade::weights::builtin_config;
 use blockcascade::Error;
+use common::{c_generate, expect_c_err, last_error};
+use std::ffi::CString;
 use std::path::{Path, PathBuf};
+use std::ptr::{null, null_mut};
 
 fn case_dir() -> PathBuf {
     std::env::var_os("BC_TEST_DATA")
@@ -637,4 +643,149 @@ fn cli_encode_prompt_and_generate_with_text() {
         run_err(&[&args[..], &["--out", &o]].concat(), needle);
     }
     assert!(!tmp.path().join("o.safetensors").exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The C ABI
+
+fn c_open(model: Option<&Path>, opts: &bc_engine_options) -> (bc_status, *mut bc_engine) {
+    let m = model.map(|p| CString::new(p.display().to_string()).unwrap());
+    let mut e = null_mut();
+    let st = unsafe { bc_engine_open(m.as_ref().map_or(null(), |c| c.as_ptr()), opts, &mut e) };
+    (st, e)
+}
+
+fn c_session(e: *mut bc_engine) -> *mut bc_session {
+    let mut s = null_mut();
+    assert_eq!(
+        unsafe { bc_session_open(e, null(), &mut s) },
+        BC_OK,
+        "{}",
+        last_error()
+    );
+    s
+}
+
+#[test]
+fn c_abi_text_prompts() {
+    let enc_dir = CString::new(case_dir().join("text_encoder").display().to_string()).unwrap();
+    let opts = bc_engine_options {
+        backend: c"cpu".as_ptr(),
+        text_encoder: enc_dir.as_ptr(),
+        ..bc_engine_options_default()
+    };
+    let (st, e) = c_open(None, &opts);
+    assert_eq!(st, BC_OK, "{}", last_error());
+    let s = c_session(e);
+    // Text prompts give the same latents as their embeddings given directly.
+    let enc = TextEncoder::load(&case_dir().join("text_encoder"), None).unwrap();
+    let fox = enc.encode("A red fox", 16).unwrap().embeds;
+    let sun = enc.encode("Sunflowers", 16).unwrap().embeds;
+    let st = unsafe { bc_session_set_prompt_text(s, c"  A red fox ".as_ptr()) };
+    assert_eq!(st, BC_OK, "{}", last_error());
+    let st = unsafe { bc_session_switch_prompt_text(s, 1, c"Sunflowers".as_ptr()) };
+    assert_eq!(st, BC_OK, "{}", last_error());
+    let a = c_generate(s, 2);
+    let set = unsafe { bc_session_set_prompt(s, fox.data.as_ptr(), fox.rows as u32, 32) };
+    assert_eq!(set, BC_OK);
+    let sw = unsafe { bc_session_switch_prompt(s, 1, sun.data.as_ptr(), sun.rows as u32, 32) };
+    assert_eq!(sw, BC_OK);
+    assert_eq!(a, c_generate(s, 2));
+    // Bad text.
+    let bad = CString::new(vec![b'a', 0xff, b'b']).unwrap();
+    expect_c_err(
+        unsafe { bc_session_set_prompt_text(s, bad.as_ptr()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "not valid UTF-8",
+    );
+    expect_c_err(
+        unsafe { bc_session_switch_prompt_text(s, 1, bad.as_ptr()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "UTF-8",
+    );
+    expect_c_err(
+        unsafe { bc_session_set_prompt_text(s, null()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "NULL",
+    );
+    expect_c_err(
+        unsafe { bc_session_switch_prompt_text(s, 0, c"x".as_ptr()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "block >= 1",
+    );
+    expect_c_err(
+        unsafe { bc_session_set_prompt_text(null_mut(), c"x".as_ptr()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "NULL",
+    );
+    // An empty prompt is `</s>` alone, a valid prompt.
+    assert_eq!(
+        unsafe { bc_session_set_prompt_text(s, c"".as_ptr()) },
+        BC_OK
+    );
+    bc_session_close(s);
+    bc_engine_close(e);
+
+    // A caller compiled against the first bc_engine_options (no text fields) still works: the
+    // built-in model then has the built-in text encoder.
+    let old = bc_engine_options {
+        struct_size: std::mem::offset_of!(bc_engine_options, text_encoder) as u32,
+        backend: c"cpu".as_ptr(),
+        // Beyond struct_size: never read.
+        text_encoder: c"/nonexistent".as_ptr(),
+        ..bc_engine_options_default()
+    };
+    let (st, e) = c_open(None, &old);
+    assert_eq!(st, BC_OK, "{}", last_error());
+    let s = c_session(e);
+    assert_eq!(
+        unsafe { bc_session_set_prompt_text(s, c"a fox".as_ptr()) },
+        BC_OK
+    );
+    bc_session_close(s);
+    bc_engine_close(e);
+
+    // A model directory without a text encoder.
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/selfforcing-tiny/model");
+    let plain = bc_engine_options {
+        backend: c"cpu".as_ptr(),
+        ..bc_engine_options_default()
+    };
+    let (st, e) = c_open(Some(&model), &plain);
+    assert_eq!(st, BC_OK, "{}", last_error());
+    let s = c_session(e);
+    expect_c_err(
+        unsafe { bc_session_set_prompt_text(s, c"a fox".as_ptr()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "no text encoder",
+    );
+    bc_session_close(s);
+    bc_engine_close(e);
+
+    // Open errors: a width other than the model's text_dim, a missing encoder, a tokenizer
+    // without an encoder.
+    let tmp = tempfile::tempdir().unwrap();
+    random_encoder(&tmp.path().join("narrow"), 16);
+    let narrow = CString::new(tmp.path().join("narrow").display().to_string()).unwrap();
+    let missing = CString::new(tmp.path().join("missing").display().to_string()).unwrap();
+    for (te, tok, code, needle) in [
+        (narrow.as_ptr(), null(), BC_ERR_INVALID_ARGUMENT, "text_dim"),
+        (missing.as_ptr(), null(), BC_ERR_IO, "missing: No such file"),
+        (
+            null(),
+            c"t.json".as_ptr(),
+            BC_ERR_INVALID_ARGUMENT,
+            "text_encoder is NULL",
+        ),
+    ] {
+        let o = bc_engine_options {
+            backend: c"cpu".as_ptr(),
+            text_encoder: te,
+            tokenizer: tok,
+            ..bc_engine_options_default()
+        };
+        let (st, e) = c_open(None, &o);
+        expect_c_err(st, code, needle);
+        assert!(e.is_null());
+    }
 }

@@ -56,6 +56,7 @@ impl TextEncoder {
     /// (`tokenizer`: a `tokenizer.json` or a folder with one; default: `tokenizer.json` in the
     /// encoder's folder or in its `tokenizer/` subfolder).
     pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         let dir = if path.is_dir() {
             path
         } else {

@@ -66,8 +66,8 @@ impl Tokenizer {
         }
         Err(not_found(
             dir,
-            "no tokenizer.json here or in tokenizer/ (give the umT5 tokenizer.json with \
-             --tokenizer FILE)"
+            "no tokenizer.json here or in tokenizer/ (give the umT5 tokenizer.json explicitly: \
+             --tokenizer FILE, bc_engine_options.tokenizer)"
                 .into(),
         ))
     }

@@ -789,3 +789,172 @@ fn c_abi_text_prompts() {
         assert!(e.is_null());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Real dimensions (manual: `cargo test --test text_encoder -- --ignored --nocapture`)
+
+fn proc_status(key: &str) -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Writes an umT5-XXL-shaped encoder with random bf16 weights and Wan names (11.4 GB) to a
+/// temporary folder, streaming, then loads it and encodes a 30-token prompt: time and peak RSS.
+#[test]
+#[ignore = "writes 11.4 GB and runs the real-size encoder; run by hand"]
+fn real_dims_from_a_memory_mapped_bf16_file() {
+    use std::io::Write;
+    let c = blockcascade::text::Umt5Config::xxl();
+    let dir = tempfile::tempdir_in(std::env::var("BC_BIG_TMP").unwrap_or("/tmp".into())).unwrap();
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("token_embedding.weight".into(), vec![c.vocab, c.dim]),
+        ("norm.weight".into(), vec![c.dim]),
+    ];
+    for i in 0..c.layers {
+        let n = Naming::Wan.layer_names(i);
+        let (d, da, f) = (c.dim, c.dim_attn, c.ffn);
+        let s = [
+            vec![d],
+            vec![da, d],
+            vec![da, d],
+            vec![da, d],
+            vec![d, da],
+            vec![c.buckets, c.heads],
+            vec![d],
+            vec![f, d],
+            vec![f, d],
+            vec![d, f],
+        ];
+        shapes.extend(n.into_iter().zip(s));
+    }
+    let mut header = serde_json::Map::new();
+    let mut off = 0usize;
+    for (name, shape) in &shapes {
+        let bytes = 2 * shape.iter().product::<usize>();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [off, off + bytes]}),
+        );
+        off += bytes;
+    }
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let t = std::time::Instant::now();
+    let path = dir.path().join("model.safetensors");
+    {
+        let mut f =
+            std::io::BufWriter::with_capacity(1 << 24, std::fs::File::create(&path).unwrap());
+        f.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(&h).unwrap();
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut buf = vec![0u8; 1 << 22];
+        for (name, shape) in &shapes {
+            let n: usize = shape.iter().product();
+            let norm = name.ends_with("norm.weight")
+                || name.ends_with("norm1.weight")
+                || name.ends_with("norm2.weight");
+            let scale = if norm {
+                0.0
+            } else {
+                (*shape.last().unwrap() as f32).powf(-0.5) * 1.7
+            };
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(buf.len() / 2);
+                for b in buf[..2 * k].chunks_exact_mut(2) {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    let u = (s >> 40) as f32 / (1u32 << 23) as f32 - 1.0;
+                    let v = if norm { 1.0 } else { u * scale };
+                    b.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+                }
+                f.write_all(&buf[..2 * k]).unwrap();
+                left -= k;
+            }
+        }
+        f.flush().unwrap();
+    }
+    eprintln!(
+        "wrote {} GB in {:.1}s",
+        (off as f64) / 1e9,
+        t.elapsed().as_secs_f64()
+    );
+    std::fs::create_dir_all(dir.path().join("tokenizer")).unwrap();
+    std::fs::copy(
+        case_dir().join("text_encoder/tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer/tokenizer.json"),
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let enc = TextEncoder::load(dir.path(), None).unwrap();
+    eprintln!(
+        "load {:.3}s, RSS {}",
+        t.elapsed().as_secs_f64(),
+        proc_status("VmRSS")
+    );
+    assert_eq!(enc.config(), &c);
+    let prompt = "The camera slowly pans across a foggy lake at";
+    for rep in 0..3 {
+        let t = std::time::Instant::now();
+        let e = enc.encode(&format!("{prompt} {rep}"), 512).unwrap();
+        eprintln!(
+            "encode {} tokens: {:.0} ms; VmHWM {}, RssAnon {}, RssFile {}",
+            e.ids.len(),
+            t.elapsed().as_secs_f64() * 1e3,
+            proc_status("VmHWM"),
+            proc_status("RssAnon"),
+            proc_status("RssFile")
+        );
+        assert!(e.embeds.data.iter().all(|v| v.is_finite()));
+    }
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line (11 and 12 after the `)`).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `bench_text_encoder` at real dims (one generated layer shared by all 24), with the CPU time
+/// it took (on a shared machine the wall time says little).
+#[test]
+#[ignore = "real-size benchmark; run by hand"]
+fn real_dims_bench() {
+    let c = blockcascade::text::Umt5Config::xxl();
+    let layers: usize = std::env::var("BC_BENCH_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(c.layers);
+    let cfg = blockcascade::text::Umt5Config { layers, ..c };
+    let cpu0 = cpu_seconds();
+    let ms = blockcascade::text::bench_text_encoder(&cfg, 30, 1).unwrap();
+    // One warm-up and one timed run.
+    let cpu = (cpu_seconds() - cpu0) / 2.0;
+    let flop = 2.0 * 30.0 * (cfg.parameter_count() - cfg.vocab * cfg.dim) as f64;
+    eprintln!(
+        "umT5-XXL dims, {layers} layers, 30 tokens, {} threads: {ms:.0} ms wall, about {cpu:.1} CPU s per run ({:.1} GFLOP/CPU-s); VmHWM {}",
+        rayon::current_num_threads(),
+        flop / cpu.max(1e-9) / 1e9,
+        proc_status("VmHWM")
+    );
+}

@@ -267,6 +267,13 @@ struct BenchArgs {
     /// Scaling model: PCIe bandwidth per GPU, GB/s.
     #[arg(long, default_value_t = 25.0)]
     pcie_gbs: f64,
+    /// Instead: time the umT5-XXL text encoder on the CPU for a --text-tokens prompt (random
+    /// bf16 weights, generated: one layer shared by the 24).
+    #[arg(long)]
+    text_encoder: bool,
+    /// Tokens of the --text-encoder benchmark prompt.
+    #[arg(long, default_value_t = 30)]
+    text_tokens: usize,
 }
 
 fn main() -> ExitCode {
@@ -768,6 +775,21 @@ fn scaling_cmd(a: &BenchArgs) -> Result<()> {
 fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.model_scaling {
         return scaling_cmd(&a);
+    }
+    if a.text_encoder {
+        let cfg = blockcascade::text::Umt5Config::xxl();
+        let ms = blockcascade::text::bench_text_encoder(&cfg, a.text_tokens, a.reps.max(1))?;
+        eprintln!(
+            "umT5-XXL encoder, {} tokens, {} threads: {ms:.1} ms",
+            a.text_tokens,
+            rayon::current_num_threads()
+        );
+        println!(
+            "{}",
+            serde_json::json!({"text_encoder": "umt5-xxl", "tokens": a.text_tokens,
+                "threads": rayon::current_num_threads(), "ms": ms})
+        );
+        return Ok(());
     }
     let models: Vec<&str> = a.models.split(',').map(str::trim).collect();
     let results = bench::run_cpu(&models, a.reps.max(1), a.cascade)?;

@@ -27,10 +27,12 @@ pub struct bc_engine_options {
     pub backend: *const ::std::os::raw::c_char,
     pub devices: *const i32,
     pub n_devices: u32,
+    pub text_encoder: *const ::std::os::raw::c_char,
+    pub tokenizer: *const ::std::os::raw::c_char,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of bc_engine_options"][::std::mem::size_of::<bc_engine_options>() - 32usize];
+    ["Size of bc_engine_options"][::std::mem::size_of::<bc_engine_options>() - 48usize];
     [
         "Alignment of bc_engine_options",
     ][::std::mem::align_of::<bc_engine_options>() - 8usize];
@@ -46,6 +48,12 @@ const _: () = {
     [
         "Offset of field: bc_engine_options::n_devices",
     ][::std::mem::offset_of!(bc_engine_options, n_devices) - 24usize];
+    [
+        "Offset of field: bc_engine_options::text_encoder",
+    ][::std::mem::offset_of!(bc_engine_options, text_encoder) - 32usize];
+    [
+        "Offset of field: bc_engine_options::tokenizer",
+    ][::std::mem::offset_of!(bc_engine_options, tokenizer) - 40usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -230,6 +238,15 @@ extern "C" {
     pub fn bc_session_set_noise_file(
         s: *mut bc_session,
         path: *const ::std::os::raw::c_char,
+    ) -> bc_status;
+    pub fn bc_session_set_prompt_text(
+        s: *mut bc_session,
+        utf8: *const ::std::os::raw::c_char,
+    ) -> bc_status;
+    pub fn bc_session_switch_prompt_text(
+        s: *mut bc_session,
+        block: u32,
+        utf8: *const ::std::os::raw::c_char,
     ) -> bc_status;
     pub fn bc_session_last_stats(
         s: *const bc_session,

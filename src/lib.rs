@@ -25,6 +25,7 @@ pub mod scaling;
 pub mod schedule;
 pub mod tensorfile;
 pub mod video;
+pub mod text;
 pub mod weights;
 pub mod window;
 
@@ -34,6 +35,7 @@ pub use error::{Error, Result};
 pub use executor::{FinishedBlock, Generator, RunReport};
 pub use noise::NoiseSource;
 pub use prompt::PromptEmbeds;
+pub use text::TextEncoder;
 
 /// The crate version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

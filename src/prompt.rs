@@ -17,9 +17,10 @@ pub struct PromptEmbeds {
 
 impl PromptEmbeds {
     /// Loads tensor `prompt_embeds` (`[L, text_dim]` or `[1, L, text_dim]`) and checks its width
-    /// and values against the model.
+    /// and values against the model. Other tensors may be there, I64 ones included.
     pub fn load(path: &Path, cfg: &ModelConfig) -> Result<Self> {
-        let f = TensorFile::open(path)?;
+        // `encode-prompt` also writes the token ids (`input_ids`, I64): they are not needed.
+        let f = TensorFile::open_skipping_ids(path)?;
         let info = f.tensors().get("prompt_embeds").ok_or_else(|| {
             Error::format(format!(
                 "{}: missing tensor `prompt_embeds` [L, {}]",
@@ -107,6 +108,17 @@ pub fn load_schedule(
     cfg: &ModelConfig,
     block_frames: usize,
 ) -> Result<Vec<PromptSwitch>> {
+    load_schedule_with_text(path, cfg, block_frames, None)
+}
+
+/// [`load_schedule`] where an entry may also give its prompt as text, `{"block": 3, "prompt":
+/// "a fox"}`, encoded by `encoder` (an error when it is `None`).
+pub fn load_schedule_with_text(
+    path: &Path,
+    cfg: &ModelConfig,
+    block_frames: usize,
+    encoder: Option<&crate::text::TextEncoder>,
+) -> Result<Vec<PromptSwitch>> {
     if block_frames == 0 {
         return Err(Error::invalid("block frames must be at least 1"));
     }
@@ -148,27 +160,49 @@ pub fn load_schedule(
                 )))
             }
         };
-        let file = e
-            .get("prompt_embeds")
-            .and_then(|p| p.as_str())
-            .ok_or_else(|| {
-                Error::format(format!(
-                    "{}: entry {i} needs a `prompt_embeds` file name",
-                    path.display()
-                ))
-            })?;
-        let fp = PathBuf::from(file);
-        let fp = if fp.is_absolute() { fp } else { base.join(fp) };
         if out.iter().any(|s| s.block == block) {
             return Err(Error::invalid(format!(
                 "{}: two entries switch at block {block}",
                 path.display()
             )));
         }
-        out.push(PromptSwitch {
-            block,
-            embeds: PromptEmbeds::load(&fp, cfg)?,
-        });
+        let embeds = match (e.get("prompt_embeds"), e.get("prompt")) {
+            (Some(file), None) => {
+                let file = file.as_str().ok_or_else(|| {
+                    Error::format(format!(
+                        "{}: entry {i}: `prompt_embeds` must be a file name",
+                        path.display()
+                    ))
+                })?;
+                let fp = PathBuf::from(file);
+                let fp = if fp.is_absolute() { fp } else { base.join(fp) };
+                PromptEmbeds::load(&fp, cfg)?
+            }
+            (None, Some(t)) => {
+                let t = t.as_str().ok_or_else(|| {
+                    Error::format(format!(
+                        "{}: entry {i}: `prompt` must be a string",
+                        path.display()
+                    ))
+                })?;
+                let enc = encoder.ok_or_else(|| {
+                    Error::invalid(format!(
+                        "{}: entry {i} gives a text prompt, which needs a text encoder \
+                         (--text-encoder DIR)",
+                        path.display()
+                    ))
+                })?;
+                enc.prompt_embeds(t, cfg)?
+            }
+            _ => {
+                return Err(Error::format(format!(
+                    "{}: entry {i} needs exactly one of `prompt_embeds` (a file name) and \
+                     `prompt` (text)",
+                    path.display()
+                )))
+            }
+        };
+        out.push(PromptSwitch { block, embeds });
     }
     out.sort_by_key(|s| s.block);
     Ok(out)

@@ -77,6 +77,17 @@ pub struct TensorFile {
 impl TensorFile {
     /// Opens and validates `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_impl(path, false)
+    }
+
+    /// Opens and validates `path` like [`TensorFile::open`], except that `I64` tensors (the
+    /// token ids `encode-prompt` writes next to `prompt_embeds`) are checked and left out
+    /// instead of refused.
+    pub fn open_skipping_ids(path: &Path) -> Result<Self> {
+        Self::open_impl(path, true)
+    }
+
+    fn open_impl(path: &Path, skip_i64: bool) -> Result<Self> {
         // A directory, FIFO or device is refused before opening it (opening a FIFO would block
         // until some other process writes to it).
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
@@ -152,8 +163,11 @@ impl TensorFile {
                     json_brief(&v)
                 ))
             })?;
+            let skip = skip_i64 && entry.get("dtype").and_then(|d| d.as_str()) == Some("I64");
             let dtype = match entry.get("dtype") {
                 None => return Err(bad(format!("tensor `{name}` has no dtype"))),
+                // Sized like F32 below, then checked with its 8-byte size and dropped.
+                Some(_) if skip => Dtype::F32,
                 Some(d) => d.as_str().and_then(Dtype::parse).ok_or_else(|| {
                     bad(format!(
                         "tensor `{name}` has unsupported dtype {} (F32, BF16, F16 are supported)",
@@ -188,13 +202,12 @@ impl TensorFile {
             let (start, end) = (off[0], off[1]);
             // The byte count, and the element count even when a dimension is 0, must be a valid
             // allocation size, so that nothing computed from the shape can overflow.
-            let want = shape
-                .iter()
-                .try_fold(dtype.size(), |a, &b| a.checked_mul(b));
+            let elem = if skip { 8 } else { dtype.size() };
+            let want = shape.iter().try_fold(elem, |a, &b| a.checked_mul(b));
             let nonzero = shape
                 .iter()
                 .filter(|&&d| d != 0)
-                .try_fold(dtype.size(), |a, &b| a.checked_mul(b));
+                .try_fold(elem, |a, &b| a.checked_mul(b));
             let want = match (want, nonzero) {
                 (Some(w), Some(nz)) if nz <= isize::MAX as usize => w,
                 _ => {
@@ -214,10 +227,14 @@ impl TensorFile {
                 )));
             }
             if end - start != want {
+                let dt = if skip { "I64" } else { dt };
                 return Err(bad(format!(
                     "tensor `{name}` holds {} bytes but shape {shape:?} {dt} needs {want}",
                     end - start
                 )));
+            }
+            if skip {
+                continue;
             }
             tensors.insert(
                 name,
@@ -293,9 +310,16 @@ impl TensorFile {
         Ok(self.convert(info))
     }
 
+    /// The raw little-endian bytes of an entry of this file, still memory-mapped: large
+    /// weights (the text encoder's) are converted a tile at a time from here instead of as a
+    /// whole f32 copy.
+    pub fn raw(&self, info: &TensorInfo) -> &[u8] {
+        &self.map[self.data_start + info.start..self.data_start + info.end]
+    }
+
     /// Converts the data of an entry of this file to f32.
     pub fn convert(&self, info: &TensorInfo) -> Vec<f32> {
-        let raw = &self.map[self.data_start + info.start..self.data_start + info.end];
+        let raw = self.raw(info);
         match info.dtype {
             Dtype::F32 => raw
                 .chunks_exact(4)
@@ -353,12 +377,35 @@ fn json_brief(v: &serde_json::Value) -> String {
 /// A tensor to write: name, shape, f32 data.
 pub type OutTensor<'a> = (&'a str, Vec<usize>, &'a [f32]);
 
-/// The JSON header of a safetensors file holding f32 tensors stored back to back in `entries`
-/// order, padded with spaces to at least `min_len` bytes and to a multiple of 8. A streaming
-/// writer reserves a padded header, writes the data, then rewrites the header in place with the
-/// final shapes (same length), so the data never has to be copied.
-pub fn f32_header(
-    entries: &[(&str, &[usize])],
+/// Data of a tensor to write with [`write_tensors`]: f32 values, or i64 (token ids).
+#[derive(Clone, Copy, Debug)]
+pub enum OutData<'a> {
+    /// `F32` values.
+    F32(&'a [f32]),
+    /// `I64` values.
+    I64(&'a [i64]),
+}
+
+impl OutData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            OutData::F32(d) => d.len(),
+            OutData::I64(d) => d.len(),
+        }
+    }
+    fn dtype(&self) -> (&'static str, usize) {
+        match self {
+            OutData::F32(_) => ("F32", 4),
+            OutData::I64(_) => ("I64", 8),
+        }
+    }
+}
+
+/// The JSON header of a safetensors file holding tensors `(name, shape, dtype name, element
+/// size)` stored back to back in `entries` order, padded with spaces to at least `min_len`
+/// bytes and to a multiple of 8.
+fn header(
+    entries: &[(&str, &[usize], &str, usize)],
     metadata: &BTreeMap<String, String>,
     min_len: usize,
 ) -> Result<Vec<u8>> {
@@ -370,14 +417,14 @@ pub fn f32_header(
         );
     }
     let mut off = 0usize;
-    for (name, shape) in entries {
+    for (name, shape, dtype, size) in entries {
         let n = shape
             .iter()
-            .try_fold(4usize, |a, &d| a.checked_mul(d))
+            .try_fold(*size, |a, &d| a.checked_mul(d))
             .ok_or_else(|| Error::invalid(format!("tensor {name}: shape {shape:?} overflows")))?;
         header.insert(
             name.to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + n]}),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}),
         );
         off += n;
     }
@@ -388,16 +435,42 @@ pub fn f32_header(
     Ok(h)
 }
 
+/// The JSON header of a safetensors file holding f32 tensors stored back to back in `entries`
+/// order, padded with spaces to at least `min_len` bytes and to a multiple of 8. A streaming
+/// writer reserves a padded header, writes the data, then rewrites the header in place with the
+/// final shapes (same length), so the data never has to be copied.
+pub fn f32_header(
+    entries: &[(&str, &[usize])],
+    metadata: &BTreeMap<String, String>,
+    min_len: usize,
+) -> Result<Vec<u8>> {
+    let e: Vec<(&str, &[usize], &str, usize)> = entries
+        .iter()
+        .map(|(name, shape)| (*name, *shape, "F32", 4))
+        .collect();
+    header(&e, metadata, min_len)
+}
+
 /// Writes f32 tensors and string metadata to `path` atomically (temp file + rename).
 pub fn write_f32(
     path: &Path,
     tensors: &[OutTensor],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let entries: Vec<(&str, &[usize])> = tensors
+    let t: Vec<(&str, Vec<usize>, OutData)> = tensors
         .iter()
-        .map(|(name, shape, _)| (*name, shape.as_slice()))
+        .map(|(n, s, d)| (*n, s.clone(), OutData::F32(d)))
         .collect();
+    write_tensors(path, &t, metadata)
+}
+
+/// Writes f32 and i64 tensors and string metadata to `path` atomically (temp file + rename).
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, OutData)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut entries = Vec::with_capacity(tensors.len());
     for (name, shape, data) in tensors {
         let n: usize = shape.iter().product();
         if n != data.len() {
@@ -406,8 +479,10 @@ pub fn write_f32(
                 data.len()
             )));
         }
+        let (dtype, size) = data.dtype();
+        entries.push((*name, shape.as_slice(), dtype, size));
     }
-    let h = f32_header(&entries, metadata, 0)?;
+    let h = header(&entries, metadata, 0)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -422,8 +497,9 @@ pub fn write_f32(
         f.write_all(&(h.len() as u64).to_le_bytes())?;
         f.write_all(&h)?;
         for (_, _, data) in tensors {
-            for v in data.iter() {
-                f.write_all(&v.to_le_bytes())?;
+            match data {
+                OutData::F32(d) => d.iter().try_for_each(|v| f.write_all(&v.to_le_bytes()))?,
+                OutData::I64(d) => d.iter().try_for_each(|v| f.write_all(&v.to_le_bytes()))?,
             }
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;

@@ -78,6 +78,13 @@ typedef struct {
                              backend, {0, 1, ..., n-1} runs n worker threads as devices (the
                              window's members are spread over them; same latents). */
   uint32_t n_devices;     /* number of entries in devices */
+  /* Added after the first version (a struct_size ending at n_devices is still accepted, with
+     these NULL): */
+  const char *text_encoder; /* umT5 text encoder for the *_prompt_text functions: a folder of
+                               safetensors (Wan or Hugging Face names) or one file; NULL = none
+                               (the built-in model has a built-in one) */
+  const char *tokenizer;    /* its tokenizer.json; NULL = in the encoder's folder or its
+                               tokenizer/ subfolder */
 } bc_engine_options;
 
 /* Options of bc_session_open. Get defaults from bc_session_options_default(). */
@@ -191,6 +198,17 @@ bc_status bc_session_switch_prompt(bc_session *s, uint32_t block, const float *e
    Errors: BC_ERR_INVALID_ARGUMENT, BC_ERR_IO, BC_ERR_FORMAT (missing tensors, wrong shapes for
    the session's height, width and steps, NaN). */
 bc_status bc_session_set_noise_file(bc_session *s, const char *path);
+
+/* Sets the prompt as text (UTF-8, NUL-terminated), encoded by the engine's text encoder
+   (bc_engine_options.text_encoder) to at most the model's text_len tokens, as Wan cleans and
+   tokenizes it; a blank text is the end-of-text token alone. Removes the prompt switches, like
+   bc_session_set_prompt. Encodings are cached per text in the engine.
+   Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed session, text NULL or not valid UTF-8, no text
+   encoder). */
+bc_status bc_session_set_prompt_text(bc_session *s, const char *utf8);
+
+/* bc_session_switch_prompt with a text prompt (same rules as bc_session_set_prompt_text). */
+bc_status bc_session_switch_prompt_text(bc_session *s, uint32_t block, const char *utf8);
 
 /* Statistics of the last successful bc_session_generate call on a session. */
 typedef struct {

@@ -8,11 +8,13 @@ use blockcascade::config::KvExchange;
 use blockcascade::decode::{BackgroundDecoder, Decoder, DecoderKind};
 use blockcascade::engine::MemoryEstimate;
 use blockcascade::noise::{NoiseSource, RecordedNoise};
-use blockcascade::prompt::{load_schedule, PromptEmbeds};
+use blockcascade::prompt::{load_schedule_with_text, PromptEmbeds};
 use blockcascade::schedule::{parse_steps, StepSchedule};
-use blockcascade::tensorfile::write_f32;
+
 use blockcascade::tensorfile::TensorFile;
 use blockcascade::video::{VideoOptions, VideoWriter};
+use blockcascade::tensorfile::{write_f32, write_tensors, OutData};
+use blockcascade::text::{TextEncoder, DEFAULT_TEXT_LEN};
 use blockcascade::{
     AttentionMode, Engine, Error, GenerateOptions, Generator, Recache, Result, Schedule,
 };
@@ -118,6 +120,30 @@ struct DecodeArgs {
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
+    /// Encode a text prompt with the umT5 text encoder to prompt embeddings.
+    EncodePrompt(EncodePromptArgs),
+}
+
+#[derive(clap::Args)]
+struct EncodePromptArgs {
+    /// Text encoder: a folder of umT5 safetensors (Wan or Hugging Face names), or one file.
+    #[arg(long)]
+    text_encoder: PathBuf,
+    /// The umT5 tokenizer.json (default: in the encoder's folder or its tokenizer/ subfolder).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens, `</s>` included (default: the --model's text_len, else 512).
+    #[arg(long)]
+    text_len: Option<usize>,
+    /// A DiT model directory: its text_len is the default and its text_dim is checked.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Output safetensors: `prompt_embeds` [L, dim] f32 and `input_ids` [L] i64.
+    #[arg(long, default_value = "prompt_embeds.safetensors")]
+    out: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -191,9 +217,20 @@ struct GenerateArgs {
     /// Prompt embeddings (safetensors, tensor `prompt_embeds` [L, text_dim]). Default: built-in.
     #[arg(long)]
     prompt_embeds: Option<PathBuf>,
-    /// Prompt schedule: JSON list of {"block": n, "prompt_embeds": "file.safetensors"}.
+    /// Prompt schedule: JSON list of {"block": n, "prompt_embeds": "file.safetensors"} or
+    /// {"block": n, "prompt": "text"}.
     #[arg(long)]
     prompt_schedule: Option<PathBuf>,
+    /// Text prompt, encoded by --text-encoder (the built-in model has a built-in encoder).
+    #[arg(long, conflicts_with = "prompt_embeds")]
+    prompt: Option<String>,
+    /// umT5 text encoder for --prompt and text entries of --prompt-schedule (a folder of
+    /// safetensors, or one file).
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// The umT5 tokenizer.json (default: in the text encoder's folder or its tokenizer/).
+    #[arg(long, requires = "text_encoder")]
+    tokenizer: Option<PathBuf>,
     /// Cache behaviour at prompt switches: none (cascade) or window (LongLive recache).
     #[arg(long, value_enum, default_value = "none")]
     recache: RecacheArg,
@@ -323,6 +360,13 @@ struct BenchArgs {
     /// With --decode: blocks to decode per decoder (the first block is reported apart).
     #[arg(long, default_value_t = 3)]
     decode_blocks: usize,
+    /// Instead: time the umT5-XXL text encoder on the CPU for a --text-tokens prompt (random
+    /// bf16 weights, generated: one layer shared by the 24).
+    #[arg(long)]
+    text_encoder: bool,
+    /// Tokens of the --text-encoder benchmark prompt.
+    #[arg(long, default_value_t = 30)]
+    text_tokens: usize,
 }
 
 fn main() -> ExitCode {
@@ -333,6 +377,7 @@ fn main() -> ExitCode {
         Cmd::Info(a) => info(a),
         Cmd::Bench(a) => bench_cmd(a),
         Cmd::Decode(a) => decode_cmd(a),
+        Cmd::EncodePrompt(a) => encode_prompt(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -490,12 +535,27 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let engine = Engine::open(a.model.as_deref())?;
     let cfg = engine.config().clone();
-    let prompt = match &a.prompt_embeds {
-        Some(p) => PromptEmbeds::load(p, &cfg)?,
-        None => PromptEmbeds::builtin(&cfg, 0),
+    // The text encoder: --text-encoder, else the built-in one for the built-in model.
+    let text = match (&a.text_encoder, a.model.is_none()) {
+        (Some(d), _) => Some(TextEncoder::load(d, a.tokenizer.as_deref())?),
+        (None, true) => Some(TextEncoder::tiny(0)),
+        (None, false) => None,
+    };
+    if let Some(t) = &text {
+        t.check_model(&cfg)?;
+    }
+    let prompt = match (&a.prompt_embeds, &a.prompt, &text) {
+        (Some(p), _, _) => PromptEmbeds::load(p, &cfg)?,
+        (None, Some(t), Some(enc)) => enc.prompt_embeds(t, &cfg)?,
+        (None, Some(_), None) => {
+            return Err(Error::invalid(
+                "--prompt needs --text-encoder DIR (the umT5 encoder) with --model",
+            ))
+        }
+        (None, None, _) => PromptEmbeds::builtin(&cfg, 0),
     };
     let switches = match &a.prompt_schedule {
-        Some(p) => load_schedule(p, &cfg, opts.block_frames)?,
+        Some(p) => load_schedule_with_text(p, &cfg, opts.block_frames, text.as_ref())?,
         None => Vec::new(),
     };
     let mut gen = Generator::new(engine.model(), opts.clone(), noise.clone(), &prompt)?;
@@ -853,6 +913,21 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         eprint!("{}", blockcascade::decode::bench_table(&results));
         return Ok(());
     }
+    if a.text_encoder {
+        let cfg = blockcascade::text::Umt5Config::xxl();
+        let ms = blockcascade::text::bench_text_encoder(&cfg, a.text_tokens, a.reps.max(1))?;
+        eprintln!(
+            "umT5-XXL encoder, {} tokens, {} threads: {ms:.1} ms",
+            a.text_tokens,
+            rayon::current_num_threads()
+        );
+        println!(
+            "{}",
+            serde_json::json!({"text_encoder": "umt5-xxl", "tokens": a.text_tokens,
+                "threads": rayon::current_num_threads(), "ms": ms})
+        );
+        return Ok(());
+    }
     let models: Vec<&str> = a.models.split(',').map(str::trim).collect();
     let results = bench::run_cpu(&models, a.reps.max(1), a.cascade)?;
     eprint!("{}", bench::table(&results));
@@ -936,5 +1011,49 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
             decoder.kind()
         );
     }
+fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
+    check_out(&a.out)?;
+    let model_cfg = match &a.model {
+        Some(m) => Some(Engine::open(Some(m))?.config().clone()),
+        None => None,
+    };
+    let text_len = a
+        .text_len
+        .or(model_cfg.as_ref().map(|c| c.text_len))
+        .unwrap_or(DEFAULT_TEXT_LEN);
+    if text_len == 0 {
+        return Err(Error::invalid("--text-len must be at least 1"));
+    }
+    let enc = TextEncoder::load(&a.text_encoder, a.tokenizer.as_deref())?;
+    if let Some(c) = &model_cfg {
+        enc.check_model(c)?;
+    }
+    let t = std::time::Instant::now();
+    let e = enc.encode(&a.prompt, text_len)?;
+    let secs = t.elapsed().as_secs_f64();
+    let mut meta = BTreeMap::new();
+    meta.insert("blockcascade_version".into(), blockcascade::VERSION.into());
+    meta.insert("text_encoder".into(), enc.source().into());
+    meta.insert("prompt".into(), a.prompt.clone());
+    meta.insert("text_len".into(), text_len.to_string());
+    let l = e.embeds.rows;
+    write_tensors(
+        &a.out,
+        &[
+            (
+                "prompt_embeds",
+                vec![l, enc.dim()],
+                OutData::F32(&e.embeds.data),
+            ),
+            ("input_ids", vec![l], OutData::I64(&e.ids)),
+        ],
+        &meta,
+    )?;
+    eprintln!(
+        "wrote {} ({l} tokens x {}, {:.3}s)",
+        a.out.display(),
+        enc.dim(),
+        secs
+    );
     Ok(())
 }

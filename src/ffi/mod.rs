@@ -15,6 +15,7 @@ use crate::model::CHANNELS;
 use crate::noise::{NoiseSource, RecordedNoise};
 use crate::prompt::{PromptEmbeds, PromptSwitch};
 use crate::tensorfile::TensorFile;
+use crate::text::TextEncoder;
 use crate::{Engine, Error, Result};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -113,6 +114,8 @@ struct Session {
     switches: BTreeMap<usize, PromptEmbeds>,
     noise: Option<RecordedNoise>,
     last: Option<(usize, RunReport)>,
+    /// The engine's text encoder, for the `*_prompt_text` functions.
+    text: Option<Arc<TextEncoder>>,
 }
 
 /// An engine handle: the model plus the backend and devices chosen at `bc_engine_open`.
@@ -123,6 +126,9 @@ struct EngineEntry {
     devices: usize,
     /// CUDA ordinals of the logical devices (empty: the default device).
     device_ids: Vec<usize>,
+    /// The text encoder (`bc_engine_options.text_encoder`, or the built-in one for the
+    /// built-in model).
+    text: Option<Arc<TextEncoder>>,
 }
 
 enum Object {
@@ -209,7 +215,8 @@ fn close_handle(h: usize, engine: bool) {
 // Option structs
 
 /// Sizes of the first published version of each struct (the smallest `struct_size` accepted).
-const ENGINE_OPTIONS_V1: usize = size_of::<bc_engine_options>();
+/// `bc_engine_options` grew `text_encoder` and `tokenizer` after its first version.
+const ENGINE_OPTIONS_V1: usize = std::mem::offset_of!(bc_engine_options, text_encoder);
 const SESSION_OPTIONS_V1: usize = size_of::<bc_session_options>();
 const ENGINE_INFO_V1: usize = size_of::<bc_engine_info>();
 const SESSION_STATS_V1: usize = size_of::<bc_session_stats>();
@@ -258,6 +265,8 @@ fn default_engine_options() -> bc_engine_options {
         backend: std::ptr::null(),
         devices: std::ptr::null(),
         n_devices: 0,
+        text_encoder: std::ptr::null(),
+        tokenizer: std::ptr::null(),
     }
 }
 
@@ -470,16 +479,31 @@ pub unsafe extern "C" fn bc_engine_open(
                 device_ids = devs.iter().map(|&d| d as usize).collect();
             }
         }
+        if o.text_encoder.is_null() && !o.tokenizer.is_null() {
+            return invalid("tokenizer is set but text_encoder is NULL");
+        }
         let model = if model_dir.is_null() {
             Engine::open(None)?
         } else {
             Engine::open(Some(&c_path(model_dir)))?
         };
+        let text = if !o.text_encoder.is_null() {
+            let tok = (!o.tokenizer.is_null()).then(|| c_path(o.tokenizer));
+            Some(TextEncoder::load(&c_path(o.text_encoder), tok.as_deref())?)
+        } else if model_dir.is_null() {
+            Some(TextEncoder::tiny(0))
+        } else {
+            None
+        };
+        if let Some(t) = &text {
+            t.check_model(model.config())?;
+        }
         let engine = EngineEntry {
             engine: model,
             backend: kind,
             devices,
             device_ids,
+            text: text.map(Arc::new),
         };
         *out = register(Object::Engine(engine)) as *mut bc_engine;
         Ok(())
@@ -523,6 +547,7 @@ pub unsafe extern "C" fn bc_session_open(
         gopts.devices = entry.devices;
         gopts.device_ids = entry.device_ids;
         let engine = entry.engine;
+        let text = entry.text;
         check_memory(&engine, &gopts, gopts.block_frames)?;
         let prompt = PromptEmbeds::builtin(engine.config(), o.seed);
         let session = Session {
@@ -533,6 +558,7 @@ pub unsafe extern "C" fn bc_session_open(
             switches: BTreeMap::new(),
             noise: None,
             last: None,
+            text,
         };
         *out = register(Object::Session(Arc::new(Mutex::new(session)))) as *mut bc_session;
         Ok(())
@@ -554,6 +580,70 @@ pub unsafe extern "C" fn bc_session_set_prompt(
         with_session(s, |sess| {
             sess.prompt = read_prompt(&sess.engine, embeds, rows, cols)?;
             sess.switches.clear();
+            Ok(())
+        })
+    })
+}
+
+/// Encodes a UTF-8 text prompt with the session's text encoder.
+///
+/// # Safety
+/// `utf8` is NULL or a NUL-terminated string.
+unsafe fn text_prompt(sess: &Session, utf8: *const c_char) -> Result<PromptEmbeds> {
+    if utf8.is_null() {
+        return invalid("the prompt text is NULL");
+    }
+    let text = CStr::from_ptr(utf8).to_str().map_err(|e| {
+        Error::invalid(format!(
+            "the prompt text is not valid UTF-8 (byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    let enc = sess.text.as_ref().ok_or_else(|| {
+        Error::invalid(
+            "the engine has no text encoder: open it with bc_engine_options.text_encoder set",
+        )
+    })?;
+    enc.prompt_embeds(text, sess.engine.config())
+}
+
+/// Sets the prompt as text (and removes prompt switches).
+///
+/// # Safety
+/// `utf8` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn bc_session_set_prompt_text(
+    s: *mut bc_session,
+    utf8: *const c_char,
+) -> bc_status {
+    guard("bc_session_set_prompt_text", || {
+        with_session(s, |sess| {
+            sess.prompt = text_prompt(sess, utf8)?;
+            sess.switches.clear();
+            Ok(())
+        })
+    })
+}
+
+/// Switches to a text prompt from block `block` (>= 1) on.
+///
+/// # Safety
+/// `utf8` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn bc_session_switch_prompt_text(
+    s: *mut bc_session,
+    block: u32,
+    utf8: *const c_char,
+) -> bc_status {
+    guard("bc_session_switch_prompt_text", || {
+        with_session(s, |sess| {
+            if block == 0 {
+                return invalid(
+                    "a prompt switch needs block >= 1 (use bc_session_set_prompt_text for block 0)",
+                );
+            }
+            let p = text_prompt(sess, utf8)?;
+            sess.switches.insert(block as usize, p);
             Ok(())
         })
     })

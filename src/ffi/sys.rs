@@ -48,6 +48,8 @@ fn signatures_match_the_header() {
         bc_engine_get_info,
         bc_session_switch_prompt,
         bc_session_set_noise_file,
+        bc_session_set_prompt_text,
+        bc_session_switch_prompt_text,
         bc_session_last_stats,
     );
 }

@@ -127,3 +127,37 @@ pub fn cpu_engine() -> *mut blockcascade::ffi::sys::bc_engine {
     assert!(!e.is_null());
     e
 }
+
+/// Block callback that appends every block's latents to the `Vec<f32>` behind `user`.
+///
+/// # Safety
+/// `user` points to a `Vec<f32>`; `latents` holds `frames*channels*height*width` floats.
+pub unsafe extern "C" fn append_latents(
+    user: *mut std::ffi::c_void,
+    _block: u32,
+    latents: *const f32,
+    frames: u32,
+    channels: u32,
+    height: u32,
+    width: u32,
+) -> i32 {
+    let out = &mut *(user as *mut Vec<f32>);
+    let n = (frames * channels * height * width) as usize;
+    out.extend_from_slice(std::slice::from_raw_parts(latents, n));
+    0
+}
+
+/// Generates `blocks` blocks through the C ABI; the latents of all blocks (asserts success).
+pub fn c_generate(s: *mut blockcascade::ffi::sys::bc_session, blocks: u32) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::new();
+    let st = unsafe {
+        blockcascade::ffi::bc_session_generate(
+            s,
+            blocks,
+            Some(append_latents),
+            &mut out as *mut Vec<f32> as *mut std::ffi::c_void,
+        )
+    };
+    assert_eq!(st, blockcascade::ffi::sys::BC_OK, "{}", last_error());
+    out
+}

@@ -1,0 +1,258 @@
+//! Text in: the umT5 text encoder and its tokenizer, so that a prompt can be plain text.
+//!
+//! [`TextEncoder::load`] reads the encoder's safetensors (Wan or Hugging Face names) and the
+//! umT5 `tokenizer.json`; [`TextEncoder::encode`] cleans the text as Wan does, tokenizes it,
+//! appends `</s>`, truncates to `text_len` and runs the encoder on the real tokens only. The
+//! result (`[L, dim]`) is what the DiT takes as prompt embeddings; it zero-pads to its own
+//! `text_len`. See docs/text-encoder.md.
+
+pub mod clean;
+pub mod tokenizer;
+pub mod umt5;
+
+use crate::config::ModelConfig;
+use crate::prompt::PromptEmbeds;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+pub use tokenizer::Tokenizer;
+pub use umt5::{Umt5, Umt5Config};
+
+/// `text_len` when no model says otherwise (umT5's and Wan's).
+pub const DEFAULT_TEXT_LEN: usize = 512;
+/// Prompts whose embeddings are kept per encoder (the cache is emptied when full).
+const CACHE_ENTRIES: usize = 64;
+
+/// An encoded prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    /// Token ids, `</s>` last (`L` of them).
+    pub ids: Vec<i64>,
+    /// Embeddings `[L, dim]`.
+    pub embeds: PromptEmbeds,
+}
+
+/// A text encoder: tokenizer + umT5, with a per-text cache of results.
+pub struct TextEncoder {
+    model: Umt5,
+    tokenizer: Tokenizer,
+    source: String,
+    cache: Mutex<HashMap<(String, usize), Arc<Encoded>>>,
+}
+
+impl std::fmt::Debug for TextEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("TextEncoder")
+            .field("source", &self.source)
+            .field("config", self.model.config())
+            .field("tokenizer", &self.tokenizer)
+            .finish()
+    }
+}
+
+impl TextEncoder {
+    /// Loads an encoder from `path` (a folder of safetensors, or one file) and its tokenizer
+    /// (`tokenizer`: a `tokenizer.json` or a folder with one; default: `tokenizer.json` in the
+    /// encoder's folder or in its `tokenizer/` subfolder).
+    pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let dir = if path.is_dir() {
+            path
+        } else {
+            path.parent().unwrap_or(Path::new("."))
+        };
+        // The tokenizer first: a missing one is reported before mapping gigabytes.
+        let tok_path = Tokenizer::find(dir, tokenizer)?;
+        let tok = Tokenizer::from_file(&tok_path)?;
+        let model = Umt5::load(path)?;
+        let vocab = model.config().vocab;
+        if tok.vocab_size() > vocab {
+            return Err(Error::format(format!(
+                "{}: the tokenizer has {} tokens but the encoder's embedding {} rows (a tokenizer \
+                 of another model?)",
+                tok_path.display(),
+                tok.vocab_size(),
+                vocab
+            )));
+        }
+        Ok(Self::new(model, tok, path.display().to_string()))
+    }
+
+    /// A built-in encoder with random weights (vocab 259, dim 32, 4 heads, 2 layers, ffn 64:
+    /// the width of the built-in tiny model's prompts) and the byte-level toy tokenizer, so that
+    /// text prompts work with no files.
+    pub fn tiny(seed: u64) -> Self {
+        let cfg = Umt5Config {
+            vocab: 259,
+            dim: 32,
+            dim_attn: 32,
+            ffn: 64,
+            heads: 4,
+            layers: 2,
+            buckets: 32,
+        };
+        Self::new(
+            Umt5::random(&cfg, seed),
+            Tokenizer::Toy,
+            format!("built-in:tiny:{seed}"),
+        )
+    }
+
+    /// An encoder from its parts.
+    pub fn new(model: Umt5, tokenizer: Tokenizer, source: String) -> Self {
+        TextEncoder {
+            model,
+            tokenizer,
+            source,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sizes of the encoder.
+    pub fn config(&self) -> &Umt5Config {
+        self.model.config()
+    }
+
+    /// Width of the embeddings (the DiT's `text_dim` must equal it).
+    pub fn dim(&self) -> usize {
+        self.model.config().dim
+    }
+
+    /// Where the encoder came from (a path or `built-in:...`).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of `text` (cleaned, `</s>` appended, at most `text_len`).
+    pub fn tokenize(&self, text: &str, text_len: usize) -> Result<Vec<i64>> {
+        self.tokenizer.encode(text, text_len)
+    }
+
+    /// Encodes `text` to `[L, dim]` embeddings, `L <= text_len` (cached per text and
+    /// `text_len`).
+    pub fn encode(&self, text: &str, text_len: usize) -> Result<Encoded> {
+        let key = (text.to_string(), text_len);
+        if let Some(e) = self.lock_cache().get(&key) {
+            return Ok((**e).clone());
+        }
+        let ids = self.tokenize(text, text_len)?;
+        let data = self.model.forward(&ids)?;
+        if data.iter().any(|v| !v.is_finite()) {
+            return Err(Error::format(format!(
+                "{}: the text encoder produced NaN or infinite values (broken weights?)",
+                self.source
+            )));
+        }
+        let e = Encoded {
+            embeds: PromptEmbeds {
+                data,
+                rows: ids.len(),
+            },
+            ids,
+        };
+        let mut cache = self.lock_cache();
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, Arc::new(e.clone()));
+        Ok(e)
+    }
+
+    /// Prompt embeddings of `text` for a DiT model: checks that the model's `text_dim` is this
+    /// encoder's width and truncates to the model's `text_len`.
+    pub fn prompt_embeds(&self, text: &str, cfg: &ModelConfig) -> Result<PromptEmbeds> {
+        self.check_model(cfg)?;
+        let e = self.encode(text, cfg.text_len)?;
+        e.embeds.check(cfg)?;
+        Ok(e.embeds)
+    }
+
+    /// Refuses a model whose `text_dim` differs from this encoder's width.
+    pub fn check_model(&self, cfg: &ModelConfig) -> Result<()> {
+        if cfg.text_dim != self.dim() {
+            return Err(Error::invalid(format!(
+                "the model takes prompt embeddings of width {} (text_dim) but the text encoder {} \
+                 produces width {}",
+                cfg.text_dim,
+                self.source,
+                self.dim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Prompts in the cache.
+    pub fn cached(&self) -> usize {
+        self.lock_cache().len()
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<(String, usize), Arc<Encoded>>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Milliseconds to encode a `tokens`-token prompt with an encoder of `cfg`'s sizes and random
+/// bf16 weights (generated, not stored: one layer shared by all layers, see
+/// [`Umt5::bench_bf16`]): the median of `reps` runs after one warm-up.
+pub fn bench_text_encoder(cfg: &Umt5Config, tokens: usize, reps: usize) -> Result<f64> {
+    if tokens == 0 {
+        return Err(Error::invalid(
+            "the benchmark prompt needs at least 1 token",
+        ));
+    }
+    let rows = tokens.max(1024);
+    let model = Umt5::bench_bf16(cfg, rows, 5);
+    let ids: Vec<i64> = (0..tokens).map(|i| ((i * 7919) % rows) as i64).collect();
+    model.forward(&ids)?;
+    let mut ms: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            model.forward(&ids).map(|_| t.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_>>()?;
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_encoder_encodes_text_and_caches_it() {
+        let enc = TextEncoder::tiny(1);
+        let e = enc.encode("  a  fox ", 16).expect("encode");
+        // "a fox" is 5 bytes, then </s>.
+        assert_eq!(e.ids.len(), 6);
+        assert_eq!(*e.ids.last().expect("ids"), 1);
+        assert_eq!(e.embeds.data.len(), 6 * 32);
+        assert_eq!(enc.cached(), 1);
+        assert_eq!(enc.encode("  a  fox ", 16).expect("cached"), e);
+        let blank = enc.encode(" \t", 16).expect("blank");
+        assert_eq!(blank.ids, vec![1]);
+        let cut = enc.encode("abcdefgh", 4).expect("truncated");
+        assert_eq!(cut.ids, vec![97 + 3, 98 + 3, 99 + 3, 1]);
+        assert!(enc.encode("x", 0).is_err());
+    }
+
+    #[test]
+    fn bench_runs_at_small_sizes() {
+        let cfg = Umt5Config {
+            vocab: 50,
+            dim: 64,
+            dim_attn: 64,
+            ffn: 96,
+            heads: 4,
+            layers: 2,
+            buckets: 32,
+        };
+        let ms = bench_text_encoder(&cfg, 7, 1).expect("bench");
+        assert!(ms.is_finite() && ms >= 0.0);
+    }
+}

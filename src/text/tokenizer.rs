@@ -1,0 +1,135 @@
+//! Text to token ids: the Hugging Face `tokenizer.json` of umT5 (through the `tokenizers`
+//! crate) or a built-in byte-level toy tokenizer, after Wan's cleaning.
+
+use super::clean::clean_prompt;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Ids of the toy tokenizer's special tokens (umT5's are the same: pad 0, `</s>` 1, unk 2).
+const TOY_SPECIALS: u32 = 3;
+
+/// A tokenizer: text in, ids with the final `</s>` out.
+pub enum Tokenizer {
+    /// A `tokenizer.json` (its normaliser, pre-tokenizer and model); `eos` is the id of `</s>`.
+    Hf {
+        /// The tokenizer.
+        inner: Box<tokenizers::Tokenizer>,
+        /// Id of `</s>`.
+        eos: u32,
+        /// Where it was read from.
+        path: PathBuf,
+    },
+    /// Built-in: each UTF-8 byte `b` of the cleaned text is id `b + 3` (vocab 259, `</s>` = 1).
+    Toy,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Tokenizer::Hf { path, eos, .. } => {
+                write!(f, "Tokenizer({}, eos {eos})", path.display())
+            }
+            Tokenizer::Toy => f.write_str("Tokenizer(built-in bytes)"),
+        }
+    }
+}
+
+impl Tokenizer {
+    /// Finds the tokenizer of an encoder: `explicit` (a `tokenizer.json` or a folder holding
+    /// one), else `tokenizer.json` in `dir` or in `dir/tokenizer/`.
+    pub fn find(dir: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+        let not_found = |p: &Path, msg: String| {
+            Error::io(p, std::io::Error::new(std::io::ErrorKind::NotFound, msg))
+        };
+        if let Some(p) = explicit {
+            if p.is_dir() {
+                let f = p.join("tokenizer.json");
+                return if f.is_file() {
+                    Ok(f)
+                } else {
+                    Err(not_found(p, "no tokenizer.json in this folder".into()))
+                };
+            }
+            return if p.is_file() {
+                Ok(p.to_path_buf())
+            } else {
+                Err(not_found(p, "the tokenizer file does not exist".into()))
+            };
+        }
+        for cand in [
+            dir.join("tokenizer.json"),
+            dir.join("tokenizer/tokenizer.json"),
+        ] {
+            if cand.is_file() {
+                return Ok(cand);
+            }
+        }
+        Err(not_found(
+            dir,
+            "no tokenizer.json here or in tokenizer/ (give the umT5 tokenizer.json explicitly: \
+             --tokenizer FILE, bc_engine_options.tokenizer)"
+                .into(),
+        ))
+    }
+
+    /// Reads a Hugging Face `tokenizer.json`, which must know `</s>`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        // Read first, so that a missing or unreadable file is an I/O error with its path.
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+            Error::format(format!(
+                "{}: not a valid Hugging Face tokenizer.json: {e}",
+                path.display()
+            ))
+        })?;
+        let eos = inner.token_to_id("</s>").ok_or_else(|| {
+            Error::format(format!(
+                "{}: the tokenizer has no `</s>` token (not a T5 tokenizer?)",
+                path.display()
+            ))
+        })?;
+        Ok(Tokenizer::Hf {
+            inner: Box::new(inner),
+            eos,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The vocabulary size (ids are below it).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Hf { inner, .. } => inner.get_vocab_size(true),
+            Tokenizer::Toy => 256 + TOY_SPECIALS as usize,
+        }
+    }
+
+    /// Cleans `text` as Wan does, tokenizes it and appends `</s>`, keeping at most `text_len`
+    /// ids (`text_len - 1` pieces, then `</s>`). A blank text gives `</s>` alone.
+    pub fn encode(&self, text: &str, text_len: usize) -> Result<Vec<i64>> {
+        if text_len == 0 {
+            return Err(Error::invalid("text_len must be at least 1"));
+        }
+        let cleaned = clean_prompt(text);
+        let (mut ids, eos): (Vec<i64>, u32) = match self {
+            Tokenizer::Hf { inner, eos, .. } => {
+                // Without the post-processor: `</s>` is appended here, after truncation, whether
+                // or not the file's template adds it.
+                let enc = inner
+                    .encode(cleaned.as_str(), false)
+                    .map_err(|e| Error::invalid(format!("tokenizer: {e}")))?;
+                (enc.get_ids().iter().map(|&i| i as i64).collect(), *eos)
+            }
+            Tokenizer::Toy => (
+                cleaned
+                    .bytes()
+                    .take(text_len)
+                    .map(|b| (b as u32 + TOY_SPECIALS) as i64)
+                    .collect(),
+                1,
+            ),
+        };
+        ids.truncate(text_len - 1);
+        ids.push(eos as i64);
+        Ok(ids)
+    }
+}

@@ -1013,8 +1013,9 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
     }
 fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
     check_out(&a.out)?;
+    // The model's config.json only: its weights are not needed here.
     let model_cfg = match &a.model {
-        Some(m) => Some(Engine::open(Some(m))?.config().clone()),
+        Some(m) => Some(blockcascade::ModelConfig::load(&m.join("config.json"))?),
         None => None,
     };
     let text_len = a

@@ -239,6 +239,11 @@ mod tests {
         let cut = enc.encode("abcdefgh", 4).expect("truncated");
         assert_eq!(cut.ids, vec![97 + 3, 98 + 3, 99 + 3, 1]);
         assert!(enc.encode("x", 0).is_err());
+        // Beyond the encoder's token limit: an error, not a huge bias table.
+        let long = "a".repeat(umt5::MAX_TOKENS + 10);
+        let e = enc.encode(&long, usize::MAX).expect_err("too many tokens");
+        assert!(e.to_string().contains("text_len"), "{e}");
+        assert_eq!(enc.encode(&long, 40).expect("truncated").ids.len(), 40);
     }
 
     #[test]

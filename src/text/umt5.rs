@@ -20,6 +20,9 @@ use std::sync::Arc;
 
 /// Largest relative distance with its own bucket range (umT5: 128).
 pub const MAX_DISTANCE: usize = 128;
+/// Most tokens one prompt may have (umT5 is trained on 512; the position-bias table grows as
+/// the square).
+pub const MAX_TOKENS: usize = 4096;
 /// RMS norm epsilon (umT5: 1e-6).
 pub const EPS: f64 = 1e-6;
 /// f32 values converted per tile of a linear layer's weight (4 MiB per thread).
@@ -346,7 +349,7 @@ impl Umt5 {
             buckets: rel0.rows,
         };
         let bad = |m: String| Error::format(format!("{}: {m}", path.display()));
-        if cfg.vocab == 0 || cfg.dim == 0 || cfg.ffn == 0 || cfg.heads == 0 {
+        if cfg.vocab == 0 || cfg.dim == 0 || cfg.dim_attn == 0 || cfg.ffn == 0 || cfg.heads == 0 {
             return Err(bad(format!("zero-sized encoder: {cfg:?}")));
         }
         if cfg.dim_attn % cfg.heads != 0 {
@@ -520,8 +523,10 @@ impl Umt5 {
     pub fn forward(&self, ids: &[i64]) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let l = ids.len();
-        if l == 0 {
-            return Err(Error::invalid("no tokens to encode"));
+        if l == 0 || l > MAX_TOKENS {
+            return Err(Error::invalid(format!(
+                "{l} tokens: the text encoder takes 1..={MAX_TOKENS} (lower text_len)"
+            )));
         }
         let d = c.dim;
         let mut x = vec![0.0f32; l * d];

@@ -1,14 +1,15 @@
 //! Build script: compiles the CUDA kernels.
 //!
-//! 1. Always: every `cuda/*.cu` (plus the emulation runtime and emulation-only test kernels)
-//!    is compiled as host C++17 against the SIMT emulation layer `cuda/emu/` into the static
-//!    library `bc_emu`, linked into the crate (`blockcascade::kernels::emu`).
+//! 1. Always: every `cuda/*.cu` and `cuda/test/*.cu` (plus the emulation runtime and the
+//!    emulation-only test kernels of `cuda/emu/`) is compiled as host C++17 against the SIMT
+//!    emulation layer `cuda/emu/` into the static library `bc_emu`, linked into the crate
+//!    (`blockcascade::kernels::emu`).
 //! 2. When nvcc is found (`NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `PATH`, then the
 //!    project's own `.cuda-toolchain/nvidia/cu13/bin` from `scripts/install-cuda-toolchain.sh`):
-//!    all `cuda/*.cu` are compiled as one translation unit into one fatbin (sm_80 and sm_90a
-//!    cubins + compute_80 PTX) with `-Xptxas -v`; the build FAILS on any register spill. The
-//!    fatbin and a per-kernel resource report are written to OUT_DIR and embedded, and the cfg
-//!    `bc_fatbin` is set. Without nvcc the crate still builds (CPU only) and the report says so.
+//!    all of `cuda/*.cu` and `cuda/test/*.cu` are compiled as one translation unit into one
+//!    fatbin (sm_80 and sm_90a cubins + compute_80 PTX) with `-Xptxas -v`; the build FAILS on
+//!    any register spill. The fatbin and a per-kernel resource report are written to OUT_DIR
+//!    and embedded, and the cfg `bc_fatbin` is set. Without nvcc the crate still builds (CPU only) and the report says so.
 //!    `BC_SKIP_NVCC=1` forces the CPU-only path; `BC_NVCC_FLAGS` adds nvcc flags
 //!    (whitespace-separated; note `__launch_bounds__` overrides `-maxrregcount`).
 
@@ -42,8 +43,15 @@ fn main() {
     }
 
     let cuda = root.join("cuda");
-    let kernels = list(&cuda, "cu");
-    for dir in [cuda.clone(), cuda.join("include"), cuda.join("emu")] {
+    // The library's kernels, then the test kernels that the fatbin carries too (cuda/test/).
+    let mut kernels = list(&cuda, "cu");
+    kernels.extend(list(&cuda.join("test"), "cu"));
+    for dir in [
+        cuda.clone(),
+        cuda.join("include"),
+        cuda.join("emu"),
+        cuda.join("test"),
+    ] {
         println!("cargo:rerun-if-changed={}", dir.display());
         for f in list(&dir, "") {
             println!("cargo:rerun-if-changed={}", f.display());

@@ -145,8 +145,19 @@ fn main() {
     );
     let c = g.alloc(m * m * 2).unwrap();
     let peak_gemm = |g: &mut Gpu| {
-        g.gemm(a, b, bias, c, m, m, m, OutType::Bf16, Epilogue::Bias)
-            .unwrap()
+        blockcascade::backend::cuda::ops::gemm(
+            g,
+            a,
+            b,
+            bias,
+            c,
+            m,
+            m,
+            m,
+            OutType::Bf16,
+            Epilogue::Bias,
+        )
+        .unwrap()
     };
     // Warm up first (~50 GEMMs, ~70 ms on an H100): the GPU comes from idle clocks, and this
     // peak is the denominator of every "% peak" and of the MFU below.
@@ -237,7 +248,8 @@ fn main() {
         ("gemm ffn2", ffn, dim, Epilogue::Bias),
     ] {
         let ms = time_ms(&mut g, 20, |g| {
-            g.gemm(x, w, bb, y, n, k, o, OutType::Bf16, ep).unwrap()
+            blockcascade::backend::cuda::ops::gemm(g, x, w, bb, y, n, k, o, OutType::Bf16, ep)
+                .unwrap()
         });
         let fl = 2.0 * (n * k * o) as f64;
         rows.push(Row {

@@ -7,7 +7,7 @@
 #
 # Usage: scripts/gpu-bundle.sh [OUT_DIR]   (default: target/gpu-bundle)
 # Then on the GPU machine: OUT_DIR/run.sh device   (one bounded call, BC_BUDGET_S seconds, default
-# 300; writes summary.txt and logs.tar.gz to $OUT; see the README's "GPU validation bundle"), or
+# 300; writes summary.txt and logs.tar.gz to $OUT; see docs/gpu-bundle.md), or
 # OUT_DIR/run.sh [PARTS] (prints one summary table; logs in OUT_DIR/logs).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

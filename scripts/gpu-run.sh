@@ -48,7 +48,7 @@ reserve=15 # seconds kept back for the kill grace of a timed-out part, the summa
 # Per part: timeout cap in device mode, the least budget left for it to start, timeout cap in
 # the other modes (each under the GPU machine's 10-minute command limit). BC_CAP_TESTS,
 # BC_CAP_BENCH, BC_CAP_PYTORCH, BC_CAP_MEMCHECK and BC_CAP_RACECHECK override the device-mode
-# caps. Estimated times on an H100/H200 (README, "GPU validation bundle"): tests ~40 s, bench
+# caps. Estimated times on an H100/H200 (docs/gpu-bundle.md): tests ~40 s, bench
 # ~45 s, pytorch ~25 s, memcheck and racecheck ~30-60 s each.
 declare -A cap=([tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-150} [pytorch]=${BC_CAP_PYTORCH:-90}
     [memcheck]=${BC_CAP_MEMCHECK:-90} [racecheck]=${BC_CAP_RACECHECK:-90})

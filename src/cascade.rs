@@ -1,4 +1,4 @@
-//! The Block Cascading tick planner (DESIGN §4).
+//! The Block Cascading tick planner (see docs/cascade.md).
 //!
 //! Block `b` starts at tick `b * lag`; at tick `tau` it is at step `s = tau - b*lag`. For
 //! `s < S` it is a denoising member at timestep `t_s`; at `s = S` it is the context member

@@ -1,11 +1,13 @@
-//! Runs a cascade plan on the CPU backend and streams finished blocks out in order.
+//! Runs a cascade plan on a backend (CPU or CUDA) and streams finished blocks out in order.
 //!
-//! Every schedule (sequential = lag S, cascade = lag 1..S-1) goes through the same loop: per
-//! tick, one joint [`Model::forward`] over the planned members, then renoise / finish / commit.
+//! Every schedule (sequential = lag S, cascade = lag 1..S-1) goes through the same loop
+//! ([`Generator::run`]): per tick, start new blocks, build the window, one joint
+//! [`Backend::forward`] over it (while the next noise is generated), then renoise / finish /
+//! commit.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::cascade::{Plan, Role};
+use crate::cascade::{Plan, PlannedMember, Role};
 use crate::config::BackendKind;
 use crate::config::{GenerateOptions, Recache};
 use crate::engine::MemoryEstimate;
@@ -60,6 +62,42 @@ pub struct RunReport {
     pub recache_seconds: f64,
     /// Largest KV cache size seen, in bytes.
     pub max_cache_bytes: usize,
+}
+
+/// What a run keeps between ticks.
+struct RunState {
+    /// Latents of the blocks being denoised.
+    state: HashMap<usize, Vec<f32>>,
+    /// Final latents of blocks whose context pass is still to come.
+    finals: HashMap<usize, Vec<f32>>,
+    /// Clean latents of cached frames, for recaching (frame -> latents).
+    clean: BTreeMap<usize, Vec<f32>>,
+    /// Noise generated while a forward ran, by (block, slot), until it is used.
+    noise_ready: HashMap<(usize, usize), Vec<f32>>,
+    report: RunReport,
+    start: Instant,
+    last_done: Instant,
+    /// The next block to hand out.
+    next_emit: usize,
+}
+
+impl RunState {
+    fn new(ticks: usize) -> Self {
+        let start = Instant::now();
+        RunState {
+            state: HashMap::new(),
+            finals: HashMap::new(),
+            clean: BTreeMap::new(),
+            noise_ready: HashMap::new(),
+            report: RunReport {
+                ticks,
+                ..Default::default()
+            },
+            start,
+            last_done: start,
+            next_emit: 0,
+        }
+    }
 }
 
 /// A configured generation: model, options, noise and prompts.
@@ -157,11 +195,48 @@ impl<'m> Generator<'m> {
         blocks: usize,
         mut on_block: impl FnMut(&FinishedBlock) -> bool,
     ) -> Result<RunReport> {
+        let plan = self.check_run(blocks)?;
+        let bf = self.opts.block_frames;
+        let tpf = (self.opts.height / 2) * (self.opts.width / 2);
+        let mut backend = self.backend(blocks.saturating_mul(bf))?;
+        let mut st = RunState::new(plan.ticks());
+        for tau in 0..plan.ticks() {
+            let planned = plan.members(tau);
+            self.start_blocks(&mut st, backend.as_mut(), &planned)?;
+            let blocks_of: Vec<usize> = planned.iter().map(|m| m.block).collect();
+            let wanted = self.noise_wanted(&plan, tau, &planned);
+            let (flows, generated) = {
+                let members = self.window(&st.state, &st.finals, &planned);
+                st.report.tokens_per_tick.push(members.len() * bf * tpf);
+                self.forward_with_noise(
+                    backend.as_mut(),
+                    &members,
+                    &blocks_of,
+                    tau,
+                    &wanted,
+                    &mut st.report,
+                )?
+            };
+            st.noise_ready.extend(generated);
+            self.apply(
+                &mut st,
+                backend.as_mut(),
+                &planned,
+                flows,
+                blocks,
+                &mut on_block,
+            )?;
+            st.report.max_cache_bytes = st.report.max_cache_bytes.max(backend.cache_bytes());
+        }
+        st.report.total_seconds = st.start.elapsed().as_secs_f64();
+        Ok(st.report)
+    }
+
+    /// Checks a run of `blocks` against the recorded noise, the prompt schedule and (CPU) the
+    /// host memory, and plans it.
+    fn check_run(&self, blocks: usize) -> Result<Plan> {
         let o = &self.opts;
         let bf = o.block_frames;
-        let (h, w) = (o.height, o.width);
-        let flen = CHANNELS * h * w;
-        let s_count = self.steps.len();
         if let Some(avail) = self.noise.frames() {
             if blocks.saturating_mul(bf) > avail {
                 return Err(Error::invalid(format!(
@@ -175,63 +250,65 @@ impl<'m> Generator<'m> {
                 "the prompt schedule switches at block {b}, but only {blocks} blocks are generated"
             )));
         }
-        let plan = Plan::new(blocks, s_count, o.lag())?;
+        let plan = Plan::new(blocks, self.steps.len(), o.lag())?;
         if o.backend == BackendKind::Cpu {
             MemoryEstimate::new(self.model.config(), o, blocks.saturating_mul(bf)).check_run()?;
         }
-        let tpf = (h / 2) * (w / 2);
-        let mut backend = self.backend(blocks.saturating_mul(bf))?;
-        let keep_latents = o.recache == Recache::Window;
-        let mut state: HashMap<usize, Vec<f32>> = HashMap::new();
-        let mut finals: HashMap<usize, Vec<f32>> = HashMap::new();
-        // Clean latents of cached frames, for recaching (frame -> latents).
-        let mut clean: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
-        let mut report = RunReport {
-            ticks: plan.ticks(),
-            ..Default::default()
-        };
-        let start = Instant::now();
-        let mut last_done = start;
-        let mut next_emit = 0usize;
-        // Noise generated while a forward ran, by (block, slot), until it is used.
-        let mut noise_ready: HashMap<(usize, usize), Vec<f32>> = HashMap::new();
-        for tau in 0..plan.ticks() {
-            let planned = plan.members(tau);
-            // New blocks start from their initial noise; a prompt switch may trigger a recache.
-            for m in &planned {
-                if m.role == Role::Denoise(0) {
-                    let noise = match noise_ready.remove(&(m.block, 0)) {
-                        Some(n) => n,
-                        None => self.block_noise(m.block, 0)?,
-                    };
-                    state.insert(m.block, noise);
-                    if keep_latents
-                        && m.block > 0
-                        && self.prompts.iter().any(|(b, _)| *b == m.block)
-                    {
-                        let t0 = Instant::now();
-                        let frames = self.recache(backend.as_mut(), &clean, m.block)?;
-                        if frames > 0 {
-                            report.recache_passes += 1;
-                            report.forward_passes += 1;
-                            report.recache_frames += frames;
-                            report.recache_seconds += t0.elapsed().as_secs_f64();
-                        }
+        Ok(plan)
+    }
+
+    /// New blocks of this tick start from their initial noise; a prompt switch at one of them
+    /// triggers a recache (`--recache window`).
+    fn start_blocks(
+        &self,
+        st: &mut RunState,
+        backend: &mut dyn Backend,
+        planned: &[PlannedMember],
+    ) -> Result<()> {
+        let keep_latents = self.opts.recache == Recache::Window;
+        for m in planned {
+            if m.role == Role::Denoise(0) {
+                let noise = match st.noise_ready.remove(&(m.block, 0)) {
+                    Some(n) => n,
+                    None => self.block_noise(m.block, 0)?,
+                };
+                st.state.insert(m.block, noise);
+                if keep_latents && m.block > 0 && self.prompts.iter().any(|(b, _)| *b == m.block) {
+                    let t0 = Instant::now();
+                    let frames = self.recache(backend, &st.clean, m.block)?;
+                    if frames > 0 {
+                        st.report.recache_passes += 1;
+                        st.report.forward_passes += 1;
+                        st.report.recache_frames += frames;
+                        st.report.recache_seconds += t0.elapsed().as_secs_f64();
                     }
                 }
             }
-            // Build the window. With `--recache window` a block's context pass runs under the
-            // prompt of the block after it (its first reader): in the sequential schedule this is
-            // LongLive's re-encoding of the cache at a switch, and blocks of the old prompt still
-            // in flight never see context encoded under the new one.
-            let mut members = Vec::with_capacity(planned.len());
-            for m in &planned {
+        }
+        Ok(())
+    }
+
+    /// The window of this tick. With `--recache window` a block's context pass runs under the
+    /// prompt of the block after it (its first reader): in the sequential schedule this is
+    /// LongLive's re-encoding of the cache at a switch, and blocks of the old prompt still in
+    /// flight never see context encoded under the new one.
+    fn window<'a>(
+        &'a self,
+        state: &'a HashMap<usize, Vec<f32>>,
+        finals: &'a HashMap<usize, Vec<f32>>,
+        planned: &[PlannedMember],
+    ) -> Vec<Member<'a>> {
+        let o = &self.opts;
+        let keep_latents = o.recache == Recache::Window;
+        planned
+            .iter()
+            .map(|m| {
                 let (lat, t, ctx) = match m.role {
                     Role::Denoise(s) => (&state[&m.block], self.steps.timesteps[s], false),
                     Role::Context => (&finals[&m.block], o.context_noise, true),
                 };
-                members.push(Member {
-                    first_frame: m.block * bf,
+                Member {
+                    first_frame: m.block * o.block_frames,
                     latents: lat,
                     timestep: t,
                     context: ctx,
@@ -240,160 +317,202 @@ impl<'m> Generator<'m> {
                     } else {
                         self.prompt_for(m.block)
                     },
-                });
-            }
-            report.tokens_per_tick.push(members.len() * bf * tpf);
-            let blocks_of: Vec<usize> = planned.iter().map(|m| m.block).collect();
-            // The renoise of this tick's denoising members, and the initial noise of the blocks
-            // starting next tick, are generated on another thread (and the rayon pool) while
-            // the backend runs the forward; otherwise a GPU would idle while the host makes
-            // them (about 11 ms per 3-frame block at 60x104 latents on one CI core).
-            let next_starts: Vec<(usize, usize)> = if tau + 1 < plan.ticks() {
-                plan.members(tau + 1)
-                    .iter()
-                    .filter(|m| m.role == Role::Denoise(0))
-                    .map(|m| (m.block, 0))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let wanted: Vec<(usize, usize)> = planned
+                }
+            })
+            .collect()
+    }
+
+    /// The noise generated during tick `tau`'s forward: the renoise of its denoising members,
+    /// and the initial noise of the blocks starting next tick, by (block, slot).
+    fn noise_wanted(
+        &self,
+        plan: &Plan,
+        tau: usize,
+        planned: &[PlannedMember],
+    ) -> Vec<(usize, usize)> {
+        let s_count = self.steps.len();
+        let next_starts: Vec<(usize, usize)> = if tau + 1 < plan.ticks() {
+            plan.members(tau + 1)
                 .iter()
-                .filter_map(|m| match m.role {
-                    Role::Denoise(s) if s + 1 < s_count => Some((m.block, s + 1)),
-                    _ => None,
-                })
-                .chain(next_starts)
-                .collect();
-            let noise = |key: &(usize, usize)| Ok((*key, self.block_noise(key.0, key.1)?));
-            // Called from inside a rayon pool, the blocked caller could be the worker the
-            // parallel noise waits for: generate it sequentially then.
-            let in_pool = rayon::current_thread_index().is_some();
-            let (flows, generated) = std::thread::scope(|sc| -> Result<_> {
-                let gen = (!wanted.is_empty())
-                    .then(|| {
-                        std::thread::Builder::new()
-                            .name("blockcascade-noise".into())
-                            .spawn_scoped(sc, || {
-                                use rayon::prelude::*;
-                                if in_pool {
-                                    wanted.iter().map(noise).collect::<Result<HashMap<_, _>>>()
-                                } else {
-                                    wanted
-                                        .par_iter()
-                                        .map(noise)
-                                        .collect::<Result<HashMap<_, _>>>()
-                                }
-                            })
-                            .map_err(|e| {
-                                Error::Internal(format!("cannot start the noise thread: {e}"))
-                            })
-                    })
-                    .transpose()?;
-                let mut forward = || -> Result<Vec<Vec<f32>>> {
-                    if o.separate_context_pass && members.len() > 1 && members[0].context {
-                        let mut f = backend.forward(&members[..1], &blocks_of[..1], tau)?;
-                        backend.commit(members[0].first_frame + bf);
-                        f.extend(backend.forward(&members[1..], &blocks_of[1..], tau)?);
-                        report.forward_passes += 2;
-                        Ok(f)
-                    } else {
-                        report.forward_passes += 1;
-                        backend.forward(&members, &blocks_of, tau)
-                    }
-                };
-                let flows = forward();
-                // Joined before any error is returned, so the scope never sees a panic.
-                let noise = match gen {
-                    Some(g) => g
-                        .join()
-                        .map_err(|_| Error::Internal("the noise thread panicked".into()))
-                        .and_then(|r| r),
-                    None => Ok(HashMap::new()),
-                };
-                Ok((flows?, noise?))
-            })?;
-            drop(members);
-            noise_ready.extend(generated);
-            // Apply the results.
-            for (m, v) in planned.iter().zip(flows) {
-                match m.role {
-                    Role::Context => {
-                        backend.commit((m.block + 1) * bf);
-                        if let Some(lat) = finals.remove(&m.block) {
-                            if keep_latents {
-                                for fi in 0..bf {
-                                    clean.insert(
-                                        m.block * bf + fi,
-                                        lat[fi * flen..(fi + 1) * flen].to_vec(),
-                                    );
-                                }
-                                clean.retain(|&f, _| backend.resident(f));
+                .filter(|m| m.role == Role::Denoise(0))
+                .map(|m| (m.block, 0))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        planned
+            .iter()
+            .filter_map(|m| match m.role {
+                Role::Denoise(s) if s + 1 < s_count => Some((m.block, s + 1)),
+                _ => None,
+            })
+            .chain(next_starts)
+            .collect()
+    }
+
+    /// Runs the tick's forward while the `wanted` noise is generated on another thread (and
+    /// the rayon pool): otherwise a GPU would idle while the host makes it (about 11 ms per
+    /// 3-frame block at 60x104 latents on one CI core). Returns the flows and the noise.
+    #[allow(clippy::type_complexity)]
+    fn forward_with_noise(
+        &self,
+        backend: &mut dyn Backend,
+        members: &[Member],
+        blocks_of: &[usize],
+        tau: usize,
+        wanted: &[(usize, usize)],
+        report: &mut RunReport,
+    ) -> Result<(Vec<Vec<f32>>, HashMap<(usize, usize), Vec<f32>>)> {
+        let o = &self.opts;
+        let bf = o.block_frames;
+        let noise = |key: &(usize, usize)| Ok((*key, self.block_noise(key.0, key.1)?));
+        // Called from inside a rayon pool, the blocked caller could be the worker the
+        // parallel noise waits for: generate it sequentially then.
+        let in_pool = rayon::current_thread_index().is_some();
+        std::thread::scope(|sc| -> Result<_> {
+            let gen = (!wanted.is_empty())
+                .then(|| {
+                    std::thread::Builder::new()
+                        .name("blockcascade-noise".into())
+                        .spawn_scoped(sc, || {
+                            use rayon::prelude::*;
+                            if in_pool {
+                                wanted.iter().map(noise).collect::<Result<HashMap<_, _>>>()
+                            } else {
+                                wanted
+                                    .par_iter()
+                                    .map(noise)
+                                    .collect::<Result<HashMap<_, _>>>()
                             }
+                        })
+                        .map_err(|e| Error::Internal(format!("cannot start the noise thread: {e}")))
+                })
+                .transpose()?;
+            let mut forward = || -> Result<Vec<Vec<f32>>> {
+                if o.separate_context_pass && members.len() > 1 && members[0].context {
+                    let mut f = backend.forward(&members[..1], &blocks_of[..1], tau)?;
+                    backend.commit(members[0].first_frame + bf);
+                    f.extend(backend.forward(&members[1..], &blocks_of[1..], tau)?);
+                    report.forward_passes += 2;
+                    Ok(f)
+                } else {
+                    report.forward_passes += 1;
+                    backend.forward(members, blocks_of, tau)
+                }
+            };
+            let flows = forward();
+            // Joined before any error is returned, so the scope never sees a panic.
+            let noise = match gen {
+                Some(g) => g
+                    .join()
+                    .map_err(|_| Error::Internal("the noise thread panicked".into()))
+                    .and_then(|r| r),
+                None => Ok(HashMap::new()),
+            };
+            Ok((flows?, noise?))
+        })
+    }
+
+    /// Applies the tick's flows: context members commit their frames (and, with
+    /// `--recache window`, keep their clean latents); denoising members take a flow step and
+    /// are renoised, or, at their last step, are handed to `on_block` in order.
+    fn apply(
+        &self,
+        st: &mut RunState,
+        backend: &mut dyn Backend,
+        planned: &[PlannedMember],
+        flows: Vec<Vec<f32>>,
+        blocks: usize,
+        on_block: &mut impl FnMut(&FinishedBlock) -> bool,
+    ) -> Result<()> {
+        let o = &self.opts;
+        let bf = o.block_frames;
+        let flen = CHANNELS * o.height * o.width;
+        let s_count = self.steps.len();
+        let keep_latents = o.recache == Recache::Window;
+        for (m, v) in planned.iter().zip(flows) {
+            match m.role {
+                Role::Context => {
+                    backend.commit((m.block + 1) * bf);
+                    if let Some(lat) = st.finals.remove(&m.block) {
+                        if keep_latents {
+                            for fi in 0..bf {
+                                st.clean.insert(
+                                    m.block * bf + fi,
+                                    lat[fi * flen..(fi + 1) * flen].to_vec(),
+                                );
+                            }
+                            st.clean.retain(|&f, _| backend.resident(f));
                         }
                     }
-                    Role::Denoise(s) => {
-                        let Some(mut x) = state.remove(&m.block) else {
-                            return Err(Error::Internal(format!("block {} has no state", m.block)));
-                        };
-                        if s + 1 < s_count {
-                            let sn = self.steps.sigmas[s + 1];
-                            let noise = noise_ready.remove(&(m.block, s + 1)).ok_or_else(|| {
-                                Error::Internal(format!("no renoise for block {}", m.block))
-                            })?;
-                            crate::backend::cpu::ops::flow_step(
-                                &mut x,
-                                &v,
-                                self.steps.sigmas[s],
-                                Some((sn, &noise)),
-                            );
-                            state.insert(m.block, x);
-                        } else {
-                            crate::backend::cpu::ops::flow_step(
-                                &mut x,
-                                &v,
-                                self.steps.sigmas[s],
-                                None,
-                            );
-                            if x.iter().any(|v| !v.is_finite()) {
-                                return Err(Error::Internal(format!(
-                                    "block {} produced non-finite latents (weights or inputs out of range?)",
-                                    m.block
-                                )));
-                            }
-                            if m.block != next_emit {
-                                return Err(Error::Internal("blocks finished out of order".into()));
-                            }
-                            let now = Instant::now();
-                            let fb = FinishedBlock {
-                                index: m.block,
-                                first_frame: m.block * bf,
-                                frames: bf,
-                                latents: &x,
-                                since_start: now - start,
-                                block_time: now - last_done,
-                                cache_bytes: backend.cache_bytes(),
-                            };
-                            if next_emit == 0 {
-                                report.time_to_first_block = fb.since_start.as_secs_f64();
-                            }
-                            report.block_seconds.push(fb.block_time.as_secs_f64());
-                            last_done = now;
-                            next_emit += 1;
-                            if !on_block(&fb) {
-                                return Err(Error::Cancelled);
-                            }
-                            if m.block + 1 < blocks {
-                                finals.insert(m.block, x);
-                            }
+                }
+                Role::Denoise(s) => {
+                    let Some(mut x) = st.state.remove(&m.block) else {
+                        return Err(Error::Internal(format!("block {} has no state", m.block)));
+                    };
+                    if s + 1 < s_count {
+                        let sn = self.steps.sigmas[s + 1];
+                        let noise = st.noise_ready.remove(&(m.block, s + 1)).ok_or_else(|| {
+                            Error::Internal(format!("no renoise for block {}", m.block))
+                        })?;
+                        crate::backend::cpu::ops::flow_step(
+                            &mut x,
+                            &v,
+                            self.steps.sigmas[s],
+                            Some((sn, &noise)),
+                        );
+                        st.state.insert(m.block, x);
+                    } else {
+                        crate::backend::cpu::ops::flow_step(&mut x, &v, self.steps.sigmas[s], None);
+                        self.emit(st, backend, m.block, &x, on_block)?;
+                        if m.block + 1 < blocks {
+                            st.finals.insert(m.block, x);
                         }
                     }
                 }
             }
-            report.max_cache_bytes = report.max_cache_bytes.max(backend.cache_bytes());
         }
-        report.total_seconds = start.elapsed().as_secs_f64();
-        Ok(report)
+        Ok(())
+    }
+
+    /// Hands finished block `block` (latents `x`) to `on_block`, in order.
+    fn emit(
+        &self,
+        st: &mut RunState,
+        backend: &dyn Backend,
+        block: usize,
+        x: &[f32],
+        on_block: &mut impl FnMut(&FinishedBlock) -> bool,
+    ) -> Result<()> {
+        let bf = self.opts.block_frames;
+        if x.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Internal(format!(
+                "block {block} produced non-finite latents (weights or inputs out of range?)"
+            )));
+        }
+        if block != st.next_emit {
+            return Err(Error::Internal("blocks finished out of order".into()));
+        }
+        let now = Instant::now();
+        let fb = FinishedBlock {
+            index: block,
+            first_frame: block * bf,
+            frames: bf,
+            latents: x,
+            since_start: now - st.start,
+            block_time: now - st.last_done,
+            cache_bytes: backend.cache_bytes(),
+        };
+        if st.next_emit == 0 {
+            st.report.time_to_first_block = fb.since_start.as_secs_f64();
+        }
+        st.report.block_seconds.push(fb.block_time.as_secs_f64());
+        st.last_done = now;
+        st.next_emit += 1;
+        if !on_block(&fb) {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
     }
 
     /// The noise of every frame of `block` for `slot` (0 = initial noise, `s >= 1` = the

@@ -4,7 +4,7 @@
 //! of them pinned) keeps the sink frames plus a ring buffer of the `local_attn - sink` most
 //! recent frames: memory stops growing once the ring is full, whatever the video length. A query block ending at frame
 //! `e` sees committed frame `f < e` when `f >= e - (local_attn - sink)` or `f < sink`
-//! (DESIGN §3); every frame it can see is still resident.
+//! (see docs/design.md); every frame it can see is still resident.
 
 use crate::{Error, Result};
 

@@ -17,7 +17,7 @@ use std::path::Path;
 pub enum NoiseSource {
     /// The seeded generator described in the module docs.
     Seeded(u64),
-    /// Noise recorded in a file (`noise` [F,16,H,W], `renoise` [F,S-1,16,H,W]).
+    /// Noise recorded in a file (`noise` `[F,16,H,W]`, `renoise` `[F,S-1,16,H,W]`).
     Recorded(RecordedNoise),
 }
 

@@ -235,7 +235,7 @@ mod tests {
 
     #[test]
     fn block_six_costs_about_182_tflop() {
-        // DESIGN/issue figure: the 6th block of 7 (global attention, 4 steps + context pass).
+        // The 6th block of 7 (global attention, 4 steps + context pass).
         let (c, _, _) = wan();
         let tpf = 1560;
         let keys = |frames: usize| frames * tpf;

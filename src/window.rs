@@ -1,4 +1,5 @@
-//! Which keys a window member's self-attention sees (DESIGN §3–4), shared by every backend.
+//! Which keys a window member's self-attention sees, shared by every backend (the rules are
+//! in docs/design.md).
 //!
 //! A member whose frames are `[f0, e)` sees: committed cache frames `f < f0` admitted by the
 //! local/sink rule; all of its own frames; the frames of earlier members (current-tick K/V)

@@ -500,7 +500,7 @@ fn gemms_match_the_cpu() {
         for fused in [true, false] {
             g.fused_epilogues = fused;
             let out = poisoned(&mut g, n * o * 4);
-            g.gemm(xd, wd, bd, out, n, k, o, ty, ep).unwrap();
+            ops::gemm(&mut g, xd, wd, bd, out, n, k, o, ty, ep).unwrap();
             let all = if f32out {
                 down_f(&g, out, n * o)
             } else {
@@ -733,7 +733,7 @@ fn mma_fragment_layouts_match_the_hardware() {
             d2: d2 as *mut f32,
         };
         // SAFETY: every pointer is a device allocation of the size the kernel reads/writes.
-        unsafe { g.launch(kernels::emu::Kernel::TestMma, [1, 1, 1], 32, &p) }.unwrap();
+        unsafe { g.launch(kernels::Kernel::TestMma, [1, 1, 1], 32, &p) }.unwrap();
         g.sync().unwrap();
         let want: Vec<f32> = (0..128)
             .map(|i| {

@@ -197,9 +197,9 @@ fn unfused_gemm_epilogues_match_the_fused_ones() {
     }
 }
 
-/// The residual-stream precision (issue 4): the backend keeps the residual stream in f32. This
+/// The residual-stream precision: the backend keeps the residual stream in f32. This
 /// measures what bf16 storage of it would cost, by rounding it to bf16 after every residual
-/// add, on the golden case against the f32 reference; the README quotes the printed numbers.
+/// add, on the golden case against the f32 reference; docs/cuda.md quotes the printed numbers.
 /// It asserts that the rounding is applied (the latents change) and stays within the bf16
 /// tolerance, so the measurement itself cannot silently measure nothing.
 #[test]
@@ -338,7 +338,7 @@ fn prompt_switches_on_the_emulated_device_match_the_cpu() {
 
 /// The golden case with the prompt K/V computed on the device (the default) and on the host
 /// (`host_prompt_context`, the f32 CPU values rounded to bf16), both against the f32
-/// reference; the README quotes the printed numbers.
+/// reference; docs/cuda.md quotes the printed numbers.
 #[test]
 fn golden_case_with_device_and_host_prompt_kv() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());

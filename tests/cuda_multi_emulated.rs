@@ -12,7 +12,7 @@ use blockcascade::backend::cuda::{
 };
 use blockcascade::config::BackendKind;
 use blockcascade::config::KvExchange;
-use blockcascade::kernels::emu::Kernel;
+use blockcascade::kernels::Kernel;
 use blockcascade::model::Model;
 use blockcascade::noise::NoiseSource;
 use blockcascade::prompt::{PromptEmbeds, PromptSwitch};

@@ -5,9 +5,8 @@
 
 use blockcascade::backend::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
 use blockcascade::backend::cpu::ops;
-use blockcascade::kernels::emu::{
-    self, Act, AttentionTile, EmuErrorKind, KvSegment, QkNormRope, QueryGroup,
-};
+use blockcascade::kernels::emu::{self, Act, AttentionTile, KvSegment, QkNormRope, QueryGroup};
+use blockcascade::kernels::LaunchErrorKind;
 use blockcascade::rng::Rng;
 use half::bf16;
 use std::sync::mpsc;
@@ -827,7 +826,7 @@ fn bias_activation_is_the_unfused_gemm_epilogue() {
     let x = vec![1f32; 10];
     let mut out = vec![0f32; 10];
     let err = emu::bias_activation_f32(&x, &bias[..3], &mut out, Act::None).unwrap_err();
-    assert_eq!(err.kind, EmuErrorKind::InvalidArgument);
+    assert_eq!(err.kind, LaunchErrorKind::InvalidArgument);
 }
 
 #[test]
@@ -958,15 +957,15 @@ fn divergent_barrier_and_bad_masks_are_errors_not_hangs() {
         }
     }
     let cases = [
-        (1, 5, EmuErrorKind::BarrierDivergence, "exited"),
+        (1, 5, LaunchErrorKind::BarrierDivergence, "exited"),
         (
             2,
             0,
-            EmuErrorKind::BarrierDivergence,
+            LaunchErrorKind::BarrierDivergence,
             "divergent __syncthreads",
         ),
-        (3, 7, EmuErrorKind::WarpCollective, "mask 0xffffff7f"),
-        (4, 9, EmuErrorKind::WarpCollective, "has exited"),
+        (3, 7, LaunchErrorKind::WarpCollective, "mask 0xffffff7f"),
+        (4, 9, LaunchErrorKind::WarpCollective, "has exited"),
     ];
     for (mode, arg, kind, text) in cases {
         let err = no_hang(move || {

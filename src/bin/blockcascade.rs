@@ -692,54 +692,9 @@ fn plan(a: PlanArgs) -> Result<()> {
     Ok(())
 }
 
-/// `info --devices`: CUDA devices, peer access (`cuDeviceCanAccessPeer`) and the link
-/// between each pair (NVLink / PCIe, from NVML when the driver has it).
+/// `info --devices`: CUDA devices, peer access and the link between each pair.
 fn info_devices() -> Result<()> {
-    use blockcascade::backend::cuda::nvml::{LinkKind, Nvml};
-    let (devs, peer) = blockcascade::backend::cuda::device::list_devices()?;
-    let nvml = Nvml::load();
-    for d in &devs {
-        let nvlinks = match &nvml {
-            Ok(n) => match n.active_nvlinks(&d.pci_bus_id) {
-                Ok(0) => ", no active NVLink".to_string(),
-                Ok(k) => format!(", {k} active NVLinks"),
-                Err(_) => String::new(),
-            },
-            Err(_) => String::new(),
-        };
-        println!(
-            "device {}: {}, {:.1} GiB, compute capability {}.{}, PCI {}{nvlinks}",
-            d.ordinal,
-            d.name,
-            d.total_mem as f64 / (1u64 << 30) as f64,
-            d.capability.0,
-            d.capability.1,
-            if d.pci_bus_id.is_empty() {
-                "unknown"
-            } else {
-                &d.pci_bus_id
-            },
-        );
-    }
-    if let Err(e) = &nvml {
-        println!("link types unknown: {e}");
-    }
-    for (a, row) in peer.iter().enumerate() {
-        for (b, &can) in row.iter().enumerate().filter(|&(b, _)| b != a) {
-            let link = match &nvml {
-                Ok(n) => n.link(&devs[a].pci_bus_id, &devs[b].pci_bus_id),
-                Err(_) => LinkKind::Unknown("no NVML".into()),
-            };
-            println!(
-                "peer access {a} -> {b}: {}, link: {}",
-                if can { "yes" } else { "no" },
-                link.describe()
-            );
-        }
-    }
-    if devs.len() == 1 {
-        println!("one device: `--devices 0,0` runs two logical devices on it");
-    }
+    print!("{}", blockcascade::backend::cuda::info::devices_report()?);
     Ok(())
 }
 
@@ -748,7 +703,7 @@ fn info(a: InfoArgs) -> Result<()> {
         println!("{}", blockcascade::kernels::report());
         if blockcascade::kernels::built() {
             // ptxas counts static shared memory only.
-            for k in blockcascade::kernels::emu::Kernel::ALL {
+            for k in blockcascade::kernels::Kernel::ALL {
                 let b = k.dynamic_smem_bytes();
                 if b > 0 {
                     println!("{}: plus {b} bytes of dynamic shared memory", k.name());

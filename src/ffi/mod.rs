@@ -433,7 +433,7 @@ pub unsafe extern "C" fn bc_engine_open(
         };
         let kind = match backend.as_deref() {
             None => {
-                if crate::backend::cuda::device::probe().is_ok() {
+                if crate::backend::cuda::info::probe().is_ok() {
                     BackendKind::Cuda
                 } else {
                     BackendKind::Cpu
@@ -442,7 +442,7 @@ pub unsafe extern "C" fn bc_engine_open(
             Some("cpu") => BackendKind::Cpu,
             Some("cuda") => {
                 // A clean BC_ERR_DEVICE / BC_ERR_UNSUPPORTED now rather than at the first generate.
-                crate::backend::cuda::device::probe()?;
+                crate::backend::cuda::info::probe()?;
                 BackendKind::Cuda
             }
             Some(b) => {

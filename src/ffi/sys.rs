@@ -2,7 +2,7 @@
 //! (`ffi/bindings.rs`; `scripts/check-ffi-header.sh` regenerates and compares it).
 //!
 //! The exported functions in [`super`] use these types, so the structs, the callback type and
-//! the status codes cannot drift from the header, and [`signatures_match_the_header`] assigns
+//! the status codes cannot drift from the header, and `signatures_match_the_header` assigns
 //! every exported function to the header's declaration, so a signature mismatch does not
 //! compile.
 #![allow(

@@ -4,15 +4,15 @@
 //! (`backend::cuda::ops`, on device addresses) and the emulated wrappers of [`super::emu`]
 //! (on host slices, after checking their lengths). A function takes raw pointers and sizes
 //! as `usize`, converts the sizes to the `int` fields of `params.h` with overflow checks (an
-//! overflow is an [`EmuErrorKind::InvalidArgument`] error) and picks the grid and block the
+//! overflow is an [`LaunchErrorKind::InvalidArgument`] error) and picks the grid and block the
 //! kernel's doc comment in `params.h` prescribes. Nothing is read or written through the
 //! pointers: their validity is the launcher's business.
 //!
-//! [`EmuErrorKind::InvalidArgument`]: super::emu::EmuErrorKind::InvalidArgument
+//! [`LaunchErrorKind::InvalidArgument`]: super::LaunchErrorKind::InvalidArgument
 #![allow(clippy::too_many_arguments)]
 
-use super::emu::{invalid, EmuResult, Kernel};
 use super::params::*;
+use super::{invalid, Kernel, LaunchResult};
 use std::ffi::c_void;
 
 /// A kernel launch: the kernel, its grid and block size (`[block, 1, 1]`) and params struct.
@@ -29,17 +29,17 @@ pub struct Launch<P> {
 }
 
 /// `v` as an `int` field of a params struct; `what` names it in the error.
-pub(super) fn i32_of(kernel: Kernel, v: usize, what: &str) -> EmuResult<i32> {
+pub(super) fn i32_of(kernel: Kernel, v: usize, what: &str) -> LaunchResult<i32> {
     i32::try_from(v).map_err(|_| invalid(kernel, format!("{what} = {v} does not fit in i32")))
 }
 
 /// Blocks of `per` threads covering `n` items.
-fn blocks(kernel: Kernel, n: usize, per: u32) -> EmuResult<u32> {
+fn blocks(kernel: Kernel, n: usize, per: u32) -> LaunchResult<u32> {
     u32::try_from(n.div_ceil(per as usize)).map_err(|_| invalid(kernel, "grid too large"))
 }
 
 /// `a * b`, or an error on overflow.
-fn mul(kernel: Kernel, a: usize, b: usize) -> EmuResult<usize> {
+fn mul(kernel: Kernel, a: usize, b: usize) -> LaunchResult<usize> {
     a.checked_mul(b)
         .ok_or_else(|| invalid(kernel, format!("{a} * {b} overflows")))
 }
@@ -49,8 +49,7 @@ fn row_grid(rows: i32) -> [u32; 3] {
     [rows as u32, 1, 1]
 }
 
-/// `bc_ln_modulate`: `out = LN(x) * (1 + scale[f] + scale_bias) + shift[f] + shift_bias`,
-/// `x` f32 and `out` bf16 `[rows, dim]`, `shift`/`scale` `[frames, frame_stride]`, biases
+/// `bc_ln_modulate` (the math: `cuda/norm.cu`): `x` f32 and `out` bf16 `[rows, dim]`, `shift`/`scale` `[frames, frame_stride]`, biases
 /// `[dim]` or null. Grid (rows), block `BC_ROW_THREADS`.
 pub fn ln_modulate(
     x: *const f32,
@@ -64,7 +63,7 @@ pub fn ln_modulate(
     frame_stride: usize,
     shift_bias: *const f32,
     scale_bias: *const f32,
-) -> EmuResult<Launch<BcLnModulateParams>> {
+) -> LaunchResult<Launch<BcLnModulateParams>> {
     let k = Kernel::LnModulate;
     let (rows, dim) = (i32_of(k, rows, "rows")?, i32_of(k, dim, "dim")?);
     Ok(Launch {
@@ -90,7 +89,7 @@ pub fn ln_modulate(
     })
 }
 
-/// `bc_layer_norm_affine`: `out = LN(x) * weight + bias`, `x` f32 and `out` bf16
+/// `bc_layer_norm_affine` (`cuda/norm.cu`): `x` f32 and `out` bf16
 /// `[rows, dim]`. Grid (rows), block `BC_ROW_THREADS`.
 pub fn layer_norm_affine(
     x: *const f32,
@@ -100,7 +99,7 @@ pub fn layer_norm_affine(
     eps: f32,
     weight: *const f32,
     bias: *const f32,
-) -> EmuResult<Launch<BcLayerNormParams>> {
+) -> LaunchResult<Launch<BcLayerNormParams>> {
     let k = Kernel::LayerNormAffine;
     let (rows, dim) = (i32_of(k, rows, "rows")?, i32_of(k, dim, "dim")?);
     Ok(Launch {
@@ -122,8 +121,7 @@ pub fn layer_norm_affine(
     })
 }
 
-/// `bc_gated_residual`: `x += delta * (gate[f] + gate_bias)` (`gate` null: `x += delta`),
-/// `x` f32 and `delta` bf16 `[rows, dim]`. Grid (ceil(rows*dim/2 / `BC_ELEM_THREADS`)).
+/// `bc_gated_residual` (`cuda/norm.cu`; `gate` null: no gate): `x` f32 and `delta` bf16 `[rows, dim]`. Grid (ceil(rows*dim/2 / `BC_ELEM_THREADS`)).
 pub fn gated_residual(
     x: *mut f32,
     delta: *const bc_bf16,
@@ -133,7 +131,7 @@ pub fn gated_residual(
     gate: *const f32,
     frame_stride: usize,
     gate_bias: *const f32,
-) -> EmuResult<Launch<BcGatedResidualParams>> {
+) -> LaunchResult<Launch<BcGatedResidualParams>> {
     let k = Kernel::GatedResidual;
     let n = mul(k, rows, dim)?;
     let dim32 = i32_of(k, dim, "dim")?;
@@ -156,7 +154,7 @@ pub fn gated_residual(
     })
 }
 
-/// `bc_qk_norm_rope`: optional RMSNorm (`norm_weight` null: none), optional RoPE, store into
+/// `bc_qk_norm_rope` (`cuda/qk_norm_rope.cu`): optional RMSNorm (`norm_weight` null: none), optional RoPE, store into
 /// `out` rows of `heads*head_dim` (contiguous, or cache slots with `frame_slot`); `x` rows of
 /// stride `x_stride`. Grid (rows), block `BC_ROW_THREADS`, RoPE theta 10000.
 pub fn qk_norm_rope(
@@ -174,7 +172,7 @@ pub fn qk_norm_rope(
     first_frame: i32,
     rope: bool,
     eps: f32,
-) -> EmuResult<Launch<BcQkNormRopeParams>> {
+) -> LaunchResult<Launch<BcQkNormRopeParams>> {
     let k = Kernel::QkNormRope;
     let rows = i32_of(k, rows, "rows")?;
     Ok(Launch {
@@ -260,7 +258,7 @@ impl AttentionTile {
     }
 }
 
-/// The attention kernel of `tile` for `head_dim` (`bc_attention_hd64*` for `head_dim <= 64`,
+/// The attention kernel (`cuda/attention.cu`) of `tile` for `head_dim` (`bc_attention_hd64*` for `head_dim <= 64`,
 /// else `bc_attention_hd128*`): `q` and `out` rows of `heads*head_dim`, tables `segments` /
 /// `seg_index` / `groups` (`num_groups` entries), `max_rows` the largest group, scale
 /// `1/sqrt(head_dim)`. Grid (ceil(max_rows / `tile.rows()`), heads, num_groups), block
@@ -276,7 +274,7 @@ pub fn attention(
     num_groups: usize,
     max_rows: usize,
     tile: AttentionTile,
-) -> EmuResult<Launch<BcAttentionParams>> {
+) -> LaunchResult<Launch<BcAttentionParams>> {
     let k = tile.kernel(head_dim);
     let dim = i32_of(k, mul(k, heads, head_dim)?, "dim")?;
     let (heads, num_groups) = (i32_of(k, heads, "heads")?, i32_of(k, num_groups, "groups")?);
@@ -306,7 +304,7 @@ pub fn attention(
     })
 }
 
-/// `bc_activation`: `out[i] = act(x[i] + bias[i % cols])` over `n` values, bf16 or f32
+/// `bc_activation` (`cuda/elementwise.cu`) over `n` values, bf16 or f32
 /// (`op`: `BC_ACT_*`; `bias` null: none; `cols` 0 counts as 1). Grid
 /// (ceil(n / `BC_ELEM_THREADS`)), block `BC_ELEM_THREADS`.
 pub fn activation(
@@ -317,7 +315,7 @@ pub fn activation(
     bf16: bool,
     bias: *const f32,
     cols: usize,
-) -> EmuResult<Launch<BcActivationParams>> {
+) -> LaunchResult<Launch<BcActivationParams>> {
     let k = Kernel::Activation;
     Ok(Launch {
         kernel: k,
@@ -336,14 +334,14 @@ pub fn activation(
     })
 }
 
-/// `bc_time_embedding`: sinusoidal embedding of `frames` timesteps `t` (f32) into `out`
+/// `bc_time_embedding` (`cuda/elementwise.cu`) of `frames` timesteps `t` (f32) into `out`
 /// `[frames, freq_dim]`. Grid (frames), block `BC_ELEM_THREADS`.
 pub fn time_embedding(
     t: *const f32,
     out: *mut f32,
     frames: usize,
     freq_dim: usize,
-) -> EmuResult<Launch<BcTimeEmbeddingParams>> {
+) -> LaunchResult<Launch<BcTimeEmbeddingParams>> {
     let k = Kernel::TimeEmbedding;
     let frames = i32_of(k, frames, "frames")?;
     Ok(Launch {
@@ -359,7 +357,7 @@ pub fn time_embedding(
     })
 }
 
-/// `bc_patchify` (`patchify`: f32 latents `[frames, ch, h, w]` to bf16 rows of `ch*4`) or
+/// `bc_patchify` (`cuda/patch.cu`; `patchify`: f32 latents `[frames, ch, h, w]` to bf16 rows of `ch*4`) or
 /// `bc_unpatchify` (back). Grid (ceil(frames*ch*h*w / `BC_ELEM_THREADS`)).
 pub fn patch(
     patchify: bool,
@@ -369,7 +367,7 @@ pub fn patch(
     ch: usize,
     h: usize,
     w: usize,
-) -> EmuResult<Launch<BcPatchParams>> {
+) -> LaunchResult<Launch<BcPatchParams>> {
     let k = if patchify {
         Kernel::Patchify
     } else {
@@ -393,9 +391,8 @@ pub fn patch(
     })
 }
 
-/// `bc_flow_step`: `x0 = x - sigma[f] v` over `frames` frames of `frame_elems` values,
-/// renoised with `noise` where `sigma_next` (null: never) is `>= 0`; `x0_out` (or null)
-/// receives x0. Grid (ceil(frames*frame_elems / `BC_ELEM_THREADS`)).
+/// `bc_flow_step` (`cuda/elementwise.cu`) over `frames` frames of `frame_elems` values;
+/// `sigma_next` null: no renoise, `x0_out` null: x0 not kept. Grid (ceil(frames*frame_elems / `BC_ELEM_THREADS`)).
 pub fn flow_step(
     x: *mut f32,
     v: *const f32,
@@ -405,7 +402,7 @@ pub fn flow_step(
     sigma_next: *const f32,
     frames: usize,
     frame_elems: usize,
-) -> EmuResult<Launch<BcFlowStepParams>> {
+) -> LaunchResult<Launch<BcFlowStepParams>> {
     let k = Kernel::FlowStep;
     Ok(Launch {
         kernel: k,
@@ -428,13 +425,13 @@ pub fn flow_step(
     })
 }
 
-/// `bc_copy`: every one of the `num_regions` regions of the table `regions`. Grid
+/// `bc_copy` (`cuda/copy.cu`): every one of the `num_regions` regions of the table `regions`. Grid
 /// (max(blocks_per_region, 1), num_regions), block `BC_ELEM_THREADS`.
 pub fn copy(
     regions: *const BcCopyRegion,
     num_regions: usize,
     blocks_per_region: u32,
-) -> EmuResult<Launch<BcCopyParams>> {
+) -> LaunchResult<Launch<BcCopyParams>> {
     let k = Kernel::Copy;
     let num_regions = i32_of(k, num_regions, "regions")?;
     Ok(Launch {

@@ -13,6 +13,9 @@ pub mod emu;
 
 pub mod launch;
 
+use params::*;
+use std::fmt;
+
 /// The message shown when the crate was built without nvcc.
 pub const NOT_BUILT: &str = "kernels were not built: run scripts/install-cuda-toolchain.sh";
 
@@ -67,4 +70,156 @@ pub fn built() -> bool {
 /// text table, or [`NOT_BUILT`] when nvcc was not found at build time.
 pub fn report() -> &'static str {
     include_str!(concat!(env!("OUT_DIR"), "/kernels_report.txt"))
+}
+
+/// The kernels of the library (the `extern "C"` entry points of `cuda/*.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// `bc_ln_modulate` ([`BcLnModulateParams`]).
+    LnModulate,
+    /// `bc_layer_norm_affine` ([`BcLayerNormParams`]).
+    LayerNormAffine,
+    /// `bc_gated_residual` ([`BcGatedResidualParams`]).
+    GatedResidual,
+    /// `bc_qk_norm_rope` ([`BcQkNormRopeParams`]).
+    QkNormRope,
+    /// `bc_attention_hd64` ([`BcAttentionParams`]).
+    AttentionHd64,
+    /// `bc_attention_hd128` ([`BcAttentionParams`]).
+    AttentionHd128,
+    /// `bc_attention_hd64_q128` ([`BcAttentionParams`]): 128 query rows per block.
+    AttentionHd64Q128,
+    /// `bc_attention_hd128_q128` ([`BcAttentionParams`]): 128 query rows per block, dynamic
+    /// shared memory.
+    AttentionHd128Q128,
+    /// `bc_activation` ([`BcActivationParams`]).
+    Activation,
+    /// `bc_time_embedding` ([`BcTimeEmbeddingParams`]).
+    TimeEmbedding,
+    /// `bc_flow_step` ([`BcFlowStepParams`]).
+    FlowStep,
+    /// `bc_patchify` ([`BcPatchParams`]).
+    Patchify,
+    /// `bc_unpatchify` ([`BcPatchParams`]).
+    Unpatchify,
+    /// `bc_copy` ([`BcCopyParams`]).
+    Copy,
+    /// Emulation-only test kernel `bc_test_sync` (see `cuda/emu/test_kernels.cu`).
+    TestSync,
+    /// Tensor-core layout test kernel `bc_test_mma` (see `cuda/test/test_mma.cu`).
+    TestMma,
+}
+
+impl Kernel {
+    /// Every kernel of the library.
+    pub const ALL: [Kernel; 16] = [
+        Kernel::LnModulate,
+        Kernel::LayerNormAffine,
+        Kernel::GatedResidual,
+        Kernel::QkNormRope,
+        Kernel::AttentionHd64,
+        Kernel::AttentionHd128,
+        Kernel::AttentionHd64Q128,
+        Kernel::AttentionHd128Q128,
+        Kernel::Activation,
+        Kernel::TimeEmbedding,
+        Kernel::FlowStep,
+        Kernel::Patchify,
+        Kernel::Unpatchify,
+        Kernel::Copy,
+        Kernel::TestSync,
+        Kernel::TestMma,
+    ];
+
+    /// The kernel's entry-point name in the fatbin.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::LnModulate => "bc_ln_modulate",
+            Kernel::LayerNormAffine => "bc_layer_norm_affine",
+            Kernel::GatedResidual => "bc_gated_residual",
+            Kernel::QkNormRope => "bc_qk_norm_rope",
+            Kernel::AttentionHd64 => "bc_attention_hd64",
+            Kernel::AttentionHd128 => "bc_attention_hd128",
+            Kernel::AttentionHd64Q128 => "bc_attention_hd64_q128",
+            Kernel::AttentionHd128Q128 => "bc_attention_hd128_q128",
+            Kernel::Activation => "bc_activation",
+            Kernel::TimeEmbedding => "bc_time_embedding",
+            Kernel::FlowStep => "bc_flow_step",
+            Kernel::Patchify => "bc_patchify",
+            Kernel::Unpatchify => "bc_unpatchify",
+            Kernel::Copy => "bc_copy",
+            Kernel::TestSync => "bc_test_sync",
+            Kernel::TestMma => "bc_test_mma",
+        }
+    }
+
+    /// Dynamic shared memory every launch of the kernel gets, in bytes (0: static only).
+    pub fn dynamic_smem_bytes(self) -> u32 {
+        match self {
+            Kernel::AttentionHd128 | Kernel::AttentionHd128Q128 => BC_ATTN_HD128_SMEM,
+            _ => 0,
+        }
+    }
+}
+
+/// What went wrong in a launch: the launch constructors ([`launch`]) refuse their
+/// arguments, or the emulator reports a kernel fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LaunchErrorKind {
+    /// A `__syncthreads` that not every thread reached (some exited, or they wait at
+    /// different barriers).
+    BarrierDivergence,
+    /// A warp collective with a bad mask (exited/absent lanes, lanes elsewhere, mismatched masks).
+    WarpCollective,
+    /// `__trap()` or a failed `BC_EMU_CHECK`.
+    Trap,
+    /// A launch configuration the hardware would refuse.
+    InvalidLaunch,
+    /// The safe wrapper refused its arguments (sizes, alignment).
+    InvalidArgument,
+}
+
+/// A launch that failed (refused, or faulted under emulation).
+#[derive(Clone, Debug)]
+pub struct LaunchError {
+    /// The kernel.
+    pub kernel: &'static str,
+    /// The kind of failure.
+    pub kind: LaunchErrorKind,
+    /// What the emulator (or the wrapper) reported.
+    pub message: String,
+}
+
+impl fmt::Display for LaunchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            LaunchErrorKind::InvalidArgument => {
+                write!(f, "kernel {}: {}", self.kernel, self.message)
+            }
+            _ => write!(f, "emulated kernel {}: {}", self.kernel, self.message),
+        }
+    }
+}
+
+impl std::error::Error for LaunchError {}
+
+impl From<LaunchError> for crate::Error {
+    fn from(e: LaunchError) -> Self {
+        match e.kind {
+            LaunchErrorKind::InvalidArgument => crate::Error::InvalidArgument(e.to_string()),
+            _ => crate::Error::Device(e.to_string()),
+        }
+    }
+}
+
+/// Result of a launch.
+pub type LaunchResult<T = ()> = Result<T, LaunchError>;
+
+/// An [`LaunchErrorKind::InvalidArgument`] error of `kernel`.
+pub(crate) fn invalid(kernel: Kernel, msg: impl Into<String>) -> LaunchError {
+    LaunchError {
+        kernel: kernel.name(),
+        kind: LaunchErrorKind::InvalidArgument,
+        message: msg.into(),
+    }
 }

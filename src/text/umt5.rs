@@ -430,7 +430,7 @@ impl Umt5 {
     /// An encoder with seeded random weights, initialised as upstream's `init_weights`
     /// (embedding N(0, 1), projections N(0, fan-dependent std), norms 1).
     pub fn random(cfg: &Umt5Config, seed: u64) -> Self {
-        let mut rng = crate::noise::Rng::new(seed ^ 0x7E47_E0C0);
+        let mut rng = crate::rng::Rng::new(seed ^ 0x7E47_E0C0);
         let mut mat = |r: usize, c: usize, std: f64| {
             let v = (0..r * c)
                 .map(|_| (rng.normal() as f64 * std) as f32)
@@ -544,7 +544,7 @@ impl Umt5 {
         for layer in &self.layers {
             // Attention block.
             h.copy_from_slice(&x);
-            crate::cpu::ops::rms_norm(&mut h, d, EPS, &layer.norm1);
+            crate::backend::cpu::ops::rms_norm(&mut h, d, EPS, &layer.norm1);
             let q = linear_tiled(&h, l, &layer.q);
             let k = linear_tiled(&h, l, &layer.k);
             let v = linear_tiled(&h, l, &layer.v);
@@ -562,15 +562,15 @@ impl Umt5 {
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             // Gated-GELU FFN block.
             h.copy_from_slice(&x);
-            crate::cpu::ops::rms_norm(&mut h, d, EPS, &layer.norm2);
+            crate::backend::cpu::ops::rms_norm(&mut h, d, EPS, &layer.norm2);
             let mut g = linear_tiled(&h, l, &layer.gate);
-            crate::cpu::ops::gelu_tanh(&mut g);
+            crate::backend::cpu::ops::gelu_tanh(&mut g);
             let lin = linear_tiled(&h, l, &layer.fc1);
             g.iter_mut().zip(&lin).for_each(|(g, u)| *g *= u);
             let y = linear_tiled(&g, l, &layer.fc2);
             x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
         }
-        crate::cpu::ops::rms_norm(&mut x, d, EPS, &self.norm);
+        crate::backend::cpu::ops::rms_norm(&mut x, d, EPS, &self.norm);
         Ok(x)
     }
 }
@@ -731,7 +731,7 @@ mod tests {
 
     #[test]
     fn tiled_linear_matches_a_naive_product() {
-        let mut rng = crate::noise::Rng::new(3);
+        let mut rng = crate::rng::Rng::new(3);
         let (l, k, o) = (5, 300, 7000);
         let x: Vec<f32> = (0..l * k).map(|_| rng.normal()).collect();
         let wv: Vec<f32> = (0..o * k).map(|_| rng.normal()).collect();

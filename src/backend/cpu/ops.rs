@@ -1,5 +1,9 @@
 //! Element-wise and row-wise ops of the Wan DiT, f32 reference (statistics in f64).
 //!
+//! Each op's math is stated once, with its layout and precision, at the head of the CUDA file
+//! that implements it (`cuda/norm.cu`, `cuda/qk_norm_rope.cu`, `cuda/elementwise.cu`,
+//! `cuda/patch.cu`); the one-line formulas below only name the op.
+//!
 //! Layout conventions shared with the CUDA kernels (`cuda/`):
 //! - activations are row-major `[tokens, dim]`, tokens ordered (frame, row, column);
 //! - per-frame conditioning (`shift`, `scale`, `gate`) is `[frames, dim]` and row `r` uses

@@ -11,8 +11,9 @@
 //! allocations (an out-of-range pointer is an error, not a stray host write); kernel launches
 //! are `unsafe`, as on a GPU.
 
-use super::device::{DevPtr, Epilogue, OutType};
-use crate::kernels::emu::{dims, launch_raw, Kernel};
+use super::dev_types::{DevPtr, Epilogue, OutType};
+use crate::kernels::emu::{dims, launch_raw};
+use crate::kernels::Kernel;
 use crate::{Error, Result};
 use half::bf16;
 use std::cell::RefCell;

@@ -3,10 +3,10 @@
 //! [`crate::kernels::emu`] use too.
 #![allow(clippy::too_many_arguments)]
 
-use super::device::{DevPtr, Gpu};
-use crate::kernels::emu::EmuResult;
+use super::device::{DevPtr, Epilogue, Gpu, OutType};
 use crate::kernels::launch::{self, AttentionTile, Launch};
 use crate::kernels::params::*;
+use crate::kernels::LaunchResult;
 use crate::{Error, Result};
 
 /// A device address as a typed pointer for a params field.
@@ -21,13 +21,13 @@ fn pm<T>(d: DevPtr) -> *mut T {
 
 /// Launches `l` on `g`; a size that does not fit the params is an
 /// [`Error::InvalidArgument`].
-fn run<P>(g: &Gpu, l: EmuResult<Launch<P>>) -> Result<()> {
+fn run<P>(g: &Gpu, l: LaunchResult<Launch<P>>) -> Result<()> {
     let l = l.map_err(|e| Error::InvalidArgument(format!("{}: {}", e.kernel, e.message)))?;
     // SAFETY: the callers of the launchers below pass device buffers of the documented sizes.
     unsafe { g.launch(l.kernel, l.grid, l.block, &l.params) }
 }
 
-/// `out = LN(x) * (1 + scale[f] + scale_bias) + shift[f] + shift_bias` (bf16 out).
+/// `bc_ln_modulate` (the math: `cuda/norm.cu`), bf16 out.
 pub fn ln_modulate(
     g: &Gpu,
     x: DevPtr,
@@ -60,7 +60,7 @@ pub fn ln_modulate(
     )
 }
 
-/// `out = LN(x) * weight + bias` (bf16 out).
+/// `bc_layer_norm_affine` (`cuda/norm.cu`), bf16 out.
 pub fn layer_norm_affine(
     g: &Gpu,
     x: DevPtr,
@@ -77,7 +77,7 @@ pub fn layer_norm_affine(
     )
 }
 
-/// `x += delta * (gate[f] + gate_bias)`; `gate = 0`: `x += delta`.
+/// `bc_gated_residual` (`cuda/norm.cu`); `gate` [`NULL`]: no gate.
 pub fn gated_residual(
     g: &Gpu,
     x: DevPtr,
@@ -135,7 +135,7 @@ pub struct QkArgs {
     pub eps: f32,
 }
 
-/// RMSNorm + RoPE + store (`bc_qk_norm_rope`).
+/// `bc_qk_norm_rope` (`cuda/qk_norm_rope.cu`): RMSNorm, RoPE, store.
 pub fn qk_norm_rope(g: &Gpu, a: &QkArgs) -> Result<()> {
     run(
         g,
@@ -169,7 +169,7 @@ pub fn attention_launches(tile: AttentionTile) -> usize {
     ATTENTION_LAUNCHES[tile as usize].load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Flash attention over device tables: `segments` (BcKvSegment), `seg_index` (i32),
+/// `bc_attention_*` (`cuda/attention.cu`) over device tables: `segments` (BcKvSegment), `seg_index` (i32),
 /// `groups` (BcAttnGroup); `max_rows` is the largest group (sets grid.x); `tile` picks the
 /// kernel variant.
 pub fn attention(
@@ -203,14 +203,50 @@ pub fn attention(
     )
 }
 
-/// `x = act(x)` in place, `n` values, bf16 or f32.
+/// `bc_activation` (`cuda/elementwise.cu`) in place, `n` values, bf16 or f32.
 pub fn activation(g: &Gpu, x: DevPtr, n: usize, gelu: bool, bf16: bool) -> Result<()> {
     let op = if gelu { BC_ACT_GELU_TANH } else { BC_ACT_SILU };
     bias_activation(g, x, NULL, 1, n, op, bf16)
 }
 
-/// `x = act(x + bias[i % cols])` in place, `n` values, bf16 or f32 (`op`: `BC_ACT_*`; `bias`
-/// [`NULL`] for none): the epilogue of a GEMM that cuBLASLt does not fuse.
+/// `d[rows, out] = epilogue(x[rows, inp] . w[out, inp]^T + bias[out])`, x and w bf16
+/// row-major, bias f32, f32 accumulation; d bf16 or f32 with row stride `out`.
+///
+/// The bias (and GELU) are fused into cuBLASLt's epilogue where it has an algorithm for it
+/// ([`Gpu::gemm_fused`]); otherwise (or with `BC_NO_GEMM_EPILOGUE=1` /
+/// `BC_NO_GELU_EPILOGUE=1`) the GEMM runs plain and `bc_activation` adds the bias and applies
+/// the GELU in place ([`bias_activation`]), so a missing cuBLASLt feature costs one pass over
+/// `d`, not the run.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    g: &mut Gpu,
+    x: DevPtr,
+    w: DevPtr,
+    bias: DevPtr,
+    d: DevPtr,
+    rows: usize,
+    inp: usize,
+    out: usize,
+    ty: OutType,
+    ep: Epilogue,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let fused = g.gemm_fused(x, w, bias, d, rows, inp, out, ty, ep)?;
+    let add_bias = fused == Epilogue::None && ep != Epilogue::None;
+    let act = ep == Epilogue::GeluBias && fused != Epilogue::GeluBias;
+    if add_bias || act {
+        let op = if act { BC_ACT_GELU_TANH } else { BC_ACT_NONE };
+        let b = if add_bias { bias } else { NULL };
+        bias_activation(g, d, b, out, rows * out, op, ty == OutType::Bf16)?;
+    }
+    Ok(())
+}
+
+/// `bc_activation` with a bias (`cuda/elementwise.cu`) in place, `n` values, bf16 or f32
+/// (`op`: `BC_ACT_*`; `bias` [`NULL`] for none): the epilogue of a GEMM that cuBLASLt does
+/// not fuse.
 pub fn bias_activation(
     g: &Gpu,
     x: DevPtr,
@@ -226,7 +262,8 @@ pub fn bias_activation(
     )
 }
 
-/// Sinusoidal embedding of `frames` timesteps `t` (f32) into `out` `[frames, freq_dim]`.
+/// `bc_time_embedding` (`cuda/elementwise.cu`) of `frames` timesteps `t` (f32) into `out`
+/// `[frames, freq_dim]`.
 pub fn time_embedding(
     g: &Gpu,
     t: DevPtr,
@@ -237,7 +274,8 @@ pub fn time_embedding(
     run(g, launch::time_embedding(p(t), pm(out), frames, freq_dim))
 }
 
-/// Latents f32 `[frames, ch, h, w]` -> bf16 patch rows (`patchify = true`) or back.
+/// `bc_patchify` / `bc_unpatchify` (`cuda/patch.cu`): latents f32 `[frames, ch, h, w]` to
+/// bf16 patch rows (`patchify = true`) or back.
 pub fn patch(
     g: &Gpu,
     patchify: bool,
@@ -254,7 +292,7 @@ pub fn patch(
     )
 }
 
-/// `x0 = x - sigma[f] v`, optional renoise (see `BcFlowStepParams`).
+/// `bc_flow_step` (`cuda/elementwise.cu`; the fields: `BcFlowStepParams`).
 pub fn flow_step(
     g: &Gpu,
     x: DevPtr,
@@ -281,7 +319,7 @@ pub fn flow_step(
     )
 }
 
-/// Copies every region of the device table `regions` (`BcCopyRegion`).
+/// `bc_copy` (`cuda/copy.cu`): every region of the device table `regions` (`BcCopyRegion`).
 pub fn copy_regions(
     g: &Gpu,
     regions: DevPtr,

@@ -115,7 +115,8 @@ impl CudaBackend<'_> {
         if pad > 0 {
             g.memset(emb + (host.len() * 2) as u64, 0, pad)?;
         }
-        g.gemm(
+        ops::gemm(
+            g,
             emb,
             pw.text0.0,
             pw.text0.1,
@@ -126,7 +127,8 @@ impl CudaBackend<'_> {
             OutType::Bf16,
             Epilogue::GeluBias,
         )?;
-        g.gemm(
+        ops::gemm(
+            g,
             hid,
             pw.text1.0,
             pw.text1.1,
@@ -140,8 +142,20 @@ impl CudaBackend<'_> {
         for (li, &(kv_w, kv_b, norm_k)) in pw.layers.iter().enumerate() {
             let k = base + li as u64 * 2 * kv_bytes;
             let v = k + kv_bytes;
-            g.gemm(ctx, kv_w, kv_b, k, tl, d, d, OutType::Bf16, Epilogue::Bias)?;
-            g.gemm(
+            ops::gemm(
+                g,
+                ctx,
+                kv_w,
+                kv_b,
+                k,
+                tl,
+                d,
+                d,
+                OutType::Bf16,
+                Epilogue::Bias,
+            )?;
+            ops::gemm(
+                g,
                 ctx,
                 kv_w + (d * d * 2) as u64,
                 kv_b + (d * 4) as u64,

@@ -4,7 +4,7 @@
 //! entry point per kernel (`bc_emu_<kernel>`), which runs the kernel's blocks with CUDA
 //! semantics (threads as fibers, real barriers and warp collectives). The same source is what
 //! nvcc compiles, so these functions test the kernels without a GPU. Divergent barriers and
-//! bad warp-collective masks come back as [`EmuError`]s rather than hangs.
+//! bad warp-collective masks come back as [`LaunchError`](super::LaunchError)s rather than hangs.
 //!
 //! [`launch_raw`] takes a kernel, launch dimensions and a params struct (from
 //! [`super::params`]); the safe wrappers below check buffer sizes, then build the params,
@@ -16,311 +16,17 @@
 pub use super::launch::AttentionTile;
 use super::launch::{self, i32_of, Launch};
 use super::params::*;
+use super::{invalid, Kernel, LaunchResult};
 use half::bf16;
-use std::ffi::{c_char, c_int, c_void, CStr};
-use std::fmt;
+use std::ffi::c_void;
 use std::ops::Range;
 
-/// The kernels of the emulated library.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kernel {
-    /// `bc_ln_modulate` ([`BcLnModulateParams`]).
-    LnModulate,
-    /// `bc_layer_norm_affine` ([`BcLayerNormParams`]).
-    LayerNormAffine,
-    /// `bc_gated_residual` ([`BcGatedResidualParams`]).
-    GatedResidual,
-    /// `bc_qk_norm_rope` ([`BcQkNormRopeParams`]).
-    QkNormRope,
-    /// `bc_attention_hd64` ([`BcAttentionParams`]).
-    AttentionHd64,
-    /// `bc_attention_hd128` ([`BcAttentionParams`]).
-    AttentionHd128,
-    /// `bc_attention_hd64_q128` ([`BcAttentionParams`]): 128 query rows per block.
-    AttentionHd64Q128,
-    /// `bc_attention_hd128_q128` ([`BcAttentionParams`]): 128 query rows per block, dynamic
-    /// shared memory.
-    AttentionHd128Q128,
-    /// `bc_activation` ([`BcActivationParams`]).
-    Activation,
-    /// `bc_time_embedding` ([`BcTimeEmbeddingParams`]).
-    TimeEmbedding,
-    /// `bc_flow_step` ([`BcFlowStepParams`]).
-    FlowStep,
-    /// `bc_patchify` ([`BcPatchParams`]).
-    Patchify,
-    /// `bc_unpatchify` ([`BcPatchParams`]).
-    Unpatchify,
-    /// `bc_copy` ([`BcCopyParams`]).
-    Copy,
-    /// Emulation-only test kernel `bc_test_sync` (see `cuda/emu/test_kernels.cu`).
-    TestSync,
-    /// Tensor-core layout test kernel `bc_test_mma` (see `cuda/test_mma.cu`).
-    TestMma,
-}
+mod ffi;
 
-type Entry = unsafe extern "C" fn(*const BcLaunchDims, *const c_void, *mut c_char, usize) -> c_int;
-
-extern "C" {
-    fn bc_emu_bc_ln_modulate(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_layer_norm_affine(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_gated_residual(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_qk_norm_rope(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_attention_hd64(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_attention_hd128(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_attention_hd64_q128(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_attention_hd128_q128(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_activation(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_time_embedding(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_flow_step(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_patchify(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_unpatchify(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_copy(d: *const BcLaunchDims, p: *const c_void, e: *mut c_char, n: usize) -> c_int;
-    fn bc_emu_bc_test_sync(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-    fn bc_emu_bc_test_mma(
-        d: *const BcLaunchDims,
-        p: *const c_void,
-        e: *mut c_char,
-        n: usize,
-    ) -> c_int;
-}
-
-impl Kernel {
-    /// Every kernel of the library.
-    pub const ALL: [Kernel; 16] = [
-        Kernel::LnModulate,
-        Kernel::LayerNormAffine,
-        Kernel::GatedResidual,
-        Kernel::QkNormRope,
-        Kernel::AttentionHd64,
-        Kernel::AttentionHd128,
-        Kernel::AttentionHd64Q128,
-        Kernel::AttentionHd128Q128,
-        Kernel::Activation,
-        Kernel::TimeEmbedding,
-        Kernel::FlowStep,
-        Kernel::Patchify,
-        Kernel::Unpatchify,
-        Kernel::Copy,
-        Kernel::TestSync,
-        Kernel::TestMma,
-    ];
-
-    /// The kernel's entry-point name in the fatbin.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernel::LnModulate => "bc_ln_modulate",
-            Kernel::LayerNormAffine => "bc_layer_norm_affine",
-            Kernel::GatedResidual => "bc_gated_residual",
-            Kernel::QkNormRope => "bc_qk_norm_rope",
-            Kernel::AttentionHd64 => "bc_attention_hd64",
-            Kernel::AttentionHd128 => "bc_attention_hd128",
-            Kernel::AttentionHd64Q128 => "bc_attention_hd64_q128",
-            Kernel::AttentionHd128Q128 => "bc_attention_hd128_q128",
-            Kernel::Activation => "bc_activation",
-            Kernel::TimeEmbedding => "bc_time_embedding",
-            Kernel::FlowStep => "bc_flow_step",
-            Kernel::Patchify => "bc_patchify",
-            Kernel::Unpatchify => "bc_unpatchify",
-            Kernel::Copy => "bc_copy",
-            Kernel::TestSync => "bc_test_sync",
-            Kernel::TestMma => "bc_test_mma",
-        }
-    }
-
-    /// Dynamic shared memory every launch of the kernel gets, in bytes (0: static only).
-    pub fn dynamic_smem_bytes(self) -> u32 {
-        match self {
-            Kernel::AttentionHd128 | Kernel::AttentionHd128Q128 => BC_ATTN_HD128_SMEM,
-            _ => 0,
-        }
-    }
-
-    fn entry(self) -> Entry {
-        match self {
-            Kernel::LnModulate => bc_emu_bc_ln_modulate,
-            Kernel::LayerNormAffine => bc_emu_bc_layer_norm_affine,
-            Kernel::GatedResidual => bc_emu_bc_gated_residual,
-            Kernel::QkNormRope => bc_emu_bc_qk_norm_rope,
-            Kernel::AttentionHd64 => bc_emu_bc_attention_hd64,
-            Kernel::AttentionHd128 => bc_emu_bc_attention_hd128,
-            Kernel::AttentionHd64Q128 => bc_emu_bc_attention_hd64_q128,
-            Kernel::AttentionHd128Q128 => bc_emu_bc_attention_hd128_q128,
-            Kernel::Activation => bc_emu_bc_activation,
-            Kernel::TimeEmbedding => bc_emu_bc_time_embedding,
-            Kernel::FlowStep => bc_emu_bc_flow_step,
-            Kernel::Patchify => bc_emu_bc_patchify,
-            Kernel::Unpatchify => bc_emu_bc_unpatchify,
-            Kernel::Copy => bc_emu_bc_copy,
-            Kernel::TestSync => bc_emu_bc_test_sync,
-            Kernel::TestMma => bc_emu_bc_test_mma,
-        }
-    }
-}
-
-/// What went wrong in an emulated launch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EmuErrorKind {
-    /// A `__syncthreads` that not every thread reached (some exited, or they wait at
-    /// different barriers).
-    BarrierDivergence,
-    /// A warp collective with a bad mask (exited/absent lanes, lanes elsewhere, mismatched masks).
-    WarpCollective,
-    /// `__trap()` or a failed `BC_EMU_CHECK`.
-    Trap,
-    /// A launch configuration the hardware would refuse.
-    InvalidLaunch,
-    /// The safe wrapper refused its arguments (sizes, alignment).
-    InvalidArgument,
-}
-
-/// An emulated launch that failed.
-#[derive(Clone, Debug)]
-pub struct EmuError {
-    /// The kernel.
-    pub kernel: &'static str,
-    /// The kind of failure.
-    pub kind: EmuErrorKind,
-    /// What the emulator (or the wrapper) reported.
-    pub message: String,
-}
-
-impl fmt::Display for EmuError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "emulated kernel {}: {}", self.kernel, self.message)
-    }
-}
-
-impl std::error::Error for EmuError {}
-
-impl From<EmuError> for crate::Error {
-    fn from(e: EmuError) -> Self {
-        match e.kind {
-            EmuErrorKind::InvalidArgument => crate::Error::InvalidArgument(e.to_string()),
-            _ => crate::Error::Device(e.to_string()),
-        }
-    }
-}
-
-/// Result of an emulated launch.
-pub type EmuResult<T = ()> = Result<T, EmuError>;
-
-/// An [`EmuErrorKind::InvalidArgument`] error of `kernel`.
-pub(super) fn invalid(kernel: Kernel, msg: impl Into<String>) -> EmuError {
-    EmuError {
-        kernel: kernel.name(),
-        kind: EmuErrorKind::InvalidArgument,
-        message: msg.into(),
-    }
-}
-
-/// Launch dimensions of `kernel` from grid and block sizes (with the kernel's dynamic shared
-/// memory).
-pub fn dims(kernel: Kernel, grid: [u32; 3], block: [u32; 3]) -> BcLaunchDims {
-    BcLaunchDims {
-        grid,
-        block,
-        shared_bytes: kernel.dynamic_smem_bytes(),
-    }
-}
-
-/// Runs `kernel` under emulation with `params`, blocking until every block has finished.
-///
-/// # Safety
-/// `params` must point to the params struct `kernel` expects, and every pointer in it must be
-/// valid for the accesses the kernel makes with the given dimensions (as on a GPU).
-pub unsafe fn launch_raw(kernel: Kernel, dims: &BcLaunchDims, params: *const c_void) -> EmuResult {
-    let mut err = [0 as c_char; 1024];
-    let code = (kernel.entry())(dims, params, err.as_mut_ptr(), err.len());
-    if code == 0 {
-        return Ok(());
-    }
-    let message = CStr::from_ptr(err.as_ptr()).to_string_lossy().into_owned();
-    let kind = match code {
-        1 => EmuErrorKind::BarrierDivergence,
-        2 => EmuErrorKind::WarpCollective,
-        3 => EmuErrorKind::Trap,
-        _ => EmuErrorKind::InvalidLaunch,
-    };
-    Err(EmuError {
-        kernel: kernel.name(),
-        kind,
-        message,
-    })
-}
+pub use ffi::{dims, launch_raw};
 
 /// Runs a launch built by [`super::launch`] (or a test kernel's).
-fn run<P>(l: EmuResult<Launch<P>>) -> EmuResult {
+fn run<P>(l: LaunchResult<Launch<P>>) -> LaunchResult {
     let l = l?;
     // SAFETY: the wrappers below build the params from slices whose sizes they checked
     // against the extents the kernel touches for this grid.
@@ -333,7 +39,7 @@ fn run<P>(l: EmuResult<Launch<P>>) -> EmuResult {
     }
 }
 
-fn check_len(kernel: Kernel, what: &str, have: usize, need: usize) -> EmuResult {
+fn check_len(kernel: Kernel, what: &str, have: usize, need: usize) -> LaunchResult {
     if have < need {
         return Err(invalid(
             kernel,
@@ -343,7 +49,7 @@ fn check_len(kernel: Kernel, what: &str, have: usize, need: usize) -> EmuResult 
     Ok(())
 }
 
-fn check_align<T>(kernel: Kernel, what: &str, p: *const T, align: usize) -> EmuResult {
+fn check_align<T>(kernel: Kernel, what: &str, p: *const T, align: usize) -> LaunchResult {
     if (p as usize) % align != 0 {
         return Err(invalid(
             kernel,
@@ -359,7 +65,7 @@ fn opt_ptr<T>(v: Option<&[T]>) -> *const T {
 
 /// Rows of `x_len` values for the per-frame kernels: `dim` even and dividing `x_len`,
 /// `tokens_per_frame > 0`.
-fn frame_rows(k: Kernel, x_len: usize, dim: usize, tokens_per_frame: usize) -> EmuResult<usize> {
+fn frame_rows(k: Kernel, x_len: usize, dim: usize, tokens_per_frame: usize) -> LaunchResult<usize> {
     if dim == 0 || dim % 2 != 0 || tokens_per_frame == 0 || x_len % dim != 0 {
         return Err(invalid(
             k,
@@ -381,8 +87,7 @@ fn frame_table_len(rows: usize, tokens_per_frame: usize, frame_stride: usize, di
     }
 }
 
-/// `out = LN(x) * (1 + scale[f] + scale_bias) + shift[f] + shift_bias` (`bc_ln_modulate`),
-/// `x` `[rows, dim]` f32, `shift`/`scale` `[frames, frame_stride]`, row r using frame
+/// `bc_ln_modulate` (the math: `cuda/norm.cu`): `x` `[rows, dim]` f32, `shift`/`scale` `[frames, frame_stride]`, row r using frame
 /// `r / tokens_per_frame`, `out` `[rows, dim]` bf16.
 pub fn ln_modulate(
     x: &[f32],
@@ -395,7 +100,7 @@ pub fn ln_modulate(
     shift_bias: Option<&[f32]>,
     scale_bias: Option<&[f32]>,
     out: &mut [bf16],
-) -> EmuResult {
+) -> LaunchResult {
     let k = Kernel::LnModulate;
     let rows = frame_rows(k, x.len(), dim, tokens_per_frame)?;
     let need = frame_table_len(rows, tokens_per_frame, frame_stride, dim);
@@ -420,7 +125,7 @@ pub fn ln_modulate(
     ))
 }
 
-/// `out = LN(x) * weight + bias` (`bc_layer_norm_affine`), `x` `[rows, dim]` f32, `out` bf16.
+/// `bc_layer_norm_affine` (`cuda/norm.cu`): `x` `[rows, dim]` f32, `out` bf16.
 pub fn layer_norm_affine(
     x: &[f32],
     dim: usize,
@@ -428,7 +133,7 @@ pub fn layer_norm_affine(
     weight: &[f32],
     bias: &[f32],
     out: &mut [bf16],
-) -> EmuResult {
+) -> LaunchResult {
     let k = Kernel::LayerNormAffine;
     if dim == 0 || dim % 2 != 0 || x.len() % dim != 0 {
         return Err(invalid(k, "dim must be even and divide x.len()"));
@@ -448,8 +153,7 @@ pub fn layer_norm_affine(
     ))
 }
 
-/// `x += delta * (gate[f] + gate_bias)` (`bc_gated_residual`); `gate = None`: `x += delta`.
-/// `x` `[rows, dim]` f32, `delta` `[rows, dim]` bf16, `gate` `[frames, frame_stride]`.
+/// `bc_gated_residual` (`cuda/norm.cu`; `gate = None`: no gate): `x` `[rows, dim]` f32, `delta` `[rows, dim]` bf16, `gate` `[frames, frame_stride]`.
 pub fn gated_residual(
     x: &mut [f32],
     delta: &[bf16],
@@ -457,7 +161,7 @@ pub fn gated_residual(
     tokens_per_frame: usize,
     gate: Option<(&[f32], usize)>,
     gate_bias: Option<&[f32]>,
-) -> EmuResult {
+) -> LaunchResult {
     let k = Kernel::GatedResidual;
     let rows = frame_rows(k, x.len(), dim, tokens_per_frame)?;
     check_len(k, "delta", delta.len(), rows * dim)?;
@@ -509,9 +213,9 @@ pub struct QkNormRope<'a> {
     pub rope: bool,
 }
 
-/// RMSNorm + 3D RoPE + store (`bc_qk_norm_rope`): `x` `[rows, heads*head_dim]` bf16 into `out`
+/// `bc_qk_norm_rope` (`cuda/qk_norm_rope.cu`): `x` `[rows, heads*head_dim]` bf16 into `out`
 /// (contiguous rows, or cache slots of `[tokens_per_frame, dim]` with `frame_slot`).
-pub fn qk_norm_rope(x: &[bf16], a: &QkNormRope, out: &mut [bf16]) -> EmuResult {
+pub fn qk_norm_rope(x: &[bf16], a: &QkNormRope, out: &mut [bf16]) -> LaunchResult {
     let k = Kernel::QkNormRope;
     let dim = a.heads * a.head_dim;
     if dim == 0 || a.head_dim % 2 != 0 || a.tokens_per_frame == 0 || a.wp == 0 || x.len() % dim != 0
@@ -578,7 +282,7 @@ pub struct QueryGroup {
     pub segments: Vec<usize>,
 }
 
-/// Flash attention (`bc_attention_hd64` / `bc_attention_hd128`): `q` and `out`
+/// `bc_attention_hd64` / `bc_attention_hd128` (`cuda/attention.cu`): `q` and `out`
 /// `[nq, heads*head_dim]` bf16; each group's rows attend to its segments; scale
 /// `1/sqrt(head_dim)`. Rows not in any group are left untouched.
 pub fn attention(
@@ -589,7 +293,7 @@ pub fn attention(
     groups: &[QueryGroup],
     out: &mut [bf16],
     tile: AttentionTile,
-) -> EmuResult {
+) -> LaunchResult {
     let dim = heads * head_dim;
     let k = tile.kernel(head_dim);
     if dim == 0 || head_dim % 8 != 0 || head_dim > 128 || q.len() % dim != 0 {
@@ -671,7 +375,7 @@ fn activation_raw(
     act: Act,
     is_bf16: bool,
     bias: Option<&[f32]>,
-) -> EmuResult {
+) -> LaunchResult {
     let k = Kernel::Activation;
     if out_len != x_len {
         return Err(invalid(k, "output length differs from input length"));
@@ -703,34 +407,34 @@ fn activation_raw(
     ))
 }
 
-/// `x = act(x)` in place on f32 values (`bc_activation`).
-pub fn activation_f32(x: &mut [f32], act: Act) -> EmuResult {
+/// `bc_activation` (`cuda/elementwise.cu`) in place on f32 values.
+pub fn activation_f32(x: &mut [f32], act: Act) -> LaunchResult {
     let px = x.as_mut_ptr() as *mut c_void;
     activation_raw(px, x.len(), px, x.len(), act, false, None)
 }
 
-/// `out = act(x + bias[i % bias.len()])` on f32 values (`bc_activation` with a bias, the
-/// unfused GEMM epilogue).
-pub fn bias_activation_f32(x: &[f32], bias: &[f32], out: &mut [f32], act: Act) -> EmuResult {
+/// `bc_activation` with a bias (`cuda/elementwise.cu`; the unfused GEMM epilogue) on f32
+/// values.
+pub fn bias_activation_f32(x: &[f32], bias: &[f32], out: &mut [f32], act: Act) -> LaunchResult {
     let (px, po) = (x.as_ptr() as *const c_void, out.as_mut_ptr() as *mut c_void);
     activation_raw(px, x.len(), po, out.len(), act, false, Some(bias))
 }
 
-/// `out = act(x + bias[i % bias.len()])` on bf16 values (see [`bias_activation_f32`]).
-pub fn bias_activation_bf16(x: &[bf16], bias: &[f32], out: &mut [bf16], act: Act) -> EmuResult {
+/// [`bias_activation_f32`] on bf16 values.
+pub fn bias_activation_bf16(x: &[bf16], bias: &[f32], out: &mut [bf16], act: Act) -> LaunchResult {
     let (px, po) = (x.as_ptr() as *const c_void, out.as_mut_ptr() as *mut c_void);
     activation_raw(px, x.len(), po, out.len(), act, true, Some(bias))
 }
 
-/// `x = act(x)` in place on bf16 values (`bc_activation`).
-pub fn activation_bf16(x: &mut [bf16], act: Act) -> EmuResult {
+/// `bc_activation` (`cuda/elementwise.cu`) in place on bf16 values.
+pub fn activation_bf16(x: &mut [bf16], act: Act) -> LaunchResult {
     let px = x.as_mut_ptr() as *mut c_void;
     activation_raw(px, x.len(), px, x.len(), act, true, None)
 }
 
-/// Sinusoidal embedding of every timestep in `t` (`bc_time_embedding`), `out`
+/// `bc_time_embedding` (`cuda/elementwise.cu`) of every timestep in `t`, `out`
 /// `[t.len(), freq_dim]`.
-pub fn time_embedding(t: &[f32], freq_dim: usize, out: &mut [f32]) -> EmuResult {
+pub fn time_embedding(t: &[f32], freq_dim: usize, out: &mut [f32]) -> LaunchResult {
     let k = Kernel::TimeEmbedding;
     if freq_dim % 2 != 0 {
         return Err(invalid(k, "freq_dim must be even"));
@@ -755,7 +459,7 @@ fn patch(
     ch: usize,
     h: usize,
     w: usize,
-) -> EmuResult {
+) -> LaunchResult {
     let k = if patchify {
         Kernel::Patchify
     } else {
@@ -774,7 +478,8 @@ fn patch(
     run(launch::patch(patchify, lat, rows, frames, ch, h, w))
 }
 
-/// Latents `[frames, ch, h, w]` to patch rows `[frames*(h/2)*(w/2), ch*4]` (`bc_patchify`).
+/// `bc_patchify` (`cuda/patch.cu`): latents `[frames, ch, h, w]` to patch rows
+/// `[frames*(h/2)*(w/2), ch*4]`.
 pub fn patchify(
     lat: &[f32],
     frames: usize,
@@ -782,13 +487,13 @@ pub fn patchify(
     h: usize,
     w: usize,
     out: &mut [bf16],
-) -> EmuResult {
+) -> LaunchResult {
     // The kernel only reads the latents.
     let (pl, po) = (lat.as_ptr() as *mut f32, out.as_mut_ptr().cast());
     patch(true, pl, lat.len(), po, out.len(), frames, ch, h, w)
 }
 
-/// Head rows (order dh, dw, c) back to latents `[frames, ch, h, w]` (`bc_unpatchify`).
+/// `bc_unpatchify` (`cuda/patch.cu`): head rows back to latents `[frames, ch, h, w]`.
 pub fn unpatchify(
     rows: &[bf16],
     frames: usize,
@@ -796,15 +501,13 @@ pub fn unpatchify(
     h: usize,
     w: usize,
     out: &mut [f32],
-) -> EmuResult {
+) -> LaunchResult {
     // The kernel only reads the rows.
     let (pr, po) = (rows.as_ptr() as *mut bc_bf16, out.as_mut_ptr());
     patch(false, po, out.len(), pr, rows.len(), frames, ch, h, w)
 }
 
-/// `x0 = x - sigma[f] v`; per frame, renoise `x = (1 - sn) x0 + sn noise` when
-/// `next = Some((sigma_next, noise))` and `sigma_next[f] >= 0`, else `x = x0`
-/// (`bc_flow_step`); `x0_out` receives x0.
+/// `bc_flow_step` (`cuda/elementwise.cu`); `next = None`: no renoise; `x0_out` receives x0.
 pub fn flow_step(
     x: &mut [f32],
     v: &[f32],
@@ -812,7 +515,7 @@ pub fn flow_step(
     sigma: &[f32],
     next: Option<(&[f32], &[f32])>,
     x0_out: Option<&mut [f32]>,
-) -> EmuResult {
+) -> LaunchResult {
     let k = Kernel::FlowStep;
     if frame_elems == 0 || x.len() % frame_elems != 0 {
         return Err(invalid(k, "frame_elems must divide x.len()"));
@@ -847,9 +550,9 @@ pub fn flow_step(
     ))
 }
 
-/// Copies every `(src, dst)` pair (`bc_copy`); the two slices of a pair must have equal
+/// `bc_copy` (`cuda/copy.cu`): every `(src, dst)` pair; the two slices of a pair must have equal
 /// lengths. `blocks_per_region` is the grid's x size.
-pub fn copy(regions: &mut [(&[u8], &mut [u8])], blocks_per_region: u32) -> EmuResult {
+pub fn copy(regions: &mut [(&[u8], &mut [u8])], blocks_per_region: u32) -> LaunchResult {
     let k = Kernel::Copy;
     let mut table = Vec::with_capacity(regions.len());
     for (src, dst) in regions.iter_mut() {
@@ -881,7 +584,7 @@ struct TestParams {
 /// threads: mode 0 is correct (every element becomes its block's sum), modes 1-4 are
 /// deliberately broken (see `cuda/emu/test_kernels.cu`) and must return an error.
 #[doc(hidden)]
-pub fn test_sync(data: &mut [f32], block: u32, mode: i32, arg: i32) -> EmuResult {
+pub fn test_sync(data: &mut [f32], block: u32, mode: i32, arg: i32) -> LaunchResult {
     let k = Kernel::TestSync;
     if block == 0 || block > 1024 || data.len() % block as usize != 0 {
         return Err(invalid(
@@ -904,7 +607,7 @@ pub fn test_sync(data: &mut [f32], block: u32, mode: i32, arg: i32) -> EmuResult
     }))
 }
 
-/// Params of the layout test kernel `bc_test_mma` (declared in `cuda/test_mma.cu`, not in
+/// Params of the layout test kernel `bc_test_mma` (declared in `cuda/test/test_mma.cu`, not in
 /// `params.h`: the engine never launches it).
 #[doc(hidden)]
 #[repr(C)]
@@ -928,7 +631,7 @@ pub struct TestMmaParams {
 /// `[16][8]` (k, n), `c` `[16][8]`; returns `(d1, d2)`, both `A.B + C` `[16][8]` computed
 /// through ldmatrix.trans and through direct fragment loads of `B^T`.
 #[doc(hidden)]
-pub fn test_mma(a: &[bf16], b: &[bf16], c: &[f32]) -> EmuResult<(Vec<f32>, Vec<f32>)> {
+pub fn test_mma(a: &[bf16], b: &[bf16], c: &[f32]) -> LaunchResult<(Vec<f32>, Vec<f32>)> {
     let k = Kernel::TestMma;
     check_len(k, "a", a.len(), 256)?;
     check_len(k, "b", b.len(), 128)?;

@@ -1,11 +1,11 @@
 // bc_test_mma: one warp computes D = A . B + C (A 16x16 bf16 row-major, B 16x8 bf16 given both
 // row-major [k][n] and transposed [n][k], C/D 16x8 f32 row-major) with the tensor-core
-// building blocks of include/mma.cuh: A through cp.async + ldmatrix.x4, B once through
+// building blocks of ../include/mma.cuh: A through cp.async + ldmatrix.x4, B once through
 // ldmatrix.x4.trans on [k][n] (d1) and once read directly from [n][k] (d2).
 // A test kernel (not used by the engine): tests/kernels_emu.rs checks the emulated layouts
 // against a plain matmul; the same check on a GPU validates the emulation itself.
 // Launch: grid (1), block (32).
-#include "include/mma.cuh"
+#include "../include/mma.cuh"
 
 struct BcTestMmaParams {
     const __nv_bfloat16* a;   // [16][16]

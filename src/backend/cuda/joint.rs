@@ -1,0 +1,356 @@
+//! [`MultiCudaBackend`]: several logical devices; the joint exchange (peer copies of K/V in
+//! every layer).
+
+use super::*;
+
+/// The CUDA backend over several logical devices (joint mode; see docs/multi-device.md): one
+/// [`CudaBackend`] per device (weights, activation buffers and KV cache replicated), members
+/// placed with [`crate::cascade::place`], and in every layer each member's K/V rows copied
+/// from the device that computed them into the window buffers (same row offsets on every
+/// device) of every peer that reads them before attention, so every member sees exactly what
+/// it sees on one device. A peer reads a member's rows when one of its own members attends to
+/// it, or when it is a context member: every device writes every context member's K/V into
+/// its own cache. A device waits only for the copies it reads ([`peer_copy_bytes`] counts the
+/// bytes).
+///
+/// All devices are driven from one host thread, layer by layer. The copies run on each
+/// source device's copy stream ([`Gpu::send_to_peer`]), ordered with the compute streams by
+/// events only ([`device::Mark`]), and the window K/V are double-buffered by layer parity
+/// ([`CudaOptions::double_kv`]), so the exchange overlaps compute (the rules are listed in
+/// `forward`). Graphs: each device captures the work between two exchanges as one graph
+/// (`GraphKey`: part 0 = embedding + layer 0's q/k/v, part `i` = layer `i-1`'s attention and
+/// FFN + layer `i`'s q/k/v, the last part ends with the head), so a tick is `layers + 1` graph
+/// launches per device with the event waits between them; graph launches are ordinary stream
+/// work, so the cross-device ordering is the same as with eager launches. `recache` runs the
+/// whole rebuild on every device.
+///
+/// **Lagged** exchange ([`crate::config::KvExchange::Lagged`], the semantics of
+/// [`crate::backend::cpu::multi_device`]): no exchange inside the tick. Every device keeps two generations
+/// of per-layer K/V buffers in the window's row layout: during a tick it snapshots its own
+/// window members' K/V of every layer into the current generation, and its attention reads
+/// the peers' members from the previous generation (keyed by block index; a block that was
+/// not in the previous tick is not attended to). After the tick each device copies its
+/// window members' rows of the current generation, and its context members' cache frames, to
+/// every peer; the generations then swap. So every device holds every window member's K/V
+/// of the previous tick (a block may move to another device between ticks). With nothing
+/// exchanged inside the tick, each device's whole tick is one graph (one per generation).
+pub struct MultiCudaBackend<'m> {
+    pub(super) devs: Vec<CudaBackend<'m>>,
+    pub(super) opts: GenerateOptions,
+    pub(super) lag: Option<LagState>,
+}
+
+/// Lagged exchange state.
+pub(super) struct LagState {
+    /// Per device, two generations of per-layer (K, V) buffers, each `[max_frames * tpf, dim]`
+    /// bf16 in the window's row layout.
+    pub(super) gens: Vec<[Vec<(DevPtr, DevPtr)>; 2]>,
+    /// The generation written this tick (`1 - cur` holds the previous tick's K/V).
+    pub(super) cur: usize,
+    /// Block index -> (first row, rows) in generation `1 - cur`: the previous tick's window
+    /// members (not its context members, whose K/V are in the caches).
+    pub(super) prev: HashMap<usize, (usize, usize)>,
+}
+
+impl<'m> MultiCudaBackend<'m> {
+    /// Opens one logical device per entry of `copts.devices` (or `opts.devices` devices from
+    /// `copts.device` on when the list is empty).
+    pub fn new(model: &'m Model, opts: &GenerateOptions, copts: CudaOptions) -> Result<Self> {
+        let ordinals: Vec<usize> = if copts.devices.is_empty() {
+            (0..opts.devices.max(1)).map(|i| copts.device + i).collect()
+        } else {
+            copts.devices.clone()
+        };
+        if opts.devices > 1 && ordinals.len() != opts.devices {
+            return Err(Error::invalid(format!(
+                "{} devices requested but the CUDA device list has {} entries",
+                opts.devices,
+                ordinals.len()
+            )));
+        }
+        let mut one = opts.clone();
+        one.devices = 1;
+        let mut devs = Vec::with_capacity(ordinals.len());
+        for &o in &ordinals {
+            devs.push(CudaBackend::open_device(model, &one, copts.clone(), o)?);
+        }
+        for a in 0..devs.len() {
+            for b in 0..devs.len() {
+                if a != b {
+                    devs[a].gpu.enable_peer_access(&devs[b].gpu)?;
+                }
+            }
+        }
+        let lag = if opts.kv_exchange == crate::config::KvExchange::Lagged {
+            let mut gens = Vec::with_capacity(devs.len());
+            for dev in &mut devs {
+                let c = dev.model.config();
+                let tpf = (dev.opts.height / 2) * (dev.opts.width / 2);
+                let bytes = dev.max_frames * tpf * c.dim * 2;
+                let need = 2 * 2 * c.num_layers * bytes;
+                let (free, total) = dev.gpu.mem_info()?;
+                if need + (64 << 20) > free {
+                    return Err(Error::OutOfMemory(format!(
+                        "lagged K/V exchange needs {need} more bytes for the previous tick's K/V but only {free} of {total} bytes are free on {}",
+                        dev.gpu.name
+                    )));
+                }
+                let mut gen = || -> Result<Vec<(DevPtr, DevPtr)>> {
+                    (0..c.num_layers)
+                        .map(|_| Ok((dev.alloc_run(bytes)?, dev.alloc_run(bytes)?)))
+                        .collect()
+                };
+                gens.push([gen()?, gen()?]);
+            }
+            Some(LagState {
+                gens,
+                cur: 0,
+                prev: HashMap::new(),
+            })
+        } else {
+            None
+        };
+        if lag.is_none() && devs.len() > 1 && copts.double_kv {
+            // Joint exchange: a second pair of window K/V buffers for odd layers, so a device
+            // never waits for its outgoing copies of one layer before computing the next
+            // (see `forward`). Where it does not fit, single buffering (correct, less overlap).
+            for dev in &mut devs {
+                let c = dev.model.config();
+                let tpf = (dev.opts.height / 2) * (dev.opts.width / 2);
+                let bytes = dev.max_frames * tpf * c.dim * 2;
+                let (free, _) = dev.gpu.mem_info()?;
+                if 2 * bytes + (64 << 20) <= free {
+                    dev.kv_odd = Some((dev.alloc_run(bytes)?, dev.alloc_run(bytes)?));
+                    DOUBLE_KV_DEVICES.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(MultiCudaBackend {
+            devs,
+            opts: opts.clone(),
+            lag,
+        })
+    }
+
+    /// Number of logical devices.
+    pub fn device_count(&self) -> usize {
+        self.devs.len()
+    }
+}
+
+/// The flow of all `n` members of the tick just enqueued, each downloaded from the device
+/// it was placed on.
+pub(super) fn download_all(
+    devs: &mut [CudaBackend],
+    shapes: &[Shape],
+    placement: &[Vec<usize>],
+    n: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; n];
+    for ((dev, s), own) in devs.iter_mut().zip(shapes).zip(placement) {
+        dev.gpu.bind()?;
+        for &i in own {
+            out[i] = Some(dev.download_member(s, i)?);
+        }
+        dev.ticks += 1;
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, f)| f.ok_or_else(|| Error::Internal(format!("member {i} was not computed"))))
+        .collect()
+}
+
+impl Backend for MultiCudaBackend<'_> {
+    fn forward(
+        &mut self,
+        members: &[Member],
+        blocks: &[usize],
+        tick: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let _r = nvtx::range(|| nvtx::tick_label(tick, members));
+        if self.lag.is_some() {
+            return self.forward_lagged(members, blocks);
+        }
+        let nd = self.devs.len();
+        let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
+        let placement = crate::cascade::place(&tokens, nd);
+        let (mut shapes, mut keys) = (Vec::with_capacity(nd), Vec::with_capacity(nd));
+        for (dev, own) in self.devs.iter_mut().zip(&placement) {
+            dev.gpu.bind()?;
+            let (s, k) = dev.prepare(members, Some(own), None)?;
+            shapes.push(s);
+            keys.push(k);
+        }
+        let layers = self.devs[0].layers.len();
+        let row = (self.devs[0].model.config().dim * 2) as u64;
+        // Part 0: embedding and layer 0's q/k/v, on every device.
+        for ((dev, s), k) in self.devs.iter_mut().zip(&shapes).zip(&keys) {
+            dev.gpu.bind()?;
+            let key = GraphKey {
+                shape: k.clone(),
+                part: Part::Joint(0),
+            };
+            dev.launch(key, &|b: &mut CudaBackend| {
+                b.enqueue_embed(s)?;
+                let _r = nvtx::range(|| "layer 0".to_string());
+                b.enqueue_pre(s, 0)
+            })?;
+        }
+        // What each device reads of its peers' rows: the members its own members attend to
+        // this tick (the shared visibility rule), and every context member (each device
+        // writes every context member's K/V into its own cache). Nothing else is copied, and
+        // a device waits only for the copies it reads: with causal attention the device of
+        // the earliest members needs nothing from the devices of later ones.
+        let geom = window::geometry(members, self.opts.height, self.opts.width)?;
+        let tpf = (self.opts.height / 2) * (self.opts.width / 2);
+        let mut regions_to: Vec<Vec<Vec<(u64, usize)>>> = vec![vec![Vec::new(); nd]; nd];
+        for (dst, own) in placement.iter().enumerate() {
+            let mut needs: Vec<bool> = members.iter().map(|m| m.context).collect();
+            for &i in own {
+                let vis = window::visible(&geom, i, &self.devs[dst].geom, self.opts.attention);
+                for (j, _) in vis.members {
+                    needs[j] = true;
+                }
+            }
+            for (src, src_own) in placement.iter().enumerate().filter(|&(p, _)| p != dst) {
+                let s = &shapes[src];
+                let mut runs: Vec<(u64, usize)> = Vec::new();
+                for &j in src_own.iter().filter(|&&j| needs[j]) {
+                    let (off, bytes) = (s.row0[j] as u64 * row, s.frames[j] * tpf * row as usize);
+                    match runs.last_mut() {
+                        Some(r) if r.0 + r.1 as u64 == off => r.1 += bytes,
+                        _ => runs.push((off, bytes)),
+                    }
+                }
+                regions_to[src][dst] = runs;
+            }
+        }
+        // The exchange runs on each source device's copy stream, ordered by marks only, so a
+        // device computes on while its K/V travel and waits only for the rows it reads:
+        //   (1) a copy of layer li starts after its source computed layer li's K/V;
+        //   (2) it lands after the destination finished reading the rows it overwrites: the
+        //       peer rows of the same buffer, last read by the destination's attention of layer
+        //       li - 2 with double buffering (part li - 1), of layer li - 1 without (part li);
+        //   (3) a device runs layer li's attention (part li + 1) after every copy into it;
+        //   (4) a device overwrites its own rows in a buffer after its outgoing copies read
+        //       them: part li + 1 writes layer li + 1's K/V, into the buffer of layer li - 1
+        //       with double buffering (so it waits for the copies of layer li - 1), into the
+        //       one of layer li without (the copies of layer li).
+        // With double buffering a device with early members runs ahead of the devices that
+        // read its K/V, and the copies overlap compute instead of stopping every device.
+        let double: Vec<bool> = self.devs.iter().map(|d| d.kv_odd.is_some()).collect();
+        // Every exit, error or not, waits for the copy streams: no copy may still read or
+        // write a buffer once the caller goes on (or drops the devices).
+        let res = (|| -> Result<()> {
+            let mut done_prev: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
+            let mut sent_prev: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
+            for li in 0..layers {
+                let _r = nvtx::range(|| format!("layer {li} exchange"));
+                let done = self
+                    .devs
+                    .iter()
+                    .map(|d| d.gpu.mark_compute())
+                    .collect::<Result<Vec<_>>>()?;
+                // sent[src]: the end of all of src's copies of this layer; arrived[dst]: the ends
+                // of the copies into dst (the copy stream runs in order).
+                let mut sent: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
+                let mut arrived: Vec<Vec<device::Mark>> = (0..nd).map(|_| Vec::new()).collect();
+                for (src, to) in regions_to.iter().enumerate() {
+                    let sd = &self.devs[src];
+                    let (sk, sv) = sd.kv_bufs(li);
+                    for (dst, runs) in to.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+                        let dd = &self.devs[dst];
+                        let (dk, dv) = dd.kv_bufs(li);
+                        let mut regions = Vec::with_capacity(2 * runs.len());
+                        for &(off, bytes) in runs {
+                            regions.push((dk + off, sk + off, bytes));
+                            regions.push((dv + off, sv + off, bytes));
+                        }
+                        // (1) and (2).
+                        let war = if double[dst] {
+                            done_prev[dst].as_ref()
+                        } else {
+                            Some(&done[dst])
+                        };
+                        let after: Vec<&device::Mark> =
+                            std::iter::once(&done[src]).chain(war).collect();
+                        arrived[dst].push(sd.gpu.send_to_peer(&dd.gpu, &regions, &after)?);
+                    }
+                    if to.iter().any(|r| !r.is_empty()) {
+                        sent[src] = Some(sd.gpu.mark_copies()?);
+                    }
+                }
+                // Part li + 1: layer li's attention and FFN, then layer li + 1's q/k/v (or the
+                // head after the last layer).
+                for (d, ((dev, s), k)) in self.devs.iter_mut().zip(&shapes).zip(&keys).enumerate() {
+                    dev.gpu.bind()?;
+                    // (3)
+                    for m in &arrived[d] {
+                        dev.gpu.compute_wait(m)?;
+                    }
+                    // (4)
+                    let own_sent = if double[d] { &sent_prev[d] } else { &sent[d] };
+                    if let Some(m) = own_sent {
+                        dev.gpu.compute_wait(m)?;
+                    }
+                    let key = GraphKey {
+                        shape: k.clone(),
+                        part: Part::Joint(li + 1),
+                    };
+                    dev.launch(key, &|b: &mut CudaBackend| {
+                        b.enqueue_post(s, li)?;
+                        if li + 1 < layers {
+                            let _r = nvtx::range(|| format!("layer {}", li + 1));
+                            b.enqueue_pre(s, li + 1)
+                        } else {
+                            b.enqueue_head(s)
+                        }
+                    })?;
+                }
+                done_prev = done.into_iter().map(Some).collect();
+                sent_prev = sent;
+            }
+            Ok(())
+        })();
+        for dev in &self.devs {
+            let synced = dev.gpu.sync_copies();
+            if res.is_ok() {
+                synced?;
+            }
+        }
+        res?;
+        download_all(&mut self.devs, &shapes, &placement, members.len())
+    }
+
+    fn commit(&mut self, end: usize) {
+        self.devs.iter_mut().for_each(|d| d.commit(end));
+    }
+
+    fn resident(&self, f: usize) -> bool {
+        self.devs[0].resident(f)
+    }
+
+    fn recache(&mut self, members: &[Member]) -> Result<()> {
+        self.devs.iter_mut().try_for_each(|d| d.recache(members))
+    }
+
+    fn cache_bytes(&self) -> usize {
+        self.devs[0].cache_bytes()
+    }
+}
+
+impl Drop for MultiCudaBackend<'_> {
+    fn drop(&mut self) {
+        // Before any device frees its buffers: no peer copy may still read or write them.
+        for d in &self.devs {
+            let _ = d.gpu.sync_copies();
+        }
+    }
+}
+
+impl MultiCudaBackend<'_> {
+    /// The generation options this backend was opened with.
+    pub fn generate_options(&self) -> &GenerateOptions {
+        &self.opts
+    }
+}

@@ -1,0 +1,165 @@
+//! The entry points of the emulated kernel library: `build.rs` compiles every `cuda/*.cu` as
+//! host C++ against the SIMT emulation layer (`cuda/emu/`) into a static library with one
+//! `extern "C"` function per kernel (`bc_emu_<kernel>`), which runs the kernel's blocks with
+//! CUDA semantics. [`launch_raw`] calls one with launch dimensions and a params struct.
+
+use super::super::params::*;
+use super::super::{Kernel, LaunchError, LaunchErrorKind, LaunchResult};
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+type Entry = unsafe extern "C" fn(*const BcLaunchDims, *const c_void, *mut c_char, usize) -> c_int;
+
+extern "C" {
+    fn bc_emu_bc_ln_modulate(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_layer_norm_affine(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_gated_residual(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_qk_norm_rope(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_attention_hd64(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_attention_hd128(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_attention_hd64_q128(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_attention_hd128_q128(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_activation(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_time_embedding(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_flow_step(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_patchify(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_unpatchify(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_copy(d: *const BcLaunchDims, p: *const c_void, e: *mut c_char, n: usize) -> c_int;
+    fn bc_emu_bc_test_sync(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_test_mma(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+}
+
+/// The emulated entry point of `kernel`.
+fn entry(kernel: Kernel) -> Entry {
+    match kernel {
+        Kernel::LnModulate => bc_emu_bc_ln_modulate,
+        Kernel::LayerNormAffine => bc_emu_bc_layer_norm_affine,
+        Kernel::GatedResidual => bc_emu_bc_gated_residual,
+        Kernel::QkNormRope => bc_emu_bc_qk_norm_rope,
+        Kernel::AttentionHd64 => bc_emu_bc_attention_hd64,
+        Kernel::AttentionHd128 => bc_emu_bc_attention_hd128,
+        Kernel::AttentionHd64Q128 => bc_emu_bc_attention_hd64_q128,
+        Kernel::AttentionHd128Q128 => bc_emu_bc_attention_hd128_q128,
+        Kernel::Activation => bc_emu_bc_activation,
+        Kernel::TimeEmbedding => bc_emu_bc_time_embedding,
+        Kernel::FlowStep => bc_emu_bc_flow_step,
+        Kernel::Patchify => bc_emu_bc_patchify,
+        Kernel::Unpatchify => bc_emu_bc_unpatchify,
+        Kernel::Copy => bc_emu_bc_copy,
+        Kernel::TestSync => bc_emu_bc_test_sync,
+        Kernel::TestMma => bc_emu_bc_test_mma,
+    }
+}
+
+/// Launch dimensions of `kernel` from grid and block sizes (with the kernel's dynamic shared
+/// memory).
+pub fn dims(kernel: Kernel, grid: [u32; 3], block: [u32; 3]) -> BcLaunchDims {
+    BcLaunchDims {
+        grid,
+        block,
+        shared_bytes: kernel.dynamic_smem_bytes(),
+    }
+}
+
+/// Runs `kernel` under emulation with `params`, blocking until every block has finished.
+///
+/// # Safety
+/// `params` must point to the params struct `kernel` expects, and every pointer in it must be
+/// valid for the accesses the kernel makes with the given dimensions (as on a GPU).
+pub unsafe fn launch_raw(
+    kernel: Kernel,
+    dims: &BcLaunchDims,
+    params: *const c_void,
+) -> LaunchResult {
+    let mut err = [0 as c_char; 1024];
+    let code = (entry(kernel))(dims, params, err.as_mut_ptr(), err.len());
+    if code == 0 {
+        return Ok(());
+    }
+    let message = CStr::from_ptr(err.as_ptr()).to_string_lossy().into_owned();
+    let kind = match code {
+        1 => LaunchErrorKind::BarrierDivergence,
+        2 => LaunchErrorKind::WarpCollective,
+        3 => LaunchErrorKind::Trap,
+        _ => LaunchErrorKind::InvalidLaunch,
+    };
+    Err(LaunchError {
+        kernel: kernel.name(),
+        kind,
+        message,
+    })
+}

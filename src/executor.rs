@@ -349,9 +349,10 @@ impl<'m> Generator<'m> {
                             state.insert(m.block, x);
                         } else {
                             crate::cpu::ops::flow_step(&mut x, &v, self.steps.sigmas[s], None);
+                            // Finite but huge weights or prompts can overflow: bad input, not a bug.
                             if x.iter().any(|v| !v.is_finite()) {
-                                return Err(Error::Internal(format!(
-                                    "block {} produced non-finite latents (weights or inputs out of range?)",
+                                return Err(Error::Format(format!(
+                                    "block {} produced non-finite latents: the model's weights or the prompt embeddings are out of range (values overflow to inf/NaN)",
                                     m.block
                                 )));
                             }

@@ -317,7 +317,7 @@ pub fn c_abi_options(bytes: &[u8]) -> Result<()> {
         .collect();
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
 
-    // bc_engine_open with fuzzed options (the model is the built-in tiny one: no file).
+    // bc_engine_open with fuzzed options.
     let devices: Vec<i32> = b[64..320]
         .chunks_exact(4)
         .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -343,9 +343,12 @@ pub fn c_abi_options(bytes: &[u8]) -> Result<()> {
         n_devices: u32_at(56),
     };
     let mut e = std::ptr::null_mut();
+    // A 2-wide model from files loads faster than the built-in one (the options are the point).
+    let s = Scratch::new()?;
+    let dir = path_cstring(&small_model(&s)?)?;
     // SAFETY: full-sized options whose pointers are NULL, a NUL-terminated string, or 64 ints
     // (the most devices accepted, checked before they are read).
-    let opened = status(unsafe { bc_engine_open(std::ptr::null(), &eopts, &mut e) });
+    let opened = status(unsafe { bc_engine_open(dir.as_ptr(), &eopts, &mut e) });
     bc_engine_close(e);
     let open_err = opened.err();
 
@@ -407,6 +410,35 @@ unsafe extern "C" fn count_block(
     // SAFETY: the engine passes `frames * channels * h * w` readable floats.
     let v = unsafe { std::slice::from_raw_parts(latents, n) };
     i32::from(v.iter().any(|x| !x.is_finite()))
+}
+
+/// Writes a valid model directory with `dim` 2 (one layer, all weights 0.01) under `s`.
+fn small_model(s: &Scratch) -> Result<PathBuf> {
+    let cfg = crate::ModelConfig {
+        dim: 2,
+        ffn_dim: 2,
+        freq_dim: 2,
+        num_heads: 1,
+        num_layers: 1,
+        text_len: 2,
+        text_dim: 2,
+        ..builtin_config("tiny")?
+    };
+    let json = serde_json::to_vec(&cfg).map_err(|e| Error::Internal(e.to_string()))?;
+    s.write("config.json", &json)?;
+    let shapes = crate::config::weight_shapes(&cfg);
+    let values: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|(_, sh)| vec![0.01; sh.iter().product()])
+        .collect();
+    let tensors: Vec<crate::tensorfile::OutTensor> = shapes
+        .iter()
+        .zip(&values)
+        .map(|((n, sh), v)| (n.as_str(), sh.clone(), v.as_slice()))
+        .collect();
+    let weights = s.dir.join("model.safetensors");
+    crate::tensorfile::write_f32(&weights, &tensors, &Default::default())?;
+    Ok(s.dir.clone())
 }
 
 /// The engine handle shared by the C ABI targets: the built-in tiny model on the CPU.

@@ -104,3 +104,16 @@ fn a_header_claiming_a_terabyte_tensor_is_refused_at_once() {
     let e = blockcascade::fuzz_targets::safetensors(&file).unwrap_err();
     assert!(e.to_string().contains("outside"), "{e}");
 }
+
+/// Found by fuzzing `model_dir`: finite weights large enough that one block overflows to
+/// inf/NaN were reported as an internal error (a bug); they are bad input.
+#[test]
+fn weights_that_overflow_are_a_format_error() {
+    ALLOC.set_input_len(MAX_INPUT);
+    let path = root().join("regressions/model_dir/err-finite-weights-overflow-to-nan");
+    let e = blockcascade::fuzz_targets::model_dir(&std::fs::read(path).unwrap()).unwrap_err();
+    assert!(
+        matches!(e, blockcascade::Error::Format(_)) && e.to_string().contains("non-finite"),
+        "{e:?}"
+    );
+}

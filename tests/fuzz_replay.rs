@@ -117,3 +117,26 @@ fn weights_that_overflow_are_a_format_error() {
         "{e:?}"
     );
 }
+
+/// The guard really stops an oversized allocation (in a child process: it aborts).
+#[test]
+fn the_allocation_guard_aborts_on_an_oversized_allocation() {
+    const NAME: &str = "the_allocation_guard_aborts_on_an_oversized_allocation";
+    if std::env::var_os("BC_FUZZ_GUARD_CHILD").is_some() {
+        ALLOC.set_input_len(1000);
+        let v: Vec<u8> = Vec::with_capacity((64 << 20) + 64 * 1000 + 1);
+        std::hint::black_box(&v);
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env("BC_FUZZ_GUARD_CHILD", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("AllocGuard"),
+        "{:?} {err}",
+        out.status
+    );
+}

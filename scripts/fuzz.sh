@@ -60,10 +60,16 @@ run_one() {
   crashes=$(val saved_crashes)
   hangs=$(val saved_hangs)
   printf 'fuzz: %-16s %5ss  execs %-10s %8s exec/s  edges %s (%s of the map)  corpus %s  crashes %s  hangs %s\n' \
-    "$t" "$secs" "$(val execs_done)" "$(val execs_per_sec)" "$(val edges_found)" "$(val bitmap_cvg)" \
+    "$t" "$(val run_time)" "$(val execs_done)" "$(val execs_per_sec)" "$(val edges_found)" "$(val bitmap_cvg)" \
     "$(val corpus_count)" "$crashes" "$hangs"
   if [ "${crashes:-0}" != 0 ] || [ "${hangs:-0}" != 0 ]; then
     ls "$out/default/crashes" "$out/default/hangs" 2>/dev/null | grep -v README >&2 || true
+    local first
+    first=$(find "$out/default/crashes" -name 'id:*' 2>/dev/null | sort | head -1)
+    if [ -n "$first" ]; then
+      echo "fuzz: $t: replaying $first:" >&2
+      BC_FUZZ_PRINT=1 "$ROOT/fuzz/target/release/bc-fuzz" "$t" <"$first" 2>&1 | head -5 >&2 || true
+    fi
     return 1
   fi
 }

@@ -441,7 +441,8 @@ fn small_model(s: &Scratch) -> Result<PathBuf> {
     Ok(s.dir.clone())
 }
 
-/// The engine handle shared by the C ABI targets: the built-in tiny model on the CPU.
+/// The engine handle shared by the C ABI targets: the [`small_model`] on the CPU (a real size
+/// would spend the fuzzer's time in instrumented matrix products).
 fn shared_engine() -> Result<usize> {
     static ENGINE: OnceLock<usize> = OnceLock::new();
     if let Some(&e) = ENGINE.get() {
@@ -452,8 +453,10 @@ fn shared_engine() -> Result<usize> {
         ..crate::ffi::bc_engine_options_default()
     };
     let mut e = std::ptr::null_mut();
+    let s = Scratch::new()?;
+    let dir = path_cstring(&small_model(&s)?)?;
     // SAFETY: valid options and out pointer.
-    status(unsafe { bc_engine_open(std::ptr::null(), &opts, &mut e) })?;
+    status(unsafe { bc_engine_open(dir.as_ptr(), &opts, &mut e) })?;
     if ENGINE.set(e as usize).is_err() {
         // Another thread won the race; keep its engine.
         bc_engine_close(e);

@@ -4,6 +4,9 @@
 #   scripts/fuzz.sh TARGET SECONDS    fuzz one target (names: src/fuzz_targets.rs TARGETS)
 #   scripts/fuzz.sh all SECONDS       fuzz every target, SECONDS each, one after the other
 #   scripts/fuzz.sh build             only install the tooling and build the harness
+#   scripts/fuzz.sh corpus TARGET     add what fuzzing found (fuzz/out/TARGET) to the committed
+#                                     corpus: afl-cmin, then the smallest files, at most
+#                                     BC_FUZZ_CORPUS_KB (default 200) KB and 500 files
 #
 # Installs cargo-afl (which builds AFL++ from source) when missing, builds the harness in
 # fuzz/target, seeds each run from fuzz/corpus/TARGET and keeps AFL's state in
@@ -15,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 AFL_VERSION=0.18.2
 
-usage() { sed -n '4,6p' "$0" | sed 's/^# *//' >&2; exit 2; }
+usage() { sed -n '4,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 
 install_tooling() {
@@ -74,7 +77,39 @@ run_one() {
   fi
 }
 
+# Minimises fuzz/out/$1's queue together with the committed corpus into fuzz/corpus/$1: the
+# named seeds (ok-*, err-*) stay, the other files are replaced by the smallest of the minimised
+# set that fit the size budget.
+merge_corpus() {
+  local t=$1 out="${BC_FUZZ_OUT:-$ROOT/fuzz/out}/$1" corpus="$ROOT/fuzz/corpus/$1"
+  local work
+  work=$(mktemp -d)
+  mkdir -p "$work/all" "$work/tmp"
+  cp "$out"/default/queue/id:* "$work/all/" 2>/dev/null || true
+  cp "$corpus"/* "$work/all/"
+  TMPDIR="$work/tmp" AFL_SKIP_BIN_CHECK=1 cargo afl cmin -i "$work/all" -o "$work/min" -- \
+    "$ROOT/fuzz/target/release/bc-fuzz" "$t" >"$work/cmin.log" 2>&1 ||
+    { tail -20 "$work/cmin.log" >&2; rm -rf "$work"; return 2; }
+  find "$corpus" -type f ! -name 'ok-*' ! -name 'err-*' -delete
+  local budget=$((${BC_FUZZ_CORPUS_KB:-200} * 1024)) used=0 n=0 f size
+  while read -r size f; do
+    case "$(basename "$f")" in ok-* | err-*) continue ;; esac
+    [ $((used + size)) -le "$budget" ] && [ "$n" -lt 500 ] || break
+    cp "$f" "$corpus/q-$(sha1sum "$f" | cut -c1-12)"
+    used=$((used + size)) n=$((n + 1))
+  done < <(find "$work/min" -type f -printf '%s %p\n' | sort -n)
+  echo "fuzz: $t: $(ls "$corpus" | wc -l) corpus files ($((used / 1024)) KB found by fuzzing)"
+  rm -rf "$work"
+}
+
 if [ "$1" = build ]; then install_tooling; build; exit 0; fi
+if [ "$1" = corpus ]; then
+  [ $# -eq 2 ] || usage
+  install_tooling
+  build
+  merge_corpus "$2"
+  exit 0
+fi
 [ $# -eq 2 ] || usage
 target=$1 secs=$2
 [[ $secs =~ ^[0-9]+$ ]] && [ "$secs" -gt 0 ] || usage

@@ -66,18 +66,31 @@ fn replay(target: &Target, dir: &Path) -> (usize, Vec<String>) {
 #[test]
 fn corpora_and_crash_regressions_replay() {
     ALLOC.set_input_len(MAX_INPUT);
-    let mut failures = Vec::new();
-    for t in TARGETS {
-        let (n, f) = replay(t, &root().join("corpus").join(t.name));
-        if n == 0 {
-            failures.push(format!(
-                "target {} has no corpus in fuzz/corpus/{}",
-                t.name, t.name
-            ));
-        }
-        failures.extend(f);
-        failures.extend(replay(t, &root().join("regressions").join(t.name)).1);
-    }
+    // One thread per target (the corpora are independent).
+    let mut failures: Vec<String> = std::thread::scope(|s| {
+        let runs: Vec<_> = TARGETS
+            .iter()
+            .map(|t| {
+                s.spawn(move || {
+                    let (n, mut f) = replay(t, &root().join("corpus").join(t.name));
+                    if n == 0 {
+                        f.push(format!(
+                            "target {0} has no corpus in fuzz/corpus/{0}",
+                            t.name
+                        ));
+                    }
+                    f.extend(replay(t, &root().join("regressions").join(t.name)).1);
+                    f
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .flat_map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| vec!["a replay thread panicked".into()])
+            })
+            .collect()
+    });
     // Every corpus folder belongs to a target (a renamed target must not leave files unreplayed).
     for sub in ["corpus", "regressions"] {
         for d in std::fs::read_dir(root().join(sub))

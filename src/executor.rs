@@ -464,6 +464,14 @@ impl<'m> Generator<'m> {
                         st.state.insert(m.block, x);
                     } else {
                         crate::backend::cpu::ops::flow_step(&mut x, &v, self.steps.sigmas[s], None);
+                        // Finite but huge weights or prompts can overflow: bad input, not a bug.
+                        if x.iter().any(|v| !v.is_finite()) {
+                            return Err(Error::Format(format!(
+                                "block {} produced non-finite latents: the model's weights or the \
+                                 prompt embeddings are out of range (values overflow to inf/NaN)",
+                                m.block
+                            )));
+                        }
                         self.emit(st, backend, m.block, &x, on_block)?;
                         if m.block + 1 < blocks {
                             st.finals.insert(m.block, x);

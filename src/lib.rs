@@ -14,6 +14,8 @@ pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod ffi;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod host_memory;
 pub mod kernels;
 pub mod kv_cache;

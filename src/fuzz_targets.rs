@@ -341,6 +341,8 @@ pub fn c_abi_options(bytes: &[u8]) -> Result<()> {
             devices.as_ptr()
         },
         n_devices: u32_at(56),
+        text_encoder: std::ptr::null(),
+        tokenizer: std::ptr::null(),
     };
     let mut e = std::ptr::null_mut();
     // A 2-wide model from files loads faster than the built-in one (the options are the point).

@@ -26,8 +26,8 @@ pub mod rng;
 pub mod scaling;
 pub mod schedule;
 pub mod tensorfile;
-pub mod video;
 pub mod text;
+pub mod video;
 pub mod weights;
 pub mod window;
 

@@ -12,9 +12,9 @@ use blockcascade::prompt::{load_schedule_with_text, PromptEmbeds};
 use blockcascade::schedule::{parse_steps, StepSchedule};
 
 use blockcascade::tensorfile::TensorFile;
-use blockcascade::video::{VideoOptions, VideoWriter};
 use blockcascade::tensorfile::{write_f32, write_tensors, OutData};
 use blockcascade::text::{TextEncoder, DEFAULT_TEXT_LEN};
+use blockcascade::video::{VideoOptions, VideoWriter};
 use blockcascade::{
     AttentionMode, Engine, Error, GenerateOptions, Generator, Recache, Result, Schedule,
 };
@@ -39,7 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate video latents (built-in tiny model and seeded noise when no files are given).
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Print the ticks of a cascade plan.
     Plan(PlanArgs),
     /// Print a model's config, size and memory needs (or the kernel report).
@@ -48,6 +48,8 @@ enum Cmd {
     Bench(BenchArgs),
     /// Decode latents to pixels (Wan2.1 VAE or TAEHV) and write a video.
     Decode(DecodeArgs),
+    /// Encode a text prompt with the umT5 text encoder to prompt embeddings.
+    EncodePrompt(EncodePromptArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -120,8 +122,6 @@ struct DecodeArgs {
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
-    /// Encode a text prompt with the umT5 text encoder to prompt embeddings.
-    EncodePrompt(EncodePromptArgs),
 }
 
 #[derive(clap::Args)]
@@ -372,7 +372,7 @@ struct BenchArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Generate(a) => generate(a),
+        Cmd::Generate(a) => generate(*a),
         Cmd::Plan(a) => plan(a),
         Cmd::Info(a) => info(a),
         Cmd::Bench(a) => bench_cmd(a),
@@ -966,6 +966,9 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
             decoder.kind()
         );
     }
+    Ok(())
+}
+
 fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
     check_out(&a.out)?;
     // The model's config.json only: its weights are not needed here.

@@ -150,7 +150,7 @@ mod tests {
         }
         let e = match err {
             Some(e) => e,
-            None => bg.finish().err().expect("finish must fail"),
+            None => bg.finish().map(|_| ()).expect_err("finish must fail"),
         };
         assert!(e.to_string().contains("consumer refused"), "{e}");
     }

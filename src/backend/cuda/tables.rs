@@ -579,17 +579,26 @@ mod tests {
         }
     }
 
-    /// The tokens each own group attends to, from the segment table of layer `li`.
+    /// The tokens each own group attends to, from the segment table of layer `li`, in member
+    /// order (the launch order is heaviest first; see `launch_order_is_heaviest_first`).
     fn tokens_seen(t: &super::TickTables, li: usize, seg_max: usize) -> Vec<usize> {
+        let mut seen: Vec<(i32, usize)> = launch_tokens(t, li, seg_max);
+        seen.sort_by_key(|&(q_begin, _)| q_begin);
+        seen.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// (first query row, tokens attended) of each own group, in launch order.
+    fn launch_tokens(t: &super::TickTables, li: usize, seg_max: usize) -> Vec<(i32, usize)> {
         t.groups
             .iter()
             .map(|g| {
-                (0..g.seg_count as usize)
+                let n = (0..g.seg_count as usize)
                     .map(|s| {
                         let idx = t.index[g.seg_begin as usize + s] as usize;
                         t.seg_tab[li * seg_max + idx].tokens as usize
                     })
-                    .sum()
+                    .sum();
+                (g.q_begin, n)
             })
             .collect()
     }
@@ -628,6 +637,12 @@ mod tests {
             for li in 0..2 {
                 let want: Vec<usize> = seen.iter().map(|f| f * TPF).collect();
                 assert_eq!(tokens_seen(&t, li, 64), want, "{mode:?} layer {li}");
+                // Launched heaviest first, so the longest blocks do not form the launch's tail.
+                let order: Vec<usize> = launch_tokens(&t, li, 64).iter().map(|x| x.1).collect();
+                assert!(
+                    order.windows(2).all(|w| w[0] >= w[1]),
+                    "{mode:?} layer {li}: launch order {order:?}"
+                );
             }
             // Every segment points into the cache or the window buffers of its layer, and the
             // first segment of every member is the cache run starting at slot 0.
@@ -635,10 +650,9 @@ mod tests {
                 let s = &t.seg_tab[t.index[g.seg_begin as usize] as usize];
                 assert_eq!((s.k as u64, s.v as u64), (CACHE_K, CACHE_V));
             }
-            assert_eq!(
-                t.groups.iter().map(|g| g.q_begin).collect::<Vec<_>>(),
-                vec![0, 3 * TPF as i32, 6 * TPF as i32]
-            );
+            let mut q_begins: Vec<i32> = t.groups.iter().map(|g| g.q_begin).collect();
+            q_begins.sort();
+            assert_eq!(q_begins, vec![0, 3 * TPF as i32, 6 * TPF as i32]);
             // Cross-attention: the two members with prompt a form one group, b another.
             assert_eq!(t.key.cross_runs, vec![2, 1]);
             assert_eq!(t.ca_index, vec![0, 2]);

@@ -383,7 +383,7 @@ fn is_invalid_codepoint(u: u32) -> bool {
         || (u & 0xfffe) == 0xfffe
 }
 
-/// Python's `html.unescape` (named entities limited to [`ENTITIES`]).
+/// Python's `html.unescape` (named entities limited to the table `ENTITIES` in this module).
 pub fn html_unescape(t: &str) -> String {
     replace_refs(t, decode_ref)
 }

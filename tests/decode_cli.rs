@@ -32,6 +32,19 @@ fn run(args: &[&str]) -> Output {
     bin().args(args).output().unwrap()
 }
 
+/// `decode --vae VAE --latents LAT --out OUT`.
+fn decode(vae: &Path, lat: &Path, out: &Path) -> Output {
+    run(&[
+        "decode",
+        "--vae",
+        vae.to_str().unwrap(),
+        "--latents",
+        lat.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 /// A failed command: non-zero exit, one `error:` line, no panic.
 fn assert_clean_error(o: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
@@ -136,41 +149,17 @@ fn bad_decode_input_is_one_error_and_writes_nothing() {
     let out = dir.path().join("v.mp4");
     // Unknown extension.
     let bad_ext = dir.path().join("v.avi");
-    let o = run(&[
-        "decode",
-        "--vae",
-        vae.to_str().unwrap(),
-        "--latents",
-        lat.to_str().unwrap(),
-        "--out",
-        bad_ext.to_str().unwrap(),
-    ]);
+    let o = decode(&vae, &lat, &bad_ext);
     assert_clean_error(&o, "unknown video format");
     // Missing weights.
-    let o = run(&[
-        "decode",
-        "--vae",
-        dir.path().join("nope").to_str().unwrap(),
-        "--latents",
-        lat.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = decode(&dir.path().join("nope"), &lat, &out);
     assert_clean_error(&o, "nope");
     // Wrong latent channel count and wrong rank.
     let meta = BTreeMap::new();
     let wrong_c = dir.path().join("c8.safetensors");
     let d = vec![0.5f32; 2 * 8 * 6 * 8];
     write_f32(&wrong_c, &[("latents", vec![2, 8, 6, 8], &d)], &meta).unwrap();
-    let o = run(&[
-        "decode",
-        "--vae",
-        vae.to_str().unwrap(),
-        "--latents",
-        wrong_c.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = decode(&vae, &wrong_c, &out);
     assert_clean_error(&o, "16");
     let wrong_rank = dir.path().join("r3.safetensors");
     write_f32(
@@ -179,26 +168,10 @@ fn bad_decode_input_is_one_error_and_writes_nothing() {
         &meta,
     )
     .unwrap();
-    let o = run(&[
-        "decode",
-        "--vae",
-        vae.to_str().unwrap(),
-        "--latents",
-        wrong_rank.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = decode(&vae, &wrong_rank, &out);
     assert_clean_error(&o, "[F,16,H,W]");
     // An unwritable output folder fails before any decoding.
-    let o = run(&[
-        "decode",
-        "--vae",
-        vae.to_str().unwrap(),
-        "--latents",
-        lat.to_str().unwrap(),
-        "--out",
-        dir.path().join("missing/v.mp4").to_str().unwrap(),
-    ]);
+    let o = decode(&vae, &lat, &dir.path().join("missing/v.mp4"));
     assert!(!o.status.success());
     // `generate --vae` without `--video` is refused before the model runs.
     let o = run(&[

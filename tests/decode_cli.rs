@@ -86,11 +86,8 @@ fn decode_matches_upstream_for_both_decoders_and_any_block_size() {
     }
 }
 
-#[test]
-fn generate_writes_a_playable_video_with_the_builtin_decoder() {
-    let dir = tempfile::tempdir().unwrap();
-    let lat = dir.path().join("lat.safetensors");
-    let y4m = dir.path().join("v.y4m");
+/// `generate --frames 6 --out LAT --video VIDEO` with the built-in model and decoder; must succeed.
+fn generate_video(lat: &Path, video: &Path) {
     let o = run(&[
         "generate",
         "--frames",
@@ -99,9 +96,17 @@ fn generate_writes_a_playable_video_with_the_builtin_decoder() {
         "--out",
         lat.to_str().unwrap(),
         "--video",
-        y4m.to_str().unwrap(),
+        video.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn generate_writes_a_playable_video_with_the_builtin_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let lat = dir.path().join("lat.safetensors");
+    let y4m = dir.path().join("v.y4m");
+    generate_video(&lat, &y4m);
     // The built-in model's 8x12 latents are 64x96 pixels; TAEHV makes 4F-3 frames.
     let bytes = std::fs::read(&y4m).unwrap();
     let header_end = bytes.iter().position(|&b| b == b'\n').unwrap();
@@ -114,17 +119,7 @@ fn generate_writes_a_playable_video_with_the_builtin_decoder() {
     assert_eq!(frames, 4 * 6 - 3);
     // The latents are written too, and decoding them afterwards gives the same pixels.
     let streamed = dir.path().join("streamed.safetensors");
-    let o = run(&[
-        "generate",
-        "--frames",
-        "6",
-        "--quiet",
-        "--out",
-        lat.to_str().unwrap(),
-        "--video",
-        streamed.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    generate_video(&lat, &streamed);
     let lat = TensorFile::open(&lat)
         .unwrap()
         .tensor_f32("latents", Some(&[6, 16, 8, 12]))

@@ -156,6 +156,17 @@ const _: () = {
         "Offset of field: bc_engine_info::num_steps",
     ][::std::mem::offset_of!(bc_engine_info, num_steps) - 28usize];
 };
+pub type bc_frames_callback = ::std::option::Option<
+    unsafe extern "C" fn(
+        user: *mut ::std::os::raw::c_void,
+        block_index: u32,
+        rgb: *const u8,
+        pixels: *const f32,
+        frames: u32,
+        height: u32,
+        width: u32,
+    ) -> i32,
+>;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct bc_session_stats {
@@ -247,6 +258,12 @@ extern "C" {
         s: *mut bc_session,
         block: u32,
         utf8: *const ::std::os::raw::c_char,
+    ) -> bc_status;
+    pub fn bc_session_set_decoder(
+        s: *mut bc_session,
+        path: *const ::std::os::raw::c_char,
+        cb: bc_frames_callback,
+        user: *mut ::std::os::raw::c_void,
     ) -> bc_status;
     pub fn bc_session_last_stats(
         s: *const bc_session,

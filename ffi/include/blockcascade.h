@@ -210,6 +210,27 @@ bc_status bc_session_set_prompt_text(bc_session *s, const char *utf8);
 /* bc_session_switch_prompt with a text prompt (same rules as bc_session_set_prompt_text). */
 bc_status bc_session_switch_prompt_text(bc_session *s, uint32_t block, const char *utf8);
 
+/* Called once per decoded block, in order, with its pixel frames: rgb is
+   [frames][height][width][3] 8-bit RGB, pixels the same frames as f32 [frames][3][height][width]
+   (the decoder's exact output, about [-1, 1]); both valid only during the call. Return non-zero
+   to stop the generation (bc_session_generate then returns BC_ERR_CANCELLED).
+   It runs on a decode thread of the library, so that decoding overlaps the generation of later
+   blocks: never at the same time as itself, but possibly at the same time as the block callback
+   (guard shared state). bc_session_generate returns only after the last call has returned. */
+typedef int32_t (*bc_frames_callback)(void *user, uint32_t block_index, const uint8_t *rgb,
+                                      const float *pixels, uint32_t frames, uint32_t height,
+                                      uint32_t width);
+
+/* Decodes every block that bc_session_generate makes with the decoder at `path` (the Wan2.1
+   VAE or TAEHV, a safetensors file or a folder holding one; the kind is detected from the tensor
+   names; NULL = a built-in tiny random TAEHV-shaped decoder, whose pixels are noise-like) and
+   hands the pixels to cb with `user`. cb NULL removes the decoder. Over F latent frames the Wan
+   VAE gives T = 1 + 4(F-1) frames and TAEHV T = 4F - 3 (it drops its first 3).
+   Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed/busy session, a latent size the decoder cannot
+   take), BC_ERR_IO / BC_ERR_FORMAT (the decoder's file). */
+bc_status bc_session_set_decoder(bc_session *s, const char *path, bc_frames_callback cb,
+                                 void *user);
+
 /* Statistics of the last successful bc_session_generate call on a session. */
 typedef struct {
   uint32_t struct_size;         /* set by the caller to sizeof(bc_session_stats) */

@@ -10,6 +10,7 @@ pub mod sys;
 
 use crate::config::BackendKind;
 use crate::config::{AttentionMode, GenerateOptions, Schedule};
+use crate::decode::{BackgroundDecoder, Decoder};
 use crate::executor::{Generator, RunReport};
 use crate::model::CHANNELS;
 use crate::noise::{NoiseSource, RecordedNoise};
@@ -116,6 +117,29 @@ struct Session {
     last: Option<(usize, RunReport)>,
     /// The engine's text encoder, for the `*_prompt_text` functions.
     text: Option<Arc<TextEncoder>>,
+    /// The decoder and frames callback of `bc_session_set_decoder`.
+    frames: Option<FramesSink>,
+}
+
+/// Where `bc_session_generate` sends pixels: a decoder and the caller's frames callback.
+struct FramesSink {
+    decoder: Arc<Decoder>,
+    cb: unsafe extern "C" fn(*mut c_void, u32, *const u8, *const f32, u32, u32, u32) -> i32,
+    user: UserPtr,
+}
+
+/// The caller's `user` pointer, handed to the decode thread. The header tells the caller that
+/// the frames callback runs on another thread.
+#[derive(Clone, Copy)]
+struct UserPtr(*mut c_void);
+// SAFETY: the pointer is only passed back to the caller's callback, never dereferenced here.
+unsafe impl Send for UserPtr {}
+
+impl UserPtr {
+    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
+    fn get(self) -> *mut c_void {
+        self.0
+    }
 }
 
 /// An engine handle: the model plus the backend and devices chosen at `bc_engine_open`.
@@ -559,6 +583,7 @@ pub unsafe extern "C" fn bc_session_open(
             noise: None,
             last: None,
             text,
+            frames: None,
         };
         *out = register(Object::Session(Arc::new(Mutex::new(session)))) as *mut bc_session;
         Ok(())
@@ -691,8 +716,19 @@ pub unsafe extern "C" fn bc_session_generate(
                 .collect();
             gen.set_prompt_schedule(&switches)?;
             let (h, w) = (o.height as u32, o.width as u32);
+            let mut pixels = match &sess.frames {
+                Some(f) => Some(spawn_frames(f, o.height, o.width)?),
+                None => None,
+            };
+            let mut decode_err = None;
             let mut stopped_at = None;
             let result = gen.run(blocks, |b| {
+                if let Some(p) = pixels.as_mut() {
+                    if let Err(e) = p.push(b.latents, b.frames) {
+                        decode_err = Some(e);
+                        return false;
+                    }
+                }
                 let r = cb(
                     user,
                     b.index as u32,
@@ -707,6 +743,21 @@ pub unsafe extern "C" fn bc_session_generate(
                 }
                 r == 0
             });
+            // Every block's frames are handed out before the call returns.
+            let decoded = match (pixels, &result, decode_err) {
+                (_, _, Some(e)) => Err(e),
+                (Some(p), Ok(_), None) => p.finish().map(|_| ()),
+                _ => Ok(()),
+            };
+            if let Err(e) = decoded {
+                return Err(match e {
+                    Error::Cancelled => Failure {
+                        status: BC_ERR_CANCELLED,
+                        msg: "cancelled: the frames callback returned non-zero".into(),
+                    },
+                    e => e.into(),
+                });
+            }
             match (result, stopped_at) {
                 (Ok(report), _) => {
                     sess.last = Some((blocks, report));
@@ -865,6 +916,67 @@ pub unsafe extern "C" fn bc_session_last_stats(
                 total_seconds: r.total_seconds,
             };
             write_struct(stats, value, SESSION_STATS_V1, "bc_session_stats")?;
+            Ok(())
+        })
+    })
+}
+
+/// Starts the decode thread of one generation: it decodes each pushed block and calls the
+/// frames callback with the block's RGB8 and f32 frames.
+fn spawn_frames(f: &FramesSink, h: usize, w: usize) -> Result<BackgroundDecoder<u32>> {
+    let (cb, user) = (f.cb, f.user);
+    BackgroundDecoder::spawn(f.decoder.clone(), h, w, 0u32, move |index, v| {
+        let rgb = v.to_rgb8();
+        // SAFETY: the caller promised `cb` is safe to call with `user` and these arguments,
+        // from another thread (bc_session_set_decoder's contract).
+        let r = unsafe {
+            cb(
+                user.get(),
+                *index,
+                rgb.as_ptr(),
+                v.data.as_ptr(),
+                v.frames as u32,
+                v.height as u32,
+                v.width as u32,
+            )
+        };
+        *index += 1;
+        if r != 0 {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    })
+}
+
+/// Sets (or, with `cb` NULL, removes) the decoder whose frames `bc_session_generate` hands out.
+///
+/// # Safety
+/// `path` is NULL or a valid NUL-terminated string; `cb` is NULL or a function that is safe to
+/// call with `user` and the documented arguments from another thread.
+#[no_mangle]
+pub unsafe extern "C" fn bc_session_set_decoder(
+    s: *mut bc_session,
+    path: *const c_char,
+    cb: bc_frames_callback,
+    user: *mut c_void,
+) -> bc_status {
+    guard("bc_session_set_decoder", || {
+        with_session(s, |sess| {
+            let Some(cb) = cb else {
+                sess.frames = None;
+                return Ok(());
+            };
+            let decoder = if path.is_null() {
+                Decoder::tiny_taehv(0)
+            } else {
+                Decoder::load(&c_path(path), None)?
+            };
+            decoder.check_latent_size(CHANNELS, sess.opts.height, sess.opts.width)?;
+            sess.frames = Some(FramesSink {
+                decoder: Arc::new(decoder),
+                cb,
+                user: UserPtr(user),
+            });
             Ok(())
         })
     })

@@ -19,8 +19,8 @@ mod header {
 }
 
 pub use header::{
-    bc_block_callback, bc_engine, bc_engine_info, bc_engine_options, bc_session,
-    bc_session_options, bc_session_stats, bc_status, BC_ERR_CANCELLED, BC_ERR_DEVICE,
+    bc_block_callback, bc_engine, bc_engine_info, bc_engine_options, bc_frames_callback,
+    bc_session, bc_session_options, bc_session_stats, bc_status, BC_ERR_CANCELLED, BC_ERR_DEVICE,
     BC_ERR_FORMAT, BC_ERR_INTERNAL, BC_ERR_INVALID_ARGUMENT, BC_ERR_IO, BC_ERR_OUT_OF_MEMORY,
     BC_ERR_UNSUPPORTED, BC_OK,
 };
@@ -50,6 +50,7 @@ fn signatures_match_the_header() {
         bc_session_set_noise_file,
         bc_session_set_prompt_text,
         bc_session_switch_prompt_text,
+        bc_session_set_decoder,
         bc_session_last_stats,
     );
 }

@@ -229,6 +229,7 @@ fn c_example_is_clean_under_valgrind() {
     let dir = tempfile::tempdir().unwrap();
     let exe = build_example(dir.path(), false);
     let out = dir.path().join("latents.f32");
+    let video = dir.path().join("video.y4m");
     let run = Command::new("valgrind")
         .args([
             "--leak-check=full",
@@ -242,6 +243,7 @@ fn c_example_is_clean_under_valgrind() {
         .arg(&exe)
         .arg(&out)
         .args(["2", "5", "2"])
+        .arg(&video)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -259,6 +261,16 @@ fn c_example_is_clean_under_valgrind() {
         &rust_latents(5, 2, 2),
         "C example (valgrind) vs Rust API",
     );
+    // The example's .y4m, written from the frames callback: 2 blocks of 3 latent frames of
+    // 8x12 give 4*6-3 frames of 96x64 (4:4:4).
+    let y4m = std::fs::read(&video).unwrap();
+    let header = b"YUV4MPEG2 W96 H64 F16:1 Ip A1:1 C444\n";
+    assert!(
+        y4m.starts_with(header),
+        "{:?}",
+        String::from_utf8_lossy(&y4m[..40])
+    );
+    assert_eq!(y4m.len(), header.len() + 21 * (6 + 3 * 96 * 64));
 }
 
 // ---------------------------------------------------------------------------------------------

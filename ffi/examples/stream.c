@@ -1,11 +1,14 @@
 /*
  * stream.c — streams video latents from blockcascade's built-in tiny model.
  *
- *   stream [OUT.f32 [N_BLOCKS [SEED [LAG]]]]
+ *   stream [OUT.f32 [N_BLOCKS [SEED [LAG [VIDEO.y4m]]]]]
  *
  * Opens the built-in model, generates N_BLOCKS blocks (default 3) with the default session
  * options and the given seed (default 0) and lag (default 0 = sequential), prints one line per
  * finished block, and writes all latents as raw little-endian f32 [frames][16][H][W] to OUT.
+ * With VIDEO.y4m, every block is also decoded to pixels (the built-in tiny decoder: noise-like
+ * frames) and the frames are written as a YUV4MPEG2 video (4:4:4, BT.601 full range), from the
+ * library's decode thread, as soon as each block is decoded.
  *
  * Build (after `cargo build --release`):
  *   cc ffi/examples/stream.c -Iffi/include target/release/libblockcascade.a \
@@ -50,6 +53,46 @@ static int32_t on_block(void *user, uint32_t block_index, const float *latents, 
   return 0;
 }
 
+/* The frames callback's state: a .y4m file, written from the library's decode thread. */
+struct video {
+  FILE *out;
+  uint32_t frames;
+  int failed;
+};
+
+static uint8_t clamp_u8(double v) { return v < 0.0 ? 0 : v > 255.0 ? 255 : (uint8_t)(v + 0.5); }
+
+static int32_t on_frames(void *user, uint32_t block_index, const uint8_t *rgb,
+                         const float *pixels, uint32_t frames, uint32_t height, uint32_t width) {
+  struct video *v = (struct video *)user;
+  size_t plane = (size_t)height * width;
+  uint8_t *yuv = malloc(3 * plane);
+  (void)pixels;
+  if (!yuv) {
+    v->failed = 1;
+    return 1;
+  }
+  if (v->frames == 0) fprintf(v->out, "YUV4MPEG2 W%u H%u F16:1 Ip A1:1 C444\n", width, height);
+  for (uint32_t f = 0; f < frames; f++) {
+    const uint8_t *px = rgb + (size_t)f * plane * 3;
+    for (size_t i = 0; i < plane; i++) {
+      double r = px[3 * i], g = px[3 * i + 1], b = px[3 * i + 2];
+      yuv[i] = clamp_u8(0.299 * r + 0.587 * g + 0.114 * b);
+      yuv[plane + i] = clamp_u8(128.0 - 0.168736 * r - 0.331264 * g + 0.5 * b);
+      yuv[2 * plane + i] = clamp_u8(128.0 + 0.5 * r - 0.418688 * g - 0.081312 * b);
+    }
+    if (fputs("FRAME\n", v->out) < 0 || fwrite(yuv, 1, 3 * plane, v->out) != 3 * plane) {
+      v->failed = 1;
+      break;
+    }
+    v->frames++;
+  }
+  free(yuv);
+  printf("block %u decoded: %u frames of %u x %u\n", block_index, frames, width, height);
+  fflush(stdout);
+  return v->failed;
+}
+
 #define CHECK(call)                                                                 \
   do {                                                                              \
     bc_status st_ = (call);                                                         \
@@ -64,6 +107,8 @@ int main(int argc, char **argv) {
   uint32_t n_blocks = argc > 2 ? (uint32_t)strtoul(argv[2], NULL, 10) : 3;
   uint64_t seed = argc > 3 ? strtoull(argv[3], NULL, 10) : 0;
   uint32_t lag = argc > 4 ? (uint32_t)strtoul(argv[4], NULL, 10) : 0;
+  const char *video_path = argc > 5 ? argv[5] : NULL;
+  struct video video = {NULL, 0, 0};
   int rc = 1;
   bc_engine *engine = NULL;
   bc_session *session = NULL;
@@ -72,6 +117,11 @@ int main(int argc, char **argv) {
   printf("blockcascade %s\n", bc_version());
   if (out_path && !(sink.out = fopen(out_path, "wb"))) {
     perror(out_path);
+    return 1;
+  }
+  if (video_path && !(video.out = fopen(video_path, "wb"))) {
+    perror(video_path);
+    if (sink.out) fclose(sink.out);
     return 1;
   }
 
@@ -94,7 +144,12 @@ int main(int argc, char **argv) {
   bc_engine_close(engine);
   engine = NULL;
 
+  if (video.out) CHECK(bc_session_set_decoder(session, NULL, on_frames, &video));
   CHECK(bc_session_generate(session, n_blocks, on_block, &sink));
+  if (video.failed) {
+    fprintf(stderr, "stream: writing %s failed\n", video_path);
+    goto done;
+  }
   if (sink.failed || sink.expected != n_blocks) {
     fprintf(stderr, "stream: got %u of %u blocks\n", sink.expected, n_blocks);
     goto done;
@@ -113,6 +168,10 @@ done:
   bc_engine_close(engine);
   if (sink.out && fclose(sink.out) != 0) {
     perror(out_path);
+    rc = 1;
+  }
+  if (video.out && fclose(video.out) != 0) {
+    perror(video_path);
     rc = 1;
   }
   return rc;

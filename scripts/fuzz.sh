@@ -35,7 +35,8 @@ install_tooling() {
 }
 
 build() {
-  (cd fuzz && cargo afl build --release --quiet)
+  # The harness needs no GPU kernels: skip nvcc (the emulated kernels are still built).
+  (cd fuzz && BC_SKIP_NVCC=1 cargo afl build --release --quiet)
 }
 
 targets() {

@@ -205,6 +205,123 @@ def main():
     write("c_abi_options", "ok-two-cpu-devices", abi(devices=(0, 1)))
     write("c_abi_options", "ok-backend-string", abi(backend=3, tail=b"cpu\0"))
 
+    loader_seeds(g)
+
+
+def shrink(tensors, sizes, keep=(), drop=()):
+    """Cuts every tensor down to a smaller model of the same structure: each dimension of size
+    `v` becomes `sizes.get(v, v)` (its first entries), except the (name, axis) pairs in `keep`;
+    names starting with a prefix in `drop` go. tensors: {name: (shape, values)}."""
+    out = []
+    for name in sorted(tensors):
+        if any(name.startswith(d) for d in drop):
+            continue
+        shape, v = tensors[name]
+        new = [d if (name, a) in keep else sizes.get(d, d) for a, d in enumerate(shape)]
+        vals = []
+
+        def walk(axis, base):
+            stride = prod(shape[axis + 1 :])
+            if axis == len(shape) - 1:
+                vals.extend(v[base : base + new[axis]])
+                return
+            for i in range(new[axis]):
+                walk(axis + 1, base + i * stride)
+
+        if shape:
+            walk(0, 0)
+        else:
+            vals = v
+        out.append((name, new, vals))
+    return out
+
+
+def loader_seeds(g):
+    """Seeds of the decoder, text-encoder and tokenizer targets: the golden files cut down."""
+    # Wan VAE: widths 96/64/32/16/8 -> 12/8/4/2/1; the 16 latent channels stay.
+    vae = read_st(os.path.join(g, "wan-vae-tiny", "vae", "model.safetensors"))
+    keep = {("conv2.weight", 0), ("conv2.weight", 1), ("conv2.bias", 0), ("decoder.conv1.weight", 1)}
+    small = shrink(vae, {96: 12, 64: 8, 32: 4, 16: 2, 8: 1}, keep, drop=("encoder.",))
+    write("vae_weights", "ok-golden-cut-bf16", st_bytes(small, "BF16"))
+    write("vae_weights", "ok-golden-cut-f32-no-conv1", st_bytes([t for t in small if t[0] != "conv1.weight" and t[0] != "conv1.bias"]))
+    write("vae_weights", "err-no-head", st_bytes([t for t in small if not t[0].startswith("decoder.head.")], "F16"))
+
+    # TAEHV: widths 64/32/16/8 -> 16/8/4/2; the 16 latent channels of decoder.1 stay.
+    tae = read_st(os.path.join(g, "taehv-tiny", "taehv", "model.safetensors"))
+    small = shrink(tae, {64: 16, 32: 8, 16: 4, 8: 2}, {("decoder.1.weight", 1)}, drop=("encoder.",))
+    write("taehv_weights", "ok-golden-cut-f16", st_bytes(small, "F16"))
+    write("taehv_weights", "ok-golden-cut-f32", st_bytes(small))
+    write("taehv_weights", "err-skip-missing", st_bytes([t for t in small if t[0] != "decoder.13.conv.weight"], "BF16"))
+
+    # umT5: vocab 300 -> 16, widths 32/64 -> 8/16; 4 heads and 32 buckets stay. Wan's naming in
+    # one file, Hugging Face's in two shards.
+    te = read_st(os.path.join(g, "umt5-tiny", "text_encoder", "model.safetensors"))
+    keep = {(f"blocks.{i}.pos_embedding.embedding.weight", 0) for i in range(8)}
+    small = shrink(te, {300: 16, 32: 8, 64: 16}, keep)
+    write("umt5_weights", "ok-golden-cut-wan-f32", st_bytes(small))
+    hf = {
+        "norm1.weight": "0.layer_norm.weight",
+        "attn.q.weight": "0.SelfAttention.q.weight",
+        "attn.k.weight": "0.SelfAttention.k.weight",
+        "attn.v.weight": "0.SelfAttention.v.weight",
+        "attn.o.weight": "0.SelfAttention.o.weight",
+        "pos_embedding.embedding.weight": "0.SelfAttention.relative_attention_bias.weight",
+        "norm2.weight": "1.layer_norm.weight",
+        "ffn.fc1.weight": "1.DenseReluDense.wi_1.weight",
+        "ffn.gate.0.weight": "1.DenseReluDense.wi_0.weight",
+        "ffn.fc2.weight": "1.DenseReluDense.wo.weight",
+    }
+
+    def rename(n):
+        if n == "token_embedding.weight":
+            return "shared.weight"
+        if n == "norm.weight":
+            return "encoder.final_layer_norm.weight"
+        _, i, rest = n.split(".", 2)
+        return f"encoder.block.{i}.layer.{hf[rest]}"
+
+    renamed = [(rename(n), s, v) for n, s, v in small]
+    half = len(renamed) // 2
+    write("umt5_weights", "ok-golden-cut-hf-bf16-two-shards",
+          st_bytes(renamed[:half], "BF16") + SEP + st_bytes(renamed[half:], "BF16"))
+    write("umt5_weights", "err-hf-one-shard-of-two", st_bytes(renamed[:half], "F16"))
+
+    # tokenizer: the golden umT5 tokenizer.json with a small normaliser instead of its 300 KB
+    # precompiled character map, then other models (BPE, WordPiece, WordLevel).
+    tj = json.load(open(os.path.join(g, "umt5-tiny", "text_encoder", "tokenizer", "tokenizer.json")))
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "NFKC"}, {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]}
+    dump = lambda t: json.dumps(t, ensure_ascii=False, separators=(",", ":")).encode()
+    write("tokenizer", "ok-golden-unigram-nfkc", dump(tj))
+    write("tokenizer", "ok-golden-unigram-with-text", dump(tj) + SEP + "  Ünïcode\ttext, 123 ½ ﬁ".encode())
+    added = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, c in enumerate(["<pad>", "</s>", "<unk>"])]
+    specials = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    letters = {c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}
+    bpe = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+           "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "Whitespace"},
+           "post_processor": None, "decoder": None,
+           "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                     "vocab": dict(specials, **letters, **{"th": 30, "the": 31, "at": 32}),
+                     "merges": ["t h", "th e", "a t"]}}
+    write("tokenizer", "ok-bpe-lowercase", dump(bpe))
+    wp = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+          "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
+                         "strip_accents": None, "lowercase": True},
+          "pre_tokenizer": {"type": "BertPreTokenizer"}, "post_processor": None, "decoder": None,
+          "model": {"type": "WordPiece", "unk_token": "<unk>", "continuing_subword_prefix": "##",
+                    "max_input_chars_per_word": 100,
+                    "vocab": dict(specials, a=3, cat=4, walks=5, on=6, the=7, **{"##s": 8, "gr": 9, "##ass": 10})}}
+    write("tokenizer", "ok-wordpiece-bert", dump(wp))
+    wl = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+          "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
+          "decoder": None, "model": {"type": "WordLevel", "unk_token": "<unk>",
+                                     "vocab": dict(specials, A=3, cat=4)}}
+    write("tokenizer", "ok-wordlevel", dump(wl))
+    no_eos = dict(wl, added_tokens=[], model=dict(wl["model"], vocab={"<unk>": 0, "A": 1}))
+    write("tokenizer", "err-no-eos", dump(no_eos))
+
 
 if __name__ == "__main__":
     main()

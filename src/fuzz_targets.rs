@@ -32,6 +32,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
+mod loaders;
+pub use loaders::{taehv_weights, tokenizer, umt5_weights, vae_weights};
+
 /// A fuzz target: a name (the corpus folder `fuzz/corpus/<name>/` and the argument of
 /// `scripts/fuzz.sh`) and its entry point.
 pub struct Target {
@@ -62,6 +65,22 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "c_abi_options",
         entry: c_abi_options,
+    },
+    Target {
+        name: "vae_weights",
+        entry: vae_weights,
+    },
+    Target {
+        name: "taehv_weights",
+        entry: taehv_weights,
+    },
+    Target {
+        name: "umt5_weights",
+        entry: umt5_weights,
+    },
+    Target {
+        name: "tokenizer",
+        entry: tokenizer,
     },
 ];
 

@@ -153,3 +153,15 @@ fn the_allocation_guard_aborts_on_an_oversized_allocation() {
         out.status
     );
 }
+
+/// Found while writing the tokenizer target (and reproduced with its harness): a
+/// `tokenizer.json` whose own padding is `Fixed` at 10^11 made encoding allocate 400 GB. The
+/// file's padding and truncation are now ignored (the engine truncates and appends `</s>`).
+#[test]
+fn a_tokenizer_file_does_not_choose_the_encoding_length() {
+    ALLOC.set_input_len(MAX_INPUT);
+    for name in ["ok-fixed-padding-of-1e11", "ok-truncation-to-0"] {
+        let path = root().join("regressions/tokenizer").join(name);
+        blockcascade::fuzz_targets::tokenizer(&std::fs::read(path).unwrap()).unwrap();
+    }
+}

@@ -76,12 +76,19 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         // Read first, so that a missing or unreadable file is an I/O error with its path.
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
             Error::format(format!(
                 "{}: not a valid Hugging Face tokenizer.json: {e}",
                 path.display()
             ))
         })?;
+        // `encode` truncates and appends `</s>` itself. The file's own padding would pad before
+        // `</s>` to a length the file chooses (a `Fixed` length of 10^11 is a 400 GB
+        // allocation), and its truncation would cut by other rules: both are switched off.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Internal(format!("switching truncation off: {e}")))?;
         let eos = inner.token_to_id("</s>").ok_or_else(|| {
             Error::format(format!(
                 "{}: the tokenizer has no `</s>` token (not a T5 tokenizer?)",

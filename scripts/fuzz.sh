@@ -7,6 +7,7 @@
 #   scripts/fuzz.sh corpus TARGET     add what fuzzing found (fuzz/out/TARGET) to the committed
 #                                     corpus: afl-cmin, then the smallest files, at most
 #                                     BC_FUZZ_CORPUS_KB (default 200) KB and 500 files
+#   scripts/fuzz.sh list              print the target names, one a line
 #
 # Installs cargo-afl (which builds AFL++ from source) when missing, builds the harness in
 # fuzz/target, seeds each run from fuzz/corpus/TARGET and keeps AFL's state in
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 AFL_VERSION=0.18.2
 
-usage() { sed -n '4,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '4,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 
 install_tooling() {
@@ -104,6 +105,7 @@ merge_corpus() {
 }
 
 if [ "$1" = build ]; then install_tooling; build; exit 0; fi
+if [ "$1" = list ]; then targets; exit 0; fi
 if [ "$1" = corpus ]; then
   [ $# -eq 2 ] || usage
   install_tooling

@@ -165,3 +165,20 @@ fn a_tokenizer_file_does_not_choose_the_encoding_length() {
         blockcascade::fuzz_targets::tokenizer(&std::fs::read(path).unwrap()).unwrap();
     }
 }
+
+/// Found by fuzzing `tokenizer`: the tokenizers crate panics on a syntax error inside the
+/// `decoder` value, on a precompiled character map that is not base64, and (in the
+/// `spm_precompiled` crate) on a map whose trie points outside itself. Each is a format error.
+#[test]
+fn tokenizer_files_that_make_the_tokenizers_crate_panic_are_format_errors() {
+    ALLOC.set_input_len(MAX_INPUT);
+    for name in [
+        "err-invalid-json-in-decoder",
+        "err-precompiled-map-not-base64",
+        "err-precompiled-trie-out-of-bounds",
+    ] {
+        let path = root().join("regressions/tokenizer").join(name);
+        let e = blockcascade::fuzz_targets::tokenizer(&std::fs::read(path).unwrap()).unwrap_err();
+        assert!(matches!(e, blockcascade::Error::Format(_)), "{name}: {e:?}");
+    }
+}

@@ -3,6 +3,8 @@
 
 use super::clean::clean_prompt;
 use crate::{Error, Result};
+use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 /// Ids of the toy tokenizer's special tokens (umT5's are the same: pad 0, `</s>` 1, unk 2).
@@ -76,12 +78,17 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         // Read first, so that a missing or unreadable file is an I/O error with its path.
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+        let bad = |e: &dyn std::fmt::Display| {
             Error::format(format!(
                 "{}: not a valid Hugging Face tokenizer.json: {e}",
                 path.display()
             ))
-        })?;
+        };
+        // JSON syntax first: the tokenizers crate panics on some syntax errors.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| bad(&e))?;
+        let mut inner = contained(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|e| bad(&e))?
+            .map_err(|e| bad(&e))?;
         // `encode` truncates and appends `</s>` itself. The file's own padding would pad before
         // `</s>` to a length the file chooses (a `Fixed` length of 10^11 is a 400 GB
         // allocation), and its truncation would cut by other rules: both are switched off.
@@ -121,8 +128,8 @@ impl Tokenizer {
             Tokenizer::Hf { inner, eos, .. } => {
                 // Without the post-processor: `</s>` is appended here, after truncation, whether
                 // or not the file's template adds it.
-                let enc = inner
-                    .encode(cleaned.as_str(), false)
+                let enc = contained(|| inner.encode(cleaned.as_str(), false))
+                    .map_err(|e| Error::format(format!("tokenizer: {e}")))?
                     .map_err(|e| Error::invalid(format!("tokenizer: {e}")))?;
                 (enc.get_ids().iter().map(|&i| i as i64).collect(), *eos)
             }
@@ -139,4 +146,33 @@ impl Tokenizer {
         ids.push(eos as i64);
         Ok(ids)
     }
+}
+
+thread_local! {
+    static IN_TOKENIZERS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread is inside a call into the `tokenizers` crate, where a panic is
+/// contained and becomes an error (for a panic hook that must tell contained panics from bugs,
+/// such as the fuzz harness's).
+pub fn in_tokenizers_call() -> bool {
+    IN_TOKENIZERS.with(Cell::get)
+}
+
+/// Runs `f`, a call into the `tokenizers` crate (and the `spm_precompiled` character maps it
+/// reads), with its panics contained: that code indexes and `expect`s its way through some
+/// malformed `tokenizer.json` files (an invalid precompiled character map, for one), which
+/// must be an error here, not a crash. The panic's message is the error.
+fn contained<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let outer = IN_TOKENIZERS.with(|c| c.replace(true));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    IN_TOKENIZERS.with(|c| c.set(outer));
+    r.map_err(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        format!("the tokenizers library failed on this file ({msg})")
+    })
 }

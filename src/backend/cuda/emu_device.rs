@@ -11,7 +11,7 @@
 //! allocations (an out-of-range pointer is an error, not a stray host write); kernel launches
 //! are `unsafe`, as on a GPU.
 
-use super::dev_types::{DevPtr, Epilogue, OutType};
+use super::dev_types::{DevPtr, Epilogue, GemmArgs, OutType};
 use crate::kernels::emu::{dims, launch_raw};
 use crate::kernels::Kernel;
 use crate::{Error, Result};
@@ -270,29 +270,6 @@ pub enum EmuOp {
         /// Bytes.
         bytes: usize,
     },
-}
-
-/// Arguments of a GEMM (see `Gpu::gemm`).
-#[derive(Clone, Copy, Debug)]
-pub struct GemmArgs {
-    /// bf16 `[rows, inp]`.
-    pub x: DevPtr,
-    /// bf16 `[out, inp]`.
-    pub w: DevPtr,
-    /// f32 `[out]` or 0.
-    pub bias: DevPtr,
-    /// Output `[rows, out]`.
-    pub d: DevPtr,
-    /// Rows.
-    pub rows: usize,
-    /// Input features.
-    pub inp: usize,
-    /// Output features.
-    pub out: usize,
-    /// Output type.
-    pub ty: OutType,
-    /// Epilogue.
-    pub ep: Epilogue,
 }
 
 /// Host memory, the op recorder and the two streams of an emulated device.

@@ -1,6 +1,10 @@
-//! cuBLASLt GEMMs: plans per shape and fused epilogue, the workspace.
+//! cuBLASLt GEMMs on the driver device: plans per shape and fused epilogue, the workspace.
 
-use super::*;
+use super::driver::{lt_err, DriverDevice};
+use crate::backend::cuda::dev_types::{Epilogue, GemmArgs, OutType};
+use crate::{Error, Result};
+use cudarc::cublaslt::{result as lt, sys as ltsys};
+use std::ffi::c_void;
 
 pub(super) struct GemmPlan {
     desc: ltsys::cublasLtMatmulDesc_t,
@@ -13,7 +17,7 @@ pub(super) struct GemmPlan {
 /// Destroys a plan's cuBLASLt handles (null ones skipped).
 pub(super) fn destroy_plan(p: &GemmPlan) {
     // SAFETY: every non-null handle was created for this plan and is destroyed once (plans
-    // are destroyed when dropped from `Gpu::plans` or when their construction fails).
+    // are destroyed when dropped from `DriverDevice::plans` or when their construction fails).
     unsafe {
         for l in [p.a, p.b, p.d] {
             if !l.is_null() {
@@ -40,62 +44,28 @@ pub fn unfused_gemm_shapes() -> usize {
     UNFUSED_GEMM_SHAPES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-impl Gpu {
-    /// `d[rows, out] = x[rows, inp] . w[out, inp]^T` with as much of `ep` (bias, GELU) fused
-    /// into cuBLASLt's epilogue as it has an algorithm for; x and w bf16 row-major, bias f32,
-    /// f32 accumulation; d bf16 or f32 with row stride `out`. Returns the epilogue that ran:
-    /// the rest (bias, GELU) is the caller's, see [`crate::backend::cuda::ops::gemm`] (`BC_NO_GEMM_EPILOGUE=1`
-    /// / `BC_NO_GELU_EPILOGUE=1` fuse less). A shape whose fused plan fails is remembered
-    /// (counted in [`unfused_gemm_shapes`]); plans are made on the first call of a shape,
-    /// which is always an eager warm-up launch, never inside a graph capture.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_fused(
-        &mut self,
-        x: DevPtr,
-        w: DevPtr,
-        bias: DevPtr,
-        d: DevPtr,
-        rows: usize,
-        inp: usize,
-        out: usize,
-        ty: OutType,
-        ep: Epilogue,
-    ) -> Result<Epilogue> {
-        if rows == 0 {
-            return Ok(ep);
-        }
-        let mut fused = match ep {
-            _ if !self.fused_epilogues => Epilogue::None,
-            Epilogue::GeluBias if !self.gelu_epilogue => Epilogue::Bias,
-            e => e,
-        };
-        // Without an algorithm for GELU+bias try bias alone, then a plain GEMM.
-        while fused != Epilogue::None
-            && self.emu.is_none()
-            && self.plan_for(rows, inp, out, ty, fused)?.is_none()
+impl DriverDevice {
+    /// `a` with as much of its epilogue (`a.ep`: bias, GELU) fused into cuBLASLt's as it has
+    /// an algorithm for: without one for GELU+bias, bias alone, then a plain GEMM. Returns the
+    /// epilogue that ran. A shape whose fused plan fails is remembered (counted in
+    /// [`unfused_gemm_shapes`]); plans are made on the first call of a shape, which is always
+    /// an eager warm-up launch, never inside a graph capture.
+    pub(super) fn gemm(&mut self, a: GemmArgs) -> Result<Epilogue> {
+        let mut fused = a.ep;
+        while fused != Epilogue::None && self.plan_for(a.rows, a.inp, a.out, a.ty, fused)?.is_none()
         {
             fused = match fused {
                 Epilogue::GeluBias => Epilogue::Bias,
                 _ => Epilogue::None,
             };
         }
-        self.matmul(GemmArgs {
-            x,
-            w,
-            bias,
-            d,
-            rows,
-            inp,
-            out,
-            ty,
-            ep: fused,
-        })?;
+        self.matmul(GemmArgs { ep: fused, ..a }.bias_if_used())?;
         Ok(fused)
     }
 
     /// The plan of a GEMM shape with a fused epilogue (made on first use; `None` when
     /// cuBLASLt has no algorithm for it). Plain GEMMs (`Epilogue::None`) must have one.
-    pub(super) fn plan_for(
+    fn plan_for(
         &mut self,
         rows: usize,
         inp: usize,
@@ -121,23 +91,18 @@ impl Gpu {
         Ok(self.plans.get(&key).and_then(Option::as_ref))
     }
 
-    /// One cuBLASLt matmul with epilogue `a.ep` (its plan must exist for a fused epilogue),
-    /// or the emulated GEMM.
-    pub(super) fn matmul(&mut self, a: GemmArgs) -> Result<()> {
-        let bias = if a.ep == Epilogue::None { 0 } else { a.bias };
-        if let Some(e) = &self.emu {
-            return e.gemm(GemmArgs { bias, ..a });
-        }
+    /// One cuBLASLt matmul with epilogue `a.ep` (its plan must exist for a fused epilogue).
+    fn matmul(&mut self, a: GemmArgs) -> Result<()> {
         let GemmArgs {
             x,
             w,
+            bias,
             d,
             rows,
             inp,
             out,
             ty,
             ep,
-            ..
         } = a;
         if (x | w | d) % 16 != 0 {
             return Err(Error::Internal(format!(
@@ -186,7 +151,7 @@ impl Gpu {
         }
     }
 
-    pub(super) fn plan(
+    fn plan(
         &self,
         rows: usize,
         inp: usize,

@@ -1,6 +1,8 @@
-//! CUDA graphs: capture on the compute stream, instantiate, replay.
+//! CUDA graphs on the driver device: capture on the compute stream, instantiate, replay.
 
-use super::*;
+use super::driver::{dev_err, DriverDevice};
+use crate::Result;
+use cudarc::driver::{result as drv, sys};
 
 /// Graph launches in this process (every device), so tests can tell that graphs are used.
 pub(super) static GRAPH_REPLAYS: std::sync::atomic::AtomicUsize =
@@ -12,12 +14,21 @@ pub fn graph_replays() -> usize {
     GRAPH_REPLAYS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-impl Gpu {
-    /// Begins capturing the stream into a graph.
-    pub fn begin_capture(&self) -> Result<()> {
-        if let Some(e) = &self.emu {
-            return e.begin_capture();
+/// An instantiated CUDA graph, destroyed on drop.
+pub(super) struct DriverGraph(sys::CUgraphExec);
+
+impl Drop for DriverGraph {
+    fn drop(&mut self) {
+        // SAFETY: created by `DriverDevice::end_capture`, destroyed once.
+        unsafe {
+            let _ = drv::graph::exec_destroy(self.0);
         }
+    }
+}
+
+impl DriverDevice {
+    /// Begins capturing the compute stream into a graph.
+    pub(super) fn begin_capture(&self) -> Result<()> {
         // SAFETY: valid stream.
         unsafe {
             drv::stream::begin_capture(
@@ -29,31 +40,18 @@ impl Gpu {
     }
 
     /// Ends the capture and instantiates the graph.
-    pub fn end_capture(&self) -> Result<Graph> {
-        if let Some(e) = &self.emu {
-            return Ok(Graph {
-                exec: std::ptr::null_mut(),
-                emu_ops: Some(e.end_capture()?),
-            });
-        }
+    pub(super) fn end_capture(&self) -> Result<DriverGraph> {
         // SAFETY: the stream is capturing.
         unsafe {
             let g = drv::stream::end_capture(self.stream).map_err(dev_err("cuStreamEndCapture"))?;
             let exec = drv::graph::instantiate(g, sys::CUgraphInstantiate_flags(0));
             let _ = drv::graph::destroy(g);
-            let exec = exec.map_err(dev_err("cuGraphInstantiate"))?;
-            Ok(Graph {
-                exec,
-                emu_ops: None,
-            })
+            Ok(DriverGraph(exec.map_err(dev_err("cuGraphInstantiate"))?))
         }
     }
 
     /// Ends a capture that failed half-way (errors ignored).
-    pub fn abort_capture(&self) {
-        if let Some(e) = &self.emu {
-            return e.abort_capture();
-        }
+    pub(super) fn abort_capture(&self) {
         // SAFETY: valid stream; a graph, if any, is destroyed.
         unsafe {
             if let Ok(g) = drv::stream::end_capture(self.stream) {
@@ -64,35 +62,9 @@ impl Gpu {
         }
     }
 
-    /// Replays `graph` on the stream (counted in [`graph_replays`]).
-    pub fn replay(&self, graph: &Graph) -> Result<()> {
-        GRAPH_REPLAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(e) = &self.emu {
-            let ops = graph.emu_ops.as_deref().ok_or_else(|| {
-                Error::Device("a GPU graph replayed on an emulated device".into())
-            })?;
-            return e.replay(ops);
-        }
+    /// Replays `graph` on the compute stream.
+    pub(super) fn replay(&self, graph: &DriverGraph) -> Result<()> {
         // SAFETY: instantiated graph, valid stream.
-        unsafe { drv::graph::launch(graph.exec, self.stream) }.map_err(dev_err("cuGraphLaunch"))
-    }
-}
-
-/// An instantiated CUDA graph.
-pub struct Graph {
-    exec: sys::CUgraphExec,
-    /// The recorded ops of a graph captured on an emulated device.
-    emu_ops: Option<Vec<EmuOp>>,
-}
-
-impl Drop for Graph {
-    fn drop(&mut self) {
-        if self.exec.is_null() {
-            return;
-        }
-        // SAFETY: created by end_capture, destroyed once.
-        unsafe {
-            let _ = drv::graph::exec_destroy(self.exec);
-        }
+        unsafe { drv::graph::launch(graph.0, self.stream) }.map_err(dev_err("cuGraphLaunch"))
     }
 }

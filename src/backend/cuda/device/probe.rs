@@ -1,6 +1,9 @@
 //! Probing the driver and cuBLASLt, and listing the devices (without opening them).
 
-use super::*;
+use super::driver::dev_err;
+use crate::{Error, Result};
+use cudarc::cublaslt::sys as ltsys;
+use cudarc::driver::{result as drv, sys};
 
 /// What [`probe`] found.
 #[derive(Clone, Debug)]

@@ -1,0 +1,290 @@
+//! The driver device: one context, two streams, the kernel module loaded from the embedded
+//! fatbin, a cuBLASLt handle and workspace, raw device buffers and kernel launches.
+
+use super::gemm::{destroy_plan, GemmPlan, GEMM_WORKSPACE};
+use super::probe::probe;
+use crate::backend::cuda::dev_types::{DevPtr, Epilogue, OutType};
+use crate::kernels::{self, Kernel};
+use crate::{Error, Result};
+use cudarc::cublaslt::{result as lt, sys as ltsys};
+use cudarc::driver::{result as drv, sys};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+
+/// A driver error as an [`Error::Device`] naming the call.
+pub(super) fn dev_err(what: &'static str) -> impl Fn(drv::DriverError) -> Error {
+    move |e| Error::Device(format!("{what}: {e}"))
+}
+
+/// A cuBLASLt error as an [`Error::Device`] naming the call.
+pub(super) fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> Error {
+    move |e| Error::Device(format!("{what}: {e}"))
+}
+
+/// One GPU: context, streams, kernels, cuBLASLt handle and workspace, allocations.
+pub(super) struct DriverDevice {
+    pub(super) ctx: sys::CUcontext,
+    pub(super) dev: sys::CUdevice,
+    /// The stream every launch goes to.
+    pub(super) stream: sys::CUstream,
+    /// The stream peer copies go to (`Gpu::send_to_peer`), so they overlap the compute
+    /// stream; ordered with it by marks only.
+    pub(super) copy_stream: sys::CUstream,
+    module: sys::CUmodule,
+    funcs: HashMap<&'static str, sys::CUfunction>,
+    pub(super) lt: ltsys::cublasLtHandle_t,
+    pub(super) workspace: DevPtr,
+    /// cuBLASLt plans by (rows, inp, out, output type, fused epilogue); `None`: cuBLASLt has
+    /// no algorithm for that epilogue (the bias / GELU then run as a kernel).
+    pub(super) plans: HashMap<(usize, usize, usize, OutType, Epilogue), Option<GemmPlan>>,
+    allocs: Vec<DevPtr>,
+}
+
+// SAFETY: a `DriverDevice` owns its handles (retained primary context, streams, module,
+// cuBLASLt handle, allocations) and none of them is tied to the thread that created it: every
+// method that talks to the driver runs in this device's context, which `open` makes current
+// and callers re-establish with `Gpu::bind` before using the device on a thread (the CUDA
+// backend binds whenever it takes a cached device and before each forward); `Drop` makes the
+// context current itself. It is not `Sync`, so moving it to another thread (the process-wide
+// weight cache) never shares it between threads.
+unsafe impl Send for DriverDevice {}
+
+impl DriverDevice {
+    /// Opens device `ordinal`: probes, creates the context and streams, loads the fatbin.
+    /// Returns the device and its name.
+    pub(super) fn open(ordinal: usize) -> Result<(DriverDevice, String)> {
+        let fatbin =
+            kernels::fatbin().ok_or_else(|| Error::Unsupported(kernels::NOT_BUILT.into()))?;
+        let info = probe()?;
+        if ordinal >= info.devices {
+            return Err(Error::Device(format!(
+                "device {ordinal} requested but only {} CUDA device(s) found",
+                info.devices
+            )));
+        }
+        let dev = drv::device::get(ordinal as i32).map_err(dev_err("cuDeviceGet"))?;
+        let name = drv::device::get_name(dev).unwrap_or_else(|_| "unknown".into());
+        // SAFETY: valid device; the primary context is released in Drop.
+        let ctx = unsafe { drv::primary_ctx::retain(dev) }
+            .map_err(dev_err("cuDevicePrimaryCtxRetain"))?;
+        // From here on `d` owns every handle: Drop releases what was created if a later step
+        // fails (it skips the null ones).
+        let mut d = DriverDevice {
+            ctx,
+            dev,
+            stream: std::ptr::null_mut(),
+            copy_stream: std::ptr::null_mut(),
+            module: std::ptr::null_mut(),
+            funcs: HashMap::new(),
+            lt: std::ptr::null_mut(),
+            workspace: 0,
+            plans: HashMap::new(),
+            allocs: Vec::new(),
+        };
+        // SAFETY: ctx was just retained.
+        unsafe { drv::ctx::set_current(ctx) }.map_err(dev_err("cuCtxSetCurrent"))?;
+        d.copy_stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+            .map_err(dev_err("cuStreamCreate"))?;
+        d.stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+            .map_err(dev_err("cuStreamCreate"))?;
+        d.load_kernels(fatbin)?;
+        d.lt = lt::create_handle().map_err(lt_err("cublasLtCreate"))?;
+        d.workspace = d.alloc(GEMM_WORKSPACE)?;
+        Ok((d, name))
+    }
+
+    /// Loads the fatbin and looks up every kernel of the library but the emulation-only test
+    /// kernel, opting in to large dynamic shared memory where a kernel needs it.
+    fn load_kernels(&mut self, fatbin: &'static [u8]) -> Result<()> {
+        // SAFETY: the fatbin is 16-byte aligned and lives for the whole program.
+        self.module = unsafe { drv::module::load_data(fatbin.as_ptr() as *const c_void) }
+            .map_err(|e| {
+                Error::Device(format!(
+                    "cuModuleLoadData: {e} (the fatbin holds sm_80/sm_90a cubins and compute_80 PTX; an older driver may reject CUDA 13 PTX)"
+                ))
+            })?;
+        for k in Kernel::ALL.into_iter().filter(|&k| k != Kernel::TestSync) {
+            let cname = CString::new(k.name())
+                .map_err(|_| Error::Internal(format!("kernel name {}", k.name())))?;
+            // SAFETY: module is loaded.
+            let f = unsafe { drv::module::get_function(self.module, cname) }.map_err(|e| {
+                Error::Device(format!("kernel {} not in the fatbin: {e}", k.name()))
+            })?;
+            let dyn_smem = k.dynamic_smem_bytes();
+            if dyn_smem > 0 {
+                // Above 48 KB of dynamic shared memory a kernel must opt in.
+                // SAFETY: f was just loaded.
+                unsafe {
+                    drv::function::set_function_attribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        dyn_smem as i32,
+                    )
+                }
+                .map_err(|e| {
+                    Error::Device(format!(
+                        "{} needs {dyn_smem} bytes of shared memory, more than this device allows: {e}",
+                        k.name()
+                    ))
+                })?;
+                // Prefer the largest shared-memory carveout, so that two such blocks fit on an
+                // SM where the chip allows it (a hint: the driver may still choose otherwise).
+                // SAFETY: as above.
+                let _ = unsafe {
+                    drv::function::set_function_attribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                        100,
+                    )
+                };
+            }
+            self.funcs.insert(k.name(), f);
+        }
+        Ok(())
+    }
+
+    /// Makes this device's context current on the calling thread.
+    pub(super) fn bind(&self) -> Result<()> {
+        // SAFETY: ctx is retained for the lifetime of self.
+        unsafe { drv::ctx::set_current(self.ctx) }.map_err(dev_err("cuCtxSetCurrent"))
+    }
+
+    /// (free, total) device memory in bytes.
+    pub(super) fn mem_info(&self) -> Result<(usize, usize)> {
+        // This device's numbers, whatever context the caller left current.
+        self.bind()?;
+        drv::mem_get_info().map_err(dev_err("cuMemGetInfo"))
+    }
+
+    /// Allocates `bytes` of device memory, freed with the device.
+    pub(super) fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
+        // On this device, whatever context the caller left current (several devices are
+        // driven from one thread).
+        self.bind()?;
+        // SAFETY: plain allocation in this device's context.
+        let p = unsafe { drv::malloc_sync(bytes) }.map_err(|e| {
+            let free = self.mem_info().map(|m| m.0).unwrap_or(0);
+            Error::OutOfMemory(format!(
+                "cuMemAlloc of {bytes} bytes failed ({e}); {free} bytes free on the device"
+            ))
+        })?;
+        self.allocs.push(p);
+        Ok(p)
+    }
+
+    /// Frees an allocation made by [`DriverDevice::alloc`] (an unknown pointer is an error).
+    pub(super) fn free(&mut self, ptr: DevPtr) -> Result<()> {
+        let i =
+            self.allocs.iter().position(|&p| p == ptr).ok_or_else(|| {
+                Error::Internal(format!("free of unknown device pointer {ptr:#x}"))
+            })?;
+        self.allocs.swap_remove(i);
+        self.bind()?;
+        // SAFETY: `ptr` came from cuMemAlloc on this context (it was in `allocs`, removed
+        // above, so it is freed exactly once).
+        unsafe { drv::free_sync(ptr) }.map_err(dev_err("cuMemFree"))
+    }
+
+    /// Copies `src` to device memory at `dst`, asynchronously on the stream.
+    pub(super) fn upload<T: Copy>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
+        // SAFETY: dst was allocated with at least src's size by the caller.
+        unsafe { drv::memcpy_htod_async(dst, src, self.stream) }
+            .map_err(dev_err("cuMemcpyHtoDAsync"))
+    }
+
+    /// Copies device memory at `src` into `dst` and waits for it.
+    pub(super) fn download<T: Copy>(&self, dst: &mut [T], src: DevPtr) -> Result<()> {
+        // SAFETY: src holds at least dst's size (caller's contract); synchronised below.
+        unsafe { drv::memcpy_dtoh_async(dst, src, self.stream) }
+            .map_err(dev_err("cuMemcpyDtoHAsync"))?;
+        self.sync()
+    }
+
+    /// Sets `bytes` bytes at `dst` to `value`.
+    pub(super) fn memset(&self, dst: DevPtr, value: u8, bytes: usize) -> Result<()> {
+        // SAFETY: dst holds `bytes` bytes (caller's contract).
+        unsafe { drv::memset_d8_async(dst, value, bytes, self.stream) }
+            .map_err(dev_err("cuMemsetD8Async"))
+    }
+
+    /// Device-to-device copy of `bytes` bytes.
+    pub(super) fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        // SAFETY: both hold `bytes` bytes (caller's contract).
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }
+            .map_err(dev_err("cuMemcpyDtoDAsync"))
+    }
+
+    /// Launches `kernel` with a params struct passed by value.
+    ///
+    /// # Safety
+    /// As `Gpu::launch`.
+    pub(super) unsafe fn launch<P>(
+        &self,
+        kernel: Kernel,
+        grid: [u32; 3],
+        block: u32,
+        p: &P,
+    ) -> Result<()> {
+        let f = *self
+            .funcs
+            .get(kernel.name())
+            .ok_or_else(|| Error::Internal(format!("kernel {} was not loaded", kernel.name())))?;
+        let mut args = [p as *const P as *mut c_void];
+        drv::launch_kernel(
+            f,
+            (grid[0], grid[1], grid[2]),
+            (block, 1, 1),
+            kernel.dynamic_smem_bytes(),
+            self.stream,
+            &mut args,
+        )
+        .map_err(|e| Error::Device(format!("launching {}: {e}", kernel.name())))
+    }
+
+    /// Number of streaming multiprocessors.
+    pub(super) fn sm_count(&self) -> i32 {
+        // SAFETY: valid device.
+        unsafe {
+            drv::device::get_attribute(
+                self.dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .unwrap_or(0)
+        }
+    }
+}
+
+impl Drop for DriverDevice {
+    fn drop(&mut self) {
+        // SAFETY: every handle below was created by this struct and is destroyed once; null
+        // ones (an `open` that failed part-way) are skipped.
+        unsafe {
+            let _ = drv::ctx::set_current(self.ctx);
+            for s in [self.copy_stream, self.stream] {
+                if !s.is_null() {
+                    let _ = drv::stream::synchronize(s);
+                }
+            }
+            for (_, p) in self.plans.drain() {
+                if let Some(p) = p {
+                    destroy_plan(&p);
+                }
+            }
+            if !self.lt.is_null() {
+                let _ = lt::destroy_handle(self.lt);
+            }
+            for p in self.allocs.drain(..) {
+                let _ = drv::free_sync(p);
+            }
+            if !self.module.is_null() {
+                let _ = drv::module::unload(self.module);
+            }
+            for s in [self.copy_stream, self.stream] {
+                if !s.is_null() {
+                    let _ = drv::stream::destroy(s);
+                }
+            }
+            let _ = drv::primary_ctx::release(self.dev);
+        }
+    }
+}

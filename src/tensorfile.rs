@@ -88,185 +88,34 @@ impl TensorFile {
     }
 
     fn open_impl(path: &Path, skip_i64: bool) -> Result<Self> {
-        // A directory, FIFO or device is refused before opening it (opening a FIFO would block
-        // until some other process writes to it).
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "not a regular file (a directory, FIFO or device); expected a safetensors file",
-                ),
-            ));
-        }
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only; a concurrent truncation by another process could fault,
-        // which is the documented limitation of memory-mapped model files.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bad = |m: String| {
-            Error::format(format!(
-                "{}: not a valid safetensors file: {m}",
-                path.display()
-            ))
-        };
-        if map.len() < 8 {
-            return Err(bad(format!(
-                "{} bytes is too short for a header",
-                map.len()
-            )));
-        }
-        let mut n8 = [0u8; 8];
-        n8.copy_from_slice(&map[..8]);
-        let n = u64::from_le_bytes(n8);
-        if n > (map.len() - 8) as u64 || n > 100 << 20 {
-            return Err(bad(format!(
-                "header length {n} exceeds the file size {} (truncated file?)",
-                map.len()
-            )));
-        }
-        let data_start = 8 + n as usize;
-        let header: HeaderEntries = serde_json::from_slice(&map[8..data_start])
-            .map_err(|e| bad(format!("header JSON: {e}")))?;
+        let map = map_regular_file(path)?;
+        let bad = |m: String| invalid(path, m);
+        let (header, data_start) = read_header(&map, bad)?;
         let data_len = map.len() - data_start;
         let mut tensors = BTreeMap::new();
-        let mut metadata = BTreeMap::new();
-        let mut seen_metadata = false;
+        let mut metadata = None;
         for (name, v) in header.0 {
             if name == "__metadata__" {
-                if std::mem::replace(&mut seen_metadata, true) {
+                if metadata.is_some() {
                     return Err(bad("`__metadata__` appears twice in the header".into()));
                 }
-                let m = v.as_object().ok_or_else(|| {
-                    bad(format!(
-                        "`__metadata__` must be an object of strings, got {}",
-                        json_brief(&v)
-                    ))
-                })?;
-                for (k, v) in m {
-                    let s = v.as_str().ok_or_else(|| {
-                        bad(format!(
-                            "`__metadata__` value `{k}` must be a string, got {}",
-                            json_brief(v)
-                        ))
-                    })?;
-                    metadata.insert(k.clone(), s.to_string());
-                }
+                metadata = Some(parse_metadata(&v, bad)?);
                 continue;
             }
             if tensors.contains_key(&name) {
                 return Err(bad(format!("tensor `{name}` appears twice in the header")));
             }
-            let entry = v.as_object().ok_or_else(|| {
-                bad(format!(
-                    "tensor `{name}`: the entry must be an object with dtype, shape and data_offsets, got {}",
-                    json_brief(&v)
-                ))
-            })?;
-            let skip = skip_i64 && entry.get("dtype").and_then(|d| d.as_str()) == Some("I64");
-            let dtype = match entry.get("dtype") {
-                None => return Err(bad(format!("tensor `{name}` has no dtype"))),
-                // Sized like F32 below, then checked with its 8-byte size and dropped.
-                Some(_) if skip => Dtype::F32,
-                Some(d) => d.as_str().and_then(Dtype::parse).ok_or_else(|| {
-                    bad(format!(
-                        "tensor `{name}` has unsupported dtype {} (F32, BF16, F16 are supported)",
-                        d.as_str().map_or_else(|| json_brief(d), str::to_string)
-                    ))
-                })?,
-            };
-            let dt = dtype.name();
-            let shape: Vec<usize> = entry
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-                .ok_or_else(|| {
-                    bad(format!(
-                        "tensor `{name}` has no valid shape (a list of non-negative integers), got {}",
-                        entry.get("shape").map_or_else(|| "none".into(), json_brief)
-                    ))
-                })?;
-            let off: Vec<usize> = entry
-                .get("data_offsets")
-                .and_then(|s| s.as_array())
-                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-                .filter(|o: &Vec<usize>| o.len() == 2)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "tensor `{name}` has no valid data_offsets (two non-negative integers [begin, end]), got {}",
-                        entry
-                            .get("data_offsets")
-                            .map_or_else(|| "none".into(), json_brief)
-                    ))
-                })?;
-            let (start, end) = (off[0], off[1]);
-            // The byte count, and the element count even when a dimension is 0, must be a valid
-            // allocation size, so that nothing computed from the shape can overflow.
-            let elem = if skip { 8 } else { dtype.size() };
-            let want = shape.iter().try_fold(elem, |a, &b| a.checked_mul(b));
-            let nonzero = shape
-                .iter()
-                .filter(|&&d| d != 0)
-                .try_fold(elem, |a, &b| a.checked_mul(b));
-            let want = match (want, nonzero) {
-                (Some(w), Some(nz)) if nz <= isize::MAX as usize => w,
-                _ => {
-                    return Err(bad(format!(
-                        "tensor `{name}` shape {shape:?} overflows the address space"
-                    )))
-                }
-            };
-            if start > end {
-                return Err(bad(format!(
-                    "tensor `{name}` has reversed data_offsets [{start}, {end}]"
-                )));
-            }
-            if end > data_len {
-                return Err(bad(format!(
-                    "tensor `{name}` data [{start}, {end}) lies outside the {data_len} data bytes (truncated file?)"
-                )));
-            }
-            if end - start != want {
-                let dt = if skip { "I64" } else { dt };
-                return Err(bad(format!(
-                    "tensor `{name}` holds {} bytes but shape {shape:?} {dt} needs {want}",
-                    end - start
-                )));
-            }
-            if skip {
-                continue;
-            }
-            tensors.insert(
-                name,
-                TensorInfo {
-                    dtype,
-                    shape,
-                    start,
-                    end,
-                },
-            );
-        }
-        // Two tensors must not share bytes (a corrupt or hostile header).
-        let mut ranges: Vec<(usize, usize, &str)> = tensors
-            .iter()
-            .filter(|(_, t)| t.end > t.start)
-            .map(|(n, t)| (t.start, t.end, n.as_str()))
-            .collect();
-        ranges.sort_unstable();
-        for w in ranges.windows(2) {
-            if w[1].0 < w[0].1 {
-                return Err(bad(format!(
-                    "tensors `{}` [{}, {}) and `{}` [{}, {}) overlap",
-                    w[0].2, w[0].0, w[0].1, w[1].2, w[1].0, w[1].1
-                )));
+            if let Some(info) = parse_entry(&name, &v, skip_i64, data_len, bad)? {
+                tensors.insert(name, info);
             }
         }
+        check_no_overlap(&tensors, bad)?;
         Ok(TensorFile {
             path: path.to_path_buf(),
             map,
             data_start,
             tensors,
-            metadata,
+            metadata: metadata.unwrap_or_default(),
         })
     }
 
@@ -335,6 +184,197 @@ impl TensorFile {
                 .collect(),
         }
     }
+}
+
+/// The format error of an invalid safetensors file at `path`.
+fn invalid(path: &Path, m: String) -> Error {
+    Error::format(format!(
+        "{}: not a valid safetensors file: {m}",
+        path.display()
+    ))
+}
+
+/// Memory-maps `path`, which must be a regular file: a directory, FIFO or device is refused
+/// before opening it (opening a FIFO would block until some other process writes to it).
+fn map_regular_file(path: &Path) -> Result<memmap2::Mmap> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file (a directory, FIFO or device); expected a safetensors file",
+            ),
+        ));
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only; a concurrent truncation by another process could fault,
+    // which is the documented limitation of memory-mapped model files.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// The header's entries in file order and where the data starts, after checking the header
+/// length against the file (and a 100 MiB cap) before reading it.
+fn read_header(map: &[u8], bad: impl Fn(String) -> Error) -> Result<(HeaderEntries, usize)> {
+    if map.len() < 8 {
+        return Err(bad(format!(
+            "{} bytes is too short for a header",
+            map.len()
+        )));
+    }
+    let mut n8 = [0u8; 8];
+    n8.copy_from_slice(&map[..8]);
+    let n = u64::from_le_bytes(n8);
+    if n > (map.len() - 8) as u64 || n > 100 << 20 {
+        return Err(bad(format!(
+            "header length {n} exceeds the file size {} (truncated file?)",
+            map.len()
+        )));
+    }
+    let data_start = 8 + n as usize;
+    let header: HeaderEntries = serde_json::from_slice(&map[8..data_start])
+        .map_err(|e| bad(format!("header JSON: {e}")))?;
+    Ok((header, data_start))
+}
+
+/// The `__metadata__` entry: an object of strings.
+fn parse_metadata(
+    v: &serde_json::Value,
+    bad: impl Fn(String) -> Error,
+) -> Result<BTreeMap<String, String>> {
+    let m = v.as_object().ok_or_else(|| {
+        bad(format!(
+            "`__metadata__` must be an object of strings, got {}",
+            json_brief(v)
+        ))
+    })?;
+    let mut metadata = BTreeMap::new();
+    for (k, v) in m {
+        let s = v.as_str().ok_or_else(|| {
+            bad(format!(
+                "`__metadata__` value `{k}` must be a string, got {}",
+                json_brief(v)
+            ))
+        })?;
+        metadata.insert(k.clone(), s.to_string());
+    }
+    Ok(metadata)
+}
+
+/// A list of exactly `len` (any, when `None`) non-negative integers.
+fn usize_list(v: Option<&serde_json::Value>, len: Option<usize>) -> Option<Vec<usize>> {
+    v.and_then(|s| s.as_array())
+        .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+        .filter(|o: &Vec<usize>| len.is_none_or(|n| o.len() == n))
+}
+
+/// One tensor entry of the header, checked against the `data_len` data bytes: dtype, shape,
+/// offsets, and a byte count that matches the shape. `None` for an `I64` tensor skipped with
+/// `skip_i64` (checked with its 8-byte size, then left out).
+fn parse_entry(
+    name: &str,
+    v: &serde_json::Value,
+    skip_i64: bool,
+    data_len: usize,
+    bad: impl Fn(String) -> Error,
+) -> Result<Option<TensorInfo>> {
+    let entry = v.as_object().ok_or_else(|| {
+        bad(format!(
+            "tensor `{name}`: the entry must be an object with dtype, shape and data_offsets, got {}",
+            json_brief(v)
+        ))
+    })?;
+    let skip = skip_i64 && entry.get("dtype").and_then(|d| d.as_str()) == Some("I64");
+    let dtype = match entry.get("dtype") {
+        None => return Err(bad(format!("tensor `{name}` has no dtype"))),
+        // Sized like F32 below, then checked with its 8-byte size and dropped.
+        Some(_) if skip => Dtype::F32,
+        Some(d) => d.as_str().and_then(Dtype::parse).ok_or_else(|| {
+            bad(format!(
+                "tensor `{name}` has unsupported dtype {} (F32, BF16, F16 are supported)",
+                d.as_str().map_or_else(|| json_brief(d), str::to_string)
+            ))
+        })?,
+    };
+    let shape = usize_list(entry.get("shape"), None).ok_or_else(|| {
+        bad(format!(
+            "tensor `{name}` has no valid shape (a list of non-negative integers), got {}",
+            entry.get("shape").map_or_else(|| "none".into(), json_brief)
+        ))
+    })?;
+    let off = usize_list(entry.get("data_offsets"), Some(2)).ok_or_else(|| {
+        bad(format!(
+            "tensor `{name}` has no valid data_offsets (two non-negative integers [begin, end]), got {}",
+            entry
+                .get("data_offsets")
+                .map_or_else(|| "none".into(), json_brief)
+        ))
+    })?;
+    let (start, end) = (off[0], off[1]);
+    // The byte count, and the element count even when a dimension is 0, must be a valid
+    // allocation size, so that nothing computed from the shape can overflow.
+    let elem = if skip { 8 } else { dtype.size() };
+    let want = shape.iter().try_fold(elem, |a, &b| a.checked_mul(b));
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(elem, |a, &b| a.checked_mul(b));
+    let want = match (want, nonzero) {
+        (Some(w), Some(nz)) if nz <= isize::MAX as usize => w,
+        _ => {
+            return Err(bad(format!(
+                "tensor `{name}` shape {shape:?} overflows the address space"
+            )))
+        }
+    };
+    if start > end {
+        return Err(bad(format!(
+            "tensor `{name}` has reversed data_offsets [{start}, {end}]"
+        )));
+    }
+    if end > data_len {
+        return Err(bad(format!(
+            "tensor `{name}` data [{start}, {end}) lies outside the {data_len} data bytes (truncated file?)"
+        )));
+    }
+    if end - start != want {
+        let dt = if skip { "I64" } else { dtype.name() };
+        return Err(bad(format!(
+            "tensor `{name}` holds {} bytes but shape {shape:?} {dt} needs {want}",
+            end - start
+        )));
+    }
+    if skip {
+        return Ok(None);
+    }
+    Ok(Some(TensorInfo {
+        dtype,
+        shape,
+        start,
+        end,
+    }))
+}
+
+/// Two tensors must not share bytes (a corrupt or hostile header).
+fn check_no_overlap(
+    tensors: &BTreeMap<String, TensorInfo>,
+    bad: impl Fn(String) -> Error,
+) -> Result<()> {
+    let mut ranges: Vec<(usize, usize, &str)> = tensors
+        .iter()
+        .filter(|(_, t)| t.end > t.start)
+        .map(|(n, t)| (t.start, t.end, n.as_str()))
+        .collect();
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(bad(format!(
+                "tensors `{}` [{}, {}) and `{}` [{}, {}) overlap",
+                w[0].2, w[0].0, w[0].1, w[1].2, w[1].0, w[1].1
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The top-level header object, in file order, duplicates kept (a JSON map would silently keep

@@ -1,7 +1,13 @@
 //! The launches of one joint forward on one device: patch embedding, each layer before and
 //! after the K/V exchange point, and the head.
 
-use super::*;
+use super::device::{Epilogue, OutType};
+use super::ops::{self, QkArgs, NULL};
+use super::tables::Shape;
+use super::{nvtx, CudaBackend};
+use crate::kernels::params::{BcKvSegment, BC_ACT_ROUND_BF16};
+use crate::model::CHANNELS;
+use crate::Result;
 
 /// The sizes and strides every layer launch uses.
 #[derive(Clone, Copy)]

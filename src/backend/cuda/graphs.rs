@@ -1,7 +1,9 @@
 //! CUDA graphs: one per window shape and part of a tick, run eagerly the first time
 //! (warm-up), captured the second, replayed after.
 
-use super::*;
+use super::device::Graph;
+use super::CudaBackend;
+use crate::Result;
 
 /// What a captured graph depends on besides device-memory contents: per member (frames,
 /// context), and the member runs that share a prompt in cross-attention.

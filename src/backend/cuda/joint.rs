@@ -1,7 +1,17 @@
 //! [`MultiCudaBackend`]: several logical devices; the joint exchange (peer copies of K/V in
 //! every layer).
 
-use super::*;
+use super::device::{self, DevPtr};
+use super::graphs::{GraphKey, Part};
+use super::tables::Shape;
+use super::{nvtx, CudaBackend, CudaOptions, ShapeKey, DOUBLE_KV_DEVICES};
+use crate::backend::Backend;
+use crate::config::GenerateOptions;
+use crate::model::{Member, Model};
+use crate::window;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 /// The CUDA backend over several logical devices (joint mode; see docs/multi-device.md): one
 /// [`CudaBackend`] per device (weights, activation buffers and KV cache replicated), members
@@ -160,31 +170,34 @@ pub(super) fn download_all(
         .collect()
 }
 
-impl Backend for MultiCudaBackend<'_> {
-    fn forward(
+/// `regions[src][dst]`: the runs `(byte offset, bytes)` of `src`'s K/V rows that `dst` reads,
+/// the same offsets in both devices' window buffers.
+type Regions = Vec<Vec<Vec<(u64, usize)>>>;
+
+/// Per device: the marks of one layer's exchange.
+type Marks = Vec<Option<device::Mark>>;
+
+impl MultiCudaBackend<'_> {
+    /// Every device's tick tables for the members placed on it (`placement[device]`).
+    fn prepare_devices(
         &mut self,
         members: &[Member],
-        blocks: &[usize],
-        tick: usize,
-    ) -> Result<Vec<Vec<f32>>> {
-        let _r = nvtx::range(|| nvtx::tick_label(tick, members));
-        if self.lag.is_some() {
-            return self.forward_lagged(members, blocks);
-        }
+        placement: &[Vec<usize>],
+    ) -> Result<(Vec<Shape>, Vec<ShapeKey>)> {
         let nd = self.devs.len();
-        let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
-        let placement = crate::cascade::place(&tokens, nd);
         let (mut shapes, mut keys) = (Vec::with_capacity(nd), Vec::with_capacity(nd));
-        for (dev, own) in self.devs.iter_mut().zip(&placement) {
+        for (dev, own) in self.devs.iter_mut().zip(placement) {
             dev.gpu.bind()?;
             let (s, k) = dev.prepare(members, Some(own), None)?;
             shapes.push(s);
             keys.push(k);
         }
-        let layers = self.devs[0].layers.len();
-        let row = (self.devs[0].model.config().dim * 2) as u64;
-        // Part 0: embedding and layer 0's q/k/v, on every device.
-        for ((dev, s), k) in self.devs.iter_mut().zip(&shapes).zip(&keys) {
+        Ok((shapes, keys))
+    }
+
+    /// Part 0 on every device: the embedding and layer 0's q/k/v.
+    fn launch_embedding(&mut self, shapes: &[Shape], keys: &[ShapeKey]) -> Result<()> {
+        for ((dev, s), k) in self.devs.iter_mut().zip(shapes).zip(keys) {
             dev.gpu.bind()?;
             let key = GraphKey {
                 shape: k.clone(),
@@ -196,14 +209,25 @@ impl Backend for MultiCudaBackend<'_> {
                 b.enqueue_pre(s, 0)
             })?;
         }
-        // What each device reads of its peers' rows: the members its own members attend to
-        // this tick (the shared visibility rule), and every context member (each device
-        // writes every context member's K/V into its own cache). Nothing else is copied, and
-        // a device waits only for the copies it reads: with causal attention the device of
-        // the earliest members needs nothing from the devices of later ones.
+        Ok(())
+    }
+
+    /// What each device reads of its peers' rows: the members its own members attend to this
+    /// tick (the shared visibility rule), and every context member (each device writes every
+    /// context member's K/V into its own cache). Nothing else is copied, and a device waits
+    /// only for the copies it reads: with causal attention the device of the earliest members
+    /// needs nothing from the devices of later ones. Adjacent rows are merged into one run.
+    fn exchange_regions(
+        &self,
+        members: &[Member],
+        placement: &[Vec<usize>],
+        shapes: &[Shape],
+    ) -> Result<Regions> {
+        let nd = self.devs.len();
+        let row = (self.devs[0].model.config().dim * 2) as u64;
         let geom = window::geometry(members, self.opts.height, self.opts.width)?;
         let tpf = (self.opts.height / 2) * (self.opts.width / 2);
-        let mut regions_to: Vec<Vec<Vec<(u64, usize)>>> = vec![vec![Vec::new(); nd]; nd];
+        let mut regions_to: Regions = vec![vec![Vec::new(); nd]; nd];
         for (dst, own) in placement.iter().enumerate() {
             let mut needs: Vec<bool> = members.iter().map(|m| m.context).collect();
             for &i in own {
@@ -225,93 +249,153 @@ impl Backend for MultiCudaBackend<'_> {
                 regions_to[src][dst] = runs;
             }
         }
-        // The exchange runs on each source device's copy stream, ordered by marks only, so a
-        // device computes on while its K/V travel and waits only for the rows it reads:
-        //   (1) a copy of layer li starts after its source computed layer li's K/V;
-        //   (2) it lands after the destination finished reading the rows it overwrites: the
-        //       peer rows of the same buffer, last read by the destination's attention of layer
-        //       li - 2 with double buffering (part li - 1), of layer li - 1 without (part li);
-        //   (3) a device runs layer li's attention (part li + 1) after every copy into it;
-        //   (4) a device overwrites its own rows in a buffer after its outgoing copies read
-        //       them: part li + 1 writes layer li + 1's K/V, into the buffer of layer li - 1
-        //       with double buffering (so it waits for the copies of layer li - 1), into the
-        //       one of layer li without (the copies of layer li).
-        // With double buffering a device with early members runs ahead of the devices that
-        // read its K/V, and the copies overlap compute instead of stopping every device.
+        Ok(regions_to)
+    }
+
+    /// Every layer: the K/V exchange of layer `li`, then part `li + 1` on every device. The
+    /// exchange runs on each source device's copy stream, ordered by marks only, so a device
+    /// computes on while its K/V travel and waits only for the rows it reads:
+    ///   (1) a copy of layer li starts after its source computed layer li's K/V;
+    ///   (2) it lands after the destination finished reading the rows it overwrites: the
+    ///       peer rows of the same buffer, last read by the destination's attention of layer
+    ///       li - 2 with double buffering (part li - 1), of layer li - 1 without (part li);
+    ///   (3) a device runs layer li's attention (part li + 1) after every copy into it;
+    ///   (4) a device overwrites its own rows in a buffer after its outgoing copies read
+    ///       them: part li + 1 writes layer li + 1's K/V, into the buffer of layer li - 1
+    ///       with double buffering (so it waits for the copies of layer li - 1), into the
+    ///       one of layer li without (the copies of layer li).
+    ///
+    /// With double buffering a device with early members runs ahead of the devices that read
+    /// its K/V, and the copies overlap compute instead of stopping every device.
+    fn run_layers(
+        &mut self,
+        regions_to: &Regions,
+        shapes: &[Shape],
+        keys: &[ShapeKey],
+    ) -> Result<()> {
+        let nd = self.devs.len();
+        let layers = self.devs[0].layers.len();
         let double: Vec<bool> = self.devs.iter().map(|d| d.kv_odd.is_some()).collect();
+        let mut done_prev: Marks = (0..nd).map(|_| None).collect();
+        let mut sent_prev: Marks = (0..nd).map(|_| None).collect();
+        for li in 0..layers {
+            let _r = nvtx::range(|| format!("layer {li} exchange"));
+            let done = self
+                .devs
+                .iter()
+                .map(|d| d.gpu.mark_compute())
+                .collect::<Result<Vec<_>>>()?;
+            let (sent, arrived) = self.send_layer(li, regions_to, &done, &done_prev, &double)?;
+            let own_sent: Vec<Option<&device::Mark>> = (0..nd)
+                .map(|d| if double[d] { &sent_prev[d] } else { &sent[d] }.as_ref())
+                .collect();
+            self.launch_layer(li, shapes, keys, &arrived, &own_sent)?;
+            done_prev = done.into_iter().map(Some).collect();
+            sent_prev = sent;
+        }
+        Ok(())
+    }
+
+    /// Queues the copies of layer `li`'s K/V (rules (1) and (2) of [`Self::run_layers`];
+    /// `done`: each device's compute mark after part `li`, `done_prev` after part `li - 1`).
+    /// Returns per device the end of all its outgoing copies (`sent`, none when it sends
+    /// nothing) and the ends of the copies into it (`arrived`).
+    fn send_layer(
+        &self,
+        li: usize,
+        regions_to: &Regions,
+        done: &[device::Mark],
+        done_prev: &[Option<device::Mark>],
+        double: &[bool],
+    ) -> Result<(Marks, Vec<Vec<device::Mark>>)> {
+        let nd = self.devs.len();
+        let mut sent: Marks = (0..nd).map(|_| None).collect();
+        let mut arrived: Vec<Vec<device::Mark>> = (0..nd).map(|_| Vec::new()).collect();
+        for (src, to) in regions_to.iter().enumerate() {
+            let sd = &self.devs[src];
+            let (sk, sv) = sd.kv_bufs(li);
+            for (dst, runs) in to.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+                let dd = &self.devs[dst];
+                let (dk, dv) = dd.kv_bufs(li);
+                let mut regions = Vec::with_capacity(2 * runs.len());
+                for &(off, bytes) in runs {
+                    regions.push((dk + off, sk + off, bytes));
+                    regions.push((dv + off, sv + off, bytes));
+                }
+                // (1) and (2).
+                let war = if double[dst] {
+                    done_prev[dst].as_ref()
+                } else {
+                    Some(&done[dst])
+                };
+                let after: Vec<&device::Mark> = std::iter::once(&done[src]).chain(war).collect();
+                arrived[dst].push(sd.gpu.send_to_peer(&dd.gpu, &regions, &after)?);
+            }
+            if to.iter().any(|r| !r.is_empty()) {
+                sent[src] = Some(sd.gpu.mark_copies()?);
+            }
+        }
+        Ok((sent, arrived))
+    }
+
+    /// Part `li + 1` on every device: layer `li`'s attention and FFN, then layer `li + 1`'s
+    /// q/k/v (or the head after the last layer), after the copies into the device
+    /// (`arrived`, rule (3)) and its own outgoing copies that read the buffer it overwrites
+    /// (`own_sent`, rule (4)).
+    fn launch_layer(
+        &mut self,
+        li: usize,
+        shapes: &[Shape],
+        keys: &[ShapeKey],
+        arrived: &[Vec<device::Mark>],
+        own_sent: &[Option<&device::Mark>],
+    ) -> Result<()> {
+        let layers = self.devs[0].layers.len();
+        for (d, ((dev, s), k)) in self.devs.iter_mut().zip(shapes).zip(keys).enumerate() {
+            dev.gpu.bind()?;
+            for m in &arrived[d] {
+                dev.gpu.compute_wait(m)?;
+            }
+            if let Some(m) = own_sent[d] {
+                dev.gpu.compute_wait(m)?;
+            }
+            let key = GraphKey {
+                shape: k.clone(),
+                part: Part::Joint(li + 1),
+            };
+            dev.launch(key, &|b: &mut CudaBackend| {
+                b.enqueue_post(s, li)?;
+                if li + 1 < layers {
+                    let _r = nvtx::range(|| format!("layer {}", li + 1));
+                    b.enqueue_pre(s, li + 1)
+                } else {
+                    b.enqueue_head(s)
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Backend for MultiCudaBackend<'_> {
+    fn forward(
+        &mut self,
+        members: &[Member],
+        blocks: &[usize],
+        tick: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let _r = nvtx::range(|| nvtx::tick_label(tick, members));
+        if self.lag.is_some() {
+            return self.forward_lagged(members, blocks);
+        }
+        let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
+        let placement = crate::cascade::place(&tokens, self.devs.len());
+        let (shapes, keys) = self.prepare_devices(members, &placement)?;
+        self.launch_embedding(&shapes, &keys)?;
+        let regions_to = self.exchange_regions(members, &placement, &shapes)?;
         // Every exit, error or not, waits for the copy streams: no copy may still read or
         // write a buffer once the caller goes on (or drops the devices).
-        let res = (|| -> Result<()> {
-            let mut done_prev: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
-            let mut sent_prev: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
-            for li in 0..layers {
-                let _r = nvtx::range(|| format!("layer {li} exchange"));
-                let done = self
-                    .devs
-                    .iter()
-                    .map(|d| d.gpu.mark_compute())
-                    .collect::<Result<Vec<_>>>()?;
-                // sent[src]: the end of all of src's copies of this layer; arrived[dst]: the ends
-                // of the copies into dst (the copy stream runs in order).
-                let mut sent: Vec<Option<device::Mark>> = (0..nd).map(|_| None).collect();
-                let mut arrived: Vec<Vec<device::Mark>> = (0..nd).map(|_| Vec::new()).collect();
-                for (src, to) in regions_to.iter().enumerate() {
-                    let sd = &self.devs[src];
-                    let (sk, sv) = sd.kv_bufs(li);
-                    for (dst, runs) in to.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-                        let dd = &self.devs[dst];
-                        let (dk, dv) = dd.kv_bufs(li);
-                        let mut regions = Vec::with_capacity(2 * runs.len());
-                        for &(off, bytes) in runs {
-                            regions.push((dk + off, sk + off, bytes));
-                            regions.push((dv + off, sv + off, bytes));
-                        }
-                        // (1) and (2).
-                        let war = if double[dst] {
-                            done_prev[dst].as_ref()
-                        } else {
-                            Some(&done[dst])
-                        };
-                        let after: Vec<&device::Mark> =
-                            std::iter::once(&done[src]).chain(war).collect();
-                        arrived[dst].push(sd.gpu.send_to_peer(&dd.gpu, &regions, &after)?);
-                    }
-                    if to.iter().any(|r| !r.is_empty()) {
-                        sent[src] = Some(sd.gpu.mark_copies()?);
-                    }
-                }
-                // Part li + 1: layer li's attention and FFN, then layer li + 1's q/k/v (or the
-                // head after the last layer).
-                for (d, ((dev, s), k)) in self.devs.iter_mut().zip(&shapes).zip(&keys).enumerate() {
-                    dev.gpu.bind()?;
-                    // (3)
-                    for m in &arrived[d] {
-                        dev.gpu.compute_wait(m)?;
-                    }
-                    // (4)
-                    let own_sent = if double[d] { &sent_prev[d] } else { &sent[d] };
-                    if let Some(m) = own_sent {
-                        dev.gpu.compute_wait(m)?;
-                    }
-                    let key = GraphKey {
-                        shape: k.clone(),
-                        part: Part::Joint(li + 1),
-                    };
-                    dev.launch(key, &|b: &mut CudaBackend| {
-                        b.enqueue_post(s, li)?;
-                        if li + 1 < layers {
-                            let _r = nvtx::range(|| format!("layer {}", li + 1));
-                            b.enqueue_pre(s, li + 1)
-                        } else {
-                            b.enqueue_head(s)
-                        }
-                    })?;
-                }
-                done_prev = done.into_iter().map(Some).collect();
-                sent_prev = sent;
-            }
-            Ok(())
-        })();
+        let res = self.run_layers(&regions_to, &shapes, &keys);
         for dev in &self.devs {
             let synced = dev.gpu.sync_copies();
             if res.is_ok() {

@@ -1,6 +1,11 @@
 //! The lagged exchange of [`MultiCudaBackend`]: one exchange per tick, after it.
 
-use super::*;
+use super::graphs::{GraphKey, Part};
+use super::joint::download_all;
+use super::tables::LagView;
+use super::{nvtx, CudaBackend, MultiCudaBackend};
+use crate::model::{Member, CHANNELS};
+use crate::{Error, Result};
 
 impl MultiCudaBackend<'_> {
     /// One tick with lagged exchange (see [`MultiCudaBackend`]).

@@ -2,7 +2,11 @@
 //! that follow from the options, and one list of `(name, bytes)` per-run buffers that both the
 //! free-memory check and the allocation use.
 
-use super::*;
+use super::{prompt_kv, weight_cache, CudaOptions};
+use crate::config::{GenerateOptions, ModelConfig};
+use crate::kernels::params::{BcAttnGroup, BcKvSegment};
+use crate::model::{Model, CHANNELS};
+use crate::{Error, Result};
 
 /// Sizes that follow from the model and the options. User options (latent size, block frames,
 /// steps, run length) reach every product: each is checked, so a size too large for any GPU

@@ -47,21 +47,23 @@ mod single;
 mod tables;
 mod weight_cache;
 
+pub use device::{graph_replays, peer_copy_bytes};
 pub use graphs::ShapeKey;
-use graphs::{GraphKey, GraphState, Part};
-use joint::download_all;
 pub use joint::MultiCudaBackend;
-use options::{env_attention_tile, OVERRIDE};
+use options::OVERRIDE;
 pub use options::{set_session_options, CudaOptions};
 pub use single::CudaBackend;
-use tables::{LagView, Shape};
-use weight_cache::{
-    cache_lock, evict_ordinal, take_cached, to_bf16, upload_weights, CacheKey, DevWeights,
-    LayerDev, Resident, WEIGHT_UPLOADS,
-};
 pub use weight_cache::{cached_weight_sets, evict_model, weight_uploads};
 
-pub use device::{graph_replays, peer_copy_bytes};
+use crate::backend::Backend;
+use crate::config::GenerateOptions;
+use crate::model::Model;
+#[cfg(doc)]
+use crate::model::PromptContext;
+use crate::Result;
+#[cfg(doc)]
+use crate::{window, Error};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 static DOUBLE_KV_DEVICES: AtomicUsize = AtomicUsize::new(0);
 
@@ -70,24 +72,6 @@ static DOUBLE_KV_DEVICES: AtomicUsize = AtomicUsize::new(0);
 pub fn double_kv_devices() -> usize {
     DOUBLE_KV_DEVICES.load(Ordering::Relaxed)
 }
-
-use crate::backend::Backend;
-use crate::config::{GenerateOptions, ModelConfig};
-use crate::kernels::launch::AttentionTile;
-use crate::kernels::params::{BcAttnGroup, BcKvSegment, BC_ACT_ROUND_BF16};
-use crate::kv_cache::KvCache;
-#[cfg(doc)]
-use crate::model::PromptContext;
-use crate::model::{Member, Model, CHANNELS};
-use crate::window;
-use crate::{Error, Result};
-use device::{DevPtr, Epilogue, Gpu, Graph, OutType};
-use half::bf16;
-use ops::{QkArgs, NULL};
-use std::collections::HashMap;
-use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 /// Opens the CUDA backend for `model` with `opts` (what [`crate::backend::cuda_backend`] calls):
 /// [`CudaBackend`] on one device, [`MultiCudaBackend`] with `opts.devices > 1`.

@@ -1,7 +1,10 @@
 //! The options of the CUDA backend that [`GenerateOptions`] does not carry, from code or the
 //! environment.
 
-use super::*;
+use super::device;
+use crate::kernels::launch::AttentionTile;
+use crate::{Error, Result};
+use std::sync::Mutex;
 
 /// Options of the CUDA backend that [`GenerateOptions`] does not carry.
 #[derive(Clone, Debug, PartialEq, Eq)]

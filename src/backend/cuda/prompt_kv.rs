@@ -17,9 +17,10 @@
 
 use super::device::{DevPtr, Epilogue, Gpu, OutType};
 use super::ops::{self, QkArgs, NULL};
+use super::weight_cache::to_bf16;
+use super::CudaBackend;
 #[cfg(doc)]
 use super::CudaOptions;
-use super::{to_bf16, CudaBackend};
 use crate::config::ModelConfig;
 use crate::model::{Model, PromptContext};
 use crate::Result;

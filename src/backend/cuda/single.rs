@@ -1,7 +1,24 @@
 //! [`CudaBackend`]: one logical device, its weights, activation buffers, KV cache, prompt
 //! slots and graphs; opening it and running one tick.
 
-use super::*;
+use super::device::{self, DevPtr, Gpu};
+use super::graphs::{GraphKey, GraphState, Part};
+use super::options::env_attention_tile;
+use super::tables::Shape;
+use super::weight_cache::{
+    cache_lock, evict_ordinal, take_cached, upload_weights, CacheKey, DevWeights, LayerDev,
+    Resident, WEIGHT_UPLOADS,
+};
+use super::{attention_tune, memory, nvtx, tables, CudaOptions};
+use crate::backend::Backend;
+use crate::config::{GenerateOptions, ModelConfig};
+use crate::kernels::launch::AttentionTile;
+use crate::kv_cache::KvCache;
+use crate::model::{Member, Model, CHANNELS};
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::mem::ManuallyDrop;
+use std::sync::atomic::Ordering;
 
 /// Activation buffers and tables.
 pub(super) struct Bufs {

@@ -2,7 +2,13 @@
 //! the attention segment tables and groups of a window, built on the host and uploaded before
 //! the tick's launches, and the launch shape they imply.
 
-use super::*;
+use super::device::DevPtr;
+use super::{CudaBackend, ShapeKey};
+use crate::kernels::params::{BcAttnGroup, BcKvSegment};
+use crate::kv_cache::KvCache;
+use crate::model::{Member, CHANNELS};
+use crate::window;
+use crate::{Error, Result};
 
 /// A run of keys: cache slots or window rows.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -1,7 +1,13 @@
 //! The model's weights on a device (upload: GEMM weights bf16, the rest f32) and the
 //! process-wide cache that keeps them there between runs of the same model.
 
-use super::*;
+use super::device::{DevPtr, Gpu};
+use super::prompt_kv;
+use crate::model::Model;
+use crate::Result;
+use half::bf16;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Per-layer device weights (resident across runs, see [`weight_uploads`]).
 #[derive(Clone, Copy)]

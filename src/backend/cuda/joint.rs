@@ -1,8 +1,12 @@
 //! [`MultiCudaBackend`]: several logical devices; the joint exchange (peer copies of K/V in
 //! every layer).
 
+#[cfg(doc)]
+use super::device::Gpu;
 use super::device::{self, DevPtr};
 use super::graphs::{GraphKey, Part};
+#[cfg(doc)]
+use super::peer_copy_bytes;
 use super::tables::Shape;
 use super::{nvtx, CudaBackend, CudaOptions, ShapeKey, DOUBLE_KV_DEVICES};
 use crate::backend::Backend;
@@ -27,7 +31,7 @@ use std::sync::atomic::Ordering;
 /// source device's copy stream ([`Gpu::send_to_peer`]), ordered with the compute streams by
 /// events only ([`device::Mark`]), and the window K/V are double-buffered by layer parity
 /// ([`CudaOptions::double_kv`]), so the exchange overlaps compute (the rules are listed in
-/// `forward`). Graphs: each device captures the work between two exchanges as one graph
+/// `run_layers`). Graphs: each device captures the work between two exchanges as one graph
 /// (`GraphKey`: part 0 = embedding + layer 0's q/k/v, part `i` = layer `i-1`'s attention and
 /// FFN + layer `i`'s q/k/v, the last part ends with the head), so a tick is `layers + 1` graph
 /// launches per device with the event waits between them; graph launches are ordinary stream

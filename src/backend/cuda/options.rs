@@ -2,7 +2,13 @@
 //! environment.
 
 use super::device;
+#[cfg(doc)]
+use super::{attention_tune, open, MultiCudaBackend};
+#[cfg(doc)]
+use crate::config::GenerateOptions;
 use crate::kernels::launch::AttentionTile;
+#[cfg(doc)]
+use crate::model::PromptContext;
 use crate::{Error, Result};
 use std::sync::Mutex;
 

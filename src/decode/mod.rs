@@ -171,14 +171,23 @@ impl Decoder {
     }
 
     /// Pixel frames for `latent_frames` latent frames decoded as one stream: `1 + 4(F-1)` for
-    /// the Wan VAE, `4F - 3` for TAEHV (0 for 0).
+    /// the Wan VAE, `4F - 3` for TAEHV (0 for 0); a file with other temporal upsampling gives
+    /// `1 + t(F-1)` and `tF - (t - 1)` for its factor `t` ([`Decoder::temporal_factor`]).
     pub fn pixel_frames(&self, latent_frames: usize) -> usize {
         if latent_frames == 0 {
             return 0;
         }
         match &self.inner {
-            Inner::Wan(_) => 1 + 4 * (latent_frames - 1),
+            Inner::Wan(d) => 1 + d.t_up * (latent_frames - 1),
             Inner::Taehv(d) => d.t_up * latent_frames - d.trim,
+        }
+    }
+
+    /// Pixel frames per latent frame once a stream has started (4 for both real decoders).
+    pub fn temporal_factor(&self) -> usize {
+        match &self.inner {
+            Inner::Wan(d) => d.t_up,
+            Inner::Taehv(d) => d.t_up,
         }
     }
 
@@ -266,8 +275,8 @@ pub struct DecodeStream<'a> {
 
 impl DecodeStream<'_> {
     /// Decodes the next `frames` latent frames `[frames, 16, h, w]` and returns their pixel
-    /// frames: 4 per latent frame, except the stream's first latent frame, which gives 1 (the
-    /// Wan VAE's causal first frame; TAEHV's 3 trimmed frames).
+    /// frames: [`Decoder::temporal_factor`] (4) per latent frame, except the stream's first
+    /// latent frame, which gives 1 (the Wan VAE's causal first frame; TAEHV's 3 trimmed frames).
     pub fn push(&mut self, latents: &[f32], frames: usize) -> Result<Video> {
         let c = self.dec.latent_channels();
         let per = c * self.h * self.w;
@@ -287,7 +296,7 @@ impl DecodeStream<'_> {
             )));
         }
         let (ph, pw) = self.dec.pixel_size(self.h, self.w);
-        let pixels = [frames, 4, 3, ph, pw, 4]
+        let pixels = [frames, self.dec.temporal_factor(), 3, ph, pw, 4]
             .iter()
             .fold(1usize, |a, &b| a.saturating_mul(b));
         crate::host_memory::ensure(pixels, || {
@@ -411,5 +420,24 @@ mod tests {
             assert_eq!(joined, whole.data, "{kind}");
             assert!(s.state_bytes() <= d.state_bytes(h, w));
         }
+    }
+
+    /// Found by fuzzing: a Wan VAE file with one temporal upsample instead of two decodes 2
+    /// frames per latent frame, and `pixel_frames` must say so (it assumed 4).
+    #[test]
+    fn pixel_frames_follow_the_temporal_upsampling_of_the_file() {
+        let mut t = wan_vae::synthetic(2, 16, 3);
+        let first = t
+            .iter()
+            .position(|(n, _, _)| n.contains("time_conv"))
+            .unwrap();
+        let prefix = t[first].0.split("time_conv").next().unwrap().to_string();
+        t.retain(|(n, _, _)| !n.starts_with(&format!("{prefix}time_conv")));
+        let d = Decoder::from_weights(&Weights::mem(t), DecoderKind::WanVae).unwrap();
+        assert_eq!(d.temporal_factor(), 2);
+        let (f, h, w) = (3, 1, 2);
+        let z: Vec<f32> = (0..f * 16 * h * w).map(|i| (i % 5) as f32 * 0.2).collect();
+        let v = d.decode(&z, f, h, w).unwrap();
+        assert_eq!((v.frames, d.pixel_frames(f)), (5, 5));
     }
 }

@@ -49,6 +49,9 @@ pub(crate) struct WanVae {
     head: Conv,
     /// Spatial upsampling factor (8 for Wan2.1).
     pub up: usize,
+    /// Temporal upsampling factor after the stream's first frame: 2 per `time_conv` (4 for
+    /// Wan2.1).
+    pub t_up: usize,
     /// Causal caches: (input channels, spatial factor relative to the latent grid).
     cache_dims: Vec<(usize, usize)>,
 }
@@ -147,15 +150,18 @@ impl WanVae {
         let conv1 = wt.conv("decoder.conv1", 5, (3, 3, 3), Some(z), true)?;
         let mut cache_dims = vec![(z, 1)];
         let mut c = conv1.cout;
-        let mut up = 1usize;
+        let (mut up, mut t_up) = (1usize, 1usize);
         let mut blocks = Vec::new();
         for list in ["decoder.middle", "decoder.upsamples"] {
             let mut i = 0;
             while wt.has_prefix(&format!("{list}.{i}.")) {
                 let p = format!("{list}.{i}");
                 let (b, cout) = Self::block(wt, &p, c, up, &mut cache_dims)?;
-                if matches!(b, Block::Up { .. }) {
+                if let Block::Up { time, .. } = &b {
                     up *= 2;
+                    if time.is_some() {
+                        t_up *= 2;
+                    }
                 }
                 blocks.push(b);
                 c = cout;
@@ -188,6 +194,7 @@ impl WanVae {
             head_g,
             head,
             up,
+            t_up,
             cache_dims,
         })
     }
@@ -326,7 +333,7 @@ impl WanVae {
     }
 
     /// Decodes one latent frame `[z, h, w]` (as the DiT produces it), continuing `st`; returns
-    /// its pixel frames `[3, H, W]` (1 for the stream's first latent frame, 4 after).
+    /// its pixel frames `[3, H, W]` (1 for the stream's first latent frame, `t_up` after).
     pub fn step(&self, z: &[f32], h: usize, w: usize, st: &mut WanState) -> Vec<Vec<f32>> {
         let hw = h * w;
         // Un-normalise exactly as upstream: z / (1/std) + mean, in f32.

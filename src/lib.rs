@@ -25,6 +25,8 @@ pub mod prompt;
 pub mod rng;
 pub mod scaling;
 pub mod schedule;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod tensorfile;
 pub mod text;
 pub mod video;

@@ -32,6 +32,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
+#[cfg(feature = "serve")]
+mod serve;
+#[cfg(feature = "serve")]
+pub use serve::serve_messages;
+
 /// A fuzz target: a name (the corpus folder `fuzz/corpus/<name>/` and the argument of
 /// `scripts/fuzz.sh`) and its entry point.
 pub struct Target {
@@ -62,6 +67,11 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "c_abi_options",
         entry: c_abi_options,
+    },
+    #[cfg(feature = "serve")]
+    Target {
+        name: "serve_messages",
+        entry: serve_messages,
     },
 ];
 

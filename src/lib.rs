@@ -25,6 +25,7 @@ pub mod prompt;
 pub mod rng;
 pub mod scaling;
 pub mod schedule;
+pub mod stream;
 pub mod tensorfile;
 pub mod text;
 pub mod video;
@@ -34,9 +35,10 @@ pub mod window;
 pub use config::{AttentionMode, GenerateOptions, ModelConfig, Recache, Schedule};
 pub use engine::Engine;
 pub use error::{Error, Result};
-pub use executor::{FinishedBlock, Generator, RunReport};
+pub use executor::{FinishedBlock, Generator, PromptMailbox, RunReport};
 pub use noise::NoiseSource;
 pub use prompt::PromptEmbeds;
+pub use stream::{Stream, StreamBlock, StreamControl, StreamOptions};
 pub use text::TextEncoder;
 
 /// The crate version.

@@ -27,6 +27,7 @@ pub mod scaling;
 pub mod schedule;
 #[cfg(feature = "serve")]
 pub mod serve;
+pub mod stream;
 pub mod tensorfile;
 pub mod text;
 pub mod video;
@@ -36,9 +37,10 @@ pub mod window;
 pub use config::{AttentionMode, GenerateOptions, ModelConfig, Recache, Schedule};
 pub use engine::Engine;
 pub use error::{Error, Result};
-pub use executor::{FinishedBlock, Generator, RunReport};
+pub use executor::{FinishedBlock, Generator, PromptMailbox, RunReport};
 pub use noise::NoiseSource;
 pub use prompt::PromptEmbeds;
+pub use stream::{Stream, StreamBlock, StreamControl, StreamOptions};
 pub use text::TextEncoder;
 
 /// The crate version.

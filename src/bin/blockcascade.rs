@@ -89,6 +89,8 @@ struct ServeArgs {
     /// JPEG quality of the frames, 1..=100.
     #[arg(long, default_value_t = 85)]
     jpeg_quality: u8,
+    /// Sampling settings of every stream. Streams need local attention: without
+    /// --local-attn (or with -1) they get 12 frames with a sink of 3.
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Cache behaviour at prompt switches: none (cascade) or window (LongLive recache).
@@ -488,6 +490,11 @@ fn options(s: &SamplingArgs, builtin: bool) -> Result<GenerateOptions> {
 #[cfg(feature = "serve")]
 fn serve(a: ServeArgs) -> Result<()> {
     let mut generate = options(&a.sampling, a.model.is_none())?;
+    if generate.local_attn.is_none() {
+        // A stream's KV cache must stay bounded: local attention it is.
+        generate.local_attn = Some(blockcascade::serve::DEFAULT_LOCAL_ATTN);
+        generate.sink = blockcascade::serve::DEFAULT_SINK;
+    }
     generate.recache = a.recache.into();
     generate.backend = a.backend.into();
     blockcascade::serve::run(&blockcascade::serve::ServeConfig {

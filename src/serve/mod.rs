@@ -14,10 +14,10 @@
 
 pub mod protocol;
 mod session;
-mod shim;
 
 use crate::decode::Decoder;
-use crate::{Engine, Error, GenerateOptions, Result, TextEncoder};
+use crate::TextEncoder;
+use crate::{Engine, Error, GenerateOptions, Generator, NoiseSource, PromptEmbeds, Result};
 use axum::extract::{State, WebSocketUpgrade};
 use axum::http::header;
 use axum::response::{Html, IntoResponse, Response};
@@ -71,13 +71,23 @@ impl Default for ServeConfig {
             host: "127.0.0.1".into(),
             port: 7860,
             max_streams: 2,
-            generate: GenerateOptions::default(),
+            generate: GenerateOptions {
+                local_attn: Some(DEFAULT_LOCAL_ATTN),
+                sink: DEFAULT_SINK,
+                ..GenerateOptions::default()
+            },
             fps: 16.0,
             queue_blocks: 2,
             jpeg_quality: 85,
         }
     }
 }
+
+/// Local attention window (latent frames) of the streams when none is given: a stream needs
+/// one so that its KV cache stays bounded (LongLive's short window).
+pub const DEFAULT_LOCAL_ATTN: usize = 12;
+/// Sink frames kept with [`DEFAULT_LOCAL_ATTN`] (LongLive's frame sink).
+pub const DEFAULT_SINK: usize = 3;
 
 /// Most streams `max_streams` accepts.
 pub const MAX_STREAMS: usize = 1024;
@@ -139,8 +149,12 @@ impl Server {
                 cfg.fps
             )));
         }
-        if cfg.queue_blocks == 0 {
-            return Err(Error::invalid("--queue-blocks must be at least 1"));
+        if cfg.queue_blocks == 0 || cfg.queue_blocks > crate::stream::MAX_QUEUE_BLOCKS {
+            return Err(Error::invalid(format!(
+                "--queue-blocks must be in 1..={}, got {}",
+                crate::stream::MAX_QUEUE_BLOCKS,
+                cfg.queue_blocks
+            )));
         }
         if !(1..=100).contains(&cfg.jpeg_quality) {
             return Err(Error::invalid(format!(
@@ -172,6 +186,16 @@ impl Server {
         });
         let engine = Arc::new(Engine::open(cfg.model.as_deref())?);
         text.check_model(engine.config())?;
+        // What every stream will check at its start, checked once now (local attention, the
+        // memory the KV cache and activations need).
+        let probe = PromptEmbeds::builtin(engine.config(), 0);
+        Generator::new(
+            engine.model(),
+            cfg.generate.clone(),
+            NoiseSource::Seeded(0),
+            &probe,
+        )?
+        .check_live()?;
         let (ph, pw) = decoder.pixel_size(cfg.generate.height, cfg.generate.width);
         if ph > u16::MAX as usize || pw > u16::MAX as usize {
             return Err(Error::invalid(format!(

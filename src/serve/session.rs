@@ -2,8 +2,8 @@
 //! finished block as a header and its JPEG frames.
 
 use super::protocol::{Action, Incoming, Protocol, ServerMessage};
-use super::shim::{Stream, StreamBlock, StreamControl, StreamOptions};
 use super::{Shared, Slot};
+use crate::stream::{Stream, StreamBlock, StreamControl, StreamOptions};
 use crate::{Error, NoiseSource, Result};
 use axum::extract::ws::{Message, WebSocket};
 use std::sync::Arc;
@@ -185,7 +185,7 @@ fn open(shared: &Arc<Shared>, prompt: &str, seed: u64, slot: Slot) -> Result<Liv
         text_encoder: Some(shared.text.clone()),
     };
     let stream = Stream::open(
-        shared.engine.clone(),
+        &*shared.engine,
         shared.generate.clone(),
         NoiseSource::Seeded(seed),
         embeds,

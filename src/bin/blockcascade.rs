@@ -51,6 +51,9 @@ enum Cmd {
     /// Encode a text prompt with the umT5 text encoder to prompt embeddings.
     EncodePrompt(EncodePromptArgs),
     /// Serve live streams to a browser page and WebSocket clients (see docs/server.md).
+    ///
+    /// Streams need local attention (bounded memory): without --local-attn (or with -1) they
+    /// get a window of 12 frames with a sink of 3.
     #[cfg(feature = "serve")]
     Serve(Box<ServeArgs>),
 }
@@ -89,8 +92,6 @@ struct ServeArgs {
     /// JPEG quality of the frames, 1..=100.
     #[arg(long, default_value_t = 85)]
     jpeg_quality: u8,
-    /// Sampling settings of every stream. Streams need local attention: without
-    /// --local-attn (or with -1) they get 12 frames with a sink of 3.
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Cache behaviour at prompt switches: none (cascade) or window (LongLive recache).

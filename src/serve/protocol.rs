@@ -1,7 +1,7 @@
 //! The WebSocket protocol of `blockcascade serve`, as pure functions over message bytes: parsing
 //! and validating what a client sends, the JSON the server sends back, and the per-connection
 //! state machine that decides what a message does. No socket here: the session
-//! ([`super::session`]) carries the decisions out, and the fuzzer drives [`Protocol`] directly.
+//! (`session.rs`) carries the decisions out, and the fuzzer drives [`Protocol`] directly.
 //!
 //! The wire format is documented for client authors in `docs/server.md`.
 

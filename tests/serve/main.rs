@@ -92,6 +92,56 @@ async fn a_stream_sends_blocks_in_order_and_a_prompt_switch_is_acknowledged() {
     server.stop().unwrap();
 }
 
+/// The ack tells the truth: with the same seed, the frames of a stream whose prompt was
+/// switched equal those of an unswitched stream before the acknowledged block, and differ from
+/// it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_change_exactly_from_the_acknowledged_block() {
+    let server = start_server(1, 0.0);
+    let addr = server.addr();
+    let mut ws = connect(addr).await;
+    send(&mut ws, &start("a lighthouse at night", 5)).await;
+    assert_eq!(recv_json(&mut ws).await, ServerMessage::Started);
+    let mut switched = vec![next_block(&mut ws).await.0];
+    send(
+        &mut ws,
+        &ClientMessage::Prompt {
+            prompt: "a desert in daylight".into(),
+        },
+    )
+    .await;
+    let mut applies_from = None;
+    while applies_from.is_none_or(|a| (switched.len() as u64) <= a) {
+        let (b, msgs) = next_block(&mut ws).await;
+        for m in msgs {
+            if let ServerMessage::PromptAck { applies_from: a } = m {
+                applies_from = Some(a);
+            }
+        }
+        switched.push(b);
+    }
+    let a = applies_from.unwrap();
+    send(&mut ws, &start("a lighthouse at night", 5)).await;
+    await_started(&mut ws).await;
+    for b in &switched {
+        let (same, _) = next_block(&mut ws).await;
+        assert_eq!(same.index, b.index);
+        if b.index < a {
+            assert_eq!(
+                same.frames, b.frames,
+                "block {} is before the switch",
+                b.index
+            );
+        } else {
+            assert_ne!(
+                same.frames, b.frames,
+                "block {} has the new prompt",
+                b.index
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_get_an_error_and_the_connection_stays_usable() {
     let server = start_server(1, 0.0);

@@ -267,7 +267,6 @@ fn bad_settings_are_refused_before_listening() {
 /// The `serve` command: starts, prints its address, answers `/health`; bad flags fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_serve_command_listens_on_loopback() {
-    use std::io::BufRead;
     let exe = env!("CARGO_BIN_EXE_blockcascade");
     let out = std::process::Command::new(exe)
         .args(["serve", "--max-streams", "0"])
@@ -276,25 +275,11 @@ async fn the_serve_command_listens_on_loopback() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--max-streams"));
 
-    let mut child = std::process::Command::new(exe)
-        .args(["serve", "--port", "0", "--max-streams", "3"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: std::net::SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let server = ServeProcess::start(&["--max-streams", "3"]);
+    let addr = server.addr;
     assert!(addr.ip().is_loopback(), "{addr}");
     let h = health(addr).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     assert_eq!(h, (0, 3));
 }
 

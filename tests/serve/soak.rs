@@ -239,7 +239,6 @@ fn rss_kib(pid: u32) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run by scripts/soak.sh"]
 async fn long_soak() {
-    use std::io::BufRead;
     let env = |k: &str, d: f64| {
         std::env::var(k)
             .ok()
@@ -248,22 +247,8 @@ async fn long_soak() {
     };
     let secs = env("BC_SOAK_SECONDS", 60.0);
     let clients = env("BC_SOAK_CLIENTS", 8.0) as u64;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_blockcascade"))
-        .args(["serve", "--port", "0", "--max-streams", "4", "--fps", "0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the serve command");
-    let pid = child.id();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("address line");
-    let addr: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let server = ServeProcess::start(&["--max-streams", "4", "--fps", "0"]);
+    let (addr, pid) = (server.addr, server.pid());
     let sampler = tokio::spawn(async move {
         let mut samples = Vec::new();
         while let Some(r) = rss_kib(pid) {
@@ -275,8 +260,7 @@ async fn long_soak() {
     let t = soak(addr, clients, secs).await;
     wait_no_streams(addr).await;
     let after = rss_kib(pid);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     let samples = sampler.await.unwrap_or_default();
     let n = samples.len();
     let warm = samples.get(n / 5).copied().unwrap_or(0);

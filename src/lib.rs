@@ -2,7 +2,8 @@
 //! behind CausVid, Self-Forcing and LongLive) with Block Cascading.
 //!
 //! Start with [`Engine`] (a model), make a [`Generator`] with [`GenerateOptions`], a
-//! [`NoiseSource`] and [`PromptEmbeds`], then [`Generator::run`] to stream blocks.
+//! [`NoiseSource`] and [`PromptEmbeds`], then [`Generator::run`] to stream blocks. For a live,
+//! open-ended generation whose prompt changes while it runs, open a [`Stream`].
 #![warn(missing_docs)]
 
 pub mod backend;

@@ -9,8 +9,8 @@ use blockcascade::config::BackendKind;
 use blockcascade::decode::Decoder;
 use blockcascade::prompt::PromptSwitch;
 use blockcascade::{
-    Engine, Error, GenerateOptions, Generator, NoiseSource, PromptEmbeds, Recache, Schedule,
-    Stream, StreamOptions, TextEncoder,
+    AttentionMode, Engine, Error, GenerateOptions, Generator, NoiseSource, PromptEmbeds, Recache,
+    Schedule, Stream, StreamOptions, TextEncoder,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,14 +90,28 @@ fn paced_stream(engine: &Engine) -> Stream {
 fn a_switch_from_another_thread_lands_at_the_returned_block_and_equals_a_fixed_schedule() {
     let engine = Engine::open(None).unwrap();
     let (p0, p1) = (prompt(&engine, 1), prompt(&engine, 2));
-    for (schedule, recache) in [
-        (Schedule::Sequential, Recache::None),
-        (Schedule::Cascade { lag: 1 }, Recache::None),
-        (Schedule::Cascade { lag: 2 }, Recache::Window),
-        (Schedule::Sequential, Recache::Window),
+    for (schedule, recache, attention) in [
+        (Schedule::Sequential, Recache::None, AttentionMode::Causal),
+        (
+            Schedule::Cascade { lag: 1 },
+            Recache::None,
+            AttentionMode::Causal,
+        ),
+        (
+            Schedule::Cascade { lag: 2 },
+            Recache::Window,
+            AttentionMode::Causal,
+        ),
+        (Schedule::Sequential, Recache::Window, AttentionMode::Causal),
+        (
+            Schedule::Cascade { lag: 2 },
+            Recache::None,
+            AttentionMode::Bidirectional,
+        ),
     ] {
         let o = GenerateOptions {
             recache,
+            attention,
             ..opts(schedule)
         };
         let seed = 5;
@@ -133,23 +147,42 @@ fn a_switch_from_another_thread_lands_at_the_returned_block_and_equals_a_fixed_s
             assert!(b.rgb.is_none() && b.pixel_frames == 0);
         }
         let got: Vec<Vec<f32>> = got.into_iter().map(|b| b.latents).collect();
-        let want = fixed_run(&engine, &o, seed, &p0, &[(at, p1.clone())], total);
+        // Bidirectional denoising members also see the later members in flight: the fixed run
+        // must go on past the blocks compared (by S = 4 blocks, enough for any lag).
+        let run_blocks = match attention {
+            AttentionMode::Causal => total,
+            AttentionMode::Bidirectional => total + 4,
+        };
+        let mut want = fixed_run(&engine, &o, seed, &p0, &[(at, p1.clone())], run_blocks);
+        want.truncate(total);
         assert!(
             got == want,
             "{schedule:?} {recache:?}: stream vs fixed schedule"
         );
         // The switch lands exactly at `at`: before it, the latents of no switch at all.
-        let unswitched = fixed_run(&engine, &o, seed, &p0, &[], total);
-        assert_eq!(got[..at], unswitched[..at], "{schedule:?}");
-        assert_ne!(
-            got[at], unswitched[at],
+        let unswitched = fixed_run(&engine, &o, seed, &p0, &[], run_blocks);
+        // (Bidirectional: the blocks denoising beside block `at` see its frames, so the
+        // unchanged ones are those finished before it starts, `at - S/lag` and earlier.)
+        let unchanged = match (attention, schedule) {
+            (AttentionMode::Bidirectional, Schedule::Cascade { lag }) => at + 1 - 4 / lag,
+            _ => at,
+        };
+        assert!(got[..unchanged] == unswitched[..unchanged], "{schedule:?}");
+        assert!(
+            got[at] != unswitched[at],
             "{schedule:?}: block {at} has the new prompt"
         );
+        if unchanged < at {
+            assert!(
+                got[at - 1] != unswitched[at - 1],
+                "bidirectional: block {at} is seen"
+            );
+        }
     }
 }
 
 #[test]
-fn a_switch_before_the_first_block_replaces_the_initial_prompt_and_text_switches_work() {
+fn a_text_switch_right_after_open_equals_a_fixed_schedule() {
     let engine = Engine::open(None).unwrap();
     let enc = Arc::new(TextEncoder::tiny(0));
     let o = opts(Schedule::Cascade { lag: 2 });

@@ -19,11 +19,31 @@ use tokio_tungstenite::tungstenite::Message;
 
 const PROMPT: &str = "a red fox runs through fresh snow at dawn";
 
-/// One run: seconds to the first frame, and frames per second after the first block.
+/// One run: seconds to the first frame, frames per second after the first block, and CPU
+/// milliseconds (all threads of this process: engine, decoder, server and client) per frame
+/// after the first block.
 #[derive(Clone, Copy, Debug)]
 struct Run {
     first_frame: f64,
     fps: f64,
+    cpu_ms_per_frame: f64,
+}
+
+/// CPU time of this process so far, in milliseconds (Linux: user + system time of all its
+/// threads, in the kernel's 100 Hz ticks; 0 elsewhere).
+fn cpu_ms() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) end with `)`.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() * 10.0
 }
 
 /// The prompt of run `rep`: a new text each run, so that neither path finds it in its text
@@ -50,9 +70,7 @@ fn direct(cfg: &ServeConfig, blocks: usize, rep: usize) -> Result<Run> {
             text_encoder: Some(text),
         },
     )?;
-    let mut first = 0.0;
-    let mut t1 = t0;
-    let mut frames = 0;
+    let (mut first, mut t1, mut c1, mut frames) = (0.0, t0, 0.0, 0);
     for i in 0..blocks {
         let b = s
             .next_block(None)?
@@ -60,6 +78,7 @@ fn direct(cfg: &ServeConfig, blocks: usize, rep: usize) -> Result<Run> {
         if i == 0 {
             first = t0.elapsed().as_secs_f64();
             t1 = Instant::now();
+            c1 = cpu_ms();
         } else {
             frames += b.pixel_frames;
         }
@@ -67,6 +86,7 @@ fn direct(cfg: &ServeConfig, blocks: usize, rep: usize) -> Result<Run> {
     Ok(Run {
         first_frame: first,
         fps: frames as f64 / t1.elapsed().as_secs_f64(),
+        cpu_ms_per_frame: (cpu_ms() - c1) / frames as f64,
     })
 }
 
@@ -80,7 +100,7 @@ async fn served(addr: std::net::SocketAddr, blocks: usize, rep: usize) -> Run {
     };
     let t0 = Instant::now();
     ws.send(Message::text(start.to_json())).await.expect("send");
-    let (mut first, mut t1, mut frames, mut block) = (None, t0, 0usize, None);
+    let (mut first, mut t1, mut c1, mut frames, mut block) = (None, t0, 0.0, 0usize, None);
     while let Some(Ok(m)) = ws.next().await {
         match m {
             Message::Binary(_) => {
@@ -98,6 +118,7 @@ async fn served(addr: std::net::SocketAddr, blocks: usize, rep: usize) -> Run {
                     }
                     if index == 1 {
                         t1 = Instant::now();
+                        c1 = cpu_ms();
                     }
                     block = Some(index);
                 }
@@ -110,10 +131,12 @@ async fn served(addr: std::net::SocketAddr, blocks: usize, rep: usize) -> Run {
     // Frames of blocks 1..blocks arrived between the header of block 1 and that of block
     // `blocks`; the last of them at about the time the loop ended.
     let fps = frames as f64 / t1.elapsed().as_secs_f64();
+    let cpu_ms_per_frame = (cpu_ms() - c1) / frames as f64;
     let _ = ws.close(None).await;
     Run {
         first_frame: first.unwrap_or(f64::NAN),
         fps,
+        cpu_ms_per_frame,
     }
 }
 
@@ -164,6 +187,7 @@ fn main() {
     let m = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
     let (dt, st) = (m(&d, |r| r.first_frame), m(&s, |r| r.first_frame));
     let (df, sf) = (m(&d, |r| r.fps), m(&s, |r| r.fps));
+    let (dc, sc) = (m(&d, |r| r.cpu_ms_per_frame), m(&s, |r| r.cpu_ms_per_frame));
     let g = &cfg.generate;
     println!(
         "built-in tiny model, {}x{} latents, blocks of {}, {} steps, local attention {:?} + sink {}, \
@@ -175,13 +199,18 @@ fn main() {
         g.local_attn,
         g.sink
     );
-    println!("| path | first frame (ms) | steady frames/s |");
-    println!("|---|---|---|");
-    println!("| Stream API (decoded RGB) | {:.1} | {:.1} |", dt * 1e3, df);
+    println!("| path | first frame (ms) | steady frames/s | CPU ms per frame |");
+    println!("|---|---|---|---|");
+    for (name, t, f, c) in [
+        ("Stream API (decoded RGB)", dt, df, dc),
+        ("serve (JPEG over WebSocket)", st, sf, sc),
+    ] {
+        println!("| {name} | {:.1} | {:.1} | {c:.2} |", t * 1e3, f);
+    }
     println!(
-        "| serve (JPEG over WebSocket) | {:.1} | {:.1} |",
-        st * 1e3,
-        sf
+        "| serve / direct | {:.2}x | {:.2}x | {:.2}x |",
+        st / dt,
+        sf / df,
+        sc / dc
     );
-    println!("| serve / direct | {:.2}x | {:.2}x |", st / dt, sf / df);
 }

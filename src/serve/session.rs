@@ -44,6 +44,9 @@ pub(super) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
     let mut live: Option<Live> = None;
     loop {
         tokio::select! {
+            // The client's messages first: a switch or a stop waits for at most the block
+            // being sent, never for the blocks queued behind it.
+            biased;
             msg = socket.recv() => {
                 let Some(Ok(msg)) = msg else { break };
                 let action = match &msg {

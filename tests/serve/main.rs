@@ -56,7 +56,9 @@ async fn a_stream_sends_blocks_in_order_and_a_prompt_switch_is_acknowledged() {
     // Blocks keep coming in order; the ack comes between two blocks, never inside one.
     let mut applies_from = None;
     let mut seen_after_switch = false;
-    for expect in 1..=12 {
+    // The engine may be several blocks ahead of the client (queues), so the switch may apply
+    // a few blocks later.
+    for expect in 1..=40 {
         let (b, msgs) = next_block(&mut ws).await;
         assert_eq!(b.index, expect, "blocks come in order");
         for m in msgs {
@@ -178,16 +180,16 @@ async fn bad_messages_get_an_error_and_the_connection_stays_usable() {
     // Garbage while streaming: an error between blocks, and the blocks go on.
     send_text(&mut ws, "{{{{").await;
     let mut errors = 0;
-    for i in 0..3 {
+    let mut i = 0;
+    while errors == 0 || i < 2 {
         let (b, msgs) = next_block(&mut ws).await;
         assert_eq!(b.index, i);
+        i += 1;
         errors += msgs
             .iter()
             .filter(|m| matches!(m, ServerMessage::Error { .. }))
             .count();
-        if errors > 0 && i >= 1 {
-            break;
-        }
+        assert!(i < 100, "no error reply");
     }
     assert_eq!(errors, 1);
     drop(ws);

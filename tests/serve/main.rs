@@ -252,6 +252,49 @@ async fn the_page_and_health_are_served() {
     assert_eq!(status, 404);
 }
 
+/// The path with files: a Wan model directory, a TAEHV decoder and a umT5 text encoder with
+/// its tokenizer (the tiny golden files of the test data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_model_files_streams_and_switches() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let cfg = ServeConfig {
+        model: Some(data.join("selfforcing-tiny/model")),
+        vae: Some(data.join("decode/taehv-tiny/taehv")),
+        text_encoder: Some(data.join("umt5-tiny/text_encoder")),
+        port: 0,
+        fps: 0.0,
+        ..ServeConfig::default()
+    };
+    let server = Server::load(&cfg).unwrap().start("127.0.0.1", 0).unwrap();
+    let addr = server.addr();
+    let (_, page) = http_get(addr, "/").await;
+    assert!(page.contains("\"noise_like\":false"));
+    let mut ws = connect(addr).await;
+    send(&mut ws, &start("a fox in the snow", 1)).await;
+    assert_eq!(recv_json(&mut ws).await, ServerMessage::Started);
+    let (b0, _) = next_block(&mut ws).await;
+    assert_eq!((b0.index, b0.width, b0.height), (0, 96, 64));
+    send(
+        &mut ws,
+        &ClientMessage::Prompt {
+            prompt: "a whale".into(),
+        },
+    )
+    .await;
+    let mut acked = false;
+    for _ in 0..40 {
+        let (_, msgs) = next_block(&mut ws).await;
+        if msgs
+            .iter()
+            .any(|m| matches!(m, ServerMessage::PromptAck { .. }))
+        {
+            acked = true;
+            break;
+        }
+    }
+    assert!(acked);
+}
+
 #[test]
 fn bad_settings_are_refused_before_listening() {
     let bad = |f: fn(&mut ServeConfig)| {

@@ -35,6 +35,17 @@ pub async fn send(ws: &mut Ws, m: &ClientMessage) {
     send_text(ws, &m.to_json()).await;
 }
 
+/// Sends a prompt switch.
+pub async fn switch(ws: &mut Ws, prompt: &str) {
+    send(
+        ws,
+        &ClientMessage::Prompt {
+            prompt: prompt.into(),
+        },
+    )
+    .await;
+}
+
 pub async fn send_text(ws: &mut Ws, text: &str) {
     ws.send(Message::text(text)).await.expect("send");
 }

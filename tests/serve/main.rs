@@ -46,13 +46,7 @@ async fn a_stream_sends_blocks_in_order_and_a_prompt_switch_is_acknowledged() {
     assert_eq!((b0.width, b0.height), (96, 64));
     assert_eq!(health(addr).await, (1, 2));
 
-    send(
-        &mut ws,
-        &ClientMessage::Prompt {
-            prompt: "a blue whale".into(),
-        },
-    )
-    .await;
+    switch(&mut ws, "a blue whale").await;
     // Blocks keep coming in order; the ack comes between two blocks, never inside one.
     let mut applies_from = None;
     let mut seen_after_switch = false;
@@ -105,13 +99,7 @@ async fn frames_change_exactly_from_the_acknowledged_block() {
     send(&mut ws, &start("a lighthouse at night", 5)).await;
     assert_eq!(recv_json(&mut ws).await, ServerMessage::Started);
     let mut switched = vec![next_block(&mut ws).await.0];
-    send(
-        &mut ws,
-        &ClientMessage::Prompt {
-            prompt: "a desert in daylight".into(),
-        },
-    )
-    .await;
+    switch(&mut ws, "a desert in daylight").await;
     let mut applies_from = None;
     while applies_from.is_none_or(|a| (switched.len() as u64) <= a) {
         let (b, msgs) = next_block(&mut ws).await;
@@ -274,13 +262,7 @@ async fn a_server_with_model_files_streams_and_switches() {
     assert_eq!(recv_json(&mut ws).await, ServerMessage::Started);
     let (b0, _) = next_block(&mut ws).await;
     assert_eq!((b0.index, b0.width, b0.height), (0, 96, 64));
-    send(
-        &mut ws,
-        &ClientMessage::Prompt {
-            prompt: "a whale".into(),
-        },
-    )
-    .await;
+    switch(&mut ws, "a whale").await;
     let mut acked = false;
     for _ in 0..40 {
         let (_, msgs) = next_block(&mut ws).await;

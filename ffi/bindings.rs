@@ -19,6 +19,7 @@ pub const BC_ERR_OUT_OF_MEMORY: bc_status = 5;
 pub const BC_ERR_DEVICE: bc_status = 6;
 pub const BC_ERR_CANCELLED: bc_status = 7;
 pub const BC_ERR_INTERNAL: bc_status = 8;
+pub const BC_ERR_TIMEOUT: bc_status = 9;
 pub type bc_status = ::std::os::raw::c_uint;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -206,6 +207,91 @@ const _: () = {
         "Offset of field: bc_session_stats::total_seconds",
     ][::std::mem::offset_of!(bc_session_stats, total_seconds) - 40usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct bc_stream {
+    _unused: [u8; 0],
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct bc_stream_options {
+    pub struct_size: u32,
+    pub queue_blocks: u32,
+    pub target_fps: f64,
+    pub want_pixels: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of bc_stream_options"][::std::mem::size_of::<bc_stream_options>() - 24usize];
+    [
+        "Alignment of bc_stream_options",
+    ][::std::mem::align_of::<bc_stream_options>() - 8usize];
+    [
+        "Offset of field: bc_stream_options::struct_size",
+    ][::std::mem::offset_of!(bc_stream_options, struct_size) - 0usize];
+    [
+        "Offset of field: bc_stream_options::queue_blocks",
+    ][::std::mem::offset_of!(bc_stream_options, queue_blocks) - 4usize];
+    [
+        "Offset of field: bc_stream_options::target_fps",
+    ][::std::mem::offset_of!(bc_stream_options, target_fps) - 8usize];
+    [
+        "Offset of field: bc_stream_options::want_pixels",
+    ][::std::mem::offset_of!(bc_stream_options, want_pixels) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct bc_stream_block {
+    pub struct_size: u32,
+    pub block_index: u64,
+    pub latents: *const f32,
+    pub frames: u32,
+    pub channels: u32,
+    pub height: u32,
+    pub width: u32,
+    pub rgb: *const u8,
+    pub pixel_frames: u32,
+    pub pixel_height: u32,
+    pub pixel_width: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of bc_stream_block"][::std::mem::size_of::<bc_stream_block>() - 64usize];
+    ["Alignment of bc_stream_block"][::std::mem::align_of::<bc_stream_block>() - 8usize];
+    [
+        "Offset of field: bc_stream_block::struct_size",
+    ][::std::mem::offset_of!(bc_stream_block, struct_size) - 0usize];
+    [
+        "Offset of field: bc_stream_block::block_index",
+    ][::std::mem::offset_of!(bc_stream_block, block_index) - 8usize];
+    [
+        "Offset of field: bc_stream_block::latents",
+    ][::std::mem::offset_of!(bc_stream_block, latents) - 16usize];
+    [
+        "Offset of field: bc_stream_block::frames",
+    ][::std::mem::offset_of!(bc_stream_block, frames) - 24usize];
+    [
+        "Offset of field: bc_stream_block::channels",
+    ][::std::mem::offset_of!(bc_stream_block, channels) - 28usize];
+    [
+        "Offset of field: bc_stream_block::height",
+    ][::std::mem::offset_of!(bc_stream_block, height) - 32usize];
+    [
+        "Offset of field: bc_stream_block::width",
+    ][::std::mem::offset_of!(bc_stream_block, width) - 36usize];
+    [
+        "Offset of field: bc_stream_block::rgb",
+    ][::std::mem::offset_of!(bc_stream_block, rgb) - 40usize];
+    [
+        "Offset of field: bc_stream_block::pixel_frames",
+    ][::std::mem::offset_of!(bc_stream_block, pixel_frames) - 48usize];
+    [
+        "Offset of field: bc_stream_block::pixel_height",
+    ][::std::mem::offset_of!(bc_stream_block, pixel_height) - 52usize];
+    [
+        "Offset of field: bc_stream_block::pixel_width",
+    ][::std::mem::offset_of!(bc_stream_block, pixel_width) - 56usize];
+};
 extern "C" {
     pub fn bc_version() -> *const ::std::os::raw::c_char;
     pub fn bc_last_error() -> *const ::std::os::raw::c_char;
@@ -269,4 +355,28 @@ extern "C" {
         s: *const bc_session,
         stats: *mut bc_session_stats,
     ) -> bc_status;
+    pub fn bc_stream_options_default() -> bc_stream_options;
+    pub fn bc_stream_open(
+        s: *mut bc_session,
+        opts: *const bc_stream_options,
+        out: *mut *mut bc_stream,
+    ) -> bc_status;
+    pub fn bc_stream_next(
+        st: *mut bc_stream,
+        timeout_ms: i32,
+        out: *mut bc_stream_block,
+    ) -> bc_status;
+    pub fn bc_stream_switch_prompt(
+        st: *mut bc_stream,
+        embeds: *const f32,
+        rows: u32,
+        cols: u32,
+        applies_from: *mut u64,
+    ) -> bc_status;
+    pub fn bc_stream_switch_prompt_text(
+        st: *mut bc_stream,
+        utf8: *const ::std::os::raw::c_char,
+        applies_from: *mut u64,
+    ) -> bc_status;
+    pub fn bc_stream_close(st: *mut bc_stream);
 }

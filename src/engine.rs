@@ -39,6 +39,12 @@ impl Engine {
         &self.model
     }
 
+    /// The model as a shared handle, for what outlives a borrow of the engine (a
+    /// [`crate::stream::Stream`]'s worker thread).
+    pub fn shared_model(&self) -> Arc<Model> {
+        self.model.clone()
+    }
+
     /// The model config.
     pub fn config(&self) -> &ModelConfig {
         self.model.config()
@@ -47,6 +53,20 @@ impl Engine {
     /// Where the weights came from (a path or `built-in:NAME`).
     pub fn source(&self) -> &str {
         &self.source
+    }
+}
+
+impl From<Engine> for Arc<Model> {
+    /// The engine's shared model (no copy of the weights).
+    fn from(e: Engine) -> Self {
+        e.model
+    }
+}
+
+impl From<&Engine> for Arc<Model> {
+    /// The engine's shared model (no copy of the weights).
+    fn from(e: &Engine) -> Self {
+        e.model.clone()
     }
 }
 

@@ -1,9 +1,11 @@
 //! Runs a cascade plan on a backend (CPU or CUDA) and streams finished blocks out in order.
 //!
-//! Every schedule (sequential = lag S, cascade = lag 1..S-1) goes through the same loop
-//! ([`Generator::run`]): per tick, start new blocks, build the window, one joint
-//! [`Backend::forward`] over it (while the next noise is generated), then renoise / finish /
-//! commit.
+//! Every schedule (sequential = lag S, cascade = lag 1..S-1) goes through the same loop, for
+//! a run of a known number of blocks ([`Generator::run`]) and for an open-ended one whose
+//! prompt schedule grows while it runs ([`Generator::run_live`], fed by a [`PromptMailbox`]):
+//! per tick, take the prompt switches that arrived, start new blocks, build the window, one
+//! joint [`Backend::forward`] over it (while the next noise is generated), then renoise /
+//! finish / commit.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
@@ -17,7 +19,7 @@ use crate::prompt::{PromptEmbeds, PromptSwitch};
 use crate::schedule::StepSchedule;
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// A block handed to the caller as soon as it is final.
@@ -79,10 +81,13 @@ struct RunState {
     last_done: Instant,
     /// The next block to hand out.
     next_emit: usize,
+    /// The prompt schedule of this run: (first block, prompt), sorted, first entry at block 0.
+    /// Starts as the generator's; a live run adds the switches of its mailbox.
+    prompts: Vec<(usize, Arc<PromptContext>)>,
 }
 
 impl RunState {
-    fn new(ticks: usize) -> Self {
+    fn new(ticks: usize, prompts: Vec<(usize, Arc<PromptContext>)>) -> Self {
         let start = Instant::now();
         RunState {
             state: HashMap::new(),
@@ -96,7 +101,123 @@ impl RunState {
             start,
             last_done: start,
             next_emit: 0,
+            prompts,
         }
+    }
+
+    /// Drops the prompts no block at or after `first_live` can use any more (the run's
+    /// earliest member is `first_live`), so that a long live run keeps a bounded schedule.
+    fn prune_prompts(&mut self, first_live: usize) {
+        let keep_from = self
+            .prompts
+            .partition_point(|(b, _)| *b <= first_live)
+            .saturating_sub(1);
+        self.prompts.drain(..keep_from);
+    }
+}
+
+/// The prompt of `block` in a sorted schedule whose first entry is at block 0.
+fn prompt_for(prompts: &[(usize, Arc<PromptContext>)], block: usize) -> &Arc<PromptContext> {
+    let i = prompts.partition_point(|(b, _)| *b <= block);
+    &prompts[i.saturating_sub(1)].1
+}
+
+/// Inserts a switch at `block` into a sorted schedule (replacing one at the same block).
+fn insert_prompt(
+    prompts: &mut Vec<(usize, Arc<PromptContext>)>,
+    block: usize,
+    ctx: Arc<PromptContext>,
+) {
+    match prompts.binary_search_by_key(&block, |(b, _)| *b) {
+        Ok(i) => prompts[i].1 = ctx,
+        Err(i) => prompts.insert(i, (block, ctx)),
+    }
+}
+
+/// Blocks an open-ended run plans for: never reached (about 5e14 blocks on 64-bit), small
+/// enough that no frame index or tick number overflows.
+const OPEN_ENDED_BLOCKS: usize = usize::MAX / (crate::config::MAX_BLOCK_FRAMES * 8);
+
+/// Prompt switches handed to a live run ([`Generator::run_live`]) from any thread while it
+/// runs, and the way to stop it.
+///
+/// A switch applies from the next block to *start*: [`PromptMailbox::switch`] returns that
+/// block's index. The run takes the waiting switches at the start of every tick, under the
+/// same lock that advances "the next block to start", so the returned index is exactly the
+/// first block denoised under the new prompt. Blocks already started keep their prompt; with
+/// `Recache::Window` the cache is re-encoded under the new prompt when that block starts,
+/// and the context pass of the block before it runs under the new prompt (as in a fixed
+/// prompt schedule with a switch at that block).
+#[derive(Debug, Default)]
+pub struct PromptMailbox {
+    inner: Mutex<Mailbox>,
+}
+
+#[derive(Debug, Default)]
+struct Mailbox {
+    /// The first block that has not started yet.
+    next_start: usize,
+    /// Switches not yet taken by the run: (first block, prompt).
+    pending: Vec<(usize, Arc<PromptContext>)>,
+    /// Set by [`PromptMailbox::cancel`]: the run stops at its next tick.
+    cancelled: bool,
+}
+
+impl PromptMailbox {
+    /// An empty mailbox: no switch, block 0 not started.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Mailbox> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a prompt (made by [`Model::prompt_context`] for the run's model) and returns the
+    /// index of the first block that will use it: the next block to start. A second switch
+    /// before that block starts replaces the first.
+    pub fn switch(&self, prompt: PromptContext) -> usize {
+        let mut m = self.lock();
+        let block = m.next_start;
+        m.pending.push((block, Arc::new(prompt)));
+        block
+    }
+
+    /// The next block to start (the block a switch made now would apply from).
+    pub fn next_start(&self) -> usize {
+        self.lock().next_start
+    }
+
+    /// Asks the run to stop: it returns [`Error::Cancelled`] at the start of its next tick.
+    pub fn cancel(&self) {
+        self.lock().cancelled = true;
+    }
+
+    /// Whether [`PromptMailbox::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.lock().cancelled
+    }
+
+    /// At the start of a tick: takes the waiting switches and records that every block below
+    /// `next_start` has now started. [`Error::Cancelled`] once cancelled.
+    fn take(&self, next_start: usize) -> Result<Vec<(usize, Arc<PromptContext>)>> {
+        let mut m = self.lock();
+        if m.cancelled {
+            return Err(Error::Cancelled);
+        }
+        m.next_start = m.next_start.max(next_start);
+        Ok(std::mem::take(&mut m.pending))
+    }
+}
+
+/// Entries a live run keeps in [`RunReport::tokens_per_tick`] and
+/// [`RunReport::block_seconds`] (the most recent ones).
+const LIVE_REPORT_ENTRIES: usize = 1024;
+
+/// Drops the oldest entries of `v` beyond `keep` (in batches, so that it is cheap per tick).
+fn trim_front<T>(v: &mut Vec<T>, keep: usize) {
+    if v.len() > 2 * keep {
+        v.drain(..v.len() - keep);
     }
 }
 
@@ -164,17 +285,19 @@ impl<'m> Generator<'m> {
         }])
     }
 
-    /// The backend the options ask for, for a run of `frames` frames.
-    fn backend(&self, frames: usize) -> Result<Box<dyn Backend + 'm>> {
+    /// The backend the options ask for, for a run of `frames` frames (`None`: open-ended).
+    fn backend(&self, frames: Option<usize>) -> Result<Box<dyn Backend + 'm>> {
         match self.opts.backend {
             BackendKind::Cpu => Ok(Box::new(CpuBackend::new(self.model, &self.opts)?)),
-            BackendKind::Cuda => crate::backend::cuda_backend(self.model, &self.opts, Some(frames)),
+            BackendKind::Cuda => crate::backend::cuda_backend(self.model, &self.opts, frames),
         }
     }
 
-    fn prompt_for(&self, block: usize) -> &Arc<PromptContext> {
-        let i = self.prompts.partition_point(|(b, _)| *b <= block);
-        &self.prompts[i.saturating_sub(1)].1
+    /// Makes a prompt context for this generator's model (validated), e.g. for
+    /// [`PromptMailbox::switch`].
+    pub fn prompt_context(&self, prompt: &PromptEmbeds) -> Result<PromptContext> {
+        prompt.check(self.model.config())?;
+        self.model.prompt_context(&prompt.data, prompt.rows)
     }
 
     /// Generates `blocks` blocks and returns all latents `[blocks*B, 16, H, W]`.
@@ -193,20 +316,60 @@ impl<'m> Generator<'m> {
     pub fn run(
         &self,
         blocks: usize,
-        mut on_block: impl FnMut(&FinishedBlock) -> bool,
+        on_block: impl FnMut(&FinishedBlock) -> bool,
     ) -> Result<RunReport> {
         let plan = self.check_run(blocks)?;
+        self.drive(plan, None, on_block)
+    }
+
+    /// Generates blocks without end, calling `on_block` for each as soon as it is final (in
+    /// order), until `on_block` returns `false` or `mailbox` is cancelled (both end the run
+    /// with [`Error::Cancelled`]), or an error. The prompt switches posted to `mailbox` (from
+    /// any thread) join the prompt schedule at the start of the next tick; see
+    /// [`PromptMailbox`] for which block they apply from.
+    ///
+    /// The run's memory must stay bounded, so it needs local attention (`local_attn`);
+    /// global attention is an [`Error::InvalidArgument`]. With recorded noise the run fails
+    /// when the noise runs out.
+    pub fn run_live(
+        &self,
+        mailbox: &PromptMailbox,
+        on_block: impl FnMut(&FinishedBlock) -> bool,
+    ) -> Result<RunReport> {
+        let plan = self.check_live()?;
+        self.drive(plan, Some(mailbox), on_block)
+    }
+
+    /// The tick loop shared by [`Generator::run`] and [`Generator::run_live`].
+    fn drive(
+        &self,
+        plan: Plan,
+        mailbox: Option<&PromptMailbox>,
+        mut on_block: impl FnMut(&FinishedBlock) -> bool,
+    ) -> Result<RunReport> {
         let bf = self.opts.block_frames;
         let tpf = (self.opts.height / 2) * (self.opts.width / 2);
-        let mut backend = self.backend(blocks.saturating_mul(bf))?;
-        let mut st = RunState::new(plan.ticks());
+        let live = mailbox.is_some();
+        let frames = (!live).then(|| plan.blocks.saturating_mul(bf));
+        let mut backend = self.backend(frames)?;
+        let mut st = RunState::new(if live { 0 } else { plan.ticks() }, self.prompts.clone());
         for tau in 0..plan.ticks() {
             let planned = plan.members(tau);
+            if let Some(mb) = mailbox {
+                // Blocks 0..=tau/lag have started once this tick starts its new ones.
+                for (block, ctx) in mb.take(tau / plan.lag + 1)? {
+                    insert_prompt(&mut st.prompts, block, ctx);
+                }
+                st.report.ticks += 1;
+            }
+            if let Some(first) = planned.first() {
+                st.prune_prompts(first.block);
+            }
             self.start_blocks(&mut st, backend.as_mut(), &planned)?;
             let blocks_of: Vec<usize> = planned.iter().map(|m| m.block).collect();
             let wanted = self.noise_wanted(&plan, tau, &planned);
             let (flows, generated) = {
-                let members = self.window(&st.state, &st.finals, &planned);
+                let members = self.window(&st.state, &st.finals, &st.prompts, &planned);
                 st.report.tokens_per_tick.push(members.len() * bf * tpf);
                 self.forward_with_noise(
                     backend.as_mut(),
@@ -223,13 +386,34 @@ impl<'m> Generator<'m> {
                 backend.as_mut(),
                 &planned,
                 flows,
-                blocks,
+                plan.blocks,
                 &mut on_block,
             )?;
             st.report.max_cache_bytes = st.report.max_cache_bytes.max(backend.cache_bytes());
+            if live {
+                // Keep the per-tick and per-block lists of a run without end bounded.
+                trim_front(&mut st.report.tokens_per_tick, LIVE_REPORT_ENTRIES);
+                trim_front(&mut st.report.block_seconds, LIVE_REPORT_ENTRIES);
+            }
         }
         st.report.total_seconds = st.start.elapsed().as_secs_f64();
         Ok(st.report)
+    }
+
+    /// Checks an open-ended run (bounded memory, host memory) and plans it.
+    pub(crate) fn check_live(&self) -> Result<Plan> {
+        let o = &self.opts;
+        let Some(window) = o.local_attn else {
+            return Err(Error::invalid(
+                "an open-ended stream needs local attention (local_attn / --local-attn, e.g. 12 \
+                 frames): with global attention its KV cache would grow without bound",
+            ));
+        };
+        let plan = Plan::new(OPEN_ENDED_BLOCKS, self.steps.len(), o.lag())?;
+        if o.backend == BackendKind::Cpu {
+            MemoryEstimate::new(self.model.config(), o, window).check_run()?;
+        }
+        Ok(plan)
     }
 
     /// Checks a run of `blocks` against the recorded noise, the prompt schedule and (CPU) the
@@ -273,9 +457,10 @@ impl<'m> Generator<'m> {
                     None => self.block_noise(m.block, 0)?,
                 };
                 st.state.insert(m.block, noise);
-                if keep_latents && m.block > 0 && self.prompts.iter().any(|(b, _)| *b == m.block) {
+                if keep_latents && m.block > 0 && st.prompts.iter().any(|(b, _)| *b == m.block) {
                     let t0 = Instant::now();
-                    let frames = self.recache(backend, &st.clean, m.block)?;
+                    let prompt = prompt_for(&st.prompts, m.block);
+                    let frames = self.recache(backend, &st.clean, prompt)?;
                     if frames > 0 {
                         st.report.recache_passes += 1;
                         st.report.forward_passes += 1;
@@ -296,6 +481,7 @@ impl<'m> Generator<'m> {
         &'a self,
         state: &'a HashMap<usize, Vec<f32>>,
         finals: &'a HashMap<usize, Vec<f32>>,
+        prompts: &'a [(usize, Arc<PromptContext>)],
         planned: &[PlannedMember],
     ) -> Vec<Member<'a>> {
         let o = &self.opts;
@@ -313,9 +499,9 @@ impl<'m> Generator<'m> {
                     timestep: t,
                     context: ctx,
                     prompt: if ctx && keep_latents {
-                        self.prompt_for(m.block + 1)
+                        prompt_for(prompts, m.block + 1)
                     } else {
-                        self.prompt_for(m.block)
+                        prompt_for(prompts, m.block)
                     },
                 }
             })
@@ -536,12 +722,12 @@ impl<'m> Generator<'m> {
     }
 
     /// LongLive recache: rebuilds the KV cache from the clean latents of the resident frames
-    /// under the prompt of `block`. Returns the number of frames re-run.
+    /// under `prompt` (that of the block starting). Returns the number of frames re-run.
     fn recache(
         &self,
         backend: &mut dyn Backend,
         clean: &BTreeMap<usize, Vec<f32>>,
-        block: usize,
+        prompt: &PromptContext,
     ) -> Result<usize> {
         let o = &self.opts;
         let bf = o.block_frames;
@@ -553,7 +739,6 @@ impl<'m> Generator<'m> {
         if frames.is_empty() {
             return Ok(0);
         }
-        let prompt = self.prompt_for(block);
         // One member per (possibly partial) original block, so visibility matches the original passes.
         let mut groups: Vec<(usize, Vec<f32>)> = Vec::new();
         for &f in &frames {

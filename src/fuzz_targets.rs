@@ -34,6 +34,10 @@ use std::sync::OnceLock;
 
 mod loaders;
 pub use loaders::{taehv_weights, tokenizer, umt5_weights, vae_weights};
+#[cfg(feature = "serve")]
+mod serve;
+#[cfg(feature = "serve")]
+pub use serve::serve_messages;
 
 /// A fuzz target: a name (the corpus folder `fuzz/corpus/<name>/` and the argument of
 /// `scripts/fuzz.sh`) and its entry point.
@@ -81,6 +85,11 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "tokenizer",
         entry: tokenizer,
+    },
+    #[cfg(feature = "serve")]
+    Target {
+        name: "serve_messages",
+        entry: serve_messages,
     },
 ];
 

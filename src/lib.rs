@@ -2,7 +2,8 @@
 //! behind CausVid, Self-Forcing and LongLive) with Block Cascading.
 //!
 //! Start with [`Engine`] (a model), make a [`Generator`] with [`GenerateOptions`], a
-//! [`NoiseSource`] and [`PromptEmbeds`], then [`Generator::run`] to stream blocks.
+//! [`NoiseSource`] and [`PromptEmbeds`], then [`Generator::run`] to stream blocks. For a live,
+//! open-ended generation whose prompt changes while it runs, open a [`Stream`].
 #![warn(missing_docs)]
 
 pub mod backend;
@@ -25,6 +26,9 @@ pub mod prompt;
 pub mod rng;
 pub mod scaling;
 pub mod schedule;
+#[cfg(feature = "serve")]
+pub mod serve;
+pub mod stream;
 pub mod tensorfile;
 pub mod text;
 pub mod video;
@@ -34,9 +38,10 @@ pub mod window;
 pub use config::{AttentionMode, GenerateOptions, ModelConfig, Recache, Schedule};
 pub use engine::Engine;
 pub use error::{Error, Result};
-pub use executor::{FinishedBlock, Generator, RunReport};
+pub use executor::{FinishedBlock, Generator, PromptMailbox, RunReport};
 pub use noise::NoiseSource;
 pub use prompt::PromptEmbeds;
+pub use stream::{Stream, StreamBlock, StreamControl, StreamOptions};
 pub use text::TextEncoder;
 
 /// The crate version.

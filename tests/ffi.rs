@@ -12,6 +12,7 @@ use std::ffi::{c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::ptr::{null, null_mut};
+use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -55,14 +56,21 @@ const STATIC_LIBS: &[&str] = &[
 
 /// Compiles `ffi/examples/stream.c` against the static (`shared == false`) or shared library.
 fn build_example(dir: &Path, shared: bool) -> PathBuf {
+    build_c_example("stream", dir, shared)
+}
+
+/// Compiles `ffi/examples/{name}.c` against the static (`shared == false`) or shared library.
+fn build_c_example(name: &str, dir: &Path, shared: bool) -> PathBuf {
     let exe = dir.join(if shared {
-        "stream-shared"
+        format!("{name}-shared")
     } else {
-        "stream-static"
+        format!("{name}-static")
     });
     let mut cmd = Command::new(cc());
-    cmd.args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-g", "-O1"])
-        .arg(repo().join("ffi/examples/stream.c"))
+    // POSIX for the examples' threads and nanosleep.
+    cmd.args(["-std=c99", "-D_POSIX_C_SOURCE=200809L", "-pthread"])
+        .args(["-Wall", "-Wextra", "-Werror", "-g", "-O1"])
+        .arg(repo().join(format!("ffi/examples/{name}.c")))
         .arg("-I")
         .arg(repo().join("ffi/include"))
         .arg("-o")
@@ -84,7 +92,7 @@ fn build_example(dir: &Path, shared: bool) -> PathBuf {
     let out = cmd.output().expect("running the C compiler (set CC)");
     assert!(
         out.status.success(),
-        "compiling stream.c failed:\n{}",
+        "compiling {name}.c failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     exe
@@ -177,16 +185,15 @@ fn c_example_static_matches_rust_api() {
     let exe = build_example(dir.path(), false);
     for (seed, lag) in [(7u64, 0u32), (3, 1)] {
         let out = dir.path().join(format!("latents-{seed}-{lag}.f32"));
-        let run = Command::new(&exe)
-            .arg(&out)
-            .args(["3", &seed.to_string(), &lag.to_string()])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        assert!(
-            run.status.success(),
-            "stream failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&run.stderr)
+        let (seed_s, lag_s) = (seed.to_string(), lag.to_string());
+        let stdout = run_example(
+            &exe,
+            &[
+                out.as_os_str(),
+                "3".as_ref(),
+                seed_s.as_ref(),
+                lag_s.as_ref(),
+            ],
         );
         let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("block ")).collect();
         assert_eq!(lines.len(), 3, "one line per block:\n{stdout}");
@@ -220,17 +227,27 @@ fn c_example_shared_library_runs() {
     );
 }
 
-#[test]
-fn c_example_is_clean_under_valgrind() {
+/// Runs an example program; its stdout (asserts that it succeeded).
+fn run_example(exe: &Path, args: &[&std::ffi::OsStr]) -> String {
+    let run = Command::new(exe).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{} failed:\n{stdout}\n{}",
+        exe.display(),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+}
+
+/// Runs `exe args` under valgrind memcheck (leaks included, the project's suppressions) and
+/// asserts a clean report; returns the program's stdout. `None` when valgrind is missing.
+fn memcheck(exe: &Path, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Option<String> {
     if Command::new("valgrind").arg("--version").output().is_err() {
-        eprintln!("SKIPPED c_example_is_clean_under_valgrind: valgrind is not installed");
-        return;
+        return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let exe = build_example(dir.path(), false);
-    let out = dir.path().join("latents.f32");
-    let video = dir.path().join("video.y4m");
     let run = Command::new("valgrind")
+        .envs(env.iter().copied())
         .args([
             "--leak-check=full",
             "--errors-for-leak-kinds=definite,indirect,possible",
@@ -240,22 +257,41 @@ fn c_example_is_clean_under_valgrind() {
             "--suppressions={}",
             repo().join("ffi/valgrind.supp").display()
         ))
-        .arg(&exe)
-        .arg(&out)
-        .args(["2", "5", "2"])
-        .arg(&video)
+        .arg(exe)
+        .args(args)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(
         run.status.success(),
-        "valgrind reported errors (exit {:?}):\n{stderr}",
+        "valgrind reported errors (exit {:?}):\n{stdout}\n{stderr}",
         run.status.code()
     );
     assert!(stderr.contains("ERROR SUMMARY: 0 errors"), "{stderr}");
     assert!(
         stderr.contains("definitely lost: 0 bytes") || stderr.contains("no leaks are possible")
     );
+    Some(stdout)
+}
+
+#[test]
+fn c_example_is_clean_under_valgrind() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_example(dir.path(), false);
+    let out = dir.path().join("latents.f32");
+    let video = dir.path().join("video.y4m");
+    let args = [
+        out.as_os_str(),
+        "2".as_ref(),
+        "5".as_ref(),
+        "2".as_ref(),
+        video.as_os_str(),
+    ];
+    if memcheck(&exe, &args, &[]).is_none() {
+        eprintln!("SKIPPED c_example_is_clean_under_valgrind: valgrind is not installed");
+        return;
+    }
     assert_same(
         &read_f32(&out),
         &rust_latents(5, 2, 2),
@@ -878,11 +914,12 @@ fn fn_names(path: &Path, pattern: &str) -> std::collections::BTreeSet<String> {
 fn every_header_function_is_exported_and_signature_checked() {
     let declared = fn_names(&repo().join("ffi/bindings.rs"), "pub fn ");
     assert!(declared.len() >= 10, "{declared:?}");
-    let mut exported = fn_names(&repo().join("src/ffi/mod.rs"), "pub extern \"C\" fn ");
-    exported.extend(fn_names(
-        &repo().join("src/ffi/mod.rs"),
-        "pub unsafe extern \"C\" fn ",
-    ));
+    let mut exported = std::collections::BTreeSet::new();
+    for file in ["src/ffi/mod.rs", "src/ffi/stream.rs"] {
+        for pattern in ["pub extern \"C\" fn ", "pub unsafe extern \"C\" fn "] {
+            exported.extend(fn_names(&repo().join(file), pattern));
+        }
+    }
     assert_eq!(declared, exported, "header declarations vs Rust exports");
     let sys = std::fs::read_to_string(repo().join("src/ffi/sys.rs")).unwrap();
     let list = &sys[sys.find("same!(").expect("the same!(...) list")..];
@@ -986,4 +1023,434 @@ fn frames_callback_hands_out_each_blocks_pixels_in_order() {
     expect_c_err(st, BC_ERR_IO, "nonexistent");
     bc_session_close(s);
     bc_engine_close(e);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live streams through the C ABI
+
+/// Session options for streams: the defaults with local attention (a stream needs it).
+fn stream_session_options(seed: u64, lag: u32) -> bc_session_options {
+    bc_session_options {
+        seed,
+        lag,
+        local_attn: 6,
+        ..bc_session_options_default()
+    }
+}
+
+/// What the Rust API gives for `stream_session_options(seed, lag)` with the session's default
+/// prompt, switched to `switch` at its block: the latents of blocks `0..blocks`.
+fn rust_stream_latents(
+    seed: u64,
+    lag: u32,
+    switch: Option<(usize, PromptEmbeds)>,
+    blocks: usize,
+) -> Vec<f32> {
+    let engine = Engine::open(None).unwrap();
+    let opts = GenerateOptions {
+        schedule: if lag == 0 {
+            Schedule::Sequential
+        } else {
+            Schedule::Cascade { lag: lag as usize }
+        },
+        local_attn: Some(6),
+        ..Default::default()
+    };
+    let prompt = PromptEmbeds::builtin(engine.config(), seed);
+    let mut gen = Generator::new(engine.model(), opts, NoiseSource::Seeded(seed), &prompt).unwrap();
+    if let Some((block, embeds)) = switch {
+        gen.switch_prompt(block, &embeds).unwrap();
+    }
+    gen.generate(blocks).unwrap().0
+}
+
+fn empty_block() -> bc_stream_block {
+    bc_stream_block {
+        struct_size: std::mem::size_of::<bc_stream_block>() as u32,
+        block_index: u64::MAX,
+        latents: null(),
+        frames: 0,
+        channels: 0,
+        height: 0,
+        width: 0,
+        rgb: null(),
+        pixel_frames: 0,
+        pixel_height: 0,
+        pixel_width: 0,
+    }
+}
+
+fn open_stream(s: *mut bc_session, opts: Option<bc_stream_options>) -> *mut bc_stream {
+    let mut st = null_mut();
+    let p = opts.as_ref().map_or(null(), |o| o as *const _);
+    let status = unsafe { bc_stream_open(s, p, &mut st) };
+    assert_eq!(status, BC_OK, "{}", last_error());
+    assert!(!st.is_null());
+    st
+}
+
+/// A new engine, a sequential session with `seed` (local attention) and a stream on it.
+fn new_stream(
+    seed: u64,
+    opts: bc_stream_options,
+) -> (*mut bc_engine, *mut bc_session, *mut bc_stream) {
+    let e = cpu_engine();
+    let s = open_session(e, Some(stream_session_options(seed, 0)));
+    (e, s, open_stream(s, Some(opts)))
+}
+
+/// Takes the next block (waiting) and copies it out: (index, latents, rgb, pixel dims).
+fn next_block(st: *mut bc_stream) -> (u64, Vec<f32>, Option<Vec<u8>>, [u32; 3]) {
+    let mut b = empty_block();
+    let status = unsafe { bc_stream_next(st, -1, &mut b) };
+    assert_eq!(status, BC_OK, "{}", last_error());
+    assert_eq!((b.frames, b.channels, b.height, b.width), (3, 16, 8, 12));
+    let n = (b.frames * b.channels * b.height * b.width) as usize;
+    let latents = unsafe { std::slice::from_raw_parts(b.latents, n) }.to_vec();
+    let px = [b.pixel_frames, b.pixel_height, b.pixel_width];
+    let rgb = (!b.rgb.is_null()).then(|| {
+        let n = px.iter().map(|&v| v as usize).product::<usize>() * 3;
+        unsafe { std::slice::from_raw_parts(b.rgb, n) }.to_vec()
+    });
+    (b.block_index, latents, rgb, px)
+}
+
+/// The switch line of the live example: `switch: "..." applies from block B`.
+fn applies_from(stdout: &str) -> usize {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("switch:"))
+        .unwrap_or_else(|| panic!("no switch line:\n{stdout}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// The live example's text switch as the Rust API sees it.
+fn red_fox() -> PromptEmbeds {
+    let engine = Engine::open(None).unwrap();
+    blockcascade::TextEncoder::tiny(0)
+        .prompt_embeds("a red fox", engine.config())
+        .unwrap()
+}
+
+#[test]
+fn live_c_example_switches_from_a_thread_and_matches_the_rust_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_c_example("live", dir.path(), false);
+    for (blocks, seed, lag, pixels) in [(5usize, 3u64, 2u32, 0u32), (10, 7, 0, 1)] {
+        let out = dir.path().join(format!("live-{seed}.f32"));
+        let nums = [blocks, seed as usize, lag as usize, pixels as usize].map(|v| v.to_string());
+        let mut args = vec![out.as_os_str()];
+        args.extend(nums.iter().map(std::ffi::OsStr::new));
+        let stdout = run_example(&exe, &args);
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("block ")).collect();
+        assert_eq!(lines.len(), blocks, "{stdout}");
+        if pixels == 1 {
+            assert!(lines[0].contains("9 pixel frames of 96 x 64"), "{stdout}");
+            assert!(lines[1].contains("12 pixel frames of 96 x 64"), "{stdout}");
+        }
+        assert!(stdout.contains("BC_ERR_CANCELLED"), "{stdout}");
+        let at = applies_from(&stdout);
+        assert!((1..blocks).contains(&at), "{stdout}");
+        let want = rust_stream_latents(seed, lag, Some((at, red_fox())), blocks);
+        assert_same(&read_f32(&out), &want, "live example vs Rust API");
+    }
+}
+
+#[test]
+fn live_c_example_is_clean_under_valgrind() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_c_example("live", dir.path(), false);
+    let out = dir.path().join("live.f32");
+    // One rayon thread: valgrind runs one thread at a time, and idle workers spinning would
+    // only slow it down. 5 blocks, lag 2, latents only keep it to about a minute.
+    let args = [
+        out.as_os_str(),
+        "5".as_ref(),
+        "3".as_ref(),
+        "2".as_ref(),
+        "0".as_ref(),
+    ];
+    let Some(stdout) = memcheck(&exe, &args, &[("RAYON_NUM_THREADS", "1")]) else {
+        eprintln!("SKIPPED live_c_example_is_clean_under_valgrind: valgrind is not installed");
+        return;
+    };
+    let want = rust_stream_latents(3, 2, Some((applies_from(&stdout), red_fox())), 5);
+    assert_same(
+        &read_f32(&out),
+        &want,
+        "live example (valgrind) vs Rust API",
+    );
+}
+
+#[test]
+fn a_stream_switch_lands_where_bc_session_switch_prompt_would_put_it() {
+    let e = cpu_engine();
+    let s = open_session(e, Some(stream_session_options(4, 1)));
+    let st = open_stream(s, None);
+    // The session is busy while the stream is open; so is a second stream.
+    expect_c_err(generate(s, 1).0, BC_ERR_INVALID_ARGUMENT, "bc_stream");
+    let mut other = null_mut();
+    expect_c_err(
+        unsafe { bc_stream_open(s, null(), &mut other) },
+        BC_ERR_INVALID_ARGUMENT,
+        "bc_stream",
+    );
+    assert!(other.is_null());
+    let mut got = Vec::new();
+    for i in 0..2 {
+        let (index, lat, rgb, px) = next_block(st);
+        assert_eq!(index, i);
+        assert!(rgb.is_none() && px == [0, 0, 0]);
+        got.extend(lat);
+    }
+    // The switch from another thread (the handle is a plain integer to C).
+    let engine = Engine::open(None).unwrap();
+    let p = PromptEmbeds::builtin(engine.config(), 99);
+    let (h, data) = (st as usize, p.data.clone());
+    let rows = p.rows as u32;
+    let at = std::thread::spawn(move || {
+        let mut at = u64::MAX;
+        let status = unsafe {
+            bc_stream_switch_prompt(h as *mut bc_stream, data.as_ptr(), rows, 32, &mut at)
+        };
+        assert_eq!(status, BC_OK, "{}", last_error());
+        at
+    })
+    .join()
+    .unwrap();
+    assert!(at >= 2);
+    for i in 2..at + 2 {
+        let (index, lat, _, _) = next_block(st);
+        assert_eq!(index, i);
+        got.extend(lat);
+    }
+    bc_stream_close(st);
+    // Closed: the session is usable again, and generates the same video with a fixed switch.
+    let status = unsafe { bc_session_switch_prompt(s, at as u32, p.data.as_ptr(), rows, 32) };
+    assert_eq!(status, BC_OK, "{}", last_error());
+    let (status, want) = generate(s, at as u32 + 2);
+    assert_eq!(status, BC_OK, "{}", last_error());
+    assert_eq!(got, want);
+    bc_session_close(s);
+    bc_engine_close(e);
+}
+
+#[test]
+fn stream_pixels_are_the_decode_of_its_latents() {
+    let (e, s, st) = new_stream(
+        2,
+        bc_stream_options {
+            want_pixels: 1,
+            ..bc_stream_options_default()
+        },
+    );
+    let (mut latents, mut rgb) = (Vec::new(), Vec::new());
+    for (i, frames) in [9u32, 12, 12].into_iter().enumerate() {
+        let (index, lat, px, dims) = next_block(st);
+        assert_eq!(index, i as u64);
+        assert_eq!(dims, [frames, 64, 96]);
+        latents.extend(lat);
+        rgb.extend(px.expect("rgb"));
+    }
+    bc_stream_close(st);
+    let want = blockcascade::decode::Decoder::tiny_taehv(0)
+        .decode(&latents, 9, 8, 12)
+        .unwrap();
+    assert_eq!(rgb, want.to_rgb8());
+    bc_session_close(s);
+    bc_engine_close(e);
+}
+
+#[test]
+fn a_close_from_another_thread_ends_a_waiting_next_and_timeouts_are_named() {
+    // One frame per 1000 s: block 0 comes at once, block 1 not for hours.
+    let (e, s, st) = new_stream(
+        1,
+        bc_stream_options {
+            target_fps: 1e-3,
+            ..bc_stream_options_default()
+        },
+    );
+    assert_eq!(next_block(st).0, 0);
+    let mut b = empty_block();
+    expect_c_err(
+        unsafe { bc_stream_next(st, 0, &mut b) },
+        BC_ERR_TIMEOUT,
+        "no block",
+    );
+    expect_c_err(
+        unsafe { bc_stream_next(st, 20, &mut b) },
+        BC_ERR_TIMEOUT,
+        "no block",
+    );
+    assert_eq!(b.block_index, u64::MAX, "a timeout writes nothing");
+    // The stream goes on after a timeout: a switch is accepted (applies_from may be NULL).
+    let p = PromptEmbeds::builtin(Engine::open(None).unwrap().config(), 5);
+    let status = unsafe { bc_stream_switch_prompt(st, p.data.as_ptr(), 16, 32, null_mut()) };
+    assert_eq!(status, BC_OK, "{}", last_error());
+    let h = st as usize;
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        bc_stream_close(h as *mut bc_stream);
+    });
+    expect_c_err(
+        unsafe { bc_stream_next(st, -1, &mut b) },
+        BC_ERR_CANCELLED,
+        "cancelled",
+    );
+    closer.join().unwrap();
+    // The handle is gone; a second close is ignored; the session is free again.
+    expect_c_err(
+        unsafe { bc_stream_next(st, 0, &mut b) },
+        BC_ERR_INVALID_ARGUMENT,
+        "not a live bc_stream",
+    );
+    bc_stream_close(st);
+    assert_eq!(generate(s, 1).0, BC_OK, "{}", last_error());
+    bc_session_close(s);
+    bc_engine_close(e);
+}
+
+#[test]
+fn stream_handles_and_inputs_are_checked() {
+    let e = cpu_engine();
+    let mut st = null_mut();
+    // Global attention (the session default) cannot stream in bounded memory.
+    let global = open_session(e, None);
+    expect_c_err(
+        unsafe { bc_stream_open(global, null(), &mut st) },
+        BC_ERR_INVALID_ARGUMENT,
+        "local attention",
+    );
+    bc_session_close(global);
+    let s = open_session(e, Some(stream_session_options(0, 0)));
+    expect_c_err(
+        unsafe { bc_stream_open(null_mut(), null(), &mut st) },
+        BC_ERR_INVALID_ARGUMENT,
+        "session handle is NULL",
+    );
+    expect_c_err(
+        unsafe { bc_stream_open(s, null(), null_mut()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "out is NULL",
+    );
+    let bad = [
+        (
+            bc_stream_options {
+                struct_size: 3,
+                ..bc_stream_options_default()
+            },
+            "struct_size",
+        ),
+        (
+            bc_stream_options {
+                queue_blocks: 0,
+                ..bc_stream_options_default()
+            },
+            "queue_blocks",
+        ),
+        (
+            bc_stream_options {
+                target_fps: f64::NAN,
+                ..bc_stream_options_default()
+            },
+            "target_fps",
+        ),
+        (
+            bc_stream_options {
+                want_pixels: 2,
+                ..bc_stream_options_default()
+            },
+            "want_pixels",
+        ),
+    ];
+    for (o, what) in bad {
+        expect_c_err(
+            unsafe { bc_stream_open(s, &o, &mut st) },
+            BC_ERR_INVALID_ARGUMENT,
+            what,
+        );
+        assert!(st.is_null());
+    }
+    let d = bc_stream_options_default();
+    assert_eq!(
+        (
+            d.struct_size as usize,
+            d.queue_blocks,
+            d.target_fps,
+            d.want_pixels
+        ),
+        (std::mem::size_of::<bc_stream_options>(), 2, 0.0, 0)
+    );
+    // A session handle is not a stream handle, and NULL is not either.
+    let mut b = empty_block();
+    expect_c_err(
+        unsafe { bc_stream_next(s as *mut bc_stream, 0, &mut b) },
+        BC_ERR_INVALID_ARGUMENT,
+        "is a bc_session",
+    );
+    expect_c_err(
+        unsafe { bc_stream_next(null_mut(), 0, &mut b) },
+        BC_ERR_INVALID_ARGUMENT,
+        "NULL",
+    );
+    let st = open_stream(s, None);
+    expect_c_err(
+        unsafe { bc_stream_next(st, 0, null_mut()) },
+        BC_ERR_INVALID_ARGUMENT,
+        "out is NULL",
+    );
+    b.struct_size = 4;
+    expect_c_err(
+        unsafe { bc_stream_next(st, 0, &mut b) },
+        BC_ERR_INVALID_ARGUMENT,
+        "struct_size",
+    );
+    let mut b = empty_block();
+    expect_c_err(
+        unsafe { bc_stream_next(st, -2, &mut b) },
+        BC_ERR_INVALID_ARGUMENT,
+        "timeout_ms",
+    );
+    let mut at = 7u64;
+    expect_c_err(
+        unsafe { bc_stream_switch_prompt(st, null(), 1, 32, &mut at) },
+        BC_ERR_INVALID_ARGUMENT,
+        "NULL",
+    );
+    let row = [0.5f32; 33];
+    expect_c_err(
+        unsafe { bc_stream_switch_prompt(st, row.as_ptr(), 1, 33, &mut at) },
+        BC_ERR_INVALID_ARGUMENT,
+        "columns",
+    );
+    expect_c_err(
+        unsafe { bc_stream_switch_prompt_text(st, null(), &mut at) },
+        BC_ERR_INVALID_ARGUMENT,
+        "NULL",
+    );
+    let bad_utf8 = [0xffu8, 0];
+    expect_c_err(
+        unsafe { bc_stream_switch_prompt_text(st, bad_utf8.as_ptr() as *const _, &mut at) },
+        BC_ERR_INVALID_ARGUMENT,
+        "UTF-8",
+    );
+    assert_eq!(at, 7, "failed switches write nothing");
+    let status = unsafe { bc_stream_switch_prompt_text(st, c"a fox".as_ptr(), &mut at) };
+    assert_eq!(status, BC_OK, "{}", last_error());
+    assert!(at < 1000);
+    bc_stream_close(st);
+    bc_stream_close(st); // double close: ignored
+    bc_stream_close(null_mut());
+    expect_c_err(
+        unsafe { bc_stream_switch_prompt_text(st, c"a fox".as_ptr(), &mut at) },
+        BC_ERR_INVALID_ARGUMENT,
+        "not a live bc_stream",
+    );
+    // A session closed while its stream runs: the stream keeps working.
+    let st = open_stream(s, None);
+    bc_session_close(s);
+    bc_engine_close(e);
+    assert_eq!(next_block(st).0, 0);
+    bc_stream_close(st);
 }

@@ -14,7 +14,7 @@
  *   functions do that for you — so that later versions can grow the structs without breaking
  *   code compiled against this header. A size smaller than the first published version of the
  *   struct or larger than the library's version is BC_ERR_INVALID_ARGUMENT.
- * - Handles (bc_engine*, bc_session*) are opaque: never dereference them. The library keeps a
+ * - Handles (bc_engine*, bc_session*, bc_stream*) are opaque: never dereference them. The library keeps a
  *   registry of live handles, so NULL, closed or made-up handles are reported as
  *   BC_ERR_INVALID_ARGUMENT instead of crashing. Handle values are never reused.
  * - No Rust panic ever crosses this boundary: an internal failure is reported as
@@ -65,8 +65,10 @@ typedef enum {
   BC_ERR_UNSUPPORTED = 4,      /* a valid request this build or model cannot serve (e.g. the CUDA backend) */
   BC_ERR_OUT_OF_MEMORY = 5,    /* not enough memory */
   BC_ERR_DEVICE = 6,           /* a device (GPU) failed */
-  BC_ERR_CANCELLED = 7,        /* the block callback returned non-zero */
-  BC_ERR_INTERNAL = 8          /* a bug in the library (including a caught panic) */
+  BC_ERR_CANCELLED = 7,        /* the block callback returned non-zero, or the stream was closed */
+  BC_ERR_INTERNAL = 8,         /* a bug in the library (including a caught panic) */
+  BC_ERR_TIMEOUT = 9           /* bc_stream_next: no block within the timeout; not a failure, the
+                                  stream goes on */
 } bc_status;
 
 /* Options of bc_engine_open. Get defaults from bc_engine_options_default(). */
@@ -246,6 +248,98 @@ typedef struct {
    successful generation. Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed session, stats NULL,
    wrong struct_size, no generation has succeeded yet on this session). */
 bc_status bc_session_last_stats(const bc_session *s, bc_session_stats *stats);
+
+/* ---- Live streams ----
+ *
+ * A stream is an open-ended generation on a session: blocks are made on a worker thread of the
+ * library, without end, and taken one at a time with bc_stream_next. The prompt can be switched
+ * while it runs, from any thread. See docs/streams.md.
+ *
+ * - Memory stays bounded: the session needs local attention (bc_session_options.local_attn > 0;
+ *   global attention is BC_ERR_INVALID_ARGUMENT at bc_stream_open). At most queue_blocks
+ *   finished blocks wait for the consumer; when the queue is full the engine waits, so a slow
+ *   consumer slows the engine down.
+ * - A session with an open stream is busy: every other call on it fails with
+ *   BC_ERR_INVALID_ARGUMENT until the stream is closed (bc_session_close is allowed: the stream
+ *   keeps working, and keeps the model alive).
+ * - The stream starts from the session's seed (or recorded noise: the stream then fails when it
+ *   runs out), options and prompt (bc_session_set_prompt / _text); the switches of
+ *   bc_session_switch_prompt do not apply to streams: use bc_stream_switch_prompt.
+ * - Threads: bc_stream_next is called by one thread at a time (a second concurrent call fails
+ *   as busy); bc_stream_switch_prompt, bc_stream_switch_prompt_text and bc_stream_close may be
+ *   called from any thread, also while another thread waits in bc_stream_next. */
+
+/* A live stream. Create with bc_stream_open, destroy with bc_stream_close. */
+typedef struct bc_stream bc_stream;
+
+/* Options of bc_stream_open. Get defaults from bc_stream_options_default(). */
+typedef struct {
+  uint32_t struct_size;  /* sizeof(bc_stream_options) */
+  uint32_t queue_blocks; /* finished blocks that may wait for bc_stream_next, 1..1024 (default 2) */
+  double target_fps;     /* release blocks at this many frames per second (pixel frames with
+                            want_pixels, latent frames otherwise); 0 = as fast as the engine
+                            goes (default). A late engine is not made to catch up in a burst. */
+  uint32_t want_pixels;  /* 1 = decode each block to RGB8 (rgb in bc_stream_block) with the
+                            session's decoder (bc_session_set_decoder; its frames callback is not
+                            called) or, without one, the built-in tiny random TAEHV; 0 = latents
+                            only (default) */
+} bc_stream_options;
+
+/* Default stream options: struct_size set, queue 2, unpaced (fps 0), no pixels. */
+bc_stream_options bc_stream_options_default(void);
+
+/* Starts a stream on a session. `opts` may be NULL for the defaults. On success writes a new
+   handle to *out; close it with bc_stream_close.
+   Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed/busy session, a session that already has an open
+   stream, out NULL, bad options, a session with global attention), BC_ERR_OUT_OF_MEMORY. An
+   engine failure after the start (e.g. a device error) is reported by bc_stream_next. */
+bc_status bc_stream_open(bc_session *s, const bc_stream_options *opts, bc_stream **out);
+
+/* One finished block, filled by bc_stream_next. The caller sets struct_size. */
+typedef struct {
+  uint32_t struct_size;   /* set by the caller to sizeof(bc_stream_block) */
+  uint64_t block_index;   /* 0, 1, 2, ... in order */
+  const float *latents;   /* [frames][channels][height][width] f32 */
+  uint32_t frames, channels, height, width;
+  const uint8_t *rgb;     /* [pixel_frames][pixel_height][pixel_width][3] 8-bit RGB, or NULL
+                             without want_pixels (pixel_* are then 0). A block of F latent
+                             frames gives 4F pixel frames, the stream's first block 4F-3 (both
+                             decoders). */
+  uint32_t pixel_frames, pixel_height, pixel_width;
+} bc_stream_block;
+
+/* Takes the next finished block, waiting up to timeout_ms milliseconds (-1 = as long as it
+   takes, 0 = do not wait). On BC_OK *out describes the block; its pointers are owned by the
+   stream and stay valid until the next bc_stream_next or bc_stream_close on this stream.
+   Every call (whatever its result) releases the previous block.
+   Returns BC_ERR_TIMEOUT when no block came in time (the stream goes on), BC_ERR_CANCELLED
+   when the stream is closed by another thread while this call waits.
+   Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed stream, out NULL, wrong struct_size, timeout_ms
+   below -1, another thread already in bc_stream_next on this stream, a stream that has ended
+   after an error), or the engine's error (BC_ERR_DEVICE, BC_ERR_OUT_OF_MEMORY, ...; reported
+   once, after the blocks finished before it; the stream has then ended). */
+bc_status bc_stream_next(bc_stream *st, int32_t timeout_ms, bc_stream_block *out);
+
+/* Switches the prompt (same embeds rules as bc_session_set_prompt) from the next block to
+   start on, and writes that block's index to *applies_from (NULL: not written): blocks before
+   it keep the old prompt, that block and the later ones use the new one. Blocks already in
+   flight keep their prompt (the KV cache is kept). A second switch before that block starts
+   replaces the first. Safe from any thread, also while another waits in bc_stream_next.
+   Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed stream, bad embeds), BC_ERR_CANCELLED (the
+   stream has stopped). */
+bc_status bc_stream_switch_prompt(bc_stream *st, const float *embeds, uint32_t rows,
+                                  uint32_t cols, uint64_t *applies_from);
+
+/* bc_stream_switch_prompt with a UTF-8 text prompt, encoded (on the calling thread) by the
+   engine's text encoder. Errors: as bc_stream_switch_prompt, and BC_ERR_INVALID_ARGUMENT for a
+   NULL or invalid UTF-8 text or an engine without a text encoder. */
+bc_status bc_stream_switch_prompt_text(bc_stream *st, const char *utf8, uint64_t *applies_from);
+
+/* Stops and closes a stream; frees its blocks and makes its session usable again. A thread
+   waiting in bc_stream_next on it returns BC_ERR_CANCELLED. NULL is a no-op; an unknown or
+   already closed handle is ignored. Waits for the worker to finish its current tick unless
+   another thread is still inside bc_stream_next (that call then does). */
+void bc_stream_close(bc_stream *st);
 
 #ifdef __cplusplus
 }

@@ -50,6 +50,56 @@ enum Cmd {
     Decode(DecodeArgs),
     /// Encode a text prompt with the umT5 text encoder to prompt embeddings.
     EncodePrompt(EncodePromptArgs),
+    /// Serve live streams to a browser page and WebSocket clients (see docs/server.md).
+    ///
+    /// Streams need local attention (bounded memory): without --local-attn (or with -1) they
+    /// get a window of 12 frames with a sink of 3.
+    #[cfg(feature = "serve")]
+    Serve(Box<ServeArgs>),
+}
+
+#[cfg(feature = "serve")]
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Model directory (Wan config.json + safetensors); needs --vae and --text-encoder.
+    /// Default: the built-in tiny model, decoder and text encoder (noise-like pictures).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Decoder weights: the Wan2.1 VAE or TAEHV (safetensors file, or a folder holding one).
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// umT5 text encoder (a folder of safetensors, or one file).
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// The umT5 tokenizer.json (default: in the text encoder's folder or its tokenizer/).
+    #[arg(long, requires = "text_encoder")]
+    tokenizer: Option<PathBuf>,
+    /// Address to listen on. Anything but loopback exposes the server to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    /// Streams that may run at once; one more gets `busy`.
+    #[arg(long, default_value_t = 2)]
+    max_streams: usize,
+    /// Pixel frames per second every stream is paced to (0: as fast as they are made).
+    #[arg(long, default_value_t = 16.0)]
+    fps: f64,
+    /// Finished blocks a stream may hold ahead of a slow client.
+    #[arg(long, default_value_t = 2)]
+    queue_blocks: usize,
+    /// JPEG quality of the frames, 1..=100.
+    #[arg(long, default_value_t = 85)]
+    jpeg_quality: u8,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Cache behaviour at prompt switches: none (cascade) or window (LongLive recache).
+    #[arg(long, value_enum, default_value = "none")]
+    recache: RecacheArg,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -161,6 +211,14 @@ enum RecacheArg {
     None,
     Window,
 }
+impl From<RecacheArg> for Recache {
+    fn from(r: RecacheArg) -> Self {
+        match r {
+            RecacheArg::None => Recache::None,
+            RecacheArg::Window => Recache::Window,
+        }
+    }
+}
 #[derive(Clone, Copy, ValueEnum)]
 enum ExchangeArg {
     Joint,
@@ -170,6 +228,14 @@ enum ExchangeArg {
 enum BackendArg {
     Cpu,
     Cuda,
+}
+impl From<BackendArg> for BackendKind {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Cpu => BackendKind::Cpu,
+            BackendArg::Cuda => BackendKind::Cuda,
+        }
+    }
 }
 
 /// Sampling settings shared by `generate`, `info` and `bench`.
@@ -378,6 +444,8 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench_cmd(a),
         Cmd::Decode(a) => decode_cmd(a),
         Cmd::EncodePrompt(a) => encode_prompt(a),
+        #[cfg(feature = "serve")]
+        Cmd::Serve(a) => serve(*a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -418,6 +486,31 @@ fn options(s: &SamplingArgs, builtin: bool) -> Result<GenerateOptions> {
     };
     o.validate(None)?;
     Ok(o)
+}
+
+#[cfg(feature = "serve")]
+fn serve(a: ServeArgs) -> Result<()> {
+    let mut generate = options(&a.sampling, a.model.is_none())?;
+    if generate.local_attn.is_none() {
+        // A stream's KV cache must stay bounded: local attention it is.
+        generate.local_attn = Some(blockcascade::serve::DEFAULT_LOCAL_ATTN);
+        generate.sink = blockcascade::serve::DEFAULT_SINK;
+    }
+    generate.recache = a.recache.into();
+    generate.backend = a.backend.into();
+    blockcascade::serve::run(&blockcascade::serve::ServeConfig {
+        model: a.model,
+        vae: a.vae,
+        text_encoder: a.text_encoder,
+        tokenizer: a.tokenizer,
+        host: a.host,
+        port: a.port,
+        max_streams: a.max_streams,
+        generate,
+        fps: a.fps,
+        queue_blocks: a.queue_blocks,
+        jpeg_quality: a.jpeg_quality,
+    })
 }
 
 /// Most worker threads `--threads` accepts.
@@ -482,10 +575,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     opts.separate_context_pass = a.separate_context_pass;
     opts.graphs = !a.no_graphs;
     opts.devices = devices;
-    opts.backend = match a.backend {
-        BackendArg::Cpu => BackendKind::Cpu,
-        BackendArg::Cuda => BackendKind::Cuda,
-    };
+    opts.backend = a.backend.into();
     if let (BackendKind::Cuda, Some(list)) = (opts.backend, device_list) {
         // `--devices 0,0`: the CUDA ordinal of every logical device.
         opts.device_ids = list;
@@ -494,10 +584,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         ExchangeArg::Joint => KvExchange::Joint,
         ExchangeArg::Lagged => KvExchange::Lagged,
     };
-    opts.recache = match a.recache {
-        RecacheArg::None => Recache::None,
-        RecacheArg::Window => Recache::Window,
-    };
+    opts.recache = a.recache.into();
     opts.validate(Some(a.frames))?;
     let blocks = a.frames / opts.block_frames;
     // All latents are kept until they are written: they must fit in memory.

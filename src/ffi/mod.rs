@@ -6,7 +6,13 @@
 //! and are never reused. Every entry point runs under `catch_unwind`, and the message of the
 //! last failure is kept per thread for `bc_last_error`.
 
+mod stream;
 pub mod sys;
+
+pub use stream::{
+    bc_stream_close, bc_stream_next, bc_stream_open, bc_stream_options_default,
+    bc_stream_switch_prompt, bc_stream_switch_prompt_text,
+};
 
 use crate::config::BackendKind;
 use crate::config::{AttentionMode, GenerateOptions, Schedule};
@@ -119,6 +125,8 @@ struct Session {
     text: Option<Arc<TextEncoder>>,
     /// The decoder and frames callback of `bc_session_set_decoder`.
     frames: Option<FramesSink>,
+    /// A `bc_stream` is open on the session: every other call is refused as busy.
+    streaming: bool,
 }
 
 /// Where `bc_session_generate` sends pixels: a decoder and the caller's frames callback.
@@ -158,6 +166,18 @@ struct EngineEntry {
 enum Object {
     Engine(EngineEntry),
     Session(Arc<Mutex<Session>>),
+    Stream(Arc<stream::StreamEntry>),
+}
+
+impl Object {
+    /// The C type of the handle, for messages.
+    fn kind(&self) -> &'static str {
+        match self {
+            Object::Engine(_) => "bc_engine",
+            Object::Session(_) => "bc_session",
+            Object::Stream(_) => "bc_stream",
+        }
+    }
 }
 
 static REGISTRY: Mutex<BTreeMap<usize, Object>> = Mutex::new(BTreeMap::new());
@@ -180,7 +200,7 @@ fn lookup_engine(h: *const bc_engine) -> Result<EngineEntry> {
     }
     match registry().get(&(h as usize)) {
         Some(Object::Engine(e)) => Ok(e.clone()),
-        Some(Object::Session(_)) => invalid("the handle is a bc_session, not a bc_engine"),
+        Some(other) => invalid(format!("the handle is a {}, not a bc_engine", other.kind())),
         None => invalid(format!(
             "{h:p} is not a live bc_engine handle (closed, or never returned by bc_engine_open)"
         )),
@@ -193,7 +213,10 @@ fn lookup_session(h: *const bc_session) -> Result<Arc<Mutex<Session>>> {
     }
     match registry().get(&(h as usize)) {
         Some(Object::Session(s)) => Ok(s.clone()),
-        Some(Object::Engine(_)) => invalid("the handle is a bc_engine, not a bc_session"),
+        Some(other) => invalid(format!(
+            "the handle is a {}, not a bc_session",
+            other.kind()
+        )),
         None => invalid(format!(
             "{h:p} is not a live bc_session handle (closed, or never returned by bc_session_open)"
         )),
@@ -215,6 +238,11 @@ fn with_session<T>(
                  time, and not from its own block callback)",
             ),
         };
+    if guard.streaming {
+        return invalid(
+            "the session is busy: a bc_stream is open on it (close it with bc_stream_close)",
+        );
+    }
     f(&mut guard)
 }
 
@@ -584,6 +612,7 @@ pub unsafe extern "C" fn bc_session_open(
             last: None,
             text,
             frames: None,
+            streaming: false,
         };
         *out = register(Object::Session(Arc::new(Mutex::new(session)))) as *mut bc_session;
         Ok(())
@@ -610,26 +639,30 @@ pub unsafe extern "C" fn bc_session_set_prompt(
     })
 }
 
-/// Encodes a UTF-8 text prompt with the session's text encoder.
+/// Encodes a UTF-8 text prompt with an engine's text encoder `text`.
 ///
 /// # Safety
 /// `utf8` is NULL or a NUL-terminated string.
-unsafe fn text_prompt(sess: &Session, utf8: *const c_char) -> Result<PromptEmbeds> {
+unsafe fn text_prompt(
+    engine: &Engine,
+    text: Option<&TextEncoder>,
+    utf8: *const c_char,
+) -> Result<PromptEmbeds> {
     if utf8.is_null() {
         return invalid("the prompt text is NULL");
     }
-    let text = CStr::from_ptr(utf8).to_str().map_err(|e| {
+    let prompt = CStr::from_ptr(utf8).to_str().map_err(|e| {
         Error::invalid(format!(
             "the prompt text is not valid UTF-8 (byte {})",
             e.valid_up_to()
         ))
     })?;
-    let enc = sess.text.as_ref().ok_or_else(|| {
+    let enc = text.ok_or_else(|| {
         Error::invalid(
             "the engine has no text encoder: open it with bc_engine_options.text_encoder set",
         )
     })?;
-    enc.prompt_embeds(text, sess.engine.config())
+    enc.prompt_embeds(prompt, engine.config())
 }
 
 /// Sets the prompt as text (and removes prompt switches).
@@ -643,7 +676,7 @@ pub unsafe extern "C" fn bc_session_set_prompt_text(
 ) -> bc_status {
     guard("bc_session_set_prompt_text", || {
         with_session(s, |sess| {
-            sess.prompt = text_prompt(sess, utf8)?;
+            sess.prompt = text_prompt(&sess.engine, sess.text.as_deref(), utf8)?;
             sess.switches.clear();
             Ok(())
         })
@@ -667,7 +700,7 @@ pub unsafe extern "C" fn bc_session_switch_prompt_text(
                     "a prompt switch needs block >= 1 (use bc_session_set_prompt_text for block 0)",
                 );
             }
-            let p = text_prompt(sess, utf8)?;
+            let p = text_prompt(&sess.engine, sess.text.as_deref(), utf8)?;
             sess.switches.insert(block as usize, p);
             Ok(())
         })

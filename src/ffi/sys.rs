@@ -20,9 +20,10 @@ mod header {
 
 pub use header::{
     bc_block_callback, bc_engine, bc_engine_info, bc_engine_options, bc_frames_callback,
-    bc_session, bc_session_options, bc_session_stats, bc_status, BC_ERR_CANCELLED, BC_ERR_DEVICE,
-    BC_ERR_FORMAT, BC_ERR_INTERNAL, BC_ERR_INVALID_ARGUMENT, BC_ERR_IO, BC_ERR_OUT_OF_MEMORY,
-    BC_ERR_UNSUPPORTED, BC_OK,
+    bc_session, bc_session_options, bc_session_stats, bc_status, bc_stream, bc_stream_block,
+    bc_stream_options, BC_ERR_CANCELLED, BC_ERR_DEVICE, BC_ERR_FORMAT, BC_ERR_INTERNAL,
+    BC_ERR_INVALID_ARGUMENT, BC_ERR_IO, BC_ERR_OUT_OF_MEMORY, BC_ERR_TIMEOUT, BC_ERR_UNSUPPORTED,
+    BC_OK,
 };
 
 /// Compile-time check: each arm unifies the header's declaration with the Rust export, which
@@ -52,5 +53,11 @@ fn signatures_match_the_header() {
         bc_session_switch_prompt_text,
         bc_session_set_decoder,
         bc_session_last_stats,
+        bc_stream_options_default,
+        bc_stream_open,
+        bc_stream_next,
+        bc_stream_switch_prompt,
+        bc_stream_switch_prompt_text,
+        bc_stream_close,
     );
 }

@@ -1,0 +1,379 @@
+//! `blockcascade serve`: live streams over HTTP and WebSocket, with a viewer page.
+//!
+//! - `GET /`: the viewer (one self-contained HTML page, [`PAGE`]);
+//! - `GET /health`: `{"streams": n, "max_streams": m}`;
+//! - WebSocket `/ws`: JSON control messages in, block headers and JPEG frames out
+//!   ([`protocol`], documented for client authors in `docs/server.md`).
+//!
+//! Each WebSocket runs at most one stream: a [`crate::stream::Stream`] (which owns its
+//! generation worker) drained by a pump thread that JPEG-encodes each block's frames and hands
+//! them to the connection's task. The async runtime only moves bytes: generation, decoding,
+//! text encoding and JPEG encoding all run on their own threads. Backpressure goes all the way
+//! back: a slow socket stops the pump, which leaves the stream's bounded queue full, which
+//! pauses the engine.
+
+pub mod protocol;
+mod session;
+
+use crate::decode::Decoder;
+use crate::TextEncoder;
+use crate::{Engine, Error, GenerateOptions, Generator, NoiseSource, PromptEmbeds, Result};
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::header;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The viewer page, with `/*BC_CONFIG*/null` standing for the server's settings (filled in by
+/// [`Server::load`]).
+pub const PAGE: &str = include_str!("page.html");
+
+/// Settings of a server.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Model directory (`None`: the built-in tiny model with the built-in tiny decoder and
+    /// text encoder; the pictures are noise-like).
+    pub model: Option<PathBuf>,
+    /// Decoder weights (Wan VAE or TAEHV); required with `model`.
+    pub vae: Option<PathBuf>,
+    /// umT5 text encoder (a folder or one file); required with `model`.
+    pub text_encoder: Option<PathBuf>,
+    /// The tokenizer.json of the text encoder (default: beside it).
+    pub tokenizer: Option<PathBuf>,
+    /// Address to listen on (loopback unless told otherwise).
+    pub host: String,
+    /// Port (0: any free port).
+    pub port: u16,
+    /// Streams that may run at once; a client asking for one more gets `busy`.
+    pub max_streams: usize,
+    /// Generation settings of every stream (the seed comes with each `start`).
+    pub generate: GenerateOptions,
+    /// Pixel frames per second each stream is paced to, and the page shows (0: as fast as
+    /// they are made).
+    pub fps: f64,
+    /// Finished blocks a stream may hold ahead of its consumer.
+    pub queue_blocks: usize,
+    /// JPEG quality, 1..=100.
+    pub jpeg_quality: u8,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            model: None,
+            vae: None,
+            text_encoder: None,
+            tokenizer: None,
+            host: "127.0.0.1".into(),
+            port: 7860,
+            max_streams: 2,
+            generate: GenerateOptions {
+                local_attn: Some(DEFAULT_LOCAL_ATTN),
+                sink: DEFAULT_SINK,
+                ..GenerateOptions::default()
+            },
+            fps: 16.0,
+            queue_blocks: 2,
+            jpeg_quality: 85,
+        }
+    }
+}
+
+/// Local attention window (latent frames) of the streams when none is given: a stream needs
+/// one so that its KV cache stays bounded (LongLive's short window).
+pub const DEFAULT_LOCAL_ATTN: usize = 12;
+/// Sink frames kept with [`DEFAULT_LOCAL_ATTN`] (LongLive's frame sink).
+pub const DEFAULT_SINK: usize = 3;
+
+/// Most streams `max_streams` accepts.
+pub const MAX_STREAMS: usize = 1024;
+
+/// What every connection shares: the loaded models, the settings and the stream count.
+struct Shared {
+    engine: Arc<Engine>,
+    decoder: Arc<Decoder>,
+    text: Arc<TextEncoder>,
+    generate: GenerateOptions,
+    fps: f64,
+    queue_blocks: usize,
+    jpeg_quality: u8,
+    max_streams: usize,
+    /// Streams running (slots held, see [`Slot`]).
+    streams: AtomicUsize,
+    page: String,
+}
+
+/// One of the `max_streams` places: held from a stream's start until its worker has been
+/// joined, so that `/health` counts what really runs.
+struct Slot(Arc<Shared>);
+
+impl Slot {
+    fn acquire(shared: &Arc<Shared>) -> Option<Slot> {
+        shared
+            .streams
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < shared.max_streams).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(shared.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A loaded server, ready to listen.
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Loads the models `cfg` names (or the built-in ones) and checks the settings.
+    pub fn load(cfg: &ServeConfig) -> Result<Server> {
+        if cfg.max_streams == 0 || cfg.max_streams > MAX_STREAMS {
+            return Err(Error::invalid(format!(
+                "--max-streams must be in 1..={MAX_STREAMS}, got {}",
+                cfg.max_streams
+            )));
+        }
+        if !(cfg.fps.is_finite() && cfg.fps >= 0.0) {
+            return Err(Error::invalid(format!(
+                "--fps must be 0 (unpaced) or positive, got {}",
+                cfg.fps
+            )));
+        }
+        if cfg.queue_blocks == 0 || cfg.queue_blocks > crate::stream::MAX_QUEUE_BLOCKS {
+            return Err(Error::invalid(format!(
+                "--queue-blocks must be in 1..={}, got {}",
+                crate::stream::MAX_QUEUE_BLOCKS,
+                cfg.queue_blocks
+            )));
+        }
+        if !(1..=100).contains(&cfg.jpeg_quality) {
+            return Err(Error::invalid(format!(
+                "--jpeg-quality must be in 1..=100, got {}",
+                cfg.jpeg_quality
+            )));
+        }
+        cfg.generate.validate(None)?;
+        let builtin = cfg.model.is_none();
+        if !builtin && (cfg.vae.is_none() || cfg.text_encoder.is_none()) {
+            return Err(Error::invalid(
+                "--model needs --vae (frames are decoded to pixels) and --text-encoder (prompts \
+                 arrive as text)",
+            ));
+        }
+        // Small files first: a bad decoder or encoder is reported before the model is mapped.
+        let decoder = Arc::new(match &cfg.vae {
+            Some(p) => Decoder::load(p, None)?,
+            None => Decoder::tiny_taehv(0),
+        });
+        decoder.check_latent_size(
+            decoder.latent_channels(),
+            cfg.generate.height,
+            cfg.generate.width,
+        )?;
+        let text = Arc::new(match &cfg.text_encoder {
+            Some(p) => TextEncoder::load(p, cfg.tokenizer.as_deref())?,
+            None => TextEncoder::tiny(0),
+        });
+        let engine = Arc::new(Engine::open(cfg.model.as_deref())?);
+        text.check_model(engine.config())?;
+        // What every stream will check at its start, checked once now (local attention, the
+        // memory the KV cache and activations need).
+        let probe = PromptEmbeds::builtin(engine.config(), 0);
+        Generator::new(
+            engine.model(),
+            cfg.generate.clone(),
+            NoiseSource::Seeded(0),
+            &probe,
+        )?
+        .check_live()?;
+        let (ph, pw) = decoder.pixel_size(cfg.generate.height, cfg.generate.width);
+        if ph > u16::MAX as usize || pw > u16::MAX as usize {
+            return Err(Error::invalid(format!(
+                "frames of {pw}x{ph} pixels are too large for JPEG (at most 65535 a side)"
+            )));
+        }
+        let page_cfg = serde_json::json!({
+            "fps": cfg.fps,
+            "noise_like": builtin && cfg.vae.is_none(),
+            "model": engine.source(),
+            "decoder": decoder.kind().to_string(),
+            "text_encoder": text.source(),
+            "width": pw,
+            "height": ph,
+            "max_streams": cfg.max_streams,
+        });
+        let page = PAGE.replacen("/*BC_CONFIG*/null", &page_cfg.to_string(), 1);
+        Ok(Server {
+            shared: Arc::new(Shared {
+                engine,
+                decoder,
+                text,
+                generate: cfg.generate.clone(),
+                fps: cfg.fps,
+                queue_blocks: cfg.queue_blocks,
+                jpeg_quality: cfg.jpeg_quality,
+                max_streams: cfg.max_streams,
+                streams: AtomicUsize::new(0),
+                page,
+            }),
+        })
+    }
+
+    /// Streams running now.
+    pub fn streams(&self) -> usize {
+        self.shared.streams.load(Ordering::SeqCst)
+    }
+
+    fn router(&self) -> Router {
+        Router::new()
+            .route("/", get(page))
+            .route("/health", get(health))
+            .route("/ws", get(ws))
+            .with_state(self.shared.clone())
+    }
+
+    /// Starts listening on `host:port` on a thread of its own and returns at once (port 0
+    /// picks a free port: see [`RunningServer::addr`]).
+    pub fn start(self, host: &str, port: u16) -> Result<RunningServer> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bc-serve")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
+        // Bound here (blocking, outside any runtime) so that the address is known at once and a
+        // caller inside another runtime can start a server too.
+        let listener = std::net::TcpListener::bind((host, port))
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| Error::io(format!("{host}:{port}"), e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::io(format!("{host}:{port}"), e))?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let app = self.router();
+        let thread = std::thread::Builder::new()
+            .name("bc-serve-main".into())
+            .spawn(move || {
+                let served = rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stop_rx.await;
+                        })
+                        .await
+                });
+                // Open WebSockets are not waited for: their tasks end with the runtime, which
+                // drops their streams (cancel + join).
+                rt.shutdown_timeout(std::time::Duration::from_secs(2));
+                served.map_err(|e| Error::io(addr.to_string(), e))
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the server thread: {e}")))?;
+        Ok(RunningServer {
+            addr,
+            shared: self.shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A server listening on its own thread; dropping it stops it.
+pub struct RunningServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl RunningServer {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Streams running now.
+    pub fn streams(&self) -> usize {
+        self.shared.streams.load(Ordering::SeqCst)
+    }
+
+    /// Blocks until the server stops by itself (it only does on an I/O error).
+    pub fn wait(mut self) -> Result<()> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::Internal("the server thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops listening, ends every connection and its stream, and waits.
+    pub fn stop(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::Internal("the server thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Loads the server `cfg` describes, listens, prints the address and serves until the process
+/// ends.
+pub fn run(cfg: &ServeConfig) -> Result<()> {
+    let server = Server::load(cfg)?;
+    let source = server.shared.engine.source().to_string();
+    let running = server.start(&cfg.host, cfg.port)?;
+    println!(
+        "blockcascade serve: http://{} (model {source}, at most {} streams)",
+        running.addr(),
+        cfg.max_streams
+    );
+    running.wait()
+}
+
+async fn page(State(s): State<Arc<Shared>>) -> Html<String> {
+    Html(s.page.clone())
+}
+
+async fn health(State(s): State<Arc<Shared>>) -> Response {
+    let body = serde_json::json!({
+        "streams": s.streams.load(Ordering::SeqCst),
+        "max_streams": s.max_streams,
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn ws(State(s): State<Arc<Shared>>, up: WebSocketUpgrade) -> Response {
+    up.max_message_size(protocol::MAX_MESSAGE_BYTES)
+        .max_frame_size(protocol::MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| session::run(socket, s))
+}

@@ -11,6 +11,7 @@ pub mod forward;
 pub mod gemm;
 pub mod multi_device;
 pub mod ops;
+pub mod simd;
 
 use super::Backend;
 use crate::config::GenerateOptions;

@@ -172,9 +172,19 @@ unsafe fn tile(
             k0 += kn;
         }
     }
+    store_rows(&acc, &l, hd, rows, out.add(r0 * dim + c0), dim);
+}
+
+/// `out[r, 0..hd] = acc[r, ·] / l[r]` for `r < rows` (0 where `l[r]` is 0), `out` rows at
+/// stride `dim`.
+///
+/// # Safety
+/// `out` is valid for writes of `rows` rows of `hd` values at stride `dim`; `acc` holds
+/// `rows·hd` values and `l` `rows`.
+unsafe fn store_rows(acc: &[f32], l: &[f32], hd: usize, rows: usize, out: *mut f32, dim: usize) {
     for r in 0..rows {
         let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
-        let o = out.add((r0 + r) * dim + c0);
+        let o = out.add(r * dim);
         for (d, a) in acc[r * hd..(r + 1) * hd].iter().enumerate() {
             *o.add(d) = a * inv;
         }
@@ -317,13 +327,7 @@ mod fast {
                 k0 += kn;
             }
         }
-        for r in 0..rows {
-            let inv = if s.l[r] > 0.0 { 1.0 / s.l[r] } else { 0.0 };
-            let o = out.add((r0 + r) * dim + c0);
-            for (d, a) in s.acc[r * hd..(r + 1) * hd].iter().enumerate() {
-                *o.add(d) = a * inv;
-            }
-        }
+        super::store_rows(&s.acc, &s.l, hd, rows, out.add(r0 * dim + c0), dim);
     }
 }
 

@@ -10,7 +10,8 @@
 //! [`super::ops`], [`super::gemm`] and [`super::attention`].
 
 use super::attention::{attention, KvSegment};
-use super::{gemm::linear, ops};
+use super::gemm::{linear, linear_residual};
+use super::ops;
 use crate::config::AttentionMode;
 use crate::kv_cache::KvCache;
 use crate::model::{Member, Model, PromptContext, PromptKv, CHANNELS};
@@ -468,8 +469,8 @@ impl LayerStep<'_> {
                 }
             }
         }
-        linear(&s.att, n, d, &sa.o_w, Some(&sa.o_b), &mut s.y);
-        ops::gated_residual(x, &s.y, d, tpf, Some(&s.mods[2]));
+        let (att, y, g) = (&s.att, &mut s.y, Some(&s.mods[2][..]));
+        linear_residual(att, n, d, &sa.o_w, Some(&sa.o_b), y, x, tpf, g);
         Ok(())
     }
 
@@ -518,8 +519,7 @@ impl LayerStep<'_> {
             );
             a = b;
         }
-        linear(&s.att, n, d, &ca.o_w, Some(&ca.o_b), &mut s.y);
-        ops::gated_residual(x, &s.y, d, tpf, None);
+        linear_residual(&s.att, n, d, &ca.o_w, Some(&ca.o_b), &mut s.y, x, tpf, None);
         Ok(())
     }
 
@@ -530,7 +530,7 @@ impl LayerStep<'_> {
         ops::ln_modulate(x, d, c.eps, tpf, &s.mods[3], &s.mods[4], &mut s.y);
         linear(&s.y, n, d, &l.ffn0_w, Some(&l.ffn0_b), &mut s.ffn);
         ops::gelu_tanh(&mut s.ffn);
-        linear(&s.ffn, n, c.ffn_dim, &l.ffn2_w, Some(&l.ffn2_b), &mut s.y);
-        ops::gated_residual(x, &s.y, d, tpf, Some(&s.mods[5]));
+        let (h, y, g) = (&s.ffn, &mut s.y, Some(&s.mods[5][..]));
+        linear_residual(h, n, c.ffn_dim, &l.ffn2_w, Some(&l.ffn2_b), y, x, tpf, g);
     }
 }

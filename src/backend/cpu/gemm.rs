@@ -236,20 +236,24 @@ mod fast {
                 pack.resize(panels * PW * k, 0.0);
             }
             let pack = &mut pack[..panels * PW * k];
-            // xᵀ panels: pack[p][kk][j] = x[p·PW + j, kk], zero beyond row n.
+            // xᵀ panels: pack[p][kk][j] = x[p·PW + j, kk], zero beyond row n; in blocks of
+            // 16 depths, so the panel rows being written stay in L1.
             pack.par_chunks_mut(PW * k)
                 .enumerate()
                 .for_each(|(p, panel)| {
                     let rows = PW.min(n - p * PW);
-                    for j in 0..PW {
-                        if j < rows {
-                            let xr = &x[(p * PW + j) * k..][..k];
-                            for (kk, &v) in xr.iter().enumerate() {
-                                panel[kk * PW + j] = v;
-                            }
-                        } else {
-                            for kk in 0..k {
-                                panel[kk * PW + j] = 0.0;
+                    for kb in (0..k).step_by(16) {
+                        let ke = (kb + 16).min(k);
+                        for j in 0..PW {
+                            if j < rows {
+                                let xr = &x[(p * PW + j) * k..][kb..ke];
+                                for (kk, &v) in (kb..ke).zip(xr) {
+                                    panel[kk * PW + j] = v;
+                                }
+                            } else {
+                                for kk in kb..ke {
+                                    panel[kk * PW + j] = 0.0;
+                                }
                             }
                         }
                     }

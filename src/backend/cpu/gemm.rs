@@ -95,6 +95,12 @@ pub fn linear_residual(
     super::ops::gated_residual(resid, tmp, o, tokens_per_frame, gate);
 }
 
+/// Frees this thread's packing buffer of the AVX-512 linear (a no-op elsewhere).
+pub(crate) fn release_thread_scratch() {
+    #[cfg(all(bc_avx512, target_arch = "x86_64"))]
+    fast::PACK.with(|p| *p.borrow_mut() = Vec::new());
+}
+
 /// [`linear`] through `matrixmultiply` whatever the CPU: the fallback, public for the GEMM
 /// benchmark (`benches/gemm.rs`) and the tests that compare the two paths.
 ///
@@ -211,7 +217,7 @@ mod fast {
 
     thread_local! {
         /// The packed `xᵀ` of the calling thread's current linear, reused across calls.
-        static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        pub(super) static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         /// A task's accumulators `[CG][NG·PW]`, per worker thread.
         static ACC: RefCell<Vec<f32>> = RefCell::new(vec![0.0; CG * NG * PW]);
     }

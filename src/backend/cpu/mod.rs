@@ -45,6 +45,14 @@ impl<'m> CpuBackend<'m> {
     }
 }
 
+impl Drop for CpuBackend<'_> {
+    /// The forward reuses its activation buffers from tick to tick (per thread); they go
+    /// with the backend.
+    fn drop(&mut self) {
+        forward::release_thread_scratch();
+    }
+}
+
 impl Backend for CpuBackend<'_> {
     fn forward(
         &mut self,

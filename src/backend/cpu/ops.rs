@@ -98,13 +98,18 @@ pub fn gated_residual(
 pub fn rms_norm(x: &mut [f32], dim: usize, eps: f64, w: &[f32]) {
     x.par_chunks_mut(dim * ROWS_PER_TASK).for_each(|xc| {
         for xr in xc.chunks_mut(dim) {
-            let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
-            let r = (1.0 / (ms + eps).sqrt()) as f32;
-            for d in 0..dim {
-                xr[d] = xr[d] * r * w[d];
-            }
+            rms_norm_row(xr, eps, w);
         }
     });
+}
+
+/// One row of [`rms_norm`], in place.
+pub fn rms_norm_row(xr: &mut [f32], eps: f64, w: &[f32]) {
+    let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / xr.len() as f64;
+    let r = (1.0 / (ms + eps).sqrt()) as f32;
+    for (x, w) in xr.iter_mut().zip(w) {
+        *x = *x * r * w;
+    }
 }
 
 /// The split of a head into (temporal, height, width) RoPE channels: `d - 4*(d/6)`, `2*(d/6)`, `2*(d/6)`.

@@ -38,10 +38,18 @@ pub fn linear(x: &[f32], n: usize, k: usize, w: &[f32], bias: Option<&[f32]>, ou
     if super::simd::avx512() {
         let p = SendPtr(out.as_mut_ptr());
         // SAFETY: every (row, column range) reaches the epilogue once; `out` is n×o.
-        fast::gemm(x, n, k, w, o, bias, &|r, c0, vals: &[f32]| unsafe {
-            let q = p;
-            std::ptr::copy_nonoverlapping(vals.as_ptr(), q.0.add(r * o + c0), vals.len());
-        });
+        fast::gemm(
+            x,
+            n,
+            k,
+            fast::WeightRows::F32(w),
+            o,
+            bias,
+            &|r, c0, vals: &[f32]| unsafe {
+                let q = p;
+                std::ptr::copy_nonoverlapping(vals.as_ptr(), q.0.add(r * o + c0), vals.len());
+            },
+        );
         return;
     }
     linear_portable(x, n, k, w, bias, out);
@@ -76,23 +84,67 @@ pub fn linear_residual(
         let p = SendPtr(resid.as_mut_ptr());
         let tpf = tokens_per_frame.max(1);
         // SAFETY: every (row, column range) reaches the epilogue once; `resid` is n×o.
-        fast::gemm(x, n, k, w, o, bias, &|r, c0, vals: &[f32]| unsafe {
-            let q = p;
-            let dst = std::slice::from_raw_parts_mut(q.0.add(r * o + c0), vals.len());
-            match gate {
-                Some(g) => {
-                    let g = &g[(r / tpf) * o + c0..][..vals.len()];
-                    for ((d, v), g) in dst.iter_mut().zip(vals).zip(g) {
-                        *d += v * g;
+        fast::gemm(
+            x,
+            n,
+            k,
+            fast::WeightRows::F32(w),
+            o,
+            bias,
+            &|r, c0, vals: &[f32]| unsafe {
+                let q = p;
+                let dst = std::slice::from_raw_parts_mut(q.0.add(r * o + c0), vals.len());
+                match gate {
+                    Some(g) => {
+                        let g = &g[(r / tpf) * o + c0..][..vals.len()];
+                        for ((d, v), g) in dst.iter_mut().zip(vals).zip(g) {
+                            *d += v * g;
+                        }
                     }
+                    None => dst.iter_mut().zip(vals).for_each(|(d, v)| *d += v),
                 }
-                None => dst.iter_mut().zip(vals).for_each(|(d, v)| *d += v),
-            }
-        });
+            },
+        );
         return;
     }
     linear(x, n, k, w, bias, tmp);
     super::ops::gated_residual(resid, tmp, o, tokens_per_frame, gate);
+}
+
+/// `out[n, o] = x · Wᵀ` with the rows of `W` (`[o, k]`) produced by `rows(r0, buf)`, which
+/// fills `buf` with rows `r0..r0 + buf.len() / k` as f32 (bf16 weights converted a tile at a
+/// time, never whole). Runs the AVX-512 kernel and returns true where it is available;
+/// returns false without touching `out` elsewhere (the caller then runs its own path).
+///
+/// # Panics
+/// When `x` is not `n × k` or `out` not `n × o`.
+pub fn try_linear_rows(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    o: usize,
+    rows: &(dyn Fn(usize, &mut [f32]) + Sync),
+    out: &mut [f32],
+) -> bool {
+    assert!(
+        x.len() == n * k && out.len() == n * o,
+        "try_linear_rows: shapes do not match"
+    );
+    #[cfg(all(bc_avx512, target_arch = "x86_64"))]
+    if super::simd::avx512() {
+        if n > 0 && o > 0 {
+            let p = SendPtr(out.as_mut_ptr());
+            let w = fast::WeightRows::Convert(rows);
+            // SAFETY: every (row, column range) reaches the epilogue once; `out` is n×o.
+            fast::gemm(x, n, k, w, o, None, &|r, c0, vals: &[f32]| unsafe {
+                let q = p;
+                std::ptr::copy_nonoverlapping(vals.as_ptr(), q.0.add(r * o + c0), vals.len());
+            });
+        }
+        return true;
+    }
+    let _ = rows;
+    false
 }
 
 /// Frees this thread's packing buffer of the AVX-512 linear (a no-op elsewhere).
@@ -220,17 +272,27 @@ mod fast {
         pub(super) static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         /// A task's accumulators `[CG][NG·PW]`, per worker thread.
         static ACC: RefCell<Vec<f32>> = RefCell::new(vec![0.0; CG * NG * PW]);
+        /// A task's weight rows when they are converted per tile.
+        static WBUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Where the weight rows come from: an f32 `[o, k]` slice read in place, or a function
+    /// that converts rows `r0..r0 + buf.len() / k` into `buf` (bf16 weights, per tile).
+    #[derive(Clone, Copy)]
+    pub(crate) enum WeightRows<'a> {
+        F32(&'a [f32]),
+        Convert(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
     }
 
     /// `y = x · Wᵀ + b` handed to `epi(row, first column, values)` in row segments of at most
     /// `CG` columns; every (row, column) is handed over exactly once. Shapes: x `[n, k]`,
     /// w `[o, k]`, bias `[o]`, checked by the callers.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm(
+    pub(crate) fn gemm(
         x: &[f32],
         n: usize,
         k: usize,
-        w: &[f32],
+        w: WeightRows,
         o: usize,
         bias: Option<&[f32]>,
         epi: &(dyn Fn(usize, usize, &[f32]) + Sync),
@@ -269,10 +331,27 @@ mod fast {
             (0..cgs * ngs).into_par_iter().for_each(|t| {
                 let (cg, ng) = (t % cgs, t / cgs);
                 ACC.with(|acc| {
-                    let acc = &mut acc.borrow_mut();
-                    // SAFETY: AVX-512F was detected by the caller; the slices' shapes are as
-                    // documented (pack: panels·PW·k, w: o·k).
-                    unsafe { task(n, k, w, o, bias, pack, cg, ng, acc, epi) };
+                    WBUF.with(|wbuf| {
+                        let acc = &mut acc.borrow_mut();
+                        // Weight rows of this task's columns, and the first row they hold.
+                        let (c0, c1) = (cg * CG, ((cg + 1) * CG).min(o));
+                        let (wrows, first): (&[f32], usize) = match w {
+                            WeightRows::F32(v) => (v, 0),
+                            WeightRows::Convert(f) => {
+                                let mut b = wbuf.borrow_mut();
+                                b.resize((c1 - c0) * k, 0.0);
+                                f(c0, &mut b[..]);
+                                drop(b);
+                                // SAFETY: this thread's buffer, not resized until the task
+                                // below has returned.
+                                let b = unsafe { &*wbuf.as_ptr() };
+                                (&b[..], c0)
+                            }
+                        };
+                        // SAFETY: AVX-512F was detected by the caller; the slices' shapes are
+                        // as documented (pack: panels·PW·k, wrows: rows first..c1 of W).
+                        unsafe { task(n, k, wrows, first, o, bias, pack, cg, ng, acc, epi) };
+                    });
                 });
             });
         });
@@ -282,12 +361,14 @@ mod fast {
     ///
     /// # Safety
     /// AVX-512F is available; `pack` holds the packed panels of all `n` rows at depth `k`,
-    /// `w` holds `o·k` values, `acc` `CG·NG·PW`.
+    /// `w` holds the weight rows `first..` of this task's columns (`k` values each), `acc`
+    /// `CG·NG·PW`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn task(
         n: usize,
         k: usize,
         w: &[f32],
+        first: usize,
         o: usize,
         bias: Option<&[f32]>,
         pack: &[f32],
@@ -308,7 +389,7 @@ mod fast {
                 for p in p0..p1 {
                     simd::axpy_rows::<{ PW / 16 }>(
                         cn,
-                        w.as_ptr().add(c * k + k0),
+                        w.as_ptr().add((c - first) * k + k0),
                         k,
                         1,
                         pack.as_ptr().add(p * PW * k + k0 * PW),
@@ -379,6 +460,29 @@ mod tests {
                 assert!((y0[c] + b[c % o] - r[c]).abs() <= 1e-4 * (1.0 + r[c].abs()));
                 assert!((yp[c] - r[c]).abs() <= 1e-4 * (1.0 + r[c].abs()));
             }
+        }
+    }
+
+    /// Weight rows converted per tile give what the same weights in a slice give.
+    #[test]
+    fn converted_weight_rows_match_linear() {
+        let mut rng = crate::rng::Rng::new(4);
+        let (n, k, o) = (300usize, 70, 101);
+        let x: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+        let w: Vec<f32> = (0..o * k).map(|_| rng.normal()).collect();
+        let mut want = vec![0f32; n * o];
+        linear(&x, n, k, &w, None, &mut want);
+        let rows = |r0: usize, buf: &mut [f32]| buf.copy_from_slice(&w[r0 * k..r0 * k + buf.len()]);
+        let mut got = vec![f32::NAN; n * o];
+        if try_linear_rows(&x, n, k, o, &rows, &mut got) {
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        } else {
+            assert!(
+                got.iter().all(|v| v.is_nan()),
+                "out touched without the kernel"
+            );
         }
     }
 

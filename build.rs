@@ -30,6 +30,7 @@ fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     println!("cargo:rustc-check-cfg=cfg(bc_fatbin)");
+    avx512_cfg();
     println!("cargo:rerun-if-changed=build.rs");
     for var in [
         "NVCC",
@@ -326,4 +327,28 @@ fn build_fatbin(
         .unwrap();
     }
     r
+}
+
+/// Sets the cfg `bc_avx512` when the compiler has the AVX-512 intrinsics (stable from Rust
+/// 1.89): the CPU backend's AVX-512 kernels (`src/backend/cpu/simd.rs`) are built only then;
+/// older compilers build the portable path alone.
+fn avx512_cfg() {
+    println!("cargo:rustc-check-cfg=cfg(bc_avx512)");
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let minor = Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let v = String::from_utf8_lossy(&o.stdout).to_string();
+            let ver = v.split_whitespace().nth(1)?.to_string();
+            let mut parts = ver.split('.');
+            let major: u32 = parts.next()?.parse().ok()?;
+            let minor: u32 = parts.next()?.parse().ok()?;
+            Some(if major > 1 { u32::MAX } else { minor })
+        })
+        .unwrap_or(0);
+    if minor >= 89 {
+        println!("cargo:rustc-cfg=bc_avx512");
+    }
 }

@@ -198,7 +198,10 @@ impl Weights {
             let stored = format!("{prefix}{name}");
             let f = &opened[index[&stored][0]];
             let v = f.convert(&f.tensors()[&stored]);
-            if v.iter().any(|x| !x.is_finite()) {
+            if rayon::iter::ParallelIterator::any(
+                rayon::slice::ParallelSlice::par_chunks(&v[..], 1 << 16),
+                |c| c.iter().any(|x| !x.is_finite()),
+            ) {
                 return Err(Error::format(format!(
                     "{}: tensor `{stored}` contains NaN or infinite values",
                     f.path().display()

@@ -655,6 +655,12 @@ fn attention(
 fn linear_tiled(x: &[f32], l: usize, w: &Mat) -> Vec<f32> {
     let (o, k) = (w.rows, w.cols);
     debug_assert_eq!(x.len(), l * k);
+    // The CPU backend's GEMM kernel where it runs (weight rows converted per task tile).
+    let mut y = vec![0.0f32; l * o];
+    let rows = |r0: usize, buf: &mut [f32]| w.rows_into(r0, buf);
+    if crate::backend::cpu::gemm::try_linear_rows(x, l, k, o, &rows, &mut y) {
+        return y;
+    }
     let threads = rayon::current_num_threads().max(1);
     let tile = (TILE_ELEMS / k.max(1)).min(o.div_ceil(4 * threads)).max(1);
     // Transposed output `[rows, l]`: each tile writes a contiguous chunk.
@@ -686,7 +692,6 @@ fn linear_tiled(x: &[f32], l: usize, w: &Mat) -> Vec<f32> {
             }
         },
     );
-    let mut y = vec![0.0f32; l * o];
     for (r, row) in yt.chunks(l).enumerate() {
         for (i, &val) in row.iter().enumerate() {
             y[i * o + r] = val;

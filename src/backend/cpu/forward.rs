@@ -10,13 +10,15 @@
 //! [`super::ops`], [`super::gemm`] and [`super::attention`].
 
 use super::attention::{attention, KvSegment};
-use super::{gemm::linear, ops};
+use super::gemm::{linear, linear_residual};
+use super::ops;
 use crate::config::AttentionMode;
 use crate::kv_cache::KvCache;
 use crate::model::{Member, Model, PromptContext, PromptKv, CHANNELS};
 use crate::weights::LayerWeights;
 use crate::window::{self, MemberGeom};
 use crate::{Error, Result};
+use rayon::prelude::*;
 use std::ops::Range;
 
 /// This device's K/V of one member for one layer: (member index, K, V), each `[tokens, dim]`.
@@ -175,7 +177,7 @@ impl Model {
                 )
             })
             .collect();
-        let mut s = Scratch::new(lay.n, lay.nf, c.dim, c.ffn_dim);
+        let mut s = Scratch::take(lay.n, lay.nf, c.dim, c.ffn_dim);
         for (li, l) in self.weights.layers.iter().enumerate() {
             s.modulation(l, &e0_frames, lay.nf, c.dim);
             let step = LayerStep {
@@ -189,7 +191,9 @@ impl Model {
             step.cross_attention(&mut x, &mut s, &prompt_kv)?;
             step.ffn(&mut x, &mut s);
         }
-        Ok(self.head(&x, &e_frames, &lay, &mut s.y))
+        let out = self.head(&x, &e_frames, &lay, &mut s.y);
+        s.give_back();
+        Ok(out)
     }
 
     /// Patch embedding of this device's members: `[n, dim]` tokens.
@@ -345,20 +349,53 @@ struct Scratch {
     mods: Vec<Vec<f32>>,
 }
 
+thread_local! {
+    /// The last forward's [`Scratch`] of this thread, reused by the next one: the buffers
+    /// grow to the largest window once, then a tick allocates none of them.
+    static SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
+}
+
 impl Scratch {
-    fn new(n: usize, nf: usize, d: usize, ffn_dim: usize) -> Self {
-        Scratch {
-            y: vec![0f32; n * d],
-            qkv: vec![0f32; n * 3 * d],
-            q: vec![0f32; n * d],
-            k: vec![0f32; n * d],
-            v: vec![0f32; n * d],
-            att: vec![0f32; n * d],
-            ffn: vec![0f32; n * ffn_dim],
-            mods: vec![vec![0f32; nf * d]; 6],
+    /// This thread's scratch, sized for `n` tokens and `nf` frames (contents unspecified).
+    fn take(n: usize, nf: usize, d: usize, ffn_dim: usize) -> Self {
+        let mut s = SCRATCH.with(|c| c.take()).unwrap_or(Scratch {
+            y: Vec::new(),
+            qkv: Vec::new(),
+            q: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            att: Vec::new(),
+            ffn: Vec::new(),
+            mods: vec![Vec::new(); 6],
+        });
+        for (b, len) in [
+            (&mut s.y, n * d),
+            (&mut s.qkv, n * 3 * d),
+            (&mut s.q, n * d),
+            (&mut s.k, n * d),
+            (&mut s.v, n * d),
+            (&mut s.att, n * d),
+            (&mut s.ffn, n * ffn_dim),
+        ] {
+            b.resize(len, 0.0);
         }
+        s.mods.iter_mut().for_each(|m| m.resize(nf * d, 0.0));
+        s
     }
 
+    /// Hands the buffers back to this thread for the next forward.
+    fn give_back(self) {
+        SCRATCH.with(|c| c.set(Some(self)));
+    }
+}
+
+/// Frees this thread's reused forward buffers (the CPU backend does when it is dropped).
+pub(crate) fn release_thread_scratch() {
+    SCRATCH.with(|c| drop(c.take()));
+    super::gemm::release_thread_scratch();
+}
+
+impl Scratch {
     /// This layer's per-frame modulation from the time conditioning `e0_frames`.
     fn modulation(&mut self, l: &LayerWeights, e0_frames: &[f32], nf: usize, d: usize) {
         for (j, mj) in self.mods.iter_mut().enumerate() {
@@ -407,14 +444,18 @@ impl LayerStep<'_> {
         ops::ln_modulate(x, d, c.eps, tpf, &s.mods[0], &s.mods[1], &mut s.y);
         let sa = &self.l.self_attn;
         linear(&s.y, n, d, &sa.qkv_w, Some(&sa.qkv_b), &mut s.qkv);
-        for r in 0..n {
-            let src = &s.qkv[r * 3 * d..(r + 1) * 3 * d];
-            s.q[r * d..(r + 1) * d].copy_from_slice(&src[..d]);
-            s.k[r * d..(r + 1) * d].copy_from_slice(&src[d..2 * d]);
-            s.v[r * d..(r + 1) * d].copy_from_slice(&src[2 * d..]);
-        }
-        ops::rms_norm(&mut s.q, d, c.eps, &sa.norm_q);
-        ops::rms_norm(&mut s.k, d, c.eps, &sa.norm_k);
+        // Split q, k, v and RMS-norm q and k, row by row in parallel.
+        s.q.par_chunks_mut(d)
+            .zip(s.k.par_chunks_mut(d))
+            .zip(s.v.par_chunks_mut(d))
+            .zip(s.qkv.par_chunks(3 * d))
+            .for_each(|(((q, k), v), src)| {
+                q.copy_from_slice(&src[..d]);
+                k.copy_from_slice(&src[d..2 * d]);
+                v.copy_from_slice(&src[2 * d..]);
+                ops::rms_norm_row(q, c.eps, &sa.norm_q);
+                ops::rms_norm_row(k, c.eps, &sa.norm_k);
+            });
         for (&i, table) in mine.iter().zip(rope) {
             ops::rope_apply(&mut s.q[lay.rows(i)], nh, hd, table);
             ops::rope_apply(&mut s.k[lay.rows(i)], nh, hd, table);
@@ -468,8 +509,8 @@ impl LayerStep<'_> {
                 }
             }
         }
-        linear(&s.att, n, d, &sa.o_w, Some(&sa.o_b), &mut s.y);
-        ops::gated_residual(x, &s.y, d, tpf, Some(&s.mods[2]));
+        let (att, y, g) = (&s.att, &mut s.y, Some(&s.mods[2][..]));
+        linear_residual(att, n, d, &sa.o_w, Some(&sa.o_b), y, x, tpf, g);
         Ok(())
     }
 
@@ -518,8 +559,7 @@ impl LayerStep<'_> {
             );
             a = b;
         }
-        linear(&s.att, n, d, &ca.o_w, Some(&ca.o_b), &mut s.y);
-        ops::gated_residual(x, &s.y, d, tpf, None);
+        linear_residual(&s.att, n, d, &ca.o_w, Some(&ca.o_b), &mut s.y, x, tpf, None);
         Ok(())
     }
 
@@ -530,7 +570,7 @@ impl LayerStep<'_> {
         ops::ln_modulate(x, d, c.eps, tpf, &s.mods[3], &s.mods[4], &mut s.y);
         linear(&s.y, n, d, &l.ffn0_w, Some(&l.ffn0_b), &mut s.ffn);
         ops::gelu_tanh(&mut s.ffn);
-        linear(&s.ffn, n, c.ffn_dim, &l.ffn2_w, Some(&l.ffn2_b), &mut s.y);
-        ops::gated_residual(x, &s.y, d, tpf, Some(&s.mods[5]));
+        let (h, y, g) = (&s.ffn, &mut s.y, Some(&s.mods[5][..]));
+        linear_residual(h, n, c.ffn_dim, &l.ffn2_w, Some(&l.ffn2_b), y, x, tpf, g);
     }
 }

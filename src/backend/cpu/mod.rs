@@ -11,6 +11,7 @@ pub mod forward;
 pub mod gemm;
 pub mod multi_device;
 pub mod ops;
+pub mod simd;
 
 use super::Backend;
 use crate::config::GenerateOptions;
@@ -41,6 +42,14 @@ impl<'m> CpuBackend<'m> {
             opts: opts.clone(),
             devices,
         })
+    }
+}
+
+impl Drop for CpuBackend<'_> {
+    /// The forward reuses its activation buffers from tick to tick (per thread); they go
+    /// with the backend.
+    fn drop(&mut self) {
+        forward::release_thread_scratch();
     }
 }
 

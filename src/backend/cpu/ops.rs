@@ -98,13 +98,18 @@ pub fn gated_residual(
 pub fn rms_norm(x: &mut [f32], dim: usize, eps: f64, w: &[f32]) {
     x.par_chunks_mut(dim * ROWS_PER_TASK).for_each(|xc| {
         for xr in xc.chunks_mut(dim) {
-            let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
-            let r = (1.0 / (ms + eps).sqrt()) as f32;
-            for d in 0..dim {
-                xr[d] = xr[d] * r * w[d];
-            }
+            rms_norm_row(xr, eps, w);
         }
     });
+}
+
+/// One row of [`rms_norm`], in place.
+pub fn rms_norm_row(xr: &mut [f32], eps: f64, w: &[f32]) {
+    let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / xr.len() as f64;
+    let r = (1.0 / (ms + eps).sqrt()) as f32;
+    for (x, w) in xr.iter_mut().zip(w) {
+        *x = *x * r * w;
+    }
 }
 
 /// The split of a head into (temporal, height, width) RoPE channels: `d - 4*(d/6)`, `2*(d/6)`, `2*(d/6)`.
@@ -195,14 +200,25 @@ pub fn rope_3d(
 /// GELU with the tanh approximation, in place. `0.5·(1 + tanh(z))` is evaluated as the
 /// equal `1 / (1 + exp(-2z))`, which is cheaper than `tanhf` and exact to f32 rounding.
 pub fn gelu_tanh(x: &mut [f32]) {
-    const C: f32 = 0.797_884_6; // sqrt(2/pi)
     x.par_chunks_mut(4096).for_each(|c| {
-        for v in c {
-            let u = *v;
-            let z = C * (u + 0.044715 * u * u * u);
-            *v = u / (1.0 + (-2.0 * z).exp());
+        #[cfg(all(bc_avx512, target_arch = "x86_64"))]
+        if super::simd::avx512() {
+            // SAFETY: AVX-512F was just detected.
+            unsafe { super::simd::gelu_tanh(c) };
+            return;
         }
+        gelu_tanh_portable(c);
     });
+}
+
+/// [`gelu_tanh`] on one chunk without SIMD kernels.
+fn gelu_tanh_portable(x: &mut [f32]) {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    for v in x {
+        let u = *v;
+        let z = C * (u + 0.044715 * u * u * u);
+        *v = u / (1.0 + (-2.0 * z).exp());
+    }
 }
 
 /// SiLU `x * sigmoid(x)`, in place.
@@ -341,11 +357,13 @@ mod tests {
 
     #[test]
     fn gelu_matches_the_tanh_formula() {
-        let mut x: Vec<f32> = (-80..80).map(|i| i as f32 * 0.1).collect();
-        let orig = x.clone();
+        let orig: Vec<f32> = (-80..85).map(|i| i as f32 * 0.1).collect();
+        let mut x = orig.clone();
         gelu_tanh(&mut x);
-        for (g, u) in x.iter().zip(orig) {
-            let u = u as f64;
+        let mut p = orig.clone();
+        gelu_tanh_portable(&mut p);
+        for (g, u) in x.iter().chain(&p).zip(orig.iter().chain(&orig)) {
+            let u = *u as f64;
             let e = 0.5
                 * u
                 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (u + 0.044715 * u * u * u)).tanh());

@@ -557,9 +557,12 @@ fn check_out(out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn generate(a: GenerateArgs) -> Result<()> {
-    let (devices, device_list) = parse_devices(&a.devices)?;
-    check_out(&a.out)?;
+/// The run's options from `generate`'s arguments (and the thread pool `--threads` asks for),
+/// validated against the frame count.
+fn generate_options(
+    a: &GenerateArgs,
+    (devices, device_list): (usize, Option<Vec<usize>>),
+) -> Result<GenerateOptions> {
     if let Some(t) = a.threads {
         if t == 0 || t > MAX_THREADS {
             return Err(Error::invalid(format!(
@@ -586,6 +589,38 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     opts.recache = a.recache.into();
     opts.validate(Some(a.frames))?;
+    Ok(opts)
+}
+
+/// One progress line on stderr for a finished block (redrawn in place on a terminal).
+fn print_progress(b: &blockcascade::FinishedBlock, blocks: usize, tty: bool) {
+    let done = b.index + 1;
+    let secs = b.since_start.as_secs_f64().max(1e-9);
+    let rate = done as f64 / secs;
+    let eta = (blocks - done) as f64 / rate;
+    let width = 24;
+    let filled = done * width / blocks;
+    let line = format!(
+        "[{}{}] {done}/{blocks} blocks  {rate:.2} blocks/s  block {:.3}s  ETA {eta:.1}s",
+        "#".repeat(filled),
+        " ".repeat(width - filled),
+        b.block_time.as_secs_f64()
+    );
+    if tty {
+        eprint!("\r{line}");
+        if done == blocks {
+            eprintln!();
+        }
+    } else {
+        eprintln!("{line}");
+    }
+    let _ = std::io::stderr().flush();
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let devices = parse_devices(&a.devices)?;
+    check_out(&a.out)?;
+    let opts = generate_options(&a, devices)?;
     let blocks = a.frames / opts.block_frames;
     // All latents are kept until they are written: they must fit in memory.
     let out_bytes = [a.frames, 16, opts.height, opts.width, 4]
@@ -660,27 +695,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             }
         }
         if progress {
-            let done = b.index + 1;
-            let secs = b.since_start.as_secs_f64().max(1e-9);
-            let rate = done as f64 / secs;
-            let eta = (blocks - done) as f64 / rate;
-            let width = 24;
-            let filled = done * width / blocks;
-            let line = format!(
-                "[{}{}] {done}/{blocks} blocks  {rate:.2} blocks/s  block {:.3}s  ETA {eta:.1}s",
-                "#".repeat(filled),
-                " ".repeat(width - filled),
-                b.block_time.as_secs_f64()
-            );
-            if tty {
-                eprint!("\r{line}");
-                if done == blocks {
-                    eprintln!();
-                }
-            } else {
-                eprintln!("{line}");
-            }
-            let _ = std::io::stderr().flush();
+            print_progress(b, blocks, tty);
         }
         true
     });

@@ -32,7 +32,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
+mod c_abi_stream;
 mod loaders;
+pub use c_abi_stream::c_abi_stream;
 pub use loaders::{taehv_weights, tokenizer, umt5_weights, vae_weights};
 #[cfg(feature = "serve")]
 mod serve;
@@ -69,6 +71,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "c_abi_options",
         entry: c_abi_options,
+    },
+    Target {
+        name: "c_abi_stream",
+        entry: c_abi_stream,
     },
     Target {
         name: "vae_weights",

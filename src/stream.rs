@@ -30,6 +30,12 @@ use std::time::{Duration, Instant};
 /// Largest queue accepted (blocks waiting for the consumer).
 pub const MAX_QUEUE_BLOCKS: usize = 1024;
 
+/// Slowest pacing accepted (frames per second): a block's interval, frames / fps, must fit a
+/// `Duration` and an `Instant` with room to spare.
+pub const MIN_TARGET_FPS: f64 = 1e-6;
+/// Fastest pacing accepted (frames per second).
+pub const MAX_TARGET_FPS: f64 = 1e6;
+
 /// Settings of a [`Stream`] beyond the generation's own options.
 #[derive(Clone)]
 pub struct StreamOptions {
@@ -39,7 +45,8 @@ pub struct StreamOptions {
     /// Frames per second the blocks are released at (pixel frames when decoding, latent frames
     /// otherwise); 0 = as fast as the engine goes (default). A block is released no earlier
     /// than the previous one plus the previous block's frames at this rate; a late engine is
-    /// never made to catch up in a burst.
+    /// never made to catch up in a burst. At most [`MAX_TARGET_FPS`], at least
+    /// [`MIN_TARGET_FPS`].
     pub target_fps: f64,
     /// Decodes each block to pixels ([`StreamBlock::rgb`]) on a decode thread of its own,
     /// pipelined with the generation of the next blocks. `None`: latents only.
@@ -308,10 +315,11 @@ impl Stream {
                 sopts.queue_blocks
             )));
         }
-        if !(sopts.target_fps.is_finite() && sopts.target_fps >= 0.0) {
+        let fps = sopts.target_fps;
+        if !(fps == 0.0 || (MIN_TARGET_FPS..=MAX_TARGET_FPS).contains(&fps)) {
             return Err(Error::invalid(format!(
-                "target_fps must be 0 (unpaced) or a positive frame rate, got {}",
-                sopts.target_fps
+                "target_fps must be 0 (unpaced) or a frame rate in \
+                 {MIN_TARGET_FPS:e}..={MAX_TARGET_FPS:e}, got {fps}"
             )));
         }
         if let Some(d) = &sopts.decoder {

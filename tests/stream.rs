@@ -383,7 +383,15 @@ fn bad_inputs_are_typed_errors() {
             "queue_blocks",
         );
     }
-    for fps in [-1.0, f64::NAN, f64::INFINITY] {
+    // 1e-300 and 1e300: a block's interval (frames / fps) or the rate would not fit a Duration.
+    for fps in [
+        -1.0,
+        f64::NAN,
+        f64::INFINITY,
+        1e-300,
+        f64::MIN_POSITIVE,
+        1e300,
+    ] {
         inval(
             open(
                 o.clone(),

@@ -278,7 +278,8 @@ typedef struct {
   uint32_t queue_blocks; /* finished blocks that may wait for bc_stream_next, 1..1024 (default 2) */
   double target_fps;     /* release blocks at this many frames per second (pixel frames with
                             want_pixels, latent frames otherwise); 0 = as fast as the engine
-                            goes (default). A late engine is not made to catch up in a burst. */
+                            goes (default); else 1e-6..1e6. A late engine is not made to
+                            catch up in a burst. */
   uint32_t want_pixels;  /* 1 = decode each block to RGB8 (rgb in bc_stream_block) with the
                             session's decoder (bc_session_set_decoder; its frames callback is not
                             called) or, without one, the built-in tiny random TAEHV; 0 = latents

@@ -1,0 +1,206 @@
+//! Fuzz target of the C ABI's live streams: `bc_stream_options` and `bc_stream_block` from
+//! bytes (their `struct_size` included) and a sequence of stream calls on a session.
+
+use super::{shared_engine, status, Session};
+use crate::ffi::sys::*;
+use crate::ffi::{
+    bc_session_generate, bc_session_options_default, bc_stream_close, bc_stream_next,
+    bc_stream_open, bc_stream_switch_prompt, bc_stream_switch_prompt_text,
+};
+use crate::{Error, Result};
+use std::mem::size_of;
+
+/// Most calls one input makes on its stream (each waits at most [`WAIT_MS`]).
+const MAX_OPS: usize = 16;
+/// The longest `bc_stream_next` timeout used (ms): the time per input stays bounded.
+const WAIT_MS: i32 = 2;
+
+/// The C ABI's live streams, from bytes:
+///
+/// | bytes  | meaning                                                                       |
+/// |--------|-------------------------------------------------------------------------------|
+/// | 0..24  | a `bc_stream_options` as laid out in memory (`struct_size` first)             |
+/// | 24..28 | `bc_stream_block.struct_size` for every `bc_stream_next`                      |
+/// | 28     | the session's `local_attn` (`-1` global, which a stream refuses, else 0..15)  |
+/// | 29..   | calls, one byte each (and their arguments): `% 5` = 0 next (no wait), 1 next  |
+/// |        | (2 ms), 2 switch embeddings (rows, cols bytes follow), 3 switch text (a       |
+/// |        | length byte and the text follow), 4 `bc_session_generate` (must be refused)   |
+///
+/// Missing bytes are zeros. Oracles: blocks arrive with consecutive indices from 0 and the
+/// session's latent shape; a busy session refuses to generate; a closed stream's handle is
+/// refused by `bc_stream_next` and a second close is harmless.
+pub fn c_abi_stream(bytes: &[u8]) -> Result<()> {
+    run(bytes).map(|_| ())
+}
+
+/// [`c_abi_stream`], returning the number of blocks handed out.
+fn run(bytes: &[u8]) -> Result<u64> {
+    let mut head = [0u8; 29];
+    let n = bytes.len().min(head.len());
+    head[..n].copy_from_slice(&bytes[..n]);
+    // SAFETY: bc_stream_options is integers and a double; any 24 bytes are a valid value.
+    let sopts: bc_stream_options =
+        unsafe { std::ptr::read_unaligned(head.as_ptr().cast::<bc_stream_options>()) };
+    let block_size = u32::from_le_bytes([head[24], head[25], head[26], head[27]]);
+    let mut o = bc_session_options_default();
+    (o.height, o.width) = (2, 2);
+    o.local_attn = if head[28] == 0 {
+        -1
+    } else {
+        i32::from(head[28] % 16)
+    };
+    shared_engine()?;
+    let sess = Session::open(&o)?;
+    let mut st = std::ptr::null_mut();
+    // SAFETY: a live session, full-sized options, a valid out pointer.
+    status(unsafe { bc_stream_open(sess.0, &sopts, &mut st) })?;
+    let result = drive(st, &sess, block_size, bytes.get(29..).unwrap_or_default());
+    bc_stream_close(st);
+    bc_stream_close(st);
+    // SAFETY: an all-zero block is a valid value; the struct is full-sized.
+    let mut out: bc_stream_block = unsafe { std::mem::zeroed() };
+    out.struct_size = size_of::<bc_stream_block>() as u32;
+    // SAFETY: a closed handle (refused by lookup) and a full-sized, writable struct.
+    if status(unsafe { bc_stream_next(st, 0, &mut out) }).is_ok() {
+        return Err(Error::Internal(
+            "bc_stream_next accepted a closed stream".into(),
+        ));
+    }
+    result
+}
+
+/// Runs the calls of `ops` on the open stream `st` of session `sess`; returns the number of
+/// blocks handed out.
+fn drive(st: *mut bc_stream, sess: &Session, block_size: u32, mut ops: &[u8]) -> Result<u64> {
+    let mut next_index = 0u64;
+    let mut calls = 0;
+    while let Some((&op, rest)) = ops.split_first() {
+        ops = rest;
+        calls += 1;
+        if calls > MAX_OPS {
+            break;
+        }
+        match op % 5 {
+            0 | 1 => {
+                // SAFETY: an all-zero block is a valid value; the struct is full-sized.
+                let mut out: bc_stream_block = unsafe { std::mem::zeroed() };
+                out.struct_size = block_size;
+                let wait = if op % 5 == 0 { 0 } else { WAIT_MS };
+                // SAFETY: a live stream and a full-sized, writable struct.
+                let r = unsafe { bc_stream_next(st, wait, &mut out) };
+                if r == BC_OK {
+                    // A struct of another accepted size is only written, not checked.
+                    if block_size as usize == size_of::<bc_stream_block>() {
+                        check_block(&out, next_index)?;
+                    }
+                    next_index += 1;
+                }
+            }
+            2 => {
+                let (rows, cols) = (take(&mut ops) as u32, take(&mut ops) as u32);
+                let embeds = vec![0.01f32; (rows * cols) as usize];
+                let mut from = 0u64;
+                // SAFETY: `rows * cols` readable floats and a writable u64.
+                let r =
+                    unsafe { bc_stream_switch_prompt(st, embeds.as_ptr(), rows, cols, &mut from) };
+                if r == BC_OK && from < next_index {
+                    return Err(Error::Internal(format!(
+                        "a switch applies from block {from}, but block {next_index} was handed out"
+                    )));
+                }
+            }
+            3 => {
+                let len = (take(&mut ops) as usize).min(ops.len());
+                let mut text: Vec<u8> = ops[..len].iter().map(|&c| c.max(1)).collect();
+                ops = &ops[len..];
+                text.push(0);
+                let mut from = 0u64;
+                // SAFETY: a NUL-terminated string and a writable u64.
+                let _ =
+                    unsafe { bc_stream_switch_prompt_text(st, text.as_ptr().cast(), &mut from) };
+            }
+            _ => {
+                // SAFETY: a live session; the callback is never called when refused.
+                let r = unsafe { bc_session_generate(sess.0, 1, None, std::ptr::null_mut()) };
+                if r == BC_OK {
+                    return Err(Error::Internal(
+                        "a session with an open stream generated".into(),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(next_index)
+}
+
+/// The next byte of `ops` (0 when none is left).
+fn take(ops: &mut &[u8]) -> u8 {
+    match ops.split_first() {
+        Some((&b, rest)) => {
+            *ops = rest;
+            b
+        }
+        None => 0,
+    }
+}
+
+/// A handed-out block: the expected index, the session's latent shape, readable latents.
+fn check_block(b: &bc_stream_block, index: u64) -> Result<()> {
+    if b.block_index != index || b.latents.is_null() || b.channels != 16 || b.frames == 0 {
+        return Err(Error::Internal(format!(
+            "block {} (expected {index}): {} frames of {} channels, latents {:?}",
+            b.block_index, b.frames, b.channels, b.latents
+        )));
+    }
+    let n = b.frames as usize * b.channels as usize * b.height as usize * b.width as usize;
+    // SAFETY: the ABI promises `frames * channels * height * width` floats until the next call.
+    let v = unsafe { std::slice::from_raw_parts(b.latents, n) };
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(Error::Internal(format!(
+            "block {index} has non-finite latents"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Options, block size and `local_attn` of a seed, then its calls.
+    fn input(pixels: u32, local_attn: u8, ops: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(size_of::<bc_stream_options>() as u32).to_le_bytes());
+        b.extend_from_slice(&2u32.to_le_bytes());
+        b.extend_from_slice(&0f64.to_le_bytes());
+        b.extend_from_slice(&pixels.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&(size_of::<bc_stream_block>() as u32).to_le_bytes());
+        b.push(local_attn);
+        b.extend_from_slice(ops);
+        b
+    }
+
+    #[test]
+    fn a_valid_input_streams_blocks_and_switches() {
+        // next (waiting), a switch to a 1 x 2 prompt, next until two blocks came.
+        let ops = [1, 2, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4];
+        let blocks = run(&input(0, 6, &ops)).unwrap();
+        assert!(blocks >= 1, "no block in 8 waits");
+        assert!(run(&input(1, 6, &[1, 1, 1, 1])).is_ok());
+    }
+
+    #[test]
+    fn global_attention_and_bad_options_are_ordinary_errors() {
+        assert!(matches!(
+            c_abi_stream(&input(0, 0, &[1])),
+            Err(Error::InvalidArgument(_))
+        ));
+        let mut zero_queue = input(0, 6, &[1]);
+        zero_queue[4..8].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            c_abi_stream(&zero_queue),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}

@@ -127,12 +127,7 @@ fn rust_latents(seed: u64, lag: u32, blocks: usize) -> Vec<f32> {
 /// the same math summed in another order. Those runs are held to a relative L2 distance.
 fn assert_close_portable(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let (mut num, mut den) = (0f64, 0f64);
-    for (g, w) in got.iter().zip(want) {
-        num += (*g as f64 - *w as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    let rel = (num / den.max(1e-30)).sqrt();
+    let rel = common::rel_l2(want, got);
     assert!(rel < 1e-5, "{what}: relative L2 {rel:e}");
 }
 

@@ -1,5 +1,6 @@
 // Fused flash attention over a list of K/V segments, bf16 in/out, f32 accumulation: a
-// FlashAttention-2-style tensor-core kernel (mma.sync m16n8k16 bf16 -> f32).
+// FlashAttention-2-style tensor-core kernel (mma.sync m16n8k16 bf16 -> f32), 32 query rows
+// per warp.
 //
 //   out[n, h] = softmax(q[n, h] . K[:, h]^T * scale) . V[:, h]
 //
@@ -13,33 +14,37 @@
 // kv_stride elements. head_dim: a multiple of 8, <= 64 (bc_attention_hd64*) or <= 128
 // (bc_attention_hd128*); pointers 16-byte aligned, strides multiples of 8.
 //
-// Variants (tile sizes in params.h, AttCfg below; the backend picks one by timing both at
-// open, see src/backend/cuda/attention_tune.rs):
-//   bc_attention_hd{64,128}       BQ = 64 query rows per block, 4 warps, 2 blocks per SM.
-//   bc_attention_hd{64,128}_q128  BQ = 128 rows, 8 warps, 1 block per SM. Why: a block reads 4 * hd
-//                                 bytes of K/V per key from L2 and does 4 * BQ * hd FLOPs
-//                                 with them, BQ FLOP per byte: at BQ = 64, 350 TFLOP/s needs
-//                                 ~5.5 TB/s of L2 bandwidth, about all an H100 has; BQ = 128
-//                                 halves that. Registers: 8 warps x ~225 fit one block.
-// Every variant walks keys in tiles of BK = 64 (hd128: 64 KB of dynamic shared memory for the
-// two stages of K and V, over the 48 KB static limit) and gives each warp the same 16 rows'
-// work in the same order, so the variants differ only in how many warps share a block: their
-// outputs are bit-identical (tests/kernels_emu.rs), and the tile the backend picks by timing
-// never changes the numbers.
+// Variants (tile sizes in params.h, AttCfg below; the backend picks the row tile by timing
+// both on the session's own segment list, see src/backend/cuda/attention_tune.rs):
+//   bc_attention_hd{64,128}       BQ = 64 query rows per block: 2 warps.
+//   bc_attention_hd{64,128}_q128  BQ = 128 rows: 4 warps. A block reads 4 * hd bytes of K/V
+//                                 per key from L2 and does 4 * BQ * hd FLOPs with them: BQ
+//                                 FLOP per byte, so 128 rows halve the L2 traffic per FLOP.
+// Each warp owns ATT_WM = 32 query rows (two m16 MMA tiles, the FlashAttention-2 layout), so
+// every K and V fragment an ldmatrix brings into registers feeds two mma (one per m-tile).
+// Key tiles: BK = 64 keys (hd64) or 32 keys (hd128). The register budget decides: per thread
+// the hd128 output accumulators of 32 rows are 128 f32, the scores of a BK-key tile BK f32,
+// so BK = 32 (as FlashAttention-2 uses for hd128 on sm_80) keeps the kernel under 255
+// registers without a spill; hd128 also reads its Q fragments from shared memory at every
+// k-step (holding them would cost 64 registers), hd64 holds them (32 registers).
+// Both row tiles walk the same key tiles and give every warp the same 32 rows' work in the
+// same order, so they differ only in how many warps share a block: their outputs are
+// bit-identical (tests/kernels_emu.rs) and the tile the backend picks never changes numbers.
 // Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
-// stacked along the query rows; warp w owns the ATT_WM = 16 query rows [w*16, w*16+16) of the
-// block's BQ rows (one m16 MMA tile). Keys are walked one segment at a time in tiles of BK
-// keys; a tile never crosses a segment end. Per block:
-//   1. Q [BQ x HDMAX] goes to shared memory (cp.async, in the stage-1 K/V buffer, which is free
-//      at that point) together with K/V tile 0 (stage 0); each warp keeps its Q rows as A
-//      fragments in registers (ldmatrix.x4) for the whole kernel.
+// stacked along the query rows; warp w owns rows [32w, 32w + 32) of the block's BQ rows. Keys
+// are walked one segment at a time in tiles of BK keys; a tile never crosses a segment end.
+// Per block:
+//   1. Q [BQ x HDMAX] goes to shared memory by cp.async (hd128: its own region, read for the
+//      whole kernel; hd64: the stage-1 K/V buffer, free at that point, and each warp then keeps
+//      its Q rows as A fragments in registers) together with K/V tile 0 (stage 0).
 //   2. Per tile: cp.async of the next tile (next segment when this one ends) into the other
 //      stage, wait_group 1 for the current one (double buffering), then per warp (att_tile)
-//      S = Q K^T (mma, K B-fragments by ldmatrix.x4 from the row-major K tile), online softmax
-//      in base 2 on the accumulator fragments (each lane holds rows g = lane/4 and g+8; row max
-//      through quad shuffles xor 1, 2; the row sum stays per lane until the end), P re-packed
-//      from the accumulator fragments (n-tiles 2k, 2k+1) into the bf16 A fragment of k-step k,
-//      and O += P V (V B-fragments by ldmatrix.x4.trans from the row-major V tile).
+//      S = Q K^T (mma, K B-fragments by ldmatrix.x4 from the row-major K tile, each for both
+//      m-tiles), online softmax in base 2 on the accumulator fragments (each lane holds rows
+//      g = lane/4 and g+8 of each m-tile; row max through quad shuffles xor 1, 2; the row sum
+//      stays per lane until the end), P re-packed from the accumulator fragments (n-tiles 2k,
+//      2k+1) into the bf16 A fragment of k-step k, and O += P V (V B-fragments by
+//      ldmatrix.x4.trans from the row-major V tile, each for both m-tiles).
 //   3. O / rowsum (0 for rows without keys) stored as bf16; rows past the group end are never
 //      stored (their Q rows are zeros), warps without a valid row skip the math.
 // The inner loops are straight-line code: the head dimension they walk is the compile-time
@@ -49,7 +54,8 @@
 // offsets computed once per thread (AttSmem): each ldmatrix / cp.async is a base register plus
 // an immediate. The ldmatrix of fragment step i + 1 is issued before the mma of step i. The
 // softmax scale is folded into log2(e) and into the exponent's FFMA (P = 2^(S * qscale - m) is
-// one FFMA + one MUFU.EX2, ex2.approx.ftz); a negative scale flips the sign of Q (exact).
+// one FFMA + one MUFU.EX2, ex2.approx.ftz); a negative scale flips the sign of Q in shared
+// memory once (exact).
 // Shared memory rows are HDMAX bf16 long; 16-byte chunk c of row r lives at chunk c ^ (r % 8)
 // (XOR swizzle: conflict-free ldmatrix and cp.async). Everything a copy does not read (columns
 // past head_dim, K/V rows past a segment end, Q rows past the group end) is zero-filled by the
@@ -58,43 +64,50 @@
 // FLOPs per launch: 4 * rows * keys * head_dim per head and group (2 for Q K^T, 2 for P V),
 // i.e. sum over groups of 4 * q_rows * (keys of its segments) * head_dim * heads.
 //
-// Registers (f32 accumulators per thread, hd128): O 64 + S BK/2 + Q fragments 32 + two
-// K or V fragments 8 (ptxas: ~225, no spill).
+// Registers per thread (f32 accumulators + fragments), hd128: O 128 + S 32 + Q fragments of
+// two k-steps 16 + two K or V fragments 8; hd64: O 64 + S 64 + Q 32 + 8. The build fails on
+// any spill; docs/kernel-sass.md has the compiled numbers (scripts/sass-report.sh).
 // Checked by tests/kernels_emu.rs against cpu::attention::attention under the SIMT emulation
 // (emulated mma/ldmatrix/cp.async, see cuda/include/mma.cuh; cp.async lands only at its wait):
 // head_dim 32/40/64/128, groups with different segment lists (ring-buffer wrap, sink + local
 // window), many segments of odd lengths, row counts that are not multiples of the tile, empty
-// groups and empty segments, scales other than 1/sqrt(hd), large logits (online rescaling),
-// cross-attention with 512 keys. Real-GPU speed and the hardware fragment layouts are checked
-// by tests/cuda.rs / benches on a GPU only.
+// groups and empty segments, scales other than 1/sqrt(hd) (negative and zero too), large
+// logits (online rescaling), cross-attention with 512 keys; both row tiles bit-identical.
+// Real-GPU speed and the hardware fragment layouts are checked by tests/cuda.rs / benches on a
+// GPU only.
 #include "include/mma.cuh"
 
 namespace {
-constexpr int ATT_WM = 16;  // query rows per warp (one m16 tile)
+constexpr int ATT_MT = 2;             // m16 tiles per warp
+constexpr int ATT_WM = 16 * ATT_MT;   // query rows per warp
 /// Tile configuration of one kernel variant: WARPS warps stacked along the query rows (BQ =
-/// 16 * WARPS query rows per block), BK keys per K/V tile. Shared memory: 2 stages x (K + V) x
-/// BK x HDMAX bf16; Q [BQ x HDMAX] is staged in stage 1, so 2 * BK >= BQ.
-template <int HDMAX, int WARPS, int BK_>
+/// 32 * WARPS query rows per block), BK keys per K/V tile, QREG: Q fragments held in
+/// registers (else read from shared memory at each k-step). Shared memory: 2 stages x (K + V)
+/// x BK x HDMAX bf16, then Q [BQ x HDMAX] (QREG: Q is staged in stage 1, so 2 * BK >= BQ).
+template <int HDMAX_, int WARPS, int BK_, bool QREG_>
 struct AttCfg {
+    static constexpr int HDMAX = HDMAX_;
     static constexpr int NT = WARPS * 32;  // threads per block
     static constexpr int BQ = WARPS * ATT_WM;
     static constexpr int BK = BK_;
-    static constexpr int SMEM_BYTES = 2 * 2 * BK * HDMAX * 2;
-    static_assert(BK % 16 == 0 && 2 * BK >= BQ, "Q is staged in one K/V stage");
+    static constexpr bool QREG = QREG_;
+    static constexpr int KV_BYTES = 2 * 2 * BK * HDMAX * 2;
+    static constexpr int Q_OFF = QREG ? KV_BYTES / 2 : KV_BYTES;  // stage 1, or Q's own region
+    static constexpr int SMEM_BYTES = KV_BYTES + (QREG ? 0 : BQ * HDMAX * 2);
+    static_assert(BK % 16 == 0 && (!QREG || 2 * BK >= BQ), "QREG: Q is staged in one K/V stage");
     static_assert(HDMAX % 64 == 0, "swizzle needs rows of >= 8 chunks");
 };
-// The variants (params.h): 64 query rows per block with 2 blocks per SM (4 warps) and 128 rows
-// per block (8 warps: half the K/V traffic from L2 per FLOP), all with tiles of 64 keys (hd64:
-// 32 KB of static shared memory; hd128: 64 KB of dynamic shared memory).
-using AttHd64 = AttCfg<64, BC_ATTN_THREADS / 32, BC_ATTN_BK>;
-using AttHd128 = AttCfg<128, BC_ATTN_THREADS / 32, BC_ATTN_BK>;
-using AttHd64Wide = AttCfg<64, BC_ATTN_WIDE_THREADS / 32, BC_ATTN_WIDE_BK>;
-using AttHd128Wide = AttCfg<128, BC_ATTN_WIDE_THREADS / 32, BC_ATTN_WIDE_BK>;
+// The variants (params.h): 64 query rows per block (2 warps) and 128 rows (4 warps); hd64 with
+// 64-key tiles and Q in registers (32 KB of static shared memory), hd128 with 32-key tiles and
+// Q in shared memory (48 / 64 KB of dynamic shared memory).
+using AttHd64 = AttCfg<64, BC_ATTN_THREADS / 32, BC_ATTN_HD64_BK, true>;
+using AttHd64Wide = AttCfg<64, BC_ATTN_WIDE_THREADS / 32, BC_ATTN_HD64_BK, true>;
+using AttHd128 = AttCfg<128, BC_ATTN_THREADS / 32, BC_ATTN_HD128_BK, false>;
+using AttHd128Wide = AttCfg<128, BC_ATTN_WIDE_THREADS / 32, BC_ATTN_HD128_BK, false>;
 static_assert(AttHd64::BQ == BC_ATTN_BQ && AttHd64Wide::BQ == BC_ATTN_WIDE_BQ, "params.h rows per block");
-static_assert(AttHd128::SMEM_BYTES == BC_ATTN_HD128_SMEM && AttHd128Wide::SMEM_BYTES == BC_ATTN_HD128_SMEM,
+static_assert(AttHd128::BQ == BC_ATTN_BQ && AttHd128Wide::BQ == BC_ATTN_WIDE_BQ, "params.h rows per block");
+static_assert(AttHd128::SMEM_BYTES == BC_ATTN_HD128_SMEM && AttHd128Wide::SMEM_BYTES == BC_ATTN_WIDE_HD128_SMEM,
               "params.h shared memory");
-static_assert(AttHd64::BK == AttHd64Wide::BK && AttHd128::BK == AttHd128Wide::BK,
-              "same key tiles: the variants give bit-identical outputs");
 
 /// Two floats as a bf16 pair in one register (low half = `lo`).
 __device__ __forceinline__ unsigned att_pack(float lo, float hi) {
@@ -117,35 +130,37 @@ __device__ __forceinline__ bool att_next_segment(const BcAttentionParams& p, con
 /// Shared-memory geometry of one variant and the per-lane addresses of its copies and
 /// fragment loads. Every address in the loops is a 32-bit shared offset computed here once:
 /// a per-thread base plus compile-time immediates.
-template <int HDMAX, class Cfg>
+template <class Cfg>
 struct AttSmem {
-    static constexpr int BK = Cfg::BK, NT = Cfg::NT;
+    static constexpr int HDMAX = Cfg::HDMAX, BK = Cfg::BK, NT = Cfg::NT;
     static constexpr int ROWB = HDMAX * 2;        // bytes per row
     static constexpr int CPR = HDMAX / 8;         // 16-byte chunks per row
+    static constexpr int CPT = CPR / 8;           // chunks per thread and row: c, c + 8, ...
     static constexpr int TILEB = BK * ROWB;       // one K or V tile
     static constexpr int STAGEB = 2 * TILEB;      // K + V
-    static constexpr int RP = NT / CPR;           // rows per copy pass of the block
-    static_assert(NT % CPR == 0 && RP % 8 == 0 && BK % RP == 0 && Cfg::BQ % RP == 0,
-                  "a thread copies the same chunk of rows that agree mod 8 (one swizzle)");
-    // Copies: thread tid moves chunk c = tid % CPR of rows tid / CPR + i * RP; since RP % 8 == 0
-    // its swizzled chunk c ^ (row % 8) is the same in every pass.
-    int c;            // source chunk
+    static constexpr int RP = NT / 8;             // rows per copy pass of the block
+    static_assert(RP % 8 == 0 && BK % RP == 0 && Cfg::BQ % RP == 0,
+                  "a thread copies the same chunks of rows that agree mod 8 (one swizzle)");
+    // Copies: thread tid moves chunks c + 8k (c = tid % 8, k < CPT) of rows tid / 8 + i * RP;
+    // since RP % 8 == 0 its swizzled chunk (c + 8k) ^ (row % 8) = (c ^ (row % 8)) + 8k is the
+    // same in every pass: offset dst + 128k.
+    int c;            // first source chunk
     int r;            // first row
     unsigned dst;     // shared offset of (row r, chunk c) in a tile
     // Fragments: offsets (in a stage) for ldmatrix of k-step / n-tile pair index q % 4; the
     // index q / 4 adds 128 bytes (chunk bit 3 is never swizzled), the key block 16 * ROWB.
     unsigned k_at[4];  // K B fragments of Q K^T: keys 8 * (lane / 16) + lane % 8, chunks 2q, 2q + 1
-    unsigned v_at[4];  // V B fragments of P V (.trans): keys 8 * ((lane / 8) % 2) + lane % 8, head dim 16q
+    unsigned v_at[4];  // V B fragments of P V (.trans): keys lane % 16, head dim 16q
     __device__ __forceinline__ AttSmem(int tid, int lane) {
-        c = tid % CPR;
-        r = tid / CPR;
+        c = tid % 8;
+        r = tid / 8;
         dst = r * ROWB + ((c ^ (r & 7)) * 16);
         const int x = lane % 8;  // row % 8 of the lane's fragment row: the swizzle
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             // chunk (2q + b) ^ x = (2q) ^ (b ^ x) for b in {0, 1}
             k_at[q] = (8 * (lane / 16) + x) * ROWB + (((2 * q) ^ (((lane / 8) % 2) ^ x)) * 16);
-            v_at[q] = TILEB + (8 * ((lane / 8) % 2) + x) * ROWB + (((2 * q) ^ ((lane / 16) ^ x)) * 16);
+            v_at[q] = TILEB + (lane % 16) * ROWB + (((2 * q) ^ ((lane / 16) ^ x)) * 16);
         }
     }
     /// Offset of the K fragment of k-step kk, key block jj (relative to the stage).
@@ -156,98 +171,138 @@ struct AttSmem {
     __device__ __forceinline__ unsigned v_frag(int kk, int nn) const {
         return v_at[nn % 4] + (nn / 4) * 128 + kk * 16 * ROWB;
     }
+    /// Offset of the Q A-fragment of k-step kk, m-tile mt (relative to the warp's Q rows):
+    /// rows lane % 16, chunks 2kk + lane / 16, the same lane pattern as the V fragments.
+    __device__ __forceinline__ unsigned q_frag(int kk, int mt) const {
+        return v_at[kk % 4] - TILEB + (kk / 4) * 128 + mt * 16 * ROWB;
+    }
 };
 
-/// One key tile of one warp: S = Q K^T, online softmax (base 2), O += P V. MASK: the tile has
-/// kn < BK keys (the last tile of a segment); the others run without any key test. Fragment
-/// loads are software-pipelined: the ldmatrix of step i + 1 is issued before the mma of step i,
-/// and the first V fragment before the softmax.
-template <bool MASK, int HDMAX, class Cfg>
-__device__ __forceinline__ void att_tile(const AttSmem<HDMAX, Cfg>& sm, bc_saddr stage, const unsigned (*qf)[4],
-                                         float (*o)[4], float* m, float* l, float qscale, int kn, int t) {
+/// One key tile of one warp (32 query rows, two m-tiles): S = Q K^T, online softmax (base 2),
+/// O += P V. MASK: the tile has kn < BK keys (the last tile of a segment); the others run
+/// without any key test. Fragment loads are software-pipelined: the ldmatrix of step i + 1 is
+/// issued before the mma of step i, and the first V fragment before the softmax. `qw`: the
+/// warp's Q rows in shared memory (read when !QREG), `qf`: its Q fragments (QREG).
+template <bool MASK, class Cfg>
+__device__ __forceinline__ void att_tile(const AttSmem<Cfg>& sm, bc_saddr stage, bc_saddr qw,
+                                         const unsigned (*qf)[Cfg::HDMAX / 16][4], float (*o)[Cfg::HDMAX / 8][4],
+                                         float (*m)[2], float (*l)[2], float qscale, int kn, int t) {
     constexpr int BK = Cfg::BK;
-    constexpr int KSTEPS = HDMAX / 16;  // k16 steps of Q K^T = n-tile pairs of P V (head dim)
-    constexpr int NS = BK / 8;          // n8 tiles of S (keys)
-    constexpr int QK = KSTEPS * (NS / 2), PV = (BK / 16) * KSTEPS;  // ldmatrix steps
-    // S = Q K^T: step i = (k-step i / (NS/2), key block i % (NS/2)), two mma per fragment.
-    float s[NS][4];
+    constexpr int KSTEPS = Cfg::HDMAX / 16;  // k16 steps of Q K^T = n-tile pairs of P V (head dim)
+    constexpr int NS = BK / 8;               // n8 tiles of S (keys)
+    constexpr int JB = BK / 16;              // 16-key blocks: K fragments per k-step, k-steps of P V
+    constexpr int QK = KSTEPS * JB, PV = JB * KSTEPS;  // ldmatrix steps
+    // S = Q K^T: step i = (k-step i / JB, key block i % JB); each K fragment feeds 2 m-tiles x
+    // 2 n-tiles. Without QREG the Q fragments of k-step kk are loaded with the K fragment of
+    // the step before (kk, 0) into qa[kk % 2].
+    float s[ATT_MT][NS][4];
 #pragma unroll
-    for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    for (int mt = 0; mt < ATT_MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < NS; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
     unsigned kb[2][4];
+    unsigned qa[2][ATT_MT][4];
+    if constexpr (!Cfg::QREG) {
+#pragma unroll
+        for (int mt = 0; mt < ATT_MT; ++mt) bc_ldmatrix_x4_at(qa[0][mt], qw + sm.q_frag(0, mt));
+    }
     bc_ldmatrix_x4_at(kb[0], stage + sm.k_frag(0, 0));
 #pragma unroll
     for (int i = 0; i < QK; ++i) {
-        const int kk = i / (NS / 2), jj = i % (NS / 2);
-        if (i + 1 < QK) bc_ldmatrix_x4_at(kb[(i + 1) % 2], stage + sm.k_frag((i + 1) / (NS / 2), (i + 1) % (NS / 2)));
-        bc_mma_bf16_16816(s[2 * jj], qf[kk], &kb[i % 2][0], s[2 * jj]);
-        bc_mma_bf16_16816(s[2 * jj + 1], qf[kk], &kb[i % 2][2], s[2 * jj + 1]);
+        const int kk = i / JB, jj = i % JB;
+        if (i + 1 < QK) {
+            const int nk = (i + 1) / JB, nj = (i + 1) % JB;
+            if constexpr (!Cfg::QREG) {
+                if (nj == 0) {
+#pragma unroll
+                    for (int mt = 0; mt < ATT_MT; ++mt) bc_ldmatrix_x4_at(qa[nk % 2][mt], qw + sm.q_frag(nk, mt));
+                }
+            }
+            bc_ldmatrix_x4_at(kb[(i + 1) % 2], stage + sm.k_frag(nk, nj));
+        }
+#pragma unroll
+        for (int mt = 0; mt < ATT_MT; ++mt) {
+            const unsigned* a = Cfg::QREG ? qf[mt][kk] : qa[kk % 2][mt];
+            bc_mma_bf16_16816(s[mt][2 * jj], a, &kb[i % 2][0], s[mt][2 * jj]);
+            bc_mma_bf16_16816(s[mt][2 * jj + 1], a, &kb[i % 2][2], s[mt][2 * jj + 1]);
+        }
     }
     unsigned vb[2][4];
     bc_ldmatrix_x4_trans_at(vb[0], stage + sm.v_frag(0, 0));
-    // Online softmax (base 2) on the fragments: lane holds S[g][col], S[g+8][col] for col =
-    // 8j + 2t, 8j + 2t + 1. qscale >= 0 (the kernel folds a negative scale into Q), so the
-    // row max of S * qscale is qscale * (row max of S), and P = 2^(S * qscale - m) is one FFMA
-    // and one MUFU.EX2. Every tile has a key in every row: the maxima are finite.
-    float mx[2] = {-INFINITY, -INFINITY};
+    // Online softmax (base 2) on the fragments: lane holds S[g][col], S[g+8][col] of each m-tile
+    // for col = 8j + 2t, 8j + 2t + 1. qscale >= 0 (the kernel folds a negative scale into Q),
+    // so the row max of S * qscale is qscale * (row max of S), and P = 2^(S * qscale - m) is one
+    // FFMA and one MUFU.EX2. Every tile has a key in every row: the maxima are finite.
 #pragma unroll
-    for (int j = 0; j < NS; ++j) {
+    for (int mt = 0; mt < ATT_MT; ++mt) {
+        float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float v = MASK && 8 * j + 2 * t + (e & 1) >= kn ? -INFINITY : s[j][e];
-            mx[e >> 1] = fmaxf(mx[e >> 1], v);
+        for (int j = 0; j < NS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float v = MASK && 8 * j + 2 * t + (e & 1) >= kn ? -INFINITY : s[mt][j][e];
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
         }
-    }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 2));
-        const float mn = fmaxf(m[i], mx[i] * qscale);
-        const float alpha = bc_ex2(m[i] - mn);  // 0 on the first tile (m = -inf)
-        m[i] = mn;
-        l[i] *= alpha;
+        for (int i = 0; i < 2; ++i) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 2));
+            const float mn = fmaxf(m[mt][i], mx[i] * qscale);
+            const float alpha = bc_ex2(m[mt][i] - mn);  // 0 on the first tile (m = -inf)
+            m[mt][i] = mn;
+            l[mt][i] *= alpha;
 #pragma unroll
-        for (int j = 0; j < HDMAX / 8; ++j) {
-            o[j][2 * i] *= alpha;
-            o[j][2 * i + 1] *= alpha;
+            for (int j = 0; j < Cfg::HDMAX / 8; ++j) {
+                o[mt][j][2 * i] *= alpha;
+                o[mt][j][2 * i + 1] *= alpha;
+            }
         }
-    }
 #pragma unroll
-    for (int j = 0; j < NS; ++j) {
+        for (int j = 0; j < NS; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            float pr = bc_ex2(fmaf(s[j][e], qscale, -m[e >> 1]));
-            if (MASK && 8 * j + 2 * t + (e & 1) >= kn) pr = 0.f;
-            s[j][e] = pr;
-            l[e >> 1] += pr;
+            for (int e = 0; e < 4; ++e) {
+                float pr = bc_ex2(fmaf(s[mt][j][e], qscale, -m[mt][e >> 1]));
+                if (MASK && 8 * j + 2 * t + (e & 1) >= kn) pr = 0.f;
+                s[mt][j][e] = pr;
+                l[mt][e >> 1] += pr;
+            }
         }
     }
     // O += P V: A fragment of key block kk = accumulator n-tiles 2kk, 2kk+1 as bf16; B fragments
     // of head-dim n-tiles 2nn, 2nn+1 via ldmatrix.x4.trans. Step i = (key block i / KSTEPS,
-    // n-tile pair i % KSTEPS). Keys past kn have P = 0 and zero-filled V rows.
-    unsigned pa[BK / 16][4];
+    // n-tile pair i % KSTEPS); each V fragment feeds 2 m-tiles x 2 n-tiles. Keys past kn have
+    // P = 0 and zero-filled V rows.
+    unsigned pa[JB][ATT_MT][4];
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-        pa[kk][0] = att_pack(s[2 * kk][0], s[2 * kk][1]);
-        pa[kk][1] = att_pack(s[2 * kk][2], s[2 * kk][3]);
-        pa[kk][2] = att_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[kk][3] = att_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    for (int kk = 0; kk < JB; ++kk) {
+#pragma unroll
+        for (int mt = 0; mt < ATT_MT; ++mt) {
+            pa[kk][mt][0] = att_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            pa[kk][mt][1] = att_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            pa[kk][mt][2] = att_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            pa[kk][mt][3] = att_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
     }
 #pragma unroll
     for (int i = 0; i < PV; ++i) {
         const int kk = i / KSTEPS, nn = i % KSTEPS;
         if (i + 1 < PV) bc_ldmatrix_x4_trans_at(vb[(i + 1) % 2], stage + sm.v_frag((i + 1) / KSTEPS, (i + 1) % KSTEPS));
-        bc_mma_bf16_16816(o[2 * nn], pa[kk], &vb[i % 2][0], o[2 * nn]);
-        bc_mma_bf16_16816(o[2 * nn + 1], pa[kk], &vb[i % 2][2], o[2 * nn + 1]);
+#pragma unroll
+        for (int mt = 0; mt < ATT_MT; ++mt) {
+            bc_mma_bf16_16816(o[mt][2 * nn], pa[kk][mt], &vb[i % 2][0], o[mt][2 * nn]);
+            bc_mma_bf16_16816(o[mt][2 * nn + 1], pa[kk][mt], &vb[i % 2][2], o[mt][2 * nn + 1]);
+        }
     }
 }
 
-template <int HDMAX, class Cfg>
+template <class Cfg>
 __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, unsigned char* smem) {
-    constexpr int BK = Cfg::BK, ATT_BQ = Cfg::BQ;
+    constexpr int HDMAX = Cfg::HDMAX, BK = Cfg::BK, ATT_BQ = Cfg::BQ;
     constexpr int KSTEPS = HDMAX / 16;
     constexpr int NO = HDMAX / 8;  // n8 tiles of O (head dim)
-    using Sm = AttSmem<HDMAX, Cfg>;
-    // smem: [stage][K, V][key][HDMAX] bf16, swizzled 16-byte chunks; Q over stage 1.
+    using Sm = AttSmem<Cfg>;
+    // smem: [stage][K, V][key][HDMAX] bf16, swizzled 16-byte chunks; Q at Cfg::Q_OFF.
 
     BC_EMU_CHECK(p.head_dim > 0 && p.head_dim <= HDMAX && p.head_dim % 8 == 0);
     const BcAttnGroup grp = p.groups[blockIdx.z];
@@ -259,17 +314,19 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
     const bool active = r0 + warp * ATT_WM < grp.q_rows;  // warp-uniform: the warp has a valid row
     const bc_saddr base = bc_smem_addr(smem);
     const Sm sm(tid, lane);
-    const bool chunk_ok = sm.c < cpr;  // head-dim chunks past hd are zero-filled
 
-    // 1. Q (into stage 1) and the first K/V tile (stage 0), zero-filled past the ends.
+    // 1. Q and the first K/V tile (stage 0), zero-filled past the ends.
     {
         const int rows = grp.q_rows - r0;
         const __nv_bfloat16* q = p.q + (size_t)(grp.q_begin + r0 + sm.r) * p.q_stride + h * hd + 8 * sm.c;
 #pragma unroll
         for (int i = 0; i < ATT_BQ / Sm::RP; ++i) {
-            const bool ok = chunk_ok && sm.r + i * Sm::RP < rows;
-            bc_cp_async16_zfill(base + Sm::STAGEB + sm.dst + i * Sm::RP * Sm::ROWB,
-                                ok ? q + (size_t)i * Sm::RP * p.q_stride : p.q, ok ? 16 : 0);
+#pragma unroll
+            for (int k = 0; k < Sm::CPT; ++k) {
+                const bool ok = sm.c + 8 * k < cpr && sm.r + i * Sm::RP < rows;
+                bc_cp_async16_zfill(base + Cfg::Q_OFF + sm.dst + i * Sm::RP * Sm::ROWB + 128 * k,
+                                    ok ? q + (size_t)i * Sm::RP * p.q_stride + 64 * k : p.q, ok ? 16 : 0);
+            }
         }
     }
     auto load_kv = [&](int stage, const BcKvSegment& seg, int k0) {
@@ -278,10 +335,14 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
         const bc_saddr dst = base + stage * Sm::STAGEB + sm.dst;
 #pragma unroll
         for (int i = 0; i < BK / Sm::RP; ++i) {
-            const bool ok = chunk_ok && sm.r + i * Sm::RP < kn;
-            const size_t off = ok ? off0 + (size_t)i * Sm::RP * p.kv_stride : 0;
-            bc_cp_async16_zfill(dst + i * Sm::RP * Sm::ROWB, seg.k + off, ok ? 16 : 0);
-            bc_cp_async16_zfill(dst + Sm::TILEB + i * Sm::RP * Sm::ROWB, seg.v + off, ok ? 16 : 0);
+#pragma unroll
+            for (int k = 0; k < Sm::CPT; ++k) {
+                const bool ok = sm.c + 8 * k < cpr && sm.r + i * Sm::RP < kn;
+                const size_t off = ok ? off0 + (size_t)i * Sm::RP * p.kv_stride + 64 * k : 0;
+                const bc_saddr d = dst + i * Sm::RP * Sm::ROWB + 128 * k;
+                bc_cp_async16_zfill(d, seg.k + off, ok ? 16 : 0);
+                bc_cp_async16_zfill(d + Sm::TILEB, seg.v + off, ok ? 16 : 0);
+            }
         }
     };
     int si = 0, k0 = 0;
@@ -290,29 +351,49 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
     if (have) load_kv(0, seg, 0);
     bc_cp_async_commit();
     bc_cp_async_wait_all();
-    __syncthreads();
 
-    // Q fragments of the warp's 16 rows (matrices: rows 0-7 / 8-15 x k 0-7 / 8-15). A negative
-    // scale is folded into Q (sign flip, exact) so that the softmax sees qscale >= 0.
+    // A negative scale is folded into Q (sign flip of this thread's own Q chunks, exact) so
+    // that the softmax sees qscale >= 0.
     float qscale = p.scale * 1.4426950408889634f;  // softmax in base 2
     const unsigned qsign = qscale < 0.f ? 0x80008000u : 0u;
     qscale = fabsf(qscale);
-    unsigned qf[KSTEPS][4];
-    {
-        const int r = warp * ATT_WM + lane % 16;
+    if (qsign) {
 #pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) {
-            bc_ldmatrix_x4_at(qf[kk], base + Sm::STAGEB + r * Sm::ROWB + (((2 * kk + lane / 16) ^ (r & 7)) * 16));
+        for (int i = 0; i < ATT_BQ / Sm::RP; ++i) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) qf[kk][e] ^= qsign;
+            for (int k = 0; k < Sm::CPT; ++k) {
+                unsigned* w = reinterpret_cast<unsigned*>(smem + Cfg::Q_OFF + sm.dst + i * Sm::RP * Sm::ROWB + 128 * k);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) w[e] ^= qsign;
+            }
         }
     }
-    __syncthreads();  // stage 1 is free for the prefetch of tile 1
+    __syncthreads();
 
-    float o[NO][4];
+    // The warp's Q rows: kept in shared memory (read per k-step), or as A fragments in registers
+    // (QREG; matrices: rows 0-7 / 8-15 x k 0-7 / 8-15 of each m-tile).
+    const bc_saddr qw = base + Cfg::Q_OFF + warp * ATT_WM * Sm::ROWB;
+    unsigned qf[ATT_MT][KSTEPS][4];
+    if constexpr (Cfg::QREG) {
 #pragma unroll
-    for (int j = 0; j < NO; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g, g+8
+        for (int mt = 0; mt < ATT_MT; ++mt)
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; ++kk) bc_ldmatrix_x4_at(qf[mt][kk], qw + sm.q_frag(kk, mt));
+        __syncthreads();  // stage 1 is free for the prefetch of tile 1
+    }
+
+    float o[ATT_MT][NO][4];
+#pragma unroll
+    for (int mt = 0; mt < ATT_MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < NO; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+    // Per m-tile: rows g, g+8.
+    float m[ATT_MT][2], l[ATT_MT][2];
+#pragma unroll
+    for (int mt = 0; mt < ATT_MT; ++mt) {
+        m[mt][0] = m[mt][1] = -INFINITY;
+        l[mt][0] = l[mt][1] = 0.f;
+    }
 
     // 2. Key tiles, double-buffered.
     for (int st = 0; have; st ^= 1) {
@@ -333,9 +414,9 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
         if (active) {
             const bc_saddr stage = base + st * Sm::STAGEB;
             if (kn == BK)
-                att_tile<false, HDMAX, Cfg>(sm, stage, qf, o, m, l, qscale, kn, t);
+                att_tile<false, Cfg>(sm, stage, qw, qf, o, m, l, qscale, kn, t);
             else
-                att_tile<true, HDMAX, Cfg>(sm, stage, qf, o, m, l, qscale, kn, t);
+                att_tile<true, Cfg>(sm, stage, qw, qf, o, m, l, qscale, kn, t);
         }
         __syncthreads();  // stage st is consumed before the next iteration refills it
         si = nsi;
@@ -347,44 +428,49 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
     // 3. Normalise and store.
     if (!active) return;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(BC_FULL_MASK, l[i], 1);
-        l[i] += __shfl_xor_sync(BC_FULL_MASK, l[i], 2);
-        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-        const int row = r0 + warp * ATT_WM + g + 8 * i;
-        if (row < grp.q_rows) {
-            __nv_bfloat16* out = p.out + (size_t)(grp.q_begin + row) * p.out_stride + h * hd;
+    for (int mt = 0; mt < ATT_MT; ++mt) {
 #pragma unroll
-            for (int j = 0; j < NO; ++j)
-                if (8 * j < hd) bc_store_bf162(out + 8 * j + 2 * t, o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
+        for (int i = 0; i < 2; ++i) {
+            float li = l[mt][i];
+            li += __shfl_xor_sync(BC_FULL_MASK, li, 1);
+            li += __shfl_xor_sync(BC_FULL_MASK, li, 2);
+            const float inv = li > 0.f ? 1.f / li : 0.f;
+            const int row = r0 + warp * ATT_WM + 16 * mt + g + 8 * i;
+            if (row < grp.q_rows) {
+                __nv_bfloat16* out = p.out + (size_t)(grp.q_begin + row) * p.out_stride + h * hd;
+#pragma unroll
+                for (int j = 0; j < NO; ++j)
+                    if (8 * j < hd) bc_store_bf162(out + 8 * j + 2 * t, o[mt][j][2 * i] * inv, o[mt][j][2 * i + 1] * inv);
+            }
         }
     }
 }
 
-// 64 query rows per block, 2 blocks per SM (hd64: static shared memory; hd128: dynamic,
-// BC_ATTN_HD128_SMEM bytes, over the 48 KB static limit: the launcher raises the kernel's
-// limit once after loading the module).
-extern "C" __global__ void __launch_bounds__(AttHd64::NT, 2) bc_attention_hd64(BcAttentionParams p) {
+// 64 query rows per block (2 warps; hd64: static shared memory; hd128: dynamic,
+// BC_ATTN_HD128_SMEM bytes: the launcher sets the kernel's dynamic limit once after loading
+// the module).
+extern "C" __global__ void __launch_bounds__(AttHd64::NT, 4) bc_attention_hd64(BcAttentionParams p) {
     __shared__ __align__(128) unsigned char smem[AttHd64::SMEM_BYTES];
-    bc_attention_impl<64, AttHd64>(p, smem);
+    bc_attention_impl<AttHd64>(p, smem);
 }
 BC_EMU_ENTRY(bc_attention_hd64, BcAttentionParams)
 
-extern "C" __global__ void __launch_bounds__(AttHd128::NT, 2) bc_attention_hd128(BcAttentionParams p) {
+extern "C" __global__ void __launch_bounds__(AttHd128::NT, 4) bc_attention_hd128(BcAttentionParams p) {
     BC_DYNAMIC_SMEM(smem, AttHd128::SMEM_BYTES);
-    bc_attention_impl<128, AttHd128>(p, smem);
+    bc_attention_impl<AttHd128>(p, smem);
 }
 BC_EMU_ENTRY(bc_attention_hd128, BcAttentionParams)
 
-// 128 query rows per block, one block per SM.
-extern "C" __global__ void __launch_bounds__(AttHd64Wide::NT, 1) bc_attention_hd64_q128(BcAttentionParams p) {
+// 128 query rows per block (4 warps; hd128: BC_ATTN_WIDE_HD128_SMEM bytes, over the 48 KB
+// static limit).
+extern "C" __global__ void __launch_bounds__(AttHd64Wide::NT, 2) bc_attention_hd64_q128(BcAttentionParams p) {
     __shared__ __align__(128) unsigned char smem[AttHd64Wide::SMEM_BYTES];
-    bc_attention_impl<64, AttHd64Wide>(p, smem);
+    bc_attention_impl<AttHd64Wide>(p, smem);
 }
 BC_EMU_ENTRY(bc_attention_hd64_q128, BcAttentionParams)
 
-extern "C" __global__ void __launch_bounds__(AttHd128Wide::NT, 1) bc_attention_hd128_q128(BcAttentionParams p) {
+extern "C" __global__ void __launch_bounds__(AttHd128Wide::NT, 2) bc_attention_hd128_q128(BcAttentionParams p) {
     BC_DYNAMIC_SMEM(smem, AttHd128Wide::SMEM_BYTES);
-    bc_attention_impl<128, AttHd128Wide>(p, smem);
+    bc_attention_impl<AttHd128Wide>(p, smem);
 }
 BC_EMU_ENTRY(bc_attention_hd128_q128, BcAttentionParams)

@@ -24,6 +24,7 @@ For every kernel and every sm_* cubin of the fatbin it prints:
             the back edge). 1 = the mma waits for the full shared-memory latency.
 
 --check compares against the limits file (lines `kernel-glob arch-glob metric <=|>= value`,
+value an integer or a decimal,
 '#' comments) and exits 1 when one is broken. Kernels or metrics a limit names that do not
 exist are an error too, so that a renamed kernel does not silently pass.
 """
@@ -42,7 +43,7 @@ FUNC = re.compile(r"^\.text\.(\S+):")
 TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 REG = re.compile(r"\bR(\d+)\b")
 F64_OPS = {"DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX", "DMMA"}
-METRICS = ["regs", "spill", "lmem", "BRA", "HMMA", "LDSM", "EX2", "f64", "smbase", "ldsm>hmma"]
+METRICS = ["regs", "spill", "lmem", "BRA", "HMMA", "LDSM", "EX2", "f64", "smbase", "ldsm>hmma", "hmma/ldsm"]
 
 
 def run(cmd):
@@ -154,6 +155,16 @@ def min_ldsm_hmma(insns, labels):
     return best
 
 
+def hmma_per_ldsm(insns, labels):
+    loop = main_loop(insns, labels)
+    if loop is None:
+        return None
+    body = insns[loop[0] : loop[1] + 1]
+    ldsm = sum(1 for i in body if i.base == "LDSM")
+    hmma = sum(1 for i in body if i.base == "HMMA")
+    return round(hmma / ldsm, 2) if ldsm else None
+
+
 def stats(insns, labels):
     count = lambda pred: sum(1 for i in insns if pred(i))
     return {
@@ -164,6 +175,7 @@ def stats(insns, labels):
         "f64": count(is_f64),
         "smbase": count(lambda i: i.base in ("S2R", "S2UR") and "SR_CgaCtaId" in i.args),
         "ldsm>hmma": min_ldsm_hmma(insns, labels),
+        "hmma/ldsm": hmma_per_ldsm(insns, labels),
         "lmem": count(lambda i: i.base in ("STL", "LDL")),
     }
 
@@ -236,7 +248,7 @@ def collect(bindir, fatbin, dump):
 
 
 def print_table(rows):
-    fmt = "{:<24} {:<6}" + " {:>6}" * (len(METRICS) - 1) + " {:>9}"
+    fmt = "{:<24} {:<6}" + " {:>6}" * (len(METRICS) - 2) + " {:>9} {:>9}"
     print(fmt.format("kernel", "arch", *METRICS))
     for (name, arch) in sorted(rows):
         s = rows[(name, arch)]
@@ -253,7 +265,11 @@ def check(rows, limits_path):
             parts = line.split()
             if len(parts) != 5 or parts[3] not in ("<=", ">=") or parts[2] not in METRICS:
                 sys.exit(f"sass-report: {limits_path}:{n}: want `kernel arch metric <=|>= value`")
-            kern, arch, metric, op, value = parts[0], parts[1], parts[2], parts[3], int(parts[4])
+            kern, arch, metric, op = parts[0], parts[1], parts[2], parts[3]
+            try:
+                value = float(parts[4])
+            except ValueError:
+                sys.exit(f"sass-report: {limits_path}:{n}: `{parts[4]}` is not a number")
             hit = [k for k in rows if fnmatch.fnmatchcase(k[0], kern) and fnmatch.fnmatchcase(k[1], arch)]
             if not hit:
                 failures.append(f"{limits_path}:{n}: no kernel matches `{kern} {arch}`")

@@ -579,13 +579,14 @@ fn group_out(
         .collect()
 }
 
-/// Segments of odd lengths (1 ... 100 keys, one empty), many per group, in arbitrary orders;
-/// groups of 1, 17, 64, 65 and 130 rows (not multiples of the 64-row tile), a group without
+/// Segments of odd lengths (1 ... 100 keys, one empty, one of exactly 32: one full hd128 key
+/// tile), many per group, in arbitrary orders; groups of 1, 17, 64, 65 and 130 rows (not
+/// multiples of the 64-row tile; 17: one row in a warp's second m-tile), a group without
 /// segments and one whose only segment is empty (zeros); padded q/kv/out strides; scales other
 /// than 1/sqrt(hd), negative ones too; head_dim 32, 40, 64, 128.
 #[test]
 fn attention_many_odd_segments_strides_and_scale() {
-    let seg_len = [1usize, 7, 13, 33, 64, 65, 0, 100, 31, 17];
+    let seg_len = [1usize, 7, 13, 33, 64, 65, 0, 100, 31, 17, 32];
     let mut segs = Vec::new();
     let mut at = 0;
     for &n in &seg_len {
@@ -595,11 +596,11 @@ fn attention_many_odd_segments_strides_and_scale() {
     let kv_rows = at;
     let group_rows = [1usize, 17, 64, 65, 130, 5, 3];
     let lists: Vec<Vec<usize>> = vec![
-        (0..10).collect(),
+        (0..11).collect(),
         vec![9, 3, 6, 1],
         vec![7],
-        vec![2, 5, 0, 8, 4],
-        vec![1, 3, 5, 7, 9, 6],
+        vec![2, 5, 0, 8, 4, 10],
+        vec![1, 3, 5, 10, 7, 9, 6],
         vec![],
         vec![6],
     ];
@@ -611,7 +612,7 @@ fn attention_many_odd_segments_strides_and_scale() {
     }
     let nq = r;
     // Per case, the first tile's output: every tile must give the same bits (groups of up to
-    // 130 rows span several blocks and warps 4-7 of the 128-row tile; segments up to 100 keys
+    // 130 rows span several blocks and warps 2-3 of the 128-row tile; segments up to 100 keys
     // span several key tiles).
     let mut first: std::collections::HashMap<u64, Vec<u16>> = Default::default();
     for (tile, (seed, heads, hd)) in with_tiles(&[

@@ -43,24 +43,27 @@ typedef int32_t bc_i32;
 #define BC_ROW_THREADS 256
 /** Threads per block of the element-wise kernels. */
 #define BC_ELEM_THREADS 256
-/** Threads per block of the attention kernels. */
-#define BC_ATTN_THREADS 128
-/** Query rows per attention block (grid.x = ceil(max rows of a group / BC_ATTN_BQ)): 16 per
+/** Threads per block of the attention kernels: 2 warps of 32 query rows each. */
+#define BC_ATTN_THREADS 64
+/** Query rows per attention block (grid.x = ceil(max rows of a group / BC_ATTN_BQ)): 32 per
  * warp. */
 #define BC_ATTN_BQ 64
-/** Keys per attention tile of every attention kernel. */
-#define BC_ATTN_BK 64
 /** Threads per block of the 128-row attention kernels (`bc_attention_hd64_q128`,
- * `bc_attention_hd128_q128`). */
-#define BC_ATTN_WIDE_THREADS 256
-/** Query rows per block of the 128-row attention kernels: 16 per warp. */
+ * `bc_attention_hd128_q128`): 4 warps. */
+#define BC_ATTN_WIDE_THREADS 128
+/** Query rows per block of the 128-row attention kernels: 32 per warp. */
 #define BC_ATTN_WIDE_BQ 128
-/** Keys per attention tile of the 128-row attention kernels (= BC_ATTN_BK: the variants give
- * bit-identical outputs). */
-#define BC_ATTN_WIDE_BK 64
-/** Dynamic shared memory of `bc_attention_hd128` and `bc_attention_hd128_q128` in bytes (2
- * stages x K, V x 64 keys x 128 bf16; the hd64 kernels use static shared memory). */
-#define BC_ATTN_HD128_SMEM 65536
+/** Keys per attention tile of the hd64 kernels (both row tiles: they give bit-identical
+ * outputs). */
+#define BC_ATTN_HD64_BK 64
+/** Keys per attention tile of the hd128 kernels (both row tiles). */
+#define BC_ATTN_HD128_BK 32
+/** Dynamic shared memory of `bc_attention_hd128` in bytes (2 stages x K, V x 32 keys x 128
+ * bf16, then Q: 64 rows x 128 bf16; the hd64 kernels use static shared memory). */
+#define BC_ATTN_HD128_SMEM 49152
+/** Dynamic shared memory of `bc_attention_hd128_q128` in bytes (as BC_ATTN_HD128_SMEM with
+ * 128 Q rows). */
+#define BC_ATTN_WIDE_HD128_SMEM 65536
 
 /** Grid and block dimensions of one launch (used by the emulated launcher). */
 typedef struct BcLaunchDims {
@@ -235,8 +238,8 @@ typedef struct BcAttnGroup {
  * Tables (`segments`, `seg_index`, `groups`) live in device memory so that one captured
  * graph can be replayed with new lengths. Grid (ceil(max q_rows / BC_ATTN_BQ), heads,
  * num_groups), block BC_ATTN_THREADS (the `_q128` variants: BC_ATTN_WIDE_BQ and
- * BC_ATTN_WIDE_THREADS; the hd128 kernels with BC_ATTN_HD128_SMEM bytes of dynamic shared
- * memory). Self- and cross-attention use the same kernel. */
+ * BC_ATTN_WIDE_THREADS; the hd128 kernels with BC_ATTN_HD128_SMEM / BC_ATTN_WIDE_HD128_SMEM
+ * bytes of dynamic shared memory). Self- and cross-attention use the same kernel. */
 typedef struct BcAttentionParams {
     /** Queries `[nq, q_stride]` bf16, head h at columns `h*head_dim`. */
     const bc_bf16 *q;

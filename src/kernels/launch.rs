@@ -205,10 +205,10 @@ pub fn qk_norm_rope(
 /// `cuda/attention.cu`; the CUDA backend times both at open and keeps the faster).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttentionTile {
-    /// 64 query rows per block, 4 warps, 2 blocks per SM (`bc_attention_hd64`,
+    /// 64 query rows per block, 2 warps of 32 rows (`bc_attention_hd64`,
     /// `bc_attention_hd128`).
     Rows64,
-    /// 128 query rows per block, 8 warps, 1 block per SM (`bc_attention_hd64_q128`,
+    /// 128 query rows per block, 4 warps of 32 rows (`bc_attention_hd64_q128`,
     /// `bc_attention_hd128_q128`): half the K/V traffic per FLOP. Same key tiles and per-warp
     /// work as [`AttentionTile::Rows64`], so the same output bits.
     Rows128,

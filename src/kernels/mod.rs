@@ -156,7 +156,8 @@ impl Kernel {
     /// Dynamic shared memory every launch of the kernel gets, in bytes (0: static only).
     pub fn dynamic_smem_bytes(self) -> u32 {
         match self {
-            Kernel::AttentionHd128 | Kernel::AttentionHd128Q128 => BC_ATTN_HD128_SMEM,
+            Kernel::AttentionHd128 => BC_ATTN_HD128_SMEM,
+            Kernel::AttentionHd128Q128 => BC_ATTN_WIDE_HD128_SMEM,
             _ => 0,
         }
     }

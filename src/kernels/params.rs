@@ -5,13 +5,14 @@
 
 pub const BC_ROW_THREADS: u32 = 256;
 pub const BC_ELEM_THREADS: u32 = 256;
-pub const BC_ATTN_THREADS: u32 = 128;
+pub const BC_ATTN_THREADS: u32 = 64;
 pub const BC_ATTN_BQ: u32 = 64;
-pub const BC_ATTN_BK: u32 = 64;
-pub const BC_ATTN_WIDE_THREADS: u32 = 256;
+pub const BC_ATTN_WIDE_THREADS: u32 = 128;
 pub const BC_ATTN_WIDE_BQ: u32 = 128;
-pub const BC_ATTN_WIDE_BK: u32 = 64;
-pub const BC_ATTN_HD128_SMEM: u32 = 65536;
+pub const BC_ATTN_HD64_BK: u32 = 64;
+pub const BC_ATTN_HD128_BK: u32 = 32;
+pub const BC_ATTN_HD128_SMEM: u32 = 49152;
+pub const BC_ATTN_WIDE_HD128_SMEM: u32 = 65536;
 pub const BC_ACT_GELU_TANH: u32 = 0;
 pub const BC_ACT_SILU: u32 = 1;
 pub const BC_ACT_NONE: u32 = 2;
@@ -334,7 +335,7 @@ const _: () = {
     ["Offset of field: BcAttnGroup::seg_count"]
         [::std::mem::offset_of!(BcAttnGroup, seg_count) - 12usize];
 };
-#[doc = " `bc_attention_hd64` / `bc_attention_hd128` (head_dim <= 64 / <= 128, multiple of 8), and\n their 128-row variants `bc_attention_hd64_q128` / `bc_attention_hd128_q128`:\n `out[n, h] = softmax(q[n, h] . K[:, h]^T * scale) . V[:, h]` over the segments listed for\n n's group, online softmax, f32 accumulation; a group without keys gets zeros.\n Tables (`segments`, `seg_index`, `groups`) live in device memory so that one captured\n graph can be replayed with new lengths. Grid (ceil(max q_rows / BC_ATTN_BQ), heads,\n num_groups), block BC_ATTN_THREADS (the `_q128` variants: BC_ATTN_WIDE_BQ and\n BC_ATTN_WIDE_THREADS; the hd128 kernels with BC_ATTN_HD128_SMEM bytes of dynamic shared\n memory). Self- and cross-attention use the same kernel."]
+#[doc = " `bc_attention_hd64` / `bc_attention_hd128` (head_dim <= 64 / <= 128, multiple of 8), and\n their 128-row variants `bc_attention_hd64_q128` / `bc_attention_hd128_q128`:\n `out[n, h] = softmax(q[n, h] . K[:, h]^T * scale) . V[:, h]` over the segments listed for\n n's group, online softmax, f32 accumulation; a group without keys gets zeros.\n Tables (`segments`, `seg_index`, `groups`) live in device memory so that one captured\n graph can be replayed with new lengths. Grid (ceil(max q_rows / BC_ATTN_BQ), heads,\n num_groups), block BC_ATTN_THREADS (the `_q128` variants: BC_ATTN_WIDE_BQ and\n BC_ATTN_WIDE_THREADS; the hd128 kernels with BC_ATTN_HD128_SMEM / BC_ATTN_WIDE_HD128_SMEM\n bytes of dynamic shared memory). Self- and cross-attention use the same kernel."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct BcAttentionParams {

@@ -55,7 +55,8 @@
 // an immediate. The ldmatrix of fragment step i + 1 is issued before the mma of step i. The
 // softmax scale is folded into log2(e) and into the exponent's FFMA (P = 2^(S * qscale - m) is
 // one FFMA + one MUFU.EX2, ex2.approx.ftz); a negative scale flips the sign of Q in shared
-// memory once (exact).
+// memory once (exact). O and the row sums are rescaled only in tiles where a row maximum of
+// the m-tile grew (one warp vote; otherwise the factor is 2^0 = 1 and skipping is exact).
 // Shared memory rows are HDMAX bf16 long; 16-byte chunk c of row r lives at chunk c ^ (r % 8)
 // (XOR swizzle: conflict-free ldmatrix and cp.async). Everything a copy does not read (columns
 // past head_dim, K/V rows past a segment end, Q rows past the group end) is zero-filled by the
@@ -244,20 +245,30 @@ __device__ __forceinline__ void att_tile(const AttSmem<Cfg>& sm, bc_saddr stage,
                 mx[e >> 1] = fmaxf(mx[e >> 1], v);
             }
         }
+        float mn[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 1));
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(BC_FULL_MASK, mx[i], 2));
-            const float mn = fmaxf(m[mt][i], mx[i] * qscale);
-            const float alpha = bc_ex2(m[mt][i] - mn);  // 0 on the first tile (m = -inf)
-            m[mt][i] = mn;
-            l[mt][i] *= alpha;
+            mn[i] = fmaxf(m[mt][i], mx[i] * qscale);
+        }
+        // O and l are rescaled only when a row maximum of the m-tile grew (a warp-uniform
+        // branch). Otherwise alpha = 2^0 = 1 for every row and skipping the multiplies changes
+        // no bit; once the maxima settle, most tiles skip them (HDMAX / 2 FMUL per lane).
+        if (__any_sync(BC_FULL_MASK, mn[0] > m[mt][0] || mn[1] > m[mt][1])) {
 #pragma unroll
-            for (int j = 0; j < Cfg::HDMAX / 8; ++j) {
-                o[mt][j][2 * i] *= alpha;
-                o[mt][j][2 * i + 1] *= alpha;
+            for (int i = 0; i < 2; ++i) {
+                const float alpha = bc_ex2(m[mt][i] - mn[i]);  // 0 on the first tile (m = -inf)
+                l[mt][i] *= alpha;
+#pragma unroll
+                for (int j = 0; j < Cfg::HDMAX / 8; ++j) {
+                    o[mt][j][2 * i] *= alpha;
+                    o[mt][j][2 * i + 1] *= alpha;
+                }
             }
         }
+        m[mt][0] = mn[0];
+        m[mt][1] = mn[1];
 #pragma unroll
         for (int j = 0; j < NS; ++j) {
 #pragma unroll

@@ -359,7 +359,7 @@ fn main() {
     if std::env::var_os("BC_BENCH_QUICK").is_none() {
         e2e = end_to_end(peak_tflops);
     }
-    // The attention tile each end-to-end session picked at open (see attention_tune).
+    // The attention tile each end-to-end session picked per window shape (see attention_tune).
     let mut tunes = Vec::new();
     for (s, r) in attention_tune::remembered() {
         let times: Vec<String> = r
@@ -367,16 +367,24 @@ fn main() {
             .iter()
             .map(|(t, ms)| format!("{} {ms:.3} ms", t.name()))
             .collect();
+        let keys: usize = s
+            .groups
+            .iter()
+            .map(|g| g.segments.iter().sum::<usize>())
+            .sum();
         println!(
-            "TUNE attention q{} k{} {}x{}: {} -> {}",
-            s.rows,
-            s.keys,
+            "TUNE attention {} groups, q{} k{} {}x{} ({:.1} GFLOP): {} -> {}",
+            s.groups.len(),
+            s.rows(),
+            keys,
             s.heads,
             s.head_dim,
+            s.flops() / 1e9,
             times.join(", "),
             r.tile.name()
         );
-        tunes.push(json!({"rows": s.rows, "keys": s.keys, "heads": s.heads, "head_dim": s.head_dim,
+        tunes.push(json!({"groups": s.groups.iter().map(|g| json!({"rows": g.rows, "segments": g.segments})).collect::<Vec<_>>(),
+            "heads": s.heads, "head_dim": s.head_dim, "gflop": s.flops() / 1e9,
             "times_ms": r.times.iter().map(|(t, ms)| json!({"tile": t.name(), "ms": ms})).collect::<Vec<_>>(),
             "picked": r.tile.name()}));
     }

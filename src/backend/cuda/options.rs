@@ -47,9 +47,10 @@ pub struct CudaOptions {
     /// Fuse the GELU of `ffn.0` into cuBLASLt's epilogue (`BC_NO_GELU_EPILOGUE=1` turns it
     /// off: bias epilogue, then the activation kernel).
     pub fuse_gelu: bool,
-    /// The attention kernel's tile; `None` (the default) times both on the device at open and
-    /// keeps the faster (see [`attention_tune`]; an emulated device uses
-    /// [`AttentionTile::Rows128`]). `BC_ATTENTION_TILE=rows64|rows128|auto`.
+    /// The attention kernel's tile; `None` (the default) times both on the device on each
+    /// window shape's real self-attention list at its first tick and keeps the faster (see
+    /// [`attention_tune`]; an emulated device uses [`AttentionTile::Rows128`]).
+    /// `BC_ATTENTION_TILE=rows64|rows128|auto`.
     pub attention_tile: Option<AttentionTile>,
     /// Multi-device joint exchange: a second pair of window K/V buffers for odd layers, so
     /// the peer copies of one layer overlap the next layer's compute (default; off: single

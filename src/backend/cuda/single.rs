@@ -11,7 +11,7 @@ use super::weight_cache::{
 };
 use super::{attention_tune, memory, nvtx, tables, CudaOptions};
 use crate::backend::Backend;
-use crate::config::{GenerateOptions, ModelConfig};
+use crate::config::GenerateOptions;
 use crate::kernels::launch::AttentionTile;
 use crate::kv_cache::KvCache;
 use crate::model::{Member, Model, CHANNELS};
@@ -77,7 +77,10 @@ pub struct CudaBackend<'m> {
     pub(super) cache_bytes: usize,
     pub(super) ticks: usize,
     pub(super) attn_tile: AttentionTile,
+    /// The latest timing of the tiles (`None` until one ran, and with a fixed tile).
     pub(super) attn_tune: Option<attention_tune::TuneResult>,
+    /// The tile per window shape, timed on the shape's first tick (`None`: a fixed tile).
+    pub(super) attn_auto: Option<attention_tune::AutoTile>,
     /// The window K/V buffers of odd layers when double-buffered ([`Self::kv_bufs`]).
     pub(super) kv_odd: Option<(DevPtr, DevPtr)>,
 }
@@ -166,8 +169,7 @@ impl<'m> CudaBackend<'m> {
                 cache_v,
             })
             .collect();
-        let (attn_tile, attn_tune) =
-            pick_attention_tile(&gpu, c, &copts, ordinal, &sz, &b, caches[0])?;
+        let (attn_tile, attn_auto) = attention_tile_choice(&gpu, &copts, ordinal)?;
         let cb = sz.slots * sz.tpf * d * 2;
         for &(k, v) in &caches {
             gpu.memset(k, 0, cb)?;
@@ -196,7 +198,8 @@ impl<'m> CudaBackend<'m> {
             cache_bytes: plan.bytes(memory::Use::Cache) as usize,
             ticks: 0,
             attn_tile,
-            attn_tune,
+            attn_tune: None,
+            attn_auto,
             kv_odd: None,
         })
     }
@@ -228,12 +231,14 @@ impl<'m> CudaBackend<'m> {
         &self.gpu.name
     }
 
-    /// The attention tile this session runs.
+    /// The attention tile of this session's latest tick (with automatic tuning, picked per
+    /// window shape).
     pub fn attention_tile(&self) -> AttentionTile {
         self.attn_tile
     }
 
-    /// The timing that chose [`Self::attention_tile`] (`None` when it was set by option).
+    /// The latest timing of both tiles on one of this session's lists (`None` with a fixed
+    /// tile, and before the first tick).
     pub fn attention_tune(&self) -> Option<&attention_tune::TuneResult> {
         self.attn_tune.as_ref()
     }
@@ -518,17 +523,14 @@ fn ensure_fits(
 }
 
 /// The attention tile of a session: the option's, [`AttentionTile::Rows128`] on an emulated
-/// device, or the faster of both timed on this device ([`attention_tune`]) on this window's
-/// rows against the whole layer-0 cache (random data, overwritten before the first tick).
-fn pick_attention_tile(
+/// device, or (the [`attention_tune::AutoTile`]) the faster of both timed on this device on
+/// each window shape's real list at its first tick ([`CudaBackend::tune_attention`]); until
+/// then [`AttentionTile::Rows128`].
+fn attention_tile_choice(
     gpu: &Gpu,
-    c: &ModelConfig,
     copts: &CudaOptions,
     ordinal: usize,
-    sz: &memory::Sizes,
-    b: &Bufs,
-    cache0: (DevPtr, DevPtr),
-) -> Result<(AttentionTile, Option<attention_tune::TuneResult>)> {
+) -> Result<(AttentionTile, Option<attention_tune::AutoTile>)> {
     if copts.attention_tile.is_none() {
         // A bad BC_ATTENTION_TILE is an error, unless the options chose a tile in code.
         env_attention_tile()?;
@@ -536,30 +538,9 @@ fn pick_attention_tile(
     Ok(match copts.attention_tile {
         Some(t) => (t, None),
         None if copts.emulate => (AttentionTile::Rows128, None),
-        None => {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            std::hash::Hash::hash(&(ordinal, &gpu.name), &mut hasher);
-            let shape = attention_tune::TuneShape {
-                device: std::hash::Hasher::finish(&hasher),
-                heads: c.num_heads,
-                head_dim: c.head_dim(),
-                rows: sz.rows.min(attention_tune::TUNE_MAX_ROWS),
-                keys: (sz.slots * sz.tpf).min(attention_tune::TUNE_MAX_KEYS),
-            };
-            let r = attention_tune::pick(
-                gpu,
-                shape,
-                &attention_tune::TuneBuffers {
-                    q: b.q,
-                    out: b.att,
-                    k: cache0.0,
-                    v: cache0.1,
-                    segments: b.sa_segs,
-                    seg_index: b.sa_index,
-                    groups: b.sa_groups,
-                },
-            )?;
-            (r.tile, Some(r))
-        }
+        None => (
+            AttentionTile::Rows128,
+            Some(attention_tune::AutoTile::new(ordinal, &gpu.name)),
+        ),
     })
 }

@@ -146,6 +146,7 @@ impl CudaBackend<'_> {
         g.upload(self.b.ca_groups, &t.ca_groups)?;
         // The uploads read host vectors that end here.
         self.gpu.sync()?;
+        self.tune_attention(&tables)?;
         Ok((tables.shape, tables.key))
     }
 }
@@ -650,6 +651,25 @@ mod tests {
                     "{mode:?} layer {li}: launch order {order:?}"
                 );
             }
+            // The attention tuner times this very list: the groups in launch order, each with
+            // the keys of its segments (the cache run of 3 frames first).
+            let p = crate::backend::cuda::attention_tune::TuneShape::of_tables(7, 2, 16, &t);
+            let got: Vec<(usize, usize)> = p
+                .groups
+                .iter()
+                .map(|g| (g.rows, g.segments.iter().sum()))
+                .collect();
+            let want: Vec<(usize, usize)> = launch_tokens(&t, 0, 64)
+                .iter()
+                .map(|&(_, n)| (3 * TPF, n))
+                .collect();
+            assert_eq!(got, want, "{mode:?}: the tuner's list");
+            let mut keys: Vec<usize> = want.iter().map(|w| w.1).collect();
+            keys.sort();
+            let mut seen_keys: Vec<usize> = seen.iter().map(|f| f * TPF).collect();
+            seen_keys.sort();
+            assert_eq!(keys, seen_keys);
+            assert!(p.groups.iter().all(|g| g.segments[0] == 3 * TPF));
             // Every segment points into the cache or the window buffers of its layer, and the
             // first segment of every member is the cache run starting at slot 0.
             for g in &t.groups {

@@ -211,7 +211,7 @@ fn main() {
         _pad: 0,
     }];
     let sd2 = up(&mut g, &segs);
-    // Both tiles of the attention kernel (the backend times them at open and keeps the faster).
+    // Both tiles of the attention kernel (the backend times them per window shape and keeps the faster).
     for tile in AttentionTile::ALL {
         let ms = time_ms(&mut g, 5, |g| {
             ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile).unwrap()

@@ -609,7 +609,7 @@ fn attention_matches_the_cpu() {
             },
         ];
         let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &index), up(&mut g, &groups));
-        // Every tile variant of the kernel (the backend picks one at open by timing).
+        // Every tile variant of the kernel (the backend picks one per window shape by timing).
         let sample: Vec<usize> = (0..nq).step_by((nq / 48).max(1)).collect();
         // The tiles must agree bit for bit (same key tiles and per-warp work; this also checks
         // that nvcc compiled both template instances to the same arithmetic).

@@ -127,7 +127,7 @@ fn cli_runs_the_emulated_cuda_backend_with_and_without_graphs() {
 }
 
 /// Both tiles of the attention kernel (64 or 128 query rows per block; on a GPU the backend
-/// times both at open) run the whole golden case, sequential and cascade, within the bf16
+/// times both per window shape) run the whole golden case, sequential and cascade, within the bf16
 /// tolerance, and the session really launches the tile it was given.
 #[test]
 fn both_attention_tiles_reproduce_the_golden_case() {

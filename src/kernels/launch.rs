@@ -202,7 +202,8 @@ pub fn qk_norm_rope(
 }
 
 /// Query rows per block of the attention kernel (two tile shapes of the same kernel source,
-/// `cuda/attention.cu`; the CUDA backend times both at open and keeps the faster).
+/// `cuda/attention.cu`; the CUDA backend times both on each window shape's list and keeps the
+/// faster).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttentionTile {
     /// 64 query rows per block, 2 warps of 32 rows (`bc_attention_hd64`,

@@ -85,7 +85,7 @@ pub enum Kernel {
     QkNormRope,
     /// `bc_attention_hd64` ([`BcAttentionParams`]).
     AttentionHd64,
-    /// `bc_attention_hd128` ([`BcAttentionParams`]).
+    /// `bc_attention_hd128` ([`BcAttentionParams`]): dynamic shared memory.
     AttentionHd128,
     /// `bc_attention_hd64_q128` ([`BcAttentionParams`]): 128 query rows per block.
     AttentionHd64Q128,

@@ -474,6 +474,73 @@ fn random_encoder(dir: &Path, dim: usize) {
     .unwrap();
 }
 
+/// `encode-prompt --backend cuda`: the encoder on the (emulated) device within 2e-2 of
+/// upstream; `--text-encoder-device cpu` keeps it on the CPU (exact); without a GPU, one clear
+/// error that names the CPU option.
+#[test]
+fn cli_encode_prompt_on_the_cuda_backend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enc_dir = case_dir().join("text_encoder").display().to_string();
+    let case = case();
+    let p3 = &case["prompts"][3];
+    let expected = read_raw(&case_dir().join("expected.safetensors"));
+    let want = f32s(&expected.iter().find(|(k, _)| k == "embeds_3").unwrap().1);
+    let out = tmp.path().join("e.safetensors");
+    let args = |extra: &[&'static str]| {
+        let mut a: Vec<String> = [
+            "encode-prompt",
+            "--text-encoder",
+            &enc_dir,
+            "--prompt",
+            p3["text"].as_str().unwrap(),
+            "--text-len",
+            "24",
+            "--out",
+            &out.display().to_string(),
+            "--backend",
+            "cuda",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let embeds = || {
+        let got = read_raw(&out);
+        f32s(&got.iter().find(|(k, _)| k == "prompt_embeds").unwrap().1)
+    };
+    // On the emulated device.
+    let o = bin()
+        .args(args(&[]))
+        .env("BC_CUDA_EMULATE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = rel_l2(&embeds(), &want);
+    assert!(err < 2e-2 && err > 1e-6, "emulated device: rel L2 {err:e}");
+    // Kept on the CPU: no GPU needed, the f32 result.
+    let o = bin()
+        .args(args(&["--text-encoder-device", "cpu"]))
+        .env_remove("BC_CUDA_EMULATE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(rel_l2(&embeds(), &want) < 1e-4);
+    // No GPU: one error line naming the way out.
+    if blockcascade::backend::cuda::device::probe().is_err() {
+        let o = bin()
+            .args(args(&[]))
+            .env_remove("BC_CUDA_EMULATE")
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(e.contains("--text-encoder-device cpu"), "{e}");
+        assert!(!e.contains("panicked"), "{e}");
+    }
+}
+
 #[test]
 fn cli_encode_prompt_and_generate_with_text() {
     let tmp = tempfile::tempdir().unwrap();
@@ -981,4 +1048,42 @@ fn real_dims_bench() {
         flop / cpu.max(1e-9) / 1e9,
         proc_status("VmHWM")
     );
+}
+
+/// `bc_engine_options.text_encoder_device`: "cpu" keeps the encoder on the CPU, an unknown name
+/// is an invalid argument, "cuda" without a GPU a device error (not a panic); an old
+/// `struct_size` that ends at `tokenizer` is still accepted.
+#[test]
+fn c_abi_text_encoder_device() {
+    let enc = CString::new(case_dir().join("text_encoder").display().to_string()).unwrap();
+    let with = |dev: *const std::ffi::c_char| bc_engine_options {
+        backend: c"cpu".as_ptr(),
+        text_encoder: enc.as_ptr(),
+        text_encoder_device: dev,
+        ..bc_engine_options_default()
+    };
+    let (st, e) = c_open(None, &with(c"cpu".as_ptr()));
+    assert_eq!(st, BC_OK, "{}", last_error());
+    bc_engine_close(e);
+    let (st, e) = c_open(None, &with(c"tpu".as_ptr()));
+    expect_c_err(st, BC_ERR_INVALID_ARGUMENT, "expected cpu or cuda");
+    assert!(e.is_null());
+    let emulated = std::env::var("BC_CUDA_EMULATE").is_ok_and(|v| !v.is_empty() && v != "0");
+    if !emulated && blockcascade::backend::cuda::device::probe().is_err() {
+        let (st, e) = c_open(None, &with(c"cuda".as_ptr()));
+        assert_ne!(st, BC_OK);
+        assert!(
+            last_error().contains("--text-encoder-device cpu"),
+            "{}",
+            last_error()
+        );
+        assert!(e.is_null());
+    }
+    let old = bc_engine_options {
+        struct_size: std::mem::offset_of!(bc_engine_options, text_encoder_device) as u32,
+        ..with(c"tpu".as_ptr())
+    };
+    let (st, e) = c_open(None, &old);
+    assert_eq!(st, BC_OK, "{}", last_error());
+    bc_engine_close(e);
 }

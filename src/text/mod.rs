@@ -182,8 +182,13 @@ impl TextEncoder {
             Gpu::open_emulated()?
         } else {
             Gpu::open(ordinal).map_err(|e| {
+                let why = match e {
+                    Error::Device(m) | Error::Unsupported(m) => m,
+                    other => other.to_string(),
+                };
                 Error::Device(format!(
-                    "the text encoder cannot run on CUDA device {ordinal}: {e} (run it on the                      CPU: --text-encoder-device cpu)"
+                    "the text encoder cannot run on CUDA device {ordinal}: {why} (run it on the \
+                     CPU: --text-encoder-device cpu)"
                 ))
             })?
         };

@@ -31,6 +31,9 @@
 //      unnormalised in the score row.
 //   3. O = P V: per V tile, lane owns head-dim columns lane + 32 c (c < T5_ATTN_COLS), P read as
 //      a broadcast; the rows' 1 / sum scale the result at the store.
+// The copy loops and the P V key loop are not unrolled (`#pragma unroll 1`): unrolled, the
+// kernel was twice the code with 19 shared-window base reads (SR_CgaCtaId) on sm_90a instead
+// of 10, for work that is not the encoder's bottleneck.
 // Why SIMT f32 and not the tensor-core attention of attention.cu: attention is 4 L^2 dim_attn
 // FLOP per layer, 0.1% of the encoder's GEMMs at L = 30 (0.35 of 342 GFLOP) and under 1% at
 // L = 512, and T5's unscaled logits are large, where f32 scores keep the softmax exact.
@@ -62,6 +65,7 @@ static_assert((T5_ATTN_ROWS * (T5_ATTN_HD + T5_ATTN_MAX_L) + T5_ATTN_KEYS * T5_K
 /// Loads keys (or values) k0 .. k0 + kn - 1 of one head into `tile` (rows past kn: zeros).
 __device__ __forceinline__ void t5_load_tile(float (*tile)[T5_KV_PITCH], const float* __restrict__ src,
                                              int stride, size_t col, int k0, int kn, int hd) {
+#pragma unroll 1
     for (int e = threadIdx.x; e < T5_ATTN_KEYS * hd; e += T5_ATTN_THREADS) {
         const int j = e / hd, d = e % hd;
         tile[j][d] = j < kn ? src[(size_t)(k0 + j) * stride + col + d] : 0.f;
@@ -111,6 +115,7 @@ extern "C" __global__ void __launch_bounds__(T5_ATTN_THREADS) bc_t5_attention(Bc
     const int n = p.rows, hd = p.head_dim;
     const size_t col = (size_t)h * hd;
     // The block's Q rows (zeros past the last row: their scores are computed, never used).
+#pragma unroll 1
     for (int e = tid; e < T5_ATTN_ROWS * hd; e += T5_ATTN_THREADS) {
         const int r = e / hd, d = e % hd;
         qs[r][d] = r0 + r < n ? p.q[(size_t)(r0 + r) * p.qkv_stride + col + d] : 0.f;
@@ -168,6 +173,7 @@ extern "C" __global__ void __launch_bounds__(T5_ATTN_THREADS) bc_t5_attention(Bc
         __syncthreads();  // the previous tile is consumed
         t5_load_tile(tile, p.v, p.qkv_stride, col, k0, kn, hd);
         __syncthreads();
+#pragma unroll 1
         for (int j = 0; j < kn; ++j) {
 #pragma unroll
             for (int i = 0; i < T5_ATTN_ROWS_PER_WARP; ++i) {

@@ -875,3 +875,47 @@ fn two_logical_devices_on_gpu0_equal_one() {
     let e2 = rel_l2(&exp, &two);
     assert!(e2 < 2e-2, "--devices 0,0 vs expected: rel L2 {e2}");
 }
+
+/// The umT5 text encoder on the device (`cuda/t5.cu` kernels, cuBLASLt GEMMs, bf16 weights)
+/// against the golden case `umt5-tiny` (upstream's embeddings of 6 prompts): ids equal and
+/// relative L2 < 2e-2 for every prompt.
+#[test]
+fn text_encoder_golden_on_the_gpu() {
+    use blockcascade::tensorfile::TensorFile;
+    use blockcascade::text::{TextDevice, TextEncoder};
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(g) = gpu("text_encoder_golden_on_the_gpu") else {
+        return;
+    };
+    drop(g);
+    let dir = common::golden_dir()
+        .parent()
+        .expect("data folder")
+        .join("umt5-tiny");
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let text_len = case["text_len"].as_u64().unwrap() as usize;
+    let enc = TextEncoder::load(&dir.join("text_encoder"), None)
+        .unwrap()
+        .on_cuda(0, emulated())
+        .unwrap();
+    assert_eq!(enc.device(), TextDevice::Cuda);
+    let exp = TensorFile::open_skipping_ids(&dir.join("expected.safetensors")).unwrap();
+    for (i, p) in case["prompts"].as_array().unwrap().iter().enumerate() {
+        let e = enc.encode(p["text"].as_str().unwrap(), text_len).unwrap();
+        let ids: Vec<i64> = p["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect();
+        assert_eq!(e.ids, ids, "prompt {i}: ids");
+        let want = exp.tensor_f32(&format!("embeds_{i}"), None).unwrap();
+        let err = rel_l2(&want, &e.embeds.data);
+        println!(
+            "TEXT umt5-tiny prompt {i} ({} tokens) rel_l2={err:.3e}",
+            ids.len()
+        );
+        assert!(err < 2e-2, "prompt {i}: rel L2 {err}");
+    }
+}

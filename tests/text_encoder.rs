@@ -1087,3 +1087,46 @@ fn c_abi_text_encoder_device() {
     assert_eq!(st, BC_OK, "{}", last_error());
     bc_engine_close(e);
 }
+
+/// The device encoder against the f32 CPU encoder with random weights at umT5's head dim (64),
+/// 70 tokens (several attention row blocks and key tiles, distances past the exact buckets),
+/// on the emulated device; and sizes the device path does not take are refused clearly.
+#[test]
+fn device_encoder_matches_the_cpu_at_head_dim_64() {
+    use blockcascade::backend::cuda::device::Gpu;
+    use blockcascade::text::cuda::Umt5Cuda;
+    use blockcascade::text::{Umt5, Umt5Config};
+    let cfg = Umt5Config {
+        vocab: 500,
+        dim: 128,
+        dim_attn: 128,
+        ffn: 192,
+        heads: 2,
+        layers: 2,
+        buckets: 32,
+    };
+    let model = Umt5::random(&cfg, 3);
+    let ids: Vec<i64> = (0..70).map(|i| (i * 37 % 500) as i64).collect();
+    let want = model.forward(&ids).unwrap();
+    let dev = Umt5Cuda::new(&model, Gpu::open_emulated().unwrap()).unwrap();
+    let got = dev.forward(&model, &ids).unwrap();
+    let err = rel_l2(&got, &want);
+    eprintln!("random umT5 (hd 64, 70 tokens) on the emulated device: relative L2 {err:e}");
+    assert!(err < 2e-2 && err > 1e-6, "relative L2 {err:e}");
+    // The same device runs another prompt length (the activations are sized once).
+    let short = dev.forward(&model, &ids[..3]).unwrap();
+    assert!(rel_l2(&short, &model.forward(&ids[..3]).unwrap()) < 2e-2);
+    // Widths that are not multiples of 8, head dims over 128.
+    for (dim, heads) in [(36, 2), (272, 2)] {
+        let c = Umt5Config {
+            dim,
+            dim_attn: dim,
+            heads,
+            layers: 1,
+            ..cfg.clone()
+        };
+        let e = Umt5Cuda::new(&Umt5::random(&c, 1), Gpu::open_emulated().unwrap()).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert!(e.to_string().contains("CPU"), "{e}");
+    }
+}

@@ -74,6 +74,9 @@ struct ServeArgs {
     /// The umT5 tokenizer.json (default: in the text encoder's folder or its tokenizer/).
     #[arg(long, requires = "text_encoder")]
     tokenizer: Option<PathBuf>,
+    /// Where the text encoder runs (default: where --backend runs).
+    #[arg(long, value_enum)]
+    text_encoder_device: Option<BackendArg>,
     /// Address to listen on. Anything but loopback exposes the server to the network.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -516,6 +519,9 @@ fn serve(a: ServeArgs) -> Result<()> {
         vae: a.vae,
         text_encoder: a.text_encoder,
         tokenizer: a.tokenizer,
+        text_encoder_device: a
+            .text_encoder_device
+            .map(|d| TextDevice::for_backend(d.into())),
         host: a.host,
         port: a.port,
         max_streams: a.max_streams,

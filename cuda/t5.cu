@@ -138,7 +138,9 @@ extern "C" __global__ void __launch_bounds__(T5_ATTN_THREADS) bc_t5_attention(Bc
 #pragma unroll
         for (int i = 0; i < T5_ATTN_ROWS_PER_WARP; ++i) {
             const int r = warp + T5_ATTN_WARPS * i, row = r0 + r;
-            if (lane < kn && row < n) sc[r][j] = s[i] + p.rel_bias[(size_t)p.bucket[j - row] * p.heads + h];
+            // Rows past the end get zeros: O = P V reads them (never stores them), and reads
+            // only initialised shared memory.
+            if (lane < kn) sc[r][j] = row < n ? s[i] + p.rel_bias[(size_t)p.bucket[j - row] * p.heads + h] : 0.f;
         }
     }
     __syncwarp();  // the warp's score rows are complete (each row is only touched by its warp)
@@ -162,7 +164,6 @@ extern "C" __global__ void __launch_bounds__(T5_ATTN_THREADS) bc_t5_attention(Bc
     }
     __syncwarp();  // P written by every lane before any lane reads a whole row
     // 3. O = P V.
-    const int ncols = (hd + 31) / 32;  // head-dim columns per lane that exist
     float o[T5_ATTN_ROWS_PER_WARP][T5_ATTN_COLS];
 #pragma unroll
     for (int i = 0; i < T5_ATTN_ROWS_PER_WARP; ++i)
@@ -177,11 +178,10 @@ extern "C" __global__ void __launch_bounds__(T5_ATTN_THREADS) bc_t5_attention(Bc
         for (int j = 0; j < kn; ++j) {
 #pragma unroll
             for (int i = 0; i < T5_ATTN_ROWS_PER_WARP; ++i) {
-                // Rows past the end read stale scores: finite or not, they are never stored.
                 const float pr = sc[warp + T5_ATTN_WARPS * i][k0 + j];
 #pragma unroll
-                for (int c = 0; c < T5_ATTN_COLS; ++c)
-                    if (c < ncols) o[i][c] = fmaf(pr, tile[j][lane + 32 * c], o[i][c]);
+                for (int c = 0; c < T5_ATTN_COLS; ++c)  // columns the tile holds (< head_dim)
+                    if (lane + 32 * c < hd) o[i][c] = fmaf(pr, tile[j][lane + 32 * c], o[i][c]);
             }
         }
     }

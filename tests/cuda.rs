@@ -919,3 +919,86 @@ fn text_encoder_golden_on_the_gpu() {
         assert!(err < 2e-2, "prompt {i}: rel L2 {err}");
     }
 }
+
+/// The umT5 text encoder's kernels (`cuda/t5.cu`) against the CPU reference on random data
+/// with poisoned outputs: the RMS norm with its residual add (bf16 and f32 out), the gated
+/// GELU, the attention with a relative position bias and no scale; small, and umT5-XXL's
+/// widths at 30 and 512 tokens.
+#[test]
+fn t5_kernels_match_the_cpu() {
+    use blockcascade::text::umt5::{
+        attention as t5_ref, bucket_table, relative_bucket, MAX_DISTANCE,
+    };
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut g) = gpu("t5_kernels_match_the_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(17);
+    // (name, tokens, dim, heads, ffn)
+    let mut shapes = vec![("small", 37usize, 64usize, 2usize, 96usize)];
+    if !small_only(&g) {
+        shapes.push(("umt5-xxl", 30, 4096, 64, 10240));
+        shapes.push(("umt5-xxl", 512, 4096, 64, 10240));
+    }
+    for (name, n, d, heads, f) in shapes {
+        let ss = format!("{name}:{n}x{d}");
+        // RMS norm after x += delta, bf16 out; then without the add, f32 out.
+        let x = randn(&mut rng, n * d, 3.0);
+        let delta = randn(&mut rng, n * d, 1.0);
+        let w = randn(&mut rng, d, 1.0);
+        let (xd, dd, wd) = (up(&mut g, &x), up(&mut g, &delta), up(&mut g, &w));
+        let out = poisoned(&mut g, n * d * 2);
+        ops::t5_rms_norm(&g, xd, dd, wd, out, false, n, d, 1e-6).unwrap();
+        let sum: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+        let mut want = sum.clone();
+        cops::rms_norm(&mut want, d, 1e-6, &w);
+        check("t5_rms_norm", &ss, &down_b(&g, out, n * d), &want, 1e-2);
+        check(
+            "t5_rms_norm x+delta",
+            &ss,
+            &down_f(&g, xd, n * d),
+            &sum,
+            1e-6,
+        );
+        let outf = poisoned(&mut g, n * d * 4);
+        ops::t5_rms_norm(&g, xd, ops::NULL, wd, outf, true, n, d, 1e-6).unwrap();
+        check(
+            "t5_rms_norm f32",
+            &ss,
+            &down_f(&g, outf, n * d),
+            &want,
+            1e-4,
+        );
+        // Gated GELU over the two halves of one [n, 2f] GEMM output.
+        let gf = randn(&mut rng, n * 2 * f, 2.0);
+        let gfd = up(&mut g, &gf);
+        let out = poisoned(&mut g, n * f * 2);
+        ops::t5_gated_gelu(&g, gfd, gfd + (f * 4) as u64, 2 * f, out, n, f).unwrap();
+        let mut gate: Vec<f32> = (0..n * f).map(|i| gf[(i / f) * 2 * f + i % f]).collect();
+        cops::gelu_tanh(&mut gate);
+        let want: Vec<f32> = (0..n * f)
+            .map(|i| gate[i] * gf[(i / f) * 2 * f + f + i % f])
+            .collect();
+        check("t5_gated_gelu", &ss, &down_b(&g, out, n * f), &want, 1e-2);
+        // Attention: q|k|v of one [n, 3d] GEMM output, the layer's [32, heads] bias table.
+        let hd = d / heads;
+        let qkv = randn(&mut rng, n * 3 * d, 1.0);
+        let rel = randn(&mut rng, 32 * heads, 2.0);
+        let bucket: Vec<i32> = (0..2 * n - 1)
+            .map(|i| relative_bucket(i as i64 - (n as i64 - 1), 32, MAX_DISTANCE) as i32)
+            .collect();
+        let (qd, reld, bd) = (up(&mut g, &qkv), up(&mut g, &rel), up(&mut g, &bucket));
+        let out = poisoned(&mut g, n * d * 2);
+        let (kd, vd) = (qd + (d * 4) as u64, qd + (2 * d * 4) as u64);
+        let b0 = bd + ((n - 1) * 4) as u64;
+        ops::t5_attention(&g, qd, kd, vd, 3 * d, out, reld, b0, n, heads, hd).unwrap();
+        let part = |p: usize| -> Vec<f32> {
+            (0..n * d)
+                .map(|i| qkv[(i / d) * 3 * d + p * d + i % d])
+                .collect()
+        };
+        let table = bucket_table(n, 32, MAX_DISTANCE);
+        let want = t5_ref(&part(0), &part(1), &part(2), n, heads, hd, &rel, &table);
+        check("t5_attention", &ss, &down_b(&g, out, n * d), &want, 1e-2);
+    }
+}

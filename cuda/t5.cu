@@ -35,8 +35,11 @@
 // kernel was twice the code with 19 shared-window base reads (SR_CgaCtaId) on sm_90a instead
 // of 10, for work that is not the encoder's bottleneck.
 // Why SIMT f32 and not the tensor-core attention of attention.cu: attention is 4 L^2 dim_attn
-// FLOP per layer, 0.1% of the encoder's GEMMs at L = 30 (0.35 of 342 GFLOP) and under 1% at
-// L = 512, and T5's unscaled logits are large, where f32 scores keep the softmax exact.
+// FLOP per layer, 0.1% of the encoder's GEMM FLOPs at L = 30 (0.35 of 278 GFLOP) and 2% at
+// L = 512 (103 of 4740), and T5's unscaled logits are large, where f32 scores keep the softmax
+// exact. Its speed is bound by shared-memory loads (3 per 2 FMA in the score loop): an estimate
+// of ~10 TFLOP/s on an H100, i.e. ~0.04 ms per prompt at 30 tokens but ~10 ms at 512, about
+// the GEMMs' time there (not measured; tensor cores or wider register tiles would be next).
 //
 // Checked by tests/text_kernels_emu.rs under the SIMT emulation against the CPU reference
 // (umt5::attention, cpu::ops::{rms_norm, gelu_tanh}) on fresh random inputs with NaN-poisoned

@@ -1129,4 +1129,21 @@ fn device_encoder_matches_the_cpu_at_head_dim_64() {
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         assert!(e.to_string().contains("CPU"), "{e}");
     }
+    // More than the device's memory (the emulated device claims 64 GiB; 100k layers sharing one
+    // generated layer need ~92 GB): refused before anything is uploaded.
+    let huge = Umt5Config {
+        dim: 256,
+        dim_attn: 256,
+        ffn: 256,
+        heads: 4,
+        layers: 100_000,
+        ..cfg.clone()
+    };
+    let e = Umt5Cuda::new(
+        &Umt5::bench_bf16(&huge, 16, 1),
+        Gpu::open_emulated().unwrap(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory(_)), "{e}");
+    assert!(e.to_string().contains("--text-encoder-device cpu"), "{e}");
 }

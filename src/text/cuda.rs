@@ -97,14 +97,9 @@ impl std::fmt::Debug for Umt5Cuda {
     }
 }
 
-/// Allocates `bytes` on `g`.
-fn alloc(g: &mut Gpu, bytes: usize) -> Result<DevPtr> {
-    g.alloc(bytes)
-}
-
 /// Uploads f32 values (synced: `v` may end right after).
 fn up_f32(g: &mut Gpu, v: &[f32]) -> Result<DevPtr> {
-    let p = alloc(g, v.len() * 4)?;
+    let p = g.alloc(v.len() * 4)?;
     g.upload(p, v)?;
     g.sync()?;
     Ok(p)
@@ -132,7 +127,7 @@ fn up_mat(g: &Gpu, dst: DevPtr, m: &Mat) -> Result<()> {
 /// Uploads matrices stacked by rows (same column count) as one bf16 matrix.
 fn up_stacked(g: &mut Gpu, mats: &[&Mat]) -> Result<DevPtr> {
     let bytes: usize = mats.iter().map(|m| m.dims().0 * m.dims().1 * 2).sum();
-    let p = alloc(g, bytes)?;
+    let p = g.alloc(bytes)?;
     let mut off = 0u64;
     for m in mats {
         up_mat(g, p + off, m)?;
@@ -162,6 +157,23 @@ impl Umt5Cuda {
             )));
         }
         gpu.bind()?;
+        let (d, da, f, n) = (c.dim, c.dim_attn, c.ffn, MAX_TOKENS);
+        let weight_bytes =
+            c.layers * (2 * (4 * d * da + 3 * d * f) + 4 * (2 * d + c.buckets * c.heads)) + 4 * d;
+        // The buffers of `Acts`: x, delta, out f32 and h bf16 [n, d]; qkv f32 and attn bf16;
+        // gf f32 and g bf16.
+        let act_bytes = n * (3 * 4 * d + 2 * d + 4 * 3 * da + 2 * da + 4 * 2 * f + 2 * f);
+        let need = weight_bytes + act_bytes + (2 * n - 1) * 4;
+        let (free, _) = gpu.mem_info()?;
+        if need > free {
+            return Err(Error::OutOfMemory(format!(
+                "the text encoder needs {:.2} GB on {} ({:.2} GB free): run it on the CPU \
+                 (--text-encoder-device cpu)",
+                need as f64 / 1e9,
+                gpu.name,
+                free as f64 / 1e9
+            )));
+        }
         let g = &mut gpu;
         let mut layers = Vec::with_capacity(c.layers);
         for l in model.layers() {
@@ -181,23 +193,19 @@ impl Umt5Cuda {
                 relative_bucket(i as i64 - (MAX_TOKENS as i64 - 1), c.buckets, MAX_DISTANCE) as i32
             })
             .collect();
-        let buckets = alloc(g, table.len() * 4)?;
+        let buckets = g.alloc(table.len() * 4)?;
         g.upload(buckets, &table)?;
         g.sync()?;
-        let n = MAX_TOKENS;
-        let (d, da, f) = (c.dim, c.dim_attn, c.ffn);
         let acts = Acts {
-            x: alloc(g, n * d * 4)?,
-            h: alloc(g, n * d * 2)?,
-            qkv: alloc(g, n * 3 * da * 4)?,
-            attn: alloc(g, n * da * 2)?,
-            delta: alloc(g, n * d * 4)?,
-            gf: alloc(g, n * 2 * f * 4)?,
-            g: alloc(g, n * f * 2)?,
-            out: alloc(g, n * d * 4)?,
+            x: g.alloc(n * d * 4)?,
+            h: g.alloc(n * d * 2)?,
+            qkv: g.alloc(n * 3 * da * 4)?,
+            attn: g.alloc(n * da * 2)?,
+            delta: g.alloc(n * d * 4)?,
+            gf: g.alloc(n * 2 * f * 4)?,
+            g: g.alloc(n * f * 2)?,
+            out: g.alloc(n * d * 4)?,
         };
-        let weight_bytes =
-            c.layers * (2 * (4 * d * da + 3 * d * f) + 4 * (2 * d + c.buckets * c.heads)) + 4 * d;
         Ok(Umt5Cuda {
             device: gpu.name.clone(),
             state: Mutex::new(State {

@@ -355,6 +355,7 @@ fn main() {
         .map(|r| json!({"name": r.name, "ms": r.ms, "rate": r.value, "unit": r.unit, "fraction_of_peak": r.value / r.peak}))
         .collect();
 
+    let text = text_encoder(peak_gbs);
     let mut e2e = Vec::new();
     if std::env::var_os("BC_BENCH_QUICK").is_none() {
         e2e = end_to_end(peak_tflops);
@@ -395,10 +396,39 @@ fn main() {
         "kernels": kernels_json,
         "end_to_end": e2e,
         "attention_tune": tunes,
+        "text_encoder": text,
     });
     let path = std::env::var("BC_BENCH_JSON").unwrap_or_else(|_| "gpu-bench.json".into());
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
     println!("\nJSON written to {path}");
+}
+
+/// The umT5-XXL text encoder on the device for a 30-token prompt (random bf16 weights, the 24
+/// layers uploaded: 9.26 GB): ms per prompt and the weight bandwidth it implies (at 30 rows
+/// the GEMMs are bound by reading the weights once).
+fn text_encoder(peak_gbs: f64) -> Value {
+    use blockcascade::text::{bench_text_encoder_on, TextDevice, Umt5Config};
+    let cfg = Umt5Config::xxl();
+    let tokens = 30;
+    let t0 = std::time::Instant::now();
+    match bench_text_encoder_on(&cfg, tokens, 5, TextDevice::Cuda) {
+        Ok(ms) => {
+            let layer = 4 * cfg.dim * cfg.dim_attn + 3 * cfg.dim * cfg.ffn;
+            let bytes = (cfg.layers * layer * 2) as f64;
+            let gbs = bytes / ms / 1e6;
+            println!(
+                "TEXT umt5-xxl {tokens} tokens: {ms:.2} ms per prompt, weights at {gbs:.0} GB/s \
+                 ({:.0}% of copy peak; setup {:.1} s)",
+                100.0 * gbs / peak_gbs,
+                t0.elapsed().as_secs_f64()
+            );
+            json!({"tokens": tokens, "ms": ms, "weight_gbs": gbs, "fraction_of_copy_peak": gbs / peak_gbs})
+        }
+        Err(e) => {
+            println!("TEXT umt5-xxl {tokens} tokens: failed: {e}");
+            json!({"tokens": tokens, "error": e.to_string()})
+        }
+    }
 }
 
 fn end_to_end(peak_tflops: f64) -> Vec<Value> {

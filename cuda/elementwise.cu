@@ -22,8 +22,7 @@ __device__ __forceinline__ float bc_act(float u, int op) {
     if (op == BC_ACT_NONE) return u;
     if (op == BC_ACT_ROUND_BF16) return __bfloat162float(__float2bfloat16(u));
     if (op == BC_ACT_SILU) return u / (1.f + expf(-u));
-    const float c = 0.7978845608f;  // sqrt(2/pi)
-    return 0.5f * u * (1.f + tanhf(c * (u + 0.044715f * u * u * u)));
+    return bc_gelu_tanh(u);
 }
 
 extern "C" __global__ void __launch_bounds__(EW_THREADS) bc_activation(BcActivationParams p) {

@@ -30,10 +30,11 @@ pub struct bc_engine_options {
     pub n_devices: u32,
     pub text_encoder: *const ::std::os::raw::c_char,
     pub tokenizer: *const ::std::os::raw::c_char,
+    pub text_encoder_device: *const ::std::os::raw::c_char,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of bc_engine_options"][::std::mem::size_of::<bc_engine_options>() - 48usize];
+    ["Size of bc_engine_options"][::std::mem::size_of::<bc_engine_options>() - 56usize];
     [
         "Alignment of bc_engine_options",
     ][::std::mem::align_of::<bc_engine_options>() - 8usize];
@@ -55,6 +56,9 @@ const _: () = {
     [
         "Offset of field: bc_engine_options::tokenizer",
     ][::std::mem::offset_of!(bc_engine_options, tokenizer) - 40usize];
+    [
+        "Offset of field: bc_engine_options::text_encoder_device",
+    ][::std::mem::offset_of!(bc_engine_options, text_encoder_device) - 48usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -195,7 +195,7 @@ summary() {
         tagged KERNEL "$logs"/tests.log | awk '{ s = $3; for (i = 4; i < NF; i++) s = s " " $i; printf "  %-36s %-28s %s\n", $2, s, $NF }'
     fi
     echo "-- whole model (relative L2 vs f32 reference, < 2e-2)"
-    tagged '(GOLDEN|GRAPH|MULTI|EPILOGUE)' "$logs"/tests.log | sed 's/^/  /'
+    tagged '(GOLDEN|GRAPH|MULTI|EPILOGUE|TEXT)' "$logs"/tests.log | sed 's/^/  /'
     echo "-- compute-sanitizer (kernel tests, small shapes)"
     sed 's/^/  /' "$logs"/sanitizer.txt 2>/dev/null
     echo "-- tests"
@@ -206,7 +206,7 @@ summary() {
     sed -n '/^kernel /,/^$/p' "$logs"/bench.log 2>/dev/null | sed '/^$/d; s/^/  /'
     echo "-- end to end (wan-1.3b-shape, 60x104, 21 frames, 4 steps)"
     sed -n '/^schedule /,/^$/p' "$logs"/bench.log 2>/dev/null | grep -vE '^(JSON|TUNE) ' | sed '/^$/d; s/^/  /'
-    grep -hE '^(SKIP|TUNE) ' "$logs"/bench.log 2>/dev/null | cut -c1-300 | sed 's/^/  /'
+    grep -hE '^(SKIP|TUNE|TEXT) ' "$logs"/bench.log 2>/dev/null | cut -c1-300 | sed 's/^/  /'
     echo "-- PyTorch baseline (same GPU)"
     local py eng pt
     py=$(grep -m1 -hE '^(PYTORCH|SKIP)' "$logs"/pytorch.log 2>/dev/null || echo "no result (see $logs/pytorch.log)")

@@ -875,3 +875,124 @@ fn two_logical_devices_on_gpu0_equal_one() {
     let e2 = rel_l2(&exp, &two);
     assert!(e2 < 2e-2, "--devices 0,0 vs expected: rel L2 {e2}");
 }
+
+/// The umT5 text encoder on the device (`cuda/t5.cu` kernels, cuBLASLt GEMMs, bf16 weights)
+/// against the golden case `umt5-tiny` (upstream's embeddings of 6 prompts): ids equal and
+/// relative L2 < 2e-2 for every prompt.
+#[test]
+fn text_encoder_golden_on_the_gpu() {
+    use blockcascade::tensorfile::TensorFile;
+    use blockcascade::text::{TextDevice, TextEncoder};
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(g) = gpu("text_encoder_golden_on_the_gpu") else {
+        return;
+    };
+    drop(g);
+    let dir = common::golden_dir()
+        .parent()
+        .expect("data folder")
+        .join("umt5-tiny");
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let text_len = case["text_len"].as_u64().unwrap() as usize;
+    let enc = TextEncoder::load(&dir.join("text_encoder"), None)
+        .unwrap()
+        .on_cuda(0, emulated())
+        .unwrap();
+    assert_eq!(enc.device(), TextDevice::Cuda);
+    let exp = TensorFile::open_skipping_ids(&dir.join("expected.safetensors")).unwrap();
+    for (i, p) in case["prompts"].as_array().unwrap().iter().enumerate() {
+        let e = enc.encode(p["text"].as_str().unwrap(), text_len).unwrap();
+        let ids: Vec<i64> = p["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect();
+        assert_eq!(e.ids, ids, "prompt {i}: ids");
+        let want = exp.tensor_f32(&format!("embeds_{i}"), None).unwrap();
+        let err = rel_l2(&want, &e.embeds.data);
+        println!(
+            "TEXT umt5-tiny prompt {i} ({} tokens) rel_l2={err:.3e}",
+            ids.len()
+        );
+        assert!(err < 2e-2, "prompt {i}: rel L2 {err}");
+    }
+}
+
+/// The umT5 text encoder's kernels (`cuda/t5.cu`) against the CPU reference on random data
+/// with poisoned outputs: the RMS norm with its residual add (bf16 and f32 out), the gated
+/// GELU, the attention with a relative position bias and no scale; small, and umT5-XXL's
+/// widths at 30 and 512 tokens.
+#[test]
+fn t5_kernels_match_the_cpu() {
+    use blockcascade::text::umt5::{
+        attention as t5_ref, bucket_table, relative_bucket, MAX_DISTANCE,
+    };
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut g) = gpu("t5_kernels_match_the_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(17);
+    // (name, tokens, dim, heads, ffn)
+    let mut shapes = vec![("small", 37usize, 64usize, 2usize, 96usize)];
+    if !small_only(&g) {
+        shapes.push(("umt5-xxl", 30, 4096, 64, 10240));
+        shapes.push(("umt5-xxl", 512, 4096, 64, 10240));
+    }
+    for (name, n, d, heads, f) in shapes {
+        let ss = format!("{name}:{n}x{d}");
+        // RMS norm after x += delta, bf16 out; then without the add, f32 out.
+        let x = randn(&mut rng, n * d, 3.0);
+        let delta = randn(&mut rng, n * d, 1.0);
+        let w = randn(&mut rng, d, 1.0);
+        let (xd, dd, wd) = (up(&mut g, &x), up(&mut g, &delta), up(&mut g, &w));
+        let out = poisoned(&mut g, n * d * 2);
+        ops::t5_rms_norm(&g, xd, dd, wd, out, false, n, d, 1e-6).unwrap();
+        let sum: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+        let mut want = sum.clone();
+        cops::rms_norm(&mut want, d, 1e-6, &w);
+        check("t5_rms_norm", &ss, &down_b(&g, out, n * d), &want, 1e-2);
+        check("t5_rms_norm_add", &ss, &down_f(&g, xd, n * d), &sum, 1e-6);
+        let outf = poisoned(&mut g, n * d * 4);
+        ops::t5_rms_norm(&g, xd, ops::NULL, wd, outf, true, n, d, 1e-6).unwrap();
+        check(
+            "t5_rms_norm_f32",
+            &ss,
+            &down_f(&g, outf, n * d),
+            &want,
+            1e-4,
+        );
+        // Gated GELU over the two halves of one [n, 2f] GEMM output.
+        let gf = randn(&mut rng, n * 2 * f, 2.0);
+        let gfd = up(&mut g, &gf);
+        let out = poisoned(&mut g, n * f * 2);
+        ops::t5_gated_gelu(&g, gfd, gfd + (f * 4) as u64, 2 * f, out, n, f).unwrap();
+        let mut gate: Vec<f32> = (0..n * f).map(|i| gf[(i / f) * 2 * f + i % f]).collect();
+        cops::gelu_tanh(&mut gate);
+        let want: Vec<f32> = (0..n * f)
+            .map(|i| gate[i] * gf[(i / f) * 2 * f + f + i % f])
+            .collect();
+        check("t5_gated_gelu", &ss, &down_b(&g, out, n * f), &want, 1e-2);
+        // Attention: q|k|v of one [n, 3d] GEMM output, the layer's [32, heads] bias table.
+        let hd = d / heads;
+        let qkv = randn(&mut rng, n * 3 * d, 1.0);
+        let rel = randn(&mut rng, 32 * heads, 2.0);
+        let bucket: Vec<i32> = (0..2 * n - 1)
+            .map(|i| relative_bucket(i as i64 - (n as i64 - 1), 32, MAX_DISTANCE) as i32)
+            .collect();
+        let (qd, reld, bd) = (up(&mut g, &qkv), up(&mut g, &rel), up(&mut g, &bucket));
+        let out = poisoned(&mut g, n * d * 2);
+        let (kd, vd) = (qd + (d * 4) as u64, qd + (2 * d * 4) as u64);
+        let b0 = bd + ((n - 1) * 4) as u64;
+        ops::t5_attention(&g, qd, kd, vd, 3 * d, out, reld, b0, n, heads, hd).unwrap();
+        let part = |p: usize| -> Vec<f32> {
+            (0..n * d)
+                .map(|i| qkv[(i / d) * 3 * d + p * d + i % d])
+                .collect()
+        };
+        let table = bucket_table(n, 32, MAX_DISTANCE);
+        let want = t5_ref(&part(0), &part(1), &part(2), n, heads, hd, &rel, &table);
+        check("t5_attention", &ss, &down_b(&g, out, n * d), &want, 1e-2);
+    }
+}

@@ -184,6 +184,30 @@ fn golden_ids_and_embeddings_match_upstream() {
     eprintln!("umt5-tiny: worst relative L2 {worst:e}");
 }
 
+/// The encoder on the emulated CUDA device (`cuda/t5.cu` kernels under the SIMT emulation,
+/// bf16 GEMMs on the CPU): ids equal, embeddings within 2e-2 relative L2 of upstream for all
+/// six prompts; the bf16 path really ran (not bit-equal to the f32 CPU), and the device's
+/// token limit is a clear error.
+#[test]
+fn golden_on_the_emulated_cuda_device() {
+    use blockcascade::text::TextDevice;
+    let enc = TextEncoder::load(&case_dir().join("text_encoder"), None)
+        .unwrap()
+        .on_cuda(0, true)
+        .unwrap();
+    assert_eq!(enc.device(), TextDevice::Cuda);
+    let worst = check_golden(&enc, 2e-2);
+    eprintln!("umt5-tiny on the emulated device: worst relative L2 {worst:e}");
+    assert!(worst > 1e-6, "bf16 device path equal to f32: did it run?");
+    let long = "a b c d e f g h ".repeat(80);
+    let e = enc.encode(&long, 600).unwrap_err();
+    assert!(e.to_string().contains("at most 512"), "{e}");
+    // Back on the CPU: the f32 result again.
+    let cpu = enc.on_device(TextDevice::Cpu).unwrap();
+    assert_eq!(cpu.device(), TextDevice::Cpu);
+    assert!(check_golden(&cpu, 1e-4) < 1e-4);
+}
+
 #[test]
 fn cleaning_matches_the_recorded_cleaned_text() {
     for p in case()["prompts"].as_array().unwrap() {
@@ -448,6 +472,73 @@ fn random_encoder(dir: &Path, dim: usize) {
         dir.join("tokenizer.json"),
     )
     .unwrap();
+}
+
+/// `encode-prompt --backend cuda`: the encoder on the (emulated) device within 2e-2 of
+/// upstream; `--text-encoder-device cpu` keeps it on the CPU (exact); without a GPU, one clear
+/// error that names the CPU option.
+#[test]
+fn cli_encode_prompt_on_the_cuda_backend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enc_dir = case_dir().join("text_encoder").display().to_string();
+    let case = case();
+    let p3 = &case["prompts"][3];
+    let expected = read_raw(&case_dir().join("expected.safetensors"));
+    let want = f32s(&expected.iter().find(|(k, _)| k == "embeds_3").unwrap().1);
+    let out = tmp.path().join("e.safetensors");
+    let args = |extra: &[&'static str]| {
+        let mut a: Vec<String> = [
+            "encode-prompt",
+            "--text-encoder",
+            &enc_dir,
+            "--prompt",
+            p3["text"].as_str().unwrap(),
+            "--text-len",
+            "24",
+            "--out",
+            &out.display().to_string(),
+            "--backend",
+            "cuda",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let embeds = || {
+        let got = read_raw(&out);
+        f32s(&got.iter().find(|(k, _)| k == "prompt_embeds").unwrap().1)
+    };
+    // On the emulated device.
+    let o = bin()
+        .args(args(&[]))
+        .env("BC_CUDA_EMULATE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = rel_l2(&embeds(), &want);
+    assert!(err < 2e-2 && err > 1e-6, "emulated device: rel L2 {err:e}");
+    // Kept on the CPU: no GPU needed, the f32 result.
+    let o = bin()
+        .args(args(&["--text-encoder-device", "cpu"]))
+        .env_remove("BC_CUDA_EMULATE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(rel_l2(&embeds(), &want) < 1e-4);
+    // No GPU: one error line naming the way out.
+    if blockcascade::backend::cuda::device::probe().is_err() {
+        let o = bin()
+            .args(args(&[]))
+            .env_remove("BC_CUDA_EMULATE")
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(e.contains("--text-encoder-device cpu"), "{e}");
+        assert!(!e.contains("panicked"), "{e}");
+    }
 }
 
 #[test]
@@ -957,4 +1048,102 @@ fn real_dims_bench() {
         flop / cpu.max(1e-9) / 1e9,
         proc_status("VmHWM")
     );
+}
+
+/// `bc_engine_options.text_encoder_device`: "cpu" keeps the encoder on the CPU, an unknown name
+/// is an invalid argument, "cuda" without a GPU a device error (not a panic); an old
+/// `struct_size` that ends at `tokenizer` is still accepted.
+#[test]
+fn c_abi_text_encoder_device() {
+    let enc = CString::new(case_dir().join("text_encoder").display().to_string()).unwrap();
+    let with = |dev: *const std::ffi::c_char| bc_engine_options {
+        backend: c"cpu".as_ptr(),
+        text_encoder: enc.as_ptr(),
+        text_encoder_device: dev,
+        ..bc_engine_options_default()
+    };
+    let (st, e) = c_open(None, &with(c"cpu".as_ptr()));
+    assert_eq!(st, BC_OK, "{}", last_error());
+    bc_engine_close(e);
+    let (st, e) = c_open(None, &with(c"tpu".as_ptr()));
+    expect_c_err(st, BC_ERR_INVALID_ARGUMENT, "expected cpu or cuda");
+    assert!(e.is_null());
+    let emulated = std::env::var("BC_CUDA_EMULATE").is_ok_and(|v| !v.is_empty() && v != "0");
+    if !emulated && blockcascade::backend::cuda::device::probe().is_err() {
+        let (st, e) = c_open(None, &with(c"cuda".as_ptr()));
+        assert_ne!(st, BC_OK);
+        assert!(
+            last_error().contains("--text-encoder-device cpu"),
+            "{}",
+            last_error()
+        );
+        assert!(e.is_null());
+    }
+    let old = bc_engine_options {
+        struct_size: std::mem::offset_of!(bc_engine_options, text_encoder_device) as u32,
+        ..with(c"tpu".as_ptr())
+    };
+    let (st, e) = c_open(None, &old);
+    assert_eq!(st, BC_OK, "{}", last_error());
+    bc_engine_close(e);
+}
+
+/// The device encoder against the f32 CPU encoder with random weights at umT5's head dim (64),
+/// 70 tokens (several attention row blocks and key tiles, distances past the exact buckets),
+/// on the emulated device; and sizes the device path does not take are refused clearly.
+#[test]
+fn device_encoder_matches_the_cpu_at_head_dim_64() {
+    use blockcascade::backend::cuda::device::Gpu;
+    use blockcascade::text::cuda::Umt5Cuda;
+    use blockcascade::text::{Umt5, Umt5Config};
+    let cfg = Umt5Config {
+        vocab: 500,
+        dim: 128,
+        dim_attn: 128,
+        ffn: 192,
+        heads: 2,
+        layers: 2,
+        buckets: 32,
+    };
+    let model = Umt5::random(&cfg, 3);
+    let ids: Vec<i64> = (0..70).map(|i| (i * 37 % 500) as i64).collect();
+    let want = model.forward(&ids).unwrap();
+    let dev = Umt5Cuda::new(&model, Gpu::open_emulated().unwrap()).unwrap();
+    let got = dev.forward(&model, &ids).unwrap();
+    let err = rel_l2(&got, &want);
+    eprintln!("random umT5 (hd 64, 70 tokens) on the emulated device: relative L2 {err:e}");
+    assert!(err < 2e-2 && err > 1e-6, "relative L2 {err:e}");
+    // The same device runs another prompt length (the activations are sized once).
+    let short = dev.forward(&model, &ids[..3]).unwrap();
+    assert!(rel_l2(&short, &model.forward(&ids[..3]).unwrap()) < 2e-2);
+    // Widths that are not multiples of 8, head dims over 128.
+    for (dim, heads) in [(36, 2), (272, 2)] {
+        let c = Umt5Config {
+            dim,
+            dim_attn: dim,
+            heads,
+            layers: 1,
+            ..cfg.clone()
+        };
+        let e = Umt5Cuda::new(&Umt5::random(&c, 1), Gpu::open_emulated().unwrap()).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert!(e.to_string().contains("CPU"), "{e}");
+    }
+    // More than the device's memory (the emulated device claims 64 GiB; 100k layers sharing one
+    // generated layer need ~92 GB): refused before anything is uploaded.
+    let huge = Umt5Config {
+        dim: 256,
+        dim_attn: 256,
+        ffn: 256,
+        heads: 4,
+        layers: 100_000,
+        ..cfg.clone()
+    };
+    let e = Umt5Cuda::new(
+        &Umt5::bench_bf16(&huge, 16, 1),
+        Gpu::open_emulated().unwrap(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory(_)), "{e}");
+    assert!(e.to_string().contains("--text-encoder-device cpu"), "{e}");
 }

@@ -55,6 +55,12 @@ __device__ __forceinline__ float bc_block_sum(float v, float* scratch) {
     return s;
 }
 
+/// GELU, tanh form: `0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))` (cpu::ops::gelu_tanh).
+__device__ __forceinline__ float bc_gelu_tanh(float u) {
+    const float c = 0.7978845608f;  // sqrt(2/pi)
+    return 0.5f * u * (1.f + tanhf(c * (u + 0.044715f * u * u * u)));
+}
+
 /// Two bf16 values at `p` (4-byte aligned) as floats.
 __device__ __forceinline__ float2 bc_load_bf162(const __nv_bfloat16* p) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));

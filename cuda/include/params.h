@@ -382,4 +382,94 @@ typedef struct BcCopyParams {
     bc_i32 _pad;
 } BcCopyParams;
 
+/** Threads per block of `bc_t5_rms_norm` (one block per row). */
+#define BC_T5_NORM_THREADS 256
+/** Threads per block of `bc_t5_attention` (4 warps). */
+#define BC_T5_ATTN_THREADS 128
+/** Query rows per block of `bc_t5_attention` (grid.x = ceil(rows / BC_T5_ATTN_ROWS)). */
+#define BC_T5_ATTN_ROWS 8
+/** Most tokens `bc_t5_attention` takes: a block keeps its rows' full score rows in shared
+ * memory (umT5 is trained on 512). */
+#define BC_T5_ATTN_MAX_TOKENS 512
+/** Largest head dimension of `bc_t5_attention` (any value up to it; umT5-XXL: 64). */
+#define BC_T5_ATTN_MAX_HEAD_DIM 128
+
+/** `bc_t5_rms_norm`: T5's RMS norm of the f32 residual stream (no mean subtraction, no bias),
+ * after an optional residual add: `x += delta` (written back to `x`), then
+ * `out = x * rsqrt(mean(x^2) + eps) * weight`, f32 statistics. `out` is bf16 (the input of a
+ * GEMM) or f32 (the encoder's output). Grid (rows), block BC_T5_NORM_THREADS. */
+typedef struct BcT5RmsNormParams {
+    /** Residual stream `[rows, dim]` f32 (contiguous); updated in place when `delta` is set. */
+    float *x;
+    /** Optional `[rows, dim]` f32 added to `x` first (a sublayer's output). */
+    const float *delta;
+    /** `[dim]` f32 norm weight. */
+    const float *weight;
+    /** Output `[rows, dim]` (contiguous), bf16 or f32 (`out_f32`). */
+    void *out;
+    /** Number of rows. */
+    bc_i32 rows;
+    /** Row length. */
+    bc_i32 dim;
+    /** 1: `out` is f32, 0: bf16. */
+    bc_i32 out_f32;
+    /** RMS norm epsilon. */
+    float eps;
+} BcT5RmsNormParams;
+
+/** `bc_t5_gated_gelu`: `out[r, c] = gelu_tanh(gate[r, c]) * lin[r, c]` (tanh-form GELU, f32
+ * math, bf16 out): the hidden layer of the gated-GELU FFN. `gate` and `lin` are f32 rows of
+ * `in_stride` elements (e.g. the two halves of one GEMM output `[rows, 2 * cols]`); `out` is
+ * `[rows, cols]` contiguous. Grid (ceil(rows * cols / BC_ELEM_THREADS)), block BC_ELEM_THREADS. */
+typedef struct BcT5GatedGeluParams {
+    /** GELU input, f32 rows of `in_stride`. */
+    const float *gate;
+    /** Linear input, f32 rows of `in_stride`. */
+    const float *lin;
+    /** Output `[rows, cols]` bf16. */
+    bc_bf16 *out;
+    /** Number of rows. */
+    bc_i32 rows;
+    /** Values per row. */
+    bc_i32 cols;
+    /** Row stride of `gate` and `lin` in elements. */
+    bc_i32 in_stride;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcT5GatedGeluParams;
+
+/** `bc_t5_attention`: T5 self-attention over all `rows` tokens with the layer's relative
+ * position bias and NO `1/sqrt(head_dim)` scale:
+ * `out[i, h] = sum_j softmax_j(q[i, h] . k[j, h] + rel_bias[bucket[j - i] * heads + h]) v[j, h]`,
+ * f32 inputs, scores and softmax, bf16 out. Only real tokens exist: no padding, no mask.
+ * `rows <= BC_T5_ATTN_MAX_TOKENS`, `head_dim <= BC_T5_ATTN_MAX_HEAD_DIM` (any value).
+ * Grid (ceil(rows / BC_T5_ATTN_ROWS), heads), block BC_T5_ATTN_THREADS. */
+typedef struct BcT5AttentionParams {
+    /** Queries `[rows, qkv_stride]` f32, head h at columns `h * head_dim`. */
+    const float *q;
+    /** Keys, same layout as `q`. */
+    const float *k;
+    /** Values, same layout as `q`. */
+    const float *v;
+    /** The layer's bias table `[buckets, heads]` f32. */
+    const float *rel_bias;
+    /** Bucket of the relative position `d = key - query` at `bucket[d]` for
+     * `d` in `[-(rows - 1), rows - 1]`: the pointer addresses the entry of `d = 0`. */
+    const bc_i32 *bucket;
+    /** Output `[rows, out_stride]` bf16, head h at columns `h * head_dim`. */
+    bc_bf16 *out;
+    /** Number of tokens (queries and keys). */
+    bc_i32 rows;
+    /** Number of heads (= grid.y). */
+    bc_i32 heads;
+    /** Head dimension. */
+    bc_i32 head_dim;
+    /** Row stride of `q`, `k`, `v` in elements. */
+    bc_i32 qkv_stride;
+    /** Row stride of `out` in elements. */
+    bc_i32 out_stride;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcT5AttentionParams;
+
 #endif /* BLOCKCASCADE_PARAMS_H */

@@ -87,6 +87,10 @@ typedef struct {
                                (the built-in model has a built-in one) */
   const char *tokenizer;    /* its tokenizer.json; NULL = in the encoder's folder or its
                                tokenizer/ subfolder */
+  /* Added later (a struct_size ending at tokenizer is still accepted, with this NULL): */
+  const char *text_encoder_device; /* where the text encoder runs: "cpu", "cuda" (bf16 weights
+                                      on the GPU) or NULL = where the backend runs; "cpu" keeps
+                                      the GPU's memory for the DiT */
 } bc_engine_options;
 
 /* Options of bc_session_open. Get defaults from bc_session_options_default(). */

@@ -13,7 +13,7 @@ use blockcascade::schedule::{parse_steps, StepSchedule};
 
 use blockcascade::tensorfile::TensorFile;
 use blockcascade::tensorfile::{write_f32, write_tensors, OutData};
-use blockcascade::text::{TextEncoder, DEFAULT_TEXT_LEN};
+use blockcascade::text::{TextDevice, TextEncoder, DEFAULT_TEXT_LEN};
 use blockcascade::video::{VideoOptions, VideoWriter};
 use blockcascade::{
     AttentionMode, Engine, Error, GenerateOptions, Generator, Recache, Result, Schedule,
@@ -74,6 +74,9 @@ struct ServeArgs {
     /// The umT5 tokenizer.json (default: in the text encoder's folder or its tokenizer/).
     #[arg(long, requires = "text_encoder")]
     tokenizer: Option<PathBuf>,
+    /// Where the text encoder runs (default: where --backend runs).
+    #[arg(long, value_enum)]
+    text_encoder_device: Option<BackendArg>,
     /// Address to listen on. Anything but loopback exposes the server to the network.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -194,6 +197,12 @@ struct EncodePromptArgs {
     /// Output safetensors: `prompt_embeds` [L, dim] f32 and `input_ids` [L] i64.
     #[arg(long, default_value = "prompt_embeds.safetensors")]
     out: PathBuf,
+    /// Where the encoder runs (cuda: bf16 weights on the GPU of BC_CUDA_DEVICE, default 0).
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// Overrides --backend for the text encoder.
+    #[arg(long, value_enum)]
+    text_encoder_device: Option<BackendArg>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -297,6 +306,10 @@ struct GenerateArgs {
     /// The umT5 tokenizer.json (default: in the text encoder's folder or its tokenizer/).
     #[arg(long, requires = "text_encoder")]
     tokenizer: Option<PathBuf>,
+    /// Where the text encoder runs (default: where --backend runs; cpu keeps the GPU's memory
+    /// for the DiT).
+    #[arg(long, value_enum)]
+    text_encoder_device: Option<BackendArg>,
     /// Cache behaviour at prompt switches: none (cascade) or window (LongLive recache).
     #[arg(long, value_enum, default_value = "none")]
     recache: RecacheArg,
@@ -433,6 +446,9 @@ struct BenchArgs {
     /// Tokens of the --text-encoder benchmark prompt.
     #[arg(long, default_value_t = 30)]
     text_tokens: usize,
+    /// Where --text-encoder runs (cuda: the 24 layers uploaded in bf16, 9.3 GB of GPU memory).
+    #[arg(long, value_enum, default_value = "cpu")]
+    text_encoder_device: BackendArg,
 }
 
 fn main() -> ExitCode {
@@ -503,6 +519,9 @@ fn serve(a: ServeArgs) -> Result<()> {
         vae: a.vae,
         text_encoder: a.text_encoder,
         tokenizer: a.tokenizer,
+        text_encoder_device: a
+            .text_encoder_device
+            .map(|d| TextDevice::for_backend(d.into())),
         host: a.host,
         port: a.port,
         max_streams: a.max_streams,
@@ -662,6 +681,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
         (Some(d), _) => Some(TextEncoder::load(d, a.tokenizer.as_deref())?),
         (None, true) => Some(TextEncoder::tiny(0)),
         (None, false) => None,
+    };
+    let text = match text {
+        Some(t) => Some(place_text_encoder(t, a.text_encoder_device, a.backend)?),
+        None => None,
     };
     if let Some(t) = &text {
         t.check_model(&cfg)?;
@@ -972,15 +995,19 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     }
     if a.text_encoder {
         let cfg = blockcascade::text::Umt5Config::xxl();
-        let ms = blockcascade::text::bench_text_encoder(&cfg, a.text_tokens, a.reps.max(1))?;
+        let device = TextDevice::for_backend(a.text_encoder_device.into());
+        let ms =
+            blockcascade::text::bench_text_encoder_on(&cfg, a.text_tokens, a.reps.max(1), device)?;
         eprintln!(
-            "umT5-XXL encoder, {} tokens, {} threads: {ms:.1} ms",
+            "umT5-XXL encoder on {}, {} tokens, {} threads: {ms:.1} ms",
+            device.name(),
             a.text_tokens,
             rayon::current_num_threads()
         );
         println!(
             "{}",
             serde_json::json!({"text_encoder": "umt5-xxl", "tokens": a.text_tokens,
+                "device": device.name(),
                 "threads": rayon::current_num_threads(), "ms": ms})
         );
         return Ok(());
@@ -1071,6 +1098,15 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
+/// The text encoder on the device `--text-encoder-device` names, else where `--backend` runs.
+fn place_text_encoder(
+    enc: TextEncoder,
+    device: Option<BackendArg>,
+    backend: BackendArg,
+) -> Result<TextEncoder> {
+    enc.on_device(TextDevice::for_backend(device.unwrap_or(backend).into()))
+}
+
 fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
     check_out(&a.out)?;
     // The model's config.json only: its weights are not needed here.
@@ -1086,6 +1122,7 @@ fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
         return Err(Error::invalid("--text-len must be at least 1"));
     }
     let enc = TextEncoder::load(&a.text_encoder, a.tokenizer.as_deref())?;
+    let enc = place_text_encoder(enc, a.text_encoder_device, a.backend)?;
     if let Some(c) = &model_cfg {
         enc.check_model(c)?;
     }
@@ -1097,6 +1134,7 @@ fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
     meta.insert("text_encoder".into(), enc.source().into());
     meta.insert("prompt".into(), a.prompt.clone());
     meta.insert("text_len".into(), text_len.to_string());
+    meta.insert("text_encoder_device".into(), enc.device().name().into());
     let l = e.embeds.rows;
     write_tensors(
         &a.out,

@@ -319,6 +319,7 @@ fn default_engine_options() -> bc_engine_options {
         n_devices: 0,
         text_encoder: std::ptr::null(),
         tokenizer: std::ptr::null(),
+        text_encoder_device: std::ptr::null(),
     }
 }
 
@@ -534,6 +535,13 @@ pub unsafe extern "C" fn bc_engine_open(
         if o.text_encoder.is_null() && !o.tokenizer.is_null() {
             return invalid("tokenizer is set but text_encoder is NULL");
         }
+        let text_device = if o.text_encoder_device.is_null() {
+            crate::text::TextDevice::for_backend(kind)
+        } else {
+            crate::text::TextDevice::parse(
+                &CStr::from_ptr(o.text_encoder_device).to_string_lossy(),
+            )?
+        };
         let model = if model_dir.is_null() {
             Engine::open(None)?
         } else {
@@ -550,6 +558,10 @@ pub unsafe extern "C" fn bc_engine_open(
         if let Some(t) = &text {
             t.check_model(model.config())?;
         }
+        let text = match text {
+            Some(t) => Some(t.on_device(text_device)?),
+            None => None,
+        };
         let engine = EngineEntry {
             engine: model,
             backend: kind,

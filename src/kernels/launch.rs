@@ -446,3 +446,114 @@ pub fn copy(
         },
     })
 }
+
+/// `bc_t5_rms_norm` (`cuda/t5.cu`): `x += delta` when `delta` is not null, then T5's RMS norm
+/// of `x` `[rows, dim]` (f32) times `weight` into `out` (f32 with `out_f32`, else bf16). Grid
+/// (rows), block `BC_T5_NORM_THREADS`.
+pub fn t5_rms_norm(
+    x: *mut f32,
+    delta: *const f32,
+    weight: *const f32,
+    out: *mut c_void,
+    out_f32: bool,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> LaunchResult<Launch<BcT5RmsNormParams>> {
+    let k = Kernel::T5RmsNorm;
+    let rows = i32_of(k, rows, "rows")?;
+    Ok(Launch {
+        kernel: k,
+        grid: row_grid(rows),
+        block: BC_T5_NORM_THREADS,
+        params: BcT5RmsNormParams {
+            x,
+            delta,
+            weight,
+            out,
+            rows,
+            dim: i32_of(k, dim, "dim")?,
+            out_f32: out_f32 as i32,
+            eps,
+        },
+    })
+}
+
+/// `bc_t5_gated_gelu` (`cuda/t5.cu`): `out` `[rows, cols]` bf16 from the f32 rows of
+/// `in_stride` at `gate` and `lin`. Grid (ceil(rows*cols / `BC_ELEM_THREADS`)).
+pub fn t5_gated_gelu(
+    gate: *const f32,
+    lin: *const f32,
+    in_stride: usize,
+    out: *mut bc_bf16,
+    rows: usize,
+    cols: usize,
+) -> LaunchResult<Launch<BcT5GatedGeluParams>> {
+    let k = Kernel::T5GatedGelu;
+    Ok(Launch {
+        kernel: k,
+        grid: [blocks(k, mul(k, rows, cols)?, BC_ELEM_THREADS)?, 1, 1],
+        block: BC_ELEM_THREADS,
+        params: BcT5GatedGeluParams {
+            gate,
+            lin,
+            out,
+            rows: i32_of(k, rows, "rows")?,
+            cols: i32_of(k, cols, "cols")?,
+            in_stride: i32_of(k, in_stride, "in_stride")?,
+            _pad: 0,
+        },
+    })
+}
+
+/// `bc_t5_attention` (`cuda/t5.cu`) of `rows` tokens: `q`, `k`, `v` f32 rows of `qkv_stride`,
+/// `out` bf16 rows of `heads*head_dim`, the layer's `rel_bias` `[buckets, heads]` and `bucket`
+/// (the entry of relative position 0 of a table covering `-(rows-1)..=rows-1`). Refuses more
+/// than `BC_T5_ATTN_MAX_TOKENS` rows or a head dim over `BC_T5_ATTN_MAX_HEAD_DIM`. Grid
+/// (ceil(rows / `BC_T5_ATTN_ROWS`), heads), block `BC_T5_ATTN_THREADS`.
+pub fn t5_attention(
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    qkv_stride: usize,
+    out: *mut bc_bf16,
+    rel_bias: *const f32,
+    bucket: *const i32,
+    rows: usize,
+    heads: usize,
+    head_dim: usize,
+) -> LaunchResult<Launch<BcT5AttentionParams>> {
+    let kern = Kernel::T5Attention;
+    if rows > BC_T5_ATTN_MAX_TOKENS as usize {
+        return Err(invalid(
+            kern,
+            format!("{rows} tokens: the kernel takes at most {BC_T5_ATTN_MAX_TOKENS}"),
+        ));
+    }
+    if head_dim == 0 || head_dim > BC_T5_ATTN_MAX_HEAD_DIM as usize {
+        return Err(invalid(
+            kern,
+            format!("head_dim {head_dim}: the kernel takes 1..={BC_T5_ATTN_MAX_HEAD_DIM}"),
+        ));
+    }
+    let heads32 = i32_of(kern, heads, "heads")?;
+    Ok(Launch {
+        kernel: kern,
+        grid: [blocks(kern, rows, BC_T5_ATTN_ROWS)?, heads32 as u32, 1],
+        block: BC_T5_ATTN_THREADS,
+        params: BcT5AttentionParams {
+            q,
+            k,
+            v,
+            rel_bias,
+            bucket,
+            out,
+            rows: i32_of(kern, rows, "rows")?,
+            heads: heads32,
+            head_dim: i32_of(kern, head_dim, "head_dim")?,
+            qkv_stride: i32_of(kern, qkv_stride, "qkv_stride")?,
+            out_stride: i32_of(kern, mul(kern, heads, head_dim)?, "out_stride")?,
+            _pad: 0,
+        },
+    })
+}

@@ -35,6 +35,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_patchify",
     "bc_unpatchify",
     "bc_copy",
+    "bc_t5_rms_norm",
+    "bc_t5_gated_gelu",
+    "bc_t5_attention",
     "bc_test_mma",
 ];
 
@@ -104,6 +107,12 @@ pub enum Kernel {
     Unpatchify,
     /// `bc_copy` ([`BcCopyParams`]).
     Copy,
+    /// `bc_t5_rms_norm` ([`BcT5RmsNormParams`]): the text encoder's norm and residual add.
+    T5RmsNorm,
+    /// `bc_t5_gated_gelu` ([`BcT5GatedGeluParams`]): the text encoder's FFN hidden layer.
+    T5GatedGelu,
+    /// `bc_t5_attention` ([`BcT5AttentionParams`]): the text encoder's attention.
+    T5Attention,
     /// Emulation-only test kernel `bc_test_sync` (see `cuda/emu/test_kernels.cu`).
     TestSync,
     /// Tensor-core layout test kernel `bc_test_mma` (see `cuda/test/test_mma.cu`).
@@ -112,7 +121,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 19] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -127,6 +136,9 @@ impl Kernel {
         Kernel::Patchify,
         Kernel::Unpatchify,
         Kernel::Copy,
+        Kernel::T5RmsNorm,
+        Kernel::T5GatedGelu,
+        Kernel::T5Attention,
         Kernel::TestSync,
         Kernel::TestMma,
     ];
@@ -148,6 +160,9 @@ impl Kernel {
             Kernel::Patchify => "bc_patchify",
             Kernel::Unpatchify => "bc_unpatchify",
             Kernel::Copy => "bc_copy",
+            Kernel::T5RmsNorm => "bc_t5_rms_norm",
+            Kernel::T5GatedGelu => "bc_t5_gated_gelu",
+            Kernel::T5Attention => "bc_t5_attention",
             Kernel::TestSync => "bc_test_sync",
             Kernel::TestMma => "bc_test_mma",
         }

@@ -17,6 +17,11 @@ pub const BC_ACT_GELU_TANH: u32 = 0;
 pub const BC_ACT_SILU: u32 = 1;
 pub const BC_ACT_NONE: u32 = 2;
 pub const BC_ACT_ROUND_BF16: u32 = 3;
+pub const BC_T5_NORM_THREADS: u32 = 256;
+pub const BC_T5_ATTN_THREADS: u32 = 128;
+pub const BC_T5_ATTN_ROWS: u32 = 8;
+pub const BC_T5_ATTN_MAX_TOKENS: u32 = 512;
+pub const BC_T5_ATTN_MAX_HEAD_DIM: u32 = 128;
 #[doc = " A bfloat16 value stored as its raw bits."]
 pub type bc_bf16 = u16;
 #[doc = " 64-bit signed count."]
@@ -582,4 +587,142 @@ const _: () = {
     ["Offset of field: BcCopyParams::num_regions"]
         [::std::mem::offset_of!(BcCopyParams, num_regions) - 8usize];
     ["Offset of field: BcCopyParams::_pad"][::std::mem::offset_of!(BcCopyParams, _pad) - 12usize];
+};
+#[doc = " `bc_t5_rms_norm`: T5's RMS norm of the f32 residual stream (no mean subtraction, no bias),\n after an optional residual add: `x += delta` (written back to `x`), then\n `out = x * rsqrt(mean(x^2) + eps) * weight`, f32 statistics. `out` is bf16 (the input of a\n GEMM) or f32 (the encoder's output). Grid (rows), block BC_T5_NORM_THREADS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcT5RmsNormParams {
+    #[doc = " Residual stream `[rows, dim]` f32 (contiguous); updated in place when `delta` is set."]
+    pub x: *mut f32,
+    #[doc = " Optional `[rows, dim]` f32 added to `x` first (a sublayer's output)."]
+    pub delta: *const f32,
+    #[doc = " `[dim]` f32 norm weight."]
+    pub weight: *const f32,
+    #[doc = " Output `[rows, dim]` (contiguous), bf16 or f32 (`out_f32`)."]
+    pub out: *mut ::std::os::raw::c_void,
+    #[doc = " Number of rows."]
+    pub rows: bc_i32,
+    #[doc = " Row length."]
+    pub dim: bc_i32,
+    #[doc = " 1: `out` is f32, 0: bf16."]
+    pub out_f32: bc_i32,
+    #[doc = " RMS norm epsilon."]
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcT5RmsNormParams"][::std::mem::size_of::<BcT5RmsNormParams>() - 48usize];
+    ["Alignment of BcT5RmsNormParams"][::std::mem::align_of::<BcT5RmsNormParams>() - 8usize];
+    ["Offset of field: BcT5RmsNormParams::x"]
+        [::std::mem::offset_of!(BcT5RmsNormParams, x) - 0usize];
+    ["Offset of field: BcT5RmsNormParams::delta"]
+        [::std::mem::offset_of!(BcT5RmsNormParams, delta) - 8usize];
+    ["Offset of field: BcT5RmsNormParams::weight"]
+        [::std::mem::offset_of!(BcT5RmsNormParams, weight) - 16usize];
+    ["Offset of field: BcT5RmsNormParams::out"]
+        [::std::mem::offset_of!(BcT5RmsNormParams, out) - 24usize];
+    ["Offset of field: BcT5RmsNormParams::rows"]
+        [::std::mem::offset_of!(BcT5RmsNormParams, rows) - 32usize];
+    ["Offset of field: BcT5RmsNormParams::dim"]
+        [::std::mem::offset_of!(BcT5RmsNormParams, dim) - 36usize];
+    ["Offset of field: BcT5RmsNormParams::out_f32"]
+        [::std::mem::offset_of!(BcT5RmsNormParams, out_f32) - 40usize];
+    ["Offset of field: BcT5RmsNormParams::eps"]
+        [::std::mem::offset_of!(BcT5RmsNormParams, eps) - 44usize];
+};
+#[doc = " `bc_t5_gated_gelu`: `out[r, c] = gelu_tanh(gate[r, c]) * lin[r, c]` (tanh-form GELU, f32\n math, bf16 out): the hidden layer of the gated-GELU FFN. `gate` and `lin` are f32 rows of\n `in_stride` elements (e.g. the two halves of one GEMM output `[rows, 2 * cols]`); `out` is\n `[rows, cols]` contiguous. Grid (ceil(rows * cols / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcT5GatedGeluParams {
+    #[doc = " GELU input, f32 rows of `in_stride`."]
+    pub gate: *const f32,
+    #[doc = " Linear input, f32 rows of `in_stride`."]
+    pub lin: *const f32,
+    #[doc = " Output `[rows, cols]` bf16."]
+    pub out: *mut bc_bf16,
+    #[doc = " Number of rows."]
+    pub rows: bc_i32,
+    #[doc = " Values per row."]
+    pub cols: bc_i32,
+    #[doc = " Row stride of `gate` and `lin` in elements."]
+    pub in_stride: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcT5GatedGeluParams"][::std::mem::size_of::<BcT5GatedGeluParams>() - 40usize];
+    ["Alignment of BcT5GatedGeluParams"][::std::mem::align_of::<BcT5GatedGeluParams>() - 8usize];
+    ["Offset of field: BcT5GatedGeluParams::gate"]
+        [::std::mem::offset_of!(BcT5GatedGeluParams, gate) - 0usize];
+    ["Offset of field: BcT5GatedGeluParams::lin"]
+        [::std::mem::offset_of!(BcT5GatedGeluParams, lin) - 8usize];
+    ["Offset of field: BcT5GatedGeluParams::out"]
+        [::std::mem::offset_of!(BcT5GatedGeluParams, out) - 16usize];
+    ["Offset of field: BcT5GatedGeluParams::rows"]
+        [::std::mem::offset_of!(BcT5GatedGeluParams, rows) - 24usize];
+    ["Offset of field: BcT5GatedGeluParams::cols"]
+        [::std::mem::offset_of!(BcT5GatedGeluParams, cols) - 28usize];
+    ["Offset of field: BcT5GatedGeluParams::in_stride"]
+        [::std::mem::offset_of!(BcT5GatedGeluParams, in_stride) - 32usize];
+    ["Offset of field: BcT5GatedGeluParams::_pad"]
+        [::std::mem::offset_of!(BcT5GatedGeluParams, _pad) - 36usize];
+};
+#[doc = " `bc_t5_attention`: T5 self-attention over all `rows` tokens with the layer's relative\n position bias and NO `1/sqrt(head_dim)` scale:\n `out[i, h] = sum_j softmax_j(q[i, h] . k[j, h] + rel_bias[bucket[j - i] * heads + h]) v[j, h]`,\n f32 inputs, scores and softmax, bf16 out. Only real tokens exist: no padding, no mask.\n `rows <= BC_T5_ATTN_MAX_TOKENS`, `head_dim <= BC_T5_ATTN_MAX_HEAD_DIM` (any value).\n Grid (ceil(rows / BC_T5_ATTN_ROWS), heads), block BC_T5_ATTN_THREADS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcT5AttentionParams {
+    #[doc = " Queries `[rows, qkv_stride]` f32, head h at columns `h * head_dim`."]
+    pub q: *const f32,
+    #[doc = " Keys, same layout as `q`."]
+    pub k: *const f32,
+    #[doc = " Values, same layout as `q`."]
+    pub v: *const f32,
+    #[doc = " The layer's bias table `[buckets, heads]` f32."]
+    pub rel_bias: *const f32,
+    #[doc = " Bucket of the relative position `d = key - query` at `bucket[d]` for\n `d` in `[-(rows - 1), rows - 1]`: the pointer addresses the entry of `d = 0`."]
+    pub bucket: *const bc_i32,
+    #[doc = " Output `[rows, out_stride]` bf16, head h at columns `h * head_dim`."]
+    pub out: *mut bc_bf16,
+    #[doc = " Number of tokens (queries and keys)."]
+    pub rows: bc_i32,
+    #[doc = " Number of heads (= grid.y)."]
+    pub heads: bc_i32,
+    #[doc = " Head dimension."]
+    pub head_dim: bc_i32,
+    #[doc = " Row stride of `q`, `k`, `v` in elements."]
+    pub qkv_stride: bc_i32,
+    #[doc = " Row stride of `out` in elements."]
+    pub out_stride: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcT5AttentionParams"][::std::mem::size_of::<BcT5AttentionParams>() - 72usize];
+    ["Alignment of BcT5AttentionParams"][::std::mem::align_of::<BcT5AttentionParams>() - 8usize];
+    ["Offset of field: BcT5AttentionParams::q"]
+        [::std::mem::offset_of!(BcT5AttentionParams, q) - 0usize];
+    ["Offset of field: BcT5AttentionParams::k"]
+        [::std::mem::offset_of!(BcT5AttentionParams, k) - 8usize];
+    ["Offset of field: BcT5AttentionParams::v"]
+        [::std::mem::offset_of!(BcT5AttentionParams, v) - 16usize];
+    ["Offset of field: BcT5AttentionParams::rel_bias"]
+        [::std::mem::offset_of!(BcT5AttentionParams, rel_bias) - 24usize];
+    ["Offset of field: BcT5AttentionParams::bucket"]
+        [::std::mem::offset_of!(BcT5AttentionParams, bucket) - 32usize];
+    ["Offset of field: BcT5AttentionParams::out"]
+        [::std::mem::offset_of!(BcT5AttentionParams, out) - 40usize];
+    ["Offset of field: BcT5AttentionParams::rows"]
+        [::std::mem::offset_of!(BcT5AttentionParams, rows) - 48usize];
+    ["Offset of field: BcT5AttentionParams::heads"]
+        [::std::mem::offset_of!(BcT5AttentionParams, heads) - 52usize];
+    ["Offset of field: BcT5AttentionParams::head_dim"]
+        [::std::mem::offset_of!(BcT5AttentionParams, head_dim) - 56usize];
+    ["Offset of field: BcT5AttentionParams::qkv_stride"]
+        [::std::mem::offset_of!(BcT5AttentionParams, qkv_stride) - 60usize];
+    ["Offset of field: BcT5AttentionParams::out_stride"]
+        [::std::mem::offset_of!(BcT5AttentionParams, out_stride) - 64usize];
+    ["Offset of field: BcT5AttentionParams::_pad"]
+        [::std::mem::offset_of!(BcT5AttentionParams, _pad) - 68usize];
 };

@@ -16,6 +16,7 @@ pub mod protocol;
 mod session;
 
 use crate::decode::Decoder;
+use crate::text::TextDevice;
 use crate::TextEncoder;
 use crate::{Engine, Error, GenerateOptions, Generator, NoiseSource, PromptEmbeds, Result};
 use axum::extract::{State, WebSocketUpgrade};
@@ -44,6 +45,9 @@ pub struct ServeConfig {
     pub text_encoder: Option<PathBuf>,
     /// The tokenizer.json of the text encoder (default: beside it).
     pub tokenizer: Option<PathBuf>,
+    /// Where the text encoder runs (`None`: where `generate.backend` runs; `Some(Cpu)` keeps
+    /// the GPU's memory for the DiT).
+    pub text_encoder_device: Option<TextDevice>,
     /// Address to listen on (loopback unless told otherwise).
     pub host: String,
     /// Port (0: any free port).
@@ -68,6 +72,7 @@ impl Default for ServeConfig {
             vae: None,
             text_encoder: None,
             tokenizer: None,
+            text_encoder_device: None,
             host: "127.0.0.1".into(),
             port: 7860,
             max_streams: 2,
@@ -180,10 +185,14 @@ impl Server {
             cfg.generate.height,
             cfg.generate.width,
         )?;
-        let text = Arc::new(match &cfg.text_encoder {
+        let text = match &cfg.text_encoder {
             Some(p) => TextEncoder::load(p, cfg.tokenizer.as_deref())?,
             None => TextEncoder::tiny(0),
-        });
+        };
+        let device = cfg
+            .text_encoder_device
+            .unwrap_or(TextDevice::for_backend(cfg.generate.backend));
+        let text = Arc::new(text.on_device(device)?);
         let engine = Arc::new(Engine::open(cfg.model.as_deref())?);
         text.check_model(engine.config())?;
         // What every stream will check at its start, checked once now (local attention, the

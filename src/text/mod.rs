@@ -7,6 +7,7 @@
 //! `text_len`. See docs/text-encoder.md.
 
 pub mod clean;
+pub mod cuda;
 pub mod tokenizer;
 pub mod umt5;
 
@@ -24,6 +25,45 @@ pub const DEFAULT_TEXT_LEN: usize = 512;
 /// Prompts whose embeddings are kept per encoder (the cache is emptied when full).
 const CACHE_ENTRIES: usize = 64;
 
+/// Where a [`TextEncoder`] runs its layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TextDevice {
+    /// The CPU (f32 arithmetic on the memory-mapped weights; no GPU memory).
+    #[default]
+    Cpu,
+    /// A CUDA device (bf16 weights uploaded once, cuBLASLt GEMMs, `cuda/t5.cu` kernels).
+    Cuda,
+}
+
+impl TextDevice {
+    /// The name the CLI and the C ABI use (`cpu`, `cuda`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TextDevice::Cpu => "cpu",
+            TextDevice::Cuda => "cuda",
+        }
+    }
+
+    /// Parses [`Self::name`].
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim() {
+            "cpu" => Ok(TextDevice::Cpu),
+            "cuda" => Ok(TextDevice::Cuda),
+            other => Err(Error::invalid(format!(
+                "text encoder device {other:?}: expected cpu or cuda"
+            ))),
+        }
+    }
+
+    /// The default for a generation backend: the encoder runs where the DiT runs.
+    pub fn for_backend(b: crate::config::BackendKind) -> Self {
+        match b {
+            crate::config::BackendKind::Cuda => TextDevice::Cuda,
+            _ => TextDevice::Cpu,
+        }
+    }
+}
+
 /// An encoded prompt.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Encoded {
@@ -39,6 +79,8 @@ pub struct TextEncoder {
     tokenizer: Tokenizer,
     source: String,
     cache: Mutex<HashMap<(String, usize), Arc<Encoded>>>,
+    /// The layers on a CUDA device ([`TextEncoder::on_device`]); `None`: on the CPU.
+    device: Option<cuda::Umt5Cuda>,
 }
 
 impl std::fmt::Debug for TextEncoder {
@@ -47,6 +89,7 @@ impl std::fmt::Debug for TextEncoder {
             .field("source", &self.source)
             .field("config", self.model.config())
             .field("tokenizer", &self.tokenizer)
+            .field("device", &self.device)
             .finish()
     }
 }
@@ -106,6 +149,63 @@ impl TextEncoder {
             tokenizer,
             source,
             cache: Mutex::new(HashMap::new()),
+            device: None,
+        }
+    }
+
+    /// Runs the encoder on `device`: [`TextDevice::Cuda`] uploads the layers (bf16) to the GPU
+    /// the CUDA backend would use (`BC_CUDA_DEVICE`, default 0; the emulated device with
+    /// `BC_CUDA_EMULATE=1`), [`TextDevice::Cpu`] keeps (or brings back) everything on the CPU.
+    /// No GPU is one clear [`Error::Device`].
+    pub fn on_device(self, device: TextDevice) -> Result<Self> {
+        match device {
+            TextDevice::Cpu => {
+                if self.device.is_some() {
+                    self.lock_cache().clear();
+                }
+                Ok(TextEncoder {
+                    device: None,
+                    ..self
+                })
+            }
+            TextDevice::Cuda => {
+                let o = crate::backend::cuda::CudaOptions::from_env();
+                self.on_cuda(o.device, o.emulate)
+            }
+        }
+    }
+
+    /// Runs the encoder on CUDA device `ordinal`, or on the emulated device (`emulate`).
+    pub fn on_cuda(self, ordinal: usize, emulate: bool) -> Result<Self> {
+        use crate::backend::cuda::device::Gpu;
+        let gpu = if emulate {
+            Gpu::open_emulated()?
+        } else {
+            Gpu::open(ordinal).map_err(|e| {
+                let why = match e {
+                    Error::Device(m) | Error::Unsupported(m) => m,
+                    other => other.to_string(),
+                };
+                Error::Device(format!(
+                    "the text encoder cannot run on CUDA device {ordinal}: {why} (run it on the \
+                     CPU: --text-encoder-device cpu)"
+                ))
+            })?
+        };
+        let dev = cuda::Umt5Cuda::new(&self.model, gpu)?;
+        // Results from the CPU path are not mixed with the device's.
+        self.lock_cache().clear();
+        Ok(TextEncoder {
+            device: Some(dev),
+            ..self
+        })
+    }
+
+    /// Where the layers run.
+    pub fn device(&self) -> TextDevice {
+        match self.device {
+            Some(_) => TextDevice::Cuda,
+            None => TextDevice::Cpu,
         }
     }
 
@@ -142,7 +242,10 @@ impl TextEncoder {
             return Ok((**e).clone());
         }
         let ids = self.tokenize(text, text_len)?;
-        let data = self.model.forward(&ids)?;
+        let data = match &self.device {
+            Some(d) => d.forward(&self.model, &ids)?,
+            None => self.model.forward(&ids)?,
+        };
         if data.iter().any(|v| !v.is_finite()) {
             return Err(Error::format(format!(
                 "{}: the text encoder produced NaN or infinite values (broken weights?)",
@@ -201,6 +304,19 @@ impl TextEncoder {
 /// bf16 weights (generated, not stored: one layer shared by all layers, see
 /// [`Umt5::bench_bf16`]): the median of `reps` runs after one warm-up.
 pub fn bench_text_encoder(cfg: &Umt5Config, tokens: usize, reps: usize) -> Result<f64> {
+    bench_text_encoder_on(cfg, tokens, reps, TextDevice::Cpu)
+}
+
+/// [`bench_text_encoder`] on `device`: with [`TextDevice::Cuda`] the layers are uploaded first
+/// (each layer separately: the device holds the full 24 layers' bytes), and the time is one
+/// forward on the device including the upload of the prompt's rows and the download of the
+/// result.
+pub fn bench_text_encoder_on(
+    cfg: &Umt5Config,
+    tokens: usize,
+    reps: usize,
+    device: TextDevice,
+) -> Result<f64> {
     if tokens == 0 {
         return Err(Error::invalid(
             "the benchmark prompt needs at least 1 token",
@@ -208,12 +324,28 @@ pub fn bench_text_encoder(cfg: &Umt5Config, tokens: usize, reps: usize) -> Resul
     }
     let rows = tokens.max(1024);
     let model = Umt5::bench_bf16(cfg, rows, 5);
+    let dev = match device {
+        TextDevice::Cpu => None,
+        TextDevice::Cuda => {
+            let o = crate::backend::cuda::CudaOptions::from_env();
+            let gpu = if o.emulate {
+                crate::backend::cuda::device::Gpu::open_emulated()?
+            } else {
+                crate::backend::cuda::device::Gpu::open(o.device)?
+            };
+            Some(cuda::Umt5Cuda::new(&model, gpu)?)
+        }
+    };
     let ids: Vec<i64> = (0..tokens).map(|i| ((i * 7919) % rows) as i64).collect();
-    model.forward(&ids)?;
+    let run = || match &dev {
+        Some(d) => d.forward(&model, &ids),
+        None => model.forward(&ids),
+    };
+    run()?;
     let mut ms: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let t = std::time::Instant::now();
-            model.forward(&ids).map(|_| t.elapsed().as_secs_f64() * 1e3)
+            run().map(|_| t.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<Result<_>>()?;
     ms.sort_by(f64::total_cmp);

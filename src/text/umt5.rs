@@ -91,8 +91,13 @@ pub(crate) struct Mat {
 }
 
 impl Mat {
+    /// `(rows, cols)`.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
     /// Converts rows `r0..r0 + out.len() / cols` into `out`.
-    fn rows_into(&self, r0: usize, out: &mut [f32]) {
+    pub(crate) fn rows_into(&self, r0: usize, out: &mut [f32]) {
         let a = r0 * self.cols;
         let n = out.len();
         match &self.src {
@@ -143,21 +148,21 @@ impl Mat {
     }
 }
 
-/// One encoder layer.
-struct Layer {
-    norm1: Vec<f32>,
-    q: Mat,
-    k: Mat,
-    v: Mat,
-    o: Mat,
+/// One encoder layer (the device encoder, `super::cuda`, uploads these).
+pub(crate) struct Layer {
+    pub(crate) norm1: Vec<f32>,
+    pub(crate) q: Mat,
+    pub(crate) k: Mat,
+    pub(crate) v: Mat,
+    pub(crate) o: Mat,
     /// `[buckets, heads]`.
-    rel: Vec<f32>,
-    norm2: Vec<f32>,
+    pub(crate) rel: Vec<f32>,
+    pub(crate) norm2: Vec<f32>,
     /// The linear half of the gated FFN (Wan `fc1`, HF `wi_1`).
-    fc1: Mat,
+    pub(crate) fc1: Mat,
     /// The GELU half (Wan `gate.0`, HF `wi_0`).
-    gate: Mat,
-    fc2: Mat,
+    pub(crate) gate: Mat,
+    pub(crate) fc2: Mat,
 }
 
 /// A loaded umT5 encoder.
@@ -519,13 +524,24 @@ impl Umt5 {
         &self.cfg
     }
 
-    /// Embeddings `[ids.len(), dim]` of token ids (all real: no padding, no mask).
-    pub fn forward(&self, ids: &[i64]) -> Result<Vec<f32>> {
+    /// The layers.
+    pub(crate) fn layers(&self) -> impl Iterator<Item = &Layer> {
+        self.layers.iter().map(|l| &**l)
+    }
+
+    /// The final RMS norm's weight.
+    pub(crate) fn final_norm(&self) -> &[f32] {
+        &self.norm
+    }
+
+    /// The token embedding rows of `ids` (`[ids.len(), dim]` f32): the encoder's input. Checks
+    /// the token count (1..=`max_tokens`) and that every id is in the vocabulary.
+    pub(crate) fn embed_rows(&self, ids: &[i64], max_tokens: usize) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let l = ids.len();
-        if l == 0 || l > MAX_TOKENS {
+        if l == 0 || l > max_tokens {
             return Err(Error::invalid(format!(
-                "{l} tokens: the text encoder takes 1..={MAX_TOKENS} (lower text_len)"
+                "{l} tokens: the text encoder takes 1..={max_tokens} (lower text_len)"
             )));
         }
         let d = c.dim;
@@ -539,6 +555,15 @@ impl Umt5 {
             }
             self.embed.rows_into(id as usize, row);
         }
+        Ok(x)
+    }
+
+    /// Embeddings `[ids.len(), dim]` of token ids (all real: no padding, no mask).
+    pub fn forward(&self, ids: &[i64]) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let l = ids.len();
+        let d = c.dim;
+        let mut x = self.embed_rows(ids, MAX_TOKENS)?;
         let buckets = bucket_table(l, c.buckets, MAX_DISTANCE);
         let mut h = vec![0.0f32; l * d];
         for layer in &self.layers {
@@ -592,16 +617,18 @@ pub fn relative_bucket(rel: i64, buckets: usize, max_distance: usize) -> usize {
 }
 
 /// `[l, l]` buckets of `key - query`.
-fn bucket_table(l: usize, buckets: usize, max_distance: usize) -> Vec<usize> {
+pub fn bucket_table(l: usize, buckets: usize, max_distance: usize) -> Vec<usize> {
     (0..l * l)
         .map(|ij| relative_bucket((ij % l) as i64 - (ij / l) as i64, buckets, max_distance))
         .collect()
 }
 
 /// Softmax attention of all `l` queries over all `l` keys, per head, with the bias
-/// `rel[bucket(j - i), head]` and no scaling. `q`, `k`, `v`, the output: `[l, heads*hd]`.
+/// `rel[bucket(j - i), head]` and no scaling. `q`, `k`, `v`, the output: `[l, heads*hd]`;
+/// `buckets` is [`bucket_table`]'s `[l, l]`. The reference of the CUDA kernel
+/// `bc_t5_attention`.
 #[allow(clippy::too_many_arguments)]
-fn attention(
+pub fn attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],

@@ -329,5 +329,75 @@ pub fn copy_regions(
     run(g, launch::copy(p(regions), num_regions, blocks_per_region))
 }
 
+/// `bc_t5_rms_norm` (`cuda/t5.cu`, the text encoder): `x += delta` (`delta` [`NULL`]: no
+/// add), then T5's RMS norm of `x` `[rows, dim]` f32 times `weight` into `out` (f32 with
+/// `out_f32`, else bf16).
+pub fn t5_rms_norm(
+    g: &Gpu,
+    x: DevPtr,
+    delta: DevPtr,
+    weight: DevPtr,
+    out: DevPtr,
+    out_f32: bool,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    run(
+        g,
+        launch::t5_rms_norm(pm(x), p(delta), p(weight), pm(out), out_f32, rows, dim, eps),
+    )
+}
+
+/// `bc_t5_gated_gelu` (`cuda/t5.cu`): `out` bf16 `[rows, cols]` = `gelu_tanh(gate) * lin`,
+/// f32 inputs with rows of `in_stride`.
+pub fn t5_gated_gelu(
+    g: &Gpu,
+    gate: DevPtr,
+    lin: DevPtr,
+    in_stride: usize,
+    out: DevPtr,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    run(
+        g,
+        launch::t5_gated_gelu(p(gate), p(lin), in_stride, pm(out), rows, cols),
+    )
+}
+
+/// `bc_t5_attention` (`cuda/t5.cu`): `q`, `k`, `v` f32 rows of `qkv_stride`, `out` bf16 rows
+/// of `heads*head_dim`, `rel_bias` f32 `[buckets, heads]`, `bucket` the i32 entry of relative
+/// position 0 (valid for `-(rows-1)..=rows-1`).
+pub fn t5_attention(
+    g: &Gpu,
+    q: DevPtr,
+    k: DevPtr,
+    v: DevPtr,
+    qkv_stride: usize,
+    out: DevPtr,
+    rel_bias: DevPtr,
+    bucket: DevPtr,
+    rows: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    run(
+        g,
+        launch::t5_attention(
+            p(q),
+            p(k),
+            p(v),
+            qkv_stride,
+            pm(out),
+            p(rel_bias),
+            p(bucket),
+            rows,
+            heads,
+            head_dim,
+        ),
+    )
+}
+
 /// A null device pointer for optional arguments.
 pub const NULL: DevPtr = 0;

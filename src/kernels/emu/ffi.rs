@@ -89,6 +89,24 @@ extern "C" {
         n: usize,
     ) -> c_int;
     fn bc_emu_bc_copy(d: *const BcLaunchDims, p: *const c_void, e: *mut c_char, n: usize) -> c_int;
+    fn bc_emu_bc_t5_rms_norm(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_t5_gated_gelu(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_t5_attention(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_test_sync(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -120,6 +138,9 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::Patchify => bc_emu_bc_patchify,
         Kernel::Unpatchify => bc_emu_bc_unpatchify,
         Kernel::Copy => bc_emu_bc_copy,
+        Kernel::T5RmsNorm => bc_emu_bc_t5_rms_norm,
+        Kernel::T5GatedGelu => bc_emu_bc_t5_gated_gelu,
+        Kernel::T5Attention => bc_emu_bc_t5_attention,
         Kernel::TestSync => bc_emu_bc_test_sync,
         Kernel::TestMma => bc_emu_bc_test_mma,
     }

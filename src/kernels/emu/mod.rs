@@ -571,6 +571,160 @@ pub fn copy(regions: &mut [(&[u8], &mut [u8])], blocks_per_region: u32) -> Launc
     run(launch::copy(table.as_ptr(), table.len(), blocks_per_region))
 }
 
+/// Where [`t5_rms_norm`] writes: bf16 (a GEMM input) or f32 (the encoder's output).
+#[derive(Debug)]
+pub enum T5NormOut<'a> {
+    /// bf16 rows.
+    Bf16(&'a mut [bf16]),
+    /// f32 rows.
+    F32(&'a mut [f32]),
+}
+
+/// Values a table of `rows` rows of `cols` values with row stride `stride` spans.
+fn strided_len(rows: usize, cols: usize, stride: usize) -> usize {
+    match rows {
+        0 => 0,
+        r => (r - 1)
+            .checked_mul(stride)
+            .and_then(|v| v.checked_add(cols))
+            .unwrap_or(usize::MAX),
+    }
+}
+
+/// `bc_t5_rms_norm` (`cuda/t5.cu`): `x += delta` (when given, written back), then T5's RMS
+/// norm of `x` `[rows, dim]` times `weight` into `out`.
+pub fn t5_rms_norm(
+    x: &mut [f32],
+    delta: Option<&[f32]>,
+    weight: &[f32],
+    dim: usize,
+    eps: f32,
+    out: T5NormOut,
+) -> LaunchResult {
+    let k = Kernel::T5RmsNorm;
+    if dim == 0 || x.len() % dim != 0 {
+        return Err(invalid(k, "dim must divide x.len()"));
+    }
+    let rows = x.len() / dim;
+    if let Some(d) = delta {
+        check_len(k, "delta", d.len(), x.len())?;
+    }
+    check_len(k, "weight", weight.len(), dim)?;
+    let (po, f32_out) = match out {
+        T5NormOut::Bf16(o) => {
+            check_len(k, "out", o.len(), x.len())?;
+            (o.as_mut_ptr() as *mut c_void, false)
+        }
+        T5NormOut::F32(o) => {
+            check_len(k, "out", o.len(), x.len())?;
+            (o.as_mut_ptr() as *mut c_void, true)
+        }
+    };
+    run(launch::t5_rms_norm(
+        x.as_mut_ptr(),
+        opt_ptr(delta),
+        weight.as_ptr(),
+        po,
+        f32_out,
+        rows,
+        dim,
+        eps,
+    ))
+}
+
+/// `bc_t5_gated_gelu` (`cuda/t5.cu`): `out[r, c] = gelu_tanh(gate[r, c]) * lin[r, c]` for
+/// `rows` rows of `cols` values; `gate` and `lin` have rows of `in_stride` values.
+pub fn t5_gated_gelu(
+    gate: &[f32],
+    lin: &[f32],
+    in_stride: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut [bf16],
+) -> LaunchResult {
+    let k = Kernel::T5GatedGelu;
+    if cols > in_stride {
+        return Err(invalid(k, "cols must be at most in_stride"));
+    }
+    let need = strided_len(rows, cols, in_stride);
+    check_len(k, "gate", gate.len(), need)?;
+    check_len(k, "lin", lin.len(), need)?;
+    check_len(k, "out", out.len(), rows.saturating_mul(cols))?;
+    run(launch::t5_gated_gelu(
+        gate.as_ptr(),
+        lin.as_ptr(),
+        in_stride,
+        out.as_mut_ptr().cast(),
+        rows,
+        cols,
+    ))
+}
+
+/// The tensors of one [`t5_attention`] call.
+#[derive(Clone, Copy, Debug)]
+pub struct T5Attention<'a> {
+    /// Queries: `rows` rows of `qkv_stride` f32, head h at columns `h * head_dim`.
+    pub q: &'a [f32],
+    /// Keys, same layout.
+    pub k: &'a [f32],
+    /// Values, same layout.
+    pub v: &'a [f32],
+    /// Row stride of `q`, `k`, `v`.
+    pub qkv_stride: usize,
+    /// The layer's position bias `[buckets, heads]`.
+    pub rel_bias: &'a [f32],
+    /// Bucket of relative position `d = key - query` at index `d + rows - 1` (`2 rows - 1`
+    /// entries).
+    pub bucket: &'a [i32],
+    /// Number of tokens.
+    pub rows: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+/// `bc_t5_attention` (`cuda/t5.cu`): T5 attention (relative position bias, no scale) of
+/// `a.rows` tokens into `out` `[rows, heads*head_dim]` bf16.
+pub fn t5_attention(a: &T5Attention, out: &mut [bf16]) -> LaunchResult {
+    let k = Kernel::T5Attention;
+    let dim = a.heads.saturating_mul(a.head_dim);
+    if dim == 0 || a.rows == 0 || a.qkv_stride < dim {
+        return Err(invalid(
+            k,
+            "need rows, heads, head_dim > 0 and qkv_stride >= heads*head_dim",
+        ));
+    }
+    let need = strided_len(a.rows, dim, a.qkv_stride);
+    check_len(k, "q", a.q.len(), need)?;
+    check_len(k, "k", a.k.len(), need)?;
+    check_len(k, "v", a.v.len(), need)?;
+    check_len(k, "out", out.len(), a.rows * dim)?;
+    check_len(k, "bucket", a.bucket.len(), 2 * a.rows - 1)?;
+    let buckets = a.rel_bias.len() / a.heads;
+    if let Some(b) = a.bucket[..2 * a.rows - 1]
+        .iter()
+        .find(|&&b| b < 0 || b as usize >= buckets)
+    {
+        return Err(invalid(
+            k,
+            format!("bucket {b} outside the bias table's {buckets} buckets"),
+        ));
+    }
+    run(launch::t5_attention(
+        a.q.as_ptr(),
+        a.k.as_ptr(),
+        a.v.as_ptr(),
+        a.qkv_stride,
+        out.as_mut_ptr().cast(),
+        a.rel_bias.as_ptr(),
+        a.bucket[a.rows - 1..].as_ptr(),
+        a.rows,
+        a.heads,
+        a.head_dim,
+    ))
+}
+
 #[repr(C)]
 struct TestParams {
     data: *mut f32,

@@ -148,7 +148,7 @@ impl ConvShape {
 
 /// The convolution shapes that carry the decoders' work at 480x832 (TAEHV at 256/128/64
 /// channels, the Wan VAE at 384/192/96), at the resolution they run at, except the Wan VAE's
-/// 96-channel level, taken at 240x416 (same per-pixel kernel, a quarter of the time).
+/// two finest levels, taken at half that size (same per-pixel kernel, a quarter of the time).
 pub fn decoder_conv_shapes() -> Vec<ConvShape> {
     let s = |name, cin, cout, sources, k, h, w| ConvShape {
         name,
@@ -165,7 +165,7 @@ pub fn decoder_conv_shapes() -> Vec<ConvShape> {
         s("taehv mem 64 @240x416", 64, 64, 2, 3, 240, 416),
         s("taehv tgrow 1x1 128 @120x208", 128, 256, 1, 1, 120, 208),
         s("wan res 384 @60x104", 384, 384, 3, 3, 60, 104),
-        s("wan res 192 @240x416", 192, 192, 3, 3, 240, 416),
+        s("wan res 192 @120x208", 192, 192, 3, 3, 120, 208),
         s("wan res 96 @240x416", 96, 96, 3, 3, 240, 416),
         s("wan head 96->3 @240x416", 96, 3, 3, 3, 240, 416),
     ]

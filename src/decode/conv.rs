@@ -18,8 +18,8 @@
 //! Where the CPU has AVX-512 the GEMMs run on the CPU backend's register-tiled kernel (the one
 //! of the linear layers, `backend::cpu::simd`): per block of 64 output pixels and 6 output
 //! channels, all taps of a source accumulate in registers, the weights broadcast and the
-//! padded rows read in place. Elsewhere (and in the tests, on every machine) each tap is one
-//! `matrixmultiply` GEMM.
+//! block's padded rows packed contiguously once for all output channels. Elsewhere (and in
+//! the tests, on every machine) each tap is one `matrixmultiply` GEMM.
 
 use rayon::prelude::*;
 
@@ -239,10 +239,7 @@ impl Conv {
             };
             #[cfg(all(bc_avx512, target_arch = "x86_64"))]
             if fast {
-                SCRATCH.with(|s| {
-                    let (pad, acc) = &mut *s.borrow_mut();
-                    self.tile_avx512(&t, pad, acc);
-                });
+                SCRATCH.with(|s| self.tile_avx512(&t, &mut s.borrow_mut()));
                 return;
             }
             let _ = fast;
@@ -376,14 +373,14 @@ impl Conv {
     /// One row tile on the AVX-512 path: the register-tiled kernel of the linear layers
     /// ([`simd::axpy_rows`]) as an implicit GEMM. Per block of 64 output columns and six output
     /// channels, every kernel tap of every source accumulates in registers (`C += W_tap ·
-    /// X_shifted`, the weights broadcast, the padded input rows read where they lie), so a
+    /// X_shifted`, the weights broadcast, the block's padded input rows packed once), so a
     /// value sees its taps in the same order as on the portable path and as across
     /// [`Conv::forward_from`] calls. Columns run in whole blocks of 64 (the padded buffer has
     /// the slack), the extra ones dropped with the border columns.
     ///
     /// [`simd::axpy_rows`]: crate::backend::cpu::simd::axpy_rows
     #[cfg(all(bc_avx512, target_arch = "x86_64"))]
-    fn tile_avx512(&self, t: &Tile, pad: &mut Vec<f32>, acc: &mut Vec<f32>) {
+    fn tile_avx512(&self, t: &Tile, (pad, acc, bpack): &mut (Vec<f32>, Vec<f32>, Vec<f32>)) {
         use crate::backend::cpu::simd;
         /// Columns per register tile (4 vectors of 16) and output channels per tile.
         const CB: usize = 64;
@@ -419,8 +416,20 @@ impl Conv {
             // The farthest value read: last channel, last tap's shift, last column.
             let last = bo + (s.c - 1) * rsb + (self.kh - 1) * wp + (self.kw - 1) + ldc - 1;
             assert!(last < b.len(), "conv: input tile out of bounds");
+            // Per block of CB columns, the kh rows of every channel it reads (CB + kw - 1
+            // values each) are packed contiguously: the kernel then walks one dense buffer
+            // instead of a channel stride of a whole padded plane (a new page per channel).
+            let pl = CB + self.kw - 1;
+            let kc = s.c;
+            bpack.resize(self.kh * kc * pl, 0.0);
             let first_add = started;
             for cb in (0..ldc).step_by(CB) {
+                for dy in 0..self.kh {
+                    for ci in 0..kc {
+                        let src = &b[bo + ci * rsb + dy * wp + cb..][..pl];
+                        bpack[(dy * kc + ci) * pl..][..pl].copy_from_slice(src);
+                    }
+                }
                 for o in (0..cout).step_by(RT) {
                     let rn = RT.min(cout - o);
                     let mut add = first_add;
@@ -429,18 +438,18 @@ impl Conv {
                             let tap = ((s.t * self.kh + dy) * self.kw + dx) * cout * cin;
                             // SAFETY: AVX-512F was detected (`forward_with`); A reads rows
                             // o..o+rn, columns c0..c0+c of one tap (check_src: c0 + c <= cin,
-                            // t < kt); B reads channels 0..c of the source at this shift,
-                            // columns cb..cb+64 <= ldc (bounded by `last`, asserted); C is
-                            // rows o..o+rn, columns cb..cb+64 of `acc` (cout x ldc).
+                            // t < kt); B reads rows dy*kc..(dy+1)*kc of `bpack`, columns
+                            // dx..dx+CB < pl; C is rows o..o+rn, columns cb..cb+CB <= ldc of
+                            // `acc` (cout x ldc).
                             unsafe {
                                 simd::axpy_rows::<{ CB / 16 }>(
                                     rn,
                                     self.taps.as_ptr().add(tap + o * cin + s.c0),
                                     cin,
                                     1,
-                                    b.as_ptr().add(bo + dy * wp + dx + cb),
-                                    rsb,
-                                    s.c,
+                                    bpack.as_ptr().add(dy * kc * pl + dx),
+                                    pl,
+                                    kc,
                                     acc.as_mut_ptr().add(o * ldc + cb),
                                     ldc,
                                     add,
@@ -482,10 +491,10 @@ struct Tile<'a, 'b> {
 
 #[cfg(all(bc_avx512, target_arch = "x86_64"))]
 thread_local! {
-    /// The AVX-512 path's padded input tile and accumulators, per worker thread, reused
-    /// from tile to tile.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// The AVX-512 path's padded input tile, accumulators and packed column block, per
+    /// worker thread, reused from tile to tile.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Applies `f` to every element of every frame, in parallel.

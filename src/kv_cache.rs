@@ -90,21 +90,34 @@ impl KvCache {
 
     /// The committed frames visible to a query block `[f0, e_end)`, in increasing order.
     pub fn visible(&self, f0: usize, e_end: usize) -> Vec<usize> {
+        let mut v = Vec::new();
+        self.visible_into(f0, e_end, &mut v);
+        v
+    }
+
+    /// [`Self::visible`] into a reused list (cleared first).
+    pub fn visible_into(&self, f0: usize, e_end: usize, v: &mut Vec<usize>) {
         let lo = match self.window {
             None => 0,
             Some(w) => e_end.saturating_sub(w),
         };
-        let mut v: Vec<usize> = (0..self.sink.min(f0).min(self.committed)).collect();
+        v.clear();
+        v.extend(0..self.sink.min(f0).min(self.committed));
         v.extend((lo.max(v.len())..f0.min(self.committed)).filter(|&f| self.resident(f)));
-        v
     }
 
     /// K and V of resident `frames` (increasing) of `layer`, as runs of adjacent slots, each
     /// run one slice of this cache's storage.
     pub fn frame_runs(&self, layer: usize, frames: &[usize]) -> Vec<(&[f32], &[f32])> {
-        let (k, v) = &self.layers[layer];
-        let fl = self.frame_len;
-        let mut runs: Vec<(usize, usize)> = Vec::new(); // (first slot, slot count)
+        let mut runs = Vec::new();
+        self.slot_runs_into(frames, &mut runs);
+        runs.into_iter().map(|r| self.slot_run(layer, r)).collect()
+    }
+
+    /// The runs of adjacent slots `(first slot, slot count)` holding resident `frames`
+    /// (increasing), into a reused list (cleared first): the same for every layer.
+    pub fn slot_runs_into(&self, frames: &[usize], runs: &mut Vec<(usize, usize)>) {
+        runs.clear();
         for &f in frames {
             let s = self.slot(f);
             match runs.last_mut() {
@@ -112,9 +125,16 @@ impl KvCache {
                 _ => runs.push((s, 1)),
             }
         }
-        runs.into_iter()
-            .map(|(s, n)| (&k[s * fl..(s + n) * fl], &v[s * fl..(s + n) * fl]))
-            .collect()
+    }
+
+    /// K and V of one run of [`Self::slot_runs_into`] in `layer`.
+    ///
+    /// # Panics
+    /// When the run's slots have not been written in that layer.
+    pub fn slot_run(&self, layer: usize, (s, n): (usize, usize)) -> (&[f32], &[f32]) {
+        let (k, v) = &self.layers[layer];
+        let fl = self.frame_len;
+        (&k[s * fl..(s + n) * fl], &v[s * fl..(s + n) * fl])
     }
 
     /// K and V of a resident frame in `layer`.

@@ -26,8 +26,20 @@ pub struct MemberGeom {
 /// The geometry of a window of `h`×`w` latents: every member is a whole number of frames, and
 /// members are ordered by first frame without overlapping.
 pub fn geometry(members: &[Member], h: usize, w: usize) -> Result<Vec<MemberGeom>> {
+    let mut geom = Vec::with_capacity(members.len());
+    geometry_into(members, h, w, &mut geom)?;
+    Ok(geom)
+}
+
+/// [`geometry`] into a reused list (cleared first), so a tick need not allocate.
+pub fn geometry_into(
+    members: &[Member],
+    h: usize,
+    w: usize,
+    geom: &mut Vec<MemberGeom>,
+) -> Result<()> {
+    geom.clear();
     let flen = CHANNELS * h * w;
-    let mut geom: Vec<MemberGeom> = Vec::with_capacity(members.len());
     for (i, m) in members.iter().enumerate() {
         if flen == 0 || m.latents.is_empty() || m.latents.len() % flen != 0 {
             return Err(Error::invalid(format!(
@@ -48,11 +60,11 @@ pub fn geometry(members: &[Member], h: usize, w: usize) -> Result<Vec<MemberGeom
             context: m.context,
         });
     }
-    Ok(geom)
+    Ok(())
 }
 
 /// The keys member `i` sees.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Visible {
     /// Committed cache frames, increasing.
     pub cache_frames: Vec<usize>,
@@ -62,9 +74,23 @@ pub struct Visible {
 
 /// The keys member `i` of `window` sees, given the committed `cache` (geometry only is used).
 pub fn visible(window: &[MemberGeom], i: usize, cache: &KvCache, mode: AttentionMode) -> Visible {
+    let mut v = Visible::default();
+    visible_into(window, i, cache, mode, &mut v);
+    v
+}
+
+/// [`visible`] into reused lists (cleared first), so a tick need not allocate.
+pub fn visible_into(
+    window: &[MemberGeom],
+    i: usize,
+    cache: &KvCache,
+    mode: AttentionMode,
+    out: &mut Visible,
+) {
     let m = window[i];
     let e_end = m.first_frame + m.frames;
-    let mut members = Vec::new();
+    let members = &mut out.members;
+    members.clear();
     for (j, o) in window.iter().enumerate() {
         if j == i {
             members.push((j, 0..o.frames));
@@ -86,10 +112,7 @@ pub fn visible(window: &[MemberGeom], i: usize, cache: &KvCache, mode: Attention
             members.push((j, 0..o.frames));
         }
     }
-    Visible {
-        cache_frames: cache.visible(m.first_frame, e_end),
-        members,
-    }
+    cache.visible_into(m.first_frame, e_end, &mut out.cache_frames);
 }
 
 #[cfg(test)]

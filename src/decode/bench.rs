@@ -1,6 +1,7 @@
 //! `bench --decode`: milliseconds per block of latent frames for both decoders at their real
 //! widths, with random weights generated on the spot (nothing stored), and peak memory.
 
+use super::conv::{Conv, Path, Src};
 use super::{Decoder, DecoderKind};
 use crate::Result;
 use std::time::Instant;
@@ -116,4 +117,119 @@ fn peak_rss() -> Option<usize> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// One convolution shape of the decoders, for [`bench_conv`].
+#[derive(Clone, Debug)]
+pub struct ConvShape {
+    /// Where the shape occurs.
+    pub name: &'static str,
+    /// Input channels of one source.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Sources (time taps that meet a frame): 3 for a warm causal conv3d, 2 for a MemBlock's
+    /// `cat[x, past]`, 1 otherwise.
+    pub sources: usize,
+    /// Spatial kernel size (1 or 3).
+    pub k: usize,
+    /// Output frame height.
+    pub h: usize,
+    /// Output frame width.
+    pub w: usize,
+}
+
+impl ConvShape {
+    /// Floating-point operations of one output frame.
+    pub fn flop(&self) -> f64 {
+        2.0 * (self.cout * self.cin * self.sources * self.k * self.k * self.h * self.w) as f64
+    }
+}
+
+/// The convolution shapes that carry the decoders' work at 480x832 (TAEHV at 256/128/64
+/// channels, the Wan VAE at 384/192/96), at the resolution they run at, except the Wan VAE's
+/// two finest levels, taken at half that size (same per-pixel kernel, a quarter of the time).
+pub fn decoder_conv_shapes() -> Vec<ConvShape> {
+    let s = |name, cin, cout, sources, k, h, w| ConvShape {
+        name,
+        cin,
+        cout,
+        sources,
+        k,
+        h,
+        w,
+    };
+    vec![
+        s("taehv mem 256 @60x104", 256, 256, 2, 3, 60, 104),
+        s("taehv mem 128 @120x208", 128, 128, 2, 3, 120, 208),
+        s("taehv mem 64 @240x416", 64, 64, 2, 3, 240, 416),
+        s("taehv tgrow 1x1 128 @120x208", 128, 256, 1, 1, 120, 208),
+        s("wan res 384 @60x104", 384, 384, 3, 3, 60, 104),
+        s("wan res 192 @120x208", 192, 192, 3, 3, 120, 208),
+        s("wan res 96 @240x416", 96, 96, 3, 3, 240, 416),
+        s("wan head 96->3 @240x416", 96, 3, 3, 3, 240, 416),
+    ]
+}
+
+/// GFLOP/s of one output frame of each shape with random weights, best of `reps` runs (all
+/// rayon threads): `(shape, fast path, portable path)`. The fast path is the AVX-512 kernel
+/// where the CPU has it (otherwise both columns measure the portable path).
+pub fn bench_conv(shapes: &[ConvShape], reps: usize) -> Vec<(ConvShape, f64, f64)> {
+    let mut rng = crate::rng::Rng::new(3);
+    let mut v = |n: usize| (0..n).map(|_| rng.normal() * 0.1).collect::<Vec<f32>>();
+    shapes
+        .iter()
+        .map(|sh| {
+            let wt = v(sh.cout * sh.cin * sh.sources * sh.k * sh.k);
+            let conv = Conv::from_torch(
+                &wt,
+                &[sh.cout, sh.cin, sh.sources, sh.k, sh.k],
+                Some(v(sh.cout)),
+            );
+            let frames: Vec<Vec<f32>> = (0..sh.sources).map(|_| v(sh.cin * sh.h * sh.w)).collect();
+            let job: Vec<Src> = frames
+                .iter()
+                .enumerate()
+                .map(|(t, f)| Src::new(f, t, sh.cin))
+                .collect();
+            let rate = |path: Path| {
+                let mut best = f64::INFINITY;
+                for _ in 0..reps.max(1) {
+                    let t = Instant::now();
+                    let out =
+                        conv.forward_with(std::slice::from_ref(&job), &[], true, sh.h, sh.w, path);
+                    best = best.min(t.elapsed().as_secs_f64());
+                    std::hint::black_box(out);
+                }
+                sh.flop() / best / 1e9
+            };
+            (sh.clone(), rate(Path::Best), rate(Path::Portable))
+        })
+        .collect()
+}
+
+/// A printable table of [`bench_conv`] results.
+pub fn conv_table(results: &[(ConvShape, f64, f64)]) -> String {
+    let mut s = format!(
+        "threads {}, GFLOP/s of one output frame\n{:<30} {:>6} {:>9} {:>10} {:>9} {:>15}\n",
+        rayon::current_num_threads(),
+        "shape",
+        "GFLOP",
+        "sources",
+        "cin->cout",
+        "kernel",
+        "matrixmultiply"
+    );
+    for (sh, fast, port) in results {
+        s += &format!(
+            "{:<30} {:>6.1} {:>9} {:>10} {:>9.1} {:>15.1}\n",
+            sh.name,
+            sh.flop() / 1e9,
+            sh.sources,
+            format!("{}->{}", sh.cin, sh.cout),
+            fast,
+            port
+        );
+    }
+    s
 }

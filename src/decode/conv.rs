@@ -9,11 +9,17 @@
 //! frame (skipped, as adding zeros changes nothing).
 //!
 //! Each output frame is split into tiles of whole rows. A tile copies the rows it needs (plus a
-//! zero border) into a padded buffer of width `W + 2`, then runs one `Cout x Cin x rows*(W+2)`
-//! GEMM per kernel tap, with the tap's shift applied as an offset into that buffer; the two
-//! extra columns per row are computed and dropped. No im2col matrix is ever built, so the extra
-//! memory is one padded tile per thread. A source may also be read through a nearest 2x
-//! upsample, which is then never materialised.
+//! zero border) into a padded buffer of width `W + 2`, then accumulates one `Cout x Cin x
+//! rows*(W+2)` GEMM per kernel tap, with the tap's shift applied as an offset into that buffer;
+//! the two extra columns per row are computed and dropped. No im2col matrix is ever built, so
+//! the extra memory is one padded tile per thread. A source may also be read through a nearest
+//! 2x upsample, which is then never materialised.
+//!
+//! Where the CPU has AVX-512 the GEMMs run on the CPU backend's register-tiled kernel (the one
+//! of the linear layers, `backend::cpu::simd`): per block of 64 output pixels and 6 output
+//! channels, all taps of a source accumulate in registers, the weights broadcast and the
+//! block's padded rows packed contiguously once for all output channels. Elsewhere (and in
+//! the tests, on every machine) each tap is one `matrixmultiply` GEMM.
 
 use rayon::prelude::*;
 
@@ -182,6 +188,20 @@ impl Conv {
         h: usize,
         w: usize,
     ) -> Vec<Vec<f32>> {
+        self.forward_with(jobs, init, bias, h, w, Path::Best)
+    }
+
+    /// [`Conv::forward_from`] on a chosen kernel path (the tests and the conv benchmark
+    /// compare both).
+    pub(crate) fn forward_with(
+        &self,
+        jobs: &[Vec<Src>],
+        init: &[Option<&[f32]>],
+        bias: bool,
+        h: usize,
+        w: usize,
+        path: Path,
+    ) -> Vec<Vec<f32>> {
         let hw = h * w;
         let mut outs: Vec<Vec<f32>> = jobs.iter().map(|_| vec![0.0; self.cout * hw]).collect();
         if hw == 0 {
@@ -198,6 +218,7 @@ impl Conv {
         let tiles = h.div_ceil(rows);
         let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
         let len = self.cout * hw;
+        let fast = path == Path::Best && crate::backend::cpu::simd::avx512();
         (0..jobs.len() * tiles).into_par_iter().for_each(|task| {
             let (j, tile) = (task / tiles, task % tiles);
             let r0 = tile * rows;
@@ -207,32 +228,115 @@ impl Conv {
             // disjoint from all other tasks.
             let out = ptrs[j];
             let init = init.get(j).copied().flatten();
-            self.tile(&jobs[j], init, bias, (h, w), (r0, r1), out, len);
+            let t = Tile {
+                srcs: &jobs[j],
+                init,
+                add_bias: bias,
+                hw: (h, w),
+                rows: (r0, r1),
+                out,
+                len,
+            };
+            #[cfg(all(bc_avx512, target_arch = "x86_64"))]
+            if fast {
+                SCRATCH.with(|s| self.tile_avx512(&t, &mut s.borrow_mut()));
+                return;
+            }
+            let _ = fast;
+            self.tile(&t);
         });
         outs
     }
 
-    /// One row tile `[r0, r1)` of one output frame.
+    /// Checks that a source can be read as `[c, H, W]` (or its half size when upsampled)
+    /// and meets existing weights.
+    ///
+    /// # Panics
+    /// When it cannot (a bug in the caller: the decoders build sources from validated shapes).
+    fn check_src(&self, s: &Src, h: usize, w: usize) {
+        let (sh, sw) = if s.up { (h / 2, w / 2) } else { (h, w) };
+        assert!(
+            s.t < self.kt && s.c0 + s.c <= self.cin && s.data.len() >= s.c * sh * sw,
+            "conv: source does not fit the kernel or the frame"
+        );
+    }
+
+    /// Copies rows `[r0 - ph, r1 + ph)` of every channel of `s` into `pad` (planes of `prow`
+    /// rows of width `wp = w + 2 pw`, zero outside the frame and in the trailing `slack`),
+    /// through the nearest 2x upsample when `s.up`. Returns the plane stride.
     #[allow(clippy::too_many_arguments)]
-    fn tile(
+    fn fill_pad(
         &self,
-        srcs: &[Src],
-        init: Option<&[f32]>,
-        add_bias: bool,
+        s: &Src,
         (h, w): (usize, usize),
         (r0, r1): (usize, usize),
-        out: SendPtr,
-        len: usize,
-    ) {
+        slack: usize,
+        pad: &mut Vec<f32>,
+    ) -> usize {
+        let (ph, pw) = (self.kh / 2, self.kw / 2);
+        let wp = w + 2 * pw;
+        let prow = r1 - r0 + 2 * ph;
+        let need = s.c * prow * wp + 2 * pw + slack;
+        pad.clear();
+        pad.resize(need, 0.0);
+        let (sh, sw) = if s.up { (h / 2, w / 2) } else { (h, w) };
+        for ci in 0..s.c {
+            let plane = &s.data[ci * sh * sw..(ci + 1) * sh * sw];
+            for pr in 0..prow {
+                let y = r0 as isize + pr as isize - ph as isize;
+                if y < 0 || y >= h as isize {
+                    continue;
+                }
+                let dst = &mut pad[ci * prow * wp + pr * wp + pw..][..w];
+                if s.up {
+                    let srow = &plane[(y as usize / 2) * sw..][..sw];
+                    for (x, d) in dst.iter_mut().enumerate() {
+                        *d = srow[x / 2];
+                    }
+                } else {
+                    dst.copy_from_slice(&plane[y as usize * w..][..w]);
+                }
+            }
+        }
+        prow * wp
+    }
+
+    /// Writes rows `[r0, r1)` of the accumulators (`cout` rows of stride `ldc`, image row `r`
+    /// at column `r·wp`) plus the bias (when asked) to the tile's output.
+    fn write_back(&self, t: &Tile, acc: &[f32], ldc: usize, wp: usize) {
+        let ((h, w), (r0, r1)) = (t.hw, t.rows);
+        let hw = h * w;
+        for o in 0..self.cout {
+            let bias = match &self.bias {
+                Some(b) if t.add_bias => b[o],
+                _ => 0.0,
+            };
+            for r in 0..r1 - r0 {
+                let src = &acc[o * ldc + r * wp..][..w];
+                let at = o * hw + (r0 + r) * w;
+                assert!(at + w <= t.len, "conv: output row out of bounds");
+                // SAFETY: `at + w <= cout*hw = len` (checked), and rows [r0, r1) of this frame
+                // belong to this task only (see `forward_with`).
+                let dst = unsafe { std::slice::from_raw_parts_mut(t.out.0.add(at), w) };
+                for (d, v) in dst.iter_mut().zip(src) {
+                    *d = v + bias;
+                }
+            }
+        }
+    }
+
+    /// One row tile on the portable path: per source and kernel tap one `matrixmultiply`
+    /// GEMM over the padded rows.
+    fn tile(&self, t: &Tile) {
+        let ((h, w), (r0, r1)) = (t.hw, t.rows);
         let (ph, pw) = (self.kh / 2, self.kw / 2);
         let wp = w + 2 * pw;
         let rows = r1 - r0;
         let n = rows * wp;
-        let prow = rows + 2 * ph;
         let mut acc = vec![0.0f32; self.cout * n];
         let mut pad: Vec<f32> = Vec::new();
         let mut beta = 0.0;
-        if let Some(p) = init {
+        if let Some(p) = t.init {
             for o in 0..self.cout {
                 for r in 0..rows {
                     acc[o * n + r * wp..][..w].copy_from_slice(&p[(o * h + r0 + r) * w..][..w]);
@@ -240,34 +344,14 @@ impl Conv {
             }
             beta = 1.0;
         }
-        for s in srcs {
+        for s in t.srcs {
+            self.check_src(s, h, w);
             // The GEMM's B operand: rows = channels at stride `rsb`, columns contiguous.
             let (b, bo, rsb): (&[f32], usize, usize) = if ph == 0 && pw == 0 && !s.up {
                 (s.data, r0 * w, h * w)
             } else {
-                let need = s.c * prow * wp + 2 * pw;
-                pad.clear();
-                pad.resize(need, 0.0);
-                let (sh, sw) = if s.up { (h / 2, w / 2) } else { (h, w) };
-                for ci in 0..s.c {
-                    let plane = &s.data[ci * sh * sw..(ci + 1) * sh * sw];
-                    for pr in 0..prow {
-                        let y = r0 as isize + pr as isize - ph as isize;
-                        if y < 0 || y >= h as isize {
-                            continue;
-                        }
-                        let dst = &mut pad[ci * prow * wp + pr * wp + pw..][..w];
-                        if s.up {
-                            let srow = &plane[(y as usize / 2) * sw..][..sw];
-                            for (x, d) in dst.iter_mut().enumerate() {
-                                *d = srow[x / 2];
-                            }
-                        } else {
-                            dst.copy_from_slice(&plane[y as usize * w..][..w]);
-                        }
-                    }
-                }
-                (&pad, 0, prow * wp)
+                let rsb = self.fill_pad(s, t.hw, t.rows, 0, &mut pad);
+                (&pad, 0, rsb)
             };
             for dy in 0..self.kh {
                 for dx in 0..self.kw {
@@ -283,25 +367,134 @@ impl Conv {
                 }
             }
         }
-        let hw = h * w;
-        for o in 0..self.cout {
-            let bias = match &self.bias {
-                Some(b) if add_bias => b[o],
-                _ => 0.0,
-            };
-            for r in 0..rows {
-                let src = &acc[o * n + r * wp..][..w];
-                let at = o * hw + (r0 + r) * w;
-                debug_assert!(at + w <= len);
-                // SAFETY: `at + w <= cout*hw = len`, and rows [r0, r1) of this frame belong
-                // to this task only (see `forward`).
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), w) };
-                for (d, v) in dst.iter_mut().zip(src) {
-                    *d = v + bias;
+        self.write_back(t, &acc, n, wp);
+    }
+
+    /// One row tile on the AVX-512 path: the register-tiled kernel of the linear layers
+    /// ([`simd::axpy_rows`]) as an implicit GEMM. Per block of 64 output columns and six output
+    /// channels, every kernel tap of every source accumulates in registers (`C += W_tap ·
+    /// X_shifted`, the weights broadcast, the block's padded input rows packed once), so a
+    /// value sees its taps in the same order as on the portable path and as across
+    /// [`Conv::forward_from`] calls. Columns run in whole blocks of 64 (the padded buffer has
+    /// the slack), the extra ones dropped with the border columns.
+    ///
+    /// [`simd::axpy_rows`]: crate::backend::cpu::simd::axpy_rows
+    #[cfg(all(bc_avx512, target_arch = "x86_64"))]
+    fn tile_avx512(&self, t: &Tile, (pad, acc, bpack): &mut (Vec<f32>, Vec<f32>, Vec<f32>)) {
+        use crate::backend::cpu::simd;
+        /// Columns per register tile (4 vectors of 16) and output channels per tile.
+        const CB: usize = 64;
+        const RT: usize = 6;
+        let ((h, w), (r0, r1)) = (t.hw, t.rows);
+        let (ph, pw) = (self.kh / 2, self.kw / 2);
+        let wp = w + 2 * pw;
+        let n = (r1 - r0) * wp;
+        let ldc = n.div_ceil(CB) * CB;
+        let (cout, cin) = (self.cout, self.cin);
+        if acc.len() < cout * ldc {
+            acc.resize(cout * ldc, 0.0);
+        }
+        let acc = &mut acc[..cout * ldc];
+        let mut started = false;
+        if let Some(p) = t.init {
+            assert!(p.len() >= cout * h * w, "conv: partial sum too short");
+            for o in 0..cout {
+                for r in 0..r1 - r0 {
+                    acc[o * ldc + r * wp..][..w].copy_from_slice(&p[(o * h + r0 + r) * w..][..w]);
                 }
             }
+            started = true;
         }
+        for s in t.srcs {
+            self.check_src(s, h, w);
+            let (b, bo, rsb): (&[f32], usize, usize) = if ph == 0 && pw == 0 && !s.up && n == ldc {
+                (s.data, r0 * w, h * w)
+            } else {
+                let rsb = self.fill_pad(s, t.hw, t.rows, ldc - n, pad);
+                (&pad[..], 0, rsb)
+            };
+            // The farthest value read: last channel, last tap's shift, last column.
+            let last = bo + (s.c - 1) * rsb + (self.kh - 1) * wp + (self.kw - 1) + ldc - 1;
+            assert!(last < b.len(), "conv: input tile out of bounds");
+            // Per block of CB columns, the kh rows of every channel it reads (CB + kw - 1
+            // values each) are packed contiguously: the kernel then walks one dense buffer
+            // instead of a channel stride of a whole padded plane (a new page per channel).
+            let pl = CB + self.kw - 1;
+            let kc = s.c;
+            bpack.resize(self.kh * kc * pl, 0.0);
+            let first_add = started;
+            for cb in (0..ldc).step_by(CB) {
+                for dy in 0..self.kh {
+                    for ci in 0..kc {
+                        let src = &b[bo + ci * rsb + dy * wp + cb..][..pl];
+                        bpack[(dy * kc + ci) * pl..][..pl].copy_from_slice(src);
+                    }
+                }
+                for o in (0..cout).step_by(RT) {
+                    let rn = RT.min(cout - o);
+                    let mut add = first_add;
+                    for dy in 0..self.kh {
+                        for dx in 0..self.kw {
+                            let tap = ((s.t * self.kh + dy) * self.kw + dx) * cout * cin;
+                            // SAFETY: AVX-512F was detected (`forward_with`); A reads rows
+                            // o..o+rn, columns c0..c0+c of one tap (check_src: c0 + c <= cin,
+                            // t < kt); B reads rows dy*kc..(dy+1)*kc of `bpack`, columns
+                            // dx..dx+CB < pl; C is rows o..o+rn, columns cb..cb+CB <= ldc of
+                            // `acc` (cout x ldc).
+                            unsafe {
+                                simd::axpy_rows::<{ CB / 16 }>(
+                                    rn,
+                                    self.taps.as_ptr().add(tap + o * cin + s.c0),
+                                    cin,
+                                    1,
+                                    bpack.as_ptr().add(dy * kc * pl + dx),
+                                    pl,
+                                    kc,
+                                    acc.as_mut_ptr().add(o * ldc + cb),
+                                    ldc,
+                                    add,
+                                );
+                            }
+                            add = true;
+                        }
+                    }
+                }
+            }
+            started = true;
+        }
+        if !started {
+            acc.fill(0.0);
+        }
+        self.write_back(t, acc, ldc, wp);
     }
+}
+
+/// Which kernels a convolution runs on.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum Path {
+    /// The AVX-512 kernel where the CPU has it, else the portable one.
+    Best,
+    /// `matrixmultiply` whatever the CPU (the fallback, tested on every machine).
+    Portable,
+}
+
+/// One row tile of one output frame: its sources, start, rows and output.
+struct Tile<'a, 'b> {
+    srcs: &'a [Src<'b>],
+    init: Option<&'a [f32]>,
+    add_bias: bool,
+    hw: (usize, usize),
+    rows: (usize, usize),
+    out: SendPtr,
+    len: usize,
+}
+
+#[cfg(all(bc_avx512, target_arch = "x86_64"))]
+thread_local! {
+    /// The AVX-512 path's padded input tile, accumulators and packed column block, per
+    /// worker thread, reused from tile to tile.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Applies `f` to every element of every frame, in parallel.
@@ -464,23 +657,90 @@ mod tests {
 
     #[test]
     fn conv2d_matches_naive_including_upsampled_source() {
-        for &(cin, cout, h, w, k) in &[(3, 5, 7, 9, 3), (4, 6, 5, 3, 1), (2, 3, 1, 1, 3)] {
+        // Widths that leave partial 64-column blocks, 1x1 convs read in place (16 x 4 = 64
+        // columns) and through the padded copy, output channels beyond one 6-row tile.
+        let shapes = [
+            (3, 5, 7, 9, 3),
+            (4, 6, 5, 3, 1),
+            (2, 3, 1, 1, 3),
+            (5, 13, 4, 16, 1),
+            (7, 8, 9, 70, 3),
+        ];
+        for &(cin, cout, h, w, k) in &shapes {
             let x = rand(cin * h * w, 1);
             let wt = rand(cout * cin * k * k, 2);
             let conv = Conv::from_torch(&wt, &[cout, cin, k, k], None);
-            let got = conv.forward(&[vec![Src::new(&x, 0, cin)]], h, w);
-            let want = naive_conv2d(&x, cin, h, w, &wt, cout, k);
-            for (a, b) in got[0].iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            for path in [Path::Best, Path::Portable] {
+                let job = vec![Src::new(&x, 0, cin)];
+                let got = conv.forward_with(&[job], &[], true, h, w, path);
+                let want = naive_conv2d(&x, cin, h, w, &wt, cout, k);
+                for (a, b) in got[0].iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "{path:?}: {a} vs {b}");
+                }
+                let up = upsample2x(&x, cin, h, w);
+                let want = naive_conv2d(&up, cin, 2 * h, 2 * w, &wt, cout, k);
+                let mut s = Src::new(&x, 0, cin);
+                s.up = true;
+                let got = conv.forward_with(&[vec![s]], &[], true, 2 * h, 2 * w, path);
+                for (a, b) in got[0].iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "{path:?}: {a} vs {b}");
+                }
             }
-            let up = upsample2x(&x, cin, h, w);
-            let want = naive_conv2d(&up, cin, 2 * h, 2 * w, &wt, cout, k);
-            let mut s = Src::new(&x, 0, cin);
-            s.up = true;
-            let got = conv.forward(&[vec![s]], 2 * h, 2 * w);
-            for (a, b) in got[0].iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+
+    /// A 3-tap conv3d over two frames split as (first source, channel slice) sources, with a
+    /// partial sum to start from and the bias, on both paths, against a naive sum; and the
+    /// same taps accumulated over two calls give the one-call values bit for bit.
+    #[test]
+    fn sources_partial_sums_and_bias_on_both_paths() {
+        let (cin, cout, h, w) = (6, 9, 5, 67);
+        let wt = rand(cout * cin * 27, 5);
+        let bias = rand(cout, 6);
+        let conv = Conv::from_torch(&wt, &[cout, cin, 3, 3, 3], Some(bias.clone()));
+        let f0 = rand(cin * h * w, 7);
+        let f1 = rand(cin * h * w, 8);
+        let init = rand(cout * h * w, 9);
+        // f0 meets tap 0; f1's first 2 channels and its other 4 meet tap 2 as two sources.
+        let mut lo = Src::new(&f1[..2 * h * w], 2, 2);
+        lo.c0 = 0;
+        let mut hi = Src::new(&f1[2 * h * w..], 2, 4);
+        hi.c0 = 2;
+        let job = vec![Src::new(&f0, 0, cin), lo, hi];
+        let k2 = |t: usize| -> Vec<f32> {
+            let mut v = vec![0.0; cout * cin * 9];
+            for o in 0..cout * cin {
+                v[o * 9..o * 9 + 9].copy_from_slice(&wt[(o * 3 + t) * 9..][..9]);
             }
+            v
+        };
+        let a = naive_conv2d(&f0, cin, h, w, &k2(0), cout, 3);
+        let b = naive_conv2d(&f1, cin, h, w, &k2(2), cout, 3);
+        for path in [Path::Best, Path::Portable] {
+            let got =
+                conv.forward_with(std::slice::from_ref(&job), &[Some(&init)], true, h, w, path);
+            for i in 0..cout * h * w {
+                let e = init[i] + a[i] + b[i] + bias[i / (h * w)];
+                assert!(
+                    (got[0][i] - e).abs() < 1e-4,
+                    "{path:?}: {} vs {e}",
+                    got[0][i]
+                );
+            }
+            let part = conv.forward_with(&[job[..1].to_vec()], &[], false, h, w, path);
+            let rest = conv.forward_with(&[job[1..].to_vec()], &[Some(&part[0])], true, h, w, path);
+            let whole = conv.forward_with(std::slice::from_ref(&job), &[], true, h, w, path);
+            assert_eq!(rest, whole, "{path:?}");
+        }
+        // No source at all: the bias alone (or the partial sum).
+        for path in [Path::Best, Path::Portable] {
+            let got = conv.forward_with(&[vec![]], &[], true, h, w, path);
+            assert!(got[0]
+                .iter()
+                .enumerate()
+                .all(|(i, &v)| v == bias[i / (h * w)]));
+            let got = conv.forward_with(&[vec![]], &[Some(&init)], false, h, w, path);
+            assert_eq!(got[0], init);
         }
     }
 

@@ -17,7 +17,10 @@ mod wan_vae;
 mod weights;
 
 pub use background::{BackgroundDecoder, QUEUE_BLOCKS};
-pub use bench::{bench_decode, table as bench_table, DecodeBench};
+pub use bench::{
+    bench_conv, bench_decode, conv_table, decoder_conv_shapes, table as bench_table, ConvShape,
+    DecodeBench,
+};
 
 use crate::tensorfile::TensorFile;
 use crate::{Error, Result};

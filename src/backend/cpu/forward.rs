@@ -11,12 +11,12 @@
 
 use super::attention::{attention, KvSegment};
 use super::gemm::{linear, linear_residual};
-use super::ops;
+use super::ops::{self, FrameVec};
 use crate::config::AttentionMode;
 use crate::kv_cache::KvCache;
 use crate::model::{Member, Model, PromptContext, PromptKv, CHANNELS};
 use crate::weights::LayerWeights;
-use crate::window::{self, MemberGeom};
+use crate::window::{self, MemberGeom, Visible};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -95,20 +95,27 @@ impl Model {
 
     /// Time embedding `e` `[dim]` and projection `e0` `[6*dim]` for timestep `t`.
     pub fn time_embedding(&self, t: f64) -> (Vec<f32>, Vec<f32>) {
+        let d = self.config().dim;
+        let (mut e, mut e0) = (vec![0f32; d], vec![0f32; 6 * d]);
+        self.time_embedding_into(t, &mut Vec::new(), &mut e, &mut e0);
+        (e, e0)
+    }
+
+    /// [`Model::time_embedding`] into `e` `[dim]` and `e0` `[6*dim]`, `tmp` reused scratch.
+    fn time_embedding_into(&self, t: f64, tmp: &mut Vec<f32>, e: &mut [f32], e0: &mut [f32]) {
         let c = self.config();
         let w = &self.weights;
-        let d = c.dim;
-        let s = ops::sinusoidal(c.freq_dim, t);
-        let mut h = vec![0f32; d];
-        linear(&s, 1, c.freq_dim, &w.time[0].0, Some(&w.time[0].1), &mut h);
-        ops::silu(&mut h);
-        let mut e = vec![0f32; d];
-        linear(&h, 1, d, &w.time[1].0, Some(&w.time[1].1), &mut e);
-        let mut se = e.clone();
-        ops::silu(&mut se);
-        let mut e0 = vec![0f32; 6 * d];
-        linear(&se, 1, d, &w.time_proj.0, Some(&w.time_proj.1), &mut e0);
-        (e, e0)
+        let (d, fd) = (c.dim, c.freq_dim);
+        tmp.resize(fd + 2 * d, 0.0);
+        let (s, rest) = tmp.split_at_mut(fd);
+        let (h, se) = rest.split_at_mut(d);
+        ops::sinusoidal_into(t, s);
+        linear(s, 1, fd, &w.time[0].0, Some(&w.time[0].1), h);
+        ops::silu(h);
+        linear(h, 1, d, &w.time[1].0, Some(&w.time[1].1), e);
+        se.copy_from_slice(e);
+        ops::silu(se);
+        linear(se, 1, d, &w.time_proj.0, Some(&w.time_proj.1), e0);
     }
 
     /// One joint forward over `members` of latent size `h`×`w`. Returns the predicted flow of
@@ -122,9 +129,15 @@ impl Model {
         h: usize,
         w: usize,
     ) -> Result<Vec<Vec<f32>>> {
-        let all: Vec<usize> = (0..members.len()).collect();
+        let heap: Vec<usize>;
+        let all = if members.len() <= INDICES.len() {
+            &INDICES[..members.len()]
+        } else {
+            heap = (0..members.len()).collect();
+            &heap
+        };
         let mut none = |_: usize, _: &[OwnKv]| Ok(Vec::new());
-        let out = self.forward_partial(members, &all, cache, mode, h, w, &mut none)?;
+        let out = self.forward_partial(members, all, cache, mode, h, w, &mut none)?;
         Ok(out.into_iter().map(|(_, v)| v).collect())
     }
 
@@ -149,57 +162,86 @@ impl Model {
                 "latent size {h}x{w} must be positive and even"
             )));
         }
-        let geom = window::geometry(members, h, w)?;
+        let mut s = Scratch::take();
+        let out = self.forward_with(members, mine, cache, mode, (h, w), exchange, &mut s);
+        // On error the buffers are dropped (the next forward makes new ones).
+        if out.is_ok() {
+            s.give_back();
+        }
+        out
+    }
+
+    /// [`Model::forward_partial`] with the tick's buffers `s`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_with(
+        &self,
+        members: &[Member],
+        mine: &[usize],
+        cache: &mut KvCache,
+        mode: AttentionMode,
+        (h, w): (usize, usize),
+        exchange: &mut KvExchangeFn,
+        s: &mut Scratch,
+    ) -> Result<Vec<(usize, Vec<f32>)>> {
+        window::geometry_into(members, h, w, &mut s.geom)?;
         if mine.windows(2).any(|p| p[0] >= p[1]) || mine.iter().any(|&i| i >= members.len()) {
             return Err(Error::Internal(
                 "device member list must be increasing indices".into(),
             ));
         }
         let c = self.config();
-        let lay = Layout::new(&geom, mine, h, w, c.dim);
+        let Scratch {
+            geom,
+            lay,
+            vis,
+            runs,
+            rope,
+            bufs,
+        } = s;
+        lay.fill(geom, mine, h, w, c.dim);
+        let lay = &*lay;
         // Cross-attention K/V of this device's members' prompts (computed on first use).
-        let mut prompt_kv = vec![None; members.len()];
         for &i in mine {
-            prompt_kv[i] = Some(members[i].prompt.kv(self)?);
+            members[i].prompt.kv(self)?;
         }
-        let mut x = self.embed_patches(members, &lay);
-        let (e_frames, e0_frames) = self.time_conditioning(members, &lay);
-        // RoPE angles of this device's members (positions are absolute frames).
-        let rope: Vec<Vec<(f32, f32)>> = mine
-            .iter()
-            .map(|&i| {
-                ops::rope_table(
-                    c.head_dim(),
-                    members[i].first_frame,
-                    lay.frames[i],
-                    lay.hp,
-                    lay.wp,
-                )
-            })
-            .collect();
-        let mut s = Scratch::take(lay.n, lay.nf, c.dim, c.ffn_dim);
+        self.embed_patches(members, lay, bufs);
+        self.time_conditioning(members, lay, bufs);
+        // RoPE angles of this device's members (positions are absolute frames), what each
+        // member sees and where those cache frames lie: the same for every layer.
+        grow(rope, mine.len());
+        grow(vis, mine.len());
+        grow(runs, mine.len());
+        for (k, &i) in mine.iter().enumerate() {
+            let (ff, nfr) = (members[i].first_frame, lay.frames[i]);
+            ops::rope_table_into(c.head_dim(), ff, nfr, lay.hp, lay.wp, &mut rope[k]);
+            window::visible_into(geom, i, cache, mode, &mut vis[k]);
+            cache.slot_runs_into(&vis[k].cache_frames, &mut runs[k]);
+        }
+        bufs.size(lay.n, c.dim, c.ffn_dim);
+        let per_member = PerMember {
+            rope: &rope[..mine.len()],
+            vis: &vis[..mine.len()],
+            runs: &runs[..mine.len()],
+        };
         for (li, l) in self.weights.layers.iter().enumerate() {
-            s.modulation(l, &e0_frames, lay.nf, c.dim);
             let step = LayerStep {
                 model: self,
                 members,
-                lay: &lay,
+                lay,
                 li,
                 l,
             };
-            step.self_attention(&mut x, &mut s, &rope, &geom, cache, mode, exchange)?;
-            step.cross_attention(&mut x, &mut s, &prompt_kv)?;
-            step.ffn(&mut x, &mut s);
+            step.self_attention(bufs, &per_member, cache, exchange)?;
+            step.cross_attention(bufs)?;
+            step.ffn(bufs);
         }
-        let out = self.head(&x, &e_frames, &lay, &mut s.y);
-        s.give_back();
-        Ok(out)
+        Ok(self.head(lay, bufs))
     }
 
-    /// Patch embedding of this device's members: `[n, dim]` tokens.
-    fn embed_patches(&self, members: &[Member], lay: &Layout) -> Vec<f32> {
+    /// Patch embedding of this device's members: `[n, dim]` tokens into `b.x`.
+    fn embed_patches(&self, members: &[Member], lay: &Layout, b: &mut Bufs) {
         let (n, wt) = (lay.n, &self.weights);
-        let mut patches = vec![0f32; n * CHANNELS * 4];
+        resize(&mut b.patches, n * CHANNELS * 4);
         for &i in &lay.mine {
             ops::patchify(
                 members[i].latents,
@@ -207,64 +249,57 @@ impl Model {
                 CHANNELS,
                 lay.h,
                 lay.w,
-                &mut patches[lay.row0[i] * 64..],
+                &mut b.patches[lay.row0[i] * 64..],
             );
         }
-        let mut x = vec![0f32; n * lay.d];
-        linear(
-            &patches,
-            n,
-            CHANNELS * 4,
-            &wt.patch_w,
-            Some(&wt.patch_b),
-            &mut x,
-        );
-        x
+        resize(&mut b.x, n * lay.d);
+        let (p, x) = (&b.patches, &mut b.x);
+        linear(p, n, CHANNELS * 4, &wt.patch_w, Some(&wt.patch_b), x);
     }
 
-    /// Time conditioning, one per frame slot: `e` `[nf, dim]` and `e0` `[nf, 6 dim]`.
-    fn time_conditioning(&self, members: &[Member], lay: &Layout) -> (Vec<f32>, Vec<f32>) {
+    /// Time conditioning, one per frame slot: `e` `[nf, dim]` and `e0` `[nf, 6 dim]`, into
+    /// `b.e` and `b.e0`.
+    fn time_conditioning(&self, members: &[Member], lay: &Layout, b: &mut Bufs) {
         let d = lay.d;
-        let mut e_frames = vec![0f32; lay.nf * d];
-        let mut e0_frames = vec![0f32; lay.nf * 6 * d];
+        resize(&mut b.e, lay.nf * d);
+        resize(&mut b.e0, lay.nf * 6 * d);
         for &i in &lay.mine {
-            let (e, e0) = self.time_embedding(members[i].timestep);
-            for f in lay.fr0[i]..lay.fr0[i] + lay.frames[i] {
-                e_frames[f * d..(f + 1) * d].copy_from_slice(&e);
-                e0_frames[f * 6 * d..(f + 1) * 6 * d].copy_from_slice(&e0);
+            let f0 = lay.fr0[i];
+            let (e, e0) = (&mut b.e[f0 * d..], &mut b.e0[f0 * 6 * d..]);
+            let (e, e0) = (&mut e[..d], &mut e0[..6 * d]);
+            self.time_embedding_into(members[i].timestep, &mut b.temb, e, e0);
+            for f in 1..lay.frames[i] {
+                b.e.copy_within(f0 * d..(f0 + 1) * d, (f0 + f) * d);
+                b.e0.copy_within(f0 * 6 * d..(f0 + 1) * 6 * d, (f0 + f) * 6 * d);
             }
         }
-        (e_frames, e0_frames)
     }
 
     /// The output head (shift = m0 + e, scale = m1 + e, modulated LayerNorm, Linear) and
-    /// unpatchify: `(member index, flow)` for this device's members. `y` is scratch.
-    fn head(
-        &self,
-        x: &[f32],
-        e_frames: &[f32],
-        lay: &Layout,
-        y: &mut [f32],
-    ) -> Vec<(usize, Vec<f32>)> {
+    /// unpatchify: `(member index, flow)` for this device's members.
+    fn head(&self, lay: &Layout, b: &mut Bufs) -> Vec<(usize, Vec<f32>)> {
         let (c, wt) = (self.config(), &self.weights);
-        let (d, nf, n, tpf) = (lay.d, lay.nf, lay.n, lay.tpf);
-        let (mut sh, mut sc) = (vec![0f32; nf * d], vec![0f32; nf * d]);
-        for f in 0..nf {
-            for t in 0..d {
-                sh[f * d + t] = wt.head_modulation[t] + e_frames[f * d + t];
-                sc[f * d + t] = wt.head_modulation[d + t] + e_frames[f * d + t];
-            }
-        }
-        ops::ln_modulate(x, d, c.eps, tpf, &sh, &sc, y);
+        let (d, n, tpf) = (lay.d, lay.n, lay.tpf);
+        let hm = &wt.head_modulation;
+        let sh = FrameVec {
+            table: &b.e,
+            stride: d,
+            bias: Some(&hm[..d]),
+        };
+        let sc = FrameVec {
+            bias: Some(&hm[d..2 * d]),
+            ..sh
+        };
+        ops::ln_modulate_frames(&b.x, d, c.eps, tpf, sh, sc, &mut b.y);
         let po = c.out_dim * 4;
-        let mut head = vec![0f32; n * po];
-        linear(y, n, d, &wt.head.0, Some(&wt.head.1), &mut head);
+        resize(&mut b.head, n * po);
+        linear(&b.y, n, d, &wt.head.0, Some(&wt.head.1), &mut b.head);
         let flen = CHANNELS * lay.h * lay.w;
         let mut out = Vec::with_capacity(lay.mine.len());
         for &i in &lay.mine {
             let mut lat = vec![0f32; lay.frames[i] * flen];
             ops::unpatchify(
-                &head[lay.row0[i] * po..],
+                &b.head[lay.row0[i] * po..],
                 lay.frames[i],
                 CHANNELS,
                 lay.h,
@@ -277,7 +312,32 @@ impl Model {
     }
 }
 
+/// `0, 1, 2, ...`: the member list of a single-device forward, without allocating one.
+const INDICES: [usize; 64] = {
+    let mut a = [0usize; 64];
+    let mut i = 0;
+    while i < a.len() {
+        a[i] = i;
+        i += 1;
+    }
+    a
+};
+
+/// Resizes a reused buffer to `len` values (contents unspecified): allocates only when it
+/// grows past its capacity.
+fn resize(b: &mut Vec<f32>, len: usize) {
+    b.resize(len, 0.0);
+}
+
+/// Makes a list of reused buffers at least `n` long.
+fn grow<T: Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize_with(n, T::default);
+    }
+}
+
 /// Where this device's members sit in its token rows and frame slots.
+#[derive(Default)]
 struct Layout {
     /// This device's members (indices into the window, increasing).
     mine: Vec<usize>,
@@ -300,33 +360,27 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(geom: &[MemberGeom], mine: &[usize], h: usize, w: usize, d: usize) -> Self {
-        let frames: Vec<usize> = geom.iter().map(|g| g.frames).collect();
+    /// Refills this layout for `mine` of the window `geom` (reusing its lists).
+    fn fill(&mut self, geom: &[MemberGeom], mine: &[usize], h: usize, w: usize, d: usize) {
+        self.frames.clear();
+        self.frames.extend(geom.iter().map(|g| g.frames));
         let (hp, wp) = (h / 2, w / 2);
         let tpf = hp * wp;
-        let mut row0 = vec![0usize; geom.len()];
-        let mut fr0 = vec![0usize; geom.len()];
+        self.row0.clear();
+        self.row0.resize(geom.len(), 0);
+        self.fr0.clear();
+        self.fr0.resize(geom.len(), 0);
         let (mut n, mut nf) = (0usize, 0usize);
         for &i in mine {
-            row0[i] = n;
-            fr0[i] = nf;
-            n += frames[i] * tpf;
-            nf += frames[i];
+            self.row0[i] = n;
+            self.fr0[i] = nf;
+            n += self.frames[i] * tpf;
+            nf += self.frames[i];
         }
-        Layout {
-            mine: mine.to_vec(),
-            frames,
-            row0,
-            fr0,
-            n,
-            nf,
-            h,
-            w,
-            hp,
-            wp,
-            tpf,
-            d,
-        }
+        self.mine.clear();
+        self.mine.extend_from_slice(mine);
+        (self.n, self.nf, self.h, self.w) = (n, nf, h, w);
+        (self.hp, self.wp, self.tpf, self.d) = (hp, wp, tpf, d);
     }
 
     /// The elements of member `i`'s token rows in a `[n, dim]` buffer.
@@ -335,8 +389,35 @@ impl Layout {
     }
 }
 
-/// Activations reused by every layer.
+/// Everything a forward needs besides the weights and the cache, reused from tick to tick
+/// (per thread): after the first ticks of a stream a forward allocates only the flows it
+/// returns (`tests/alloc_per_tick.rs` counts).
+#[derive(Default)]
 struct Scratch {
+    /// The window's geometry.
+    geom: Vec<MemberGeom>,
+    /// This device's rows and frame slots.
+    lay: Layout,
+    /// Per member of this device: what it sees, the cache slot runs of that, its RoPE table.
+    vis: Vec<Visible>,
+    runs: Vec<Vec<(usize, usize)>>,
+    rope: Vec<Vec<(f32, f32)>>,
+    /// Activations and conditioning.
+    bufs: Bufs,
+}
+
+/// The activation and conditioning buffers of a forward.
+#[derive(Default)]
+struct Bufs {
+    /// The residual stream `[n, dim]`.
+    x: Vec<f32>,
+    /// Patch rows `[n, 64]`.
+    patches: Vec<f32>,
+    /// Time embedding `[frames, dim]` and projection `[frames, 6 dim]` per frame slot; the
+    /// time embedding's temporaries.
+    e: Vec<f32>,
+    e0: Vec<f32>,
+    temb: Vec<f32>,
     y: Vec<f32>,
     qkv: Vec<f32>,
     q: Vec<f32>,
@@ -344,72 +425,117 @@ struct Scratch {
     v: Vec<f32>,
     att: Vec<f32>,
     ffn: Vec<f32>,
-    /// `mods[j] = modulation[j] + e0[j]` per frame, j = shift, scale, gate, shift2, scale2,
-    /// gate2.
-    mods: Vec<Vec<f32>>,
+    head: Vec<f32>,
 }
 
-thread_local! {
-    /// The last forward's [`Scratch`] of this thread, reused by the next one: the buffers
-    /// grow to the largest window once, then a tick allocates none of them.
-    static SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
+impl Bufs {
+    /// Sizes the per-layer activations for `n` tokens (contents unspecified).
+    fn size(&mut self, n: usize, d: usize, ffn_dim: usize) {
+        for (b, len) in [
+            (&mut self.y, n * d),
+            (&mut self.qkv, n * 3 * d),
+            (&mut self.q, n * d),
+            (&mut self.k, n * d),
+            (&mut self.v, n * d),
+            (&mut self.att, n * d),
+            (&mut self.ffn, n * ffn_dim),
+        ] {
+            resize(b, len);
+        }
+    }
 }
+
+/// Spare [`Scratch`]es: a forward takes one and gives it back, so after the first ticks the
+/// buffers are the right size and a tick allocates none of them (one per forward running at
+/// the same time: one per device thread).
+static SPARE: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
 
 impl Scratch {
-    /// This thread's scratch, sized for `n` tokens and `nf` frames (contents unspecified).
-    fn take(n: usize, nf: usize, d: usize, ffn_dim: usize) -> Self {
-        let mut s = SCRATCH.with(|c| c.take()).unwrap_or(Scratch {
-            y: Vec::new(),
-            qkv: Vec::new(),
-            q: Vec::new(),
-            k: Vec::new(),
-            v: Vec::new(),
-            att: Vec::new(),
-            ffn: Vec::new(),
-            mods: vec![Vec::new(); 6],
-        });
-        for (b, len) in [
-            (&mut s.y, n * d),
-            (&mut s.qkv, n * 3 * d),
-            (&mut s.q, n * d),
-            (&mut s.k, n * d),
-            (&mut s.v, n * d),
-            (&mut s.att, n * d),
-            (&mut s.ffn, n * ffn_dim),
-        ] {
-            b.resize(len, 0.0);
-        }
-        s.mods.iter_mut().for_each(|m| m.resize(nf * d, 0.0));
-        s
+    /// A spare scratch, or a new one (contents unspecified).
+    fn take() -> Self {
+        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        spare.pop().unwrap_or_default()
     }
 
-    /// Hands the buffers back to this thread for the next forward.
+    /// Hands the buffers back for the next forward.
     fn give_back(self) {
-        SCRATCH.with(|c| c.set(Some(self)));
+        SPARE.lock().unwrap_or_else(|e| e.into_inner()).push(self);
     }
 }
 
-/// Frees this thread's reused forward buffers (the CPU backend does when it is dropped).
+/// Frees the spare forward buffers and this thread's GEMM packing buffer (the CPU backend
+/// does when it is dropped; a forward running meanwhile keeps its own).
 pub(crate) fn release_thread_scratch() {
-    SCRATCH.with(|c| drop(c.take()));
+    let spare = std::mem::take(&mut *SPARE.lock().unwrap_or_else(|e| e.into_inner()));
+    drop(spare);
     super::gemm::release_thread_scratch();
 }
 
-impl Scratch {
-    /// This layer's per-frame modulation from the time conditioning `e0_frames`.
-    fn modulation(&mut self, l: &LayerWeights, e0_frames: &[f32], nf: usize, d: usize) {
-        for (j, mj) in self.mods.iter_mut().enumerate() {
-            for f in 0..nf {
-                for t in 0..d {
-                    mj[f * d + t] = l.modulation[j * d + t] + e0_frames[f * 6 * d + j * d + t];
-                }
+/// Per member of this device (in `mine` order), the same for every layer of a forward.
+struct PerMember<'a> {
+    /// RoPE tables.
+    rope: &'a [Vec<(f32, f32)>],
+    /// What the member's self-attention sees.
+    vis: &'a [Visible],
+    /// The cache slot runs of `vis.cache_frames`.
+    runs: &'a [Vec<(usize, usize)>],
+}
+
+/// A short list kept on the stack up to `N` values (the usual case: a window has a few
+/// members and a member sees a few runs of keys), in a `Vec` beyond.
+struct SmallList<T: Copy, const N: usize> {
+    stack: [T; N],
+    len: usize,
+    heap: Vec<T>,
+}
+
+impl<T: Copy, const N: usize> SmallList<T, N> {
+    /// An empty list; `fill` only initialises the unused stack slots.
+    fn new(fill: T) -> Self {
+        SmallList {
+            stack: [fill; N],
+            len: 0,
+            heap: Vec::new(),
+        }
+    }
+
+    /// `n` copies of `v`.
+    fn filled(v: T, n: usize) -> Self {
+        let mut l = Self::new(v);
+        for _ in 0..n {
+            l.push(v);
+        }
+        l
+    }
+
+    fn push(&mut self, v: T) {
+        if self.len < N {
+            self.stack[self.len] = v;
+        } else {
+            if self.heap.is_empty() {
+                self.heap.extend_from_slice(&self.stack);
             }
+            self.heap.push(v);
+        }
+        self.len += 1;
+    }
+
+    fn as_slice(&self) -> &[T] {
+        if self.len <= N {
+            &self.stack[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        if self.len <= N {
+            &mut self.stack[..self.len]
+        } else {
+            &mut self.heap
         }
     }
 }
-
-/// A member's prompt K/V, per layer (present for this device's members).
-type PromptKvRef<'a> = &'a [(Vec<f32>, Vec<f32>)];
 
 /// One layer of one device's forward.
 struct LayerStep<'a> {
@@ -421,18 +547,26 @@ struct LayerStep<'a> {
 }
 
 impl LayerStep<'_> {
+    /// This layer's modulation `j` (0..6: shift, scale, gate, shift2, scale2, gate2) per frame:
+    /// `e0[f, j] + modulation[j]`, read in place (`e0` is empty on a device without frames
+    /// this tick).
+    fn modulation<'b>(&'b self, e0: &'b [f32], j: usize) -> FrameVec<'b> {
+        let d = self.lay.d;
+        FrameVec {
+            table: e0.get(j * d..).unwrap_or_default(),
+            stride: 6 * d,
+            bias: Some(&self.l.modulation[j * d..(j + 1) * d]),
+        }
+    }
+
     /// Self-attention: q, k, v of this device's tokens, the K/V exchange with the peers,
     /// attention over what each member sees, the context members' K/V into the cache, the
     /// output projection and the gated residual.
-    #[allow(clippy::too_many_arguments)]
     fn self_attention(
         &self,
-        x: &mut [f32],
-        s: &mut Scratch,
-        rope: &[Vec<(f32, f32)>],
-        geom: &[MemberGeom],
+        b: &mut Bufs,
+        pm: &PerMember,
         cache: &mut KvCache,
-        mode: AttentionMode,
         exchange: &mut KvExchangeFn,
     ) -> Result<()> {
         let c = self.model.config();
@@ -441,14 +575,15 @@ impl LayerStep<'_> {
         let (n, tpf, li) = (lay.n, lay.tpf, self.li);
         let members = self.members;
         let mine = &lay.mine;
-        ops::ln_modulate(x, d, c.eps, tpf, &s.mods[0], &s.mods[1], &mut s.y);
+        let (sh, sc) = (self.modulation(&b.e0, 0), self.modulation(&b.e0, 1));
+        ops::ln_modulate_frames(&b.x, d, c.eps, tpf, sh, sc, &mut b.y);
         let sa = &self.l.self_attn;
-        linear(&s.y, n, d, &sa.qkv_w, Some(&sa.qkv_b), &mut s.qkv);
+        linear(&b.y, n, d, &sa.qkv_w, Some(&sa.qkv_b), &mut b.qkv);
         // Split q, k, v and RMS-norm q and k, row by row in parallel.
-        s.q.par_chunks_mut(d)
-            .zip(s.k.par_chunks_mut(d))
-            .zip(s.v.par_chunks_mut(d))
-            .zip(s.qkv.par_chunks(3 * d))
+        b.q.par_chunks_mut(d)
+            .zip(b.k.par_chunks_mut(d))
+            .zip(b.v.par_chunks_mut(d))
+            .zip(b.qkv.par_chunks(3 * d))
             .for_each(|(((q, k), v), src)| {
                 q.copy_from_slice(&src[..d]);
                 k.copy_from_slice(&src[d..2 * d]);
@@ -456,19 +591,20 @@ impl LayerStep<'_> {
                 ops::rms_norm_row(q, c.eps, &sa.norm_q);
                 ops::rms_norm_row(k, c.eps, &sa.norm_k);
             });
-        for (&i, table) in mine.iter().zip(rope) {
-            ops::rope_apply(&mut s.q[lay.rows(i)], nh, hd, table);
-            ops::rope_apply(&mut s.k[lay.rows(i)], nh, hd, table);
+        for (&i, table) in mine.iter().zip(pm.rope) {
+            ops::rope_apply(&mut b.q[lay.rows(i)], nh, hd, table);
+            ops::rope_apply(&mut b.k[lay.rows(i)], nh, hd, table);
         }
         // Exchange K/V with the peers, then gather every member's K/V.
-        let (k, v) = (&s.k, &s.v);
-        let own: Vec<OwnKv> = mine
-            .iter()
-            .map(|&i| (i, &k[lay.rows(i)], &v[lay.rows(i)]))
-            .collect();
-        let remote = exchange(li, &own)?;
-        let mut kv_of: Vec<Option<(&[f32], &[f32])>> = vec![None; members.len()];
-        for &(i, kk, vv) in &own {
+        let (k, v) = (&b.k, &b.v);
+        let mut own = SmallList::<OwnKv, 8>::new((0, &[], &[]));
+        for &i in mine {
+            own.push((i, &k[lay.rows(i)], &v[lay.rows(i)]));
+        }
+        let remote = exchange(li, own.as_slice())?;
+        let mut kv_of = SmallList::<Option<(&[f32], &[f32])>, 8>::filled(None, members.len());
+        let kv_of = kv_of.as_mut_slice();
+        for &(i, kk, vv) in own.as_slice() {
             kv_of[i] = Some((kk, vv));
         }
         for r in &remote {
@@ -481,15 +617,15 @@ impl LayerStep<'_> {
             }
             kv_of[r.member] = Some((&r.k, &r.v));
         }
-        for &i in mine {
-            let vis = window::visible(geom, i, cache, mode);
-            let mut segs: Vec<KvSegment> = cache
-                .frame_runs(li, &vis.cache_frames)
-                .into_iter()
-                .map(|(k, v)| KvSegment { k, v })
-                .collect();
-            for (j, r) in vis.members {
-                if let Some((kj, vj)) = kv_of[j] {
+        for (mi, &i) in mine.iter().enumerate() {
+            let empty = KvSegment { k: &[], v: &[] };
+            let mut segs = SmallList::<KvSegment, 16>::new(empty);
+            for &run in &pm.runs[mi] {
+                let (k, v) = cache.slot_run(li, run);
+                segs.push(KvSegment { k, v });
+            }
+            for (j, r) in &pm.vis[mi].members {
+                if let Some((kj, vj)) = kv_of[*j] {
                     let r = r.start * tpf * d..r.end * tpf * d;
                     segs.push(KvSegment {
                         k: &kj[r.clone()],
@@ -497,7 +633,14 @@ impl LayerStep<'_> {
                     });
                 }
             }
-            attention(&s.q[lay.rows(i)], nh, hd, &segs, &mut s.att[lay.rows(i)]);
+            let rows = lay.rows(i);
+            attention(
+                &b.q[rows.clone()],
+                nh,
+                hd,
+                segs.as_slice(),
+                &mut b.att[rows],
+            );
         }
         // Commit context members' K/V (own or received; attention for this layer is done).
         let fl = tpf * d;
@@ -509,68 +652,67 @@ impl LayerStep<'_> {
                 }
             }
         }
-        let (att, y, g) = (&s.att, &mut s.y, Some(&s.mods[2][..]));
-        linear_residual(att, n, d, &sa.o_w, Some(&sa.o_b), y, x, tpf, g);
+        let g = Some(self.modulation(&b.e0, 2));
+        linear_residual(
+            &b.att,
+            n,
+            d,
+            &sa.o_w,
+            Some(&sa.o_b),
+            &mut b.y,
+            &mut b.x,
+            tpf,
+            g,
+        );
         Ok(())
     }
 
     /// Cross-attention to the prompts (consecutive members sharing a prompt run together)
     /// and the residual.
-    fn cross_attention(
-        &self,
-        x: &mut [f32],
-        s: &mut Scratch,
-        prompt_kv: &[Option<PromptKvRef>],
-    ) -> Result<()> {
+    fn cross_attention(&self, b: &mut Bufs) -> Result<()> {
         let c = self.model.config();
         let (d, nh, hd) = (c.dim, c.num_heads, c.head_dim());
         let lay = self.lay;
         let (n, tpf, li) = (lay.n, lay.tpf, self.li);
         let (members, mine) = (self.members, &lay.mine);
         let ca = &self.l.cross_attn;
-        ops::layer_norm_affine(x, d, c.eps, &self.l.norm3_w, &self.l.norm3_b, &mut s.y);
-        linear(
-            &s.y,
-            n,
-            d,
-            &ca.qkv_w[..d * d],
-            Some(&ca.qkv_b[..d]),
-            &mut s.q,
-        );
-        ops::rms_norm(&mut s.q, d, c.eps, &ca.norm_q);
+        let (w3, b3) = (&self.l.norm3_w, &self.l.norm3_b);
+        ops::layer_norm_affine(&b.x, d, c.eps, w3, b3, &mut b.y);
+        let (qw, qb) = (&ca.qkv_w[..d * d], &ca.qkv_b[..d]);
+        linear(&b.y, n, d, qw, Some(qb), &mut b.q);
+        ops::rms_norm(&mut b.q, d, c.eps, &ca.norm_q);
         let mut a = 0;
         while a < mine.len() {
-            let p = members[mine[a]].prompt.id();
-            let mut b = a + 1;
-            while b < mine.len() && members[mine[b]].prompt.id() == p {
-                b += 1;
+            let p = members[mine[a]].prompt;
+            let mut e = a + 1;
+            while e < mine.len() && members[mine[e]].prompt.id() == p.id() {
+                e += 1;
             }
-            let rows =
-                lay.row0[mine[a]] * d..(lay.row0[mine[b - 1]] + lay.frames[mine[b - 1]] * tpf) * d;
-            let (pk, pv) = prompt_kv[mine[a]]
-                .and_then(|kv| kv.get(li))
+            let last = mine[e - 1];
+            let rows = lay.row0[mine[a]] * d..(lay.row0[last] + lay.frames[last] * tpf) * d;
+            let (pk, pv) = p
+                .kv(self.model)?
+                .get(li)
                 .ok_or_else(|| Error::Internal("prompt K/V missing".into()))?;
-            attention(
-                &s.q[rows.clone()],
-                nh,
-                hd,
-                &[KvSegment { k: pk, v: pv }],
-                &mut s.att[rows],
-            );
-            a = b;
+            let seg = [KvSegment { k: pk, v: pv }];
+            attention(&b.q[rows.clone()], nh, hd, &seg, &mut b.att[rows]);
+            a = e;
         }
-        linear_residual(&s.att, n, d, &ca.o_w, Some(&ca.o_b), &mut s.y, x, tpf, None);
+        let (ow, ob) = (&ca.o_w, Some(&ca.o_b[..]));
+        linear_residual(&b.att, n, d, ow, ob, &mut b.y, &mut b.x, tpf, None);
         Ok(())
     }
 
     /// The FFN (modulated LayerNorm, Linear, GELU(tanh), Linear) and its gated residual.
-    fn ffn(&self, x: &mut [f32], s: &mut Scratch) {
+    fn ffn(&self, b: &mut Bufs) {
         let c = self.model.config();
         let (d, n, tpf, l) = (c.dim, self.lay.n, self.lay.tpf, self.l);
-        ops::ln_modulate(x, d, c.eps, tpf, &s.mods[3], &s.mods[4], &mut s.y);
-        linear(&s.y, n, d, &l.ffn0_w, Some(&l.ffn0_b), &mut s.ffn);
-        ops::gelu_tanh(&mut s.ffn);
-        let (h, y, g) = (&s.ffn, &mut s.y, Some(&s.mods[5][..]));
-        linear_residual(h, n, c.ffn_dim, &l.ffn2_w, Some(&l.ffn2_b), y, x, tpf, g);
+        let (sh, sc) = (self.modulation(&b.e0, 3), self.modulation(&b.e0, 4));
+        ops::ln_modulate_frames(&b.x, d, c.eps, tpf, sh, sc, &mut b.y);
+        linear(&b.y, n, d, &l.ffn0_w, Some(&l.ffn0_b), &mut b.ffn);
+        ops::gelu_tanh(&mut b.ffn);
+        let g = Some(self.modulation(&b.e0, 5));
+        let (w2, b2) = (&l.ffn2_w, Some(&l.ffn2_b[..]));
+        linear_residual(&b.ffn, n, c.ffn_dim, w2, b2, &mut b.y, &mut b.x, tpf, g);
     }
 }

@@ -9,6 +9,7 @@
 //! so `y` never goes to memory. Elsewhere `matrixmultiply::sgemm` runs, split by rows or
 //! columns.
 
+use super::ops::FrameVec;
 use rayon::prelude::*;
 
 /// Rows or columns per parallel task below which splitting stops paying off.
@@ -56,8 +57,9 @@ pub fn linear(x: &[f32], n: usize, k: usize, w: &[f32], bias: Option<&[f32]>, ou
 }
 
 /// `resid[r, ·] += (x · Wᵀ + b)[r, ·] · gate[r / tokens_per_frame, ·]` (`gate` `None`: a
-/// plain residual add): [`linear`] then [`super::ops::gated_residual`], fused where the
-/// AVX-512 kernels run (then `tmp`, `n × o` scratch, is not touched).
+/// plain residual add; a [`FrameVec`] gate is its table row plus its bias): [`linear`] then
+/// [`super::ops::gated_residual_frames`], fused where the AVX-512 kernels run (then `tmp`,
+/// `n × o` scratch, is not touched).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_residual(
     x: &[f32],
@@ -68,17 +70,19 @@ pub fn linear_residual(
     tmp: &mut [f32],
     resid: &mut [f32],
     tokens_per_frame: usize,
-    gate: Option<&[f32]>,
+    gate: Option<FrameVec>,
 ) {
     let o = w.len() / k.max(1);
     #[cfg(all(bc_avx512, target_arch = "x86_64"))]
     if super::simd::avx512() && n > 0 && o > 0 {
+        let frames = n.div_ceil(tokens_per_frame.max(1));
         assert!(
             x.len() == n * k
                 && w.len() == o * k
                 && resid.len() == n * o
                 && bias.is_none_or(|b| b.len() == o)
-                && gate.is_none_or(|g| g.len() >= n.div_ceil(tokens_per_frame.max(1)) * o),
+                && gate.is_none_or(|g| g.table.len() >= (frames - 1) * g.stride + o
+                    && g.bias.is_none_or(|b| b.len() >= o)),
             "linear_residual: shapes do not match"
         );
         let p = SendPtr(resid.as_mut_ptr());
@@ -94,21 +98,18 @@ pub fn linear_residual(
             &|r, c0, vals: &[f32]| unsafe {
                 let q = p;
                 let dst = std::slice::from_raw_parts_mut(q.0.add(r * o + c0), vals.len());
-                match gate {
-                    Some(g) => {
-                        let g = &g[(r / tpf) * o + c0..][..vals.len()];
-                        for ((d, v), g) in dst.iter_mut().zip(vals).zip(g) {
-                            *d += v * g;
-                        }
-                    }
-                    None => dst.iter_mut().zip(vals).for_each(|(d, v)| *d += v),
-                }
+                let c1 = c0 + vals.len();
+                let g = gate.map(|g| {
+                    let (t, b) = g.row(r / tpf, c1);
+                    (&t[c0..], b.map(|b| &b[c0..]))
+                });
+                super::ops::gate_row(dst, vals, g);
             },
         );
         return;
     }
     linear(x, n, k, w, bias, tmp);
-    super::ops::gated_residual(resid, tmp, o, tokens_per_frame, gate);
+    super::ops::gated_residual_frames(resid, tmp, o, tokens_per_frame, gate);
 }
 
 /// `out[n, o] = x · Wᵀ` with the rows of `W` (`[o, k]`) produced by `rows(r0, buf)`, which
@@ -298,8 +299,12 @@ mod fast {
         epi: &(dyn Fn(usize, usize, &[f32]) + Sync),
     ) {
         let panels = n.div_ceil(PW);
-        PACK.with(|pack| {
-            let mut pack = pack.borrow_mut();
+        // Taken out of the thread-local for the call (and put back after): a linear that
+        // starts on this thread while this one waits for its tasks (rayon work stealing)
+        // finds it empty and uses its own instead of failing on a held borrow.
+        let mut taken = PACK.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        {
+            let pack = &mut taken;
             if pack.len() < panels * PW * k {
                 pack.resize(panels * PW * k, 0.0);
             }
@@ -354,7 +359,8 @@ mod fast {
                     });
                 });
             });
-        });
+        }
+        PACK.with(|p| *p.borrow_mut() = taken);
     }
 
     /// One task: output columns `[cg·CG, ..)`, panels `[ng·NG, ..)`.
@@ -501,7 +507,8 @@ mod tests {
             for g in [Some(&gate[..]), None] {
                 let mut got = resid.clone();
                 let mut tmp = vec![0f32; n * o];
-                linear_residual(&x, n, k, &w, Some(&b), &mut tmp, &mut got, tpf, g);
+                let fv = g.map(|g| FrameVec::plain(g, o));
+                linear_residual(&x, n, k, &w, Some(&b), &mut tmp, &mut got, tpf, fv);
                 for i in 0..n * o {
                     let gv = g.map_or(1.0, |g| g[(i / o / tpf) * o + i % o]);
                     let e = resid[i] + r[i] * gv;
@@ -513,5 +520,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A gate read as a [`FrameVec`] (rows of a wider table plus a bias, as the forward reads
+    /// `e0` and the layer's modulation) gives what the summed `[frames, o]` table gives, bit
+    /// for bit, fused or not.
+    #[test]
+    fn frame_vec_gate_equals_the_summed_table() {
+        let mut rng = crate::rng::Rng::new(12);
+        let (n, k, o, tpf, stride) = (90usize, 40, 70, 30, 3 * 70);
+        let frames = n.div_ceil(tpf);
+        let x: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+        let w: Vec<f32> = (0..o * k).map(|_| rng.normal()).collect();
+        let table: Vec<f32> = (0..frames * stride).map(|_| rng.normal()).collect();
+        let bias: Vec<f32> = (0..o).map(|_| rng.normal()).collect();
+        let resid: Vec<f32> = (0..n * o).map(|_| rng.normal()).collect();
+        let off = 70;
+        let summed: Vec<f32> = (0..frames * o)
+            .map(|i| table[(i / o) * stride + off + i % o] + bias[i % o])
+            .collect();
+        let fv = FrameVec {
+            table: &table[off..],
+            stride,
+            bias: Some(&bias),
+        };
+        let mut tmp = vec![0f32; n * o];
+        let mut want = resid.clone();
+        linear_residual(
+            &x,
+            n,
+            k,
+            &w,
+            None,
+            &mut tmp,
+            &mut want,
+            tpf,
+            Some(FrameVec::plain(&summed, o)),
+        );
+        let mut got = resid.clone();
+        linear_residual(&x, n, k, &w, None, &mut tmp, &mut got, tpf, Some(fv));
+        assert_eq!(got, want);
+        let mut y = vec![0f32; n * o];
+        linear(&x, n, k, &w, None, &mut y);
+        let mut port = resid.clone();
+        super::super::ops::gated_residual_frames(&mut port, &y, o, tpf, Some(fv));
+        let mut port_want = resid.clone();
+        super::super::ops::gated_residual(&mut port_want, &y, o, tpf, Some(&summed));
+        assert_eq!(port, port_want);
     }
 }

@@ -23,6 +23,43 @@ fn row_stats(row: &[f32], eps: f64) -> (f32, f32) {
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
+/// A per-frame conditioning vector as the CUDA kernels read it: row `d` of frame `f` is
+/// `table[f·stride + d] + bias[d]`. A DiT layer's shift, scale and gate are slices of the time
+/// projection `e0` (`[frames, 6·dim]`, stride `6·dim`) plus that layer's learned modulation as
+/// the bias, so no per-layer table of their sums is built.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameVec<'a> {
+    /// `[frames, stride]` (the first `dim` values of each frame's row are read).
+    pub table: &'a [f32],
+    /// Values between consecutive frames' rows.
+    pub stride: usize,
+    /// Added to every frame's row (`None`: nothing).
+    pub bias: Option<&'a [f32]>,
+}
+
+impl<'a> FrameVec<'a> {
+    /// A plain `[frames, dim]` table.
+    pub fn plain(table: &'a [f32], dim: usize) -> Self {
+        FrameVec {
+            table,
+            stride: dim,
+            bias: None,
+        }
+    }
+
+    /// Frame `f`'s row: `(table row, bias)`, each `dim` values.
+    ///
+    /// # Panics
+    /// When the table or the bias is shorter than that.
+    #[inline]
+    pub fn row(&self, f: usize, dim: usize) -> (&'a [f32], Option<&'a [f32]>) {
+        (
+            &self.table[f * self.stride..f * self.stride + dim],
+            self.bias.map(|b| &b[..dim]),
+        )
+    }
+}
+
 /// `out = LayerNorm(x) * (1 + scale[frame]) + shift[frame]` (LayerNorm without affine).
 pub fn ln_modulate(
     x: &[f32],
@@ -33,6 +70,22 @@ pub fn ln_modulate(
     scale: &[f32],
     out: &mut [f32],
 ) {
+    let (sh, sc) = (FrameVec::plain(shift, dim), FrameVec::plain(scale, dim));
+    ln_modulate_frames(x, dim, eps, tokens_per_frame, sh, sc, out);
+}
+
+/// [`ln_modulate`] with shift and scale read as [`FrameVec`]s (the CUDA side's
+/// `bc_ln_modulate`): `out = LN(x) * (1 + (scale[f] + scale_bias)) + (shift[f] + shift_bias)`,
+/// one pass per row (statistics, then the modulated output).
+pub fn ln_modulate_frames(
+    x: &[f32],
+    dim: usize,
+    eps: f64,
+    tokens_per_frame: usize,
+    shift: FrameVec,
+    scale: FrameVec,
+    out: &mut [f32],
+) {
     out.par_chunks_mut(dim * ROWS_PER_TASK)
         .zip(x.par_chunks(dim * ROWS_PER_TASK))
         .enumerate()
@@ -40,10 +93,24 @@ pub fn ln_modulate(
             for (i, (o, xr)) in oc.chunks_mut(dim).zip(xc.chunks(dim)).enumerate() {
                 let f = (c * ROWS_PER_TASK + i) / tokens_per_frame;
                 let (m, r) = row_stats(xr, eps);
-                let sh = &shift[f * dim..(f + 1) * dim];
-                let sc = &scale[f * dim..(f + 1) * dim];
-                for d in 0..dim {
-                    o[d] = (xr[d] - m) * r * (1.0 + sc[d]) + sh[d];
+                match (shift.row(f, dim), scale.row(f, dim)) {
+                    ((sh, Some(shb)), (sc, Some(scb))) => {
+                        for d in 0..dim {
+                            o[d] = (xr[d] - m) * r * (1.0 + (sc[d] + scb[d])) + (sh[d] + shb[d]);
+                        }
+                    }
+                    ((sh, None), (sc, None)) => {
+                        for d in 0..dim {
+                            o[d] = (xr[d] - m) * r * (1.0 + sc[d]) + sh[d];
+                        }
+                    }
+                    ((sh, shb), (sc, scb)) => {
+                        let b = |v: Option<&[f32]>, d: usize| v.map_or(0.0, |v| v[d]);
+                        for d in 0..dim {
+                            o[d] =
+                                (xr[d] - m) * r * (1.0 + (sc[d] + b(scb, d))) + sh[d] + b(shb, d);
+                        }
+                    }
                 }
             }
         });
@@ -71,27 +138,46 @@ pub fn gated_residual(
     tokens_per_frame: usize,
     gate: Option<&[f32]>,
 ) {
+    let gate = gate.map(|g| FrameVec::plain(g, dim));
+    gated_residual_frames(x, delta, dim, tokens_per_frame, gate);
+}
+
+/// [`gated_residual`] with the gate read as a [`FrameVec`] (the CUDA side's
+/// `bc_gated_residual`): `x += delta * (gate[f] + gate_bias)`.
+pub fn gated_residual_frames(
+    x: &mut [f32],
+    delta: &[f32],
+    dim: usize,
+    tokens_per_frame: usize,
+    gate: Option<FrameVec>,
+) {
     x.par_chunks_mut(dim * ROWS_PER_TASK)
         .zip(delta.par_chunks(dim * ROWS_PER_TASK))
         .enumerate()
         .for_each(|(c, (xc, dc))| {
             for (i, (xr, dr)) in xc.chunks_mut(dim).zip(dc.chunks(dim)).enumerate() {
-                match gate {
-                    Some(g) => {
-                        let f = (c * ROWS_PER_TASK + i) / tokens_per_frame;
-                        let g = &g[f * dim..(f + 1) * dim];
-                        for d in 0..dim {
-                            xr[d] += dr[d] * g[d];
-                        }
-                    }
-                    None => {
-                        for d in 0..dim {
-                            xr[d] += dr[d];
-                        }
-                    }
-                }
+                let f = (c * ROWS_PER_TASK + i) / tokens_per_frame;
+                gate_row(xr, dr, gate.map(|g| g.row(f, dim)));
             }
         });
+}
+
+/// `x += delta * (gate + bias)` on one row (`gate` `None`: `x += delta`).
+#[inline]
+pub(crate) fn gate_row(x: &mut [f32], delta: &[f32], gate: Option<(&[f32], Option<&[f32]>)>) {
+    match gate {
+        Some((g, Some(b))) => {
+            for (((x, d), g), b) in x.iter_mut().zip(delta).zip(g).zip(b) {
+                *x += d * (g + b);
+            }
+        }
+        Some((g, None)) => {
+            for ((x, d), g) in x.iter_mut().zip(delta).zip(g) {
+                *x += d * g;
+            }
+        }
+        None => x.iter_mut().zip(delta).for_each(|(x, d)| *x += d),
+    }
 }
 
 /// In place RMSNorm over each row of `dim` values: `x / sqrt(mean(x²) + eps) * w`.
@@ -140,22 +226,43 @@ pub fn rope_table(
     hp: usize,
     wp: usize,
 ) -> Vec<(f32, f32)> {
+    let mut out = Vec::new();
+    rope_table_into(head_dim, first_frame, frames, hp, wp, &mut out);
+    out
+}
+
+/// [`rope_table`] into a reused buffer (resized to fit), so a tick need not allocate.
+pub fn rope_table_into(
+    head_dim: usize,
+    first_frame: usize,
+    frames: usize,
+    hp: usize,
+    wp: usize,
+    out: &mut Vec<(f32, f32)>,
+) {
     let half = head_dim / 2;
     let tpf = hp * wp;
-    let mut out = vec![(0f32, 0f32); frames * tpf * half];
-    out.par_chunks_mut(half).enumerate().for_each(|(r, row)| {
-        let pos = [
-            (first_frame + r / tpf) as f64,
-            ((r / wp) % hp) as f64,
-            (r % wp) as f64,
-        ];
-        let mut ang = vec![0f64; half];
-        rope_angles(head_dim, pos, &mut ang);
-        for (o, a) in row.iter_mut().zip(&ang) {
-            *o = (a.cos() as f32, a.sin() as f32);
-        }
-    });
-    out
+    out.clear();
+    out.resize(frames * tpf * half, (0.0, 0.0));
+    let parts = rope_parts(head_dim);
+    out.par_chunks_mut(half.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let pos = [
+                (first_frame + r / tpf) as f64,
+                ((r / wp) % hp) as f64,
+                (r % wp) as f64,
+            ];
+            // The angles of `rope_angles`, pair by pair.
+            let mut j = 0;
+            for (axis, &n) in parts.iter().enumerate() {
+                for i in 0..n / 2 {
+                    let a = pos[axis] * 10000f64.powf(-2.0 * i as f64 / n as f64);
+                    row[j] = (a.cos() as f32, a.sin() as f32);
+                    j += 1;
+                }
+            }
+        });
 }
 
 /// Applies a [`rope_table`] in place to rows of `heads * head_dim` values: adjacent pairs
@@ -230,14 +337,19 @@ pub fn silu(x: &mut [f32]) {
 
 /// Sinusoidal timestep embedding `[cos(t*w_i), sin(t*w_i)]`, `w_i = 10000^(-i/half)`, in f64.
 pub fn sinusoidal(freq_dim: usize, t: f64) -> Vec<f32> {
-    let half = freq_dim / 2;
     let mut out = vec![0f32; freq_dim];
+    sinusoidal_into(t, &mut out);
+    out
+}
+
+/// [`sinusoidal`] into `out` (`freq_dim` values; an odd last value is left as it is).
+pub fn sinusoidal_into(t: f64, out: &mut [f32]) {
+    let half = out.len() / 2;
     for i in 0..half {
         let a = t * 10000f64.powf(-(i as f64) / half as f64);
         out[i] = a.cos() as f32;
         out[half + i] = a.sin() as f32;
     }
-    out
 }
 
 /// Latents `[frames, 16, h, w]` to patch rows `[frames*(h/2)*(w/2), 64]`, element order (c, dh, dw).
@@ -368,6 +480,51 @@ mod tests {
                 * u
                 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (u + 0.044715 * u * u * u)).tanh());
             assert!((*g as f64 - e).abs() < 1e-6 * (1.0 + e.abs()), "{g} vs {e}");
+        }
+    }
+
+    /// Shift and scale read as table rows plus a bias give what the summed tables give, bit
+    /// for bit (the same f32 sums, in place).
+    #[test]
+    fn ln_modulate_frames_equals_the_summed_tables() {
+        let mut r = crate::rng::Rng::new(5);
+        let (dim, tpf, frames, stride) = (24usize, 5, 3, 6 * 24);
+        let mut v = |n: usize| (0..n).map(|_| r.normal()).collect::<Vec<f32>>();
+        let x = v(tpf * frames * dim);
+        let e0 = v(frames * stride);
+        let m = v(6 * dim);
+        let sum = |j: usize| -> Vec<f32> {
+            (0..frames * dim)
+                .map(|i| m[j * dim + i % dim] + e0[(i / dim) * stride + j * dim + i % dim])
+                .collect()
+        };
+        let mut want = vec![0f32; x.len()];
+        ln_modulate(&x, dim, 1e-6, tpf, &sum(3), &sum(4), &mut want);
+        let fv = |j: usize| FrameVec {
+            table: &e0[j * dim..],
+            stride,
+            bias: Some(&m[j * dim..(j + 1) * dim]),
+        };
+        let mut got = vec![0f32; x.len()];
+        ln_modulate_frames(&x, dim, 1e-6, tpf, fv(3), fv(4), &mut got);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn rope_table_matches_the_angles() {
+        let (hd, hp, wp) = (12usize, 2, 3);
+        let t = rope_table(hd, 4, 2, hp, wp);
+        let mut ang = vec![0f64; hd / 2];
+        for r in 0..2 * hp * wp {
+            let pos = [
+                (4 + r / (hp * wp)) as f64,
+                ((r / wp) % hp) as f64,
+                (r % wp) as f64,
+            ];
+            rope_angles(hd, pos, &mut ang);
+            for (j, a) in ang.iter().enumerate() {
+                assert_eq!(t[r * hd / 2 + j], (a.cos() as f32, a.sin() as f32));
+            }
         }
     }
 

@@ -35,6 +35,11 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_patchify",
     "bc_unpatchify",
     "bc_copy",
+    "bc_conv",
+    "bc_dec_latent_in",
+    "bc_dec_rms_norm",
+    "bc_dec_upsample2x",
+    "bc_dec_to_pixels",
     "bc_test_mma",
 ];
 
@@ -104,6 +109,16 @@ pub enum Kernel {
     Unpatchify,
     /// `bc_copy` ([`BcCopyParams`]).
     Copy,
+    /// `bc_conv` ([`BcConvParams`]): the decoders' implicit-GEMM convolution.
+    Conv,
+    /// `bc_dec_latent_in` ([`BcDecLatentInParams`]).
+    DecLatentIn,
+    /// `bc_dec_rms_norm` ([`BcDecRmsNormParams`]).
+    DecRmsNorm,
+    /// `bc_dec_upsample2x` ([`BcDecUpsampleParams`]).
+    DecUpsample2x,
+    /// `bc_dec_to_pixels` ([`BcDecToPixelsParams`]).
+    DecToPixels,
     /// Emulation-only test kernel `bc_test_sync` (see `cuda/emu/test_kernels.cu`).
     TestSync,
     /// Tensor-core layout test kernel `bc_test_mma` (see `cuda/test/test_mma.cu`).
@@ -112,7 +127,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -127,6 +142,11 @@ impl Kernel {
         Kernel::Patchify,
         Kernel::Unpatchify,
         Kernel::Copy,
+        Kernel::Conv,
+        Kernel::DecLatentIn,
+        Kernel::DecRmsNorm,
+        Kernel::DecUpsample2x,
+        Kernel::DecToPixels,
         Kernel::TestSync,
         Kernel::TestMma,
     ];
@@ -148,6 +168,11 @@ impl Kernel {
             Kernel::Patchify => "bc_patchify",
             Kernel::Unpatchify => "bc_unpatchify",
             Kernel::Copy => "bc_copy",
+            Kernel::Conv => "bc_conv",
+            Kernel::DecLatentIn => "bc_dec_latent_in",
+            Kernel::DecRmsNorm => "bc_dec_rms_norm",
+            Kernel::DecUpsample2x => "bc_dec_upsample2x",
+            Kernel::DecToPixels => "bc_dec_to_pixels",
             Kernel::TestSync => "bc_test_sync",
             Kernel::TestMma => "bc_test_mma",
         }

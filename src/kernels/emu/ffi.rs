@@ -89,6 +89,31 @@ extern "C" {
         n: usize,
     ) -> c_int;
     fn bc_emu_bc_copy(d: *const BcLaunchDims, p: *const c_void, e: *mut c_char, n: usize) -> c_int;
+    fn bc_emu_bc_conv(d: *const BcLaunchDims, p: *const c_void, e: *mut c_char, n: usize) -> c_int;
+    fn bc_emu_bc_dec_latent_in(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_dec_rms_norm(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_dec_upsample2x(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_dec_to_pixels(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_test_sync(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -120,6 +145,11 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::Patchify => bc_emu_bc_patchify,
         Kernel::Unpatchify => bc_emu_bc_unpatchify,
         Kernel::Copy => bc_emu_bc_copy,
+        Kernel::Conv => bc_emu_bc_conv,
+        Kernel::DecLatentIn => bc_emu_bc_dec_latent_in,
+        Kernel::DecRmsNorm => bc_emu_bc_dec_rms_norm,
+        Kernel::DecUpsample2x => bc_emu_bc_dec_upsample2x,
+        Kernel::DecToPixels => bc_emu_bc_dec_to_pixels,
         Kernel::TestSync => bc_emu_bc_test_sync,
         Kernel::TestMma => bc_emu_bc_test_mma,
     }

@@ -188,3 +188,45 @@ fn bad_decode_input_is_one_error_and_writes_nothing() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// `decode --backend cuda` on the emulated device: TAEHV's golden video within the device's
+/// bf16 bound (f32 through `.safetensors`, RGB8 through `.y4m`); the Wan VAE, not on the device
+/// yet, is one clear error with nothing written.
+#[test]
+fn decode_on_the_emulated_cuda_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = case("taehv-tiny");
+    let lat = c.join("latents.safetensors");
+    let run_cuda = |vae: &Path, out: &Path| {
+        bin()
+            .env("BC_CUDA_EMULATE", "1")
+            .args(["decode", "--backend", "cuda", "--vae"])
+            .arg(vae)
+            .arg("--latents")
+            .arg(&lat)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("taehv.safetensors");
+    let o = run_cuda(&c.join("taehv"), &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = TensorFile::open(&out).unwrap();
+    let got = f.tensor_f32("video", None).unwrap();
+    let want = TensorFile::open(&c.join("expected.safetensors"))
+        .unwrap()
+        .tensor_f32("video", None)
+        .unwrap();
+    let err = rel_l2(&got, &want);
+    assert!(err < 2e-2, "device decode vs upstream: rel L2 {err}");
+    let y4m = dir.path().join("taehv.y4m");
+    let o = run_cuda(&c.join("taehv"), &y4m);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::metadata(&y4m).unwrap().len() > 21 * 32 * 48);
+
+    let wan_out = dir.path().join("wan.y4m");
+    let o = run_cuda(&case("wan-vae-tiny").join("vae"), &wan_out);
+    assert_clean_error(&o, "CPU");
+    assert!(!wan_out.exists());
+}

@@ -169,6 +169,10 @@ struct DecodeArgs {
     /// Latent frames decoded per step (the stream's block size; the result does not depend on it).
     #[arg(long, default_value_t = 3)]
     block_frames: usize,
+    /// Where to decode: the CPU (f32, exact) or a CUDA device (TAEHV only so far; bf16
+    /// kernels, only the pixels cross back; `BC_CUDA_EMULATE=1`: the emulated device).
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
@@ -1043,13 +1047,12 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
     let latents = file.tensor_f32("latents", Some(&shape))?;
     let (h, w) = decoder.pixel_size(lh, lw);
     let mut writer = VideoWriter::create(&a.out, w, h, &a.video.options())?;
-    let mut stream = decoder.stream(lh, lw)?;
+    let mut push = block_decoder(&decoder, a.backend, lh, lw, &writer)?;
     let per_frame = channels * lh * lw;
     let started = std::time::Instant::now();
     for (i, chunk) in latents.chunks(a.block_frames * per_frame).enumerate() {
         let n = chunk.len() / per_frame;
-        let video = stream.push(chunk, n)?;
-        writer.write_frames(&video.data, video.frames)?;
+        push(chunk, n, &mut writer)?;
         if !a.quiet {
             let done = (i * a.block_frames + n).min(frames);
             eprintln!(
@@ -1069,6 +1072,47 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Decodes one block of latent frames into `writer`.
+type PushBlock<'d> = Box<dyn FnMut(&[f32], usize, &mut VideoWriter) -> Result<()> + 'd>;
+
+/// The block decoder of `decode --backend`: the CPU stream, or the device decoder (RGB8 from
+/// the device; f32 for `.safetensors`).
+fn block_decoder<'d>(
+    decoder: &'d Decoder,
+    backend: BackendArg,
+    lh: usize,
+    lw: usize,
+    writer: &VideoWriter,
+) -> Result<PushBlock<'d>> {
+    match backend {
+        BackendArg::Cpu => {
+            let mut stream = decoder.stream(lh, lw)?;
+            Ok(Box::new(move |z, n, wr| {
+                let v = stream.push(z, n)?;
+                wr.write_frames(&v.data, v.frames)
+            }))
+        }
+        BackendArg::Cuda => {
+            use blockcascade::backend::cuda::device::{env_flag, Gpu};
+            let gpu = if env_flag("BC_CUDA_EMULATE") {
+                Gpu::open_emulated()?
+            } else {
+                Gpu::open(0)?
+            };
+            let mut dev = blockcascade::decode::CudaDecoder::new(decoder, gpu)?;
+            dev.begin(lh, lw)?;
+            let want_f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
+            Ok(Box::new(move |z, n, wr| {
+                let out = dev.push(z, n, want_f32)?;
+                match &out.f32 {
+                    Some(f) => wr.write_frames(f, out.frames),
+                    None => wr.write_rgb8(&out.rgb, out.frames),
+                }
+            }))
+        }
+    }
 }
 
 fn encode_prompt(a: EncodePromptArgs) -> Result<()> {

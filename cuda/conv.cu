@@ -16,7 +16,8 @@
 // Epilogue: + bias (f32), + residual (bf16, the Wan residual block's shortcut and TAEHV's
 // MemBlock skip), then ReLU or SiLU; bf16 or f32 store. The output channel n lands in frame
 // n / out_split (channel n % out_split): TAEHV's TGrow and the Wan VAE's time_conv write their
-// frames straight from the epilogue, no reshape pass.
+// frames straight from the epilogue, no reshape pass; `out_cstride` > 1 writes the output
+// transposed (channel-major), which the Wan VAE's attention uses for V^T.
 //
 // Layout: activations NHWC bf16, one frame `[H*W][stride]`; weights bf16 `[cout][kt][kh][kw][cin]`
 // (packed from PyTorch's `[cout][cin][kt][kh][kw]` at upload: a GEMM row of B is one output
@@ -29,6 +30,8 @@
 // 8 rows of every ldmatrix hit distinct 16-byte bank groups), double-buffered: the cp.async of
 // k-step i + 1 is in flight while the mma of step i run. A fragments by ldmatrix.x4, B
 // fragments by ldmatrix.x4 of the row-major weight tile (as K in cuda/attention.cu).
+// The Wan VAE's attention runs on this kernel too: S = Q K^T is a 1x1 "conv" of Q with K as
+// its weights (cout = pixels), O = P V one of P with V^T as weights (cin = pixels).
 // Masked edges: pixels past H*W, taps outside the frame (the zero padding), channels past a
 // source's count and output channels past cout are zero-filled by the copy itself (cp.async
 // src-size 0), so any H, W, cin, cout is correct. When a channel count, stride or pointer is
@@ -210,7 +213,8 @@ extern "C" __global__ void __launch_bounds__(CV_NT, 2) bc_conv(BcConvParams p) {
                     if (p.res) v += __bfloat162float(p.res[(size_t)m * p.res_stride + n]);
                     v = cv_act(v, p.act);
                     const int f = n / p.out_split;
-                    const size_t o = (size_t)f * p.out_frame_stride + (size_t)m * p.out_stride + (n - f * p.out_split);
+                    const size_t o = (size_t)f * p.out_frame_stride + (size_t)m * p.out_stride +
+                                     (size_t)(n - f * p.out_split) * p.out_cstride;
                     if (p.out_f32)
                         static_cast<float*>(p.out)[o] = v;
                     else

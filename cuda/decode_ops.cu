@@ -12,6 +12,8 @@
 //                    RGB8 `[H*W][3]` by `Video::to_rgb8`'s rule `(u8)(clamp(v,-1,1)*127.5+127.5)`
 //                    (truncation; the multiply and add are separately rounded, never fused, so
 //                    the bytes equal the host's).
+// bc_dec_softmax:    row-wise softmax of f32 scores (scaled), bf16 probabilities: the Wan VAE's
+//                    attention between its two GEMMs on bc_conv (S = Q K^T, O = P V).
 // TAEHV's TGrow reshape and the Wan VAE's time_conv frame split are done by the conv
 // epilogue (`out_split`); ReLU/SiLU after a conv are fused there too; standalone SiLU on bf16
 // is `bc_activation`.
@@ -87,3 +89,24 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) bc_dec_to_pixels(BcDec
     }
 }
 BC_EMU_ENTRY(bc_dec_to_pixels, BcDecToPixelsParams)
+
+extern "C" __global__ void __launch_bounds__(BC_ROW_THREADS) bc_dec_softmax(BcDecSoftmaxParams p) {
+    __shared__ float scratch[BC_ROW_THREADS / 32];
+    const float* s = p.s + (size_t)blockIdx.x * p.n;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < p.n; j += BC_ROW_THREADS) mx = fmaxf(mx, s[j]);
+    mx = bc_warp_max(mx);
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = mx;
+    __syncthreads();
+    mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < BC_ROW_THREADS / 32; ++w) mx = fmaxf(mx, scratch[w]);
+    __syncthreads();
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < p.n; j += BC_ROW_THREADS) sum += expf((s[j] - mx) * p.scale);
+    sum = bc_block_sum<BC_ROW_THREADS>(sum, scratch);
+    const float inv = 1.f / sum;
+    __nv_bfloat16* out = p.p + (size_t)blockIdx.x * p.n;
+    for (int j = threadIdx.x; j < p.n; j += BC_ROW_THREADS) out[j] = __float2bfloat16(expf((s[j] - mx) * p.scale) * inv);
+}
+BC_EMU_ENTRY(bc_dec_softmax, BcDecSoftmaxParams)

@@ -190,8 +190,8 @@ fn bad_decode_input_is_one_error_and_writes_nothing() {
 }
 
 /// `decode --backend cuda` on the emulated device: TAEHV's golden video within the device's
-/// bf16 bound (f32 through `.safetensors`, RGB8 through `.y4m`); the Wan VAE, not on the device
-/// yet, is one clear error with nothing written.
+/// bf16 bound (f32 through `.safetensors`, RGB8 through `.y4m`); bad latents are one clear
+/// error with nothing written.
 #[test]
 fn decode_on_the_emulated_cuda_device() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,8 +225,18 @@ fn decode_on_the_emulated_cuda_device() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(std::fs::metadata(&y4m).unwrap().len() > 21 * 32 * 48);
 
-    let wan_out = dir.path().join("wan.y4m");
-    let o = run_cuda(&case("wan-vae-tiny").join("vae"), &wan_out);
-    assert_clean_error(&o, "CPU");
-    assert!(!wan_out.exists());
+    // A bad latent file is one clear error on this path too, with nothing written.
+    let bad = dir.path().join("bad.y4m");
+    let o = bin()
+        .env("BC_CUDA_EMULATE", "1")
+        .args(["decode", "--backend", "cuda", "--vae"])
+        .arg(c.join("taehv"))
+        .arg("--latents")
+        .arg(c.join("expected.safetensors"))
+        .arg("--out")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_clean_error(&o, "latents");
+    assert!(!bad.exists());
 }

@@ -425,7 +425,7 @@ typedef struct BcConvSource {
  * sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.
  * Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output
  * channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *
- * out_frame_stride + m * out_stride` (TAEHV's TGrow and the Wan VAE's time_conv split their
+ * out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their
  * channels into frames this way; `out_split = cout` for a plain conv).
  * Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS. */
 typedef struct BcConvParams {
@@ -470,6 +470,11 @@ typedef struct BcConvParams {
     /** 1: every source's channels and stride and `cin` are multiples of 8 and every pointer is
      * 16-byte aligned, so tiles load with 16-byte cp.async; 0: element loads. */
     bc_i32 vec;
+    /** Elements between consecutive output channels (1: NHWC; the pixel count: a transposed
+     * `[channels][pixels]` output, as the attention's V^T). */
+    bc_i32 out_cstride;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
 } BcConvParams;
 
 /** `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16
@@ -560,5 +565,23 @@ typedef struct BcDecToPixelsParams {
     /** 1: clamp the f32 output to [-1, 1] (the Wan VAE; TAEHV's is not clamped). */
     bc_i32 clamp;
 } BcDecToPixelsParams;
+
+/** `bc_dec_softmax`: row-wise softmax of f32 scores, `p[r][j] = exp(scale * (s[r][j] - max_j
+ * s[r][j])) / sum` (scale >= 0), stored bf16: the probabilities of the Wan VAE's single-head
+ * attention over the pixels of a frame. Grid (rows), block BC_ROW_THREADS. */
+typedef struct BcDecSoftmaxParams {
+    /** `[rows][n]` f32 scores. */
+    const float *s;
+    /** `[rows][n]` bf16 probabilities. */
+    bc_bf16 *p;
+    /** Rows. */
+    bc_i32 rows;
+    /** Columns. */
+    bc_i32 n;
+    /** Score scale (`1/sqrt(C)`), >= 0. */
+    float scale;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcDecSoftmaxParams;
 
 #endif /* BLOCKCASCADE_PARAMS_H */

@@ -169,8 +169,8 @@ struct DecodeArgs {
     /// Latent frames decoded per step (the stream's block size; the result does not depend on it).
     #[arg(long, default_value_t = 3)]
     block_frames: usize,
-    /// Where to decode: the CPU (f32, exact) or a CUDA device (TAEHV only so far; bf16
-    /// kernels, only the pixels cross back; `BC_CUDA_EMULATE=1`: the emulated device).
+    /// Where to decode: the CPU (f32, exact) or a CUDA device (bf16 kernels, only the pixels
+    /// cross back; `BC_CUDA_EMULATE=1`: the emulated device).
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
     /// No progress output.

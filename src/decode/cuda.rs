@@ -1,55 +1,41 @@
-//! The TAEHV decoder on a CUDA device (a GPU through the driver, or the emulated device in CI):
-//! the same layer walk as the CPU decoder (`taehv.rs`, depth first, one frame per level alive),
-//! with the convolutions on `cuda/conv.cu` and the small ops on `cuda/decode_ops.cu`.
+//! Both decoders on a CUDA device (a GPU through the driver, or the emulated device in CI): the
+//! same layer walks as the CPU decoders (depth first, one frame per level alive), with every
+//! convolution on `cuda/conv.cu` and the small ops on `cuda/decode_ops.cu`.
 //!
-//! Weights are uploaded once (bf16, packed `[cout][kt][kh][kw][cin]`; biases f32). A stream's
-//! MemBlock memories live on the device (one NHWC bf16 frame per MemBlock) and are carried from
-//! block to block; activations come from a pool of device buffers that grows to the peak live set
-//! of the first frames and is reused after. Per pushed block only the latents go up and only the
-//! pixels come back: RGB8 `[T][H][W][3]` always, f32 `[T][3][H][W]` when asked.
+//! This file holds what both share ([`Dev`]: the device, weight upload, a pool of activation
+//! buffers, launches, the pixel output) and the public [`CudaDecoder`]; `cuda/taehv.rs` and
+//! `cuda/wan.rs` are the two walks.
 //!
-//! Fusions over the CPU walk: TAEHV's input `Clamp` is applied while the latents are turned
-//! NHWC (`bc_dec_latent_in`); every ReLU after a conv, and a MemBlock's `+ skip(x)` and final
-//! ReLU, are in the conv epilogue; `TGrow` writes its frames from the conv epilogue; a conv after
-//! an `Upsample` reads through it; the last conv writes f32, and `2x - 1` and the RGB8 conversion
-//! are one kernel.
+//! Weights are uploaded once (bf16, packed `[cout][kt][kh][kw][cin]`; biases and norm gains f32).
+//! A stream's causal state (TAEHV's MemBlock memories, the Wan VAE's two-frame conv caches) lives
+//! on the device and is carried from block to block; activations come from a pool of device
+//! buffers that grows to the peak live set of the first frames and is reused after. Per pushed
+//! block only the latents go up and only the pixels come back: RGB8 `[T][H][W][3]` always, f32
+//! `[T][3][H][W]` when asked.
 //!
-//! Precision: bf16 activations and weights, f32 accumulation; against the f32 CPU decoder and
-//! upstream's golden output within 2e-2 relative L2 (tests/decode_cuda_emulated.rs).
+//! Precision: bf16 activations, weights and caches, f32 accumulation; the last conv writes f32.
+//! Against upstream's golden output within 2e-2 relative L2 (tests/decode_cuda_emulated.rs).
 
-use super::taehv::{Layer, Taehv};
-use super::{Decoder, DecoderKind, Inner};
+mod taehv;
+mod wan;
+
+use super::conv::Conv;
+use super::{Decoder, Inner};
 use crate::backend::cuda::device::{DevPtr, Gpu};
 use crate::kernels::launch::{self, ConvEpilogue, ConvOut, ConvShape, ConvSource, Launch};
-use crate::kernels::params::{BC_ACT_NONE, BC_ACT_RELU};
 use crate::kernels::LaunchResult;
 use crate::{Error, Result};
 
-/// One convolution's weights on the device.
+/// One convolution's weights on the device (or any bf16 `[cout][k]` matrix used as weights).
+#[derive(Clone, Copy)]
 struct DevConv {
     w: DevPtr,
     bias: DevPtr,
     shape: ConvShape,
 }
 
-/// A device layer: the CPU layer list, with the weights uploaded.
-enum DevLayer {
-    Clamp,
-    Conv(DevConv),
-    Relu,
-    Mem {
-        convs: Box<[DevConv; 3]>,
-        skip: Option<DevConv>,
-        slot: usize,
-    },
-    Up,
-    TGrow {
-        conv: DevConv,
-        stride: usize,
-    },
-}
-
-/// An NHWC bf16 (or, for the last conv, f32) frame on the device; `owned`: from the pool.
+/// An NHWC frame on the device (`[h*w][c]`, bf16, or f32 for a last conv); `owned`: a pool
+/// buffer (a view into another frame is not).
 #[derive(Clone, Copy)]
 struct Frame {
     ptr: DevPtr,
@@ -58,6 +44,42 @@ struct Frame {
     h: usize,
     w: usize,
     owned: bool,
+}
+
+impl Frame {
+    /// A view of `c` channels at `ptr` inside a buffer owned elsewhere.
+    fn view(ptr: DevPtr, c: usize, h: usize, w: usize) -> Frame {
+        Frame {
+            ptr,
+            bytes: 2 * c * h * w,
+            c,
+            h,
+            w,
+            owned: false,
+        }
+    }
+}
+
+/// One input frame of a conv launch: the frame, its weight channel offset, time tap, and
+/// whether it is read through a nearest 2x upsample.
+#[derive(Clone, Copy)]
+struct In {
+    f: Frame,
+    c0: usize,
+    t: usize,
+    up: bool,
+}
+
+impl In {
+    /// The whole frame at tap `t`.
+    fn at(f: Frame, t: usize) -> In {
+        In {
+            f,
+            c0: 0,
+            t,
+            up: false,
+        }
+    }
 }
 
 /// Decoded frames of one pushed block, as they come back from the device.
@@ -71,227 +93,54 @@ pub struct DeviceFrames {
     pub width: usize,
     /// `[T][H][W][3]` RGB8 (`Video::to_rgb8`'s rule).
     pub rgb: Vec<u8>,
-    /// `[T][3][H][W]` f32 in about [-1, 1], when asked for.
+    /// `[T][3][H][W]` f32, when asked for.
     pub f32: Option<Vec<f32>>,
 }
 
-/// The stream state on the device: the MemBlock memories and the frames still to trim.
-struct DevState {
-    h: usize,
-    w: usize,
-    mem: Vec<Frame>,
-    has_mem: Vec<bool>,
-    to_trim: usize,
-}
-
-/// A TAEHV decoder on a device (see the module docs).
-pub struct CudaDecoder {
+/// The device, the uploaded weights and the activation pool.
+struct Dev {
     gpu: Gpu,
-    layers: Vec<DevLayer>,
-    z_dim: usize,
-    up: usize,
-    trim: usize,
-    t_up: usize,
-    mem_dims: Vec<(usize, usize)>,
     /// Every weight allocation (freed with the device).
     weights: Vec<DevPtr>,
     /// Free activation buffers (bytes, pointer).
     pool: Vec<(usize, DevPtr)>,
-    /// Bytes of device memory allocated for activations and state.
+    /// Bytes allocated for activations and stream state.
     pool_bytes: usize,
-    state: Option<DevState>,
 }
 
-fn launch_err(e: crate::kernels::LaunchError) -> Error {
-    Error::InvalidArgument(format!("{}: {}", e.kernel, e.message))
-}
+impl Dev {
+    /// Uploads `data` (kept alive until the device has it).
+    fn upload<T: Copy>(&mut self, data: &[T]) -> Result<DevPtr> {
+        let p = self.gpu.alloc(std::mem::size_of_val(data))?;
+        self.weights.push(p);
+        self.gpu.upload(p, data)?;
+        self.gpu.sync()?;
+        Ok(p)
+    }
 
-impl CudaDecoder {
-    /// Uploads `dec`'s weights to `gpu`. Only TAEHV runs on the device so far; the Wan VAE is a
-    /// clear error.
-    pub fn new(dec: &Decoder, mut gpu: Gpu) -> Result<CudaDecoder> {
-        let t: &Taehv = match &dec.inner {
-            Inner::Taehv(t) => t,
-            Inner::Wan(_) => {
-                return Err(Error::invalid(format!(
-                    "the {} decoder does not run on the CUDA device yet (TAEHV does); decode on \
-                     the CPU",
-                    DecoderKind::WanVae
-                )))
-            }
+    fn conv_weights(&mut self, c: &Conv) -> Result<DevConv> {
+        let w = self.upload(&c.packed_bf16())?;
+        let bias = match c.bias() {
+            Some(b) => self.upload(b)?,
+            None => 0,
         };
-        let mut weights = Vec::new();
-        let mut up = |gpu: &mut Gpu, c: &super::conv::Conv| -> Result<DevConv> {
-            let packed = c.packed_bf16();
-            let w = gpu.alloc(2 * packed.len())?;
-            weights.push(w);
-            gpu.upload(w, &packed)?;
-            let bias = match c.bias() {
-                Some(b) => {
-                    let p = gpu.alloc(4 * b.len())?;
-                    weights.push(p);
-                    gpu.upload(p, b)?;
-                    p
-                }
-                None => 0,
-            };
-            // Uploads are asynchronous: the host copies must live until the device has them.
-            gpu.sync()?;
-            Ok(DevConv {
-                w,
-                bias,
-                shape: ConvShape {
-                    cout: c.cout,
-                    cin: c.cin,
-                    kt: c.kt,
-                    kh: c.kh,
-                    kw: c.kw,
-                },
-            })
-        };
-        let mut layers = Vec::with_capacity(t.layers.len());
-        for l in &t.layers {
-            layers.push(match l {
-                Layer::Clamp => DevLayer::Clamp,
-                Layer::Relu => DevLayer::Relu,
-                Layer::Up => DevLayer::Up,
-                Layer::Conv(c) => DevLayer::Conv(up(&mut gpu, c)?),
-                Layer::TGrow { conv, stride } => DevLayer::TGrow {
-                    conv: up(&mut gpu, conv)?,
-                    stride: *stride,
-                },
-                Layer::Mem { convs, skip, slot } => DevLayer::Mem {
-                    convs: Box::new([
-                        up(&mut gpu, &convs[0])?,
-                        up(&mut gpu, &convs[1])?,
-                        up(&mut gpu, &convs[2])?,
-                    ]),
-                    skip: match skip {
-                        Some(s) => Some(up(&mut gpu, s)?),
-                        None => None,
-                    },
-                    slot: *slot,
-                },
-            });
-        }
-        if !matches!(layers.first(), Some(DevLayer::Clamp)) {
-            return Err(Error::Internal(
-                "TAEHV layer list must start with Clamp".into(),
-            ));
-        }
-        Ok(CudaDecoder {
-            gpu,
-            layers,
-            z_dim: t.z_dim,
-            up: t.up,
-            trim: t.trim,
-            t_up: t.t_up,
-            mem_dims: t.mem_dims.clone(),
-            weights,
-            pool: Vec::new(),
-            pool_bytes: 0,
-            state: None,
+        Ok(DevConv {
+            w,
+            bias,
+            shape: ConvShape {
+                cout: c.cout,
+                cin: c.cin,
+                kt: c.kt,
+                kh: c.kh,
+                kw: c.kw,
+            },
         })
     }
 
-    /// The device's name.
-    pub fn device_name(&self) -> &str {
-        &self.gpu.name
-    }
-
-    /// Bytes of device memory held for activations and stream state (weights not counted).
-    pub fn activation_bytes(&self) -> usize {
-        self.pool_bytes
-    }
-
-    /// Bytes of weights on the device.
-    pub fn weight_allocations(&self) -> usize {
-        self.weights.len()
-    }
-
-    /// Starts a stream of `latent_h x latent_w` latents (ending any previous one): the
-    /// MemBlock memories are allocated here and carried across [`CudaDecoder::push`]es.
-    pub fn begin(&mut self, latent_h: usize, latent_w: usize) -> Result<()> {
-        if latent_h == 0 || latent_w == 0 || latent_h > 1024 || latent_w > 1024 {
-            return Err(Error::invalid(format!(
-                "latent size {latent_h}x{latent_w}: each side must be 1..=1024"
-            )));
-        }
-        self.end()?;
-        let mut mem = Vec::new();
-        for &(c, s) in &self.mem_dims.clone() {
-            let (h, w) = (latent_h * s, latent_w * s);
-            mem.push(self.get(c, h, w, 2)?);
-        }
-        let n = mem.len();
-        self.state = Some(DevState {
-            h: latent_h,
-            w: latent_w,
-            mem,
-            has_mem: vec![false; n],
-            to_trim: self.trim,
-        });
-        Ok(())
-    }
-
-    /// Ends the stream: its memories go back to the pool.
-    pub fn end(&mut self) -> Result<()> {
-        if let Some(st) = self.state.take() {
-            self.gpu.sync()?;
-            for f in st.mem {
-                self.put(f);
-            }
-        }
-        Ok(())
-    }
-
-    /// Decodes the next `frames` latent frames `[frames, 16, h, w]` of the stream; returns their
-    /// pixels (the stream's first 3 frames trimmed, as the CPU decoder does).
-    pub fn push(&mut self, latents: &[f32], frames: usize, want_f32: bool) -> Result<DeviceFrames> {
-        let Some(st) = self.state.as_ref() else {
-            return Err(Error::invalid("push before begin: start a stream first"));
-        };
-        let (h, w) = (st.h, st.w);
-        let per = self.z_dim * h * w;
-        super::check_latents(latents, frames, (self.z_dim, h, w))?;
-        let (ph, pw) = (h * self.up, w * self.up);
-        let mut out = DeviceFrames {
-            frames: 0,
-            height: ph,
-            width: pw,
-            rgb: Vec::with_capacity(frames * self.t_up * ph * pw * 3),
-            f32: want_f32.then(Vec::new),
-        };
-        let zbuf = self.gpu.alloc(4 * per.max(1))?;
-        let r = (|| -> Result<()> {
-            for z in latents.chunks(per) {
-                self.gpu.upload(zbuf, z)?;
-                let x = self.get(self.z_dim, h, w, 2)?;
-                self.run(launch::dec_latent_in(
-                    zbuf as *const f32,
-                    x.ptr as *mut _,
-                    self.z_dim,
-                    h * w,
-                    1,
-                    std::ptr::null(),
-                    std::ptr::null(),
-                ))?;
-                self.forward(1, x, false, &mut out)?;
-                // The upload's host slice must outlive the copy.
-                self.gpu.sync()?;
-            }
-            Ok(())
-        })();
-        self.gpu.sync()?;
-        self.gpu.free(zbuf)?;
-        r?;
-        Ok(out)
-    }
-
     fn run<P>(&self, l: LaunchResult<Launch<P>>) -> Result<()> {
-        let l = l.map_err(launch_err)?;
-        // SAFETY: every launch of this module is built over device buffers allocated here with
-        // the sizes its frames need (`get`), and weights uploaded with their conv's shape.
+        let l = l.map_err(|e| Error::InvalidArgument(format!("{}: {}", e.kernel, e.message)))?;
+        // SAFETY: every launch of the device decoder is built over device buffers allocated
+        // by `get` with the sizes its frames need, and weights uploaded with their shapes.
         unsafe { self.gpu.launch(l.kernel, l.grid, l.block, &l.params) }
     }
 
@@ -322,47 +171,53 @@ impl CudaDecoder {
         })
     }
 
+    /// Returns a buffer to the pool (later launches reuse it, in stream order).
     fn put(&mut self, f: Frame) {
         if f.owned {
             self.pool.push((f.bytes, f.ptr));
         }
     }
 
-    /// `conv` over `srcs` into a new `cout x h x w` frame (f32 when `f32`).
+    /// `cv` over `srcs` into a new `cout`-channel frame of `h x w` (f32 when `f32`).
     fn conv(
         &mut self,
         cv: &DevConv,
-        srcs: &[(Frame, usize, bool)],
+        srcs: &[In],
         (h, w): (usize, usize),
         res: Option<Frame>,
         act: u32,
         f32: bool,
     ) -> Result<Frame> {
         let y = self.get(cv.shape.cout, h, w, if f32 { 4 } else { 2 })?;
-        self.conv_into(cv, srcs, (h, w), res, act, (y, f32, cv.shape.cout))?;
+        let c = cv.shape.cout;
+        self.conv_into(cv, srcs, (h, w), res, act, (y.ptr, f32, c, 1))?;
         Ok(y)
     }
 
+    /// `cv` over `srcs` into `out`: f32 or bf16, output channels split into frames of `split`
+    /// (NHWC frames of `split` channels, one after the other), `cstride` elements between
+    /// channels (1, or `h*w` for a channel-major output).
     fn conv_into(
         &mut self,
         cv: &DevConv,
-        srcs: &[(Frame, usize, bool)],
+        srcs: &[In],
         hw: (usize, usize),
         res: Option<Frame>,
         act: u32,
-        (y, f32, split): (Frame, bool, usize),
+        (out, f32, split, cstride): (DevPtr, bool, usize, usize),
     ) -> Result<()> {
         let ls: Vec<ConvSource> = srcs
             .iter()
-            .map(|&(f, c0, up)| ConvSource {
-                x: f.ptr as *const _,
-                channels: f.c,
-                stride: f.c,
-                c0,
-                t: 0,
-                up,
+            .map(|s| ConvSource {
+                x: s.f.ptr as *const _,
+                channels: s.f.c,
+                stride: s.f.c,
+                c0: s.c0,
+                t: s.t,
+                up: s.up,
             })
             .collect();
+        let pixels = hw.0 * hw.1;
         self.run(launch::conv(
             &ls,
             cv.w as *const _,
@@ -375,138 +230,31 @@ impl CudaDecoder {
                 act,
             },
             ConvOut {
-                out: y.ptr as *mut _,
+                out: out as *mut _,
                 f32,
-                stride: split,
+                stride: if cstride > 1 { 1 } else { split },
                 split,
-                frame_stride: split * hw.0 * hw.1,
+                frame_stride: split * pixels,
+                cstride,
             },
         ))
     }
 
-    /// Runs frame `x` through layers `from..` (depth first after each TGrow, as the CPU does);
-    /// finished frames go to `out`.
-    fn forward(
-        &mut self,
-        from: usize,
-        mut x: Frame,
-        mut pending: bool,
-        out: &mut DeviceFrames,
-    ) -> Result<()> {
-        let layers = std::mem::take(&mut self.layers);
-        let r = self.walk(&layers, from, &mut x, &mut pending, out);
-        self.layers = layers;
-        r
+    /// Channel RMS norm (then SiLU when `silu`) of `x` into a new frame.
+    fn rms_norm(&mut self, x: Frame, gamma: DevPtr, silu: bool) -> Result<Frame> {
+        let y = self.get(x.c, x.h, x.w, 2)?;
+        self.run(launch::dec_rms_norm(
+            x.ptr as *const _,
+            y.ptr as *mut _,
+            gamma as *const f32,
+            x.h * x.w,
+            x.c,
+            silu,
+        ))?;
+        Ok(y)
     }
 
-    fn walk(
-        &mut self,
-        layers: &[DevLayer],
-        from: usize,
-        x: &mut Frame,
-        pending: &mut bool,
-        out: &mut DeviceFrames,
-    ) -> Result<()> {
-        let mut i = from;
-        while i < layers.len() {
-            let layer = &layers[i];
-            if *pending && matches!(layer, DevLayer::Mem { .. } | DevLayer::Up | DevLayer::Clamp) {
-                *x = self.upsample(*x)?;
-                *pending = false;
-            }
-            match layer {
-                // Applied by `bc_dec_latent_in` (always layer 0).
-                DevLayer::Clamp => {}
-                // Fused into the conv before it (`Conv, Relu` is the only place it occurs).
-                DevLayer::Relu => {}
-                DevLayer::Up => *pending = true,
-                DevLayer::Conv(cv) => {
-                    let relu = matches!(layers.get(i + 1), Some(DevLayer::Relu));
-                    let last = i + 1 == layers.len();
-                    let (h, w) = if *pending {
-                        (2 * x.h, 2 * x.w)
-                    } else {
-                        (x.h, x.w)
-                    };
-                    let act = if relu { BC_ACT_RELU } else { BC_ACT_NONE };
-                    let y = self.conv(cv, &[(*x, 0, *pending)], (h, w), None, act, last)?;
-                    self.put(*x);
-                    *x = y;
-                    *pending = false;
-                }
-                DevLayer::TGrow { conv, stride } => {
-                    let c = x.c;
-                    let mut y = self.get(conv.shape.cout, x.h, x.w, 2)?;
-                    y.c = c;
-                    self.conv_into(
-                        conv,
-                        &[(*x, 0, false)],
-                        (x.h, x.w),
-                        None,
-                        BC_ACT_NONE,
-                        (y, false, c),
-                    )?;
-                    self.put(*x);
-                    for f in 0..*stride {
-                        let mut part = y;
-                        part.ptr = y.ptr + (2 * f * c * x.h * x.w) as u64;
-                        part.owned = false;
-                        let mut pend = *pending;
-                        self.walk(layers, i + 1, &mut part, &mut pend, out)?;
-                    }
-                    self.put(y);
-                    return Ok(());
-                }
-                DevLayer::Mem { convs, skip, slot } => {
-                    let st = self
-                        .state
-                        .as_ref()
-                        .ok_or_else(|| Error::Internal("no stream".into()))?;
-                    let (mem, has) = (st.mem[*slot], st.has_mem[*slot]);
-                    let hw = (x.h, x.w);
-                    let mut srcs = vec![(*x, 0, false)];
-                    if has {
-                        srcs.push((Frame { c: x.c, ..mem }, x.c, false));
-                    }
-                    let a = self.conv(&convs[0], &srcs, hw, None, BC_ACT_RELU, false)?;
-                    let b = self.conv(&convs[1], &[(a, 0, false)], hw, None, BC_ACT_RELU, false)?;
-                    self.put(a);
-                    let sk = match skip {
-                        Some(s) => {
-                            Some(self.conv(s, &[(*x, 0, false)], hw, None, BC_ACT_NONE, false)?)
-                        }
-                        None => None,
-                    };
-                    let y = self.conv(
-                        &convs[2],
-                        &[(b, 0, false)],
-                        hw,
-                        Some(sk.unwrap_or(*x)),
-                        BC_ACT_RELU,
-                        false,
-                    )?;
-                    self.put(b);
-                    if let Some(s) = sk {
-                        self.put(s);
-                    }
-                    // The memory is the block's input (stream-ordered after conv 0 read the old one).
-                    self.gpu.copy(mem.ptr, x.ptr, 2 * x.c * x.h * x.w)?;
-                    if let Some(st) = self.state.as_mut() {
-                        st.has_mem[*slot] = true;
-                    }
-                    self.put(*x);
-                    *x = y;
-                }
-            }
-            i += 1;
-        }
-        if *pending {
-            *x = self.upsample(*x)?;
-            *pending = false;
-        }
-        self.emit(*x, out)
-    }
-
+    /// Nearest 2x upsample of `x` (which goes back to the pool).
     fn upsample(&mut self, x: Frame) -> Result<Frame> {
         let y = self.get(x.c, 2 * x.h, 2 * x.w, 2)?;
         self.run(launch::dec_upsample2x(
@@ -521,30 +269,28 @@ impl CudaDecoder {
         Ok(y)
     }
 
-    /// A finished f32 frame (`[hw][3]`): `2x - 1`, to the host as RGB8 (and f32), unless trimmed.
-    fn emit(&mut self, x: Frame, out: &mut DeviceFrames) -> Result<()> {
-        let trim = self.state.as_ref().is_some_and(|s| s.to_trim > 0);
-        if trim {
-            if let Some(st) = self.state.as_mut() {
-                st.to_trim -= 1;
-            }
-            self.put(x);
-            return Ok(());
-        }
+    /// A finished f32 frame `[hw][3]` to the host: `x * a + b` (clamped when `clamp`) as RGB8,
+    /// and as f32 when `out` asks for it.
+    fn emit(
+        &mut self,
+        x: Frame,
+        affine: (f32, f32),
+        clamp: bool,
+        out: &mut DeviceFrames,
+    ) -> Result<()> {
         let hw = x.h * x.w;
         let rgb = self.get(3, x.h, x.w, 1)?;
-        let f = if out.f32.is_some() {
-            Some(self.get(3, x.h, x.w, 4)?)
-        } else {
-            None
+        let f = match out.f32 {
+            Some(_) => Some(self.get(3, x.h, x.w, 4)?),
+            None => None,
         };
         self.run(launch::dec_to_pixels(
             x.ptr as *const _,
             true,
             hw,
             3,
-            (2.0, -1.0),
-            false,
+            affine,
+            clamp,
             f.map_or(std::ptr::null_mut(), |f| f.ptr as *mut f32),
             rgb.ptr as *mut u8,
         ))?;
@@ -564,9 +310,161 @@ impl CudaDecoder {
     }
 }
 
+/// The model on the device.
+enum Model {
+    Taehv(taehv::DevTaehv),
+    Wan(Box<wan::DevWan>),
+}
+
+/// A stream's state on the device.
+enum State {
+    Taehv(taehv::TaehvDevState),
+    Wan(wan::WanDevState),
+}
+
+/// A decoder on a device (see the module docs): [`CudaDecoder::begin`] a stream, then
+/// [`CudaDecoder::push`] each finished block of latent frames.
+pub struct CudaDecoder {
+    dev: Dev,
+    model: Model,
+    z_dim: usize,
+    up: usize,
+    state: Option<(usize, usize, State)>,
+}
+
+impl CudaDecoder {
+    /// Uploads `dec`'s weights to `gpu`.
+    pub fn new(dec: &Decoder, gpu: Gpu) -> Result<CudaDecoder> {
+        let mut dev = Dev {
+            gpu,
+            weights: Vec::new(),
+            pool: Vec::new(),
+            pool_bytes: 0,
+        };
+        let (model, z_dim, up) = match &dec.inner {
+            Inner::Taehv(t) => (
+                Model::Taehv(taehv::DevTaehv::new(&mut dev, t)?),
+                t.z_dim,
+                t.up,
+            ),
+            Inner::Wan(w) => (
+                Model::Wan(Box::new(wan::DevWan::new(&mut dev, w)?)),
+                w.z_dim,
+                w.up,
+            ),
+        };
+        Ok(CudaDecoder {
+            dev,
+            model,
+            z_dim,
+            up,
+            state: None,
+        })
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> &str {
+        &self.dev.gpu.name
+    }
+
+    /// Bytes of device memory held for activations and stream state (weights not counted).
+    pub fn activation_bytes(&self) -> usize {
+        self.dev.pool_bytes
+    }
+
+    /// Starts a stream of `latent_h x latent_w` latents (ending any previous one): the causal
+    /// state is allocated here and carried across [`CudaDecoder::push`]es.
+    pub fn begin(&mut self, latent_h: usize, latent_w: usize) -> Result<()> {
+        if latent_h == 0 || latent_w == 0 || latent_h > 1024 || latent_w > 1024 {
+            return Err(Error::invalid(format!(
+                "latent size {latent_h}x{latent_w}: each side must be 1..=1024"
+            )));
+        }
+        self.end()?;
+        let (h, w) = (latent_h, latent_w);
+        let st = match &self.model {
+            Model::Taehv(m) => State::Taehv(m.state(&mut self.dev, h, w)?),
+            Model::Wan(m) => State::Wan(m.state(&mut self.dev, h, w)?),
+        };
+        self.state = Some((h, w, st));
+        Ok(())
+    }
+
+    /// Ends the stream: its state goes back to the pool.
+    pub fn end(&mut self) -> Result<()> {
+        if let Some((_, _, st)) = self.state.take() {
+            self.dev.gpu.sync()?;
+            let frames = match st {
+                State::Taehv(s) => s.frames(),
+                State::Wan(s) => s.frames(),
+            };
+            for f in frames {
+                self.dev.put(f);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes the next `frames` latent frames `[frames, 16, h, w]` of the stream and returns
+    /// their pixels (as the CPU stream does: TAEHV's first 3 frames trimmed, the Wan VAE's first
+    /// latent frame giving 1 frame).
+    pub fn push(&mut self, latents: &[f32], frames: usize, want_f32: bool) -> Result<DeviceFrames> {
+        let Some((h, w, mut st)) = self.state.take() else {
+            return Err(Error::invalid("push before begin: start a stream first"));
+        };
+        let r = self.push_in(&mut st, (h, w), latents, frames, want_f32);
+        self.state = Some((h, w, st));
+        r
+    }
+
+    fn push_in(
+        &mut self,
+        st: &mut State,
+        (h, w): (usize, usize),
+        latents: &[f32],
+        frames: usize,
+        want_f32: bool,
+    ) -> Result<DeviceFrames> {
+        super::check_latents(latents, frames, (self.z_dim, h, w))?;
+        let per = self.z_dim * h * w;
+        let mut out = DeviceFrames {
+            frames: 0,
+            height: h * self.up,
+            width: w * self.up,
+            rgb: Vec::new(),
+            f32: want_f32.then(Vec::new),
+        };
+        let zbuf = self.dev.gpu.alloc(4 * per.max(1))?;
+        let r = (|| -> Result<()> {
+            for z in latents.chunks(per) {
+                self.dev.gpu.upload(zbuf, z)?;
+                match (&self.model, &mut *st) {
+                    (Model::Taehv(m), State::Taehv(s)) => {
+                        m.frame(&mut self.dev, s, zbuf, (h, w), &mut out)?
+                    }
+                    (Model::Wan(m), State::Wan(s)) => {
+                        m.frame(&mut self.dev, s, zbuf, (h, w), &mut out)?
+                    }
+                    _ => {
+                        return Err(Error::Internal(
+                            "device decoder and stream state differ".into(),
+                        ))
+                    }
+                }
+                // The upload's host slice must outlive the copy.
+                self.dev.gpu.sync()?;
+            }
+            Ok(())
+        })();
+        self.dev.gpu.sync()?;
+        self.dev.gpu.free(zbuf)?;
+        r.map(|()| out)
+    }
+}
+
 impl Drop for CudaDecoder {
     fn drop(&mut self) {
         // Everything is freed with the device; stop any work in flight first.
-        let _ = self.gpu.sync();
+        let _ = self.dev.gpu.sync();
     }
 }

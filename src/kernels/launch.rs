@@ -492,6 +492,8 @@ pub struct ConvOut {
     pub split: usize,
     /// Elements between output frames.
     pub frame_stride: usize,
+    /// Elements between output channels (1: NHWC; the pixel count: channel-major).
+    pub cstride: usize,
 }
 
 /// The epilogue of a [`conv`]: bias (null: none), residual `[h*w][res_stride]` bf16 (null:
@@ -538,7 +540,7 @@ pub fn conv(
             format!("bad kernel {cout}x{cin}x{kt}x{kh}x{kw}"),
         ));
     }
-    if out.split == 0 || cout % out.split != 0 || out.stride < out.split {
+    if out.split == 0 || cout % out.split != 0 || (out.cstride <= 1 && out.stride < out.split) {
         return Err(invalid(k, "output split must divide cout, stride >= split"));
     }
     if !ep.res.is_null() && (out.split != cout || ep.res_stride < cout) {
@@ -613,6 +615,8 @@ pub fn conv(
             out_f32: out.f32 as i32,
             act: i32::try_from(ep.act).map_err(|_| invalid(k, "bad activation"))?,
             vec: vec as i32,
+            out_cstride: i32_of(k, out.cstride.max(1), "out_cstride")?,
+            _pad: 0,
         },
     })
 }
@@ -738,6 +742,36 @@ pub fn dec_to_pixels(
             stride: i32_of(k, stride, "stride")?,
             in_f32: in_f32 as i32,
             clamp: clamp as i32,
+        },
+    })
+}
+
+/// `bc_dec_softmax` (`cuda/decode_ops.cu`): `rows` rows of `n` f32 scores to bf16
+/// probabilities, `scale >= 0`. Grid (rows), block `BC_ROW_THREADS`.
+pub fn dec_softmax(
+    s: *const f32,
+    p: *mut bc_bf16,
+    rows: usize,
+    n: usize,
+    scale: f32,
+) -> LaunchResult<Launch<BcDecSoftmaxParams>> {
+    let k = Kernel::DecSoftmax;
+    if !(scale >= 0.0 && scale.is_finite()) {
+        return Err(invalid(k, "scale must be finite and >= 0"));
+    }
+    i32_of(k, mul(k, rows, n)?, "rows*n")?;
+    let rows = i32_of(k, rows, "rows")?;
+    Ok(Launch {
+        kernel: k,
+        grid: row_grid(rows),
+        block: BC_ROW_THREADS,
+        params: BcDecSoftmaxParams {
+            s,
+            p,
+            rows,
+            n: i32_of(k, n, "n")?,
+            scale,
+            _pad: 0,
         },
     })
 }

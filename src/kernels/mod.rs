@@ -40,6 +40,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_dec_rms_norm",
     "bc_dec_upsample2x",
     "bc_dec_to_pixels",
+    "bc_dec_softmax",
     "bc_test_mma",
 ];
 
@@ -119,6 +120,8 @@ pub enum Kernel {
     DecUpsample2x,
     /// `bc_dec_to_pixels` ([`BcDecToPixelsParams`]).
     DecToPixels,
+    /// `bc_dec_softmax` ([`BcDecSoftmaxParams`]).
+    DecSoftmax,
     /// Emulation-only test kernel `bc_test_sync` (see `cuda/emu/test_kernels.cu`).
     TestSync,
     /// Tensor-core layout test kernel `bc_test_mma` (see `cuda/test/test_mma.cu`).
@@ -127,7 +130,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 21] = [
+    pub const ALL: [Kernel; 22] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -147,6 +150,7 @@ impl Kernel {
         Kernel::DecRmsNorm,
         Kernel::DecUpsample2x,
         Kernel::DecToPixels,
+        Kernel::DecSoftmax,
         Kernel::TestSync,
         Kernel::TestMma,
     ];
@@ -173,6 +177,7 @@ impl Kernel {
             Kernel::DecRmsNorm => "bc_dec_rms_norm",
             Kernel::DecUpsample2x => "bc_dec_upsample2x",
             Kernel::DecToPixels => "bc_dec_to_pixels",
+            Kernel::DecSoftmax => "bc_dec_softmax",
             Kernel::TestSync => "bc_test_sync",
             Kernel::TestMma => "bc_test_mma",
         }

@@ -622,7 +622,7 @@ const _: () = {
     ["Offset of field: BcConvSource::up"][::std::mem::offset_of!(BcConvSource, up) - 24usize];
     ["Offset of field: BcConvSource::_pad"][::std::mem::offset_of!(BcConvSource, _pad) - 28usize];
 };
-#[doc = " `bc_conv`: one output frame of a convolution with kernel `[kt, kh, kw]` (kh, kw in {1, 3},\n spatial zero padding kh/2, kw/2) as an implicit GEMM, `out[m][n] = act(bias[n] + res[m][n] +\n sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.\n Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output\n channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *\n out_frame_stride + m * out_stride` (TAEHV's TGrow and the Wan VAE's time_conv split their\n channels into frames this way; `out_split = cout` for a plain conv).\n Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS."]
+#[doc = " `bc_conv`: one output frame of a convolution with kernel `[kt, kh, kw]` (kh, kw in {1, 3},\n spatial zero padding kh/2, kw/2) as an implicit GEMM, `out[m][n] = act(bias[n] + res[m][n] +\n sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.\n Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output\n channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *\n out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their\n channels into frames this way; `out_split = cout` for a plain conv).\n Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct BcConvParams {
@@ -666,10 +666,14 @@ pub struct BcConvParams {
     pub act: bc_i32,
     #[doc = " 1: every source's channels and stride and `cin` are multiples of 8 and every pointer is\n 16-byte aligned, so tiles load with 16-byte cp.async; 0: element loads."]
     pub vec: bc_i32,
+    #[doc = " Elements between consecutive output channels (1: NHWC; the pixel count: a transposed\n `[channels][pixels]` output, as the attention's V^T)."]
+    pub out_cstride: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BcConvParams"][::std::mem::size_of::<BcConvParams>() - 192usize];
+    ["Size of BcConvParams"][::std::mem::size_of::<BcConvParams>() - 200usize];
     ["Alignment of BcConvParams"][::std::mem::align_of::<BcConvParams>() - 8usize];
     ["Offset of field: BcConvParams::src"][::std::mem::offset_of!(BcConvParams, src) - 0usize];
     ["Offset of field: BcConvParams::w"][::std::mem::offset_of!(BcConvParams, w) - 96usize];
@@ -697,6 +701,9 @@ const _: () = {
         [::std::mem::offset_of!(BcConvParams, out_f32) - 180usize];
     ["Offset of field: BcConvParams::act"][::std::mem::offset_of!(BcConvParams, act) - 184usize];
     ["Offset of field: BcConvParams::vec"][::std::mem::offset_of!(BcConvParams, vec) - 188usize];
+    ["Offset of field: BcConvParams::out_cstride"]
+        [::std::mem::offset_of!(BcConvParams, out_cstride) - 192usize];
+    ["Offset of field: BcConvParams::_pad"][::std::mem::offset_of!(BcConvParams, _pad) - 196usize];
 };
 #[doc = " `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16\n `[h*w][c]`, with `mode` 0: as they are, 1: TAEHV's `tanh(z/3)*3`, 2: the Wan VAE's\n un-normalisation `z / scale[c] + mean[c]` (`scale = 1/std`, divided as upstream does).\n Grid (ceil(c*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
 #[repr(C)]
@@ -861,4 +868,38 @@ const _: () = {
         [::std::mem::offset_of!(BcDecToPixelsParams, in_f32) - 40usize];
     ["Offset of field: BcDecToPixelsParams::clamp"]
         [::std::mem::offset_of!(BcDecToPixelsParams, clamp) - 44usize];
+};
+#[doc = " `bc_dec_softmax`: row-wise softmax of f32 scores, `p[r][j] = exp(scale * (s[r][j] - max_j\n s[r][j])) / sum` (scale >= 0), stored bf16: the probabilities of the Wan VAE's single-head\n attention over the pixels of a frame. Grid (rows), block BC_ROW_THREADS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcDecSoftmaxParams {
+    #[doc = " `[rows][n]` f32 scores."]
+    pub s: *const f32,
+    #[doc = " `[rows][n]` bf16 probabilities."]
+    pub p: *mut bc_bf16,
+    #[doc = " Rows."]
+    pub rows: bc_i32,
+    #[doc = " Columns."]
+    pub n: bc_i32,
+    #[doc = " Score scale (`1/sqrt(C)`), >= 0."]
+    pub scale: f32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcDecSoftmaxParams"][::std::mem::size_of::<BcDecSoftmaxParams>() - 32usize];
+    ["Alignment of BcDecSoftmaxParams"][::std::mem::align_of::<BcDecSoftmaxParams>() - 8usize];
+    ["Offset of field: BcDecSoftmaxParams::s"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, s) - 0usize];
+    ["Offset of field: BcDecSoftmaxParams::p"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, p) - 8usize];
+    ["Offset of field: BcDecSoftmaxParams::rows"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, rows) - 16usize];
+    ["Offset of field: BcDecSoftmaxParams::n"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, n) - 20usize];
+    ["Offset of field: BcDecSoftmaxParams::scale"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, scale) - 24usize];
+    ["Offset of field: BcDecSoftmaxParams::_pad"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, _pad) - 28usize];
 };

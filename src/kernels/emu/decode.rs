@@ -139,7 +139,24 @@ pub fn conv(
             stride: out_stride,
             split,
             frame_stride,
+            cstride: 1,
         },
+    ))
+}
+
+/// `bc_dec_softmax` (`cuda/decode_ops.cu`): rows of `n` f32 scores to bf16 probabilities.
+pub fn softmax(s: &[f32], n: usize, scale: f32, out: &mut [bf16]) -> LaunchResult {
+    let k = Kernel::DecSoftmax;
+    if n == 0 || s.len() % n != 0 {
+        return Err(invalid(k, "n must divide s.len()"));
+    }
+    check_len(k, "out", out.len(), s.len())?;
+    run(launch::dec_softmax(
+        s.as_ptr(),
+        out.as_mut_ptr().cast(),
+        s.len() / n,
+        n,
+        scale,
     ))
 }
 
@@ -635,6 +652,26 @@ mod tests {
         // Too short an output is refused before anything runs; the right size runs.
         assert!(try_conv(&[src(0, 0)], (3, 4)).is_err());
         assert!(try_conv(&[src(0, 0)], (2, 4)).is_ok());
+    }
+
+    #[test]
+    fn softmax_rows() {
+        let mut rng = Rng::new(15);
+        let (rows, n, scale) = (5, 700, 0.3f32);
+        let s: Vec<f32> = (0..rows * n).map(|_| 4.0 * rng.normal()).collect();
+        let mut out = vec![bf16::NAN; rows * n];
+        softmax(&s, n, scale, &mut out).unwrap();
+        let mut want = Vec::new();
+        for r in s.chunks(n) {
+            let mx = r.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let e: Vec<f64> = r
+                .iter()
+                .map(|&v| ((v as f64 - mx) * scale as f64).exp())
+                .collect();
+            let sum: f64 = e.iter().sum();
+            want.extend(e.iter().map(|v| (v / sum) as f32));
+        }
+        check("softmax", &f32s(&out), &want, 1.0 / 256.0, 1e-3);
     }
 
     #[test]

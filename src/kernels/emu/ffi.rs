@@ -114,6 +114,12 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_dec_softmax(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_test_sync(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -150,6 +156,7 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::DecRmsNorm => bc_emu_bc_dec_rms_norm,
         Kernel::DecUpsample2x => bc_emu_bc_dec_upsample2x,
         Kernel::DecToPixels => bc_emu_bc_dec_to_pixels,
+        Kernel::DecSoftmax => bc_emu_bc_dec_softmax,
         Kernel::TestSync => bc_emu_bc_test_sync,
         Kernel::TestMma => bc_emu_bc_test_mma,
     }

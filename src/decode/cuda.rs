@@ -106,6 +106,8 @@ struct Dev {
     pool: Vec<(usize, DevPtr)>,
     /// Bytes allocated for activations and stream state.
     pool_bytes: usize,
+    /// Convolution FLOPs launched so far (2 per multiply-add, the attention's GEMMs included).
+    flops: f64,
 }
 
 impl Dev {
@@ -218,6 +220,8 @@ impl Dev {
             })
             .collect();
         let pixels = hw.0 * hw.1;
+        let k: usize = srcs.iter().map(|s| s.f.c).sum::<usize>() * cv.shape.kh * cv.shape.kw;
+        self.flops += 2.0 * pixels as f64 * cv.shape.cout as f64 * k as f64;
         self.run(launch::conv(
             &ls,
             cv.w as *const _,
@@ -340,6 +344,7 @@ impl CudaDecoder {
             weights: Vec::new(),
             pool: Vec::new(),
             pool_bytes: 0,
+            flops: 0.0,
         };
         let (model, z_dim, up) = match &dec.inner {
             Inner::Taehv(t) => (
@@ -370,6 +375,12 @@ impl CudaDecoder {
     /// Bytes of device memory held for activations and stream state (weights not counted).
     pub fn activation_bytes(&self) -> usize {
         self.dev.pool_bytes
+    }
+
+    /// Convolution FLOPs launched since the decoder was made (the work a benchmark divides by
+    /// its time: every conv, 1x1 and attention GEMM, counted at the channels it really reads).
+    pub fn flops(&self) -> f64 {
+        self.dev.flops
     }
 
     /// Starts a stream of `latent_h x latent_w` latents (ending any previous one): the causal

@@ -18,7 +18,9 @@ mod wan_vae;
 mod weights;
 
 pub use background::{BackgroundDecoder, QUEUE_BLOCKS};
-pub use bench::{bench_decode, table as bench_table, DecodeBench};
+pub use bench::{
+    bench_decode, bench_decode_device, table as bench_table, DecodeBench, DeviceDecodeBench,
+};
 pub use cuda::{CudaDecoder, DeviceFrames};
 
 use crate::tensorfile::TensorFile;

@@ -25,7 +25,10 @@
 // as k-steps of CV_BK channels of one (source, tap) at a time.
 //
 // Tiles (params.h): CV_BM = 128 pixels x CV_BN = 64 channels per block, 8 warps in a 4 x 2
-// grid, each warp 32 x 32 (2 m16 x 4 n8 mma tiles, 32 f32 accumulators per thread). A and B
+// grid, each warp 32 x 32 (2 m16 x 4 n8 mma tiles, 32 f32 accumulators per thread): `bc_conv`.
+// `bc_conv_n16` is the same code with 16 channels per block (8 x 1 warps of 16 x 16) for convs
+// with at most 16 output channels (the RGB heads: 3 channels in a 64-wide tile waste 95% of the
+// tensor-core work, in a 16-wide one 81% of a 4x smaller amount); the launcher picks it. A and B
 // tiles go to shared memory (rows of CV_BK = 32 bf16 padded to 40: an 80-byte stride makes the
 // 8 rows of every ldmatrix hit distinct 16-byte bank groups), double-buffered: the cp.async of
 // k-step i + 1 is in flight while the mma of step i run. A fragments by ldmatrix.x4, B
@@ -37,7 +40,7 @@
 // src-size 0), so any H, W, cin, cout is correct. When a channel count, stride or pointer is
 // not 8-element aligned (`vec = 0`, e.g. TAEHV's 3-channel output or a test's odd channels),
 // the tiles load element by element instead: same math, slower.
-// Shared memory: 2 stages x (128 + 64) rows x 80 B = 30 KB (static).
+// Shared memory: 2 stages x (128 + 64) rows x 80 B = 30 KB (static; narrow: 22.5 KB).
 // FLOPs per launch: 2 * H*W * cout * kh*kw * (sum of the sources' channels).
 //
 // Checked by tests/decode_kernels_emu.rs against src/decode/conv.rs (the CPU decoders' conv)
@@ -48,25 +51,34 @@
 
 namespace {
 constexpr int CV_BM = BC_CONV_BM;
-constexpr int CV_BN = BC_CONV_BN;
 constexpr int CV_BK = BC_CONV_BK;
 constexpr int CV_NT = BC_CONV_THREADS;
-constexpr int CV_WARPS_M = 4;                 // warps along the pixels
-constexpr int CV_WARPS_N = 2;                 // warps along the output channels
-constexpr int CV_WM = CV_BM / CV_WARPS_M;     // 32 pixels per warp
-constexpr int CV_WN = CV_BN / CV_WARPS_N;     // 32 channels per warp
-constexpr int CV_MT = CV_WM / 16;             // m16 tiles per warp
-constexpr int CV_NT8 = CV_WN / 8;             // n8 tiles per warp
 constexpr int CV_ROWB = (CV_BK + 8) * 2;      // shared row stride in bytes (80)
 constexpr int CV_CPR = CV_BK / 8;             // 16-byte chunks per row
 constexpr int CV_A_BYTES = CV_BM * CV_ROWB;
-constexpr int CV_B_BYTES = CV_BN * CV_ROWB;
-constexpr int CV_STAGE = CV_A_BYTES + CV_B_BYTES;
 constexpr int CV_RP = CV_NT / CV_CPR;         // rows per copy pass (64)
 constexpr int CV_A_PASSES = CV_BM / CV_RP;    // A chunks per thread (2)
-static_assert(CV_WARPS_M * CV_WARPS_N * 32 == CV_NT, "warp grid");
-static_assert(CV_BN == CV_RP, "one B chunk per thread");
-static_assert(CV_BM % CV_RP == 0 && CV_BK % 16 == 0 && CV_WN % 16 == 0 && CV_WM % 16 == 0, "tile shapes");
+static_assert(CV_BM % CV_RP == 0 && CV_BK % 16 == 0, "tile shapes");
+
+/// A channel tiling: BN output channels per block, WARPS_M x WARPS_N warps (8 in all).
+template <int BN_, int WARPS_M_>
+struct CvCfg {
+    static constexpr int BN = BN_;
+    static constexpr int WARPS_M = WARPS_M_;               // warps along the pixels
+    static constexpr int WARPS_N = CV_NT / 32 / WARPS_M_;  // warps along the output channels
+    static constexpr int WM = CV_BM / WARPS_M;             // pixels per warp
+    static constexpr int WN = BN / WARPS_N;                // channels per warp
+    static constexpr int MT = WM / 16;                     // m16 tiles per warp
+    static constexpr int NT8 = WN / 8;                     // n8 tiles per warp
+    static constexpr int B_BYTES = BN * CV_ROWB;
+    static constexpr int STAGE = CV_A_BYTES + B_BYTES;
+    static_assert(WARPS_M * WARPS_N * 32 == CV_NT && WN % 16 == 0 && WM % 16 == 0, "warp grid");
+    static_assert(BN <= CV_RP, "at most one B chunk per thread");
+};
+// The wide tile (64 channels, warps 4 x 2 of 32 x 32) and the narrow one for convs with at
+// most 16 output channels (the decoders' RGB heads: 16 channels, warps 8 x 1 of 16 x 16).
+using CvWide = CvCfg<BC_CONV_BN, 4>;
+using CvNarrow = CvCfg<BC_CONV_BN_NARROW, 8>;
 
 /// The fields of source `s` (constant indices only: no local-memory copy of the params).
 struct CvSrc {
@@ -86,8 +98,10 @@ __device__ __forceinline__ float cv_act(float v, int act) {
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(CV_NT, 2) bc_conv(BcConvParams p) {
-    __shared__ __align__(128) unsigned char smem[2 * CV_STAGE];
+template <class Cfg>
+__device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned char* smem) {
+    constexpr int CV_BN = Cfg::BN, CV_WARPS_M = Cfg::WARPS_M, CV_WM = Cfg::WM, CV_WN = Cfg::WN;
+    constexpr int CV_MT = Cfg::MT, CV_NT8 = Cfg::NT8, CV_STAGE = Cfg::STAGE;
     BC_EMU_CHECK(p.num_src >= 1 && p.num_src <= BC_CONV_MAX_SOURCES && p.out_split > 0);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int wm = warp % CV_WARPS_M, wn = warp / CV_WARPS_M;
@@ -123,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(CV_NT, 2) bc_conv(BcConvParams p) {
         const bc_saddr st = base + stage * CV_STAGE;
         const long long kidx = (long long)(src.t * taps + tap) * p.cin + src.c0 + ci;
         const __nv_bfloat16* wrow = p.w + (size_t)bn * ktot + kidx;
-        const bool bok = bn < p.cout;
+        const bool bok = bn < p.cout && ar < CV_BN;
         if (p.vec) {
 #pragma unroll
             for (int i = 0; i < CV_A_PASSES; ++i) {
@@ -134,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(CV_NT, 2) bc_conv(BcConvParams p) {
                 bc_cp_async16_zfill(st + a_dst + i * CV_RP * CV_ROWB, a, ok ? 16 : 0);
             }
             const bool ok = bok && ci < src.channels;
-            bc_cp_async16_zfill(st + b_dst, ok ? wrow : p.w, ok ? 16 : 0);
+            if (ar < CV_BN) bc_cp_async16_zfill(st + b_dst, ok ? wrow : p.w, ok ? 16 : 0);
         } else {
             unsigned char* sp = smem + stage * CV_STAGE;
 #pragma unroll
@@ -148,7 +162,8 @@ extern "C" __global__ void __launch_bounds__(CV_NT, 2) bc_conv(BcConvParams p) {
                                                        : __float2bfloat16(0.f);
             }
             __nv_bfloat16* d = reinterpret_cast<__nv_bfloat16*>(sp + b_dst);
-            for (int e = 0; e < 8; ++e) d[e] = bok && ci + e < src.channels ? wrow[e] : __float2bfloat16(0.f);
+            if (ar < CV_BN)
+                for (int e = 0; e < 8; ++e) d[e] = bok && ci + e < src.channels ? wrow[e] : __float2bfloat16(0.f);
         }
         // Advance the cursor: channels, then taps, then sources.
         ci0 += CV_BK;
@@ -224,4 +239,15 @@ extern "C" __global__ void __launch_bounds__(CV_NT, 2) bc_conv(BcConvParams p) {
         }
     }
 }
+
+extern "C" __global__ void __launch_bounds__(CV_NT, 2) bc_conv(BcConvParams p) {
+    __shared__ __align__(128) unsigned char smem[2 * CvWide::STAGE];
+    bc_conv_impl<CvWide>(p, smem);
+}
 BC_EMU_ENTRY(bc_conv, BcConvParams)
+
+extern "C" __global__ void __launch_bounds__(CV_NT, 2) bc_conv_n16(BcConvParams p) {
+    __shared__ __align__(128) unsigned char smem[2 * CvNarrow::STAGE];
+    bc_conv_impl<CvNarrow>(p, smem);
+}
+BC_EMU_ENTRY(bc_conv_n16, BcConvParams)

@@ -387,6 +387,8 @@ typedef struct BcCopyParams {
 #define BC_CONV_BM 128
 /** Output channels (GEMM columns) per block of `bc_conv`. */
 #define BC_CONV_BN 64
+/** Output channels per block of `bc_conv_n16` (convs with at most this many outputs). */
+#define BC_CONV_BN_NARROW 16
 /** Input channels per k-step of `bc_conv` (one kernel tap of one source at a time). */
 #define BC_CONV_BK 32
 /** Threads per block of `bc_conv` (8 warps, 4 along the pixels x 2 along the channels). */
@@ -427,7 +429,8 @@ typedef struct BcConvSource {
  * channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *
  * out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their
  * channels into frames this way; `out_split = cout` for a plain conv).
- * Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS. */
+ * Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`
+ * (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW). */
 typedef struct BcConvParams {
     /** The sources (`num_src` used). */
     BcConvSource src[BC_CONV_MAX_SOURCES];

@@ -510,11 +510,11 @@ pub struct ConvEpilogue {
     pub act: u32,
 }
 
-/// `bc_conv` (`cuda/conv.cu`): one output frame `h x w` of a convolution over `srcs`. Checks
-/// the geometry (1..=3 sources, kh/kw 1 or 3, taps and channel ranges inside the weights, the
-/// split, even sizes under an upsampled source) and picks the 16-byte copy path when every
-/// count and pointer allows it. Grid (ceil(h*w / `BC_CONV_BM`), ceil(cout / `BC_CONV_BN`)),
-/// block `BC_CONV_THREADS`.
+/// `bc_conv` (`cuda/conv.cu`; `bc_conv_n16` for at most `BC_CONV_BN_NARROW` output channels):
+/// one output frame `h x w` of a convolution over `srcs`. Checks the geometry (1..=3 sources,
+/// kh/kw 1 or 3, taps and channel ranges inside the weights, the split, even sizes under an
+/// upsampled source) and picks the 16-byte copy path when every count and pointer allows it.
+/// Grid (ceil(h*w / `BC_CONV_BM`), ceil(cout / channel tile)), block `BC_CONV_THREADS`.
 pub fn conv(
     srcs: &[ConvSource],
     w: *const bc_bf16,
@@ -523,7 +523,6 @@ pub fn conv(
     ep: ConvEpilogue,
     out: ConvOut,
 ) -> LaunchResult<Launch<BcConvParams>> {
-    let k = Kernel::Conv;
     let ConvShape {
         cout,
         cin,
@@ -531,6 +530,11 @@ pub fn conv(
         kh,
         kw,
     } = shape;
+    let (k, bn) = if cout <= BC_CONV_BN_NARROW as usize {
+        (Kernel::ConvN16, BC_CONV_BN_NARROW)
+    } else {
+        (Kernel::Conv, BC_CONV_BN)
+    };
     if srcs.is_empty() || srcs.len() > BC_CONV_MAX_SOURCES as usize {
         return Err(invalid(k, format!("{} sources (1..=3)", srcs.len())));
     }
@@ -587,11 +591,7 @@ pub fn conv(
     let hw = i32_of(k, mul(k, h, w_px)?, "h*w")?;
     Ok(Launch {
         kernel: k,
-        grid: [
-            blocks(k, hw as usize, BC_CONV_BM)?,
-            blocks(k, cout, BC_CONV_BN)?,
-            1,
-        ],
+        grid: [blocks(k, hw as usize, BC_CONV_BM)?, blocks(k, cout, bn)?, 1],
         block: BC_CONV_THREADS,
         params: BcConvParams {
             src: ps,

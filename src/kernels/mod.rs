@@ -36,6 +36,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_unpatchify",
     "bc_copy",
     "bc_conv",
+    "bc_conv_n16",
     "bc_dec_latent_in",
     "bc_dec_rms_norm",
     "bc_dec_upsample2x",
@@ -112,6 +113,8 @@ pub enum Kernel {
     Copy,
     /// `bc_conv` ([`BcConvParams`]): the decoders' implicit-GEMM convolution.
     Conv,
+    /// `bc_conv_n16` ([`BcConvParams`]): the same with 16-channel tiles (cout <= 16).
+    ConvN16,
     /// `bc_dec_latent_in` ([`BcDecLatentInParams`]).
     DecLatentIn,
     /// `bc_dec_rms_norm` ([`BcDecRmsNormParams`]).
@@ -130,7 +133,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 22] = [
+    pub const ALL: [Kernel; 23] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -146,6 +149,7 @@ impl Kernel {
         Kernel::Unpatchify,
         Kernel::Copy,
         Kernel::Conv,
+        Kernel::ConvN16,
         Kernel::DecLatentIn,
         Kernel::DecRmsNorm,
         Kernel::DecUpsample2x,
@@ -173,6 +177,7 @@ impl Kernel {
             Kernel::Unpatchify => "bc_unpatchify",
             Kernel::Copy => "bc_copy",
             Kernel::Conv => "bc_conv",
+            Kernel::ConvN16 => "bc_conv_n16",
             Kernel::DecLatentIn => "bc_dec_latent_in",
             Kernel::DecRmsNorm => "bc_dec_rms_norm",
             Kernel::DecUpsample2x => "bc_dec_upsample2x",

@@ -18,6 +18,7 @@ pub const BC_ACT_NONE: u32 = 2;
 pub const BC_ACT_ROUND_BF16: u32 = 3;
 pub const BC_CONV_BM: u32 = 128;
 pub const BC_CONV_BN: u32 = 64;
+pub const BC_CONV_BN_NARROW: u32 = 16;
 pub const BC_CONV_BK: u32 = 32;
 pub const BC_CONV_THREADS: u32 = 256;
 pub const BC_CONV_MAX_SOURCES: u32 = 3;
@@ -622,7 +623,7 @@ const _: () = {
     ["Offset of field: BcConvSource::up"][::std::mem::offset_of!(BcConvSource, up) - 24usize];
     ["Offset of field: BcConvSource::_pad"][::std::mem::offset_of!(BcConvSource, _pad) - 28usize];
 };
-#[doc = " `bc_conv`: one output frame of a convolution with kernel `[kt, kh, kw]` (kh, kw in {1, 3},\n spatial zero padding kh/2, kw/2) as an implicit GEMM, `out[m][n] = act(bias[n] + res[m][n] +\n sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.\n Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output\n channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *\n out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their\n channels into frames this way; `out_split = cout` for a plain conv).\n Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS."]
+#[doc = " `bc_conv`: one output frame of a convolution with kernel `[kt, kh, kw]` (kh, kw in {1, 3},\n spatial zero padding kh/2, kw/2) as an implicit GEMM, `out[m][n] = act(bias[n] + res[m][n] +\n sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.\n Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output\n channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *\n out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their\n channels into frames this way; `out_split = cout` for a plain conv).\n Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`\n (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW)."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct BcConvParams {

@@ -57,7 +57,7 @@ impl ConvAct {
     }
 }
 
-/// `bc_conv` (`cuda/conv.cu`): one `h x w` output frame; weights `[cout][kt][kh][kw][cin]`;
+/// `bc_conv` / `bc_conv_n16` (`cuda/conv.cu`, by the output channels): one `h x w` output frame; weights `[cout][kt][kh][kw][cin]`;
 /// `res` a residual `[h*w][res_stride]`; the output has `out_stride` elements per pixel and
 /// channel `n` goes to frame `n / split` (`frame_stride` elements apart).
 #[allow(clippy::too_many_arguments)]
@@ -516,11 +516,14 @@ mod tests {
 
     #[test]
     fn conv3x3_odd_shapes_element_path_f32_out() {
-        // cin 5, cout 3, 5x7: every tile edge masked, element loads (cin not a multiple of 8).
-        let mut c = case(3, 5, 1, 3, (5, 7), vec![s(5, 5, 0, 0, false)]);
-        c.bias = true;
-        c.f32_out = true;
-        run_case(1, &c);
+        // cin 5, cout 3 (the 16-channel tile) and 19 (the 64-channel one), 5x7: every tile edge
+        // masked, element loads (cin not a multiple of 8).
+        for cout in [3, 19] {
+            let mut c = case(cout, 5, 1, 3, (5, 7), vec![s(5, 5, 0, 0, false)]);
+            c.bias = true;
+            c.f32_out = true;
+            run_case(1, &c);
+        }
     }
 
     #[test]
@@ -536,9 +539,15 @@ mod tests {
     #[test]
     fn causal_conv3d_as_temporal_taps_with_residual() {
         // Three taps (two cached frames + the current one), then only the last two (the
-        // stream's second frame: tap 0 is a zero frame and is not passed).
+        // stream's second frame: tap 0 is a zero frame and is not passed); both channel tiles.
+        for cout in [16, 40] {
+            causal_case(cout);
+        }
+    }
+
+    fn causal_case(cout: usize) {
         let mut c = case(
-            16,
+            cout,
             24,
             3,
             3,

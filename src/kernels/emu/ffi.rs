@@ -114,6 +114,12 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_conv_n16(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_dec_softmax(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -152,6 +158,7 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::Unpatchify => bc_emu_bc_unpatchify,
         Kernel::Copy => bc_emu_bc_copy,
         Kernel::Conv => bc_emu_bc_conv,
+        Kernel::ConvN16 => bc_emu_bc_conv_n16,
         Kernel::DecLatentIn => bc_emu_bc_dec_latent_in,
         Kernel::DecRmsNorm => bc_emu_bc_dec_rms_norm,
         Kernel::DecUpsample2x => bc_emu_bc_dec_upsample2x,

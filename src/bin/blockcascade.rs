@@ -654,8 +654,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
             &a.video_opts,
             true,
             path,
-            opts.height,
-            opts.width,
+            (opts.height, opts.width),
+            opts.backend,
         )?),
         None => None,
     };
@@ -1000,18 +1000,29 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
 }
 
 /// Opens the decoder and the video writer for latents of `latent_h x latent_w`, and starts the
-/// decode thread that writes each block's frames as soon as they are decoded.
+/// decode thread that writes each block's frames as soon as they are decoded (with the CUDA
+/// backend, on the device: its own context and streams, overlapping the DiT's ticks).
 fn start_video(
     v: &VideoArgs,
     builtin_ok: bool,
     path: &std::path::Path,
-    latent_h: usize,
-    latent_w: usize,
+    (latent_h, latent_w): (usize, usize),
+    backend: BackendKind,
 ) -> Result<BackgroundDecoder<VideoWriter>> {
     let decoder = v.decoder(builtin_ok)?;
     decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
     let (h, w) = decoder.pixel_size(latent_h, latent_w);
     let writer = VideoWriter::create(path, w, h, &v.options())?;
+    if backend == BackendKind::Cuda {
+        let f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
+        let size = (latent_h, latent_w);
+        return BackgroundDecoder::spawn_device(decoder, size, f32, open_gpu, writer, |wr, out| {
+            match &out.f32 {
+                Some(f) => wr.write_frames(f, out.frames),
+                None => wr.write_rgb8(&out.rgb, out.frames),
+            }
+        });
+    }
     BackgroundDecoder::spawn(decoder, latent_h, latent_w, writer, |wr, video| {
         wr.write_frames(&video.data, video.frames)
     })
@@ -1074,6 +1085,16 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
+/// The device the decoders run on: GPU 0, or the emulated device with `BC_CUDA_EMULATE=1`.
+fn open_gpu() -> Result<blockcascade::backend::cuda::device::Gpu> {
+    use blockcascade::backend::cuda::device::{env_flag, Gpu};
+    if env_flag("BC_CUDA_EMULATE") {
+        Gpu::open_emulated()
+    } else {
+        Gpu::open(0)
+    }
+}
+
 /// Decodes one block of latent frames into `writer`.
 type PushBlock<'d> = Box<dyn FnMut(&[f32], usize, &mut VideoWriter) -> Result<()> + 'd>;
 
@@ -1095,13 +1116,7 @@ fn block_decoder<'d>(
             }))
         }
         BackendArg::Cuda => {
-            use blockcascade::backend::cuda::device::{env_flag, Gpu};
-            let gpu = if env_flag("BC_CUDA_EMULATE") {
-                Gpu::open_emulated()?
-            } else {
-                Gpu::open(0)?
-            };
-            let mut dev = blockcascade::decode::CudaDecoder::new(decoder, gpu)?;
+            let mut dev = blockcascade::decode::CudaDecoder::new(decoder, open_gpu()?)?;
             dev.begin(lh, lw)?;
             let want_f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
             Ok(Box::new(move |z, n, wr| {

@@ -43,7 +43,7 @@
 // Shared memory: 2 stages x (128 + 64) rows x 80 B = 30 KB (static; narrow: 22.5 KB).
 // FLOPs per launch: 2 * H*W * cout * kh*kw * (sum of the sources' channels).
 //
-// Checked by tests/decode_kernels_emu.rs against src/decode/conv.rs (the CPU decoders' conv)
+// Checked by src/kernels/emu/decode.rs (tests) against src/decode/conv.rs (the CPU decoders' conv)
 // under the SIMT emulation: 3x3 and 1x1, three temporal taps, two channel sources, an
 // upsampled source, odd H, W, cin and cout, residual, bias, ReLU/SiLU, f32 and bf16 output,
 // split output, on random bf16-rounded inputs with the output poisoned first.
@@ -210,7 +210,10 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
         __syncthreads();  // stage k & 1 is consumed before step k + 2 refills it
     }
 
-    // Epilogue: lane holds rows g, g + 8 and columns 2t, 2t + 1 of each mma tile.
+    // Epilogue: lane holds rows g, g + 8 and columns 2t, 2t + 1 of each mma tile. A plain bf16
+    // NHWC output (unsplit, even stride, 4-byte aligned) stores each column pair as one bf16x2.
+    const bool pairs = !p.out_f32 && p.out_split == p.cout && p.out_cstride == 1 && p.out_stride % 2 == 0 &&
+                       (reinterpret_cast<uintptr_t>(p.out) & 3) == 0;
 #pragma unroll
     for (int i = 0; i < CV_MT; ++i) {
 #pragma unroll
@@ -219,21 +222,31 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
             if (m >= hw) continue;
 #pragma unroll
             for (int j = 0; j < CV_NT8; ++j) {
+                const int n = n0 + wn * CV_WN + j * 8 + 2 * t;  // even
+                if (n >= p.cout) continue;
+                float v[2];
 #pragma unroll
                 for (int e1 = 0; e1 < 2; ++e1) {
-                    const int n = n0 + wn * CV_WN + j * 8 + 2 * t + e1;
-                    if (n >= p.cout) continue;
-                    float v = acc[i][j][2 * e2 + e1];
-                    if (p.bias) v += p.bias[n];
-                    if (p.res) v += __bfloat162float(p.res[(size_t)m * p.res_stride + n]);
-                    v = cv_act(v, p.act);
-                    const int f = n / p.out_split;
+                    const int c = min(n + e1, p.cout - 1);  // a column past cout is computed, never stored
+                    v[e1] = acc[i][j][2 * e2 + e1];
+                    if (p.bias) v[e1] += p.bias[c];
+                    if (p.res) v[e1] += __bfloat162float(p.res[(size_t)m * p.res_stride + c]);
+                    v[e1] = cv_act(v[e1], p.act);
+                }
+                if (pairs && n + 1 < p.cout) {
+                    bc_store_bf162(static_cast<__nv_bfloat16*>(p.out) + (size_t)m * p.out_stride + n, v[0], v[1]);
+                    continue;
+                }
+#pragma unroll
+                for (int e1 = 0; e1 < 2; ++e1) {
+                    if (n + e1 >= p.cout) break;
+                    const int f = (n + e1) / p.out_split;
                     const size_t o = (size_t)f * p.out_frame_stride + (size_t)m * p.out_stride +
-                                     (size_t)(n - f * p.out_split) * p.out_cstride;
+                                     (size_t)(n + e1 - f * p.out_split) * p.out_cstride;
                     if (p.out_f32)
-                        static_cast<float*>(p.out)[o] = v;
+                        static_cast<float*>(p.out)[o] = v[e1];
                     else
-                        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16(v);
+                        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16(v[e1]);
                 }
             }
         }

@@ -20,7 +20,7 @@
 //
 // Thread layout: one thread per element (latent_in, upsample) or per pixel (to_pixels),
 // BC_ELEM_THREADS per block; rms_norm one warp per pixel, BC_DEC_NORM_PIXELS pixels per block.
-// Checked by tests/decode_kernels_emu.rs against src/decode (conv::rms_norm, upsample2x,
+// Checked by src/kernels/emu/decode.rs (tests) against src/decode (conv::rms_norm, upsample2x,
 // video::to_rgb8) on random inputs with poisoned outputs.
 #include "include/common.cuh"
 

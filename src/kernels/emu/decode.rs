@@ -423,10 +423,11 @@ mod tests {
             ConvAct::Silu => want.iter_mut().for_each(|v| *v = conv::silu(*v)),
             ConvAct::None => {}
         }
-        // Device: output frames of `split` channels, one pixel stride `split + 3` (not packed,
-        // to test the stride), frames `frame_stride` apart.
+        // Device: output frames of `split` channels, pixel stride `split` to `split + 2` (by the
+        // seed: packed, odd and even strides, so both the paired and the element stores run),
+        // frames `frame_stride` apart.
         let frames = cs.cout / cs.split;
-        let ostride = cs.split + 3;
+        let ostride = cs.split + (seed % 3) as usize;
         let fstride = hw * ostride + 5;
         let n_out = frames * fstride;
         let srcs: Vec<ConvSrc> = cs

@@ -9,6 +9,9 @@
 //!    21 frames (7 blocks of 3), 4 steps: ms per block (the 6th block and the steady-state
 //!    mean), FPS (12 video frames per block), sequential vs cascade lag 1..3.
 //!
+//! 4. The video decoders on the device (TAEHV, Wan VAE at real widths, 60x104 latents, blocks of
+//!    3 latent frames): ms per block and the conv TFLOP/s (`BC_BENCH_NO_DECODE=1` skips them).
+//!
 //! Output: a table on stdout, and JSON in `$BC_BENCH_JSON` (default `gpu-bench.json`).
 //! `BC_BENCH_QUICK=1` skips the end-to-end runs.
 //!
@@ -20,6 +23,7 @@
 use blockcascade::backend::cuda::device::{probe, DevPtr, Epilogue, Gpu, OutType};
 use blockcascade::backend::cuda::{attention_tune, ops};
 use blockcascade::config::BackendKind;
+use blockcascade::decode::DecoderKind;
 use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::kernels::params::{BcAttnGroup, BcKvSegment};
 use blockcascade::model::Model;
@@ -335,6 +339,26 @@ fn main() {
         peak: peak_gbs,
     });
     drop(g);
+    // The video decoders (decode::CudaDecoder): ms per 3-latent-frame block at 480x832, real
+    // widths, random weights; rate = the conv FLOPs the decoder launched per block.
+    if std::env::var_os("BC_BENCH_NO_DECODE").is_none() {
+        let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
+        let open = || Gpu::open(0);
+        match blockcascade::decode::bench_decode_device(&kinds, (60, 104), (3, 3), None, &open) {
+            Ok(r) => {
+                for b in r {
+                    rows.push(Row {
+                        name: format!("decode {} 60x104 3-frame block", b.kind),
+                        ms: b.block_ms.unwrap_or(b.first_block_ms),
+                        value: b.tflops,
+                        unit: "TFLOP/s",
+                        peak: peak_tflops,
+                    });
+                }
+            }
+            Err(e) => println!("decode bench failed: {e}"),
+        }
+    }
 
     println!(
         "\n{:<44} {:>10} {:>12} {:>8}",

@@ -996,3 +996,45 @@ fn t5_kernels_match_the_cpu() {
         check("t5_attention", &ss, &down_b(&g, out, n * d), &want, 1e-2);
     }
 }
+
+/// Both video decoders on the device (`decode::CudaDecoder`: `cuda/conv.cu` and
+/// `cuda/decode_ops.cu`) against upstream's golden videos (`data/decode/`), bound 2e-2 relative
+/// L2 as on the emulated device, and streamed (blocks of 3) equal to the whole decode.
+#[test]
+fn decoders_match_the_golden_videos() {
+    use blockcascade::decode::{CudaDecoder, Decoder};
+    use blockcascade::tensorfile::TensorFile;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let data = common::golden_dir();
+    let data = data.parent().unwrap().join("decode");
+    for (name, weights) in [("taehv-tiny", "taehv"), ("wan-vae-tiny", "vae")] {
+        let Some(g) = gpu("decoders_match_the_golden_videos") else {
+            return;
+        };
+        let dir = data.join(name);
+        let read = |file: &str, t: &str| {
+            let f = TensorFile::open(&dir.join(file)).unwrap();
+            (f.tensors()[t].shape.clone(), f.tensor_f32(t, None).unwrap())
+        };
+        let (ls, lat) = read("latents.safetensors", "latents");
+        let (_, want) = read("expected.safetensors", "video");
+        let (f, h, w) = (ls[0], ls[2], ls[3]);
+        let dec = Decoder::load(&dir.join(weights), None).unwrap();
+        let mut dev = CudaDecoder::new(&dec, g).unwrap();
+        dev.begin(h, w).unwrap();
+        let whole = dev.push(&lat, f, true).unwrap().f32.unwrap();
+        let err = rel_l2(&want, &whole);
+        println!("GOLDEN decoder-{name} rel_l2={err:.3e}");
+        assert!(err < 2e-2, "{name}: rel L2 {err}");
+        let per = 16 * h * w;
+        dev.begin(h, w).unwrap();
+        let mut streamed = Vec::new();
+        for b in lat.chunks(3 * per) {
+            streamed.extend(dev.push(b, b.len() / per, true).unwrap().f32.unwrap());
+        }
+        assert!(
+            streamed == whole,
+            "{name}: blocks of 3 differ from the whole decode"
+        );
+    }
+}

@@ -472,4 +472,212 @@ typedef struct BcT5AttentionParams {
     bc_i32 _pad;
 } BcT5AttentionParams;
 
+/* ---- Decoder kernels (cuda/conv.cu, cuda/decode_ops.cu) ----------------------------------
+ * Activations of the video decoders are NHWC bf16 frames: pixel-major `[H*W][stride]`, the
+ * channels of a pixel contiguous (`stride >= channels`). */
+
+/** Output pixels (GEMM rows) per block of `bc_conv`. */
+#define BC_CONV_BM 128
+/** Output channels (GEMM columns) per block of `bc_conv`. */
+#define BC_CONV_BN 64
+/** Output channels per block of `bc_conv_n16` (convs with at most this many outputs). */
+#define BC_CONV_BN_NARROW 16
+/** Input channels per k-step of `bc_conv` (one kernel tap of one source at a time). */
+#define BC_CONV_BK 32
+/** Threads per block of `bc_conv` (8 warps, 4 along the pixels x 2 along the channels). */
+#define BC_CONV_THREADS 256
+/** Most input frames one `bc_conv` output frame sums over (3 temporal taps). */
+#define BC_CONV_MAX_SOURCES 3
+/** Epilogue activation of the decoder kernels: ReLU (`bc_conv`; the others use BC_ACT_NONE
+ * and BC_ACT_SILU of `bc_activation`). */
+#define BC_ACT_RELU 4
+/** Pixels per block of `bc_dec_rms_norm` (one warp per pixel). */
+#define BC_DEC_NORM_PIXELS 8
+
+/** One input frame of a `bc_conv` output frame: it meets time tap `t` of the kernel and
+ * weight input channels `[c0, c0 + channels)` (a causal conv3d is up to three sources, one per
+ * cached or current frame; a concatenation along channels is two sources with different
+ * `c0`). A zero frame (causal padding, no memory yet) is simply not a source. */
+typedef struct BcConvSource {
+    /** The frame, NHWC bf16 `[h*w][stride]` (`[(h/2)*(w/2)][stride]` when `up`). */
+    const bc_bf16 *x;
+    /** Channels of this frame. */
+    bc_i32 channels;
+    /** Elements per pixel of `x` (>= channels). */
+    bc_i32 stride;
+    /** First weight input channel of this frame. */
+    bc_i32 c0;
+    /** Time tap (0 .. kt-1). */
+    bc_i32 t;
+    /** 1: read through a nearest 2x spatial upsample (never materialised). */
+    bc_i32 up;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcConvSource;
+
+/** `bc_conv`: one output frame of a convolution with kernel `[kt, kh, kw]` (kh, kw in {1, 3},
+ * spatial zero padding kh/2, kw/2) as an implicit GEMM, `out[m][n] = act(bias[n] + res[m][n] +
+ * sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.
+ * Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output
+ * channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *
+ * out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their
+ * channels into frames this way; `out_split = cout` for a plain conv).
+ * Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`
+ * (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW). */
+typedef struct BcConvParams {
+    /** The sources (`num_src` used). */
+    BcConvSource src[BC_CONV_MAX_SOURCES];
+    /** Weights `[cout][kt][kh][kw][cin]` bf16. */
+    const bc_bf16 *w;
+    /** Optional `[cout]` f32 bias. */
+    const float *bias;
+    /** Optional residual `[h*w][res_stride]` bf16, added after the bias (needs out_split = cout). */
+    const bc_bf16 *res;
+    /** Output, bf16 or f32 (`out_f32`). */
+    void *out;
+    /** Elements between output frames of a split output. */
+    bc_i64 out_frame_stride;
+    /** Sources used (1..=BC_CONV_MAX_SOURCES). */
+    bc_i32 num_src;
+    /** Output height. */
+    bc_i32 h;
+    /** Output width. */
+    bc_i32 w_px;
+    /** Weight input channels (all sources together). */
+    bc_i32 cin;
+    /** Output channels. */
+    bc_i32 cout;
+    /** Temporal taps. */
+    bc_i32 kt;
+    /** Kernel height (1 or 3). */
+    bc_i32 kh;
+    /** Kernel width (1 or 3). */
+    bc_i32 kw;
+    /** Elements per pixel of `res`. */
+    bc_i32 res_stride;
+    /** Elements per pixel of `out`. */
+    bc_i32 out_stride;
+    /** Output channels per output frame (divides cout). */
+    bc_i32 out_split;
+    /** 1: f32 output, 0: bf16. */
+    bc_i32 out_f32;
+    /** BC_ACT_NONE, BC_ACT_RELU or BC_ACT_SILU, after bias and residual. */
+    bc_i32 act;
+    /** 1: every source's channels and stride and `cin` are multiples of 8 and every pointer is
+     * 16-byte aligned, so tiles load with 16-byte cp.async; 0: element loads. */
+    bc_i32 vec;
+    /** Elements between consecutive output channels (1: NHWC; the pixel count: a transposed
+     * `[channels][pixels]` output, as the attention's V^T). */
+    bc_i32 out_cstride;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcConvParams;
+
+/** `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16
+ * `[h*w][c]`, with `mode` 0: as they are, 1: TAEHV's `tanh(z/3)*3`, 2: the Wan VAE's
+ * un-normalisation `z / scale[c] + mean[c]` (`scale = 1/std`, divided as upstream does).
+ * Grid (ceil(c*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS. */
+typedef struct BcDecLatentInParams {
+    /** `[c][hw]` f32. */
+    const float *z;
+    /** `[hw][c]` bf16. */
+    bc_bf16 *out;
+    /** `[c]` mean (mode 2). */
+    const float *mean;
+    /** `[c]` 1/std (mode 2). */
+    const float *scale;
+    /** Channels. */
+    bc_i32 c;
+    /** Pixels. */
+    bc_i32 hw;
+    /** 0, 1 or 2 (see above). */
+    bc_i32 mode;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcDecLatentInParams;
+
+/** `bc_dec_rms_norm`: the Wan VAE's channel RMS norm of NHWC bf16 pixels, `y = x / max(|x|_2,
+ * 1e-12) * sqrt(c) * gamma`, then SiLU when `silu`. One warp per pixel; grid (ceil(pixels /
+ * BC_DEC_NORM_PIXELS)), block 32 * BC_DEC_NORM_PIXELS. */
+typedef struct BcDecRmsNormParams {
+    /** `[pixels][c]` bf16. */
+    const bc_bf16 *x;
+    /** `[pixels][c]` bf16 (may be `x`). */
+    bc_bf16 *out;
+    /** `[c]` f32. */
+    const float *gamma;
+    /** Pixels. */
+    bc_i32 pixels;
+    /** Channels. */
+    bc_i32 c;
+    /** 1: SiLU after the norm. */
+    bc_i32 silu;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcDecRmsNormParams;
+
+/** `bc_dec_upsample2x`: nearest 2x spatial upsample of an NHWC bf16 frame `[h][w][c]` to
+ * `[2h][2w][c]`, written to `out` and, when `out2` is set, to `out2` too (a temporal
+ * duplication of the frame). Grid (ceil(4*h*w*c / BC_ELEM_THREADS)), block BC_ELEM_THREADS. */
+typedef struct BcDecUpsampleParams {
+    /** `[h*w][c]` bf16. */
+    const bc_bf16 *x;
+    /** `[4*h*w][c]` bf16. */
+    bc_bf16 *out;
+    /** Optional second copy. */
+    bc_bf16 *out2;
+    /** Source height. */
+    bc_i32 h;
+    /** Source width. */
+    bc_i32 w;
+    /** Channels. */
+    bc_i32 c;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcDecUpsampleParams;
+
+/** `bc_dec_to_pixels`: the first 3 channels of an NHWC frame (f32 or bf16) to pixels: `v =
+ * x * scale + shift`, clamped to [-1, 1] when `clamp`; written as f32 planar `[3][h*w]`
+ * (optional) and as RGB8 `[h*w][3]` (optional) by `Video::to_rgb8`'s rule `(u8)(clamp(v, -1,
+ * 1) * 127.5 + 127.5)` (truncation, unfused). Grid (ceil(hw / BC_ELEM_THREADS)), block
+ * BC_ELEM_THREADS. */
+typedef struct BcDecToPixelsParams {
+    /** `[hw][stride]` f32 or bf16. */
+    const void *x;
+    /** Optional `[3][hw]` f32. */
+    float *out_f32;
+    /** Optional `[hw][3]` RGB8. */
+    unsigned char *rgb;
+    /** Multiplier. */
+    float scale;
+    /** Offset. */
+    float shift;
+    /** Pixels. */
+    bc_i32 hw;
+    /** Elements per pixel of `x` (>= 3). */
+    bc_i32 stride;
+    /** 1: `x` is f32, 0: bf16. */
+    bc_i32 in_f32;
+    /** 1: clamp the f32 output to [-1, 1] (the Wan VAE; TAEHV's is not clamped). */
+    bc_i32 clamp;
+} BcDecToPixelsParams;
+
+/** `bc_dec_softmax`: row-wise softmax of f32 scores, `p[r][j] = exp(scale * (s[r][j] - max_j
+ * s[r][j])) / sum` (scale >= 0), stored bf16: the probabilities of the Wan VAE's single-head
+ * attention over the pixels of a frame. Grid (rows), block BC_ROW_THREADS. */
+typedef struct BcDecSoftmaxParams {
+    /** `[rows][n]` f32 scores. */
+    const float *s;
+    /** `[rows][n]` bf16 probabilities. */
+    bc_bf16 *p;
+    /** Rows. */
+    bc_i32 rows;
+    /** Columns. */
+    bc_i32 n;
+    /** Score scale (`1/sqrt(C)`), >= 0. */
+    float scale;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcDecSoftmaxParams;
+
 #endif /* BLOCKCASCADE_PARAMS_H */

@@ -172,6 +172,10 @@ struct DecodeArgs {
     /// Latent frames decoded per step (the stream's block size; the result does not depend on it).
     #[arg(long, default_value_t = 3)]
     block_frames: usize,
+    /// Where to decode: the CPU (f32, exact) or a CUDA device (bf16 kernels, only the pixels
+    /// cross back; `BC_CUDA_EMULATE=1`: the emulated device).
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
@@ -669,8 +673,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
             &a.video_opts,
             true,
             path,
-            opts.height,
-            opts.width,
+            (opts.height, opts.width),
+            opts.backend,
         )?),
         None => None,
     };
@@ -1023,18 +1027,29 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
 }
 
 /// Opens the decoder and the video writer for latents of `latent_h x latent_w`, and starts the
-/// decode thread that writes each block's frames as soon as they are decoded.
+/// decode thread that writes each block's frames as soon as they are decoded (with the CUDA
+/// backend, on the device: its own context and streams, overlapping the DiT's ticks).
 fn start_video(
     v: &VideoArgs,
     builtin_ok: bool,
     path: &std::path::Path,
-    latent_h: usize,
-    latent_w: usize,
+    (latent_h, latent_w): (usize, usize),
+    backend: BackendKind,
 ) -> Result<BackgroundDecoder<VideoWriter>> {
     let decoder = v.decoder(builtin_ok)?;
     decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
     let (h, w) = decoder.pixel_size(latent_h, latent_w);
     let writer = VideoWriter::create(path, w, h, &v.options())?;
+    if backend == BackendKind::Cuda {
+        let f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
+        let size = (latent_h, latent_w);
+        return BackgroundDecoder::spawn_device(decoder, size, f32, open_gpu, writer, |wr, out| {
+            match &out.f32 {
+                Some(f) => wr.write_frames(f, out.frames),
+                None => wr.write_rgb8(&out.rgb, out.frames),
+            }
+        });
+    }
     BackgroundDecoder::spawn(decoder, latent_h, latent_w, writer, |wr, video| {
         wr.write_frames(&video.data, video.frames)
     })
@@ -1070,13 +1085,12 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
     let latents = file.tensor_f32("latents", Some(&shape))?;
     let (h, w) = decoder.pixel_size(lh, lw);
     let mut writer = VideoWriter::create(&a.out, w, h, &a.video.options())?;
-    let mut stream = decoder.stream(lh, lw)?;
+    let mut push = block_decoder(&decoder, a.backend, lh, lw, &writer)?;
     let per_frame = channels * lh * lw;
     let started = std::time::Instant::now();
     for (i, chunk) in latents.chunks(a.block_frames * per_frame).enumerate() {
         let n = chunk.len() / per_frame;
-        let video = stream.push(chunk, n)?;
-        writer.write_frames(&video.data, video.frames)?;
+        push(chunk, n, &mut writer)?;
         if !a.quiet {
             let done = (i * a.block_frames + n).min(frames);
             eprintln!(
@@ -1096,6 +1110,51 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The device the decoders run on: GPU 0, or the emulated device with `BC_CUDA_EMULATE=1`.
+fn open_gpu() -> Result<blockcascade::backend::cuda::device::Gpu> {
+    use blockcascade::backend::cuda::device::{env_flag, Gpu};
+    if env_flag("BC_CUDA_EMULATE") {
+        Gpu::open_emulated()
+    } else {
+        Gpu::open(0)
+    }
+}
+
+/// Decodes one block of latent frames into `writer`.
+type PushBlock<'d> = Box<dyn FnMut(&[f32], usize, &mut VideoWriter) -> Result<()> + 'd>;
+
+/// The block decoder of `decode --backend`: the CPU stream, or the device decoder (RGB8 from
+/// the device; f32 for `.safetensors`).
+fn block_decoder<'d>(
+    decoder: &'d Decoder,
+    backend: BackendArg,
+    lh: usize,
+    lw: usize,
+    writer: &VideoWriter,
+) -> Result<PushBlock<'d>> {
+    match backend {
+        BackendArg::Cpu => {
+            let mut stream = decoder.stream(lh, lw)?;
+            Ok(Box::new(move |z, n, wr| {
+                let v = stream.push(z, n)?;
+                wr.write_frames(&v.data, v.frames)
+            }))
+        }
+        BackendArg::Cuda => {
+            let mut dev = blockcascade::decode::CudaDecoder::new(decoder, open_gpu()?)?;
+            dev.begin(lh, lw)?;
+            let want_f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
+            Ok(Box::new(move |z, n, wr| {
+                let out = dev.push(z, n, want_f32)?;
+                match &out.f32 {
+                    Some(f) => wr.write_frames(f, out.frames),
+                    None => wr.write_rgb8(&out.rgb, out.frames),
+                }
+            }))
+        }
+    }
 }
 
 /// The text encoder on the device `--text-encoder-device` names, else where `--backend` runs.

@@ -6,9 +6,10 @@
 //! At most [`QUEUE_BLOCKS`] blocks wait for the decoder: a slow decoder slows the generator
 //! instead of letting memory grow.
 
-use super::{Decoder, Video};
+use super::{CudaDecoder, Decoder, DeviceFrames, Video};
+use crate::backend::cuda::device::Gpu;
 use crate::{Error, Result};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -38,18 +39,54 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
     {
         // Check the size now, on the caller's thread, so a bad size fails before any work.
         decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
+        Self::start(move |rx| {
+            let mut state = state;
+            let mut stream = decoder.stream(latent_h, latent_w)?;
+            for (latents, frames) in rx {
+                let video = stream.push(&latents, frames)?;
+                on_frames(&mut state, &video)?;
+            }
+            Ok(state)
+        })
+    }
+
+    /// [`spawn`](Self::spawn) on a CUDA device: the thread opens the device with `open` (its
+    /// own context and streams, so decoding overlaps whatever else runs on the GPU), uploads
+    /// the decoder ([`CudaDecoder`]) and calls `on_frames` with each block's pixels (RGB8, and
+    /// f32 when `want_f32`). A device that cannot be opened is the first error.
+    pub fn spawn_device<F>(
+        decoder: Arc<Decoder>,
+        (latent_h, latent_w): (usize, usize),
+        want_f32: bool,
+        open: fn() -> Result<Gpu>,
+        state: S,
+        mut on_frames: F,
+    ) -> Result<Self>
+    where
+        F: FnMut(&mut S, &DeviceFrames) -> Result<()> + Send + 'static,
+    {
+        decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
+        Self::start(move |rx| {
+            let mut state = state;
+            let mut dev = CudaDecoder::new(&decoder, open()?)?;
+            dev.begin(latent_h, latent_w)?;
+            for (latents, frames) in rx {
+                let out = dev.push(&latents, frames, want_f32)?;
+                on_frames(&mut state, &out)?;
+            }
+            Ok(state)
+        })
+    }
+
+    /// Starts the thread running `work` over the queue.
+    fn start<W>(work: W) -> Result<Self>
+    where
+        W: FnOnce(Receiver<(Vec<f32>, usize)>) -> Result<S> + Send + 'static,
+    {
         let (tx, rx) = sync_channel::<(Vec<f32>, usize)>(QUEUE_BLOCKS);
         let worker = std::thread::Builder::new()
             .name("bc-decode".into())
-            .spawn(move || {
-                let mut state = state;
-                let mut stream = decoder.stream(latent_h, latent_w)?;
-                for (latents, frames) in rx {
-                    let video = stream.push(&latents, frames)?;
-                    on_frames(&mut state, &video)?;
-                }
-                Ok(state)
-            })
+            .spawn(move || work(rx))
             .map_err(|e| Error::Internal(format!("cannot start the decode thread: {e}")))?;
         Ok(BackgroundDecoder {
             tx: Some(tx),
@@ -129,6 +166,36 @@ mod tests {
         let got = bg.finish().unwrap();
         assert_eq!(got.len(), whole.data.len());
         assert_eq!(got, whole.data);
+    }
+
+    #[test]
+    fn background_device_equals_direct_device_decode() {
+        let dec = Arc::new(Decoder::tiny_taehv(3));
+        let (h, w) = (2, 2);
+        let lat = latents(4, h, w, 5);
+        let mut direct = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        direct.begin(h, w).unwrap();
+        let want = direct.push(&lat, 4, true).unwrap();
+        let mut bg = BackgroundDecoder::spawn_device(
+            dec,
+            (h, w),
+            true,
+            Gpu::open_emulated,
+            (Vec::new(), Vec::new()),
+            |acc, out| {
+                acc.0.extend_from_slice(&out.rgb);
+                acc.1
+                    .extend_from_slice(out.f32.as_deref().unwrap_or_default());
+                Ok(())
+            },
+        )
+        .unwrap();
+        let block = 2 * 16 * h * w;
+        bg.push(&lat[..block], 2).unwrap();
+        bg.push(&lat[block..], 2).unwrap();
+        let (rgb, f) = bg.finish().unwrap();
+        assert_eq!(rgb, want.rgb);
+        assert_eq!(Some(f), want.f32);
     }
 
     #[test]

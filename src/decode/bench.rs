@@ -2,7 +2,8 @@
 //! widths, with random weights generated on the spot (nothing stored), and peak memory.
 
 use super::conv::{Conv, Path, Src};
-use super::{Decoder, DecoderKind};
+use super::{CudaDecoder, Decoder, DecoderKind};
+use crate::backend::cuda::device::Gpu;
 use crate::Result;
 use std::time::Instant;
 
@@ -232,4 +233,98 @@ pub fn conv_table(results: &[(ConvShape, f64, f64)]) -> String {
         );
     }
     s
+}
+
+/// One decoder's measurement on a CUDA device ([`bench_decode_device`]).
+#[derive(Clone, Debug)]
+pub struct DeviceDecodeBench {
+    /// Which decoder.
+    pub kind: DecoderKind,
+    /// Milliseconds of the stream's first block (fewer pixel frames, buffers allocated).
+    pub first_block_ms: f64,
+    /// Milliseconds per later block (mean); `None` with one block.
+    pub block_ms: Option<f64>,
+    /// Convolution TFLOP of a later block (of the first with one block).
+    pub block_tflop: f64,
+    /// TFLOP/s of the later blocks (of the first with one block).
+    pub tflops: f64,
+    /// Bytes of device memory held for activations and causal state.
+    pub device_bytes: usize,
+}
+
+/// [`bench_decode`] on a CUDA device (`gpu` opens it: the driver, or the emulated device in
+/// tests): `blocks` blocks of `block_frames` random latent frames, each timed from upload to the
+/// last pixel downloaded (RGB8 only, as a player takes them). `dim`: the decoders' width
+/// (`None`: real widths, Wan VAE 96, TAEHV 64).
+pub fn bench_decode_device(
+    kinds: &[DecoderKind],
+    (latent_h, latent_w): (usize, usize),
+    (block_frames, blocks): (usize, usize),
+    dim: Option<usize>,
+    gpu: &dyn Fn() -> Result<Gpu>,
+) -> Result<Vec<DeviceDecodeBench>> {
+    let mut out = Vec::new();
+    let bf = block_frames.max(1);
+    for &kind in kinds {
+        let d = dim.unwrap_or(match kind {
+            DecoderKind::WanVae => 96,
+            DecoderKind::Taehv => 64,
+        });
+        let dec = Decoder::synthetic(kind, d, 1);
+        let mut dev = CudaDecoder::new(&dec, gpu()?)?;
+        dev.begin(latent_h, latent_w)?;
+        let mut rng = crate::rng::Rng::new(2);
+        let per = 16 * latent_h * latent_w * bf;
+        let mut times = Vec::new();
+        let mut flops = Vec::new();
+        for _ in 0..blocks.max(1) {
+            let z: Vec<f32> = (0..per).map(|_| rng.normal()).collect();
+            let f0 = dev.flops();
+            let t = Instant::now();
+            std::hint::black_box(dev.push(&z, bf, false)?);
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            flops.push(dev.flops() - f0);
+        }
+        let (ms, fl) = if times.len() > 1 {
+            let n = (times.len() - 1) as f64;
+            (
+                times[1..].iter().sum::<f64>() / n,
+                flops[1..].iter().sum::<f64>() / n,
+            )
+        } else {
+            (times[0], flops[0])
+        };
+        out.push(DeviceDecodeBench {
+            kind,
+            first_block_ms: times[0],
+            block_ms: (times.len() > 1).then_some(ms),
+            block_tflop: fl / 1e12,
+            tflops: fl / 1e12 / (ms / 1e3),
+            device_bytes: dev.activation_bytes(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_bench_counts_conv_flops_per_pixel() {
+        let run = |h: usize, w: usize| {
+            let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
+            bench_decode_device(&kinds, (h, w), (1, 2), Some(2), &Gpu::open_emulated).unwrap()
+        };
+        let (small, large) = (run(2, 2), run(4, 2));
+        for (a, b) in small.iter().zip(&large) {
+            assert!(a.block_ms.is_some() && a.first_block_ms > 0.0 && a.device_bytes > 0);
+            // Every conv is per pixel except the attention's P x P GEMMs (Wan: quadratic).
+            let ratio = b.block_tflop / a.block_tflop;
+            match a.kind {
+                DecoderKind::Taehv => assert!((ratio - 2.0).abs() < 1e-9, "{ratio}"),
+                DecoderKind::WanVae => assert!(ratio > 2.0 && ratio < 2.1, "{ratio}"),
+            }
+        }
+    }
 }

@@ -166,6 +166,28 @@ impl Conv {
         }
     }
 
+    /// The weights as bf16 `[cout][kt][kh][kw][cin]`: the layout the GPU convolution
+    /// (`cuda/conv.cu`) reads, one GEMM row of K values per output channel.
+    pub fn packed_bf16(&self) -> Vec<half::bf16> {
+        let taps = self.kt * self.kh * self.kw;
+        let mut out = vec![half::bf16::ZERO; self.taps.len()];
+        for tap in 0..taps {
+            for o in 0..self.cout {
+                let src = &self.taps[(tap * self.cout + o) * self.cin..][..self.cin];
+                let dst = &mut out[(o * taps + tap) * self.cin..][..self.cin];
+                for (d, v) in dst.iter_mut().zip(src) {
+                    *d = half::bf16::from_f32(*v);
+                }
+            }
+        }
+        out
+    }
+
+    /// The bias, if the conv has one.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
     /// Bytes of weights held.
     pub fn bytes(&self) -> usize {
         4 * (self.taps.len() + self.bias.as_ref().map_or(0, |b| b.len()))

@@ -12,15 +12,17 @@
 mod background;
 mod bench;
 pub(crate) mod conv;
+mod cuda;
 mod taehv;
 mod wan_vae;
 mod weights;
 
 pub use background::{BackgroundDecoder, QUEUE_BLOCKS};
 pub use bench::{
-    bench_conv, bench_decode, conv_table, decoder_conv_shapes, table as bench_table, ConvShape,
-    DecodeBench,
+    bench_conv, bench_decode, bench_decode_device, conv_table, decoder_conv_shapes,
+    table as bench_table, ConvShape, DecodeBench, DeviceDecodeBench,
 };
+pub use cuda::{CudaDecoder, DeviceFrames};
 
 use crate::tensorfile::TensorFile;
 use crate::{Error, Result};
@@ -283,21 +285,7 @@ impl DecodeStream<'_> {
     pub fn push(&mut self, latents: &[f32], frames: usize) -> Result<Video> {
         let c = self.dec.latent_channels();
         let per = c * self.h * self.w;
-        if frames.checked_mul(per) != Some(latents.len()) {
-            return Err(Error::invalid(format!(
-                "latents hold {} values; {frames} frames of [{c}, {}, {}] need {}",
-                latents.len(),
-                self.h,
-                self.w,
-                frames.saturating_mul(per)
-            )));
-        }
-        if let Some(i) = latents.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid(format!(
-                "latent value {i} is {} (not finite)",
-                latents[i]
-            )));
-        }
+        check_latents(latents, frames, (c, self.h, self.w))?;
         let (ph, pw) = self.dec.pixel_size(self.h, self.w);
         let pixels = [frames, self.dec.temporal_factor(), 3, ph, pw, 4]
             .iter()
@@ -338,6 +326,26 @@ impl DecodeStream<'_> {
             State::Taehv(s) => s.bytes(),
         }
     }
+}
+
+/// Checks that `latents` hold `frames` frames of `[c, h, w]`, all finite (what every decoder's
+/// push requires).
+fn check_latents(latents: &[f32], frames: usize, (c, h, w): (usize, usize, usize)) -> Result<()> {
+    let per = c * h * w;
+    if frames.checked_mul(per) != Some(latents.len()) {
+        return Err(Error::invalid(format!(
+            "latents hold {} values; {frames} frames of [{c}, {h}, {w}] need {}",
+            latents.len(),
+            frames.saturating_mul(per)
+        )));
+    }
+    if let Some(i) = latents.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid(format!(
+            "latent value {i} is {} (not finite)",
+            latents[i]
+        )));
+    }
+    Ok(())
 }
 
 /// The safetensors file at `path`, or the one inside folder `path`.

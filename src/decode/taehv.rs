@@ -26,7 +26,8 @@ const LAYOUT: [Kind; 23] = {
     ]
 };
 
-enum Layer {
+/// One entry of upstream's decoder `nn.Sequential` (the device decoder walks the same list).
+pub(crate) enum Layer {
     Clamp,
     Conv(Conv),
     Relu,
@@ -47,7 +48,7 @@ enum Layer {
 
 /// The loaded decoder.
 pub(crate) struct Taehv {
-    layers: Vec<Layer>,
+    pub(crate) layers: Vec<Layer>,
     /// Latent channels (16).
     pub z_dim: usize,
     /// Pixel frames per latent frame (4 in `taew2_1`).
@@ -57,7 +58,7 @@ pub(crate) struct Taehv {
     /// Frames dropped at the start of a stream (`t_up - 1`).
     pub trim: usize,
     /// MemBlock memories: (channels, spatial factor).
-    mem_dims: Vec<(usize, usize)>,
+    pub(crate) mem_dims: Vec<(usize, usize)>,
 }
 
 /// Streaming state: every MemBlock's input of the previous frame (none before the first) and

@@ -17,8 +17,8 @@ pub const STD: [f32; 16] = [
     1.6382, 1.1253, 2.8251, 1.9160,
 ];
 
-/// A block of the decoder's `middle` or `upsamples` list.
-enum Block {
+/// A block of the decoder's `middle` or `upsamples` list (the device decoder walks the same list).
+pub(crate) enum Block {
     /// `ResidualBlock`: norm, SiLU, causal conv, norm, SiLU, causal conv, plus a shortcut.
     Res {
         g1: Vec<f32>,
@@ -42,18 +42,18 @@ enum Block {
 pub(crate) struct WanVae {
     /// Latent channels (16 for Wan2.1).
     pub z_dim: usize,
-    conv2: Conv,
-    conv1: Conv,
-    blocks: Vec<Block>,
-    head_g: Vec<f32>,
-    head: Conv,
+    pub(crate) conv2: Conv,
+    pub(crate) conv1: Conv,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) head_g: Vec<f32>,
+    pub(crate) head: Conv,
     /// Spatial upsampling factor (8 for Wan2.1).
     pub up: usize,
     /// Temporal upsampling factor after the stream's first frame: 2 per `time_conv` (4 for
     /// Wan2.1).
     pub t_up: usize,
     /// Causal caches: (input channels, spatial factor relative to the latent grid).
-    cache_dims: Vec<(usize, usize)>,
+    pub(crate) cache_dims: Vec<(usize, usize)>,
 }
 
 /// Streaming state: the causal caches (the last two input frames of every causal conv) and,

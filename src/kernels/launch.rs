@@ -557,3 +557,333 @@ pub fn t5_attention(
         },
     })
 }
+
+/// One input frame of [`conv`] (the fields of `BcConvSource`, `cuda/include/params.h`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConvSource {
+    /// NHWC bf16 frame `[h*w][stride]` (`[(h/2)*(w/2)][stride]` when `up`).
+    pub x: *const bc_bf16,
+    /// Channels of the frame.
+    pub channels: usize,
+    /// Elements per pixel.
+    pub stride: usize,
+    /// First weight input channel.
+    pub c0: usize,
+    /// Time tap it meets.
+    pub t: usize,
+    /// Read through a nearest 2x upsample.
+    pub up: bool,
+}
+
+/// Kernel geometry of a [`conv`]: weights `[cout][kt][kh][kw][cin]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Output channels.
+    pub cout: usize,
+    /// Input channels (all sources).
+    pub cin: usize,
+    /// Temporal taps.
+    pub kt: usize,
+    /// Kernel height (1 or 3).
+    pub kh: usize,
+    /// Kernel width (1 or 3).
+    pub kw: usize,
+}
+
+/// Where and how [`conv`] writes: `out` bf16 or f32, `stride` elements per pixel, output
+/// channel `n` to frame `n / split` at `frame_stride` elements apart (`split = cout`: one frame).
+#[derive(Clone, Copy, Debug)]
+pub struct ConvOut {
+    /// Output base.
+    pub out: *mut c_void,
+    /// f32 (else bf16).
+    pub f32: bool,
+    /// Elements per pixel.
+    pub stride: usize,
+    /// Output channels per frame (divides cout).
+    pub split: usize,
+    /// Elements between output frames.
+    pub frame_stride: usize,
+    /// Elements between output channels (1: NHWC; the pixel count: channel-major).
+    pub cstride: usize,
+}
+
+/// The epilogue of a [`conv`]: bias (null: none), residual `[h*w][res_stride]` bf16 (null:
+/// none), activation (`BC_ACT_NONE`, `BC_ACT_RELU`, `BC_ACT_SILU`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConvEpilogue {
+    /// `[cout]` f32 or null.
+    pub bias: *const f32,
+    /// Residual or null.
+    pub res: *const bc_bf16,
+    /// Elements per pixel of `res`.
+    pub res_stride: usize,
+    /// Activation selector.
+    pub act: u32,
+}
+
+/// `bc_conv` (`cuda/conv.cu`; `bc_conv_n16` for at most `BC_CONV_BN_NARROW` output channels):
+/// one output frame `h x w` of a convolution over `srcs`. Checks the geometry (1..=3 sources,
+/// kh/kw 1 or 3, taps and channel ranges inside the weights, the split, even sizes under an
+/// upsampled source) and picks the 16-byte copy path when every count and pointer allows it.
+/// Grid (ceil(h*w / `BC_CONV_BM`), ceil(cout / channel tile)), block `BC_CONV_THREADS`.
+pub fn conv(
+    srcs: &[ConvSource],
+    w: *const bc_bf16,
+    shape: ConvShape,
+    (h, w_px): (usize, usize),
+    ep: ConvEpilogue,
+    out: ConvOut,
+) -> LaunchResult<Launch<BcConvParams>> {
+    let ConvShape {
+        cout,
+        cin,
+        kt,
+        kh,
+        kw,
+    } = shape;
+    let (k, bn) = if cout <= BC_CONV_BN_NARROW as usize {
+        (Kernel::ConvN16, BC_CONV_BN_NARROW)
+    } else {
+        (Kernel::Conv, BC_CONV_BN)
+    };
+    if srcs.is_empty() || srcs.len() > BC_CONV_MAX_SOURCES as usize {
+        return Err(invalid(k, format!("{} sources (1..=3)", srcs.len())));
+    }
+    if !matches!(kh, 1 | 3) || !matches!(kw, 1 | 3) || kt == 0 || cout == 0 || cin == 0 {
+        return Err(invalid(
+            k,
+            format!("bad kernel {cout}x{cin}x{kt}x{kh}x{kw}"),
+        ));
+    }
+    if out.split == 0 || cout % out.split != 0 || (out.cstride <= 1 && out.stride < out.split) {
+        return Err(invalid(k, "output split must divide cout, stride >= split"));
+    }
+    if !ep.res.is_null() && (out.split != cout || ep.res_stride < cout) {
+        return Err(invalid(
+            k,
+            "a residual needs an unsplit output and res_stride >= cout",
+        ));
+    }
+    let aligned = |p: usize| p % 16 == 0;
+    let mut vec = cin % 8 == 0 && aligned(w as usize);
+    let empty = BcConvSource {
+        x: std::ptr::null(),
+        channels: 0,
+        stride: 0,
+        c0: 0,
+        t: 0,
+        up: 0,
+        _pad: 0,
+    };
+    let mut ps = [empty; BC_CONV_MAX_SOURCES as usize];
+    for (i, s) in srcs.iter().enumerate() {
+        if s.t >= kt || s.channels == 0 || s.c0 + s.channels > cin || s.stride < s.channels {
+            return Err(invalid(
+                k,
+                format!("source {i}: tap or channels outside the weights"),
+            ));
+        }
+        if s.up && (h % 2 != 0 || w_px % 2 != 0) {
+            return Err(invalid(k, "an upsampled source needs an even output size"));
+        }
+        vec &= s.channels % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0 && aligned(s.x as usize);
+        ps[i] = BcConvSource {
+            x: s.x,
+            channels: i32_of(k, s.channels, "channels")?,
+            stride: i32_of(k, s.stride, "stride")?,
+            c0: i32_of(k, s.c0, "c0")?,
+            t: i32_of(k, s.t, "t")?,
+            up: s.up as i32,
+            _pad: 0,
+        };
+    }
+    let ktot = mul(k, mul(k, mul(k, kt, kh)?, kw)?, cin)?;
+    mul(k, ktot, cout)?;
+    let hw = i32_of(k, mul(k, h, w_px)?, "h*w")?;
+    Ok(Launch {
+        kernel: k,
+        grid: [blocks(k, hw as usize, BC_CONV_BM)?, blocks(k, cout, bn)?, 1],
+        block: BC_CONV_THREADS,
+        params: BcConvParams {
+            src: ps,
+            w,
+            bias: ep.bias,
+            res: ep.res,
+            out: out.out,
+            out_frame_stride: i64::try_from(out.frame_stride)
+                .map_err(|_| invalid(k, "frame stride too large"))?,
+            num_src: srcs.len() as i32,
+            h: i32_of(k, h, "h")?,
+            w_px: i32_of(k, w_px, "w")?,
+            cin: i32_of(k, cin, "cin")?,
+            cout: i32_of(k, cout, "cout")?,
+            kt: i32_of(k, kt, "kt")?,
+            kh: kh as i32,
+            kw: kw as i32,
+            res_stride: i32_of(k, ep.res_stride, "res_stride")?,
+            out_stride: i32_of(k, out.stride, "out_stride")?,
+            out_split: i32_of(k, out.split, "out_split")?,
+            out_f32: out.f32 as i32,
+            act: i32::try_from(ep.act).map_err(|_| invalid(k, "bad activation"))?,
+            vec: vec as i32,
+            out_cstride: i32_of(k, out.cstride.max(1), "out_cstride")?,
+            _pad: 0,
+        },
+    })
+}
+
+/// `bc_dec_latent_in` (`cuda/decode_ops.cu`): one latent frame f32 `[c][hw]` to NHWC bf16,
+/// `mode` 0 (as is), 1 (`tanh(z/3)*3`) or 2 (`z / scale[c] + mean[c]`). Grid (ceil(c*hw /
+/// `BC_ELEM_THREADS`)).
+pub fn dec_latent_in(
+    z: *const f32,
+    out: *mut bc_bf16,
+    c: usize,
+    hw: usize,
+    mode: i32,
+    mean: *const f32,
+    scale: *const f32,
+) -> LaunchResult<Launch<BcDecLatentInParams>> {
+    let k = Kernel::DecLatentIn;
+    let n = mul(k, c, hw)?;
+    i32_of(k, n, "c*hw")?;
+    Ok(Launch {
+        kernel: k,
+        grid: [blocks(k, n, BC_ELEM_THREADS)?, 1, 1],
+        block: BC_ELEM_THREADS,
+        params: BcDecLatentInParams {
+            z,
+            out,
+            mean,
+            scale,
+            c: i32_of(k, c, "c")?,
+            hw: i32_of(k, hw, "hw")?,
+            mode,
+            _pad: 0,
+        },
+    })
+}
+
+/// `bc_dec_rms_norm` (`cuda/decode_ops.cu`): `pixels x c` NHWC bf16, optional SiLU after.
+/// Grid (ceil(pixels / `BC_DEC_NORM_PIXELS`)), block 32 * `BC_DEC_NORM_PIXELS`.
+pub fn dec_rms_norm(
+    x: *const bc_bf16,
+    out: *mut bc_bf16,
+    gamma: *const f32,
+    pixels: usize,
+    c: usize,
+    silu: bool,
+) -> LaunchResult<Launch<BcDecRmsNormParams>> {
+    let k = Kernel::DecRmsNorm;
+    i32_of(k, mul(k, pixels, c)?, "pixels*c")?;
+    Ok(Launch {
+        kernel: k,
+        grid: [blocks(k, pixels, BC_DEC_NORM_PIXELS)?, 1, 1],
+        block: 32 * BC_DEC_NORM_PIXELS,
+        params: BcDecRmsNormParams {
+            x,
+            out,
+            gamma,
+            pixels: i32_of(k, pixels, "pixels")?,
+            c: i32_of(k, c, "c")?,
+            silu: silu as i32,
+            _pad: 0,
+        },
+    })
+}
+
+/// `bc_dec_upsample2x` (`cuda/decode_ops.cu`): NHWC bf16 `[h][w][c]` to `[2h][2w][c]` in `out`
+/// (and `out2` unless null). Grid (ceil(4*h*w*c / `BC_ELEM_THREADS`)).
+pub fn dec_upsample2x(
+    x: *const bc_bf16,
+    out: *mut bc_bf16,
+    out2: *mut bc_bf16,
+    h: usize,
+    w: usize,
+    c: usize,
+) -> LaunchResult<Launch<BcDecUpsampleParams>> {
+    let k = Kernel::DecUpsample2x;
+    let n = mul(k, mul(k, 4, mul(k, h, w)?)?, c)?;
+    i32_of(k, n, "4*h*w*c")?;
+    Ok(Launch {
+        kernel: k,
+        grid: [blocks(k, n, BC_ELEM_THREADS)?, 1, 1],
+        block: BC_ELEM_THREADS,
+        params: BcDecUpsampleParams {
+            x,
+            out,
+            out2,
+            h: i32_of(k, h, "h")?,
+            w: i32_of(k, w, "w")?,
+            c: i32_of(k, c, "c")?,
+            _pad: 0,
+        },
+    })
+}
+
+/// `bc_dec_to_pixels` (`cuda/decode_ops.cu`): channels 0..3 of `hw` pixels (`stride` elements
+/// each, f32 or bf16) to `x * scale + shift` (clamped when `clamp`), f32 planar and/or RGB8
+/// (either null: not written). Grid (ceil(hw / `BC_ELEM_THREADS`)).
+pub fn dec_to_pixels(
+    x: *const c_void,
+    in_f32: bool,
+    hw: usize,
+    stride: usize,
+    (scale, shift): (f32, f32),
+    clamp: bool,
+    out_f32: *mut f32,
+    rgb: *mut u8,
+) -> LaunchResult<Launch<BcDecToPixelsParams>> {
+    let k = Kernel::DecToPixels;
+    if stride < 3 {
+        return Err(invalid(k, "stride must be at least 3"));
+    }
+    i32_of(k, mul(k, hw, stride)?, "hw*stride")?;
+    Ok(Launch {
+        kernel: k,
+        grid: [blocks(k, hw, BC_ELEM_THREADS)?, 1, 1],
+        block: BC_ELEM_THREADS,
+        params: BcDecToPixelsParams {
+            x,
+            out_f32,
+            rgb,
+            scale,
+            shift,
+            hw: i32_of(k, hw, "hw")?,
+            stride: i32_of(k, stride, "stride")?,
+            in_f32: in_f32 as i32,
+            clamp: clamp as i32,
+        },
+    })
+}
+
+/// `bc_dec_softmax` (`cuda/decode_ops.cu`): `rows` rows of `n` f32 scores to bf16
+/// probabilities, `scale >= 0`. Grid (rows), block `BC_ROW_THREADS`.
+pub fn dec_softmax(
+    s: *const f32,
+    p: *mut bc_bf16,
+    rows: usize,
+    n: usize,
+    scale: f32,
+) -> LaunchResult<Launch<BcDecSoftmaxParams>> {
+    let k = Kernel::DecSoftmax;
+    if !(scale >= 0.0 && scale.is_finite()) {
+        return Err(invalid(k, "scale must be finite and >= 0"));
+    }
+    i32_of(k, mul(k, rows, n)?, "rows*n")?;
+    let rows = i32_of(k, rows, "rows")?;
+    Ok(Launch {
+        kernel: k,
+        grid: row_grid(rows),
+        block: BC_ROW_THREADS,
+        params: BcDecSoftmaxParams {
+            s,
+            p,
+            rows,
+            n: i32_of(k, n, "n")?,
+            scale,
+            _pad: 0,
+        },
+    })
+}

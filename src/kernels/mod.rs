@@ -38,6 +38,13 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_t5_rms_norm",
     "bc_t5_gated_gelu",
     "bc_t5_attention",
+    "bc_conv",
+    "bc_conv_n16",
+    "bc_dec_latent_in",
+    "bc_dec_rms_norm",
+    "bc_dec_upsample2x",
+    "bc_dec_to_pixels",
+    "bc_dec_softmax",
     "bc_test_mma",
 ];
 
@@ -113,6 +120,20 @@ pub enum Kernel {
     T5GatedGelu,
     /// `bc_t5_attention` ([`BcT5AttentionParams`]): the text encoder's attention.
     T5Attention,
+    /// `bc_conv` ([`BcConvParams`]): the decoders' implicit-GEMM convolution.
+    Conv,
+    /// `bc_conv_n16` ([`BcConvParams`]): the same with 16-channel tiles (cout <= 16).
+    ConvN16,
+    /// `bc_dec_latent_in` ([`BcDecLatentInParams`]).
+    DecLatentIn,
+    /// `bc_dec_rms_norm` ([`BcDecRmsNormParams`]).
+    DecRmsNorm,
+    /// `bc_dec_upsample2x` ([`BcDecUpsampleParams`]).
+    DecUpsample2x,
+    /// `bc_dec_to_pixels` ([`BcDecToPixelsParams`]).
+    DecToPixels,
+    /// `bc_dec_softmax` ([`BcDecSoftmaxParams`]).
+    DecSoftmax,
     /// Emulation-only test kernel `bc_test_sync` (see `cuda/emu/test_kernels.cu`).
     TestSync,
     /// Tensor-core layout test kernel `bc_test_mma` (see `cuda/test/test_mma.cu`).
@@ -121,7 +142,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 19] = [
+    pub const ALL: [Kernel; 26] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -139,6 +160,13 @@ impl Kernel {
         Kernel::T5RmsNorm,
         Kernel::T5GatedGelu,
         Kernel::T5Attention,
+        Kernel::Conv,
+        Kernel::ConvN16,
+        Kernel::DecLatentIn,
+        Kernel::DecRmsNorm,
+        Kernel::DecUpsample2x,
+        Kernel::DecToPixels,
+        Kernel::DecSoftmax,
         Kernel::TestSync,
         Kernel::TestMma,
     ];
@@ -163,6 +191,13 @@ impl Kernel {
             Kernel::T5RmsNorm => "bc_t5_rms_norm",
             Kernel::T5GatedGelu => "bc_t5_gated_gelu",
             Kernel::T5Attention => "bc_t5_attention",
+            Kernel::Conv => "bc_conv",
+            Kernel::ConvN16 => "bc_conv_n16",
+            Kernel::DecLatentIn => "bc_dec_latent_in",
+            Kernel::DecRmsNorm => "bc_dec_rms_norm",
+            Kernel::DecUpsample2x => "bc_dec_upsample2x",
+            Kernel::DecToPixels => "bc_dec_to_pixels",
+            Kernel::DecSoftmax => "bc_dec_softmax",
             Kernel::TestSync => "bc_test_sync",
             Kernel::TestMma => "bc_test_mma",
         }

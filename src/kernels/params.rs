@@ -22,6 +22,14 @@ pub const BC_T5_ATTN_THREADS: u32 = 128;
 pub const BC_T5_ATTN_ROWS: u32 = 8;
 pub const BC_T5_ATTN_MAX_TOKENS: u32 = 512;
 pub const BC_T5_ATTN_MAX_HEAD_DIM: u32 = 128;
+pub const BC_CONV_BM: u32 = 128;
+pub const BC_CONV_BN: u32 = 64;
+pub const BC_CONV_BN_NARROW: u32 = 16;
+pub const BC_CONV_BK: u32 = 32;
+pub const BC_CONV_THREADS: u32 = 256;
+pub const BC_CONV_MAX_SOURCES: u32 = 3;
+pub const BC_ACT_RELU: u32 = 4;
+pub const BC_DEC_NORM_PIXELS: u32 = 8;
 #[doc = " A bfloat16 value stored as its raw bits."]
 pub type bc_bf16 = u16;
 #[doc = " 64-bit signed count."]
@@ -725,4 +733,318 @@ const _: () = {
         [::std::mem::offset_of!(BcT5AttentionParams, out_stride) - 64usize];
     ["Offset of field: BcT5AttentionParams::_pad"]
         [::std::mem::offset_of!(BcT5AttentionParams, _pad) - 68usize];
+};
+#[doc = " One input frame of a `bc_conv` output frame: it meets time tap `t` of the kernel and\n weight input channels `[c0, c0 + channels)` (a causal conv3d is up to three sources, one per\n cached or current frame; a concatenation along channels is two sources with different\n `c0`). A zero frame (causal padding, no memory yet) is simply not a source."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcConvSource {
+    #[doc = " The frame, NHWC bf16 `[h*w][stride]` (`[(h/2)*(w/2)][stride]` when `up`)."]
+    pub x: *const bc_bf16,
+    #[doc = " Channels of this frame."]
+    pub channels: bc_i32,
+    #[doc = " Elements per pixel of `x` (>= channels)."]
+    pub stride: bc_i32,
+    #[doc = " First weight input channel of this frame."]
+    pub c0: bc_i32,
+    #[doc = " Time tap (0 .. kt-1)."]
+    pub t: bc_i32,
+    #[doc = " 1: read through a nearest 2x spatial upsample (never materialised)."]
+    pub up: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcConvSource"][::std::mem::size_of::<BcConvSource>() - 32usize];
+    ["Alignment of BcConvSource"][::std::mem::align_of::<BcConvSource>() - 8usize];
+    ["Offset of field: BcConvSource::x"][::std::mem::offset_of!(BcConvSource, x) - 0usize];
+    ["Offset of field: BcConvSource::channels"]
+        [::std::mem::offset_of!(BcConvSource, channels) - 8usize];
+    ["Offset of field: BcConvSource::stride"]
+        [::std::mem::offset_of!(BcConvSource, stride) - 12usize];
+    ["Offset of field: BcConvSource::c0"][::std::mem::offset_of!(BcConvSource, c0) - 16usize];
+    ["Offset of field: BcConvSource::t"][::std::mem::offset_of!(BcConvSource, t) - 20usize];
+    ["Offset of field: BcConvSource::up"][::std::mem::offset_of!(BcConvSource, up) - 24usize];
+    ["Offset of field: BcConvSource::_pad"][::std::mem::offset_of!(BcConvSource, _pad) - 28usize];
+};
+#[doc = " `bc_conv`: one output frame of a convolution with kernel `[kt, kh, kw]` (kh, kw in {1, 3},\n spatial zero padding kh/2, kw/2) as an implicit GEMM, `out[m][n] = act(bias[n] + res[m][n] +\n sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.\n Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output\n channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *\n out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their\n channels into frames this way; `out_split = cout` for a plain conv).\n Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`\n (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW)."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcConvParams {
+    #[doc = " The sources (`num_src` used)."]
+    pub src: [BcConvSource; 3usize],
+    #[doc = " Weights `[cout][kt][kh][kw][cin]` bf16."]
+    pub w: *const bc_bf16,
+    #[doc = " Optional `[cout]` f32 bias."]
+    pub bias: *const f32,
+    #[doc = " Optional residual `[h*w][res_stride]` bf16, added after the bias (needs out_split = cout)."]
+    pub res: *const bc_bf16,
+    #[doc = " Output, bf16 or f32 (`out_f32`)."]
+    pub out: *mut ::std::os::raw::c_void,
+    #[doc = " Elements between output frames of a split output."]
+    pub out_frame_stride: bc_i64,
+    #[doc = " Sources used (1..=BC_CONV_MAX_SOURCES)."]
+    pub num_src: bc_i32,
+    #[doc = " Output height."]
+    pub h: bc_i32,
+    #[doc = " Output width."]
+    pub w_px: bc_i32,
+    #[doc = " Weight input channels (all sources together)."]
+    pub cin: bc_i32,
+    #[doc = " Output channels."]
+    pub cout: bc_i32,
+    #[doc = " Temporal taps."]
+    pub kt: bc_i32,
+    #[doc = " Kernel height (1 or 3)."]
+    pub kh: bc_i32,
+    #[doc = " Kernel width (1 or 3)."]
+    pub kw: bc_i32,
+    #[doc = " Elements per pixel of `res`."]
+    pub res_stride: bc_i32,
+    #[doc = " Elements per pixel of `out`."]
+    pub out_stride: bc_i32,
+    #[doc = " Output channels per output frame (divides cout)."]
+    pub out_split: bc_i32,
+    #[doc = " 1: f32 output, 0: bf16."]
+    pub out_f32: bc_i32,
+    #[doc = " BC_ACT_NONE, BC_ACT_RELU or BC_ACT_SILU, after bias and residual."]
+    pub act: bc_i32,
+    #[doc = " 1: every source's channels and stride and `cin` are multiples of 8 and every pointer is\n 16-byte aligned, so tiles load with 16-byte cp.async; 0: element loads."]
+    pub vec: bc_i32,
+    #[doc = " Elements between consecutive output channels (1: NHWC; the pixel count: a transposed\n `[channels][pixels]` output, as the attention's V^T)."]
+    pub out_cstride: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcConvParams"][::std::mem::size_of::<BcConvParams>() - 200usize];
+    ["Alignment of BcConvParams"][::std::mem::align_of::<BcConvParams>() - 8usize];
+    ["Offset of field: BcConvParams::src"][::std::mem::offset_of!(BcConvParams, src) - 0usize];
+    ["Offset of field: BcConvParams::w"][::std::mem::offset_of!(BcConvParams, w) - 96usize];
+    ["Offset of field: BcConvParams::bias"][::std::mem::offset_of!(BcConvParams, bias) - 104usize];
+    ["Offset of field: BcConvParams::res"][::std::mem::offset_of!(BcConvParams, res) - 112usize];
+    ["Offset of field: BcConvParams::out"][::std::mem::offset_of!(BcConvParams, out) - 120usize];
+    ["Offset of field: BcConvParams::out_frame_stride"]
+        [::std::mem::offset_of!(BcConvParams, out_frame_stride) - 128usize];
+    ["Offset of field: BcConvParams::num_src"]
+        [::std::mem::offset_of!(BcConvParams, num_src) - 136usize];
+    ["Offset of field: BcConvParams::h"][::std::mem::offset_of!(BcConvParams, h) - 140usize];
+    ["Offset of field: BcConvParams::w_px"][::std::mem::offset_of!(BcConvParams, w_px) - 144usize];
+    ["Offset of field: BcConvParams::cin"][::std::mem::offset_of!(BcConvParams, cin) - 148usize];
+    ["Offset of field: BcConvParams::cout"][::std::mem::offset_of!(BcConvParams, cout) - 152usize];
+    ["Offset of field: BcConvParams::kt"][::std::mem::offset_of!(BcConvParams, kt) - 156usize];
+    ["Offset of field: BcConvParams::kh"][::std::mem::offset_of!(BcConvParams, kh) - 160usize];
+    ["Offset of field: BcConvParams::kw"][::std::mem::offset_of!(BcConvParams, kw) - 164usize];
+    ["Offset of field: BcConvParams::res_stride"]
+        [::std::mem::offset_of!(BcConvParams, res_stride) - 168usize];
+    ["Offset of field: BcConvParams::out_stride"]
+        [::std::mem::offset_of!(BcConvParams, out_stride) - 172usize];
+    ["Offset of field: BcConvParams::out_split"]
+        [::std::mem::offset_of!(BcConvParams, out_split) - 176usize];
+    ["Offset of field: BcConvParams::out_f32"]
+        [::std::mem::offset_of!(BcConvParams, out_f32) - 180usize];
+    ["Offset of field: BcConvParams::act"][::std::mem::offset_of!(BcConvParams, act) - 184usize];
+    ["Offset of field: BcConvParams::vec"][::std::mem::offset_of!(BcConvParams, vec) - 188usize];
+    ["Offset of field: BcConvParams::out_cstride"]
+        [::std::mem::offset_of!(BcConvParams, out_cstride) - 192usize];
+    ["Offset of field: BcConvParams::_pad"][::std::mem::offset_of!(BcConvParams, _pad) - 196usize];
+};
+#[doc = " `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16\n `[h*w][c]`, with `mode` 0: as they are, 1: TAEHV's `tanh(z/3)*3`, 2: the Wan VAE's\n un-normalisation `z / scale[c] + mean[c]` (`scale = 1/std`, divided as upstream does).\n Grid (ceil(c*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcDecLatentInParams {
+    #[doc = " `[c][hw]` f32."]
+    pub z: *const f32,
+    #[doc = " `[hw][c]` bf16."]
+    pub out: *mut bc_bf16,
+    #[doc = " `[c]` mean (mode 2)."]
+    pub mean: *const f32,
+    #[doc = " `[c]` 1/std (mode 2)."]
+    pub scale: *const f32,
+    #[doc = " Channels."]
+    pub c: bc_i32,
+    #[doc = " Pixels."]
+    pub hw: bc_i32,
+    #[doc = " 0, 1 or 2 (see above)."]
+    pub mode: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcDecLatentInParams"][::std::mem::size_of::<BcDecLatentInParams>() - 48usize];
+    ["Alignment of BcDecLatentInParams"][::std::mem::align_of::<BcDecLatentInParams>() - 8usize];
+    ["Offset of field: BcDecLatentInParams::z"]
+        [::std::mem::offset_of!(BcDecLatentInParams, z) - 0usize];
+    ["Offset of field: BcDecLatentInParams::out"]
+        [::std::mem::offset_of!(BcDecLatentInParams, out) - 8usize];
+    ["Offset of field: BcDecLatentInParams::mean"]
+        [::std::mem::offset_of!(BcDecLatentInParams, mean) - 16usize];
+    ["Offset of field: BcDecLatentInParams::scale"]
+        [::std::mem::offset_of!(BcDecLatentInParams, scale) - 24usize];
+    ["Offset of field: BcDecLatentInParams::c"]
+        [::std::mem::offset_of!(BcDecLatentInParams, c) - 32usize];
+    ["Offset of field: BcDecLatentInParams::hw"]
+        [::std::mem::offset_of!(BcDecLatentInParams, hw) - 36usize];
+    ["Offset of field: BcDecLatentInParams::mode"]
+        [::std::mem::offset_of!(BcDecLatentInParams, mode) - 40usize];
+    ["Offset of field: BcDecLatentInParams::_pad"]
+        [::std::mem::offset_of!(BcDecLatentInParams, _pad) - 44usize];
+};
+#[doc = " `bc_dec_rms_norm`: the Wan VAE's channel RMS norm of NHWC bf16 pixels, `y = x / max(|x|_2,\n 1e-12) * sqrt(c) * gamma`, then SiLU when `silu`. One warp per pixel; grid (ceil(pixels /\n BC_DEC_NORM_PIXELS)), block 32 * BC_DEC_NORM_PIXELS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcDecRmsNormParams {
+    #[doc = " `[pixels][c]` bf16."]
+    pub x: *const bc_bf16,
+    #[doc = " `[pixels][c]` bf16 (may be `x`)."]
+    pub out: *mut bc_bf16,
+    #[doc = " `[c]` f32."]
+    pub gamma: *const f32,
+    #[doc = " Pixels."]
+    pub pixels: bc_i32,
+    #[doc = " Channels."]
+    pub c: bc_i32,
+    #[doc = " 1: SiLU after the norm."]
+    pub silu: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcDecRmsNormParams"][::std::mem::size_of::<BcDecRmsNormParams>() - 40usize];
+    ["Alignment of BcDecRmsNormParams"][::std::mem::align_of::<BcDecRmsNormParams>() - 8usize];
+    ["Offset of field: BcDecRmsNormParams::x"]
+        [::std::mem::offset_of!(BcDecRmsNormParams, x) - 0usize];
+    ["Offset of field: BcDecRmsNormParams::out"]
+        [::std::mem::offset_of!(BcDecRmsNormParams, out) - 8usize];
+    ["Offset of field: BcDecRmsNormParams::gamma"]
+        [::std::mem::offset_of!(BcDecRmsNormParams, gamma) - 16usize];
+    ["Offset of field: BcDecRmsNormParams::pixels"]
+        [::std::mem::offset_of!(BcDecRmsNormParams, pixels) - 24usize];
+    ["Offset of field: BcDecRmsNormParams::c"]
+        [::std::mem::offset_of!(BcDecRmsNormParams, c) - 28usize];
+    ["Offset of field: BcDecRmsNormParams::silu"]
+        [::std::mem::offset_of!(BcDecRmsNormParams, silu) - 32usize];
+    ["Offset of field: BcDecRmsNormParams::_pad"]
+        [::std::mem::offset_of!(BcDecRmsNormParams, _pad) - 36usize];
+};
+#[doc = " `bc_dec_upsample2x`: nearest 2x spatial upsample of an NHWC bf16 frame `[h][w][c]` to\n `[2h][2w][c]`, written to `out` and, when `out2` is set, to `out2` too (a temporal\n duplication of the frame). Grid (ceil(4*h*w*c / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcDecUpsampleParams {
+    #[doc = " `[h*w][c]` bf16."]
+    pub x: *const bc_bf16,
+    #[doc = " `[4*h*w][c]` bf16."]
+    pub out: *mut bc_bf16,
+    #[doc = " Optional second copy."]
+    pub out2: *mut bc_bf16,
+    #[doc = " Source height."]
+    pub h: bc_i32,
+    #[doc = " Source width."]
+    pub w: bc_i32,
+    #[doc = " Channels."]
+    pub c: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcDecUpsampleParams"][::std::mem::size_of::<BcDecUpsampleParams>() - 40usize];
+    ["Alignment of BcDecUpsampleParams"][::std::mem::align_of::<BcDecUpsampleParams>() - 8usize];
+    ["Offset of field: BcDecUpsampleParams::x"]
+        [::std::mem::offset_of!(BcDecUpsampleParams, x) - 0usize];
+    ["Offset of field: BcDecUpsampleParams::out"]
+        [::std::mem::offset_of!(BcDecUpsampleParams, out) - 8usize];
+    ["Offset of field: BcDecUpsampleParams::out2"]
+        [::std::mem::offset_of!(BcDecUpsampleParams, out2) - 16usize];
+    ["Offset of field: BcDecUpsampleParams::h"]
+        [::std::mem::offset_of!(BcDecUpsampleParams, h) - 24usize];
+    ["Offset of field: BcDecUpsampleParams::w"]
+        [::std::mem::offset_of!(BcDecUpsampleParams, w) - 28usize];
+    ["Offset of field: BcDecUpsampleParams::c"]
+        [::std::mem::offset_of!(BcDecUpsampleParams, c) - 32usize];
+    ["Offset of field: BcDecUpsampleParams::_pad"]
+        [::std::mem::offset_of!(BcDecUpsampleParams, _pad) - 36usize];
+};
+#[doc = " `bc_dec_to_pixels`: the first 3 channels of an NHWC frame (f32 or bf16) to pixels: `v =\n x * scale + shift`, clamped to [-1, 1] when `clamp`; written as f32 planar `[3][h*w]`\n (optional) and as RGB8 `[h*w][3]` (optional) by `Video::to_rgb8`'s rule `(u8)(clamp(v, -1,\n 1) * 127.5 + 127.5)` (truncation, unfused). Grid (ceil(hw / BC_ELEM_THREADS)), block\n BC_ELEM_THREADS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcDecToPixelsParams {
+    #[doc = " `[hw][stride]` f32 or bf16."]
+    pub x: *const ::std::os::raw::c_void,
+    #[doc = " Optional `[3][hw]` f32."]
+    pub out_f32: *mut f32,
+    #[doc = " Optional `[hw][3]` RGB8."]
+    pub rgb: *mut ::std::os::raw::c_uchar,
+    #[doc = " Multiplier."]
+    pub scale: f32,
+    #[doc = " Offset."]
+    pub shift: f32,
+    #[doc = " Pixels."]
+    pub hw: bc_i32,
+    #[doc = " Elements per pixel of `x` (>= 3)."]
+    pub stride: bc_i32,
+    #[doc = " 1: `x` is f32, 0: bf16."]
+    pub in_f32: bc_i32,
+    #[doc = " 1: clamp the f32 output to [-1, 1] (the Wan VAE; TAEHV's is not clamped)."]
+    pub clamp: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcDecToPixelsParams"][::std::mem::size_of::<BcDecToPixelsParams>() - 48usize];
+    ["Alignment of BcDecToPixelsParams"][::std::mem::align_of::<BcDecToPixelsParams>() - 8usize];
+    ["Offset of field: BcDecToPixelsParams::x"]
+        [::std::mem::offset_of!(BcDecToPixelsParams, x) - 0usize];
+    ["Offset of field: BcDecToPixelsParams::out_f32"]
+        [::std::mem::offset_of!(BcDecToPixelsParams, out_f32) - 8usize];
+    ["Offset of field: BcDecToPixelsParams::rgb"]
+        [::std::mem::offset_of!(BcDecToPixelsParams, rgb) - 16usize];
+    ["Offset of field: BcDecToPixelsParams::scale"]
+        [::std::mem::offset_of!(BcDecToPixelsParams, scale) - 24usize];
+    ["Offset of field: BcDecToPixelsParams::shift"]
+        [::std::mem::offset_of!(BcDecToPixelsParams, shift) - 28usize];
+    ["Offset of field: BcDecToPixelsParams::hw"]
+        [::std::mem::offset_of!(BcDecToPixelsParams, hw) - 32usize];
+    ["Offset of field: BcDecToPixelsParams::stride"]
+        [::std::mem::offset_of!(BcDecToPixelsParams, stride) - 36usize];
+    ["Offset of field: BcDecToPixelsParams::in_f32"]
+        [::std::mem::offset_of!(BcDecToPixelsParams, in_f32) - 40usize];
+    ["Offset of field: BcDecToPixelsParams::clamp"]
+        [::std::mem::offset_of!(BcDecToPixelsParams, clamp) - 44usize];
+};
+#[doc = " `bc_dec_softmax`: row-wise softmax of f32 scores, `p[r][j] = exp(scale * (s[r][j] - max_j\n s[r][j])) / sum` (scale >= 0), stored bf16: the probabilities of the Wan VAE's single-head\n attention over the pixels of a frame. Grid (rows), block BC_ROW_THREADS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcDecSoftmaxParams {
+    #[doc = " `[rows][n]` f32 scores."]
+    pub s: *const f32,
+    #[doc = " `[rows][n]` bf16 probabilities."]
+    pub p: *mut bc_bf16,
+    #[doc = " Rows."]
+    pub rows: bc_i32,
+    #[doc = " Columns."]
+    pub n: bc_i32,
+    #[doc = " Score scale (`1/sqrt(C)`), >= 0."]
+    pub scale: f32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcDecSoftmaxParams"][::std::mem::size_of::<BcDecSoftmaxParams>() - 32usize];
+    ["Alignment of BcDecSoftmaxParams"][::std::mem::align_of::<BcDecSoftmaxParams>() - 8usize];
+    ["Offset of field: BcDecSoftmaxParams::s"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, s) - 0usize];
+    ["Offset of field: BcDecSoftmaxParams::p"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, p) - 8usize];
+    ["Offset of field: BcDecSoftmaxParams::rows"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, rows) - 16usize];
+    ["Offset of field: BcDecSoftmaxParams::n"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, n) - 20usize];
+    ["Offset of field: BcDecSoftmaxParams::scale"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, scale) - 24usize];
+    ["Offset of field: BcDecSoftmaxParams::_pad"]
+        [::std::mem::offset_of!(BcDecSoftmaxParams, _pad) - 28usize];
 };

@@ -232,6 +232,51 @@ impl VideoWriter {
         }
     }
 
+    /// Appends `count` frames already converted to RGB8 `[count][H][W][3]` (as the device
+    /// decoder hands them out, by [`to_rgb8`]'s rule). The 8-bit formats only: `.safetensors`
+    /// keeps f32 values, so it needs [`VideoWriter::write_frames`]. Errors as `write_frames`.
+    pub fn write_rgb8(&mut self, rgb: &[u8], count: usize) -> Result<()> {
+        if self.failed {
+            return Err(Error::invalid(
+                "an earlier write to this video failed; the output was discarded",
+            ));
+        }
+        let want = count
+            .checked_mul(3 * self.width * self.height)
+            .ok_or_else(|| Error::invalid(format!("{count} frames overflow")))?;
+        if rgb.len() != want {
+            return Err(Error::invalid(format!(
+                "{count} RGB8 frames of {}x{} need {want} bytes, got {}",
+                self.width,
+                self.height,
+                rgb.len()
+            )));
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let res = match &mut self.sink {
+            Sink::Safetensors(_) => {
+                return Err(Error::invalid(
+                    ".safetensors output keeps f32 values: write f32 frames, not RGB8",
+                ))
+            }
+            Sink::Mp4(w) => w.write_rgb(rgb),
+            Sink::Y4m(w) => w.write_rgb(rgb),
+            Sink::Png(w) => w.write_rgb(rgb),
+        };
+        match res {
+            Ok(()) => {
+                self.frames += count;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
     /// Publishes the output under its final name and returns it (for PNG frames, the folder or
     /// pattern given). A video with no frames, or one whose write failed, is an error and leaves
     /// nothing behind.

@@ -107,6 +107,43 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_conv(d: *const BcLaunchDims, p: *const c_void, e: *mut c_char, n: usize) -> c_int;
+    fn bc_emu_bc_dec_latent_in(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_dec_rms_norm(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_dec_upsample2x(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_dec_to_pixels(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_conv_n16(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_dec_softmax(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_test_sync(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -141,6 +178,13 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::T5RmsNorm => bc_emu_bc_t5_rms_norm,
         Kernel::T5GatedGelu => bc_emu_bc_t5_gated_gelu,
         Kernel::T5Attention => bc_emu_bc_t5_attention,
+        Kernel::Conv => bc_emu_bc_conv,
+        Kernel::ConvN16 => bc_emu_bc_conv_n16,
+        Kernel::DecLatentIn => bc_emu_bc_dec_latent_in,
+        Kernel::DecRmsNorm => bc_emu_bc_dec_rms_norm,
+        Kernel::DecUpsample2x => bc_emu_bc_dec_upsample2x,
+        Kernel::DecToPixels => bc_emu_bc_dec_to_pixels,
+        Kernel::DecSoftmax => bc_emu_bc_dec_softmax,
         Kernel::TestSync => bc_emu_bc_test_sync,
         Kernel::TestMma => bc_emu_bc_test_mma,
     }

@@ -21,6 +21,7 @@ use half::bf16;
 use std::ffi::c_void;
 use std::ops::Range;
 
+pub mod decode;
 mod ffi;
 
 pub use ffi::{dims, launch_raw};

@@ -1,0 +1,481 @@
+//! Both decoders on a CUDA device (a GPU through the driver, or the emulated device in CI): the
+//! same layer walks as the CPU decoders (depth first, one frame per level alive), with every
+//! convolution on `cuda/conv.cu` and the small ops on `cuda/decode_ops.cu`.
+//!
+//! This file holds what both share ([`Dev`]: the device, weight upload, a pool of activation
+//! buffers, launches, the pixel output) and the public [`CudaDecoder`]; `cuda/taehv.rs` and
+//! `cuda/wan.rs` are the two walks.
+//!
+//! Weights are uploaded once (bf16, packed `[cout][kt][kh][kw][cin]`; biases and norm gains f32).
+//! A stream's causal state (TAEHV's MemBlock memories, the Wan VAE's two-frame conv caches) lives
+//! on the device and is carried from block to block; activations come from a pool of device
+//! buffers that grows to the peak live set of the first frames and is reused after. Per pushed
+//! block only the latents go up and only the pixels come back: RGB8 `[T][H][W][3]` always, f32
+//! `[T][3][H][W]` when asked.
+//!
+//! Precision: bf16 activations, weights and caches, f32 accumulation; the last conv writes f32.
+//! Against upstream's golden output within 2e-2 relative L2 (tests/decode_cuda_emulated.rs).
+
+mod taehv;
+mod wan;
+
+use super::conv::Conv;
+use super::{Decoder, Inner};
+use crate::backend::cuda::device::{DevPtr, Gpu};
+use crate::kernels::launch::{self, ConvEpilogue, ConvOut, ConvShape, ConvSource, Launch};
+use crate::kernels::LaunchResult;
+use crate::{Error, Result};
+
+/// One convolution's weights on the device (or any bf16 `[cout][k]` matrix used as weights).
+#[derive(Clone, Copy)]
+struct DevConv {
+    w: DevPtr,
+    bias: DevPtr,
+    shape: ConvShape,
+}
+
+/// An NHWC frame on the device (`[h*w][c]`, bf16, or f32 for a last conv); `owned`: a pool
+/// buffer (a view into another frame is not).
+#[derive(Clone, Copy)]
+struct Frame {
+    ptr: DevPtr,
+    bytes: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    owned: bool,
+}
+
+impl Frame {
+    /// A view of `c` channels at `ptr` inside a buffer owned elsewhere.
+    fn view(ptr: DevPtr, c: usize, h: usize, w: usize) -> Frame {
+        Frame {
+            ptr,
+            bytes: 2 * c * h * w,
+            c,
+            h,
+            w,
+            owned: false,
+        }
+    }
+}
+
+/// One input frame of a conv launch: the frame, its weight channel offset, time tap, and
+/// whether it is read through a nearest 2x upsample.
+#[derive(Clone, Copy)]
+struct In {
+    f: Frame,
+    c0: usize,
+    t: usize,
+    up: bool,
+}
+
+impl In {
+    /// The whole frame at tap `t`.
+    fn at(f: Frame, t: usize) -> In {
+        In {
+            f,
+            c0: 0,
+            t,
+            up: false,
+        }
+    }
+}
+
+/// Decoded frames of one pushed block, as they come back from the device.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeviceFrames {
+    /// Number of frames.
+    pub frames: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Width in pixels.
+    pub width: usize,
+    /// `[T][H][W][3]` RGB8 (`Video::to_rgb8`'s rule).
+    pub rgb: Vec<u8>,
+    /// `[T][3][H][W]` f32, when asked for.
+    pub f32: Option<Vec<f32>>,
+}
+
+/// The device, the uploaded weights and the activation pool.
+struct Dev {
+    gpu: Gpu,
+    /// Every weight allocation (freed with the device).
+    weights: Vec<DevPtr>,
+    /// Free activation buffers (bytes, pointer).
+    pool: Vec<(usize, DevPtr)>,
+    /// Bytes allocated for activations and stream state.
+    pool_bytes: usize,
+    /// Convolution FLOPs launched so far (2 per multiply-add, the attention's GEMMs included).
+    flops: f64,
+}
+
+impl Dev {
+    /// Uploads `data` (kept alive until the device has it).
+    fn upload<T: Copy>(&mut self, data: &[T]) -> Result<DevPtr> {
+        let p = self.gpu.alloc(std::mem::size_of_val(data))?;
+        self.weights.push(p);
+        self.gpu.upload(p, data)?;
+        self.gpu.sync()?;
+        Ok(p)
+    }
+
+    fn conv_weights(&mut self, c: &Conv) -> Result<DevConv> {
+        let w = self.upload(&c.packed_bf16())?;
+        let bias = match c.bias() {
+            Some(b) => self.upload(b)?,
+            None => 0,
+        };
+        Ok(DevConv {
+            w,
+            bias,
+            shape: ConvShape {
+                cout: c.cout,
+                cin: c.cin,
+                kt: c.kt,
+                kh: c.kh,
+                kw: c.kw,
+            },
+        })
+    }
+
+    fn run<P>(&self, l: LaunchResult<Launch<P>>) -> Result<()> {
+        let l = l.map_err(|e| Error::InvalidArgument(format!("{}: {}", e.kernel, e.message)))?;
+        // SAFETY: every launch of the device decoder is built over device buffers allocated
+        // by `get` with the sizes its frames need, and weights uploaded with their shapes.
+        unsafe { self.gpu.launch(l.kernel, l.grid, l.block, &l.params) }
+    }
+
+    /// A pool buffer for a `c x h x w` frame of `elem`-byte values.
+    fn get(&mut self, c: usize, h: usize, w: usize, elem: usize) -> Result<Frame> {
+        let bytes = c * h * w * elem;
+        let best = self
+            .pool
+            .iter()
+            .enumerate()
+            .filter(|(_, (b, _))| *b >= bytes)
+            .min_by_key(|(_, (b, _))| *b)
+            .map(|(i, _)| i);
+        let (bytes, ptr) = match best {
+            Some(i) => self.pool.swap_remove(i),
+            None => {
+                self.pool_bytes += bytes;
+                (bytes, self.gpu.alloc(bytes)?)
+            }
+        };
+        Ok(Frame {
+            ptr,
+            bytes,
+            c,
+            h,
+            w,
+            owned: true,
+        })
+    }
+
+    /// Returns a buffer to the pool (later launches reuse it, in stream order).
+    fn put(&mut self, f: Frame) {
+        if f.owned {
+            self.pool.push((f.bytes, f.ptr));
+        }
+    }
+
+    /// `cv` over `srcs` into a new `cout`-channel frame of `h x w` (f32 when `f32`).
+    fn conv(
+        &mut self,
+        cv: &DevConv,
+        srcs: &[In],
+        (h, w): (usize, usize),
+        res: Option<Frame>,
+        act: u32,
+        f32: bool,
+    ) -> Result<Frame> {
+        let y = self.get(cv.shape.cout, h, w, if f32 { 4 } else { 2 })?;
+        let c = cv.shape.cout;
+        self.conv_into(cv, srcs, (h, w), res, act, (y.ptr, f32, c, 1))?;
+        Ok(y)
+    }
+
+    /// `cv` over `srcs` into `out`: f32 or bf16, output channels split into frames of `split`
+    /// (NHWC frames of `split` channels, one after the other), `cstride` elements between
+    /// channels (1, or `h*w` for a channel-major output).
+    fn conv_into(
+        &mut self,
+        cv: &DevConv,
+        srcs: &[In],
+        hw: (usize, usize),
+        res: Option<Frame>,
+        act: u32,
+        (out, f32, split, cstride): (DevPtr, bool, usize, usize),
+    ) -> Result<()> {
+        let ls: Vec<ConvSource> = srcs
+            .iter()
+            .map(|s| ConvSource {
+                x: s.f.ptr as *const _,
+                channels: s.f.c,
+                stride: s.f.c,
+                c0: s.c0,
+                t: s.t,
+                up: s.up,
+            })
+            .collect();
+        let pixels = hw.0 * hw.1;
+        let k: usize = srcs.iter().map(|s| s.f.c).sum::<usize>() * cv.shape.kh * cv.shape.kw;
+        self.flops += 2.0 * pixels as f64 * cv.shape.cout as f64 * k as f64;
+        self.run(launch::conv(
+            &ls,
+            cv.w as *const _,
+            cv.shape,
+            hw,
+            ConvEpilogue {
+                bias: cv.bias as *const f32,
+                res: res.map_or(std::ptr::null(), |r| r.ptr as *const _),
+                res_stride: res.map_or(0, |r| r.c),
+                act,
+            },
+            ConvOut {
+                out: out as *mut _,
+                f32,
+                stride: if cstride > 1 { 1 } else { split },
+                split,
+                frame_stride: split * pixels,
+                cstride,
+            },
+        ))
+    }
+
+    /// Channel RMS norm (then SiLU when `silu`) of `x` into a new frame.
+    fn rms_norm(&mut self, x: Frame, gamma: DevPtr, silu: bool) -> Result<Frame> {
+        let y = self.get(x.c, x.h, x.w, 2)?;
+        self.run(launch::dec_rms_norm(
+            x.ptr as *const _,
+            y.ptr as *mut _,
+            gamma as *const f32,
+            x.h * x.w,
+            x.c,
+            silu,
+        ))?;
+        Ok(y)
+    }
+
+    /// Nearest 2x upsample of `x` (which goes back to the pool).
+    fn upsample(&mut self, x: Frame) -> Result<Frame> {
+        let y = self.get(x.c, 2 * x.h, 2 * x.w, 2)?;
+        self.run(launch::dec_upsample2x(
+            x.ptr as *const _,
+            y.ptr as *mut _,
+            std::ptr::null_mut(),
+            x.h,
+            x.w,
+            x.c,
+        ))?;
+        self.put(x);
+        Ok(y)
+    }
+
+    /// A finished f32 frame `[hw][3]` to the host: `x * a + b` (clamped when `clamp`) as RGB8,
+    /// and as f32 when `out` asks for it.
+    fn emit(
+        &mut self,
+        x: Frame,
+        affine: (f32, f32),
+        clamp: bool,
+        out: &mut DeviceFrames,
+    ) -> Result<()> {
+        let hw = x.h * x.w;
+        let rgb = self.get(3, x.h, x.w, 1)?;
+        let f = match out.f32 {
+            Some(_) => Some(self.get(3, x.h, x.w, 4)?),
+            None => None,
+        };
+        self.run(launch::dec_to_pixels(
+            x.ptr as *const _,
+            true,
+            hw,
+            3,
+            affine,
+            clamp,
+            f.map_or(std::ptr::null_mut(), |f| f.ptr as *mut f32),
+            rgb.ptr as *mut u8,
+        ))?;
+        let at = out.rgb.len();
+        out.rgb.resize(at + 3 * hw, 0);
+        self.gpu.download(&mut out.rgb[at..], rgb.ptr)?;
+        if let (Some(f), Some(v)) = (f, out.f32.as_mut()) {
+            let at = v.len();
+            v.resize(at + 3 * hw, 0.0);
+            self.gpu.download(&mut v[at..], f.ptr)?;
+            self.put(f);
+        }
+        self.put(rgb);
+        self.put(x);
+        out.frames += 1;
+        Ok(())
+    }
+}
+
+/// The model on the device.
+enum Model {
+    Taehv(taehv::DevTaehv),
+    Wan(Box<wan::DevWan>),
+}
+
+/// A stream's state on the device.
+enum State {
+    Taehv(taehv::TaehvDevState),
+    Wan(wan::WanDevState),
+}
+
+/// A decoder on a device (see the module docs): [`CudaDecoder::begin`] a stream, then
+/// [`CudaDecoder::push`] each finished block of latent frames.
+pub struct CudaDecoder {
+    dev: Dev,
+    model: Model,
+    z_dim: usize,
+    up: usize,
+    state: Option<(usize, usize, State)>,
+}
+
+impl CudaDecoder {
+    /// Uploads `dec`'s weights to `gpu`.
+    pub fn new(dec: &Decoder, gpu: Gpu) -> Result<CudaDecoder> {
+        let mut dev = Dev {
+            gpu,
+            weights: Vec::new(),
+            pool: Vec::new(),
+            pool_bytes: 0,
+            flops: 0.0,
+        };
+        let (model, z_dim, up) = match &dec.inner {
+            Inner::Taehv(t) => (
+                Model::Taehv(taehv::DevTaehv::new(&mut dev, t)?),
+                t.z_dim,
+                t.up,
+            ),
+            Inner::Wan(w) => (
+                Model::Wan(Box::new(wan::DevWan::new(&mut dev, w)?)),
+                w.z_dim,
+                w.up,
+            ),
+        };
+        Ok(CudaDecoder {
+            dev,
+            model,
+            z_dim,
+            up,
+            state: None,
+        })
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> &str {
+        &self.dev.gpu.name
+    }
+
+    /// Bytes of device memory held for activations and stream state (weights not counted).
+    pub fn activation_bytes(&self) -> usize {
+        self.dev.pool_bytes
+    }
+
+    /// Convolution FLOPs launched since the decoder was made (the work a benchmark divides by
+    /// its time: every conv, 1x1 and attention GEMM, counted at the channels it really reads).
+    pub fn flops(&self) -> f64 {
+        self.dev.flops
+    }
+
+    /// Starts a stream of `latent_h x latent_w` latents (ending any previous one): the causal
+    /// state is allocated here and carried across [`CudaDecoder::push`]es.
+    pub fn begin(&mut self, latent_h: usize, latent_w: usize) -> Result<()> {
+        if latent_h == 0 || latent_w == 0 || latent_h > 1024 || latent_w > 1024 {
+            return Err(Error::invalid(format!(
+                "latent size {latent_h}x{latent_w}: each side must be 1..=1024"
+            )));
+        }
+        self.end()?;
+        let (h, w) = (latent_h, latent_w);
+        let st = match &self.model {
+            Model::Taehv(m) => State::Taehv(m.state(&mut self.dev, h, w)?),
+            Model::Wan(m) => State::Wan(m.state(&mut self.dev, h, w)?),
+        };
+        self.state = Some((h, w, st));
+        Ok(())
+    }
+
+    /// Ends the stream: its state goes back to the pool.
+    pub fn end(&mut self) -> Result<()> {
+        if let Some((_, _, st)) = self.state.take() {
+            self.dev.gpu.sync()?;
+            let frames = match st {
+                State::Taehv(s) => s.frames(),
+                State::Wan(s) => s.frames(),
+            };
+            for f in frames {
+                self.dev.put(f);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes the next `frames` latent frames `[frames, 16, h, w]` of the stream and returns
+    /// their pixels (as the CPU stream does: TAEHV's first 3 frames trimmed, the Wan VAE's first
+    /// latent frame giving 1 frame).
+    pub fn push(&mut self, latents: &[f32], frames: usize, want_f32: bool) -> Result<DeviceFrames> {
+        let Some((h, w, mut st)) = self.state.take() else {
+            return Err(Error::invalid("push before begin: start a stream first"));
+        };
+        let r = self.push_in(&mut st, (h, w), latents, frames, want_f32);
+        self.state = Some((h, w, st));
+        r
+    }
+
+    fn push_in(
+        &mut self,
+        st: &mut State,
+        (h, w): (usize, usize),
+        latents: &[f32],
+        frames: usize,
+        want_f32: bool,
+    ) -> Result<DeviceFrames> {
+        super::check_latents(latents, frames, (self.z_dim, h, w))?;
+        let per = self.z_dim * h * w;
+        let mut out = DeviceFrames {
+            frames: 0,
+            height: h * self.up,
+            width: w * self.up,
+            rgb: Vec::new(),
+            f32: want_f32.then(Vec::new),
+        };
+        let zbuf = self.dev.gpu.alloc(4 * per.max(1))?;
+        let r = (|| -> Result<()> {
+            for z in latents.chunks(per) {
+                self.dev.gpu.upload(zbuf, z)?;
+                match (&self.model, &mut *st) {
+                    (Model::Taehv(m), State::Taehv(s)) => {
+                        m.frame(&mut self.dev, s, zbuf, (h, w), &mut out)?
+                    }
+                    (Model::Wan(m), State::Wan(s)) => {
+                        m.frame(&mut self.dev, s, zbuf, (h, w), &mut out)?
+                    }
+                    _ => {
+                        return Err(Error::Internal(
+                            "device decoder and stream state differ".into(),
+                        ))
+                    }
+                }
+                // The upload's host slice must outlive the copy.
+                self.dev.gpu.sync()?;
+            }
+            Ok(())
+        })();
+        self.dev.gpu.sync()?;
+        self.dev.gpu.free(zbuf)?;
+        r.map(|()| out)
+    }
+}
+
+impl Drop for CudaDecoder {
+    fn drop(&mut self) {
+        // Everything is freed with the device; stop any work in flight first.
+        let _ = self.dev.gpu.sync();
+    }
+}

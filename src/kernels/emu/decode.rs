@@ -1,0 +1,813 @@
+//! The decoder kernels (`cuda/conv.cu`, `cuda/decode_ops.cu`) on host slices: each wrapper
+//! checks the lengths the launch touches, then runs the launch [`crate::kernels::launch`]
+//! builds (the one the device decoder launches too). NHWC bf16 frames are `[h*w][stride]`.
+
+use super::super::launch::{self, ConvEpilogue, ConvOut, ConvShape, ConvSource};
+use super::super::params::*;
+use super::super::{invalid, Kernel, LaunchResult};
+use super::{check_len, run};
+use half::bf16;
+use std::ffi::c_void;
+
+/// One input frame of [`conv`]: NHWC `data` with `channels` of `stride` per pixel, meeting
+/// time tap `t` and weight channels from `c0`; `up`: read through a nearest 2x upsample.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvSrc<'a> {
+    /// The frame.
+    pub data: &'a [bf16],
+    /// Channels.
+    pub channels: usize,
+    /// Elements per pixel.
+    pub stride: usize,
+    /// First weight input channel.
+    pub c0: usize,
+    /// Time tap.
+    pub t: usize,
+    /// Nearest 2x upsampled read.
+    pub up: bool,
+}
+
+/// The output of [`conv`].
+pub enum ConvDst<'a> {
+    /// bf16 values.
+    Bf16(&'a mut [bf16]),
+    /// f32 values.
+    F32(&'a mut [f32]),
+}
+
+/// Activation after a [`conv`]'s bias and residual.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvAct {
+    /// None.
+    None,
+    /// ReLU.
+    Relu,
+    /// SiLU.
+    Silu,
+}
+
+impl ConvAct {
+    /// The `BC_ACT_*` selector.
+    pub fn code(self) -> u32 {
+        match self {
+            ConvAct::None => BC_ACT_NONE,
+            ConvAct::Relu => BC_ACT_RELU,
+            ConvAct::Silu => BC_ACT_SILU,
+        }
+    }
+}
+
+/// `bc_conv` / `bc_conv_n16` (`cuda/conv.cu`, by the output channels): one `h x w` output frame; weights `[cout][kt][kh][kw][cin]`;
+/// `res` a residual `[h*w][res_stride]`; the output has `out_stride` elements per pixel and
+/// channel `n` goes to frame `n / split` (`frame_stride` elements apart).
+#[allow(clippy::too_many_arguments)]
+pub fn conv(
+    srcs: &[ConvSrc],
+    weights: &[bf16],
+    shape: ConvShape,
+    (h, w): (usize, usize),
+    bias: Option<&[f32]>,
+    res: Option<(&[bf16], usize)>,
+    act: ConvAct,
+    out: ConvDst,
+    (out_stride, split, frame_stride): (usize, usize, usize),
+) -> LaunchResult {
+    let k = Kernel::Conv;
+    let hw = h * w;
+    let need_w = shape.cout * shape.kt * shape.kh * shape.kw * shape.cin;
+    check_len(k, "weights", weights.len(), need_w)?;
+    if let Some(b) = bias {
+        check_len(k, "bias", b.len(), shape.cout)?;
+    }
+    let mut ls = Vec::with_capacity(srcs.len());
+    for s in srcs {
+        let pixels = if s.up { (h / 2) * (w / 2) } else { hw };
+        if pixels > 0 {
+            check_len(
+                k,
+                "source",
+                s.data.len(),
+                (pixels - 1) * s.stride + s.channels,
+            )?;
+        }
+        ls.push(ConvSource {
+            x: s.data.as_ptr().cast(),
+            channels: s.channels,
+            stride: s.stride,
+            c0: s.c0,
+            t: s.t,
+            up: s.up,
+        });
+    }
+    if let Some((r, rs)) = res {
+        if hw > 0 {
+            check_len(k, "residual", r.len(), (hw - 1) * rs + shape.cout)?;
+        }
+    }
+    if split == 0 || shape.cout % split != 0 {
+        return Err(invalid(k, "split must divide cout"));
+    }
+    let need_out = if hw == 0 {
+        0
+    } else {
+        (shape.cout / split - 1) * frame_stride + (hw - 1) * out_stride + split
+    };
+    let (ptr, is_f32): (*mut c_void, bool) = match out {
+        ConvDst::Bf16(o) => {
+            check_len(k, "out", o.len(), need_out)?;
+            (o.as_mut_ptr().cast(), false)
+        }
+        ConvDst::F32(o) => {
+            check_len(k, "out", o.len(), need_out)?;
+            (o.as_mut_ptr().cast(), true)
+        }
+    };
+    run(launch::conv(
+        &ls,
+        weights.as_ptr().cast(),
+        shape,
+        (h, w),
+        ConvEpilogue {
+            bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+            res: res.map_or(std::ptr::null(), |r| r.0.as_ptr().cast()),
+            res_stride: res.map_or(0, |r| r.1),
+            act: act.code(),
+        },
+        ConvOut {
+            out: ptr,
+            f32: is_f32,
+            stride: out_stride,
+            split,
+            frame_stride,
+            cstride: 1,
+        },
+    ))
+}
+
+/// `bc_dec_softmax` (`cuda/decode_ops.cu`): rows of `n` f32 scores to bf16 probabilities.
+pub fn softmax(s: &[f32], n: usize, scale: f32, out: &mut [bf16]) -> LaunchResult {
+    let k = Kernel::DecSoftmax;
+    if n == 0 || s.len() % n != 0 {
+        return Err(invalid(k, "n must divide s.len()"));
+    }
+    check_len(k, "out", out.len(), s.len())?;
+    run(launch::dec_softmax(
+        s.as_ptr(),
+        out.as_mut_ptr().cast(),
+        s.len() / n,
+        n,
+        scale,
+    ))
+}
+
+/// How [`latent_in`] maps the latents.
+#[derive(Clone, Copy, Debug)]
+pub enum LatentMap<'a> {
+    /// As they are.
+    Identity,
+    /// TAEHV's `tanh(z/3)*3`.
+    TanhClamp,
+    /// The Wan VAE's `z / scale[c] + mean[c]` (`scale = 1/std`).
+    Unnormalise {
+        /// `[c]` means.
+        mean: &'a [f32],
+        /// `[c]` reciprocal standard deviations.
+        scale: &'a [f32],
+    },
+}
+
+/// `bc_dec_latent_in` (`cuda/decode_ops.cu`): one latent frame `[c][hw]` f32 to NHWC bf16.
+pub fn latent_in(z: &[f32], c: usize, map: LatentMap, out: &mut [bf16]) -> LaunchResult {
+    let k = Kernel::DecLatentIn;
+    if c == 0 || z.len() % c != 0 {
+        return Err(invalid(k, "c must divide z.len()"));
+    }
+    check_len(k, "out", out.len(), z.len())?;
+    let (mode, mean, scale) = match map {
+        LatentMap::Identity => (0, std::ptr::null(), std::ptr::null()),
+        LatentMap::TanhClamp => (1, std::ptr::null(), std::ptr::null()),
+        LatentMap::Unnormalise { mean, scale } => {
+            check_len(k, "mean", mean.len(), c)?;
+            check_len(k, "scale", scale.len(), c)?;
+            (2, mean.as_ptr(), scale.as_ptr())
+        }
+    };
+    run(launch::dec_latent_in(
+        z.as_ptr(),
+        out.as_mut_ptr().cast(),
+        c,
+        z.len() / c,
+        mode,
+        mean,
+        scale,
+    ))
+}
+
+/// `bc_dec_rms_norm` (`cuda/decode_ops.cu`): NHWC `[pixels][c]`, SiLU after when `silu`.
+pub fn rms_norm(x: &[bf16], c: usize, gamma: &[f32], silu: bool, out: &mut [bf16]) -> LaunchResult {
+    let k = Kernel::DecRmsNorm;
+    if c == 0 || x.len() % c != 0 {
+        return Err(invalid(k, "c must divide x.len()"));
+    }
+    check_len(k, "gamma", gamma.len(), c)?;
+    check_len(k, "out", out.len(), x.len())?;
+    run(launch::dec_rms_norm(
+        x.as_ptr().cast(),
+        out.as_mut_ptr().cast(),
+        gamma.as_ptr(),
+        x.len() / c,
+        c,
+        silu,
+    ))
+}
+
+/// `bc_dec_upsample2x` (`cuda/decode_ops.cu`): `[h][w][c]` to `[2h][2w][c]` into `out` (and
+/// `out2`).
+pub fn upsample2x(
+    x: &[bf16],
+    (h, w, c): (usize, usize, usize),
+    out: &mut [bf16],
+    out2: Option<&mut [bf16]>,
+) -> LaunchResult {
+    let k = Kernel::DecUpsample2x;
+    check_len(k, "x", x.len(), h * w * c)?;
+    check_len(k, "out", out.len(), 4 * h * w * c)?;
+    let o2 = match out2 {
+        Some(o) => {
+            check_len(k, "out2", o.len(), 4 * h * w * c)?;
+            o.as_mut_ptr().cast()
+        }
+        None => std::ptr::null_mut(),
+    };
+    run(launch::dec_upsample2x(
+        x.as_ptr().cast(),
+        out.as_mut_ptr().cast(),
+        o2,
+        h,
+        w,
+        c,
+    ))
+}
+
+/// The input of [`to_pixels`].
+#[derive(Clone, Copy, Debug)]
+pub enum PixelSrc<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bf16 values.
+    Bf16(&'a [bf16]),
+}
+
+/// `bc_dec_to_pixels` (`cuda/decode_ops.cu`): channels 0..3 of `hw` pixels of `stride`
+/// elements to `x * scale + shift` (clamped when `clamp`) as f32 `[3][hw]` and/or RGB8
+/// `[hw][3]`.
+#[allow(clippy::too_many_arguments)]
+pub fn to_pixels(
+    x: PixelSrc,
+    hw: usize,
+    stride: usize,
+    affine: (f32, f32),
+    clamp: bool,
+    out_f32: Option<&mut [f32]>,
+    rgb: Option<&mut [u8]>,
+) -> LaunchResult {
+    let k = Kernel::DecToPixels;
+    let need = if hw == 0 { 0 } else { (hw - 1) * stride + 3 };
+    let (ptr, is_f32, len): (*const c_void, bool, usize) = match x {
+        PixelSrc::F32(v) => (v.as_ptr().cast(), true, v.len()),
+        PixelSrc::Bf16(v) => (v.as_ptr().cast(), false, v.len()),
+    };
+    check_len(k, "x", len, need)?;
+    let of = match out_f32 {
+        Some(o) => {
+            check_len(k, "out_f32", o.len(), 3 * hw)?;
+            o.as_mut_ptr()
+        }
+        None => std::ptr::null_mut(),
+    };
+    let rg = match rgb {
+        Some(o) => {
+            check_len(k, "rgb", o.len(), 3 * hw)?;
+            o.as_mut_ptr()
+        }
+        None => std::ptr::null_mut(),
+    };
+    run(launch::dec_to_pixels(
+        ptr, is_f32, hw, stride, affine, clamp, of, rg,
+    ))
+}
+
+/// The decoder kernels under emulation against the CPU decoders' own building blocks
+/// (`crate::decode::conv`), on fresh random inputs (rounded to bf16 first, so both sides see
+/// the same values) with every output poisoned (NaN, or 0xAA bytes for RGB8) before the launch.
+///
+/// Tolerance of the conv: both sides multiply the same bf16 values and sum in f32, in different
+/// orders (at most K = 27 * 48 terms here: a few f32 ulps of the sum of |terms|); a bf16 output
+/// adds its rounding, half an ulp = 2^-9 relative. So `|got - want| <= 2^-8 |want| + 1e-4 rms`
+/// for bf16 outputs and `1e-5 |want| + 1e-5 rms` for f32 ones: a wrong tap, channel or pixel is
+/// off by O(rms).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::conv::{self, Conv, Src};
+    use crate::rng::Rng;
+
+    fn rand_bf16(rng: &mut Rng, n: usize) -> Vec<bf16> {
+        (0..n).map(|_| bf16::from_f32(rng.normal())).collect()
+    }
+
+    fn f32s(v: &[bf16]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+
+    /// NHWC `[hw][stride]` (first `c` channels) to the CPU's `[c][hw]`.
+    fn to_chw(x: &[f32], hw: usize, c: usize, stride: usize) -> Vec<f32> {
+        let mut out = vec![0.0; c * hw];
+        for p in 0..hw {
+            for ch in 0..c {
+                out[ch * hw + p] = x[p * stride + ch];
+            }
+        }
+        out
+    }
+
+    fn check(what: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len().max(1) as f32).sqrt();
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                g.is_finite() && (g - w).abs() <= rel * w.abs() + floor * rms,
+                "{what}: element {i}: {g} vs {w} (rms {rms})"
+            );
+        }
+    }
+
+    /// One source of a conv case: its channels, stride (>= channels), weight offset, tap and
+    /// whether it is read upsampled.
+    struct S {
+        c: usize,
+        stride: usize,
+        c0: usize,
+        t: usize,
+        up: bool,
+    }
+
+    struct Case {
+        cout: usize,
+        cin: usize,
+        kt: usize,
+        k: usize,
+        h: usize,
+        w: usize,
+        srcs: Vec<S>,
+        bias: bool,
+        res: bool,
+        act: ConvAct,
+        f32_out: bool,
+        split: usize,
+    }
+
+    fn run_case(seed: u64, cs: &Case) {
+        let mut rng = Rng::new(seed);
+        let (h, w) = (cs.h, cs.w);
+        let hw = h * w;
+        let shape: Vec<usize> = if cs.kt > 1 {
+            vec![cs.cout, cs.cin, cs.kt, cs.k, cs.k]
+        } else {
+            vec![cs.cout, cs.cin, cs.k, cs.k]
+        };
+        let wt = f32s(&rand_bf16(&mut rng, shape.iter().product()));
+        let bias: Option<Vec<f32>> = cs
+            .bias
+            .then(|| (0..cs.cout).map(|_| rng.normal()).collect());
+        let cpu = Conv::from_torch(&wt, &shape, bias.clone());
+        let packed = cpu.packed_bf16();
+        let data: Vec<Vec<bf16>> = cs
+            .srcs
+            .iter()
+            .map(|s| {
+                let px = if s.up { (h / 2) * (w / 2) } else { hw };
+                rand_bf16(&mut rng, px * s.stride)
+            })
+            .collect();
+        let res = cs.res.then(|| rand_bf16(&mut rng, hw * cs.cout));
+        // CPU: sources as [c][hw'] frames.
+        let chw: Vec<Vec<f32>> = cs
+            .srcs
+            .iter()
+            .zip(&data)
+            .map(|(s, d)| {
+                let px = if s.up { (h / 2) * (w / 2) } else { hw };
+                to_chw(&f32s(d), px, s.c, s.stride)
+            })
+            .collect();
+        let job: Vec<Src> = cs
+            .srcs
+            .iter()
+            .zip(&chw)
+            .map(|(s, d)| Src {
+                data: d,
+                t: s.t,
+                c0: s.c0,
+                c: s.c,
+                up: s.up,
+            })
+            .collect();
+        let mut want = cpu.forward(&[job], h, w).remove(0);
+        if let Some(r) = &res {
+            let r = to_chw(&f32s(r), hw, cs.cout, cs.cout);
+            want.iter_mut().zip(&r).for_each(|(a, b)| *a += b);
+        }
+        match cs.act {
+            ConvAct::Relu => want.iter_mut().for_each(|v| *v = v.max(0.0)),
+            ConvAct::Silu => want.iter_mut().for_each(|v| *v = conv::silu(*v)),
+            ConvAct::None => {}
+        }
+        // Device: output frames of `split` channels, pixel stride `split` to `split + 2` (by the
+        // seed: packed, odd and even strides, so both the paired and the element stores run),
+        // frames `frame_stride` apart.
+        let frames = cs.cout / cs.split;
+        let ostride = cs.split + (seed % 3) as usize;
+        let fstride = hw * ostride + 5;
+        let n_out = frames * fstride;
+        let srcs: Vec<ConvSrc> = cs
+            .srcs
+            .iter()
+            .zip(&data)
+            .map(|(s, d)| ConvSrc {
+                data: d,
+                channels: s.c,
+                stride: s.stride,
+                c0: s.c0,
+                t: s.t,
+                up: s.up,
+            })
+            .collect();
+        let kshape = ConvShape {
+            cout: cs.cout,
+            cin: cs.cin,
+            kt: cs.kt,
+            kh: cs.k,
+            kw: cs.k,
+        };
+        let geo = (ostride, cs.split, fstride);
+        let r = res.as_deref().map(|r| (r, cs.cout));
+        let launch = |dst: ConvDst| {
+            let b = bias.as_deref();
+            conv(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo).unwrap()
+        };
+        let got: Vec<f32> = if cs.f32_out {
+            let mut o = vec![f32::NAN; n_out];
+            launch(ConvDst::F32(&mut o));
+            o
+        } else {
+            let mut o = vec![bf16::NAN; n_out];
+            launch(ConvDst::Bf16(&mut o));
+            f32s(&o)
+        };
+        // Gather the device output back to [cout][hw].
+        let mut g = vec![0.0; cs.cout * hw];
+        for n in 0..cs.cout {
+            let (f, ch) = (n / cs.split, n % cs.split);
+            for p in 0..hw {
+                g[n * hw + p] = got[f * fstride + p * ostride + ch];
+            }
+        }
+        let (rel, floor) = if cs.f32_out {
+            (1e-5, 1e-5)
+        } else {
+            (1.0 / 256.0, 1e-4)
+        };
+        check(&format!("conv case seed {seed}"), &g, &want, rel, floor);
+    }
+
+    fn s(c: usize, stride: usize, c0: usize, t: usize, up: bool) -> S {
+        S {
+            c,
+            stride,
+            c0,
+            t,
+            up,
+        }
+    }
+
+    fn case(
+        cout: usize,
+        cin: usize,
+        kt: usize,
+        k: usize,
+        hw: (usize, usize),
+        srcs: Vec<S>,
+    ) -> Case {
+        Case {
+            cout,
+            cin,
+            kt,
+            k,
+            h: hw.0,
+            w: hw.1,
+            srcs,
+            bias: false,
+            res: false,
+            act: ConvAct::None,
+            f32_out: false,
+            split: cout,
+        }
+    }
+
+    #[test]
+    fn conv3x3_odd_shapes_element_path_f32_out() {
+        // cin 5, cout 3 (the 16-channel tile) and 19 (the 64-channel one), 5x7: every tile edge
+        // masked, element loads (cin not a multiple of 8).
+        for cout in [3, 19] {
+            let mut c = case(cout, 5, 1, 3, (5, 7), vec![s(5, 5, 0, 0, false)]);
+            c.bias = true;
+            c.f32_out = true;
+            run_case(1, &c);
+        }
+    }
+
+    #[test]
+    fn conv3x3_vector_path_crosses_tiles() {
+        // 11x13 = 143 pixels (two pixel tiles), cout 72 (two channel tiles), cin 40 (two
+        // k-steps per tap, the second half empty), padded source stride.
+        let mut c = case(72, 40, 1, 3, (11, 13), vec![s(40, 48, 0, 0, false)]);
+        c.bias = true;
+        c.act = ConvAct::Relu;
+        run_case(2, &c);
+    }
+
+    #[test]
+    fn causal_conv3d_as_temporal_taps_with_residual() {
+        // Three taps (two cached frames + the current one), then only the last two (the
+        // stream's second frame: tap 0 is a zero frame and is not passed); both channel tiles.
+        for cout in [16, 40] {
+            causal_case(cout);
+        }
+    }
+
+    fn causal_case(cout: usize) {
+        let mut c = case(
+            cout,
+            24,
+            3,
+            3,
+            (6, 5),
+            vec![
+                s(24, 24, 0, 0, false),
+                s(24, 24, 0, 1, false),
+                s(24, 24, 0, 2, false),
+            ],
+        );
+        c.res = true;
+        c.act = ConvAct::Silu;
+        run_case(3, &c);
+        c.srcs.remove(0);
+        c.bias = true;
+        run_case(4, &c);
+    }
+
+    #[test]
+    fn memblock_concat_sources_and_odd_channels() {
+        // cat[x, past] as two sources with weight offsets 0 and C, vector and element paths.
+        let mut c = case(
+            8,
+            16,
+            1,
+            3,
+            (4, 6),
+            vec![s(8, 8, 0, 0, false), s(8, 8, 8, 0, false)],
+        );
+        c.act = ConvAct::Relu;
+        run_case(5, &c);
+        let c = case(
+            7,
+            6,
+            1,
+            3,
+            (3, 5),
+            vec![s(3, 3, 0, 0, false), s(3, 3, 3, 0, false)],
+        );
+        run_case(6, &c);
+    }
+
+    #[test]
+    fn upsampled_source_3x3_and_1x1() {
+        let mut c = case(8, 16, 1, 3, (6, 10), vec![s(16, 16, 0, 0, true)]);
+        c.bias = true;
+        run_case(7, &c);
+        let c = case(5, 3, 1, 1, (4, 6), vec![s(3, 4, 0, 0, true)]);
+        run_case(8, &c);
+    }
+
+    #[test]
+    fn split_output_tgrow_and_time_conv() {
+        // TAEHV's TGrow: 1x1 conv to 2C channels, two output frames of C.
+        let mut c = case(16, 8, 1, 1, (3, 7), vec![s(8, 8, 0, 0, false)]);
+        c.split = 8;
+        run_case(9, &c);
+        // The Wan VAE's time_conv: (3,1,1) causal conv to 2C, split into two frames.
+        let mut c = case(
+            16,
+            8,
+            3,
+            1,
+            (5, 3),
+            vec![s(8, 8, 0, 1, false), s(8, 8, 0, 2, false)],
+        );
+        c.split = 8;
+        c.bias = true;
+        c.f32_out = true;
+        run_case(10, &c);
+    }
+
+    #[test]
+    fn conv_refuses_bad_geometry() {
+        let x = vec![bf16::ZERO; 64];
+        let wts = vec![bf16::ZERO; 9 * 64];
+        let mut o = vec![bf16::ZERO; 64];
+        let sh = ConvShape {
+            cout: 8,
+            cin: 8,
+            kt: 1,
+            kh: 3,
+            kw: 3,
+        };
+        let src = |t, c0| ConvSrc {
+            data: &x,
+            channels: 8,
+            stride: 8,
+            c0,
+            t,
+            up: false,
+        };
+        let mut try_conv = |srcs: &[ConvSrc], hw| {
+            let dst = ConvDst::Bf16(&mut o);
+            conv(
+                srcs,
+                &wts,
+                sh,
+                hw,
+                None,
+                None,
+                ConvAct::None,
+                dst,
+                (8, 8, 0),
+            )
+        };
+        // A tap past kt, channels past cin, no source at all.
+        for bad in [vec![src(1, 0)], vec![src(0, 4)], vec![]] {
+            assert!(try_conv(&bad, (2, 4)).is_err());
+        }
+        // Too short an output is refused before anything runs; the right size runs.
+        assert!(try_conv(&[src(0, 0)], (3, 4)).is_err());
+        assert!(try_conv(&[src(0, 0)], (2, 4)).is_ok());
+    }
+
+    #[test]
+    fn softmax_rows() {
+        let mut rng = Rng::new(15);
+        let (rows, n, scale) = (5, 700, 0.3f32);
+        let s: Vec<f32> = (0..rows * n).map(|_| 4.0 * rng.normal()).collect();
+        let mut out = vec![bf16::NAN; rows * n];
+        softmax(&s, n, scale, &mut out).unwrap();
+        let mut want = Vec::new();
+        for r in s.chunks(n) {
+            let mx = r.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let e: Vec<f64> = r
+                .iter()
+                .map(|&v| ((v as f64 - mx) * scale as f64).exp())
+                .collect();
+            let sum: f64 = e.iter().sum();
+            want.extend(e.iter().map(|v| (v / sum) as f32));
+        }
+        check("softmax", &f32s(&out), &want, 1.0 / 256.0, 1e-3);
+    }
+
+    #[test]
+    fn latent_in_maps_and_transposes() {
+        let mut rng = Rng::new(11);
+        let (c, hw) = (16, 35);
+        let z: Vec<f32> = (0..c * hw).map(|_| 2.0 * rng.normal()).collect();
+        let mean: Vec<f32> = (0..c).map(|_| rng.normal()).collect();
+        let scale: Vec<f32> = (0..c).map(|_| 0.5 + rng.normal().abs()).collect();
+        for (i, map) in [
+            LatentMap::Identity,
+            LatentMap::TanhClamp,
+            LatentMap::Unnormalise {
+                mean: &mean,
+                scale: &scale,
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut out = vec![bf16::NAN; c * hw];
+            latent_in(&z, c, map, &mut out).unwrap();
+            let want: Vec<f32> = (0..hw * c)
+                .map(|j| {
+                    let (p, ch) = (j / c, j % c);
+                    let v = z[ch * hw + p];
+                    match map {
+                        LatentMap::Identity => v,
+                        LatentMap::TanhClamp => (v / 3.0).tanh() * 3.0,
+                        LatentMap::Unnormalise { mean, scale } => v / scale[ch] + mean[ch],
+                    }
+                })
+                .collect();
+            check(
+                &format!("latent_in {i}"),
+                &f32s(&out),
+                &want,
+                1.0 / 256.0,
+                0.0,
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_with_and_without_silu() {
+        let mut rng = Rng::new(12);
+        for &(c, px) in &[(384usize, 9usize), (19, 21)] {
+            let x = rand_bf16(&mut rng, c * px);
+            let gamma: Vec<f32> = (0..c).map(|_| rng.normal()).collect();
+            for silu in [false, true] {
+                let mut out = vec![bf16::NAN; c * px];
+                rms_norm(&x, c, &gamma, silu, &mut out).unwrap();
+                let cpu = conv::rms_norm(&[to_chw(&f32s(&x), px, c, c)], c, &gamma, silu);
+                let want = to_chw(&cpu[0], c, px, px); // [c][px] -> [px][c]
+                check("rms_norm", &f32s(&out), &want, 1.0 / 256.0, 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn upsample_spatial_and_duplicated() {
+        let mut rng = Rng::new(13);
+        let (h, w, c) = (3, 5, 6);
+        let x = rand_bf16(&mut rng, h * w * c);
+        let (mut a, mut b) = (
+            vec![bf16::NAN; 4 * h * w * c],
+            vec![bf16::NAN; 4 * h * w * c],
+        );
+        upsample2x(&x, (h, w, c), &mut a, Some(&mut b)).unwrap();
+        let cpu = conv::upsample2x(&to_chw(&f32s(&x), h * w, c, c), c, h, w);
+        let want = to_chw(&cpu, c, 4 * h * w, 4 * h * w);
+        assert_eq!(f32s(&a), want);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn to_pixels_bytes_equal_video_to_rgb8() {
+        let mut rng = Rng::new(14);
+        let hw = 300;
+        let stride = 5;
+        let mut x: Vec<f32> = (0..hw * stride).map(|_| 0.7 * rng.normal()).collect();
+        // Values on and next to the rounding edges of the byte conversion.
+        for (i, v) in [-1.0f32, 1.0, 0.0, -1.5, 1.5, 1.0 / 127.5 - 1.0, 0.5]
+            .iter()
+            .enumerate()
+        {
+            x[i * stride] = *v;
+        }
+        for &(affine, clamp) in &[((1.0f32, 0.0f32), true), ((2.0, -1.0), false)] {
+            let mut f = vec![f32::NAN; 3 * hw];
+            let mut rgb = vec![0xAAu8; 3 * hw];
+            to_pixels(
+                PixelSrc::F32(&x),
+                hw,
+                stride,
+                affine,
+                clamp,
+                Some(&mut f),
+                Some(&mut rgb),
+            )
+            .unwrap();
+            let mut planar = to_chw(&x, hw, 3, stride);
+            planar.iter_mut().for_each(|v| {
+                *v = *v * affine.0 + affine.1;
+                if clamp {
+                    *v = v.clamp(-1.0, 1.0);
+                }
+            });
+            assert_eq!(f, planar);
+            assert_eq!(rgb, crate::video::to_rgb8(&planar, 1, 1, hw));
+        }
+        // bf16 input, RGB8 only.
+        let xb = rand_bf16(&mut rng, hw * 3);
+        let mut rgb = vec![0xAAu8; 3 * hw];
+        to_pixels(
+            PixelSrc::Bf16(&xb),
+            hw,
+            3,
+            (0.5, 0.0),
+            false,
+            None,
+            Some(&mut rgb),
+        )
+        .unwrap();
+        let mut planar = to_chw(&f32s(&xb), hw, 3, 3);
+        planar.iter_mut().for_each(|v| *v *= 0.5);
+        assert_eq!(rgb, crate::video::to_rgb8(&planar, 1, 1, hw));
+    }
+}

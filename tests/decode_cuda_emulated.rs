@@ -1,0 +1,117 @@
+//! The device decoders (`decode::CudaDecoder`: the decoder kernels of `cuda/conv.cu` and
+//! `cuda/decode_ops.cu` on the backend's device abstraction) on the emulated device, TAEHV and
+//! the Wan VAE, against upstream's golden output and the CPU decoder: whole video and block by
+//! block, RGB8 bytes against `Video::to_rgb8` of the device's own f32 frames.
+
+use blockcascade::backend::cuda::device::Gpu;
+use blockcascade::bench::rel_l2;
+use blockcascade::decode::{CudaDecoder, Decoder, DecoderKind};
+use blockcascade::tensorfile::TensorFile;
+use blockcascade::video::to_rgb8;
+use std::path::Path;
+
+fn tensor(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let f = TensorFile::open(path).unwrap();
+    let shape = f.tensors()[name].shape.clone();
+    (shape, f.tensor_f32(name, None).unwrap())
+}
+
+#[test]
+fn taehv_on_the_emulated_device_matches_pytorch_whole_and_streamed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/decode/taehv-tiny");
+    let (ls, latents) = tensor(&dir.join("latents.safetensors"), "latents");
+    let (shape, expected) = tensor(&dir.join("expected.safetensors"), "video");
+    let (f, h, w) = (ls[0], ls[2], ls[3]);
+    let dec = Decoder::load(&dir.join("taehv/model.safetensors"), None).unwrap();
+    let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+
+    dev.begin(h, w).unwrap();
+    let whole = dev.push(&latents, f, true).unwrap();
+    assert_eq!(vec![whole.frames, 3, whole.height, whole.width], shape);
+    let px = whole.f32.clone().unwrap();
+    let err = rel_l2(&expected, &px);
+    println!("device TAEHV whole vs PyTorch: rel L2 {err:.3e}");
+    assert!(err < 2e-2, "rel L2 {err}");
+    assert_eq!(
+        whole.rgb,
+        to_rgb8(&px, whole.frames, whole.height, whole.width)
+    );
+
+    // Block by block (3 + 3): the carried device memories give the same frames, bit for bit
+    // (the same launches per frame); the buffer pool does not grow over a second stream; RGB8
+    // only (no f32 asked) gives the same bytes.
+    let per = 16 * h * w;
+    let grown = dev.activation_bytes();
+    dev.begin(h, w).unwrap();
+    let (mut rgb, mut fr) = (Vec::new(), Vec::new());
+    for (i, b) in latents.chunks(3 * per).enumerate() {
+        let out = dev.push(b, b.len() / per, i == 0).unwrap();
+        rgb.extend(out.rgb);
+        fr.extend(out.f32.unwrap_or_default());
+    }
+    assert!(
+        fr == px[..fr.len()],
+        "blocks of 3 differ from the whole decode"
+    );
+    assert_eq!(rgb, whole.rgb);
+    assert_eq!(
+        dev.activation_bytes(),
+        grown,
+        "device memory grew over streams"
+    );
+}
+
+#[test]
+fn wan_vae_on_the_emulated_device_matches_pytorch_whole_and_streamed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/decode/wan-vae-tiny");
+    let (ls, latents) = tensor(&dir.join("latents.safetensors"), "latents");
+    let (shape, expected) = tensor(&dir.join("expected.safetensors"), "video");
+    let (f, h, w) = (ls[0], ls[2], ls[3]);
+    let dec = Decoder::load(&dir.join("vae"), None).unwrap();
+    assert_eq!(dec.kind(), DecoderKind::WanVae);
+    let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+    dev.begin(h, w).unwrap();
+    let whole = dev.push(&latents, f, true).unwrap();
+    assert_eq!(vec![whole.frames, 3, whole.height, whole.width], shape);
+    let px = whole.f32.clone().unwrap();
+    let err = rel_l2(&expected, &px);
+    println!("device Wan VAE whole vs PyTorch: rel L2 {err:.3e}");
+    assert!(err < 2e-2, "rel L2 {err}");
+    assert!(px.iter().all(|v| (-1.0..=1.0).contains(v)), "clamped");
+    assert_eq!(
+        whole.rgb,
+        to_rgb8(&px, whole.frames, whole.height, whole.width)
+    );
+    // Blocks of 1 then 2 over the first 3 latent frames (1 + 4 + 4 pixel frames): the carried
+    // caches and 'Rep' flags give the whole decode's frames, bit for bit.
+    let per = 16 * h * w;
+    dev.begin(h, w).unwrap();
+    let mut fr = dev.push(&latents[..per], 1, true).unwrap().f32.unwrap();
+    assert_eq!(fr.len(), 3 * whole.height * whole.width);
+    fr.extend(
+        dev.push(&latents[per..3 * per], 2, true)
+            .unwrap()
+            .f32
+            .unwrap(),
+    );
+    assert!(
+        fr == px[..fr.len()],
+        "streamed frames differ from the whole decode"
+    );
+}
+
+#[test]
+fn device_decoder_errors_are_clear() {
+    let tae = Decoder::tiny_taehv(3);
+    let mut dev = CudaDecoder::new(&tae, Gpu::open_emulated().unwrap()).unwrap();
+    assert!(dev.push(&[0.0; 16], 1, false).is_err(), "push before begin");
+    assert!(dev.begin(0, 4).is_err());
+    dev.begin(2, 2).unwrap();
+    let e = dev.push(&[0.0; 10], 1, false).unwrap_err().to_string();
+    assert!(e.contains("need 64"), "{e}");
+    let mut z = vec![0.0; 64];
+    z[5] = f32::NAN;
+    assert!(dev.push(&z, 1, false).is_err());
+    // The stream survives a refused push.
+    assert_eq!(dev.push(&[0.5; 64], 1, false).unwrap().frames, 1);
+}

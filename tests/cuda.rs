@@ -320,6 +320,42 @@ fn norm_and_elementwise_kernels_match_the_cpu() {
         let mut wantx = x.clone();
         cops::gated_residual(&mut wantx, &delta, d, tpf, Some(&gate));
         check("gated_residual", &ss, &down_f(&g, xr, n * d), &wantx, 1e-4);
+        // residual_norm: the same gated residual fused with ln_modulate, bit for bit the pair.
+        let xf = up(&mut g, &x);
+        let (out, out_pair) = (poisoned(&mut g, n * d * 2), poisoned(&mut g, n * d * 2));
+        let (sh_d, sc_d) = (e0d, e0d + 4 * d as u64);
+        let (shb_d, scb_d) = (md, md + 4 * d as u64);
+        let nm = ops::Norm::modulate(sh_d, sc_d, 6 * d, shb_d, scb_d);
+        let (gate_d, gate_b) = (e0d + 2 * 4 * d as u64, md + 2 * 4 * d as u64);
+        ops::residual_norm(&g, xf, dd, out, n, d, 1e-6, tpf, gate_d, 6 * d, gate_b, &nm).unwrap();
+        ops::ln_modulate(
+            &g,
+            xr,
+            out_pair,
+            n,
+            d,
+            1e-6,
+            tpf,
+            sh_d,
+            sc_d,
+            6 * d,
+            shb_d,
+            scb_d,
+        )
+        .unwrap();
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let fused_x = down_f(&g, xf, n * d);
+        assert!(
+            bits(fused_x) == bits(down_f(&g, xr, n * d)),
+            "residual_norm {ss}: residual differs from gated_residual"
+        );
+        let fused_out = down_b(&g, out, n * d);
+        assert!(
+            bits(fused_out.clone()) == bits(down_b(&g, out_pair, n * d)),
+            "residual_norm {ss}: rows differ from gated_residual + ln_modulate"
+        );
+        cops::ln_modulate(&wantx, d, 1e-6, tpf, &sh, &sc, &mut want);
+        check("residual_norm", &ss, &fused_out, &want, 1e-2);
         // GELU (bf16, in place).
         let (a, ab) = randb(&mut rng, n * d, 2.0);
         let ad = up(&mut g, &ab);

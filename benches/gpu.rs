@@ -471,6 +471,14 @@ fn end_to_end(peak_tflops: f64) -> Vec<Value> {
             Err(e) => println!("{name}: {e}"),
         }
     }
+    // Both end up in the bundle's summary (end to end section).
+    let (failed, last) = blockcascade::backend::cuda::graph_capture_failures();
+    let last = last.map_or_else(String::new, |m| format!(" (last: {m}; these ran eagerly)"));
+    println!("GRAPH captures_failed={failed}{last}");
+    println!(
+        "EPILOGUE unfused_gemm_shapes={}",
+        blockcascade::backend::cuda::device::unfused_gemm_shapes()
+    );
     out
 }
 

@@ -48,7 +48,7 @@ mod tables;
 mod weight_cache;
 
 pub use device::{graph_replays, peer_copy_bytes};
-pub use graphs::ShapeKey;
+pub use graphs::{graph_capture_failures, ShapeKey};
 pub use joint::MultiCudaBackend;
 use options::OVERRIDE;
 pub use options::{set_session_options, CudaOptions};

@@ -32,7 +32,9 @@ mod streams;
 pub use super::dev_types::{DevPtr, Epilogue, GemmArgs, OutType};
 pub use gemm::{unfused_gemm_shapes, GEMM_WORKSPACE};
 pub use graph::graph_replays;
-pub use probe::{list_devices, probe, DeviceInfo, ProbeInfo};
+pub use probe::{
+    cublaslt_present, libraries_report, list_devices, probe, probe_driver, DeviceInfo, ProbeInfo,
+};
 pub use streams::peer_copy_bytes;
 
 /// Whether the environment variable `k` is set to something other than empty or `0` (how
@@ -125,10 +127,27 @@ impl Gpu {
         ))
     }
 
-    /// Opens GPU `ordinal`: probes, creates the context and streams, loads the fatbin.
+    /// Opens GPU `ordinal`: probes, creates the context and streams, loads the fatbin, opens
+    /// cuBLASLt (a clean error without it).
     pub fn open(ordinal: usize) -> Result<Gpu> {
-        let (d, name) = DriverDevice::open(ordinal)?;
+        let (d, name) = DriverDevice::open(ordinal, true)?;
         Ok(Self::with(name, Driver(d)))
+    }
+
+    /// [`Gpu::open`] for kernels: without cuBLASLt the device still opens and launches
+    /// kernels, and only [`Gpu::gemm_fused`] fails ([`Gpu::has_gemm`] says which). So the
+    /// kernel tests of the GPU bundle run where cuBLASLt is missing or broken.
+    pub fn open_kernels(ordinal: usize) -> Result<Gpu> {
+        let (d, name) = DriverDevice::open(ordinal, false)?;
+        Ok(Self::with(name, Driver(d)))
+    }
+
+    /// Whether GEMMs can run (cuBLASLt loaded; always on an emulated device).
+    pub fn has_gemm(&self) -> bool {
+        match &self.imp {
+            Driver(d) => !d.lt.is_null(),
+            Emulated(_) => true,
+        }
     }
 
     fn with(name: String, imp: DeviceImpl) -> Gpu {

@@ -5,7 +5,7 @@
 
 mod common;
 use blockcascade::backend::cuda::ops::attention_launches;
-use blockcascade::backend::cuda::{set_session_options, CudaOptions};
+use blockcascade::backend::cuda::{device_flow_steps, set_session_options, CudaOptions};
 use blockcascade::config::BackendKind;
 use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::{AttentionMode, Generator, Schedule};
@@ -202,6 +202,34 @@ fn unfused_gemm_epilogues_match_the_fused_ones() {
 /// add, on the golden case against the f32 reference; docs/cuda.md quotes the printed numbers.
 /// It asserts that the rounding is applied (the latents change) and stays within the bf16
 /// tolerance, so the measurement itself cannot silently measure nothing.
+/// The latents kept on the device (flow step and renoise by `bc_flow_step`, only finished
+/// blocks downloaded) against the host flow step on flows downloaded every tick: the same f32
+/// arithmetic, so the same bits, with graphs and in a cascade.
+#[test]
+fn device_latents_match_the_host_flow_step_bit_for_bit() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for schedule in [Schedule::Sequential, Schedule::Cascade { lag: 1 }] {
+        let co = |device_latents: bool| CudaOptions {
+            emulate: true,
+            device_latents,
+            ..CudaOptions::default()
+        };
+        let host = run_opts(schedule, AttentionMode::Causal, co(false));
+        let before = device_flow_steps();
+        let device = run_opts(schedule, AttentionMode::Causal, co(true));
+        let steps = device_flow_steps() - before;
+        println!("{schedule:?}: {steps} flow steps on the device");
+        assert!(steps > 0, "{schedule:?}: no flow step ran on the device");
+        assert!(!host.is_empty() && host.iter().all(|v| v.is_finite()));
+        assert!(
+            bits(&host) == bits(&device),
+            "{schedule:?}: device latents differ from the host flow step (rel L2 {:.3e})",
+            rel_l2(&host, &device)
+        );
+    }
+}
+
 #[test]
 fn residual_stream_precision_measured() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());

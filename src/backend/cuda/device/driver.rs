@@ -40,6 +40,8 @@ pub(super) struct DriverDevice {
     /// no algorithm for that epilogue (the bias / GELU then run as a kernel).
     pub(super) plans: HashMap<(usize, usize, usize, OutType, Epilogue), Option<GemmPlan>>,
     allocs: Vec<DevPtr>,
+    /// Pinned memory the per-tick uploads go through ([`DriverDevice::upload_staged`]).
+    pub(super) staging: Box<std::cell::RefCell<super::staging::Staging>>,
 }
 
 // SAFETY: a `DriverDevice` owns its handles (retained primary context, streams, module,
@@ -83,6 +85,7 @@ impl DriverDevice {
             workspace: 0,
             plans: HashMap::new(),
             allocs: Vec::new(),
+            staging: Default::default(),
         };
         // SAFETY: ctx was just retained.
         unsafe { drv::ctx::set_current(ctx) }.map_err(dev_err("cuCtxSetCurrent"))?;
@@ -288,6 +291,7 @@ impl Drop for DriverDevice {
                     let _ = drv::stream::synchronize(s);
                 }
             }
+            self.staging.get_mut().free();
             for (_, p) in self.plans.drain() {
                 if let Some(p) = p {
                     destroy_plan(&p);

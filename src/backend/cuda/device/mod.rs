@@ -27,6 +27,7 @@ mod driver;
 mod gemm;
 mod graph;
 mod probe;
+mod staging;
 mod streams;
 
 pub use super::dev_types::{DevPtr, Epilogue, GemmArgs, OutType};
@@ -208,6 +209,29 @@ impl Gpu {
         match &self.imp {
             Driver(d) => d.upload(dst, src),
             Emulated(e) => e.upload(dst, src),
+        }
+    }
+
+    /// [`Gpu::upload`] through pinned memory (on a GPU): `src` is copied before this returns,
+    /// so it may end right away, and the device copy runs asynchronously. A batch of these
+    /// ends with [`Gpu::end_staged`]; no host sync is needed between ticks.
+    pub fn upload_staged<T: Copy>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        match &self.imp {
+            Driver(d) => d.upload_staged(dst, src),
+            // The emulated device copies the data when the upload is queued.
+            Emulated(e) => e.upload(dst, src),
+        }
+    }
+
+    /// Ends a batch of [`Gpu::upload_staged`] copies: an event that the next batch waits for
+    /// before it reuses the pinned memory.
+    pub fn end_staged(&self) -> Result<()> {
+        match &self.imp {
+            Driver(d) => d.end_staged(),
+            Emulated(_) => Ok(()),
         }
     }
 

@@ -4,6 +4,7 @@
 //! without a GPU. Tolerances are those of the GPU tests (bf16 activations).
 
 mod common;
+use blockcascade::backend::cuda::device::{host_traffic, HostTraffic};
 use blockcascade::backend::cuda::ops::attention_launches;
 use blockcascade::backend::cuda::{device_flow_steps, set_session_options, CudaOptions};
 use blockcascade::config::BackendKind;
@@ -197,11 +198,6 @@ fn unfused_gemm_epilogues_match_the_fused_ones() {
     }
 }
 
-/// The residual-stream precision: the backend keeps the residual stream in f32. This
-/// measures what bf16 storage of it would cost, by rounding it to bf16 after every residual
-/// add, on the golden case against the f32 reference; docs/cuda.md quotes the printed numbers.
-/// It asserts that the rounding is applied (the latents change) and stays within the bf16
-/// tolerance, so the measurement itself cannot silently measure nothing.
 /// The latents kept on the device (flow step and renoise by `bc_flow_step`, only finished
 /// blocks downloaded) against the host flow step on flows downloaded every tick: the same f32
 /// arithmetic, so the same bits, with graphs and in a cascade.
@@ -215,12 +211,28 @@ fn device_latents_match_the_host_flow_step_bit_for_bit() {
             device_latents,
             ..CudaOptions::default()
         };
+        let t0 = host_traffic();
         let host = run_opts(schedule, AttentionMode::Causal, co(false));
-        let before = device_flow_steps();
+        let (t1, before) = (host_traffic(), device_flow_steps());
         let device = run_opts(schedule, AttentionMode::Causal, co(true));
-        let steps = device_flow_steps() - before;
-        println!("{schedule:?}: {steps} flow steps on the device");
+        let (t2, steps) = (host_traffic(), device_flow_steps() - before);
+        let moved = |a: HostTraffic, b: HostTraffic| {
+            (
+                b.staged_bytes - a.staged_bytes,
+                b.download_bytes - a.download_bytes,
+                b.downloads - a.downloads,
+            )
+        };
+        let (mh, md) = (moved(t0, t1), moved(t1, t2));
+        println!(
+            "TRAFFIC {schedule:?}: host step: {} B of per-tick uploads, {} B down in {} downloads; device latents: {} B of per-tick uploads, {} B down in {} downloads; {steps} flow steps on the device",
+            mh.0, mh.1, mh.2, md.0, md.1, md.2
+        );
         assert!(steps > 0, "{schedule:?}: no flow step ran on the device");
+        assert!(
+            md.1 < mh.1 && md.2 < mh.2,
+            "{schedule:?}: device latents downloaded no less: {md:?} vs {mh:?}"
+        );
         assert!(!host.is_empty() && host.iter().all(|v| v.is_finite()));
         assert!(
             bits(&host) == bits(&device),
@@ -230,6 +242,11 @@ fn device_latents_match_the_host_flow_step_bit_for_bit() {
     }
 }
 
+/// The residual-stream precision: the backend keeps the residual stream in f32. This
+/// measures what bf16 storage of it would cost, by rounding it to bf16 after every residual
+/// add, on the golden case against the f32 reference; docs/cuda.md quotes the printed numbers.
+/// It asserts that the rounding is applied (the latents change) and stays within the bf16
+/// tolerance, so the measurement itself cannot silently measure nothing.
 #[test]
 fn residual_stream_precision_measured() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());

@@ -38,6 +38,36 @@ pub use probe::{
 };
 pub use streams::peer_copy_bytes;
 
+static STAGED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static DOWNLOAD_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static DOWNLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SYNCS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Host traffic of every device in this process, what the denoising state on the device saves
+/// (measured in `tests/cuda_emulated.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostTraffic {
+    /// Bytes of per-tick uploads ([`Gpu::upload_staged`]).
+    pub staged_bytes: usize,
+    /// Bytes of [`Gpu::download`]s.
+    pub download_bytes: usize,
+    /// [`Gpu::download`]s (each waits for the stream).
+    pub downloads: usize,
+    /// [`Gpu::sync`]s (opening, weight and prompt uploads, ...).
+    pub syncs: usize,
+}
+
+/// The [`HostTraffic`] so far.
+pub fn host_traffic() -> HostTraffic {
+    let l = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed);
+    HostTraffic {
+        staged_bytes: l(&STAGED_BYTES),
+        download_bytes: l(&DOWNLOAD_BYTES),
+        downloads: l(&DOWNLOADS),
+        syncs: l(&SYNCS),
+    }
+}
+
 /// Whether the environment variable `k` is set to something other than empty or `0` (how
 /// every `BC_*` switch is read).
 pub fn env_flag(k: &str) -> bool {
@@ -219,6 +249,7 @@ impl Gpu {
         if src.is_empty() {
             return Ok(());
         }
+        STAGED_BYTES.fetch_add(std::mem::size_of_val(src), Ordering::Relaxed);
         match &self.imp {
             Driver(d) => d.upload_staged(dst, src),
             // The emulated device copies the data when the upload is queued.
@@ -240,6 +271,8 @@ impl Gpu {
         if dst.is_empty() {
             return Ok(());
         }
+        DOWNLOAD_BYTES.fetch_add(std::mem::size_of_val(dst), Ordering::Relaxed);
+        DOWNLOADS.fetch_add(1, Ordering::Relaxed);
         match &self.imp {
             Driver(d) => d.download(dst, src),
             Emulated(e) => e.download(dst, src),
@@ -428,6 +461,7 @@ impl Gpu {
 
     /// Waits for all work on the stream.
     pub fn sync(&self) -> Result<()> {
+        SYNCS.fetch_add(1, Ordering::Relaxed);
         match &self.imp {
             Driver(d) => d.sync(),
             Emulated(e) => e.sync(),

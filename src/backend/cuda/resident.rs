@@ -25,17 +25,28 @@ pub fn device_flow_steps() -> usize {
     DEVICE_FLOW_STEPS.load(Ordering::Relaxed)
 }
 
-/// Latent slots and the buffers of the device flow step.
-#[derive(Default)]
+/// The latent slots: which block holds which, and the free ones.
 pub(super) struct Resident {
     /// Block -> its latents on the device (`block_frames` frames).
     slots: std::collections::HashMap<usize, DevPtr>,
-    /// Released slots, reused before allocating.
+    /// Free slots (of the run's `lat_slots` buffer, one per window member).
     pool: Vec<DevPtr>,
-    /// Renoise `[max_frames, flen]`, per-frame sigma and next sigma `[max_frames]` (f32).
-    step: Option<(DevPtr, DevPtr, DevPtr)>,
     /// The members of the last resident forward: (block, first frame, frames).
     last: Option<Vec<(usize, usize, usize)>>,
+}
+
+impl Resident {
+    /// `count` free slots of `bytes` each in the buffer at `base`.
+    pub(super) fn new(base: DevPtr, count: usize, bytes: usize) -> Self {
+        Resident {
+            slots: Default::default(),
+            pool: (0..count)
+                .rev()
+                .map(|i| base + (i * bytes) as u64)
+                .collect(),
+            last: None,
+        }
+    }
 }
 
 impl CudaBackend<'_> {
@@ -82,10 +93,11 @@ impl CudaBackend<'_> {
                 "a member of {values} latent values is larger than a block ({cap})"
             )));
         }
-        match self.res.pool.pop() {
-            Some(s) => Ok(s),
-            None => self.alloc_run(cap * 4),
-        }
+        self.res.pool.pop().ok_or_else(|| {
+            Error::Internal(
+                "more blocks in flight than latent slots (one per window member)".into(),
+            )
+        })
     }
 
     /// One forward over `members` from their held latents (`blocks[i]`), flows left in `flow`.
@@ -119,19 +131,11 @@ impl CudaBackend<'_> {
             return Err(Error::Internal("one flow step per member expected".into()));
         }
         let flen = self.flen();
-        let (noise, sig, sn) = match self.res.step {
-            Some(b) => b,
-            None => {
-                let mf = self.max_frames;
-                let b = (
-                    self.alloc_run(mf * flen * 4)?,
-                    self.alloc_run(mf * 4)?,
-                    self.alloc_run(mf * 4)?,
-                );
-                self.res.step = Some(b);
-                b
-            }
-        };
+        let noise = self.b.step_noise;
+        let (sig, sn) = (
+            self.b.step_sigma,
+            self.b.step_sigma + (self.max_frames * 4) as u64,
+        );
         let nf: usize = last.iter().map(|l| l.1 + l.2).max().unwrap_or(0);
         let (mut sigma, mut next) = (vec![0f32; nf], vec![-1f32; nf]);
         for (s, &(_, f0, n)) in steps.iter().zip(&last) {

@@ -24,6 +24,12 @@ use std::sync::atomic::Ordering;
 pub(super) struct Bufs {
     pub(super) lat: DevPtr,
     pub(super) flow: DevPtr,
+    /// `max_members` latent slots of one block each ([`super::resident`]).
+    pub(super) lat_slots: DevPtr,
+    /// Renoise `[max_frames, flen]` and sigma / next sigma `[2, max_frames]` of the device
+    /// flow step.
+    pub(super) step_noise: DevPtr,
+    pub(super) step_sigma: DevPtr,
     pub(super) patches: DevPtr,
     pub(super) x: DevPtr,
     pub(super) y: DevPtr,
@@ -170,6 +176,11 @@ impl<'m> CudaBackend<'m> {
             .collect();
         let (attn_tile, attn_tune) =
             pick_attention_tile(&gpu, c, &copts, ordinal, &sz, &b, caches[0])?;
+        let res = super::resident::Resident::new(
+            b.lat_slots,
+            sz.max_members,
+            opts.block_frames * sz.flen * 4,
+        );
         let cb = sz.slots * sz.tpf * d * 2;
         for &(k, v) in &caches {
             gpu.memset(k, 0, cb)?;
@@ -200,7 +211,7 @@ impl<'m> CudaBackend<'m> {
             attn_tile,
             attn_tune,
             kv_odd: None,
-            res: Default::default(),
+            res,
         })
     }
 
@@ -482,6 +493,9 @@ impl Bufs {
         let b = Bufs {
             lat: get("lat")?,
             flow: get("flow")?,
+            lat_slots: get("lat_slots")?,
+            step_noise: get("step_noise")?,
+            step_sigma: get("step_sigma")?,
             patches: get("patches")?,
             x: get("x")?,
             y: get("y")?,

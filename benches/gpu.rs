@@ -305,6 +305,24 @@ fn main() {
         unit: "GB/s",
         peak: peak_gbs,
     });
+    // The fused pair: x read + written (f32), delta read and the rows written (bf16, in place).
+    let nm = ops::Norm::modulate(
+        e0,
+        e0 + 4 * dim as u64,
+        6 * dim,
+        modu,
+        modu + 4 * dim as u64,
+    );
+    let ms = time_ms(&mut g, 50, |g| {
+        ops::residual_norm(g, xf, yb, yb, n, dim, 1e-6, tpf, e0, 6 * dim, modu, &nm).unwrap()
+    });
+    rows.push(Row {
+        name: format!("residual_norm {n}x{dim}"),
+        ms,
+        value: (n * dim * 12) as f64 / ms / 1e6,
+        unit: "GB/s",
+        peak: peak_gbs,
+    });
     let qa = ops::QkArgs {
         x: q,
         x_stride: dim,
@@ -515,6 +533,14 @@ fn end_to_end(peak_tflops: f64) -> Vec<Value> {
             Err(e) => println!("{name}: {e}"),
         }
     }
+    // Both end up in the bundle's summary (end to end section).
+    let (failed, last) = blockcascade::backend::cuda::graph_capture_failures();
+    let last = last.map_or_else(String::new, |m| format!(" (last: {m}; these ran eagerly)"));
+    println!("GRAPH captures_failed={failed}{last}");
+    println!(
+        "EPILOGUE unfused_gemm_shapes={}",
+        blockcascade::backend::cuda::device::unfused_gemm_shapes()
+    );
     out
 }
 

@@ -108,18 +108,38 @@ PY
 )
     fi
 done
-ld=$(IFS=:; echo "${libdirs[*]:-}")
-export LD_LIBRARY_PATH="${ld}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# $1 is a glob on purpose.
+# $1 is a glob on purpose; the first match of the first folder that has one.
 # shellcheck disable=SC2086,SC2012
 found() { for d in "${libdirs[@]:-}"; do ls "$d"/$1 >/dev/null 2>&1 && { ls "$d"/$1 | head -n 1; return; }; done; echo "NOT FOUND"; }
-libcuda=$(found 'libcuda.so*')
-libcublaslt=$(found 'libcublasLt.so*')
+# The driver's own soname first (libcuda.so alone may be a toolkit stub), cuBLASLt 13 first
+# (the build targets CUDA 13; another major is only a fallback).
+libcuda=$(found 'libcuda.so.1')
+[ "$libcuda" != "NOT FOUND" ] || libcuda=$(found 'libcuda.so*')
+libcublaslt=$(found 'libcublasLt.so.13')
+[ "$libcublaslt" != "NOT FOUND" ] || libcublaslt=$(found 'libcublasLt.so*')
+# cudarc dlopens `libcublasLt.so` before `libcublasLt.so.13`: a folder of links that name the
+# chosen files goes first on the search path, so an unversioned link elsewhere (a CUDA 12
+# toolkit) cannot win over the cuBLASLt 13 found here.
+if [ "$libcublaslt" != "NOT FOUND" ]; then
+    shim=$(mktemp -d "${TMPDIR:-/tmp}/bc-libs.XXXXXX") &&
+        ln -sf "$libcublaslt" "$shim/libcublasLt.so" && libdirs=("$shim" "${libdirs[@]}") &&
+        trap 'rm -rf "$shim"' EXIT
+fi
+ld=$(IFS=:; echo "${libdirs[*]:-}")
+export LD_LIBRARY_PATH="${ld}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# A library and the version its real file name carries (libcuda.so.580.65.06: the driver).
+describe() {
+    [ "$1" != "NOT FOUND" ] || { echo "NOT FOUND"; return; }
+    local real
+    real=$(readlink -f "$1" 2>/dev/null || echo "$1")
+    echo "$1 -> $(basename "$real") (version ${real##*.so.})"
+}
 {
-    echo "libcuda:     $libcuda"
-    echo "libcublasLt: $libcublaslt"
-    # cuBLASLt 13 is needed (the build targets CUDA 13); say so if only another major is there.
-    case "$libcublaslt" in *libcublasLt.so.13*|*libcublasLt.so|"NOT FOUND") ;; *) echo "note: cuBLASLt found is not version 13 ($libcublaslt); pip install nvidia-cublas (cu13) if the tests cannot load it";; esac
+    echo "libcuda:     $(describe "$libcuda")"
+    echo "libcublasLt: $(describe "$libcublaslt")"
+    # cuBLASLt 13 is needed for GEMMs (the kernel tests run without it); say so if only another
+    # major is there.
+    case "$libcublaslt" in *libcublasLt.so.13*) ;; "NOT FOUND") echo "note: no cuBLASLt: GEMM and end-to-end tests skip, kernel tests run; pip install nvidia-cublas (cu13)";; *) echo "note: cuBLASLt found is not version 13 ($libcublaslt); pip install nvidia-cublas (cu13) if the tests cannot load it";; esac
 } > "$logs"/env.txt
 if command -v nvidia-smi >/dev/null 2>&1; then
     timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$logs"/nvidia-smi.txt 2>&1

@@ -6,9 +6,15 @@
 //! per tick, take the prompt switches that arrived, start new blocks, build the window, one
 //! joint [`Backend::forward`] over it (while the next noise is generated), then renoise /
 //! finish / commit.
+//!
+//! A backend that keeps the latents of the blocks in flight on its device
+//! ([`Backend::keeps_latents`], the one-device CUDA backend) runs the flow step and the renoise
+//! there ([`Backend::forward_resident`], [`Backend::step_resident`]): only the renoise goes up
+//! and only finished blocks come back. The executor's own copy of such a block's latents is
+//! then its initial noise, read for its shape only.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::{Backend, FlowStep};
 use crate::cascade::{Plan, PlannedMember, Role};
 use crate::config::BackendKind;
 use crate::config::{GenerateOptions, Recache};
@@ -64,6 +70,14 @@ pub struct RunReport {
     pub recache_seconds: f64,
     /// Largest KV cache size seen, in bytes.
     pub max_cache_bytes: usize,
+}
+
+/// What a tick's forward left for the flow step.
+enum Flows {
+    /// The flows, one per member (the host steps).
+    Host(Vec<Vec<f32>>),
+    /// The backend stepped (it holds the latents): per member, a block that became final.
+    Resident(Vec<Option<Vec<f32>>>),
 }
 
 /// What a run keeps between ticks.
@@ -352,6 +366,7 @@ impl<'m> Generator<'m> {
         let live = mailbox.is_some();
         let frames = (!live).then(|| plan.blocks.saturating_mul(bf));
         let mut backend = self.backend(frames)?;
+        let resident = backend.keeps_latents() && !self.opts.separate_context_pass;
         let mut st = RunState::new(if live { 0 } else { plan.ticks() }, self.prompts.clone());
         for tau in 0..plan.ticks() {
             let planned = plan.members(tau);
@@ -373,14 +388,17 @@ impl<'m> Generator<'m> {
                 st.report.tokens_per_tick.push(members.len() * bf * tpf);
                 self.forward_with_noise(
                     backend.as_mut(),
-                    &members,
-                    &blocks_of,
-                    tau,
+                    (&members, &blocks_of, tau),
+                    resident,
                     &wanted,
                     &mut st.report,
                 )?
             };
             st.noise_ready.extend(generated);
+            let flows = match resident {
+                true => Flows::Resident(self.step_resident(&mut st, backend.as_mut(), &planned)?),
+                false => Flows::Host(flows),
+            };
             self.apply(
                 &mut st,
                 backend.as_mut(),
@@ -539,13 +557,14 @@ impl<'m> Generator<'m> {
     /// Runs the tick's forward while the `wanted` noise is generated on another thread (and
     /// the rayon pool): otherwise a GPU would idle while the host makes it (about 11 ms per
     /// 3-frame block at 60x104 latents on one CI core). Returns the flows and the noise.
+    /// With `resident` the forward keeps its flows on the backend
+    /// ([`Backend::forward_resident`]) and no flows are returned.
     #[allow(clippy::type_complexity)]
     fn forward_with_noise(
         &self,
         backend: &mut dyn Backend,
-        members: &[Member],
-        blocks_of: &[usize],
-        tau: usize,
+        (members, blocks_of, tau): (&[Member], &[usize], usize),
+        resident: bool,
         wanted: &[(usize, usize)],
         report: &mut RunReport,
     ) -> Result<(Vec<Vec<f32>>, HashMap<(usize, usize), Vec<f32>>)> {
@@ -575,7 +594,11 @@ impl<'m> Generator<'m> {
                 })
                 .transpose()?;
             let mut forward = || -> Result<Vec<Vec<f32>>> {
-                if o.separate_context_pass && members.len() > 1 && members[0].context {
+                if resident {
+                    report.forward_passes += 1;
+                    backend.forward_resident(members, blocks_of, tau)?;
+                    Ok(Vec::new())
+                } else if o.separate_context_pass && members.len() > 1 && members[0].context {
                     let mut f = backend.forward(&members[..1], &blocks_of[..1], tau)?;
                     backend.commit(members[0].first_frame + bf);
                     f.extend(backend.forward(&members[1..], &blocks_of[1..], tau)?);
@@ -607,7 +630,7 @@ impl<'m> Generator<'m> {
         st: &mut RunState,
         backend: &mut dyn Backend,
         planned: &[PlannedMember],
-        flows: Vec<Vec<f32>>,
+        flows: Flows,
         blocks: usize,
         on_block: &mut impl FnMut(&FinishedBlock) -> bool,
     ) -> Result<()> {
@@ -616,10 +639,17 @@ impl<'m> Generator<'m> {
         let flen = CHANNELS * o.height * o.width;
         let s_count = self.steps.len();
         let keep_latents = o.recache == Recache::Window;
+        let (resident, flows) = match flows {
+            Flows::Host(f) => (false, f.into_iter().map(Some).collect()),
+            Flows::Resident(finals) => (true, finals),
+        };
         for (m, v) in planned.iter().zip(flows) {
             match m.role {
                 Role::Context => {
                     backend.commit((m.block + 1) * bf);
+                    if resident {
+                        backend.release_latents(m.block);
+                    }
                     if let Some(lat) = st.finals.remove(&m.block) {
                         if keep_latents {
                             for fi in 0..bf {
@@ -632,10 +662,24 @@ impl<'m> Generator<'m> {
                         }
                     }
                 }
+                Role::Denoise(s) if resident => {
+                    if s + 1 < s_count {
+                        continue; // stepped and renoised on the backend
+                    }
+                    st.state.remove(&m.block);
+                    let x = v.ok_or_else(|| {
+                        Error::Internal(format!("block {} came back without latents", m.block))
+                    })?;
+                    self.finish_block(st, backend, m.block, x, blocks, on_block)?;
+                    if m.block + 1 >= blocks {
+                        backend.release_latents(m.block);
+                    }
+                }
                 Role::Denoise(s) => {
                     let Some(mut x) = st.state.remove(&m.block) else {
                         return Err(Error::Internal(format!("block {} has no state", m.block)));
                     };
+                    let v = v.ok_or_else(|| Error::Internal("a flow is missing".into()))?;
                     if s + 1 < s_count {
                         let sn = self.steps.sigmas[s + 1];
                         let noise = st.noise_ready.remove(&(m.block, s + 1)).ok_or_else(|| {
@@ -650,21 +694,69 @@ impl<'m> Generator<'m> {
                         st.state.insert(m.block, x);
                     } else {
                         crate::backend::cpu::ops::flow_step(&mut x, &v, self.steps.sigmas[s], None);
-                        // Finite but huge weights or prompts can overflow: bad input, not a bug.
-                        if x.iter().any(|v| !v.is_finite()) {
-                            return Err(Error::Format(format!(
-                                "block {} produced non-finite latents: the model's weights or the \
-                                 prompt embeddings are out of range (values overflow to inf/NaN)",
-                                m.block
-                            )));
-                        }
-                        self.emit(st, backend, m.block, &x, on_block)?;
-                        if m.block + 1 < blocks {
-                            st.finals.insert(m.block, x);
-                        }
+                        self.finish_block(st, backend, m.block, x, blocks, on_block)?;
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The flow step of this tick's denoising members on the backend that holds their latents
+    /// (the renoise generated during the forward goes up): per member, the latents of a block
+    /// that became final.
+    fn step_resident(
+        &self,
+        st: &mut RunState,
+        backend: &mut dyn Backend,
+        planned: &[PlannedMember],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let (sig, s_count) = (&self.steps.sigmas, self.steps.len());
+        let renoise = planned
+            .iter()
+            .map(|m| match m.role {
+                Role::Denoise(s) if s + 1 < s_count => st
+                    .noise_ready
+                    .remove(&(m.block, s + 1))
+                    .map(Some)
+                    .ok_or_else(|| Error::Internal(format!("no renoise for block {}", m.block))),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let steps: Vec<Option<FlowStep>> = planned
+            .iter()
+            .zip(&renoise)
+            .map(|(m, n)| match m.role {
+                Role::Context => None,
+                Role::Denoise(s) => Some(FlowStep {
+                    sigma: sig[s],
+                    next: n.as_deref().map(|n| (sig[s + 1], n)),
+                }),
+            })
+            .collect();
+        backend.step_resident(&steps)
+    }
+
+    /// A block's final latents `x`: checked, handed to `on_block`, kept for its context pass.
+    fn finish_block(
+        &self,
+        st: &mut RunState,
+        backend: &mut dyn Backend,
+        block: usize,
+        x: Vec<f32>,
+        blocks: usize,
+        on_block: &mut impl FnMut(&FinishedBlock) -> bool,
+    ) -> Result<()> {
+        // Finite but huge weights or prompts can overflow: bad input, not a bug.
+        if x.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Format(format!(
+                "block {block} produced non-finite latents: the model's weights or the \
+                 prompt embeddings are out of range (values overflow to inf/NaN)"
+            )));
+        }
+        self.emit(st, backend, block, &x, on_block)?;
+        if block + 1 < blocks {
+            st.finals.insert(block, x);
         }
         Ok(())
     }

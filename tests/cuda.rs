@@ -11,7 +11,7 @@ mod common;
 use blockcascade::backend::cpu::attention::{attention as cpu_attention, KvSegment as CpuSeg};
 use blockcascade::backend::cpu::gemm::linear;
 use blockcascade::backend::cpu::ops as cops;
-use blockcascade::backend::cuda::device::{probe, DevPtr, Epilogue, Gpu, OutType};
+use blockcascade::backend::cuda::device::{probe, probe_driver, DevPtr, Epilogue, Gpu, OutType};
 use blockcascade::backend::cuda::{graph_replays, ops, set_session_options, CudaOptions};
 use blockcascade::config::BackendKind;
 use blockcascade::kernels::launch::AttentionTile;
@@ -42,6 +42,8 @@ fn small_only(g: &Gpu) -> bool {
     g.is_emulated() || sanitizer_pass()
 }
 
+/// The device for a kernel test: GPU 0 opened for kernels (cuBLASLt not needed), or the
+/// emulated device with `BC_CUDA_EMULATE=1`; `None` (after a SKIP line) without a GPU.
 fn gpu(test: &str) -> Option<Gpu> {
     if emulated() {
         println!("EMULATED {test}: on the emulated device (small shapes only)");
@@ -51,14 +53,28 @@ fn gpu(test: &str) -> Option<Gpu> {
         println!("SKIP {test}: {}", kernels::NOT_BUILT);
         return None;
     }
-    if let Err(e) = probe() {
+    if let Err(e) = probe_driver() {
         println!("SKIP {test}: no GPU ({e})");
         return None;
     }
-    match Gpu::open(0) {
+    match Gpu::open_kernels(0) {
         Ok(g) => Some(g),
         Err(e) => panic!("{test}: a GPU was found but could not be opened: {e}"),
     }
+}
+
+/// [`gpu`] for a test that needs GEMMs (cuBLASLt): without cuBLASLt it skips (`SKIP ...: no
+/// cuBLASLt`, not counted as a missing GPU), so the kernel tests still judge the kernels.
+fn gpu_gemm(test: &str) -> Option<Gpu> {
+    let g = gpu(test)?;
+    if !g.has_gemm() {
+        println!(
+            "SKIP {test}: no cuBLASLt ({})",
+            probe().err().map_or_else(String::new, |e| e.to_string())
+        );
+        return None;
+    }
+    Some(g)
 }
 
 fn randn(rng: &mut Rng, n: usize, s: f32) -> Vec<f32> {
@@ -320,6 +336,42 @@ fn norm_and_elementwise_kernels_match_the_cpu() {
         let mut wantx = x.clone();
         cops::gated_residual(&mut wantx, &delta, d, tpf, Some(&gate));
         check("gated_residual", &ss, &down_f(&g, xr, n * d), &wantx, 1e-4);
+        // residual_norm: the same gated residual fused with ln_modulate, bit for bit the pair.
+        let xf = up(&mut g, &x);
+        let (out, out_pair) = (poisoned(&mut g, n * d * 2), poisoned(&mut g, n * d * 2));
+        let (sh_d, sc_d) = (e0d, e0d + 4 * d as u64);
+        let (shb_d, scb_d) = (md, md + 4 * d as u64);
+        let nm = ops::Norm::modulate(sh_d, sc_d, 6 * d, shb_d, scb_d);
+        let (gate_d, gate_b) = (e0d + 2 * 4 * d as u64, md + 2 * 4 * d as u64);
+        ops::residual_norm(&g, xf, dd, out, n, d, 1e-6, tpf, gate_d, 6 * d, gate_b, &nm).unwrap();
+        ops::ln_modulate(
+            &g,
+            xr,
+            out_pair,
+            n,
+            d,
+            1e-6,
+            tpf,
+            sh_d,
+            sc_d,
+            6 * d,
+            shb_d,
+            scb_d,
+        )
+        .unwrap();
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let fused_x = down_f(&g, xf, n * d);
+        assert!(
+            bits(fused_x) == bits(down_f(&g, xr, n * d)),
+            "residual_norm {ss}: residual differs from gated_residual"
+        );
+        let fused_out = down_b(&g, out, n * d);
+        assert!(
+            bits(fused_out.clone()) == bits(down_b(&g, out_pair, n * d)),
+            "residual_norm {ss}: rows differ from gated_residual + ln_modulate"
+        );
+        cops::ln_modulate(&wantx, d, 1e-6, tpf, &sh, &sc, &mut want);
+        check("residual_norm", &ss, &fused_out, &want, 1e-2);
         // GELU (bf16, in place).
         let (a, ab) = randb(&mut rng, n * d, 2.0);
         let ad = up(&mut g, &ab);
@@ -460,7 +512,7 @@ fn patch_time_and_flow_kernels_match_the_cpu() {
 #[test]
 fn gemms_match_the_cpu() {
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut g) = gpu("gemms_match_the_cpu") else {
+    let Some(mut g) = gpu_gemm("gemms_match_the_cpu") else {
         return;
     };
     let mut rng = Rng::new(13);
@@ -778,7 +830,7 @@ fn run_golden(schedule: Schedule, mode: AttentionMode, graphs: bool) -> Vec<f32>
 #[test]
 fn golden_case_on_the_gpu() {
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(g) = gpu("golden_case_on_the_gpu") else {
+    let Some(g) = gpu_gemm("golden_case_on_the_gpu") else {
         return;
     };
     drop(g);
@@ -804,7 +856,7 @@ fn golden_case_on_the_gpu() {
 #[test]
 fn graph_replay_equals_eager_launches() {
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(g) = gpu("graph_replay_equals_eager_launches") else {
+    let Some(g) = gpu_gemm("graph_replay_equals_eager_launches") else {
         return;
     };
     drop(g);
@@ -814,7 +866,11 @@ fn graph_replay_equals_eager_launches() {
         let graph = run_golden(schedule, AttentionMode::Causal, true);
         let replays = graph_replays() - before;
         let err = rel_l2(&eager, &graph);
-        println!("GRAPH {schedule:?} graph_vs_eager_rel_l2={err:.3e} replays={replays}");
+        let (failed, last) = blockcascade::backend::cuda::graph_capture_failures();
+        println!(
+            "GRAPH {schedule:?} graph_vs_eager_rel_l2={err:.3e} replays={replays} captures_failed={failed}{}",
+            last.map_or_else(String::new, |m| format!(" (last: {m})"))
+        );
         assert!(
             replays > 0,
             "{schedule:?}: no graph was replayed (capture failed?)"
@@ -829,7 +885,7 @@ fn graph_replay_equals_eager_launches() {
 #[test]
 fn two_logical_devices_on_gpu0_equal_one() {
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(g) = gpu("two_logical_devices_on_gpu0_equal_one") else {
+    let Some(g) = gpu_gemm("two_logical_devices_on_gpu0_equal_one") else {
         return;
     };
     drop(g);

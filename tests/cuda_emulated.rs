@@ -4,8 +4,9 @@
 //! without a GPU. Tolerances are those of the GPU tests (bf16 activations).
 
 mod common;
+use blockcascade::backend::cuda::device::{host_traffic, HostTraffic};
 use blockcascade::backend::cuda::ops::attention_launches;
-use blockcascade::backend::cuda::{set_session_options, CudaOptions};
+use blockcascade::backend::cuda::{device_flow_steps, set_session_options, CudaOptions};
 use blockcascade::config::BackendKind;
 use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::{AttentionMode, Generator, Schedule};
@@ -194,6 +195,50 @@ fn unfused_gemm_epilogues_match_the_fused_ones() {
         assert!(lat.iter().all(|v| v.is_finite()), "non-finite latents");
         assert!(vs_fused < 1e-2, "vs fused epilogue: {vs_fused}");
         assert!(vs_expected < 2e-2, "vs expected: {vs_expected}");
+    }
+}
+
+/// The latents kept on the device (flow step and renoise by `bc_flow_step`, only finished
+/// blocks downloaded) against the host flow step on flows downloaded every tick: the same f32
+/// arithmetic, so the same bits, with graphs and in a cascade.
+#[test]
+fn device_latents_match_the_host_flow_step_bit_for_bit() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for schedule in [Schedule::Sequential, Schedule::Cascade { lag: 1 }] {
+        let co = |device_latents: bool| CudaOptions {
+            emulate: true,
+            device_latents,
+            ..CudaOptions::default()
+        };
+        let t0 = host_traffic();
+        let host = run_opts(schedule, AttentionMode::Causal, co(false));
+        let (t1, before) = (host_traffic(), device_flow_steps());
+        let device = run_opts(schedule, AttentionMode::Causal, co(true));
+        let (t2, steps) = (host_traffic(), device_flow_steps() - before);
+        let moved = |a: HostTraffic, b: HostTraffic| {
+            (
+                b.staged_bytes - a.staged_bytes,
+                b.download_bytes - a.download_bytes,
+                b.downloads - a.downloads,
+            )
+        };
+        let (mh, md) = (moved(t0, t1), moved(t1, t2));
+        println!(
+            "TRAFFIC {schedule:?}: host step: {} B of per-tick uploads, {} B down in {} downloads; device latents: {} B of per-tick uploads, {} B down in {} downloads; {steps} flow steps on the device",
+            mh.0, mh.1, mh.2, md.0, md.1, md.2
+        );
+        assert!(steps > 0, "{schedule:?}: no flow step ran on the device");
+        assert!(
+            md.1 < mh.1 && md.2 < mh.2,
+            "{schedule:?}: device latents downloaded no less: {md:?} vs {mh:?}"
+        );
+        assert!(!host.is_empty() && host.iter().all(|v| v.is_finite()));
+        assert!(
+            bits(&host) == bits(&device),
+            "{schedule:?}: device latents differ from the host flow step (rel L2 {:.3e})",
+            rel_l2(&host, &device)
+        );
     }
 }
 

@@ -174,6 +174,130 @@ fn gated_residual_with_and_without_gate() {
     assert_close("residual", &x, &want, 1e-6);
 }
 
+/// Bit patterns, so that `assert_eq!` compares NaN-safe and exactly.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn residual_norm_is_the_unfused_pair_bit_for_bit() {
+    let mut rng = Rng::new(31);
+    // Rows shorter than one pass of the block, several passes with a ragged end, and the
+    // largest row (every register pair in use).
+    for &(dim, tpf, frames) in &[(72usize, 9usize, 3usize), (1064, 5, 2), (6144, 2, 2)] {
+        let rows = tpf * frames;
+        let x0 = randn(&mut rng, rows * dim, 2.0);
+        let (delta_f, delta) = randn_bf16(&mut rng, rows * dim, 1.0);
+        let e0 = randn(&mut rng, frames * 6 * dim, 0.5);
+        let m = randn(&mut rng, 6 * dim, 0.5);
+        let (w, b) = (randn(&mut rng, dim, 1.0), randn(&mut rng, dim, 1.0));
+        let gates: [Option<(&[f32], usize)>; 2] = [Some((&e0[5 * dim..], 6 * dim)), None];
+        for gate in gates {
+            let gate_bias = gate.map(|_| &m[5 * dim..6 * dim]);
+            let norms = [
+                // The next layer's modulated LN (shift/scale out of e0, biases).
+                emu::NormMod {
+                    shift: &e0[..],
+                    scale: &e0[dim..],
+                    stride: 6 * dim,
+                    shift_bias: Some(&m[..dim]),
+                    scale_bias: Some(&m[dim..2 * dim]),
+                    affine: false,
+                },
+                // norm3: affine, one weight and bias for every row.
+                emu::NormMod {
+                    shift: &b,
+                    scale: &w,
+                    stride: 0,
+                    shift_bias: None,
+                    scale_bias: None,
+                    affine: true,
+                },
+            ];
+            for nm in &norms {
+                let what = format!("dim {dim}, gate {}, affine {}", gate.is_some(), nm.affine);
+                let mut xf = x0.clone();
+                let mut outf = vec![bf16::NAN; rows * dim];
+                emu::residual_norm(
+                    &mut xf, &delta, dim, EPS, tpf, gate, gate_bias, nm, &mut outf,
+                )
+                .unwrap();
+                // The unfused pair.
+                let mut xu = x0.clone();
+                let mut outu = vec![bf16::NAN; rows * dim];
+                emu::gated_residual(&mut xu, &delta, dim, tpf, gate, gate_bias).unwrap();
+                if nm.affine {
+                    emu::layer_norm_affine(&xu, dim, EPS, nm.scale, nm.shift, &mut outu).unwrap();
+                } else {
+                    emu::ln_modulate(
+                        &xu,
+                        dim,
+                        EPS,
+                        tpf,
+                        nm.shift,
+                        nm.scale,
+                        nm.stride,
+                        nm.shift_bias,
+                        nm.scale_bias,
+                        &mut outu,
+                    )
+                    .unwrap();
+                }
+                assert_eq!(bits(&xf), bits(&xu), "{what}: residual");
+                let (of, ou) = (to_f32(&outf), to_f32(&outu));
+                assert_eq!(bits(&of), bits(&ou), "{what}: normed rows");
+                // And the CPU reference.
+                let per_frame = |c: usize, bias: Option<&[f32]>| -> Vec<f32> {
+                    (0..frames * dim)
+                        .map(|i| {
+                            let (f, d) = (i / dim, i % dim);
+                            e0[(f * 6 + c) * dim + d] + bias.map_or(0.0, |b| b[d])
+                        })
+                        .collect()
+                };
+                let mut want_x = x0.clone();
+                let g = gate.map(|_| per_frame(5, gate_bias));
+                ops::gated_residual(&mut want_x, &delta_f, dim, tpf, g.as_deref());
+                assert_close(&format!("{what}: residual"), &xf, &want_x, 1e-5);
+                let mut want = vec![0f32; rows * dim];
+                if nm.affine {
+                    ops::layer_norm_affine(&want_x, dim, EPS as f64, &w, &b, &mut want);
+                } else {
+                    let (sh, sc) = (per_frame(0, nm.shift_bias), per_frame(1, nm.scale_bias));
+                    ops::ln_modulate(&want_x, dim, EPS as f64, tpf, &sh, &sc, &mut want);
+                }
+                assert_close(&format!("{what}: normed rows"), &of, &want, 1e-2);
+            }
+        }
+    }
+    // Rows longer than the kernel keeps in registers are refused (the backend runs the pair).
+    let dim = 6146;
+    let mut x = vec![1f32; dim];
+    let mut out = vec![bf16::NAN; dim];
+    let one = vec![1f32; dim];
+    let nm = emu::NormMod {
+        shift: &one,
+        scale: &one,
+        stride: 0,
+        shift_bias: None,
+        scale_bias: None,
+        affine: true,
+    };
+    let err = emu::residual_norm(
+        &mut x,
+        &vec![bf16::ONE; dim],
+        dim,
+        EPS,
+        1,
+        None,
+        None,
+        &nm,
+        &mut out,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind, LaunchErrorKind::InvalidArgument, "{err}");
+}
+
 #[test]
 fn qk_norm_rope_contiguous_q() {
     let mut rng = Rng::new(4);

@@ -161,6 +161,60 @@ typedef struct BcGatedResidualParams {
     bc_i32 _pad;
 } BcGatedResidualParams;
 
+/** Largest row length of `bc_residual_norm`: each of the BC_ROW_THREADS threads keeps its
+ * `dim / (2 * BC_ROW_THREADS)` column pairs of the updated row in registers (12 pairs). */
+#define BC_RESNORM_MAX_DIM 6144
+
+/** `bc_residual_norm`: the gated residual add and the LayerNorm that reads its result, fused
+ * (one read and one write of the f32 residual stream instead of three passes):
+ * `x += delta * (gate[f] + gate_bias)` (no gate: `x += delta`), then
+ * `out = LN(x) * (1 + scale[f] + scale_bias) + shift[f] + shift_bias` (`bc_ln_modulate`), or
+ * with `affine = 1`: `out = LN(x) * scale[f] + shift[f]` (`bc_layer_norm_affine` with
+ * `scale = weight`, `shift = bias`, `mod_stride = 0`). Bit-identical to `bc_gated_residual`
+ * followed by `bc_ln_modulate` / `bc_layer_norm_affine`. `dim <= BC_RESNORM_MAX_DIM`. `out`
+ * may be `delta` (a thread reads its columns of `delta` before it writes the same columns of
+ * `out`). Grid (rows), block BC_ROW_THREADS. */
+typedef struct BcResidualNormParams {
+    /** Residual stream `[rows, dim]` f32 (contiguous), updated in place. */
+    float *x;
+    /** `[rows, delta_stride]` bf16. */
+    const bc_bf16 *delta;
+    /** Optional per-frame gate `[frames, gate_stride]` f32. */
+    const float *gate;
+    /** Optional `[dim]` f32 added to every frame's gate (only used with `gate`). */
+    const float *gate_bias;
+    /** Output rows `[rows, out_stride]`, bf16. */
+    bc_bf16 *out;
+    /** Per-frame shift `[frames, mod_stride]` f32 (the bias of an affine LayerNorm). */
+    const float *shift;
+    /** Per-frame scale `[frames, mod_stride]` f32 (the weight of an affine LayerNorm). */
+    const float *scale;
+    /** Optional `[dim]` f32 added to every frame's shift. */
+    const float *shift_bias;
+    /** Optional `[dim]` f32 added to every frame's scale. */
+    const float *scale_bias;
+    /** Number of rows. */
+    bc_i32 rows;
+    /** Row length (even, at most BC_RESNORM_MAX_DIM). */
+    bc_i32 dim;
+    /** Row stride of `delta` in elements. */
+    bc_i32 delta_stride;
+    /** Row stride of `out` in elements. */
+    bc_i32 out_stride;
+    /** Elements between consecutive frames of `gate`. */
+    bc_i32 gate_stride;
+    /** Elements between consecutive frames of `shift`/`scale` (0: one vector for all rows). */
+    bc_i32 mod_stride;
+    /** Rows per frame. */
+    bc_i32 tokens_per_frame;
+    /** 1: `LN(x) * scale + shift` (affine LayerNorm); 0: `LN(x) * (1 + scale) + shift`. */
+    bc_i32 affine;
+    /** LayerNorm epsilon. */
+    float eps;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
+} BcResidualNormParams;
+
 /** `bc_qk_norm_rope`: optional RMSNorm over the full row (f32 statistics, with weight),
  * then optional 3D RoPE per head, then a store either to contiguous rows or into KV-cache
  * ring-buffer slots. Used for q (norm + rope), k (norm + rope, to the cache) and v (copy to

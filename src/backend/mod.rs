@@ -9,7 +9,18 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::model::Member;
-use crate::Result;
+use crate::{Error, Result};
+
+/// One denoising member's flow step for [`Backend::step_resident`]: `x0 = x - sigma * v`, then
+/// `x = (1 - sn) * x0 + sn * noise` with `next = Some((sn, noise))`, else the block is final
+/// (`x = x0`).
+#[derive(Clone, Copy, Debug)]
+pub struct FlowStep<'a> {
+    /// Sigma of the step the forward predicted.
+    pub sigma: f32,
+    /// Sigma of the next step and the block's renoise; `None` at the last step.
+    pub next: Option<(f32, &'a [f32])>,
+}
 
 /// A tick executor with its own KV cache.
 pub trait Backend {
@@ -31,6 +42,41 @@ pub trait Backend {
     fn recache(&mut self, members: &[Member]) -> Result<()>;
     /// Bytes held by the KV cache (per device).
     fn cache_bytes(&self) -> usize;
+
+    /// Whether this backend keeps the latents of the blocks being denoised itself (on its
+    /// device): the executor then runs [`Backend::forward_resident`] and
+    /// [`Backend::step_resident`] instead of [`Backend::forward`] and the host flow step, and
+    /// only finished blocks come back. The default (the CPU backend): no.
+    fn keeps_latents(&self) -> bool {
+        false
+    }
+
+    /// [`Backend::forward`] that keeps the flows: a member whose block (`blocks[i]`) the
+    /// backend holds starts from its held latents (`members[i].latents` gives only the shape),
+    /// any other from `members[i].latents`, held from now on.
+    fn forward_resident(
+        &mut self,
+        _members: &[Member],
+        _blocks: &[usize],
+        _tick: usize,
+    ) -> Result<()> {
+        Err(Error::Unsupported(
+            "this backend does not keep latents".into(),
+        ))
+    }
+
+    /// The flow step of every member of the last [`Backend::forward_resident`] (`steps[i]`,
+    /// `None` for context members) on the held latents. Returns, per member, the latents of a
+    /// block that became final (`next: None`).
+    fn step_resident(&mut self, _steps: &[Option<FlowStep>]) -> Result<Vec<Option<Vec<f32>>>> {
+        Err(Error::Unsupported(
+            "this backend does not keep latents".into(),
+        ))
+    }
+
+    /// Forgets the latents held for `block` (after its context pass, or when it is final and
+    /// no context pass follows).
+    fn release_latents(&mut self, _block: usize) {}
 }
 
 /// Opens the CUDA backend for `model` with `opts` (see [`cuda`]; a clean error when the

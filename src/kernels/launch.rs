@@ -154,6 +154,65 @@ pub fn gated_residual(
     })
 }
 
+/// `bc_residual_norm` (`cuda/norm.cu`): the gated residual of [`gated_residual`] (`gate` null:
+/// none; `gate_stride` its frame stride), then the LayerNorm of the updated rows into `out`
+/// (bf16 `[rows, dim]`), modulated like [`ln_modulate`] (`shift`/`scale` of frame stride
+/// `mod_stride`, biases or null) or, with `affine`, `LN * scale + shift`. `dim` at most
+/// `BC_RESNORM_MAX_DIM`. Grid (rows), block `BC_ROW_THREADS`.
+pub fn residual_norm(
+    x: *mut f32,
+    delta: *const bc_bf16,
+    out: *mut bc_bf16,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    tokens_per_frame: usize,
+    gate: *const f32,
+    gate_stride: usize,
+    gate_bias: *const f32,
+    shift: *const f32,
+    scale: *const f32,
+    mod_stride: usize,
+    shift_bias: *const f32,
+    scale_bias: *const f32,
+    affine: bool,
+) -> LaunchResult<Launch<BcResidualNormParams>> {
+    let k = Kernel::ResidualNorm;
+    if dim > BC_RESNORM_MAX_DIM as usize {
+        return Err(invalid(
+            k,
+            format!("dim = {dim} exceeds BC_RESNORM_MAX_DIM = {BC_RESNORM_MAX_DIM}"),
+        ));
+    }
+    let (rows, dim) = (i32_of(k, rows, "rows")?, i32_of(k, dim, "dim")?);
+    Ok(Launch {
+        kernel: k,
+        grid: row_grid(rows),
+        block: BC_ROW_THREADS,
+        params: BcResidualNormParams {
+            x,
+            delta,
+            gate,
+            gate_bias,
+            out,
+            shift,
+            scale,
+            shift_bias,
+            scale_bias,
+            rows,
+            dim,
+            delta_stride: dim,
+            out_stride: dim,
+            gate_stride: i32_of(k, gate_stride, "gate_stride")?,
+            mod_stride: i32_of(k, mod_stride, "mod_stride")?,
+            tokens_per_frame: i32_of(k, tokens_per_frame, "tokens_per_frame")?,
+            affine: affine as i32,
+            eps,
+            _pad: 0,
+        },
+    })
+}
+
 /// `bc_qk_norm_rope` (`cuda/qk_norm_rope.cu`): optional RMSNorm (`norm_weight` null: none), optional RoPE, store into
 /// `out` rows of `heads*head_dim` (contiguous, or cache slots with `frame_slot`); `x` rows of
 /// stride `x_stride`. Grid (rows), block `BC_ROW_THREADS`, RoPE theta 10000.

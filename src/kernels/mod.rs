@@ -24,6 +24,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_ln_modulate",
     "bc_layer_norm_affine",
     "bc_gated_residual",
+    "bc_residual_norm",
     "bc_qk_norm_rope",
     "bc_attention_hd64",
     "bc_attention_hd128",
@@ -91,6 +92,9 @@ pub enum Kernel {
     LayerNormAffine,
     /// `bc_gated_residual` ([`BcGatedResidualParams`]).
     GatedResidual,
+    /// `bc_residual_norm` ([`BcResidualNormParams`]): the gated residual and the following
+    /// LayerNorm in one pass.
+    ResidualNorm,
     /// `bc_qk_norm_rope` ([`BcQkNormRopeParams`]).
     QkNormRope,
     /// `bc_attention_hd64` ([`BcAttentionParams`]).
@@ -142,10 +146,11 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 26] = [
+    pub const ALL: [Kernel; 27] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
+        Kernel::ResidualNorm,
         Kernel::QkNormRope,
         Kernel::AttentionHd64,
         Kernel::AttentionHd128,
@@ -177,6 +182,7 @@ impl Kernel {
             Kernel::LnModulate => "bc_ln_modulate",
             Kernel::LayerNormAffine => "bc_layer_norm_affine",
             Kernel::GatedResidual => "bc_gated_residual",
+            Kernel::ResidualNorm => "bc_residual_norm",
             Kernel::QkNormRope => "bc_qk_norm_rope",
             Kernel::AttentionHd64 => "bc_attention_hd64",
             Kernel::AttentionHd128 => "bc_attention_hd128",

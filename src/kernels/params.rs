@@ -13,6 +13,7 @@ pub const BC_ATTN_HD64_BK: u32 = 64;
 pub const BC_ATTN_HD128_BK: u32 = 32;
 pub const BC_ATTN_HD128_SMEM: u32 = 49152;
 pub const BC_ATTN_WIDE_HD128_SMEM: u32 = 65536;
+pub const BC_RESNORM_MAX_DIM: u32 = 6144;
 pub const BC_ACT_GELU_TANH: u32 = 0;
 pub const BC_ACT_SILU: u32 = 1;
 pub const BC_ACT_NONE: u32 = 2;
@@ -222,6 +223,92 @@ const _: () = {
         [::std::mem::offset_of!(BcGatedResidualParams, tokens_per_frame) - 48usize];
     ["Offset of field: BcGatedResidualParams::_pad"]
         [::std::mem::offset_of!(BcGatedResidualParams, _pad) - 52usize];
+};
+#[doc = " `bc_residual_norm`: the gated residual add and the LayerNorm that reads its result, fused\n (one read and one write of the f32 residual stream instead of three passes):\n `x += delta * (gate[f] + gate_bias)` (no gate: `x += delta`), then\n `out = LN(x) * (1 + scale[f] + scale_bias) + shift[f] + shift_bias` (`bc_ln_modulate`), or\n with `affine = 1`: `out = LN(x) * scale[f] + shift[f]` (`bc_layer_norm_affine` with\n `scale = weight`, `shift = bias`, `mod_stride = 0`). Bit-identical to `bc_gated_residual`\n followed by `bc_ln_modulate` / `bc_layer_norm_affine`. `dim <= BC_RESNORM_MAX_DIM`. `out`\n may be `delta` (a thread reads its columns of `delta` before it writes the same columns of\n `out`). Grid (rows), block BC_ROW_THREADS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcResidualNormParams {
+    #[doc = " Residual stream `[rows, dim]` f32 (contiguous), updated in place."]
+    pub x: *mut f32,
+    #[doc = " `[rows, delta_stride]` bf16."]
+    pub delta: *const bc_bf16,
+    #[doc = " Optional per-frame gate `[frames, gate_stride]` f32."]
+    pub gate: *const f32,
+    #[doc = " Optional `[dim]` f32 added to every frame's gate (only used with `gate`)."]
+    pub gate_bias: *const f32,
+    #[doc = " Output rows `[rows, out_stride]`, bf16."]
+    pub out: *mut bc_bf16,
+    #[doc = " Per-frame shift `[frames, mod_stride]` f32 (the bias of an affine LayerNorm)."]
+    pub shift: *const f32,
+    #[doc = " Per-frame scale `[frames, mod_stride]` f32 (the weight of an affine LayerNorm)."]
+    pub scale: *const f32,
+    #[doc = " Optional `[dim]` f32 added to every frame's shift."]
+    pub shift_bias: *const f32,
+    #[doc = " Optional `[dim]` f32 added to every frame's scale."]
+    pub scale_bias: *const f32,
+    #[doc = " Number of rows."]
+    pub rows: bc_i32,
+    #[doc = " Row length (even, at most BC_RESNORM_MAX_DIM)."]
+    pub dim: bc_i32,
+    #[doc = " Row stride of `delta` in elements."]
+    pub delta_stride: bc_i32,
+    #[doc = " Row stride of `out` in elements."]
+    pub out_stride: bc_i32,
+    #[doc = " Elements between consecutive frames of `gate`."]
+    pub gate_stride: bc_i32,
+    #[doc = " Elements between consecutive frames of `shift`/`scale` (0: one vector for all rows)."]
+    pub mod_stride: bc_i32,
+    #[doc = " Rows per frame."]
+    pub tokens_per_frame: bc_i32,
+    #[doc = " 1: `LN(x) * scale + shift` (affine LayerNorm); 0: `LN(x) * (1 + scale) + shift`."]
+    pub affine: bc_i32,
+    #[doc = " LayerNorm epsilon."]
+    pub eps: f32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcResidualNormParams"][::std::mem::size_of::<BcResidualNormParams>() - 112usize];
+    ["Alignment of BcResidualNormParams"][::std::mem::align_of::<BcResidualNormParams>() - 8usize];
+    ["Offset of field: BcResidualNormParams::x"]
+        [::std::mem::offset_of!(BcResidualNormParams, x) - 0usize];
+    ["Offset of field: BcResidualNormParams::delta"]
+        [::std::mem::offset_of!(BcResidualNormParams, delta) - 8usize];
+    ["Offset of field: BcResidualNormParams::gate"]
+        [::std::mem::offset_of!(BcResidualNormParams, gate) - 16usize];
+    ["Offset of field: BcResidualNormParams::gate_bias"]
+        [::std::mem::offset_of!(BcResidualNormParams, gate_bias) - 24usize];
+    ["Offset of field: BcResidualNormParams::out"]
+        [::std::mem::offset_of!(BcResidualNormParams, out) - 32usize];
+    ["Offset of field: BcResidualNormParams::shift"]
+        [::std::mem::offset_of!(BcResidualNormParams, shift) - 40usize];
+    ["Offset of field: BcResidualNormParams::scale"]
+        [::std::mem::offset_of!(BcResidualNormParams, scale) - 48usize];
+    ["Offset of field: BcResidualNormParams::shift_bias"]
+        [::std::mem::offset_of!(BcResidualNormParams, shift_bias) - 56usize];
+    ["Offset of field: BcResidualNormParams::scale_bias"]
+        [::std::mem::offset_of!(BcResidualNormParams, scale_bias) - 64usize];
+    ["Offset of field: BcResidualNormParams::rows"]
+        [::std::mem::offset_of!(BcResidualNormParams, rows) - 72usize];
+    ["Offset of field: BcResidualNormParams::dim"]
+        [::std::mem::offset_of!(BcResidualNormParams, dim) - 76usize];
+    ["Offset of field: BcResidualNormParams::delta_stride"]
+        [::std::mem::offset_of!(BcResidualNormParams, delta_stride) - 80usize];
+    ["Offset of field: BcResidualNormParams::out_stride"]
+        [::std::mem::offset_of!(BcResidualNormParams, out_stride) - 84usize];
+    ["Offset of field: BcResidualNormParams::gate_stride"]
+        [::std::mem::offset_of!(BcResidualNormParams, gate_stride) - 88usize];
+    ["Offset of field: BcResidualNormParams::mod_stride"]
+        [::std::mem::offset_of!(BcResidualNormParams, mod_stride) - 92usize];
+    ["Offset of field: BcResidualNormParams::tokens_per_frame"]
+        [::std::mem::offset_of!(BcResidualNormParams, tokens_per_frame) - 96usize];
+    ["Offset of field: BcResidualNormParams::affine"]
+        [::std::mem::offset_of!(BcResidualNormParams, affine) - 100usize];
+    ["Offset of field: BcResidualNormParams::eps"]
+        [::std::mem::offset_of!(BcResidualNormParams, eps) - 104usize];
+    ["Offset of field: BcResidualNormParams::_pad"]
+        [::std::mem::offset_of!(BcResidualNormParams, _pad) - 108usize];
 };
 #[doc = " `bc_qk_norm_rope`: optional RMSNorm over the full row (f32 statistics, with weight),\n then optional 3D RoPE per head, then a store either to contiguous rows or into KV-cache\n ring-buffer slots. Used for q (norm + rope), k (norm + rope, to the cache) and v (copy to\n the cache). Row `r` belongs to local frame `lf = r / tokens_per_frame` whose absolute frame\n index (the temporal RoPE position) is `frame_pos[lf]` (or `first_frame + lf` without\n `frame_pos`); its height/width positions are `(r % tpf) / wp`, `r % wp`. Output row:\n `out + (slot * tokens_per_frame + r % tpf) * out_stride` with `slot = frame_slot[lf]`, or\n `out + r * out_stride` without `frame_slot`. Can run in place (out == x, no slots).\n Grid (rows), block BC_ROW_THREADS."]
 #[repr(C)]

@@ -1,9 +1,17 @@
 //! The launches of one joint forward on one device: patch embedding, each layer before and
 //! after the K/V exchange point, and the head.
+//!
+//! Every gated residual add is fused with the LayerNorm that reads its result
+//! ([`ops::residual_norm`]): self-attention's with norm3, cross-attention's with the FFN's
+//! modulated LN, the FFN's with the next layer's modulated LN (or the head's). So only layer 0
+//! (right after the patch embedding) runs a LayerNorm of its own, and the per-layer work after
+//! the K/V exchange point ends with the next layer's (or the head's) input in `y`.
 
-use super::device::{Epilogue, OutType};
-use super::ops::{self, QkArgs, NULL};
+use super::device::{DevPtr, Epilogue, OutType};
+use super::ops::{self, Norm, QkArgs, NULL};
+use super::single::Bufs;
 use super::tables::Shape;
+use super::weight_cache::{DevWeights, LayerDev};
 use super::{nvtx, CudaBackend};
 use crate::kernels::params::{BcKvSegment, BC_ACT_ROUND_BF16};
 use crate::model::CHANNELS;
@@ -24,6 +32,66 @@ struct Dims {
     f32b: u64,
     du: u64,
     row: u64,
+}
+
+/// The LayerNorm that starts layer `li` (its modulated LN before self-attention) for the rows
+/// of frames `f0..`, or with `li == layers.len()` the head's modulated LN (`shift = e + m0`,
+/// `scale = e + m1`).
+fn norm_before(
+    layers: &[LayerDev],
+    w: &DevWeights,
+    b: &Bufs,
+    dm: &Dims,
+    li: usize,
+    f0: u64,
+) -> Norm {
+    let (d, f32b, du) = (dm.d, dm.f32b, dm.du);
+    match layers.get(li) {
+        Some(ld) => {
+            let e0 = |j: usize| b.e0 + (f0 * 6 * du + (j * d) as u64) * f32b;
+            let m = |j: usize| ld.modulation + (j * d) as u64 * f32b;
+            Norm::modulate(e0(0), e0(1), 6 * d, m(0), m(1))
+        }
+        None => {
+            let er = b.e + f0 * du * f32b;
+            Norm::modulate(er, er, d, w.head_mod, w.head_mod + du * f32b)
+        }
+    }
+}
+
+/// A residual add `x += delta * (gate + gate_bias)` and the LayerNorm `n` that reads its result
+/// into `out`: one fused kernel, or with `round` (the bf16 residual experiment,
+/// `CudaOptions::round_residual_bf16`) the add, the rounding and the norm as three kernels.
+#[allow(clippy::too_many_arguments)]
+fn residual_then_norm(
+    g: &super::device::Gpu,
+    round: bool,
+    dm: &Dims,
+    (x, delta, out): (DevPtr, DevPtr, DevPtr),
+    rows: usize,
+    (gate, gate_stride, gate_bias): (DevPtr, usize, DevPtr),
+    n: &Norm,
+) -> Result<()> {
+    let (d, eps, tpf) = (dm.d, dm.eps, dm.tpf);
+    if !round {
+        return ops::residual_norm(
+            g,
+            x,
+            delta,
+            out,
+            rows,
+            d,
+            eps,
+            tpf,
+            gate,
+            gate_stride,
+            gate_bias,
+            n,
+        );
+    }
+    ops::gated_residual(g, x, delta, rows, d, tpf, gate, gate_stride, gate_bias)?;
+    ops::bias_activation(g, x, NULL, 1, rows * d, BC_ACT_ROUND_BF16, false)?;
+    ops::norm(g, x, out, rows, d, eps, tpf, n)
 }
 
 impl CudaBackend<'_> {
@@ -91,9 +159,11 @@ impl CudaBackend<'_> {
         Ok(())
     }
 
-    /// Layer `li` up to the exchange point: modulated LN, qkv GEMM, q/k norm + RoPE, v, for
-    /// this device's rows (into the window buffers `q`, `k`, `v` at the members' rows).
+    /// Layer `li` up to the exchange point: modulated LN (layer 0 only: the previous layer's
+    /// FFN residual wrote it for the others), qkv GEMM, q/k norm + RoPE, v, for this device's
+    /// rows (into the window buffers `q`, `k`, `v` at the members' rows).
     pub(super) fn enqueue_pre(&mut self, s: &Shape, li: usize) -> Result<()> {
+        let dm = self.dims();
         let Dims {
             d,
             nh,
@@ -105,31 +175,19 @@ impl CudaBackend<'_> {
             du,
             row,
             ..
-        } = self.dims();
+        } = dm;
         let (kb, vb) = self.kv_bufs(li);
         let b = &self.b;
         let ld = &self.layers[li];
         let g = &mut self.gpu;
-        let m = |j: usize| ld.modulation + (j * d) as u64 * f32b;
         for &(r0, n, f0, _) in &s.ranges {
             let (r0, f0) = (r0 as u64, f0 as u64);
-            let e0 = |j: usize| b.e0 + (f0 * 6 * du + (j * d) as u64) * f32b;
             let y = b.y + r0 * row;
             let qkv = b.qkv + r0 * 3 * row;
-            ops::ln_modulate(
-                g,
-                b.x + r0 * du * f32b,
-                y,
-                n,
-                d,
-                eps,
-                tpf,
-                e0(0),
-                e0(1),
-                6 * d,
-                m(0),
-                m(1),
-            )?;
+            if li == 0 {
+                let nm = norm_before(&self.layers, &self.w, b, &dm, 0, f0);
+                ops::norm(g, b.x + r0 * du * f32b, y, n, d, eps, tpf, &nm)?;
+            }
             ops::gemm(
                 g,
                 y,
@@ -257,6 +315,7 @@ impl CudaBackend<'_> {
     /// Per run of rows: the output projection and gated residual of self-attention, then the
     /// cross-attention queries (norm3, q projection, RMSNorm).
     fn enqueue_cross_queries(&mut self, s: &Shape, li: usize) -> Result<()> {
+        let dm = self.dims();
         let Dims {
             d,
             nh,
@@ -268,7 +327,7 @@ impl CudaBackend<'_> {
             du,
             row,
             ..
-        } = self.dims();
+        } = dm;
         let b = &self.b;
         let ld = &self.layers[li];
         let round = self.copts.round_residual_bf16;
@@ -291,12 +350,16 @@ impl CudaBackend<'_> {
                 OutType::Bf16,
                 Epilogue::Bias,
             )?;
-            ops::gated_residual(g, xr, yr, n, d, tpf, e0(2), 6 * d, m(2))?;
-            if round {
-                ops::bias_activation(g, xr, NULL, 1, n * d, BC_ACT_ROUND_BF16, false)?;
-            }
-            // Cross-attention queries.
-            ops::layer_norm_affine(g, xr, yr, n, d, eps, ld.norm3_w, ld.norm3_b)?;
+            // Gated residual and norm3, then the cross-attention queries.
+            residual_then_norm(
+                g,
+                round,
+                &dm,
+                (xr, yr, yr),
+                n,
+                (e0(2), 6 * d, m(2)),
+                &Norm::affine(ld.norm3_w, ld.norm3_b),
+            )?;
             let qr = q + r0 * row;
             ops::gemm(
                 g,
@@ -333,20 +396,20 @@ impl CudaBackend<'_> {
     }
 
     /// Cross-attention to the prompts, then per run of rows its output projection and
-    /// residual, and the FFN with its gated residual.
+    /// residual, and the FFN with its gated residual, which ends with the next layer's (or the
+    /// head's) modulated LN in `y`.
     fn enqueue_cross_attention_ffn(&mut self, s: &Shape, li: usize) -> Result<()> {
+        let dm = self.dims();
         let Dims {
             d,
             nh,
             hd,
             ffn,
-            eps,
-            tpf,
             f32b,
             du,
             row,
             ..
-        } = self.dims();
+        } = dm;
         let b = &self.b;
         let ld = &self.layers[li];
         let round = self.copts.round_residual_bf16;
@@ -385,12 +448,16 @@ impl CudaBackend<'_> {
                 OutType::Bf16,
                 Epilogue::Bias,
             )?;
-            ops::gated_residual(g, xr, yr, n, d, tpf, NULL, 0, NULL)?;
-            if round {
-                ops::bias_activation(g, xr, NULL, 1, n * d, BC_ACT_ROUND_BF16, false)?;
-            }
-            // FFN.
-            ops::ln_modulate(g, xr, yr, n, d, eps, tpf, e0(3), e0(4), 6 * d, m(3), m(4))?;
+            // Residual (no gate) and the FFN's modulated LN, then the FFN.
+            residual_then_norm(
+                g,
+                round,
+                &dm,
+                (xr, yr, yr),
+                n,
+                (NULL, 0, NULL),
+                &Norm::modulate(e0(3), e0(4), 6 * d, m(3), m(4)),
+            )?;
             ops::gemm(
                 g,
                 yr,
@@ -415,20 +482,19 @@ impl CudaBackend<'_> {
                 OutType::Bf16,
                 Epilogue::Bias,
             )?;
-            ops::gated_residual(g, xr, yr, n, d, tpf, e0(5), 6 * d, m(5))?;
-            if round {
-                ops::bias_activation(g, xr, NULL, 1, n * d, BC_ACT_ROUND_BF16, false)?;
-            }
+            // Gated residual and the next layer's (or the head's) modulated LN.
+            let next = norm_before(&self.layers, &self.w, b, &dm, li + 1, f0);
+            residual_then_norm(g, round, &dm, (xr, yr, yr), n, (e0(5), 6 * d, m(5)), &next)?;
         }
         Ok(())
     }
 
-    /// The head and unpatchify of this device's rows into `flow`.
+    /// The head and unpatchify of this device's rows into `flow`. Its modulated LN is in `y`
+    /// already (the last layer's FFN residual wrote it), unless the model has no layers.
     pub(super) fn enqueue_head(&mut self, s: &Shape) -> Result<()> {
-        let c = self.model.config();
-        let (d, eps) = (c.dim, c.eps as f32);
+        let dm = self.dims();
+        let (d, eps, tpf) = (dm.d, dm.eps, dm.tpf);
         let (h, w) = (self.opts.height, self.opts.width);
-        let tpf = (h / 2) * (w / 2);
         let flen = (CHANNELS * h * w) as u64;
         let b = &self.b;
         let g = &mut self.gpu;
@@ -436,22 +502,10 @@ impl CudaBackend<'_> {
         for &(r0, n, f0, nf) in &s.ranges {
             let (r0, f0) = (r0 as u64, f0 as u64);
             let (xr, yr, hr) = (b.x + r0 * du * 4, b.y + r0 * du * 2, b.head + r0 * 64 * 2);
-            let er = b.e + f0 * du * 4;
-            // Head: shift = m0 + e, scale = m1 + e.
-            ops::ln_modulate(
-                g,
-                xr,
-                yr,
-                n,
-                d,
-                eps,
-                tpf,
-                er,
-                er,
-                d,
-                self.w.head_mod,
-                self.w.head_mod + (d * 4) as u64,
-            )?;
+            if self.layers.is_empty() {
+                let nm = norm_before(&self.layers, &self.w, b, &dm, 0, f0);
+                ops::norm(g, xr, yr, n, d, eps, tpf, &nm)?;
+            }
             ops::gemm(
                 g,
                 yr,

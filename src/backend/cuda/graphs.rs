@@ -4,6 +4,22 @@
 use super::device::Graph;
 use super::CudaBackend;
 use crate::Result;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+static CAPTURE_FAILURES: AtomicUsize = AtomicUsize::new(0);
+static LAST_CAPTURE_FAILURE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Graph captures that failed in this process (the session then ran eagerly), and the last
+/// failure's error: what the GPU bundle's summary prints (`BC_CUDA_VERBOSE` also prints each
+/// one as it happens).
+pub fn graph_capture_failures() -> (usize, Option<String>) {
+    let last = LAST_CAPTURE_FAILURE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    (CAPTURE_FAILURES.load(Ordering::Relaxed), last)
+}
 
 /// What a captured graph depends on besides device-memory contents: per member (frames,
 /// context), and the member runs that share a prompt in cross-attention.
@@ -69,6 +85,10 @@ impl CudaBackend<'_> {
                     }
                     Err(err) => {
                         self.gpu.abort_capture();
+                        CAPTURE_FAILURES.fetch_add(1, Ordering::Relaxed);
+                        *LAST_CAPTURE_FAILURE
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
                         if std::env::var_os("BC_CUDA_VERBOSE").is_some() {
                             eprintln!("CUDA graph capture failed, running eagerly: {err}");
                         }

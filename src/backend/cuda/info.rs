@@ -2,17 +2,20 @@
 //! be loaded, the devices, peer access and the links between them. Nothing here opens a
 //! device for compute.
 
-pub use super::device::{list_devices, probe, DeviceInfo, ProbeInfo};
+pub use super::device::{
+    cublaslt_present, libraries_report, list_devices, probe, probe_driver, DeviceInfo, ProbeInfo,
+};
 pub use super::nvml::{LinkKind, Nvml};
 use crate::Result;
 
-/// A report of the CUDA devices, one line each (name, memory, compute capability, PCI bus,
-/// active NVLinks from NVML when the driver has it), then peer access (`cuDeviceCanAccessPeer`)
-/// and the link type between every ordered pair. What `blockcascade info --devices` prints.
+/// A report of the CUDA libraries loaded and their versions ([`libraries_report`]), then the
+/// devices, one line each (name, memory, compute capability, PCI bus, active NVLinks from NVML
+/// when the driver has it), then peer access (`cuDeviceCanAccessPeer`) and the link type
+/// between every ordered pair. What `blockcascade info --devices` prints.
 pub fn devices_report() -> Result<String> {
     let (devs, peer) = list_devices()?;
     let nvml = Nvml::load();
-    let mut out = Vec::new();
+    let mut out = libraries_report();
     for d in &devs {
         let nvlinks = match &nvml {
             Ok(n) => match n.active_nvlinks(&d.pci_bus_id) {

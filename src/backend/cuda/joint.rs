@@ -192,7 +192,7 @@ impl MultiCudaBackend<'_> {
         let (mut shapes, mut keys) = (Vec::with_capacity(nd), Vec::with_capacity(nd));
         for (dev, own) in self.devs.iter_mut().zip(placement) {
             dev.gpu.bind()?;
-            let (s, k) = dev.prepare(members, Some(own), None)?;
+            let (s, k) = dev.prepare(members, Some(own), None, None)?;
             shapes.push(s);
             keys.push(k);
         }

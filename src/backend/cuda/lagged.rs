@@ -53,7 +53,7 @@ impl MultiCudaBackend<'_> {
                 prev_row: &prev_row,
                 prev_kv: &lag.gens[di][prv],
             };
-            let (s, k) = dev.prepare(members, Some(own), Some(&view))?;
+            let (s, k) = dev.prepare(members, Some(own), Some(&view), None)?;
             shapes.push(s);
             keys.push(k);
         }

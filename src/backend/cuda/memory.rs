@@ -112,6 +112,11 @@ impl RunPlan {
         buffers.extend([
             ("lat", a, f4 * mf * u(s.flen)),
             ("flow", a, f4 * mf * u(s.flen)),
+            // The denoising state on the device: one latent slot per window member, the
+            // renoise, the per-frame sigmas of the flow step (`resident.rs`).
+            ("lat_slots", a, f4 * mf * u(s.flen)),
+            ("step_noise", a, f4 * mf * u(s.flen)),
+            ("step_sigma", a, f4 * mf * 2),
             ("patches", a, bf * n * 64),
             ("x", a, f4 * n * d),
             ("y", a, bf * n * d),

@@ -43,15 +43,17 @@ pub mod nvtx;
 pub mod ops;
 mod options;
 mod prompt_kv;
+mod resident;
 mod single;
 mod tables;
 mod weight_cache;
 
 pub use device::{graph_replays, peer_copy_bytes};
-pub use graphs::ShapeKey;
+pub use graphs::{graph_capture_failures, ShapeKey};
 pub use joint::MultiCudaBackend;
 use options::OVERRIDE;
 pub use options::{set_session_options, CudaOptions};
+pub use resident::device_flow_steps;
 pub use single::CudaBackend;
 pub use weight_cache::{cached_weight_sets, evict_model, weight_uploads};
 

@@ -104,6 +104,134 @@ pub fn gated_residual(
     )
 }
 
+/// A LayerNorm of the residual stream as the layer applies it: modulated
+/// (`LN * (1 + scale) + shift`, [`ln_modulate`]) or affine (`LN * weight + bias`,
+/// [`layer_norm_affine`]). What [`norm`] and [`residual_norm`] apply.
+#[derive(Clone, Copy, Debug)]
+pub struct Norm {
+    /// Per-frame shift (affine: the bias).
+    pub shift: DevPtr,
+    /// Per-frame scale (affine: the weight).
+    pub scale: DevPtr,
+    /// Frame stride of `shift`/`scale` in elements (affine: 0).
+    pub stride: usize,
+    /// Optional `[dim]` added to every frame's shift ([`NULL`]: none).
+    pub shift_bias: DevPtr,
+    /// Optional `[dim]` added to every frame's scale ([`NULL`]: none).
+    pub scale_bias: DevPtr,
+    /// Affine LayerNorm instead of the modulation.
+    pub affine: bool,
+}
+
+impl Norm {
+    /// The modulation `LN * (1 + scale + scale_bias) + shift + shift_bias`.
+    pub fn modulate(
+        shift: DevPtr,
+        scale: DevPtr,
+        stride: usize,
+        shift_bias: DevPtr,
+        scale_bias: DevPtr,
+    ) -> Norm {
+        Norm {
+            shift,
+            scale,
+            stride,
+            shift_bias,
+            scale_bias,
+            affine: false,
+        }
+    }
+
+    /// The affine LayerNorm `LN * weight + bias`.
+    pub fn affine(weight: DevPtr, bias: DevPtr) -> Norm {
+        Norm {
+            shift: bias,
+            scale: weight,
+            stride: 0,
+            shift_bias: NULL,
+            scale_bias: NULL,
+            affine: true,
+        }
+    }
+}
+
+/// The LayerNorm `n` of `x` (f32 `[rows, dim]`) into `out` (bf16): [`ln_modulate`] or
+/// [`layer_norm_affine`].
+pub fn norm(
+    g: &Gpu,
+    x: DevPtr,
+    out: DevPtr,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    tpf: usize,
+    n: &Norm,
+) -> Result<()> {
+    if n.affine {
+        layer_norm_affine(g, x, out, rows, dim, eps, n.scale, n.shift)
+    } else {
+        ln_modulate(
+            g,
+            x,
+            out,
+            rows,
+            dim,
+            eps,
+            tpf,
+            n.shift,
+            n.scale,
+            n.stride,
+            n.shift_bias,
+            n.scale_bias,
+        )
+    }
+}
+
+/// `bc_residual_norm` (`cuda/norm.cu`): the gated residual `x += delta * (gate + gate_bias)`
+/// ([`gated_residual`]; `gate` [`NULL`]: none) and the LayerNorm `n` of the updated rows into
+/// `out`, in one pass over the f32 residual (bit-identical to [`gated_residual`] then
+/// [`norm`], which is what runs for rows longer than `BC_RESNORM_MAX_DIM`).
+pub fn residual_norm(
+    g: &Gpu,
+    x: DevPtr,
+    delta: DevPtr,
+    out: DevPtr,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    tpf: usize,
+    gate: DevPtr,
+    gate_stride: usize,
+    gate_bias: DevPtr,
+    n: &Norm,
+) -> Result<()> {
+    if dim > BC_RESNORM_MAX_DIM as usize {
+        gated_residual(g, x, delta, rows, dim, tpf, gate, gate_stride, gate_bias)?;
+        return norm(g, x, out, rows, dim, eps, tpf, n);
+    }
+    run(
+        g,
+        launch::residual_norm(
+            pm(x),
+            p(delta),
+            pm(out),
+            rows,
+            dim,
+            eps,
+            tpf,
+            p(gate),
+            gate_stride,
+            p(gate_bias),
+            p(n.shift),
+            p(n.scale),
+            n.stride,
+            p(n.shift_bias),
+            p(n.scale_bias),
+            n.affine,
+        ),
+    )
+}
+
 /// Arguments of [`qk_norm_rope`].
 #[derive(Clone, Copy, Debug)]
 pub struct QkArgs {

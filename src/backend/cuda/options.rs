@@ -56,6 +56,11 @@ pub struct CudaOptions {
     /// the peer copies of one layer overlap the next layer's compute (default; off: single
     /// buffering, each device waits for its outgoing copies before its next layer).
     pub double_kv: bool,
+    /// One device: the latents of the blocks being denoised stay on the device (flow step and
+    /// renoise there, only finished blocks are downloaded); off (`BC_HOST_LATENTS=1`): the
+    /// flows come back every tick and the executor steps on the host, as the CPU backend does.
+    /// Both give the same bits. Several devices always step on the host.
+    pub device_latents: bool,
 }
 
 impl Default for CudaOptions {
@@ -72,6 +77,7 @@ impl Default for CudaOptions {
             round_residual_bf16: false,
             attention_tile: None,
             double_kv: true,
+            device_latents: true,
         }
     }
 }
@@ -79,7 +85,7 @@ impl Default for CudaOptions {
 impl CudaOptions {
     /// Defaults overridden by `BC_CUDA_DEVICE`, `BC_NO_GRAPHS=1`, `BC_CUDA_CACHE_FRAMES`,
     /// `BC_CUDA_EMULATE=1`, `BC_NO_GEMM_EPILOGUE=1`, `BC_NO_GELU_EPILOGUE=1`,
-    /// `BC_HOST_PROMPT_CONTEXT=1`.
+    /// `BC_HOST_PROMPT_CONTEXT=1`, `BC_HOST_LATENTS=1`.
     pub fn from_env() -> Self {
         let mut o = CudaOptions::default();
         let num = |k: &str| {
@@ -107,6 +113,9 @@ impl CudaOptions {
         }
         if device::env_flag("BC_NO_GELU_EPILOGUE") {
             o.fuse_gelu = false;
+        }
+        if device::env_flag("BC_HOST_LATENTS") {
+            o.device_latents = false;
         }
         // An unknown value is an error at open (`env_attention_tile`).
         o.attention_tile = env_attention_tile().ok().flatten();

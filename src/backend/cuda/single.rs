@@ -10,7 +10,7 @@ use super::weight_cache::{
     Resident, WEIGHT_UPLOADS,
 };
 use super::{attention_tune, memory, nvtx, tables, CudaOptions};
-use crate::backend::Backend;
+use crate::backend::{Backend, FlowStep};
 use crate::config::GenerateOptions;
 use crate::kernels::launch::AttentionTile;
 use crate::kv_cache::KvCache;
@@ -24,6 +24,12 @@ use std::sync::atomic::Ordering;
 pub(super) struct Bufs {
     pub(super) lat: DevPtr,
     pub(super) flow: DevPtr,
+    /// `max_members` latent slots of one block each ([`super::resident`]).
+    pub(super) lat_slots: DevPtr,
+    /// Renoise `[max_frames, flen]` and sigma / next sigma `[2, max_frames]` of the device
+    /// flow step.
+    pub(super) step_noise: DevPtr,
+    pub(super) step_sigma: DevPtr,
     pub(super) patches: DevPtr,
     pub(super) x: DevPtr,
     pub(super) y: DevPtr,
@@ -83,6 +89,8 @@ pub struct CudaBackend<'m> {
     pub(super) attn_auto: Option<attention_tune::AutoTile>,
     /// The window K/V buffers of odd layers when double-buffered ([`Self::kv_bufs`]).
     pub(super) kv_odd: Option<(DevPtr, DevPtr)>,
+    /// The latents of the blocks being denoised, on the device ([`CudaOptions::device_latents`]).
+    pub(super) res: super::resident::Resident,
 }
 
 impl<'m> CudaBackend<'m> {
@@ -170,6 +178,11 @@ impl<'m> CudaBackend<'m> {
             })
             .collect();
         let (attn_tile, attn_auto) = attention_tile_choice(&gpu, &copts, ordinal)?;
+        let res = super::resident::Resident::new(
+            b.lat_slots,
+            sz.max_members,
+            opts.block_frames * sz.flen * 4,
+        );
         let cb = sz.slots * sz.tpf * d * 2;
         for &(k, v) in &caches {
             gpu.memset(k, 0, cb)?;
@@ -201,6 +214,7 @@ impl<'m> CudaBackend<'m> {
             attn_tune: None,
             attn_auto,
             kv_odd: None,
+            res,
         })
     }
 
@@ -310,9 +324,15 @@ impl<'m> CudaBackend<'m> {
         Ok(out)
     }
 
-    pub(super) fn run(&mut self, members: &[Member]) -> Result<Vec<Vec<f32>>> {
+    /// One forward over `members` on this device (latents uploaded, or with `held` gathered
+    /// from the device's latent slots, see [`Self::load_latents`]); the flows stay in `flow`.
+    pub(super) fn forward_window(
+        &mut self,
+        members: &[Member],
+        held: Option<&[usize]>,
+    ) -> Result<Shape> {
         self.gpu.bind()?;
-        let (shape, key) = self.prepare(members, None, None)?;
+        let (shape, key) = self.prepare(members, None, None, held)?;
         self.launch(
             GraphKey {
                 shape: key,
@@ -320,11 +340,16 @@ impl<'m> CudaBackend<'m> {
             },
             &|b: &mut Self| b.enqueue(&shape),
         )?;
+        self.ticks += 1;
+        Ok(shape)
+    }
+
+    pub(super) fn run(&mut self, members: &[Member]) -> Result<Vec<Vec<f32>>> {
+        let shape = self.forward_window(members, None)?;
         let flen = CHANNELS * self.opts.height * self.opts.width;
         let nf: usize = shape.frames.iter().sum();
         let mut flow = vec![0f32; nf * flen];
         self.gpu.download(&mut flow, self.b.flow)?;
-        self.ticks += 1;
         let (fr0, frames) = (&shape.fr0, &shape.frames);
         Ok(members
             .iter()
@@ -398,6 +423,28 @@ impl Backend for CudaBackend<'_> {
     fn cache_bytes(&self) -> usize {
         self.cache_bytes
     }
+
+    fn keeps_latents(&self) -> bool {
+        self.copts.device_latents
+    }
+
+    fn forward_resident(
+        &mut self,
+        members: &[Member],
+        blocks: &[usize],
+        tick: usize,
+    ) -> Result<()> {
+        let _r = nvtx::range(|| nvtx::tick_label(tick, members));
+        self.forward_held(members, blocks)
+    }
+
+    fn step_resident(&mut self, steps: &[Option<FlowStep>]) -> Result<Vec<Option<Vec<f32>>>> {
+        self.step_held(steps)
+    }
+
+    fn release_latents(&mut self, block: usize) {
+        self.release_held(block)
+    }
 }
 
 impl Drop for CudaBackend<'_> {
@@ -451,6 +498,9 @@ impl Bufs {
         let b = Bufs {
             lat: get("lat")?,
             flow: get("flow")?,
+            lat_slots: get("lat_slots")?,
+            step_noise: get("step_noise")?,
+            step_sigma: get("step_sigma")?,
             patches: get("patches")?,
             x: get("x")?,
             y: get("y")?,

@@ -6,7 +6,7 @@ use super::device::DevPtr;
 use super::{CudaBackend, ShapeKey};
 use crate::kernels::params::{BcAttnGroup, BcKvSegment};
 use crate::kv_cache::KvCache;
-use crate::model::{Member, CHANNELS};
+use crate::model::Member;
 use crate::window;
 use crate::{Error, Result};
 
@@ -68,11 +68,14 @@ impl CudaBackend<'_> {
     /// the cache writes cover every member, the attention groups and row ranges only `own`.
     /// `lag`: lagged exchange (members of peers are read from the previous tick's K/V, or
     /// not attended to; only this device's context members are written to its cache).
+    /// `held`: the block of every member, whose latents the device holds
+    /// ([`CudaBackend::load_latents`]); `None`: every member's latents are uploaded.
     pub(super) fn prepare(
         &mut self,
         members: &[Member],
         own: Option<&[usize]>,
         lag: Option<&LagView>,
+        held: Option<&[usize]>,
     ) -> Result<(Shape, ShapeKey)> {
         let own: Vec<bool> = match own {
             None => vec![true; members.len()],
@@ -118,34 +121,32 @@ impl CudaBackend<'_> {
         }
         .build()?;
         // Per-tick conditioning: latents and time embeddings (host-cached per timestep).
-        let flen = CHANNELS * h * w;
         let d = c.dim;
-        let mut lat = Vec::with_capacity(nf * flen);
         let mut e = Vec::with_capacity(nf * d);
         let mut e0 = Vec::with_capacity(nf * 6 * d);
         for (i, m) in members.iter().enumerate() {
-            lat.extend_from_slice(m.latents);
             let (ei, e0i) = self.time_embedding(m.timestep);
             for _ in 0..geom[i].frames {
                 e.extend_from_slice(&ei);
                 e0.extend_from_slice(&e0i);
             }
         }
+        self.load_latents(members, held)?;
         let g = &self.gpu;
         let t = &tables;
-        g.upload(self.b.lat, &lat)?;
-        g.upload(self.b.e, &e)?;
-        g.upload(self.b.e0, &e0)?;
-        g.upload(self.b.frame_pos, &t.pos)?;
-        g.upload(self.b.frame_slot, &t.slot)?;
-        g.upload(self.b.sa_segs, &t.seg_tab)?;
-        g.upload(self.b.sa_index, &t.index)?;
-        g.upload(self.b.sa_groups, &t.groups)?;
-        g.upload(self.b.ca_segs, &t.ca_tab)?;
-        g.upload(self.b.ca_index, &t.ca_index)?;
-        g.upload(self.b.ca_groups, &t.ca_groups)?;
-        // The uploads read host vectors that end here.
-        self.gpu.sync()?;
+        g.upload_staged(self.b.e, &e)?;
+        g.upload_staged(self.b.e0, &e0)?;
+        g.upload_staged(self.b.frame_pos, &t.pos)?;
+        g.upload_staged(self.b.frame_slot, &t.slot)?;
+        g.upload_staged(self.b.sa_segs, &t.seg_tab)?;
+        g.upload_staged(self.b.sa_index, &t.index)?;
+        g.upload_staged(self.b.sa_groups, &t.groups)?;
+        g.upload_staged(self.b.ca_segs, &t.ca_tab)?;
+        g.upload_staged(self.b.ca_index, &t.ca_index)?;
+        g.upload_staged(self.b.ca_groups, &t.ca_groups)?;
+        // Pinned staging: the host vectors may end now; the next tick's uploads wait for an
+        // event, not for the stream.
+        self.gpu.end_staged()?;
         self.tune_attention(&tables)?;
         Ok((tables.shape, tables.key))
     }

@@ -28,6 +28,12 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_residual_norm(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_qk_norm_rope(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -164,6 +170,7 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::LnModulate => bc_emu_bc_ln_modulate,
         Kernel::LayerNormAffine => bc_emu_bc_layer_norm_affine,
         Kernel::GatedResidual => bc_emu_bc_gated_residual,
+        Kernel::ResidualNorm => bc_emu_bc_residual_norm,
         Kernel::QkNormRope => bc_emu_bc_qk_norm_rope,
         Kernel::AttentionHd64 => bc_emu_bc_attention_hd64,
         Kernel::AttentionHd128 => bc_emu_bc_attention_hd128,

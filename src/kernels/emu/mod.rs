@@ -189,6 +189,78 @@ pub fn gated_residual(
     ))
 }
 
+/// The LayerNorm [`residual_norm`] applies after the residual add.
+#[derive(Clone, Copy, Debug)]
+pub struct NormMod<'a> {
+    /// Per-frame shift `[frames, stride]` (the bias of an affine LayerNorm, `stride` 0).
+    pub shift: &'a [f32],
+    /// Per-frame scale `[frames, stride]` (the weight of an affine LayerNorm, `stride` 0).
+    pub scale: &'a [f32],
+    /// Frame stride of `shift` and `scale` (0: the same vector for every frame).
+    pub stride: usize,
+    /// Optional `[dim]` added to every frame's shift.
+    pub shift_bias: Option<&'a [f32]>,
+    /// Optional `[dim]` added to every frame's scale.
+    pub scale_bias: Option<&'a [f32]>,
+    /// `LN * scale + shift` (affine) instead of `LN * (1 + scale) + shift` (modulation).
+    pub affine: bool,
+}
+
+/// `bc_residual_norm` (`cuda/norm.cu`): [`gated_residual`] on `x`, then the LayerNorm `norm`
+/// of the updated rows into `out` `[rows, dim]` bf16 (as [`ln_modulate`] or, affine, as
+/// [`layer_norm_affine`]), in one pass.
+pub fn residual_norm(
+    x: &mut [f32],
+    delta: &[bf16],
+    dim: usize,
+    eps: f32,
+    tokens_per_frame: usize,
+    gate: Option<(&[f32], usize)>,
+    gate_bias: Option<&[f32]>,
+    norm: &NormMod,
+    out: &mut [bf16],
+) -> LaunchResult {
+    let k = Kernel::ResidualNorm;
+    let rows = frame_rows(k, x.len(), dim, tokens_per_frame)?;
+    check_len(k, "delta", delta.len(), rows * dim)?;
+    check_len(k, "out", out.len(), rows * dim)?;
+    let (gate_ptr, gate_stride) = match gate {
+        Some((g, fs)) => {
+            let need = frame_table_len(rows, tokens_per_frame, fs, dim);
+            check_len(k, "gate", g.len(), need)?;
+            (g.as_ptr(), fs)
+        }
+        None => (std::ptr::null(), 0),
+    };
+    let need = frame_table_len(rows, tokens_per_frame, norm.stride, dim);
+    check_len(k, "shift", norm.shift.len(), need)?;
+    check_len(k, "scale", norm.scale.len(), need)?;
+    for b in [gate_bias, norm.shift_bias, norm.scale_bias]
+        .into_iter()
+        .flatten()
+    {
+        check_len(k, "bias", b.len(), dim)?;
+    }
+    run(launch::residual_norm(
+        x.as_mut_ptr(),
+        delta.as_ptr().cast(),
+        out.as_mut_ptr().cast(),
+        rows,
+        dim,
+        eps,
+        tokens_per_frame,
+        gate_ptr,
+        gate_stride,
+        opt_ptr(gate_bias),
+        norm.shift.as_ptr(),
+        norm.scale.as_ptr(),
+        norm.stride,
+        opt_ptr(norm.shift_bias),
+        opt_ptr(norm.scale_bias),
+        norm.affine,
+    ))
+}
+
 /// Arguments of [`qk_norm_rope`] besides the data.
 #[derive(Clone, Copy, Debug)]
 pub struct QkNormRope<'a> {

@@ -2,7 +2,7 @@
 //! fatbin, a cuBLASLt handle and workspace, raw device buffers and kernel launches.
 
 use super::gemm::{destroy_plan, GemmPlan, GEMM_WORKSPACE};
-use super::probe::probe;
+use super::probe::{cublaslt_present, probe, probe_driver};
 use crate::backend::cuda::dev_types::{DevPtr, Epilogue, OutType};
 use crate::kernels::{self, Kernel};
 use crate::{Error, Result};
@@ -32,12 +32,16 @@ pub(super) struct DriverDevice {
     pub(super) copy_stream: sys::CUstream,
     module: sys::CUmodule,
     funcs: HashMap<&'static str, sys::CUfunction>,
+    /// Null when the device was opened for kernels only without cuBLASLt
+    /// ([`DriverDevice::open`] with `need_gemm = false`): every GEMM is then an error.
     pub(super) lt: ltsys::cublasLtHandle_t,
     pub(super) workspace: DevPtr,
     /// cuBLASLt plans by (rows, inp, out, output type, fused epilogue); `None`: cuBLASLt has
     /// no algorithm for that epilogue (the bias / GELU then run as a kernel).
     pub(super) plans: HashMap<(usize, usize, usize, OutType, Epilogue), Option<GemmPlan>>,
     allocs: Vec<DevPtr>,
+    /// Pinned memory the per-tick uploads go through ([`DriverDevice::upload_staged`]).
+    pub(super) staging: Box<std::cell::RefCell<super::staging::Staging>>,
 }
 
 // SAFETY: a `DriverDevice` owns its handles (retained primary context, streams, module,
@@ -51,11 +55,12 @@ unsafe impl Send for DriverDevice {}
 
 impl DriverDevice {
     /// Opens device `ordinal`: probes, creates the context and streams, loads the fatbin.
-    /// Returns the device and its name.
-    pub(super) fn open(ordinal: usize) -> Result<(DriverDevice, String)> {
+    /// Returns the device and its name. `need_gemm`: cuBLASLt must load (else it is used when
+    /// present, and GEMMs fail cleanly without it: kernels alone do not need it).
+    pub(super) fn open(ordinal: usize, need_gemm: bool) -> Result<(DriverDevice, String)> {
         let fatbin =
             kernels::fatbin().ok_or_else(|| Error::Unsupported(kernels::NOT_BUILT.into()))?;
-        let info = probe()?;
+        let info = if need_gemm { probe()? } else { probe_driver()? };
         if ordinal >= info.devices {
             return Err(Error::Device(format!(
                 "device {ordinal} requested but only {} CUDA device(s) found",
@@ -80,6 +85,7 @@ impl DriverDevice {
             workspace: 0,
             plans: HashMap::new(),
             allocs: Vec::new(),
+            staging: Default::default(),
         };
         // SAFETY: ctx was just retained.
         unsafe { drv::ctx::set_current(ctx) }.map_err(dev_err("cuCtxSetCurrent"))?;
@@ -88,8 +94,11 @@ impl DriverDevice {
         d.stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
             .map_err(dev_err("cuStreamCreate"))?;
         d.load_kernels(fatbin)?;
-        d.lt = lt::create_handle().map_err(lt_err("cublasLtCreate"))?;
-        d.workspace = d.alloc(GEMM_WORKSPACE)?;
+        // cudarc panics when it cannot load cuBLASLt: create the handle only when it loads.
+        if need_gemm || cublaslt_present() {
+            d.lt = lt::create_handle().map_err(lt_err("cublasLtCreate"))?;
+            d.workspace = d.alloc(GEMM_WORKSPACE)?;
+        }
         Ok((d, name))
     }
 
@@ -147,6 +156,22 @@ impl DriverDevice {
     pub(super) fn bind(&self) -> Result<()> {
         // SAFETY: ctx is retained for the lifetime of self.
         unsafe { drv::ctx::set_current(self.ctx) }.map_err(dev_err("cuCtxSetCurrent"))
+    }
+
+    /// Debug builds: panics unless this device's context is current on the calling thread.
+    /// Launches and GEMMs go to this device's streams, which belong to its context: with
+    /// another context current (several devices driven from one thread, a device used on a
+    /// thread that never bound it) the driver refuses them or, worse, resolves pointers in the
+    /// wrong context. Every launch and GEMM checks this first; release builds skip it.
+    pub(super) fn debug_assert_current(&self, what: &str) {
+        if cfg!(debug_assertions) {
+            let cur = drv::ctx::get_current().ok().flatten();
+            assert!(
+                cur == Some(self.ctx),
+                "{what} on device {} while another CUDA context ({cur:?}) is current: bind() first",
+                self.dev
+            );
+        }
     }
 
     /// (free, total) device memory in bytes.
@@ -225,6 +250,7 @@ impl DriverDevice {
         block: u32,
         p: &P,
     ) -> Result<()> {
+        self.debug_assert_current(kernel.name());
         let f = *self
             .funcs
             .get(kernel.name())
@@ -265,6 +291,7 @@ impl Drop for DriverDevice {
                     let _ = drv::stream::synchronize(s);
                 }
             }
+            self.staging.get_mut().free();
             for (_, p) in self.plans.drain() {
                 if let Some(p) = p {
                     destroy_plan(&p);

@@ -7,6 +7,9 @@ use cudarc::cublaslt::{result as lt, sys as ltsys};
 use std::ffi::c_void;
 
 pub(super) struct GemmPlan {
+    /// Whether a `cublasLtMatmul` with this plan succeeded (the first one runs eagerly, in the
+    /// warm-up; a fused plan whose first run fails is dropped, see `DriverDevice::gemm`).
+    ran: bool,
     desc: ltsys::cublasLtMatmulDesc_t,
     a: ltsys::cublasLtMatrixLayout_t,
     b: ltsys::cublasLtMatrixLayout_t,
@@ -44,23 +47,63 @@ pub fn unfused_gemm_shapes() -> usize {
     UNFUSED_GEMM_SHAPES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The next epilogue to try when `ep` cannot be fused: GELU+bias, then bias, then none.
+fn less_fused(ep: Epilogue) -> Epilogue {
+    match ep {
+        Epilogue::GeluBias => Epilogue::Bias,
+        _ => Epilogue::None,
+    }
+}
+
 impl DriverDevice {
     /// `a` with as much of its epilogue (`a.ep`: bias, GELU) fused into cuBLASLt's as it has
     /// an algorithm for: without one for GELU+bias, bias alone, then a plain GEMM. Returns the
     /// epilogue that ran. A shape whose fused plan fails is remembered (counted in
     /// [`unfused_gemm_shapes`]); plans are made on the first call of a shape, which is always
-    /// an eager warm-up launch, never inside a graph capture.
+    /// an eager warm-up launch, never inside a graph capture. A fused plan whose first
+    /// `cublasLtMatmul` fails (cuBLASLt planned what it then refuses to run) is dropped the
+    /// same way and the call falls back to less fusion: a fused plan that ran once is kept.
     pub(super) fn gemm(&mut self, a: GemmArgs) -> Result<Epilogue> {
-        let mut fused = a.ep;
-        while fused != Epilogue::None && self.plan_for(a.rows, a.inp, a.out, a.ty, fused)?.is_none()
-        {
-            fused = match fused {
-                Epilogue::GeluBias => Epilogue::Bias,
-                _ => Epilogue::None,
-            };
+        if self.lt.is_null() {
+            return Err(Error::Device(
+                "cuBLASLt was not loaded (device opened for kernels only): GEMMs need libcublasLt.so.13".into(),
+            ));
         }
-        self.matmul(GemmArgs { ep: fused, ..a }.bias_if_used())?;
-        Ok(fused)
+        self.debug_assert_current("cublasLtMatmul");
+        let mut fused = a.ep;
+        loop {
+            while fused != Epilogue::None
+                && self.plan_for(a.rows, a.inp, a.out, a.ty, fused)?.is_none()
+            {
+                fused = less_fused(fused);
+            }
+            let key = (a.rows, a.inp, a.out, a.ty, fused);
+            let first = self
+                .plans
+                .get(&key)
+                .and_then(Option::as_ref)
+                .is_some_and(|p| !p.ran);
+            match self.matmul(GemmArgs { ep: fused, ..a }.bias_if_used()) {
+                Ok(()) => {
+                    if let Some(Some(p)) = self.plans.get_mut(&key) {
+                        p.ran = true;
+                    }
+                    return Ok(fused);
+                }
+                // The warm-up call of a fused plan: drop the plan, run with less fusion.
+                Err(e) if first && fused != Epilogue::None => {
+                    if let Some(Some(p)) = self.plans.insert(key, None) {
+                        destroy_plan(&p);
+                    }
+                    UNFUSED_GEMM_SHAPES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if std::env::var_os("BC_CUDA_VERBOSE").is_some() {
+                        eprintln!("{e}; running the epilogue as a kernel");
+                    }
+                    fused = less_fused(fused);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The plan of a GEMM shape with a fused epilogue (made on first use; `None` when
@@ -174,6 +217,7 @@ impl DriverDevice {
         // From here on the handles are owned by `plan` and destroyed by `destroy_plan` on
         // every error path.
         let mut plan = GemmPlan {
+            ran: false,
             desc,
             a: std::ptr::null_mut(),
             b: std::ptr::null_mut(),

@@ -27,13 +27,46 @@ mod driver;
 mod gemm;
 mod graph;
 mod probe;
+mod staging;
 mod streams;
 
 pub use super::dev_types::{DevPtr, Epilogue, GemmArgs, OutType};
 pub use gemm::{unfused_gemm_shapes, GEMM_WORKSPACE};
 pub use graph::graph_replays;
-pub use probe::{list_devices, probe, DeviceInfo, ProbeInfo};
+pub use probe::{
+    cublaslt_present, libraries_report, list_devices, probe, probe_driver, DeviceInfo, ProbeInfo,
+};
 pub use streams::peer_copy_bytes;
+
+static STAGED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static DOWNLOAD_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static DOWNLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SYNCS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Host traffic of every device in this process, what the denoising state on the device saves
+/// (measured in `tests/cuda_emulated.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostTraffic {
+    /// Bytes of per-tick uploads ([`Gpu::upload_staged`]).
+    pub staged_bytes: usize,
+    /// Bytes of [`Gpu::download`]s.
+    pub download_bytes: usize,
+    /// [`Gpu::download`]s (each waits for the stream).
+    pub downloads: usize,
+    /// [`Gpu::sync`]s (opening, weight and prompt uploads, ...).
+    pub syncs: usize,
+}
+
+/// The [`HostTraffic`] so far.
+pub fn host_traffic() -> HostTraffic {
+    let l = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed);
+    HostTraffic {
+        staged_bytes: l(&STAGED_BYTES),
+        download_bytes: l(&DOWNLOAD_BYTES),
+        downloads: l(&DOWNLOADS),
+        syncs: l(&SYNCS),
+    }
+}
 
 /// Whether the environment variable `k` is set to something other than empty or `0` (how
 /// every `BC_*` switch is read).
@@ -125,10 +158,27 @@ impl Gpu {
         ))
     }
 
-    /// Opens GPU `ordinal`: probes, creates the context and streams, loads the fatbin.
+    /// Opens GPU `ordinal`: probes, creates the context and streams, loads the fatbin, opens
+    /// cuBLASLt (a clean error without it).
     pub fn open(ordinal: usize) -> Result<Gpu> {
-        let (d, name) = DriverDevice::open(ordinal)?;
+        let (d, name) = DriverDevice::open(ordinal, true)?;
         Ok(Self::with(name, Driver(d)))
+    }
+
+    /// [`Gpu::open`] for kernels: without cuBLASLt the device still opens and launches
+    /// kernels, and only [`Gpu::gemm_fused`] fails ([`Gpu::has_gemm`] says which). So the
+    /// kernel tests of the GPU bundle run where cuBLASLt is missing or broken.
+    pub fn open_kernels(ordinal: usize) -> Result<Gpu> {
+        let (d, name) = DriverDevice::open(ordinal, false)?;
+        Ok(Self::with(name, Driver(d)))
+    }
+
+    /// Whether GEMMs can run (cuBLASLt loaded; always on an emulated device).
+    pub fn has_gemm(&self) -> bool {
+        match &self.imp {
+            Driver(d) => !d.lt.is_null(),
+            Emulated(_) => true,
+        }
     }
 
     fn with(name: String, imp: DeviceImpl) -> Gpu {
@@ -192,11 +242,37 @@ impl Gpu {
         }
     }
 
+    /// [`Gpu::upload`] through pinned memory (on a GPU): `src` is copied before this returns,
+    /// so it may end right away, and the device copy runs asynchronously. A batch of these
+    /// ends with [`Gpu::end_staged`]; no host sync is needed between ticks.
+    pub fn upload_staged<T: Copy>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        STAGED_BYTES.fetch_add(std::mem::size_of_val(src), Ordering::Relaxed);
+        match &self.imp {
+            Driver(d) => d.upload_staged(dst, src),
+            // The emulated device copies the data when the upload is queued.
+            Emulated(e) => e.upload(dst, src),
+        }
+    }
+
+    /// Ends a batch of [`Gpu::upload_staged`] copies: an event that the next batch waits for
+    /// before it reuses the pinned memory.
+    pub fn end_staged(&self) -> Result<()> {
+        match &self.imp {
+            Driver(d) => d.end_staged(),
+            Emulated(_) => Ok(()),
+        }
+    }
+
     /// Copies device memory at `src` into `dst` and waits for it.
     pub fn download<T: Copy>(&self, dst: &mut [T], src: DevPtr) -> Result<()> {
         if dst.is_empty() {
             return Ok(());
         }
+        DOWNLOAD_BYTES.fetch_add(std::mem::size_of_val(dst), Ordering::Relaxed);
+        DOWNLOADS.fetch_add(1, Ordering::Relaxed);
         match &self.imp {
             Driver(d) => d.download(dst, src),
             Emulated(e) => e.download(dst, src),
@@ -385,6 +461,7 @@ impl Gpu {
 
     /// Waits for all work on the stream.
     pub fn sync(&self) -> Result<()> {
+        SYNCS.fetch_add(1, Ordering::Relaxed);
         match &self.imp {
             Driver(d) => d.sync(),
             Emulated(e) => e.sync(),

@@ -19,18 +19,31 @@ pub struct ProbeInfo {
 }
 
 /// Checks, without panicking, that libcuda and libcublasLt can be loaded, that the driver
-/// initialises and that there is at least one device; returns what was found.
+/// initialises and that there is at least one device; returns what was found. What the CUDA
+/// backend needs ([`probe_driver`] is enough for kernels alone).
 pub fn probe() -> Result<ProbeInfo> {
+    let info = probe_driver()?;
+    if !cublaslt_present() {
+        return Err(Error::Device(
+            "cuBLASLt not found (libcublasLt.so.13): install CUDA 13 or `pip install nvidia-cublas` and add its lib folder to LD_LIBRARY_PATH".into(),
+        ));
+    }
+    Ok(info)
+}
+
+/// Whether libcublasLt can be loaded (without panicking). Only GEMMs need it: kernels launch
+/// without it ([`super::Gpu::open_kernels`]).
+pub fn cublaslt_present() -> bool {
+    // SAFETY: only tries to dlopen the candidate library names.
+    unsafe { ltsys::is_culib_present() }
+}
+
+/// [`probe`] without cuBLASLt: libcuda loads, the driver initialises, a device exists.
+pub fn probe_driver() -> Result<ProbeInfo> {
     // SAFETY: only tries to dlopen the candidate library names.
     if !unsafe { sys::is_culib_present() } {
         return Err(Error::Device(
             "no CUDA driver found (libcuda.so): install the NVIDIA driver or add its folder to LD_LIBRARY_PATH".into(),
-        ));
-    }
-    // SAFETY: as above.
-    if !unsafe { ltsys::is_culib_present() } {
-        return Err(Error::Device(
-            "cuBLASLt not found (libcublasLt.so.13): install CUDA 13 or `pip install nvidia-cublas` and add its lib folder to LD_LIBRARY_PATH".into(),
         ));
     }
     drv::init().map_err(|e| Error::Device(format!("cuInit failed: {e}")))?;
@@ -65,6 +78,50 @@ pub fn probe() -> Result<ProbeInfo> {
     })
 }
 
+/// The CUDA libraries this process loaded: per library (libcuda, then cuBLASLt) a line with
+/// the file the loader mapped (from `/proc/self/maps`, after [`probe_driver`] and, when
+/// present, a cuBLASLt call have loaded them) and its version (`cuDriverGetVersion`,
+/// `cublasLtGetVersion`), or why it is missing. What the GPU bundle's summary shows, so that a
+/// run against the wrong cuBLASLt (not `.so.13`) is visible.
+pub fn libraries_report() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut driver = 0i32;
+    let cuda = match probe_driver() {
+        // SAFETY: an out pointer; the driver library is loaded (probe_driver succeeded).
+        Ok(_) => match unsafe { sys::cuDriverGetVersion(&mut driver) }.result() {
+            Ok(()) => format!("driver API {}.{}", driver / 1000, driver % 1000 / 10),
+            Err(e) => format!("cuDriverGetVersion failed: {e}"),
+        },
+        Err(e) => e.to_string(),
+    };
+    let lt = if cublaslt_present() {
+        // SAFETY: the library loads (checked above); a plain query without arguments.
+        let v = unsafe { ltsys::cublasLtGetVersion() };
+        format!("version {}.{}.{}", v / 10000, v % 10000 / 100, v % 100)
+    } else {
+        "not found: GEMMs and the backend need it, kernel tests run without it".into()
+    };
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    for (name, what, info) in [
+        ("libcuda", "libcuda.so", cuda),
+        ("cuBLASLt", "libcublasLt.so", lt),
+    ] {
+        let mut paths: Vec<&str> = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .filter(|p| p.rsplit('/').next().is_some_and(|f| f.starts_with(what)))
+            .collect();
+        paths.dedup();
+        let path = if paths.is_empty() {
+            "not loaded".to_string()
+        } else {
+            paths.join(", ")
+        };
+        out.push(format!("{name}: {path} ({info})"));
+    }
+    out
+}
+
 /// One CUDA device as [`list_devices`] reports it.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
@@ -83,7 +140,7 @@ pub struct DeviceInfo {
 /// Every CUDA device and, per ordered pair `(a, b)`, whether `a` can access `b`'s memory
 /// (`cuDeviceCanAccessPeer`; the diagonal is `true`). A clean error without a driver.
 pub fn list_devices() -> Result<(Vec<DeviceInfo>, Vec<Vec<bool>>)> {
-    let info = probe()?;
+    let info = probe_driver()?;
     let mut devs = Vec::with_capacity(info.devices);
     let mut handles = Vec::with_capacity(info.devices);
     for i in 0..info.devices {

@@ -17,7 +17,7 @@ pub fn peer_copy_bytes() -> usize {
 }
 
 /// A CUDA event, destroyed on drop: a stream mark or a timing event.
-pub(super) struct DriverEvent(sys::CUevent);
+pub(super) struct DriverEvent(pub(super) sys::CUevent);
 
 impl Drop for DriverEvent {
     fn drop(&mut self) {

@@ -1,0 +1,197 @@
+//! The denoising state on the device ([`Backend::keeps_latents`]): every block being denoised
+//! has a device buffer of its latents (a slot), filled from the host once, when the block
+//! first enters a window; each tick the window buffer `lat` is gathered from the slots
+//! (device-to-device copies), the forward leaves its flows on the device, and `bc_flow_step`
+//! steps and renoises every slot in place (`x0 = x - sigma v`, `x = (1 - sn) x0 + sn noise`),
+//! the same f32 arithmetic as the host step. Only the renoise goes up and only finished
+//! blocks come back; a final block's slot keeps its latents for its context pass, then
+//! returns to a pool.
+//!
+//! [`Backend::keeps_latents`]: crate::backend::Backend::keeps_latents
+
+use super::device::DevPtr;
+use super::ops::{self, NULL};
+use super::CudaBackend;
+use crate::backend::FlowStep;
+use crate::model::{Member, CHANNELS};
+use crate::{Error, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static DEVICE_FLOW_STEPS: AtomicUsize = AtomicUsize::new(0);
+
+/// Flow steps run on a device in this process (one per denoising member and tick with
+/// [`super::CudaOptions::device_latents`]): lets tests check that the latents stayed there.
+pub fn device_flow_steps() -> usize {
+    DEVICE_FLOW_STEPS.load(Ordering::Relaxed)
+}
+
+/// The latent slots: which block holds which, and the free ones.
+pub(super) struct Resident {
+    /// Block -> its latents on the device (`block_frames` frames).
+    slots: std::collections::HashMap<usize, DevPtr>,
+    /// Free slots (of the run's `lat_slots` buffer, one per window member).
+    pool: Vec<DevPtr>,
+    /// The members of the last resident forward: (block, first frame, frames).
+    last: Option<Vec<(usize, usize, usize)>>,
+}
+
+impl Resident {
+    /// `count` free slots of `bytes` each in the buffer at `base`.
+    pub(super) fn new(base: DevPtr, count: usize, bytes: usize) -> Self {
+        Resident {
+            slots: Default::default(),
+            pool: (0..count)
+                .rev()
+                .map(|i| base + (i * bytes) as u64)
+                .collect(),
+            last: None,
+        }
+    }
+}
+
+impl CudaBackend<'_> {
+    fn flen(&self) -> usize {
+        CHANNELS * self.opts.height * self.opts.width
+    }
+
+    /// The window's latents into `lat` (member by member, at their first frames): with `held`
+    /// (member i's block `held[i]`) from the block's slot, taking a slot and uploading the
+    /// member's latents into it when the block has none yet; without, uploaded from the host.
+    pub(super) fn load_latents(
+        &mut self,
+        members: &[Member],
+        held: Option<&[usize]>,
+    ) -> Result<()> {
+        let flen = self.flen();
+        let mut frame = 0usize;
+        for (i, m) in members.iter().enumerate() {
+            let dst = self.b.lat + (frame * flen * 4) as u64;
+            frame += m.latents.len() / flen;
+            let Some(block) = held.map(|h| h[i]) else {
+                self.gpu.upload_staged(dst, m.latents)?;
+                continue;
+            };
+            let slot = match self.res.slots.get(&block) {
+                Some(&s) => s,
+                None => {
+                    let s = self.take_slot(m.latents.len())?;
+                    self.gpu.upload_staged(s, m.latents)?;
+                    self.res.slots.insert(block, s);
+                    s
+                }
+            };
+            self.gpu.copy(dst, slot, m.latents.len() * 4)?;
+        }
+        Ok(())
+    }
+
+    /// A free latent slot of one block (`values` f32 at most).
+    fn take_slot(&mut self, values: usize) -> Result<DevPtr> {
+        let cap = self.opts.block_frames * self.flen();
+        if values > cap {
+            return Err(Error::Internal(format!(
+                "a member of {values} latent values is larger than a block ({cap})"
+            )));
+        }
+        self.res.pool.pop().ok_or_else(|| {
+            Error::Internal(
+                "more blocks in flight than latent slots (one per window member)".into(),
+            )
+        })
+    }
+
+    /// One forward over `members` from their held latents (`blocks[i]`), flows left in `flow`.
+    pub(super) fn forward_held(&mut self, members: &[Member], blocks: &[usize]) -> Result<()> {
+        if blocks.len() != members.len() {
+            return Err(Error::Internal("one block per member expected".into()));
+        }
+        let shape = self.forward_window(members, Some(blocks))?;
+        self.res.last = Some(
+            blocks
+                .iter()
+                .zip(shape.fr0.iter().zip(&shape.frames))
+                .map(|(&b, (&f0, &nf))| (b, f0, nf))
+                .collect(),
+        );
+        Ok(())
+    }
+
+    /// `bc_flow_step` on the slot of every member of the last [`Self::forward_held`] that has
+    /// a step; downloads the blocks that became final.
+    pub(super) fn step_held(
+        &mut self,
+        steps: &[Option<FlowStep>],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let last = self
+            .res
+            .last
+            .take()
+            .ok_or_else(|| Error::Internal("a flow step without a forward".into()))?;
+        if steps.len() != last.len() {
+            return Err(Error::Internal("one flow step per member expected".into()));
+        }
+        let flen = self.flen();
+        let noise = self.b.step_noise;
+        let (sig, sn) = (
+            self.b.step_sigma,
+            self.b.step_sigma + (self.max_frames * 4) as u64,
+        );
+        let nf: usize = last.iter().map(|l| l.1 + l.2).max().unwrap_or(0);
+        let (mut sigma, mut next) = (vec![0f32; nf], vec![-1f32; nf]);
+        for (s, &(_, f0, n)) in steps.iter().zip(&last) {
+            let Some(s) = s else { continue };
+            sigma[f0..f0 + n].fill(s.sigma);
+            if let Some((sn_val, renoise)) = s.next {
+                if renoise.len() != n * flen {
+                    return Err(Error::Internal("renoise of the wrong size".into()));
+                }
+                next[f0..f0 + n].fill(sn_val);
+                self.gpu
+                    .upload_staged(noise + (f0 * flen * 4) as u64, renoise)?;
+            }
+        }
+        self.gpu.upload_staged(sig, &sigma)?;
+        self.gpu.upload_staged(sn, &next)?;
+        let mut out = vec![None; steps.len()];
+        let mut finals = Vec::new();
+        for (i, (s, &(block, f0, n))) in steps.iter().zip(&last).enumerate() {
+            let Some(s) = s else { continue };
+            let slot =
+                *self.res.slots.get(&block).ok_or_else(|| {
+                    Error::Internal(format!("block {block} has no device latents"))
+                })?;
+            let (fo, bo) = ((f0 * flen * 4) as u64, (f0 * 4) as u64);
+            let renoise = s.next.is_some();
+            ops::flow_step(
+                &self.gpu,
+                slot,
+                self.b.flow + fo,
+                if renoise { noise + fo } else { NULL },
+                NULL,
+                sig + bo,
+                if renoise { sn + bo } else { NULL },
+                n,
+                flen,
+            )?;
+            DEVICE_FLOW_STEPS.fetch_add(1, Ordering::Relaxed);
+            if !renoise {
+                finals.push((i, slot, n));
+            }
+        }
+        for &(i, slot, n) in &finals {
+            let mut x = vec![0f32; n * flen];
+            self.gpu.download(&mut x, slot)?;
+            out[i] = Some(x);
+        }
+        // The uploads went through pinned memory: no host sync unless a block came back.
+        self.gpu.end_staged()?;
+        Ok(out)
+    }
+
+    /// Returns `block`'s slot to the pool.
+    pub(super) fn release_held(&mut self, block: usize) {
+        if let Some(s) = self.res.slots.remove(&block) {
+            self.res.pool.push(s);
+        }
+    }
+}

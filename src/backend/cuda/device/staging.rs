@@ -22,16 +22,16 @@ const INITIAL_BYTES: usize = 4 << 20;
 /// Offsets in a buffer are multiples of this.
 const ALIGN: usize = 256;
 
-/// One pinned buffer: its size, how much the current batch used, and the event that ends the
-/// copies of the last batch that used it.
-struct Buffer {
+/// One pinned buffer: its size, how much the current batch used, and the event (`E`; a
+/// [`DriverEvent`] but in tests) that ends the copies of the last batch that used it.
+struct Buffer<E> {
     ptr: *mut u8,
     cap: usize,
     used: usize,
-    done: Option<DriverEvent>,
+    done: Option<E>,
 }
 
-impl Default for Buffer {
+impl<E> Default for Buffer<E> {
     fn default() -> Self {
         Buffer {
             ptr: std::ptr::null_mut(),
@@ -42,7 +42,7 @@ impl Default for Buffer {
     }
 }
 
-impl Buffer {
+impl<E> Buffer<E> {
     /// Frees the buffer (the caller makes sure no copy still reads it).
     fn free(&mut self) {
         if !self.ptr.is_null() {
@@ -57,18 +57,46 @@ impl Buffer {
 }
 
 /// The two pinned buffers and which one the current batch uses.
-#[derive(Default)]
-pub(super) struct Staging {
-    bufs: [Buffer; 2],
+pub(super) struct Staging<E = DriverEvent> {
+    bufs: [Buffer<E>; 2],
     cur: usize,
 }
 
-impl Staging {
+impl<E> Default for Staging<E> {
+    fn default() -> Self {
+        Staging {
+            bufs: [Buffer::default(), Buffer::default()],
+            cur: 0,
+        }
+    }
+}
+
+impl<E> Staging<E> {
     /// Frees both buffers (the caller makes sure no copy still reads them).
     pub(super) fn free(&mut self) {
         for b in &mut self.bufs {
             b.free();
         }
+    }
+
+    /// The current batch's buffer and, at the batch's first upload, the event to wait for
+    /// before writing it (the end of the last batch that used it).
+    fn start(&mut self) -> (&mut Buffer<E>, Option<E>) {
+        let b = &mut self.bufs[self.cur];
+        let wait = if b.used == 0 { b.done.take() } else { None };
+        (b, wait)
+    }
+
+    /// Ends the current batch with the event `mark` records and turns to the other buffer;
+    /// a batch that uploaded nothing records nothing and keeps its buffer.
+    fn end(&mut self, mark: impl FnOnce() -> Result<E>) -> Result<()> {
+        let b = &mut self.bufs[self.cur];
+        if b.used > 0 {
+            b.done = Some(mark()?);
+            b.used = 0;
+            self.cur = 1 - self.cur;
+        }
+        Ok(())
     }
 }
 
@@ -83,13 +111,10 @@ impl DriverDevice {
     pub(super) fn upload_staged<T: Copy>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
         let bytes = std::mem::size_of_val(src);
         let mut st = self.staging.borrow_mut();
-        let cur = st.cur;
-        let s = &mut st.bufs[cur];
-        if s.used == 0 {
-            // The batch before the previous one used this buffer: its copies end first.
-            if let Some(ev) = s.done.take() {
-                wait(ev)?;
-            }
+        let (s, before) = st.start();
+        // The batch before the previous one used this buffer: its copies end first.
+        if let Some(ev) = before {
+            wait(ev)?;
         }
         let mut off = s.used.next_multiple_of(ALIGN);
         if off + bytes > s.cap {
@@ -122,13 +147,35 @@ impl DriverDevice {
     /// turns to the other buffer: the batch after next reuses this one once the event is
     /// reached.
     pub(super) fn end_staged(&self) -> Result<()> {
-        let mut st = self.staging.borrow_mut();
-        let cur = st.cur;
-        if st.bufs[cur].used > 0 {
-            st.bufs[cur].done = Some(self.mark_compute()?);
-            st.bufs[cur].used = 0;
-            st.cur = 1 - cur;
+        self.staging.borrow_mut().end(|| self.mark_compute())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Staging;
+
+    /// Batch k waits for batch k - 2's event (not k - 1's, which may sit behind the forward
+    /// queued between them), only at its first upload; an empty batch changes nothing.
+    #[test]
+    fn a_batch_waits_for_the_batch_before_the_previous_one() {
+        let mut s = Staging::<usize>::default();
+        let mut waited = Vec::new();
+        for batch in 0..5 {
+            let (b, w) = s.start();
+            waited.push(w);
+            b.used = 256;
+            let (b, w) = s.start();
+            assert_eq!(w, None, "batch {batch}: a second upload waited");
+            b.used = 512;
+            s.end(|| Ok(batch)).unwrap();
+            s.end(|| panic!("an empty batch recorded an event"))
+                .unwrap();
         }
-        Ok(())
+        assert_eq!(waited, [None, None, Some(0), Some(1), Some(2)]);
+        // An error recording the event leaves the batch open (its buffer still in use).
+        s.start().0.used = 1;
+        assert!(s.end(|| Err(crate::Error::Device("x".into()))).is_err());
+        assert_eq!(s.start().1, None);
     }
 }

@@ -361,7 +361,8 @@ fn main() {
     // widths, random weights; rate = the conv FLOPs the decoder launched per block.
     if std::env::var_os("BC_BENCH_NO_DECODE").is_none() {
         let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
-        let open = || Gpu::open(0);
+        // Kernels only: the decoders need no cuBLASLt.
+        let open = || Gpu::open_kernels(0);
         match blockcascade::decode::bench_decode_device(&kinds, (60, 104), (3, 3), None, &open) {
             Ok(r) => {
                 for b in r {
@@ -374,7 +375,8 @@ fn main() {
                     });
                 }
             }
-            Err(e) => println!("decode bench failed: {e}"),
+            // Tagged for the summary of scripts/gpu-run.sh.
+            Err(e) => println!("DECODE bench FAILED: {e}"),
         }
     }
 

@@ -940,7 +940,7 @@ fn text_encoder_golden_on_the_gpu() {
     use blockcascade::tensorfile::TensorFile;
     use blockcascade::text::{TextDevice, TextEncoder};
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(g) = gpu("text_encoder_golden_on_the_gpu") else {
+    let Some(g) = gpu_gemm("text_encoder_golden_on_the_gpu") else {
         return;
     };
     drop(g);

@@ -541,6 +541,33 @@ fn cli_encode_prompt_on_the_cuda_backend() {
     }
 }
 
+/// `generate --backend cuda --devices 97,98`: the text encoder opens the DiT's first GPU (97),
+/// not `BC_CUDA_DEVICE`'s (0). No machine opens GPU 97, so the run fails, with an error line
+/// that names the ordinal the encoder tried.
+#[test]
+fn cli_generate_puts_the_text_encoder_on_the_dits_first_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.safetensors");
+    let o = bin()
+        .args([
+            "generate",
+            "--backend",
+            "cuda",
+            "--devices",
+            "97,98",
+            "--out",
+        ])
+        .arg(&out)
+        .env_remove("BC_CUDA_EMULATE")
+        .env("BC_CUDA_DEVICE", "0")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("CUDA device 97"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
 #[test]
 fn cli_encode_prompt_and_generate_with_text() {
     let tmp = tempfile::tempdir().unwrap();

@@ -89,8 +89,9 @@ typedef struct {
                                tokenizer/ subfolder */
   /* Added later (a struct_size ending at tokenizer is still accepted, with this NULL): */
   const char *text_encoder_device; /* where the text encoder runs: "cpu", "cuda" (bf16 weights
-                                      on the GPU) or NULL = where the backend runs; "cpu" keeps
-                                      the GPU's memory for the DiT */
+                                      on the DiT's first GPU: devices[0], else BC_CUDA_DEVICE)
+                                      or NULL = where the backend runs; "cpu" keeps the GPU's
+                                      memory for the DiT */
 } bc_engine_options;
 
 /* Options of bc_session_open. Get defaults from bc_session_options_default(). */

@@ -1,5 +1,6 @@
 //! The `blockcascade` command line: `generate`, `plan`, `info`, `bench`.
 
+use blockcascade::backend::cuda::first_device;
 use blockcascade::bench;
 use blockcascade::cascade::Plan;
 use blockcascade::config::local_attn_frames;
@@ -675,6 +676,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             path,
             (opts.height, opts.width),
             opts.backend,
+            first_device(&opts.device_ids),
         )?),
         None => None,
     };
@@ -687,7 +689,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
         (None, false) => None,
     };
     let text = match text {
-        Some(t) => Some(place_text_encoder(t, a.text_encoder_device, a.backend)?),
+        Some(t) => Some(place_text_encoder(
+            t,
+            a.text_encoder_device,
+            a.backend,
+            &opts.device_ids,
+        )?),
         None => None,
     };
     if let Some(t) = &text {
@@ -1028,13 +1035,14 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
 
 /// Opens the decoder and the video writer for latents of `latent_h x latent_w`, and starts the
 /// decode thread that writes each block's frames as soon as they are decoded (with the CUDA
-/// backend, on the device: its own context and streams, overlapping the DiT's ticks).
+/// backend, on GPU `ordinal`, the DiT's first: its own streams, overlapping the DiT's ticks).
 fn start_video(
     v: &VideoArgs,
     builtin_ok: bool,
     path: &std::path::Path,
     (latent_h, latent_w): (usize, usize),
     backend: BackendKind,
+    ordinal: usize,
 ) -> Result<BackgroundDecoder<VideoWriter>> {
     let decoder = v.decoder(builtin_ok)?;
     decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
@@ -1043,7 +1051,8 @@ fn start_video(
     if backend == BackendKind::Cuda {
         let f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
         let size = (latent_h, latent_w);
-        return BackgroundDecoder::spawn_device(decoder, size, f32, open_gpu, writer, |wr, out| {
+        let open = move || open_gpu(ordinal);
+        return BackgroundDecoder::spawn_device(decoder, size, f32, open, writer, |wr, out| {
             match &out.f32 {
                 Some(f) => wr.write_frames(f, out.frames),
                 None => wr.write_rgb8(&out.rgb, out.frames),
@@ -1112,13 +1121,14 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// The device the decoders run on: GPU 0, or the emulated device with `BC_CUDA_EMULATE=1`.
-fn open_gpu() -> Result<blockcascade::backend::cuda::device::Gpu> {
+/// The device a decoder runs on: GPU `ordinal` (kernels only: the decoders need no
+/// cuBLASLt), or the emulated device with `BC_CUDA_EMULATE=1`.
+fn open_gpu(ordinal: usize) -> Result<blockcascade::backend::cuda::device::Gpu> {
     use blockcascade::backend::cuda::device::{env_flag, Gpu};
     if env_flag("BC_CUDA_EMULATE") {
         Gpu::open_emulated()
     } else {
-        Gpu::open(0)
+        Gpu::open_kernels(ordinal)
     }
 }
 
@@ -1143,7 +1153,9 @@ fn block_decoder<'d>(
             }))
         }
         BackendArg::Cuda => {
-            let mut dev = blockcascade::decode::CudaDecoder::new(decoder, open_gpu()?)?;
+            // BC_CUDA_DEVICE (default 0), as the CUDA backend would pick.
+            let gpu = open_gpu(first_device(&[]))?;
+            let mut dev = blockcascade::decode::CudaDecoder::new(decoder, gpu)?;
             dev.begin(lh, lw)?;
             let want_f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
             Ok(Box::new(move |z, n, wr| {
@@ -1157,13 +1169,18 @@ fn block_decoder<'d>(
     }
 }
 
-/// The text encoder on the device `--text-encoder-device` names, else where `--backend` runs.
+/// The text encoder on the device `--text-encoder-device` names, else where `--backend` runs;
+/// on CUDA, the first GPU of `device_ids` (the DiT's `--devices` list; empty: BC_CUDA_DEVICE).
 fn place_text_encoder(
     enc: TextEncoder,
     device: Option<BackendArg>,
     backend: BackendArg,
+    device_ids: &[usize],
 ) -> Result<TextEncoder> {
-    enc.on_device(TextDevice::for_backend(device.unwrap_or(backend).into()))
+    enc.on_device_with(
+        TextDevice::for_backend(device.unwrap_or(backend).into()),
+        device_ids,
+    )
 }
 
 fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
@@ -1181,7 +1198,7 @@ fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
         return Err(Error::invalid("--text-len must be at least 1"));
     }
     let enc = TextEncoder::load(&a.text_encoder, a.tokenizer.as_deref())?;
-    let enc = place_text_encoder(enc, a.text_encoder_device, a.backend)?;
+    let enc = place_text_encoder(enc, a.text_encoder_device, a.backend, &[])?;
     if let Some(c) = &model_cfg {
         enc.check_model(c)?;
     }

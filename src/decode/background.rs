@@ -51,19 +51,21 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
     }
 
     /// [`spawn`](Self::spawn) on a CUDA device: the thread opens the device with `open` (its
-    /// own context and streams, so decoding overlaps whatever else runs on the GPU), uploads
-    /// the decoder ([`CudaDecoder`]) and calls `on_frames` with each block's pixels (RGB8, and
-    /// f32 when `want_f32`). A device that cannot be opened is the first error.
-    pub fn spawn_device<F>(
+    /// own streams, so decoding overlaps whatever else runs on the GPU; on a GPU it shares
+    /// the device's primary context, the DiT's too), uploads the decoder ([`CudaDecoder`]) and
+    /// calls `on_frames` with each block's pixels (RGB8, and f32 when `want_f32`). A device
+    /// that cannot be opened is the first error.
+    pub fn spawn_device<F, O>(
         decoder: Arc<Decoder>,
         (latent_h, latent_w): (usize, usize),
         want_f32: bool,
-        open: fn() -> Result<Gpu>,
+        open: O,
         state: S,
         mut on_frames: F,
     ) -> Result<Self>
     where
         F: FnMut(&mut S, &DeviceFrames) -> Result<()> + Send + 'static,
+        O: FnOnce() -> Result<Gpu> + Send + 'static,
     {
         decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
         Self::start(move |rx| {

@@ -559,7 +559,7 @@ pub unsafe extern "C" fn bc_engine_open(
             t.check_model(model.config())?;
         }
         let text = match text {
-            Some(t) => Some(t.on_device(text_device)?),
+            Some(t) => Some(t.on_device_with(text_device, &device_ids)?),
             None => None,
         };
         let engine = EngineEntry {

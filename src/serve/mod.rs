@@ -192,7 +192,7 @@ impl Server {
         let device = cfg
             .text_encoder_device
             .unwrap_or(TextDevice::for_backend(cfg.generate.backend));
-        let text = Arc::new(text.on_device(device)?);
+        let text = Arc::new(text.on_device_with(device, &cfg.generate.device_ids)?);
         let engine = Arc::new(Engine::open(cfg.model.as_deref())?);
         text.check_model(engine.config())?;
         // What every stream will check at its start, checked once now (local attention, the

@@ -158,6 +158,13 @@ impl TextEncoder {
     /// `BC_CUDA_EMULATE=1`), [`TextDevice::Cpu`] keeps (or brings back) everything on the CPU.
     /// No GPU is one clear [`Error::Device`].
     pub fn on_device(self, device: TextDevice) -> Result<Self> {
+        self.on_device_with(device, &[])
+    }
+
+    /// [`TextEncoder::on_device`] beside a DiT on the CUDA devices `device_ids` (`--devices`,
+    /// `bc_engine_options.devices`): [`TextDevice::Cuda`] opens the DiT's first GPU
+    /// ([`crate::backend::cuda::first_device`]), so encoder and DiT share a device.
+    pub fn on_device_with(self, device: TextDevice, device_ids: &[usize]) -> Result<Self> {
         match device {
             TextDevice::Cpu => {
                 if self.device.is_some() {
@@ -169,8 +176,8 @@ impl TextEncoder {
                 })
             }
             TextDevice::Cuda => {
-                let o = crate::backend::cuda::CudaOptions::from_env();
-                self.on_cuda(o.device, o.emulate)
+                let emulate = crate::backend::cuda::session_options().emulate;
+                self.on_cuda(crate::backend::cuda::first_device(device_ids), emulate)
             }
         }
     }

@@ -75,6 +75,27 @@ pub fn double_kv_devices() -> usize {
     DOUBLE_KV_DEVICES.load(Ordering::Relaxed)
 }
 
+/// The options [`open`] starts from: the session's ([`set_session_options`]), else the
+/// environment's ([`CudaOptions::from_env`]).
+pub(crate) fn session_options() -> CudaOptions {
+    OVERRIDE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_else(CudaOptions::from_env)
+}
+
+/// The GPU ordinal of the DiT's first logical device for `device_ids` (`--devices 2,3`,
+/// `bc_engine_options.devices`; empty: the session's or the environment's
+/// [`CudaOptions::devices`] / [`CudaOptions::device`], `BC_CUDA_DEVICE`), as [`open`] picks
+/// it. The text encoder and the video decoder open this one, so they share the DiT's GPU.
+pub fn first_device(device_ids: &[usize]) -> usize {
+    device_ids.first().copied().unwrap_or_else(|| {
+        let co = session_options();
+        co.devices.first().copied().unwrap_or(co.device)
+    })
+}
+
 /// Opens the CUDA backend for `model` with `opts` (what [`crate::backend::cuda_backend`] calls):
 /// [`CudaBackend`] on one device, [`MultiCudaBackend`] with `opts.devices > 1`.
 ///
@@ -86,11 +107,7 @@ pub fn open<'m>(
     opts: &GenerateOptions,
     frames: Option<usize>,
 ) -> Result<Box<dyn Backend + 'm>> {
-    let mut co = OVERRIDE
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or_else(CudaOptions::from_env);
+    let mut co = session_options();
     if !opts.device_ids.is_empty() {
         co.devices = opts.device_ids.clone();
     }

@@ -144,8 +144,8 @@ impl CudaBackend<'_> {
         g.upload_staged(self.b.ca_segs, &t.ca_tab)?;
         g.upload_staged(self.b.ca_index, &t.ca_index)?;
         g.upload_staged(self.b.ca_groups, &t.ca_groups)?;
-        // Pinned staging: the host vectors may end now; the next tick's uploads wait for an
-        // event, not for the stream.
+        // Pinned staging: the host vectors may end now; the next tick's tables wait for this
+        // batch's event (queued before this tick's forward), not for the stream.
         self.gpu.end_staged()?;
         self.tune_attention(&tables)?;
         Ok((tables.shape, tables.key))

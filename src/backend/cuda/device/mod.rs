@@ -257,8 +257,9 @@ impl Gpu {
         }
     }
 
-    /// Ends a batch of [`Gpu::upload_staged`] copies: an event that the next batch waits for
-    /// before it reuses the pinned memory.
+    /// Ends a batch of [`Gpu::upload_staged`] copies with an event. Two pinned buffers take
+    /// turns, so the batch after next waits for it before reusing its memory, and a tick's
+    /// uploads never wait for the forward queued just before them.
     pub fn end_staged(&self) -> Result<()> {
         match &self.imp {
             Driver(d) => d.end_staged(),

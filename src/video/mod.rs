@@ -195,23 +195,7 @@ impl VideoWriter {
     /// Call it once per decoded block. After an error the writer is spent: drop it (nothing is
     /// left on disk).
     pub fn write_frames(&mut self, frames: &[f32], count: usize) -> Result<()> {
-        if self.failed {
-            return Err(Error::invalid(
-                "an earlier write to this video failed; the output was discarded",
-            ));
-        }
-        let want = count
-            .checked_mul(3 * self.width * self.height)
-            .ok_or_else(|| Error::invalid(format!("{count} frames overflow")))?;
-        if frames.len() != want {
-            return Err(Error::invalid(format!(
-                "{count} frames of 3x{}x{} need {want} values, got {}",
-                self.height,
-                self.width,
-                frames.len()
-            )));
-        }
-        if count == 0 {
+        if !self.check_write(frames.len(), count, "values")? {
             return Ok(());
         }
         let res = match &mut self.sink {
@@ -220,39 +204,14 @@ impl VideoWriter {
             Sink::Y4m(w) => w.write_rgb(&to_rgb8(frames, count, self.height, self.width)),
             Sink::Png(w) => w.write_rgb(&to_rgb8(frames, count, self.height, self.width)),
         };
-        match res {
-            Ok(()) => {
-                self.frames += count;
-                Ok(())
-            }
-            Err(e) => {
-                self.failed = true;
-                Err(e)
-            }
-        }
+        self.count_written(res, count)
     }
 
     /// Appends `count` frames already converted to RGB8 `[count][H][W][3]` (as the device
     /// decoder hands them out, by [`to_rgb8`]'s rule). The 8-bit formats only: `.safetensors`
     /// keeps f32 values, so it needs [`VideoWriter::write_frames`]. Errors as `write_frames`.
     pub fn write_rgb8(&mut self, rgb: &[u8], count: usize) -> Result<()> {
-        if self.failed {
-            return Err(Error::invalid(
-                "an earlier write to this video failed; the output was discarded",
-            ));
-        }
-        let want = count
-            .checked_mul(3 * self.width * self.height)
-            .ok_or_else(|| Error::invalid(format!("{count} frames overflow")))?;
-        if rgb.len() != want {
-            return Err(Error::invalid(format!(
-                "{count} RGB8 frames of {}x{} need {want} bytes, got {}",
-                self.width,
-                self.height,
-                rgb.len()
-            )));
-        }
-        if count == 0 {
+        if !self.check_write(rgb.len(), count, "RGB8 bytes")? {
             return Ok(());
         }
         let res = match &mut self.sink {
@@ -265,6 +224,31 @@ impl VideoWriter {
             Sink::Y4m(w) => w.write_rgb(rgb),
             Sink::Png(w) => w.write_rgb(rgb),
         };
+        self.count_written(res, count)
+    }
+
+    /// The checks both writes share: the writer not spent, and `len` values (`what`) being
+    /// `count` frames of 3xHxW. `Ok(false)` when there is nothing to write.
+    fn check_write(&self, len: usize, count: usize, what: &str) -> Result<bool> {
+        if self.failed {
+            return Err(Error::invalid(
+                "an earlier write to this video failed; the output was discarded",
+            ));
+        }
+        let want = count
+            .checked_mul(3 * self.width * self.height)
+            .ok_or_else(|| Error::invalid(format!("{count} frames overflow")))?;
+        if len != want {
+            return Err(Error::invalid(format!(
+                "{count} frames of 3x{}x{} need {want} {what}, got {len}",
+                self.height, self.width
+            )));
+        }
+        Ok(count > 0)
+    }
+
+    /// Counts `count` frames written, or spends the writer on an error.
+    fn count_written(&mut self, res: Result<()>, count: usize) -> Result<()> {
         match res {
             Ok(()) => {
                 self.frames += count;

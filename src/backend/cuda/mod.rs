@@ -21,7 +21,10 @@
 //!   or once per tick.
 //! - `prompt_kv`: the prompts' cross-attention K/V, computed on the device when a prompt
 //!   first needs a slot (keyed by [`PromptContext::id`]).
-//! - [`device`]: probing, the context and streams, buffers, launches, cuBLASLt, graphs;
+//! - `resident`: the denoising state on the device (one device): each block's latents in a
+//!   slot, the flow step and renoise by `bc_flow_step`, only finished blocks downloaded.
+//! - [`device`]: probing, the context and streams, buffers, launches, cuBLASLt, graphs, the
+//!   pinned staging of per-tick uploads;
 //!   [`emu_device`]: the emulated device behind the same interface.
 //!
 //! cudarc panics when libcuda or cuBLASLt cannot be loaded, so [`device::probe`] checks both

@@ -67,6 +67,7 @@ fn direct(cfg: &ServeConfig, blocks: usize, rep: usize) -> Result<Run> {
             queue_blocks: cfg.queue_blocks,
             target_fps: 0.0,
             decoder: Some(decoder),
+            decoder_device: None,
             text_encoder: Some(text),
         },
     )?;

@@ -378,6 +378,7 @@ pub fn c_abi_options(bytes: &[u8]) -> Result<()> {
         text_encoder: std::ptr::null(),
         tokenizer: std::ptr::null(),
         text_encoder_device: std::ptr::null(),
+        decoder_device: std::ptr::null(),
     };
     let mut e = std::ptr::null_mut();
     // A 2-wide model from files loads faster than the built-in one (the options are the point).

@@ -14,7 +14,7 @@
 //! re-encoded under the new prompt). The latents are exactly those of [`Generator::run`] with a
 //! fixed prompt schedule that switches at the returned blocks.
 
-use crate::decode::{BackgroundDecoder, Decoder, Video};
+use crate::decode::{BackgroundDecoder, DecodeDevice, Decoder, DeviceFrames};
 use crate::executor::{FinishedBlock, Generator, PromptMailbox};
 use crate::model::{Model, CHANNELS};
 use crate::noise::NoiseSource;
@@ -51,6 +51,11 @@ pub struct StreamOptions {
     /// Decodes each block to pixels ([`StreamBlock::rgb`]) on a decode thread of its own,
     /// pipelined with the generation of the next blocks. `None`: latents only.
     pub decoder: Option<Arc<Decoder>>,
+    /// Where [`StreamOptions::decoder`] runs. `None` (default): where the DiT runs
+    /// ([`DecodeDevice::for_backend`]: with the CUDA backend on its first GPU, on another
+    /// stream, only RGB8 coming back to the host); [`DecodeDevice::Cpu`] keeps the GPU's memory
+    /// for the DiT.
+    pub decoder_device: Option<DecodeDevice>,
     /// Encodes the text of [`StreamControl::switch_prompt_text`]. `None`: text switches are an
     /// [`Error::InvalidArgument`].
     pub text_encoder: Option<Arc<TextEncoder>>,
@@ -62,6 +67,7 @@ impl std::fmt::Debug for StreamOptions {
             .field("queue_blocks", &self.queue_blocks)
             .field("target_fps", &self.target_fps)
             .field("decoder", &self.decoder.as_ref().map(|d| d.kind()))
+            .field("decoder_device", &self.decoder_device)
             .field("text_encoder", &self.text_encoder)
             .finish()
     }
@@ -73,6 +79,7 @@ impl Default for StreamOptions {
             queue_blocks: 2,
             target_fps: 0.0,
             decoder: None,
+            decoder_device: None,
             text_encoder: None,
         }
     }
@@ -299,8 +306,10 @@ impl Stream {
     ///
     /// Checked here: the options (the stream needs local attention, `local_attn`, so that its
     /// KV cache stays bounded), the prompt, the stream options, the decoder's latent size and
-    /// the text encoder's width. A backend that fails to start (e.g. no GPU) is reported by the
-    /// first [`Stream::next_block`].
+    /// the text encoder's width. The decoder is started here too, on its device: a device that
+    /// cannot be opened, or that the decoder does not fit, is this call's error
+    /// ([`Error::Device`], [`Error::OutOfMemory`]). A backend that fails to start (e.g. no
+    /// GPU) is reported by the first [`Stream::next_block`].
     pub fn open(
         model: impl Into<Arc<Model>>,
         opts: GenerateOptions,
@@ -353,14 +362,27 @@ impl Stream {
             } else {
                 0
             };
+        let sink = Sink {
+            shared: shared.clone(),
+            fps: sopts.target_fps,
+            next_release: None,
+        };
+        let output = match sopts.decoder {
+            None => Output::Latents(sink),
+            Some(decoder) => {
+                let device = sopts
+                    .decoder_device
+                    .unwrap_or_else(|| DecodeDevice::for_backend(opts.backend, &opts.device_ids));
+                Output::Pixels(Pixels::start(decoder, device, &opts, sink)?)
+            }
+        };
         let job = Worker {
             shared: shared.clone(),
             model: model.clone(),
             opts,
             noise,
             prompt,
-            decoder: sopts.decoder,
-            fps: sopts.target_fps,
+            output,
         };
         let worker = std::thread::Builder::new()
             .name("bc-stream".into())
@@ -480,6 +502,59 @@ impl Drop for Stream {
     }
 }
 
+/// Blocks on their way to pixels: the decode thread, and the blocks waiting for their frames,
+/// in order (the decode thread completes the oldest).
+struct Pixels {
+    decoder: BackgroundDecoder<Sink>,
+    pending: Arc<Mutex<VecDeque<StreamBlock>>>,
+}
+
+impl Pixels {
+    /// Starts the decode thread on `device` (RGB8 only comes back from a GPU).
+    fn start(
+        decoder: Arc<Decoder>,
+        device: DecodeDevice,
+        o: &GenerateOptions,
+        sink: Sink,
+    ) -> Result<Pixels> {
+        let pending: Arc<Mutex<VecDeque<StreamBlock>>> = Arc::default();
+        let waiting = pending.clone();
+        let decoder = BackgroundDecoder::spawn_on(
+            decoder,
+            device,
+            (o.height, o.width),
+            false,
+            sink,
+            move |sink: &mut Sink, v: DeviceFrames| {
+                let next = waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop_front();
+                let mut block = next.ok_or_else(|| {
+                    Error::Internal("decoded pixels without a waiting block".into())
+                })?;
+                let frames = v.frames;
+                block.rgb = Some(v.rgb);
+                block.pixel_frames = frames;
+                block.pixel_height = v.height;
+                block.pixel_width = v.width;
+                if sink.deliver(block, frames) {
+                    Ok(())
+                } else {
+                    Err(Error::Cancelled)
+                }
+            },
+        )?;
+        Ok(Pixels { decoder, pending })
+    }
+}
+
+/// Where the worker's blocks go: straight to the queue, or through the decoder.
+enum Output {
+    Latents(Sink),
+    Pixels(Pixels),
+}
+
 /// What the worker thread owns.
 struct Worker {
     shared: Arc<Shared>,
@@ -487,8 +562,7 @@ struct Worker {
     opts: GenerateOptions,
     noise: NoiseSource,
     prompt: PromptEmbeds,
-    decoder: Option<Arc<Decoder>>,
-    fps: f64,
+    output: Output,
 }
 
 impl Worker {
@@ -508,56 +582,27 @@ impl Worker {
         shared.changed.notify_all();
     }
 
-    fn generate(&self) -> Result<()> {
+    fn generate(self) -> Result<()> {
         let o = &self.opts;
         let gen = Generator::new(&self.model, o.clone(), self.noise.clone(), &self.prompt)?;
-        let mut sink = Sink {
-            shared: self.shared.clone(),
-            fps: self.fps,
-            next_release: None,
-        };
-        let Some(decoder) = self.decoder.clone() else {
-            gen.run_live(&self.shared.mailbox, |b| {
-                self.count();
-                sink.deliver(self.block(b), b.frames)
-            })?;
-            return Ok(());
-        };
-        // Blocks waiting for their pixels, in order: the decode thread completes the oldest.
-        let pending: Arc<Mutex<VecDeque<StreamBlock>>> = Arc::default();
-        let waiting = pending.clone();
-        let mut bg = BackgroundDecoder::spawn(
-            decoder,
-            o.height,
-            o.width,
-            sink,
-            move |sink: &mut Sink, v: &Video| {
-                let next = waiting
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .pop_front();
-                let mut block = next.ok_or_else(|| {
-                    Error::Internal("decoded pixels without a waiting block".into())
+        let mut px = match self.output {
+            Output::Latents(mut sink) => {
+                gen.run_live(&self.shared.mailbox, |b| {
+                    count(&self.shared);
+                    sink.deliver(block(o, b), b.frames)
                 })?;
-                block.rgb = Some(v.to_rgb8());
-                block.pixel_frames = v.frames;
-                block.pixel_height = v.height;
-                block.pixel_width = v.width;
-                if sink.deliver(block, v.frames) {
-                    Ok(())
-                } else {
-                    Err(Error::Cancelled)
-                }
-            },
-        )?;
+                return Ok(());
+            }
+            Output::Pixels(px) => px,
+        };
         let mut decode_err = None;
         let run = gen.run_live(&self.shared.mailbox, |b| {
-            self.count();
-            pending
+            count(&self.shared);
+            px.pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push_back(self.block(b));
-            match bg.push(b.latents, b.frames) {
+                .push_back(block(o, b));
+            match px.decoder.push(b.latents, b.frames) {
                 Ok(()) => true,
                 Err(e) => {
                     decode_err = Some(e);
@@ -568,30 +613,31 @@ impl Worker {
         match (decode_err, run) {
             (Some(e), _) => Err(e),
             (None, Err(e)) => Err(e),
-            (None, Ok(_)) => bg.finish().map(|_| ()),
+            (None, Ok(_)) => px.decoder.finish().map(|_| ()),
         }
     }
+}
 
-    fn count(&self) {
-        self.shared.finished.fetch_add(1, Ordering::AcqRel);
-    }
+/// Counts a block the engine has finished.
+fn count(shared: &Shared) {
+    shared.finished.fetch_add(1, Ordering::AcqRel);
+}
 
-    /// A finished block as the consumer gets it (pixels still to come).
-    fn block(&self, b: &FinishedBlock) -> StreamBlock {
-        StreamBlock {
-            index: b.index as u64,
-            first_frame: b.first_frame as u64,
-            frames: b.frames,
-            channels: CHANNELS,
-            height: self.opts.height,
-            width: self.opts.width,
-            latents: b.latents.to_vec(),
-            rgb: None,
-            pixel_frames: 0,
-            pixel_height: 0,
-            pixel_width: 0,
-            since_start: Duration::ZERO,
-            cache_bytes: b.cache_bytes,
-        }
+/// A finished block as the consumer gets it (pixels still to come).
+fn block(o: &GenerateOptions, b: &FinishedBlock) -> StreamBlock {
+    StreamBlock {
+        index: b.index as u64,
+        first_frame: b.first_frame as u64,
+        frames: b.frames,
+        channels: CHANNELS,
+        height: o.height,
+        width: o.width,
+        latents: b.latents.to_vec(),
+        rgb: None,
+        pixel_frames: 0,
+        pixel_height: 0,
+        pixel_width: 0,
+        since_start: Duration::ZERO,
+        cache_bytes: b.cache_bytes,
     }
 }

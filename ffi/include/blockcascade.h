@@ -92,6 +92,14 @@ typedef struct {
                                       on the DiT's first GPU: devices[0], else BC_CUDA_DEVICE)
                                       or NULL = where the backend runs; "cpu" keeps the GPU's
                                       memory for the DiT */
+  /* Added later (a struct_size ending at text_encoder_device is still accepted, with this
+     NULL): */
+  const char *decoder_device; /* where the decoders of bc_session_set_decoder and of streams'
+                                 want_pixels run: "cpu", "cuda" (the decoder kernels on the
+                                 DiT's first GPU, on a stream of their own, overlapping the
+                                 DiT; only the frames come back to the host) or NULL = where
+                                 the backend runs; "cpu" keeps the GPU's memory for the DiT.
+                                 "cuda" without a usable GPU is BC_ERR_DEVICE */
 } bc_engine_options;
 
 /* Options of bc_session_open. Get defaults from bc_session_options_default(). */
@@ -166,7 +174,9 @@ bc_status bc_session_set_prompt(bc_session *s, const float *embeds, uint32_t row
    state yields the same latents. Returns BC_OK after the last block.
    Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed/busy session, cb NULL, n_blocks 0, a prompt
    switch at or after n_blocks, recorded noise too short), BC_ERR_CANCELLED (cb returned
-   non-zero; no further callback is made), BC_ERR_INTERNAL. */
+   non-zero; no further callback is made), BC_ERR_DEVICE / BC_ERR_OUT_OF_MEMORY (with a decoder
+   on a GPU, bc_engine_options.decoder_device: the GPU cannot be used, or the decoder does not
+   fit; nothing is generated), BC_ERR_INTERNAL. */
 bc_status bc_session_generate(bc_session *s, uint32_t n_blocks, bc_block_callback cb, void *user);
 
 /* Closes a session. NULL is a no-op; an unknown or already closed handle is ignored. */
@@ -219,7 +229,8 @@ bc_status bc_session_switch_prompt_text(bc_session *s, uint32_t block, const cha
 
 /* Called once per decoded block, in order, with its pixel frames: rgb is
    [frames][height][width][3] 8-bit RGB, pixels the same frames as f32 [frames][3][height][width]
-   (the decoder's exact output, about [-1, 1]); both valid only during the call. Return non-zero
+   (the decoder's exact output, about [-1, 1]; on a GPU, bc_engine_options.decoder_device, the
+   bf16 device decoder's, within about 2e-2 of the CPU's); both valid only during the call. Return non-zero
    to stop the generation (bc_session_generate then returns BC_ERR_CANCELLED).
    It runs on a decode thread of the library, so that decoding overlaps the generation of later
    blocks: never at the same time as itself, but possibly at the same time as the block callback
@@ -297,7 +308,8 @@ bc_stream_options bc_stream_options_default(void);
 /* Starts a stream on a session. `opts` may be NULL for the defaults. On success writes a new
    handle to *out; close it with bc_stream_close.
    Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed/busy session, a session that already has an open
-   stream, out NULL, bad options, a session with global attention), BC_ERR_OUT_OF_MEMORY. An
+   stream, out NULL, bad options, a session with global attention), BC_ERR_OUT_OF_MEMORY,
+   BC_ERR_DEVICE (want_pixels with the decoder on a GPU that cannot be used). An
    engine failure after the start (e.g. a device error) is reported by bc_stream_next. */
 bc_status bc_stream_open(bc_session *s, const bc_stream_options *opts, bc_stream **out);
 

@@ -1,12 +1,11 @@
 //! The `blockcascade` command line: `generate`, `plan`, `info`, `bench`.
 
-use blockcascade::backend::cuda::first_device;
 use blockcascade::bench;
 use blockcascade::cascade::Plan;
 use blockcascade::config::local_attn_frames;
 use blockcascade::config::BackendKind;
 use blockcascade::config::KvExchange;
-use blockcascade::decode::{BackgroundDecoder, Decoder, DecoderKind};
+use blockcascade::decode::{BackgroundDecoder, DecodeDevice, Decoder, DecoderKind};
 use blockcascade::engine::MemoryEstimate;
 use blockcascade::noise::{NoiseSource, RecordedNoise};
 use blockcascade::prompt::{load_schedule_with_text, PromptEmbeds};
@@ -78,6 +77,10 @@ struct ServeArgs {
     /// Where the text encoder runs (default: where --backend runs).
     #[arg(long, value_enum)]
     text_encoder_device: Option<BackendArg>,
+    /// Where the frames are decoded (default: where --backend runs; cpu keeps the GPU's
+    /// memory for the DiT).
+    #[arg(long, value_enum)]
+    decoder_device: Option<BackendArg>,
     /// Address to listen on. Anything but loopback exposes the server to the network.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -315,6 +318,10 @@ struct GenerateArgs {
     /// for the DiT).
     #[arg(long, value_enum)]
     text_encoder_device: Option<BackendArg>,
+    /// Where --video is decoded (default: where --backend runs, on the DiT's first GPU with
+    /// cuda; cpu keeps the GPU's memory for the DiT).
+    #[arg(long, value_enum)]
+    decoder_device: Option<BackendArg>,
     /// Cache behaviour at prompt switches: none (cascade) or window (LongLive recache).
     #[arg(long, value_enum, default_value = "none")]
     recache: RecacheArg,
@@ -527,6 +534,9 @@ fn serve(a: ServeArgs) -> Result<()> {
         text_encoder_device: a
             .text_encoder_device
             .map(|d| TextDevice::for_backend(d.into())),
+        decoder_device: a
+            .decoder_device
+            .map(|d| decode_device(Some(d), generate.backend, &generate.device_ids)),
         host: a.host,
         port: a.port,
         max_streams: a.max_streams,
@@ -665,8 +675,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
         )?),
         None => NoiseSource::Seeded(a.seed),
     };
-    if a.video.is_none() && (a.video_opts.vae.is_some() || a.video_opts.decoder.is_some()) {
-        return Err(Error::invalid("--vae / --decoder need --video OUT"));
+    if a.video.is_none()
+        && (a.video_opts.vae.is_some()
+            || a.video_opts.decoder.is_some()
+            || a.decoder_device.is_some())
+    {
+        return Err(Error::invalid(
+            "--vae / --decoder / --decoder-device need --video OUT",
+        ));
     }
     // The decoder and the video file are checked before the model is loaded.
     let mut pixels = match &a.video {
@@ -675,8 +691,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             true,
             path,
             (opts.height, opts.width),
-            opts.backend,
-            first_device(&opts.device_ids),
+            decode_device(a.decoder_device, opts.backend, &opts.device_ids),
         )?),
         None => None,
     };
@@ -1033,34 +1048,38 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where a decoder runs: `arg` (`--decoder-device`), else where `backend` runs; CUDA on the
+/// first GPU of `device_ids` (the DiT's `--devices`; empty: BC_CUDA_DEVICE).
+fn decode_device(arg: Option<BackendArg>, backend: BackendKind, ids: &[usize]) -> DecodeDevice {
+    match arg {
+        Some(BackendArg::Cpu) => DecodeDevice::Cpu,
+        Some(BackendArg::Cuda) => DecodeDevice::cuda_beside(ids),
+        None => DecodeDevice::for_backend(backend, ids),
+    }
+}
+
 /// Opens the decoder and the video writer for latents of `latent_h x latent_w`, and starts the
-/// decode thread that writes each block's frames as soon as they are decoded (with the CUDA
-/// backend, on GPU `ordinal`, the DiT's first: its own streams, overlapping the DiT's ticks).
+/// decode thread on `device` that writes each block's frames as soon as they are decoded (on a
+/// GPU: its own streams, overlapping the DiT's ticks; RGB8 back to the host, f32 only for
+/// `.safetensors`).
 fn start_video(
     v: &VideoArgs,
     builtin_ok: bool,
     path: &std::path::Path,
     (latent_h, latent_w): (usize, usize),
-    backend: BackendKind,
-    ordinal: usize,
+    device: DecodeDevice,
 ) -> Result<BackgroundDecoder<VideoWriter>> {
     let decoder = v.decoder(builtin_ok)?;
     decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
     let (h, w) = decoder.pixel_size(latent_h, latent_w);
     let writer = VideoWriter::create(path, w, h, &v.options())?;
-    if backend == BackendKind::Cuda {
-        let f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
-        let size = (latent_h, latent_w);
-        let open = move || open_gpu(ordinal);
-        return BackgroundDecoder::spawn_device(decoder, size, f32, open, writer, |wr, out| {
-            match &out.f32 {
-                Some(f) => wr.write_frames(f, out.frames),
-                None => wr.write_rgb8(&out.rgb, out.frames),
-            }
-        });
-    }
-    BackgroundDecoder::spawn(decoder, latent_h, latent_w, writer, |wr, video| {
-        wr.write_frames(&video.data, video.frames)
+    let f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
+    let size = (latent_h, latent_w);
+    BackgroundDecoder::spawn_on(decoder, device, size, f32, writer, |wr, out| {
+        match &out.f32 {
+            Some(f) => wr.write_frames(f, out.frames),
+            None => wr.write_rgb8(&out.rgb, out.frames),
+        }
     })
 }
 
@@ -1121,22 +1140,12 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// The device a decoder runs on: GPU `ordinal` (kernels only: the decoders need no
-/// cuBLASLt), or the emulated device with `BC_CUDA_EMULATE=1`.
-fn open_gpu(ordinal: usize) -> Result<blockcascade::backend::cuda::device::Gpu> {
-    use blockcascade::backend::cuda::device::{env_flag, Gpu};
-    if env_flag("BC_CUDA_EMULATE") {
-        Gpu::open_emulated()
-    } else {
-        Gpu::open_kernels(ordinal)
-    }
-}
-
 /// Decodes one block of latent frames into `writer`.
 type PushBlock<'d> = Box<dyn FnMut(&[f32], usize, &mut VideoWriter) -> Result<()> + 'd>;
 
-/// The block decoder of `decode --backend`: the CPU stream, or the device decoder (RGB8 from
-/// the device; f32 for `.safetensors`).
+/// The block decoder of `decode --backend`: the CPU stream, or the device decoder on
+/// BC_CUDA_DEVICE (default 0), as the CUDA backend would pick (RGB8 from the device; f32 for
+/// `.safetensors`).
 fn block_decoder<'d>(
     decoder: &'d Decoder,
     backend: BackendArg,
@@ -1144,29 +1153,23 @@ fn block_decoder<'d>(
     lw: usize,
     writer: &VideoWriter,
 ) -> Result<PushBlock<'d>> {
-    match backend {
-        BackendArg::Cpu => {
-            let mut stream = decoder.stream(lh, lw)?;
-            Ok(Box::new(move |z, n, wr| {
-                let v = stream.push(z, n)?;
-                wr.write_frames(&v.data, v.frames)
-            }))
+    let device = decode_device(Some(backend), BackendKind::Cpu, &[]);
+    let Some(mut dev) = device.open_decoder(decoder)? else {
+        let mut stream = decoder.stream(lh, lw)?;
+        return Ok(Box::new(move |z, n, wr| {
+            let v = stream.push(z, n)?;
+            wr.write_frames(&v.data, v.frames)
+        }));
+    };
+    dev.begin(lh, lw)?;
+    let want_f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
+    Ok(Box::new(move |z, n, wr| {
+        let out = dev.push(z, n, want_f32)?;
+        match &out.f32 {
+            Some(f) => wr.write_frames(f, out.frames),
+            None => wr.write_rgb8(&out.rgb, out.frames),
         }
-        BackendArg::Cuda => {
-            // BC_CUDA_DEVICE (default 0), as the CUDA backend would pick.
-            let gpu = open_gpu(first_device(&[]))?;
-            let mut dev = blockcascade::decode::CudaDecoder::new(decoder, gpu)?;
-            dev.begin(lh, lw)?;
-            let want_f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
-            Ok(Box::new(move |z, n, wr| {
-                let out = dev.push(z, n, want_f32)?;
-                match &out.f32 {
-                    Some(f) => wr.write_frames(f, out.frames),
-                    None => wr.write_rgb8(&out.rgb, out.frames),
-                }
-            }))
-        }
-    }
+    }))
 }
 
 /// The text encoder on the device `--text-encoder-device` names, else where `--backend` runs;

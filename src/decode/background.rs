@@ -6,8 +6,7 @@
 //! At most [`QUEUE_BLOCKS`] blocks wait for the decoder: a slow decoder slows the generator
 //! instead of letting memory grow.
 
-use super::{CudaDecoder, Decoder, DeviceFrames, Video};
-use crate::backend::cuda::device::Gpu;
+use super::{DecodeDevice, Decoder, DeviceFrames, Video};
 use crate::{Error, Result};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -50,31 +49,53 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
         })
     }
 
-    /// [`spawn`](Self::spawn) on a CUDA device: the thread opens the device with `open` (its
-    /// own streams, so decoding overlaps whatever else runs on the GPU; on a GPU it shares
-    /// the device's primary context, the DiT's too), uploads the decoder ([`CudaDecoder`]) and
-    /// calls `on_frames` with each block's pixels (RGB8, and f32 when `want_f32`). A device
-    /// that cannot be opened is the first error.
-    pub fn spawn_device<F, O>(
+    /// [`spawn`](Self::spawn) on `device`, handing `on_frames` each block's pixels as RGB8
+    /// (and f32 `[T][3][H][W]` when `want_f32`). On a CUDA device the thread opens the device
+    /// (its own streams, so decoding overlaps whatever else runs on the GPU; on a GPU it shares
+    /// the device's primary context, the DiT's too) and uploads the decoder
+    /// ([`DecodeDevice::open_decoder`]): only those pixels come back to the host. On the CPU the
+    /// frames come from [`Decoder::stream`] and [`Video::to_rgb8`].
+    ///
+    /// Returns once the decoder is ready: a device that cannot be opened, or weights that do
+    /// not fit, are this call's error ([`Error::Device`], [`Error::OutOfMemory`]).
+    pub fn spawn_on<F>(
         decoder: Arc<Decoder>,
+        device: DecodeDevice,
         (latent_h, latent_w): (usize, usize),
         want_f32: bool,
-        open: O,
         state: S,
         mut on_frames: F,
     ) -> Result<Self>
     where
-        F: FnMut(&mut S, &DeviceFrames) -> Result<()> + Send + 'static,
-        O: FnOnce() -> Result<Gpu> + Send + 'static,
+        F: FnMut(&mut S, DeviceFrames) -> Result<()> + Send + 'static,
     {
         decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
-        Self::start(move |rx| {
+        Self::start_ready(move |rx, ready| {
             let mut state = state;
-            let mut dev = CudaDecoder::new(&decoder, open()?)?;
-            dev.begin(latent_h, latent_w)?;
-            for (latents, frames) in rx {
-                let out = dev.push(&latents, frames, want_f32)?;
-                on_frames(&mut state, &out)?;
+            match device.open_decoder(&decoder)? {
+                Some(mut dev) => {
+                    dev.begin(latent_h, latent_w)?;
+                    ready();
+                    for (latents, frames) in rx {
+                        let out = dev.push(&latents, frames, want_f32)?;
+                        on_frames(&mut state, out)?;
+                    }
+                }
+                None => {
+                    let mut stream = decoder.stream(latent_h, latent_w)?;
+                    ready();
+                    for (latents, frames) in rx {
+                        let v = stream.push(&latents, frames)?;
+                        let out = DeviceFrames {
+                            frames: v.frames,
+                            height: v.height,
+                            width: v.width,
+                            rgb: v.to_rgb8(),
+                            f32: want_f32.then_some(v.data),
+                        };
+                        on_frames(&mut state, out)?;
+                    }
+                }
             }
             Ok(state)
         })
@@ -94,6 +115,29 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
             tx: Some(tx),
             worker: Some(worker),
         })
+    }
+
+    /// [`start`](Self::start), then waits until `work` calls its `ready` (its set-up done): an
+    /// error before that is returned here.
+    fn start_ready<W>(work: W) -> Result<Self>
+    where
+        W: FnOnce(Receiver<(Vec<f32>, usize)>, &dyn Fn()) -> Result<S> + Send + 'static,
+    {
+        let (ready_tx, ready_rx) = sync_channel::<()>(1);
+        let mut bg = Self::start(move |rx| {
+            work(rx, &|| {
+                let _ = ready_tx.send(());
+            })
+        })?;
+        if ready_rx.recv().is_err() {
+            // The thread ended before it was ready: it failed. Report its error.
+            bg.tx = None;
+            return match bg.join() {
+                Err(e) => Err(e),
+                Ok(_) => Err(Error::Internal("the decode thread ended early".into())),
+            };
+        }
+        Ok(bg)
     }
 
     /// Queues one block of latent frames (copied). Waits while [`QUEUE_BLOCKS`] blocks are
@@ -145,6 +189,8 @@ impl<S: Send + 'static> Drop for BackgroundDecoder<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cuda::device::Gpu;
+    use crate::decode::CudaDecoder;
 
     fn latents(frames: usize, h: usize, w: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::rng::Rng::new(seed);
@@ -178,11 +224,15 @@ mod tests {
         let mut direct = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
         direct.begin(h, w).unwrap();
         let want = direct.push(&lat, 4, true).unwrap();
-        let mut bg = BackgroundDecoder::spawn_device(
+        let emulated = DecodeDevice::Cuda {
+            ordinal: 0,
+            emulate: true,
+        };
+        let mut bg = BackgroundDecoder::spawn_on(
             dec,
+            emulated,
             (h, w),
             true,
-            Gpu::open_emulated,
             (Vec::new(), Vec::new()),
             |acc, out| {
                 acc.0.extend_from_slice(&out.rgb);
@@ -198,6 +248,54 @@ mod tests {
         let (rgb, f) = bg.finish().unwrap();
         assert_eq!(rgb, want.rgb);
         assert_eq!(Some(f), want.f32);
+    }
+
+    #[test]
+    fn cpu_spawn_on_gives_the_streams_frames_as_rgb8_and_f32() {
+        let dec = Arc::new(Decoder::tiny_taehv(3));
+        let (h, w) = (2, 3);
+        let lat = latents(5, h, w, 4);
+        let whole = dec.decode(&lat, 5, h, w).unwrap();
+        for want_f32 in [false, true] {
+            let mut bg = BackgroundDecoder::spawn_on(
+                dec.clone(),
+                DecodeDevice::Cpu,
+                (h, w),
+                want_f32,
+                (Vec::new(), Vec::new(), 0),
+                |acc, out| {
+                    acc.0.extend_from_slice(&out.rgb);
+                    if let Some(f) = &out.f32 {
+                        acc.1.extend_from_slice(f);
+                    }
+                    acc.2 += out.frames;
+                    Ok(())
+                },
+            )
+            .unwrap();
+            let block = 16 * h * w;
+            bg.push(&lat[..2 * block], 2).unwrap();
+            bg.push(&lat[2 * block..], 3).unwrap();
+            let (rgb, f, frames) = bg.finish().unwrap();
+            assert_eq!(frames, whole.frames);
+            assert_eq!(rgb, whole.to_rgb8());
+            assert_eq!(f, if want_f32 { whole.data.clone() } else { vec![] });
+        }
+    }
+
+    #[test]
+    fn a_device_that_cannot_open_fails_the_spawn_itself() {
+        let dec = Arc::new(Decoder::tiny_taehv(3));
+        let gone = DecodeDevice::Cuda {
+            ordinal: 4000,
+            emulate: false,
+        };
+        let r = BackgroundDecoder::spawn_on(dec, gone, (2, 2), false, (), |_, _| Ok(()));
+        match r {
+            Err(Error::Device(m)) => assert!(m.contains("cpu"), "{m}"),
+            Err(e) => panic!("expected a device error, got {e:?}"),
+            Ok(_) => panic!("a decoder on CUDA device 4000 started"),
+        }
     }
 
     #[test]

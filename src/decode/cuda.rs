@@ -82,7 +82,8 @@ impl In {
     }
 }
 
-/// Decoded frames of one pushed block, as they come back from the device.
+/// Decoded frames of one pushed block, as they come back from the device (or from the CPU
+/// decoder, through [`super::BackgroundDecoder::spawn_on`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DeviceFrames {
     /// Number of frames.

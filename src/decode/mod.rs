@@ -13,6 +13,7 @@ mod background;
 mod bench;
 pub(crate) mod conv;
 mod cuda;
+mod device;
 mod taehv;
 mod wan_vae;
 mod weights;
@@ -23,6 +24,7 @@ pub use bench::{
     table as bench_table, ConvShape, DecodeBench, DeviceDecodeBench,
 };
 pub use cuda::{CudaDecoder, DeviceFrames};
+pub use device::DecodeDevice;
 
 use crate::tensorfile::TensorFile;
 use crate::{Error, Result};

@@ -16,7 +16,7 @@ pub use stream::{
 
 use crate::config::BackendKind;
 use crate::config::{AttentionMode, GenerateOptions, Schedule};
-use crate::decode::{BackgroundDecoder, Decoder};
+use crate::decode::{BackgroundDecoder, DecodeDevice, Decoder};
 use crate::executor::{Generator, RunReport};
 use crate::model::CHANNELS;
 use crate::noise::{NoiseSource, RecordedNoise};
@@ -125,6 +125,8 @@ struct Session {
     text: Option<Arc<TextEncoder>>,
     /// The decoder and frames callback of `bc_session_set_decoder`.
     frames: Option<FramesSink>,
+    /// Where decoders run (the engine's `decoder_device`).
+    decoder_device: DecodeDevice,
     /// A `bc_stream` is open on the session: every other call is refused as busy.
     streaming: bool,
 }
@@ -161,6 +163,8 @@ struct EngineEntry {
     /// The text encoder (`bc_engine_options.text_encoder`, or the built-in one for the
     /// built-in model).
     text: Option<Arc<TextEncoder>>,
+    /// Where the sessions' decoders run (`bc_engine_options.decoder_device`).
+    decoder_device: DecodeDevice,
 }
 
 enum Object {
@@ -320,6 +324,7 @@ fn default_engine_options() -> bc_engine_options {
         text_encoder: std::ptr::null(),
         tokenizer: std::ptr::null(),
         text_encoder_device: std::ptr::null(),
+        decoder_device: std::ptr::null(),
     }
 }
 
@@ -542,6 +547,16 @@ pub unsafe extern "C" fn bc_engine_open(
                 &CStr::from_ptr(o.text_encoder_device).to_string_lossy(),
             )?
         };
+        let decoder_device = if o.decoder_device.is_null() {
+            DecodeDevice::for_backend(kind, &device_ids)
+        } else {
+            DecodeDevice::parse(
+                &CStr::from_ptr(o.decoder_device).to_string_lossy(),
+                &device_ids,
+            )?
+        };
+        // "cuda" without a GPU: a clean BC_ERR_DEVICE now rather than at the first decode.
+        decoder_device.check()?;
         let model = if model_dir.is_null() {
             Engine::open(None)?
         } else {
@@ -568,6 +583,7 @@ pub unsafe extern "C" fn bc_engine_open(
             devices,
             device_ids,
             text: text.map(Arc::new),
+            decoder_device,
         };
         *out = register(Object::Engine(engine)) as *mut bc_engine;
         Ok(())
@@ -612,6 +628,7 @@ pub unsafe extern "C" fn bc_session_open(
         gopts.device_ids = entry.device_ids;
         let engine = entry.engine;
         let text = entry.text;
+        let decoder_device = entry.decoder_device;
         check_memory(&engine, &gopts, gopts.block_frames)?;
         let prompt = PromptEmbeds::builtin(engine.config(), o.seed);
         let session = Session {
@@ -624,6 +641,7 @@ pub unsafe extern "C" fn bc_session_open(
             last: None,
             text,
             frames: None,
+            decoder_device,
             streaming: false,
         };
         *out = register(Object::Session(Arc::new(Mutex::new(session)))) as *mut bc_session;
@@ -762,7 +780,7 @@ pub unsafe extern "C" fn bc_session_generate(
             gen.set_prompt_schedule(&switches)?;
             let (h, w) = (o.height as u32, o.width as u32);
             let mut pixels = match &sess.frames {
-                Some(f) => Some(spawn_frames(f, o.height, o.width)?),
+                Some(f) => Some(spawn_frames(f, sess.decoder_device, o.height, o.width)?),
                 None => None,
             };
             let mut decode_err = None;
@@ -966,31 +984,44 @@ pub unsafe extern "C" fn bc_session_last_stats(
     })
 }
 
-/// Starts the decode thread of one generation: it decodes each pushed block and calls the
-/// frames callback with the block's RGB8 and f32 frames.
-fn spawn_frames(f: &FramesSink, h: usize, w: usize) -> Result<BackgroundDecoder<u32>> {
+/// Starts the decode thread of one generation on `device`: it decodes each pushed block and
+/// calls the frames callback with the block's RGB8 and f32 frames (the callback's contract asks
+/// for both, so f32 comes back from a GPU too).
+fn spawn_frames(
+    f: &FramesSink,
+    device: DecodeDevice,
+    h: usize,
+    w: usize,
+) -> Result<BackgroundDecoder<u32>> {
     let (cb, user) = (f.cb, f.user);
-    BackgroundDecoder::spawn(f.decoder.clone(), h, w, 0u32, move |index, v| {
-        let rgb = v.to_rgb8();
-        // SAFETY: the caller promised `cb` is safe to call with `user` and these arguments,
-        // from another thread (bc_session_set_decoder's contract).
-        let r = unsafe {
-            cb(
-                user.get(),
-                *index,
-                rgb.as_ptr(),
-                v.data.as_ptr(),
-                v.frames as u32,
-                v.height as u32,
-                v.width as u32,
-            )
-        };
-        *index += 1;
-        if r != 0 {
-            return Err(Error::Cancelled);
-        }
-        Ok(())
-    })
+    BackgroundDecoder::spawn_on(
+        f.decoder.clone(),
+        device,
+        (h, w),
+        true,
+        0u32,
+        move |index, v| {
+            let pixels = v.f32.as_deref().unwrap_or_default();
+            // SAFETY: the caller promised `cb` is safe to call with `user` and these arguments,
+            // from another thread (bc_session_set_decoder's contract).
+            let r = unsafe {
+                cb(
+                    user.get(),
+                    *index,
+                    v.rgb.as_ptr(),
+                    pixels.as_ptr(),
+                    v.frames as u32,
+                    v.height as u32,
+                    v.width as u32,
+                )
+            };
+            *index += 1;
+            if r != 0 {
+                return Err(Error::Cancelled);
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Sets (or, with `cb` NULL, removes) the decoder whose frames `bc_session_generate` hands out.

@@ -114,6 +114,7 @@ pub unsafe extern "C" fn bc_stream_open(
                 queue_blocks: o.queue_blocks as usize,
                 target_fps: o.target_fps,
                 decoder,
+                decoder_device: Some(sess.decoder_device),
                 text_encoder: sess.text.clone(),
             };
             let noise = match &sess.noise {

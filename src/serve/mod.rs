@@ -15,7 +15,7 @@
 pub mod protocol;
 mod session;
 
-use crate::decode::Decoder;
+use crate::decode::{DecodeDevice, Decoder};
 use crate::text::TextDevice;
 use crate::TextEncoder;
 use crate::{Engine, Error, GenerateOptions, Generator, NoiseSource, PromptEmbeds, Result};
@@ -48,6 +48,10 @@ pub struct ServeConfig {
     /// Where the text encoder runs (`None`: where `generate.backend` runs; `Some(Cpu)` keeps
     /// the GPU's memory for the DiT).
     pub text_encoder_device: Option<TextDevice>,
+    /// Where the decoder runs (`None`: where `generate.backend` runs, on the DiT's first GPU
+    /// with CUDA, only JPEG-bound RGB8 coming back; `Some(DecodeDevice::Cpu)` keeps the GPU's
+    /// memory for the DiT).
+    pub decoder_device: Option<DecodeDevice>,
     /// Address to listen on (loopback unless told otherwise).
     pub host: String,
     /// Port (0: any free port).
@@ -73,6 +77,7 @@ impl Default for ServeConfig {
             text_encoder: None,
             tokenizer: None,
             text_encoder_device: None,
+            decoder_device: None,
             host: "127.0.0.1".into(),
             port: 7860,
             max_streams: 2,
@@ -101,6 +106,7 @@ pub const MAX_STREAMS: usize = 1024;
 struct Shared {
     engine: Arc<Engine>,
     decoder: Arc<Decoder>,
+    decoder_device: DecodeDevice,
     text: Arc<TextEncoder>,
     generate: GenerateOptions,
     fps: f64,
@@ -185,6 +191,11 @@ impl Server {
             cfg.generate.height,
             cfg.generate.width,
         )?;
+        let decoder_device = cfg.decoder_device.unwrap_or_else(|| {
+            DecodeDevice::for_backend(cfg.generate.backend, &cfg.generate.device_ids)
+        });
+        // A GPU that is not there fails the load, not every stream.
+        decoder_device.check()?;
         let text = match &cfg.text_encoder {
             Some(p) => TextEncoder::load(p, cfg.tokenizer.as_deref())?,
             None => TextEncoder::tiny(0),
@@ -216,6 +227,7 @@ impl Server {
             "noise_like": builtin && cfg.vae.is_none(),
             "model": engine.source(),
             "decoder": decoder.kind().to_string(),
+            "decoder_device": decoder_device.name(),
             "text_encoder": text.source(),
             "width": pw,
             "height": ph,
@@ -226,6 +238,7 @@ impl Server {
             shared: Arc::new(Shared {
                 engine,
                 decoder,
+                decoder_device,
                 text,
                 generate: cfg.generate.clone(),
                 fps: cfg.fps,

@@ -185,6 +185,7 @@ fn open(shared: &Arc<Shared>, prompt: &str, seed: u64, slot: Slot) -> Result<Liv
         queue_blocks: shared.queue_blocks,
         target_fps: shared.fps,
         decoder: Some(shared.decoder.clone()),
+        decoder_device: Some(shared.decoder_device),
         text_encoder: Some(shared.text.clone()),
     };
     let stream = Stream::open(

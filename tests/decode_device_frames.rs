@@ -58,7 +58,10 @@ fn stream_frames(
     for _ in 0..blocks {
         let b = st.next_block(None).unwrap().unwrap();
         assert_eq!((b.pixel_height, b.pixel_width), (8 * H, 8 * W));
-        assert_eq!(b.rgb.as_ref().map(Vec::len), Some(b.pixel_frames * 64 * H * W * 3));
+        assert_eq!(
+            b.rgb.as_ref().map(Vec::len),
+            Some(b.pixel_frames * 64 * H * W * 3)
+        );
         lat.push(b.latents);
         rgb.push(b.rgb.unwrap_or_default());
     }
@@ -94,7 +97,10 @@ fn a_stream_on_the_cuda_backend_decodes_on_its_device() {
     // Default decoder device: where the DiT runs, the (emulated) CUDA device.
     let (lat, rgb) = stream_frames(BackendKind::Cuda, None, 2);
     let (want, f) = direct_device(&lat);
-    assert_eq!(rgb, want, "stream frames differ from CudaDecoder on the same latents");
+    assert_eq!(
+        rgb, want,
+        "stream frames differ from CudaDecoder on the same latents"
+    );
     // The device decoder really ran: its bf16 frames are close to the CPU's, not equal.
     let cpu = cpu_decode(&lat);
     let err = rel_l2(&cpu.data, &f);
@@ -134,7 +140,8 @@ unsafe extern "C" fn collect(
 ) -> i32 {
     let out = &mut *(user as *mut Seen);
     let n = (frames * height * width * 3) as usize;
-    out.rgb.extend_from_slice(std::slice::from_raw_parts(rgb, n));
+    out.rgb
+        .extend_from_slice(std::slice::from_raw_parts(rgb, n));
     out.pixels
         .extend_from_slice(std::slice::from_raw_parts(pixels, n));
     0

@@ -127,6 +127,8 @@ int main(int argc, char **argv) {
 
   bc_engine_options eopts = bc_engine_options_default();
   eopts.backend = "cpu";
+  /* The decoder runs where the backend runs: with "cuda" it runs on the GPU too (bf16), unless
+     eopts.decoder_device = "cpu" keeps the GPU's memory for the DiT. */
   CHECK(bc_engine_open(NULL, &eopts, &engine));
 
   bc_engine_info info;

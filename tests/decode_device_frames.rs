@@ -211,3 +211,45 @@ fn c_abi_decoder_device() {
     }
     set_session_options(None);
 }
+
+/// `generate --decoder-device`: it needs `--video`; `cuda` on a machine without a GPU (and
+/// without emulation) is one error line naming the CPU option, exit code 1, no video left.
+#[test]
+fn cli_decoder_device_errors() {
+    let bin = env!("CARGO_BIN_EXE_blockcascade");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], video: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(bin);
+        c.env_remove("BC_CUDA_EMULATE")
+            .args(["generate", "--frames", "3", "--quiet", "--out"])
+            .arg(dir.path().join("latents.safetensors"))
+            .args(args);
+        if let Some(v) = video {
+            c.arg("--video").arg(v);
+        }
+        c.output().unwrap()
+    };
+    let o = run(&["--decoder-device", "cpu"], None);
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("--decoder-device need --video"), "{stderr}");
+
+    if blockcascade::backend::cuda::info::probe_driver().is_ok() {
+        println!("SKIP the no-GPU half of cli_decoder_device_errors: a CUDA driver is present");
+        return;
+    }
+    let video = dir.path().join("v.y4m");
+    let o = run(&["--decoder-device", "cuda"], Some(&video));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "exit code (a panic gives 101): {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "exactly one error line: {stderr:?}");
+    assert!(lines[0].starts_with("error:"), "{stderr}");
+    assert!(lines[0].contains("--decoder-device cpu"), "{stderr}");
+    assert!(!video.exists(), "no video on failure");
+    assert!(!dir.path().join("latents.safetensors").exists());
+}

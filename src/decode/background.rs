@@ -6,6 +6,7 @@
 //! At most [`QUEUE_BLOCKS`] blocks wait for the decoder: a slow decoder slows the generator
 //! instead of letting memory grow.
 
+use super::device::no_room;
 use super::{DecodeDevice, Decoder, DeviceFrames, Video};
 use crate::{Error, Result};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -74,10 +75,20 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
             let mut state = state;
             match device.open_decoder(&decoder)? {
                 Some(mut dev) => {
-                    dev.begin(latent_h, latent_w)?;
+                    // Activations and stream state are allocated as the first frames need them.
+                    let what = format!(
+                        "the {} decoder's activations for {latent_h}x{latent_w} latents do not \
+                         fit on {}",
+                        decoder.kind(),
+                        dev.device_name()
+                    );
+                    dev.begin(latent_h, latent_w)
+                        .map_err(|e| no_room(e, &what))?;
                     ready();
                     for (latents, frames) in rx {
-                        let out = dev.push(&latents, frames, want_f32)?;
+                        let out = dev
+                            .push(&latents, frames, want_f32)
+                            .map_err(|e| no_room(e, &what))?;
                         on_frames(&mut state, out)?;
                     }
                 }

@@ -104,16 +104,23 @@ impl DecodeDevice {
         let Some(gpu) = self.open()? else {
             return Ok(None);
         };
-        let name = gpu.name.clone();
+        let what = format!(
+            "the {} decoder's weights do not fit on {}",
+            decoder.kind(),
+            gpu.name
+        );
         CudaDecoder::new(decoder, gpu)
             .map(Some)
-            .map_err(|e| match e {
-                Error::OutOfMemory(m) => Error::OutOfMemory(format!(
-                    "the {} decoder does not fit on {name}: {m} ({CPU_HINT})",
-                    decoder.kind()
-                )),
-                other => other,
-            })
+            .map_err(|e| no_room(e, &what))
+    }
+}
+
+/// An out-of-memory error of the device decoder as the user gets it: `what` did not fit, and
+/// the CPU option. Other errors pass unchanged.
+pub(super) fn no_room(e: Error, what: &str) -> Error {
+    match e {
+        Error::OutOfMemory(m) => Error::OutOfMemory(format!("{what}: {m} ({CPU_HINT})")),
+        other => other,
     }
 }
 
@@ -154,6 +161,26 @@ mod tests {
         ));
         let e = DecodeDevice::parse("gpu", &[]).unwrap_err();
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    }
+
+    #[test]
+    fn out_of_memory_names_the_cpu_option_and_other_errors_pass() {
+        let e = no_room(
+            Error::OutOfMemory("cuMemAlloc of 9 bytes".into()),
+            "X did not fit",
+        );
+        assert!(matches!(e, Error::OutOfMemory(_)), "{e:?}");
+        let m = e.to_string();
+        assert!(
+            m.contains("X did not fit") && m.contains("cuMemAlloc of 9 bytes"),
+            "{m}"
+        );
+        assert!(m.contains("decoder_device = \"cpu\""), "{m}");
+        let e = no_room(Error::Device("launch failed".into()), "X");
+        assert_eq!(
+            e.to_string(),
+            Error::Device("launch failed".into()).to_string()
+        );
     }
 
     #[test]

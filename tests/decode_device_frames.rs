@@ -253,3 +253,28 @@ fn cli_decoder_device_errors() {
     assert!(!video.exists(), "no video on failure");
     assert!(!dir.path().join("latents.safetensors").exists());
 }
+
+/// The server checks an explicit CUDA decoder device when it loads: without a GPU driver (and
+/// without emulation) that is the load's error, naming the CPU option.
+#[cfg(feature = "serve")]
+#[test]
+fn serve_refuses_a_decoder_device_it_cannot_use() {
+    use blockcascade::serve::{ServeConfig, Server};
+    if blockcascade::backend::cuda::info::probe_driver().is_ok() {
+        println!("SKIP serve_refuses_a_decoder_device_it_cannot_use: a CUDA driver is present");
+        return;
+    }
+    let cfg = ServeConfig {
+        port: 0,
+        decoder_device: Some(DecodeDevice::Cuda {
+            ordinal: 0,
+            emulate: false,
+        }),
+        ..ServeConfig::default()
+    };
+    match Server::load(&cfg) {
+        Err(blockcascade::Error::Device(m)) => assert!(m.contains("--decoder-device cpu"), "{m}"),
+        Err(e) => panic!("expected a device error, got {e:?}"),
+        Ok(_) => panic!("the server loaded with a CUDA decoder and no GPU"),
+    }
+}

@@ -734,4 +734,37 @@ typedef struct BcDecSoftmaxParams {
     bc_i32 _pad;
 } BcDecSoftmaxParams;
 
+/** `bc_wgmma_probe`: the Hopper (sm_90a) warpgroup-MMA layout probe, a test kernel. One
+ * warpgroup (BC_WGMMA_PROBE_THREADS threads, grid (1)) computes `c[64][n] = a[64][k] . b[n][k]^T`
+ * (k = BC_WGMMA_PROBE_K) with `wgmma.mma_async.m64nNk16.f32.bf16.bf16`: `a` and `b` go through
+ * shared memory in the K-major layout of `swizzle`, then A from shared memory (`a_regs` 0) or
+ * from registers (`a_regs` 1), B always from shared memory. `bad_desc` 1 builds B's descriptor
+ * with the wrong stride (the result must then be wrong: proves the check can fail). Dynamic
+ * shared memory BC_WGMMA_PROBE_SMEM. On sm_80 the kernel traps (wgmma needs sm_90a). */
+#define BC_WGMMA_PROBE_THREADS 128
+/** K extent of the probe (4 k-steps of 16; one 128-byte swizzle row of bf16). */
+#define BC_WGMMA_PROBE_K 64
+/** Largest N of the probe. */
+#define BC_WGMMA_PROBE_MAX_N 256
+/** Dynamic shared memory of `bc_wgmma_probe`: A [64][K] and B [256][K] bf16, plus 1024 bytes
+ * to align the tiles to the 1024-byte period of the 128-byte swizzle. */
+#define BC_WGMMA_PROBE_SMEM ((64 + BC_WGMMA_PROBE_MAX_N) * BC_WGMMA_PROBE_K * 2 + 1024)
+typedef struct BcWgmmaProbeParams {
+    /** `[64][BC_WGMMA_PROBE_K]` bf16, row-major. */
+    const bc_bf16 *a;
+    /** `[n][BC_WGMMA_PROBE_K]` bf16, row-major (B^T: K contiguous). */
+    const bc_bf16 *b;
+    /** `[64][n]` f32, row-major. */
+    float *c;
+    /** N of the instruction: 64, 128 or 256. */
+    bc_i32 n;
+    /** Shared-memory layout and descriptor swizzle: 0 none, 1 128-byte, 2 64-byte, 3 32-byte
+     * (the PTX descriptor's encoding). */
+    bc_i32 swizzle;
+    /** 1: A from registers (the `wgmma ... {a0..a3}, descB` form), 0: A from shared memory. */
+    bc_i32 a_regs;
+    /** 1: B's descriptor gets a wrong stride-dimension byte offset (a deliberately wrong run). */
+    bc_i32 bad_desc;
+} BcWgmmaProbeParams;
+
 #endif /* BLOCKCASCADE_PARAMS_H */

@@ -31,6 +31,10 @@ pub const BC_CONV_THREADS: u32 = 256;
 pub const BC_CONV_MAX_SOURCES: u32 = 3;
 pub const BC_ACT_RELU: u32 = 4;
 pub const BC_DEC_NORM_PIXELS: u32 = 8;
+pub const BC_WGMMA_PROBE_THREADS: u32 = 128;
+pub const BC_WGMMA_PROBE_K: u32 = 64;
+pub const BC_WGMMA_PROBE_MAX_N: u32 = 256;
+pub const BC_WGMMA_PROBE_SMEM: u32 = 41984;
 #[doc = " A bfloat16 value stored as its raw bits."]
 pub type bc_bf16 = u16;
 #[doc = " 64-bit signed count."]
@@ -1134,4 +1138,41 @@ const _: () = {
         [::std::mem::offset_of!(BcDecSoftmaxParams, scale) - 24usize];
     ["Offset of field: BcDecSoftmaxParams::_pad"]
         [::std::mem::offset_of!(BcDecSoftmaxParams, _pad) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcWgmmaProbeParams {
+    #[doc = " `[64][BC_WGMMA_PROBE_K]` bf16, row-major."]
+    pub a: *const bc_bf16,
+    #[doc = " `[n][BC_WGMMA_PROBE_K]` bf16, row-major (B^T: K contiguous)."]
+    pub b: *const bc_bf16,
+    #[doc = " `[64][n]` f32, row-major."]
+    pub c: *mut f32,
+    #[doc = " N of the instruction: 64, 128 or 256."]
+    pub n: bc_i32,
+    #[doc = " Shared-memory layout and descriptor swizzle: 0 none, 1 128-byte, 2 64-byte, 3 32-byte\n (the PTX descriptor's encoding)."]
+    pub swizzle: bc_i32,
+    #[doc = " 1: A from registers (the `wgmma ... {a0..a3}, descB` form), 0: A from shared memory."]
+    pub a_regs: bc_i32,
+    #[doc = " 1: B's descriptor gets a wrong stride-dimension byte offset (a deliberately wrong run)."]
+    pub bad_desc: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcWgmmaProbeParams"][::std::mem::size_of::<BcWgmmaProbeParams>() - 40usize];
+    ["Alignment of BcWgmmaProbeParams"][::std::mem::align_of::<BcWgmmaProbeParams>() - 8usize];
+    ["Offset of field: BcWgmmaProbeParams::a"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, a) - 0usize];
+    ["Offset of field: BcWgmmaProbeParams::b"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, b) - 8usize];
+    ["Offset of field: BcWgmmaProbeParams::c"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, c) - 16usize];
+    ["Offset of field: BcWgmmaProbeParams::n"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, n) - 24usize];
+    ["Offset of field: BcWgmmaProbeParams::swizzle"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, swizzle) - 28usize];
+    ["Offset of field: BcWgmmaProbeParams::a_regs"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, a_regs) - 32usize];
+    ["Offset of field: BcWgmmaProbeParams::bad_desc"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, bad_desc) - 36usize];
 };

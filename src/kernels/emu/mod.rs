@@ -881,3 +881,79 @@ pub fn test_mma(a: &[bf16], b: &[bf16], c: &[f32]) -> LaunchResult<(Vec<f32>, Ve
     }))?;
     Ok((d1, d2))
 }
+
+/// The shared-memory layouts the wgmma probe checks: the descriptor's swizzle code and a name
+/// for the PASS/FAIL lines.
+#[doc(hidden)]
+pub const WGMMA_PROBE_LAYOUTS: [(i32, &str); 4] =
+    [(0, "none"), (1, "128B"), (2, "64B"), (3, "32B")];
+
+/// The N values of the wgmma probe (the instruction shapes m64n64k16, m64n128k16, m64n256k16).
+#[doc(hidden)]
+pub const WGMMA_PROBE_NS: [usize; 3] = [64, 128, 256];
+
+/// Params of the wgmma probe after checking `n` and `swizzle` (pointers are the caller's).
+#[doc(hidden)]
+pub fn wgmma_probe_params(
+    a: *const bc_bf16,
+    b: *const bc_bf16,
+    c: *mut f32,
+    n: usize,
+    swizzle: i32,
+    a_regs: bool,
+    bad_desc: bool,
+) -> LaunchResult<BcWgmmaProbeParams> {
+    let k = Kernel::WgmmaProbe;
+    if !WGMMA_PROBE_NS.contains(&n) {
+        return Err(invalid(k, format!("n = {n}: must be 64, 128 or 256")));
+    }
+    if !(0..=3).contains(&swizzle) {
+        return Err(invalid(k, format!("swizzle = {swizzle}: must be 0..=3")));
+    }
+    Ok(BcWgmmaProbeParams {
+        a,
+        b,
+        c,
+        n: n as i32,
+        swizzle,
+        a_regs: a_regs as i32,
+        bad_desc: bad_desc as i32,
+    })
+}
+
+/// Runs the Hopper warpgroup-MMA layout probe `bc_wgmma_probe` (one warpgroup): returns
+/// `c[64][n] = a[64][K] . b[n][K]^T` (K = `BC_WGMMA_PROBE_K`, both row-major bf16) computed by
+/// wgmma through shared memory in the K-major layout `swizzle` (see `WGMMA_PROBE_LAYOUTS`), A
+/// from shared memory or (`a_regs`) registers; `bad_desc` gives B a wrong stride (the result
+/// must then differ). `c` starts as NaN.
+#[doc(hidden)]
+pub fn wgmma_probe(
+    a: &[bf16],
+    b: &[bf16],
+    n: usize,
+    swizzle: i32,
+    a_regs: bool,
+    bad_desc: bool,
+) -> LaunchResult<Vec<f32>> {
+    let k = Kernel::WgmmaProbe;
+    let kd = BC_WGMMA_PROBE_K as usize;
+    let mut c = vec![f32::NAN; 64 * n];
+    let p = wgmma_probe_params(
+        a.as_ptr() as *const bc_bf16,
+        b.as_ptr() as *const bc_bf16,
+        c.as_mut_ptr(),
+        n,
+        swizzle,
+        a_regs,
+        bad_desc,
+    )?;
+    check_len(k, "a", a.len(), 64 * kd)?;
+    check_len(k, "b", b.len(), n * kd)?;
+    run(Ok(Launch {
+        kernel: k,
+        grid: [1, 1, 1],
+        block: BC_WGMMA_PROBE_THREADS,
+        params: p,
+    }))?;
+    Ok(c)
+}

@@ -805,6 +805,100 @@ fn mma_fragment_layouts_match_the_hardware() {
     }
 }
 
+/// The Hopper warpgroup-MMA layouts on the hardware (run first by the GPU bundle, before any
+/// wgmma kernel relies on them): `bc_wgmma_probe` (one warpgroup, `c[64][n] = a . b^T` through
+/// shared memory) for every shared-memory layout (no swizzle, 128/64/32-byte swizzle), N =
+/// 64/128/256 and A from shared memory or registers, against a plain matmul, one `WGMMA ...
+/// PASS|FAIL` line each; then a deliberately wrong descriptor must FAIL the same check. The SIMT
+/// emulation implements these layouts from the PTX ISA (tests/wgmma_emu.rs); this is the check
+/// that the emulation is the hardware. Needs compute capability 9.0 (sm_90a); elsewhere it
+/// prints `WGMMA SKIP`.
+#[test]
+fn wgmma_layouts_match_the_hardware() {
+    use blockcascade::kernels::emu::{wgmma_probe_params, WGMMA_PROBE_LAYOUTS, WGMMA_PROBE_NS};
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut g) = gpu("wgmma_layouts_match_the_hardware") else {
+        return;
+    };
+    match g.compute_capability() {
+        Some((9, 0)) | None => {}
+        Some((major, minor)) => {
+            println!("WGMMA SKIP: the device is sm_{major}{minor}, wgmma needs sm_90a");
+            return;
+        }
+    }
+    let kd = kernels::params::BC_WGMMA_PROBE_K as usize;
+    let mut rng = Rng::new(78);
+    let mut failed = Vec::new();
+    let mut run = |g: &mut Gpu, n: usize, swizzle: i32, a_regs: bool, bad: bool| -> f32 {
+        let (af, a) = randb(&mut rng, 64 * kd, 1.0);
+        let (bf, b) = randb(&mut rng, n * kd, 1.0);
+        let (ad, bd, cd) = (up(g, &a), up(g, &b), poisoned(g, 64 * n * 4));
+        let p = wgmma_probe_params(
+            ad as *const _,
+            bd as *const _,
+            cd as *mut f32,
+            n,
+            swizzle,
+            a_regs,
+            bad,
+        )
+        .unwrap();
+        // SAFETY: every pointer is a device allocation of the size the kernel reads/writes.
+        let launched = unsafe { g.launch(kernels::Kernel::WgmmaProbe, [1, 1, 1], 128, &p) }
+            .and_then(|()| g.sync());
+        if let Err(e) = launched {
+            println!("WGMMA launch error: {e}");
+            return f32::INFINITY;
+        }
+        let got = down_f(g, cd, 64 * n);
+        let want: Vec<f32> = (0..64 * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (0..kd).map(|k| af[r * kd + k] * bf[c * kd + k]).sum()
+            })
+            .collect();
+        let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+        got.iter()
+            .zip(&want)
+            .map(|(x, w)| {
+                if x.is_finite() {
+                    (x - w).abs() / (w.abs() + 1e-2 * rms)
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .fold(0.0, f32::max)
+    };
+    for n in WGMMA_PROBE_NS {
+        for (swizzle, name) in WGMMA_PROBE_LAYOUTS {
+            for a_regs in [false, true] {
+                let err = run(&mut g, n, swizzle, a_regs, false);
+                let a = if a_regs { "registers" } else { "shared" };
+                let ok = err < 1e-3;
+                println!(
+                    "WGMMA m64n{n}k16 swizzle={name} A={a} {} max_err={err:.2e}",
+                    if ok { "PASS" } else { "FAIL" }
+                );
+                if !ok {
+                    failed.push(format!("m64n{n}k16 swizzle {name} A {a}"));
+                }
+            }
+        }
+    }
+    // The control: a stride-dimension byte offset 16 bytes off must not match.
+    let err = run(&mut g, 64, 1, false, true);
+    let ok = err > 1e-2;
+    println!(
+        "WGMMA control: wrong B descriptor {} (max_err={err:.2e}, must be large)",
+        if ok { "PASS" } else { "FAIL" }
+    );
+    if !ok {
+        failed.push("the wrong-descriptor control matched".into());
+    }
+    assert!(failed.is_empty(), "wgmma layouts that fail: {failed:?}");
+}
+
 fn run_golden(schedule: Schedule, mode: AttentionMode, graphs: bool) -> Vec<f32> {
     set_session_options(Some(CudaOptions {
         graphs,

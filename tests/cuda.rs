@@ -816,6 +816,7 @@ fn mma_fragment_layouts_match_the_hardware() {
 #[test]
 fn wgmma_layouts_match_the_hardware() {
     use blockcascade::kernels::emu::{wgmma_probe_params, WGMMA_PROBE_LAYOUTS, WGMMA_PROBE_NS};
+    use blockcascade::kernels::params::BC_WGMMA_FAULT_STRIDE;
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut g) = gpu("wgmma_layouts_match_the_hardware") else {
         return;
@@ -830,7 +831,7 @@ fn wgmma_layouts_match_the_hardware() {
     let kd = kernels::params::BC_WGMMA_PROBE_K as usize;
     let mut rng = Rng::new(78);
     let mut failed = Vec::new();
-    let mut run = |g: &mut Gpu, n: usize, swizzle: i32, a_regs: bool, bad: bool| -> f32 {
+    let mut run = |g: &mut Gpu, n: usize, swizzle: i32, a_regs: bool, fault: i32| -> f32 {
         let (af, a) = randb(&mut rng, 64 * kd, 1.0);
         let (bf, b) = randb(&mut rng, n * kd, 1.0);
         let (ad, bd, cd) = (up(g, &a), up(g, &b), poisoned(g, 64 * n * 4));
@@ -841,7 +842,7 @@ fn wgmma_layouts_match_the_hardware() {
             n,
             swizzle,
             a_regs,
-            bad,
+            fault,
         )
         .unwrap();
         // SAFETY: every pointer is a device allocation of the size the kernel reads/writes.
@@ -873,7 +874,7 @@ fn wgmma_layouts_match_the_hardware() {
     for n in WGMMA_PROBE_NS {
         for (swizzle, name) in WGMMA_PROBE_LAYOUTS {
             for a_regs in [false, true] {
-                let err = run(&mut g, n, swizzle, a_regs, false);
+                let err = run(&mut g, n, swizzle, a_regs, 0);
                 let a = if a_regs { "registers" } else { "shared" };
                 let ok = err < 1e-3;
                 println!(
@@ -887,7 +888,7 @@ fn wgmma_layouts_match_the_hardware() {
         }
     }
     // The control: a stride-dimension byte offset 16 bytes off must not match.
-    let err = run(&mut g, 64, 1, false, true);
+    let err = run(&mut g, 64, 1, false, BC_WGMMA_FAULT_STRIDE as i32);
     let ok = err > 1e-2;
     println!(
         "WGMMA control: wrong B descriptor {} (max_err={err:.2e}, must be large)",

@@ -6,7 +6,10 @@
 //! swizzle, fragment layouts, async groups); tests/cuda.rs runs the same probe on a Hopper GPU.
 
 use blockcascade::kernels::emu::{self, WGMMA_PROBE_LAYOUTS, WGMMA_PROBE_NS};
-use blockcascade::kernels::params::BC_WGMMA_PROBE_K;
+use blockcascade::kernels::params::{
+    BC_WGMMA_FAULT_DIVERGENT, BC_WGMMA_FAULT_EARLY_READ, BC_WGMMA_FAULT_MISALIGNED,
+    BC_WGMMA_FAULT_NO_WAIT, BC_WGMMA_FAULT_STRIDE, BC_WGMMA_PROBE_K,
+};
 use blockcascade::kernels::LaunchErrorKind;
 use blockcascade::rng::Rng;
 use half::bf16;
@@ -54,7 +57,7 @@ fn wgmma_probe_matches_a_matmul_for_every_layout() {
             for a_regs in [false, true] {
                 let (af, a) = randn_bf16(&mut rng, 64 * K);
                 let (bf, b) = randn_bf16(&mut rng, n * K);
-                let got = emu::wgmma_probe(&a, &b, n, swizzle, a_regs, false).unwrap();
+                let got = emu::wgmma_probe(&a, &b, n, swizzle, a_regs, 0).unwrap();
                 let err = max_err(&got, &reference(&af, &bf, n));
                 let what = format!(
                     "m64n{n}k16 swizzle {name} A from {}",
@@ -74,7 +77,7 @@ fn a_wrong_descriptor_gives_a_wrong_answer() {
     for (swizzle, name) in WGMMA_PROBE_LAYOUTS {
         let (af, a) = randn_bf16(&mut rng, 64 * K);
         let (bf, b) = randn_bf16(&mut rng, 64 * K);
-        match emu::wgmma_probe(&a, &b, 64, swizzle, false, true) {
+        match emu::wgmma_probe(&a, &b, 64, swizzle, false, BC_WGMMA_FAULT_STRIDE as i32) {
             Ok(got) => {
                 let err = max_err(&got, &reference(&af, &bf, 64));
                 assert!(
@@ -90,10 +93,49 @@ fn a_wrong_descriptor_gives_a_wrong_answer() {
 #[test]
 fn wgmma_probe_refuses_bad_arguments() {
     let a = vec![bf16::ZERO; 64 * K];
-    for (n, swizzle) in [(32, 0), (96, 1), (64, 4), (64, -1)] {
-        let e = emu::wgmma_probe(&a, &a, n, swizzle, false, false).unwrap_err();
+    for (n, swizzle, fault) in [(32, 0, 0), (96, 1, 0), (64, 4, 0), (64, -1, 0), (64, 0, 6)] {
+        let e = emu::wgmma_probe(&a, &a, n, swizzle, false, fault).unwrap_err();
         assert_eq!(e.kind, LaunchErrorKind::InvalidArgument, "{e}");
     }
-    let e = emu::wgmma_probe(&a, &a, 128, 0, false, false).unwrap_err();
+    let e = emu::wgmma_probe(&a, &a, 128, 0, false, 0).unwrap_err();
     assert!(e.message.contains("b has"), "{e}");
+}
+
+/// The emulation's own checks of the wgmma rules: D read before the wait is NaN; tiles off the
+/// swizzle period, an mma never waited for, and a warpgroup whose threads pass different
+/// descriptors are errors (each undefined or wrong on hardware).
+#[test]
+fn the_emulation_catches_wgmma_misuse() {
+    let mut rng = Rng::new(92);
+    let (af, a) = randn_bf16(&mut rng, 64 * K);
+    let (bf, b) = randn_bf16(&mut rng, 64 * K);
+    // Without a swizzle only 16-byte alignment matters: tiles 128 bytes off still work.
+    let got = emu::wgmma_probe(&a, &b, 64, 0, false, BC_WGMMA_FAULT_MISALIGNED as i32).unwrap();
+    let err = max_err(&got, &reference(&af, &bf, 64));
+    assert!(
+        err < 1e-4,
+        "unswizzled tiles off the 1024-byte boundary: error {err}"
+    );
+    let early = emu::wgmma_probe(&a, &b, 64, 1, false, BC_WGMMA_FAULT_EARLY_READ as i32).unwrap();
+    assert!(
+        early.iter().all(|v| v.is_nan()),
+        "D before the wait must read as NaN"
+    );
+    for (fault, text) in [
+        (BC_WGMMA_FAULT_MISALIGNED, "swizzle period"),
+        (BC_WGMMA_FAULT_NO_WAIT, "never waited for"),
+        (BC_WGMMA_FAULT_DIVERGENT, "disagree"),
+    ] {
+        for (swizzle, name) in WGMMA_PROBE_LAYOUTS {
+            // (Checked above: without a swizzle there is no period to be off.)
+            if fault == BC_WGMMA_FAULT_MISALIGNED && swizzle == 0 {
+                continue;
+            }
+            let Err(e) = emu::wgmma_probe(&a, &b, 64, swizzle, false, fault as i32) else {
+                panic!("fault {fault}, {name}: the emulation did not notice");
+            };
+            assert_eq!(e.kind, LaunchErrorKind::Trap, "fault {fault}, {name}: {e}");
+            assert!(e.message.contains(text), "fault {fault}, {name}: {e}");
+        }
+    }
 }

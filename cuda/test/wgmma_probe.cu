@@ -7,8 +7,10 @@
 // bc_wgmma_kmajor_offset), then K/16 mma steps accumulate into the f32 fragment (the first with
 // scale-d 0 over NaN registers, so a scale-d that is not honoured shows), A from shared memory
 // through descriptors or (p.a_regs) from registers, B from shared memory; one commit, one
-// wait_group 0, and the fragment is stored by the documented D layout. p.bad_desc adds 16 bytes
-// to B's stride-dimension byte offset: the result must then be wrong.
+// wait_group 0, and the fragment is stored by the documented D layout. p.fault breaks one thing
+// on purpose (BC_WGMMA_FAULT_* in params.h): B's stride off by 16 bytes (the result must be
+// wrong, on a GPU too), and, for the emulation only, D read before the wait, tiles off the
+// swizzle period, no wait, or one warp with another descriptor (the emulation must notice).
 // Checked against a CPU f32 matmul on random bf16 inputs with c poisoned first: under the
 // emulation by tests/kernels_emu.rs (which checks the emulation's reading of the PTX ISA), and on
 // a Hopper GPU by tests/cuda.rs (which checks that reading against the hardware; the GPU bundle
@@ -46,20 +48,22 @@ __device__ __forceinline__ void bc_wgmma_probe_run(const BcWgmmaProbeParams& p, 
 #pragma unroll
     for (int s = 0; s < BC_WGMMA_PROBE_KSTEPS; ++s) {
         uint64_t db = bc_wgmma_kmajor_desc(sb, p.swizzle, N, BC_WGMMA_PROBE_K, s);
-        if (p.bad_desc) db += 1ull << 32;  // stride-dimension byte offset + 16
+        if (p.fault == BC_WGMMA_FAULT_STRIDE) db += 1ull << 32;  // stride-dimension byte offset + 16
+        if (p.fault == BC_WGMMA_FAULT_DIVERGENT && w == 3) db += 1;  // start address + 16
         if (AREGS)
             bc_wgmma_rs<N>(d, a[s], db, s > 0);
         else
             bc_wgmma_ss<N>(d, bc_wgmma_kmajor_desc(sa, p.swizzle, BC_WGMMA_M, BC_WGMMA_PROBE_K, s), db, s > 0);
     }
     bc_wgmma_commit();
-    bc_wgmma_wait<0>();
+    if (p.fault != BC_WGMMA_FAULT_EARLY_READ && p.fault != BC_WGMMA_FAULT_NO_WAIT) bc_wgmma_wait<0>();
     bc_wgmma_fence_operand(d);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const int row = 16 * w + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * q + (i & 1);
         p.c[row * N + col] = d[i];
     }
+    if (p.fault == BC_WGMMA_FAULT_EARLY_READ) bc_wgmma_wait<0>();
 }
 #endif
 
@@ -67,7 +71,8 @@ extern "C" __global__ void __launch_bounds__(BC_WGMMA_PROBE_THREADS) bc_wgmma_pr
 #if BC_HAS_WGMMA
     BC_DYNAMIC_SMEM(smem, BC_WGMMA_PROBE_SMEM);
     // Tiles at the first 1024-byte boundary of the shared window (the 128-byte swizzle period).
-    const unsigned base = bc_smem_window_addr(smem), pad = (1024u - base % 1024u) % 1024u;
+    const unsigned base = bc_smem_window_addr(smem),
+                   pad = (1024u - base % 1024u) % 1024u + (p.fault == BC_WGMMA_FAULT_MISALIGNED && p.n < 256 ? 128u : 0u);
     unsigned char* as = smem + pad;
     unsigned char* bs = as + BC_WGMMA_PROBE_A_BYTES;
     const unsigned sa = base + pad, sb = sa + BC_WGMMA_PROBE_A_BYTES;

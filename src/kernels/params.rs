@@ -34,6 +34,11 @@ pub const BC_DEC_NORM_PIXELS: u32 = 8;
 pub const BC_WGMMA_PROBE_THREADS: u32 = 128;
 pub const BC_WGMMA_PROBE_K: u32 = 64;
 pub const BC_WGMMA_PROBE_MAX_N: u32 = 256;
+pub const BC_WGMMA_FAULT_STRIDE: u32 = 1;
+pub const BC_WGMMA_FAULT_EARLY_READ: u32 = 2;
+pub const BC_WGMMA_FAULT_MISALIGNED: u32 = 3;
+pub const BC_WGMMA_FAULT_NO_WAIT: u32 = 4;
+pub const BC_WGMMA_FAULT_DIVERGENT: u32 = 5;
 pub const BC_WGMMA_PROBE_SMEM: u32 = 41984;
 #[doc = " A bfloat16 value stored as its raw bits."]
 pub type bc_bf16 = u16;
@@ -1154,8 +1159,8 @@ pub struct BcWgmmaProbeParams {
     pub swizzle: bc_i32,
     #[doc = " 1: A from registers (the `wgmma ... {a0..a3}, descB` form), 0: A from shared memory."]
     pub a_regs: bc_i32,
-    #[doc = " 1: B's descriptor gets a wrong stride-dimension byte offset (a deliberately wrong run)."]
-    pub bad_desc: bc_i32,
+    #[doc = " 0, or a deliberate fault BC_WGMMA_FAULT_* (tests that the checks can fail)."]
+    pub fault: bc_i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -1173,6 +1178,6 @@ const _: () = {
         [::std::mem::offset_of!(BcWgmmaProbeParams, swizzle) - 28usize];
     ["Offset of field: BcWgmmaProbeParams::a_regs"]
         [::std::mem::offset_of!(BcWgmmaProbeParams, a_regs) - 32usize];
-    ["Offset of field: BcWgmmaProbeParams::bad_desc"]
-        [::std::mem::offset_of!(BcWgmmaProbeParams, bad_desc) - 36usize];
+    ["Offset of field: BcWgmmaProbeParams::fault"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, fault) - 36usize];
 };

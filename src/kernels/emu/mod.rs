@@ -892,7 +892,8 @@ pub const WGMMA_PROBE_LAYOUTS: [(i32, &str); 4] =
 #[doc(hidden)]
 pub const WGMMA_PROBE_NS: [usize; 3] = [64, 128, 256];
 
-/// Params of the wgmma probe after checking `n` and `swizzle` (pointers are the caller's).
+/// Params of the wgmma probe after checking `n`, `swizzle` and `fault` (0 or a
+/// `BC_WGMMA_FAULT_*`; pointers are the caller's).
 #[doc(hidden)]
 pub fn wgmma_probe_params(
     a: *const bc_bf16,
@@ -901,7 +902,7 @@ pub fn wgmma_probe_params(
     n: usize,
     swizzle: i32,
     a_regs: bool,
-    bad_desc: bool,
+    fault: i32,
 ) -> LaunchResult<BcWgmmaProbeParams> {
     let k = Kernel::WgmmaProbe;
     if !WGMMA_PROBE_NS.contains(&n) {
@@ -910,6 +911,12 @@ pub fn wgmma_probe_params(
     if !(0..=3).contains(&swizzle) {
         return Err(invalid(k, format!("swizzle = {swizzle}: must be 0..=3")));
     }
+    if !(0..=BC_WGMMA_FAULT_DIVERGENT as i32).contains(&fault) {
+        return Err(invalid(
+            k,
+            format!("fault = {fault}: not a BC_WGMMA_FAULT_*"),
+        ));
+    }
     Ok(BcWgmmaProbeParams {
         a,
         b,
@@ -917,15 +924,15 @@ pub fn wgmma_probe_params(
         n: n as i32,
         swizzle,
         a_regs: a_regs as i32,
-        bad_desc: bad_desc as i32,
+        fault,
     })
 }
 
 /// Runs the Hopper warpgroup-MMA layout probe `bc_wgmma_probe` (one warpgroup): returns
 /// `c[64][n] = a[64][K] . b[n][K]^T` (K = `BC_WGMMA_PROBE_K`, both row-major bf16) computed by
 /// wgmma through shared memory in the K-major layout `swizzle` (see `WGMMA_PROBE_LAYOUTS`), A
-/// from shared memory or (`a_regs`) registers; `bad_desc` gives B a wrong stride (the result
-/// must then differ). `c` starts as NaN.
+/// from shared memory or (`a_regs`) registers; `fault` (0 or a `BC_WGMMA_FAULT_*`) breaks it on
+/// purpose (the result must then differ, or the emulation report an error). `c` starts as NaN.
 #[doc(hidden)]
 pub fn wgmma_probe(
     a: &[bf16],
@@ -933,7 +940,7 @@ pub fn wgmma_probe(
     n: usize,
     swizzle: i32,
     a_regs: bool,
-    bad_desc: bool,
+    fault: i32,
 ) -> LaunchResult<Vec<f32>> {
     let k = Kernel::WgmmaProbe;
     let kd = BC_WGMMA_PROBE_K as usize;
@@ -945,7 +952,7 @@ pub fn wgmma_probe(
         n,
         swizzle,
         a_regs,
-        bad_desc,
+        fault,
     )?;
     check_len(k, "a", a.len(), 64 * kd)?;
     check_len(k, "b", b.len(), n * kd)?;

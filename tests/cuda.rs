@@ -806,16 +806,18 @@ fn mma_fragment_layouts_match_the_hardware() {
 }
 
 /// The Hopper warpgroup-MMA layouts on the hardware (run first by the GPU bundle, before any
-/// wgmma kernel relies on them): `bc_wgmma_probe` (one warpgroup, `c[64][n] = a . b^T` through
-/// shared memory) for every shared-memory layout (no swizzle, 128/64/32-byte swizzle), N =
-/// 64/128/256 and A from shared memory or registers, against a plain matmul, one `WGMMA ...
-/// PASS|FAIL` line each; then a deliberately wrong descriptor must FAIL the same check. The SIMT
-/// emulation implements these layouts from the PTX ISA (tests/wgmma_emu.rs); this is the check
-/// that the emulation is the hardware. Needs compute capability 9.0 (sm_90a); elsewhere it
-/// prints `WGMMA SKIP`.
+/// wgmma kernel relies on them): `bc_wgmma_probe` (a warpgroup computes `c[64][n] = a . b^T`
+/// through shared memory) for every shared-memory layout (no swizzle, 128/64/32-byte swizzle),
+/// N = 64/128/256 and A from shared memory or registers, then at N = 128 with one commit group
+/// per k-step and with two warpgroups, against a plain matmul, one `WGMMA ... PASS|FAIL` line
+/// each; then a deliberately wrong descriptor must not match. The SIMT emulation implements
+/// these layouts from the PTX ISA (tests/wgmma_emu.rs); this is the check that the emulation is
+/// the hardware. Needs compute capability 9.0 (sm_90a); elsewhere it prints `WGMMA SKIP`.
 #[test]
 fn wgmma_layouts_match_the_hardware() {
-    use blockcascade::kernels::emu::{wgmma_probe_params, WGMMA_PROBE_LAYOUTS, WGMMA_PROBE_NS};
+    use blockcascade::kernels::emu::{
+        wgmma_probe_params, WgmmaProbeCase, WGMMA_PROBE_LAYOUTS, WGMMA_PROBE_NS,
+    };
     use blockcascade::kernels::params::BC_WGMMA_FAULT_STRIDE;
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut g) = gpu("wgmma_layouts_match_the_hardware") else {
@@ -830,29 +832,24 @@ fn wgmma_layouts_match_the_hardware() {
     }
     let kd = kernels::params::BC_WGMMA_PROBE_K as usize;
     let mut rng = Rng::new(78);
-    let mut failed = Vec::new();
-    let mut run = |g: &mut Gpu, n: usize, swizzle: i32, a_regs: bool, fault: i32| -> f32 {
+    // Largest error of any warpgroup's output, relative to |want| + 1e-2 rms(want); infinite
+    // for a non-finite value or a failed launch.
+    let mut run = |g: &mut Gpu, case: &WgmmaProbeCase| -> f32 {
+        let n = case.n;
         let (af, a) = randb(&mut rng, 64 * kd, 1.0);
         let (bf, b) = randb(&mut rng, n * kd, 1.0);
-        let (ad, bd, cd) = (up(g, &a), up(g, &b), poisoned(g, 64 * n * 4));
-        let p = wgmma_probe_params(
-            ad as *const _,
-            bd as *const _,
-            cd as *mut f32,
-            n,
-            swizzle,
-            a_regs,
-            fault,
-        )
-        .unwrap();
+        let (ad, bd) = (up(g, &a), up(g, &b));
+        let cd = poisoned(g, case.out_len() * 4);
+        let p = wgmma_probe_params(ad as *const _, bd as *const _, cd as *mut f32, case).unwrap();
         // SAFETY: every pointer is a device allocation of the size the kernel reads/writes.
-        let launched = unsafe { g.launch(kernels::Kernel::WgmmaProbe, [1, 1, 1], 128, &p) }
-            .and_then(|()| g.sync());
+        let launched =
+            unsafe { g.launch(kernels::Kernel::WgmmaProbe, [1, 1, 1], case.block(), &p) }
+                .and_then(|()| g.sync());
         if let Err(e) = launched {
             println!("WGMMA launch error: {e}");
             return f32::INFINITY;
         }
-        let got = down_f(g, cd, 64 * n);
+        let got = down_f(g, cd, case.out_len());
         let want: Vec<f32> = (0..64 * n)
             .map(|i| {
                 let (r, c) = (i / n, i % n);
@@ -860,8 +857,8 @@ fn wgmma_layouts_match_the_hardware() {
             })
             .collect();
         let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
-        got.iter()
-            .zip(&want)
+        got.chunks(want.len())
+            .flat_map(|part| part.iter().zip(&want))
             .map(|(x, w)| {
                 if x.is_finite() {
                     (x - w).abs() / (w.abs() + 1e-2 * rms)
@@ -871,24 +868,59 @@ fn wgmma_layouts_match_the_hardware() {
             })
             .fold(0.0, f32::max)
     };
+    let mut cases = Vec::new();
     for n in WGMMA_PROBE_NS {
-        for (swizzle, name) in WGMMA_PROBE_LAYOUTS {
+        for (swizzle, _) in WGMMA_PROBE_LAYOUTS {
             for a_regs in [false, true] {
-                let err = run(&mut g, n, swizzle, a_regs, 0);
-                let a = if a_regs { "registers" } else { "shared" };
-                let ok = err < 1e-3;
-                println!(
-                    "WGMMA m64n{n}k16 swizzle={name} A={a} {} max_err={err:.2e}",
-                    if ok { "PASS" } else { "FAIL" }
-                );
-                if !ok {
-                    failed.push(format!("m64n{n}k16 swizzle {name} A {a}"));
-                }
+                cases.push(WgmmaProbeCase {
+                    a_regs,
+                    ..WgmmaProbeCase::new(n, swizzle)
+                });
             }
         }
     }
+    for (swizzle, _) in WGMMA_PROBE_LAYOUTS {
+        for (warpgroups, a_regs) in [(1, false), (2, true)] {
+            cases.push(WgmmaProbeCase {
+                a_regs,
+                pipelined: true,
+                warpgroups,
+                ..WgmmaProbeCase::new(128, swizzle)
+            });
+        }
+    }
+    let mut failed = Vec::new();
+    for case in &cases {
+        let err = run(&mut g, case);
+        let layout = WGMMA_PROBE_LAYOUTS[case.swizzle as usize].1;
+        let what = format!(
+            "m64n{}k16 swizzle={layout} A={}{}{}",
+            case.n,
+            if case.a_regs { "registers" } else { "shared" },
+            if case.pipelined {
+                " group-per-kstep"
+            } else {
+                ""
+            },
+            if case.warpgroups > 1 {
+                " warpgroups=2"
+            } else {
+                ""
+            },
+        );
+        let ok = err < 1e-3;
+        let verdict = if ok { "PASS" } else { "FAIL" };
+        println!("WGMMA {what} {verdict} max_err={err:.2e}");
+        if !ok {
+            failed.push(what);
+        }
+    }
     // The control: a stride-dimension byte offset 16 bytes off must not match.
-    let err = run(&mut g, 64, 1, false, BC_WGMMA_FAULT_STRIDE as i32);
+    let control = WgmmaProbeCase {
+        fault: BC_WGMMA_FAULT_STRIDE as i32,
+        ..WgmmaProbeCase::new(64, 1)
+    };
+    let err = run(&mut g, &control);
     let ok = err > 1e-2;
     println!(
         "WGMMA control: wrong B descriptor {} (max_err={err:.2e}, must be large)",

@@ -734,9 +734,9 @@ typedef struct BcDecSoftmaxParams {
     bc_i32 _pad;
 } BcDecSoftmaxParams;
 
-/** `bc_wgmma_probe`: the Hopper (sm_90a) warpgroup-MMA layout probe, a test kernel. One
- * warpgroup (BC_WGMMA_PROBE_THREADS threads, grid (1)) computes `c[64][n] = a[64][k] . b[n][k]^T`
- * (k = BC_WGMMA_PROBE_K) with `wgmma.mma_async.m64nNk16.f32.bf16.bf16`: `a` and `b` go through
+/** `bc_wgmma_probe`: the Hopper (sm_90a) warpgroup-MMA layout probe, a test kernel. Grid (1),
+ * block `warpgroups` x BC_WGMMA_PROBE_THREADS; each warpgroup j computes `c[j][64][n] = a[64][k] .
+ * b[n][k]^T` (k = BC_WGMMA_PROBE_K) with `wgmma.mma_async.m64nNk16.f32.bf16.bf16`: `a` and `b` go through
  * shared memory in the K-major layout of `swizzle`, then A from shared memory (`a_regs` 0) or
  * from registers (`a_regs` 1), B always from shared memory. `fault` != 0 breaks the kernel on
  * purpose (BC_WGMMA_FAULT_*: the result must then be wrong, or the emulation must report an
@@ -747,6 +747,8 @@ typedef struct BcDecSoftmaxParams {
 #define BC_WGMMA_PROBE_K 64
 /** Largest N of the probe. */
 #define BC_WGMMA_PROBE_MAX_N 256
+/** Most warpgroups of `bc_wgmma_probe`. */
+#define BC_WGMMA_PROBE_MAX_WARPGROUPS 2
 /** `fault` of `bc_wgmma_probe`: B's stride-dimension byte offset 16 bytes off (wrong result; the
  * GPU test's control). */
 #define BC_WGMMA_FAULT_STRIDE 1
@@ -767,7 +769,7 @@ typedef struct BcWgmmaProbeParams {
     const bc_bf16 *a;
     /** `[n][BC_WGMMA_PROBE_K]` bf16, row-major (B^T: K contiguous). */
     const bc_bf16 *b;
-    /** `[64][n]` f32, row-major. */
+    /** `[warpgroups][64][n]` f32, row-major. */
     float *c;
     /** N of the instruction: 64, 128 or 256. */
     bc_i32 n;
@@ -778,6 +780,11 @@ typedef struct BcWgmmaProbeParams {
     bc_i32 a_regs;
     /** 0, or a deliberate fault BC_WGMMA_FAULT_* (tests that the checks can fail). */
     bc_i32 fault;
+    /** 1: every k-step is its own commit group, waited for with wait_group 1 while the next is
+     * in flight (wait_group 0 at the end); 0: one group for all k-steps. */
+    bc_i32 pipelined;
+    /** Warpgroups of the block (1 or 2): each computes the whole `c[j]`. */
+    bc_i32 warpgroups;
 } BcWgmmaProbeParams;
 
 #endif /* BLOCKCASCADE_PARAMS_H */

@@ -1,13 +1,14 @@
 // bc_wgmma_probe: the Hopper warpgroup-MMA layout probe (a test kernel, not used by the engine).
-// One warpgroup (BC_WGMMA_PROBE_THREADS = 128 threads, grid (1)) computes
-//   c[64][n] = a[64][K] . b[n][K]^T        (K = BC_WGMMA_PROBE_K = 64, n = 64, 128 or 256)
+// Each of p.warpgroups warpgroups (BC_WGMMA_PROBE_THREADS = 128 threads each, grid (1)) computes
+//   c[j][64][n] = a[64][K] . b[n][K]^T     (K = BC_WGMMA_PROBE_K = 64, n = 64, 128 or 256)
 // with wgmma.mma_async.m64nNk16.f32.bf16.bf16 (../include/wgmma.cuh): a and b (row-major,
 // K contiguous) are copied to shared memory in the K-major layout of p.swizzle (none, 128B,
 // 64B, 32B; tiles at a 1024-byte boundary of the shared window, the layout of
 // bc_wgmma_kmajor_offset), then K/16 mma steps accumulate into the f32 fragment (the first with
 // scale-d 0 over NaN registers, so a scale-d that is not honoured shows), A from shared memory
 // through descriptors or (p.a_regs) from registers, B from shared memory; one commit, one
-// wait_group 0, and the fragment is stored by the documented D layout. p.fault breaks one thing
+// wait_group 0 (or, p.pipelined, one group per k-step with wait_group 1 in between), and the
+// fragment is stored by the documented D layout (thread index within the warpgroup). p.fault breaks one thing
 // on purpose (BC_WGMMA_FAULT_* in params.h): B's stride off by 16 bytes (the result must be
 // wrong, on a GPU too), and, for the emulation only, D read before the wait, tiles off the
 // swizzle period, no wait, or one warp with another descriptor (the emulation must notice).
@@ -27,7 +28,8 @@
 template <int N, bool AREGS>
 __device__ __forceinline__ void bc_wgmma_probe_run(const BcWgmmaProbeParams& p, const unsigned char* as, unsigned sa,
                                                    unsigned sb) {
-    const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+    const int t = threadIdx.x % BC_WGMMA_THREADS, w = t / 32, g = (t % 32) / 4, q = t % 4;
+    float* c = p.c + threadIdx.x / BC_WGMMA_THREADS * BC_WGMMA_M * N;
     constexpr int R = N / 2;
     float d[R];
 #pragma unroll
@@ -54,6 +56,10 @@ __device__ __forceinline__ void bc_wgmma_probe_run(const BcWgmmaProbeParams& p, 
             bc_wgmma_rs<N>(d, a[s], db, s > 0);
         else
             bc_wgmma_ss<N>(d, bc_wgmma_kmajor_desc(sa, p.swizzle, BC_WGMMA_M, BC_WGMMA_PROBE_K, s), db, s > 0);
+        if (p.pipelined) {
+            bc_wgmma_commit();
+            if (s > 0) bc_wgmma_wait<1>();  // step s-1 done, step s in flight
+        }
     }
     bc_wgmma_commit();
     if (p.fault != BC_WGMMA_FAULT_EARLY_READ && p.fault != BC_WGMMA_FAULT_NO_WAIT) bc_wgmma_wait<0>();
@@ -61,13 +67,13 @@ __device__ __forceinline__ void bc_wgmma_probe_run(const BcWgmmaProbeParams& p, 
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const int row = 16 * w + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * q + (i & 1);
-        p.c[row * N + col] = d[i];
+        c[row * N + col] = d[i];
     }
     if (p.fault == BC_WGMMA_FAULT_EARLY_READ) bc_wgmma_wait<0>();
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(BC_WGMMA_PROBE_THREADS) bc_wgmma_probe(BcWgmmaProbeParams p) {
+extern "C" __global__ void __launch_bounds__(BC_WGMMA_PROBE_THREADS* BC_WGMMA_PROBE_MAX_WARPGROUPS) bc_wgmma_probe(BcWgmmaProbeParams p) {
 #if BC_HAS_WGMMA
     BC_DYNAMIC_SMEM(smem, BC_WGMMA_PROBE_SMEM);
     // Tiles at the first 1024-byte boundary of the shared window (the 128-byte swizzle period).
@@ -76,14 +82,14 @@ extern "C" __global__ void __launch_bounds__(BC_WGMMA_PROBE_THREADS) bc_wgmma_pr
     unsigned char* as = smem + pad;
     unsigned char* bs = as + BC_WGMMA_PROBE_A_BYTES;
     const unsigned sa = base + pad, sb = sa + BC_WGMMA_PROBE_A_BYTES;
-    const int t = threadIdx.x, n = p.n;
+    const int t = threadIdx.x, n = p.n, nt = (int)blockDim.x;
     // Element by element (the inputs need no alignment), into the swizzled K-major tiles.
-    for (int i = t; i < BC_WGMMA_M * BC_WGMMA_PROBE_K; i += BC_WGMMA_PROBE_THREADS) {
+    for (int i = t; i < BC_WGMMA_M * BC_WGMMA_PROBE_K; i += nt) {
         const int r = i / BC_WGMMA_PROBE_K, k = i % BC_WGMMA_PROBE_K;
         *reinterpret_cast<__nv_bfloat16*>(as + bc_wgmma_kmajor_offset(p.swizzle, BC_WGMMA_M, BC_WGMMA_PROBE_K, r, k)) =
             p.a[i];
     }
-    for (int i = t; i < n * BC_WGMMA_PROBE_K; i += BC_WGMMA_PROBE_THREADS) {
+    for (int i = t; i < n * BC_WGMMA_PROBE_K; i += nt) {
         const int r = i / BC_WGMMA_PROBE_K, k = i % BC_WGMMA_PROBE_K;
         *reinterpret_cast<__nv_bfloat16*>(bs + bc_wgmma_kmajor_offset(p.swizzle, n, BC_WGMMA_PROBE_K, r, k)) = p.b[i];
     }

@@ -595,6 +595,11 @@ static bool wg_land(Block* b, Warpgroup& wg, size_t j) {
             for (int k = 0; k < 16; ++k) s += fa[row * 16 + k] * fb[col * 16 + k];
             res[i] = op.scale_d ? op.cin[(size_t)t * r + i] + s : s;
         }
+        if (op.scale_d && op.chained[t]) {  // the op before it on these registers never landed
+            set_error(b, 3, "wgmma at %s:%d: emulation error: chained accumulators without their input", op.file,
+                      op.line);
+            return false;
+        }
         WgOp* next = nullptr;
         for (size_t m = j + 1; m < wg.pending.size() && !next; ++m)
             if (wg.pending[m].d[t] == op.d[t]) next = &wg.pending[m];

@@ -131,7 +131,7 @@ impl CudaBackend<'_> {
                 e0.extend_from_slice(&e0i);
             }
         }
-        self.load_latents(members, held)?;
+        self.load_latents(members, held, &own)?;
         let g = &self.gpu;
         let t = &tables;
         g.upload_staged(self.b.e, &e)?;

@@ -10,7 +10,7 @@ use blockcascade::backend::cuda::device::Gpu;
 use blockcascade::backend::cuda::emu_device::{set_stream_order, StreamOrder};
 use blockcascade::backend::cuda::{
     device_flow_steps, double_kv_devices, graph_replays, latent_moves, peer_copy_bytes,
-    set_session_options, CudaOptions,
+    set_session_options, time_table_uploads, CudaOptions,
 };
 use blockcascade::config::BackendKind;
 use blockcascade::config::KvExchange;
@@ -661,11 +661,17 @@ struct Moved {
     downloads: usize,
     flow_steps: usize,
     latent_moves: usize,
+    time_uploads: usize,
 }
 
 /// Runs `f` and counts what it moved between host and devices.
 fn counted<T>(f: impl FnOnce() -> T) -> (T, Moved) {
-    let (t0, s0, m0) = (host_traffic(), device_flow_steps(), latent_moves());
+    let (t0, s0, m0, u0) = (
+        host_traffic(),
+        device_flow_steps(),
+        latent_moves(),
+        time_table_uploads(),
+    );
     let out = f();
     let t1 = host_traffic();
     let moved = Moved {
@@ -674,6 +680,7 @@ fn counted<T>(f: impl FnOnce() -> T) -> (T, Moved) {
         downloads: t1.downloads - t0.downloads,
         flow_steps: device_flow_steps() - s0,
         latent_moves: latent_moves() - m0,
+        time_uploads: time_table_uploads() - u0,
     };
     (out, moved)
 }
@@ -711,8 +718,8 @@ fn device_latents_on_two_devices_match_the_host_flow_step_bit_for_bit() {
             let (device, md) = run(true);
             let (host, device) = (host.unwrap().0, device.unwrap().0);
             println!(
-                "TRAFFIC 2 devices, {xch:?}, {schedule:?}: host step: {} B up, {} B down in {} downloads; device latents: {} B up, {} B down in {} downloads, {} flow steps on the devices, {} blocks moved between devices",
-                mh.staged, mh.down_bytes, mh.downloads, md.staged, md.down_bytes, md.downloads, md.flow_steps, md.latent_moves
+                "TRAFFIC 2 devices, {xch:?}, {schedule:?}: host step: {} B up, {} B down in {} downloads; device latents: {} B up, {} B down in {} downloads, {} flow steps on the devices, {} blocks moved between devices, {} time embeddings into the tables",
+                mh.staged, mh.down_bytes, mh.downloads, md.staged, md.down_bytes, md.downloads, md.flow_steps, md.latent_moves, md.time_uploads
             );
             assert_eq!(
                 mh.flow_steps, 0,
@@ -745,7 +752,9 @@ fn device_latents_on_two_devices_match_the_host_flow_step_bit_for_bit() {
 
 /// The separate context pass (a block's clean re-forward in a forward of its own) reads the
 /// block's latents held on the device instead of uploading them, on one and two devices: the
-/// same bits as the host flow step, fewer bytes down.
+/// same bits as the host flow step, fewer bytes down. The time embeddings come from each
+/// device's table: every distinct timestep (the steps' and the context's) goes up at most once
+/// per device.
 #[test]
 fn separate_context_pass_reads_the_held_latents() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -762,8 +771,8 @@ fn separate_context_pass_reads_the_held_latents() {
         let (device, md) = run(true);
         let ((host, rh), (device, rd)) = (host.unwrap(), device.unwrap());
         println!(
-            "TRAFFIC separate context pass, {devices} device(s): host step: {} B up, {} B down in {} downloads; device latents: {} B up, {} B down in {} downloads",
-            mh.staged, mh.down_bytes, mh.downloads, md.staged, md.down_bytes, md.downloads
+            "TRAFFIC separate context pass, {devices} device(s): host step: {} B up, {} B down in {} downloads; device latents: {} B up, {} B down in {} downloads, {} time embeddings into the table",
+            mh.staged, mh.down_bytes, mh.downloads, md.staged, md.down_bytes, md.downloads, md.time_uploads
         );
         assert_eq!(
             rh.forward_passes, rd.forward_passes,
@@ -774,6 +783,16 @@ fn separate_context_pass_reads_the_held_latents() {
             "{devices}: no separate context pass ran"
         );
         assert!(md.flow_steps > 0 && md.downloads < mh.downloads && md.staged < mh.staged);
+        let timesteps = golden().opts.steps.len() + 1;
+        assert_eq!(
+            mh.time_uploads, 0,
+            "{devices}: the host path used the time table"
+        );
+        assert!(
+            md.time_uploads > 0 && md.time_uploads <= devices * timesteps,
+            "{devices}: {} time embeddings uploaded for {timesteps} timesteps",
+            md.time_uploads
+        );
         assert!(
             host == device,
             "{devices} device(s): device latents differ from the host flow step (rel L2 {:.3e})",

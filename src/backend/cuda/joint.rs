@@ -441,6 +441,9 @@ impl Backend for MultiCudaBackend<'_> {
             .held_placement
             .take()
             .ok_or_else(|| Error::Internal("a flow step without a forward".into()))?;
+        if placement.iter().map(Vec::len).sum::<usize>() != steps.len() {
+            return Err(Error::Internal("one flow step per member expected".into()));
+        }
         let mut out: Vec<Option<Vec<f32>>> = vec![None; steps.len()];
         for (dev, own) in self.devs.iter_mut().zip(&placement) {
             if own.iter().any(|&i| i >= steps.len()) {

@@ -101,8 +101,8 @@ def wan_streamer(a, torch, dim=96, state_dict=None):
                     temperal_downsample=[False, True, True], dropout=0.0).eval()
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=False)
+    model.clear_cache()  # counts the encoder's convs too: before dropping it
     model.encoder = None
-    model.clear_cache()
 
     def run(z):
         return model.cached_decode(z, [mean, 1.0 / std]).clamp_(-1, 1)

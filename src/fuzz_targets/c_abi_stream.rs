@@ -30,11 +30,13 @@ const WAIT_MS: i32 = 2;
 /// session's latent shape; a busy session refuses to generate; a closed stream's handle is
 /// refused by `bc_stream_next` and a second close is harmless.
 pub fn c_abi_stream(bytes: &[u8]) -> Result<()> {
-    run(bytes).map(|_| ())
+    run(bytes, WAIT_MS).map(|_| ())
 }
 
-/// [`c_abi_stream`], returning the number of blocks handed out.
-fn run(bytes: &[u8]) -> Result<u64> {
+/// [`c_abi_stream`] with `wait_ms` for the waiting `bc_stream_next` calls, returning the
+/// number of blocks handed out. Tests wait longer than the fuzzer so that a loaded machine
+/// cannot make them miss a block.
+fn run(bytes: &[u8], wait_ms: i32) -> Result<u64> {
     let mut head = [0u8; 29];
     let n = bytes.len().min(head.len());
     head[..n].copy_from_slice(&bytes[..n]);
@@ -54,7 +56,8 @@ fn run(bytes: &[u8]) -> Result<u64> {
     let mut st = std::ptr::null_mut();
     // SAFETY: a live session, full-sized options, a valid out pointer.
     status(unsafe { bc_stream_open(sess.0, &sopts, &mut st) })?;
-    let result = drive(st, &sess, block_size, bytes.get(29..).unwrap_or_default());
+    let ops = bytes.get(29..).unwrap_or_default();
+    let result = drive(st, &sess, block_size, ops, wait_ms);
     bc_stream_close(st);
     bc_stream_close(st);
     // SAFETY: an all-zero block is a valid value; the struct is full-sized.
@@ -71,7 +74,13 @@ fn run(bytes: &[u8]) -> Result<u64> {
 
 /// Runs the calls of `ops` on the open stream `st` of session `sess`; returns the number of
 /// blocks handed out.
-fn drive(st: *mut bc_stream, sess: &Session, block_size: u32, mut ops: &[u8]) -> Result<u64> {
+fn drive(
+    st: *mut bc_stream,
+    sess: &Session,
+    block_size: u32,
+    mut ops: &[u8],
+    wait_ms: i32,
+) -> Result<u64> {
     let mut next_index = 0u64;
     let mut calls = 0;
     while let Some((&op, rest)) = ops.split_first() {
@@ -85,7 +94,7 @@ fn drive(st: *mut bc_stream, sess: &Session, block_size: u32, mut ops: &[u8]) ->
                 // SAFETY: an all-zero block is a valid value; the struct is full-sized.
                 let mut out: bc_stream_block = unsafe { std::mem::zeroed() };
                 out.struct_size = block_size;
-                let wait = if op % 5 == 0 { 0 } else { WAIT_MS };
+                let wait = if op % 5 == 0 { 0 } else { wait_ms };
                 // SAFETY: a live stream and a full-sized, writable struct.
                 let r = unsafe { bc_stream_next(st, wait, &mut out) };
                 if r == BC_OK {
@@ -185,9 +194,11 @@ mod tests {
     fn a_valid_input_streams_blocks_and_switches() {
         // next (waiting), a switch to a 1 x 2 prompt, next until two blocks came.
         let ops = [1, 2, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4];
-        let blocks = run(&input(0, 6, &ops)).unwrap();
-        assert!(blocks >= 1, "no block in 8 waits");
-        assert!(run(&input(1, 6, &[1, 1, 1, 1])).is_ok());
+        // Waits return as soon as a block comes; the long bound only keeps a loaded machine
+        // (CI, parallel tests) from turning a slow block into a failure.
+        let blocks = run(&input(0, 6, &ops), 10_000).unwrap();
+        assert!(blocks >= 2, "{blocks} blocks in 10 waits");
+        assert!(run(&input(1, 6, &[1, 1, 1, 1]), 10_000).is_ok());
     }
 
     #[test]

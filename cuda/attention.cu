@@ -30,6 +30,22 @@
 // Both row tiles walk the same key tiles and give every warp the same 32 rows' work in the
 // same order, so they differ only in how many warps share a block: their outputs are
 // bit-identical (tests/kernels_emu.rs) and the tile the backend picks never changes numbers.
+//   bc_attention_wgmma_hd64       Hopper prototype (sm_90a; the sm_80 cubin traps), off by
+//                                 default (BC_ATTN_WGMMA=1 on a 9.0 device, AttentionTile::
+//                                 Wgmma64): BQ = 64 rows = one warpgroup (4 warps x 16 rows,
+//                                 AttCfg MT = 1, WG), BK = 64. Same copies, swizzle, softmax and
+//                                 P V (mma.sync) as above, but S = Q K^T is 4 wgmma m64n64k16
+//                                 (A = the Q tile, B = the K tile, both read by descriptor:
+//                                 hd64's rows are 128 bytes with chunk c at c ^ (row % 8), which
+//                                 is wgmma's 128-byte swizzle once the tiles start on a 1024-byte
+//                                 boundary: dynamic shared memory with 1024 bytes of slack;
+//                                 SBO 1024, k-step s at + 32 s bytes), one commit + wait_group 0
+//                                 per key tile; the warp's D fragment is the mma.sync C layout
+//                                 of its m16 tile, so the softmax reads it as is. cp.async'd and
+//                                 sign-flipped tiles are made visible to wgmma by
+//                                 fence.proxy.async before the barrier. Its S sums in another
+//                                 order: checked against the CPU, not for the same bits. See
+//                                 docs/wgmma.md.
 // Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
 // stacked along the query rows; warp w owns rows [32w, 32w + 32) of the block's BQ rows. Keys
 // are walked one segment at a time in tiles of BK keys; a tile never crosses a segment end.

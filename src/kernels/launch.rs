@@ -965,3 +965,34 @@ pub fn dec_softmax(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wgmma prototype tile runs its own kernel (one warpgroup) up to head_dim 64 only;
+    /// above, the launch is rows64's in full (kernel, block and rows agree).
+    #[test]
+    fn wgmma_tile_is_hd64_only() {
+        let t = AttentionTile::Wgmma64;
+        assert!(
+            !AttentionTile::ALL.contains(&t),
+            "the tuner must never pick it"
+        );
+        assert_eq!(t.kernel(64), Kernel::AttentionWgmmaHd64);
+        assert_eq!(t.kernel(128), Kernel::AttentionHd128);
+        let l = |hd| {
+            use std::ptr::{null, null_mut};
+            attention(null(), null_mut(), 2, hd, null(), null(), null(), 1, 100, t).unwrap()
+        };
+        let (a, b) = (l(64), l(128));
+        assert_eq!(
+            (a.kernel, a.block, a.grid[0]),
+            (Kernel::AttentionWgmmaHd64, 128, 2)
+        );
+        assert_eq!(
+            (b.kernel, b.block, b.grid[0]),
+            (Kernel::AttentionHd128, 64, 2)
+        );
+    }
+}

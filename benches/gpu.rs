@@ -4,7 +4,8 @@
 //! 1. Measured peaks: bf16 GEMM TFLOP/s (cuBLASLt, 8192^3) and device-memory GB/s (copy).
 //! 2. Kernels at Wan-1.3B shapes (4680 query tokens = 3 frames of 30x52 patches, 12 heads x
 //!    128): self-attention over 32760 keys (21 frames) and cross-attention over 512 text
-//!    tokens in TFLOP/s; the GEMMs of a layer in TFLOP/s; the memory-bound fused ops in GB/s.
+//!    tokens in TFLOP/s (and self-attention at 24 heads x 64 with the mma.sync tiles and, on
+//!    sm_90 with `BC_WGMMA_OK=1`, the wgmma prototype); the GEMMs of a layer in TFLOP/s; the memory-bound fused ops in GB/s.
 //! 3. End to end with the `wan-1.3b-shape` model shapes (random weights), 60x104 latents,
 //!    21 frames (7 blocks of 3), 4 steps: ms per block (the 6th block and the steady-state
 //!    mean), FPS (12 video frames per block), sequential vs cascade lag 1..3.
@@ -236,6 +237,29 @@ fn main() {
             name: format!("attention cross q{n} k512 12x128 {}", tile.name()),
             ms,
             value: fl / ms / 1e9,
+            unit: "TFLOP/s",
+            peak: peak_tflops,
+        });
+    }
+    // head_dim 64 (24 x 64, the same buffers and FLOPs): the mma.sync tiles and, on sm_90 once
+    // the wgmma layouts passed on this device (the GPU bundle sets BC_WGMMA_OK=1 then), the
+    // Hopper wgmma prototype next to them.
+    let mut tiles64 = AttentionTile::ALL.to_vec();
+    if g.compute_capability() == Some((9, 0)) {
+        if std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1") {
+            tiles64.push(AttentionTile::Wgmma64);
+        } else {
+            println!("SKIP attention wgmma64: BC_WGMMA_OK is not 1 (the wgmma layout probe did not pass or did not run)");
+        }
+    }
+    for tile in tiles64 {
+        let ms = time_ms(&mut g, 5, |g| {
+            ops::attention(g, q, out, 2 * heads, hd / 2, sd, id, gd, 1, n, tile).unwrap()
+        });
+        rows.push(Row {
+            name: format!("attention self q{n} k{keys} 24x64 {}", tile.name()),
+            ms,
+            value: 4.0 * (n * keys * dim) as f64 / ms / 1e9,
             unit: "TFLOP/s",
             peak: peak_tflops,
         });

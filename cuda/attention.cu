@@ -30,6 +30,22 @@
 // Both row tiles walk the same key tiles and give every warp the same 32 rows' work in the
 // same order, so they differ only in how many warps share a block: their outputs are
 // bit-identical (tests/kernels_emu.rs) and the tile the backend picks never changes numbers.
+//   bc_attention_wgmma_hd64       Hopper prototype (sm_90a; the sm_80 cubin traps), off by
+//                                 default (BC_ATTN_WGMMA=1 on a 9.0 device, AttentionTile::
+//                                 Wgmma64): BQ = 64 rows = one warpgroup (4 warps x 16 rows,
+//                                 AttCfg MT = 1, WG), BK = 64. Same copies, swizzle, softmax and
+//                                 P V (mma.sync) as above, but S = Q K^T is 4 wgmma m64n64k16
+//                                 (A = the Q tile, B = the K tile, both read by descriptor:
+//                                 hd64's rows are 128 bytes with chunk c at c ^ (row % 8), which
+//                                 is wgmma's 128-byte swizzle once the tiles start on a 1024-byte
+//                                 boundary: dynamic shared memory with 1024 bytes of slack;
+//                                 SBO 1024, k-step s at + 32 s bytes), one commit + wait_group 0
+//                                 per key tile; the warp's D fragment is the mma.sync C layout
+//                                 of its m16 tile, so the softmax reads it as is. cp.async'd and
+//                                 sign-flipped tiles are made visible to wgmma by
+//                                 fence.proxy.async before the barrier. Its S sums in another
+//                                 order: checked against the CPU, not for the same bits. See
+//                                 docs/wgmma.md.
 // Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
 // stacked along the query rows; warp w owns rows [32w, 32w + 32) of the block's BQ rows. Keys
 // are walked one segment at a time in tiles of BK keys; a tile never crosses a segment end.
@@ -77,26 +93,33 @@
 // Real-GPU speed and the hardware fragment layouts are checked by tests/cuda.rs / benches on a
 // GPU only.
 #include "include/mma.cuh"
+#include "include/wgmma.cuh"
 
 namespace {
-constexpr int ATT_MT = 2;             // m16 tiles per warp
-constexpr int ATT_WM = 16 * ATT_MT;   // query rows per warp
-/// Tile configuration of one kernel variant: WARPS warps stacked along the query rows (BQ =
-/// 32 * WARPS query rows per block), BK keys per K/V tile, QREG: Q fragments held in
+/// Tile configuration of one kernel variant: WARPS warps stacked along the query rows, MT m16
+/// tiles (16 * MT query rows) per warp, BK keys per K/V tile, QREG: Q fragments held in
 /// registers (else read from shared memory at each k-step). Shared memory: 2 stages x (K + V)
 /// x BK x HDMAX bf16, then Q [BQ x HDMAX] (QREG: Q is staged in stage 1, so 2 * BK >= BQ).
-template <int HDMAX_, int WARPS, int BK_, bool QREG_>
+/// WG: S = Q K^T by wgmma (one warpgroup, MT = 1: warp w owns rows 16w..16w+15 of the m64
+/// tile), the tiles start on a 1024-byte boundary (ALIGN bytes of slack).
+template <int HDMAX_, int WARPS, int BK_, bool QREG_, int MT_ = 2, bool WG_ = false>
 struct AttCfg {
     static constexpr int HDMAX = HDMAX_;
     static constexpr int NT = WARPS * 32;  // threads per block
-    static constexpr int BQ = WARPS * ATT_WM;
+    static constexpr int MT = MT_;         // m16 tiles per warp
+    static constexpr int WM = 16 * MT;     // query rows per warp
+    static constexpr int BQ = WARPS * WM;
     static constexpr int BK = BK_;
     static constexpr bool QREG = QREG_;
+    static constexpr bool WG = WG_;
+    static constexpr int ALIGN = WG ? 1024 : 0;
     static constexpr int KV_BYTES = 2 * 2 * BK * HDMAX * 2;
     static constexpr int Q_OFF = QREG ? KV_BYTES / 2 : KV_BYTES;  // stage 1, or Q's own region
-    static constexpr int SMEM_BYTES = KV_BYTES + (QREG ? 0 : BQ * HDMAX * 2);
+    static constexpr int SMEM_BYTES = KV_BYTES + (QREG ? 0 : BQ * HDMAX * 2) + ALIGN;
     static_assert(BK % 16 == 0 && (!QREG || 2 * BK >= BQ), "QREG: Q is staged in one K/V stage");
     static_assert(HDMAX % 64 == 0, "swizzle needs rows of >= 8 chunks");
+    static_assert(!WG || (HDMAX == 64 && NT == 128 && MT == 1 && BK == 64 && !QREG),
+                  "wgmma: one warpgroup, m64n64 S tiles, 128-byte rows (the 128B swizzle), Q read by descriptor");
 };
 // The variants (params.h): 64 query rows per block (2 warps) and 128 rows (4 warps); hd64 with
 // 64-key tiles and Q in registers (32 KB of static shared memory), hd128 with 32-key tiles and
@@ -109,6 +132,10 @@ static_assert(AttHd64::BQ == BC_ATTN_BQ && AttHd64Wide::BQ == BC_ATTN_WIDE_BQ, "
 static_assert(AttHd128::BQ == BC_ATTN_BQ && AttHd128Wide::BQ == BC_ATTN_WIDE_BQ, "params.h rows per block");
 static_assert(AttHd128::SMEM_BYTES == BC_ATTN_HD128_SMEM && AttHd128Wide::SMEM_BYTES == BC_ATTN_WIDE_HD128_SMEM,
               "params.h shared memory");
+// The Hopper prototype: one warpgroup (4 warps x 16 rows), 64-key tiles, S by wgmma.
+using AttWgHd64 = AttCfg<64, BC_ATTN_WGMMA_THREADS / 32, BC_ATTN_HD64_BK, false, 1, true>;
+static_assert(AttWgHd64::BQ == BC_ATTN_WGMMA_BQ && AttWgHd64::SMEM_BYTES == BC_ATTN_WGMMA_SMEM,
+              "params.h wgmma attention");
 
 /// Two floats as a bf16 pair in one register (low half = `lo`).
 __device__ __forceinline__ unsigned att_pack(float lo, float hi) {
@@ -184,15 +211,21 @@ struct AttSmem {
 /// without any key test. Fragment loads are software-pipelined: the ldmatrix of step i + 1 is
 /// issued before the mma of step i, and the first V fragment before the softmax. `qw`: the
 /// warp's Q rows in shared memory (read when !QREG), `qf`: its Q fragments (QREG).
+template <class Cfg>
+__device__ __forceinline__ void att_softmax_pv(const AttSmem<Cfg>& sm, bc_saddr stage, float (*s)[Cfg::BK / 8][4],
+                                               float (*o)[Cfg::HDMAX / 8][4], float (*m)[2], float (*l)[2],
+                                               float qscale, bool mask, int kn, int t);
+
 template <bool MASK, class Cfg>
 __device__ __forceinline__ void att_tile(const AttSmem<Cfg>& sm, bc_saddr stage, bc_saddr qw,
                                          const unsigned (*qf)[Cfg::HDMAX / 16][4], float (*o)[Cfg::HDMAX / 8][4],
                                          float (*m)[2], float (*l)[2], float qscale, int kn, int t) {
+    constexpr int ATT_MT = Cfg::MT;
     constexpr int BK = Cfg::BK;
     constexpr int KSTEPS = Cfg::HDMAX / 16;  // k16 steps of Q K^T = n-tile pairs of P V (head dim)
     constexpr int NS = BK / 8;               // n8 tiles of S (keys)
     constexpr int JB = BK / 16;              // 16-key blocks: K fragments per k-step, k-steps of P V
-    constexpr int QK = KSTEPS * JB, PV = JB * KSTEPS;  // ldmatrix steps
+    constexpr int QK = KSTEPS * JB;          // ldmatrix steps
     // S = Q K^T: step i = (k-step i / JB, key block i % JB); each K fragment feeds 2 m-tiles x
     // 2 n-tiles. Without QREG the Q fragments of k-step kk are loaded with the K fragment of
     // the step before (kk, 0) into qa[kk % 2].
@@ -228,6 +261,50 @@ __device__ __forceinline__ void att_tile(const AttSmem<Cfg>& sm, bc_saddr stage,
             bc_mma_bf16_16816(s[mt][2 * jj + 1], a, &kb[i % 2][2], s[mt][2 * jj + 1]);
         }
     }
+    att_softmax_pv<Cfg>(sm, stage, s, o, m, l, qscale, MASK, kn, t);
+}
+
+#if BC_HAS_WGMMA
+/// One key tile of the warpgroup (64 query rows, warp w: rows 16w..16w+15): S = Q K^T by
+/// four wgmma m64n64k16 (A = Q, B = the K tile, both read by descriptor from the 128B-swizzled
+/// tiles; `dq` / `dk` are the k-step-0 descriptors, k-step s starts 32s bytes in: + 2s),
+/// committed as one group and waited for, then the same softmax and P V (mma.sync) as
+/// att_tile. The D fragment of warp w (register 4j + e: row g + 8 (e >> 1), key 8j + 2t +
+/// (e & 1)) is the mma.sync C layout of the warp's m16 tile, so it is the S of att_tile as is.
+/// `d`: the accumulator registers (their old value is ignored: scale-d 0 at k-step 0).
+template <class Cfg>
+__device__ __forceinline__ void att_wg_tile(const AttSmem<Cfg>& sm, bc_saddr stage, uint64_t dq, uint64_t dk,
+                                            float (&d)[Cfg::BK / 2], float (*o)[Cfg::HDMAX / 8][4], float (*m)[2],
+                                            float (*l)[2], float qscale, bool mask, int kn, int t) {
+    constexpr int KSTEPS = Cfg::HDMAX / 16, NS = Cfg::BK / 8;
+    bc_wgmma_fence_operand(d);
+    bc_wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < KSTEPS; ++k) bc_wgmma_ss<Cfg::BK>(d, dq + 2 * k, dk + 2 * k, k > 0);
+    bc_wgmma_commit();
+    bc_wgmma_wait<0>();
+    bc_wgmma_fence_operand(d);
+    float s[1][NS][4];
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][j][e] = d[4 * j + e];
+    att_softmax_pv<Cfg>(sm, stage, s, o, m, l, qscale, mask, kn, t);
+}
+#endif
+
+/// The rest of a key tile after S (per warp, Cfg::MT m-tiles): online softmax (base 2) and
+/// O += P V. `mask`: keys kn.. of the tile are past the segment end (P = 0); a compile-time
+/// constant at every call (the function is inlined into both copies of the tile code).
+template <class Cfg>
+__device__ __forceinline__ void att_softmax_pv(const AttSmem<Cfg>& sm, bc_saddr stage, float (*s)[Cfg::BK / 8][4],
+                                               float (*o)[Cfg::HDMAX / 8][4], float (*m)[2], float (*l)[2],
+                                               float qscale, bool MASK, int kn, int t) {
+    constexpr int ATT_MT = Cfg::MT;
+    constexpr int KSTEPS = Cfg::HDMAX / 16;  // n-tile pairs of P V (head dim)
+    constexpr int NS = Cfg::BK / 8;          // n8 tiles of S (keys)
+    constexpr int JB = Cfg::BK / 16;         // k-steps of P V
+    constexpr int PV = JB * KSTEPS;          // ldmatrix steps
     unsigned vb[2][4];
     bc_ldmatrix_x4_trans_at(vb[0], stage + sm.v_frag(0, 0));
     // Online softmax (base 2) on the fragments: lane holds S[g][col], S[g+8][col] of each m-tile
@@ -308,8 +385,8 @@ __device__ __forceinline__ void att_tile(const AttSmem<Cfg>& sm, bc_saddr stage,
 }
 
 template <class Cfg>
-__device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, unsigned char* smem) {
-    constexpr int HDMAX = Cfg::HDMAX, BK = Cfg::BK, ATT_BQ = Cfg::BQ;
+__device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, unsigned char* smem_raw) {
+    constexpr int HDMAX = Cfg::HDMAX, BK = Cfg::BK, ATT_BQ = Cfg::BQ, ATT_MT = Cfg::MT, ATT_WM = Cfg::WM;
     constexpr int KSTEPS = HDMAX / 16;
     constexpr int NO = HDMAX / 8;  // n8 tiles of O (head dim)
     using Sm = AttSmem<Cfg>;
@@ -322,7 +399,16 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
     const int hd = p.head_dim, cpr = hd / 8;
     const int h = blockIdx.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-    const bool active = r0 + warp * ATT_WM < grp.q_rows;  // warp-uniform: the warp has a valid row
+    // warp-uniform: the warp has a valid row (wgmma: every warp of the warpgroup takes part)
+    const bool active = Cfg::WG || r0 + warp * ATT_WM < grp.q_rows;
+    // wgmma: the tiles start on the first 1024-byte boundary of the shared window.
+    unsigned char* smem = smem_raw;
+#if BC_HAS_WGMMA
+    if constexpr (Cfg::WG) {
+        const unsigned w = bc_smem_window_addr(smem_raw);
+        smem += (1024u - w % 1024u) % 1024u;
+    }
+#endif
     const bc_saddr base = bc_smem_addr(smem);
     const Sm sm(tid, lane);
 
@@ -379,6 +465,9 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             }
         }
     }
+#if BC_HAS_WGMMA
+    if constexpr (Cfg::WG) bc_fence_proxy_async();  // Q (cp.async, sign flip) -> wgmma's reads
+#endif
     __syncthreads();
 
     // The warp's Q rows: kept in shared memory (read per k-step), or as A fragments in registers
@@ -406,6 +495,21 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
         l[mt][0] = l[mt][1] = 0.f;
     }
 
+    // wgmma: descriptors of k-step 0 of the Q tile and of stage 0's K tile (128B swizzle,
+    // 8-row groups 1024 bytes apart); stage 1's is STAGEB bytes on.
+    uint64_t dq = 0, dk0 = 0;
+    float d[Cfg::WG ? BK / 2 : 1];
+#if BC_HAS_WGMMA
+    if constexpr (Cfg::WG) {
+        const unsigned w = bc_smem_window_addr(smem);
+        dq = bc_wgmma_kmajor_desc(w + Cfg::Q_OFF, BC_WGMMA_SWIZZLE_128B, ATT_BQ, HDMAX, 0);
+        dk0 = bc_wgmma_kmajor_desc(w, BC_WGMMA_SWIZZLE_128B, BK, HDMAX, 0);
+#pragma unroll
+        for (int i = 0; i < BK / 2; ++i) d[i] = 0.f;
+    }
+#endif
+    (void)dq, (void)dk0, (void)d;
+
     // 2. Key tiles, double-buffered.
     for (int st = 0; have; st ^= 1) {
         const int kn = min(BK, seg.tokens - k0);
@@ -420,14 +524,27 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
         if (nhave) load_kv(st ^ 1, nseg, nk0);
         bc_cp_async_commit();
         bc_cp_async_wait_group<1>();  // the current tile has landed (this thread's copies) ...
+#if BC_HAS_WGMMA
+        if constexpr (Cfg::WG) bc_fence_proxy_async();  // (visible to wgmma's async proxy)
+#endif
         __syncthreads();              // ... and everyone's
 
         if (active) {
             const bc_saddr stage = base + st * Sm::STAGEB;
-            if (kn == BK)
-                att_tile<false, Cfg>(sm, stage, qw, qf, o, m, l, qscale, kn, t);
-            else
-                att_tile<true, Cfg>(sm, stage, qw, qf, o, m, l, qscale, kn, t);
+            if constexpr (Cfg::WG) {
+#if BC_HAS_WGMMA
+                const uint64_t dk = dk0 + (uint64_t)(st * (Sm::STAGEB >> 4));
+                if (kn == BK)
+                    att_wg_tile<Cfg>(sm, stage, dq, dk, d, o, m, l, qscale, false, kn, t);
+                else
+                    att_wg_tile<Cfg>(sm, stage, dq, dk, d, o, m, l, qscale, true, kn, t);
+#endif
+            } else {
+                if (kn == BK)
+                    att_tile<false, Cfg>(sm, stage, qw, qf, o, m, l, qscale, kn, t);
+                else
+                    att_tile<true, Cfg>(sm, stage, qw, qf, o, m, l, qscale, kn, t);
+            }
         }
         __syncthreads();  // stage st is consumed before the next iteration refills it
         si = nsi;
@@ -485,3 +602,16 @@ extern "C" __global__ void __launch_bounds__(AttHd128Wide::NT, 2) bc_attention_h
     bc_attention_impl<AttHd128Wide>(p, smem);
 }
 BC_EMU_ENTRY(bc_attention_hd128_q128, BcAttentionParams)
+
+// The Hopper wgmma prototype (sm_90a; the sm_80 cubin and the compute_80 PTX trap): hd64, one
+// warpgroup of 64 query rows per block, S = Q K^T by wgmma, softmax and P V as the kernels
+// above. Off by default: the backend launches it only on sm_90 with BC_ATTN_WGMMA=1.
+extern "C" __global__ void __launch_bounds__(AttWgHd64::NT, 2) bc_attention_wgmma_hd64(BcAttentionParams p) {
+#if BC_HAS_WGMMA
+    BC_DYNAMIC_SMEM(smem, AttWgHd64::SMEM_BYTES);
+    bc_attention_impl<AttWgHd64>(p, smem);
+#else
+    __trap();
+#endif
+}
+BC_EMU_ENTRY(bc_attention_wgmma_hd64, BcAttentionParams)

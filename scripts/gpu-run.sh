@@ -21,7 +21,9 @@
 #   run.sh                 everything (wgmma tests sanitizer bench pytorch), full output, summary
 #   run.sh tests bench     only those parts (each well under 10 minutes), summary
 # Parts: wgmma (tests/cuda.rs wgmma_layouts_match_the_hardware: one WGMMA PASS/FAIL line per
-# shared-memory layout, N and A source; SKIP off sm_90), tests (the rest of tests/cuda.rs),
+# shared-memory layout, N and A source; SKIP off sm_90; when all PASS it exports BC_WGMMA_OK=1,
+# which adds the wgmma attention prototype to the attention test and the benchmark on sm_90:
+# set it by hand for a later `run.sh device tests bench`), tests (the rest of tests/cuda.rs),
 # sanitizer (compute-sanitizer memcheck + racecheck on the kernel tests at small
 # shapes; a sanitizer that refuses the device, as on gVisor machines, is reported as
 # "unavailable", not as a failure), bench, pytorch. Logs go to $BC_LOGS (default ./logs next to
@@ -352,6 +354,13 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
     note="$np PASS, $nf FAIL"
     if grep -q '^WGMMA SKIP' "$logs"/wgmma.log; then note=$(grep -m1 '^WGMMA SKIP' "$logs"/wgmma.log); fi
     if grep -q 'SKIP.*no GPU' "$logs"/wgmma.log; then note="SKIP wgmma: no GPU"; fi
+    # Every layout PASSed (and the control failed as it must): the wgmma attention prototype
+    # may run in the tests and the benchmark below (BC_WGMMA_OK=1; they also need sm_90).
+    if [ "$nf" -eq 0 ] && [ "$np" -gt 0 ] && grep -q '^test result: ok' "$logs"/wgmma.log &&
+        ! grep -q '^WGMMA SKIP' "$logs"/wgmma.log; then
+        export BC_WGMMA_OK=1
+        note="$note; wgmma attention enabled"
+    fi
     finish wgmma "$logs"/wgmma.log "$note"
 fi
 

@@ -64,6 +64,15 @@ typedef int32_t bc_i32;
 /** Dynamic shared memory of `bc_attention_hd128_q128` in bytes (as BC_ATTN_HD128_SMEM with
  * 128 Q rows). */
 #define BC_ATTN_WIDE_HD128_SMEM 65536
+/** Threads per block of the Hopper wgmma attention prototype `bc_attention_wgmma_hd64`
+ * (sm_90a only, off by default): one warpgroup, 4 warps of 16 query rows each. */
+#define BC_ATTN_WGMMA_THREADS 128
+/** Query rows per block of `bc_attention_wgmma_hd64`: one m64 wgmma tile. */
+#define BC_ATTN_WGMMA_BQ 64
+/** Dynamic shared memory of `bc_attention_wgmma_hd64` in bytes: 2 stages x K, V x 64 keys x
+ * 64 bf16, then Q: 64 rows x 64 bf16, plus 1024 bytes to start the tiles on a 1024-byte
+ * boundary of the shared window (the 128-byte swizzle period wgmma's descriptors need). */
+#define BC_ATTN_WGMMA_SMEM 41984
 
 /** Grid and block dimensions of one launch (used by the emulated launcher). */
 typedef struct BcLaunchDims {

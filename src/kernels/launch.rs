@@ -272,15 +272,30 @@ pub enum AttentionTile {
     /// `bc_attention_hd128_q128`): half the K/V traffic per FLOP. Same key tiles and per-warp
     /// work as [`AttentionTile::Rows64`], so the same output bits.
     Rows128,
+    /// The Hopper prototype (sm_90a only; not in [`AttentionTile::ALL`], so never timed or
+    /// picked by the tuner): head_dim <= 64 runs `bc_attention_wgmma_hd64` (one warpgroup of
+    /// 64 query rows, S = Q K^T by wgmma), a larger head_dim [`AttentionTile::Rows64`]. The
+    /// CUDA backend uses it only with `BC_ATTN_WGMMA=1` on a compute capability 9.0 device.
+    Wgmma64,
 }
 
 impl AttentionTile {
     /// Both tiles.
     pub const ALL: [AttentionTile; 2] = [AttentionTile::Rows64, AttentionTile::Rows128];
 
+    /// The tile that actually runs for `head_dim`: [`AttentionTile::Wgmma64`] exists for
+    /// head_dim <= 64 only (else [`AttentionTile::Rows64`]); the others as they are.
+    pub fn for_head_dim(self, head_dim: usize) -> AttentionTile {
+        match self {
+            AttentionTile::Wgmma64 if head_dim > 64 => AttentionTile::Rows64,
+            t => t,
+        }
+    }
+
     /// The kernel for `head_dim` (at most 64: the hd64 kernels, else the hd128 ones).
     pub fn kernel(self, head_dim: usize) -> Kernel {
-        match (self, head_dim <= 64) {
+        match (self.for_head_dim(head_dim), head_dim <= 64) {
+            (AttentionTile::Wgmma64, _) => Kernel::AttentionWgmmaHd64,
             (AttentionTile::Rows64, true) => Kernel::AttentionHd64,
             (AttentionTile::Rows64, false) => Kernel::AttentionHd128,
             (AttentionTile::Rows128, true) => Kernel::AttentionHd64Q128,
@@ -293,6 +308,7 @@ impl AttentionTile {
         match self {
             AttentionTile::Rows64 => BC_ATTN_BQ,
             AttentionTile::Rows128 => BC_ATTN_WIDE_BQ,
+            AttentionTile::Wgmma64 => BC_ATTN_WGMMA_BQ,
         }
     }
 
@@ -301,14 +317,16 @@ impl AttentionTile {
         match self {
             AttentionTile::Rows64 => BC_ATTN_THREADS,
             AttentionTile::Rows128 => BC_ATTN_WIDE_THREADS,
+            AttentionTile::Wgmma64 => BC_ATTN_WGMMA_THREADS,
         }
     }
 
-    /// Short name (`rows64`, `rows128`), as `BC_ATTENTION_TILE` takes it.
+    /// Short name (`rows64`, `rows128`, as `BC_ATTENTION_TILE` takes them; `wgmma64`).
     pub fn name(self) -> &'static str {
         match self {
             AttentionTile::Rows64 => "rows64",
             AttentionTile::Rows128 => "rows128",
+            AttentionTile::Wgmma64 => "wgmma64",
         }
     }
 
@@ -335,6 +353,7 @@ pub fn attention(
     max_rows: usize,
     tile: AttentionTile,
 ) -> LaunchResult<Launch<BcAttentionParams>> {
+    let tile = tile.for_head_dim(head_dim);
     let k = tile.kernel(head_dim);
     let dim = i32_of(k, mul(k, heads, head_dim)?, "dim")?;
     let (heads, num_groups) = (i32_of(k, heads, "heads")?, i32_of(k, num_groups, "groups")?);
@@ -945,4 +964,35 @@ pub fn dec_softmax(
             _pad: 0,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wgmma prototype tile runs its own kernel (one warpgroup) up to head_dim 64 only;
+    /// above, the launch is rows64's in full (kernel, block and rows agree).
+    #[test]
+    fn wgmma_tile_is_hd64_only() {
+        let t = AttentionTile::Wgmma64;
+        assert!(
+            !AttentionTile::ALL.contains(&t),
+            "the tuner must never pick it"
+        );
+        assert_eq!(t.kernel(64), Kernel::AttentionWgmmaHd64);
+        assert_eq!(t.kernel(128), Kernel::AttentionHd128);
+        let l = |hd| {
+            use std::ptr::{null, null_mut};
+            attention(null(), null_mut(), 2, hd, null(), null(), null(), 1, 100, t).unwrap()
+        };
+        let (a, b) = (l(64), l(128));
+        assert_eq!(
+            (a.kernel, a.block, a.grid[0]),
+            (Kernel::AttentionWgmmaHd64, 128, 2)
+        );
+        assert_eq!(
+            (b.kernel, b.block, b.grid[0]),
+            (Kernel::AttentionHd128, 64, 2)
+        );
+    }
 }

@@ -107,6 +107,9 @@ pub enum Kernel {
     /// `bc_attention_hd128_q128` ([`BcAttentionParams`]): 128 query rows per block, dynamic
     /// shared memory.
     AttentionHd128Q128,
+    /// `bc_attention_wgmma_hd64` ([`BcAttentionParams`]): the Hopper wgmma prototype (sm_90a
+    /// only, it traps on sm_80; launched only with `BC_ATTN_WGMMA=1`), dynamic shared memory.
+    AttentionWgmmaHd64,
     /// `bc_activation` ([`BcActivationParams`]).
     Activation,
     /// `bc_time_embedding` ([`BcTimeEmbeddingParams`]).
@@ -150,7 +153,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 28] = [
+    pub const ALL: [Kernel; 29] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -160,6 +163,7 @@ impl Kernel {
         Kernel::AttentionHd128,
         Kernel::AttentionHd64Q128,
         Kernel::AttentionHd128Q128,
+        Kernel::AttentionWgmmaHd64,
         Kernel::Activation,
         Kernel::TimeEmbedding,
         Kernel::FlowStep,
@@ -193,6 +197,7 @@ impl Kernel {
             Kernel::AttentionHd128 => "bc_attention_hd128",
             Kernel::AttentionHd64Q128 => "bc_attention_hd64_q128",
             Kernel::AttentionHd128Q128 => "bc_attention_hd128_q128",
+            Kernel::AttentionWgmmaHd64 => "bc_attention_wgmma_hd64",
             Kernel::Activation => "bc_activation",
             Kernel::TimeEmbedding => "bc_time_embedding",
             Kernel::FlowStep => "bc_flow_step",
@@ -220,6 +225,7 @@ impl Kernel {
         match self {
             Kernel::AttentionHd128 => BC_ATTN_HD128_SMEM,
             Kernel::AttentionHd128Q128 => BC_ATTN_WIDE_HD128_SMEM,
+            Kernel::AttentionWgmmaHd64 => BC_ATTN_WGMMA_SMEM,
             Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
             _ => 0,
         }

@@ -286,7 +286,8 @@ pub fn qk_norm_rope(g: &Gpu, a: &QkArgs) -> Result<()> {
     )
 }
 
-static ATTENTION_LAUNCHES: [std::sync::atomic::AtomicUsize; 2] = [
+static ATTENTION_LAUNCHES: [std::sync::atomic::AtomicUsize; 3] = [
+    std::sync::atomic::AtomicUsize::new(0),
     std::sync::atomic::AtomicUsize::new(0),
     std::sync::atomic::AtomicUsize::new(0),
 ];

@@ -582,7 +582,9 @@ fn ensure_fits(
 /// The attention tile of a session: the option's, [`AttentionTile::Rows128`] on an emulated
 /// device, or (the [`attention_tune::AutoTile`]) the faster of both timed on this device on
 /// each window shape's real list at its first tick ([`CudaBackend::tune_attention`]); until
-/// then [`AttentionTile::Rows128`].
+/// then [`AttentionTile::Rows128`]. `BC_ATTN_WGMMA=1` on a compute capability 9.0 device
+/// overrides all of it with the Hopper prototype [`AttentionTile::Wgmma64`] (head_dim <= 64;
+/// larger ones run rows64); elsewhere the flag is ignored.
 fn attention_tile_choice(
     gpu: &Gpu,
     copts: &CudaOptions,
@@ -591,6 +593,11 @@ fn attention_tile_choice(
     if copts.attention_tile.is_none() {
         // A bad BC_ATTENTION_TILE is an error, unless the options chose a tile in code.
         env_attention_tile()?;
+    }
+    if std::env::var("BC_ATTN_WGMMA").is_ok_and(|v| v.trim() == "1")
+        && gpu.compute_capability() == Some((9, 0))
+    {
+        return Ok((AttentionTile::Wgmma64, None));
     }
     Ok(match copts.attention_tile {
         Some(t) => (t, None),

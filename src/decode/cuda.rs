@@ -24,7 +24,7 @@ mod wan;
 
 use super::conv::Conv;
 use super::{DecodeDevice, Decoder, Inner};
-use crate::backend::cuda::device::{DevPtr, Gpu};
+use crate::backend::cuda::device::{DevPtr, Gpu, Mark};
 use crate::kernels::launch::{self, ConvEpilogue, ConvOut, ConvShape, ConvSource, Launch};
 use crate::kernels::LaunchResult;
 use crate::{Error, Result};
@@ -499,6 +499,40 @@ impl CudaDecoder {
     /// their pixels (as the CPU stream does: TAEHV's first 3 frames trimmed, the Wan VAE's first
     /// latent frame giving 1 frame).
     pub fn push(&mut self, latents: &[f32], frames: usize, want_f32: bool) -> Result<DeviceFrames> {
+        self.push_from(Latents::Host(latents), frames, want_f32)
+    }
+
+    /// [`CudaDecoder::push`] of latents already on the device, `[frames][16][h][w]` f32 at
+    /// `latents` (a DiT's finished block, which then never crosses to the host): the decode
+    /// reads them in place, after `after` (a mark on the producer's stream, of any handle on the
+    /// device) is reached. When this returns, the decode no longer reads them.
+    ///
+    /// # Safety
+    /// `latents` must be an allocation of this device's context (a handle on the same GPU, or
+    /// the emulated device) holding at least `frames * 16 * h * w` f32 values, finite, and
+    /// left unchanged until this call returns.
+    pub unsafe fn push_device(
+        &mut self,
+        latents: DevPtr,
+        frames: usize,
+        after: Option<&Mark>,
+        want_f32: bool,
+    ) -> Result<DeviceFrames> {
+        if latents == 0 {
+            return Err(Error::invalid("device latents at a null pointer"));
+        }
+        if let Some(m) = after {
+            self.dev.gpu.compute_wait(m)?;
+        }
+        self.push_from(Latents::Device(latents), frames, want_f32)
+    }
+
+    fn push_from(
+        &mut self,
+        latents: Latents,
+        frames: usize,
+        want_f32: bool,
+    ) -> Result<DeviceFrames> {
         let Some((h, w, mut st)) = self.state.take() else {
             return Err(Error::invalid("push before begin: start a stream first"));
         };
@@ -511,13 +545,21 @@ impl CudaDecoder {
         &mut self,
         st: &mut State,
         (h, w): (usize, usize),
-        latents: &[f32],
+        latents: Latents,
         frames: usize,
         want_f32: bool,
     ) -> Result<DeviceFrames> {
         let (z_dim, up) = (self.weights.z_dim, self.weights.up);
-        super::check_latents(latents, frames, (z_dim, h, w))?;
         let per = z_dim * h * w;
+        match latents {
+            Latents::Host(l) => super::check_latents(l, frames, (z_dim, h, w))?,
+            Latents::Device(_) if frames == 0 || frames > MAX_DEVICE_FRAMES => {
+                return Err(Error::invalid(format!(
+                    "{frames} device latent frames: a push takes 1..={MAX_DEVICE_FRAMES}"
+                )))
+            }
+            Latents::Device(_) => {}
+        }
         let mut out = DeviceFrames {
             frames: 0,
             height: h * up,
@@ -525,16 +567,26 @@ impl CudaDecoder {
             rgb: Vec::new(),
             f32: want_f32.then(Vec::new),
         };
-        let zbuf = self.dev.gpu.alloc(4 * per.max(1))?;
+        // Host latents go up one frame at a time through `zbuf`.
+        let zbuf = match latents {
+            Latents::Host(_) => self.dev.gpu.alloc(4 * per.max(1))?,
+            Latents::Device(_) => 0,
+        };
         let r = (|| -> Result<()> {
-            for z in latents.chunks(per) {
-                self.dev.gpu.upload(zbuf, z)?;
+            for i in 0..frames {
+                let z = match latents {
+                    Latents::Host(l) => {
+                        self.dev.gpu.upload(zbuf, &l[i * per..(i + 1) * per])?;
+                        zbuf
+                    }
+                    Latents::Device(p) => p + (4 * i * per) as u64,
+                };
                 match (&self.weights.model, &mut *st) {
                     (Model::Taehv(m), State::Taehv(s)) => {
-                        m.frame(&mut self.dev, s, zbuf, (h, w), &mut out)?
+                        m.frame(&mut self.dev, s, z, (h, w), &mut out)?
                     }
                     (Model::Wan(m), State::Wan(s)) => {
-                        m.frame(&mut self.dev, s, zbuf, (h, w), &mut out)?
+                        m.frame(&mut self.dev, s, z, (h, w), &mut out)?
                     }
                     _ => {
                         return Err(Error::Internal(
@@ -548,14 +600,74 @@ impl CudaDecoder {
             Ok(())
         })();
         self.dev.gpu.sync()?;
-        self.dev.gpu.free(zbuf)?;
+        if zbuf != 0 {
+            self.dev.gpu.free(zbuf)?;
+        }
         r.map(|()| out)
     }
 }
+
+/// Where a push's latents are.
+#[derive(Clone, Copy)]
+enum Latents<'a> {
+    /// On the host: uploaded frame by frame.
+    Host(&'a [f32]),
+    /// On the device, read in place.
+    Device(DevPtr),
+}
+
+/// Most latent frames one device push takes (a bound on what a bad count can read).
+const MAX_DEVICE_FRAMES: usize = 1024;
 
 impl Drop for CudaDecoder {
     fn drop(&mut self) {
         // Everything is freed with the device; stop any work in flight first.
         let _ = self.dev.gpu.sync();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_latents_decode_in_place_like_host_latents() {
+        let dec = Decoder::tiny_taehv(2);
+        let (h, w, frames) = (2, 3, 4);
+        let mut rng = crate::rng::Rng::new(8);
+        let lat: Vec<f32> = (0..frames * 16 * h * w).map(|_| rng.normal()).collect();
+        let mut host = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        host.begin(h, w).unwrap();
+        let want = host.push(&lat, frames, true).unwrap();
+
+        // The latents on another handle of the device (the DiT's), ordered by its mark.
+        let mut dit = Gpu::open_emulated().unwrap();
+        let p = dit.alloc(4 * lat.len()).unwrap();
+        dit.upload(p, &lat).unwrap();
+        let ready = dit.mark_compute().unwrap();
+        let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        dev.begin(h, w).unwrap();
+        let per = 4 * 16 * h * w;
+        let mut got = DeviceFrames::default();
+        for (i, n) in [(0, 1), (1, 3)] {
+            // SAFETY: `p` holds `frames` latent frames on the emulated device, unchanged.
+            let out = unsafe { dev.push_device(p + (i * per) as u64, n, Some(&ready), true) };
+            let out = out.unwrap();
+            got.frames += out.frames;
+            got.rgb.extend(out.rgb);
+            got.f32
+                .get_or_insert_with(Vec::new)
+                .extend(out.f32.unwrap());
+            (got.height, got.width) = (out.height, out.width);
+        }
+        assert_eq!(got, want);
+        dit.sync().unwrap();
+
+        // Bad counts and a null pointer are errors, not reads.
+        for (ptr, n) in [(p, 0), (p, MAX_DEVICE_FRAMES + 1), (0, 1)] {
+            // SAFETY: each is refused before any launch.
+            let e = unsafe { dev.push_device(ptr, n, None, false) }.unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        }
     }
 }

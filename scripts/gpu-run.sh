@@ -4,7 +4,8 @@
 # baseline, and prints one summary table.
 #
 #   run.sh device [PARTS]  ONE bounded call, for a short GPU lease (what a session lent a GPU
-#                          runs): the parts in priority order, tests (correctness), bench
+#                          runs): the parts in priority order, wgmma (the sm_90a wgmma layout
+#                          probe, alone in its own process), tests (correctness), bench
 #                          (kernels, end to end), pytorch (baseline), sanitizer (memcheck, then
 #                          racecheck), within BC_BUDGET_S seconds (default 300) in all. A part
 #                          starts only when the budget still holds its minimum (the table below),
@@ -17,9 +18,11 @@
 #                          folder): 2 files, so a call killed from outside still returns a
 #                          partial summary. PARTS (optional) restricts the parts, e.g. for a rerun:
 #                          `run.sh device tests`.
-#   run.sh                 everything (tests sanitizer bench pytorch), full output, summary
+#   run.sh                 everything (wgmma tests sanitizer bench pytorch), full output, summary
 #   run.sh tests bench     only those parts (each well under 10 minutes), summary
-# Parts: tests, sanitizer (compute-sanitizer memcheck + racecheck on the kernel tests at small
+# Parts: wgmma (tests/cuda.rs wgmma_layouts_match_the_hardware: one WGMMA PASS/FAIL line per
+# shared-memory layout, N and A source; SKIP off sm_90), tests (the rest of tests/cuda.rs),
+# sanitizer (compute-sanitizer memcheck + racecheck on the kernel tests at small
 # shapes; a sanitizer that refuses the device, as on gVisor machines, is reported as
 # "unavailable", not as a failure), bench, pytorch. Logs go to $BC_LOGS (default ./logs next to
 # this file); the summary reads whatever logs are there, so parts run in separate calls can share
@@ -32,12 +35,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 t0=$SECONDS
 mode=parts
 if [ "${1:-}" = device ]; then mode=device; shift; fi
-all="tests sanitizer bench pytorch"
-[ $mode = parts ] || all="tests bench pytorch sanitizer" # the order device mode runs them in
+all="wgmma tests sanitizer bench pytorch"
+[ $mode = parts ] || all="wgmma tests bench pytorch sanitizer" # the order device mode runs them in
 parts="${*:-$all}"
 for p in $parts; do
-    case "$p" in tests|sanitizer|bench|pytorch) ;;
-        *) echo "run.sh: unknown part '$p' (run.sh [device] [tests sanitizer bench pytorch])" >&2; exit 64;;
+    case "$p" in wgmma|tests|sanitizer|bench|pytorch) ;;
+        *) echo "run.sh: unknown part '$p' (run.sh [device] [wgmma tests sanitizer bench pytorch])" >&2; exit 64;;
     esac
 done
 want() { [[ " $parts " == *" $1 "* ]]; }
@@ -50,10 +53,10 @@ reserve=15 # seconds kept back for the kill grace of a timed-out part, the summa
 # BC_CAP_BENCH, BC_CAP_PYTORCH, BC_CAP_MEMCHECK and BC_CAP_RACECHECK override the device-mode
 # caps. Estimated times on an H100/H200 (docs/gpu-bundle.md): tests ~40 s, bench
 # ~45 s, pytorch ~25 s, memcheck and racecheck ~30-60 s each.
-declare -A cap=([tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-150} [pytorch]=${BC_CAP_PYTORCH:-90}
+declare -A cap=([wgmma]=${BC_CAP_WGMMA:-60} [tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-150} [pytorch]=${BC_CAP_PYTORCH:-90}
     [memcheck]=${BC_CAP_MEMCHECK:-90} [racecheck]=${BC_CAP_RACECHECK:-90})
-declare -A need=([tests]=45 [bench]=45 [pytorch]=30 [memcheck]=30 [racecheck]=30)
-declare -A cap_full=([tests]=570 [bench]=570 [pytorch]=570 [memcheck]=270 [racecheck]=270)
+declare -A need=([wgmma]=15 [tests]=45 [bench]=45 [pytorch]=30 [memcheck]=30 [racecheck]=30)
+declare -A cap_full=([wgmma]=120 [tests]=570 [bench]=570 [pytorch]=570 [memcheck]=270 [racecheck]=270)
 
 # A relative BC_LOGS is relative to where run.sh was started; the default is logs/ here.
 [ -n "${BC_LOGS:-}" ] || cd "$here" || exit 70
@@ -66,7 +69,7 @@ cd "$here" || exit 70
 chmod +x bin/* 2>/dev/null || true # in case a copy lost the executable bits
 if [ $mode = device ]; then
     # Fresh logs (a bundle folder may carry logs of an earlier run): only the files run.sh writes.
-    rm -f "$logs"/{tests,bench,pytorch,sanitizer-memcheck,sanitizer-racecheck}.log \
+    rm -f "$logs"/{wgmma,tests,bench,pytorch,sanitizer-memcheck,sanitizer-racecheck}.log \
         "$logs"/{sanitizer,parts,env,devices,nvidia-smi,summary}.txt "$logs"/gpu-bench.json
 fi
 : >> "$logs"/parts.txt
@@ -198,12 +201,20 @@ summary() {
     else
         echo "-- parts"
     fi
-    for f in tests bench pytorch memcheck racecheck; do
+    for f in wgmma tests bench pytorch memcheck racecheck; do
         ok=$(grep -m1 "^$f|" "$logs"/parts.txt | cut -d'|' -f2-)
         [ -z "$ok" ] || printf '  %-10s %s\n' "$f" "$ok"
     done
     echo "-- devices (blockcascade info --devices)"
     sed 's/^/  /' "$logs"/devices.txt 2>/dev/null | head -n 20
+    echo "-- wgmma layouts (sm_90a probe, run first: every layout must PASS before a wgmma kernel is trusted)"
+    if [ "$1" = compact ]; then
+        grep -h '^WGMMA' "$logs"/wgmma.log 2>/dev/null | grep -v ' PASS ' | cut -c1-200 | sed 's/^/  /'
+        np=$(grep -c '^WGMMA .* PASS' "$logs"/wgmma.log 2>/dev/null); nf=$(grep -c '^WGMMA .* FAIL' "$logs"/wgmma.log 2>/dev/null)
+        echo "  ${np:-0} PASS, ${nf:-0} FAIL (wgmma.log in logs.tar.gz has every line)"
+    else
+        grep -h '^WGMMA' "$logs"/wgmma.log 2>/dev/null | cut -c1-200 | sed 's/^/  /'
+    fi
     echo "-- kernel max error vs CPU reference (tolerance ~1e-2)"
     if [ "$1" = compact ]; then
         tagged KERNEL "$logs"/tests.log | awk '{
@@ -263,7 +274,7 @@ progress() {
     local l
     while IFS= read -r l; do
         case "$l" in
-            'test '*|*panicked*|*FAILED*|SKIP*|'device:'*|'end to end'*|'sequential '*|'cascade lag '*|PYTORCH*|*Traceback*|*'ERROR SUMMARY'*|*'RACECHECK SUMMARY'*|*'not supported'*|*'Error:'*|*'error:'*)
+            'test '*|WGMMA*FAIL*|'WGMMA SKIP'*|*panicked*|*FAILED*|SKIP*|'device:'*|'end to end'*|'sequential '*|'cascade lag '*|PYTORCH*|*Traceback*|*'ERROR SUMMARY'*|*'RACECHECK SUMMARY'*|*'not supported'*|*'Error:'*|*'error:'*)
                 say "    ${l:0:120}";;
         esac
     done
@@ -335,8 +346,19 @@ finish() {
     save
 }
 
+# --- wgmma layouts first (own process: a faulting probe cannot take the other tests with it) --
+if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-threads=1 --nocapture --exact wgmma_layouts_match_the_hardware; then
+    np=$(grep -c '^WGMMA .* PASS' "$logs"/wgmma.log); nf=$(grep -c '^WGMMA .* FAIL' "$logs"/wgmma.log)
+    note="$np PASS, $nf FAIL"
+    if grep -q '^WGMMA SKIP' "$logs"/wgmma.log; then note=$(grep -m1 '^WGMMA SKIP' "$logs"/wgmma.log); fi
+    if grep -q 'SKIP.*no GPU' "$logs"/wgmma.log; then note="SKIP wgmma: no GPU"; fi
+    finish wgmma "$logs"/wgmma.log "$note"
+fi
+
 # --- tests -----------------------------------------------------------------------------
-if want tests && run_part tests "$logs"/tests.log ./bin/cuda-tests --test-threads=1 --nocapture; then
+skip_wgmma=()
+want wgmma && skip_wgmma=(--skip wgmma_layouts_match_the_hardware) # ran above
+if want tests && run_part tests "$logs"/tests.log ./bin/cuda-tests --test-threads=1 --nocapture ${skip_wgmma[@]+"${skip_wgmma[@]}"}; then
     note=$(grep -m1 -oE '[0-9]+ passed; [0-9]+ failed' "$logs"/tests.log)
     if grep -q 'SKIP.*no GPU' "$logs"/tests.log; then note="${note:+$note, }GPU tests skipped: no GPU"; fi
     finish tests "$logs"/tests.log "$note"

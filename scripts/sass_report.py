@@ -12,6 +12,9 @@ For every kernel and every sm_* cubin of the fatbin it prints:
   lmem      STL/LDL instructions (spills or local arrays, e.g. the slow path of f64 sin/cos)
   BRA       branch instructions (predicated ones included)
   HMMA      tensor-core mma instructions
+  HGMMA     Hopper warpgroup mma instructions (wgmma.mma_async, sm_90a)
+  WGARRIVE  WARPGROUP.ARRIVE instructions (wgmma.fence, and those ptxas injects when
+            accumulator registers are touched between wgmma: fewer is better)
   LDSM      ldmatrix instructions
   EX2       MUFU.EX2 instructions
   f64       double-precision instructions (DADD/DMUL/DFMA/DSETP/..., F2F/I2F/F2I and MUFU
@@ -43,7 +46,7 @@ FUNC = re.compile(r"^\.text\.(\S+):")
 TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 REG = re.compile(r"\bR(\d+)\b")
 F64_OPS = {"DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX", "DMMA"}
-METRICS = ["regs", "spill", "lmem", "BRA", "HMMA", "LDSM", "EX2", "f64", "smbase", "ldsm>hmma", "hmma/ldsm"]
+METRICS = ["regs", "spill", "lmem", "BRA", "HMMA", "HGMMA", "WGARRIVE", "LDSM", "EX2", "f64", "smbase", "ldsm>hmma", "hmma/ldsm"]
 
 
 def run(cmd):
@@ -170,6 +173,8 @@ def stats(insns, labels):
     return {
         "BRA": count(lambda i: i.base == "BRA"),
         "HMMA": count(lambda i: i.base == "HMMA"),
+        "HGMMA": count(lambda i: i.base == "HGMMA"),
+        "WGARRIVE": count(lambda i: i.op.startswith("WARPGROUP.ARRIVE")),
         "LDSM": count(lambda i: i.base == "LDSM"),
         "EX2": count(lambda i: i.op.startswith("MUFU.EX2")),
         "f64": count(is_f64),

@@ -7,11 +7,12 @@
 //! joint [`Backend::forward`] over it (while the next noise is generated), then renoise /
 //! finish / commit.
 //!
-//! A backend that keeps the latents of the blocks in flight on its device
-//! ([`Backend::keeps_latents`], the one-device CUDA backend) runs the flow step and the renoise
-//! there ([`Backend::forward_resident`], [`Backend::step_resident`]): only the renoise goes up
-//! and only finished blocks come back. The executor's own copy of such a block's latents is
-//! then its initial noise, read for its shape only.
+//! A backend that keeps the latents of the blocks in flight on its device(s)
+//! ([`Backend::keeps_latents`], the CUDA backend on one or several devices) runs the flow step
+//! and the renoise there ([`Backend::forward_resident`], [`Backend::step_resident`]; a separate
+//! context pass is a resident forward of its own): only the renoise goes up and only finished
+//! blocks come back. The executor's own copy of such a block's latents is then its initial
+//! noise, read for its shape only.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, FlowStep};
@@ -366,7 +367,7 @@ impl<'m> Generator<'m> {
         let live = mailbox.is_some();
         let frames = (!live).then(|| plan.blocks.saturating_mul(bf));
         let mut backend = self.backend(frames)?;
-        let resident = backend.keeps_latents() && !self.opts.separate_context_pass;
+        let resident = backend.keeps_latents();
         let mut st = RunState::new(if live { 0 } else { plan.ticks() }, self.prompts.clone());
         for tau in 0..plan.ticks() {
             let planned = plan.members(tau);
@@ -593,12 +594,21 @@ impl<'m> Generator<'m> {
                         .map_err(|e| Error::Internal(format!("cannot start the noise thread: {e}")))
                 })
                 .transpose()?;
+            let apart =
+                self.context_apart(members.len(), members.first().is_some_and(|m| m.context));
             let mut forward = || -> Result<Vec<Vec<f32>>> {
-                if resident {
+                if resident && apart {
+                    // The context pass from the block's held latents, then the rest.
+                    backend.forward_resident(&members[..1], &blocks_of[..1], tau)?;
+                    backend.commit(members[0].first_frame + bf);
+                    backend.forward_resident(&members[1..], &blocks_of[1..], tau)?;
+                    report.forward_passes += 2;
+                    Ok(Vec::new())
+                } else if resident {
                     report.forward_passes += 1;
                     backend.forward_resident(members, blocks_of, tau)?;
                     Ok(Vec::new())
-                } else if o.separate_context_pass && members.len() > 1 && members[0].context {
+                } else if apart {
                     let mut f = backend.forward(&members[..1], &blocks_of[..1], tau)?;
                     backend.commit(members[0].first_frame + bf);
                     f.extend(backend.forward(&members[1..], &blocks_of[1..], tau)?);
@@ -734,7 +744,22 @@ impl<'m> Generator<'m> {
                 }),
             })
             .collect();
+        if self.context_apart(
+            planned.len(),
+            planned.first().is_some_and(|m| m.role == Role::Context),
+        ) {
+            // The last forward (`forward_with_noise`) ran the members after the context pass.
+            let mut out = vec![None];
+            out.extend(backend.step_resident(&steps[1..])?);
+            return Ok(out);
+        }
         backend.step_resident(&steps)
+    }
+
+    /// Whether a tick's context member (first of `n` members, `first_is_context`) runs in a
+    /// forward of its own (`separate_context_pass`) before the other members.
+    fn context_apart(&self, n: usize, first_is_context: bool) -> bool {
+        self.opts.separate_context_pass && n > 1 && first_is_context
     }
 
     /// A block's final latents `x`: checked, handed to `on_block`, kept for its context pass.

@@ -805,6 +805,133 @@ fn mma_fragment_layouts_match_the_hardware() {
     }
 }
 
+/// The Hopper warpgroup-MMA layouts on the hardware (run first by the GPU bundle, before any
+/// wgmma kernel relies on them): `bc_wgmma_probe` (a warpgroup computes `c[64][n] = a . b^T`
+/// through shared memory) for every shared-memory layout (no swizzle, 128/64/32-byte swizzle),
+/// N = 64/128/256 and A from shared memory or registers, then at N = 128 with one commit group
+/// per k-step and with two warpgroups, against a plain matmul, one `WGMMA ... PASS|FAIL` line
+/// each; then a deliberately wrong descriptor must not match. The SIMT emulation implements
+/// these layouts from the PTX ISA (tests/wgmma_emu.rs); this is the check that the emulation is
+/// the hardware. Needs compute capability 9.0 (sm_90a); elsewhere it prints `WGMMA SKIP`.
+#[test]
+fn wgmma_layouts_match_the_hardware() {
+    use blockcascade::kernels::emu::{
+        wgmma_probe_params, WgmmaProbeCase, WGMMA_PROBE_LAYOUTS, WGMMA_PROBE_NS,
+    };
+    use blockcascade::kernels::params::BC_WGMMA_FAULT_STRIDE;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut g) = gpu("wgmma_layouts_match_the_hardware") else {
+        return;
+    };
+    match g.compute_capability() {
+        Some((9, 0)) | None => {}
+        Some((major, minor)) => {
+            println!("WGMMA SKIP: the device is sm_{major}{minor}, wgmma needs sm_90a");
+            return;
+        }
+    }
+    let kd = kernels::params::BC_WGMMA_PROBE_K as usize;
+    let mut rng = Rng::new(78);
+    // Largest error of any warpgroup's output, relative to |want| + 1e-2 rms(want); infinite
+    // for a non-finite value or a failed launch.
+    let mut run = |g: &mut Gpu, case: &WgmmaProbeCase| -> f32 {
+        let n = case.n;
+        let (af, a) = randb(&mut rng, 64 * kd, 1.0);
+        let (bf, b) = randb(&mut rng, n * kd, 1.0);
+        let (ad, bd) = (up(g, &a), up(g, &b));
+        let cd = poisoned(g, case.out_len() * 4);
+        let p = wgmma_probe_params(ad as *const _, bd as *const _, cd as *mut f32, case).unwrap();
+        // SAFETY: every pointer is a device allocation of the size the kernel reads/writes.
+        let launched =
+            unsafe { g.launch(kernels::Kernel::WgmmaProbe, [1, 1, 1], case.block(), &p) }
+                .and_then(|()| g.sync());
+        if let Err(e) = launched {
+            println!("WGMMA launch error: {e}");
+            return f32::INFINITY;
+        }
+        let got = down_f(g, cd, case.out_len());
+        let want: Vec<f32> = (0..64 * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (0..kd).map(|k| af[r * kd + k] * bf[c * kd + k]).sum()
+            })
+            .collect();
+        let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+        got.chunks(want.len())
+            .flat_map(|part| part.iter().zip(&want))
+            .map(|(x, w)| {
+                if x.is_finite() {
+                    (x - w).abs() / (w.abs() + 1e-2 * rms)
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .fold(0.0, f32::max)
+    };
+    let mut cases = Vec::new();
+    for n in WGMMA_PROBE_NS {
+        for (swizzle, _) in WGMMA_PROBE_LAYOUTS {
+            for a_regs in [false, true] {
+                cases.push(WgmmaProbeCase {
+                    a_regs,
+                    ..WgmmaProbeCase::new(n, swizzle)
+                });
+            }
+        }
+    }
+    for (swizzle, _) in WGMMA_PROBE_LAYOUTS {
+        for (warpgroups, a_regs) in [(1, false), (2, true)] {
+            cases.push(WgmmaProbeCase {
+                a_regs,
+                pipelined: true,
+                warpgroups,
+                ..WgmmaProbeCase::new(128, swizzle)
+            });
+        }
+    }
+    let mut failed = Vec::new();
+    for case in &cases {
+        let err = run(&mut g, case);
+        let layout = WGMMA_PROBE_LAYOUTS[case.swizzle as usize].1;
+        let what = format!(
+            "m64n{}k16 swizzle={layout} A={}{}{}",
+            case.n,
+            if case.a_regs { "registers" } else { "shared" },
+            if case.pipelined {
+                " group-per-kstep"
+            } else {
+                ""
+            },
+            if case.warpgroups > 1 {
+                " warpgroups=2"
+            } else {
+                ""
+            },
+        );
+        let ok = err < 1e-3;
+        let verdict = if ok { "PASS" } else { "FAIL" };
+        println!("WGMMA {what} {verdict} max_err={err:.2e}");
+        if !ok {
+            failed.push(what);
+        }
+    }
+    // The control: a stride-dimension byte offset 16 bytes off must not match.
+    let control = WgmmaProbeCase {
+        fault: BC_WGMMA_FAULT_STRIDE as i32,
+        ..WgmmaProbeCase::new(64, 1)
+    };
+    let err = run(&mut g, &control);
+    let ok = err > 1e-2;
+    println!(
+        "WGMMA control: wrong B descriptor {} (max_err={err:.2e}, must be large)",
+        if ok { "PASS" } else { "FAIL" }
+    );
+    if !ok {
+        failed.push("the wrong-descriptor control matched".into());
+    }
+    assert!(failed.is_empty(), "wgmma layouts that fail: {failed:?}");
+}
+
 fn run_golden(schedule: Schedule, mode: AttentionMode, graphs: bool) -> Vec<f32> {
     set_session_options(Some(CudaOptions {
         graphs,

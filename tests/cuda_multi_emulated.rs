@@ -5,10 +5,12 @@
 //! must follow the CPU backend's lagged exchange.
 
 mod common;
+use blockcascade::backend::cuda::device::host_traffic;
 use blockcascade::backend::cuda::device::Gpu;
 use blockcascade::backend::cuda::emu_device::{set_stream_order, StreamOrder};
 use blockcascade::backend::cuda::{
-    double_kv_devices, graph_replays, peer_copy_bytes, set_session_options, CudaOptions,
+    device_flow_steps, double_kv_devices, graph_replays, latent_moves, peer_copy_bytes,
+    set_session_options, time_table_uploads, CudaOptions,
 };
 use blockcascade::config::BackendKind;
 use blockcascade::config::KvExchange;
@@ -649,4 +651,152 @@ fn freeing_a_buffer_a_peer_copy_still_uses_is_an_error() {
     let _sent = a.send_to_peer(&b, &[(other, src, 256)], &[]).unwrap();
     a.sync_copies().unwrap();
     b.free(other).unwrap();
+}
+
+/// Host traffic and device work between two points of a test.
+#[derive(Debug)]
+struct Moved {
+    staged: usize,
+    down_bytes: usize,
+    downloads: usize,
+    flow_steps: usize,
+    latent_moves: usize,
+    time_uploads: usize,
+}
+
+/// Runs `f` and counts what it moved between host and devices.
+fn counted<T>(f: impl FnOnce() -> T) -> (T, Moved) {
+    let (t0, s0, m0, u0) = (
+        host_traffic(),
+        device_flow_steps(),
+        latent_moves(),
+        time_table_uploads(),
+    );
+    let out = f();
+    let t1 = host_traffic();
+    let moved = Moved {
+        staged: t1.staged_bytes - t0.staged_bytes,
+        down_bytes: t1.download_bytes - t0.download_bytes,
+        downloads: t1.downloads - t0.downloads,
+        flow_steps: device_flow_steps() - s0,
+        latent_moves: latent_moves() - m0,
+        time_uploads: time_table_uploads() - u0,
+    };
+    (out, moved)
+}
+
+/// Backend options with or without the denoising state on the devices.
+fn latents_opts(device_latents: bool) -> CudaOptions {
+    CudaOptions {
+        emulate: true,
+        device_latents,
+        ..CudaOptions::default()
+    }
+}
+
+/// The latents kept on two devices (each block on the device it is placed on, moved device to
+/// device when the placement moves it, stepped there by `bc_flow_step`, only finished blocks
+/// downloaded) against the host flow step on flows downloaded every tick: the same bits for
+/// joint and lagged exchange, sequential and cascade, and fewer bytes down. docs/cuda.md and
+/// docs/multi-device.md quote the printed traffic.
+#[test]
+fn device_latents_on_two_devices_match_the_host_flow_step_bit_for_bit() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut moves = 0;
+    for xch in [KvExchange::Joint, KvExchange::Lagged] {
+        for schedule in [Schedule::Sequential, Schedule::Cascade { lag: 1 }] {
+            let run = |device_latents: bool| {
+                let edit = |o: &mut GenerateOptions| {
+                    o.schedule = schedule;
+                    o.devices = 2;
+                    o.kv_exchange = xch;
+                };
+                counted(|| generate_with(latents_opts(device_latents), None, edit, |_| Ok(())))
+            };
+            let (host, mh) = run(false);
+            let (device, md) = run(true);
+            let (host, device) = (host.unwrap().0, device.unwrap().0);
+            println!(
+                "TRAFFIC 2 devices, {xch:?}, {schedule:?}: host step: {} B up, {} B down in {} downloads; device latents: {} B up, {} B down in {} downloads, {} flow steps on the devices, {} blocks moved between devices, {} time embeddings into the tables",
+                mh.staged, mh.down_bytes, mh.downloads, md.staged, md.down_bytes, md.downloads, md.flow_steps, md.latent_moves, md.time_uploads
+            );
+            assert_eq!(
+                mh.flow_steps, 0,
+                "{xch:?} {schedule:?}: host path stepped on a device"
+            );
+            assert!(
+                md.flow_steps > 0,
+                "{xch:?} {schedule:?}: no flow step ran on a device"
+            );
+            assert!(
+                md.down_bytes < mh.down_bytes && md.downloads < mh.downloads,
+                "{xch:?} {schedule:?}: device latents downloaded no less: {md:?} vs {mh:?}"
+            );
+            assert!(
+                md.staged < mh.staged,
+                "{xch:?} {schedule:?}: device latents uploaded no less: {md:?} vs {mh:?}"
+            );
+            assert!(!host.is_empty() && host.iter().all(|v| v.is_finite()));
+            assert!(
+                bits(&host) == bits(&device),
+                "{xch:?} {schedule:?}: device latents differ from the host flow step (rel L2 {:.3e})",
+                rel_l2(&host, &device)
+            );
+            moves += md.latent_moves;
+        }
+    }
+    // The cascade's window slides, so its placement moves blocks: the moves were exercised.
+    assert!(moves > 0, "no block moved between devices");
+}
+
+/// The separate context pass (a block's clean re-forward in a forward of its own) reads the
+/// block's latents held on the device instead of uploading them, on one and two devices: the
+/// same bits as the host flow step, fewer bytes down. The time embeddings come from each
+/// device's table: every distinct timestep (the steps' and the context's) goes up at most once
+/// per device.
+#[test]
+fn separate_context_pass_reads_the_held_latents() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for devices in [1, 2] {
+        let run = |device_latents: bool| {
+            let edit = |o: &mut GenerateOptions| {
+                o.schedule = Schedule::Cascade { lag: 2 };
+                o.separate_context_pass = true;
+                o.devices = devices;
+            };
+            counted(|| generate_with(latents_opts(device_latents), Some(3), edit, |_| Ok(())))
+        };
+        let (host, mh) = run(false);
+        let (device, md) = run(true);
+        let ((host, rh), (device, rd)) = (host.unwrap(), device.unwrap());
+        println!(
+            "TRAFFIC separate context pass, {devices} device(s): host step: {} B up, {} B down in {} downloads; device latents: {} B up, {} B down in {} downloads, {} time embeddings into the table",
+            mh.staged, mh.down_bytes, mh.downloads, md.staged, md.down_bytes, md.downloads, md.time_uploads
+        );
+        assert_eq!(
+            rh.forward_passes, rd.forward_passes,
+            "{devices}: forward passes differ"
+        );
+        assert!(
+            rd.forward_passes > rd.ticks,
+            "{devices}: no separate context pass ran"
+        );
+        assert!(md.flow_steps > 0 && md.downloads < mh.downloads && md.staged < mh.staged);
+        let timesteps = golden().opts.steps.len() + 1;
+        assert_eq!(
+            mh.time_uploads, 0,
+            "{devices}: the host path used the time table"
+        );
+        assert!(
+            md.time_uploads > 0 && md.time_uploads <= devices * timesteps,
+            "{devices}: {} time embeddings uploaded for {timesteps} timesteps",
+            md.time_uploads
+        );
+        assert!(
+            host == device,
+            "{devices} device(s): device latents differ from the host flow step (rel L2 {:.3e})",
+            rel_l2(&host, &device)
+        );
+    }
 }

@@ -113,7 +113,7 @@ constexpr size_t kStackBytes = 128 * 1024;
 constexpr size_t kGuardBytes = 4096;
 constexpr int kMaxThreads = 1024;
 
-enum State { kRunnable, kAtBarrier, kAtCollective, kExited, kFailed };
+enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kExited, kFailed };
 
 const char* kind_name(int kind) {
     static const char* names[] = {"__shfl_sync",   "__shfl_xor_sync", "__shfl_down_sync", "__shfl_up_sync",
@@ -148,6 +148,38 @@ struct Fiber {
     };
     std::vector<Copy> cp_pending;
     std::vector<size_t> cp_groups;
+    // At a warpgroup op (kAtWarpgroup): its kind (WgKind), argument and, for an mma, operands.
+    int wg_kind = 0;
+    int wg_arg = 0;
+    struct WgIssue {
+        float* d = nullptr;
+        int n = 0;
+        uint64_t da = 0, db = 0;
+        int scale_d = 0;
+        bool a_regs = false;
+        unsigned a[4] = {0, 0, 0, 0};
+    } wg;
+};
+
+// One queued wgmma.mma_async of a warpgroup: operands of its 128 threads.
+struct WgOp {
+    int n = 0;
+    uint64_t da = 0, db = 0;
+    int scale_d = 0;
+    bool a_regs = false;
+    const char* file = nullptr;
+    int line = 0;
+    float* d[128];
+    unsigned a[128][4];
+    std::vector<float> cin;  // [128][n/2]: D before the op (the input when scale_d != 0)
+    bool chained[128];       // D's input comes from the previous queued op on the same registers
+};
+
+// The wgmma state of one warpgroup: queued mma ops, oldest first, and the queue lengths at
+// each commit (like the cp.async groups).
+struct Warpgroup {
+    std::vector<WgOp> pending;
+    std::vector<size_t> groups;
 };
 
 struct Block {
@@ -159,8 +191,10 @@ struct Block {
     const void* arg = nullptr;
     int code = 0;
     std::string error;
-    std::vector<uint64_t> smem;  // dynamic shared memory (operator new: 16-byte aligned)
+    std::vector<uint64_t> smem;  // backing store of dynamic shared memory (see smem_base)
+    unsigned char* smem_base = nullptr;  // dynamic shared memory, at kSmemWindowBase modulo 1024
     size_t smem_bytes = 0;
+    std::vector<Warpgroup> wgs;  // per warpgroup (128 threads) of the block
     std::vector<unsigned char> xbuf;  // warp_exchange slots: [warp][parity][lane][32 bytes]
 
     ~Block() {
@@ -262,7 +296,7 @@ unsigned activemask() {
     return m;
 }
 
-void* dynamic_smem() { return tls_block->smem.data(); }
+void* dynamic_smem() { return tls_block->smem_base; }
 size_t dynamic_smem_bytes() { return tls_block->smem_bytes; }
 
 const unsigned char* warp_exchange(const void* data, size_t bytes, const char* file, int line) {
@@ -404,6 +438,299 @@ static int resolve_collectives(Block* b) {
     return resolved;
 }
 
+// ---- wgmma (Hopper warpgroup MMA), from the PTX ISA ---------------------------------------
+
+unsigned smem_window_addr(const void* p, const char* file, int line) {
+    const Block* b = tls_block;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(b->smem_base);
+    if (a < base || a > base + b->smem_bytes)
+        fail("shared-window address of a pointer outside dynamic shared memory (the emulated wgmma reads "
+             "dynamic shared memory only)",
+             file, line);
+    return kSmemWindowBase + (unsigned)(a - base);
+}
+
+void wgmma_sync(int kind, int arg, const char* file, int line) {
+    Fiber* f = tls_fiber;
+    f->state = kAtWarpgroup;
+    f->wg_kind = kind;
+    f->wg_arg = arg;
+    f->file = file;
+    f->line = line;
+    yield_to_scheduler();
+}
+
+void wgmma_mma(float* d, int n, uint64_t desc_a, const unsigned* a_regs, uint64_t desc_b, int scale_d,
+               const char* file, int line) {
+    Fiber::WgIssue& w = tls_fiber->wg;
+    w.d = d;
+    w.n = n;
+    w.da = a_regs ? 0 : desc_a;
+    w.db = desc_b;
+    w.scale_d = scale_d ? 1 : 0;
+    w.a_regs = a_regs != nullptr;
+    for (int i = 0; i < 4; ++i) w.a[i] = a_regs ? a_regs[i] : 0;
+    wgmma_sync(kWgMma, 0, file, line);
+}
+
+static const char* wg_kind_name(int k) {
+    switch (k) {
+        case kWgFence:
+            return "wgmma.fence";
+        case kWgCommit:
+            return "wgmma.commit_group";
+        case kWgWait:
+            return "wgmma.wait_group";
+        default:
+            return "wgmma.mma_async";
+    }
+}
+
+// Matrix descriptor fields (PTX ISA, "Matrix Descriptor Format"): bits 0-13 start address,
+// 16-29 leading dimension byte offset, 32-45 stride dimension byte offset (each >> 4), 49-51
+// base offset, 62-63 swizzle (0 none, 1 128B, 2 64B, 3 32B); the rest is reserved (0).
+struct WgDesc {
+    unsigned start, lbo, sbo, base_offset;
+    int swizzle;
+};
+
+static WgDesc wg_decode(uint64_t d) {
+    WgDesc r;
+    r.start = (unsigned)(d & 0x3FFFu) << 4;
+    r.lbo = (unsigned)((d >> 16) & 0x3FFFu) << 4;
+    r.sbo = (unsigned)((d >> 32) & 0x3FFFu) << 4;
+    r.base_offset = (unsigned)((d >> 49) & 7u);
+    r.swizzle = (int)(d >> 62);
+    return r;
+}
+
+// Reads the 16-column K-major operand of `rows` rows that descriptor `desc` describes into
+// out[rows][16] (floats). The hardware model: the address of element (row, k) is formed from
+// the descriptor (no swizzle: 8x16-byte core matrices, row groups SBO apart, k chunks LBO apart;
+// swizzled with row width W: rows W bytes apart in 8-row groups SBO apart, LBO unused), then the
+// swizzle XORs address bits 4.. (the 16-byte chunk) with bits 7.. (128B: 3 bits, 64B: 2, 32B: 1).
+// Returns false (error set) on a descriptor the emulation refuses or an address outside
+// dynamic shared memory.
+static bool wg_read_kmajor(Block* b, const WgOp& op, uint64_t desc, int rows, float* out, const char* what) {
+    const WgDesc d = wg_decode(desc);
+    if ((desc >> 14 & 3u) || (desc >> 30 & 3u) || (desc >> 46 & 7u) || (desc >> 52 & 0x3FFu)) {
+        set_error(b, 3, "wgmma at %s:%d: %s descriptor 0x%016llx has reserved bits set", op.file, op.line, what,
+                  (unsigned long long)desc);
+        return false;
+    }
+    if (d.base_offset) {
+        set_error(b, 3, "wgmma at %s:%d: %s descriptor base offset %u (not emulated: align tiles instead)", op.file,
+                  op.line, what, d.base_offset);
+        return false;
+    }
+    const unsigned w = d.swizzle == 1 ? 128u : d.swizzle == 2 ? 64u : d.swizzle == 3 ? 32u : 16u;
+    const unsigned mask = d.swizzle == 1 ? 7u : d.swizzle == 2 ? 3u : d.swizzle == 3 ? 1u : 0u;
+    if (d.swizzle) {
+        // The 16 columns (32 bytes) stay in one swizzled row, and the start lies in the first row
+        // of the pattern's 8W-byte period (otherwise the base offset would be needed).
+        if (d.start % w + 32 > w || d.start % (8 * w) >= w) {
+            set_error(b, 3,
+                      "wgmma at %s:%d: %s descriptor start 0x%x is not in the first %u-byte row of a %u-byte swizzle "
+                      "period (tiles must be %u-byte aligned)",
+                      op.file, op.line, what, d.start, w, 8 * w, 8 * w);
+            return false;
+        }
+    }
+    const size_t bytes = b->smem_bytes;
+    for (int r = 0; r < rows; ++r) {
+        for (int k = 0; k < 16; ++k) {
+            unsigned a;
+            if (d.swizzle == 0) {
+                a = d.start + (unsigned)(r / 8) * d.sbo + (unsigned)(k / 8) * d.lbo + (unsigned)(r % 8) * 16 +
+                    (unsigned)(k % 8) * 2;
+            } else {
+                a = d.start + (unsigned)(r / 8) * d.sbo + (unsigned)(r % 8) * w + (unsigned)k * 2;
+                a ^= ((a >> 7) & mask) << 4;
+            }
+            if (a < kSmemWindowBase || a - kSmemWindowBase + 2 > bytes) {
+                set_error(b, 3, "wgmma at %s:%d: %s element (%d, %d) at shared address 0x%x is outside dynamic shared "
+                          "memory [0x%x, 0x%zx)", op.file, op.line, what, r, k, a, kSmemWindowBase,
+                          kSmemWindowBase + bytes);
+                return false;
+            }
+            uint16_t v;
+            std::memcpy(&v, b->smem_base + (a - kSmemWindowBase), 2);
+            out[r * 16 + k] = __bfloat162float(__ushort_as_bfloat16(v));
+        }
+    }
+    return true;
+}
+
+static float wg_bf16(unsigned reg, int hi) {
+    return __bfloat162float(__ushort_as_bfloat16((unsigned short)(hi ? reg >> 16 : reg & 0xffffu)));
+}
+
+// Executes queued op `op` of warpgroup `wg` (index j in its queue): reads A and B now, computes
+// every thread's D fragment (m64nNk16 f32 layout: thread t, warp w = t/32, g = (t%32)/4,
+// q = t%4, register i holds D[16w + g + 8((i>>1)&1)][8(i>>2) + 2q + (i&1)]) and writes it to the
+// thread's registers, or hands it to the next queued op on the same registers.
+static bool wg_land(Block* b, Warpgroup& wg, size_t j) {
+    WgOp& op = wg.pending[j];
+    const int n = op.n, r = n / 2;
+    std::vector<float> fa(64 * 16), fb((size_t)n * 16);
+    if (op.a_regs) {
+        // A fragment: register x of lane l (g = l/4, q = l%4) holds row g + 8(x&1), columns
+        // 2q + 8(x>>1) and +1 (low half first), of the warp's 16 rows.
+        for (int row = 0; row < 64; ++row)
+            for (int k = 0; k < 16; ++k) {
+                const int w = row / 16, rl = row % 16;
+                const int lane = 4 * (rl % 8) + (k % 8) / 2, x = rl / 8 + 2 * (k / 8);
+                fa[row * 16 + k] = wg_bf16(op.a[32 * w + lane][x], k & 1);
+            }
+    } else if (!wg_read_kmajor(b, op, op.da, 64, fa.data(), "A")) {
+        return false;
+    }
+    if (!wg_read_kmajor(b, op, op.db, n, fb.data(), "B")) return false;
+    std::vector<float> res((size_t)r);
+    for (int t = 0; t < 128; ++t) {
+        const int w = t / 32, g = (t % 32) / 4, q = t % 4;
+        for (int i = 0; i < r; ++i) {
+            const int row = 16 * w + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * q + (i & 1);
+            float s = 0.f;
+            for (int k = 0; k < 16; ++k) s += fa[row * 16 + k] * fb[col * 16 + k];
+            res[i] = op.scale_d ? op.cin[(size_t)t * r + i] + s : s;
+        }
+        if (op.scale_d && op.chained[t]) {  // the op before it on these registers never landed
+            set_error(b, 3, "wgmma at %s:%d: emulation error: chained accumulators without their input", op.file,
+                      op.line);
+            return false;
+        }
+        WgOp* next = nullptr;
+        for (size_t m = j + 1; m < wg.pending.size() && !next; ++m)
+            if (wg.pending[m].d[t] == op.d[t]) next = &wg.pending[m];
+        if (next) {
+            if (next->n != n) {
+                set_error(b, 3, "wgmma at %s:%d: accumulators of an m64n%dk16 op reused by a queued m64n%dk16 op",
+                          op.file, op.line, n, next->n);
+                return false;
+            }
+            next->chained[t] = false;
+            std::memcpy(&next->cin[(size_t)t * r], res.data(), sizeof(float) * (size_t)r);
+        } else {
+            std::memcpy(op.d[t], res.data(), sizeof(float) * (size_t)r);
+        }
+    }
+    return true;
+}
+
+// Runs the warpgroup op that all 128 threads of the warpgroup starting at fiber `base` reached.
+static bool wg_perform(Block* b, int base) {
+    const Fiber& f0 = b->fibers[base];
+    Warpgroup& wg = b->wgs[(size_t)base / 128];
+    switch (f0.wg_kind) {
+        case kWgFence:
+            return true;
+        case kWgCommit:
+            wg.groups.push_back(wg.pending.size());
+            return true;
+        case kWgWait: {
+            const size_t groups = wg.groups.size(), keep = (size_t)f0.wg_arg;
+            if (groups <= keep) return true;
+            const size_t done = wg.groups[groups - 1 - keep];
+            for (size_t j = 0; j < done; ++j)
+                if (!wg_land(b, wg, j)) return false;
+            wg.pending.erase(wg.pending.begin(), wg.pending.begin() + (std::ptrdiff_t)done);
+            size_t kept = 0;
+            for (size_t g : wg.groups)
+                if (g > done) wg.groups[kept++] = g - done;
+            wg.groups.resize(kept);
+            return true;
+        }
+        default:
+            break;
+    }
+    const Fiber::WgIssue& i0 = f0.wg;
+    if (i0.n < 8 || i0.n > 256 || i0.n % 8) {
+        set_error(b, 3, "wgmma at %s:%d: N = %d is not a multiple of 8 in [8, 256]", f0.file, f0.line, i0.n);
+        return false;
+    }
+    for (int t = 0; t < 128; ++t) {
+        const Fiber::WgIssue& it = b->fibers[base + t].wg;
+        if (it.n != i0.n || it.da != i0.da || it.db != i0.db || it.scale_d != i0.scale_d || it.a_regs != i0.a_regs) {
+            set_error(b, 3,
+                      "wgmma.mma_async at %s:%d: threads %d and %d of a warpgroup disagree (N %d/%d, descriptors "
+                      "0x%llx/0x%llx and 0x%llx/0x%llx, scale-d %d/%d): the instruction is .aligned",
+                      f0.file, f0.line, base, base + t, i0.n, it.n, (unsigned long long)i0.da,
+                      (unsigned long long)it.da, (unsigned long long)i0.db, (unsigned long long)it.db, i0.scale_d,
+                      it.scale_d);
+            return false;
+        }
+    }
+    WgOp op;
+    op.n = i0.n;
+    op.da = i0.da;
+    op.db = i0.db;
+    op.scale_d = i0.scale_d;
+    op.a_regs = i0.a_regs;
+    op.file = f0.file;
+    op.line = f0.line;
+    const int r = op.n / 2;
+    op.cin.assign((size_t)128 * r, 0.f);
+    for (int t = 0; t < 128; ++t) {
+        const Fiber::WgIssue& it = b->fibers[base + t].wg;
+        op.d[t] = it.d;
+        std::memcpy(op.a[t], it.a, sizeof it.a);
+        bool queued = false;
+        for (const WgOp& p : wg.pending) queued |= p.d[t] == it.d;
+        op.chained[t] = queued;
+        // D's current value is the input unless a queued op on the same registers will
+        // provide it; then D reads as NaN until the op lands.
+        if (!queued) std::memcpy(&op.cin[(size_t)t * r], it.d, sizeof(float) * (size_t)r);
+        for (int i = 0; i < r; ++i) it.d[i] = std::nanf("");
+    }
+    wg.pending.push_back(std::move(op));
+    return true;
+}
+
+// Resolves every warpgroup whose 128 threads all wait at the same wgmma op. Returns the number
+// resolved; sets an error for ops that can never complete (or that the warpgroup disagrees on).
+static int resolve_warpgroups(Block* b) {
+    const int n = (int)b->fibers.size();
+    int resolved = 0;
+    for (int base = 0; base < n && !b->code; base += 128) {
+        const Fiber* first = nullptr;
+        for (int t = base; t < base + 128 && t < n && !first; ++t)
+            if (b->fibers[t].state == kAtWarpgroup) first = &b->fibers[t];
+        if (!first) continue;
+        if (base + 128 > n) {
+            set_error(b, 3, "%s at %s:%d in a block of %d threads: its warpgroup (threads %d..%d) is incomplete",
+                      wg_kind_name(first->wg_kind), first->file, first->line, n, base, base + 127);
+            return resolved;
+        }
+        bool ready = true;
+        for (int t = base; t < base + 128; ++t) {
+            const Fiber& g = b->fibers[t];
+            if (g.state == kAtCollective) {
+                ready = false;  // may still arrive once its warp collective resolves
+                continue;
+            }
+            if (g.state == kExited || g.state == kAtBarrier) {
+                set_error(b, 3, "%s at %s:%d: thread %d of the warpgroup %s (deadlock)", wg_kind_name(first->wg_kind),
+                          first->file, first->line, t, g.state == kExited ? "has exited" : "waits at __syncthreads");
+                return resolved;
+            }
+            if (g.state == kAtWarpgroup &&
+                (g.wg_kind != first->wg_kind || g.wg_arg != first->wg_arg || g.line != first->line ||
+                 std::strcmp(g.file, first->file) != 0)) {
+                set_error(b, 3, "divergent warpgroup: thread %d is at %s at %s:%d, thread %d at %s at %s:%d",
+                          first->linear, wg_kind_name(first->wg_kind), first->file, first->line, t,
+                          wg_kind_name(g.wg_kind), g.file, g.line);
+                return resolved;
+            }
+        }
+        if (!ready) continue;
+        if (!wg_perform(b, base)) return resolved;
+        for (int t = base; t < base + 128; ++t) b->fibers[t].state = kRunnable;
+        ++resolved;
+    }
+    return resolved;
+}
+
 // Runs one block to completion; returns 0 or an error code (message in b->error).
 static int run_block(Block* b) {
     int n = (int)b->fibers.size();
@@ -414,8 +741,10 @@ static int run_block(Block* b) {
         f.xpar = 0;
         f.cp_pending.clear();
         f.cp_groups.clear();
+        f.wg_kind = 0;
         ctx_make(&f.ctx, b->stack(i), kStackBytes, fiber_main);
     }
+    b->wgs.assign((size_t)(n + 127) / 128, Warpgroup());
     // Uninitialised shared memory: poison dynamic shared memory with NaNs.
     std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
     for (unsigned round = 0;; ++round) {
@@ -430,18 +759,29 @@ static int run_block(Block* b) {
             tls_fiber = nullptr;
             if (b->code) return b->code;
         }
-        int exited = 0, at_bar = 0, at_coll = 0;
+        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0;
         for (auto& f : b->fibers) {
             exited += f.state == kExited;
             at_bar += f.state == kAtBarrier;
             at_coll += f.state == kAtCollective;
+            at_wg += f.state == kAtWarpgroup;
         }
-        if (exited == n) return 0;
-        if (at_coll) {
-            int r = resolve_collectives(b);
+        if (exited == n) {
+            for (auto& w : b->wgs)
+                if (!w.pending.empty()) {
+                    set_error(b, 3, "wgmma.mma_async at %s:%d never waited for (no wgmma.wait_group completed it)",
+                              w.pending[0].file, w.pending[0].line);
+                    return b->code;
+                }
+            return 0;
+        }
+        if (at_coll || at_wg) {
+            int r = at_coll ? resolve_collectives(b) : 0;
+            if (b->code) return b->code;
+            if (at_wg) r += resolve_warpgroups(b);
             if (b->code) return b->code;
             if (r) continue;
-            set_error(b, 2, "unresolvable warp collective");
+            set_error(b, 2, at_coll ? "unresolvable warp collective" : "unresolvable wgmma warpgroup op");
             return b->code;
         }
         // Only barrier waiters and exited threads remain.
@@ -508,7 +848,15 @@ void worker(Shared* s) {
         f.tid.z = (unsigned)i / (d->block[0] * d->block[1]);
     }
     // 16-byte units, so the base is 16-byte aligned like a GPU's (ldmatrix, cp.async need it).
-    b->smem.assign((d->shared_bytes + 15) / 16 * 2, 0);
+    // 1024 spare bytes place the base at kSmemWindowBase modulo 1024 (so that the emulated
+    // window address and the host address agree in the bits the wgmma swizzles read).
+    b->smem.assign((d->shared_bytes + 15) / 16 * 2 + 1024 / 8, 0);
+    {
+        uintptr_t p = reinterpret_cast<uintptr_t>(b->smem.data());
+        const uintptr_t want = kSmemWindowBase % 1024;
+        p += (want + 1024 - p % 1024) % 1024;
+        b->smem_base = reinterpret_cast<unsigned char*>(p);
+    }
     b->smem_bytes = d->shared_bytes;
     b->xbuf.assign((size_t)(n + 31) / 32 * 2 * 32 * 32, 0);
     b->body = s->body;

@@ -24,8 +24,15 @@
 // Tensor-core instructions (mma.sync m16n8k16 bf16, ldmatrix, cp.async) are emulated behind the
 // device functions of cuda/include/mma.cuh: an mma or ldmatrix is one warp exchange (one
 // scheduling point, `warp_exchange`), and cp.async copies land only at the wait that completes
-// their group (the destination reads as NaN before). Not emulated: Hopper-only features (wgmma,
-// TMA), which are exempt from emulation.
+// their group (the destination reads as NaN before). The Hopper warpgroup MMA (wgmma, see
+// cuda/include/wgmma.cuh) is emulated from the PTX ISA: each wgmma op is a warpgroup rendezvous
+// (all 128 threads of the warpgroup, at the same op with the same descriptors); an mma is queued
+// and lands (reads shared memory through its descriptors, writes D) when a wait_group completes
+// its group, D reading as NaN until then; mma ops never waited for are an error at block exit.
+// Descriptors hold shared-window addresses: dynamic shared memory starts at window address
+// kSmemWindowBase (deliberately not 1024-byte aligned, like an unknown hardware offset, so a
+// kernel must align swizzled tiles itself). Not emulated: TMA and the other Hopper-only
+// features.
 #ifndef BC_EMU_EMU_H
 #define BC_EMU_EMU_H
 
@@ -121,6 +128,21 @@ void cp_async_commit();
 /// `cp.async.wait_group n` (n >= 0): completes all but the newest n committed groups of the
 /// calling thread; n < 0: `cp.async.wait_all` (every copy, committed or not).
 void cp_async_wait(int n);
+/// Shared-window address of dynamic shared memory byte 0 under the emulation (1536: 16-byte and
+/// 512-byte aligned, not 1024-byte aligned).
+constexpr unsigned kSmemWindowBase = 0x600;
+/// Shared-window address of `p`, which must point into the block's dynamic shared memory.
+unsigned smem_window_addr(const void* p, const char* file, int line);
+/// The warpgroup ops other than the mma (`wgmma_sync` kinds); kWgMma is wgmma_mma's.
+enum WgKind { kWgFence = 1, kWgCommit = 2, kWgWait = 3, kWgMma = 4 };
+/// `wgmma.fence` / `wgmma.commit_group` / `wgmma.wait_group arg` of the calling thread's
+/// warpgroup: a rendezvous of its 128 threads; a wait lands the completed groups' mma ops.
+void wgmma_sync(int kind, int arg, const char* file, int line);
+/// `wgmma.mma_async m64nNk16 .f32.bf16.bf16` (K-major A and B): D (n/2 floats at `d`) =
+/// A . B^T (+ D when scale_d != 0); A from shared memory through `desc_a` when `a_regs` is
+/// null, else the four registers at `a_regs`; B through `desc_b`. Queued until a wait.
+void wgmma_mma(float* d, int n, uint64_t desc_a, const unsigned* a_regs, uint64_t desc_b, int scale_d,
+               const char* file, int line);
 }  // namespace emu
 
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
@@ -233,6 +255,16 @@ inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
+inline float __int_as_float(int x) {
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int x;
+    std::memcpy(&x, &f, 4);
+    return x;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }

@@ -12,8 +12,8 @@
 // The `_at` forms and bc_cp_async16_zfill take a bc_saddr (32-bit shared offset from
 // bc_smem_addr) so that a kernel converts its shared array once; bc_ex2 is ex2.approx.ftz.
 // Checked by cuda/test_mma.cu + tests/kernels_emu.rs (emulation vs. a plain matmul); the
-// emulated layouts still need the same test on a GPU. Hopper-only wgmma/TMA are not here
-// (they would be marked Hopper-only and exempt from emulation).
+// emulated layouts still need the same test on a GPU. Hopper's wgmma is in wgmma.cuh (emulated
+// too); TMA is not written.
 #ifndef BC_MMA_CUH
 #define BC_MMA_CUH
 

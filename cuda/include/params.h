@@ -734,4 +734,57 @@ typedef struct BcDecSoftmaxParams {
     bc_i32 _pad;
 } BcDecSoftmaxParams;
 
+/** `bc_wgmma_probe`: the Hopper (sm_90a) warpgroup-MMA layout probe, a test kernel. Grid (1),
+ * block `warpgroups` x BC_WGMMA_PROBE_THREADS; each warpgroup j computes `c[j][64][n] = a[64][k] .
+ * b[n][k]^T` (k = BC_WGMMA_PROBE_K) with `wgmma.mma_async.m64nNk16.f32.bf16.bf16`: `a` and `b` go through
+ * shared memory in the K-major layout of `swizzle`, then A from shared memory (`a_regs` 0) or
+ * from registers (`a_regs` 1), B always from shared memory. `fault` != 0 breaks the kernel on
+ * purpose (BC_WGMMA_FAULT_*: the result must then be wrong, or the emulation must report an
+ * error). Dynamic shared memory BC_WGMMA_PROBE_SMEM. On sm_80 the kernel traps (wgmma needs
+ * sm_90a). */
+#define BC_WGMMA_PROBE_THREADS 128
+/** K extent of the probe (4 k-steps of 16; one 128-byte swizzle row of bf16). */
+#define BC_WGMMA_PROBE_K 64
+/** Largest N of the probe. */
+#define BC_WGMMA_PROBE_MAX_N 256
+/** Most warpgroups of `bc_wgmma_probe`. */
+#define BC_WGMMA_PROBE_MAX_WARPGROUPS 2
+/** `fault` of `bc_wgmma_probe`: B's stride-dimension byte offset 16 bytes off (wrong result; the
+ * GPU test's control). */
+#define BC_WGMMA_FAULT_STRIDE 1
+/** Emulation only (undefined on hardware): D stored before the wait (reads as NaN). */
+#define BC_WGMMA_FAULT_EARLY_READ 2
+/** Tiles 128 bytes past the 1024-byte boundary (n < 256 only): a swizzled descriptor's start is
+ * then off its pattern period (the emulation reports it; hardware would need the base offset). */
+#define BC_WGMMA_FAULT_MISALIGNED 3
+/** Emulation only: no wait_group at all (the emulation reports the mma never waited for). */
+#define BC_WGMMA_FAULT_NO_WAIT 4
+/** Emulation only: the last warp's B descriptor differs (the instruction is .aligned). */
+#define BC_WGMMA_FAULT_DIVERGENT 5
+/** Dynamic shared memory of `bc_wgmma_probe`: A [64][K] and B [256][K] bf16, plus 1024 bytes
+ * to align the tiles to the 1024-byte period of the 128-byte swizzle. */
+#define BC_WGMMA_PROBE_SMEM ((64 + BC_WGMMA_PROBE_MAX_N) * BC_WGMMA_PROBE_K * 2 + 1024)
+typedef struct BcWgmmaProbeParams {
+    /** `[64][BC_WGMMA_PROBE_K]` bf16, row-major. */
+    const bc_bf16 *a;
+    /** `[n][BC_WGMMA_PROBE_K]` bf16, row-major (B^T: K contiguous). */
+    const bc_bf16 *b;
+    /** `[warpgroups][64][n]` f32, row-major. */
+    float *c;
+    /** N of the instruction: 64, 128 or 256. */
+    bc_i32 n;
+    /** Shared-memory layout and descriptor swizzle: 0 none, 1 128-byte, 2 64-byte, 3 32-byte
+     * (the PTX descriptor's encoding). */
+    bc_i32 swizzle;
+    /** 1: A from registers (the `wgmma ... {a0..a3}, descB` form), 0: A from shared memory. */
+    bc_i32 a_regs;
+    /** 0, or a deliberate fault BC_WGMMA_FAULT_* (tests that the checks can fail). */
+    bc_i32 fault;
+    /** 1: every k-step is its own commit group, waited for with wait_group 1 while the next is
+     * in flight (wait_group 0 at the end); 0: one group for all k-steps. */
+    bc_i32 pipelined;
+    /** Warpgroups of the block (1 or 2): each computes the whole `c[j]`. */
+    bc_i32 warpgroups;
+} BcWgmmaProbeParams;
+
 #endif /* BLOCKCASCADE_PARAMS_H */

@@ -22,6 +22,10 @@ pub struct DecodeBench {
     pub first_block_ms: f64,
     /// Milliseconds per later block (mean), the steady streaming cost; `None` with one block.
     pub block_ms: Option<f64>,
+    /// CPU milliseconds (all threads of the process) per later block (mean): the figure
+    /// that survives a machine shared with other jobs; `None` with one block or where the
+    /// process CPU time is unknown (not Linux).
+    pub cpu_block_ms: Option<f64>,
     /// Pixel frames of a steady block.
     pub frames_per_block: usize,
     /// Bytes of causal state a warmed-up stream holds (f32).
@@ -60,14 +64,17 @@ pub fn bench_decode(
         let mut rng = crate::rng::Rng::new(2);
         let per = 16 * latent_h * latent_w * block_frames.max(1);
         let mut times = Vec::new();
+        let mut cpu = Vec::new();
         for _ in 0..blocks.max(1) {
             let z: Vec<f32> = (0..per).map(|_| rng.normal()).collect();
-            let t = Instant::now();
+            let (t, c) = (Instant::now(), process_cpu_ms());
             let v = stream.push(&z, block_frames.max(1))?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
+            cpu.push(process_cpu_ms().zip(c).map(|(b, a)| b - a));
             std::hint::black_box(v);
         }
         let steady = &times[1..];
+        let steady_cpu: Option<Vec<f64>> = cpu[1..].iter().copied().collect();
         out.push(DecodeBench {
             kind,
             latent_h,
@@ -76,6 +83,9 @@ pub fn bench_decode(
             first_block_ms: times[0],
             block_ms: (!steady.is_empty())
                 .then(|| steady.iter().sum::<f64>() / steady.len() as f64),
+            cpu_block_ms: steady_cpu
+                .filter(|c| !c.is_empty())
+                .map(|c| c.iter().sum::<f64>() / c.len() as f64),
             frames_per_block: 4 * block_frames.max(1),
             state_bytes: dec.state_bytes(latent_h, latent_w),
             weight_bytes: dec.weight_bytes(),
@@ -90,17 +100,19 @@ pub fn bench_decode(
 pub fn table(results: &[DecodeBench]) -> String {
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     let mut s = String::from(
-        "decoder  latents   block  first ms  ms/block  frames/block  state MiB  weights MiB  peak RSS MiB  threads\n",
+        "decoder  latents   block  first ms  ms/block  cpu ms/block  frames/block  state MiB  weights MiB  peak RSS MiB  threads\n",
     );
+    let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
     for r in results {
         s += &format!(
-            "{:<8} {:>3}x{:<4} {:>6} {:>9.1} {:>9} {:>13} {:>10.1} {:>12.1} {:>13} {:>8}\n",
+            "{:<8} {:>3}x{:<4} {:>6} {:>9.1} {:>9} {:>13} {:>13} {:>10.1} {:>12.1} {:>13} {:>8}\n",
             r.kind.to_string(),
             r.latent_h,
             r.latent_w,
             r.block_frames,
             r.first_block_ms,
-            r.block_ms.map_or("-".into(), |v| format!("{v:.1}")),
+            opt(r.block_ms),
+            opt(r.cpu_block_ms),
             r.frames_per_block,
             mib(r.state_bytes),
             mib(r.weight_bytes),
@@ -118,6 +130,17 @@ fn peak_rss() -> Option<usize> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// CPU time used so far by all threads of this process, in milliseconds (Linux
+/// `/proc/self/stat` user + system ticks, 100 per second), if known.
+fn process_cpu_ms() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = s.get(s.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 * 10.0)
 }
 
 /// One convolution shape of the decoders, for [`bench_conv`].

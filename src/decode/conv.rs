@@ -445,6 +445,14 @@ impl Conv {
             let kc = s.c;
             bpack.resize(self.kh * kc * pl, 0.0);
             let first_add = started;
+            // The taps of this source: (weight offset, packed-input offset) per (dy, dx).
+            let parts: Vec<(usize, usize)> = (0..self.kh)
+                .flat_map(|dy| (0..self.kw).map(move |dx| (dy, dx)))
+                .map(|(dy, dx)| {
+                    let tap = ((s.t * self.kh + dy) * self.kw + dx) * cout * cin;
+                    (tap, dy * kc * pl + dx)
+                })
+                .collect();
             for cb in (0..ldc).step_by(CB) {
                 for dy in 0..self.kh {
                     for ci in 0..kc {
@@ -454,31 +462,27 @@ impl Conv {
                 }
                 for o in (0..cout).step_by(RT) {
                     let rn = RT.min(cout - o);
-                    let mut add = first_add;
-                    for dy in 0..self.kh {
-                        for dx in 0..self.kw {
-                            let tap = ((s.t * self.kh + dy) * self.kw + dx) * cout * cin;
-                            // SAFETY: AVX-512F was detected (`forward_with`); A reads rows
-                            // o..o+rn, columns c0..c0+c of one tap (check_src: c0 + c <= cin,
-                            // t < kt); B reads rows dy*kc..(dy+1)*kc of `bpack`, columns
-                            // dx..dx+CB < pl; C is rows o..o+rn, columns cb..cb+CB <= ldc of
-                            // `acc` (cout x ldc).
-                            unsafe {
-                                simd::axpy_rows::<{ CB / 16 }>(
-                                    rn,
-                                    self.taps.as_ptr().add(tap + o * cin + s.c0),
-                                    cin,
-                                    1,
-                                    bpack.as_ptr().add(dy * kc * pl + dx),
-                                    pl,
-                                    kc,
-                                    acc.as_mut_ptr().add(o * ldc + cb),
-                                    ldc,
-                                    add,
-                                );
-                            }
-                            add = true;
-                        }
+                    // SAFETY: AVX-512F was detected (`forward_with`); per tap (dy, dx), A reads
+                    // rows o..o+rn, columns c0..c0+c of that tap's weights (check_src:
+                    // c0 + c <= cin, t < kt); B reads rows dy*kc..(dy+1)*kc of `bpack`,
+                    // columns dx..dx+CB < pl; C is rows o..o+rn, columns cb..cb+CB <= ldc of
+                    // `acc` (cout x ldc).
+                    unsafe {
+                        simd::axpy_parts_rows::<{ CB / 16 }>(
+                            rn,
+                            (
+                                self.taps.as_ptr().add(o * cin + s.c0),
+                                cin,
+                                1,
+                                bpack.as_ptr(),
+                                pl,
+                                kc,
+                            ),
+                            &parts,
+                            acc.as_mut_ptr().add(o * ldc + cb),
+                            ldc,
+                            first_add,
+                        );
                     }
                 }
             }
@@ -537,6 +541,10 @@ pub(crate) fn silu(x: f32) -> f32 {
 /// norm taken over the channels of each pixel; then SiLU when `act`. Returns new frames.
 pub(crate) fn rms_norm(frames: &[Vec<f32>], c: usize, gamma: &[f32], act: bool) -> Vec<Vec<f32>> {
     let scale = (c as f32).sqrt();
+    // AVX-512: the same divisions and products, SiLU's e^x from the backend's kernel (about
+    // 2 ulp from libm's).
+    let fast = crate::backend::cpu::simd::avx512();
+    let _ = fast;
     frames
         .iter()
         .map(|x| {
@@ -562,7 +570,16 @@ pub(crate) fn rms_norm(frames: &[Vec<f32>], c: usize, gamma: &[f32], act: bool) 
                     // `out` has c*hw values and outlives the parallel loop.
                     let dst =
                         unsafe { std::slice::from_raw_parts_mut(o.0.add(ch * hw + p0), p1 - p0) };
-                    for ((d, v), n) in dst.iter_mut().zip(&x[ch * hw + p0..]).zip(&ss) {
+                    let src = &x[ch * hw + p0..ch * hw + p1];
+                    #[cfg(all(bc_avx512, target_arch = "x86_64"))]
+                    if fast {
+                        // SAFETY: AVX-512F detected; `src` and `ss` hold `dst.len()` values.
+                        unsafe {
+                            crate::backend::cpu::simd::norm_scale_silu(dst, src, &ss, scale, g, act)
+                        };
+                        continue;
+                    }
+                    for ((d, v), n) in dst.iter_mut().zip(src).zip(&ss) {
                         let y = v / n * scale * g;
                         *d = if act { silu(y) } else { y };
                     }
@@ -763,6 +780,36 @@ mod tests {
                 .all(|(i, &v)| v == bias[i / (h * w)]));
             let got = conv.forward_with(&[vec![]], &[Some(&init)], false, h, w, path);
             assert_eq!(got[0], init);
+        }
+    }
+
+    /// The norm (and SiLU) on whatever path this CPU takes, against the formula in f64:
+    /// pixel counts that leave a partial 16-lane block, inputs of both signs and a zero pixel.
+    #[test]
+    fn rms_norm_and_silu_match_the_formula() {
+        let (c, hw) = (5, 37);
+        let mut x = rand(c * hw, 12);
+        for ch in 0..c {
+            x[ch * hw + 3] = 0.0;
+        }
+        let gamma = rand(c, 13);
+        for act in [false, true] {
+            let got = rms_norm(std::slice::from_ref(&x), c, &gamma, act);
+            for p in 0..hw {
+                let n = (0..c)
+                    .map(|ch| (x[ch * hw + p] as f64).powi(2))
+                    .sum::<f64>();
+                let n = n.sqrt().max(1e-12);
+                for ch in 0..c {
+                    let y = x[ch * hw + p] as f64 / n * (c as f64).sqrt() * gamma[ch] as f64;
+                    let want = if act { y / (1.0 + (-y).exp()) } else { y };
+                    let v = got[0][ch * hw + p] as f64;
+                    assert!(
+                        (v - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "{v} vs {want}"
+                    );
+                }
+            }
         }
     }
 

@@ -47,6 +47,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_dec_to_pixels",
     "bc_dec_softmax",
     "bc_test_mma",
+    "bc_wgmma_probe",
 ];
 
 #[cfg(bc_fatbin)]
@@ -142,11 +143,14 @@ pub enum Kernel {
     TestSync,
     /// Tensor-core layout test kernel `bc_test_mma` (see `cuda/test/test_mma.cu`).
     TestMma,
+    /// Hopper warpgroup-MMA layout probe `bc_wgmma_probe` ([`BcWgmmaProbeParams`], see
+    /// `cuda/test/wgmma_probe.cu`): sm_90a only (it traps on sm_80).
+    WgmmaProbe,
 }
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 27] = [
+    pub const ALL: [Kernel; 28] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -174,6 +178,7 @@ impl Kernel {
         Kernel::DecSoftmax,
         Kernel::TestSync,
         Kernel::TestMma,
+        Kernel::WgmmaProbe,
     ];
 
     /// The kernel's entry-point name in the fatbin.
@@ -206,6 +211,7 @@ impl Kernel {
             Kernel::DecSoftmax => "bc_dec_softmax",
             Kernel::TestSync => "bc_test_sync",
             Kernel::TestMma => "bc_test_mma",
+            Kernel::WgmmaProbe => "bc_wgmma_probe",
         }
     }
 
@@ -214,6 +220,7 @@ impl Kernel {
         match self {
             Kernel::AttentionHd128 => BC_ATTN_HD128_SMEM,
             Kernel::AttentionHd128Q128 => BC_ATTN_WIDE_HD128_SMEM,
+            Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
             _ => 0,
         }
     }

@@ -31,6 +31,16 @@ pub const BC_CONV_THREADS: u32 = 256;
 pub const BC_CONV_MAX_SOURCES: u32 = 3;
 pub const BC_ACT_RELU: u32 = 4;
 pub const BC_DEC_NORM_PIXELS: u32 = 8;
+pub const BC_WGMMA_PROBE_THREADS: u32 = 128;
+pub const BC_WGMMA_PROBE_K: u32 = 64;
+pub const BC_WGMMA_PROBE_MAX_N: u32 = 256;
+pub const BC_WGMMA_PROBE_MAX_WARPGROUPS: u32 = 2;
+pub const BC_WGMMA_FAULT_STRIDE: u32 = 1;
+pub const BC_WGMMA_FAULT_EARLY_READ: u32 = 2;
+pub const BC_WGMMA_FAULT_MISALIGNED: u32 = 3;
+pub const BC_WGMMA_FAULT_NO_WAIT: u32 = 4;
+pub const BC_WGMMA_FAULT_DIVERGENT: u32 = 5;
+pub const BC_WGMMA_PROBE_SMEM: u32 = 41984;
 #[doc = " A bfloat16 value stored as its raw bits."]
 pub type bc_bf16 = u16;
 #[doc = " 64-bit signed count."]
@@ -1134,4 +1144,49 @@ const _: () = {
         [::std::mem::offset_of!(BcDecSoftmaxParams, scale) - 24usize];
     ["Offset of field: BcDecSoftmaxParams::_pad"]
         [::std::mem::offset_of!(BcDecSoftmaxParams, _pad) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcWgmmaProbeParams {
+    #[doc = " `[64][BC_WGMMA_PROBE_K]` bf16, row-major."]
+    pub a: *const bc_bf16,
+    #[doc = " `[n][BC_WGMMA_PROBE_K]` bf16, row-major (B^T: K contiguous)."]
+    pub b: *const bc_bf16,
+    #[doc = " `[warpgroups][64][n]` f32, row-major."]
+    pub c: *mut f32,
+    #[doc = " N of the instruction: 64, 128 or 256."]
+    pub n: bc_i32,
+    #[doc = " Shared-memory layout and descriptor swizzle: 0 none, 1 128-byte, 2 64-byte, 3 32-byte\n (the PTX descriptor's encoding)."]
+    pub swizzle: bc_i32,
+    #[doc = " 1: A from registers (the `wgmma ... {a0..a3}, descB` form), 0: A from shared memory."]
+    pub a_regs: bc_i32,
+    #[doc = " 0, or a deliberate fault BC_WGMMA_FAULT_* (tests that the checks can fail)."]
+    pub fault: bc_i32,
+    #[doc = " 1: every k-step is its own commit group, waited for with wait_group 1 while the next is\n in flight (wait_group 0 at the end); 0: one group for all k-steps."]
+    pub pipelined: bc_i32,
+    #[doc = " Warpgroups of the block (1 or 2): each computes the whole `c[j]`."]
+    pub warpgroups: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcWgmmaProbeParams"][::std::mem::size_of::<BcWgmmaProbeParams>() - 48usize];
+    ["Alignment of BcWgmmaProbeParams"][::std::mem::align_of::<BcWgmmaProbeParams>() - 8usize];
+    ["Offset of field: BcWgmmaProbeParams::a"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, a) - 0usize];
+    ["Offset of field: BcWgmmaProbeParams::b"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, b) - 8usize];
+    ["Offset of field: BcWgmmaProbeParams::c"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, c) - 16usize];
+    ["Offset of field: BcWgmmaProbeParams::n"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, n) - 24usize];
+    ["Offset of field: BcWgmmaProbeParams::swizzle"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, swizzle) - 28usize];
+    ["Offset of field: BcWgmmaProbeParams::a_regs"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, a_regs) - 32usize];
+    ["Offset of field: BcWgmmaProbeParams::fault"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, fault) - 36usize];
+    ["Offset of field: BcWgmmaProbeParams::pipelined"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, pipelined) - 40usize];
+    ["Offset of field: BcWgmmaProbeParams::warpgroups"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, warpgroups) - 44usize];
 };

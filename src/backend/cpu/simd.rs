@@ -4,9 +4,12 @@
 //! - [`axpy_tile`]: `C[R × 16·NV] (+)= A[R × k] · B[k × 16·NV]`, A and B row-major with any
 //!   row strides, no packing: B's rows are read as they lie (a value tile `V`, or a transposed
 //!   key tile), A's values are broadcast. `R·NV` accumulators stay in registers.
+//!   [`axpy_parts_rows`] sums several such products (a convolution's taps, each a shift of
+//!   the input) in registers, loading and storing `C` once.
 //! - [`exp`]: `e^x` on 16 lanes, a degree-6 polynomial on `[-ln2/2, ln2/2]` scaled by `2^n`
 //!   (relative error about 2 ulp; inputs below -87 give about 1e-38, never NaN).
 //! - [`softmax_cols`]: the online-softmax step of attention over one (transposed) score tile.
+//! - [`norm_scale_silu`]: a channel row of the decoders' RMS norm, optionally then SiLU.
 //!
 //! Everything here is `unsafe` with the feature as a precondition: call only after
 //! [`avx512`] returned true. The module's kernels are built only by compilers that have the
@@ -29,11 +32,13 @@ pub fn avx512() -> bool {
     }
 }
 
-/// `C[i, 0..16·NV] = (add ? C : 0) + sum_p A[i, p] · B[p, 0..16·NV]` for `i < R`, with
-/// `A[i, p] = *a.add(i·lda + p·acs)`, `B[p, ·]` at `b.add(p·ldb)`, `C[i, ·]` at `c.add(i·ldc)`.
+/// `C[i, 0..16·NV] = (add ? C : 0) + sum_(ao, bo) sum_p A[ao + i, p] · B[bo + p, 0..16·NV]`
+/// for `i < R`, with `A[ao + i, p] = *a.add(ao + i·lda + p·acs)`, `B[bo + p, ·]` at
+/// `b.add(bo + p·ldb)`, `C[i, ·]` at `c.add(i·ldc)`: one `k`-deep product per offset pair of
+/// `parts`, summed in that order in registers (bit for bit the same as one call per part).
 ///
 /// # Safety
-/// AVX-512F is available; the pointers are valid for those reads and writes.
+/// AVX-512F is available; the pointers are valid for those reads and writes for every part.
 #[cfg(all(bc_avx512, target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f")]
 #[inline(never)]
@@ -45,6 +50,7 @@ pub unsafe fn axpy_tile<const R: usize, const NV: usize>(
     b: *const f32,
     ldb: usize,
     k: usize,
+    parts: &[(usize, usize)],
     c: *mut f32,
     ldc: usize,
     add: bool,
@@ -57,16 +63,19 @@ pub unsafe fn axpy_tile<const R: usize, const NV: usize>(
             }
         }
     }
-    for p in 0..k {
-        let mut av = [_mm512_setzero_ps(); R];
-        for (i, x) in av.iter_mut().enumerate() {
-            *x = _mm512_set1_ps(*a.add(i * lda + p * acs));
-        }
-        let bp = b.add(p * ldb);
-        for v in 0..NV {
-            let bv = _mm512_loadu_ps(bp.add(16 * v));
-            for i in 0..R {
-                acc[i][v] = _mm512_fmadd_ps(av[i], bv, acc[i][v]);
+    for &(ao, bo) in parts {
+        let (a, b) = (a.add(ao), b.add(bo));
+        for p in 0..k {
+            let mut av = [_mm512_setzero_ps(); R];
+            for (i, x) in av.iter_mut().enumerate() {
+                *x = _mm512_set1_ps(*a.add(i * lda + p * acs));
+            }
+            let bp = b.add(p * ldb);
+            for v in 0..NV {
+                let bv = _mm512_loadu_ps(bp.add(16 * v));
+                for i in 0..R {
+                    acc[i][v] = _mm512_fmadd_ps(av[i], bv, acc[i][v]);
+                }
             }
         }
     }
@@ -77,8 +86,8 @@ pub unsafe fn axpy_tile<const R: usize, const NV: usize>(
     }
 }
 
-/// [`axpy_tile`] over `rows` rows (any count), in register tiles of `6` rows (`NV ≤ 4`) or
-/// `3` rows (`NV = 8`).
+/// [`axpy_tile`] of one part at offsets (0, 0) over `rows` rows (any count): a plain
+/// `C (+)= A · B`.
 ///
 /// # Safety
 /// As [`axpy_tile`], for rows `0..rows`.
@@ -96,18 +105,38 @@ pub unsafe fn axpy_rows<const NV: usize>(
     ldc: usize,
     add: bool,
 ) {
+    let ab = (a, lda, acs, b, ldb, k);
+    axpy_parts_rows::<NV>(rows, ab, &[(0, 0)], c, ldc, add);
+}
+
+/// [`axpy_tile`] over `rows` rows (any count), in register tiles of `6` rows (`NV ≤ 4`) or
+/// `3` rows (`NV = 8`); `ab` is `(a, lda, acs, b, ldb, k)`.
+///
+/// # Safety
+/// As [`axpy_tile`], for rows `0..rows`.
+#[cfg(all(bc_avx512, target_arch = "x86_64"))]
+#[allow(clippy::type_complexity)]
+pub unsafe fn axpy_parts_rows<const NV: usize>(
+    rows: usize,
+    ab: (*const f32, usize, usize, *const f32, usize, usize),
+    parts: &[(usize, usize)],
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
+    let (a, lda, acs, b, ldb, k) = ab;
     let tile = if NV > 4 { 3 } else { 6 };
     let mut r = 0;
     while r < rows {
         let n = tile.min(rows - r);
         let (ar, cr) = (a.add(r * lda), c.add(r * ldc));
         match n {
-            6 => axpy_tile::<6, NV>(ar, lda, acs, b, ldb, k, cr, ldc, add),
-            5 => axpy_tile::<5, NV>(ar, lda, acs, b, ldb, k, cr, ldc, add),
-            4 => axpy_tile::<4, NV>(ar, lda, acs, b, ldb, k, cr, ldc, add),
-            3 => axpy_tile::<3, NV>(ar, lda, acs, b, ldb, k, cr, ldc, add),
-            2 => axpy_tile::<2, NV>(ar, lda, acs, b, ldb, k, cr, ldc, add),
-            _ => axpy_tile::<1, NV>(ar, lda, acs, b, ldb, k, cr, ldc, add),
+            6 => axpy_tile::<6, NV>(ar, lda, acs, b, ldb, k, parts, cr, ldc, add),
+            5 => axpy_tile::<5, NV>(ar, lda, acs, b, ldb, k, parts, cr, ldc, add),
+            4 => axpy_tile::<4, NV>(ar, lda, acs, b, ldb, k, parts, cr, ldc, add),
+            3 => axpy_tile::<3, NV>(ar, lda, acs, b, ldb, k, parts, cr, ldc, add),
+            2 => axpy_tile::<2, NV>(ar, lda, acs, b, ldb, k, parts, cr, ldc, add),
+            _ => axpy_tile::<1, NV>(ar, lda, acs, b, ldb, k, parts, cr, ldc, add),
         }
         r += n;
     }
@@ -216,6 +245,53 @@ pub unsafe fn gelu_tanh(x: &mut [f32]) {
     }
 }
 
+/// `dst[i] = f(src[i] / norm[i] * scale * g)` with `f` SiLU (`y / (1 + e^(-y))`) when `act`,
+/// else the identity: one channel row of the decoders' channel RMS norm, the division and the
+/// products rounded in the portable code's order.
+///
+/// # Safety
+/// AVX-512F is available; `src` and `norm` hold at least `dst.len()` values.
+#[cfg(all(bc_avx512, target_arch = "x86_64"))]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn norm_scale_silu(
+    dst: &mut [f32],
+    src: &[f32],
+    norm: &[f32],
+    scale: f32,
+    g: f32,
+    act: bool,
+) {
+    let n = dst.len();
+    assert!(src.len() >= n && norm.len() >= n);
+    let (d, x, nr) = (dst.as_mut_ptr(), src.as_ptr(), norm.as_ptr());
+    let (sv, gv, one) = (
+        _mm512_set1_ps(scale),
+        _mm512_set1_ps(g),
+        _mm512_set1_ps(1.0),
+    );
+    let f = |v: __m512, m: __m512| {
+        let y = _mm512_mul_ps(_mm512_mul_ps(_mm512_div_ps(v, m), sv), gv);
+        if act {
+            let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), y));
+            _mm512_div_ps(y, _mm512_add_ps(one, e))
+        } else {
+            y
+        }
+    };
+    let mut i = 0;
+    while i + 16 <= n {
+        let y = f(_mm512_loadu_ps(x.add(i)), _mm512_loadu_ps(nr.add(i)));
+        _mm512_storeu_ps(d.add(i), y);
+        i += 16;
+    }
+    if i < n {
+        let k = lanes(n - i);
+        // Masked-off lanes divide 0 by 1: no exception, nothing stored.
+        let m = _mm512_mask_loadu_ps(one, k, nr.add(i));
+        _mm512_mask_storeu_ps(d.add(i), k, f(_mm512_maskz_loadu_ps(k, x.add(i)), m));
+    }
+}
+
 #[cfg(all(test, bc_avx512, target_arch = "x86_64"))]
 mod tests {
     use super::*;
@@ -238,6 +314,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Several parts summed in registers give bit for bit what one call per part gives.
+    #[test]
+    fn parts_equal_successive_calls() {
+        if !avx512() {
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(12);
+        let (rows, k, lda, ldb, ldc) = (7, 11, 13, 70, 64);
+        let a: Vec<f32> = (0..4 * rows * lda).map(|_| rng.normal()).collect();
+        let b: Vec<f32> = (0..4 * k * ldb).map(|_| rng.normal()).collect();
+        let c0: Vec<f32> = (0..rows * ldc).map(|_| rng.normal()).collect();
+        let parts = [(0, 0), (rows * lda, 3), (2 * rows * lda + 1, k * ldb + 5)];
+        let (mut one, mut each) = (c0.clone(), c0.clone());
+        // SAFETY: avx512 checked; every part reads rows×k of `a` (offset + rows·lda ≤ its
+        // length) and k×64 of `b` (offset + k·ldb ≤ its length); c is rows×64.
+        unsafe {
+            let ab = (a.as_ptr(), lda, 1, b.as_ptr(), ldb, k);
+            axpy_parts_rows::<4>(rows, ab, &parts, one.as_mut_ptr(), ldc, true);
+            for p in parts {
+                let ab = (a.as_ptr().add(p.0), lda, 1, b.as_ptr().add(p.1), ldb, k);
+                axpy_parts_rows::<4>(rows, ab, &[(0, 0)], each.as_mut_ptr(), ldc, true);
+            }
+        }
+        assert_eq!(one, each);
+        assert_ne!(one, c0);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::graphs::{GraphKey, Part};
 use super::peer_copy_bytes;
 use super::tables::Shape;
 use super::{nvtx, CudaBackend, CudaOptions, ShapeKey, DOUBLE_KV_DEVICES};
-use crate::backend::Backend;
+use crate::backend::{Backend, FlowStep};
 use crate::config::GenerateOptions;
 use crate::model::{Member, Model};
 use crate::window;
@@ -48,10 +48,16 @@ use std::sync::atomic::Ordering;
 /// every peer; the generations then swap. So every device holds every window member's K/V
 /// of the previous tick (a block may move to another device between ticks). With nothing
 /// exchanged inside the tick, each device's whole tick is one graph (one per generation).
+///
+/// With [`CudaOptions::device_latents`] each device holds the latents of the blocks placed on
+/// it and steps them itself; a block placed elsewhere than last tick moves there once, by a
+/// peer copy ([`super::resident`]), and only finished blocks are downloaded.
 pub struct MultiCudaBackend<'m> {
     pub(super) devs: Vec<CudaBackend<'m>>,
     pub(super) opts: GenerateOptions,
     pub(super) lag: Option<LagState>,
+    /// The placement of the last tick run on held latents (for its flow step).
+    held_placement: Option<Vec<Vec<usize>>>,
 }
 
 /// Lagged exchange state.
@@ -143,6 +149,7 @@ impl<'m> MultiCudaBackend<'m> {
             devs,
             opts: opts.clone(),
             lag,
+            held_placement: None,
         })
     }
 
@@ -182,17 +189,19 @@ type Regions = Vec<Vec<Vec<(u64, usize)>>>;
 type Marks = Vec<Option<device::Mark>>;
 
 impl MultiCudaBackend<'_> {
-    /// Every device's tick tables for the members placed on it (`placement[device]`).
+    /// Every device's tick tables for the members placed on it (`placement[device]`), their
+    /// latents uploaded or (`held`) gathered from the device's slots.
     fn prepare_devices(
         &mut self,
         members: &[Member],
         placement: &[Vec<usize>],
+        held: Option<&[usize]>,
     ) -> Result<(Vec<Shape>, Vec<ShapeKey>)> {
         let nd = self.devs.len();
         let (mut shapes, mut keys) = (Vec::with_capacity(nd), Vec::with_capacity(nd));
         for (dev, own) in self.devs.iter_mut().zip(placement) {
             dev.gpu.bind()?;
-            let (s, k) = dev.prepare(members, Some(own), None, None)?;
+            let (s, k) = dev.prepare(members, Some(own), None, held)?;
             shapes.push(s);
             keys.push(k);
         }
@@ -263,6 +272,10 @@ impl MultiCudaBackend<'_> {
     ///   (2) it lands after the destination finished reading the rows it overwrites: the
     ///       peer rows of the same buffer, last read by the destination's attention of layer
     ///       li - 2 with double buffering (part li - 1), of layer li - 1 without (part li);
+    ///       layer 0's copies with double buffering land after the destination's work of the
+    ///       previous tick (`start`: each device's compute mark before this tick's part 0),
+    ///       which read the same buffer (nothing else orders them once the ticks no longer
+    ///       end with a host sync: with the latents on the devices they do not);
     ///   (3) a device runs layer li's attention (part li + 1) after every copy into it;
     ///   (4) a device overwrites its own rows in a buffer after its outgoing copies read
     ///       them: part li + 1 writes layer li + 1's K/V, into the buffer of layer li - 1
@@ -274,13 +287,13 @@ impl MultiCudaBackend<'_> {
     fn run_layers(
         &mut self,
         regions_to: &Regions,
-        shapes: &[Shape],
-        keys: &[ShapeKey],
+        (shapes, keys): (&[Shape], &[ShapeKey]),
+        start: Marks,
     ) -> Result<()> {
         let nd = self.devs.len();
         let layers = self.devs[0].layers.len();
         let double: Vec<bool> = self.devs.iter().map(|d| d.kv_odd.is_some()).collect();
-        let mut done_prev: Marks = (0..nd).map(|_| None).collect();
+        let mut done_prev: Marks = start;
         let mut sent_prev: Marks = (0..nd).map(|_| None).collect();
         for li in 0..layers {
             let _r = nvtx::range(|| format!("layer {li} exchange"));
@@ -389,25 +402,8 @@ impl Backend for MultiCudaBackend<'_> {
         tick: usize,
     ) -> Result<Vec<Vec<f32>>> {
         let _r = nvtx::range(|| nvtx::tick_label(tick, members));
-        if self.lag.is_some() {
-            return self.forward_lagged(members, blocks);
-        }
-        let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
-        let placement = crate::cascade::place(&tokens, self.devs.len());
-        let (shapes, keys) = self.prepare_devices(members, &placement)?;
-        self.launch_embedding(&shapes, &keys)?;
-        let regions_to = self.exchange_regions(members, &placement, &shapes)?;
-        // Every exit, error or not, waits for the copy streams: no copy may still read or
-        // write a buffer once the caller goes on (or drops the devices).
-        let res = self.run_layers(&regions_to, &shapes, &keys);
-        for dev in &self.devs {
-            let synced = dev.gpu.sync_copies();
-            if res.is_ok() {
-                synced?;
-            }
-        }
-        res?;
-        download_all(&mut self.devs, &shapes, &placement, members.len())
+        self.forward_any(members, blocks, false)?
+            .ok_or_else(|| Error::Internal("the flows of a tick were not downloaded".into()))
     }
 
     fn commit(&mut self, end: usize) {
@@ -425,6 +421,48 @@ impl Backend for MultiCudaBackend<'_> {
     fn cache_bytes(&self) -> usize {
         self.devs[0].cache_bytes()
     }
+
+    fn keeps_latents(&self) -> bool {
+        self.devs.iter().all(|d| d.copts.device_latents)
+    }
+
+    fn forward_resident(
+        &mut self,
+        members: &[Member],
+        blocks: &[usize],
+        tick: usize,
+    ) -> Result<()> {
+        let _r = nvtx::range(|| nvtx::tick_label(tick, members));
+        self.forward_any(members, blocks, true).map(|_| ())
+    }
+
+    fn step_resident(&mut self, steps: &[Option<FlowStep>]) -> Result<Vec<Option<Vec<f32>>>> {
+        let placement = self
+            .held_placement
+            .take()
+            .ok_or_else(|| Error::Internal("a flow step without a forward".into()))?;
+        if placement.iter().map(Vec::len).sum::<usize>() != steps.len() {
+            return Err(Error::Internal("one flow step per member expected".into()));
+        }
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; steps.len()];
+        for (dev, own) in self.devs.iter_mut().zip(&placement) {
+            if own.iter().any(|&i| i >= steps.len()) {
+                return Err(Error::Internal("one flow step per member expected".into()));
+            }
+            dev.gpu.bind()?;
+            let mine: Vec<Option<FlowStep>> = own.iter().map(|&i| steps[i]).collect();
+            for (&i, x) in own.iter().zip(dev.step_held(&mine)?) {
+                out[i] = x;
+            }
+        }
+        Ok(out)
+    }
+
+    fn release_latents(&mut self, block: usize) {
+        for d in &mut self.devs {
+            d.release_held(block);
+        }
+    }
 }
 
 impl Drop for MultiCudaBackend<'_> {
@@ -437,6 +475,85 @@ impl Drop for MultiCudaBackend<'_> {
 }
 
 impl MultiCudaBackend<'_> {
+    /// One tick on every device, joint or lagged exchange. `held`: the members start from
+    /// the latents the devices hold ([`super::resident`]; blocks placed on another device than
+    /// last tick move there first) and the flows stay on the devices for
+    /// [`Backend::step_resident`] (returns `None`); otherwise the latents are uploaded and
+    /// every member's flow is downloaded.
+    fn forward_any(
+        &mut self,
+        members: &[Member],
+        blocks: &[usize],
+        held: bool,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        if blocks.len() != members.len() {
+            return Err(Error::Internal(
+                "one block index per member expected".into(),
+            ));
+        }
+        self.held_placement = None;
+        let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
+        let placement = crate::cascade::place(&tokens, self.devs.len());
+        let held = held.then_some(blocks);
+        if held.is_some() {
+            super::resident::move_held(&mut self.devs, members, blocks, &placement)?;
+        }
+        let shapes = if self.lag.is_some() {
+            self.forward_lagged(members, blocks, &placement, held)?
+        } else {
+            self.forward_joint(members, &placement, held)?
+        };
+        self.finish_tick(&shapes, &placement, blocks, held.is_some())
+    }
+
+    /// After a tick's launches: with `held`, each device records its members for the flow
+    /// step; otherwise every member's flow is downloaded from its device.
+    pub(super) fn finish_tick(
+        &mut self,
+        shapes: &[Shape],
+        placement: &[Vec<usize>],
+        blocks: &[usize],
+        held: bool,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        if !held {
+            return download_all(&mut self.devs, shapes, placement, blocks.len()).map(Some);
+        }
+        for ((dev, s), own) in self.devs.iter_mut().zip(shapes).zip(placement) {
+            dev.set_last(blocks, s, own);
+            dev.ticks += 1;
+        }
+        self.held_placement = Some(placement.to_vec());
+        Ok(None)
+    }
+
+    /// One tick with joint exchange (see [`MultiCudaBackend`]) over `placement`.
+    fn forward_joint(
+        &mut self,
+        members: &[Member],
+        placement: &[Vec<usize>],
+        held: Option<&[usize]>,
+    ) -> Result<Vec<Shape>> {
+        let (shapes, keys) = self.prepare_devices(members, placement, held)?;
+        let start = self
+            .devs
+            .iter()
+            .map(|d| d.gpu.mark_compute().map(Some))
+            .collect::<Result<Marks>>()?;
+        self.launch_embedding(&shapes, &keys)?;
+        let regions_to = self.exchange_regions(members, placement, &shapes)?;
+        // Every exit, error or not, waits for the copy streams: no copy may still read or
+        // write a buffer once the caller goes on (or drops the devices).
+        let res = self.run_layers(&regions_to, (&shapes, &keys), start);
+        for dev in &self.devs {
+            let synced = dev.gpu.sync_copies();
+            if res.is_ok() {
+                synced?;
+            }
+        }
+        res?;
+        Ok(shapes)
+    }
+
     /// The generation options this backend was opened with.
     pub fn generate_options(&self) -> &GenerateOptions {
         &self.opts

@@ -1,22 +1,22 @@
 //! The lagged exchange of [`MultiCudaBackend`]: one exchange per tick, after it.
 
 use super::graphs::{GraphKey, Part};
-use super::joint::download_all;
-use super::tables::LagView;
+use super::tables::{LagView, Shape};
 use super::{nvtx, CudaBackend, MultiCudaBackend};
 use crate::model::{Member, CHANNELS};
 use crate::{Error, Result};
 
 impl MultiCudaBackend<'_> {
     /// One tick with lagged exchange (see [`MultiCudaBackend`]).
+    /// `placement[device]`: its members; `held`: as in [`CudaBackend::prepare`]. The flows
+    /// stay on the devices ([`MultiCudaBackend::finish_tick`] downloads or keeps them).
     pub(super) fn forward_lagged(
         &mut self,
         members: &[Member],
         blocks: &[usize],
-    ) -> Result<Vec<Vec<f32>>> {
-        let Some(lag) = self.lag.as_mut() else {
-            return Err(Error::Internal("lagged state missing".into()));
-        };
+        placement: &[Vec<usize>],
+        held: Option<&[usize]>,
+    ) -> Result<Vec<Shape>> {
         if blocks.len() != members.len() {
             return Err(Error::Internal(
                 "one block index per member expected".into(),
@@ -28,8 +28,9 @@ impl MultiCudaBackend<'_> {
         let (h, w) = (self.opts.height, self.opts.width);
         let (tpf, flen) = ((h / 2) * (w / 2), CHANNELS * h * w);
         let row = (d * 2) as u64;
-        let tokens: Vec<usize> = members.iter().map(|m| m.latents.len()).collect();
-        let placement = crate::cascade::place(&tokens, nd);
+        let Some(lag) = self.lag.as_mut() else {
+            return Err(Error::Internal("lagged state missing".into()));
+        };
         // The previous tick's K/V of each member's block (same rows on every device).
         let mut prev_row = Vec::with_capacity(members.len());
         for (i, m) in members.iter().enumerate() {
@@ -47,13 +48,13 @@ impl MultiCudaBackend<'_> {
         }
         let (cur, prv) = (lag.cur, 1 - lag.cur);
         let (mut shapes, mut keys) = (Vec::with_capacity(nd), Vec::with_capacity(nd));
-        for (di, (dev, own)) in self.devs.iter_mut().zip(&placement).enumerate() {
+        for (di, (dev, own)) in self.devs.iter_mut().zip(placement).enumerate() {
             dev.gpu.bind()?;
             let view = LagView {
                 prev_row: &prev_row,
                 prev_kv: &lag.gens[di][prv],
             };
-            let (s, k) = dev.prepare(members, Some(own), Some(&view), None)?;
+            let (s, k) = dev.prepare(members, Some(own), Some(&view), held)?;
             shapes.push(s);
             keys.push(k);
         }
@@ -64,7 +65,7 @@ impl MultiCudaBackend<'_> {
             .iter_mut()
             .zip(&shapes)
             .zip(&keys)
-            .zip(&placement)
+            .zip(placement)
             .enumerate()
         {
             dev.gpu.bind()?;
@@ -91,7 +92,6 @@ impl MultiCudaBackend<'_> {
                 b.enqueue_head(s)
             })?;
         }
-        let out = download_all(&mut self.devs, &shapes, &placement, members.len())?;
         // End of tick: window members' K/V to every peer's current generation, context
         // members' K/V to every peer's cache (same rows and cache slots on every device).
         for (src, own) in placement.iter().enumerate() {
@@ -130,6 +130,6 @@ impl MultiCudaBackend<'_> {
             .map(|i| (blocks[i], (shapes[0].row0[i], shapes[0].frames[i] * tpf)))
             .collect();
         lag.cur = prv;
-        Ok(out)
+        Ok(shapes)
     }
 }

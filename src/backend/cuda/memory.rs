@@ -26,6 +26,8 @@ pub(super) struct Sizes {
     pub(super) seg_max: usize,
     /// Prompt K/V slots (one per member of a window).
     pub(super) prompt_slots: usize,
+    /// Entries of the time-embedding table (`time_table.rs`).
+    pub(super) time_entries: usize,
 }
 
 impl Sizes {
@@ -73,6 +75,7 @@ impl Sizes {
             rows,
             seg_max,
             prompt_slots: max_members,
+            time_entries: super::time_table::entries(steps, max_members),
         })
     }
 }
@@ -129,6 +132,12 @@ impl RunPlan {
             ("head", a, bf * n * 64),
             ("e", a, f4 * mf * d),
             ("e0", a, f4 * mf * 6 * d),
+            // Each distinct timestep's e and e0, repeated for one block (`time_table.rs`).
+            (
+                "time_table",
+                a,
+                f4 * u(s.time_entries) * (mf / mm.max(1)) * 7 * d,
+            ),
             ("frame_pos", a, f4 * mf),
             ("frame_slot", a, f4 * mf),
             ("sa_segs", a, u(c.num_layers) * u(s.seg_max) * seg),

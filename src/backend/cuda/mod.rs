@@ -21,8 +21,11 @@
 //!   or once per tick.
 //! - `prompt_kv`: the prompts' cross-attention K/V, computed on the device when a prompt
 //!   first needs a slot (keyed by [`PromptContext::id`]).
-//! - `resident`: the denoising state on the device (one device): each block's latents in a
-//!   slot, the flow step and renoise by `bc_flow_step`, only finished blocks downloaded.
+//! - `resident`: the denoising state on the device(s): each block's latents in a slot of the
+//!   device it is placed on (moved device to device when the placement moves it), the flow
+//!   step and renoise by `bc_flow_step`, only finished blocks downloaded.
+//! - `time_table`: each distinct timestep's time embedding uploaded once into a device table,
+//!   gathered per frame every tick.
 //! - [`device`]: probing, the context and streams, buffers, launches, cuBLASLt, graphs, the
 //!   pinned staging of per-tick uploads;
 //!   [`emu_device`]: the emulated device behind the same interface.
@@ -49,6 +52,7 @@ mod prompt_kv;
 mod resident;
 mod single;
 mod tables;
+mod time_table;
 mod weight_cache;
 
 pub use device::{graph_replays, peer_copy_bytes};
@@ -56,8 +60,9 @@ pub use graphs::{graph_capture_failures, ShapeKey};
 pub use joint::MultiCudaBackend;
 use options::OVERRIDE;
 pub use options::{set_session_options, CudaOptions};
-pub use resident::device_flow_steps;
+pub use resident::{device_flow_steps, latent_moves};
 pub use single::CudaBackend;
+pub use time_table::time_table_uploads;
 pub use weight_cache::{cached_weight_sets, evict_model, weight_uploads};
 
 use crate::backend::Backend;

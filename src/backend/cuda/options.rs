@@ -56,10 +56,10 @@ pub struct CudaOptions {
     /// the peer copies of one layer overlap the next layer's compute (default; off: single
     /// buffering, each device waits for its outgoing copies before its next layer).
     pub double_kv: bool,
-    /// One device: the latents of the blocks being denoised stay on the device (flow step and
-    /// renoise there, only finished blocks are downloaded); off (`BC_HOST_LATENTS=1`): the
-    /// flows come back every tick and the executor steps on the host, as the CPU backend does.
-    /// Both give the same bits. Several devices always step on the host.
+    /// The latents of the blocks being denoised stay on the device(s) (flow step and renoise
+    /// there, only finished blocks are downloaded; with several devices each block on the
+    /// device it is placed on); off (`BC_HOST_LATENTS=1`): the flows come back every tick and
+    /// the executor steps on the host, as the CPU backend does. Both give the same bits.
     pub device_latents: bool,
 }
 

@@ -7,10 +7,17 @@
 //! blocks come back; a final block's slot keeps its latents for its context pass, then
 //! returns to a pool.
 //!
+//! With several devices ([`super::MultiCudaBackend`]) each device has its own slots and holds
+//! the blocks placed on it: a device loads only its own members into `lat` (the embedding
+//! reads no other rows), a block placed on another device than last tick moves there once,
+//! slot to slot ([`move_held`], a peer copy ordered with both compute streams), and each
+//! device steps its own members.
+//!
 //! [`Backend::keeps_latents`]: crate::backend::Backend::keeps_latents
 
 use super::device::DevPtr;
 use super::ops::{self, NULL};
+use super::tables::Shape;
 use super::CudaBackend;
 use crate::backend::FlowStep;
 use crate::model::{Member, CHANNELS};
@@ -18,11 +25,60 @@ use crate::{Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static DEVICE_FLOW_STEPS: AtomicUsize = AtomicUsize::new(0);
+static LATENT_MOVES: AtomicUsize = AtomicUsize::new(0);
 
 /// Flow steps run on a device in this process (one per denoising member and tick with
 /// [`super::CudaOptions::device_latents`]): lets tests check that the latents stayed there.
 pub fn device_flow_steps() -> usize {
     DEVICE_FLOW_STEPS.load(Ordering::Relaxed)
+}
+
+/// Blocks whose device latents moved from one logical device to another in this process (one
+/// peer copy of a block's latents each, [`move_held`]): lets tests count what a placement that
+/// moves blocks between devices costs.
+pub fn latent_moves() -> usize {
+    LATENT_MOVES.load(Ordering::Relaxed)
+}
+
+/// Moves the held latents of every member's block (`blocks[i]`) that another device holds to
+/// the device it is placed on this tick (`placement[device]`: member indices), one peer copy
+/// slot to slot per block. The copy runs after the work queued on both devices (the source's
+/// last step of the block, the destination's last read of the slot it reuses), the
+/// destination's later work after it, and the source's next use of the freed slot is queued
+/// behind it on the source's stream ([`super::device::Gpu::copy_to_peer`]).
+pub(super) fn move_held(
+    devs: &mut [CudaBackend],
+    members: &[Member],
+    blocks: &[usize],
+    placement: &[Vec<usize>],
+) -> Result<()> {
+    if blocks.len() != members.len() {
+        return Err(Error::Internal("one block per member expected".into()));
+    }
+    for dst in 0..devs.len() {
+        for &i in &placement[dst] {
+            let block = blocks[i];
+            if devs[dst].res.slots.contains_key(&block) {
+                continue;
+            }
+            let Some((src, from)) = devs
+                .iter()
+                .enumerate()
+                .find_map(|(d, dev)| dev.res.slots.get(&block).map(|&s| (d, s)))
+            else {
+                continue; // new: uploaded from the host by `load_latents`
+            };
+            let values = members[i].latents.len();
+            let to = devs[dst].take_slot(values)?;
+            devs[src]
+                .gpu
+                .copy_to_peer(&devs[dst].gpu, &[(to, from, values * 4)])?;
+            devs[dst].res.slots.insert(block, to);
+            devs[src].release_held(block);
+            LATENT_MOVES.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
 }
 
 /// The latent slots: which block holds which, and the free ones.
@@ -55,12 +111,14 @@ impl CudaBackend<'_> {
     }
 
     /// The window's latents into `lat` (member by member, at their first frames): with `held`
-    /// (member i's block `held[i]`) from the block's slot, taking a slot and uploading the
-    /// member's latents into it when the block has none yet; without, uploaded from the host.
+    /// (member i's block `held[i]`) those of this device's members (`own`) from the block's
+    /// slot, taking a slot and uploading the member's latents into it when the block has none
+    /// yet; without, every member's uploaded from the host.
     pub(super) fn load_latents(
         &mut self,
         members: &[Member],
         held: Option<&[usize]>,
+        own: &[bool],
     ) -> Result<()> {
         let flen = self.flen();
         let mut frame = 0usize;
@@ -71,6 +129,9 @@ impl CudaBackend<'_> {
                 self.gpu.upload_staged(dst, m.latents)?;
                 continue;
             };
+            if !own.get(i).copied().unwrap_or(false) {
+                continue; // another device's member: its rows are not computed here
+            }
             let slot = match self.res.slots.get(&block) {
                 Some(&s) => s,
                 None => {
@@ -106,14 +167,19 @@ impl CudaBackend<'_> {
             return Err(Error::Internal("one block per member expected".into()));
         }
         let shape = self.forward_window(members, Some(blocks))?;
+        let all: Vec<usize> = (0..members.len()).collect();
+        self.set_last(blocks, &shape, &all);
+        Ok(())
+    }
+
+    /// Records the members (`own`: indices into `blocks` and `shape`) that the next
+    /// [`Self::step_held`] steps, in that order.
+    pub(super) fn set_last(&mut self, blocks: &[usize], shape: &Shape, own: &[usize]) {
         self.res.last = Some(
-            blocks
-                .iter()
-                .zip(shape.fr0.iter().zip(&shape.frames))
-                .map(|(&b, (&f0, &nf))| (b, f0, nf))
+            own.iter()
+                .map(|&i| (blocks[i], shape.fr0[i], shape.frames[i]))
                 .collect(),
         );
-        Ok(())
     }
 
     /// `bc_flow_step` on the slot of every member of the last [`Self::forward_held`] that has

@@ -42,6 +42,8 @@ pub(super) struct Bufs {
     pub(super) head: DevPtr,
     pub(super) e: DevPtr,
     pub(super) e0: DevPtr,
+    /// The time embeddings of the distinct timesteps ([`super::time_table`]).
+    pub(super) time_table: DevPtr,
     pub(super) frame_pos: DevPtr,
     pub(super) frame_slot: DevPtr,
     pub(super) sa_segs: DevPtr,
@@ -91,6 +93,8 @@ pub struct CudaBackend<'m> {
     pub(super) kv_odd: Option<(DevPtr, DevPtr)>,
     /// The latents of the blocks being denoised, on the device ([`CudaOptions::device_latents`]).
     pub(super) res: super::resident::Resident,
+    /// Which timesteps' embeddings the device table holds.
+    pub(super) times: super::time_table::TimeTable,
 }
 
 impl<'m> CudaBackend<'m> {
@@ -183,6 +187,7 @@ impl<'m> CudaBackend<'m> {
             sz.max_members,
             opts.block_frames * sz.flen * 4,
         );
+        let times = super::time_table::TimeTable::new(b.time_table, sz.time_entries);
         let cb = sz.slots * sz.tpf * d * 2;
         for &(k, v) in &caches {
             gpu.memset(k, 0, cb)?;
@@ -215,6 +220,7 @@ impl<'m> CudaBackend<'m> {
             attn_auto,
             kv_odd: None,
             res,
+            times,
         })
     }
 
@@ -513,6 +519,7 @@ impl Bufs {
             head: get("head")?,
             e: get("e")?,
             e0: get("e0")?,
+            time_table: get("time_table")?,
             frame_pos: get("frame_pos")?,
             frame_slot: get("frame_slot")?,
             sa_segs: get("sa_segs")?,

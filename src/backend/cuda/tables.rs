@@ -121,21 +121,10 @@ impl CudaBackend<'_> {
         }
         .build()?;
         // Per-tick conditioning: latents and time embeddings (host-cached per timestep).
-        let d = c.dim;
-        let mut e = Vec::with_capacity(nf * d);
-        let mut e0 = Vec::with_capacity(nf * 6 * d);
-        for (i, m) in members.iter().enumerate() {
-            let (ei, e0i) = self.time_embedding(m.timestep);
-            for _ in 0..geom[i].frames {
-                e.extend_from_slice(&ei);
-                e0.extend_from_slice(&e0i);
-            }
-        }
-        self.load_latents(members, held)?;
+        self.load_time_embeddings(members)?;
+        self.load_latents(members, held, &own)?;
         let g = &self.gpu;
         let t = &tables;
-        g.upload_staged(self.b.e, &e)?;
-        g.upload_staged(self.b.e0, &e0)?;
         g.upload_staged(self.b.frame_pos, &t.pos)?;
         g.upload_staged(self.b.frame_slot, &t.slot)?;
         g.upload_staged(self.b.sa_segs, &t.seg_tab)?;

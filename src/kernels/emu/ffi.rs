@@ -162,6 +162,12 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_wgmma_probe(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
 }
 
 /// The emulated entry point of `kernel`.
@@ -194,6 +200,7 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::DecSoftmax => bc_emu_bc_dec_softmax,
         Kernel::TestSync => bc_emu_bc_test_sync,
         Kernel::TestMma => bc_emu_bc_test_mma,
+        Kernel::WgmmaProbe => bc_emu_bc_wgmma_probe,
     }
 }
 

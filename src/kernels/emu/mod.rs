@@ -881,3 +881,131 @@ pub fn test_mma(a: &[bf16], b: &[bf16], c: &[f32]) -> LaunchResult<(Vec<f32>, Ve
     }))?;
     Ok((d1, d2))
 }
+
+/// The shared-memory layouts the wgmma probe checks: the descriptor's swizzle code and a name
+/// for the PASS/FAIL lines.
+#[doc(hidden)]
+pub const WGMMA_PROBE_LAYOUTS: [(i32, &str); 4] =
+    [(0, "none"), (1, "128B"), (2, "64B"), (3, "32B")];
+
+/// The N values of the wgmma probe (the instruction shapes m64n64k16, m64n128k16, m64n256k16).
+#[doc(hidden)]
+pub const WGMMA_PROBE_NS: [usize; 3] = [64, 128, 256];
+
+/// One run of the wgmma probe: the instruction's N (64, 128, 256), the shared-memory layout
+/// (`swizzle`, see `WGMMA_PROBE_LAYOUTS`), where A comes from, a deliberate fault (0 or a
+/// `BC_WGMMA_FAULT_*`), one commit group per k-step or one in all, and 1 or 2 warpgroups.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct WgmmaProbeCase {
+    /// N of `wgmma.mma_async.m64nNk16`.
+    pub n: usize,
+    /// Layout and descriptor swizzle: 0 none, 1 128-byte, 2 64-byte, 3 32-byte.
+    pub swizzle: i32,
+    /// A from registers instead of shared memory.
+    pub a_regs: bool,
+    /// 0, or a `BC_WGMMA_FAULT_*`.
+    pub fault: i32,
+    /// One commit group per k-step (wait_group 1 in between).
+    pub pipelined: bool,
+    /// Warpgroups of the block (1 or 2), each computing the whole output.
+    pub warpgroups: usize,
+}
+
+impl WgmmaProbeCase {
+    /// The plain case: A from shared memory, no fault, one group, one warpgroup.
+    pub fn new(n: usize, swizzle: i32) -> Self {
+        WgmmaProbeCase {
+            n,
+            swizzle,
+            a_regs: false,
+            fault: 0,
+            pipelined: false,
+            warpgroups: 1,
+        }
+    }
+
+    /// Threads of the launch.
+    pub fn block(&self) -> u32 {
+        BC_WGMMA_PROBE_THREADS * self.warpgroups as u32
+    }
+
+    /// Output values: `[warpgroups][64][n]`.
+    pub fn out_len(&self) -> usize {
+        self.warpgroups * 64 * self.n
+    }
+}
+
+/// Params of the wgmma probe for `case` after checking it (pointers are the caller's).
+#[doc(hidden)]
+pub fn wgmma_probe_params(
+    a: *const bc_bf16,
+    b: *const bc_bf16,
+    c: *mut f32,
+    case: &WgmmaProbeCase,
+) -> LaunchResult<BcWgmmaProbeParams> {
+    let k = Kernel::WgmmaProbe;
+    let WgmmaProbeCase {
+        n,
+        swizzle,
+        a_regs,
+        fault,
+        pipelined,
+        warpgroups,
+    } = *case;
+    if !WGMMA_PROBE_NS.contains(&n) {
+        return Err(invalid(k, format!("n = {n}: must be 64, 128 or 256")));
+    }
+    if !(0..=3).contains(&swizzle) {
+        return Err(invalid(k, format!("swizzle = {swizzle}: must be 0..=3")));
+    }
+    if !(0..=BC_WGMMA_FAULT_DIVERGENT as i32).contains(&fault) {
+        return Err(invalid(
+            k,
+            format!("fault = {fault}: not a BC_WGMMA_FAULT_*"),
+        ));
+    }
+    if !(1..=BC_WGMMA_PROBE_MAX_WARPGROUPS as usize).contains(&warpgroups) {
+        return Err(invalid(
+            k,
+            format!("warpgroups = {warpgroups}: must be 1 or 2"),
+        ));
+    }
+    Ok(BcWgmmaProbeParams {
+        a,
+        b,
+        c,
+        n: n as i32,
+        swizzle,
+        a_regs: a_regs as i32,
+        fault,
+        pipelined: pipelined as i32,
+        warpgroups: warpgroups as i32,
+    })
+}
+
+/// Runs the Hopper warpgroup-MMA layout probe `bc_wgmma_probe`: returns, per warpgroup,
+/// `c[64][n] = a[64][K] . b[n][K]^T` (K = `BC_WGMMA_PROBE_K`, both row-major bf16) computed by
+/// wgmma through shared memory as `case` says (a fault must make the result differ, or the
+/// emulation report an error). `c` starts as NaN.
+#[doc(hidden)]
+pub fn wgmma_probe(a: &[bf16], b: &[bf16], case: &WgmmaProbeCase) -> LaunchResult<Vec<f32>> {
+    let k = Kernel::WgmmaProbe;
+    let kd = BC_WGMMA_PROBE_K as usize;
+    let mut c = vec![f32::NAN; case.out_len()];
+    let p = wgmma_probe_params(
+        a.as_ptr() as *const bc_bf16,
+        b.as_ptr() as *const bc_bf16,
+        c.as_mut_ptr(),
+        case,
+    )?;
+    check_len(k, "a", a.len(), 64 * kd)?;
+    check_len(k, "b", b.len(), case.n * kd)?;
+    run(Ok(Launch {
+        kernel: k,
+        grid: [1, 1, 1],
+        block: case.block(),
+        params: p,
+    }))?;
+    Ok(c)
+}

@@ -268,6 +268,16 @@ impl DriverDevice {
     }
 
     /// Number of streaming multiprocessors.
+    pub(super) fn compute_capability(&self) -> (i32, i32) {
+        use sys::CUdevice_attribute::{
+            CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR as MAJOR,
+            CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR as MINOR,
+        };
+        // SAFETY: valid device.
+        let get = |a| unsafe { drv::device::get_attribute(self.dev, a).unwrap_or(0) };
+        (get(MAJOR), get(MINOR))
+    }
+
     pub(super) fn sm_count(&self) -> i32 {
         // SAFETY: valid device.
         unsafe {

@@ -319,6 +319,15 @@ impl Gpu {
         }
     }
 
+    /// Compute capability (major, minor) of the device, `None` when emulated: kernels that
+    /// need one architecture (the sm_90a wgmma probe) check it before launching.
+    pub fn compute_capability(&self) -> Option<(i32, i32)> {
+        match &self.imp {
+            Driver(d) => Some(d.compute_capability()),
+            Emulated(_) => None,
+        }
+    }
+
     /// Number of streaming multiprocessors (1 on an emulated device).
     pub fn sm_count(&self) -> i32 {
         match &self.imp {

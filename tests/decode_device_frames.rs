@@ -40,6 +40,26 @@ fn stream_frames(
     blocks: usize,
 ) -> (Vec<Vec<f32>>, Vec<Vec<u8>>) {
     let engine = Engine::open(None).unwrap();
+    let decoder = Arc::new(Decoder::tiny_taehv(0));
+    let mut st = open_stream(&engine, backend, &decoder, decoder_device, 2);
+    let (mut lat, mut rgb) = (Vec::new(), Vec::new());
+    for _ in 0..blocks {
+        let (l, r) = next_frames(&mut st);
+        lat.push(l);
+        rgb.push(r);
+    }
+    st.cancel();
+    (lat, rgb)
+}
+
+/// A stream of `seed` on `engine` whose frames `decoder` makes on `decoder_device`.
+fn open_stream(
+    engine: &Engine,
+    backend: BackendKind,
+    decoder: &Arc<Decoder>,
+    decoder_device: Option<DecodeDevice>,
+    seed: u64,
+) -> Stream {
     let opts = GenerateOptions {
         height: H,
         width: W,
@@ -49,24 +69,22 @@ fn stream_frames(
     };
     let prompt = PromptEmbeds::builtin(engine.config(), 2);
     let sopts = StreamOptions {
-        decoder: Some(Arc::new(Decoder::tiny_taehv(0))),
+        decoder: Some(decoder.clone()),
         decoder_device,
         ..Default::default()
     };
-    let mut st = Stream::open(&engine, opts, NoiseSource::Seeded(2), prompt, sopts).unwrap();
-    let (mut lat, mut rgb) = (Vec::new(), Vec::new());
-    for _ in 0..blocks {
-        let b = st.next_block(None).unwrap().unwrap();
-        assert_eq!((b.pixel_height, b.pixel_width), (8 * H, 8 * W));
-        assert_eq!(
-            b.rgb.as_ref().map(Vec::len),
-            Some(b.pixel_frames * 64 * H * W * 3)
-        );
-        lat.push(b.latents);
-        rgb.push(b.rgb.unwrap_or_default());
-    }
-    st.cancel();
-    (lat, rgb)
+    Stream::open(engine, opts, NoiseSource::Seeded(seed), prompt, sopts).unwrap()
+}
+
+/// The latents and RGB8 frames of a stream's next block.
+fn next_frames(st: &mut Stream) -> (Vec<f32>, Vec<u8>) {
+    let b = st.next_block(None).unwrap().unwrap();
+    assert_eq!((b.pixel_height, b.pixel_width), (8 * H, 8 * W));
+    assert_eq!(
+        b.rgb.as_ref().map(Vec::len),
+        Some(b.pixel_frames * 64 * H * W * 3)
+    );
+    (b.latents, b.rgb.unwrap_or_default())
 }
 
 /// `blocks` pushed one by one through a `CudaDecoder` on the emulated device: (RGB8, f32).
@@ -122,6 +140,44 @@ fn a_stream_on_the_cuda_backend_decodes_on_its_device() {
     set_session_options(None);
 }
 
+/// Two streams open at once on one engine, with one decoder on the (emulated) device: each
+/// decodes as it would alone (its own causal state: bit for bit `CudaDecoder` on its own
+/// latents), and the decoder's weights went to the device once.
+#[test]
+fn streams_on_one_engine_share_the_device_weights() {
+    let _l = emulated();
+    let engine = Engine::open(None).unwrap();
+    let decoder = Arc::new(Decoder::tiny_taehv(0));
+    let dev = Some(DecodeDevice::Cuda {
+        ordinal: 0,
+        emulate: true,
+    });
+    let mut a = open_stream(&engine, BackendKind::Cpu, &decoder, dev, 3);
+    let mut b = open_stream(&engine, BackendKind::Cpu, &decoder, dev, 4);
+    let (mut lat, mut rgb) = ([vec![], vec![]], [vec![], vec![]]);
+    for _ in 0..2 {
+        for (i, st) in [&mut a, &mut b].into_iter().enumerate() {
+            let (l, r) = next_frames(st);
+            lat[i].push(l);
+            rgb[i].push(r);
+        }
+    }
+    a.cancel();
+    b.cancel();
+    assert_ne!(lat[0], lat[1], "the two streams must differ");
+    for i in 0..2 {
+        assert_eq!(rgb[i], direct_device(&lat[i]).0, "stream {i}");
+    }
+    assert_eq!(decoder.device_uploads(), 1, "one upload for both streams");
+    // The next generation with the same decoder uploads nothing either.
+    let mut c = open_stream(&engine, BackendKind::Cpu, &decoder, dev, 3);
+    let (l, r) = next_frames(&mut c);
+    c.cancel();
+    assert_eq!((l, r), (lat[0][0].clone(), rgb[0][0].clone()));
+    assert_eq!(decoder.device_uploads(), 1);
+    set_session_options(None);
+}
+
 /// What the frames callback saw: RGB8 and f32 frames, in order.
 #[derive(Default)]
 struct Seen {
@@ -162,6 +218,26 @@ fn open_engine(device: *const std::ffi::c_char, size: Option<u32>) -> (bc_status
     (st, e)
 }
 
+/// A session of `seed` on engine `e` whose frames callback (the built-in decoder) collects
+/// into `seen`, which must outlive the session's generations.
+fn session_with_frames(e: *mut bc_engine, seed: u64, seen: &mut Seen) -> *mut bc_session {
+    let so = bc_session_options {
+        height: H as u32,
+        width: W as u32,
+        seed,
+        ..bc_session_options_default()
+    };
+    let mut s = std::ptr::null_mut();
+    // SAFETY: a live engine, valid options and out pointer.
+    let st = unsafe { bc_session_open(e, &so, &mut s) };
+    assert_eq!(st, BC_OK, "{}", last_error());
+    let user = seen as *mut Seen as *mut c_void;
+    // SAFETY: the caller keeps `seen` alive; `collect` matches the callback's contract.
+    let st = unsafe { bc_session_set_decoder(s, std::ptr::null(), Some(collect), user) };
+    assert_eq!(st, BC_OK, "{}", last_error());
+    s
+}
+
 /// `bc_engine_options.decoder_device`: a bad name is an invalid argument, an older struct_size
 /// (ending before the field) is still accepted, "cuda" decodes the frames callback's pixels on
 /// the (emulated) device, bit for bit those of `CudaDecoder` on the same latents, and "cuda"
@@ -179,26 +255,23 @@ fn c_abi_decoder_device() {
 
     let (st, e) = open_engine(c"cuda".as_ptr(), None);
     assert_eq!(st, BC_OK, "{}", last_error());
-    let mut s = std::ptr::null_mut();
-    let so = bc_session_options {
-        height: H as u32,
-        width: W as u32,
-        ..bc_session_options_default()
-    };
-    // SAFETY: a live engine, valid options and out pointer.
-    let st = unsafe { bc_session_open(e, &so, &mut s) };
-    assert_eq!(st, BC_OK, "{}", last_error());
-    let mut seen = Seen::default();
-    let user = &mut seen as *mut Seen as *mut c_void;
-    // SAFETY: `seen` outlives the generation; `collect` matches the callback's contract.
-    let st = unsafe { bc_session_set_decoder(s, std::ptr::null(), Some(collect), user) };
-    assert_eq!(st, BC_OK, "{}", last_error());
+    let mut seen = Box::<Seen>::default();
+    let s = session_with_frames(e, 0, &mut seen);
     let lat = c_generate(s, 2);
     let per = 3 * 16 * H * W;
     let blocks: Vec<Vec<f32>> = lat.chunks(per).map(<[f32]>::to_vec).collect();
     let (rgb, f) = direct_device(&blocks);
     assert_eq!(seen.rgb, rgb.concat());
     assert_eq!(seen.pixels, f);
+
+    // A second session on the engine shares its decoder (one device upload) and decodes its
+    // own latents from a fresh causal state.
+    let mut seen2 = Box::<Seen>::default();
+    let s2 = session_with_frames(e, 9, &mut seen2);
+    let lat2 = c_generate(s2, 1);
+    assert_ne!(lat2[..per], lat[..per], "the sessions' seeds differ");
+    assert_eq!(seen2.rgb, direct_device(&[lat2]).0.concat());
+    bc_session_close(s2);
     bc_session_close(s);
     bc_engine_close(e);
 

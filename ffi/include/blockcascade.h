@@ -242,7 +242,8 @@ typedef int32_t (*bc_frames_callback)(void *user, uint32_t block_index, const ui
 /* Decodes every block that bc_session_generate makes with the decoder at `path` (the Wan2.1
    VAE or TAEHV, a safetensors file or a folder holding one; the kind is detected from the tensor
    names; NULL = a built-in tiny random TAEHV-shaped decoder, whose pixels are noise-like) and
-   hands the pixels to cb with `user`. cb NULL removes the decoder. Over F latent frames the Wan
+   hands the pixels to cb with `user`. cb NULL removes the decoder. The engine loads each file
+   once: its sessions share that decoder and its weights on the device. Over F latent frames the Wan
    VAE gives T = 1 + 4(F-1) frames and TAEHV T = 4F - 3 (it drops its first 3).
    Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed/busy session, a latent size the decoder cannot
    take), BC_ERR_IO / BC_ERR_FORMAT (the decoder's file). */

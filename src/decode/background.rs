@@ -201,7 +201,7 @@ impl<S: Send + 'static> Drop for BackgroundDecoder<S> {
 mod tests {
     use super::*;
     use crate::backend::cuda::device::Gpu;
-    use crate::decode::CudaDecoder;
+    use crate::decode::{CudaDecoder, DecoderKind};
 
     fn latents(frames: usize, h: usize, w: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::rng::Rng::new(seed);
@@ -259,6 +259,112 @@ mod tests {
         let (rgb, f) = bg.finish().unwrap();
         assert_eq!(rgb, want.rgb);
         assert_eq!(Some(f), want.f32);
+    }
+
+    /// A decode thread on the emulated device over `dec`, collecting the (RGB8, f32) frames of
+    /// the blocks pushed to it.
+    fn device_thread(dec: &Arc<Decoder>, (h, w): (usize, usize)) -> BackgroundDecoder<Frames> {
+        let emulated = DecodeDevice::Cuda {
+            ordinal: 0,
+            emulate: true,
+        };
+        BackgroundDecoder::spawn_on(
+            dec.clone(),
+            emulated,
+            (h, w),
+            true,
+            Frames::default(),
+            |acc, out| {
+                acc.0.extend_from_slice(&out.rgb);
+                acc.1
+                    .extend_from_slice(out.f32.as_deref().unwrap_or_default());
+                Ok(())
+            },
+        )
+        .unwrap()
+    }
+
+    type Frames = (Vec<u8>, Vec<f32>);
+
+    /// `lat` (`frames` latent frames) through a decoder of its own (weights uploaded for it).
+    fn alone(dec: &Decoder, lat: &[f32], frames: usize, (h, w): (usize, usize)) -> Frames {
+        let mut d = CudaDecoder::new(dec, Gpu::open_emulated().unwrap()).unwrap();
+        d.begin(h, w).unwrap();
+        let out = d.push(lat, frames, true).unwrap();
+        (out.rgb, out.f32.unwrap_or_default())
+    }
+
+    #[test]
+    fn streams_on_one_device_share_one_upload_and_keep_their_own_state() {
+        for (dec, (h, w)) in [
+            (Decoder::tiny_taehv(3), (2, 3)),
+            (Decoder::synthetic(DecoderKind::WanVae, 1, 4), (1, 2)),
+        ] {
+            let dec = Arc::new(dec);
+            let a = latents(2, h, w, 11);
+            let b = latents(2, h, w, 12);
+            let want_a = alone(&dec, &a, 2, (h, w));
+            let want_b = alone(&dec, &b, 2, (h, w));
+            assert_ne!(want_a.0, want_b.0, "the two streams must differ");
+            assert_eq!(dec.device_uploads(), 0);
+            // Two decode threads at once, their blocks interleaved: any state shared between
+            // them would mix their frames.
+            let mut ta = device_thread(&dec, (h, w));
+            let mut tb = device_thread(&dec, (h, w));
+            let block = 16 * h * w;
+            for i in 0..2 {
+                ta.push(&a[i * block..(i + 1) * block], 1).unwrap();
+                tb.push(&b[i * block..(i + 1) * block], 1).unwrap();
+            }
+            assert_eq!(ta.finish().unwrap(), want_a, "{}", dec.kind());
+            assert_eq!(tb.finish().unwrap(), want_b, "{}", dec.kind());
+            assert_eq!(
+                dec.device_uploads(),
+                1,
+                "{}: one upload per device",
+                dec.kind()
+            );
+            // A later stream (the next generation) reuses the upload too.
+            let mut tc = device_thread(&dec, (h, w));
+            tc.push(&a, 2).unwrap();
+            assert_eq!(tc.finish().unwrap(), want_a);
+            assert_eq!(dec.device_uploads(), 1);
+        }
+    }
+
+    #[test]
+    fn device_weights_are_kept_per_device_until_released() {
+        let dec = Decoder::tiny_taehv(5);
+        let dev = |ordinal| DecodeDevice::Cuda {
+            ordinal,
+            emulate: true,
+        };
+        assert!(dec.weights_on(DecodeDevice::Cpu).unwrap().is_none());
+        let w0 = dec.weights_on(dev(0)).unwrap().unwrap();
+        let again = dec.weights_on(dev(0)).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&w0, &again));
+        assert_eq!(w0.device(), Some(dev(0)));
+        assert!(w0.bytes() > 0);
+        let w1 = dec.weights_on(dev(1)).unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&w0, &w1), "another device gets its own copy");
+        assert_eq!(dec.device_uploads(), 2);
+        // A decoder over the shared weights uploads nothing and reads those weights.
+        let d = dev(0).open_decoder(&dec).unwrap().unwrap();
+        assert!(Arc::ptr_eq(d.weights(), &w0));
+        assert_eq!(dec.device_uploads(), 2);
+        // Private weights (CudaDecoder::new) are not shareable.
+        let own = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        assert_eq!(own.weights().device(), None);
+        let e = CudaDecoder::on(own.weights().clone())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, Error::Internal(_)), "{e:?}");
+        // Released: the next stream uploads again; holders keep theirs alive meanwhile.
+        dec.release_devices();
+        let w2 = dec.weights_on(dev(0)).unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&w0, &w2));
+        assert_eq!(dec.device_uploads(), 3);
+        drop((d, w0));
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! buffers, launches, the pixel output) and the public [`CudaDecoder`]; `cuda/taehv.rs` and
 //! `cuda/wan.rs` are the two walks.
 //!
-//! Weights are uploaded once (bf16, packed `[cout][kt][kh][kw][cin]`; biases and norm gains f32).
-//! A stream's causal state (TAEHV's MemBlock memories, the Wan VAE's two-frame conv caches) lives
+//! Weights are uploaded once per decoder and device (bf16, packed `[cout][kt][kh][kw][cin]`;
+//! biases and norm gains f32) into a [`DeviceWeights`], which every [`CudaDecoder`] on that device
+//! shares ([`CudaDecoder::on`]; [`super::Decoder::weights_on`] keeps one per device). Each
+//! `CudaDecoder` has its own device handle (its own streams; on a GPU the primary context,
+//! shared with the DiT and the weights' owner) and its own activation pool. A stream's causal state (TAEHV's MemBlock memories, the Wan VAE's two-frame conv caches) lives
 //! on the device and is carried from block to block; activations come from a pool of device
 //! buffers that grows to the peak live set of the first frames and is reused after. Per pushed
 //! block only the latents go up and only the pixels come back: RGB8 `[T][H][W][3]` always, f32
@@ -20,11 +23,12 @@ mod taehv;
 mod wan;
 
 use super::conv::Conv;
-use super::{Decoder, Inner};
-use crate::backend::cuda::device::{DevPtr, Gpu};
+use super::{DecodeDevice, Decoder, Inner};
+use crate::backend::cuda::device::{DevPtr, Gpu, Mark};
 use crate::kernels::launch::{self, ConvEpilogue, ConvOut, ConvShape, ConvSource, Launch};
 use crate::kernels::LaunchResult;
 use crate::{Error, Result};
+use std::sync::{Arc, Mutex};
 
 /// One convolution's weights on the device (or any bf16 `[cout][k]` matrix used as weights).
 #[derive(Clone, Copy)]
@@ -98,11 +102,11 @@ pub struct DeviceFrames {
     pub f32: Option<Vec<f32>>,
 }
 
-/// The device, the uploaded weights and the activation pool.
+/// A device handle, the bytes of weights uploaded through it, and its activation pool.
 struct Dev {
     gpu: Gpu,
-    /// Every weight allocation (freed with the device).
-    weights: Vec<DevPtr>,
+    /// Bytes of weights uploaded through this handle (freed with the device).
+    weight_bytes: usize,
     /// Free activation buffers (bytes, pointer).
     pool: Vec<(usize, DevPtr)>,
     /// Bytes allocated for activations and stream state.
@@ -112,10 +116,20 @@ struct Dev {
 }
 
 impl Dev {
+    fn new(gpu: Gpu) -> Dev {
+        Dev {
+            gpu,
+            weight_bytes: 0,
+            pool: Vec::new(),
+            pool_bytes: 0,
+            flops: 0.0,
+        }
+    }
+
     /// Uploads `data` (kept alive until the device has it).
     fn upload<T: Copy>(&mut self, data: &[T]) -> Result<DevPtr> {
         let p = self.gpu.alloc(std::mem::size_of_val(data))?;
-        self.weights.push(p);
+        self.weight_bytes += std::mem::size_of_val(data);
         self.gpu.upload(p, data)?;
         self.gpu.sync()?;
         Ok(p)
@@ -327,45 +341,109 @@ enum State {
     Wan(wan::WanDevState),
 }
 
-/// A decoder on a device (see the module docs): [`CudaDecoder::begin`] a stream, then
-/// [`CudaDecoder::push`] each finished block of latent frames.
-pub struct CudaDecoder {
-    dev: Dev,
+/// A decoder's weights on one device: uploaded once, then read by any number of
+/// [`CudaDecoder`]s there (each with its own streams, causal state and activations), so that
+/// several streams or sessions hold one copy and a new stream starts without an upload.
+/// [`super::Decoder::weights_on`] makes (and keeps) them.
+pub struct DeviceWeights {
     model: Model,
     z_dim: usize,
     up: usize,
+    bytes: usize,
+    /// Shared weights: the device they are on and the handle that uploaded them, which owns
+    /// their allocations (freed when the last holder drops, after every user has synced).
+    /// `None`: private to one [`CudaDecoder`], allocated on (and freed with) its own handle.
+    home: Option<(DecodeDevice, Mutex<Gpu>)>,
+}
+
+/// Uploads `dec`'s layers through `dev`.
+fn upload_model(dec: &Decoder, dev: &mut Dev) -> Result<(Model, usize, usize)> {
+    Ok(match &dec.inner {
+        Inner::Taehv(t) => (Model::Taehv(taehv::DevTaehv::new(dev, t)?), t.z_dim, t.up),
+        Inner::Wan(w) => (
+            Model::Wan(Box::new(wan::DevWan::new(dev, w)?)),
+            w.z_dim,
+            w.up,
+        ),
+    })
+}
+
+impl DeviceWeights {
+    /// Uploads `dec` through `gpu` (a handle opened on `device`, kept as the weights' owner).
+    pub(super) fn upload(dec: &Decoder, device: DecodeDevice, gpu: Gpu) -> Result<DeviceWeights> {
+        let mut dev = Dev::new(gpu);
+        let (model, z_dim, up) = upload_model(dec, &mut dev)?;
+        Ok(DeviceWeights {
+            model,
+            z_dim,
+            up,
+            bytes: dev.weight_bytes,
+            home: Some((device, Mutex::new(dev.gpu))),
+        })
+    }
+
+    /// Bytes of device memory the weights take.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The device the weights are on (`None`: private to one [`CudaDecoder`]).
+    pub fn device(&self) -> Option<DecodeDevice> {
+        self.home.as_ref().map(|(d, _)| *d)
+    }
+}
+
+/// A decoder on a device (see the module docs): [`CudaDecoder::begin`] a stream, then
+/// [`CudaDecoder::push`] each finished block of latent frames.
+pub struct CudaDecoder {
+    // Field order: `dev` (the stream's handle) is synced by `Drop` and dropped before the last
+    // hold on shared weights goes.
+    dev: Dev,
+    weights: Arc<DeviceWeights>,
     state: Option<(usize, usize, State)>,
 }
 
 impl CudaDecoder {
-    /// Uploads `dec`'s weights to `gpu`.
+    /// Uploads `dec`'s weights to `gpu`, for this decoder alone.
     pub fn new(dec: &Decoder, gpu: Gpu) -> Result<CudaDecoder> {
-        let mut dev = Dev {
-            gpu,
-            weights: Vec::new(),
-            pool: Vec::new(),
-            pool_bytes: 0,
-            flops: 0.0,
-        };
-        let (model, z_dim, up) = match &dec.inner {
-            Inner::Taehv(t) => (
-                Model::Taehv(taehv::DevTaehv::new(&mut dev, t)?),
-                t.z_dim,
-                t.up,
-            ),
-            Inner::Wan(w) => (
-                Model::Wan(Box::new(wan::DevWan::new(&mut dev, w)?)),
-                w.z_dim,
-                w.up,
-            ),
-        };
-        Ok(CudaDecoder {
-            dev,
+        let mut dev = Dev::new(gpu);
+        let (model, z_dim, up) = upload_model(dec, &mut dev)?;
+        let weights = Arc::new(DeviceWeights {
             model,
             z_dim,
             up,
+            bytes: dev.weight_bytes,
+            home: None,
+        });
+        Ok(CudaDecoder {
+            dev,
+            weights,
             state: None,
         })
+    }
+
+    /// A decoder over shared `weights`: opens its own handle on their device (its own
+    /// streams; on a GPU the device's primary context) and uploads nothing.
+    pub fn on(weights: Arc<DeviceWeights>) -> Result<CudaDecoder> {
+        let Some((device, _)) = &weights.home else {
+            return Err(Error::Internal(
+                "a decoder's private device weights cannot be shared".into(),
+            ));
+        };
+        let gpu = device
+            .open()?
+            .ok_or_else(|| Error::Internal("device weights on the CPU".into()))?;
+        Ok(CudaDecoder {
+            dev: Dev::new(gpu),
+            weights,
+            state: None,
+        })
+    }
+
+    /// The weights this decoder reads (shared with other decoders when made by
+    /// [`CudaDecoder::on`]).
+    pub fn weights(&self) -> &Arc<DeviceWeights> {
+        &self.weights
     }
 
     /// The device's name.
@@ -394,7 +472,7 @@ impl CudaDecoder {
         }
         self.end()?;
         let (h, w) = (latent_h, latent_w);
-        let st = match &self.model {
+        let st = match &self.weights.model {
             Model::Taehv(m) => State::Taehv(m.state(&mut self.dev, h, w)?),
             Model::Wan(m) => State::Wan(m.state(&mut self.dev, h, w)?),
         };
@@ -421,6 +499,40 @@ impl CudaDecoder {
     /// their pixels (as the CPU stream does: TAEHV's first 3 frames trimmed, the Wan VAE's first
     /// latent frame giving 1 frame).
     pub fn push(&mut self, latents: &[f32], frames: usize, want_f32: bool) -> Result<DeviceFrames> {
+        self.push_from(Latents::Host(latents), frames, want_f32)
+    }
+
+    /// [`CudaDecoder::push`] of latents already on the device, `[frames][16][h][w]` f32 at
+    /// `latents` (a DiT's finished block, which then never crosses to the host): the decode
+    /// reads them in place, after `after` (a mark on the producer's stream, of any handle on the
+    /// device) is reached. When this returns, the decode no longer reads them.
+    ///
+    /// # Safety
+    /// `latents` must be an allocation of this device's context (a handle on the same GPU, or
+    /// the emulated device) holding at least `frames * 16 * h * w` f32 values, finite, and
+    /// left unchanged until this call returns.
+    pub unsafe fn push_device(
+        &mut self,
+        latents: DevPtr,
+        frames: usize,
+        after: Option<&Mark>,
+        want_f32: bool,
+    ) -> Result<DeviceFrames> {
+        if latents == 0 {
+            return Err(Error::invalid("device latents at a null pointer"));
+        }
+        if let Some(m) = after {
+            self.dev.gpu.compute_wait(m)?;
+        }
+        self.push_from(Latents::Device(latents), frames, want_f32)
+    }
+
+    fn push_from(
+        &mut self,
+        latents: Latents,
+        frames: usize,
+        want_f32: bool,
+    ) -> Result<DeviceFrames> {
         let Some((h, w, mut st)) = self.state.take() else {
             return Err(Error::invalid("push before begin: start a stream first"));
         };
@@ -433,29 +545,48 @@ impl CudaDecoder {
         &mut self,
         st: &mut State,
         (h, w): (usize, usize),
-        latents: &[f32],
+        latents: Latents,
         frames: usize,
         want_f32: bool,
     ) -> Result<DeviceFrames> {
-        super::check_latents(latents, frames, (self.z_dim, h, w))?;
-        let per = self.z_dim * h * w;
+        let (z_dim, up) = (self.weights.z_dim, self.weights.up);
+        let per = z_dim * h * w;
+        match latents {
+            Latents::Host(l) => super::check_latents(l, frames, (z_dim, h, w))?,
+            Latents::Device(_) if frames == 0 || frames > MAX_DEVICE_FRAMES => {
+                return Err(Error::invalid(format!(
+                    "{frames} device latent frames: a push takes 1..={MAX_DEVICE_FRAMES}"
+                )))
+            }
+            Latents::Device(_) => {}
+        }
         let mut out = DeviceFrames {
             frames: 0,
-            height: h * self.up,
-            width: w * self.up,
+            height: h * up,
+            width: w * up,
             rgb: Vec::new(),
             f32: want_f32.then(Vec::new),
         };
-        let zbuf = self.dev.gpu.alloc(4 * per.max(1))?;
+        // Host latents go up one frame at a time through `zbuf`.
+        let zbuf = match latents {
+            Latents::Host(_) => self.dev.gpu.alloc(4 * per.max(1))?,
+            Latents::Device(_) => 0,
+        };
         let r = (|| -> Result<()> {
-            for z in latents.chunks(per) {
-                self.dev.gpu.upload(zbuf, z)?;
-                match (&self.model, &mut *st) {
+            for i in 0..frames {
+                let z = match latents {
+                    Latents::Host(l) => {
+                        self.dev.gpu.upload(zbuf, &l[i * per..(i + 1) * per])?;
+                        zbuf
+                    }
+                    Latents::Device(p) => p + (4 * i * per) as u64,
+                };
+                match (&self.weights.model, &mut *st) {
                     (Model::Taehv(m), State::Taehv(s)) => {
-                        m.frame(&mut self.dev, s, zbuf, (h, w), &mut out)?
+                        m.frame(&mut self.dev, s, z, (h, w), &mut out)?
                     }
                     (Model::Wan(m), State::Wan(s)) => {
-                        m.frame(&mut self.dev, s, zbuf, (h, w), &mut out)?
+                        m.frame(&mut self.dev, s, z, (h, w), &mut out)?
                     }
                     _ => {
                         return Err(Error::Internal(
@@ -469,14 +600,74 @@ impl CudaDecoder {
             Ok(())
         })();
         self.dev.gpu.sync()?;
-        self.dev.gpu.free(zbuf)?;
+        if zbuf != 0 {
+            self.dev.gpu.free(zbuf)?;
+        }
         r.map(|()| out)
     }
 }
+
+/// Where a push's latents are.
+#[derive(Clone, Copy)]
+enum Latents<'a> {
+    /// On the host: uploaded frame by frame.
+    Host(&'a [f32]),
+    /// On the device, read in place.
+    Device(DevPtr),
+}
+
+/// Most latent frames one device push takes (a bound on what a bad count can read).
+const MAX_DEVICE_FRAMES: usize = 1024;
 
 impl Drop for CudaDecoder {
     fn drop(&mut self) {
         // Everything is freed with the device; stop any work in flight first.
         let _ = self.dev.gpu.sync();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_latents_decode_in_place_like_host_latents() {
+        let dec = Decoder::tiny_taehv(2);
+        let (h, w, frames) = (2, 3, 4);
+        let mut rng = crate::rng::Rng::new(8);
+        let lat: Vec<f32> = (0..frames * 16 * h * w).map(|_| rng.normal()).collect();
+        let mut host = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        host.begin(h, w).unwrap();
+        let want = host.push(&lat, frames, true).unwrap();
+
+        // The latents on another handle of the device (the DiT's), ordered by its mark.
+        let mut dit = Gpu::open_emulated().unwrap();
+        let p = dit.alloc(4 * lat.len()).unwrap();
+        dit.upload(p, &lat).unwrap();
+        let ready = dit.mark_compute().unwrap();
+        let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        dev.begin(h, w).unwrap();
+        let per = 4 * 16 * h * w;
+        let mut got = DeviceFrames::default();
+        for (i, n) in [(0, 1), (1, 3)] {
+            // SAFETY: `p` holds `frames` latent frames on the emulated device, unchanged.
+            let out = unsafe { dev.push_device(p + (i * per) as u64, n, Some(&ready), true) };
+            let out = out.unwrap();
+            got.frames += out.frames;
+            got.rgb.extend(out.rgb);
+            got.f32
+                .get_or_insert_with(Vec::new)
+                .extend(out.f32.unwrap());
+            (got.height, got.width) = (out.height, out.width);
+        }
+        assert_eq!(got, want);
+        dit.sync().unwrap();
+
+        // Bad counts and a null pointer are errors, not reads.
+        for (ptr, n) in [(p, 0), (p, MAX_DEVICE_FRAMES + 1), (0, 1)] {
+            // SAFETY: each is refused before any launch.
+            let e = unsafe { dev.push_device(ptr, n, None, false) }.unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        }
     }
 }

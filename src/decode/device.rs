@@ -4,11 +4,107 @@
 //! cross to the host; [`DecodeDevice::Cpu`] keeps the GPU's memory for the DiT.
 //!
 //! [`super::BackgroundDecoder::spawn_on`] starts a decode thread on either device.
+//!
+//! A decoder's weights go to a device once: [`Decoder::weights_on`] uploads them for the first
+//! stream on that device and hands the same [`DeviceWeights`] to every later stream, session or
+//! generation that decodes with the same [`Decoder`] there (the server's, a C ABI engine's, or
+//! one a Rust caller shares between streams). Each stream still opens its own device handle
+//! (streams, activation pool, causal state).
 
-use super::{CudaDecoder, Decoder};
+use super::{CudaDecoder, Decoder, DeviceWeights};
 use crate::backend::cuda::device::Gpu;
 use crate::config::BackendKind;
 use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A decoder's weights on devices, one [`DeviceWeights`] per device, and how many uploads were
+/// made (what the sharing saves, counted for tests and reports).
+#[derive(Default)]
+pub(super) struct OnDevices {
+    weights: Mutex<Vec<Arc<DeviceWeights>>>,
+    uploads: AtomicUsize,
+}
+
+impl Decoder {
+    /// The decoder's weights on `device` (`None` for the CPU): uploaded by the first call for
+    /// that device (concurrent first calls wait for the one upload), then the same
+    /// [`DeviceWeights`] for every call, until [`Decoder::release_devices`]. Weights that do not
+    /// fit are one [`Error::OutOfMemory`] naming the CPU option; a device that cannot be opened
+    /// is one [`Error::Device`].
+    pub fn weights_on(&self, device: DecodeDevice) -> Result<Option<Arc<DeviceWeights>>> {
+        if device == DecodeDevice::Cpu {
+            return Ok(None);
+        }
+        let mut on = self
+            .on_devices
+            .weights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = on.iter().find(|w| w.device() == Some(device)) {
+            return Ok(Some(w.clone()));
+        }
+        let Some(gpu) = device.open()? else {
+            return Ok(None);
+        };
+        let what = format!(
+            "the {} decoder's weights do not fit on {}",
+            self.kind(),
+            gpu.name
+        );
+        let w = Arc::new(DeviceWeights::upload(self, device, gpu).map_err(|e| no_room(e, &what))?);
+        self.on_devices.uploads.fetch_add(1, Ordering::Relaxed);
+        on.push(w.clone());
+        Ok(Some(w))
+    }
+
+    /// How many times the weights were uploaded to a device by [`Decoder::weights_on`] (once
+    /// per device, however many streams decode there).
+    pub fn device_uploads(&self) -> usize {
+        self.on_devices.uploads.load(Ordering::Relaxed)
+    }
+
+    /// Lets go of the device copies of the weights (each is freed when the last stream using it
+    /// ends); the next stream on a device uploads again. For a long-lived decoder whose
+    /// device memory is wanted back.
+    pub fn release_devices(&self) {
+        self.on_devices
+            .weights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+/// Decoders loaded for an engine, one per weight file (and the built-in one), so that its
+/// sessions share one [`Decoder`], and so its device weights ([`Decoder::weights_on`]). Cheap to
+/// clone (the clones share the set).
+#[derive(Clone, Default)]
+pub struct DecoderSet(Arc<Mutex<Vec<Loaded>>>);
+
+/// A decoder and the file it came from (canonical; `None`: the built-in one).
+type Loaded = (Option<PathBuf>, Arc<Decoder>);
+
+impl DecoderSet {
+    /// The decoder of the weight file at `path` (`None`: [`Decoder::tiny_taehv`]`(0)`): loaded
+    /// by the first call for that file, then shared. A file that cannot be loaded is that
+    /// load's error, and nothing is kept.
+    pub fn get(&self, path: Option<&Path>) -> Result<Arc<Decoder>> {
+        // The same file under another name is the same decoder.
+        let key = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, d)) = set.iter().find(|(k, _)| *k == key) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(match path {
+            Some(p) => Decoder::load(p, None)?,
+            None => Decoder::tiny_taehv(0),
+        });
+        set.push((key, d.clone()));
+        Ok(d)
+    }
+}
 
 /// What every device error says, so that a user without a (big enough) GPU knows the way out.
 const CPU_HINT: &str = "decode on the CPU instead: --decoder-device cpu, \
@@ -98,20 +194,14 @@ impl DecodeDevice {
         }
     }
 
-    /// Opens the device and uploads `decoder` to it ([`CudaDecoder::new`]); `None` for the
-    /// CPU. Weights that do not fit are one [`Error::OutOfMemory`] naming the CPU option.
+    /// A decoder on this device over `decoder`'s shared weights ([`Decoder::weights_on`]: the
+    /// first one on a device uploads them); `None` for the CPU. Weights that do not fit are one
+    /// [`Error::OutOfMemory`] naming the CPU option.
     pub fn open_decoder(self, decoder: &Decoder) -> Result<Option<CudaDecoder>> {
-        let Some(gpu) = self.open()? else {
-            return Ok(None);
-        };
-        let what = format!(
-            "the {} decoder's weights do not fit on {}",
-            decoder.kind(),
-            gpu.name
-        );
-        CudaDecoder::new(decoder, gpu)
-            .map(Some)
-            .map_err(|e| no_room(e, &what))
+        match decoder.weights_on(self)? {
+            Some(w) => CudaDecoder::on(w).map(Some),
+            None => Ok(None),
+        }
     }
 }
 
@@ -181,6 +271,32 @@ mod tests {
             e.to_string(),
             Error::Device("launch failed".into()).to_string()
         );
+    }
+
+    #[test]
+    fn a_decoder_set_loads_each_file_once() {
+        let set = DecoderSet::default();
+        let a = set.get(None).unwrap();
+        assert!(Arc::ptr_eq(&a, &set.clone().get(None).unwrap()));
+        let dir = std::env::temp_dir().join(format!("bc-decoder-set-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("taehv.safetensors");
+        let t = super::super::taehv::synthetic([8, 4, 2, 2], 16, 1);
+        let named: Vec<(&str, Vec<usize>, &[f32])> = t
+            .iter()
+            .map(|(n, s, d)| (n.as_str(), s.clone(), d.as_slice()))
+            .collect();
+        crate::tensorfile::write_f32(&file, &named, &Default::default()).unwrap();
+        let b = set.get(Some(&file)).unwrap();
+        // The same file by another name is the same decoder.
+        let other = dir.join(".").join("taehv.safetensors");
+        assert!(Arc::ptr_eq(&b, &set.get(Some(&other)).unwrap()));
+        assert!(!Arc::ptr_eq(&a, &b));
+        // A file that cannot be loaded is its error, and is not kept.
+        let missing = dir.join("missing.safetensors");
+        assert!(set.get(Some(&missing)).is_err());
+        assert!(set.get(Some(&missing)).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -23,8 +23,8 @@ pub use bench::{
     bench_conv, bench_decode, bench_decode_device, conv_table, decoder_conv_shapes,
     table as bench_table, ConvShape, DecodeBench, DeviceDecodeBench,
 };
-pub use cuda::{CudaDecoder, DeviceFrames};
-pub use device::DecodeDevice;
+pub use cuda::{CudaDecoder, DeviceFrames, DeviceWeights};
+pub use device::{DecodeDevice, DecoderSet};
 
 use crate::tensorfile::TensorFile;
 use crate::{Error, Result};
@@ -89,9 +89,12 @@ enum Inner {
     Taehv(taehv::Taehv),
 }
 
-/// A loaded decoder: immutable weights, shared by any number of streams (`Send + Sync`).
+/// A loaded decoder: immutable weights, shared by any number of streams (`Send + Sync`), and
+/// their copies on devices ([`Decoder::weights_on`]: one per device, uploaded by the first
+/// stream there and shared by every later one).
 pub struct Decoder {
     inner: Inner,
+    on_devices: device::OnDevices,
 }
 
 /// Largest latent height or width accepted (8192 pixels).
@@ -116,7 +119,10 @@ impl Decoder {
             DecoderKind::WanVae => Inner::Wan(Box::new(wan_vae::WanVae::load(wt)?)),
             DecoderKind::Taehv => Inner::Taehv(taehv::Taehv::load(wt)?),
         };
-        let d = Decoder { inner };
+        let d = Decoder {
+            inner,
+            on_devices: Default::default(),
+        };
         if d.latent_channels() != 16 {
             return Err(wt.err(format!(
                 "the {kind} decoder takes {} latent channels; Wan2.1 latents have 16",

@@ -16,7 +16,7 @@ pub use stream::{
 
 use crate::config::BackendKind;
 use crate::config::{AttentionMode, GenerateOptions, Schedule};
-use crate::decode::{BackgroundDecoder, DecodeDevice, Decoder};
+use crate::decode::{BackgroundDecoder, DecodeDevice, Decoder, DecoderSet};
 use crate::executor::{Generator, RunReport};
 use crate::model::CHANNELS;
 use crate::noise::{NoiseSource, RecordedNoise};
@@ -127,6 +127,8 @@ struct Session {
     frames: Option<FramesSink>,
     /// Where decoders run (the engine's `decoder_device`).
     decoder_device: DecodeDevice,
+    /// The engine's decoders, shared by its sessions (one load and one device upload each).
+    decoders: DecoderSet,
     /// A `bc_stream` is open on the session: every other call is refused as busy.
     streaming: bool,
 }
@@ -165,6 +167,8 @@ struct EngineEntry {
     text: Option<Arc<TextEncoder>>,
     /// Where the sessions' decoders run (`bc_engine_options.decoder_device`).
     decoder_device: DecodeDevice,
+    /// The decoders its sessions loaded (`bc_session_set_decoder`), shared between them.
+    decoders: DecoderSet,
 }
 
 enum Object {
@@ -584,6 +588,7 @@ pub unsafe extern "C" fn bc_engine_open(
             device_ids,
             text: text.map(Arc::new),
             decoder_device,
+            decoders: DecoderSet::default(),
         };
         *out = register(Object::Engine(engine)) as *mut bc_engine;
         Ok(())
@@ -642,6 +647,7 @@ pub unsafe extern "C" fn bc_session_open(
             text,
             frames: None,
             decoder_device,
+            decoders: entry.decoders,
             streaming: false,
         };
         *out = register(Object::Session(Arc::new(Mutex::new(session)))) as *mut bc_session;
@@ -1042,14 +1048,11 @@ pub unsafe extern "C" fn bc_session_set_decoder(
                 sess.frames = None;
                 return Ok(());
             };
-            let decoder = if path.is_null() {
-                Decoder::tiny_taehv(0)
-            } else {
-                Decoder::load(&c_path(path), None)?
-            };
+            let path = (!path.is_null()).then(|| c_path(path));
+            let decoder = sess.decoders.get(path.as_deref())?;
             decoder.check_latent_size(CHANNELS, sess.opts.height, sess.opts.width)?;
             sess.frames = Some(FramesSink {
-                decoder: Arc::new(decoder),
+                decoder,
                 cb,
                 user: UserPtr(user),
             });

@@ -10,7 +10,6 @@ use super::{
     check_size, guard, invalid, read_prompt, read_struct, register, registry, text_prompt,
     with_session, write_struct, Failure, Object, Session,
 };
-use crate::decode::Decoder;
 use crate::noise::{NoiseSource, RecordedNoise};
 use crate::stream::{Stream, StreamBlock, StreamControl, StreamOptions};
 use crate::{Engine, Error, Result};
@@ -106,10 +105,12 @@ pub unsafe extern "C" fn bc_stream_open(
             v => return invalid(format!("want_pixels must be 0 or 1, got {v}")),
         };
         let entry = with_session(s, |sess| {
-            let decoder = want_pixels.then(|| match &sess.frames {
-                Some(f) => f.decoder.clone(),
-                None => Arc::new(Decoder::tiny_taehv(0)),
-            });
+            // The session's decoder, else the engine's built-in one (shared by its streams).
+            let decoder = match (want_pixels, &sess.frames) {
+                (false, _) => None,
+                (true, Some(f)) => Some(f.decoder.clone()),
+                (true, None) => Some(sess.decoders.get(None)?),
+            };
             let sopts = StreamOptions {
                 queue_blocks: o.queue_blocks as usize,
                 target_fps: o.target_fps,

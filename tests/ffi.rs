@@ -632,6 +632,53 @@ fn wrong_struct_sizes_are_rejected() {
     bc_engine_close(e);
 }
 
+/// Only the sizes of published versions of `bc_engine_options` are accepted: a size that ends
+/// in the middle of a pointer field would have the library read a pointer half from garbage.
+#[test]
+fn only_published_engine_options_sizes_are_accepted() {
+    use std::mem::{offset_of, size_of};
+    let published = [
+        offset_of!(bc_engine_options, text_encoder),
+        offset_of!(bc_engine_options, text_encoder_device),
+        offset_of!(bc_engine_options, decoder_device),
+        size_of::<bc_engine_options>(),
+    ];
+    for size in published {
+        let o = bc_engine_options {
+            struct_size: size as u32,
+            backend: c"cpu".as_ptr(),
+            ..bc_engine_options_default()
+        };
+        let mut e = null_mut();
+        let st = unsafe { bc_engine_open(null(), &o, &mut e) };
+        assert_eq!(st, BC_OK, "size {size}: {}", last_error());
+        bc_engine_close(e);
+    }
+    // Ending 4 bytes into text_encoder, tokenizer, text_encoder_device and decoder_device.
+    for size in [
+        published[0] + 4,
+        published[1] - 4,
+        published[2] - 4,
+        published[3] - 4,
+    ] {
+        let o = bc_engine_options {
+            struct_size: size as u32,
+            backend: c"cpu".as_ptr(),
+            ..bc_engine_options_default()
+        };
+        let mut e = null_mut();
+        expect_c_err(
+            unsafe { bc_engine_open(null(), &o, &mut e) },
+            BC_ERR_INVALID_ARGUMENT,
+            &format!(
+                "{}, {}, {}, {}",
+                published[0], published[1], published[2], published[3]
+            ),
+        );
+        assert!(e.is_null());
+    }
+}
+
 #[test]
 fn bad_options_and_backends() {
     let mut e = null_mut();

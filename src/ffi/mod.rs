@@ -274,46 +274,60 @@ fn close_handle(h: usize, engine: bool) {
 // ---------------------------------------------------------------------------------------------
 // Option structs
 
-/// Sizes of the first published version of each struct (the smallest `struct_size` accepted).
-/// `bc_engine_options` grew `text_encoder` and `tokenizer` after its first version.
-const ENGINE_OPTIONS_V1: usize = std::mem::offset_of!(bc_engine_options, text_encoder);
-const SESSION_OPTIONS_V1: usize = size_of::<bc_session_options>();
-const ENGINE_INFO_V1: usize = size_of::<bc_engine_info>();
-const SESSION_STATS_V1: usize = size_of::<bc_session_stats>();
+/// The `struct_size` of every published version of each struct, oldest first (the last is
+/// ours). Only these are accepted: a size between two versions would end inside a field (e.g.
+/// in the middle of a pointer, which would then be read half from garbage).
+/// `bc_engine_options` grew `text_encoder` and `tokenizer`, then `text_encoder_device`, then
+/// `decoder_device` after its first version.
+const ENGINE_OPTIONS_SIZES: &[usize] = &[
+    std::mem::offset_of!(bc_engine_options, text_encoder),
+    std::mem::offset_of!(bc_engine_options, text_encoder_device),
+    std::mem::offset_of!(bc_engine_options, decoder_device),
+    size_of::<bc_engine_options>(),
+];
+const SESSION_OPTIONS_SIZES: &[usize] = &[size_of::<bc_session_options>()];
+const ENGINE_INFO_SIZES: &[usize] = &[size_of::<bc_engine_info>()];
+const SESSION_STATS_SIZES: &[usize] = &[size_of::<bc_session_stats>()];
 
-/// Reads a caller's option struct of any size from its first version to ours; fields the caller
-/// does not know keep their defaults.
+/// Reads a caller's option struct of any published version (`sizes`, the last ours); fields
+/// the caller does not know keep their defaults.
 ///
 /// # Safety
 /// `p` must point to a readable struct whose first field is `uint32_t struct_size` and which
 /// is at least `struct_size` bytes long.
-unsafe fn read_struct<T: Copy>(p: *const T, default: T, v1: usize, name: &str) -> Result<T> {
+unsafe fn read_struct<T: Copy>(p: *const T, default: T, sizes: &[usize], name: &str) -> Result<T> {
     let size = std::ptr::read(p as *const u32) as usize;
-    check_size(size, v1, size_of::<T>(), name)?;
+    check_size(size, sizes, size_of::<T>(), name)?;
     let mut out = default;
     std::ptr::copy_nonoverlapping(p as *const u8, &mut out as *mut T as *mut u8, size);
     std::ptr::write(&mut out as *mut T as *mut u32, size_of::<T>() as u32);
     Ok(out)
 }
 
-/// Writes `value` into a caller's struct of any size from its first version to ours.
+/// Writes `value` into a caller's struct of any published version (`sizes`, the last ours).
 ///
 /// # Safety
 /// `p` must point to a writable struct whose first field is `uint32_t struct_size` (set by the
 /// caller) and which is at least `struct_size` bytes long.
-unsafe fn write_struct<T: Copy>(p: *mut T, value: T, v1: usize, name: &str) -> Result<()> {
+unsafe fn write_struct<T: Copy>(p: *mut T, value: T, sizes: &[usize], name: &str) -> Result<()> {
     let size = std::ptr::read(p as *const u32) as usize;
-    check_size(size, v1, size_of::<T>(), name)?;
+    check_size(size, sizes, size_of::<T>(), name)?;
     std::ptr::copy_nonoverlapping(&value as *const T as *const u8, p as *mut u8, size);
     std::ptr::write(p as *mut u32, size as u32);
     Ok(())
 }
 
-fn check_size(size: usize, v1: usize, current: usize, name: &str) -> Result<()> {
-    if size < v1 || size > current {
+/// Accepts a `struct_size` that is one of the published `sizes` of `name` (each at most
+/// `current`, ours).
+fn check_size(size: usize, sizes: &[usize], current: usize, name: &str) -> Result<()> {
+    debug_assert!(sizes.iter().all(|&s| s <= current) && sizes.last() == Some(&current));
+    if !sizes.contains(&size) {
+        let list: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
         return invalid(format!(
             "{name}.struct_size is {size}, expected {current} (sizeof({name}); this library \
-             accepts {v1}..={current}); initialize it with the _default() function or sizeof"
+             accepts the sizes of its published versions: {}); initialize it with the \
+             _default() function or sizeof",
+            list.join(", ")
         ));
     }
     Ok(())
@@ -484,7 +498,7 @@ pub unsafe extern "C" fn bc_engine_open(
             read_struct(
                 opts,
                 default_engine_options(),
-                ENGINE_OPTIONS_V1,
+                ENGINE_OPTIONS_SIZES,
                 "bc_engine_options",
             )?
         };
@@ -623,7 +637,7 @@ pub unsafe extern "C" fn bc_session_open(
             read_struct(
                 opts,
                 default_session_options(),
-                SESSION_OPTIONS_V1,
+                SESSION_OPTIONS_SIZES,
                 "bc_session_options",
             )?
         };
@@ -873,7 +887,7 @@ pub unsafe extern "C" fn bc_engine_get_info(
             channels: CHANNELS as u32,
             num_steps: GenerateOptions::default().steps.len() as u32,
         };
-        write_struct(info, value, ENGINE_INFO_V1, "bc_engine_info")?;
+        write_struct(info, value, ENGINE_INFO_SIZES, "bc_engine_info")?;
         Ok(())
     })
 }
@@ -968,7 +982,7 @@ pub unsafe extern "C" fn bc_session_last_stats(
             }
             check_size(
                 std::ptr::read(stats as *const u32) as usize,
-                SESSION_STATS_V1,
+                SESSION_STATS_SIZES,
                 size_of::<bc_session_stats>(),
                 "bc_session_stats",
             )?;
@@ -984,7 +998,7 @@ pub unsafe extern "C" fn bc_session_last_stats(
                 time_to_first_block: r.time_to_first_block,
                 total_seconds: r.total_seconds,
             };
-            write_struct(stats, value, SESSION_STATS_V1, "bc_session_stats")?;
+            write_struct(stats, value, SESSION_STATS_SIZES, "bc_session_stats")?;
             Ok(())
         })
     })
@@ -1007,7 +1021,7 @@ fn spawn_frames(
         true,
         0u32,
         move |index, v| {
-            let pixels = v.f32.as_deref().unwrap_or_default();
+            let pixels = callback_pixels(&v)?;
             // SAFETY: the caller promised `cb` is safe to call with `user` and these arguments,
             // from another thread (bc_session_set_decoder's contract).
             let r = unsafe {
@@ -1028,6 +1042,25 @@ fn spawn_frames(
             Ok(())
         },
     )
+}
+
+/// The f32 frames of a decoded block for the frames callback, which reads `frames*3*h*w`
+/// floats and as many RGB8 bytes: anything else (no f32 frames, a length that does not match)
+/// is [`Error::Internal`] instead of a pointer the callback would read past.
+fn callback_pixels(v: &crate::decode::DeviceFrames) -> Result<&[f32]> {
+    let want = v.frames * 3 * v.height * v.width;
+    match v.f32.as_deref() {
+        Some(p) if p.len() == want && v.rgb.len() == want => Ok(p),
+        _ => Err(Error::Internal(format!(
+            "the decoder returned {} f32 and {} RGB8 values for {} frames of {}x{} (expected \
+             {want} of each)",
+            v.f32.as_ref().map_or(0, |p| p.len()),
+            v.rgb.len(),
+            v.frames,
+            v.height,
+            v.width
+        ))),
+    }
 }
 
 /// Sets (or, with `cb` NULL, removes) the decoder whose frames `bc_session_generate` hands out.
@@ -1059,4 +1092,53 @@ pub unsafe extern "C" fn bc_session_set_decoder(
             Ok(())
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::DeviceFrames;
+
+    #[test]
+    fn the_frames_callback_gets_whole_f32_frames_or_an_internal_error() {
+        let frames = |f32: Option<Vec<f32>>, rgb: usize| DeviceFrames {
+            frames: 2,
+            height: 3,
+            width: 4,
+            rgb: vec![0; rgb],
+            f32,
+        };
+        let n = 2 * 3 * 3 * 4;
+        assert_eq!(
+            callback_pixels(&frames(Some(vec![1.0; n]), n))
+                .unwrap()
+                .len(),
+            n
+        );
+        for bad in [
+            frames(None, n),
+            frames(Some(vec![]), n),
+            frames(Some(vec![1.0; n - 1]), n),
+            frames(Some(vec![1.0; n]), n - 1),
+        ] {
+            let e = callback_pixels(&bad).unwrap_err();
+            assert!(matches!(e, Error::Internal(_)), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn struct_sizes_must_be_a_published_version() {
+        let sizes = [32, 48, 56, 64];
+        for s in sizes {
+            assert!(check_size(s, &sizes, 64, "bc_x").is_ok());
+        }
+        for s in [0, 4, 31, 36, 40, 52, 60, 63, 65, 1000] {
+            let e = check_size(s, &sizes, 64, "bc_x").unwrap_err();
+            let m = e.to_string();
+            assert!(
+                m.contains("bc_x.struct_size") && m.contains("32, 48, 56, 64"),
+                "{m}"
+            );
+        }
+    }
 }

@@ -19,8 +19,9 @@ use std::panic::catch_unwind;
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
-const STREAM_OPTIONS_V1: usize = size_of::<bc_stream_options>();
-const STREAM_BLOCK_V1: usize = size_of::<bc_stream_block>();
+/// The published `struct_size`s of the stream structs (one version each so far).
+const STREAM_OPTIONS_SIZES: &[usize] = &[size_of::<bc_stream_options>()];
+const STREAM_BLOCK_SIZES: &[usize] = &[size_of::<bc_stream_block>()];
 
 /// What a `bc_stream` handle holds.
 pub(super) struct StreamEntry {
@@ -95,7 +96,7 @@ pub unsafe extern "C" fn bc_stream_open(
             read_struct(
                 opts,
                 default_stream_options(),
-                STREAM_OPTIONS_V1,
+                STREAM_OPTIONS_SIZES,
                 "bc_stream_options",
             )?
         };
@@ -160,7 +161,7 @@ pub unsafe extern "C" fn bc_stream_next(
         }
         check_size(
             std::ptr::read(out as *const u32) as usize,
-            STREAM_BLOCK_V1,
+            STREAM_BLOCK_SIZES,
             size_of::<bc_stream_block>(),
             "bc_stream_block",
         )?;
@@ -202,7 +203,7 @@ pub unsafe extern "C" fn bc_stream_next(
             pixel_height: block.pixel_height as u32,
             pixel_width: block.pixel_width as u32,
         };
-        write_struct(out, value, STREAM_BLOCK_V1, "bc_stream_block")?;
+        write_struct(out, value, STREAM_BLOCK_SIZES, "bc_stream_block")?;
         Ok(())
     })
 }

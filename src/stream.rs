@@ -307,9 +307,11 @@ impl Stream {
     /// Checked here: the options (the stream needs local attention, `local_attn`, so that its
     /// KV cache stays bounded), the prompt, the stream options, the decoder's latent size and
     /// the text encoder's width. The decoder is started here too, on its device: a device that
-    /// cannot be opened, or that the decoder does not fit, is this call's error
-    /// ([`Error::Device`], [`Error::OutOfMemory`]). A backend that fails to start (e.g. no
-    /// GPU) is reported by the first [`Stream::next_block`].
+    /// cannot be opened, or that the decoder's weights and causal state do not fit, is this
+    /// call's error ([`Error::Device`], [`Error::OutOfMemory`]); its activations are allocated
+    /// at the first block, and not fitting those ends the stream with an
+    /// [`Error::OutOfMemory`] from [`Stream::next_block`]. A backend that fails to start (e.g.
+    /// no GPU) is reported by the first [`Stream::next_block`].
     pub fn open(
         model: impl Into<Arc<Model>>,
         opts: GenerateOptions,

@@ -12,8 +12,10 @@
  *   parameter has been written.
  * - Option structs start with `struct_size`: set it to sizeof(the struct) — the *_default()
  *   functions do that for you — so that later versions can grow the structs without breaking
- *   code compiled against this header. A size smaller than the first published version of the
- *   struct or larger than the library's version is BC_ERR_INVALID_ARGUMENT.
+ *   code compiled against this header. Only the sizes of the struct's published versions are
+ *   accepted (each sizeof of an older header, i.e. the struct ending after the last field of
+ *   that version); any other size, e.g. one ending inside a field, is BC_ERR_INVALID_ARGUMENT,
+ *   and the message lists the accepted sizes.
  * - Handles (bc_engine*, bc_session*, bc_stream*) are opaque: never dereference them. The library keeps a
  *   registry of live handles, so NULL, closed or made-up handles are reported as
  *   BC_ERR_INVALID_ARGUMENT instead of crashing. Handle values are never reused.
@@ -175,8 +177,10 @@ bc_status bc_session_set_prompt(bc_session *s, const float *embeds, uint32_t row
    Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed/busy session, cb NULL, n_blocks 0, a prompt
    switch at or after n_blocks, recorded noise too short), BC_ERR_CANCELLED (cb returned
    non-zero; no further callback is made), BC_ERR_DEVICE / BC_ERR_OUT_OF_MEMORY (with a decoder
-   on a GPU, bc_engine_options.decoder_device: the GPU cannot be used, or the decoder does not
-   fit; nothing is generated), BC_ERR_INTERNAL. */
+   on a GPU, bc_engine_options.decoder_device: the GPU cannot be used, or the decoder's weights
+   and causal state do not fit, found before anything is generated; its activations are
+   allocated at the first block, so not fitting those ends the call with this error after
+   that block's latents), BC_ERR_INTERNAL. */
 bc_status bc_session_generate(bc_session *s, uint32_t n_blocks, bc_block_callback cb, void *user);
 
 /* Closes a session. NULL is a no-op; an unknown or already closed handle is ignored. */
@@ -309,8 +313,11 @@ bc_stream_options bc_stream_options_default(void);
 /* Starts a stream on a session. `opts` may be NULL for the defaults. On success writes a new
    handle to *out; close it with bc_stream_close.
    Errors: BC_ERR_INVALID_ARGUMENT (NULL/closed/busy session, a session that already has an open
-   stream, out NULL, bad options, a session with global attention), BC_ERR_OUT_OF_MEMORY,
-   BC_ERR_DEVICE (want_pixels with the decoder on a GPU that cannot be used). An
+   stream, out NULL, bad options, a session with global attention), BC_ERR_OUT_OF_MEMORY
+   (want_pixels with the decoder's weights or causal state not fitting on its GPU; its
+   activations are allocated at the first block, and not fitting those ends the stream with
+   this error from bc_stream_next), BC_ERR_DEVICE (want_pixels with the decoder on a GPU that
+   cannot be used). An
    engine failure after the start (e.g. a device error) is reported by bc_stream_next. */
 bc_status bc_stream_open(bc_session *s, const bc_stream_options *opts, bc_stream **out);
 

@@ -463,7 +463,8 @@ impl CudaDecoder {
     }
 
     /// Starts a stream of `latent_h x latent_w` latents (ending any previous one): the causal
-    /// state is allocated here and carried across [`CudaDecoder::push`]es.
+    /// state is allocated here and carried across [`CudaDecoder::push`]es. Activations are
+    /// not: the first push allocates them (and may be the one that runs out of memory).
     pub fn begin(&mut self, latent_h: usize, latent_w: usize) -> Result<()> {
         if latent_h == 0 || latent_w == 0 || latent_h > 1024 || latent_w > 1024 {
             return Err(Error::invalid(format!(

@@ -57,8 +57,10 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
     /// ([`DecodeDevice::open_decoder`]): only those pixels come back to the host. On the CPU the
     /// frames come from [`Decoder::stream`] and [`Video::to_rgb8`].
     ///
-    /// Returns once the decoder is ready: a device that cannot be opened, or weights that do
-    /// not fit, are this call's error ([`Error::Device`], [`Error::OutOfMemory`]).
+    /// Returns once the decoder is ready: a device that cannot be opened, or weights or causal
+    /// state that do not fit, are this call's error ([`Error::Device`],
+    /// [`Error::OutOfMemory`]). Activations are allocated at the first block: not fitting those
+    /// is an [`Error::OutOfMemory`] from a later push or from finish.
     pub fn spawn_on<F>(
         decoder: Arc<Decoder>,
         device: DecodeDevice,
@@ -75,7 +77,8 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
             let mut state = state;
             match device.open_decoder(&decoder)? {
                 Some(mut dev) => {
-                    // Activations and stream state are allocated as the first frames need them.
+                    // The causal state is reserved here (begin), before ready(); activations are
+                    // allocated as the first block needs them, so an OOM there ends the stream.
                     let what = format!(
                         "the {} decoder's activations for {latent_h}x{latent_w} latents do not \
                          fit on {}",
@@ -409,7 +412,10 @@ mod tests {
         };
         let r = BackgroundDecoder::spawn_on(dec, gone, (2, 2), false, (), |_, _| Ok(()));
         match r {
-            Err(Error::Device(m)) => assert!(m.contains("cpu"), "{m}"),
+            Err(Error::Device(m)) => assert!(
+                m.contains("CUDA device 4000") && m.contains("decoder_device = \"cpu\""),
+                "{m}"
+            ),
             Err(e) => panic!("expected a device error, got {e:?}"),
             Ok(_) => panic!("a decoder on CUDA device 4000 started"),
         }

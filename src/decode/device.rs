@@ -166,17 +166,17 @@ impl DecodeDevice {
     }
 
     /// Checks, without opening it for compute, that the device can be used: a CUDA device
-    /// needs a driver and the kernels (not cuBLASLt). No GPU is one [`Error::Device`] naming the
-    /// CPU option. For front ends that want the error when the option is set, not at the first
-    /// decode.
+    /// needs the kernels built in, a driver, and `ordinal` below the device count (not
+    /// cuBLASLt). Each failure is one [`Error::Device`] naming the CPU option. For front ends
+    /// that want the error when the option is set, not at the first decode.
     pub fn check(self) -> Result<()> {
         match self {
             DecodeDevice::Cuda {
                 ordinal,
                 emulate: false,
-            } => crate::backend::cuda::info::probe_driver()
-                .map(|_| ())
-                .map_err(|e| cannot_open(ordinal, e)),
+            } => check_cuda(ordinal, crate::kernels::fatbin().is_some(), || {
+                crate::backend::cuda::info::probe_driver().map(|p| p.devices)
+            }),
             _ => Ok(()),
         }
     }
@@ -212,6 +212,29 @@ pub(super) fn no_room(e: Error, what: &str) -> Error {
         Error::OutOfMemory(m) => Error::OutOfMemory(format!("{what}: {m} ({CPU_HINT})")),
         other => other,
     }
+}
+
+/// [`DecodeDevice::check`] of CUDA device `ordinal`, given whether the kernels were built in
+/// and how to count the devices (the driver probe; a stand-in in tests).
+fn check_cuda(
+    ordinal: usize,
+    kernels_built: bool,
+    count_devices: impl FnOnce() -> Result<usize>,
+) -> Result<()> {
+    if !kernels_built {
+        return Err(cannot_open(
+            ordinal,
+            Error::Unsupported(crate::kernels::NOT_BUILT.into()),
+        ));
+    }
+    let n = count_devices().map_err(|e| cannot_open(ordinal, e))?;
+    if ordinal >= n {
+        return Err(cannot_open(
+            ordinal,
+            Error::Device(format!("there are only {n} CUDA devices (0..{n})")),
+        ));
+    }
+    Ok(())
 }
 
 /// The error of a CUDA device the decoder cannot use.
@@ -271,6 +294,42 @@ mod tests {
             e.to_string(),
             Error::Device("launch failed".into()).to_string()
         );
+    }
+
+    #[test]
+    fn check_needs_kernels_a_driver_and_the_ordinal_and_names_the_cpu_option() {
+        let ok = || Ok(2usize);
+        assert!(check_cuda(1, true, ok).is_ok());
+        let no_driver = || Err(Error::Device("no CUDA driver found".into()));
+        let cases = [
+            (check_cuda(0, false, ok), crate::kernels::NOT_BUILT),
+            (check_cuda(0, true, no_driver), "no CUDA driver found"),
+            (check_cuda(2, true, ok), "only 2 CUDA devices"),
+        ];
+        for (r, why) in cases {
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::Device(_)), "{e:?}");
+            let m = e.to_string();
+            assert!(m.contains(why) && m.contains("CUDA device"), "{m}");
+            assert!(m.contains("decoder_device = \"cpu\""), "{m}");
+        }
+        // Through check itself: the CPU and the emulated device need nothing; a real GPU
+        // without the kernels built in (this build, unless nvcc was found) is refused.
+        assert!(DecodeDevice::Cpu.check().is_ok());
+        let emulated = DecodeDevice::Cuda {
+            ordinal: 7,
+            emulate: true,
+        };
+        assert!(emulated.check().is_ok());
+        if crate::kernels::fatbin().is_none() {
+            let e = DecodeDevice::Cuda {
+                ordinal: 0,
+                emulate: false,
+            }
+            .check()
+            .unwrap_err();
+            assert!(e.to_string().contains(crate::kernels::NOT_BUILT), "{e}");
+        }
     }
 
     #[test]

@@ -132,15 +132,24 @@ fn peak_rss() -> Option<usize> {
     Some(kb * 1024)
 }
 
-/// CPU time used so far by all threads of this process, in milliseconds (Linux
-/// `/proc/self/stat` user + system ticks, 100 per second), if known.
+/// CPU time used so far by all threads of this process, in milliseconds, if known:
+/// `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`, nanosecond resolution (a block that takes a few
+/// milliseconds is measured, not rounded to the 10 ms ticks of `/proc/self/stat`).
+#[cfg(unix)]
 fn process_cpu_ms() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let rest = s.get(s.rfind(')')? + 2..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 * 10.0)
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant of the platform.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    (r == 0).then_some(ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6)
+}
+
+/// No process CPU clock off Unix.
+#[cfg(not(unix))]
+fn process_cpu_ms() -> Option<f64> {
+    None
 }
 
 /// One convolution shape of the decoders, for [`bench_conv`].
@@ -332,6 +341,28 @@ pub fn bench_decode_device(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn process_cpu_time_is_finer_than_proc_ticks() {
+        let a = process_cpu_ms().unwrap();
+        // Spin until the clock moves (other tests' threads count too, so no bound on the step).
+        let mut b = a;
+        let mut x = 0u64;
+        while b == a {
+            for i in 0..1000u64 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+            }
+            std::hint::black_box(x);
+            b = process_cpu_ms().unwrap();
+        }
+        assert!(b > a, "{a} -> {b}");
+        // 10 ms ticks would give multiples of 10 ms only.
+        assert!(
+            a % 10.0 != 0.0 || b % 10.0 != 0.0,
+            "{a} and {b}: tick resolution"
+        );
+    }
 
     #[test]
     fn device_bench_counts_conv_flops_per_pixel() {

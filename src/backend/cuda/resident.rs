@@ -70,9 +70,13 @@ pub(super) fn move_held(
             };
             let values = members[i].latents.len();
             let to = devs[dst].take_slot(values)?;
-            devs[src]
+            let copied = devs[src]
                 .gpu
-                .copy_to_peer(&devs[dst].gpu, &[(to, from, values * 4)])?;
+                .copy_to_peer(&devs[dst].gpu, &[(to, from, values * 4)]);
+            if let Err(e) = copied {
+                devs[dst].res.pool.push(to); // the slot stays free, not lost
+                return Err(e);
+            }
             devs[dst].res.slots.insert(block, to);
             devs[src].release_held(block);
             LATENT_MOVES.fetch_add(1, Ordering::Relaxed);
@@ -136,7 +140,10 @@ impl CudaBackend<'_> {
                 Some(&s) => s,
                 None => {
                     let s = self.take_slot(m.latents.len())?;
-                    self.gpu.upload_staged(s, m.latents)?;
+                    if let Err(e) = self.gpu.upload_staged(s, m.latents) {
+                        self.res.pool.push(s); // the slot stays free, not lost
+                        return Err(e);
+                    }
                     self.res.slots.insert(block, s);
                     s
                 }

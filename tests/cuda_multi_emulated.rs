@@ -210,11 +210,14 @@ struct JointCase {
 }
 
 /// The joint exchange's peer copies run on each device's copy stream, ordered with the compute
-/// streams by marks only (rules 1 to 4 in `MultiCudaBackend::forward`). Under the deferred
-/// stream orders of the emulation every stream's work is queued and run in an order a GPU
-/// could choose, so a forgotten wait reads rows before they are written or after they are
-/// overwritten, and the latents change. Each rule was checked by deleting its wait: the test
-/// then fails (each deletion was caught by the first or second case under `CopiesLate`).
+/// streams by marks only (the rules listed in `MultiCudaBackend::run_layers`, joint.rs: 1 to
+/// 4, and 5, rule 2 for layer 0 across ticks, which no host sync orders now that the latents
+/// stay on the devices). Under the deferred stream orders of the emulation every stream's work
+/// is queued and run in an order a GPU could choose, so a forgotten wait reads rows before
+/// they are written or after they are overwritten, and the latents change. Rules 1 to 4 were
+/// checked by deleting their wait (`scripts/check-ordering-mutations.sh`): the test then fails
+/// (each deletion was caught by the first or second case under `CopiesLate`); rule 5's race
+/// was found by this test (`CopiesEarly`) before its wait was added.
 /// Double-buffered (default; asserted to be on) and single-buffered window K/V, 2 and 3
 /// devices, causal and bidirectional attention, graphs and eager launches: bit-identical to
 /// one device under every order.
@@ -301,12 +304,13 @@ fn joint_exchange_is_exact_under_every_stream_order() {
     }
 }
 
-/// The lagged exchange's copies (on the compute streams, ordered with both devices' work) give
-/// the same latents under the deferred stream orders as under immediate execution. A weak
-/// check of their ordering: every device syncs at the start of the next tick (its inputs'
-/// upload), which also orders the copies (deleting the copy's wait in
-/// `EmuDevice::copy_to_peer` does not fail it); it does check that the deferred orders change
-/// nothing else (uploads, graphs, downloads).
+/// The lagged exchange's copies (on the compute streams, ordered with both devices' work by
+/// `copy_to_peer`'s waits: the source waits for the destination's compute, the destination for
+/// the copy) give the same latents under the deferred stream orders as under immediate
+/// execution, and the deferred orders change nothing else (uploads, graphs, downloads). With
+/// the latents on the devices no host sync starts each tick any more, so those waits are what
+/// orders the copies; whether deleting one in `EmuDevice::copy_to_peer` fails this test has not
+/// been re-checked since (it did not when every tick began with a host sync).
 #[test]
 fn lagged_exchange_is_exact_under_every_stream_order() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());

@@ -22,7 +22,7 @@
 //          unused), and the 16-byte chunk index (address bits 4..6) XORed with address bits
 //          7..9 (128B: 3 bits, 64B: 2, 32B: 1), i.e. a pattern that repeats every 8W bytes,
 //          so tiles start on an 8W-byte boundary (then the descriptor's base offset is 0).
-// The probe kernel cuda/test/wgmma_probe.cu checks all of it (tests/kernels_emu.rs under the
+// The probe kernel cuda/test/wgmma_probe.cu checks all of it (tests/wgmma_emu.rs under the
 // emulation, tests/cuda.rs on a Hopper GPU).
 //
 // Under the SIMT emulation (cuda/emu) each op is a warpgroup rendezvous (emu::wgmma_*): the

@@ -13,7 +13,7 @@
 // wrong, on a GPU too), and, for the emulation only, D read before the wait, tiles off the
 // swizzle period, no wait, or one warp with another descriptor (the emulation must notice).
 // Checked against a CPU f32 matmul on random bf16 inputs with c poisoned first: under the
-// emulation by tests/kernels_emu.rs (which checks the emulation's reading of the PTX ISA), and on
+// emulation by tests/wgmma_emu.rs (which checks the emulation's reading of the PTX ISA), and on
 // a Hopper GPU by tests/cuda.rs (which checks that reading against the hardware; the GPU bundle
 // runs it first, one PASS/FAIL line per layout). On sm_80 the kernel traps.
 #include "../include/wgmma.cuh"

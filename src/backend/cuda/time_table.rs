@@ -32,7 +32,8 @@ pub(super) fn entries(steps: usize, max_members: usize) -> usize {
 
 /// Which timestep each entry holds.
 pub(super) struct TimeTable {
-    /// `entries` entries of `[block_frames, 7, dim]` f32: `e` repeated per frame, then `e0`.
+    /// `entries` entries of `7 * block_frames * dim` f32 each: `e` repeated per frame
+    /// (`[block_frames, dim]`), then `e0` repeated per frame (`[block_frames, 6, dim]`).
     base: DevPtr,
     /// Per entry: (timestep bits, last tick that used it).
     held: Vec<Option<(u64, usize)>>,

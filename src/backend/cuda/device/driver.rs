@@ -267,7 +267,8 @@ impl DriverDevice {
         .map_err(|e| Error::Device(format!("launching {}: {e}", kernel.name())))
     }
 
-    /// Number of streaming multiprocessors.
+    /// The device's compute capability (major, minor), e.g. (9, 0) on a Hopper GPU; (0, 0)
+    /// when the driver does not say.
     pub(super) fn compute_capability(&self) -> (i32, i32) {
         use sys::CUdevice_attribute::{
             CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR as MAJOR,
@@ -278,6 +279,8 @@ impl DriverDevice {
         (get(MAJOR), get(MINOR))
     }
 
+    /// Number of streaming multiprocessors (what sizes a persistent grid); 0 when the driver
+    /// does not say.
     pub(super) fn sm_count(&self) -> i32 {
         // SAFETY: valid device.
         unsafe {

@@ -214,10 +214,10 @@ struct JointCase {
 /// 4, and 5, rule 2 for layer 0 across ticks, which no host sync orders now that the latents
 /// stay on the devices). Under the deferred stream orders of the emulation every stream's work
 /// is queued and run in an order a GPU could choose, so a forgotten wait reads rows before
-/// they are written or after they are overwritten, and the latents change. Rules 1 to 4 were
-/// checked by deleting their wait (`scripts/check-ordering-mutations.sh`): the test then fails
-/// (each deletion was caught by the first or second case under `CopiesLate`); rule 5's race
-/// was found by this test (`CopiesEarly`) before its wait was added.
+/// they are written or after they are overwritten, and the latents change. Each rule was
+/// checked by deleting its wait (`scripts/check-ordering-mutations.sh`): the test then fails
+/// (rules 1 to 4 caught by the first or second case under `CopiesLate`, rule 5 by the
+/// golden 3-device double-buffered case under `CopiesEarly`).
 /// Double-buffered (default; asserted to be on) and single-buffered window K/V, 2 and 3
 /// devices, causal and bidirectional attention, graphs and eager launches: bit-identical to
 /// one device under every order.
@@ -309,8 +309,9 @@ fn joint_exchange_is_exact_under_every_stream_order() {
 /// the copy) give the same latents under the deferred stream orders as under immediate
 /// execution, and the deferred orders change nothing else (uploads, graphs, downloads). With
 /// the latents on the devices no host sync starts each tick any more, so those waits are what
-/// orders the copies; whether deleting one in `EmuDevice::copy_to_peer` fails this test has not
-/// been re-checked since (it did not when every tick began with a host sync).
+/// orders the copies, and this test checks them: deleting the source's wait fails it under
+/// `CopiesLate` (4.0e-1 relative L2), deleting the destination's wait makes a block non-finite
+/// (both checked once by hand; when every tick began with a host sync, neither failed it).
 #[test]
 fn lagged_exchange_is_exact_under_every_stream_order() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());

@@ -311,7 +311,8 @@ fn joint_exchange_is_exact_under_every_stream_order() {
 /// the latents on the devices no host sync starts each tick any more, so those waits are what
 /// orders the copies, and this test checks them: deleting the source's wait fails it under
 /// `CopiesLate` (4.0e-1 relative L2), deleting the destination's wait makes a block non-finite
-/// (both checked once by hand; when every tick began with a host sync, neither failed it).
+/// (both checked once by hand; when every tick began with a host sync, deleting the copy's
+/// wait did not fail it).
 #[test]
 fn lagged_exchange_is_exact_under_every_stream_order() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());

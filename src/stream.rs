@@ -14,7 +14,6 @@
 //! re-encoded under the new prompt). The latents are exactly those of [`Generator::run`] with a
 //! fixed prompt schedule that switches at the returned blocks.
 
-use crate::config::BackendKind;
 use crate::decode::{BackgroundDecoder, DecodeDevice, Decoder, DeviceFrames};
 use crate::executor::{FinishedBlock, Generator, PromptMailbox};
 use crate::model::{Model, CHANNELS};
@@ -384,9 +383,7 @@ impl Stream {
                     .unwrap_or_else(|| DecodeDevice::for_backend(opts.backend, &opts.device_ids));
                 let mut px = Pixels::start(decoder, device, &opts, sink)?;
                 // Finished blocks stay on the device when the decoder is the DiT's neighbour.
-                px.handoff = (opts.backend == BackendKind::Cuda
-                    && device == DecodeDevice::cuda_beside(&opts.device_ids))
-                .then_some(sopts.host_latents);
+                px.handoff = device.beside_dit(&opts).then_some(sopts.host_latents);
                 Output::Pixels(px)
             }
         };
@@ -626,11 +623,7 @@ impl Worker {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push_back(block(o, b));
-            let pushed = match b.device {
-                Some(d) => px.decoder.push_device(d.clone()),
-                None => px.decoder.push(b.latents, b.frames),
-            };
-            match pushed {
+            match px.decoder.push_block(b) {
                 Ok(()) => true,
                 Err(e) => {
                     decode_err = Some(e);

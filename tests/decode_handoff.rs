@@ -81,11 +81,7 @@ fn run(engine: &Engine, decoder: &Arc<Decoder>, handoff: Option<bool>, blocks: u
     gen.run(blocks, |b| {
         latents.push(b.latents.to_vec());
         on_device.push(b.device.is_some());
-        let pushed = match b.device {
-            Some(d) => bg.push_device(d.clone()),
-            None => bg.push(b.latents, b.frames),
-        };
-        pushed.map_err(|e| err = Some(e)).is_ok()
+        bg.push_block(b).map_err(|e| err = Some(e)).is_ok()
     })
     .expect("run");
     assert!(err.is_none(), "{err:?}");

@@ -219,6 +219,15 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
         self.send(Block::Device(latents))
     }
 
+    /// Queues a finished block: where it is on the device when it was handed off there
+    /// ([`push_device`](Self::push_device)), else its host latents ([`push`](Self::push)).
+    pub fn push_block(&mut self, b: &crate::executor::FinishedBlock) -> Result<()> {
+        match b.device {
+            Some(d) => self.push_device(d.clone()),
+            None => self.push(b.latents, b.frames),
+        }
+    }
+
     fn send(&mut self, block: Block) -> Result<()> {
         let sent = match &self.tx {
             Some(tx) => tx.send(block).is_ok(),

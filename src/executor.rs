@@ -43,7 +43,10 @@ pub struct FinishedBlock<'a> {
     /// handed off on the device without its latents ([`Generator::hand_off_on_device`]).
     pub latents: &'a [f32],
     /// The block's latents on the DiT's device, when handed off there
-    /// ([`Generator::hand_off_on_device`]): clone it to keep the slot for a decoder there.
+    /// ([`Generator::hand_off_on_device`]): clone it to keep the slot for a decoder there. The
+    /// run waits for every clone to be dropped before it writes the slot again (and before it
+    /// returns): a clone must be dropped by another thread (the decode thread), or before the
+    /// next blocks are needed, or the run stalls.
     pub device: Option<&'a DeviceLatents>,
     /// Time since the run started.
     pub since_start: Duration,

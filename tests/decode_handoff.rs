@@ -6,7 +6,7 @@
 
 use blockcascade::backend::cuda::device::host_traffic;
 use blockcascade::backend::cuda::{handoff_waits, set_session_options, CudaOptions};
-use blockcascade::config::BackendKind;
+use blockcascade::config::{BackendKind, Schedule};
 use blockcascade::decode::{hold_device_decodes, BackgroundDecoder, DecodeDevice, Decoder};
 use blockcascade::executor::Generator;
 use blockcascade::{Engine, GenerateOptions, NoiseSource, PromptEmbeds, Stream, StreamOptions};
@@ -43,6 +43,15 @@ fn options() -> GenerateOptions {
     }
 }
 
+/// A cascade (lag 1, several blocks in flight) with its context passes apart.
+fn cascade() -> GenerateOptions {
+    GenerateOptions {
+        schedule: Schedule::Cascade { lag: 1 },
+        separate_context_pass: true,
+        ..options()
+    }
+}
+
 /// What one run gave: each block's host latents, whether it came with device latents, the
 /// RGB8 frames, and the bytes downloaded from every device during the run and its decode.
 struct Run {
@@ -55,9 +64,20 @@ struct Run {
 /// `blocks` blocks of the tiny model on the emulated CUDA backend, decoded on the emulated
 /// device by a decode thread; `handoff`: [`Generator::hand_off_on_device`]`(host_latents)`.
 fn run(engine: &Engine, decoder: &Arc<Decoder>, handoff: Option<bool>, blocks: usize) -> Run {
+    run_with(engine, decoder, options(), handoff, blocks)
+}
+
+/// [`run`] with options `o`.
+fn run_with(
+    engine: &Engine,
+    decoder: &Arc<Decoder>,
+    o: GenerateOptions,
+    handoff: Option<bool>,
+    blocks: usize,
+) -> Run {
     let prompt = PromptEmbeds::builtin(engine.config(), 2);
-    let mut gen = Generator::new(engine.model(), options(), NoiseSource::Seeded(7), &prompt)
-        .expect("generator");
+    let mut gen =
+        Generator::new(engine.model(), o, NoiseSource::Seeded(7), &prompt).expect("generator");
     if let Some(host) = handoff {
         gen.hand_off_on_device(host);
     }
@@ -148,6 +168,15 @@ fn finished_blocks_go_to_the_decoder_on_the_device() {
     release.join().unwrap();
     assert!(handoff_waits() > w0, "the DiT never waited for the decoder");
     assert!(slow.rgb == host.rgb, "a slot was reused before its decode");
+
+    // A cascade: several blocks in flight, context passes apart; the same frames.
+    let host = run_with(&engine, &decoder, cascade(), None, 3);
+    let dev = run_with(&engine, &decoder, cascade(), Some(false), 3);
+    assert!(dev.on_device.iter().all(|&d| d));
+    assert!(
+        dev.rgb == host.rgb,
+        "device hand-off changed the cascade's frames"
+    );
     set_session_options(None);
 }
 

@@ -68,6 +68,7 @@ fn direct(cfg: &ServeConfig, blocks: usize, rep: usize) -> Result<Run> {
             target_fps: 0.0,
             decoder: Some(decoder),
             decoder_device: None,
+            host_latents: true,
             text_encoder: Some(text),
         },
     )?;

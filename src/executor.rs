@@ -15,6 +15,7 @@
 //! noise, read for its shape only.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::DeviceLatents;
 use crate::backend::{Backend, FlowStep};
 use crate::cascade::{Plan, PlannedMember, Role};
 use crate::config::BackendKind;
@@ -38,8 +39,15 @@ pub struct FinishedBlock<'a> {
     pub first_frame: usize,
     /// Latent frames in the block.
     pub frames: usize,
-    /// Latents `[frames, 16, H, W]`, valid during the callback.
+    /// Latents `[frames, 16, H, W]`, valid during the callback. Empty when the block was
+    /// handed off on the device without its latents ([`Generator::hand_off_on_device`]).
     pub latents: &'a [f32],
+    /// The block's latents on the DiT's device, when handed off there
+    /// ([`Generator::hand_off_on_device`]): clone it to keep the slot for a decoder there. The
+    /// run waits for every clone to be dropped before it writes the slot again (and before it
+    /// returns): a clone must be dropped by another thread (the decode thread), or before the
+    /// next blocks are needed, or the run stalls.
+    pub device: Option<&'a DeviceLatents>,
     /// Time since the run started.
     pub since_start: Duration,
     /// Time since the previous block (or the start, for block 0).
@@ -244,6 +252,9 @@ pub struct Generator<'m> {
     noise: NoiseSource,
     /// (first block, prompt), sorted, first entry at block 0.
     prompts: Vec<(usize, Arc<PromptContext>)>,
+    /// Hand finished blocks off on the device (`Some(download)`), see
+    /// [`Generator::hand_off_on_device`].
+    handoff: Option<bool>,
 }
 
 impl<'m> Generator<'m> {
@@ -266,7 +277,18 @@ impl<'m> Generator<'m> {
             steps,
             noise,
             prompts: vec![(0, ctx)],
+            handoff: None,
         })
+    }
+
+    /// For a decoder on the DiT's device: when the backend keeps the latents on one CUDA
+    /// device, each finished block comes with [`FinishedBlock::device`] (its latents where
+    /// they are, held until every clone is dropped), and its latents are downloaded only when
+    /// `host_latents` (otherwise [`FinishedBlock::latents`] is empty, and the check for
+    /// non-finite latents is left to whoever reads them). `--recache window` keeps the clean
+    /// latents on the host, so it downloads them anyway. Other backends: no effect.
+    pub fn hand_off_on_device(&mut self, host_latents: bool) {
+        self.handoff = Some(host_latents);
     }
 
     /// The options.
@@ -368,6 +390,9 @@ impl<'m> Generator<'m> {
         let frames = (!live).then(|| plan.blocks.saturating_mul(bf));
         let mut backend = self.backend(frames)?;
         let resident = backend.keeps_latents();
+        if let (true, Some(host)) = (resident, self.handoff) {
+            backend.hand_off_finals(host || self.opts.recache == Recache::Window);
+        }
         let mut st = RunState::new(if live { 0 } else { plan.ticks() }, self.prompts.clone());
         for tau in 0..plan.ticks() {
             let planned = plan.members(tau);
@@ -676,11 +701,24 @@ impl<'m> Generator<'m> {
                     if s + 1 < s_count {
                         continue; // stepped and renoised on the backend
                     }
-                    st.state.remove(&m.block);
+                    let start = st.state.remove(&m.block);
                     let x = v.ok_or_else(|| {
                         Error::Internal(format!("block {} came back without latents", m.block))
                     })?;
-                    self.finish_block(st, backend, m.block, x, blocks, on_block)?;
+                    let dev = backend.take_handed(m.block);
+                    if x.is_empty() {
+                        // Handed off without a download: its initial noise gives the shape of
+                        // its context pass (which reads the device copy).
+                        let start = start.ok_or_else(|| {
+                            Error::Internal(format!("block {} has no state", m.block))
+                        })?;
+                        self.emit(st, backend, m.block, &[], dev.as_ref(), on_block)?;
+                        if m.block + 1 < blocks {
+                            st.finals.insert(m.block, start);
+                        }
+                    } else {
+                        self.finish_block(st, backend, m.block, (x, dev), blocks, on_block)?;
+                    }
                     if m.block + 1 >= blocks {
                         backend.release_latents(m.block);
                     }
@@ -704,7 +742,7 @@ impl<'m> Generator<'m> {
                         st.state.insert(m.block, x);
                     } else {
                         crate::backend::cpu::ops::flow_step(&mut x, &v, self.steps.sigmas[s], None);
-                        self.finish_block(st, backend, m.block, x, blocks, on_block)?;
+                        self.finish_block(st, backend, m.block, (x, None), blocks, on_block)?;
                     }
                 }
             }
@@ -762,13 +800,14 @@ impl<'m> Generator<'m> {
         self.opts.separate_context_pass && n > 1 && first_is_context
     }
 
-    /// A block's final latents `x`: checked, handed to `on_block`, kept for its context pass.
+    /// A block's final latents `x` (and its device copy, when handed off): checked, handed to
+    /// `on_block`, kept for its context pass.
     fn finish_block(
         &self,
         st: &mut RunState,
         backend: &mut dyn Backend,
         block: usize,
-        x: Vec<f32>,
+        (x, dev): (Vec<f32>, Option<DeviceLatents>),
         blocks: usize,
         on_block: &mut impl FnMut(&FinishedBlock) -> bool,
     ) -> Result<()> {
@@ -779,7 +818,7 @@ impl<'m> Generator<'m> {
                  prompt embeddings are out of range (values overflow to inf/NaN)"
             )));
         }
-        self.emit(st, backend, block, &x, on_block)?;
+        self.emit(st, backend, block, &x, dev.as_ref(), on_block)?;
         if block + 1 < blocks {
             st.finals.insert(block, x);
         }
@@ -793,6 +832,7 @@ impl<'m> Generator<'m> {
         backend: &dyn Backend,
         block: usize,
         x: &[f32],
+        device: Option<&DeviceLatents>,
         on_block: &mut impl FnMut(&FinishedBlock) -> bool,
     ) -> Result<()> {
         let bf = self.opts.block_frames;
@@ -810,6 +850,7 @@ impl<'m> Generator<'m> {
             first_frame: block * bf,
             frames: bf,
             latents: x,
+            device,
             since_start: now - st.start,
             block_time: now - st.last_done,
             cache_bytes: backend.cache_bytes(),

@@ -56,6 +56,12 @@ pub struct StreamOptions {
     /// stream, only RGB8 coming back to the host); [`DecodeDevice::Cpu`] keeps the GPU's memory
     /// for the DiT.
     pub decoder_device: Option<DecodeDevice>,
+    /// Whether [`StreamBlock::latents`] are wanted with the pixels (default `true`). With
+    /// `false`, when the decoder runs on the DiT's CUDA device (one device, device latents),
+    /// finished blocks go from the DiT to the decoder on the device and never cross to the
+    /// host: [`StreamBlock::latents`] is then empty. Without a decoder, or with the decoder
+    /// elsewhere, the latents are handed out anyway.
+    pub host_latents: bool,
     /// Encodes the text of [`StreamControl::switch_prompt_text`]. `None`: text switches are an
     /// [`Error::InvalidArgument`].
     pub text_encoder: Option<Arc<TextEncoder>>,
@@ -68,6 +74,7 @@ impl std::fmt::Debug for StreamOptions {
             .field("target_fps", &self.target_fps)
             .field("decoder", &self.decoder.as_ref().map(|d| d.kind()))
             .field("decoder_device", &self.decoder_device)
+            .field("host_latents", &self.host_latents)
             .field("text_encoder", &self.text_encoder)
             .finish()
     }
@@ -80,6 +87,7 @@ impl Default for StreamOptions {
             target_fps: 0.0,
             decoder: None,
             decoder_device: None,
+            host_latents: true,
             text_encoder: None,
         }
     }
@@ -375,7 +383,10 @@ impl Stream {
                 let device = sopts
                     .decoder_device
                     .unwrap_or_else(|| DecodeDevice::for_backend(opts.backend, &opts.device_ids));
-                Output::Pixels(Pixels::start(decoder, device, &opts, sink)?)
+                let mut px = Pixels::start(decoder, device, &opts, sink)?;
+                // Finished blocks stay on the device when the decoder is the DiT's neighbour.
+                px.handoff = device.beside_dit(&opts).then_some(sopts.host_latents);
+                Output::Pixels(px)
             }
         };
         let job = Worker {
@@ -509,6 +520,9 @@ impl Drop for Stream {
 struct Pixels {
     decoder: BackgroundDecoder<Sink>,
     pending: Arc<Mutex<VecDeque<StreamBlock>>>,
+    /// The decoder is on the DiT's device: hand finished blocks off there
+    /// (`Some(host_latents)`, [`Generator::hand_off_on_device`]).
+    handoff: Option<bool>,
 }
 
 impl Pixels {
@@ -547,7 +561,11 @@ impl Pixels {
                 }
             },
         )?;
-        Ok(Pixels { decoder, pending })
+        Ok(Pixels {
+            decoder,
+            pending,
+            handoff: None,
+        })
     }
 }
 
@@ -586,7 +604,7 @@ impl Worker {
 
     fn generate(self) -> Result<()> {
         let o = &self.opts;
-        let gen = Generator::new(&self.model, o.clone(), self.noise.clone(), &self.prompt)?;
+        let mut gen = Generator::new(&self.model, o.clone(), self.noise.clone(), &self.prompt)?;
         let mut px = match self.output {
             Output::Latents(mut sink) => {
                 gen.run_live(&self.shared.mailbox, |b| {
@@ -597,6 +615,9 @@ impl Worker {
             }
             Output::Pixels(px) => px,
         };
+        if let Some(host_latents) = px.handoff {
+            gen.hand_off_on_device(host_latents);
+        }
         let mut decode_err = None;
         let run = gen.run_live(&self.shared.mailbox, |b| {
             count(&self.shared);
@@ -604,7 +625,7 @@ impl Worker {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push_back(block(o, b));
-            match px.decoder.push(b.latents, b.frames) {
+            match px.decoder.push_block(b) {
                 Ok(()) => true,
                 Err(e) => {
                     decode_err = Some(e);

@@ -77,6 +77,20 @@ pub trait Backend {
     /// Forgets the latents held for `block` (after its context pass, or when it is final and
     /// no context pass follows).
     fn release_latents(&mut self, _block: usize) {}
+
+    /// For a decoder on this backend's device: from now on, blocks that become final in
+    /// [`Backend::step_resident`] are also held for [`Backend::take_handed`], and downloaded
+    /// only when `download` (otherwise `step_resident` returns them empty). Returns whether
+    /// the backend does this (one CUDA device with device latents); the default: no.
+    fn hand_off_finals(&mut self, _download: bool) -> bool {
+        false
+    }
+
+    /// The device latents of `block`, final in the last [`Backend::step_resident`], when
+    /// [`Backend::hand_off_finals`] is on.
+    fn take_handed(&mut self, _block: usize) -> Option<cuda::DeviceLatents> {
+        None
+    }
 }
 
 /// Opens the CUDA backend for `model` with `opts` (see [`cuda`]; a clean error when the

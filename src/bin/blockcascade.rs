@@ -685,13 +685,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
         ));
     }
     // The decoder and the video file are checked before the model is loaded.
+    let device = decode_device(a.decoder_device, opts.backend, &opts.device_ids);
     let mut pixels = match &a.video {
         Some(path) => Some(start_video(
             &a.video_opts,
             true,
             path,
             (opts.height, opts.width),
-            decode_device(a.decoder_device, opts.backend, &opts.device_ids),
+            device,
         )?),
         None => None,
     };
@@ -731,6 +732,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let mut gen = Generator::new(engine.model(), opts.clone(), noise.clone(), &prompt)?;
     gen.set_prompt_schedule(&switches)?;
+    if pixels.is_some() && device.beside_dit(&opts) {
+        // The decoder reads each block where the DiT left it (the latents still come back
+        // for the output file).
+        gen.hand_off_on_device(true);
+    }
     let progress = !a.quiet;
     let tty = std::io::stderr().is_terminal();
     let mut latents = Vec::new();
@@ -738,7 +744,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let report = gen.run(blocks, |b| {
         latents.extend_from_slice(b.latents);
         if let Some(p) = pixels.as_mut() {
-            if let Err(e) = p.push(b.latents, b.frames) {
+            if let Err(e) = p.push_block(b) {
                 decode_err = Some(e);
                 return false;
             }

@@ -8,17 +8,51 @@
 
 use super::device::no_room;
 use super::{DecodeDevice, Decoder, DeviceFrames, Video};
+use crate::backend::cuda::DeviceLatents;
 use crate::{Error, Result};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 /// Blocks of latents that may wait for the decoder before `push` blocks.
 pub const QUEUE_BLOCKS: usize = 2;
 
+/// A block waiting for the decode thread: latents on the host (copied), or where the DiT left
+/// them on the device.
+enum Block {
+    Host(Vec<f32>, usize),
+    Device(DeviceLatents),
+}
+
+/// Test hook: while set, device decode threads hold each block of device latents before
+/// decoding it, so that a test can make the decoder slower than the DiT.
+static HOLD: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+/// Makes every decode thread hold each block of device latents, undecoded (its memory still
+/// lent), until called again with `false`: for tests that check a slow decoder keeps the DiT
+/// from reusing that memory. Process-wide.
+#[doc(hidden)]
+pub fn hold_device_decodes(on: bool) {
+    *HOLD.0.lock().unwrap_or_else(|e| e.into_inner()) = on;
+    HOLD.1.notify_all();
+}
+
+/// Waits while [`hold_device_decodes`] is on.
+fn held() {
+    let mut on = HOLD.0.lock().unwrap_or_else(|e| e.into_inner());
+    while *on {
+        on = HOLD.1.wait(on).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// The error of device latents sent to a decoder that is not on a device.
+fn not_on_device() -> Error {
+    Error::invalid("device latents need the decoder on the DiT's device (this one runs on the CPU)")
+}
+
 /// A decoder running on its own thread, feeding each block's frames to a consumer `S`.
 pub struct BackgroundDecoder<S: Send + 'static> {
-    tx: Option<SyncSender<(Vec<f32>, usize)>>,
+    tx: Option<SyncSender<Block>>,
     worker: Option<JoinHandle<Result<S>>>,
 }
 
@@ -42,7 +76,10 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
         Self::start(move |rx| {
             let mut state = state;
             let mut stream = decoder.stream(latent_h, latent_w)?;
-            for (latents, frames) in rx {
+            for block in rx {
+                let Block::Host(latents, frames) = block else {
+                    return Err(not_on_device());
+                };
                 let video = stream.push(&latents, frames)?;
                 on_frames(&mut state, &video)?;
             }
@@ -88,17 +125,31 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
                     dev.begin(latent_h, latent_w)
                         .map_err(|e| no_room(e, &what))?;
                     ready();
-                    for (latents, frames) in rx {
-                        let out = dev
-                            .push(&latents, frames, want_f32)
-                            .map_err(|e| no_room(e, &what))?;
-                        on_frames(&mut state, out)?;
+                    for block in rx {
+                        let out = match block {
+                            Block::Host(latents, frames) => dev.push(&latents, frames, want_f32),
+                            Block::Device(d) => {
+                                held();
+                                // SAFETY: `d` holds its slot (the DiT writes it again only
+                                // once `d` is dropped, after this call) on the DiT's device,
+                                // which `push_device`'s caller made this decoder's
+                                // (`push_device` below); `ready` orders the read after the
+                                // block's last flow step.
+                                unsafe {
+                                    dev.push_device(d.ptr(), d.frames(), Some(d.ready()), want_f32)
+                                }
+                            }
+                        };
+                        on_frames(&mut state, out.map_err(|e| no_room(e, &what))?)?;
                     }
                 }
                 None => {
                     let mut stream = decoder.stream(latent_h, latent_w)?;
                     ready();
-                    for (latents, frames) in rx {
+                    for block in rx {
+                        let Block::Host(latents, frames) = block else {
+                            return Err(not_on_device());
+                        };
                         let v = stream.push(&latents, frames)?;
                         let out = DeviceFrames {
                             frames: v.frames,
@@ -118,9 +169,9 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
     /// Starts the thread running `work` over the queue.
     fn start<W>(work: W) -> Result<Self>
     where
-        W: FnOnce(Receiver<(Vec<f32>, usize)>) -> Result<S> + Send + 'static,
+        W: FnOnce(Receiver<Block>) -> Result<S> + Send + 'static,
     {
-        let (tx, rx) = sync_channel::<(Vec<f32>, usize)>(QUEUE_BLOCKS);
+        let (tx, rx) = sync_channel::<Block>(QUEUE_BLOCKS);
         let worker = std::thread::Builder::new()
             .name("bc-decode".into())
             .spawn(move || work(rx))
@@ -135,7 +186,7 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
     /// error before that is returned here.
     fn start_ready<W>(work: W) -> Result<Self>
     where
-        W: FnOnce(Receiver<(Vec<f32>, usize)>, &dyn Fn()) -> Result<S> + Send + 'static,
+        W: FnOnce(Receiver<Block>, &dyn Fn()) -> Result<S> + Send + 'static,
     {
         let (ready_tx, ready_rx) = sync_channel::<()>(1);
         let mut bg = Self::start(move |rx| {
@@ -157,8 +208,32 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
     /// Queues one block of latent frames (copied). Waits while [`QUEUE_BLOCKS`] blocks are
     /// already queued. If the decoder has stopped on an error, returns that error.
     pub fn push(&mut self, latents: &[f32], frames: usize) -> Result<()> {
+        self.send(Block::Host(latents.to_vec(), frames))
+    }
+
+    /// Queues one block of latents that stay on the DiT's device (a finished block handed off,
+    /// [`crate::executor::FinishedBlock::device`]): the thread decodes them in place, after the
+    /// block's last flow step, and drops `latents` (letting the DiT reuse the memory) once the
+    /// decode no longer reads them. Waits as [`push`](Self::push) does. The decoder must run
+    /// on the DiT's device ([`BackgroundDecoder::spawn_on`] with the
+    /// [`DecodeDevice::cuda_beside`] of the DiT's devices); a decoder on the CPU stops with an
+    /// [`Error::InvalidArgument`].
+    pub fn push_device(&mut self, latents: DeviceLatents) -> Result<()> {
+        self.send(Block::Device(latents))
+    }
+
+    /// Queues a finished block: where it is on the device when it was handed off there
+    /// ([`push_device`](Self::push_device)), else its host latents ([`push`](Self::push)).
+    pub fn push_block(&mut self, b: &crate::executor::FinishedBlock) -> Result<()> {
+        match b.device {
+            Some(d) => self.push_device(d.clone()),
+            None => self.push(b.latents, b.frames),
+        }
+    }
+
+    fn send(&mut self, block: Block) -> Result<()> {
         let sent = match &self.tx {
-            Some(tx) => tx.send((latents.to_vec(), frames)).is_ok(),
+            Some(tx) => tx.send(block).is_ok(),
             None => false,
         };
         if sent {

@@ -145,6 +145,14 @@ impl DecodeDevice {
         }
     }
 
+    /// Whether this is the device a generation with `o` runs its DiT on (the CUDA backend on
+    /// one device, the decoder on its first GPU, both emulated or neither): finished blocks can
+    /// then go to the decoder without crossing to the host
+    /// ([`crate::executor::Generator::hand_off_on_device`]).
+    pub fn beside_dit(self, o: &crate::GenerateOptions) -> bool {
+        o.backend == BackendKind::Cuda && self == Self::cuda_beside(&o.device_ids)
+    }
+
     /// Parses a device name as the CLI, the C ABI and the server take it: `cpu`, or `cuda`
     /// (the GPU of [`DecodeDevice::cuda_beside`]`(device_ids)`).
     pub fn parse(s: &str, device_ids: &[usize]) -> Result<Self> {

@@ -803,11 +803,15 @@ pub unsafe extern "C" fn bc_session_generate(
                 Some(f) => Some(spawn_frames(f, sess.decoder_device, o.height, o.width)?),
                 None => None,
             };
+            if pixels.is_some() && sess.decoder_device.beside_dit(o) {
+                // The decoder reads each block on the device; the callback still gets latents.
+                gen.hand_off_on_device(true);
+            }
             let mut decode_err = None;
             let mut stopped_at = None;
             let result = gen.run(blocks, |b| {
                 if let Some(p) = pixels.as_mut() {
-                    if let Err(e) = p.push(b.latents, b.frames) {
+                    if let Err(e) = p.push_block(b) {
                         decode_err = Some(e);
                         return false;
                     }

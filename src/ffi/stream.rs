@@ -113,6 +113,7 @@ pub unsafe extern "C" fn bc_stream_open(
                 (true, None) => Some(sess.decoders.get(None)?),
             };
             let sopts = StreamOptions {
+                host_latents: true,
                 queue_blocks: o.queue_blocks as usize,
                 target_fps: o.target_fps,
                 decoder,

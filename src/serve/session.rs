@@ -182,6 +182,8 @@ async fn act(
 fn open(shared: &Arc<Shared>, prompt: &str, seed: u64, slot: Slot) -> Result<Live> {
     let embeds = shared.text.prompt_embeds(prompt, shared.engine.config())?;
     let sopts = StreamOptions {
+        // Clients get frames only: with the decoder beside the DiT, no latents come to the host.
+        host_latents: false,
         queue_blocks: shared.queue_blocks,
         target_fps: shared.fps,
         decoder: Some(shared.decoder.clone()),

@@ -60,7 +60,7 @@ pub use graphs::{graph_capture_failures, ShapeKey};
 pub use joint::MultiCudaBackend;
 use options::OVERRIDE;
 pub use options::{set_session_options, CudaOptions};
-pub use resident::{device_flow_steps, latent_moves};
+pub use resident::{device_flow_steps, handoff_waits, latent_moves, DeviceLatents};
 pub use single::CudaBackend;
 pub use time_table::time_table_uploads;
 pub use weight_cache::{cached_weight_sets, evict_model, weight_uploads};

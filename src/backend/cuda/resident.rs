@@ -13,16 +13,25 @@
 //! slot to slot ([`move_held`], a peer copy ordered with both compute streams), and each
 //! device steps its own members.
 //!
+//! Handed off ([`CudaBackend::hand_off`], for a decoder on the same device): a finished block
+//! is not downloaded unless its latents are wanted; [`DeviceLatents`] (the slot's pointer and a
+//! mark after the block's last flow step) goes to the decoder instead, and the slot is not
+//! written again until every clone of it is dropped (the decoder has read it): a slot whose
+//! block was handed off waits for that before it is reused, and the backend waits for all of
+//! them before its buffers are freed.
+//!
 //! [`Backend::keeps_latents`]: crate::backend::Backend::keeps_latents
 
-use super::device::DevPtr;
+use super::device::{DevPtr, Mark};
 use super::ops::{self, NULL};
 use super::tables::Shape;
 use super::CudaBackend;
 use crate::backend::FlowStep;
 use crate::model::{Member, CHANNELS};
 use crate::{Error, Result};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 static DEVICE_FLOW_STEPS: AtomicUsize = AtomicUsize::new(0);
 static LATENT_MOVES: AtomicUsize = AtomicUsize::new(0);
@@ -85,14 +94,111 @@ pub(super) fn move_held(
     Ok(())
 }
 
+/// A finished block's latents left where they are on the device, for a decoder there
+/// ([`crate::decode::BackgroundDecoder::push_device`]): `[frames][16][h][w]` f32 at
+/// [`DeviceLatents::ptr`], complete once [`DeviceLatents::ready`] is reached. The slot holding
+/// them is not written again until this value and all its clones are dropped: drop it once the
+/// decode no longer reads them.
+#[derive(Clone)]
+pub struct DeviceLatents(Arc<Handed>);
+
+struct Handed {
+    ptr: DevPtr,
+    frames: usize,
+    ready: Arc<SharedMark>,
+    lease: Arc<Lease>,
+}
+
+/// A mark shared by the blocks that became final in one step.
+struct SharedMark(Mark);
+
+// SAFETY: a mark is only waited on (stream waits, from any thread of the process: the driver's
+// events are not tied to a thread) and destroyed once, by the last owner.
+unsafe impl Send for SharedMark {}
+// SAFETY: as above; shared access only waits on it.
+unsafe impl Sync for SharedMark {}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        self.lease.end();
+    }
+}
+
+impl DeviceLatents {
+    /// The device address of the latents (in the DiT's context).
+    pub fn ptr(&self) -> DevPtr {
+        self.0.ptr
+    }
+
+    /// Latent frames at [`DeviceLatents::ptr`].
+    pub fn frames(&self) -> usize {
+        self.0.frames
+    }
+
+    /// The mark on the DiT's compute stream after which the latents are complete: a reader on
+    /// another stream waits for it first ([`super::device::Gpu::compute_wait`]).
+    pub fn ready(&self) -> &Mark {
+        &self.0.ready.0
+    }
+}
+
+impl std::fmt::Debug for DeviceLatents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceLatents")
+            .field("ptr", &self.0.ptr)
+            .field("frames", &self.0.frames)
+            .finish()
+    }
+}
+
+/// Whether the readers of a handed-off slot are done.
+#[derive(Default)]
+struct Lease {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Lease {
+    fn end(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    fn is_done(&self) -> bool {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait(&self) {
+        let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*d {
+            d = self.cv.wait(d).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Waits for the reader of a handed-off slot ([`handoff_waits`]).
+static LEASE_WAITS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times a backend waited for a decoder to finish reading a handed-off block before
+/// reusing its slot (in this process): lets tests check that a slow decoder holds the slot.
+pub fn handoff_waits() -> usize {
+    LEASE_WAITS.load(Ordering::Relaxed)
+}
+
 /// The latent slots: which block holds which, and the free ones.
 pub(super) struct Resident {
     /// Block -> its latents on the device (`block_frames` frames).
-    slots: std::collections::HashMap<usize, DevPtr>,
+    slots: HashMap<usize, DevPtr>,
     /// Free slots (of the run's `lat_slots` buffer, one per window member).
     pool: Vec<DevPtr>,
     /// The members of the last resident forward: (block, first frame, frames).
     last: Option<Vec<(usize, usize, usize)>>,
+    /// Hand finished blocks off on the device (`Some(download)`: also download them).
+    handoff: Option<bool>,
+    /// Finished blocks handed off and not yet taken by the executor.
+    handed: HashMap<usize, DeviceLatents>,
+    /// Slots handed off whose readers may not be done.
+    lent: HashMap<DevPtr, Arc<Lease>>,
 }
 
 impl Resident {
@@ -105,6 +211,20 @@ impl Resident {
                 .map(|i| base + (i * bytes) as u64)
                 .collect(),
             last: None,
+            handoff: None,
+            handed: HashMap::new(),
+            lent: HashMap::new(),
+        }
+    }
+
+    /// Waits until no reader of a handed-off slot is left (before the slots are freed).
+    pub(super) fn wait_lent(&mut self) {
+        self.handed.clear();
+        for (_, l) in self.lent.drain() {
+            if !l.is_done() {
+                LEASE_WAITS.fetch_add(1, Ordering::Relaxed);
+                l.wait();
+            }
         }
     }
 }
@@ -161,11 +281,36 @@ impl CudaBackend<'_> {
                 "a member of {values} latent values is larger than a block ({cap})"
             )));
         }
-        self.res.pool.pop().ok_or_else(|| {
-            Error::Internal(
-                "more blocks in flight than latent slots (one per window member)".into(),
-            )
-        })
+        // A slot no decoder reads if there is one, else the next one, once its reader is done.
+        let pool = &mut self.res.pool;
+        let lent = &mut self.res.lent;
+        lent.retain(|_, l| !l.is_done());
+        let at = pool
+            .iter()
+            .rposition(|s| !lent.contains_key(s))
+            .or_else(|| pool.len().checked_sub(1))
+            .ok_or_else(|| {
+                Error::Internal(
+                    "more blocks in flight than latent slots (one per window member)".into(),
+                )
+            })?;
+        let slot = pool.remove(at);
+        if let Some(l) = lent.remove(&slot) {
+            LEASE_WAITS.fetch_add(1, Ordering::Relaxed);
+            l.wait();
+        }
+        Ok(slot)
+    }
+
+    /// From now on, finished blocks are handed off on the device ([`Self::take_handed`]) and
+    /// downloaded only when `download` (their latents are wanted on the host too).
+    pub(super) fn hand_off(&mut self, download: bool) {
+        self.res.handoff = Some(download);
+    }
+
+    /// The device latents of `block`, finished and handed off by the last [`Self::step_held`].
+    pub(super) fn take_handed(&mut self, block: usize) -> Option<DeviceLatents> {
+        self.res.handed.remove(&block)
     }
 
     /// One forward over `members` from their held latents (`blocks[i]`), flows left in `flow`.
@@ -251,7 +396,26 @@ impl CudaBackend<'_> {
                 finals.push((i, slot, n));
             }
         }
-        for &(i, slot, n) in &finals {
+        let download = match self.res.handoff {
+            Some(download) if !finals.is_empty() => {
+                let ready = Arc::new(SharedMark(self.gpu.mark_compute()?));
+                for &(i, slot, n) in &finals {
+                    let lease = Arc::new(Lease::default());
+                    self.res.lent.insert(slot, lease.clone());
+                    let handed = DeviceLatents(Arc::new(Handed {
+                        ptr: slot,
+                        frames: n,
+                        ready: ready.clone(),
+                        lease,
+                    }));
+                    self.res.handed.insert(last[i].0, handed);
+                    out[i] = Some(Vec::new());
+                }
+                download
+            }
+            _ => true,
+        };
+        for &(i, slot, n) in finals.iter().filter(|_| download) {
             let mut x = vec![0f32; n * flen];
             self.gpu.download(&mut x, slot)?;
             out[i] = Some(x);

@@ -451,12 +451,25 @@ impl Backend for CudaBackend<'_> {
     fn release_latents(&mut self, block: usize) {
         self.release_held(block)
     }
+
+    fn hand_off_finals(&mut self, download: bool) -> bool {
+        if self.copts.device_latents {
+            self.hand_off(download);
+        }
+        self.copts.device_latents
+    }
+
+    fn take_handed(&mut self, block: usize) -> Option<super::DeviceLatents> {
+        self.take_handed(block)
+    }
 }
 
 impl Drop for CudaBackend<'_> {
     fn drop(&mut self) {
         // SAFETY: `self.gpu` is taken once, here, and not used afterwards.
         let mut gpu = unsafe { ManuallyDrop::take(&mut self.gpu) };
+        // A decoder may still read finished blocks handed off from the latent slots.
+        self.res.wait_lent();
         let _ = gpu.bind();
         // Graphs belong to the run: they go before the buffers they captured (and before the
         // context).

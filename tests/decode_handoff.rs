@@ -1,0 +1,211 @@
+//! Finished blocks handed from the DiT to a decoder on the same (emulated) device: the frames
+//! are bit for bit those of the latents downloaded and pushed from the host, the latents cross
+//! to the host only when they are wanted, and a decoder slower than the DiT keeps the block's
+//! slot from being reused until it has read it. Small shapes: the built-in tiny model and
+//! decoder.
+
+use blockcascade::backend::cuda::device::host_traffic;
+use blockcascade::backend::cuda::{handoff_waits, set_session_options, CudaOptions};
+use blockcascade::config::{BackendKind, Schedule};
+use blockcascade::decode::{hold_device_decodes, BackgroundDecoder, DecodeDevice, Decoder};
+use blockcascade::executor::Generator;
+use blockcascade::{Engine, GenerateOptions, NoiseSource, PromptEmbeds, Stream, StreamOptions};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Latent size (the tiny TAEHV makes it 32x32 pixels).
+const H: usize = 4;
+const W: usize = 4;
+/// Bytes of one block's latents (3 frames).
+const BLOCK_BYTES: usize = 3 * 16 * H * W * 4;
+
+/// The CUDA options and the counters are process-wide: one test at a time.
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// Takes the lock, puts the CUDA backend on the emulated device; the tiny engine and decoder.
+fn emulated() -> (MutexGuard<'static, ()>, Engine, Arc<Decoder>) {
+    let l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    set_session_options(Some(CudaOptions {
+        emulate: true,
+        ..CudaOptions::default()
+    }));
+    let engine = Engine::open(None).unwrap();
+    (l, engine, Arc::new(Decoder::tiny_taehv(0)))
+}
+
+fn options() -> GenerateOptions {
+    GenerateOptions {
+        height: H,
+        width: W,
+        local_attn: Some(6),
+        backend: BackendKind::Cuda,
+        ..Default::default()
+    }
+}
+
+/// A cascade (lag 1, several blocks in flight) with its context passes apart.
+fn cascade() -> GenerateOptions {
+    GenerateOptions {
+        schedule: Schedule::Cascade { lag: 1 },
+        separate_context_pass: true,
+        ..options()
+    }
+}
+
+/// What one run gave: each block's host latents, whether it came with device latents, the
+/// RGB8 frames, and the bytes downloaded from every device during the run and its decode.
+struct Run {
+    latents: Vec<Vec<f32>>,
+    on_device: Vec<bool>,
+    rgb: Vec<u8>,
+    downloaded: usize,
+}
+
+/// `blocks` blocks of the tiny model on the emulated CUDA backend, decoded on the emulated
+/// device by a decode thread; `handoff`: [`Generator::hand_off_on_device`]`(host_latents)`.
+fn run(engine: &Engine, decoder: &Arc<Decoder>, handoff: Option<bool>, blocks: usize) -> Run {
+    run_with(engine, decoder, options(), handoff, blocks)
+}
+
+/// [`run`] with options `o`.
+fn run_with(
+    engine: &Engine,
+    decoder: &Arc<Decoder>,
+    o: GenerateOptions,
+    handoff: Option<bool>,
+    blocks: usize,
+) -> Run {
+    let prompt = PromptEmbeds::builtin(engine.config(), 2);
+    let mut gen =
+        Generator::new(engine.model(), o, NoiseSource::Seeded(7), &prompt).expect("generator");
+    if let Some(host) = handoff {
+        gen.hand_off_on_device(host);
+    }
+    let device = DecodeDevice::cuda_beside(&[]);
+    assert!(matches!(device, DecodeDevice::Cuda { emulate: true, .. }));
+    let mut bg = BackgroundDecoder::spawn_on(
+        decoder.clone(),
+        device,
+        (H, W),
+        false,
+        Vec::new(),
+        |acc: &mut Vec<u8>, out| {
+            acc.extend_from_slice(&out.rgb);
+            Ok(())
+        },
+    )
+    .expect("decode thread");
+    let t0 = host_traffic();
+    let (mut latents, mut on_device) = (Vec::new(), Vec::new());
+    let mut err = None;
+    gen.run(blocks, |b| {
+        latents.push(b.latents.to_vec());
+        on_device.push(b.device.is_some());
+        bg.push_block(b).map_err(|e| err = Some(e)).is_ok()
+    })
+    .expect("run");
+    assert!(err.is_none(), "{err:?}");
+    let rgb = bg.finish().expect("decode");
+    let downloaded = host_traffic().download_bytes - t0.download_bytes;
+    Run {
+        latents,
+        on_device,
+        rgb,
+        downloaded,
+    }
+}
+
+#[test]
+fn finished_blocks_go_to_the_decoder_on_the_device() {
+    let (_l, engine, decoder) = emulated();
+    let blocks = 3;
+    // Warm-up: weights and decoder uploaded once, so that the runs below move the same bytes
+    // apart from the latents.
+    run(&engine, &decoder, None, 1);
+
+    // Reference: every block downloaded, then pushed up to the decoder.
+    let host = run(&engine, &decoder, None, blocks);
+    assert_eq!(host.latents.len(), blocks);
+    assert!(host.on_device.iter().all(|d| !d));
+    assert!(host.latents.iter().all(|l| l.len() * 4 == BLOCK_BYTES));
+    assert!(!host.rgb.is_empty());
+
+    // Handed off, latents wanted too: the same latents and frames, the same downloads.
+    let both = run(&engine, &decoder, Some(true), blocks);
+    assert!(both.on_device.iter().all(|&d| d));
+    assert!(
+        both.latents == host.latents,
+        "the downloaded latents differ"
+    );
+    assert!(both.rgb == host.rgb, "device hand-off changed the frames");
+    assert_eq!(both.downloaded, host.downloaded);
+
+    // Handed off alone: the same frames, and no block's latents came to the host.
+    let dev = run(&engine, &decoder, Some(false), blocks);
+    assert!(dev.on_device.iter().all(|&d| d));
+    assert!(dev.latents.iter().all(Vec::is_empty));
+    assert!(dev.rgb == host.rgb, "device hand-off changed the frames");
+    println!(
+        "downloads: {} B with the latents, {} B without ({blocks} blocks of {BLOCK_BYTES} B)",
+        host.downloaded, dev.downloaded
+    );
+    assert_eq!(host.downloaded - dev.downloaded, blocks * BLOCK_BYTES);
+
+    // A decoder slower than the DiT: it holds block 0 until the DiT has had to wait for a
+    // slot still being read; if a slot were reused early, the frames would differ.
+    let blocks = 5;
+    let host = run(&engine, &decoder, None, blocks);
+    let w0 = handoff_waits();
+    hold_device_decodes(true);
+    let release = std::thread::spawn(move || {
+        let start = Instant::now();
+        while handoff_waits() == w0 && start.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        hold_device_decodes(false);
+    });
+    let slow = run(&engine, &decoder, Some(false), blocks);
+    release.join().unwrap();
+    assert!(handoff_waits() > w0, "the DiT never waited for the decoder");
+    assert!(slow.rgb == host.rgb, "a slot was reused before its decode");
+
+    // A cascade: several blocks in flight, context passes apart; the same frames.
+    let host = run_with(&engine, &decoder, cascade(), None, 3);
+    let dev = run_with(&engine, &decoder, cascade(), Some(false), 3);
+    assert!(dev.on_device.iter().all(|&d| d));
+    assert!(
+        dev.rgb == host.rgb,
+        "device hand-off changed the cascade's frames"
+    );
+    set_session_options(None);
+}
+
+#[test]
+fn a_stream_without_host_latents_hands_out_the_same_frames() {
+    let (_l, engine, decoder) = emulated();
+    let frames = |host_latents: bool| {
+        let prompt = PromptEmbeds::builtin(engine.config(), 2);
+        let sopts = StreamOptions {
+            decoder: Some(decoder.clone()),
+            host_latents,
+            ..Default::default()
+        };
+        let mut st =
+            Stream::open(&engine, options(), NoiseSource::Seeded(3), prompt, sopts).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let b = st.next_block(None).unwrap().unwrap();
+            assert_eq!(b.latents.is_empty(), !host_latents);
+            out.push(b.rgb.unwrap_or_default());
+        }
+        st.cancel();
+        out
+    };
+    let with = frames(true);
+    assert!(with.iter().all(|f| !f.is_empty()));
+    assert!(
+        frames(false) == with,
+        "the frames differ without host latents"
+    );
+    set_session_options(None);
+}

@@ -8,6 +8,11 @@
 //! between blocks (bounded; it does not grow with the stream). Joining the blocks' frames gives
 //! the same video as [`Decoder::decode`] of all the latents at once. The math, the caches and
 //! their sizes are described in docs/decoders.md.
+//!
+//! On a GPU, [`CudaDecoder`] runs both decoders on the device; [`DecodeDevice`] says where a
+//! decoder runs (by default beside the DiT) and keeps one upload of its weights per device,
+//! and [`BackgroundDecoder`] decodes on its own thread so that decoding overlaps the DiT,
+//! taking host latents or a finished block that never left the device.
 
 mod background;
 mod bench;

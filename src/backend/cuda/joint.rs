@@ -51,7 +51,7 @@ use std::sync::atomic::Ordering;
 ///
 /// With [`CudaOptions::device_latents`] each device holds the latents of the blocks placed on
 /// it and steps them itself; a block placed elsewhere than last tick moves there once, by a
-/// peer copy ([`super::resident`]), and only finished blocks are downloaded.
+/// peer copy (`backend::cuda::resident`), and only finished blocks are downloaded.
 pub struct MultiCudaBackend<'m> {
     pub(super) devs: Vec<CudaBackend<'m>>,
     pub(super) opts: GenerateOptions,

@@ -43,7 +43,7 @@ pub fn device_flow_steps() -> usize {
 }
 
 /// Blocks whose device latents moved from one logical device to another in this process (one
-/// peer copy of a block's latents each, [`move_held`]): lets tests count what a placement that
+/// peer copy of a block's latents each, `move_held`): lets tests count what a placement that
 /// moves blocks between devices costs.
 pub fn latent_moves() -> usize {
     LATENT_MOVES.load(Ordering::Relaxed)

@@ -216,8 +216,19 @@ fn main() {
         _pad: 0,
     }];
     let sd2 = up(&mut g, &segs);
-    // Both tiles of the attention kernel (the backend times them per window shape and keeps the faster).
-    for tile in AttentionTile::ALL {
+    // Both tiles of the attention kernel (the backend times them per window shape and keeps the
+    // faster) and, on sm_90 once the wgmma layouts passed on this device (the GPU bundle sets
+    // BC_WGMMA_OK=1 then), the Hopper wgmma prototype next to them, at Wan's 12 x 128 and below
+    // at 24 x 64.
+    let mut tiles = AttentionTile::ALL.to_vec();
+    if g.compute_capability() == Some((9, 0)) {
+        if std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1") {
+            tiles.push(AttentionTile::Wgmma64);
+        } else {
+            println!("SKIP attention wgmma64: BC_WGMMA_OK is not 1 (the wgmma layout probe did not pass or did not run)");
+        }
+    }
+    for &tile in &tiles {
         let ms = time_ms(&mut g, 5, |g| {
             ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile).unwrap()
         });
@@ -241,18 +252,8 @@ fn main() {
             peak: peak_tflops,
         });
     }
-    // head_dim 64 (24 x 64, the same buffers and FLOPs): the mma.sync tiles and, on sm_90 once
-    // the wgmma layouts passed on this device (the GPU bundle sets BC_WGMMA_OK=1 then), the
-    // Hopper wgmma prototype next to them.
-    let mut tiles64 = AttentionTile::ALL.to_vec();
-    if g.compute_capability() == Some((9, 0)) {
-        if std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1") {
-            tiles64.push(AttentionTile::Wgmma64);
-        } else {
-            println!("SKIP attention wgmma64: BC_WGMMA_OK is not 1 (the wgmma layout probe did not pass or did not run)");
-        }
-    }
-    for tile in tiles64 {
+    // head_dim 64 (24 x 64, the same buffers and FLOPs), the same tiles.
+    for tile in tiles {
         let ms = time_ms(&mut g, 5, |g| {
             ops::attention(g, q, out, 2 * heads, hd / 2, sd, id, gd, 1, n, tile).unwrap()
         });

@@ -30,7 +30,7 @@
 // Both row tiles walk the same key tiles and give every warp the same 32 rows' work in the
 // same order, so they differ only in how many warps share a block: their outputs are
 // bit-identical (tests/kernels_emu.rs) and the tile the backend picks never changes numbers.
-//   bc_attention_wgmma_hd64       Hopper prototype (sm_90a; the sm_80 cubin traps), off by
+//   bc_attention_wgmma_hd{64,128} Hopper prototype (sm_90a; the sm_80 cubin traps), off by
 //                                 default (BC_ATTN_WGMMA=1 on a 9.0 device, AttentionTile::
 //                                 Wgmma64): BQ = 64 rows = one warpgroup (4 warps x 16 rows,
 //                                 AttCfg MT = 1, WG), BK = 64. Same copies, swizzle, softmax and
@@ -44,8 +44,13 @@
 //                                 of its m16 tile, so the softmax reads it as is. cp.async'd and
 //                                 sign-flipped tiles are made visible to wgmma by
 //                                 fence.proxy.async before the barrier. Its S sums in another
-//                                 order: checked against the CPU, not for the same bits. See
-//                                 docs/wgmma.md.
+//                                 order: checked against the CPU, not for the same bits.
+//                                 hd128: each Q and K/V tile is stored as two 64-column blocks
+//                                 [64 rows][64] of 128-byte rows (8 KB apart; the same chunk
+//                                 swizzle inside each block), the 128B-swizzle K-major layout of
+//                                 bc_wgmma_kmajor_offset; 8 wgmma k-steps per tile, k-step s in
+//                                 block s / 4 at + 32 (s % 4) bytes; O is 64 f32 registers per
+//                                 thread (16 rows x 128), S 32. See docs/wgmma.md.
 // Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
 // stacked along the query rows; warp w owns rows [32w, 32w + 32) of the block's BQ rows. Keys
 // are walked one segment at a time in tiles of BK keys; a tile never crosses a segment end.
@@ -118,8 +123,9 @@ struct AttCfg {
     static constexpr int SMEM_BYTES = KV_BYTES + (QREG ? 0 : BQ * HDMAX * 2) + ALIGN;
     static_assert(BK % 16 == 0 && (!QREG || 2 * BK >= BQ), "QREG: Q is staged in one K/V stage");
     static_assert(HDMAX % 64 == 0, "swizzle needs rows of >= 8 chunks");
-    static_assert(!WG || (HDMAX == 64 && NT == 128 && MT == 1 && BK == 64 && !QREG),
-                  "wgmma: one warpgroup, m64n64 S tiles, 128-byte rows (the 128B swizzle), Q read by descriptor");
+    static_assert(!WG || ((HDMAX == 64 || HDMAX == 128) && NT == 128 && MT == 1 && BK == 64 && BQ == BK && !QREG),
+                  "wgmma: one warpgroup, m64n64 S tiles, Q read by descriptor; Q and K tiles of 64 rows each "
+                  "stored as 64-column blocks of 128-byte rows (the 128B swizzle)");
 };
 // The variants (params.h): 64 query rows per block (2 warps) and 128 rows (4 warps); hd64 with
 // 64-key tiles and Q in registers (32 KB of static shared memory), hd128 with 32-key tiles and
@@ -134,7 +140,9 @@ static_assert(AttHd128::SMEM_BYTES == BC_ATTN_HD128_SMEM && AttHd128Wide::SMEM_B
               "params.h shared memory");
 // The Hopper prototype: one warpgroup (4 warps x 16 rows), 64-key tiles, S by wgmma.
 using AttWgHd64 = AttCfg<64, BC_ATTN_WGMMA_THREADS / 32, BC_ATTN_HD64_BK, false, 1, true>;
-static_assert(AttWgHd64::BQ == BC_ATTN_WGMMA_BQ && AttWgHd64::SMEM_BYTES == BC_ATTN_WGMMA_SMEM,
+using AttWgHd128 = AttCfg<128, BC_ATTN_WGMMA_THREADS / 32, BC_ATTN_HD64_BK, false, 1, true>;
+static_assert(AttWgHd64::BQ == BC_ATTN_WGMMA_BQ && AttWgHd64::SMEM_BYTES == BC_ATTN_WGMMA_SMEM &&
+                  AttWgHd128::BQ == BC_ATTN_WGMMA_BQ && AttWgHd128::SMEM_BYTES == BC_ATTN_WGMMA_HD128_SMEM,
               "params.h wgmma attention");
 
 /// Two floats as a bf16 pair in one register (low half = `lo`).
@@ -161,7 +169,13 @@ __device__ __forceinline__ bool att_next_segment(const BcAttentionParams& p, con
 template <class Cfg>
 struct AttSmem {
     static constexpr int HDMAX = Cfg::HDMAX, BK = Cfg::BK, NT = Cfg::NT;
-    static constexpr int ROWB = HDMAX * 2;        // bytes per row
+    static constexpr int ROWB = HDMAX * 2;        // bytes per row (of all column blocks)
+    // Row stride and the stride of the 64-column (128-byte) blocks of a row: rows of ROWB
+    // bytes, or (WG) each tile stored as HDMAX / 64 column blocks [rows][64] of 128-byte rows,
+    // the K-major 128B-swizzle layout of wgmma (bc_wgmma_kmajor_offset; Q and K/V tiles have
+    // BK rows each). The swizzle is chunk c ^ (row % 8) within each 128 bytes either way.
+    static constexpr int RS = Cfg::WG ? 128 : ROWB;
+    static constexpr int CB = Cfg::WG ? BK * 128 : 128;
     static constexpr int CPR = HDMAX / 8;         // 16-byte chunks per row
     static constexpr int CPT = CPR / 8;           // chunks per thread and row: c, c + 8, ...
     static constexpr int TILEB = BK * ROWB;       // one K or V tile
@@ -171,38 +185,38 @@ struct AttSmem {
                   "a thread copies the same chunks of rows that agree mod 8 (one swizzle)");
     // Copies: thread tid moves chunks c + 8k (c = tid % 8, k < CPT) of rows tid / 8 + i * RP;
     // since RP % 8 == 0 its swizzled chunk (c + 8k) ^ (row % 8) = (c ^ (row % 8)) + 8k is the
-    // same in every pass: offset dst + 128k.
+    // same in every pass: offset dst + CB k.
     int c;            // first source chunk
     int r;            // first row
     unsigned dst;     // shared offset of (row r, chunk c) in a tile
     // Fragments: offsets (in a stage) for ldmatrix of k-step / n-tile pair index q % 4; the
-    // index q / 4 adds 128 bytes (chunk bit 3 is never swizzled), the key block 16 * ROWB.
+    // index q / 4 adds CB bytes (chunk bit 3 is never swizzled), the key block 16 * RS.
     unsigned k_at[4];  // K B fragments of Q K^T: keys 8 * (lane / 16) + lane % 8, chunks 2q, 2q + 1
     unsigned v_at[4];  // V B fragments of P V (.trans): keys lane % 16, head dim 16q
     __device__ __forceinline__ AttSmem(int tid, int lane) {
         c = tid % 8;
         r = tid / 8;
-        dst = r * ROWB + ((c ^ (r & 7)) * 16);
+        dst = r * RS + ((c ^ (r & 7)) * 16);
         const int x = lane % 8;  // row % 8 of the lane's fragment row: the swizzle
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             // chunk (2q + b) ^ x = (2q) ^ (b ^ x) for b in {0, 1}
-            k_at[q] = (8 * (lane / 16) + x) * ROWB + (((2 * q) ^ (((lane / 8) % 2) ^ x)) * 16);
-            v_at[q] = TILEB + (lane % 16) * ROWB + (((2 * q) ^ ((lane / 16) ^ x)) * 16);
+            k_at[q] = (8 * (lane / 16) + x) * RS + (((2 * q) ^ (((lane / 8) % 2) ^ x)) * 16);
+            v_at[q] = TILEB + (lane % 16) * RS + (((2 * q) ^ ((lane / 16) ^ x)) * 16);
         }
     }
     /// Offset of the K fragment of k-step kk, key block jj (relative to the stage).
     __device__ __forceinline__ unsigned k_frag(int kk, int jj) const {
-        return k_at[kk % 4] + (kk / 4) * 128 + jj * 16 * ROWB;
+        return k_at[kk % 4] + (kk / 4) * CB + jj * 16 * RS;
     }
     /// Offset of the V fragment of key block kk, head-dim n-tile pair nn (relative to the stage).
     __device__ __forceinline__ unsigned v_frag(int kk, int nn) const {
-        return v_at[nn % 4] + (nn / 4) * 128 + kk * 16 * ROWB;
+        return v_at[nn % 4] + (nn / 4) * CB + kk * 16 * RS;
     }
     /// Offset of the Q A-fragment of k-step kk, m-tile mt (relative to the warp's Q rows):
     /// rows lane % 16, chunks 2kk + lane / 16, the same lane pattern as the V fragments.
     __device__ __forceinline__ unsigned q_frag(int kk, int mt) const {
-        return v_at[kk % 4] - TILEB + (kk / 4) * 128 + mt * 16 * ROWB;
+        return v_at[kk % 4] - TILEB + (kk / 4) * CB + mt * 16 * RS;
     }
 };
 
@@ -266,8 +280,9 @@ __device__ __forceinline__ void att_tile(const AttSmem<Cfg>& sm, bc_saddr stage,
 
 #if BC_HAS_WGMMA
 /// One key tile of the warpgroup (64 query rows, warp w: rows 16w..16w+15): S = Q K^T by
-/// four wgmma m64n64k16 (A = Q, B = the K tile, both read by descriptor from the 128B-swizzled
-/// tiles; `dq` / `dk` are the k-step-0 descriptors, k-step s starts 32s bytes in: + 2s),
+/// HDMAX / 16 wgmma m64n64k16 (A = Q, B = the K tile, both read by descriptor from the
+/// 128B-swizzled column blocks; `dq` / `dk` are the k-step-0 descriptors, k-step s starts in
+/// column block s / 4, 32 (s % 4) bytes into its rows),
 /// committed as one group and waited for, then the same softmax and P V (mma.sync) as
 /// att_tile. The D fragment of warp w (register 4j + e: row g + 8 (e >> 1), key 8j + 2t +
 /// (e & 1)) is the mma.sync C layout of the warp's m16 tile, so it is the S of att_tile as is.
@@ -280,7 +295,13 @@ __device__ __forceinline__ void att_wg_tile(const AttSmem<Cfg>& sm, bc_saddr sta
     bc_wgmma_fence_operand(d);
     bc_wgmma_fence();
 #pragma unroll
-    for (int k = 0; k < KSTEPS; ++k) bc_wgmma_ss<Cfg::BK>(d, dq + 2 * k, dk + 2 * k, k > 0);
+    for (int k = 0; k < KSTEPS; ++k) {
+        // k-step k: column block 16k / 64 (BK * 128 bytes each), 32 (k % 4) bytes into its rows
+        // (bc_wgmma_kmajor_desc; Q and K tiles have BK rows), in descriptor units of 16 bytes.
+        constexpr int KB = Cfg::BK * 128 / 16;
+        const uint64_t step = (uint64_t)((k / 4) * KB + 2 * (k % 4));
+        bc_wgmma_ss<Cfg::BK>(d, dq + step, dk + step, k > 0);
+    }
     bc_wgmma_commit();
     bc_wgmma_wait<0>();
     bc_wgmma_fence_operand(d);
@@ -421,7 +442,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
 #pragma unroll
             for (int k = 0; k < Sm::CPT; ++k) {
                 const bool ok = sm.c + 8 * k < cpr && sm.r + i * Sm::RP < rows;
-                bc_cp_async16_zfill(base + Cfg::Q_OFF + sm.dst + i * Sm::RP * Sm::ROWB + 128 * k,
+                bc_cp_async16_zfill(base + Cfg::Q_OFF + sm.dst + i * Sm::RP * Sm::RS + Sm::CB * k,
                                     ok ? q + (size_t)i * Sm::RP * p.q_stride + 64 * k : p.q, ok ? 16 : 0);
             }
         }
@@ -436,7 +457,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             for (int k = 0; k < Sm::CPT; ++k) {
                 const bool ok = sm.c + 8 * k < cpr && sm.r + i * Sm::RP < kn;
                 const size_t off = ok ? off0 + (size_t)i * Sm::RP * p.kv_stride + 64 * k : 0;
-                const bc_saddr d = dst + i * Sm::RP * Sm::ROWB + 128 * k;
+                const bc_saddr d = dst + i * Sm::RP * Sm::RS + Sm::CB * k;
                 bc_cp_async16_zfill(d, seg.k + off, ok ? 16 : 0);
                 bc_cp_async16_zfill(d + Sm::TILEB, seg.v + off, ok ? 16 : 0);
             }
@@ -459,7 +480,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
         for (int i = 0; i < ATT_BQ / Sm::RP; ++i) {
 #pragma unroll
             for (int k = 0; k < Sm::CPT; ++k) {
-                unsigned* w = reinterpret_cast<unsigned*>(smem + Cfg::Q_OFF + sm.dst + i * Sm::RP * Sm::ROWB + 128 * k);
+                unsigned* w = reinterpret_cast<unsigned*>(smem + Cfg::Q_OFF + sm.dst + i * Sm::RP * Sm::RS + Sm::CB * k);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) w[e] ^= qsign;
             }
@@ -472,7 +493,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
 
     // The warp's Q rows: kept in shared memory (read per k-step), or as A fragments in registers
     // (QREG; matrices: rows 0-7 / 8-15 x k 0-7 / 8-15 of each m-tile).
-    const bc_saddr qw = base + Cfg::Q_OFF + warp * ATT_WM * Sm::ROWB;
+    const bc_saddr qw = base + Cfg::Q_OFF + warp * ATT_WM * Sm::RS;
     unsigned qf[ATT_MT][KSTEPS][4];
     if constexpr (Cfg::QREG) {
 #pragma unroll
@@ -615,3 +636,15 @@ extern "C" __global__ void __launch_bounds__(AttWgHd64::NT, 2) bc_attention_wgmm
 #endif
 }
 BC_EMU_ENTRY(bc_attention_wgmma_hd64, BcAttentionParams)
+
+// The same for head_dim <= 128 (Wan's 12 x 128): 8 wgmma k-steps per key tile (two 64-column
+// blocks of the Q and K tiles), O 64 f32 registers per thread, BC_ATTN_WGMMA_HD128_SMEM bytes.
+extern "C" __global__ void __launch_bounds__(AttWgHd128::NT, 2) bc_attention_wgmma_hd128(BcAttentionParams p) {
+#if BC_HAS_WGMMA
+    BC_DYNAMIC_SMEM(smem, AttWgHd128::SMEM_BYTES);
+    bc_attention_impl<AttWgHd128>(p, smem);
+#else
+    __trap();
+#endif
+}
+BC_EMU_ENTRY(bc_attention_wgmma_hd128, BcAttentionParams)

@@ -581,12 +581,12 @@ fn gemms_match_the_cpu() {
 }
 
 /// The attention tiles to check on `g` at `head_dim`: both of [`AttentionTile::ALL`], and the
-/// Hopper wgmma prototype for head_dim <= 64 when `BC_WGMMA_OK=1` (the GPU bundle sets it once
-/// every wgmma layout of `wgmma_layouts_match_the_hardware` PASSed) on compute capability 9.0.
-fn attention_tiles(g: &Gpu, hd: usize) -> Vec<AttentionTile> {
+/// Hopper wgmma prototype (its hd64 and hd128 kernels) when `BC_WGMMA_OK=1` (the GPU bundle sets
+/// it once every wgmma layout of `wgmma_layouts_match_the_hardware` PASSed) on compute
+/// capability 9.0.
+fn attention_tiles(g: &Gpu) -> Vec<AttentionTile> {
     let mut tiles = AttentionTile::ALL.to_vec();
-    if hd <= 64
-        && std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1")
+    if std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1")
         && g.compute_capability() == Some((9, 0))
     {
         tiles.push(AttentionTile::Wgmma64);
@@ -689,7 +689,7 @@ fn attention_matches_the_cpu() {
             }
         };
         let mut first = None;
-        for tile in attention_tiles(&g, hd) {
+        for tile in attention_tiles(&g) {
             let out = poisoned(&mut g, nq * d * 2);
             ops::attention(&g, qd, out, heads, hd, sd, id, gd, 2, nq - tpf, tile).unwrap();
             let got = down_b(&g, out, nq * d);
@@ -741,7 +741,7 @@ fn attention_matches_the_cpu() {
         }];
         let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &[0i32]), up(&mut g, &groups));
         let mut first = None;
-        for tile in attention_tiles(&g, hd) {
+        for tile in attention_tiles(&g) {
             let out = poisoned(&mut g, nq * d * 2);
             ops::attention(&g, qd, out, heads, hd, sd, id, gd, 1, nq, tile).unwrap();
             let got = down_b(&g, out, nq * d);

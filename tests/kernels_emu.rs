@@ -404,9 +404,7 @@ fn check_attention(seed: u64, heads: usize, hd: usize) {
         .into_iter()
         .map(|tile| check_attention_tile(seed, heads, hd, tile))
         .collect();
-    if hd <= 64 {
-        check_attention_tile(seed, heads, hd, AttentionTile::Wgmma64);
-    }
+    check_attention_tile(seed, heads, hd, AttentionTile::Wgmma64);
     assert!(
         outs[0]
             .iter()
@@ -532,11 +530,19 @@ fn attention_head_dim_40_and_empty_group() {
 #[test]
 fn cross_attention_512_text_tokens() {
     let mut rng = Rng::new(11);
-    let (heads, hd, nq, text) = (2usize, 32usize, 37usize, 512usize);
+    // hd32, and Wan's hd128 (the wgmma tile's two 64-column blocks over 8 full key tiles)
+    for (heads, hd) in [(2usize, 32usize), (1, 128)] {
+        cross_attention_case(&mut rng, heads, hd);
+    }
+}
+
+/// One cross-attention case: 37 query rows over 512 keys, every tile against the CPU.
+fn cross_attention_case(rng: &mut Rng, heads: usize, hd: usize) {
+    let (nq, text) = (37usize, 512usize);
     let dim = heads * hd;
-    let (qf, q) = randn_bf16(&mut rng, nq * dim, 1.5);
-    let (kf, k) = randn_bf16(&mut rng, text * dim, 1.0);
-    let (vf, v) = randn_bf16(&mut rng, text * dim, 1.0);
+    let (qf, q) = randn_bf16(rng, nq * dim, 1.5);
+    let (kf, k) = randn_bf16(rng, text * dim, 1.0);
+    let (vf, v) = randn_bf16(rng, text * dim, 1.0);
     let groups = [QueryGroup {
         rows: 0..nq,
         segments: vec![0],
@@ -555,12 +561,16 @@ fn cross_attention_512_text_tokens() {
             tile,
         )
         .unwrap();
-        assert_attention_close(&format!("cross attention {tile:?}"), &to_f32(&out), &want);
+        assert_attention_close(
+            &format!("cross attention hd{hd} {tile:?}"),
+            &to_f32(&out),
+            &want,
+        );
     }
 }
 
 /// The attention tiles the tests run: both of [`AttentionTile::ALL`] and the Hopper wgmma
-/// prototype (its S = Q K^T runs on the emulated wgmma; head_dim > 64 runs rows64 there).
+/// prototype (its S = Q K^T runs on the emulated wgmma; head_dim <= 64 and <= 128 kernels).
 const TEST_TILES: [AttentionTile; 3] = [
     AttentionTile::Rows64,
     AttentionTile::Rows128,
@@ -640,7 +650,6 @@ fn attention_raw(
         scale,
         _pad: 0,
     };
-    let tile = tile.for_head_dim(hd);
     let kernel = tile.kernel(hd);
     let grid = [
         max_rows.div_ceil(tile.rows() as usize) as u32,

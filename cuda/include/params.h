@@ -73,6 +73,10 @@ typedef int32_t bc_i32;
  * 64 bf16, then Q: 64 rows x 64 bf16, plus 1024 bytes to start the tiles on a 1024-byte
  * boundary of the shared window (the 128-byte swizzle period wgmma's descriptors need). */
 #define BC_ATTN_WGMMA_SMEM 41984
+/** Dynamic shared memory of `bc_attention_wgmma_hd128` in bytes: 2 stages x K, V x 64 keys x
+ * 128 bf16, then Q: 64 rows x 128 bf16 (each tile two 64-column blocks of 128-byte rows), plus
+ * the same 1024 bytes of alignment slack. */
+#define BC_ATTN_WGMMA_HD128_SMEM 82944
 
 /** Grid and block dimensions of one launch (used by the emulated launcher). */
 typedef struct BcLaunchDims {

@@ -273,9 +273,9 @@ pub enum AttentionTile {
     /// work as [`AttentionTile::Rows64`], so the same output bits.
     Rows128,
     /// The Hopper prototype (sm_90a only; not in [`AttentionTile::ALL`], so never timed or
-    /// picked by the tuner): head_dim <= 64 runs `bc_attention_wgmma_hd64` (one warpgroup of
-    /// 64 query rows, S = Q K^T by wgmma), a larger head_dim [`AttentionTile::Rows64`]. The
-    /// CUDA backend uses it only with `BC_ATTN_WGMMA=1` on a compute capability 9.0 device.
+    /// picked by the tuner): `bc_attention_wgmma_hd64` / `bc_attention_wgmma_hd128` (one
+    /// warpgroup of 64 query rows, S = Q K^T by wgmma). The CUDA backend uses it only with
+    /// `BC_ATTN_WGMMA=1` on a compute capability 9.0 device.
     Wgmma64,
 }
 
@@ -283,19 +283,11 @@ impl AttentionTile {
     /// Both tiles.
     pub const ALL: [AttentionTile; 2] = [AttentionTile::Rows64, AttentionTile::Rows128];
 
-    /// The tile that actually runs for `head_dim`: [`AttentionTile::Wgmma64`] exists for
-    /// head_dim <= 64 only (else [`AttentionTile::Rows64`]); the others as they are.
-    pub fn for_head_dim(self, head_dim: usize) -> AttentionTile {
-        match self {
-            AttentionTile::Wgmma64 if head_dim > 64 => AttentionTile::Rows64,
-            t => t,
-        }
-    }
-
     /// The kernel for `head_dim` (at most 64: the hd64 kernels, else the hd128 ones).
     pub fn kernel(self, head_dim: usize) -> Kernel {
-        match (self.for_head_dim(head_dim), head_dim <= 64) {
-            (AttentionTile::Wgmma64, _) => Kernel::AttentionWgmmaHd64,
+        match (self, head_dim <= 64) {
+            (AttentionTile::Wgmma64, true) => Kernel::AttentionWgmmaHd64,
+            (AttentionTile::Wgmma64, false) => Kernel::AttentionWgmmaHd128,
             (AttentionTile::Rows64, true) => Kernel::AttentionHd64,
             (AttentionTile::Rows64, false) => Kernel::AttentionHd128,
             (AttentionTile::Rows128, true) => Kernel::AttentionHd64Q128,
@@ -353,7 +345,6 @@ pub fn attention(
     max_rows: usize,
     tile: AttentionTile,
 ) -> LaunchResult<Launch<BcAttentionParams>> {
-    let tile = tile.for_head_dim(head_dim);
     let k = tile.kernel(head_dim);
     let dim = i32_of(k, mul(k, heads, head_dim)?, "dim")?;
     let (heads, num_groups) = (i32_of(k, heads, "heads")?, i32_of(k, num_groups, "groups")?);
@@ -970,17 +961,15 @@ pub fn dec_softmax(
 mod tests {
     use super::*;
 
-    /// The wgmma prototype tile runs its own kernel (one warpgroup) up to head_dim 64 only;
-    /// above, the launch is rows64's in full (kernel, block and rows agree).
+    /// The wgmma prototype tile runs its own kernels (one warpgroup of 64 rows) for both
+    /// head-dim classes, and is never the tuner's.
     #[test]
-    fn wgmma_tile_is_hd64_only() {
+    fn wgmma_tile_launches_its_kernels() {
         let t = AttentionTile::Wgmma64;
         assert!(
             !AttentionTile::ALL.contains(&t),
             "the tuner must never pick it"
         );
-        assert_eq!(t.kernel(64), Kernel::AttentionWgmmaHd64);
-        assert_eq!(t.kernel(128), Kernel::AttentionHd128);
         let l = |hd| {
             use std::ptr::{null, null_mut};
             attention(null(), null_mut(), 2, hd, null(), null(), null(), 1, 100, t).unwrap()
@@ -992,7 +981,12 @@ mod tests {
         );
         assert_eq!(
             (b.kernel, b.block, b.grid[0]),
-            (Kernel::AttentionHd128, 64, 2)
+            (Kernel::AttentionWgmmaHd128, 128, 2)
+        );
+        assert_eq!(
+            b.kernel.dynamic_smem_bytes(),
+            BC_ATTN_WGMMA_HD128_SMEM,
+            "hd128 tiles need their own shared memory"
         );
     }
 }

@@ -110,6 +110,9 @@ pub enum Kernel {
     /// `bc_attention_wgmma_hd64` ([`BcAttentionParams`]): the Hopper wgmma prototype (sm_90a
     /// only, it traps on sm_80; launched only with `BC_ATTN_WGMMA=1`), dynamic shared memory.
     AttentionWgmmaHd64,
+    /// `bc_attention_wgmma_hd128` ([`BcAttentionParams`]): the same prototype for head_dim
+    /// <= 128 (Wan's 12 x 128), dynamic shared memory.
+    AttentionWgmmaHd128,
     /// `bc_activation` ([`BcActivationParams`]).
     Activation,
     /// `bc_time_embedding` ([`BcTimeEmbeddingParams`]).
@@ -153,7 +156,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 29] = [
+    pub const ALL: [Kernel; 30] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -164,6 +167,7 @@ impl Kernel {
         Kernel::AttentionHd64Q128,
         Kernel::AttentionHd128Q128,
         Kernel::AttentionWgmmaHd64,
+        Kernel::AttentionWgmmaHd128,
         Kernel::Activation,
         Kernel::TimeEmbedding,
         Kernel::FlowStep,
@@ -198,6 +202,7 @@ impl Kernel {
             Kernel::AttentionHd64Q128 => "bc_attention_hd64_q128",
             Kernel::AttentionHd128Q128 => "bc_attention_hd128_q128",
             Kernel::AttentionWgmmaHd64 => "bc_attention_wgmma_hd64",
+            Kernel::AttentionWgmmaHd128 => "bc_attention_wgmma_hd128",
             Kernel::Activation => "bc_activation",
             Kernel::TimeEmbedding => "bc_time_embedding",
             Kernel::FlowStep => "bc_flow_step",
@@ -226,6 +231,7 @@ impl Kernel {
             Kernel::AttentionHd128 => BC_ATTN_HD128_SMEM,
             Kernel::AttentionHd128Q128 => BC_ATTN_WIDE_HD128_SMEM,
             Kernel::AttentionWgmmaHd64 => BC_ATTN_WGMMA_SMEM,
+            Kernel::AttentionWgmmaHd128 => BC_ATTN_WGMMA_HD128_SMEM,
             Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
             _ => 0,
         }

@@ -16,6 +16,7 @@ pub const BC_ATTN_WIDE_HD128_SMEM: u32 = 65536;
 pub const BC_ATTN_WGMMA_THREADS: u32 = 128;
 pub const BC_ATTN_WGMMA_BQ: u32 = 64;
 pub const BC_ATTN_WGMMA_SMEM: u32 = 41984;
+pub const BC_ATTN_WGMMA_HD128_SMEM: u32 = 82944;
 pub const BC_RESNORM_MAX_DIM: u32 = 6144;
 pub const BC_ACT_GELU_TANH: u32 = 0;
 pub const BC_ACT_SILU: u32 = 1;

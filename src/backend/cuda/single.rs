@@ -596,8 +596,8 @@ fn ensure_fits(
 /// device, or (the [`attention_tune::AutoTile`]) the faster of both timed on this device on
 /// each window shape's real list at its first tick ([`CudaBackend::tune_attention`]); until
 /// then [`AttentionTile::Rows128`]. `BC_ATTN_WGMMA=1` on a compute capability 9.0 device
-/// overrides all of it with the Hopper prototype [`AttentionTile::Wgmma64`] (head_dim <= 64;
-/// larger ones run rows64); elsewhere the flag is ignored.
+/// overrides all of it with the Hopper prototype [`AttentionTile::Wgmma64`] (its hd64 and
+/// hd128 kernels); elsewhere the flag is ignored.
 fn attention_tile_choice(
     gpu: &Gpu,
     copts: &CudaOptions,

@@ -168,6 +168,12 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_attention_wgmma_hd128(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_wgmma_probe(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -189,6 +195,7 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::AttentionHd64Q128 => bc_emu_bc_attention_hd64_q128,
         Kernel::AttentionHd128Q128 => bc_emu_bc_attention_hd128_q128,
         Kernel::AttentionWgmmaHd64 => bc_emu_bc_attention_wgmma_hd64,
+        Kernel::AttentionWgmmaHd128 => bc_emu_bc_attention_wgmma_hd128,
         Kernel::Activation => bc_emu_bc_activation,
         Kernel::TimeEmbedding => bc_emu_bc_time_embedding,
         Kernel::FlowStep => bc_emu_bc_flow_step,

@@ -2,7 +2,9 @@
 // on NHWC bf16 frames `[H*W][C]` (one frame per launch):
 //
 // bc_dec_latent_in:  latents f32 `[C][H*W]` (the DiT's layout) -> NHWC bf16, with TAEHV's
-//                    `tanh(z/3)*3` or the Wan VAE's `z / (1/std[c]) + mean[c]` on the way.
+//                    `tanh(z/3)*3` or the Wan VAE's `z / (1/std[c]) + mean[c]` on the way; a
+//                    NaN/inf latent sets the caller's `nonfinite` flag (latents handed over on
+//                    the device are checked here, since they never reach the host's check).
 // bc_dec_rms_norm:   the Wan VAE's channel RMS norm `x / max(|x|_2, 1e-12) * sqrt(C) * gamma`
 //                    (norm over the channels of a pixel, f32 math), optionally then SiLU.
 // bc_dec_upsample2x: nearest 2x spatial upsample `[h][w][C]` -> `[2h][2w][C]`, written once or
@@ -27,6 +29,7 @@
 namespace {
 constexpr int DEC_THREADS = BC_ELEM_THREADS;
 constexpr int DEC_NORM_PIXELS = BC_DEC_NORM_PIXELS;
+constexpr float DEC_FLOAT_MAX = 3.40282347e38f;  // the largest finite f32
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) bc_dec_latent_in(BcDecLatentInParams p) {
@@ -34,6 +37,8 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) bc_dec_latent_in(BcDec
     if (i >= (long long)p.c * p.hw) return;
     const int ch = (int)(i / p.hw), px = (int)(i % p.hw);
     float v = p.z[i];
+    // NaN fails the comparison too. Non-finite latents are rare: the atomic almost never runs.
+    if (p.nonfinite && !(fabsf(v) <= DEC_FLOAT_MAX)) atomicOr(p.nonfinite, 1u);
     if (p.mode == 1) v = tanhf(v / 3.f) * 3.f;
     if (p.mode == 2) v = v / p.scale[ch] + p.mean[ch];
     p.out[(size_t)px * p.c + ch] = __float2bfloat16(v);

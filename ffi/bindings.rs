@@ -227,10 +227,12 @@ pub struct bc_stream_options {
     pub queue_blocks: u32,
     pub target_fps: f64,
     pub want_pixels: u32,
+    pub reserved: u32,
+    pub want_latents: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of bc_stream_options"][::std::mem::size_of::<bc_stream_options>() - 24usize];
+    ["Size of bc_stream_options"][::std::mem::size_of::<bc_stream_options>() - 32usize];
     [
         "Alignment of bc_stream_options",
     ][::std::mem::align_of::<bc_stream_options>() - 8usize];
@@ -246,6 +248,12 @@ const _: () = {
     [
         "Offset of field: bc_stream_options::want_pixels",
     ][::std::mem::offset_of!(bc_stream_options, want_pixels) - 16usize];
+    [
+        "Offset of field: bc_stream_options::reserved",
+    ][::std::mem::offset_of!(bc_stream_options, reserved) - 20usize];
+    [
+        "Offset of field: bc_stream_options::want_latents",
+    ][::std::mem::offset_of!(bc_stream_options, want_latents) - 24usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -19,6 +19,9 @@ const W: usize = 4;
 /// Bytes of one block's latents (3 frames).
 const BLOCK_BYTES: usize = 3 * 16 * H * W * 4;
 
+/// Bytes of the decoder's non-finite flag, read back after each block handed off on the device.
+const FLAG_BYTES: usize = 4;
+
 /// The CUDA options and the counters are process-wide: one test at a time.
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -76,8 +79,20 @@ fn run_with(
     blocks: usize,
 ) -> Run {
     let prompt = PromptEmbeds::builtin(engine.config(), 2);
+    try_run(engine, decoder, o, &prompt, handoff, blocks).expect("run")
+}
+
+/// [`run_with`] of `prompt`: the generation's or the decoder's error, if any.
+fn try_run(
+    engine: &Engine,
+    decoder: &Arc<Decoder>,
+    o: GenerateOptions,
+    prompt: &PromptEmbeds,
+    handoff: Option<bool>,
+    blocks: usize,
+) -> blockcascade::Result<Run> {
     let mut gen =
-        Generator::new(engine.model(), o, NoiseSource::Seeded(7), &prompt).expect("generator");
+        Generator::new(engine.model(), o, NoiseSource::Seeded(7), prompt).expect("generator");
     if let Some(host) = handoff {
         gen.hand_off_on_device(host);
     }
@@ -102,17 +117,73 @@ fn run_with(
         latents.push(b.latents.to_vec());
         on_device.push(b.device.is_some());
         bg.push_block(b).map_err(|e| err = Some(e)).is_ok()
-    })
-    .expect("run");
-    assert!(err.is_none(), "{err:?}");
-    let rgb = bg.finish().expect("decode");
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let rgb = bg.finish()?;
     let downloaded = host_traffic().download_bytes - t0.download_bytes;
-    Run {
+    Ok(Run {
         latents,
         on_device,
         rgb,
         downloaded,
+    })
+}
+
+/// Prompt embeddings large enough (finite) that the tiny model's blocks overflow to inf/NaN.
+fn overflowing_prompt(engine: &Engine) -> PromptEmbeds {
+    let mut p = PromptEmbeds::builtin(engine.config(), 2);
+    p.data.iter_mut().for_each(|v| *v = v.signum() * f32::MAX);
+    p
+}
+
+/// The error a run must end with: the typed non-finite-latents error.
+fn assert_non_finite(r: blockcascade::Result<Run>, what: &str) {
+    match r {
+        Err(e @ blockcascade::Error::Format(_)) if e.to_string().contains("non-finite") => {}
+        Err(e) => panic!("{what}: {e:?}"),
+        Ok(_) => panic!("{what}: non-finite latents decoded without an error"),
     }
+}
+
+#[test]
+fn non_finite_latents_handed_off_on_the_device_are_an_error() {
+    let (_l, engine, decoder) = emulated();
+    let bad = overflowing_prompt(&engine);
+    // On the host the executor's check finds them; handed off (latents on the host too, or
+    // not), the decoder's latent-input kernel does, and the run ends with the same error.
+    for handoff in [None, Some(true), Some(false)] {
+        let r = try_run(&engine, &decoder, options(), &bad, handoff, 2);
+        assert_non_finite(r, &format!("handoff {handoff:?}"));
+    }
+    // A stream without host latents ends with that error instead of garbage frames.
+    let sopts = StreamOptions {
+        decoder: Some(decoder.clone()),
+        host_latents: false,
+        ..Default::default()
+    };
+    let mut st = Stream::open(&engine, options(), NoiseSource::Seeded(3), bad, sopts).unwrap();
+    let mut got = None;
+    for _ in 0..3 {
+        match st.next_block(None) {
+            Ok(Some(b)) => assert!(b.rgb.is_none(), "frames of non-finite latents"),
+            Ok(None) => break,
+            Err(e) => {
+                got = Some(e);
+                break;
+            }
+        }
+    }
+    let e = got.expect("the stream ended without an error");
+    assert!(
+        matches!(e, blockcascade::Error::Format(_)) && e.to_string().contains("non-finite"),
+        "{e:?}"
+    );
+    // Clean latents after it decode as before (the flag is cleared per block).
+    let clean = run(&engine, &decoder, Some(false), 1);
+    assert!(!clean.rgb.is_empty());
+    set_session_options(None);
 }
 
 #[test]
@@ -138,7 +209,7 @@ fn finished_blocks_go_to_the_decoder_on_the_device() {
         "the downloaded latents differ"
     );
     assert!(both.rgb == host.rgb, "device hand-off changed the frames");
-    assert_eq!(both.downloaded, host.downloaded);
+    assert_eq!(both.downloaded, host.downloaded + blocks * FLAG_BYTES);
 
     // Handed off alone: the same frames, and no block's latents came to the host.
     let dev = run(&engine, &decoder, Some(false), blocks);
@@ -149,7 +220,11 @@ fn finished_blocks_go_to_the_decoder_on_the_device() {
         "downloads: {} B with the latents, {} B without ({blocks} blocks of {BLOCK_BYTES} B)",
         host.downloaded, dev.downloaded
     );
-    assert_eq!(host.downloaded - dev.downloaded, blocks * BLOCK_BYTES);
+    // A handed-off block's latents stay on the device; its non-finite flag comes back.
+    assert_eq!(
+        host.downloaded - dev.downloaded,
+        blocks * (BLOCK_BYTES - FLAG_BYTES)
+    );
 
     // A decoder slower than the DiT: it holds block 0 until the DiT has had to wait for a
     // slot still being read; if a slot were reused early, the frames would differ.

@@ -1317,6 +1317,60 @@ fn stream_pixels_are_the_decode_of_its_latents() {
     bc_engine_close(e);
 }
 
+/// `want_latents`: off, blocks carry no latents (NULL, shape 0) and the same frames; the first
+/// version of `bc_stream_options` (struct_size 24, before `want_latents`) still opens a stream,
+/// with latents (the default), whatever its padding holds.
+#[test]
+fn stream_frames_without_latents_and_the_old_options_size() {
+    let blocks = |o: bc_stream_options| {
+        let (e, s, st) = new_stream(2, o);
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let mut b = empty_block();
+            let status = unsafe { bc_stream_next(st, -1, &mut b) };
+            assert_eq!(status, BC_OK, "{}", last_error());
+            let px = [b.pixel_frames, b.pixel_height, b.pixel_width];
+            let n = px.iter().map(|&v| v as usize).product::<usize>() * 3;
+            assert!(n > 0 && !b.rgb.is_null());
+            let rgb = unsafe { std::slice::from_raw_parts(b.rgb, n) }.to_vec();
+            let shape = [b.frames, b.channels, b.height, b.width];
+            out.push((b.latents.is_null(), shape, rgb));
+        }
+        bc_stream_close(st);
+        bc_session_close(s);
+        bc_engine_close(e);
+        out
+    };
+    let with = blocks(bc_stream_options {
+        want_pixels: 1,
+        ..bc_stream_options_default()
+    });
+    let without = blocks(bc_stream_options {
+        want_pixels: 1,
+        want_latents: 0,
+        ..bc_stream_options_default()
+    });
+    for ((wn, wshape, wrgb), (nn, nshape, nrgb)) in with.iter().zip(&without) {
+        assert!(!wn && *wshape == [3, 16, 8, 12]);
+        assert!(
+            *nn && *nshape == [0; 4],
+            "latents handed out without want_latents"
+        );
+        assert!(wrgb == nrgb, "the frames differ without latents");
+    }
+    // The old size: `reserved` (its padding) holds garbage, `want_latents` is past its end.
+    let old = bc_stream_options {
+        struct_size: std::mem::offset_of!(bc_stream_options, want_latents) as u32,
+        want_pixels: 1,
+        reserved: 0xdead_beef,
+        want_latents: 7,
+        ..bc_stream_options_default()
+    };
+    assert_eq!(old.struct_size, 24);
+    let got = blocks(old);
+    assert!(got == with, "the first options version changed the blocks");
+}
+
 #[test]
 fn a_close_from_another_thread_ends_a_waiting_next_and_timeouts_are_named() {
     // One frame per 1000 s: block 0 comes at once, block 1 not for hours.
@@ -1419,6 +1473,29 @@ fn stream_handles_and_inputs_are_checked() {
             },
             "want_pixels",
         ),
+        (
+            bc_stream_options {
+                want_latents: 2,
+                want_pixels: 1,
+                ..bc_stream_options_default()
+            },
+            "want_latents",
+        ),
+        (
+            bc_stream_options {
+                want_latents: 0,
+                ..bc_stream_options_default()
+            },
+            "needs want_pixels 1",
+        ),
+        (
+            // Between the two published sizes: ends inside `want_latents`.
+            bc_stream_options {
+                struct_size: 28,
+                ..bc_stream_options_default()
+            },
+            "24, 32",
+        ),
     ];
     for (o, what) in bad {
         expect_c_err(
@@ -1434,9 +1511,10 @@ fn stream_handles_and_inputs_are_checked() {
             d.struct_size as usize,
             d.queue_blocks,
             d.target_fps,
-            d.want_pixels
+            d.want_pixels,
+            d.want_latents
         ),
-        (std::mem::size_of::<bc_stream_options>(), 2, 0.0, 0)
+        (std::mem::size_of::<bc_stream_options>(), 2, 0.0, 0, 1)
     );
     // A session handle is not a stream handle, and NULL is not either.
     let mut b = empty_block();

@@ -642,8 +642,8 @@ typedef struct BcConvParams {
 
 /** `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16
  * `[h*w][c]`, with `mode` 0: as they are, 1: TAEHV's `tanh(z/3)*3`, 2: the Wan VAE's
- * un-normalisation `z / scale[c] + mean[c]` (`scale = 1/std`, divided as upstream does).
- * Grid (ceil(c*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS. */
+ * un-normalisation `z / scale[c] + mean[c]` (`scale = 1/std`, divided as upstream does);
+ * flags a non-finite latent in `nonfinite`. Grid (ceil(c*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS. */
 typedef struct BcDecLatentInParams {
     /** `[c][hw]` f32. */
     const float *z;
@@ -653,6 +653,10 @@ typedef struct BcDecLatentInParams {
     const float *mean;
     /** `[c]` 1/std (mode 2). */
     const float *scale;
+    /** One u32 that gets bit 0 set (atomicOr) when a latent read is NaN or +-inf (the latents
+     * handed over on the device are checked here, for nothing, instead of on the host); NULL:
+     * not checked. The caller zeroes it and reads it back. */
+    unsigned int *nonfinite;
     /** Channels. */
     bc_i32 c;
     /** Pixels. */

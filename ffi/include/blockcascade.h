@@ -305,9 +305,17 @@ typedef struct {
                             session's decoder (bc_session_set_decoder; its frames callback is not
                             called) or, without one, the built-in tiny random TAEHV; 0 = latents
                             only (default) */
+  /* Added in the second version (struct_size 32; the first, 24, ends here: its fields below
+     take their defaults). */
+  uint32_t reserved;     /* ignored (the first version's padding); set to 0 */
+  uint32_t want_latents; /* 1 = bc_stream_next hands out each block's latents (default); 0 =
+                            frames only (needs want_pixels = 1): the block's latents pointer is
+                            NULL and frames/channels/height/width are 0, and when the decoder
+                            runs on the DiT's CUDA device only the RGB8 frames cross to the
+                            host (the latents go from the DiT to the decoder on the device) */
 } bc_stream_options;
 
-/* Default stream options: struct_size set, queue 2, unpaced (fps 0), no pixels. */
+/* Default stream options: struct_size set, queue 2, unpaced (fps 0), no pixels, latents. */
 bc_stream_options bc_stream_options_default(void);
 
 /* Starts a stream on a session. `opts` may be NULL for the defaults. On success writes a new
@@ -325,7 +333,8 @@ bc_status bc_stream_open(bc_session *s, const bc_stream_options *opts, bc_stream
 typedef struct {
   uint32_t struct_size;   /* set by the caller to sizeof(bc_stream_block) */
   uint64_t block_index;   /* 0, 1, 2, ... in order */
-  const float *latents;   /* [frames][channels][height][width] f32 */
+  const float *latents;   /* [frames][channels][height][width] f32, or NULL without
+                             want_latents (frames, channels, height, width are then 0) */
   uint32_t frames, channels, height, width;
   const uint8_t *rgb;     /* [pixel_frames][pixel_height][pixel_width][3] 8-bit RGB, or NULL
                              without want_pixels (pixel_* are then 0). A block of F latent

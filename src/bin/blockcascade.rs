@@ -5,7 +5,7 @@ use blockcascade::cascade::Plan;
 use blockcascade::config::local_attn_frames;
 use blockcascade::config::BackendKind;
 use blockcascade::config::KvExchange;
-use blockcascade::decode::{BackgroundDecoder, DecodeDevice, Decoder, DecoderKind};
+use blockcascade::decode::{BackgroundDecoder, DecodeDevice, Decoder, DecoderKind, PixelOutputs};
 use blockcascade::engine::MemoryEstimate;
 use blockcascade::noise::{NoiseSource, RecordedNoise};
 use blockcascade::prompt::{load_schedule_with_text, PromptEmbeds};
@@ -1079,14 +1079,23 @@ fn start_video(
     decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
     let (h, w) = decoder.pixel_size(latent_h, latent_w);
     let writer = VideoWriter::create(path, w, h, &v.options())?;
-    let f32 = writer.format() == blockcascade::video::VideoFormat::Safetensors;
+    // A `.safetensors` video is f32 only: no RGB8 conversion on the CPU.
+    let outputs = match writer.format() {
+        blockcascade::video::VideoFormat::Safetensors => PixelOutputs::F32,
+        _ => PixelOutputs::Rgb8,
+    };
     let size = (latent_h, latent_w);
-    BackgroundDecoder::spawn_on(decoder, device, size, f32, writer, |wr, out| {
-        match &out.f32 {
+    BackgroundDecoder::spawn_on(
+        decoder,
+        device,
+        size,
+        outputs,
+        writer,
+        |wr, out| match &out.f32 {
             Some(f) => wr.write_frames(f, out.frames),
             None => wr.write_rgb8(&out.rgb, out.frames),
-        }
-    })
+        },
+    )
 }
 
 /// `decode`: latents file to video, streamed in blocks of `--block-frames` latent frames.

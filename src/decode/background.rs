@@ -50,6 +50,42 @@ fn not_on_device() -> Error {
     Error::invalid("device latents need the decoder on the DiT's device (this one runs on the CPU)")
 }
 
+/// Which pixels [`BackgroundDecoder::spawn_on`] hands out per block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PixelOutputs {
+    /// RGB8 `[T][H][W][3]` only (a video file, a frames callback without f32).
+    Rgb8,
+    /// RGB8 and f32 `[T][3][H][W]`.
+    Rgb8AndF32,
+    /// f32 only (e.g. `--video x.safetensors`): on the CPU the RGB8 conversion is skipped and
+    /// [`DeviceFrames::rgb`] is empty; a device decoder makes RGB8 anyway (one small kernel of
+    /// the frame's last pass).
+    F32,
+}
+
+impl PixelOutputs {
+    /// Whether f32 frames are wanted.
+    pub fn f32(self) -> bool {
+        self != PixelOutputs::Rgb8
+    }
+
+    /// Whether RGB8 frames are wanted.
+    pub fn rgb8(self) -> bool {
+        self != PixelOutputs::F32
+    }
+}
+
+/// `want_f32`: RGB8, and f32 too when `true` (what `spawn_on` took before these outputs).
+impl From<bool> for PixelOutputs {
+    fn from(want_f32: bool) -> Self {
+        if want_f32 {
+            PixelOutputs::Rgb8AndF32
+        } else {
+            PixelOutputs::Rgb8
+        }
+    }
+}
+
 /// A decoder running on its own thread, feeding each block's frames to a consumer `S`.
 pub struct BackgroundDecoder<S: Send + 'static> {
     tx: Option<SyncSender<Block>>,
@@ -88,7 +124,8 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
     }
 
     /// [`spawn`](Self::spawn) on `device`, handing `on_frames` each block's pixels as RGB8
-    /// (and f32 `[T][3][H][W]` when `want_f32`). On a CUDA device the thread opens the device
+    /// and/or f32 `[T][3][H][W]` (`outputs`; a `bool` is `want_f32`, RGB8 always). On a CUDA
+    /// device the thread opens the device
     /// (its own streams, so decoding overlaps whatever else runs on the GPU; on a GPU it shares
     /// the device's primary context, the DiT's too) and uploads the decoder
     /// ([`DecodeDevice::open_decoder`]): only those pixels come back to the host. On the CPU the
@@ -102,13 +139,15 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
         decoder: Arc<Decoder>,
         device: DecodeDevice,
         (latent_h, latent_w): (usize, usize),
-        want_f32: bool,
+        outputs: impl Into<PixelOutputs>,
         state: S,
         mut on_frames: F,
     ) -> Result<Self>
     where
         F: FnMut(&mut S, DeviceFrames) -> Result<()> + Send + 'static,
     {
+        let outputs = outputs.into();
+        let want_f32 = outputs.f32();
         decoder.check_latent_size(decoder.latent_channels(), latent_h, latent_w)?;
         Self::start_ready(move |rx, ready| {
             let mut state = state;
@@ -155,7 +194,11 @@ impl<S: Send + 'static> BackgroundDecoder<S> {
                             frames: v.frames,
                             height: v.height,
                             width: v.width,
-                            rgb: v.to_rgb8(),
+                            rgb: if outputs.rgb8() {
+                                v.to_rgb8()
+                            } else {
+                                Vec::new()
+                            },
                             f32: want_f32.then_some(v.data),
                         };
                         on_frames(&mut state, out)?;
@@ -476,6 +519,27 @@ mod tests {
             assert_eq!(rgb, whole.to_rgb8());
             assert_eq!(f, if want_f32 { whole.data.clone() } else { vec![] });
         }
+        // f32 only: the same f32 frames, no RGB8 made.
+        let mut bg = BackgroundDecoder::spawn_on(
+            dec.clone(),
+            DecodeDevice::Cpu,
+            (h, w),
+            PixelOutputs::F32,
+            (Vec::new(), Vec::new(), 0),
+            |acc, out| {
+                acc.0.extend_from_slice(&out.rgb);
+                acc.1
+                    .extend_from_slice(out.f32.as_deref().unwrap_or_default());
+                acc.2 += out.frames;
+                Ok(())
+            },
+        )
+        .unwrap();
+        bg.push(&lat, 5).unwrap();
+        let (rgb, f, frames) = bg.finish().unwrap();
+        assert_eq!(frames, whole.frames);
+        assert!(rgb.is_empty(), "RGB8 made when only f32 was wanted");
+        assert!(f == whole.data, "the f32 frames differ without RGB8");
     }
 
     #[test]

@@ -113,6 +113,9 @@ struct Dev {
     pool_bytes: usize,
     /// Convolution FLOPs launched so far (2 per multiply-add, the attention's GEMMs included).
     flops: f64,
+    /// A u32 that `bc_dec_latent_in` flags when it reads a NaN/inf latent (0: none allocated
+    /// yet; a decoder allocates it with its first push).
+    nonfinite: DevPtr,
 }
 
 impl Dev {
@@ -123,6 +126,7 @@ impl Dev {
             pool: Vec::new(),
             pool_bytes: 0,
             flops: 0.0,
+            nonfinite: 0,
         }
     }
 
@@ -510,8 +514,9 @@ impl CudaDecoder {
     ///
     /// # Safety
     /// `latents` must be an allocation of this device's context (a handle on the same GPU, or
-    /// the emulated device) holding at least `frames * 16 * h * w` f32 values, finite, and
-    /// left unchanged until this call returns.
+    /// the emulated device) holding at least `frames * 16 * h * w` f32 values, left unchanged
+    /// until this call returns. A NaN/inf among them is found on the device and returned as
+    /// [`Error::Format`] (the frames of that push are dropped).
     pub unsafe fn push_device(
         &mut self,
         latents: DevPtr,
@@ -568,6 +573,12 @@ impl CudaDecoder {
             rgb: Vec::new(),
             f32: want_f32.then(Vec::new),
         };
+        // Latents handed over on the device never pass the host's finiteness check: the
+        // latent-input kernel flags a NaN/inf instead, read back with the pixels.
+        if self.dev.nonfinite == 0 {
+            self.dev.nonfinite = self.dev.gpu.alloc(4)?;
+        }
+        self.dev.gpu.memset(self.dev.nonfinite, 0, 4)?;
         // Host latents go up one frame at a time through `zbuf`.
         let zbuf = match latents {
             Latents::Host(_) => self.dev.gpu.alloc(4 * per.max(1))?,
@@ -604,8 +615,27 @@ impl CudaDecoder {
         if zbuf != 0 {
             self.dev.gpu.free(zbuf)?;
         }
-        r.map(|()| out)
+        r?;
+        // Host latents were checked before upload; device ones are read back here.
+        if let Latents::Device(_) = latents {
+            let mut flag = [0u32];
+            self.dev.gpu.download(&mut flag, self.dev.nonfinite)?;
+            if flag[0] != 0 {
+                return Err(non_finite_latents());
+            }
+        }
+        Ok(out)
     }
+}
+
+/// The error for NaN/inf latents found on the device: the same kind and words as the
+/// executor's check on the host (bad weights or prompt, not a bug).
+fn non_finite_latents() -> Error {
+    Error::Format(
+        "a block produced non-finite latents: the model's weights or the prompt embeddings are \
+         out of range (values overflow to inf/NaN)"
+            .into(),
+    )
 }
 
 /// Where a push's latents are.
@@ -663,6 +693,28 @@ mod tests {
         }
         assert_eq!(got, want);
         dit.sync().unwrap();
+
+        // A NaN or inf among device latents: the typed error, found on the device; the next
+        // push of clean latents decodes again.
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut poisoned = lat.clone();
+            poisoned[per / 4 + 5] = bad;
+            dit.upload(p, &poisoned).unwrap();
+            let ready = dit.mark_compute().unwrap();
+            dev.begin(h, w).unwrap();
+            // SAFETY: as above.
+            let e = unsafe { dev.push_device(p, frames, Some(&ready), false) }.unwrap_err();
+            assert!(
+                matches!(e, Error::Format(_)) && e.to_string().contains("non-finite"),
+                "{e:?}"
+            );
+        }
+        dit.upload(p, &lat).unwrap();
+        let ready = dit.mark_compute().unwrap();
+        dev.begin(h, w).unwrap();
+        // SAFETY: as above.
+        let again = unsafe { dev.push_device(p, frames, Some(&ready), true) }.unwrap();
+        assert_eq!(again, want);
 
         // Bad counts and a null pointer are errors, not reads.
         for (ptr, n) in [(p, 0), (p, MAX_DEVICE_FRAMES + 1), (0, 1)] {

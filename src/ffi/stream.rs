@@ -19,8 +19,12 @@ use std::panic::catch_unwind;
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
-/// The published `struct_size`s of the stream structs (one version each so far).
-const STREAM_OPTIONS_SIZES: &[usize] = &[size_of::<bc_stream_options>()];
+/// The published `struct_size`s of the stream structs, oldest first: `bc_stream_options`
+/// grew `reserved` (its first version's padding, made explicit) and `want_latents`.
+const STREAM_OPTIONS_SIZES: &[usize] = &[
+    std::mem::offset_of!(bc_stream_options, want_latents),
+    size_of::<bc_stream_options>(),
+];
 const STREAM_BLOCK_SIZES: &[usize] = &[size_of::<bc_stream_block>()];
 
 /// What a `bc_stream` handle holds.
@@ -33,6 +37,8 @@ pub(super) struct StreamEntry {
     /// The engine (prompt checks) and the session's text encoder, for the switches.
     engine: Engine,
     text: Option<Arc<crate::text::TextEncoder>>,
+    /// `bc_stream_options::want_latents`: blocks carry their latents.
+    want_latents: bool,
     /// Declared last: dropped after the stream (whose drop joins the worker).
     _release: SessionRelease,
 }
@@ -52,6 +58,8 @@ fn default_stream_options() -> bc_stream_options {
         queue_blocks: 2,
         target_fps: 0.0,
         want_pixels: 0,
+        reserved: 0,
+        want_latents: 1,
     }
 }
 
@@ -105,6 +113,14 @@ pub unsafe extern "C" fn bc_stream_open(
             1 => true,
             v => return invalid(format!("want_pixels must be 0 or 1, got {v}")),
         };
+        let want_latents = match o.want_latents {
+            0 if !want_pixels => {
+                return invalid("want_latents 0 needs want_pixels 1 (a block would carry nothing)")
+            }
+            0 => false,
+            1 => true,
+            v => return invalid(format!("want_latents must be 0 or 1, got {v}")),
+        };
         let entry = with_session(s, |sess| {
             // The session's decoder, else the engine's built-in one (shared by its streams).
             let decoder = match (want_pixels, &sess.frames) {
@@ -113,7 +129,7 @@ pub unsafe extern "C" fn bc_stream_open(
                 (true, None) => Some(sess.decoders.get(None)?),
             };
             let sopts = StreamOptions {
-                host_latents: true,
+                host_latents: want_latents,
                 queue_blocks: o.queue_blocks as usize,
                 target_fps: o.target_fps,
                 decoder,
@@ -137,6 +153,7 @@ pub unsafe extern "C" fn bc_stream_open(
                 inner: Mutex::new((stream, None)),
                 engine: sess.engine.clone(),
                 text: sess.text.clone(),
+                want_latents,
                 _release: SessionRelease(session.clone()),
             })
         })?;
@@ -191,14 +208,22 @@ pub unsafe extern "C" fn bc_stream_next(
                 })
             }
         };
+        // Without want_latents: none, also where they came to the host anyway (a decoder
+        // that is not on the DiT's device).
+        let (latents, shape) = if entry.want_latents {
+            let s = [block.frames, block.channels, block.height, block.width];
+            (block.latents.as_ptr(), s.map(|v| v as u32))
+        } else {
+            (std::ptr::null(), [0; 4])
+        };
         let value = bc_stream_block {
             struct_size: size_of::<bc_stream_block>() as u32,
             block_index: block.index,
-            latents: block.latents.as_ptr(),
-            frames: block.frames as u32,
-            channels: block.channels as u32,
-            height: block.height as u32,
-            width: block.width as u32,
+            latents,
+            frames: shape[0],
+            channels: shape[1],
+            height: shape[2],
+            width: shape[3],
             rgb: block.rgb.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()),
             pixel_frames: block.pixel_frames as u32,
             pixel_height: block.pixel_height as u32,

@@ -5,7 +5,8 @@ use super::{shared_engine, status, Session};
 use crate::ffi::sys::*;
 use crate::ffi::{
     bc_session_generate, bc_session_options_default, bc_stream_close, bc_stream_next,
-    bc_stream_open, bc_stream_switch_prompt, bc_stream_switch_prompt_text,
+    bc_stream_open, bc_stream_options_default, bc_stream_switch_prompt,
+    bc_stream_switch_prompt_text,
 };
 use crate::{Error, Result};
 use std::mem::size_of;
@@ -19,7 +20,8 @@ const WAIT_MS: i32 = 2;
 ///
 /// | bytes  | meaning                                                                       |
 /// |--------|-------------------------------------------------------------------------------|
-/// | 0..24  | a `bc_stream_options` as laid out in memory (`struct_size` first)             |
+/// | 0..24  | a `bc_stream_options`' first 24 bytes as laid out in memory (`struct_size`    |
+/// |        | first; the fields after them keep their defaults)                             |
 /// | 24..28 | `bc_stream_block.struct_size` for every `bc_stream_next`                      |
 /// | 28     | the session's `local_attn` (`-1` global, which a stream refuses, else 0..15)  |
 /// | 29..   | calls, one byte each (and their arguments): `% 5` = 0 next (no wait), 1 next  |
@@ -40,9 +42,18 @@ fn run(bytes: &[u8], wait_ms: i32) -> Result<u64> {
     let mut head = [0u8; 29];
     let n = bytes.len().min(head.len());
     head[..n].copy_from_slice(&bytes[..n]);
-    // SAFETY: bc_stream_options is integers and a double; any 24 bytes are a valid value.
-    let sopts: bc_stream_options =
-        unsafe { std::ptr::read_unaligned(head.as_ptr().cast::<bc_stream_options>()) };
+    // The first 24 bytes of the options (their first version); `reserved` and `want_latents`
+    // keep their defaults.
+    let mut sopts = bc_stream_options_default();
+    // SAFETY: bc_stream_options is integers and a double, at least 24 bytes: any 24 bytes at
+    // its start leave a valid value.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            head.as_ptr(),
+            (&mut sopts as *mut bc_stream_options).cast::<u8>(),
+            24,
+        )
+    };
     let block_size = u32::from_le_bytes([head[24], head[25], head[26], head[27]]);
     let mut o = bc_session_options_default();
     (o.height, o.width) = (2, 2);

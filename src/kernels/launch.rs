@@ -803,8 +803,8 @@ pub fn conv(
 }
 
 /// `bc_dec_latent_in` (`cuda/decode_ops.cu`): one latent frame f32 `[c][hw]` to NHWC bf16,
-/// `mode` 0 (as is), 1 (`tanh(z/3)*3`) or 2 (`z / scale[c] + mean[c]`). Grid (ceil(c*hw /
-/// `BC_ELEM_THREADS`)).
+/// `mode` 0 (as is), 1 (`tanh(z/3)*3`) or 2 (`z / scale[c] + mean[c]`); a NaN/inf latent sets
+/// bit 0 of the u32 at `nonfinite` (null: not checked). Grid (ceil(c*hw / `BC_ELEM_THREADS`)).
 pub fn dec_latent_in(
     z: *const f32,
     out: *mut bc_bf16,
@@ -813,6 +813,7 @@ pub fn dec_latent_in(
     mode: i32,
     mean: *const f32,
     scale: *const f32,
+    nonfinite: *mut u32,
 ) -> LaunchResult<Launch<BcDecLatentInParams>> {
     let k = Kernel::DecLatentIn;
     let n = mul(k, c, hw)?;
@@ -826,6 +827,7 @@ pub fn dec_latent_in(
             out,
             mean,
             scale,
+            nonfinite,
             c: i32_of(k, c, "c")?,
             hw: i32_of(k, hw, "hw")?,
             mode,

@@ -951,7 +951,7 @@ const _: () = {
         [::std::mem::offset_of!(BcConvParams, out_cstride) - 192usize];
     ["Offset of field: BcConvParams::_pad"][::std::mem::offset_of!(BcConvParams, _pad) - 196usize];
 };
-#[doc = " `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16\n `[h*w][c]`, with `mode` 0: as they are, 1: TAEHV's `tanh(z/3)*3`, 2: the Wan VAE's\n un-normalisation `z / scale[c] + mean[c]` (`scale = 1/std`, divided as upstream does).\n Grid (ceil(c*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
+#[doc = " `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16\n `[h*w][c]`, with `mode` 0: as they are, 1: TAEHV's `tanh(z/3)*3`, 2: the Wan VAE's\n un-normalisation `z / scale[c] + mean[c]` (`scale = 1/std`, divided as upstream does);\n flags a non-finite latent in `nonfinite`. Grid (ceil(c*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct BcDecLatentInParams {
@@ -963,6 +963,8 @@ pub struct BcDecLatentInParams {
     pub mean: *const f32,
     #[doc = " `[c]` 1/std (mode 2)."]
     pub scale: *const f32,
+    #[doc = " One u32 that gets bit 0 set (atomicOr) when a latent read is NaN or +-inf (the latents\n handed over on the device are checked here, for nothing, instead of on the host); NULL:\n not checked. The caller zeroes it and reads it back."]
+    pub nonfinite: *mut ::std::os::raw::c_uint,
     #[doc = " Channels."]
     pub c: bc_i32,
     #[doc = " Pixels."]
@@ -974,7 +976,7 @@ pub struct BcDecLatentInParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BcDecLatentInParams"][::std::mem::size_of::<BcDecLatentInParams>() - 48usize];
+    ["Size of BcDecLatentInParams"][::std::mem::size_of::<BcDecLatentInParams>() - 56usize];
     ["Alignment of BcDecLatentInParams"][::std::mem::align_of::<BcDecLatentInParams>() - 8usize];
     ["Offset of field: BcDecLatentInParams::z"]
         [::std::mem::offset_of!(BcDecLatentInParams, z) - 0usize];
@@ -984,14 +986,16 @@ const _: () = {
         [::std::mem::offset_of!(BcDecLatentInParams, mean) - 16usize];
     ["Offset of field: BcDecLatentInParams::scale"]
         [::std::mem::offset_of!(BcDecLatentInParams, scale) - 24usize];
+    ["Offset of field: BcDecLatentInParams::nonfinite"]
+        [::std::mem::offset_of!(BcDecLatentInParams, nonfinite) - 32usize];
     ["Offset of field: BcDecLatentInParams::c"]
-        [::std::mem::offset_of!(BcDecLatentInParams, c) - 32usize];
+        [::std::mem::offset_of!(BcDecLatentInParams, c) - 40usize];
     ["Offset of field: BcDecLatentInParams::hw"]
-        [::std::mem::offset_of!(BcDecLatentInParams, hw) - 36usize];
+        [::std::mem::offset_of!(BcDecLatentInParams, hw) - 44usize];
     ["Offset of field: BcDecLatentInParams::mode"]
-        [::std::mem::offset_of!(BcDecLatentInParams, mode) - 40usize];
+        [::std::mem::offset_of!(BcDecLatentInParams, mode) - 48usize];
     ["Offset of field: BcDecLatentInParams::_pad"]
-        [::std::mem::offset_of!(BcDecLatentInParams, _pad) - 44usize];
+        [::std::mem::offset_of!(BcDecLatentInParams, _pad) - 52usize];
 };
 #[doc = " `bc_dec_rms_norm`: the Wan VAE's channel RMS norm of NHWC bf16 pixels, `y = x / max(|x|_2,\n 1e-12) * sqrt(c) * gamma`, then SiLU when `silu`. One warp per pixel; grid (ceil(pixels /\n BC_DEC_NORM_PIXELS)), block 32 * BC_DEC_NORM_PIXELS."]
 #[repr(C)]

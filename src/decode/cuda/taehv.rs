@@ -119,6 +119,7 @@ impl DevTaehv {
             1,
             null,
             null,
+            dev.nonfinite as *mut u32,
         );
         dev.run(l)?;
         self.walk(dev, st, 1, x, false, out)

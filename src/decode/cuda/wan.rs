@@ -246,6 +246,7 @@ impl DevWan {
             2,
             self.mean as *const f32,
             self.scale as *const f32,
+            dev.nonfinite as *mut u32,
         );
         dev.run(l)?;
         let x1 = dev.conv(

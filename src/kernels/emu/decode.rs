@@ -176,8 +176,15 @@ pub enum LatentMap<'a> {
     },
 }
 
-/// `bc_dec_latent_in` (`cuda/decode_ops.cu`): one latent frame `[c][hw]` f32 to NHWC bf16.
-pub fn latent_in(z: &[f32], c: usize, map: LatentMap, out: &mut [bf16]) -> LaunchResult {
+/// `bc_dec_latent_in` (`cuda/decode_ops.cu`): one latent frame `[c][hw]` f32 to NHWC bf16;
+/// bit 0 of `nonfinite` is set (never cleared) when a latent is NaN or infinite.
+pub fn latent_in(
+    z: &[f32],
+    c: usize,
+    map: LatentMap,
+    out: &mut [bf16],
+    nonfinite: Option<&mut u32>,
+) -> LaunchResult {
     let k = Kernel::DecLatentIn;
     if c == 0 || z.len() % c != 0 {
         return Err(invalid(k, "c must divide z.len()"));
@@ -200,6 +207,7 @@ pub fn latent_in(z: &[f32], c: usize, map: LatentMap, out: &mut [bf16]) -> Launc
         mode,
         mean,
         scale,
+        nonfinite.map_or(std::ptr::null_mut(), |f| f as *mut u32),
     ))
 }
 
@@ -703,7 +711,9 @@ mod tests {
         .enumerate()
         {
             let mut out = vec![bf16::NAN; c * hw];
-            latent_in(&z, c, map, &mut out).unwrap();
+            let mut flag = 0;
+            latent_in(&z, c, map, &mut out, Some(&mut flag)).unwrap();
+            assert_eq!(flag, 0, "finite latents flagged");
             let want: Vec<f32> = (0..hw * c)
                 .map(|j| {
                     let (p, ch) = (j / c, j % c);
@@ -722,6 +732,37 @@ mod tests {
                 1.0 / 256.0,
                 0.0,
             );
+        }
+    }
+
+    #[test]
+    fn latent_in_flags_a_non_finite_latent() {
+        let mut rng = Rng::new(21);
+        let (c, hw) = (16, 35);
+        for (bad, map) in [
+            (f32::NAN, LatentMap::TanhClamp),
+            (f32::INFINITY, LatentMap::Identity),
+        ]
+        .into_iter()
+        .chain([(f32::NEG_INFINITY, LatentMap::TanhClamp)])
+        {
+            let mut z: Vec<f32> = (0..c * hw).map(|_| 2.0 * rng.normal()).collect();
+            let at = (rng.next_u64() % (c * hw) as u64) as usize;
+            z[at] = bad;
+            let mut out = vec![bf16::NAN; c * hw];
+            let mut flag = 0;
+            latent_in(&z, c, map, &mut out, Some(&mut flag)).unwrap();
+            assert_eq!(flag, 1, "{bad} at {at} not flagged");
+            // Every other value is still converted (the check does not stop the kernel).
+            let (p, ch) = (at % hw, at / hw);
+            let ok = out
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != p * c + ch)
+                .all(|(_, v)| v.to_f32().is_finite());
+            assert!(ok, "a finite latent came out non-finite");
+            // No flag pointer: converted, nothing written.
+            latent_in(&z, c, map, &mut out, None).unwrap();
         }
     }
 

@@ -256,16 +256,8 @@ inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
-inline float __int_as_float(int x) {
-    float f;
-    std::memcpy(&f, &x, 4);
-    return f;
-}
-inline int __float_as_int(float f) {
-    int x;
-    std::memcpy(&x, &f, 4);
-    return x;
-}
+inline float __int_as_float(int x) { return bc_emu_detail::u2f(static_cast<uint32_t>(x)); }
+inline int __float_as_int(float f) { return static_cast<int>(bc_emu_detail::f2u(f)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }

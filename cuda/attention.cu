@@ -278,56 +278,15 @@ __device__ __forceinline__ void att_tile(const AttSmem<Cfg>& sm, bc_saddr stage,
     att_softmax_pv<Cfg>(sm, stage, s, o, m, l, qscale, MASK, kn, t);
 }
 
-#if BC_HAS_WGMMA
-/// One key tile of the warpgroup (64 query rows, warp w: rows 16w..16w+15): S = Q K^T by
-/// HDMAX / 16 wgmma m64n64k16 (A = Q, B = the K tile, both read by descriptor from the
-/// 128B-swizzled column blocks; `dq` / `dk` are the k-step-0 descriptors, k-step s starts in
-/// column block s / 4, 32 (s % 4) bytes into its rows),
-/// committed as one group and waited for, then the same softmax and P V (mma.sync) as
-/// att_tile. The D fragment of warp w (register 4j + e: row g + 8 (e >> 1), key 8j + 2t +
-/// (e & 1)) is the mma.sync C layout of the warp's m16 tile, so it is the S of att_tile as is.
-/// `d`: the accumulator registers (their old value is ignored: scale-d 0 at k-step 0).
+/// Online softmax (base 2) of a key tile (per warp, Cfg::MT m-tiles): S becomes P in place, the
+/// row maxima m and sums l are updated and O rescaled where a maximum grew. `MASK`: keys kn.. of
+/// the tile are past the segment end (P = 0); a compile-time constant at every call (the
+/// function is inlined into both copies of the tile code).
 template <class Cfg>
-__device__ __forceinline__ void att_wg_tile(const AttSmem<Cfg>& sm, bc_saddr stage, uint64_t dq, uint64_t dk,
-                                            float (&d)[Cfg::BK / 2], float (*o)[Cfg::HDMAX / 8][4], float (*m)[2],
-                                            float (*l)[2], float qscale, bool mask, int kn, int t) {
-    constexpr int KSTEPS = Cfg::HDMAX / 16, NS = Cfg::BK / 8;
-    bc_wgmma_fence_operand(d);
-    bc_wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < KSTEPS; ++k) {
-        // k-step k: column block 16k / 64 (BK * 128 bytes each), 32 (k % 4) bytes into its rows
-        // (bc_wgmma_kmajor_desc; Q and K tiles have BK rows), in descriptor units of 16 bytes.
-        constexpr int KB = Cfg::BK * 128 / 16;
-        const uint64_t step = (uint64_t)((k / 4) * KB + 2 * (k % 4));
-        bc_wgmma_ss<Cfg::BK>(d, dq + step, dk + step, k > 0);
-    }
-    bc_wgmma_commit();
-    bc_wgmma_wait<0>();
-    bc_wgmma_fence_operand(d);
-    float s[1][NS][4];
-#pragma unroll
-    for (int j = 0; j < NS; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][j][e] = d[4 * j + e];
-    att_softmax_pv<Cfg>(sm, stage, s, o, m, l, qscale, mask, kn, t);
-}
-#endif
-
-/// The rest of a key tile after S (per warp, Cfg::MT m-tiles): online softmax (base 2) and
-/// O += P V. `mask`: keys kn.. of the tile are past the segment end (P = 0); a compile-time
-/// constant at every call (the function is inlined into both copies of the tile code).
-template <class Cfg>
-__device__ __forceinline__ void att_softmax_pv(const AttSmem<Cfg>& sm, bc_saddr stage, float (*s)[Cfg::BK / 8][4],
-                                               float (*o)[Cfg::HDMAX / 8][4], float (*m)[2], float (*l)[2],
-                                               float qscale, bool MASK, int kn, int t) {
+__device__ __forceinline__ void att_softmax(float (*s)[Cfg::BK / 8][4], float (*o)[Cfg::HDMAX / 8][4], float (*m)[2],
+                                            float (*l)[2], float qscale, bool MASK, int kn, int t) {
     constexpr int ATT_MT = Cfg::MT;
-    constexpr int KSTEPS = Cfg::HDMAX / 16;  // n-tile pairs of P V (head dim)
-    constexpr int NS = Cfg::BK / 8;          // n8 tiles of S (keys)
-    constexpr int JB = Cfg::BK / 16;         // k-steps of P V
-    constexpr int PV = JB * KSTEPS;          // ldmatrix steps
-    unsigned vb[2][4];
-    bc_ldmatrix_x4_trans_at(vb[0], stage + sm.v_frag(0, 0));
+    constexpr int NS = Cfg::BK / 8;  // n8 tiles of S (keys)
     // Online softmax (base 2) on the fragments: lane holds S[g][col], S[g+8][col] of each m-tile
     // for col = 8j + 2t, 8j + 2t + 1. qscale >= 0 (the kernel folds a negative scale into Q),
     // so the row max of S * qscale is qscale * (row max of S), and P = 2^(S * qscale - m) is one
@@ -378,6 +337,32 @@ __device__ __forceinline__ void att_softmax_pv(const AttSmem<Cfg>& sm, bc_saddr 
             }
         }
     }
+}
+
+/// P of key block kk (keys 16kk .. 16kk+15) of m-tile mt as the bf16 A fragment of an m16n8k16
+/// (and of the warp's rows of a wgmma m64nNk16 with A from registers): accumulator n-tiles 2kk,
+/// 2kk+1, rows g / g+8, columns 2t, 2t+1.
+template <class Cfg>
+__device__ __forceinline__ void att_p_frag(unsigned (&pa)[4], const float (*s)[Cfg::BK / 8][4], int mt, int kk) {
+    pa[0] = att_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+    pa[1] = att_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+    pa[2] = att_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+    pa[3] = att_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+}
+
+/// The rest of a key tile after S (per warp, Cfg::MT m-tiles): online softmax (base 2) and
+/// O += P V (mma.sync). `mask`: as att_softmax.
+template <class Cfg>
+__device__ __forceinline__ void att_softmax_pv(const AttSmem<Cfg>& sm, bc_saddr stage, float (*s)[Cfg::BK / 8][4],
+                                               float (*o)[Cfg::HDMAX / 8][4], float (*m)[2], float (*l)[2],
+                                               float qscale, bool MASK, int kn, int t) {
+    constexpr int ATT_MT = Cfg::MT;
+    constexpr int KSTEPS = Cfg::HDMAX / 16;  // n-tile pairs of P V (head dim)
+    constexpr int JB = Cfg::BK / 16;         // k-steps of P V
+    constexpr int PV = JB * KSTEPS;          // ldmatrix steps
+    unsigned vb[2][4];
+    bc_ldmatrix_x4_trans_at(vb[0], stage + sm.v_frag(0, 0));
+    att_softmax<Cfg>(s, o, m, l, qscale, MASK, kn, t);
     // O += P V: A fragment of key block kk = accumulator n-tiles 2kk, 2kk+1 as bf16; B fragments
     // of head-dim n-tiles 2nn, 2nn+1 via ldmatrix.x4.trans. Step i = (key block i / KSTEPS,
     // n-tile pair i % KSTEPS); each V fragment feeds 2 m-tiles x 2 n-tiles. Keys past kn have
@@ -386,12 +371,7 @@ __device__ __forceinline__ void att_softmax_pv(const AttSmem<Cfg>& sm, bc_saddr 
 #pragma unroll
     for (int kk = 0; kk < JB; ++kk) {
 #pragma unroll
-        for (int mt = 0; mt < ATT_MT; ++mt) {
-            pa[kk][mt][0] = att_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-            pa[kk][mt][1] = att_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-            pa[kk][mt][2] = att_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-            pa[kk][mt][3] = att_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-        }
+        for (int mt = 0; mt < ATT_MT; ++mt) att_p_frag<Cfg>(pa[kk][mt], s, mt, kk);
     }
 #pragma unroll
     for (int i = 0; i < PV; ++i) {
@@ -404,6 +384,65 @@ __device__ __forceinline__ void att_softmax_pv(const AttSmem<Cfg>& sm, bc_saddr 
         }
     }
 }
+
+#if BC_HAS_WGMMA
+/// One key tile of the warpgroup (64 query rows, warp w: rows 16w..16w+15), all four products
+/// by wgmma:
+///   S = Q K^T: HDMAX / 16 x m64n64k16, A = Q, B = the K tile (K-major), both read by descriptor
+///     from the 128B-swizzled column blocks (`dq` / `dk`: the k-step-0 descriptors; k-step s
+///     starts in column block s / 4, 32 (s % 4) bytes into its rows), one commit group, waited
+///     for. The D fragment of warp w (register 4j + e: row g + 8 (e >> 1), key 8j + 2t + (e & 1))
+///     is the mma.sync C layout of the warp's m16 tile, so the softmax reads it as is.
+///   online softmax (att_softmax, the same code as the mma.sync kernels);
+///   O += P V: BK / 16 x m64nHDMAXk16 with A = P from registers (att_p_frag: the register-A
+///     fragment of key block kk is the S accumulator's n-tiles 2kk, 2kk+1 as bf16) and B = the V
+///     tile MN-major (imm-trans-b = 1: V is [keys][head_dim], head_dim contiguous; its
+///     128B-swizzled 64-column blocks are the MN-major canonical layout with SBO 1024 between
+///     8-key groups and LBO BK * 128 between column blocks; `dv`: key block 0's descriptor,
+///     key block kk at + 2048 kk bytes). O's registers are the m64nHDMAX accumulator (register
+///     4j + e: row g + 8 (e >> 1), column 8j + 2t + (e & 1), the layout of o[0][j][e]). One
+///     commit group, waited for before the tile's stage may be refilled.
+/// `d`: the S accumulator registers (their old value is ignored: scale-d 0 at k-step 0).
+template <class Cfg>
+__device__ __forceinline__ void att_wg_tile(uint64_t dq, uint64_t dk, uint64_t dv, float (&d)[Cfg::BK / 2],
+                                            float (*o)[Cfg::HDMAX / 8][4], float (*m)[2], float (*l)[2], float qscale,
+                                            bool mask, int kn, int t) {
+    constexpr int KSTEPS = Cfg::HDMAX / 16, NS = Cfg::BK / 8, JB = Cfg::BK / 16;
+    bc_wgmma_fence_operand(d);
+    bc_wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < KSTEPS; ++k) {
+        // k-step k: column block 16k / 64 (BK * 128 bytes each), 32 (k % 4) bytes into its rows
+        // (bc_wgmma_kmajor_desc; Q and K tiles have BK rows), in descriptor units of 16 bytes.
+        constexpr int KB = Cfg::BK * 128 / 16;
+        const uint64_t step = (uint64_t)((k / 4) * KB + 2 * (k % 4));
+        bc_wgmma_ss<Cfg::BK>(d, dq + step, dk + step, k > 0);
+    }
+    bc_wgmma_commit();
+    bc_wgmma_wait<0>();
+    bc_wgmma_fence_operand(d);
+    float s[1][NS][4];
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][j][e] = d[4 * j + e];
+    att_softmax<Cfg>(s, o, m, l, qscale, mask, kn, t);
+    unsigned pa[JB][4];
+#pragma unroll
+    for (int kk = 0; kk < JB; ++kk) att_p_frag<Cfg>(pa[kk], s, 0, kk);
+    float(&of)[Cfg::HDMAX / 2] = *reinterpret_cast<float(*)[Cfg::HDMAX / 2]>(&o[0][0][0]);
+    bc_wgmma_fence_operand(of);
+    bc_wgmma_fence();  // O was rescaled, P written: order them before the mma reads them
+#pragma unroll
+    for (int kk = 0; kk < JB; ++kk) {
+        // key block kk: two 8-key groups (SBO 1024 bytes each) on, in descriptor units of 16 bytes
+        bc_wgmma_rs_nmajor<Cfg::HDMAX>(of, pa[kk], dv + (uint64_t)(kk * 2 * 1024 / 16), 1);
+    }
+    bc_wgmma_commit();
+    bc_wgmma_wait<0>();
+    bc_wgmma_fence_operand(of);
+}
+#endif
 
 template <class Cfg>
 __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, unsigned char* smem_raw) {
@@ -518,18 +557,20 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
 
     // wgmma: descriptors of k-step 0 of the Q tile and of stage 0's K tile (128B swizzle,
     // 8-row groups 1024 bytes apart); stage 1's is STAGEB bytes on.
-    uint64_t dq = 0, dk0 = 0;
+    // The V tile's (MN-major B of P V: BK keys x HDMAX) likewise, TILEB bytes after K.
+    uint64_t dq = 0, dk0 = 0, dv0 = 0;
     float d[Cfg::WG ? BK / 2 : 1];
 #if BC_HAS_WGMMA
     if constexpr (Cfg::WG) {
         const unsigned w = bc_smem_window_addr(smem);
         dq = bc_wgmma_kmajor_desc(w + Cfg::Q_OFF, BC_WGMMA_SWIZZLE_128B, ATT_BQ, HDMAX, 0);
         dk0 = bc_wgmma_kmajor_desc(w, BC_WGMMA_SWIZZLE_128B, BK, HDMAX, 0);
+        dv0 = bc_wgmma_mnmajor_desc(w + Sm::TILEB, BC_WGMMA_SWIZZLE_128B, BK, HDMAX, 0);
 #pragma unroll
         for (int i = 0; i < BK / 2; ++i) d[i] = 0.f;
     }
 #endif
-    (void)dq, (void)dk0, (void)d;
+    (void)dq, (void)dk0, (void)dv0, (void)d;
 
     // 2. Key tiles, double-buffered.
     for (int st = 0; have; st ^= 1) {
@@ -554,11 +595,11 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             const bc_saddr stage = base + st * Sm::STAGEB;
             if constexpr (Cfg::WG) {
 #if BC_HAS_WGMMA
-                const uint64_t dk = dk0 + (uint64_t)(st * (Sm::STAGEB >> 4));
+                const uint64_t so = (uint64_t)(st * (Sm::STAGEB >> 4));  // stage offset, 16-byte units
                 if (kn == BK)
-                    att_wg_tile<Cfg>(sm, stage, dq, dk, d, o, m, l, qscale, false, kn, t);
+                    att_wg_tile<Cfg>(dq, dk0 + so, dv0 + so, d, o, m, l, qscale, false, kn, t);
                 else
-                    att_wg_tile<Cfg>(sm, stage, dq, dk, d, o, m, l, qscale, true, kn, t);
+                    att_wg_tile<Cfg>(dq, dk0 + so, dv0 + so, d, o, m, l, qscale, true, kn, t);
 #endif
             } else {
                 if (kn == BK)

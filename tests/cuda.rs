@@ -828,9 +828,11 @@ fn mma_fragment_layouts_match_the_hardware() {
 /// The Hopper warpgroup-MMA layouts on the hardware (run first by the GPU bundle, before any
 /// wgmma kernel relies on them): `bc_wgmma_probe` (a warpgroup computes `c[64][n] = a . b^T`
 /// through shared memory) for every shared-memory layout (no swizzle, 128/64/32-byte swizzle),
-/// N = 64/128/256 and A from shared memory or registers, then at N = 128 with one commit group
-/// per k-step and with two warpgroups, against a plain matmul, one `WGMMA ... PASS|FAIL` line
-/// each; then a deliberately wrong descriptor must not match. The SIMT emulation implements
+/// N = 64/128/256, A from shared memory or registers and B K-major or MN-major (the
+/// `imm-trans-b = 1` form of P V), then at N = 128 with one commit group per k-step and with two
+/// warpgroups, against a plain matmul, one `WGMMA ... PASS|FAIL` line each; then deliberately
+/// wrong descriptors (a stride, an MN-major leading offset, the K-major form on an MN-major
+/// tile) must not match. The SIMT emulation implements
 /// these layouts from the PTX ISA (tests/wgmma_emu.rs); this is the check that the emulation is
 /// the hardware. Needs compute capability 9.0 (sm_90a); elsewhere it prints `WGMMA SKIP`.
 #[test]
@@ -838,7 +840,9 @@ fn wgmma_layouts_match_the_hardware() {
     use blockcascade::kernels::emu::{
         wgmma_probe_params, WgmmaProbeCase, WGMMA_PROBE_LAYOUTS, WGMMA_PROBE_NS,
     };
-    use blockcascade::kernels::params::BC_WGMMA_FAULT_STRIDE;
+    use blockcascade::kernels::params::{
+        BC_WGMMA_FAULT_LBO, BC_WGMMA_FAULT_NO_TRANS, BC_WGMMA_FAULT_STRIDE,
+    };
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut g) = gpu("wgmma_layouts_match_the_hardware") else {
         return;
@@ -889,22 +893,28 @@ fn wgmma_layouts_match_the_hardware() {
             .fold(0.0, f32::max)
     };
     let mut cases = Vec::new();
-    for n in WGMMA_PROBE_NS {
-        for (swizzle, _) in WGMMA_PROBE_LAYOUTS {
-            for a_regs in [false, true] {
-                cases.push(WgmmaProbeCase {
-                    a_regs,
-                    ..WgmmaProbeCase::new(n, swizzle)
-                });
+    for b_mn_major in [false, true] {
+        for n in WGMMA_PROBE_NS {
+            for (swizzle, _) in WGMMA_PROBE_LAYOUTS {
+                for a_regs in [false, true] {
+                    cases.push(WgmmaProbeCase {
+                        a_regs,
+                        b_mn_major,
+                        ..WgmmaProbeCase::new(n, swizzle)
+                    });
+                }
             }
         }
     }
     for (swizzle, _) in WGMMA_PROBE_LAYOUTS {
-        for (warpgroups, a_regs) in [(1, false), (2, true)] {
+        for (warpgroups, a_regs, b_mn_major) in
+            [(1, false, false), (2, true, false), (2, true, true)]
+        {
             cases.push(WgmmaProbeCase {
                 a_regs,
                 pipelined: true,
                 warpgroups,
+                b_mn_major,
                 ..WgmmaProbeCase::new(128, swizzle)
             });
         }
@@ -914,9 +924,14 @@ fn wgmma_layouts_match_the_hardware() {
         let err = run(&mut g, case);
         let layout = WGMMA_PROBE_LAYOUTS[case.swizzle as usize].1;
         let what = format!(
-            "m64n{}k16 swizzle={layout} A={}{}{}",
+            "m64n{}k16 swizzle={layout} A={} B={}{}{}",
             case.n,
             if case.a_regs { "registers" } else { "shared" },
+            if case.b_mn_major {
+                "MN-major"
+            } else {
+                "K-major"
+            },
             if case.pipelined {
                 " group-per-kstep"
             } else {
@@ -935,19 +950,33 @@ fn wgmma_layouts_match_the_hardware() {
             failed.push(what);
         }
     }
-    // The control: a stride-dimension byte offset 16 bytes off must not match.
-    let control = WgmmaProbeCase {
-        fault: BC_WGMMA_FAULT_STRIDE as i32,
-        ..WgmmaProbeCase::new(64, 1)
-    };
-    let err = run(&mut g, &control);
-    let ok = err > 1e-2;
-    println!(
-        "WGMMA control: wrong B descriptor {} (max_err={err:.2e}, must be large)",
-        if ok { "PASS" } else { "FAIL" }
-    );
-    if !ok {
-        failed.push("the wrong-descriptor control matched".into());
+    // The controls: a stride-dimension byte offset 16 bytes off, an MN-major leading-dimension
+    // byte offset 16 bytes off (N = 128: two 128B atoms), and an MN-major tile read by the
+    // K-major form must not match.
+    for (what, fault, n, b_mn_major) in [
+        ("wrong B descriptor", BC_WGMMA_FAULT_STRIDE, 64, false),
+        (
+            "wrong MN-major leading offset",
+            BC_WGMMA_FAULT_LBO,
+            128,
+            true,
+        ),
+        ("MN-major B read K-major", BC_WGMMA_FAULT_NO_TRANS, 64, true),
+    ] {
+        let control = WgmmaProbeCase {
+            fault: fault as i32,
+            b_mn_major,
+            ..WgmmaProbeCase::new(n, 1)
+        };
+        let err = run(&mut g, &control);
+        let ok = err > 1e-2;
+        println!(
+            "WGMMA control: {what} {} (max_err={err:.2e}, must be large)",
+            if ok { "PASS" } else { "FAIL" }
+        );
+        if !ok {
+            failed.push(format!("the control '{what}' matched"));
+        }
     }
     assert!(failed.is_empty(), "wgmma layouts that fail: {failed:?}");
 }

@@ -2,14 +2,15 @@
 //! probe kernel `bc_wgmma_probe` against a CPU f32 matmul on fresh random bf16 inputs (output
 //! poisoned with NaN first), for every shared-memory layout (no swizzle, 128/64/32-byte swizzle),
 //! N = 64/128/256 and A from shared memory or registers (and one commit group per k-step, two
-//! warpgroups); a deliberately wrong descriptor must give a wrong answer, and the emulation must
-//! report misuse. This checks the emulation's reading of the PTX ISA (descriptor,
+//! warpgroups), with B K-major and MN-major (`imm-trans-b = 1`, the form P V uses); a
+//! deliberately wrong descriptor must give a wrong answer, and the emulation must report misuse. This checks the emulation's reading of the PTX ISA (descriptor,
 //! swizzle, fragment layouts, async groups); tests/cuda.rs runs the same probe on a Hopper GPU.
 
 use blockcascade::kernels::emu::{self, WgmmaProbeCase, WGMMA_PROBE_LAYOUTS, WGMMA_PROBE_NS};
 use blockcascade::kernels::params::{
-    BC_WGMMA_FAULT_DIVERGENT, BC_WGMMA_FAULT_EARLY_READ, BC_WGMMA_FAULT_MISALIGNED,
-    BC_WGMMA_FAULT_NO_WAIT, BC_WGMMA_FAULT_STRIDE, BC_WGMMA_PROBE_K,
+    BC_WGMMA_FAULT_DIVERGENT, BC_WGMMA_FAULT_EARLY_READ, BC_WGMMA_FAULT_LBO,
+    BC_WGMMA_FAULT_MISALIGNED, BC_WGMMA_FAULT_NO_TRANS, BC_WGMMA_FAULT_NO_WAIT,
+    BC_WGMMA_FAULT_STRIDE, BC_WGMMA_PROBE_K,
 };
 use blockcascade::kernels::LaunchErrorKind;
 use blockcascade::rng::Rng;
@@ -58,9 +59,9 @@ fn check(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-#[test]
-fn wgmma_probe_matches_a_matmul_for_every_layout() {
-    let mut rng = Rng::new(90);
+/// Every layout x N x A source, with B K-major or (`b_mn_major`) MN-major.
+fn probe_every_layout(seed: u64, b_mn_major: bool) {
+    let mut rng = Rng::new(seed);
     for n in WGMMA_PROBE_NS {
         for (swizzle, name) in WGMMA_PROBE_LAYOUTS {
             for a_regs in [false, true] {
@@ -68,15 +69,62 @@ fn wgmma_probe_matches_a_matmul_for_every_layout() {
                 let (bf, b) = randn_bf16(&mut rng, n * K);
                 let case = WgmmaProbeCase {
                     a_regs,
+                    b_mn_major,
                     ..WgmmaProbeCase::new(n, swizzle)
                 };
                 let got = emu::wgmma_probe(&a, &b, &case).unwrap();
                 let src = if a_regs { "registers" } else { "shared" };
                 check(
-                    &format!("m64n{n}k16 swizzle {name} A from {src}"),
+                    &format!("m64n{n}k16 swizzle {name} A from {src} B MN-major {b_mn_major}"),
                     &got,
                     &reference(&af, &bf, n),
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn wgmma_probe_matches_a_matmul_for_every_layout() {
+    probe_every_layout(90, false);
+}
+
+/// B MN-major (`[K][n]`, n contiguous; `imm-trans-b = 1`): the V operand of P V.
+#[test]
+fn wgmma_probe_with_an_mn_major_b_matches_a_matmul_for_every_layout() {
+    probe_every_layout(94, true);
+}
+
+/// The MN-major descriptor's own faults give wrong answers: stride (8-row k groups when
+/// swizzled, n core matrices without), leading offset (n atoms when swizzled, k groups without;
+/// N = 128 spans two atoms of every swizzle), and the K-major form reading the MN-major tile.
+#[test]
+fn a_wrong_mn_major_descriptor_gives_a_wrong_answer() {
+    let mut rng = Rng::new(95);
+    for (swizzle, name) in WGMMA_PROBE_LAYOUTS {
+        for fault in [
+            BC_WGMMA_FAULT_STRIDE,
+            BC_WGMMA_FAULT_LBO,
+            BC_WGMMA_FAULT_NO_TRANS,
+        ] {
+            let n = 128;
+            let (af, a) = randn_bf16(&mut rng, 64 * K);
+            let (bf, b) = randn_bf16(&mut rng, n * K);
+            let case = WgmmaProbeCase {
+                fault: fault as i32,
+                b_mn_major: true,
+                a_regs: fault == BC_WGMMA_FAULT_LBO,
+                ..WgmmaProbeCase::new(n, swizzle)
+            };
+            match emu::wgmma_probe(&a, &b, &case) {
+                Ok(got) => {
+                    let err = max_err(&got, &reference(&af, &bf, n));
+                    assert!(
+                        err > 1e-2,
+                        "swizzle {name}, fault {fault}: still matched (error {err})"
+                    );
+                }
+                Err(e) => assert_eq!(e.kind, LaunchErrorKind::Trap, "{name} {fault}: {e}"),
             }
         }
     }
@@ -101,6 +149,8 @@ fn wgmma_probe_pipelined_and_with_two_warpgroups() {
                 a_regs,
                 pipelined,
                 warpgroups,
+                // The register-A runs with the MN-major B of P V.
+                b_mn_major: a_regs,
                 ..WgmmaProbeCase::new(n, swizzle)
             };
             let got = emu::wgmma_probe(&a, &b, &case).unwrap();
@@ -143,7 +193,12 @@ fn wgmma_probe_refuses_bad_arguments() {
         WgmmaProbeCase::new(64, 4),
         WgmmaProbeCase::new(64, -1),
         WgmmaProbeCase {
-            fault: 6,
+            fault: BC_WGMMA_FAULT_NO_TRANS as i32 + 1,
+            b_mn_major: true,
+            ..WgmmaProbeCase::new(64, 0)
+        },
+        WgmmaProbeCase {
+            fault: BC_WGMMA_FAULT_LBO as i32,
             ..WgmmaProbeCase::new(64, 0)
         },
         WgmmaProbeCase {
@@ -193,11 +248,17 @@ fn the_emulation_catches_wgmma_misuse() {
             if f == BC_WGMMA_FAULT_MISALIGNED && swizzle == 0 {
                 continue;
             }
-            let Err(e) = emu::wgmma_probe(&a, &b, &fault(f, swizzle)) else {
-                panic!("fault {f}, {name}: the emulation did not notice");
-            };
-            assert_eq!(e.kind, LaunchErrorKind::Trap, "fault {f}, {name}: {e}");
-            assert!(e.message.contains(text), "fault {f}, {name}: {e}");
+            for b_mn_major in [false, true] {
+                let case = WgmmaProbeCase {
+                    b_mn_major,
+                    ..fault(f, swizzle)
+                };
+                let Err(e) = emu::wgmma_probe(&a, &b, &case) else {
+                    panic!("{case:?}, {name}: the emulation did not notice");
+                };
+                assert_eq!(e.kind, LaunchErrorKind::Trap, "{case:?}, {name}: {e}");
+                assert!(e.message.contains(text), "{case:?}, {name}: {e}");
+            }
         }
     }
 }

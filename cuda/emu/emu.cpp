@@ -158,6 +158,7 @@ struct Fiber {
         int scale_d = 0;
         bool a_regs = false;
         unsigned a[4] = {0, 0, 0, 0};
+        int trans_b = 0;  // 1: B MN-major (imm-trans-b = 1)
     } wg;
 };
 
@@ -167,6 +168,7 @@ struct WgOp {
     uint64_t da = 0, db = 0;
     int scale_d = 0;
     bool a_regs = false;
+    int trans_b = 0;
     const char* file = nullptr;
     int line = 0;
     float* d[128];
@@ -462,7 +464,13 @@ void wgmma_sync(int kind, int arg, const char* file, int line) {
 
 void wgmma_mma(float* d, int n, uint64_t desc_a, const unsigned* a_regs, uint64_t desc_b, int scale_d,
                const char* file, int line) {
+    wgmma_mma_tb(d, n, desc_a, a_regs, desc_b, scale_d, 0, file, line);
+}
+
+void wgmma_mma_tb(float* d, int n, uint64_t desc_a, const unsigned* a_regs, uint64_t desc_b, int scale_d,
+                  int trans_b, const char* file, int line) {
     Fiber::WgIssue& w = tls_fiber->wg;
+    w.trans_b = trans_b ? 1 : 0;
     w.d = d;
     w.n = n;
     w.da = a_regs ? 0 : desc_a;
@@ -511,18 +519,39 @@ static WgDesc wg_decode(uint64_t d) {
 // swizzle XORs address bits 4.. (the 16-byte chunk) with bits 7.. (128B: 3 bits, 64B: 2, 32B: 1).
 // Returns false (error set) on a descriptor the emulation refuses or an address outside
 // dynamic shared memory.
-static bool wg_read_kmajor(Block* b, const WgOp& op, uint64_t desc, int rows, float* out, const char* what) {
-    const WgDesc d = wg_decode(desc);
+// The checks every descriptor passes: no reserved bits, base offset 0 (not emulated).
+static bool wg_desc_ok(Block* b, const WgOp& op, uint64_t desc, const char* what) {
     if ((desc >> 14 & 3u) || (desc >> 30 & 3u) || (desc >> 46 & 7u) || (desc >> 52 & 0x3FFu)) {
         set_error(b, 3, "wgmma at %s:%d: %s descriptor 0x%016llx has reserved bits set", op.file, op.line, what,
                   (unsigned long long)desc);
         return false;
     }
-    if (d.base_offset) {
+    if (wg_decode(desc).base_offset) {
         set_error(b, 3, "wgmma at %s:%d: %s descriptor base offset %u (not emulated: align tiles instead)", op.file,
-                  op.line, what, d.base_offset);
+                  op.line, what, wg_decode(desc).base_offset);
         return false;
     }
+    return true;
+}
+
+// Reads the bf16 at shared-window address `a` into `out`; false (error set) outside dynamic
+// shared memory.
+static bool wg_load(Block* b, const WgOp& op, unsigned a, const char* what, int r, int k, float* out) {
+    if (a < kSmemWindowBase || a - kSmemWindowBase + 2 > b->smem_bytes) {
+        set_error(b, 3, "wgmma at %s:%d: %s element (%d, %d) at shared address 0x%x is outside dynamic shared "
+                  "memory [0x%x, 0x%zx)", op.file, op.line, what, r, k, a, kSmemWindowBase,
+                  kSmemWindowBase + b->smem_bytes);
+        return false;
+    }
+    uint16_t v;
+    std::memcpy(&v, b->smem_base + (a - kSmemWindowBase), 2);
+    *out = __bfloat162float(__ushort_as_bfloat16(v));
+    return true;
+}
+
+static bool wg_read_kmajor(Block* b, const WgOp& op, uint64_t desc, int rows, float* out, const char* what) {
+    const WgDesc d = wg_decode(desc);
+    if (!wg_desc_ok(b, op, desc, what)) return false;
     const unsigned w = d.swizzle == 1 ? 128u : d.swizzle == 2 ? 64u : d.swizzle == 3 ? 32u : 16u;
     const unsigned mask = d.swizzle == 1 ? 7u : d.swizzle == 2 ? 3u : d.swizzle == 3 ? 1u : 0u;
     if (d.swizzle) {
@@ -536,7 +565,6 @@ static bool wg_read_kmajor(Block* b, const WgOp& op, uint64_t desc, int rows, fl
             return false;
         }
     }
-    const size_t bytes = b->smem_bytes;
     for (int r = 0; r < rows; ++r) {
         for (int k = 0; k < 16; ++k) {
             unsigned a;
@@ -547,15 +575,49 @@ static bool wg_read_kmajor(Block* b, const WgOp& op, uint64_t desc, int rows, fl
                 a = d.start + (unsigned)(r / 8) * d.sbo + (unsigned)(r % 8) * w + (unsigned)k * 2;
                 a ^= ((a >> 7) & mask) << 4;
             }
-            if (a < kSmemWindowBase || a - kSmemWindowBase + 2 > bytes) {
-                set_error(b, 3, "wgmma at %s:%d: %s element (%d, %d) at shared address 0x%x is outside dynamic shared "
-                          "memory [0x%x, 0x%zx)", op.file, op.line, what, r, k, a, kSmemWindowBase,
-                          kSmemWindowBase + bytes);
-                return false;
+            if (!wg_load(b, op, a, what, r, k, &out[r * 16 + k])) return false;
+        }
+    }
+    return true;
+}
+
+// Reads the MN-major ("N-major", imm-trans-b = 1) B operand of N = `cols` columns x 16 k-rows
+// that descriptor `desc` describes into out[cols][16] (the same [n][k] order as
+// wg_read_kmajor). PTX ISA "Canonical Layouts", MN-major, T = 8 bf16 per 16 bytes:
+//   no swizzle ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)): element (k, n) at start + (n/8) SBO +
+//     (k/8) LBO + (k%8) 16 + (n%8) 2 (core matrices of 8 k-rows x 8 contiguous n);
+//   swizzled, row width W, E = W/2 ((T,W/16,m),(8,k)):((1,T,LBO),(W/16 T,SBO)): at start +
+//     (n/E) LBO + (k/8) SBO + (k%8) W + (n%E) 2, then the address swizzle (bits 4.. XOR bits 7..).
+// LBO and SBO swap roles against K-major ("Leading / Stride Dimension Byte Offset"). Swizzled,
+// the start must lie in the first W-byte row of its 8W-byte period and an atom's E columns
+// (or all N when fewer) must stay inside that row.
+static bool wg_read_mnmajor(Block* b, const WgOp& op, uint64_t desc, int cols, float* out, const char* what) {
+    const WgDesc d = wg_decode(desc);
+    if (!wg_desc_ok(b, op, desc, what)) return false;
+    const unsigned w = d.swizzle == 1 ? 128u : d.swizzle == 2 ? 64u : d.swizzle == 3 ? 32u : 16u;
+    const unsigned mask = d.swizzle == 1 ? 7u : d.swizzle == 2 ? 3u : d.swizzle == 3 ? 1u : 0u, e = w / 2;
+    if (d.swizzle) {
+        const unsigned span = 2 * std::min(e, (unsigned)cols);
+        if (d.start % w + span > w || d.start % (8 * w) >= w) {
+            set_error(b, 3,
+                      "wgmma at %s:%d: %s MN-major descriptor start 0x%x: its %u-byte rows leave the first %u-byte "
+                      "row of a %u-byte swizzle period (tiles must be %u-byte aligned)",
+                      op.file, op.line, what, d.start, span, w, 8 * w, 8 * w);
+            return false;
+        }
+    }
+    for (int n = 0; n < cols; ++n) {
+        for (int k = 0; k < 16; ++k) {
+            unsigned a;
+            if (d.swizzle == 0) {
+                a = d.start + (unsigned)(n / 8) * d.sbo + (unsigned)(k / 8) * d.lbo + (unsigned)(k % 8) * 16 +
+                    (unsigned)(n % 8) * 2;
+            } else {
+                a = d.start + (unsigned)n / e * d.lbo + (unsigned)(k / 8) * d.sbo + (unsigned)(k % 8) * w +
+                    (unsigned)n % e * 2;
+                a ^= ((a >> 7) & mask) << 4;
             }
-            uint16_t v;
-            std::memcpy(&v, b->smem_base + (a - kSmemWindowBase), 2);
-            out[r * 16 + k] = __bfloat162float(__ushort_as_bfloat16(v));
+            if (!wg_load(b, op, a, what, k, n, &out[n * 16 + k])) return false;
         }
     }
     return true;
@@ -585,7 +647,9 @@ static bool wg_land(Block* b, Warpgroup& wg, size_t j) {
     } else if (!wg_read_kmajor(b, op, op.da, 64, fa.data(), "A")) {
         return false;
     }
-    if (!wg_read_kmajor(b, op, op.db, n, fb.data(), "B")) return false;
+    if (!(op.trans_b ? wg_read_mnmajor(b, op, op.db, n, fb.data(), "B")
+                     : wg_read_kmajor(b, op, op.db, n, fb.data(), "B")))
+        return false;
     std::vector<float> res((size_t)r);
     for (int t = 0; t < 128; ++t) {
         const int w = t / 32, g = (t % 32) / 4, q = t % 4;
@@ -651,7 +715,8 @@ static bool wg_perform(Block* b, int base) {
     }
     for (int t = 0; t < 128; ++t) {
         const Fiber::WgIssue& it = b->fibers[base + t].wg;
-        if (it.n != i0.n || it.da != i0.da || it.db != i0.db || it.scale_d != i0.scale_d || it.a_regs != i0.a_regs) {
+        if (it.n != i0.n || it.da != i0.da || it.db != i0.db || it.scale_d != i0.scale_d || it.a_regs != i0.a_regs ||
+            it.trans_b != i0.trans_b) {
             set_error(b, 3,
                       "wgmma.mma_async at %s:%d: threads %d and %d of a warpgroup disagree (N %d/%d, descriptors "
                       "0x%llx/0x%llx and 0x%llx/0x%llx, scale-d %d/%d): the instruction is .aligned",
@@ -667,6 +732,7 @@ static bool wg_perform(Block* b, int base) {
     op.db = i0.db;
     op.scale_d = i0.scale_d;
     op.a_regs = i0.a_regs;
+    op.trans_b = i0.trans_b;
     op.file = f0.file;
     op.line = f0.line;
     const int r = op.n / 2;

@@ -143,6 +143,10 @@ void wgmma_sync(int kind, int arg, const char* file, int line);
 /// null, else the four registers at `a_regs`; B through `desc_b`. Queued until a wait.
 void wgmma_mma(float* d, int n, uint64_t desc_a, const unsigned* a_regs, uint64_t desc_b, int scale_d,
                const char* file, int line);
+/// The same with B's major-ness: `trans_b` 0 K-major (wgmma_mma), 1 MN-major (`imm-trans-b = 1`:
+/// B is K x N with N contiguous, read through the descriptor's MN-major LBO / SBO roles).
+void wgmma_mma_tb(float* d, int n, uint64_t desc_a, const unsigned* a_regs, uint64_t desc_b, int scale_d,
+                  int trans_b, const char* file, int line);
 }  // namespace emu
 
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)

@@ -754,8 +754,8 @@ typedef struct BcDecSoftmaxParams {
 /** `bc_wgmma_probe`: the Hopper (sm_90a) warpgroup-MMA layout probe, a test kernel. Grid (1),
  * block `warpgroups` x BC_WGMMA_PROBE_THREADS; each warpgroup j computes `c[j][64][n] = a[64][k] .
  * b[n][k]^T` (k = BC_WGMMA_PROBE_K) with `wgmma.mma_async.m64nNk16.f32.bf16.bf16`: `a` and `b` go through
- * shared memory in the K-major layout of `swizzle`, then A from shared memory (`a_regs` 0) or
- * from registers (`a_regs` 1), B always from shared memory. `fault` != 0 breaks the kernel on
+ * shared memory in the K-major layout of `swizzle` (B: MN-major with `b_mn_major`), then A from
+ * shared memory (`a_regs` 0) or from registers (`a_regs` 1), B always from shared memory. `fault` != 0 breaks the kernel on
  * purpose (BC_WGMMA_FAULT_*: the result must then be wrong, or the emulation must report an
  * error). Dynamic shared memory BC_WGMMA_PROBE_SMEM. On sm_80 the kernel traps (wgmma needs
  * sm_90a). */
@@ -778,6 +778,12 @@ typedef struct BcDecSoftmaxParams {
 #define BC_WGMMA_FAULT_NO_WAIT 4
 /** Emulation only: the last warp's B descriptor differs (the instruction is .aligned). */
 #define BC_WGMMA_FAULT_DIVERGENT 5
+/** `b_mn_major` only: B's leading-dimension byte offset 16 bytes off (wrong result wherever the
+ * MN-major layout uses it: no swizzle, or N wider than one swizzle atom). */
+#define BC_WGMMA_FAULT_LBO 6
+/** `b_mn_major` only: the MN-major B tile read with the K-major instruction form
+ * (imm-trans-b = 0; wrong result). */
+#define BC_WGMMA_FAULT_NO_TRANS 7
 /** Dynamic shared memory of `bc_wgmma_probe`: A [64][K] and B [256][K] bf16, plus 1024 bytes
  * to align the tiles to the 1024-byte period of the 128-byte swizzle. */
 #define BC_WGMMA_PROBE_SMEM ((64 + BC_WGMMA_PROBE_MAX_N) * BC_WGMMA_PROBE_K * 2 + 1024)
@@ -802,6 +808,11 @@ typedef struct BcWgmmaProbeParams {
     bc_i32 pipelined;
     /** Warpgroups of the block (1 or 2): each computes the whole `c[j]`. */
     bc_i32 warpgroups;
+    /** 1: B goes to shared memory MN-major (`[K][n]`, n contiguous: the layout of a V tile for
+     * P V) and is read with imm-trans-b = 1 (`bc_wgmma_*_nmajor`); 0: K-major. */
+    bc_i32 b_mn_major;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
 } BcWgmmaProbeParams;
 
 #endif /* BLOCKCASCADE_PARAMS_H */

@@ -4,13 +4,16 @@
 // with wgmma.mma_async.m64nNk16.f32.bf16.bf16 (../include/wgmma.cuh): a and b (row-major,
 // K contiguous) are copied to shared memory in the K-major layout of p.swizzle (none, 128B,
 // 64B, 32B; tiles at a 1024-byte boundary of the shared window, the layout of
-// bc_wgmma_kmajor_offset), then K/16 mma steps accumulate into the f32 fragment (the first with
+// bc_wgmma_kmajor_offset; with p.b_mn_major B goes MN-major instead, [K][n] with n contiguous,
+// the layout of bc_wgmma_mnmajor_offset, read by the imm-trans-b = 1 form: the V of P V), then
+// K/16 mma steps accumulate into the f32 fragment (the first with
 // scale-d 0 over NaN registers, so a scale-d that is not honoured shows), A from shared memory
 // through descriptors or (p.a_regs) from registers, B from shared memory; one commit, one
 // wait_group 0 (or, p.pipelined, one group per k-step with wait_group 1 in between), and the
 // fragment is stored by the documented D layout (thread index within the warpgroup). p.fault breaks one thing
-// on purpose (BC_WGMMA_FAULT_* in params.h): B's stride off by 16 bytes (the result must be
-// wrong, on a GPU too), and, for the emulation only, D read before the wait, tiles off the
+// on purpose (BC_WGMMA_FAULT_* in params.h): B's stride off by 16 bytes, (MN-major B) its
+// leading offset off by 16 bytes or the K-major form reading it (the result must be wrong, on
+// a GPU too), and, for the emulation only, D read before the wait, tiles off the
 // swizzle period, no wait, or one warp with another descriptor (the emulation must notice).
 // Checked against a CPU f32 matmul on random bf16 inputs with c poisoned first: under the
 // emulation by tests/wgmma_emu.rs (which checks the emulation's reading of the PTX ISA), and on
@@ -24,8 +27,9 @@
 #define BC_WGMMA_PROBE_A_BYTES (BC_WGMMA_M * BC_WGMMA_PROBE_K * 2)
 
 #if BC_HAS_WGMMA
-// AREGS: A from registers (a template parameter, so that each path is straight-line wgmma code).
-template <int N, bool AREGS>
+// AREGS: A from registers, BMN: B MN-major (template parameters, so that each path is
+// straight-line wgmma code).
+template <int N, bool AREGS, bool BMN>
 __device__ __forceinline__ void bc_wgmma_probe_run(const BcWgmmaProbeParams& p, const unsigned char* as, unsigned sa,
                                                    unsigned sb) {
     const int t = threadIdx.x % BC_WGMMA_THREADS, w = t / 32, g = (t % 32) / 4, q = t % 4;
@@ -49,13 +53,23 @@ __device__ __forceinline__ void bc_wgmma_probe_run(const BcWgmmaProbeParams& p, 
     bc_wgmma_fence();
 #pragma unroll
     for (int s = 0; s < BC_WGMMA_PROBE_KSTEPS; ++s) {
-        uint64_t db = bc_wgmma_kmajor_desc(sb, p.swizzle, N, BC_WGMMA_PROBE_K, s);
+        uint64_t db = BMN ? bc_wgmma_mnmajor_desc(sb, p.swizzle, BC_WGMMA_PROBE_K, N, s)
+                          : bc_wgmma_kmajor_desc(sb, p.swizzle, N, BC_WGMMA_PROBE_K, s);
         if (p.fault == BC_WGMMA_FAULT_STRIDE) db += 1ull << 32;  // stride-dimension byte offset + 16
+        if (p.fault == BC_WGMMA_FAULT_LBO) db += 1ull << 16;     // leading-dimension byte offset + 16
         if (p.fault == BC_WGMMA_FAULT_DIVERGENT && w == 3) db += 1;  // start address + 16
-        if (AREGS)
-            bc_wgmma_rs<N>(d, a[s], db, s > 0);
-        else
-            bc_wgmma_ss<N>(d, bc_wgmma_kmajor_desc(sa, p.swizzle, BC_WGMMA_M, BC_WGMMA_PROBE_K, s), db, s > 0);
+        const uint64_t da = bc_wgmma_kmajor_desc(sa, p.swizzle, BC_WGMMA_M, BC_WGMMA_PROBE_K, s);
+        if (BMN && p.fault != BC_WGMMA_FAULT_NO_TRANS) {
+            if (AREGS)
+                bc_wgmma_rs_nmajor<N>(d, a[s], db, s > 0);
+            else
+                bc_wgmma_ss_nmajor<N>(d, da, db, s > 0);
+        } else {
+            if (AREGS)
+                bc_wgmma_rs<N>(d, a[s], db, s > 0);
+            else
+                bc_wgmma_ss<N>(d, da, db, s > 0);
+        }
         if (p.pipelined) {
             bc_wgmma_commit();
             if (s > 0) bc_wgmma_wait<1>();  // step s-1 done, step s in flight
@@ -70,6 +84,19 @@ __device__ __forceinline__ void bc_wgmma_probe_run(const BcWgmmaProbeParams& p, 
         c[row * N + col] = d[i];
     }
     if (p.fault == BC_WGMMA_FAULT_EARLY_READ) bc_wgmma_wait<0>();
+}
+
+template <bool BMN>
+__device__ __forceinline__ void bc_wgmma_probe_n(const BcWgmmaProbeParams& p, const unsigned char* as, unsigned sa,
+                                                 unsigned sb) {
+    if (p.n == 64)
+        p.a_regs ? bc_wgmma_probe_run<64, true, BMN>(p, as, sa, sb) : bc_wgmma_probe_run<64, false, BMN>(p, as, sa, sb);
+    else if (p.n == 128)
+        p.a_regs ? bc_wgmma_probe_run<128, true, BMN>(p, as, sa, sb)
+                 : bc_wgmma_probe_run<128, false, BMN>(p, as, sa, sb);
+    else
+        p.a_regs ? bc_wgmma_probe_run<256, true, BMN>(p, as, sa, sb)
+                 : bc_wgmma_probe_run<256, false, BMN>(p, as, sa, sb);
 }
 #endif
 
@@ -91,16 +118,16 @@ extern "C" __global__ void __launch_bounds__(BC_WGMMA_PROBE_THREADS* BC_WGMMA_PR
     }
     for (int i = t; i < n * BC_WGMMA_PROBE_K; i += nt) {
         const int r = i / BC_WGMMA_PROBE_K, k = i % BC_WGMMA_PROBE_K;
-        *reinterpret_cast<__nv_bfloat16*>(bs + bc_wgmma_kmajor_offset(p.swizzle, n, BC_WGMMA_PROBE_K, r, k)) = p.b[i];
+        const unsigned off = p.b_mn_major ? bc_wgmma_mnmajor_offset(p.swizzle, BC_WGMMA_PROBE_K, n, k, r)
+                                          : bc_wgmma_kmajor_offset(p.swizzle, n, BC_WGMMA_PROBE_K, r, k);
+        *reinterpret_cast<__nv_bfloat16*>(bs + off) = p.b[i];
     }
     bc_fence_proxy_async();
     __syncthreads();
-    if (n == 64)
-        p.a_regs ? bc_wgmma_probe_run<64, true>(p, as, sa, sb) : bc_wgmma_probe_run<64, false>(p, as, sa, sb);
-    else if (n == 128)
-        p.a_regs ? bc_wgmma_probe_run<128, true>(p, as, sa, sb) : bc_wgmma_probe_run<128, false>(p, as, sa, sb);
+    if (p.b_mn_major)
+        bc_wgmma_probe_n<true>(p, as, sa, sb);
     else
-        p.a_regs ? bc_wgmma_probe_run<256, true>(p, as, sa, sb) : bc_wgmma_probe_run<256, false>(p, as, sa, sb);
+        bc_wgmma_probe_n<false>(p, as, sa, sb);
 #else
     __trap();
 #endif

@@ -44,6 +44,8 @@ pub const BC_WGMMA_FAULT_EARLY_READ: u32 = 2;
 pub const BC_WGMMA_FAULT_MISALIGNED: u32 = 3;
 pub const BC_WGMMA_FAULT_NO_WAIT: u32 = 4;
 pub const BC_WGMMA_FAULT_DIVERGENT: u32 = 5;
+pub const BC_WGMMA_FAULT_LBO: u32 = 6;
+pub const BC_WGMMA_FAULT_NO_TRANS: u32 = 7;
 pub const BC_WGMMA_PROBE_SMEM: u32 = 41984;
 #[doc = " A bfloat16 value stored as its raw bits."]
 pub type bc_bf16 = u16;
@@ -1174,10 +1176,14 @@ pub struct BcWgmmaProbeParams {
     pub pipelined: bc_i32,
     #[doc = " Warpgroups of the block (1 or 2): each computes the whole `c[j]`."]
     pub warpgroups: bc_i32,
+    #[doc = " 1: B goes to shared memory MN-major (`[K][n]`, n contiguous: the layout of a V tile for\n P V) and is read with imm-trans-b = 1 (`bc_wgmma_*_nmajor`); 0: K-major."]
+    pub b_mn_major: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BcWgmmaProbeParams"][::std::mem::size_of::<BcWgmmaProbeParams>() - 48usize];
+    ["Size of BcWgmmaProbeParams"][::std::mem::size_of::<BcWgmmaProbeParams>() - 56usize];
     ["Alignment of BcWgmmaProbeParams"][::std::mem::align_of::<BcWgmmaProbeParams>() - 8usize];
     ["Offset of field: BcWgmmaProbeParams::a"]
         [::std::mem::offset_of!(BcWgmmaProbeParams, a) - 0usize];
@@ -1197,4 +1203,8 @@ const _: () = {
         [::std::mem::offset_of!(BcWgmmaProbeParams, pipelined) - 40usize];
     ["Offset of field: BcWgmmaProbeParams::warpgroups"]
         [::std::mem::offset_of!(BcWgmmaProbeParams, warpgroups) - 44usize];
+    ["Offset of field: BcWgmmaProbeParams::b_mn_major"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, b_mn_major) - 48usize];
+    ["Offset of field: BcWgmmaProbeParams::_pad"]
+        [::std::mem::offset_of!(BcWgmmaProbeParams, _pad) - 52usize];
 };

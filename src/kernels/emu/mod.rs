@@ -894,7 +894,8 @@ pub const WGMMA_PROBE_NS: [usize; 3] = [64, 128, 256];
 
 /// One run of the wgmma probe: the instruction's N (64, 128, 256), the shared-memory layout
 /// (`swizzle`, see `WGMMA_PROBE_LAYOUTS`), where A comes from, a deliberate fault (0 or a
-/// `BC_WGMMA_FAULT_*`), one commit group per k-step or one in all, and 1 or 2 warpgroups.
+/// `BC_WGMMA_FAULT_*`), one commit group per k-step or one in all, 1 or 2 warpgroups, and B
+/// K-major or MN-major (the `imm-trans-b = 1` form P V uses).
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug)]
 pub struct WgmmaProbeCase {
@@ -910,6 +911,8 @@ pub struct WgmmaProbeCase {
     pub pipelined: bool,
     /// Warpgroups of the block (1 or 2), each computing the whole output.
     pub warpgroups: usize,
+    /// B stored MN-major (`[K][n]`, n contiguous) and read with `imm-trans-b = 1`.
+    pub b_mn_major: bool,
 }
 
 impl WgmmaProbeCase {
@@ -922,6 +925,7 @@ impl WgmmaProbeCase {
             fault: 0,
             pipelined: false,
             warpgroups: 1,
+            b_mn_major: false,
         }
     }
 
@@ -952,6 +956,7 @@ pub fn wgmma_probe_params(
         fault,
         pipelined,
         warpgroups,
+        b_mn_major,
     } = *case;
     if !WGMMA_PROBE_NS.contains(&n) {
         return Err(invalid(k, format!("n = {n}: must be 64, 128 or 256")));
@@ -959,10 +964,16 @@ pub fn wgmma_probe_params(
     if !(0..=3).contains(&swizzle) {
         return Err(invalid(k, format!("swizzle = {swizzle}: must be 0..=3")));
     }
-    if !(0..=BC_WGMMA_FAULT_DIVERGENT as i32).contains(&fault) {
+    if !(0..=BC_WGMMA_FAULT_NO_TRANS as i32).contains(&fault) {
         return Err(invalid(
             k,
             format!("fault = {fault}: not a BC_WGMMA_FAULT_*"),
+        ));
+    }
+    if !b_mn_major && [BC_WGMMA_FAULT_LBO, BC_WGMMA_FAULT_NO_TRANS].contains(&(fault as u32)) {
+        return Err(invalid(
+            k,
+            format!("fault = {fault}: only with an MN-major B"),
         ));
     }
     if !(1..=BC_WGMMA_PROBE_MAX_WARPGROUPS as usize).contains(&warpgroups) {
@@ -981,6 +992,8 @@ pub fn wgmma_probe_params(
         fault,
         pipelined: pipelined as i32,
         warpgroups: warpgroups as i32,
+        b_mn_major: b_mn_major as i32,
+        _pad: 0,
     })
 }
 

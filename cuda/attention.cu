@@ -123,9 +123,10 @@ struct AttCfg {
     static constexpr int SMEM_BYTES = KV_BYTES + (QREG ? 0 : BQ * HDMAX * 2) + ALIGN;
     static_assert(BK % 16 == 0 && (!QREG || 2 * BK >= BQ), "QREG: Q is staged in one K/V stage");
     static_assert(HDMAX % 64 == 0, "swizzle needs rows of >= 8 chunks");
-    static_assert(!WG || ((HDMAX == 64 || HDMAX == 128) && NT == 128 && MT == 1 && BK == 64 && BQ == BK && !QREG),
-                  "wgmma: one warpgroup, m64n64 S tiles, Q read by descriptor; Q and K tiles of 64 rows each "
-                  "stored as 64-column blocks of 128-byte rows (the 128B swizzle)");
+    static_assert(!WG || ((HDMAX == 64 || HDMAX == 128) && NT % 128 == 0 && MT == 1 && BK == 64 && !QREG),
+                  "wgmma: whole warpgroups of 64 rows (MT = 1), m64n64 S tiles, Q read by descriptor; Q (per "
+                  "warpgroup) and K tiles of 64 rows each stored as 64-column blocks of 128-byte rows (the 128B "
+                  "swizzle)");
 };
 // The variants (params.h): 64 query rows per block (2 warps) and 128 rows (4 warps); hd64 with
 // 64-key tiles and Q in registers (32 KB of static shared memory), hd128 with 32-key tiles and
@@ -140,9 +141,10 @@ static_assert(AttHd128::SMEM_BYTES == BC_ATTN_HD128_SMEM && AttHd128Wide::SMEM_B
               "params.h shared memory");
 // The Hopper prototype: one warpgroup (4 warps x 16 rows), 64-key tiles, S by wgmma.
 using AttWgHd64 = AttCfg<64, BC_ATTN_WGMMA_THREADS / 32, BC_ATTN_HD64_BK, false, 1, true>;
-using AttWgHd128 = AttCfg<128, BC_ATTN_WGMMA_THREADS / 32, BC_ATTN_HD64_BK, false, 1, true>;
+// hd128: two warpgroups (128 query rows) share each K/V tile.
+using AttWgHd128 = AttCfg<128, BC_ATTN_WGMMA_HD128_THREADS / 32, BC_ATTN_HD64_BK, false, 1, true>;
 static_assert(AttWgHd64::BQ == BC_ATTN_WGMMA_BQ && AttWgHd64::SMEM_BYTES == BC_ATTN_WGMMA_SMEM &&
-                  AttWgHd128::BQ == BC_ATTN_WGMMA_BQ && AttWgHd128::SMEM_BYTES == BC_ATTN_WGMMA_HD128_SMEM,
+                  AttWgHd128::BQ == BC_ATTN_WGMMA_HD128_BQ && AttWgHd128::SMEM_BYTES == BC_ATTN_WGMMA_HD128_SMEM,
               "params.h wgmma attention");
 
 /// Two floats as a bf16 pair in one register (low half = `lo`).
@@ -183,6 +185,12 @@ struct AttSmem {
     static constexpr int RP = NT / 8;             // rows per copy pass of the block
     static_assert(RP % 8 == 0 && BK % RP == 0 && Cfg::BQ % RP == 0,
                   "a thread copies the same chunks of rows that agree mod 8 (one swizzle)");
+    // Q rows: 64-row tiles QTS bytes apart (WG: each warpgroup's m64 tile is a K-tile-like
+    // [HDMAX / 64 column blocks][64 rows][128 bytes]; otherwise plain rows, QTS = 64 RS).
+    static constexpr int QTS = Cfg::WG ? 64 * ROWB : 64 * RS;
+    static_assert(!Cfg::WG || 64 % RP == 0, "a copy pass stays inside one 64-row Q tile");
+    /// Offset of Q row `row` (a multiple of RP: the pass's first row) from the Q region.
+    __host__ __device__ static constexpr int q_row(int row) { return (row / 64) * QTS + (row % 64) * RS; }
     // Copies: thread tid moves chunks c + 8k (c = tid % 8, k < CPT) of rows tid / 8 + i * RP;
     // since RP % 8 == 0 its swizzled chunk (c + 8k) ^ (row % 8) = (c ^ (row % 8)) + 8k is the
     // same in every pass: offset dst + CB k.
@@ -459,8 +467,9 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
     const int hd = p.head_dim, cpr = hd / 8;
     const int h = blockIdx.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-    // warp-uniform: the warp has a valid row (wgmma: every warp of the warpgroup takes part)
-    const bool active = Cfg::WG || r0 + warp * ATT_WM < grp.q_rows;
+    // warp-uniform: the warp has a valid row (wgmma: warpgroup-uniform, the warpgroup's 64 rows
+    // have one; every warp of an active warpgroup takes part)
+    const bool active = Cfg::WG ? r0 + 64 * (warp / 4) < grp.q_rows : r0 + warp * ATT_WM < grp.q_rows;
     // wgmma: the tiles start on the first 1024-byte boundary of the shared window.
     unsigned char* smem = smem_raw;
 #if BC_HAS_WGMMA
@@ -481,7 +490,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
 #pragma unroll
             for (int k = 0; k < Sm::CPT; ++k) {
                 const bool ok = sm.c + 8 * k < cpr && sm.r + i * Sm::RP < rows;
-                bc_cp_async16_zfill(base + Cfg::Q_OFF + sm.dst + i * Sm::RP * Sm::RS + Sm::CB * k,
+                bc_cp_async16_zfill(base + Cfg::Q_OFF + sm.dst + Sm::q_row(i * Sm::RP) + Sm::CB * k,
                                     ok ? q + (size_t)i * Sm::RP * p.q_stride + 64 * k : p.q, ok ? 16 : 0);
             }
         }
@@ -519,7 +528,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
         for (int i = 0; i < ATT_BQ / Sm::RP; ++i) {
 #pragma unroll
             for (int k = 0; k < Sm::CPT; ++k) {
-                unsigned* w = reinterpret_cast<unsigned*>(smem + Cfg::Q_OFF + sm.dst + i * Sm::RP * Sm::RS + Sm::CB * k);
+                unsigned* w = reinterpret_cast<unsigned*>(smem + Cfg::Q_OFF + sm.dst + Sm::q_row(i * Sm::RP) + Sm::CB * k);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) w[e] ^= qsign;
             }
@@ -555,15 +564,15 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
         l[mt][0] = l[mt][1] = 0.f;
     }
 
-    // wgmma: descriptors of k-step 0 of the Q tile and of stage 0's K tile (128B swizzle,
-    // 8-row groups 1024 bytes apart); stage 1's is STAGEB bytes on.
+    // wgmma: descriptors of k-step 0 of the warpgroup's Q tile (64 rows) and of stage 0's K
+    // tile (128B swizzle, 8-row groups 1024 bytes apart); stage 1's is STAGEB bytes on.
     // The V tile's (MN-major B of P V: BK keys x HDMAX) likewise, TILEB bytes after K.
     uint64_t dq = 0, dk0 = 0, dv0 = 0;
     float d[Cfg::WG ? BK / 2 : 1];
 #if BC_HAS_WGMMA
     if constexpr (Cfg::WG) {
         const unsigned w = bc_smem_window_addr(smem);
-        dq = bc_wgmma_kmajor_desc(w + Cfg::Q_OFF, BC_WGMMA_SWIZZLE_128B, ATT_BQ, HDMAX, 0);
+        dq = bc_wgmma_kmajor_desc(w + Cfg::Q_OFF + (warp / 4) * Sm::QTS, BC_WGMMA_SWIZZLE_128B, 64, HDMAX, 0);
         dk0 = bc_wgmma_kmajor_desc(w, BC_WGMMA_SWIZZLE_128B, BK, HDMAX, 0);
         dv0 = bc_wgmma_mnmajor_desc(w + Sm::TILEB, BC_WGMMA_SWIZZLE_128B, BK, HDMAX, 0);
 #pragma unroll
@@ -678,9 +687,11 @@ extern "C" __global__ void __launch_bounds__(AttWgHd64::NT, 2) bc_attention_wgmm
 }
 BC_EMU_ENTRY(bc_attention_wgmma_hd64, BcAttentionParams)
 
-// The same for head_dim <= 128 (Wan's 12 x 128): 8 wgmma k-steps per key tile (two 64-column
-// blocks of the Q and K tiles), O 64 f32 registers per thread, BC_ATTN_WGMMA_HD128_SMEM bytes.
-extern "C" __global__ void __launch_bounds__(AttWgHd128::NT, 2) bc_attention_wgmma_hd128(BcAttentionParams p) {
+// The same for head_dim <= 128 (Wan's 12 x 128): two warpgroups per block (128 query rows,
+// each warpgroup its own m64 tile; the K/V tiles are shared, so a block moves half the K/V bytes
+// per FLOP of one warpgroup), 8 wgmma k-steps per key tile (two 64-column blocks of the Q and K
+// tiles), O 64 f32 registers per thread, BC_ATTN_WGMMA_HD128_SMEM bytes.
+extern "C" __global__ void __launch_bounds__(AttWgHd128::NT, 1) bc_attention_wgmma_hd128(BcAttentionParams p) {
 #if BC_HAS_WGMMA
     BC_DYNAMIC_SMEM(smem, AttWgHd128::SMEM_BYTES);
     bc_attention_impl<AttWgHd128>(p, smem);

@@ -652,7 +652,7 @@ fn attention_raw(
     };
     let kernel = tile.kernel(hd);
     let grid = [
-        max_rows.div_ceil(tile.rows() as usize) as u32,
+        max_rows.div_ceil(tile.rows(hd) as usize) as u32,
         heads as u32,
         gs.len() as u32,
     ];
@@ -660,7 +660,7 @@ fn attention_raw(
     unsafe {
         emu::launch_raw(
             kernel,
-            &emu::dims(kernel, grid, [tile.threads(), 1, 1]),
+            &emu::dims(kernel, grid, [tile.threads(hd), 1, 1]),
             &p as *const BcAttentionParams as *const std::ffi::c_void,
         )
     }

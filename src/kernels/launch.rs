@@ -273,9 +273,9 @@ pub enum AttentionTile {
     /// work as [`AttentionTile::Rows64`], so the same output bits.
     Rows128,
     /// The Hopper prototype (sm_90a only; not in [`AttentionTile::ALL`], so never timed or
-    /// picked by the tuner): `bc_attention_wgmma_hd64` / `bc_attention_wgmma_hd128` (one
-    /// warpgroup of 64 query rows, S = Q K^T by wgmma). The CUDA backend uses it only with
-    /// `BC_ATTN_WGMMA=1` on a compute capability 9.0 device.
+    /// picked by the tuner): `bc_attention_wgmma_hd64` (one warpgroup of 64 query rows) /
+    /// `bc_attention_wgmma_hd128` (two warpgroups, 128 rows), Q K^T and P V by wgmma. The CUDA
+    /// backend uses it only with `BC_ATTN_WGMMA=1` on a compute capability 9.0 device.
     Wgmma64,
 }
 
@@ -295,21 +295,24 @@ impl AttentionTile {
         }
     }
 
-    /// Query rows per block.
-    pub fn rows(self) -> u32 {
+    /// Query rows per block of the kernel for `head_dim` (the wgmma tile's hd128 kernel has
+    /// two warpgroups: 128).
+    pub fn rows(self, head_dim: usize) -> u32 {
         match self {
             AttentionTile::Rows64 => BC_ATTN_BQ,
             AttentionTile::Rows128 => BC_ATTN_WIDE_BQ,
-            AttentionTile::Wgmma64 => BC_ATTN_WGMMA_BQ,
+            AttentionTile::Wgmma64 if head_dim <= 64 => BC_ATTN_WGMMA_BQ,
+            AttentionTile::Wgmma64 => BC_ATTN_WGMMA_HD128_BQ,
         }
     }
 
-    /// Threads per block.
-    pub fn threads(self) -> u32 {
+    /// Threads per block of the kernel for `head_dim`.
+    pub fn threads(self, head_dim: usize) -> u32 {
         match self {
             AttentionTile::Rows64 => BC_ATTN_THREADS,
             AttentionTile::Rows128 => BC_ATTN_WIDE_THREADS,
-            AttentionTile::Wgmma64 => BC_ATTN_WGMMA_THREADS,
+            AttentionTile::Wgmma64 if head_dim <= 64 => BC_ATTN_WGMMA_THREADS,
+            AttentionTile::Wgmma64 => BC_ATTN_WGMMA_HD128_THREADS,
         }
     }
 
@@ -331,8 +334,8 @@ impl AttentionTile {
 /// The attention kernel (`cuda/attention.cu`) of `tile` for `head_dim` (`bc_attention_hd64*` for `head_dim <= 64`,
 /// else `bc_attention_hd128*`): `q` and `out` rows of `heads*head_dim`, tables `segments` /
 /// `seg_index` / `groups` (`num_groups` entries), `max_rows` the largest group, scale
-/// `1/sqrt(head_dim)`. Grid (ceil(max_rows / `tile.rows()`), heads, num_groups), block
-/// `tile.threads()` (and the kernel's [`Kernel::dynamic_smem_bytes`]).
+/// `1/sqrt(head_dim)`. Grid (ceil(max_rows / `tile.rows(head_dim)`), heads, num_groups), block
+/// `tile.threads(head_dim)` (and the kernel's [`Kernel::dynamic_smem_bytes`]).
 pub fn attention(
     q: *const bc_bf16,
     out: *mut bc_bf16,
@@ -351,11 +354,11 @@ pub fn attention(
     Ok(Launch {
         kernel: k,
         grid: [
-            blocks(k, max_rows, tile.rows())?,
+            blocks(k, max_rows, tile.rows(head_dim))?,
             heads as u32,
             num_groups as u32,
         ],
-        block: tile.threads(),
+        block: tile.threads(head_dim),
         params: BcAttentionParams {
             q,
             out,
@@ -963,8 +966,8 @@ pub fn dec_softmax(
 mod tests {
     use super::*;
 
-    /// The wgmma prototype tile runs its own kernels (one warpgroup of 64 rows) for both
-    /// head-dim classes, and is never the tuner's.
+    /// The wgmma prototype tile runs its own kernels (one warpgroup of 64 rows for hd64, two of
+    /// 128 rows for hd128), and is never the tuner's.
     #[test]
     fn wgmma_tile_launches_its_kernels() {
         let t = AttentionTile::Wgmma64;
@@ -983,7 +986,7 @@ mod tests {
         );
         assert_eq!(
             (b.kernel, b.block, b.grid[0]),
-            (Kernel::AttentionWgmmaHd128, 128, 2)
+            (Kernel::AttentionWgmmaHd128, 256, 1)
         );
         assert_eq!(
             b.kernel.dynamic_smem_bytes(),

@@ -32,25 +32,30 @@
 // bit-identical (tests/kernels_emu.rs) and the tile the backend picks never changes numbers.
 //   bc_attention_wgmma_hd{64,128} Hopper prototype (sm_90a; the sm_80 cubin traps), off by
 //                                 default (BC_ATTN_WGMMA=1 on a 9.0 device, AttentionTile::
-//                                 Wgmma64): BQ = 64 rows = one warpgroup (4 warps x 16 rows,
-//                                 AttCfg MT = 1, WG), BK = 64. Same copies, swizzle, softmax and
-//                                 P V (mma.sync) as above, but S = Q K^T is 4 wgmma m64n64k16
-//                                 (A = the Q tile, B = the K tile, both read by descriptor:
-//                                 hd64's rows are 128 bytes with chunk c at c ^ (row % 8), which
-//                                 is wgmma's 128-byte swizzle once the tiles start on a 1024-byte
-//                                 boundary: dynamic shared memory with 1024 bytes of slack;
-//                                 SBO 1024, k-step s at + 32 s bytes), one commit + wait_group 0
-//                                 per key tile; the warp's D fragment is the mma.sync C layout
-//                                 of its m16 tile, so the softmax reads it as is. cp.async'd and
-//                                 sign-flipped tiles are made visible to wgmma by
-//                                 fence.proxy.async before the barrier. Its S sums in another
-//                                 order: checked against the CPU, not for the same bits.
+//                                 Wgmma64): warpgroups of 64 rows (4 warps x 16 rows, AttCfg
+//                                 MT = 1, WG; hd64 one per block, hd128 two sharing the K/V
+//                                 tiles), BK = 64, three cp.async stages. Same copies, swizzle
+//                                 and softmax as above, but every product is a wgmma: S = Q K^T
+//                                 m64n64k16 (A = the warpgroup's Q tile, B = the K tile, both by
+//                                 descriptor: 128-byte rows with chunk c at c ^ (row % 8) are
+//                                 wgmma's 128-byte swizzle once the tiles start on a 1024-byte
+//                                 boundary: dynamic shared memory with 1024 bytes of slack; SBO
+//                                 1024), and O += P V m64nHDMAXk16 with A = P from registers
+//                                 (the S accumulator packed to bf16) and B = the V tile read
+//                                 MN-major (imm-trans-b = 1, LBO 8 KB between 64-column blocks).
+//                                 The warp's D fragment is the mma.sync C layout of its m16
+//                                 tile, so the softmax reads it as is. Per tile: S of the next
+//                                 tile and P V of this one issued together, wait_group 1, the
+//                                 next tile's softmax (O's rescale deferred) while P V runs,
+//                                 wait_group 0. cp.async'd and sign-flipped tiles are made
+//                                 visible to wgmma by fence.proxy.async before the barrier.
 //                                 hd128: each Q and K/V tile is stored as two 64-column blocks
 //                                 [64 rows][64] of 128-byte rows (8 KB apart; the same chunk
 //                                 swizzle inside each block), the 128B-swizzle K-major layout of
-//                                 bc_wgmma_kmajor_offset; 8 wgmma k-steps per tile, k-step s in
-//                                 block s / 4 at + 32 (s % 4) bytes; O is 64 f32 registers per
-//                                 thread (16 rows x 128), S 32. See docs/wgmma.md.
+//                                 bc_wgmma_kmajor_offset; S k-step s in block s / 4 at + 32 (s %
+//                                 4) bytes; O is 64 f32 registers per thread (16 rows x 128), S
+//                                 32. Sums in another order: checked against the CPU, not for
+//                                 the same bits. See docs/wgmma.md.
 // Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
 // stacked along the query rows; warp w owns rows [32w, 32w + 32) of the block's BQ rows. Keys
 // are walked one segment at a time in tiles of BK keys; a tile never crosses a segment end.
@@ -118,10 +123,13 @@ struct AttCfg {
     static constexpr bool QREG = QREG_;
     static constexpr bool WG = WG_;
     static constexpr int ALIGN = WG ? 1024 : 0;
-    static constexpr int KV_BYTES = 2 * 2 * BK * HDMAX * 2;
+    // K/V stages: 2 (double buffering), 3 for wgmma (the next tile's K is read by the S wgmma
+    // while this tile's V is read by P V, and the tile after next is in flight).
+    static constexpr int STAGES = WG ? 3 : 2;
+    static constexpr int KV_BYTES = STAGES * 2 * BK * HDMAX * 2;
     static constexpr int Q_OFF = QREG ? KV_BYTES / 2 : KV_BYTES;  // stage 1, or Q's own region
     static constexpr int SMEM_BYTES = KV_BYTES + (QREG ? 0 : BQ * HDMAX * 2) + ALIGN;
-    static_assert(BK % 16 == 0 && (!QREG || 2 * BK >= BQ), "QREG: Q is staged in one K/V stage");
+    static_assert(BK % 16 == 0 && (!QREG || (2 * BK >= BQ && STAGES == 2)), "QREG: Q is staged in K/V stage 1");
     static_assert(HDMAX % 64 == 0, "swizzle needs rows of >= 8 chunks");
     static_assert(!WG || ((HDMAX == 64 || HDMAX == 128) && NT % 128 == 0 && MT == 1 && BK == 64 && !QREG),
                   "wgmma: whole warpgroups of 64 rows (MT = 1), m64n64 S tiles, Q read by descriptor; Q (per "
@@ -162,6 +170,26 @@ __device__ __forceinline__ bool att_next_segment(const BcAttentionParams& p, con
         if (seg.tokens > 0) return true;
     }
     return false;
+}
+
+/// A key tile of a group's walk: list entry `si`, its segment `seg`, first key `k0`; `have`
+/// false past the end.
+struct AttCursor {
+    int si, k0;
+    BcKvSegment seg;
+    bool have;
+};
+
+/// The tile after `c` (BK keys on, or the next non-empty segment).
+__device__ __forceinline__ AttCursor att_advance(const BcAttentionParams& p, const BcAttnGroup& g, AttCursor c, int bk) {
+    if (!c.have) return c;
+    c.k0 += bk;
+    if (c.k0 >= c.seg.tokens) {
+        ++c.si;
+        c.k0 = 0;
+        c.have = att_next_segment(p, g, c.si, c.seg);
+    }
+    return c;
 }
 }  // namespace
 
@@ -290,11 +318,15 @@ __device__ __forceinline__ void att_tile(const AttSmem<Cfg>& sm, bc_saddr stage,
 /// row maxima m and sums l are updated and O rescaled where a maximum grew. `MASK`: keys kn.. of
 /// the tile are past the segment end (P = 0); a compile-time constant at every call (the
 /// function is inlined into both copies of the tile code).
-template <class Cfg>
-__device__ __forceinline__ void att_softmax(float (*s)[Cfg::BK / 8][4], float (*o)[Cfg::HDMAX / 8][4], float (*m)[2],
-                                            float (*l)[2], float qscale, bool MASK, int kn, int t) {
+/// DEFER_O: O is not touched; the factors go to `alpha` (1 where no maximum grew) and the
+/// return value says whether any grew (warp-uniform), for att_rescale_o later.
+template <class Cfg, bool DEFER_O = false>
+__device__ __forceinline__ bool att_softmax(float (*s)[Cfg::BK / 8][4], float (*o)[Cfg::HDMAX / 8][4], float (*m)[2],
+                                            float (*l)[2], float qscale, bool MASK, int kn, int t,
+                                            float (*alpha_o)[2] = nullptr) {
     constexpr int ATT_MT = Cfg::MT;
     constexpr int NS = Cfg::BK / 8;  // n8 tiles of S (keys)
+    bool grew_any = false;
     // Online softmax (base 2) on the fragments: lane holds S[g][col], S[g+8][col] of each m-tile
     // for col = 8j + 2t, 8j + 2t + 1. qscale >= 0 (the kernel folds a negative scale into Q),
     // so the row max of S * qscale is qscale * (row max of S), and P = 2^(S * qscale - m) is one
@@ -320,18 +352,26 @@ __device__ __forceinline__ void att_softmax(float (*s)[Cfg::BK / 8][4], float (*
         // O and l are rescaled only when a row maximum of the m-tile grew (a warp-uniform
         // branch). Otherwise alpha = 2^0 = 1 for every row and skipping the multiplies changes
         // no bit; once the maxima settle, most tiles skip them (HDMAX / 2 FMUL per lane).
-        if (__any_sync(BC_FULL_MASK, mn[0] > m[mt][0] || mn[1] > m[mt][1])) {
+        const bool grew = __any_sync(BC_FULL_MASK, mn[0] > m[mt][0] || mn[1] > m[mt][1]);
+        if (grew) {
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 const float alpha = bc_ex2(m[mt][i] - mn[i]);  // 0 on the first tile (m = -inf)
                 l[mt][i] *= alpha;
+                if constexpr (DEFER_O) {
+                    alpha_o[mt][i] = alpha;
+                } else {
 #pragma unroll
-                for (int j = 0; j < Cfg::HDMAX / 8; ++j) {
-                    o[mt][j][2 * i] *= alpha;
-                    o[mt][j][2 * i + 1] *= alpha;
+                    for (int j = 0; j < Cfg::HDMAX / 8; ++j) {
+                        o[mt][j][2 * i] *= alpha;
+                        o[mt][j][2 * i + 1] *= alpha;
+                    }
                 }
             }
+        } else if constexpr (DEFER_O) {
+            alpha_o[mt][0] = alpha_o[mt][1] = 1.f;
         }
+        grew_any |= grew;
         m[mt][0] = mn[0];
         m[mt][1] = mn[1];
 #pragma unroll
@@ -345,6 +385,18 @@ __device__ __forceinline__ void att_softmax(float (*s)[Cfg::BK / 8][4], float (*
             }
         }
     }
+    return grew_any;
+}
+
+/// O *= alpha per row (the rescale att_softmax<Cfg, true> deferred).
+template <class Cfg>
+__device__ __forceinline__ void att_rescale_o(float (*o)[Cfg::HDMAX / 8][4], float (*alpha)[2]) {
+#pragma unroll
+    for (int mt = 0; mt < Cfg::MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < Cfg::HDMAX / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][j][e] *= alpha[mt][e >> 1];
 }
 
 /// P of key block kk (keys 16kk .. 16kk+15) of m-tile mt as the bf16 A fragment of an m16n8k16
@@ -394,30 +446,24 @@ __device__ __forceinline__ void att_softmax_pv(const AttSmem<Cfg>& sm, bc_saddr 
 }
 
 #if BC_HAS_WGMMA
-/// One key tile of the warpgroup (64 query rows, warp w: rows 16w..16w+15), all four products
-/// by wgmma:
-///   S = Q K^T: HDMAX / 16 x m64n64k16, A = Q, B = the K tile (K-major), both read by descriptor
-///     from the 128B-swizzled column blocks (`dq` / `dk`: the k-step-0 descriptors; k-step s
-///     starts in column block s / 4, 32 (s % 4) bytes into its rows), one commit group, waited
-///     for. The D fragment of warp w (register 4j + e: row g + 8 (e >> 1), key 8j + 2t + (e & 1))
-///     is the mma.sync C layout of the warp's m16 tile, so the softmax reads it as is.
-///   online softmax (att_softmax, the same code as the mma.sync kernels);
-///   O += P V: BK / 16 x m64nHDMAXk16 with A = P from registers (att_p_frag: the register-A
-///     fragment of key block kk is the S accumulator's n-tiles 2kk, 2kk+1 as bf16) and B = the V
-///     tile MN-major (imm-trans-b = 1: V is [keys][head_dim], head_dim contiguous; its
+/// The wgmma products of one warpgroup (64 query rows, warp w: rows 16w..16w+15), issued
+/// asynchronously (bc_attention_impl's WG loop waits for them):
+///   S = Q K^T (att_wg_s): HDMAX / 16 x m64n64k16, A = Q, B = the K tile (K-major), both read
+///     by descriptor from the 128B-swizzled column blocks (`dq` / `dk`: the k-step-0
+///     descriptors; k-step s starts in column block s / 4, 32 (s % 4) bytes into its rows), one
+///     commit group. The D fragment of warp w (register 4j + e: row g + 8 (e >> 1), key 8j + 2t +
+///     (e & 1)) is the mma.sync C layout of the warp's m16 tile, so the softmax reads it as is.
+///   O += P V (att_wg_pv): BK / 16 x m64nHDMAXk16 with A = P from registers (att_p_frag: the
+///     register-A fragment of key block kk is the S accumulator's n-tiles 2kk, 2kk+1 as bf16) and
+///     B = the V tile MN-major (imm-trans-b = 1: V is [keys][head_dim], head_dim contiguous; its
 ///     128B-swizzled 64-column blocks are the MN-major canonical layout with SBO 1024 between
-///     8-key groups and LBO BK * 128 between column blocks; `dv`: key block 0's descriptor,
-///     key block kk at + 2048 kk bytes). O's registers are the m64nHDMAX accumulator (register
-///     4j + e: row g + 8 (e >> 1), column 8j + 2t + (e & 1), the layout of o[0][j][e]). One
-///     commit group, waited for before the tile's stage may be refilled.
-/// `d`: the S accumulator registers (their old value is ignored: scale-d 0 at k-step 0).
+///     8-key groups and LBO BK * 128 between column blocks; `dv`: key block 0's descriptor, key
+///     block kk at + 2048 kk bytes). O's registers are the m64nHDMAX accumulator (register 4j + e:
+///     row g + 8 (e >> 1), column 8j + 2t + (e & 1), the layout of o[0][j][e]). One commit group.
+/// The caller issues wgmma.fence before the first of a batch (after O was rescaled / P or S read).
 template <class Cfg>
-__device__ __forceinline__ void att_wg_tile(uint64_t dq, uint64_t dk, uint64_t dv, float (&d)[Cfg::BK / 2],
-                                            float (*o)[Cfg::HDMAX / 8][4], float (*m)[2], float (*l)[2], float qscale,
-                                            bool mask, int kn, int t) {
-    constexpr int KSTEPS = Cfg::HDMAX / 16, NS = Cfg::BK / 8, JB = Cfg::BK / 16;
-    bc_wgmma_fence_operand(d);
-    bc_wgmma_fence();
+__device__ __forceinline__ void att_wg_s(uint64_t dq, uint64_t dk, float (&d)[Cfg::BK / 2]) {
+    constexpr int KSTEPS = Cfg::HDMAX / 16;
 #pragma unroll
     for (int k = 0; k < KSTEPS; ++k) {
         // k-step k: column block 16k / 64 (BK * 128 bytes each), 32 (k % 4) bytes into its rows
@@ -427,30 +473,30 @@ __device__ __forceinline__ void att_wg_tile(uint64_t dq, uint64_t dk, uint64_t d
         bc_wgmma_ss<Cfg::BK>(d, dq + step, dk + step, k > 0);
     }
     bc_wgmma_commit();
-    bc_wgmma_wait<0>();
-    bc_wgmma_fence_operand(d);
-    float s[1][NS][4];
+}
+
+template <class Cfg>
+__device__ __forceinline__ void att_wg_pv(uint64_t dv, const unsigned (&pa)[Cfg::BK / 16][4],
+                                          float (&of)[Cfg::HDMAX / 2]) {
 #pragma unroll
-    for (int j = 0; j < NS; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][j][e] = d[4 * j + e];
-    att_softmax<Cfg>(s, o, m, l, qscale, mask, kn, t);
-    unsigned pa[JB][4];
-#pragma unroll
-    for (int kk = 0; kk < JB; ++kk) att_p_frag<Cfg>(pa[kk], s, 0, kk);
-    float(&of)[Cfg::HDMAX / 2] = *reinterpret_cast<float(*)[Cfg::HDMAX / 2]>(&o[0][0][0]);
-    bc_wgmma_fence_operand(of);
-    bc_wgmma_fence();  // O was rescaled, P written: order them before the mma reads them
-#pragma unroll
-    for (int kk = 0; kk < JB; ++kk) {
+    for (int kk = 0; kk < Cfg::BK / 16; ++kk) {
         // key block kk: two 8-key groups (SBO 1024 bytes each) on, in descriptor units of 16 bytes
         bc_wgmma_rs_nmajor<Cfg::HDMAX>(of, pa[kk], dv + (uint64_t)(kk * 2 * 1024 / 16), 1);
     }
     bc_wgmma_commit();
-    bc_wgmma_wait<0>();
-    bc_wgmma_fence_operand(of);
+}
+
+/// The online softmax of a landed S tile `d` (in place: S becomes P, as f32), the rescale of O
+/// deferred (`alpha`, returned true when a row maximum grew: O is still an operand of the
+/// previous tile's P V in flight). MASK: keys kn.. are past the segment end.
+template <class Cfg, bool MASK>
+__device__ __forceinline__ bool att_wg_softmax(float (&d)[Cfg::BK / 2], float (*o)[Cfg::HDMAX / 8][4], float (*m)[2],
+                                               float (*l)[2], float (*alpha)[2], float qscale, int kn, int t) {
+    float(*s)[Cfg::BK / 8][4] = reinterpret_cast<float(*)[Cfg::BK / 8][4]>(&d[0]);
+    return att_softmax<Cfg, true>(s, o, m, l, qscale, MASK, kn, t, alpha);
 }
 #endif
+
 
 template <class Cfg>
 __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, unsigned char* smem_raw) {
@@ -516,7 +562,17 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
     bool have = att_next_segment(p, grp, si, seg);
     if (have) load_kv(0, seg, 0);
     bc_cp_async_commit();
-    bc_cp_async_wait_all();
+    // wgmma: tile 1 goes to stage 1 at once (the loop keeps two tiles in flight ahead).
+    AttCursor c1{si, k0, seg, have};
+    (void)c1;
+    if constexpr (Cfg::WG) {
+        c1 = att_advance(p, grp, c1, BK);
+        if (c1.have) load_kv(1, c1.seg, c1.k0);
+        bc_cp_async_commit();
+        bc_cp_async_wait_group<1>();  // Q and tile 0
+    } else {
+        bc_cp_async_wait_all();
+    }
 
     // A negative scale is folded into Q (sign flip of this thread's own Q chunks, exact) so
     // that the softmax sees qscale >= 0.
@@ -581,7 +637,73 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
 #endif
     (void)dq, (void)dk0, (void)dv0, (void)d;
 
-    // 2. Key tiles, double-buffered.
+    // 2. Key tiles.
+#if BC_HAS_WGMMA
+    if constexpr (Cfg::WG) {
+        // Three stages; per tile t (its P in pa, S(t) done): refill the stage of tile t-1 with
+        // tile t+2, wait for tile t+1, then issue S(t+1) = Q K(t+1)^T and O += P(t) V(t) as two
+        // commit groups; wait_group 1 lands S(t+1), whose softmax runs while P V(t) is still in
+        // flight (O untouched: its rescale is deferred), wait_group 0, rescale O, pack P(t+1).
+        // Block-uniform: the tile walk; warpgroup-uniform: active.
+        float(&of)[HDMAX / 2] = *reinterpret_cast<float(*)[HDMAX / 2]>(&o[0][0][0]);
+        unsigned pa[BK / 16][4];
+        float alpha[1][2];
+        constexpr uint64_t SB = Sm::STAGEB >> 4;  // a stage, in descriptor units
+        if (active && have) {
+            bc_wgmma_fence_operand(d);
+            bc_wgmma_fence();
+            att_wg_s<Cfg>(dq, dk0, d);
+            bc_wgmma_wait<0>();
+            bc_wgmma_fence_operand(d);
+            const int kn = min(BK, seg.tokens - k0);
+            const bool grew = kn == BK ? att_wg_softmax<Cfg, false>(d, o, m, l, alpha, qscale, kn, t)
+                                       : att_wg_softmax<Cfg, true>(d, o, m, l, alpha, qscale, kn, t);
+            if (grew) att_rescale_o<Cfg>(o, alpha);
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk)
+                att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
+        }
+        int st = 0;  // stage of tile t
+        for (AttCursor c{si, k0, seg, have}; c.have;) {
+            const AttCursor c2 = att_advance(p, grp, c1, BK);
+            __syncthreads();  // every warpgroup is done with tile t-1: its stage takes tile t+2
+            const int st1 = st == 2 ? 0 : st + 1, st2 = st1 == 2 ? 0 : st1 + 1;
+            if (c2.have) load_kv(st2, c2.seg, c2.k0);
+            bc_cp_async_commit();
+            bc_cp_async_wait_group<1>();  // tile t+1 has landed (this thread's copies) ...
+            bc_fence_proxy_async();       // (visible to wgmma's async proxy)
+            __syncthreads();              // ... and everyone's
+            if (active) {
+                bc_wgmma_fence_operand(of);
+                bc_wgmma_fence_operand(d);
+                bc_wgmma_fence();  // O rescaled, P packed, S read: before the mma use them
+                // S(t+1) is issued even past the last tile (a discarded product of whatever stage
+                // st1 holds): a wgmma under a condition makes ptxas serialize every wgmma of the
+                // kernel (C7520, "compiler-inserted WG.AR in divergent path").
+                att_wg_s<Cfg>(dq, dk0 + st1 * SB, d);
+                att_wg_pv<Cfg>(dv0 + st * SB, pa, of);
+                bc_wgmma_wait<1>();  // S(t+1); P(t) V(t) may still run
+                bc_wgmma_fence_operand(d);
+                bool grew = false;
+                if (c1.have) {
+                    const int kn = min(BK, c1.seg.tokens - c1.k0);
+                    grew = kn == BK ? att_wg_softmax<Cfg, false>(d, o, m, l, alpha, qscale, kn, t)
+                                    : att_wg_softmax<Cfg, true>(d, o, m, l, alpha, qscale, kn, t);
+                }
+                bc_wgmma_wait<0>();  // P(t) V(t): O and pa are free
+                bc_wgmma_fence_operand(of);
+                if (grew) att_rescale_o<Cfg>(o, alpha);
+#pragma unroll
+                for (int kk = 0; kk < BK / 16; ++kk)
+                    att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
+            }
+            c = c1;
+            c1 = c2;
+            st = st1;
+        }
+        have = false;  // (the generic loop below is the mma.sync kernels')
+    }
+#endif
     for (int st = 0; have; st ^= 1) {
         const int kn = min(BK, seg.tokens - k0);
         int nsi = si, nk0 = k0 + BK;
@@ -602,15 +724,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
 
         if (active) {
             const bc_saddr stage = base + st * Sm::STAGEB;
-            if constexpr (Cfg::WG) {
-#if BC_HAS_WGMMA
-                const uint64_t so = (uint64_t)(st * (Sm::STAGEB >> 4));  // stage offset, 16-byte units
-                if (kn == BK)
-                    att_wg_tile<Cfg>(dq, dk0 + so, dv0 + so, d, o, m, l, qscale, false, kn, t);
-                else
-                    att_wg_tile<Cfg>(dq, dk0 + so, dv0 + so, d, o, m, l, qscale, true, kn, t);
-#endif
-            } else {
+            if constexpr (!Cfg::WG) {
                 if (kn == BK)
                     att_tile<false, Cfg>(sm, stage, qw, qf, o, m, l, qscale, kn, t);
                 else

@@ -69,19 +69,19 @@ typedef int32_t bc_i32;
 #define BC_ATTN_WGMMA_THREADS 128
 /** Query rows per block of `bc_attention_wgmma_hd64`: one m64 wgmma tile. */
 #define BC_ATTN_WGMMA_BQ 64
-/** Dynamic shared memory of `bc_attention_wgmma_hd64` in bytes: 2 stages x K, V x 64 keys x
+/** Dynamic shared memory of `bc_attention_wgmma_hd64` in bytes: 3 stages x K, V x 64 keys x
  * 64 bf16, then Q: 64 rows x 64 bf16, plus 1024 bytes to start the tiles on a 1024-byte
  * boundary of the shared window (the 128-byte swizzle period wgmma's descriptors need). */
-#define BC_ATTN_WGMMA_SMEM 41984
+#define BC_ATTN_WGMMA_SMEM 58368
 /** Threads per block of `bc_attention_wgmma_hd128`: two warpgroups (8 warps of 16 query rows),
  * each its own m64 tile, sharing the K/V tiles. */
 #define BC_ATTN_WGMMA_HD128_THREADS 256
 /** Query rows per block of `bc_attention_wgmma_hd128`: two m64 wgmma tiles. */
 #define BC_ATTN_WGMMA_HD128_BQ 128
-/** Dynamic shared memory of `bc_attention_wgmma_hd128` in bytes: 2 stages x K, V x 64 keys x
+/** Dynamic shared memory of `bc_attention_wgmma_hd128` in bytes: 3 stages x K, V x 64 keys x
  * 128 bf16, then Q: 128 rows x 128 bf16 (each 64-row tile two 64-column blocks of 128-byte
  * rows), plus the same 1024 bytes of alignment slack. */
-#define BC_ATTN_WGMMA_HD128_SMEM 99328
+#define BC_ATTN_WGMMA_HD128_SMEM 132096
 
 /** Grid and block dimensions of one launch (used by the emulated launcher). */
 typedef struct BcLaunchDims {

@@ -994,4 +994,23 @@ mod tests {
             "hd128 tiles need their own shared memory"
         );
     }
+
+    /// The module loads on every sm_80+ GPU: a kernel wanting more dynamic shared memory than
+    /// sm_86 / sm_89 allow (99 KB) must be one that runs on sm_90a only (the loader lets those
+    /// go without their opt-in elsewhere).
+    #[test]
+    fn only_sm90a_kernels_need_more_than_99_kb() {
+        for k in Kernel::ALL {
+            if k.dynamic_smem_bytes() > 99 * 1024 {
+                assert!(
+                    k.sm90a_only(),
+                    "{}: {} bytes",
+                    k.name(),
+                    k.dynamic_smem_bytes()
+                );
+            }
+        }
+        assert!(Kernel::AttentionWgmmaHd128.dynamic_smem_bytes() > 99 * 1024);
+        assert!(!Kernel::AttentionHd128Q128.sm90a_only());
+    }
 }

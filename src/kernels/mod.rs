@@ -236,6 +236,16 @@ impl Kernel {
             _ => 0,
         }
     }
+
+    /// Kernels with real code only in the sm_90a cubin (Hopper wgmma; elsewhere a stub that
+    /// traps), launched only on a compute capability 9.0 device: loading the module elsewhere
+    /// may leave them without their shared-memory opt-in.
+    pub fn sm90a_only(self) -> bool {
+        matches!(
+            self,
+            Kernel::AttentionWgmmaHd64 | Kernel::AttentionWgmmaHd128 | Kernel::WgmmaProbe
+        )
+    }
 }
 
 /// What went wrong in a launch: the launch constructors ([`launch`]) refuse their

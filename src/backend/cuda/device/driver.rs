@@ -123,19 +123,29 @@ impl DriverDevice {
             if dyn_smem > 0 {
                 // Above 48 KB of dynamic shared memory a kernel must opt in.
                 // SAFETY: f was just loaded.
-                unsafe {
+                let opt_in = unsafe {
                     drv::function::set_function_attribute(
                         f,
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         dyn_smem as i32,
                     )
+                };
+                match opt_in {
+                    Ok(_) => {}
+                    // The sm_90a-only kernels trap elsewhere and are never launched off a
+                    // compute capability 9.0 device, where they may want more shared memory
+                    // than the device has (sm_86 / sm_89 allow 99 KB): they stay without it.
+                    Err(_) if k.sm90a_only() => {
+                        self.funcs.insert(k.name(), f);
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(Error::Device(format!(
+                            "{} needs {dyn_smem} bytes of shared memory, more than this device allows: {e}",
+                            k.name()
+                        )))
+                    }
                 }
-                .map_err(|e| {
-                    Error::Device(format!(
-                        "{} needs {dyn_smem} bytes of shared memory, more than this device allows: {e}",
-                        k.name()
-                    ))
-                })?;
                 // Prefer the largest shared-memory carveout, so that two such blocks fit on an
                 // SM where the chip allows it (a hint: the driver may still choose otherwise).
                 // SAFETY: as above.

@@ -145,12 +145,18 @@ impl DecodeDevice {
         }
     }
 
-    /// Whether this is the device a generation with `o` runs its DiT on (the CUDA backend on
-    /// one device, the decoder on its first GPU, both emulated or neither): finished blocks can
-    /// then go to the decoder without crossing to the host
-    /// ([`crate::executor::Generator::hand_off_on_device`]).
+    /// Whether this is a device a generation with `o` runs its DiT on (the CUDA backend, the
+    /// decoder on one of its GPUs, both emulated or neither): finished blocks can then go to
+    /// the decoder without crossing to the host
+    /// ([`crate::executor::Generator::hand_off_to`] this device's ordinal).
     pub fn beside_dit(self, o: &crate::GenerateOptions) -> bool {
-        o.backend == BackendKind::Cuda && self == Self::cuda_beside(&o.device_ids)
+        let emulated = crate::backend::cuda::session_options().emulate;
+        match self {
+            DecodeDevice::Cuda { ordinal, emulate } if o.backend == BackendKind::Cuda => {
+                emulate == emulated && crate::backend::cuda::dit_devices(o).contains(&ordinal)
+            }
+            _ => false,
+        }
     }
 
     /// Parses a device name as the CLI, the C ABI and the server take it: `cpu`, or `cuda`

@@ -6,7 +6,10 @@
 //! small shapes: the built-in tiny model and decoder.
 
 use blockcascade::backend::cuda::device::host_traffic;
-use blockcascade::backend::cuda::{handoff_relays, peer_copy_bytes, set_session_options};
+use blockcascade::backend::cuda::emu_device::{set_stream_order, StreamOrder};
+use blockcascade::backend::cuda::{
+    deny_peer_handoff, handoff_relays, peer_copy_bytes, set_session_options,
+};
 use blockcascade::config::{BackendKind, KvExchange, Schedule};
 use blockcascade::decode::{DecodeDevice, Decoder};
 use blockcascade::executor::Generator;
@@ -51,7 +54,8 @@ fn device(ordinal: usize) -> DecodeDevice {
 
 /// What one run gave: whether each block came with device latents, each block's host latents,
 /// the RGB8 frames, the bytes downloaded from every device during the run and its decode, the
-/// bytes copied between devices, and the blocks relayed to the decoder's device.
+/// bytes copied between devices, the blocks relayed to the decoder's device, and the run's
+/// note of blocks that took the host path.
 struct Run {
     on_device: Vec<bool>,
     latents: Vec<Vec<f32>>,
@@ -60,6 +64,8 @@ struct Run {
     peer_bytes: usize,
     relays: usize,
     note: Option<String>,
+    /// Blocks that came with a note of the host path.
+    notes: usize,
 }
 
 /// `blocks` blocks of the tiny model on 2 emulated devices, decoded on emulated GPU `dec` by
@@ -79,9 +85,10 @@ fn run(
     }
     let mut bg = rgb_thread(decoder, device(dec), (H, W));
     let (t0, p0, r0) = (host_traffic(), peer_copy_bytes(), handoff_relays());
-    let (mut latents, mut on_device) = (Vec::new(), Vec::new());
+    let (mut latents, mut on_device, mut notes) = (Vec::new(), Vec::new(), 0);
     let mut err = None;
     let report = gen.run(blocks, |b| {
+        notes += usize::from(b.handoff_note.is_some());
         latents.push(b.latents.to_vec());
         on_device.push(b.device.is_some());
         bg.push_block(b).map_err(|e| err = Some(e)).is_ok()
@@ -98,6 +105,7 @@ fn run(
         peer_bytes: peer_copy_bytes() - p0,
         relays: handoff_relays() - r0,
         note: report.handoff_note,
+        notes,
     })
 }
 
@@ -160,17 +168,53 @@ fn blocks_of_two_devices_reach_the_decoder_without_the_host() {
             );
             // Blocks final on the other device came over by one peer copy each.
             assert_eq!(dev.peer_bytes, host.peer_bytes + dev.relays * BLOCK_BYTES);
-            assert_eq!(dev.note, None);
+            assert_eq!((dev.note.as_deref(), dev.notes), (None, 0));
             println!(
                 "{xch:?}, decoder on device {dec}: downloads {} B host path, {} B handed off; \
                  {} of {blocks} blocks relayed device to device",
                 host.downloaded, dev.downloaded, dev.relays
             );
             relays += dev.relays;
+            if dev.relays > 0 && xch == KvExchange::Joint {
+                // Deferred stream orders (work runs only when the host waits, in a random
+                // order among what the marks allow): the marks alone order the relay copy
+                // between the flow step and the decode.
+                for seed in [1, 2] {
+                    set_stream_order(StreamOrder::Random(seed)).unwrap();
+                    let r = go(dec, Some(false));
+                    set_stream_order(StreamOrder::Immediate).unwrap();
+                    assert!(r.unwrap().rgb == host.rgb, "stream order seed {seed}");
+                }
+            }
         }
         // Each block is final on one device: in place for one decoder, relayed for the other.
         assert_eq!(relays, blocks, "{xch:?}: relays");
     }
+    set_session_options(None);
+}
+
+#[test]
+fn without_peer_access_blocks_come_through_the_host() {
+    let (_l, engine, decoder) = emulated();
+    let prompt = PromptEmbeds::builtin(engine.config(), 2);
+    let (o, dec, blocks) = (options(KvExchange::Joint), 1, 2);
+    let host = run(&engine, &decoder, o.clone(), &prompt, (dec, None), blocks).unwrap();
+    // Device 0 (where the blocks become final) "cannot reach" the decoder's device 1.
+    deny_peer_handoff(true);
+    let r = run(&engine, &decoder, o, &prompt, (dec, Some(false)), blocks);
+    deny_peer_handoff(false);
+    let r = r.unwrap();
+    assert_eq!(r.relays, 0);
+    assert!(
+        r.on_device.iter().all(|d| !d),
+        "handed off without peer access"
+    );
+    assert!(r.latents == host.latents, "the host path's latents");
+    assert!(r.rgb == host.rgb, "the host path's frames");
+    assert_eq!(r.downloaded, host.downloaded);
+    let note = r.note.expect("no note of the host path");
+    assert!(note.contains("no peer access"), "{note}");
+    assert_eq!(r.notes, blocks, "a block without its note");
     set_session_options(None);
 }
 

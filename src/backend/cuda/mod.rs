@@ -63,7 +63,7 @@ pub use graphs::{graph_capture_failures, ShapeKey};
 pub use joint::MultiCudaBackend;
 use options::OVERRIDE;
 pub use options::{set_session_options, CudaOptions};
-pub use relay::handoff_relays;
+pub use relay::{deny_peer_handoff, handoff_relays};
 pub use resident::{device_flow_steps, handoff_waits, latent_moves, DeviceLatents};
 pub use single::CudaBackend;
 pub use time_table::time_table_uploads;

@@ -14,7 +14,7 @@
 use super::resident::SharedMark;
 use super::MultiCudaBackend;
 use crate::{Error, Result};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Relay buffers on the decoder's device: the decode thread's queue and the block it decodes
@@ -22,6 +22,17 @@ use std::sync::Arc;
 pub(super) const RELAY_BUFFERS: usize = crate::decode::QUEUE_BLOCKS + 1;
 
 static RELAYS: AtomicUsize = AtomicUsize::new(0);
+
+/// Test hook: hand-offs treat every pair of devices as without peer access.
+static DENY_PEER: AtomicBool = AtomicBool::new(false);
+
+/// Makes later hand-offs treat every pair of logical devices as without peer access (what
+/// `cuDeviceCanAccessPeer` = 0 gives on a GPU pair), so that the host path they fall back to
+/// can be tested on emulated devices. Process-wide.
+#[doc(hidden)]
+pub fn deny_peer_handoff(on: bool) {
+    DENY_PEER.store(on, Ordering::Relaxed);
+}
 
 /// Finished blocks copied device to device to the decoder's device in this process (one peer
 /// copy of the block's latents each): lets tests check which path a hand-off took.
@@ -43,8 +54,9 @@ impl MultiCudaBackend<'_> {
         }
         self.decoder = Some(dec);
         let mut host = Vec::new();
+        let denied = DENY_PEER.load(Ordering::Relaxed);
         for (s, dev) in self.devs.iter_mut().enumerate() {
-            if s == dec || self.peer[s][dec] {
+            if s == dec || (self.peer[s][dec] && !denied) {
                 dev.hand_off(download);
                 dev.res.relay = s != dec;
             } else {

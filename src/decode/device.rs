@@ -291,6 +291,28 @@ mod tests {
     }
 
     #[test]
+    fn beside_the_dit_is_any_of_its_gpus_on_the_cuda_backend() {
+        let emulate = crate::backend::cuda::session_options().emulate;
+        let o = crate::GenerateOptions {
+            backend: BackendKind::Cuda,
+            devices: 2,
+            device_ids: vec![2, 5],
+            ..Default::default()
+        };
+        let gpu = |ordinal, emulate| DecodeDevice::Cuda { ordinal, emulate };
+        assert!(gpu(2, emulate).beside_dit(&o));
+        assert!(gpu(5, emulate).beside_dit(&o));
+        assert!(!gpu(3, emulate).beside_dit(&o));
+        assert!(!gpu(2, !emulate).beside_dit(&o), "emulated and real mixed");
+        assert!(!DecodeDevice::Cpu.beside_dit(&o));
+        let cpu = crate::GenerateOptions {
+            backend: BackendKind::Cpu,
+            ..o.clone()
+        };
+        assert!(!gpu(2, emulate).beside_dit(&cpu));
+    }
+
+    #[test]
     fn out_of_memory_names_the_cpu_option_and_other_errors_pass() {
         let e = no_room(
             Error::OutOfMemory("cuMemAlloc of 9 bytes".into()),

@@ -54,6 +54,10 @@ pub struct FinishedBlock<'a> {
     pub block_time: Duration,
     /// Bytes held by the KV cache right now.
     pub cache_bytes: usize,
+    /// Handed off ([`Generator::hand_off_to`]) but this block came through the host after all
+    /// (`device` is `None`, `latents` set): why, e.g. the DiT device that finished it has no
+    /// peer access to the decoder's ([`RunReport::handoff_note`]).
+    pub handoff_note: Option<&'a str>,
 }
 
 /// What a run did and how long it took.
@@ -79,6 +83,10 @@ pub struct RunReport {
     pub recache_seconds: f64,
     /// Largest KV cache size seen, in bytes.
     pub max_cache_bytes: usize,
+    /// Finished blocks handed off on the device ([`Generator::hand_off_to`]) that still cross
+    /// the host to the decoder, and why (a DiT device without peer access to the decoder's);
+    /// `None` when none do.
+    pub handoff_note: Option<String>,
 }
 
 /// What a tick's forward left for the flow step.
@@ -252,9 +260,9 @@ pub struct Generator<'m> {
     noise: NoiseSource,
     /// (first block, prompt), sorted, first entry at block 0.
     prompts: Vec<(usize, Arc<PromptContext>)>,
-    /// Hand finished blocks off on the device (`Some(download)`), see
-    /// [`Generator::hand_off_on_device`].
-    handoff: Option<bool>,
+    /// Hand finished blocks off on the device (`Some((download, decoder GPU ordinal))`), see
+    /// [`Generator::hand_off_to`].
+    handoff: Option<(bool, usize)>,
 }
 
 impl<'m> Generator<'m> {
@@ -288,7 +296,34 @@ impl<'m> Generator<'m> {
     /// non-finite latents is left to whoever reads them). `--recache window` keeps the clean
     /// latents on the host, so it downloads them anyway. Other backends: no effect.
     pub fn hand_off_on_device(&mut self, host_latents: bool) {
-        self.handoff = Some(host_latents);
+        let first = crate::backend::cuda::first_device(&self.opts.device_ids);
+        self.hand_off_to(first, host_latents);
+    }
+
+    /// [`Generator::hand_off_on_device`] for a decoder on GPU `ordinal`, one of the DiT's
+    /// devices ([`crate::decode::DecodeDevice::beside_dit`]): with several devices, a block
+    /// finished on the decoder's device is handed off in place, one finished on another device
+    /// is first copied device to device into a buffer on the decoder's (where peer access
+    /// allows; otherwise it comes through the host, [`RunReport::handoff_note`]).
+    pub fn hand_off_to(&mut self, ordinal: usize, host_latents: bool) {
+        self.handoff = Some((host_latents, ordinal));
+    }
+
+    /// [`Generator::hand_off_to`] `decoder`'s GPU when it is one of the DiT's devices
+    /// ([`crate::decode::DecodeDevice::beside_dit`]); returns whether it is. What the front
+    /// ends call with the device their decoder runs on.
+    pub fn hand_off_to_decoder(
+        &mut self,
+        decoder: crate::decode::DecodeDevice,
+        host_latents: bool,
+    ) -> bool {
+        match decoder {
+            crate::decode::DecodeDevice::Cuda { ordinal, .. } if decoder.beside_dit(&self.opts) => {
+                self.hand_off_to(ordinal, host_latents);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The options.
@@ -390,10 +425,11 @@ impl<'m> Generator<'m> {
         let frames = (!live).then(|| plan.blocks.saturating_mul(bf));
         let mut backend = self.backend(frames)?;
         let resident = backend.keeps_latents();
-        if let (true, Some(host)) = (resident, self.handoff) {
-            backend.hand_off_finals(host || self.opts.recache == Recache::Window);
+        if let (true, Some((host, ordinal))) = (resident, self.handoff) {
+            backend.hand_off_finals(host || self.opts.recache == Recache::Window, ordinal);
         }
         let mut st = RunState::new(if live { 0 } else { plan.ticks() }, self.prompts.clone());
+        st.report.handoff_note = backend.handoff_note();
         for tau in 0..plan.ticks() {
             let planned = plan.members(tau);
             if let Some(mb) = mailbox {
@@ -854,6 +890,11 @@ impl<'m> Generator<'m> {
             since_start: now - st.start,
             block_time: now - st.last_done,
             cache_bytes: backend.cache_bytes(),
+            handoff_note: st
+                .report
+                .handoff_note
+                .as_deref()
+                .filter(|_| device.is_none()),
         };
         if st.next_emit == 0 {
             st.report.time_to_first_block = fb.since_start.as_secs_f64();

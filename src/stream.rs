@@ -125,6 +125,10 @@ pub struct StreamBlock {
     pub since_start: Duration,
     /// Bytes held by the KV cache when the block was finished.
     pub cache_bytes: usize,
+    /// With the decoder on the DiT's devices, why this block's latents still crossed the host
+    /// to it (a DiT device without peer access to the decoder's); `None` when they did not
+    /// have to ([`crate::FinishedBlock::handoff_note`]).
+    pub handoff_note: Option<String>,
 }
 
 /// What the worker, the decode thread, the consumer and the controls share.
@@ -385,7 +389,9 @@ impl Stream {
                     .unwrap_or_else(|| DecodeDevice::for_backend(opts.backend, &opts.device_ids));
                 let mut px = Pixels::start(decoder, device, &opts, sink)?;
                 // Finished blocks stay on the device when the decoder is the DiT's neighbour.
-                px.handoff = device.beside_dit(&opts).then_some(sopts.host_latents);
+                px.handoff = device
+                    .beside_dit(&opts)
+                    .then_some((device, sopts.host_latents));
                 Output::Pixels(px)
             }
         };
@@ -520,9 +526,9 @@ impl Drop for Stream {
 struct Pixels {
     decoder: BackgroundDecoder<Sink>,
     pending: Arc<Mutex<VecDeque<StreamBlock>>>,
-    /// The decoder is on the DiT's device: hand finished blocks off there
-    /// (`Some(host_latents)`, [`Generator::hand_off_on_device`]).
-    handoff: Option<bool>,
+    /// The decoder is on (one of) the DiT's device(s): hand finished blocks off there
+    /// (`Some((device, host_latents))`, [`Generator::hand_off_to_decoder`]).
+    handoff: Option<(DecodeDevice, bool)>,
 }
 
 impl Pixels {
@@ -615,8 +621,8 @@ impl Worker {
             }
             Output::Pixels(px) => px,
         };
-        if let Some(host_latents) = px.handoff {
-            gen.hand_off_on_device(host_latents);
+        if let Some((device, host_latents)) = px.handoff {
+            gen.hand_off_to_decoder(device, host_latents);
         }
         let mut decode_err = None;
         let run = gen.run_live(&self.shared.mailbox, |b| {
@@ -662,5 +668,6 @@ fn block(o: &GenerateOptions, b: &FinishedBlock) -> StreamBlock {
         pixel_width: 0,
         since_start: Duration::ZERO,
         cache_bytes: b.cache_bytes,
+        handoff_note: b.handoff_note.map(str::to_string),
     }
 }

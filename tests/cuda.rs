@@ -1108,6 +1108,99 @@ fn two_logical_devices_on_gpu0_equal_one() {
     assert!(e2 < 2e-2, "--devices 0,0 vs expected: rel L2 {e2}");
 }
 
+/// A DiT on two logical devices hands its finished blocks to the decoder on the device
+/// (`Generator::hand_off_to_decoder`): blocks final on the decoder's logical device are read in
+/// place, the others copied device to device first (`--devices 0,0`: a copy within GPU 0's
+/// context; with two GPUs also `--devices 0,1` with the decoder on either GPU: a peer copy, or
+/// the host path where the GPUs have no peer access, which the run's note says). The RGB8
+/// frames equal the host path's (latents downloaded and pushed) bit for bit.
+#[test]
+fn multi_device_handoff_equals_the_host_path() {
+    use blockcascade::backend::cuda::handoff_relays;
+    use blockcascade::decode::{BackgroundDecoder, DecodeDevice, Decoder};
+    use std::sync::Arc;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(g) = gpu_gemm("multi_device_handoff_equals_the_host_path") else {
+        return;
+    };
+    drop(g);
+    let gpus = if emulated() {
+        2
+    } else {
+        probe_driver().map_or(1, |p| p.devices)
+    };
+    let mut cases = vec![(vec![0, 0], 0)];
+    if gpus >= 2 {
+        cases.extend([(vec![0, 1], 0), (vec![0, 1], 1)]);
+    }
+    let decoder = Arc::new(Decoder::tiny_taehv(0));
+    let gd = golden();
+    for (devices, dec) in cases {
+        set_session_options(Some(CudaOptions {
+            devices: devices.clone(),
+            ..CudaOptions::from_env()
+        }));
+        let mut opts = gd.opts.clone();
+        opts.schedule = Schedule::Cascade { lag: 1 };
+        opts.backend = BackendKind::Cuda;
+        opts.devices = devices.len();
+        let device = DecodeDevice::Cuda {
+            ordinal: dec,
+            emulate: emulated(),
+        };
+        let frames = |handoff: bool| {
+            let mut gen = Generator::new(
+                gd.engine.model(),
+                opts.clone(),
+                gd.noise.clone(),
+                &gd.prompt,
+            )
+            .unwrap();
+            if handoff {
+                assert!(gen.hand_off_to_decoder(device, false), "not beside the DiT");
+            }
+            let mut bg = BackgroundDecoder::spawn_on(
+                decoder.clone(),
+                device,
+                (opts.height, opts.width),
+                false,
+                Vec::new(),
+                |acc: &mut Vec<u8>, out| {
+                    acc.extend_from_slice(&out.rgb);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            let r0 = handoff_relays();
+            let mut err = None;
+            let report = gen
+                .run(gd.frames / opts.block_frames, |b| {
+                    bg.push_block(b).map_err(|e| err = Some(e)).is_ok()
+                })
+                .unwrap();
+            assert!(err.is_none(), "{err:?}");
+            (
+                bg.finish().unwrap(),
+                handoff_relays() - r0,
+                report.handoff_note,
+            )
+        };
+        let (host, _, _) = frames(false);
+        let (dev, relays, note) = frames(true);
+        set_session_options(None);
+        println!(
+            "MULTI handoff --devices {devices:?} decoder on GPU {dec}: relays={relays} \
+             note={note:?} identical={}",
+            dev == host
+        );
+        assert!(!host.is_empty());
+        assert!(
+            dev == host,
+            "--devices {devices:?}, decoder on GPU {dec}: the handed-off frames differ"
+        );
+    }
+}
+
 /// The umT5 text encoder on the device (`cuda/t5.cu` kernels, cuBLASLt GEMMs, bf16 weights)
 /// against the golden case `umt5-tiny` (upstream's embeddings of 6 prompts): ids equal and
 /// relative L2 < 2e-2 for every prompt.

@@ -5,36 +5,24 @@
 //! decoder.
 
 use blockcascade::backend::cuda::device::host_traffic;
-use blockcascade::backend::cuda::{handoff_waits, set_session_options, CudaOptions};
+use blockcascade::backend::cuda::set_session_options;
 use blockcascade::config::{BackendKind, Schedule};
-use blockcascade::decode::{hold_device_decodes, BackgroundDecoder, DecodeDevice, Decoder};
+use blockcascade::decode::{DecodeDevice, Decoder};
 use blockcascade::executor::Generator;
 use blockcascade::{Engine, GenerateOptions, NoiseSource, PromptEmbeds, Stream, StreamOptions};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+
+#[path = "common/handoff.rs"]
+mod handoff;
+use handoff::{
+    assert_non_finite, emulated, overflowing_prompt, rgb_thread, with_held_decoder, FLAG_BYTES,
+};
 
 /// Latent size (the tiny TAEHV makes it 32x32 pixels).
 const H: usize = 4;
 const W: usize = 4;
 /// Bytes of one block's latents (3 frames).
 const BLOCK_BYTES: usize = 3 * 16 * H * W * 4;
-
-/// Bytes of the decoder's non-finite flag, read back after each block handed off on the device.
-const FLAG_BYTES: usize = 4;
-
-/// The CUDA options and the counters are process-wide: one test at a time.
-static LOCK: Mutex<()> = Mutex::new(());
-
-/// Takes the lock, puts the CUDA backend on the emulated device; the tiny engine and decoder.
-fn emulated() -> (MutexGuard<'static, ()>, Engine, Arc<Decoder>) {
-    let l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    set_session_options(Some(CudaOptions {
-        emulate: true,
-        ..CudaOptions::default()
-    }));
-    let engine = Engine::open(None).unwrap();
-    (l, engine, Arc::new(Decoder::tiny_taehv(0)))
-}
 
 fn options() -> GenerateOptions {
     GenerateOptions {
@@ -98,18 +86,7 @@ fn try_run(
     }
     let device = DecodeDevice::cuda_beside(&[]);
     assert!(matches!(device, DecodeDevice::Cuda { emulate: true, .. }));
-    let mut bg = BackgroundDecoder::spawn_on(
-        decoder.clone(),
-        device,
-        (H, W),
-        false,
-        Vec::new(),
-        |acc: &mut Vec<u8>, out| {
-            acc.extend_from_slice(&out.rgb);
-            Ok(())
-        },
-    )
-    .expect("decode thread");
+    let mut bg = rgb_thread(decoder, device, (H, W));
     let t0 = host_traffic();
     let (mut latents, mut on_device) = (Vec::new(), Vec::new());
     let mut err = None;
@@ -129,22 +106,6 @@ fn try_run(
         rgb,
         downloaded,
     })
-}
-
-/// Prompt embeddings large enough (finite) that the tiny model's blocks overflow to inf/NaN.
-fn overflowing_prompt(engine: &Engine) -> PromptEmbeds {
-    let mut p = PromptEmbeds::builtin(engine.config(), 2);
-    p.data.iter_mut().for_each(|v| *v = v.signum() * f32::MAX);
-    p
-}
-
-/// The error a run must end with: the typed non-finite-latents error.
-fn assert_non_finite(r: blockcascade::Result<Run>, what: &str) {
-    match r {
-        Err(e @ blockcascade::Error::Format(_)) if e.to_string().contains("non-finite") => {}
-        Err(e) => panic!("{what}: {e:?}"),
-        Ok(_) => panic!("{what}: non-finite latents decoded without an error"),
-    }
 }
 
 #[test]
@@ -230,18 +191,8 @@ fn finished_blocks_go_to_the_decoder_on_the_device() {
     // slot still being read; if a slot were reused early, the frames would differ.
     let blocks = 5;
     let host = run(&engine, &decoder, None, blocks);
-    let w0 = handoff_waits();
-    hold_device_decodes(true);
-    let release = std::thread::spawn(move || {
-        let start = Instant::now();
-        while handoff_waits() == w0 && start.elapsed() < Duration::from_secs(120) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        hold_device_decodes(false);
-    });
-    let slow = run(&engine, &decoder, Some(false), blocks);
-    release.join().unwrap();
-    assert!(handoff_waits() > w0, "the DiT never waited for the decoder");
+    let (slow, waited) = with_held_decoder(|| run(&engine, &decoder, Some(false), blocks));
+    assert!(waited, "the DiT never waited for the decoder");
     assert!(slow.rgb == host.rgb, "a slot was reused before its decode");
 
     // A cascade: several blocks in flight, context passes apart; the same frames.

@@ -78,12 +78,21 @@ pub trait Backend {
     /// no context pass follows).
     fn release_latents(&mut self, _block: usize) {}
 
-    /// For a decoder on this backend's device: from now on, blocks that become final in
-    /// [`Backend::step_resident`] are also held for [`Backend::take_handed`], and downloaded
-    /// only when `download` (otherwise `step_resident` returns them empty). Returns whether
-    /// the backend does this (one CUDA device with device latents); the default: no.
-    fn hand_off_finals(&mut self, _download: bool) -> bool {
+    /// For a decoder on this backend's device (GPU ordinal `decoder`; on one device the caller
+    /// checked it is the backend's): from now on, blocks that become final in
+    /// [`Backend::step_resident`] are also held there for [`Backend::take_handed`] (in place,
+    /// or copied device to device from another of the backend's devices), and downloaded only
+    /// when `download` (otherwise `step_resident` returns them empty). Returns whether the
+    /// backend does this (CUDA devices with device latents); the default: no.
+    fn hand_off_finals(&mut self, _download: bool, _decoder: usize) -> bool {
         false
+    }
+
+    /// Why some finished blocks still cross the host on their way to a decoder handed blocks
+    /// off ([`Backend::hand_off_finals`]), e.g. a device without peer access to the
+    /// decoder's; `None` when none do.
+    fn handoff_note(&self) -> Option<String> {
+        None
     }
 
     /// The device latents of `block`, final in the last [`Backend::step_resident`], when

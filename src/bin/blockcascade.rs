@@ -732,10 +732,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let mut gen = Generator::new(engine.model(), opts.clone(), noise.clone(), &prompt)?;
     gen.set_prompt_schedule(&switches)?;
-    if pixels.is_some() && device.beside_dit(&opts) {
-        // The decoder reads each block where the DiT left it (the latents still come back
-        // for the output file).
-        gen.hand_off_on_device(true);
+    if pixels.is_some() {
+        // A decoder on the DiT's device(s) reads each block there (the latents still come
+        // back for the output file).
+        gen.hand_off_to_decoder(device, true);
     }
     let progress = !a.quiet;
     let tty = std::io::stderr().is_terminal();

@@ -145,12 +145,18 @@ impl DecodeDevice {
         }
     }
 
-    /// Whether this is the device a generation with `o` runs its DiT on (the CUDA backend on
-    /// one device, the decoder on its first GPU, both emulated or neither): finished blocks can
-    /// then go to the decoder without crossing to the host
-    /// ([`crate::executor::Generator::hand_off_on_device`]).
+    /// Whether this is a device a generation with `o` runs its DiT on (the CUDA backend, the
+    /// decoder on one of its GPUs, both emulated or neither): finished blocks can then go to
+    /// the decoder without crossing to the host
+    /// ([`crate::executor::Generator::hand_off_to`] this device's ordinal).
     pub fn beside_dit(self, o: &crate::GenerateOptions) -> bool {
-        o.backend == BackendKind::Cuda && self == Self::cuda_beside(&o.device_ids)
+        let emulated = crate::backend::cuda::session_options().emulate;
+        match self {
+            DecodeDevice::Cuda { ordinal, emulate } if o.backend == BackendKind::Cuda => {
+                emulate == emulated && crate::backend::cuda::dit_devices(o).contains(&ordinal)
+            }
+            _ => false,
+        }
     }
 
     /// Parses a device name as the CLI, the C ABI and the server take it: `cpu`, or `cuda`
@@ -282,6 +288,28 @@ mod tests {
         ));
         let e = DecodeDevice::parse("gpu", &[]).unwrap_err();
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    }
+
+    #[test]
+    fn beside_the_dit_is_any_of_its_gpus_on_the_cuda_backend() {
+        let emulate = crate::backend::cuda::session_options().emulate;
+        let o = crate::GenerateOptions {
+            backend: BackendKind::Cuda,
+            devices: 2,
+            device_ids: vec![2, 5],
+            ..Default::default()
+        };
+        let gpu = |ordinal, emulate| DecodeDevice::Cuda { ordinal, emulate };
+        assert!(gpu(2, emulate).beside_dit(&o));
+        assert!(gpu(5, emulate).beside_dit(&o));
+        assert!(!gpu(3, emulate).beside_dit(&o));
+        assert!(!gpu(2, !emulate).beside_dit(&o), "emulated and real mixed");
+        assert!(!DecodeDevice::Cpu.beside_dit(&o));
+        let cpu = crate::GenerateOptions {
+            backend: BackendKind::Cpu,
+            ..o.clone()
+        };
+        assert!(!gpu(2, emulate).beside_dit(&cpu));
     }
 
     #[test]

@@ -803,9 +803,10 @@ pub unsafe extern "C" fn bc_session_generate(
                 Some(f) => Some(spawn_frames(f, sess.decoder_device, o.height, o.width)?),
                 None => None,
             };
-            if pixels.is_some() && sess.decoder_device.beside_dit(o) {
-                // The decoder reads each block on the device; the callback still gets latents.
-                gen.hand_off_on_device(true);
+            if pixels.is_some() {
+                // A decoder on the DiT's device(s) reads each block there; the callback still
+                // gets latents.
+                gen.hand_off_to_decoder(sess.decoder_device, true);
             }
             let mut decode_err = None;
             let mut stopped_at = None;

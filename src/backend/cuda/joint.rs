@@ -51,13 +51,22 @@ use std::sync::atomic::Ordering;
 ///
 /// With [`CudaOptions::device_latents`] each device holds the latents of the blocks placed on
 /// it and steps them itself; a block placed elsewhere than last tick moves there once, by a
-/// peer copy (`backend::cuda::resident`), and only finished blocks are downloaded.
+/// peer copy (`backend::cuda::resident`), and only finished blocks are downloaded; handed off
+/// to a decoder on one of the devices, not even those (`backend::cuda::relay`).
 pub struct MultiCudaBackend<'m> {
     pub(super) devs: Vec<CudaBackend<'m>>,
     pub(super) opts: GenerateOptions,
     pub(super) lag: Option<LagState>,
     /// The placement of the last tick run on held latents (for its flow step).
     held_placement: Option<Vec<Vec<usize>>>,
+    /// The GPU ordinal of each logical device.
+    pub(super) ordinals: Vec<usize>,
+    /// `peer[a][b]`: device `a` has peer access to device `b`'s memory.
+    pub(super) peer: Vec<Vec<bool>>,
+    /// The logical device of the decoder finished blocks are handed to (`super::relay`).
+    pub(super) decoder: Option<usize>,
+    /// Why some finished blocks still cross the host to the decoder, if they do.
+    pub(super) handoff_note: Option<String>,
 }
 
 /// Lagged exchange state.
@@ -94,10 +103,11 @@ impl<'m> MultiCudaBackend<'m> {
         for &o in &ordinals {
             devs.push(CudaBackend::open_device(model, &one, copts.clone(), o)?);
         }
+        let mut peer = vec![vec![true; devs.len()]; devs.len()];
         for a in 0..devs.len() {
             for b in 0..devs.len() {
                 if a != b {
-                    devs[a].gpu.enable_peer_access(&devs[b].gpu)?;
+                    peer[a][b] = devs[a].gpu.enable_peer_access(&devs[b].gpu)?;
                 }
             }
         }
@@ -150,6 +160,10 @@ impl<'m> MultiCudaBackend<'m> {
             opts: opts.clone(),
             lag,
             held_placement: None,
+            ordinals,
+            peer,
+            decoder: None,
+            handoff_note: None,
         })
     }
 
@@ -455,6 +469,7 @@ impl Backend for MultiCudaBackend<'_> {
                 out[i] = x;
             }
         }
+        self.relay_finals()?;
         Ok(out)
     }
 
@@ -462,6 +477,18 @@ impl Backend for MultiCudaBackend<'_> {
         for d in &mut self.devs {
             d.release_held(block);
         }
+    }
+
+    fn hand_off_finals(&mut self, download: bool, decoder: usize) -> bool {
+        self.hand_off_to(download, decoder)
+    }
+
+    fn take_handed(&mut self, block: usize) -> Option<super::DeviceLatents> {
+        self.devs.iter_mut().find_map(|d| d.take_handed(block))
+    }
+
+    fn handoff_note(&self) -> Option<String> {
+        self.handoff_note.clone()
     }
 }
 

@@ -24,6 +24,8 @@
 //! - `resident`: the denoising state on the device(s): each block's latents in a slot of the
 //!   device it is placed on (moved device to device when the placement moves it), the flow
 //!   step and renoise by `bc_flow_step`, only finished blocks downloaded.
+//! - `relay`: finished blocks handed to a decoder on one of several devices, copied device to
+//!   device when they finished on another one.
 //! - `time_table`: each distinct timestep's time embedding uploaded once into a device table,
 //!   gathered per frame every tick.
 //! - [`device`]: probing, the context and streams, buffers, launches, cuBLASLt, graphs, the
@@ -49,6 +51,7 @@ pub mod nvtx;
 pub mod ops;
 mod options;
 mod prompt_kv;
+mod relay;
 mod resident;
 mod single;
 mod tables;
@@ -60,6 +63,7 @@ pub use graphs::{graph_capture_failures, ShapeKey};
 pub use joint::MultiCudaBackend;
 use options::OVERRIDE;
 pub use options::{set_session_options, CudaOptions};
+pub use relay::{deny_peer_handoff, handoff_relays};
 pub use resident::{device_flow_steps, handoff_waits, latent_moves, DeviceLatents};
 pub use single::CudaBackend;
 pub use time_table::time_table_uploads;
@@ -102,6 +106,21 @@ pub fn first_device(device_ids: &[usize]) -> usize {
         let co = session_options();
         co.devices.first().copied().unwrap_or(co.device)
     })
+}
+
+/// The GPU ordinals of the DiT's logical devices for `opts` (`opts.device_ids`, else the
+/// session's or the environment's [`CudaOptions::devices`], else `opts.devices` from
+/// [`CudaOptions::device`] on), as [`open`] picks them: a decoder on one of them can be handed
+/// finished blocks on the device ([`crate::decode::DecodeDevice::beside_dit`]).
+pub fn dit_devices(opts: &GenerateOptions) -> Vec<usize> {
+    if !opts.device_ids.is_empty() {
+        return opts.device_ids.clone();
+    }
+    let co = session_options();
+    if !co.devices.is_empty() {
+        return co.devices;
+    }
+    (0..opts.devices.max(1)).map(|i| co.device + i).collect()
 }
 
 /// Opens the CUDA backend for `model` with `opts` (what [`crate::backend::cuda_backend`] calls):

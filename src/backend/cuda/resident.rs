@@ -110,7 +110,7 @@ struct Handed {
 }
 
 /// A mark shared by the blocks that became final in one step.
-struct SharedMark(Mark);
+pub(super) struct SharedMark(pub(super) Mark);
 
 // SAFETY: a mark is only waited on (stream waits, from any thread of the process: the driver's
 // events are not tied to a thread) and destroyed once, by the last owner.
@@ -195,6 +195,14 @@ pub(super) struct Resident {
     last: Option<Vec<(usize, usize, usize)>>,
     /// Hand finished blocks off on the device (`Some(download)`: also download them).
     handoff: Option<bool>,
+    /// Finished blocks are relayed to the decoder's device rather than lent in place (with
+    /// several devices, this one not the decoder's): `step_held` leaves them in `relayed`.
+    pub(super) relay: bool,
+    /// Finished blocks left for a relay by the last `step_held`: (block, slot, frames).
+    pub(super) relayed: Vec<(usize, DevPtr, usize)>,
+    /// Buffers on this device (the decoder's) that blocks finished on other devices are
+    /// copied into, least recently taken first ([`super::relay`]).
+    pub(super) relay_bufs: std::collections::VecDeque<DevPtr>,
     /// Finished blocks handed off and not yet taken by the executor.
     handed: HashMap<usize, DeviceLatents>,
     /// Slots handed off whose readers may not be done.
@@ -212,14 +220,56 @@ impl Resident {
                 .collect(),
             last: None,
             handoff: None,
+            relay: false,
+            relayed: Vec::new(),
+            relay_bufs: Default::default(),
             handed: HashMap::new(),
             lent: HashMap::new(),
+        }
+    }
+
+    /// Lends `ptr` (the `frames` latent frames of `block`, complete at `ready`) to a decoder
+    /// on this device: [`CudaBackend::take_handed`] gives it out, and `ptr` is not written
+    /// again before every clone is dropped (see [`Resident::wait_for`]).
+    pub(super) fn lend(
+        &mut self,
+        block: usize,
+        ptr: DevPtr,
+        frames: usize,
+        ready: &Arc<SharedMark>,
+    ) {
+        let lease = Arc::new(Lease::default());
+        self.lent.insert(ptr, lease.clone());
+        let handed = DeviceLatents(Arc::new(Handed {
+            ptr,
+            frames,
+            ready: ready.clone(),
+            lease,
+        }));
+        self.handed.insert(block, handed);
+    }
+
+    /// Forgets the leases that ended; whether `ptr` is still lent.
+    pub(super) fn is_lent(&mut self, ptr: DevPtr) -> bool {
+        self.lent.retain(|_, l| !l.is_done());
+        self.lent.contains_key(&ptr)
+    }
+
+    /// Waits until the readers of `ptr`, if it is lent, are done (counted by
+    /// [`handoff_waits`]): before `ptr` is written again.
+    pub(super) fn wait_for(&mut self, ptr: DevPtr) {
+        if let Some(l) = self.lent.remove(&ptr) {
+            if !l.is_done() {
+                LEASE_WAITS.fetch_add(1, Ordering::Relaxed);
+                l.wait();
+            }
         }
     }
 
     /// Waits until no reader of a handed-off slot is left (before the slots are freed).
     pub(super) fn wait_lent(&mut self) {
         self.handed.clear();
+        self.relayed.clear();
         for (_, l) in self.lent.drain() {
             if !l.is_done() {
                 LEASE_WAITS.fetch_add(1, Ordering::Relaxed);
@@ -295,11 +345,35 @@ impl CudaBackend<'_> {
                 )
             })?;
         let slot = pool.remove(at);
-        if let Some(l) = lent.remove(&slot) {
-            LEASE_WAITS.fetch_add(1, Ordering::Relaxed);
-            l.wait();
-        }
+        self.res.wait_for(slot);
         Ok(slot)
+    }
+
+    /// A buffer on this device (the decoder's) for a finished block of another device
+    /// ([`super::relay`]): a free one, a new one while fewer than `RELAY_BUFFERS` exist, else
+    /// the least recently taken once its reader is done (the DiT waits for a slow decoder
+    /// here, as [`Self::take_slot`] does for a slot lent in place).
+    pub(super) fn take_relay(&mut self) -> Result<DevPtr> {
+        let bufs: Vec<DevPtr> = self.res.relay_bufs.iter().copied().collect();
+        let free = bufs.iter().position(|&b| !self.res.is_lent(b));
+        let at = match free {
+            Some(at) => at,
+            None if bufs.len() < super::relay::RELAY_BUFFERS => {
+                let bytes = self.opts.block_frames * self.flen() * 4;
+                let b = self.alloc_run(bytes)?;
+                self.res.relay_bufs.push_back(b);
+                bufs.len()
+            }
+            None => 0,
+        };
+        let b = self
+            .res
+            .relay_bufs
+            .remove(at)
+            .ok_or_else(|| Error::Internal("no relay buffer".into()))?;
+        self.res.wait_for(b);
+        self.res.relay_bufs.push_back(b);
+        Ok(b)
     }
 
     /// From now on, finished blocks are handed off on the device ([`Self::take_handed`]) and
@@ -397,18 +471,18 @@ impl CudaBackend<'_> {
             }
         }
         let download = match self.res.handoff {
+            Some(download) if !finals.is_empty() && self.res.relay => {
+                // Copied to the decoder's device by the caller (`super::relay`).
+                for &(i, slot, n) in &finals {
+                    self.res.relayed.push((last[i].0, slot, n));
+                    out[i] = Some(Vec::new());
+                }
+                download
+            }
             Some(download) if !finals.is_empty() => {
                 let ready = Arc::new(SharedMark(self.gpu.mark_compute()?));
                 for &(i, slot, n) in &finals {
-                    let lease = Arc::new(Lease::default());
-                    self.res.lent.insert(slot, lease.clone());
-                    let handed = DeviceLatents(Arc::new(Handed {
-                        ptr: slot,
-                        frames: n,
-                        ready: ready.clone(),
-                        lease,
-                    }));
-                    self.res.handed.insert(last[i].0, handed);
+                    self.res.lend(last[i].0, slot, n, &ready);
                     out[i] = Some(Vec::new());
                 }
                 download

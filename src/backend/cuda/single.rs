@@ -452,7 +452,7 @@ impl Backend for CudaBackend<'_> {
         self.release_held(block)
     }
 
-    fn hand_off_finals(&mut self, download: bool) -> bool {
+    fn hand_off_finals(&mut self, download: bool, _decoder: usize) -> bool {
         if self.copts.device_latents {
             self.hand_off(download);
         }

@@ -1324,7 +1324,8 @@ fn t5_kernels_match_the_cpu() {
 
 /// Both video decoders on the device (`decode::CudaDecoder`: `cuda/conv.cu` and
 /// `cuda/decode_ops.cu`) against upstream's golden videos (`data/decode/`), bound 2e-2 relative
-/// L2 as on the emulated device, and streamed (blocks of 3) equal to the whole decode.
+/// L2 as on the emulated device, and streamed (blocks of 3) equal to the whole decode; the
+/// steady frames replayed as CUDA graphs, bit for bit the eager launches.
 #[test]
 fn decoders_match_the_golden_videos() {
     use blockcascade::decode::{CudaDecoder, Decoder};
@@ -1351,6 +1352,29 @@ fn decoders_match_the_golden_videos() {
         let err = rel_l2(&want, &whole);
         println!("GOLDEN decoder-{name} rel_l2={err:.3e}");
         assert!(err < 2e-2, "{name}: rel L2 {err}");
+        // The steady frames were graph replays; every launch eager gives the same bits.
+        let st = dev.stats();
+        println!(
+            "GRAPHS decoder-{name} eager_frames={} graph_frames={} failure={:?}",
+            st.eager_frames,
+            st.graph_frames,
+            dev.graph_failure()
+        );
+        assert!(
+            dev.graph_failure().is_none() && st.graph_frames > 0,
+            "{name}: {st:?}"
+        );
+        let Some(g) = gpu("decoders_match_the_golden_videos") else {
+            return;
+        };
+        let mut eager = CudaDecoder::new(&dec, g).unwrap();
+        eager.set_graphs(false).unwrap();
+        eager.begin(h, w).unwrap();
+        let e = eager.push(&lat, f, true).unwrap().f32.unwrap();
+        assert!(
+            e == whole,
+            "{name}: graph replays differ from eager launches"
+        );
         let per = 16 * h * w;
         dev.begin(h, w).unwrap();
         let mut streamed = Vec::new();

@@ -14,7 +14,18 @@
 //! on the device and is carried from block to block; activations come from a pool of device
 //! buffers that grows to the peak live set of the first frames and is reused after. Per pushed
 //! block only the latents go up and only the pixels come back: RGB8 `[T][H][W][3]` always, f32
-//! `[T][3][H][W]` when asked.
+//! `[T][3][H][W]` when asked, each written to one block buffer and downloaded once.
+//!
+//! CUDA graphs: once a stream's causal state is full (every time tap taken), a latent frame's
+//! walk depends only on which ring slot holds each Wan VAE cache's older frame
+//! (`State::graph_key`), so it is captured once per key (planned first on the pool, then
+//! captured on exactly the planned buffers, which the pool keeps) and replayed for every later
+//! frame with that key: TAEHV one graph, the Wan VAE two (the latent-resolution caches
+//! alternate), per output kind. The latent input kernel runs before each replay (the latents'
+//! address changes), and the pixels land in fixed per-stream buffers copied into the block
+//! buffer after it. The first frames of a stream run eagerly; a failed capture falls back to
+//! eager for the decoder, with the reason kept ([`CudaDecoder::graph_failure`]). Bit-identical
+//! to the eager walk: the same launches on the same kind of buffers (tests/decode_graphs.rs).
 //!
 //! Precision: bf16 activations, weights and caches, f32 accumulation; the last conv writes f32.
 //! Against upstream's golden output within 2e-2 relative L2 (tests/decode_cuda_emulated.rs).
@@ -24,11 +35,13 @@ mod wan;
 
 use super::conv::Conv;
 use super::{DecodeDevice, Decoder, Inner};
-use crate::backend::cuda::device::{DevPtr, Gpu, Mark};
+use crate::backend::cuda::device::{env_flag, DevPtr, Gpu, Graph, Mark};
 use crate::kernels::launch::{self, ConvEpilogue, ConvOut, ConvShape, ConvSource, Launch};
 use crate::kernels::LaunchResult;
 use crate::{Error, Result};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// One convolution's weights on the device (or any bf16 `[cout][k]` matrix used as weights).
 #[derive(Clone, Copy)]
@@ -102,6 +115,34 @@ pub struct DeviceFrames {
     pub f32: Option<Vec<f32>>,
 }
 
+/// How [`Dev`] runs a layer walk.
+enum Mode {
+    /// Buffers from the pool, work launched.
+    Live,
+    /// Planning a capture: buffers from the pool as in `Live` (allocated when the pool has
+    /// none that fits), nothing launched; every buffer handed out is recorded, in order.
+    Plan(Vec<Frame>),
+    /// Capturing: `get` hands out the planned buffers in order (the pool is not touched, so
+    /// nothing is allocated inside the capture, which a GPU forbids), `put` keeps nothing.
+    Script(Vec<Frame>, usize),
+}
+
+/// Where [`Dev::emit`] writes the pixel frames of the latent frame being decoded: fixed
+/// buffers of the stream, so a captured walk writes them at the same place every replay.
+#[derive(Clone, Copy, Default)]
+struct Sink {
+    /// `[cap][hw][3]` RGB8.
+    rgb: DevPtr,
+    /// `[cap][3][hw]` f32 (0: not asked for).
+    f32: DevPtr,
+    /// Pixels per frame.
+    hw: usize,
+    /// Pixel frames one latent frame can give.
+    cap: usize,
+    /// Pixel frames written for the current latent frame.
+    n: usize,
+}
+
 /// A device handle, the bytes of weights uploaded through it, and its activation pool.
 struct Dev {
     gpu: Gpu,
@@ -116,6 +157,12 @@ struct Dev {
     /// A u32 that `bc_dec_latent_in` flags when it reads a NaN/inf latent (0: none allocated
     /// yet; a decoder allocates it with its first push).
     nonfinite: DevPtr,
+    /// Live, planning or capturing.
+    mode: Mode,
+    /// The current latent frame's pixel output.
+    sink: Sink,
+    /// Work submitted to the stream: launches, copies, memsets, uploads, graph replays.
+    submits: u64,
 }
 
 impl Dev {
@@ -127,7 +174,14 @@ impl Dev {
             pool_bytes: 0,
             flops: 0.0,
             nonfinite: 0,
+            mode: Mode::Live,
+            sink: Sink::default(),
+            submits: 0,
         }
+    }
+
+    fn planning(&self) -> bool {
+        matches!(self.mode, Mode::Plan(_))
     }
 
     /// Uploads `data` (kept alive until the device has it).
@@ -158,16 +212,38 @@ impl Dev {
         })
     }
 
-    fn run<P>(&self, l: LaunchResult<Launch<P>>) -> Result<()> {
+    fn run<P>(&mut self, l: LaunchResult<Launch<P>>) -> Result<()> {
         let l = l.map_err(|e| Error::InvalidArgument(format!("{}: {}", e.kernel, e.message)))?;
+        if self.planning() {
+            return Ok(());
+        }
+        self.submits += 1;
         // SAFETY: every launch of the device decoder is built over device buffers allocated
         // by `get` with the sizes its frames need, and weights uploaded with their shapes.
         unsafe { self.gpu.launch(l.kernel, l.grid, l.block, &l.params) }
     }
 
-    /// A pool buffer for a `c x h x w` frame of `elem`-byte values.
+    /// A device-to-device copy in stream order (none while planning).
+    fn copy(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        if self.planning() {
+            return Ok(());
+        }
+        self.submits += 1;
+        self.gpu.copy(dst, src, bytes)
+    }
+
+    /// A pool buffer for a `c x h x w` frame of `elem`-byte values (while capturing: the
+    /// planned one).
     fn get(&mut self, c: usize, h: usize, w: usize, elem: usize) -> Result<Frame> {
         let bytes = c * h * w * elem;
+        if let Mode::Script(plan, at) = &mut self.mode {
+            let f = plan.get(*at).copied().filter(|f| f.bytes >= bytes);
+            let f = f.ok_or_else(|| {
+                Error::Internal("a captured decoder walk left its planned buffers".into())
+            })?;
+            *at += 1;
+            return Ok(Frame { c, h, w, ..f });
+        }
         let best = self
             .pool
             .iter()
@@ -182,19 +258,23 @@ impl Dev {
                 (bytes, self.gpu.alloc(bytes)?)
             }
         };
-        Ok(Frame {
+        let f = Frame {
             ptr,
             bytes,
             c,
             h,
             w,
             owned: true,
-        })
+        };
+        if let Mode::Plan(plan) = &mut self.mode {
+            plan.push(f);
+        }
+        Ok(f)
     }
 
     /// Returns a buffer to the pool (later launches reuse it, in stream order).
     fn put(&mut self, f: Frame) {
-        if f.owned {
+        if f.owned && !matches!(self.mode, Mode::Script(..)) {
             self.pool.push((f.bytes, f.ptr));
         }
     }
@@ -240,7 +320,9 @@ impl Dev {
             .collect();
         let pixels = hw.0 * hw.1;
         let k: usize = srcs.iter().map(|s| s.f.c).sum::<usize>() * cv.shape.kh * cv.shape.kw;
-        self.flops += 2.0 * pixels as f64 * cv.shape.cout as f64 * k as f64;
+        if !self.planning() {
+            self.flops += 2.0 * pixels as f64 * cv.shape.cout as f64 * k as f64;
+        }
         self.run(launch::conv(
             &ls,
             cv.w as *const _,
@@ -292,20 +374,20 @@ impl Dev {
         Ok(y)
     }
 
-    /// A finished f32 frame `[hw][3]` to the host: `x * a + b` (clamped when `clamp`) as RGB8,
-    /// and as f32 when `out` asks for it.
-    fn emit(
-        &mut self,
-        x: Frame,
-        affine: (f32, f32),
-        clamp: bool,
-        out: &mut DeviceFrames,
-    ) -> Result<()> {
+    /// A finished f32 frame `[hw][3]`, `x * a + b` (clamped when `clamp`), into the next
+    /// pixel frame of the sink: RGB8, and f32 when the sink has it.
+    fn emit(&mut self, x: Frame, affine: (f32, f32), clamp: bool) -> Result<()> {
+        let s = self.sink;
         let hw = x.h * x.w;
-        let rgb = self.get(3, x.h, x.w, 1)?;
-        let f = match out.f32 {
-            Some(_) => Some(self.get(3, x.h, x.w, 4)?),
-            None => None,
+        if s.n >= s.cap || hw != s.hw {
+            return Err(Error::Internal(
+                "a latent frame gave more pixel frames than the decoder's output holds".into(),
+            ));
+        }
+        let at = (s.n * 3 * hw) as u64;
+        let f32 = match s.f32 {
+            0 => std::ptr::null_mut(),
+            p => (p + 4 * at) as *mut f32,
         };
         self.run(launch::dec_to_pixels(
             x.ptr as *const _,
@@ -314,21 +396,11 @@ impl Dev {
             3,
             affine,
             clamp,
-            f.map_or(std::ptr::null_mut(), |f| f.ptr as *mut f32),
-            rgb.ptr as *mut u8,
+            f32,
+            (s.rgb + at) as *mut u8,
         ))?;
-        let at = out.rgb.len();
-        out.rgb.resize(at + 3 * hw, 0);
-        self.gpu.download(&mut out.rgb[at..], rgb.ptr)?;
-        if let (Some(f), Some(v)) = (f, out.f32.as_mut()) {
-            let at = v.len();
-            v.resize(at + 3 * hw, 0.0);
-            self.gpu.download(&mut v[at..], f.ptr)?;
-            self.put(f);
-        }
-        self.put(rgb);
         self.put(x);
-        out.frames += 1;
+        self.sink.n += 1;
         Ok(())
     }
 }
@@ -339,10 +411,127 @@ enum Model {
     Wan(Box<wan::DevWan>),
 }
 
+impl Model {
+    /// Latent frame `[16][h*w]` f32 at `z` (on any handle of the device) into the NHWC bf16
+    /// frame `x` the walk starts from: TAEHV's clamp or the Wan VAE's un-normalisation, and
+    /// the non-finite flag. Launched eagerly before each walk, so a graph never holds the
+    /// latents' address.
+    fn input(&self, dev: &mut Dev, z: DevPtr, x: Frame) -> Result<()> {
+        match self {
+            Model::Taehv(m) => m.input(dev, z, x),
+            Model::Wan(m) => m.input(dev, z, x),
+        }
+    }
+
+    /// Most pixel frames one latent frame gives (4 for both decoders).
+    fn frames_per_latent(&self) -> usize {
+        match self {
+            Model::Taehv(m) => m.frames_per_latent(),
+            Model::Wan(m) => m.frames_per_latent(),
+        }
+    }
+}
+
 /// A stream's state on the device.
+#[derive(Clone)]
 enum State {
     Taehv(taehv::TaehvDevState),
     Wan(wan::WanDevState),
+}
+
+impl State {
+    /// What a latent frame's walk depends on besides the buffers, once every causal conv
+    /// takes all its time taps (the steady state); `None` before that (the first frames of a
+    /// stream, decoded eagerly).
+    fn graph_key(&self) -> Option<Vec<u8>> {
+        match self {
+            State::Taehv(s) => s.graph_key(),
+            State::Wan(s) => s.graph_key(),
+        }
+    }
+}
+
+/// Decodes one latent frame from its NHWC bf16 input `x` (made by [`Model::input`]):
+/// eagerly, planned or captured, as the device's mode says.
+fn walk(model: &Model, dev: &mut Dev, st: &mut State, x: Frame) -> Result<()> {
+    match (model, st) {
+        (Model::Taehv(m), State::Taehv(s)) => m.frame(dev, s, x),
+        (Model::Wan(m), State::Wan(s)) => m.frame(dev, s, x),
+        _ => Err(Error::Internal(
+            "device decoder and stream state differ".into(),
+        )),
+    }
+}
+
+/// A captured latent frame's walk: replaying `graph` does what the walk did from the state it
+/// was captured at, which then becomes `after`.
+struct Captured {
+    graph: Graph,
+    after: State,
+    /// Pixel frames it writes into the sink.
+    frames: usize,
+    /// Its convolution FLOPs.
+    flops: f64,
+}
+
+/// Most graphs a stream keeps (the Wan VAE needs 2 per output kind, TAEHV 1): a key beyond
+/// them runs eagerly, so a stream's graphs stay bounded whatever it is pushed.
+const MAX_GRAPHS: usize = 8;
+
+/// Latent frames whose pixels one download brings back (a longer push downloads every this
+/// many): bounds the device buffer of a block's pixels.
+const CHUNK_LATENTS: usize = 4;
+
+/// The stream's graphs and how the decoder has run so far.
+struct Graphs {
+    /// Capture and replay (`BC_NO_GRAPHS=1`, [`CudaDecoder::set_graphs`] and a failed
+    /// capture turn it off).
+    on: bool,
+    map: HashMap<(Vec<u8>, bool), Captured>,
+    failure: Option<String>,
+    stats: DecodeStats,
+    /// A test hook: the next capture fails.
+    #[cfg(test)]
+    fail_next: bool,
+}
+
+/// How a [`CudaDecoder`]'s pushes ran, counted since it was made: what the graphs save.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DecodeStats {
+    /// Latent frames decoded by launching each kernel (the first frames of every stream,
+    /// everything with graphs off).
+    pub eager_frames: u64,
+    /// Latent frames decoded by replaying a captured graph.
+    pub graph_frames: u64,
+    /// Graphs captured.
+    pub captures: u64,
+    /// Work submitted to the device's stream: kernel launches, copies, memsets, uploads and
+    /// graph replays (one each).
+    pub submissions: u64,
+    /// Downloads (pixel chunks and the non-finite flag).
+    pub downloads: u64,
+    /// Host seconds spent in pushes other than waiting for the device (downloads, syncs):
+    /// the cost of enqueuing the work.
+    pub enqueue_s: f64,
+}
+
+/// A decoder's fixed device buffers besides the pool: the input frame a walk reads, the
+/// pixel frames it writes (both baked into captured graphs) and a block's pixels, downloaded
+/// at once. Kept while the latent size stays the same.
+#[derive(Default)]
+struct Io {
+    /// Latent size they are for.
+    hw: (usize, usize),
+    /// The walk's input, `[h*w][16]` bf16.
+    x0: DevPtr,
+    rgb: DevPtr,
+    f32: DevPtr,
+    /// `[blk_cap][hw][3]` RGB8 and `[blk_cap][3][hw]` f32 (0: none yet).
+    blk_rgb: DevPtr,
+    blk_f32: DevPtr,
+    /// Pixel frames the block buffers hold.
+    blk_cap: usize,
+    bytes: usize,
 }
 
 /// A decoder's weights on one device: uploaded once, then read by any number of
@@ -400,11 +589,14 @@ impl DeviceWeights {
 /// A decoder on a device (see the module docs): [`CudaDecoder::begin`] a stream, then
 /// [`CudaDecoder::push`] each finished block of latent frames.
 pub struct CudaDecoder {
-    // Field order: `dev` (the stream's handle) is synced by `Drop` and dropped before the last
-    // hold on shared weights goes.
+    // Field order: the graphs go before the handle they were captured on; `dev` (the
+    // stream's handle) is synced by `Drop` and dropped before the last hold on shared weights
+    // goes.
+    graphs: Graphs,
     dev: Dev,
     weights: Arc<DeviceWeights>,
     state: Option<(usize, usize, State)>,
+    io: Io,
 }
 
 impl CudaDecoder {
@@ -419,11 +611,7 @@ impl CudaDecoder {
             bytes: dev.weight_bytes,
             home: None,
         });
-        Ok(CudaDecoder {
-            dev,
-            weights,
-            state: None,
-        })
+        Ok(CudaDecoder::with(dev, weights))
     }
 
     /// A decoder over shared `weights`: opens its own handle on their device (its own
@@ -437,11 +625,56 @@ impl CudaDecoder {
         let gpu = device
             .open()?
             .ok_or_else(|| Error::Internal("device weights on the CPU".into()))?;
-        Ok(CudaDecoder {
-            dev: Dev::new(gpu),
+        Ok(CudaDecoder::with(Dev::new(gpu), weights))
+    }
+
+    fn with(dev: Dev, weights: Arc<DeviceWeights>) -> CudaDecoder {
+        CudaDecoder {
+            graphs: Graphs {
+                on: !env_flag("BC_NO_GRAPHS"),
+                map: HashMap::new(),
+                failure: None,
+                stats: DecodeStats::default(),
+                #[cfg(test)]
+                fail_next: false,
+            },
+            dev,
             weights,
             state: None,
-        })
+            io: Io::default(),
+        }
+    }
+
+    /// Turns the CUDA graphs of the steady state on or off (on by default, off with
+    /// `BC_NO_GRAPHS=1`); the frames are the same bits either way. Turning them off drops
+    /// the graphs captured so far.
+    pub fn set_graphs(&mut self, on: bool) -> Result<()> {
+        if !on {
+            self.dev.gpu.sync()?;
+            self.graphs.map.clear();
+        }
+        self.graphs.on = on;
+        Ok(())
+    }
+
+    /// Why graph capture failed on this decoder, if it did (it then decodes eagerly; the
+    /// process-wide count is `backend::cuda::graph_capture_failures`).
+    pub fn graph_failure(&self) -> Option<&str> {
+        self.graphs.failure.as_deref()
+    }
+
+    /// How the pushes so far ran: frames decoded eagerly and by graph replays, work
+    /// submitted, downloads, host enqueue time.
+    pub fn stats(&self) -> DecodeStats {
+        DecodeStats {
+            submissions: self.dev.submits,
+            ..self.graphs.stats
+        }
+    }
+
+    /// Graphs the current stream holds.
+    pub fn graph_count(&self) -> usize {
+        self.graphs.map.len()
     }
 
     /// The weights this decoder reads (shared with other decoders when made by
@@ -457,7 +690,7 @@ impl CudaDecoder {
 
     /// Bytes of device memory held for activations and stream state (weights not counted).
     pub fn activation_bytes(&self) -> usize {
-        self.dev.pool_bytes
+        self.dev.pool_bytes + self.io.bytes
     }
 
     /// Convolution FLOPs launched since the decoder was made (the work a benchmark divides by
@@ -485,10 +718,12 @@ impl CudaDecoder {
         Ok(())
     }
 
-    /// Ends the stream: its state goes back to the pool.
+    /// Ends the stream: its graphs are dropped and its state goes back to the pool.
     pub fn end(&mut self) -> Result<()> {
         if let Some((_, _, st)) = self.state.take() {
             self.dev.gpu.sync()?;
+            // They write the state's buffers, which the pool may hand out next.
+            self.graphs.map.clear();
             let frames = match st {
                 State::Taehv(s) => s.frames(),
                 State::Wan(s) => s.frames(),
@@ -573,58 +808,266 @@ impl CudaDecoder {
             rgb: Vec::new(),
             f32: want_f32.then(Vec::new),
         };
+        let start = Instant::now();
+        let mut waited = Duration::ZERO;
         // Latents handed over on the device never pass the host's finiteness check: the
         // latent-input kernel flags a NaN/inf instead, read back with the pixels.
         if self.dev.nonfinite == 0 {
             self.dev.nonfinite = self.dev.gpu.alloc(4)?;
         }
         self.dev.gpu.memset(self.dev.nonfinite, 0, 4)?;
-        // Host latents go up one frame at a time through `zbuf`.
-        let zbuf = match latents {
-            Latents::Host(_) => self.dev.gpu.alloc(4 * per.max(1))?,
-            Latents::Device(_) => 0,
-        };
-        let r = (|| -> Result<()> {
-            for i in 0..frames {
-                let z = match latents {
-                    Latents::Host(l) => {
-                        self.dev.gpu.upload(zbuf, &l[i * per..(i + 1) * per])?;
-                        zbuf
-                    }
-                    Latents::Device(p) => p + (4 * i * per) as u64,
-                };
-                match (&self.weights.model, &mut *st) {
-                    (Model::Taehv(m), State::Taehv(s)) => {
-                        m.frame(&mut self.dev, s, z, (h, w), &mut out)?
-                    }
-                    (Model::Wan(m), State::Wan(s)) => {
-                        m.frame(&mut self.dev, s, z, (h, w), &mut out)?
-                    }
-                    _ => {
-                        return Err(Error::Internal(
-                            "device decoder and stream state differ".into(),
-                        ))
-                    }
-                }
-                // The upload's host slice must outlive the copy.
-                self.dev.gpu.sync()?;
+        self.dev.submits += 1;
+        self.io_for((h, w), frames, want_f32)?;
+        // Host latents go up at once; device latents are read in place.
+        let (src, zblock) = match latents {
+            Latents::Host(l) => {
+                let p = self.dev.gpu.alloc(4 * (frames * per).max(1))?;
+                self.dev.gpu.upload(p, &l[..frames * per])?;
+                self.dev.submits += 1;
+                (p, p)
             }
-            Ok(())
-        })();
-        self.dev.gpu.sync()?;
-        if zbuf != 0 {
-            self.dev.gpu.free(zbuf)?;
+            Latents::Device(p) => (p, 0),
+        };
+        let r = self.decode_frames(st, (h, w), src, frames, &mut out, &mut waited);
+        let t = Instant::now();
+        // The upload's host slice must outlive the copy.
+        let synced = self.dev.gpu.sync();
+        waited += t.elapsed();
+        if zblock != 0 {
+            self.dev.gpu.free(zblock)?;
         }
         r?;
+        synced?;
         // Host latents were checked before upload; device ones are read back here.
         if let Latents::Device(_) = latents {
             let mut flag = [0u32];
             self.dev.gpu.download(&mut flag, self.dev.nonfinite)?;
+            self.graphs.stats.downloads += 1;
             if flag[0] != 0 {
                 return Err(non_finite_latents());
             }
         }
+        self.graphs.stats.enqueue_s += start.elapsed().saturating_sub(waited).as_secs_f64();
         Ok(out)
+    }
+
+    /// The stream's fixed buffers for a push of `frames` latent frames of `h x w`: the walk's
+    /// input and pixel output (kept for the stream: captured graphs use them), and
+    /// the block's pixels (grown when a push needs more, up to [`CHUNK_LATENTS`] frames).
+    fn io_for(&mut self, (h, w): (usize, usize), frames: usize, want_f32: bool) -> Result<()> {
+        let per = self.weights.z_dim * h * w;
+        let fpl = self.weights.model.frames_per_latent();
+        let hw = h * w * self.weights.up * self.weights.up;
+        if self.io.hw != (h, w) {
+            // A new size only comes with `begin`, whose `end` dropped the graphs.
+            self.free_io()?;
+            self.io.hw = (h, w);
+        }
+        let io = &mut self.io;
+        let gpu = &mut self.dev.gpu;
+        let alloc = |bytes: usize, io: &mut Io, gpu: &mut Gpu| -> Result<DevPtr> {
+            let p = gpu.alloc(bytes)?;
+            io.bytes += bytes;
+            Ok(p)
+        };
+        if io.x0 == 0 {
+            io.x0 = alloc(2 * per, io, gpu)?;
+            io.rgb = alloc(3 * hw * fpl, io, gpu)?;
+        }
+        if want_f32 && io.f32 == 0 {
+            io.f32 = alloc(12 * hw * fpl, io, gpu)?;
+        }
+        let need = frames.clamp(1, CHUNK_LATENTS) * fpl;
+        if need > io.blk_cap || (want_f32 && io.blk_f32 == 0) {
+            // Only the copies after a walk and the downloads read these: none is in flight.
+            let cap = need.max(io.blk_cap);
+            let f32 = want_f32 || io.blk_f32 != 0;
+            for p in [io.blk_rgb, io.blk_f32] {
+                if p != 0 {
+                    gpu.free(p)?;
+                }
+            }
+            io.bytes -= io.blk_cap * hw * if io.blk_f32 != 0 { 15 } else { 3 };
+            io.blk_rgb = alloc(3 * hw * cap, io, gpu)?;
+            io.blk_f32 = if f32 {
+                alloc(12 * hw * cap, io, gpu)?
+            } else {
+                0
+            };
+            io.blk_cap = cap;
+        }
+        self.dev.sink = Sink {
+            rgb: io.rgb,
+            f32: if want_f32 { io.f32 } else { 0 },
+            hw,
+            cap: fpl,
+            n: 0,
+        };
+        Ok(())
+    }
+
+    /// Frees the fixed buffers (after the device is done with them).
+    fn free_io(&mut self) -> Result<()> {
+        self.dev.gpu.sync()?;
+        let io = std::mem::take(&mut self.io);
+        for p in [io.x0, io.rgb, io.f32, io.blk_rgb, io.blk_f32] {
+            if p != 0 {
+                self.dev.gpu.free(p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes latent frames `[frames][16][h][w]` at `src` on the device into `out`: each is
+    /// turned into the walk's input, decoded (a graph replay in the steady state), and its pixel
+    /// frames appended to the block buffer, downloaded once per [`CHUNK_LATENTS`] frames.
+    fn decode_frames(
+        &mut self,
+        st: &mut State,
+        (h, w): (usize, usize),
+        src: DevPtr,
+        frames: usize,
+        out: &mut DeviceFrames,
+        waited: &mut Duration,
+    ) -> Result<()> {
+        let bytes = 4 * self.weights.z_dim * h * w;
+        let hw = self.dev.sink.hw;
+        let mut held = 0;
+        for i in 0..frames {
+            let x0 = Frame::view(self.io.x0, self.weights.z_dim, h, w);
+            let model = &self.weights.model;
+            model.input(&mut self.dev, src + (i * bytes) as u64, x0)?;
+            self.dev.sink.n = 0;
+            self.step(st, x0)?;
+            let k = self.dev.sink.n;
+            if held + k > self.io.blk_cap {
+                self.flush(held, out, waited)?;
+                held = 0;
+            }
+            let sink = self.dev.sink;
+            self.dev.copy(
+                self.io.blk_rgb + (3 * hw * held) as u64,
+                sink.rgb,
+                3 * hw * k,
+            )?;
+            if sink.f32 != 0 {
+                let at = (12 * hw * held) as u64;
+                self.dev.copy(self.io.blk_f32 + at, sink.f32, 12 * hw * k)?;
+            }
+            held += k;
+        }
+        self.flush(held, out, waited)
+    }
+
+    /// Downloads the block buffer's first `n` pixel frames into `out`.
+    fn flush(&mut self, n: usize, out: &mut DeviceFrames, waited: &mut Duration) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let px = 3 * self.dev.sink.hw * n;
+        let at = out.rgb.len();
+        out.rgb.resize(at + px, 0);
+        self.dev.gpu.download(&mut out.rgb[at..], self.io.blk_rgb)?;
+        self.graphs.stats.downloads += 1;
+        if let Some(v) = out.f32.as_mut() {
+            let at = v.len();
+            v.resize(at + px, 0.0);
+            self.dev.gpu.download(&mut v[at..], self.io.blk_f32)?;
+            self.graphs.stats.downloads += 1;
+        }
+        out.frames += n;
+        *waited += t.elapsed();
+        Ok(())
+    }
+
+    /// Decodes the latent frame at the walk's input `x0`: replays the graph of the stream's state
+    /// (capturing it the first time that state is seen), or walks eagerly before the steady
+    /// state, with graphs off, or once a capture failed.
+    fn step(&mut self, st: &mut State, x0: Frame) -> Result<()> {
+        let key = match self.graphs.on {
+            true => st.graph_key().map(|k| (k, self.dev.sink.f32 != 0)),
+            false => None,
+        };
+        if let Some(key) = key {
+            if !self.graphs.map.contains_key(&key) && self.graphs.map.len() < MAX_GRAPHS {
+                match self.capture(st, x0) {
+                    Ok(c) => {
+                        self.graphs.map.insert(key.clone(), c);
+                        self.graphs.stats.captures += 1;
+                    }
+                    Err(e) => {
+                        let reason = format!("device decoder, decoding eagerly: {e}");
+                        crate::backend::cuda::note_capture_failure(reason.clone());
+                        self.graphs.failure = Some(reason);
+                        self.graphs.on = false;
+                        self.graphs.map.clear();
+                    }
+                }
+            }
+            if let Some(c) = self.graphs.map.get(&key) {
+                self.dev.gpu.replay(&c.graph)?;
+                self.dev.submits += 1;
+                self.dev.sink.n = c.frames;
+                self.dev.flops += c.flops;
+                *st = c.after.clone();
+                self.graphs.stats.graph_frames += 1;
+                return Ok(());
+            }
+        }
+        self.graphs.stats.eager_frames += 1;
+        walk(&self.weights.model, &mut self.dev, st, x0)
+    }
+
+    /// Captures the walk of one latent frame from state `st` (left as it is): first planned
+    /// (no launches; the pool hands out, and if it must allocates, every buffer the walk
+    /// needs), then captured on exactly those buffers. They stay in the pool: eager walks of
+    /// later streams may use them, in stream order, and the graphs go with the stream.
+    fn capture(&mut self, st: &State, x0: Frame) -> Result<Captured> {
+        let mut planned = st.clone();
+        self.dev.mode = Mode::Plan(Vec::new());
+        let r = walk(&self.weights.model, &mut self.dev, &mut planned, x0);
+        let plan = match std::mem::replace(&mut self.dev.mode, Mode::Live) {
+            Mode::Plan(p) => p,
+            _ => Vec::new(),
+        };
+        self.dev.sink.n = 0;
+        r?;
+        #[cfg(test)]
+        if std::mem::take(&mut self.graphs.fail_next) {
+            return Err(Error::Device("a capture failure injected by a test".into()));
+        }
+        let (flops, submits) = (self.dev.flops, self.dev.submits);
+        let mut after = st.clone();
+        self.dev.gpu.begin_capture()?;
+        let planned_len = plan.len();
+        self.dev.mode = Mode::Script(plan, 0);
+        let r = walk(&self.weights.model, &mut self.dev, &mut after, x0);
+        let used = match std::mem::replace(&mut self.dev.mode, Mode::Live) {
+            Mode::Script(_, used) => used,
+            _ => 0,
+        };
+        let frames = std::mem::take(&mut self.dev.sink.n);
+        let captured_flops = self.dev.flops - flops;
+        (self.dev.flops, self.dev.submits) = (flops, submits);
+        let r = r.and_then(|_| match used == planned_len {
+            true => Ok(()),
+            false => Err(Error::Internal(
+                "a captured decoder walk did not follow its plan".into(),
+            )),
+        });
+        match r.and_then(|_| self.dev.gpu.end_capture()) {
+            Ok(graph) => Ok(Captured {
+                graph,
+                after,
+                frames,
+                flops: captured_flops,
+            }),
+            Err(e) => {
+                self.dev.gpu.abort_capture();
+                Err(e)
+            }
+        }
     }
 }
 
@@ -661,12 +1104,51 @@ impl Drop for CudaDecoder {
 mod tests {
     use super::*;
 
+    /// `n` standard normal values (random latents).
+    fn normal(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        (0..n).map(|_| rng.normal()).collect()
+    }
+
+    /// A capture that fails leaves the decoder decoding eagerly, with the reason kept and
+    /// counted, and the same frames as a decoder that never tried.
+    #[test]
+    fn a_failed_capture_falls_back_to_eager_frames() {
+        let dec = Decoder::tiny_taehv(4);
+        let (h, w, frames) = (2, 2, 5);
+        let lat = normal(frames * 16 * h * w, 3);
+        let mut eager = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        eager.set_graphs(false).unwrap();
+        eager.begin(h, w).unwrap();
+        let want = eager.push(&lat, frames, true).unwrap();
+
+        let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        dev.set_graphs(true).unwrap();
+        dev.graphs.fail_next = true;
+        dev.begin(h, w).unwrap();
+        let failures = crate::backend::cuda::graph_capture_failures().0;
+        assert_eq!(dev.push(&lat, frames, true).unwrap(), want);
+        let why = dev.graph_failure().unwrap_or_default();
+        assert!(why.contains("injected"), "{why}");
+        assert!(crate::backend::cuda::graph_capture_failures().0 > failures);
+        let st = dev.stats();
+        assert_eq!((st.eager_frames, st.graph_frames, st.captures), (5, 0, 0));
+
+        // Without the failure the same push replays frames 1.. from one graph.
+        let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        dev.set_graphs(true).unwrap();
+        dev.begin(h, w).unwrap();
+        assert_eq!(dev.push(&lat, frames, true).unwrap(), want);
+        let st = dev.stats();
+        assert_eq!((st.eager_frames, st.graph_frames, st.captures), (1, 4, 1));
+        assert!(dev.graph_failure().is_none());
+    }
+
     #[test]
     fn device_latents_decode_in_place_like_host_latents() {
         let dec = Decoder::tiny_taehv(2);
         let (h, w, frames) = (2, 3, 4);
-        let mut rng = crate::rng::Rng::new(8);
-        let lat: Vec<f32> = (0..frames * 16 * h * w).map(|_| rng.normal()).collect();
+        let lat = normal(frames * 16 * h * w, 8);
         let mut host = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
         host.begin(h, w).unwrap();
         let want = host.push(&lat, frames, true).unwrap();

@@ -21,6 +21,19 @@ pub fn graph_capture_failures() -> (usize, Option<String>) {
     (CAPTURE_FAILURES.load(Ordering::Relaxed), last)
 }
 
+/// Counts a failed capture (the work then runs eagerly), keeps `reason` for
+/// [`graph_capture_failures`] and prints it with `BC_CUDA_VERBOSE`: one place for the DiT's
+/// graphs and the device decoders' (`decode::CudaDecoder`), so a failure is never silent.
+pub(crate) fn note_capture_failure(reason: String) {
+    CAPTURE_FAILURES.fetch_add(1, Ordering::Relaxed);
+    if std::env::var_os("BC_CUDA_VERBOSE").is_some() {
+        eprintln!("CUDA graph capture failed, running eagerly: {reason}");
+    }
+    *LAST_CAPTURE_FAILURE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(reason);
+}
+
 /// What a captured graph depends on besides device-memory contents: per member (frames,
 /// context), and the member runs that share a prompt in cross-attention.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -85,13 +98,7 @@ impl CudaBackend<'_> {
                     }
                     Err(err) => {
                         self.gpu.abort_capture();
-                        CAPTURE_FAILURES.fetch_add(1, Ordering::Relaxed);
-                        *LAST_CAPTURE_FAILURE
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
-                        if std::env::var_os("BC_CUDA_VERBOSE").is_some() {
-                            eprintln!("CUDA graph capture failed, running eagerly: {err}");
-                        }
+                        note_capture_failure(err.to_string());
                         self.graphs_ok = false;
                         self.graphs.clear();
                         enqueue(self)

@@ -59,6 +59,7 @@ mod time_table;
 mod weight_cache;
 
 pub use device::{graph_replays, peer_copy_bytes};
+pub(crate) use graphs::note_capture_failure;
 pub use graphs::{graph_capture_failures, ShapeKey};
 pub use joint::MultiCudaBackend;
 use options::OVERRIDE;

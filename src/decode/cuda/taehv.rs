@@ -4,7 +4,7 @@
 //! writes its frames from the conv epilogue, a conv after an `Upsample` reads through it, and the
 //! last conv writes f32 for `2x - 1` and the RGB8 conversion.
 
-use super::{Dev, DevConv, DeviceFrames, Frame, In};
+use super::{Dev, DevConv, Frame, In};
 use crate::backend::cuda::device::DevPtr;
 use crate::decode::taehv::{Layer, Taehv};
 use crate::kernels::launch;
@@ -38,6 +38,7 @@ pub(super) struct DevTaehv {
 
 /// A stream: the MemBlock memories (one frame each, bf16), whether each has been written, and
 /// how many leading frames are still to be trimmed.
+#[derive(Clone)]
 pub(super) struct TaehvDevState {
     mem: Vec<Frame>,
     has_mem: Vec<bool>,
@@ -48,6 +49,12 @@ impl TaehvDevState {
     /// The device frames the state holds.
     pub(super) fn frames(self) -> Vec<Frame> {
         self.mem
+    }
+
+    /// Once every MemBlock has a memory and nothing is left to trim, every latent frame takes
+    /// the same walk: one key (`None` before).
+    pub(super) fn graph_key(&self) -> Option<Vec<u8>> {
+        (self.to_trim == 0 && self.has_mem.iter().all(|&m| m)).then(Vec::new)
     }
 }
 
@@ -88,6 +95,17 @@ impl DevTaehv {
         })
     }
 
+    /// Pixel frames a latent frame gives: the product of the `TGrow` strides.
+    pub(super) fn frames_per_latent(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                DevLayer::TGrow { stride, .. } => *stride,
+                _ => 1,
+            })
+            .product()
+    }
+
     pub(super) fn state(&self, dev: &mut Dev, h: usize, w: usize) -> Result<TaehvDevState> {
         let mut mem = Vec::new();
         for &(c, s) in &self.mem_dims {
@@ -100,29 +118,25 @@ impl DevTaehv {
         })
     }
 
-    /// Decodes one latent frame (f32 `[16][h*w]` at `z` on the device).
-    pub(super) fn frame(
-        &self,
-        dev: &mut Dev,
-        st: &mut TaehvDevState,
-        z: DevPtr,
-        (h, w): (usize, usize),
-        out: &mut DeviceFrames,
-    ) -> Result<()> {
-        let x = dev.get(self.z_dim, h, w, 2)?;
+    /// The input `Clamp` of latent frame `z` (f32 `[16][h*w]` on the device) into NHWC `x`.
+    pub(super) fn input(&self, dev: &mut Dev, z: DevPtr, x: Frame) -> Result<()> {
         let null = std::ptr::null();
         let l = launch::dec_latent_in(
             z as *const f32,
             x.ptr as *mut _,
             self.z_dim,
-            h * w,
+            x.h * x.w,
             1,
             null,
             null,
             dev.nonfinite as *mut u32,
         );
-        dev.run(l)?;
-        self.walk(dev, st, 1, x, false, out)
+        dev.run(l)
+    }
+
+    /// Decodes one latent frame from its clamped NHWC input `x` (not a pool buffer).
+    pub(super) fn frame(&self, dev: &mut Dev, st: &mut TaehvDevState, x: Frame) -> Result<()> {
+        self.walk(dev, st, 1, x, false)
     }
 
     /// Runs frame `x` through layers `from..`, depth first after each TGrow (as the CPU).
@@ -133,7 +147,6 @@ impl DevTaehv {
         from: usize,
         mut x: Frame,
         mut pending: bool,
-        out: &mut DeviceFrames,
     ) -> Result<()> {
         for i in from..self.layers.len() {
             let layer = &self.layers[i];
@@ -179,7 +192,7 @@ impl DevTaehv {
                     dev.put(x);
                     for f in 0..*stride {
                         let part = Frame::view(y.ptr + (2 * f * c * x.h * x.w) as u64, c, x.h, x.w);
-                        self.walk(dev, st, i + 1, part, pending, out)?;
+                        self.walk(dev, st, i + 1, part, pending)?;
                     }
                     dev.put(y);
                     return Ok(());
@@ -219,8 +232,7 @@ impl DevTaehv {
                         dev.put(s);
                     }
                     // The memory is the block's input (stream-ordered after conv 0 read the old one).
-                    dev.gpu
-                        .copy(st.mem[*slot].ptr, x.ptr, 2 * x.c * x.h * x.w)?;
+                    dev.copy(st.mem[*slot].ptr, x.ptr, 2 * x.c * x.h * x.w)?;
                     st.has_mem[*slot] = true;
                     dev.put(x);
                     x = y;
@@ -235,6 +247,6 @@ impl DevTaehv {
             dev.put(x);
             return Ok(());
         }
-        dev.emit(x, (2.0, -1.0), false, out)
+        dev.emit(x, (2.0, -1.0), false)
     }
 }

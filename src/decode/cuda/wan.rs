@@ -9,7 +9,7 @@
 //! and V transposed, S = Q K^T is a 1x1 conv of Q with K as its weights (f32 scores),
 //! `bc_dec_softmax` makes bf16 probabilities, O = P V a 1x1 conv of P with V^T as weights.
 
-use super::{Dev, DevConv, DeviceFrames, Frame, In};
+use super::{Dev, DevConv, Frame, In};
 use crate::backend::cuda::device::DevPtr;
 use crate::decode::wan_vae::{Block, WanVae, MEAN, STD};
 use crate::kernels::launch::{self, ConvShape};
@@ -55,6 +55,7 @@ pub(super) struct DevWan {
 }
 
 /// The last (up to) two input frames of one causal conv, in a ring of two device frames.
+#[derive(Clone)]
 struct Cache {
     buf: [Frame; 2],
     n: usize,
@@ -62,6 +63,7 @@ struct Cache {
 }
 
 /// A stream: every causal conv's cache and, per temporal upsample, whether it has started.
+#[derive(Clone)]
 pub(super) struct WanDevState {
     caches: Vec<Cache>,
     started: Vec<bool>,
@@ -71,6 +73,19 @@ impl WanDevState {
     /// The device frames the state holds.
     pub(super) fn frames(self) -> Vec<Frame> {
         self.caches.into_iter().flat_map(|c| c.buf).collect()
+    }
+
+    /// Once every cache holds two frames (every time tap taken, every `time_conv` started),
+    /// a latent frame's walk depends only on which ring slot holds each cache's older frame:
+    /// that is the key (`None` before). The caches at the latent resolution take one frame
+    /// per latent frame, the others 2 or 4, so two keys alternate: two graphs rotate the
+    /// rings, where copies would move every latent-resolution cache once more per frame.
+    pub(super) fn graph_key(&self) -> Option<Vec<u8>> {
+        if self.caches.iter().any(|c| c.n < 2) {
+            return None;
+        }
+        let rings = self.caches.iter().map(|c| c.first as u8);
+        Some(rings.chain(self.started.iter().map(|&s| s as u8)).collect())
     }
 }
 
@@ -119,8 +134,7 @@ fn cache_push(dev: &mut Dev, cache: &mut Cache, x: Frame) -> Result<()> {
         cache.first = (cache.first + 1) % 2;
         s
     };
-    dev.gpu
-        .copy(cache.buf[slot].ptr, x.ptr, 2 * x.c * x.h * x.w)
+    dev.copy(cache.buf[slot].ptr, x.ptr, 2 * x.c * x.h * x.w)
 }
 
 impl DevWan {
@@ -212,6 +226,15 @@ impl DevWan {
         })
     }
 
+    /// Pixel frames a latent frame gives (after the first): 2 per temporal upsample.
+    pub(super) fn frames_per_latent(&self) -> usize {
+        let times = self
+            .blocks
+            .iter()
+            .filter(|b| matches!(b, DevBlock::Up { time: Some(_), .. }));
+        1 << times.count()
+    }
+
     pub(super) fn state(&self, dev: &mut Dev, h: usize, w: usize) -> Result<WanDevState> {
         let mut caches = Vec::with_capacity(self.cache_dims.len());
         for &(c, s) in &self.cache_dims {
@@ -228,27 +251,25 @@ impl DevWan {
         })
     }
 
-    /// Decodes one latent frame (f32 `[16][h*w]` at `z` on the device).
-    pub(super) fn frame(
-        &self,
-        dev: &mut Dev,
-        st: &mut WanDevState,
-        z: DevPtr,
-        (h, w): (usize, usize),
-        out: &mut DeviceFrames,
-    ) -> Result<()> {
-        let x0 = dev.get(self.z_dim, h, w, 2)?;
+    /// The un-normalisation of latent frame `z` (f32 `[16][h*w]` on the device) into NHWC
+    /// `x0`.
+    pub(super) fn input(&self, dev: &mut Dev, z: DevPtr, x0: Frame) -> Result<()> {
         let l = launch::dec_latent_in(
             z as *const f32,
             x0.ptr as *mut _,
             self.z_dim,
-            h * w,
+            x0.h * x0.w,
             2,
             self.mean as *const f32,
             self.scale as *const f32,
             dev.nonfinite as *mut u32,
         );
-        dev.run(l)?;
+        dev.run(l)
+    }
+
+    /// Decodes one latent frame from its un-normalised NHWC input `x0` (not a pool buffer).
+    pub(super) fn frame(&self, dev: &mut Dev, st: &mut WanDevState, x0: Frame) -> Result<()> {
+        let (h, w) = (x0.h, x0.w);
         let x1 = dev.conv(
             &self.conv2,
             &[In::at(x0, 0)],
@@ -260,17 +281,10 @@ impl DevWan {
         dev.put(x0);
         let x = causal(dev, &mut st.caches[0], &self.conv1, x1, None, false)?;
         dev.put(x1);
-        self.walk(dev, st, 0, x, out)
+        self.walk(dev, st, 0, x)
     }
 
-    fn walk(
-        &self,
-        dev: &mut Dev,
-        st: &mut WanDevState,
-        from: usize,
-        mut x: Frame,
-        out: &mut DeviceFrames,
-    ) -> Result<()> {
+    fn walk(&self, dev: &mut Dev, st: &mut WanDevState, from: usize, mut x: Frame) -> Result<()> {
         for i in from..self.blocks.len() {
             let hw = (x.h, x.w);
             match &self.blocks[i] {
@@ -412,7 +426,7 @@ impl DevWan {
                                     BC_ACT_NONE,
                                     false,
                                 )?;
-                                self.walk(dev, st, i + 1, u, out)?;
+                                self.walk(dev, st, i + 1, u)?;
                             }
                             dev.put(y);
                             return Ok(());
@@ -432,6 +446,6 @@ impl DevWan {
         let last = st.caches.len() - 1;
         let y = causal(dev, &mut st.caches[last], &self.head, r, None, true)?;
         dev.put(r);
-        dev.emit(y, (1.0, 0.0), true, out)
+        dev.emit(y, (1.0, 0.0), true)
     }
 }

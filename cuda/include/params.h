@@ -555,6 +555,21 @@ typedef struct BcT5AttentionParams {
 #define BC_CONV_THREADS 256
 /** Most input frames one `bc_conv` output frame sums over (3 temporal taps). */
 #define BC_CONV_MAX_SOURCES 3
+/** Output pixels per block of the Hopper wgmma convolution `bc_conv_wgmma` (two warpgroups,
+ * one m64 wgmma tile each). */
+#define BC_CONV_WG_BM 128
+/** Output channels per block of `bc_conv_wgmma` (the N of its wgmma m64n128k16). */
+#define BC_CONV_WG_BN 128
+/** Input channels per k-step of `bc_conv_wgmma`: one 128-byte swizzle row (64 bf16). */
+#define BC_CONV_WG_BK 64
+/** Threads per block of `bc_conv_wgmma` (two warpgroups). */
+#define BC_CONV_WG_THREADS 256
+/** Shared-memory stages of `bc_conv_wgmma` (cp.async one k-step ahead, one wgmma group in
+ * flight, one stage being read). */
+#define BC_CONV_WG_STAGES 3
+/** Dynamic shared memory of `bc_conv_wgmma` in bytes: STAGES x (A 128 + B 128 rows) x 128 B,
+ * plus 1024 bytes of slack to start the tiles on a 1024-byte boundary of the shared window. */
+#define BC_CONV_WG_SMEM (BC_CONV_WG_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN) * BC_CONV_WG_BK * 2 + 1024)
 /** Epilogue activation of the decoder kernels: ReLU (`bc_conv`; the others use BC_ACT_NONE
  * and BC_ACT_SILU of `bc_activation`). */
 #define BC_ACT_RELU 4

@@ -700,9 +700,27 @@ pub fn conv(
     srcs: &[ConvSource],
     w: *const bc_bf16,
     shape: ConvShape,
+    hw: (usize, usize),
+    ep: ConvEpilogue,
+    out: ConvOut,
+) -> LaunchResult<Launch<BcConvParams>> {
+    conv_on(srcs, w, shape, hw, ep, out, false)
+}
+
+/// [`conv`], or with `wgmma` the Hopper variant `bc_conv_wgmma` (`cuda/conv_wgmma.cu`, sm_90a
+/// only: the caller checks the device) wherever it applies: the 16-byte copy path (every
+/// channel count, stride and offset a multiple of 8, pointers 16-byte aligned) and more than
+/// `BC_CONV_BN_NARROW` output channels; elsewhere `bc_conv` / `bc_conv_n16` as [`conv`].
+/// Its grid is (ceil(h*w / `BC_CONV_WG_BM`), ceil(cout / `BC_CONV_WG_BN`)), block
+/// `BC_CONV_WG_THREADS`, `BC_CONV_WG_SMEM` bytes of dynamic shared memory.
+pub fn conv_on(
+    srcs: &[ConvSource],
+    w: *const bc_bf16,
+    shape: ConvShape,
     (h, w_px): (usize, usize),
     ep: ConvEpilogue,
     out: ConvOut,
+    wgmma: bool,
 ) -> LaunchResult<Launch<BcConvParams>> {
     let ConvShape {
         cout,
@@ -770,10 +788,20 @@ pub fn conv(
     let ktot = mul(k, mul(k, mul(k, kt, kh)?, kw)?, cin)?;
     mul(k, ktot, cout)?;
     let hw = i32_of(k, mul(k, h, w_px)?, "h*w")?;
+    let (k, bm, bn, threads) = if wgmma && vec && cout > BC_CONV_BN_NARROW as usize {
+        (
+            Kernel::ConvWgmma,
+            BC_CONV_WG_BM,
+            BC_CONV_WG_BN,
+            BC_CONV_WG_THREADS,
+        )
+    } else {
+        (k, BC_CONV_BM, bn, BC_CONV_THREADS)
+    };
     Ok(Launch {
         kernel: k,
-        grid: [blocks(k, hw as usize, BC_CONV_BM)?, blocks(k, cout, bn)?, 1],
-        block: BC_CONV_THREADS,
+        grid: [blocks(k, hw as usize, bm)?, blocks(k, cout, bn)?, 1],
+        block: threads,
         params: BcConvParams {
             src: ps,
             w,

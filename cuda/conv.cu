@@ -43,6 +43,9 @@
 // Shared memory: 2 stages x (128 + 64) rows x 80 B = 30 KB (static; narrow: 22.5 KB).
 // FLOPs per launch: 2 * H*W * cout * kh*kw * (sum of the sources' channels).
 //
+// Hopper: cuda/conv_wgmma.cu (bc_conv_wgmma) is the same convolution on wgmma, opt-in; the
+// source fields and the epilogue (cv_src, cv_store_pair) are shared through include/conv.cuh.
+//
 // Checked by src/kernels/emu/decode.rs (tests) against src/decode/conv.rs (the CPU decoders' conv)
 // under the SIMT emulation: 3x3 and 1x1, three temporal taps, two channel sources, an
 // upsampled source, odd H, W, cin and cout, residual, bias, ReLU/SiLU, f32 and bf16 output,

@@ -605,7 +605,9 @@ typedef struct BcConvSource {
  * out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their
  * channels into frames this way; `out_split = cout` for a plain conv).
  * Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`
- * (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW). */
+ * (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW); `bc_conv_wgmma`
+ * (sm_90a, needs `vec`) grid (ceil(h*w / BC_CONV_WG_BM), ceil(cout / BC_CONV_WG_BN)), block
+ * BC_CONV_WG_THREADS, BC_CONV_WG_SMEM bytes of dynamic shared memory. */
 typedef struct BcConvParams {
     /** The sources (`num_src` used). */
     BcConvSource src[BC_CONV_MAX_SOURCES];

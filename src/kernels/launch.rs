@@ -991,6 +991,65 @@ pub fn dec_softmax(
 mod tests {
     use super::*;
 
+    /// `conv_on` with `wgmma` picks `bc_conv_wgmma` (its grid, block and shared memory) only
+    /// where it fits: 8-aligned channels and pointers, more than 16 output channels.
+    #[test]
+    fn conv_wgmma_only_where_it_fits() {
+        let x = 0x1000usize as *const bc_bf16;
+        let src = |channels, up| ConvSource {
+            x,
+            channels,
+            stride: channels,
+            c0: 0,
+            t: 0,
+            up,
+        };
+        let shape = |cout, cin| ConvShape {
+            cout,
+            cin,
+            kt: 1,
+            kh: 3,
+            kw: 3,
+        };
+        let ep = ConvEpilogue {
+            bias: std::ptr::null(),
+            res: std::ptr::null(),
+            res_stride: 0,
+            act: 0,
+        };
+        let out = |cout| ConvOut {
+            out: 0x2000usize as *mut c_void,
+            f32: false,
+            stride: cout,
+            split: cout,
+            frame_stride: 0,
+            cstride: 1,
+        };
+        let pick = |c: usize, cout: usize, up: bool, wgmma: bool| {
+            let l = conv_on(
+                &[src(c, up)],
+                x,
+                shape(cout, c),
+                (10, 30),
+                ep,
+                out(cout),
+                wgmma,
+            )
+            .unwrap();
+            (l.kernel, l.grid, l.block)
+        };
+        assert_eq!(
+            pick(96, 136, false, true),
+            (Kernel::ConvWgmma, [3, 2, 1], BC_CONV_WG_THREADS)
+        );
+        assert_eq!(pick(96, 136, true, true).0, Kernel::ConvWgmma);
+        assert_eq!(Kernel::ConvWgmma.dynamic_smem_bytes(), BC_CONV_WG_SMEM);
+        // Off, 16 outputs or fewer, channels not a multiple of 8: bc_conv / bc_conv_n16.
+        assert_eq!(pick(96, 136, false, false).0, Kernel::Conv);
+        assert_eq!(pick(96, 16, false, true).0, Kernel::ConvN16);
+        assert_eq!(pick(12, 136, false, true).0, Kernel::Conv);
+    }
+
     /// The wgmma prototype tile runs its own kernels (one warpgroup of 64 rows) for both
     /// head-dim classes, and is never the tuner's.
     #[test]

@@ -5,9 +5,12 @@
 //
 //   out[m][n] = act(bias[n] + res[m][n] + sum_{s, dy, dx, c} x_s[shift(m, dy, dx)][c] * w[n][t_s][dy][dx][c0_s + c])
 //
-// Tiles (params.h, BC_CONV_WG_*): CW_BM = 128 output pixels x CW_BN = 128 output channels per
+// Tiles (params.h, BC_CONV_WG_*): CW_BM = 128 output pixels x BN = 128 output channels per
 // block of two warpgroups (256 threads); warpgroup j owns pixels 64j..64j+63 of the tile and all
-// 128 channels (one m64n128 accumulator: 64 f32 per thread). K is walked per source as the flat
+// 128 channels (one m64n128 accumulator: 64 f32 per thread): `bc_conv_wgmma`.
+// `bc_conv_wgmma_n96` is the same code with BN = 96 (m64n96k16, 48 f32 per thread) for the Wan
+// VAE's 96- and 192-channel layers, which a 128-wide tile pads by 25%; the launcher picks the
+// tile that pads cout least. K is walked per source as the flat
 // sequence (tap, channel) of taps * channels values, CW_BK = 64 at a time: a k-step may cross
 // from one tap into the next (each thread's 8-channel chunk has its own tap and channel), so a
 // 96-channel source takes 13.5 -> 14 k-steps per 3x3 kernel instead of 2 per tap (18). Past the
@@ -31,7 +34,8 @@
 // Epilogue: the accumulator register i of thread (warp w of its warpgroup, g = lane / 4,
 // q = lane % 4) is pixel 16w + g + 8 ((i >> 1) & 1), channel 8 (i >> 2) + 2q + (i & 1): column
 // pairs, handed to cv_store_pair (cuda/include/conv.cuh), the epilogue bc_conv uses.
-// Shared memory: dynamic, BC_CONV_WG_SMEM = 3 x 32 KB + 1 KB (two blocks per SM on an H100).
+// Shared memory: dynamic, BC_CONV_WG_SMEM = 3 x 32 KB + 1 KB (BC_CONV_WG_N96_SMEM = 3 x 28 KB +
+// 1 KB; two blocks per SM on an H100).
 // FLOPs per launch: 2 * H*W * cout * kh*kw * (sum of the sources' channels).
 //
 // Checked by src/kernels/emu/decode.rs (tests) against src/decode/conv.rs under the SIMT
@@ -45,35 +49,48 @@
 #include "include/conv.cuh"
 #include "include/mma.cuh"
 #include "include/wgmma.cuh"
+#include "include/wgmma_conv.cuh"
 
 namespace {
 constexpr int CW_BM = BC_CONV_WG_BM;
-constexpr int CW_BN = BC_CONV_WG_BN;
 constexpr int CW_BK = BC_CONV_WG_BK;
 constexpr int CW_NT = BC_CONV_WG_THREADS;
 constexpr int CW_STAGES = BC_CONV_WG_STAGES;
 constexpr int CW_ROWB = CW_BK * 2;                  // 128 bytes: one swizzle-atom row
 constexpr int CW_A_BYTES = CW_BM * CW_ROWB;         // 16 KB
-constexpr int CW_B_BYTES = CW_BN * CW_ROWB;         // 16 KB
-constexpr int CW_STAGE = CW_A_BYTES + CW_B_BYTES;   // 32 KB
 constexpr int CW_CPR = CW_ROWB / 16;                // 16-byte chunks per row (8)
 constexpr int CW_RP = CW_NT / CW_CPR;               // rows per copy pass (32)
 constexpr int CW_A_PASSES = CW_BM / CW_RP;          // A chunks per thread (4)
-constexpr int CW_B_PASSES = CW_BN / CW_RP;          // B chunks per thread (4)
 constexpr int CW_WGS = CW_NT / BC_WGMMA_THREADS;    // warpgroups (2)
 constexpr int CW_WM = CW_BM / CW_WGS;               // pixels per warpgroup (64)
 constexpr int CW_KSTEPS = CW_BK / BC_WGMMA_K;       // wgmma per k-step (4)
 static_assert(CW_ROWB == 128, "one 128-byte swizzle row per k-step");
 static_assert(CW_WM == BC_WGMMA_M, "one m64 wgmma tile per warpgroup");
 static_assert(CW_RP % 8 == 0, "a thread's rows share their swizzle phase");
-static_assert(CW_BM % CW_RP == 0 && CW_BN % CW_RP == 0, "copy passes");
+static_assert(CW_BM % CW_RP == 0, "copy passes");
 static_assert(CW_STAGES >= 3, "the refilled stage must be two k-steps old");
-static_assert(CW_STAGES * CW_STAGE + 1024 == BC_CONV_WG_SMEM, "params.h BC_CONV_WG_SMEM");
-static_assert(CW_STAGE % 1024 == 0 && CW_A_BYTES % 1024 == 0, "stages and tiles on the swizzle period");
+static_assert(CW_A_BYTES % 1024 == 0, "tiles on the swizzle period");
+
+/// A channel tiling: BN output channels per block (the N of the wgmma).
+template <int BN_>
+struct CwCfg {
+    static constexpr int BN = BN_;
+    static constexpr int B_BYTES = BN * CW_ROWB;
+    static constexpr int STAGE = CW_A_BYTES + B_BYTES;
+    static constexpr int B_PASSES = BN / CW_RP;  // B chunks per thread
+    static constexpr int SMEM = CW_STAGES * STAGE + 1024;
+    static_assert(BN % CW_RP == 0 && STAGE % 1024 == 0, "copy passes, stages on the swizzle period");
+};
+// 128 output channels (wgmma m64n128k16) and 96 (m64n96k16: 96- and 192-channel layers).
+using CwWide = CwCfg<BC_CONV_WG_BN>;
+using CwN96 = CwCfg<BC_CONV_WG_BN_96>;
+static_assert(CwWide::SMEM == BC_CONV_WG_SMEM && CwN96::SMEM == BC_CONV_WG_N96_SMEM, "params.h smem sizes");
 }  // namespace
 
 #if BC_HAS_WGMMA
+template <class Cfg>
 __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsigned char* smem_raw) {
+    constexpr int CW_BN = Cfg::BN, CW_STAGE = Cfg::STAGE, CW_B_PASSES = Cfg::B_PASSES;
     BC_EMU_CHECK(p.num_src >= 1 && p.num_src <= BC_CONV_MAX_SOURCES && p.out_split > 0 && p.vec);
     const int tid = threadIdx.x, wg = tid / BC_WGMMA_THREADS, wt = tid % BC_WGMMA_THREADS;
     const int warp = wt / 32, lane = wt % 32, g = lane / 4, q = lane % 4;
@@ -194,10 +211,21 @@ __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsign
 
 extern "C" __global__ void __launch_bounds__(CW_NT, 2) bc_conv_wgmma(BcConvParams p) {
 #if BC_HAS_WGMMA
-    BC_DYNAMIC_SMEM(smem, BC_CONV_WG_SMEM);
-    bc_conv_wgmma_impl(p, smem);
+    BC_DYNAMIC_SMEM(smem, CwWide::SMEM);
+    bc_conv_wgmma_impl<CwWide>(p, smem);
 #else
     __trap();
 #endif
 }
 BC_EMU_ENTRY(bc_conv_wgmma, BcConvParams)
+
+// The same with 96 output channels per block (the launcher picks the tile that pads cout least).
+extern "C" __global__ void __launch_bounds__(CW_NT, 2) bc_conv_wgmma_n96(BcConvParams p) {
+#if BC_HAS_WGMMA
+    BC_DYNAMIC_SMEM(smem, CwN96::SMEM);
+    bc_conv_wgmma_impl<CwN96>(p, smem);
+#else
+    __trap();
+#endif
+}
+BC_EMU_ENTRY(bc_conv_wgmma_n96, BcConvParams)

@@ -116,7 +116,7 @@ struct Dev {
     /// A u32 that `bc_dec_latent_in` flags when it reads a NaN/inf latent (0: none allocated
     /// yet; a decoder allocates it with its first push).
     nonfinite: DevPtr,
-    /// Of `flops`, those launched on `bc_conv_wgmma`.
+    /// Of `flops`, those launched on `bc_conv_wgmma` / `bc_conv_wgmma_n96`.
     wgmma_flops: f64,
     /// Convolutions that fit it run `bc_conv_wgmma` (Hopper; see [`conv_wgmma_default`]).
     conv_wgmma: bool,
@@ -278,7 +278,8 @@ impl Dev {
             },
             self.conv_wgmma,
         );
-        if l.as_ref().is_ok_and(|l| l.kernel == Kernel::ConvWgmma) {
+        let wg = |k| matches!(k, Kernel::ConvWgmma | Kernel::ConvWgmmaN96);
+        if l.as_ref().is_ok_and(|l| wg(l.kernel)) {
             self.wgmma_flops += flops;
         }
         self.run(l)
@@ -508,8 +509,8 @@ impl CudaDecoder {
         self.dev.flops
     }
 
-    /// Of [`CudaDecoder::flops`], the convolution FLOPs launched on the Hopper wgmma kernel
-    /// `bc_conv_wgmma` (the rest ran `bc_conv` / `bc_conv_n16`).
+    /// Of [`CudaDecoder::flops`], the convolution FLOPs launched on the Hopper wgmma kernels
+    /// `bc_conv_wgmma` / `bc_conv_wgmma_n96` (the rest ran `bc_conv` / `bc_conv_n16`).
     pub fn wgmma_flops(&self) -> f64 {
         self.dev.wgmma_flops
     }

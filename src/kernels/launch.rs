@@ -707,20 +707,49 @@ pub fn conv(
     conv_on(srcs, w, shape, hw, ep, out, false)
 }
 
-/// [`conv`], or with `wgmma` the Hopper variant `bc_conv_wgmma` (`cuda/conv_wgmma.cu`, sm_90a
-/// only: the caller checks the device) wherever it applies: the 16-byte copy path (every
-/// channel count, stride and offset a multiple of 8, pointers 16-byte aligned) and more than
-/// `BC_CONV_BN_NARROW` output channels; elsewhere `bc_conv` / `bc_conv_n16` as [`conv`].
-/// Its grid is (ceil(h*w / `BC_CONV_WG_BM`), ceil(cout / `BC_CONV_WG_BN`)), block
-/// `BC_CONV_WG_THREADS`, `BC_CONV_WG_SMEM` bytes of dynamic shared memory.
+/// [`conv`], or with `wgmma` the Hopper variant (`cuda/conv_wgmma.cu`, sm_90a only: the caller
+/// checks the device) wherever it applies: the 16-byte copy path (every channel count, stride
+/// and offset a multiple of 8, pointers 16-byte aligned) and more than `BC_CONV_BN_NARROW`
+/// output channels; the channel tile that pads cout least ([`conv_wgmma_tile`]); elsewhere
+/// `bc_conv` / `bc_conv_n16` as [`conv`].
 pub fn conv_on(
+    srcs: &[ConvSource],
+    w: *const bc_bf16,
+    shape: ConvShape,
+    hw: (usize, usize),
+    ep: ConvEpilogue,
+    out: ConvOut,
+    wgmma: bool,
+) -> LaunchResult<Launch<BcConvParams>> {
+    let tile = wgmma.then(|| conv_wgmma_tile(shape.cout));
+    conv_tiled(srcs, w, shape, hw, ep, out, tile)
+}
+
+/// The output channels per block of the wgmma conv for `cout`: `BC_CONV_WG_BN_96`
+/// (`bc_conv_wgmma_n96`) when it pads cout less than `BC_CONV_WG_BN` (`bc_conv_wgmma`), as
+/// for the Wan VAE's 96 and 192 channels; 128 otherwise (384 channels, ties).
+pub fn conv_wgmma_tile(cout: usize) -> u32 {
+    let pad = |t: u32| cout.div_ceil(t as usize) * t as usize - cout;
+    if pad(BC_CONV_WG_BN_96) < pad(BC_CONV_WG_BN) {
+        BC_CONV_WG_BN_96
+    } else {
+        BC_CONV_WG_BN
+    }
+}
+
+/// [`conv_on`] with the wgmma channel tile given: `Some(BC_CONV_WG_BN)` (`bc_conv_wgmma`),
+/// `Some(BC_CONV_WG_BN_96)` (`bc_conv_wgmma_n96`; another width is refused), where the conv
+/// fits it; `None`: `bc_conv` / `bc_conv_n16`. The wgmma grid is (ceil(h*w /
+/// `BC_CONV_WG_BM`), ceil(cout / tile)), block `BC_CONV_WG_THREADS`, with the kernel's
+/// dynamic shared memory.
+pub fn conv_tiled(
     srcs: &[ConvSource],
     w: *const bc_bf16,
     shape: ConvShape,
     (h, w_px): (usize, usize),
     ep: ConvEpilogue,
     out: ConvOut,
-    wgmma: bool,
+    wgmma_tile: Option<u32>,
 ) -> LaunchResult<Launch<BcConvParams>> {
     let ConvShape {
         cout,
@@ -788,15 +817,16 @@ pub fn conv_on(
     let ktot = mul(k, mul(k, mul(k, kt, kh)?, kw)?, cin)?;
     mul(k, ktot, cout)?;
     let hw = i32_of(k, mul(k, h, w_px)?, "h*w")?;
-    let (k, bm, bn, threads) = if wgmma && vec && cout > BC_CONV_BN_NARROW as usize {
-        (
-            Kernel::ConvWgmma,
-            BC_CONV_WG_BM,
-            BC_CONV_WG_BN,
-            BC_CONV_WG_THREADS,
-        )
-    } else {
-        (k, BC_CONV_BM, bn, BC_CONV_THREADS)
+    let (k, bm, bn, threads) = match wgmma_tile {
+        Some(t) if vec && cout > BC_CONV_BN_NARROW as usize => {
+            let wk = match t {
+                BC_CONV_WG_BN => Kernel::ConvWgmma,
+                BC_CONV_WG_BN_96 => Kernel::ConvWgmmaN96,
+                _ => return Err(invalid(k, format!("no {t}-channel wgmma conv tile"))),
+            };
+            (wk, BC_CONV_WG_BM, t, BC_CONV_WG_THREADS)
+        }
+        _ => (k, BC_CONV_BM, bn, BC_CONV_THREADS),
     };
     Ok(Launch {
         kernel: k,
@@ -1038,12 +1068,35 @@ mod tests {
             .unwrap();
             (l.kernel, l.grid, l.block)
         };
+        // The tile that pads cout least: 136 -> 2 x 96 (56 padded) rather than 2 x 128 (120).
         assert_eq!(
             pick(96, 136, false, true),
-            (Kernel::ConvWgmma, [3, 2, 1], BC_CONV_WG_THREADS)
+            (Kernel::ConvWgmmaN96, [3, 2, 1], BC_CONV_WG_THREADS)
         );
-        assert_eq!(pick(96, 136, true, true).0, Kernel::ConvWgmma);
+        assert_eq!(pick(96, 200, true, true).0, Kernel::ConvWgmma);
+        assert_eq!(pick(96, 192, false, true).0, Kernel::ConvWgmmaN96);
+        assert_eq!(pick(96, 384, false, true).0, Kernel::ConvWgmma);
         assert_eq!(Kernel::ConvWgmma.dynamic_smem_bytes(), BC_CONV_WG_SMEM);
+        assert_eq!(
+            Kernel::ConvWgmmaN96.dynamic_smem_bytes(),
+            BC_CONV_WG_N96_SMEM
+        );
+        let tiled = |t| {
+            conv_tiled(
+                &[src(96, false)],
+                x,
+                shape(136, 96),
+                (10, 30),
+                ep,
+                out(136),
+                t,
+            )
+        };
+        assert_eq!(
+            tiled(Some(BC_CONV_WG_BN)).unwrap().kernel,
+            Kernel::ConvWgmma
+        );
+        assert!(tiled(Some(64)).is_err());
         // Off, 16 outputs or fewer, channels not a multiple of 8: bc_conv / bc_conv_n16.
         assert_eq!(pick(96, 136, false, false).0, Kernel::Conv);
         assert_eq!(pick(96, 16, false, true).0, Kernel::ConvN16);

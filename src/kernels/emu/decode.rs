@@ -72,12 +72,14 @@ pub fn conv(
     out: ConvDst,
     geo: (usize, usize, usize),
 ) -> LaunchResult {
-    conv_impl(srcs, weights, shape, hw, (bias, res, act), out, geo, false)
+    conv_impl(srcs, weights, shape, hw, (bias, res, act), out, geo, None)
 }
 
-/// [`conv`] on the Hopper variant `bc_conv_wgmma` (`cuda/conv_wgmma.cu`); an error (nothing
-/// runs) when the conv does not fit it (every channel count, stride and offset a multiple of
-/// 8, more than `BC_CONV_BN_NARROW` output channels), instead of falling back to `bc_conv`.
+/// [`conv`] on the Hopper variant (`cuda/conv_wgmma.cu`) with `tile` output channels per block
+/// (`BC_CONV_WG_BN`: `bc_conv_wgmma`, `BC_CONV_WG_BN_96`: `bc_conv_wgmma_n96`); an error
+/// (nothing runs) when the conv does not fit it (every channel count, stride and offset a
+/// multiple of 8, more than `BC_CONV_BN_NARROW` output channels), instead of falling back to
+/// `bc_conv`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_wgmma(
     srcs: &[ConvSrc],
@@ -89,8 +91,18 @@ pub fn conv_wgmma(
     act: ConvAct,
     out: ConvDst,
     geo: (usize, usize, usize),
+    tile: u32,
 ) -> LaunchResult {
-    conv_impl(srcs, weights, shape, hw, (bias, res, act), out, geo, true)
+    conv_impl(
+        srcs,
+        weights,
+        shape,
+        hw,
+        (bias, res, act),
+        out,
+        geo,
+        Some(tile),
+    )
 }
 
 type ConvEpi<'a> = (Option<&'a [f32]>, Option<(&'a [bf16], usize)>, ConvAct);
@@ -104,9 +116,9 @@ fn conv_impl(
     (bias, res, act): ConvEpi,
     out: ConvDst,
     (out_stride, split, frame_stride): (usize, usize, usize),
-    wgmma: bool,
+    wgmma_tile: Option<u32>,
 ) -> LaunchResult {
-    let k = if wgmma {
+    let k = if wgmma_tile.is_some() {
         Kernel::ConvWgmma
     } else {
         Kernel::Conv
@@ -160,7 +172,7 @@ fn conv_impl(
             (o.as_mut_ptr().cast(), true)
         }
     };
-    let l = launch::conv_on(
+    let l = launch::conv_tiled(
         &ls,
         weights.as_ptr().cast(),
         shape,
@@ -179,9 +191,10 @@ fn conv_impl(
             frame_stride,
             cstride: 1,
         },
-        wgmma,
+        wgmma_tile,
     )?;
-    if wgmma && l.kernel != Kernel::ConvWgmma {
+    let wg = matches!(l.kernel, Kernel::ConvWgmma | Kernel::ConvWgmmaN96);
+    if wgmma_tile.is_some() && !wg {
         return Err(invalid(
             k,
             "does not fit the wgmma conv (needs 8-aligned channels and > 16 outputs)",
@@ -506,28 +519,31 @@ mod tests {
         };
         let geo = (ostride, cs.split, fstride);
         let r = res.as_deref().map(|r| (r, cs.cout));
-        let launch = |dst: ConvDst, wg: bool| {
+        let launch = |dst: ConvDst, tile: Option<u32>| {
             let b = bias.as_deref();
-            let f = if wg { conv_wgmma } else { conv };
-            f(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo)
+            match tile {
+                None => conv(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo),
+                Some(t) => conv_wgmma(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo, t),
+            }
         };
         let (rel, floor) = if cs.f32_out {
             (1e-5, 1e-5)
         } else {
             (1.0 / 256.0, 1e-4)
         };
-        // bc_conv (or bc_conv_n16), then bc_conv_wgmma where the case fits it (16-byte copies,
-        // more than 16 output channels; it refuses the others).
+        // bc_conv (or bc_conv_n16), then bc_conv_wgmma and bc_conv_wgmma_n96 where the case fits
+        // them (16-byte copies, more than 16 output channels; they refuse the others).
         let fits = cs.cin % 8 == 0
             && cs.cout > BC_CONV_BN_NARROW as usize
             && cs
                 .srcs
                 .iter()
                 .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
-        for wg in [false, true] {
+        for tile in [None, Some(BC_CONV_WG_BN), Some(BC_CONV_WG_BN_96)] {
+            let wg = tile.is_some();
             let got: Vec<f32> = if cs.f32_out {
                 let mut o = vec![f32::NAN; n_out];
-                let r = launch(ConvDst::F32(&mut o), wg);
+                let r = launch(ConvDst::F32(&mut o), tile);
                 if wg && !fits {
                     assert!(r.is_err(), "bc_conv_wgmma took a case it does not fit");
                     continue;
@@ -536,7 +552,7 @@ mod tests {
                 o
             } else {
                 let mut o = vec![bf16::NAN; n_out];
-                let r = launch(ConvDst::Bf16(&mut o), wg);
+                let r = launch(ConvDst::Bf16(&mut o), tile);
                 if wg && !fits {
                     assert!(r.is_err(), "bc_conv_wgmma took a case it does not fit");
                     continue;
@@ -552,7 +568,10 @@ mod tests {
                     g[n * hw + p] = got[f * fstride + p * ostride + ch];
                 }
             }
-            let what = if wg { "bc_conv_wgmma" } else { "bc_conv" };
+            let what = match tile {
+                None => "bc_conv".to_string(),
+                Some(t) => format!("bc_conv_wgmma tile {t}"),
+            };
             check(&format!("{what} case seed {seed}"), &g, &want, rel, floor);
         }
     }

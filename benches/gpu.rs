@@ -111,6 +111,126 @@ fn time_ms(g: &mut Gpu, iters: usize, mut f: impl FnMut(&mut Gpu)) -> f64 {
     g.elapsed_ms(&a, &b).unwrap() as f64 / iters as f64
 }
 
+/// One output frame of each of the Wan VAE's conv layer shapes at 480x832 (latents 60x104;
+/// the decoder's levels: 384 channels at 60x104 and 120x208, 192 at 240x416, 96 at 480x832, and
+/// the two upsample convs reading their source through the 2x upsample), causal 3x3x3 layers as
+/// three time taps: `bc_conv`, and `bc_conv_wgmma` when `wgmma`, in TFLOP/s; prints the relative
+/// L2 distance of the two outputs (`CONV wgmma ...`, bf16 rounding apart: ~1e-3).
+fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool) -> Vec<Row> {
+    use blockcascade::kernels::launch::{conv_on, ConvEpilogue, ConvOut, ConvShape, ConvSource};
+    // (name, cin, cout, taps, h, w, upsampled source)
+    let shapes = [
+        ("wan res 384 @60x104", 384, 384, 3, 60, 104, false),
+        ("wan res 384 @120x208", 384, 384, 3, 120, 208, false),
+        ("wan res 192 @240x416", 192, 192, 3, 240, 416, false),
+        ("wan res 96 @480x832", 96, 96, 3, 480, 832, false),
+        ("wan up 384->192 @240x416", 384, 192, 1, 240, 416, true),
+        ("wan up 192->96 @480x832", 192, 96, 1, 480, 832, true),
+    ];
+    let mut rows = Vec::new();
+    for (i, &(name, cin, cout, taps, h, w, upsampled)) in shapes.iter().enumerate() {
+        let px = if upsampled { (h / 2) * (w / 2) } else { h * w };
+        let seed = 40 + 4 * i as u64;
+        let srcs: Vec<DevPtr> = (0..taps)
+            .map(|t| rand_bf16(g, px * cin, 1.0, seed + t as u64))
+            .collect();
+        let kshape = ConvShape {
+            cout,
+            cin,
+            kt: taps,
+            kh: 3,
+            kw: 3,
+        };
+        let wt = rand_bf16(
+            g,
+            cout * taps * 9 * cin,
+            (1.0 / (taps * 9 * cin) as f32).sqrt(),
+            seed + 3,
+        );
+        let bias = rand_f32(g, cout, 0.1, seed + 3);
+        let outs = [
+            g.alloc(h * w * cout * 2).unwrap(),
+            g.alloc(h * w * cout * 2).unwrap(),
+        ];
+        let ls: Vec<ConvSource> = srcs
+            .iter()
+            .enumerate()
+            .map(|(t, &x)| ConvSource {
+                x: x as *const _,
+                channels: cin,
+                stride: cin,
+                c0: 0,
+                t,
+                up: upsampled,
+            })
+            .collect();
+        let fl = 2.0 * (h * w * cout * taps * 9 * cin) as f64;
+        for (k, on) in [false, true].into_iter().enumerate() {
+            if on && !wgmma {
+                continue;
+            }
+            let l = conv_on(
+                &ls,
+                wt as *const _,
+                kshape,
+                (h, w),
+                ConvEpilogue {
+                    bias: bias as *const f32,
+                    res: std::ptr::null(),
+                    res_stride: 0,
+                    act: 0,
+                },
+                ConvOut {
+                    out: outs[k] as *mut _,
+                    f32: false,
+                    stride: cout,
+                    split: cout,
+                    frame_stride: 0,
+                    cstride: 1,
+                },
+                on,
+            )
+            .unwrap();
+            let ms = time_ms(g, 5, |g| {
+                // SAFETY: the sources, weights, bias and output were allocated above with the
+                // sizes this launch reads and writes.
+                unsafe { g.launch(l.kernel, l.grid, l.block, &l.params) }.unwrap()
+            });
+            rows.push(Row {
+                name: format!("conv {name} {}", l.kernel.name()),
+                ms,
+                value: fl / ms / 1e9,
+                unit: "TFLOP/s",
+                peak,
+            });
+        }
+        if wgmma {
+            let mut a = vec![bf16::ZERO; h * w * cout];
+            let mut b = a.clone();
+            g.sync().unwrap();
+            g.download(&mut a, outs[0]).unwrap();
+            g.download(&mut b, outs[1]).unwrap();
+            let (mut d, mut n) = (0.0f64, 0.0f64);
+            for (x, y) in a.iter().zip(&b) {
+                let (x, y) = (x.to_f32() as f64, y.to_f32() as f64);
+                d += (x - y) * (x - y);
+                n += x * x;
+            }
+            let rel = (d / n.max(1e-30)).sqrt();
+            let ok = rel.is_finite() && rel < 1e-2;
+            println!(
+                "CONV wgmma {name}: rel L2 vs bc_conv {rel:.3e} {}",
+                if ok { "PASS" } else { "FAIL" }
+            );
+        }
+        for p in srcs.into_iter().chain([wt]).chain(outs) {
+            g.free(p).unwrap();
+        }
+        g.free(bias).unwrap();
+    }
+    rows
+}
+
 struct Row {
     name: String,
     ms: f64,
@@ -381,27 +501,52 @@ fn main() {
         unit: "GB/s",
         peak: peak_gbs,
     });
+    // The Wan VAE's convolution layers at 480x832 (60x104 latents), one output frame each, on
+    // bc_conv and, on sm_90 once the wgmma layouts passed here (BC_WGMMA_OK=1), on the Hopper
+    // bc_conv_wgmma next to it (its output compared with bc_conv's).
+    let conv_wgmma = g.compute_capability() == Some((9, 0))
+        && std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1");
+    if g.compute_capability() == Some((9, 0)) && !conv_wgmma {
+        println!("SKIP conv wgmma: BC_WGMMA_OK is not 1 (the wgmma layout probe did not pass or did not run)");
+    }
+    if std::env::var_os("BC_BENCH_NO_DECODE").is_none() {
+        rows.extend(wan_conv_rows(&mut g, peak_tflops, conv_wgmma));
+    }
     drop(g);
     // The video decoders (decode::CudaDecoder): ms per 3-latent-frame block at 480x832, real
-    // widths, random weights; rate = the conv FLOPs the decoder launched per block.
+    // widths, random weights; rate = the conv FLOPs the decoder launched per block; with
+    // bc_conv_wgmma too where the conv rows above ran it.
     if std::env::var_os("BC_BENCH_NO_DECODE").is_none() {
         let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
         // Kernels only: the decoders need no cuBLASLt.
         let open = || Gpu::open_kernels(0);
-        match blockcascade::decode::bench_decode_device(&kinds, (60, 104), (3, 3), None, &open) {
-            Ok(r) => {
-                for b in r {
-                    rows.push(Row {
-                        name: format!("decode {} 60x104 3-frame block", b.kind),
-                        ms: b.block_ms.unwrap_or(b.first_block_ms),
-                        value: b.tflops,
-                        unit: "TFLOP/s",
-                        peak: peak_tflops,
-                    });
-                }
+        for wgmma in [false, true] {
+            if wgmma && !conv_wgmma {
+                continue;
             }
-            // Tagged for the summary of scripts/gpu-run.sh.
-            Err(e) => println!("DECODE bench FAILED: {e}"),
+            let tag = if wgmma { " wgmma" } else { "" };
+            match blockcascade::decode::bench_decode_device(
+                &kinds,
+                (60, 104),
+                (3, 3),
+                None,
+                wgmma,
+                &open,
+            ) {
+                Ok(r) => {
+                    for b in r {
+                        rows.push(Row {
+                            name: format!("decode {} 60x104 3-frame block{tag}", b.kind),
+                            ms: b.block_ms.unwrap_or(b.first_block_ms),
+                            value: b.tflops,
+                            unit: "TFLOP/s",
+                            peak: peak_tflops,
+                        });
+                    }
+                }
+                // Tagged for the summary of scripts/gpu-run.sh.
+                Err(e) => println!("DECODE bench{tag} FAILED: {e}"),
+            }
         }
     }
 

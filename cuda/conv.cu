@@ -43,10 +43,14 @@
 // Shared memory: 2 stages x (128 + 64) rows x 80 B = 30 KB (static; narrow: 22.5 KB).
 // FLOPs per launch: 2 * H*W * cout * kh*kw * (sum of the sources' channels).
 //
+// Hopper: cuda/conv_wgmma.cu (bc_conv_wgmma) is the same convolution on wgmma, opt-in; the
+// source fields and the epilogue (cv_src, cv_store_pair) are shared through include/conv.cuh.
+//
 // Checked by src/kernels/emu/decode.rs (tests) against src/decode/conv.rs (the CPU decoders' conv)
 // under the SIMT emulation: 3x3 and 1x1, three temporal taps, two channel sources, an
 // upsampled source, odd H, W, cin and cout, residual, bias, ReLU/SiLU, f32 and bf16 output,
 // split output, on random bf16-rounded inputs with the output poisoned first.
+#include "include/conv.cuh"
 #include "include/mma.cuh"
 
 namespace {
@@ -80,22 +84,6 @@ struct CvCfg {
 using CvWide = CvCfg<BC_CONV_BN, 4>;
 using CvNarrow = CvCfg<BC_CONV_BN_NARROW, 8>;
 
-/// The fields of source `s` (constant indices only: no local-memory copy of the params).
-struct CvSrc {
-    const __nv_bfloat16* x;
-    int channels, stride, c0, t, up;
-};
-__device__ __forceinline__ CvSrc cv_src(const BcConvParams& p, int s) {
-#define CV_PICK(f) (s == 0 ? p.src[0].f : (s == 1 ? p.src[1].f : p.src[2].f))
-    return CvSrc{CV_PICK(x), CV_PICK(channels), CV_PICK(stride), CV_PICK(c0), CV_PICK(t), CV_PICK(up)};
-#undef CV_PICK
-}
-
-__device__ __forceinline__ float cv_act(float v, int act) {
-    if (act == BC_ACT_RELU) return fmaxf(v, 0.f);
-    if (act == BC_ACT_SILU) return v / (1.f + expf(-v));
-    return v;
-}
 }  // namespace
 
 template <class Cfg>
@@ -115,12 +103,7 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
     // ar + i * CV_RP and of B row ar.
     const int cc = tid % CV_CPR, ar = tid / CV_CPR;
     int py[CV_A_PASSES], px[CV_A_PASSES];
-#pragma unroll
-    for (int i = 0; i < CV_A_PASSES; ++i) {
-        const int m = m0 + ar + i * CV_RP;
-        py[i] = m < hw ? m / p.w_px : -(1 << 20);  // a pixel past the end reads nothing
-        px[i] = m < hw ? m % p.w_px : 0;
-    }
+    cv_rows(p, m0 + ar, CV_RP, py, px);
     const int bn = n0 + ar;
     const unsigned a_dst = ar * CV_ROWB + cc * 16, b_dst = CV_A_BYTES + ar * CV_ROWB + cc * 16;
 
@@ -212,8 +195,7 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
 
     // Epilogue: lane holds rows g, g + 8 and columns 2t, 2t + 1 of each mma tile. A plain bf16
     // NHWC output (unsplit, even stride, 4-byte aligned) stores each column pair as one bf16x2.
-    const bool pairs = !p.out_f32 && p.out_split == p.cout && p.out_cstride == 1 && p.out_stride % 2 == 0 &&
-                       (reinterpret_cast<uintptr_t>(p.out) & 3) == 0;
+    const bool pairs = cv_pairs(p);
 #pragma unroll
     for (int i = 0; i < CV_MT; ++i) {
 #pragma unroll
@@ -223,31 +205,7 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
 #pragma unroll
             for (int j = 0; j < CV_NT8; ++j) {
                 const int n = n0 + wn * CV_WN + j * 8 + 2 * t;  // even
-                if (n >= p.cout) continue;
-                float v[2];
-#pragma unroll
-                for (int e1 = 0; e1 < 2; ++e1) {
-                    const int c = min(n + e1, p.cout - 1);  // a column past cout is computed, never stored
-                    v[e1] = acc[i][j][2 * e2 + e1];
-                    if (p.bias) v[e1] += p.bias[c];
-                    if (p.res) v[e1] += __bfloat162float(p.res[(size_t)m * p.res_stride + c]);
-                    v[e1] = cv_act(v[e1], p.act);
-                }
-                if (pairs && n + 1 < p.cout) {
-                    bc_store_bf162(static_cast<__nv_bfloat16*>(p.out) + (size_t)m * p.out_stride + n, v[0], v[1]);
-                    continue;
-                }
-#pragma unroll
-                for (int e1 = 0; e1 < 2; ++e1) {
-                    if (n + e1 >= p.cout) break;
-                    const int f = (n + e1) / p.out_split;
-                    const size_t o = (size_t)f * p.out_frame_stride + (size_t)m * p.out_stride +
-                                     (size_t)(n + e1 - f * p.out_split) * p.out_cstride;
-                    if (p.out_f32)
-                        static_cast<float*>(p.out)[o] = v[e1];
-                    else
-                        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16(v[e1]);
-                }
+                if (n < p.cout) cv_store_pair(p, pairs, m, n, acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
             }
         }
     }

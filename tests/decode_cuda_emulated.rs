@@ -127,3 +127,38 @@ fn device_decoder_errors_are_clear() {
     // The stream survives a refused push.
     assert_eq!(dev.push(&[0.5; 64], 1, false).unwrap().frames, 1);
 }
+
+/// Both decoders with every convolution that fits it on the Hopper wgmma kernel
+/// (`bc_conv_wgmma`, forced on: the emulated device has it, a default decoder does not use it)
+/// against upstream's golden output, within the same 2e-2.
+#[test]
+fn both_decoders_with_the_wgmma_conv_match_pytorch() {
+    for (name, model) in [
+        ("taehv-tiny", "taehv/model.safetensors"),
+        ("wan-vae-tiny", "vae"),
+    ] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/decode")
+            .join(name);
+        let (ls, latents) = tensor(&dir.join("latents.safetensors"), "latents");
+        let (_, expected) = tensor(&dir.join("expected.safetensors"), "video");
+        let (f, h, w) = (ls[0], ls[2], ls[3]);
+        let dec = Decoder::load(&dir.join(model), None).unwrap();
+        let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        assert!(!dev.conv_wgmma(), "off unless asked for");
+        dev.set_conv_wgmma(true).unwrap();
+        dev.begin(h, w).unwrap();
+        let px = dev.push(&latents, f, true).unwrap().f32.unwrap();
+        let err = rel_l2(&expected, &px);
+        let share = dev.wgmma_flops() / dev.flops();
+        println!(
+            "{name} with bc_conv_wgmma ({:.0}% of the FLOPs): rel L2 {err:.3e}",
+            100.0 * share
+        );
+        assert!(err < 2e-2, "{name}: rel L2 {err}");
+        assert!(
+            share > 0.1,
+            "{name}: only {share} of the FLOPs ran bc_conv_wgmma"
+        );
+    }
+}

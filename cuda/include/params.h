@@ -560,6 +560,26 @@ typedef struct BcT5AttentionParams {
 #define BC_CONV_THREADS 256
 /** Most input frames one `bc_conv` output frame sums over (3 temporal taps). */
 #define BC_CONV_MAX_SOURCES 3
+/** Output pixels per block of the Hopper wgmma convolution `bc_conv_wgmma` (two warpgroups,
+ * one m64 wgmma tile each). */
+#define BC_CONV_WG_BM 128
+/** Output channels per block of `bc_conv_wgmma` (the N of its wgmma m64n128k16). */
+#define BC_CONV_WG_BN 128
+/** Output channels per block of `bc_conv_wgmma_n96` (wgmma m64n96k16: the 96- and 192-channel
+ * layers fill it exactly). */
+#define BC_CONV_WG_BN_96 96
+/** Input channels per k-step of `bc_conv_wgmma`: one 128-byte swizzle row (64 bf16). */
+#define BC_CONV_WG_BK 64
+/** Threads per block of `bc_conv_wgmma` (two warpgroups). */
+#define BC_CONV_WG_THREADS 256
+/** Shared-memory stages of `bc_conv_wgmma` (cp.async one k-step ahead, one wgmma group in
+ * flight, one stage being read). */
+#define BC_CONV_WG_STAGES 3
+/** Dynamic shared memory of `bc_conv_wgmma` in bytes: STAGES x (A 128 + B 128 rows) x 128 B,
+ * plus 1024 bytes of slack to start the tiles on a 1024-byte boundary of the shared window. */
+#define BC_CONV_WG_SMEM (BC_CONV_WG_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN) * BC_CONV_WG_BK * 2 + 1024)
+/** Dynamic shared memory of `bc_conv_wgmma_n96` (B tiles of 96 rows). */
+#define BC_CONV_WG_N96_SMEM (BC_CONV_WG_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN_96) * BC_CONV_WG_BK * 2 + 1024)
 /** Epilogue activation of the decoder kernels: ReLU (`bc_conv`; the others use BC_ACT_NONE
  * and BC_ACT_SILU of `bc_activation`). */
 #define BC_ACT_RELU 4
@@ -595,7 +615,9 @@ typedef struct BcConvSource {
  * out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their
  * channels into frames this way; `out_split = cout` for a plain conv).
  * Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`
- * (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW). */
+ * (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW); `bc_conv_wgmma`
+ * (sm_90a, needs `vec`) grid (ceil(h*w / BC_CONV_WG_BM), ceil(cout / BC_CONV_WG_BN)), block
+ * BC_CONV_WG_THREADS, BC_CONV_WG_SMEM bytes of dynamic shared memory. */
 typedef struct BcConvParams {
     /** The sources (`num_src` used). */
     BcConvSource src[BC_CONV_MAX_SOURCES];

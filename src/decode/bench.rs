@@ -287,12 +287,14 @@ pub struct DeviceDecodeBench {
 /// [`bench_decode`] on a CUDA device (`gpu` opens it: the driver, or the emulated device in
 /// tests): `blocks` blocks of `block_frames` random latent frames, each timed from upload to the
 /// last pixel downloaded (RGB8 only, as a player takes them). `dim`: the decoders' width
-/// (`None`: real widths, Wan VAE 96, TAEHV 64).
+/// (`None`: real widths, Wan VAE 96, TAEHV 64). `wgmma`: convolutions that fit it on the
+/// Hopper `bc_conv_wgmma` (refused on a device without wgmma), else on `bc_conv`.
 pub fn bench_decode_device(
     kinds: &[DecoderKind],
     (latent_h, latent_w): (usize, usize),
     (block_frames, blocks): (usize, usize),
     dim: Option<usize>,
+    wgmma: bool,
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<Vec<DeviceDecodeBench>> {
     let mut out = Vec::new();
@@ -304,6 +306,7 @@ pub fn bench_decode_device(
         });
         let dec = Decoder::synthetic(kind, d, 1);
         let mut dev = CudaDecoder::new(&dec, gpu()?)?;
+        dev.set_conv_wgmma(wgmma)?;
         dev.begin(latent_h, latent_w)?;
         let mut rng = crate::rng::Rng::new(2);
         let per = 16 * latent_h * latent_w * bf;
@@ -368,7 +371,8 @@ mod tests {
     fn device_bench_counts_conv_flops_per_pixel() {
         let run = |h: usize, w: usize| {
             let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
-            bench_decode_device(&kinds, (h, w), (1, 2), Some(2), &Gpu::open_emulated).unwrap()
+            bench_decode_device(&kinds, (h, w), (1, 2), Some(2), false, &Gpu::open_emulated)
+                .unwrap()
         };
         let (small, large) = (run(2, 2), run(4, 2));
         for (a, b) in small.iter().zip(&large) {

@@ -37,7 +37,7 @@ use super::conv::Conv;
 use super::{DecodeDevice, Decoder, Inner};
 use crate::backend::cuda::device::{env_flag, DevPtr, Gpu, Graph, Mark};
 use crate::kernels::launch::{self, ConvEpilogue, ConvOut, ConvShape, ConvSource, Launch};
-use crate::kernels::LaunchResult;
+use crate::kernels::{Kernel, LaunchResult};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -163,20 +163,35 @@ struct Dev {
     sink: Sink,
     /// Work submitted to the stream: launches, copies, memsets, uploads, graph replays.
     submits: u64,
+    /// Of `flops`, those launched on `bc_conv_wgmma` / `bc_conv_wgmma_n96`.
+    wgmma_flops: f64,
+    /// Convolutions that fit it run `bc_conv_wgmma` (Hopper; see [`conv_wgmma_default`]).
+    conv_wgmma: bool,
+}
+
+/// Whether a new decoder on `gpu` runs its convolutions on the Hopper wgmma kernel
+/// (`bc_conv_wgmma`): only with `BC_CONV_WGMMA=1` on a compute capability 9.0 device (opt-in
+/// until the GPU bundle's layout probe has passed on hardware; elsewhere the flag is ignored).
+fn conv_wgmma_default(gpu: &Gpu) -> bool {
+    std::env::var("BC_CONV_WGMMA").is_ok_and(|v| v.trim() == "1")
+        && gpu.compute_capability() == Some((9, 0))
 }
 
 impl Dev {
     fn new(gpu: Gpu) -> Dev {
+        let conv_wgmma = conv_wgmma_default(&gpu);
         Dev {
             gpu,
             weight_bytes: 0,
             pool: Vec::new(),
             pool_bytes: 0,
             flops: 0.0,
+            wgmma_flops: 0.0,
             nonfinite: 0,
             mode: Mode::Live,
             sink: Sink::default(),
             submits: 0,
+            conv_wgmma,
         }
     }
 
@@ -320,10 +335,12 @@ impl Dev {
             .collect();
         let pixels = hw.0 * hw.1;
         let k: usize = srcs.iter().map(|s| s.f.c).sum::<usize>() * cv.shape.kh * cv.shape.kw;
-        if !self.planning() {
-            self.flops += 2.0 * pixels as f64 * cv.shape.cout as f64 * k as f64;
+        let flops = 2.0 * pixels as f64 * cv.shape.cout as f64 * k as f64;
+        let planning = self.planning();
+        if !planning {
+            self.flops += flops;
         }
-        self.run(launch::conv(
+        let l = launch::conv_on(
             &ls,
             cv.w as *const _,
             cv.shape,
@@ -342,7 +359,13 @@ impl Dev {
                 frame_stride: split * pixels,
                 cstride,
             },
-        ))
+            self.conv_wgmma,
+        );
+        let wg = |k| matches!(k, Kernel::ConvWgmma | Kernel::ConvWgmmaN96);
+        if !planning && l.as_ref().is_ok_and(|l| wg(l.kernel)) {
+            self.wgmma_flops += flops;
+        }
+        self.run(l)
     }
 
     /// Channel RMS norm (then SiLU when `silu`) of `x` into a new frame.
@@ -693,10 +716,37 @@ impl CudaDecoder {
         self.dev.pool_bytes + self.io.bytes
     }
 
+    /// Whether convolutions run the Hopper wgmma kernel `bc_conv_wgmma` where they fit (the
+    /// default: `BC_CONV_WGMMA=1` on a compute capability 9.0 device).
+    pub fn conv_wgmma(&self) -> bool {
+        self.dev.conv_wgmma
+    }
+
+    /// Turns the Hopper wgmma convolution on or off for the following launches (tests and
+    /// benchmarks compare it with `bc_conv`): on is refused, with an error, on a device that has
+    /// no wgmma (anything but compute capability 9.0 and the emulated device).
+    pub fn set_conv_wgmma(&mut self, on: bool) -> Result<()> {
+        let gpu = &self.dev.gpu;
+        if on && !gpu.is_emulated() && gpu.compute_capability() != Some((9, 0)) {
+            return Err(Error::invalid(format!(
+                "the wgmma convolution needs a compute capability 9.0 device, not {}",
+                gpu.name
+            )));
+        }
+        self.dev.conv_wgmma = on;
+        Ok(())
+    }
+
     /// Convolution FLOPs launched since the decoder was made (the work a benchmark divides by
     /// its time: every conv, 1x1 and attention GEMM, counted at the channels it really reads).
     pub fn flops(&self) -> f64 {
         self.dev.flops
+    }
+
+    /// Of [`CudaDecoder::flops`], the convolution FLOPs launched on the Hopper wgmma kernels
+    /// `bc_conv_wgmma` / `bc_conv_wgmma_n96` (the rest ran `bc_conv` / `bc_conv_n16`).
+    pub fn wgmma_flops(&self) -> f64 {
+        self.dev.wgmma_flops
     }
 
     /// Starts a stream of `latent_h x latent_w` latents (ending any previous one): the causal

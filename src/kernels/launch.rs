@@ -703,9 +703,56 @@ pub fn conv(
     srcs: &[ConvSource],
     w: *const bc_bf16,
     shape: ConvShape,
+    hw: (usize, usize),
+    ep: ConvEpilogue,
+    out: ConvOut,
+) -> LaunchResult<Launch<BcConvParams>> {
+    conv_on(srcs, w, shape, hw, ep, out, false)
+}
+
+/// [`conv`], or with `wgmma` the Hopper variant (`cuda/conv_wgmma.cu`, sm_90a only: the caller
+/// checks the device) wherever it applies: the 16-byte copy path (every channel count, stride
+/// and offset a multiple of 8, pointers 16-byte aligned) and more than `BC_CONV_BN_NARROW`
+/// output channels; the channel tile that pads cout least ([`conv_wgmma_tile`]); elsewhere
+/// `bc_conv` / `bc_conv_n16` as [`conv`].
+pub fn conv_on(
+    srcs: &[ConvSource],
+    w: *const bc_bf16,
+    shape: ConvShape,
+    hw: (usize, usize),
+    ep: ConvEpilogue,
+    out: ConvOut,
+    wgmma: bool,
+) -> LaunchResult<Launch<BcConvParams>> {
+    let tile = wgmma.then(|| conv_wgmma_tile(shape.cout));
+    conv_tiled(srcs, w, shape, hw, ep, out, tile)
+}
+
+/// The output channels per block of the wgmma conv for `cout`: `BC_CONV_WG_BN_96`
+/// (`bc_conv_wgmma_n96`) when it pads cout less than `BC_CONV_WG_BN` (`bc_conv_wgmma`), as
+/// for the Wan VAE's 96 and 192 channels; 128 otherwise (384 channels, ties).
+pub fn conv_wgmma_tile(cout: usize) -> u32 {
+    let pad = |t: u32| cout.div_ceil(t as usize) * t as usize - cout;
+    if pad(BC_CONV_WG_BN_96) < pad(BC_CONV_WG_BN) {
+        BC_CONV_WG_BN_96
+    } else {
+        BC_CONV_WG_BN
+    }
+}
+
+/// [`conv_on`] with the wgmma channel tile given: `Some(BC_CONV_WG_BN)` (`bc_conv_wgmma`),
+/// `Some(BC_CONV_WG_BN_96)` (`bc_conv_wgmma_n96`; another width is refused), where the conv
+/// fits it; `None`: `bc_conv` / `bc_conv_n16`. The wgmma grid is (ceil(h*w /
+/// `BC_CONV_WG_BM`), ceil(cout / tile)), block `BC_CONV_WG_THREADS`, with the kernel's
+/// dynamic shared memory.
+pub fn conv_tiled(
+    srcs: &[ConvSource],
+    w: *const bc_bf16,
+    shape: ConvShape,
     (h, w_px): (usize, usize),
     ep: ConvEpilogue,
     out: ConvOut,
+    wgmma_tile: Option<u32>,
 ) -> LaunchResult<Launch<BcConvParams>> {
     let ConvShape {
         cout,
@@ -773,10 +820,21 @@ pub fn conv(
     let ktot = mul(k, mul(k, mul(k, kt, kh)?, kw)?, cin)?;
     mul(k, ktot, cout)?;
     let hw = i32_of(k, mul(k, h, w_px)?, "h*w")?;
+    let (k, bm, bn, threads) = match wgmma_tile {
+        Some(t) if vec && cout > BC_CONV_BN_NARROW as usize => {
+            let wk = match t {
+                BC_CONV_WG_BN => Kernel::ConvWgmma,
+                BC_CONV_WG_BN_96 => Kernel::ConvWgmmaN96,
+                _ => return Err(invalid(k, format!("no {t}-channel wgmma conv tile"))),
+            };
+            (wk, BC_CONV_WG_BM, t, BC_CONV_WG_THREADS)
+        }
+        _ => (k, BC_CONV_BM, bn, BC_CONV_THREADS),
+    };
     Ok(Launch {
         kernel: k,
-        grid: [blocks(k, hw as usize, BC_CONV_BM)?, blocks(k, cout, bn)?, 1],
-        block: BC_CONV_THREADS,
+        grid: [blocks(k, hw as usize, bm)?, blocks(k, cout, bn)?, 1],
+        block: threads,
         params: BcConvParams {
             src: ps,
             w,
@@ -965,6 +1023,88 @@ pub fn dec_softmax(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `conv_on` with `wgmma` picks `bc_conv_wgmma` (its grid, block and shared memory) only
+    /// where it fits: 8-aligned channels and pointers, more than 16 output channels.
+    #[test]
+    fn conv_wgmma_only_where_it_fits() {
+        let x = 0x1000usize as *const bc_bf16;
+        let src = |channels, up| ConvSource {
+            x,
+            channels,
+            stride: channels,
+            c0: 0,
+            t: 0,
+            up,
+        };
+        let shape = |cout, cin| ConvShape {
+            cout,
+            cin,
+            kt: 1,
+            kh: 3,
+            kw: 3,
+        };
+        let ep = ConvEpilogue {
+            bias: std::ptr::null(),
+            res: std::ptr::null(),
+            res_stride: 0,
+            act: 0,
+        };
+        let out = |cout| ConvOut {
+            out: 0x2000usize as *mut c_void,
+            f32: false,
+            stride: cout,
+            split: cout,
+            frame_stride: 0,
+            cstride: 1,
+        };
+        let pick = |c: usize, cout: usize, up: bool, wgmma: bool| {
+            let l = conv_on(
+                &[src(c, up)],
+                x,
+                shape(cout, c),
+                (10, 30),
+                ep,
+                out(cout),
+                wgmma,
+            )
+            .unwrap();
+            (l.kernel, l.grid, l.block)
+        };
+        // The tile that pads cout least: 136 -> 2 x 96 (56 padded) rather than 2 x 128 (120).
+        assert_eq!(
+            pick(96, 136, false, true),
+            (Kernel::ConvWgmmaN96, [3, 2, 1], BC_CONV_WG_THREADS)
+        );
+        assert_eq!(pick(96, 200, true, true).0, Kernel::ConvWgmma);
+        assert_eq!(pick(96, 192, false, true).0, Kernel::ConvWgmmaN96);
+        assert_eq!(pick(96, 384, false, true).0, Kernel::ConvWgmma);
+        assert_eq!(Kernel::ConvWgmma.dynamic_smem_bytes(), BC_CONV_WG_SMEM);
+        assert_eq!(
+            Kernel::ConvWgmmaN96.dynamic_smem_bytes(),
+            BC_CONV_WG_N96_SMEM
+        );
+        let tiled = |t| {
+            conv_tiled(
+                &[src(96, false)],
+                x,
+                shape(136, 96),
+                (10, 30),
+                ep,
+                out(136),
+                t,
+            )
+        };
+        assert_eq!(
+            tiled(Some(BC_CONV_WG_BN)).unwrap().kernel,
+            Kernel::ConvWgmma
+        );
+        assert!(tiled(Some(64)).is_err());
+        // Off, 16 outputs or fewer, channels not a multiple of 8: bc_conv / bc_conv_n16.
+        assert_eq!(pick(96, 136, false, false).0, Kernel::Conv);
+        assert_eq!(pick(96, 16, false, true).0, Kernel::ConvN16);
+        assert_eq!(pick(12, 136, false, true).0, Kernel::Conv);
+    }
 
     /// The wgmma prototype tile runs its own kernels (one warpgroup of 64 rows for hd64, two of
     /// 128 rows for hd128), and is never the tuner's.

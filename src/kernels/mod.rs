@@ -135,6 +135,11 @@ pub enum Kernel {
     Conv,
     /// `bc_conv_n16` ([`BcConvParams`]): the same with 16-channel tiles (cout <= 16).
     ConvN16,
+    /// `bc_conv_wgmma` ([`BcConvParams`]): the Hopper wgmma variant (sm_90a only, it traps on
+    /// sm_80; launched only with `BC_CONV_WGMMA=1` on a 9.0 device), dynamic shared memory.
+    ConvWgmma,
+    /// `bc_conv_wgmma_n96` ([`BcConvParams`]): the same with 96-channel tiles.
+    ConvWgmmaN96,
     /// `bc_dec_latent_in` ([`BcDecLatentInParams`]).
     DecLatentIn,
     /// `bc_dec_rms_norm` ([`BcDecRmsNormParams`]).
@@ -156,7 +161,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 30] = [
+    pub const ALL: [Kernel; 32] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -179,6 +184,8 @@ impl Kernel {
         Kernel::T5Attention,
         Kernel::Conv,
         Kernel::ConvN16,
+        Kernel::ConvWgmma,
+        Kernel::ConvWgmmaN96,
         Kernel::DecLatentIn,
         Kernel::DecRmsNorm,
         Kernel::DecUpsample2x,
@@ -214,6 +221,8 @@ impl Kernel {
             Kernel::T5Attention => "bc_t5_attention",
             Kernel::Conv => "bc_conv",
             Kernel::ConvN16 => "bc_conv_n16",
+            Kernel::ConvWgmma => "bc_conv_wgmma",
+            Kernel::ConvWgmmaN96 => "bc_conv_wgmma_n96",
             Kernel::DecLatentIn => "bc_dec_latent_in",
             Kernel::DecRmsNorm => "bc_dec_rms_norm",
             Kernel::DecUpsample2x => "bc_dec_upsample2x",
@@ -233,6 +242,8 @@ impl Kernel {
             Kernel::AttentionWgmmaHd64 => BC_ATTN_WGMMA_SMEM,
             Kernel::AttentionWgmmaHd128 => BC_ATTN_WGMMA_HD128_SMEM,
             Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
+            Kernel::ConvWgmma => BC_CONV_WG_SMEM,
+            Kernel::ConvWgmmaN96 => BC_CONV_WG_N96_SMEM,
             _ => 0,
         }
     }

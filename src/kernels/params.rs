@@ -35,6 +35,14 @@ pub const BC_CONV_BN_NARROW: u32 = 16;
 pub const BC_CONV_BK: u32 = 32;
 pub const BC_CONV_THREADS: u32 = 256;
 pub const BC_CONV_MAX_SOURCES: u32 = 3;
+pub const BC_CONV_WG_BM: u32 = 128;
+pub const BC_CONV_WG_BN: u32 = 128;
+pub const BC_CONV_WG_BN_96: u32 = 96;
+pub const BC_CONV_WG_BK: u32 = 64;
+pub const BC_CONV_WG_THREADS: u32 = 256;
+pub const BC_CONV_WG_STAGES: u32 = 3;
+pub const BC_CONV_WG_SMEM: u32 = 99328;
+pub const BC_CONV_WG_N96_SMEM: u32 = 87040;
 pub const BC_ACT_RELU: u32 = 4;
 pub const BC_DEC_NORM_PIXELS: u32 = 8;
 pub const BC_WGMMA_PROBE_THREADS: u32 = 128;
@@ -872,7 +880,7 @@ const _: () = {
     ["Offset of field: BcConvSource::up"][::std::mem::offset_of!(BcConvSource, up) - 24usize];
     ["Offset of field: BcConvSource::_pad"][::std::mem::offset_of!(BcConvSource, _pad) - 28usize];
 };
-#[doc = " `bc_conv`: one output frame of a convolution with kernel `[kt, kh, kw]` (kh, kw in {1, 3},\n spatial zero padding kh/2, kw/2) as an implicit GEMM, `out[m][n] = act(bias[n] + res[m][n] +\n sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.\n Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output\n channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *\n out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their\n channels into frames this way; `out_split = cout` for a plain conv).\n Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`\n (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW)."]
+#[doc = " `bc_conv`: one output frame of a convolution with kernel `[kt, kh, kw]` (kh, kw in {1, 3},\n spatial zero padding kh/2, kw/2) as an implicit GEMM, `out[m][n] = act(bias[n] + res[m][n] +\n sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.\n Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output\n channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *\n out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their\n channels into frames this way; `out_split = cout` for a plain conv).\n Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`\n (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW); `bc_conv_wgmma`\n (sm_90a, needs `vec`) grid (ceil(h*w / BC_CONV_WG_BM), ceil(cout / BC_CONV_WG_BN)), block\n BC_CONV_WG_THREADS, BC_CONV_WG_SMEM bytes of dynamic shared memory."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct BcConvParams {

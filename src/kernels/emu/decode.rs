@@ -65,14 +65,64 @@ pub fn conv(
     srcs: &[ConvSrc],
     weights: &[bf16],
     shape: ConvShape,
-    (h, w): (usize, usize),
+    hw: (usize, usize),
     bias: Option<&[f32]>,
     res: Option<(&[bf16], usize)>,
     act: ConvAct,
     out: ConvDst,
-    (out_stride, split, frame_stride): (usize, usize, usize),
+    geo: (usize, usize, usize),
 ) -> LaunchResult {
-    let k = Kernel::Conv;
+    conv_impl(srcs, weights, shape, hw, (bias, res, act), out, geo, None)
+}
+
+/// [`conv`] on the Hopper variant (`cuda/conv_wgmma.cu`) with `tile` output channels per block
+/// (`BC_CONV_WG_BN`: `bc_conv_wgmma`, `BC_CONV_WG_BN_96`: `bc_conv_wgmma_n96`); an error
+/// (nothing runs) when the conv does not fit it (every channel count, stride and offset a
+/// multiple of 8, more than `BC_CONV_BN_NARROW` output channels), instead of falling back to
+/// `bc_conv`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_wgmma(
+    srcs: &[ConvSrc],
+    weights: &[bf16],
+    shape: ConvShape,
+    hw: (usize, usize),
+    bias: Option<&[f32]>,
+    res: Option<(&[bf16], usize)>,
+    act: ConvAct,
+    out: ConvDst,
+    geo: (usize, usize, usize),
+    tile: u32,
+) -> LaunchResult {
+    conv_impl(
+        srcs,
+        weights,
+        shape,
+        hw,
+        (bias, res, act),
+        out,
+        geo,
+        Some(tile),
+    )
+}
+
+type ConvEpi<'a> = (Option<&'a [f32]>, Option<(&'a [bf16], usize)>, ConvAct);
+
+#[allow(clippy::too_many_arguments)]
+fn conv_impl(
+    srcs: &[ConvSrc],
+    weights: &[bf16],
+    shape: ConvShape,
+    (h, w): (usize, usize),
+    (bias, res, act): ConvEpi,
+    out: ConvDst,
+    (out_stride, split, frame_stride): (usize, usize, usize),
+    wgmma_tile: Option<u32>,
+) -> LaunchResult {
+    let k = if wgmma_tile.is_some() {
+        Kernel::ConvWgmma
+    } else {
+        Kernel::Conv
+    };
     let hw = h * w;
     let need_w = shape.cout * shape.kt * shape.kh * shape.kw * shape.cin;
     check_len(k, "weights", weights.len(), need_w)?;
@@ -122,7 +172,7 @@ pub fn conv(
             (o.as_mut_ptr().cast(), true)
         }
     };
-    run(launch::conv(
+    let l = launch::conv_tiled(
         &ls,
         weights.as_ptr().cast(),
         shape,
@@ -141,7 +191,16 @@ pub fn conv(
             frame_stride,
             cstride: 1,
         },
-    ))
+        wgmma_tile,
+    )?;
+    let wg = matches!(l.kernel, Kernel::ConvWgmma | Kernel::ConvWgmmaN96);
+    if wgmma_tile.is_some() && !wg {
+        return Err(invalid(
+            k,
+            "does not fit the wgmma conv (needs 8-aligned channels and > 16 outputs)",
+        ));
+    }
+    run(Ok(l))
 }
 
 /// `bc_dec_softmax` (`cuda/decode_ops.cu`): rows of `n` f32 scores to bf16 probabilities.
@@ -460,33 +519,61 @@ mod tests {
         };
         let geo = (ostride, cs.split, fstride);
         let r = res.as_deref().map(|r| (r, cs.cout));
-        let launch = |dst: ConvDst| {
+        let launch = |dst: ConvDst, tile: Option<u32>| {
             let b = bias.as_deref();
-            conv(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo).unwrap()
-        };
-        let got: Vec<f32> = if cs.f32_out {
-            let mut o = vec![f32::NAN; n_out];
-            launch(ConvDst::F32(&mut o));
-            o
-        } else {
-            let mut o = vec![bf16::NAN; n_out];
-            launch(ConvDst::Bf16(&mut o));
-            f32s(&o)
-        };
-        // Gather the device output back to [cout][hw].
-        let mut g = vec![0.0; cs.cout * hw];
-        for n in 0..cs.cout {
-            let (f, ch) = (n / cs.split, n % cs.split);
-            for p in 0..hw {
-                g[n * hw + p] = got[f * fstride + p * ostride + ch];
+            match tile {
+                None => conv(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo),
+                Some(t) => conv_wgmma(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo, t),
             }
-        }
+        };
         let (rel, floor) = if cs.f32_out {
             (1e-5, 1e-5)
         } else {
             (1.0 / 256.0, 1e-4)
         };
-        check(&format!("conv case seed {seed}"), &g, &want, rel, floor);
+        // bc_conv (or bc_conv_n16), then bc_conv_wgmma and bc_conv_wgmma_n96 where the case fits
+        // them (16-byte copies, more than 16 output channels; they refuse the others).
+        let fits = cs.cin % 8 == 0
+            && cs.cout > BC_CONV_BN_NARROW as usize
+            && cs
+                .srcs
+                .iter()
+                .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
+        for tile in [None, Some(BC_CONV_WG_BN), Some(BC_CONV_WG_BN_96)] {
+            let wg = tile.is_some();
+            let got: Vec<f32> = if cs.f32_out {
+                let mut o = vec![f32::NAN; n_out];
+                let r = launch(ConvDst::F32(&mut o), tile);
+                if wg && !fits {
+                    assert!(r.is_err(), "bc_conv_wgmma took a case it does not fit");
+                    continue;
+                }
+                r.unwrap();
+                o
+            } else {
+                let mut o = vec![bf16::NAN; n_out];
+                let r = launch(ConvDst::Bf16(&mut o), tile);
+                if wg && !fits {
+                    assert!(r.is_err(), "bc_conv_wgmma took a case it does not fit");
+                    continue;
+                }
+                r.unwrap();
+                f32s(&o)
+            };
+            // Gather the device output back to [cout][hw].
+            let mut g = vec![0.0; cs.cout * hw];
+            for n in 0..cs.cout {
+                let (f, ch) = (n / cs.split, n % cs.split);
+                for p in 0..hw {
+                    g[n * hw + p] = got[f * fstride + p * ostride + ch];
+                }
+            }
+            let what = match tile {
+                None => "bc_conv".to_string(),
+                Some(t) => format!("bc_conv_wgmma tile {t}"),
+            };
+            check(&format!("{what} case seed {seed}"), &g, &want, rel, floor);
+        }
     }
 
     fn s(c: usize, stride: usize, c0: usize, t: usize, up: bool) -> S {
@@ -627,6 +714,66 @@ mod tests {
         c.bias = true;
         c.f32_out = true;
         run_case(10, &c);
+    }
+
+    /// Cases shaped for `bc_conv_wgmma` (128 x 128 tiles, 64-channel k-steps along each
+    /// source's (tap, channel) sequence); `run_case` runs each through `bc_conv` and it.
+    #[test]
+    fn wgmma_conv_k_steps_across_taps_and_two_tiles_each_way() {
+        // 3x3 over 96 channels: 864 values per output = 13.5 k-steps, most of them crossing
+        // from one tap into the next; cout 136 (two channel tiles, the second mostly masked);
+        // 9 x 17 = 153 pixels (two pixel tiles); padded source stride; bias + ReLU.
+        let mut c = case(136, 96, 1, 3, (9, 17), vec![s(96, 104, 0, 0, false)]);
+        c.bias = true;
+        c.act = ConvAct::Relu;
+        run_case(11, &c);
+    }
+
+    #[test]
+    fn wgmma_conv_sources_taps_upsample_split() {
+        // MemBlock: two 64-channel sources at c0 0 and 64, residual + SiLU, odd 5 x 7.
+        let mut c = case(
+            64,
+            128,
+            1,
+            3,
+            (5, 7),
+            vec![s(64, 64, 0, 0, false), s(64, 64, 64, 0, false)],
+        );
+        c.res = true;
+        c.act = ConvAct::Silu;
+        run_case(12, &c);
+        // Causal 3x3x3 over 8-channel frames: 72 values per source, k-steps spanning 8 taps,
+        // three sources (taps 0, 1, 2), residual; then only taps 1 and 2.
+        let mut c = case(
+            24,
+            8,
+            3,
+            3,
+            (7, 3),
+            vec![
+                s(8, 8, 0, 0, false),
+                s(8, 8, 0, 1, false),
+                s(8, 8, 0, 2, false),
+            ],
+        );
+        c.res = true;
+        run_case(13, &c);
+        c.srcs.remove(0);
+        c.f32_out = true;
+        run_case(14, &c);
+        // Upsampled sources, 3x3 and 1x1.
+        let mut c = case(24, 32, 1, 3, (6, 10), vec![s(32, 32, 0, 0, true)]);
+        c.bias = true;
+        run_case(15, &c);
+        let c = case(40, 16, 1, 1, (4, 6), vec![s(16, 24, 0, 0, true)]);
+        run_case(16, &c);
+        // 1x1, cout 200 split into two frames of 100 (TGrow / time_conv), f32, 11 x 13.
+        let mut c = case(200, 136, 1, 1, (11, 13), vec![s(136, 136, 0, 0, false)]);
+        c.split = 100;
+        c.f32_out = true;
+        c.bias = true;
+        run_case(17, &c);
     }
 
     #[test]

@@ -144,6 +144,18 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_conv_wgmma(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_conv_wgmma_n96(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_dec_softmax(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -207,6 +219,8 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::T5Attention => bc_emu_bc_t5_attention,
         Kernel::Conv => bc_emu_bc_conv,
         Kernel::ConvN16 => bc_emu_bc_conv_n16,
+        Kernel::ConvWgmma => bc_emu_bc_conv_wgmma,
+        Kernel::ConvWgmmaN96 => bc_emu_bc_conv_wgmma_n96,
         Kernel::DecLatentIn => bc_emu_bc_dec_latent_in,
         Kernel::DecRmsNorm => bc_emu_bc_dec_rms_norm,
         Kernel::DecUpsample2x => bc_emu_bc_dec_upsample2x,

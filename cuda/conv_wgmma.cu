@@ -1,0 +1,231 @@
+// Hopper (sm_90a) variant of the decoders' implicit-GEMM convolution: the same function as
+// bc_conv (cuda/conv.cu; same BcConvParams, sources, taps, upsampled reads, epilogue), with the
+// tensor-core work done by warpgroup MMA (wgmma.mma_async m64n128k16 bf16 -> f32) reading both
+// operands from shared memory by descriptor.
+//
+//   out[m][n] = act(bias[n] + res[m][n] + sum_{s, dy, dx, c} x_s[shift(m, dy, dx)][c] * w[n][t_s][dy][dx][c0_s + c])
+//
+// Tiles (params.h, BC_CONV_WG_*): CW_BM = 128 output pixels x BN = 128 output channels per
+// block of two warpgroups (256 threads); warpgroup j owns pixels 64j..64j+63 of the tile and all
+// 128 channels (one m64n128 accumulator: 64 f32 per thread): `bc_conv_wgmma`.
+// `bc_conv_wgmma_n96` is the same code with BN = 96 (m64n96k16, 48 f32 per thread) for the Wan
+// VAE's 96- and 192-channel layers, which a 128-wide tile pads by 25%; the launcher picks the
+// tile that pads cout least. K is walked per source as the flat
+// sequence (tap, channel) of taps * channels values, CW_BK = 64 at a time: a k-step may cross
+// from one tap into the next (each thread's 8-channel chunk has its own tap and channel), so a
+// 96-channel source takes 13.5 -> 14 k-steps per 3x3 kernel instead of 2 per tap (18). Past the
+// end of a source's K, the chunk is zero (the next source starts a fresh k-step).
+//
+// Layout: activations NHWC bf16, weights [cout][kt][kh][kw][cin] (as bc_conv). A tile = 128
+// pixel rows, B tile = 128 output-channel rows, each row one k-step of 64 bf16 = 128 bytes, the
+// K-major 128-byte swizzle layout of wgmma (bc_wgmma_kmajor_offset with K = 64): row r at r * 128,
+// its 16-byte chunk c at chunk c ^ (r % 8); 8-row groups 1024 bytes apart (SBO), tiles on a
+// 1024-byte boundary of the shared window. wgmma k-step s (16 channels) starts 32 s bytes into
+// the rows. Written by cp.async with zero fill (src-size 0) exactly where bc_conv zero-fills:
+// pixels past H*W, taps outside the frame (zero padding), chunks past a source's K, output
+// channels past cout. Needs the 16-byte path of bc_conv (`vec`: channel counts, strides, c0 and
+// cin multiples of 8, pointers 16-byte aligned); the launcher only picks it then.
+//
+// Pipeline: CW_STAGES = 3 shared stages; k-step k: wait for its cp.async, fence.proxy.async,
+// barrier; issue the cp.async of k-step k + 1 (into the stage of k-step k - 2, whose wgmma
+// are done: every thread passed wait_group 1 of iteration k - 1 before the barrier); fence, 4
+// wgmma m64n128k16 on stage k, commit, wait_group 1 (k-step k - 1 has landed). So one wgmma
+// group runs while the next one is issued and the copies of the one after are in flight.
+// Epilogue: the accumulator register i of thread (warp w of its warpgroup, g = lane / 4,
+// q = lane % 4) is pixel 16w + g + 8 ((i >> 1) & 1), channel 8 (i >> 2) + 2q + (i & 1): column
+// pairs, handed to cv_store_pair (cuda/include/conv.cuh), the epilogue bc_conv uses.
+// Shared memory: dynamic, BC_CONV_WG_SMEM = 3 x 32 KB + 1 KB (BC_CONV_WG_N96_SMEM = 3 x 28 KB +
+// 1 KB; two blocks per SM on an H100).
+// FLOPs per launch: 2 * H*W * cout * kh*kw * (sum of the sources' channels).
+//
+// Checked by src/kernels/emu/decode.rs (tests) against src/decode/conv.rs under the SIMT
+// emulation (which decodes the descriptors' bits and applies the swizzle): every conv case of
+// bc_conv that fits `vec` runs through this kernel too (3x3, 1x1, temporal taps, two sources,
+// upsampled source, residual, masked edges, odd H/W, two channel tiles, split and f32 output),
+// with NaN-poisoned outputs; tests/decode_cuda_emulated.rs decodes the tiny Wan VAE and TAEHV
+// with it forced on. Never run on a GPU: the launcher uses it only with BC_CONV_WGMMA=1 on a
+// compute capability 9.0 device. On sm_80 (and the compute_80 PTX) the kernel is a stub that
+// traps.
+#include "include/conv.cuh"
+#include "include/mma.cuh"
+#include "include/wgmma.cuh"
+#include "include/wgmma_conv.cuh"
+
+namespace {
+constexpr int CW_BM = BC_CONV_WG_BM;
+constexpr int CW_BK = BC_CONV_WG_BK;
+constexpr int CW_NT = BC_CONV_WG_THREADS;
+constexpr int CW_STAGES = BC_CONV_WG_STAGES;
+constexpr int CW_ROWB = CW_BK * 2;                  // 128 bytes: one swizzle-atom row
+constexpr int CW_A_BYTES = CW_BM * CW_ROWB;         // 16 KB
+constexpr int CW_CPR = CW_ROWB / 16;                // 16-byte chunks per row (8)
+constexpr int CW_RP = CW_NT / CW_CPR;               // rows per copy pass (32)
+constexpr int CW_A_PASSES = CW_BM / CW_RP;          // A chunks per thread (4)
+constexpr int CW_WGS = CW_NT / BC_WGMMA_THREADS;    // warpgroups (2)
+constexpr int CW_WM = CW_BM / CW_WGS;               // pixels per warpgroup (64)
+constexpr int CW_KSTEPS = CW_BK / BC_WGMMA_K;       // wgmma per k-step (4)
+static_assert(CW_ROWB == 128, "one 128-byte swizzle row per k-step");
+static_assert(CW_WM == BC_WGMMA_M, "one m64 wgmma tile per warpgroup");
+static_assert(CW_RP % 8 == 0, "a thread's rows share their swizzle phase");
+static_assert(CW_BM % CW_RP == 0, "copy passes");
+static_assert(CW_STAGES >= 3, "the refilled stage must be two k-steps old");
+static_assert(CW_A_BYTES % 1024 == 0, "tiles on the swizzle period");
+
+/// A channel tiling: BN output channels per block (the N of the wgmma).
+template <int BN_>
+struct CwCfg {
+    static constexpr int BN = BN_;
+    static constexpr int B_BYTES = BN * CW_ROWB;
+    static constexpr int STAGE = CW_A_BYTES + B_BYTES;
+    static constexpr int B_PASSES = BN / CW_RP;  // B chunks per thread
+    static constexpr int SMEM = CW_STAGES * STAGE + 1024;
+    static_assert(BN % CW_RP == 0 && STAGE % 1024 == 0, "copy passes, stages on the swizzle period");
+};
+// 128 output channels (wgmma m64n128k16) and 96 (m64n96k16: 96- and 192-channel layers).
+using CwWide = CwCfg<BC_CONV_WG_BN>;
+using CwN96 = CwCfg<BC_CONV_WG_BN_96>;
+static_assert(CwWide::SMEM == BC_CONV_WG_SMEM && CwN96::SMEM == BC_CONV_WG_N96_SMEM, "params.h smem sizes");
+}  // namespace
+
+#if BC_HAS_WGMMA
+template <class Cfg>
+__device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsigned char* smem_raw) {
+    constexpr int CW_BN = Cfg::BN, CW_STAGE = Cfg::STAGE, CW_B_PASSES = Cfg::B_PASSES;
+    BC_EMU_CHECK(p.num_src >= 1 && p.num_src <= BC_CONV_MAX_SOURCES && p.out_split > 0 && p.vec);
+    const int tid = threadIdx.x, wg = tid / BC_WGMMA_THREADS, wt = tid % BC_WGMMA_THREADS;
+    const int warp = wt / 32, lane = wt % 32, g = lane / 4, q = lane % 4;
+    const int hw = p.h * p.w_px;
+    const int m0 = blockIdx.x * CW_BM, n0 = blockIdx.y * CW_BN;
+    const int taps = p.kh * p.kw, ph = p.kh / 2, pw = p.kw / 2;
+    const long long ktot = (long long)p.kt * taps * p.cin;
+
+    // The tiles start on the first 1024-byte boundary of the shared window (the swizzle period).
+    unsigned char* smem = smem_raw;
+    {
+        const unsigned w = bc_smem_window_addr(smem_raw);
+        smem += (1024u - w % 1024u) % 1024u;
+    }
+    const bc_saddr base = bc_smem_addr(smem);
+
+    // Copy geometry: this thread moves chunk cc (channels 8cc..8cc+7 of the k-step) of A rows and
+    // B rows ar + i * CW_RP; all its rows have the swizzle phase ar % 8, so the chunk lands at
+    // chunk cc ^ (ar % 8) of each.
+    const int cc = tid % CW_CPR, ar = tid / CW_CPR;
+    int py[CW_A_PASSES], px[CW_A_PASSES];
+    cv_rows(p, m0 + ar, CW_RP, py, px);
+    const unsigned dst = ar * CW_ROWB + ((cc ^ (ar % 8)) << 4);
+
+    // The k-step cursor of this thread's chunk: source s (its K = taps * channels, `left` k-steps
+    // still to load), tap and channel ci of the chunk.
+    int s = 0;
+    CvSrc src = cv_src(p, 0);
+    int tap = 8 * cc / src.channels, ci = 8 * cc % src.channels;
+    int left = (taps * src.channels + CW_BK - 1) / CW_BK;
+    int steps = 0;
+    for (int i = 0; i < p.num_src; ++i) steps += (taps * cv_src(p, i).channels + CW_BK - 1) / CW_BK;
+
+    auto load = [&](int stage) {
+        const bool kok = tap < taps;
+        const int dy = tap / p.kw - ph, dx = tap % p.kw - pw;
+        const int sw = src.up ? p.w_px / 2 : p.w_px;
+        const bc_saddr st = base + stage * CW_STAGE;
+#pragma unroll
+        for (int i = 0; i < CW_A_PASSES; ++i) {
+            const int yy = py[i] + dy, xx = px[i] + dx;
+            const bool ok = kok && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w_px;
+            const int sy = src.up ? yy >> 1 : yy, sx = src.up ? xx >> 1 : xx;
+            const __nv_bfloat16* a = ok ? src.x + ((size_t)sy * sw + sx) * src.stride + ci : src.x;
+            bc_cp_async16_zfill(st + dst + i * CW_RP * CW_ROWB, a, ok ? 16 : 0);
+        }
+        const __nv_bfloat16* wk = p.w + (long long)(src.t * taps + tap) * p.cin + src.c0 + ci;
+#pragma unroll
+        for (int i = 0; i < CW_B_PASSES; ++i) {
+            const int n = n0 + ar + i * CW_RP;
+            const bool ok = kok && n < p.cout;
+            bc_cp_async16_zfill(st + CW_A_BYTES + dst + i * CW_RP * CW_ROWB, ok ? wk + n * ktot : p.w, ok ? 16 : 0);
+        }
+        // Advance: 64 values along this source's (tap, channel) sequence, or the next source.
+        if (--left == 0) {
+            if (++s < p.num_src) {
+                src = cv_src(p, s);
+                left = (taps * src.channels + CW_BK - 1) / CW_BK;
+            }
+            tap = 8 * cc / src.channels;
+            ci = 8 * cc % src.channels;
+        } else {
+            ci += CW_BK;
+            while (ci >= src.channels) {
+                ci -= src.channels;
+                ++tap;
+            }
+        }
+    };
+
+    float acc[CW_BN / 2];
+#pragma unroll
+    for (int i = 0; i < CW_BN / 2; ++i) acc[i] = 0.f;
+
+    // Descriptors of wgmma k-step 0 of stage 0: A = this warpgroup's 64 pixel rows, B = the 128
+    // channel rows (128B swizzle, SBO 1024); stage t is t * CW_STAGE bytes on, k-step s 32 s.
+    const unsigned wbase = bc_smem_window_addr(smem);
+    const uint64_t da0 = bc_wgmma_kmajor_desc(wbase + wg * CW_WM * CW_ROWB, BC_WGMMA_SWIZZLE_128B, CW_WM, CW_BK, 0);
+    const uint64_t db0 = bc_wgmma_kmajor_desc(wbase + CW_A_BYTES, BC_WGMMA_SWIZZLE_128B, CW_BN, CW_BK, 0);
+
+#pragma unroll
+    for (int k = 0; k < CW_STAGES - 2; ++k) {
+        if (k < steps) load(k);
+        bc_cp_async_commit();
+    }
+    for (int k = 0; k < steps; ++k) {
+        bc_cp_async_wait_group<CW_STAGES - 3>();  // k-step k has landed (this thread's copies) ...
+        bc_fence_proxy_async();                   // (visible to wgmma's async proxy)
+        __syncthreads();                          // ... and everyone's; k-step k - 2's wgmma are done
+        if (k + CW_STAGES - 2 < steps) load((k + CW_STAGES - 2) % CW_STAGES);
+        bc_cp_async_commit();
+        const uint64_t off = (uint64_t)((k % CW_STAGES) * (CW_STAGE >> 4));
+        bc_wgmma_fence_operand(acc);
+        bc_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < CW_KSTEPS; ++ks) bc_wgmma_ss<CW_BN>(acc, da0 + off + 2 * ks, db0 + off + 2 * ks, 1);
+        bc_wgmma_commit();
+        bc_wgmma_wait<1>();
+        bc_wgmma_fence_operand(acc);
+    }
+    bc_wgmma_wait<0>();
+    bc_wgmma_fence_operand(acc);
+
+    // Epilogue: register 4j + 2e2 + e1 is pixel 16 warp + g + 8 e2, channel 8j + 2q + e1.
+    const bool pairs = cv_pairs(p);
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+        const int m = m0 + wg * CW_WM + 16 * warp + g + 8 * e2;
+        if (m >= hw) continue;
+#pragma unroll
+        for (int j = 0; j < CW_BN / 8; ++j) {
+            const int n = n0 + 8 * j + 2 * q;  // even
+            if (n < p.cout) cv_store_pair(p, pairs, m, n, acc[4 * j + 2 * e2], acc[4 * j + 2 * e2 + 1]);
+        }
+    }
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(CW_NT, 2) bc_conv_wgmma(BcConvParams p) {
+#if BC_HAS_WGMMA
+    BC_DYNAMIC_SMEM(smem, CwWide::SMEM);
+    bc_conv_wgmma_impl<CwWide>(p, smem);
+#else
+    __trap();
+#endif
+}
+BC_EMU_ENTRY(bc_conv_wgmma, BcConvParams)
+
+// The same with 96 output channels per block (the launcher picks the tile that pads cout least).
+extern "C" __global__ void __launch_bounds__(CW_NT, 2) bc_conv_wgmma_n96(BcConvParams p) {
+#if BC_HAS_WGMMA
+    BC_DYNAMIC_SMEM(smem, CwN96::SMEM);
+    bc_conv_wgmma_impl<CwN96>(p, smem);
+#else
+    __trap();
+#endif
+}
+BC_EMU_ENTRY(bc_conv_wgmma_n96, BcConvParams)

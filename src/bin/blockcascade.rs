@@ -5,13 +5,13 @@ use blockcascade::cascade::Plan;
 use blockcascade::config::local_attn_frames;
 use blockcascade::config::BackendKind;
 use blockcascade::config::KvExchange;
-use blockcascade::decode::{BackgroundDecoder, DecodeDevice, Decoder, DecoderKind, PixelOutputs};
+use blockcascade::decode::{
+    BackgroundDecoder, DecodeDevice, Decoder, DecoderKind, LatentsFile, PixelOutputs,
+};
 use blockcascade::engine::MemoryEstimate;
 use blockcascade::noise::{NoiseSource, RecordedNoise};
 use blockcascade::prompt::{load_schedule_with_text, PromptEmbeds};
 use blockcascade::schedule::{parse_steps, StepSchedule};
-
-use blockcascade::tensorfile::TensorFile;
 use blockcascade::tensorfile::{write_f32, write_tensors, OutData};
 use blockcascade::text::{TextDevice, TextEncoder, DEFAULT_TEXT_LEN};
 use blockcascade::video::{VideoOptions, VideoWriter};
@@ -1103,39 +1103,20 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
     if a.block_frames == 0 {
         return Err(Error::invalid("--block-frames must be at least 1"));
     }
-    let file = TensorFile::open(&a.latents)?;
-    let info = file.tensors().get("latents").ok_or_else(|| {
-        Error::Format(format!(
-            "{}: no tensor `latents` (expected [F,16,H,W], as `generate --out` writes)",
-            a.latents.display()
-        ))
-    })?;
-    let shape = info.shape.clone();
-    let [frames, channels, lh, lw] = shape[..] else {
-        return Err(Error::Format(format!(
-            "{}: `latents` has shape {shape:?}; expected [F,16,H,W]",
-            a.latents.display()
-        )));
-    };
-    if frames == 0 {
-        return Err(Error::Format(format!(
-            "{}: `latents` has no frames",
-            a.latents.display()
-        )));
-    }
     let decoder = a.video.decoder(false)?;
-    decoder.check_latent_size(channels, lh, lw)?;
-    let latents = file.tensor_f32("latents", Some(&shape))?;
+    let lat = LatentsFile::load(&a.latents, &decoder)?;
+    let (frames, lh, lw) = (lat.frames, lat.height, lat.width);
     let (h, w) = decoder.pixel_size(lh, lw);
     let mut writer = VideoWriter::create(&a.out, w, h, &a.video.options())?;
     let mut push = block_decoder(&decoder, a.backend, lh, lw, &writer)?;
-    let per_frame = channels * lh * lw;
     let started = std::time::Instant::now();
-    for (i, chunk) in latents.chunks(a.block_frames * per_frame).enumerate() {
-        let n = chunk.len() / per_frame;
+    for (i, (chunk, n)) in lat.blocks(a.block_frames)?.enumerate() {
         push(chunk, n, &mut writer)?;
         if !a.quiet {
-            let done = (i * a.block_frames + n).min(frames);
+            let done = i
+                .saturating_mul(a.block_frames)
+                .saturating_add(n)
+                .min(frames);
             eprintln!(
                 "decoded {done}/{frames} latent frames  {} pixel frames  {:.2}s",
                 writer.frames(),

@@ -5,7 +5,7 @@
 use super::{split_files, Scratch};
 use crate::decode::{Decoder, DecoderKind, LatentsFile};
 use crate::tensorfile::TensorFile;
-use crate::video::{VideoFormat, VideoOptions, VideoWriter};
+use crate::video::{VideoFormat, VideoOptions, VideoWriter, MAX_BITRATE, MIN_BITRATE};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -170,8 +170,8 @@ fn listing(dir: &Path) -> Result<BTreeMap<PathBuf, Option<Vec<u8>>>> {
 /// |       | `f%04d.png`, `missing/v.y4m`, `V.Y4M`, or the input's second part); bit 3:   |
 /// |       | the path exists as a folder first; bit 4: as a file; bit 5: dropped unfinished|
 /// | 1     | width `1 + b % 8`, height `1 + b / 8 % 8`                                    |
-/// | 2     | fps (`b % 8`: 16, 0, -1, NaN, 1e9, 0.01, 1000, 24.5), bit rate (`b / 8 % 4`: |
-/// |       | default, 0, 1, `u32::MAX`)                                                   |
+/// | 2     | fps (`b % 8`: 16, 0, -1, NaN, 1e9, 0.01, 1000, 24.5), bit rate (`b / 8 % 8`: |
+/// |       | default, 0, 1, `u32::MAX`, the lowest and highest accepted, one past each)   |
 /// | 3..   | writes, one byte each and its values: `% 4` = 0 f32 frames, 1 RGB8 frames,   |
 /// |       | 2 one value too many, 3 a frame count that overflows; the frame count is     |
 /// |       | `b / 4 % 4`; f32 values are bytes mapped to [-1.28, 1.27] (255: NaN, 254: inf)|
@@ -207,7 +207,16 @@ pub fn video_out(bytes: &[u8]) -> Result<()> {
     );
     let opts = VideoOptions {
         fps: [16.0, 0.0, -1.0, f64::NAN, 1e9, 0.01, 1000.0, 24.5][usize::from(head[2] % 8)],
-        bitrate: [None, Some(0), Some(1), Some(u32::MAX)][usize::from(head[2] / 8 % 4)],
+        bitrate: [
+            None,
+            Some(0),
+            Some(1),
+            Some(u32::MAX),
+            Some(MIN_BITRATE),
+            Some(MAX_BITRATE),
+            Some(MIN_BITRATE - 1),
+            Some(MAX_BITRATE + 1),
+        ][usize::from(head[2] / 8 % 8)],
     };
     let unchanged = |what: &str| -> Result<()> {
         let after = listing(&s.dir)?;
@@ -262,7 +271,8 @@ pub fn video_out(bytes: &[u8]) -> Result<()> {
         match r {
             Ok(()) if op % 4 < 2 => {
                 written.extend_from_slice(&vals);
-                f32_frames &= op % 4 == 0;
+                // (No frames: nothing was written, whatever the kind.)
+                f32_frames &= op % 4 == 0 || count == 0;
             }
             Ok(()) => {
                 return Err(Error::Internal(format!(
@@ -297,9 +307,15 @@ pub fn video_out(bytes: &[u8]) -> Result<()> {
             return Err(failed.unwrap_or(e));
         }
     };
-    check_video(&out, format, &written, frames, (w, h), f32_frames)?;
     // Only the output is new (PNG: its frames, and the folder when it was made).
     let after = listing(&s.dir)?;
+    // (Counted by name: a folder's name may hold a `%` and a pattern may be invalid UTF-8.)
+    let new_pngs = after
+        .iter()
+        .filter(|(k, v)| v.is_some() && before.get(*k) != Some(*v))
+        .filter(|(k, _)| k.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+        .count();
+    check_video(&out, format, &written, frames, (w, h), f32_frames, new_pngs)?;
     for (k, v) in &after {
         let p = s.dir.join(k);
         let is_output = p == out
@@ -316,7 +332,7 @@ pub fn video_out(bytes: &[u8]) -> Result<()> {
 }
 
 /// The finished video at `out` holds the `frames` frames written (`values`, f32 when
-/// `f32_frames`).
+/// `f32_frames`); `new_pngs` PNG files appeared (or changed) in the folder.
 fn check_video(
     out: &Path,
     format: VideoFormat,
@@ -324,6 +340,7 @@ fn check_video(
     frames: usize,
     (w, h): (usize, usize),
     f32_frames: bool,
+    new_pngs: usize,
 ) -> Result<()> {
     let bad = |m: String| Err(Error::Internal(format!("{}: {m}", out.display())));
     match format {
@@ -354,15 +371,7 @@ fn check_video(
             }
         }
         VideoFormat::Png => {
-            let pngs = std::fs::read_dir(if out.is_dir() {
-                out
-            } else {
-                out.parent().unwrap_or(Path::new("."))
-            })
-            .map_err(|e| Error::io(out, e))?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".png"))
-            .count();
+            let pngs = new_pngs;
             if pngs < frames {
                 return bad(format!("{pngs} PNG files for {frames} frames"));
             }

@@ -138,3 +138,60 @@ fn a_bare_text_encoder_file_name_is_reported_with_its_folder() {
     left.sort();
     assert_eq!(left, ["enc.safetensors"]);
 }
+
+/// An output naming the file of an input or of the other output is refused before any work
+/// (it silently replaced that file before: the latents over the video, a video over the
+/// latents it came from), and nothing is written.
+#[test]
+fn an_output_over_an_input_or_the_other_output_is_refused() {
+    let c = data_dir("taehv-tiny");
+    let d = tempfile::tempdir().unwrap();
+    let lat = d.path().join("l.safetensors");
+    std::fs::copy(c.join("latents.safetensors"), &lat).unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_blockcascade"))
+            .args(args)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let vae = c.join("taehv");
+    let vae = vae.to_str().unwrap();
+    let e = run(&[
+        "decode",
+        "--vae",
+        vae,
+        "--latents",
+        "l.safetensors",
+        "--out",
+        "./l.safetensors",
+    ]);
+    assert!(e.starts_with("error:") && e.contains("--latents"), "{e}");
+    let e = run(&[
+        "generate",
+        "--frames",
+        "3",
+        "--video",
+        "x.safetensors",
+        "--out",
+        "x.safetensors",
+    ]);
+    assert!(e.contains("--video") && e.contains("--out"), "{e}");
+    let e = run(&[
+        "generate",
+        "--frames",
+        "3",
+        "--noise",
+        "l.safetensors",
+        "--out",
+        "l.safetensors",
+    ]);
+    assert!(e.contains("--noise"), "{e}");
+    // The latents are untouched and nothing else was written.
+    let f = TensorFile::open(&lat).unwrap();
+    assert!(f.tensors().contains_key("latents"));
+    let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}

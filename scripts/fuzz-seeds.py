@@ -205,7 +205,28 @@ def main():
     write("c_abi_options", "ok-two-cpu-devices", abi(devices=(0, 1)))
     write("c_abi_options", "ok-backend-string", abi(backend=3, tail=b"cpu\0"))
 
+    # c_abi_options with the full bc_engine_options (64 bytes): decoder_device, text encoder,
+    # tokenizer (bytes 55, 60, 61; strings from byte 320 on: backend, decoder device, encoder
+    # file, tokenizer file).
+    def abi_full(dec=0, te=0, tok=0, strings=b"", **kw):
+        b = bytearray(abi(**kw))
+        b[48:52] = struct.pack("<I", 64)
+        b[55], b[60], b[61] = dec, te, tok
+        return bytes(b) + strings
+
+    write("c_abi_options", "ok-decoder-device-cpu", abi_full(dec=1, h=2, w=2, bf=1, gen=1))
+    write("c_abi_options", "ok-decoder-device-spaces", abi_full(dec=3))
+    write("c_abi_options", "decoder-device-cuda", abi_full(dec=2))
+    write("c_abi_options", "err-decoder-device-unknown", abi_full(dec=4, strings=b"\0gpu\0"))
+    write("c_abi_options", "err-decoder-device-not-utf8", abi_full(dec=4, strings=b"\0\xff\xfecpu\0"))
+    write("c_abi_options", "err-text-encoder-missing", abi_full(te=1))
+    write("c_abi_options", "err-text-encoder-empty-path", abi_full(te=2))
+    write("c_abi_options", "err-text-encoder-garbage-file", abi_full(te=3, tok=2, strings=b"\0\0garbage\0{}\0"))
+    write("c_abi_options", "err-text-encoder-folder-no-tokenizer", abi_full(te=4, strings=b"\0\0\x10\0\0\0\0\0\0\0{}\0"))
+    write("c_abi_options", "err-tokenizer-without-encoder", abi_full(tok=1))
+
     loader_seeds(g)
+    output_seeds()
 
 
 def shrink(tensors, sizes, keep=(), drop=()):
@@ -321,6 +342,78 @@ def loader_seeds(g):
     write("tokenizer", "ok-wordlevel", dump(wl))
     no_eos = dict(wl, added_tokens=[], model=dict(wl["model"], vocab={"<unk>": 0, "A": 1}))
     write("tokenizer", "err-no-eos", dump(no_eos))
+
+
+def output_seeds():
+    """Seeds of c_abi_stream's want_latents, latents_file and video_out (layouts: the docs of
+    those targets in src/fuzz_targets/)."""
+    def stream(pixels, attn, ops, size=32):
+        b = struct.pack("<IIdII", size, 2, 0.0, pixels, 0) + struct.pack("<I", 64)
+        return b + bytes([attn]) + bytes(ops)
+
+    write("c_abi_stream", "ok-pixels-without-latents", stream(1, 6 | 1 << 4, [1, 1, 1, 1]))
+    write("c_abi_stream", "ok-pixels-and-latents", stream(1, 6 | 2 << 4, [1, 1, 2, 1, 2, 1]))
+    write("c_abi_stream", "ok-first-version-ignores-want-latents", stream(0, 6 | 1 << 4, [1, 1], size=24))
+    write("c_abi_stream", "err-nothing-wanted", stream(0, 6 | 1 << 4, [1]))
+    write("c_abi_stream", "err-want-latents-2", stream(1, 6 | 3 << 4, [1]))
+
+    def lat(shape, vals=None, dtype="F32", name="latents"):
+        n = prod(shape)
+        return st_bytes([(name, shape, vals if vals is not None else values(n, n))], dtype)
+
+    write("latents_file", "ok-taehv-1x2x2", bytes([1, 0]) + lat([1, 16, 2, 2]))
+    write("latents_file", "ok-wan-2x1x2-blocks-of-1", bytes([1, 1]) + lat([2, 16, 1, 2]))
+    write("latents_file", "ok-taehv-3x1x1-bf16-one-block", bytes([0, 0]) + lat([3, 16, 1, 1], dtype="BF16"))
+    write("latents_file", "ok-f16-too-large-to-decode", bytes([2, 1]) + lat([4, 16, 4, 4], dtype="F16"))
+    nan = values(64, 1)
+    nan[37] = float("nan")
+    write("latents_file", "err-nan", bytes([1, 0]) + lat([1, 16, 2, 2], nan))
+    inf = values(32, 2)
+    inf[5] = float("inf")
+    write("latents_file", "err-inf-bf16", bytes([1, 1]) + lat([2, 16, 1, 1], inf, "BF16"))
+    write("latents_file", "err-8-channels", bytes([1, 0]) + lat([1, 8, 2, 2]))
+    write("latents_file", "err-rank-3", bytes([1, 0]) + lat([16, 2, 2]))
+    write("latents_file", "err-no-frames", bytes([1, 0]) + lat([0, 16, 2, 2]))
+    write("latents_file", "err-zero-width", bytes([1, 0]) + lat([1, 16, 2, 0]))
+    write("latents_file", "err-named-video", bytes([1, 0]) + lat([1, 16, 2, 2], name="video"))
+
+    # video_out: path/flags, size (w = 1 + b % 8, h = 1 + b / 8 % 8), fps/bit rate, writes.
+    def frames(n, w=2, h=2, seed=0):
+        return bytes((seed + 37 * i) % 254 for i in range(n * 3 * w * h))
+
+    def vid(path, ops, size=9, rate=0, custom=None):
+        b = bytes([path, size, rate]) + ops
+        return b if custom is None else b + SEP + custom
+
+    one = bytes([4]) + frames(1)
+    write("video_out", "ok-mp4-2x2", vid(0, one + one))
+    write("video_out", "ok-mp4-odd-3x5", vid(0, bytes([4]) + frames(1, 3, 5), size=2 + 8 * 4))
+    write("video_out", "ok-y4m-f32-and-rgb8", vid(1, bytes([12]) + frames(3) + bytes([5]) + frames(1, seed=9)))
+    write("video_out", "ok-safetensors-nan-inf", vid(2, bytes([8]) + bytes([255, 254]) + frames(2)[2:]))
+    write("video_out", "ok-png-folder", vid(3, one))
+    write("video_out", "ok-png-pattern", vid(4, one + one))
+    write("video_out", "ok-upper-case-y4m", vid(6, one, rate=7))
+    write("video_out", "ok-custom-path", vid(7, one, custom=b"x.Y4M"))
+    write("video_out", "ok-custom-png-folder", vid(7, one, custom=b"out/"))
+    write("video_out", "ok-replaces-a-file", vid(1 | 16, one))
+    write("video_out", "ok-dropped-unfinished", vid(1 | 32, one))
+    write("video_out", "err-missing-folder", vid(5, one))
+    write("video_out", "err-target-is-a-folder", vid(1 | 8, one))
+    write("video_out", "err-png-target-is-a-file", vid(3 | 16, one))
+    write("video_out", "err-fps-0", vid(1, one, rate=1))
+    write("video_out", "err-fps-nan", vid(1, one, rate=3))
+    write("video_out", "err-mp4-bitrate-0", vid(0, one, rate=8))
+    write("video_out", "ok-mp4-lowest-bitrate", vid(0, one + one, rate=32))
+    write("video_out", "ok-mp4-highest-bitrate", vid(0, one, rate=40))
+    write("video_out", "err-mp4-bitrate-past-the-highest", vid(0, one, rate=56))
+    write("video_out", "err-no-frames", vid(1, b""))
+    write("video_out", "err-wrong-length", vid(1, bytes([6]) + frames(1)))
+    write("video_out", "err-overflowing-count", vid(2, bytes([3])))
+    write("video_out", "err-rgb8-into-safetensors", vid(2, bytes([5]) + frames(1)))
+    write("video_out", "err-unknown-extension", vid(7, one, custom=b"v.avi"))
+    write("video_out", "err-png-file", vid(7, one, custom=b"v.png"))
+    write("video_out", "err-bad-pattern", vid(7, one, custom=b"v%d%d.png"))
+    write("video_out", "err-not-utf8", vid(7, one, custom=b"\xff\xfe.mkv"))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ use std::sync::OnceLock;
 
 mod c_abi_stream;
 mod loaders;
+mod outputs;
 pub use c_abi_stream::c_abi_stream;
 pub use loaders::{taehv_weights, tokenizer, umt5_weights, vae_weights};
+pub use outputs::{latents_file, video_out};
 #[cfg(feature = "serve")]
 mod serve;
 #[cfg(feature = "serve")]
@@ -91,6 +93,14 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "tokenizer",
         entry: tokenizer,
+    },
+    Target {
+        name: "latents_file",
+        entry: latents_file,
+    },
+    Target {
+        name: "video_out",
+        entry: video_out,
     },
     #[cfg(feature = "serve")]
     Target {
@@ -332,23 +342,30 @@ pub fn recorded_noise(bytes: &[u8]) -> Result<()> {
 /// | 52       | backend: 0 NULL, 1 `"cpu"`, 2 `"cuda"`, else the bytes from 320 on      |
 /// | 53       | `devices`: 0 NULL, else the 64 `int32_t` at 64..320                      |
 /// | 54       | blocks to generate with the session (0..=3; only for tiny latents)       |
+/// | 55       | `decoder_device`: 0 NULL, 1 `"cpu"`, 2 `"cuda"`, 3 `" cpu "`, else the   |
+/// |          | second NUL-terminated string from 320 on (any bytes: invalid UTF-8 too)  |
 /// | 56..60   | `n_devices`                                                              |
+/// | 60       | `text_encoder`: 0 NULL, 1 a missing path, 2 an empty path, 3 a file      |
+/// |          | holding the third string from 320 on, else a folder holding it as        |
+/// |          | `model.safetensors`                                                      |
+/// | 61       | `tokenizer`: 0 NULL, 1 a missing path, else a file holding the fourth    |
+/// |          | string from 320 on                                                       |
 /// | 64..320  | device indices                                                           |
 ///
-/// Missing bytes are zeros. Every struct handed over is full-sized, so that any accepted
+/// Missing bytes are zeros; missing strings are empty. Every struct handed over is full-sized, so that any accepted
 /// `struct_size` is safe to read and write.
 pub fn c_abi_options(bytes: &[u8]) -> Result<()> {
     let mut b = [0u8; 320];
     let n = bytes.len().min(b.len());
     b[..n].copy_from_slice(&bytes[..n]);
-    let tail: Vec<u8> = bytes
+    // The NUL-terminated strings from byte 320 on (each with its NUL; missing ones empty).
+    let mut strings = bytes
         .get(320..)
         .unwrap_or_default()
-        .iter()
-        .copied()
-        .take_while(|&c| c != 0)
-        .chain([0])
-        .collect();
+        .split(|&c| c == 0)
+        .map(|t| t.iter().copied().chain([0]).collect::<Vec<u8>>());
+    let mut string = || strings.next().unwrap_or_else(|| vec![0]);
+    let (tail, dec_tail, te_bytes, tok_bytes) = (string(), string(), string(), string());
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
 
     // bc_engine_open with fuzzed options.
@@ -362,6 +379,34 @@ pub fn c_abi_options(bytes: &[u8]) -> Result<()> {
         2 => b"cuda\0",
         _ => &tail,
     };
+    let decoder_device: &[u8] = match b[55] {
+        0 => b"\0",
+        1 => b"cpu\0",
+        2 => b"cuda\0",
+        3 => b" cpu \0",
+        _ => &dec_tail,
+    };
+    let s = Scratch::new()?;
+    let file_of = |name: &str, t: &[u8]| -> Result<std::ffi::CString> {
+        path_cstring(&s.write(name, &t[..t.len() - 1])?)
+    };
+    let text_encoder = match b[60] {
+        0 => None,
+        1 => Some(path_cstring(&s.dir.join("no-such-encoder"))?),
+        2 => Some(std::ffi::CString::default()),
+        3 => Some(file_of("umt5.safetensors", &te_bytes)?),
+        _ => {
+            std::fs::create_dir_all(s.dir.join("te")).map_err(|e| Error::io(&s.dir, e))?;
+            file_of("te/model.safetensors", &te_bytes)?;
+            Some(path_cstring(&s.dir.join("te"))?)
+        }
+    };
+    let tokenizer = match b[61] {
+        0 => None,
+        1 => Some(path_cstring(&s.dir.join("no-such-tokenizer.json"))?),
+        _ => Some(file_of("tokenizer.json", &tok_bytes)?),
+    };
+    let c_ptr = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     let eopts = bc_engine_options {
         struct_size: u32_at(48),
         backend: if b[52] == 0 {
@@ -375,16 +420,19 @@ pub fn c_abi_options(bytes: &[u8]) -> Result<()> {
             devices.as_ptr()
         },
         n_devices: u32_at(56),
-        text_encoder: std::ptr::null(),
-        tokenizer: std::ptr::null(),
+        text_encoder: c_ptr(&text_encoder),
+        tokenizer: c_ptr(&tokenizer),
         text_encoder_device: std::ptr::null(),
-        decoder_device: std::ptr::null(),
+        decoder_device: if b[55] == 0 {
+            std::ptr::null()
+        } else {
+            decoder_device.as_ptr().cast()
+        },
     };
     let mut e = std::ptr::null_mut();
     // A 2-wide model from files loads faster than the built-in one (the options are the point).
-    let s = Scratch::new()?;
     let dir = path_cstring(&small_model(&s)?)?;
-    // SAFETY: full-sized options whose pointers are NULL, a NUL-terminated string, or 64 ints
+    // SAFETY: full-sized options whose pointers are NULL, NUL-terminated strings, or 64 ints
     // (the most devices accepted, checked before they are read).
     let opened = status(unsafe { bc_engine_open(dir.as_ptr(), &eopts, &mut e) });
     bc_engine_close(e);

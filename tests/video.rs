@@ -520,11 +520,28 @@ fn bad_arguments_are_clear_errors() {
         };
         assert!(invalid(VideoWriter::create(&p, 16, 16, &o)).contains("fps"));
     }
-    let o = VideoOptions {
-        bitrate: Some(0),
-        ..opts.clone()
-    };
-    invalid(VideoWriter::create(&p, 16, 16, &o));
+    // Rates OpenH264 would refuse at the first frame (an encoder error after the decoding
+    // work) are refused when the writer is made.
+    for b in [0, 1, 999, 500_000_000, u32::MAX] {
+        let o = VideoOptions {
+            bitrate: Some(b),
+            ..opts.clone()
+        };
+        assert!(invalid(VideoWriter::create(&p, 16, 16, &o)).contains("bit rate"));
+    }
+    // The ends of the accepted range code a frame.
+    for b in [
+        blockcascade::video::MIN_BITRATE,
+        blockcascade::video::MAX_BITRATE,
+    ] {
+        let o = VideoOptions {
+            bitrate: Some(b),
+            ..opts.clone()
+        };
+        let mut w = VideoWriter::create(&dir.path().join("ok.mp4"), 16, 16, &o).unwrap();
+        w.write_frames(&vec![0.25f32; 3 * 16 * 16], 1).unwrap();
+        std::fs::remove_file(w.finish().unwrap()).unwrap();
+    }
     let m = invalid(VideoWriter::create(
         &dir.path().join("v.avi"),
         16,

@@ -5,13 +5,13 @@ use blockcascade::cascade::Plan;
 use blockcascade::config::local_attn_frames;
 use blockcascade::config::BackendKind;
 use blockcascade::config::KvExchange;
-use blockcascade::decode::{BackgroundDecoder, DecodeDevice, Decoder, DecoderKind, PixelOutputs};
+use blockcascade::decode::{
+    BackgroundDecoder, DecodeDevice, Decoder, DecoderKind, LatentsFile, PixelOutputs,
+};
 use blockcascade::engine::MemoryEstimate;
 use blockcascade::noise::{NoiseSource, RecordedNoise};
 use blockcascade::prompt::{load_schedule_with_text, PromptEmbeds};
 use blockcascade::schedule::{parse_steps, StepSchedule};
-
-use blockcascade::tensorfile::TensorFile;
 use blockcascade::tensorfile::{write_f32, write_tensors, OutData};
 use blockcascade::text::{TextDevice, TextEncoder, DEFAULT_TEXT_LEN};
 use blockcascade::video::{VideoOptions, VideoWriter};
@@ -550,6 +550,42 @@ fn serve(a: ServeArgs) -> Result<()> {
 /// Most worker threads `--threads` accepts.
 const MAX_THREADS: usize = 4096;
 
+/// Where `p` points once symlinks and `..` are resolved (for a path that does not exist yet:
+/// its folder resolved, then its name); `None` when its folder does not exist.
+fn resolved(p: &std::path::Path) -> Option<PathBuf> {
+    if let Ok(r) = std::fs::canonicalize(p) {
+        return Some(r);
+    }
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    Some(std::fs::canonicalize(dir).ok()?.join(p.file_name()?))
+}
+
+/// Refuses, before any work, an output that names the same file as an input or as an earlier
+/// output (`(flag, path)` pairs): writing it would silently replace that file (the latents
+/// over the video, a video over the latents it was decoded from).
+fn distinct_files(
+    outputs: &[(&str, Option<&std::path::Path>)],
+    inputs: &[(&str, Option<&std::path::Path>)],
+) -> Result<()> {
+    for (i, (flag, out)) in outputs.iter().enumerate() {
+        let Some(o) = out.and_then(resolved) else {
+            continue;
+        };
+        for (other, p) in outputs[..i].iter().chain(inputs) {
+            if p.and_then(resolved).as_ref() == Some(&o) {
+                return Err(Error::invalid(format!(
+                    "{flag} {} is also the {other} file; writing it would replace that file",
+                    o.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks, before any work, that `--out` can be written: not a directory, in an existing
 /// folder where a file can be created (probed with the temporary name `write_f32` uses).
 fn check_out(out: &std::path::Path) -> Result<()> {
@@ -654,6 +690,14 @@ fn print_progress(b: &blockcascade::FinishedBlock, blocks: usize, tty: bool) {
 fn generate(a: GenerateArgs) -> Result<()> {
     let devices = parse_devices(&a.devices)?;
     check_out(&a.out)?;
+    distinct_files(
+        &[("--out", Some(&a.out)), ("--video", a.video.as_deref())],
+        &[
+            ("--noise", a.noise.as_deref()),
+            ("--prompt-embeds", a.prompt_embeds.as_deref()),
+            ("--prompt-schedule", a.prompt_schedule.as_deref()),
+        ],
+    )?;
     let opts = generate_options(&a, devices)?;
     let blocks = a.frames / opts.block_frames;
     // All latents are kept until they are written: they must fit in memory.
@@ -1103,39 +1147,27 @@ fn decode_cmd(a: DecodeArgs) -> Result<()> {
     if a.block_frames == 0 {
         return Err(Error::invalid("--block-frames must be at least 1"));
     }
-    let file = TensorFile::open(&a.latents)?;
-    let info = file.tensors().get("latents").ok_or_else(|| {
-        Error::Format(format!(
-            "{}: no tensor `latents` (expected [F,16,H,W], as `generate --out` writes)",
-            a.latents.display()
-        ))
-    })?;
-    let shape = info.shape.clone();
-    let [frames, channels, lh, lw] = shape[..] else {
-        return Err(Error::Format(format!(
-            "{}: `latents` has shape {shape:?}; expected [F,16,H,W]",
-            a.latents.display()
-        )));
-    };
-    if frames == 0 {
-        return Err(Error::Format(format!(
-            "{}: `latents` has no frames",
-            a.latents.display()
-        )));
-    }
+    distinct_files(
+        &[("--out", Some(&a.out))],
+        &[
+            ("--latents", Some(&a.latents)),
+            ("--vae", a.video.vae.as_deref()),
+        ],
+    )?;
     let decoder = a.video.decoder(false)?;
-    decoder.check_latent_size(channels, lh, lw)?;
-    let latents = file.tensor_f32("latents", Some(&shape))?;
+    let lat = LatentsFile::load(&a.latents, &decoder)?;
+    let (frames, lh, lw) = (lat.frames, lat.height, lat.width);
     let (h, w) = decoder.pixel_size(lh, lw);
     let mut writer = VideoWriter::create(&a.out, w, h, &a.video.options())?;
     let mut push = block_decoder(&decoder, a.backend, lh, lw, &writer)?;
-    let per_frame = channels * lh * lw;
     let started = std::time::Instant::now();
-    for (i, chunk) in latents.chunks(a.block_frames * per_frame).enumerate() {
-        let n = chunk.len() / per_frame;
+    for (i, (chunk, n)) in lat.blocks(a.block_frames)?.enumerate() {
         push(chunk, n, &mut writer)?;
         if !a.quiet {
-            let done = (i * a.block_frames + n).min(frames);
+            let done = i
+                .saturating_mul(a.block_frames)
+                .saturating_add(n)
+                .min(frames);
             eprintln!(
                 "decoded {done}/{frames} latent frames  {} pixel frames  {:.2}s",
                 writer.frames(),
@@ -1203,6 +1235,13 @@ fn place_text_encoder(
 
 fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
     check_out(&a.out)?;
+    distinct_files(
+        &[("--out", Some(&a.out))],
+        &[
+            ("--text-encoder", Some(&a.text_encoder)),
+            ("--tokenizer", a.tokenizer.as_deref()),
+        ],
+    )?;
     // The model's config.json only: its weights are not needed here.
     let model_cfg = match &a.model {
         Some(m) => Some(blockcascade::ModelConfig::load(&m.join("config.json"))?),

@@ -19,6 +19,7 @@ mod bench;
 pub(crate) mod conv;
 mod cuda;
 mod device;
+mod latents;
 mod taehv;
 mod wan_vae;
 mod weights;
@@ -30,6 +31,7 @@ pub use bench::{
 };
 pub use cuda::{CudaDecoder, DecodeStats, DeviceFrames, DeviceWeights};
 pub use device::{DecodeDevice, DecoderSet};
+pub use latents::LatentsFile;
 
 use crate::tensorfile::TensorFile;
 use crate::{Error, Result};

@@ -23,13 +23,14 @@ const WAIT_MS: i32 = 2;
 /// | 0..24  | a `bc_stream_options`' first 24 bytes as laid out in memory (`struct_size`    |
 /// |        | first; the fields after them keep their defaults)                             |
 /// | 24..28 | `bc_stream_block.struct_size` for every `bc_stream_next`                      |
-/// | 28     | the session's `local_attn` (`-1` global, which a stream refuses, else 0..15)  |
+/// | 28     | bits 0..4: the session's `local_attn` (0: `-1`, global, which a stream        |
+/// |        | refuses, else 1..15); bits 4..6: `want_latents` (0: default 1, 1: 0, 2: 1, 3: 2) |
 /// | 29..   | calls, one byte each (and their arguments): `% 5` = 0 next (no wait), 1 next  |
 /// |        | (2 ms), 2 switch embeddings (rows, cols bytes follow), 3 switch text (a       |
 /// |        | length byte and the text follow), 4 `bc_session_generate` (must be refused)   |
 ///
 /// Missing bytes are zeros. Oracles: blocks arrive with consecutive indices from 0 and the
-/// session's latent shape; a busy session refuses to generate; a closed stream's handle is
+/// session's latent shape (no latents without `want_latents`; RGB8 pixels with `want_pixels`); a busy session refuses to generate; a closed stream's handle is
 /// refused by `bc_stream_next` and a second close is harmless.
 pub fn c_abi_stream(bytes: &[u8]) -> Result<()> {
     run(bytes, WAIT_MS).map(|_| ())
@@ -42,8 +43,8 @@ fn run(bytes: &[u8], wait_ms: i32) -> Result<u64> {
     let mut head = [0u8; 29];
     let n = bytes.len().min(head.len());
     head[..n].copy_from_slice(&bytes[..n]);
-    // The first 24 bytes of the options (their first version); `reserved` and `want_latents`
-    // keep their defaults.
+    // The first 24 bytes of the options (their first version); `reserved` keeps its default,
+    // `want_latents` comes from byte 28.
     let mut sopts = bc_stream_options_default();
     // SAFETY: bc_stream_options is integers and a double, at least 24 bytes: any 24 bytes at
     // its start leave a valid value.
@@ -54,13 +55,16 @@ fn run(bytes: &[u8], wait_ms: i32) -> Result<u64> {
             24,
         )
     };
+    match head[28] / 16 % 4 {
+        0 => {}
+        v => sopts.want_latents = u32::from(v - 1),
+    }
     let block_size = u32::from_le_bytes([head[24], head[25], head[26], head[27]]);
     let mut o = bc_session_options_default();
     (o.height, o.width) = (2, 2);
-    o.local_attn = if head[28] == 0 {
-        -1
-    } else {
-        i32::from(head[28] % 16)
+    o.local_attn = match head[28] % 16 {
+        0 => -1,
+        v => i32::from(v),
     };
     shared_engine()?;
     let sess = Session::open(&o)?;
@@ -68,7 +72,14 @@ fn run(bytes: &[u8], wait_ms: i32) -> Result<u64> {
     // SAFETY: a live session, full-sized options, a valid out pointer.
     status(unsafe { bc_stream_open(sess.0, &sopts, &mut st) })?;
     let ops = bytes.get(29..).unwrap_or_default();
-    let result = drive(st, &sess, block_size, ops, wait_ms);
+    // A first-version struct (24 bytes) leaves `want_latents` at the library's default, 1.
+    let has_latents_field =
+        sopts.struct_size as usize > std::mem::offset_of!(bc_stream_options, want_latents);
+    let want = (
+        !has_latents_field || sopts.want_latents == 1,
+        sopts.want_pixels == 1,
+    );
+    let result = drive(st, &sess, block_size, ops, wait_ms, want);
     bc_stream_close(st);
     bc_stream_close(st);
     // SAFETY: an all-zero block is a valid value; the struct is full-sized.
@@ -91,6 +102,7 @@ fn drive(
     block_size: u32,
     mut ops: &[u8],
     wait_ms: i32,
+    want: (bool, bool),
 ) -> Result<u64> {
     let mut next_index = 0u64;
     let mut calls = 0;
@@ -111,7 +123,7 @@ fn drive(
                 if r == BC_OK {
                     // A struct of another accepted size is only written, not checked.
                     if block_size as usize == size_of::<bc_stream_block>() {
-                        check_block(&out, next_index)?;
+                        check_block(&out, next_index, want)?;
                     }
                     next_index += 1;
                 }
@@ -164,21 +176,39 @@ fn take(ops: &mut &[u8]) -> u8 {
     }
 }
 
-/// A handed-out block: the expected index, the session's latent shape, readable latents.
-fn check_block(b: &bc_stream_block, index: u64) -> Result<()> {
-    if b.block_index != index || b.latents.is_null() || b.channels != 16 || b.frames == 0 {
+/// A handed-out block: the expected index; with `want_latents` (`want.0`) the session's latent
+/// shape and readable, finite latents, without it none; with `want_pixels` (`want.1`) readable
+/// RGB8 frames.
+fn check_block(b: &bc_stream_block, index: u64, want: (bool, bool)) -> Result<()> {
+    let latents_ok = if want.0 {
+        !b.latents.is_null() && b.channels == 16 && b.frames > 0
+    } else {
+        b.latents.is_null() && b.frames == 0
+    };
+    if b.block_index != index || !latents_ok || want.1 == b.rgb.is_null() {
         return Err(Error::Internal(format!(
-            "block {} (expected {index}): {} frames of {} channels, latents {:?}",
-            b.block_index, b.frames, b.channels, b.latents
+            "block {} (expected {index}, want latents/pixels {want:?}): {} frames of {} \
+             channels, latents {:?}, rgb {:?}",
+            b.block_index, b.frames, b.channels, b.latents, b.rgb
         )));
     }
-    let n = b.frames as usize * b.channels as usize * b.height as usize * b.width as usize;
-    // SAFETY: the ABI promises `frames * channels * height * width` floats until the next call.
-    let v = unsafe { std::slice::from_raw_parts(b.latents, n) };
-    if v.iter().any(|x| !x.is_finite()) {
-        return Err(Error::Internal(format!(
-            "block {index} has non-finite latents"
-        )));
+    if want.0 {
+        let n = b.frames as usize * b.channels as usize * b.height as usize * b.width as usize;
+        // SAFETY: the ABI promises `frames * channels * height * width` floats until the next
+        // call.
+        let v = unsafe { std::slice::from_raw_parts(b.latents, n) };
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Internal(format!(
+                "block {index} has non-finite latents"
+            )));
+        }
+    }
+    if want.1 {
+        let n = b.pixel_frames as usize * b.pixel_height as usize * b.pixel_width as usize * 3;
+        // SAFETY: the ABI promises `pixel_frames * pixel_height * pixel_width * 3` bytes until
+        // the next call.
+        let px = unsafe { std::slice::from_raw_parts(b.rgb, n) };
+        std::hint::black_box(px.iter().map(|&c| u64::from(c)).sum::<u64>());
     }
     Ok(())
 }

@@ -154,9 +154,11 @@ impl Server {
                 cfg.max_streams
             )));
         }
-        if !(cfg.fps.is_finite() && cfg.fps >= 0.0) {
+        // The streams' own range: a rate they refuse would fail every stream, not the start.
+        let (lo, hi) = (crate::stream::MIN_TARGET_FPS, crate::stream::MAX_TARGET_FPS);
+        if !(cfg.fps == 0.0 || (lo..=hi).contains(&cfg.fps)) {
             return Err(Error::invalid(format!(
-                "--fps must be 0 (unpaced) or positive, got {}",
+                "--fps must be 0 (unpaced) or in {lo:e}..={hi:e}, got {}",
                 cfg.fps
             )));
         }

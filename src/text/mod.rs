@@ -103,7 +103,10 @@ impl TextEncoder {
         let dir = if path.is_dir() {
             path
         } else {
-            path.parent().unwrap_or(Path::new("."))
+            // A bare file name's folder is the working folder (`parent` gives "").
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
         };
         // The tokenizer first: a missing one is reported before mapping gigabytes.
         let tok_path = Tokenizer::find(dir, tokenizer)?;

@@ -17,13 +17,20 @@ use crate::error::{Error, Result};
 use png_frames::PngTarget;
 use std::path::{Path, PathBuf};
 
+/// The lowest `.mp4` bit rate accepted (bits per second).
+pub const MIN_BITRATE: u32 = 1_000;
+/// The highest `.mp4` bit rate accepted (bits per second): H.264 level 5.2 allows 240 Mbit/s,
+/// and OpenH264 refuses 500 Mbit/s.
+pub const MAX_BITRATE: u32 = 200_000_000;
+
 /// How a video is written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VideoOptions {
     /// Frames per second of the `.mp4` and `.y4m` (recorded as metadata in `.safetensors`).
     /// Defaults to 16, Wan2.1's rate.
     pub fps: f64,
-    /// Target bit rate of the `.mp4` in bits per second; `None` picks about 0.25 bits per pixel.
+    /// Target bit rate of the `.mp4` in bits per second ([`MIN_BITRATE`] to [`MAX_BITRATE`]);
+    /// `None` picks about 0.25 bits per pixel.
     pub bitrate: Option<u32>,
 }
 
@@ -146,8 +153,13 @@ impl VideoWriter {
                 opts.fps
             )));
         }
-        if opts.bitrate == Some(0) {
-            return Err(Error::invalid("the bit rate must be positive"));
+        if let Some(b) = opts.bitrate {
+            // OpenH264 refuses rates outside this range only when the first frame is coded.
+            if !(MIN_BITRATE..=MAX_BITRATE).contains(&b) {
+                return Err(Error::invalid(format!(
+                    "bit rate {b} bit/s is out of range ({MIN_BITRATE} to {MAX_BITRATE})"
+                )));
+            }
         }
         let sink = match (format, png_target) {
             (VideoFormat::Safetensors, _) => Sink::Safetensors(

@@ -10,6 +10,7 @@ mod cli;
 mod common;
 mod inputs;
 mod model_dir;
+mod outputs;
 mod safetensors;
 
 use blockcascade::ffi::sys::*;

@@ -286,6 +286,9 @@ fn bad_settings_are_refused_before_listening() {
     };
     assert!(bad(|c| c.max_streams = 0).contains("--max-streams"));
     assert!(bad(|c| c.fps = f64::NAN).contains("--fps"));
+    // Rates the streams refuse are refused at the start, not by every stream.
+    assert!(bad(|c| c.fps = 1e-300).contains("--fps"));
+    assert!(bad(|c| c.fps = 1e300).contains("--fps"));
     assert!(bad(|c| c.jpeg_quality = 0).contains("--jpeg-quality"));
     assert!(bad(|c| c.model = Some("/nonexistent".into())).contains("--vae"));
     assert!(bad(|c| c.generate.height = 3).contains("even"));

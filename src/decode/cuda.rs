@@ -495,6 +495,8 @@ struct Captured {
     frames: usize,
     /// Its convolution FLOPs.
     flops: f64,
+    /// Of `flops`, those on the wgmma convolution.
+    wgmma_flops: f64,
 }
 
 /// Most graphs a stream keeps (the Wan VAE needs 2 per output kind, TAEHV 1): a key beyond
@@ -732,6 +734,11 @@ impl CudaDecoder {
                 "the wgmma convolution needs a compute capability 9.0 device, not {}",
                 gpu.name
             )));
+        }
+        if self.dev.conv_wgmma != on {
+            // Captured walks launch the other kernel: capture them again.
+            self.dev.gpu.sync()?;
+            self.graphs.map.clear();
         }
         self.dev.conv_wgmma = on;
         Ok(())
@@ -1060,6 +1067,7 @@ impl CudaDecoder {
                 self.dev.submits += 1;
                 self.dev.sink.n = c.frames;
                 self.dev.flops += c.flops;
+                self.dev.wgmma_flops += c.wgmma_flops;
                 *st = c.after.clone();
                 self.graphs.stats.graph_frames += 1;
                 return Ok(());
@@ -1087,7 +1095,8 @@ impl CudaDecoder {
         if std::mem::take(&mut self.graphs.fail_next) {
             return Err(Error::Device("a capture failure injected by a test".into()));
         }
-        let (flops, submits) = (self.dev.flops, self.dev.submits);
+        let (flops, wgmma_flops, submits) =
+            (self.dev.flops, self.dev.wgmma_flops, self.dev.submits);
         let mut after = st.clone();
         self.dev.gpu.begin_capture()?;
         let planned_len = plan.len();
@@ -1099,7 +1108,8 @@ impl CudaDecoder {
         };
         let frames = std::mem::take(&mut self.dev.sink.n);
         let captured_flops = self.dev.flops - flops;
-        (self.dev.flops, self.dev.submits) = (flops, submits);
+        let captured_wgmma = self.dev.wgmma_flops - wgmma_flops;
+        (self.dev.flops, self.dev.wgmma_flops, self.dev.submits) = (flops, wgmma_flops, submits);
         let r = r.and_then(|_| match used == planned_len {
             true => Ok(()),
             false => Err(Error::Internal(
@@ -1112,6 +1122,7 @@ impl CudaDecoder {
                 after,
                 frames,
                 flops: captured_flops,
+                wgmma_flops: captured_wgmma,
             }),
             Err(e) => {
                 self.dev.gpu.abort_capture();

@@ -1346,11 +1346,20 @@ fn decoders_match_the_golden_videos() {
         let (_, want) = read("expected.safetensors", "video");
         let (f, h, w) = (ls[0], ls[2], ls[3]);
         let dec = Decoder::load(&dir.join(weights), None).unwrap();
-        // bc_conv, then on sm_90 once the layout probe passed (BC_WGMMA_OK=1) the Hopper
-        // bc_conv_wgmma too; the streamed check below runs on bc_conv.
+        // On sm_90 once the layout probe passed (BC_WGMMA_OK=1) the Hopper bc_conv_wgmma
+        // first; then bc_conv, whose whole decode the eager and streamed checks compare with.
         let wgmma = g.compute_capability() == Some((9, 0))
             && std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1");
         let mut dev = CudaDecoder::new(&dec, g).unwrap();
+        if wgmma {
+            dev.set_conv_wgmma(true).unwrap();
+            dev.begin(h, w).unwrap();
+            let px = dev.push(&lat, f, true).unwrap().f32.unwrap();
+            let err = rel_l2(&want, &px);
+            println!("GOLDEN decoder-{name}-conv-wgmma rel_l2={err:.3e}");
+            assert!(err < 2e-2, "{name}-conv-wgmma: rel L2 {err}");
+        }
+        dev.set_conv_wgmma(false).unwrap();
         dev.begin(h, w).unwrap();
         let whole = dev.push(&lat, f, true).unwrap().f32.unwrap();
         let err = rel_l2(&want, &whole);
@@ -1373,26 +1382,13 @@ fn decoders_match_the_golden_videos() {
         };
         let mut eager = CudaDecoder::new(&dec, g).unwrap();
         eager.set_graphs(false).unwrap();
+        eager.set_conv_wgmma(false).unwrap();
         eager.begin(h, w).unwrap();
         let e = eager.push(&lat, f, true).unwrap().f32.unwrap();
         assert!(
             e == whole,
             "{name}: graph replays differ from eager launches"
         );
-        let mut whole = Vec::new();
-        for on in [true, false] {
-            if on && !wgmma {
-                continue;
-            }
-            dev.set_conv_wgmma(on).unwrap();
-            dev.begin(h, w).unwrap();
-            let px = dev.push(&lat, f, true).unwrap().f32.unwrap();
-            let err = rel_l2(&want, &px);
-            let tag = if on { "-conv-wgmma" } else { "" };
-            println!("GOLDEN decoder-{name}{tag} rel_l2={err:.3e}");
-            assert!(err < 2e-2, "{name}{tag}: rel L2 {err}");
-            whole = px;
-        }
         let per = 16 * h * w;
         dev.begin(h, w).unwrap();
         let mut streamed = Vec::new();

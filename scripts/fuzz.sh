@@ -85,13 +85,24 @@ run_one() {
 merge_corpus() {
   local t=$1 out="${BC_FUZZ_OUT:-$ROOT/fuzz/out}/$1" corpus="$ROOT/fuzz/corpus/$1"
   local work
-  work=$(mktemp -d)
+  # The work folder sits beside AFL's state, not in $TMPDIR: with afl-cmin's output folder
+  # under /dev/shm (TMPDIR=/dev/shm) every trace came back empty (AFL++ 4.40c), so the
+  # "minimised" set was empty and the corpus lost every file found by fuzzing.
+  mkdir -p "$out"
+  work=$(mktemp -d "$out/cmin.XXXXXX")
   mkdir -p "$work/all" "$work/tmp"
   cp "$out"/default/queue/id:* "$work/all/" 2>/dev/null || true
   cp "$corpus"/* "$work/all/"
   TMPDIR="$work/tmp" AFL_SKIP_BIN_CHECK=1 cargo afl cmin -i "$work/all" -o "$work/min" -- \
     "$ROOT/fuzz/target/release/bc-fuzz" "$t" >"$work/cmin.log" 2>&1 ||
     { tail -20 "$work/cmin.log" >&2; rm -rf "$work"; return 2; }
+  # Never replace the corpus with nothing: no input kept means the traces failed.
+  if [ -z "$(find "$work/min" -type f -print -quit 2>/dev/null)" ]; then
+    echo "fuzz: $t: afl-cmin kept no input (see below); the corpus is unchanged" >&2
+    tail -5 "$work/cmin.log" >&2
+    rm -rf "$work"
+    return 2
+  fi
   find "$corpus" -type f ! -name 'ok-*' ! -name 'err-*' -delete
   local budget=$((${BC_FUZZ_CORPUS_KB:-200} * 1024)) used=0 n=0 f size
   while read -r size f; do

@@ -15,7 +15,8 @@ use std::sync::Arc;
 #[path = "common/handoff.rs"]
 mod handoff;
 use handoff::{
-    assert_non_finite, emulated, overflowing_prompt, rgb_thread, with_held_decoder, FLAG_BYTES,
+    assert_non_finite, decode_run, emulated, overflowing_prompt, rgb_thread, with_held_decoder,
+    FLAG_BYTES,
 };
 
 /// Latent size (the tiny TAEHV makes it 32x32 pixels).
@@ -86,25 +87,14 @@ fn try_run(
     }
     let device = DecodeDevice::cuda_beside(&[]);
     assert!(matches!(device, DecodeDevice::Cuda { emulate: true, .. }));
-    let mut bg = rgb_thread(decoder, device, (H, W));
+    let bg = rgb_thread(decoder, device, (H, W));
     let t0 = host_traffic();
-    let (mut latents, mut on_device) = (Vec::new(), Vec::new());
-    let mut err = None;
-    gen.run(blocks, |b| {
-        latents.push(b.latents.to_vec());
-        on_device.push(b.device.is_some());
-        bg.push_block(b).map_err(|e| err = Some(e)).is_ok()
-    })?;
-    if let Some(e) = err {
-        return Err(e);
-    }
-    let rgb = bg.finish()?;
-    let downloaded = host_traffic().download_bytes - t0.download_bytes;
+    let d = decode_run(&gen, blocks, bg)?;
     Ok(Run {
-        latents,
-        on_device,
-        rgb,
-        downloaded,
+        latents: d.latents,
+        on_device: d.on_device,
+        rgb: d.rgb,
+        downloaded: host_traffic().download_bytes - t0.download_bytes,
     })
 }
 

@@ -19,7 +19,8 @@ use std::sync::Arc;
 #[path = "common/handoff.rs"]
 mod handoff;
 use handoff::{
-    assert_non_finite, emulated, overflowing_prompt, rgb_thread, with_held_decoder, FLAG_BYTES,
+    assert_non_finite, decode_run, emulated, overflowing_prompt, rgb_thread, with_held_decoder,
+    FLAG_BYTES,
 };
 
 /// Latent size (the tiny TAEHV makes it 16x16 pixels).
@@ -83,29 +84,18 @@ fn run(
     if let Some(host) = handoff {
         assert!(gen.hand_off_to_decoder(device(dec), host), "not beside");
     }
-    let mut bg = rgb_thread(decoder, device(dec), (H, W));
+    let bg = rgb_thread(decoder, device(dec), (H, W));
     let (t0, p0, r0) = (host_traffic(), peer_copy_bytes(), handoff_relays());
-    let (mut latents, mut on_device, mut notes) = (Vec::new(), Vec::new(), 0);
-    let mut err = None;
-    let report = gen.run(blocks, |b| {
-        notes += usize::from(b.handoff_note.is_some());
-        latents.push(b.latents.to_vec());
-        on_device.push(b.device.is_some());
-        bg.push_block(b).map_err(|e| err = Some(e)).is_ok()
-    })?;
-    if let Some(e) = err {
-        return Err(e);
-    }
-    let rgb = bg.finish()?;
+    let d = decode_run(&gen, blocks, bg)?;
     Ok(Run {
-        on_device,
-        latents,
-        rgb,
+        on_device: d.on_device,
+        latents: d.latents,
+        rgb: d.rgb,
         downloaded: host_traffic().download_bytes - t0.download_bytes,
         peer_bytes: peer_copy_bytes() - p0,
         relays: handoff_relays() - r0,
-        note: report.handoff_note,
-        notes,
+        note: d.report.handoff_note,
+        notes: d.notes,
     })
 }
 

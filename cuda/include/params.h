@@ -814,6 +814,9 @@ typedef struct BcDecSoftmaxParams {
 /** Dynamic shared memory of `bc_wgmma_probe`: A [64][K] and B [256][K] bf16, plus 1024 bytes
  * to align the tiles to the 1024-byte period of the 128-byte swizzle. */
 #define BC_WGMMA_PROBE_SMEM ((64 + BC_WGMMA_PROBE_MAX_N) * BC_WGMMA_PROBE_K * 2 + 1024)
+/** `bc_wgmma_probe` (cuda/test/wgmma_probe.cu): one 64 x n x BC_WGMMA_PROBE_K product by wgmma
+ * per warpgroup in the given shared-memory layout, A source and B majorness, which the tests
+ * compare with a plain matmul to check the fragment and descriptor layouts. */
 typedef struct BcWgmmaProbeParams {
     /** `[64][BC_WGMMA_PROBE_K]` bf16, row-major. */
     const bc_bf16 *a;

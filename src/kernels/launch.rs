@@ -630,7 +630,7 @@ pub fn t5_attention(
     })
 }
 
-/// One input frame of [`conv`] (the fields of `BcConvSource`, `cuda/include/params.h`).
+/// One input frame of [`conv_on`] (the fields of `BcConvSource`, `cuda/include/params.h`).
 #[derive(Clone, Copy, Debug)]
 pub struct ConvSource {
     /// NHWC bf16 frame `[h*w][stride]` (`[(h/2)*(w/2)][stride]` when `up`).
@@ -647,7 +647,7 @@ pub struct ConvSource {
     pub up: bool,
 }
 
-/// Kernel geometry of a [`conv`]: weights `[cout][kt][kh][kw][cin]`.
+/// Kernel geometry of a [`conv_on`]: weights `[cout][kt][kh][kw][cin]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvShape {
     /// Output channels.
@@ -662,7 +662,7 @@ pub struct ConvShape {
     pub kw: usize,
 }
 
-/// Where and how [`conv`] writes: `out` bf16 or f32, `stride` elements per pixel, output
+/// Where and how [`conv_on`] writes: `out` bf16 or f32, `stride` elements per pixel, output
 /// channel `n` to frame `n / split` at `frame_stride` elements apart (`split = cout`: one frame).
 #[derive(Clone, Copy, Debug)]
 pub struct ConvOut {
@@ -680,7 +680,7 @@ pub struct ConvOut {
     pub cstride: usize,
 }
 
-/// The epilogue of a [`conv`]: bias (null: none), residual `[h*w][res_stride]` bf16 (null:
+/// The epilogue of a [`conv_on`]: bias (null: none), residual `[h*w][res_stride]` bf16 (null:
 /// none), activation (`BC_ACT_NONE`, `BC_ACT_RELU`, `BC_ACT_SILU`).
 #[derive(Clone, Copy, Debug)]
 pub struct ConvEpilogue {
@@ -699,22 +699,12 @@ pub struct ConvEpilogue {
 /// kh/kw 1 or 3, taps and channel ranges inside the weights, the split, even sizes under an
 /// upsampled source) and picks the 16-byte copy path when every count and pointer allows it.
 /// Grid (ceil(h*w / `BC_CONV_BM`), ceil(cout / channel tile)), block `BC_CONV_THREADS`.
-pub fn conv(
-    srcs: &[ConvSource],
-    w: *const bc_bf16,
-    shape: ConvShape,
-    hw: (usize, usize),
-    ep: ConvEpilogue,
-    out: ConvOut,
-) -> LaunchResult<Launch<BcConvParams>> {
-    conv_on(srcs, w, shape, hw, ep, out, false)
-}
-
-/// [`conv`], or with `wgmma` the Hopper variant (`cuda/conv_wgmma.cu`, sm_90a only: the caller
-/// checks the device) wherever it applies: the 16-byte copy path (every channel count, stride
-/// and offset a multiple of 8, pointers 16-byte aligned) and more than `BC_CONV_BN_NARROW`
-/// output channels; the channel tile that pads cout least ([`conv_wgmma_tile`]); elsewhere
-/// `bc_conv` / `bc_conv_n16` as [`conv`].
+///
+/// With `wgmma`, the Hopper variant (`cuda/conv_wgmma.cu`, sm_90a only: the caller checks the
+/// device) wherever it applies: the 16-byte copy path (every channel count, stride and offset
+/// a multiple of 8, pointers 16-byte aligned) and more than `BC_CONV_BN_NARROW` output
+/// channels; the channel tile that pads cout least ([`conv_wgmma_tile`]); elsewhere `bc_conv`
+/// / `bc_conv_n16` as without it.
 pub fn conv_on(
     srcs: &[ConvSource],
     w: *const bc_bf16,

@@ -1165,6 +1165,7 @@ const _: () = {
     ["Offset of field: BcDecSoftmaxParams::_pad"]
         [::std::mem::offset_of!(BcDecSoftmaxParams, _pad) - 28usize];
 };
+#[doc = " `bc_wgmma_probe` (cuda/test/wgmma_probe.cu): one 64 x n x BC_WGMMA_PROBE_K product by wgmma\n per warpgroup in the given shared-memory layout, A source and B majorness, which the tests\n compare with a plain matmul to check the fragment and descriptor layouts."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct BcWgmmaProbeParams {

@@ -4,7 +4,8 @@
 
 use blockcascade::backend::cuda::{handoff_waits, set_session_options, CudaOptions};
 use blockcascade::decode::{hold_device_decodes, BackgroundDecoder, DecodeDevice, Decoder};
-use blockcascade::{Engine, PromptEmbeds};
+use blockcascade::executor::Generator;
+use blockcascade::{Engine, PromptEmbeds, RunReport};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -77,4 +78,42 @@ pub fn with_held_decoder<T>(f: impl FnOnce() -> T) -> (T, bool) {
     let r = f();
     release.join().expect("release thread");
     (r, handoff_waits() > w0)
+}
+
+/// What [`decode_run`] gave: each block's host latents, whether it came with device latents,
+/// how many blocks carried a note of the host path, the run's report and the RGB8 frames.
+pub struct Decoded {
+    pub latents: Vec<Vec<f32>>,
+    pub on_device: Vec<bool>,
+    pub notes: usize,
+    pub report: RunReport,
+    pub rgb: Vec<u8>,
+}
+
+/// Runs `gen` for `blocks` blocks, pushing each finished block to the decode thread `bg`, and
+/// waits for the decode: the generation's or the decoder's error, if any.
+pub fn decode_run(
+    gen: &Generator,
+    blocks: usize,
+    mut bg: BackgroundDecoder<Vec<u8>>,
+) -> blockcascade::Result<Decoded> {
+    let (mut latents, mut on_device, mut notes) = (Vec::new(), Vec::new(), 0);
+    let mut err = None;
+    let report = gen.run(blocks, |b| {
+        notes += usize::from(b.handoff_note.is_some());
+        latents.push(b.latents.to_vec());
+        on_device.push(b.device.is_some());
+        bg.push_block(b).map_err(|e| err = Some(e)).is_ok()
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let rgb = bg.finish()?;
+    Ok(Decoded {
+        latents,
+        on_device,
+        notes,
+        report,
+        rgb,
+    })
 }

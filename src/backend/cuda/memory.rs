@@ -171,8 +171,9 @@ impl RunPlan {
     }
 }
 
-/// Bytes of `model`'s weights on a device, as [`upload_weights`] lays them out (GEMM weights
-/// bf16, the rest f32), and the text-embedding / cross-attention K/V weights.
+/// Bytes of `model`'s weights on a device, as
+/// [`upload_weights`](super::weight_cache::upload_weights) lays them out (GEMM weights bf16,
+/// the rest f32), and the text-embedding / cross-attention K/V weights.
 pub(super) fn weight_bytes(model: &Model) -> u128 {
     weight_cache::weight_tensors(model)
         .iter()

@@ -2,7 +2,7 @@
 //! [`PromptContext`]): when a prompt first needs one of the backend's prompt slots, its
 //! embeddings are uploaded (bf16, zero-padded to `text_len` rows) into a scratch buffer, the
 //! text embedding runs as two cuBLASLt GEMMs (`text_embedding.0` with the GELU+bias epilogue,
-//! `text_embedding.2` with the bias epilogue; [`Gpu::gemm`] falls back to the activation
+//! `text_embedding.2` with the bias epilogue; [`ops::gemm`] falls back to the activation
 //! kernel where cuBLASLt has no fused epilogue), and per layer two GEMMs write K and V straight
 //! into the slot (K `[text_len, dim]` then V `[text_len, dim]`, bf16, the layout the
 //! cross-attention segments point at), K then RMS-normed in place with the layer's `norm_k`

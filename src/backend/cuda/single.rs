@@ -53,7 +53,8 @@ pub(super) struct Bufs {
     pub(super) ca_index: DevPtr,
     pub(super) ca_groups: DevPtr,
     pub(super) prompt_kv: DevPtr,
-    /// Scratch of the prompts' text embedding ([`prompt_kv::scratch_bytes`]).
+    /// Scratch of the prompts' text embedding
+    /// ([`prompt_kv::scratch_bytes`](super::prompt_kv::scratch_bytes)).
     pub(super) prompt_scratch: DevPtr,
 }
 
@@ -291,8 +292,8 @@ impl<'m> CudaBackend<'m> {
     /// Makes sure the prompt of every member this device computes (`own`) has a slot, its
     /// K/V computed when it enters one ([`Self::compute_prompt`]); returns the slot of each
     /// member (`None` for the members of other devices). Slots are keyed by
-    /// [`PromptContext::id`]; a new prompt takes the least recently used slot that this window
-    /// does not need.
+    /// [`PromptContext::id`](crate::model::PromptContext::id); a new prompt takes the least
+    /// recently used slot that this window does not need.
     pub(super) fn load_prompts(
         &mut self,
         members: &[Member],

@@ -541,25 +541,18 @@ mod tests {
                 .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
         for tile in [None, Some(BC_CONV_WG_BN), Some(BC_CONV_WG_BN_96)] {
             let wg = tile.is_some();
-            let got: Vec<f32> = if cs.f32_out {
+            let got = if cs.f32_out {
                 let mut o = vec![f32::NAN; n_out];
-                let r = launch(ConvDst::F32(&mut o), tile);
-                if wg && !fits {
-                    assert!(r.is_err(), "bc_conv_wgmma took a case it does not fit");
-                    continue;
-                }
-                r.unwrap();
-                o
+                launch(ConvDst::F32(&mut o), tile).map(|()| o)
             } else {
                 let mut o = vec![bf16::NAN; n_out];
-                let r = launch(ConvDst::Bf16(&mut o), tile);
-                if wg && !fits {
-                    assert!(r.is_err(), "bc_conv_wgmma took a case it does not fit");
-                    continue;
-                }
-                r.unwrap();
-                f32s(&o)
+                launch(ConvDst::Bf16(&mut o), tile).map(|()| f32s(&o))
             };
+            if wg && !fits {
+                assert!(got.is_err(), "bc_conv_wgmma took a case it does not fit");
+                continue;
+            }
+            let got = got.unwrap();
             // Gather the device output back to [cout][hw].
             let mut g = vec![0.0; cs.cout * hw];
             for n in 0..cs.cout {
@@ -610,6 +603,48 @@ mod tests {
         }
     }
 
+    /// A 3x3 conv to `cout` channels over one `cin`-channel source of `stride` elements per
+    /// pixel, with bias and ReLU.
+    fn run_3x3_bias_relu(
+        seed: u64,
+        cout: usize,
+        (cin, stride): (usize, usize),
+        hw: (usize, usize),
+    ) {
+        let mut c = case(cout, cin, 1, 3, hw, vec![s(cin, stride, 0, 0, false)]);
+        c.bias = true;
+        c.act = ConvAct::Relu;
+        run_case(seed, &c);
+    }
+
+    /// A causal 3x3x3 conv over `cin`-channel frames: the two cached frames and the current
+    /// one as taps 0, 1, 2.
+    fn causal3(cout: usize, cin: usize, hw: (usize, usize)) -> Case {
+        let srcs = (0..3).map(|t| s(cin, cin, 0, t, false)).collect();
+        case(cout, cin, 3, 3, hw, srcs)
+    }
+
+    /// A MemBlock's 3x3 conv over `cat[x, past]`: two `c`-channel sources at weight channel
+    /// offsets 0 and `c`.
+    fn memblock(cout: usize, c: usize, hw: (usize, usize)) -> Case {
+        let srcs = vec![s(c, c, 0, 0, false), s(c, c, c, 0, false)];
+        case(cout, 2 * c, 1, 3, hw, srcs)
+    }
+
+    /// A source read through the nearest 2x upsample: a 3x3 conv `(cout, cin)` with bias at
+    /// 6x10 (seed `seed`), then a 1x1 conv `(cout, cin, source stride)` at 4x6 (`seed + 1`).
+    fn run_upsampled(
+        seed: u64,
+        (co3, ci3): (usize, usize),
+        (co1, ci1, st1): (usize, usize, usize),
+    ) {
+        let mut c = case(co3, ci3, 1, 3, (6, 10), vec![s(ci3, ci3, 0, 0, true)]);
+        c.bias = true;
+        run_case(seed, &c);
+        let c = case(co1, ci1, 1, 1, (4, 6), vec![s(ci1, st1, 0, 0, true)]);
+        run_case(seed + 1, &c);
+    }
+
     #[test]
     fn conv3x3_odd_shapes_element_path_f32_out() {
         // cin 5, cout 3 (the 16-channel tile) and 19 (the 64-channel one), 5x7: every tile edge
@@ -626,10 +661,7 @@ mod tests {
     fn conv3x3_vector_path_crosses_tiles() {
         // 11x13 = 143 pixels (two pixel tiles), cout 72 (two channel tiles), cin 40 (two
         // k-steps per tap, the second half empty), padded source stride.
-        let mut c = case(72, 40, 1, 3, (11, 13), vec![s(40, 48, 0, 0, false)]);
-        c.bias = true;
-        c.act = ConvAct::Relu;
-        run_case(2, &c);
+        run_3x3_bias_relu(2, 72, (40, 48), (11, 13));
     }
 
     #[test]
@@ -642,18 +674,7 @@ mod tests {
     }
 
     fn causal_case(cout: usize) {
-        let mut c = case(
-            cout,
-            24,
-            3,
-            3,
-            (6, 5),
-            vec![
-                s(24, 24, 0, 0, false),
-                s(24, 24, 0, 1, false),
-                s(24, 24, 0, 2, false),
-            ],
-        );
+        let mut c = causal3(cout, 24, (6, 5));
         c.res = true;
         c.act = ConvAct::Silu;
         run_case(3, &c);
@@ -665,34 +686,15 @@ mod tests {
     #[test]
     fn memblock_concat_sources_and_odd_channels() {
         // cat[x, past] as two sources with weight offsets 0 and C, vector and element paths.
-        let mut c = case(
-            8,
-            16,
-            1,
-            3,
-            (4, 6),
-            vec![s(8, 8, 0, 0, false), s(8, 8, 8, 0, false)],
-        );
+        let mut c = memblock(8, 8, (4, 6));
         c.act = ConvAct::Relu;
         run_case(5, &c);
-        let c = case(
-            7,
-            6,
-            1,
-            3,
-            (3, 5),
-            vec![s(3, 3, 0, 0, false), s(3, 3, 3, 0, false)],
-        );
-        run_case(6, &c);
+        run_case(6, &memblock(7, 3, (3, 5)));
     }
 
     #[test]
     fn upsampled_source_3x3_and_1x1() {
-        let mut c = case(8, 16, 1, 3, (6, 10), vec![s(16, 16, 0, 0, true)]);
-        c.bias = true;
-        run_case(7, &c);
-        let c = case(5, 3, 1, 1, (4, 6), vec![s(3, 4, 0, 0, true)]);
-        run_case(8, &c);
+        run_upsampled(7, (8, 16), (5, 3, 4));
     }
 
     #[test]
@@ -723,51 +725,26 @@ mod tests {
         // 3x3 over 96 channels: 864 values per output = 13.5 k-steps, most of them crossing
         // from one tap into the next; cout 136 (two channel tiles, the second mostly masked);
         // 9 x 17 = 153 pixels (two pixel tiles); padded source stride; bias + ReLU.
-        let mut c = case(136, 96, 1, 3, (9, 17), vec![s(96, 104, 0, 0, false)]);
-        c.bias = true;
-        c.act = ConvAct::Relu;
-        run_case(11, &c);
+        run_3x3_bias_relu(11, 136, (96, 104), (9, 17));
     }
 
     #[test]
     fn wgmma_conv_sources_taps_upsample_split() {
         // MemBlock: two 64-channel sources at c0 0 and 64, residual + SiLU, odd 5 x 7.
-        let mut c = case(
-            64,
-            128,
-            1,
-            3,
-            (5, 7),
-            vec![s(64, 64, 0, 0, false), s(64, 64, 64, 0, false)],
-        );
+        let mut c = memblock(64, 64, (5, 7));
         c.res = true;
         c.act = ConvAct::Silu;
         run_case(12, &c);
         // Causal 3x3x3 over 8-channel frames: 72 values per source, k-steps spanning 8 taps,
         // three sources (taps 0, 1, 2), residual; then only taps 1 and 2.
-        let mut c = case(
-            24,
-            8,
-            3,
-            3,
-            (7, 3),
-            vec![
-                s(8, 8, 0, 0, false),
-                s(8, 8, 0, 1, false),
-                s(8, 8, 0, 2, false),
-            ],
-        );
+        let mut c = causal3(24, 8, (7, 3));
         c.res = true;
         run_case(13, &c);
         c.srcs.remove(0);
         c.f32_out = true;
         run_case(14, &c);
         // Upsampled sources, 3x3 and 1x1.
-        let mut c = case(24, 32, 1, 3, (6, 10), vec![s(32, 32, 0, 0, true)]);
-        c.bias = true;
-        run_case(15, &c);
-        let c = case(40, 16, 1, 1, (4, 6), vec![s(16, 24, 0, 0, true)]);
-        run_case(16, &c);
+        run_upsampled(15, (24, 32), (40, 16, 24));
         // 1x1, cout 200 split into two frames of 100 (TGrow / time_conv), f32, 11 x 13.
         let mut c = case(200, 136, 1, 1, (11, 13), vec![s(136, 136, 0, 0, false)]);
         c.split = 100;

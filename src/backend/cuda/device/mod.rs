@@ -7,7 +7,7 @@
 //! - the driver device (`driver`, with `gemm`, `streams` and `graph`: cuBLASLt GEMMs,
 //!   streams / events / peer copies, CUDA graphs), through `cudarc`'s `result`/`sys` layers
 //!   (driver API, dynamic loading). cudarc panics when a library cannot be loaded, so
-//!   [`probe`] must succeed before a driver device is opened;
+//!   [`probe()`] must succeed before a driver device is opened;
 //! - the emulated device ([`super::emu_device`]): host memory, kernels under the SIMT
 //!   emulation layer, CPU GEMMs, recorded graphs.
 //!

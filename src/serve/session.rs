@@ -52,7 +52,8 @@ pub(super) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             // The client's messages first: a switch or a stop waits for at most the block
-            // being sent, never for the blocks queued behind it.
+            // being sent, never for the blocks queued behind it. Then switch answers (rare
+            // and small: a stream that always has a block ready does not hold them back).
             biased;
             msg = socket.recv() => {
                 let Some(Ok(msg)) = msg else { break };

@@ -343,6 +343,8 @@ impl StreamControl {
             return Err(Error::Cancelled);
         }
         let superseded = ticket < q.posted_ticket;
+        // Before the mailbox sees it: the worker starts the switch's block after this instant.
+        let posted = Instant::now();
         if !superseded {
             // Under the queue lock, so that a switch never lands after the worker has stopped
             // and calls post in ticket order.
@@ -354,7 +356,7 @@ impl StreamControl {
             superseded,
             cached: false,
             called,
-            posted: Instant::now(),
+            posted,
         })
     }
 

@@ -13,6 +13,11 @@
 //! 4. The video decoders on the device (TAEHV, Wan VAE at real widths, 60x104 latents, blocks of
 //!    3 latent frames): ms per block and the conv TFLOP/s (`BC_BENCH_NO_DECODE=1` skips them).
 //!
+//! 5. Prompt-switch latency in a live stream (the `medium` model on the GPU, 16x16 latents, an
+//!    umT5-XXL-wide random encoder on the device, then on the CPU): latency split into encode,
+//!    wait and block, and the block gaps around the switches against the steady ones
+//!    (`blockcascade::bench::switch`; `BC_BENCH_NO_SWITCH=1` skips it).
+//!
 //! Output: a table on stdout, and JSON in `$BC_BENCH_JSON` (default `gpu-bench.json`).
 //! `BC_BENCH_QUICK=1` skips the end-to-end runs.
 //!
@@ -574,6 +579,12 @@ fn main() {
     if std::env::var_os("BC_BENCH_QUICK").is_none() {
         e2e = end_to_end(peak_tflops);
     }
+    // Last: the part most likely to be cut by the bundle's time cap.
+    let switch = if std::env::var_os("BC_BENCH_NO_SWITCH").is_none() {
+        switch_latency()
+    } else {
+        Vec::new()
+    };
     // The attention tile each end-to-end session picked per window shape (see attention_tune).
     let mut tunes = Vec::new();
     for (s, r) in attention_tune::remembered() {
@@ -611,6 +622,7 @@ fn main() {
         "end_to_end": e2e,
         "attention_tune": tunes,
         "text_encoder": text,
+        "switch_latency": switch,
     });
     let path = std::env::var("BC_BENCH_JSON").unwrap_or_else(|_| "gpu-bench.json".into());
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
@@ -643,6 +655,68 @@ fn text_encoder(peak_gbs: f64) -> Value {
             json!({"tokens": tokens, "error": e.to_string()})
         }
     }
+}
+
+/// Prompt-switch latency in a live stream on the GPU: the `medium` model (text width 4096),
+/// with a random umT5-XXL-wide encoder on the device (12 of the 24 layers: half the upload of
+/// the `TEXT` benchmark, half its encode time) and on the CPU (2 of the 24 layers, to keep the
+/// run short: a full CPU encode is about 12 times as long). Lines tagged `SWITCH` go to the
+/// bundle's summary.
+fn switch_latency() -> Vec<Value> {
+    use blockcascade::bench::switch::{run, table, SwitchBenchOptions, SwitchEncoder};
+    use blockcascade::text::TextDevice;
+    let mut out = Vec::new();
+    for (device, layers) in [(TextDevice::Cuda, 12), (TextDevice::Cpu, 2)] {
+        let o = SwitchBenchOptions {
+            model: "medium".into(),
+            latent: (16, 16),
+            backend: BackendKind::Cuda,
+            encoder: SwitchEncoder::Random {
+                dim_attn: 4096,
+                ffn: 10240,
+                heads: 64,
+                layers,
+            },
+            text_device: device,
+            switches: 3,
+            gap_blocks: 8,
+            ..Default::default()
+        };
+        let t0 = std::time::Instant::now();
+        match run(&o) {
+            Ok(r) => {
+                println!("\n{}", table(&r));
+                for (i, x) in r.samples.iter().enumerate() {
+                    println!(
+                        "SWITCH encoder {} ({layers} layers) #{i}{}: latency {:.1} ms = encode {:.1} + wait {:.1} + block {:.1}; {} blocks during the encode; max gap {:.1} ms (steady p50 {:.1}, max {:.1})",
+                        device.name(),
+                        if x.cached { " cached" } else { "" },
+                        x.latency_ms,
+                        x.encode_ms,
+                        x.wait_ms,
+                        x.block_ms,
+                        x.blocks_during_encode,
+                        x.max_gap_ms,
+                        r.steady.p50_ms,
+                        r.steady.max_ms
+                    );
+                }
+                println!(
+                    "SWITCH encoder {} run took {:.1} s",
+                    device.name(),
+                    t0.elapsed().as_secs_f64()
+                );
+                out.push(
+                    json!({"encoder_device": device.name(), "encoder_layers": layers, "result": r}),
+                );
+            }
+            Err(e) => {
+                println!("SWITCH encoder {} FAILED: {e}", device.name());
+                out.push(json!({"encoder_device": device.name(), "error": e.to_string()}));
+            }
+        }
+    }
+    out
 }
 
 fn end_to_end(peak_tflops: f64) -> Vec<Value> {

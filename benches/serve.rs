@@ -69,6 +69,7 @@ fn direct(cfg: &ServeConfig, blocks: usize, rep: usize) -> Result<Run> {
             decoder: Some(decoder),
             decoder_device: None,
             host_latents: true,
+            switch_encode_threads: Some(0),
             text_encoder: Some(text),
         },
     )?;

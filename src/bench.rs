@@ -1,5 +1,8 @@
 //! CPU benchmarks shared by `blockcascade bench` and `benches/cpu.rs`: time per forward and
-//! per block on the built-in models, optionally for every cascade lag.
+//! per block on the built-in models, optionally for every cascade lag; [`switch`]: prompt-switch
+//! latency in a live stream.
+
+pub mod switch;
 
 use crate::config::{GenerateOptions, Schedule};
 use crate::engine::Engine;

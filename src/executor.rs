@@ -26,7 +26,7 @@ use crate::noise::NoiseSource;
 use crate::prompt::{PromptEmbeds, PromptSwitch};
 use crate::schedule::StepSchedule;
 use crate::{Error, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -192,7 +192,13 @@ struct Mailbox {
     pending: Vec<(usize, Arc<PromptContext>)>,
     /// Set by [`PromptMailbox::cancel`]: the run stops at its next tick.
     cancelled: bool,
+    /// When the most recent blocks started (block, the start of the tick that started it),
+    /// oldest first, at most [`STARTS_KEPT`]: for switch latency measurements.
+    starts: VecDeque<(usize, Instant)>,
 }
+
+/// Block start times a [`PromptMailbox`] remembers ([`PromptMailbox::started_at`]).
+const STARTS_KEPT: usize = 64;
 
 impl PromptMailbox {
     /// An empty mailbox: no switch, block 0 not started.
@@ -229,6 +235,15 @@ impl PromptMailbox {
         self.lock().cancelled
     }
 
+    /// When block `block` started (the start of the tick that ran its first step), if it is
+    /// one of the last blocks to start (the mailbox keeps the most recent 64). With the
+    /// switch's own time this splits a switch's latency into waiting for the block to start
+    /// and the block's own generation.
+    pub fn started_at(&self, block: usize) -> Option<Instant> {
+        let m = self.lock();
+        m.starts.iter().find(|(b, _)| *b == block).map(|(_, t)| *t)
+    }
+
     /// At the start of a tick: takes the waiting switches and records that every block below
     /// `next_start` has now started. [`Error::Cancelled`] once cancelled.
     fn take(&self, next_start: usize) -> Result<Vec<(usize, Arc<PromptContext>)>> {
@@ -236,7 +251,17 @@ impl PromptMailbox {
         if m.cancelled {
             return Err(Error::Cancelled);
         }
-        m.next_start = m.next_start.max(next_start);
+        if next_start > m.next_start {
+            let now = Instant::now();
+            let first = m.next_start.max(next_start.saturating_sub(STARTS_KEPT));
+            for b in first..next_start {
+                if m.starts.len() == STARTS_KEPT {
+                    m.starts.pop_front();
+                }
+                m.starts.push_back((b, now));
+            }
+            m.next_start = next_start;
+        }
         Ok(std::mem::take(&mut m.pending))
     }
 }

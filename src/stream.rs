@@ -23,7 +23,7 @@ use crate::text::TextEncoder;
 use crate::{Error, GenerateOptions, Result};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,14 @@ pub struct StreamOptions {
     /// Encodes the text of [`StreamControl::switch_prompt_text`]. `None`: text switches are an
     /// [`Error::InvalidArgument`].
     pub text_encoder: Option<Arc<TextEncoder>>,
+    /// Where the text of a switch is encoded on the CPU. `Some(n)` (default `Some(0)`): on a
+    /// thread pool of the stream's own, `n` threads (0: one per core), started at the first
+    /// text switch, whose threads run at a lower scheduling priority than the DiT's (nice +10
+    /// on Linux): an encode takes CPU time from the blocks in flight only where the CPU has
+    /// time to spare, so a switch does not slow the blocks already scheduled. `None`: on the
+    /// calling thread and rayon's global pool, which a CPU DiT uses too (an encode then
+    /// competes with the DiT for every core: the blocks slow down while it runs).
+    pub switch_encode_threads: Option<usize>,
 }
 
 impl std::fmt::Debug for StreamOptions {
@@ -76,6 +84,7 @@ impl std::fmt::Debug for StreamOptions {
             .field("decoder_device", &self.decoder_device)
             .field("host_latents", &self.host_latents)
             .field("text_encoder", &self.text_encoder)
+            .field("switch_encode_threads", &self.switch_encode_threads)
             .finish()
     }
 }
@@ -89,6 +98,7 @@ impl Default for StreamOptions {
             decoder_device: None,
             host_latents: true,
             text_encoder: None,
+            switch_encode_threads: Some(0),
         }
     }
 }
@@ -141,6 +151,14 @@ struct Shared {
     /// Blocks the engine has finished (queued, in the decoder, handed out, or waiting).
     finished: AtomicU64,
     opened: Instant,
+    /// The last ticket given to a switch call (1, 2, ...): calls are ordered by when they were
+    /// made, not by when their encode finished.
+    tickets: AtomicU64,
+    /// [`StreamOptions::switch_encode_threads`].
+    encode_threads: Option<usize>,
+    /// The pool that encodes switch texts, started by the first text switch (or why it could
+    /// not start).
+    encode_pool: OnceLock<std::result::Result<rayon::ThreadPool, String>>,
 }
 
 struct Queue {
@@ -151,6 +169,10 @@ struct Queue {
     /// The worker has stopped.
     ended: bool,
     cancelled: bool,
+    /// Ticket of the newest switch posted to the mailbox (0: none yet).
+    posted_ticket: u64,
+    /// The block that switch applies from.
+    posted_block: u64,
 }
 
 impl Shared {
@@ -249,25 +271,93 @@ impl StreamControl {
     /// before that block starts replaces this one. [`Error::Cancelled`] once the stream is
     /// cancelled or has stopped.
     pub fn switch_prompt(&self, p: &PromptEmbeds) -> Result<u64> {
+        let ticket = self.ticket();
+        self.post(ticket, Instant::now(), p).map(|r| r.applies_from)
+    }
+
+    /// [`StreamControl::switch_prompt`] with a text prompt, encoded by the stream's text
+    /// encoder ([`StreamOptions::text_encoder`]; without one, an [`Error::InvalidArgument`])
+    /// where [`StreamOptions::switch_encode_threads`] says, while the calling thread waits.
+    /// The stream goes on generating during the encode. The latest call wins: a call
+    /// overtaken by a later one (whose encode finished first) returns the block the later
+    /// one applies from, and its own prompt applies to no block
+    /// ([`StreamControl::switch_prompt_text_report`] tells).
+    pub fn switch_prompt_text(&self, text: &str) -> Result<u64> {
+        self.switch_prompt_text_report(text).map(|r| r.applies_from)
+    }
+
+    /// [`StreamControl::switch_prompt_text`], with what the switch did and when: for latency
+    /// measurements and for callers that must know whether a later call overtook this one.
+    pub fn switch_prompt_text_report(&self, text: &str) -> Result<SwitchReport> {
+        let enc = self.text.clone().ok_or_else(|| {
+            Error::invalid("this stream has no text encoder (StreamOptions::text_encoder)")
+        })?;
+        let model = self.model.clone();
+        let cached = enc.is_cached(text, model.config().text_len);
+        let text = text.to_string();
+        let encode = move || enc.prompt_embeds(&text, model.config());
+        let mut r = match self.shared.encode_threads {
+            None => self.switch_prompt_with(encode),
+            Some(threads) => {
+                let pool = self.shared.encode_pool.get_or_init(|| encode_pool(threads));
+                match pool {
+                    Ok(pool) => self.switch_prompt_with(|| pool.install(encode)),
+                    Err(e) => Err(Error::Internal(e.clone())),
+                }
+            }
+        }?;
+        r.cached = cached;
+        Ok(r)
+    }
+
+    /// A switch whose prompt embeddings `encode` makes (on the calling thread), for an encoder
+    /// of the caller's: the call is ordered (latest call wins) from when it was made, before
+    /// `encode` runs; the stream goes on generating while it runs. A stream already stopped
+    /// returns [`Error::Cancelled`] without running `encode`; one cancelled during `encode`
+    /// returns it after. `encode`'s error is returned as it is, and nothing is switched.
+    pub fn switch_prompt_with(
+        &self,
+        encode: impl FnOnce() -> Result<PromptEmbeds>,
+    ) -> Result<SwitchReport> {
+        let called = Instant::now();
+        let ticket = self.ticket();
+        if self.is_cancelled() || self.shared.lock().ended {
+            return Err(Error::Cancelled);
+        }
+        let p = encode()?;
+        self.post(ticket, called, &p)
+    }
+
+    /// Takes the next ticket: switch calls are ordered by this.
+    fn ticket(&self) -> u64 {
+        self.shared.tickets.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Posts the switch with `ticket` to the worker, unless a later call's switch was posted
+    /// first (then it reports being overtaken).
+    fn post(&self, ticket: u64, called: Instant, p: &PromptEmbeds) -> Result<SwitchReport> {
         p.check(self.model.config())?;
         let ctx = self.model.prompt_context(&p.data, p.rows)?;
-        let q = self.shared.lock();
+        let mut q = self.shared.lock();
         if q.cancelled || q.ended {
             return Err(Error::Cancelled);
         }
-        // Under the queue lock, so that a switch never lands after the worker has stopped.
-        Ok(self.shared.mailbox.switch(ctx) as u64)
-    }
-
-    /// [`StreamControl::switch_prompt`] with a text prompt, encoded on the calling thread by
-    /// the stream's text encoder ([`StreamOptions::text_encoder`]; without one, an
-    /// [`Error::InvalidArgument`]).
-    pub fn switch_prompt_text(&self, text: &str) -> Result<u64> {
-        let enc = self.text.as_ref().ok_or_else(|| {
-            Error::invalid("this stream has no text encoder (StreamOptions::text_encoder)")
-        })?;
-        let p = enc.prompt_embeds(text, self.model.config())?;
-        self.switch_prompt(&p)
+        let superseded = ticket < q.posted_ticket;
+        // Before the mailbox sees it: the worker starts the switch's block after this instant.
+        let posted = Instant::now();
+        if !superseded {
+            // Under the queue lock, so that a switch never lands after the worker has stopped
+            // and calls post in ticket order.
+            q.posted_block = self.shared.mailbox.switch(ctx) as u64;
+            q.posted_ticket = ticket;
+        }
+        Ok(SwitchReport {
+            applies_from: q.posted_block,
+            superseded,
+            cached: false,
+            called,
+            posted,
+        })
     }
 
     /// Stops the stream: the worker ends at its next tick or as soon as it waits (for room in
@@ -285,6 +375,66 @@ impl StreamControl {
     /// The next block to start: the block a switch made now would apply from.
     pub fn next_start(&self) -> u64 {
         self.shared.mailbox.next_start() as u64
+    }
+
+    /// When block `block` started (its first denoising step), if it is one of the last 64
+    /// blocks to start: with [`SwitchReport`] it splits a switch's latency.
+    pub fn block_started(&self, block: u64) -> Option<Instant> {
+        self.shared.mailbox.started_at(usize::try_from(block).ok()?)
+    }
+}
+
+/// What a prompt switch did, and when ([`StreamControl::switch_prompt_text_report`],
+/// [`StreamControl::switch_prompt_with`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SwitchReport {
+    /// The first block generated under the switch's prompt; for a `superseded` switch, the
+    /// block the later switch that overtook it applies from.
+    pub applies_from: u64,
+    /// A later call was posted first (its encode finished first): this call's prompt applies
+    /// to no block (the latest call wins).
+    pub superseded: bool,
+    /// The text was in the encoder's cache: nothing was encoded.
+    pub cached: bool,
+    /// When the call was made.
+    pub called: Instant,
+    /// When the prompt was encoded and handed to the worker (`posted - called`: the encode).
+    pub posted: Instant,
+}
+
+/// A pool for switch encodes: `threads` threads (0: one per core) below the DiT's priority.
+fn encode_pool(threads: usize) -> std::result::Result<rayon::ThreadPool, String> {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("bc-switch-encode-{i}"))
+        .start_handler(|_| lower_priority())
+        .build()
+        .map_err(|e| format!("cannot start the switch encoder's threads: {e}"))
+}
+
+/// Niceness of the switch encoder's threads (the DiT's stay at the process's).
+pub const SWITCH_ENCODE_NICE: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority by [`SWITCH_ENCODE_NICE`] (Linux: per
+/// thread; elsewhere nothing is changed).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain system calls on the calling thread; a failure leaves the priority as
+        // it was, which is only slower, never wrong.
+        unsafe {
+            let tid = libc::gettid();
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+            libc::setpriority(
+                libc::PRIO_PROCESS,
+                tid as libc::id_t,
+                now.saturating_add(SWITCH_ENCODE_NICE),
+            );
+        }
     }
 }
 
@@ -361,11 +511,16 @@ impl Stream {
                 error: None,
                 ended: false,
                 cancelled: false,
+                posted_ticket: 0,
+                posted_block: 0,
             }),
             changed: Condvar::new(),
             mailbox: PromptMailbox::new(),
             finished: AtomicU64::new(0),
             opened: Instant::now(),
+            tickets: AtomicU64::new(0),
+            encode_threads: sopts.switch_encode_threads,
+            encode_pool: OnceLock::new(),
         });
         // Without a decoder one finished block waits for room; with one, also the decoder's
         // queue and the block being decoded.

@@ -507,3 +507,183 @@ fn cuda_stream_on_the_emulated_device_matches_the_cpu() {
     println!("emulated CUDA stream vs CPU: rel L2 {err:.3e}");
     assert!(err < 2e-2, "rel L2 {err}");
 }
+
+/// How long a liveness wait for a block may take before the test fails instead of hanging (a
+/// guard, not a time assertion).
+const HANG_GUARD: Duration = Duration::from_secs(300);
+
+/// The next block, failing the test instead of hanging if none comes.
+fn next(st: &mut Stream) -> blockcascade::StreamBlock {
+    st.next_block(Some(HANG_GUARD))
+        .unwrap()
+        .expect("no block came: the stream stalled")
+}
+
+/// A switch whose encode holds until released: (its thread, "encode started", release).
+type HeldSwitch = (
+    std::thread::JoinHandle<blockcascade::Result<blockcascade::stream::SwitchReport>>,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+);
+
+/// Starts a switch to `p` on another thread whose encode waits for the release.
+fn held_switch(ctl: blockcascade::StreamControl, p: PromptEmbeds) -> HeldSwitch {
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let h = std::thread::spawn(move || {
+        ctl.switch_prompt_with(|| {
+            let _ = started_tx.send(());
+            let _ = released.recv();
+            Ok(p)
+        })
+    });
+    (h, started, release)
+}
+
+#[test]
+fn blocks_keep_coming_while_a_switch_encodes_and_it_lands_at_its_block() {
+    let engine = Engine::open(None).unwrap();
+    let (p0, p1) = (prompt(&engine, 1), prompt(&engine, 2));
+    for schedule in [Schedule::Sequential, Schedule::Cascade { lag: 1 }] {
+        let o = opts(schedule);
+        let mut st = Stream::open(
+            &engine,
+            o.clone(),
+            NoiseSource::Seeded(4),
+            p0.clone(),
+            StreamOptions::default(),
+        )
+        .unwrap();
+        let mut got = vec![next(&mut st)];
+        let ctl = st.control();
+        let (h, started, release) = held_switch(ctl.clone(), p1.clone());
+        started.recv().unwrap();
+        let before = ctl.next_start();
+        // The encode holds: the worker goes on starting and finishing blocks that had not
+        // started when the encode began (a stall would hang here until the guard fails it).
+        while got.last().unwrap().index < before + 2 {
+            got.push(next(&mut st));
+        }
+        let last = got.last().unwrap().index;
+        assert!(ctl.next_start() > last);
+        release.send(()).unwrap();
+        let r = h.join().unwrap().unwrap();
+        assert!(!r.superseded);
+        assert!(r.posted >= r.called);
+        // Every block taken had started before the switch was handed to the worker.
+        assert!(r.applies_from > last, "{} vs {last}", r.applies_from);
+        let at = r.applies_from as usize;
+        while got.len() < at + 2 {
+            got.push(next(&mut st));
+        }
+        let want = fixed_run(&engine, &o, 4, &p0, &[(at, p1.clone())], at + 2);
+        let got: Vec<Vec<f32>> = got.into_iter().map(|b| b.latents).collect();
+        assert!(got == want, "{schedule:?}: the switch landed at block {at}");
+        // The start of the switch's block is known, and after the switch was posted.
+        let started_at = ctl
+            .block_started(r.applies_from)
+            .expect("start of the block");
+        assert!(started_at >= r.posted);
+    }
+}
+
+#[test]
+fn the_latest_call_wins_even_when_an_earlier_encode_finishes_last() {
+    let engine = Engine::open(None).unwrap();
+    let (p0, pa, pb) = (prompt(&engine, 1), prompt(&engine, 2), prompt(&engine, 3));
+    let o = opts(Schedule::Sequential);
+    let mut st = Stream::open(
+        &engine,
+        o.clone(),
+        NoiseSource::Seeded(6),
+        p0.clone(),
+        StreamOptions::default(),
+    )
+    .unwrap();
+    let mut got = vec![next(&mut st)];
+    let ctl = st.control();
+    // A is called first and encodes slowly; B is called later and is ready at once.
+    let (h, started, release) = held_switch(ctl.clone(), pa.clone());
+    started.recv().unwrap();
+    let b = ctl.switch_prompt(&pb).unwrap();
+    got.push(next(&mut st));
+    release.send(()).unwrap();
+    let ra = h.join().unwrap().unwrap();
+    assert!(ra.superseded, "A was overtaken by the later call B");
+    assert_eq!(
+        ra.applies_from, b,
+        "an overtaken switch reports where B applies"
+    );
+    // B was posted and A never was: the stream is the fixed schedule switching to B only.
+    let at = b as usize;
+    while got.len() < at + 3 {
+        got.push(next(&mut st));
+    }
+    let want = fixed_run(&engine, &o, 6, &p0, &[(at, pb.clone())], at + 3);
+    let got: Vec<Vec<f32>> = got.into_iter().map(|b| b.latents).collect();
+    assert!(got == want, "B from block {at}, A nowhere");
+    // Made one after the other, the second call wins too (it replaces or follows the first).
+    let c1 = ctl.switch_prompt(&pa).unwrap();
+    let c2 = ctl.switch_prompt_with(|| Ok(pb.clone())).unwrap();
+    assert!(!c2.superseded && c2.applies_from >= c1);
+}
+
+#[test]
+fn a_cancel_during_an_encode_ends_the_switch_and_a_stopped_stream_encodes_nothing() {
+    let engine = Engine::open(None).unwrap();
+    let mut st = Stream::open(
+        &engine,
+        opts(Schedule::Sequential),
+        NoiseSource::Seeded(7),
+        prompt(&engine, 1),
+        StreamOptions::default(),
+    )
+    .unwrap();
+    next(&mut st);
+    let ctl = st.control();
+    let (h, started, release) = held_switch(ctl.clone(), prompt(&engine, 2));
+    started.recv().unwrap();
+    ctl.cancel();
+    assert!(matches!(st.next_block(None), Err(Error::Cancelled)));
+    release.send(()).unwrap();
+    assert!(matches!(h.join().unwrap(), Err(Error::Cancelled)));
+    let mut encoded = false;
+    let r = ctl.switch_prompt_with(|| {
+        encoded = true;
+        Ok(prompt(&engine, 3))
+    });
+    assert!(matches!(r, Err(Error::Cancelled)));
+    assert!(!encoded, "a stopped stream does not run the encoder");
+}
+
+#[test]
+fn text_switches_report_cache_hits_on_either_encode_pool() {
+    let engine = Engine::open(None).unwrap();
+    for threads in [Some(0), Some(1), None] {
+        let enc = Arc::new(TextEncoder::tiny(0));
+        let mut st = Stream::open(
+            &engine,
+            opts(Schedule::Sequential),
+            NoiseSource::Seeded(8),
+            prompt(&engine, 1),
+            StreamOptions {
+                text_encoder: Some(enc.clone()),
+                switch_encode_threads: threads,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        next(&mut st);
+        let ctl = st.control();
+        let a = ctl.switch_prompt_text_report("a red fox").unwrap();
+        assert!(!a.cached && !a.superseded, "{threads:?}");
+        assert_eq!(enc.cached(), 1);
+        next(&mut st);
+        let b = ctl.switch_prompt_text_report("a red fox").unwrap();
+        assert!(
+            b.cached,
+            "{threads:?}: the second switch to the same text is a cache hit"
+        );
+        assert!(b.applies_from >= a.applies_from);
+    }
+}

@@ -365,9 +365,12 @@ bc_status bc_stream_next(bc_stream *st, int32_t timeout_ms, bc_stream_block *out
 bc_status bc_stream_switch_prompt(bc_stream *st, const float *embeds, uint32_t rows,
                                   uint32_t cols, uint64_t *applies_from);
 
-/* bc_stream_switch_prompt with a UTF-8 text prompt, encoded (on the calling thread) by the
-   engine's text encoder. Errors: as bc_stream_switch_prompt, and BC_ERR_INVALID_ARGUMENT for a
-   NULL or invalid UTF-8 text or an engine without a text encoder. */
+/* bc_stream_switch_prompt with a UTF-8 text prompt, encoded by the engine's text encoder on
+   the stream's own lower-priority threads while the call waits; the stream goes on meanwhile.
+   The latest call wins: a call overtaken by a later one (whose encode finished first) writes
+   the block the later one applies from, and its own prompt applies to no block. Errors: as
+   bc_stream_switch_prompt, and BC_ERR_INVALID_ARGUMENT for a NULL or invalid UTF-8 text or an
+   engine without a text encoder. */
 bc_status bc_stream_switch_prompt_text(bc_stream *st, const char *utf8, uint64_t *applies_from);
 
 /* Stops and closes a stream; frees its blocks and makes its session usable again. A thread

@@ -461,6 +461,37 @@ struct BenchArgs {
     /// Where --text-encoder runs (cuda: the 24 layers uploaded in bf16, 9.3 GB of GPU memory).
     #[arg(long, value_enum, default_value = "cpu")]
     text_encoder_device: BackendArg,
+    /// Instead: prompt-switch latency and block stall in a live stream (--switches text switches
+    /// during an unpaced stream; docs/streams.md). The encoder runs on --text-encoder-device;
+    /// --cascade uses lag 1.
+    #[arg(long)]
+    switch: bool,
+    /// With --switch: the built-in model.
+    #[arg(long, default_value = "tiny")]
+    switch_model: String,
+    /// With --switch: the DiT's backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    switch_backend: BackendArg,
+    /// With --switch: a real umT5 encoder folder instead of a random one of the model's width.
+    #[arg(long, value_name = "DIR")]
+    switch_encoder_dir: Option<PathBuf>,
+    /// With --switch: layers of the random encoder.
+    #[arg(long, default_value_t = 24)]
+    switch_encoder_layers: usize,
+    /// With --switch: FFN width of the random encoder.
+    #[arg(long, default_value_t = 8192)]
+    switch_encoder_ffn: usize,
+    /// With --switch: switches (the last repeats the first text: a cached one).
+    #[arg(long, default_value_t = 4)]
+    switches: usize,
+    /// With --switch: blocks between switches.
+    #[arg(long, default_value_t = 16)]
+    switch_gap_blocks: usize,
+    /// With --switch: where switch texts are encoded: a number of threads of the stream's own
+    /// lower-priority pool (0: one per core, the default), or `shared` (rayon's global pool,
+    /// with a CPU DiT).
+    #[arg(long, default_value = "0")]
+    switch_encode_threads: String,
 }
 
 fn main() -> ExitCode {
@@ -1054,6 +1085,47 @@ fn scaling_cmd(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn switch_bench_cmd(a: &BenchArgs) -> Result<()> {
+    use blockcascade::bench::switch::{run, table, SwitchBenchOptions, SwitchEncoder};
+    let encode_threads = match a.switch_encode_threads.trim() {
+        "shared" => None,
+        n => Some(n.parse::<usize>().map_err(|_| {
+            Error::invalid(format!(
+                "--switch-encode-threads: expected a number or `shared`, got {n:?}"
+            ))
+        })?),
+    };
+    let model = a.switch_model.trim();
+    let (h, w, _) = bench::shapes(model);
+    let o = SwitchBenchOptions {
+        model: model.to_string(),
+        latent: (h, w),
+        cascade: a.cascade,
+        backend: a.switch_backend.into(),
+        encoder: match &a.switch_encoder_dir {
+            Some(d) => SwitchEncoder::Dir(d.clone()),
+            None => SwitchEncoder::Random {
+                dim_attn: 1024,
+                ffn: a.switch_encoder_ffn,
+                heads: 8,
+                layers: a.switch_encoder_layers,
+            },
+        },
+        text_device: TextDevice::for_backend(a.text_encoder_device.into()),
+        encode_threads,
+        switches: a.switches,
+        gap_blocks: a.switch_gap_blocks,
+        ..Default::default()
+    };
+    let r = run(&o)?;
+    eprint!("{}", table(&r));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.to_string()))?
+    );
+    Ok(())
+}
+
 fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.model_scaling {
         return scaling_cmd(&a);
@@ -1068,6 +1140,9 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         )?;
         eprint!("{}", blockcascade::decode::bench_table(&results));
         return Ok(());
+    }
+    if a.switch {
+        return switch_bench_cmd(&a);
     }
     if a.text_encoder {
         let cfg = blockcascade::text::Umt5Config::xxl();

@@ -25,6 +25,7 @@ mod wan_vae;
 mod weights;
 
 pub use background::{hold_device_decodes, BackgroundDecoder, PixelOutputs, QUEUE_BLOCKS};
+pub(crate) use bench::process_cpu_ms;
 pub use bench::{
     bench_conv, bench_decode, bench_decode_device, conv_table, decoder_conv_shapes,
     table as bench_table, ConvShape, DecodeBench, DeviceDecodeBench,

@@ -698,6 +698,19 @@ unsafe fn text_prompt(
     text: Option<&TextEncoder>,
     utf8: *const c_char,
 ) -> Result<PromptEmbeds> {
+    let (enc, prompt) = prompt_text(text, utf8)?;
+    enc.prompt_embeds(prompt, engine.config())
+}
+
+/// The text of a C prompt string and the engine's text encoder `text` that will encode it
+/// (its absence is this call's error).
+///
+/// # Safety
+/// `utf8` is NULL or a NUL-terminated string that outlives the result.
+unsafe fn prompt_text<'a>(
+    text: Option<&TextEncoder>,
+    utf8: *const c_char,
+) -> Result<(&TextEncoder, &'a str)> {
     if utf8.is_null() {
         return invalid("the prompt text is NULL");
     }
@@ -712,7 +725,7 @@ unsafe fn text_prompt(
             "the engine has no text encoder: open it with bc_engine_options.text_encoder set",
         )
     })?;
-    enc.prompt_embeds(prompt, engine.config())
+    Ok((enc, prompt))
 }
 
 /// Sets the prompt as text (and removes prompt switches).

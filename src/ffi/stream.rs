@@ -7,7 +7,7 @@
 
 use super::sys::*;
 use super::{
-    check_size, guard, invalid, read_prompt, read_struct, register, registry, text_prompt,
+    check_size, guard, invalid, prompt_text, read_prompt, read_struct, register, registry,
     with_session, write_struct, Failure, Object, Session,
 };
 use crate::noise::{NoiseSource, RecordedNoise};
@@ -134,6 +134,7 @@ pub unsafe extern "C" fn bc_stream_open(
                 target_fps: o.target_fps,
                 decoder,
                 decoder_device: Some(sess.decoder_device),
+                switch_encode_threads: Some(0),
                 text_encoder: sess.text.clone(),
             };
             let noise = match &sess.noise {
@@ -284,8 +285,9 @@ pub unsafe extern "C" fn bc_stream_switch_prompt_text(
 ) -> bc_status {
     guard("bc_stream_switch_prompt_text", || {
         let entry = lookup_stream(st)?;
-        let p = text_prompt(&entry.engine, entry.text.as_deref(), utf8)?;
-        report_switch(applies_from, entry.control.switch_prompt(&p))
+        // Encoded on the stream's switch encoder pool, ordered with the other switches.
+        let (_, text) = prompt_text(entry.text.as_deref(), utf8)?;
+        report_switch(applies_from, entry.control.switch_prompt_text(text))
     })
 }
 

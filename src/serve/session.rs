@@ -3,7 +3,7 @@
 
 use super::protocol::{Action, Incoming, Protocol, ServerMessage};
 use super::{Shared, Slot};
-use crate::stream::{Stream, StreamBlock, StreamControl, StreamOptions};
+use crate::stream::{Stream, StreamBlock, StreamControl, StreamOptions, SwitchReport};
 use crate::{Error, NoiseSource, Result};
 use axum::extract::ws::{Message, WebSocket};
 use std::sync::Arc;
@@ -42,10 +42,18 @@ const POLL: Duration = Duration::from_millis(100);
 pub(super) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
     let mut proto = Protocol::new();
     let mut live: Option<Live> = None;
+    // Prompt switches encode off this loop, so that blocks keep going out meanwhile.
+    let (acks, mut acked) = mpsc::channel::<ServerMessage>(1);
+    let mut sw = Switching {
+        acks,
+        in_flight: false,
+        pending: None,
+    };
     loop {
         tokio::select! {
             // The client's messages first: a switch or a stop waits for at most the block
-            // being sent, never for the blocks queued behind it.
+            // being sent, never for the blocks queued behind it. Then switch answers (rare
+            // and small: a stream that always has a block ready does not hold them back).
             biased;
             msg = socket.recv() => {
                 let Some(Ok(msg)) = msg else { break };
@@ -56,7 +64,17 @@ pub(super) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
                     // Pings are answered by the WebSocket layer.
                     Message::Ping(_) | Message::Pong(_) => continue,
                 };
-                if !act(action, &mut socket, &shared, &mut proto, &mut live).await {
+                if !act(action, &mut socket, &shared, &mut proto, &mut live, &mut sw).await {
+                    break;
+                }
+            }
+            Some(reply) = acked.recv() => {
+                sw.in_flight = false;
+                // The newest switch that waited for this one goes next.
+                if let (Some(prompt), Some(l)) = (sw.pending.take(), live.as_ref()) {
+                    sw.start(l, prompt);
+                }
+                if !send(&mut socket, reply).await {
                     break;
                 }
             }
@@ -124,32 +142,37 @@ async fn act(
     shared: &Arc<Shared>,
     proto: &mut Protocol,
     live: &mut Option<Live>,
+    sw: &mut Switching,
 ) -> bool {
     match action {
         Action::Nothing => true,
         Action::Reply(m) => send(socket, m).await,
         Action::Stop => {
             end(live, proto).await;
-            true
+            sw.drop_pending(socket).await
         }
         Action::Switch { prompt } => {
             let Some(l) = live.as_ref() else {
                 return send(socket, ServerMessage::error("no stream is running")).await;
             };
-            let control = l.control.clone();
-            // Encoding the text runs the text encoder: not on the runtime's threads.
-            let r = tokio::task::spawn_blocking(move || control.switch_prompt_text(&prompt)).await;
-            let reply = match r {
-                Ok(Ok(b)) => ServerMessage::PromptAck { applies_from: b },
-                Ok(Err(e)) => ServerMessage::error(format!("prompt switch refused: {e}")),
-                Err(_) => ServerMessage::error("prompt switch failed (internal error)"),
-            };
-            send(socket, reply).await
+            if !sw.in_flight {
+                sw.start(l, prompt);
+                return true;
+            }
+            // One encode at a time per connection: the newest switch waits for it, and one
+            // that waited is replaced (the latest switch wins).
+            match sw.pending.replace(prompt) {
+                Some(_) => send(socket, ServerMessage::error(REPLACED)).await,
+                None => true,
+            }
         }
         Action::Start { prompt, seed } => {
             // A new start replaces this connection's stream: the old one goes first, so that
             // its place is free again.
             end(live, proto).await;
+            if !sw.drop_pending(socket).await {
+                return false;
+            }
             let Some(slot) = Slot::acquire(shared) else {
                 let _ = send(socket, ServerMessage::Busy).await;
                 let _ = socket.send(Message::Close(None)).await;
@@ -178,6 +201,63 @@ async fn act(
     }
 }
 
+/// The answer to a switch replaced by a later one while it waited for an encode.
+const REPLACED: &str =
+    "prompt switch not applied: a later switch replaced it while an earlier one was encoding";
+
+/// A connection's prompt switches: at most one encoding (off the connection's loop), and the
+/// newest one waiting for it.
+struct Switching {
+    /// Where the encoding switch answers.
+    acks: mpsc::Sender<ServerMessage>,
+    in_flight: bool,
+    pending: Option<String>,
+}
+
+impl Switching {
+    /// Starts encoding `prompt` for `live`'s stream on the blocking pool (not on the
+    /// runtime's threads); its answer comes through `acks`.
+    fn start(&mut self, live: &Live, prompt: String) {
+        let control = live.control.clone();
+        let acks = self.acks.clone();
+        self.in_flight = true;
+        tokio::spawn(async move {
+            let r = tokio::task::spawn_blocking(move || control.switch_prompt_text_report(&prompt))
+                .await;
+            let _ = acks.send(switch_reply(r)).await;
+        });
+    }
+
+    /// The stream ended: a switch still waiting is answered and dropped (it was for that
+    /// stream); `false` when the connection is gone.
+    async fn drop_pending(&mut self, socket: &mut WebSocket) -> bool {
+        match self.pending.take() {
+            Some(_) => {
+                let m = "prompt switch not applied: the stream stopped before it was encoded";
+                send(socket, ServerMessage::error(m)).await
+            }
+            None => true,
+        }
+    }
+}
+
+/// The answer to a prompt switch.
+fn switch_reply(
+    r: std::result::Result<Result<SwitchReport>, tokio::task::JoinError>,
+) -> ServerMessage {
+    match r {
+        Ok(Ok(r)) if r.superseded => ServerMessage::error(format!(
+            "prompt switch not applied: a later switch was ready first (it applies from block {})",
+            r.applies_from
+        )),
+        Ok(Ok(r)) => ServerMessage::PromptAck {
+            applies_from: r.applies_from,
+        },
+        Ok(Err(e)) => ServerMessage::error(format!("prompt switch refused: {e}")),
+        Err(_) => ServerMessage::error("prompt switch failed (internal error)"),
+    }
+}
+
 /// Opens a stream for `prompt` and starts its pump thread (blocking: encodes the prompt).
 fn open(shared: &Arc<Shared>, prompt: &str, seed: u64, slot: Slot) -> Result<Live> {
     let embeds = shared.text.prompt_embeds(prompt, shared.engine.config())?;
@@ -188,6 +268,7 @@ fn open(shared: &Arc<Shared>, prompt: &str, seed: u64, slot: Slot) -> Result<Liv
         target_fps: shared.fps,
         decoder: Some(shared.decoder.clone()),
         decoder_device: Some(shared.decoder_device),
+        switch_encode_threads: Some(0),
         text_encoder: Some(shared.text.clone()),
     };
     let stream = Stream::open(

@@ -305,6 +305,12 @@ impl TextEncoder {
         self.lock_cache().len()
     }
 
+    /// Whether `text` at `text_len` is in the cache (encoding it then costs no encoder run).
+    pub fn is_cached(&self, text: &str, text_len: usize) -> bool {
+        self.lock_cache()
+            .contains_key(&(text.to_string(), text_len))
+    }
+
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<(String, usize), Arc<Encoded>>> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }

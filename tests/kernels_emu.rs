@@ -1174,3 +1174,53 @@ fn tensor_core_fragment_layouts() {
     assert_close("mma via ldmatrix.trans", &d1, &want, 1e-4);
     assert_close("mma via direct B fragments", &d2, &want, 1e-4);
 }
+
+/// Named barriers (`bar.sync` / `bar.arrive`, `cuda/include/barrier.cuh`) under the emulation:
+/// a correct two-half ping-pong gives the exchanged sums; a wrong barrier id, mismatched counts,
+/// a missing arrive, arrivals left at the exit, id 0 and a double arrival are errors, not hangs.
+#[test]
+fn named_barriers_ping_pong_and_their_faults() {
+    let block = 128usize;
+    let (d, orig) = no_hang(move || {
+        let mut rng = Rng::new(23);
+        let mut d = randn(&mut rng, 3 * block, 1.0);
+        let orig = d.clone();
+        emu::test_sync(&mut d, block as u32, 5, 0).map(|_| (d, orig))
+    })
+    .unwrap();
+    let h = block / 2;
+    for b in 0..3 {
+        let x = &orig[b * block..(b + 1) * block];
+        let (lo, up): (f32, f32) = (x[..h].iter().sum(), x[h..].iter().sum());
+        for (t, &v) in d[b * block..(b + 1) * block].iter().enumerate() {
+            let other = if t < h { up } else { lo };
+            let want = 3.0 * other + 3.0 * h as f32;
+            assert!(
+                (v - want).abs() < 1e-3,
+                "block {b} thread {t}: {v} vs {want}"
+            );
+        }
+    }
+    let cases = [
+        (6, "deadlock"),
+        (7, "count"),
+        (8, "deadlock"),
+        (9, "when the block exits"),
+        (10, "ids are 1..15"),
+        (11, "arrives twice"),
+    ];
+    for (mode, text) in cases {
+        let err = no_hang(move || {
+            let mut d = vec![1f32; 2 * 128];
+            emu::test_sync(&mut d, 128, mode, 0)
+        })
+        .expect_err("a broken kernel must fail");
+        assert_eq!(
+            err.kind,
+            LaunchErrorKind::BarrierDivergence,
+            "mode {mode}: {err}"
+        );
+        assert!(err.message.contains(text), "mode {mode}: {err}");
+        assert!(err.message.contains("named barrier"), "mode {mode}: {err}");
+    }
+}

@@ -113,7 +113,7 @@ constexpr size_t kStackBytes = 128 * 1024;
 constexpr size_t kGuardBytes = 4096;
 constexpr int kMaxThreads = 1024;
 
-enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kExited, kFailed };
+enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kAtNamedBar, kExited, kFailed };
 
 const char* kind_name(int kind) {
     static const char* names[] = {"__shfl_sync",   "__shfl_xor_sync", "__shfl_down_sync", "__shfl_up_sync",
@@ -141,6 +141,8 @@ struct Fiber {
     uint64_t result = 0;
     // warp_exchange buffer parity
     int xpar = 0;
+    // the named barrier this thread waits at (kAtNamedBar)
+    int nb_id = 0;
     // cp.async: pending copies (oldest first) and the end index of each committed group
     struct Copy {
         void* dst;
@@ -184,8 +186,18 @@ struct Warpgroup {
     std::vector<size_t> groups;
 };
 
+// One named barrier of a block (bar.sync / bar.arrive id, count): the phase in progress.
+struct NamedBar {
+    int count = 0;                  // threads the phase waits for (0: no arrival yet)
+    int arrived = 0;                // arrivals so far
+    const char* file = nullptr;     // where the phase's first arrival came from
+    int line = 0;
+    std::vector<unsigned char> in;  // per thread: arrived in this phase
+};
+
 struct Block {
     std::vector<Fiber> fibers;
+    NamedBar nbars[kNamedBarriers];
     char* stacks = nullptr;
     size_t stacks_n = 0;
     Ctx sched;
@@ -343,6 +355,84 @@ void cp_async_wait(int n) {
     f->cp_groups.resize(kept);
 }
 
+void named_barrier(int id, int count, bool wait, const char* file, int line) {
+    Block* b = tls_block;
+    Fiber* f = tls_fiber;
+    const int n = (int)b->fibers.size();
+    const char* op = wait ? "bar.sync" : "bar.arrive";
+    if (id <= 0 || id >= kNamedBarriers) {
+        set_error(b, 1, "%s %d, %d at %s:%d (thread %d): named barrier ids are 1..%d here (0 is __syncthreads')", op,
+                  id, count, file, line, f->linear, kNamedBarriers - 1);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    if (count <= 0 || count % 32 || count > n) {
+        set_error(b, 1, "%s %d, %d at %s:%d (thread %d): the thread count must be a multiple of 32 in [32, %d]", op, id,
+                  count, file, line, f->linear, n);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    NamedBar& nb = b->nbars[id];
+    if (nb.in.size() != (size_t)n) nb.in.assign((size_t)n, 0);
+    if (nb.arrived == 0) {
+        nb.count = count;
+        nb.file = file;
+        nb.line = line;
+    } else if (nb.count != count) {
+        set_error(b, 1, "named barrier %d: thread %d arrives at %s:%d with count %d, the phase began with count %d at %s:%d",
+                  id, f->linear, file, line, count, nb.count, nb.file, nb.line);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    if (nb.in[(size_t)f->linear]) {
+        set_error(b, 1, "named barrier %d: thread %d arrives twice in one phase (%s at %s:%d; %d of %d arrived)", id,
+                  f->linear, op, file, line, nb.arrived, nb.count);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    nb.in[(size_t)f->linear] = 1;
+    if (++nb.arrived == nb.count) {
+        // Phase complete: every warp that took part must have arrived whole (.aligned).
+        for (int w = 0; w < n; w += 32) {
+            int k = 0, lanes = std::min(32, n - w);
+            for (int l = 0; l < lanes; ++l) k += nb.in[(size_t)(w + l)];
+            if (k != 0 && k != lanes) {
+                set_error(b, 1, "named barrier %d completed at %s:%d with %d of %d lanes of warp %d arrived (the "
+                          "instruction is .aligned: whole warps)",
+                          id, file, line, k, lanes, w / 32);
+                f->state = kFailed;
+                yield_to_scheduler();
+                std::abort();
+            }
+        }
+        for (auto& g : b->fibers)
+            if (g.state == kAtNamedBar && g.nb_id == id) g.state = kRunnable;
+        std::fill(nb.in.begin(), nb.in.end(), 0);
+        nb.arrived = 0;
+        nb.count = 0;
+        return;
+    }
+    if (!wait) return;
+    f->state = kAtNamedBar;
+    f->nb_id = id;
+    f->file = file;
+    f->line = line;
+    yield_to_scheduler();
+}
+
+// Describes the phase of named barrier `id` in progress (for deadlock messages).
+static std::string named_barrier_state(const Block* b, int id) {
+    const NamedBar& nb = b->nbars[id];
+    char buf[160];
+    snprintf(buf, sizeof buf, "named barrier %d: %d of %d threads arrived (first at %s:%d)", id, nb.arrived, nb.count,
+             nb.file ? nb.file : "?", nb.line);
+    return buf;
+}
+
 // Resolves every warp collective whose mask has fully arrived. Returns the number resolved;
 // sets an error for collectives that can never complete.
 static int resolve_collectives(Block* b) {
@@ -380,6 +470,11 @@ static int resolve_collectives(Block* b) {
             if (g.state == kAtBarrier) {
                 set_error(b, 2, "%s at %s:%d: mask 0x%08x names lane %d, which waits at __syncthreads at %s:%d (deadlock)",
                           kind_name(f.kind), f.file, f.line, m, l, g.file, g.line);
+                return resolved;
+            }
+            if (g.state == kAtNamedBar) {
+                set_error(b, 2, "%s at %s:%d: mask 0x%08x names lane %d, which waits at named barrier %d at %s:%d (deadlock)",
+                          kind_name(f.kind), f.file, f.line, m, l, g.nb_id, g.file, g.line);
                 return resolved;
             }
             if (g.state != kAtCollective || g.kind != f.kind || g.mask != m || g.width != f.width) {
@@ -771,8 +866,8 @@ static int resolve_warpgroups(Block* b) {
         bool ready = true;
         for (int t = base; t < base + 128; ++t) {
             const Fiber& g = b->fibers[t];
-            if (g.state == kAtCollective) {
-                ready = false;  // may still arrive once its warp collective resolves
+            if (g.state == kAtCollective || g.state == kAtNamedBar) {
+                ready = false;  // may still arrive once its warp collective / named barrier resolves
                 continue;
             }
             if (g.state == kExited || g.state == kAtBarrier) {
@@ -808,9 +903,16 @@ static int run_block(Block* b) {
         f.cp_pending.clear();
         f.cp_groups.clear();
         f.wg_kind = 0;
+        f.nb_id = 0;
         ctx_make(&f.ctx, b->stack(i), kStackBytes, fiber_main);
     }
     b->wgs.assign((size_t)(n + 127) / 128, Warpgroup());
+    for (auto& nb : b->nbars) {
+        nb.count = nb.arrived = 0;
+        nb.file = nullptr;
+        nb.line = 0;
+        nb.in.assign((size_t)n, 0);
+    }
     // Uninitialised shared memory: poison dynamic shared memory with NaNs.
     std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
     for (unsigned round = 0;; ++round) {
@@ -825,18 +927,27 @@ static int run_block(Block* b) {
             tls_fiber = nullptr;
             if (b->code) return b->code;
         }
-        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0;
+        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0, at_nb = 0, runnable = 0;
         for (auto& f : b->fibers) {
+            runnable += f.state == kRunnable;  // released by a named barrier after its turn
+            at_nb += f.state == kAtNamedBar;
             exited += f.state == kExited;
             at_bar += f.state == kAtBarrier;
             at_coll += f.state == kAtCollective;
             at_wg += f.state == kAtWarpgroup;
         }
+        if (runnable) continue;
         if (exited == n) {
             for (auto& w : b->wgs)
                 if (!w.pending.empty()) {
                     set_error(b, 3, "wgmma.mma_async at %s:%d never waited for (no wgmma.wait_group completed it)",
                               w.pending[0].file, w.pending[0].line);
+                    return b->code;
+                }
+            for (int id = 1; id < kNamedBarriers; ++id)
+                if (b->nbars[id].arrived) {
+                    set_error(b, 1, "%s when the block exits (arrivals nobody waited for)",
+                              named_barrier_state(b, id).c_str());
                     return b->code;
                 }
             return 0;
@@ -847,7 +958,41 @@ static int run_block(Block* b) {
             if (at_wg) r += resolve_warpgroups(b);
             if (b->code) return b->code;
             if (r) continue;
+            if (at_nb) {
+                for (auto& f : b->fibers)
+                    if (f.state == kAtNamedBar) {
+                        set_error(b, 1, "deadlock: thread %d waits at %s:%d, %s; the other threads wait at warp "
+                                  "collectives / wgmma ops that cannot complete",
+                                  f.linear, f.file, f.line, named_barrier_state(b, f.nb_id).c_str());
+                        break;
+                    }
+                return b->code;
+            }
             set_error(b, 2, at_coll ? "unresolvable warp collective" : "unresolvable wgmma warpgroup op");
+            return b->code;
+        }
+        if (at_nb) {
+            // Nothing can run: the waiters of a named barrier wait for threads that exited or wait
+            // at __syncthreads (or at another named barrier).
+            const Fiber* w = nullptr;
+            for (auto& f : b->fibers)
+                if (f.state == kAtNamedBar) {
+                    w = &f;
+                    break;
+                }
+            const Fiber* other = nullptr;
+            for (auto& f : b->fibers)
+                if (f.state == kAtBarrier) {
+                    other = &f;
+                    break;
+                }
+            if (other)
+                set_error(b, 1, "deadlock: thread %d waits at %s:%d, %s; thread %d waits at __syncthreads at %s:%d", w->linear,
+                          w->file, w->line, named_barrier_state(b, w->nb_id).c_str(), other->linear, other->file,
+                          other->line);
+            else
+                set_error(b, 1, "deadlock: thread %d waits at %s:%d, %s; %d threads exited, %d wait at named barriers",
+                          w->linear, w->file, w->line, named_barrier_state(b, w->nb_id).c_str(), exited, at_nb);
             return b->code;
         }
         // Only barrier waiters and exited threads remain.

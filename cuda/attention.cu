@@ -692,8 +692,8 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             // (the other may issue), D. wait_group 1, softmax of S(t+1) (deferred rescale),
             // wait_group 0, rescale O, pack P(t+1). Warpgroup 0's D overlaps warpgroup 1's
             // mma and the other way round. Warpgroup 1 arrives once at SCHED + 0 before the
-            // loop (warpgroup 0 goes first) and not after its last tile (every arrival is waited
-            // for). The warpgroups do the protocol whether or not their rows are active.
+            // loop (warpgroup 0 goes first), and warpgroup 0 waits once more after it (every
+            // arrival is waited for). Both warpgroups run it whether or not their rows are active.
             // K/V: V runs one tile behind K (the stage of tile j holds K(j) and V(j), filled at
             // different times). refill() = R(j): wait for this thread's copies of K(j+1), V(j)
             // (issued by R(j-1)), fence.proxy.async, bar.sync TILE (everyone's have landed), then
@@ -722,39 +722,39 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
                 refill();
             }
             int st = 0;  // stage of tile t
+            // (every warpgroup computes, active or not: rows past the group end have zero Q, and
+            // a wgmma or its wait under a condition makes ptxas serialize them, C7518 / C7520)
             for (AttCursor c{si, k0, seg, have}; c.have;) {
                 const int st1 = st == 2 ? 0 : st + 1;
                 bc_bar_sync(ATT_BAR_SCHED + wg, Cfg::NT);
-                if (active) {
-                    bc_wgmma_fence_operand(of);
-                    bc_wgmma_fence_operand(d);
-                    bc_wgmma_fence();
-                    att_wg_s<Cfg>(dq, dk0 + st1 * SB, d);  // (past the last tile: discarded)
-                    att_wg_pv<Cfg>(dv0 + st * SB, pa, of);
-                }
-                if (wg == 0 || c1.have) bc_bar_arrive(ATT_BAR_SCHED + 1 - wg, Cfg::NT);
+                bc_wgmma_fence_operand(of);
+                bc_wgmma_fence_operand(d);
+                bc_wgmma_fence();
+                att_wg_s<Cfg>(dq, dk0 + st1 * SB, d);  // (past the last tile: discarded)
+                att_wg_pv<Cfg>(dv0 + st * SB, pa, of);
+                bc_bar_arrive(ATT_BAR_SCHED + 1 - wg, Cfg::NT);
                 if (wg == 1 && c1.have) refill();
-                if (active) {
-                    bc_wgmma_wait<1>();  // S(t+1); P(t) V(t) may still run
-                    bc_wgmma_fence_operand(d);
-                    bool grew = false;
-                    if (c1.have) {
-                        const int kn = min(BK, c1.seg.tokens - c1.k0);
-                        grew = kn == BK ? att_wg_softmax<Cfg, false>(d, o, m, l, alpha, qscale, kn, t)
-                                        : att_wg_softmax<Cfg, true>(d, o, m, l, alpha, qscale, kn, t);
-                    }
-                    bc_wgmma_wait<0>();  // P(t) V(t): O and pa are free
-                    bc_wgmma_fence_operand(of);
-                    if (grew) att_rescale_o<Cfg>(o, alpha);
-#pragma unroll
-                    for (int kk = 0; kk < BK / 16; ++kk)
-                        att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
+                bc_wgmma_wait<1>();  // S(t+1); P(t) V(t) may still run
+                bc_wgmma_fence_operand(d);
+                bool grew = false;
+                if (c1.have) {
+                    const int kn = min(BK, c1.seg.tokens - c1.k0);
+                    grew = kn == BK ? att_wg_softmax<Cfg, false>(d, o, m, l, alpha, qscale, kn, t)
+                                    : att_wg_softmax<Cfg, true>(d, o, m, l, alpha, qscale, kn, t);
                 }
+                bc_wgmma_wait<0>();  // P(t) V(t): O and pa are free
+                bc_wgmma_fence_operand(of);
+                if (grew) att_rescale_o<Cfg>(o, alpha);
+#pragma unroll
+                for (int kk = 0; kk < BK / 16; ++kk)
+                    att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
                 if (wg == 0 && c1.have) refill();
                 c = c1;
                 c1 = att_advance(p, grp, c1, BK);
                 st = st1;
             }
+            // Warpgroup 1 arrived after its last tile too: warpgroup 0 takes that phase.
+            if (have && wg == 0) bc_bar_sync(ATT_BAR_SCHED, Cfg::NT);
         } else {
             int st = 0;  // stage of tile t
             for (AttCursor c{si, k0, seg, have}; c.have;) {

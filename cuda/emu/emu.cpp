@@ -143,6 +143,9 @@ struct Fiber {
     int xpar = 0;
     // the named barrier this thread waits at (kAtNamedBar)
     int nb_id = 0;
+    // 16-byte chunks of dynamic shared memory this thread's cp.async landed (at its wait) that
+    // it has not yet published by arriving at a barrier (Block::unpub)
+    std::vector<size_t> landed;
     // cp.async: pending copies (oldest first) and the end index of each committed group
     struct Copy {
         void* dst;
@@ -177,6 +180,7 @@ struct WgOp {
     unsigned a[128][4];
     std::vector<float> cin;  // [128][n/2]: D before the op (the input when scale_d != 0)
     bool chained[128];       // D's input comes from the previous queued op on the same registers
+    std::vector<unsigned char> unpub;  // Block::unpub when the op was issued (its reads must be visible then)
 };
 
 // The wgmma state of one warpgroup: queued mma ops, oldest first, and the queue lengths at
@@ -208,6 +212,10 @@ struct Block {
     std::vector<uint64_t> smem;  // backing store of dynamic shared memory (see smem_base)
     unsigned char* smem_base = nullptr;  // dynamic shared memory, at kSmemWindowBase modulo 1024
     size_t smem_bytes = 0;
+    // Per 16-byte chunk of dynamic shared memory: a cp.async landed there at its issuer's wait,
+    // and the issuer has not arrived at a barrier since: other threads, and wgmma's async proxy,
+    // may not see it yet (a wgmma reading it is an error).
+    std::vector<unsigned char> unpub;
     std::vector<Warpgroup> wgs;  // per warpgroup (128 threads) of the block
     std::vector<unsigned char> xbuf;  // warp_exchange slots: [warp][parity][lane][32 bytes]
 
@@ -269,8 +277,16 @@ static void fiber_main() {
 
 void syncthreads(const char* file, int line) { (void)syncthreads_count(0, file, line); }
 
+// A barrier arrival of `f` (__syncthreads, bar.sync, bar.arrive) publishes the cp.async data
+// that landed at its waits before.
+static void publish_landed(Block* b, Fiber* f) {
+    for (size_t c : f->landed) b->unpub[c] = 0;
+    f->landed.clear();
+}
+
 int syncthreads_count(int pred, const char* file, int line) {
     Fiber* f = tls_fiber;
+    publish_landed(tls_block, f);
     f->state = kAtBarrier;
     f->file = file;
     f->line = line;
@@ -347,7 +363,16 @@ void cp_async_wait(int n) {
         if (groups <= (size_t)n) return;
         done = f->cp_groups[groups - 1 - (size_t)n];
     }
-    for (size_t i = 0; i < done; ++i) std::memcpy(f->cp_pending[i].dst, f->cp_pending[i].data, 16);
+    Block* b = tls_block;
+    const uintptr_t base = reinterpret_cast<uintptr_t>(b->smem_base);
+    for (size_t i = 0; i < done; ++i) {
+        std::memcpy(f->cp_pending[i].dst, f->cp_pending[i].data, 16);
+        const uintptr_t a = reinterpret_cast<uintptr_t>(f->cp_pending[i].dst);
+        if (a >= base && a - base < b->smem_bytes) {
+            b->unpub[(a - base) / 16] = 1;
+            f->landed.push_back((a - base) / 16);
+        }
+    }
     f->cp_pending.erase(f->cp_pending.begin(), f->cp_pending.begin() + (std::ptrdiff_t)done);
     size_t kept = 0;
     for (size_t g : f->cp_groups)
@@ -374,6 +399,7 @@ void named_barrier(int id, int count, bool wait, const char* file, int line) {
         yield_to_scheduler();
         std::abort();
     }
+    publish_landed(b, f);
     NamedBar& nb = b->nbars[id];
     if (nb.in.size() != (size_t)n) nb.in.assign((size_t)n, 0);
     if (nb.arrived == 0) {
@@ -424,13 +450,20 @@ void named_barrier(int id, int count, bool wait, const char* file, int line) {
     yield_to_scheduler();
 }
 
-// Describes the phase of named barrier `id` in progress (for deadlock messages).
+// Describes the phase of named barrier `id` in progress (for deadlock messages), then any other
+// barrier with a phase in progress.
 static std::string named_barrier_state(const Block* b, int id) {
-    const NamedBar& nb = b->nbars[id];
-    char buf[160];
-    snprintf(buf, sizeof buf, "named barrier %d: %d of %d threads arrived (first at %s:%d)", id, nb.arrived, nb.count,
-             nb.file ? nb.file : "?", nb.line);
-    return buf;
+    std::string r;
+    for (int k = 0; k < kNamedBarriers; ++k) {
+        const int i = (id + k) % kNamedBarriers;
+        const NamedBar& nb = b->nbars[i];
+        if (k > 0 && nb.arrived == 0) continue;
+        char buf[192];
+        snprintf(buf, sizeof buf, "%snamed barrier %d: %d of %d threads arrived (first at %s:%d)", k ? "; " : "", i,
+                 nb.arrived, nb.count, nb.file ? nb.file : "?", nb.line);
+        r += buf;
+    }
+    return r;
 }
 
 // Resolves every warp collective whose mask has fully arrived. Returns the number resolved;
@@ -638,6 +671,12 @@ static bool wg_load(Block* b, const WgOp& op, unsigned a, const char* what, int 
                   kSmemWindowBase + b->smem_bytes);
         return false;
     }
+    if (op.unpub[(a - kSmemWindowBase) / 16]) {
+        set_error(b, 3, "wgmma at %s:%d: %s element (%d, %d) at shared address 0x%x was written by a cp.async "
+                  "whose thread had not arrived at a barrier after its wait_group when the wgmma was issued (not "
+                  "visible to the other threads nor to wgmma)", op.file, op.line, what, r, k, a);
+        return false;
+    }
     uint16_t v;
     std::memcpy(&v, b->smem_base + (a - kSmemWindowBase), 2);
     *out = __bfloat162float(__ushort_as_bfloat16(v));
@@ -830,6 +869,7 @@ static bool wg_perform(Block* b, int base) {
     op.trans_b = i0.trans_b;
     op.file = f0.file;
     op.line = f0.line;
+    op.unpub = b->unpub;
     const int r = op.n / 2;
     op.cin.assign((size_t)128 * r, 0.f);
     for (int t = 0; t < 128; ++t) {
@@ -904,6 +944,7 @@ static int run_block(Block* b) {
         f.cp_groups.clear();
         f.wg_kind = 0;
         f.nb_id = 0;
+        f.landed.clear();
         ctx_make(&f.ctx, b->stack(i), kStackBytes, fiber_main);
     }
     b->wgs.assign((size_t)(n + 127) / 128, Warpgroup());
@@ -915,6 +956,7 @@ static int run_block(Block* b) {
     }
     // Uninitialised shared memory: poison dynamic shared memory with NaNs.
     std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
+    b->unpub.assign(b->smem_bytes / 16 + 1, 0);
     for (unsigned round = 0;; ++round) {
         // Alternate the order threads run in between scheduling points (forward, backward), so
         // a missing barrier shows up whichever side of the race the kernel got wrong.

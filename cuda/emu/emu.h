@@ -34,7 +34,11 @@
 // kernel must align swizzled tiles itself). Not emulated: TMA and the other Hopper-only
 // features. Named barriers (`bar.sync id, n` / `bar.arrive id, n`, ids 1..15, see
 // named_barrier) count arrivals per phase and release the waiters when `n` threads arrived; their
-// participants may call them from different source lines.
+// participants may call them from different source lines. A wgmma reading dynamic shared memory
+// that a cp.async landed at its thread's wait_group is an error unless that thread had arrived at
+// a barrier (__syncthreads, bar.sync, bar.arrive) since, before the wgmma was issued: the data is
+// not visible to the other threads or the async proxy yet (an approximation: any later arrival of
+// the copying thread counts, not only one the issuing warpgroup waited on).
 #ifndef BC_EMU_EMU_H
 #define BC_EMU_EMU_H
 

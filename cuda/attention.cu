@@ -56,6 +56,14 @@
 //                                 4) bytes; O is 64 f32 registers per thread (16 rows x 128), S
 //                                 32. Sums in another order: checked against the CPU, not for
 //                                 the same bits. See docs/wgmma.md.
+//   bc_attention_wgmma_hd128_{k128,pp,pp_k128}  its variants (AttCfg BK / PP; opt-in, also by
+//                                 BC_ATTN_WGMMA_VARIANT): 128-key tiles (S m64n128k16, 3 stages of
+//                                 64 KB), and ping-pong: the two warpgroups take turns issuing
+//                                 their wgmma, ordered by named barriers (cuda/include/barrier.cuh),
+//                                 with V copied one tile behind K and one all-thread named barrier
+//                                 per tile instead of the block barriers (the PP loop below). The
+//                                 ping-pong kernels must give the bits of their tile size without
+//                                 it (same products, same order).
 // Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
 // stacked along the query rows; warp w owns rows [32w, 32w + 32) of the block's BQ rows. Keys
 // are walked one segment at a time in tiles of BK keys; a tile never crosses a segment end.

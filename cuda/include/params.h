@@ -819,6 +819,10 @@ typedef struct BcDecSoftmaxParams {
 /** `b_mn_major` only: the MN-major B tile read with the K-major instruction form
  * (imm-trans-b = 0; wrong result). */
 #define BC_WGMMA_FAULT_NO_TRANS 7
+/** Emulation only: after the tiles are stored, thread 0 rewrites B's first 16 bytes by
+ * cp.async and waits for it, with no barrier before the wgmma read them (the emulation reports
+ * data the other threads and wgmma need not see yet). */
+#define BC_WGMMA_FAULT_UNPUBLISHED 8
 /** Dynamic shared memory of `bc_wgmma_probe`: A [64][K] and B [256][K] bf16, plus 1024 bytes
  * to align the tiles to the 1024-byte period of the 128-byte swizzle. */
 #define BC_WGMMA_PROBE_SMEM ((64 + BC_WGMMA_PROBE_MAX_N) * BC_WGMMA_PROBE_K * 2 + 1024)

@@ -58,6 +58,7 @@ pub const BC_WGMMA_FAULT_NO_WAIT: u32 = 4;
 pub const BC_WGMMA_FAULT_DIVERGENT: u32 = 5;
 pub const BC_WGMMA_FAULT_LBO: u32 = 6;
 pub const BC_WGMMA_FAULT_NO_TRANS: u32 = 7;
+pub const BC_WGMMA_FAULT_UNPUBLISHED: u32 = 8;
 pub const BC_WGMMA_PROBE_SMEM: u32 = 41984;
 #[doc = " A bfloat16 value stored as its raw bits."]
 pub type bc_bf16 = u16;

@@ -965,7 +965,7 @@ pub fn wgmma_probe_params(
     if !(0..=3).contains(&swizzle) {
         return Err(invalid(k, format!("swizzle = {swizzle}: must be 0..=3")));
     }
-    if !(0..=BC_WGMMA_FAULT_NO_TRANS as i32).contains(&fault) {
+    if !(0..=BC_WGMMA_FAULT_UNPUBLISHED as i32).contains(&fault) {
         return Err(invalid(
             k,
             format!("fault = {fault}: not a BC_WGMMA_FAULT_*"),

@@ -679,7 +679,8 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
         unsigned pa[BK / 16][4];
         float alpha[1][2];
         constexpr uint64_t SB = Sm::STAGEB >> 4;  // a stage, in descriptor units
-        if (active && have) {
+        // (PP: an inactive warpgroup runs the products too, so its P is defined: see the PP loop)
+        if ((active || Cfg::PP) && have) {
             bc_wgmma_fence_operand(d);
             bc_wgmma_fence();
             att_wg_s<Cfg>(dq, dk0, d);

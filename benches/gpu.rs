@@ -5,7 +5,8 @@
 //! 2. Kernels at Wan-1.3B shapes (4680 query tokens = 3 frames of 30x52 patches, 12 heads x
 //!    128): self-attention over 32760 keys (21 frames) and cross-attention over 512 text
 //!    tokens in TFLOP/s (and self-attention at 24 heads x 64 with the mma.sync tiles and, on
-//!    sm_90 with `BC_WGMMA_OK=1`, the wgmma prototype); the GEMMs of a layer in TFLOP/s; the memory-bound fused ops in GB/s.
+//!    sm_90 with `BC_WGMMA_OK=1`, the wgmma prototype and its hd128 variants `_k128`, `_pp`,
+//!    `_pp_k128`); the GEMMs of a layer in TFLOP/s; the memory-bound fused ops in GB/s.
 //! 3. End to end with the `wan-1.3b-shape` model shapes (random weights), 60x104 latents,
 //!    21 frames (7 blocks of 3), 4 steps: ms per block (the 6th block and the steady-state
 //!    mean), FPS (12 video frames per block), sequential vs cascade lag 1..3.
@@ -345,10 +346,11 @@ fn main() {
     // faster) and, on sm_90 once the wgmma layouts passed on this device (the GPU bundle sets
     // BC_WGMMA_OK=1 then), the Hopper wgmma prototype next to them, at Wan's 12 x 128 and below
     // at 24 x 64.
+    // The wgmma tiles: the prototype and its hd128 variants (128-key tiles, ping-pong, both).
     let mut tiles = AttentionTile::ALL.to_vec();
     if g.compute_capability() == Some((9, 0)) {
         if std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1") {
-            tiles.push(AttentionTile::Wgmma64);
+            tiles.extend(AttentionTile::WGMMA);
         } else {
             println!("SKIP attention wgmma64: BC_WGMMA_OK is not 1 (the wgmma layout probe did not pass or did not run)");
         }
@@ -377,8 +379,12 @@ fn main() {
             peak: peak_tflops,
         });
     }
-    // head_dim 64 (24 x 64, the same buffers and FLOPs), the same tiles.
-    for tile in tiles {
+    // head_dim 64 (24 x 64, the same buffers and FLOPs), the same tiles (the wgmma variants
+    // differ only above head_dim 64: their hd64 kernel is the prototype's, timed once).
+    for tile in tiles
+        .into_iter()
+        .filter(|t| !t.is_wgmma() || *t == AttentionTile::Wgmma64)
+    {
         let ms = time_ms(&mut g, 5, |g| {
             ops::attention(g, q, out, 2 * heads, hd / 2, sd, id, gd, 1, n, tile).unwrap()
         });

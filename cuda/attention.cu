@@ -56,6 +56,14 @@
 //                                 4) bytes; O is 64 f32 registers per thread (16 rows x 128), S
 //                                 32. Sums in another order: checked against the CPU, not for
 //                                 the same bits. See docs/wgmma.md.
+//   bc_attention_wgmma_hd128_{k128,pp,pp_k128}  its variants (AttCfg BK / PP; opt-in, also by
+//                                 BC_ATTN_WGMMA_VARIANT): 128-key tiles (S m64n128k16, 3 stages of
+//                                 64 KB), and ping-pong: the two warpgroups take turns issuing
+//                                 their wgmma, ordered by named barriers (cuda/include/barrier.cuh),
+//                                 with V copied one tile behind K and one all-thread named barrier
+//                                 per tile instead of the block barriers (the PP loop below). The
+//                                 ping-pong kernels must give the bits of their tile size without
+//                                 it (same products, same order).
 // Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
 // stacked along the query rows; warp w owns rows [32w, 32w + 32) of the block's BQ rows. Keys
 // are walked one segment at a time in tiles of BK keys; a tile never crosses a segment end.
@@ -102,6 +110,7 @@
 // logits (online rescaling), cross-attention with 512 keys; both row tiles bit-identical.
 // Real-GPU speed and the hardware fragment layouts are checked by tests/cuda.rs / benches on a
 // GPU only.
+#include "include/barrier.cuh"
 #include "include/mma.cuh"
 #include "include/wgmma.cuh"
 
@@ -111,8 +120,10 @@ namespace {
 /// registers (else read from shared memory at each k-step). Shared memory: 2 stages x (K + V)
 /// x BK x HDMAX bf16, then Q [BQ x HDMAX] (QREG: Q is staged in stage 1, so 2 * BK >= BQ).
 /// WG: S = Q K^T by wgmma (one warpgroup, MT = 1: warp w owns rows 16w..16w+15 of the m64
-/// tile), the tiles start on a 1024-byte boundary (ALIGN bytes of slack).
-template <int HDMAX_, int WARPS, int BK_, bool QREG_, int MT_ = 2, bool WG_ = false>
+/// tile), the tiles start on a 1024-byte boundary (ALIGN bytes of slack). PP (two
+/// warpgroups): ping-pong, the warpgroups take turns on the tensor cores (named barriers, see
+/// the PP loop of bc_attention_impl).
+template <int HDMAX_, int WARPS, int BK_, bool QREG_, int MT_ = 2, bool WG_ = false, bool PP_ = false>
 struct AttCfg {
     static constexpr int HDMAX = HDMAX_;
     static constexpr int NT = WARPS * 32;  // threads per block
@@ -122,6 +133,7 @@ struct AttCfg {
     static constexpr int BK = BK_;
     static constexpr bool QREG = QREG_;
     static constexpr bool WG = WG_;
+    static constexpr bool PP = PP_;
     static constexpr int ALIGN = WG ? 1024 : 0;
     // K/V stages: 2 (double buffering), 3 for wgmma (the next tile's K is read by the S wgmma
     // while this tile's V is read by P V, and the tile after next is in flight).
@@ -131,10 +143,11 @@ struct AttCfg {
     static constexpr int SMEM_BYTES = KV_BYTES + (QREG ? 0 : BQ * HDMAX * 2) + ALIGN;
     static_assert(BK % 16 == 0 && (!QREG || (2 * BK >= BQ && STAGES == 2)), "QREG: Q is staged in K/V stage 1");
     static_assert(HDMAX % 64 == 0, "swizzle needs rows of >= 8 chunks");
-    static_assert(!WG || ((HDMAX == 64 || HDMAX == 128) && NT % 128 == 0 && MT == 1 && BK == 64 && !QREG),
-                  "wgmma: whole warpgroups of 64 rows (MT = 1), m64n64 S tiles, Q read by descriptor; Q (per "
-                  "warpgroup) and K tiles of 64 rows each stored as 64-column blocks of 128-byte rows (the 128B "
-                  "swizzle)");
+    static_assert(!WG || ((HDMAX == 64 || HDMAX == 128) && NT % 128 == 0 && MT == 1 &&
+                          (BK == 64 || (BK == 128 && BQ == 128)) && !QREG),
+                  "wgmma: whole warpgroups of 64 rows (MT = 1), m64n64 or (two warpgroups) m64n128 S tiles, Q read "
+                  "by descriptor; Q and K tiles stored as 64-column blocks of 128-byte rows (the 128B swizzle)");
+    static_assert(!PP || (WG && NT == 256), "ping-pong: two warpgroups");
 };
 // The variants (params.h): 64 query rows per block (2 warps) and 128 rows (4 warps); hd64 with
 // 64-key tiles and Q in registers (32 KB of static shared memory), hd128 with 32-key tiles and
@@ -154,6 +167,19 @@ using AttWgHd128 = AttCfg<128, BC_ATTN_WGMMA_HD128_THREADS / 32, BC_ATTN_HD64_BK
 static_assert(AttWgHd64::BQ == BC_ATTN_WGMMA_BQ && AttWgHd64::SMEM_BYTES == BC_ATTN_WGMMA_SMEM &&
                   AttWgHd128::BQ == BC_ATTN_WGMMA_HD128_BQ && AttWgHd128::SMEM_BYTES == BC_ATTN_WGMMA_HD128_SMEM,
               "params.h wgmma attention");
+// Its variants (hd128, two warpgroups): 128-key tiles (S m64n128, 64 f32 registers per thread;
+// 3 stages of 64 KB), and ping-pong scheduling with 64- or 128-key tiles.
+using AttWgHd128K128 = AttCfg<128, BC_ATTN_WGMMA_HD128_THREADS / 32, BC_ATTN_WGMMA_K128_BK, false, 1, true>;
+using AttWgHd128Pp = AttCfg<128, BC_ATTN_WGMMA_HD128_THREADS / 32, BC_ATTN_HD64_BK, false, 1, true, true>;
+using AttWgHd128PpK128 = AttCfg<128, BC_ATTN_WGMMA_HD128_THREADS / 32, BC_ATTN_WGMMA_K128_BK, false, 1, true, true>;
+static_assert(AttWgHd128K128::SMEM_BYTES == BC_ATTN_WGMMA_K128_SMEM && AttWgHd128Pp::SMEM_BYTES == BC_ATTN_WGMMA_HD128_SMEM &&
+                  AttWgHd128PpK128::SMEM_BYTES == BC_ATTN_WGMMA_K128_SMEM,
+              "params.h wgmma attention variants");
+/// Named barriers of the ping-pong kernels (0 is __syncthreads'): ATT_BAR_TILE, all threads: a K/V
+/// tile has landed (everyone's copies) and a stage may be refilled; ATT_BAR_SCHED + j: warpgroup j
+/// may issue its wgmma (the other warpgroup has issued its own).
+constexpr int ATT_BAR_TILE = 1;
+constexpr int ATT_BAR_SCHED = 2;
 
 /// Two floats as a bf16 pair in one register (low half = `lo`).
 __device__ __forceinline__ unsigned att_pack(float lo, float hi) {
@@ -213,9 +239,12 @@ struct AttSmem {
     static constexpr int RP = NT / 8;             // rows per copy pass of the block
     static_assert(RP % 8 == 0 && BK % RP == 0 && Cfg::BQ % RP == 0,
                   "a thread copies the same chunks of rows that agree mod 8 (one swizzle)");
-    // Q rows: 64-row tiles QTS bytes apart (WG: each warpgroup's m64 tile is a K-tile-like
-    // [HDMAX / 64 column blocks][64 rows][128 bytes]; otherwise plain rows, QTS = 64 RS).
-    static constexpr int QTS = Cfg::WG ? 64 * ROWB : 64 * RS;
+    // Q rows: 64-row tiles QTS bytes apart (WG: Q's column blocks are CB apart like K's, since
+    // one descriptor step walks both; with 64-key tiles each warpgroup's m64 tile is a K-tile-like
+    // [HDMAX / 64 column blocks][64 rows][128 bytes], with 128-key tiles the 128 Q rows are one
+    // such tile of 128 rows, warpgroup 1's rows 8 KB into each block; otherwise plain rows,
+    // QTS = 64 RS).
+    static constexpr int QTS = Cfg::WG ? (BK == 128 ? 64 * RS : 64 * ROWB) : 64 * RS;
     static_assert(!Cfg::WG || 64 % RP == 0, "a copy pass stays inside one 64-row Q tile");
     /// Offset of Q row `row` (a multiple of RP: the pass's first row) from the Q region.
     __host__ __device__ static constexpr int q_row(int row) { return (row / 64) * QTS + (row % 64) * RS; }
@@ -541,7 +570,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             }
         }
     }
-    auto load_kv = [&](int stage, const BcKvSegment& seg, int k0) {
+    auto load_kv = [&](int stage, const BcKvSegment& seg, int k0, bool do_k = true, bool do_v = true) {
         const int kn = min(BK, seg.tokens - k0);
         const size_t off0 = (size_t)(k0 + sm.r) * p.kv_stride + h * hd + 8 * sm.c;
         const bc_saddr dst = base + stage * Sm::STAGEB + sm.dst;
@@ -552,8 +581,8 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
                 const bool ok = sm.c + 8 * k < cpr && sm.r + i * Sm::RP < kn;
                 const size_t off = ok ? off0 + (size_t)i * Sm::RP * p.kv_stride + 64 * k : 0;
                 const bc_saddr d = dst + i * Sm::RP * Sm::RS + Sm::CB * k;
-                bc_cp_async16_zfill(d, seg.k + off, ok ? 16 : 0);
-                bc_cp_async16_zfill(d + Sm::TILEB, seg.v + off, ok ? 16 : 0);
+                if (do_k) bc_cp_async16_zfill(d, seg.k + off, ok ? 16 : 0);
+                if (do_v) bc_cp_async16_zfill(d + Sm::TILEB, seg.v + off, ok ? 16 : 0);
             }
         }
     };
@@ -567,7 +596,8 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
     (void)c1;
     if constexpr (Cfg::WG) {
         c1 = att_advance(p, grp, c1, BK);
-        if (c1.have) load_kv(1, c1.seg, c1.k0);
+        // (PP: V runs one tile behind K, tile 1's V comes with tile 2's K)
+        if (c1.have) load_kv(1, c1.seg, c1.k0, true, !Cfg::PP);
         bc_cp_async_commit();
         bc_cp_async_wait_group<1>();  // Q and tile 0
     } else {
@@ -649,7 +679,8 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
         unsigned pa[BK / 16][4];
         float alpha[1][2];
         constexpr uint64_t SB = Sm::STAGEB >> 4;  // a stage, in descriptor units
-        if (active && have) {
+        // (PP: an inactive warpgroup runs the products too, so its P is defined: see the PP loop)
+        if ((active || Cfg::PP) && have) {
             bc_wgmma_fence_operand(d);
             bc_wgmma_fence();
             att_wg_s<Cfg>(dq, dk0, d);
@@ -663,25 +694,55 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             for (int kk = 0; kk < BK / 16; ++kk)
                 att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
         }
-        int st = 0;  // stage of tile t
-        for (AttCursor c{si, k0, seg, have}; c.have;) {
-            const AttCursor c2 = att_advance(p, grp, c1, BK);
-            __syncthreads();  // every warpgroup is done with tile t-1: its stage takes tile t+2
-            const int st1 = st == 2 ? 0 : st + 1, st2 = st1 == 2 ? 0 : st1 + 1;
-            if (c2.have) load_kv(st2, c2.seg, c2.k0);
-            bc_cp_async_commit();
-            bc_cp_async_wait_group<1>();  // tile t+1 has landed (this thread's copies) ...
-            bc_fence_proxy_async();       // (visible to wgmma's async proxy)
-            __syncthreads();              // ... and everyone's
-            if (active) {
+        if constexpr (Cfg::PP) {
+            // Ping-pong (two warpgroups, no block-wide barrier in the loop). Per tile t, warpgroup
+            // j: A. bar.sync SCHED + j (the other warpgroup has issued its wgmma: they reach the
+            // tensor cores in turns), B. issue S(t+1) and P(t) V(t), C. bar.arrive SCHED + 1 - j
+            // (the other may issue), D. wait_group 1, softmax of S(t+1) (deferred rescale),
+            // wait_group 0, rescale O, pack P(t+1). Warpgroup 0's D overlaps warpgroup 1's
+            // mma and the other way round. Warpgroup 1 arrives once at SCHED + 0 before the
+            // loop (warpgroup 0 goes first), and warpgroup 0 waits once more after it (every
+            // arrival is waited for). Both warpgroups run it whether or not their rows are active.
+            // K/V: V runs one tile behind K (the stage of tile j holds K(j) and V(j), filled at
+            // different times). refill() = R(j): wait for this thread's copies of K(j+1), V(j)
+            // (issued by R(j-1)), fence.proxy.async, bar.sync TILE (everyone's have landed), then
+            // copy K(j+2) into the stage of K(j-1) and V(j+1) into the stage of V(j-2). R(0) before
+            // the loop; R(t+1) in tile t, warpgroup 0 after D(t), warpgroup 1 between C(t) and
+            // D(t): both warpgroups are then past D(t-1), which waited for S(t) (the last reader of
+            // K(t) = K(j-1)) and P(t-1) V(t-1) (V(j-2)); and B(t+1) of either warpgroup comes after
+            // R(t+1), so K(t+2) and V(t+1) have landed for it.
+            const int wg = warp / 4;
+            AttCursor kc = att_advance(p, grp, c1, BK), vc = c1;  // the next K tile (2) and V tile (1)
+            int kst = 2, vst = 1;                                 // their stages
+            auto refill = [&]() {
+                bc_cp_async_wait_group<0>();
+                bc_fence_proxy_async();
+                bc_bar_sync(ATT_BAR_TILE, Cfg::NT);
+                if (kc.have) load_kv(kst, kc.seg, kc.k0, true, false);
+                if (vc.have) load_kv(vst, vc.seg, vc.k0, false, true);
+                bc_cp_async_commit();
+                vc = kc;
+                kc = att_advance(p, grp, kc, BK);
+                vst = kst;
+                kst = kst == 2 ? 0 : kst + 1;
+            };
+            if (have) {
+                if (wg == 1) bc_bar_arrive(ATT_BAR_SCHED, Cfg::NT);
+                refill();
+            }
+            int st = 0;  // stage of tile t
+            // (every warpgroup computes, active or not: rows past the group end have zero Q, and
+            // a wgmma or its wait under a condition makes ptxas serialize them, C7518 / C7520)
+            for (AttCursor c{si, k0, seg, have}; c.have;) {
+                const int st1 = st == 2 ? 0 : st + 1;
+                bc_bar_sync(ATT_BAR_SCHED + wg, Cfg::NT);
                 bc_wgmma_fence_operand(of);
                 bc_wgmma_fence_operand(d);
-                bc_wgmma_fence();  // O rescaled, P packed, S read: before the mma use them
-                // S(t+1) is issued even past the last tile (a discarded product of whatever stage
-                // st1 holds): a wgmma under a condition makes ptxas serialize every wgmma of the
-                // kernel (C7520, "compiler-inserted WG.AR in divergent path").
-                att_wg_s<Cfg>(dq, dk0 + st1 * SB, d);
+                bc_wgmma_fence();
+                att_wg_s<Cfg>(dq, dk0 + st1 * SB, d);  // (past the last tile: discarded)
                 att_wg_pv<Cfg>(dv0 + st * SB, pa, of);
+                bc_bar_arrive(ATT_BAR_SCHED + 1 - wg, Cfg::NT);
+                if (wg == 1 && c1.have) refill();
                 bc_wgmma_wait<1>();  // S(t+1); P(t) V(t) may still run
                 bc_wgmma_fence_operand(d);
                 bool grew = false;
@@ -696,10 +757,52 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
 #pragma unroll
                 for (int kk = 0; kk < BK / 16; ++kk)
                     att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
+                if (wg == 0 && c1.have) refill();
+                c = c1;
+                c1 = att_advance(p, grp, c1, BK);
+                st = st1;
             }
-            c = c1;
-            c1 = c2;
-            st = st1;
+            // Warpgroup 1 arrived after its last tile too: warpgroup 0 takes that phase.
+            if (have && wg == 0) bc_bar_sync(ATT_BAR_SCHED, Cfg::NT);
+        } else {
+            int st = 0;  // stage of tile t
+            for (AttCursor c{si, k0, seg, have}; c.have;) {
+                const AttCursor c2 = att_advance(p, grp, c1, BK);
+                __syncthreads();  // every warpgroup is done with tile t-1: its stage takes tile t+2
+                const int st1 = st == 2 ? 0 : st + 1, st2 = st1 == 2 ? 0 : st1 + 1;
+                if (c2.have) load_kv(st2, c2.seg, c2.k0);
+                bc_cp_async_commit();
+                bc_cp_async_wait_group<1>();  // tile t+1 has landed (this thread's copies) ...
+                bc_fence_proxy_async();       // (visible to wgmma's async proxy)
+                __syncthreads();              // ... and everyone's
+                if (active) {
+                    bc_wgmma_fence_operand(of);
+                    bc_wgmma_fence_operand(d);
+                    bc_wgmma_fence();  // O rescaled, P packed, S read: before the mma use them
+                    // S(t+1) is issued even past the last tile (a discarded product of whatever stage
+                    // st1 holds): a wgmma under a condition makes ptxas serialize every wgmma of the
+                    // kernel (C7520, "compiler-inserted WG.AR in divergent path").
+                    att_wg_s<Cfg>(dq, dk0 + st1 * SB, d);
+                    att_wg_pv<Cfg>(dv0 + st * SB, pa, of);
+                    bc_wgmma_wait<1>();  // S(t+1); P(t) V(t) may still run
+                    bc_wgmma_fence_operand(d);
+                    bool grew = false;
+                    if (c1.have) {
+                        const int kn = min(BK, c1.seg.tokens - c1.k0);
+                        grew = kn == BK ? att_wg_softmax<Cfg, false>(d, o, m, l, alpha, qscale, kn, t)
+                                        : att_wg_softmax<Cfg, true>(d, o, m, l, alpha, qscale, kn, t);
+                    }
+                    bc_wgmma_wait<0>();  // P(t) V(t): O and pa are free
+                    bc_wgmma_fence_operand(of);
+                    if (grew) att_rescale_o<Cfg>(o, alpha);
+    #pragma unroll
+                    for (int kk = 0; kk < BK / 16; ++kk)
+                        att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
+                }
+                c = c1;
+                c1 = c2;
+                st = st1;
+            }
         }
         have = false;  // (the generic loop below is the mma.sync kernels')
     }
@@ -814,3 +917,28 @@ extern "C" __global__ void __launch_bounds__(AttWgHd128::NT, 1) bc_attention_wgm
 #endif
 }
 BC_EMU_ENTRY(bc_attention_wgmma_hd128, BcAttentionParams)
+
+// Variants of bc_attention_wgmma_hd128 (same launch: 256 threads, 128 query rows per block;
+// opt-in through BC_ATTN_WGMMA_VARIANT, docs/wgmma.md):
+//   _k128     128-key tiles: S = Q K^T m64n128k16 (64 f32 registers per thread), P V 8 x
+//             m64n128k16 per tile; 3 stages of 64 KB (BC_ATTN_WGMMA_K128_SMEM).
+//   _pp       ping-pong: the two warpgroups take turns issuing their wgmma (named barriers), so
+//             one's softmax runs while the other's products do; 64-key tiles.
+//   _pp_k128  both.
+#define BC_ATT_WG_KERNEL(name, Cfg)                                                     \
+    extern "C" __global__ void __launch_bounds__(Cfg::NT, 1) name(BcAttentionParams p) { \
+        BC_ATT_WG_BODY(Cfg)                                                             \
+    }                                                                                   \
+    BC_EMU_ENTRY(name, BcAttentionParams)
+#if BC_HAS_WGMMA
+#define BC_ATT_WG_BODY(Cfg)                   \
+    BC_DYNAMIC_SMEM(smem, Cfg::SMEM_BYTES);   \
+    bc_attention_impl<Cfg>(p, smem);
+#else
+#define BC_ATT_WG_BODY(Cfg) __trap();
+#endif
+BC_ATT_WG_KERNEL(bc_attention_wgmma_hd128_k128, AttWgHd128K128)
+BC_ATT_WG_KERNEL(bc_attention_wgmma_hd128_pp, AttWgHd128Pp)
+BC_ATT_WG_KERNEL(bc_attention_wgmma_hd128_pp_k128, AttWgHd128PpK128)
+#undef BC_ATT_WG_KERNEL
+#undef BC_ATT_WG_BODY

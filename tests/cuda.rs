@@ -581,7 +581,7 @@ fn gemms_match_the_cpu() {
 }
 
 /// The attention tiles to check on `g` at `head_dim`: both of [`AttentionTile::ALL`], and the
-/// Hopper wgmma prototype (its hd64 and hd128 kernels) when `BC_WGMMA_OK=1` (the GPU bundle sets
+/// Hopper wgmma prototype and its hd128 variants ([`AttentionTile::WGMMA`]) when `BC_WGMMA_OK=1` (the GPU bundle sets
 /// it once every wgmma layout of `wgmma_layouts_match_the_hardware` PASSed) on compute
 /// capability 9.0.
 fn attention_tiles(g: &Gpu) -> Vec<AttentionTile> {
@@ -589,7 +589,7 @@ fn attention_tiles(g: &Gpu) -> Vec<AttentionTile> {
     if std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1")
         && g.compute_capability() == Some((9, 0))
     {
-        tiles.push(AttentionTile::Wgmma64);
+        tiles.extend(AttentionTile::WGMMA);
     }
     tiles
 }
@@ -693,7 +693,7 @@ fn attention_matches_the_cpu() {
             let out = poisoned(&mut g, nq * d * 2);
             ops::attention(&g, qd, out, heads, hd, sd, id, gd, 2, nq - tpf, tile).unwrap();
             let got = down_b(&g, out, nq * d);
-            if tile != AttentionTile::Wgmma64 {
+            if !tile.is_wgmma() {
                 same_bits(&mut first, &got, &format!("attention_self_{name}"));
             }
             // Reference on sampled rows of each group.
@@ -745,7 +745,7 @@ fn attention_matches_the_cpu() {
             let out = poisoned(&mut g, nq * d * 2);
             ops::attention(&g, qd, out, heads, hd, sd, id, gd, 1, nq, tile).unwrap();
             let got = down_b(&g, out, nq * d);
-            if tile != AttentionTile::Wgmma64 {
+            if !tile.is_wgmma() {
                 same_bits(&mut first, &got, &format!("attention_cross_{name}"));
             }
             let (mut want_rows, mut got_rows) = (Vec::new(), Vec::new());

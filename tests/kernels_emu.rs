@@ -397,14 +397,27 @@ fn qk_norm_rope_into_wrapped_cache_slots() {
 /// sink + local-window visibility (ring wrap), compared group by group with the CPU reference.
 /// Both tiles, each against the CPU; and their outputs are bit-identical (same key tiles, same
 /// per-warp work: the tile the backend picks by timing never changes the numbers).
-/// The Hopper prototype tile ([`AttentionTile::Wgmma64`], wgmma under the emulation) is
-/// checked against the CPU too, not for the same bits (its S sums in another order).
+/// The Hopper wgmma tiles ([`AttentionTile::WGMMA`], wgmma under the emulation) are checked
+/// against the CPU too, not for the same bits as those (their S sums in another order); the
+/// ping-pong variants must give the bits of the same tile size without it (same products in
+/// the same order, only scheduled differently).
 fn check_attention(seed: u64, heads: usize, hd: usize) {
     let outs: Vec<Vec<bf16>> = AttentionTile::ALL
         .into_iter()
         .map(|tile| check_attention_tile(seed, heads, hd, tile))
         .collect();
-    check_attention_tile(seed, heads, hd, AttentionTile::Wgmma64);
+    let wg: Vec<Vec<bf16>> = AttentionTile::WGMMA
+        .into_iter()
+        .map(|tile| check_attention_tile(seed, heads, hd, tile))
+        .collect();
+    for (a, b) in [(0, 2), (1, 3)] {
+        assert!(
+            same_bits(&wg[a], &wg[b]),
+            "hd{hd}: {:?} and {:?} give different outputs",
+            AttentionTile::WGMMA[a],
+            AttentionTile::WGMMA[b]
+        );
+    }
     assert!(
         outs[0]
             .iter()
@@ -412,6 +425,19 @@ fn check_attention(seed: u64, heads: usize, hd: usize) {
             .all(|(a, b)| a.to_bits() == b.to_bits()),
         "hd{hd}: the attention tiles give different outputs"
     );
+}
+
+fn same_bits(a: &[bf16], b: &[bf16]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// The tile whose output bits `tile` must reproduce: a ping-pong variant's non-ping-pong twin.
+fn bit_twin(tile: AttentionTile) -> AttentionTile {
+    match tile {
+        AttentionTile::WgmmaPp => AttentionTile::Wgmma64,
+        AttentionTile::WgmmaPpK128 => AttentionTile::WgmmaK128,
+        t => t,
+    }
 }
 
 fn check_attention_tile(seed: u64, heads: usize, hd: usize, tile: AttentionTile) -> Vec<bf16> {
@@ -571,10 +597,13 @@ fn cross_attention_case(rng: &mut Rng, heads: usize, hd: usize) {
 
 /// The attention tiles the tests run: both of [`AttentionTile::ALL`] and the Hopper wgmma
 /// prototype (its S = Q K^T runs on the emulated wgmma; head_dim <= 64 and <= 128 kernels).
-const TEST_TILES: [AttentionTile; 3] = [
+const TEST_TILES: [AttentionTile; 6] = [
     AttentionTile::Rows64,
     AttentionTile::Rows128,
     AttentionTile::Wgmma64,
+    AttentionTile::WgmmaK128,
+    AttentionTile::WgmmaPp,
+    AttentionTile::WgmmaPpK128,
 ];
 
 /// Every case with every attention tile of [`TEST_TILES`].
@@ -762,6 +791,8 @@ fn attention_many_odd_segments_strides_and_scale() {
     // 130 rows span several blocks and warps 2-3 of the 128-row tile; segments up to 100 keys
     // span several key tiles).
     let mut first: std::collections::HashMap<u64, Vec<u16>> = Default::default();
+    let mut wg_first: std::collections::HashMap<(u64, AttentionTile), Vec<u16>> =
+        Default::default();
     for (tile, (seed, heads, hd)) in with_tiles(&[
         (21u64, 2usize, 32usize),
         (22, 1, 40),
@@ -784,12 +815,19 @@ fn attention_many_odd_segments_strides_and_scale() {
             tile, &q, q_stride, heads, hd, &kv, &segs, &groups, scale, &mut out, out_stride,
         );
         let bits: Vec<u16> = out.iter().map(|v| v.to_bits()).collect();
-        // (the wgmma prototype: against the CPU only)
+        // (the wgmma tiles: against the CPU, and ping-pong against its twin)
         if AttentionTile::ALL.contains(&tile) {
             match first.get(&seed) {
                 Some(b) => assert!(*b == bits, "hd{hd}: {tile:?} differs from the first tile"),
                 None => {
                     first.insert(seed, bits);
+                }
+            }
+        } else {
+            match wg_first.get(&(seed, bit_twin(tile))) {
+                Some(b) => assert!(*b == bits, "hd{hd}: {tile:?} differs from its twin"),
+                None => {
+                    wg_first.insert((seed, tile), bits);
                 }
             }
         }
@@ -1173,4 +1211,54 @@ fn tensor_core_fragment_layouts() {
         .collect();
     assert_close("mma via ldmatrix.trans", &d1, &want, 1e-4);
     assert_close("mma via direct B fragments", &d2, &want, 1e-4);
+}
+
+/// Named barriers (`bar.sync` / `bar.arrive`, `cuda/include/barrier.cuh`) under the emulation:
+/// a correct two-half ping-pong gives the exchanged sums; a wrong barrier id, mismatched counts,
+/// a missing arrive, arrivals left at the exit, id 0 and a double arrival are errors, not hangs.
+#[test]
+fn named_barriers_ping_pong_and_their_faults() {
+    let block = 128usize;
+    let (d, orig) = no_hang(move || {
+        let mut rng = Rng::new(23);
+        let mut d = randn(&mut rng, 3 * block, 1.0);
+        let orig = d.clone();
+        emu::test_sync(&mut d, block as u32, 5, 0).map(|_| (d, orig))
+    })
+    .unwrap();
+    let h = block / 2;
+    for b in 0..3 {
+        let x = &orig[b * block..(b + 1) * block];
+        let (lo, up): (f32, f32) = (x[..h].iter().sum(), x[h..].iter().sum());
+        for (t, &v) in d[b * block..(b + 1) * block].iter().enumerate() {
+            let other = if t < h { up } else { lo };
+            let want = 3.0 * other + 3.0 * h as f32;
+            assert!(
+                (v - want).abs() < 1e-3,
+                "block {b} thread {t}: {v} vs {want}"
+            );
+        }
+    }
+    let cases = [
+        (6, "deadlock"),
+        (7, "count"),
+        (8, "deadlock"),
+        (9, "when the block exits"),
+        (10, "ids are 1..15"),
+        (11, "arrives twice"),
+    ];
+    for (mode, text) in cases {
+        let err = no_hang(move || {
+            let mut d = vec![1f32; 2 * 128];
+            emu::test_sync(&mut d, 128, mode, 0)
+        })
+        .expect_err("a broken kernel must fail");
+        assert_eq!(
+            err.kind,
+            LaunchErrorKind::BarrierDivergence,
+            "mode {mode}: {err}"
+        );
+        assert!(err.message.contains(text), "mode {mode}: {err}");
+        assert!(err.message.contains("named barrier"), "mode {mode}: {err}");
+    }
 }

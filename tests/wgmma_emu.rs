@@ -10,7 +10,7 @@ use blockcascade::kernels::emu::{self, WgmmaProbeCase, WGMMA_PROBE_LAYOUTS, WGMM
 use blockcascade::kernels::params::{
     BC_WGMMA_FAULT_DIVERGENT, BC_WGMMA_FAULT_EARLY_READ, BC_WGMMA_FAULT_LBO,
     BC_WGMMA_FAULT_MISALIGNED, BC_WGMMA_FAULT_NO_TRANS, BC_WGMMA_FAULT_NO_WAIT,
-    BC_WGMMA_FAULT_STRIDE, BC_WGMMA_PROBE_K,
+    BC_WGMMA_FAULT_STRIDE, BC_WGMMA_FAULT_UNPUBLISHED, BC_WGMMA_PROBE_K,
 };
 use blockcascade::kernels::LaunchErrorKind;
 use blockcascade::rng::Rng;
@@ -193,7 +193,7 @@ fn wgmma_probe_refuses_bad_arguments() {
         WgmmaProbeCase::new(64, 4),
         WgmmaProbeCase::new(64, -1),
         WgmmaProbeCase {
-            fault: BC_WGMMA_FAULT_NO_TRANS as i32 + 1,
+            fault: BC_WGMMA_FAULT_UNPUBLISHED as i32 + 1,
             b_mn_major: true,
             ..WgmmaProbeCase::new(64, 0)
         },
@@ -242,6 +242,7 @@ fn the_emulation_catches_wgmma_misuse() {
         (BC_WGMMA_FAULT_MISALIGNED, "swizzle period"),
         (BC_WGMMA_FAULT_NO_WAIT, "never waited for"),
         (BC_WGMMA_FAULT_DIVERGENT, "disagree"),
+        (BC_WGMMA_FAULT_UNPUBLISHED, "not arrived at a barrier"),
     ] {
         for (swizzle, name) in WGMMA_PROBE_LAYOUTS {
             // (Checked above: without a swizzle there is no period to be off.)

@@ -113,7 +113,7 @@ constexpr size_t kStackBytes = 128 * 1024;
 constexpr size_t kGuardBytes = 4096;
 constexpr int kMaxThreads = 1024;
 
-enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kExited, kFailed };
+enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kAtNamedBar, kExited, kFailed };
 
 const char* kind_name(int kind) {
     static const char* names[] = {"__shfl_sync",   "__shfl_xor_sync", "__shfl_down_sync", "__shfl_up_sync",
@@ -141,6 +141,11 @@ struct Fiber {
     uint64_t result = 0;
     // warp_exchange buffer parity
     int xpar = 0;
+    // the named barrier this thread waits at (kAtNamedBar)
+    int nb_id = 0;
+    // 16-byte chunks of dynamic shared memory this thread's cp.async landed (at its wait) that
+    // it has not yet published by arriving at a barrier (Block::unpub)
+    std::vector<size_t> landed;
     // cp.async: pending copies (oldest first) and the end index of each committed group
     struct Copy {
         void* dst;
@@ -175,6 +180,7 @@ struct WgOp {
     unsigned a[128][4];
     std::vector<float> cin;  // [128][n/2]: D before the op (the input when scale_d != 0)
     bool chained[128];       // D's input comes from the previous queued op on the same registers
+    std::vector<unsigned char> unpub;  // Block::unpub when the op was issued (its reads must be visible then)
 };
 
 // The wgmma state of one warpgroup: queued mma ops, oldest first, and the queue lengths at
@@ -184,8 +190,18 @@ struct Warpgroup {
     std::vector<size_t> groups;
 };
 
+// One named barrier of a block (bar.sync / bar.arrive id, count): the phase in progress.
+struct NamedBar {
+    int count = 0;                  // threads the phase waits for (0: no arrival yet)
+    int arrived = 0;                // arrivals so far
+    const char* file = nullptr;     // where the phase's first arrival came from
+    int line = 0;
+    std::vector<unsigned char> in;  // per thread: arrived in this phase
+};
+
 struct Block {
     std::vector<Fiber> fibers;
+    NamedBar nbars[kNamedBarriers];
     char* stacks = nullptr;
     size_t stacks_n = 0;
     Ctx sched;
@@ -196,6 +212,10 @@ struct Block {
     std::vector<uint64_t> smem;  // backing store of dynamic shared memory (see smem_base)
     unsigned char* smem_base = nullptr;  // dynamic shared memory, at kSmemWindowBase modulo 1024
     size_t smem_bytes = 0;
+    // Per 16-byte chunk of dynamic shared memory: a cp.async landed there at its issuer's wait,
+    // and the issuer has not arrived at a barrier since: other threads, and wgmma's async proxy,
+    // may not see it yet (a wgmma reading it is an error).
+    std::vector<unsigned char> unpub;
     std::vector<Warpgroup> wgs;  // per warpgroup (128 threads) of the block
     std::vector<unsigned char> xbuf;  // warp_exchange slots: [warp][parity][lane][32 bytes]
 
@@ -257,8 +277,16 @@ static void fiber_main() {
 
 void syncthreads(const char* file, int line) { (void)syncthreads_count(0, file, line); }
 
+// A barrier arrival of `f` (__syncthreads, bar.sync, bar.arrive) publishes the cp.async data
+// that landed at its waits before.
+static void publish_landed(Block* b, Fiber* f) {
+    for (size_t c : f->landed) b->unpub[c] = 0;
+    f->landed.clear();
+}
+
 int syncthreads_count(int pred, const char* file, int line) {
     Fiber* f = tls_fiber;
+    publish_landed(tls_block, f);
     f->state = kAtBarrier;
     f->file = file;
     f->line = line;
@@ -335,12 +363,107 @@ void cp_async_wait(int n) {
         if (groups <= (size_t)n) return;
         done = f->cp_groups[groups - 1 - (size_t)n];
     }
-    for (size_t i = 0; i < done; ++i) std::memcpy(f->cp_pending[i].dst, f->cp_pending[i].data, 16);
+    Block* b = tls_block;
+    const uintptr_t base = reinterpret_cast<uintptr_t>(b->smem_base);
+    for (size_t i = 0; i < done; ++i) {
+        std::memcpy(f->cp_pending[i].dst, f->cp_pending[i].data, 16);
+        const uintptr_t a = reinterpret_cast<uintptr_t>(f->cp_pending[i].dst);
+        if (a >= base && a - base < b->smem_bytes) {
+            b->unpub[(a - base) / 16] = 1;
+            f->landed.push_back((a - base) / 16);
+        }
+    }
     f->cp_pending.erase(f->cp_pending.begin(), f->cp_pending.begin() + (std::ptrdiff_t)done);
     size_t kept = 0;
     for (size_t g : f->cp_groups)
         if (g > done) f->cp_groups[kept++] = g - done;
     f->cp_groups.resize(kept);
+}
+
+void named_barrier(int id, int count, bool wait, const char* file, int line) {
+    Block* b = tls_block;
+    Fiber* f = tls_fiber;
+    const int n = (int)b->fibers.size();
+    const char* op = wait ? "bar.sync" : "bar.arrive";
+    if (id <= 0 || id >= kNamedBarriers) {
+        set_error(b, 1, "%s %d, %d at %s:%d (thread %d): named barrier ids are 1..%d here (0 is __syncthreads')", op,
+                  id, count, file, line, f->linear, kNamedBarriers - 1);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    if (count <= 0 || count % 32 || count > n) {
+        set_error(b, 1, "%s %d, %d at %s:%d (thread %d): the thread count must be a multiple of 32 in [32, %d]", op, id,
+                  count, file, line, f->linear, n);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    publish_landed(b, f);
+    NamedBar& nb = b->nbars[id];
+    if (nb.in.size() != (size_t)n) nb.in.assign((size_t)n, 0);
+    if (nb.arrived == 0) {
+        nb.count = count;
+        nb.file = file;
+        nb.line = line;
+    } else if (nb.count != count) {
+        set_error(b, 1, "named barrier %d: thread %d arrives at %s:%d with count %d, the phase began with count %d at %s:%d",
+                  id, f->linear, file, line, count, nb.count, nb.file, nb.line);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    if (nb.in[(size_t)f->linear]) {
+        set_error(b, 1, "named barrier %d: thread %d arrives twice in one phase (%s at %s:%d; %d of %d arrived)", id,
+                  f->linear, op, file, line, nb.arrived, nb.count);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    nb.in[(size_t)f->linear] = 1;
+    if (++nb.arrived == nb.count) {
+        // Phase complete: every warp that took part must have arrived whole (.aligned).
+        for (int w = 0; w < n; w += 32) {
+            int k = 0, lanes = std::min(32, n - w);
+            for (int l = 0; l < lanes; ++l) k += nb.in[(size_t)(w + l)];
+            if (k != 0 && k != lanes) {
+                set_error(b, 1, "named barrier %d completed at %s:%d with %d of %d lanes of warp %d arrived (the "
+                          "instruction is .aligned: whole warps)",
+                          id, file, line, k, lanes, w / 32);
+                f->state = kFailed;
+                yield_to_scheduler();
+                std::abort();
+            }
+        }
+        for (auto& g : b->fibers)
+            if (g.state == kAtNamedBar && g.nb_id == id) g.state = kRunnable;
+        std::fill(nb.in.begin(), nb.in.end(), 0);
+        nb.arrived = 0;
+        nb.count = 0;
+        return;
+    }
+    if (!wait) return;
+    f->state = kAtNamedBar;
+    f->nb_id = id;
+    f->file = file;
+    f->line = line;
+    yield_to_scheduler();
+}
+
+// Describes the phase of named barrier `id` in progress (for deadlock messages), then any other
+// barrier with a phase in progress.
+static std::string named_barrier_state(const Block* b, int id) {
+    std::string r;
+    for (int k = 0; k < kNamedBarriers; ++k) {
+        const int i = (id + k) % kNamedBarriers;
+        const NamedBar& nb = b->nbars[i];
+        if (k > 0 && nb.arrived == 0) continue;
+        char buf[192];
+        snprintf(buf, sizeof buf, "%snamed barrier %d: %d of %d threads arrived (first at %s:%d)", k ? "; " : "", i,
+                 nb.arrived, nb.count, nb.file ? nb.file : "?", nb.line);
+        r += buf;
+    }
+    return r;
 }
 
 // Resolves every warp collective whose mask has fully arrived. Returns the number resolved;
@@ -380,6 +503,11 @@ static int resolve_collectives(Block* b) {
             if (g.state == kAtBarrier) {
                 set_error(b, 2, "%s at %s:%d: mask 0x%08x names lane %d, which waits at __syncthreads at %s:%d (deadlock)",
                           kind_name(f.kind), f.file, f.line, m, l, g.file, g.line);
+                return resolved;
+            }
+            if (g.state == kAtNamedBar) {
+                set_error(b, 2, "%s at %s:%d: mask 0x%08x names lane %d, which waits at named barrier %d at %s:%d (deadlock)",
+                          kind_name(f.kind), f.file, f.line, m, l, g.nb_id, g.file, g.line);
                 return resolved;
             }
             if (g.state != kAtCollective || g.kind != f.kind || g.mask != m || g.width != f.width) {
@@ -541,6 +669,12 @@ static bool wg_load(Block* b, const WgOp& op, unsigned a, const char* what, int 
         set_error(b, 3, "wgmma at %s:%d: %s element (%d, %d) at shared address 0x%x is outside dynamic shared "
                   "memory [0x%x, 0x%zx)", op.file, op.line, what, r, k, a, kSmemWindowBase,
                   kSmemWindowBase + b->smem_bytes);
+        return false;
+    }
+    if (op.unpub[(a - kSmemWindowBase) / 16]) {
+        set_error(b, 3, "wgmma at %s:%d: %s element (%d, %d) at shared address 0x%x was written by a cp.async "
+                  "whose thread had not arrived at a barrier after its wait_group when the wgmma was issued (not "
+                  "visible to the other threads nor to wgmma)", op.file, op.line, what, r, k, a);
         return false;
     }
     uint16_t v;
@@ -735,6 +869,7 @@ static bool wg_perform(Block* b, int base) {
     op.trans_b = i0.trans_b;
     op.file = f0.file;
     op.line = f0.line;
+    op.unpub = b->unpub;
     const int r = op.n / 2;
     op.cin.assign((size_t)128 * r, 0.f);
     for (int t = 0; t < 128; ++t) {
@@ -771,8 +906,8 @@ static int resolve_warpgroups(Block* b) {
         bool ready = true;
         for (int t = base; t < base + 128; ++t) {
             const Fiber& g = b->fibers[t];
-            if (g.state == kAtCollective) {
-                ready = false;  // may still arrive once its warp collective resolves
+            if (g.state == kAtCollective || g.state == kAtNamedBar) {
+                ready = false;  // may still arrive once its warp collective / named barrier resolves
                 continue;
             }
             if (g.state == kExited || g.state == kAtBarrier) {
@@ -808,11 +943,20 @@ static int run_block(Block* b) {
         f.cp_pending.clear();
         f.cp_groups.clear();
         f.wg_kind = 0;
+        f.nb_id = 0;
+        f.landed.clear();
         ctx_make(&f.ctx, b->stack(i), kStackBytes, fiber_main);
     }
     b->wgs.assign((size_t)(n + 127) / 128, Warpgroup());
+    for (auto& nb : b->nbars) {
+        nb.count = nb.arrived = 0;
+        nb.file = nullptr;
+        nb.line = 0;
+        nb.in.assign((size_t)n, 0);
+    }
     // Uninitialised shared memory: poison dynamic shared memory with NaNs.
     std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
+    b->unpub.assign(b->smem_bytes / 16 + 1, 0);
     for (unsigned round = 0;; ++round) {
         // Alternate the order threads run in between scheduling points (forward, backward), so
         // a missing barrier shows up whichever side of the race the kernel got wrong.
@@ -825,18 +969,27 @@ static int run_block(Block* b) {
             tls_fiber = nullptr;
             if (b->code) return b->code;
         }
-        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0;
+        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0, at_nb = 0, runnable = 0;
         for (auto& f : b->fibers) {
+            runnable += f.state == kRunnable;  // released by a named barrier after its turn
+            at_nb += f.state == kAtNamedBar;
             exited += f.state == kExited;
             at_bar += f.state == kAtBarrier;
             at_coll += f.state == kAtCollective;
             at_wg += f.state == kAtWarpgroup;
         }
+        if (runnable) continue;
         if (exited == n) {
             for (auto& w : b->wgs)
                 if (!w.pending.empty()) {
                     set_error(b, 3, "wgmma.mma_async at %s:%d never waited for (no wgmma.wait_group completed it)",
                               w.pending[0].file, w.pending[0].line);
+                    return b->code;
+                }
+            for (int id = 1; id < kNamedBarriers; ++id)
+                if (b->nbars[id].arrived) {
+                    set_error(b, 1, "%s when the block exits (arrivals nobody waited for)",
+                              named_barrier_state(b, id).c_str());
                     return b->code;
                 }
             return 0;
@@ -847,7 +1000,41 @@ static int run_block(Block* b) {
             if (at_wg) r += resolve_warpgroups(b);
             if (b->code) return b->code;
             if (r) continue;
+            if (at_nb) {
+                for (auto& f : b->fibers)
+                    if (f.state == kAtNamedBar) {
+                        set_error(b, 1, "deadlock: thread %d waits at %s:%d, %s; the other threads wait at warp "
+                                  "collectives / wgmma ops that cannot complete",
+                                  f.linear, f.file, f.line, named_barrier_state(b, f.nb_id).c_str());
+                        break;
+                    }
+                return b->code;
+            }
             set_error(b, 2, at_coll ? "unresolvable warp collective" : "unresolvable wgmma warpgroup op");
+            return b->code;
+        }
+        if (at_nb) {
+            // Nothing can run: the waiters of a named barrier wait for threads that exited or wait
+            // at __syncthreads (or at another named barrier).
+            const Fiber* w = nullptr;
+            for (auto& f : b->fibers)
+                if (f.state == kAtNamedBar) {
+                    w = &f;
+                    break;
+                }
+            const Fiber* other = nullptr;
+            for (auto& f : b->fibers)
+                if (f.state == kAtBarrier) {
+                    other = &f;
+                    break;
+                }
+            if (other)
+                set_error(b, 1, "deadlock: thread %d waits at %s:%d, %s; thread %d waits at __syncthreads at %s:%d", w->linear,
+                          w->file, w->line, named_barrier_state(b, w->nb_id).c_str(), other->linear, other->file,
+                          other->line);
+            else
+                set_error(b, 1, "deadlock: thread %d waits at %s:%d, %s; %d threads exited, %d wait at named barriers",
+                          w->linear, w->file, w->line, named_barrier_state(b, w->nb_id).c_str(), exited, at_nb);
             return b->code;
         }
         // Only barrier waiters and exited threads remain.

@@ -32,7 +32,13 @@
 // Descriptors hold shared-window addresses: dynamic shared memory starts at window address
 // kSmemWindowBase (deliberately not 1024-byte aligned, like an unknown hardware offset, so a
 // kernel must align swizzled tiles itself). Not emulated: TMA and the other Hopper-only
-// features.
+// features. Named barriers (`bar.sync id, n` / `bar.arrive id, n`, ids 1..15, see
+// named_barrier) count arrivals per phase and release the waiters when `n` threads arrived; their
+// participants may call them from different source lines. A wgmma reading dynamic shared memory
+// that a cp.async landed at its thread's wait_group is an error unless that thread had arrived at
+// a barrier (__syncthreads, bar.sync, bar.arrive) since, before the wgmma was issued: the data is
+// not visible to the other threads or the async proxy yet (an approximation: any later arrival of
+// the copying thread counts, not only one the issuing warpgroup waited on).
 #ifndef BC_EMU_EMU_H
 #define BC_EMU_EMU_H
 
@@ -147,6 +153,16 @@ void wgmma_mma(float* d, int n, uint64_t desc_a, const unsigned* a_regs, uint64_
 /// B is K x N with N contiguous, read through the descriptor's MN-major LBO / SBO roles).
 void wgmma_mma_tb(float* d, int n, uint64_t desc_a, const unsigned* a_regs, uint64_t desc_b, int scale_d,
                   int trans_b, const char* file, int line);
+/// Hardware named barriers per block (`bar.sync` / `bar.arrive` ids 0..15; 0 is `__syncthreads`').
+constexpr int kNamedBarriers = 16;
+/// Named barrier `id` (1..15) of `count` threads (a multiple of 32, at most the block): `wait`
+/// true is `bar.sync id, count` (arrive, then wait until `count` threads have arrived in this
+/// phase), false `bar.arrive id, count` (arrive and go on). A scheduling point only while it
+/// waits. Errors (codes as `__syncthreads`'): id 0 or >= 16, a bad count, threads of one phase
+/// giving different counts, a thread arriving twice in one phase, a phase completed with a warp
+/// only partly arrived (the instruction is .aligned), a wait that can never complete
+/// (deadlock), and arrivals still pending when the block exits.
+void named_barrier(int id, int count, bool wait, const char* file, int line);
 }  // namespace emu
 
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)

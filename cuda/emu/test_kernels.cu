@@ -7,7 +7,16 @@
 //   __syncthreads); mode 2: odd threads wait at a different __syncthreads;
 //   mode 3: __shfl_xor_sync with a mask that omits lane `arg`; mode 4: lane `arg` exits
 //   before a full-mask shuffle.
-#include "../include/common.cuh"
+//   Named barriers (cuda/include/barrier.cuh; a block of two halves of whole warps, n threads):
+//   mode 5: correct: three rounds of a ping-pong (lower half writes, bar.arrive 1; upper half
+//   bar.sync 1, reads the lower values, writes, bar.arrive 2; lower bar.sync 2, reads the upper
+//   values; the value of round r is data + r): a lower thread gets 3 * (sum of the upper half)
+//   + 3 * n/2, an upper one 3 * (sum of the lower half) + 3 * n/2; mode 6: the upper half waits
+//   at barrier 3 instead of 1 (wrong id: deadlock); mode 7: the upper half gives count n/2;
+//   mode 8: the upper half never arrives at 2 (missing arrive: deadlock); mode 9: an extra
+//   bar.arrive nobody waits for before the exit; mode 10: barrier id 0; mode 11: the lower half
+//   arrives at 1 twice per round.
+#include "../include/barrier.cuh"
 
 struct BcTestParams {
     float* data;
@@ -28,6 +37,30 @@ extern "C" __global__ void bc_test_sync(BcTestParams p) {
         __syncthreads();
     }
     float v = 0.f;
+    if (p.mode >= 5) {
+        // Named barriers: the halves take turns (lower writes, arrives at 1; upper waits at 1,
+        // reads the lower values, writes, arrives at 2; lower waits at 2, reads the upper ones).
+        __shared__ float buf[1024];
+        const int n = blockDim.x, h = n / 2;
+        if (p.mode == 10) bc_bar_sync(0, n);
+        for (int r = 0; r < 3; ++r) {
+            if (t < h) {
+                buf[t] = s[t] + (float)r;
+                bc_bar_arrive(1, n);
+                if (p.mode == 11) bc_bar_arrive(1, n);
+                bc_bar_sync(2, n);
+                for (int i = h; i < n; ++i) v += buf[i];
+            } else {
+                bc_bar_sync(p.mode == 6 ? 3 : 1, p.mode == 7 ? h : n);
+                for (int i = 0; i < h; ++i) v += buf[i];
+                buf[t] = s[t] + (float)r;
+                if (p.mode != 8) bc_bar_arrive(2, n);
+            }
+        }
+        if (p.mode == 9 && t >= h) bc_bar_arrive(4, n);
+        p.data[blockIdx.x * blockDim.x + t] = v;
+        return;
+    }
     for (int i = 0; i < (int)blockDim.x; ++i) v += s[i];
     if (p.mode == 3) v = __shfl_xor_sync(~(1u << p.arg), v, 1);
     if (p.mode == 4) {

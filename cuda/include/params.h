@@ -82,6 +82,14 @@ typedef int32_t bc_i32;
  * 128 bf16, then Q: 128 rows x 128 bf16 (each 64-row tile two 64-column blocks of 128-byte
  * rows), plus the same 1024 bytes of alignment slack. */
 #define BC_ATTN_WGMMA_HD128_SMEM 132096
+/** Keys per tile of the 128-key variants `bc_attention_wgmma_hd128_k128` and
+ * `bc_attention_wgmma_hd128_pp_k128` (threads and query rows as `bc_attention_wgmma_hd128`;
+ * `bc_attention_wgmma_hd128_pp` has its 64-key tiles and shared memory). */
+#define BC_ATTN_WGMMA_K128_BK 128
+/** Dynamic shared memory of the 128-key variants in bytes: 3 stages x K, V x 128 keys x 128
+ * bf16, then Q (128 rows x 128 bf16 as one 128-row tile of two 64-column blocks), plus the
+ * 1024 bytes of alignment slack: 230400, under the 232448 an sm_90 block may opt into. */
+#define BC_ATTN_WGMMA_K128_SMEM 230400
 
 /** Grid and block dimensions of one launch (used by the emulated launcher). */
 typedef struct BcLaunchDims {
@@ -811,6 +819,10 @@ typedef struct BcDecSoftmaxParams {
 /** `b_mn_major` only: the MN-major B tile read with the K-major instruction form
  * (imm-trans-b = 0; wrong result). */
 #define BC_WGMMA_FAULT_NO_TRANS 7
+/** Emulation only: after the tiles are stored, thread 0 rewrites B's first 16 bytes by
+ * cp.async and waits for it, with no barrier before the wgmma read them (the emulation reports
+ * data the other threads and wgmma need not see yet). */
+#define BC_WGMMA_FAULT_UNPUBLISHED 8
 /** Dynamic shared memory of `bc_wgmma_probe`: A [64][K] and B [256][K] bf16, plus 1024 bytes
  * to align the tiles to the 1024-byte period of the 128-byte swizzle. */
 #define BC_WGMMA_PROBE_SMEM ((64 + BC_WGMMA_PROBE_MAX_N) * BC_WGMMA_PROBE_K * 2 + 1024)

@@ -14,11 +14,13 @@
 // on purpose (BC_WGMMA_FAULT_* in params.h): B's stride off by 16 bytes, (MN-major B) its
 // leading offset off by 16 bytes or the K-major form reading it (the result must be wrong, on
 // a GPU too), and, for the emulation only, D read before the wait, tiles off the
-// swizzle period, no wait, or one warp with another descriptor (the emulation must notice).
+// swizzle period, no wait, one warp with another descriptor, or a cp.async'd chunk read without
+// a barrier after its wait (the emulation must notice).
 // Checked against a CPU f32 matmul on random bf16 inputs with c poisoned first: under the
 // emulation by tests/wgmma_emu.rs (which checks the emulation's reading of the PTX ISA), and on
 // a Hopper GPU by tests/cuda.rs (which checks that reading against the hardware; the GPU bundle
 // runs it first, one PASS/FAIL line per layout). On sm_80 the kernel traps.
+#include "../include/mma.cuh"
 #include "../include/wgmma.cuh"
 
 /// k-steps of the probe (16 columns each).
@@ -124,6 +126,11 @@ extern "C" __global__ void __launch_bounds__(BC_WGMMA_PROBE_THREADS* BC_WGMMA_PR
     }
     bc_fence_proxy_async();
     __syncthreads();
+    if (p.fault == BC_WGMMA_FAULT_UNPUBLISHED) {
+        if (t == 0) bc_cp_async16_zfill(bc_smem_addr(bs), p.b, 0);
+        bc_cp_async_commit();
+        bc_cp_async_wait_group<0>();
+    }
     if (p.b_mn_major)
         bc_wgmma_probe_n<true>(p, as, sa, sb);
     else

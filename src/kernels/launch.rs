@@ -277,17 +277,66 @@ pub enum AttentionTile {
     /// `bc_attention_wgmma_hd128` (two warpgroups, 128 rows), Q K^T and P V by wgmma. The CUDA
     /// backend uses it only with `BC_ATTN_WGMMA=1` on a compute capability 9.0 device.
     Wgmma64,
+    /// [`AttentionTile::Wgmma64`] with 128-key tiles for head_dim > 64
+    /// (`bc_attention_wgmma_hd128_k128`; hd64 runs `bc_attention_wgmma_hd64`).
+    /// `BC_ATTN_WGMMA_VARIANT=k128`.
+    WgmmaK128,
+    /// [`AttentionTile::Wgmma64`] with ping-pong scheduling for head_dim > 64: its two
+    /// warpgroups take turns issuing their wgmma (`bc_attention_wgmma_hd128_pp`).
+    /// `BC_ATTN_WGMMA_VARIANT=pp`.
+    WgmmaPp,
+    /// Ping-pong and 128-key tiles (`bc_attention_wgmma_hd128_pp_k128`).
+    /// `BC_ATTN_WGMMA_VARIANT=pp_k128`.
+    WgmmaPpK128,
 }
 
 impl AttentionTile {
     /// Both tiles.
     pub const ALL: [AttentionTile; 2] = [AttentionTile::Rows64, AttentionTile::Rows128];
 
+    /// The Hopper wgmma tiles (never timed or picked by the tuner): the prototype and its
+    /// variants, which differ only for head_dim > 64.
+    pub const WGMMA: [AttentionTile; 4] = [
+        AttentionTile::Wgmma64,
+        AttentionTile::WgmmaK128,
+        AttentionTile::WgmmaPp,
+        AttentionTile::WgmmaPpK128,
+    ];
+
+    /// Whether this is one of [`Self::WGMMA`] (sm_90a only; not bit-identical to the others).
+    pub fn is_wgmma(self) -> bool {
+        Self::WGMMA.contains(&self)
+    }
+
+    /// The wgmma tile `BC_ATTN_WGMMA_VARIANT` names (unset or empty: the prototype
+    /// [`AttentionTile::Wgmma64`]; `k128`, `pp`, `pp_k128`: its variants); an error for
+    /// anything else.
+    pub fn wgmma_variant(v: Option<&str>) -> std::result::Result<AttentionTile, String> {
+        match v.map(str::trim).unwrap_or("") {
+            "" | "base" => Ok(AttentionTile::Wgmma64),
+            "k128" => Ok(AttentionTile::WgmmaK128),
+            "pp" => Ok(AttentionTile::WgmmaPp),
+            "pp_k128" => Ok(AttentionTile::WgmmaPpK128),
+            other => Err(format!(
+                "BC_ATTN_WGMMA_VARIANT={other}: expected base, k128, pp or pp_k128"
+            )),
+        }
+    }
+
     /// The kernel for `head_dim` (at most 64: the hd64 kernels, else the hd128 ones).
     pub fn kernel(self, head_dim: usize) -> Kernel {
         match (self, head_dim <= 64) {
-            (AttentionTile::Wgmma64, true) => Kernel::AttentionWgmmaHd64,
+            (
+                AttentionTile::Wgmma64
+                | AttentionTile::WgmmaK128
+                | AttentionTile::WgmmaPp
+                | AttentionTile::WgmmaPpK128,
+                true,
+            ) => Kernel::AttentionWgmmaHd64,
             (AttentionTile::Wgmma64, false) => Kernel::AttentionWgmmaHd128,
+            (AttentionTile::WgmmaK128, false) => Kernel::AttentionWgmmaHd128K128,
+            (AttentionTile::WgmmaPp, false) => Kernel::AttentionWgmmaHd128Pp,
+            (AttentionTile::WgmmaPpK128, false) => Kernel::AttentionWgmmaHd128PpK128,
             (AttentionTile::Rows64, true) => Kernel::AttentionHd64,
             (AttentionTile::Rows64, false) => Kernel::AttentionHd128,
             (AttentionTile::Rows128, true) => Kernel::AttentionHd64Q128,
@@ -301,8 +350,8 @@ impl AttentionTile {
         match self {
             AttentionTile::Rows64 => BC_ATTN_BQ,
             AttentionTile::Rows128 => BC_ATTN_WIDE_BQ,
-            AttentionTile::Wgmma64 if head_dim <= 64 => BC_ATTN_WGMMA_BQ,
-            AttentionTile::Wgmma64 => BC_ATTN_WGMMA_HD128_BQ,
+            _ if head_dim <= 64 => BC_ATTN_WGMMA_BQ,
+            _ => BC_ATTN_WGMMA_HD128_BQ,
         }
     }
 
@@ -311,8 +360,8 @@ impl AttentionTile {
         match self {
             AttentionTile::Rows64 => BC_ATTN_THREADS,
             AttentionTile::Rows128 => BC_ATTN_WIDE_THREADS,
-            AttentionTile::Wgmma64 if head_dim <= 64 => BC_ATTN_WGMMA_THREADS,
-            AttentionTile::Wgmma64 => BC_ATTN_WGMMA_HD128_THREADS,
+            _ if head_dim <= 64 => BC_ATTN_WGMMA_THREADS,
+            _ => BC_ATTN_WGMMA_HD128_THREADS,
         }
     }
 
@@ -322,6 +371,9 @@ impl AttentionTile {
             AttentionTile::Rows64 => "rows64",
             AttentionTile::Rows128 => "rows128",
             AttentionTile::Wgmma64 => "wgmma64",
+            AttentionTile::WgmmaK128 => "wgmma64_k128",
+            AttentionTile::WgmmaPp => "wgmma64_pp",
+            AttentionTile::WgmmaPpK128 => "wgmma64_pp_k128",
         }
     }
 
@@ -1123,6 +1175,37 @@ mod tests {
             BC_ATTN_WGMMA_HD128_SMEM,
             "hd128 tiles need their own shared memory"
         );
+        // The variants: their own hd128 kernels, the same launch shape, the prototype's hd64.
+        let mut kernels = vec![b.kernel];
+        for v in [
+            AttentionTile::WgmmaK128,
+            AttentionTile::WgmmaPp,
+            AttentionTile::WgmmaPpK128,
+        ] {
+            assert!(!AttentionTile::ALL.contains(&v) && v.is_wgmma());
+            let l = |hd| {
+                use std::ptr::{null, null_mut};
+                attention(null(), null_mut(), 2, hd, null(), null(), null(), 1, 100, v).unwrap()
+            };
+            let (a, c) = (l(64), l(128));
+            assert_eq!(a.kernel, Kernel::AttentionWgmmaHd64);
+            assert_eq!((c.block, c.grid[0]), (256, 1));
+            assert!(!kernels.contains(&c.kernel), "{v:?}");
+            kernels.push(c.kernel);
+        }
+        assert_eq!(
+            Kernel::AttentionWgmmaHd128PpK128.dynamic_smem_bytes(),
+            BC_ATTN_WGMMA_K128_SMEM
+        );
+        assert_eq!(
+            AttentionTile::wgmma_variant(Some("pp")),
+            Ok(AttentionTile::WgmmaPp)
+        );
+        assert_eq!(
+            AttentionTile::wgmma_variant(None),
+            Ok(AttentionTile::Wgmma64)
+        );
+        assert!(AttentionTile::wgmma_variant(Some("ping")).is_err());
     }
 
     /// The module loads on every sm_80+ GPU: a kernel wanting more dynamic shared memory than

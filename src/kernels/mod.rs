@@ -113,6 +113,13 @@ pub enum Kernel {
     /// `bc_attention_wgmma_hd128` ([`BcAttentionParams`]): the same prototype for head_dim
     /// <= 128 (Wan's 12 x 128), dynamic shared memory.
     AttentionWgmmaHd128,
+    /// `bc_attention_wgmma_hd128_k128` ([`BcAttentionParams`]): its 128-key-tile variant.
+    AttentionWgmmaHd128K128,
+    /// `bc_attention_wgmma_hd128_pp` ([`BcAttentionParams`]): its ping-pong variant (the two
+    /// warpgroups take turns on the tensor cores).
+    AttentionWgmmaHd128Pp,
+    /// `bc_attention_wgmma_hd128_pp_k128` ([`BcAttentionParams`]): ping-pong with 128-key tiles.
+    AttentionWgmmaHd128PpK128,
     /// `bc_activation` ([`BcActivationParams`]).
     Activation,
     /// `bc_time_embedding` ([`BcTimeEmbeddingParams`]).
@@ -161,7 +168,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 32] = [
+    pub const ALL: [Kernel; 35] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -173,6 +180,9 @@ impl Kernel {
         Kernel::AttentionHd128Q128,
         Kernel::AttentionWgmmaHd64,
         Kernel::AttentionWgmmaHd128,
+        Kernel::AttentionWgmmaHd128K128,
+        Kernel::AttentionWgmmaHd128Pp,
+        Kernel::AttentionWgmmaHd128PpK128,
         Kernel::Activation,
         Kernel::TimeEmbedding,
         Kernel::FlowStep,
@@ -210,6 +220,9 @@ impl Kernel {
             Kernel::AttentionHd128Q128 => "bc_attention_hd128_q128",
             Kernel::AttentionWgmmaHd64 => "bc_attention_wgmma_hd64",
             Kernel::AttentionWgmmaHd128 => "bc_attention_wgmma_hd128",
+            Kernel::AttentionWgmmaHd128K128 => "bc_attention_wgmma_hd128_k128",
+            Kernel::AttentionWgmmaHd128Pp => "bc_attention_wgmma_hd128_pp",
+            Kernel::AttentionWgmmaHd128PpK128 => "bc_attention_wgmma_hd128_pp_k128",
             Kernel::Activation => "bc_activation",
             Kernel::TimeEmbedding => "bc_time_embedding",
             Kernel::FlowStep => "bc_flow_step",
@@ -240,7 +253,10 @@ impl Kernel {
             Kernel::AttentionHd128 => BC_ATTN_HD128_SMEM,
             Kernel::AttentionHd128Q128 => BC_ATTN_WIDE_HD128_SMEM,
             Kernel::AttentionWgmmaHd64 => BC_ATTN_WGMMA_SMEM,
-            Kernel::AttentionWgmmaHd128 => BC_ATTN_WGMMA_HD128_SMEM,
+            Kernel::AttentionWgmmaHd128 | Kernel::AttentionWgmmaHd128Pp => BC_ATTN_WGMMA_HD128_SMEM,
+            Kernel::AttentionWgmmaHd128K128 | Kernel::AttentionWgmmaHd128PpK128 => {
+                BC_ATTN_WGMMA_K128_SMEM
+            }
             Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
             Kernel::ConvWgmma => BC_CONV_WG_SMEM,
             Kernel::ConvWgmmaN96 => BC_CONV_WG_N96_SMEM,
@@ -254,7 +270,12 @@ impl Kernel {
     pub fn sm90a_only(self) -> bool {
         matches!(
             self,
-            Kernel::AttentionWgmmaHd64 | Kernel::AttentionWgmmaHd128 | Kernel::WgmmaProbe
+            Kernel::AttentionWgmmaHd64
+                | Kernel::AttentionWgmmaHd128
+                | Kernel::AttentionWgmmaHd128K128
+                | Kernel::AttentionWgmmaHd128Pp
+                | Kernel::AttentionWgmmaHd128PpK128
+                | Kernel::WgmmaProbe
         )
     }
 }

@@ -598,7 +598,8 @@ fn ensure_fits(
 /// each window shape's real list at its first tick ([`CudaBackend::tune_attention`]); until
 /// then [`AttentionTile::Rows128`]. `BC_ATTN_WGMMA=1` on a compute capability 9.0 device
 /// overrides all of it with the Hopper prototype [`AttentionTile::Wgmma64`] (its hd64 and
-/// hd128 kernels); elsewhere the flag is ignored.
+/// hd128 kernels), or the variant `BC_ATTN_WGMMA_VARIANT` names (`k128`, `pp`, `pp_k128`:
+/// [`AttentionTile::wgmma_variant`]); elsewhere the flags are ignored.
 fn attention_tile_choice(
     gpu: &Gpu,
     copts: &CudaOptions,
@@ -611,7 +612,11 @@ fn attention_tile_choice(
     if std::env::var("BC_ATTN_WGMMA").is_ok_and(|v| v.trim() == "1")
         && gpu.compute_capability() == Some((9, 0))
     {
-        return Ok((AttentionTile::Wgmma64, None));
+        let v = std::env::var("BC_ATTN_WGMMA_VARIANT").ok();
+        return Ok((
+            AttentionTile::wgmma_variant(v.as_deref()).map_err(Error::invalid)?,
+            None,
+        ));
     }
     Ok(match copts.attention_tile {
         Some(t) => (t, None),

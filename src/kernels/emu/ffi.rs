@@ -186,6 +186,24 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_attention_wgmma_hd128_k128(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_attention_wgmma_hd128_pp(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_attention_wgmma_hd128_pp_k128(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_wgmma_probe(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -208,6 +226,9 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::AttentionHd128Q128 => bc_emu_bc_attention_hd128_q128,
         Kernel::AttentionWgmmaHd64 => bc_emu_bc_attention_wgmma_hd64,
         Kernel::AttentionWgmmaHd128 => bc_emu_bc_attention_wgmma_hd128,
+        Kernel::AttentionWgmmaHd128K128 => bc_emu_bc_attention_wgmma_hd128_k128,
+        Kernel::AttentionWgmmaHd128Pp => bc_emu_bc_attention_wgmma_hd128_pp,
+        Kernel::AttentionWgmmaHd128PpK128 => bc_emu_bc_attention_wgmma_hd128_pp_k128,
         Kernel::Activation => bc_emu_bc_activation,
         Kernel::TimeEmbedding => bc_emu_bc_time_embedding,
         Kernel::FlowStep => bc_emu_bc_flow_step,

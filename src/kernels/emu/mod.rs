@@ -809,7 +809,8 @@ struct TestParams {
 
 /// Runs the emulation-only test kernel `bc_test_sync` over `data` in blocks of `block`
 /// threads: mode 0 is correct (every element becomes its block's sum), modes 1-4 are
-/// deliberately broken (see `cuda/emu/test_kernels.cu`) and must return an error.
+/// deliberately broken (see `cuda/emu/test_kernels.cu`) and must return an error; modes 5-11
+/// do the same for named barriers (5 correct, 6-11 broken).
 #[doc(hidden)]
 pub fn test_sync(data: &mut [f32], block: u32, mode: i32, arg: i32) -> LaunchResult {
     let k = Kernel::TestSync;
@@ -964,7 +965,7 @@ pub fn wgmma_probe_params(
     if !(0..=3).contains(&swizzle) {
         return Err(invalid(k, format!("swizzle = {swizzle}: must be 0..=3")));
     }
-    if !(0..=BC_WGMMA_FAULT_NO_TRANS as i32).contains(&fault) {
+    if !(0..=BC_WGMMA_FAULT_UNPUBLISHED as i32).contains(&fault) {
         return Err(invalid(
             k,
             format!("fault = {fault}: not a BC_WGMMA_FAULT_*"),

@@ -66,6 +66,7 @@ bc_emu_switch:
 #endif
 
 #include "../include/params.h"
+#include "tma.h"
 
 namespace emu {
 
@@ -113,7 +114,8 @@ constexpr size_t kStackBytes = 128 * 1024;
 constexpr size_t kGuardBytes = 4096;
 constexpr int kMaxThreads = 1024;
 
-enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kExited, kFailed };
+// kAtWait: blocked in wait_until (an mbarrier wait, cuda/emu/tma.cpp) until its predicate holds.
+enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kExited, kFailed, kAtWait };
 
 const char* kind_name(int kind) {
     static const char* names[] = {"__shfl_sync",   "__shfl_xor_sync", "__shfl_down_sync", "__shfl_up_sync",
@@ -160,6 +162,10 @@ struct Fiber {
         unsigned a[4] = {0, 0, 0, 0};
         int trans_b = 0;  // 1: B MN-major (imm-trans-b = 1)
     } wg;
+    // At wait_until (kAtWait): the predicate, its argument and what is waited for.
+    bool (*wait_ready)(void*) = nullptr;
+    void* wait_ctx = nullptr;
+    const char* wait_what = nullptr;
 };
 
 // One queued wgmma.mma_async of a warpgroup: operands of its 128 threads.
@@ -289,6 +295,29 @@ void fail(const char* what, const char* file, int line) {
     std::abort();
 }
 
+void wait_until(bool (*ready)(void*), void* ctx, const char* what, const char* file, int line) {
+    if (ready(ctx)) return;
+    Fiber* f = tls_fiber;
+    f->state = kAtWait;
+    f->wait_ready = ready;
+    f->wait_ctx = ctx;
+    f->wait_what = what;
+    f->file = file;
+    f->line = line;
+    yield_to_scheduler();
+}
+
+// Makes every thread at wait_until whose predicate now holds runnable; returns how many.
+static int wake_waiters(Block* b) {
+    int woken = 0;
+    for (auto& f : b->fibers)
+        if (f.state == kAtWait && f.wait_ready(f.wait_ctx)) {
+            f.state = kRunnable;
+            ++woken;
+        }
+    return woken;
+}
+
 unsigned activemask() {
     Block* b = tls_block;
     int base = tls_fiber->linear & ~31;
@@ -363,7 +392,8 @@ static int resolve_collectives(Block* b) {
                       f.width);
             return resolved;
         }
-        for (int l = 0; l < 32; ++l) {
+        bool waiting = false;  // a lane of the mask is at wait_until: it may still arrive
+        for (int l = 0; l < 32 && !waiting; ++l) {
             if (!(m >> l & 1u)) continue;
             int t = base + l;
             if (t >= n) {
@@ -372,6 +402,10 @@ static int resolve_collectives(Block* b) {
                 return resolved;
             }
             const Fiber& g = b->fibers[t];
+            if (g.state == kAtWait) {
+                waiting = true;
+                break;
+            }
             if (g.state == kExited) {
                 set_error(b, 2, "%s at %s:%d: mask 0x%08x names lane %d, which has exited", kind_name(f.kind), f.file,
                           f.line, m, l);
@@ -390,6 +424,7 @@ static int resolve_collectives(Block* b) {
                 return resolved;
             }
         }
+        if (waiting) continue;
         // All lanes of the mask are here: compute every lane's result.
         unsigned ballot = 0;
         for (int l = 0; l < 32; ++l)
@@ -771,8 +806,8 @@ static int resolve_warpgroups(Block* b) {
         bool ready = true;
         for (int t = base; t < base + 128; ++t) {
             const Fiber& g = b->fibers[t];
-            if (g.state == kAtCollective) {
-                ready = false;  // may still arrive once its warp collective resolves
+            if (g.state == kAtCollective || g.state == kAtWait) {
+                ready = false;  // may still arrive once its warp collective / wait resolves
                 continue;
             }
             if (g.state == kExited || g.state == kAtBarrier) {
@@ -813,6 +848,7 @@ static int run_block(Block* b) {
     b->wgs.assign((size_t)(n + 127) / 128, Warpgroup());
     // Uninitialised shared memory: poison dynamic shared memory with NaNs.
     std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
+    tma_block_begin();
     for (unsigned round = 0;; ++round) {
         // Alternate the order threads run in between scheduling points (forward, backward), so
         // a missing barrier shows up whichever side of the race the kernel got wrong.
@@ -825,14 +861,19 @@ static int run_block(Block* b) {
             tls_fiber = nullptr;
             if (b->code) return b->code;
         }
-        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0;
+        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0, at_wait = 0;
         for (auto& f : b->fibers) {
             exited += f.state == kExited;
             at_bar += f.state == kAtBarrier;
             at_coll += f.state == kAtCollective;
             at_wg += f.state == kAtWarpgroup;
+            at_wait += f.state == kAtWait;
         }
         if (exited == n) {
+            if (const char* e = tma_block_end()) {
+                set_error(b, 3, "%s", e);
+                return b->code;
+            }
             for (auto& w : b->wgs)
                 if (!w.pending.empty()) {
                     set_error(b, 3, "wgmma.mma_async at %s:%d never waited for (no wgmma.wait_group completed it)",
@@ -847,8 +888,22 @@ static int run_block(Block* b) {
             if (at_wg) r += resolve_warpgroups(b);
             if (b->code) return b->code;
             if (r) continue;
-            set_error(b, 2, at_coll ? "unresolvable warp collective" : "unresolvable wgmma warpgroup op");
-            return b->code;
+            if (!at_wait) {
+                set_error(b, 2, at_coll ? "unresolvable warp collective" : "unresolvable wgmma warpgroup op");
+                return b->code;
+            }
+        }
+        if (at_wait) {
+            // Threads at an mbarrier wait: wake those whose phase completed; when none did, every
+            // thread is blocked, so the in-flight bulk copies land now (as late as possible).
+            if (wake_waiters(b)) continue;
+            if (tma_progress() && wake_waiters(b)) continue;
+            for (auto& f : b->fibers)
+                if (f.state == kAtWait) {
+                    set_error(b, 2, "deadlock: thread %d waits for %s at %s:%d, which can never complete (%d threads "
+                              "at __syncthreads, %d exited)", f.linear, f.wait_what, f.file, f.line, at_bar, exited);
+                    return b->code;
+                }
         }
         // Only barrier waiters and exited threads remain.
         const Fiber* first = nullptr;

@@ -13,6 +13,8 @@ pub mod emu;
 
 pub mod launch;
 
+pub mod tma;
+
 use params::*;
 use std::fmt;
 
@@ -48,6 +50,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_dec_softmax",
     "bc_test_mma",
     "bc_wgmma_probe",
+    "bc_tma_probe",
+    "bc_conv_wgmma_tma",
+    "bc_conv_wgmma_tma_n96",
 ];
 
 #[cfg(bc_fatbin)]
@@ -157,11 +162,19 @@ pub enum Kernel {
     /// Hopper warpgroup-MMA layout probe `bc_wgmma_probe` ([`BcWgmmaProbeParams`], see
     /// `cuda/test/wgmma_probe.cu`): sm_90a only (it traps on sm_80).
     WgmmaProbe,
+    /// Hopper TMA / mbarrier layout probe `bc_tma_probe` ([`BcTmaProbeParams`], see
+    /// `cuda/test/tma_probe.cu`): sm_90a only (it traps below).
+    TmaProbe,
+    /// `bc_conv_wgmma_tma` ([`BcConvTmaParams`], `cuda/conv_wgmma_tma.cu`): the wgmma
+    /// convolution with TMA operand loads from a producer warp; sm_90a only.
+    ConvWgmmaTma,
+    /// `bc_conv_wgmma_tma_n96`: the same with 96 output channels per block.
+    ConvWgmmaTmaN96,
 }
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 32] = [
+    pub const ALL: [Kernel; 35] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -194,6 +207,9 @@ impl Kernel {
         Kernel::TestSync,
         Kernel::TestMma,
         Kernel::WgmmaProbe,
+        Kernel::TmaProbe,
+        Kernel::ConvWgmmaTma,
+        Kernel::ConvWgmmaTmaN96,
     ];
 
     /// The kernel's entry-point name in the fatbin.
@@ -231,6 +247,9 @@ impl Kernel {
             Kernel::TestSync => "bc_test_sync",
             Kernel::TestMma => "bc_test_mma",
             Kernel::WgmmaProbe => "bc_wgmma_probe",
+            Kernel::TmaProbe => "bc_tma_probe",
+            Kernel::ConvWgmmaTma => "bc_conv_wgmma_tma",
+            Kernel::ConvWgmmaTmaN96 => "bc_conv_wgmma_tma_n96",
         }
     }
 
@@ -242,6 +261,9 @@ impl Kernel {
             Kernel::AttentionWgmmaHd64 => BC_ATTN_WGMMA_SMEM,
             Kernel::AttentionWgmmaHd128 => BC_ATTN_WGMMA_HD128_SMEM,
             Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
+            Kernel::TmaProbe => BC_TMA_PROBE_SMEM,
+            Kernel::ConvWgmmaTma => BC_CONV_TMA_SMEM,
+            Kernel::ConvWgmmaTmaN96 => BC_CONV_TMA_N96_SMEM,
             Kernel::ConvWgmma => BC_CONV_WG_SMEM,
             Kernel::ConvWgmmaN96 => BC_CONV_WG_N96_SMEM,
             _ => 0,
@@ -254,7 +276,12 @@ impl Kernel {
     pub fn sm90a_only(self) -> bool {
         matches!(
             self,
-            Kernel::AttentionWgmmaHd64 | Kernel::AttentionWgmmaHd128 | Kernel::WgmmaProbe
+            Kernel::AttentionWgmmaHd64
+                | Kernel::AttentionWgmmaHd128
+                | Kernel::WgmmaProbe
+                | Kernel::TmaProbe
+                | Kernel::ConvWgmmaTma
+                | Kernel::ConvWgmmaTmaN96
         )
     }
 }

@@ -23,7 +23,9 @@
 # Parts: wgmma (tests/cuda.rs wgmma_layouts_match_the_hardware: one WGMMA PASS/FAIL line per
 # shared-memory layout, N and A source; SKIP off sm_90; when all PASS it exports BC_WGMMA_OK=1,
 # which adds the wgmma attention prototype to the attention test and the benchmark on sm_90:
-# set it by hand for a later `run.sh device tests bench`), tests (the rest of tests/cuda.rs),
+# set it by hand for a later `run.sh device tests bench`; then tma_layouts_match_the_hardware,
+# one TMA PASS/FAIL line per box / layout, all PASS -> BC_TMA_OK=1: the TMA conv joins the
+# benchmark), tests (the rest of tests/cuda.rs),
 # sanitizer (compute-sanitizer memcheck + racecheck on the kernel tests at small
 # shapes; a sanitizer that refuses the device, as on gVisor machines, is reported as
 # "unavailable", not as a failure), bench, pytorch. Logs go to $BC_LOGS (default ./logs next to

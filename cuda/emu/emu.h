@@ -31,8 +31,8 @@
 // its group, D reading as NaN until then; mma ops never waited for are an error at block exit.
 // Descriptors hold shared-window addresses: dynamic shared memory starts at window address
 // kSmemWindowBase (deliberately not 1024-byte aligned, like an unknown hardware offset, so a
-// kernel must align swizzled tiles itself). Not emulated: TMA and the other Hopper-only
-// features.
+// kernel must align swizzled tiles itself). The mbarrier and TMA tile loads are emulated in
+// tma.h / tma.cpp (hooked into the scheduler); the other Hopper-only features are not.
 #ifndef BC_EMU_EMU_H
 #define BC_EMU_EMU_H
 

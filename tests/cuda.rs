@@ -1496,7 +1496,17 @@ fn decoders_match_the_golden_videos() {
             let err = rel_l2(&want, &px);
             println!("GOLDEN decoder-{name}-conv-wgmma rel_l2={err:.3e}");
             assert!(err < 2e-2, "{name}-conv-wgmma: rel L2 {err}");
+            // Its TMA variant once the TMA probe passed too (BC_TMA_OK=1).
+            if std::env::var("BC_TMA_OK").is_ok_and(|v| v == "1") {
+                dev.set_conv_tma(true).unwrap();
+                dev.begin(h, w).unwrap();
+                let px = dev.push(&lat, f, true).unwrap().f32.unwrap();
+                let err = rel_l2(&want, &px);
+                println!("GOLDEN decoder-{name}-conv-tma rel_l2={err:.3e}");
+                assert!(err < 2e-2, "{name}-conv-tma: rel L2 {err}");
+            }
         }
+        dev.set_conv_tma(false).unwrap();
         dev.set_conv_wgmma(false).unwrap();
         dev.begin(h, w).unwrap();
         let whole = dev.push(&lat, f, true).unwrap().f32.unwrap();

@@ -199,3 +199,26 @@ fn wgmma_reads_tma_tiles_in_every_layout() {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// The emulated mbarrier wait is a scheduling point that warp collectives and barriers live
+/// with: a lane waiting for a phase holds its warp's shuffle until the phase completes; a phase
+/// nobody completes, or one completed only behind a `__syncthreads` the waiter never reaches,
+/// is a reported deadlock, not a hang.
+#[test]
+fn mbarrier_waits_meet_collectives_and_deadlocks_are_reported() {
+    let mut data = vec![0.0f32; 128];
+    emu::test_sync(&mut data, 64, 20, 0).unwrap();
+    for b in 0..2 {
+        for t in 0..64 {
+            let want = if t < 32 { 42.0 } else { 7.0 };
+            assert_eq!(data[64 * b + t], want, "block {b} thread {t}");
+        }
+    }
+    for mode in [21, 22] {
+        let e = emu::test_sync(&mut data, 64, mode, 0).unwrap_err();
+        assert!(
+            e.message.contains("deadlock") && e.message.contains("mbarrier"),
+            "mode {mode}: {e}"
+        );
+    }
+}

@@ -262,6 +262,8 @@ impl Kernel {
             Kernel::AttentionWgmmaHd128 => BC_ATTN_WGMMA_HD128_SMEM,
             Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
             Kernel::TmaProbe => BC_TMA_PROBE_SMEM,
+            // Its mbarrier modes keep the barrier in dynamic shared memory.
+            Kernel::TestSync => 16,
             Kernel::ConvWgmmaTma => BC_CONV_TMA_SMEM,
             Kernel::ConvWgmmaTmaN96 => BC_CONV_TMA_N96_SMEM,
             Kernel::ConvWgmma => BC_CONV_WG_SMEM,

@@ -10,24 +10,27 @@
 // Threads: warpgroups 0 and 1 consume (warpgroup j: rows 64j..64j+63, one m64nBN f32
 // accumulator), warp 8 produces (lane 0 issues every TMA load; the others exit).
 //
-// K walk: per source, per tap (dy, dx), per 64-channel chunk: one k-step. Its A tile is ONE
-// TMA box {64 channels, 8 x, 16 y} of the source (a 3-D tensor map {channels, w, h}, 128-byte
-// swizzle) at (chunk * 64, x0 + dx - kw/2, y0 + dy - kh/2): it lands as exactly the 128-row
-// K-major 128B-swizzled wgmma tile (8 rows = 1024 bytes = SBO), and the zero padding of the
-// frame edges and the channels past the source's are the TMA's out-of-bound zero fill (no edge
-// code). Its B tile is the box {64, BN} of the weights (a 2-D map {kt*kh*kw*cin, cout}) at
-// ((t * taps + tap) * cin + c0 + chunk * 64, n0): weight columns past the source's channels
-// belong to the next tap or source, but meet zero A columns; rows past cout are zero fill.
-// A 96-channel source takes 2 chunks per tap (18 k-steps for a 3x3, 25% of them zero columns;
-// bc_conv_wgmma straddles taps for 14).
+// K walk: per source, the flat sequence of (tap, 32-channel chunk) pairs, two chunks per
+// k-step (a k-step may straddle two taps, as in bc_conv_wgmma: a 96-channel 3x3 source is 27
+// chunks = 14 k-steps, not 18). Chunk (tap (dy, dx), c) of the A tile is ONE TMA box
+// {32 channels, 8 x, 16 y} of the source (a 3-D tensor map {channels, w, h}, 64-byte swizzle)
+// at (32 c, x0 + dx - kw/2, y0 + dy - kh/2): it lands as one 128-row column block (64-byte rows)
+// of the K-major 64B-swizzled wgmma tile (bc_wgmma_kmajor_offset with K = 64: two column blocks
+// of 8 KB, 8-row groups 512 bytes apart = SBO), and the zero padding of the frame edges and the
+// channels past the source's are the TMA's out-of-bound zero fill (no edge code). Its B chunk is
+// the box {32, BN} of the weights (a 2-D map {kt*kh*kw*cin, cout}) at
+// ((t * taps + tap) * cin + c0 + 32 c, n0): weight columns past the source's channels belong to
+// the next tap or source, but meet zero A columns; rows past cout are zero fill. An odd last
+// chunk is paired with an A box wholly past the channels (all zero fill).
 //
 // Pipeline: CT_STAGES = 4 stages, each with a "full" mbarrier (1 arrival: the producer's
 // arrive.expect_tx of the stage's A + B bytes, then the two loads complete them) and an
 // "empty" one (2 arrivals: one thread per consumer warpgroup). The producer, for k-step k in
 // stage s = k % 4, waits for use k / 4 - 1 of s to be released (empty parity (k / 4 + 1) & 1;
-// the first round passes at once), then arms and loads. A consumer warpgroup waits for full
-// parity (k / 4) & 1, issues 4 wgmma m64nBNk16 (descriptors: the stage's A rows 64j.., B; k-step
-// s16 at + 32 bytes), commits, and after wait_group 1 (k-step k - 1's wgmma are done) releases
+// the first round passes at once), then arms and loads (2 A and 2 B boxes). A consumer
+// warpgroup waits for full parity (k / 4) & 1, issues 4 wgmma m64nBNk16 (descriptors: the
+// stage's A rows 64j.., B; 16-channel step s in column block s / 2, 32 (s % 2) bytes in),
+// commits, and after wait_group 1 (k-step k - 1's wgmma are done) releases
 // stage (k - 1) % 4. So up to three stages of loads are in flight while one is multiplied.
 //
 // Checked by src/kernels/emu/decode.rs under the emulation (TMA boxes, mbarrier phases and
@@ -44,9 +47,11 @@
 namespace {
 constexpr int CT_TX = BC_CONV_TMA_TX, CT_TY = BC_CONV_TMA_TY;
 constexpr int CT_BM = CT_TX * CT_TY;                // 128 pixel rows
-constexpr int CT_BK = 64;                           // channels per k-step (one 128-byte row)
-constexpr int CT_ROWB = CT_BK * 2;                  // 128
-constexpr int CT_A_BYTES = CT_BM * CT_ROWB;         // 16 KB
+constexpr int CT_BK = 64;                           // channels per k-step
+constexpr int CT_CH = 32;                           // channels per TMA box (a 64-byte row)
+constexpr int CT_ROWB = CT_CH * 2;                  // 64: one 64B-swizzle row
+constexpr int CT_A_BLOCK = CT_BM * CT_ROWB;         // 8 KB: one A box (column block)
+constexpr int CT_A_BYTES = 2 * CT_A_BLOCK;          // 16 KB
 constexpr int CT_STAGES = BC_CONV_TMA_STAGES;
 constexpr int CT_NT = BC_CONV_TMA_THREADS;
 constexpr int CT_CONSUMERS = 2 * BC_WGMMA_THREADS;  // threads of the two consumer warpgroups
@@ -54,12 +59,13 @@ constexpr int CT_WM = CT_BM / 2;                    // pixel rows per warpgroup 
 constexpr int CT_KSTEPS = CT_BK / BC_WGMMA_K;       // wgmma per k-step (4)
 static_assert(CT_BM == BC_CONV_WG_BM && CT_WM == BC_WGMMA_M, "two m64 tiles of 128 pixel rows");
 static_assert(CT_NT == CT_CONSUMERS + 32, "two consumer warpgroups and one producer warp");
-static_assert(CT_A_BYTES % 1024 == 0, "tiles on the swizzle period");
+static_assert(CT_A_BLOCK % 512 == 0, "column blocks on the 64B swizzle period");
 
 template <int BN_>
 struct CtCfg {
     static constexpr int BN = BN_;
-    static constexpr int B_BYTES = BN * CT_ROWB;
+    static constexpr int B_BLOCK = BN * CT_ROWB;  // one B box (column block)
+    static constexpr int B_BYTES = 2 * B_BLOCK;
     static constexpr int STAGE = CT_A_BYTES + B_BYTES;
     static constexpr int SMEM = CT_STAGES * STAGE + 1024 + 16 * CT_STAGES;
     static_assert(STAGE % 1024 == 0, "stages on the swizzle period");
@@ -84,7 +90,7 @@ __device__ __forceinline__ void bc_conv_tma_impl(const BcConvTmaParams& pt, unsi
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + CT_STAGES * STAGE);
     uint64_t* empty = full + CT_STAGES;
     int steps = 0;
-    for (int s = 0; s < p.num_src; ++s) steps += taps * ((cv_src(p, s).channels + CT_BK - 1) / CT_BK);
+    for (int s = 0; s < p.num_src; ++s) steps += (taps * ((cv_src(p, s).channels + CT_CH - 1) / CT_CH) + 1) / 2;
 
     if (tid == 0) {
         for (int s = 0; s < CT_STAGES; ++s) {
@@ -101,18 +107,21 @@ __device__ __forceinline__ void bc_conv_tma_impl(const BcConvTmaParams& pt, unsi
         int k = 0;
         for (int s = 0; s < p.num_src; ++s) {
             const CvSrc src = cv_src(p, s);
-            const int chunks = (src.channels + CT_BK - 1) / CT_BK;
-            for (int tap = 0; tap < taps; ++tap) {
-                const int dy = tap / p.kw - ph, dx = tap % p.kw - pw;
-                for (int ch = 0; ch < chunks; ++ch, ++k) {
-                    const int st = k % CT_STAGES;
-                    bc_mbar_wait(&empty[st], (unsigned)((k / CT_STAGES + 1) & 1));
-                    unsigned char* a = smem + st * STAGE;
-                    bc_mbar_arrive_expect_tx(&full[st], STAGE);
-                    const int ca[3] = {ch * CT_BK, x0 + dx, y0 + dy};
-                    bc_tma_load<3>(a, &pt.src_map[s], &full[st], ca);
-                    const int cb[2] = {(src.t * taps + tap) * p.cin + src.c0 + ch * CT_BK, n0};
-                    bc_tma_load<2>(a + CT_A_BYTES, &pt.w_map, &full[st], cb);
+            const int cpt = (src.channels + CT_CH - 1) / CT_CH, chunks = taps * cpt;
+            for (int i = 0; i < chunks; i += 2, ++k) {
+                const int st = k % CT_STAGES;
+                bc_mbar_wait(&empty[st], (unsigned)((k / CT_STAGES + 1) & 1));
+                unsigned char* a = smem + st * STAGE;
+                bc_mbar_arrive_expect_tx(&full[st], STAGE);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    // Chunk i + h; past the last one: tap 0, channels cpt * 32.. (all zero fill).
+                    const bool in = i + h < chunks;
+                    const int tap = in ? (i + h) / cpt : 0, c = in ? (i + h) % cpt : cpt;
+                    const int ca[3] = {c * CT_CH, x0 + tap % p.kw - pw, y0 + tap / p.kw - ph};
+                    bc_tma_load<3>(a + h * CT_A_BLOCK, &pt.src_map[s], &full[st], ca);
+                    const int cb[2] = {(src.t * taps + tap) * p.cin + src.c0 + c * CT_CH, n0};
+                    bc_tma_load<2>(a + CT_A_BYTES + h * Cfg::B_BLOCK, &pt.w_map, &full[st], cb);
                 }
             }
         }
@@ -126,8 +135,10 @@ __device__ __forceinline__ void bc_conv_tma_impl(const BcConvTmaParams& pt, unsi
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
     const unsigned wbase = bc_smem_window_addr(smem);
-    const uint64_t da0 = bc_wgmma_kmajor_desc(wbase + wg * CT_WM * CT_ROWB, BC_WGMMA_SWIZZLE_128B, CT_WM, CT_BK, 0);
-    const uint64_t db0 = bc_wgmma_kmajor_desc(wbase + CT_A_BYTES, BC_WGMMA_SWIZZLE_128B, BN, CT_BK, 0);
+    // 64B swizzle, K = 64: 16-channel step ks in column block ks / 2 (A blocks CT_A_BLOCK apart,
+    // B blocks B_BLOCK apart), 32 (ks % 2) bytes into its rows.
+    const uint64_t da0 = bc_wgmma_kmajor_desc(wbase + wg * CT_WM * CT_ROWB, BC_WGMMA_SWIZZLE_64B, CT_BM, CT_BK, 0);
+    const uint64_t db0 = bc_wgmma_kmajor_desc(wbase + CT_A_BYTES, BC_WGMMA_SWIZZLE_64B, BN, CT_BK, 0);
     for (int k = 0; k < steps; ++k) {
         const int st = k % CT_STAGES;
         bc_mbar_wait(&full[st], (unsigned)((k / CT_STAGES) & 1));
@@ -135,7 +146,9 @@ __device__ __forceinline__ void bc_conv_tma_impl(const BcConvTmaParams& pt, unsi
         bc_wgmma_fence_operand(acc);
         bc_wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < CT_KSTEPS; ++ks) bc_wgmma_ss<BN>(acc, da0 + off + 2 * ks, db0 + off + 2 * ks, 1);
+        for (int ks = 0; ks < CT_KSTEPS; ++ks)
+            bc_wgmma_ss<BN>(acc, da0 + off + (ks / 2) * (CT_A_BLOCK >> 4) + 2 * (ks % 2),
+                            db0 + off + (ks / 2) * (Cfg::B_BLOCK >> 4) + 2 * (ks % 2), 1);
         bc_wgmma_commit();
         bc_wgmma_wait<1>();
         bc_wgmma_fence_operand(acc);

@@ -932,10 +932,10 @@ typedef struct BcTmaProbeParams {
 /** `bc_conv_wgmma_tma` / `bc_conv_wgmma_tma_n96` (cuda/conv_wgmma_tma.cu): bc_conv_wgmma with
  * the operand tiles loaded by TMA from a producer warp. Output tile: BC_CONV_TMA_TX x
  * BC_CONV_TMA_TY pixels (a rectangle of the frame: 128 rows of the wgmma A tile) x 128 (96)
- * output channels; k-step = one (source, tap, 64-channel chunk): A = the box {64 channels,
- * TX, TY} of the source at the tap's offset (out-of-frame pixels and channels past the source
- * are the TMA's zero fill), B = the box {64, BN} of the weights. Plain sources only (no
- * upsampled one). */
+ * output channels; k-step = two (tap, 32-channel chunk) pairs of a source: per pair, A = the box
+ * {32 channels, TX, TY} of the source at the tap's offset (out-of-frame pixels and channels past
+ * the source are the TMA's zero fill), B = the box {32, BN} of the weights, 64-byte swizzle.
+ * Plain sources only (no upsampled one). */
 #define BC_CONV_TMA_TX 8
 /** Pixel rows (y) of the output tile of `bc_conv_wgmma_tma`. */
 #define BC_CONV_TMA_TY 16
@@ -950,9 +950,9 @@ typedef struct BcTmaProbeParams {
 #define BC_CONV_TMA_N96_SMEM (BC_CONV_TMA_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN_96) * 128 + 1024 + 16 * BC_CONV_TMA_STAGES)
 typedef struct BcConvTmaParams {
     /** Per source: the frame as a 3-D tensor {channels, w, h} (strides stride and w * stride
-     * elements), box {64, TX, TY}, 128-byte swizzle. */
+     * elements), box {32, TX, TY}, 64-byte swizzle. */
     BcTensorMap src_map[BC_CONV_MAX_SOURCES];
-    /** The weights as a 2-D tensor {kt * kh * kw * cin, cout}, box {64, BN}, 128-byte swizzle. */
+    /** The weights as a 2-D tensor {kt * kh * kw * cin, cout}, box {32, BN}, 64-byte swizzle. */
     BcTensorMap w_map;
     /** The convolution (sources, epilogue, output) as bc_conv_wgmma takes it. */
     BcConvParams conv;

@@ -875,9 +875,9 @@ pub fn conv_tma_fits(l: &Launch<BcConvParams>) -> bool {
 }
 
 /// The tensor maps `bc_conv_wgmma_tma*` needs for the conv `l` ([`conv_tma_fits`]): per source
-/// the frame as `{channels, w, h}` (strides `stride`, `w * stride` elements) with box `{64,
-/// TX, TY}`, then the weights as `{kt*kh*kw*cin, cout}` with box `{64, tile}`, all 128-byte
-/// swizzled bf16; each with the address it describes. Encoded by the caller (the driver, or the
+/// the frame as `{channels, w, h}` (strides `stride`, `w * stride` elements) with box `{32,
+/// TX, TY}`, then the weights as `{kt*kh*kw*cin, cout}` with box `{32, tile}`, all 64-byte
+/// swizzled bf16 (a k-step is two such boxes each: two column blocks of the wgmma tile); each with the address it describes. Encoded by the caller (the driver, or the
 /// emulation), then handed to [`conv_tma`].
 pub fn conv_tma_specs(l: &Launch<BcConvParams>) -> Vec<(super::tma::TensorMapSpec, u64)> {
     use super::tma::{TensorMapSpec, TmaSwizzle};
@@ -894,9 +894,9 @@ pub fn conv_tma_specs(l: &Launch<BcConvParams>) -> Vec<(super::tma::TensorMapSpe
                 elem_bytes: 2,
                 dims: vec![s.channels as u64, p.w_px as u64, p.h as u64],
                 strides: vec![row, row * p.w_px as u64],
-                box_dims: vec![64, BC_CONV_TMA_TX, BC_CONV_TMA_TY],
+                box_dims: vec![32, BC_CONV_TMA_TX, BC_CONV_TMA_TY],
                 element_strides: vec![1; 3],
-                swizzle: TmaSwizzle::B128,
+                swizzle: TmaSwizzle::B64,
             };
             (spec, s.x as u64)
         })
@@ -907,9 +907,9 @@ pub fn conv_tma_specs(l: &Launch<BcConvParams>) -> Vec<(super::tma::TensorMapSpe
             elem_bytes: 2,
             dims: vec![ktot, p.cout as u64],
             strides: vec![ktot * 2],
-            box_dims: vec![64, bn],
+            box_dims: vec![32, bn],
             element_strides: vec![1; 2],
-            swizzle: TmaSwizzle::B128,
+            swizzle: TmaSwizzle::B64,
         },
         p.w as u64,
     ));

@@ -1354,9 +1354,9 @@ const _: () = {
 #[repr(align(64))]
 #[derive(Debug, Copy, Clone)]
 pub struct BcConvTmaParams {
-    #[doc = " Per source: the frame as a 3-D tensor {channels, w, h} (strides stride and w * stride\n elements), box {64, TX, TY}, 128-byte swizzle."]
+    #[doc = " Per source: the frame as a 3-D tensor {channels, w, h} (strides stride and w * stride\n elements), box {32, TX, TY}, 64-byte swizzle."]
     pub src_map: [BcTensorMap; 3usize],
-    #[doc = " The weights as a 2-D tensor {kt * kh * kw * cin, cout}, box {64, BN}, 128-byte swizzle."]
+    #[doc = " The weights as a 2-D tensor {kt * kh * kw * cin, cout}, box {32, BN}, 64-byte swizzle."]
     pub w_map: BcTensorMap,
     #[doc = " The convolution (sources, epilogue, output) as bc_conv_wgmma takes it."]
     pub conv: BcConvParams,

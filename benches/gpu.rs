@@ -120,10 +120,15 @@ fn time_ms(g: &mut Gpu, iters: usize, mut f: impl FnMut(&mut Gpu)) -> f64 {
 /// One output frame of each of the Wan VAE's conv layer shapes at 480x832 (latents 60x104;
 /// the decoder's levels: 384 channels at 60x104 and 120x208, 192 at 240x416, 96 at 480x832, and
 /// the two upsample convs reading their source through the 2x upsample), causal 3x3x3 layers as
-/// three time taps: `bc_conv`, and `bc_conv_wgmma` when `wgmma`, in TFLOP/s; prints the relative
-/// L2 distance of the two outputs (`CONV wgmma ...`, bf16 rounding apart: ~1e-3).
-fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool) -> Vec<Row> {
-    use blockcascade::kernels::launch::{conv_on, ConvEpilogue, ConvOut, ConvShape, ConvSource};
+/// three time taps: `bc_conv`, and `bc_conv_wgmma` when `wgmma`, and its TMA variant
+/// `bc_conv_wgmma_tma` when `tma` too (plain sources: not the upsample convs), in TFLOP/s; prints
+/// the relative L2 distance of their outputs to `bc_conv`'s (`CONV wgmma ...`, `CONV tma ...`,
+/// bf16 rounding apart: ~1e-3).
+fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
+    use blockcascade::kernels::launch::{
+        conv_on, conv_tma, conv_tma_fits, conv_tma_specs, ConvEpilogue, ConvOut, ConvShape,
+        ConvSource,
+    };
     // (name, cin, cout, taps, h, w, upsampled source)
     let shapes = [
         ("wan res 384 @60x104", 384, 384, 3, 60, 104, false),
@@ -157,7 +162,9 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool) -> Vec<Row> {
         let outs = [
             g.alloc(h * w * cout * 2).unwrap(),
             g.alloc(h * w * cout * 2).unwrap(),
+            g.alloc(h * w * cout * 2).unwrap(),
         ];
+        let mut ran = [true, false, false];
         let ls: Vec<ConvSource> = srcs
             .iter()
             .enumerate()
@@ -171,8 +178,8 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool) -> Vec<Row> {
             })
             .collect();
         let fl = 2.0 * (h * w * cout * taps * 9 * cin) as f64;
-        for (k, on) in [false, true].into_iter().enumerate() {
-            if on && !wgmma {
+        for (k, on) in [false, true, true].into_iter().enumerate() {
+            if on && !wgmma || k == 2 && !tma {
                 continue;
             }
             let l = conv_on(
@@ -197,25 +204,46 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool) -> Vec<Row> {
                 on,
             )
             .unwrap();
-            let ms = time_ms(g, 5, |g| {
-                // SAFETY: the sources, weights, bias and output were allocated above with the
-                // sizes this launch reads and writes.
-                unsafe { g.launch(l.kernel, l.grid, l.block, &l.params) }.unwrap()
-            });
+            let (kname, ms) = if k == 2 {
+                if !conv_tma_fits(&l) {
+                    continue;
+                }
+                let maps: Vec<_> = conv_tma_specs(&l)
+                    .iter()
+                    .map(|(spec, addr)| g.encode_tensor_map(spec, *addr).unwrap())
+                    .collect();
+                let lt = conv_tma(l, &maps).unwrap();
+                let ms = time_ms(g, 5, |g| {
+                    // SAFETY: as below; the tensor maps describe those same buffers.
+                    unsafe { g.launch(lt.kernel, lt.grid, lt.block, &lt.params) }.unwrap()
+                });
+                (lt.kernel.name(), ms)
+            } else {
+                let ms = time_ms(g, 5, |g| {
+                    // SAFETY: the sources, weights, bias and output were allocated above with
+                    // the sizes this launch reads and writes.
+                    unsafe { g.launch(l.kernel, l.grid, l.block, &l.params) }.unwrap()
+                });
+                (l.kernel.name(), ms)
+            };
+            ran[k] = true;
             rows.push(Row {
-                name: format!("conv {name} {}", l.kernel.name()),
+                name: format!("conv {name} {kname}"),
                 ms,
                 value: fl / ms / 1e9,
                 unit: "TFLOP/s",
                 peak,
             });
         }
-        if wgmma {
-            let mut a = vec![bf16::ZERO; h * w * cout];
+        let mut a = vec![bf16::ZERO; h * w * cout];
+        g.sync().unwrap();
+        g.download(&mut a, outs[0]).unwrap();
+        for (k, tag) in [(1, "wgmma"), (2, "tma")] {
+            if !ran[k] {
+                continue;
+            }
             let mut b = a.clone();
-            g.sync().unwrap();
-            g.download(&mut a, outs[0]).unwrap();
-            g.download(&mut b, outs[1]).unwrap();
+            g.download(&mut b, outs[k]).unwrap();
             let (mut d, mut n) = (0.0f64, 0.0f64);
             for (x, y) in a.iter().zip(&b) {
                 let (x, y) = (x.to_f32() as f64, y.to_f32() as f64);
@@ -225,7 +253,7 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool) -> Vec<Row> {
             let rel = (d / n.max(1e-30)).sqrt();
             let ok = rel.is_finite() && rel < 1e-2;
             println!(
-                "CONV wgmma {name}: rel L2 vs bc_conv {rel:.3e} {}",
+                "CONV {tag} {name}: rel L2 vs bc_conv {rel:.3e} {}",
                 if ok { "PASS" } else { "FAIL" }
             );
         }
@@ -520,8 +548,13 @@ fn main() {
     if g.compute_capability() == Some((9, 0)) && !conv_wgmma {
         println!("SKIP conv wgmma: BC_WGMMA_OK is not 1 (the wgmma layout probe did not pass or did not run)");
     }
+    // Its TMA variant too once the TMA probe passed here (BC_TMA_OK=1).
+    let conv_tma = conv_wgmma && std::env::var("BC_TMA_OK").is_ok_and(|v| v == "1");
+    if conv_wgmma && !conv_tma {
+        println!("SKIP conv tma: BC_TMA_OK is not 1 (the TMA probe did not pass or did not run)");
+    }
     if std::env::var_os("BC_BENCH_NO_DECODE").is_none() {
-        rows.extend(wan_conv_rows(&mut g, peak_tflops, conv_wgmma));
+        rows.extend(wan_conv_rows(&mut g, peak_tflops, conv_wgmma, conv_tma));
     }
     drop(g);
     // The video decoders (decode::CudaDecoder): ms per 3-latent-frame block at 480x832, real
@@ -531,17 +564,21 @@ fn main() {
         let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
         // Kernels only: the decoders need no cuBLASLt.
         let open = || Gpu::open_kernels(0);
-        for wgmma in [false, true] {
-            if wgmma && !conv_wgmma {
+        for (wgmma, tma) in [(false, false), (true, false), (true, true)] {
+            if wgmma && !conv_wgmma || tma && !conv_tma {
                 continue;
             }
-            let tag = if wgmma { " wgmma" } else { "" };
+            let tag = match (wgmma, tma) {
+                (_, true) => " wgmma tma",
+                (true, _) => " wgmma",
+                _ => "",
+            };
             match blockcascade::decode::bench_decode_device(
                 &kinds,
                 (60, 104),
                 (3, 3),
                 None,
-                wgmma,
+                (wgmma, tma),
                 &open,
             ) {
                 Ok(r) => {

@@ -23,7 +23,9 @@
 # Parts: wgmma (tests/cuda.rs wgmma_layouts_match_the_hardware: one WGMMA PASS/FAIL line per
 # shared-memory layout, N and A source; SKIP off sm_90; when all PASS it exports BC_WGMMA_OK=1,
 # which adds the wgmma attention prototype to the attention test and the benchmark on sm_90:
-# set it by hand for a later `run.sh device tests bench`), tests (the rest of tests/cuda.rs),
+# set it by hand for a later `run.sh device tests bench`; then tma_layouts_match_the_hardware,
+# one TMA PASS/FAIL line per box / layout, all PASS -> BC_TMA_OK=1: the TMA conv joins the
+# benchmark), tests (the rest of tests/cuda.rs),
 # sanitizer (compute-sanitizer memcheck + racecheck on the kernel tests at small
 # shapes; a sanitizer that refuses the device, as on gVisor machines, is reported as
 # "unavailable", not as a failure), bench, pytorch. Logs go to $BC_LOGS (default ./logs next to
@@ -71,7 +73,7 @@ cd "$here" || exit 70
 chmod +x bin/* 2>/dev/null || true # in case a copy lost the executable bits
 if [ $mode = device ]; then
     # Fresh logs (a bundle folder may carry logs of an earlier run): only the files run.sh writes.
-    rm -f "$logs"/{wgmma,tests,bench,pytorch,sanitizer-memcheck,sanitizer-racecheck}.log \
+    rm -f "$logs"/{wgmma,tma,tests,bench,pytorch,sanitizer-memcheck,sanitizer-racecheck}.log \
         "$logs"/{sanitizer,parts,env,devices,nvidia-smi,summary}.txt "$logs"/gpu-bench.json
 fi
 : >> "$logs"/parts.txt
@@ -214,8 +216,12 @@ summary() {
         grep -h '^WGMMA' "$logs"/wgmma.log 2>/dev/null | grep -v ' PASS ' | cut -c1-200 | sed 's/^/  /'
         np=$(grep -c '^WGMMA .* PASS' "$logs"/wgmma.log 2>/dev/null); nf=$(grep -c '^WGMMA .* FAIL' "$logs"/wgmma.log 2>/dev/null)
         echo "  ${np:-0} PASS, ${nf:-0} FAIL (wgmma.log in logs.tar.gz has every line)"
+        grep -h '^TMA' "$logs"/tma.log 2>/dev/null | grep -v ' PASS ' | cut -c1-200 | sed 's/^/  /'
+        tp=$(grep -c '^TMA .* PASS' "$logs"/tma.log 2>/dev/null); tf=$(grep -c '^TMA .* FAIL' "$logs"/tma.log 2>/dev/null)
+        echo "  TMA: ${tp:-0} PASS, ${tf:-0} FAIL (tma.log)"
     else
         grep -h '^WGMMA' "$logs"/wgmma.log 2>/dev/null | cut -c1-200 | sed 's/^/  /'
+        grep -h '^TMA' "$logs"/tma.log 2>/dev/null | cut -c1-200 | sed 's/^/  /'
     fi
     echo "-- kernel max error vs CPU reference (tolerance ~1e-2)"
     if [ "$1" = compact ]; then
@@ -361,12 +367,23 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
         export BC_WGMMA_OK=1
         note="$note; wgmma attention enabled"
     fi
+    # The TMA / mbarrier probe (tests/cuda.rs tma_layouts_match_the_hardware), in its own
+    # process too: every TMA line PASSes -> BC_TMA_OK=1 (the TMA conv bc_conv_wgmma_tma then
+    # joins the tests and the benchmark, with BC_WGMMA_OK=1 as well).
+    timeout -k 5 60 ./bin/cuda-tests --test-threads=1 --nocapture --exact tma_layouts_match_the_hardware \
+        > "$logs"/tma.log 2>&1
+    tp=$(grep -c '^TMA .* PASS' "$logs"/tma.log); tf=$(grep -c '^TMA .* FAIL' "$logs"/tma.log)
+    note="$note; TMA $tp PASS, $tf FAIL"
+    if [ "$tf" -eq 0 ] && [ "$tp" -gt 0 ] && grep -q '^test result: ok' "$logs"/tma.log; then
+        export BC_TMA_OK=1
+        note="$note (TMA conv enabled)"
+    fi
     finish wgmma "$logs"/wgmma.log "$note"
 fi
 
 # --- tests -----------------------------------------------------------------------------
 skip_wgmma=()
-want wgmma && skip_wgmma=(--skip wgmma_layouts_match_the_hardware) # ran above
+want wgmma && skip_wgmma=(--skip wgmma_layouts_match_the_hardware --skip tma_layouts_match_the_hardware) # ran above
 if want tests && run_part tests "$logs"/tests.log ./bin/cuda-tests --test-threads=1 --nocapture ${skip_wgmma[@]+"${skip_wgmma[@]}"}; then
     note=$(grep -m1 -oE '[0-9]+ passed; [0-9]+ failed' "$logs"/tests.log)
     if grep -q 'SKIP.*no GPU' "$logs"/tests.log; then note="${note:+$note, }GPU tests skipped: no GPU"; fi

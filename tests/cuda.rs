@@ -109,6 +109,22 @@ fn poisoned(g: &mut Gpu, bytes: usize) -> DevPtr {
     p
 }
 
+/// Largest error of `got` against `want`, relative to |want| + 1e-2 rms(want); infinite for a
+/// non-finite value.
+fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
+    let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+    got.iter()
+        .zip(want)
+        .map(|(x, w)| {
+            if x.is_finite() {
+                (x - w).abs() / (w.abs() + 1e-2 * rms)
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
 fn down_f(g: &Gpu, p: DevPtr, n: usize) -> Vec<f32> {
     let mut v = vec![0f32; n];
     g.download(&mut v, p).unwrap();
@@ -880,16 +896,8 @@ fn wgmma_layouts_match_the_hardware() {
                 (0..kd).map(|k| af[r * kd + k] * bf[c * kd + k]).sum()
             })
             .collect();
-        let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
         got.chunks(want.len())
-            .flat_map(|part| part.iter().zip(&want))
-            .map(|(x, w)| {
-                if x.is_finite() {
-                    (x - w).abs() / (w.abs() + 1e-2 * rms)
-                } else {
-                    f32::INFINITY
-                }
-            })
+            .map(|part| max_rel_err(part, &want))
             .fold(0.0, f32::max)
     };
     let mut cases = Vec::new();
@@ -979,6 +987,136 @@ fn wgmma_layouts_match_the_hardware() {
         }
     }
     assert!(failed.is_empty(), "wgmma layouts that fail: {failed:?}");
+}
+
+/// The TMA / mbarrier probe (`cuda/test/tma_probe.cu`) on a Hopper GPU against the emulation's
+/// reading of the PTX ISA: raw boxes of every swizzle x rank 2..5 x 2- and 4-byte elements,
+/// hanging over every edge (zero fill), two mbarrier phases per run, byte for byte against the
+/// emulated load of the same tensor (`TMA raw ... PASS|FAIL`); then A and B loaded by TMA in
+/// each layout and multiplied by wgmma (`TMA wgmma ... PASS|FAIL`: the TMA's swizzle is what
+/// the descriptor reads); then two controls that must not match (boxes one row off, 128B tiles
+/// loaded unswizzled). The GPU bundle runs it with the wgmma probe and exports `BC_TMA_OK=1`
+/// when every line PASSes.
+#[test]
+fn tma_layouts_match_the_hardware() {
+    use blockcascade::kernels::emu::{
+        self as kemu, tma_probe_params, tma_probe_wgmma_params, tma_probe_wgmma_spec, TmaProbeCase,
+    };
+    use blockcascade::kernels::params::BC_TMA_FAULT_COORD;
+    use blockcascade::kernels::tma::{TensorMapSpec, TmaSwizzle};
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut g) = gpu("tma_layouts_match_the_hardware") else {
+        return;
+    };
+    match g.compute_capability() {
+        Some((9, 0)) | None => {}
+        Some((major, minor)) => {
+            println!("TMA SKIP: the device is sm_{major}{minor}, the probe needs sm_90a");
+            return;
+        }
+    }
+    let mut rng = Rng::new(91);
+    let mut failed = Vec::new();
+    let block = kernels::params::BC_TMA_PROBE_THREADS;
+    for swizzle in TmaSwizzle::ALL {
+        for rank in 2..=5 {
+            for eb in [2usize, 4] {
+                let case = TmaProbeCase::edges(rank, swizzle, eb);
+                let t: Vec<u8> = (0..case.tensor_bytes())
+                    .map(|_| (rng.next_u64() % 255) as u8 + 1)
+                    .collect();
+                let want = kemu::tma_probe(&t, &case).unwrap();
+                assert_eq!(want, case.expected(&t), "the emulation against its model");
+                let td = up(&mut g, &t);
+                let od = poisoned(&mut g, want.len());
+                let got = g
+                    .encode_tensor_map(&case.spec, td)
+                    .and_then(|map| {
+                        let p = tma_probe_params(map, &case, od as *mut u8).unwrap();
+                        // SAFETY: the tensor and the output are device allocations of the sizes the
+                        // probe reads and writes.
+                        unsafe { g.launch(kernels::Kernel::TmaProbe, [1, 1, 1], block, &p) }
+                    })
+                    .and_then(|()| g.sync())
+                    .map(|()| {
+                        let mut v = vec![0u8; want.len()];
+                        g.download(&mut v, od).unwrap();
+                        v
+                    });
+                let what = format!("raw swizzle={swizzle:?} rank={rank} elem={eb}B");
+                let (ok, detail) = match got {
+                    Ok(v) => {
+                        let bad = v.iter().zip(&want).filter(|(a, b)| a != b).count();
+                        (bad == 0, format!("{bad} of {} bytes differ", want.len()))
+                    }
+                    Err(e) => (false, format!("error: {e}")),
+                };
+                println!("TMA {what} {} ({detail})", if ok { "PASS" } else { "FAIL" });
+                if !ok {
+                    failed.push(what);
+                }
+            }
+        }
+    }
+    // wgmma on TMA-written tiles: c = a . b^T, [64][64] bf16 each.
+    let mut wgmma_run =
+        |g: &mut Gpu, swizzle: TmaSwizzle, map_swizzle: TmaSwizzle, fault: u32| -> f32 {
+            let (af, a) = randb(&mut rng, 64 * 64, 1.0);
+            let (bf, b) = randb(&mut rng, 64 * 64, 1.0);
+            let spec = TensorMapSpec {
+                swizzle: map_swizzle,
+                ..tma_probe_wgmma_spec(swizzle)
+            };
+            let (ad, bd) = (up(g, &a), up(g, &b));
+            let cd = poisoned(g, 64 * 64 * 4);
+            let launched = g.encode_tensor_map(&spec, ad).and_then(|ma| {
+                let mb = g.encode_tensor_map(&spec, bd)?;
+                let p =
+                    tma_probe_wgmma_params(ma, mb, swizzle, fault as i32, cd as *mut f32).unwrap();
+                // SAFETY: a, b and c are device allocations of 64 x 64 values.
+                unsafe { g.launch(kernels::Kernel::TmaProbe, [1, 1, 1], block, &p) }?;
+                g.sync()
+            });
+            if let Err(e) = launched {
+                println!("TMA launch error: {e}");
+                return f32::INFINITY;
+            }
+            let got = down_f(g, cd, 64 * 64);
+            let want: Vec<f32> = (0..64 * 64)
+                .map(|i| {
+                    (0..64)
+                        .map(|k| af[i / 64 * 64 + k] * bf[i % 64 * 64 + k])
+                        .sum()
+                })
+                .collect();
+            max_rel_err(&got, &want)
+        };
+    for swizzle in TmaSwizzle::ALL {
+        let err = wgmma_run(&mut g, swizzle, swizzle, 0);
+        let ok = err < 1e-3;
+        println!(
+            "TMA wgmma m64n64k16 tiles swizzle={swizzle:?} {} max_err={err:.2e}",
+            if ok { "PASS" } else { "FAIL" }
+        );
+        if !ok {
+            failed.push(format!("wgmma {swizzle:?}"));
+        }
+    }
+    for (what, map_swizzle, fault) in [
+        ("boxes one row off", TmaSwizzle::B128, BC_TMA_FAULT_COORD),
+        ("128B tiles loaded unswizzled", TmaSwizzle::None, 0),
+    ] {
+        let err = wgmma_run(&mut g, TmaSwizzle::B128, map_swizzle, fault);
+        let ok = err > 1e-2;
+        println!(
+            "TMA control: {what} {} (max_err={err:.2e}, must be large)",
+            if ok { "PASS" } else { "FAIL" }
+        );
+        if !ok {
+            failed.push(format!("the control '{what}' matched"));
+        }
+    }
+    assert!(failed.is_empty(), "TMA layouts that fail: {failed:?}");
 }
 
 fn run_golden(schedule: Schedule, mode: AttentionMode, graphs: bool) -> Vec<f32> {
@@ -1358,7 +1496,17 @@ fn decoders_match_the_golden_videos() {
             let err = rel_l2(&want, &px);
             println!("GOLDEN decoder-{name}-conv-wgmma rel_l2={err:.3e}");
             assert!(err < 2e-2, "{name}-conv-wgmma: rel L2 {err}");
+            // Its TMA variant once the TMA probe passed too (BC_TMA_OK=1).
+            if std::env::var("BC_TMA_OK").is_ok_and(|v| v == "1") {
+                dev.set_conv_tma(true).unwrap();
+                dev.begin(h, w).unwrap();
+                let px = dev.push(&lat, f, true).unwrap().f32.unwrap();
+                let err = rel_l2(&want, &px);
+                println!("GOLDEN decoder-{name}-conv-tma rel_l2={err:.3e}");
+                assert!(err < 2e-2, "{name}-conv-tma: rel L2 {err}");
+            }
         }
+        dev.set_conv_tma(false).unwrap();
         dev.set_conv_wgmma(false).unwrap();
         dev.begin(h, w).unwrap();
         let whole = dev.push(&lat, f, true).unwrap().f32.unwrap();

@@ -129,8 +129,10 @@ fn device_decoder_errors_are_clear() {
 }
 
 /// Both decoders with every convolution that fits it on the Hopper wgmma kernel
-/// (`bc_conv_wgmma`, forced on: the emulated device has it, a default decoder does not use it)
-/// against upstream's golden output, within the same 2e-2.
+/// (`bc_conv_wgmma`, forced on: the emulated device has it, a default decoder does not use it),
+/// then with its TMA variant too (`bc_conv_wgmma_tma`: the convolutions over plain sources take
+/// it, the upsampled ones stay on `bc_conv_wgmma`), against upstream's golden output, within
+/// the same 2e-2.
 #[test]
 fn both_decoders_with_the_wgmma_conv_match_pytorch() {
     for (name, model) in [
@@ -144,21 +146,29 @@ fn both_decoders_with_the_wgmma_conv_match_pytorch() {
         let (_, expected) = tensor(&dir.join("expected.safetensors"), "video");
         let (f, h, w) = (ls[0], ls[2], ls[3]);
         let dec = Decoder::load(&dir.join(model), None).unwrap();
-        let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
-        assert!(!dev.conv_wgmma(), "off unless asked for");
-        dev.set_conv_wgmma(true).unwrap();
-        dev.begin(h, w).unwrap();
-        let px = dev.push(&latents, f, true).unwrap().f32.unwrap();
-        let err = rel_l2(&expected, &px);
-        let share = dev.wgmma_flops() / dev.flops();
-        println!(
-            "{name} with bc_conv_wgmma ({:.0}% of the FLOPs): rel L2 {err:.3e}",
-            100.0 * share
-        );
-        assert!(err < 2e-2, "{name}: rel L2 {err}");
-        assert!(
-            share > 0.1,
-            "{name}: only {share} of the FLOPs ran bc_conv_wgmma"
-        );
+        for tma in [false, true] {
+            let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+            assert!(!dev.conv_wgmma() && !dev.conv_tma(), "off unless asked for");
+            dev.set_conv_wgmma(true).unwrap();
+            dev.set_conv_tma(tma).unwrap();
+            dev.begin(h, w).unwrap();
+            let px = dev.push(&latents, f, true).unwrap().f32.unwrap();
+            let err = rel_l2(&expected, &px);
+            let share = dev.wgmma_flops() / dev.flops();
+            let kernel = if tma {
+                "bc_conv_wgmma(_tma)"
+            } else {
+                "bc_conv_wgmma"
+            };
+            println!(
+                "{name} with {kernel} ({:.0}% of the FLOPs): rel L2 {err:.3e}",
+                100.0 * share
+            );
+            assert!(err < 2e-2, "{name} {kernel}: rel L2 {err}");
+            assert!(
+                share > 0.1,
+                "{name}: only {share} of the FLOPs ran {kernel}"
+            );
+        }
     }
 }

@@ -66,6 +66,7 @@ bc_emu_switch:
 #endif
 
 #include "../include/params.h"
+#include "tma.h"
 
 namespace emu {
 
@@ -113,7 +114,8 @@ constexpr size_t kStackBytes = 128 * 1024;
 constexpr size_t kGuardBytes = 4096;
 constexpr int kMaxThreads = 1024;
 
-enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kAtNamedBar, kExited, kFailed };
+// kAtWait: blocked in wait_until (an mbarrier wait, cuda/emu/tma.cpp) until its predicate holds.
+enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kAtNamedBar, kExited, kFailed, kAtWait };
 
 const char* kind_name(int kind) {
     static const char* names[] = {"__shfl_sync",   "__shfl_xor_sync", "__shfl_down_sync", "__shfl_up_sync",
@@ -165,6 +167,10 @@ struct Fiber {
         unsigned a[4] = {0, 0, 0, 0};
         int trans_b = 0;  // 1: B MN-major (imm-trans-b = 1)
     } wg;
+    // At wait_until (kAtWait): the predicate, its argument and what is waited for.
+    bool (*wait_ready)(void*) = nullptr;
+    void* wait_ctx = nullptr;
+    const char* wait_what = nullptr;
 };
 
 // One queued wgmma.mma_async of a warpgroup: operands of its 128 threads.
@@ -315,6 +321,29 @@ void fail(const char* what, const char* file, int line) {
     f->state = kFailed;
     yield_to_scheduler();
     std::abort();
+}
+
+void wait_until(bool (*ready)(void*), void* ctx, const char* what, const char* file, int line) {
+    if (ready(ctx)) return;
+    Fiber* f = tls_fiber;
+    f->state = kAtWait;
+    f->wait_ready = ready;
+    f->wait_ctx = ctx;
+    f->wait_what = what;
+    f->file = file;
+    f->line = line;
+    yield_to_scheduler();
+}
+
+// Makes every thread at wait_until whose predicate now holds runnable; returns how many.
+static int wake_waiters(Block* b) {
+    int woken = 0;
+    for (auto& f : b->fibers)
+        if (f.state == kAtWait && f.wait_ready(f.wait_ctx)) {
+            f.state = kRunnable;
+            ++woken;
+        }
+    return woken;
 }
 
 unsigned activemask() {
@@ -486,7 +515,8 @@ static int resolve_collectives(Block* b) {
                       f.width);
             return resolved;
         }
-        for (int l = 0; l < 32; ++l) {
+        bool waiting = false;  // a lane of the mask is at wait_until: it may still arrive
+        for (int l = 0; l < 32 && !waiting; ++l) {
             if (!(m >> l & 1u)) continue;
             int t = base + l;
             if (t >= n) {
@@ -495,6 +525,10 @@ static int resolve_collectives(Block* b) {
                 return resolved;
             }
             const Fiber& g = b->fibers[t];
+            if (g.state == kAtWait) {
+                waiting = true;
+                break;
+            }
             if (g.state == kExited) {
                 set_error(b, 2, "%s at %s:%d: mask 0x%08x names lane %d, which has exited", kind_name(f.kind), f.file,
                           f.line, m, l);
@@ -518,6 +552,7 @@ static int resolve_collectives(Block* b) {
                 return resolved;
             }
         }
+        if (waiting) continue;
         // All lanes of the mask are here: compute every lane's result.
         unsigned ballot = 0;
         for (int l = 0; l < 32; ++l)
@@ -906,8 +941,8 @@ static int resolve_warpgroups(Block* b) {
         bool ready = true;
         for (int t = base; t < base + 128; ++t) {
             const Fiber& g = b->fibers[t];
-            if (g.state == kAtCollective || g.state == kAtNamedBar) {
-                ready = false;  // may still arrive once its warp collective / named barrier resolves
+            if (g.state == kAtCollective || g.state == kAtNamedBar || g.state == kAtWait) {
+                ready = false;  // may still arrive once its warp collective / named barrier / wait resolves
                 continue;
             }
             if (g.state == kExited || g.state == kAtBarrier) {
@@ -957,6 +992,7 @@ static int run_block(Block* b) {
     // Uninitialised shared memory: poison dynamic shared memory with NaNs.
     std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
     b->unpub.assign(b->smem_bytes / 16 + 1, 0);
+    tma_block_begin();
     for (unsigned round = 0;; ++round) {
         // Alternate the order threads run in between scheduling points (forward, backward), so
         // a missing barrier shows up whichever side of the race the kernel got wrong.
@@ -969,7 +1005,7 @@ static int run_block(Block* b) {
             tls_fiber = nullptr;
             if (b->code) return b->code;
         }
-        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0, at_nb = 0, runnable = 0;
+        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0, at_nb = 0, at_wait = 0, runnable = 0;
         for (auto& f : b->fibers) {
             runnable += f.state == kRunnable;  // released by a named barrier after its turn
             at_nb += f.state == kAtNamedBar;
@@ -977,9 +1013,14 @@ static int run_block(Block* b) {
             at_bar += f.state == kAtBarrier;
             at_coll += f.state == kAtCollective;
             at_wg += f.state == kAtWarpgroup;
+            at_wait += f.state == kAtWait;
         }
         if (runnable) continue;
         if (exited == n) {
+            if (const char* e = tma_block_end()) {
+                set_error(b, 3, "%s", e);
+                return b->code;
+            }
             for (auto& w : b->wgs)
                 if (!w.pending.empty()) {
                     set_error(b, 3, "wgmma.mma_async at %s:%d never waited for (no wgmma.wait_group completed it)",
@@ -1000,18 +1041,32 @@ static int run_block(Block* b) {
             if (at_wg) r += resolve_warpgroups(b);
             if (b->code) return b->code;
             if (r) continue;
-            if (at_nb) {
-                for (auto& f : b->fibers)
-                    if (f.state == kAtNamedBar) {
-                        set_error(b, 1, "deadlock: thread %d waits at %s:%d, %s; the other threads wait at warp "
-                                  "collectives / wgmma ops that cannot complete",
-                                  f.linear, f.file, f.line, named_barrier_state(b, f.nb_id).c_str());
-                        break;
-                    }
+            if (!at_wait) {
+                if (at_nb) {
+                    for (auto& f : b->fibers)
+                        if (f.state == kAtNamedBar) {
+                            set_error(b, 1, "deadlock: thread %d waits at %s:%d, %s; the other threads wait at warp "
+                                      "collectives / wgmma ops that cannot complete",
+                                      f.linear, f.file, f.line, named_barrier_state(b, f.nb_id).c_str());
+                            break;
+                        }
+                    return b->code;
+                }
+                set_error(b, 2, at_coll ? "unresolvable warp collective" : "unresolvable wgmma warpgroup op");
                 return b->code;
             }
-            set_error(b, 2, at_coll ? "unresolvable warp collective" : "unresolvable wgmma warpgroup op");
-            return b->code;
+        }
+        if (at_wait) {
+            // Threads at an mbarrier wait: wake those whose phase completed; when none did, every
+            // thread is blocked, so the in-flight bulk copies land now (as late as possible).
+            if (wake_waiters(b)) continue;
+            if (tma_progress() && wake_waiters(b)) continue;
+            for (auto& f : b->fibers)
+                if (f.state == kAtWait) {
+                    set_error(b, 2, "deadlock: thread %d waits for %s at %s:%d, which can never complete (%d threads "
+                              "at __syncthreads, %d exited)", f.linear, f.wait_what, f.file, f.line, at_bar, exited);
+                    return b->code;
+                }
         }
         if (at_nb) {
             // Nothing can run: the waiters of a named barrier wait for threads that exited or wait

@@ -31,9 +31,10 @@
 // its group, D reading as NaN until then; mma ops never waited for are an error at block exit.
 // Descriptors hold shared-window addresses: dynamic shared memory starts at window address
 // kSmemWindowBase (deliberately not 1024-byte aligned, like an unknown hardware offset, so a
-// kernel must align swizzled tiles itself). Not emulated: TMA and the other Hopper-only
-// features. Named barriers (`bar.sync id, n` / `bar.arrive id, n`, ids 1..15, see
-// named_barrier) count arrivals per phase and release the waiters when `n` threads arrived; their
+// kernel must align swizzled tiles itself). The mbarrier and TMA tile loads are emulated in
+// tma.h / tma.cpp (hooked into the scheduler); the other Hopper-only features are not. Named
+// barriers (`bar.sync id, n` / `bar.arrive id, n`, ids 1..15, see named_barrier) count
+// arrivals per phase and release the waiters when `n` threads arrived; their
 // participants may call them from different source lines. A wgmma reading dynamic shared memory
 // that a cp.async landed at its thread's wait_group is an error unless that thread had arrived at
 // a barrier (__syncthreads, bar.sync, bar.arrive) since, before the wgmma was issued: the data is

@@ -17,6 +17,8 @@
 //   bar.arrive nobody waits for before the exit; mode 10: barrier id 0; mode 11: the lower half
 //   arrives at 1 twice per round.
 #include "../include/barrier.cuh"
+#include "../include/common.cuh"
+#include "../include/tma.cuh"
 
 struct BcTestParams {
     float* data;
@@ -26,7 +28,46 @@ struct BcTestParams {
     int _pad;
 };
 
+// Modes 20-22: waits on the emulated mbarrier (cuda/emu/tma.cpp) as scheduling points, in
+// blocks of 64 threads (the barrier in the launch's dynamic shared memory).
+//   20: warp 1 (after a __syncwarp, so warp 0 gets there first) completes phase 0 (32
+//       arrivals) that lane 0 of warp 0 waits for, while lanes 1-31 of warp 0 already wait
+//       at a full-warp shuffle of lane 0's value: data = 42 in warp 0, 7 in warp 1;
+//   21: every thread waits for a phase nobody arrives on (a reported deadlock);
+//   22: thread 0 waits for a phase that thread 1 completes only after a __syncthreads that
+//       thread 0 never reaches (a reported deadlock).
+__device__ void bc_test_mbar(const BcTestParams& p) {
+    BC_DYNAMIC_SMEM(smem, 8);
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+    const int t = threadIdx.x, warp = t / 32;
+    if (t == 0) bc_mbar_init(bar, p.mode == 20 ? 32 : 1);
+    bc_mbar_init_fence();
+    __syncthreads();
+    float v = 7.f;
+    if (p.mode == 20) {
+        if (warp == 1) {
+            __syncwarp();
+            bc_mbar_arrive(bar);
+        } else {
+            if (t == 0) bc_mbar_wait(bar, 0);
+            v = __shfl_sync(0xffffffffu, t == 0 ? 42.f : 0.f, 0);
+        }
+    } else if (p.mode == 21) {
+        bc_mbar_wait(bar, 0);
+    } else if (t == 0) {
+        bc_mbar_wait(bar, 0);
+    } else {
+        __syncthreads();
+        if (t == 1) bc_mbar_arrive(bar);
+    }
+    p.data[blockIdx.x * blockDim.x + t] = v;
+}
+
 extern "C" __global__ void bc_test_sync(BcTestParams p) {
+    if (p.mode >= 20) {
+        bc_test_mbar(p);
+        return;
+    }
     __shared__ float s[1024];
     const int t = threadIdx.x;
     s[t] = p.data[blockIdx.x * blockDim.x + t];

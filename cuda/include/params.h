@@ -857,4 +857,122 @@ typedef struct BcWgmmaProbeParams {
     bc_i32 _pad;
 } BcWgmmaProbeParams;
 
+/* ---- TMA (tensor memory accelerator) and mbarrier: tensor maps and the layout probe ---- */
+
+/** A tensor map (the driver's `CUtensorMap`): 128 opaque bytes, 64-byte aligned, that a
+ * `cp.async.bulk.tensor` reads. On a GPU the driver's cuTensorMapEncodeTiled fills it; under
+ * the emulation it holds a BcEmuTensorMap. Kernels take it inside their params struct, declared
+ * `const __grid_constant__` so that its address is the kernel-parameter one. */
+typedef struct __attribute__((aligned(64))) BcTensorMap {
+    /** Driver-defined bytes. */
+    unsigned long long opaque[16];
+} BcTensorMap;
+
+/** `magic` of a BcEmuTensorMap ("TNSORMAP"): the emulation refuses anything else. */
+#define BC_EMU_TENSOR_MAP_MAGIC 0x50414d524f534e54ull
+
+/** The emulation's tensor map: the arguments of cuTensorMapEncodeTiled, as the host validated
+ * them (src/kernels/tma.rs), in the 128 bytes of a BcTensorMap. Dimension 0 is the innermost
+ * (contiguous) one. */
+typedef struct BcEmuTensorMap {
+    /** BC_EMU_TENSOR_MAP_MAGIC. */
+    unsigned long long magic;
+    /** Address of element (0, .., 0) (16-byte aligned). */
+    unsigned long long global_address;
+    /** Bytes between consecutive indices of dimensions 1 .. rank-1 (multiples of 16). */
+    unsigned long long global_strides[4];
+    /** Extent of each dimension (elements). */
+    unsigned int global_dim[5];
+    /** Box extent of each dimension (elements of the traversal, <= 256). */
+    unsigned int box_dim[5];
+    /** Traversal step of each dimension (1..8): every element_strides[i]-th element is loaded. */
+    unsigned int element_strides[5];
+    /** Dimensions (1..5). */
+    unsigned int rank;
+    /** Bytes per element (1, 2, 4, 8). */
+    unsigned int elem_bytes;
+    /** Swizzle span in bytes: 0 (none), 32, 64, 128. */
+    unsigned int swizzle_bytes;
+    /** Interleave (0: none; the only mode emulated). */
+    unsigned int interleave;
+    /** Out-of-bound fill (0: zeros; the only mode emulated). */
+    unsigned int oob_fill;
+} BcEmuTensorMap;
+
+/** `bc_tma_probe` (cuda/test/tma_probe.cu): the TMA / mbarrier layout probe, one warpgroup
+ * (BC_TMA_PROBE_THREADS) and grid (1). `mode` 0 (raw): loads box `coords[0]`, then box
+ * `coords[1]` of `map` (rank `rank`) through one mbarrier (phases 0 and 1) and copies the
+ * `box_bytes` of shared memory each box landed in to `out` as they are. `mode` 1 (wgmma): loads
+ * A = `map` and B = `map_b` (both `[64][64]` bf16, row-major) as 64 / E boxes `{E, 64}` each
+ * (E = 8 for swizzle none, W / 2 for a W-byte swizzle) into the K-major layout of `swizzle`
+ * (BC_WGMMA_SWIZZLE_*), then `c[64][64] = A . B^T` by 4 wgmma m64n64k16. `fault` breaks one
+ * thing on purpose (BC_TMA_FAULT_*). Dynamic shared memory BC_TMA_PROBE_SMEM. Traps below sm_90. */
+#define BC_TMA_PROBE_THREADS 128
+/** Largest box of the raw mode, bytes. */
+#define BC_TMA_PROBE_MAX_BOX 16384
+/** `fault`: arrive without expect_tx (emulation: the phase completes before the data). */
+#define BC_TMA_FAULT_NO_EXPECT_TX 1
+/** `fault`: the first wait waits for the wrong parity (passes at once: the data has not landed). */
+#define BC_TMA_FAULT_PARITY 2
+/** `fault`: nobody arrives (emulation: a reported deadlock). */
+#define BC_TMA_FAULT_NO_ARRIVE 3
+/** `fault`: the boxes start one row too low (a wrong box coordinate: wrong result, on a GPU too). */
+#define BC_TMA_FAULT_COORD 4
+/** Dynamic shared memory of `bc_tma_probe`: two boxes (or the A and B tiles), the 1024-byte
+ * alignment slack and the mbarrier. */
+#define BC_TMA_PROBE_SMEM (2 * BC_TMA_PROBE_MAX_BOX + 1024 + 16)
+typedef struct BcTmaProbeParams {
+    /** The tensor (raw mode) or A (wgmma mode). */
+    BcTensorMap map;
+    /** B (wgmma mode; `[n = 64][k = 64]`, K contiguous). */
+    BcTensorMap map_b;
+    /** Raw mode: start coordinates of the two boxes (innermost dimension first). */
+    bc_i32 coords[2][5];
+    /** Raw mode: rank of `map` (2..5). */
+    bc_i32 rank;
+    /** Raw mode: bytes one box lands in shared memory (<= BC_TMA_PROBE_MAX_BOX). */
+    bc_i32 box_bytes;
+    /** 0 raw, 1 wgmma. */
+    bc_i32 mode;
+    /** Wgmma mode: the layout (BC_WGMMA_SWIZZLE_*) the boxes and the descriptors use. */
+    bc_i32 swizzle;
+    /** BC_TMA_FAULT_* or 0. */
+    bc_i32 fault;
+    /** Raw mode: `2 * box_bytes` bytes. */
+    unsigned char *out;
+    /** Wgmma mode: `[64][64]` f32. */
+    float *c;
+} BcTmaProbeParams;
+
+/** `bc_conv_wgmma_tma` / `bc_conv_wgmma_tma_n96` (cuda/conv_wgmma_tma.cu): bc_conv_wgmma with
+ * the operand tiles loaded by TMA from a producer warp. Output tile: BC_CONV_TMA_TX x
+ * BC_CONV_TMA_TY pixels (a rectangle of the frame: 128 rows of the wgmma A tile) x 128 (96)
+ * output channels; k-step = two (tap, 32-channel chunk) pairs of a source: per pair, A = the box
+ * {32 channels, TX, TY} of the source at the tap's offset (out-of-frame pixels and channels past
+ * the source are the TMA's zero fill), B = the box {32, BN} of the weights, 64-byte swizzle.
+ * Plain sources only (no upsampled one). */
+#define BC_CONV_TMA_TX 8
+/** Pixel rows (y) of the output tile of `bc_conv_wgmma_tma`. */
+#define BC_CONV_TMA_TY 16
+/** Shared-memory stages of `bc_conv_wgmma_tma` (full / empty mbarrier pairs). */
+#define BC_CONV_TMA_STAGES 4
+/** Threads of `bc_conv_wgmma_tma`: two consumer warpgroups and one producer warp. */
+#define BC_CONV_TMA_THREADS (2 * 128 + 32)
+/** Dynamic shared memory of `bc_conv_wgmma_tma`: STAGES x (A 128 + B 128 rows of 128 bytes),
+ * 1024 bytes of alignment slack, the 2 x STAGES mbarriers. */
+#define BC_CONV_TMA_SMEM (BC_CONV_TMA_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN) * 128 + 1024 + 16 * BC_CONV_TMA_STAGES)
+/** Dynamic shared memory of `bc_conv_wgmma_tma_n96` (B tiles of 96 rows). */
+#define BC_CONV_TMA_N96_SMEM (BC_CONV_TMA_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN_96) * 128 + 1024 + 16 * BC_CONV_TMA_STAGES)
+typedef struct BcConvTmaParams {
+    /** Per source: the frame as a 3-D tensor {channels, w, h} (strides stride and w * stride
+     * elements), box {32, TX, TY}, 64-byte swizzle. */
+    BcTensorMap src_map[BC_CONV_MAX_SOURCES];
+    /** The weights as a 2-D tensor {kt * kh * kw * cin, cout}, box {32, BN}, 64-byte swizzle. */
+    BcTensorMap w_map;
+    /** The convolution (sources, epilogue, output) as bc_conv_wgmma takes it. */
+    BcConvParams conv;
+    /** Output tiles along x: ceil(w / TX) (the grid's x is tiles_x * ceil(h / TY)). */
+    bc_i32 tiles_x;
+} BcConvTmaParams;
+
 #endif /* BLOCKCASCADE_PARAMS_H */

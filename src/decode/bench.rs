@@ -288,13 +288,14 @@ pub struct DeviceDecodeBench {
 /// tests): `blocks` blocks of `block_frames` random latent frames, each timed from upload to the
 /// last pixel downloaded (RGB8 only, as a player takes them). `dim`: the decoders' width
 /// (`None`: real widths, Wan VAE 96, TAEHV 64). `wgmma`: convolutions that fit it on the
-/// Hopper `bc_conv_wgmma` (refused on a device without wgmma), else on `bc_conv`.
+/// Hopper `bc_conv_wgmma` (refused on a device without wgmma), else on `bc_conv`; `tma` (with
+/// `wgmma`): those over plain sources on its TMA variant `bc_conv_wgmma_tma`.
 pub fn bench_decode_device(
     kinds: &[DecoderKind],
     (latent_h, latent_w): (usize, usize),
     (block_frames, blocks): (usize, usize),
     dim: Option<usize>,
-    wgmma: bool,
+    (wgmma, tma): (bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<Vec<DeviceDecodeBench>> {
     let mut out = Vec::new();
@@ -307,6 +308,7 @@ pub fn bench_decode_device(
         let dec = Decoder::synthetic(kind, d, 1);
         let mut dev = CudaDecoder::new(&dec, gpu()?)?;
         dev.set_conv_wgmma(wgmma)?;
+        dev.set_conv_tma(wgmma && tma)?;
         dev.begin(latent_h, latent_w)?;
         let mut rng = crate::rng::Rng::new(2);
         let per = 16 * latent_h * latent_w * bf;
@@ -371,8 +373,15 @@ mod tests {
     fn device_bench_counts_conv_flops_per_pixel() {
         let run = |h: usize, w: usize| {
             let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
-            bench_decode_device(&kinds, (h, w), (1, 2), Some(2), false, &Gpu::open_emulated)
-                .unwrap()
+            bench_decode_device(
+                &kinds,
+                (h, w),
+                (1, 2),
+                Some(2),
+                (false, false),
+                &Gpu::open_emulated,
+            )
+            .unwrap()
         };
         let (small, large) = (run(2, 2), run(4, 2));
         for (a, b) in small.iter().zip(&large) {

@@ -167,6 +167,15 @@ struct Dev {
     wgmma_flops: f64,
     /// Convolutions that fit it run `bc_conv_wgmma` (Hopper; see [`conv_wgmma_default`]).
     conv_wgmma: bool,
+    /// With `conv_wgmma`, those that fit it run its TMA variant `bc_conv_wgmma_tma` (plain
+    /// sources; see [`conv_tma_default`]).
+    conv_tma: bool,
+}
+
+/// Whether a new decoder's wgmma convolutions use the TMA variant (`bc_conv_wgmma_tma`): only
+/// with `BC_CONV_TMA=1` too (opt-in until the GPU bundle's TMA probe has passed on hardware).
+fn conv_tma_default(gpu: &Gpu) -> bool {
+    std::env::var("BC_CONV_TMA").is_ok_and(|v| v.trim() == "1") && conv_wgmma_default(gpu)
 }
 
 /// Whether a new decoder on `gpu` runs its convolutions on the Hopper wgmma kernel
@@ -180,6 +189,7 @@ fn conv_wgmma_default(gpu: &Gpu) -> bool {
 impl Dev {
     fn new(gpu: Gpu) -> Dev {
         let conv_wgmma = conv_wgmma_default(&gpu);
+        let conv_tma = conv_tma_default(&gpu);
         Dev {
             gpu,
             weight_bytes: 0,
@@ -192,6 +202,7 @@ impl Dev {
             sink: Sink::default(),
             submits: 0,
             conv_wgmma,
+            conv_tma,
         }
     }
 
@@ -364,6 +375,20 @@ impl Dev {
         let wg = |k| matches!(k, Kernel::ConvWgmma | Kernel::ConvWgmmaN96);
         if !planning && l.as_ref().is_ok_and(|l| wg(l.kernel)) {
             self.wgmma_flops += flops;
+        }
+        if let Ok(l) = &l {
+            if self.conv_tma && launch::conv_tma_fits(l) {
+                if planning {
+                    return Ok(());
+                }
+                // The tensor maps hold the frames' addresses (a captured walk launches with the
+                // same buffers).
+                let maps = launch::conv_tma_specs(l)
+                    .iter()
+                    .map(|(spec, addr)| self.gpu.encode_tensor_map(spec, *addr))
+                    .collect::<Result<Vec<_>>>()?;
+                return self.run(launch::conv_tma(*l, &maps));
+            }
         }
         self.run(l)
     }
@@ -741,6 +766,30 @@ impl CudaDecoder {
             self.graphs.map.clear();
         }
         self.dev.conv_wgmma = on;
+        Ok(())
+    }
+
+    /// Whether the wgmma convolutions use the TMA variant `bc_conv_wgmma_tma` where it fits
+    /// (plain sources; the default: `BC_CONV_TMA=1` with the wgmma conv on).
+    pub fn conv_tma(&self) -> bool {
+        self.dev.conv_tma
+    }
+
+    /// Turns the TMA variant of the wgmma convolution on or off (it applies only while
+    /// [`CudaDecoder::set_conv_wgmma`] is on); on is refused where the wgmma conv is.
+    pub fn set_conv_tma(&mut self, on: bool) -> Result<()> {
+        let gpu = &self.dev.gpu;
+        if on && !gpu.is_emulated() && gpu.compute_capability() != Some((9, 0)) {
+            return Err(Error::invalid(format!(
+                "the TMA convolution needs a compute capability 9.0 device, not {}",
+                gpu.name
+            )));
+        }
+        if self.dev.conv_tma != on {
+            self.dev.gpu.sync()?;
+            self.graphs.map.clear();
+        }
+        self.dev.conv_tma = on;
         Ok(())
     }
 

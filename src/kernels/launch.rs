@@ -905,6 +905,103 @@ pub fn conv_tiled(
     })
 }
 
+/// Whether a launch built by [`conv_tiled`] with a wgmma tile fits the TMA variant
+/// `bc_conv_wgmma_tma*` (`cuda/conv_wgmma_tma.cu`): it runs `bc_conv_wgmma*` (16-byte path,
+/// more than 16 output channels) and no source is upsampled (a TMA box reads a source's pixels
+/// as they are).
+pub fn conv_tma_fits(l: &Launch<BcConvParams>) -> bool {
+    matches!(l.kernel, Kernel::ConvWgmma | Kernel::ConvWgmmaN96)
+        && l.params.src[..l.params.num_src.clamp(0, BC_CONV_MAX_SOURCES as i32) as usize]
+            .iter()
+            .all(|s| s.up == 0)
+}
+
+/// The tensor maps `bc_conv_wgmma_tma*` needs for the conv `l` ([`conv_tma_fits`]): per source
+/// the frame as `{channels, w, h}` (strides `stride`, `w * stride` elements) with box `{32,
+/// TX, TY}`, then the weights as `{kt*kh*kw*cin, cout}` with box `{32, tile}`, all 64-byte
+/// swizzled bf16 (a k-step is two such boxes each: two column blocks of the wgmma tile); each with the address it describes. Encoded by the caller (the driver, or the
+/// emulation), then handed to [`conv_tma`].
+pub fn conv_tma_specs(l: &Launch<BcConvParams>) -> Vec<(super::tma::TensorMapSpec, u64)> {
+    use super::tma::{TensorMapSpec, TmaSwizzle};
+    let p = &l.params;
+    let bn = match l.kernel {
+        Kernel::ConvWgmmaN96 => BC_CONV_WG_BN_96,
+        _ => BC_CONV_WG_BN,
+    };
+    let mut v: Vec<(TensorMapSpec, u64)> = p.src[..p.num_src.clamp(0, 3) as usize]
+        .iter()
+        .map(|s| {
+            let row = s.stride as u64 * 2;
+            let spec = TensorMapSpec {
+                elem_bytes: 2,
+                dims: vec![s.channels as u64, p.w_px as u64, p.h as u64],
+                strides: vec![row, row * p.w_px as u64],
+                box_dims: vec![32, BC_CONV_TMA_TX, BC_CONV_TMA_TY],
+                element_strides: vec![1; 3],
+                swizzle: TmaSwizzle::B64,
+            };
+            (spec, s.x as u64)
+        })
+        .collect();
+    let ktot = (p.kt * p.kh * p.kw * p.cin) as u64;
+    v.push((
+        TensorMapSpec {
+            elem_bytes: 2,
+            dims: vec![ktot, p.cout as u64],
+            strides: vec![ktot * 2],
+            box_dims: vec![32, bn],
+            element_strides: vec![1; 2],
+            swizzle: TmaSwizzle::B64,
+        },
+        p.w as u64,
+    ));
+    v
+}
+
+/// `bc_conv_wgmma_tma` / `bc_conv_wgmma_tma_n96` from a [`conv_tiled`] wgmma launch that
+/// [`conv_tma_fits`] and the encoded [`conv_tma_specs`] maps (sources, then weights). Grid
+/// (ceil(w / TX) * ceil(h / TY), ceil(cout / tile)), block `BC_CONV_TMA_THREADS`.
+pub fn conv_tma(
+    l: Launch<BcConvParams>,
+    maps: &[BcTensorMap],
+) -> LaunchResult<Launch<BcConvTmaParams>> {
+    let (k, bn) = match l.kernel {
+        Kernel::ConvWgmma => (Kernel::ConvWgmmaTma, BC_CONV_WG_BN),
+        Kernel::ConvWgmmaN96 => (Kernel::ConvWgmmaTmaN96, BC_CONV_WG_BN_96),
+        _ => return Err(invalid(Kernel::ConvWgmmaTma, "not a wgmma conv launch")),
+    };
+    if !conv_tma_fits(&l) {
+        return Err(invalid(k, "an upsampled source does not fit the TMA conv"));
+    }
+    let p = &l.params;
+    let ns = p.num_src as usize;
+    if maps.len() != ns + 1 {
+        return Err(invalid(
+            k,
+            format!("{} tensor maps for {ns} sources", maps.len()),
+        ));
+    }
+    let zero = BcTensorMap { opaque: [0; 16] };
+    let mut src_map = [zero; BC_CONV_MAX_SOURCES as usize];
+    src_map[..ns].copy_from_slice(&maps[..ns]);
+    let tiles_x = (p.w_px as u32).div_ceil(BC_CONV_TMA_TX);
+    let tiles_y = (p.h as u32).div_ceil(BC_CONV_TMA_TY);
+    let tiles = tiles_x
+        .checked_mul(tiles_y)
+        .ok_or_else(|| invalid(k, "too many pixel tiles"))?;
+    Ok(Launch {
+        kernel: k,
+        grid: [tiles, (p.cout as u32).div_ceil(bn), 1],
+        block: BC_CONV_TMA_THREADS,
+        params: BcConvTmaParams {
+            src_map,
+            w_map: maps[ns],
+            conv: l.params,
+            tiles_x: tiles_x as i32,
+        },
+    })
+}
+
 /// `bc_dec_latent_in` (`cuda/decode_ops.cu`): one latent frame f32 `[c][hw]` to NHWC bf16,
 /// `mode` 0 (as is), 1 (`tanh(z/3)*3`) or 2 (`z / scale[c] + mean[c]`); a NaN/inf latent sets
 /// bit 0 of the u32 at `nonfinite` (null: not checked). Grid (ceil(c*hw / `BC_ELEM_THREADS`)).

@@ -13,6 +13,8 @@ pub mod emu;
 
 pub mod launch;
 
+pub mod tma;
+
 use params::*;
 use std::fmt;
 
@@ -48,6 +50,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_dec_softmax",
     "bc_test_mma",
     "bc_wgmma_probe",
+    "bc_tma_probe",
+    "bc_conv_wgmma_tma",
+    "bc_conv_wgmma_tma_n96",
 ];
 
 #[cfg(bc_fatbin)]
@@ -164,6 +169,14 @@ pub enum Kernel {
     /// Hopper warpgroup-MMA layout probe `bc_wgmma_probe` ([`BcWgmmaProbeParams`], see
     /// `cuda/test/wgmma_probe.cu`): sm_90a only (it traps on sm_80).
     WgmmaProbe,
+    /// Hopper TMA / mbarrier layout probe `bc_tma_probe` ([`BcTmaProbeParams`], see
+    /// `cuda/test/tma_probe.cu`): sm_90a only (it traps below).
+    TmaProbe,
+    /// `bc_conv_wgmma_tma` ([`BcConvTmaParams`], `cuda/conv_wgmma_tma.cu`): the wgmma
+    /// convolution with TMA operand loads from a producer warp; sm_90a only.
+    ConvWgmmaTma,
+    /// `bc_conv_wgmma_tma_n96`: the same with 96 output channels per block.
+    ConvWgmmaTmaN96,
 }
 
 impl Kernel {
@@ -204,6 +217,9 @@ impl Kernel {
         Kernel::TestSync,
         Kernel::TestMma,
         Kernel::WgmmaProbe,
+        Kernel::TmaProbe,
+        Kernel::ConvWgmmaTma,
+        Kernel::ConvWgmmaTmaN96,
     ];
 
     /// The kernel's entry-point name in the fatbin.
@@ -244,6 +260,9 @@ impl Kernel {
             Kernel::TestSync => "bc_test_sync",
             Kernel::TestMma => "bc_test_mma",
             Kernel::WgmmaProbe => "bc_wgmma_probe",
+            Kernel::TmaProbe => "bc_tma_probe",
+            Kernel::ConvWgmmaTma => "bc_conv_wgmma_tma",
+            Kernel::ConvWgmmaTmaN96 => "bc_conv_wgmma_tma_n96",
         }
     }
 
@@ -258,6 +277,11 @@ impl Kernel {
                 BC_ATTN_WGMMA_K128_SMEM
             }
             Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
+            Kernel::TmaProbe => BC_TMA_PROBE_SMEM,
+            // Its mbarrier modes keep the barrier in dynamic shared memory.
+            Kernel::TestSync => 16,
+            Kernel::ConvWgmmaTma => BC_CONV_TMA_SMEM,
+            Kernel::ConvWgmmaTmaN96 => BC_CONV_TMA_N96_SMEM,
             Kernel::ConvWgmma => BC_CONV_WG_SMEM,
             Kernel::ConvWgmmaN96 => BC_CONV_WG_N96_SMEM,
             _ => 0,
@@ -276,6 +300,9 @@ impl Kernel {
                 | Kernel::AttentionWgmmaHd128Pp
                 | Kernel::AttentionWgmmaHd128PpK128
                 | Kernel::WgmmaProbe
+                | Kernel::TmaProbe
+                | Kernel::ConvWgmmaTma
+                | Kernel::ConvWgmmaTmaN96
         )
     }
 }

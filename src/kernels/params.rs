@@ -60,6 +60,20 @@ pub const BC_WGMMA_FAULT_LBO: u32 = 6;
 pub const BC_WGMMA_FAULT_NO_TRANS: u32 = 7;
 pub const BC_WGMMA_FAULT_UNPUBLISHED: u32 = 8;
 pub const BC_WGMMA_PROBE_SMEM: u32 = 41984;
+pub const BC_EMU_TENSOR_MAP_MAGIC: u64 = 5782988412433944148;
+pub const BC_TMA_PROBE_THREADS: u32 = 128;
+pub const BC_TMA_PROBE_MAX_BOX: u32 = 16384;
+pub const BC_TMA_FAULT_NO_EXPECT_TX: u32 = 1;
+pub const BC_TMA_FAULT_PARITY: u32 = 2;
+pub const BC_TMA_FAULT_NO_ARRIVE: u32 = 3;
+pub const BC_TMA_FAULT_COORD: u32 = 4;
+pub const BC_TMA_PROBE_SMEM: u32 = 33808;
+pub const BC_CONV_TMA_TX: u32 = 8;
+pub const BC_CONV_TMA_TY: u32 = 16;
+pub const BC_CONV_TMA_STAGES: u32 = 4;
+pub const BC_CONV_TMA_THREADS: u32 = 288;
+pub const BC_CONV_TMA_SMEM: u32 = 132160;
+pub const BC_CONV_TMA_N96_SMEM: u32 = 115776;
 #[doc = " A bfloat16 value stored as its raw bits."]
 pub type bc_bf16 = u16;
 #[doc = " 64-bit signed count."]
@@ -1221,4 +1235,148 @@ const _: () = {
         [::std::mem::offset_of!(BcWgmmaProbeParams, b_mn_major) - 48usize];
     ["Offset of field: BcWgmmaProbeParams::_pad"]
         [::std::mem::offset_of!(BcWgmmaProbeParams, _pad) - 52usize];
+};
+#[doc = " A tensor map (the driver's `CUtensorMap`): 128 opaque bytes, 64-byte aligned, that a\n `cp.async.bulk.tensor` reads. On a GPU the driver's cuTensorMapEncodeTiled fills it; under\n the emulation it holds a BcEmuTensorMap. Kernels take it inside their params struct, declared\n `const __grid_constant__` so that its address is the kernel-parameter one."]
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct BcTensorMap {
+    #[doc = " Driver-defined bytes."]
+    pub opaque: [::std::os::raw::c_ulonglong; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcTensorMap"][::std::mem::size_of::<BcTensorMap>() - 128usize];
+    ["Alignment of BcTensorMap"][::std::mem::align_of::<BcTensorMap>() - 64usize];
+    ["Offset of field: BcTensorMap::opaque"][::std::mem::offset_of!(BcTensorMap, opaque) - 0usize];
+};
+#[doc = " The emulation's tensor map: the arguments of cuTensorMapEncodeTiled, as the host validated\n them (src/kernels/tma.rs), in the 128 bytes of a BcTensorMap. Dimension 0 is the innermost\n (contiguous) one."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcEmuTensorMap {
+    #[doc = " BC_EMU_TENSOR_MAP_MAGIC."]
+    pub magic: ::std::os::raw::c_ulonglong,
+    #[doc = " Address of element (0, .., 0) (16-byte aligned)."]
+    pub global_address: ::std::os::raw::c_ulonglong,
+    #[doc = " Bytes between consecutive indices of dimensions 1 .. rank-1 (multiples of 16)."]
+    pub global_strides: [::std::os::raw::c_ulonglong; 4usize],
+    #[doc = " Extent of each dimension (elements)."]
+    pub global_dim: [::std::os::raw::c_uint; 5usize],
+    #[doc = " Box extent of each dimension (elements of the traversal, <= 256)."]
+    pub box_dim: [::std::os::raw::c_uint; 5usize],
+    #[doc = " Traversal step of each dimension (1..8): every element_strides[i]-th element is loaded."]
+    pub element_strides: [::std::os::raw::c_uint; 5usize],
+    #[doc = " Dimensions (1..5)."]
+    pub rank: ::std::os::raw::c_uint,
+    #[doc = " Bytes per element (1, 2, 4, 8)."]
+    pub elem_bytes: ::std::os::raw::c_uint,
+    #[doc = " Swizzle span in bytes: 0 (none), 32, 64, 128."]
+    pub swizzle_bytes: ::std::os::raw::c_uint,
+    #[doc = " Interleave (0: none; the only mode emulated)."]
+    pub interleave: ::std::os::raw::c_uint,
+    #[doc = " Out-of-bound fill (0: zeros; the only mode emulated)."]
+    pub oob_fill: ::std::os::raw::c_uint,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcEmuTensorMap"][::std::mem::size_of::<BcEmuTensorMap>() - 128usize];
+    ["Alignment of BcEmuTensorMap"][::std::mem::align_of::<BcEmuTensorMap>() - 8usize];
+    ["Offset of field: BcEmuTensorMap::magic"]
+        [::std::mem::offset_of!(BcEmuTensorMap, magic) - 0usize];
+    ["Offset of field: BcEmuTensorMap::global_address"]
+        [::std::mem::offset_of!(BcEmuTensorMap, global_address) - 8usize];
+    ["Offset of field: BcEmuTensorMap::global_strides"]
+        [::std::mem::offset_of!(BcEmuTensorMap, global_strides) - 16usize];
+    ["Offset of field: BcEmuTensorMap::global_dim"]
+        [::std::mem::offset_of!(BcEmuTensorMap, global_dim) - 48usize];
+    ["Offset of field: BcEmuTensorMap::box_dim"]
+        [::std::mem::offset_of!(BcEmuTensorMap, box_dim) - 68usize];
+    ["Offset of field: BcEmuTensorMap::element_strides"]
+        [::std::mem::offset_of!(BcEmuTensorMap, element_strides) - 88usize];
+    ["Offset of field: BcEmuTensorMap::rank"]
+        [::std::mem::offset_of!(BcEmuTensorMap, rank) - 108usize];
+    ["Offset of field: BcEmuTensorMap::elem_bytes"]
+        [::std::mem::offset_of!(BcEmuTensorMap, elem_bytes) - 112usize];
+    ["Offset of field: BcEmuTensorMap::swizzle_bytes"]
+        [::std::mem::offset_of!(BcEmuTensorMap, swizzle_bytes) - 116usize];
+    ["Offset of field: BcEmuTensorMap::interleave"]
+        [::std::mem::offset_of!(BcEmuTensorMap, interleave) - 120usize];
+    ["Offset of field: BcEmuTensorMap::oob_fill"]
+        [::std::mem::offset_of!(BcEmuTensorMap, oob_fill) - 124usize];
+};
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct BcTmaProbeParams {
+    #[doc = " The tensor (raw mode) or A (wgmma mode)."]
+    pub map: BcTensorMap,
+    #[doc = " B (wgmma mode; `[n = 64][k = 64]`, K contiguous)."]
+    pub map_b: BcTensorMap,
+    #[doc = " Raw mode: start coordinates of the two boxes (innermost dimension first)."]
+    pub coords: [[bc_i32; 5usize]; 2usize],
+    #[doc = " Raw mode: rank of `map` (2..5)."]
+    pub rank: bc_i32,
+    #[doc = " Raw mode: bytes one box lands in shared memory (<= BC_TMA_PROBE_MAX_BOX)."]
+    pub box_bytes: bc_i32,
+    #[doc = " 0 raw, 1 wgmma."]
+    pub mode: bc_i32,
+    #[doc = " Wgmma mode: the layout (BC_WGMMA_SWIZZLE_*) the boxes and the descriptors use."]
+    pub swizzle: bc_i32,
+    #[doc = " BC_TMA_FAULT_* or 0."]
+    pub fault: bc_i32,
+    #[doc = " Raw mode: `2 * box_bytes` bytes."]
+    pub out: *mut ::std::os::raw::c_uchar,
+    #[doc = " Wgmma mode: `[64][64]` f32."]
+    pub c: *mut f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcTmaProbeParams"][::std::mem::size_of::<BcTmaProbeParams>() - 384usize];
+    ["Alignment of BcTmaProbeParams"][::std::mem::align_of::<BcTmaProbeParams>() - 64usize];
+    ["Offset of field: BcTmaProbeParams::map"]
+        [::std::mem::offset_of!(BcTmaProbeParams, map) - 0usize];
+    ["Offset of field: BcTmaProbeParams::map_b"]
+        [::std::mem::offset_of!(BcTmaProbeParams, map_b) - 128usize];
+    ["Offset of field: BcTmaProbeParams::coords"]
+        [::std::mem::offset_of!(BcTmaProbeParams, coords) - 256usize];
+    ["Offset of field: BcTmaProbeParams::rank"]
+        [::std::mem::offset_of!(BcTmaProbeParams, rank) - 296usize];
+    ["Offset of field: BcTmaProbeParams::box_bytes"]
+        [::std::mem::offset_of!(BcTmaProbeParams, box_bytes) - 300usize];
+    ["Offset of field: BcTmaProbeParams::mode"]
+        [::std::mem::offset_of!(BcTmaProbeParams, mode) - 304usize];
+    ["Offset of field: BcTmaProbeParams::swizzle"]
+        [::std::mem::offset_of!(BcTmaProbeParams, swizzle) - 308usize];
+    ["Offset of field: BcTmaProbeParams::fault"]
+        [::std::mem::offset_of!(BcTmaProbeParams, fault) - 312usize];
+    ["Offset of field: BcTmaProbeParams::out"]
+        [::std::mem::offset_of!(BcTmaProbeParams, out) - 320usize];
+    ["Offset of field: BcTmaProbeParams::c"]
+        [::std::mem::offset_of!(BcTmaProbeParams, c) - 328usize];
+};
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct BcConvTmaParams {
+    #[doc = " Per source: the frame as a 3-D tensor {channels, w, h} (strides stride and w * stride\n elements), box {32, TX, TY}, 64-byte swizzle."]
+    pub src_map: [BcTensorMap; 3usize],
+    #[doc = " The weights as a 2-D tensor {kt * kh * kw * cin, cout}, box {32, BN}, 64-byte swizzle."]
+    pub w_map: BcTensorMap,
+    #[doc = " The convolution (sources, epilogue, output) as bc_conv_wgmma takes it."]
+    pub conv: BcConvParams,
+    #[doc = " Output tiles along x: ceil(w / TX) (the grid's x is tiles_x * ceil(h / TY))."]
+    pub tiles_x: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcConvTmaParams"][::std::mem::size_of::<BcConvTmaParams>() - 768usize];
+    ["Alignment of BcConvTmaParams"][::std::mem::align_of::<BcConvTmaParams>() - 64usize];
+    ["Offset of field: BcConvTmaParams::src_map"]
+        [::std::mem::offset_of!(BcConvTmaParams, src_map) - 0usize];
+    ["Offset of field: BcConvTmaParams::w_map"]
+        [::std::mem::offset_of!(BcConvTmaParams, w_map) - 384usize];
+    ["Offset of field: BcConvTmaParams::conv"]
+        [::std::mem::offset_of!(BcConvTmaParams, conv) - 512usize];
+    ["Offset of field: BcConvTmaParams::tiles_x"]
+        [::std::mem::offset_of!(BcConvTmaParams, tiles_x) - 712usize];
 };

@@ -72,7 +72,17 @@ pub fn conv(
     out: ConvDst,
     geo: (usize, usize, usize),
 ) -> LaunchResult {
-    conv_impl(srcs, weights, shape, hw, (bias, res, act), out, geo, None)
+    conv_impl(
+        srcs,
+        weights,
+        shape,
+        hw,
+        (bias, res, act),
+        out,
+        geo,
+        None,
+        false,
+    )
 }
 
 /// [`conv`] on the Hopper variant (`cuda/conv_wgmma.cu`) with `tile` output channels per block
@@ -102,6 +112,37 @@ pub fn conv_wgmma(
         out,
         geo,
         Some(tile),
+        false,
+    )
+}
+
+/// [`conv_wgmma`] on the TMA variant (`cuda/conv_wgmma_tma.cu`: operand tiles by TMA from a
+/// producer warp, the maps encoded as the emulation's tensor maps by the same specs the device
+/// path gives the driver); an error (nothing runs) when the conv does not fit it (it must fit
+/// the wgmma conv, and no source may be upsampled).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_wgmma_tma(
+    srcs: &[ConvSrc],
+    weights: &[bf16],
+    shape: ConvShape,
+    hw: (usize, usize),
+    bias: Option<&[f32]>,
+    res: Option<(&[bf16], usize)>,
+    act: ConvAct,
+    out: ConvDst,
+    geo: (usize, usize, usize),
+    tile: u32,
+) -> LaunchResult {
+    conv_impl(
+        srcs,
+        weights,
+        shape,
+        hw,
+        (bias, res, act),
+        out,
+        geo,
+        Some(tile),
+        true,
     )
 }
 
@@ -117,6 +158,7 @@ fn conv_impl(
     out: ConvDst,
     (out_stride, split, frame_stride): (usize, usize, usize),
     wgmma_tile: Option<u32>,
+    tma: bool,
 ) -> LaunchResult {
     let k = if wgmma_tile.is_some() {
         Kernel::ConvWgmma
@@ -199,6 +241,20 @@ fn conv_impl(
             k,
             "does not fit the wgmma conv (needs 8-aligned channels and > 16 outputs)",
         ));
+    }
+    if tma {
+        let kt = Kernel::ConvWgmmaTma;
+        if !launch::conv_tma_fits(&l) {
+            return Err(invalid(
+                kt,
+                "does not fit the TMA conv (an upsampled source)",
+            ));
+        }
+        let maps = launch::conv_tma_specs(&l)
+            .iter()
+            .map(|(spec, addr)| spec.encode_emulated(*addr).map_err(|e| invalid(kt, e)))
+            .collect::<LaunchResult<Vec<_>>>()?;
+        return run(launch::conv_tma(l, &maps));
     }
     run(Ok(l))
 }
@@ -519,11 +575,16 @@ mod tests {
         };
         let geo = (ostride, cs.split, fstride);
         let r = res.as_deref().map(|r| (r, cs.cout));
-        let launch = |dst: ConvDst, tile: Option<u32>| {
+        let launch = |dst: ConvDst, tile: Option<(u32, bool)>| {
             let b = bias.as_deref();
             match tile {
                 None => conv(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo),
-                Some(t) => conv_wgmma(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo, t),
+                Some((t, false)) => {
+                    conv_wgmma(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo, t)
+                }
+                Some((t, true)) => {
+                    conv_wgmma_tma(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo, t)
+                }
             }
         };
         let (rel, floor) = if cs.f32_out {
@@ -539,9 +600,22 @@ mod tests {
                 .srcs
                 .iter()
                 .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
-        for tile in [None, Some(BC_CONV_WG_BN), Some(BC_CONV_WG_BN_96)] {
+        // ... and the TMA variants bc_conv_wgmma_tma(_n96) where no source is upsampled.
+        let fits_tma = fits && cs.srcs.iter().all(|s| !s.up);
+        for tile in [
+            None,
+            Some((BC_CONV_WG_BN, false)),
+            Some((BC_CONV_WG_BN_96, false)),
+            Some((BC_CONV_WG_BN, true)),
+            Some((BC_CONV_WG_BN_96, true)),
+        ] {
             let wg = tile.is_some();
-            let got = if cs.f32_out {
+            let fits = if matches!(tile, Some((_, true))) {
+                fits_tma
+            } else {
+                fits
+            };
+            let got: Vec<f32> = if cs.f32_out {
                 let mut o = vec![f32::NAN; n_out];
                 launch(ConvDst::F32(&mut o), tile).map(|()| o)
             } else {
@@ -563,7 +637,8 @@ mod tests {
             }
             let what = match tile {
                 None => "bc_conv".to_string(),
-                Some(t) => format!("bc_conv_wgmma tile {t}"),
+                Some((t, false)) => format!("bc_conv_wgmma tile {t}"),
+                Some((t, true)) => format!("bc_conv_wgmma_tma tile {t}"),
             };
             check(&format!("{what} case seed {seed}"), &g, &want, rel, floor);
         }

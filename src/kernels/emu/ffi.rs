@@ -210,6 +210,24 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_tma_probe(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_conv_wgmma_tma(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn bc_emu_bc_conv_wgmma_tma_n96(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
 }
 
 /// The emulated entry point of `kernel`.
@@ -250,6 +268,9 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::TestSync => bc_emu_bc_test_sync,
         Kernel::TestMma => bc_emu_bc_test_mma,
         Kernel::WgmmaProbe => bc_emu_bc_wgmma_probe,
+        Kernel::TmaProbe => bc_emu_bc_tma_probe,
+        Kernel::ConvWgmmaTma => bc_emu_bc_conv_wgmma_tma,
+        Kernel::ConvWgmmaTmaN96 => bc_emu_bc_conv_wgmma_tma_n96,
     }
 }
 

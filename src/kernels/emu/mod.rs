@@ -23,6 +23,12 @@ use std::ops::Range;
 
 pub mod decode;
 mod ffi;
+mod tma;
+
+pub use tma::{
+    tma_probe, tma_probe_params, tma_probe_wgmma, tma_probe_wgmma_params, tma_probe_wgmma_spec,
+    TmaProbeCase,
+};
 
 pub use ffi::{dims, launch_raw};
 

@@ -29,6 +29,7 @@ mod graph;
 mod probe;
 mod staging;
 mod streams;
+mod tma;
 
 pub use super::dev_types::{DevPtr, Epilogue, GemmArgs, OutType};
 pub use gemm::{unfused_gemm_shapes, GEMM_WORKSPACE};

@@ -181,7 +181,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 35] = [
+    pub const ALL: [Kernel; 38] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,

@@ -615,7 +615,7 @@ mod tests {
             } else {
                 fits
             };
-            let got: Vec<f32> = if cs.f32_out {
+            let got = if cs.f32_out {
                 let mut o = vec![f32::NAN; n_out];
                 launch(ConvDst::F32(&mut o), tile).map(|()| o)
             } else {

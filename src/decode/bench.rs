@@ -136,7 +136,7 @@ fn peak_rss() -> Option<usize> {
 /// `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`, nanosecond resolution (a block that takes a few
 /// milliseconds is measured, not rounded to the 10 ms ticks of `/proc/self/stat`).
 #[cfg(unix)]
-fn process_cpu_ms() -> Option<f64> {
+pub(crate) fn process_cpu_ms() -> Option<f64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -148,7 +148,7 @@ fn process_cpu_ms() -> Option<f64> {
 
 /// No process CPU clock off Unix.
 #[cfg(not(unix))]
-fn process_cpu_ms() -> Option<f64> {
+pub(crate) fn process_cpu_ms() -> Option<f64> {
     None
 }
 

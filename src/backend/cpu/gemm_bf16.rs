@@ -11,10 +11,10 @@
 //! into a buffer first (which writes and reads back 4 bytes per 2-byte weight), and no row of
 //! the tile is padding (a token-panel layout of 64 lanes would be half padding at 30 tokens).
 //!
-//! The depth is cut into blocks of [`KB`] so that a block of `x` (`n × KB` f32) stays in the
+//! The depth is cut into blocks of 1024 so that a block of `x` (`n × 1024` f32) stays in the
 //! L2 cache while every column tile of a task passes over it; the partial sums are kept as
 //! vectors in a per-thread scratch between blocks and reduced across lanes once at the end.
-//! Tasks (rayon) own [`CG`] output columns each. Results are the f32 products summed in a
+//! Tasks (rayon) own 16 output columns each. Results are the f32 products summed in a
 //! different order than a scalar loop: within f32 rounding of the exact reference.
 //!
 //! Built only where the compiler has the AVX-512 intrinsics (the cfg `bc_avx512`, Rust 1.89),
@@ -47,18 +47,16 @@ pub fn try_linear_bf16(x: &[f32], n: usize, k: usize, w: &[u8], o: usize, out: &
     false
 }
 
-/// Output columns per parallel task.
-const CG: usize = 16;
-/// Depth per block (a block of `x`, `n × KB` f32, stays in L2: 120 KiB at 30 rows).
-const KB: usize = 1024;
-
 #[cfg(all(bc_avx512, target_arch = "x86_64"))]
 mod fast {
-    use super::{CG, KB};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
+    /// Output columns per parallel task.
+    const CG: usize = 16;
+    /// Depth per block (a block of `x`, `n × KB` f32, stays in L2: 120 KiB at 30 rows).
+    const KB: usize = 1024;
     /// Rows of `x` per register tile.
     const R: usize = 6;
     /// Rows of `W` (output columns) per register tile.

@@ -284,6 +284,48 @@ fn bf16_and_f16_weights_are_read() {
     }
 }
 
+/// bf16 weights go through the skinny bf16 kernel (widened to f32 in registers), the same
+/// values stored as f32 through the f32 path: both compute the f32 function of those values,
+/// so they agree to rounding, far closer than the golden case's 1e-4.
+#[test]
+fn bf16_weights_compute_the_f32_function_of_their_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, f) = (tmp.path().join("bf16"), tmp.path().join("f32"));
+    variant(&b, |n| Some(n.to_string()), |r| to_half(r, true), true);
+    let widen = |r: Raw| {
+        let h = to_half(r, true);
+        let bytes = h
+            .bytes
+            .chunks_exact(2)
+            .flat_map(|c| {
+                f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16).to_le_bytes()
+            })
+            .collect();
+        Raw {
+            dtype: "F32".into(),
+            shape: h.shape,
+            bytes,
+        }
+    };
+    variant(&f, |n| Some(n.to_string()), widen, true);
+    let (eb, ef) = (
+        TextEncoder::load(&b, None).unwrap(),
+        TextEncoder::load(&f, None).unwrap(),
+    );
+    let case = case();
+    let text_len = case["text_len"].as_u64().unwrap() as usize;
+    for p in case["prompts"].as_array().unwrap() {
+        let text = p["text"].as_str().unwrap();
+        let (x, y) = (
+            eb.encode(text, text_len).unwrap(),
+            ef.encode(text, text_len).unwrap(),
+        );
+        assert_eq!(x.ids, y.ids);
+        let err = rel_l2(&x.embeds.data, &y.embeds.data);
+        assert!(err < 1e-5, "{}: relative L2 {err:e}", p["kind"]);
+    }
+}
+
 #[test]
 fn missing_tokenizer_is_an_io_error() {
     let tmp = tempfile::tempdir().unwrap();

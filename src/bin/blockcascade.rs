@@ -1147,19 +1147,25 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.text_encoder {
         let cfg = blockcascade::text::Umt5Config::xxl();
         let device = TextDevice::for_backend(a.text_encoder_device.into());
-        let ms =
-            blockcascade::text::bench_text_encoder_on(&cfg, a.text_tokens, a.reps.max(1), device)?;
+        let b = blockcascade::text::bench_text_encoder_timed(
+            &cfg,
+            a.text_tokens,
+            a.reps.max(1),
+            device,
+        )?;
+        let cpu = b.cpu_ms.map_or("-".into(), |c| format!("{c:.1}"));
         eprintln!(
-            "umT5-XXL encoder on {}, {} tokens, {} threads: {ms:.1} ms",
+            "umT5-XXL encoder on {}, {} tokens, {} threads: {:.1} ms wall, {cpu} ms CPU",
             device.name(),
             a.text_tokens,
-            rayon::current_num_threads()
+            rayon::current_num_threads(),
+            b.ms
         );
         println!(
             "{}",
             serde_json::json!({"text_encoder": "umt5-xxl", "tokens": a.text_tokens,
                 "device": device.name(),
-                "threads": rayon::current_num_threads(), "ms": ms})
+                "threads": rayon::current_num_threads(), "ms": b.ms, "cpu_ms": b.cpu_ms})
         );
         return Ok(());
     }

@@ -16,6 +16,7 @@
 
 mod background;
 mod bench;
+pub(crate) use bench::process_cpu_ms;
 pub(crate) mod conv;
 mod cuda;
 mod device;

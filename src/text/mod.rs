@@ -333,6 +333,27 @@ pub fn bench_text_encoder_on(
     reps: usize,
     device: TextDevice,
 ) -> Result<f64> {
+    bench_text_encoder_timed(cfg, tokens, reps, device).map(|b| b.ms)
+}
+
+/// One prompt's encoding time from [`bench_text_encoder_timed`].
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct TextBench {
+    /// Wall milliseconds (median of the runs).
+    pub ms: f64,
+    /// CPU milliseconds of the whole process, all threads (median of the runs; `None` where
+    /// the platform has no process CPU clock): on a shared machine the figure to compare.
+    pub cpu_ms: Option<f64>,
+}
+
+/// [`bench_text_encoder_on`] with the process CPU time of each run as well (the comparison
+/// with PyTorch on a loaded machine, `benches/pytorch_text_encoder.py`, needs it).
+pub fn bench_text_encoder_timed(
+    cfg: &Umt5Config,
+    tokens: usize,
+    reps: usize,
+    device: TextDevice,
+) -> Result<TextBench> {
     if tokens == 0 {
         return Err(Error::invalid(
             "the benchmark prompt needs at least 1 token",
@@ -358,14 +379,25 @@ pub fn bench_text_encoder_on(
         None => model.forward(&ids),
     };
     run()?;
-    let mut ms: Vec<f64> = (0..reps.max(1))
-        .map(|_| {
-            let t = std::time::Instant::now();
-            run().map(|_| t.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<_>>()?;
-    ms.sort_by(f64::total_cmp);
-    Ok(ms[ms.len() / 2])
+    let cpu_ms = crate::decode::process_cpu_ms;
+    let mut ms = Vec::with_capacity(reps.max(1));
+    let mut cpu = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let (t, c0) = (std::time::Instant::now(), cpu_ms());
+        run()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        if let (Some(c0), Some(c1)) = (c0, cpu_ms()) {
+            cpu.push(c1 - c0);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    Ok(TextBench {
+        ms: median(ms).unwrap_or(f64::NAN),
+        cpu_ms: median(cpu),
+    })
 }
 
 #[cfg(test)]

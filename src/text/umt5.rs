@@ -132,6 +132,21 @@ impl Mat {
         }
     }
 
+    /// The weight's little-endian bf16 bytes where it is stored as bf16 (the skinny kernel
+    /// reads them as they lie).
+    fn bf16_bytes(&self) -> Option<&[u8]> {
+        match &self.src {
+            #[cfg(target_endian = "little")]
+            Src::Bf16(v) => {
+                // SAFETY: the u16 slice's memory viewed as its 2·len bytes (u8 has no alignment
+                // requirement); on a little-endian target those are the little-endian bytes.
+                Some(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, 2 * v.len()) })
+            }
+            Src::File(f, info) if info.dtype == Dtype::BF16 => Some(f.raw(info)),
+            _ => None,
+        }
+    }
+
     /// All values as f32 (for the small vectors: norms, position bias tables).
     fn to_vec(&self) -> Vec<f32> {
         let mut v = vec![0.0; self.rows * self.cols];
@@ -684,6 +699,12 @@ fn linear_tiled(x: &[f32], l: usize, w: &Mat) -> Vec<f32> {
     debug_assert_eq!(x.len(), l * k);
     // The CPU backend's GEMM kernel where it runs (weight rows converted per task tile).
     let mut y = vec![0.0f32; l * o];
+    if let Some(wb) = w.bf16_bytes() {
+        // A prompt's few rows: bf16 weights widened in registers (the skinny kernel).
+        if crate::backend::cpu::gemm_bf16::try_linear_bf16(x, l, k, wb, o, &mut y) {
+            return y;
+        }
+    }
     let rows = |r0: usize, buf: &mut [f32]| w.rows_into(r0, buf);
     if crate::backend::cpu::gemm::try_linear_rows(x, l, k, o, &rows, &mut y) {
         return y;

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod forward;
 pub mod gemm;
+pub mod gemm_bf16;
 pub mod multi_device;
 pub mod ops;
 pub mod simd;

@@ -16,7 +16,6 @@
 
 mod background;
 mod bench;
-pub(crate) use bench::process_cpu_ms;
 pub(crate) mod conv;
 mod cuda;
 mod device;

@@ -885,7 +885,7 @@ typedef struct BcEmuTensorMap {
     unsigned int global_dim[5];
     /** Box extent of each dimension (elements of the traversal, <= 256). */
     unsigned int box_dim[5];
-    /** Traversal step of each dimension (1..8): every element_strides[i]-th element is loaded. */
+    /** Traversal step of each dimension (1..8): every `element_strides[i]`-th element is loaded. */
     unsigned int element_strides[5];
     /** Dimensions (1..5). */
     unsigned int rank;

@@ -1264,7 +1264,7 @@ pub struct BcEmuTensorMap {
     pub global_dim: [::std::os::raw::c_uint; 5usize],
     #[doc = " Box extent of each dimension (elements of the traversal, <= 256)."]
     pub box_dim: [::std::os::raw::c_uint; 5usize],
-    #[doc = " Traversal step of each dimension (1..8): every element_strides[i]-th element is loaded."]
+    #[doc = " Traversal step of each dimension (1..8): every `element_strides[i]`-th element is loaded."]
     pub element_strides: [::std::os::raw::c_uint; 5usize],
     #[doc = " Dimensions (1..5)."]
     pub rank: ::std::os::raw::c_uint,

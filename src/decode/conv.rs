@@ -101,6 +101,8 @@ pub(crate) struct Conv {
     /// The sub-pixel form of a 3x3 conv2d read through a nearest 2x upsample
     /// ([`Conv::with_parity`]): `[4 parities][2][2][cout][cin]`, parity `2 py + px`.
     parity: Option<Vec<f32>>,
+    /// The CPU runs the parity form (`BC_CONV_PARITY` was not `0` at [`Conv::with_parity`]).
+    parity_cpu: bool,
 }
 
 /// One input of a convolution output frame.
@@ -194,6 +196,7 @@ impl Conv {
             taps,
             bias,
             parity: None,
+            parity_cpu: false,
         }
     }
 
@@ -208,16 +211,26 @@ impl Conv {
     /// of 36 (2.25x fewer FLOPs). The zero padding agrees (upsampled rows -1 and `2H` are
     /// original rows -1 and `H`). Summing the weights first rounds differently from summing
     /// the products (a few ulp).
+    ///
+    /// The CPU then runs every upsampled read of this conv in that form unless
+    /// `BC_CONV_PARITY=0` is set now; the device decoder decides for itself
+    /// (`CudaDecoder::set_conv_parity`) and only needs to know the conv is one of these.
     pub fn with_parity(mut self) -> Conv {
         if self.kt == 1 && self.kh == 3 && self.kw == 3 {
             self.parity = Some(self.parity_taps());
+            self.parity_cpu = parity_from_env();
         }
         self
     }
 
-    /// Whether [`Conv::with_parity`] gave this conv parity weights.
+    /// Whether [`Conv::with_parity`] gave this conv parity weights (an upsample conv).
     pub fn has_parity(&self) -> bool {
         self.parity.is_some()
+    }
+
+    /// Whether the CPU runs this conv's upsampled reads in the parity form.
+    pub fn cpu_parity(&self) -> bool {
+        self.parity.is_some() && self.parity_cpu
     }
 
     /// The parity weights of a 3x3 conv2d, `[4][2][2][cout][cin]` (see [`Conv::with_parity`]).
@@ -282,7 +295,7 @@ impl Conv {
     /// `cin` channels (multiply and add apart), as [`Conv::forward`] runs it: 2x2 taps per
     /// output pixel when `up` and the conv has the parity form, else the kernel's.
     pub fn flops(&self, h: usize, w: usize, sources: usize, up: bool) -> f64 {
-        let taps = if up && self.has_parity() {
+        let taps = if up && self.cpu_parity() {
             4
         } else {
             self.kh * self.kw
@@ -295,9 +308,10 @@ impl Conv {
         self.bias.as_deref()
     }
 
-    /// Bytes of weights held.
+    /// Bytes of weights held (the parity form's included).
     pub fn bytes(&self) -> usize {
-        4 * (self.taps.len() + self.bias.as_ref().map_or(0, |b| b.len()))
+        let n = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |b| b.len());
+        4 * (self.taps.len() + n(&self.bias) + n(&self.parity))
     }
 
     /// Computes one output frame `[cout, h, w]` per job (a job is the list of its sources),
@@ -337,7 +351,7 @@ impl Conv {
             return outs;
         }
         // The sub-pixel path: every source upsampled, no partial sums, even sizes.
-        let parity = self.parity.is_some()
+        let parity = self.cpu_parity()
             && jobs.iter().flatten().all(|s| s.up)
             && jobs.iter().any(|j| !j.is_empty())
             && init.iter().all(|i| i.is_none())
@@ -925,7 +939,7 @@ mod tests {
                     let f0 = conv_flops_done();
                     let got = c.forward_with(&[vec![s]], &[], true, 2 * h, 2 * w, path);
                     let dense = 2.0 * (cout * cin * k * k * 4 * h * w) as f64;
-                    let taps = if c.has_parity() { 4.0 / 9.0 } else { 1.0 };
+                    let taps = if c.cpu_parity() { 4.0 / 9.0 } else { 1.0 };
                     assert_eq!(conv_flops_done() - f0, dense * taps);
                     for (i, (a, b)) in got[0].iter().zip(&want).enumerate() {
                         let b = b + b0.map_or(0.0, |v: &Vec<f32>| v[i / (4 * h * w)]);

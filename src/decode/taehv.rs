@@ -86,7 +86,6 @@ impl Taehv {
         // An upsample not yet consumed: the next 3x3 conv reads through it (1x1 convs run
         // before it, at the lower resolution), so it gets the sub-pixel form.
         let mut pending = false;
-        let parity = super::conv::parity_from_env();
         for (i, kind) in LAYOUT.iter().enumerate() {
             let p = format!("decoder.{i}");
             let layer = match kind {
@@ -99,7 +98,7 @@ impl Taehv {
                 }
                 Kind::Conv => {
                     let mut cv = wt.conv(&p, 4, (1, 3, 3), Some(c), false)?;
-                    if std::mem::take(&mut pending) && parity {
+                    if std::mem::take(&mut pending) {
                         cv = cv.with_parity();
                     }
                     c = cv.cout;

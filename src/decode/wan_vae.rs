@@ -257,11 +257,10 @@ impl WanVae {
             }
             Ok((Block::Attn { g, qkv, proj }, c))
         } else if wt.has(&format!("{p}.resample.1.weight")) {
-            let mut conv = wt.conv(&format!("{p}.resample.1"), 4, (1, 3, 3), Some(c), true)?;
-            if super::conv::parity_from_env() {
-                // Read through the nearest 2x upsample: the sub-pixel form.
-                conv = conv.with_parity();
-            }
+            // Read through the nearest 2x upsample: the sub-pixel form.
+            let conv = wt
+                .conv(&format!("{p}.resample.1"), 4, (1, 3, 3), Some(c), true)?
+                .with_parity();
             let time = if wt.has(&format!("{p}.time_conv.weight")) {
                 let t = wt.conv(&format!("{p}.time_conv"), 5, (3, 1, 1), Some(c), true)?;
                 if t.cout != 2 * c {

@@ -151,6 +151,7 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
             kt: taps,
             kh: 3,
             kw: 3,
+            parity: false,
         };
         let wt = rand_bf16(
             g,

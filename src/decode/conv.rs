@@ -149,6 +149,7 @@ thread_local! {
 /// Floating-point operations the convolutions and attention products called from this
 /// thread have done so far (multiply and add counted apart; a parity conv counts its 2x2
 /// taps). Tests compare it with [`super::Decoder::conv_flops`].
+#[cfg(test)]
 pub(crate) fn conv_flops_done() -> f64 {
     FLOPS_DONE.with(|f| f.get())
 }
@@ -234,7 +235,14 @@ impl Conv {
     }
 
     /// The parity weights of a 3x3 conv2d, `[4][2][2][cout][cin]` (see [`Conv::with_parity`]).
+    ///
+    /// # Panics
+    /// When the conv is not a 3x3 conv2d (a bug in the caller: [`Conv::with_parity`] checks).
     pub(crate) fn parity_taps(&self) -> Vec<f32> {
+        assert!(
+            self.kt == 1 && self.kh == 3 && self.kw == 3,
+            "conv: the parity form is for 3x3 conv2d weights"
+        );
         let n = self.cout * self.cin;
         let mut out = vec![0.0f32; 16 * n];
         for p in 0..4 {
@@ -256,6 +264,9 @@ impl Conv {
 
     /// The parity weights as bf16 `[4][cout][2][2][cin]` (each parity in the layout of
     /// [`Conv::packed_bf16`] for a 2x2 kernel), summed in f32 then rounded once.
+    ///
+    /// # Panics
+    /// When the conv is not a 3x3 conv2d (see [`Conv::parity_taps`]).
     pub fn parity_packed_bf16(&self) -> Vec<half::bf16> {
         let (cout, cin) = (self.cout, self.cin);
         let pt = self.parity_taps();

@@ -123,7 +123,7 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
         const int ci = ci0 + 8 * cc;
         const bc_saddr st = base + stage * CV_STAGE;
         const long long kidx = (long long)(src.t * taps + tap) * p.cin + src.c0 + ci;
-        const __nv_bfloat16* wrow = geo.w + (size_t)bn * ktot + kidx;
+        const __nv_bfloat16* wrow = p.w + geo.w0 + (size_t)bn * ktot + kidx;
         const bool bok = bn < p.cout && ar < CV_BN;
         if (p.vec) {
 #pragma unroll
@@ -142,9 +142,9 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
                 const int yy = py[i] + dy, xx = px[i] + dx;
                 const bool ok = yy >= 0 && yy < geo.gh && xx >= 0 && xx < geo.gw;
                 __nv_bfloat16* d = reinterpret_cast<__nv_bfloat16*>(sp + a_dst + i * CV_RP * CV_ROWB);
-                const __nv_bfloat16* a = src.x + (ok ? cv_src_off(p, geo, src, yy, xx) : 0);
+                const size_t off = cv_src_off(p, geo, src, yy, xx);
                 for (int e = 0; e < 8; ++e)
-                    d[e] = ok && ci + e < src.channels ? a[ci + e] : __float2bfloat16(0.f);
+                    d[e] = ok && ci + e < src.channels ? src.x[off + ci + e] : __float2bfloat16(0.f);
             }
             __nv_bfloat16* d = reinterpret_cast<__nv_bfloat16*>(sp + b_dst);
             if (ar < CV_BN)

@@ -137,7 +137,7 @@ __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsign
             const __nv_bfloat16* a = ok ? src.x + cv_src_off(p, geo, src, yy, xx) + ci : src.x;
             bc_cp_async16_zfill(st + dst + i * CW_RP * CW_ROWB, a, ok ? 16 : 0);
         }
-        const __nv_bfloat16* wk = geo.w + (long long)(src.t * taps + tap) * p.cin + src.c0 + ci;
+        const __nv_bfloat16* wk = p.w + geo.w0 + (long long)(src.t * taps + tap) * p.cin + src.c0 + ci;
 #pragma unroll
         for (int i = 0; i < CW_B_PASSES; ++i) {
             const int n = n0 + ar + i * CW_RP;

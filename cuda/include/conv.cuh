@@ -24,27 +24,30 @@ __device__ __forceinline__ CvSrc cv_src(const BcConvParams& p, int s) {
 /// kernel's (tap t at (t / kw - kh/2, t % kw - kw/2)), the weights `w`. Parity form
 /// (`p.parity`, grid z = parity 2 py + px): the rows are the sources' (h/2) x (w/2) pixels, each
 /// giving output pixel (2i + py, 2j + px), the taps the 2x2 at (t / 2 + py - 1, t % 2 + px - 1)
-/// read at the sources' own size, the weights parity z's `[cout][2][2][cin]` block.
+/// read at the sources' own size, the weights parity z's `[cout][2][2][cin]` block (w0 on).
 struct CvGeo {
     int gh, gw;  // the grid of GEMM rows
     int kw;      // taps per tap row
     int taps;    // taps per source (kernel rows x kw)
     int oy, ox;  // offset of tap 0
     int z;       // the parity, -1 for a plain conv
-    const __nv_bfloat16* w;
+    size_t w0;   // first weight element of this parity (0 for a plain conv)
 };
 __device__ __forceinline__ CvGeo cv_geo(const BcConvParams& p) {
     if (p.parity) {
         const int z = (int)blockIdx.z;
-        return CvGeo{p.h / 2, p.w_px / 2, 2, 4, (z >> 1) - 1, (z & 1) - 1, z, p.w + (size_t)z * p.cout * 4 * p.cin};
+        return CvGeo{p.h / 2, p.w_px / 2, 2, 4, (z >> 1) - 1, (z & 1) - 1, z, (size_t)z * p.cout * 4 * p.cin};
     }
-    return CvGeo{p.h, p.w_px, p.kw, p.kh * p.kw, -(p.kh / 2), -(p.kw / 2), -1, p.w};
+    return CvGeo{p.h, p.w_px, p.kw, p.kh * p.kw, -(p.kh / 2), -(p.kw / 2), -1, 0};
 }
 
-/// The output pixel of GEMM row m (< gh * gw).
+/// The output pixel of GEMM row m (< gh * gw): (s i + py) * w + s j + px for grid pixel
+/// (i, j), with s = 2 and parity (py, px) in the parity form, s = 1 and (0, 0) (so m itself)
+/// otherwise; computed the same way for both (no branch in the epilogues).
 __device__ __forceinline__ int cv_out_pixel(const BcConvParams& p, const CvGeo& g, int m) {
-    if (g.z < 0) return m;
-    return (2 * (m / g.gw) + (g.z >> 1)) * p.w_px + 2 * (m % g.gw) + (g.z & 1);
+    const unsigned par = g.z >= 0, z = par ? (unsigned)g.z : 0u;
+    const unsigned i = (unsigned)m / (unsigned)g.gw, j = (unsigned)m - i * (unsigned)g.gw;
+    return (int)((((i << par) + (z >> 1)) * (unsigned)p.w_px) + (j << par) + (z & 1));
 }
 
 /// The element offset of pixel (yy, xx) of the GEMM grid in source `s` (inside the grid: the

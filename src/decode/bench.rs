@@ -327,13 +327,15 @@ pub struct DeviceDecodeBench {
 /// last pixel downloaded (RGB8 only, as a player takes them). `dim`: the decoders' width
 /// (`None`: real widths, Wan VAE 96, TAEHV 64). `wgmma`: convolutions that fit it on the
 /// Hopper `bc_conv_wgmma` (refused on a device without wgmma), else on `bc_conv`; `tma` (with
-/// `wgmma`): those over plain sources on its TMA variant `bc_conv_wgmma_tma`.
+/// `wgmma`): those over plain sources (and the parity-form upsample convs) on its TMA variant
+/// `bc_conv_wgmma_tma`; `parity`: the upsample convs in the sub-pixel (parity) form, else dense
+/// (`CudaDecoder::set_conv_parity`).
 pub fn bench_decode_device(
     kinds: &[DecoderKind],
     (latent_h, latent_w): (usize, usize),
     (block_frames, blocks): (usize, usize),
     dim: Option<usize>,
-    (wgmma, tma): (bool, bool),
+    (wgmma, tma, parity): (bool, bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<Vec<DeviceDecodeBench>> {
     let mut out = Vec::new();
@@ -347,6 +349,7 @@ pub fn bench_decode_device(
         let mut dev = CudaDecoder::new(&dec, gpu()?)?;
         dev.set_conv_wgmma(wgmma)?;
         dev.set_conv_tma(wgmma && tma)?;
+        dev.set_conv_parity(parity)?;
         dev.begin(latent_h, latent_w)?;
         let mut rng = crate::rng::Rng::new(2);
         let per = 16 * latent_h * latent_w * bf;
@@ -409,19 +412,23 @@ mod tests {
 
     #[test]
     fn device_bench_counts_conv_flops_per_pixel() {
-        let run = |h: usize, w: usize| {
+        let run = |h: usize, w: usize, parity: bool| {
             let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
             bench_decode_device(
                 &kinds,
                 (h, w),
                 (1, 2),
                 Some(2),
-                (false, false),
+                (false, false, parity),
                 &Gpu::open_emulated,
             )
             .unwrap()
         };
-        let (small, large) = (run(2, 2), run(4, 2));
+        let (small, large) = (run(2, 2, true), run(4, 2, true));
+        // The parity form launches fewer FLOPs (its upsample convs: 4 taps per pixel, not 9).
+        for (a, d) in small.iter().zip(run(2, 2, false)) {
+            assert!(a.block_tflop < d.block_tflop, "{:?}", a.kind);
+        }
         for (a, b) in small.iter().zip(&large) {
             assert!(a.block_ms.is_some() && a.first_block_ms > 0.0 && a.device_bytes > 0);
             // Every conv is per pixel except the attention's P x P GEMMs (Wan: quadratic).

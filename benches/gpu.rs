@@ -121,9 +121,11 @@ fn time_ms(g: &mut Gpu, iters: usize, mut f: impl FnMut(&mut Gpu)) -> f64 {
 /// the decoder's levels: 384 channels at 60x104 and 120x208, 192 at 240x416, 96 at 480x832, and
 /// the two upsample convs reading their source through the 2x upsample), causal 3x3x3 layers as
 /// three time taps: `bc_conv`, and `bc_conv_wgmma` when `wgmma`, and its TMA variant
-/// `bc_conv_wgmma_tma` when `tma` too (plain sources: not the upsample convs), in TFLOP/s; prints
-/// the relative L2 distance of their outputs to `bc_conv`'s (`CONV wgmma ...`, `CONV tma ...`,
-/// bf16 rounding apart: ~1e-3).
+/// `bc_conv_wgmma_tma` when `tma` too (plain sources, or the upsample convs in the parity form),
+/// in TFLOP/s; the upsample convs again in the sub-pixel (parity) form (`... parity` rows, 4/9
+/// of the FLOPs: the rates count the FLOPs done, the ms compare with the dense rows); prints
+/// the relative L2 distance of their outputs to the dense `bc_conv`'s (`CONV wgmma ...`,
+/// `CONV tma ...`, `CONV parity ...`; bf16 rounding apart: ~1e-3).
 fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
     use blockcascade::kernels::launch::{
         conv_on, conv_tma, conv_tma_fits, conv_tma_specs, ConvEpilogue, ConvOut, ConvShape,
@@ -151,20 +153,47 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
             kt: taps,
             kh: 3,
             kw: 3,
+            parity: false,
         };
-        let wt = rand_bf16(
-            g,
+        let wv = randn_par(
             cout * taps * 9 * cin,
             (1.0 / (taps * 9 * cin) as f32).sqrt(),
             seed + 3,
+            bf16::from_f32,
         );
+        let wt = up(g, &wv);
+        // The parity form's weights `[4][cout][2][2][cin]`: per output parity (py, px) and 2x2
+        // tap (a, b), the sum of the 3x3 taps that land on that source pixel (kernel rows {0}
+        // and {1, 2} for py = 0, {0, 1} and {2} for py = 1; columns alike), in f32.
+        let pw = upsampled.then(|| {
+            let rows = |p: usize, a: usize| match (p, a) {
+                (0, 0) => 0..1,
+                (0, _) => 1..3,
+                (_, 0) => 0..2,
+                _ => 2..3,
+            };
+            let mut v = vec![bf16::ZERO; 16 * cout * cin];
+            for z in 0..4 {
+                for o in 0..cout {
+                    for tap in 0..4 {
+                        for c in 0..cin {
+                            let mut acc = 0.0f32;
+                            for dy in rows(z / 2, tap / 2) {
+                                for dx in rows(z % 2, tap % 2) {
+                                    acc += wv[(o * 9 + dy * 3 + dx) * cin + c].to_f32();
+                                }
+                            }
+                            v[((z * cout + o) * 4 + tap) * cin + c] = bf16::from_f32(acc);
+                        }
+                    }
+                }
+            }
+            up(g, &v)
+        });
         let bias = rand_f32(g, cout, 0.1, seed + 3);
-        let outs = [
-            g.alloc(h * w * cout * 2).unwrap(),
-            g.alloc(h * w * cout * 2).unwrap(),
-            g.alloc(h * w * cout * 2).unwrap(),
-        ];
-        let mut ran = [true, false, false];
+        let outs: Vec<DevPtr> = (0..6).map(|_| g.alloc(h * w * cout * 2).unwrap()).collect();
+        // Dense bc_conv, wgmma, tma, then the same three in the parity form.
+        let mut ran = [true, false, false, false, false, false];
         let ls: Vec<ConvSource> = srcs
             .iter()
             .enumerate()
@@ -177,15 +206,19 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
                 up: upsampled,
             })
             .collect();
-        let fl = 2.0 * (h * w * cout * taps * 9 * cin) as f64;
-        for (k, on) in [false, true, true].into_iter().enumerate() {
-            if on && !wgmma || k == 2 && !tma {
+        for (k, on) in [false, true, true, false, true, true]
+            .into_iter()
+            .enumerate()
+        {
+            let parity = k >= 3;
+            if on && !wgmma || k % 3 == 2 && !tma || parity && pw.is_none() {
                 continue;
             }
+            let fl = 2.0 * (h * w * cout * taps * if parity { 4 } else { 9 } * cin) as f64;
             let l = conv_on(
                 &ls,
-                wt as *const _,
-                kshape,
+                pw.filter(|_| parity).unwrap_or(wt) as *const _,
+                ConvShape { parity, ..kshape },
                 (h, w),
                 ConvEpilogue {
                     bias: bias as *const f32,
@@ -204,7 +237,7 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
                 on,
             )
             .unwrap();
-            let (kname, ms) = if k == 2 {
+            let (kname, ms) = if k % 3 == 2 {
                 if !conv_tma_fits(&l) {
                     continue;
                 }
@@ -228,7 +261,7 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
             };
             ran[k] = true;
             rows.push(Row {
-                name: format!("conv {name} {kname}"),
+                name: format!("conv {name} {kname}{}", if parity { " parity" } else { "" }),
                 ms,
                 value: fl / ms / 1e9,
                 unit: "TFLOP/s",
@@ -238,7 +271,13 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
         let mut a = vec![bf16::ZERO; h * w * cout];
         g.sync().unwrap();
         g.download(&mut a, outs[0]).unwrap();
-        for (k, tag) in [(1, "wgmma"), (2, "tma")] {
+        for (k, tag) in [
+            (1, "wgmma"),
+            (2, "tma"),
+            (3, "parity"),
+            (4, "parity wgmma"),
+            (5, "parity tma"),
+        ] {
             if !ran[k] {
                 continue;
             }
@@ -257,7 +296,7 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
                 if ok { "PASS" } else { "FAIL" }
             );
         }
-        for p in srcs.into_iter().chain([wt]).chain(outs) {
+        for p in srcs.into_iter().chain([wt]).chain(pw).chain(outs) {
             g.free(p).unwrap();
         }
         g.free(bias).unwrap();
@@ -559,12 +598,17 @@ fn main() {
     drop(g);
     // The video decoders (decode::CudaDecoder): ms per 3-latent-frame block at 480x832, real
     // widths, random weights; rate = the conv FLOPs the decoder launched per block; with
-    // bc_conv_wgmma too where the conv rows above ran it.
+    // bc_conv_wgmma too where the conv rows above ran it; each with the upsample convs in the
+    // parity form and dense (`no-parity` rows: more FLOPs, compare the ms).
     if std::env::var_os("BC_BENCH_NO_DECODE").is_none() {
         let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
         // Kernels only: the decoders need no cuBLASLt.
         let open = || Gpu::open_kernels(0);
-        for (wgmma, tma) in [(false, false), (true, false), (true, true)] {
+        // Each kernel with the upsample convs in the parity form (the default), then dense.
+        let configs = [(false, false), (true, false), (true, true)]
+            .into_iter()
+            .flat_map(|(w, t)| [(w, t, true), (w, t, false)]);
+        for (wgmma, tma, parity) in configs {
             if wgmma && !conv_wgmma || tma && !conv_tma {
                 continue;
             }
@@ -573,12 +617,13 @@ fn main() {
                 (true, _) => " wgmma",
                 _ => "",
             };
+            let tag = format!("{tag}{}", if parity { "" } else { " no-parity" });
             match blockcascade::decode::bench_decode_device(
                 &kinds,
                 (60, 104),
                 (3, 3),
                 None,
-                (wgmma, tma),
+                (wgmma, tma, parity),
                 &open,
             ) {
                 Ok(r) => {

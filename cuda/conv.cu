@@ -12,7 +12,10 @@
 //     frame tap 2, and a zero frame (before the stream began) is not passed at all;
 //   - TAEHV's MemBlock conv over cat[x, past]: two sources, c0 = 0 and c0 = C;
 //   - a conv reading through a nearest 2x upsample (`up`): pixel (y, x) reads (y/2, x/2), so
-//     the upsampled frame is never materialised.
+//     the upsampled frame is never materialised;
+//   - the same 3x3 conv in the sub-pixel form (`parity`, grid z = the 4 output parities): each
+//     parity is a 2x2 conv of the sources at their own size with summed weights, 16 taps per
+//     output quad instead of 36 (cv_geo in include/conv.cuh holds the address math).
 // Epilogue: + bias (f32), + residual (bf16, the Wan residual block's shortcut and TAEHV's
 // MemBlock skip), then ReLU or SiLU; bf16 or f32 store. The output channel n lands in frame
 // n / out_split (channel n % out_split): TAEHV's TGrow and the Wan VAE's time_conv write their
@@ -41,7 +44,8 @@
 // not 8-element aligned (`vec = 0`, e.g. TAEHV's 3-channel output or a test's odd channels),
 // the tiles load element by element instead: same math, slower.
 // Shared memory: 2 stages x (128 + 64) rows x 80 B = 30 KB (static; narrow: 22.5 KB).
-// FLOPs per launch: 2 * H*W * cout * kh*kw * (sum of the sources' channels).
+// FLOPs per launch: 2 * H*W * cout * kh*kw * (sum of the sources' channels); parity form:
+// 2 * H*W * cout * 4 * (sum of the channels).
 //
 // Hopper: cuda/conv_wgmma.cu (bc_conv_wgmma) is the same convolution on wgmma, opt-in; the
 // source fields and the epilogue (cv_src, cv_store_pair) are shared through include/conv.cuh.
@@ -93,9 +97,10 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
     BC_EMU_CHECK(p.num_src >= 1 && p.num_src <= BC_CONV_MAX_SOURCES && p.out_split > 0);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int wm = warp % CV_WARPS_M, wn = warp / CV_WARPS_M;
-    const int hw = p.h * p.w_px;
+    const CvGeo geo = cv_geo(p);
+    const int hw = geo.gh * geo.gw;
     const int m0 = blockIdx.x * CV_BM, n0 = blockIdx.y * CV_BN;
-    const int taps = p.kh * p.kw, ph = p.kh / 2, pw = p.kw / 2;
+    const int taps = geo.taps;
     const long long ktot = (long long)p.kt * taps * p.cin;
     const bc_saddr base = bc_smem_addr(smem);
 
@@ -103,7 +108,7 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
     // ar + i * CV_RP and of B row ar.
     const int cc = tid % CV_CPR, ar = tid / CV_CPR;
     int py[CV_A_PASSES], px[CV_A_PASSES];
-    cv_rows(p, m0 + ar, CV_RP, py, px);
+    cv_rows(geo, m0 + ar, CV_RP, py, px);
     const int bn = n0 + ar;
     const unsigned a_dst = ar * CV_ROWB + cc * 16, b_dst = CV_A_BYTES + ar * CV_ROWB + cc * 16;
 
@@ -114,20 +119,18 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
     for (int i = 0; i < p.num_src; ++i) steps += taps * ((cv_src(p, i).channels + CV_BK - 1) / CV_BK);
 
     auto load = [&](int stage) {
-        const int dy = tap / p.kw - ph, dx = tap % p.kw - pw;
+        const int dy = tap / geo.kw + geo.oy, dx = tap % geo.kw + geo.ox;
         const int ci = ci0 + 8 * cc;
-        const int sw = src.up ? p.w_px / 2 : p.w_px;
         const bc_saddr st = base + stage * CV_STAGE;
         const long long kidx = (long long)(src.t * taps + tap) * p.cin + src.c0 + ci;
-        const __nv_bfloat16* wrow = p.w + (size_t)bn * ktot + kidx;
+        const __nv_bfloat16* wrow = p.w + geo.w0 + (size_t)bn * ktot + kidx;
         const bool bok = bn < p.cout && ar < CV_BN;
         if (p.vec) {
 #pragma unroll
             for (int i = 0; i < CV_A_PASSES; ++i) {
                 const int yy = py[i] + dy, xx = px[i] + dx;
-                const bool ok = ci < src.channels && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w_px;
-                const int sy = src.up ? yy >> 1 : yy, sx = src.up ? xx >> 1 : xx;
-                const __nv_bfloat16* a = ok ? src.x + ((size_t)sy * sw + sx) * src.stride + ci : src.x;
+                const bool ok = ci < src.channels && yy >= 0 && yy < geo.gh && xx >= 0 && xx < geo.gw;
+                const __nv_bfloat16* a = ok ? src.x + cv_src_off(p, geo, src, yy, xx) + ci : src.x;
                 bc_cp_async16_zfill(st + a_dst + i * CV_RP * CV_ROWB, a, ok ? 16 : 0);
             }
             const bool ok = bok && ci < src.channels;
@@ -137,12 +140,11 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
 #pragma unroll
             for (int i = 0; i < CV_A_PASSES; ++i) {
                 const int yy = py[i] + dy, xx = px[i] + dx;
-                const bool ok = yy >= 0 && yy < p.h && xx >= 0 && xx < p.w_px;
-                const int sy = src.up ? yy >> 1 : yy, sx = src.up ? xx >> 1 : xx;
+                const bool ok = yy >= 0 && yy < geo.gh && xx >= 0 && xx < geo.gw;
                 __nv_bfloat16* d = reinterpret_cast<__nv_bfloat16*>(sp + a_dst + i * CV_RP * CV_ROWB);
+                const size_t off = cv_src_off(p, geo, src, yy, xx);
                 for (int e = 0; e < 8; ++e)
-                    d[e] = ok && ci + e < src.channels ? src.x[((size_t)sy * sw + sx) * src.stride + ci + e]
-                                                       : __float2bfloat16(0.f);
+                    d[e] = ok && ci + e < src.channels ? src.x[off + ci + e] : __float2bfloat16(0.f);
             }
             __nv_bfloat16* d = reinterpret_cast<__nv_bfloat16*>(sp + b_dst);
             if (ar < CV_BN)
@@ -205,7 +207,7 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
 #pragma unroll
             for (int j = 0; j < CV_NT8; ++j) {
                 const int n = n0 + wn * CV_WN + j * 8 + 2 * t;  // even
-                if (n < p.cout) cv_store_pair(p, pairs, m, n, acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
+                if (n < p.cout) cv_store_pair(p, pairs, cv_out_pixel(p, geo, m), n, acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
             }
         }
     }

@@ -1,5 +1,6 @@
 // Hopper (sm_90a) variant of the decoders' implicit-GEMM convolution: the same function as
-// bc_conv (cuda/conv.cu; same BcConvParams, sources, taps, upsampled reads, epilogue), with the
+// bc_conv (cuda/conv.cu; same BcConvParams, sources, taps, upsampled reads, the sub-pixel
+// parity form with grid z = 4 parities, epilogue, all through include/conv.cuh), with the
 // tensor-core work done by warpgroup MMA (wgmma.mma_async m64n128k16 bf16 -> f32) reading both
 // operands from shared memory by descriptor.
 //
@@ -94,9 +95,10 @@ __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsign
     BC_EMU_CHECK(p.num_src >= 1 && p.num_src <= BC_CONV_MAX_SOURCES && p.out_split > 0 && p.vec);
     const int tid = threadIdx.x, wg = tid / BC_WGMMA_THREADS, wt = tid % BC_WGMMA_THREADS;
     const int warp = wt / 32, lane = wt % 32, g = lane / 4, q = lane % 4;
-    const int hw = p.h * p.w_px;
+    const CvGeo geo = cv_geo(p);
+    const int hw = geo.gh * geo.gw;
     const int m0 = blockIdx.x * CW_BM, n0 = blockIdx.y * CW_BN;
-    const int taps = p.kh * p.kw, ph = p.kh / 2, pw = p.kw / 2;
+    const int taps = geo.taps;
     const long long ktot = (long long)p.kt * taps * p.cin;
 
     // The tiles start on the first 1024-byte boundary of the shared window (the swizzle period).
@@ -112,7 +114,7 @@ __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsign
     // chunk cc ^ (ar % 8) of each.
     const int cc = tid % CW_CPR, ar = tid / CW_CPR;
     int py[CW_A_PASSES], px[CW_A_PASSES];
-    cv_rows(p, m0 + ar, CW_RP, py, px);
+    cv_rows(geo, m0 + ar, CW_RP, py, px);
     const unsigned dst = ar * CW_ROWB + ((cc ^ (ar % 8)) << 4);
 
     // The k-step cursor of this thread's chunk: source s (its K = taps * channels, `left` k-steps
@@ -126,18 +128,16 @@ __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsign
 
     auto load = [&](int stage) {
         const bool kok = tap < taps;
-        const int dy = tap / p.kw - ph, dx = tap % p.kw - pw;
-        const int sw = src.up ? p.w_px / 2 : p.w_px;
+        const int dy = tap / geo.kw + geo.oy, dx = tap % geo.kw + geo.ox;
         const bc_saddr st = base + stage * CW_STAGE;
 #pragma unroll
         for (int i = 0; i < CW_A_PASSES; ++i) {
             const int yy = py[i] + dy, xx = px[i] + dx;
-            const bool ok = kok && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w_px;
-            const int sy = src.up ? yy >> 1 : yy, sx = src.up ? xx >> 1 : xx;
-            const __nv_bfloat16* a = ok ? src.x + ((size_t)sy * sw + sx) * src.stride + ci : src.x;
+            const bool ok = kok && yy >= 0 && yy < geo.gh && xx >= 0 && xx < geo.gw;
+            const __nv_bfloat16* a = ok ? src.x + cv_src_off(p, geo, src, yy, xx) + ci : src.x;
             bc_cp_async16_zfill(st + dst + i * CW_RP * CW_ROWB, a, ok ? 16 : 0);
         }
-        const __nv_bfloat16* wk = p.w + (long long)(src.t * taps + tap) * p.cin + src.c0 + ci;
+        const __nv_bfloat16* wk = p.w + geo.w0 + (long long)(src.t * taps + tap) * p.cin + src.c0 + ci;
 #pragma unroll
         for (int i = 0; i < CW_B_PASSES; ++i) {
             const int n = n0 + ar + i * CW_RP;
@@ -203,7 +203,7 @@ __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsign
 #pragma unroll
         for (int j = 0; j < CW_BN / 8; ++j) {
             const int n = n0 + 8 * j + 2 * q;  // even
-            if (n < p.cout) cv_store_pair(p, pairs, m, n, acc[4 * j + 2 * e2], acc[4 * j + 2 * e2 + 1]);
+            if (n < p.cout) cv_store_pair(p, pairs, cv_out_pixel(p, geo, m), n, acc[4 * j + 2 * e2], acc[4 * j + 2 * e2 + 1]);
         }
     }
 }

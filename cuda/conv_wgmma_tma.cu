@@ -1,6 +1,9 @@
 // Hopper (sm_90a) convolution with TMA operand loads: the function of bc_conv / bc_conv_wgmma
 // (same BcConvParams inside BcConvTmaParams, same epilogue cv_store_pair), for plain
-// (not upsampled) sources, with the copies taken off the math warps:
+// (not upsampled) sources or upsampled ones in the sub-pixel parity form (grid z = 4
+// parities; the pixel tiles then cover the sources' own pixels, each an output pixel of that
+// parity, and the 2x2 taps' boxes start at the parity's offsets: cv_geo), with the copies
+// taken off the math warps:
 //
 //   out[m][n] = act(bias[n] + res[m][n] + sum_{s, dy, dx, c} x_s[shift(m, dy, dx)][c] * w[n][t_s][dy][dx][c0_s + c])
 //
@@ -84,7 +87,8 @@ __device__ __forceinline__ void bc_conv_tma_impl(const BcConvTmaParams& pt, unsi
     const int tid = threadIdx.x;
     const int x0 = (int)(blockIdx.x % (unsigned)pt.tiles_x) * CT_TX, y0 = (int)(blockIdx.x / (unsigned)pt.tiles_x) * CT_TY;
     const int n0 = blockIdx.y * BN;
-    const int taps = p.kh * p.kw, ph = p.kh / 2, pw = p.kw / 2;
+    const CvGeo geo = cv_geo(p);
+    const int taps = geo.taps;
 
     unsigned char* smem = smem_raw + (1024u - bc_smem_window_addr(smem_raw) % 1024u) % 1024u;
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + CT_STAGES * STAGE);
@@ -118,9 +122,10 @@ __device__ __forceinline__ void bc_conv_tma_impl(const BcConvTmaParams& pt, unsi
                     // Chunk i + h; past the last one: tap 0, channels cpt * 32.. (all zero fill).
                     const bool in = i + h < chunks;
                     const int tap = in ? (i + h) / cpt : 0, c = in ? (i + h) % cpt : cpt;
-                    const int ca[3] = {c * CT_CH, x0 + tap % p.kw - pw, y0 + tap / p.kw - ph};
+                    const int ca[3] = {c * CT_CH, x0 + tap % geo.kw + geo.ox, y0 + tap / geo.kw + geo.oy};
                     bc_tma_load<3>(a + h * CT_A_BLOCK, &pt.src_map[s], &full[st], ca);
-                    const int cb[2] = {(src.t * taps + tap) * p.cin + src.c0 + c * CT_CH, n0};
+                    // Parity form: the weight map stacks the 4 parities' rows (cout each).
+                    const int cb[2] = {(src.t * taps + tap) * p.cin + src.c0 + c * CT_CH, n0 + max(geo.z, 0) * p.cout};
                     bc_tma_load<2>(a + CT_A_BYTES + h * Cfg::B_BLOCK, &pt.w_map, &full[st], cb);
                 }
             }
@@ -165,8 +170,8 @@ __device__ __forceinline__ void bc_conv_tma_impl(const BcConvTmaParams& pt, unsi
     for (int e2 = 0; e2 < 2; ++e2) {
         const int r = wg * CT_WM + 16 * warp + g + 8 * e2;
         const int x = x0 + r % CT_TX, y = y0 + r / CT_TX;
-        if (x >= p.w_px || y >= p.h) continue;
-        const int m = y * p.w_px + x;
+        if (x >= geo.gw || y >= geo.gh) continue;
+        const int m = cv_out_pixel(p, geo, y * geo.gw + x);
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
             const int n = n0 + 8 * j + 2 * q;

@@ -1462,8 +1462,9 @@ fn t5_kernels_match_the_cpu() {
 
 /// Both video decoders on the device (`decode::CudaDecoder`: `cuda/conv.cu` and
 /// `cuda/decode_ops.cu`) against upstream's golden videos (`data/decode/`), bound 2e-2 relative
-/// L2 as on the emulated device, and streamed (blocks of 3) equal to the whole decode; the
-/// steady frames replayed as CUDA graphs, bit for bit the eager launches.
+/// L2 as on the emulated device (with the upsample convs in the parity form, the default, and
+/// dense), and streamed (blocks of 3) equal to the whole decode; the steady frames replayed as
+/// CUDA graphs, bit for bit the eager launches.
 #[test]
 fn decoders_match_the_golden_videos() {
     use blockcascade::decode::{CudaDecoder, Decoder};
@@ -1508,6 +1509,14 @@ fn decoders_match_the_golden_videos() {
         }
         dev.set_conv_tma(false).unwrap();
         dev.set_conv_wgmma(false).unwrap();
+        // The upsample convs dense (the sub-pixel parity form is the default): the same bound.
+        dev.set_conv_parity(false).unwrap();
+        dev.begin(h, w).unwrap();
+        let px = dev.push(&lat, f, true).unwrap().f32.unwrap();
+        let err = rel_l2(&want, &px);
+        println!("GOLDEN decoder-{name}-no-parity rel_l2={err:.3e}");
+        assert!(err < 2e-2, "{name}-no-parity: rel L2 {err}");
+        dev.set_conv_parity(true).unwrap();
         dev.begin(h, w).unwrap();
         let whole = dev.push(&lat, f, true).unwrap().f32.unwrap();
         let err = rel_l2(&want, &whole);

@@ -130,9 +130,9 @@ fn device_decoder_errors_are_clear() {
 
 /// Both decoders with every convolution that fits it on the Hopper wgmma kernel
 /// (`bc_conv_wgmma`, forced on: the emulated device has it, a default decoder does not use it),
-/// then with its TMA variant too (`bc_conv_wgmma_tma`: the convolutions over plain sources take
-/// it, the upsampled ones stay on `bc_conv_wgmma`), against upstream's golden output, within
-/// the same 2e-2.
+/// then with its TMA variant too (`bc_conv_wgmma_tma`: the convolutions over plain sources and,
+/// in the parity form (the default), the upsample convs take it), against upstream's golden
+/// output, within the same 2e-2.
 #[test]
 fn both_decoders_with_the_wgmma_conv_match_pytorch() {
     for (name, model) in [
@@ -171,4 +171,67 @@ fn both_decoders_with_the_wgmma_conv_match_pytorch() {
             );
         }
     }
+}
+
+/// The upsample convs in the sub-pixel (parity) form and dense (`set_conv_parity(false)`), on
+/// `bc_conv`: both within 2e-2 of upstream's golden output (the Wan VAE over its first 3
+/// latent frames, a causal prefix of the golden video, to bound the emulation's time), the
+/// parity form launching fewer FLOPs. Switching the form mid-stream drops the captured graphs:
+/// with graphs, TAEHV blocks decoded parity-on then parity-off give the bits of an eager
+/// decoder switched the same way.
+#[test]
+fn both_decoders_with_and_without_the_parity_form_match_pytorch() {
+    for (name, model, frames) in [
+        ("taehv-tiny", "taehv/model.safetensors", None),
+        ("wan-vae-tiny", "vae", Some(3)),
+    ] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/decode")
+            .join(name);
+        let (ls, latents) = tensor(&dir.join("latents.safetensors"), "latents");
+        let (_, expected) = tensor(&dir.join("expected.safetensors"), "video");
+        let (h, w) = (ls[2], ls[3]);
+        let f = frames.unwrap_or(ls[0]);
+        let dec = Decoder::load(&dir.join(model), None).unwrap();
+        let mut flops = Vec::new();
+        for parity in [true, false] {
+            let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+            dev.set_conv_parity(parity).unwrap();
+            assert_eq!(dev.conv_parity(), parity);
+            dev.begin(h, w).unwrap();
+            let px = dev
+                .push(&latents[..f * 16 * h * w], f, true)
+                .unwrap()
+                .f32
+                .unwrap();
+            let err = rel_l2(&expected[..px.len()], &px);
+            println!(
+                "{name} parity {parity}: rel L2 {err:.3e}, {:.4e} FLOP",
+                dev.flops()
+            );
+            assert!(err < 2e-2, "{name} parity {parity}: rel L2 {err}");
+            flops.push(dev.flops());
+        }
+        assert!(flops[0] < flops[1], "{name}: {flops:?}");
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/decode/taehv-tiny");
+    let (ls, latents) = tensor(&dir.join("latents.safetensors"), "latents");
+    let (h, w) = (ls[2], ls[3]);
+    let dec = Decoder::load(&dir.join("taehv/model.safetensors"), None).unwrap();
+    let per = 16 * h * w;
+    let run = |graphs: bool| {
+        let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        dev.set_graphs(graphs).unwrap();
+        dev.begin(h, w).unwrap();
+        let mut out = Vec::new();
+        for (i, b) in latents.chunks(3 * per).enumerate() {
+            dev.set_conv_parity(i == 0).unwrap();
+            out.push(dev.push(b, b.len() / per, true).unwrap());
+        }
+        (out, dev.stats().graph_frames)
+    };
+    let (eager, _) = run(false);
+    let (graphs, replays) = run(true);
+    assert!(replays >= 4, "{replays} graph frames");
+    assert_eq!(graphs, eager, "a graph of the other form was replayed");
 }

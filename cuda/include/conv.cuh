@@ -1,7 +1,8 @@
 // Shared pieces of the decoders' convolution kernels (cuda/conv.cu: bc_conv, bc_conv_n16 by
-// mma.sync; cuda/conv_wgmma.cu: bc_conv_wgmma by Hopper wgmma): the source fields of a
-// BcConvParams and the epilogue (bias, residual, activation, split / transposed / bf16x2 store),
-// so both tilings compute and store exactly the same way.
+// mma.sync; cuda/conv_wgmma.cu: bc_conv_wgmma by Hopper wgmma; cuda/conv_wgmma_tma.cu): the
+// source fields of a BcConvParams, the GEMM geometry (plain or the sub-pixel parity form) and
+// the epilogue (bias, residual, activation, split / transposed / bf16x2 store), so all tilings
+// compute, address and store exactly the same way.
 #ifndef BC_CONV_CUH
 #define BC_CONV_CUH
 
@@ -19,16 +20,56 @@ __device__ __forceinline__ CvSrc cv_src(const BcConvParams& p, int s) {
 #undef CV_PICK
 }
 
-/// Pixel coordinates of the output rows m0 + i * step (i < N) a thread copies A rows for: a
-/// row past h*w gets y = -2^20, so none of its taps is inside the frame (it reads nothing).
+/// The GEMM geometry of a launch. Plain: the rows are the output's h x w pixels, the taps the
+/// kernel's (tap t at (t / kw - kh/2, t % kw - kw/2)), the weights `w`. Parity form
+/// (`p.parity`, grid z = parity 2 py + px): the rows are the sources' (h/2) x (w/2) pixels, each
+/// giving output pixel (2i + py, 2j + px), the taps the 2x2 at (t / 2 + py - 1, t % 2 + px - 1)
+/// read at the sources' own size, the weights parity z's `[cout][2][2][cin]` block (w0 on).
+struct CvGeo {
+    int gh, gw;  // the grid of GEMM rows
+    int kw;      // taps per tap row
+    int taps;    // taps per source (kernel rows x kw)
+    int oy, ox;  // offset of tap 0
+    int z;       // the parity, -1 for a plain conv
+    size_t w0;   // first weight element of this parity (0 for a plain conv)
+};
+__device__ __forceinline__ CvGeo cv_geo(const BcConvParams& p) {
+    if (p.parity) {
+        const int z = (int)blockIdx.z;
+        return CvGeo{p.h / 2, p.w_px / 2, 2, 4, (z >> 1) - 1, (z & 1) - 1, z, (size_t)z * p.cout * 4 * p.cin};
+    }
+    return CvGeo{p.h, p.w_px, p.kw, p.kh * p.kw, -(p.kh / 2), -(p.kw / 2), -1, 0};
+}
+
+/// The output pixel of GEMM row m (< gh * gw): (s i + py) * w + s j + px for grid pixel
+/// (i, j), with s = 2 and parity (py, px) in the parity form, s = 1 and (0, 0) (so m itself)
+/// otherwise; computed the same way for both (no branch in the epilogues).
+__device__ __forceinline__ int cv_out_pixel(const BcConvParams& p, const CvGeo& g, int m) {
+    const unsigned par = g.z >= 0, z = par ? (unsigned)g.z : 0u;
+    const unsigned i = (unsigned)m / (unsigned)g.gw, j = (unsigned)m - i * (unsigned)g.gw;
+    return (int)((((i << par) + (z >> 1)) * (unsigned)p.w_px) + (j << par) + (z & 1));
+}
+
+/// The element offset of pixel (yy, xx) of the GEMM grid in source `s` (inside the grid: the
+/// caller checked 0 <= yy < gh, 0 <= xx < gw): an upsampled source is read at (yy/2, xx/2),
+/// except in the parity form, where the grid is the source's own.
+__device__ __forceinline__ size_t cv_src_off(const BcConvParams& p, const CvGeo& g, const CvSrc& s, int yy, int xx) {
+    const bool half = s.up && g.z < 0;
+    const int sy = half ? yy >> 1 : yy, sx = half ? xx >> 1 : xx;
+    const int sw = s.up ? p.w_px / 2 : p.w_px;
+    return ((size_t)sy * sw + sx) * s.stride;
+}
+
+/// Grid coordinates of the GEMM rows m0 + i * step (i < N) a thread copies A rows for: a row
+/// past gh*gw gets y = -2^20, so none of its taps is inside the grid (it reads nothing).
 template <int N>
-__device__ __forceinline__ void cv_rows(const BcConvParams& p, int m0, int step, int (&py)[N], int (&px)[N]) {
-    const int hw = p.h * p.w_px;
+__device__ __forceinline__ void cv_rows(const CvGeo& g, int m0, int step, int (&py)[N], int (&px)[N]) {
+    const int hw = g.gh * g.gw;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
         const int m = m0 + i * step;
-        py[i] = m < hw ? m / p.w_px : -(1 << 20);
-        px[i] = m < hw ? m % p.w_px : 0;
+        py[i] = m < hw ? m / g.gw : -(1 << 20);
+        px[i] = m < hw ? m % g.gw : 0;
     }
 }
 

@@ -625,7 +625,8 @@ typedef struct BcConvSource {
  * Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`
  * (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW); `bc_conv_wgmma`
  * (sm_90a, needs `vec`) grid (ceil(h*w / BC_CONV_WG_BM), ceil(cout / BC_CONV_WG_BN)), block
- * BC_CONV_WG_THREADS, BC_CONV_WG_SMEM bytes of dynamic shared memory. */
+ * BC_CONV_WG_THREADS, BC_CONV_WG_SMEM bytes of dynamic shared memory. With `parity`, h*w in
+ * the grids is (h/2)*(w/2) and the grid's z is 4. */
 typedef struct BcConvParams {
     /** The sources (`num_src` used). */
     BcConvSource src[BC_CONV_MAX_SOURCES];
@@ -671,8 +672,13 @@ typedef struct BcConvParams {
     /** Elements between consecutive output channels (1: NHWC; the pixel count: a transposed
      * `[channels][pixels]` output, as the attention's V^T). */
     bc_i32 out_cstride;
-    /** Padding, keep 0. */
-    bc_i32 _pad;
+    /** 1: the sub-pixel (parity) form of a 3x3 conv2d (kh = kw = 3, kt = 1) whose sources are
+     * all upsampled: output pixel (2i + py, 2j + px) is a 2x2 conv of the sources at their own
+     * size, rows i + py - 1 + a, columns j + px - 1 + b (a, b in {0, 1}), with summed weights
+     * `[4 parities][cout][2][2][cin]` (parity z = 2 py + px; `Conv::parity_packed_bf16`) in
+     * `w`. The GEMM rows are the sources' (h/2) x (w/2) pixels and the grid's z the 4
+     * parities: 16 taps per output quad instead of 36. 0: the plain conv (grid z = 1). */
+    bc_i32 parity;
 } BcConvParams;
 
 /** `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16
@@ -950,7 +956,8 @@ typedef struct BcTmaProbeParams {
  * output channels; k-step = two (tap, 32-channel chunk) pairs of a source: per pair, A = the box
  * {32 channels, TX, TY} of the source at the tap's offset (out-of-frame pixels and channels past
  * the source are the TMA's zero fill), B = the box {32, BN} of the weights, 64-byte swizzle.
- * Plain sources only (no upsampled one). */
+ * Plain sources, or upsampled ones in the parity form (`conv.parity`: the tiles cover the
+ * sources' own pixels, the 2x2 taps offset by the parity, grid z = 4). */
 #define BC_CONV_TMA_TX 8
 /** Pixel rows (y) of the output tile of `bc_conv_wgmma_tma`. */
 #define BC_CONV_TMA_TY 16
@@ -967,11 +974,13 @@ typedef struct BcConvTmaParams {
     /** Per source: the frame as a 3-D tensor {channels, w, h} (strides stride and w * stride
      * elements), box {32, TX, TY}, 64-byte swizzle. */
     BcTensorMap src_map[BC_CONV_MAX_SOURCES];
-    /** The weights as a 2-D tensor {kt * kh * kw * cin, cout}, box {32, BN}, 64-byte swizzle. */
+    /** The weights as a 2-D tensor {kt * kh * kw * cin, cout}, box {32, BN}, 64-byte swizzle
+     * (parity form: {4 * cin, 4 * cout}, parity z's rows from z * cout). */
     BcTensorMap w_map;
     /** The convolution (sources, epilogue, output) as bc_conv_wgmma takes it. */
     BcConvParams conv;
-    /** Output tiles along x: ceil(w / TX) (the grid's x is tiles_x * ceil(h / TY)). */
+    /** Output tiles along x: ceil(w / TX) (the grid's x is tiles_x * ceil(h / TY); parity
+     * form: of the sources' w/2 and h/2). */
     bc_i32 tiles_x;
 } BcConvTmaParams;
 

@@ -28,6 +28,10 @@ pub struct DecodeBench {
     pub cpu_block_ms: Option<f64>,
     /// Pixel frames of a steady block.
     pub frames_per_block: usize,
+    /// TFLOP of the convolutions (and attention products) of a steady block, as run
+    /// ([`Decoder::conv_flops`]: the upsample convs in the parity form unless
+    /// `BC_CONV_PARITY=0`).
+    pub block_tflop: f64,
     /// Bytes of causal state a warmed-up stream holds (f32).
     pub state_bytes: usize,
     /// Bytes of weights (f32).
@@ -87,6 +91,7 @@ pub fn bench_decode(
                 .filter(|c| !c.is_empty())
                 .map(|c| c.iter().sum::<f64>() / c.len() as f64),
             frames_per_block: 4 * block_frames.max(1),
+            block_tflop: dec.conv_flops(latent_h, latent_w) * block_frames.max(1) as f64 / 1e12,
             state_bytes: dec.state_bytes(latent_h, latent_w),
             weight_bytes: dec.weight_bytes(),
             peak_rss_bytes: if reset { peak_rss() } else { None },
@@ -100,12 +105,12 @@ pub fn bench_decode(
 pub fn table(results: &[DecodeBench]) -> String {
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     let mut s = String::from(
-        "decoder  latents   block  first ms  ms/block  cpu ms/block  frames/block  state MiB  weights MiB  peak RSS MiB  threads\n",
+        "decoder  latents   block  first ms  ms/block  cpu ms/block  frames/block  TFLOP/block  state MiB  weights MiB  peak RSS MiB  threads\n",
     );
     let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
     for r in results {
         s += &format!(
-            "{:<8} {:>3}x{:<4} {:>6} {:>9.1} {:>9} {:>13} {:>13} {:>10.1} {:>12.1} {:>13} {:>8}\n",
+            "{:<8} {:>3}x{:<4} {:>6} {:>9.1} {:>9} {:>13} {:>13} {:>12.4} {:>10.1} {:>12.1} {:>13} {:>8}\n",
             r.kind.to_string(),
             r.latent_h,
             r.latent_w,
@@ -114,6 +119,7 @@ pub fn table(results: &[DecodeBench]) -> String {
             opt(r.block_ms),
             opt(r.cpu_block_ms),
             r.frames_per_block,
+            r.block_tflop,
             mib(r.state_bytes),
             mib(r.weight_bytes),
             r.peak_rss_bytes
@@ -170,12 +176,21 @@ pub struct ConvShape {
     pub h: usize,
     /// Output frame width.
     pub w: usize,
+    /// The (one) source is read through a nearest 2x upsample (half of `h x w`): `Some(true)`
+    /// in the sub-pixel (parity) form, `Some(false)` dense; `None`: no upsample.
+    pub up: Option<bool>,
 }
 
 impl ConvShape {
-    /// Floating-point operations of one output frame.
+    /// Floating-point operations of one output frame as run (the parity form: 2x2 taps per
+    /// output pixel).
     pub fn flop(&self) -> f64 {
-        2.0 * (self.cout * self.cin * self.sources * self.k * self.k * self.h * self.w) as f64
+        let taps = if self.up == Some(true) {
+            4
+        } else {
+            self.k * self.k
+        };
+        2.0 * (self.cout * self.cin * self.sources * taps * self.h * self.w) as f64
     }
 }
 
@@ -191,8 +206,17 @@ pub fn decoder_conv_shapes() -> Vec<ConvShape> {
         k,
         h,
         w,
+        up: None,
+    };
+    let up = |name, cin, cout, h, w, parity| ConvShape {
+        up: Some(parity),
+        ..s(name, cin, cout, 1, 3, h, w)
     };
     vec![
+        up("taehv up 128->64 @240x416", 128, 64, 240, 416, false),
+        up("taehv up 128->64 @240x416 par", 128, 64, 240, 416, true),
+        up("wan up 384->192 @240x416", 384, 192, 240, 416, false),
+        up("wan up 384->192 @240x416 par", 384, 192, 240, 416, true),
         s("taehv mem 256 @60x104", 256, 256, 2, 3, 60, 104),
         s("taehv mem 128 @120x208", 128, 128, 2, 3, 120, 208),
         s("taehv mem 64 @240x416", 64, 64, 2, 3, 240, 416),
@@ -214,16 +238,27 @@ pub fn bench_conv(shapes: &[ConvShape], reps: usize) -> Vec<(ConvShape, f64, f64
         .iter()
         .map(|sh| {
             let wt = v(sh.cout * sh.cin * sh.sources * sh.k * sh.k);
-            let conv = Conv::from_torch(
+            let mut conv = Conv::from_torch(
                 &wt,
                 &[sh.cout, sh.cin, sh.sources, sh.k, sh.k],
                 Some(v(sh.cout)),
             );
-            let frames: Vec<Vec<f32>> = (0..sh.sources).map(|_| v(sh.cin * sh.h * sh.w)).collect();
+            if sh.up == Some(true) {
+                conv = conv.with_parity();
+            }
+            let px = if sh.up.is_some() {
+                (sh.h / 2) * (sh.w / 2)
+            } else {
+                sh.h * sh.w
+            };
+            let frames: Vec<Vec<f32>> = (0..sh.sources).map(|_| v(sh.cin * px)).collect();
             let job: Vec<Src> = frames
                 .iter()
                 .enumerate()
-                .map(|(t, f)| Src::new(f, t, sh.cin))
+                .map(|(t, f)| Src {
+                    up: sh.up.is_some(),
+                    ..Src::new(f, t, sh.cin)
+                })
                 .collect();
             let rate = |path: Path| {
                 let mut best = f64::INFINITY;
@@ -241,26 +276,29 @@ pub fn bench_conv(shapes: &[ConvShape], reps: usize) -> Vec<(ConvShape, f64, f64
         .collect()
 }
 
-/// A printable table of [`bench_conv`] results.
+/// A printable table of [`bench_conv`] results (GFLOP as run; `par`: the parity form of an
+/// upsample conv, to compare with the dense row above it).
 pub fn conv_table(results: &[(ConvShape, f64, f64)]) -> String {
     let mut s = format!(
-        "threads {}, GFLOP/s of one output frame\n{:<30} {:>6} {:>9} {:>10} {:>9} {:>15}\n",
+        "threads {}, GFLOP/s of one output frame\n{:<30} {:>6} {:>9} {:>10} {:>9} {:>10} {:>15}\n",
         rayon::current_num_threads(),
         "shape",
         "GFLOP",
         "sources",
         "cin->cout",
         "kernel",
+        "kernel ms",
         "matrixmultiply"
     );
     for (sh, fast, port) in results {
         s += &format!(
-            "{:<30} {:>6.1} {:>9} {:>10} {:>9.1} {:>15.1}\n",
+            "{:<30} {:>6.1} {:>9} {:>10} {:>9.1} {:>10.1} {:>15.1}\n",
             sh.name,
             sh.flop() / 1e9,
             sh.sources,
             format!("{}->{}", sh.cin, sh.cout),
             fast,
+            sh.flop() / fast / 1e6,
             port
         );
     }
@@ -289,13 +327,15 @@ pub struct DeviceDecodeBench {
 /// last pixel downloaded (RGB8 only, as a player takes them). `dim`: the decoders' width
 /// (`None`: real widths, Wan VAE 96, TAEHV 64). `wgmma`: convolutions that fit it on the
 /// Hopper `bc_conv_wgmma` (refused on a device without wgmma), else on `bc_conv`; `tma` (with
-/// `wgmma`): those over plain sources on its TMA variant `bc_conv_wgmma_tma`.
+/// `wgmma`): those over plain sources (and the parity-form upsample convs) on its TMA variant
+/// `bc_conv_wgmma_tma`; `parity`: the upsample convs in the sub-pixel (parity) form, else dense
+/// (`CudaDecoder::set_conv_parity`).
 pub fn bench_decode_device(
     kinds: &[DecoderKind],
     (latent_h, latent_w): (usize, usize),
     (block_frames, blocks): (usize, usize),
     dim: Option<usize>,
-    (wgmma, tma): (bool, bool),
+    (wgmma, tma, parity): (bool, bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<Vec<DeviceDecodeBench>> {
     let mut out = Vec::new();
@@ -309,6 +349,7 @@ pub fn bench_decode_device(
         let mut dev = CudaDecoder::new(&dec, gpu()?)?;
         dev.set_conv_wgmma(wgmma)?;
         dev.set_conv_tma(wgmma && tma)?;
+        dev.set_conv_parity(parity)?;
         dev.begin(latent_h, latent_w)?;
         let mut rng = crate::rng::Rng::new(2);
         let per = 16 * latent_h * latent_w * bf;
@@ -371,19 +412,23 @@ mod tests {
 
     #[test]
     fn device_bench_counts_conv_flops_per_pixel() {
-        let run = |h: usize, w: usize| {
+        let run = |h: usize, w: usize, parity: bool| {
             let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
             bench_decode_device(
                 &kinds,
                 (h, w),
                 (1, 2),
                 Some(2),
-                (false, false),
+                (false, false, parity),
                 &Gpu::open_emulated,
             )
             .unwrap()
         };
-        let (small, large) = (run(2, 2), run(4, 2));
+        let (small, large) = (run(2, 2, true), run(4, 2, true));
+        // The parity form launches fewer FLOPs (its upsample convs: 4 taps per pixel, not 9).
+        for (a, d) in small.iter().zip(run(2, 2, false)) {
+            assert!(a.block_tflop < d.block_tflop, "{:?}", a.kind);
+        }
         for (a, b) in small.iter().zip(&large) {
             assert!(a.block_ms.is_some() && a.first_block_ms > 0.0 && a.device_bytes > 0);
             // Every conv is per pixel except the attention's P x P GEMMs (Wan: quadratic).

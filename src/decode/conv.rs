@@ -98,6 +98,11 @@ pub(crate) struct Conv {
     /// `[kt][kh][kw][cout][cin]`.
     taps: Vec<f32>,
     bias: Option<Vec<f32>>,
+    /// The sub-pixel form of a 3x3 conv2d read through a nearest 2x upsample
+    /// ([`Conv::with_parity`]): `[4 parities][2][2][cout][cin]`, parity `2 py + px`.
+    parity: Option<Vec<f32>>,
+    /// The CPU runs the parity form (`BC_CONV_PARITY` was not `0` at [`Conv::with_parity`]).
+    parity_cpu: bool,
 }
 
 /// One input of a convolution output frame.
@@ -131,6 +136,34 @@ impl<'a> Src<'a> {
 /// Target number of GEMM columns per tile.
 const TILE_COLS: usize = 4096;
 
+/// Kernel rows (or columns) summed into each of a parity's two taps: `PARITY_TAPS[py][a]`
+/// (see [`Conv::with_parity`]).
+pub(crate) const PARITY_TAPS: [[&[usize]; 2]; 2] = [[&[0], &[1, 2]], [&[0, 1], &[2]]];
+
+thread_local! {
+    /// Floating-point operations of the convolutions (and attention products) started on
+    /// this thread: what [`conv_flops_done`] reads.
+    static FLOPS_DONE: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
+/// Floating-point operations the convolutions and attention products called from this
+/// thread have done so far (multiply and add counted apart; a parity conv counts its 2x2
+/// taps). Tests compare it with [`super::Decoder::conv_flops`].
+#[cfg(test)]
+pub(crate) fn conv_flops_done() -> f64 {
+    FLOPS_DONE.with(|f| f.get())
+}
+
+/// Whether decoders built now give their upsample convs the parity form: yes unless the
+/// environment says `BC_CONV_PARITY=0` (for comparisons; read at each load).
+pub(crate) fn parity_from_env() -> bool {
+    std::env::var("BC_CONV_PARITY").map_or(true, |v| v.trim() != "0")
+}
+
+fn count_flops(n: f64) {
+    FLOPS_DONE.with(|f| f.set(f.get() + n));
+}
+
 impl Conv {
     /// Builds from PyTorch's layout `[cout, cin, (kt,) kh, kw]` (shape already validated to be
     /// 4-D or 5-D with odd spatial sizes of 1 or 3).
@@ -163,7 +196,93 @@ impl Conv {
             kw,
             taps,
             bias,
+            parity: None,
+            parity_cpu: false,
         }
+    }
+
+    /// This conv with its sub-pixel (parity) weights, for a 3x3 conv2d (pad 1) that reads
+    /// its input through a nearest 2x upsample (any other conv is returned as it is).
+    ///
+    /// Output pixel `(2i + py, 2j + px)` of `conv3x3(upsample2x(x))` reads upsampled rows
+    /// `2i + py - 1 ..= 2i + py + 1`, i.e. original rows `{i - 1, i}` for `py = 0` (kernel row
+    /// 0, then rows 1 and 2 both on row `i`) and `{i, i + 1}` for `py = 1` (rows 0 and 1 on
+    /// `i`, row 2 on `i + 1`); the same for columns. So each of the four output parities is a
+    /// 2x2 conv over the original image with summed weights: 16 taps per output quad instead
+    /// of 36 (2.25x fewer FLOPs). The zero padding agrees (upsampled rows -1 and `2H` are
+    /// original rows -1 and `H`). Summing the weights first rounds differently from summing
+    /// the products (a few ulp).
+    ///
+    /// The CPU then runs every upsampled read of this conv in that form unless
+    /// `BC_CONV_PARITY=0` is set now; the device decoder decides for itself
+    /// (`CudaDecoder::set_conv_parity`) and only needs to know the conv is one of these.
+    pub fn with_parity(mut self) -> Conv {
+        if self.kt == 1 && self.kh == 3 && self.kw == 3 {
+            self.parity = Some(self.parity_taps());
+            self.parity_cpu = parity_from_env();
+        }
+        self
+    }
+
+    /// Whether [`Conv::with_parity`] gave this conv parity weights (an upsample conv).
+    pub fn has_parity(&self) -> bool {
+        self.parity.is_some()
+    }
+
+    /// Whether the CPU runs this conv's upsampled reads in the parity form.
+    pub fn cpu_parity(&self) -> bool {
+        self.parity.is_some() && self.parity_cpu
+    }
+
+    /// The parity weights of a 3x3 conv2d, `[4][2][2][cout][cin]` (see [`Conv::with_parity`]).
+    ///
+    /// # Panics
+    /// When the conv is not a 3x3 conv2d (a bug in the caller: [`Conv::with_parity`] checks).
+    pub(crate) fn parity_taps(&self) -> Vec<f32> {
+        assert!(
+            self.kt == 1 && self.kh == 3 && self.kw == 3,
+            "conv: the parity form is for 3x3 conv2d weights"
+        );
+        let n = self.cout * self.cin;
+        let mut out = vec![0.0f32; 16 * n];
+        for p in 0..4 {
+            let (py, px) = (p / 2, p % 2);
+            for a in 0..2 {
+                for b in 0..2 {
+                    let dst = &mut out[((p * 2 + a) * 2 + b) * n..][..n];
+                    for dy in PARITY_TAPS[py][a] {
+                        for dx in PARITY_TAPS[px][b] {
+                            let src = &self.taps[(dy * 3 + dx) * n..][..n];
+                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The parity weights as bf16 `[4][cout][2][2][cin]` (each parity in the layout of
+    /// [`Conv::packed_bf16`] for a 2x2 kernel), summed in f32 then rounded once.
+    ///
+    /// # Panics
+    /// When the conv is not a 3x3 conv2d (see [`Conv::parity_taps`]).
+    pub fn parity_packed_bf16(&self) -> Vec<half::bf16> {
+        let (cout, cin) = (self.cout, self.cin);
+        let pt = self.parity_taps();
+        let mut out = vec![half::bf16::ZERO; pt.len()];
+        for p in 0..4 {
+            for tap in 0..4 {
+                for o in 0..cout {
+                    let src = &pt[((p * 4 + tap) * cout + o) * cin..][..cin];
+                    let dst = &mut out[((p * cout + o) * 4 + tap) * cin..][..cin];
+                    for (d, v) in dst.iter_mut().zip(src) {
+                        *d = half::bf16::from_f32(*v);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The weights as bf16 `[cout][kt][kh][kw][cin]`: the layout the GPU convolution
@@ -183,14 +302,27 @@ impl Conv {
         out
     }
 
+    /// Floating-point operations of one `h x w` output frame over `sources` sources of all
+    /// `cin` channels (multiply and add apart), as [`Conv::forward`] runs it: 2x2 taps per
+    /// output pixel when `up` and the conv has the parity form, else the kernel's.
+    pub fn flops(&self, h: usize, w: usize, sources: usize, up: bool) -> f64 {
+        let taps = if up && self.cpu_parity() {
+            4
+        } else {
+            self.kh * self.kw
+        };
+        2.0 * (self.cout * self.cin * sources * taps) as f64 * (h * w) as f64
+    }
+
     /// The bias, if the conv has one.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
 
-    /// Bytes of weights held.
+    /// Bytes of weights held (the parity form's included).
     pub fn bytes(&self) -> usize {
-        4 * (self.taps.len() + self.bias.as_ref().map_or(0, |b| b.len()))
+        let n = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |b| b.len());
+        4 * (self.taps.len() + n(&self.bias) + n(&self.parity))
     }
 
     /// Computes one output frame `[cout, h, w]` per job (a job is the list of its sources),
@@ -229,33 +361,53 @@ impl Conv {
         if hw == 0 {
             return outs;
         }
-        let wp = w + self.kw - 1;
+        // The sub-pixel path: every source upsampled, no partial sums, even sizes.
+        let parity = self.cpu_parity()
+            && jobs.iter().flatten().all(|s| s.up)
+            && jobs.iter().any(|j| !j.is_empty())
+            && init.iter().all(|i| i.is_none())
+            && h % 2 == 0
+            && w % 2 == 0;
+        let taps = if parity { 4 } else { self.kh * self.kw };
+        count_flops(
+            jobs.iter()
+                .flatten()
+                .map(|s| 2.0 * (self.cout * s.c * taps * hw) as f64)
+                .sum(),
+        );
+        // The grid the tiles cover: the input's in the parity form (each of its pixels gives
+        // an output quad), else the output's.
+        let (gh, gw) = if parity { (h / 2, w / 2) } else { (h, w) };
+        let wp = gw + self.kw - 1;
         let threads = rayon::current_num_threads().max(1);
-        let mut rows = TILE_COLS.div_ceil(wp).clamp(1, h);
+        // A parity tile has four accumulators: a quarter of the rows keeps their size.
+        let cols = if parity { TILE_COLS / 4 } else { TILE_COLS };
+        let mut rows = cols.div_ceil(wp).clamp(1, gh);
         // Enough tiles to keep every thread busy on a single frame, when the frame allows it.
         let want = (2 * threads).div_ceil(jobs.len().max(1));
-        if h.div_ceil(rows) < want {
-            rows = h.div_ceil(want).max(1);
+        if gh.div_ceil(rows) < want {
+            rows = gh.div_ceil(want).max(1);
         }
-        let tiles = h.div_ceil(rows);
+        let tiles = gh.div_ceil(rows);
         let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
         let len = self.cout * hw;
         let fast = path == Path::Best && crate::backend::cpu::simd::avx512();
         (0..jobs.len() * tiles).into_par_iter().for_each(|task| {
             let (j, tile) = (task / tiles, task % tiles);
             let r0 = tile * rows;
-            let r1 = (r0 + rows).min(h);
+            let r1 = (r0 + rows).min(gh);
             // SAFETY: `ptrs[j]` points at `outs[j]` (cout*hw values, alive until after this
-            // parallel loop); each task writes rows [r0, r1) of every channel of its own frame,
-            // disjoint from all other tasks.
+            // parallel loop); each task writes rows [r0, r1) of every channel of its own frame
+            // (output rows [2 r0, 2 r1) in the parity form), disjoint from all other tasks.
             let out = ptrs[j];
             let init = init.get(j).copied().flatten();
             let t = Tile {
                 srcs: &jobs[j],
                 init,
                 add_bias: bias,
-                hw: (h, w),
+                hw: (gh, gw),
                 rows: (r0, r1),
+                parity,
                 out,
                 len,
             };
@@ -324,49 +476,102 @@ impl Conv {
     }
 
     /// Writes rows `[r0, r1)` of the accumulators (`cout` rows of stride `ldc`, image row `r`
-    /// at column `r·wp`) plus the bias (when asked) to the tile's output.
+    /// at column `r·wp`) plus the bias (when asked) to the tile's output. In the parity form
+    /// there are four accumulators (parity `2 py + px` at `p·cout·ldc`), and grid pixel
+    /// `(i, j)` of parity `(py, px)` is output pixel `(2i + py, 2j + px)`.
     fn write_back(&self, t: &Tile, acc: &[f32], ldc: usize, wp: usize) {
-        let ((h, w), (r0, r1)) = (t.hw, t.rows);
+        let ((gh, gw), (r0, r1)) = (t.hw, t.rows);
+        let (s, parities) = if t.parity { (2, 4) } else { (1, 1) };
+        let (h, w) = (s * gh, s * gw);
         let hw = h * w;
         for o in 0..self.cout {
             let bias = match &self.bias {
                 Some(b) if t.add_bias => b[o],
                 _ => 0.0,
             };
-            for r in 0..r1 - r0 {
-                let src = &acc[o * ldc + r * wp..][..w];
-                let at = o * hw + (r0 + r) * w;
-                assert!(at + w <= t.len, "conv: output row out of bounds");
-                // SAFETY: `at + w <= cout*hw = len` (checked), and rows [r0, r1) of this frame
-                // belong to this task only (see `forward_with`).
-                let dst = unsafe { std::slice::from_raw_parts_mut(t.out.0.add(at), w) };
-                for (d, v) in dst.iter_mut().zip(src) {
-                    *d = v + bias;
+            for r in r0..r1 {
+                for y in s * r..s * (r + 1) {
+                    let at = o * hw + y * w;
+                    assert!(at + w <= t.len, "conv: output row out of bounds");
+                    // SAFETY: `at + w <= cout*hw = len` (checked), and output rows
+                    // [s r0, s r1) of this frame belong to this task only (see
+                    // `forward_with`).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(t.out.0.add(at), w) };
+                    if parities == 1 {
+                        let src = &acc[o * ldc + (r - r0) * wp..][..w];
+                        for (d, v) in dst.iter_mut().zip(src) {
+                            *d = v + bias;
+                        }
+                        continue;
+                    }
+                    let py = y - 2 * r;
+                    for px in 0..2 {
+                        let p = 2 * py + px;
+                        let src = &acc[(p * self.cout + o) * ldc + (r - r0) * wp..][..gw];
+                        for (d, v) in dst[px..].iter_mut().step_by(2).zip(src) {
+                            *d = v + bias;
+                        }
+                    }
                 }
             }
         }
     }
 
+    /// The (weight offset, input offset) of every tap of source `s` in the GEMMs of
+    /// accumulator `p`: the kernel's taps, or in the parity form parity `p`'s four 2x2 taps
+    /// (offsets into the parity weights). `kc` and `pl` are the input's channels and row
+    /// length, `(dy, dx)` moving `dy·kc·pl + dx` values.
+    fn parts(
+        &self,
+        s: &Src,
+        parity: bool,
+        p: usize,
+        (kc, pl): (usize, usize),
+    ) -> Vec<(usize, usize)> {
+        let n = self.cout * self.cin;
+        if parity {
+            let (py, px) = (p / 2, p % 2);
+            (0..4)
+                .map(|tap| {
+                    let (a, b) = (tap / 2, tap % 2);
+                    ((p * 4 + tap) * n, (py + a) * kc * pl + px + b)
+                })
+                .collect()
+        } else {
+            (0..self.kh)
+                .flat_map(|dy| (0..self.kw).map(move |dx| (dy, dx)))
+                .map(|(dy, dx)| (((s.t * self.kh + dy) * self.kw + dx) * n, dy * kc * pl + dx))
+                .collect()
+        }
+    }
+
     /// One row tile on the portable path: per source and kernel tap one `matrixmultiply`
-    /// GEMM over the padded rows.
+    /// GEMM over the padded rows (in the parity form: per parity, four).
     fn tile(&self, t: &Tile) {
         let ((h, w), (r0, r1)) = (t.hw, t.rows);
         let (ph, pw) = (self.kh / 2, self.kw / 2);
         let wp = w + 2 * pw;
         let rows = r1 - r0;
         let n = rows * wp;
-        let mut acc = vec![0.0f32; self.cout * n];
+        let (parities, weights) = match &self.parity {
+            Some(p) if t.parity => (4, p),
+            _ => (1, &self.taps),
+        };
+        let mut acc = vec![0.0f32; parities * self.cout * n];
         let mut pad: Vec<f32> = Vec::new();
-        let mut beta = 0.0;
         if let Some(p) = t.init {
             for o in 0..self.cout {
                 for r in 0..rows {
                     acc[o * n + r * wp..][..w].copy_from_slice(&p[(o * h + r0 + r) * w..][..w]);
                 }
             }
-            beta = 1.0;
         }
         for s in t.srcs {
+            // The parity form reads the source at its own size.
+            let s = &Src {
+                up: s.up && !t.parity,
+                ..*s
+            };
             self.check_src(s, h, w);
             // The GEMM's B operand: rows = channels at stride `rsb`, columns contiguous.
             let (b, bo, rsb): (&[f32], usize, usize) = if ph == 0 && pw == 0 && !s.up {
@@ -375,17 +580,17 @@ impl Conv {
                 let rsb = self.fill_pad(s, t.hw, t.rows, 0, &mut pad);
                 (&pad, 0, rsb)
             };
-            for dy in 0..self.kh {
-                for dx in 0..self.kw {
-                    let tap = ((s.t * self.kh + dy) * self.kw + dx) * self.cout * self.cin;
+            for p in 0..parities {
+                // Offsets in units of padded rows: `kc·pl` is one row here.
+                for (wo, io) in self.parts(s, t.parity, p, (1, wp)) {
                     gemm(
                         (self.cout, s.c, n),
-                        (&self.taps, tap + s.c0, self.cin, 1),
-                        (b, bo + dy * wp + dx, rsb, 1),
-                        beta,
-                        (acc.as_mut_ptr(), acc.len(), 0, n, 1),
+                        (weights, wo + s.c0, self.cin, 1),
+                        (b, bo + io, rsb, 1),
+                        // Onto the zeroed (or partial-sum) accumulators.
+                        1.0,
+                        (acc.as_mut_ptr(), acc.len(), p * self.cout * n, n, 1),
                     );
-                    beta = 1.0;
                 }
             }
         }
@@ -413,10 +618,15 @@ impl Conv {
         let n = (r1 - r0) * wp;
         let ldc = n.div_ceil(CB) * CB;
         let (cout, cin) = (self.cout, self.cin);
-        if acc.len() < cout * ldc {
-            acc.resize(cout * ldc, 0.0);
+        let (parities, weights) = match &self.parity {
+            Some(p) if t.parity => (4, p),
+            _ => (1, &self.taps),
+        };
+        let alen = parities * cout * ldc;
+        if acc.len() < alen {
+            acc.resize(alen, 0.0);
         }
-        let acc = &mut acc[..cout * ldc];
+        let acc = &mut acc[..alen];
         let mut started = false;
         if let Some(p) = t.init {
             assert!(p.len() >= cout * h * w, "conv: partial sum too short");
@@ -428,6 +638,11 @@ impl Conv {
             started = true;
         }
         for s in t.srcs {
+            // The parity form reads the source at its own size.
+            let s = &Src {
+                up: s.up && !t.parity,
+                ..*s
+            };
             self.check_src(s, h, w);
             let (b, bo, rsb): (&[f32], usize, usize) = if ph == 0 && pw == 0 && !s.up && n == ldc {
                 (s.data, r0 * w, h * w)
@@ -445,13 +660,9 @@ impl Conv {
             let kc = s.c;
             bpack.resize(self.kh * kc * pl, 0.0);
             let first_add = started;
-            // The taps of this source: (weight offset, packed-input offset) per (dy, dx).
-            let parts: Vec<(usize, usize)> = (0..self.kh)
-                .flat_map(|dy| (0..self.kw).map(move |dx| (dy, dx)))
-                .map(|(dy, dx)| {
-                    let tap = ((s.t * self.kh + dy) * self.kw + dx) * cout * cin;
-                    (tap, dy * kc * pl + dx)
-                })
+            // Per accumulator, the taps of this source: (weight offset, packed-input offset).
+            let parts: Vec<Vec<(usize, usize)>> = (0..parities)
+                .map(|p| self.parts(s, t.parity, p, (kc, pl)))
                 .collect();
             for cb in (0..ldc).step_by(CB) {
                 for dy in 0..self.kh {
@@ -460,29 +671,32 @@ impl Conv {
                         bpack[(dy * kc + ci) * pl..][..pl].copy_from_slice(src);
                     }
                 }
-                for o in (0..cout).step_by(RT) {
-                    let rn = RT.min(cout - o);
-                    // SAFETY: AVX-512F was detected (`forward_with`); per tap (dy, dx), A reads
-                    // rows o..o+rn, columns c0..c0+c of that tap's weights (check_src:
-                    // c0 + c <= cin, t < kt); B reads rows dy*kc..(dy+1)*kc of `bpack`,
-                    // columns dx..dx+CB < pl; C is rows o..o+rn, columns cb..cb+CB <= ldc of
-                    // `acc` (cout x ldc).
-                    unsafe {
-                        simd::axpy_parts_rows::<{ CB / 16 }>(
-                            rn,
-                            (
-                                self.taps.as_ptr().add(o * cin + s.c0),
-                                cin,
-                                1,
-                                bpack.as_ptr(),
-                                pl,
-                                kc,
-                            ),
-                            &parts,
-                            acc.as_mut_ptr().add(o * ldc + cb),
-                            ldc,
-                            first_add,
-                        );
+                for (p, parts) in parts.iter().enumerate() {
+                    for o in (0..cout).step_by(RT) {
+                        let rn = RT.min(cout - o);
+                        // SAFETY: AVX-512F was detected (`forward_with`); per tap, A reads
+                        // rows o..o+rn, columns c0..c0+c of that tap's weights (check_src:
+                        // c0 + c <= cin, t < kt; a parity tap is one of 16 cout x cin
+                        // matrices); B reads rows dy*kc..(dy+1)*kc of `bpack` for a tap row
+                        // dy < kh, columns dx..dx+CB < pl for dx < kw; C is rows o..o+rn,
+                        // columns cb..cb+CB <= ldc of accumulator p (cout x ldc each).
+                        unsafe {
+                            simd::axpy_parts_rows::<{ CB / 16 }>(
+                                rn,
+                                (
+                                    weights.as_ptr().add(o * cin + s.c0),
+                                    cin,
+                                    1,
+                                    bpack.as_ptr(),
+                                    pl,
+                                    kc,
+                                ),
+                                parts,
+                                acc.as_mut_ptr().add((p * cout + o) * ldc + cb),
+                                ldc,
+                                first_add,
+                            );
+                        }
                     }
                 }
             }
@@ -509,8 +723,12 @@ struct Tile<'a, 'b> {
     srcs: &'a [Src<'b>],
     init: Option<&'a [f32]>,
     add_bias: bool,
+    /// The grid the tile's rows are in: the output frame's, or in the parity form the
+    /// (upsampled) sources' own, each pixel an output quad.
     hw: (usize, usize),
     rows: (usize, usize),
+    /// The sub-pixel form: sources read at their own size through the parity weights.
+    parity: bool,
     out: SendPtr,
     len: usize,
 }
@@ -611,6 +829,7 @@ pub(crate) fn upsample2x(x: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
 pub(crate) fn attention(qkv: &[f32], c: usize, p: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; c * p];
     let scale = 1.0 / (c as f32).sqrt();
+    count_flops(4.0 * (p * p * c) as f64);
     let rq = 128usize.min(p.max(1));
     let optr = SendPtr(out.as_mut_ptr());
     let olen = out.len();
@@ -700,6 +919,7 @@ mod tests {
         // columns) and through the padded copy, output channels beyond one 6-row tile.
         let shapes = [
             (3, 5, 7, 9, 3),
+            (9, 7, 5, 40, 3),
             (4, 6, 5, 3, 1),
             (2, 3, 1, 1, 3),
             (5, 13, 4, 16, 1),
@@ -720,9 +940,26 @@ mod tests {
                 let want = naive_conv2d(&up, cin, 2 * h, 2 * w, &wt, cout, k);
                 let mut s = Src::new(&x, 0, cin);
                 s.up = true;
-                let got = conv.forward_with(&[vec![s]], &[], true, 2 * h, 2 * w, path);
-                for (a, b) in got[0].iter().zip(&want) {
-                    assert!((a - b).abs() < 1e-4, "{path:?}: {a} vs {b}");
+                // Read through the upsample, then in the sub-pixel form (3x3 only), which
+                // does 4 of every 9 taps' FLOPs.
+                let bias = rand(cout, 3);
+                let par =
+                    Conv::from_torch(&wt, &[cout, cin, k, k], Some(bias.clone())).with_parity();
+                assert_eq!(par.has_parity(), k == 3);
+                for (c, b0) in [(&conv, None), (&par, Some(&bias))] {
+                    let f0 = conv_flops_done();
+                    let got = c.forward_with(&[vec![s]], &[], true, 2 * h, 2 * w, path);
+                    let dense = 2.0 * (cout * cin * k * k * 4 * h * w) as f64;
+                    let taps = if c.cpu_parity() { 4.0 / 9.0 } else { 1.0 };
+                    assert_eq!(conv_flops_done() - f0, dense * taps);
+                    for (i, (a, b)) in got[0].iter().zip(&want).enumerate() {
+                        let b = b + b0.map_or(0.0, |v: &Vec<f32>| v[i / (4 * h * w)]);
+                        assert!(
+                            (a - b).abs() < 1e-4,
+                            "{path:?} {cin} {cout} {h} {w} {k} {}: {a} vs {b} at {i}",
+                            c.has_parity()
+                        );
+                    }
                 }
             }
         }

@@ -49,6 +49,9 @@ struct DevConv {
     w: DevPtr,
     bias: DevPtr,
     shape: ConvShape,
+    /// An upsample conv's weights in the sub-pixel form (`[4][cout][2][2][cin]` bf16,
+    /// `Conv::parity_packed_bf16`); 0: none.
+    parity: DevPtr,
 }
 
 /// An NHWC frame on the device (`[h*w][c]`, bf16, or f32 for a last conv); `owned`: a pool
@@ -170,6 +173,14 @@ struct Dev {
     /// With `conv_wgmma`, those that fit it run its TMA variant `bc_conv_wgmma_tma` (plain
     /// sources; see [`conv_tma_default`]).
     conv_tma: bool,
+    /// Upsample convs run in the sub-pixel (parity) form (see [`conv_parity_default`]).
+    conv_parity: bool,
+}
+
+/// Whether a new decoder runs its nearest-upsample + 3x3 convs in the sub-pixel (parity) form
+/// (2x2 taps per output pixel instead of 3x3): yes unless `BC_CONV_PARITY=0`.
+fn conv_parity_default() -> bool {
+    super::conv::parity_from_env()
 }
 
 /// Whether a new decoder's wgmma convolutions use the TMA variant (`bc_conv_wgmma_tma`): only
@@ -203,6 +214,7 @@ impl Dev {
             submits: 0,
             conv_wgmma,
             conv_tma,
+            conv_parity: conv_parity_default(),
         }
     }
 
@@ -225,6 +237,11 @@ impl Dev {
             Some(b) => self.upload(b)?,
             None => 0,
         };
+        let parity = if c.has_parity() {
+            self.upload(&c.parity_packed_bf16())?
+        } else {
+            0
+        };
         Ok(DevConv {
             w,
             bias,
@@ -234,7 +251,9 @@ impl Dev {
                 kt: c.kt,
                 kh: c.kh,
                 kw: c.kw,
+                parity: false,
             },
+            parity,
         })
     }
 
@@ -345,7 +364,18 @@ impl Dev {
             })
             .collect();
         let pixels = hw.0 * hw.1;
-        let k: usize = srcs.iter().map(|s| s.f.c).sum::<usize>() * cv.shape.kh * cv.shape.kw;
+        // An upsample conv in the sub-pixel form: 2x2 taps per output pixel.
+        let parity = self.conv_parity && cv.parity != 0 && srcs.iter().all(|s| s.up);
+        let (w, shape, taps) = if parity {
+            let shape = ConvShape {
+                parity: true,
+                ..cv.shape
+            };
+            (cv.parity, shape, 4)
+        } else {
+            (cv.w, cv.shape, cv.shape.kh * cv.shape.kw)
+        };
+        let k: usize = srcs.iter().map(|s| s.f.c).sum::<usize>() * taps;
         let flops = 2.0 * pixels as f64 * cv.shape.cout as f64 * k as f64;
         let planning = self.planning();
         if !planning {
@@ -353,8 +383,8 @@ impl Dev {
         }
         let l = launch::conv_on(
             &ls,
-            cv.w as *const _,
-            cv.shape,
+            w as *const _,
+            shape,
             hw,
             ConvEpilogue {
                 bias: cv.bias as *const f32,
@@ -766,6 +796,24 @@ impl CudaDecoder {
             self.graphs.map.clear();
         }
         self.dev.conv_wgmma = on;
+        Ok(())
+    }
+
+    /// Whether the upsample convs run in the sub-pixel (parity) form (the default, unless
+    /// `BC_CONV_PARITY=0`).
+    pub fn conv_parity(&self) -> bool {
+        self.dev.conv_parity
+    }
+
+    /// Turns the sub-pixel (parity) form of the upsample convs on or off for the following
+    /// launches (tests and benchmarks compare the two); captured decoder graphs are dropped (and
+    /// captured again) when it changes.
+    pub fn set_conv_parity(&mut self, on: bool) -> Result<()> {
+        if self.dev.conv_parity != on {
+            self.dev.gpu.sync()?;
+            self.graphs.map.clear();
+        }
+        self.dev.conv_parity = on;
         Ok(())
     }
 

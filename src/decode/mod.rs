@@ -237,6 +237,20 @@ impl Decoder {
         }
     }
 
+    /// Floating-point operations (multiply and add counted apart) of the convolutions, and
+    /// of the Wan VAE's attention products, that the CPU decoder does per latent frame of a
+    /// running stream at latent size `latent_h x latent_w`, as it does them: TAEHV's `TGrow`
+    /// at the lower resolution, and every nearest-upsample-then-3x3 conv in the sub-pixel
+    /// (parity) form, 2x2 taps per output pixel instead of 3x3, unless the decoder was built
+    /// with `BC_CONV_PARITY=0` (docs/decoders.md). At 480x832: Wan VAE 12.92 TFLOP, TAEHV
+    /// 0.437 (13.55 and 0.527 without the parity form).
+    pub fn conv_flops(&self, latent_h: usize, latent_w: usize) -> f64 {
+        match &self.inner {
+            Inner::Wan(d) => d.conv_flops(latent_h, latent_w),
+            Inner::Taehv(d) => d.conv_flops(latent_h, latent_w),
+        }
+    }
+
     /// Bytes of weights held (f32).
     pub fn weight_bytes(&self) -> usize {
         match &self.inner {
@@ -447,6 +461,41 @@ mod tests {
             assert_eq!(joined, whole.data, "{kind}");
             assert!(s.state_bytes() <= d.state_bytes(h, w));
         }
+    }
+
+    /// The analytic per-frame FLOPs are what the decoders do: the thread's counter over a
+    /// steady latent frame (the stream warmed up by three frames first: the Wan VAE's second
+    /// `time_conv` input is its first with two cached frames), for both decoders,
+    /// and the parity form's saving at 480x832 (Wan VAE 13.55 -> 12.92 TFLOP, TAEHV 0.527
+    /// -> 0.437).
+    #[test]
+    fn conv_flops_count_what_a_steady_frame_does() {
+        for kind in [DecoderKind::WanVae, DecoderKind::Taehv] {
+            let dec = Decoder::synthetic(kind, 4, 3);
+            let (h, w) = (3, 5);
+            let mut st = dec.stream(h, w).unwrap();
+            let mut r = crate::rng::Rng::new(1);
+            let mut z = |n: usize| {
+                (0..n * 16 * h * w)
+                    .map(|_| r.normal())
+                    .collect::<Vec<f32>>()
+            };
+            st.push(&z(3), 3).unwrap();
+            let f0 = conv::conv_flops_done();
+            st.push(&z(1), 1).unwrap();
+            let done = conv::conv_flops_done() - f0;
+            assert_eq!(done, dec.conv_flops(h, w), "{kind}");
+        }
+        let real = |kind, dim| Decoder::synthetic(kind, dim, 1).conv_flops(60, 104) / 1e12;
+        let (wan, taehv) = (real(DecoderKind::WanVae, 96), real(DecoderKind::Taehv, 64));
+        // Dense (BC_CONV_PARITY=0): 13.55 and 0.527.
+        let (w, t) = if conv::parity_from_env() {
+            (12.92, 0.437)
+        } else {
+            (13.55, 0.527)
+        };
+        assert!((wan - w).abs() < 0.005, "wan {wan}");
+        assert!((taehv - t).abs() < 0.0005, "taehv {taehv}");
     }
 
     /// Found by fuzzing: a Wan VAE file with one temporal upsample instead of two decodes 2

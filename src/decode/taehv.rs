@@ -83,6 +83,9 @@ impl Taehv {
         let (mut t_up, mut up) = (1usize, 1usize);
         let mut layers = Vec::new();
         let mut mem_dims = Vec::new();
+        // An upsample not yet consumed: the next 3x3 conv reads through it (1x1 convs run
+        // before it, at the lower resolution), so it gets the sub-pixel form.
+        let mut pending = false;
         for (i, kind) in LAYOUT.iter().enumerate() {
             let p = format!("decoder.{i}");
             let layer = match kind {
@@ -90,10 +93,14 @@ impl Taehv {
                 Kind::Relu => Layer::Relu,
                 Kind::Up => {
                     up *= 2;
+                    pending = true;
                     Layer::Up
                 }
                 Kind::Conv => {
-                    let cv = wt.conv(&p, 4, (1, 3, 3), Some(c), false)?;
+                    let mut cv = wt.conv(&p, 4, (1, 3, 3), Some(c), false)?;
+                    if std::mem::take(&mut pending) {
+                        cv = cv.with_parity();
+                    }
                     c = cv.cout;
                     Layer::Conv(cv)
                 }
@@ -119,6 +126,7 @@ impl Taehv {
                         None
                     };
                     mem_dims.push((c, up));
+                    pending = false;
                     c = o;
                     Layer::Mem {
                         convs: Box::new([a, b, d]),
@@ -196,6 +204,45 @@ impl Taehv {
                 _ => 0,
             })
             .sum()
+    }
+
+    /// Floating-point operations of the convolutions for one latent frame of a running stream
+    /// (every MemBlock with its memory) at latent size `h x w`, as [`Taehv::run`] does them:
+    /// `TGrow` at the lower resolution, the upsample convs in the parity form when built so.
+    pub fn conv_flops(&self, mut h: usize, mut w: usize) -> f64 {
+        let (mut frames, mut pending, mut f) = (1.0f64, false, 0.0f64);
+        for layer in &self.layers {
+            if pending && matches!(layer, Layer::Mem { .. } | Layer::Clamp) {
+                (h, w, pending) = (2 * h, 2 * w, false);
+            }
+            f += frames
+                * match layer {
+                    Layer::Up => {
+                        pending = true;
+                        0.0
+                    }
+                    Layer::Conv(cv) => {
+                        if std::mem::take(&mut pending) {
+                            (h, w) = (2 * h, 2 * w);
+                            cv.flops(h, w, 1, true)
+                        } else {
+                            cv.flops(h, w, 1, false)
+                        }
+                    }
+                    Layer::TGrow { conv, stride } => {
+                        let f = conv.flops(h, w, 1, false);
+                        frames *= *stride as f64;
+                        f
+                    }
+                    // `cin` counts both halves of `cat[x, past]`.
+                    Layer::Mem { convs, skip, .. } => {
+                        convs.iter().map(|c| c.flops(h, w, 1, false)).sum::<f64>()
+                            + skip.as_ref().map_or(0.0, |s| s.flops(h, w, 1, false))
+                    }
+                    Layer::Clamp | Layer::Relu => 0.0,
+                };
+        }
+        f
     }
 
     /// Decodes latent frames (each `[z, h, w]`) continuing `st`; returns the pixel frames

@@ -257,7 +257,10 @@ impl WanVae {
             }
             Ok((Block::Attn { g, qkv, proj }, c))
         } else if wt.has(&format!("{p}.resample.1.weight")) {
-            let conv = wt.conv(&format!("{p}.resample.1"), 4, (1, 3, 3), Some(c), true)?;
+            // Read through the nearest 2x upsample: the sub-pixel form.
+            let conv = wt
+                .conv(&format!("{p}.resample.1"), 4, (1, 3, 3), Some(c), true)?
+                .with_parity();
             let time = if wt.has(&format!("{p}.time_conv.weight")) {
                 let t = wt.conv(&format!("{p}.time_conv"), 5, (3, 1, 1), Some(c), true)?;
                 if t.cout != 2 * c {
@@ -330,6 +333,44 @@ impl WanVae {
             };
         }
         n
+    }
+
+    /// Floating-point operations of the convolutions and attention products for one latent
+    /// frame of a running stream (every cache full, every `time_conv` started) at latent
+    /// size `h x w`, as [`WanVae::step`] does them: the upsample convs in the parity form
+    /// when built so.
+    pub fn conv_flops(&self, mut h: usize, mut w: usize) -> f64 {
+        let causal = |c: &Conv, h: usize, w: usize| c.flops(h, w, c.kt, false);
+        let mut frames = 1.0f64;
+        let mut f = self.conv2.flops(h, w, 1, false) + causal(&self.conv1, h, w);
+        for b in &self.blocks {
+            f += match b {
+                Block::Res { a, b, short, .. } => {
+                    frames
+                        * (causal(a, h, w)
+                            + causal(b, h, w)
+                            + short.as_ref().map_or(0.0, |s| s.flops(h, w, 1, false)))
+                }
+                Block::Attn { qkv, proj, .. } => {
+                    // Scores and the weighted sum: two (h w) x (h w) x C products.
+                    let p = (h * w) as f64;
+                    frames
+                        * (qkv.flops(h, w, 1, false)
+                            + proj.flops(h, w, 1, false)
+                            + 4.0 * p * p * proj.cout as f64)
+                }
+                Block::Up { conv, time } => {
+                    // `time_conv` on each input frame, doubling them; then the upsample conv.
+                    let t = time.as_ref().map_or(0.0, |(t, _)| frames * causal(t, h, w));
+                    if time.is_some() {
+                        frames *= 2.0;
+                    }
+                    (h, w) = (2 * h, 2 * w);
+                    t + frames * conv.flops(h, w, 1, true)
+                }
+            };
+        }
+        f + frames * causal(&self.head, h, w)
     }
 
     /// Decodes one latent frame `[z, h, w]` (as the DiT produces it), continuing `st`; returns

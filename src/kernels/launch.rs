@@ -712,6 +712,34 @@ pub struct ConvShape {
     pub kh: usize,
     /// Kernel width (1 or 3).
     pub kw: usize,
+    /// The sub-pixel (parity) form of a 3x3 conv2d whose sources are all upsampled: the
+    /// weights are `[4 parities][cout][2][2][cin]` (`Conv::parity_packed_bf16`), each output
+    /// parity a 2x2 conv of the sources at their own size (grid z = 4; `BcConvParams::parity`).
+    pub parity: bool,
+}
+
+impl ConvShape {
+    /// A plain conv (not the parity form).
+    pub fn new(cout: usize, cin: usize, kt: usize, kh: usize, kw: usize) -> ConvShape {
+        ConvShape {
+            cout,
+            cin,
+            kt,
+            kh,
+            kw,
+            parity: false,
+        }
+    }
+
+    /// Weight values the launch reads: `cout * kt * kh * kw * cin`, or `16 * cout * cin` in the
+    /// parity form.
+    pub fn weight_len(&self) -> usize {
+        if self.parity {
+            16 * self.cout * self.cin
+        } else {
+            self.cout * self.kt * self.kh * self.kw * self.cin
+        }
+    }
 }
 
 /// Where and how [`conv_on`] writes: `out` bf16 or f32, `stride` elements per pixel, output
@@ -750,7 +778,9 @@ pub struct ConvEpilogue {
 /// one output frame `h x w` of a convolution over `srcs`. Checks the geometry (1..=3 sources,
 /// kh/kw 1 or 3, taps and channel ranges inside the weights, the split, even sizes under an
 /// upsampled source) and picks the 16-byte copy path when every count and pointer allows it.
-/// Grid (ceil(h*w / `BC_CONV_BM`), ceil(cout / channel tile)), block `BC_CONV_THREADS`.
+/// Grid (ceil(h*w / `BC_CONV_BM`), ceil(cout / channel tile)), block `BC_CONV_THREADS`; in
+/// the parity form ([`ConvShape::parity`]) the rows are the sources' (h/2) x (w/2) pixels and
+/// the grid's z the 4 parities.
 ///
 /// With `wgmma`, the Hopper variant (`cuda/conv_wgmma.cu`, sm_90a only: the caller checks the
 /// device) wherever it applies: the 16-byte copy path (every channel count, stride and offset
@@ -802,6 +832,7 @@ pub fn conv_tiled(
         kt,
         kh,
         kw,
+        parity,
     } = shape;
     let (k, bn) = if cout <= BC_CONV_BN_NARROW as usize {
         (Kernel::ConvN16, BC_CONV_BN_NARROW)
@@ -815,6 +846,19 @@ pub fn conv_tiled(
         return Err(invalid(
             k,
             format!("bad kernel {cout}x{cin}x{kt}x{kh}x{kw}"),
+        ));
+    }
+    if parity
+        && (kt != 1
+            || kh != 3
+            || kw != 3
+            || h % 2 != 0
+            || w_px % 2 != 0
+            || srcs.iter().any(|s| !s.up))
+    {
+        return Err(invalid(
+            k,
+            "the parity form needs a 3x3 conv2d, an even output and only upsampled sources",
         ));
     }
     if out.split == 0 || cout % out.split != 0 || (out.cstride <= 1 && out.stride < out.split) {
@@ -860,8 +904,9 @@ pub fn conv_tiled(
         };
     }
     let ktot = mul(k, mul(k, mul(k, kt, kh)?, kw)?, cin)?;
-    mul(k, ktot, cout)?;
-    let hw = i32_of(k, mul(k, h, w_px)?, "h*w")?;
+    mul(k, mul(k, ktot, cout)?, if parity { 2 } else { 1 })?;
+    // The GEMM rows: the output pixels, or the sources' in the parity form.
+    let hw = i32_of(k, mul(k, h, w_px)?, "h*w")? as usize / if parity { 4 } else { 1 };
     let (k, bm, bn, threads) = match wgmma_tile {
         Some(t) if vec && cout > BC_CONV_BN_NARROW as usize => {
             let wk = match t {
@@ -875,7 +920,11 @@ pub fn conv_tiled(
     };
     Ok(Launch {
         kernel: k,
-        grid: [blocks(k, hw as usize, bm)?, blocks(k, cout, bn)?, 1],
+        grid: [
+            blocks(k, hw, bm)?,
+            blocks(k, cout, bn)?,
+            if parity { 4 } else { 1 },
+        ],
         block: threads,
         params: BcConvParams {
             src: ps,
@@ -900,7 +949,7 @@ pub fn conv_tiled(
             act: i32::try_from(ep.act).map_err(|_| invalid(k, "bad activation"))?,
             vec: vec as i32,
             out_cstride: i32_of(k, out.cstride.max(1), "out_cstride")?,
-            _pad: 0,
+            parity: parity as i32,
         },
     })
 }
@@ -908,12 +957,14 @@ pub fn conv_tiled(
 /// Whether a launch built by [`conv_tiled`] with a wgmma tile fits the TMA variant
 /// `bc_conv_wgmma_tma*` (`cuda/conv_wgmma_tma.cu`): it runs `bc_conv_wgmma*` (16-byte path,
 /// more than 16 output channels) and no source is upsampled (a TMA box reads a source's pixels
-/// as they are).
+/// as they are), unless in the parity form, which reads the upsampled sources at their own
+/// size.
 pub fn conv_tma_fits(l: &Launch<BcConvParams>) -> bool {
     matches!(l.kernel, Kernel::ConvWgmma | Kernel::ConvWgmmaN96)
-        && l.params.src[..l.params.num_src.clamp(0, BC_CONV_MAX_SOURCES as i32) as usize]
-            .iter()
-            .all(|s| s.up == 0)
+        && (l.params.parity != 0
+            || l.params.src[..l.params.num_src.clamp(0, BC_CONV_MAX_SOURCES as i32) as usize]
+                .iter()
+                .all(|s| s.up == 0))
 }
 
 /// The tensor maps `bc_conv_wgmma_tma*` needs for the conv `l` ([`conv_tma_fits`]): per source
@@ -928,14 +979,21 @@ pub fn conv_tma_specs(l: &Launch<BcConvParams>) -> Vec<(super::tma::TensorMapSpe
         Kernel::ConvWgmmaN96 => BC_CONV_WG_BN_96,
         _ => BC_CONV_WG_BN,
     };
+    // The parity form reads its (upsampled) sources at their own size, and its weights are
+    // the 4 parities' `[cout][4 * cin]` blocks one after the other.
+    let (par, sh, sw) = if p.parity != 0 {
+        (4, p.h / 2, p.w_px / 2)
+    } else {
+        (1, p.h, p.w_px)
+    };
     let mut v: Vec<(TensorMapSpec, u64)> = p.src[..p.num_src.clamp(0, 3) as usize]
         .iter()
         .map(|s| {
             let row = s.stride as u64 * 2;
             let spec = TensorMapSpec {
                 elem_bytes: 2,
-                dims: vec![s.channels as u64, p.w_px as u64, p.h as u64],
-                strides: vec![row, row * p.w_px as u64],
+                dims: vec![s.channels as u64, sw as u64, sh as u64],
+                strides: vec![row, row * sw as u64],
                 box_dims: vec![32, BC_CONV_TMA_TX, BC_CONV_TMA_TY],
                 element_strides: vec![1; 3],
                 swizzle: TmaSwizzle::B64,
@@ -943,11 +1001,15 @@ pub fn conv_tma_specs(l: &Launch<BcConvParams>) -> Vec<(super::tma::TensorMapSpe
             (spec, s.x as u64)
         })
         .collect();
-    let ktot = (p.kt * p.kh * p.kw * p.cin) as u64;
+    let ktot = if par == 4 {
+        4 * p.cin as u64
+    } else {
+        (p.kt * p.kh * p.kw * p.cin) as u64
+    };
     v.push((
         TensorMapSpec {
             elem_bytes: 2,
-            dims: vec![ktot, p.cout as u64],
+            dims: vec![ktot, par * p.cout as u64],
             strides: vec![ktot * 2],
             box_dims: vec![32, bn],
             element_strides: vec![1; 2],
@@ -984,14 +1046,15 @@ pub fn conv_tma(
     let zero = BcTensorMap { opaque: [0; 16] };
     let mut src_map = [zero; BC_CONV_MAX_SOURCES as usize];
     src_map[..ns].copy_from_slice(&maps[..ns]);
-    let tiles_x = (p.w_px as u32).div_ceil(BC_CONV_TMA_TX);
-    let tiles_y = (p.h as u32).div_ceil(BC_CONV_TMA_TY);
+    let g = if p.parity != 0 { 2 } else { 1 };
+    let tiles_x = (p.w_px as u32 / g).div_ceil(BC_CONV_TMA_TX);
+    let tiles_y = (p.h as u32 / g).div_ceil(BC_CONV_TMA_TY);
     let tiles = tiles_x
         .checked_mul(tiles_y)
         .ok_or_else(|| invalid(k, "too many pixel tiles"))?;
     Ok(Launch {
         kernel: k,
-        grid: [tiles, (p.cout as u32).div_ceil(bn), 1],
+        grid: [tiles, (p.cout as u32).div_ceil(bn), l.grid[2]],
         block: BC_CONV_TMA_THREADS,
         params: BcConvTmaParams {
             src_map,
@@ -1182,6 +1245,7 @@ mod tests {
             kt: 1,
             kh: 3,
             kw: 3,
+            parity: false,
         };
         let ep = ConvEpilogue {
             bias: std::ptr::null(),

@@ -183,6 +183,7 @@ impl DevWan {
                             cout: n,
                             ..all.shape
                         },
+                        parity: 0,
                     };
                     DevBlock::Attn {
                         g: dev.upload(g)?,
@@ -342,12 +343,14 @@ impl DevWan {
                     let k = DevConv {
                         w: q.ptr + (2 * c * p) as u64,
                         bias: 0,
+                        parity: 0,
                         shape: ConvShape {
                             cout: p,
                             cin: c,
                             kt: 1,
                             kh: 1,
                             kw: 1,
+                            parity: false,
                         },
                     };
                     let s = dev.conv(
@@ -373,12 +376,14 @@ impl DevWan {
                     let vw = DevConv {
                         w: vt.ptr,
                         bias: 0,
+                        parity: 0,
                         shape: ConvShape {
                             cout: c,
                             cin: p,
                             kt: 1,
                             kh: 1,
                             kw: 1,
+                            parity: false,
                         },
                     };
                     let o = dev.conv(

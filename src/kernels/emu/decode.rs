@@ -166,7 +166,7 @@ fn conv_impl(
         Kernel::Conv
     };
     let hw = h * w;
-    let need_w = shape.cout * shape.kt * shape.kh * shape.kw * shape.cin;
+    let need_w = shape.weight_len();
     check_len(k, "weights", weights.len(), need_w)?;
     if let Some(b) = bias {
         check_len(k, "bias", b.len(), shape.cout)?;
@@ -536,16 +536,66 @@ mod tests {
                 up: s.up,
             })
             .collect();
-        let mut want = cpu.forward(&[job], h, w).remove(0);
-        if let Some(r) = &res {
-            let r = to_chw(&f32s(r), hw, cs.cout, cs.cout);
-            want.iter_mut().zip(&r).for_each(|(a, b)| *a += b);
-        }
-        match cs.act {
-            ConvAct::Relu => want.iter_mut().for_each(|v| *v = v.max(0.0)),
-            ConvAct::Silu => want.iter_mut().for_each(|v| *v = conv::silu(*v)),
-            ConvAct::None => {}
-        }
+        let dense = cpu.forward(&[job], h, w).remove(0);
+        // The sub-pixel (parity) form, for a 3x3 conv2d over upsampled sources only: its own
+        // reference, a direct 2x2 sum per output parity over the sources at their own size
+        // with the bf16 parity weights the device reads (summed in f32, rounded once).
+        let parity = cs.kt == 1 && cs.k == 3 && cs.srcs.iter().all(|s| s.up);
+        let ppacked = if parity {
+            cpu.parity_packed_bf16()
+        } else {
+            Vec::new()
+        };
+        let pwant = parity.then(|| {
+            let pw = f32s(&ppacked);
+            let (gh, gw) = (h / 2, w / 2);
+            let mut out = vec![0.0f32; cs.cout * hw];
+            for (s, d) in cs.srcs.iter().zip(&chw) {
+                for o in 0..cs.cout {
+                    for y in 0..h {
+                        for x in 0..w {
+                            let (py, px) = (y % 2, x % 2);
+                            let z = 2 * py + px;
+                            let mut acc = 0.0f32;
+                            for tap in 0..4 {
+                                let (a, b) = (tap / 2, tap % 2);
+                                let sy = (y / 2 + py + a) as isize - 1;
+                                let sx = (x / 2 + px + b) as isize - 1;
+                                if sy < 0 || sx < 0 || sy >= gh as isize || sx >= gw as isize {
+                                    continue;
+                                }
+                                let at = sy as usize * gw + sx as usize;
+                                let wrow = ((z * cs.cout + o) * 4 + tap) * cs.cin + s.c0;
+                                for ci in 0..s.c {
+                                    acc += pw[wrow + ci] * d[ci * gh * gw + at];
+                                }
+                            }
+                            out[o * hw + y * w + x] += acc;
+                        }
+                    }
+                }
+            }
+            if let Some(b) = &bias {
+                for (i, v) in out.iter_mut().enumerate() {
+                    *v += b[i / hw];
+                }
+            }
+            out
+        });
+        let finish = |mut want: Vec<f32>| {
+            if let Some(r) = &res {
+                let r = to_chw(&f32s(r), hw, cs.cout, cs.cout);
+                want.iter_mut().zip(&r).for_each(|(a, b)| *a += b);
+            }
+            match cs.act {
+                ConvAct::Relu => want.iter_mut().for_each(|v| *v = v.max(0.0)),
+                ConvAct::Silu => want.iter_mut().for_each(|v| *v = conv::silu(*v)),
+                ConvAct::None => {}
+            }
+            want
+        };
+        let want = finish(dense);
+        let pwant = pwant.map(finish);
         // Device: output frames of `split` channels, pixel stride `split` to `split + 2` (by the
         // seed: packed, odd and even strides, so both the paired and the element stores run),
         // frames `frame_stride` apart.
@@ -566,24 +616,26 @@ mod tests {
                 up: s.up,
             })
             .collect();
-        let kshape = ConvShape {
-            cout: cs.cout,
-            cin: cs.cin,
-            kt: cs.kt,
-            kh: cs.k,
-            kw: cs.k,
-        };
         let geo = (ostride, cs.split, fstride);
         let r = res.as_deref().map(|r| (r, cs.cout));
-        let launch = |dst: ConvDst, tile: Option<(u32, bool)>| {
+        let launch = |dst: ConvDst, tile: Option<(u32, bool)>, parity: bool| {
             let b = bias.as_deref();
+            let kshape = ConvShape {
+                cout: cs.cout,
+                cin: cs.cin,
+                kt: cs.kt,
+                kh: cs.k,
+                kw: cs.k,
+                parity,
+            };
+            let wts: &[bf16] = if parity { &ppacked } else { &packed };
             match tile {
-                None => conv(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo),
+                None => conv(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo),
                 Some((t, false)) => {
-                    conv_wgmma(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo, t)
+                    conv_wgmma(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo, t)
                 }
                 Some((t, true)) => {
-                    conv_wgmma_tma(&srcs, &packed, kshape, (h, w), b, r, cs.act, dst, geo, t)
+                    conv_wgmma_tma(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo, t)
                 }
             }
         };
@@ -600,47 +652,56 @@ mod tests {
                 .srcs
                 .iter()
                 .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
-        // ... and the TMA variants bc_conv_wgmma_tma(_n96) where no source is upsampled.
-        let fits_tma = fits && cs.srcs.iter().all(|s| !s.up);
-        for tile in [
-            None,
-            Some((BC_CONV_WG_BN, false)),
-            Some((BC_CONV_WG_BN_96, false)),
-            Some((BC_CONV_WG_BN, true)),
-            Some((BC_CONV_WG_BN_96, true)),
-        ] {
-            let wg = tile.is_some();
-            let fits = if matches!(tile, Some((_, true))) {
-                fits_tma
-            } else {
-                fits
-            };
-            let got = if cs.f32_out {
-                let mut o = vec![f32::NAN; n_out];
-                launch(ConvDst::F32(&mut o), tile).map(|()| o)
-            } else {
-                let mut o = vec![bf16::NAN; n_out];
-                launch(ConvDst::Bf16(&mut o), tile).map(|()| f32s(&o))
-            };
-            if wg && !fits {
-                assert!(got.is_err(), "bc_conv_wgmma took a case it does not fit");
-                continue;
-            }
-            let got = got.unwrap();
-            // Gather the device output back to [cout][hw].
-            let mut g = vec![0.0; cs.cout * hw];
-            for n in 0..cs.cout {
-                let (f, ch) = (n / cs.split, n % cs.split);
-                for p in 0..hw {
-                    g[n * hw + p] = got[f * fstride + p * ostride + ch];
+        // ... and the TMA variants bc_conv_wgmma_tma(_n96) where no source is upsampled (or,
+        // in the parity form, all are).
+        let plain = cs.srcs.iter().all(|s| !s.up);
+        // Each kernel plain, then in the parity form where the case has one.
+        let forms: &[bool] = if parity { &[false, true] } else { &[false] };
+        for &par in forms {
+            for tile in [
+                None,
+                Some((BC_CONV_WG_BN, false)),
+                Some((BC_CONV_WG_BN_96, false)),
+                Some((BC_CONV_WG_BN, true)),
+                Some((BC_CONV_WG_BN_96, true)),
+            ] {
+                let wg = tile.is_some();
+                let fits = if matches!(tile, Some((_, true))) {
+                    fits && (plain || par)
+                } else {
+                    fits
+                };
+                let got = if cs.f32_out {
+                    let mut o = vec![f32::NAN; n_out];
+                    launch(ConvDst::F32(&mut o), tile, par).map(|()| o)
+                } else {
+                    let mut o = vec![bf16::NAN; n_out];
+                    launch(ConvDst::Bf16(&mut o), tile, par).map(|()| f32s(&o))
+                };
+                if wg && !fits {
+                    assert!(got.is_err(), "bc_conv_wgmma took a case it does not fit");
+                    continue;
                 }
+                let got = got.unwrap();
+                // Gather the device output back to [cout][hw].
+                let mut g = vec![0.0; cs.cout * hw];
+                for n in 0..cs.cout {
+                    let (f, ch) = (n / cs.split, n % cs.split);
+                    for p in 0..hw {
+                        g[n * hw + p] = got[f * fstride + p * ostride + ch];
+                    }
+                }
+                let what = match tile {
+                    None => "bc_conv".to_string(),
+                    Some((t, false)) => format!("bc_conv_wgmma tile {t}"),
+                    Some((t, true)) => format!("bc_conv_wgmma_tma tile {t}"),
+                };
+                let (what, want) = match (&pwant, par) {
+                    (Some(pw), true) => (format!("{what} parity"), pw),
+                    _ => (what, &want),
+                };
+                check(&format!("{what} case seed {seed}"), &g, want, rel, floor);
             }
-            let what = match tile {
-                None => "bc_conv".to_string(),
-                Some((t, false)) => format!("bc_conv_wgmma tile {t}"),
-                Some((t, true)) => format!("bc_conv_wgmma_tma tile {t}"),
-            };
-            check(&format!("{what} case seed {seed}"), &g, &want, rel, floor);
         }
     }
 
@@ -839,6 +900,7 @@ mod tests {
             kt: 1,
             kh: 3,
             kw: 3,
+            parity: false,
         };
         let src = |t, c0| ConvSrc {
             data: &x,
@@ -869,6 +931,51 @@ mod tests {
         // Too short an output is refused before anything runs; the right size runs.
         assert!(try_conv(&[src(0, 0)], (3, 4)).is_err());
         assert!(try_conv(&[src(0, 0)], (2, 4)).is_ok());
+        // The parity form: only over upsampled sources, of a 3x3 conv2d, an even output.
+        let pw = vec![bf16::ZERO; 16 * 64];
+        let up = ConvSrc {
+            up: true,
+            ..src(0, 0)
+        };
+        let mut try_parity = |srcs: &[ConvSrc], sh: ConvShape, hw| {
+            let dst = ConvDst::Bf16(&mut o);
+            let sh = ConvShape { parity: true, ..sh };
+            conv(srcs, &pw, sh, hw, None, None, ConvAct::None, dst, (8, 8, 0))
+        };
+        assert!(try_parity(&[src(0, 0)], sh, (2, 4)).is_err());
+        assert!(try_parity(&[up], ConvShape { kh: 1, kw: 1, ..sh }, (2, 4)).is_err());
+        assert!(try_parity(&[up], sh, (2, 3)).is_err());
+        assert!(try_parity(&[up], sh, (2, 4)).is_ok());
+    }
+
+    /// The sub-pixel (parity) form on every kernel: `run_case` runs each upsampled 3x3 case
+    /// plain and in the parity form (grid z = 4) against a direct 2x2 sum per parity.
+    #[test]
+    fn parity_form_tiles_edges_and_sources() {
+        // Grid 13 x 18 = 234 rows (two pixel tiles; TMA: 3 x 1 tiles of 8 x 16), cout 136 (two
+        // channel tiles), cin 40 in a stride-48 source (k-steps across the 2x2 taps), bias +
+        // ReLU.
+        let mut c = case(136, 40, 1, 3, (26, 36), vec![s(40, 48, 0, 0, true)]);
+        c.bias = true;
+        c.act = ConvAct::Relu;
+        run_case(21, &c);
+        // Two upsampled sources at weight channels 0 and 24, odd grid 5 x 7, residual + SiLU.
+        let mut c = case(
+            24,
+            48,
+            1,
+            3,
+            (10, 14),
+            vec![s(24, 24, 0, 0, true), s(24, 24, 24, 0, true)],
+        );
+        c.res = true;
+        c.act = ConvAct::Silu;
+        run_case(22, &c);
+        // The element path (cin 5) to 3 channels (bc_conv_n16), f32 out, a 1 x 3 grid.
+        let mut c = case(3, 5, 1, 3, (2, 6), vec![s(5, 5, 0, 0, true)]);
+        c.bias = true;
+        c.f32_out = true;
+        run_case(23, &c);
     }
 
     #[test]

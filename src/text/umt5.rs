@@ -11,6 +11,7 @@
 //! converts a tile of rows at a time to f32 in a per-thread buffer: memory beyond the mapped
 //! file is a few MiB per thread plus the activations, never an f32 copy of the model.
 
+use super::TextPrecision;
 use crate::tensorfile::{Dtype, TensorFile, TensorInfo};
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -134,7 +135,7 @@ impl Mat {
 
     /// The weight's little-endian bf16 bytes where it is stored as bf16 (the skinny kernel
     /// reads them as they lie).
-    fn bf16_bytes(&self) -> Option<&[u8]> {
+    pub(crate) fn bf16_bytes(&self) -> Option<&[u8]> {
         match &self.src {
             #[cfg(target_endian = "little")]
             Src::Bf16(v) => {
@@ -573,7 +574,18 @@ impl Umt5 {
         Ok(x)
     }
 
-    /// Embeddings `[ids.len(), dim]` of token ids (all real: no padding, no mask).
+    /// Embeddings `[ids.len(), dim]` of token ids in `precision`: [`TextPrecision::Exact`] is
+    /// [`Umt5::forward`], [`TextPrecision::Bf16`] rounds the activations as upstream's bf16
+    /// module does (`super::bf16`).
+    pub fn forward_with(&self, ids: &[i64], precision: TextPrecision) -> Result<Vec<f32>> {
+        match precision {
+            TextPrecision::Exact => self.forward(ids),
+            TextPrecision::Bf16 => super::bf16::forward(self, ids),
+        }
+    }
+
+    /// Embeddings `[ids.len(), dim]` of token ids (all real: no padding, no mask), in f32
+    /// arithmetic on the weights' values (the exact function).
     pub fn forward(&self, ids: &[i64]) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let l = ids.len();

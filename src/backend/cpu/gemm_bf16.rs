@@ -219,9 +219,9 @@ mod dot {
 
     /// Output columns per parallel task.
     const CG: usize = 16;
-    /// Depth per block, a multiple of 32 (a block of packed activations, `n × KB` bf16, stays
-    /// in L2: 120 KiB at 30 rows).
-    const KB: usize = 2048;
+    /// Depth per block, a multiple of 32: a row tile's packed activations (`R × KB` bf16,
+    /// 12 KiB) stay in L1, a task's weights (`CG × KB` bf16, 32 KiB) in L2.
+    const KB: usize = 1024;
     /// Rows of `x` per register tile.
     const R: usize = 6;
     /// Rows of `W` (output columns) per register tile.
@@ -290,25 +290,39 @@ mod dot {
         ldo: usize,
     ) {
         let wp = w.as_ptr() as *const u16;
+        let nr = n.div_ceil(R);
         let mut kb = 0;
         while kb < k {
             let kn = KB.min(k - kb);
-            let mut c = c0;
-            while c < c1 {
-                let cn = C.min(c1 - c);
-                // The weights the next tile reads, fetched while this one computes (as in
-                // the f32 kernel: rows read in pieces of `KB` are too short for the hardware
-                // prefetchers).
-                let next = if c + cn < c1 {
-                    wp.add((c + cn) * k + kb)
-                } else if kb + kn < k {
-                    wp.add(c0 * k + kb + kn)
-                } else {
-                    std::ptr::null()
-                };
-                let mut r = 0;
-                while r < n {
-                    let rn = R.min(n - r);
+            // The weights the next block reads (the same columns one block deeper, else the
+            // next task's columns from depth 0, which this thread usually runs next), fetched
+            // into L2 while this block computes: the rows are read in pieces of `KB`, too
+            // short for the hardware prefetchers.
+            let (next_c, next_k) = if kb + kn < k { (c0, kb + kn) } else { (c1, 0) };
+            // Row tile outermost: its `R × KB` packed activations stay in L1 while the task's
+            // column tiles pass over them; the task's `CG × KB` weights stay in L2.
+            for rt in 0..nr {
+                let r = rt * R;
+                let rn = R.min(n - r);
+                let mut c = c0;
+                while c < c1 {
+                    let cn = C.min(c1 - c);
+                    // Row j of the next block's tile is prefetched by row tile j % nr: once
+                    // per block with 4 or more row tiles, spread over the steps.
+                    let pf = if next_c + (c - c0) < ldo {
+                        wp.wrapping_add((next_c + (c - c0)) * k + next_k)
+                    } else {
+                        std::ptr::null()
+                    };
+                    let pf_rows = (0..C)
+                        .filter(|j| j % nr == rt)
+                        .fold(0u32, |m, j| m | 1 << j);
+                    let pf_rows = if next_c + (c - c0) + C <= ldo || pf.is_null() {
+                        pf_rows
+                    } else {
+                        // Fewer than C columns left at the end of the weight: only those rows.
+                        pf_rows & ((1u32 << (ldo - next_c - (c - c0))) - 1)
+                    };
                     let t = Tile {
                         x: xp.as_ptr().add(((kb / 32) * n + r) * 32),
                         ldx: n * 32,
@@ -318,12 +332,12 @@ mod dot {
                         acc: acc.as_mut_ptr().add(((c - c0) * n + r) * 16),
                         ldacc: n * 16,
                         first: kb == 0,
-                        pf: next,
+                        pf,
+                        pf_rows,
                     };
                     tile(rn, cn, t);
-                    r += rn;
+                    c += cn;
                 }
-                c += cn;
             }
             kb += kn;
         }
@@ -352,8 +366,10 @@ mod dot {
         ldacc: usize,
         /// Start from zero instead of `acc`.
         first: bool,
-        /// Weights to prefetch (null: none).
+        /// Weights to prefetch into L2 (null: none): rows `j` (stride `k`) with bit `j` of
+        /// `pf_rows` set, a cache line per row and step.
         pf: *const u16,
+        pf_rows: u32,
     }
 
     /// Dispatches a register tile of `rn` rows of `x` by `cn` rows of `W` to its instance.
@@ -404,6 +420,7 @@ mod dot {
             ldacc,
             first,
             pf,
+            pf_rows,
         } = t;
         let mut s = [[_mm512_setzero_ps(); CC]; RR];
         if !first {
@@ -418,7 +435,9 @@ mod dot {
         while p < full {
             if !pf.is_null() {
                 for j in 0..C {
-                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(j * k + p) as *const i8);
+                    if pf_rows & (1 << j) != 0 {
+                        _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(j * k + p) as *const i8);
+                    }
                 }
             }
             let mut wv = [_mm512_setzero_si512(); CC];
@@ -815,6 +834,44 @@ mod tests {
         let mut y = vec![f32::NAN; n * o];
         assert!(!try_linear_bf16(&x, n, k, &w, o, &mut y));
         assert!(y.iter().all(|v| v.is_nan()));
+    }
+
+    /// [`kernel_speed`] for the bf16-activation kernel ([`linear_bf16_act`], whichever runs).
+    #[test]
+    #[ignore = "timing; run by hand"]
+    fn kernel_speed_bf16_activations() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let (n, k) = (30usize, 4096usize);
+        let x: Vec<u16> = (0..n * k).map(|i| 0x3c00 | (i * 13 % 127) as u16).collect();
+        let big: Vec<u8> = (0..2 * 4096 * k)
+            .map(|i| (i * 7 % 61) as u8 & 0x3f)
+            .collect();
+        for (o, reps) in [
+            (4096usize, 8usize),
+            (4096, 8),
+            (4096, 8),
+            (64, 512),
+            (64, 512),
+        ] {
+            let mut y = vec![0f32; n * o];
+            let c0 = crate::decode::process_cpu_ms().unwrap_or(0.0);
+            pool.install(|| {
+                for _ in 0..reps {
+                    linear_bf16_act(&x, n, k, &big[..2 * o * k], o, &mut y);
+                }
+            });
+            let cpu = (crate::decode::process_cpu_ms().unwrap_or(0.0) - c0) / 1e3;
+            let fl = 2.0 * (n * k * o * reps) as f64;
+            eprintln!(
+                "{}: [{n}, {k}] x [{o}, {k}]ᵀ x{reps}: {:.1} GFLOP and {:.2} GB of bf16 weights per CPU-s",
+                bf16_kernel().name(),
+                fl / cpu / 1e9,
+                (2 * o * k * reps) as f64 / cpu / 1e9
+            );
+        }
     }
 
     /// Kernel speed on one thread, per CPU-second, at 30 rows and depth 4096: weights streamed

@@ -238,6 +238,33 @@ def run_ours(a, precision):
     return j
 
 
+def write_random(a, torch):
+    from safetensors.torch import save_file
+    cfg = dict(XXL)
+    rows = max(1024, a.tokens)
+    w = {}
+    for i in range(a.layers):
+        one = bench_weights(torch, cfg, rows, seed=5 + i)
+        for k, v in one.items():
+            if k.startswith("blocks.0."):
+                w[k.replace("blocks.0.", f"blocks.{i}.")] = v
+            elif i == 0:
+                w[k] = v
+    os.makedirs(a.write_random, exist_ok=True)
+    save_file(w, os.path.join(a.write_random, "model.safetensors"))
+    ids = torch.tensor([(i * 7919) % rows for i in range(a.tokens)])
+    out = {"ids": ids}
+    with torch.no_grad():
+        for mode, dt in (("bf16", torch.bfloat16), ("f32", torch.float32)):
+            enc = Encoder(torch, {k: v.to(dt) for k, v in w.items()}, a.layers, cfg["heads"], dt)
+            out["embeds_" + mode] = enc(ids).float().contiguous()
+    save_file(out, os.path.join(a.write_random, "expected.safetensors"),
+              metadata={"layers": str(a.layers), "torch": torch.__version__})
+    d = rel_l2(torch, out["embeds_bf16"], out["embeds_f32"])
+    print(f"wrote {a.write_random}: {a.layers} layers, {a.tokens} tokens; PyTorch bf16 vs f32 rel L2 {d:.2e}")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=30)
@@ -248,6 +275,11 @@ def main():
     ap.add_argument("--pad", type=int, default=0, help="pad to this many tokens with a key mask (upstream: 512)")
     ap.add_argument("--check", metavar="GOLDEN_DIR", help="the umt5-tiny golden case (tests/data/umt5-tiny)")
     ap.add_argument("--no-bench", action="store_true", help="only --check")
+    ap.add_argument("--write-random", metavar="DIR",
+                    help="write a random real-width encoder of --layers distinct layers (bf16, Wan "
+                         "names) and the f32 and bf16 modules' embeddings of a --tokens prompt, "
+                         "then exit (tests/text_encoder.rs::real_width_bf16_against_pytorch reads it)")
+    ap.add_argument("--layers", type=int, default=1, help="with --write-random")
     ap.add_argument("--write-bf16", metavar="FILE",
                     help="with --check: save the bf16 module's embeddings of the golden prompts")
     ap.add_argument("--compare", action="store_true", help="also run `blockcascade bench --text-encoder`")
@@ -270,6 +302,8 @@ def main():
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {a.threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    if a.write_random:
+        return write_random(a, torch)
     if a.check and not check(a, torch):
         print("pytorch_text_encoder.py: the baseline does not reproduce the golden case; not timing it.")
         return 1

@@ -333,6 +333,40 @@ fn cli_encode_prompt_in_bf16_on_both_gemms() {
     );
 }
 
+/// Ours against PyTorch at real width on a random encoder written by `benches/
+/// pytorch_text_encoder.py --write-random DIR --layers N` (`BC_UMT5_RANDOM=DIR`; run by hand:
+/// the folder is 0.4 GB per layer): prints the relative L2 of ours bf16 from PyTorch bf16 and
+/// of ours exact from PyTorch f32.
+#[test]
+#[ignore = "needs BC_UMT5_RANDOM from benches/pytorch_text_encoder.py --write-random"]
+fn real_width_bf16_against_pytorch() {
+    use blockcascade::text::{TextPrecision, Umt5};
+    let dir = PathBuf::from(std::env::var_os("BC_UMT5_RANDOM").expect("BC_UMT5_RANDOM"));
+    let model = Umt5::load(&dir.join("model.safetensors")).unwrap();
+    let exp = read_raw(&dir.join("expected.safetensors"));
+    let get = |n: &str| &exp.iter().find(|(k, _)| k == n).unwrap().1;
+    let ids: Vec<i64> = get("ids")
+        .bytes
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let bf = model.forward_with(&ids, TextPrecision::Bf16).unwrap();
+    let ex = model.forward_with(&ids, TextPrecision::Exact).unwrap();
+    let (tb, tf) = (f32s(get("embeds_bf16")), f32s(get("embeds_f32")));
+    eprintln!(
+        "{} layers, {} tokens ({}): ours bf16 vs PyTorch bf16 {:.2e}, ours exact vs PyTorch f32 \
+         {:.2e}; PyTorch bf16 vs f32 {:.2e}, ours bf16 vs exact {:.2e}",
+        model.config().layers,
+        ids.len(),
+        blockcascade::backend::cpu::gemm_bf16::bf16_kernel().name(),
+        rel_l2(&bf, &tb),
+        rel_l2(&ex, &tf),
+        rel_l2(&tb, &tf),
+        rel_l2(&bf, &ex)
+    );
+    assert!(rel_l2(&ex, &tf) < 1e-4);
+}
+
 /// The encoder on the emulated CUDA device (`cuda/t5.cu` kernels under the SIMT emulation,
 /// bf16 GEMMs on the CPU): ids equal, embeddings within 2e-2 relative L2 of upstream for all
 /// six prompts; the bf16 path really ran (not bit-equal to the f32 CPU), and the device's

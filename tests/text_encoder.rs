@@ -1399,3 +1399,40 @@ fn device_encoder_matches_the_cpu_at_head_dim_64() {
     assert!(matches!(e, Error::OutOfMemory(_)), "{e}");
     assert!(e.to_string().contains("--text-encoder-device cpu"), "{e}");
 }
+
+/// `bc_engine_options.text_encoder_precision`: "bf16" encodes text prompts in bf16 (the
+/// built-in model's latents then differ from the exact encoder's), NULL and "exact" are the
+/// exact encoder, an unknown name is an invalid argument; an old `struct_size` that ends at
+/// `text_encoder_precision` is still accepted (exact).
+#[test]
+fn c_abi_text_encoder_precision() {
+    let with = |p: *const std::ffi::c_char| bc_engine_options {
+        backend: c"cpu".as_ptr(),
+        text_encoder_precision: p,
+        ..bc_engine_options_default()
+    };
+    let latents = |o: &bc_engine_options| {
+        let (st, e) = c_open(None, o);
+        assert_eq!(st, BC_OK, "{}", last_error());
+        let s = c_session(e);
+        let st = unsafe { bc_session_set_prompt_text(s, c"a red fox in the snow".as_ptr()) };
+        assert_eq!(st, BC_OK, "{}", last_error());
+        let out = c_generate(s, 1);
+        bc_session_close(s);
+        bc_engine_close(e);
+        out
+    };
+    let exact = latents(&with(null()));
+    assert_eq!(latents(&with(c"exact".as_ptr())), exact);
+    let bf16 = latents(&with(c" bf16 ".as_ptr()));
+    assert_eq!(bf16.len(), exact.len());
+    assert_ne!(bf16, exact, "bf16 precision did not reach the encoder");
+    let old = bc_engine_options {
+        struct_size: std::mem::offset_of!(bc_engine_options, text_encoder_precision) as u32,
+        ..with(c"bf16".as_ptr())
+    };
+    assert_eq!(latents(&old), exact);
+    let (st, e) = c_open(None, &with(c"fp8".as_ptr()));
+    expect_c_err(st, BC_ERR_INVALID_ARGUMENT, "expected exact or bf16");
+    assert!(e.is_null());
+}

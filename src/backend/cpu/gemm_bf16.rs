@@ -451,7 +451,11 @@ mod dot {
                 let xv: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(xs.add(i * 32) as *const __m512i));
                 for j in 0..CC {
-                    s[i][j] = _mm512_dpbf16_ps(s[i][j], xv, std::mem::transmute(wv[j]));
+                    s[i][j] = _mm512_dpbf16_ps(
+                        s[i][j],
+                        xv,
+                        std::mem::transmute::<__m512i, __m512bh>(wv[j]),
+                    );
                 }
             }
             p += 32;
@@ -467,7 +471,11 @@ mod dot {
                 let xv: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(xs.add(i * 32) as *const __m512i));
                 for j in 0..CC {
-                    s[i][j] = _mm512_dpbf16_ps(s[i][j], xv, std::mem::transmute(wv[j]));
+                    s[i][j] = _mm512_dpbf16_ps(
+                        s[i][j],
+                        xv,
+                        std::mem::transmute::<__m512i, __m512bh>(wv[j]),
+                    );
                 }
             }
         }

@@ -360,7 +360,8 @@ impl TextEncoder {
         self.lock_cache().len()
     }
 
-    /// Whether `text` at `text_len` (in this encoder's precision) is in the cache (encoding it then costs no encoder run).
+    /// Whether `text` at `text_len` (in this encoder's precision) is in the cache (encoding it
+    /// then costs no encoder run).
     pub fn is_cached(&self, text: &str, text_len: usize) -> bool {
         self.lock_cache()
             .contains_key(&(text.to_string(), text_len, self.precision))

@@ -34,15 +34,16 @@ the figure that survives a loaded machine, wall time does not.
 --check DIR (the golden case tests/data/umt5-tiny or ../shared/golden/umt5-tiny) first runs
 the very code that is timed on the golden weights and ids and prints the relative L2 distance
 to the recorded upstream embeddings: f32 must be ~1e-6 (same math), bf16 is printed for
-information. --compare then runs `blockcascade bench --text-encoder` (the release binary,
---bin or $BC_BIN, default target/release/blockcascade) interleaved with the PyTorch runs,
---rounds times, and prints blockcascade / PyTorch per mode, wall and CPU time (below 1 means
-blockcascade is faster).
+information. --compare then runs `blockcascade bench --text-encoder --text-encoder-precision P`
+(the release binary, --bin or $BC_BIN, default target/release/blockcascade) for each P of
+--ours (exact, bf16) interleaved with the PyTorch runs, --rounds times, and prints
+blockcascade / PyTorch per pair, wall and CPU time (below 1 means blockcascade is faster):
+ours exact computes PyTorch f32's function, ours bf16 PyTorch bf16's.
 
 Usage:
   OMP_WAIT_POLICY=PASSIVE /path/to/python benches/pytorch_text_encoder.py \
       [--check tests/data/umt5-tiny] [--tokens 30] [--threads N] [--modes f32,bf16] \
-      [--reps 2] [--rounds 2] [--pad 0] [--compare [--bin target/release/blockcascade]]
+      [--reps 2] [--rounds 2] [--pad 0] [--compare [--ours exact,bf16] [--bin target/release/blockcascade]]
 """
 
 import argparse
@@ -83,6 +84,13 @@ def buckets_of(torch, l, n_buckets, max_distance):
     return base + torch.where(n < exact, n, large)
 
 
+def gelu(torch, x):
+    """Upstream's GELU (wan/modules/t5.py `GELU`): the tanh form written out, so that in bf16
+    every op rounds (F.gelu(approximate="tanh") rounds once and differs on 1002 of the 65280
+    finite bf16 inputs; upstream's is exactly 0 below about -3.4)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 class Encoder:
     """umT5 encoder over a dict of Wan-named weights; `dtype` is the activations' dtype (the
     weights are expected in it already)."""
@@ -115,7 +123,7 @@ class Encoder:
             a = t.einsum("hij,jhc->ihc", a, v).reshape(l, -1)
             x = x + F.linear(a, w[p + "attn.o.weight"])
             h = self.rms(x, w[p + "norm2.weight"])
-            g = F.gelu(F.linear(h, w[p + "ffn.gate.0.weight"]), approximate="tanh")
+            g = gelu(t, F.linear(h, w[p + "ffn.gate.0.weight"]))
             x = x + F.linear(g * F.linear(h, w[p + "ffn.fc1.weight"]), w[p + "ffn.fc2.weight"])
         return self.rms(x, w["norm.weight"])
 
@@ -163,6 +171,16 @@ def check(a, torch):
                 padded = torch.cat([ids, torch.zeros(tl - L, dtype=ids.dtype)])
                 mask = (torch.arange(tl) < L).long()
                 worst_pad = max(worst_pad, rel_l2(torch, enc(padded, mask)[:L].float(), want))
+        if mode == "bf16" and a.write_bf16:
+            # Upstream's bf16 result per prompt (real rows), for ours' bf16 precision to be
+            # checked against (tests/text_encoder.rs).
+            from safetensors.torch import save_file
+            with torch.no_grad():
+                out = {f"embeds_{i}": enc(exp[f"ids_{i}"]).float().contiguous() for i in range(n)}
+            save_file(out, a.write_bf16, metadata={
+                "source": "benches/pytorch_text_encoder.py --check --write-bf16 (the bf16 module)",
+                "torch": torch.__version__})
+            print(f"wrote {a.write_bf16}")
         bound = 1e-5 if mode == "f32" else 5e-2
         print(f"check umt5-tiny {mode:4}: {n} prompts, worst rel L2 {worst:.2e} (real rows only), "
               f"{worst_pad:.2e} (padded to {case['text_len']} with the mask)  [bound {bound:.0e}]")
@@ -204,19 +222,47 @@ def peak_rss_mib():
     return None
 
 
-def run_ours(a):
+def run_ours(a, precision):
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
-    cmd = [a.bin, "bench", "--text-encoder", "--text-tokens", str(a.tokens), "--reps", str(a.reps)]
+    cmd = [a.bin, "bench", "--text-encoder", "--text-tokens", str(a.tokens), "--reps", str(a.reps),
+           "--text-encoder-precision", precision]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         print(r.stderr, end="")
         raise SystemExit(f"pytorch_text_encoder.py: {' '.join(cmd)} failed ({r.returncode})")
     line = [s for s in r.stdout.splitlines() if s.startswith("{")][-1]
     j = json.loads(line)
-    print(f"ours    {a.tokens} tokens: {j['ms'] / 1e3:.2f} s wall, "
+    print(f"ours {precision:5} {a.tokens} tokens: {j['ms'] / 1e3:.2f} s wall, "
           f"{j['cpu_ms'] / 1e3 if j.get('cpu_ms') is not None else float('nan'):.2f} s CPU "
           f"(median of {a.reps}, threads {j['threads']})", flush=True)
     return j
+
+
+def write_random(a, torch):
+    from safetensors.torch import save_file
+    cfg = dict(XXL)
+    rows = max(1024, a.tokens)
+    w = {}
+    for i in range(a.layers):
+        one = bench_weights(torch, cfg, rows, seed=5 + i)
+        for k, v in one.items():
+            if k.startswith("blocks.0."):
+                w[k.replace("blocks.0.", f"blocks.{i}.")] = v
+            elif i == 0:
+                w[k] = v
+    os.makedirs(a.write_random, exist_ok=True)
+    save_file(w, os.path.join(a.write_random, "model.safetensors"))
+    ids = torch.tensor([(i * 7919) % rows for i in range(a.tokens)])
+    out = {"ids": ids}
+    with torch.no_grad():
+        for mode, dt in (("bf16", torch.bfloat16), ("f32", torch.float32)):
+            enc = Encoder(torch, {k: v.to(dt) for k, v in w.items()}, a.layers, cfg["heads"], dt)
+            out["embeds_" + mode] = enc(ids).float().contiguous()
+    save_file(out, os.path.join(a.write_random, "expected.safetensors"),
+              metadata={"layers": str(a.layers), "torch": torch.__version__})
+    d = rel_l2(torch, out["embeds_bf16"], out["embeds_f32"])
+    print(f"wrote {a.write_random}: {a.layers} layers, {a.tokens} tokens; PyTorch bf16 vs f32 rel L2 {d:.2e}")
+    return 0
 
 
 def main():
@@ -229,10 +275,22 @@ def main():
     ap.add_argument("--pad", type=int, default=0, help="pad to this many tokens with a key mask (upstream: 512)")
     ap.add_argument("--check", metavar="GOLDEN_DIR", help="the umt5-tiny golden case (tests/data/umt5-tiny)")
     ap.add_argument("--no-bench", action="store_true", help="only --check")
+    ap.add_argument("--write-random", metavar="DIR",
+                    help="write a random real-width encoder of --layers distinct layers (bf16, Wan "
+                         "names) and the f32 and bf16 modules' embeddings of a --tokens prompt, "
+                         "then exit (tests/text_encoder.rs::real_width_bf16_against_pytorch reads it)")
+    ap.add_argument("--layers", type=int, default=1, help="with --write-random")
+    ap.add_argument("--write-bf16", metavar="FILE",
+                    help="with --check: save the bf16 module's embeddings of the golden prompts")
     ap.add_argument("--compare", action="store_true", help="also run `blockcascade bench --text-encoder`")
+    ap.add_argument("--ours", default="exact,bf16",
+                    help="blockcascade's precisions to run with --compare (exact, bf16)")
     ap.add_argument("--bin", default=os.environ.get("BC_BIN", "target/release/blockcascade"))
     a = ap.parse_args()
     a.modes = [m for m in a.modes.split(",") if m]
+    a.ours = [m for m in a.ours.split(",") if m]
+    if any(m not in ("exact", "bf16") for m in a.ours):
+        ap.error("--ours takes exact and/or bf16")
     if any(m not in ("f32", "bf16") for m in a.modes):
         ap.error("--modes takes f32 and/or bf16")
     try:
@@ -244,6 +302,8 @@ def main():
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {a.threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    if a.write_random:
+        return write_random(a, torch)
     if a.check and not check(a, torch):
         print("pytorch_text_encoder.py: the baseline does not reproduce the golden case; not timing it.")
         return 1
@@ -270,7 +330,7 @@ def main():
     if mask is not None:
         gflop *= a.pad / a.tokens
     results = {m: {"wall_s": [], "cpu_s": []} for m in a.modes}
-    ours = {"wall_s": [], "cpu_s": []}
+    ours = {m: {"wall_s": [], "cpu_s": []} for m in a.ours}
     with torch.no_grad():
         for mode, enc in models.items():
             enc(ids, mask)  # warm-up (first-touch, oneDNN primitive creation)
@@ -286,28 +346,31 @@ def main():
                           f"{w:.2f} s wall, {c:.2f} s CPU ({gflop / c:.1f} GFLOP per CPU-s, "
                           f"{c / w:.2f} cores busy, load {os.getloadavg()[0]:.1f})", flush=True)
             if a.compare:
-                j = run_ours(a)
-                ours["wall_s"].append(j["ms"] / 1e3)
-                if j.get("cpu_ms") is not None:
-                    ours["cpu_s"].append(j["cpu_ms"] / 1e3)
+                for prec in a.ours:
+                    j = run_ours(a, prec)
+                    ours[prec]["wall_s"].append(j["ms"] / 1e3)
+                    if j.get("cpu_ms") is not None:
+                        ours[prec]["cpu_s"].append(j["cpu_ms"] / 1e3)
     summary = {"tokens": a.tokens, "pad": a.pad, "threads": a.threads, "gflop": gflop,
                "peak_rss_mib": peak_rss_mib()}
     for mode, r in results.items():
         w, c = statistics.median(r["wall_s"]), statistics.median(r["cpu_s"])
         summary[mode] = {"wall_s": w, "cpu_s": c, "runs": len(r["wall_s"])}
         print(f"pytorch {mode:4}: median {w:.2f} s wall, {c:.2f} s CPU over {len(r['wall_s'])} runs")
-    if a.compare and ours["wall_s"]:
-        w = statistics.median(ours["wall_s"])
-        c = statistics.median(ours["cpu_s"]) if ours["cpu_s"] else None
-        summary["ours"] = {"wall_s": w, "cpu_s": c, "runs": len(ours["wall_s"])}
-        print(f"ours      : median {w:.2f} s wall, {c if c is not None else float('nan'):.2f} s CPU "
-              f"over {len(ours['wall_s'])} rounds ({gflop / c if c else float('nan'):.1f} GFLOP per CPU-s)")
+    for prec, o in ours.items():
+        if not (a.compare and o["wall_s"]):
+            continue
+        w = statistics.median(o["wall_s"])
+        c = statistics.median(o["cpu_s"]) if o["cpu_s"] else None
+        summary["ours_" + prec] = {"wall_s": w, "cpu_s": c, "runs": len(o["wall_s"])}
+        print(f"ours {prec:5}: median {w:.2f} s wall, {c if c is not None else float('nan'):.2f} s CPU "
+              f"over {len(o['wall_s'])} rounds ({gflop / c if c else float('nan'):.1f} GFLOP per CPU-s)")
         for mode in a.modes:
             p = summary[mode]
             rw = w / p["wall_s"]
             rc = c / p["cpu_s"] if c else float("nan")
-            summary[mode].update(ratio_wall=rw, ratio_cpu=rc)
-            print(f"ratio blockcascade / PyTorch {mode}: {rw:.2f} wall, {rc:.2f} CPU time "
+            summary["ours_" + prec][f"ratio_vs_{mode}"] = {"wall": rw, "cpu": rc}
+            print(f"ratio blockcascade {prec} / PyTorch {mode}: {rw:.2f} wall, {rc:.2f} CPU time "
                   f"(threads {a.threads})")
     print(json.dumps(summary))
     return 0

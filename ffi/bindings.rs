@@ -32,10 +32,11 @@ pub struct bc_engine_options {
     pub tokenizer: *const ::std::os::raw::c_char,
     pub text_encoder_device: *const ::std::os::raw::c_char,
     pub decoder_device: *const ::std::os::raw::c_char,
+    pub text_encoder_precision: *const ::std::os::raw::c_char,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of bc_engine_options"][::std::mem::size_of::<bc_engine_options>() - 64usize];
+    ["Size of bc_engine_options"][::std::mem::size_of::<bc_engine_options>() - 72usize];
     [
         "Alignment of bc_engine_options",
     ][::std::mem::align_of::<bc_engine_options>() - 8usize];
@@ -63,6 +64,9 @@ const _: () = {
     [
         "Offset of field: bc_engine_options::decoder_device",
     ][::std::mem::offset_of!(bc_engine_options, decoder_device) - 56usize];
+    [
+        "Offset of field: bc_engine_options::text_encoder_precision",
+    ][::std::mem::offset_of!(bc_engine_options, text_encoder_precision) - 64usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -350,6 +350,8 @@ pub fn recorded_noise(bytes: &[u8]) -> Result<()> {
 /// |          | `model.safetensors`                                                      |
 /// | 61       | `tokenizer`: 0 NULL, 1 a missing path, else a file holding the fourth    |
 /// |          | string from 320 on                                                       |
+/// | 62       | `text_encoder_precision`: 0 NULL, 1 `"exact"`, 2 `"bf16"`, 3 `" bf16 "`, |
+/// |          | else the fifth string from 320 on                                        |
 /// | 64..320  | device indices                                                           |
 ///
 /// Missing bytes are zeros; missing strings are empty. Every struct handed over is full-sized, so that any accepted
@@ -366,6 +368,7 @@ pub fn c_abi_options(bytes: &[u8]) -> Result<()> {
         .map(|t| t.iter().copied().chain([0]).collect::<Vec<u8>>());
     let mut string = || strings.next().unwrap_or_else(|| vec![0]);
     let (tail, dec_tail, te_bytes, tok_bytes) = (string(), string(), string(), string());
+    let prec_tail = string();
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
 
     // bc_engine_open with fuzzed options.
@@ -385,6 +388,13 @@ pub fn c_abi_options(bytes: &[u8]) -> Result<()> {
         2 => b"cuda\0",
         3 => b" cpu \0",
         _ => &dec_tail,
+    };
+    let precision: &[u8] = match b[62] {
+        0 => b"\0",
+        1 => b"exact\0",
+        2 => b"bf16\0",
+        3 => b" bf16 \0",
+        _ => &prec_tail,
     };
     let s = Scratch::new()?;
     let file_of = |name: &str, t: &[u8]| -> Result<std::ffi::CString> {
@@ -427,6 +437,11 @@ pub fn c_abi_options(bytes: &[u8]) -> Result<()> {
             std::ptr::null()
         } else {
             decoder_device.as_ptr().cast()
+        },
+        text_encoder_precision: if b[62] == 0 {
+            std::ptr::null()
+        } else {
+            precision.as_ptr().cast()
         },
     };
     let mut e = std::ptr::null_mut();

@@ -641,6 +641,7 @@ fn only_published_engine_options_sizes_are_accepted() {
         offset_of!(bc_engine_options, text_encoder),
         offset_of!(bc_engine_options, text_encoder_device),
         offset_of!(bc_engine_options, decoder_device),
+        offset_of!(bc_engine_options, text_encoder_precision),
         size_of::<bc_engine_options>(),
     ];
     for size in published {
@@ -654,12 +655,14 @@ fn only_published_engine_options_sizes_are_accepted() {
         assert_eq!(st, BC_OK, "size {size}: {}", last_error());
         bc_engine_close(e);
     }
-    // Ending 4 bytes into text_encoder, tokenizer, text_encoder_device and decoder_device.
+    // Ending 4 bytes into text_encoder, tokenizer, text_encoder_device, decoder_device and
+    // text_encoder_precision.
     for size in [
         published[0] + 4,
         published[1] - 4,
         published[2] - 4,
         published[3] - 4,
+        published[4] - 4,
     ] {
         let o = bc_engine_options {
             struct_size: size as u32,
@@ -671,8 +674,8 @@ fn only_published_engine_options_sizes_are_accepted() {
             unsafe { bc_engine_open(null(), &o, &mut e) },
             BC_ERR_INVALID_ARGUMENT,
             &format!(
-                "{}, {}, {}, {}",
-                published[0], published[1], published[2], published[3]
+                "{}, {}, {}, {}, {}",
+                published[0], published[1], published[2], published[3], published[4]
             ),
         );
         assert!(e.is_null());

@@ -102,6 +102,13 @@ typedef struct {
                                  DiT; only the frames come back to the host) or NULL = where
                                  the backend runs; "cpu" keeps the GPU's memory for the DiT.
                                  "cuda" without a usable GPU is BC_ERR_DEVICE */
+  /* Added later (a struct_size ending at decoder_device is still accepted, with this NULL): */
+  const char *text_encoder_precision; /* the text encoder's arithmetic on the CPU: "exact" (f32,
+                                         the reference) or "bf16" (bf16 activations rounded as
+                                         Wan's bf16 module rounds them, products summed in f32:
+                                         what upstream computes, faster, ~1e-2 from exact);
+                                         NULL = "exact". The CUDA encoder has its own (bf16 GEMM
+                                         operands) and does not read it */
 } bc_engine_options;
 
 /* Options of bc_session_open. Get defaults from bc_session_options_default(). */

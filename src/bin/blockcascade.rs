@@ -13,7 +13,7 @@ use blockcascade::noise::{NoiseSource, RecordedNoise};
 use blockcascade::prompt::{load_schedule_with_text, PromptEmbeds};
 use blockcascade::schedule::{parse_steps, StepSchedule};
 use blockcascade::tensorfile::{write_f32, write_tensors, OutData};
-use blockcascade::text::{TextDevice, TextEncoder, DEFAULT_TEXT_LEN};
+use blockcascade::text::{TextDevice, TextEncoder, TextPrecision, DEFAULT_TEXT_LEN};
 use blockcascade::video::{VideoOptions, VideoWriter};
 use blockcascade::{
     AttentionMode, Engine, Error, GenerateOptions, Generator, Recache, Result, Schedule,
@@ -77,6 +77,11 @@ struct ServeArgs {
     /// Where the text encoder runs (default: where --backend runs).
     #[arg(long, value_enum)]
     text_encoder_device: Option<BackendArg>,
+    /// Arithmetic of the text encoder on the CPU: exact (f32, the reference) or bf16 (bf16
+    /// activations as upstream's bf16 module, faster, ~1e-2 from exact). The CUDA encoder has
+    /// its own (bf16 GEMM operands).
+    #[arg(long, value_enum, default_value = "exact")]
+    text_encoder_precision: PrecisionArg,
     /// Where the frames are decoded (default: where --backend runs; cpu keeps the GPU's
     /// memory for the DiT).
     #[arg(long, value_enum)]
@@ -211,6 +216,25 @@ struct EncodePromptArgs {
     /// Overrides --backend for the text encoder.
     #[arg(long, value_enum)]
     text_encoder_device: Option<BackendArg>,
+    /// Arithmetic of the text encoder on the CPU: exact (f32, the reference) or bf16 (bf16
+    /// activations as upstream's bf16 module, faster, ~1e-2 from exact). The CUDA encoder has
+    /// its own (bf16 GEMM operands).
+    #[arg(long, value_enum, default_value = "exact")]
+    text_encoder_precision: PrecisionArg,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum PrecisionArg {
+    Exact,
+    Bf16,
+}
+impl From<PrecisionArg> for TextPrecision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Exact => TextPrecision::Exact,
+            PrecisionArg::Bf16 => TextPrecision::Bf16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -318,6 +342,11 @@ struct GenerateArgs {
     /// for the DiT).
     #[arg(long, value_enum)]
     text_encoder_device: Option<BackendArg>,
+    /// Arithmetic of the text encoder on the CPU: exact (f32, the reference) or bf16 (bf16
+    /// activations as upstream's bf16 module, faster, ~1e-2 from exact). The CUDA encoder has
+    /// its own (bf16 GEMM operands).
+    #[arg(long, value_enum, default_value = "exact")]
+    text_encoder_precision: PrecisionArg,
     /// Where --video is decoded (default: where --backend runs, on the DiT's first GPU with
     /// cuda; cpu keeps the GPU's memory for the DiT).
     #[arg(long, value_enum)]
@@ -461,6 +490,9 @@ struct BenchArgs {
     /// Where --text-encoder runs (cuda: the 24 layers uploaded in bf16, 9.3 GB of GPU memory).
     #[arg(long, value_enum, default_value = "cpu")]
     text_encoder_device: BackendArg,
+    /// Arithmetic of --text-encoder on the CPU: exact or bf16.
+    #[arg(long, value_enum, default_value = "exact")]
+    text_encoder_precision: PrecisionArg,
     /// Instead: prompt-switch latency and block stall in a live stream (--switches text switches
     /// during an unpaced stream; docs/streams.md). The encoder runs on --text-encoder-device;
     /// --cascade uses lag 1.
@@ -565,6 +597,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         text_encoder_device: a
             .text_encoder_device
             .map(|d| TextDevice::for_backend(d.into())),
+        text_encoder_precision: a.text_encoder_precision.into(),
         decoder_device: a
             .decoder_device
             .map(|d| decode_device(Some(d), generate.backend, &generate.device_ids)),
@@ -785,6 +818,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             a.text_encoder_device,
             a.backend,
             &opts.device_ids,
+            a.text_encoder_precision,
         )?),
         None => None,
     };
@@ -1147,16 +1181,25 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.text_encoder {
         let cfg = blockcascade::text::Umt5Config::xxl();
         let device = TextDevice::for_backend(a.text_encoder_device.into());
-        let b = blockcascade::text::bench_text_encoder_timed(
+        let precision = TextPrecision::from(a.text_encoder_precision);
+        let b = blockcascade::text::bench_text_encoder_precision(
             &cfg,
             a.text_tokens,
             a.reps.max(1),
             device,
+            precision,
         )?;
         let cpu = b.cpu_ms.map_or("-".into(), |c| format!("{c:.1}"));
+        // The CUDA encoder has its own arithmetic.
+        let precision = match device {
+            TextDevice::Cpu => precision.name(),
+            TextDevice::Cuda => "cuda-bf16",
+        };
+        let kernel = blockcascade::backend::cpu::gemm_bf16::bf16_kernel().name();
         eprintln!(
-            "umT5-XXL encoder on {}, {} tokens, {} threads: {:.1} ms wall, {cpu} ms CPU",
+            "umT5-XXL encoder on {}, {precision}{}, {} tokens, {} threads: {:.1} ms wall, {cpu} ms CPU",
             device.name(),
+            if precision == "bf16" { format!(" ({kernel})") } else { String::new() },
             a.text_tokens,
             rayon::current_num_threads(),
             b.ms
@@ -1164,7 +1207,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"text_encoder": "umt5-xxl", "tokens": a.text_tokens,
-                "device": device.name(),
+                "device": device.name(), "precision": precision,
                 "threads": rayon::current_num_threads(), "ms": b.ms, "cpu_ms": b.cpu_ms})
         );
         return Ok(());
@@ -1302,13 +1345,15 @@ fn block_decoder<'d>(
 
 /// The text encoder on the device `--text-encoder-device` names, else where `--backend` runs;
 /// on CUDA, the first GPU of `device_ids` (the DiT's `--devices` list; empty: BC_CUDA_DEVICE).
+/// On the CPU it computes in `precision` (`--text-encoder-precision`).
 fn place_text_encoder(
     enc: TextEncoder,
     device: Option<BackendArg>,
     backend: BackendArg,
     device_ids: &[usize],
+    precision: PrecisionArg,
 ) -> Result<TextEncoder> {
-    enc.on_device_with(
+    enc.with_precision(precision.into()).on_device_with(
         TextDevice::for_backend(device.unwrap_or(backend).into()),
         device_ids,
     )
@@ -1336,7 +1381,13 @@ fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
         return Err(Error::invalid("--text-len must be at least 1"));
     }
     let enc = TextEncoder::load(&a.text_encoder, a.tokenizer.as_deref())?;
-    let enc = place_text_encoder(enc, a.text_encoder_device, a.backend, &[])?;
+    let enc = place_text_encoder(
+        enc,
+        a.text_encoder_device,
+        a.backend,
+        &[],
+        a.text_encoder_precision,
+    )?;
     if let Some(c) = &model_cfg {
         enc.check_model(c)?;
     }
@@ -1349,6 +1400,21 @@ fn encode_prompt(a: EncodePromptArgs) -> Result<()> {
     meta.insert("prompt".into(), a.prompt.clone());
     meta.insert("text_len".into(), text_len.to_string());
     meta.insert("text_encoder_device".into(), enc.device().name().into());
+    if enc.device() == TextDevice::Cpu {
+        meta.insert(
+            "text_encoder_precision".into(),
+            enc.precision().name().into(),
+        );
+        if enc.precision() == TextPrecision::Bf16 {
+            // Which bf16 GEMM ran (BC_NO_AVX512_BF16=1 forces the widening one).
+            meta.insert(
+                "text_encoder_gemm".into(),
+                blockcascade::backend::cpu::gemm_bf16::bf16_kernel()
+                    .name()
+                    .into(),
+            );
+        }
+    }
     let l = e.embeds.rows;
     write_tensors(
         &a.out,

@@ -278,11 +278,12 @@ fn close_handle(h: usize, engine: bool) {
 /// ours). Only these are accepted: a size between two versions would end inside a field (e.g.
 /// in the middle of a pointer, which would then be read half from garbage).
 /// `bc_engine_options` grew `text_encoder` and `tokenizer`, then `text_encoder_device`, then
-/// `decoder_device` after its first version.
+/// `decoder_device`, then `text_encoder_precision` after its first version.
 const ENGINE_OPTIONS_SIZES: &[usize] = &[
     std::mem::offset_of!(bc_engine_options, text_encoder),
     std::mem::offset_of!(bc_engine_options, text_encoder_device),
     std::mem::offset_of!(bc_engine_options, decoder_device),
+    std::mem::offset_of!(bc_engine_options, text_encoder_precision),
     size_of::<bc_engine_options>(),
 ];
 const SESSION_OPTIONS_SIZES: &[usize] = &[size_of::<bc_session_options>()];
@@ -343,6 +344,7 @@ fn default_engine_options() -> bc_engine_options {
         tokenizer: std::ptr::null(),
         text_encoder_device: std::ptr::null(),
         decoder_device: std::ptr::null(),
+        text_encoder_precision: std::ptr::null(),
     }
 }
 
@@ -565,6 +567,13 @@ pub unsafe extern "C" fn bc_engine_open(
                 &CStr::from_ptr(o.text_encoder_device).to_string_lossy(),
             )?
         };
+        let text_precision = if o.text_encoder_precision.is_null() {
+            crate::text::TextPrecision::Exact
+        } else {
+            crate::text::TextPrecision::parse(
+                &CStr::from_ptr(o.text_encoder_precision).to_string_lossy(),
+            )?
+        };
         let decoder_device = if o.decoder_device.is_null() {
             DecodeDevice::for_backend(kind, &device_ids)
         } else {
@@ -592,7 +601,10 @@ pub unsafe extern "C" fn bc_engine_open(
             t.check_model(model.config())?;
         }
         let text = match text {
-            Some(t) => Some(t.on_device_with(text_device, &device_ids)?),
+            Some(t) => Some(
+                t.with_precision(text_precision)
+                    .on_device_with(text_device, &device_ids)?,
+            ),
             None => None,
         };
         let engine = EngineEntry {

@@ -16,7 +16,7 @@ pub mod protocol;
 mod session;
 
 use crate::decode::{DecodeDevice, Decoder};
-use crate::text::TextDevice;
+use crate::text::{TextDevice, TextPrecision};
 use crate::TextEncoder;
 use crate::{Engine, Error, GenerateOptions, Generator, NoiseSource, PromptEmbeds, Result};
 use axum::extract::{State, WebSocketUpgrade};
@@ -48,6 +48,9 @@ pub struct ServeConfig {
     /// Where the text encoder runs (`None`: where `generate.backend` runs; `Some(Cpu)` keeps
     /// the GPU's memory for the DiT).
     pub text_encoder_device: Option<TextDevice>,
+    /// The text encoder's arithmetic on the CPU (default exact; bf16 is upstream's rounding,
+    /// faster).
+    pub text_encoder_precision: TextPrecision,
     /// Where the decoder runs (`None`: where `generate.backend` runs, on the DiT's first GPU
     /// with CUDA, only JPEG-bound RGB8 coming back; `Some(DecodeDevice::Cpu)` keeps the GPU's
     /// memory for the DiT).
@@ -77,6 +80,7 @@ impl Default for ServeConfig {
             text_encoder: None,
             tokenizer: None,
             text_encoder_device: None,
+            text_encoder_precision: TextPrecision::Exact,
             decoder_device: None,
             host: "127.0.0.1".into(),
             port: 7860,
@@ -205,7 +209,10 @@ impl Server {
         let device = cfg
             .text_encoder_device
             .unwrap_or(TextDevice::for_backend(cfg.generate.backend));
-        let text = Arc::new(text.on_device_with(device, &cfg.generate.device_ids)?);
+        let text = Arc::new(
+            text.with_precision(cfg.text_encoder_precision)
+                .on_device_with(device, &cfg.generate.device_ids)?,
+        );
         let engine = Arc::new(Engine::open(cfg.model.as_deref())?);
         text.check_model(engine.config())?;
         // What every stream will check at its start, checked once now (local attention, the

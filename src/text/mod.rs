@@ -6,6 +6,7 @@
 //! result (`[L, dim]`) is what the DiT takes as prompt embeddings; it zero-pads to its own
 //! `text_len`. See docs/text-encoder.md.
 
+pub mod bf16;
 pub mod clean;
 pub mod cuda;
 pub mod tokenizer;
@@ -64,6 +65,40 @@ impl TextDevice {
     }
 }
 
+/// The arithmetic of the encoder on the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TextPrecision {
+    /// f32 arithmetic on the weights' values: the exact function of the checkpoint (the
+    /// reference; 4.6e-7 relative L2 from upstream's f32 module on the golden case).
+    #[default]
+    Exact,
+    /// bf16 activations rounded where upstream's bf16 module (Wan's default `t5_dtype`)
+    /// rounds them, bf16 × bf16 products summed in f32 (`vdpbf16ps` where the CPU has
+    /// AVX512-BF16): what Wan computes, faster, about 1e-2 from the exact function.
+    Bf16,
+}
+
+impl TextPrecision {
+    /// The name the CLI and the C ABI use (`exact`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TextPrecision::Exact => "exact",
+            TextPrecision::Bf16 => "bf16",
+        }
+    }
+
+    /// Parses [`Self::name`].
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim() {
+            "exact" => Ok(TextPrecision::Exact),
+            "bf16" => Ok(TextPrecision::Bf16),
+            other => Err(Error::invalid(format!(
+                "text encoder precision {other:?}: expected exact or bf16"
+            ))),
+        }
+    }
+}
+
 /// An encoded prompt.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Encoded {
@@ -73,12 +108,17 @@ pub struct Encoded {
     pub embeds: PromptEmbeds,
 }
 
+/// A cache entry's key: text, `text_len`, precision.
+type CacheKey = (String, usize, TextPrecision);
+
 /// A text encoder: tokenizer + umT5, with a per-text cache of results.
 pub struct TextEncoder {
     model: Umt5,
     tokenizer: Tokenizer,
     source: String,
-    cache: Mutex<HashMap<(String, usize), Arc<Encoded>>>,
+    /// The CPU path's arithmetic ([`TextEncoder::with_precision`]).
+    precision: TextPrecision,
+    cache: Mutex<HashMap<CacheKey, Arc<Encoded>>>,
     /// The layers on a CUDA device ([`TextEncoder::on_device`]); `None`: on the CPU.
     device: Option<cuda::Umt5Cuda>,
 }
@@ -90,6 +130,7 @@ impl std::fmt::Debug for TextEncoder {
             .field("config", self.model.config())
             .field("tokenizer", &self.tokenizer)
             .field("device", &self.device)
+            .field("precision", &self.precision)
             .finish()
     }
 }
@@ -151,9 +192,23 @@ impl TextEncoder {
             model,
             tokenizer,
             source,
+            precision: TextPrecision::Exact,
             cache: Mutex::new(HashMap::new()),
             device: None,
         }
+    }
+
+    /// Sets the arithmetic of the CPU path (default [`TextPrecision::Exact`]). Encodings are
+    /// cached per precision, so switching back and forth reuses earlier results. The CUDA
+    /// path ([`TextEncoder::on_device`]) has its own arithmetic (bf16 GEMM operands, f32
+    /// elsewhere) and does not read this.
+    pub fn with_precision(self, precision: TextPrecision) -> Self {
+        TextEncoder { precision, ..self }
+    }
+
+    /// The CPU path's arithmetic.
+    pub fn precision(&self) -> TextPrecision {
+        self.precision
     }
 
     /// Runs the encoder on `device`: [`TextDevice::Cuda`] uploads the layers (bf16) to the GPU
@@ -244,17 +299,17 @@ impl TextEncoder {
         self.tokenizer.encode(text, text_len)
     }
 
-    /// Encodes `text` to `[L, dim]` embeddings, `L <= text_len` (cached per text and
-    /// `text_len`).
+    /// Encodes `text` to `[L, dim]` embeddings, `L <= text_len` (cached per text, `text_len`
+    /// and precision).
     pub fn encode(&self, text: &str, text_len: usize) -> Result<Encoded> {
-        let key = (text.to_string(), text_len);
+        let key = (text.to_string(), text_len, self.precision);
         if let Some(e) = self.lock_cache().get(&key) {
             return Ok((**e).clone());
         }
         let ids = self.tokenize(text, text_len)?;
         let data = match &self.device {
             Some(d) => d.forward(&self.model, &ids)?,
-            None => self.model.forward(&ids)?,
+            None => self.model.forward_with(&ids, self.precision)?,
         };
         if data.iter().any(|v| !v.is_finite()) {
             return Err(Error::format(format!(
@@ -305,13 +360,14 @@ impl TextEncoder {
         self.lock_cache().len()
     }
 
-    /// Whether `text` at `text_len` is in the cache (encoding it then costs no encoder run).
+    /// Whether `text` at `text_len` (in this encoder's precision) is in the cache (encoding it
+    /// then costs no encoder run).
     pub fn is_cached(&self, text: &str, text_len: usize) -> bool {
         self.lock_cache()
-            .contains_key(&(text.to_string(), text_len))
+            .contains_key(&(text.to_string(), text_len, self.precision))
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<(String, usize), Arc<Encoded>>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Arc<Encoded>>> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -354,6 +410,17 @@ pub fn bench_text_encoder_timed(
     reps: usize,
     device: TextDevice,
 ) -> Result<TextBench> {
+    bench_text_encoder_precision(cfg, tokens, reps, device, TextPrecision::Exact)
+}
+
+/// [`bench_text_encoder_timed`] with the CPU path in `precision` (the CUDA path ignores it).
+pub fn bench_text_encoder_precision(
+    cfg: &Umt5Config,
+    tokens: usize,
+    reps: usize,
+    device: TextDevice,
+    precision: TextPrecision,
+) -> Result<TextBench> {
     if tokens == 0 {
         return Err(Error::invalid(
             "the benchmark prompt needs at least 1 token",
@@ -376,7 +443,7 @@ pub fn bench_text_encoder_timed(
     let ids: Vec<i64> = (0..tokens).map(|i| ((i * 7919) % rows) as i64).collect();
     let run = || match &dev {
         Some(d) => d.forward(&model, &ids),
-        None => model.forward(&ids),
+        None => model.forward_with(&ids, precision),
     };
     run()?;
     let cpu_ms = crate::decode::process_cpu_ms;

@@ -11,6 +11,7 @@
 //! converts a tile of rows at a time to f32 in a per-thread buffer: memory beyond the mapped
 //! file is a few MiB per thread plus the activations, never an f32 copy of the model.
 
+use super::TextPrecision;
 use crate::tensorfile::{Dtype, TensorFile, TensorInfo};
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -134,7 +135,7 @@ impl Mat {
 
     /// The weight's little-endian bf16 bytes where it is stored as bf16 (the skinny kernel
     /// reads them as they lie).
-    fn bf16_bytes(&self) -> Option<&[u8]> {
+    pub(crate) fn bf16_bytes(&self) -> Option<&[u8]> {
         match &self.src {
             #[cfg(target_endian = "little")]
             Src::Bf16(v) => {
@@ -573,7 +574,18 @@ impl Umt5 {
         Ok(x)
     }
 
-    /// Embeddings `[ids.len(), dim]` of token ids (all real: no padding, no mask).
+    /// Embeddings `[ids.len(), dim]` of token ids in `precision`: [`TextPrecision::Exact`] is
+    /// [`Umt5::forward`], [`TextPrecision::Bf16`] rounds the activations as upstream's bf16
+    /// module does (`super::bf16`).
+    pub fn forward_with(&self, ids: &[i64], precision: TextPrecision) -> Result<Vec<f32>> {
+        match precision {
+            TextPrecision::Exact => self.forward(ids),
+            TextPrecision::Bf16 => super::bf16::forward(self, ids),
+        }
+    }
+
+    /// Embeddings `[ids.len(), dim]` of token ids (all real: no padding, no mask), in f32
+    /// arithmetic on the weights' values (the exact function).
     pub fn forward(&self, ids: &[i64]) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let l = ids.len();
@@ -631,6 +643,25 @@ pub fn relative_bucket(rel: i64, buckets: usize, max_distance: usize) -> usize {
     base + (max_exact + large).min(half - 1)
 }
 
+/// `a · b` in f32 with 16 partial sums (lane by lane, so that the compiler vectorizes it),
+/// added at the end.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `[l, l]` buckets of `key - query`.
 pub fn bucket_table(l: usize, buckets: usize, max_distance: usize) -> Vec<usize> {
     (0..l * l)
@@ -663,7 +694,7 @@ pub fn attention(
                 let qi = &q[i * w + hh * hd..i * w + (hh + 1) * hd];
                 for (j, sj) in s.iter_mut().enumerate() {
                     let kj = &k[j * w + hh * hd..j * w + (hh + 1) * hd];
-                    let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+                    let dot = dot(qi, kj);
                     *sj = dot + rel[buckets[i * l + j] * heads + hh];
                 }
                 let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);

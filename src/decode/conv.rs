@@ -381,7 +381,7 @@ impl Conv {
         let wp = gw + self.kw - 1;
         let threads = rayon::current_num_threads().max(1);
         // A parity tile has four accumulators: a quarter of the rows keeps their size.
-        let cols = if parity { TILE_COLS / 4 } else { TILE_COLS };
+        let cols = if parity { TILE_COLS } else { TILE_COLS };
         let mut rows = cols.div_ceil(wp).clamp(1, gh);
         // Enough tiles to keep every thread busy on a single frame, when the frame allows it.
         let want = (2 * threads).div_ceil(jobs.len().max(1));

@@ -26,8 +26,6 @@ pub const MAX_DISTANCE: usize = 128;
 pub const MAX_TOKENS: usize = 4096;
 /// RMS norm epsilon (umT5: 1e-6).
 pub const EPS: f64 = 1e-6;
-/// f32 values converted per tile of a linear layer's weight (4 MiB per thread).
-const TILE_ELEMS: usize = 1 << 20;
 
 /// The encoder's sizes, read from the weights' shapes.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -737,45 +735,7 @@ fn linear_tiled(x: &[f32], l: usize, w: &Mat) -> Vec<f32> {
         }
     }
     let rows = |r0: usize, buf: &mut [f32]| w.rows_into(r0, buf);
-    if crate::backend::cpu::gemm::try_linear_rows(x, l, k, o, &rows, &mut y) {
-        return y;
-    }
-    let threads = rayon::current_num_threads().max(1);
-    let tile = (TILE_ELEMS / k.max(1)).min(o.div_ceil(4 * threads)).max(1);
-    // Transposed output `[rows, l]`: each tile writes a contiguous chunk.
-    let mut yt = vec![0.0f32; o * l];
-    yt.par_chunks_mut(tile * l).enumerate().for_each_init(
-        Vec::new,
-        |buf: &mut Vec<f32>, (t, chunk)| {
-            let n = chunk.len() / l;
-            buf.resize(n * k, 0.0);
-            w.rows_into(t * tile, &mut buf[..n * k]);
-            // SAFETY: `buf` is n×k, `x` is l×k, `chunk` is n×l, all row-major and disjoint.
-            unsafe {
-                matrixmultiply::sgemm(
-                    n,
-                    k,
-                    l,
-                    1.0,
-                    buf.as_ptr(),
-                    k as isize,
-                    1,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    0.0,
-                    chunk.as_mut_ptr(),
-                    l as isize,
-                    1,
-                )
-            }
-        },
-    );
-    for (r, row) in yt.chunks(l).enumerate() {
-        for (i, &val) in row.iter().enumerate() {
-            y[i * o + r] = val;
-        }
-    }
+    crate::backend::cpu::gemm::linear_rows(x, l, k, o, &rows, &mut y);
     y
 }
 

@@ -112,6 +112,65 @@ pub fn linear_residual(
     super::ops::gated_residual_frames(resid, tmp, o, tokens_per_frame, gate);
 }
 
+/// `out[n, o] = x · Wᵀ` where `rows(r0, buf)` writes weight rows `r0..` (as many as `buf`
+/// holds, `k` values each) as f32: [`try_linear_rows`] where it runs, otherwise per task a tile
+/// of rows converted into a per-thread buffer and multiplied by `matrixmultiply`. For weights
+/// kept in another dtype (bf16, f16) that are never widened whole.
+///
+/// # Panics
+/// When `x` is not `n × k` or `out` not `n × o`.
+pub fn linear_rows(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    o: usize,
+    rows: &(dyn Fn(usize, &mut [f32]) + Sync),
+    out: &mut [f32],
+) {
+    if try_linear_rows(x, n, k, o, rows, out) || n == 0 || o == 0 {
+        return;
+    }
+    use rayon::prelude::*;
+    /// Values of one converted weight tile (4 MiB of f32).
+    const TILE_ELEMS: usize = 1 << 20;
+    let threads = rayon::current_num_threads().max(1);
+    let tile = (TILE_ELEMS / k.max(1)).min(o.div_ceil(4 * threads)).max(1);
+    // Transposed output `[o, n]`: each tile writes a contiguous chunk.
+    let mut yt = vec![0.0f32; o * n];
+    yt.par_chunks_mut(tile * n).enumerate().for_each_init(
+        Vec::new,
+        |buf: &mut Vec<f32>, (t, chunk)| {
+            let rn = chunk.len() / n;
+            buf.resize(rn * k, 0.0);
+            rows(t * tile, &mut buf[..rn * k]);
+            // SAFETY: `buf` is rn×k, `x` is n×k, `chunk` is rn×n, all row-major and disjoint.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rn,
+                    k,
+                    n,
+                    1.0,
+                    buf.as_ptr(),
+                    k as isize,
+                    1,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    0.0,
+                    chunk.as_mut_ptr(),
+                    n as isize,
+                    1,
+                )
+            }
+        },
+    );
+    for (c, col) in yt.chunks(n).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            out[r * o + c] = v;
+        }
+    }
+}
+
 /// `out[n, o] = x · Wᵀ` with the rows of `W` (`[o, k]`) produced by `rows(r0, buf)`, which
 /// fills `buf` with rows `r0..r0 + buf.len() / k` as f32 (bf16 weights converted a tile at a
 /// time, never whole). Runs the AVX-512 kernel and returns true where it is available;

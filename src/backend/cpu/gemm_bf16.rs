@@ -163,45 +163,7 @@ fn linear_f32_act(x: &[f32], n: usize, k: usize, w: &[u8], o: usize, out: &mut [
             *v = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
         }
     };
-    if super::gemm::try_linear_rows(x, n, k, o, &rows, out) {
-        return;
-    }
-    // Portable: a tile of weight rows converted per task, `matrixmultiply` on it.
-    use rayon::prelude::*;
-    let tile = ((1usize << 18) / k.max(1)).clamp(1, o);
-    let mut yt = vec![0.0f32; o * n];
-    yt.par_chunks_mut(tile * n).enumerate().for_each_init(
-        Vec::new,
-        |buf: &mut Vec<f32>, (t, chunk)| {
-            let rn = chunk.len() / n;
-            buf.resize(rn * k, 0.0);
-            rows(t * tile, buf);
-            // SAFETY: `buf` is rn×k, `x` is n×k, `chunk` is rn×n, all row-major and disjoint.
-            unsafe {
-                matrixmultiply::sgemm(
-                    rn,
-                    k,
-                    n,
-                    1.0,
-                    buf.as_ptr(),
-                    k as isize,
-                    1,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    0.0,
-                    chunk.as_mut_ptr(),
-                    n as isize,
-                    1,
-                )
-            }
-        },
-    );
-    for (c, col) in yt.chunks(n).enumerate() {
-        for (r, &v) in col.iter().enumerate() {
-            out[r * o + c] = v;
-        }
-    }
+    super::gemm::linear_rows(x, n, k, o, &rows, out);
 }
 
 /// The `vdpbf16ps` kernel: as the f32 kernel of [`fast`] (dot products along the depth, a

@@ -823,12 +823,20 @@ fn end_to_end(peak_tflops: f64) -> Vec<Value> {
         "schedule", "ms/block", "6th block ms", "FPS", "MFU"
     );
     let mut out = Vec::new();
-    for (name, schedule) in [
-        ("sequential", Schedule::Sequential),
-        ("cascade lag 1", Schedule::Cascade { lag: 1 }),
-        ("cascade lag 2", Schedule::Cascade { lag: 2 }),
-        ("cascade lag 3", Schedule::Cascade { lag: 3 }),
+    // The last row is the sequential schedule again with BC_ATTN_WGMMA=0: on a compute
+    // capability 9.0 device the sessions above run the wgmma attention (the default there),
+    // this one the tuned mma.sync tiles (elsewhere it repeats the first row).
+    let saved = std::env::var_os("BC_ATTN_WGMMA");
+    for (name, schedule, mma_sync) in [
+        ("sequential", Schedule::Sequential, false),
+        ("cascade lag 1", Schedule::Cascade { lag: 1 }, false),
+        ("cascade lag 2", Schedule::Cascade { lag: 2 }, false),
+        ("cascade lag 3", Schedule::Cascade { lag: 3 }, false),
+        ("sequential mma.sync", Schedule::Sequential, true),
     ] {
+        if mma_sync {
+            std::env::set_var("BC_ATTN_WGMMA", "0");
+        }
         let opts = GenerateOptions {
             height: 60,
             width: 104,
@@ -866,6 +874,10 @@ fn end_to_end(peak_tflops: f64) -> Vec<Value> {
             }
             Err(e) => println!("{name}: {e}"),
         }
+    }
+    match saved {
+        Some(v) => std::env::set_var("BC_ATTN_WGMMA", v),
+        None => std::env::remove_var("BC_ATTN_WGMMA"),
     }
     // Both end up in the bundle's summary (end to end section).
     let (failed, last) = blockcascade::backend::cuda::graph_capture_failures();

@@ -3,7 +3,9 @@
 // bc_activation:     out[i] = act(x[i] + bias[i % cols]) (bias optional), act = gelu_tanh(u) =
 //                    0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))), silu(u) = u / (1 + exp(-u))
 //                    identity, or rounding to bf16 (an f32 value that bf16 storage would hold);
-//                    f32 or bf16 data (f32 math), in place ok. With a bias it is
+//                    f32 or bf16 data (f32 math), in place ok, or f32 in and bf16 out
+//                    (BC_ACT_F32_TO_BF16: a GEMM's f32 bias converted for cuBLASLt, whose
+//                    bias vector must have the bf16 output's type). With a bias it is
 //                    the epilogue of a GEMM that cuBLASLt does not fuse.
 // bc_time_embedding: out[f] = [cos(t_f w_i), sin(t_f w_i)] (i < half), w_i = 10000^(-i/half),
 //                    in f64 like cpu::ops::sinusoidal; one block per frame.
@@ -29,7 +31,10 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS) bc_activation(BcActivat
     const long long i = (long long)blockIdx.x * EW_THREADS + threadIdx.x;
     if (i >= p.n) return;
     const float b = p.bias ? p.bias[i % p.cols] : 0.f;
-    if (p.bf16) {
+    if (p.bf16 == BC_ACT_F32_TO_BF16) {
+        static_cast<__nv_bfloat16*>(p.out)[i] =
+            __float2bfloat16(bc_act(static_cast<const float*>(p.x)[i] + b, p.op));
+    } else if (p.bf16) {
         const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
         __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out);
         o[i] = __float2bfloat16(bc_act(__bfloat162float(x[i]) + b, p.op));

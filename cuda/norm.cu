@@ -39,8 +39,8 @@ __device__ __forceinline__ float2 bc_gate_add(float2 v, float2 delta, const floa
             g0 += gate_bias[d];
             g1 += gate_bias[d + 1];
         }
-        v.x += delta.x * g0;
-        v.y += delta.y * g1;
+        v.x = __fmaf_rn(delta.x, g0, v.x);
+        v.y = __fmaf_rn(delta.y, g1, v.y);
     } else {
         v.x += delta.x;
         v.y += delta.y;
@@ -64,6 +64,21 @@ __device__ __forceinline__ void bc_mod_pair(const float* sh, const float* sc, co
     }
 }
 
+/// `q` plus the squared deviations of the pair `v` from `mean`, with explicit FMAs: nvcc
+/// contracts `q += a * a + b * b` differently per kernel (a GPU run saw bc_gated_residual keep
+/// FMUL + FADD where bc_residual_norm fused them), and the fused and unfused kernels must agree
+/// bit for bit, as the emulation (which never contracts) does.
+__device__ __forceinline__ float bc_sq_dev(float q, float2 v, float mean) {
+    const float a = v.x - mean, b = v.y - mean;
+    return __fmaf_rn(b, b, __fmaf_rn(a, a, q));
+}
+
+/// One normalised, scaled and shifted output value, `(v - mean) * rstd * c + s`, with one
+/// explicit FMA (same reason as bc_sq_dev).
+__device__ __forceinline__ float bc_norm_out(float v, float mean, float rstd, float c, float s) {
+    return __fmaf_rn((v - mean) * rstd, c, s);
+}
+
 /// Mean and 1/sqrt(var + eps) of one f32 row, for every thread of the block.
 __device__ __forceinline__ float2 bc_row_stats(const float* __restrict__ x, int dim, float eps, float* scratch) {
     float s = 0.f;
@@ -74,9 +89,7 @@ __device__ __forceinline__ float2 bc_row_stats(const float* __restrict__ x, int 
     const float mean = bc_block_sum<NORM_ROW_THREADS>(s, scratch) / (float)dim;
     float q = 0.f;
     for (int d = 2 * threadIdx.x; d < dim; d += 2 * NORM_ROW_THREADS) {
-        float2 v = *reinterpret_cast<const float2*>(x + d);
-        float a = v.x - mean, b = v.y - mean;
-        q += a * a + b * b;
+        q = bc_sq_dev(q, *reinterpret_cast<const float2*>(x + d), mean);
     }
     const float var = bc_block_sum<NORM_ROW_THREADS>(q, scratch) / (float)dim;
     return make_float2(mean, rsqrtf(var + eps));
@@ -95,7 +108,8 @@ extern "C" __global__ void __launch_bounds__(NORM_ROW_THREADS) bc_ln_modulate(Bc
         const float2 v = *reinterpret_cast<const float2*>(x + d);
         float2 s, c;
         bc_mod_pair(sh, sc, p.shift_bias, p.scale_bias, d, s, c);
-        bc_store_bf162(out + d, (v.x - st.x) * st.y * (1.f + c.x) + s.x, (v.y - st.x) * st.y * (1.f + c.y) + s.y);
+        bc_store_bf162(out + d, bc_norm_out(v.x, st.x, st.y, 1.f + c.x, s.x),
+                       bc_norm_out(v.y, st.x, st.y, 1.f + c.y, s.y));
     }
 }
 BC_EMU_ENTRY(bc_ln_modulate, BcLnModulateParams)
@@ -108,8 +122,8 @@ extern "C" __global__ void __launch_bounds__(NORM_ROW_THREADS) bc_layer_norm_aff
     __nv_bfloat16* out = p.out + (size_t)row * p.out_stride;
     for (int d = 2 * threadIdx.x; d < p.dim; d += 2 * NORM_ROW_THREADS) {
         float2 v = *reinterpret_cast<const float2*>(x + d);
-        bc_store_bf162(out + d, (v.x - st.x) * st.y * p.weight[d] + p.bias[d],
-                       (v.y - st.x) * st.y * p.weight[d + 1] + p.bias[d + 1]);
+        bc_store_bf162(out + d, bc_norm_out(v.x, st.x, st.y, p.weight[d], p.bias[d]),
+                       bc_norm_out(v.y, st.x, st.y, p.weight[d + 1], p.bias[d + 1]));
     }
 }
 BC_EMU_ENTRY(bc_layer_norm_affine, BcLayerNormParams)
@@ -154,8 +168,7 @@ extern "C" __global__ void __launch_bounds__(NORM_ROW_THREADS) bc_residual_norm(
     for (int k = 0; k < RESNORM_PAIRS; ++k) {
         const int d = 2 * threadIdx.x + k * 2 * NORM_ROW_THREADS;
         if (d < p.dim) {
-            const float a = v[k].x - mean, b = v[k].y - mean;
-            q += a * a + b * b;
+            q = bc_sq_dev(q, v[k], mean);
         }
     }
     const float var = bc_block_sum<NORM_ROW_THREADS>(q, scratch) / (float)p.dim;
@@ -171,7 +184,8 @@ extern "C" __global__ void __launch_bounds__(NORM_ROW_THREADS) bc_residual_norm(
             float2 s, c;
             bc_mod_pair(sh, sc, p.shift_bias, p.scale_bias, d, s, c);
             if (!p.affine) c = make_float2(1.f + c.x, 1.f + c.y);
-            bc_store_bf162(out + d, (v[k].x - mean) * rstd * c.x + s.x, (v[k].y - mean) * rstd * c.y + s.y);
+            bc_store_bf162(out + d, bc_norm_out(v[k].x, mean, rstd, c.x, s.x),
+                           bc_norm_out(v[k].y, mean, rstd, c.y, s.y));
         }
     }
 }

@@ -213,15 +213,17 @@ summary() {
     sed 's/^/  /' "$logs"/devices.txt 2>/dev/null | head -n 20
     echo "-- wgmma layouts (sm_90a probe, run first: every layout must PASS before a wgmma kernel is trusted)"
     if [ "$1" = compact ]; then
-        grep -h '^WGMMA' "$logs"/wgmma.log 2>/dev/null | grep -v ' PASS ' | cut -c1-200 | sed 's/^/  /'
-        np=$(grep -c '^WGMMA .* PASS' "$logs"/wgmma.log 2>/dev/null); nf=$(grep -c '^WGMMA .* FAIL' "$logs"/wgmma.log 2>/dev/null)
+        tagged WGMMA "$logs"/wgmma.log | grep -v ' PASS ' | cut -c1-200 | sed 's/^/  /'
+        np=$(tagged WGMMA "$logs"/wgmma.log | grep -c ' PASS'); nf=$(tagged WGMMA "$logs"/wgmma.log | grep -c ' FAIL')
         echo "  ${np:-0} PASS, ${nf:-0} FAIL (wgmma.log in logs.tar.gz has every line)"
-        grep -h '^TMA' "$logs"/tma.log 2>/dev/null | grep -v ' PASS ' | cut -c1-200 | sed 's/^/  /'
-        tp=$(grep -c '^TMA .* PASS' "$logs"/tma.log 2>/dev/null); tf=$(grep -c '^TMA .* FAIL' "$logs"/tma.log 2>/dev/null)
+        tagged TMA "$logs"/tma.log | grep -v ' PASS ' | cut -c1-200 | sed 's/^/  /'
+        tp=$(tagged TMA "$logs"/tma.log | grep -c ' PASS'); tf=$(tagged TMA "$logs"/tma.log | grep -c ' FAIL')
         echo "  TMA: ${tp:-0} PASS, ${tf:-0} FAIL (tma.log)"
+        grep -h -m2 -A1 'panicked' "$logs"/tma.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA probe: /'
     else
-        grep -h '^WGMMA' "$logs"/wgmma.log 2>/dev/null | cut -c1-200 | sed 's/^/  /'
-        grep -h '^TMA' "$logs"/tma.log 2>/dev/null | cut -c1-200 | sed 's/^/  /'
+        tagged WGMMA "$logs"/wgmma.log | cut -c1-200 | sed 's/^/  /'
+        tagged TMA "$logs"/tma.log | cut -c1-200 | sed 's/^/  /'
+        grep -h -m2 -A1 'panicked' "$logs"/tma.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA probe: /'
     fi
     echo "-- kernel max error vs CPU reference (tolerance ~1e-2)"
     if [ "$1" = compact ]; then
@@ -356,7 +358,8 @@ finish() {
 
 # --- wgmma layouts first (own process: a faulting probe cannot take the other tests with it) --
 if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-threads=1 --nocapture --exact wgmma_layouts_match_the_hardware; then
-    np=$(grep -c '^WGMMA .* PASS' "$logs"/wgmma.log); nf=$(grep -c '^WGMMA .* FAIL' "$logs"/wgmma.log)
+    # Lines may follow libtest's "test NAME ... " prefix (the first one does): `tagged`.
+    np=$(tagged WGMMA "$logs"/wgmma.log | grep -c ' PASS'); nf=$(tagged WGMMA "$logs"/wgmma.log | grep -c ' FAIL')
     note="$np PASS, $nf FAIL"
     if grep -q '^WGMMA SKIP' "$logs"/wgmma.log; then note=$(grep -m1 '^WGMMA SKIP' "$logs"/wgmma.log); fi
     if grep -q 'SKIP.*no GPU' "$logs"/wgmma.log; then note="SKIP wgmma: no GPU"; fi
@@ -372,8 +375,10 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
     # joins the tests and the benchmark, with BC_WGMMA_OK=1 as well).
     timeout -k 5 60 ./bin/cuda-tests --test-threads=1 --nocapture --exact tma_layouts_match_the_hardware \
         > "$logs"/tma.log 2>&1
-    tp=$(grep -c '^TMA .* PASS' "$logs"/tma.log); tf=$(grep -c '^TMA .* FAIL' "$logs"/tma.log)
+    tp=$(tagged TMA "$logs"/tma.log | grep -c ' PASS'); tf=$(tagged TMA "$logs"/tma.log | grep -c ' FAIL')
     note="$note; TMA $tp PASS, $tf FAIL"
+    # A probe that faulted (the first GPU run: an illegal instruction) prints few lines: say so.
+    grep -q '^test result: ok' "$logs"/tma.log || note="$note, TMA probe FAILED (tma.log)"
     if [ "$tf" -eq 0 ] && [ "$tp" -gt 0 ] && grep -q '^test result: ok' "$logs"/tma.log; then
         export BC_TMA_OK=1
         note="$note (TMA conv enabled)"

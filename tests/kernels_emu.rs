@@ -1018,6 +1018,35 @@ fn bias_activation_is_the_unfused_gemm_epilogue() {
     assert_eq!(err.kind, LaunchErrorKind::InvalidArgument);
 }
 
+/// The f32 -> bf16 conversion (a fused bf16-output GEMM's bias for cuBLASLt): bit for bit
+/// the round-to-nearest-even of `half::bf16::from_f32`, on random values and a NaN-poisoned
+/// output, with values on rounding ties, subnormals and infinities too.
+#[test]
+fn f32_to_bf16_rounds_to_nearest_even() {
+    let mut rng = Rng::new(16);
+    let mut x = randn(&mut rng, 1000, 3.0);
+    x.extend([
+        f32::from_bits(0x3f80_8000), // a tie: rounds to even (1.0)
+        f32::from_bits(0x3f81_8000), // a tie: rounds up to even
+        1e-40,
+        -1e-40,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3.4e38,
+    ]);
+    let mut got = vec![bf16::NAN; x.len()];
+    emu::f32_to_bf16(&x, &mut got).unwrap();
+    for (i, (g, v)) in got.iter().zip(&x).enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            bf16::from_f32(*v).to_bits(),
+            "value {i}: {v:e}"
+        );
+    }
+    let err = emu::f32_to_bf16(&x, &mut got[..3]).unwrap_err();
+    assert_eq!(err.kind, LaunchErrorKind::InvalidArgument);
+}
+
 #[test]
 fn time_embedding_matches_sinusoidal() {
     let mut rng = Rng::new(13);

@@ -358,6 +358,8 @@ typedef struct BcAttentionParams {
 /** Activation selector of `bc_activation`: round to bf16 and back (f32 data; the residual
  * precision experiment of `CudaOptions::round_residual_bf16`). */
 #define BC_ACT_ROUND_BF16 3
+/** `BcActivationParams::bf16` value for f32 input and bf16 output. */
+#define BC_ACT_F32_TO_BF16 2
 
 /** `bc_activation`: `out[i] = act(x[i] + bias[i % cols])` (no bias when `bias` is NULL),
  * bf16 (`bf16 = 1`) or f32 data, f32 math; may run in place. The bias add is the fallback
@@ -372,7 +374,8 @@ typedef struct BcActivationParams {
     bc_i64 n;
     /** BC_ACT_GELU_TANH or BC_ACT_SILU. */
     bc_i32 op;
-    /** 1: bf16 data, 0: f32 data. */
+    /** 1: bf16 data, 0: f32 data, BC_ACT_F32_TO_BF16 (2): f32 `x`, bf16 `out` (with BC_ACT_NONE
+     * and no bias: the conversion that gives cuBLASLt a bf16 bias vector). */
     bc_i32 bf16;
     /** `[cols]` f32 bias added before the activation, or NULL. */
     const float *bias;

@@ -291,6 +291,9 @@ pub enum AttentionTile {
 }
 
 impl AttentionTile {
+    /// How many variants there are (sizes per-variant tables; `WgmmaPpK128` is the last).
+    pub const COUNT: usize = AttentionTile::WgmmaPpK128 as usize + 1;
+
     /// Both tiles.
     pub const ALL: [AttentionTile; 2] = [AttentionTile::Rows64, AttentionTile::Rows128];
 
@@ -457,6 +460,27 @@ pub fn activation(
             _pad: 0,
         },
     })
+}
+
+/// `bc_activation` as a conversion (`BC_ACT_F32_TO_BF16`, `BC_ACT_NONE`, no bias): `n` f32
+/// values `x` to bf16 `out` (round to nearest even). Grid (ceil(n / BC_ELEM_THREADS)), block
+/// `BC_ELEM_THREADS`.
+pub fn f32_to_bf16(
+    x: *const f32,
+    out: *mut c_void,
+    n: usize,
+) -> LaunchResult<Launch<BcActivationParams>> {
+    let mut l = activation(
+        x as *const c_void,
+        out,
+        n,
+        BC_ACT_NONE,
+        false,
+        std::ptr::null(),
+        1,
+    )?;
+    l.params.bf16 = BC_ACT_F32_TO_BF16 as i32;
+    Ok(l)
 }
 
 /// `bc_time_embedding` (`cuda/elementwise.cu`) of `frames` timesteps `t` (f32) into `out`

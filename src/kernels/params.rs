@@ -26,6 +26,7 @@ pub const BC_ACT_GELU_TANH: u32 = 0;
 pub const BC_ACT_SILU: u32 = 1;
 pub const BC_ACT_NONE: u32 = 2;
 pub const BC_ACT_ROUND_BF16: u32 = 3;
+pub const BC_ACT_F32_TO_BF16: u32 = 2;
 pub const BC_T5_NORM_THREADS: u32 = 256;
 pub const BC_T5_ATTN_THREADS: u32 = 128;
 pub const BC_T5_ATTN_ROWS: u32 = 8;
@@ -552,7 +553,7 @@ pub struct BcActivationParams {
     pub n: bc_i64,
     #[doc = " BC_ACT_GELU_TANH or BC_ACT_SILU."]
     pub op: bc_i32,
-    #[doc = " 1: bf16 data, 0: f32 data."]
+    #[doc = " 1: bf16 data, 0: f32 data, BC_ACT_F32_TO_BF16 (2): f32 `x`, bf16 `out` (with BC_ACT_NONE\n and no bias: the conversion that gives cuBLASLt a bf16 bias vector)."]
     pub bf16: bc_i32,
     #[doc = " `[cols]` f32 bias added before the activation, or NULL."]
     pub bias: *const f32,

@@ -745,10 +745,16 @@ fn gemm(a: &GemmArgs) -> Result<()> {
     let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
     let bias = (a.bias != 0).then(|| {
         // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts(a.bias as *const f32, a.out) }
+        let b = unsafe { std::slice::from_raw_parts(a.bias as *const f32, a.out) };
+        // A bf16 output's fused bias is bf16 on the GPU (the driver device converts it, as
+        // cuBLASLt refuses an f32 bias there): the same rounding here.
+        match a.ty {
+            OutType::Bf16 => b.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+            OutType::F32 => b.to_vec(),
+        }
     });
     let mut y = vec![0f32; a.rows * a.out];
-    crate::backend::cpu::gemm::linear(&xf, a.rows, a.inp, &wf, bias, &mut y);
+    crate::backend::cpu::gemm::linear(&xf, a.rows, a.inp, &wf, bias.as_deref(), &mut y);
     if a.ep == Epilogue::GeluBias {
         crate::backend::cpu::ops::gelu_tanh(&mut y);
     }

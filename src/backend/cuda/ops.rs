@@ -286,11 +286,10 @@ pub fn qk_norm_rope(g: &Gpu, a: &QkArgs) -> Result<()> {
     )
 }
 
-static ATTENTION_LAUNCHES: [std::sync::atomic::AtomicUsize; 3] = [
-    std::sync::atomic::AtomicUsize::new(0),
-    std::sync::atomic::AtomicUsize::new(0),
-    std::sync::atomic::AtomicUsize::new(0),
-];
+/// One counter per [`AttentionTile`] variant (the wgmma ones too: a GPU run with
+/// `BC_WGMMA_OK=1` indexed past a 3-long array here).
+static ATTENTION_LAUNCHES: [std::sync::atomic::AtomicUsize; AttentionTile::COUNT] =
+    [const { std::sync::atomic::AtomicUsize::new(0) }; AttentionTile::COUNT];
 
 /// Attention launches enqueued with `tile` in this process (eager or captured into a graph;
 /// replays are not counted): lets tests check which kernel a session runs.

@@ -594,12 +594,18 @@ fn ensure_fits(
 }
 
 /// The attention tile of a session: the option's, [`AttentionTile::Rows128`] on an emulated
-/// device, or (the [`attention_tune::AutoTile`]) the faster of both timed on this device on
+/// device, [`AttentionTile::WgmmaPpK128`] (the Hopper wgmma kernels, ping-pong with 128-key
+/// tiles for hd128) on a compute capability 9.0 device, or elsewhere (the
+/// [`attention_tune::AutoTile`]) the faster of both `mma.sync` tiles timed on this device on
 /// each window shape's real list at its first tick ([`CudaBackend::tune_attention`]); until
-/// then [`AttentionTile::Rows128`]. `BC_ATTN_WGMMA=1` on a compute capability 9.0 device
-/// overrides all of it with the Hopper prototype [`AttentionTile::Wgmma64`] (its hd64 and
-/// hd128 kernels), or the variant `BC_ATTN_WGMMA_VARIANT` names (`k128`, `pp`, `pp_k128`:
-/// [`AttentionTile::wgmma_variant`]); elsewhere the flags are ignored.
+/// then [`AttentionTile::Rows128`].
+///
+/// The wgmma default comes from the first GPU run (H200, 2026-12-04): its layout probe passed
+/// (62 of 62), every variant matched the CPU at Wan shapes, and at q4680 k32760 12x128 the
+/// `pp_k128` kernel ran 462.8 TFLOP/s against 307.8 for `Rows128`. `BC_ATTN_WGMMA=0` turns it
+/// off (back to the tuned `mma.sync` tiles), `BC_ATTN_WGMMA=1` forces it over the option's tile,
+/// and `BC_ATTN_WGMMA_VARIANT` (`base`, `k128`, `pp`, `pp_k128`:
+/// [`AttentionTile::wgmma_variant`]) picks another wgmma variant; off 9.0 the flags are ignored.
 fn attention_tile_choice(
     gpu: &Gpu,
     copts: &CudaOptions,
@@ -609,14 +615,20 @@ fn attention_tile_choice(
         // A bad BC_ATTENTION_TILE is an error, unless the options chose a tile in code.
         env_attention_tile()?;
     }
-    if std::env::var("BC_ATTN_WGMMA").is_ok_and(|v| v.trim() == "1")
-        && gpu.compute_capability() == Some((9, 0))
-    {
-        let v = std::env::var("BC_ATTN_WGMMA_VARIANT").ok();
-        return Ok((
-            AttentionTile::wgmma_variant(v.as_deref()).map_err(Error::invalid)?,
-            None,
-        ));
+    let flag = std::env::var("BC_ATTN_WGMMA").ok();
+    let flag = flag.as_deref().map(str::trim);
+    let hopper = gpu.compute_capability() == Some((9, 0));
+    let wgmma = || -> Result<AttentionTile> {
+        match std::env::var("BC_ATTN_WGMMA_VARIANT").ok() {
+            Some(v) => AttentionTile::wgmma_variant(Some(&v)).map_err(Error::invalid),
+            None => Ok(AttentionTile::WgmmaPpK128),
+        }
+    };
+    if hopper && flag == Some("1") {
+        return Ok((wgmma()?, None));
+    }
+    if hopper && flag != Some("0") && copts.attention_tile.is_none() && !copts.emulate {
+        return Ok((wgmma()?, None));
     }
     Ok(match copts.attention_tile {
         Some(t) => (t, None),

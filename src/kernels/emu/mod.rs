@@ -505,6 +505,17 @@ pub fn bias_activation_bf16(x: &[bf16], bias: &[f32], out: &mut [bf16], act: Act
     activation_raw(px, x.len(), po, out.len(), act, true, Some(bias))
 }
 
+/// `bc_activation` as a conversion (`BC_ACT_F32_TO_BF16`): f32 `x` to bf16 `out` (what the
+/// driver device runs before a fused bf16-output GEMM, to hand cuBLASLt a bf16 bias).
+pub fn f32_to_bf16(x: &[f32], out: &mut [bf16]) -> LaunchResult {
+    check_len(Kernel::Activation, "out", out.len(), x.len())?;
+    run(launch::f32_to_bf16(
+        x.as_ptr(),
+        out.as_mut_ptr() as *mut c_void,
+        x.len(),
+    ))
+}
+
 /// `bc_activation` (`cuda/elementwise.cu`) in place on bf16 values.
 pub fn activation_bf16(x: &mut [bf16], act: Act) -> LaunchResult {
     let px = x.as_mut_ptr() as *mut c_void;

@@ -1,7 +1,7 @@
 //! The driver device: one context, two streams, the kernel module loaded from the embedded
 //! fatbin, a cuBLASLt handle and workspace, raw device buffers and kernel launches.
 
-use super::gemm::{destroy_plan, GemmPlan, GEMM_WORKSPACE};
+use super::gemm::{destroy_plan, GemmPlan, BIAS_BF16_ELEMS, GEMM_WORKSPACE};
 use super::probe::{cublaslt_present, probe, probe_driver};
 use crate::backend::cuda::dev_types::{DevPtr, Epilogue, OutType};
 use crate::kernels::{self, Kernel};
@@ -36,6 +36,9 @@ pub(super) struct DriverDevice {
     /// ([`DriverDevice::open`] with `need_gemm = false`): every GEMM is then an error.
     pub(super) lt: ltsys::cublasLtHandle_t,
     pub(super) workspace: DevPtr,
+    /// [`BIAS_BF16_ELEMS`] bf16 values: the bias of a fused bf16-output GEMM, converted from
+    /// its f32 vector right before the GEMM (cuBLASLt wants the bias in the output's type).
+    pub(super) bias_bf16: DevPtr,
     /// cuBLASLt plans by (rows, inp, out, output type, fused epilogue); `None`: cuBLASLt has
     /// no algorithm for that epilogue (the bias / GELU then run as a kernel).
     pub(super) plans: HashMap<(usize, usize, usize, OutType, Epilogue), Option<GemmPlan>>,
@@ -83,6 +86,7 @@ impl DriverDevice {
             funcs: HashMap::new(),
             lt: std::ptr::null_mut(),
             workspace: 0,
+            bias_bf16: 0,
             plans: HashMap::new(),
             allocs: Vec::new(),
             staging: Default::default(),
@@ -98,6 +102,7 @@ impl DriverDevice {
         if need_gemm || cublaslt_present() {
             d.lt = lt::create_handle().map_err(lt_err("cublasLtCreate"))?;
             d.workspace = d.alloc(GEMM_WORKSPACE)?;
+            d.bias_bf16 = d.alloc(BIAS_BF16_ELEMS * 2)?;
         }
         Ok((d, name))
     }

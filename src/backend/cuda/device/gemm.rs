@@ -36,6 +36,13 @@ pub(super) fn destroy_plan(p: &GemmPlan) {
 /// Size of the cuBLASLt workspace.
 pub const GEMM_WORKSPACE: usize = 32 << 20;
 
+/// Longest bias (output width) a fused bf16-output GEMM takes: its f32 bias is converted into a
+/// scratch vector of this many bf16 values first. cuBLASLt refuses an f32 bias with a bf16
+/// output (CUBLAS_STATUS_INVALID_VALUE for every Wan shape on the first GPU run, H200 with
+/// cuBLASLt 13.1: all 39 bias GEMMs ran their epilogue as a separate kernel); wider outputs run
+/// the epilogue as a kernel.
+pub const BIAS_BF16_ELEMS: usize = 1 << 16;
+
 /// GEMM shapes whose fused cuBLASLt epilogue had no algorithm (bias / GELU run as a kernel).
 pub(super) static UNFUSED_GEMM_SHAPES: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(0);
@@ -71,6 +78,18 @@ impl DriverDevice {
         }
         self.debug_assert_current("cublasLtMatmul");
         let mut fused = a.ep;
+        // A bf16 output takes a bf16 bias: too wide for the scratch vector, no fusion.
+        let bf16_bias = a.ty == OutType::Bf16;
+        if bf16_bias && fused != Epilogue::None && a.out > BIAS_BF16_ELEMS {
+            if !self
+                .plans
+                .contains_key(&(a.rows, a.inp, a.out, a.ty, fused))
+            {
+                self.plans.insert((a.rows, a.inp, a.out, a.ty, fused), None);
+                UNFUSED_GEMM_SHAPES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            fused = Epilogue::None;
+        }
         loop {
             while fused != Epilogue::None
                 && self.plan_for(a.rows, a.inp, a.out, a.ty, fused)?.is_none()
@@ -83,7 +102,22 @@ impl DriverDevice {
                 .get(&key)
                 .and_then(Option::as_ref)
                 .is_some_and(|p| !p.ran);
-            match self.matmul(GemmArgs { ep: fused, ..a }.bias_if_used()) {
+            let mut call = GemmArgs { ep: fused, ..a }.bias_if_used();
+            if bf16_bias && fused != Epilogue::None {
+                // The f32 bias to the bf16 scratch vector, on the GEMM's stream (ordered
+                // before it; captured into graphs with it).
+                let l = crate::kernels::launch::f32_to_bf16(
+                    a.bias as *const f32,
+                    self.bias_bf16 as *mut c_void,
+                    a.out,
+                )
+                .map_err(|e| Error::Internal(format!("{}: {}", e.kernel, e.message)))?;
+                // SAFETY: `a.bias` holds `a.out` f32 values (the GEMM's contract), the scratch
+                // vector BIAS_BF16_ELEMS >= a.out bf16 values.
+                unsafe { self.launch(l.kernel, l.grid, l.block, &l.params)? };
+                call.bias = self.bias_bf16;
+            }
+            match self.matmul(call) {
                 Ok(()) => {
                     if let Some(Some(p)) = self.plans.get_mut(&key) {
                         p.ran = true;
@@ -237,7 +271,8 @@ impl DriverDevice {
                 Epilogue::Bias => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
                 Epilogue::GeluBias => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
             };
-            let bias_ty = T::CUDA_R_32F;
+            // The bias in the output's type (see BIAS_BF16_ELEMS).
+            let bias_ty = dt;
             // SAFETY: valid descriptors, attribute buffers of the documented sizes.
             unsafe {
                 let set = |attr: A, p: *const c_void, n: usize| {

@@ -275,7 +275,8 @@ pub enum AttentionTile {
     /// The Hopper prototype (sm_90a only; not in [`AttentionTile::ALL`], so never timed or
     /// picked by the tuner): `bc_attention_wgmma_hd64` (one warpgroup of 64 query rows) /
     /// `bc_attention_wgmma_hd128` (two warpgroups, 128 rows), Q K^T and P V by wgmma. The CUDA
-    /// backend uses it only with `BC_ATTN_WGMMA=1` on a compute capability 9.0 device.
+    /// backend uses a wgmma tile by default on a compute capability 9.0 device
+    /// ([`AttentionTile::WgmmaPpK128`] unless `BC_ATTN_WGMMA_VARIANT` says otherwise).
     Wgmma64,
     /// [`AttentionTile::Wgmma64`] with 128-key tiles for head_dim > 64
     /// (`bc_attention_wgmma_hd128_k128`; hd64 runs `bc_attention_wgmma_hd64`).

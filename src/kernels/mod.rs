@@ -113,7 +113,8 @@ pub enum Kernel {
     /// shared memory.
     AttentionHd128Q128,
     /// `bc_attention_wgmma_hd64` ([`BcAttentionParams`]): the Hopper wgmma prototype (sm_90a
-    /// only, it traps on sm_80; launched only with `BC_ATTN_WGMMA=1`), dynamic shared memory.
+    /// only, it traps on sm_80; launched on 9.0 devices unless `BC_ATTN_WGMMA=0`), dynamic
+    /// shared memory.
     AttentionWgmmaHd64,
     /// `bc_attention_wgmma_hd128` ([`BcAttentionParams`]): the same prototype for head_dim
     /// <= 128 (Wan's 12 x 128), dynamic shared memory.
@@ -148,7 +149,7 @@ pub enum Kernel {
     /// `bc_conv_n16` ([`BcConvParams`]): the same with 16-channel tiles (cout <= 16).
     ConvN16,
     /// `bc_conv_wgmma` ([`BcConvParams`]): the Hopper wgmma variant (sm_90a only, it traps on
-    /// sm_80; launched only with `BC_CONV_WGMMA=1` on a 9.0 device), dynamic shared memory.
+    /// sm_80; launched on 9.0 devices unless `BC_CONV_WGMMA=0`), dynamic shared memory.
     ConvWgmma,
     /// `bc_conv_wgmma_n96` ([`BcConvParams`]): the same with 96-channel tiles.
     ConvWgmmaN96,

@@ -203,10 +203,19 @@ impl DriverDevice {
         self.bind()?;
         // SAFETY: plain allocation in this device's context.
         let p = unsafe { drv::malloc_sync(bytes) }.map_err(|e| {
-            let free = self.mem_info().map(|m| m.0).unwrap_or(0);
-            Error::OutOfMemory(format!(
-                "cuMemAlloc of {bytes} bytes failed ({e}); {free} bytes free on the device"
-            ))
+            // Only the driver's out-of-memory is one: after a kernel fault the context is
+            // broken and every call fails with the fault's sticky error (the first GPU run saw
+            // an illegal instruction reported as "out of memory", 0 bytes free).
+            if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                let free = self.mem_info().map(|m| m.0).unwrap_or(0);
+                Error::OutOfMemory(format!(
+                    "cuMemAlloc of {bytes} bytes failed ({e}); {free} bytes free on the device"
+                ))
+            } else {
+                Error::Device(format!(
+                    "cuMemAlloc of {bytes} bytes failed: {e} (an earlier kernel fault leaves the context unusable)"
+                ))
+            }
         })?;
         self.allocs.push(p);
         Ok(p)

@@ -81,11 +81,10 @@ impl DriverDevice {
         // A bf16 output takes a bf16 bias: too wide for the scratch vector, no fusion.
         let bf16_bias = a.ty == OutType::Bf16;
         if bf16_bias && fused != Epilogue::None && a.out > BIAS_BF16_ELEMS {
-            if !self
-                .plans
-                .contains_key(&(a.rows, a.inp, a.out, a.ty, fused))
+            if let std::collections::hash_map::Entry::Vacant(e) =
+                self.plans.entry((a.rows, a.inp, a.out, a.ty, fused))
             {
-                self.plans.insert((a.rows, a.inp, a.out, a.ty, fused), None);
+                e.insert(None);
                 UNFUSED_GEMM_SHAPES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             fused = Epilogue::None;

@@ -125,7 +125,13 @@ impl DriverDevice {
             self.bind()?;
             // SAFETY: a plain page-locked allocation in this device's context.
             let p = unsafe { drv::malloc_host(cap, 0) }.map_err(|e| {
-                Error::OutOfMemory(format!("cuMemHostAlloc of {cap} pinned bytes failed: {e}"))
+                let what = format!("cuMemHostAlloc of {cap} pinned bytes failed: {e}");
+                // Out of memory only when the driver says so (not a sticky kernel fault).
+                if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                    Error::OutOfMemory(what)
+                } else {
+                    Error::Device(what)
+                }
             })?;
             s.ptr = p as *mut u8;
             s.cap = cap;

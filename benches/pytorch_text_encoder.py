@@ -40,6 +40,14 @@ information. --compare then runs `blockcascade bench --text-encoder --text-encod
 blockcascade / PyTorch per pair, wall and CPU time (below 1 means blockcascade is faster):
 ours exact computes PyTorch f32's function, ours bf16 PyTorch bf16's.
 
+--device cuda times the same encoder on the GPU instead (eager PyTorch, the --modes given,
+default bf16 there: Wan's T5EncoderModel on the GPU), --reps runs after 3 warm-ups, each
+between torch.cuda.synchronize() calls, and prints one line per mode for the GPU bundle:
+  PYTORCH_TEXT device=NAME mode=bf16 tokens=30 ms=MEDIAN min_ms=MIN runs=N
+(`scripts/gpu-run.sh` runs it in its pytorch part and sets it against `benches/gpu.rs`'s
+`TEXT umt5-xxl` line: ours on the device, 24 distinct layers; this one shares one layer, whose
+0.39 GB is far larger than the GPU's L2, so the weight traffic is the same).
+
 Usage:
   OMP_WAIT_POLICY=PASSIVE /path/to/python benches/pytorch_text_encoder.py \
       [--check tests/data/umt5-tiny] [--tokens 30] [--threads N] [--modes f32,bf16] \
@@ -265,6 +273,47 @@ def write_random(a, torch):
     return 0
 
 
+def bench_cuda(a, torch):
+    """--device cuda: the encoder of each mode on the GPU, median of --reps synchronised runs."""
+    if not torch.cuda.is_available():
+        print("SKIP pytorch text encoder: no CUDA device for PyTorch")
+        return 0
+    cfg = dict(XXL)
+    rows = max(1024, a.tokens)
+    base = bench_weights(torch, cfg, rows)
+    name = torch.cuda.get_device_name(0)
+    ids = torch.tensor([(i * 7919) % rows for i in range(a.tokens)], device="cuda")
+    mask = None
+    if a.pad > a.tokens:
+        ids = torch.cat([ids, torch.zeros(a.pad - a.tokens, dtype=ids.dtype, device="cuda")])
+        mask = (torch.arange(a.pad, device="cuda") < a.tokens).long()
+    summary = {"device": name, "tokens": a.tokens, "pad": a.pad}
+    with torch.no_grad():
+        for mode in a.modes:
+            dt = torch.float32 if mode == "f32" else torch.bfloat16
+            enc = Encoder(torch, {k: v.to(device="cuda", dtype=dt) for k, v in base.items()},
+                          cfg["layers"], cfg["heads"], dt)
+            enc.shared = True
+            for _ in range(3):
+                enc(ids, mask)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(max(a.reps, 1)):
+                t0 = time.perf_counter()
+                enc(ids, mask)
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            med = statistics.median(times)
+            summary[mode] = {"ms": med, "min_ms": min(times), "runs": len(times)}
+            print(f"PYTORCH_TEXT device={name} mode={mode} tokens={a.tokens}"
+                  f"{f' padded={a.pad}' if mask is not None else ''} ms={med:.2f} "
+                  f"min_ms={min(times):.2f} runs={len(times)}", flush=True)
+            del enc
+            torch.cuda.empty_cache()
+    print(json.dumps(summary))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=30)
@@ -286,7 +335,11 @@ def main():
     ap.add_argument("--ours", default="exact,bf16",
                     help="blockcascade's precisions to run with --compare (exact, bf16)")
     ap.add_argument("--bin", default=os.environ.get("BC_BIN", "target/release/blockcascade"))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: time the encoder on the GPU (see above)")
     a = ap.parse_args()
+    if a.device == "cuda" and a.modes == "f32,bf16" and "--modes" not in sys.argv:
+        a.modes = "bf16"
     a.modes = [m for m in a.modes.split(",") if m]
     a.ours = [m for m in a.ours.split(",") if m]
     if any(m not in ("exact", "bf16") for m in a.ours):
@@ -309,6 +362,8 @@ def main():
         return 1
     if a.no_bench:
         return 0
+    if a.device == "cuda":
+        return bench_cuda(a, torch)
     if a.compare and not os.path.isfile(a.bin):
         print(f"pytorch_text_encoder.py: no binary {a.bin} (cargo build --release --bin blockcascade)")
         return 2

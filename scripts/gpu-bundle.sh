@@ -46,7 +46,7 @@ cp "$tests" "$out/bin/cuda-tests"
 cp "$bench" "$out/bin/gpu-bench"
 strip --strip-debug "$out/bin/"* 2>/dev/null || true
 cp -r tests/data/selfforcing-tiny tests/data/umt5-tiny tests/data/decode "$out/data/"
-cp benches/pytorch_baseline.py "$out/"
+cp benches/pytorch_baseline.py benches/pytorch_text_encoder.py "$out/"
 cp scripts/gpu-run.sh "$out/run.sh"
 chmod +x "$out/run.sh" "$out/bin/"*
 if commit=$(git -C "$root" rev-parse HEAD 2>/dev/null); then

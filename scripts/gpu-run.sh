@@ -259,6 +259,17 @@ summary() {
     if [ -n "$eng" ] && [ -n "$pt" ]; then
         awk -v e="$eng" -v p="$pt" 'BEGIN { printf "  6th block: engine %.1f ms, PyTorch %.1f ms, engine/PyTorch speed-up %.2fx\n", e, p, p / e }'
     fi
+    # The text encoder (30 tokens, bf16): benches/gpu.rs's TEXT line against PyTorch's.
+    local tx ours
+    tx=$(grep -m1 -h '^PYTORCH_TEXT' "$logs"/pytorch.log 2>/dev/null)
+    if [ -n "$tx" ]; then
+        echo "  $tx"
+        ours=$(grep -m1 -ohE '^TEXT umt5-xxl [0-9]+ tokens: [0-9.]+ ms' "$logs"/bench.log 2>/dev/null | awk '{print $(NF-1)}')
+        pt=$(echo "$tx" | sed -n 's/.* ms=\([0-9.]*\).*/\1/p')
+        if [ -n "$ours" ] && [ -n "$pt" ]; then
+            awk -v e="$ours" -v p="$pt" 'BEGIN { printf "  text encoder: engine %.2f ms, PyTorch %.2f ms, engine/PyTorch speed-up %.2fx\n", e, p, p / e }'
+        fi
+    fi
     echo "logs: $logs${tarball:+ (tarball: $tarball)}"
     echo "$result"
 }
@@ -419,7 +430,10 @@ if want pytorch; then
     if ! command -v python3 >/dev/null 2>&1; then
         echo "SKIP pytorch baseline: no python3" > "$logs"/pytorch.log
         set_status pytorch "skipped: no python3"
-    elif run_part pytorch "$logs"/pytorch.log "${torch_env[@]}" python3 pytorch_baseline.py; then
+    # The DiT baseline, then the umT5-XXL text encoder in eager PyTorch on the GPU (its failure
+    # does not hide the first's result).
+    elif run_part pytorch "$logs"/pytorch.log "${torch_env[@]}" bash -c \
+        'python3 pytorch_baseline.py; r=$?; python3 pytorch_text_encoder.py --device cuda --reps 10 || true; exit $r'; then
         # The script prints "SKIP ..." and exits 0 without torch or without a CUDA device. Its
         # failure is reported but does not fail the run (the engine is what is validated).
         st=$status

@@ -19,6 +19,10 @@
 //!    wait and block, and the block gaps around the switches against the steady ones
 //!    (`blockcascade::bench::switch`; `BC_BENCH_NO_SWITCH=1` skips it).
 //!
+//! 6. Live streams with pixels out (`PIXELS` lines): the same model in a `Stream` with local
+//!    attention, cascade lag 1 without and with a real-width TAEHV decoder on the GPU, and
+//!    sequential with it: ms per block and frames per second (`BC_BENCH_NO_PIXELS=1` skips it).
+//!
 //! Output: a table on stdout, and JSON in `$BC_BENCH_JSON` (default `gpu-bench.json`).
 //! `BC_BENCH_QUICK=1` skips the end-to-end runs.
 //!
@@ -664,8 +668,15 @@ fn main() {
 
     let text = text_encoder(peak_gbs);
     let mut e2e = Vec::new();
+    let mut pixels = Vec::new();
     if std::env::var_os("BC_BENCH_QUICK").is_none() {
-        e2e = end_to_end(peak_tflops);
+        let t0 = std::time::Instant::now();
+        let model = std::sync::Arc::new(wan_1_3b_shape_model());
+        let built = t0.elapsed().as_secs_f64();
+        e2e = end_to_end(&model, built, peak_tflops);
+        if std::env::var_os("BC_BENCH_NO_PIXELS").is_none() {
+            pixels = pixel_stream(&model);
+        }
     }
     // Last: the part most likely to be cut by the bundle's time cap.
     let switch = if std::env::var_os("BC_BENCH_NO_SWITCH").is_none() {
@@ -708,6 +719,7 @@ fn main() {
         "peak_copy_gbs": peak_gbs,
         "kernels": kernels_json,
         "end_to_end": e2e,
+        "pixel_stream": pixels,
         "attention_tune": tunes,
         "text_encoder": text,
         "switch_latency": switch,
@@ -807,9 +819,106 @@ fn switch_latency() -> Vec<Value> {
     out
 }
 
-fn end_to_end(peak_tflops: f64) -> Vec<Value> {
-    let t0 = std::time::Instant::now();
-    let model = wan_1_3b_shape_model();
+/// Live streams with pixels out: the `wan-1.3b-shape` model at 60x104 latents in a
+/// [`blockcascade::Stream`] (local attention, 21 frames with a sink of 3, so the KV cache stays
+/// bounded), 10 blocks, with and without a real-width TAEHV decoder (random weights) on the
+/// DiT's GPU (its own stream, finished blocks handed over on the device, RGB8 to the host):
+/// the steady interval between blocks as the consumer sees them (blocks 4..10) and the pixel
+/// frames per second. Without decode overhead showing, the decoder overlaps the DiT.
+/// `BC_BENCH_NO_PIXELS=1` skips it.
+fn pixel_stream(model: &std::sync::Arc<Model>) -> Vec<Value> {
+    use blockcascade::decode::Decoder;
+    use blockcascade::{Stream, StreamOptions};
+    let c = model.config().clone();
+    let mut rng = Rng::new(22);
+    let rows = 64;
+    let prompt = PromptEmbeds {
+        data: (0..rows * c.text_dim).map(|_| rng.normal() * 0.1).collect(),
+        rows,
+    };
+    let taehv = std::sync::Arc::new(Decoder::synthetic(DecoderKind::Taehv, 64, 1));
+    println!("\npixel stream: wan-1.3b-shape, 60x104 latents, local attention 21 frames (sink 3), 10 blocks of 3");
+    let mut out = Vec::new();
+    for (name, schedule, decode) in [
+        (
+            "cascade lag 1, latents only",
+            Schedule::Cascade { lag: 1 },
+            false,
+        ),
+        (
+            "cascade lag 1, TAEHV on the GPU",
+            Schedule::Cascade { lag: 1 },
+            true,
+        ),
+        ("sequential, TAEHV on the GPU", Schedule::Sequential, true),
+    ] {
+        let opts = GenerateOptions {
+            height: 60,
+            width: 104,
+            block_frames: 3,
+            schedule,
+            backend: BackendKind::Cuda,
+            local_attn: Some(21),
+            sink: 3,
+            ..Default::default()
+        };
+        let sopts = StreamOptions {
+            decoder: decode.then(|| taehv.clone()),
+            host_latents: !decode,
+            ..Default::default()
+        };
+        let run = || -> blockcascade::Result<(Vec<f64>, usize, Option<String>)> {
+            let mut s = Stream::open(
+                model.clone(),
+                opts,
+                NoiseSource::Seeded(1),
+                prompt.clone(),
+                sopts,
+            )?;
+            let (mut t, mut px, mut note) = (Vec::new(), 0, None);
+            for _ in 0..10 {
+                let b = s
+                    .next_block(Some(std::time::Duration::from_secs(60)))?
+                    .ok_or_else(|| blockcascade::Error::Device("no block within 60 s".into()))?;
+                t.push(b.since_start.as_secs_f64());
+                px = b.pixel_frames;
+                if note.is_none() {
+                    note = b.handoff_note.clone();
+                }
+            }
+            s.cancel();
+            Ok((t, px, note))
+        };
+        match run() {
+            Ok((t, px, note)) => {
+                let steady = (t[9] - t[3]) / 6.0;
+                let fps = if decode {
+                    px as f64 / steady
+                } else {
+                    12.0 / steady
+                };
+                println!(
+                    "PIXELS {name}: {:.1} ms per block (blocks 4..10), {:.1} {} frames/s, first block at {:.0} ms{}",
+                    steady * 1e3,
+                    fps,
+                    if decode { "pixel" } else { "video-equivalent" },
+                    t[0] * 1e3,
+                    note.map_or_else(String::new, |n| format!(" ({n})"))
+                );
+                out.push(
+                    json!({"run": name, "block_ms": steady * 1e3, "fps": fps, "since_start_s": t}),
+                );
+            }
+            Err(e) => {
+                println!("PIXELS {name}: FAILED: {e}");
+                out.push(json!({"run": name, "error": e.to_string()}));
+            }
+        }
+    }
+    out
+}
+
+fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
     let c = model.config().clone();
     let mut rng = Rng::new(21);
     let rows = 64;
@@ -817,7 +926,7 @@ fn end_to_end(peak_tflops: f64) -> Vec<Value> {
         data: (0..rows * c.text_dim).map(|_| rng.normal() * 0.1).collect(),
         rows,
     };
-    println!("\nend to end: wan-1.3b-shape, 60x104 latents, 21 frames (7 blocks), 4 steps (model built in {:.1} s)", t0.elapsed().as_secs_f64());
+    println!("\nend to end: wan-1.3b-shape, 60x104 latents, 21 frames (7 blocks), 4 steps (model built in {built_s:.1} s)");
     println!(
         "{:<22} {:>12} {:>14} {:>8} {:>8}",
         "schedule", "ms/block", "6th block ms", "FPS", "MFU"
@@ -845,7 +954,7 @@ fn end_to_end(peak_tflops: f64) -> Vec<Value> {
             backend: BackendKind::Cuda,
             ..Default::default()
         };
-        let gen = match Generator::new(&model, opts, NoiseSource::Seeded(1), &prompt) {
+        let gen = match Generator::new(model, opts, NoiseSource::Seeded(1), &prompt) {
             Ok(g) => g,
             Err(e) => {
                 println!("{name}: {e}");

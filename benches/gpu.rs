@@ -124,7 +124,10 @@ fn time_ms(g: &mut Gpu, iters: usize, mut f: impl FnMut(&mut Gpu)) -> f64 {
 /// One output frame of each of the Wan VAE's conv layer shapes at 480x832 (latents 60x104;
 /// the decoder's levels: 384 channels at 60x104 and 120x208, 192 at 240x416, 96 at 480x832, and
 /// the two upsample convs reading their source through the 2x upsample), causal 3x3x3 layers as
-/// three time taps: `bc_conv`, and `bc_conv_wgmma` when `wgmma`, and its TMA variant
+/// three time taps; then two of TAEHV's 64-channel 3x3 layers at 480x832 (64 -> 64, and 128 ->
+/// 64 as its MemBlock's conv over `cat[x, past]`, here one 128-channel source), which take
+/// `bc_conv_wgmma_n64` (`conv_wgmma_tile`; no TMA variant): `bc_conv`, and `bc_conv_wgmma*`
+/// (the tile `conv_wgmma_tile` picks) when `wgmma`, and its TMA variant
 /// `bc_conv_wgmma_tma` when `tma` too (plain sources, or the upsample convs in the parity form),
 /// in TFLOP/s; the upsample convs again in the sub-pixel (parity) form (`... parity` rows, 4/9
 /// of the FLOPs: the rates count the FLOPs done, the ms compare with the dense rows); prints
@@ -143,6 +146,8 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
         ("wan res 96 @480x832", 96, 96, 3, 480, 832, false),
         ("wan up 384->192 @240x416", 384, 192, 1, 240, 416, true),
         ("wan up 192->96 @480x832", 192, 96, 1, 480, 832, true),
+        ("taehv 64->64 @480x832", 64, 64, 1, 480, 832, false),
+        ("taehv 128->64 @480x832", 128, 64, 1, 480, 832, false),
     ];
     let mut rows = Vec::new();
     for (i, &(name, cin, cout, taps, h, w, upsampled)) in shapes.iter().enumerate() {
@@ -583,7 +588,8 @@ fn main() {
         unit: "GB/s",
         peak: peak_gbs,
     });
-    // The Wan VAE's convolution layers at 480x832 (60x104 latents), one output frame each, on
+    // The Wan VAE's convolution layers at 480x832 (60x104 latents) and two of TAEHV's
+    // 64-channel ones, one output frame each, on
     // bc_conv and, on sm_90 once the wgmma layouts passed here (BC_WGMMA_OK=1), on the Hopper
     // bc_conv_wgmma next to it (its output compared with bc_conv's).
     let conv_wgmma = g.compute_capability() == Some((9, 0))

@@ -10,8 +10,10 @@
 // block of two warpgroups (256 threads); warpgroup j owns pixels 64j..64j+63 of the tile and all
 // 128 channels (one m64n128 accumulator: 64 f32 per thread): `bc_conv_wgmma`.
 // `bc_conv_wgmma_n96` is the same code with BN = 96 (m64n96k16, 48 f32 per thread) for the Wan
-// VAE's 96- and 192-channel layers, which a 128-wide tile pads by 25%; the launcher picks the
-// tile that pads cout least. K is walked per source as the flat
+// VAE's 96- and 192-channel layers, which a 128-wide tile pads by 25%, and `bc_conv_wgmma_n64`
+// with BN = 64 (m64n64k16 from wgmma.cuh, 32 f32 per thread) for TAEHV's 64-channel layers
+// (padded by 1/3 on the 96 tile, 1/2 on the 128 one); the launcher picks the tile that pads
+// cout least (ties: the wider one). K is walked per source as the flat
 // sequence (tap, channel) of taps * channels values, CW_BK = 64 at a time: a k-step may cross
 // from one tap into the next (each thread's 8-channel chunk has its own tap and channel), so a
 // 96-channel source takes 13.5 -> 14 k-steps per 3x3 kernel instead of 2 per tap (18). Past the
@@ -36,7 +38,7 @@
 // q = lane % 4) is pixel 16w + g + 8 ((i >> 1) & 1), channel 8 (i >> 2) + 2q + (i & 1): column
 // pairs, handed to cv_store_pair (cuda/include/conv.cuh), the epilogue bc_conv uses.
 // Shared memory: dynamic, BC_CONV_WG_SMEM = 3 x 32 KB + 1 KB (BC_CONV_WG_N96_SMEM = 3 x 28 KB +
-// 1 KB; two blocks per SM on an H100).
+// 1 KB, BC_CONV_WG_N64_SMEM = 3 x 24 KB + 1 KB; two blocks per SM on an H100).
 // FLOPs per launch: 2 * H*W * cout * kh*kw * (sum of the sources' channels).
 //
 // Checked by src/kernels/emu/decode.rs (tests) against src/decode/conv.rs under the SIMT
@@ -44,8 +46,9 @@
 // bc_conv that fits `vec` runs through this kernel too (3x3, 1x1, temporal taps, two sources,
 // upsampled source, residual, masked edges, odd H/W, two channel tiles, split and f32 output),
 // with NaN-poisoned outputs; tests/decode_cuda_emulated.rs decodes the tiny Wan VAE and TAEHV
-// with it forced on. Never run on a GPU: the launcher uses it only with BC_CONV_WGMMA=1 on a
-// compute capability 9.0 device. On sm_80 (and the compute_80 PTX) the kernel is a stub that
+// with it forced on. bc_conv_wgmma and _n96 ran on an H200: the default on a compute capability
+// 9.0 device (BC_CONV_WGMMA=0 turns it off); bc_conv_wgmma_n64 is checked under the emulation
+// only (not yet run on a GPU). On sm_80 (and the compute_80 PTX) the kernel is a stub that
 // traps.
 #include "include/conv.cuh"
 #include "include/mma.cuh"
@@ -82,10 +85,14 @@ struct CwCfg {
     static constexpr int SMEM = CW_STAGES * STAGE + 1024;
     static_assert(BN % CW_RP == 0 && STAGE % 1024 == 0, "copy passes, stages on the swizzle period");
 };
-// 128 output channels (wgmma m64n128k16) and 96 (m64n96k16: 96- and 192-channel layers).
+// 128 output channels (wgmma m64n128k16), 96 (m64n96k16: 96- and 192-channel layers) and 64
+// (m64n64k16: 64-channel layers).
 using CwWide = CwCfg<BC_CONV_WG_BN>;
 using CwN96 = CwCfg<BC_CONV_WG_BN_96>;
-static_assert(CwWide::SMEM == BC_CONV_WG_SMEM && CwN96::SMEM == BC_CONV_WG_N96_SMEM, "params.h smem sizes");
+using CwN64 = CwCfg<BC_CONV_WG_BN_64>;
+static_assert(CwWide::SMEM == BC_CONV_WG_SMEM && CwN96::SMEM == BC_CONV_WG_N96_SMEM &&
+                  CwN64::SMEM == BC_CONV_WG_N64_SMEM,
+              "params.h smem sizes");
 }  // namespace
 
 #if BC_HAS_WGMMA
@@ -229,3 +236,14 @@ extern "C" __global__ void __launch_bounds__(CW_NT, 2) bc_conv_wgmma_n96(BcConvP
 #endif
 }
 BC_EMU_ENTRY(bc_conv_wgmma_n96, BcConvParams)
+
+// The same with 64 output channels per block (TAEHV's 64-channel layers).
+extern "C" __global__ void __launch_bounds__(CW_NT, 2) bc_conv_wgmma_n64(BcConvParams p) {
+#if BC_HAS_WGMMA
+    BC_DYNAMIC_SMEM(smem, CwN64::SMEM);
+    bc_conv_wgmma_impl<CwN64>(p, smem);
+#else
+    __trap();
+#endif
+}
+BC_EMU_ENTRY(bc_conv_wgmma_n64, BcConvParams)

@@ -579,6 +579,9 @@ typedef struct BcT5AttentionParams {
 /** Output channels per block of `bc_conv_wgmma_n96` (wgmma m64n96k16: the 96- and 192-channel
  * layers fill it exactly). */
 #define BC_CONV_WG_BN_96 96
+/** Output channels per block of `bc_conv_wgmma_n64` (wgmma m64n64k16: TAEHV's 64-channel
+ * layers fill it exactly). */
+#define BC_CONV_WG_BN_64 64
 /** Input channels per k-step of `bc_conv_wgmma`: one 128-byte swizzle row (64 bf16). */
 #define BC_CONV_WG_BK 64
 /** Threads per block of `bc_conv_wgmma` (two warpgroups). */
@@ -591,6 +594,8 @@ typedef struct BcT5AttentionParams {
 #define BC_CONV_WG_SMEM (BC_CONV_WG_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN) * BC_CONV_WG_BK * 2 + 1024)
 /** Dynamic shared memory of `bc_conv_wgmma_n96` (B tiles of 96 rows). */
 #define BC_CONV_WG_N96_SMEM (BC_CONV_WG_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN_96) * BC_CONV_WG_BK * 2 + 1024)
+/** Dynamic shared memory of `bc_conv_wgmma_n64` (B tiles of 64 rows). */
+#define BC_CONV_WG_N64_SMEM (BC_CONV_WG_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN_64) * BC_CONV_WG_BK * 2 + 1024)
 /** Epilogue activation of the decoder kernels: ReLU (`bc_conv`; the others use BC_ACT_NONE
  * and BC_ACT_SILU of `bc_activation`). */
 #define BC_ACT_RELU 4

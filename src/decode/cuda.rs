@@ -166,7 +166,7 @@ struct Dev {
     sink: Sink,
     /// Work submitted to the stream: launches, copies, memsets, uploads, graph replays.
     submits: u64,
-    /// Of `flops`, those launched on `bc_conv_wgmma` / `bc_conv_wgmma_n96`.
+    /// Of `flops`, those launched on `bc_conv_wgmma` (any of its channel tiles).
     wgmma_flops: f64,
     /// Convolutions that fit it run `bc_conv_wgmma` (Hopper; see [`conv_wgmma_default`]).
     conv_wgmma: bool,
@@ -405,7 +405,12 @@ impl Dev {
             },
             self.conv_wgmma,
         );
-        let wg = |k| matches!(k, Kernel::ConvWgmma | Kernel::ConvWgmmaN96);
+        let wg = |k| {
+            matches!(
+                k,
+                Kernel::ConvWgmma | Kernel::ConvWgmmaN96 | Kernel::ConvWgmmaN64
+            )
+        };
         if !planning && l.as_ref().is_ok_and(|l| wg(l.kernel)) {
             self.wgmma_flops += flops;
         }
@@ -851,7 +856,8 @@ impl CudaDecoder {
     }
 
     /// Of [`CudaDecoder::flops`], the convolution FLOPs launched on the Hopper wgmma kernels
-    /// `bc_conv_wgmma` / `bc_conv_wgmma_n96` (the rest ran `bc_conv` / `bc_conv_n16`).
+    /// `bc_conv_wgmma` / `bc_conv_wgmma_n96` / `bc_conv_wgmma_n64` (the rest ran `bc_conv` /
+    /// `bc_conv_n16`).
     pub fn wgmma_flops(&self) -> f64 {
         self.dev.wgmma_flops
     }

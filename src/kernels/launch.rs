@@ -825,20 +825,24 @@ pub fn conv_on(
     conv_tiled(srcs, w, shape, hw, ep, out, tile)
 }
 
-/// The output channels per block of the wgmma conv for `cout`: `BC_CONV_WG_BN_96`
-/// (`bc_conv_wgmma_n96`) when it pads cout less than `BC_CONV_WG_BN` (`bc_conv_wgmma`), as
-/// for the Wan VAE's 96 and 192 channels; 128 otherwise (384 channels, ties).
+/// The output channels per block of the wgmma conv for `cout`: of `BC_CONV_WG_BN` (128,
+/// `bc_conv_wgmma`), `BC_CONV_WG_BN_96` (`bc_conv_wgmma_n96`) and `BC_CONV_WG_BN_64`
+/// (`bc_conv_wgmma_n64`), the one that pads cout least, the wider one on a tie: 96 for the Wan
+/// VAE's 96 and 192 channels (and 136), 64 for TAEHV's 64 (and 32, 40), 128 for 384, 256, 200.
 pub fn conv_wgmma_tile(cout: usize) -> u32 {
     let pad = |t: u32| cout.div_ceil(t as usize) * t as usize - cout;
-    if pad(BC_CONV_WG_BN_96) < pad(BC_CONV_WG_BN) {
-        BC_CONV_WG_BN_96
-    } else {
-        BC_CONV_WG_BN
+    let mut best = BC_CONV_WG_BN;
+    for t in [BC_CONV_WG_BN_96, BC_CONV_WG_BN_64] {
+        if pad(t) < pad(best) {
+            best = t;
+        }
     }
+    best
 }
 
 /// [`conv_on`] with the wgmma channel tile given: `Some(BC_CONV_WG_BN)` (`bc_conv_wgmma`),
-/// `Some(BC_CONV_WG_BN_96)` (`bc_conv_wgmma_n96`; another width is refused), where the conv
+/// `Some(BC_CONV_WG_BN_96)` (`bc_conv_wgmma_n96`), `Some(BC_CONV_WG_BN_64)`
+/// (`bc_conv_wgmma_n64`; another width is refused), where the conv
 /// fits it; `None`: `bc_conv` / `bc_conv_n16`. The wgmma grid is (ceil(h*w /
 /// `BC_CONV_WG_BM`), ceil(cout / tile)), block `BC_CONV_WG_THREADS`, with the kernel's
 /// dynamic shared memory.
@@ -937,6 +941,7 @@ pub fn conv_tiled(
             let wk = match t {
                 BC_CONV_WG_BN => Kernel::ConvWgmma,
                 BC_CONV_WG_BN_96 => Kernel::ConvWgmmaN96,
+                BC_CONV_WG_BN_64 => Kernel::ConvWgmmaN64,
                 _ => return Err(invalid(k, format!("no {t}-channel wgmma conv tile"))),
             };
             (wk, BC_CONV_WG_BM, t, BC_CONV_WG_THREADS)
@@ -980,10 +985,11 @@ pub fn conv_tiled(
 }
 
 /// Whether a launch built by [`conv_tiled`] with a wgmma tile fits the TMA variant
-/// `bc_conv_wgmma_tma*` (`cuda/conv_wgmma_tma.cu`): it runs `bc_conv_wgmma*` (16-byte path,
-/// more than 16 output channels) and no source is upsampled (a TMA box reads a source's pixels
-/// as they are), unless in the parity form, which reads the upsampled sources at their own
-/// size.
+/// `bc_conv_wgmma_tma*` (`cuda/conv_wgmma_tma.cu`): it runs `bc_conv_wgmma` or
+/// `bc_conv_wgmma_n96` (16-byte path, more than 16 output channels; the TMA variant has no
+/// 64-channel tile, so a `bc_conv_wgmma_n64` launch stays on that kernel) and no source is
+/// upsampled (a TMA box reads a source's pixels as they are), unless in the parity form, which
+/// reads the upsampled sources at their own size.
 pub fn conv_tma_fits(l: &Launch<BcConvParams>) -> bool {
     matches!(l.kernel, Kernel::ConvWgmma | Kernel::ConvWgmmaN96)
         && (l.params.parity != 0
@@ -1055,6 +1061,12 @@ pub fn conv_tma(
     let (k, bn) = match l.kernel {
         Kernel::ConvWgmma => (Kernel::ConvWgmmaTma, BC_CONV_WG_BN),
         Kernel::ConvWgmmaN96 => (Kernel::ConvWgmmaTmaN96, BC_CONV_WG_BN_96),
+        Kernel::ConvWgmmaN64 => {
+            return Err(invalid(
+                Kernel::ConvWgmmaTma,
+                "no 64-channel tile in the TMA conv (run bc_conv_wgmma_n64)",
+            ))
+        }
         _ => return Err(invalid(Kernel::ConvWgmmaTma, "not a wgmma conv launch")),
     };
     if !conv_tma_fits(&l) {
@@ -1307,10 +1319,37 @@ mod tests {
         assert_eq!(pick(96, 200, true, true).0, Kernel::ConvWgmma);
         assert_eq!(pick(96, 192, false, true).0, Kernel::ConvWgmmaN96);
         assert_eq!(pick(96, 384, false, true).0, Kernel::ConvWgmma);
+        // TAEHV's 64 channels (and 32, 40: less padding than 96 or 128) -> 64; 256 ties -> 128.
+        assert_eq!(
+            pick(64, 64, false, true),
+            (Kernel::ConvWgmmaN64, [3, 1, 1], BC_CONV_WG_THREADS)
+        );
+        assert_eq!(pick(128, 32, false, true).0, Kernel::ConvWgmmaN64);
+        assert_eq!(pick(64, 40, true, true).0, Kernel::ConvWgmmaN64);
+        assert_eq!(pick(64, 256, false, true).0, Kernel::ConvWgmma);
+        for (cout, tile) in [
+            (64, 64),
+            (32, 64),
+            (40, 64),
+            (48, 64),
+            (96, 96),
+            (192, 96),
+            (136, 96),
+            (128, 128),
+            (200, 128),
+            (256, 128),
+            (384, 128),
+        ] {
+            assert_eq!(conv_wgmma_tile(cout), tile, "cout {cout}");
+        }
         assert_eq!(Kernel::ConvWgmma.dynamic_smem_bytes(), BC_CONV_WG_SMEM);
         assert_eq!(
             Kernel::ConvWgmmaN96.dynamic_smem_bytes(),
             BC_CONV_WG_N96_SMEM
+        );
+        assert_eq!(
+            Kernel::ConvWgmmaN64.dynamic_smem_bytes(),
+            BC_CONV_WG_N64_SMEM
         );
         let tiled = |t| {
             conv_tiled(
@@ -1327,7 +1366,16 @@ mod tests {
             tiled(Some(BC_CONV_WG_BN)).unwrap().kernel,
             Kernel::ConvWgmma
         );
-        assert!(tiled(Some(64)).is_err());
+        assert_eq!(
+            tiled(Some(BC_CONV_WG_BN_64)).unwrap().grid,
+            [3, 3, 1] // 136 channels: 3 tiles of 64
+        );
+        assert!(tiled(Some(80)).is_err());
+        // The TMA conv has no 64-channel tile: such a launch does not fit it.
+        let l64 = tiled(Some(BC_CONV_WG_BN_64)).unwrap();
+        assert_eq!(l64.kernel, Kernel::ConvWgmmaN64);
+        assert!(!conv_tma_fits(&l64));
+        assert!(conv_tma(l64, &[]).is_err());
         // Off, 16 outputs or fewer, channels not a multiple of 8: bc_conv / bc_conv_n16.
         assert_eq!(pick(96, 136, false, false).0, Kernel::Conv);
         assert_eq!(pick(96, 16, false, true).0, Kernel::ConvN16);

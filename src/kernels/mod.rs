@@ -153,6 +153,8 @@ pub enum Kernel {
     ConvWgmma,
     /// `bc_conv_wgmma_n96` ([`BcConvParams`]): the same with 96-channel tiles.
     ConvWgmmaN96,
+    /// `bc_conv_wgmma_n64` ([`BcConvParams`]): the same with 64-channel tiles.
+    ConvWgmmaN64,
     /// `bc_dec_latent_in` ([`BcDecLatentInParams`]).
     DecLatentIn,
     /// `bc_dec_rms_norm` ([`BcDecRmsNormParams`]).
@@ -182,7 +184,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 38] = [
+    pub const ALL: [Kernel; 39] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -210,6 +212,7 @@ impl Kernel {
         Kernel::ConvN16,
         Kernel::ConvWgmma,
         Kernel::ConvWgmmaN96,
+        Kernel::ConvWgmmaN64,
         Kernel::DecLatentIn,
         Kernel::DecRmsNorm,
         Kernel::DecUpsample2x,
@@ -253,6 +256,7 @@ impl Kernel {
             Kernel::ConvN16 => "bc_conv_n16",
             Kernel::ConvWgmma => "bc_conv_wgmma",
             Kernel::ConvWgmmaN96 => "bc_conv_wgmma_n96",
+            Kernel::ConvWgmmaN64 => "bc_conv_wgmma_n64",
             Kernel::DecLatentIn => "bc_dec_latent_in",
             Kernel::DecRmsNorm => "bc_dec_rms_norm",
             Kernel::DecUpsample2x => "bc_dec_upsample2x",
@@ -285,6 +289,7 @@ impl Kernel {
             Kernel::ConvWgmmaTmaN96 => BC_CONV_TMA_N96_SMEM,
             Kernel::ConvWgmma => BC_CONV_WG_SMEM,
             Kernel::ConvWgmmaN96 => BC_CONV_WG_N96_SMEM,
+            Kernel::ConvWgmmaN64 => BC_CONV_WG_N64_SMEM,
             _ => 0,
         }
     }

@@ -86,7 +86,8 @@ pub fn conv(
 }
 
 /// [`conv`] on the Hopper variant (`cuda/conv_wgmma.cu`) with `tile` output channels per block
-/// (`BC_CONV_WG_BN`: `bc_conv_wgmma`, `BC_CONV_WG_BN_96`: `bc_conv_wgmma_n96`); an error
+/// (`BC_CONV_WG_BN`: `bc_conv_wgmma`, `BC_CONV_WG_BN_96`: `bc_conv_wgmma_n96`,
+/// `BC_CONV_WG_BN_64`: `bc_conv_wgmma_n64`); an error
 /// (nothing runs) when the conv does not fit it (every channel count, stride and offset a
 /// multiple of 8, more than `BC_CONV_BN_NARROW` output channels), instead of falling back to
 /// `bc_conv`.
@@ -119,7 +120,7 @@ pub fn conv_wgmma(
 /// [`conv_wgmma`] on the TMA variant (`cuda/conv_wgmma_tma.cu`: operand tiles by TMA from a
 /// producer warp, the maps encoded as the emulation's tensor maps by the same specs the device
 /// path gives the driver); an error (nothing runs) when the conv does not fit it (it must fit
-/// the wgmma conv, and no source may be upsampled).
+/// the wgmma conv with a 128- or 96-channel tile, and no source may be upsampled).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_wgmma_tma(
     srcs: &[ConvSrc],
@@ -235,7 +236,10 @@ fn conv_impl(
         },
         wgmma_tile,
     )?;
-    let wg = matches!(l.kernel, Kernel::ConvWgmma | Kernel::ConvWgmmaN96);
+    let wg = matches!(
+        l.kernel,
+        Kernel::ConvWgmma | Kernel::ConvWgmmaN96 | Kernel::ConvWgmmaN64
+    );
     if wgmma_tile.is_some() && !wg {
         return Err(invalid(
             k,
@@ -247,7 +251,7 @@ fn conv_impl(
         if !launch::conv_tma_fits(&l) {
             return Err(invalid(
                 kt,
-                "does not fit the TMA conv (an upsampled source)",
+                "does not fit the TMA conv (an upsampled source, or the 64-channel tile)",
             ));
         }
         let maps = launch::conv_tma_specs(&l)
@@ -644,8 +648,9 @@ mod tests {
         } else {
             (1.0 / 256.0, 1e-4)
         };
-        // bc_conv (or bc_conv_n16), then bc_conv_wgmma and bc_conv_wgmma_n96 where the case fits
-        // them (16-byte copies, more than 16 output channels; they refuse the others).
+        // bc_conv (or bc_conv_n16), then bc_conv_wgmma, bc_conv_wgmma_n96 and bc_conv_wgmma_n64
+        // where the case fits them (16-byte copies, more than 16 output channels; they refuse
+        // the others).
         let fits = cs.cin % 8 == 0
             && cs.cout > BC_CONV_BN_NARROW as usize
             && cs
@@ -662,6 +667,7 @@ mod tests {
                 None,
                 Some((BC_CONV_WG_BN, false)),
                 Some((BC_CONV_WG_BN_96, false)),
+                Some((BC_CONV_WG_BN_64, false)),
                 Some((BC_CONV_WG_BN, true)),
                 Some((BC_CONV_WG_BN_96, true)),
             ] {
@@ -887,6 +893,37 @@ mod tests {
         c.f32_out = true;
         c.bias = true;
         run_case(17, &c);
+    }
+
+    /// Cases whose tile is `bc_conv_wgmma_n64` (`launch::conv_wgmma_tile`: TAEHV's 64 output
+    /// channels, and 32 or 40, which it pads less than 96 or 128); `run_case` runs each through
+    /// `bc_conv` and every wgmma tile, random inputs, NaN-poisoned outputs.
+    #[test]
+    fn wgmma_conv_n64_taehv_shapes() {
+        for cout in [64, 32, 40] {
+            assert_eq!(
+                launch::conv_wgmma_tile(cout),
+                BC_CONV_WG_BN_64,
+                "cout {cout}"
+            );
+        }
+        // TAEHV's 3x3 64 -> 64 with bias + ReLU: 9 k-steps of one tap each, two pixel tiles
+        // (9 x 17 = 153), padded source stride.
+        run_3x3_bias_relu(20, 64, (64, 72), (9, 17));
+        // 32 outputs over 40 channels: k-steps across taps, the last one partly empty.
+        run_3x3_bias_relu(21, 32, (40, 40), (7, 11));
+        // 40 outputs (the tile's last 24 channels masked) from an upsampled 64-channel source,
+        // with residual and SiLU (the parity form too).
+        let mut c = case(40, 64, 1, 3, (6, 10), vec![s(64, 64, 0, 0, true)]);
+        c.res = true;
+        c.act = ConvAct::Silu;
+        run_case(22, &c);
+        // TGrow: 1x1 64 -> 128 split into two frames of 64, f32 output.
+        let mut c = case(128, 64, 1, 1, (5, 9), vec![s(64, 64, 0, 0, false)]);
+        c.split = 64;
+        c.f32_out = true;
+        c.bias = true;
+        run_case(23, &c);
     }
 
     #[test]

@@ -156,6 +156,12 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_conv_wgmma_n64(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_dec_softmax(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -260,6 +266,7 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::ConvN16 => bc_emu_bc_conv_n16,
         Kernel::ConvWgmma => bc_emu_bc_conv_wgmma,
         Kernel::ConvWgmmaN96 => bc_emu_bc_conv_wgmma_n96,
+        Kernel::ConvWgmmaN64 => bc_emu_bc_conv_wgmma_n64,
         Kernel::DecLatentIn => bc_emu_bc_dec_latent_in,
         Kernel::DecRmsNorm => bc_emu_bc_dec_rms_norm,
         Kernel::DecUpsample2x => bc_emu_bc_dec_upsample2x,

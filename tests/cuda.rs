@@ -1018,42 +1018,65 @@ fn tma_layouts_match_the_hardware() {
     let mut rng = Rng::new(91);
     let mut failed = Vec::new();
     let block = kernels::params::BC_TMA_PROBE_THREADS;
-    for swizzle in TmaSwizzle::ALL {
-        for rank in 2..=5 {
-            for eb in [2usize, 4] {
-                let case = TmaProbeCase::edges(rank, swizzle, eb);
-                let t: Vec<u8> = (0..case.tensor_bytes())
-                    .map(|_| (rng.next_u64() % 255) as u8 + 1)
-                    .collect();
-                let want = kemu::tma_probe(&t, &case).unwrap();
-                assert_eq!(want, case.expected(&t), "the emulation against its model");
-                let td = up(&mut g, &t);
-                let od = poisoned(&mut g, want.len());
-                let got = g
-                    .encode_tensor_map(&case.spec, td)
-                    .and_then(|map| {
-                        let p = tma_probe_params(map, &case, od as *mut u8).unwrap();
-                        // SAFETY: the tensor and the output are device allocations of the sizes the
-                        // probe reads and writes.
-                        unsafe { g.launch(kernels::Kernel::TmaProbe, [1, 1, 1], block, &p) }
-                    })
-                    .and_then(|()| g.sync())
-                    .map(|()| {
-                        let mut v = vec![0u8; want.len()];
-                        g.download(&mut v, od).unwrap();
-                        v
-                    });
-                let what = format!("raw swizzle={swizzle:?} rank={rank} elem={eb}B");
-                let (ok, detail) = match got {
-                    Ok(v) => {
-                        let bad = v.iter().zip(&want).filter(|(a, b)| a != b).count();
-                        (bad == 0, format!("{bad} of {} bytes differ", want.len()))
+    // Every raw case twice: first with the loads reading a copy of the map in global memory
+    // (`map_global`, the parameter's map zeroed; `global-map raw ...` lines), then from the
+    // kernel parameter's map as the TMA convolution does. The first H200 run faulted (illegal
+    // instruction) at the first load from the parameter's map; the global pass says whether the
+    // map's location is the cause. A fault leaves the context unusable, so what follows it fails
+    // too: the first FAIL line is the one that counts.
+    for global in [true, false] {
+        for swizzle in TmaSwizzle::ALL {
+            for rank in 2..=5 {
+                for eb in [2usize, 4] {
+                    let case = TmaProbeCase::edges(rank, swizzle, eb);
+                    let t: Vec<u8> = (0..case.tensor_bytes())
+                        .map(|_| (rng.next_u64() % 255) as u8 + 1)
+                        .collect();
+                    let want = kemu::tma_probe(&t, &case).unwrap();
+                    assert_eq!(want, case.expected(&t), "the emulation against its model");
+                    let td = up(&mut g, &t);
+                    let od = poisoned(&mut g, want.len());
+                    let got = g
+                        .encode_tensor_map(&case.spec, td)
+                        .and_then(|map| {
+                            let p = if global {
+                                let md = up(&mut g, &map.opaque);
+                                let mut p = tma_probe_params(
+                                    kernels::params::BcTensorMap { opaque: [0; 16] },
+                                    &case,
+                                    od as *mut u8,
+                                )
+                                .unwrap();
+                                p.map_global = md as *const kernels::params::BcTensorMap;
+                                p
+                            } else {
+                                tma_probe_params(map, &case, od as *mut u8).unwrap()
+                            };
+                            // SAFETY: the tensor and the output are device allocations of the sizes the
+                            // probe reads and writes (`md`: the 128-byte map, 256-byte aligned).
+                            unsafe { g.launch(kernels::Kernel::TmaProbe, [1, 1, 1], block, &p) }
+                        })
+                        .and_then(|()| g.sync())
+                        .map(|()| {
+                            let mut v = vec![0u8; want.len()];
+                            g.download(&mut v, od).unwrap();
+                            v
+                        });
+                    let what = format!(
+                        "{}raw swizzle={swizzle:?} rank={rank} elem={eb}B",
+                        if global { "global-map " } else { "" }
+                    );
+                    let (ok, detail) = match got {
+                        Ok(v) => {
+                            let bad = v.iter().zip(&want).filter(|(a, b)| a != b).count();
+                            (bad == 0, format!("{bad} of {} bytes differ", want.len()))
+                        }
+                        Err(e) => (false, format!("error: {e}")),
+                    };
+                    println!("TMA {what} {} ({detail})", if ok { "PASS" } else { "FAIL" });
+                    if !ok {
+                        failed.push(what);
                     }
-                    Err(e) => (false, format!("error: {e}")),
-                };
-                println!("TMA {what} {} ({detail})", if ok { "PASS" } else { "FAIL" });
-                if !ok {
-                    failed.push(what);
                 }
             }
         }

@@ -51,6 +51,13 @@ fn tma_boxes_match_the_model_for_every_swizzle_rank_and_edge() {
                     "zero fill and data"
                 );
                 assert_eq!(got, w, "swizzle {swizzle:?} rank {rank} {eb}-byte elements");
+                // The same loads reading a copy of the map elsewhere (`map_global`, the GPU
+                // diagnostic), the parameter's map zeroed: the same bytes.
+                let global = emu::tma_probe_global_map(&t, &c).unwrap();
+                assert_eq!(
+                    global, w,
+                    "map_global: swizzle {swizzle:?} rank {rank} {eb}B"
+                );
                 runs += 1;
             }
         }

@@ -956,6 +956,10 @@ typedef struct BcTmaProbeParams {
     unsigned char *out;
     /** Wgmma mode: `[64][64]` f32. */
     float *c;
+    /** Raw mode: NULL (the loads read `map`, the kernel parameter's copy), or a copy of `map` in
+     * global memory that the loads read instead: the first GPU run (H200) faulted on the
+     * parameter's map, and this tells the tensor map's location from its contents. */
+    const BcTensorMap *map_global;
 } BcTmaProbeParams;
 
 /** `bc_conv_wgmma_tma` / `bc_conv_wgmma_tma_n96` (cuda/conv_wgmma_tma.cu): bc_conv_wgmma with

@@ -78,27 +78,27 @@ __device__ __forceinline__ void bc_tma_probe_wgmma(const BcTmaProbeParams& p, un
     }
 }
 
-// The raw mode's load of box `c` (rank p.rank).
-__device__ __forceinline__ void bc_tma_probe_load(const BcTmaProbeParams& p, unsigned char* box, uint64_t* bar,
-                                                  const int (&c)[5]) {
+// The raw mode's load of box `c` (rank p.rank), from `map` (the parameter's, or p.map_global).
+__device__ __forceinline__ void bc_tma_probe_load(const BcTmaProbeParams& p, const BcTensorMap* map,
+                                                  unsigned char* box, uint64_t* bar, const int (&c)[5]) {
     switch (p.rank) {
         case 2: {
             const int cc[2] = {c[0], c[1]};
-            bc_tma_load<2>(box, &p.map, bar, cc);
+            bc_tma_load<2>(box, map, bar, cc);
             break;
         }
         case 3: {
             const int cc[3] = {c[0], c[1], c[2]};
-            bc_tma_load<3>(box, &p.map, bar, cc);
+            bc_tma_load<3>(box, map, bar, cc);
             break;
         }
         case 4: {
             const int cc[4] = {c[0], c[1], c[2], c[3]};
-            bc_tma_load<4>(box, &p.map, bar, cc);
+            bc_tma_load<4>(box, map, bar, cc);
             break;
         }
         default:
-            bc_tma_load<5>(box, &p.map, bar, c);
+            bc_tma_load<5>(box, map, bar, c);
             break;
     }
 }
@@ -126,7 +126,7 @@ extern "C" __global__ void __launch_bounds__(TP_NT) bc_tma_probe(const __grid_co
                 bc_mbar_arrive(bar);
             else if (p.fault != BC_TMA_FAULT_NO_ARRIVE)
                 bc_mbar_arrive_expect_tx(bar, (unsigned)p.box_bytes);
-            bc_tma_probe_load(p, tiles + b * BC_TMA_PROBE_MAX_BOX, bar, c);
+            bc_tma_probe_load(p, p.map_global ? p.map_global : &p.map, tiles + b * BC_TMA_PROBE_MAX_BOX, bar, c);
         }
         bc_mbar_wait(bar, (unsigned)(p.fault == BC_TMA_FAULT_PARITY ? b ^ 1 : b));
         const unsigned char* box = tiles + b * BC_TMA_PROBE_MAX_BOX;

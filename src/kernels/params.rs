@@ -1332,6 +1332,8 @@ pub struct BcTmaProbeParams {
     pub out: *mut ::std::os::raw::c_uchar,
     #[doc = " Wgmma mode: `[64][64]` f32."]
     pub c: *mut f32,
+    #[doc = " Raw mode: NULL (the loads read `map`, the kernel parameter's copy), or a copy of `map` in\n global memory that the loads read instead: the first GPU run (H200) faulted on the\n parameter's map, and this tells the tensor map's location from its contents."]
+    pub map_global: *const BcTensorMap,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -1357,6 +1359,8 @@ const _: () = {
         [::std::mem::offset_of!(BcTmaProbeParams, out) - 320usize];
     ["Offset of field: BcTmaProbeParams::c"]
         [::std::mem::offset_of!(BcTmaProbeParams, c) - 328usize];
+    ["Offset of field: BcTmaProbeParams::map_global"]
+        [::std::mem::offset_of!(BcTmaProbeParams, map_global) - 336usize];
 };
 #[repr(C)]
 #[repr(align(64))]

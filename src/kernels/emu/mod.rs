@@ -26,8 +26,8 @@ mod ffi;
 mod tma;
 
 pub use tma::{
-    tma_probe, tma_probe_params, tma_probe_wgmma, tma_probe_wgmma_params, tma_probe_wgmma_spec,
-    TmaProbeCase,
+    tma_probe, tma_probe_global_map, tma_probe_params, tma_probe_wgmma, tma_probe_wgmma_params,
+    tma_probe_wgmma_spec, TmaProbeCase,
 };
 
 pub use ffi::{dims, launch_raw};

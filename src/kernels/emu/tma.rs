@@ -133,6 +133,7 @@ pub fn tma_probe_params(
         fault: case.fault,
         out,
         c: std::ptr::null_mut(),
+        map_global: std::ptr::null(),
     })
 }
 
@@ -170,6 +171,7 @@ pub fn tma_probe_wgmma_params(
         fault,
         out: std::ptr::null_mut(),
         c,
+        map_global: std::ptr::null(),
     })
 }
 
@@ -185,6 +187,24 @@ pub fn tma_probe(tensor: &[u8], case: &TmaProbeCase) -> LaunchResult<Vec<u8>> {
     check_len(k, "tensor", tensor.len(), case.tensor_bytes())?;
     let mut out = vec![0xa5u8; 2 * case.spec.box_bytes()];
     let p = tma_probe_params(map, case, out.as_mut_ptr())?;
+    run_probe(p)?;
+    Ok(out)
+}
+
+/// [`tma_probe`] with the loads reading a copy of the map in other memory
+/// (`BcTmaProbeParams::map_global`), the parameter's own map zeroed: the same bytes must land.
+#[doc(hidden)]
+pub fn tma_probe_global_map(tensor: &[u8], case: &TmaProbeCase) -> LaunchResult<Vec<u8>> {
+    let k = Kernel::TmaProbe;
+    let map = case
+        .spec
+        .encode_emulated(tensor.as_ptr() as u64)
+        .map_err(|e| invalid(k, e))?;
+    check_len(k, "tensor", tensor.len(), case.tensor_bytes())?;
+    let mut out = vec![0xa5u8; 2 * case.spec.box_bytes()];
+    let global = Box::new(map);
+    let mut p = tma_probe_params(BcTensorMap { opaque: [0; 16] }, case, out.as_mut_ptr())?;
+    p.map_global = &*global;
     run_probe(p)?;
     Ok(out)
 }

@@ -1024,11 +1024,46 @@ fn tma_layouts_match_the_hardware() {
     // instruction) at the first load from the parameter's map; the global pass says whether the
     // map's location is the cause. A fault leaves the context unusable, so what follows it fails
     // too: the first FAIL line is the one that counts.
+    // BC_TMA_ONLY runs one case alone (a fault leaves the context unusable, so one process per
+    // case tells them apart): `raw:SWIZZLE:RANK:ELEM_BYTES` (the parameter's map),
+    // `raw-in:...` (the same with both boxes inside the tensor: no negative or overhanging
+    // coordinates), `global:...` (the map in global memory), `wgmma:SWIZZLE` (the wgmma-mode
+    // tiles); SWIZZLE as printed (None, B32, B64, B128).
+    let only = std::env::var("BC_TMA_ONLY").ok();
+    let only_parts: Vec<String> = only
+        .as_deref()
+        .map(|o| o.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
+    let raw_selected =
+        |global: bool, swizzle: TmaSwizzle, rank: usize, eb: usize| -> Option<bool> {
+            let Some(kind) = only_parts.first() else {
+                return Some(false);
+            };
+            let want_global = kind == "global";
+            let inside = kind == "raw-in";
+            let raw = kind == "raw" || inside || want_global;
+            let hit = raw
+                && want_global == global
+                && only_parts.get(1).map(String::as_str) == Some(format!("{swizzle:?}").as_str())
+                && only_parts.get(2).map(String::as_str) == Some(rank.to_string().as_str())
+                && only_parts.get(3).map(String::as_str) == Some(eb.to_string().as_str());
+            hit.then_some(inside)
+        };
     for global in [true, false] {
         for swizzle in TmaSwizzle::ALL {
             for rank in 2..=5 {
                 for eb in [2usize, 4] {
-                    let case = TmaProbeCase::edges(rank, swizzle, eb);
+                    let Some(inside) = raw_selected(global, swizzle, rank, eb) else {
+                        continue;
+                    };
+                    let mut case = TmaProbeCase::edges(rank, swizzle, eb);
+                    if inside {
+                        for i in 0..rank {
+                            case.coords[0][i] = 0;
+                            case.coords[1][i] =
+                                case.spec.dims[i] as i32 - case.spec.box_dims[i] as i32;
+                        }
+                    }
                     let t: Vec<u8> = (0..case.tensor_bytes())
                         .map(|_| (rng.next_u64() % 255) as u8 + 1)
                         .collect();
@@ -1063,8 +1098,9 @@ fn tma_layouts_match_the_hardware() {
                             v
                         });
                     let what = format!(
-                        "{}raw swizzle={swizzle:?} rank={rank} elem={eb}B",
-                        if global { "global-map " } else { "" }
+                        "{}raw{} swizzle={swizzle:?} rank={rank} elem={eb}B",
+                        if global { "global-map " } else { "" },
+                        if inside { " (boxes inside)" } else { "" }
                     );
                     let (ok, detail) = match got {
                         Ok(v) => {
@@ -1115,6 +1151,12 @@ fn tma_layouts_match_the_hardware() {
             max_rel_err(&got, &want)
         };
     for swizzle in TmaSwizzle::ALL {
+        if only.is_some()
+            && (only_parts.first().map(String::as_str) != Some("wgmma")
+                || only_parts.get(1).map(String::as_str) != Some(format!("{swizzle:?}").as_str()))
+        {
+            continue;
+        }
         let err = wgmma_run(&mut g, swizzle, swizzle, 0);
         let ok = err < 1e-3;
         println!(
@@ -1129,6 +1171,9 @@ fn tma_layouts_match_the_hardware() {
         ("boxes one row off", TmaSwizzle::B128, BC_TMA_FAULT_COORD),
         ("128B tiles loaded unswizzled", TmaSwizzle::None, 0),
     ] {
+        if only.is_some() {
+            break;
+        }
         let err = wgmma_run(&mut g, TmaSwizzle::B128, map_swizzle, fault);
         let ok = err > 1e-2;
         println!(

@@ -835,13 +835,7 @@ fn switch_latency() -> Vec<Value> {
 fn pixel_stream(model: &std::sync::Arc<Model>) -> Vec<Value> {
     use blockcascade::decode::Decoder;
     use blockcascade::{Stream, StreamOptions};
-    let c = model.config().clone();
-    let mut rng = Rng::new(22);
-    let rows = 64;
-    let prompt = PromptEmbeds {
-        data: (0..rows * c.text_dim).map(|_| rng.normal() * 0.1).collect(),
-        rows,
-    };
+    let prompt = bench_prompt(model.config(), 22);
     let taehv = std::sync::Arc::new(Decoder::synthetic(DecoderKind::Taehv, 64, 1));
     println!("\npixel stream: wan-1.3b-shape, 60x104 latents, local attention 21 frames (sink 3), 10 blocks of 3");
     let mut out = Vec::new();
@@ -924,14 +918,21 @@ fn pixel_stream(model: &std::sync::Arc<Model>) -> Vec<Value> {
     out
 }
 
+/// A random 64-row prompt for `config`'s text width (seeded).
+fn bench_prompt(config: &ModelConfig, seed: u64) -> PromptEmbeds {
+    let mut rng = Rng::new(seed);
+    let rows = 64;
+    PromptEmbeds {
+        data: (0..rows * config.text_dim)
+            .map(|_| rng.normal() * 0.1)
+            .collect(),
+        rows,
+    }
+}
+
 fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
     let c = model.config().clone();
-    let mut rng = Rng::new(21);
-    let rows = 64;
-    let prompt = PromptEmbeds {
-        data: (0..rows * c.text_dim).map(|_| rng.normal() * 0.1).collect(),
-        rows,
-    };
+    let prompt = bench_prompt(&c, 21);
     println!("\nend to end: wan-1.3b-shape, 60x104 latents, 21 frames (7 blocks), 4 steps (model built in {built_s:.1} s)");
     println!(
         "{:<22} {:>12} {:>14} {:>8} {:>8}",

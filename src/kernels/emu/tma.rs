@@ -179,22 +179,18 @@ pub fn tma_probe_wgmma_params(
 /// boxes' shared-memory bytes as they landed.
 #[doc(hidden)]
 pub fn tma_probe(tensor: &[u8], case: &TmaProbeCase) -> LaunchResult<Vec<u8>> {
-    let k = Kernel::TmaProbe;
-    let map = case
-        .spec
-        .encode_emulated(tensor.as_ptr() as u64)
-        .map_err(|e| invalid(k, e))?;
-    check_len(k, "tensor", tensor.len(), case.tensor_bytes())?;
-    let mut out = vec![0xa5u8; 2 * case.spec.box_bytes()];
-    let p = tma_probe_params(map, case, out.as_mut_ptr())?;
-    run_probe(p)?;
-    Ok(out)
+    raw_probe(tensor, case, false)
 }
 
 /// [`tma_probe`] with the loads reading a copy of the map in other memory
 /// (`BcTmaProbeParams::map_global`), the parameter's own map zeroed: the same bytes must land.
 #[doc(hidden)]
 pub fn tma_probe_global_map(tensor: &[u8], case: &TmaProbeCase) -> LaunchResult<Vec<u8>> {
+    raw_probe(tensor, case, true)
+}
+
+/// The raw mode under the emulation, the map in the params or (`global`) behind `map_global`.
+fn raw_probe(tensor: &[u8], case: &TmaProbeCase, global: bool) -> LaunchResult<Vec<u8>> {
     let k = Kernel::TmaProbe;
     let map = case
         .spec
@@ -202,9 +198,14 @@ pub fn tma_probe_global_map(tensor: &[u8], case: &TmaProbeCase) -> LaunchResult<
         .map_err(|e| invalid(k, e))?;
     check_len(k, "tensor", tensor.len(), case.tensor_bytes())?;
     let mut out = vec![0xa5u8; 2 * case.spec.box_bytes()];
-    let global = Box::new(map);
-    let mut p = tma_probe_params(BcTensorMap { opaque: [0; 16] }, case, out.as_mut_ptr())?;
-    p.map_global = &*global;
+    let elsewhere = Box::new(map);
+    let p = if global {
+        let mut p = tma_probe_params(BcTensorMap { opaque: [0; 16] }, case, out.as_mut_ptr())?;
+        p.map_global = &*elsewhere;
+        p
+    } else {
+        tma_probe_params(map, case, out.as_mut_ptr())?
+    };
     run_probe(p)?;
     Ok(out)
 }

@@ -73,7 +73,7 @@ cd "$here" || exit 70
 chmod +x bin/* 2>/dev/null || true # in case a copy lost the executable bits
 if [ $mode = device ]; then
     # Fresh logs (a bundle folder may carry logs of an earlier run): only the files run.sh writes.
-    rm -f "$logs"/{wgmma,tma,tma-sanitizer,tests,bench,pytorch,sanitizer-memcheck,sanitizer-racecheck}.log \
+    rm -f "$logs"/{wgmma,tma,tma-sanitizer,tma-bisect,tests,bench,pytorch,sanitizer-memcheck,sanitizer-racecheck}.log \
         "$logs"/{sanitizer,parts,env,devices,nvidia-smi,summary}.txt "$logs"/gpu-bench.json
 fi
 : >> "$logs"/parts.txt
@@ -221,11 +221,13 @@ summary() {
         echo "  TMA: ${tp:-0} PASS, ${tf:-0} FAIL (tma.log)"
         grep -h -m2 -A1 'panicked' "$logs"/tma.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA probe: /'
         grep -h -m4 -E '^========= +(Illegal|Invalid|Error|at |by thread)' "$logs"/tma-sanitizer.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA sanitizer: /'
+        sed 's/^/  /' "$logs"/tma-bisect.log 2>/dev/null
     else
         tagged WGMMA "$logs"/wgmma.log | cut -c1-200 | sed 's/^/  /'
         tagged TMA "$logs"/tma.log | cut -c1-200 | sed 's/^/  /'
         grep -h -m2 -A1 'panicked' "$logs"/tma.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA probe: /'
         grep -h -m4 -E '^========= +(Illegal|Invalid|Error|at |by thread)' "$logs"/tma-sanitizer.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA sanitizer: /'
+        sed 's/^/  /' "$logs"/tma-bisect.log 2>/dev/null
     fi
     echo "-- kernel max error vs CPU reference (tolerance ~1e-2)"
     if [ "$1" = compact ]; then
@@ -401,6 +403,16 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
                 --nocapture --exact tma_layouts_match_the_hardware > "$logs"/tma-sanitizer.log 2>&1
             note="$note, sanitizer report in tma-sanitizer.log"
         fi
+        # Bisect the raw cases' shape, one process per case (a fault leaves the context
+        # unusable): `TMA bisect` lines in tma-bisect.log (docs/gpu-results.md says why).
+        for c in wgmma:B128 raw:None:2:2 raw:None:2:2:inside raw:None:2:2:dense \
+                 raw:None:2:2:fit raw:None:2:2:rows8 raw:None:2:2:dense,fit \
+                 raw:None:2:2:dense,fit,inside raw:B128:2:2:dense,fit,inside raw:None:2:2:dense,fit,rows8,inside; do
+            r=$(BC_TMA_ONLY=$c timeout -k 2 20 ./bin/cuda-tests --test-threads=1 --nocapture --exact \
+                tma_layouts_match_the_hardware 2>&1 | grep -m1 -E '^(test [^ ]+ \.\.\. )?TMA (raw|wgmma|global)' | grep -oE ' (PASS|FAIL)' | head -n 1)
+            echo "TMA bisect $c: ${r:-no result}"
+        done > "$logs"/tma-bisect.log 2>&1
+        note="$note, bisection in tma-bisect.log"
     fi
     if [ "$tf" -eq 0 ] && [ "$tp" -gt 0 ] && grep -q '^test result: ok' "$logs"/tma.log; then
         export BC_TMA_OK=1

@@ -1028,7 +1028,9 @@ fn tma_layouts_match_the_hardware() {
     // case tells them apart): `raw:SWIZZLE:RANK:ELEM_BYTES` (the parameter's map),
     // `raw-in:...` (the same with both boxes inside the tensor: no negative or overhanging
     // coordinates), `global:...` (the map in global memory), `wgmma:SWIZZLE` (the wgmma-mode
-    // tiles); SWIZZLE as printed (None, B32, B64, B128).
+    // tiles); SWIZZLE as printed (None, B32, B64, B128). A raw case takes a fifth field, a
+    // comma list of shape changes (`TmaProbeCase::reshaped`: `inside`, `dense`, `fit`, `rows8`), the
+    // bisection `scripts/gpu-run.sh` runs when the probe fails.
     let only = std::env::var("BC_TMA_ONLY").ok();
     let only_parts: Vec<String> = only
         .as_deref()
@@ -1057,12 +1059,16 @@ fn tma_layouts_match_the_hardware() {
                         continue;
                     };
                     let mut case = TmaProbeCase::edges(rank, swizzle, eb);
+                    let mut mods: Vec<&str> = only_parts
+                        .get(4)
+                        .map(|m| m.split(',').filter(|x| !x.is_empty()).collect())
+                        .unwrap_or_default();
                     if inside {
-                        for i in 0..rank {
-                            case.coords[0][i] = 0;
-                            case.coords[1][i] =
-                                case.spec.dims[i] as i32 - case.spec.box_dims[i] as i32;
-                        }
+                        mods.push("inside");
+                    }
+                    let inside = !mods.is_empty();
+                    if inside {
+                        case = case.reshaped(&mods);
                     }
                     let t: Vec<u8> = (0..case.tensor_bytes())
                         .map(|_| (rng.next_u64() % 255) as u8 + 1)
@@ -1100,7 +1106,11 @@ fn tma_layouts_match_the_hardware() {
                     let what = format!(
                         "{}raw{} swizzle={swizzle:?} rank={rank} elem={eb}B",
                         if global { "global-map " } else { "" },
-                        if inside { " (boxes inside)" } else { "" }
+                        if inside {
+                            format!(" ({})", mods.join(","))
+                        } else {
+                            String::new()
+                        }
                     );
                     let (ok, detail) = match got {
                         Ok(v) => {

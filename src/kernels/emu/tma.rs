@@ -66,6 +66,51 @@ impl TmaProbeCase {
         }
     }
 
+    /// The case with its shape changed by `mods` (the bisection of the H200's TMA fault, where
+    /// every raw case faulted and the dense wgmma-mode boxes passed; `BC_TMA_ONLY` in
+    /// `tests/cuda.rs`): `rows8` makes the boxes' outer extents 8 (only rank 2 fits the probe's
+    /// shared memory then), `fit` makes every extent twice its box, `dense` drops the row
+    /// padding (rows rounded up to 16 bytes only), `inside` keeps both boxes inside the tensor
+    /// (else they overhang every edge, as [`TmaProbeCase::edges`] places them). Unknown words
+    /// are ignored.
+    pub fn reshaped(mut self, mods: &[&str]) -> Self {
+        let has = |m: &str| mods.contains(&m);
+        let spec = &mut self.spec;
+        let rank = spec.dims.len();
+        let eb = spec.elem_bytes as u64;
+        if has("rows8") {
+            for i in 1..rank {
+                spec.box_dims[i] = 8;
+                spec.dims[i] = spec.dims[i].max(10);
+            }
+        }
+        if has("fit") {
+            for i in 0..rank {
+                spec.dims[i] = 2 * spec.box_dims[i] as u64;
+            }
+        }
+        let pad = !has("dense");
+        let mut s = (spec.dims[0] * eb).div_ceil(16) * 16 + if pad { 16 } else { 0 };
+        spec.strides.clear();
+        for i in 1..rank {
+            spec.strides.push(s);
+            s = s * spec.dims[i] + if pad && i == 1 { 32 } else { 0 };
+        }
+        for i in 0..rank {
+            let (d, b) = (spec.dims[i] as i32, spec.box_dims[i] as i32);
+            let over = if has("inside") {
+                0
+            } else if i == 0 {
+                3
+            } else {
+                1
+            };
+            self.coords[0][i] = -over;
+            self.coords[1][i] = d - b + over;
+        }
+        self
+    }
+
     /// Bytes of the tensor the map describes (the last dimension's stride times its extent).
     pub fn tensor_bytes(&self) -> usize {
         let s = &self.spec;

@@ -853,14 +853,9 @@ fn pixel_stream(model: &std::sync::Arc<Model>) -> Vec<Value> {
         ("sequential, TAEHV on the GPU", Schedule::Sequential, true),
     ] {
         let opts = GenerateOptions {
-            height: 60,
-            width: 104,
-            block_frames: 3,
-            schedule,
-            backend: BackendKind::Cuda,
             local_attn: Some(21),
             sink: 3,
-            ..Default::default()
+            ..wan_shape_options(schedule)
         };
         let sopts = StreamOptions {
             decoder: decode.then(|| taehv.clone()),
@@ -918,6 +913,19 @@ fn pixel_stream(model: &std::sync::Arc<Model>) -> Vec<Value> {
     out
 }
 
+/// The benchmark's generation on the CUDA backend: 60x104 latents (480x832 video), blocks of
+/// 3 frames, `schedule`.
+fn wan_shape_options(schedule: Schedule) -> GenerateOptions {
+    GenerateOptions {
+        height: 60,
+        width: 104,
+        block_frames: 3,
+        schedule,
+        backend: BackendKind::Cuda,
+        ..Default::default()
+    }
+}
+
 /// A random 64-row prompt for `config`'s text width (seeded).
 fn bench_prompt(config: &ModelConfig, seed: u64) -> PromptEmbeds {
     let mut rng = Rng::new(seed);
@@ -953,14 +961,7 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
         if mma_sync {
             std::env::set_var("BC_ATTN_WGMMA", "0");
         }
-        let opts = GenerateOptions {
-            height: 60,
-            width: 104,
-            block_frames: 3,
-            schedule,
-            backend: BackendKind::Cuda,
-            ..Default::default()
-        };
+        let opts = wan_shape_options(schedule);
         let gen = match Generator::new(model, opts, NoiseSource::Seeded(1), &prompt) {
             Ok(g) => g,
             Err(e) => {

@@ -390,6 +390,8 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
     # The TMA / mbarrier probe (tests/cuda.rs tma_layouts_match_the_hardware), in its own
     # process too: every TMA line PASSes -> BC_TMA_OK=1 (the TMA conv bc_conv_wgmma_tma then
     # joins the tests and the benchmark, with BC_WGMMA_OK=1 as well).
+    # This run's diagnostics only (a passing probe leaves none).
+    rm -f "$logs"/tma-sanitizer.log "$logs"/tma-bisect.log "$logs"/tma-conv.log
     timeout -k 5 60 ./bin/cuda-tests --test-threads=1 --nocapture --exact tma_layouts_match_the_hardware \
         > "$logs"/tma.log 2>&1
     tp=$(tagged TMA "$logs"/tma.log | grep -c ' PASS'); tf=$(tagged TMA "$logs"/tma.log | grep -c ' FAIL')
@@ -397,11 +399,18 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
     # A probe that faulted (the first GPU run: an illegal instruction) prints few lines: say so.
     if ! grep -q '^test result: ok' "$logs"/tma.log; then
         note="$note, TMA probe FAILED (tma.log)"
+        # The diagnostics below come out of the budget too: in device mode they keep 200 s for
+        # the parts after them (tests, bench, pytorch) and stop where that would not hold.
+        diag_left() {
+            if [ $mode = device ]; then echo $((budget - reserve - $(el) - 200)); else echo 100000; fi
+        }
+        # Seconds for one diagnostic of at most $1 s (0: no time left for it).
+        diag_t() { local l; l=$(diag_left); [ "$l" -ge 5 ] || { echo 0; return; }; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
         # Locate the fault: the probe again under compute-sanitizer (its report names the
         # kernel and the SASS offset of the faulting instruction), 45 s at most.
         san=$(command -v compute-sanitizer || ls -d /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | sort -V | tail -n 1)
-        if [ -n "$san" ]; then
-            timeout -k 5 45 "$san" --tool memcheck --show-backtrace device ./bin/cuda-tests --test-threads=1 \
+        if [ -n "$san" ] && [ "$(diag_t 45)" -gt 0 ]; then
+            timeout -k 5 "$(diag_t 45)" "$san" --tool memcheck --show-backtrace device ./bin/cuda-tests --test-threads=1 \
                 --nocapture --exact tma_layouts_match_the_hardware > "$logs"/tma-sanitizer.log 2>&1
             note="$note, sanitizer report in tma-sanitizer.log"
         fi
@@ -410,7 +419,9 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
         for c in wgmma:B128 raw:None:2:2 raw:None:2:2:inside raw:None:2:2:dense \
                  raw:None:2:2:fit raw:None:2:2:rows8 raw:None:2:2:dense,fit \
                  raw:None:2:2:dense,fit,inside raw:B128:2:2:dense,fit,inside raw:None:2:2:dense,fit,rows8,inside; do
-            r=$(BC_TMA_ONLY=$c timeout -k 2 20 ./bin/cuda-tests --test-threads=1 --nocapture --exact \
+            dt_c=$(diag_t 20)
+            [ "$dt_c" -gt 0 ] || { echo "TMA bisect $c: skipped (time budget)"; continue; }
+            r=$(BC_TMA_ONLY=$c timeout -k 2 "$dt_c" ./bin/cuda-tests --test-threads=1 --nocapture --exact \
                 tma_layouts_match_the_hardware 2>&1 | grep -m1 -E '^(test [^ ]+ \.\.\. )?TMA (raw|wgmma|global)' | grep -oE ' (PASS|FAIL)' | head -n 1)
             echo "TMA bisect $c:${r:- no result}"
         done > "$logs"/tma-bisect.log 2>&1
@@ -419,8 +430,8 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
         # groups and 2-D weight boxes, unlike the probe's raw cases): the golden decoders with it,
         # in a process of their own. Reported only (`TMA conv golden` in the summary); it stays
         # off in the tests and the benchmark, where a fault would cost their later sections.
-        if [ "${BC_WGMMA_OK:-}" = 1 ]; then
-            BC_TMA_OK=1 timeout -k 2 60 ./bin/cuda-tests --test-threads=1 --nocapture --exact \
+        if [ "${BC_WGMMA_OK:-}" = 1 ] && [ "$(diag_t 60)" -gt 0 ]; then
+            BC_TMA_OK=1 timeout -k 2 "$(diag_t 60)" ./bin/cuda-tests --test-threads=1 --nocapture --exact \
                 decoders_match_the_golden_videos > "$logs"/tma-conv.log 2>&1
             if grep -q '^test result: ok' "$logs"/tma-conv.log && grep -q 'conv-tma rel_l2' "$logs"/tma-conv.log; then
                 note="$note, TMA conv golden PASS (tma-conv.log)"

@@ -619,7 +619,11 @@ fn attention_tile_choice(
     let flag = flag.as_deref().map(str::trim);
     let hopper = gpu.compute_capability() == Some((9, 0));
     let wgmma = || -> Result<AttentionTile> {
-        match std::env::var("BC_ATTN_WGMMA_VARIANT").ok() {
+        // Set but empty counts as unset (the default variant), as the other flags do.
+        match std::env::var("BC_ATTN_WGMMA_VARIANT")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+        {
             Some(v) => AttentionTile::wgmma_variant(Some(&v)).map_err(Error::invalid),
             None => Ok(AttentionTile::WgmmaPpK128),
         }

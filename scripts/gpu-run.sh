@@ -219,18 +219,15 @@ summary() {
         tagged TMA "$logs"/tma.log | grep -v ' PASS ' | cut -c1-200 | sed 's/^/  /'
         tp=$(tagged TMA "$logs"/tma.log | grep -c ' PASS'); tf=$(tagged TMA "$logs"/tma.log | grep -c ' FAIL')
         echo "  TMA: ${tp:-0} PASS, ${tf:-0} FAIL (tma.log)"
-        grep -h -m2 -A1 'panicked' "$logs"/tma.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA probe: /'
-        grep -h -m4 -E '^========= +(Illegal|Invalid|Error|at |by thread)' "$logs"/tma-sanitizer.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA sanitizer: /'
-        sed 's/^/  /' "$logs"/tma-bisect.log 2>/dev/null
-        tagged GOLDEN "$logs"/tma-conv.log | grep 'conv-tma' | sed 's/^/  TMA conv golden: /'
     else
         tagged WGMMA "$logs"/wgmma.log | cut -c1-200 | sed 's/^/  /'
         tagged TMA "$logs"/tma.log | cut -c1-200 | sed 's/^/  /'
-        grep -h -m2 -A1 'panicked' "$logs"/tma.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA probe: /'
-        grep -h -m4 -E '^========= +(Illegal|Invalid|Error|at |by thread)' "$logs"/tma-sanitizer.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA sanitizer: /'
-        sed 's/^/  /' "$logs"/tma-bisect.log 2>/dev/null
-        tagged GOLDEN "$logs"/tma-conv.log | grep 'conv-tma' | sed 's/^/  TMA conv golden: /'
     fi
+    # A failed TMA probe's diagnostics (both summaries; only a failed probe leaves them).
+    grep -h -m2 -A1 'panicked' "$logs"/tma.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA probe: /'
+    grep -h -m4 -E '^========= +(Illegal|Invalid|Error|at |by thread)' "$logs"/tma-sanitizer.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA sanitizer: /'
+    sed 's/^/  /' "$logs"/tma-bisect.log 2>/dev/null
+    tagged GOLDEN "$logs"/tma-conv.log | grep 'conv-tma' | sed 's/^/  TMA conv golden: /'
     echo "-- kernel max error vs CPU reference (tolerance ~1e-2)"
     if [ "$1" = compact ]; then
         tagged KERNEL "$logs"/tests.log | awk '{

@@ -1036,40 +1036,36 @@ fn tma_layouts_match_the_hardware() {
         .as_deref()
         .map(|o| o.split(':').map(str::to_string).collect())
         .unwrap_or_default();
+    // Whether a raw case runs, and with which shape changes (none without BC_TMA_ONLY).
     let raw_selected =
-        |global: bool, swizzle: TmaSwizzle, rank: usize, eb: usize| -> Option<bool> {
+        |global: bool, swizzle: TmaSwizzle, rank: usize, eb: usize| -> Option<Vec<&str>> {
             let Some(kind) = only_parts.first() else {
-                return Some(false);
+                return Some(Vec::new());
             };
             let want_global = kind == "global";
-            let inside = kind == "raw-in";
-            let raw = kind == "raw" || inside || want_global;
+            let raw = kind == "raw" || kind == "raw-in" || want_global;
             let hit = raw
                 && want_global == global
                 && only_parts.get(1).map(String::as_str) == Some(format!("{swizzle:?}").as_str())
                 && only_parts.get(2).map(String::as_str) == Some(rank.to_string().as_str())
                 && only_parts.get(3).map(String::as_str) == Some(eb.to_string().as_str());
-            hit.then_some(inside)
+            let mut mods: Vec<&str> = only_parts
+                .get(4)
+                .map(|m| m.split(',').filter(|x| !x.is_empty()).collect())
+                .unwrap_or_default();
+            if kind == "raw-in" {
+                mods.push("inside");
+            }
+            hit.then_some(mods)
         };
     for global in [true, false] {
         for swizzle in TmaSwizzle::ALL {
             for rank in 2..=5 {
                 for eb in [2usize, 4] {
-                    let Some(inside) = raw_selected(global, swizzle, rank, eb) else {
+                    let Some(mods) = raw_selected(global, swizzle, rank, eb) else {
                         continue;
                     };
-                    let mut case = TmaProbeCase::edges(rank, swizzle, eb);
-                    let mut mods: Vec<&str> = only_parts
-                        .get(4)
-                        .map(|m| m.split(',').filter(|x| !x.is_empty()).collect())
-                        .unwrap_or_default();
-                    if inside {
-                        mods.push("inside");
-                    }
-                    let inside = !mods.is_empty();
-                    if inside {
-                        case = case.reshaped(&mods);
-                    }
+                    let case = TmaProbeCase::edges(rank, swizzle, eb).reshaped(&mods);
                     let t: Vec<u8> = (0..case.tensor_bytes())
                         .map(|_| (rng.next_u64() % 255) as u8 + 1)
                         .collect();
@@ -1106,10 +1102,10 @@ fn tma_layouts_match_the_hardware() {
                     let what = format!(
                         "{}raw{} swizzle={swizzle:?} rank={rank} elem={eb}B",
                         if global { "global-map " } else { "" },
-                        if inside {
-                            format!(" ({})", mods.join(","))
-                        } else {
+                        if mods.is_empty() {
                             String::new()
+                        } else {
+                            format!(" ({})", mods.join(","))
                         }
                     );
                     let (ok, detail) = match got {

@@ -31,16 +31,15 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS) bc_activation(BcActivat
     const long long i = (long long)blockIdx.x * EW_THREADS + threadIdx.x;
     if (i >= p.n) return;
     const float b = p.bias ? p.bias[i % p.cols] : 0.f;
-    if (p.bf16 == BC_ACT_F32_TO_BF16) {
-        static_cast<__nv_bfloat16*>(p.out)[i] =
-            __float2bfloat16(bc_act(static_cast<const float*>(p.x)[i] + b, p.op));
-    } else if (p.bf16) {
-        const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
-        __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out);
-        o[i] = __float2bfloat16(bc_act(__bfloat162float(x[i]) + b, p.op));
-    } else {
-        static_cast<float*>(p.out)[i] = bc_act(static_cast<const float*>(p.x)[i] + b, p.op);
-    }
+    // Input bf16 only in mode 1; output bf16 in modes 1 and BC_ACT_F32_TO_BF16: one load, one
+    // activation, one store.
+    const float u = p.bf16 == 1 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p.x)[i])
+                                : static_cast<const float*>(p.x)[i];
+    const float v = bc_act(u + b, p.op);
+    if (p.bf16)
+        static_cast<__nv_bfloat16*>(p.out)[i] = __float2bfloat16(v);
+    else
+        static_cast<float*>(p.out)[i] = v;
 }
 BC_EMU_ENTRY(bc_activation, BcActivationParams)
 

@@ -242,6 +242,7 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
                     split: cout,
                     frame_stride: 0,
                     cstride: 1,
+                    frames: 1,
                 },
                 on,
             )

@@ -687,6 +687,15 @@ typedef struct BcConvParams {
      * `w`. The GEMM rows are the sources' (h/2) x (w/2) pixels and the grid's z the 4
      * parities: 16 taps per output quad instead of 36. 0: the plain conv (grid z = 1). */
     bc_i32 parity;
+    /** Frames the launch covers (>= 1; grid z = frames, times 4 in the parity form, z = 4 f +
+     * parity): frame f reads every source `f` frames on (a source's frames are contiguous,
+     * `h*w*stride` elements apart, `(h/2)*(w/2)*stride` when `up`), the residual `f * h*w *
+     * res_stride` elements on, and writes output frames `f * (cout / out_split) + n /
+     * out_split` (`out_frame_stride` apart). Each frame's blocks are those of a one-frame launch,
+     * so every output value is the same sum in the same order. Needs `out_cstride` = 1 when > 1. */
+    bc_i32 frames;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
 } BcConvParams;
 
 /** `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16

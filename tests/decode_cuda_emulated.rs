@@ -5,7 +5,7 @@
 
 use blockcascade::backend::cuda::device::Gpu;
 use blockcascade::bench::rel_l2;
-use blockcascade::decode::{CudaDecoder, Decoder, DecoderKind};
+use blockcascade::decode::{CudaDecoder, Decoder, DecoderKind, BLOCK_ROWS};
 use blockcascade::tensorfile::TensorFile;
 use blockcascade::video::to_rgb8;
 use std::path::Path;
@@ -113,9 +113,13 @@ fn taehv_block_walk_equals_the_frame_walk_bit_for_bit() {
     per_frame.set_graphs(false).unwrap();
     let want = stream(&mut per_frame, &latents, (h, w), &blocks);
     assert_eq!(want.0.len(), (4 * total - 3) * 3 * 64 * h * w);
-    for graphs in [false, true] {
+    // The default bound on rows per launch (no grouping at this size), then frames past a
+    // TGrow in groups (500 rows: stage 3 in groups of 2 frames, the full resolution one by
+    // one; 1 row: every frame alone past the first TGrow), with graphs and without.
+    for (graphs, rows) in [(false, BLOCK_ROWS), (true, 500), (false, 1)] {
         let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
         dev.set_graphs(graphs).unwrap();
+        dev.set_block_rows(rows).unwrap();
         assert!(dev.frame_batching());
         let got = stream(&mut dev, &latents, (h, w), &blocks);
         let bad = got
@@ -123,11 +127,12 @@ fn taehv_block_walk_equals_the_frame_walk_bit_for_bit() {
             .iter()
             .zip(&want.0)
             .position(|(a, b)| a.to_bits() != b.to_bits());
+        let what = format!("graphs {graphs}, {rows} rows");
         assert!(
             bad.is_none() && got.0.len() == want.0.len(),
-            "graphs {graphs}: value {bad:?} differs"
+            "{what}: value {bad:?} differs"
         );
-        assert_eq!(got.1, want.1, "graphs {graphs}: RGB8");
+        assert_eq!(got.1, want.1, "{what}: RGB8");
         if graphs {
             assert!(dev.stats().graph_frames > 0, "{:?}", dev.stats());
         }
@@ -149,6 +154,56 @@ fn taehv_block_walk_equals_the_frame_walk_bit_for_bit() {
     assert_eq!(four.pool_bytes, twelve.pool_bytes);
     assert!(block.pool_bytes < four.pool_bytes && frame.pool_bytes < block.pool_bytes);
     assert_eq!(block.state_bytes, frame.state_bytes);
+}
+
+/// What a 3-latent-frame block at 480x832 (latents 60x104) costs the real-width decoders
+/// (random weights), counted without running (`CudaDecoder::measure_block`): submissions per
+/// block and device memory, for TAEHV's block walk and frame walk and the Wan VAE's frame walk
+/// (`COST` lines with `--nocapture`; docs/decoders.md quotes them). The block walk's pool is
+/// bounded by its walk (4 latent frames at most), whatever the push.
+#[test]
+fn block_costs_at_480x832() {
+    let mib = |b: usize| b as f64 / 1048576.0;
+    let taehv = Decoder::synthetic(DecoderKind::Taehv, 64, 1);
+    let mut dev = CudaDecoder::new(&taehv, Gpu::open_emulated().unwrap()).unwrap();
+    let mut costs = Vec::new();
+    for batch in [true, false] {
+        dev.set_frame_batching(batch).unwrap();
+        for frames in [1, 3, 4, 12] {
+            let c = dev.measure_block(60, 104, frames).unwrap();
+            println!(
+                "COST taehv {} {frames} latent frames: {} walks, {} submissions, pool {:.1} MiB, \
+                 state {:.1} MiB, io {:.1} MiB",
+                if batch { "block-walk" } else { "per-frame" },
+                c.walks,
+                c.submissions,
+                mib(c.pool_bytes),
+                mib(c.state_bytes),
+                mib(c.io_bytes)
+            );
+            costs.push(c);
+        }
+    }
+    let (b3, b4, b12, f3) = (costs[1], costs[2], costs[3], costs[5]);
+    assert!(b3.submissions * 2 < f3.submissions, "{b3:?} vs {f3:?}");
+    assert_eq!(
+        b4.pool_bytes, b12.pool_bytes,
+        "the pool grows with the push"
+    );
+    assert!(b3.pool_bytes < 1 << 31, "{b3:?}");
+    let wan = Decoder::synthetic(DecoderKind::WanVae, 96, 1);
+    let mut dev = CudaDecoder::new(&wan, Gpu::open_emulated().unwrap()).unwrap();
+    let c = dev.measure_block(60, 104, 3).unwrap();
+    println!(
+        "COST wan-vae per-frame 3 latent frames: {} walks, {} submissions, pool {:.1} MiB, \
+         state {:.1} MiB, io {:.1} MiB",
+        c.walks,
+        c.submissions,
+        mib(c.pool_bytes),
+        mib(c.state_bytes),
+        mib(c.io_bytes)
+    );
+    assert_eq!(c.walks, 3);
 }
 
 #[test]

@@ -195,7 +195,18 @@ struct Dev {
     /// one launch over all of a block's frames (see [`frame_batching_default`]); else one
     /// latent frame at a time.
     batch: bool,
+    /// The block walk's bound on GEMM rows (pixels x frames) per launch past a `TGrow`
+    /// ([`BLOCK_ROWS`]).
+    block_rows: usize,
 }
+
+/// GEMM rows (output pixels of all the frames) TAEHV's block walk gives a launch at most past a
+/// `TGrow`, where it goes on in groups of frames (a frame's pixels at least): 2^19 rows are
+/// 4096 blocks of 128 pixels, ten and more waves on a 132-SM GPU. At 480x832 (latents 60x104)
+/// a 3-latent-frame block runs its first two stages (6240 and 24960 pixels a frame) in one
+/// launch per layer, the third (99840) in 2 groups of 3 frames and the full resolution
+/// (399360) in 6 of 2, so the activations stay near a few hundred MiB.
+pub const BLOCK_ROWS: usize = 1 << 19;
 
 /// Whether a new decoder batches frames (TAEHV's block walk): yes unless
 /// `BC_DECODE_PER_FRAME=1` (the frame-at-a-time walk, kept to compare with: same bits).
@@ -246,6 +257,7 @@ impl Dev {
             conv_parity: conv_parity_default(),
             measured: 0,
             batch: frame_batching_default(),
+            block_rows: BLOCK_ROWS,
         }
     }
 
@@ -993,6 +1005,20 @@ impl CudaDecoder {
             self.graphs.map.clear();
         }
         self.dev.batch = on;
+        Ok(())
+    }
+
+    /// Sets the block walk's bound on GEMM rows per launch past a `TGrow` (default
+    /// [`BLOCK_ROWS`]; at least 1: then every frame past the first `TGrow` goes on alone, as
+    /// in the frame walk). Tests use small bounds to take the grouped path at small sizes;
+    /// the bits are the same whatever the bound. Captured graphs are dropped when it changes.
+    pub fn set_block_rows(&mut self, rows: usize) -> Result<()> {
+        let rows = rows.max(1);
+        if self.dev.block_rows != rows {
+            self.dev.gpu.sync()?;
+            self.graphs.map.clear();
+        }
+        self.dev.block_rows = rows;
         Ok(())
     }
 

@@ -170,11 +170,26 @@ impl DevTaehv {
 
     /// Decodes the `x.n` latent frames of a block from their clamped NHWC inputs `x` (one after
     /// the other, not a pool buffer) breadth first: each layer once over all its frames, one
-    /// launch per conv (see the module docs). Memories and the trim carry from block to block
-    /// as in [`DevTaehv::frame`]; device memory is bounded by the block's frames.
-    pub(super) fn block(&self, dev: &mut Dev, st: &mut TaehvDevState, mut x: Frame) -> Result<()> {
-        let mut pending = false;
-        for i in 1..self.layers.len() {
+    /// launch per conv (see the module docs), except that after a `TGrow` whose frames would
+    /// make more than `dev.block_rows` GEMM rows a launch, they go on in groups, depth first
+    /// (as [`DevTaehv::frame`] after every `TGrow`): the finer stages have pixels enough per
+    /// frame, and the groups bound the activations. Memories and the trim carry from group to
+    /// group and block to block as in [`DevTaehv::frame`].
+    pub(super) fn block(&self, dev: &mut Dev, st: &mut TaehvDevState, x: Frame) -> Result<()> {
+        self.block_from(dev, st, 1, x, false)
+    }
+
+    /// [`DevTaehv::block`] from layer `from` on (`pending`: a nearest 2x upsample not yet
+    /// applied to `x`).
+    fn block_from(
+        &self,
+        dev: &mut Dev,
+        st: &mut TaehvDevState,
+        from: usize,
+        mut x: Frame,
+        mut pending: bool,
+    ) -> Result<()> {
+        for i in from..self.layers.len() {
             let layer = &self.layers[i];
             let lead = usize::from(self.feeds_mem(i));
             if pending && matches!(layer, DevLayer::Mem { .. } | DevLayer::Up | DevLayer::Clamp) {
@@ -211,7 +226,28 @@ impl DevTaehv {
                     let hw = (x.h, x.w);
                     dev.conv_frames(conv, &[In::at(x, 0)], hw, None, BC_ACT_NONE, out, x.n)?;
                     dev.put(x);
-                    x = y;
+                    // The rest in even groups of frames of at most `block_rows` rows at the
+                    // next conv's size (through the pending upsample), in order.
+                    let rows = y.h * y.w * if pending { 4 } else { 1 };
+                    let groups = (y.n * rows).div_ceil(dev.block_rows.max(1)).clamp(1, y.n);
+                    let g = y.n.div_ceil(groups);
+                    let fb = y.frame_bytes() as u64;
+                    let mut k = 0;
+                    while k < y.n {
+                        let ptr = y.ptr + k as u64 * fb;
+                        let part = Frame {
+                            ptr,
+                            // Only the first group has the spare leading frame.
+                            base: if k == 0 { y.base } else { ptr },
+                            n: g.min(y.n - k),
+                            owned: false,
+                            ..y
+                        };
+                        self.block_from(dev, st, i + 1, part, pending)?;
+                        k += part.n;
+                    }
+                    dev.put(y);
+                    return Ok(());
                 }
                 DevLayer::Mem { convs, skip, slot } => {
                     let (hw, n, fb) = ((x.h, x.w), x.n, x.frame_bytes());

@@ -3,7 +3,8 @@
 //
 //   out[m][n] = act(bias[n] + res[m][n] + sum_{s, dy, dx, c} x_s[shift(m, dy, dx)][c] * w[n][t_s][dy][dx][c0_s + c])
 //
-// One launch computes one output frame. Its inputs are up to BC_CONV_MAX_SOURCES *sources*
+// One launch computes one output frame (or `frames` of them, grid z, each exactly as its own
+// launch would: TAEHV's block walk). Its inputs are up to BC_CONV_MAX_SOURCES *sources*
 // (BcConvSource): frames that meet time tap t_s of the kernel and weight input channels
 // [c0_s, c0_s + channels_s). So one kernel covers
 //   - 3x3 (zero padding 1) and 1x1 conv2d: one source, kt = 1;

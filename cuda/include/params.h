@@ -634,7 +634,7 @@ typedef struct BcConvSource {
  * (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW); `bc_conv_wgmma`
  * (sm_90a, needs `vec`) grid (ceil(h*w / BC_CONV_WG_BM), ceil(cout / BC_CONV_WG_BN)), block
  * BC_CONV_WG_THREADS, BC_CONV_WG_SMEM bytes of dynamic shared memory. With `parity`, h*w in
- * the grids is (h/2)*(w/2) and the grid's z is 4. */
+ * the grids is (h/2)*(w/2) and the grid's z is 4; the grid's z is times `frames`. */
 typedef struct BcConvParams {
     /** The sources (`num_src` used). */
     BcConvSource src[BC_CONV_MAX_SOURCES];

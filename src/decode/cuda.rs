@@ -1,6 +1,8 @@
 //! Both decoders on a CUDA device (a GPU through the driver, or the emulated device in CI): the
-//! same layer walks as the CPU decoders (depth first, one frame per level alive), with every
-//! convolution on `cuda/conv.cu` and the small ops on `cuda/decode_ops.cu`.
+//! same layer walks as the CPU decoders (depth first, one frame per level alive; TAEHV by
+//! default in blocks of up to [`CHUNK_LATENTS`] latent frames, each layer one launch over all
+//! their frames: `cuda/taehv.rs`, docs/decoders.md), with every convolution on `cuda/conv.cu`
+//! and the small ops on `cuda/decode_ops.cu`.
 //!
 //! This file holds what both share ([`Dev`]: the device, weight upload, a pool of activation
 //! buffers, launches, the pixel output) and the public [`CudaDecoder`]; `cuda/taehv.rs` and
@@ -1621,14 +1623,19 @@ mod tests {
         let st = dev.stats();
         assert_eq!((st.eager_frames, st.graph_frames, st.captures), (5, 0, 0));
 
-        // Without the failure the same push replays frames 1.. from one graph.
-        let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
-        dev.set_graphs(true).unwrap();
-        dev.begin(h, w).unwrap();
-        assert_eq!(dev.push(&lat, frames, true).unwrap(), want);
-        let st = dev.stats();
-        assert_eq!((st.eager_frames, st.graph_frames, st.captures), (1, 4, 1));
-        assert!(dev.graph_failure().is_none());
+        // Without the failure the same push replays its steady walks from one graph: with the
+        // block walk (the default) frames 0-3 are one eager walk (the stream's start), frame 4
+        // one captured walk; frame by frame, frames 1.. replay one graph.
+        for (batch, counts) in [(true, (4, 1, 1)), (false, (1, 4, 1))] {
+            let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+            dev.set_graphs(true).unwrap();
+            dev.set_frame_batching(batch).unwrap();
+            dev.begin(h, w).unwrap();
+            assert_eq!(dev.push(&lat, frames, true).unwrap(), want);
+            let st = dev.stats();
+            assert_eq!((st.eager_frames, st.graph_frames, st.captures), counts);
+            assert!(dev.graph_failure().is_none());
+        }
     }
 
     #[test]

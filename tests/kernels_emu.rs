@@ -410,7 +410,7 @@ fn check_attention(seed: u64, heads: usize, hd: usize) {
         .into_iter()
         .map(|tile| check_attention_tile(seed, heads, hd, tile))
         .collect();
-    for (a, b) in [(0, 2), (1, 3)] {
+    for (a, b) in [(0, 2), (1, 3), (1, 4)] {
         assert!(
             same_bits(&wg[a], &wg[b]),
             "hd{hd}: {:?} and {:?} give different outputs",
@@ -436,6 +436,8 @@ fn bit_twin(tile: AttentionTile) -> AttentionTile {
     match tile {
         AttentionTile::WgmmaPp => AttentionTile::Wgmma64,
         AttentionTile::WgmmaPpK128 => AttentionTile::WgmmaK128,
+        // the warp-specialized kernel: pp_k128's math, so _k128's bits too
+        AttentionTile::WgmmaWs => AttentionTile::WgmmaK128,
         t => t,
     }
 }
@@ -597,13 +599,14 @@ fn cross_attention_case(rng: &mut Rng, heads: usize, hd: usize) {
 
 /// The attention tiles the tests run: both of [`AttentionTile::ALL`] and the Hopper wgmma
 /// prototype (its S = Q K^T runs on the emulated wgmma; head_dim <= 64 and <= 128 kernels).
-const TEST_TILES: [AttentionTile; 6] = [
+const TEST_TILES: [AttentionTile; 7] = [
     AttentionTile::Rows64,
     AttentionTile::Rows128,
     AttentionTile::Wgmma64,
     AttentionTile::WgmmaK128,
     AttentionTile::WgmmaPp,
     AttentionTile::WgmmaPpK128,
+    AttentionTile::WgmmaWs,
 ];
 
 /// Every case with every attention tile of [`TEST_TILES`].

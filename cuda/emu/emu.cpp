@@ -148,6 +148,9 @@ struct Fiber {
     // 16-byte chunks of dynamic shared memory this thread's cp.async landed (at its wait) that
     // it has not yet published by arriving at a barrier (Block::unpub)
     std::vector<size_t> landed;
+    // setmaxnreg calls of this thread, in order: +count for .inc, -count for .dec (every warp of a
+    // warpgroup must execute the same sequence)
+    std::vector<int> nreg;
     // cp.async: pending copies (oldest first) and the end index of each committed group
     struct Copy {
         void* dst;
@@ -288,6 +291,39 @@ void syncthreads(const char* file, int line) { (void)syncthreads_count(0, file, 
 static void publish_landed(Block* b, Fiber* f) {
     for (size_t c : f->landed) b->unpub[c] = 0;
     f->landed.clear();
+}
+
+void publish_landed_self() { publish_landed(tls_block, tls_fiber); }
+
+void setmaxnreg(bool inc, int count, const char* file, int line) {
+    Block* b = tls_block;
+    Fiber* f = tls_fiber;
+    const char* op = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
+    if (count < 24 || count > 256 || count % 8) {
+        set_error(b, 1, "%s %d at %s:%d: the count must be a multiple of 8 in [24, 256]", op, count, file, line);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    if (b->fibers.size() % 128) {
+        set_error(b, 1, "%s at %s:%d: a block of %zu threads is not whole warpgroups", op, file, line, b->fibers.size());
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    // The previous setmaxnreg of this thread (if any) set its current maximum: .inc may only raise
+    // it, .dec only lower it (the launch's own count is not known here).
+    if (!f->nreg.empty()) {
+        const int cur = std::abs(f->nreg.back());
+        if (inc ? count < cur : count > cur) {
+            set_error(b, 1, "%s %d at %s:%d (thread %d): the current maximum is %d", op, count, file, line, f->linear,
+                      cur);
+            f->state = kFailed;
+            yield_to_scheduler();
+            std::abort();
+        }
+    }
+    f->nreg.push_back(inc ? count : -count);
 }
 
 int syncthreads_count(int pred, const char* file, int line) {
@@ -980,6 +1016,7 @@ static int run_block(Block* b) {
         f.wg_kind = 0;
         f.nb_id = 0;
         f.landed.clear();
+        f.nreg.clear();
         ctx_make(&f.ctx, b->stack(i), kStackBytes, fiber_main);
     }
     b->wgs.assign((size_t)(n + 127) / 128, Warpgroup());
@@ -1021,6 +1058,15 @@ static int run_block(Block* b) {
                 set_error(b, 3, "%s", e);
                 return b->code;
             }
+            // setmaxnreg is .aligned per warpgroup: every thread of one ran the same sequence.
+            for (int i = 0; i < n; ++i)
+                if (b->fibers[i].nreg != b->fibers[(size_t)(i & ~127)].nreg) {
+                    set_error(b, 1,
+                              "setmaxnreg: thread %d ran %zu setmaxnreg, thread %d of its warpgroup %zu (or other "
+                              "counts): the same setmaxnreg must be executed by all warps of a warpgroup",
+                              i, b->fibers[i].nreg.size(), i & ~127, b->fibers[(size_t)(i & ~127)].nreg.size());
+                    return b->code;
+                }
             for (auto& w : b->wgs)
                 if (!w.pending.empty()) {
                     set_error(b, 3, "wgmma.mma_async at %s:%d never waited for (no wgmma.wait_group completed it)",

@@ -577,6 +577,7 @@ fn cross_attention_case(rng: &mut Rng, heads: usize, hd: usize) {
     }];
     let mut want = vec![0f32; nq * dim];
     cpu_attention(&qf, heads, hd, &[CpuSeg { k: &kf, v: &vf }], &mut want);
+    let mut pp_k128: Option<Vec<bf16>> = None;
     for tile in TEST_TILES {
         let mut out = vec![bf16::NAN; nq * dim];
         emu::attention(
@@ -594,6 +595,15 @@ fn cross_attention_case(rng: &mut Rng, heads: usize, hd: usize) {
             &to_f32(&out),
             &want,
         );
+        // (the warp-specialized kernel: pp_k128's bits, which TEST_TILES runs before it)
+        match tile {
+            AttentionTile::WgmmaPpK128 => pp_k128 = Some(out),
+            AttentionTile::WgmmaWs => assert!(
+                pp_k128.as_ref().is_some_and(|b| same_bits(b, &out)),
+                "cross attention hd{hd}: {tile:?} differs from WgmmaPpK128"
+            ),
+            _ => {}
+        }
     }
 }
 
@@ -682,6 +692,28 @@ fn attention_raw(
         scale,
         _pad: 0,
     };
+    // The warp-specialized kernel must give pp_k128's bits on every input: run that on a copy.
+    let twin = (tile == AttentionTile::WgmmaWs).then(|| {
+        let mut o = out.to_vec();
+        attention_raw(
+            AttentionTile::WgmmaPpK128,
+            q,
+            q_stride,
+            heads,
+            hd,
+            kv,
+            segs,
+            groups,
+            scale,
+            &mut o,
+            out_stride,
+        );
+        o
+    });
+    let p = BcAttentionParams {
+        out: out.as_mut_ptr() as *mut _,
+        ..p
+    };
     let kernel = tile.kernel(hd);
     let grid = [
         max_rows.div_ceil(tile.rows(hd) as usize) as u32,
@@ -697,6 +729,9 @@ fn attention_raw(
         )
     }
     .unwrap();
+    if let Some(o) = twin {
+        assert!(same_bits(out, &o), "hd{hd}: {tile:?} differs from WgmmaPpK128");
+    }
 }
 
 /// CPU reference of one group with softmax scale `scale` (cpu::attention uses 1/sqrt(hd), so

@@ -1081,6 +1081,11 @@ static int run_block(Block* b) {
                 }
             return 0;
         }
+        // Threads at an mbarrier wait whose phase has completed run at once, before the warp
+        // collectives and wgmma ops of the others resolve: a thread released by an mbarrier runs
+        // ahead into whatever the arriving threads do next, so an arrival that comes too early
+        // (a stage released while a wgmma still has to read it) shows up as wrong data.
+        if (at_wait && wake_waiters(b)) continue;
         if (at_coll || at_wg) {
             int r = at_coll ? resolve_collectives(b) : 0;
             if (b->code) return b->code;

@@ -730,7 +730,10 @@ fn attention_raw(
     }
     .unwrap();
     if let Some(o) = twin {
-        assert!(same_bits(out, &o), "hd{hd}: {tile:?} differs from WgmmaPpK128");
+        assert!(
+            same_bits(out, &o),
+            "hd{hd}: {tile:?} differs from WgmmaPpK128"
+        );
     }
 }
 

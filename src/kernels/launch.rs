@@ -1426,6 +1426,7 @@ mod tests {
             AttentionTile::WgmmaK128,
             AttentionTile::WgmmaPp,
             AttentionTile::WgmmaPpK128,
+            AttentionTile::WgmmaWs,
         ] {
             assert!(!AttentionTile::ALL.contains(&v) && v.is_wgmma());
             let l = |hd| {
@@ -1434,7 +1435,13 @@ mod tests {
             };
             let (a, c) = (l(64), l(128));
             assert_eq!(a.kernel, Kernel::AttentionWgmmaHd64);
-            assert_eq!((c.block, c.grid[0]), (256, 1));
+            // (the warp-specialized kernel: one more warpgroup, the producer)
+            let threads = if v == AttentionTile::WgmmaWs {
+                384
+            } else {
+                256
+            };
+            assert_eq!((c.block, c.grid[0]), (threads, 1));
             assert!(!kernels.contains(&c.kernel), "{v:?}");
             kernels.push(c.kernel);
         }
@@ -1449,6 +1456,14 @@ mod tests {
         assert_eq!(
             AttentionTile::wgmma_variant(None),
             Ok(AttentionTile::Wgmma64)
+        );
+        assert_eq!(
+            AttentionTile::wgmma_variant(Some("ws")),
+            Ok(AttentionTile::WgmmaWs)
+        );
+        assert_eq!(
+            Kernel::AttentionWgmmaHd128Ws.dynamic_smem_bytes(),
+            BC_ATTN_WS_SMEM
         );
         assert!(AttentionTile::wgmma_variant(Some("ping")).is_err());
     }

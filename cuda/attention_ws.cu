@@ -121,11 +121,10 @@ __device__ __forceinline__ void ws_setmaxnreg() {
 /// The producer warpgroup (thread pt = 0..127): Q, then every key tile of the group, then the
 /// end marker, as the header says.
 __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const BcAttnGroup& grp, int r0,
-                                            unsigned char* smem, uint64_t* full, uint64_t* empty, int* ring,
-                                            int pt) {
+                                            unsigned char* smem, bc_saddr base, uint64_t* full, uint64_t* empty,
+                                            int* ring, int pt) {
     const int hd = p.head_dim, cpr = hd / 8, h = blockIdx.y;
     const int c = pt % 8, r = pt / 8;
-    const bc_saddr base = bc_smem_addr(smem);
     const bc_saddr dst = base + r * WsSm::RS + ((c ^ (r & 7)) * 16);  // (row r, chunk c) of a tile
     const float qscale = p.scale * 1.4426950408889634f;
     const unsigned qsign = qscale < 0.f ? 0x80008000u : 0u;
@@ -221,14 +220,13 @@ __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const Bc
 /// A consumer warpgroup (cw = 0, 1: query rows r0 + 64 cw ..; ctid = 0..255 over both): the
 /// pp_k128 loop with the tiles from the producer.
 __device__ __forceinline__ void ws_consumer(const BcAttentionParams& p, const BcAttnGroup& grp, int r0,
-                                            unsigned char* smem, uint64_t* full, uint64_t* empty,
-                                            const int* ring, int ctid) {
+                                            unsigned w, uint64_t* full, uint64_t* empty, const int* ring,
+                                            int ctid) {
     constexpr int HDMAX = WS_HD, BK = WS_BK, NO = HDMAX / 8;
     using Cfg = WsCfg;
     const int hd = p.head_dim, h = blockIdx.y;
     const int cw = ctid / WS_WG, warp = ctid / 32, lane = ctid % 32, g = lane / 4, t = lane % 4;
     const float qscale = fabsf(p.scale * 1.4426950408889634f);  // base 2; the sign is in Q
-    const unsigned w = bc_smem_window_addr(smem);
     const uint64_t dq = bc_wgmma_kmajor_desc(w + Cfg::Q_OFF + cw * WsSm::QTS, BC_WGMMA_SWIZZLE_128B, 64, HDMAX, 0);
     const uint64_t dk0 = bc_wgmma_kmajor_desc(w, BC_WGMMA_SWIZZLE_128B, BK, HDMAX, 0);
     const uint64_t dv0 = bc_wgmma_mnmajor_desc(w + WsSm::TILEB, BC_WGMMA_SWIZZLE_128B, BK, HDMAX, 0);
@@ -328,7 +326,10 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) bc_attention_wgmma_hd128_
     const int r0 = blockIdx.x * WsCfg::BQ;
     if (r0 >= grp.q_rows) return;  // uniform for the whole block
     // The tiles start on the first 1024-byte boundary of the shared window.
-    unsigned char* smem = smem_raw + (1024u - bc_smem_window_addr(smem_raw) % 1024u) % 1024u;
+    // (shared addresses computed once, here: `base` for the copies, `w` for the descriptors)
+    const unsigned w0 = bc_smem_window_addr(smem_raw), pad = (1024u - w0 % 1024u) % 1024u;
+    unsigned char* smem = smem_raw + pad;
+    const bc_saddr base = bc_smem_addr(smem);
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + WS_BAR_OFF);
     uint64_t* empty = full + WS_STAGES;
     int* ring = reinterpret_cast<int*>(smem + WS_RING_OFF);
@@ -343,10 +344,10 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) bc_attention_wgmma_hd128_
     __syncthreads();
     if (tid < WS_WG) {
         ws_setmaxnreg<false, WS_PRODUCER_REGS>();
-        ws_producer(p, grp, r0, smem, full, empty, ring, tid);
+        ws_producer(p, grp, r0, smem, base, full, empty, ring, tid);
     } else {
         ws_setmaxnreg<true, WS_CONSUMER_REGS>();
-        ws_consumer(p, grp, r0, smem, full, empty, ring, tid - WS_WG);
+        ws_consumer(p, grp, r0, w0 + pad, full, empty, ring, tid - WS_WG);
     }
 #else
     __trap();

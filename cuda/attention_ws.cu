@@ -72,11 +72,15 @@ constexpr int WS_NT = BC_ATTN_WS_THREADS;
 constexpr int WS_WG = 128;                       // threads per warpgroup
 constexpr int WS_CONSUMERS = WS_NT / WS_WG - 1;  // consumer warpgroups (64 query rows each)
 constexpr int WS_CONSUMER_NT = WS_CONSUMERS * WS_WG;
-// Registers per thread after setmaxnreg (the launch gives 65536 / 384 = 170, rounded to 168).
-constexpr int WS_PRODUCER_REGS = 48;
+// Registers per thread after setmaxnreg. The block's pool is what the launch allocated:
+// __launch_bounds__(384, 1) gives every thread 65536 / 384 = 170, rounded down to the allocation
+// granularity of 8: 168, i.e. 64512 registers; setmaxnreg.inc blocks until the pool has the
+// registers it asks for, so the new counts must fit in those (not in the 65536 of the SM).
+constexpr int WS_LAUNCH_REGS = (65536 / WS_NT) / 8 * 8;
+constexpr int WS_PRODUCER_REGS = 40;
 constexpr int WS_CONSUMER_REGS = 232;
-static_assert(WS_WG * WS_PRODUCER_REGS + WS_CONSUMER_NT * WS_CONSUMER_REGS <= 65536,
-              "setmaxnreg: the register file holds 64K registers per block");
+static_assert(WS_WG * WS_PRODUCER_REGS + WS_CONSUMER_NT * WS_CONSUMER_REGS <= WS_NT * WS_LAUNCH_REGS,
+              "setmaxnreg: the roles' registers must fit in the block's launch allocation");
 // Tiles: the pp_k128 configuration (two warpgroups of 64 rows, 128-key tiles, 3 stages).
 using WsCfg = AttWgHd128PpK128;
 using WsSm = AttSmem<WsCfg>;

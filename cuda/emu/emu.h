@@ -165,10 +165,14 @@ constexpr int kNamedBarriers = 16;
 /// only partly arrived (the instruction is .aligned), a wait that can never complete
 /// (deadlock), and arrivals still pending when the block exits.
 void named_barrier(int id, int count, bool wait, const char* file, int line);
-/// `setmaxnreg.{inc,dec}.sync.aligned.u32 count` (PTX ISA, "setmaxnreg"): a no-op here (there
-/// is no register file), checked: count a multiple of 8 in [24, 256], a block of whole
-/// warpgroups, .inc never below and .dec never above the thread's previous setmaxnreg count,
-/// and (at block exit) every thread of a warpgroup ran the same sequence of them.
+/// `setmaxnreg.{inc,dec}.sync.aligned.u32 count` (PTX ISA, "setmaxnreg"): no registers change
+/// here, but the block's register pool is modelled (PTX ISA: ".inc blocks until enough registers
+/// are available in the CTA's pool"): it starts empty, each thread owning the count a launch
+/// gives a kernel with __launch_bounds__(block, 1) (65536 / threads down to a multiple of 8, as
+/// ptxas does for setmaxnreg kernels); .dec returns the difference to the pool, .inc waits
+/// until the pool has it (never: a reported deadlock). Checked: count a multiple of 8 in [24,
+/// 256], a block of whole warpgroups, .inc never below and .dec never above the thread's
+/// current count, and (at block exit) every thread of a warpgroup ran the same sequence.
 void setmaxnreg(bool inc, int count, const char* file, int line);
 /// Publishes the cp.async data that landed at the calling thread's waits (as a barrier arrival
 /// does): the release of `mbarrier.arrive` (cuda/emu/tma.cpp).

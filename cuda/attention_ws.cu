@@ -10,7 +10,7 @@
 // head_dim a multiple of 8, <= 128; pointers 16-byte aligned, strides multiples of 8.
 //
 // What differs from pp_k128 is who does what. There, the 256 math threads also issue the
-// cp.async copies of every K/V tile (32 per thread per tile, their addresses computed in the
+// cp.async copies of every K/V tile (16 per thread per tile, their addresses computed in the
 // loop) and walk the segment list, and a MEMBAR + all-thread named barrier per tile makes the
 // copies visible to wgmma, which couples the two warpgroups. Here (FlashAttention-3's split):
 //   warpgroup 0, the producer (WS_PRODUCER_REGS registers after setmaxnreg.dec): walks the
@@ -24,9 +24,13 @@
 //     fence.proxy.async (its generic-proxy writes -> visible to wgmma's async proxy) and
 //     mbarrier.arrive on full[s] (count: the 128 producer threads; the arrive releases the
 //     copies and the ring entry). After the last tile it publishes one more stage with kn = 0,
-//     the end marker. It keeps at most WS_STAGES - 2 = 1 tile in flight past the one it waits
-//     for: the consumers free tile t only after tile t+1 is full (they issue S(t+1) with
-//     P(t) V(t)), so waiting for more would deadlock.
+//     the end marker. The first tiles need no empty wait: tile j-1 is published after tile j
+//     is issued (two in flight). From tile WS_STAGES - 1 on, each tile is published as soon as
+//     it lands, before the producer waits for the next stage: the consumers free tile t only
+//     after tile t+1 is full (they issue S(t+1) with P(t) V(t)), so tile j+1's stage (that of
+//     j-2) frees about when the consumers need tile j: publishing j only after issuing j+1
+//     (wait_group 1) would hold it behind that wait, and only after issuing j+2 (wait_group
+//     WS_STAGES - 1, the usual depth) deadlocks.
 //   warpgroups 1 and 2, the consumers (WS_CONSUMER_REGS registers after setmaxnreg.inc),
 //     64 query rows each: exactly the pp_k128 consumer math (the same wgmma sequence, softmax,
 //     order of operations, and the same named-barrier ping-pong between the two warpgroups),
@@ -49,7 +53,7 @@
 // align the tiles to the swizzle period. BC_ATTN_WS_SMEM bytes in all.
 //
 // Checked by tests/kernels_emu.rs under the SIMT emulation (cuda/emu: emulated cp.async,
-// mbarrier, named barriers, wgmma, setmaxnreg as a checked no-op): every attention case of the
+// mbarrier, named barriers, wgmma, setmaxnreg with the block's register pool): every attention case of the
 // wgmma variants (segments, masked last tiles, ragged groups of 1-130 rows, empty groups and
 // segments, strides, negative / zero scales, large logits, 512-key cross-attention) against the
 // CPU and for the bits of the _k128 kernel (= pp_k128). Speed and the real register split only

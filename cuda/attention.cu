@@ -110,6 +110,11 @@
 // logits (online rescaling), cross-attention with 512 keys; both row tiles bit-identical.
 // Real-GPU speed and the hardware fragment layouts are checked by tests/cuda.rs / benches on a
 // GPU only.
+// (included once: cuda/attention_ws.cu includes it for the helpers below, and under the
+// emulation, where every .cu is its own translation unit, with BC_ATTENTION_HELPERS_ONLY so
+// that these kernels are defined once.)
+#ifndef BC_ATTENTION_CU
+#define BC_ATTENTION_CU
 #include "include/barrier.cuh"
 #include "include/mma.cuh"
 #include "include/wgmma.cuh"
@@ -862,6 +867,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
     }
 }
 
+#ifndef BC_ATTENTION_HELPERS_ONLY
 // 64 query rows per block (2 warps; hd64: static shared memory; hd128: dynamic,
 // BC_ATTN_HD128_SMEM bytes: the launcher sets the kernel's dynamic limit once after loading
 // the module).
@@ -942,3 +948,5 @@ BC_ATT_WG_KERNEL(bc_attention_wgmma_hd128_pp, AttWgHd128Pp)
 BC_ATT_WG_KERNEL(bc_attention_wgmma_hd128_pp_k128, AttWgHd128PpK128)
 #undef BC_ATT_WG_KERNEL
 #undef BC_ATT_WG_BODY
+#endif  // BC_ATTENTION_HELPERS_ONLY
+#endif  // BC_ATTENTION_CU

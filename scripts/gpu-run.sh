@@ -238,6 +238,8 @@ summary() {
     else
         tagged KERNEL "$logs"/tests.log | awk '{ s = $3; for (i = 4; i < NF; i++) s = s " " $i; printf "  %-36s %-28s %s\n", $2, s, $NF }'
     fi
+    # The warp-specialized attention kernel against pp_k128's bits (tests/cuda.rs ws_twin).
+    tagged ATTN_WS_BITS "$logs"/tests.log | cut -c1-200 | sed 's/^/  /'
     echo "-- whole model (relative L2 vs f32 reference, < 2e-2)"
     tagged '(GOLDEN|GRAPH|MULTI|EPILOGUE|TEXT)' "$logs"/tests.log | sed 's/^/  /'
     echo "-- compute-sanitizer (kernel tests, small shapes)"

@@ -705,6 +705,7 @@ fn attention_matches_the_cpu() {
             }
         };
         let mut first = None;
+        let mut pp_k128 = None;
         for tile in attention_tiles(&g) {
             let out = poisoned(&mut g, nq * d * 2);
             ops::attention(&g, qd, out, heads, hd, sd, id, gd, 2, nq - tpf, tile).unwrap();
@@ -712,6 +713,7 @@ fn attention_matches_the_cpu() {
             if !tile.is_wgmma() {
                 same_bits(&mut first, &got, &format!("attention_self_{name}"));
             }
+            ws_twin(&mut pp_k128, tile, &got, &format!("attention_self_{name}"));
             // Reference on sampled rows of each group.
             let mut want_rows = Vec::new();
             let mut got_rows = Vec::new();
@@ -757,6 +759,7 @@ fn attention_matches_the_cpu() {
         }];
         let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &[0i32]), up(&mut g, &groups));
         let mut first = None;
+        let mut pp_k128 = None;
         for tile in attention_tiles(&g) {
             let out = poisoned(&mut g, nq * d * 2);
             ops::attention(&g, qd, out, heads, hd, sd, id, gd, 1, nq, tile).unwrap();
@@ -764,6 +767,7 @@ fn attention_matches_the_cpu() {
             if !tile.is_wgmma() {
                 same_bits(&mut first, &got, &format!("attention_cross_{name}"));
             }
+            ws_twin(&mut pp_k128, tile, &got, &format!("attention_cross_{name}"));
             let (mut want_rows, mut got_rows) = (Vec::new(), Vec::new());
             for &r in &sample {
                 let mut o = vec![0f32; d];
@@ -786,6 +790,28 @@ fn attention_matches_the_cpu() {
                 1.0,
             );
         }
+    }
+}
+
+/// The warp-specialized attention kernel ([`AttentionTile::WgmmaWs`]) runs `pp_k128`'s math, so
+/// the emulation gives it `pp_k128`'s bits: on the GPU, keeps `pp_k128`'s output (`keep`) and
+/// prints `ATTN_WS_BITS <what> same|differ (<n> of <m> values)` for the ws one (not an
+/// assertion: nvcc compiles the two kernels separately; both are checked against the CPU).
+fn ws_twin(keep: &mut Option<Vec<u32>>, tile: AttentionTile, got: &[f32], what: &str) {
+    let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+    match tile {
+        AttentionTile::WgmmaPpK128 => *keep = Some(bits),
+        AttentionTile::WgmmaWs => {
+            if let Some(b) = keep.as_ref() {
+                let n = b.iter().zip(&bits).filter(|(x, y)| x != y).count();
+                let verdict = if n == 0 { "same" } else { "differ" };
+                println!(
+                    "ATTN_WS_BITS {what} {verdict} ({n} of {} values differ from pp_k128)",
+                    bits.len()
+                );
+            }
+        }
+        _ => {}
     }
 }
 

@@ -410,7 +410,7 @@ fn check_attention(seed: u64, heads: usize, hd: usize) {
         .into_iter()
         .map(|tile| check_attention_tile(seed, heads, hd, tile))
         .collect();
-    for (a, b) in [(0, 2), (1, 3)] {
+    for (a, b) in [(0, 2), (1, 3), (1, 4)] {
         assert!(
             same_bits(&wg[a], &wg[b]),
             "hd{hd}: {:?} and {:?} give different outputs",
@@ -436,6 +436,8 @@ fn bit_twin(tile: AttentionTile) -> AttentionTile {
     match tile {
         AttentionTile::WgmmaPp => AttentionTile::Wgmma64,
         AttentionTile::WgmmaPpK128 => AttentionTile::WgmmaK128,
+        // the warp-specialized kernel: pp_k128's math, so _k128's bits too
+        AttentionTile::WgmmaWs => AttentionTile::WgmmaK128,
         t => t,
     }
 }
@@ -575,6 +577,7 @@ fn cross_attention_case(rng: &mut Rng, heads: usize, hd: usize) {
     }];
     let mut want = vec![0f32; nq * dim];
     cpu_attention(&qf, heads, hd, &[CpuSeg { k: &kf, v: &vf }], &mut want);
+    let mut pp_k128: Option<Vec<bf16>> = None;
     for tile in TEST_TILES {
         let mut out = vec![bf16::NAN; nq * dim];
         emu::attention(
@@ -592,18 +595,28 @@ fn cross_attention_case(rng: &mut Rng, heads: usize, hd: usize) {
             &to_f32(&out),
             &want,
         );
+        // (the warp-specialized kernel: pp_k128's bits, which TEST_TILES runs before it)
+        match tile {
+            AttentionTile::WgmmaPpK128 => pp_k128 = Some(out),
+            AttentionTile::WgmmaWs => assert!(
+                pp_k128.as_ref().is_some_and(|b| same_bits(b, &out)),
+                "cross attention hd{hd}: {tile:?} differs from WgmmaPpK128"
+            ),
+            _ => {}
+        }
     }
 }
 
 /// The attention tiles the tests run: both of [`AttentionTile::ALL`] and the Hopper wgmma
 /// prototype (its S = Q K^T runs on the emulated wgmma; head_dim <= 64 and <= 128 kernels).
-const TEST_TILES: [AttentionTile; 6] = [
+const TEST_TILES: [AttentionTile; 7] = [
     AttentionTile::Rows64,
     AttentionTile::Rows128,
     AttentionTile::Wgmma64,
     AttentionTile::WgmmaK128,
     AttentionTile::WgmmaPp,
     AttentionTile::WgmmaPpK128,
+    AttentionTile::WgmmaWs,
 ];
 
 /// Every case with every attention tile of [`TEST_TILES`].
@@ -679,6 +692,28 @@ fn attention_raw(
         scale,
         _pad: 0,
     };
+    // The warp-specialized kernel must give pp_k128's bits on every input: run that on a copy.
+    let twin = (tile == AttentionTile::WgmmaWs).then(|| {
+        let mut o = out.to_vec();
+        attention_raw(
+            AttentionTile::WgmmaPpK128,
+            q,
+            q_stride,
+            heads,
+            hd,
+            kv,
+            segs,
+            groups,
+            scale,
+            &mut o,
+            out_stride,
+        );
+        o
+    });
+    let p = BcAttentionParams {
+        out: out.as_mut_ptr() as *mut _,
+        ..p
+    };
     let kernel = tile.kernel(hd);
     let grid = [
         max_rows.div_ceil(tile.rows(hd) as usize) as u32,
@@ -694,6 +729,12 @@ fn attention_raw(
         )
     }
     .unwrap();
+    if let Some(o) = twin {
+        assert!(
+            same_bits(out, &o),
+            "hd{hd}: {tile:?} differs from WgmmaPpK128"
+        );
+    }
 }
 
 /// CPU reference of one group with softmax scale `scale` (cpu::attention uses 1/sqrt(hd), so

@@ -148,6 +148,9 @@ struct Fiber {
     // 16-byte chunks of dynamic shared memory this thread's cp.async landed (at its wait) that
     // it has not yet published by arriving at a barrier (Block::unpub)
     std::vector<size_t> landed;
+    // setmaxnreg calls of this thread, in order: +count for .inc, -count for .dec (every warp of a
+    // warpgroup must execute the same sequence)
+    std::vector<int> nreg;
     // cp.async: pending copies (oldest first) and the end index of each committed group
     struct Copy {
         void* dst;
@@ -208,6 +211,8 @@ struct NamedBar {
 struct Block {
     std::vector<Fiber> fibers;
     NamedBar nbars[kNamedBarriers];
+    // setmaxnreg: per-thread registers the block's pool holds (released by .dec, taken by .inc)
+    long nreg_free = 0;
     char* stacks = nullptr;
     size_t stacks_n = 0;
     Ctx sched;
@@ -288,6 +293,64 @@ void syncthreads(const char* file, int line) { (void)syncthreads_count(0, file, 
 static void publish_landed(Block* b, Fiber* f) {
     for (size_t c : f->landed) b->unpub[c] = 0;
     f->landed.clear();
+}
+
+void publish_landed_self() { publish_landed(tls_block, tls_fiber); }
+
+// Registers per thread a launch of `n` threads allocates when the kernel uses setmaxnreg: the
+// most __launch_bounds__(n, 1) allows (65536 / n, down to the allocation granularity of 8, at
+// most 256), which is the count ptxas gives such kernels.
+static int launch_nreg(size_t n) { return (int)std::min<size_t>(256, 65536 / n / 8 * 8); }
+
+struct NregWait {
+    Block* b;
+    long need;
+};
+static bool nreg_ready(void* p) {
+    const NregWait* w = static_cast<const NregWait*>(p);
+    return w->b->nreg_free >= w->need;
+}
+
+void setmaxnreg(bool inc, int count, const char* file, int line) {
+    Block* b = tls_block;
+    Fiber* f = tls_fiber;
+    const char* op = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
+    if (count < 24 || count > 256 || count % 8) {
+        set_error(b, 1, "%s %d at %s:%d: the count must be a multiple of 8 in [24, 256]", op, count, file, line);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    if (b->fibers.size() % 128) {
+        set_error(b, 1, "%s at %s:%d: a block of %zu threads is not whole warpgroups", op, file, line, b->fibers.size());
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    // The previous setmaxnreg of this thread (if any) set its current maximum: .inc may only raise
+    // it, .dec only lower it (the launch's own count is not known here).
+    const int cur = f->nreg.empty() ? launch_nreg(b->fibers.size()) : std::abs(f->nreg.back());
+    if (inc ? count < cur : count > cur) {
+        set_error(b, 1, "%s %d at %s:%d (thread %d): the current maximum is %d", op, count, file, line, f->linear,
+                  cur);
+        f->state = kFailed;
+        yield_to_scheduler();
+        std::abort();
+    }
+    f->nreg.push_back(inc ? count : -count);
+    // The block's pool holds what the launch allocated: .dec returns registers to it, .inc blocks
+    // until it has the registers asked for (a wait that can never end is a reported deadlock,
+    // e.g. roles whose counts add up to more than the launch allocation).
+    if (inc) {
+        // (every waiter whose need fits is woken at once: check again when this one runs, and
+        // take the registers before the next scheduling point)
+        NregWait w{b, (long)(count - cur)};
+        while (!nreg_ready(&w))
+            wait_until(nreg_ready, &w, "registers in the block's pool (setmaxnreg.inc)", file, line);
+        b->nreg_free -= count - cur;
+    } else {
+        b->nreg_free += cur - count;
+    }
 }
 
 int syncthreads_count(int pred, const char* file, int line) {
@@ -980,6 +1043,7 @@ static int run_block(Block* b) {
         f.wg_kind = 0;
         f.nb_id = 0;
         f.landed.clear();
+        f.nreg.clear();
         ctx_make(&f.ctx, b->stack(i), kStackBytes, fiber_main);
     }
     b->wgs.assign((size_t)(n + 127) / 128, Warpgroup());
@@ -992,6 +1056,7 @@ static int run_block(Block* b) {
     // Uninitialised shared memory: poison dynamic shared memory with NaNs.
     std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
     b->unpub.assign(b->smem_bytes / 16 + 1, 0);
+    b->nreg_free = 0;
     tma_block_begin();
     for (unsigned round = 0;; ++round) {
         // Alternate the order threads run in between scheduling points (forward, backward), so
@@ -1021,6 +1086,15 @@ static int run_block(Block* b) {
                 set_error(b, 3, "%s", e);
                 return b->code;
             }
+            // setmaxnreg is .aligned per warpgroup: every thread of one ran the same sequence.
+            for (int i = 0; i < n; ++i)
+                if (b->fibers[i].nreg != b->fibers[(size_t)(i & ~127)].nreg) {
+                    set_error(b, 1,
+                              "setmaxnreg: thread %d ran %zu setmaxnreg, thread %d of its warpgroup %zu (or other "
+                              "counts): the same setmaxnreg must be executed by all warps of a warpgroup",
+                              i, b->fibers[i].nreg.size(), i & ~127, b->fibers[(size_t)(i & ~127)].nreg.size());
+                    return b->code;
+                }
             for (auto& w : b->wgs)
                 if (!w.pending.empty()) {
                     set_error(b, 3, "wgmma.mma_async at %s:%d never waited for (no wgmma.wait_group completed it)",
@@ -1035,6 +1109,11 @@ static int run_block(Block* b) {
                 }
             return 0;
         }
+        // Threads at an mbarrier wait whose phase has completed run at once, before the warp
+        // collectives and wgmma ops of the others resolve: a thread released by an mbarrier runs
+        // ahead into whatever the arriving threads do next, so an arrival that comes too early
+        // (a stage released while a wgmma still has to read it) shows up as wrong data.
+        if (at_wait && wake_waiters(b)) continue;
         if (at_coll || at_wg) {
             int r = at_coll ? resolve_collectives(b) : 0;
             if (b->code) return b->code;
@@ -1061,12 +1140,17 @@ static int run_block(Block* b) {
             // thread is blocked, so the in-flight bulk copies land now (as late as possible).
             if (wake_waiters(b)) continue;
             if (tma_progress() && wake_waiters(b)) continue;
+            // (name a setmaxnreg.inc waiter if there is one: the others usually wait for it)
+            const Fiber* w = nullptr;
             for (auto& f : b->fibers)
-                if (f.state == kAtWait) {
-                    set_error(b, 2, "deadlock: thread %d waits for %s at %s:%d, which can never complete (%d threads "
-                              "at __syncthreads, %d exited)", f.linear, f.wait_what, f.file, f.line, at_bar, exited);
-                    return b->code;
-                }
+                if (f.state == kAtWait && (!w || (!std::strncmp(f.wait_what, "registers", 9) &&
+                                                  std::strncmp(w->wait_what, "registers", 9))))
+                    w = &f;
+            if (w) {
+                set_error(b, 2, "deadlock: thread %d waits for %s at %s:%d, which can never complete (%d threads "
+                          "at __syncthreads, %d exited)", w->linear, w->wait_what, w->file, w->line, at_bar, exited);
+                return b->code;
+            }
         }
         if (at_nb) {
             // Nothing can run: the waiters of a named barrier wait for threads that exited or wait

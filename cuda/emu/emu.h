@@ -39,7 +39,8 @@
 // that a cp.async landed at its thread's wait_group is an error unless that thread had arrived at
 // a barrier (__syncthreads, bar.sync, bar.arrive) since, before the wgmma was issued: the data is
 // not visible to the other threads or the async proxy yet (an approximation: any later arrival of
-// the copying thread counts, not only one the issuing warpgroup waited on).
+// the copying thread counts, not only one the issuing warpgroup waited on; an mbarrier.arrive,
+// which has release semantics, counts as an arrival too).
 #ifndef BC_EMU_EMU_H
 #define BC_EMU_EMU_H
 
@@ -164,6 +165,18 @@ constexpr int kNamedBarriers = 16;
 /// only partly arrived (the instruction is .aligned), a wait that can never complete
 /// (deadlock), and arrivals still pending when the block exits.
 void named_barrier(int id, int count, bool wait, const char* file, int line);
+/// `setmaxnreg.{inc,dec}.sync.aligned.u32 count` (PTX ISA, "setmaxnreg"): no registers change
+/// here, but the block's register pool is modelled (PTX ISA: ".inc blocks until enough registers
+/// are available in the CTA's pool"): it starts empty, each thread owning the count a launch
+/// gives a kernel with __launch_bounds__(block, 1) (65536 / threads down to a multiple of 8, as
+/// ptxas does for setmaxnreg kernels); .dec returns the difference to the pool, .inc waits
+/// until the pool has it (never: a reported deadlock). Checked: count a multiple of 8 in [24,
+/// 256], a block of whole warpgroups, .inc never below and .dec never above the thread's
+/// current count, and (at block exit) every thread of a warpgroup ran the same sequence.
+void setmaxnreg(bool inc, int count, const char* file, int line);
+/// Publishes the cp.async data that landed at the calling thread's waits (as a barrier arrival
+/// does): the release of `mbarrier.arrive` (cuda/emu/tma.cpp).
+void publish_landed_self();
 }  // namespace emu
 
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)

@@ -89,6 +89,9 @@ void mbar_arrive(void* bar, unsigned tx, bool arrive, const char* file, int line
     if (tx > (1u << 20) - 1) fail("mbarrier expect_tx of more than 2^20 - 1 bytes", file, line);
     m.tx += tx;
     if (!arrive) return;
+    // mbarrier.arrive has .release semantics (PTX ISA, "mbarrier.arrive"): the cp.async data this
+    // thread saw land is published to whoever acquires the phase (try_wait).
+    publish_landed_self();
     if (m.pending == 0)
         fail("mbarrier.arrive on a phase that has all its arrivals (it waits for bytes only)", file, line);
     --m.pending;

@@ -90,6 +90,15 @@ typedef int32_t bc_i32;
  * bf16, then Q (128 rows x 128 bf16 as one 128-row tile of two 64-column blocks), plus the
  * 1024 bytes of alignment slack: 230400, under the 232448 an sm_90 block may opt into. */
 #define BC_ATTN_WGMMA_K128_SMEM 230400
+/** Threads per block of the warp-specialized variant `bc_attention_wgmma_hd128_ws`
+ * (cuda/attention_ws.cu): a producer warpgroup (the K/V and Q copies) and two consumer
+ * warpgroups of 64 query rows (BC_ATTN_WGMMA_HD128_BQ rows per block, 128-key tiles). */
+#define BC_ATTN_WS_THREADS 384
+/** Dynamic shared memory of `bc_attention_wgmma_hd128_ws` in bytes: the 128-key variants'
+ * layout (3 stages x K, V x 128 keys x 128 bf16, then Q), then 3 "full" and 3 "empty"
+ * mbarriers (8 bytes each) and the per-stage key counts (3 x 4 bytes, padded to 64 bytes),
+ * plus the 1024 bytes of alignment slack: 230464 <= 232448. */
+#define BC_ATTN_WS_SMEM 230464
 
 /** Grid and block dimensions of one launch (used by the emulated launcher). */
 typedef struct BcLaunchDims {

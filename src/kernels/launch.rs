@@ -289,22 +289,28 @@ pub enum AttentionTile {
     /// Ping-pong and 128-key tiles (`bc_attention_wgmma_hd128_pp_k128`).
     /// `BC_ATTN_WGMMA_VARIANT=pp_k128`.
     WgmmaPpK128,
+    /// Warp-specialized (`bc_attention_wgmma_hd128_ws`, `cuda/attention_ws.cu`): a producer
+    /// warpgroup does every K/V copy and signals the two consumer warpgroups through mbarriers;
+    /// their math is `pp_k128`'s, so the same output bits. 384 threads for head_dim > 64 (hd64
+    /// runs `bc_attention_wgmma_hd64`). Opt-in: `BC_ATTN_WGMMA_VARIANT=ws`.
+    WgmmaWs,
 }
 
 impl AttentionTile {
-    /// How many variants there are (sizes per-variant tables; `WgmmaPpK128` is the last).
-    pub const COUNT: usize = AttentionTile::WgmmaPpK128 as usize + 1;
+    /// How many variants there are (sizes per-variant tables; `WgmmaWs` is the last).
+    pub const COUNT: usize = AttentionTile::WgmmaWs as usize + 1;
 
     /// Both tiles.
     pub const ALL: [AttentionTile; 2] = [AttentionTile::Rows64, AttentionTile::Rows128];
 
     /// The Hopper wgmma tiles (never timed or picked by the tuner): the prototype and its
     /// variants, which differ only for head_dim > 64.
-    pub const WGMMA: [AttentionTile; 4] = [
+    pub const WGMMA: [AttentionTile; 5] = [
         AttentionTile::Wgmma64,
         AttentionTile::WgmmaK128,
         AttentionTile::WgmmaPp,
         AttentionTile::WgmmaPpK128,
+        AttentionTile::WgmmaWs,
     ];
 
     /// Whether this is one of [`Self::WGMMA`] (sm_90a only; not bit-identical to the others).
@@ -313,7 +319,7 @@ impl AttentionTile {
     }
 
     /// The wgmma tile `BC_ATTN_WGMMA_VARIANT` names (unset or empty: the prototype
-    /// [`AttentionTile::Wgmma64`]; `k128`, `pp`, `pp_k128`: its variants); an error for
+    /// [`AttentionTile::Wgmma64`]; `k128`, `pp`, `pp_k128`, `ws`: its variants); an error for
     /// anything else.
     pub fn wgmma_variant(v: Option<&str>) -> std::result::Result<AttentionTile, String> {
         match v.map(str::trim).unwrap_or("") {
@@ -321,8 +327,9 @@ impl AttentionTile {
             "k128" => Ok(AttentionTile::WgmmaK128),
             "pp" => Ok(AttentionTile::WgmmaPp),
             "pp_k128" => Ok(AttentionTile::WgmmaPpK128),
+            "ws" => Ok(AttentionTile::WgmmaWs),
             other => Err(format!(
-                "BC_ATTN_WGMMA_VARIANT={other}: expected base, k128, pp or pp_k128"
+                "BC_ATTN_WGMMA_VARIANT={other}: expected base, k128, pp, pp_k128 or ws"
             )),
         }
     }
@@ -334,13 +341,15 @@ impl AttentionTile {
                 AttentionTile::Wgmma64
                 | AttentionTile::WgmmaK128
                 | AttentionTile::WgmmaPp
-                | AttentionTile::WgmmaPpK128,
+                | AttentionTile::WgmmaPpK128
+                | AttentionTile::WgmmaWs,
                 true,
             ) => Kernel::AttentionWgmmaHd64,
             (AttentionTile::Wgmma64, false) => Kernel::AttentionWgmmaHd128,
             (AttentionTile::WgmmaK128, false) => Kernel::AttentionWgmmaHd128K128,
             (AttentionTile::WgmmaPp, false) => Kernel::AttentionWgmmaHd128Pp,
             (AttentionTile::WgmmaPpK128, false) => Kernel::AttentionWgmmaHd128PpK128,
+            (AttentionTile::WgmmaWs, false) => Kernel::AttentionWgmmaHd128Ws,
             (AttentionTile::Rows64, true) => Kernel::AttentionHd64,
             (AttentionTile::Rows64, false) => Kernel::AttentionHd128,
             (AttentionTile::Rows128, true) => Kernel::AttentionHd64Q128,
@@ -365,6 +374,7 @@ impl AttentionTile {
             AttentionTile::Rows64 => BC_ATTN_THREADS,
             AttentionTile::Rows128 => BC_ATTN_WIDE_THREADS,
             _ if head_dim <= 64 => BC_ATTN_WGMMA_THREADS,
+            AttentionTile::WgmmaWs => BC_ATTN_WS_THREADS,
             _ => BC_ATTN_WGMMA_HD128_THREADS,
         }
     }
@@ -378,6 +388,7 @@ impl AttentionTile {
             AttentionTile::WgmmaK128 => "wgmma64_k128",
             AttentionTile::WgmmaPp => "wgmma64_pp",
             AttentionTile::WgmmaPpK128 => "wgmma64_pp_k128",
+            AttentionTile::WgmmaWs => "wgmma64_ws",
         }
     }
 
@@ -1433,6 +1444,7 @@ mod tests {
             AttentionTile::WgmmaK128,
             AttentionTile::WgmmaPp,
             AttentionTile::WgmmaPpK128,
+            AttentionTile::WgmmaWs,
         ] {
             assert!(!AttentionTile::ALL.contains(&v) && v.is_wgmma());
             let l = |hd| {
@@ -1441,7 +1453,13 @@ mod tests {
             };
             let (a, c) = (l(64), l(128));
             assert_eq!(a.kernel, Kernel::AttentionWgmmaHd64);
-            assert_eq!((c.block, c.grid[0]), (256, 1));
+            // (the warp-specialized kernel: one more warpgroup, the producer)
+            let threads = if v == AttentionTile::WgmmaWs {
+                384
+            } else {
+                256
+            };
+            assert_eq!((c.block, c.grid[0]), (threads, 1));
             assert!(!kernels.contains(&c.kernel), "{v:?}");
             kernels.push(c.kernel);
         }
@@ -1456,6 +1474,14 @@ mod tests {
         assert_eq!(
             AttentionTile::wgmma_variant(None),
             Ok(AttentionTile::Wgmma64)
+        );
+        assert_eq!(
+            AttentionTile::wgmma_variant(Some("ws")),
+            Ok(AttentionTile::WgmmaWs)
+        );
+        assert_eq!(
+            Kernel::AttentionWgmmaHd128Ws.dynamic_smem_bytes(),
+            BC_ATTN_WS_SMEM
         );
         assert!(AttentionTile::wgmma_variant(Some("ping")).is_err());
     }

@@ -126,6 +126,10 @@ pub enum Kernel {
     AttentionWgmmaHd128Pp,
     /// `bc_attention_wgmma_hd128_pp_k128` ([`BcAttentionParams`]): ping-pong with 128-key tiles.
     AttentionWgmmaHd128PpK128,
+    /// `bc_attention_wgmma_hd128_ws` ([`BcAttentionParams`], `cuda/attention_ws.cu`): the
+    /// warp-specialized variant (a producer warpgroup copies the K/V tiles, two consumer
+    /// warpgroups compute as `pp_k128`; [`BC_ATTN_WS_THREADS`] threads).
+    AttentionWgmmaHd128Ws,
     /// `bc_activation` ([`BcActivationParams`]).
     Activation,
     /// `bc_time_embedding` ([`BcTimeEmbeddingParams`]).
@@ -184,7 +188,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 39] = [
+    pub const ALL: [Kernel; 40] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -199,6 +203,7 @@ impl Kernel {
         Kernel::AttentionWgmmaHd128K128,
         Kernel::AttentionWgmmaHd128Pp,
         Kernel::AttentionWgmmaHd128PpK128,
+        Kernel::AttentionWgmmaHd128Ws,
         Kernel::Activation,
         Kernel::TimeEmbedding,
         Kernel::FlowStep,
@@ -243,6 +248,7 @@ impl Kernel {
             Kernel::AttentionWgmmaHd128K128 => "bc_attention_wgmma_hd128_k128",
             Kernel::AttentionWgmmaHd128Pp => "bc_attention_wgmma_hd128_pp",
             Kernel::AttentionWgmmaHd128PpK128 => "bc_attention_wgmma_hd128_pp_k128",
+            Kernel::AttentionWgmmaHd128Ws => "bc_attention_wgmma_hd128_ws",
             Kernel::Activation => "bc_activation",
             Kernel::TimeEmbedding => "bc_time_embedding",
             Kernel::FlowStep => "bc_flow_step",
@@ -281,6 +287,7 @@ impl Kernel {
             Kernel::AttentionWgmmaHd128K128 | Kernel::AttentionWgmmaHd128PpK128 => {
                 BC_ATTN_WGMMA_K128_SMEM
             }
+            Kernel::AttentionWgmmaHd128Ws => BC_ATTN_WS_SMEM,
             Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
             Kernel::TmaProbe => BC_TMA_PROBE_SMEM,
             // Its mbarrier modes keep the barrier in dynamic shared memory.
@@ -305,6 +312,7 @@ impl Kernel {
                 | Kernel::AttentionWgmmaHd128K128
                 | Kernel::AttentionWgmmaHd128Pp
                 | Kernel::AttentionWgmmaHd128PpK128
+                | Kernel::AttentionWgmmaHd128Ws
                 | Kernel::WgmmaProbe
                 | Kernel::TmaProbe
                 | Kernel::ConvWgmmaTma

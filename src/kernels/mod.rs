@@ -32,6 +32,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_attention_hd128",
     "bc_attention_hd64_q128",
     "bc_attention_hd128_q128",
+    "bc_attention_combine",
     "bc_activation",
     "bc_time_embedding",
     "bc_flow_step",
@@ -126,6 +127,9 @@ pub enum Kernel {
     AttentionWgmmaHd128Pp,
     /// `bc_attention_wgmma_hd128_pp_k128` ([`BcAttentionParams`]): ping-pong with 128-key tiles.
     AttentionWgmmaHd128PpK128,
+    /// `bc_attention_combine` ([`BcAttnCombineParams`]): merges the partial results of a
+    /// split-KV attention launch (`BcAttentionParams::splits` > 1) into its output.
+    AttentionCombine,
     /// `bc_activation` ([`BcActivationParams`]).
     Activation,
     /// `bc_time_embedding` ([`BcTimeEmbeddingParams`]).
@@ -184,7 +188,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 39] = [
+    pub const ALL: [Kernel; 40] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -199,6 +203,7 @@ impl Kernel {
         Kernel::AttentionWgmmaHd128K128,
         Kernel::AttentionWgmmaHd128Pp,
         Kernel::AttentionWgmmaHd128PpK128,
+        Kernel::AttentionCombine,
         Kernel::Activation,
         Kernel::TimeEmbedding,
         Kernel::FlowStep,
@@ -243,6 +248,7 @@ impl Kernel {
             Kernel::AttentionWgmmaHd128K128 => "bc_attention_wgmma_hd128_k128",
             Kernel::AttentionWgmmaHd128Pp => "bc_attention_wgmma_hd128_pp",
             Kernel::AttentionWgmmaHd128PpK128 => "bc_attention_wgmma_hd128_pp_k128",
+            Kernel::AttentionCombine => "bc_attention_combine",
             Kernel::Activation => "bc_activation",
             Kernel::TimeEmbedding => "bc_time_embedding",
             Kernel::FlowStep => "bc_flow_step",

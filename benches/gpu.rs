@@ -163,8 +163,8 @@ fn attention_split_rows(
         m.predict_us(4),
         launch::attention_splits(&m)
     );
-    let bytes = launch::attention_split_bytes(heads, hd, 1, n, tile, launch::ATTN_MAX_SPLITS)
-        .unwrap();
+    let bytes =
+        launch::attention_split_bytes(heads, hd, 1, n, tile, launch::ATTN_MAX_SPLITS).unwrap();
     let scratch = g.alloc(bytes).unwrap();
     let fl = 4.0 * (n * keys * dim) as f64;
     // The unsplit output, the reference of the split ones.
@@ -179,11 +179,10 @@ fn attention_split_rows(
         };
         g.memset(out, 0xFF, n * dim * 2).unwrap();
         g.memset(scratch, 0xFF, bytes).unwrap();
-        let used = ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile, Some(&split))
-            .unwrap();
+        let used =
+            ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile, Some(&split)).unwrap();
         let got = download_bf16(g, out, n * dim);
-        let rms = (reference.iter().map(|v| (v * v) as f64).sum::<f64>()
-            / reference.len() as f64)
+        let rms = (reference.iter().map(|v| (v * v) as f64).sum::<f64>() / reference.len() as f64)
             .sqrt() as f32;
         let err = got
             .iter()
@@ -561,7 +560,16 @@ fn main() {
             peak: peak_tflops,
         });
     }
-    attention_split_rows(&mut g, &mut rows, peak_tflops, &tiles, (q, out), (sd, id, gd), n, keys);
+    attention_split_rows(
+        &mut g,
+        &mut rows,
+        peak_tflops,
+        &tiles,
+        (q, out),
+        (sd, id, gd),
+        n,
+        keys,
+    );
     // head_dim 64 (24 x 64, the same buffers and FLOPs), the same tiles (the wgmma variants
     // differ only above head_dim 64: their hd64 kernel is the prototype's, timed once).
     for tile in tiles

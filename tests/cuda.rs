@@ -642,8 +642,10 @@ fn attention_split(
     splits: usize,
 ) -> usize {
     if splits == 1 {
-        return ops::attention(g, q, out, heads, hd, sd, id, gd, groups, max_rows, tile, None)
-            .unwrap();
+        return ops::attention(
+            g, q, out, heads, hd, sd, id, gd, groups, max_rows, tile, None,
+        )
+        .unwrap();
     }
     let bytes = blockcascade::kernels::launch::attention_split_bytes(
         heads, hd, groups, max_rows, tile, splits,
@@ -656,8 +658,21 @@ fn attention_split(
         max_keys: 0,
         force: Some(splits),
     };
-    let used = ops::attention(g, q, out, heads, hd, sd, id, gd, groups, max_rows, tile, Some(&split))
-        .unwrap();
+    let used = ops::attention(
+        g,
+        q,
+        out,
+        heads,
+        hd,
+        sd,
+        id,
+        gd,
+        groups,
+        max_rows,
+        tile,
+        Some(&split),
+    )
+    .unwrap();
     g.sync().unwrap();
     g.free(scratch).unwrap();
     used
@@ -760,7 +775,16 @@ fn attention_matches_the_cpu() {
         let mut first = None;
         for (tile, splits) in split_tiles(&g) {
             let out = poisoned(&mut g, nq * d * 2);
-            let used = attention_split(&mut g, (qd, out), (heads, hd), (sd, id, gd), 2, nq - tpf, tile, splits);
+            let used = attention_split(
+                &mut g,
+                (qd, out),
+                (heads, hd),
+                (sd, id, gd),
+                2,
+                nq - tpf,
+                tile,
+                splits,
+            );
             assert_eq!(used, splits, "attention_self_{name}: splits used");
             let got = down_b(&g, out, nq * d);
             if !tile.is_wgmma() && splits == 1 {
@@ -785,7 +809,11 @@ fn attention_matches_the_cpu() {
             }
             let keys = nc + nq;
             check_floor(
-                &format!("attention_self_{name}_{}{}", tile.name(), split_name(splits)),
+                &format!(
+                    "attention_self_{name}_{}{}",
+                    tile.name(),
+                    split_name(splits)
+                ),
                 &format!("q{nq}xk{keys}xh{heads}x{hd}"),
                 &got_rows,
                 &want_rows,
@@ -813,7 +841,16 @@ fn attention_matches_the_cpu() {
         let mut first = None;
         for (tile, splits) in split_tiles(&g) {
             let out = poisoned(&mut g, nq * d * 2);
-            let used = attention_split(&mut g, (qd, out), (heads, hd), (sd, id, gd), 1, nq, tile, splits);
+            let used = attention_split(
+                &mut g,
+                (qd, out),
+                (heads, hd),
+                (sd, id, gd),
+                1,
+                nq,
+                tile,
+                splits,
+            );
             assert_eq!(used, splits, "attention_cross_{name}: splits used");
             let got = down_b(&g, out, nq * d);
             if !tile.is_wgmma() && splits == 1 {
@@ -833,7 +870,11 @@ fn attention_matches_the_cpu() {
                 got_rows.extend_from_slice(&got[r * d..(r + 1) * d]);
             }
             check_floor(
-                &format!("attention_cross_{name}_{}{}", tile.name(), split_name(splits)),
+                &format!(
+                    "attention_cross_{name}_{}{}",
+                    tile.name(),
+                    split_name(splits)
+                ),
                 &format!("q{nq}xk{text}xh{heads}x{hd}"),
                 &got_rows,
                 &want_rows,

@@ -661,8 +661,7 @@ fn attention_raw_split(
     splits: usize,
 ) {
     use blockcascade::kernels::params::{
-        BcAttentionParams, BcAttnCombineParams, BcAttnGroup, BcKvSegment,
-        BC_ATTN_COMBINE_THREADS,
+        BcAttentionParams, BcAttnCombineParams, BcAttnGroup, BcKvSegment, BC_ATTN_COMBINE_THREADS,
     };
     let table: Vec<BcKvSegment> = segs
         .iter()
@@ -691,7 +690,12 @@ fn attention_raw_split(
     let max_rows = groups.iter().map(|g| g.0.len()).max().unwrap();
     // NaN-poisoned partial results ([f32; 4]: 16-byte aligned), as the launcher sizes them.
     let floats = blockcascade::kernels::launch::attention_split_bytes(
-        heads, hd, gs.len(), max_rows, tile, splits,
+        heads,
+        hd,
+        gs.len(),
+        max_rows,
+        tile,
+        splits,
     )
     .unwrap()
         / 4;
@@ -745,7 +749,11 @@ fn attention_raw_split(
         unsafe {
             emu::launch_raw(
                 k,
-                &emu::dims(k, [tiles, heads as u32, gs.len() as u32], [BC_ATTN_COMBINE_THREADS, 1, 1]),
+                &emu::dims(
+                    k,
+                    [tiles, heads as u32, gs.len() as u32],
+                    [BC_ATTN_COMBINE_THREADS, 1, 1],
+                ),
                 &c as *const BcAttnCombineParams as *const std::ffi::c_void,
             )
         }
@@ -1111,7 +1119,10 @@ fn attention_split_entry_point_matches_the_unsplit_kernel() {
         emu::attention(&q, heads, hd, &segs, &groups, &mut base, tile).unwrap();
         let mut one = vec![bf16::NAN; 95 * dim];
         emu::attention_split(&q, heads, hd, &segs, &groups, &mut one, tile, 1).unwrap();
-        assert!(same_bits(&base, &one), "{tile:?}: one split changed the bits");
+        assert!(
+            same_bits(&base, &one),
+            "{tile:?}: one split changed the bits"
+        );
         for splits in [2usize, 5] {
             let mut got = vec![bf16::NAN; 95 * dim];
             emu::attention_split(&q, heads, hd, &segs, &groups, &mut got, tile, splits).unwrap();

@@ -364,9 +364,7 @@ impl AttentionTile {
     pub fn key_tile(self, head_dim: usize) -> u32 {
         match (self, head_dim <= 64) {
             (AttentionTile::Rows64 | AttentionTile::Rows128, false) => BC_ATTN_HD128_BK,
-            (AttentionTile::WgmmaK128 | AttentionTile::WgmmaPpK128, false) => {
-                BC_ATTN_WGMMA_K128_BK
-            }
+            (AttentionTile::WgmmaK128 | AttentionTile::WgmmaPpK128, false) => BC_ATTN_WGMMA_K128_BK,
             _ => BC_ATTN_HD64_BK,
         }
     }
@@ -488,8 +486,7 @@ impl SplitModel {
         let per_block = self.key_tiles.div_ceil(s) as f64 + SPLIT_PROLOGUE_TILES;
         let mut t = waves * per_block * self.tile_us;
         if s > 1 {
-            t += 2.0 * (blocks * self.partial_bytes) as f64 / SPLIT_BYTES_PER_US
-                + SPLIT_COMBINE_US;
+            t += 2.0 * (blocks * self.partial_bytes) as f64 / SPLIT_BYTES_PER_US + SPLIT_COMBINE_US;
         }
         t
     }
@@ -549,7 +546,10 @@ pub fn attention(
         return Err(invalid(k, format!("{} key splits", split.splits)));
     }
     if split.splits > 1 && (split.partial.is_null() || split.partial as usize % 16 != 0) {
-        return Err(invalid(k, "split attention without an aligned partial buffer"));
+        return Err(invalid(
+            k,
+            "split attention without an aligned partial buffer",
+        ));
     }
     let (heads, num_groups) = (i32_of(k, heads, "heads")?, i32_of(k, num_groups, "groups")?);
     let tiles = blocks(k, max_rows, tile.rows(head_dim))?;
@@ -607,7 +607,11 @@ pub fn attention_combine(
     let (h, g) = (i32_of(k, heads, "heads")?, i32_of(k, num_groups, "groups")?);
     Ok(Launch {
         kernel: k,
-        grid: [blocks(k, max_rows, tile.rows(head_dim))?, h as u32, g as u32],
+        grid: [
+            blocks(k, max_rows, tile.rows(head_dim))?,
+            h as u32,
+            g as u32,
+        ],
         block: BC_ATTN_COMBINE_THREADS,
         params: BcAttnCombineParams {
             partial: split.partial,
@@ -1453,6 +1457,98 @@ pub fn dec_softmax(
 mod tests {
     use super::*;
 
+    /// The wave-fill model at Wan-1.3B shapes on an H200 (132 SMs, one `pp_k128` block each):
+    /// one group of 4680 rows (37 row tiles x 12 heads = 444 blocks, 3.36 waves) splits in two
+    /// at 32760 keys (6.73 of 7 waves); two groups (888 blocks, 96% fill) and 512 text keys do
+    /// not split, nor does a one-slot (emulated) device.
+    #[test]
+    fn split_model_fills_the_last_wave_only_where_it_pays() {
+        let m = |items, slots, keys: usize| SplitModel {
+            items,
+            slots,
+            key_tiles: keys.div_ceil(128),
+            partial_bytes: 128 * 128 * 4,
+            tile_us: 2.02,
+        };
+        let bench = m(444, 132, 32760);
+        assert!((bench.fill(1) - 444.0 / 528.0).abs() < 1e-9);
+        assert!((bench.fill(2) - 888.0 / 924.0).abs() < 1e-9);
+        assert_eq!(attention_splits(&bench), 2);
+        assert!(bench.predict_us(2) < 0.92 * bench.predict_us(1));
+        // the sequential blocks of the 7-block run: 4680 keys (37 tiles: the partials' traffic
+        // costs more than the fill gains), then 9360 .. 32760 keys
+        assert_eq!(attention_splits(&m(444, 132, 4680)), 1);
+        for b in 2..=7 {
+            assert_eq!(attention_splits(&m(444, 132, 4680 * b)), 2, "block {b}");
+        }
+        assert_eq!(attention_splits(&m(888, 132, 32760)), 1);
+        assert_eq!(attention_splits(&m(444, 132, 512)), 1);
+        assert_eq!(attention_splits(&m(444, 1, 32760)), 1);
+        assert_eq!(attention_splits(&m(0, 132, 32760)), 1);
+        // a launch of one wave's worth of blocks or less: as many splits as fill the machine
+        assert_eq!(attention_splits(&m(12, 132, 32760)), ATTN_MAX_SPLITS);
+    }
+
+    /// Split launches: the grid grows by the splits, the partials are sized per split block, and
+    /// a split without an aligned buffer or outside 1..=ATTN_MAX_SPLITS is refused.
+    #[test]
+    fn split_attention_launches() {
+        use std::ptr::{null, null_mut};
+        let t = AttentionTile::WgmmaPpK128;
+        let buf = 0x1000usize as *mut f32;
+        let sp = |splits, partial| AttnSplit { splits, partial };
+        let l = attention(
+            null(),
+            null_mut(),
+            12,
+            128,
+            null(),
+            null(),
+            null(),
+            2,
+            300,
+            t,
+            sp(3, buf),
+        )
+        .unwrap();
+        assert_eq!(l.grid, [9, 12, 2]);
+        assert_eq!((l.params.splits, l.params.partial), (3, buf));
+        assert_eq!(
+            attention_split_bytes(12, 128, 2, 300, t, 3),
+            Some(3 * 12 * 2 * 3 * 128 * 130 * 4)
+        );
+        assert_eq!(attention_split_bytes(12, 128, 2, 300, t, 1), Some(0));
+        let c = attention_combine(null_mut(), 12, 128, null(), 2, 300, t, sp(3, buf)).unwrap();
+        assert_eq!(
+            (c.grid, c.params.rows, c.params.splits),
+            ([3, 12, 2], 128, 3)
+        );
+        for bad in [
+            sp(0, buf),
+            sp(ATTN_MAX_SPLITS + 1, buf),
+            sp(2, null_mut()),
+            sp(2, 0x1004 as *mut f32),
+        ] {
+            assert!(attention(
+                null(),
+                null_mut(),
+                12,
+                128,
+                null(),
+                null(),
+                null(),
+                2,
+                300,
+                t,
+                bad
+            )
+            .is_err());
+        }
+        assert!(
+            attention_combine(null_mut(), 12, 128, null(), 2, 300, t, AttnSplit::NONE).is_err()
+        );
+    }
+
     /// `conv_on` with `wgmma` picks `bc_conv_wgmma` (its grid, block and shared memory) only
     /// where it fits: 8-aligned channels and pointers, more than 16 output channels.
     #[test]
@@ -1583,7 +1679,20 @@ mod tests {
         );
         let l = |hd| {
             use std::ptr::{null, null_mut};
-            attention(null(), null_mut(), 2, hd, null(), null(), null(), 1, 100, t, AttnSplit::NONE).unwrap()
+            attention(
+                null(),
+                null_mut(),
+                2,
+                hd,
+                null(),
+                null(),
+                null(),
+                1,
+                100,
+                t,
+                AttnSplit::NONE,
+            )
+            .unwrap()
         };
         let (a, b) = (l(64), l(128));
         assert_eq!(
@@ -1609,7 +1718,20 @@ mod tests {
             assert!(!AttentionTile::ALL.contains(&v) && v.is_wgmma());
             let l = |hd| {
                 use std::ptr::{null, null_mut};
-                attention(null(), null_mut(), 2, hd, null(), null(), null(), 1, 100, v, AttnSplit::NONE).unwrap()
+                attention(
+                    null(),
+                    null_mut(),
+                    2,
+                    hd,
+                    null(),
+                    null(),
+                    null(),
+                    1,
+                    100,
+                    v,
+                    AttnSplit::NONE,
+                )
+                .unwrap()
             };
             let (a, c) = (l(64), l(128));
             assert_eq!(a.kernel, Kernel::AttentionWgmmaHd64);

@@ -343,7 +343,10 @@ pub fn attention_split_model(
 ) -> launch::SplitModel {
     let k = tile.kernel(head_dim);
     let per_sm = g.blocks_per_sm(k, tile.threads(head_dim)).max(1) as usize;
-    let (bq, bk) = (tile.rows(head_dim) as usize, tile.key_tile(head_dim) as usize);
+    let (bq, bk) = (
+        tile.rows(head_dim) as usize,
+        tile.key_tile(head_dim) as usize,
+    );
     // One H200 SM ran bc_attention_wgmma_hd128_pp_k128 at 460 / 0.84 TFLOP/s over 132 SMs
     // (the measured rate over the launch's 84% wave fill); shared by the blocks it holds.
     let sm_flops_per_us = 460.0e6 / 0.84 / 132.0;

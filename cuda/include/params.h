@@ -350,7 +350,7 @@ typedef struct BcAttentionParams {
      * order) 0..n-1, [s n / S, (s + 1) n / S) for s = x / T. S = 1: the whole walk, the output
      * written directly (`partial` unused). S > 1: `partial` gets the un-normalised result of
      * each block (slot ((group * T + row tile) * heads + head) * S + s, BQ * (head_dim + 2)
-     * floats: O [BQ][head_dim], then per row (m, l): the row maximum in base 2 of S * scale and
+     * floats: O as BQ rows of head_dim, then per row (m, l): the row maximum in base 2 of S * scale and
      * the row sum) and `bc_attention_combine` writes `out`. */
     bc_i32 splits;
     /** S > 1: the partial results (16-byte aligned; see `splits`). */

@@ -510,7 +510,7 @@ pub struct BcAttentionParams {
     pub out_stride: bc_i32,
     #[doc = " Softmax scale, usually `1/sqrt(head_dim)`."]
     pub scale: f32,
-    #[doc = " Key splits S >= 1 (split-KV): grid.x = row tiles x S, split-major; block x of a launch\n with T = grid.x / S row tiles takes row tile x % T and, of its group's key tiles (walk\n order) 0..n-1, [s n / S, (s + 1) n / S) for s = x / T. S = 1: the whole walk, the output\n written directly (`partial` unused). S > 1: `partial` gets the un-normalised result of\n each block (slot ((group * T + row tile) * heads + head) * S + s, BQ * (head_dim + 2)\n floats: O [BQ][head_dim], then per row (m, l): the row maximum in base 2 of S * scale and\n the row sum) and `bc_attention_combine` writes `out`."]
+    #[doc = " Key splits S >= 1 (split-KV): grid.x = row tiles x S, split-major; block x of a launch\n with T = grid.x / S row tiles takes row tile x % T and, of its group's key tiles (walk\n order) 0..n-1, [s n / S, (s + 1) n / S) for s = x / T. S = 1: the whole walk, the output\n written directly (`partial` unused). S > 1: `partial` gets the un-normalised result of\n each block (slot ((group * T + row tile) * heads + head) * S + s, BQ * (head_dim + 2)\n floats: O as BQ rows of head_dim, then per row (m, l): the row maximum in base 2 of S * scale and\n the row sum) and `bc_attention_combine` writes `out`."]
     pub splits: bc_i32,
     #[doc = " S > 1: the partial results (16-byte aligned; see `splits`)."]
     pub partial: *mut f32,

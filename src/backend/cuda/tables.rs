@@ -208,6 +208,10 @@ pub(super) struct TickTables {
     pub(super) key: ShapeKey,
 }
 
+/// The self-attention tables of a tick: the segment table, the groups' segment lists, the
+/// groups (most keys first) and the most keys one group sees.
+type SelfTables = (Vec<BcKvSegment>, Vec<i32>, Vec<BcAttnGroup>, usize);
+
 impl TableInput<'_> {
     fn slot_of(&self, f: usize) -> Result<usize> {
         cache_slot(self.cache, self.slots, f)
@@ -350,7 +354,7 @@ impl TableInput<'_> {
         lists: &[Vec<Src>],
         frames: &[usize],
         row0: &[usize],
-    ) -> Result<(Vec<BcKvSegment>, Vec<i32>, Vec<BcAttnGroup>, usize)> {
+    ) -> Result<SelfTables> {
         let tpf = self.tpf();
         let nseg: usize = lists.iter().map(Vec::len).sum();
         if nseg > self.seg_max {

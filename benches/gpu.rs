@@ -1062,19 +1062,44 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
         "schedule", "ms/block", "6th block ms", "FPS", "MFU"
     );
     let mut out = Vec::new();
-    // The last row is the sequential schedule again with BC_ATTN_WGMMA=0: on a compute
-    // capability 9.0 device the sessions above run the wgmma attention (the default there),
-    // this one the tuned mma.sync tiles (elsewhere it repeats the first row).
-    let saved = std::env::var_os("BC_ATTN_WGMMA");
-    for (name, schedule, mma_sync) in [
-        ("sequential", Schedule::Sequential, false),
-        ("cascade lag 1", Schedule::Cascade { lag: 1 }, false),
-        ("cascade lag 2", Schedule::Cascade { lag: 2 }, false),
-        ("cascade lag 3", Schedule::Cascade { lag: 3 }, false),
-        ("sequential mma.sync", Schedule::Sequential, true),
+    // The last rows are the sequential schedule again with one switch set: BC_ATTN_SPLIT=1 (no
+    // split-KV: the sessions above split the self-attention where the wave-fill model says so),
+    // and BC_ATTN_WGMMA=0: on a compute capability 9.0 device the sessions above run the wgmma
+    // attention (the default there), this one the tuned mma.sync tiles (elsewhere it repeats the
+    // first row).
+    let saved: Vec<_> = ["BC_ATTN_WGMMA", "BC_ATTN_SPLIT"]
+        .map(|k| (k, std::env::var_os(k)))
+        .into_iter()
+        .collect();
+    for (name, schedule, switch) in [
+        ("sequential", Schedule::Sequential, None),
+        ("cascade lag 1", Schedule::Cascade { lag: 1 }, None),
+        ("cascade lag 2", Schedule::Cascade { lag: 2 }, None),
+        ("cascade lag 3", Schedule::Cascade { lag: 3 }, None),
+        (
+            "sequential no split",
+            Schedule::Sequential,
+            Some(("BC_ATTN_SPLIT", "1")),
+        ),
+        (
+            "cascade lag 1 no split",
+            Schedule::Cascade { lag: 1 },
+            Some(("BC_ATTN_SPLIT", "1")),
+        ),
+        (
+            "sequential mma.sync",
+            Schedule::Sequential,
+            Some(("BC_ATTN_WGMMA", "0")),
+        ),
     ] {
-        if mma_sync {
-            std::env::set_var("BC_ATTN_WGMMA", "0");
+        for (k, v) in &saved {
+            match v {
+                Some(v) => std::env::set_var(k, v),
+                None => std::env::remove_var(k),
+            }
+        }
+        if let Some((k, v)) = switch {
+            std::env::set_var(k, v);
         }
         let opts = wan_shape_options(schedule);
         let gen = match Generator::new(model, opts, NoiseSource::Seeded(1), &prompt) {
@@ -1107,10 +1132,16 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
             Err(e) => println!("{name}: {e}"),
         }
     }
-    match saved {
-        Some(v) => std::env::set_var("BC_ATTN_WGMMA", v),
-        None => std::env::remove_var("BC_ATTN_WGMMA"),
+    for (k, v) in &saved {
+        match v {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        }
     }
+    println!(
+        "SPLIT split attention launches in this process: {}",
+        blockcascade::backend::cuda::ops::split_attention_launches()
+    );
     // Both end up in the bundle's summary (end to end section).
     let (failed, last) = blockcascade::backend::cuda::graph_capture_failures();
     let last = last.map_or_else(String::new, |m| format!(" (last: {m}; these ran eagerly)"));

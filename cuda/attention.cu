@@ -64,9 +64,15 @@
 //                                 per tile instead of the block barriers (the PP loop below). The
 //                                 ping-pong kernels must give the bits of their tile size without
 //                                 it (same products, same order).
-// Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
+// Work split: grid (ceil(max group rows / BQ) x S, heads, groups), block NT = 32 * warps threads
 // stacked along the query rows; warp w owns rows [32w, 32w + 32) of the block's BQ rows. Keys
 // are walked one segment at a time in tiles of BK keys; a tile never crosses a segment end.
+// Split-KV (BcAttentionParams::splits = S > 1, chosen per launch by the host's wave-fill model):
+// split s of a (row tile, head, group) walks only the group's key tiles [s n / S, (s + 1) n / S)
+// of its n (att_split_start; a split may be empty) and stores its un-normalised O and row
+// statistics (att_store_partial) for bc_attention_combine (end of this file) to merge. S = 1:
+// the whole walk and the store below, the same bits as without the option. docs/wgmma.md,
+// "Split-KV".
 // Per block:
 //   1. Q [BQ x HDMAX] goes to shared memory by cp.async (hd128: its own region, read for the
 //      whole kernel; hd64: the stage-1 K/V buffer, free at that point, and each warp then keeps

@@ -12,7 +12,9 @@
 //!    mean), FPS (12 video frames per block), sequential vs cascade lag 1..3.
 //!
 //! 4. The video decoders on the device (TAEHV, Wan VAE at real widths, 60x104 latents, blocks of
-//!    3 latent frames): ms per block and the conv TFLOP/s (`BC_BENCH_NO_DECODE=1` skips them).
+//!    3 latent frames): ms per block and the conv TFLOP/s (`BC_BENCH_NO_DECODE=1` skips them);
+//!    TAEHV's block walk (the default) and its frame walk, one row each (`block-walk`,
+//!    `per-frame`) and `DECODE taehv walk=...` lines.
 //!
 //! 5. Prompt-switch latency in a live stream (the `medium` model on the GPU, 16x16 latents, an
 //!    umT5-XXL-wide random encoder on the device, then on the CPU): latency split into encode,
@@ -347,6 +349,7 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
                     split: cout,
                     frame_stride: 0,
                     cstride: 1,
+                    frames: 1,
                 },
                 on,
             )
@@ -748,7 +751,7 @@ fn main() {
                 (60, 104),
                 (3, 3),
                 None,
-                (wgmma, tma, parity),
+                (wgmma, tma, parity, true),
                 &open,
             ) {
                 Ok(r) => {
@@ -765,6 +768,54 @@ fn main() {
                 // Tagged for the summary of scripts/gpu-run.sh.
                 Err(e) => println!("DECODE bench{tag} FAILED: {e}"),
             }
+        }
+        // TAEHV's block walk (every layer one launch over all the block's frames: the TAEHV
+        // rows above) against its frame walk (one latent frame at a time), on the kernel the
+        // wgmma rows use where they ran: one row each, and `DECODE taehv walk=...` lines (ms,
+        // launches per block, pool) for the summary.
+        let tag = if conv_wgmma { " wgmma" } else { "" };
+        let mut walks = Vec::new();
+        for (batch, label) in [(true, "block-walk"), (false, "per-frame")] {
+            match blockcascade::decode::bench_decode_device(
+                &[DecoderKind::Taehv],
+                (60, 104),
+                (3, 3),
+                None,
+                (conv_wgmma, false, true, batch),
+                &open,
+            ) {
+                Ok(r) => {
+                    for b in r {
+                        let ms = b.block_ms.unwrap_or(b.first_block_ms);
+                        rows.push(Row {
+                            name: format!("decode taehv 60x104 3-frame block {label}{tag}"),
+                            ms,
+                            value: b.tflops,
+                            unit: "TFLOP/s",
+                            peak: peak_tflops,
+                        });
+                        walks.push((label, ms, b.cost));
+                    }
+                }
+                Err(e) => println!("DECODE taehv walk={label}{tag} FAILED: {e}"),
+            }
+        }
+        for (label, ms, c) in &walks {
+            println!(
+                "DECODE taehv walk={label}{tag} 60x104 3-frame block: {ms:.2} ms, \
+                 {} launches+copies in {} walks, pool {:.1} MiB, state {:.1} MiB, io {:.1} MiB",
+                c.submissions,
+                c.walks,
+                c.pool_bytes as f64 / 1048576.0,
+                c.state_bytes as f64 / 1048576.0,
+                c.io_bytes as f64 / 1048576.0
+            );
+        }
+        if let [(_, b, _), (_, f, _)] = walks[..] {
+            println!(
+                "DECODE taehv walk speedup: block-walk {b:.2} ms vs per-frame {f:.2} ms = {:.2}x",
+                f / b
+            );
         }
     }
 

@@ -24,6 +24,12 @@ Usage:
   python3 benches/pytorch_decode.py (--repo SELF_FORCING | --wan-from diffusers --taehv-file F)
       [--latent-h 60 --latent-w 104] [--block 3] [--blocks 2] [--threads N] [--kinds wan,taehv]
       [--taehv-parallel] [--check GOLDEN_DIR] [--compare]
+--device cuda [--dtype bf16|fp16|f32] times the same streamed decode on a GPU instead (weights
+and latents in that dtype, cuDNN's autotuner on, a synchronize around each block, the CUDA
+caching allocator's peak per decoder) and prints one `PYTORCH_DECODE kind ms=... peak_mib=...`
+line per decoder for the GPU bundle's summary (scripts/gpu-run.sh), which sets it against the
+engine's `decode KIND 60x104 3-frame block` rows. --check then runs on the device in that
+dtype too, against a bound of 2e-2 (the engine's GPU decoders' bound) instead of 1e-4.
 --compare then runs `cargo bench --bench decode` at the same shape with RAYON_NUM_THREADS set
 to the same thread count and prints blockcascade / PyTorch per steady block, wall and CPU time
 (below 1 means blockcascade is faster). CPU time is the process's (all threads), the figure
@@ -68,10 +74,24 @@ def peak_rss_mib():
     return None
 
 
+def dtype_of(a, torch):
+    return {"f32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+
+
+def place(a, torch, m):
+    """`m` (a module or a tensor) on --device in --dtype."""
+    return m.to(device=a.device, dtype=dtype_of(a, torch))
+
+
+def sync(a, torch):
+    if a.device != "cpu":
+        torch.cuda.synchronize()
+
+
 def wan_streamer(a, torch, dim=96, state_dict=None):
     """A function decoding one block `[1, 16, F, h, w]` of a stream, caches carried."""
-    mean = torch.tensor(WAN_MEAN)
-    std = torch.tensor(WAN_STD)
+    mean = place(a, torch, torch.tensor(WAN_MEAN))
+    std = place(a, torch, torch.tensor(WAN_STD))
     if a.wan_from == "diffusers":
         from diffusers import AutoencoderKLWan
         model = AutoencoderKLWan(base_dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
@@ -80,10 +100,12 @@ def wan_streamer(a, torch, dim=96, state_dict=None):
             from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
             model.load_state_dict(convert_wan_vae_to_diffusers(state_dict))
         model.encoder = None  # the decode never uses it; memory then compares decoders
+        model = place(a, torch, model)
         model.clear_cache()
         first = [True]
 
         def run(z):
+            z = place(a, torch, z)
             z = z / (1.0 / std).view(1, 16, 1, 1, 1) + mean.view(1, 16, 1, 1, 1)
             x = model.post_quant_conv(z)
             out = None
@@ -103,9 +125,10 @@ def wan_streamer(a, torch, dim=96, state_dict=None):
         model.load_state_dict(state_dict, strict=False)
     model.clear_cache()  # counts the encoder's convs too: before dropping it
     model.encoder = None
+    model = place(a, torch, model)
 
     def run(z):
-        return model.cached_decode(z, [mean, 1.0 / std]).clamp_(-1, 1)
+        return model.cached_decode(place(a, torch, z), [mean, 1.0 / std]).clamp_(-1, 1)
     return run
 
 
@@ -117,14 +140,15 @@ def taehv_module(a):
     return mod
 
 
-def taehv_decoder_only(mod):
+def taehv_decoder_only(a, torch, mod):
     model = mod.TAEHV(checkpoint_path=None).eval()
     model.encoder = None  # the decode never uses it
-    return model
+    return place(a, torch, model)
 
 
-def taehv_runner(model, parallel):
+def taehv_runner(a, torch, model, parallel):
     def run(z):  # z: [1, F, 16, h, w]
+        z = place(a, torch, z)
         return model.decode_video(z, parallel=parallel, show_progress_bar=False).mul_(2).sub_(1)
     return run
 
@@ -135,7 +159,13 @@ def load_st(path, torch):
 
 
 def rel_l2(torch, got, want):
+    got, want = got.float().cpu(), want.float().cpu()
     return (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want)).item()
+
+
+def bound(a):
+    """The golden check's bound: exact math in f32 on the CPU, the engine's GPU bound else."""
+    return 1e-4 if a.dtype == "f32" and a.device == "cpu" else 2e-2
 
 
 def check(a, torch):
@@ -154,8 +184,9 @@ def check(a, torch):
             blocks = [run(z[:, :, i:i + a.block]) for i in range(0, z.shape[2], a.block)]
         got = torch.cat(blocks, 2)[0].permute(1, 0, 2, 3)
         e = rel_l2(torch, got, want.reshape(got.shape))
-        print(f"check wan-vae-tiny ({a.wan_from or 'repo'}, blocks of {a.block}): rel L2 {e:.2e}")
-        ok &= e < 1e-4
+        print(f"check wan-vae-tiny ({a.wan_from or 'repo'}, blocks of {a.block}, {a.device} {a.dtype}): "
+              f"rel L2 {e:.2e} (bound {bound(a):.0e})")
+        ok &= e < bound(a)
     if "taehv" in kinds:
         d = os.path.join(a.check, "taehv-tiny")
         case = json.load(open(os.path.join(d, "case.json")))
@@ -175,12 +206,14 @@ def check(a, torch):
                     m.bias = nn.Parameter(sd[f"{name}.bias"].clone())
         lat = next(iter(load_st(os.path.join(d, "latents.safetensors"), torch).values()))
         want = next(iter(load_st(os.path.join(d, "expected.safetensors"), torch).values()))
+        model = place(a, torch, model)
         for par in ([False, True] if a.taehv_parallel else [False]):
             with torch.no_grad():
-                got = taehv_runner(model, par)(lat[None])[0][case["frames_to_trim"]:]
+                got = taehv_runner(a, torch, model, par)(lat[None])[0][case["frames_to_trim"]:]
             e = rel_l2(torch, got, want.reshape(got.shape))
-            print(f"check taehv-tiny (parallel={par}, whole video): rel L2 {e:.2e}")
-            ok &= e < 1e-4
+            print(f"check taehv-tiny (parallel={par}, whole video, {a.device} {a.dtype}): rel L2 {e:.2e} "
+                  f"(bound {bound(a):.0e})")
+            ok &= e < bound(a)
     return ok
 
 
@@ -189,12 +222,19 @@ def bench(a, torch, kind, make_run, shape):
     base = peak_rss_mib()
     run = make_run()
     reset = reset_peak()  # the encoders' transient weights do not count
+    gpu = a.device != "cpu"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     wall, cpu = [], []
     with torch.no_grad():
         for _ in range(max(1, a.blocks)):
             z = torch.randn(*shape)
+            if gpu:
+                z = z.to(a.device)
+            sync(a, torch)
             t0, c0 = time.perf_counter(), time.process_time()
             out = run(z)
+            sync(a, torch)
             wall.append((time.perf_counter() - t0) * 1e3)
             cpu.append((time.process_time() - c0) * 1e3)
             del out
@@ -211,6 +251,12 @@ def bench(a, torch, kind, make_run, shape):
           f"{wall[0]:.1f} ms, {r['block_ms']:.1f} ms/block wall, {r['cpu_block_ms']:.1f} ms/block CPU, "
           f"peak RSS {'-' if rss is None else f'{rss:.0f}'} MiB (before the model: "
           f"{'-' if base is None else f'{base:.0f}'} MiB) (threads {a.threads})")
+    if gpu:
+        r["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        # One line for the GPU bundle's summary (scripts/gpu-run.sh).
+        print(f"PYTORCH_DECODE {kind} {a.device} {a.dtype} {a.latent_h}x{a.latent_w} blocks of {a.block}: "
+              f"ms={r['block_ms']:.2f} first_ms={wall[0]:.1f} peak_mib={r['gpu_peak_mib']:.0f} "
+              f"({torch.cuda.get_device_name()}, torch {torch.__version__}, steady blocks {len(sw)})")
     return r
 
 
@@ -229,7 +275,12 @@ def main():
     ap.add_argument("--kinds", default="wan,taehv")
     ap.add_argument("--check", metavar="GOLDEN_DIR", help="first check the golden cases (e.g. ../shared/golden)")
     ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (prints PYTORCH_DECODE lines)")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "fp16"], default=None,
+                    help="weights and activations (default: f32 on the CPU, bf16 on a GPU)")
     a = ap.parse_args()
+    if a.dtype is None:
+        a.dtype = "f32" if a.device == "cpu" else "bf16"
     if a.wan_from is None:
         a.wan_from = "repo" if a.repo else "diffusers"
     if a.wan_from == "repo":
@@ -247,6 +298,11 @@ def main():
               "wan/modules/vae.py and demo_utils/taehv.py), or --wan-from diffusers (pip install "
               "diffusers) and --taehv-file PATH/taehv.py; nothing measured.")
         return 2
+    if a.device != "cpu":
+        if not torch.cuda.is_available():
+            print(f"SKIP pytorch decode: torch sees no CUDA device for --device {a.device}")
+            return 0
+        torch.backends.cudnn.benchmark = True  # what a tuned PyTorch deployment turns on
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     if a.check and not check(a, torch):
@@ -264,7 +320,7 @@ def main():
             runs = {}
             for par in modes:
                 runs[par] = bench(a, torch, f"taehv{' parallel' if par else ''}",
-                                  lambda: taehv_runner(taehv_decoder_only(mod), par), shape)
+                                  lambda: taehv_runner(a, torch, taehv_decoder_only(a, torch, mod), par), shape)
             best = min(runs.values(), key=lambda r: r["cpu_block_ms"])
             results["taehv"] = dict(best, parallel=best is runs.get(True))
         else:

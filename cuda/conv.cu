@@ -3,7 +3,8 @@
 //
 //   out[m][n] = act(bias[n] + res[m][n] + sum_{s, dy, dx, c} x_s[shift(m, dy, dx)][c] * w[n][t_s][dy][dx][c0_s + c])
 //
-// One launch computes one output frame. Its inputs are up to BC_CONV_MAX_SOURCES *sources*
+// One launch computes one output frame (or `frames` of them, grid z, each exactly as its own
+// launch would: TAEHV's block walk). Its inputs are up to BC_CONV_MAX_SOURCES *sources*
 // (BcConvSource): frames that meet time tap t_s of the kernel and weight input channels
 // [c0_s, c0_s + channels_s). So one kernel covers
 //   - 3x3 (zero padding 1) and 1x1 conv2d: one source, kt = 1;
@@ -114,9 +115,9 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
 
     // The k-step cursor of the loads: source s, tap, first channel ci0.
     int s = 0, tap = 0, ci0 = 0;
-    CvSrc src = cv_src(p, 0);
+    CvSrc src = cv_src(p, geo, 0);
     int steps = 0;
-    for (int i = 0; i < p.num_src; ++i) steps += taps * ((cv_src(p, i).channels + CV_BK - 1) / CV_BK);
+    for (int i = 0; i < p.num_src; ++i) steps += taps * ((cv_src(p, geo, i).channels + CV_BK - 1) / CV_BK);
 
     auto load = [&](int stage) {
         const int dy = tap / geo.kw + geo.oy, dx = tap % geo.kw + geo.ox;
@@ -156,7 +157,7 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
             ci0 = 0;
             if (++tap == taps) {
                 tap = 0;
-                if (++s < p.num_src) src = cv_src(p, s);
+                if (++s < p.num_src) src = cv_src(p, geo, s);
             }
         }
     };
@@ -207,7 +208,7 @@ __device__ __forceinline__ void bc_conv_impl(const BcConvParams& p, unsigned cha
 #pragma unroll
             for (int j = 0; j < CV_NT8; ++j) {
                 const int n = n0 + wn * CV_WN + j * 8 + 2 * t;  // even
-                if (n < p.cout) cv_store_pair(p, pairs, cv_out_pixel(p, geo, m), n, acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
+                if (n < p.cout) cv_store_pair(p, geo, pairs, cv_out_pixel(p, geo, m), n, acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
             }
         }
     }

@@ -126,11 +126,11 @@ __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsign
     // The k-step cursor of this thread's chunk: source s (its K = taps * channels, `left` k-steps
     // still to load), tap and channel ci of the chunk.
     int s = 0;
-    CvSrc src = cv_src(p, 0);
+    CvSrc src = cv_src(p, geo, 0);
     int tap = 8 * cc / src.channels, ci = 8 * cc % src.channels;
     int left = (taps * src.channels + CW_BK - 1) / CW_BK;
     int steps = 0;
-    for (int i = 0; i < p.num_src; ++i) steps += (taps * cv_src(p, i).channels + CW_BK - 1) / CW_BK;
+    for (int i = 0; i < p.num_src; ++i) steps += (taps * cv_src(p, geo, i).channels + CW_BK - 1) / CW_BK;
 
     auto load = [&](int stage) {
         const bool kok = tap < taps;
@@ -153,7 +153,7 @@ __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsign
         // Advance: 64 values along this source's (tap, channel) sequence, or the next source.
         if (--left == 0) {
             if (++s < p.num_src) {
-                src = cv_src(p, s);
+                src = cv_src(p, geo, s);
                 left = (taps * src.channels + CW_BK - 1) / CW_BK;
             }
             tap = 8 * cc / src.channels;
@@ -209,7 +209,7 @@ __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsign
 #pragma unroll
         for (int j = 0; j < CW_BN / 8; ++j) {
             const int n = n0 + 8 * j + 2 * q;  // even
-            if (n < p.cout) cv_store_pair(p, pairs, cv_out_pixel(p, geo, m), n, acc[4 * j + 2 * e2], acc[4 * j + 2 * e2 + 1]);
+            if (n < p.cout) cv_store_pair(p, geo, pairs, cv_out_pixel(p, geo, m), n, acc[4 * j + 2 * e2], acc[4 * j + 2 * e2 + 1]);
         }
     }
 }

@@ -94,7 +94,7 @@ __device__ __forceinline__ void bc_conv_tma_impl(const BcConvTmaParams& pt, unsi
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + CT_STAGES * STAGE);
     uint64_t* empty = full + CT_STAGES;
     int steps = 0;
-    for (int s = 0; s < p.num_src; ++s) steps += (taps * ((cv_src(p, s).channels + CT_CH - 1) / CT_CH) + 1) / 2;
+    for (int s = 0; s < p.num_src; ++s) steps += (taps * ((cv_src(p, geo, s).channels + CT_CH - 1) / CT_CH) + 1) / 2;
 
     if (tid == 0) {
         for (int s = 0; s < CT_STAGES; ++s) {
@@ -110,7 +110,7 @@ __device__ __forceinline__ void bc_conv_tma_impl(const BcConvTmaParams& pt, unsi
         if (tid != CT_CONSUMERS) return;
         int k = 0;
         for (int s = 0; s < p.num_src; ++s) {
-            const CvSrc src = cv_src(p, s);
+            const CvSrc src = cv_src(p, geo, s);
             const int cpt = (src.channels + CT_CH - 1) / CT_CH, chunks = taps * cpt;
             for (int i = 0; i < chunks; i += 2, ++k) {
                 const int st = k % CT_STAGES;
@@ -175,7 +175,7 @@ __device__ __forceinline__ void bc_conv_tma_impl(const BcConvTmaParams& pt, unsi
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
             const int n = n0 + 8 * j + 2 * q;
-            if (n < p.cout) cv_store_pair(p, pairs, m, n, acc[4 * j + 2 * e2], acc[4 * j + 2 * e2 + 1]);
+            if (n < p.cout) cv_store_pair(p, geo, pairs, m, n, acc[4 * j + 2 * e2], acc[4 * j + 2 * e2 + 1]);
         }
     }
 }

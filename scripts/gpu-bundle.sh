@@ -46,7 +46,26 @@ cp "$tests" "$out/bin/cuda-tests"
 cp "$bench" "$out/bin/gpu-bench"
 strip --strip-debug "$out/bin/"* 2>/dev/null || true
 cp -r tests/data/selfforcing-tiny tests/data/umt5-tiny tests/data/decode "$out/data/"
-cp benches/pytorch_baseline.py benches/pytorch_text_encoder.py "$out/"
+cp benches/pytorch_baseline.py benches/pytorch_text_encoder.py benches/pytorch_decode.py "$out/"
+# The PyTorch decode baseline on the GPU runs diffusers' AutoencoderKLWan (the public Wan VAE),
+# which the GPU image lacks (it has torch and diffusers' other needs): its pure-Python wheels
+# travel in the bundle (about 6.4 MiB), downloaded once from PyPI into target/pip-wheels.
+# Without a network the bundle is built without them and run.sh says "SKIP pytorch decode".
+wheels=$CARGO_TARGET_DIR/pip-wheels
+want_wheels="diffusers==0.42.1 importlib_metadata==10.2.0"
+if [ "$(cat "$wheels/.ok" 2>/dev/null)" != "$want_wheels" ]; then
+    rm -rf "$wheels"
+    # shellcheck disable=SC2086
+    if python3 -m pip download -q --no-deps --only-binary=:all: -d "$wheels" $want_wheels >&2; then
+        echo "$want_wheels" > "$wheels/.ok"
+    else
+        echo "warning: could not download $want_wheels: the bundle's PyTorch decode baseline will be skipped" >&2
+    fi
+fi
+if [ -f "$wheels/.ok" ]; then
+    mkdir -p "$out/wheels"
+    cp "$wheels"/*.whl "$out/wheels/"
+fi
 cp scripts/gpu-run.sh "$out/run.sh"
 chmod +x "$out/run.sh" "$out/bin/"*
 if commit=$(git -C "$root" rev-parse HEAD 2>/dev/null); then

@@ -271,6 +271,20 @@ summary() {
             awk -v e="$ours" -v p="$pt" 'BEGIN { printf "  text encoder: engine %.2f ms, PyTorch %.2f ms, engine/PyTorch speed-up %.2fx\n", e, p, p / e }'
         fi
     fi
+    # The Wan VAE decode: PyTorch's (bf16, cuDNN) against the engine's default decode row (the
+    # fastest `decode wan 60x104 3-frame block` row that is not a no-parity or per-frame variant).
+    local dc
+    grep -hE '^(check wan-vae-tiny|SKIP pytorch decode)' "$logs"/pytorch.log 2>/dev/null | cut -c1-200 | sed 's/^/  /'
+    dc=$(grep -m1 -h '^PYTORCH_DECODE wan' "$logs"/pytorch.log 2>/dev/null)
+    if [ -n "$dc" ]; then
+        echo "  $dc"
+        ours=$(grep -hE '^decode wan 60x104 3-frame block' "$logs"/bench.log 2>/dev/null | grep -vE 'no-parity|per-frame' |
+            sed -E 's/^decode wan 60x104 3-frame block[a-z -]* +([0-9.]+) .*/\1/' | sort -g | head -n 1)
+        pt=$(echo "$dc" | sed -n 's/.* ms=\([0-9.]*\).*/\1/p')
+        if [ -n "$ours" ] && [ -n "$pt" ]; then
+            awk -v e="$ours" -v p="$pt" 'BEGIN { printf "  Wan VAE decode per 3-latent-frame block: engine %.1f ms, PyTorch %.1f ms, engine/PyTorch speed-up %.2fx\n", e, p, p / e }'
+        fi
+    fi
     echo "logs: $logs${tarball:+ (tarball: $tarball)}"
     echo "$result"
 }
@@ -465,10 +479,17 @@ if want pytorch; then
     if ! command -v python3 >/dev/null 2>&1; then
         echo "SKIP pytorch baseline: no python3" > "$logs"/pytorch.log
         set_status pytorch "skipped: no python3"
-    # The DiT baseline, then the umT5-XXL text encoder in eager PyTorch on the GPU (its failure
-    # does not hide the first's result).
+    # The DiT baseline, then the umT5-XXL text encoder in eager PyTorch on the GPU, then the Wan
+    # VAE decode (diffusers' AutoencoderKLWan, bf16, streamed as the engine does; diffusers'
+    # wheels travel in wheels/, the image lacks it): their failures do not hide the first's result.
     elif run_part pytorch "$logs"/pytorch.log "${torch_env[@]}" bash -c \
-        'python3 pytorch_baseline.py; r=$?; python3 pytorch_text_encoder.py --device cuda --reps 10 || true; exit $r'; then
+        'python3 pytorch_baseline.py; r=$?; python3 pytorch_text_encoder.py --device cuda --reps 10 || true
+         if ls wheels/*.whl >/dev/null 2>&1; then
+             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/bc-pydeps wheels/*.whl &&
+                 PYTHONPATH=/tmp/bc-pydeps PYTHONUNBUFFERED=1 python3 pytorch_decode.py --wan-from diffusers --kinds wan \
+                     --device cuda --dtype bf16 --blocks 3 --check data/decode || true
+         else echo "SKIP pytorch decode: no wheels/ in the bundle (gpu-bundle.sh could not download diffusers)"; fi
+         exit $r'; then
         # The script prints "SKIP ..." and exits 0 without torch or without a CUDA device. Its
         # failure is reported but does not fail the run (the engine is what is validated).
         st=$status

@@ -1692,6 +1692,30 @@ fn decoders_match_the_golden_videos() {
         let err = rel_l2(&want, &whole);
         println!("GOLDEN decoder-{name} rel_l2={err:.3e}");
         assert!(err < 2e-2, "{name}: rel L2 {err}");
+        // TAEHV decodes in blocks (each layer one launch over all of a block's frames) by
+        // default; its frame walk gives the same bits (the same sums per output value).
+        if dev.frame_batching() && name == "taehv-tiny" {
+            let Some(g) = gpu("decoders_match_the_golden_videos") else {
+                return;
+            };
+            let mut one = CudaDecoder::new(&dec, g).unwrap();
+            one.set_conv_wgmma(false).unwrap();
+            one.set_frame_batching(false).unwrap();
+            one.begin(h, w).unwrap();
+            let px = one.push(&lat, f, true).unwrap().f32.unwrap();
+            let same = px
+                .iter()
+                .zip(&whole)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            println!(
+                "GOLDEN decoder-{name}-per-frame rel_l2={:.3e} identical_to_block_walk={same}",
+                rel_l2(&want, &px)
+            );
+            assert!(
+                same && px.len() == whole.len(),
+                "{name}: frame walk != block walk"
+            );
+        }
         // The steady frames were graph replays; every launch eager gives the same bits.
         let st = dev.stats();
         println!(

@@ -241,6 +241,81 @@ fn unfused_gemm_epilogues_match_the_fused_ones() {
     }
 }
 
+/// A bf16-output GEMM whose bias is wider than the GPU's bf16 bias scratch
+/// (`BIAS_BF16_ELEMS`) runs plain on the GPU and adds its f32 bias in `bc_activation`:
+/// bf16(bf16(acc) + bias), not cuBLASLt's bf16(acc + bf16(bias)). The emulated device follows
+/// the same rule, so its bits are those of a plain GEMM plus that kernel.
+#[test]
+fn a_bias_too_wide_for_the_bf16_scratch_rounds_as_on_the_gpu() {
+    use blockcascade::backend::cuda::device::{Epilogue, Gpu, OutType, BIAS_BF16_ELEMS};
+    use blockcascade::backend::cuda::ops;
+    use half::bf16;
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (rows, inp, out) = (2usize, 16usize, BIAS_BF16_ELEMS + 40);
+    let mut rng = blockcascade::rng::Rng::new(7);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| rng.normal() * s).collect() };
+    let x: Vec<bf16> = rand(rows * inp, 1.0)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let w: Vec<bf16> = rand(out * inp, 1.0)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let bias = rand(out, 3.0);
+    let mut g = Gpu::open_emulated().unwrap();
+    let (px, pw, pb) = (
+        g.alloc(x.len() * 2).unwrap(),
+        g.alloc(w.len() * 2).unwrap(),
+        g.alloc(bias.len() * 4).unwrap(),
+    );
+    let (plain, biased) = (
+        g.alloc(rows * out * 2).unwrap(),
+        g.alloc(rows * out * 2).unwrap(),
+    );
+    g.upload(px, &x).unwrap();
+    g.upload(pw, &w).unwrap();
+    g.upload(pb, &bias).unwrap();
+    let nan = vec![bf16::NAN; rows * out];
+    g.upload(plain, &nan).unwrap();
+    g.upload(biased, &nan).unwrap();
+    let bf = OutType::Bf16;
+    ops::gemm(&mut g, px, pw, 0, plain, rows, inp, out, bf, Epilogue::None).unwrap();
+    ops::gemm(
+        &mut g,
+        px,
+        pw,
+        pb,
+        biased,
+        rows,
+        inp,
+        out,
+        bf,
+        Epilogue::Bias,
+    )
+    .unwrap();
+    let (mut p, mut b) = (vec![bf16::ZERO; rows * out], vec![bf16::ZERO; rows * out]);
+    g.download(&mut p, plain).unwrap();
+    g.download(&mut b, biased).unwrap();
+    let want: Vec<bf16> = p
+        .iter()
+        .enumerate()
+        .map(|(i, v)| bf16::from_f32(v.to_f32() + bias[i % out]))
+        .collect();
+    let differ = b
+        .iter()
+        .zip(&want)
+        .filter(|(a, e)| a.to_bits() != e.to_bits())
+        .count();
+    assert!(b.iter().all(|v| v.is_finite()), "non-finite output");
+    assert_eq!(
+        differ,
+        0,
+        "{differ} of {} values differ from bf16(bf16(acc) + bias)",
+        b.len()
+    );
+}
+
 /// The latents kept on the device (flow step and renoise by `bc_flow_step`, only finished
 /// blocks downloaded) against the host flow step on flows downloaded every tick: the same f32
 /// arithmetic, so the same bits, with graphs and in a cascade.

@@ -5,7 +5,7 @@
 
 use blockcascade::backend::cuda::device::Gpu;
 use blockcascade::bench::rel_l2;
-use blockcascade::decode::{CudaDecoder, Decoder, DecoderKind};
+use blockcascade::decode::{CudaDecoder, Decoder, DecoderKind, BLOCK_ROWS};
 use blockcascade::tensorfile::TensorFile;
 use blockcascade::video::to_rgb8;
 use std::path::Path;
@@ -59,14 +59,151 @@ fn taehv_on_the_emulated_device_matches_pytorch_whole_and_streamed() {
         grown,
         "device memory grew over streams"
     );
-    // Frames 1.. of each stream were graph replays; with graphs off (every launch eager) the
-    // same bits.
-    assert!(dev.stats().graph_frames >= 8, "{:?}", dev.stats());
+    // The steady state's walks were graph replays (the block walk by default: the second
+    // chunk of the whole push and the second block of 3); with graphs off (every launch
+    // eager) the same bits.
+    assert!(dev.frame_batching(), "the block walk is the default");
+    assert!(dev.stats().graph_frames >= 5, "{:?}", dev.stats());
     let mut eager = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
     eager.set_graphs(false).unwrap();
     eager.begin(h, w).unwrap();
     assert_eq!(eager.push(&latents, f, true).unwrap(), whole);
     assert_eq!(eager.stats().graph_frames, 0);
+}
+
+/// Pushes `blocks` (latent frame counts) of `latents` through `dev` in one stream; the f32
+/// and RGB8 frames joined.
+fn stream(
+    dev: &mut CudaDecoder,
+    latents: &[f32],
+    (h, w): (usize, usize),
+    blocks: &[usize],
+) -> (Vec<f32>, Vec<u8>) {
+    let per = 16 * h * w;
+    dev.begin(h, w).unwrap();
+    let (mut f, mut rgb, mut at) = (Vec::new(), Vec::new(), 0);
+    for &n in blocks {
+        let out = dev
+            .push(&latents[at * per..(at + n) * per], n, true)
+            .unwrap();
+        f.extend(out.f32.unwrap());
+        rgb.extend(out.rgb);
+        at += n;
+    }
+    (f, rgb)
+}
+
+/// TAEHV's block walk (each layer one launch over all of a block's frames) against the frame
+/// walk (`BC_DECODE_PER_FRAME=1`), bit for bit, on a small random model: blocks of 1, 2, 3
+/// and 5 latent frames (5: two walks of 4 + 1), the memories carried from block to block,
+/// the stream's first 3 frames trimmed; with graphs and without. And what a block costs:
+/// fewer launches, activation memory bounded by the walk's frames whatever the push.
+#[test]
+fn taehv_block_walk_equals_the_frame_walk_bit_for_bit() {
+    let dec = Decoder::synthetic(DecoderKind::Taehv, 8, 21);
+    let (h, w) = (3, 5);
+    let blocks = [1, 2, 3, 1, 5, 3];
+    let total: usize = blocks.iter().sum();
+    let mut rng = blockcascade::rng::Rng::new(77);
+    let latents: Vec<f32> = (0..total * 16 * h * w)
+        .map(|_| 2.0 * rng.normal())
+        .collect();
+    let mut per_frame = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+    per_frame.set_frame_batching(false).unwrap();
+    per_frame.set_graphs(false).unwrap();
+    let want = stream(&mut per_frame, &latents, (h, w), &blocks);
+    assert_eq!(want.0.len(), (4 * total - 3) * 3 * 64 * h * w);
+    // The default bound on rows per launch (no grouping at this size), then frames past a
+    // TGrow in groups (500 rows: stage 3 in groups of 2 frames, the full resolution one by
+    // one; 1 row: every frame alone past the first TGrow), with graphs and without.
+    for (graphs, rows) in [(false, BLOCK_ROWS), (true, 500), (false, 1)] {
+        let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+        dev.set_graphs(graphs).unwrap();
+        dev.set_block_rows(rows).unwrap();
+        assert!(dev.frame_batching());
+        let got = stream(&mut dev, &latents, (h, w), &blocks);
+        let bad = got
+            .0
+            .iter()
+            .zip(&want.0)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        let what = format!("graphs {graphs}, {rows} rows");
+        assert!(
+            bad.is_none() && got.0.len() == want.0.len(),
+            "{what}: value {bad:?} differs"
+        );
+        assert_eq!(got.1, want.1, "{what}: RGB8");
+        if graphs {
+            assert!(dev.stats().graph_frames > 0, "{:?}", dev.stats());
+        }
+    }
+
+    // A block of 3 at 6x10: one walk instead of 3, far fewer submissions; the pool is the same
+    // for 4 latent frames as for 12 (three walks of 4): bounded by the walk, not the push.
+    let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+    let block = dev.measure_block(6, 10, 3).unwrap();
+    let four = dev.measure_block(6, 10, 4).unwrap();
+    let twelve = dev.measure_block(6, 10, 12).unwrap();
+    dev.set_frame_batching(false).unwrap();
+    let frame = dev.measure_block(6, 10, 3).unwrap();
+    assert_eq!((block.walks, frame.walks, twelve.walks), (1, 3, 3));
+    assert!(
+        3 * block.submissions < frame.submissions,
+        "{block:?} vs {frame:?}"
+    );
+    assert_eq!(four.pool_bytes, twelve.pool_bytes);
+    assert!(block.pool_bytes < four.pool_bytes && frame.pool_bytes < block.pool_bytes);
+    assert_eq!(block.state_bytes, frame.state_bytes);
+}
+
+/// What a 3-latent-frame block at 480x832 (latents 60x104) costs the real-width decoders
+/// (random weights), counted without running (`CudaDecoder::measure_block`): submissions per
+/// block and device memory, for TAEHV's block walk and frame walk and the Wan VAE's frame walk
+/// (`COST` lines with `--nocapture`; docs/decoders.md quotes them). The block walk's pool is
+/// bounded by its walk (4 latent frames at most), whatever the push.
+#[test]
+fn block_costs_at_480x832() {
+    let mib = |b: usize| b as f64 / 1048576.0;
+    let taehv = Decoder::synthetic(DecoderKind::Taehv, 64, 1);
+    let mut dev = CudaDecoder::new(&taehv, Gpu::open_emulated().unwrap()).unwrap();
+    let mut costs = Vec::new();
+    for batch in [true, false] {
+        dev.set_frame_batching(batch).unwrap();
+        for frames in [1, 3, 4, 12] {
+            let c = dev.measure_block(60, 104, frames).unwrap();
+            println!(
+                "COST taehv {} {frames} latent frames: {} walks, {} submissions, pool {:.1} MiB, \
+                 state {:.1} MiB, io {:.1} MiB",
+                if batch { "block-walk" } else { "per-frame" },
+                c.walks,
+                c.submissions,
+                mib(c.pool_bytes),
+                mib(c.state_bytes),
+                mib(c.io_bytes)
+            );
+            costs.push(c);
+        }
+    }
+    let (b3, b4, b12, f3) = (costs[1], costs[2], costs[3], costs[5]);
+    assert!(b3.submissions * 2 < f3.submissions, "{b3:?} vs {f3:?}");
+    assert_eq!(
+        b4.pool_bytes, b12.pool_bytes,
+        "the pool grows with the push"
+    );
+    assert!(b3.pool_bytes < 1 << 31, "{b3:?}");
+    let wan = Decoder::synthetic(DecoderKind::WanVae, 96, 1);
+    let mut dev = CudaDecoder::new(&wan, Gpu::open_emulated().unwrap()).unwrap();
+    let c = dev.measure_block(60, 104, 3).unwrap();
+    println!(
+        "COST wan-vae per-frame 3 latent frames: {} walks, {} submissions, pool {:.1} MiB, \
+         state {:.1} MiB, io {:.1} MiB",
+        c.walks,
+        c.submissions,
+        mib(c.pool_bytes),
+        mib(c.state_bytes),
+        mib(c.io_bytes)
+    );
+    assert_eq!(c.walks, 3);
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! The device decoders' steady state as CUDA graphs (`CudaDecoder`: one graph per latent
-//! frame's walk, captured once the causal state is full), on the emulated device: long streams
+//! The device decoders' steady state as CUDA graphs (`CudaDecoder`: one graph per walk (a
+//! latent frame's, or TAEHV's block walk's over up to 4), captured once the causal state is
+//! full), on the emulated device: long streams
 //! of both decoders give, block for block, the bits of the eager decoder (graphs off), through
 //! blocks of 1 to 5 latent frames, with and without f32 output; the device memory and the
 //! number of graphs stay constant once the steady state is reached; and the work submitted
@@ -81,8 +82,11 @@ fn check_stream(kind: DecoderKind, dim: usize, eager_frames: u64, again: bool) {
     assert!(dev.graph_failure().is_none(), "{:?}", dev.graph_failure());
     // Bounded: no graph and no byte of device memory more once every kind of block (with and
     // without f32) has been seen in the steady state.
+    // (TAEHV's block walk: one graph per walk size, 1 to 4 latent frames, and output kind;
+    // the Wan VAE: one per ring parity and output kind.)
     let graphs = dev.graph_count();
-    assert!((1..=4).contains(&graphs), "{kind}: {graphs} graphs");
+    let most = if kind == DecoderKind::Taehv { 8 } else { 4 };
+    assert!((1..=most).contains(&graphs), "{kind}: {graphs} graphs");
     let steady = got[5].2;
     for (i, (_, _, bytes)) in got.iter().enumerate().skip(5) {
         assert_eq!(*bytes, steady, "{kind}: device memory grew at block {i}");

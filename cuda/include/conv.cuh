@@ -14,11 +14,6 @@ struct CvSrc {
     const __nv_bfloat16* x;
     int channels, stride, c0, t, up;
 };
-__device__ __forceinline__ CvSrc cv_src(const BcConvParams& p, int s) {
-#define CV_PICK(f) (s == 0 ? p.src[0].f : (s == 1 ? p.src[1].f : p.src[2].f))
-    return CvSrc{CV_PICK(x), CV_PICK(channels), CV_PICK(stride), CV_PICK(c0), CV_PICK(t), CV_PICK(up)};
-#undef CV_PICK
-}
 
 /// The GEMM geometry of a launch. Plain: the rows are the output's h x w pixels, the taps the
 /// kernel's (tap t at (t / kw - kh/2, t % kw - kw/2)), the weights `w`. Parity form
@@ -32,13 +27,27 @@ struct CvGeo {
     int oy, ox;  // offset of tap 0
     int z;       // the parity, -1 for a plain conv
     size_t w0;   // first weight element of this parity (0 for a plain conv)
+    int f;       // the frame of a frame-batched launch (p.frames > 1; else 0)
+    int fo;      // its first output frame: f * (cout / out_split)
 };
 __device__ __forceinline__ CvGeo cv_geo(const BcConvParams& p) {
+    const int bz = (int)blockIdx.z;
     if (p.parity) {
-        const int z = (int)blockIdx.z;
-        return CvGeo{p.h / 2, p.w_px / 2, 2, 4, (z >> 1) - 1, (z & 1) - 1, z, (size_t)z * p.cout * 4 * p.cin};
+        const int z = bz & 3, f = bz >> 2;
+        return CvGeo{p.h / 2, p.w_px / 2, 2, 4, (z >> 1) - 1, (z & 1) - 1, z, (size_t)z * p.cout * 4 * p.cin, f, f * (p.cout / p.out_split)};
     }
-    return CvGeo{p.h, p.w_px, p.kw, p.kh * p.kw, -(p.kh / 2), -(p.kw / 2), -1, 0};
+    return CvGeo{p.h, p.w_px, p.kw, p.kh * p.kw, -(p.kh / 2), -(p.kw / 2), -1, 0, bz, bz * (p.cout / p.out_split)};
+}
+
+/// The fields of one BcConvSource (picked with constant indices only: no local-memory copy of
+/// the params), its pointer moved to frame g.f of a frame-batched launch.
+__device__ __forceinline__ CvSrc cv_src(const BcConvParams& p, const CvGeo& g, int s) {
+#define CV_PICK(f) (s == 0 ? p.src[0].f : (s == 1 ? p.src[1].f : p.src[2].f))
+    CvSrc r{CV_PICK(x), CV_PICK(channels), CV_PICK(stride), CV_PICK(c0), CV_PICK(t), CV_PICK(up)};
+#undef CV_PICK
+    const size_t px = r.up ? (size_t)(p.h / 2) * (p.w_px / 2) : (size_t)p.h * p.w_px;
+    r.x += (size_t)g.f * px * r.stride;
+    return r;
 }
 
 /// The output pixel of GEMM row m (< gh * gw): (s i + py) * w + s j + px for grid pixel
@@ -89,25 +98,29 @@ __device__ __forceinline__ bool cv_pairs(const BcConvParams& p) {
 /// The epilogue of output pixel `m` (< h*w) and the column pair `n`, `n + 1` (n even, < cout;
 /// a column past cout is computed, never stored): + bias, + residual, activation, then the
 /// store (bf16x2 when `pairs`, else per element into frame n / out_split at out_cstride).
-__device__ __forceinline__ void cv_store_pair(const BcConvParams& p, bool pairs, int m, int n, float a0, float a1) {
+__device__ __forceinline__ void cv_store_pair(const BcConvParams& p, const CvGeo& g, bool pairs, int m, int n, float a0,
+                                              float a1) {
     float v[2] = {a0, a1};
+    // Frame g.f of a frame-batched launch: its residual frame and first output frame.
+    const size_t rm = (size_t)g.f * p.h * p.w_px + m;
 #pragma unroll
     for (int e1 = 0; e1 < 2; ++e1) {
         const int c = min(n + e1, p.cout - 1);
         if (p.bias) v[e1] += p.bias[c];
-        if (p.res) v[e1] += __bfloat162float(p.res[(size_t)m * p.res_stride + c]);
+        if (p.res) v[e1] += __bfloat162float(p.res[rm * p.res_stride + c]);
         v[e1] = cv_act(v[e1], p.act);
     }
     if (pairs && n + 1 < p.cout) {
-        bc_store_bf162(static_cast<__nv_bfloat16*>(p.out) + (size_t)m * p.out_stride + n, v[0], v[1]);
+        bc_store_bf162(static_cast<__nv_bfloat16*>(p.out) + (size_t)g.fo * p.out_frame_stride + (size_t)m * p.out_stride + n,
+                       v[0], v[1]);
         return;
     }
 #pragma unroll
     for (int e1 = 0; e1 < 2; ++e1) {
         if (n + e1 >= p.cout) break;
         const int f = (n + e1) / p.out_split;
-        const size_t o =
-            (size_t)f * p.out_frame_stride + (size_t)m * p.out_stride + (size_t)(n + e1 - f * p.out_split) * p.out_cstride;
+        const size_t o = (size_t)(g.fo + f) * p.out_frame_stride + (size_t)m * p.out_stride +
+                         (size_t)(n + e1 - f * p.out_split) * p.out_cstride;
         if (p.out_f32)
             static_cast<float*>(p.out)[o] = v[e1];
         else

@@ -671,7 +671,7 @@ typedef struct BcConvSource {
  * (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW); `bc_conv_wgmma`
  * (sm_90a, needs `vec`) grid (ceil(h*w / BC_CONV_WG_BM), ceil(cout / BC_CONV_WG_BN)), block
  * BC_CONV_WG_THREADS, BC_CONV_WG_SMEM bytes of dynamic shared memory. With `parity`, h*w in
- * the grids is (h/2)*(w/2) and the grid's z is 4. */
+ * the grids is (h/2)*(w/2) and the grid's z is 4; the grid's z is times `frames`. */
 typedef struct BcConvParams {
     /** The sources (`num_src` used). */
     BcConvSource src[BC_CONV_MAX_SOURCES];
@@ -724,6 +724,15 @@ typedef struct BcConvParams {
      * `w`. The GEMM rows are the sources' (h/2) x (w/2) pixels and the grid's z the 4
      * parities: 16 taps per output quad instead of 36. 0: the plain conv (grid z = 1). */
     bc_i32 parity;
+    /** Frames the launch covers (>= 1; grid z = frames, times 4 in the parity form, z = 4 f +
+     * parity): frame f reads every source `f` frames on (a source's frames are contiguous,
+     * `h*w*stride` elements apart, `(h/2)*(w/2)*stride` when `up`), the residual `f * h*w *
+     * res_stride` elements on, and writes output frames `f * (cout / out_split) + n /
+     * out_split` (`out_frame_stride` apart). Each frame's blocks are those of a one-frame launch,
+     * so every output value is the same sum in the same order. Needs `out_cstride` = 1 when > 1. */
+    bc_i32 frames;
+    /** Padding, keep 0. */
+    bc_i32 _pad;
 } BcConvParams;
 
 /** `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16

@@ -320,6 +320,9 @@ pub struct DeviceDecodeBench {
     pub tflops: f64,
     /// Bytes of device memory held for activations and causal state.
     pub device_bytes: usize,
+    /// The block's cost as counted by `CudaDecoder::measure_block` (launches, copies and
+    /// memsets of its walks and latent inputs, the pool it needs), for the walk timed.
+    pub cost: super::BlockCost,
 }
 
 /// [`bench_decode`] on a CUDA device (`gpu` opens it: the driver, or the emulated device in
@@ -329,13 +332,15 @@ pub struct DeviceDecodeBench {
 /// Hopper `bc_conv_wgmma` (refused on a device without wgmma), else on `bc_conv`; `tma` (with
 /// `wgmma`): those over plain sources (and the parity-form upsample convs) on its TMA variant
 /// `bc_conv_wgmma_tma`; `parity`: the upsample convs in the sub-pixel (parity) form, else dense
-/// (`CudaDecoder::set_conv_parity`).
+/// (`CudaDecoder::set_conv_parity`); `batch`: TAEHV's block walk (every layer one launch over
+/// all of a block's frames), else one latent frame at a time
+/// (`CudaDecoder::set_frame_batching`).
 pub fn bench_decode_device(
     kinds: &[DecoderKind],
     (latent_h, latent_w): (usize, usize),
     (block_frames, blocks): (usize, usize),
     dim: Option<usize>,
-    (wgmma, tma, parity): (bool, bool, bool),
+    (wgmma, tma, parity, batch): (bool, bool, bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<Vec<DeviceDecodeBench>> {
     let mut out = Vec::new();
@@ -350,6 +355,8 @@ pub fn bench_decode_device(
         dev.set_conv_wgmma(wgmma)?;
         dev.set_conv_tma(wgmma && tma)?;
         dev.set_conv_parity(parity)?;
+        dev.set_frame_batching(batch)?;
+        let cost = dev.measure_block(latent_h, latent_w, bf)?;
         dev.begin(latent_h, latent_w)?;
         let mut rng = crate::rng::Rng::new(2);
         let per = 16 * latent_h * latent_w * bf;
@@ -379,6 +386,7 @@ pub fn bench_decode_device(
             block_tflop: fl / 1e12,
             tflops: fl / 1e12 / (ms / 1e3),
             device_bytes: dev.activation_bytes(),
+            cost,
         });
     }
     Ok(out)
@@ -419,7 +427,7 @@ mod tests {
                 (h, w),
                 (1, 2),
                 Some(2),
-                (false, false, parity),
+                (false, false, parity, true),
                 &Gpu::open_emulated,
             )
             .unwrap()

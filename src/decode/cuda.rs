@@ -1,6 +1,8 @@
 //! Both decoders on a CUDA device (a GPU through the driver, or the emulated device in CI): the
-//! same layer walks as the CPU decoders (depth first, one frame per level alive), with every
-//! convolution on `cuda/conv.cu` and the small ops on `cuda/decode_ops.cu`.
+//! same layer walks as the CPU decoders (depth first, one frame per level alive; TAEHV by
+//! default in blocks of up to [`CHUNK_LATENTS`] latent frames, each layer one launch over all
+//! their frames: `cuda/taehv.rs`, docs/decoders.md), with every convolution on `cuda/conv.cu`
+//! and the small ops on `cuda/decode_ops.cu`.
 //!
 //! This file holds what both share ([`Dev`]: the device, weight upload, a pool of activation
 //! buffers, launches, the pixel output) and the public [`CudaDecoder`]; `cuda/taehv.rs` and
@@ -54,29 +56,40 @@ struct DevConv {
     parity: DevPtr,
 }
 
-/// An NHWC frame on the device (`[h*w][c]`, bf16, or f32 for a last conv); `owned`: a pool
-/// buffer (a view into another frame is not).
+/// NHWC frames on the device (`n` of them, one after the other, each `[h*w][c]`, bf16, or f32
+/// for a last conv) at `ptr`, inside the buffer at `base` of `bytes` (`base` < `ptr` when the
+/// buffer holds leading frames before them: a MemBlock's past); `owned`: a pool buffer (a view
+/// into another frame is not).
 #[derive(Clone, Copy)]
 struct Frame {
     ptr: DevPtr,
+    base: DevPtr,
     bytes: usize,
     c: usize,
     h: usize,
     w: usize,
+    n: usize,
     owned: bool,
 }
 
 impl Frame {
-    /// A view of `c` channels at `ptr` inside a buffer owned elsewhere.
+    /// A view of one frame of `c` channels at `ptr` inside a buffer owned elsewhere.
     fn view(ptr: DevPtr, c: usize, h: usize, w: usize) -> Frame {
         Frame {
             ptr,
+            base: ptr,
             bytes: 2 * c * h * w,
             c,
             h,
             w,
+            n: 1,
             owned: false,
         }
+    }
+
+    /// Bytes of one of its bf16 frames.
+    fn frame_bytes(&self) -> usize {
+        2 * self.c * self.h * self.w
     }
 }
 
@@ -128,6 +141,9 @@ enum Mode {
     /// Capturing: `get` hands out the planned buffers in order (the pool is not touched, so
     /// nothing is allocated inside the capture, which a GPU forbids), `put` keeps nothing.
     Script(Vec<Frame>, usize),
+    /// Measuring: as `Plan`, but a buffer the pool lacks is counted, not allocated (a stand-in
+    /// address), and every launch or copy that would run is counted in `Dev::measured`.
+    Measure(DevPtr),
 }
 
 /// Where [`Dev::emit`] writes the pixel frames of the latent frame being decoded: fixed
@@ -175,6 +191,29 @@ struct Dev {
     conv_tma: bool,
     /// Upsample convs run in the sub-pixel (parity) form (see [`conv_parity_default`]).
     conv_parity: bool,
+    /// Launches and copies a `Mode::Measure` walk would have submitted.
+    measured: u64,
+    /// TAEHV decodes a push's latent frames in blocks of up to [`CHUNK_LATENTS`], each layer
+    /// one launch over all of a block's frames (see [`frame_batching_default`]); else one
+    /// latent frame at a time.
+    batch: bool,
+    /// The block walk's bound on GEMM rows (pixels x frames) per launch past a `TGrow`
+    /// ([`BLOCK_ROWS`]).
+    block_rows: usize,
+}
+
+/// GEMM rows (output pixels of all the frames) TAEHV's block walk gives a launch at most past a
+/// `TGrow`, where it goes on in groups of frames (a frame's pixels at least): 2^19 rows are
+/// 4096 blocks of 128 pixels, ten and more waves on a 132-SM GPU. At 480x832 (latents 60x104)
+/// a 3-latent-frame block runs its first two stages (6240 and 24960 pixels a frame) in one
+/// launch per layer, the third (99840) in 2 groups of 3 frames and the full resolution
+/// (399360) in 6 of 2, so the activations stay near a few hundred MiB.
+pub const BLOCK_ROWS: usize = 1 << 19;
+
+/// Whether a new decoder batches frames (TAEHV's block walk): yes unless
+/// `BC_DECODE_PER_FRAME=1` (the frame-at-a-time walk, kept to compare with: same bits).
+fn frame_batching_default() -> bool {
+    !env_flag("BC_DECODE_PER_FRAME")
 }
 
 /// Whether a new decoder runs its nearest-upsample + 3x3 convs in the sub-pixel (parity) form
@@ -218,11 +257,22 @@ impl Dev {
             conv_wgmma,
             conv_tma,
             conv_parity: conv_parity_default(),
+            measured: 0,
+            batch: frame_batching_default(),
+            block_rows: BLOCK_ROWS,
         }
     }
 
+    /// Whether launches are skipped (planning or measuring a walk).
     fn planning(&self) -> bool {
-        matches!(self.mode, Mode::Plan(_))
+        matches!(self.mode, Mode::Plan(_) | Mode::Measure(_))
+    }
+
+    /// Counts a submission a measured walk skips.
+    fn count_skipped(&mut self) {
+        if matches!(self.mode, Mode::Measure(_)) {
+            self.measured += 1;
+        }
     }
 
     /// Uploads `data` (kept alive until the device has it).
@@ -263,6 +313,7 @@ impl Dev {
     fn run<P>(&mut self, l: LaunchResult<Launch<P>>) -> Result<()> {
         let l = l.map_err(|e| Error::InvalidArgument(format!("{}: {}", e.kernel, e.message)))?;
         if self.planning() {
+            self.count_skipped();
             return Ok(());
         }
         self.submits += 1;
@@ -274,23 +325,57 @@ impl Dev {
     /// A device-to-device copy in stream order (none while planning).
     fn copy(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
         if self.planning() {
+            self.count_skipped();
             return Ok(());
         }
         self.submits += 1;
         self.gpu.copy(dst, src, bytes)
     }
 
+    /// Zeroes `bytes` at `dst` in stream order (none while planning).
+    fn memset(&mut self, dst: DevPtr, bytes: usize) -> Result<()> {
+        if self.planning() {
+            self.count_skipped();
+            return Ok(());
+        }
+        self.submits += 1;
+        self.gpu.memset(dst, 0, bytes)
+    }
+
     /// A pool buffer for a `c x h x w` frame of `elem`-byte values (while capturing: the
     /// planned one).
     fn get(&mut self, c: usize, h: usize, w: usize, elem: usize) -> Result<Frame> {
-        let bytes = c * h * w * elem;
-        if let Mode::Script(plan, at) = &mut self.mode {
-            let f = plan.get(*at).copied().filter(|f| f.bytes >= bytes);
+        self.get_n(c, h, w, elem, 1, 0)
+    }
+
+    /// A pool buffer for `n` frames of `c x h x w` `elem`-byte values after `lead` more frames
+    /// (the returned frames start after them); while capturing, the planned one.
+    fn get_n(
+        &mut self,
+        c: usize,
+        h: usize,
+        w: usize,
+        elem: usize,
+        n: usize,
+        lead: usize,
+    ) -> Result<Frame> {
+        let one = c * h * w * elem;
+        let bytes = one * (n + lead);
+        let at = |f: Frame| Frame {
+            c,
+            h,
+            w,
+            n,
+            ptr: f.base + (lead * one) as u64,
+            ..f
+        };
+        if let Mode::Script(plan, i) = &mut self.mode {
+            let f = plan.get(*i).copied().filter(|f| f.bytes >= bytes);
             let f = f.ok_or_else(|| {
                 Error::Internal("a captured decoder walk left its planned buffers".into())
             })?;
-            *at += 1;
-            return Ok(Frame { c, h, w, ..f });
+            *i += 1;
+            return Ok(at(f));
         }
         let best = self
             .pool
@@ -303,17 +388,28 @@ impl Dev {
             Some(i) => self.pool.swap_remove(i),
             None => {
                 self.pool_bytes += bytes;
-                (bytes, self.gpu.alloc(bytes)?)
+                let ptr = match &mut self.mode {
+                    Mode::Measure(next) => {
+                        // Stand-in addresses, 256-byte aligned as the driver's.
+                        let p = *next;
+                        *next += bytes.div_ceil(256) as u64 * 256;
+                        p
+                    }
+                    _ => self.gpu.alloc(bytes)?,
+                };
+                (bytes, ptr)
             }
         };
-        let f = Frame {
+        let f = at(Frame {
             ptr,
+            base: ptr,
             bytes,
             c,
             h,
             w,
+            n,
             owned: true,
-        };
+        });
         if let Mode::Plan(plan) = &mut self.mode {
             plan.push(f);
         }
@@ -323,7 +419,7 @@ impl Dev {
     /// Returns a buffer to the pool (later launches reuse it, in stream order).
     fn put(&mut self, f: Frame) {
         if f.owned && !matches!(self.mode, Mode::Script(..)) {
-            self.pool.push((f.bytes, f.ptr));
+            self.pool.push((f.bytes, f.base));
         }
     }
 
@@ -343,6 +439,25 @@ impl Dev {
         Ok(y)
     }
 
+    /// [`Dev::conv`] over `n` frames in one launch (`srcs` and `res` hold `n` frames each) into
+    /// a new `n`-frame buffer after `lead` spare frames.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_n(
+        &mut self,
+        cv: &DevConv,
+        srcs: &[In],
+        (h, w): (usize, usize),
+        res: Option<Frame>,
+        act: u32,
+        f32: bool,
+        (n, lead): (usize, usize),
+    ) -> Result<Frame> {
+        let c = cv.shape.cout;
+        let y = self.get_n(c, h, w, if f32 { 4 } else { 2 }, n, lead)?;
+        self.conv_frames(cv, srcs, (h, w), res, act, (y.ptr, f32, c, 1), n)?;
+        Ok(y)
+    }
+
     /// `cv` over `srcs` into `out`: f32 or bf16, output channels split into frames of `split`
     /// (NHWC frames of `split` channels, one after the other), `cstride` elements between
     /// channels (1, or `h*w` for a channel-major output).
@@ -353,7 +468,24 @@ impl Dev {
         hw: (usize, usize),
         res: Option<Frame>,
         act: u32,
+        out: (DevPtr, bool, usize, usize),
+    ) -> Result<()> {
+        self.conv_frames(cv, srcs, hw, res, act, out, 1)
+    }
+
+    /// [`Dev::conv_into`] over `frames` frames in one launch (`ConvOut::frames`: each source
+    /// and the residual hold that many frames, one after the other; frame `f` writes output
+    /// frames `f * (cout / split)` on).
+    #[allow(clippy::too_many_arguments)]
+    fn conv_frames(
+        &mut self,
+        cv: &DevConv,
+        srcs: &[In],
+        hw: (usize, usize),
+        res: Option<Frame>,
+        act: u32,
         (out, f32, split, cstride): (DevPtr, bool, usize, usize),
+        frames: usize,
     ) -> Result<()> {
         let ls: Vec<ConvSource> = srcs
             .iter()
@@ -379,7 +511,7 @@ impl Dev {
             (cv.w, cv.shape, cv.shape.kh * cv.shape.kw)
         };
         let k: usize = srcs.iter().map(|s| s.f.c).sum::<usize>() * taps;
-        let flops = 2.0 * pixels as f64 * cv.shape.cout as f64 * k as f64;
+        let flops = 2.0 * (frames * pixels) as f64 * cv.shape.cout as f64 * k as f64;
         let planning = self.planning();
         if !planning {
             self.flops += flops;
@@ -402,6 +534,7 @@ impl Dev {
                 split,
                 frame_stride: split * pixels,
                 cstride,
+                frames,
             },
             self.conv_wgmma,
         );
@@ -447,12 +580,19 @@ impl Dev {
 
     /// Nearest 2x upsample of `x` (which goes back to the pool).
     fn upsample(&mut self, x: Frame) -> Result<Frame> {
-        let y = self.get(x.c, 2 * x.h, 2 * x.w, 2)?;
+        self.upsample_n(x, 0)
+    }
+
+    /// Nearest 2x upsample of `x`'s `n` frames in one launch (the frames stacked are one
+    /// `n*h x w` image: rows never mix) into a new buffer after `lead` spare frames; `x` goes
+    /// back to the pool.
+    fn upsample_n(&mut self, x: Frame, lead: usize) -> Result<Frame> {
+        let y = self.get_n(x.c, 2 * x.h, 2 * x.w, 2, x.n, lead)?;
         self.run(launch::dec_upsample2x(
             x.ptr as *const _,
             y.ptr as *mut _,
             std::ptr::null_mut(),
-            x.h,
+            x.n * x.h,
             x.w,
             x.c,
         ))?;
@@ -516,6 +656,15 @@ impl Model {
             Model::Wan(m) => m.frames_per_latent(),
         }
     }
+
+    /// Latent frames one walk takes: up to [`CHUNK_LATENTS`] for TAEHV's block walk (with
+    /// `batch`), else 1.
+    fn walk_frames(&self, batch: bool) -> usize {
+        match self {
+            Model::Taehv(_) if batch => CHUNK_LATENTS,
+            _ => 1,
+        }
+    }
 }
 
 /// A stream's state on the device.
@@ -526,6 +675,14 @@ enum State {
 }
 
 impl State {
+    /// As after a stream's first frames (see the models' `make_steady`).
+    fn make_steady(&mut self) {
+        match self {
+            State::Taehv(s) => s.make_steady(),
+            State::Wan(s) => s.make_steady(),
+        }
+    }
+
     /// What a latent frame's walk depends on besides the buffers, once every causal conv
     /// takes all its time taps (the steady state); `None` before that (the first frames of a
     /// stream, decoded eagerly).
@@ -537,10 +694,14 @@ impl State {
     }
 }
 
-/// Decodes one latent frame from its NHWC bf16 input `x` (made by [`Model::input`]):
-/// eagerly, planned or captured, as the device's mode says.
+/// Decodes the `x.n` latent frames (one, unless TAEHV's block walk) from their NHWC bf16 input
+/// `x` (made by [`Model::input`]): eagerly, planned or captured, as the device's mode says.
 fn walk(model: &Model, dev: &mut Dev, st: &mut State, x: Frame) -> Result<()> {
     match (model, st) {
+        (Model::Taehv(m), State::Taehv(s)) if dev.batch => m.block(dev, s, x),
+        _ if x.n != 1 => Err(Error::Internal(
+            "a frame-at-a-time decoder walk was given several frames".into(),
+        )),
         (Model::Taehv(m), State::Taehv(s)) => m.frame(dev, s, x),
         (Model::Wan(m), State::Wan(s)) => m.frame(dev, s, x),
         _ => Err(Error::Internal(
@@ -581,6 +742,29 @@ struct Graphs {
     /// A test hook: the next capture fails.
     #[cfg(test)]
     fail_next: bool,
+}
+
+/// What one block of latent frames costs a [`CudaDecoder`] in the steady state of a stream,
+/// counted by [`CudaDecoder::measure_block`] without running anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockCost {
+    /// Latent frames in the block.
+    pub frames: usize,
+    /// Walks (one per latent frame frame by frame; one per [`CHUNK_LATENTS`]-frame chunk with
+    /// TAEHV's block walk): each is one graph replay once graphs are captured.
+    pub walks: usize,
+    /// Kernel launches, copies and memsets the walks and the latent inputs submit (what one
+    /// graph replay per walk holds, plus the input launches; not the pixel copies and
+    /// downloads after each walk).
+    pub submissions: u64,
+    /// Device memory of the stream's causal state (TAEHV's memories, the Wan VAE's caches).
+    pub state_bytes: usize,
+    /// Device memory of the activation pool the walks need (its high-water mark, as a fresh
+    /// decoder would allocate it; the fixed input, pixel and block buffers not counted).
+    pub pool_bytes: usize,
+    /// The fixed buffers for such a block: the walk's latent input, its pixel output and the
+    /// block's pixels (RGB8, no f32).
+    pub io_bytes: usize,
 }
 
 /// How a [`CudaDecoder`]'s pushes ran, counted since it was made: what the graphs save.
@@ -807,6 +991,39 @@ impl CudaDecoder {
         Ok(())
     }
 
+    /// Whether TAEHV decodes blocks of latent frames at once (each layer one launch over all the
+    /// frames of up to [`CHUNK_LATENTS`] latent frames; the default unless
+    /// `BC_DECODE_PER_FRAME=1`) rather than one latent frame at a time. The Wan VAE always
+    /// walks one frame at a time. Same bits either way.
+    pub fn frame_batching(&self) -> bool {
+        self.dev.batch
+    }
+
+    /// Turns TAEHV's block walk on or off for the following pushes (tests and benchmarks
+    /// compare the two); captured graphs are dropped (and captured again) when it changes.
+    pub fn set_frame_batching(&mut self, on: bool) -> Result<()> {
+        if self.dev.batch != on {
+            self.dev.gpu.sync()?;
+            self.graphs.map.clear();
+        }
+        self.dev.batch = on;
+        Ok(())
+    }
+
+    /// Sets the block walk's bound on GEMM rows per launch past a `TGrow` (default
+    /// [`BLOCK_ROWS`]; at least 1: then every frame past the first `TGrow` goes on alone, as
+    /// in the frame walk). Tests use small bounds to take the grouped path at small sizes;
+    /// the bits are the same whatever the bound. Captured graphs are dropped when it changes.
+    pub fn set_block_rows(&mut self, rows: usize) -> Result<()> {
+        let rows = rows.max(1);
+        if self.dev.block_rows != rows {
+            self.dev.gpu.sync()?;
+            self.graphs.map.clear();
+        }
+        self.dev.block_rows = rows;
+        Ok(())
+    }
+
     /// Whether the upsample convs run in the sub-pixel (parity) form (the default, unless
     /// `BC_CONV_PARITY=0`).
     pub fn conv_parity(&self) -> bool {
@@ -860,6 +1077,91 @@ impl CudaDecoder {
     /// `bc_conv_n16`).
     pub fn wgmma_flops(&self) -> f64 {
         self.dev.wgmma_flops
+    }
+
+    /// What decoding one block of `frames` latent frames of `latent_h x latent_w` costs in the
+    /// steady state of a stream with the current walk ([`CudaDecoder::frame_batching`]),
+    /// counted without launching or allocating anything: the walks are planned on a scratch
+    /// pool with stand-in addresses. The decoder's stream, pool and graphs are left as they were.
+    pub fn measure_block(
+        &mut self,
+        latent_h: usize,
+        latent_w: usize,
+        frames: usize,
+    ) -> Result<BlockCost> {
+        if latent_h == 0 || latent_w == 0 || frames == 0 || frames > MAX_DEVICE_FRAMES {
+            return Err(Error::invalid(format!(
+                "measure {frames} frames of {latent_h}x{latent_w}: all must be positive"
+            )));
+        }
+        let (h, w) = (latent_h, latent_w);
+        let pool = std::mem::take(&mut self.dev.pool);
+        let (pool_bytes, sink) = (self.dev.pool_bytes, self.dev.sink);
+        let (flops, wgmma_flops) = (self.dev.flops, self.dev.wgmma_flops);
+        self.dev.pool_bytes = 0;
+        self.dev.measured = 0;
+        self.dev.mode = Mode::Measure(1 << 44);
+        let r = self.measure_walks((h, w), frames);
+        self.dev.mode = Mode::Live;
+        let cost = r.map(|(walks, state_bytes)| {
+            let (z, up) = (self.weights.z_dim, self.weights.up);
+            let lat = self.weights.model.walk_frames(true);
+            let px = 3 * h * w * up * up * self.weights.model.frames_per_latent();
+            BlockCost {
+                frames,
+                walks,
+                submissions: self.dev.measured,
+                state_bytes,
+                pool_bytes: self.dev.pool_bytes - state_bytes,
+                io_bytes: 2 * z * h * w * lat + px * lat + px * frames.min(CHUNK_LATENTS),
+            }
+        });
+        self.dev.pool = pool;
+        (self.dev.pool_bytes, self.dev.sink) = (pool_bytes, sink);
+        (self.dev.flops, self.dev.wgmma_flops) = (flops, wgmma_flops);
+        cost
+    }
+
+    /// [`CudaDecoder::measure_block`]'s walks (the device in `Mode::Measure`): walks and the
+    /// state's bytes.
+    fn measure_walks(&mut self, (h, w): (usize, usize), frames: usize) -> Result<(usize, usize)> {
+        let mut st = match &self.weights.model {
+            Model::Taehv(m) => State::Taehv(m.state(&mut self.dev, h, w)?),
+            Model::Wan(m) => State::Wan(m.state(&mut self.dev, h, w)?),
+        };
+        st.make_steady();
+        let state_bytes = self.dev.pool_bytes;
+        self.dev.measured = 0;
+        let fpl = self.weights.model.frames_per_latent();
+        let step = self.weights.model.walk_frames(self.dev.batch);
+        let z = self.weights.z_dim;
+        let x0 = self.dev.get_n(z, h, w, 2, step, 0)?;
+        let (mut i, mut walks) = (0, 0);
+        while i < frames {
+            let n = step.min(frames - i);
+            for j in 0..n {
+                let x = Frame::view(x0.ptr + (2 * j * z * h * w) as u64, z, h, w);
+                self.weights.model.input(&mut self.dev, x0.ptr, x)?;
+            }
+            self.dev.sink = Sink {
+                rgb: 1 << 43,
+                f32: 0,
+                hw: h * w * self.weights.up * self.weights.up,
+                cap: n * fpl,
+                n: 0,
+            };
+            let x = Frame {
+                n,
+                owned: false,
+                ..x0
+            };
+            walk(&self.weights.model, &mut self.dev, &mut st, x)?;
+            i += n;
+            walks += 1;
+        }
+        // The input buffer stands for the fixed one (counted in `io_bytes`).
+        self.dev.pool_bytes -= x0.bytes;
+        Ok((walks, state_bytes))
     }
 
     /// Starts a stream of `latent_h x latent_w` latents (ending any previous one): the causal
@@ -1019,7 +1321,10 @@ impl CudaDecoder {
     /// the block's pixels (grown when a push needs more, up to [`CHUNK_LATENTS`] frames).
     fn io_for(&mut self, (h, w): (usize, usize), frames: usize, want_f32: bool) -> Result<()> {
         let per = self.weights.z_dim * h * w;
+        // Latent frames a walk takes, and the pixel frames it gives at most.
+        let lat = self.weights.model.walk_frames(true);
         let fpl = self.weights.model.frames_per_latent();
+        let walk_px = lat * fpl;
         let hw = h * w * self.weights.up * self.weights.up;
         if self.io.hw != (h, w) {
             // A new size only comes with `begin`, whose `end` dropped the graphs.
@@ -1034,11 +1339,11 @@ impl CudaDecoder {
             Ok(p)
         };
         if io.x0 == 0 {
-            io.x0 = alloc(2 * per, io, gpu)?;
-            io.rgb = alloc(3 * hw * fpl, io, gpu)?;
+            io.x0 = alloc(2 * per * lat, io, gpu)?;
+            io.rgb = alloc(3 * hw * walk_px, io, gpu)?;
         }
         if want_f32 && io.f32 == 0 {
-            io.f32 = alloc(12 * hw * fpl, io, gpu)?;
+            io.f32 = alloc(12 * hw * walk_px, io, gpu)?;
         }
         let need = frames.clamp(1, CHUNK_LATENTS) * fpl;
         if need > io.blk_cap || (want_f32 && io.blk_f32 == 0) {
@@ -1063,7 +1368,7 @@ impl CudaDecoder {
             rgb: io.rgb,
             f32: if want_f32 { io.f32 } else { 0 },
             hw,
-            cap: fpl,
+            cap: self.weights.model.walk_frames(self.dev.batch) * fpl,
             n: 0,
         };
         Ok(())
@@ -1081,9 +1386,10 @@ impl CudaDecoder {
         Ok(())
     }
 
-    /// Decodes latent frames `[frames][16][h][w]` at `src` on the device into `out`: each is
-    /// turned into the walk's input, decoded (a graph replay in the steady state), and its pixel
-    /// frames appended to the block buffer, downloaded once per [`CHUNK_LATENTS`] frames.
+    /// Decodes latent frames `[frames][16][h][w]` at `src` on the device into `out`: each walk's
+    /// frames (one, or with TAEHV's block walk up to [`CHUNK_LATENTS`]) are turned into its
+    /// input and decoded (a graph replay in the steady state), and their pixel frames appended
+    /// to the block buffer, downloaded once per [`CHUNK_LATENTS`] latent frames.
     fn decode_frames(
         &mut self,
         st: &mut State,
@@ -1093,13 +1399,24 @@ impl CudaDecoder {
         out: &mut DeviceFrames,
         waited: &mut Duration,
     ) -> Result<()> {
-        let bytes = 4 * self.weights.z_dim * h * w;
+        let z = self.weights.z_dim;
+        let bytes = 4 * z * h * w;
         let hw = self.dev.sink.hw;
+        let step = self.weights.model.walk_frames(self.dev.batch);
         let mut held = 0;
-        for i in 0..frames {
-            let x0 = Frame::view(self.io.x0, self.weights.z_dim, h, w);
+        let mut i = 0;
+        while i < frames {
+            let n = step.min(frames - i);
             let model = &self.weights.model;
-            model.input(&mut self.dev, src + (i * bytes) as u64, x0)?;
+            for j in 0..n {
+                let x = Frame::view(self.io.x0 + (2 * j * z * h * w) as u64, z, h, w);
+                model.input(&mut self.dev, src + ((i + j) * bytes) as u64, x)?;
+            }
+            let x0 = Frame {
+                n,
+                ..Frame::view(self.io.x0, z, h, w)
+            };
+            i += n;
             self.dev.sink.n = 0;
             self.step(st, x0)?;
             let k = self.dev.sink.n;
@@ -1148,8 +1465,13 @@ impl CudaDecoder {
     /// (capturing it the first time that state is seen), or walks eagerly before the steady
     /// state, with graphs off, or once a capture failed.
     fn step(&mut self, st: &mut State, x0: Frame) -> Result<()> {
+        // The block walk's graphs are per block size (the key's last byte; 0: a frame walk).
+        let size = if self.dev.batch { x0.n as u8 } else { 0 };
         let key = match self.graphs.on {
-            true => st.graph_key().map(|k| (k, self.dev.sink.f32 != 0)),
+            true => st.graph_key().map(|mut k| {
+                k.push(size);
+                (k, self.dev.sink.f32 != 0)
+            }),
             false => None,
         };
         if let Some(key) = key {
@@ -1175,11 +1497,11 @@ impl CudaDecoder {
                 self.dev.flops += c.flops;
                 self.dev.wgmma_flops += c.wgmma_flops;
                 *st = c.after.clone();
-                self.graphs.stats.graph_frames += 1;
+                self.graphs.stats.graph_frames += x0.n as u64;
                 return Ok(());
             }
         }
-        self.graphs.stats.eager_frames += 1;
+        self.graphs.stats.eager_frames += x0.n as u64;
         walk(&self.weights.model, &mut self.dev, st, x0)
     }
 
@@ -1301,14 +1623,19 @@ mod tests {
         let st = dev.stats();
         assert_eq!((st.eager_frames, st.graph_frames, st.captures), (5, 0, 0));
 
-        // Without the failure the same push replays frames 1.. from one graph.
-        let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
-        dev.set_graphs(true).unwrap();
-        dev.begin(h, w).unwrap();
-        assert_eq!(dev.push(&lat, frames, true).unwrap(), want);
-        let st = dev.stats();
-        assert_eq!((st.eager_frames, st.graph_frames, st.captures), (1, 4, 1));
-        assert!(dev.graph_failure().is_none());
+        // Without the failure the same push replays its steady walks from one graph: with the
+        // block walk (the default) frames 0-3 are one eager walk (the stream's start), frame 4
+        // one captured walk; frame by frame, frames 1.. replay one graph.
+        for (batch, counts) in [(true, (4, 1, 1)), (false, (1, 4, 1))] {
+            let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
+            dev.set_graphs(true).unwrap();
+            dev.set_frame_batching(batch).unwrap();
+            dev.begin(h, w).unwrap();
+            assert_eq!(dev.push(&lat, frames, true).unwrap(), want);
+            let st = dev.stats();
+            assert_eq!((st.eager_frames, st.graph_frames, st.captures), counts);
+            assert!(dev.graph_failure().is_none());
+        }
     }
 
     #[test]

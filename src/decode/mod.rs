@@ -30,7 +30,7 @@ pub use bench::{
     bench_conv, bench_decode, bench_decode_device, conv_table, decoder_conv_shapes,
     table as bench_table, ConvShape, DecodeBench, DeviceDecodeBench,
 };
-pub use cuda::{CudaDecoder, DecodeStats, DeviceFrames, DeviceWeights};
+pub use cuda::{BlockCost, CudaDecoder, DecodeStats, DeviceFrames, DeviceWeights, BLOCK_ROWS};
 pub use device::{DecodeDevice, DecoderSet};
 pub use latents::LatentsFile;
 

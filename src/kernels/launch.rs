@@ -977,6 +977,11 @@ pub struct ConvOut {
     pub frame_stride: usize,
     /// Elements between output channels (1: NHWC; the pixel count: channel-major).
     pub cstride: usize,
+    /// Frames the launch covers (1: one output frame per launch). With more, frame `f` reads
+    /// every source `f` frames on (frames contiguous: `h*w*stride` elements apart, a quarter of
+    /// the pixels for an upsampled source), the residual `f * h*w * res_stride` elements on,
+    /// and writes output frames `f * (cout / split)` on; needs `cstride = 1`.
+    pub frames: usize,
 }
 
 /// The epilogue of a [`conv_on`]: bias (null: none), residual `[h*w][res_stride]` bf16 (null:
@@ -1087,6 +1092,12 @@ pub fn conv_tiled(
     if out.split == 0 || cout % out.split != 0 || (out.cstride <= 1 && out.stride < out.split) {
         return Err(invalid(k, "output split must divide cout, stride >= split"));
     }
+    if out.frames == 0 || (out.frames > 1 && out.cstride > 1) {
+        return Err(invalid(
+            k,
+            "a launch covers at least one frame, and several only with an NHWC output",
+        ));
+    }
     if !ep.res.is_null() && (out.split != cout || ep.res_stride < cout) {
         return Err(invalid(
             k,
@@ -1147,7 +1158,10 @@ pub fn conv_tiled(
         grid: [
             blocks(k, hw, bm)?,
             blocks(k, cout, bn)?,
-            if parity { 4 } else { 1 },
+            u32::try_from(out.frames * if parity { 4 } else { 1 })
+                .ok()
+                .filter(|&z| z <= 65535)
+                .ok_or_else(|| invalid(k, format!("{} frames in one launch", out.frames)))?,
         ],
         block: threads,
         params: BcConvParams {
@@ -1174,6 +1188,8 @@ pub fn conv_tiled(
             vec: vec as i32,
             out_cstride: i32_of(k, out.cstride.max(1), "out_cstride")?,
             parity: parity as i32,
+            frames: out.frames as i32,
+            _pad: 0,
         },
     })
 }
@@ -1183,9 +1199,10 @@ pub fn conv_tiled(
 /// `bc_conv_wgmma_n96` (16-byte path, more than 16 output channels; the TMA variant has no
 /// 64-channel tile, so a `bc_conv_wgmma_n64` launch stays on that kernel) and no source is
 /// upsampled (a TMA box reads a source's pixels as they are), unless in the parity form, which
-/// reads the upsampled sources at their own size.
+/// reads the upsampled sources at their own size; and it covers one frame (a TMA map is one frame).
 pub fn conv_tma_fits(l: &Launch<BcConvParams>) -> bool {
     matches!(l.kernel, Kernel::ConvWgmma | Kernel::ConvWgmmaN96)
+        && l.params.frames == 1
         && (l.params.parity != 0
             || l.params.src[..l.params.num_src.clamp(0, BC_CONV_MAX_SOURCES as i32) as usize]
                 .iter()
@@ -1583,6 +1600,7 @@ mod tests {
             split: cout,
             frame_stride: 0,
             cstride: 1,
+            frames: 1,
         };
         let pick = |c: usize, cout: usize, up: bool, wgmma: bool| {
             let l = conv_on(

@@ -951,7 +951,7 @@ const _: () = {
     ["Offset of field: BcConvSource::up"][::std::mem::offset_of!(BcConvSource, up) - 24usize];
     ["Offset of field: BcConvSource::_pad"][::std::mem::offset_of!(BcConvSource, _pad) - 28usize];
 };
-#[doc = " `bc_conv`: one output frame of a convolution with kernel `[kt, kh, kw]` (kh, kw in {1, 3},\n spatial zero padding kh/2, kw/2) as an implicit GEMM, `out[m][n] = act(bias[n] + res[m][n] +\n sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.\n Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output\n channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *\n out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their\n channels into frames this way; `out_split = cout` for a plain conv).\n Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`\n (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW); `bc_conv_wgmma`\n (sm_90a, needs `vec`) grid (ceil(h*w / BC_CONV_WG_BM), ceil(cout / BC_CONV_WG_BN)), block\n BC_CONV_WG_THREADS, BC_CONV_WG_SMEM bytes of dynamic shared memory. With `parity`, h*w in\n the grids is (h/2)*(w/2) and the grid's z is 4."]
+#[doc = " `bc_conv`: one output frame of a convolution with kernel `[kt, kh, kw]` (kh, kw in {1, 3},\n spatial zero padding kh/2, kw/2) as an implicit GEMM, `out[m][n] = act(bias[n] + res[m][n] +\n sum over sources, taps, channels of x[m shifted by the tap][c] * w[n][t][dy][dx][c0 + c])`.\n Weights bf16 `[cout][kt][kh][kw][cin]` (pre-packed at upload), f32 accumulation. The output\n channel `n` goes to frame `n / out_split`, channel `n % out_split`, at `out + frame *\n out_frame_stride + m * out_stride + (n % out_split) * out_cstride` (TAEHV's TGrow and the Wan VAE's time_conv split their\n channels into frames this way; `out_split = cout` for a plain conv).\n Grid (ceil(h*w / BC_CONV_BM), ceil(cout / BC_CONV_BN)), block BC_CONV_THREADS; `bc_conv_n16`\n (cout <= BC_CONV_BN_NARROW) the same with ceil(cout / BC_CONV_BN_NARROW); `bc_conv_wgmma`\n (sm_90a, needs `vec`) grid (ceil(h*w / BC_CONV_WG_BM), ceil(cout / BC_CONV_WG_BN)), block\n BC_CONV_WG_THREADS, BC_CONV_WG_SMEM bytes of dynamic shared memory. With `parity`, h*w in\n the grids is (h/2)*(w/2) and the grid's z is 4; the grid's z is times `frames`."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct BcConvParams {
@@ -999,10 +999,14 @@ pub struct BcConvParams {
     pub out_cstride: bc_i32,
     #[doc = " 1: the sub-pixel (parity) form of a 3x3 conv2d (kh = kw = 3, kt = 1) whose sources are\n all upsampled: output pixel (2i + py, 2j + px) is a 2x2 conv of the sources at their own\n size, rows i + py - 1 + a, columns j + px - 1 + b (a, b in {0, 1}), with summed weights\n `[4 parities][cout][2][2][cin]` (parity z = 2 py + px; `Conv::parity_packed_bf16`) in\n `w`. The GEMM rows are the sources' (h/2) x (w/2) pixels and the grid's z the 4\n parities: 16 taps per output quad instead of 36. 0: the plain conv (grid z = 1)."]
     pub parity: bc_i32,
+    #[doc = " Frames the launch covers (>= 1; grid z = frames, times 4 in the parity form, z = 4 f +\n parity): frame f reads every source `f` frames on (a source's frames are contiguous,\n `h*w*stride` elements apart, `(h/2)*(w/2)*stride` when `up`), the residual `f * h*w *\n res_stride` elements on, and writes output frames `f * (cout / out_split) + n /\n out_split` (`out_frame_stride` apart). Each frame's blocks are those of a one-frame launch,\n so every output value is the same sum in the same order. Needs `out_cstride` = 1 when > 1."]
+    pub frames: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BcConvParams"][::std::mem::size_of::<BcConvParams>() - 200usize];
+    ["Size of BcConvParams"][::std::mem::size_of::<BcConvParams>() - 208usize];
     ["Alignment of BcConvParams"][::std::mem::align_of::<BcConvParams>() - 8usize];
     ["Offset of field: BcConvParams::src"][::std::mem::offset_of!(BcConvParams, src) - 0usize];
     ["Offset of field: BcConvParams::w"][::std::mem::offset_of!(BcConvParams, w) - 96usize];
@@ -1034,6 +1038,9 @@ const _: () = {
         [::std::mem::offset_of!(BcConvParams, out_cstride) - 192usize];
     ["Offset of field: BcConvParams::parity"]
         [::std::mem::offset_of!(BcConvParams, parity) - 196usize];
+    ["Offset of field: BcConvParams::frames"]
+        [::std::mem::offset_of!(BcConvParams, frames) - 200usize];
+    ["Offset of field: BcConvParams::_pad"][::std::mem::offset_of!(BcConvParams, _pad) - 204usize];
 };
 #[doc = " `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16\n `[h*w][c]`, with `mode` 0: as they are, 1: TAEHV's `tanh(z/3)*3`, 2: the Wan VAE's\n un-normalisation `z / scale[c] + mean[c]` (`scale = 1/std`, divided as upstream does);\n flags a non-finite latent in `nonfinite`. Grid (ceil(c*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
 #[repr(C)]
@@ -1437,5 +1444,5 @@ const _: () = {
     ["Offset of field: BcConvTmaParams::conv"]
         [::std::mem::offset_of!(BcConvTmaParams, conv) - 512usize];
     ["Offset of field: BcConvTmaParams::tiles_x"]
-        [::std::mem::offset_of!(BcConvTmaParams, tiles_x) - 712usize];
+        [::std::mem::offset_of!(BcConvTmaParams, tiles_x) - 720usize];
 };

@@ -150,48 +150,12 @@ fn attention(
     rel: &[f32],
     buckets: &[usize],
 ) -> Vec<u16> {
-    let w = heads * hd;
-    let per_head: Vec<Vec<u16>> = (0..heads)
-        .into_par_iter()
-        .map(|hh| {
-            let mut out = vec![0u16; l * hd];
-            let mut s = vec![0.0f32; l];
-            let mut acc = vec![0.0f32; hd];
-            for i in 0..l {
-                let qi = &q[i * w + hh * hd..i * w + (hh + 1) * hd];
-                for (j, sj) in s.iter_mut().enumerate() {
-                    let kj = &k[j * w + hh * hd..j * w + (hh + 1) * hd];
-                    let dot = super::umt5::dot(qi, kj);
-                    *sj = round_bf16(round_bf16(dot) + rel[buckets[i * l + j] * heads + hh]);
-                }
-                let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut z = 0.0f32;
-                for sj in s.iter_mut() {
-                    *sj = (*sj - m).exp();
-                    z += *sj;
-                }
-                acc.fill(0.0);
-                for (j, &e) in s.iter().enumerate() {
-                    let p = round_bf16(e / z);
-                    let vj = &v[j * w + hh * hd..j * w + (hh + 1) * hd];
-                    for (a, &vv) in acc.iter_mut().zip(vj) {
-                        *a += p * vv;
-                    }
-                }
-                for (o, &a) in out[i * hd..(i + 1) * hd].iter_mut().zip(&acc) {
-                    *o = to_bf16(a);
-                }
-            }
-            out
-        })
-        .collect();
-    let mut out = vec![0u16; l * w];
-    for (hh, ph) in per_head.iter().enumerate() {
-        for i in 0..l {
-            out[i * w + hh * hd..i * w + (hh + 1) * hd].copy_from_slice(&ph[i * hd..(i + 1) * hd]);
-        }
-    }
-    out
+    let bf16 = super::umt5::AttentionRounding {
+        score: |dot, bias| round_bf16(round_bf16(dot) + bias),
+        prob: round_bf16,
+        store: to_bf16,
+    };
+    super::umt5::attention_rounded(q, k, v, l, heads, hd, rel, buckets, bf16)
 }
 
 /// `x ← round(x + δ)`: a residual add of two bf16 tensors.

@@ -682,18 +682,58 @@ pub fn attention(
     rel: &[f32],
     buckets: &[usize],
 ) -> Vec<f32> {
+    let exact = AttentionRounding {
+        score: |dot, bias| dot + bias,
+        prob: |p| p,
+        store: |o| o,
+    };
+    attention_rounded(q, k, v, l, heads, hd, rel, buckets, exact)
+}
+
+/// Where an attention rounds (the f32 encoder: nowhere; the bf16 one: as upstream's bf16
+/// tensors, see `super::bf16`): the score from the dot product and the bias, each softmax
+/// probability, and the stored output value.
+pub(crate) struct AttentionRounding<S, P, O> {
+    /// `(q·k, bias) -> score`.
+    pub score: S,
+    /// `exp(s - max) / sum -> p`.
+    pub prob: P,
+    /// `sum_j p_j v_j -> output element`.
+    pub store: O,
+}
+
+/// [`attention`] with its roundings given by `r`: per head and query, the scores, their
+/// softmax (max subtracted, f32 sum), then `sum_j p_j v_j` accumulated in f32 in key order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_rounded<T, S, P, O>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    l: usize,
+    heads: usize,
+    hd: usize,
+    rel: &[f32],
+    buckets: &[usize],
+    r: AttentionRounding<S, P, O>,
+) -> Vec<T>
+where
+    T: Copy + Default + Send,
+    S: Fn(f32, f32) -> f32 + Sync,
+    P: Fn(f32) -> f32 + Sync,
+    O: Fn(f32) -> T + Sync,
+{
     let w = heads * hd;
-    let per_head: Vec<Vec<f32>> = (0..heads)
+    let per_head: Vec<Vec<T>> = (0..heads)
         .into_par_iter()
         .map(|hh| {
-            let mut out = vec![0.0f32; l * hd];
+            let mut out = vec![T::default(); l * hd];
             let mut s = vec![0.0f32; l];
+            let mut acc = vec![0.0f32; hd];
             for i in 0..l {
                 let qi = &q[i * w + hh * hd..i * w + (hh + 1) * hd];
                 for (j, sj) in s.iter_mut().enumerate() {
                     let kj = &k[j * w + hh * hd..j * w + (hh + 1) * hd];
-                    let dot = dot(qi, kj);
-                    *sj = dot + rel[buckets[i * l + j] * heads + hh];
+                    *sj = (r.score)(dot(qi, kj), rel[buckets[i * l + j] * heads + hh]);
                 }
                 let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let mut z = 0.0f32;
@@ -701,18 +741,22 @@ pub fn attention(
                     *sj = (*sj - m).exp();
                     z += *sj;
                 }
-                let oi = &mut out[i * hd..(i + 1) * hd];
-                for (j, &p) in s.iter().enumerate() {
+                acc.fill(0.0);
+                for (j, &e) in s.iter().enumerate() {
+                    let p = (r.prob)(e / z);
                     let vj = &v[j * w + hh * hd..j * w + (hh + 1) * hd];
-                    for (o, &vv) in oi.iter_mut().zip(vj) {
-                        *o += p / z * vv;
+                    for (a, &vv) in acc.iter_mut().zip(vj) {
+                        *a += p * vv;
                     }
+                }
+                for (o, &a) in out[i * hd..(i + 1) * hd].iter_mut().zip(&acc) {
+                    *o = (r.store)(a);
                 }
             }
             out
         })
         .collect();
-    let mut out = vec![0.0f32; l * w];
+    let mut out = vec![T::default(); l * w];
     for (hh, ph) in per_head.iter().enumerate() {
         for i in 0..l {
             out[i * w + hh * hd..i * w + (hh + 1) * hd].copy_from_slice(&ph[i * hd..(i + 1) * hd]);

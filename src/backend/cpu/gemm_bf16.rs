@@ -173,6 +173,32 @@ fn linear_f32_act(x: &[f32], n: usize, k: usize, w: &[u8], o: usize, out: &mut [
 /// packed step by step (`[k/32][n][32]`, zero-padded at the end), so the `R` rows a step reads
 /// are consecutive cache lines instead of lines `2k` bytes apart that share a few L1 sets
 /// with the weight rows.
+/// The body of a module's `tile(rn, cn, t)`: calls `$micro::<RN, CN>(t)` for the register
+/// tile of `rn` (1..=6) activation rows by `cn` (1..=4) weight rows (both kernels' tiles).
+#[cfg(all(bc_avx512, target_arch = "x86_64"))]
+macro_rules! dispatch_tile {
+    ($micro:ident, $rn:expr, $cn:expr, $t:expr) => {{
+        macro_rules! rows {
+            ($c:literal) => {
+                match $rn {
+                    6 => $micro::<6, $c>($t),
+                    5 => $micro::<5, $c>($t),
+                    4 => $micro::<4, $c>($t),
+                    3 => $micro::<3, $c>($t),
+                    2 => $micro::<2, $c>($t),
+                    _ => $micro::<1, $c>($t),
+                }
+            };
+        }
+        match $cn {
+            4 => rows!(4),
+            3 => rows!(3),
+            2 => rows!(2),
+            _ => rows!(1),
+        }
+    }};
+}
+
 #[cfg(all(bc_avx512, target_arch = "x86_64"))]
 mod dot {
     use rayon::prelude::*;
@@ -342,24 +368,7 @@ mod dot {
     /// As [`micro`].
     #[inline(always)]
     unsafe fn tile(rn: usize, cn: usize, t: Tile) {
-        macro_rules! rows {
-            ($c:literal) => {
-                match rn {
-                    6 => micro::<6, $c>(t),
-                    5 => micro::<5, $c>(t),
-                    4 => micro::<4, $c>(t),
-                    3 => micro::<3, $c>(t),
-                    2 => micro::<2, $c>(t),
-                    _ => micro::<1, $c>(t),
-                }
-            };
-        }
-        match cn {
-            4 => rows!(4),
-            3 => rows!(3),
-            2 => rows!(2),
-            _ => rows!(1),
-        }
+        dispatch_tile!(micro, rn, cn, t)
     }
 
     /// `acc[j·ldacc + i·16 ..][16] (+)= sum over the block's steps of vdpbf16ps(x_i, W_j)` for
@@ -597,24 +606,7 @@ mod fast {
     /// As [`micro`].
     #[inline(always)]
     unsafe fn tile(rn: usize, cn: usize, t: Tile) {
-        macro_rules! rows {
-            ($c:literal) => {
-                match rn {
-                    6 => micro::<6, $c>(t),
-                    5 => micro::<5, $c>(t),
-                    4 => micro::<4, $c>(t),
-                    3 => micro::<3, $c>(t),
-                    2 => micro::<2, $c>(t),
-                    _ => micro::<1, $c>(t),
-                }
-            };
-        }
-        match cn {
-            4 => rows!(4),
-            3 => rows!(3),
-            2 => rows!(2),
-            _ => rows!(1),
-        }
+        dispatch_tile!(micro, rn, cn, t)
     }
 
     /// `acc[j·ldacc + i·16 ..][16] (+)= sum over kn/16 steps of x[i, p..p+16] · W[j, p..p+16]`

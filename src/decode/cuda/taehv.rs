@@ -3,6 +3,14 @@
 //! after a conv and a MemBlock's `+ skip(x)` and last ReLU are in the conv epilogue, `TGrow`
 //! writes its frames from the conv epilogue, a conv after an `Upsample` reads through it, and the
 //! last conv writes f32 for `2x - 1` and the RGB8 conversion.
+//!
+//! Two walks: [`DevTaehv::frame`] takes one latent frame depth first, as the CPU does (every
+//! launch one frame: at 480x832, 6240 pixels a launch at the first stage); [`DevTaehv::block`]
+//! takes a block of latent frames breadth first, as upstream's parallel mode does: every
+//! layer runs once over all the frames it has (a MemBlock's past is its input shifted by one
+//! frame, frame 0's the carried memory; a TGrow turns `n` frames into `stride * n`), each conv
+//! one launch over all of them (`ConvOut::frames`). Each output value is the same sum in the
+//! same order either way, so both give the same bits (tests/decode_cuda_emulated.rs).
 
 use super::{Dev, DevConv, Frame, In};
 use crate::backend::cuda::device::DevPtr;
@@ -49,6 +57,13 @@ impl TaehvDevState {
     /// The device frames the state holds.
     pub(super) fn frames(self) -> Vec<Frame> {
         self.mem
+    }
+
+    /// As after a stream's first frames: every memory written, nothing left to trim (what a
+    /// measured walk of the steady state starts from; the memories' contents are not touched).
+    pub(super) fn make_steady(&mut self) {
+        self.has_mem.iter_mut().for_each(|m| *m = true);
+        self.to_trim = 0;
     }
 
     /// Once every MemBlock has a memory and nothing is left to trim, every latent frame takes
@@ -109,7 +124,11 @@ impl DevTaehv {
     pub(super) fn state(&self, dev: &mut Dev, h: usize, w: usize) -> Result<TaehvDevState> {
         let mut mem = Vec::new();
         for &(c, s) in &self.mem_dims {
-            mem.push(dev.get(c, h * s, w * s, 2)?);
+            let m = dev.get(c, h * s, w * s, 2)?;
+            // The past of a stream's first frame is zero (upstream's padding): the block walk
+            // reads it as a frame, the frame walk leaves it out (`has_mem`).
+            dev.memset(m.ptr, m.frame_bytes())?;
+            mem.push(m);
         }
         Ok(TaehvDevState {
             has_mem: vec![false; mem.len()],
@@ -137,6 +156,174 @@ impl DevTaehv {
     /// Decodes one latent frame from its clamped NHWC input `x` (not a pool buffer).
     pub(super) fn frame(&self, dev: &mut Dev, st: &mut TaehvDevState, x: Frame) -> Result<()> {
         self.walk(dev, st, 1, x, false)
+    }
+
+    /// Whether layer `i`'s output is a MemBlock's input (past the ReLU fused into a conv): the
+    /// block walk gives it one spare leading frame, where the MemBlock puts its memory, so
+    /// that the past of all its frames is one source (the input one frame back).
+    fn feeds_mem(&self, i: usize) -> bool {
+        self.layers[i + 1..]
+            .iter()
+            .find(|l| !matches!(l, DevLayer::Relu))
+            .is_some_and(|l| matches!(l, DevLayer::Mem { .. }))
+    }
+
+    /// Decodes the `x.n` latent frames of a block from their clamped NHWC inputs `x` (one after
+    /// the other, not a pool buffer) breadth first: each layer once over all its frames, one
+    /// launch per conv (see the module docs), except that after a `TGrow` whose frames would
+    /// make more than `dev.block_rows` GEMM rows a launch, they go on in groups, depth first
+    /// (as [`DevTaehv::frame`] after every `TGrow`): the finer stages have pixels enough per
+    /// frame, and the groups bound the activations. Memories and the trim carry from group to
+    /// group and block to block as in [`DevTaehv::frame`].
+    pub(super) fn block(&self, dev: &mut Dev, st: &mut TaehvDevState, x: Frame) -> Result<()> {
+        self.block_from(dev, st, 1, x, false)
+    }
+
+    /// [`DevTaehv::block`] from layer `from` on (`pending`: a nearest 2x upsample not yet
+    /// applied to `x`).
+    fn block_from(
+        &self,
+        dev: &mut Dev,
+        st: &mut TaehvDevState,
+        from: usize,
+        mut x: Frame,
+        mut pending: bool,
+    ) -> Result<()> {
+        for i in from..self.layers.len() {
+            let layer = &self.layers[i];
+            let lead = usize::from(self.feeds_mem(i));
+            if pending && matches!(layer, DevLayer::Mem { .. } | DevLayer::Up | DevLayer::Clamp) {
+                let to_mem = usize::from(matches!(layer, DevLayer::Mem { .. }));
+                x = dev.upsample_n(x, to_mem)?;
+                pending = false;
+            }
+            match layer {
+                DevLayer::Clamp | DevLayer::Relu => {}
+                DevLayer::Up => pending = true,
+                DevLayer::Conv(cv) => {
+                    let relu = matches!(self.layers.get(i + 1), Some(DevLayer::Relu));
+                    let last = i + 1 == self.layers.len();
+                    let hw = if pending {
+                        (2 * x.h, 2 * x.w)
+                    } else {
+                        (x.h, x.w)
+                    };
+                    let act = if relu { BC_ACT_RELU } else { BC_ACT_NONE };
+                    let src = In {
+                        up: pending,
+                        ..In::at(x, 0)
+                    };
+                    let y = dev.conv_n(cv, &[src], hw, None, act, last, (x.n, lead))?;
+                    dev.put(x);
+                    x = y;
+                    pending = false;
+                }
+                DevLayer::TGrow { conv, stride } => {
+                    // Input frame f's channel chunk s is output frame stride f + s.
+                    let c = x.c;
+                    let y = dev.get_n(c, x.h, x.w, 2, stride * x.n, lead)?;
+                    let out = (y.ptr, false, c, 1);
+                    let hw = (x.h, x.w);
+                    dev.conv_frames(conv, &[In::at(x, 0)], hw, None, BC_ACT_NONE, out, x.n)?;
+                    dev.put(x);
+                    // The rest in even groups of frames of at most `block_rows` rows at the
+                    // next conv's size (through the pending upsample), in order.
+                    let rows = y.h * y.w * if pending { 4 } else { 1 };
+                    let groups = (y.n * rows).div_ceil(dev.block_rows.max(1)).clamp(1, y.n);
+                    let g = y.n.div_ceil(groups);
+                    let fb = y.frame_bytes() as u64;
+                    let mut k = 0;
+                    while k < y.n {
+                        let ptr = y.ptr + k as u64 * fb;
+                        let part = Frame {
+                            ptr,
+                            // Only the first group has the spare leading frame.
+                            base: if k == 0 { y.base } else { ptr },
+                            n: g.min(y.n - k),
+                            owned: false,
+                            ..y
+                        };
+                        self.block_from(dev, st, i + 1, part, pending)?;
+                        k += part.n;
+                    }
+                    dev.put(y);
+                    return Ok(());
+                }
+                DevLayer::Mem { convs, skip, slot } => {
+                    let (hw, n, fb) = ((x.h, x.w), x.n, x.frame_bytes());
+                    let mem = st.mem[*slot];
+                    if x.ptr < x.base + fb as u64 || mem.frame_bytes() < fb {
+                        return Err(Error::Internal(
+                            "a TAEHV MemBlock's input has no room for its past".into(),
+                        ));
+                    }
+                    // The past of frames 0..n: the memory, then frames 0..n-1 of the input.
+                    let past = Frame {
+                        ptr: x.ptr - fb as u64,
+                        owned: false,
+                        ..x
+                    };
+                    dev.copy(past.ptr, mem.ptr, fb)?;
+                    let srcs = [
+                        In::at(x, 0),
+                        In {
+                            c0: x.c,
+                            ..In::at(past, 0)
+                        },
+                    ];
+                    let relu = BC_ACT_RELU;
+                    let a = dev.conv_n(&convs[0], &srcs, hw, None, relu, false, (n, 0))?;
+                    let b =
+                        dev.conv_n(&convs[1], &[In::at(a, 0)], hw, None, relu, false, (n, 0))?;
+                    dev.put(a);
+                    let sk = match skip {
+                        Some(s) => Some(dev.conv_n(
+                            s,
+                            &[In::at(x, 0)],
+                            hw,
+                            None,
+                            BC_ACT_NONE,
+                            false,
+                            (n, 0),
+                        )?),
+                        None => None,
+                    };
+                    let res = Some(sk.unwrap_or(x));
+                    let y =
+                        dev.conv_n(&convs[2], &[In::at(b, 0)], hw, res, relu, false, (n, lead))?;
+                    dev.put(b);
+                    if let Some(s) = sk {
+                        dev.put(s);
+                    }
+                    // The next block's memory: this one's last input frame (stream-ordered after
+                    // conv 0 read the copy of the old one).
+                    dev.copy(mem.ptr, x.ptr + ((n - 1) * fb) as u64, fb)?;
+                    st.has_mem[*slot] = true;
+                    dev.put(x);
+                    x = y;
+                }
+            }
+        }
+        if pending {
+            x = dev.upsample_n(x, 0)?;
+        }
+        // The pixel frames (f32 `[hw][3]` each), less the stream's first `trim`.
+        let per = 4 * x.c * x.h * x.w;
+        for k in 0..x.n {
+            if st.to_trim > 0 {
+                st.to_trim -= 1;
+                continue;
+            }
+            let f = Frame {
+                ptr: x.ptr + (k * per) as u64,
+                n: 1,
+                owned: false,
+                ..x
+            };
+            dev.emit(f, (2.0, -1.0), false)?;
+        }
+        dev.put(x);
+        Ok(())
     }
 
     /// Runs frame `x` through layers `from..`, depth first after each TGrow (as the CPU).

@@ -80,6 +80,13 @@ impl WanDevState {
     /// that is the key (`None` before). The caches at the latent resolution take one frame
     /// per latent frame, the others 2 or 4, so two keys alternate: two graphs rotate the
     /// rings, where copies would move every latent-resolution cache once more per frame.
+    /// As after a stream's first frames: every cache full, every `time_conv` started (what a
+    /// measured walk of the steady state starts from; the caches' contents are not touched).
+    pub(super) fn make_steady(&mut self) {
+        self.caches.iter_mut().for_each(|c| c.n = 2);
+        self.started.iter_mut().for_each(|s| *s = true);
+    }
+
     pub(super) fn graph_key(&self) -> Option<Vec<u8>> {
         if self.caches.iter().any(|c| c.n < 2) {
             return None;

@@ -57,9 +57,12 @@ impl ConvAct {
     }
 }
 
-/// `bc_conv` / `bc_conv_n16` (`cuda/conv.cu`, by the output channels): one `h x w` output frame; weights `[cout][kt][kh][kw][cin]`;
-/// `res` a residual `[h*w][res_stride]`; the output has `out_stride` elements per pixel and
-/// channel `n` goes to frame `n / split` (`frame_stride` elements apart).
+/// `bc_conv` / `bc_conv_n16` (`cuda/conv.cu`, by the output channels): `h x w` output frames;
+/// weights `[cout][kt][kh][kw][cin]`; `res` a residual `[h*w][res_stride]` per frame; `geo` is
+/// `(out_stride, split, frame_stride, frames)`: the output has `out_stride` elements per pixel
+/// and channel `n` goes to frame `n / split` (`frame_stride` elements apart); `frames` >= 1
+/// frames in one launch (`ConvOut::frames`: each source and the residual hold that many
+/// contiguous frames, frame `f` writes output frames `f * (cout / split)` on).
 #[allow(clippy::too_many_arguments)]
 pub fn conv(
     srcs: &[ConvSrc],
@@ -70,7 +73,7 @@ pub fn conv(
     res: Option<(&[bf16], usize)>,
     act: ConvAct,
     out: ConvDst,
-    geo: (usize, usize, usize),
+    geo: (usize, usize, usize, usize),
 ) -> LaunchResult {
     conv_impl(
         srcs,
@@ -101,7 +104,7 @@ pub fn conv_wgmma(
     res: Option<(&[bf16], usize)>,
     act: ConvAct,
     out: ConvDst,
-    geo: (usize, usize, usize),
+    geo: (usize, usize, usize, usize),
     tile: u32,
 ) -> LaunchResult {
     conv_impl(
@@ -131,7 +134,7 @@ pub fn conv_wgmma_tma(
     res: Option<(&[bf16], usize)>,
     act: ConvAct,
     out: ConvDst,
-    geo: (usize, usize, usize),
+    geo: (usize, usize, usize, usize),
     tile: u32,
 ) -> LaunchResult {
     conv_impl(
@@ -157,7 +160,7 @@ fn conv_impl(
     (h, w): (usize, usize),
     (bias, res, act): ConvEpi,
     out: ConvDst,
-    (out_stride, split, frame_stride): (usize, usize, usize),
+    (out_stride, split, frame_stride, frames): (usize, usize, usize, usize),
     wgmma_tile: Option<u32>,
     tma: bool,
 ) -> LaunchResult {
@@ -175,12 +178,12 @@ fn conv_impl(
     let mut ls = Vec::with_capacity(srcs.len());
     for s in srcs {
         let pixels = if s.up { (h / 2) * (w / 2) } else { hw };
-        if pixels > 0 {
+        if pixels > 0 && frames > 0 {
             check_len(
                 k,
                 "source",
                 s.data.len(),
-                (pixels - 1) * s.stride + s.channels,
+                ((frames - 1) * pixels + pixels - 1) * s.stride + s.channels,
             )?;
         }
         ls.push(ConvSource {
@@ -193,17 +196,17 @@ fn conv_impl(
         });
     }
     if let Some((r, rs)) = res {
-        if hw > 0 {
-            check_len(k, "residual", r.len(), (hw - 1) * rs + shape.cout)?;
+        if hw > 0 && frames > 0 {
+            check_len(k, "residual", r.len(), (frames * hw - 1) * rs + shape.cout)?;
         }
     }
     if split == 0 || shape.cout % split != 0 {
         return Err(invalid(k, "split must divide cout"));
     }
-    let need_out = if hw == 0 {
+    let need_out = if hw == 0 || frames == 0 {
         0
     } else {
-        (shape.cout / split - 1) * frame_stride + (hw - 1) * out_stride + split
+        (frames * (shape.cout / split) - 1) * frame_stride + (hw - 1) * out_stride + split
     };
     let (ptr, is_f32): (*mut c_void, bool) = match out {
         ConvDst::Bf16(o) => {
@@ -233,6 +236,7 @@ fn conv_impl(
             split,
             frame_stride,
             cstride: 1,
+            frames,
         },
         wgmma_tile,
     )?;
@@ -620,7 +624,7 @@ mod tests {
                 up: s.up,
             })
             .collect();
-        let geo = (ostride, cs.split, fstride);
+        let geo = (ostride, cs.split, fstride, 1);
         let r = res.as_deref().map(|r| (r, cs.cout));
         let launch = |dst: ConvDst, tile: Option<(u32, bool)>, parity: bool| {
             let b = bias.as_deref();
@@ -709,6 +713,150 @@ mod tests {
                 check(&format!("{what} case seed {seed}"), &g, want, rel, floor);
             }
         }
+    }
+
+    /// Case `cs` over `frames` frames in one launch (`ConvOut::frames`) against one launch
+    /// per frame (each checked against the CPU by [`run_case`]), bit for bit, on every kernel
+    /// that fits it (`bc_conv` / `bc_conv_n16`, the three wgmma tiles), plain and in the parity
+    /// form where the case has one: random sources and residual, NaN-poisoned outputs.
+    fn run_frames(seed: u64, cs: &Case, frames: usize) {
+        let mut rng = Rng::new(seed);
+        let (h, w) = (cs.h, cs.w);
+        let hw = h * w;
+        let shape: Vec<usize> = if cs.kt > 1 {
+            vec![cs.cout, cs.cin, cs.kt, cs.k, cs.k]
+        } else {
+            vec![cs.cout, cs.cin, cs.k, cs.k]
+        };
+        let wt = f32s(&rand_bf16(&mut rng, shape.iter().product()));
+        let bias: Option<Vec<f32>> = cs
+            .bias
+            .then(|| (0..cs.cout).map(|_| rng.normal()).collect());
+        let cpu = Conv::from_torch(&wt, &shape, bias.clone());
+        let parity = cs.kt == 1 && cs.k == 3 && cs.srcs.iter().all(|s| s.up);
+        let packed = cpu.packed_bf16();
+        let ppacked = if parity {
+            cpu.parity_packed_bf16()
+        } else {
+            Vec::new()
+        };
+        let px = |s: &S| if s.up { (h / 2) * (w / 2) } else { hw };
+        let data: Vec<Vec<bf16>> = cs
+            .srcs
+            .iter()
+            .map(|s| rand_bf16(&mut rng, frames * px(s) * s.stride))
+            .collect();
+        let res = cs.res.then(|| rand_bf16(&mut rng, frames * hw * cs.cout));
+        let nsplit = cs.cout / cs.split;
+        let ostride = cs.split + (seed % 3) as usize;
+        let fstride = hw * ostride + 3;
+        let n_out = frames * nsplit * fstride;
+        let fits = cs.cin % 8 == 0
+            && cs.cout > BC_CONV_BN_NARROW as usize
+            && cs
+                .srcs
+                .iter()
+                .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
+        // Launch frames `f0 .. f0 + n` into `out` (which starts at frame f0's first output).
+        let launch = |f0: usize, n: usize, out: ConvDst, tile: Option<u32>, par: bool| {
+            let srcs: Vec<ConvSrc> = cs
+                .srcs
+                .iter()
+                .zip(&data)
+                .map(|(s, d)| ConvSrc {
+                    data: &d[f0 * px(s) * s.stride..],
+                    channels: s.c,
+                    stride: s.stride,
+                    c0: s.c0,
+                    t: s.t,
+                    up: s.up,
+                })
+                .collect();
+            let kshape = ConvShape {
+                cout: cs.cout,
+                cin: cs.cin,
+                kt: cs.kt,
+                kh: cs.k,
+                kw: cs.k,
+                parity: par,
+            };
+            let wts: &[bf16] = if par { &ppacked } else { &packed };
+            let r = res.as_deref().map(|r| (&r[f0 * hw * cs.cout..], cs.cout));
+            let (b, geo) = (bias.as_deref(), (ostride, cs.split, fstride, n));
+            match tile {
+                None => conv(&srcs, wts, kshape, (h, w), b, r, cs.act, out, geo),
+                Some(t) => conv_wgmma(&srcs, wts, kshape, (h, w), b, r, cs.act, out, geo, t),
+            }
+        };
+        let forms: &[bool] = if parity { &[false, true] } else { &[false] };
+        for &par in forms {
+            for tile in [
+                None,
+                Some(BC_CONV_WG_BN),
+                Some(BC_CONV_WG_BN_96),
+                Some(BC_CONV_WG_BN_64),
+            ] {
+                if tile.is_some() && !fits {
+                    continue;
+                }
+                let per = nsplit * fstride;
+                let bits: Vec<u32> = if cs.f32_out {
+                    let mut all = vec![f32::NAN; n_out];
+                    launch(0, frames, ConvDst::F32(&mut all), tile, par).unwrap();
+                    let mut one = vec![f32::NAN; n_out];
+                    for f in 0..frames {
+                        let o = ConvDst::F32(&mut one[f * per..]);
+                        launch(f, 1, o, tile, par).unwrap();
+                    }
+                    all.iter()
+                        .zip(&one)
+                        .map(|(a, b)| a.to_bits() ^ b.to_bits())
+                        .collect()
+                } else {
+                    let mut all = vec![bf16::NAN; n_out];
+                    launch(0, frames, ConvDst::Bf16(&mut all), tile, par).unwrap();
+                    let mut one = vec![bf16::NAN; n_out];
+                    for f in 0..frames {
+                        let o = ConvDst::Bf16(&mut one[f * per..]);
+                        launch(f, 1, o, tile, par).unwrap();
+                    }
+                    let b = |v: &bf16| u32::from(v.to_bits());
+                    all.iter().zip(&one).map(|(a, o)| b(a) ^ b(o)).collect()
+                };
+                let bad = bits.iter().position(|&x| x != 0);
+                assert!(
+                    bad.is_none(),
+                    "{frames} frames in one launch differ from one launch each (tile {tile:?}, \
+                     parity {par}, seed {seed}) at element {bad:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn frame_batched_launch_equals_one_launch_per_frame() {
+        // MemBlock: cat[x, past] with residual and ReLU, 64 channels (wgmma tiles), 3 frames.
+        let mut c = memblock(64, 64, (5, 7));
+        c.res = true;
+        c.act = ConvAct::Relu;
+        run_frames(31, &c, 3);
+        // Element path, odd channels, bias, f32 output (the narrow tile).
+        let mut c = memblock(3, 5, (3, 4));
+        c.bias = true;
+        c.f32_out = true;
+        run_frames(32, &c, 2);
+        // TGrow: a 1x1 conv split into two frames per input frame.
+        let mut c = case(32, 24, 1, 1, (3, 5), vec![s(24, 24, 0, 0, false)]);
+        c.split = 16;
+        run_frames(33, &c, 3);
+        // An upsampled source, 3x3 (dense and parity form) with bias.
+        let mut c = case(24, 16, 1, 3, (6, 4), vec![s(16, 16, 0, 0, true)]);
+        c.bias = true;
+        run_frames(34, &c, 2);
+        // Causal 3x3x3 taps (the Wan VAE's shape), SiLU.
+        let mut c = causal3(24, 8, (4, 3));
+        c.act = ConvAct::Silu;
+        run_frames(35, &c, 2);
     }
 
     fn s(c: usize, stride: usize, c0: usize, t: usize, up: bool) -> S {
@@ -958,7 +1106,7 @@ mod tests {
                 None,
                 ConvAct::None,
                 dst,
-                (8, 8, 0),
+                (8, 8, 0, 1),
             )
         };
         // A tap past kt, channels past cin, no source at all.
@@ -977,7 +1125,17 @@ mod tests {
         let mut try_parity = |srcs: &[ConvSrc], sh: ConvShape, hw| {
             let dst = ConvDst::Bf16(&mut o);
             let sh = ConvShape { parity: true, ..sh };
-            conv(srcs, &pw, sh, hw, None, None, ConvAct::None, dst, (8, 8, 0))
+            conv(
+                srcs,
+                &pw,
+                sh,
+                hw,
+                None,
+                None,
+                ConvAct::None,
+                dst,
+                (8, 8, 0, 1),
+            )
         };
         assert!(try_parity(&[src(0, 0)], sh, (2, 4)).is_err());
         assert!(try_parity(&[up], ConvShape { kh: 1, kw: 1, ..sh }, (2, 4)).is_err());

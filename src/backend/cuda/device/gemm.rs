@@ -43,6 +43,15 @@ pub const GEMM_WORKSPACE: usize = 32 << 20;
 /// the epilogue as a kernel.
 pub const BIAS_BF16_ELEMS: usize = 1 << 16;
 
+/// Whether a fused epilogue `ep` with output type `ty` and `out` columns needs a bf16 bias
+/// wider than the scratch vector ([`BIAS_BF16_ELEMS`]): then the GEMM runs plain and its
+/// epilogue as a kernel. One rule for the GPU and the emulated device, so the emulation
+/// rounds exactly where the GPU does (bf16(acc) + f32 bias in `bc_activation`, not
+/// acc + bf16(bias) in cuBLASLt).
+pub(super) fn bias_too_wide(ty: OutType, ep: Epilogue, out: usize) -> bool {
+    ty == OutType::Bf16 && ep != Epilogue::None && out > BIAS_BF16_ELEMS
+}
+
 /// GEMM shapes whose fused cuBLASLt epilogue had no algorithm (bias / GELU run as a kernel).
 pub(super) static UNFUSED_GEMM_SHAPES: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(0);
@@ -80,7 +89,7 @@ impl DriverDevice {
         let mut fused = a.ep;
         // A bf16 output takes a bf16 bias: too wide for the scratch vector, no fusion.
         let bf16_bias = a.ty == OutType::Bf16;
-        if bf16_bias && fused != Epilogue::None && a.out > BIAS_BF16_ELEMS {
+        if bias_too_wide(a.ty, fused, a.out) {
             if let std::collections::hash_map::Entry::Vacant(e) =
                 self.plans.entry((a.rows, a.inp, a.out, a.ty, fused))
             {

@@ -32,7 +32,7 @@ mod streams;
 mod tma;
 
 pub use super::dev_types::{DevPtr, Epilogue, GemmArgs, OutType};
-pub use gemm::{unfused_gemm_shapes, GEMM_WORKSPACE};
+pub use gemm::{unfused_gemm_shapes, BIAS_BF16_ELEMS, GEMM_WORKSPACE};
 pub use graph::graph_replays;
 pub use probe::{
     cublaslt_present, libraries_report, list_devices, probe, probe_driver, DeviceInfo, ProbeInfo,
@@ -351,7 +351,8 @@ impl Gpu {
     /// f32 accumulation; d bf16 or f32 with row stride `out`. Returns the epilogue that ran:
     /// the rest (bias, GELU) is the caller's, see [`crate::backend::cuda::ops::gemm`]
     /// (`BC_NO_GEMM_EPILOGUE=1` / `BC_NO_GELU_EPILOGUE=1` fuse less). The emulated device
-    /// runs every epilogue it is asked for.
+    /// runs every epilogue it is asked for, except a bf16-output bias wider than the GPU's
+    /// bf16 bias scratch, which the GPU too leaves to the caller.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_fused(
         &mut self,
@@ -386,7 +387,16 @@ impl Gpu {
         };
         match &mut self.imp {
             Driver(dev) => dev.gemm(args),
-            Emulated(e) => e.gemm(args.bias_if_used()).map(|()| ep),
+            Emulated(e) => {
+                // The GPU's rule for a bias too wide for its bf16 scratch (the epilogue then
+                // runs as a kernel); a plan cuBLASLt refuses cannot be known here.
+                let ep = if gemm::bias_too_wide(ty, ep, out) {
+                    Epilogue::None
+                } else {
+                    ep
+                };
+                e.gemm(GemmArgs { ep, ..args }.bias_if_used()).map(|()| ep)
+            }
         }
     }
 

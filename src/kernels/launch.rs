@@ -359,6 +359,20 @@ impl AttentionTile {
         }
     }
 
+    /// Whether the tile's kernels implement split-KV (`BcAttentionParams::splits` > 1 and
+    /// their partial store). A kernel that ignored `splits` would run every split over all keys
+    /// into the same rows, so a new variant must be added here deliberately (no wildcard).
+    pub fn supports_split(self) -> bool {
+        match self {
+            AttentionTile::Rows64
+            | AttentionTile::Rows128
+            | AttentionTile::Wgmma64
+            | AttentionTile::WgmmaK128
+            | AttentionTile::WgmmaPp
+            | AttentionTile::WgmmaPpK128 => true,
+        }
+    }
+
     /// Keys per K/V tile of the kernel for `head_dim` (what a block walks per step; a split
     /// launch divides a group's keys in tiles of this size).
     pub fn key_tile(self, head_dim: usize) -> u32 {
@@ -550,6 +564,9 @@ pub fn attention(
             k,
             "split attention without an aligned partial buffer",
         ));
+    }
+    if split.splits > 1 && !tile.supports_split() {
+        return Err(invalid(k, "this kernel does not implement split-KV"));
     }
     let (heads, num_groups) = (i32_of(k, heads, "heads")?, i32_of(k, num_groups, "groups")?);
     let tiles = blocks(k, max_rows, tile.rows(head_dim))?;

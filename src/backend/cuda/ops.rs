@@ -362,7 +362,7 @@ pub fn attention_split_model(
 
 /// The key splits an [`attention`] launch with `split` uses: `split.force`, else
 /// `BC_ATTN_SPLIT`, else the model's choice; then as many of them as fit `split.bytes` (at
-/// least 1).
+/// least 1); always 1 for a tile without split-KV ([`AttentionTile::supports_split`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_splits(
     g: &Gpu,
@@ -373,6 +373,9 @@ pub fn attention_splits(
     tile: AttentionTile,
     split: &SplitScratch,
 ) -> Result<usize> {
+    if !tile.supports_split() {
+        return Ok(1);
+    }
     let want = match split.force {
         Some(n) => n,
         None => match env_attention_split()? {

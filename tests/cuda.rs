@@ -1700,6 +1700,7 @@ fn decoders_match_the_golden_videos() {
             };
             let mut one = CudaDecoder::new(&dec, g).unwrap();
             one.set_conv_wgmma(false).unwrap();
+            one.set_conv_parity(true).unwrap();
             one.set_frame_batching(false).unwrap();
             one.begin(h, w).unwrap();
             let px = one.push(&lat, f, true).unwrap().f32.unwrap();

@@ -360,10 +360,14 @@ fn both_decoders_with_and_without_the_parity_form_match_pytorch() {
         let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
         dev.set_graphs(graphs).unwrap();
         dev.begin(h, w).unwrap();
-        let mut out = Vec::new();
-        for (i, b) in latents.chunks(3 * per).enumerate() {
-            dev.set_conv_parity(i == 0).unwrap();
-            out.push(dev.push(b, b.len() / per, true).unwrap());
+        // Blocks of 1, 2 (parity form: its walk of 2 captured), then 2 and 1 (dense: a walk of
+        // 2 again, the key of the graph captured in the other form).
+        let (mut out, mut at) = (Vec::new(), 0);
+        for (i, n) in [1, 2, 2, 1].into_iter().enumerate() {
+            dev.set_conv_parity(i < 2).unwrap();
+            let b = &latents[at * per..(at + n) * per];
+            out.push(dev.push(b, n, true).unwrap());
+            at += n;
         }
         (out, dev.stats().graph_frames)
     };

@@ -750,7 +750,7 @@ struct Graphs {
 pub struct BlockCost {
     /// Latent frames in the block.
     pub frames: usize,
-    /// Walks (one per latent frame frame by frame; one per [`CHUNK_LATENTS`]-frame chunk with
+    /// Walks (one per latent frame frame by frame; one per chunk of up to 4 latent frames with
     /// TAEHV's block walk): each is one graph replay once graphs are captured.
     pub walks: usize,
     /// Kernel launches, copies and memsets the walks and the latent inputs submit (what one
@@ -992,7 +992,7 @@ impl CudaDecoder {
     }
 
     /// Whether TAEHV decodes blocks of latent frames at once (each layer one launch over all the
-    /// frames of up to [`CHUNK_LATENTS`] latent frames; the default unless
+    /// frames of up to 4 latent frames; the default unless
     /// `BC_DECODE_PER_FRAME=1`) rather than one latent frame at a time. The Wan VAE always
     /// walks one frame at a time. Same bits either way.
     pub fn frame_batching(&self) -> bool {

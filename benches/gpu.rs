@@ -123,6 +123,111 @@ fn time_ms(g: &mut Gpu, iters: usize, mut f: impl FnMut(&mut Gpu)) -> f64 {
     g.elapsed_ms(&a, &b).unwrap() as f64 / iters as f64
 }
 
+/// Split-KV at the self-attention bench shape (q4680 k32760 12 x 128, one group) for the tile a
+/// session uses here (`wgmma64_pp_k128` when the wgmma tiles run, else `rows128`): the wave-fill
+/// model's choice (`... split auto S=N`; `BC_ATTN_SPLIT` overrides it, `=1` turns it off) and
+/// forced 2, 3 and 4 splits, in TFLOP/s next to the unsplit rows above; per split count one
+/// line `SPLIT attention self q.. k.. <tile> S=N: max rel err vs unsplit E PASS|FAIL` (the
+/// split output against the unsplit one, relative to |x| + rms; bound 2e-2) and one
+/// `SPLIT model ...` line with the model's fill and prediction.
+#[allow(clippy::too_many_arguments)]
+fn attention_split_rows(
+    g: &mut Gpu,
+    rows: &mut Vec<Row>,
+    peak_tflops: f64,
+    tiles: &[AttentionTile],
+    (q, out): (DevPtr, DevPtr),
+    (sd, id, gd): (DevPtr, DevPtr, DevPtr),
+    n: usize,
+    keys: usize,
+) {
+    use blockcascade::kernels::launch;
+    let (heads, hd, dim) = (12usize, 128usize, 1536usize);
+    let tile = if tiles.contains(&AttentionTile::WgmmaPpK128) {
+        AttentionTile::WgmmaPpK128
+    } else {
+        AttentionTile::Rows128
+    };
+    let m = ops::attention_split_model(g, heads, hd, 1, n, keys, tile);
+    println!(
+        "SPLIT model {}: {} blocks, {} slots, {} key tiles; fill S=1..4 {:.3} {:.3} {:.3} {:.3}; predicted us S=1..4 {:.0} {:.0} {:.0} {:.0}; model picks S={}",
+        tile.name(),
+        m.items,
+        m.slots,
+        m.key_tiles,
+        m.fill(1),
+        m.fill(2),
+        m.fill(3),
+        m.fill(4),
+        m.predict_us(1),
+        m.predict_us(2),
+        m.predict_us(3),
+        m.predict_us(4),
+        launch::attention_splits(&m)
+    );
+    let bytes =
+        launch::attention_split_bytes(heads, hd, 1, n, tile, launch::ATTN_MAX_SPLITS).unwrap();
+    let scratch = g.alloc(bytes).unwrap();
+    let fl = 4.0 * (n * keys * dim) as f64;
+    // The unsplit output, the reference of the split ones.
+    ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile, None).unwrap();
+    let reference = download_bf16(g, out, n * dim);
+    for force in [None, Some(2), Some(3), Some(4)] {
+        let split = ops::SplitScratch {
+            ptr: scratch,
+            bytes,
+            max_keys: keys,
+            force,
+        };
+        g.memset(out, 0xFF, n * dim * 2).unwrap();
+        g.memset(scratch, 0xFF, bytes).unwrap();
+        let used =
+            ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile, Some(&split)).unwrap();
+        let got = download_bf16(g, out, n * dim);
+        let rms = (reference.iter().map(|v| (v * v) as f64).sum::<f64>() / reference.len() as f64)
+            .sqrt() as f32;
+        let err = got
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| {
+                if a.is_finite() {
+                    (a - b).abs() / (b.abs() + rms)
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .fold(0f32, f32::max);
+        let label = match force {
+            None => format!("split auto S={used}"),
+            Some(_) => format!("split {used}"),
+        };
+        println!(
+            "SPLIT attention self q{n} k{keys} 12x128 {} S={used}: max rel err vs unsplit {err:.3e} {}",
+            tile.name(),
+            if err <= 2e-2 { "PASS" } else { "FAIL" }
+        );
+        let ms = time_ms(g, 5, |g| {
+            ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile, Some(&split)).unwrap();
+        });
+        rows.push(Row {
+            name: format!("attention self q{n} k{keys} 12x128 {} {label}", tile.name()),
+            ms,
+            value: fl / ms / 1e9,
+            unit: "TFLOP/s",
+            peak: peak_tflops,
+        });
+    }
+    g.sync().unwrap();
+    g.free(scratch).unwrap();
+}
+
+/// `n` bf16 values at `src` as f32.
+fn download_bf16(g: &Gpu, src: DevPtr, n: usize) -> Vec<f32> {
+    let mut v = vec![bf16::ZERO; n];
+    g.download(&mut v, src).unwrap();
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
 /// One output frame of each of the Wan VAE's conv layer shapes at 480x832 (latents 60x104;
 /// the decoder's levels: 384 channels at 60x104 and 120x208, 192 at 240x416, 96 at 480x832, and
 /// the two upsample convs reading their source through the 2x upsample), causal 3x3x3 layers as
@@ -436,7 +541,7 @@ fn main() {
     }
     for &tile in &tiles {
         let ms = time_ms(&mut g, 5, |g| {
-            ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile).unwrap()
+            ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile, None).unwrap();
         });
         let fl = 4.0 * (n * keys * dim) as f64;
         rows.push(Row {
@@ -447,7 +552,7 @@ fn main() {
             peak: peak_tflops,
         });
         let ms = time_ms(&mut g, 20, |g| {
-            ops::attention(g, q, out, heads, hd, sd2, id, gd, 1, n, tile).unwrap()
+            ops::attention(g, q, out, heads, hd, sd2, id, gd, 1, n, tile, None).unwrap();
         });
         let fl = 4.0 * (n * 512 * dim) as f64;
         rows.push(Row {
@@ -458,6 +563,16 @@ fn main() {
             peak: peak_tflops,
         });
     }
+    attention_split_rows(
+        &mut g,
+        &mut rows,
+        peak_tflops,
+        &tiles,
+        (q, out),
+        (sd, id, gd),
+        n,
+        keys,
+    );
     // head_dim 64 (24 x 64, the same buffers and FLOPs), the same tiles (the wgmma variants
     // differ only above head_dim 64: their hd64 kernel is the prototype's, timed once).
     for tile in tiles
@@ -465,7 +580,7 @@ fn main() {
         .filter(|t| !t.is_wgmma() || *t == AttentionTile::Wgmma64)
     {
         let ms = time_ms(&mut g, 5, |g| {
-            ops::attention(g, q, out, 2 * heads, hd / 2, sd, id, gd, 1, n, tile).unwrap()
+            ops::attention(g, q, out, 2 * heads, hd / 2, sd, id, gd, 1, n, tile, None).unwrap();
         });
         rows.push(Row {
             name: format!("attention self q{n} k{keys} 24x64 {}", tile.name()),
@@ -998,19 +1113,44 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
         "schedule", "ms/block", "6th block ms", "FPS", "MFU"
     );
     let mut out = Vec::new();
-    // The last row is the sequential schedule again with BC_ATTN_WGMMA=0: on a compute
-    // capability 9.0 device the sessions above run the wgmma attention (the default there),
-    // this one the tuned mma.sync tiles (elsewhere it repeats the first row).
-    let saved = std::env::var_os("BC_ATTN_WGMMA");
-    for (name, schedule, mma_sync) in [
-        ("sequential", Schedule::Sequential, false),
-        ("cascade lag 1", Schedule::Cascade { lag: 1 }, false),
-        ("cascade lag 2", Schedule::Cascade { lag: 2 }, false),
-        ("cascade lag 3", Schedule::Cascade { lag: 3 }, false),
-        ("sequential mma.sync", Schedule::Sequential, true),
+    // The last rows are the sequential schedule again with one switch set: BC_ATTN_SPLIT=1 (no
+    // split-KV: the sessions above split the self-attention where the wave-fill model says so),
+    // and BC_ATTN_WGMMA=0: on a compute capability 9.0 device the sessions above run the wgmma
+    // attention (the default there), this one the tuned mma.sync tiles (elsewhere it repeats the
+    // first row).
+    let saved: Vec<_> = ["BC_ATTN_WGMMA", "BC_ATTN_SPLIT"]
+        .map(|k| (k, std::env::var_os(k)))
+        .into_iter()
+        .collect();
+    for (name, schedule, switch) in [
+        ("sequential", Schedule::Sequential, None),
+        ("cascade lag 1", Schedule::Cascade { lag: 1 }, None),
+        ("cascade lag 2", Schedule::Cascade { lag: 2 }, None),
+        ("cascade lag 3", Schedule::Cascade { lag: 3 }, None),
+        (
+            "sequential no split",
+            Schedule::Sequential,
+            Some(("BC_ATTN_SPLIT", "1")),
+        ),
+        (
+            "cascade lag 1 no split",
+            Schedule::Cascade { lag: 1 },
+            Some(("BC_ATTN_SPLIT", "1")),
+        ),
+        (
+            "sequential mma.sync",
+            Schedule::Sequential,
+            Some(("BC_ATTN_WGMMA", "0")),
+        ),
     ] {
-        if mma_sync {
-            std::env::set_var("BC_ATTN_WGMMA", "0");
+        for (k, v) in &saved {
+            match v {
+                Some(v) => std::env::set_var(k, v),
+                None => std::env::remove_var(k),
+            }
+        }
+        if let Some((k, v)) = switch {
+            std::env::set_var(k, v);
         }
         let opts = wan_shape_options(schedule);
         let gen = match Generator::new(model, opts, NoiseSource::Seeded(1), &prompt) {
@@ -1043,10 +1183,16 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
             Err(e) => println!("{name}: {e}"),
         }
     }
-    match saved {
-        Some(v) => std::env::set_var("BC_ATTN_WGMMA", v),
-        None => std::env::remove_var("BC_ATTN_WGMMA"),
+    for (k, v) in &saved {
+        match v {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        }
     }
+    println!(
+        "SPLIT split attention launches in this process: {}",
+        blockcascade::backend::cuda::ops::split_attention_launches()
+    );
     // Both end up in the bundle's summary (end to end section).
     let (failed, last) = blockcascade::backend::cuda::graph_capture_failures();
     let last = last.map_or_else(String::new, |m| format!(" (last: {m}; these ran eagerly)"));

@@ -64,9 +64,15 @@
 //                                 per tile instead of the block barriers (the PP loop below). The
 //                                 ping-pong kernels must give the bits of their tile size without
 //                                 it (same products, same order).
-// Work split: grid (ceil(max group rows / BQ), heads, groups), block NT = 32 * warps threads
+// Work split: grid (ceil(max group rows / BQ) x S, heads, groups), block NT = 32 * warps threads
 // stacked along the query rows; warp w owns rows [32w, 32w + 32) of the block's BQ rows. Keys
 // are walked one segment at a time in tiles of BK keys; a tile never crosses a segment end.
+// Split-KV (BcAttentionParams::splits = S > 1, chosen per launch by the host's wave-fill model):
+// split s of a (row tile, head, group) walks only the group's key tiles [s n / S, (s + 1) n / S)
+// of its n (att_split_start; a split may be empty) and stores its un-normalised O and row
+// statistics (att_store_partial) for bc_attention_combine (end of this file) to merge. S = 1:
+// the whole walk and the store below, the same bits as without the option. docs/wgmma.md,
+// "Split-KV".
 // Per block:
 //   1. Q [BQ x HDMAX] goes to shared memory by cp.async (hd128: its own region, read for the
 //      whole kernel; hd64: the stage-1 K/V buffer, free at that point, and each warp then keeps
@@ -204,16 +210,51 @@ __device__ __forceinline__ bool att_next_segment(const BcAttentionParams& p, con
 }
 
 /// A key tile of a group's walk: list entry `si`, its segment `seg`, first key `k0`; `have`
-/// false past the end.
+/// false past the end; `left`: tiles of the block's range from this one on (the split's end;
+/// INT_MAX without a split).
 struct AttCursor {
     int si, k0;
     BcKvSegment seg;
     bool have;
+    int left;
 };
 
-/// The tile after `c` (BK keys on, or the next non-empty segment).
+/// The first key tile of split `s` of `splits` of group `g`'s walk: the group's key tiles (BK
+/// keys, never crossing a segment end) are numbered 0..n-1 in walk order and split s takes
+/// [s n / splits, (s + 1) n / splits) (`left` tiles; `have` false when that is empty). One split:
+/// the whole walk (`left` INT_MAX), without counting.
+__device__ __forceinline__ AttCursor att_split_start(const BcAttentionParams& p, const BcAttnGroup& g, int bk, int s,
+                                                     int splits) {
+    AttCursor c{0, 0, BcKvSegment{}, false, 0x7fffffff};
+    c.have = att_next_segment(p, g, c.si, c.seg);
+    if (splits <= 1 || !c.have) return c;
+    int n = 0;
+    for (int i = c.si; i < g.seg_count; ++i) n += (p.segments[p.seg_index[g.seg_begin + i]].tokens + bk - 1) / bk;
+    const int t0 = (int)((long long)s * n / splits), t1 = (int)((long long)(s + 1) * n / splits);
+    c.left = t1 - t0;
+    if (c.left <= 0) {
+        c.have = false;
+        return c;
+    }
+    for (int skip = t0;;) {  // (t0 < n: the walk reaches tile t0)
+        const int nt = (c.seg.tokens + bk - 1) / bk;
+        if (skip < nt) {
+            c.k0 = skip * bk;
+            return c;
+        }
+        skip -= nt;
+        ++c.si;
+        att_next_segment(p, g, c.si, c.seg);
+    }
+}
+
+/// The tile after `c` (BK keys on, or the next non-empty segment; none past the split's end).
 __device__ __forceinline__ AttCursor att_advance(const BcAttentionParams& p, const BcAttnGroup& g, AttCursor c, int bk) {
     if (!c.have) return c;
+    if (--c.left == 0) {
+        c.have = false;
+        return c;
+    }
     c.k0 += bk;
     if (c.k0 >= c.seg.tokens) {
         ++c.si;
@@ -532,6 +573,37 @@ __device__ __forceinline__ bool att_wg_softmax(float (&d)[Cfg::BK / 2], float (*
 #endif
 
 
+/// The partial result of one split block (`slot` = ((group * row tiles + row tile) * heads + head)
+/// * splits + split, BQ * (head_dim + 2) floats of p.partial each): un-normalised O [BQ][head_dim]
+/// f32, then per row its maximum m (base 2, of S * scale: the running maximum of the online
+/// softmax) and sum l; rows past the group end are not written (the combine does not read them).
+/// A split without keys writes m = -inf, l = 0, O = 0. bc_attention_combine merges the splits.
+template <class Cfg>
+__device__ __forceinline__ void att_store_partial(const BcAttentionParams& p, const BcAttnGroup& grp,
+                                                  const float (*o)[Cfg::HDMAX / 8][4], const float (*m)[2],
+                                                  const float (*l)[2], int slot, int r0, int warp, int g, int t) {
+    const int hd = p.head_dim;
+    float* po = p.partial + (size_t)slot * (Cfg::BQ * (hd + 2));
+    float* pml = po + Cfg::BQ * hd;
+#pragma unroll
+    for (int mt = 0; mt < Cfg::MT; ++mt) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            float li = l[mt][i];
+            li += __shfl_xor_sync(BC_FULL_MASK, li, 1);
+            li += __shfl_xor_sync(BC_FULL_MASK, li, 2);
+            const int row = warp * Cfg::WM + 16 * mt + g + 8 * i;  // in the block's tile
+            if (r0 + row < grp.q_rows) {
+                float* out = po + (size_t)row * hd;
+#pragma unroll
+                for (int j = 0; j < Cfg::HDMAX / 8; ++j)
+                    if (8 * j < hd) *reinterpret_cast<float2*>(out + 8 * j + 2 * t) = make_float2(o[mt][j][2 * i], o[mt][j][2 * i + 1]);
+                if (t == 0) *reinterpret_cast<float2*>(pml + 2 * row) = make_float2(m[mt][i], li);
+            }
+        }
+    }
+}
+
 template <class Cfg>
 __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, unsigned char* smem_raw) {
     constexpr int HDMAX = Cfg::HDMAX, BK = Cfg::BK, ATT_BQ = Cfg::BQ, ATT_MT = Cfg::MT, ATT_WM = Cfg::WM;
@@ -540,9 +612,13 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
     using Sm = AttSmem<Cfg>;
     // smem: [stage][K, V][key][HDMAX] bf16, swizzled 16-byte chunks; Q at Cfg::Q_OFF.
 
-    BC_EMU_CHECK(p.head_dim > 0 && p.head_dim <= HDMAX && p.head_dim % 8 == 0);
+    BC_EMU_CHECK(p.head_dim > 0 && p.head_dim <= HDMAX && p.head_dim % 8 == 0 && p.splits >= 1);
     const BcAttnGroup grp = p.groups[blockIdx.z];
-    const int r0 = blockIdx.x * ATT_BQ;
+    // grid.x = row tiles x splits, split-major: the blocks of one split of a head walk the same
+    // K/V range at the same time, as the row tiles of an unsplit launch do.
+    const int splits = p.splits, tiles = gridDim.x / splits;
+    const int split = blockIdx.x / tiles, rt = blockIdx.x % tiles;
+    const int r0 = rt * ATT_BQ;
     if (r0 >= grp.q_rows) return;  // uniform for the whole block
     const int hd = p.head_dim, cpr = hd / 8;
     const int h = blockIdx.y;
@@ -591,13 +667,12 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             }
         }
     };
-    int si = 0, k0 = 0;
-    BcKvSegment seg{};
-    bool have = att_next_segment(p, grp, si, seg);
-    if (have) load_kv(0, seg, 0);
+    const AttCursor c0 = att_split_start(p, grp, BK, split, splits);
+    bool have = c0.have;
+    if (have) load_kv(0, c0.seg, c0.k0);
     bc_cp_async_commit();
     // wgmma: tile 1 goes to stage 1 at once (the loop keeps two tiles in flight ahead).
-    AttCursor c1{si, k0, seg, have};
+    AttCursor c1 = c0;
     (void)c1;
     if constexpr (Cfg::WG) {
         c1 = att_advance(p, grp, c1, BK);
@@ -691,7 +766,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             att_wg_s<Cfg>(dq, dk0, d);
             bc_wgmma_wait<0>();
             bc_wgmma_fence_operand(d);
-            const int kn = min(BK, seg.tokens - k0);
+            const int kn = min(BK, c0.seg.tokens - c0.k0);
             const bool grew = kn == BK ? att_wg_softmax<Cfg, false>(d, o, m, l, alpha, qscale, kn, t)
                                        : att_wg_softmax<Cfg, true>(d, o, m, l, alpha, qscale, kn, t);
             if (grew) att_rescale_o<Cfg>(o, alpha);
@@ -738,7 +813,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             int st = 0;  // stage of tile t
             // (every warpgroup computes, active or not: rows past the group end have zero Q, and
             // a wgmma or its wait under a condition makes ptxas serialize them, C7518 / C7520)
-            for (AttCursor c{si, k0, seg, have}; c.have;) {
+            for (AttCursor c = c0; c.have;) {
                 const int st1 = st == 2 ? 0 : st + 1;
                 bc_bar_sync(ATT_BAR_SCHED + wg, Cfg::NT);
                 bc_wgmma_fence_operand(of);
@@ -771,7 +846,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             if (have && wg == 0) bc_bar_sync(ATT_BAR_SCHED, Cfg::NT);
         } else {
             int st = 0;  // stage of tile t
-            for (AttCursor c{si, k0, seg, have}; c.have;) {
+            for (AttCursor c = c0; c.have;) {
                 const AttCursor c2 = att_advance(p, grp, c1, BK);
                 __syncthreads();  // every warpgroup is done with tile t-1: its stage takes tile t+2
                 const int st1 = st == 2 ? 0 : st + 1, st2 = st1 == 2 ? 0 : st1 + 1;
@@ -812,17 +887,11 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
         have = false;  // (the generic loop below is the mma.sync kernels')
     }
 #endif
-    for (int st = 0; have; st ^= 1) {
-        const int kn = min(BK, seg.tokens - k0);
-        int nsi = si, nk0 = k0 + BK;
-        BcKvSegment nseg = seg;
-        bool nhave = true;
-        if (nk0 >= seg.tokens) {
-            ++nsi;
-            nk0 = 0;
-            nhave = att_next_segment(p, grp, nsi, nseg);
-        }
-        if (nhave) load_kv(st ^ 1, nseg, nk0);
+    int st = 0;
+    for (AttCursor c = c0, n; have; c = n) {
+        const int kn = min(BK, c.seg.tokens - c.k0);
+        n = att_advance(p, grp, c, BK);
+        if (n.have) load_kv(st ^ 1, n.seg, n.k0);
         bc_cp_async_commit();
         bc_cp_async_wait_group<1>();  // the current tile has landed (this thread's copies) ...
 #if BC_HAS_WGMMA
@@ -840,14 +909,16 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             }
         }
         __syncthreads();  // stage st is consumed before the next iteration refills it
-        si = nsi;
-        k0 = nk0;
-        seg = nseg;
-        have = nhave;
+        have = n.have;
+        st ^= 1;
     }
 
-    // 3. Normalise and store.
+    // 3. Normalise and store; with splits, the block's partial result instead (att_store_partial).
     if (!active) return;
+    if (splits > 1) {
+        att_store_partial<Cfg>(p, grp, o, m, l, ((blockIdx.z * tiles + rt) * p.heads + h) * splits + split, r0, warp, g, t);
+        return;
+    }
 #pragma unroll
     for (int mt = 0; mt < ATT_MT; ++mt) {
 #pragma unroll
@@ -948,5 +1019,45 @@ BC_ATT_WG_KERNEL(bc_attention_wgmma_hd128_pp, AttWgHd128Pp)
 BC_ATT_WG_KERNEL(bc_attention_wgmma_hd128_pp_k128, AttWgHd128PpK128)
 #undef BC_ATT_WG_KERNEL
 #undef BC_ATT_WG_BODY
+
+// Split-KV combine (BcAttnCombineParams): one block per (row tile, head, group) of the attention
+// launch it follows; thread i takes 4 consecutive columns of a row (head_dim / 4 threads per row,
+// rows strided by the block). Per row: M = max over the splits of m (base 2), weights
+// w_s = 2^(m_s - M) (0 for a split without keys, m_s = -inf), out = sum w_s O_s / sum w_s l_s.
+extern "C" __global__ void __launch_bounds__(BC_ATTN_COMBINE_THREADS) bc_attention_combine(BcAttnCombineParams p) {
+    BC_EMU_CHECK(p.splits >= 1 && p.head_dim > 0 && p.head_dim % 8 == 0 && p.rows > 0);
+    const BcAttnGroup grp = p.groups[blockIdx.z];
+    const int r0 = blockIdx.x * p.rows;
+    const int rows = min(p.rows, grp.q_rows - r0);
+    if (rows <= 0) return;
+    const int hd = p.head_dim, c4 = hd / 4, S = p.splits;
+    const size_t slot = (size_t)p.rows * (hd + 2);
+    const float* base = p.partial + ((size_t)(blockIdx.z * gridDim.x + blockIdx.x) * p.heads + blockIdx.y) * S * slot;
+    const float* ml = base + (size_t)p.rows * hd;
+    for (int idx = threadIdx.x; idx < rows * c4; idx += blockDim.x) {
+        const int r = idx / c4, c = idx % c4;
+        float mx = -INFINITY;
+        for (int s = 0; s < S; ++s) mx = fmaxf(mx, ml[s * slot + 2 * r]);
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        float sum = 0.f;
+        if (mx > -INFINITY) {
+            for (int s = 0; s < S; ++s) {
+                const float2 st = *reinterpret_cast<const float2*>(ml + s * slot + 2 * r);
+                const float w = exp2f(st.x - mx);  // 0 for a split without keys (m = -inf)
+                const float4 v = *reinterpret_cast<const float4*>(base + s * slot + (size_t)r * hd + 4 * c);
+                sum += w * st.y;
+                acc.x += w * v.x;
+                acc.y += w * v.y;
+                acc.z += w * v.z;
+                acc.w += w * v.w;
+            }
+        }
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        __nv_bfloat16* out = p.out + (size_t)(grp.q_begin + r0 + r) * p.out_stride + blockIdx.y * hd + 4 * c;
+        bc_store_bf162(out, acc.x * inv, acc.y * inv);
+        bc_store_bf162(out + 2, acc.z * inv, acc.w * inv);
+    }
+}
+BC_EMU_ENTRY(bc_attention_combine, BcAttnCombineParams)
 #endif  // BC_ATTENTION_HELPERS_ONLY
 #endif  // BC_ATTENTION_CU

@@ -186,8 +186,8 @@ __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const Bc
         bc_fence_proxy_async();  // the copies (and the flip) -> visible to wgmma's async proxy
         bc_mbar_arrive(&full[s]);
     };
-    AttCursor cur{0, 0, BcKvSegment{}, false};
-    cur.have = att_next_segment(p, grp, cur.si, cur.seg);
+    // The whole group's walk (this kernel never splits: AttentionTile::supports_split).
+    AttCursor cur = att_split_start(p, grp, WS_BK, 0, 1);
     int s = 0, prev = 0;
     unsigned use = 0;  // uses of stage s so far
     for (int j = 0;; ++j) {

@@ -252,7 +252,7 @@ summary() {
     sed -n '/^kernel /,/^$/p' "$logs"/bench.log 2>/dev/null | sed '/^$/d; s/^/  /'
     echo "-- end to end (wan-1.3b-shape, 60x104, 21 frames, 4 steps)"
     sed -n '/^schedule /,/^$/p' "$logs"/bench.log 2>/dev/null | grep -vE '^(JSON|TUNE) ' | sed '/^$/d; s/^/  /'
-    grep -hE '^(SKIP|TUNE|TEXT|DECODE|CONV|SWITCH|PIXELS) ' "$logs"/bench.log 2>/dev/null | cut -c1-300 | sed 's/^/  /'
+    grep -hE '^(SKIP|TUNE|TEXT|DECODE|CONV|SWITCH|PIXELS|SPLIT) ' "$logs"/bench.log 2>/dev/null | cut -c1-300 | sed 's/^/  /'
     echo "-- PyTorch baseline (same GPU)"
     local py eng pt
     py=$(grep -m1 -hE '^(PYTORCH|SKIP)' "$logs"/pytorch.log 2>/dev/null || echo "no result (see $logs/pytorch.log)")

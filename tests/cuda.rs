@@ -610,6 +610,76 @@ fn attention_tiles(g: &Gpu) -> Vec<AttentionTile> {
     tiles
 }
 
+/// Every tile of [`attention_tiles`] unsplit, and split-KV with 2 and 3 key splits
+/// (`bc_attention_combine` after the kernel).
+fn split_tiles(g: &Gpu) -> Vec<(AttentionTile, usize)> {
+    let mut v = Vec::new();
+    for t in attention_tiles(g) {
+        let splits: &[usize] = if t.supports_split() { &[1, 2, 3] } else { &[1] };
+        v.extend(splits.iter().map(|&s| (t, s)));
+    }
+    v
+}
+
+/// `_splitN` for N > 1 key splits, else nothing (the line names of the unsplit runs).
+fn split_name(splits: usize) -> String {
+    if splits > 1 {
+        format!("_split{splits}")
+    } else {
+        String::new()
+    }
+}
+
+/// `ops::attention` with `splits` key splits forced (a NaN-poisoned partial buffer of the
+/// launch's size, freed after), the splits used returned.
+#[allow(clippy::too_many_arguments)]
+fn attention_split(
+    g: &mut Gpu,
+    (q, out): (DevPtr, DevPtr),
+    (heads, hd): (usize, usize),
+    (sd, id, gd): (DevPtr, DevPtr, DevPtr),
+    groups: usize,
+    max_rows: usize,
+    tile: AttentionTile,
+    splits: usize,
+) -> usize {
+    if splits == 1 {
+        return ops::attention(
+            g, q, out, heads, hd, sd, id, gd, groups, max_rows, tile, None,
+        )
+        .unwrap();
+    }
+    let bytes = blockcascade::kernels::launch::attention_split_bytes(
+        heads, hd, groups, max_rows, tile, splits,
+    )
+    .unwrap();
+    let scratch = poisoned(g, bytes);
+    let split = ops::SplitScratch {
+        ptr: scratch,
+        bytes,
+        max_keys: 0,
+        force: Some(splits),
+    };
+    let used = ops::attention(
+        g,
+        q,
+        out,
+        heads,
+        hd,
+        sd,
+        id,
+        gd,
+        groups,
+        max_rows,
+        tile,
+        Some(&split),
+    )
+    .unwrap();
+    g.sync().unwrap();
+    g.free(scratch).unwrap();
+    used
+}
+
 /// Self-attention with several groups (segments from a cache and the window) and
 /// cross-attention, at small and Wan-1.3B shapes (4680 queries, up to 32760 keys, 12 x 128);
 /// the wgmma prototype too where [`attention_tiles`] says.
@@ -706,14 +776,26 @@ fn attention_matches_the_cpu() {
         };
         let mut first = None;
         let mut pp_k128 = None;
-        for tile in attention_tiles(&g) {
+        for (tile, splits) in split_tiles(&g) {
             let out = poisoned(&mut g, nq * d * 2);
-            ops::attention(&g, qd, out, heads, hd, sd, id, gd, 2, nq - tpf, tile).unwrap();
+            let used = attention_split(
+                &mut g,
+                (qd, out),
+                (heads, hd),
+                (sd, id, gd),
+                2,
+                nq - tpf,
+                tile,
+                splits,
+            );
+            assert_eq!(used, splits, "attention_self_{name}: splits used");
             let got = down_b(&g, out, nq * d);
-            if !tile.is_wgmma() {
+            if !tile.is_wgmma() && splits == 1 {
                 same_bits(&mut first, &got, &format!("attention_self_{name}"));
             }
-            ws_twin(&mut pp_k128, tile, &got, &format!("attention_self_{name}"));
+            if splits == 1 {
+                ws_twin(&mut pp_k128, tile, &got, &format!("attention_self_{name}"));
+            }
             // Reference on sampled rows of each group.
             let mut want_rows = Vec::new();
             let mut got_rows = Vec::new();
@@ -733,7 +815,11 @@ fn attention_matches_the_cpu() {
             }
             let keys = nc + nq;
             check_floor(
-                &format!("attention_self_{name}_{}", tile.name()),
+                &format!(
+                    "attention_self_{name}_{}{}",
+                    tile.name(),
+                    split_name(splits)
+                ),
                 &format!("q{nq}xk{keys}xh{heads}x{hd}"),
                 &got_rows,
                 &want_rows,
@@ -760,14 +846,26 @@ fn attention_matches_the_cpu() {
         let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &[0i32]), up(&mut g, &groups));
         let mut first = None;
         let mut pp_k128 = None;
-        for tile in attention_tiles(&g) {
+        for (tile, splits) in split_tiles(&g) {
             let out = poisoned(&mut g, nq * d * 2);
-            ops::attention(&g, qd, out, heads, hd, sd, id, gd, 1, nq, tile).unwrap();
+            let used = attention_split(
+                &mut g,
+                (qd, out),
+                (heads, hd),
+                (sd, id, gd),
+                1,
+                nq,
+                tile,
+                splits,
+            );
+            assert_eq!(used, splits, "attention_cross_{name}: splits used");
             let got = down_b(&g, out, nq * d);
-            if !tile.is_wgmma() {
+            if !tile.is_wgmma() && splits == 1 {
                 same_bits(&mut first, &got, &format!("attention_cross_{name}"));
             }
-            ws_twin(&mut pp_k128, tile, &got, &format!("attention_cross_{name}"));
+            if splits == 1 {
+                ws_twin(&mut pp_k128, tile, &got, &format!("attention_cross_{name}"));
+            }
             let (mut want_rows, mut got_rows) = (Vec::new(), Vec::new());
             for &r in &sample {
                 let mut o = vec![0f32; d];
@@ -782,7 +880,11 @@ fn attention_matches_the_cpu() {
                 got_rows.extend_from_slice(&got[r * d..(r + 1) * d]);
             }
             check_floor(
-                &format!("attention_cross_{name}_{}", tile.name()),
+                &format!(
+                    "attention_cross_{name}_{}{}",
+                    tile.name(),
+                    split_name(splits)
+                ),
                 &format!("q{nq}xk{text}xh{heads}x{hd}"),
                 &got_rows,
                 &want_rows,

@@ -5,7 +5,7 @@
 
 mod common;
 use blockcascade::backend::cuda::device::{host_traffic, HostTraffic};
-use blockcascade::backend::cuda::ops::attention_launches;
+use blockcascade::backend::cuda::ops::{attention_launches, split_attention_launches};
 use blockcascade::backend::cuda::{device_flow_steps, set_session_options, CudaOptions};
 use blockcascade::config::BackendKind;
 use blockcascade::kernels::launch::AttentionTile;
@@ -165,6 +165,49 @@ fn both_attention_tiles_reproduce_the_golden_case() {
             outs[0] == outs[1],
             "{name}: the tiles give different latents (rel L2 {between})"
         );
+    }
+}
+
+/// Split-KV self-attention forced on a session (`CudaOptions::attention_split`; the emulated
+/// device's one slot never splits by itself): the golden case, sequential and cascade lag 2
+/// (windows of 1 to 3 members: a launch splits only as far as the session's scratch holds its
+/// partials), with the `mma.sync` and the default Hopper tile, graphs captured and replayed,
+/// within the bf16 tolerance; the sessions really launched split attention, and eager launches
+/// give the same bits as the graphs.
+#[test]
+fn forced_split_kv_reproduces_the_golden_case() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for (schedule, name) in [
+        (Schedule::Sequential, "expected"),
+        (Schedule::Cascade { lag: 2 }, "cascade-lag2-causal"),
+    ] {
+        let want = expected(&format!("{name}.safetensors"));
+        for (tile, splits) in [
+            (AttentionTile::Rows128, 2usize),
+            (AttentionTile::WgmmaPpK128, 3),
+        ] {
+            let co = |graphs| CudaOptions {
+                emulate: true,
+                graphs,
+                attention_tile: Some(tile),
+                attention_split: Some(splits),
+                ..CudaOptions::default()
+            };
+            let before = split_attention_launches();
+            let lat = run_opts(schedule, AttentionMode::Causal, co(true));
+            assert!(
+                split_attention_launches() > before,
+                "{name} {tile:?}: no split attention was launched"
+            );
+            let err = rel_l2(&want, &lat);
+            println!("SPLIT {} x{splits} {name}: rel L2 {err:.3e}", tile.name());
+            assert!(err < 2e-2, "{tile:?} split {splits} {name}: rel L2 {err}");
+            let eager = run_opts(schedule, AttentionMode::Causal, co(false));
+            assert!(
+                eager == lat,
+                "{tile:?} split {splits} {name}: graphs differ from eager"
+            );
+        }
     }
 }
 

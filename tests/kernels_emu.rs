@@ -651,7 +651,31 @@ fn attention_raw(
     out: &mut [bf16],
     out_stride: usize,
 ) {
-    use blockcascade::kernels::params::{BcAttentionParams, BcAttnGroup, BcKvSegment};
+    attention_raw_split(
+        tile, q, q_stride, heads, hd, kv, segs, groups, scale, out, out_stride, 1,
+    );
+}
+
+/// [`attention_raw`] with `splits` key splits: the partial results go to a NaN-poisoned
+/// buffer, then `bc_attention_combine` writes `out`.
+#[allow(clippy::too_many_arguments)]
+fn attention_raw_split(
+    tile: AttentionTile,
+    q: &[bf16],
+    q_stride: usize,
+    heads: usize,
+    hd: usize,
+    kv: &KvStore,
+    segs: &[std::ops::Range<usize>],
+    groups: &[(std::ops::Range<usize>, Vec<usize>)],
+    scale: f32,
+    out: &mut [bf16],
+    out_stride: usize,
+    splits: usize,
+) {
+    use blockcascade::kernels::params::{
+        BcAttentionParams, BcAttnCombineParams, BcAttnGroup, BcKvSegment, BC_ATTN_COMBINE_THREADS,
+    };
     let table: Vec<BcKvSegment> = segs
         .iter()
         .map(|r| BcKvSegment {
@@ -677,6 +701,21 @@ fn attention_raw(
         index.extend(list.iter().map(|&i| i as i32));
     }
     let max_rows = groups.iter().map(|g| g.0.len()).max().unwrap();
+    // NaN-poisoned partial results ([f32; 4]: 16-byte aligned), as the launcher sizes them.
+    let floats = blockcascade::kernels::launch::attention_split_bytes(
+        heads,
+        hd,
+        gs.len(),
+        max_rows,
+        tile,
+        splits,
+    )
+    .unwrap()
+        / 4;
+    #[repr(C, align(16))]
+    #[derive(Clone, Copy)]
+    struct F4([f32; 4]);
+    let mut partial = vec![F4([f32::NAN; 4]); floats.div_ceil(4).max(1)];
     let p = BcAttentionParams {
         q: q.as_ptr() as *const _,
         out: out.as_mut_ptr() as *mut _,
@@ -690,7 +729,8 @@ fn attention_raw(
         kv_stride: kv.stride as i32,
         out_stride: out_stride as i32,
         scale,
-        _pad: 0,
+        splits: splits as i32,
+        partial: partial.as_mut_ptr() as *mut f32,
     };
     // The warp-specialized kernel must give pp_k128's bits on every input: run that on a copy.
     let twin = (tile == AttentionTile::WgmmaWs).then(|| {
@@ -715,12 +755,10 @@ fn attention_raw(
         ..p
     };
     let kernel = tile.kernel(hd);
-    let grid = [
-        max_rows.div_ceil(tile.rows(hd) as usize) as u32,
-        heads as u32,
-        gs.len() as u32,
-    ];
-    // SAFETY: every pointer covers the rows the groups and segments name (asserted above).
+    let tiles = max_rows.div_ceil(tile.rows(hd) as usize) as u32;
+    let grid = [tiles * splits as u32, heads as u32, gs.len() as u32];
+    // SAFETY: every pointer covers the rows the groups and segments name (asserted above), the
+    // partial buffer the split grid's blocks.
     unsafe {
         emu::launch_raw(
             kernel,
@@ -729,6 +767,33 @@ fn attention_raw(
         )
     }
     .unwrap();
+    if splits > 1 {
+        let c = BcAttnCombineParams {
+            partial: partial.as_ptr() as *const f32,
+            out: out.as_mut_ptr() as *mut _,
+            groups: gs.as_ptr(),
+            heads: heads as i32,
+            head_dim: hd as i32,
+            out_stride: out_stride as i32,
+            splits: splits as i32,
+            rows: tile.rows(hd) as i32,
+            _pad: 0,
+        };
+        let k = blockcascade::kernels::Kernel::AttentionCombine;
+        // SAFETY: as above; the combine reads the partials the attention wrote.
+        unsafe {
+            emu::launch_raw(
+                k,
+                &emu::dims(
+                    k,
+                    [tiles, heads as u32, gs.len() as u32],
+                    [BC_ATTN_COMBINE_THREADS, 1, 1],
+                ),
+                &c as *const BcAttnCombineParams as *const std::ffi::c_void,
+            )
+        }
+        .unwrap();
+    }
     if let Some(o) = twin {
         assert!(
             same_bits(out, &o),
@@ -990,6 +1055,125 @@ fn attention_large_logits_online_rescaling() {
                 &format!("large logits hd{hd} {tile:?} group {gi}"),
                 &got,
                 &want,
+            );
+        }
+    }
+}
+
+/// Split-KV (`BcAttentionParams::splits` > 1, then `bc_attention_combine`) on every tile against
+/// the CPU, NaN-poisoned output and partial buffer: 2, 3 and 7 splits of groups with 1 to 130
+/// rows (ragged, several row tiles), segments of odd lengths (masked last tiles, one empty), a
+/// group of a single 5-key tile (more splits than tiles: empty splits), a group without keys
+/// (zeros), negative and zero scales, and large logits growing from segment to segment (each
+/// split has its own row maxima: the combine must rescale by them).
+#[test]
+fn attention_split_kv_matches_the_cpu() {
+    let seg_len = [5usize, 33, 0, 64, 100, 17, 40];
+    let grow = [1.0f32, 0.5, 1.0, 2.0, 4.0, 1.0, 6.0];
+    let group_rows = [130usize, 1, 17, 5, 64];
+    let lists: Vec<Vec<usize>> = vec![
+        vec![0, 1, 2, 3, 4, 5, 6],
+        vec![0],
+        vec![6, 4, 3, 1],
+        vec![],
+        vec![5, 2, 4],
+    ];
+    let mut groups = Vec::new();
+    let mut r = 0;
+    for (n, list) in group_rows.iter().zip(&lists) {
+        groups.push((r..r + n, list.clone()));
+        r += n;
+    }
+    let nq = r;
+    for (tile, (seed, heads, hd)) in with_tiles(&[(51u64, 2usize, 32usize), (52, 1, 128)]) {
+        if !tile.supports_split() {
+            continue; // (the warp-specialized kernel walks whole groups)
+        }
+        let mut rng = Rng::new(seed);
+        let dim = heads * hd;
+        let (mut segs, mut kf, mut kb, mut vf, mut vb) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut at = 0;
+        for (&n, &gscale) in seg_len.iter().zip(&grow) {
+            let (f, b) = randn_bf16(&mut rng, n * dim, gscale);
+            kf.extend(f);
+            kb.extend(b);
+            let (f, b) = randn_bf16(&mut rng, n * dim, 1.0);
+            vf.extend(f);
+            vb.extend(b);
+            segs.push(at..at + n);
+            at += n;
+        }
+        let kv = KvStore {
+            k: (kf, kb),
+            v: (vf, vb),
+            stride: dim,
+        };
+        let (qf, q) = randn_bf16(&mut rng, nq * dim, 3.0);
+        for (splits, scale) in [(2usize, -0.3f32), (3, 0.0), (7, 1.0 / (hd as f32).sqrt())] {
+            let mut out = vec![bf16::NAN; nq * dim];
+            attention_raw_split(
+                tile, &q, dim, heads, hd, &kv, &segs, &groups, scale, &mut out, dim, splits,
+            );
+            for (gi, (rows, list)) in groups.iter().enumerate() {
+                let got = group_out(&out, rows.clone(), dim, dim);
+                let what = format!("split {splits} hd{hd} {tile:?} scale {scale} group {gi}");
+                if list.iter().all(|&i| segs[i].is_empty()) {
+                    assert!(got.iter().all(|&v| v == 0.0), "{what}: no keys gives zeros");
+                    continue;
+                }
+                let want =
+                    attention_ref(&qf, dim, heads, hd, &kv, &segs, rows.clone(), list, scale);
+                assert_attention_close(&what, &got, &want);
+            }
+        }
+    }
+}
+
+/// The split-KV entry point of the emulated launcher ([`emu::attention_split`], what the device
+/// launcher does: kernel, then combine) against the unsplit kernel on the sink + local-window
+/// lists of [`check_attention`]'s layout: close (another summation order), finite, and with one
+/// split the same bits.
+#[test]
+fn attention_split_entry_point_matches_the_unsplit_kernel() {
+    let (heads, hd) = (2usize, 64usize);
+    let dim = heads * hd;
+    let mut rng = Rng::new(61);
+    let (_, q) = randn_bf16(&mut rng, 95 * dim, 1.5);
+    let (_, k) = randn_bf16(&mut rng, 200 * dim, 1.0);
+    let (_, v) = randn_bf16(&mut rng, 200 * dim, 1.0);
+    let segs: Vec<KvSegment> = [(0usize, 70usize), (70, 3), (73, 127)]
+        .iter()
+        .map(|&(a, n)| KvSegment {
+            k: &k[a * dim..(a + n) * dim],
+            v: &v[a * dim..(a + n) * dim],
+        })
+        .collect();
+    let groups = [
+        QueryGroup {
+            rows: 0..40,
+            segments: vec![0, 1, 2],
+        },
+        QueryGroup {
+            rows: 40..95,
+            segments: vec![1],
+        },
+    ];
+    for tile in [AttentionTile::Rows128, AttentionTile::WgmmaPpK128] {
+        let mut base = vec![bf16::NAN; 95 * dim];
+        emu::attention(&q, heads, hd, &segs, &groups, &mut base, tile).unwrap();
+        let mut one = vec![bf16::NAN; 95 * dim];
+        emu::attention_split(&q, heads, hd, &segs, &groups, &mut one, tile, 1).unwrap();
+        assert!(
+            same_bits(&base, &one),
+            "{tile:?}: one split changed the bits"
+        );
+        for splits in [2usize, 5] {
+            let mut got = vec![bf16::NAN; 95 * dim];
+            emu::attention_split(&q, heads, hd, &segs, &groups, &mut got, tile, splits).unwrap();
+            assert_attention_close(
+                &format!("{tile:?} split {splits} vs unsplit"),
+                &to_f32(&got),
+                &to_f32(&base),
             );
         }
     }

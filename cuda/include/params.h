@@ -354,9 +354,46 @@ typedef struct BcAttentionParams {
     bc_i32 out_stride;
     /** Softmax scale, usually `1/sqrt(head_dim)`. */
     float scale;
+    /** Key splits S >= 1 (split-KV): grid.x = row tiles x S, split-major; block x of a launch
+     * with T = grid.x / S row tiles takes row tile x % T and, of its group's key tiles (walk
+     * order) 0..n-1, [s n / S, (s + 1) n / S) for s = x / T. S = 1: the whole walk, the output
+     * written directly (`partial` unused). S > 1: `partial` gets the un-normalised result of
+     * each block (slot ((group * T + row tile) * heads + head) * S + s, BQ * (head_dim + 2)
+     * floats: O as BQ rows of head_dim, then per row (m, l): the row maximum in base 2 of S * scale and
+     * the row sum) and `bc_attention_combine` writes `out`. */
+    bc_i32 splits;
+    /** S > 1: the partial results (16-byte aligned; see `splits`). */
+    float *partial;
+} BcAttentionParams;
+
+/** Threads per block of `bc_attention_combine`. */
+#define BC_ATTN_COMBINE_THREADS 128
+
+/** `bc_attention_combine`: merges the S partial results of a split attention launch
+ * (`BcAttentionParams::splits`) into `out`: per row `out = sum_s 2^(m_s - M) O_s / sum_s
+ * 2^(m_s - M) l_s` with `M = max_s m_s` (bf16; zeros for a row no split saw a key of). Grid
+ * (T row tiles, heads, num_groups): the attention's grid without the splits; block
+ * BC_ATTN_COMBINE_THREADS. */
+typedef struct BcAttnCombineParams {
+    /** The attention launch's partial results. */
+    const float *partial;
+    /** Output `[nq, out_stride]` bf16, head h at columns `h*head_dim`. */
+    bc_bf16 *out;
+    /** `[num_groups]` query groups (the attention's table). */
+    const BcAttnGroup *groups;
+    /** Number of heads. */
+    bc_i32 heads;
+    /** Head dimension (a multiple of 8). */
+    bc_i32 head_dim;
+    /** Row stride of `out` in elements. */
+    bc_i32 out_stride;
+    /** Splits S of the attention launch (>= 2). */
+    bc_i32 splits;
+    /** Query rows per attention block (BQ of its kernel). */
+    bc_i32 rows;
     /** Padding, keep 0. */
     bc_i32 _pad;
-} BcAttentionParams;
+} BcAttnCombineParams;
 
 /** Activation selector of `bc_activation`. */
 #define BC_ACT_GELU_TANH 0

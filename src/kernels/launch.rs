@@ -368,6 +368,35 @@ impl AttentionTile {
         }
     }
 
+    /// Whether the tile's kernels implement split-KV (`BcAttentionParams::splits` > 1 and
+    /// their partial store). A kernel that ignored `splits` would run every split over all keys
+    /// into the same rows, so a new variant must be added here deliberately (no wildcard).
+    pub fn supports_split(self) -> bool {
+        match self {
+            AttentionTile::Rows64
+            | AttentionTile::Rows128
+            | AttentionTile::Wgmma64
+            | AttentionTile::WgmmaK128
+            | AttentionTile::WgmmaPp
+            | AttentionTile::WgmmaPpK128 => true,
+            // Its producer walks whole groups: no split walk or partial store (yet).
+            AttentionTile::WgmmaWs => false,
+        }
+    }
+
+    /// Keys per K/V tile of the kernel for `head_dim` (what a block walks per step; a split
+    /// launch divides a group's keys in tiles of this size).
+    pub fn key_tile(self, head_dim: usize) -> u32 {
+        match (self, head_dim <= 64) {
+            (AttentionTile::Rows64 | AttentionTile::Rows128, false) => BC_ATTN_HD128_BK,
+            (
+                AttentionTile::WgmmaK128 | AttentionTile::WgmmaPpK128 | AttentionTile::WgmmaWs,
+                false,
+            ) => BC_ATTN_WGMMA_K128_BK,
+            _ => BC_ATTN_HD64_BK,
+        }
+    }
+
     /// Threads per block of the kernel for `head_dim`.
     pub fn threads(self, head_dim: usize) -> u32 {
         match self {
@@ -398,11 +427,136 @@ impl AttentionTile {
     }
 }
 
+/// The split-KV part of an attention launch ([`attention`]): `splits` blocks share each (row
+/// tile, head, group), each over its own range of the group's key tiles, writing partial results
+/// to `partial` ([`attention_split_bytes`] bytes, 16-byte aligned) that [`attention_combine`]
+/// merges into the output. `splits` 1: no split (the output is written directly, `partial`
+/// unused; the same bits as before split-KV existed).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnSplit {
+    /// Key splits S (>= 1).
+    pub splits: usize,
+    /// The partial results (S > 1).
+    pub partial: *mut f32,
+}
+
+impl AttnSplit {
+    /// No split.
+    pub const NONE: AttnSplit = AttnSplit {
+        splits: 1,
+        partial: std::ptr::null_mut(),
+    };
+}
+
+/// Most key splits of one attention launch (the launcher clamps to it).
+pub const ATTN_MAX_SPLITS: usize = 8;
+
+/// Bytes of the partial results of an attention launch with `splits` key splits (0 for one):
+/// per block of the split grid (row tiles x splits, heads, groups) `BQ x (head_dim + 2)` f32.
+/// `None` on overflow.
+pub fn attention_split_bytes(
+    heads: usize,
+    head_dim: usize,
+    num_groups: usize,
+    max_rows: usize,
+    tile: AttentionTile,
+    splits: usize,
+) -> Option<usize> {
+    if splits <= 1 {
+        return Some(0);
+    }
+    let bq = tile.rows(head_dim) as usize;
+    max_rows
+        .div_ceil(bq)
+        .checked_mul(heads)?
+        .checked_mul(num_groups)?
+        .checked_mul(splits)?
+        .checked_mul(bq)?
+        .checked_mul(head_dim.checked_add(2)?)?
+        .checked_mul(4)
+}
+
+/// The wave-fill model that picks an attention launch's key splits ([`attention_splits`]).
+/// A block of the unsplit launch (a row tile of one head and group) walks `key_tiles` key tiles;
+/// the device runs `slots` blocks at once (SMs x blocks per SM), so `items` blocks take
+/// `ceil(items / slots)` waves and the last one may leave SMs idle. With S splits there are S
+/// times the blocks, each over ~1/S of the tiles, plus the combine's traffic.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SplitModel {
+    /// Blocks of the unsplit launch: row tiles x heads x groups.
+    pub items: usize,
+    /// Blocks resident at once: SMs x blocks per SM (the kernel's occupancy).
+    pub slots: usize,
+    /// Key tiles of the heaviest group's walk (keys / BK, rounded up per segment).
+    pub key_tiles: usize,
+    /// Bytes of one block's partial O (BQ x head_dim x 4).
+    pub partial_bytes: usize,
+    /// Microseconds one block takes per key tile (H200, `bc_attention_wgmma_hd128_pp_k128`:
+    /// 4 x 128 x 128 x 128 FLOP at 460 / 0.84 TFLOP/s over 132 SMs = 2.02).
+    pub tile_us: f64,
+}
+
+/// Fixed cost of a block in key tiles (Q load, the pipeline's fill and drain, the store), an
+/// estimate: what a split adds per extra block.
+pub const SPLIT_PROLOGUE_TILES: f64 = 1.0;
+/// Device memory bandwidth the combine's traffic is charged at, bytes per microsecond (~3 TB/s).
+pub const SPLIT_BYTES_PER_US: f64 = 3.0e6;
+/// Fixed cost of the combine launch in microseconds (launch gap, a short kernel's tail).
+pub const SPLIT_COMBINE_US: f64 = 3.0;
+
+impl SplitModel {
+    /// Predicted microseconds of the launch with `s` splits: waves x the time of one block
+    /// (its share of the key tiles plus the prologue), and for s > 1 the partials written and
+    /// read back (2 x items x s x partial_bytes) and the combine's launch.
+    pub fn predict_us(&self, s: usize) -> f64 {
+        let s = s.max(1);
+        let slots = self.slots.max(1);
+        let blocks = self.items * s;
+        let waves = blocks.div_ceil(slots) as f64;
+        let per_block = self.key_tiles.div_ceil(s) as f64 + SPLIT_PROLOGUE_TILES;
+        let mut t = waves * per_block * self.tile_us;
+        if s > 1 {
+            t += 2.0 * (blocks * self.partial_bytes) as f64 / SPLIT_BYTES_PER_US + SPLIT_COMBINE_US;
+        }
+        t
+    }
+
+    /// Wave fill of the launch with `s` splits: blocks / (waves x slots).
+    pub fn fill(&self, s: usize) -> f64 {
+        let blocks = self.items * s.max(1);
+        let slots = self.slots.max(1);
+        blocks as f64 / (blocks.div_ceil(slots) * slots) as f64
+    }
+}
+
+/// The key splits the model predicts fastest, 1..=[`ATTN_MAX_SPLITS`] (never more than the key
+/// tiles): the smallest S of the lowest [`SplitModel::predict_us`], and 1 unless that beats one
+/// split by more than 3% (the model's constants are estimates; a full last wave stays unsplit).
+pub fn attention_splits(m: &SplitModel) -> usize {
+    if m.items == 0 || m.key_tiles < 2 {
+        return 1;
+    }
+    let one = m.predict_us(1);
+    let (mut best, mut best_t) = (1, one);
+    for s in 2..=ATTN_MAX_SPLITS.min(m.key_tiles) {
+        let t = m.predict_us(s);
+        if t < best_t {
+            (best, best_t) = (s, t);
+        }
+    }
+    if best_t < one * 0.97 {
+        best
+    } else {
+        1
+    }
+}
+
 /// The attention kernel (`cuda/attention.cu`) of `tile` for `head_dim` (`bc_attention_hd64*` for `head_dim <= 64`,
 /// else `bc_attention_hd128*`): `q` and `out` rows of `heads*head_dim`, tables `segments` /
 /// `seg_index` / `groups` (`num_groups` entries), `max_rows` the largest group, scale
-/// `1/sqrt(head_dim)`. Grid (ceil(max_rows / `tile.rows(head_dim)`), heads, num_groups), block
-/// `tile.threads(head_dim)` (and the kernel's [`Kernel::dynamic_smem_bytes`]).
+/// `1/sqrt(head_dim)`. Grid (ceil(max_rows / `tile.rows(head_dim)`) x `split.splits`, heads,
+/// num_groups), block `tile.threads(head_dim)` (and the kernel's
+/// [`Kernel::dynamic_smem_bytes`]). With `split.splits` > 1, [`attention_combine`] must follow.
 pub fn attention(
     q: *const bc_bf16,
     out: *mut bc_bf16,
@@ -414,14 +568,30 @@ pub fn attention(
     num_groups: usize,
     max_rows: usize,
     tile: AttentionTile,
+    split: AttnSplit,
 ) -> LaunchResult<Launch<BcAttentionParams>> {
     let k = tile.kernel(head_dim);
     let dim = i32_of(k, mul(k, heads, head_dim)?, "dim")?;
+    if split.splits == 0 || split.splits > ATTN_MAX_SPLITS {
+        return Err(invalid(k, format!("{} key splits", split.splits)));
+    }
+    if split.splits > 1 && (split.partial.is_null() || split.partial as usize % 16 != 0) {
+        return Err(invalid(
+            k,
+            "split attention without an aligned partial buffer",
+        ));
+    }
+    if split.splits > 1 && !tile.supports_split() {
+        return Err(invalid(k, "this kernel does not implement split-KV"));
+    }
     let (heads, num_groups) = (i32_of(k, heads, "heads")?, i32_of(k, num_groups, "groups")?);
+    let tiles = blocks(k, max_rows, tile.rows(head_dim))?;
     Ok(Launch {
         kernel: k,
         grid: [
-            blocks(k, max_rows, tile.rows(head_dim))?,
+            tiles
+                .checked_mul(split.splits as u32)
+                .ok_or_else(|| invalid(k, "grid too large"))?,
             heads as u32,
             num_groups as u32,
         ],
@@ -439,6 +609,52 @@ pub fn attention(
             kv_stride: dim,
             out_stride: dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            splits: split.splits as i32,
+            partial: split.partial,
+        },
+    })
+}
+
+/// `bc_attention_combine` (`cuda/attention.cu`) after a split [`attention`] launch with the same
+/// `heads`, `head_dim`, `groups`, `max_rows`, `tile` and `split` (`split.splits` >= 2): merges
+/// the partial results into `out` (rows of `heads*head_dim`). Grid (ceil(max_rows / BQ), heads,
+/// num_groups), block `BC_ATTN_COMBINE_THREADS`.
+pub fn attention_combine(
+    out: *mut bc_bf16,
+    heads: usize,
+    head_dim: usize,
+    groups: *const BcAttnGroup,
+    num_groups: usize,
+    max_rows: usize,
+    tile: AttentionTile,
+    split: AttnSplit,
+) -> LaunchResult<Launch<BcAttnCombineParams>> {
+    let k = Kernel::AttentionCombine;
+    if split.splits < 2 || split.splits > ATTN_MAX_SPLITS || split.partial.is_null() {
+        return Err(invalid(k, format!("{} key splits", split.splits)));
+    }
+    if head_dim == 0 || head_dim % 8 != 0 {
+        return Err(invalid(k, format!("head_dim {head_dim}")));
+    }
+    let dim = i32_of(k, mul(k, heads, head_dim)?, "dim")?;
+    let (h, g) = (i32_of(k, heads, "heads")?, i32_of(k, num_groups, "groups")?);
+    Ok(Launch {
+        kernel: k,
+        grid: [
+            blocks(k, max_rows, tile.rows(head_dim))?,
+            h as u32,
+            g as u32,
+        ],
+        block: BC_ATTN_COMBINE_THREADS,
+        params: BcAttnCombineParams {
+            partial: split.partial,
+            out,
+            groups,
+            heads: h,
+            head_dim: i32_of(k, head_dim, "head_dim")?,
+            out_stride: dim,
+            splits: split.splits as i32,
+            rows: tile.rows(head_dim) as i32,
             _pad: 0,
         },
     })
@@ -1291,6 +1507,98 @@ pub fn dec_softmax(
 mod tests {
     use super::*;
 
+    /// The wave-fill model at Wan-1.3B shapes on an H200 (132 SMs, one `pp_k128` block each):
+    /// one group of 4680 rows (37 row tiles x 12 heads = 444 blocks, 3.36 waves) splits in two
+    /// at 32760 keys (6.73 of 7 waves); two groups (888 blocks, 96% fill) and 512 text keys do
+    /// not split, nor does a one-slot (emulated) device.
+    #[test]
+    fn split_model_fills_the_last_wave_only_where_it_pays() {
+        let m = |items, slots, keys: usize| SplitModel {
+            items,
+            slots,
+            key_tiles: keys.div_ceil(128),
+            partial_bytes: 128 * 128 * 4,
+            tile_us: 2.02,
+        };
+        let bench = m(444, 132, 32760);
+        assert!((bench.fill(1) - 444.0 / 528.0).abs() < 1e-9);
+        assert!((bench.fill(2) - 888.0 / 924.0).abs() < 1e-9);
+        assert_eq!(attention_splits(&bench), 2);
+        assert!(bench.predict_us(2) < 0.92 * bench.predict_us(1));
+        // the sequential blocks of the 7-block run: 4680 keys (37 tiles: the partials' traffic
+        // costs more than the fill gains), then 9360 .. 32760 keys
+        assert_eq!(attention_splits(&m(444, 132, 4680)), 1);
+        for b in 2..=7 {
+            assert_eq!(attention_splits(&m(444, 132, 4680 * b)), 2, "block {b}");
+        }
+        assert_eq!(attention_splits(&m(888, 132, 32760)), 1);
+        assert_eq!(attention_splits(&m(444, 132, 512)), 1);
+        assert_eq!(attention_splits(&m(444, 1, 32760)), 1);
+        assert_eq!(attention_splits(&m(0, 132, 32760)), 1);
+        // a launch of one wave's worth of blocks or less: as many splits as fill the machine
+        assert_eq!(attention_splits(&m(12, 132, 32760)), ATTN_MAX_SPLITS);
+    }
+
+    /// Split launches: the grid grows by the splits, the partials are sized per split block, and
+    /// a split without an aligned buffer or outside 1..=ATTN_MAX_SPLITS is refused.
+    #[test]
+    fn split_attention_launches() {
+        use std::ptr::{null, null_mut};
+        let t = AttentionTile::WgmmaPpK128;
+        let buf = 0x1000usize as *mut f32;
+        let sp = |splits, partial| AttnSplit { splits, partial };
+        let l = attention(
+            null(),
+            null_mut(),
+            12,
+            128,
+            null(),
+            null(),
+            null(),
+            2,
+            300,
+            t,
+            sp(3, buf),
+        )
+        .unwrap();
+        assert_eq!(l.grid, [9, 12, 2]);
+        assert_eq!((l.params.splits, l.params.partial), (3, buf));
+        assert_eq!(
+            attention_split_bytes(12, 128, 2, 300, t, 3),
+            Some(3 * 12 * 2 * 3 * 128 * 130 * 4)
+        );
+        assert_eq!(attention_split_bytes(12, 128, 2, 300, t, 1), Some(0));
+        let c = attention_combine(null_mut(), 12, 128, null(), 2, 300, t, sp(3, buf)).unwrap();
+        assert_eq!(
+            (c.grid, c.params.rows, c.params.splits),
+            ([3, 12, 2], 128, 3)
+        );
+        for bad in [
+            sp(0, buf),
+            sp(ATTN_MAX_SPLITS + 1, buf),
+            sp(2, null_mut()),
+            sp(2, 0x1004 as *mut f32),
+        ] {
+            assert!(attention(
+                null(),
+                null_mut(),
+                12,
+                128,
+                null(),
+                null(),
+                null(),
+                2,
+                300,
+                t,
+                bad
+            )
+            .is_err());
+        }
+        assert!(
+            attention_combine(null_mut(), 12, 128, null(), 2, 300, t, AttnSplit::NONE).is_err()
+        );
+    }
+
     /// `conv_on` with `wgmma` picks `bc_conv_wgmma` (its grid, block and shared memory) only
     /// where it fits: 8-aligned channels and pointers, more than 16 output channels.
     #[test]
@@ -1422,7 +1730,20 @@ mod tests {
         );
         let l = |hd| {
             use std::ptr::{null, null_mut};
-            attention(null(), null_mut(), 2, hd, null(), null(), null(), 1, 100, t).unwrap()
+            attention(
+                null(),
+                null_mut(),
+                2,
+                hd,
+                null(),
+                null(),
+                null(),
+                1,
+                100,
+                t,
+                AttnSplit::NONE,
+            )
+            .unwrap()
         };
         let (a, b) = (l(64), l(128));
         assert_eq!(
@@ -1449,7 +1770,20 @@ mod tests {
             assert!(!AttentionTile::ALL.contains(&v) && v.is_wgmma());
             let l = |hd| {
                 use std::ptr::{null, null_mut};
-                attention(null(), null_mut(), 2, hd, null(), null(), null(), 1, 100, v).unwrap()
+                attention(
+                    null(),
+                    null_mut(),
+                    2,
+                    hd,
+                    null(),
+                    null(),
+                    null(),
+                    1,
+                    100,
+                    v,
+                    AttnSplit::NONE,
+                )
+                .unwrap()
             };
             let (a, c) = (l(64), l(128));
             assert_eq!(a.kernel, Kernel::AttentionWgmmaHd64);

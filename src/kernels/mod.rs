@@ -32,6 +32,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bc_attention_hd128",
     "bc_attention_hd64_q128",
     "bc_attention_hd128_q128",
+    "bc_attention_combine",
     "bc_activation",
     "bc_time_embedding",
     "bc_flow_step",
@@ -130,6 +131,9 @@ pub enum Kernel {
     /// warp-specialized variant (a producer warpgroup copies the K/V tiles, two consumer
     /// warpgroups compute as `pp_k128`; [`BC_ATTN_WS_THREADS`] threads).
     AttentionWgmmaHd128Ws,
+    /// `bc_attention_combine` ([`BcAttnCombineParams`]): merges the partial results of a
+    /// split-KV attention launch (`BcAttentionParams::splits` > 1) into its output.
+    AttentionCombine,
     /// `bc_activation` ([`BcActivationParams`]).
     Activation,
     /// `bc_time_embedding` ([`BcTimeEmbeddingParams`]).
@@ -188,7 +192,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 40] = [
+    pub const ALL: [Kernel; 41] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -204,6 +208,7 @@ impl Kernel {
         Kernel::AttentionWgmmaHd128Pp,
         Kernel::AttentionWgmmaHd128PpK128,
         Kernel::AttentionWgmmaHd128Ws,
+        Kernel::AttentionCombine,
         Kernel::Activation,
         Kernel::TimeEmbedding,
         Kernel::FlowStep,
@@ -249,6 +254,7 @@ impl Kernel {
             Kernel::AttentionWgmmaHd128Pp => "bc_attention_wgmma_hd128_pp",
             Kernel::AttentionWgmmaHd128PpK128 => "bc_attention_wgmma_hd128_pp_k128",
             Kernel::AttentionWgmmaHd128Ws => "bc_attention_wgmma_hd128_ws",
+            Kernel::AttentionCombine => "bc_attention_combine",
             Kernel::Activation => "bc_activation",
             Kernel::TimeEmbedding => "bc_time_embedding",
             Kernel::FlowStep => "bc_flow_step",

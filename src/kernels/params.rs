@@ -24,6 +24,7 @@ pub const BC_ATTN_WGMMA_K128_SMEM: u32 = 230400;
 pub const BC_ATTN_WS_THREADS: u32 = 384;
 pub const BC_ATTN_WS_SMEM: u32 = 230464;
 pub const BC_RESNORM_MAX_DIM: u32 = 6144;
+pub const BC_ATTN_COMBINE_THREADS: u32 = 128;
 pub const BC_ACT_GELU_TANH: u32 = 0;
 pub const BC_ACT_SILU: u32 = 1;
 pub const BC_ACT_NONE: u32 = 2;
@@ -511,12 +512,14 @@ pub struct BcAttentionParams {
     pub out_stride: bc_i32,
     #[doc = " Softmax scale, usually `1/sqrt(head_dim)`."]
     pub scale: f32,
-    #[doc = " Padding, keep 0."]
-    pub _pad: bc_i32,
+    #[doc = " Key splits S >= 1 (split-KV): grid.x = row tiles x S, split-major; block x of a launch\n with T = grid.x / S row tiles takes row tile x % T and, of its group's key tiles (walk\n order) 0..n-1, [s n / S, (s + 1) n / S) for s = x / T. S = 1: the whole walk, the output\n written directly (`partial` unused). S > 1: `partial` gets the un-normalised result of\n each block (slot ((group * T + row tile) * heads + head) * S + s, BQ * (head_dim + 2)\n floats: O as BQ rows of head_dim, then per row (m, l): the row maximum in base 2 of S * scale and\n the row sum) and `bc_attention_combine` writes `out`."]
+    pub splits: bc_i32,
+    #[doc = " S > 1: the partial results (16-byte aligned; see `splits`)."]
+    pub partial: *mut f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BcAttentionParams"][::std::mem::size_of::<BcAttentionParams>() - 72usize];
+    ["Size of BcAttentionParams"][::std::mem::size_of::<BcAttentionParams>() - 80usize];
     ["Alignment of BcAttentionParams"][::std::mem::align_of::<BcAttentionParams>() - 8usize];
     ["Offset of field: BcAttentionParams::q"]
         [::std::mem::offset_of!(BcAttentionParams, q) - 0usize];
@@ -542,8 +545,56 @@ const _: () = {
         [::std::mem::offset_of!(BcAttentionParams, out_stride) - 60usize];
     ["Offset of field: BcAttentionParams::scale"]
         [::std::mem::offset_of!(BcAttentionParams, scale) - 64usize];
-    ["Offset of field: BcAttentionParams::_pad"]
-        [::std::mem::offset_of!(BcAttentionParams, _pad) - 68usize];
+    ["Offset of field: BcAttentionParams::splits"]
+        [::std::mem::offset_of!(BcAttentionParams, splits) - 68usize];
+    ["Offset of field: BcAttentionParams::partial"]
+        [::std::mem::offset_of!(BcAttentionParams, partial) - 72usize];
+};
+#[doc = " `bc_attention_combine`: merges the S partial results of a split attention launch\n (`BcAttentionParams::splits`) into `out`: per row `out = sum_s 2^(m_s - M) O_s / sum_s\n 2^(m_s - M) l_s` with `M = max_s m_s` (bf16; zeros for a row no split saw a key of). Grid\n (T row tiles, heads, num_groups): the attention's grid without the splits; block\n BC_ATTN_COMBINE_THREADS."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct BcAttnCombineParams {
+    #[doc = " The attention launch's partial results."]
+    pub partial: *const f32,
+    #[doc = " Output `[nq, out_stride]` bf16, head h at columns `h*head_dim`."]
+    pub out: *mut bc_bf16,
+    #[doc = " `[num_groups]` query groups (the attention's table)."]
+    pub groups: *const BcAttnGroup,
+    #[doc = " Number of heads."]
+    pub heads: bc_i32,
+    #[doc = " Head dimension (a multiple of 8)."]
+    pub head_dim: bc_i32,
+    #[doc = " Row stride of `out` in elements."]
+    pub out_stride: bc_i32,
+    #[doc = " Splits S of the attention launch (>= 2)."]
+    pub splits: bc_i32,
+    #[doc = " Query rows per attention block (BQ of its kernel)."]
+    pub rows: bc_i32,
+    #[doc = " Padding, keep 0."]
+    pub _pad: bc_i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BcAttnCombineParams"][::std::mem::size_of::<BcAttnCombineParams>() - 48usize];
+    ["Alignment of BcAttnCombineParams"][::std::mem::align_of::<BcAttnCombineParams>() - 8usize];
+    ["Offset of field: BcAttnCombineParams::partial"]
+        [::std::mem::offset_of!(BcAttnCombineParams, partial) - 0usize];
+    ["Offset of field: BcAttnCombineParams::out"]
+        [::std::mem::offset_of!(BcAttnCombineParams, out) - 8usize];
+    ["Offset of field: BcAttnCombineParams::groups"]
+        [::std::mem::offset_of!(BcAttnCombineParams, groups) - 16usize];
+    ["Offset of field: BcAttnCombineParams::heads"]
+        [::std::mem::offset_of!(BcAttnCombineParams, heads) - 24usize];
+    ["Offset of field: BcAttnCombineParams::head_dim"]
+        [::std::mem::offset_of!(BcAttnCombineParams, head_dim) - 28usize];
+    ["Offset of field: BcAttnCombineParams::out_stride"]
+        [::std::mem::offset_of!(BcAttnCombineParams, out_stride) - 32usize];
+    ["Offset of field: BcAttnCombineParams::splits"]
+        [::std::mem::offset_of!(BcAttnCombineParams, splits) - 36usize];
+    ["Offset of field: BcAttnCombineParams::rows"]
+        [::std::mem::offset_of!(BcAttnCombineParams, rows) - 40usize];
+    ["Offset of field: BcAttnCombineParams::_pad"]
+        [::std::mem::offset_of!(BcAttnCombineParams, _pad) - 44usize];
 };
 #[doc = " `bc_activation`: `out[i] = act(x[i] + bias[i % cols])` (no bias when `bias` is NULL),\n bf16 (`bf16 = 1`) or f32 data, f32 math; may run in place. The bias add is the fallback\n for a GEMM whose bias / GELU epilogue cuBLASLt does not fuse.\n Grid (ceil(n / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
 #[repr(C)]

@@ -208,7 +208,9 @@ pub(super) fn pick(
                 shape.groups.len(),
                 max_rows,
                 tile,
+                None,
             )
+            .map(|_| ())
         };
         run()?;
         let mut ms = Vec::with_capacity(TUNE_RUNS);

@@ -268,6 +268,12 @@ impl CudaBackend<'_> {
         let g = &mut self.gpu;
         let (q, att) = (b.q, b.att);
         let seg_stride = (self.seg_max * std::mem::size_of::<BcKvSegment>()) as u64;
+        let split = ops::SplitScratch {
+            ptr: b.attn_split,
+            bytes: self.attn_split_bytes,
+            max_keys: s.max_keys,
+            force: self.copts.attention_split,
+        };
         ops::attention(
             g,
             q,
@@ -280,6 +286,7 @@ impl CudaBackend<'_> {
             s.groups,
             s.max_rows,
             tile,
+            Some(&split),
         )?;
         // Context members' K/V into the cache (after this layer's attention).
         for &j in &s.cache_writes {
@@ -430,6 +437,7 @@ impl CudaBackend<'_> {
             s.cross_groups.len(),
             s.cross_groups.iter().copied().max().unwrap_or(0),
             tile,
+            None, // (512 text keys: a few key tiles per block, nothing to split)
         )?;
         for &(r0, n, f0, _) in &s.ranges {
             let (r0, f0) = (r0 as u64, f0 as u64);

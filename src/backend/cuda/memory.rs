@@ -80,6 +80,24 @@ impl Sizes {
     }
 }
 
+/// Key splits the self-attention's split-KV scratch holds for one member's rows (a window of
+/// more members splits less, as far as its partials fit; see [`split_scratch_bytes`]).
+pub(super) const SPLIT_SCRATCH_SPLITS: u128 = 4;
+
+/// Bytes of the self-attention's split-KV scratch (`ops::SplitScratch`): the partial results of
+/// [`SPLIT_SCRATCH_SPLITS`] splits of one member's rows (a block's frames, rounded up to 128-row
+/// tiles, `head_dim + 2` f32 per row and head). Allocated with the session, never inside a
+/// graph capture; a launch whose splits need more splits less.
+pub(super) fn split_scratch_bytes(c: &ModelConfig, s: &Sizes) -> u128 {
+    let u = |v: usize| v as u128;
+    let member_rows = u(s.max_frames / s.max_members.max(1)) * u(s.tpf);
+    SPLIT_SCRATCH_SPLITS
+        * member_rows.next_multiple_of(128)
+        * u(c.num_heads)
+        * (u(c.head_dim()) + 2)
+        * 4
+}
+
 /// What a buffer is for (the out-of-memory message reports the sums).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Use {
@@ -152,6 +170,7 @@ impl RunPlan {
                 u(s.prompt_slots) * u(c.num_layers) * 2 * bf * u(c.text_len) * d,
             ),
             ("prompt_scratch", Use::Prompts, prompt_kv::scratch_bytes(c)),
+            ("attn_split", a, split_scratch_bytes(c, s)),
         ]);
         RunPlan { buffers }
     }

@@ -297,9 +297,116 @@ pub fn attention_launches(tile: AttentionTile) -> usize {
     ATTENTION_LAUNCHES[tile as usize].load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Split-KV for one [`attention`] launch: where the partial results may go and what the
+/// wave-fill model needs to know ([`launch::attention_splits`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SplitScratch {
+    /// Device buffer for the partial results (16-byte aligned), allocated once per session
+    /// (never inside a graph capture).
+    pub ptr: DevPtr,
+    /// Its size: a launch splits only as far as its partials fit.
+    pub bytes: usize,
+    /// The most keys a group of the launch sees (the model's work per block).
+    pub max_keys: usize,
+    /// Splits regardless of the model and of `BC_ATTN_SPLIT` (still clamped to the scratch
+    /// and to [`launch::ATTN_MAX_SPLITS`]); `None`: `BC_ATTN_SPLIT`, else the model.
+    pub force: Option<usize>,
+}
+
+/// `BC_ATTN_SPLIT`: `Ok(None)` when unset, empty or `auto` (the model decides), `Ok(Some(n))`
+/// for a number n >= 1 (1: never split; n: n splits where the scratch allows), an error for
+/// anything else.
+pub fn env_attention_split() -> Result<Option<usize>> {
+    match std::env::var("BC_ATTN_SPLIT") {
+        Err(_) => Ok(None),
+        Ok(v) if v.trim().is_empty() || v.trim() == "auto" => Ok(None),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(Error::invalid(format!(
+                "BC_ATTN_SPLIT={v:?} is not auto or a number >= 1"
+            ))),
+        },
+    }
+}
+
+/// The wave-fill model of an attention launch on `g` ([`launch::SplitModel`]): its blocks, the
+/// device's resident blocks (SMs x the kernel's occupancy), the heaviest group's key tiles.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_split_model(
+    g: &Gpu,
+    heads: usize,
+    head_dim: usize,
+    num_groups: usize,
+    max_rows: usize,
+    max_keys: usize,
+    tile: AttentionTile,
+) -> launch::SplitModel {
+    let k = tile.kernel(head_dim);
+    let per_sm = g.blocks_per_sm(k, tile.threads(head_dim)).max(1) as usize;
+    let (bq, bk) = (
+        tile.rows(head_dim) as usize,
+        tile.key_tile(head_dim) as usize,
+    );
+    // One H200 SM ran bc_attention_wgmma_hd128_pp_k128 at 460 / 0.84 TFLOP/s over 132 SMs
+    // (the measured rate over the launch's 84% wave fill); shared by the blocks it holds.
+    let sm_flops_per_us = 460.0e6 / 0.84 / 132.0;
+    launch::SplitModel {
+        items: max_rows.div_ceil(bq) * heads * num_groups,
+        slots: g.sm_count().max(1) as usize * per_sm,
+        key_tiles: max_keys.div_ceil(bk),
+        partial_bytes: bq * head_dim * 4,
+        tile_us: (4 * bq * bk * head_dim.next_multiple_of(64)) as f64 * per_sm as f64
+            / sm_flops_per_us,
+    }
+}
+
+/// The key splits an [`attention`] launch with `split` uses: `split.force`, else
+/// `BC_ATTN_SPLIT`, else the model's choice; then as many of them as fit `split.bytes` (at
+/// least 1); always 1 for a tile without split-KV ([`AttentionTile::supports_split`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_splits(
+    g: &Gpu,
+    heads: usize,
+    head_dim: usize,
+    num_groups: usize,
+    max_rows: usize,
+    tile: AttentionTile,
+    split: &SplitScratch,
+) -> Result<usize> {
+    if !tile.supports_split() {
+        return Ok(1);
+    }
+    let want = match split.force {
+        Some(n) => n,
+        None => match env_attention_split()? {
+            Some(n) => n,
+            None => launch::attention_splits(&attention_split_model(
+                g,
+                heads,
+                head_dim,
+                num_groups,
+                max_rows,
+                split.max_keys,
+                tile,
+            )),
+        },
+    };
+    let mut s = want.clamp(1, launch::ATTN_MAX_SPLITS);
+    while s > 1
+        && launch::attention_split_bytes(heads, head_dim, num_groups, max_rows, tile, s)
+            .is_none_or(|b| b > split.bytes)
+    {
+        s -= 1;
+    }
+    Ok(s)
+}
+
 /// `bc_attention_*` (`cuda/attention.cu`) over device tables: `segments` (BcKvSegment), `seg_index` (i32),
 /// `groups` (BcAttnGroup); `max_rows` is the largest group (sets grid.x); `tile` picks the
-/// kernel variant.
+/// kernel variant. `split`: split-KV allowed ([`attention_splits`] decides how many; with more
+/// than one `bc_attention_combine` follows on the same stream); `None`: never split. Returns
+/// the splits used.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     g: &Gpu,
     q: DevPtr,
@@ -312,8 +419,23 @@ pub fn attention(
     num_groups: usize,
     max_rows: usize,
     tile: AttentionTile,
-) -> Result<()> {
+    split: Option<&SplitScratch>,
+) -> Result<usize> {
+    let splits = match split {
+        Some(s) => attention_splits(g, heads, head_dim, num_groups, max_rows, tile, s)?,
+        None => 1,
+    };
+    let sp = launch::AttnSplit {
+        splits,
+        partial: match split {
+            Some(s) if splits > 1 => s.ptr as usize as *mut f32,
+            _ => std::ptr::null_mut(),
+        },
+    };
     ATTENTION_LAUNCHES[tile as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if splits > 1 {
+        SPLIT_ATTENTION_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     run(
         g,
         launch::attention(
@@ -327,8 +449,34 @@ pub fn attention(
             num_groups,
             max_rows,
             tile,
+            sp,
         ),
-    )
+    )?;
+    if splits > 1 {
+        run(
+            g,
+            launch::attention_combine(
+                pm(out),
+                heads,
+                head_dim,
+                p(groups),
+                num_groups,
+                max_rows,
+                tile,
+                sp,
+            ),
+        )?;
+    }
+    Ok(splits)
+}
+
+static SPLIT_ATTENTION_LAUNCHES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Attention launches enqueued with more than one key split in this process (eager or
+/// captured; replays not counted): lets tests check that a session split.
+pub fn split_attention_launches() -> usize {
+    SPLIT_ATTENTION_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `bc_activation` (`cuda/elementwise.cu`) in place, `n` values, bf16 or f32.

@@ -52,6 +52,11 @@ pub struct CudaOptions {
     /// [`attention_tune`]; an emulated device uses [`AttentionTile::Rows128`]).
     /// `BC_ATTENTION_TILE=rows64|rows128|auto`.
     pub attention_tile: Option<AttentionTile>,
+    /// Key splits of the self-attention (split-KV, `cuda/attention.cu`): `None` (the default)
+    /// lets `BC_ATTN_SPLIT` decide (`1`: never split, `N`: N splits), else the wave-fill model
+    /// ([`crate::kernels::launch::attention_splits`]); `Some(n)` forces n. Either way a launch
+    /// splits only as far as the session's scratch holds its partial results.
+    pub attention_split: Option<usize>,
     /// Multi-device joint exchange: a second pair of window K/V buffers for odd layers, so
     /// the peer copies of one layer overlap the next layer's compute (default; off: single
     /// buffering, each device waits for its outgoing copies before its next layer).
@@ -76,6 +81,7 @@ impl Default for CudaOptions {
             fuse_gelu: true,
             round_residual_bf16: false,
             attention_tile: None,
+            attention_split: None,
             double_kv: true,
             device_latents: true,
         }

@@ -56,6 +56,9 @@ pub(super) struct Bufs {
     /// Scratch of the prompts' text embedding
     /// ([`prompt_kv::scratch_bytes`](super::prompt_kv::scratch_bytes)).
     pub(super) prompt_scratch: DevPtr,
+    /// The self-attention's split-KV partial results
+    /// ([`memory::split_scratch_bytes`] bytes: `attn_split_bytes`).
+    pub(super) attn_split: DevPtr,
 }
 
 /// The CUDA backend: one device, its weights, activations, KV cache and graphs.
@@ -86,6 +89,8 @@ pub struct CudaBackend<'m> {
     pub(super) cache_bytes: usize,
     pub(super) ticks: usize,
     pub(super) attn_tile: AttentionTile,
+    /// Bytes of `b.attn_split`.
+    pub(super) attn_split_bytes: usize,
     /// The latest timing of the tiles (`None` until one ran, and with a fixed tile).
     pub(super) attn_tune: Option<attention_tune::TuneResult>,
     /// The tile per window shape, timed on the shape's first tick (`None`: a fixed tile).
@@ -217,6 +222,7 @@ impl<'m> CudaBackend<'m> {
             cache_bytes: plan.bytes(memory::Use::Cache) as usize,
             ticks: 0,
             attn_tile,
+            attn_split_bytes: memory::split_scratch_bytes(c, &sz) as usize,
             attn_tune: None,
             attn_auto,
             kv_odd: None,
@@ -544,6 +550,7 @@ impl Bufs {
             ca_groups: get("ca_groups")?,
             prompt_kv: get("prompt_kv")?,
             prompt_scratch: get("prompt_scratch")?,
+            attn_split: get("attn_split")?,
         };
         Ok((caches, b))
     }

@@ -208,6 +208,10 @@ pub(super) struct TickTables {
     pub(super) key: ShapeKey,
 }
 
+/// The self-attention tables of a tick: the segment table, the groups' segment lists, the
+/// groups (most keys first) and the most keys one group sees.
+type SelfTables = (Vec<BcKvSegment>, Vec<i32>, Vec<BcAttnGroup>, usize);
+
 impl TableInput<'_> {
     fn slot_of(&self, f: usize) -> Result<usize> {
         cache_slot(self.cache, self.slots, f)
@@ -229,7 +233,8 @@ impl TableInput<'_> {
         }
         let (pos, slot) = self.frame_tables(&frames)?;
         let lists = self.visibility(&geom, &row0)?;
-        let (seg_tab, index, groups) = self.self_attention_tables(&lists, &frames, &row0)?;
+        let (seg_tab, index, groups, max_keys) =
+            self.self_attention_tables(&lists, &frames, &row0)?;
         let ca_tab = self.prompt_segments();
         let (ca_index, ca_groups, cross_runs) = self.cross_attention_groups(&frames, &row0)?;
         // Runs of consecutive own members: (first row, rows, first frame, frames).
@@ -254,6 +259,7 @@ impl TableInput<'_> {
                 .map(|i| frames[i] * tpf)
                 .max()
                 .unwrap_or(0),
+            max_keys,
             cross_groups: ca_groups.iter().map(|g| g.q_rows as usize).collect(),
             cache_writes: (0..members.len())
                 .filter(|&j| members[j].context && (own[j] || self.lag.is_none()))
@@ -348,7 +354,7 @@ impl TableInput<'_> {
         lists: &[Vec<Src>],
         frames: &[usize],
         row0: &[usize],
-    ) -> Result<(Vec<BcKvSegment>, Vec<i32>, Vec<BcAttnGroup>)> {
+    ) -> Result<SelfTables> {
         let tpf = self.tpf();
         let nseg: usize = lists.iter().map(Vec::len).sum();
         if nseg > self.seg_max {
@@ -421,8 +427,9 @@ impl TableInput<'_> {
         // Groups with the most keys first: blocks start in grid order (the group is grid.z), so
         // the longest blocks start first instead of forming the tail of the launch.
         groups.sort_by_key(|&(keys, _)| std::cmp::Reverse(keys));
+        let max_keys = groups.first().map_or(0, |g| g.0);
         let groups: Vec<BcAttnGroup> = groups.into_iter().map(|(_, g)| g).collect();
-        Ok((seg_tab, index, groups))
+        Ok((seg_tab, index, groups, max_keys))
     }
 
     /// The cross-attention segment table: `[layers, prompt slots]`, each the slot's K/V of
@@ -503,6 +510,9 @@ pub(super) struct Shape {
     pub(super) groups: usize,
     /// Most query rows of one of those members.
     pub(super) max_rows: usize,
+    /// Most keys one of those members sees (the split-KV model's work estimate; the graph
+    /// captured at this shape's first tick keeps the splits chosen then).
+    pub(super) max_keys: usize,
     pub(super) cross_groups: Vec<usize>,
     /// Context members whose K/V this device writes to its cache.
     pub(super) cache_writes: Vec<usize>,

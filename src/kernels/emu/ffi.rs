@@ -216,6 +216,12 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_attention_combine(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_wgmma_probe(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -260,6 +266,7 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::AttentionWgmmaHd128Pp => bc_emu_bc_attention_wgmma_hd128_pp,
         Kernel::AttentionWgmmaHd128PpK128 => bc_emu_bc_attention_wgmma_hd128_pp_k128,
         Kernel::AttentionWgmmaHd128Ws => bc_emu_bc_attention_wgmma_hd128_ws,
+        Kernel::AttentionCombine => bc_emu_bc_attention_combine,
         Kernel::Activation => bc_emu_bc_activation,
         Kernel::TimeEmbedding => bc_emu_bc_time_embedding,
         Kernel::FlowStep => bc_emu_bc_flow_step,

@@ -373,6 +373,24 @@ pub fn attention(
     out: &mut [bf16],
     tile: AttentionTile,
 ) -> LaunchResult {
+    attention_split(q, heads, head_dim, segments, groups, out, tile, 1)
+}
+
+/// [`attention`] with `splits` key splits (split-KV): the attention kernel writes each split's
+/// partial result into a scratch buffer (NaN-poisoned first, so a partial the combine reads but
+/// no block wrote shows), then `bc_attention_combine` merges them into `out`. `splits` 1 is
+/// [`attention`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_split(
+    q: &[bf16],
+    heads: usize,
+    head_dim: usize,
+    segments: &[KvSegment],
+    groups: &[QueryGroup],
+    out: &mut [bf16],
+    tile: AttentionTile,
+    splits: usize,
+) -> LaunchResult {
     let dim = heads * head_dim;
     let k = tile.kernel(head_dim);
     if dim == 0 || head_dim % 8 != 0 || head_dim > 128 || q.len() % dim != 0 {
@@ -421,6 +439,21 @@ pub fn attention(
     if gs.is_empty() || max_rows == 0 {
         return Ok(());
     }
+    let bytes = launch::attention_split_bytes(heads, head_dim, gs.len(), max_rows, tile, splits)
+        .ok_or_else(|| invalid(k, "split scratch too large"))?;
+    /// 16-byte aligned floats (the kernel stores float2, the combine loads float4).
+    #[repr(C, align(16))]
+    #[derive(Clone, Copy)]
+    struct F4([f32; 4]);
+    let mut partial = vec![F4([f32::NAN; 4]); bytes.div_ceil(16)];
+    let split = launch::AttnSplit {
+        splits,
+        partial: if splits > 1 {
+            partial.as_mut_ptr().cast()
+        } else {
+            std::ptr::null_mut()
+        },
+    };
     run(launch::attention(
         q.as_ptr().cast(),
         out.as_mut_ptr().cast(),
@@ -432,7 +465,21 @@ pub fn attention(
         gs.len(),
         max_rows,
         tile,
-    ))
+        split,
+    ))?;
+    if splits > 1 {
+        run(launch::attention_combine(
+            out.as_mut_ptr().cast(),
+            heads,
+            head_dim,
+            gs.as_ptr(),
+            gs.len(),
+            max_rows,
+            tile,
+            split,
+        ))?;
+    }
+    Ok(())
 }
 
 /// Activation selector of [`activation_f32`] / [`activation_bf16`].

@@ -303,6 +303,24 @@ impl DriverDevice {
         (get(MAJOR), get(MINOR))
     }
 
+    /// Blocks of `kernel` (with `block` threads and its dynamic shared memory) one SM holds at
+    /// once (the driver's occupancy calculator); 0 when the driver does not say. Not a stream
+    /// operation: safe inside a graph capture.
+    pub(super) fn blocks_per_sm(&self, kernel: Kernel, block: u32) -> i32 {
+        let Some(&f) = self.funcs.get(kernel.name()) else {
+            return 0;
+        };
+        // SAFETY: f is a loaded function of this context.
+        unsafe {
+            drv::occupancy::max_active_block_per_multiprocessor(
+                f,
+                block as i32,
+                kernel.dynamic_smem_bytes() as usize,
+            )
+        }
+        .unwrap_or(0)
+    }
+
     /// Number of streaming multiprocessors (what sizes a persistent grid); 0 when the driver
     /// does not say.
     pub(super) fn sm_count(&self) -> i32 {

@@ -329,6 +329,15 @@ impl Gpu {
         }
     }
 
+    /// Blocks of `kernel` with `block` threads one SM holds at once (the driver's occupancy
+    /// calculator, 0 when it does not say; 1 on an emulated device).
+    pub fn blocks_per_sm(&self, kernel: Kernel, block: u32) -> i32 {
+        match &self.imp {
+            Driver(d) => d.blocks_per_sm(kernel, block),
+            Emulated(_) => 1,
+        }
+    }
+
     /// Number of streaming multiprocessors (1 on an emulated device).
     pub fn sm_count(&self) -> i32 {
         match &self.imp {

@@ -971,6 +971,16 @@ impl CudaDecoder {
         self.dev.conv_wgmma
     }
 
+    /// Before a setting that changes which kernels a walk launches: waits for the work in flight
+    /// and drops the captured decoder graphs (captured again at the next push) when `changed`.
+    fn drop_graphs_if(&mut self, changed: bool) -> Result<()> {
+        if changed {
+            self.dev.gpu.sync()?;
+            self.graphs.map.clear();
+        }
+        Ok(())
+    }
+
     /// Turns the Hopper wgmma convolution on or off for the following launches (tests and
     /// benchmarks compare it with `bc_conv`): on is refused, with an error, on a device that has
     /// no wgmma (anything but compute capability 9.0 and the emulated device).
@@ -982,11 +992,8 @@ impl CudaDecoder {
                 gpu.name
             )));
         }
-        if self.dev.conv_wgmma != on {
-            // Captured walks launch the other kernel: capture them again.
-            self.dev.gpu.sync()?;
-            self.graphs.map.clear();
-        }
+        // Captured walks launch the other kernel: capture them again.
+        self.drop_graphs_if(self.dev.conv_wgmma != on)?;
         self.dev.conv_wgmma = on;
         Ok(())
     }
@@ -1002,10 +1009,7 @@ impl CudaDecoder {
     /// Turns TAEHV's block walk on or off for the following pushes (tests and benchmarks
     /// compare the two); captured graphs are dropped (and captured again) when it changes.
     pub fn set_frame_batching(&mut self, on: bool) -> Result<()> {
-        if self.dev.batch != on {
-            self.dev.gpu.sync()?;
-            self.graphs.map.clear();
-        }
+        self.drop_graphs_if(self.dev.batch != on)?;
         self.dev.batch = on;
         Ok(())
     }
@@ -1016,10 +1020,7 @@ impl CudaDecoder {
     /// the bits are the same whatever the bound. Captured graphs are dropped when it changes.
     pub fn set_block_rows(&mut self, rows: usize) -> Result<()> {
         let rows = rows.max(1);
-        if self.dev.block_rows != rows {
-            self.dev.gpu.sync()?;
-            self.graphs.map.clear();
-        }
+        self.drop_graphs_if(self.dev.block_rows != rows)?;
         self.dev.block_rows = rows;
         Ok(())
     }
@@ -1034,10 +1035,7 @@ impl CudaDecoder {
     /// launches (tests and benchmarks compare the two); captured decoder graphs are dropped (and
     /// captured again) when it changes.
     pub fn set_conv_parity(&mut self, on: bool) -> Result<()> {
-        if self.dev.conv_parity != on {
-            self.dev.gpu.sync()?;
-            self.graphs.map.clear();
-        }
+        self.drop_graphs_if(self.dev.conv_parity != on)?;
         self.dev.conv_parity = on;
         Ok(())
     }
@@ -1058,10 +1056,7 @@ impl CudaDecoder {
                 gpu.name
             )));
         }
-        if self.dev.conv_tma != on {
-            self.dev.gpu.sync()?;
-            self.graphs.map.clear();
-        }
+        self.drop_graphs_if(self.dev.conv_tma != on)?;
         self.dev.conv_tma = on;
         Ok(())
     }

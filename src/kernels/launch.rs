@@ -1721,6 +1721,26 @@ mod tests {
 
     /// The wgmma prototype tile runs its own kernels (one warpgroup of 64 rows for hd64, two of
     /// 128 rows for hd128), and is never the tuner's.
+    /// The launch of `tile` at `head_dim` for a 100-row group of 2 heads (null tables: only
+    /// the launch shape is looked at).
+    fn null_attention(tile: AttentionTile, head_dim: usize) -> Launch<BcAttentionParams> {
+        use std::ptr::{null, null_mut};
+        attention(
+            null(),
+            null_mut(),
+            2,
+            head_dim,
+            null(),
+            null(),
+            null(),
+            1,
+            100,
+            tile,
+            AttnSplit::NONE,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn wgmma_tile_launches_its_kernels() {
         let t = AttentionTile::Wgmma64;
@@ -1728,23 +1748,7 @@ mod tests {
             !AttentionTile::ALL.contains(&t),
             "the tuner must never pick it"
         );
-        let l = |hd| {
-            use std::ptr::{null, null_mut};
-            attention(
-                null(),
-                null_mut(),
-                2,
-                hd,
-                null(),
-                null(),
-                null(),
-                1,
-                100,
-                t,
-                AttnSplit::NONE,
-            )
-            .unwrap()
-        };
+        let l = |hd| null_attention(t, hd);
         let (a, b) = (l(64), l(128));
         assert_eq!(
             (a.kernel, a.block, a.grid[0]),
@@ -1768,23 +1772,7 @@ mod tests {
             AttentionTile::WgmmaWs,
         ] {
             assert!(!AttentionTile::ALL.contains(&v) && v.is_wgmma());
-            let l = |hd| {
-                use std::ptr::{null, null_mut};
-                attention(
-                    null(),
-                    null_mut(),
-                    2,
-                    hd,
-                    null(),
-                    null(),
-                    null(),
-                    1,
-                    100,
-                    v,
-                    AttnSplit::NONE,
-                )
-                .unwrap()
-            };
+            let l = |hd| null_attention(v, hd);
             let (a, c) = (l(64), l(128));
             assert_eq!(a.kernel, Kernel::AttentionWgmmaHd64);
             // (the warp-specialized kernel: one more warpgroup, the producer)

@@ -74,6 +74,24 @@ impl TaehvDevState {
 }
 
 impl DevTaehv {
+    /// Conv layer `i` on `x` (upsampled 2x first when an `Up` is `pending`): its output size,
+    /// its activation (a `Relu` right after it is fused), whether it is the last layer (the
+    /// decoder's output), and its source.
+    fn conv_step(&self, i: usize, x: Frame, pending: bool) -> ((usize, usize), u32, bool, In) {
+        let relu = matches!(self.layers.get(i + 1), Some(DevLayer::Relu));
+        let hw = if pending {
+            (2 * x.h, 2 * x.w)
+        } else {
+            (x.h, x.w)
+        };
+        let act = if relu { BC_ACT_RELU } else { BC_ACT_NONE };
+        let src = In {
+            up: pending,
+            ..In::at(x, 0)
+        };
+        (hw, act, i + 1 == self.layers.len(), src)
+    }
+
     pub(super) fn new(dev: &mut Dev, t: &Taehv) -> Result<DevTaehv> {
         let mut layers = Vec::with_capacity(t.layers.len());
         for l in &t.layers {
@@ -201,18 +219,7 @@ impl DevTaehv {
                 DevLayer::Clamp | DevLayer::Relu => {}
                 DevLayer::Up => pending = true,
                 DevLayer::Conv(cv) => {
-                    let relu = matches!(self.layers.get(i + 1), Some(DevLayer::Relu));
-                    let last = i + 1 == self.layers.len();
-                    let hw = if pending {
-                        (2 * x.h, 2 * x.w)
-                    } else {
-                        (x.h, x.w)
-                    };
-                    let act = if relu { BC_ACT_RELU } else { BC_ACT_NONE };
-                    let src = In {
-                        up: pending,
-                        ..In::at(x, 0)
-                    };
+                    let (hw, act, last, src) = self.conv_step(i, x, pending);
                     let y = dev.conv_n(cv, &[src], hw, None, act, last, (x.n, lead))?;
                     dev.put(x);
                     x = y;
@@ -348,18 +355,7 @@ impl DevTaehv {
                 DevLayer::Relu => {}
                 DevLayer::Up => pending = true,
                 DevLayer::Conv(cv) => {
-                    let relu = matches!(self.layers.get(i + 1), Some(DevLayer::Relu));
-                    let last = i + 1 == self.layers.len();
-                    let hw = if pending {
-                        (2 * x.h, 2 * x.w)
-                    } else {
-                        (x.h, x.w)
-                    };
-                    let act = if relu { BC_ACT_RELU } else { BC_ACT_NONE };
-                    let src = In {
-                        up: pending,
-                        ..In::at(x, 0)
-                    };
+                    let (hw, act, last, src) = self.conv_step(i, x, pending);
                     let y = dev.conv(cv, &[src], hw, None, act, last)?;
                     dev.put(x);
                     x = y;

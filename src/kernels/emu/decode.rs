@@ -498,20 +498,26 @@ mod tests {
         split: usize,
     }
 
-    fn run_case(seed: u64, cs: &Case) {
-        let mut rng = Rng::new(seed);
-        let (h, w) = (cs.h, cs.w);
-        let hw = h * w;
+    /// Case `cs`'s random bias and the CPU conv of random bf16-valued weights (torch layout).
+    fn case_conv(rng: &mut Rng, cs: &Case) -> (Option<Vec<f32>>, Conv) {
         let shape: Vec<usize> = if cs.kt > 1 {
             vec![cs.cout, cs.cin, cs.kt, cs.k, cs.k]
         } else {
             vec![cs.cout, cs.cin, cs.k, cs.k]
         };
-        let wt = f32s(&rand_bf16(&mut rng, shape.iter().product()));
+        let wt = f32s(&rand_bf16(rng, shape.iter().product()));
         let bias: Option<Vec<f32>> = cs
             .bias
             .then(|| (0..cs.cout).map(|_| rng.normal()).collect());
         let cpu = Conv::from_torch(&wt, &shape, bias.clone());
+        (bias, cpu)
+    }
+
+    fn run_case(seed: u64, cs: &Case) {
+        let mut rng = Rng::new(seed);
+        let (h, w) = (cs.h, cs.w);
+        let hw = h * w;
+        let (bias, cpu) = case_conv(&mut rng, cs);
         let packed = cpu.packed_bf16();
         let data: Vec<Vec<bf16>> = cs
             .srcs
@@ -723,16 +729,7 @@ mod tests {
         let mut rng = Rng::new(seed);
         let (h, w) = (cs.h, cs.w);
         let hw = h * w;
-        let shape: Vec<usize> = if cs.kt > 1 {
-            vec![cs.cout, cs.cin, cs.kt, cs.k, cs.k]
-        } else {
-            vec![cs.cout, cs.cin, cs.k, cs.k]
-        };
-        let wt = f32s(&rand_bf16(&mut rng, shape.iter().product()));
-        let bias: Option<Vec<f32>> = cs
-            .bias
-            .then(|| (0..cs.cout).map(|_| rng.normal()).collect());
-        let cpu = Conv::from_torch(&wt, &shape, bias.clone());
+        let (bias, cpu) = case_conv(&mut rng, cs);
         let parity = cs.kt == 1 && cs.k == 3 && cs.srcs.iter().all(|s| s.up);
         let packed = cpu.packed_bf16();
         let ppacked = if parity {

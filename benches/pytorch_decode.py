@@ -289,7 +289,7 @@ def main():
     try:
         import torch
     except ImportError:
-        print("pytorch_decode.py: PyTorch is not installed (pip install torch); nothing measured.")
+        print("SKIP pytorch decode: PyTorch is not installed (pip install torch); nothing measured.")
         return 2
     kinds = a.kinds.split(",")
     need_repo = ("wan" in kinds and a.wan_from is None) or ("taehv" in kinds and not a.taehv_file)

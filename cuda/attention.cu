@@ -485,6 +485,17 @@ __device__ __forceinline__ void att_p_frag(unsigned (&pa)[4], const float (*s)[C
     pa[3] = att_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
 }
 
+/// The end of a wgmma tile once P(t) V(t) has completed: O's deferred rescale where a row
+/// maximum grew, then the next P's A fragments packed from the S accumulator `d`.
+template <class Cfg>
+__device__ __forceinline__ void att_wg_next_p(float (*o)[Cfg::HDMAX / 8][4], float (*alpha)[2], bool grew,
+                                              unsigned (*pa)[4], const float* d) {
+    if (grew) att_rescale_o<Cfg>(o, alpha);
+#pragma unroll
+    for (int kk = 0; kk < Cfg::BK / 16; ++kk)
+        att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[Cfg::BK / 8][4]>(d), 0, kk);
+}
+
 /// The rest of a key tile after S (per warp, Cfg::MT m-tiles): online softmax (base 2) and
 /// O += P V (mma.sync). `mask`: as att_softmax.
 template <class Cfg>
@@ -769,10 +780,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             const int kn = min(BK, c0.seg.tokens - c0.k0);
             const bool grew = kn == BK ? att_wg_softmax<Cfg, false>(d, o, m, l, alpha, qscale, kn, t)
                                        : att_wg_softmax<Cfg, true>(d, o, m, l, alpha, qscale, kn, t);
-            if (grew) att_rescale_o<Cfg>(o, alpha);
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk)
-                att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
+            att_wg_next_p<Cfg>(o, alpha, grew, pa, d);
         }
         if constexpr (Cfg::PP) {
             // Ping-pong (two warpgroups, no block-wide barrier in the loop). Per tile t, warpgroup
@@ -833,10 +841,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
                 }
                 bc_wgmma_wait<0>();  // P(t) V(t): O and pa are free
                 bc_wgmma_fence_operand(of);
-                if (grew) att_rescale_o<Cfg>(o, alpha);
-#pragma unroll
-                for (int kk = 0; kk < BK / 16; ++kk)
-                    att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
+                att_wg_next_p<Cfg>(o, alpha, grew, pa, d);
                 if (wg == 0 && c1.have) refill();
                 c = c1;
                 c1 = att_advance(p, grp, c1, BK);
@@ -874,10 +879,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
                     }
                     bc_wgmma_wait<0>();  // P(t) V(t): O and pa are free
                     bc_wgmma_fence_operand(of);
-                    if (grew) att_rescale_o<Cfg>(o, alpha);
-    #pragma unroll
-                    for (int kk = 0; kk < BK / 16; ++kk)
-                        att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
+                    att_wg_next_p<Cfg>(o, alpha, grew, pa, d);
                 }
                 c = c1;
                 c1 = c2;

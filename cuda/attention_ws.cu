@@ -262,10 +262,7 @@ __device__ __forceinline__ void ws_consumer(const BcAttentionParams& p, const Bc
         bc_wgmma_fence_operand(d);
         const bool grew = kn == BK ? att_wg_softmax<Cfg, false>(d, o, m, l, alpha, qscale, kn, t)
                                    : att_wg_softmax<Cfg, true>(d, o, m, l, alpha, qscale, kn, t);
-        if (grew) att_rescale_o<Cfg>(o, alpha);
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk)
-            att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
+        att_wg_next_p<Cfg>(o, alpha, grew, pa, d);
         // Ping-pong as in pp_k128: consumer 0 issues first; consumer 1 lets it.
         if (cw == 1) bc_bar_arrive(WS_BAR_SCHED, WS_CONSUMER_NT);
     }
@@ -293,10 +290,7 @@ __device__ __forceinline__ void ws_consumer(const BcAttentionParams& p, const Bc
         bc_wgmma_fence_operand(of);
         __syncwarp();  // (the warp's ring reads come before its release)
         if (lane == 0) bc_mbar_arrive(&empty[st]);
-        if (grew) att_rescale_o<Cfg>(o, alpha);
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk)
-            att_p_frag<Cfg>(pa[kk], reinterpret_cast<const float(*)[BK / 8][4]>(&d[0]), 0, kk);
+        att_wg_next_p<Cfg>(o, alpha, grew, pa, d);
         st = st1;
         ph = ph1;
         kn = kn1;

@@ -627,6 +627,34 @@ fn with_tiles<T: Copy>(cases: &[T]) -> Vec<(AttentionTile, T)> {
         .collect()
 }
 
+/// Consecutive K/V segments of `seg_len[i]` rows of `dim` values, the keys of segment i scaled
+/// by `grow[i]` (growing logits), the values by 1; the store and each segment's row range.
+fn growing_segments(
+    rng: &mut Rng,
+    dim: usize,
+    seg_len: &[usize],
+    grow: &[f32],
+) -> (KvStore, Vec<std::ops::Range<usize>>) {
+    let (mut segs, mut kf, mut kb, mut vf, mut vb) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut at = 0;
+    for (&n, &gscale) in seg_len.iter().zip(grow) {
+        let (f, b) = randn_bf16(rng, n * dim, gscale);
+        kf.extend(f);
+        kb.extend(b);
+        let (f, b) = randn_bf16(rng, n * dim, 1.0);
+        vf.extend(f);
+        vb.extend(b);
+        segs.push(at..at + n);
+        at += n;
+    }
+    let kv = KvStore {
+        k: (kf, kb),
+        v: (vf, vb),
+        stride: dim,
+    };
+    (kv, segs)
+}
+
 /// K/V storage for the raw attention tests: `rows` rows of `stride` bf16 values (random,
 /// including the padding columns past `heads*head_dim`).
 struct KvStore {
@@ -1017,24 +1045,7 @@ fn attention_large_logits_online_rescaling() {
     {
         let mut rng = Rng::new(seed);
         let dim = heads * hd;
-        let mut segs = Vec::new();
-        let (mut kf, mut kb, mut vf, mut vb) = (vec![], vec![], vec![], vec![]);
-        let mut at = 0;
-        for (&n, &gscale) in seg_len.iter().zip(&grow) {
-            let (f, b) = randn_bf16(&mut rng, n * dim, gscale);
-            kf.extend(f);
-            kb.extend(b);
-            let (f, b) = randn_bf16(&mut rng, n * dim, 1.0);
-            vf.extend(f);
-            vb.extend(b);
-            segs.push(at..at + n);
-            at += n;
-        }
-        let kv = KvStore {
-            k: (kf, kb),
-            v: (vf, vb),
-            stride: dim,
-        };
+        let (kv, segs) = growing_segments(&mut rng, dim, &seg_len, &grow);
         let groups = [
             (0usize..77, vec![0usize, 1, 2, 3]),
             (77..90, vec![3, 2, 1, 0]),
@@ -1091,23 +1102,7 @@ fn attention_split_kv_matches_the_cpu() {
         }
         let mut rng = Rng::new(seed);
         let dim = heads * hd;
-        let (mut segs, mut kf, mut kb, mut vf, mut vb) = (vec![], vec![], vec![], vec![], vec![]);
-        let mut at = 0;
-        for (&n, &gscale) in seg_len.iter().zip(&grow) {
-            let (f, b) = randn_bf16(&mut rng, n * dim, gscale);
-            kf.extend(f);
-            kb.extend(b);
-            let (f, b) = randn_bf16(&mut rng, n * dim, 1.0);
-            vf.extend(f);
-            vb.extend(b);
-            segs.push(at..at + n);
-            at += n;
-        }
-        let kv = KvStore {
-            k: (kf, kb),
-            v: (vf, vb),
-            stride: dim,
-        };
+        let (kv, segs) = growing_segments(&mut rng, dim, &seg_len, &grow);
         let (qf, q) = randn_bf16(&mut rng, nq * dim, 3.0);
         for (splits, scale) in [(2usize, -0.3f32), (3, 0.0), (7, 1.0 / (hd as f32).sqrt())] {
             let mut out = vec![bf16::NAN; nq * dim];

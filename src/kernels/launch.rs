@@ -1547,20 +1547,22 @@ mod tests {
         let t = AttentionTile::WgmmaPpK128;
         let buf = 0x1000usize as *mut f32;
         let sp = |splits, partial| AttnSplit { splits, partial };
-        let l = attention(
-            null(),
-            null_mut(),
-            12,
-            128,
-            null(),
-            null(),
-            null(),
-            2,
-            300,
-            t,
-            sp(3, buf),
-        )
-        .unwrap();
+        let launch = |split| {
+            attention(
+                null(),
+                null_mut(),
+                12,
+                128,
+                null(),
+                null(),
+                null(),
+                2,
+                300,
+                t,
+                split,
+            )
+        };
+        let l = launch(sp(3, buf)).unwrap();
         assert_eq!(l.grid, [9, 12, 2]);
         assert_eq!((l.params.splits, l.params.partial), (3, buf));
         assert_eq!(
@@ -1579,20 +1581,7 @@ mod tests {
             sp(2, null_mut()),
             sp(2, 0x1004 as *mut f32),
         ] {
-            assert!(attention(
-                null(),
-                null_mut(),
-                12,
-                128,
-                null(),
-                null(),
-                null(),
-                2,
-                300,
-                t,
-                bad
-            )
-            .is_err());
+            assert!(launch(bad).is_err());
         }
         assert!(
             attention_combine(null_mut(), 12, 128, null(), 2, 300, t, AttnSplit::NONE).is_err()

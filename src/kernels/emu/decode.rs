@@ -498,6 +498,26 @@ mod tests {
         split: usize,
     }
 
+    /// Case `cs`'s sources over `data` (one buffer per source), each from element `skip(s)` on.
+    fn case_srcs<'a>(
+        cs: &Case,
+        data: &'a [Vec<bf16>],
+        skip: impl Fn(&S) -> usize,
+    ) -> Vec<ConvSrc<'a>> {
+        cs.srcs
+            .iter()
+            .zip(data)
+            .map(|(s, d)| ConvSrc {
+                data: &d[skip(s)..],
+                channels: s.c,
+                stride: s.stride,
+                c0: s.c0,
+                t: s.t,
+                up: s.up,
+            })
+            .collect()
+    }
+
     /// Case `cs`'s random bias and the CPU conv of random bf16-valued weights (torch layout).
     fn case_conv(rng: &mut Rng, cs: &Case) -> (Option<Vec<f32>>, Conv) {
         let shape: Vec<usize> = if cs.kt > 1 {
@@ -617,19 +637,7 @@ mod tests {
         let ostride = cs.split + (seed % 3) as usize;
         let fstride = hw * ostride + 5;
         let n_out = frames * fstride;
-        let srcs: Vec<ConvSrc> = cs
-            .srcs
-            .iter()
-            .zip(&data)
-            .map(|(s, d)| ConvSrc {
-                data: d,
-                channels: s.c,
-                stride: s.stride,
-                c0: s.c0,
-                t: s.t,
-                up: s.up,
-            })
-            .collect();
+        let srcs = case_srcs(cs, &data, |_| 0);
         let geo = (ostride, cs.split, fstride, 1);
         let r = res.as_deref().map(|r| (r, cs.cout));
         let launch = |dst: ConvDst, tile: Option<(u32, bool)>, parity: bool| {
@@ -756,19 +764,7 @@ mod tests {
                 .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
         // Launch frames `f0 .. f0 + n` into `out` (which starts at frame f0's first output).
         let launch = |f0: usize, n: usize, out: ConvDst, tile: Option<u32>, par: bool| {
-            let srcs: Vec<ConvSrc> = cs
-                .srcs
-                .iter()
-                .zip(&data)
-                .map(|(s, d)| ConvSrc {
-                    data: &d[f0 * px(s) * s.stride..],
-                    channels: s.c,
-                    stride: s.stride,
-                    c0: s.c0,
-                    t: s.t,
-                    up: s.up,
-                })
-                .collect();
+            let srcs = case_srcs(cs, &data, |s| f0 * px(s) * s.stride);
             let kshape = ConvShape {
                 cout: cs.cout,
                 cin: cs.cin,

@@ -817,6 +817,7 @@ fn main() {
                 f / b
             );
         }
+        decode_profiles(conv_wgmma, &open);
     }
 
     println!(
@@ -1213,4 +1214,52 @@ fn block_flops(c: &blockcascade::ModelConfig, n: usize, ctx: usize) -> f64 {
         + 4.0 * nf * (ctx as f64 + nf) * d
         + 4.0 * nf * c.text_len as f64 * d;
     5.0 * per_layer * c.num_layers as f64
+}
+
+/// Where a steady 3-latent-frame block's device time goes, per decoder (default kernels, events
+/// around every launch: `decode::profile_decode_device`): `DECODE profile` lines, the kernels
+/// longest first, then the longest (kernel, grid) pairs, which tell the conv layers apart.
+fn decode_profiles(conv_wgmma: bool, open: &dyn Fn() -> blockcascade::Result<Gpu>) {
+    for kind in [DecoderKind::WanVae, DecoderKind::Taehv] {
+        let flags = (conv_wgmma, false, true, true);
+        let p = match blockcascade::decode::profile_decode_device(
+            kind,
+            (60, 104),
+            3,
+            None,
+            flags,
+            open,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                println!("DECODE profile {kind} FAILED: {e}");
+                continue;
+            }
+        };
+        let total: f64 = p.kernels.iter().map(|k| k.ms).sum();
+        let n: u64 = p.kernels.iter().map(|k| k.launches).sum();
+        println!(
+            "DECODE profile {kind} 60x104 3-frame block: {:.1} ms eager with events, {total:.1} ms on the device in {n} launches+copies ({:.0}%)",
+            p.block_ms,
+            100.0 * total / p.block_ms
+        );
+        let line = |k: &blockcascade::decode::KernelTime, grid: String| {
+            println!(
+                "DECODE profile {kind}   {:<28}{grid:<16} {:>5}x {:>8.2} ms {:>5.1}%",
+                k.name,
+                k.launches,
+                k.ms,
+                100.0 * k.ms / total.max(1e-9)
+            )
+        };
+        for k in blockcascade::decode::by_kernel(&p.kernels).iter().take(8) {
+            line(k, String::new());
+        }
+        for k in p.kernels.iter().take(6) {
+            line(
+                k,
+                format!(" grid {}x{}x{}", k.grid[0], k.grid[1], k.grid[2]),
+            );
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! widths, with random weights generated on the spot (nothing stored), and peak memory.
 
 use super::conv::{Conv, Path, Src};
-use super::{CudaDecoder, Decoder, DecoderKind};
+use super::{CudaDecoder, Decoder, DecoderKind, KernelTime};
 use crate::backend::cuda::device::Gpu;
 use crate::Result;
 use std::time::Instant;
@@ -346,16 +346,7 @@ pub fn bench_decode_device(
     let mut out = Vec::new();
     let bf = block_frames.max(1);
     for &kind in kinds {
-        let d = dim.unwrap_or(match kind {
-            DecoderKind::WanVae => 96,
-            DecoderKind::Taehv => 64,
-        });
-        let dec = Decoder::synthetic(kind, d, 1);
-        let mut dev = CudaDecoder::new(&dec, gpu()?)?;
-        dev.set_conv_wgmma(wgmma)?;
-        dev.set_conv_tma(wgmma && tma)?;
-        dev.set_conv_parity(parity)?;
-        dev.set_frame_batching(batch)?;
+        let mut dev = device_decoder(kind, dim, (wgmma, tma, parity, batch), gpu)?;
         let cost = dev.measure_block(latent_h, latent_w, bf)?;
         dev.begin(latent_h, latent_w)?;
         let mut rng = crate::rng::Rng::new(2);
@@ -392,9 +383,79 @@ pub fn bench_decode_device(
     Ok(out)
 }
 
+/// A decoder of `kind` at width `dim` (`None`: the real one) with random weights on the device
+/// `gpu` opens, its kernels chosen as [`bench_decode_device`]'s flags say.
+fn device_decoder(
+    kind: DecoderKind,
+    dim: Option<usize>,
+    (wgmma, tma, parity, batch): (bool, bool, bool, bool),
+    gpu: &dyn Fn() -> Result<Gpu>,
+) -> Result<CudaDecoder> {
+    let d = dim.unwrap_or(match kind {
+        DecoderKind::WanVae => 96,
+        DecoderKind::Taehv => 64,
+    });
+    let dec = Decoder::synthetic(kind, d, 1);
+    let mut dev = CudaDecoder::new(&dec, gpu()?)?;
+    dev.set_conv_wgmma(wgmma)?;
+    dev.set_conv_tma(wgmma && tma)?;
+    dev.set_conv_parity(parity)?;
+    dev.set_frame_batching(batch)?;
+    Ok(dev)
+}
+
+/// Where a steady block's device time goes ([`profile_decode_device`]).
+#[derive(Clone, Debug)]
+pub struct DecodeProfile {
+    /// Which decoder.
+    pub kind: DecoderKind,
+    /// Milliseconds of the profiled block, from upload to the last pixel downloaded, run
+    /// eagerly with events between the launches (a little slower than a graph replay).
+    pub block_ms: f64,
+    /// Device time per kernel and grid, longest first ([`super::by_kernel`] sums the grids).
+    pub kernels: Vec<KernelTime>,
+}
+
+/// The device time of every launch, copy and memset of one steady block of `block_frames`
+/// random latent frames ([`CudaDecoder::set_profiling`]), after two blocks that fill the causal
+/// state and the pool; the decoder and its flags as in [`bench_decode_device`].
+pub fn profile_decode_device(
+    kind: DecoderKind,
+    (latent_h, latent_w): (usize, usize),
+    block_frames: usize,
+    dim: Option<usize>,
+    flags: (bool, bool, bool, bool),
+    gpu: &dyn Fn() -> Result<Gpu>,
+) -> Result<DecodeProfile> {
+    let mut dev = device_decoder(kind, dim, flags, gpu)?;
+    dev.set_profiling(true)?;
+    dev.begin(latent_h, latent_w)?;
+    let bf = block_frames.max(1);
+    let mut rng = crate::rng::Rng::new(3);
+    let mut block = || -> Vec<f32> {
+        (0..16 * latent_h * latent_w * bf)
+            .map(|_| rng.normal())
+            .collect()
+    };
+    for _ in 0..2 {
+        dev.push(&block(), bf, false)?;
+    }
+    dev.take_profile()?;
+    let z = block();
+    let t = Instant::now();
+    std::hint::black_box(dev.push(&z, bf, false)?);
+    let block_ms = t.elapsed().as_secs_f64() * 1e3;
+    Ok(DecodeProfile {
+        kind,
+        block_ms,
+        kernels: dev.take_profile()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::by_kernel;
 
     #[cfg(unix)]
     #[test]
@@ -416,6 +477,53 @@ mod tests {
             a % 10.0 != 0.0 || b % 10.0 != 0.0,
             "{a} and {b}: tick resolution"
         );
+    }
+
+    #[test]
+    fn a_profiled_block_times_each_submission_of_its_walks() {
+        let flags = (false, false, true, true);
+        for kind in [DecoderKind::Taehv, DecoderKind::WanVae] {
+            let p = profile_decode_device(kind, (2, 3), 2, Some(2), flags, &Gpu::open_emulated)
+                .unwrap();
+            let mut dev = device_decoder(kind, Some(2), flags, &Gpu::open_emulated).unwrap();
+            let cost = dev.measure_block(2, 3, 2).unwrap();
+            let launches: u64 = p.kernels.iter().map(|k| k.launches).sum();
+            // Every launch, copy and memset of the walks and latent inputs, and the copy of
+            // each walk's pixels into the block's buffer (which a measured block leaves out).
+            assert_eq!(
+                launches,
+                cost.submissions + cost.walks as u64,
+                "{kind:?}: {cost:?}, {:?}",
+                p.kernels
+            );
+            assert!(p
+                .kernels
+                .iter()
+                .any(|k| k.name.starts_with("bc_conv") && k.ms > 0.0));
+            assert!(p.kernels.iter().all(|k| k.launches > 0 && k.ms >= 0.0));
+            assert!(
+                p.kernels.windows(2).all(|w| w[0].ms >= w[1].ms),
+                "longest first"
+            );
+            let total: f64 = p.kernels.iter().map(|k| k.ms).sum();
+            assert!(
+                total > 0.0 && total <= p.block_ms,
+                "{total} of {}",
+                p.block_ms
+            );
+            // Summed over grids: the same launches and time, one entry per kernel.
+            let sums = by_kernel(&p.kernels);
+            assert_eq!(sums.iter().map(|k| k.launches).sum::<u64>(), launches);
+            assert!((sums.iter().map(|k| k.ms).sum::<f64>() - total).abs() < 1e-9);
+            let mut names: Vec<_> = sums.iter().map(|k| k.name).collect();
+            names.dedup();
+            assert_eq!(names.len(), sums.len());
+            assert!(sums.len() < p.kernels.len(), "several grids of a kernel");
+            // Without profiling nothing is recorded.
+            dev.begin(2, 3).unwrap();
+            dev.push(&vec![0.5; 16 * 6 * 2], 2, false).unwrap();
+            assert!(dev.take_profile().unwrap().is_empty());
+        }
     }
 
     #[test]

@@ -32,8 +32,11 @@
 //! Precision: bf16 activations, weights and caches, f32 accumulation; the last conv writes f32.
 //! Against upstream's golden output within 2e-2 relative L2 (tests/decode_cuda_emulated.rs).
 
+mod profile;
 mod taehv;
 mod wan;
+
+pub use profile::{by_kernel, KernelTime};
 
 use super::conv::Conv;
 use super::{DecodeDevice, Decoder, Inner};
@@ -200,6 +203,9 @@ struct Dev {
     /// The block walk's bound on GEMM rows (pixels x frames) per launch past a `TGrow`
     /// ([`BLOCK_ROWS`]).
     block_rows: usize,
+    /// Events around every live launch, copy and memset while profiling
+    /// ([`CudaDecoder::set_profiling`]).
+    profile: Option<profile::Recorder>,
 }
 
 /// GEMM rows (output pixels of all the frames) TAEHV's block walk gives a launch at most past a
@@ -260,6 +266,7 @@ impl Dev {
             measured: 0,
             batch: frame_batching_default(),
             block_rows: BLOCK_ROWS,
+            profile: None,
         }
     }
 
@@ -319,7 +326,21 @@ impl Dev {
         self.submits += 1;
         // SAFETY: every launch of the device decoder is built over device buffers allocated
         // by `get` with the sizes its frames need, and weights uploaded with their shapes.
-        unsafe { self.gpu.launch(l.kernel, l.grid, l.block, &l.params) }
+        let launch = |g: &Gpu| unsafe { g.launch(l.kernel, l.grid, l.block, &l.params) };
+        self.submit(l.kernel.name(), l.grid, launch)
+    }
+
+    /// Runs `work` on the stream, between profiling events when profiling a live walk.
+    fn submit(
+        &mut self,
+        name: &'static str,
+        grid: [u32; 3],
+        work: impl FnOnce(&Gpu) -> Result<()>,
+    ) -> Result<()> {
+        match self.profile.as_mut() {
+            Some(p) if matches!(self.mode, Mode::Live) => p.around(&self.gpu, name, grid, work),
+            _ => work(&self.gpu),
+        }
     }
 
     /// A device-to-device copy in stream order (none while planning).
@@ -329,7 +350,7 @@ impl Dev {
             return Ok(());
         }
         self.submits += 1;
-        self.gpu.copy(dst, src, bytes)
+        self.submit("copy", [0; 3], |g| g.copy(dst, src, bytes))
     }
 
     /// Zeroes `bytes` at `dst` in stream order (none while planning).
@@ -339,7 +360,7 @@ impl Dev {
             return Ok(());
         }
         self.submits += 1;
-        self.gpu.memset(dst, 0, bytes)
+        self.submit("memset", [0; 3], |g| g.memset(dst, 0, bytes))
     }
 
     /// A pool buffer for a `c x h x w` frame of `elem`-byte values (while capturing: the
@@ -927,6 +948,32 @@ impl CudaDecoder {
         }
         self.graphs.on = on;
         Ok(())
+    }
+
+    /// Starts or stops timing every launch, copy and memset of the following pushes (events
+    /// around each, read by [`CudaDecoder::take_profile`]), to see where a block's time goes.
+    /// Profiled walks run eagerly: starting turns the graphs off (as
+    /// [`CudaDecoder::set_graphs`]`(false)`), stopping leaves them off, and events between the
+    /// launches make a profiled block a little slower than the same block unprofiled.
+    pub fn set_profiling(&mut self, on: bool) -> Result<()> {
+        if on {
+            self.set_graphs(false)?;
+            self.dev.profile.get_or_insert_with(Default::default);
+        } else {
+            self.dev.gpu.sync()?;
+            self.dev.profile = None;
+        }
+        Ok(())
+    }
+
+    /// The device time of the work profiled since [`CudaDecoder::set_profiling`] or the last
+    /// take, per kernel and grid, longest first (waits for the stream); empty when profiling
+    /// is off.
+    pub fn take_profile(&mut self) -> Result<Vec<KernelTime>> {
+        match self.dev.profile.as_mut() {
+            Some(p) => p.read(&self.dev.gpu),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Why graph capture failed on this decoder, if it did (it then decodes eagerly; the

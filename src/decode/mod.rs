@@ -28,9 +28,13 @@ pub use background::{hold_device_decodes, BackgroundDecoder, PixelOutputs, QUEUE
 pub(crate) use bench::process_cpu_ms;
 pub use bench::{
     bench_conv, bench_decode, bench_decode_device, conv_table, decoder_conv_shapes,
-    table as bench_table, ConvShape, DecodeBench, DeviceDecodeBench,
+    profile_decode_device, table as bench_table, ConvShape, DecodeBench, DecodeProfile,
+    DeviceDecodeBench,
 };
-pub use cuda::{BlockCost, CudaDecoder, DecodeStats, DeviceFrames, DeviceWeights, BLOCK_ROWS};
+pub use cuda::{
+    by_kernel, BlockCost, CudaDecoder, DecodeStats, DeviceFrames, DeviceWeights, KernelTime,
+    BLOCK_ROWS,
+};
 pub use device::{DecodeDevice, DecoderSet};
 pub use latents::LatentsFile;
 

@@ -108,6 +108,53 @@ fn wan_1_3b_shape_model() -> Model {
     Model::new(w)
 }
 
+/// Self- and cross-attention inputs at the bench shape: random bf16 `q` `[n, dim]` and K/V
+/// `[keys, dim]`, an output buffer, one group of `n` rows over one segment of `keys` keys
+/// (`sd`) or of 512 (`sd2`, the cross-attention's text tokens).
+struct AttnInputs {
+    q: DevPtr,
+    out: DevPtr,
+    sd: DevPtr,
+    sd2: DevPtr,
+    id: DevPtr,
+    gd: DevPtr,
+}
+
+fn attention_inputs(g: &mut Gpu, n: usize, keys: usize, dim: usize) -> AttnInputs {
+    let q = rand_bf16(g, n * dim, 1.0, 4);
+    let kc = rand_bf16(g, keys * dim, 1.0, 5);
+    let vc = rand_bf16(g, keys * dim, 1.0, 6);
+    let out = g.alloc(n * dim * 2).unwrap();
+    let segs = [BcKvSegment {
+        k: kc as *const _,
+        v: vc as *const _,
+        tokens: keys as i32,
+        _pad: 0,
+    }];
+    let groups = [BcAttnGroup {
+        q_begin: 0,
+        q_rows: n as i32,
+        seg_begin: 0,
+        seg_count: 1,
+    }];
+    let (sd, id, gd) = (up(g, &segs), up(g, &[0i32]), up(g, &groups));
+    let segs = [BcKvSegment {
+        k: kc as *const _,
+        v: vc as *const _,
+        tokens: 512,
+        _pad: 0,
+    }];
+    let sd2 = up(g, &segs);
+    AttnInputs {
+        q,
+        out,
+        sd,
+        sd2,
+        id,
+        gd,
+    }
+}
+
 /// Milliseconds per call of `f` (2 warm-up calls, then `iters` timed with events).
 fn time_ms(g: &mut Gpu, iters: usize, mut f: impl FnMut(&mut Gpu)) -> f64 {
     for _ in 0..2 {
@@ -450,6 +497,10 @@ fn main() {
         info.total_mem as f64 / (1u64 << 30) as f64,
         g.sm_count()
     );
+    if let Ok(what) = std::env::var("BC_BENCH_NCU") {
+        ncu_run(g, &what);
+        return;
+    }
     let mut rows: Vec<Row> = Vec::new();
     // Peaks.
     let m = 8192usize;
@@ -502,30 +553,14 @@ fn main() {
     let (dim, heads, hd, tpf, ffn) = (1536usize, 12usize, 128usize, 1560usize, 8960usize);
     let n = 3 * tpf;
     let keys = 21 * tpf;
-    let q = rand_bf16(&mut g, n * dim, 1.0, 4);
-    let kc = rand_bf16(&mut g, keys * dim, 1.0, 5);
-    let vc = rand_bf16(&mut g, keys * dim, 1.0, 6);
-    let out = g.alloc(n * dim * 2).unwrap();
-    let segs = [BcKvSegment {
-        k: kc as *const _,
-        v: vc as *const _,
-        tokens: keys as i32,
-        _pad: 0,
-    }];
-    let groups = [BcAttnGroup {
-        q_begin: 0,
-        q_rows: n as i32,
-        seg_begin: 0,
-        seg_count: 1,
-    }];
-    let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &[0i32]), up(&mut g, &groups));
-    let segs = [BcKvSegment {
-        k: kc as *const _,
-        v: vc as *const _,
-        tokens: 512,
-        _pad: 0,
-    }];
-    let sd2 = up(&mut g, &segs);
+    let AttnInputs {
+        q,
+        out,
+        sd,
+        sd2,
+        id,
+        gd,
+    } = attention_inputs(&mut g, n, keys, dim);
     // Both tiles of the attention kernel (the backend times them per window shape and keeps the
     // faster) and, on sm_90 once the wgmma layouts passed on this device (the GPU bundle sets
     // BC_WGMMA_OK=1 then), the Hopper wgmma prototype next to them, at Wan's 12 x 128 and below
@@ -1261,5 +1296,91 @@ fn decode_profiles(conv_wgmma: bool, open: &dyn Fn() -> blockcascade::Result<Gpu
                 format!(" grid {}x{}x{}", k.grid[0], k.grid[1], k.grid[2]),
             );
         }
+    }
+}
+
+/// `BC_BENCH_NCU=kernels|dit`: a short run for Nsight Compute instead of the bench (run.sh's
+/// `ncu` part; scripts/ncu_summary.py reads its CSV). `kernels`: the self-attention at the bench
+/// shape (q4680 k32760 12 x 128), two launches unsplit and two with the split the wave-fill
+/// model picks, on the wgmma hd128 variants `pp_k128` (the default) and `ws` where the wgmma
+/// probe passed (`BC_WGMMA_OK=1`), else on `rows128`; then one 3-latent-frame block of each
+/// decoder at 480x832 with its default kernels (their convolutions). `dit`: two blocks of the
+/// wan-1.3b-shape model, sequential (run.sh sets `BC_NO_GRAPHS=1`: one launch per kernel).
+fn ncu_run(mut g: Gpu, what: &str) {
+    match what {
+        "kernels" => {
+            let (heads, hd, dim, n, keys) = (12, 128, 1536, 3 * 1560, 21 * 1560);
+            let AttnInputs {
+                q, out, sd, id, gd, ..
+            } = attention_inputs(&mut g, n, keys, dim);
+            let wgmma = g.compute_capability() == Some((9, 0))
+                && std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1");
+            let tiles = if wgmma {
+                vec![AttentionTile::WgmmaPpK128, AttentionTile::WgmmaWs]
+            } else {
+                vec![AttentionTile::Rows128]
+            };
+            for tile in tiles {
+                let bytes = blockcascade::kernels::launch::attention_split_bytes(
+                    heads,
+                    hd,
+                    1,
+                    n,
+                    tile,
+                    blockcascade::kernels::launch::ATTN_MAX_SPLITS,
+                )
+                .unwrap();
+                let split = ops::SplitScratch {
+                    ptr: g.alloc(bytes).unwrap(),
+                    bytes,
+                    max_keys: keys,
+                    force: None,
+                };
+                for s in [None, Some(&split)] {
+                    for _ in 0..2 {
+                        let used = ops::attention(&g, q, out, heads, hd, sd, id, gd, 1, n, tile, s);
+                        match used {
+                            Ok(used) => println!("NCU attention {} splits={used}", tile.name()),
+                            Err(e) => println!("NCU attention {} FAILED: {e}", tile.name()),
+                        }
+                    }
+                }
+            }
+            g.sync().unwrap();
+            drop(g);
+            let open = || Gpu::open_kernels(0);
+            let flags = (wgmma, false, true, true);
+            for kind in [DecoderKind::WanVae, DecoderKind::Taehv] {
+                let r = blockcascade::decode::bench_decode_device(
+                    &[kind],
+                    (60, 104),
+                    (3, 1),
+                    None,
+                    flags,
+                    &open,
+                );
+                match r {
+                    Ok(r) => println!("NCU decode {kind}: {:.1} ms", r[0].first_block_ms),
+                    Err(e) => println!("NCU decode {kind} FAILED: {e}"),
+                }
+            }
+        }
+        "dit" => {
+            drop(g);
+            let model = wan_1_3b_shape_model();
+            let prompt = bench_prompt(model.config(), 21);
+            let opts = wan_shape_options(Schedule::Sequential);
+            match Generator::new(&model, opts, NoiseSource::Seeded(1), &prompt)
+                .and_then(|gen| gen.generate(2))
+            {
+                Ok((_, rep)) => println!(
+                    "NCU dit sequential 2 blocks: {} ticks, {:.0} ms",
+                    rep.ticks,
+                    rep.total_seconds * 1e3
+                ),
+                Err(e) => println!("NCU dit FAILED: {e}"),
+            }
+        }
+        _ => println!("NCU: BC_BENCH_NCU={what}: expected kernels or dit"),
     }
 }

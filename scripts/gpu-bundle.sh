@@ -46,7 +46,7 @@ cp "$tests" "$out/bin/cuda-tests"
 cp "$bench" "$out/bin/gpu-bench"
 strip --strip-debug "$out/bin/"* 2>/dev/null || true
 cp -r tests/data/selfforcing-tiny tests/data/umt5-tiny tests/data/decode "$out/data/"
-cp benches/pytorch_baseline.py benches/pytorch_text_encoder.py benches/pytorch_decode.py "$out/"
+cp benches/pytorch_baseline.py benches/pytorch_text_encoder.py benches/pytorch_decode.py scripts/ncu_summary.py "$out/"
 # The PyTorch decode baseline on the GPU runs diffusers' AutoencoderKLWan (the public Wan VAE),
 # which the GPU image lacks (it has torch and diffusers' other needs): its pure-Python wheels
 # travel in the bundle (about 6.4 MiB), downloaded once from PyPI into target/pip-wheels.

@@ -6,8 +6,9 @@
 #   run.sh device [PARTS]  ONE bounded call, for a short GPU lease (what a session lent a GPU
 #                          runs): the parts in priority order, wgmma (the sm_90a wgmma layout
 #                          probe, alone in its own process), tests (correctness), bench
-#                          (kernels, end to end), pytorch (baseline), sanitizer (memcheck, then
-#                          racecheck), within BC_BUDGET_S seconds (default 300) in all. A part
+#                          (kernels, end to end), pytorch (baseline), ncu (Nsight Compute:
+#                          where the DiT's and the kernels' time goes), sanitizer (memcheck,
+#                          then racecheck), within BC_BUDGET_S seconds (default 300) in all. A part
 #                          starts only when the budget still holds its minimum (the table below),
 #                          else the summary says "skipped: out of time budget"; each runs under
 #                          its own timeout (its cap, cut to what is left), so a hang costs one
@@ -26,6 +27,10 @@
 # set it by hand for a later `run.sh device tests bench`; then tma_layouts_match_the_hardware,
 # one TMA PASS/FAIL line per box / layout, all PASS -> BC_TMA_OK=1: the TMA conv joins the
 # benchmark), tests (the rest of tests/cuda.rs),
+# ncu (Nsight Compute, when the image has it: the device time of every kernel of two
+# sequential wan-1.3b-shape blocks, `NCU dit` lines, and the throughput, tensor-pipe, occupancy
+# and warp-stall counters of the attention kernels and the decoders' convolutions, `NCU kern`
+# lines; scripts/ncu_summary.py reads its CSV; clocks and caches left alone),
 # sanitizer (compute-sanitizer memcheck + racecheck on the kernel tests at small
 # shapes; a sanitizer that refuses the device, as on gVisor machines, is reported as
 # "unavailable", not as a failure), bench, pytorch. Logs go to $BC_LOGS (default ./logs next to
@@ -39,12 +44,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 t0=$SECONDS
 mode=parts
 if [ "${1:-}" = device ]; then mode=device; shift; fi
-all="wgmma tests sanitizer bench pytorch"
-[ $mode = parts ] || all="wgmma tests bench pytorch sanitizer" # the order device mode runs them in
+all="wgmma tests sanitizer bench pytorch ncu"
+[ $mode = parts ] || all="wgmma tests bench pytorch ncu sanitizer" # the order device mode runs them in
 parts="${*:-$all}"
 for p in $parts; do
-    case "$p" in wgmma|tests|sanitizer|bench|pytorch) ;;
-        *) echo "run.sh: unknown part '$p' (run.sh [device] [wgmma tests sanitizer bench pytorch])" >&2; exit 64;;
+    case "$p" in wgmma|tests|sanitizer|bench|pytorch|ncu) ;;
+        *) echo "run.sh: unknown part '$p' (run.sh [device] [wgmma tests sanitizer bench pytorch ncu])" >&2; exit 64;;
     esac
 done
 want() { [[ " $parts " == *" $1 "* ]]; }
@@ -57,10 +62,10 @@ reserve=15 # seconds kept back for the kill grace of a timed-out part, the summa
 # BC_CAP_BENCH, BC_CAP_PYTORCH, BC_CAP_MEMCHECK and BC_CAP_RACECHECK override the device-mode
 # caps. Estimated times on an H100/H200 (docs/gpu-bundle.md): tests ~40 s, bench
 # ~45 s, pytorch ~25 s, memcheck and racecheck ~30-60 s each.
-declare -A cap=([wgmma]=${BC_CAP_WGMMA:-60} [tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-150} [pytorch]=${BC_CAP_PYTORCH:-90}
+declare -A cap=([wgmma]=${BC_CAP_WGMMA:-60} [tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-150} [pytorch]=${BC_CAP_PYTORCH:-90} [ncu]=${BC_CAP_NCU:-120}
     [memcheck]=${BC_CAP_MEMCHECK:-90} [racecheck]=${BC_CAP_RACECHECK:-90})
-declare -A need=([wgmma]=15 [tests]=45 [bench]=45 [pytorch]=30 [memcheck]=30 [racecheck]=30)
-declare -A cap_full=([wgmma]=120 [tests]=570 [bench]=570 [pytorch]=570 [memcheck]=270 [racecheck]=270)
+declare -A need=([wgmma]=15 [tests]=45 [bench]=45 [pytorch]=30 [ncu]=40 [memcheck]=30 [racecheck]=30)
+declare -A cap_full=([wgmma]=120 [tests]=570 [bench]=570 [pytorch]=570 [ncu]=570 [memcheck]=270 [racecheck]=270)
 
 # A relative BC_LOGS is relative to where run.sh was started; the default is logs/ here.
 [ -n "${BC_LOGS:-}" ] || cd "$here" || exit 70
@@ -74,7 +79,7 @@ chmod +x bin/* 2>/dev/null || true # in case a copy lost the executable bits
 if [ $mode = device ]; then
     # Fresh logs (a bundle folder may carry logs of an earlier run): only the files run.sh writes.
     rm -f "$logs"/{wgmma,tma,tma-sanitizer,tma-bisect,tma-conv,tests,bench,pytorch,sanitizer-memcheck,sanitizer-racecheck}.log \
-        "$logs"/{sanitizer,parts,env,devices,nvidia-smi,summary}.txt "$logs"/gpu-bench.json
+        "$logs"/{sanitizer,parts,env,devices,nvidia-smi,summary,ncu}.txt "$logs"/gpu-bench.json "$logs"/ncu.log "$logs"/ncu-{dit,kernels}.csv
 fi
 : >> "$logs"/parts.txt
 
@@ -205,7 +210,7 @@ summary() {
     else
         echo "-- parts"
     fi
-    for f in wgmma tests bench pytorch memcheck racecheck; do
+    for f in wgmma tests bench pytorch ncu memcheck racecheck; do
         ok=$(grep -m1 "^$f|" "$logs"/parts.txt | cut -d'|' -f2-)
         [ -z "$ok" ] || printf '  %-10s %s\n' "$f" "$ok"
     done
@@ -253,6 +258,8 @@ summary() {
     echo "-- end to end (wan-1.3b-shape, 60x104, 21 frames, 4 steps)"
     sed -n '/^schedule /,/^$/p' "$logs"/bench.log 2>/dev/null | grep -vE '^(JSON|TUNE) ' | sed '/^$/d; s/^/  /'
     grep -hE '^(SKIP|TUNE|TEXT|DECODE|CONV|SWITCH|PIXELS|SPLIT) ' "$logs"/bench.log 2>/dev/null | cut -c1-300 | sed 's/^/  /'
+    echo "-- Nsight Compute (where the time goes; docs/gpu-bundle.md)"
+    cut -c1-300 "$logs"/ncu.txt 2>/dev/null | sed 's/^/  /'
     echo "-- PyTorch baseline (same GPU)"
     local py eng pt
     py=$(grep -m1 -hE '^(PYTORCH|SKIP)' "$logs"/pytorch.log 2>/dev/null || echo "no result (see $logs/pytorch.log)")
@@ -497,6 +504,36 @@ if want pytorch; then
         st=$status
         finish pytorch "$logs"/pytorch.log "$(grep -m1 -o '^SKIP.*' "$logs"/pytorch.log)"
         status=$st
+    fi
+fi
+
+# --- Nsight Compute --------------------------------------------------------------------------
+# Two runs of the bench binary in its BC_BENCH_NCU modes, clocks and caches left as they are:
+# `dit` (two sequential blocks of the 1.3B-shaped model, graphs off) with only the kernel
+# durations, then `kernels` (the attention at the bench shape, one block of each decoder) with
+# the counter sections, for the first 60 attention and conv launches. Reported, never a failure.
+if want ncu; then
+    # shellcheck disable=SC2012
+    ncu_bin=$(command -v ncu || ls -d /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$ncu_bin" ]; then
+        echo "NCU skipped: ncu not found" > "$logs"/ncu.txt
+        set_status ncu "skipped: ncu not found"
+    elif gpu_missing; then
+        echo "NCU skipped: no GPU" > "$logs"/ncu.txt
+        set_status ncu "skipped: no GPU"
+    elif run_part ncu "$logs"/ncu.log env NCU="$ncu_bin" LOGS="$logs" BC_WGMMA_OK="${BC_WGMMA_OK:-}" bash -c '
+            "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv --page raw \
+                --log-file "$LOGS"/ncu-dit.csv env BC_NO_GRAPHS=1 BC_BENCH_NCU=dit ./bin/gpu-bench; a=$?
+            python3 ncu_summary.py dit "$LOGS"/ncu-dit.csv > "$LOGS"/ncu.txt
+            "$NCU" --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+                --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+                --section SchedulerStats -k "regex:^bc_(attention|conv)" -c 60 --csv --page raw \
+                --log-file "$LOGS"/ncu-kernels.csv env BC_BENCH_NCU=kernels ./bin/gpu-bench; b=$?
+            python3 ncu_summary.py kernels "$LOGS"/ncu-kernels.csv >> "$LOGS"/ncu.txt
+            [ $a -eq 0 ] && [ $b -eq 0 ]'; then
+        st=$status
+        finish ncu "$logs"/ncu.log "$(head -n 1 "$logs"/ncu.txt 2>/dev/null)"
+        status=$st # a profiler problem is reported, not a failed validation
     fi
 fi
 

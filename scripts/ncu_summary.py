@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Summarises Nsight Compute CSV (`ncu --csv --page raw`) for the GPU bundle's `ncu` part.
+
+    ncu_summary.py dit FILE      per-kernel device time of a DiT run (gpu__time_duration.sum):
+                                 NCU dit lines, the shares of attention, GEMMs, norms and the rest,
+                                 then the longest kernels
+    ncu_summary.py kernels FILE  per kernel and grid of a `--section ...` run: duration, SM and
+                                 memory throughput, tensor pipe, issue slots, occupancy,
+                                 registers and the top warp stall reasons (NCU kern lines)
+    ncu_summary.py --self-test   checks the parser on a made-up CSV of ncu's raw layout
+
+The raw page is one header row ("ID", ..., "Kernel Name", ..., metric names), a row of units,
+then one row per profiled launch. ncu's own `==PROF==` / `==WARNING==` lines may be mixed in
+(with --log-file they share the file) and are skipped. A metric ncu did not collect is left
+out of a line, not guessed. Only the standard library is used (the GPU image's python3).
+"""
+import csv
+import io
+import re
+import sys
+
+TIME_SCALE_MS = {"nsecond": 1e-6, "ns": 1e-6, "usecond": 1e-3, "us": 1e-3, "msecond": 1.0, "ms": 1.0, "second": 1e3, "s": 1e3}
+
+
+def read_raw(text):
+    """(header, units, rows) of the raw CSV in `text`; rows are dicts. Raises ValueError."""
+    lines = [l for l in text.splitlines() if l.strip() and not l.startswith("==")]
+    start = next((i for i, l in enumerate(lines) if l.startswith('"ID"')), None)
+    if start is None:
+        raise ValueError("no CSV header (a line starting with \"ID\") in the ncu output")
+    table = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
+    header = table[0]
+    units, rows = {}, []
+    for r in table[1:]:
+        if len(r) != len(header):
+            continue
+        d = dict(zip(header, r))
+        if d["ID"].strip().isdigit():
+            rows.append(d)
+        elif not rows and not units:
+            units = d
+    if "Kernel Name" not in header:
+        raise ValueError("no 'Kernel Name' column")
+    return header, units, rows
+
+
+def number(v):
+    try:
+        return float(str(v).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def duration_ms(row, units):
+    v = number(row.get("gpu__time_duration.sum", ""))
+    if v is None:
+        return None
+    return v * TIME_SCALE_MS.get(units.get("gpu__time_duration.sum", "nsecond").strip(), 1e-6)
+
+
+def short(name, n=60):
+    name = name.split("(")[0] if name.startswith("bc_") else name
+    return name if len(name) <= n else name[: n - 3] + "..."
+
+
+def category(name):
+    if name.startswith("bc_attention"):
+        return "attention"
+    low = name.lower()
+    if any(k in low for k in ("gemm", "xmma", "cutlass", "cublas", "matmul")):
+        return "gemm"
+    if any(name.startswith(k) for k in ("bc_ln", "bc_layer_norm", "bc_residual_norm", "bc_gated", "bc_qk_norm")):
+        return "norms"
+    return "other"
+
+
+def summarise_dit(text, top=12):
+    _, units, rows = read_raw(text)
+    per = {}
+    for r in rows:
+        ms = duration_ms(r, units)
+        if ms is None:
+            continue
+        k = r["Kernel Name"]
+        c, t = per.get(k, (0, 0.0))
+        per[k] = (c + 1, t + ms)
+    total = sum(t for _, t in per.values())
+    out = [f"NCU dit: {sum(c for c, _ in per.values())} kernels, {total:.1f} ms of device time "
+           "(kernel durations summed, serialized by ncu)"]
+    cats = {}
+    for k, (c, t) in per.items():
+        cats[category(k)] = cats.get(category(k), 0.0) + t
+    out.append("NCU dit share: " + ", ".join(
+        f"{c} {t:.1f} ms ({100 * t / max(total, 1e-12):.1f}%)"
+        for c, t in sorted(cats.items(), key=lambda x: -x[1])))
+    for k, (c, t) in sorted(per.items(), key=lambda x: -x[1][1])[:top]:
+        out.append(f"NCU dit   {short(k):<60} {c:>6}x {t:>9.2f} ms {100 * t / max(total, 1e-12):5.1f}%")
+    return out
+
+
+STALL = re.compile(r"^smsp__(?:average_warp_latency_issue_stalled|average_warps_issue_stalled)_(\w+?)(?:_per_issue_active)?\.ratio$")
+
+
+def summarise_kernels(text, top_conv=8):
+    header, units, rows = read_raw(text)
+    groups = {}
+    for r in rows:
+        key = (r["Kernel Name"], r.get("Grid Size", ""), r.get("Block Size", ""))
+        groups.setdefault(key, []).append(r)
+
+    def mean(rs, col):
+        vs = [number(r.get(col, "")) for r in rs]
+        vs = [v for v in vs if v is not None]
+        return sum(vs) / len(vs) if vs else None
+
+    tensor_cols = [h for h in header if "pipe_tensor" in h and h.endswith("pct_of_peak_sustained_active")]
+    stall_cols = [(h, STALL.match(h).group(1)) for h in header if STALL.match(h)]
+    fields = [("SM", "sm__throughput.avg.pct_of_peak_sustained_elapsed", "%"),
+              ("mem", "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed", "%"),
+              ("dram", "dram__throughput.avg.pct_of_peak_sustained_elapsed", "%"),
+              ("L2 hit", "lts__t_sector_hit_rate.pct", "%"),
+              ("issue", "sm__inst_issued.avg.pct_of_peak_sustained_active", "%"),
+              ("occ", "sm__warps_active.avg.pct_of_peak_sustained_active", "%"),
+              ("regs", "launch__registers_per_thread", ""),
+              ("smem/block", "launch__shared_mem_per_block_dynamic", "B")]
+    lines = []
+    for (name, grid, block), rs in groups.items():
+        ms = [duration_ms(r, units) for r in rs]
+        ms = [m for m in ms if m is not None]
+        dur = sum(ms) / len(ms) if ms else None
+        parts = [f"{label} {v:.0f}{unit}" for label, col, unit in fields if (v := mean(rs, col)) is not None]
+        tv = [v for v in (mean(rs, c) for c in tensor_cols) if v is not None]
+        if tv:
+            parts.insert(2, f"tensor {max(tv):.0f}%")
+        stalls = [(s, v) for s, v in ((s, mean(rs, c)) for c, s in stall_cols) if v is not None and s not in ("selected",)]
+        stalls.sort(key=lambda x: -x[1])
+        st = ", ".join(f"{s} {v:.2f}" for s, v in stalls[:5])
+        total = dur * len(rs) if dur is not None else 0.0
+        text_line = (f"NCU kern {short(name, 44):<44} grid {grid.strip()} x{len(rs)} "
+                     + (f"{dur * 1e3:.1f} us" if dur is not None else "? us")
+                     + (" | " + " ".join(parts) if parts else "")
+                     + (f" | stalls (cycles/issue): {st}" if st else ""))
+        lines.append((name.startswith("bc_attention"), total, text_line))
+    att = [l for a, _, l in lines if a]
+    rest = [l for _, _, l in sorted((x for x in lines if not x[0]), key=lambda x: -x[1])[:top_conv]]
+    return [f"NCU kernels: {len(rows)} launches profiled, {len(groups)} (kernel, grid) pairs"] + att + rest
+
+
+SELF_TEST_CSV = '''==PROF== Connected to process 123 (/tmp/b/gpu-bundle/bin/gpu-bench)
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","gpu__time_duration.sum","sm__throughput.avg.pct_of_peak_sustained_elapsed","sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","launch__registers_per_thread"
+"","","","","","","","","","","","nsecond","%","%","ratio","ratio","register/thread"
+"0","123","gpu-bench","127.0.0.1","bc_attention_wgmma_hd128_pp_k128","1","7","(256, 1, 1)","(37, 12, 1)","0","9.0","1,600,000","71.5","62.0","0.50","1.25","168"
+==PROF== Profiling "bc_attention_wgmma_hd128_pp_k128": 0%....50%....100%
+"1","123","gpu-bench","127.0.0.1","bc_attention_wgmma_hd128_pp_k128","1","7","(256, 1, 1)","(37, 12, 1)","0","9.0","1,400,000","72.5","64.0","0.70","1.75","168"
+"2","123","gpu-bench","127.0.0.1","bc_conv_wgmma_n96","1","7","(256, 1, 1)","(3120, 1, 4)","0","9.0","700,000","40.0","30.0","2.00","0.10","96"
+"3","123","gpu-bench","127.0.0.1","sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_cublas","1","7","(384, 1, 1)","(132, 1, 1)","0","9.0","300,000","80.0","","","","168"
+'''
+
+
+def self_test():
+    d = summarise_dit(SELF_TEST_CSV)
+    assert d[0].startswith("NCU dit: 4 kernels, 4.0 ms"), d
+    assert "attention 3.0 ms (75.0%)" in d[1] and "gemm 0.3 ms (7.5%)" in d[1] and "other 0.7 ms" in d[1], d
+    assert "bc_attention_wgmma_hd128_pp_k128" in d[2] and "2x" in d[2] and "3.00 ms" in d[2], d
+    k = summarise_kernels(SELF_TEST_CSV)
+    assert k[0] == "NCU kernels: 4 launches profiled, 3 (kernel, grid) pairs", k
+    att = k[1]
+    assert "grid (37, 12, 1) x2 1500.0 us" in att and "SM 72%" in att and "tensor 63%" in att, att
+    assert "regs 168" in att and "long_scoreboard 1.50, barrier 0.60" in att, att
+    assert k[2].startswith("NCU kern bc_conv_wgmma_n96") and "barrier 2.00" in k[2], k
+    assert "tensor" not in k[3] and "stalls" not in k[3], k[3]  # empty cells are left out
+    try:
+        read_raw("==PROF== nothing\n")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a file without a header must be refused")
+    print("ncu_summary self-test: ok")
+
+
+def main(argv):
+    if argv[1:] == ["--self-test"]:
+        self_test()
+        return 0
+    if len(argv) != 3 or argv[1] not in ("dit", "kernels"):
+        print(__doc__, file=sys.stderr)
+        return 64
+    try:
+        with open(argv[2], encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        out = summarise_dit(text) if argv[1] == "dit" else summarise_kernels(text)
+    except (OSError, ValueError) as e:
+        print(f"NCU {argv[1]}: no summary ({e})")
+        return 0
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -260,7 +260,7 @@ struct AttSplitBlock {
 };
 __device__ __forceinline__ AttSplitBlock att_split_block(const BcAttentionParams& p) {
     const int splits = p.splits, tiles = gridDim.x / splits;
-    return AttSplitBlock{splits, tiles, (int)blockIdx.x / tiles, (int)blockIdx.x % tiles};
+    return AttSplitBlock{splits, tiles, (int)(blockIdx.x / tiles), (int)(blockIdx.x % tiles)};
 }
 
 /// The tile after `c` (BK keys on, or the next non-empty segment; none past the split's end).

@@ -16,7 +16,9 @@
 //   warpgroup 0, the producer (WS_PRODUCER_REGS registers after setmaxnreg.dec): walks the
 //     group's segments and key tiles exactly as the other kernels do (a tile never crosses a
 //     segment end; the last tile of a segment has kn < BK keys, its other rows zero-filled by
-//     cp.async src-size 0) and copies tile j into stage s = j % WS_STAGES: waits empty[s]
+//     cp.async src-size 0; with split-KV only the block's split of them, att_split_start: an
+//     empty split publishes the end marker at once) and copies tile j into stage
+//     s = j % WS_STAGES: waits empty[s]
 //     (the consumers are done with the tile that was there), writes the tile's key count kn
 //     into a small shared ring next to the barriers (ring[s]), issues its share of the tile's
 //     16-byte cp.async chunks (Q too with tile 0), commits a group; when the group has landed
@@ -40,8 +42,11 @@
 //     that read stage st has completed, so each consumer warp's lane 0 arrives on empty[st]
 //     (count: the 8 consumer warps, after a __syncwarp orders its lanes' ring reads), rescale
 //     O, pack P(t+1). No all-thread barrier in the loop; the producer never waits for a
-//     consumer except through empty[].
-// So the same inputs give the bits of pp_k128 (and of _k128): tests/kernels_emu.rs checks it.
+//     consumer except through empty[]. Then pp_k128's store, or with splits its partial store
+//     (att_store_partial: the same slot and layout; a split without tiles stores m = -inf,
+//     l = 0, O = 0) for bc_attention_combine.
+// So the same inputs give the bits of pp_k128 (and of _k128), split or not (the same partials):
+// tests/kernels_emu.rs checks it.
 // Phases: the k-th use of stage s (tiles s, s + WS_STAGES, ...) is phase k of full[s] and of
 // empty[s]; waits use parity k & 1 (the producer skips its first WS_STAGES waits).
 //
@@ -56,7 +61,8 @@
 // mbarrier, named barriers, wgmma, setmaxnreg with the block's register pool): every attention case of the
 // wgmma variants (segments, masked last tiles, ragged groups of 1-130 rows, empty groups and
 // segments, strides, negative / zero scales, large logits, 512-key cross-attention) against the
-// CPU and for the bits of the _k128 kernel (= pp_k128). Speed and the real register split only
+// CPU and for the bits of the _k128 kernel (= pp_k128); split-KV (S = 2, 3, 5, 7, empty splits)
+// for pp_k128's partial and combined bits. Speed and the real register split only
 // on a GPU (tests/cuda.rs, benches/gpu.rs).
 #include "include/barrier.cuh"
 #include "include/mma.cuh"

@@ -6,10 +6,12 @@
 //!    128): self-attention over 32760 keys (21 frames) and cross-attention over 512 text
 //!    tokens in TFLOP/s (and self-attention at 24 heads x 64 with the mma.sync tiles and, on
 //!    sm_90 with `BC_WGMMA_OK=1`, the wgmma prototype and its hd128 variants `_k128`, `_pp`,
-//!    `_pp_k128`); the GEMMs of a layer in TFLOP/s; the memory-bound fused ops in GB/s.
+//!    `_pp_k128`, `_ws`; split-KV rows of `_pp_k128` and `_ws`: the model's S and forced 2, 3,
+//!    4); the GEMMs of a layer in TFLOP/s; the memory-bound fused ops in GB/s.
 //! 3. End to end with the `wan-1.3b-shape` model shapes (random weights), 60x104 latents,
 //!    21 frames (7 blocks of 3), 4 steps: ms per block (the 6th block and the steady-state
-//!    mean), FPS (12 video frames per block), sequential vs cascade lag 1..3.
+//!    mean), FPS (12 video frames per block), sequential vs cascade lag 1..3 (then rows without
+//!    split-KV, with the mma.sync tiles, and with the warp-specialized attention).
 //!
 //! 4. The video decoders on the device (TAEHV, Wan VAE at real widths, 60x104 latents, blocks of
 //!    3 latent frames): ms per block and the conv TFLOP/s (`BC_BENCH_NO_DECODE=1` skips them);
@@ -171,8 +173,8 @@ fn time_ms(g: &mut Gpu, iters: usize, mut f: impl FnMut(&mut Gpu)) -> f64 {
 }
 
 /// Split-KV at the self-attention bench shape (q4680 k32760 12 x 128, one group) for the tile a
-/// session uses here (`wgmma64_pp_k128` when the wgmma tiles run, else `rows128`): the wave-fill
-/// model's choice (`... split auto S=N`; `BC_ATTN_SPLIT` overrides it, `=1` turns it off) and
+/// session uses here (`wgmma64_pp_k128` when the wgmma tiles run, then the warp-specialized
+/// `wgmma64_ws` too; else `rows128`): per tile the wave-fill model's choice (`... split auto S=N`; `BC_ATTN_SPLIT` overrides it, `=1` turns it off) and
 /// forced 2, 3 and 4 splits, in TFLOP/s next to the unsplit rows above; per split count one
 /// line `SPLIT attention self q.. k.. <tile> S=N: max rel err vs unsplit E PASS|FAIL` (the
 /// split output against the unsplit one, relative to |x| + rms; bound 2e-2) and one
@@ -189,12 +191,55 @@ fn attention_split_rows(
     keys: usize,
 ) {
     use blockcascade::kernels::launch;
-    let (heads, hd, dim) = (12usize, 128usize, 1536usize);
-    let tile = if tiles.contains(&AttentionTile::WgmmaPpK128) {
-        AttentionTile::WgmmaPpK128
+    let (heads, hd) = (12usize, 128usize);
+    let split_tiles: Vec<AttentionTile> = if tiles.contains(&AttentionTile::WgmmaPpK128) {
+        [AttentionTile::WgmmaPpK128, AttentionTile::WgmmaWs]
+            .into_iter()
+            .filter(|t| tiles.contains(t))
+            .collect()
     } else {
-        AttentionTile::Rows128
+        vec![AttentionTile::Rows128]
     };
+    let bytes = split_tiles
+        .iter()
+        .map(|&t| {
+            launch::attention_split_bytes(heads, hd, 1, n, t, launch::ATTN_MAX_SPLITS).unwrap()
+        })
+        .max()
+        .unwrap();
+    let scratch = g.alloc(bytes).unwrap();
+    for tile in split_tiles {
+        attention_split_tile_rows(
+            g,
+            rows,
+            peak_tflops,
+            tile,
+            (q, out),
+            (sd, id, gd),
+            (scratch, bytes),
+            n,
+            keys,
+        );
+    }
+    g.sync().unwrap();
+    g.free(scratch).unwrap();
+}
+
+/// [`attention_split_rows`] for one tile, with `scratch` (`bytes` long) for the partials.
+#[allow(clippy::too_many_arguments)]
+fn attention_split_tile_rows(
+    g: &mut Gpu,
+    rows: &mut Vec<Row>,
+    peak_tflops: f64,
+    tile: AttentionTile,
+    (q, out): (DevPtr, DevPtr),
+    (sd, id, gd): (DevPtr, DevPtr, DevPtr),
+    (scratch, bytes): (DevPtr, usize),
+    n: usize,
+    keys: usize,
+) {
+    use blockcascade::kernels::launch;
+    let (heads, hd, dim) = (12usize, 128usize, 1536usize);
     let m = ops::attention_split_model(g, heads, hd, 1, n, keys, tile);
     println!(
         "SPLIT model {}: {} blocks, {} slots, {} key tiles; fill S=1..4 {:.3} {:.3} {:.3} {:.3}; predicted us S=1..4 {:.0} {:.0} {:.0} {:.0}; model picks S={}",
@@ -212,9 +257,6 @@ fn attention_split_rows(
         m.predict_us(4),
         launch::attention_splits(&m)
     );
-    let bytes =
-        launch::attention_split_bytes(heads, hd, 1, n, tile, launch::ATTN_MAX_SPLITS).unwrap();
-    let scratch = g.alloc(bytes).unwrap();
     let fl = 4.0 * (n * keys * dim) as f64;
     // The unsplit output, the reference of the split ones.
     ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile, None).unwrap();
@@ -264,8 +306,6 @@ fn attention_split_rows(
             peak: peak_tflops,
         });
     }
-    g.sync().unwrap();
-    g.free(scratch).unwrap();
 }
 
 /// `n` bf16 values at `src` as f32.
@@ -1153,8 +1193,9 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
     // split-KV: the sessions above split the self-attention where the wave-fill model says so),
     // and BC_ATTN_WGMMA=0: on a compute capability 9.0 device the sessions above run the wgmma
     // attention (the default there), this one the tuned mma.sync tiles (elsewhere it repeats the
-    // first row).
-    let saved: Vec<_> = ["BC_ATTN_WGMMA", "BC_ATTN_SPLIT"]
+    // first row); then sequential and lag 1 with BC_ATTN_WGMMA_VARIANT=ws (the warp-specialized
+    // kernel, split where the model says so; off 9.0 the variant is ignored).
+    let saved: Vec<_> = ["BC_ATTN_WGMMA", "BC_ATTN_SPLIT", "BC_ATTN_WGMMA_VARIANT"]
         .map(|k| (k, std::env::var_os(k)))
         .into_iter()
         .collect();
@@ -1177,6 +1218,16 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
             "sequential mma.sync",
             Schedule::Sequential,
             Some(("BC_ATTN_WGMMA", "0")),
+        ),
+        (
+            "sequential ws",
+            Schedule::Sequential,
+            Some(("BC_ATTN_WGMMA_VARIANT", "ws")),
+        ),
+        (
+            "cascade lag 1 ws",
+            Schedule::Cascade { lag: 1 },
+            Some(("BC_ATTN_WGMMA_VARIANT", "ws")),
         ),
     ] {
         for (k, v) in &saved {

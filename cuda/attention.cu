@@ -248,6 +248,21 @@ __device__ __forceinline__ AttCursor att_split_start(const BcAttentionParams& p,
     }
 }
 
+/// Block x of a launch of `splits` key splits (grid.x = row tiles x splits, split-major: the
+/// blocks of one split of a head walk the same K/V range at the same time, as the row tiles of
+/// an unsplit launch do): row tile `rt` = x % `tiles`, split x / `tiles`.
+struct AttSplitBlock {
+    int splits, tiles, split, rt;
+    /// Where the block's partial result goes (att_store_partial's `slot`).
+    __device__ __forceinline__ int slot(const BcAttentionParams& p) const {
+        return ((blockIdx.z * tiles + rt) * p.heads + blockIdx.y) * splits + split;
+    }
+};
+__device__ __forceinline__ AttSplitBlock att_split_block(const BcAttentionParams& p) {
+    const int splits = p.splits, tiles = gridDim.x / splits;
+    return AttSplitBlock{splits, tiles, (int)(blockIdx.x / tiles), (int)(blockIdx.x % tiles)};
+}
+
 /// The tile after `c` (BK keys on, or the next non-empty segment; none past the split's end).
 __device__ __forceinline__ AttCursor att_advance(const BcAttentionParams& p, const BcAttnGroup& g, AttCursor c, int bk) {
     if (!c.have) return c;
@@ -625,11 +640,8 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
 
     BC_EMU_CHECK(p.head_dim > 0 && p.head_dim <= HDMAX && p.head_dim % 8 == 0 && p.splits >= 1);
     const BcAttnGroup grp = p.groups[blockIdx.z];
-    // grid.x = row tiles x splits, split-major: the blocks of one split of a head walk the same
-    // K/V range at the same time, as the row tiles of an unsplit launch do.
-    const int splits = p.splits, tiles = gridDim.x / splits;
-    const int split = blockIdx.x / tiles, rt = blockIdx.x % tiles;
-    const int r0 = rt * ATT_BQ;
+    const AttSplitBlock sb = att_split_block(p);  // (row tile, split) of this block
+    const int r0 = sb.rt * ATT_BQ;
     if (r0 >= grp.q_rows) return;  // uniform for the whole block
     const int hd = p.head_dim, cpr = hd / 8;
     const int h = blockIdx.y;
@@ -678,7 +690,7 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
             }
         }
     };
-    const AttCursor c0 = att_split_start(p, grp, BK, split, splits);
+    const AttCursor c0 = att_split_start(p, grp, BK, sb.split, sb.splits);
     bool have = c0.have;
     if (have) load_kv(0, c0.seg, c0.k0);
     bc_cp_async_commit();
@@ -917,8 +929,8 @@ __device__ __forceinline__ void bc_attention_impl(const BcAttentionParams& p, un
 
     // 3. Normalise and store; with splits, the block's partial result instead (att_store_partial).
     if (!active) return;
-    if (splits > 1) {
-        att_store_partial<Cfg>(p, grp, o, m, l, ((blockIdx.z * tiles + rt) * p.heads + h) * splits + split, r0, warp, g, t);
+    if (sb.splits > 1) {
+        att_store_partial<Cfg>(p, grp, o, m, l, sb.slot(p), r0, warp, g, t);
         return;
     }
 #pragma unroll

@@ -16,7 +16,9 @@
 //   warpgroup 0, the producer (WS_PRODUCER_REGS registers after setmaxnreg.dec): walks the
 //     group's segments and key tiles exactly as the other kernels do (a tile never crosses a
 //     segment end; the last tile of a segment has kn < BK keys, its other rows zero-filled by
-//     cp.async src-size 0) and copies tile j into stage s = j % WS_STAGES: waits empty[s]
+//     cp.async src-size 0; with split-KV only the block's split of them, att_split_start: an
+//     empty split publishes the end marker at once) and copies tile j into stage
+//     s = j % WS_STAGES: waits empty[s]
 //     (the consumers are done with the tile that was there), writes the tile's key count kn
 //     into a small shared ring next to the barriers (ring[s]), issues its share of the tile's
 //     16-byte cp.async chunks (Q too with tile 0), commits a group; when the group has landed
@@ -40,8 +42,11 @@
 //     that read stage st has completed, so each consumer warp's lane 0 arrives on empty[st]
 //     (count: the 8 consumer warps, after a __syncwarp orders its lanes' ring reads), rescale
 //     O, pack P(t+1). No all-thread barrier in the loop; the producer never waits for a
-//     consumer except through empty[].
-// So the same inputs give the bits of pp_k128 (and of _k128): tests/kernels_emu.rs checks it.
+//     consumer except through empty[]. Then pp_k128's store, or with splits its partial store
+//     (att_store_partial: the same slot and layout; a split without tiles stores m = -inf,
+//     l = 0, O = 0) for bc_attention_combine.
+// So the same inputs give the bits of pp_k128 (and of _k128), split or not (the same partials):
+// tests/kernels_emu.rs checks it.
 // Phases: the k-th use of stage s (tiles s, s + WS_STAGES, ...) is phase k of full[s] and of
 // empty[s]; waits use parity k & 1 (the producer skips its first WS_STAGES waits).
 //
@@ -56,7 +61,8 @@
 // mbarrier, named barriers, wgmma, setmaxnreg with the block's register pool): every attention case of the
 // wgmma variants (segments, masked last tiles, ragged groups of 1-130 rows, empty groups and
 // segments, strides, negative / zero scales, large logits, 512-key cross-attention) against the
-// CPU and for the bits of the _k128 kernel (= pp_k128). Speed and the real register split only
+// CPU and for the bits of the _k128 kernel (= pp_k128); split-KV (S = 2, 3, 5, 7, empty splits)
+// for pp_k128's partial and combined bits. Speed and the real register split only
 // on a GPU (tests/cuda.rs, benches/gpu.rs).
 #include "include/barrier.cuh"
 #include "include/mma.cuh"
@@ -126,11 +132,11 @@ __device__ __forceinline__ void ws_setmaxnreg() {
 #endif
 }
 
-/// The producer warpgroup (thread pt = 0..127): Q, then every key tile of the group, then the
-/// end marker, as the header says.
-__device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const BcAttnGroup& grp, int r0,
-                                            unsigned char* smem, bc_saddr base, uint64_t* full, uint64_t* empty,
-                                            int* ring, int pt) {
+/// The producer warpgroup (thread pt = 0..127): Q, then every key tile of the block's split of
+/// the group's walk, then the end marker, as the header says.
+__device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const BcAttnGroup& grp, AttSplitBlock sb,
+                                            int r0, unsigned char* smem, bc_saddr base, uint64_t* full,
+                                            uint64_t* empty, int* ring, int pt) {
     const int hd = p.head_dim, cpr = hd / 8, h = blockIdx.y;
     const int c = pt % 8, r = pt / 8;
     const bc_saddr dst = base + r * WsSm::RS + ((c ^ (r & 7)) * 16);  // (row r, chunk c) of a tile
@@ -186,8 +192,9 @@ __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const Bc
         bc_fence_proxy_async();  // the copies (and the flip) -> visible to wgmma's async proxy
         bc_mbar_arrive(&full[s]);
     };
-    // The whole group's walk (this kernel never splits: AttentionTile::supports_split).
-    AttCursor cur = att_split_start(p, grp, WS_BK, 0, 1);
+    // The block's split of the group's walk (all of it with one split): att_advance stops at the
+    // split's end (`left`), and the end marker follows; an empty split publishes only that.
+    AttCursor cur = att_split_start(p, grp, WS_BK, sb.split, sb.splits);
     int s = 0, prev = 0;
     unsigned use = 0;  // uses of stage s so far
     for (int j = 0;; ++j) {
@@ -226,10 +233,11 @@ __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const Bc
 }
 
 /// A consumer warpgroup (cw = 0, 1: query rows r0 + 64 cw ..; ctid = 0..255 over both): the
-/// pp_k128 loop with the tiles from the producer.
-__device__ __forceinline__ void ws_consumer(const BcAttentionParams& p, const BcAttnGroup& grp, int r0,
-                                            unsigned w, uint64_t* full, uint64_t* empty, const int* ring,
-                                            int ctid) {
+/// pp_k128 loop with the tiles from the producer; then the pp_k128 store (or, with splits, its
+/// partial store).
+__device__ __forceinline__ void ws_consumer(const BcAttentionParams& p, const BcAttnGroup& grp, AttSplitBlock sb,
+                                            int r0, unsigned w, uint64_t* full, uint64_t* empty,
+                                            const int* ring, int ctid) {
     constexpr int HDMAX = WS_HD, BK = WS_BK, NO = HDMAX / 8;
     using Cfg = WsCfg;
     const int hd = p.head_dim, h = blockIdx.y;
@@ -299,7 +307,13 @@ __device__ __forceinline__ void ws_consumer(const BcAttentionParams& p, const Bc
     if (have && cw == 0) bc_bar_sync(WS_BAR_SCHED, WS_CONSUMER_NT);
 
     // O / rowsum (0 for rows without keys) as bf16; rows past the group end are not stored.
+    // With splits, the un-normalised partial result instead (a split without tiles: m = -inf,
+    // l = 0, O = 0), in pp_k128's slot and layout (warp = the consumers' warp 0..7).
     if (r0 + 64 * cw >= grp.q_rows) return;
+    if (sb.splits > 1) {
+        att_store_partial<Cfg>(p, grp, o, m, l, sb.slot(p), r0, warp, g, t);
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         float li = l[0][i];
@@ -318,14 +332,16 @@ __device__ __forceinline__ void ws_consumer(const BcAttentionParams& p, const Bc
 #endif
 
 // 384 threads (one producer and two consumer warpgroups), 128 query rows and 128-key tiles per
-// block; grid and BcAttentionParams as bc_attention_wgmma_hd128_pp_k128, BC_ATTN_WS_SMEM bytes of
+// block; grid and BcAttentionParams as bc_attention_wgmma_hd128_pp_k128 (split-KV included:
+// grid.x = row tiles x splits, split-major, the partials in its slots), BC_ATTN_WS_SMEM bytes of
 // dynamic shared memory. Opt-in: BC_ATTN_WGMMA_VARIANT=ws.
 extern "C" __global__ void __launch_bounds__(WS_NT, 1) bc_attention_wgmma_hd128_ws(BcAttentionParams p) {
 #if BC_HAS_WGMMA
     BC_DYNAMIC_SMEM(smem_raw, BC_ATTN_WS_SMEM);
-    BC_EMU_CHECK(p.head_dim > 0 && p.head_dim <= WS_HD && p.head_dim % 8 == 0);
+    BC_EMU_CHECK(p.head_dim > 0 && p.head_dim <= WS_HD && p.head_dim % 8 == 0 && p.splits >= 1);
     const BcAttnGroup grp = p.groups[blockIdx.z];
-    const int r0 = blockIdx.x * WsCfg::BQ;
+    const AttSplitBlock sb = att_split_block(p);  // (row tile, split) of this block
+    const int r0 = sb.rt * WsCfg::BQ;
     if (r0 >= grp.q_rows) return;  // uniform for the whole block
     // The tiles start on the first 1024-byte boundary of the shared window.
     // (shared addresses computed once, here: `base` for the copies, `w` for the descriptors)
@@ -346,10 +362,10 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) bc_attention_wgmma_hd128_
     __syncthreads();
     if (tid < WS_WG) {
         ws_setmaxnreg<false, WS_PRODUCER_REGS>();
-        ws_producer(p, grp, r0, smem, base, full, empty, ring, tid);
+        ws_producer(p, grp, sb, r0, smem, base, full, empty, ring, tid);
     } else {
         ws_setmaxnreg<true, WS_CONSUMER_REGS>();
-        ws_consumer(p, grp, r0, w0 + pad, full, empty, ring, tid - WS_WG);
+        ws_consumer(p, grp, sb, r0, w0 + pad, full, empty, ring, tid - WS_WG);
     }
 #else
     __trap();

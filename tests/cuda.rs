@@ -20,6 +20,7 @@ use blockcascade::rng::Rng;
 use blockcascade::{kernels, AttentionMode, Generator, Schedule};
 use common::{expected, golden, rel_l2};
 use half::bf16;
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// GPU tests share one device and the session-options override: run them one at a time.
@@ -775,7 +776,7 @@ fn attention_matches_the_cpu() {
             }
         };
         let mut first = None;
-        let mut pp_k128 = None;
+        let mut pp_k128 = HashMap::new();
         for (tile, splits) in split_tiles(&g) {
             let out = poisoned(&mut g, nq * d * 2);
             let used = attention_split(
@@ -793,9 +794,12 @@ fn attention_matches_the_cpu() {
             if !tile.is_wgmma() && splits == 1 {
                 same_bits(&mut first, &got, &format!("attention_self_{name}"));
             }
-            if splits == 1 {
-                ws_twin(&mut pp_k128, tile, &got, &format!("attention_self_{name}"));
-            }
+            ws_twin(
+                &mut pp_k128,
+                (tile, splits),
+                &got,
+                &format!("attention_self_{name}{}", split_name(splits)),
+            );
             // Reference on sampled rows of each group.
             let mut want_rows = Vec::new();
             let mut got_rows = Vec::new();
@@ -845,7 +849,7 @@ fn attention_matches_the_cpu() {
         }];
         let (sd, id, gd) = (up(&mut g, &segs), up(&mut g, &[0i32]), up(&mut g, &groups));
         let mut first = None;
-        let mut pp_k128 = None;
+        let mut pp_k128 = HashMap::new();
         for (tile, splits) in split_tiles(&g) {
             let out = poisoned(&mut g, nq * d * 2);
             let used = attention_split(
@@ -863,9 +867,12 @@ fn attention_matches_the_cpu() {
             if !tile.is_wgmma() && splits == 1 {
                 same_bits(&mut first, &got, &format!("attention_cross_{name}"));
             }
-            if splits == 1 {
-                ws_twin(&mut pp_k128, tile, &got, &format!("attention_cross_{name}"));
-            }
+            ws_twin(
+                &mut pp_k128,
+                (tile, splits),
+                &got,
+                &format!("attention_cross_{name}{}", split_name(splits)),
+            );
             let (mut want_rows, mut got_rows) = (Vec::new(), Vec::new());
             for &r in &sample {
                 let mut o = vec![0f32; d];
@@ -896,15 +903,23 @@ fn attention_matches_the_cpu() {
 }
 
 /// The warp-specialized attention kernel ([`AttentionTile::WgmmaWs`]) runs `pp_k128`'s math, so
-/// the emulation gives it `pp_k128`'s bits: on the GPU, keeps `pp_k128`'s output (`keep`) and
-/// prints `ATTN_WS_BITS <what> same|differ (<n> of <m> values)` for the ws one (not an
-/// assertion: nvcc compiles the two kernels separately; both are checked against the CPU).
-fn ws_twin(keep: &mut Option<Vec<u32>>, tile: AttentionTile, got: &[f32], what: &str) {
+/// the emulation gives it `pp_k128`'s bits, split or not: on the GPU, keeps `pp_k128`'s output
+/// per split count (`keep`) and prints `ATTN_WS_BITS <what> same|differ (<n> of <m> values)` for
+/// the ws one with the same splits (not an assertion: nvcc compiles the two kernels separately;
+/// both are checked against the CPU).
+fn ws_twin(
+    keep: &mut HashMap<usize, Vec<u32>>,
+    (tile, splits): (AttentionTile, usize),
+    got: &[f32],
+    what: &str,
+) {
     let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
     match tile {
-        AttentionTile::WgmmaPpK128 => *keep = Some(bits),
+        AttentionTile::WgmmaPpK128 => {
+            keep.insert(splits, bits);
+        }
         AttentionTile::WgmmaWs => {
-            if let Some(b) = keep.as_ref() {
+            if let Some(b) = keep.get(&splits) {
                 let n = b.iter().zip(&bits).filter(|(x, y)| x != y).count();
                 let verdict = if n == 0 { "same" } else { "differ" };
                 println!(

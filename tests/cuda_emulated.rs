@@ -171,7 +171,10 @@ fn both_attention_tiles_reproduce_the_golden_case() {
 /// Split-KV self-attention forced on a session (`CudaOptions::attention_split`; the emulated
 /// device's one slot never splits by itself): the golden case, sequential and cascade lag 2
 /// (windows of 1 to 3 members: a launch splits only as far as the session's scratch holds its
-/// partials), with the `mma.sync` and the default Hopper tile, graphs captured and replayed,
+/// partials), with the `mma.sync` tile, `pp_k128` and the warp-specialized Hopper tile (what
+/// `BC_ATTN_WGMMA_VARIANT=ws` selects; the tiny model's head_dim 32 runs their hd64 kernel, so
+/// this checks that a ws session splits at all: tests/kernels_emu.rs checks the hd128 kernels),
+/// graphs captured and replayed,
 /// within the bf16 tolerance; the sessions really launched split attention, and eager launches
 /// give the same bits as the graphs.
 #[test]
@@ -185,6 +188,7 @@ fn forced_split_kv_reproduces_the_golden_case() {
         for (tile, splits) in [
             (AttentionTile::Rows128, 2usize),
             (AttentionTile::WgmmaPpK128, 3),
+            (AttentionTile::WgmmaWs, 2),
         ] {
             let co = |graphs| CudaOptions {
                 emulate: true,

@@ -685,7 +685,9 @@ fn attention_raw(
 }
 
 /// [`attention_raw`] with `splits` key splits: the partial results go to a NaN-poisoned
-/// buffer, then `bc_attention_combine` writes `out`.
+/// buffer, then `bc_attention_combine` writes `out`; that buffer's bits are returned. The
+/// warp-specialized tile is run twice, the second time as `WgmmaPpK128`: the same partial
+/// bits (slots, poison where nothing is written) and the same output bits, or a panic.
 #[allow(clippy::too_many_arguments)]
 fn attention_raw_split(
     tile: AttentionTile,
@@ -700,7 +702,7 @@ fn attention_raw_split(
     out: &mut [bf16],
     out_stride: usize,
     splits: usize,
-) {
+) -> Vec<u32> {
     use blockcascade::kernels::params::{
         BcAttentionParams, BcAttnCombineParams, BcAttnGroup, BcKvSegment, BC_ATTN_COMBINE_THREADS,
     };
@@ -760,10 +762,11 @@ fn attention_raw_split(
         splits: splits as i32,
         partial: partial.as_mut_ptr() as *mut f32,
     };
-    // The warp-specialized kernel must give pp_k128's bits on every input: run that on a copy.
+    // The warp-specialized kernel must give pp_k128's bits on every input, split or not (the
+    // same partials, so the same combine): run that on a copy.
     let twin = (tile == AttentionTile::WgmmaWs).then(|| {
         let mut o = out.to_vec();
-        attention_raw(
+        let part = attention_raw_split(
             AttentionTile::WgmmaPpK128,
             q,
             q_stride,
@@ -775,8 +778,9 @@ fn attention_raw_split(
             scale,
             &mut o,
             out_stride,
+            splits,
         );
-        o
+        (o, part)
     });
     let p = BcAttentionParams {
         out: out.as_mut_ptr() as *mut _,
@@ -822,12 +826,18 @@ fn attention_raw_split(
         }
         .unwrap();
     }
-    if let Some(o) = twin {
+    let bits: Vec<u32> = partial.iter().flat_map(|f| f.0.map(f32::to_bits)).collect();
+    if let Some((o, part)) = twin {
+        assert!(
+            bits == part,
+            "hd{hd} split {splits}: {tile:?}'s partial results differ from WgmmaPpK128's"
+        );
         assert!(
             same_bits(out, &o),
-            "hd{hd}: {tile:?} differs from WgmmaPpK128"
+            "hd{hd} split {splits}: {tile:?} differs from WgmmaPpK128"
         );
     }
+    bits
 }
 
 /// CPU reference of one group with softmax scale `scale` (cpu::attention uses 1/sqrt(hd), so
@@ -1097,9 +1107,7 @@ fn attention_split_kv_matches_the_cpu() {
     }
     let nq = r;
     for (tile, (seed, heads, hd)) in with_tiles(&[(51u64, 2usize, 32usize), (52, 1, 128)]) {
-        if !tile.supports_split() {
-            continue; // (the warp-specialized kernel walks whole groups)
-        }
+        assert!(tile.supports_split(), "{tile:?}");
         let mut rng = Rng::new(seed);
         let dim = heads * hd;
         let (kv, segs) = growing_segments(&mut rng, dim, &seg_len, &grow);
@@ -1127,49 +1135,70 @@ fn attention_split_kv_matches_the_cpu() {
 /// The split-KV entry point of the emulated launcher ([`emu::attention_split`], what the device
 /// launcher does: kernel, then combine) against the unsplit kernel on the sink + local-window
 /// lists of [`check_attention`]'s layout: close (another summation order), finite, and with one
-/// split the same bits.
+/// split the same bits; head_dim 64 (the hd64 kernels) and 128, where the warp-specialized
+/// kernel's splits (5: more than a group's 3 key tiles, empty splits) give pp_k128's bits.
 #[test]
 fn attention_split_entry_point_matches_the_unsplit_kernel() {
-    let (heads, hd) = (2usize, 64usize);
-    let dim = heads * hd;
-    let mut rng = Rng::new(61);
-    let (_, q) = randn_bf16(&mut rng, 95 * dim, 1.5);
-    let (_, k) = randn_bf16(&mut rng, 200 * dim, 1.0);
-    let (_, v) = randn_bf16(&mut rng, 200 * dim, 1.0);
-    let segs: Vec<KvSegment> = [(0usize, 70usize), (70, 3), (73, 127)]
-        .iter()
-        .map(|&(a, n)| KvSegment {
-            k: &k[a * dim..(a + n) * dim],
-            v: &v[a * dim..(a + n) * dim],
-        })
-        .collect();
-    let groups = [
-        QueryGroup {
-            rows: 0..40,
-            segments: vec![0, 1, 2],
-        },
-        QueryGroup {
-            rows: 40..95,
-            segments: vec![1],
-        },
-    ];
-    for tile in [AttentionTile::Rows128, AttentionTile::WgmmaPpK128] {
-        let mut base = vec![bf16::NAN; 95 * dim];
-        emu::attention(&q, heads, hd, &segs, &groups, &mut base, tile).unwrap();
-        let mut one = vec![bf16::NAN; 95 * dim];
-        emu::attention_split(&q, heads, hd, &segs, &groups, &mut one, tile, 1).unwrap();
-        assert!(
-            same_bits(&base, &one),
-            "{tile:?}: one split changed the bits"
-        );
-        for splits in [2usize, 5] {
-            let mut got = vec![bf16::NAN; 95 * dim];
-            emu::attention_split(&q, heads, hd, &segs, &groups, &mut got, tile, splits).unwrap();
-            assert_attention_close(
-                &format!("{tile:?} split {splits} vs unsplit"),
-                &to_f32(&got),
-                &to_f32(&base),
+    for (hd, tiles) in [
+        (
+            64usize,
+            [AttentionTile::Rows128, AttentionTile::WgmmaPpK128],
+        ),
+        (128, [AttentionTile::WgmmaPpK128, AttentionTile::WgmmaWs]),
+    ] {
+        let heads = 2usize;
+        let dim = heads * hd;
+        let mut rng = Rng::new(61);
+        let (_, q) = randn_bf16(&mut rng, 95 * dim, 1.5);
+        let (_, k) = randn_bf16(&mut rng, 200 * dim, 1.0);
+        let (_, v) = randn_bf16(&mut rng, 200 * dim, 1.0);
+        let segs: Vec<KvSegment> = [(0usize, 70usize), (70, 3), (73, 127)]
+            .iter()
+            .map(|&(a, n)| KvSegment {
+                k: &k[a * dim..(a + n) * dim],
+                v: &v[a * dim..(a + n) * dim],
+            })
+            .collect();
+        let groups = [
+            QueryGroup {
+                rows: 0..40,
+                segments: vec![0, 1, 2],
+            },
+            QueryGroup {
+                rows: 40..95,
+                segments: vec![1],
+            },
+        ];
+        let mut prev: Option<Vec<Vec<bf16>>> = None; // (the first tile's outputs, hd128)
+        for tile in tiles {
+            let mut base = vec![bf16::NAN; 95 * dim];
+            emu::attention(&q, heads, hd, &segs, &groups, &mut base, tile).unwrap();
+            let mut one = vec![bf16::NAN; 95 * dim];
+            emu::attention_split(&q, heads, hd, &segs, &groups, &mut one, tile, 1).unwrap();
+            assert!(
+                same_bits(&base, &one),
+                "hd{hd} {tile:?}: one split changed the bits"
             );
+            let mut outs = vec![base.clone()];
+            for splits in [2usize, 5] {
+                let mut got = vec![bf16::NAN; 95 * dim];
+                emu::attention_split(&q, heads, hd, &segs, &groups, &mut got, tile, splits)
+                    .unwrap();
+                assert_attention_close(
+                    &format!("hd{hd} {tile:?} split {splits} vs unsplit"),
+                    &to_f32(&got),
+                    &to_f32(&base),
+                );
+                outs.push(got);
+            }
+            if tile == AttentionTile::WgmmaWs {
+                let want = prev.as_ref().expect("pp_k128 runs first");
+                assert!(
+                    outs.iter().zip(want).all(|(a, b)| same_bits(a, b)),
+                    "hd{hd}: {tile:?} (unsplit, 2 or 5 splits) differs from WgmmaPpK128"
+                );
+            }
+            prev = Some(outs);
         }
     }
 }

@@ -378,9 +378,9 @@ impl AttentionTile {
             | AttentionTile::Wgmma64
             | AttentionTile::WgmmaK128
             | AttentionTile::WgmmaPp
-            | AttentionTile::WgmmaPpK128 => true,
-            // Its producer walks whole groups: no split walk or partial store (yet).
-            AttentionTile::WgmmaWs => false,
+            | AttentionTile::WgmmaPpK128
+            // (its producer walks the split's key tiles, its consumers store pp_k128's partials)
+            | AttentionTile::WgmmaWs => true,
         }
     }
 

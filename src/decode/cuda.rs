@@ -91,6 +91,32 @@ impl Frame {
     fn frame_bytes(&self) -> usize {
         2 * self.c * self.h * self.w
     }
+
+    /// Views of its bf16 frames in order, in groups of `g` (the last may be shorter): a block
+    /// walk's frames going on in groups. Only the first group keeps the buffer's spare leading
+    /// frames (`base`).
+    fn groups(self, g: usize) -> impl Iterator<Item = Frame> {
+        let fb = self.frame_bytes() as u64;
+        let g = g.max(1);
+        (0..self.n).step_by(g).map(move |k| {
+            let ptr = self.ptr + k as u64 * fb;
+            Frame {
+                ptr,
+                base: if k == 0 { self.base } else { ptr },
+                n: g.min(self.n - k),
+                owned: false,
+                ..self
+            }
+        })
+    }
+}
+
+/// Frames per group when a block walk's `n` frames of `rows` GEMM rows each go on in even
+/// groups of at most `bound` rows (about: at least one frame a group, at most `n` groups).
+fn group_frames(n: usize, rows: usize, bound: usize) -> usize {
+    let n = n.max(1);
+    let groups = (n * rows).div_ceil(bound.max(1)).clamp(1, n);
+    n.div_ceil(groups)
 }
 
 /// One input frame of a conv launch: the frame, its weight channel offset, time tap, and
@@ -564,14 +590,15 @@ impl Dev {
         self.run(l)
     }
 
-    /// Channel RMS norm (then SiLU when `silu`) of `x` into a new frame.
-    fn rms_norm(&mut self, x: Frame, gamma: DevPtr, silu: bool) -> Result<Frame> {
-        let y = self.get(x.c, x.h, x.w, 2)?;
+    /// Channel RMS norm (then SiLU when `silu`) of `x`'s frames into a new buffer, after
+    /// `lead` spare frames (one launch: the norm is per pixel).
+    fn rms_norm(&mut self, x: Frame, gamma: DevPtr, silu: bool, lead: usize) -> Result<Frame> {
+        let y = self.get_n(x.c, x.h, x.w, 2, x.n, lead)?;
         self.run(launch::dec_rms_norm(
             x.ptr as *const _,
             y.ptr as *mut _,
             gamma as *const f32,
-            x.h * x.w,
+            x.n * x.h * x.w,
             x.c,
             silu,
         ))?;
@@ -657,12 +684,13 @@ impl Model {
         }
     }
 
-    /// Latent frames one walk takes: up to [`CHUNK_LATENTS`] for TAEHV's block walk (with
+    /// Latent frames one walk takes: up to [`CHUNK_LATENTS`] for the block walk (with
     /// `batch`), else 1.
     fn walk_frames(&self, batch: bool) -> usize {
-        match self {
-            Model::Taehv(_) if batch => CHUNK_LATENTS,
-            _ => 1,
+        if batch {
+            CHUNK_LATENTS
+        } else {
+            1
         }
     }
 }
@@ -699,11 +727,12 @@ impl State {
 fn walk(model: &Model, dev: &mut Dev, st: &mut State, x: Frame) -> Result<()> {
     match (model, st) {
         (Model::Taehv(m), State::Taehv(s)) if dev.batch => m.block(dev, s, x),
+        (Model::Wan(m), State::Wan(s)) if dev.batch => m.decode(dev, s, x),
         _ if x.n != 1 => Err(Error::Internal(
             "a frame-at-a-time decoder walk was given several frames".into(),
         )),
         (Model::Taehv(m), State::Taehv(s)) => m.frame(dev, s, x),
-        (Model::Wan(m), State::Wan(s)) => m.frame(dev, s, x),
+        (Model::Wan(m), State::Wan(s)) => m.decode(dev, s, x),
         _ => Err(Error::Internal(
             "device decoder and stream state differ".into(),
         )),

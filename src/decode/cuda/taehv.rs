@@ -236,22 +236,9 @@ impl DevTaehv {
                     // The rest in even groups of frames of at most `block_rows` rows at the
                     // next conv's size (through the pending upsample), in order.
                     let rows = y.h * y.w * if pending { 4 } else { 1 };
-                    let groups = (y.n * rows).div_ceil(dev.block_rows.max(1)).clamp(1, y.n);
-                    let g = y.n.div_ceil(groups);
-                    let fb = y.frame_bytes() as u64;
-                    let mut k = 0;
-                    while k < y.n {
-                        let ptr = y.ptr + k as u64 * fb;
-                        let part = Frame {
-                            ptr,
-                            // Only the first group has the spare leading frame.
-                            base: if k == 0 { y.base } else { ptr },
-                            n: g.min(y.n - k),
-                            owned: false,
-                            ..y
-                        };
+                    let g = super::group_frames(y.n, rows, dev.block_rows);
+                    for part in y.groups(g) {
                         self.block_from(dev, st, i + 1, part, pending)?;
-                        k += part.n;
                     }
                     dev.put(y);
                     return Ok(());

@@ -1,7 +1,7 @@
 //! Both decoders on a CUDA device (a GPU through the driver, or the emulated device in CI): the
-//! same layer walks as the CPU decoders (depth first, one frame per level alive; TAEHV by
-//! default in blocks of up to [`CHUNK_LATENTS`] latent frames, each layer one launch over all
-//! their frames: `cuda/taehv.rs`, docs/decoders.md), with every convolution on `cuda/conv.cu`
+//! same layer walks as the CPU decoders (depth first, one frame per level alive; by default
+//! in blocks of up to [`CHUNK_LATENTS`] latent frames, each layer one launch over all their
+//! frames: `cuda/taehv.rs`, `cuda/wan.rs`, docs/decoders.md), with every convolution on `cuda/conv.cu`
 //! and the small ops on `cuda/decode_ops.cu`.
 //!
 //! This file holds what both share ([`Dev`]: the device, weight upload, a pool of activation
@@ -219,24 +219,26 @@ struct Dev {
     conv_parity: bool,
     /// Launches and copies a `Mode::Measure` walk would have submitted.
     measured: u64,
-    /// TAEHV decodes a push's latent frames in blocks of up to [`CHUNK_LATENTS`], each layer
-    /// one launch over all of a block's frames (see [`frame_batching_default`]); else one
+    /// Both decoders decode a push's latent frames in blocks of up to [`CHUNK_LATENTS`], each
+    /// layer one launch over all of a block's frames (see [`frame_batching_default`]); else one
     /// latent frame at a time.
     batch: bool,
-    /// The block walk's bound on GEMM rows (pixels x frames) per launch past a `TGrow`
-    /// ([`BLOCK_ROWS`]).
+    /// The block walk's bound on GEMM rows (pixels x frames) per launch past a TAEHV `TGrow`
+    /// or a Wan VAE upsample ([`BLOCK_ROWS`]).
     block_rows: usize,
 }
 
-/// GEMM rows (output pixels of all the frames) TAEHV's block walk gives a launch at most past a
-/// `TGrow`, where it goes on in groups of frames (a frame's pixels at least): 2^19 rows are
-/// 4096 blocks of 128 pixels, ten and more waves on a 132-SM GPU. At 480x832 (latents 60x104)
-/// a 3-latent-frame block runs its first two stages (6240 and 24960 pixels a frame) in one
-/// launch per layer, the third (99840) in 2 groups of 3 frames and the full resolution
-/// (399360) in 6 of 2, so the activations stay near a few hundred MiB.
+/// GEMM rows (output pixels of all the frames) the block walk gives a launch at most (about)
+/// past a TAEHV `TGrow` or a Wan VAE upsample, where it goes on in groups of frames (a frame's
+/// pixels at least): 2^19 rows are 4096 blocks of 128 pixels, ten and more waves on a 132-SM
+/// GPU. At 480x832 (latents 60x104) a 3-latent-frame block of TAEHV runs its first two stages
+/// (6240 and 24960 pixels a frame) in one launch per layer, the third (99840) in 2 groups of 3
+/// frames and the full resolution (399360) in 6 of 2; the Wan VAE runs 60x104 and 120x208 in
+/// one launch per layer, 240x416 in 3 groups of 4 frames, 480x832 one frame at a time. So the
+/// activations stay near a few hundred MiB (TAEHV) or about a GiB (the Wan VAE).
 pub const BLOCK_ROWS: usize = 1 << 19;
 
-/// Whether a new decoder batches frames (TAEHV's block walk): yes unless
+/// Whether a new decoder batches frames (the block walk): yes unless
 /// `BC_DECODE_PER_FRAME=1` (the frame-at-a-time walk, kept to compare with: same bits).
 fn frame_batching_default() -> bool {
     !env_flag("BC_DECODE_PER_FRAME")
@@ -722,7 +724,7 @@ impl State {
     }
 }
 
-/// Decodes the `x.n` latent frames (one, unless TAEHV's block walk) from their NHWC bf16 input
+/// Decodes the `x.n` latent frames (one, unless the block walk) from their NHWC bf16 input
 /// `x` (made by [`Model::input`]): eagerly, planned or captured, as the device's mode says.
 fn walk(model: &Model, dev: &mut Dev, st: &mut State, x: Frame) -> Result<()> {
     match (model, st) {
@@ -780,7 +782,7 @@ pub struct BlockCost {
     /// Latent frames in the block.
     pub frames: usize,
     /// Walks (one per latent frame frame by frame; one per chunk of up to 4 latent frames with
-    /// TAEHV's block walk): each is one graph replay once graphs are captured.
+    /// the block walk): each is one graph replay once graphs are captured.
     pub walks: usize,
     /// Kernel launches, copies and memsets the walks and the latent inputs submit (what one
     /// graph replay per walk holds, plus the input launches; not the pixel copies and
@@ -1027,15 +1029,14 @@ impl CudaDecoder {
         Ok(())
     }
 
-    /// Whether TAEHV decodes blocks of latent frames at once (each layer one launch over all the
-    /// frames of up to 4 latent frames; the default unless
-    /// `BC_DECODE_PER_FRAME=1`) rather than one latent frame at a time. The Wan VAE always
-    /// walks one frame at a time. Same bits either way.
+    /// Whether the decoder decodes blocks of latent frames at once (each layer one launch over
+    /// all the frames of up to 4 latent frames; the default unless `BC_DECODE_PER_FRAME=1`)
+    /// rather than one latent frame at a time. Same bits either way.
     pub fn frame_batching(&self) -> bool {
         self.dev.batch
     }
 
-    /// Turns TAEHV's block walk on or off for the following pushes (tests and benchmarks
+    /// Turns the block walk on or off for the following pushes (tests and benchmarks
     /// compare the two); captured graphs are dropped (and captured again) when it changes.
     pub fn set_frame_batching(&mut self, on: bool) -> Result<()> {
         self.drop_graphs_if(self.dev.batch != on)?;
@@ -1043,9 +1044,9 @@ impl CudaDecoder {
         Ok(())
     }
 
-    /// Sets the block walk's bound on GEMM rows per launch past a `TGrow` (default
-    /// [`BLOCK_ROWS`]; at least 1: then every frame past the first `TGrow` goes on alone, as
-    /// in the frame walk). Tests use small bounds to take the grouped path at small sizes;
+    /// Sets the block walk's bound on GEMM rows per launch past a TAEHV `TGrow` or a Wan VAE
+    /// upsample (default [`BLOCK_ROWS`]; at least 1: then every frame past the first goes on
+    /// alone, as in the frame walk). Tests use small bounds to take the grouped path at small sizes;
     /// the bits are the same whatever the bound. Captured graphs are dropped when it changes.
     pub fn set_block_rows(&mut self, rows: usize) -> Result<()> {
         let rows = rows.max(1);
@@ -1411,7 +1412,7 @@ impl CudaDecoder {
     }
 
     /// Decodes latent frames `[frames][16][h][w]` at `src` on the device into `out`: each walk's
-    /// frames (one, or with TAEHV's block walk up to [`CHUNK_LATENTS`]) are turned into its
+    /// frames (one, or with the block walk up to [`CHUNK_LATENTS`]) are turned into its
     /// input and decoded (a graph replay in the steady state), and their pixel frames appended
     /// to the block buffer, downloaded once per [`CHUNK_LATENTS`] latent frames.
     fn decode_frames(

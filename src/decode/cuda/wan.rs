@@ -14,9 +14,10 @@
 //! breadth first: every layer once over all the frames it has at its stage (1 per latent frame
 //! at the latent resolution, 2 and 4 after the temporal upsamples; the stream's first latent
 //! frame skips each `time_conv`, upstream's first-chunk rule), each conv one launch over all of
-//! them. A causal conv's input buffer has two spare leading frames where its cache is copied,
-//! so tap `t` of all its frames is one source (the input `2 - t` frames back); its last two
-//! input frames are then the cache. After an upsample whose frames would make more than
+//! them. A causal conv's input buffer of several frames has two spare leading frames where its
+//! cache is copied, so tap `t` of all its frames is one source (the input `2 - t` frames back);
+//! its last two input frames are then copied into the cache (a launch of one frame takes its
+//! taps from the cache as the frame walk does: no copy in, one frame out). After an upsample whose frames would make more than
 //! `dev.block_rows` GEMM rows a launch, they go on in groups, depth first (caches carried from
 //! group to group). The attention is per frame: its 1x1 convs over all frames, the scores,
 //! softmax and P V one frame at a time. Each output value is the same sum in the same order in
@@ -115,7 +116,8 @@ impl WanDevState {
     /// (`None` before). In the frame walk the caches at the latent resolution take one frame
     /// per latent frame, the others 2 or 4, so two keys alternate: two graphs rotate the
     /// rings, where copies would move every latent-resolution cache once more per frame. The
-    /// block walk leaves every ring with its older frame in slot 0: one key.
+    /// block walk's launches of several frames leave a ring with its older frame in slot 0,
+    /// those of one frame rotate it as the frame walk does: at most two keys per block size.
     pub(super) fn graph_key(&self) -> Option<Vec<u8>> {
         if self.caches.iter().any(|c| c.n < 2) {
             return None;
@@ -125,12 +127,23 @@ impl WanDevState {
     }
 }
 
+/// Spare leading frames the input of a causal conv over `n` frames has: 2 when `n > 1` (its
+/// cache is copied there), else none.
+fn lead(n: usize) -> usize {
+    if n > 1 {
+        2
+    } else {
+        0
+    }
+}
+
 /// The time-tap sources of a causal 3-tap conv over the frames `x` continuing `cache`, its
-/// current frames (tap 2) last. Frame walk (`x` one frame): the cache's frames as taps 0 and 1
-/// (zero frames omitted). Block walk: the cache is copied into the two spare frames before `x`
-/// (an error if it has none), and tap `t` is `x` read `2 - t` frames back.
+/// current frames (tap 2) last. One frame (the frame walk, or a block walk's group of one): the
+/// cache's frames as taps 0 and 1 (zero frames omitted). More: the cache is copied into the
+/// [`lead`] frames before `x` (an error if it has none), and tap `t` is `x` read `2 - t`
+/// frames back.
 fn taps(dev: &mut Dev, cache: &Cache, x: Frame) -> Result<Vec<In>> {
-    if !dev.batch {
+    if x.n == 1 {
         let mut s: Vec<In> = (2 - cache.n.min(2)..2)
             .map(|i| In::at(cache.slot((cache.first + i) % 2, x), i))
             .collect();
@@ -159,13 +172,13 @@ fn taps(dev: &mut Dev, cache: &Cache, x: Frame) -> Result<Vec<In>> {
 }
 
 /// After a causal conv over `x` (read through [`taps`]): `cache` takes its input frames
-/// (device copies, stream-ordered after the conv read them). Frame walk: `x` into the ring's
-/// older slot, which becomes the newer. Block walk: the last two frames of the cache and `x`
-/// (one copy from before `x`'s end) into slots 0 and 1.
+/// (device copies, stream-ordered after the conv read them). One frame: `x` into the ring's
+/// older slot, which becomes the newer. More: the last two frames of the cache and `x` (one
+/// copy from before `x`'s end) into slots 0 and 1.
 fn keep(dev: &mut Dev, cache: &mut Cache, x: Frame) -> Result<()> {
     let fb = x.frame_bytes();
     cache.n = (cache.n + x.n).min(2);
-    if !dev.batch {
+    if x.n == 1 {
         let slot = cache.slot(cache.first, x).ptr;
         cache.first = 1 - cache.first;
         return dev.copy(slot, x.ptr, fb);
@@ -325,14 +338,12 @@ impl DevWan {
         dev.run(l)
     }
 
-    /// Spare leading frames the block walk gives the input of block `i` (or the head, past
-    /// the last): 2 for a `time_conv`'s (its cache goes there), else none.
-    fn lead_into(&self, dev: &Dev, i: usize) -> usize {
-        let time = matches!(self.blocks.get(i), Some(DevBlock::Up { time: Some(_), .. }));
-        if dev.batch && time {
-            2
-        } else {
-            0
+    /// Spare leading frames the input of block `i` (or the head, past the last) has when it
+    /// is `n` frames: a `time_conv`'s has [`lead`]'s, any other none (a norm comes first).
+    fn lead_into(&self, i: usize, n: usize) -> usize {
+        match self.blocks.get(i) {
+            Some(DevBlock::Up { time: Some(_), .. }) => lead(n),
+            _ => 0,
         }
     }
 
@@ -342,11 +353,18 @@ impl DevWan {
     /// block to block (and group to group).
     pub(super) fn decode(&self, dev: &mut Dev, st: &mut WanDevState, x0: Frame) -> Result<()> {
         let (hw, n) = ((x0.h, x0.w), x0.n);
-        let lead = if dev.batch { 2 } else { 0 };
         let src = [In::at(x0, 0)];
-        let x1 = dev.conv_n(&self.conv2, &src, hw, None, BC_ACT_NONE, false, (n, lead))?;
+        let x1 = dev.conv_n(
+            &self.conv2,
+            &src,
+            hw,
+            None,
+            BC_ACT_NONE,
+            false,
+            (n, lead(n)),
+        )?;
         dev.put(x0);
-        let into = (false, self.lead_into(dev, 0));
+        let into = (false, self.lead_into(0, n));
         let x = causal(dev, &mut st.caches[0], &self.conv1, x1, None, into)?;
         dev.put(x1);
         self.walk(dev, st, 0, x)
@@ -425,10 +443,9 @@ impl DevWan {
     /// Runs the frames `x` through blocks `from..` and the head; after an upsample, depth
     /// first over groups of frames (the frame walk: one frame a group).
     fn walk(&self, dev: &mut Dev, st: &mut WanDevState, from: usize, mut x: Frame) -> Result<()> {
-        let lead = if dev.batch { 2 } else { 0 };
         for i in from..self.blocks.len() {
             let (hw, n) = ((x.h, x.w), x.n);
-            let into = (false, self.lead_into(dev, i + 1));
+            let into = (false, self.lead_into(i + 1, n));
             match &self.blocks[i] {
                 DevBlock::Res {
                     g1,
@@ -439,10 +456,10 @@ impl DevWan {
                     ca,
                     cb,
                 } => {
-                    let r = dev.rms_norm(x, *g1, true, lead)?;
+                    let r = dev.rms_norm(x, *g1, true, lead(n))?;
                     let r2 = causal(dev, &mut st.caches[*ca], a, r, None, (false, 0))?;
                     dev.put(r);
-                    let r3 = dev.rms_norm(r2, *g2, true, lead)?;
+                    let r3 = dev.rms_norm(r2, *g2, true, lead(n))?;
                     dev.put(r2);
                     let s = match short {
                         Some(s) => {
@@ -503,14 +520,14 @@ impl DevWan {
                     };
                     let none = BC_ACT_NONE;
                     if g >= x.n {
-                        let u =
-                            dev.conv_n(conv, &[up(x)], hw2, None, none, false, (x.n, into.1))?;
+                        let k = (x.n, self.lead_into(i + 1, x.n));
+                        let u = dev.conv_n(conv, &[up(x)], hw2, None, none, false, k)?;
                         dev.put(x);
                         x = u;
                         continue;
                     }
                     for part in x.groups(g) {
-                        let k = (part.n, into.1);
+                        let k = (part.n, self.lead_into(i + 1, part.n));
                         let u = dev.conv_n(conv, &[up(part)], hw2, None, none, false, k)?;
                         self.walk(dev, st, i + 1, u)?;
                     }
@@ -519,7 +536,7 @@ impl DevWan {
                 }
             }
         }
-        let r = dev.rms_norm(x, self.head_g, true, lead)?;
+        let r = dev.rms_norm(x, self.head_g, true, lead(x.n))?;
         dev.put(x);
         let last = st.caches.len() - 1;
         let y = causal(dev, &mut st.caches[last], &self.head, r, None, (true, 0))?;

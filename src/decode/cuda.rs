@@ -629,6 +629,23 @@ impl Dev {
         Ok(y)
     }
 
+    /// The finished f32 frames of `x` (`[hw][3]` each) from frame `skip` on, each as
+    /// [`Dev::emit`] does; `x` then goes back to the pool.
+    fn emit_n(&mut self, x: Frame, skip: usize, affine: (f32, f32), clamp: bool) -> Result<()> {
+        let per = 4 * x.c * x.h * x.w;
+        for k in skip..x.n {
+            let f = Frame {
+                ptr: x.ptr + (k * per) as u64,
+                n: 1,
+                owned: false,
+                ..x
+            };
+            self.emit(f, affine, clamp)?;
+        }
+        self.put(x);
+        Ok(())
+    }
+
     /// A finished f32 frame `[hw][3]`, `x * a + b` (clamped when `clamp`), into the next
     /// pixel frame of the sink: RGB8, and f32 when the sink has it.
     fn emit(&mut self, x: Frame, affine: (f32, f32), clamp: bool) -> Result<()> {

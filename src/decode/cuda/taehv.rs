@@ -301,23 +301,10 @@ impl DevTaehv {
         if pending {
             x = dev.upsample_n(x, 0)?;
         }
-        // The pixel frames (f32 `[hw][3]` each), less the stream's first `trim`.
-        let per = 4 * x.c * x.h * x.w;
-        for k in 0..x.n {
-            if st.to_trim > 0 {
-                st.to_trim -= 1;
-                continue;
-            }
-            let f = Frame {
-                ptr: x.ptr + (k * per) as u64,
-                n: 1,
-                owned: false,
-                ..x
-            };
-            dev.emit(f, (2.0, -1.0), false)?;
-        }
-        dev.put(x);
-        Ok(())
+        // The pixel frames, less the stream's first `trim`.
+        let skip = st.to_trim.min(x.n);
+        st.to_trim -= skip;
+        dev.emit_n(x, skip, (2.0, -1.0), false)
     }
 
     /// Runs frame `x` through layers `from..`, depth first after each TGrow (as the CPU).

@@ -541,18 +541,6 @@ impl DevWan {
         let last = st.caches.len() - 1;
         let y = causal(dev, &mut st.caches[last], &self.head, r, None, (true, 0))?;
         dev.put(r);
-        // The pixel frames, f32 `[hw][3]` each.
-        let per = 4 * y.c * y.h * y.w;
-        for k in 0..y.n {
-            let f = Frame {
-                ptr: y.ptr + (k * per) as u64,
-                n: 1,
-                owned: false,
-                ..y
-            };
-            dev.emit(f, (1.0, 0.0), true)?;
-        }
-        dev.put(y);
-        Ok(())
+        dev.emit_n(y, 0, (1.0, 0.0), true)
     }
 }

@@ -15,8 +15,9 @@
 //!
 //! 4. The video decoders on the device (TAEHV, Wan VAE at real widths, 60x104 latents, blocks of
 //!    3 latent frames): ms per block and the conv TFLOP/s (`BC_BENCH_NO_DECODE=1` skips them);
-//!    TAEHV's block walk (the default) and its frame walk, one row each (`block-walk`,
-//!    `per-frame`) and `DECODE taehv walk=...` lines.
+//!    each decoder's block walk (the default) and its frame walk, one row each (`block-walk`,
+//!    `per-frame`), `DECODE taehv walk=...` / `DECODE wan walk=...` lines and a
+//!    `DECODE <kind> walk speedup` line each.
 //!
 //! 5. Prompt-switch latency in a live stream (the `medium` model on the GPU, 16x16 latents, an
 //!    umT5-XXL-wide random encoder on the device, then on the CPU): latency split into encode,
@@ -844,53 +845,57 @@ fn main() {
                 Err(e) => println!("DECODE bench{tag} FAILED: {e}"),
             }
         }
-        // TAEHV's block walk (every layer one launch over all the block's frames: the TAEHV
+        // Each decoder's block walk (every layer one launch over all the block's frames: the
         // rows above) against its frame walk (one latent frame at a time), on the kernel the
-        // wgmma rows use where they ran: one row each, and `DECODE taehv walk=...` lines (ms,
-        // launches per block, pool) for the summary.
+        // wgmma rows use where they ran: one row each, and `DECODE <kind> walk=...` lines (ms,
+        // launches per block, pool) and a speedup line for the summary.
         let tag = if conv_wgmma { " wgmma" } else { "" };
-        let mut walks = Vec::new();
-        for (batch, label) in [(true, "block-walk"), (false, "per-frame")] {
-            match blockcascade::decode::bench_decode_device(
-                &[DecoderKind::Taehv],
-                (60, 104),
-                (3, 3),
-                None,
-                (conv_wgmma, false, true, batch),
-                &open,
-            ) {
-                Ok(r) => {
-                    for b in r {
-                        let ms = b.block_ms.unwrap_or(b.first_block_ms);
-                        rows.push(Row {
-                            name: format!("decode taehv 60x104 3-frame block {label}{tag}"),
-                            ms,
-                            value: b.tflops,
-                            unit: "TFLOP/s",
-                            peak: peak_tflops,
-                        });
-                        walks.push((label, ms, b.cost));
+        for kind in kinds {
+            let mut walks = Vec::new();
+            for (batch, label) in [(true, "block-walk"), (false, "per-frame")] {
+                match blockcascade::decode::bench_decode_device(
+                    &[kind],
+                    (60, 104),
+                    (3, 3),
+                    None,
+                    (conv_wgmma, false, true, batch),
+                    &open,
+                ) {
+                    Ok(r) => {
+                        for b in r {
+                            let ms = b.block_ms.unwrap_or(b.first_block_ms);
+                            rows.push(Row {
+                                name: format!("decode {kind} 60x104 3-frame block {label}{tag}"),
+                                ms,
+                                value: b.tflops,
+                                unit: "TFLOP/s",
+                                peak: peak_tflops,
+                            });
+                            walks.push((label, ms, b.cost));
+                        }
                     }
+                    Err(e) => println!("DECODE {kind} walk={label}{tag} FAILED: {e}"),
                 }
-                Err(e) => println!("DECODE taehv walk={label}{tag} FAILED: {e}"),
             }
-        }
-        for (label, ms, c) in &walks {
-            println!(
-                "DECODE taehv walk={label}{tag} 60x104 3-frame block: {ms:.2} ms, \
-                 {} launches+copies in {} walks, pool {:.1} MiB, state {:.1} MiB, io {:.1} MiB",
-                c.submissions,
-                c.walks,
-                c.pool_bytes as f64 / 1048576.0,
-                c.state_bytes as f64 / 1048576.0,
-                c.io_bytes as f64 / 1048576.0
-            );
-        }
-        if let [(_, b, _), (_, f, _)] = walks[..] {
-            println!(
-                "DECODE taehv walk speedup: block-walk {b:.2} ms vs per-frame {f:.2} ms = {:.2}x",
-                f / b
-            );
+            for (label, ms, c) in &walks {
+                println!(
+                    "DECODE {kind} walk={label}{tag} 60x104 3-frame block: {ms:.2} ms, \
+                     {} launches+copies in {} walks, pool {:.1} MiB, state {:.1} MiB, \
+                     io {:.1} MiB",
+                    c.submissions,
+                    c.walks,
+                    c.pool_bytes as f64 / 1048576.0,
+                    c.state_bytes as f64 / 1048576.0,
+                    c.io_bytes as f64 / 1048576.0
+                );
+            }
+            if let [(_, b, _), (_, f, _)] = walks[..] {
+                println!(
+                    "DECODE {kind} walk speedup: block-walk {b:.2} ms vs per-frame {f:.2} ms = \
+                     {:.2}x",
+                    f / b
+                );
+            }
         }
         decode_profiles(conv_wgmma, &open);
     }

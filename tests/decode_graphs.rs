@@ -82,11 +82,9 @@ fn check_stream(kind: DecoderKind, dim: usize, eager_frames: u64, again: bool) {
     assert!(dev.graph_failure().is_none(), "{:?}", dev.graph_failure());
     // Bounded: no graph and no byte of device memory more once every kind of block (with and
     // without f32) has been seen in the steady state.
-    // (TAEHV's block walk: one graph per walk size, 1 to 4 latent frames, and output kind;
-    // the Wan VAE: one per ring parity and output kind.)
+    // (The block walk: one graph per walk size, 1 to 4 latent frames, and output kind.)
     let graphs = dev.graph_count();
-    let most = if kind == DecoderKind::Taehv { 8 } else { 4 };
-    assert!((1..=most).contains(&graphs), "{kind}: {graphs} graphs");
+    assert!((1..=8).contains(&graphs), "{kind}: {graphs} graphs");
     let steady = got[5].2;
     for (i, (_, _, bytes)) in got.iter().enumerate().skip(5) {
         assert_eq!(*bytes, steady, "{kind}: device memory grew at block {i}");
@@ -117,8 +115,8 @@ fn taehv_stream_replays_graphs_bit_for_bit() {
 
 #[test]
 fn wan_vae_stream_replays_graphs_bit_for_bit() {
-    // Latent frames 0-2 run eagerly: the caches fill (the `time_conv`s start at frame 1 and
-    // hold two frames after frame 2).
+    // Latent frames 0-2 (the first two blocks) run eagerly: the caches fill (the `time_conv`s
+    // start at frame 1 and hold two frames after frame 2).
     check_stream(DecoderKind::WanVae, 2, 3, false);
 }
 

@@ -332,7 +332,7 @@ pub struct DeviceDecodeBench {
 /// Hopper `bc_conv_wgmma` (refused on a device without wgmma), else on `bc_conv`; `tma` (with
 /// `wgmma`): those over plain sources (and the parity-form upsample convs) on its TMA variant
 /// `bc_conv_wgmma_tma`; `parity`: the upsample convs in the sub-pixel (parity) form, else dense
-/// (`CudaDecoder::set_conv_parity`); `batch`: TAEHV's block walk (every layer one launch over
+/// (`CudaDecoder::set_conv_parity`); `batch`: the block walk (every layer one launch over
 /// all of a block's frames), else one latent frame at a time
 /// (`CudaDecoder::set_frame_batching`).
 pub fn bench_decode_device(

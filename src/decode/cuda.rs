@@ -1,7 +1,7 @@
 //! Both decoders on a CUDA device (a GPU through the driver, or the emulated device in CI): the
-//! same layer walks as the CPU decoders (depth first, one frame per level alive; TAEHV by
-//! default in blocks of up to [`CHUNK_LATENTS`] latent frames, each layer one launch over all
-//! their frames: `cuda/taehv.rs`, docs/decoders.md), with every convolution on `cuda/conv.cu`
+//! same layer walks as the CPU decoders (depth first, one frame per level alive; by default
+//! in blocks of up to [`CHUNK_LATENTS`] latent frames, each layer one launch over all their
+//! frames: `cuda/taehv.rs`, `cuda/wan.rs`, docs/decoders.md), with every convolution on `cuda/conv.cu`
 //! and the small ops on `cuda/decode_ops.cu`.
 //!
 //! This file holds what both share ([`Dev`]: the device, weight upload, a pool of activation
@@ -94,6 +94,32 @@ impl Frame {
     fn frame_bytes(&self) -> usize {
         2 * self.c * self.h * self.w
     }
+
+    /// Views of its bf16 frames in order, in groups of `g` (the last may be shorter): a block
+    /// walk's frames going on in groups. Only the first group keeps the buffer's spare leading
+    /// frames (`base`).
+    fn groups(self, g: usize) -> impl Iterator<Item = Frame> {
+        let fb = self.frame_bytes() as u64;
+        let g = g.max(1);
+        (0..self.n).step_by(g).map(move |k| {
+            let ptr = self.ptr + k as u64 * fb;
+            Frame {
+                ptr,
+                base: if k == 0 { self.base } else { ptr },
+                n: g.min(self.n - k),
+                owned: false,
+                ..self
+            }
+        })
+    }
+}
+
+/// Frames per group when a block walk's `n` frames of `rows` GEMM rows each go on in even
+/// groups of at most `bound` rows (about: at least one frame a group, at most `n` groups).
+fn group_frames(n: usize, rows: usize, bound: usize) -> usize {
+    let n = n.max(1);
+    let groups = (n * rows).div_ceil(bound.max(1)).clamp(1, n);
+    n.div_ceil(groups)
 }
 
 /// One input frame of a conv launch: the frame, its weight channel offset, time tap, and
@@ -196,27 +222,29 @@ struct Dev {
     conv_parity: bool,
     /// Launches and copies a `Mode::Measure` walk would have submitted.
     measured: u64,
-    /// TAEHV decodes a push's latent frames in blocks of up to [`CHUNK_LATENTS`], each layer
-    /// one launch over all of a block's frames (see [`frame_batching_default`]); else one
+    /// Both decoders decode a push's latent frames in blocks of up to [`CHUNK_LATENTS`], each
+    /// layer one launch over all of a block's frames (see [`frame_batching_default`]); else one
     /// latent frame at a time.
     batch: bool,
-    /// The block walk's bound on GEMM rows (pixels x frames) per launch past a `TGrow`
-    /// ([`BLOCK_ROWS`]).
+    /// The block walk's bound on GEMM rows (pixels x frames) per launch past a TAEHV `TGrow`
+    /// or a Wan VAE upsample ([`BLOCK_ROWS`]).
     block_rows: usize,
     /// Events around every live launch, copy and memset while profiling
     /// ([`CudaDecoder::set_profiling`]).
     profile: Option<profile::Recorder>,
 }
 
-/// GEMM rows (output pixels of all the frames) TAEHV's block walk gives a launch at most past a
-/// `TGrow`, where it goes on in groups of frames (a frame's pixels at least): 2^19 rows are
-/// 4096 blocks of 128 pixels, ten and more waves on a 132-SM GPU. At 480x832 (latents 60x104)
-/// a 3-latent-frame block runs its first two stages (6240 and 24960 pixels a frame) in one
-/// launch per layer, the third (99840) in 2 groups of 3 frames and the full resolution
-/// (399360) in 6 of 2, so the activations stay near a few hundred MiB.
+/// GEMM rows (output pixels of all the frames) the block walk gives a launch at most (about)
+/// past a TAEHV `TGrow` or a Wan VAE upsample, where it goes on in groups of frames (a frame's
+/// pixels at least): 2^19 rows are 4096 blocks of 128 pixels, ten and more waves on a 132-SM
+/// GPU. At 480x832 (latents 60x104) a 3-latent-frame block of TAEHV runs its first two stages
+/// (6240 and 24960 pixels a frame) in one launch per layer, the third (99840) in 2 groups of 3
+/// frames and the full resolution (399360) in 6 of 2; the Wan VAE runs 60x104 and 120x208 in
+/// one launch per layer, 240x416 in 3 groups of 4 frames, 480x832 one frame at a time. So the
+/// activations stay near a few hundred MiB (TAEHV) or about a GiB (the Wan VAE).
 pub const BLOCK_ROWS: usize = 1 << 19;
 
-/// Whether a new decoder batches frames (TAEHV's block walk): yes unless
+/// Whether a new decoder batches frames (the block walk): yes unless
 /// `BC_DECODE_PER_FRAME=1` (the frame-at-a-time walk, kept to compare with: same bits).
 fn frame_batching_default() -> bool {
     !env_flag("BC_DECODE_PER_FRAME")
@@ -585,14 +613,15 @@ impl Dev {
         self.run(l)
     }
 
-    /// Channel RMS norm (then SiLU when `silu`) of `x` into a new frame.
-    fn rms_norm(&mut self, x: Frame, gamma: DevPtr, silu: bool) -> Result<Frame> {
-        let y = self.get(x.c, x.h, x.w, 2)?;
+    /// Channel RMS norm (then SiLU when `silu`) of `x`'s frames into a new buffer, after
+    /// `lead` spare frames (one launch: the norm is per pixel).
+    fn rms_norm(&mut self, x: Frame, gamma: DevPtr, silu: bool, lead: usize) -> Result<Frame> {
+        let y = self.get_n(x.c, x.h, x.w, 2, x.n, lead)?;
         self.run(launch::dec_rms_norm(
             x.ptr as *const _,
             y.ptr as *mut _,
             gamma as *const f32,
-            x.h * x.w,
+            x.n * x.h * x.w,
             x.c,
             silu,
         ))?;
@@ -619,6 +648,23 @@ impl Dev {
         ))?;
         self.put(x);
         Ok(y)
+    }
+
+    /// The finished f32 frames of `x` (`[hw][3]` each) from frame `skip` on, each as
+    /// [`Dev::emit`] does; `x` then goes back to the pool.
+    fn emit_n(&mut self, x: Frame, skip: usize, affine: (f32, f32), clamp: bool) -> Result<()> {
+        let per = 4 * x.c * x.h * x.w;
+        for k in skip..x.n {
+            let f = Frame {
+                ptr: x.ptr + (k * per) as u64,
+                n: 1,
+                owned: false,
+                ..x
+            };
+            self.emit(f, affine, clamp)?;
+        }
+        self.put(x);
+        Ok(())
     }
 
     /// A finished f32 frame `[hw][3]`, `x * a + b` (clamped when `clamp`), into the next
@@ -678,12 +724,13 @@ impl Model {
         }
     }
 
-    /// Latent frames one walk takes: up to [`CHUNK_LATENTS`] for TAEHV's block walk (with
+    /// Latent frames one walk takes: up to [`CHUNK_LATENTS`] for the block walk (with
     /// `batch`), else 1.
     fn walk_frames(&self, batch: bool) -> usize {
-        match self {
-            Model::Taehv(_) if batch => CHUNK_LATENTS,
-            _ => 1,
+        if batch {
+            CHUNK_LATENTS
+        } else {
+            1
         }
     }
 }
@@ -715,16 +762,17 @@ impl State {
     }
 }
 
-/// Decodes the `x.n` latent frames (one, unless TAEHV's block walk) from their NHWC bf16 input
+/// Decodes the `x.n` latent frames (one, unless the block walk) from their NHWC bf16 input
 /// `x` (made by [`Model::input`]): eagerly, planned or captured, as the device's mode says.
 fn walk(model: &Model, dev: &mut Dev, st: &mut State, x: Frame) -> Result<()> {
     match (model, st) {
         (Model::Taehv(m), State::Taehv(s)) if dev.batch => m.block(dev, s, x),
+        (Model::Wan(m), State::Wan(s)) if dev.batch => m.decode(dev, s, x),
         _ if x.n != 1 => Err(Error::Internal(
             "a frame-at-a-time decoder walk was given several frames".into(),
         )),
         (Model::Taehv(m), State::Taehv(s)) => m.frame(dev, s, x),
-        (Model::Wan(m), State::Wan(s)) => m.frame(dev, s, x),
+        (Model::Wan(m), State::Wan(s)) => m.decode(dev, s, x),
         _ => Err(Error::Internal(
             "device decoder and stream state differ".into(),
         )),
@@ -772,7 +820,7 @@ pub struct BlockCost {
     /// Latent frames in the block.
     pub frames: usize,
     /// Walks (one per latent frame frame by frame; one per chunk of up to 4 latent frames with
-    /// TAEHV's block walk): each is one graph replay once graphs are captured.
+    /// the block walk): each is one graph replay once graphs are captured.
     pub walks: usize,
     /// Kernel launches, copies and memsets the walks and the latent inputs submit (what one
     /// graph replay per walk holds, plus the input launches; not the pixel copies and
@@ -1045,15 +1093,14 @@ impl CudaDecoder {
         Ok(())
     }
 
-    /// Whether TAEHV decodes blocks of latent frames at once (each layer one launch over all the
-    /// frames of up to 4 latent frames; the default unless
-    /// `BC_DECODE_PER_FRAME=1`) rather than one latent frame at a time. The Wan VAE always
-    /// walks one frame at a time. Same bits either way.
+    /// Whether the decoder decodes blocks of latent frames at once (each layer one launch over
+    /// all the frames of up to 4 latent frames; the default unless `BC_DECODE_PER_FRAME=1`)
+    /// rather than one latent frame at a time. Same bits either way.
     pub fn frame_batching(&self) -> bool {
         self.dev.batch
     }
 
-    /// Turns TAEHV's block walk on or off for the following pushes (tests and benchmarks
+    /// Turns the block walk on or off for the following pushes (tests and benchmarks
     /// compare the two); captured graphs are dropped (and captured again) when it changes.
     pub fn set_frame_batching(&mut self, on: bool) -> Result<()> {
         self.drop_graphs_if(self.dev.batch != on)?;
@@ -1061,9 +1108,9 @@ impl CudaDecoder {
         Ok(())
     }
 
-    /// Sets the block walk's bound on GEMM rows per launch past a `TGrow` (default
-    /// [`BLOCK_ROWS`]; at least 1: then every frame past the first `TGrow` goes on alone, as
-    /// in the frame walk). Tests use small bounds to take the grouped path at small sizes;
+    /// Sets the block walk's bound on GEMM rows per launch past a TAEHV `TGrow` or a Wan VAE
+    /// upsample (default [`BLOCK_ROWS`]; at least 1: then every frame past the first goes on
+    /// alone, as in the frame walk). Tests use small bounds to take the grouped path at small sizes;
     /// the bits are the same whatever the bound. Captured graphs are dropped when it changes.
     pub fn set_block_rows(&mut self, rows: usize) -> Result<()> {
         let rows = rows.max(1);
@@ -1429,7 +1476,7 @@ impl CudaDecoder {
     }
 
     /// Decodes latent frames `[frames][16][h][w]` at `src` on the device into `out`: each walk's
-    /// frames (one, or with TAEHV's block walk up to [`CHUNK_LATENTS`]) are turned into its
+    /// frames (one, or with the block walk up to [`CHUNK_LATENTS`]) are turned into its
     /// input and decoded (a graph replay in the steady state), and their pixel frames appended
     /// to the block buffer, downloaded once per [`CHUNK_LATENTS`] latent frames.
     fn decode_frames(

@@ -236,22 +236,9 @@ impl DevTaehv {
                     // The rest in even groups of frames of at most `block_rows` rows at the
                     // next conv's size (through the pending upsample), in order.
                     let rows = y.h * y.w * if pending { 4 } else { 1 };
-                    let groups = (y.n * rows).div_ceil(dev.block_rows.max(1)).clamp(1, y.n);
-                    let g = y.n.div_ceil(groups);
-                    let fb = y.frame_bytes() as u64;
-                    let mut k = 0;
-                    while k < y.n {
-                        let ptr = y.ptr + k as u64 * fb;
-                        let part = Frame {
-                            ptr,
-                            // Only the first group has the spare leading frame.
-                            base: if k == 0 { y.base } else { ptr },
-                            n: g.min(y.n - k),
-                            owned: false,
-                            ..y
-                        };
+                    let g = super::group_frames(y.n, rows, dev.block_rows);
+                    for part in y.groups(g) {
                         self.block_from(dev, st, i + 1, part, pending)?;
-                        k += part.n;
                     }
                     dev.put(y);
                     return Ok(());
@@ -314,23 +301,10 @@ impl DevTaehv {
         if pending {
             x = dev.upsample_n(x, 0)?;
         }
-        // The pixel frames (f32 `[hw][3]` each), less the stream's first `trim`.
-        let per = 4 * x.c * x.h * x.w;
-        for k in 0..x.n {
-            if st.to_trim > 0 {
-                st.to_trim -= 1;
-                continue;
-            }
-            let f = Frame {
-                ptr: x.ptr + (k * per) as u64,
-                n: 1,
-                owned: false,
-                ..x
-            };
-            dev.emit(f, (2.0, -1.0), false)?;
-        }
-        dev.put(x);
-        Ok(())
+        // The pixel frames, less the stream's first `trim`.
+        let skip = st.to_trim.min(x.n);
+        st.to_trim -= skip;
+        dev.emit_n(x, skip, (2.0, -1.0), false)
     }
 
     /// Runs frame `x` through layers `from..`, depth first after each TGrow (as the CPU).

@@ -331,7 +331,8 @@ pub struct DeviceDecodeBench {
 /// (`None`: real widths, Wan VAE 96, TAEHV 64). `wgmma`: convolutions that fit it on the
 /// Hopper `bc_conv_wgmma` (refused on a device without wgmma), else on `bc_conv`; `tma` (with
 /// `wgmma`): those over plain sources (and the parity-form upsample convs) on its TMA variant
-/// `bc_conv_wgmma_tma`; `parity`: the upsample convs in the sub-pixel (parity) form, else dense
+/// `bc_conv_wgmma_tma`; `ws` (with `wgmma`): the others on its warp-specialized variant
+/// `bc_conv_wgmma_ws` (`CudaDecoder::set_conv_ws`); `parity`: the upsample convs in the sub-pixel (parity) form, else dense
 /// (`CudaDecoder::set_conv_parity`); `batch`: TAEHV's block walk (every layer one launch over
 /// all of a block's frames), else one latent frame at a time
 /// (`CudaDecoder::set_frame_batching`).
@@ -340,7 +341,7 @@ pub fn bench_decode_device(
     (latent_h, latent_w): (usize, usize),
     (block_frames, blocks): (usize, usize),
     dim: Option<usize>,
-    (wgmma, tma, parity, batch): (bool, bool, bool, bool),
+    (wgmma, tma, ws, parity, batch): (bool, bool, bool, bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<Vec<DeviceDecodeBench>> {
     let mut out = Vec::new();
@@ -354,6 +355,7 @@ pub fn bench_decode_device(
         let mut dev = CudaDecoder::new(&dec, gpu()?)?;
         dev.set_conv_wgmma(wgmma)?;
         dev.set_conv_tma(wgmma && tma)?;
+        dev.set_conv_ws(wgmma && ws)?;
         dev.set_conv_parity(parity)?;
         dev.set_frame_batching(batch)?;
         let cost = dev.measure_block(latent_h, latent_w, bf)?;
@@ -427,7 +429,7 @@ mod tests {
                 (h, w),
                 (1, 2),
                 Some(2),
-                (false, false, parity, true),
+                (false, false, false, parity, true),
                 &Gpu::open_emulated,
             )
             .unwrap()

@@ -1795,13 +1795,13 @@ mod tests {
         assert_eq!(ws(96, 96), (Kernel::ConvWgmmaWsN96, 1, t));
         assert_eq!(ws(64, 64), (Kernel::ConvWgmmaWsN64, 1, t));
         assert_eq!(ws(128, 64), (Kernel::ConvWgmmaWsN64, 2, t));
-        assert_eq!(ws(200, 96), (Kernel::ConvWgmmaWs, 2, t));
+        assert_eq!(ws(200, 96), (Kernel::ConvWgmmaWsN64, 4, t)); // 56 padded, not 88 or 184
         for (cout, tile) in [
             (384, 192),
             (192, 192),
             (96, 96),
             (64, 64),
-            (136, 96),
+            (136, 192), // 56 padded on every tile: the widest
             (32, 64),
         ] {
             assert_eq!(conv_ws_tile(cout), tile, "cout {cout}");

@@ -22,7 +22,8 @@
 //   warpgroup 0, the producer (CS_PRODUCER_REGS registers after setmaxnreg.dec): every cp.async
 //     of A and B, k-step k into stage k % STAGES: waits empty[s] (from k = STAGES on: the
 //     consumers are done with k-step k - STAGES), issues its 8 A and BN/16 B chunks (16 rows
-//     per pass), commits a group; then publishes k-step k - (INFLIGHT - 1) as it lands:
+//     per pass; an A chunk's address is its row's offset in the source, kept in registers,
+//     plus the tap's: conv_gather.cuh, ROWOFF), commits a group; then publishes k-step k - (INFLIGHT - 1) as it lands:
 //     cp.async.wait_group INFLIGHT - 1, fence.proxy.async (its generic-proxy writes -> the
 //     wgmma async proxy), mbarrier.arrive on full (count: the 128 producer threads). After the
 //     last k-step: wait_group 0 and publish the rest. INFLIGHT = STAGES - 2 k-steps of copies
@@ -60,8 +61,10 @@ static_assert(CS_CONSUMERS * CW_WM == CW_BM, "one m64 wgmma tile per consumer wa
 // Registers per thread after setmaxnreg; the block's pool is the launch allocation of
 // __launch_bounds__(384, 1): 65536 / 384 = 170, down to the granularity of 8: 168 each.
 constexpr int CS_LAUNCH_REGS = (65536 / CS_NT) / 8 * 8;
-constexpr int CS_PRODUCER_REGS = 88;
-constexpr int CS_CONSUMER_REGS = 208;
+// The producer keeps its 8 rows' grid coordinates and source offsets (CwGather<128, true>):
+// the n192 producer spills at 104; the consumers' m64n192 accumulator is 96 of their 192.
+constexpr int CS_PRODUCER_REGS = 120;
+constexpr int CS_CONSUMER_REGS = 192;
 static_assert(CS_WG * CS_PRODUCER_REGS + CS_CONSUMERS * CS_WG * CS_CONSUMER_REGS <= CS_NT * CS_LAUNCH_REGS,
               "setmaxnreg: the roles' registers must fit in the block's launch allocation");
 
@@ -93,7 +96,7 @@ __device__ __forceinline__ void cs_producer(const BcConvParams& p, const CvGeo& 
                                             uint64_t* full, uint64_t* empty, int pt) {
     constexpr int S = Cfg::STAGES, D = Cfg::INFLIGHT;
     const int m0 = blockIdx.x * CW_BM, n0 = blockIdx.y * Cfg::BN;
-    CwGather<CS_WG> gather(p, geo, m0, pt);
+    CwGather<CS_WG, true> gather(p, geo, m0, pt);
     int s = 0, pub = 0;  // the stage of k-step k; the stage k-step k - D + 1 is in
     unsigned eph = 1;    // parity of the empty phase to wait for (flips per round)
     for (int k = 0; k < steps; ++k) {

@@ -42,8 +42,12 @@ __device__ __forceinline__ int cw_steps(const BcConvParams& p, const CvGeo& geo)
 /// each k-step) of the A and B rows ar + i * RP (ar = t / 8); all its rows have the swizzle
 /// phase ar % 8, so the chunk lands at chunk cc ^ (ar % 8) of each. `load` fills one stage
 /// with the next k-step and advances the cursor (source s, its k-steps still to load `left`,
-/// the chunk's tap and channel ci).
-template <int NT>
+/// the chunk's tap and channel ci). ROWOFF: the thread also keeps each A row's element offset
+/// in the current source (`rbase`), so that a k-step's A address is that plus one offset of
+/// the tap (the same address, modulo 2^64, with far fewer instructions per chunk; the
+/// warp-specialized kernel's producer issues every chunk of the block); sources read through
+/// the 2x upsample (outside the parity form) keep the per-chunk cv_src_off.
+template <int NT, bool ROWOFF = false>
 struct CwGather {
     static constexpr int RP = NT / CW_CPR;          // rows per copy pass
     static constexpr int A_PASSES = CW_BM / RP;     // A chunks per thread per k-step
@@ -54,6 +58,15 @@ struct CwGather {
     int s, tap, ci, left;
     CvSrc src;
     long long ktot;  // weight elements per output channel (per parity)
+    size_t rbase[ROWOFF ? A_PASSES : 1];  // (py * gw + px) * stride of the current source
+
+    /// With ROWOFF: rbase for the current source.
+    __device__ __forceinline__ void set_rows(const CvGeo& geo) {
+        if constexpr (ROWOFF) {
+#pragma unroll
+            for (int i = 0; i < A_PASSES; ++i) rbase[i] = (size_t)((long long)py[i] * geo.gw + px[i]) * (size_t)src.stride;
+        }
+    }
 
     __device__ __forceinline__ CwGather(const BcConvParams& p, const CvGeo& geo, int m0, int t)
         : cc(t % CW_CPR), ar(t / CW_CPR), s(0) {
@@ -64,6 +77,20 @@ struct CwGather {
         ci = 8 * cc % src.channels;
         left = (geo.taps * src.channels + CW_BK - 1) / CW_BK;
         ktot = (long long)p.kt * geo.taps * p.cin;
+        set_rows(geo);
+    }
+
+    /// The A chunks of this k-step (tap offset dy, dx), the source offset of row i at grid pixel
+    /// (yy, xx) given by off(i, yy, xx).
+    template <class Off>
+    __device__ __forceinline__ void load_a(const CvGeo& geo, bool kok, int dy, int dx, bc_saddr st, Off off) {
+#pragma unroll
+        for (int i = 0; i < A_PASSES; ++i) {
+            const int yy = py[i] + dy, xx = px[i] + dx;
+            const bool ok = kok && yy >= 0 && yy < geo.gh && xx >= 0 && xx < geo.gw;
+            const __nv_bfloat16* a = ok ? src.x + off(i, yy, xx) + ci : src.x;
+            bc_cp_async16_zfill(st + dst + i * RP * CW_ROWB, a, ok ? 16 : 0);
+        }
     }
 
     /// The next k-step into the stage at `st`: A (CW_A_BYTES) then BN B rows from channel n0.
@@ -73,12 +100,12 @@ struct CwGather {
         const int taps = geo.taps;
         const bool kok = tap < taps;
         const int dy = tap / geo.kw + geo.oy, dx = tap % geo.kw + geo.ox;
-#pragma unroll
-        for (int i = 0; i < A_PASSES; ++i) {
-            const int yy = py[i] + dy, xx = px[i] + dx;
-            const bool ok = kok && yy >= 0 && yy < geo.gh && xx >= 0 && xx < geo.gw;
-            const __nv_bfloat16* a = ok ? src.x + cv_src_off(p, geo, src, yy, xx) + ci : src.x;
-            bc_cp_async16_zfill(st + dst + i * RP * CW_ROWB, a, ok ? 16 : 0);
+        if (ROWOFF && !(src.up && geo.z < 0)) {
+            // (yy * gw + xx) * stride = rbase + (dy * gw + dx) * stride, modulo 2^64 as cv_src_off
+            const size_t toff = (size_t)((long long)dy * geo.gw + dx) * (size_t)src.stride;
+            load_a(geo, kok, dy, dx, st, [&](int i, int, int) { return rbase[ROWOFF ? i : 0] + toff; });
+        } else {
+            load_a(geo, kok, dy, dx, st, [&](int, int yy, int xx) { return cv_src_off(p, geo, src, yy, xx); });
         }
         const __nv_bfloat16* wk = p.w + geo.w0 + (long long)(src.t * taps + tap) * p.cin + src.c0 + ci;
 #pragma unroll
@@ -92,6 +119,7 @@ struct CwGather {
             if (++s < p.num_src) {
                 src = cv_src(p, geo, s);
                 left = (taps * src.channels + CW_BK - 1) / CW_BK;
+                set_rows(geo);
             }
             tap = 8 * cc / src.channels;
             ci = 8 * cc % src.channels;

@@ -1092,6 +1092,17 @@ mod tests {
         run_case(14, &c);
         // Upsampled sources, 3x3 and 1x1.
         run_upsampled(15, (24, 32), (40, 16, 24));
+        // Two sources of different widths and pixel strides (16 of 24, 32 of 40 channels):
+        // every gather must switch its rows' offsets with the source.
+        let c = case(
+            40,
+            48,
+            1,
+            3,
+            (7, 9),
+            vec![s(16, 24, 0, 0, false), s(32, 40, 16, 0, false)],
+        );
+        run_case(18, &c);
         // 1x1, cout 200 split into two frames of 100 (TGrow / time_conv), f32, 11 x 13.
         let mut c = case(200, 136, 1, 1, (11, 13), vec![s(136, 136, 0, 0, false)]);
         c.split = 100;

@@ -327,11 +327,14 @@ fn download_bf16(g: &Gpu, src: DevPtr, n: usize) -> Vec<f32> {
 /// in TFLOP/s; the upsample convs again in the sub-pixel (parity) form (`... parity` rows, 4/9
 /// of the FLOPs: the rates count the FLOPs done, the ms compare with the dense rows); prints
 /// the relative L2 distance of their outputs to the dense `bc_conv`'s (`CONV wgmma ...`,
-/// `CONV tma ...`, `CONV parity ...`; bf16 rounding apart: ~1e-3).
-fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
+/// `CONV tma ...`, `CONV parity ...`; bf16 rounding apart: ~1e-3). With `ws` (and `wgmma`),
+/// the warp-specialized `bc_conv_wgmma_ws*` too (`conv_ws`: its own channel tile, 192 / 96 /
+/// 64), dense and in the parity form, its output compared bit for bit with `bc_conv_wgmma`'s
+/// of the same form (`CONV ws ... bits ... PASS/FAIL`: they must be identical).
+fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool, ws: bool) -> Vec<Row> {
     use blockcascade::kernels::launch::{
-        conv_on, conv_tma, conv_tma_fits, conv_tma_specs, ConvEpilogue, ConvOut, ConvShape,
-        ConvSource,
+        conv_on, conv_tma, conv_tma_fits, conv_tma_specs, conv_ws, ConvEpilogue, ConvOut,
+        ConvShape, ConvSource,
     };
     // (name, cin, cout, taps, h, w, upsampled source)
     let shapes = [
@@ -395,9 +398,25 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
             up(g, &v)
         });
         let bias = rand_f32(g, cout, 0.1, seed + 3);
-        let outs: Vec<DevPtr> = (0..6).map(|_| g.alloc(h * w * cout * 2).unwrap()).collect();
-        // Dense bc_conv, wgmma, tma, then the same three in the parity form.
-        let mut ran = [true, false, false, false, false, false];
+        // Dense bc_conv, wgmma, tma, then the same three in the parity form, then ws dense and
+        // in the parity form: (parity, kernel family) per output buffer.
+        let (conv, wg, tm, wsk) = (0, 1, 2, 3);
+        let runs = [
+            (false, conv),
+            (false, wg),
+            (false, tm),
+            (true, conv),
+            (true, wg),
+            (true, tm),
+            (false, wsk),
+            (true, wsk),
+        ];
+        let outs: Vec<DevPtr> = runs
+            .iter()
+            .map(|_| g.alloc(h * w * cout * 2).unwrap())
+            .collect();
+        let mut ran = [false; 8];
+        ran[0] = true;
         let ls: Vec<ConvSource> = srcs
             .iter()
             .enumerate()
@@ -410,12 +429,9 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
                 up: upsampled,
             })
             .collect();
-        for (k, on) in [false, true, true, false, true, true]
-            .into_iter()
-            .enumerate()
-        {
-            let parity = k >= 3;
-            if on && !wgmma || k % 3 == 2 && !tma || parity && pw.is_none() {
+        for (k, &(parity, kind)) in runs.iter().enumerate() {
+            let on = kind != conv;
+            if on && !wgmma || kind == tm && !tma || kind == wsk && !ws || parity && pw.is_none() {
                 continue;
             }
             let fl = 2.0 * (h * w * cout * taps * if parity { 4 } else { 9 } * cin) as f64;
@@ -442,7 +458,14 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
                 on,
             )
             .unwrap();
-            let (kname, ms) = if k % 3 == 2 {
+            let (kname, ms) = if kind == wsk {
+                let lw = conv_ws(l).unwrap();
+                let ms = time_ms(g, 5, |g| {
+                    // SAFETY: the same buffers as the wgmma launch it came from.
+                    unsafe { g.launch(lw.kernel, lw.grid, lw.block, &lw.params) }.unwrap()
+                });
+                (lw.kernel.name(), ms)
+            } else if kind == tm {
                 if !conv_tma_fits(&l) {
                     continue;
                 }
@@ -482,6 +505,8 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
             (3, "parity"),
             (4, "parity wgmma"),
             (5, "parity tma"),
+            (6, "ws"),
+            (7, "parity ws"),
         ] {
             if !ran[k] {
                 continue;
@@ -499,6 +524,26 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool) -> Vec<Row> {
             println!(
                 "CONV {tag} {name}: rel L2 vs bc_conv {rel:.3e} {}",
                 if ok { "PASS" } else { "FAIL" }
+            );
+        }
+        // ws against bc_conv_wgmma of the same form: the same bits.
+        for (k, base, tag) in [(6, 1, "ws"), (7, 4, "parity ws")] {
+            if !ran[k] || !ran[base] {
+                continue;
+            }
+            let mut a = vec![bf16::ZERO; h * w * cout];
+            let mut b = a.clone();
+            g.download(&mut a, outs[base]).unwrap();
+            g.download(&mut b, outs[k]).unwrap();
+            let diff = a
+                .iter()
+                .zip(&b)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+            println!(
+                "CONV {tag} {name}: bits vs bc_conv_wgmma: {diff} of {} differ {}",
+                a.len(),
+                if diff == 0 { "PASS" } else { "FAIL" }
             );
         }
         for p in srcs.into_iter().chain([wt]).chain(pw).chain(outs) {
@@ -796,8 +841,17 @@ fn main() {
     if conv_wgmma && !conv_tma {
         println!("SKIP conv tma: BC_TMA_OK is not 1 (the TMA probe did not pass or did not run)");
     }
+    // And the warp-specialized bc_conv_wgmma_ws* (never run on a GPU before: a hang there would
+    // cost the rows after it; BC_BENCH_NO_CONV_WS=1 skips it, here and in the decoder rows).
+    let conv_ws = conv_wgmma && std::env::var_os("BC_BENCH_NO_CONV_WS").is_none();
     if std::env::var_os("BC_BENCH_NO_DECODE").is_none() {
-        rows.extend(wan_conv_rows(&mut g, peak_tflops, conv_wgmma, conv_tma));
+        rows.extend(wan_conv_rows(
+            &mut g,
+            peak_tflops,
+            conv_wgmma,
+            conv_tma,
+            conv_ws,
+        ));
     }
     drop(g);
     // The video decoders (decode::CudaDecoder): ms per 3-latent-frame block at 480x832, real
@@ -808,17 +862,20 @@ fn main() {
         let kinds = [DecoderKind::Taehv, DecoderKind::WanVae];
         // Kernels only: the decoders need no cuBLASLt.
         let open = || Gpu::open_kernels(0);
-        // Each kernel with the upsample convs in the parity form (the default), then dense.
+        // Each kernel with the upsample convs in the parity form (the default), then dense;
+        // last the warp-specialized conv (`BC_CONV_WGMMA_VARIANT=ws`) in the parity form.
         let configs = [(false, false), (true, false), (true, true)]
             .into_iter()
-            .flat_map(|(w, t)| [(w, t, true), (w, t, false)]);
-        for (wgmma, tma, parity) in configs {
-            if wgmma && !conv_wgmma || tma && !conv_tma {
+            .flat_map(|(w, t)| [(w, t, false, true), (w, t, false, false)])
+            .chain([(true, false, true, true)]);
+        for (wgmma, tma, ws, parity) in configs {
+            if wgmma && !conv_wgmma || tma && !conv_tma || ws && !conv_ws {
                 continue;
             }
-            let tag = match (wgmma, tma) {
-                (_, true) => " wgmma tma",
-                (true, _) => " wgmma",
+            let tag = match (wgmma, tma, ws) {
+                (_, _, true) => " wgmma ws",
+                (_, true, _) => " wgmma tma",
+                (true, _, _) => " wgmma",
                 _ => "",
             };
             let tag = format!("{tag}{}", if parity { "" } else { " no-parity" });
@@ -827,7 +884,7 @@ fn main() {
                 (60, 104),
                 (3, 3),
                 None,
-                (wgmma, tma, parity, true),
+                (wgmma, tma, ws, parity, true),
                 &open,
             ) {
                 Ok(r) => {
@@ -858,7 +915,7 @@ fn main() {
                     (60, 104),
                     (3, 3),
                     None,
-                    (conv_wgmma, false, true, batch),
+                    (conv_wgmma, false, false, true, batch),
                     &open,
                 ) {
                     Ok(r) => {
@@ -1312,7 +1369,7 @@ fn block_flops(c: &blockcascade::ModelConfig, n: usize, ctx: usize) -> f64 {
 /// longest first, then the longest (kernel, grid) pairs, which tell the conv layers apart.
 fn decode_profiles(conv_wgmma: bool, open: &dyn Fn() -> blockcascade::Result<Gpu>) {
     for kind in [DecoderKind::WanVae, DecoderKind::Taehv] {
-        let flags = (conv_wgmma, false, true, true);
+        let flags = (conv_wgmma, false, false, true, true);
         let p = match blockcascade::decode::profile_decode_device(
             kind,
             (60, 104),
@@ -1405,7 +1462,7 @@ fn ncu_run(mut g: Gpu, what: &str) {
             g.sync().unwrap();
             drop(g);
             let open = || Gpu::open_kernels(0);
-            let flags = (wgmma, false, true, true);
+            let flags = (wgmma, false, false, true, true);
             for kind in [DecoderKind::WanVae, DecoderKind::Taehv] {
                 let r = blockcascade::decode::bench_decode_device(
                     &[kind],

@@ -117,21 +117,6 @@ constexpr int WS_BAR_SCHED = 1;
 }  // namespace
 
 #if BC_HAS_WGMMA
-/// `setmaxnreg.{inc,dec}.sync.aligned.u32 N`: this warpgroup's per-thread register maximum
-/// becomes N (PTX ISA, "setmaxnreg"; every warp of the warpgroup executes it).
-template <bool INC, int N>
-__device__ __forceinline__ void ws_setmaxnreg() {
-    static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg count");
-#ifdef __CUDACC__
-    if constexpr (INC)
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-    else
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
-#else
-    ::emu::setmaxnreg(INC, N, __FILE__, __LINE__);
-#endif
-}
-
 /// The producer warpgroup (thread pt = 0..127): Q, then every key tile of the block's split of
 /// the group's walk, then the end marker, as the header says.
 __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const BcAttnGroup& grp, AttSplitBlock sb,
@@ -361,10 +346,10 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) bc_attention_wgmma_hd128_
     }
     __syncthreads();
     if (tid < WS_WG) {
-        ws_setmaxnreg<false, WS_PRODUCER_REGS>();
+        bc_setmaxnreg<false, WS_PRODUCER_REGS>();
         ws_producer(p, grp, sb, r0, smem, base, full, empty, ring, tid);
     } else {
-        ws_setmaxnreg<true, WS_CONSUMER_REGS>();
+        bc_setmaxnreg<true, WS_CONSUMER_REGS>();
         ws_consumer(p, grp, sb, r0, w0 + pad, full, empty, ring, tid - WS_WG);
     }
 #else

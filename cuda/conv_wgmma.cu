@@ -49,30 +49,15 @@
 // with it forced on. All three ran on an H200 (outputs identical to bc_conv's): the default on
 // a compute capability 9.0 device (BC_CONV_WGMMA=0 turns it off). On sm_80 (and the compute_80 PTX) the kernel is a stub that
 // traps.
-#include "include/conv.cuh"
-#include "include/mma.cuh"
-#include "include/wgmma.cuh"
+#include "include/conv_gather.cuh"
 #include "include/wgmma_conv.cuh"
 
 namespace {
-constexpr int CW_BM = BC_CONV_WG_BM;
-constexpr int CW_BK = BC_CONV_WG_BK;
 constexpr int CW_NT = BC_CONV_WG_THREADS;
 constexpr int CW_STAGES = BC_CONV_WG_STAGES;
-constexpr int CW_ROWB = CW_BK * 2;                  // 128 bytes: one swizzle-atom row
-constexpr int CW_A_BYTES = CW_BM * CW_ROWB;         // 16 KB
-constexpr int CW_CPR = CW_ROWB / 16;                // 16-byte chunks per row (8)
-constexpr int CW_RP = CW_NT / CW_CPR;               // rows per copy pass (32)
-constexpr int CW_A_PASSES = CW_BM / CW_RP;          // A chunks per thread (4)
-constexpr int CW_WGS = CW_NT / BC_WGMMA_THREADS;    // warpgroups (2)
-constexpr int CW_WM = CW_BM / CW_WGS;               // pixels per warpgroup (64)
-constexpr int CW_KSTEPS = CW_BK / BC_WGMMA_K;       // wgmma per k-step (4)
-static_assert(CW_ROWB == 128, "one 128-byte swizzle row per k-step");
-static_assert(CW_WM == BC_WGMMA_M, "one m64 wgmma tile per warpgroup");
-static_assert(CW_RP % 8 == 0, "a thread's rows share their swizzle phase");
-static_assert(CW_BM % CW_RP == 0, "copy passes");
+constexpr int CW_WGS = CW_NT / BC_WGMMA_THREADS;  // warpgroups (2)
+static_assert(CW_BM / CW_WGS == CW_WM, "one m64 wgmma tile per warpgroup");
 static_assert(CW_STAGES >= 3, "the refilled stage must be two k-steps old");
-static_assert(CW_A_BYTES % 1024 == 0, "tiles on the swizzle period");
 
 /// A channel tiling: BN output channels per block (the N of the wgmma).
 template <int BN_>
@@ -80,9 +65,8 @@ struct CwCfg {
     static constexpr int BN = BN_;
     static constexpr int B_BYTES = BN * CW_ROWB;
     static constexpr int STAGE = CW_A_BYTES + B_BYTES;
-    static constexpr int B_PASSES = BN / CW_RP;  // B chunks per thread
     static constexpr int SMEM = CW_STAGES * STAGE + 1024;
-    static_assert(BN % CW_RP == 0 && STAGE % 1024 == 0, "copy passes, stages on the swizzle period");
+    static_assert(STAGE % 1024 == 0, "stages on the swizzle period");
 };
 // 128 output channels (wgmma m64n128k16), 96 (m64n96k16: 96- and 192-channel layers) and 64
 // (m64n64k16: 64-channel layers).
@@ -97,15 +81,12 @@ static_assert(CwWide::SMEM == BC_CONV_WG_SMEM && CwN96::SMEM == BC_CONV_WG_N96_S
 #if BC_HAS_WGMMA
 template <class Cfg>
 __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsigned char* smem_raw) {
-    constexpr int CW_BN = Cfg::BN, CW_STAGE = Cfg::STAGE, CW_B_PASSES = Cfg::B_PASSES;
+    constexpr int CW_BN = Cfg::BN, CW_STAGE = Cfg::STAGE;
     BC_EMU_CHECK(p.num_src >= 1 && p.num_src <= BC_CONV_MAX_SOURCES && p.out_split > 0 && p.vec);
     const int tid = threadIdx.x, wg = tid / BC_WGMMA_THREADS, wt = tid % BC_WGMMA_THREADS;
-    const int warp = wt / 32, lane = wt % 32, g = lane / 4, q = lane % 4;
+    const int warp = wt / 32, lane = wt % 32;
     const CvGeo geo = cv_geo(p);
-    const int hw = geo.gh * geo.gw;
     const int m0 = blockIdx.x * CW_BM, n0 = blockIdx.y * CW_BN;
-    const int taps = geo.taps;
-    const long long ktot = (long long)p.kt * taps * p.cin;
 
     // The tiles start on the first 1024-byte boundary of the shared window (the swizzle period).
     unsigned char* smem = smem_raw;
@@ -115,103 +96,37 @@ __device__ __forceinline__ void bc_conv_wgmma_impl(const BcConvParams& p, unsign
     }
     const bc_saddr base = bc_smem_addr(smem);
 
-    // Copy geometry: this thread moves chunk cc (channels 8cc..8cc+7 of the k-step) of A rows and
-    // B rows ar + i * CW_RP; all its rows have the swizzle phase ar % 8, so the chunk lands at
-    // chunk cc ^ (ar % 8) of each.
-    const int cc = tid % CW_CPR, ar = tid / CW_CPR;
-    int py[CW_A_PASSES], px[CW_A_PASSES];
-    cv_rows(geo, m0 + ar, CW_RP, py, px);
-    const unsigned dst = ar * CW_ROWB + ((cc ^ (ar % 8)) << 4);
-
-    // The k-step cursor of this thread's chunk: source s (its K = taps * channels, `left` k-steps
-    // still to load), tap and channel ci of the chunk.
-    int s = 0;
-    CvSrc src = cv_src(p, geo, 0);
-    int tap = 8 * cc / src.channels, ci = 8 * cc % src.channels;
-    int left = (taps * src.channels + CW_BK - 1) / CW_BK;
-    int steps = 0;
-    for (int i = 0; i < p.num_src; ++i) steps += (taps * cv_src(p, geo, i).channels + CW_BK - 1) / CW_BK;
-
-    auto load = [&](int stage) {
-        const bool kok = tap < taps;
-        const int dy = tap / geo.kw + geo.oy, dx = tap % geo.kw + geo.ox;
-        const bc_saddr st = base + stage * CW_STAGE;
-#pragma unroll
-        for (int i = 0; i < CW_A_PASSES; ++i) {
-            const int yy = py[i] + dy, xx = px[i] + dx;
-            const bool ok = kok && yy >= 0 && yy < geo.gh && xx >= 0 && xx < geo.gw;
-            const __nv_bfloat16* a = ok ? src.x + cv_src_off(p, geo, src, yy, xx) + ci : src.x;
-            bc_cp_async16_zfill(st + dst + i * CW_RP * CW_ROWB, a, ok ? 16 : 0);
-        }
-        const __nv_bfloat16* wk = p.w + geo.w0 + (long long)(src.t * taps + tap) * p.cin + src.c0 + ci;
-#pragma unroll
-        for (int i = 0; i < CW_B_PASSES; ++i) {
-            const int n = n0 + ar + i * CW_RP;
-            const bool ok = kok && n < p.cout;
-            bc_cp_async16_zfill(st + CW_A_BYTES + dst + i * CW_RP * CW_ROWB, ok ? wk + n * ktot : p.w, ok ? 16 : 0);
-        }
-        // Advance: 64 values along this source's (tap, channel) sequence, or the next source.
-        if (--left == 0) {
-            if (++s < p.num_src) {
-                src = cv_src(p, geo, s);
-                left = (taps * src.channels + CW_BK - 1) / CW_BK;
-            }
-            tap = 8 * cc / src.channels;
-            ci = 8 * cc % src.channels;
-        } else {
-            ci += CW_BK;
-            while (ci >= src.channels) {
-                ci -= src.channels;
-                ++tap;
-            }
-        }
-    };
+    // Every thread copies (include/conv_gather.cuh): its chunk of A and B rows of each k-step.
+    CwGather<CW_NT> gather(p, geo, m0, tid);
+    const int steps = cw_steps(p, geo);
 
     float acc[CW_BN / 2];
 #pragma unroll
     for (int i = 0; i < CW_BN / 2; ++i) acc[i] = 0.f;
 
-    // Descriptors of wgmma k-step 0 of stage 0: A = this warpgroup's 64 pixel rows, B = the 128
-    // channel rows (128B swizzle, SBO 1024); stage t is t * CW_STAGE bytes on, k-step s 32 s.
+    // Descriptors of wgmma k-step 0 of stage 0: A = this warpgroup's 64 pixel rows, B = the BN
+    // channel rows (128B swizzle, SBO 1024); stage t is t * CW_STAGE bytes on.
     const unsigned wbase = bc_smem_window_addr(smem);
     const uint64_t da0 = bc_wgmma_kmajor_desc(wbase + wg * CW_WM * CW_ROWB, BC_WGMMA_SWIZZLE_128B, CW_WM, CW_BK, 0);
     const uint64_t db0 = bc_wgmma_kmajor_desc(wbase + CW_A_BYTES, BC_WGMMA_SWIZZLE_128B, CW_BN, CW_BK, 0);
 
 #pragma unroll
     for (int k = 0; k < CW_STAGES - 2; ++k) {
-        if (k < steps) load(k);
+        if (k < steps) gather.template load<CW_BN>(p, geo, n0, base + k * CW_STAGE);
         bc_cp_async_commit();
     }
     for (int k = 0; k < steps; ++k) {
         bc_cp_async_wait_group<CW_STAGES - 3>();  // k-step k has landed (this thread's copies) ...
         bc_fence_proxy_async();                   // (visible to wgmma's async proxy)
         __syncthreads();                          // ... and everyone's; k-step k - 2's wgmma are done
-        if (k + CW_STAGES - 2 < steps) load((k + CW_STAGES - 2) % CW_STAGES);
+        if (k + CW_STAGES - 2 < steps)
+            gather.template load<CW_BN>(p, geo, n0, base + ((k + CW_STAGES - 2) % CW_STAGES) * CW_STAGE);
         bc_cp_async_commit();
-        const uint64_t off = (uint64_t)((k % CW_STAGES) * (CW_STAGE >> 4));
-        bc_wgmma_fence_operand(acc);
-        bc_wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < CW_KSTEPS; ++ks) bc_wgmma_ss<CW_BN>(acc, da0 + off + 2 * ks, db0 + off + 2 * ks, 1);
-        bc_wgmma_commit();
-        bc_wgmma_wait<1>();
-        bc_wgmma_fence_operand(acc);
+        cw_kstep<CW_BN>(acc, da0, db0, (uint64_t)((k % CW_STAGES) * (CW_STAGE >> 4)));
     }
     bc_wgmma_wait<0>();
     bc_wgmma_fence_operand(acc);
-
-    // Epilogue: register 4j + 2e2 + e1 is pixel 16 warp + g + 8 e2, channel 8j + 2q + e1.
-    const bool pairs = cv_pairs(p);
-#pragma unroll
-    for (int e2 = 0; e2 < 2; ++e2) {
-        const int m = m0 + wg * CW_WM + 16 * warp + g + 8 * e2;
-        if (m >= hw) continue;
-#pragma unroll
-        for (int j = 0; j < CW_BN / 8; ++j) {
-            const int n = n0 + 8 * j + 2 * q;  // even
-            if (n < p.cout) cv_store_pair(p, geo, pairs, cv_out_pixel(p, geo, m), n, acc[4 * j + 2 * e2], acc[4 * j + 2 * e2 + 1]);
-        }
-    }
+    cw_epilogue<CW_BN>(p, geo, acc, m0 + wg * CW_WM, n0, warp, lane / 4, lane % 4);
 }
 #endif
 

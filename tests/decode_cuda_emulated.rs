@@ -307,7 +307,8 @@ fn device_decoder_errors_are_clear() {
 /// (`bc_conv_wgmma`, forced on: the emulated device has it, a default decoder does not use it),
 /// then with its TMA variant too (`bc_conv_wgmma_tma`: the convolutions over plain sources and,
 /// in the parity form (the default), the upsample convs take it), against upstream's golden
-/// output, within the same 2e-2.
+/// output, within the same 2e-2; then with the warp-specialized variant (`bc_conv_wgmma_ws`,
+/// what `BC_CONV_WGMMA_VARIANT=ws` picks), which must give `bc_conv_wgmma`'s pixels bit for bit.
 #[test]
 fn both_decoders_with_the_wgmma_conv_match_pytorch() {
     for (name, model) in [
@@ -321,19 +322,24 @@ fn both_decoders_with_the_wgmma_conv_match_pytorch() {
         let (_, expected) = tensor(&dir.join("expected.safetensors"), "video");
         let (f, h, w) = (ls[0], ls[2], ls[3]);
         let dec = Decoder::load(&dir.join(model), None).unwrap();
-        for tma in [false, true] {
+        let mut base: Option<Vec<f32>> = None;
+        for (tma, ws) in [(false, false), (true, false), (false, true)] {
             let mut dev = CudaDecoder::new(&dec, Gpu::open_emulated().unwrap()).unwrap();
-            assert!(!dev.conv_wgmma() && !dev.conv_tma(), "off unless asked for");
+            assert!(
+                !dev.conv_wgmma() && !dev.conv_tma() && !dev.conv_ws(),
+                "off unless asked for"
+            );
             dev.set_conv_wgmma(true).unwrap();
             dev.set_conv_tma(tma).unwrap();
+            dev.set_conv_ws(ws).unwrap();
             dev.begin(h, w).unwrap();
             let px = dev.push(&latents, f, true).unwrap().f32.unwrap();
             let err = rel_l2(&expected, &px);
             let share = dev.wgmma_flops() / dev.flops();
-            let kernel = if tma {
-                "bc_conv_wgmma(_tma)"
-            } else {
-                "bc_conv_wgmma"
+            let kernel = match (tma, ws) {
+                (true, _) => "bc_conv_wgmma(_tma)",
+                (_, true) => "bc_conv_wgmma_ws",
+                _ => "bc_conv_wgmma",
             };
             println!(
                 "{name} with {kernel} ({:.0}% of the FLOPs): rel L2 {err:.3e}",
@@ -344,6 +350,16 @@ fn both_decoders_with_the_wgmma_conv_match_pytorch() {
                 share > 0.1,
                 "{name}: only {share} of the FLOPs ran {kernel}"
             );
+            if ws {
+                let want = base.as_deref().unwrap();
+                let same = px.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same && px.len() == want.len(),
+                    "{name}: bc_conv_wgmma_ws pixels differ from bc_conv_wgmma's"
+                );
+            } else if !tma {
+                base = Some(px);
+            }
         }
     }
 }

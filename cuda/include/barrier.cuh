@@ -32,4 +32,22 @@ __device__ __forceinline__ void bc_bar_arrive(int id, int n) {
 #define bc_bar_arrive(id, n) ::emu::named_barrier((id), (n), false, __FILE__, __LINE__)
 #endif
 
+/// `setmaxnreg.{inc,dec}.sync.aligned.u32 N`: this warpgroup's per-thread register maximum
+/// becomes N (PTX ISA, "setmaxnreg"; every warp of the warpgroup executes it; sm_90a). The
+/// warp-specialized kernels (cuda/attention_ws.cu, cuda/conv_ws.cu) hand their producer's
+/// registers to the consumers this way; the emulation keeps the block's register pool and
+/// reports an .inc that can never be satisfied as a deadlock.
+template <bool INC, int N>
+__device__ __forceinline__ void bc_setmaxnreg() {
+    static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg count");
+#ifdef __CUDACC__
+    if constexpr (INC)
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+    else
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#else
+    ::emu::setmaxnreg(INC, N, __FILE__, __LINE__);
+#endif
+}
+
 #endif

@@ -642,6 +642,28 @@ typedef struct BcT5AttentionParams {
 #define BC_CONV_WG_N96_SMEM (BC_CONV_WG_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN_96) * BC_CONV_WG_BK * 2 + 1024)
 /** Dynamic shared memory of `bc_conv_wgmma_n64` (B tiles of 64 rows). */
 #define BC_CONV_WG_N64_SMEM (BC_CONV_WG_STAGES * (BC_CONV_WG_BM + BC_CONV_WG_BN_64) * BC_CONV_WG_BK * 2 + 1024)
+/** Threads per block of the warp-specialized wgmma convolution `bc_conv_wgmma_ws*`
+ * (cuda/conv_ws.cu): a producer warpgroup (every cp.async gather) and two consumer warpgroups
+ * (one m64 wgmma tile of the BC_CONV_WG_BM = 128 pixel rows each). */
+#define BC_CONV_WS_THREADS 384
+/** Output channels per block of `bc_conv_wgmma_ws` (wgmma m64n192k16: the Wan VAE's 384- and
+ * 192-channel layers fill it exactly); `bc_conv_wgmma_ws_n96` and `bc_conv_wgmma_ws_n64` take
+ * BC_CONV_WG_BN_96 and BC_CONV_WG_BN_64. */
+#define BC_CONV_WS_BN 192
+/** Shared-memory stages of `bc_conv_wgmma_ws` (40 KB each: as many as 227 KB hold). */
+#define BC_CONV_WS_STAGES 5
+/** Shared-memory stages of `bc_conv_wgmma_ws_n96` (28 KB each). */
+#define BC_CONV_WS_N96_STAGES 8
+/** Shared-memory stages of `bc_conv_wgmma_ws_n64` (24 KB each). */
+#define BC_CONV_WS_N64_STAGES 9
+/** Dynamic shared memory of `bc_conv_wgmma_ws` in bytes: STAGES x (A 128 + B 192 rows) x 128 B,
+ * then a "full" and an "empty" mbarrier per stage (8 bytes each), plus the 1024 bytes of
+ * alignment slack: 205904 <= 232448. */
+#define BC_CONV_WS_SMEM (BC_CONV_WS_STAGES * ((BC_CONV_WG_BM + BC_CONV_WS_BN) * BC_CONV_WG_BK * 2 + 16) + 1024)
+/** Dynamic shared memory of `bc_conv_wgmma_ws_n96` (B tiles of 96 rows): 230528. */
+#define BC_CONV_WS_N96_SMEM (BC_CONV_WS_N96_STAGES * ((BC_CONV_WG_BM + BC_CONV_WG_BN_96) * BC_CONV_WG_BK * 2 + 16) + 1024)
+/** Dynamic shared memory of `bc_conv_wgmma_ws_n64` (B tiles of 64 rows): 222352. */
+#define BC_CONV_WS_N64_SMEM (BC_CONV_WS_N64_STAGES * ((BC_CONV_WG_BM + BC_CONV_WG_BN_64) * BC_CONV_WG_BK * 2 + 16) + 1024)
 /** Epilogue activation of the decoder kernels: ReLU (`bc_conv`; the others use BC_ACT_NONE
  * and BC_ACT_SILU of `bc_activation`). */
 #define BC_ACT_RELU 4

@@ -331,8 +331,10 @@ pub struct DeviceDecodeBench {
 /// (`None`: real widths, Wan VAE 96, TAEHV 64). `wgmma`: convolutions that fit it on the
 /// Hopper `bc_conv_wgmma` (refused on a device without wgmma), else on `bc_conv`; `tma` (with
 /// `wgmma`): those over plain sources (and the parity-form upsample convs) on its TMA variant
-/// `bc_conv_wgmma_tma`; `parity`: the upsample convs in the sub-pixel (parity) form, else dense
-/// (`CudaDecoder::set_conv_parity`); `batch`: the block walk (every layer one launch over
+/// `bc_conv_wgmma_tma`; `ws` (with `wgmma`): the others on its warp-specialized variant
+/// `bc_conv_wgmma_ws` (`CudaDecoder::set_conv_ws`); `parity`: the upsample convs in the
+/// sub-pixel (parity) form, else dense (`CudaDecoder::set_conv_parity`); `batch`: the block
+/// walk (every layer one launch over
 /// all of a block's frames), else one latent frame at a time
 /// (`CudaDecoder::set_frame_batching`).
 pub fn bench_decode_device(
@@ -340,13 +342,13 @@ pub fn bench_decode_device(
     (latent_h, latent_w): (usize, usize),
     (block_frames, blocks): (usize, usize),
     dim: Option<usize>,
-    (wgmma, tma, parity, batch): (bool, bool, bool, bool),
+    (wgmma, tma, ws, parity, batch): (bool, bool, bool, bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<Vec<DeviceDecodeBench>> {
     let mut out = Vec::new();
     let bf = block_frames.max(1);
     for &kind in kinds {
-        let mut dev = device_decoder(kind, dim, (wgmma, tma, parity, batch), gpu)?;
+        let mut dev = device_decoder(kind, dim, (wgmma, tma, ws, parity, batch), gpu)?;
         let cost = dev.measure_block(latent_h, latent_w, bf)?;
         dev.begin(latent_h, latent_w)?;
         let mut rng = crate::rng::Rng::new(2);
@@ -388,7 +390,7 @@ pub fn bench_decode_device(
 fn device_decoder(
     kind: DecoderKind,
     dim: Option<usize>,
-    (wgmma, tma, parity, batch): (bool, bool, bool, bool),
+    (wgmma, tma, ws, parity, batch): (bool, bool, bool, bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<CudaDecoder> {
     let d = dim.unwrap_or(match kind {
@@ -399,6 +401,7 @@ fn device_decoder(
     let mut dev = CudaDecoder::new(&dec, gpu()?)?;
     dev.set_conv_wgmma(wgmma)?;
     dev.set_conv_tma(wgmma && tma)?;
+    dev.set_conv_ws(wgmma && ws)?;
     dev.set_conv_parity(parity)?;
     dev.set_frame_batching(batch)?;
     Ok(dev)
@@ -424,7 +427,7 @@ pub fn profile_decode_device(
     (latent_h, latent_w): (usize, usize),
     block_frames: usize,
     dim: Option<usize>,
-    flags: (bool, bool, bool, bool),
+    flags: (bool, bool, bool, bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<DecodeProfile> {
     let mut dev = device_decoder(kind, dim, flags, gpu)?;
@@ -481,7 +484,7 @@ mod tests {
 
     #[test]
     fn a_profiled_block_times_each_submission_of_its_walks() {
-        let flags = (false, false, true, true);
+        let flags = (false, false, false, true, true);
         for kind in [DecoderKind::Taehv, DecoderKind::WanVae] {
             let p = profile_decode_device(kind, (2, 3), 2, Some(2), flags, &Gpu::open_emulated)
                 .unwrap();
@@ -535,7 +538,7 @@ mod tests {
                 (h, w),
                 (1, 2),
                 Some(2),
-                (false, false, parity, true),
+                (false, false, false, parity, true),
                 &Gpu::open_emulated,
             )
             .unwrap()

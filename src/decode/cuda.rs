@@ -218,6 +218,10 @@ struct Dev {
     /// With `conv_wgmma`, those that fit it run its TMA variant `bc_conv_wgmma_tma` (plain
     /// sources; see [`conv_tma_default`]).
     conv_tma: bool,
+    /// With `conv_wgmma`, the convolutions run its warp-specialized variant
+    /// `bc_conv_wgmma_ws` instead (see [`conv_ws_default`]; the TMA variant still takes those
+    /// that fit it when `conv_tma` is on).
+    conv_ws: bool,
     /// Upsample convs run in the sub-pixel (parity) form (see [`conv_parity_default`]).
     conv_parity: bool,
     /// Launches and copies a `Mode::Measure` walk would have submitted.
@@ -263,6 +267,16 @@ fn conv_tma_default(gpu: &Gpu) -> bool {
     std::env::var("BC_CONV_TMA").is_ok_and(|v| v.trim() == "1") && conv_wgmma_default(gpu)
 }
 
+/// Whether a new decoder's wgmma convolutions use the warp-specialized variant
+/// `bc_conv_wgmma_ws` (`cuda/conv_ws.cu`: the same output bits): only with
+/// `BC_CONV_WGMMA_VARIANT=ws` (opt-in until a GPU has measured it; `base` or unset: the
+/// default `bc_conv_wgmma`; anything else is an error).
+fn conv_ws_default(gpu: &Gpu) -> Result<bool> {
+    let v = std::env::var("BC_CONV_WGMMA_VARIANT").ok();
+    let variant = launch::ConvWgmmaVariant::parse(v.as_deref()).map_err(Error::invalid)?;
+    Ok(variant == launch::ConvWgmmaVariant::Ws && conv_wgmma_default(gpu))
+}
+
 /// Whether a new decoder on `gpu` runs its convolutions on the Hopper wgmma kernel
 /// (`bc_conv_wgmma`): by default on a compute capability 9.0 device, unless `BC_CONV_WGMMA=0`
 /// (elsewhere never). The default comes from the first GPU run (H200, 2026-12-04): the layout
@@ -274,10 +288,11 @@ fn conv_wgmma_default(gpu: &Gpu) -> bool {
 }
 
 impl Dev {
-    fn new(gpu: Gpu) -> Dev {
+    fn new(gpu: Gpu) -> Result<Dev> {
         let conv_wgmma = conv_wgmma_default(&gpu);
         let conv_tma = conv_tma_default(&gpu);
-        Dev {
+        let conv_ws = conv_ws_default(&gpu)?;
+        Ok(Dev {
             gpu,
             weight_bytes: 0,
             pool: Vec::new(),
@@ -290,12 +305,13 @@ impl Dev {
             submits: 0,
             conv_wgmma,
             conv_tma,
+            conv_ws,
             conv_parity: conv_parity_default(),
             measured: 0,
             batch: frame_batching_default(),
             block_rows: BLOCK_ROWS,
             profile: None,
-        }
+        })
     }
 
     /// Whether launches are skipped (planning or measuring a walk).
@@ -597,7 +613,11 @@ impl Dev {
             self.wgmma_flops += flops;
         }
         if let Ok(l) = &l {
-            if self.conv_tma && launch::conv_tma_fits(l) {
+            let tma = self.conv_tma && launch::conv_tma_fits(l);
+            if self.conv_ws && !tma && wg(l.kernel) {
+                return self.run(launch::conv_ws(*l));
+            }
+            if tma {
                 if planning {
                     return Ok(());
                 }
@@ -905,7 +925,7 @@ fn upload_model(dec: &Decoder, dev: &mut Dev) -> Result<(Model, usize, usize)> {
 impl DeviceWeights {
     /// Uploads `dec` through `gpu` (a handle opened on `device`, kept as the weights' owner).
     pub(super) fn upload(dec: &Decoder, device: DecodeDevice, gpu: Gpu) -> Result<DeviceWeights> {
-        let mut dev = Dev::new(gpu);
+        let mut dev = Dev::new(gpu)?;
         let (model, z_dim, up) = upload_model(dec, &mut dev)?;
         Ok(DeviceWeights {
             model,
@@ -943,7 +963,7 @@ pub struct CudaDecoder {
 impl CudaDecoder {
     /// Uploads `dec`'s weights to `gpu`, for this decoder alone.
     pub fn new(dec: &Decoder, gpu: Gpu) -> Result<CudaDecoder> {
-        let mut dev = Dev::new(gpu);
+        let mut dev = Dev::new(gpu)?;
         let (model, z_dim, up) = upload_model(dec, &mut dev)?;
         let weights = Arc::new(DeviceWeights {
             model,
@@ -966,7 +986,7 @@ impl CudaDecoder {
         let gpu = device
             .open()?
             .ok_or_else(|| Error::Internal("device weights on the CPU".into()))?;
-        Ok(CudaDecoder::with(Dev::new(gpu), weights))
+        Ok(CudaDecoder::with(Dev::new(gpu)?, weights))
     }
 
     fn with(dev: Dev, weights: Arc<DeviceWeights>) -> CudaDecoder {
@@ -1066,6 +1086,19 @@ impl CudaDecoder {
         self.dev.conv_wgmma
     }
 
+    /// An error when `on` asks for `what` (a Hopper kernel) on a device without wgmma (anything
+    /// but compute capability 9.0 and the emulated device).
+    fn need_hopper(&self, on: bool, what: &str) -> Result<()> {
+        let gpu = &self.dev.gpu;
+        if on && !gpu.is_emulated() && gpu.compute_capability() != Some((9, 0)) {
+            return Err(Error::invalid(format!(
+                "{what} needs a compute capability 9.0 device, not {}",
+                gpu.name
+            )));
+        }
+        Ok(())
+    }
+
     /// Before a setting that changes which kernels a walk launches: waits for the work in flight
     /// and drops the captured decoder graphs (captured again at the next push) when `changed`.
     fn drop_graphs_if(&mut self, changed: bool) -> Result<()> {
@@ -1080,13 +1113,7 @@ impl CudaDecoder {
     /// benchmarks compare it with `bc_conv`): on is refused, with an error, on a device that has
     /// no wgmma (anything but compute capability 9.0 and the emulated device).
     pub fn set_conv_wgmma(&mut self, on: bool) -> Result<()> {
-        let gpu = &self.dev.gpu;
-        if on && !gpu.is_emulated() && gpu.compute_capability() != Some((9, 0)) {
-            return Err(Error::invalid(format!(
-                "the wgmma convolution needs a compute capability 9.0 device, not {}",
-                gpu.name
-            )));
-        }
+        self.need_hopper(on, "the wgmma convolution")?;
         // Captured walks launch the other kernel: capture them again.
         self.drop_graphs_if(self.dev.conv_wgmma != on)?;
         self.dev.conv_wgmma = on;
@@ -1143,15 +1170,25 @@ impl CudaDecoder {
     /// Turns the TMA variant of the wgmma convolution on or off (it applies only while
     /// [`CudaDecoder::set_conv_wgmma`] is on); on is refused where the wgmma conv is.
     pub fn set_conv_tma(&mut self, on: bool) -> Result<()> {
-        let gpu = &self.dev.gpu;
-        if on && !gpu.is_emulated() && gpu.compute_capability() != Some((9, 0)) {
-            return Err(Error::invalid(format!(
-                "the TMA convolution needs a compute capability 9.0 device, not {}",
-                gpu.name
-            )));
-        }
+        self.need_hopper(on, "the TMA convolution")?;
         self.drop_graphs_if(self.dev.conv_tma != on)?;
         self.dev.conv_tma = on;
+        Ok(())
+    }
+
+    /// Whether the wgmma convolutions run the warp-specialized variant `bc_conv_wgmma_ws`
+    /// (`BC_CONV_WGMMA_VARIANT=ws`).
+    pub fn conv_ws(&self) -> bool {
+        self.dev.conv_ws
+    }
+
+    /// Turns the warp-specialized variant of the wgmma convolution on or off (it applies only
+    /// while [`CudaDecoder::set_conv_wgmma`] is on, to the convolutions the TMA variant does
+    /// not take); on is refused where the wgmma conv is.
+    pub fn set_conv_ws(&mut self, on: bool) -> Result<()> {
+        self.need_hopper(on, "the warp-specialized convolution")?;
+        self.drop_graphs_if(self.dev.conv_ws != on)?;
+        self.dev.conv_ws = on;
         Ok(())
     }
 

@@ -1227,6 +1227,72 @@ pub fn conv_tiled(
     })
 }
 
+/// Which wgmma convolution a Hopper decoder launches, from `BC_CONV_WGMMA_VARIANT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvWgmmaVariant {
+    /// `bc_conv_wgmma*` (`cuda/conv_wgmma.cu`; the default: measured on an H200).
+    Base,
+    /// `bc_conv_wgmma_ws*` (`cuda/conv_ws.cu`, [`conv_ws`]): warp-specialized, the same output
+    /// bits; opt-in until a GPU has measured it.
+    Ws,
+}
+
+impl ConvWgmmaVariant {
+    /// The variant `BC_CONV_WGMMA_VARIANT` names (unset, empty or `base`: [`Self::Base`];
+    /// `ws`: [`Self::Ws`]); an error for anything else.
+    pub fn parse(v: Option<&str>) -> std::result::Result<ConvWgmmaVariant, String> {
+        match v.map(str::trim).unwrap_or("") {
+            "" | "base" => Ok(ConvWgmmaVariant::Base),
+            "ws" => Ok(ConvWgmmaVariant::Ws),
+            other => Err(format!(
+                "BC_CONV_WGMMA_VARIANT={other}: expected base or ws"
+            )),
+        }
+    }
+}
+
+/// The output channels per block of the warp-specialized conv for `cout`: of
+/// `BC_CONV_WS_BN` (192, `bc_conv_wgmma_ws`), `BC_CONV_WG_BN_96` (`bc_conv_wgmma_ws_n96`) and
+/// `BC_CONV_WG_BN_64` (`bc_conv_wgmma_ws_n64`), the one that pads cout least, the wider one on
+/// a tie: 192 for the Wan VAE's 384 and 192 channels, 96 for its 96, 64 for TAEHV's 64 (and
+/// 128, 256).
+pub fn conv_ws_tile(cout: usize) -> u32 {
+    let pad = |t: u32| cout.div_ceil(t as usize) * t as usize - cout;
+    let mut best = BC_CONV_WS_BN;
+    for t in [BC_CONV_WG_BN_96, BC_CONV_WG_BN_64] {
+        if pad(t) < pad(best) {
+            best = t;
+        }
+    }
+    best
+}
+
+/// `bc_conv_wgmma_ws*` (`cuda/conv_ws.cu`) for a launch [`conv_tiled`] built on a wgmma tile
+/// (`bc_conv_wgmma*`: the same params, the same output bits): the tile [`conv_ws_tile`] picks,
+/// grid (ceil(rows / `BC_CONV_WG_BM`), ceil(cout / tile), z as it was), block
+/// `BC_CONV_WS_THREADS`. Any other launch is refused.
+pub fn conv_ws(l: Launch<BcConvParams>) -> LaunchResult<Launch<BcConvParams>> {
+    if !matches!(
+        l.kernel,
+        Kernel::ConvWgmma | Kernel::ConvWgmmaN96 | Kernel::ConvWgmmaN64
+    ) {
+        return Err(invalid(Kernel::ConvWgmmaWs, "not a wgmma conv launch"));
+    }
+    let cout = usize::try_from(l.params.cout).unwrap_or(0);
+    let t = conv_ws_tile(cout);
+    let kernel = match t {
+        BC_CONV_WS_BN => Kernel::ConvWgmmaWs,
+        BC_CONV_WG_BN_96 => Kernel::ConvWgmmaWsN96,
+        _ => Kernel::ConvWgmmaWsN64,
+    };
+    Ok(Launch {
+        kernel,
+        grid: [l.grid[0], blocks(kernel, cout, t)?, l.grid[2]],
+        block: BC_CONV_WS_THREADS,
+        params: l.params,
+    })
+}
+
 /// Whether a launch built by [`conv_tiled`] with a wgmma tile fits the TMA variant
 /// `bc_conv_wgmma_tma*` (`cuda/conv_wgmma_tma.cu`): it runs `bc_conv_wgmma` or
 /// `bc_conv_wgmma_n96` (16-byte path, more than 16 output channels; the TMA variant has no
@@ -1706,6 +1772,61 @@ mod tests {
         assert_eq!(pick(96, 136, false, false).0, Kernel::Conv);
         assert_eq!(pick(96, 16, false, true).0, Kernel::ConvN16);
         assert_eq!(pick(12, 136, false, true).0, Kernel::Conv);
+        // The warp-specialized variant: same params and rows, its own channel tile.
+        let ws = |cout: usize, c: usize| {
+            let l = conv_on(
+                &[src(c, false)],
+                x,
+                shape(cout, c),
+                (10, 30),
+                ep,
+                out(cout),
+                true,
+            )
+            .unwrap();
+            let w = conv_ws(l).unwrap();
+            assert_eq!(w.params.cout, l.params.cout);
+            assert_eq!((w.grid[0], w.grid[2]), (l.grid[0], l.grid[2]));
+            (w.kernel, w.grid[1], w.block)
+        };
+        let t = BC_CONV_WS_THREADS;
+        assert_eq!(ws(384, 96), (Kernel::ConvWgmmaWs, 2, t));
+        assert_eq!(ws(192, 96), (Kernel::ConvWgmmaWs, 1, t));
+        assert_eq!(ws(96, 96), (Kernel::ConvWgmmaWsN96, 1, t));
+        assert_eq!(ws(64, 64), (Kernel::ConvWgmmaWsN64, 1, t));
+        assert_eq!(ws(128, 64), (Kernel::ConvWgmmaWsN64, 2, t));
+        assert_eq!(ws(200, 96), (Kernel::ConvWgmmaWsN64, 4, t)); // 56 padded, not 88 or 184
+        for (cout, tile) in [
+            (384, 192),
+            (192, 192),
+            (96, 96),
+            (64, 64),
+            (136, 192), // 56 padded on every tile: the widest
+            (32, 64),
+        ] {
+            assert_eq!(conv_ws_tile(cout), tile, "cout {cout}");
+        }
+        let plain = conv_on(
+            &[src(96, false)],
+            x,
+            shape(136, 96),
+            (10, 30),
+            ep,
+            out(136),
+            false,
+        );
+        assert!(conv_ws(plain.unwrap()).is_err());
+        assert_eq!(Kernel::ConvWgmmaWs.dynamic_smem_bytes(), BC_CONV_WS_SMEM);
+        assert_eq!(
+            ConvWgmmaVariant::parse(Some(" ws ")),
+            Ok(ConvWgmmaVariant::Ws)
+        );
+        assert_eq!(ConvWgmmaVariant::parse(None), Ok(ConvWgmmaVariant::Base));
+        assert_eq!(
+            ConvWgmmaVariant::parse(Some("base")),
+            Ok(ConvWgmmaVariant::Base)
+        );
+        assert!(ConvWgmmaVariant::parse(Some("tma")).is_err());
     }
 
     /// The wgmma prototype tile runs its own kernels (one warpgroup of 64 rows for hd64, two of

@@ -163,6 +163,15 @@ pub enum Kernel {
     ConvWgmmaN96,
     /// `bc_conv_wgmma_n64` ([`BcConvParams`]): the same with 64-channel tiles.
     ConvWgmmaN64,
+    /// `bc_conv_wgmma_ws` ([`BcConvParams`], `cuda/conv_ws.cu`): the warp-specialized wgmma
+    /// convolution (a producer warpgroup gathers, two consumer warpgroups multiply;
+    /// [`BC_CONV_WS_THREADS`] threads), 192-channel tiles; the same output bits as
+    /// `bc_conv_wgmma`. sm_90a only; opt-in: `BC_CONV_WGMMA_VARIANT=ws`.
+    ConvWgmmaWs,
+    /// `bc_conv_wgmma_ws_n96` ([`BcConvParams`]): the same with 96-channel tiles.
+    ConvWgmmaWsN96,
+    /// `bc_conv_wgmma_ws_n64` ([`BcConvParams`]): the same with 64-channel tiles.
+    ConvWgmmaWsN64,
     /// `bc_dec_latent_in` ([`BcDecLatentInParams`]).
     DecLatentIn,
     /// `bc_dec_rms_norm` ([`BcDecRmsNormParams`]).
@@ -192,7 +201,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 41] = [
+    pub const ALL: [Kernel; 44] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -223,6 +232,9 @@ impl Kernel {
         Kernel::ConvWgmma,
         Kernel::ConvWgmmaN96,
         Kernel::ConvWgmmaN64,
+        Kernel::ConvWgmmaWs,
+        Kernel::ConvWgmmaWsN96,
+        Kernel::ConvWgmmaWsN64,
         Kernel::DecLatentIn,
         Kernel::DecRmsNorm,
         Kernel::DecUpsample2x,
@@ -269,6 +281,9 @@ impl Kernel {
             Kernel::ConvWgmma => "bc_conv_wgmma",
             Kernel::ConvWgmmaN96 => "bc_conv_wgmma_n96",
             Kernel::ConvWgmmaN64 => "bc_conv_wgmma_n64",
+            Kernel::ConvWgmmaWs => "bc_conv_wgmma_ws",
+            Kernel::ConvWgmmaWsN96 => "bc_conv_wgmma_ws_n96",
+            Kernel::ConvWgmmaWsN64 => "bc_conv_wgmma_ws_n64",
             Kernel::DecLatentIn => "bc_dec_latent_in",
             Kernel::DecRmsNorm => "bc_dec_rms_norm",
             Kernel::DecUpsample2x => "bc_dec_upsample2x",
@@ -303,6 +318,9 @@ impl Kernel {
             Kernel::ConvWgmma => BC_CONV_WG_SMEM,
             Kernel::ConvWgmmaN96 => BC_CONV_WG_N96_SMEM,
             Kernel::ConvWgmmaN64 => BC_CONV_WG_N64_SMEM,
+            Kernel::ConvWgmmaWs => BC_CONV_WS_SMEM,
+            Kernel::ConvWgmmaWsN96 => BC_CONV_WS_N96_SMEM,
+            Kernel::ConvWgmmaWsN64 => BC_CONV_WS_N64_SMEM,
             _ => 0,
         }
     }
@@ -323,6 +341,9 @@ impl Kernel {
                 | Kernel::TmaProbe
                 | Kernel::ConvWgmmaTma
                 | Kernel::ConvWgmmaTmaN96
+                | Kernel::ConvWgmmaWs
+                | Kernel::ConvWgmmaWsN96
+                | Kernel::ConvWgmmaWsN64
         )
     }
 }

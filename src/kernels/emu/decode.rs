@@ -84,7 +84,7 @@ pub fn conv(
         out,
         geo,
         None,
-        false,
+        Via::Wgmma,
     )
 }
 
@@ -116,7 +116,7 @@ pub fn conv_wgmma(
         out,
         geo,
         Some(tile),
-        false,
+        Via::Wgmma,
     )
 }
 
@@ -146,8 +146,48 @@ pub fn conv_wgmma_tma(
         out,
         geo,
         Some(tile),
-        true,
+        Via::Tma,
     )
+}
+
+/// [`conv_wgmma`] on the warp-specialized variant (`cuda/conv_ws.cu`, [`launch::conv_ws`]:
+/// a producer warpgroup gathers for two consumer warpgroups; it picks its own channel tile,
+/// 192, 96 or 64, and must give `bc_conv_wgmma`'s bits); an error (nothing runs) where the
+/// wgmma conv does not fit.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_wgmma_ws(
+    srcs: &[ConvSrc],
+    weights: &[bf16],
+    shape: ConvShape,
+    hw: (usize, usize),
+    bias: Option<&[f32]>,
+    res: Option<(&[bf16], usize)>,
+    act: ConvAct,
+    out: ConvDst,
+    geo: (usize, usize, usize, usize),
+) -> LaunchResult {
+    conv_impl(
+        srcs,
+        weights,
+        shape,
+        hw,
+        (bias, res, act),
+        out,
+        geo,
+        Some(BC_CONV_WG_BN),
+        Via::Ws,
+    )
+}
+
+/// Which wgmma conv kernel a wgmma launch of [`conv_impl`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// `bc_conv_wgmma*` (the tile given).
+    Wgmma,
+    /// `bc_conv_wgmma_tma*`.
+    Tma,
+    /// `bc_conv_wgmma_ws*`.
+    Ws,
 }
 
 type ConvEpi<'a> = (Option<&'a [f32]>, Option<(&'a [bf16], usize)>, ConvAct);
@@ -162,7 +202,7 @@ fn conv_impl(
     out: ConvDst,
     (out_stride, split, frame_stride, frames): (usize, usize, usize, usize),
     wgmma_tile: Option<u32>,
-    tma: bool,
+    via: Via,
 ) -> LaunchResult {
     let k = if wgmma_tile.is_some() {
         Kernel::ConvWgmma
@@ -250,7 +290,10 @@ fn conv_impl(
             "does not fit the wgmma conv (needs 8-aligned channels and > 16 outputs)",
         ));
     }
-    if tma {
+    if via == Via::Ws {
+        return run(launch::conv_ws(l));
+    }
+    if via == Via::Tma {
         let kt = Kernel::ConvWgmmaTma;
         if !launch::conv_tma_fits(&l) {
             return Err(invalid(
@@ -640,7 +683,7 @@ mod tests {
         let srcs = case_srcs(cs, &data, |_| 0);
         let geo = (ostride, cs.split, fstride, 1);
         let r = res.as_deref().map(|r| (r, cs.cout));
-        let launch = |dst: ConvDst, tile: Option<(u32, bool)>, parity: bool| {
+        let launch = |dst: ConvDst, tile: Option<(u32, Via)>, parity: bool| {
             let b = bias.as_deref();
             let kshape = ConvShape {
                 cout: cs.cout,
@@ -653,11 +696,14 @@ mod tests {
             let wts: &[bf16] = if parity { &ppacked } else { &packed };
             match tile {
                 None => conv(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo),
-                Some((t, false)) => {
+                Some((t, Via::Wgmma)) => {
                     conv_wgmma(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo, t)
                 }
-                Some((t, true)) => {
+                Some((t, Via::Tma)) => {
                     conv_wgmma_tma(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo, t)
+                }
+                Some((_, Via::Ws)) => {
+                    conv_wgmma_ws(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo)
                 }
             }
         };
@@ -676,21 +722,24 @@ mod tests {
                 .iter()
                 .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
         // ... and the TMA variants bc_conv_wgmma_tma(_n96) where no source is upsampled (or,
-        // in the parity form, all are).
+        // in the parity form, all are), then the warp-specialized bc_conv_wgmma_ws* (its own
+        // tile): bc_conv_wgmma's bits exactly, NaN-poisoned padding included.
         let plain = cs.srcs.iter().all(|s| !s.up);
         // Each kernel plain, then in the parity form where the case has one.
         let forms: &[bool] = if parity { &[false, true] } else { &[false] };
         for &par in forms {
+            let mut wg_bits: Option<Vec<u32>> = None;
             for tile in [
                 None,
-                Some((BC_CONV_WG_BN, false)),
-                Some((BC_CONV_WG_BN_96, false)),
-                Some((BC_CONV_WG_BN_64, false)),
-                Some((BC_CONV_WG_BN, true)),
-                Some((BC_CONV_WG_BN_96, true)),
+                Some((BC_CONV_WG_BN, Via::Wgmma)),
+                Some((BC_CONV_WG_BN_96, Via::Wgmma)),
+                Some((BC_CONV_WG_BN_64, Via::Wgmma)),
+                Some((BC_CONV_WG_BN, Via::Tma)),
+                Some((BC_CONV_WG_BN_96, Via::Tma)),
+                Some((BC_CONV_WG_BN, Via::Ws)),
             ] {
                 let wg = tile.is_some();
-                let fits = if matches!(tile, Some((_, true))) {
+                let fits = if matches!(tile, Some((_, Via::Tma))) {
                     fits && (plain || par)
                 } else {
                     fits
@@ -707,6 +756,20 @@ mod tests {
                     continue;
                 }
                 let got = got.unwrap();
+                let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                match tile {
+                    Some((BC_CONV_WG_BN, Via::Wgmma)) => wg_bits = Some(bits),
+                    Some((_, Via::Ws)) => {
+                        let want = wg_bits.as_ref().expect("bc_conv_wgmma ran first");
+                        let bad = bits.iter().zip(want).position(|(a, b)| a != b);
+                        assert!(
+                            bad.is_none(),
+                            "bc_conv_wgmma_ws differs from bc_conv_wgmma (case seed {seed}, \
+                             parity {par}) at element {bad:?}"
+                        );
+                    }
+                    _ => {}
+                }
                 // Gather the device output back to [cout][hw].
                 let mut g = vec![0.0; cs.cout * hw];
                 for n in 0..cs.cout {
@@ -717,8 +780,9 @@ mod tests {
                 }
                 let what = match tile {
                     None => "bc_conv".to_string(),
-                    Some((t, false)) => format!("bc_conv_wgmma tile {t}"),
-                    Some((t, true)) => format!("bc_conv_wgmma_tma tile {t}"),
+                    Some((t, Via::Wgmma)) => format!("bc_conv_wgmma tile {t}"),
+                    Some((t, Via::Tma)) => format!("bc_conv_wgmma_tma tile {t}"),
+                    Some((_, Via::Ws)) => "bc_conv_wgmma_ws".to_string(),
                 };
                 let (what, want) = match (&pwant, par) {
                     (Some(pw), true) => (format!("{what} parity"), pw),
@@ -1028,6 +1092,17 @@ mod tests {
         run_case(14, &c);
         // Upsampled sources, 3x3 and 1x1.
         run_upsampled(15, (24, 32), (40, 16, 24));
+        // Two sources of different widths and pixel strides (16 of 24, 32 of 40 channels):
+        // every gather must switch its rows' offsets with the source.
+        let c = case(
+            40,
+            48,
+            1,
+            3,
+            (7, 9),
+            vec![s(16, 24, 0, 0, false), s(32, 40, 16, 0, false)],
+        );
+        run_case(18, &c);
         // 1x1, cout 200 split into two frames of 100 (TGrow / time_conv), f32, 11 x 13.
         let mut c = case(200, 136, 1, 1, (11, 13), vec![s(136, 136, 0, 0, false)]);
         c.split = 100;

@@ -97,6 +97,7 @@ __device__ __forceinline__ void cs_producer(const BcConvParams& p, const CvGeo& 
     constexpr int S = Cfg::STAGES, D = Cfg::INFLIGHT;
     const int m0 = blockIdx.x * CW_BM, n0 = blockIdx.y * Cfg::BN;
     CwGather<CS_WG, true> gather(p, geo, m0, pt);
+    bc_pin(base);  // not recomputed from SR_CgaCtaId per k-step
     int s = 0, pub = 0;  // the stage of k-step k; the stage k-step k - D + 1 is in
     unsigned eph = 1;    // parity of the empty phase to wait for (flips per round)
     for (int k = 0; k < steps; ++k) {

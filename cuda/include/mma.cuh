@@ -49,6 +49,18 @@ typedef unsigned bc_saddr;
 __device__ __forceinline__ bc_saddr bc_smem_addr(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
+/// Pins `v` (a 32- or 64-bit integer) in a register for the loop that follows: an empty asm that
+/// claims to change it, so ptxas cannot rematerialise it inside the loop. Without it ptxas
+/// recomputed the shared-window base and the wgmma descriptors from SR_CgaCtaId in every k-step
+/// of bc_conv_wgmma (2 S2UR and ~13 uniform instructions per k-step). A no-op under emulation.
+template <class T>
+__device__ __forceinline__ void bc_pin(T& v) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "bc_pin: a 32- or 64-bit integer");
+    if constexpr (sizeof(T) == 4)
+        asm volatile("" : "+r"(v));
+    else
+        asm volatile("" : "+l"(v));
+}
 __device__ __forceinline__ void bc_ldmatrix_x4_at(unsigned r[4], bc_saddr a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -136,6 +148,8 @@ inline void bc_ldmatrix_x4_trans(unsigned r[4], const void* row) {
 inline void bc_cp_async16(void* smem, const void* gmem) { ::emu::cp_async16(smem, gmem, __FILE__, __LINE__); }
 typedef uintptr_t bc_saddr;
 inline bc_saddr bc_smem_addr(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+template <class T>
+inline void bc_pin(T&) {}
 inline void bc_ldmatrix_x4_at(unsigned r[4], bc_saddr a) { bc_ldmatrix_x4(r, reinterpret_cast<const void*>(a)); }
 inline void bc_ldmatrix_x4_trans_at(unsigned r[4], bc_saddr a) {
     bc_ldmatrix_x4_trans(r, reinterpret_cast<const void*>(a));

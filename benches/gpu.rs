@@ -1417,7 +1417,7 @@ fn decode_profiles(conv_wgmma: bool, open: &dyn Fn() -> blockcascade::Result<Gpu
 /// shape (q4680 k32760 12 x 128), two launches unsplit and two with the split the wave-fill
 /// model picks, on the wgmma hd128 variants `pp_k128` (the default) and `ws` where the wgmma
 /// probe passed (`BC_WGMMA_OK=1`), else on `rows128`; then one 3-latent-frame block of each
-/// decoder at 480x832 with its default kernels (their convolutions). `dit`: two blocks of the
+/// decoder at 480x832 on the default conv kernels and, with wgmma, on the ws conv. `dit`: two blocks of the
 /// wan-1.3b-shape model, sequential (run.sh sets `BC_NO_GRAPHS=1`: one launch per kernel).
 fn ncu_run(mut g: Gpu, what: &str) {
     match what {
@@ -1462,19 +1462,28 @@ fn ncu_run(mut g: Gpu, what: &str) {
             g.sync().unwrap();
             drop(g);
             let open = || Gpu::open_kernels(0);
-            let flags = (wgmma, false, false, true, true);
-            for kind in [DecoderKind::WanVae, DecoderKind::Taehv] {
+            // Each decoder on the default conv, then (where wgmma runs) on the ws conv.
+            for (kind, ws) in [
+                (DecoderKind::WanVae, false),
+                (DecoderKind::WanVae, true),
+                (DecoderKind::Taehv, false),
+                (DecoderKind::Taehv, true),
+            ] {
+                if ws && !wgmma {
+                    continue;
+                }
+                let tag = if ws { " ws" } else { "" };
                 let r = blockcascade::decode::bench_decode_device(
                     &[kind],
                     (60, 104),
                     (3, 1),
                     None,
-                    flags,
+                    (wgmma, false, ws, true, true),
                     &open,
                 );
                 match r {
-                    Ok(r) => println!("NCU decode {kind}: {:.1} ms", r[0].first_block_ms),
-                    Err(e) => println!("NCU decode {kind} FAILED: {e}"),
+                    Ok(r) => println!("NCU decode {kind}{tag}: {:.1} ms", r[0].first_block_ms),
+                    Err(e) => println!("NCU decode {kind}{tag} FAILED: {e}"),
                 }
             }
         }

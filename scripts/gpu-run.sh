@@ -508,10 +508,11 @@ if want pytorch; then
 fi
 
 # --- Nsight Compute --------------------------------------------------------------------------
-# Two runs of the bench binary in its BC_BENCH_NCU modes, clocks and caches left as they are:
-# `dit` (two sequential blocks of the 1.3B-shaped model, graphs off) with only the kernel
-# durations, then `kernels` (the attention at the bench shape, one block of each decoder) with
-# the counter sections, for the first 60 attention and conv launches. Reported, never a failure.
+# Two runs of the bench binary in its BC_BENCH_NCU modes (60 s and 50 s at most), clocks and
+# caches left as they are: `kernels` (the attention at the bench shape, then one block of each
+# decoder on the default and on the ws conv) with the counter sections for the first 160
+# attention and conv launches, then `dit` (two sequential blocks of the 1.3B-shaped model,
+# graphs off) with only the kernel durations. Reported, never a failure.
 if want ncu; then
     # shellcheck disable=SC2012
     ncu_bin=$(command -v ncu || ls -d /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -n 1)
@@ -522,13 +523,14 @@ if want ncu; then
         echo "NCU skipped: no GPU" > "$logs"/ncu.txt
         set_status ncu "skipped: no GPU"
     elif run_part ncu "$logs"/ncu.log env NCU="$ncu_bin" LOGS="$logs" BC_WGMMA_OK="${BC_WGMMA_OK:-}" bash -c '
-            "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv --page raw \
-                --log-file "$LOGS"/ncu-dit.csv env BC_NO_GRAPHS=1 BC_BENCH_NCU=dit ./bin/gpu-bench; a=$?
-            python3 ncu_summary.py dit "$LOGS"/ncu-dit.csv > "$LOGS"/ncu.txt
-            "$NCU" --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+            : > "$LOGS"/ncu.txt
+            timeout -k 5 60 "$NCU" --clock-control none --cache-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
                 --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-                --section SchedulerStats -k "regex:^bc_(attention|conv)" -c 60 --csv --page raw \
+                --section SchedulerStats -k "regex:^bc_(attention|conv)" -c 160 --csv --page raw \
                 --log-file "$LOGS"/ncu-kernels.csv env BC_BENCH_NCU=kernels ./bin/gpu-bench; b=$?
+            timeout -k 5 50 "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv --page raw \
+                --log-file "$LOGS"/ncu-dit.csv env BC_NO_GRAPHS=1 BC_BENCH_NCU=dit ./bin/gpu-bench; a=$?
+            python3 ncu_summary.py dit "$LOGS"/ncu-dit.csv >> "$LOGS"/ncu.txt
             python3 ncu_summary.py kernels "$LOGS"/ncu-kernels.csv >> "$LOGS"/ncu.txt
             [ $a -eq 0 ] && [ $b -eq 0 ]'; then
         st=$status

@@ -1462,14 +1462,17 @@ fn ncu_run(mut g: Gpu, what: &str) {
             g.sync().unwrap();
             drop(g);
             let open = || Gpu::open_kernels(0);
-            // Each decoder on the default conv, then (where wgmma runs) on the ws conv.
+            // Each decoder on the default conv, then (where wgmma runs, unless
+            // BC_BENCH_NO_CONV_WS=1) on the ws conv, never run on a GPU yet: last, so that a
+            // hang there costs only its own counters.
+            let no_ws = std::env::var_os("BC_BENCH_NO_CONV_WS").is_some();
             for (kind, ws) in [
-                (DecoderKind::WanVae, false),
-                (DecoderKind::WanVae, true),
                 (DecoderKind::Taehv, false),
+                (DecoderKind::WanVae, false),
                 (DecoderKind::Taehv, true),
+                (DecoderKind::WanVae, true),
             ] {
-                if ws && !wgmma {
+                if ws && (!wgmma || no_ws) {
                     continue;
                 }
                 let tag = if ws { " ws" } else { "" };

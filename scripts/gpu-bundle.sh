@@ -7,7 +7,7 @@
 #
 # Usage: scripts/gpu-bundle.sh [OUT_DIR]   (default: target/gpu-bundle)
 # Then on the GPU machine: OUT_DIR/run.sh device   (one bounded call, BC_BUDGET_S seconds, default
-# 300; writes summary.txt and logs.tar.gz to $OUT; see docs/gpu-bundle.md), or
+# 420; writes summary.txt and logs.tar.gz to $OUT; see docs/gpu-bundle.md), or
 # OUT_DIR/run.sh [PARTS] (prints one summary table; logs in OUT_DIR/logs).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -78,7 +78,7 @@ echo "bundle: $out ($((size / 1024)) MiB)" >&2
 # The bundle compressed (about 21 MiB: the binaries carry the kernels' fatbin three times), for
 # the device tool, which sends the working tree plus carried paths, 64 MiB in all:
 #   run(command="mkdir -p /tmp/b && tar xzf target/gpu-pack/bundle.tar.gz -C /tmp/b &&
-#       bash /tmp/b/gpu-bundle/run.sh device", carry=["target/gpu-pack"], timeout_s=350)
+#       bash /tmp/b/gpu-bundle/run.sh device", carry=["target/gpu-pack"], timeout_s=470)
 pack=$CARGO_TARGET_DIR/gpu-pack
 mkdir -p "$pack"
 rm -f "$pack/bundle.tar.gz"

@@ -8,7 +8,7 @@
 #                          probe, alone in its own process), tests (correctness), bench
 #                          (kernels, end to end), pytorch (baseline), ncu (Nsight Compute:
 #                          where the DiT's and the kernels' time goes), sanitizer (memcheck,
-#                          then racecheck), within BC_BUDGET_S seconds (default 300) in all. A part
+#                          then racecheck), within BC_BUDGET_S seconds (default 420) in all. A part
 #                          starts only when the budget still holds its minimum (the table below),
 #                          else the summary says "skipped: out of time budget"; each runs under
 #                          its own timeout (its cap, cut to what is left), so a hang costs one
@@ -53,7 +53,7 @@ for p in $parts; do
     esac
 done
 want() { [[ " $parts " == *" $1 "* ]]; }
-budget=${BC_BUDGET_S:-300}
+budget=${BC_BUDGET_S:-420}
 case "$budget" in ''|*[!0-9]*) echo "run.sh: BC_BUDGET_S must be a whole number of seconds" >&2; exit 64;; esac
 reserve=15 # seconds kept back for the kill grace of a timed-out part, the summary and the tarball
 
@@ -62,7 +62,7 @@ reserve=15 # seconds kept back for the kill grace of a timed-out part, the summa
 # BC_CAP_BENCH, BC_CAP_PYTORCH, BC_CAP_MEMCHECK and BC_CAP_RACECHECK override the device-mode
 # caps. Estimated times on an H100/H200 (docs/gpu-bundle.md): tests ~40 s, bench
 # ~45 s, pytorch ~25 s, memcheck and racecheck ~30-60 s each.
-declare -A cap=([wgmma]=${BC_CAP_WGMMA:-60} [tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-150} [pytorch]=${BC_CAP_PYTORCH:-90} [ncu]=${BC_CAP_NCU:-120}
+declare -A cap=([wgmma]=${BC_CAP_WGMMA:-60} [tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-150} [pytorch]=${BC_CAP_PYTORCH:-90} [ncu]=${BC_CAP_NCU:-140}
     [memcheck]=${BC_CAP_MEMCHECK:-90} [racecheck]=${BC_CAP_RACECHECK:-90})
 declare -A need=([wgmma]=15 [tests]=45 [bench]=45 [pytorch]=30 [ncu]=40 [memcheck]=30 [racecheck]=30)
 declare -A cap_full=([wgmma]=120 [tests]=570 [bench]=570 [pytorch]=570 [ncu]=570 [memcheck]=270 [racecheck]=270)
@@ -508,11 +508,13 @@ if want pytorch; then
 fi
 
 # --- Nsight Compute --------------------------------------------------------------------------
-# Two runs of the bench binary in its BC_BENCH_NCU modes (60 s and 50 s at most), clocks and
+# Two runs of the bench binary in its BC_BENCH_NCU modes (75 s and 50 s at most), clocks and
 # caches left as they are: `kernels` (the attention at the bench shape, then one block of each
-# decoder on the default and on the ws conv) with the counter sections for the first 160
+# decoder on the default conv, then on the ws conv) with the counter sections for the first 240
 # attention and conv launches, then `dit` (two sequential blocks of the 1.3B-shaped model,
-# graphs off) with only the kernel durations. Reported, never a failure.
+# graphs off) with only the durations of its first 2500 kernels (about 5 of its ~9 ticks; the
+# rest runs unprofiled). ncu prints its table when the program ends: a run cut by its timeout
+# leaves no summary. Reported, never a failure.
 if want ncu; then
     # shellcheck disable=SC2012
     ncu_bin=$(command -v ncu || ls -d /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -n 1)
@@ -524,11 +526,11 @@ if want ncu; then
         set_status ncu "skipped: no GPU"
     elif run_part ncu "$logs"/ncu.log env NCU="$ncu_bin" LOGS="$logs" BC_WGMMA_OK="${BC_WGMMA_OK:-}" bash -c '
             : > "$LOGS"/ncu.txt
-            timeout -k 5 60 "$NCU" --clock-control none --cache-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+            timeout -k 5 75 "$NCU" --clock-control none --cache-control none --print-units base --section SpeedOfLight --section Occupancy --section LaunchStats \
                 --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-                --section SchedulerStats -k "regex:^bc_(attention|conv)" -c 160 --csv --page raw \
+                --section SchedulerStats -k "regex:^bc_(attention|conv)" -c 240 --csv --page raw \
                 --log-file "$LOGS"/ncu-kernels.csv env BC_BENCH_NCU=kernels ./bin/gpu-bench; b=$?
-            timeout -k 5 50 "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv --page raw \
+            timeout -k 5 50 "$NCU" --clock-control none --cache-control none --print-units base -c 2500 --metrics gpu__time_duration.sum --csv --page raw \
                 --log-file "$LOGS"/ncu-dit.csv env BC_NO_GRAPHS=1 BC_BENCH_NCU=dit ./bin/gpu-bench; a=$?
             python3 ncu_summary.py dit "$LOGS"/ncu-dit.csv >> "$LOGS"/ncu.txt
             python3 ncu_summary.py kernels "$LOGS"/ncu-kernels.csv >> "$LOGS"/ncu.txt

@@ -519,6 +519,7 @@ mod tests {
             assert_eq!(sums.iter().map(|k| k.launches).sum::<u64>(), launches);
             assert!((sums.iter().map(|k| k.ms).sum::<f64>() - total).abs() < 1e-9);
             let mut names: Vec<_> = sums.iter().map(|k| k.name).collect();
+            names.sort_unstable();
             names.dedup();
             assert_eq!(names.len(), sums.len());
             assert!(sums.len() < p.kernels.len(), "several grids of a kernel");

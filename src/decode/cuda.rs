@@ -193,6 +193,10 @@ struct Sink {
 
 /// A device handle, the bytes of weights uploaded through it, and its activation pool.
 struct Dev {
+    /// Events around every live launch, copy and memset while profiling
+    /// ([`CudaDecoder::set_profiling`]); declared before `gpu`, so that its events are dropped
+    /// while the device's context still exists.
+    profile: Option<profile::Recorder>,
     gpu: Gpu,
     /// Bytes of weights uploaded through this handle (freed with the device).
     weight_bytes: usize,
@@ -233,9 +237,6 @@ struct Dev {
     /// The block walk's bound on GEMM rows (pixels x frames) per launch past a TAEHV `TGrow`
     /// or a Wan VAE upsample ([`BLOCK_ROWS`]).
     block_rows: usize,
-    /// Events around every live launch, copy and memset while profiling
-    /// ([`CudaDecoder::set_profiling`]).
-    profile: Option<profile::Recorder>,
 }
 
 /// GEMM rows (output pixels of all the frames) the block walk gives a launch at most (about)
@@ -619,6 +620,7 @@ impl Dev {
             }
             if tma {
                 if planning {
+                    self.count_skipped();
                     return Ok(());
                 }
                 // The tensor maps hold the frames' addresses (a captured walk launches with the

@@ -1062,9 +1062,15 @@ pub fn conv_on(
 /// (`bc_conv_wgmma_n64`), the one that pads cout least, the wider one on a tie: 96 for the Wan
 /// VAE's 96 and 192 channels (and 136), 64 for TAEHV's 64 (and 32, 40), 128 for 384, 256, 200.
 pub fn conv_wgmma_tile(cout: usize) -> u32 {
+    least_padding_tile(cout, [BC_CONV_WG_BN, BC_CONV_WG_BN_96, BC_CONV_WG_BN_64])
+}
+
+/// Of `tiles` (widest first), the channel tile that pads `cout` least; the earlier (wider) one
+/// on a tie.
+fn least_padding_tile(cout: usize, tiles: [u32; 3]) -> u32 {
     let pad = |t: u32| cout.div_ceil(t as usize) * t as usize - cout;
-    let mut best = BC_CONV_WG_BN;
-    for t in [BC_CONV_WG_BN_96, BC_CONV_WG_BN_64] {
+    let mut best = tiles[0];
+    for t in tiles {
         if pad(t) < pad(best) {
             best = t;
         }
@@ -1257,14 +1263,7 @@ impl ConvWgmmaVariant {
 /// a tie: 192 for the Wan VAE's 384 and 192 channels, 96 for its 96, 64 for TAEHV's 64 (and
 /// 128, 256).
 pub fn conv_ws_tile(cout: usize) -> u32 {
-    let pad = |t: u32| cout.div_ceil(t as usize) * t as usize - cout;
-    let mut best = BC_CONV_WS_BN;
-    for t in [BC_CONV_WG_BN_96, BC_CONV_WG_BN_64] {
-        if pad(t) < pad(best) {
-            best = t;
-        }
-    }
-    best
+    least_padding_tile(cout, [BC_CONV_WS_BN, BC_CONV_WG_BN_96, BC_CONV_WG_BN_64])
 }
 
 /// `bc_conv_wgmma_ws*` (`cuda/conv_ws.cu`) for a launch [`conv_tiled`] built on a wgmma tile

@@ -26,17 +26,25 @@ pub struct KernelTime {
 
 /// The profiled kernels' times summed over grids: one entry per kernel, longest first.
 pub fn by_kernel(times: &[KernelTime]) -> Vec<KernelTime> {
+    sum_longest_first(times.iter().map(|t| KernelTime {
+        grid: [0; 3],
+        ..t.clone()
+    }))
+}
+
+/// `times` summed per kernel and grid, longest first.
+fn sum_longest_first(times: impl Iterator<Item = KernelTime>) -> Vec<KernelTime> {
     let mut out: Vec<KernelTime> = Vec::new();
     for t in times {
-        match out.iter_mut().find(|k| k.name == t.name) {
+        match out
+            .iter_mut()
+            .find(|k| k.name == t.name && k.grid == t.grid)
+        {
             Some(k) => {
                 k.launches += t.launches;
                 k.ms += t.ms;
             }
-            None => out.push(KernelTime {
-                grid: [0; 3],
-                ..t.clone()
-            }),
+            None => out.push(t),
         }
     }
     out.sort_by(|a, b| b.ms.total_cmp(&a.ms));
@@ -70,23 +78,18 @@ impl Recorder {
     /// the recorder starts over.
     pub(super) fn read(&mut self, gpu: &Gpu) -> Result<Vec<KernelTime>> {
         gpu.sync()?;
-        let mut out: Vec<KernelTime> = Vec::new();
-        for (name, grid, start, end) in self.open.drain(..) {
-            let ms = f64::from(gpu.elapsed_ms(&start, &end)?);
-            match out.iter_mut().find(|k| k.name == name && k.grid == grid) {
-                Some(k) => {
-                    k.launches += 1;
-                    k.ms += ms;
-                }
-                None => out.push(KernelTime {
+        let times = self
+            .open
+            .drain(..)
+            .map(|(name, grid, start, end)| {
+                Ok(KernelTime {
                     name,
                     grid,
                     launches: 1,
-                    ms,
-                }),
-            }
-        }
-        out.sort_by(|a, b| b.ms.total_cmp(&a.ms));
-        Ok(out)
+                    ms: f64::from(gpu.elapsed_ms(&start, &end)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(sum_longest_first(times.into_iter()))
     }
 }

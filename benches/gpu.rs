@@ -1527,21 +1527,7 @@ fn ncu_attention(g: &mut Gpu, wgmma: bool) {
         vec![AttentionTile::Rows128]
     };
     for tile in tiles {
-        let bytes = blockcascade::kernels::launch::attention_split_bytes(
-            heads,
-            hd,
-            1,
-            n,
-            tile,
-            blockcascade::kernels::launch::ATTN_MAX_SPLITS,
-        )
-        .unwrap();
-        let split = ops::SplitScratch {
-            ptr: g.alloc(bytes).unwrap(),
-            bytes,
-            max_keys: keys,
-            force: None,
-        };
+        let split = split_scratch(g, tile, (heads, hd, n, keys), None);
         let splits: &[Option<&ops::SplitScratch>] = if no_split() {
             &[None]
         } else {
@@ -1558,6 +1544,25 @@ fn ncu_attention(g: &mut Gpu, wgmma: bool) {
         }
     }
     g.sync().unwrap();
+}
+
+/// A split-KV partials buffer for `tile` at one group of `n` query rows against `keys` keys
+/// (room for the most splits), `force`d to that many splits where given.
+fn split_scratch(
+    g: &mut Gpu,
+    tile: AttentionTile,
+    (heads, hd, n, keys): (usize, usize, usize, usize),
+    force: Option<usize>,
+) -> ops::SplitScratch {
+    use blockcascade::kernels::launch;
+    let bytes =
+        launch::attention_split_bytes(heads, hd, 1, n, tile, launch::ATTN_MAX_SPLITS).unwrap();
+    ops::SplitScratch {
+        ptr: g.alloc(bytes).unwrap(),
+        bytes,
+        max_keys: keys,
+        force,
+    }
 }
 
 /// [`ncu_run`]'s decoder blocks: the Wan VAE (the longer block) first, each on the default conv
@@ -1613,21 +1618,7 @@ fn smoke_run(mut g: Gpu, what: &str) {
                 ("split", false) => AttentionTile::Rows128,
                 _ => AttentionTile::WgmmaWs,
             };
-            let bytes = blockcascade::kernels::launch::attention_split_bytes(
-                heads,
-                hd,
-                1,
-                n,
-                tile,
-                blockcascade::kernels::launch::ATTN_MAX_SPLITS,
-            )
-            .unwrap();
-            let split = ops::SplitScratch {
-                ptr: g.alloc(bytes).unwrap(),
-                bytes,
-                max_keys: keys,
-                force: Some(2),
-            };
+            let split = split_scratch(&mut g, tile, (heads, hd, n, keys), Some(2));
             let cases: &[Option<&ops::SplitScratch>] = if what == "split" {
                 &[Some(&split)]
             } else {

@@ -58,6 +58,21 @@ def read_raw(text):
     return header, units, rows
 
 
+# The details page names a section's metrics by their labels (--print-metric-name label, its
+# default; metrics asked for with --metrics keep their names): the labels of the ones read here.
+LABELS = {
+    "Duration": "gpu__time_duration.sum",
+    "Compute (SM) Throughput": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "Memory Throughput": "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",
+    "DRAM Throughput": "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+    "L2 Hit Rate": "lts__t_sector_hit_rate.pct",
+    "Issue Slots Busy": "sm__inst_issued.avg.pct_of_peak_sustained_active",
+    "Achieved Occupancy": "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "Registers Per Thread": "launch__registers_per_thread",
+    "Dynamic Shared Memory Per Block": "launch__shared_mem_per_block_dynamic",
+}
+
+
 def pivot_long(header, table):
     """The details page's rows (one per metric) as the raw page's (one per launch)."""
     fixed = [h for h in header if h not in LONG and h not in ("Section Name", "Rule Name", "Rule Type",
@@ -72,6 +87,7 @@ def pivot_long(header, table):
             continue
         row = by_id.setdefault(d["ID"], {h: d[h] for h in fixed})
         m = d["Metric Name"].strip()
+        m = LABELS.get(m, m)
         if m not in names:
             names.append(m)
         row[m] = d["Metric Value"]
@@ -206,7 +222,7 @@ SELF_TEST_CSV = '''==PROF== Connected to process 123 (/tmp/b/gpu-bundle/bin/gpu-
 # the fixed columns of ncu 2023+ ("Block Size", "Grid Size", "Device", "CC"), "n/a" for a metric
 # a launch lacks, a ==WARNING== line, and a last row cut off (a program stopped mid-write); the
 # details page as a real `ncu --csv --log-file` log quoted in a public parser (2024: a "Kernel
-# Time" column, no "Block Size"), long form. Kernel names as cuBLASLt 13 on Hopper has them
+# Time" column, no "Block Size"), long form, a section's metrics under their labels. Kernel names as cuBLASLt 13 on Hopper has them
 # (nvjet_*, NVIDIA/Fuser#3137). Stall metric names as ncu 2025.1's WarpStateStats rules read them.
 REAL_RAW_CSV = '''==PROF== Connected to process 4242 (/tmp/b/gpu-bundle/bin/gpu-bench)
 ==PROF== Profiling "bc_attention_wgmma_hd128_ws" - 0: 0%....50%....100% - 38 passes
@@ -229,7 +245,8 @@ REAL_DETAILS_CSV = '''==PROF== Connected to process 20798 (/tmp/b/gpu-bundle/bin
 "0","20798","gpu-bench","127.0.0.1","nvjet_hsh_192x192_64x3_2x1_v_bz_coopB_NTN","2026-Dec-05 00:14:36","1","7","Command line profiler metrics","gpu__time_duration.sum","usecond","152.19"
 "1","20798","gpu-bench","127.0.0.1","bc_attention_wgmma_hd128_pp_k128","2026-Dec-05 00:14:36","1","7","Command line profiler metrics","gpu__time_duration.sum","msecond","2.05"
 "2","20798","gpu-bench","127.0.0.1","bc_ln_modulate","2026-Dec-05 00:14:36","1","7","Command line profiler metrics","gpu__time_duration.sum","usecond","24.00"
-"3","20798","gpu-bench","127.0.0.1","bc_attention_wgmma_hd128_pp_k128","2026-Dec-05 00:14:36","1","7","Command line profiler metrics","gpu__time_duration.sum","msecond","2.05"
+"3","20798","gpu-bench","127.0.0.1","bc_attention_wgmma_hd128_pp_k128","2026-Dec-05 00:14:36","1","7","GPU Speed Of Light Throughput","Duration","msecond","2.05"
+"3","20798","gpu-bench","127.0.0.1","bc_attention_wgmma_hd128_pp_k128","2026-Dec-05 00:14:36","1","7","GPU Speed Of Light Throughput","Compute (SM) Throughput","%","73.10"
 '''
 
 
@@ -260,6 +277,8 @@ def self_test():
     d = summarise_dit(REAL_DETAILS_CSV)
     assert d[0].startswith("NCU dit: 4 kernels, 4.3 ms"), d
     assert "attention 4.1 ms" in d[1] and "gemm 0.2 ms" in d[1] and "norms 0.0 ms" in d[1], d
+    k = summarise_kernels(REAL_DETAILS_CSV)
+    assert any("pp_k128" in l and "SM 73%" in l for l in k), k  # a section metric by its label
     try:
         read_raw("==PROF== nothing\n")
     except ValueError:

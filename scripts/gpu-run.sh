@@ -591,7 +591,7 @@ if want ncu; then
                 fi
                 echo "== ncu $name: the program stopped after ${s}s at most"
                 timeout -k 5 $((s + 15)) "$NCU" --target-processes all --clock-control none --cache-control none \
-                    --print-units base --csv --page raw --log-file "$LOGS/ncu-$name.csv" "$@" \
+                    --print-units base --print-metric-name name --csv --page raw --log-file "$LOGS/ncu-$name.csv" "$@" \
                     timeout -k 3 "$s" env BC_BENCH_NCU="$name" ./bin/gpu-bench
                 echo "== ncu $name: exit $?"
                 python3 ncu_summary.py "$kind" "$LOGS/ncu-$name.csv" | sed "s/^NCU kernels:/NCU kernels ($name):/" >> "$LOGS"/ncu.txt

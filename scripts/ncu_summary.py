@@ -154,6 +154,22 @@ def summarise_dit(text, top=12):
 
 
 STALL = re.compile(r"^smsp__(?:average_warp_latency_issue_stalled|average_warps_issue_stalled)_(\w+?)(?:_per_issue_active)?\.ratio$")
+# The same stalls as a share of the active warps' cycles, where only those were collected.
+STALL_PCT = re.compile(r"^smsp__(?:average_)?warps?_issue_stalled_(\w+?)_per_warp_active\.pct$")
+
+
+def stall_columns(header):
+    """([(column, reason)], unit): one column per stall reason, in cycles per issued instruction
+    (WarpStateStats' *_per_issue_active.ratio first), else in % of the active warps."""
+    for pattern, unit in ((STALL, "cycles/issue"), (STALL_PCT, "% of warps")):
+        cols = {}
+        for h in sorted(header, key=lambda h: "_per_issue_active" not in h):
+            m = pattern.match(h)
+            if m and m.group(1) not in cols:
+                cols[m.group(1)] = h
+        if cols:
+            return [(c, r) for r, c in cols.items()], unit
+    return [], ""
 
 
 def summarise_kernels(text, top_conv=8):
@@ -169,7 +185,7 @@ def summarise_kernels(text, top_conv=8):
         return sum(vs) / len(vs) if vs else None
 
     tensor_cols = [h for h in header if "pipe_tensor" in h and re.search(r"\.pct_of_peak_sustained_(active|elapsed)$", h)]
-    stall_cols = [(h, STALL.match(h).group(1)) for h in header if STALL.match(h)]
+    stall_cols, stall_unit = stall_columns(header)
     # (label, metric names in order of preference: the first the CSV has, unit)
     fields = [("SM", ["sm__throughput.avg.pct_of_peak_sustained_elapsed"], "%"),
               ("mem", ["gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"], "%"),
@@ -198,7 +214,7 @@ def summarise_kernels(text, top_conv=8):
         text_line = (f"NCU kern {short(name, 44):<44} grid {grid.strip()} x{len(rs)} "
                      + (f"{dur * 1e3:.1f} us" if dur is not None else "? us")
                      + (" | " + " ".join(parts) if parts else "")
-                     + (f" | stalls (cycles/issue): {st}" if st else ""))
+                     + (f" | stalls ({stall_unit}): {st}" if st else ""))
         lines.append((name.startswith("bc_attention"), total, text_line))
     att = [l for a, _, l in lines if a]
     rest = [l for _, _, l in sorted((x for x in lines if not x[0]), key=lambda x: -x[1])[:top_conv]]
@@ -273,6 +289,14 @@ def self_test():
     assert "SM 74%" in k[1] and "dram 4%" in k[1] and "tensor 71%" in k[1] and "regs 168" in k[1], k
     assert "wait 2.50, long_scoreboard 0.30" in k[1] and "selected" not in k[1], k
     assert k[2].startswith("NCU kern bc_attention_combine") and "tensor" not in k[2], k
+    # One column per stall reason; the % form only where the ratio form is missing.
+    cols, unit = stall_columns(["smsp__average_warp_latency_issue_stalled_wait.ratio",
+                                "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio",
+                                "smsp__warp_issue_stalled_wait_per_warp_active.pct"])
+    assert cols == [("smsp__average_warps_issue_stalled_wait_per_issue_active.ratio", "wait")], cols
+    assert unit == "cycles/issue"
+    cols, unit = stall_columns(["smsp__warp_issue_stalled_gmma_per_warp_active.pct"])
+    assert cols == [("smsp__warp_issue_stalled_gmma_per_warp_active.pct", "gmma")] and unit == "% of warps"
     # The details page (long form, another ncu's columns): pivoted, units per metric.
     d = summarise_dit(REAL_DETAILS_CSV)
     assert d[0].startswith("NCU dit: 4 kernels, 4.3 ms"), d

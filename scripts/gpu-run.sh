@@ -560,10 +560,12 @@ fi
 # `attention` (the self-attention at the bench shape on pp_k128 and ws, unsplit and split) and
 # `conv` (the bench's conv layers, one launch per layer and kernel) with the counter sections;
 # `dit` (two sequential blocks of the 1.3B-shaped model, graphs off) with only the durations of
-# its first 2500 kernels; `decode` (one block of each decoder, the Wan VAE first) with the
-# counter sections for its first 200 conv launches. ncu prints its table only when its program
-# ends, so the program (not ncu) is stopped at a deadline cut from the part's time
-# (BC_PART_TIMEOUT): ncu then reports the launches it profiled. Reported, never a failure.
+# its first 1000 kernels (about two of its ~9 ticks); `decode` (one block of each decoder, the
+# Wan VAE first) with the counter sections for its first 40 conv launches. The launch counts
+# are sized so that each program ends by itself (ncu prints its table only when its program
+# ends); in case it does not, the program (not ncu) is stopped at a deadline cut from the
+# part's time (BC_PART_TIMEOUT), and ncu then reports the launches it had profiled (expected,
+# not yet seen). Reported, never a failure.
 if want ncu; then
     # shellcheck disable=SC2012
     ncu_bin=$(command -v ncu || ls -d /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -n 1)
@@ -599,9 +601,9 @@ if want ncu; then
             counters="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
                       --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats"
             prof attention kernels 35 $counters -k regex:^bc_attention -c 40
-            prof conv kernels 40 $counters -k regex:^bc_conv_wgmma -c 60
-            BC_NO_GRAPHS=1 prof dit dit 40 -c 2500 --metrics gpu__time_duration.sum
-            prof decode kernels 60 $counters -k regex:^bc_conv -c 200
+            prof conv kernels 45 $counters -k regex:^bc_conv_wgmma -c 60
+            BC_NO_GRAPHS=1 prof dit dit 45 -c 1000 --metrics gpu__time_duration.sum
+            prof decode kernels 60 $counters -k regex:^bc_conv -c 40
             true'; then
         st=$status
         finish ncu "$logs"/ncu.log "$(head -n 1 "$logs"/ncu.txt 2>/dev/null)"

@@ -26,7 +26,9 @@
 # which adds the wgmma attention prototype to the attention test and the benchmark on sm_90:
 # set it by hand for a later `run.sh device tests bench`; then tma_layouts_match_the_hardware,
 # one TMA PASS/FAIL line per box / layout, all PASS -> BC_TMA_OK=1: the TMA conv joins the
-# benchmark), tests (the rest of tests/cuda.rs),
+# benchmark; then smoke runs of the paths never run on a GPU before, split-KV, the ws attention
+# and the ws conv, one short process each: one that fails or hangs is left out of the later
+# parts), tests (the rest of tests/cuda.rs),
 # ncu (Nsight Compute, when the image has it: the device time of every kernel of two
 # sequential wan-1.3b-shape blocks, `NCU dit` lines, and the throughput, tensor-pipe, occupancy
 # and warp-stall counters of the attention kernels and the decoders' convolutions, `NCU kern`

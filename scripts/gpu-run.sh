@@ -579,7 +579,7 @@ if want ncu; then
         set_status ncu "skipped: no GPU"
     elif run_part ncu "$logs"/ncu.log env NCU="$ncu_bin" LOGS="$logs" bash -c '
             : > "$LOGS"/ncu.txt
-            "$NCU" --version 2>&1 | tail -n 1
+            timeout 20 "$NCU" --version 2>&1 | tail -n 1
             end=$((SECONDS + ${BC_PART_TIMEOUT:-140} - 10))
             # prof NAME KIND SECONDS NCU-ARGS...: the bench in mode NAME under ncu, the program
             # stopped after SECONDS (cut to the time left, 15 s kept for ncu to start and print),

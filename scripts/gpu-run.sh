@@ -432,6 +432,7 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
             echo "SMOKE $1 FAILED: exit $r" >> "$logs/smoke-$1.log"
         fi
         say "    SMOKE $1 FAILED or hung (smoke-$1.log): left out of the later parts"
+        status=1 # a finding: the RESULT line says FAILED
         return 1
     }
     if [ -z "$nogpu" ] && ! grep -q 'SKIP.*no GPU' "$logs"/wgmma.log; then

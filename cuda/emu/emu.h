@@ -131,6 +131,13 @@ const unsigned char* warp_exchange(const void* data, size_t bytes, const char* f
 /// (0xff) now and the data only when a wait completes the copy's group, so reading the
 /// destination before the matching wait shows up as NaN. Both addresses must be 16-byte aligned.
 void cp_async16(void* dst, const void* src, const char* file, int line);
+/// Asynchronous shared-memory writes (cp.async, TMA loads) into dynamic shared memory: `issue`
+/// true when one is issued into [dst, dst + bytes), false when it lands. Reads through wgmma
+/// descriptors and ldmatrix of a 16-byte chunk with such a write pending are reported races.
+void async_write(const void* dst, size_t bytes, bool issue);
+/// Fails (a launch error naming `what` at file:line) when [p, p + bytes) overlaps a chunk of
+/// dynamic shared memory with an asynchronous write pending (see async_write).
+void check_async_read(const void* p, size_t bytes, const char* what, const char* file, int line);
 /// `cp.async.commit_group`: the calling thread's uncommitted copies become a group.
 void cp_async_commit();
 /// `cp.async.wait_group n` (n >= 0): completes all but the newest n committed groups of the

@@ -41,6 +41,18 @@
 // not visible to the other threads or the async proxy yet (an approximation: any later arrival of
 // the copying thread counts, not only one the issuing warpgroup waited on; an mbarrier.arrive,
 // which has release semantics, counts as an arrival too).
+// Asynchronous copies are also race-checked (async_write): a 16-byte chunk of dynamic shared
+// memory is pending from the issue of a cp.async into it until the wait_group that lands it (a
+// TMA box: until it lands). Errors ("race: ...", with the file:line of the reader): a wgmma whose
+// descriptors read a pending chunk when it is issued (on hardware it may read its operands any
+// time until its wait_group), a cp.async or TMA load issued into a chunk a wgmma reads after that
+// wgmma was issued and before the wait_group that lands it (checked when it lands), and an ldmatrix
+// of a pending chunk. So that the first is seen, the thread whose mbarrier.arrive completes a phase
+// runs on only after every other thread has blocked (yield_last, cuda/emu/tma.h): the consumers
+// released by the phase issue their wgmma before the producer reaches its next wait_group, so a
+// stage published one wait_group too early still has its last arriver's copies pending
+// (bc_test_sync modes 30-33, tests/tma_emu.rs; docs/wgmma.md). Plain loads and stores of shared
+// memory are not checked.
 #ifndef BC_EMU_EMU_H
 #define BC_EMU_EMU_H
 

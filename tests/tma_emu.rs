@@ -272,3 +272,30 @@ fn mbarrier_waits_meet_collectives_and_deadlocks_are_reported() {
         );
     }
 }
+
+/// The race check of asynchronous shared-memory copies (`bc_test_sync` modes 30-33,
+/// `cuda/emu/test_kernels.cu`): a stage published on its mbarrier before the producer's
+/// `cp.async.wait_group` (the wgmma is issued while the copies are pending), a stage released
+/// before the consumers' `wgmma.wait_group` (the refill's cp.async is issued while the wgmma may
+/// still read it) and an `ldmatrix` of a pending cp.async destination are reported races, each
+/// naming where it happened; the correct handshake (mode 30) runs and gives 16 = 16 x 1 x 1.
+#[test]
+fn async_copy_races_are_reported() {
+    let mut data = vec![0.0f32; 256];
+    emu::test_sync(&mut data, 256, 30, 0).unwrap();
+    for (t, &v) in data.iter().enumerate().skip(128) {
+        assert_eq!(v, 16.0, "consumer thread {t}");
+    }
+    for (mode, what) in [
+        (31, "pending when the wgmma is issued"),
+        (32, "issued after the wgmma"),
+        (33, "ldmatrix reads shared address"),
+    ] {
+        let e = emu::test_sync(&mut data, 256, mode, 0).unwrap_err();
+        assert!(
+            e.message.contains("race") && e.message.contains(what),
+            "mode {mode}: {e}"
+        );
+        assert!(e.message.contains("test_kernels.cu:"), "mode {mode}: {e}");
+    }
+}

@@ -115,7 +115,9 @@ constexpr size_t kGuardBytes = 4096;
 constexpr int kMaxThreads = 1024;
 
 // kAtWait: blocked in wait_until (an mbarrier wait, cuda/emu/tma.cpp) until its predicate holds.
-enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kAtNamedBar, kExited, kFailed, kAtWait };
+// kDeferred: runnable, but only once no other thread can make progress (yield_last: the thread
+// whose mbarrier.arrive completed a phase lets the threads it released run first).
+enum State { kRunnable, kAtBarrier, kAtCollective, kAtWarpgroup, kAtNamedBar, kExited, kFailed, kAtWait, kDeferred };
 
 const char* kind_name(int kind) {
     static const char* names[] = {"__shfl_sync",   "__shfl_xor_sync", "__shfl_down_sync", "__shfl_up_sync",
@@ -190,6 +192,7 @@ struct WgOp {
     std::vector<float> cin;  // [128][n/2]: D before the op (the input when scale_d != 0)
     bool chained[128];       // D's input comes from the previous queued op on the same registers
     std::vector<unsigned char> unpub;  // Block::unpub when the op was issued (its reads must be visible then)
+    uint64_t issued_at = 0;  // Block::async_seq when the op was issued (see Block::async_stamp)
 };
 
 // The wgmma state of one warpgroup: queued mma ops, oldest first, and the queue lengths at
@@ -227,6 +230,15 @@ struct Block {
     // and the issuer has not arrived at a barrier since: other threads, and wgmma's async proxy,
     // may not see it yet (a wgmma reading it is an error).
     std::vector<unsigned char> unpub;
+    // Per 16-byte chunk of dynamic shared memory: asynchronous writes into it issued and not yet
+    // landed (cp.async before its wait_group, a TMA box before it lands), and the sequence
+    // number (async_seq, counted per block) of the last one issued. A read through a wgmma
+    // descriptor or ldmatrix of a chunk with a write pending is a race (the write lands at any
+    // time before its wait on hardware), and so is a write issued into a chunk that a wgmma
+    // issued before it reads before its wait_group completes (async_stamp > WgOp::issued_at).
+    std::vector<uint32_t> async_pending;
+    std::vector<uint64_t> async_stamp;
+    uint64_t async_seq = 0;
     std::vector<Warpgroup> wgs;  // per warpgroup (128 threads) of the block
     std::vector<unsigned char> xbuf;  // warp_exchange slots: [warp][parity][lane][32 bytes]
 
@@ -398,6 +410,12 @@ void wait_until(bool (*ready)(void*), void* ctx, const char* what, const char* f
     yield_to_scheduler();
 }
 
+void yield_last() {
+    Fiber* f = tls_fiber;
+    f->state = kDeferred;
+    yield_to_scheduler();
+}
+
 // Makes every thread at wait_until whose predicate now holds runnable; returns how many.
 static int wake_waiters(Block* b) {
     int woken = 0;
@@ -440,6 +458,48 @@ void cp_async16(void* dst, const void* src, const char* file, int line) {
     std::memcpy(c.data, src, 16);
     std::memset(dst, 0xff, 16);
     tls_fiber->cp_pending.push_back(c);
+    async_write(dst, 16, true);
+}
+
+// The 16-byte chunks [first, end) of dynamic shared memory that bytes [p, p + bytes) touch;
+// false when they lie outside it (static __shared__ memory: not tracked).
+static bool smem_chunks(const Block* b, const void* p, size_t bytes, size_t* first, size_t* end) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(b->smem_base);
+    if (bytes == 0 || a < base || a - base >= b->smem_bytes) return false;
+    *first = (a - base) / 16;
+    *end = std::min((a - base + bytes + 15) / 16, b->async_pending.size());
+    return true;
+}
+
+void async_write(const void* dst, size_t bytes, bool issue) {
+    Block* b = tls_block;
+    size_t c0, c1;
+    if (!smem_chunks(b, dst, bytes, &c0, &c1)) return;
+    if (issue) {
+        const uint64_t seq = ++b->async_seq;
+        for (size_t c = c0; c < c1; ++c) {
+            ++b->async_pending[c];
+            b->async_stamp[c] = seq;
+        }
+    } else {
+        for (size_t c = c0; c < c1; ++c)
+            if (b->async_pending[c]) --b->async_pending[c];
+    }
+}
+
+void check_async_read(const void* p, size_t bytes, const char* what, const char* file, int line) {
+    const Block* b = tls_block;
+    size_t c0, c1;
+    if (!smem_chunks(b, p, bytes, &c0, &c1)) return;
+    for (size_t c = c0; c < c1; ++c)
+        if (b->async_pending[c]) {
+            char msg[320];
+            snprintf(msg, sizeof msg,
+                     "race: %s reads shared address 0x%zx while an asynchronous copy into it (cp.async before its "
+                     "wait_group, or a TMA load before it landed) is pending",
+                     what, (size_t)kSmemWindowBase + 16 * c);
+            fail(msg, file, line);
+        }
 }
 
 void cp_async_commit() {
@@ -461,8 +521,10 @@ void cp_async_wait(int n) {
         std::memcpy(f->cp_pending[i].dst, f->cp_pending[i].data, 16);
         const uintptr_t a = reinterpret_cast<uintptr_t>(f->cp_pending[i].dst);
         if (a >= base && a - base < b->smem_bytes) {
-            b->unpub[(a - base) / 16] = 1;
-            f->landed.push_back((a - base) / 16);
+            const size_t c = (a - base) / 16;
+            b->unpub[c] = 1;
+            f->landed.push_back(c);
+            if (b->async_pending[c]) --b->async_pending[c];
         }
     }
     f->cp_pending.erase(f->cp_pending.begin(), f->cp_pending.begin() + (std::ptrdiff_t)done);
@@ -588,7 +650,7 @@ static int resolve_collectives(Block* b) {
                 return resolved;
             }
             const Fiber& g = b->fibers[t];
-            if (g.state == kAtWait) {
+            if (g.state == kAtWait || g.state == kDeferred) {
                 waiting = true;
                 break;
             }
@@ -769,6 +831,12 @@ static bool wg_load(Block* b, const WgOp& op, unsigned a, const char* what, int 
                   kSmemWindowBase + b->smem_bytes);
         return false;
     }
+    if (b->async_stamp[(a - kSmemWindowBase) / 16] > op.issued_at) {
+        set_error(b, 3, "race: wgmma at %s:%d: %s element (%d, %d) at shared address 0x%x: an asynchronous copy "
+                  "(cp.async or TMA load) into it was issued after the wgmma and before the wgmma.wait_group that "
+                  "completed it (the wgmma may read its operands until then)", op.file, op.line, what, r, k, a);
+        return false;
+    }
     if (op.unpub[(a - kSmemWindowBase) / 16]) {
         set_error(b, 3, "wgmma at %s:%d: %s element (%d, %d) at shared address 0x%x was written by a cp.async "
                   "whose thread had not arrived at a barrier after its wait_group when the wgmma was issued (not "
@@ -778,6 +846,20 @@ static bool wg_load(Block* b, const WgOp& op, unsigned a, const char* what, int 
     uint16_t v;
     std::memcpy(&v, b->smem_base + (a - kSmemWindowBase), 2);
     *out = __bfloat162float(__ushort_as_bfloat16(v));
+    return true;
+}
+
+// At issue (out == null in wg_read_kmajor / wg_read_mnmajor): the element at `a` (its 16-byte
+// chunk) must have no asynchronous copy pending: on hardware the wgmma may read it at any time
+// until its wait_group, and the copy may land at any time until the copying thread's wait.
+static bool wg_check_pending(Block* b, const WgOp& op, unsigned a, const char* what, int r, int k) {
+    if (a < kSmemWindowBase || a - kSmemWindowBase + 2 > b->smem_bytes) return true;  // reported at landing
+    if (b->async_pending[(a - kSmemWindowBase) / 16]) {
+        set_error(b, 3, "race: wgmma at %s:%d: %s element (%d, %d) at shared address 0x%x has an asynchronous copy "
+                  "pending when the wgmma is issued (a cp.async its thread has not waited for, or a TMA load not "
+                  "landed: e.g. a stage published before its copies landed)", op.file, op.line, what, r, k, a);
+        return false;
+    }
     return true;
 }
 
@@ -797,8 +879,9 @@ static bool wg_read_kmajor(Block* b, const WgOp& op, uint64_t desc, int rows, fl
             return false;
         }
     }
+    const int step = out ? 1 : 8;  // the check at issue: one element per 16-byte chunk
     for (int r = 0; r < rows; ++r) {
-        for (int k = 0; k < 16; ++k) {
+        for (int k = 0; k < 16; k += step) {
             unsigned a;
             if (d.swizzle == 0) {
                 a = d.start + (unsigned)(r / 8) * d.sbo + (unsigned)(k / 8) * d.lbo + (unsigned)(r % 8) * 16 +
@@ -807,7 +890,8 @@ static bool wg_read_kmajor(Block* b, const WgOp& op, uint64_t desc, int rows, fl
                 a = d.start + (unsigned)(r / 8) * d.sbo + (unsigned)(r % 8) * w + (unsigned)k * 2;
                 a ^= ((a >> 7) & mask) << 4;
             }
-            if (!wg_load(b, op, a, what, r, k, &out[r * 16 + k])) return false;
+            if (!(out ? wg_load(b, op, a, what, r, k, &out[r * 16 + k]) : wg_check_pending(b, op, a, what, r, k)))
+                return false;
         }
     }
     return true;
@@ -838,7 +922,8 @@ static bool wg_read_mnmajor(Block* b, const WgOp& op, uint64_t desc, int cols, f
             return false;
         }
     }
-    for (int n = 0; n < cols; ++n) {
+    const int step = out ? 1 : 8;  // the check at issue: one element per 16-byte chunk
+    for (int n = 0; n < cols; n += step) {
         for (int k = 0; k < 16; ++k) {
             unsigned a;
             if (d.swizzle == 0) {
@@ -849,7 +934,8 @@ static bool wg_read_mnmajor(Block* b, const WgOp& op, uint64_t desc, int cols, f
                     (unsigned)n % e * 2;
                 a ^= ((a >> 7) & mask) << 4;
             }
-            if (!wg_load(b, op, a, what, k, n, &out[n * 16 + k])) return false;
+            if (!(out ? wg_load(b, op, a, what, k, n, &out[n * 16 + k]) : wg_check_pending(b, op, a, what, k, n)))
+                return false;
         }
     }
     return true;
@@ -968,6 +1054,13 @@ static bool wg_perform(Block* b, int base) {
     op.file = f0.file;
     op.line = f0.line;
     op.unpub = b->unpub;
+    op.issued_at = b->async_seq;
+    // The operands in shared memory must have no asynchronous copy pending now (and none may be
+    // issued into them until the op lands: checked by wg_load).
+    if (!op.a_regs && !wg_read_kmajor(b, op, op.da, 64, nullptr, "A")) return false;
+    if (!(op.trans_b ? wg_read_mnmajor(b, op, op.db, op.n, nullptr, "B")
+                     : wg_read_kmajor(b, op, op.db, op.n, nullptr, "B")))
+        return false;
     const int r = op.n / 2;
     op.cin.assign((size_t)128 * r, 0.f);
     for (int t = 0; t < 128; ++t) {
@@ -1004,7 +1097,7 @@ static int resolve_warpgroups(Block* b) {
         bool ready = true;
         for (int t = base; t < base + 128; ++t) {
             const Fiber& g = b->fibers[t];
-            if (g.state == kAtCollective || g.state == kAtNamedBar || g.state == kAtWait) {
+            if (g.state == kAtCollective || g.state == kAtNamedBar || g.state == kAtWait || g.state == kDeferred) {
                 ready = false;  // may still arrive once its warp collective / named barrier / wait resolves
                 continue;
             }
@@ -1056,6 +1149,9 @@ static int run_block(Block* b) {
     // Uninitialised shared memory: poison dynamic shared memory with NaNs.
     std::fill(b->smem.begin(), b->smem.end(), 0x7fc07fc07fc07fc0ull);
     b->unpub.assign(b->smem_bytes / 16 + 1, 0);
+    b->async_pending.assign(b->smem_bytes / 16 + 1, 0);
+    b->async_stamp.assign(b->smem_bytes / 16 + 1, 0);
+    b->async_seq = 0;
     b->nreg_free = 0;
     tma_block_begin();
     for (unsigned round = 0;; ++round) {
@@ -1070,8 +1166,9 @@ static int run_block(Block* b) {
             tls_fiber = nullptr;
             if (b->code) return b->code;
         }
-        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0, at_nb = 0, at_wait = 0, runnable = 0;
+        int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0, at_nb = 0, at_wait = 0, runnable = 0, deferred = 0;
         for (auto& f : b->fibers) {
+            deferred += f.state == kDeferred;
             runnable += f.state == kRunnable;  // released by a named barrier after its turn
             at_nb += f.state == kAtNamedBar;
             exited += f.state == kExited;
@@ -1120,6 +1217,17 @@ static int run_block(Block* b) {
             if (at_wg) r += resolve_warpgroups(b);
             if (b->code) return b->code;
             if (r) continue;
+        }
+        // A thread whose mbarrier.arrive completed a phase (yield_last) runs on only now that the
+        // others are blocked: the threads it released have run (issued their wgmma, reached their
+        // next wait) before it goes on to its next cp.async.wait_group, so a phase published
+        // before its copies landed still has them pending when the consumers read the stage.
+        if (deferred) {
+            for (auto& f : b->fibers)
+                if (f.state == kDeferred) f.state = kRunnable;
+            continue;
+        }
+        if (at_coll || at_wg) {
             if (!at_wait) {
                 if (at_nb) {
                     for (auto& f : b->fibers)

@@ -41,6 +41,18 @@
 // not visible to the other threads or the async proxy yet (an approximation: any later arrival of
 // the copying thread counts, not only one the issuing warpgroup waited on; an mbarrier.arrive,
 // which has release semantics, counts as an arrival too).
+// Asynchronous copies are also race-checked (async_write): a 16-byte chunk of dynamic shared
+// memory is pending from the issue of a cp.async into it until the wait_group that lands it (a
+// TMA box: until it lands). Errors ("race: ...", with the file:line of the reader): a wgmma whose
+// descriptors read a pending chunk when it is issued (on hardware it may read its operands any
+// time until its wait_group), a cp.async or TMA load issued into a chunk a wgmma reads after that
+// wgmma was issued and before the wait_group that lands it (checked when it lands), and an ldmatrix
+// of a pending chunk. So that the first is seen, the thread whose mbarrier.arrive completes a phase
+// runs on only after every other thread has blocked (yield_last, cuda/emu/tma.h): the consumers
+// released by the phase issue their wgmma before the producer reaches its next wait_group, so a
+// stage published one wait_group too early still has its last arriver's copies pending
+// (bc_test_sync modes 30-33, tests/tma_emu.rs; docs/wgmma.md). Plain loads and stores of shared
+// memory are not checked.
 #ifndef BC_EMU_EMU_H
 #define BC_EMU_EMU_H
 
@@ -131,6 +143,13 @@ const unsigned char* warp_exchange(const void* data, size_t bytes, const char* f
 /// (0xff) now and the data only when a wait completes the copy's group, so reading the
 /// destination before the matching wait shows up as NaN. Both addresses must be 16-byte aligned.
 void cp_async16(void* dst, const void* src, const char* file, int line);
+/// Asynchronous shared-memory writes (cp.async, TMA loads) into dynamic shared memory: `issue`
+/// true when one is issued into [dst, dst + bytes), false when it lands. Reads through wgmma
+/// descriptors and ldmatrix of a 16-byte chunk with such a write pending are reported races.
+void async_write(const void* dst, size_t bytes, bool issue);
+/// Fails (a launch error naming `what` at file:line) when [p, p + bytes) overlaps a chunk of
+/// dynamic shared memory with an asynchronous write pending (see async_write).
+void check_async_read(const void* p, size_t bytes, const char* what, const char* file, int line);
 /// `cp.async.commit_group`: the calling thread's uncommitted copies become a group.
 void cp_async_commit();
 /// `cp.async.wait_group n` (n >= 0): completes all but the newest n committed groups of the

@@ -18,7 +18,9 @@
 //   arrives at 1 twice per round.
 #include "../include/barrier.cuh"
 #include "../include/common.cuh"
+#include "../include/mma.cuh"
 #include "../include/tma.cuh"
+#include "../include/wgmma.cuh"
 
 struct BcTestParams {
     float* data;
@@ -63,7 +65,76 @@ __device__ void bc_test_mbar(const BcTestParams& p) {
     p.data[blockIdx.x * blockDim.x + t] = v;
 }
 
+// Modes 30-33: the race check of asynchronous shared-memory copies (emu.h, async_write) in a
+// block of 256 threads: warpgroup 0 produces a 64x16 A and a 64x16 B tile of bf16 ones (K-major,
+// no swizzle; one 16-byte cp.async of each per thread) and publishes them on mbarrier `full`;
+// warpgroup 1 waits for it, runs one wgmma m64n64k16 and stores D[0] of each thread (16) at
+// data[128 + t]; then it releases the tiles on mbarrier `empty` and the producer copies into
+// A again (a refill).
+//   30: correct: wait_group 0, fence.proxy.async, arrive; the release after wgmma.wait_group;
+//   31: the producer arrives on `full` before its wait_group (a stage published before its
+//       copies landed): the wgmma is issued on pending copies, a reported race;
+//   32: the consumers release the tiles before their wgmma.wait_group: the refill is issued
+//       while the wgmma may still read A, a reported race;
+//   33: warp 0 reads its own cp.async destination with ldmatrix before the wait_group.
+__device__ void bc_test_race(const BcTestParams& p) {
+    constexpr int TILE = BC_WGMMA_M * BC_WGMMA_K * 2;  // bytes of A (and of B: N = 64)
+    BC_DYNAMIC_SMEM(smem, 2 * TILE + 16);
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + 2 * TILE);
+    uint64_t* empty = full + 1;
+    const int t = threadIdx.x % BC_WGMMA_THREADS, wg = threadIdx.x / BC_WGMMA_THREADS;
+    if (threadIdx.x == 0) {
+        bc_mbar_init(full, BC_WGMMA_THREADS);
+        bc_mbar_init(empty, BC_WGMMA_THREADS);
+    }
+    bc_mbar_init_fence();
+    __syncthreads();
+    // Thread t's chunk of each tile: row t / 2, columns 8 (t % 2) ..
+    const int off = (int)bc_wgmma_kmajor_offset(BC_WGMMA_SWIZZLE_NONE, BC_WGMMA_M, BC_WGMMA_K, t / 2, 8 * (t % 2));
+    alignas(16) static const unsigned ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
+    if (p.mode == 33) {
+        if (threadIdx.x < 32) {
+            bc_cp_async16(smem + 16 * threadIdx.x, ones);
+            bc_cp_async_commit();
+            unsigned r[4];
+            bc_ldmatrix_x4(r, smem + 16 * threadIdx.x);  // before the wait: a race
+            bc_cp_async_wait_group<0>();
+            p.data[threadIdx.x] = (float)r[0];
+        }
+        return;
+    }
+    if (wg == 0) {
+        bc_cp_async16(smem + off, ones);
+        bc_cp_async16(smem + TILE + off, ones);
+        bc_cp_async_commit();
+        if (p.mode == 31) bc_mbar_arrive(full);  // published one wait_group too early
+        bc_cp_async_wait_group<0>();
+        bc_fence_proxy_async();
+        if (p.mode != 31) bc_mbar_arrive(full);
+        bc_mbar_wait(empty, 0);
+        bc_cp_async16(smem + off, ones);  // the refill
+        bc_cp_async_commit();
+        bc_cp_async_wait_group<0>();
+        return;
+    }
+    const unsigned sa = bc_smem_window_addr(smem);
+    float d[BC_WGMMA_M / 2];
+    bc_mbar_wait(full, 0);
+    bc_wgmma_fence();
+    bc_wgmma_ss<64>(d, bc_wgmma_kmajor_desc(sa, BC_WGMMA_SWIZZLE_NONE, BC_WGMMA_M, BC_WGMMA_K, 0),
+                    bc_wgmma_kmajor_desc(sa + TILE, BC_WGMMA_SWIZZLE_NONE, BC_WGMMA_M, BC_WGMMA_K, 0), 0);
+    bc_wgmma_commit();
+    if (p.mode == 32) bc_mbar_arrive(empty);  // released before the wgmma completed
+    bc_wgmma_wait<0>();
+    if (p.mode != 32) bc_mbar_arrive(empty);
+    p.data[blockIdx.x * blockDim.x + threadIdx.x] = d[0];
+}
+
 extern "C" __global__ void bc_test_sync(BcTestParams p) {
+    if (p.mode >= 30) {
+        bc_test_race(p);
+        return;
+    }
     if (p.mode >= 20) {
         bc_test_mbar(p);
         return;

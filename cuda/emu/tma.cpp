@@ -53,12 +53,14 @@ size_t find_bar(void* bar, bool init, const char* file, int line) {
     return st.bars.size() - 1;
 }
 
-// Completes the current phase of `m` when its arrivals and bytes are all in.
-void maybe_complete(Mbar& m) {
+// Completes the current phase of `m` when its arrivals and bytes are all in; true when it did.
+bool maybe_complete(Mbar& m) {
     if (m.pending == 0 && m.tx == 0) {
         ++m.phases;
         m.pending = m.expected;
+        return true;
     }
+    return false;
 }
 
 struct WaitCtx {
@@ -95,7 +97,11 @@ void mbar_arrive(void* bar, unsigned tx, bool arrive, const char* file, int line
     if (m.pending == 0)
         fail("mbarrier.arrive on a phase that has all its arrivals (it waits for bytes only)", file, line);
     --m.pending;
-    maybe_complete(m);
+    // The arrival that completes a phase lets the threads it released run first (yield_last):
+    // a producer that published a stage before its cp.async copies landed (a wait_group too
+    // early) still has them pending when the consumers issue their wgmma on it, which the
+    // emulation reports as a race, instead of landing them at its next wait_group first.
+    if (maybe_complete(m)) yield_last();
 }
 
 void mbar_wait(void* bar, unsigned parity, const char* file, int line) {
@@ -170,6 +176,7 @@ void tma_load(void* dst, const void* map, void* bar, const int* coords, int rank
                             std::memcpy(&f.data[o], g + src, eb);  // OOB elements stay zero
                     }
     std::memset(dst, 0xff, bytes);  // NaN until the copy lands
+    async_write(dst, bytes, true);   // reading the box before it lands is a race (emu.cpp)
     st.flights.push_back(std::move(f));
 }
 
@@ -183,6 +190,7 @@ bool tma_progress() {
     if (st.flights.empty()) return false;
     for (Flight& f : st.flights) {
         std::memcpy(f.dst, f.data.data(), f.data.size());
+        async_write(f.dst, f.data.size(), false);
         Mbar& m = st.bars[f.bar];
         m.tx -= (long long)f.data.size();
         maybe_complete(m);

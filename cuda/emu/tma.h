@@ -28,6 +28,10 @@ namespace emu {
 /// re-checks it between rounds. `what` names the wait in the deadlock report. Defined in
 /// emu.cpp (the scheduler); used by the mbarrier waits.
 void wait_until(bool (*ready)(void*), void* ctx, const char* what, const char* file, int line);
+/// A scheduling point after which the calling thread runs again only once no other thread of the
+/// block can make progress (all blocked or exited); used by the arrival that completes an
+/// mbarrier phase, so the threads it released run first. Defined in emu.cpp.
+void yield_last();
 
 /// `mbarrier.init.shared::cta.b64 [bar], count`: phase 0, `count` pending arrivals, tx-count 0.
 void mbar_init(void* bar, unsigned count, const char* file, int line);

@@ -128,14 +128,19 @@ inline const char* bc_emu_row(const unsigned char* x, int l) {
     std::memcpy(&p, x + 32 * l, sizeof p);
     return p;
 }
-inline void bc_ldmatrix_x4(unsigned r[4], const void* row) {
+// (file / line: the caller's, for the race report of check_async_read)
+inline void bc_ldmatrix_x4(unsigned r[4], const void* row, const char* file = __builtin_FILE(),
+                           int line = __builtin_LINE()) {
     if (reinterpret_cast<uintptr_t>(row) % 16) ::emu::fail("ldmatrix row address not 16-byte aligned", __FILE__, __LINE__);
+    ::emu::check_async_read(row, 16, "ldmatrix", file, line);
     const unsigned char* x = ::emu::warp_exchange(&row, sizeof row, __FILE__, __LINE__);
     const int lane = ::emu::lane_id();
     for (int i = 0; i < 4; ++i) std::memcpy(&r[i], bc_emu_row(x, 8 * i + lane / 4) + 4 * (lane % 4), 4);
 }
-inline void bc_ldmatrix_x4_trans(unsigned r[4], const void* row) {
+inline void bc_ldmatrix_x4_trans(unsigned r[4], const void* row, const char* file = __builtin_FILE(),
+                                 int line = __builtin_LINE()) {
     if (reinterpret_cast<uintptr_t>(row) % 16) ::emu::fail("ldmatrix row address not 16-byte aligned", __FILE__, __LINE__);
+    ::emu::check_async_read(row, 16, "ldmatrix", file, line);
     const unsigned char* x = ::emu::warp_exchange(&row, sizeof row, __FILE__, __LINE__);
     const int lane = ::emu::lane_id();
     for (int i = 0; i < 4; ++i) {
@@ -150,9 +155,13 @@ typedef uintptr_t bc_saddr;
 inline bc_saddr bc_smem_addr(const void* p) { return reinterpret_cast<uintptr_t>(p); }
 template <class T>
 inline void bc_pin(T&) {}
-inline void bc_ldmatrix_x4_at(unsigned r[4], bc_saddr a) { bc_ldmatrix_x4(r, reinterpret_cast<const void*>(a)); }
-inline void bc_ldmatrix_x4_trans_at(unsigned r[4], bc_saddr a) {
-    bc_ldmatrix_x4_trans(r, reinterpret_cast<const void*>(a));
+inline void bc_ldmatrix_x4_at(unsigned r[4], bc_saddr a, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+    bc_ldmatrix_x4(r, reinterpret_cast<const void*>(a), file, line);
+}
+inline void bc_ldmatrix_x4_trans_at(unsigned r[4], bc_saddr a, const char* file = __builtin_FILE(),
+                                    int line = __builtin_LINE()) {
+    bc_ldmatrix_x4_trans(r, reinterpret_cast<const void*>(a), file, line);
 }
 // The zero-fill is a copy from zeros: it lands at the wait like any other cp.async.
 inline void bc_cp_async16_zfill(bc_saddr smem, const void* gmem, unsigned bytes) {

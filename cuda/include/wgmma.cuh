@@ -288,7 +288,8 @@ __device__ __forceinline__ void bc_wgmma_rs_nmajor<256>(float (&d)[128], const u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
 }
 #else
-// Emulation (cuda/emu/emu.h, emu::wgmma_*): every op is a warpgroup rendezvous.
+// Emulation (cuda/emu/emu.h, emu::wgmma_*): every op is a warpgroup rendezvous. The mma ops
+// report their caller's file and line (__builtin_FILE / __builtin_LINE) in launch errors.
 inline unsigned bc_smem_window_addr(const void* p) { return ::emu::smem_window_addr(p, __FILE__, __LINE__); }
 inline void bc_fence_proxy_async() {}
 inline void bc_wgmma_fence() { ::emu::wgmma_sync(::emu::kWgFence, 0, __FILE__, __LINE__); }
@@ -301,24 +302,28 @@ inline void bc_wgmma_wait() {
 template <int R>
 inline void bc_wgmma_fence_operand(float (&)[R]) {}
 template <int N>
-inline void bc_wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+inline void bc_wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d,
+                        const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma N");
-    ::emu::wgmma_mma(d, N, da, nullptr, db, scale_d, __FILE__, __LINE__);
+    ::emu::wgmma_mma(d, N, da, nullptr, db, scale_d, file, line);
 }
 template <int N>
-inline void bc_wgmma_rs(float (&d)[N / 2], const unsigned (&a)[4], uint64_t db, int scale_d) {
+inline void bc_wgmma_rs(float (&d)[N / 2], const unsigned (&a)[4], uint64_t db, int scale_d,
+                        const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma N");
-    ::emu::wgmma_mma(d, N, 0, a, db, scale_d, __FILE__, __LINE__);
+    ::emu::wgmma_mma(d, N, 0, a, db, scale_d, file, line);
 }
 template <int N>
-inline void bc_wgmma_ss_nmajor(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+inline void bc_wgmma_ss_nmajor(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d,
+                               const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma N");
-    ::emu::wgmma_mma_tb(d, N, da, nullptr, db, scale_d, 1, __FILE__, __LINE__);
+    ::emu::wgmma_mma_tb(d, N, da, nullptr, db, scale_d, 1, file, line);
 }
 template <int N>
-inline void bc_wgmma_rs_nmajor(float (&d)[N / 2], const unsigned (&a)[4], uint64_t db, int scale_d) {
+inline void bc_wgmma_rs_nmajor(float (&d)[N / 2], const unsigned (&a)[4], uint64_t db, int scale_d,
+                               const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma N");
-    ::emu::wgmma_mma_tb(d, N, 0, a, db, scale_d, 1, __FILE__, __LINE__);
+    ::emu::wgmma_mma_tb(d, N, 0, a, db, scale_d, 1, file, line);
 }
 #endif
 #endif

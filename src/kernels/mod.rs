@@ -311,8 +311,9 @@ impl Kernel {
             Kernel::AttentionWgmmaHd128Ws => BC_ATTN_WS_SMEM,
             Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
             Kernel::TmaProbe => BC_TMA_PROBE_SMEM,
-            // Its mbarrier modes keep the barrier in dynamic shared memory.
-            Kernel::TestSync => 16,
+            // Its mbarrier modes keep the barrier in dynamic shared memory, its race modes two
+            // 2 KB wgmma tiles and two barriers.
+            Kernel::TestSync => 4112,
             Kernel::ConvWgmmaTma => BC_CONV_TMA_SMEM,
             Kernel::ConvWgmmaTmaN96 => BC_CONV_TMA_N96_SMEM,
             Kernel::ConvWgmma => BC_CONV_WG_SMEM,

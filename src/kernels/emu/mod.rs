@@ -874,7 +874,8 @@ struct TestParams {
 /// Runs the emulation-only test kernel `bc_test_sync` over `data` in blocks of `block`
 /// threads: mode 0 is correct (every element becomes its block's sum), modes 1-4 are
 /// deliberately broken (see `cuda/emu/test_kernels.cu`) and must return an error; modes 5-11
-/// do the same for named barriers (5 correct, 6-11 broken).
+/// do the same for named barriers (5 correct, 6-11 broken), 20-22 for mbarrier waits (20
+/// correct) and 30-33 for the race check of asynchronous copies (30 correct, blocks of 256).
 #[doc(hidden)]
 pub fn test_sync(data: &mut [f32], block: u32, mode: i32, arg: i32) -> LaunchResult {
     let k = Kernel::TestSync;

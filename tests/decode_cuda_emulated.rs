@@ -456,8 +456,24 @@ fn taehv_with_the_halo_conv_equals_the_wgmma_conv() {
             assert!(!dev.conv_halo(), "off unless asked for");
             dev.set_conv_wgmma(true).unwrap();
             dev.set_conv_halo(halo).unwrap();
+            // Profiled (eager), to count the halo conv's launches.
+            dev.set_profiling(true).unwrap();
             dev.begin(h, w).unwrap();
             px.push(dev.push(latents, f, true).unwrap().f32.unwrap());
+            let launches: u64 = dev
+                .take_profile()
+                .unwrap()
+                .iter()
+                .filter(|k| k.name == "bc_conv_halo_n64")
+                .map(|k| k.launches)
+                .sum();
+            println!("{name}, halo {halo}: {launches} bc_conv_halo_n64 launches");
+            // The synthetic TAEHV's first stage: 3 MemBlocks of 3 convs each, at least.
+            let some = halo && name != "taehv-tiny";
+            assert!(
+                if some { launches >= 9 } else { launches == 0 },
+                "{name}: {launches} bc_conv_halo_n64 launches"
+            );
         }
         assert!(px[0].iter().all(|v| v.is_finite()), "{name}");
         let bad = px[1]

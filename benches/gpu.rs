@@ -531,19 +531,11 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool, ws: bool) -> Ve
             if !ran[k] || !ran[base] {
                 continue;
             }
-            let mut a = vec![bf16::ZERO; h * w * cout];
-            let mut b = a.clone();
-            g.download(&mut a, outs[base]).unwrap();
-            g.download(&mut b, outs[k]).unwrap();
-            let diff = a
-                .iter()
-                .zip(&b)
-                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                .count();
-            println!(
-                "CONV {tag} {name}: bits vs bc_conv_wgmma: {diff} of {} differ {}",
-                a.len(),
-                if diff == 0 { "PASS" } else { "FAIL" }
+            print_bits_line(
+                g,
+                (outs[base], outs[k], h * w * cout),
+                &format!("{tag} {name}"),
+                "bc_conv_wgmma",
             );
         }
         for p in srcs.into_iter().chain([wt]).chain(pw).chain(outs) {
@@ -552,6 +544,24 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool, ws: bool) -> Ve
         g.free(bias).unwrap();
     }
     rows
+}
+
+/// `CONV <what>: bits vs <base>: N of M differ PASS/FAIL` for the `n` bf16 values at `want`
+/// (the base kernel's output) and `got`, which must be identical.
+fn print_bits_line(g: &mut Gpu, (want, got, n): (DevPtr, DevPtr, usize), what: &str, base: &str) {
+    let mut a = vec![bf16::ZERO; n];
+    let mut b = a.clone();
+    g.download(&mut a, want).unwrap();
+    g.download(&mut b, got).unwrap();
+    let diff = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    println!(
+        "CONV {what}: bits vs {base}: {diff} of {n} differ {}",
+        if diff == 0 { "PASS" } else { "FAIL" }
+    );
 }
 
 /// TAEHV's two 64-channel 3x3 layers at 480x832 as the decoder launches them (64 -> 64 over one
@@ -645,20 +655,12 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
                 peak,
             });
         }
-        let mut a = vec![bf16::ZERO; h * w * cout];
-        let mut b = a.clone();
         g.sync().unwrap();
-        g.download(&mut a, outs[0]).unwrap();
-        g.download(&mut b, outs[1]).unwrap();
-        let diff = a
-            .iter()
-            .zip(&b)
-            .filter(|(x, y)| x.to_bits() != y.to_bits())
-            .count();
-        println!(
-            "CONV halo {name}: bits vs bc_conv_wgmma_n64: {diff} of {} differ {}",
-            a.len(),
-            if diff == 0 { "PASS" } else { "FAIL" }
+        print_bits_line(
+            g,
+            (outs[0], outs[1], h * w * cout),
+            &format!("halo {name}"),
+            "bc_conv_wgmma_n64",
         );
         for p in srcs.into_iter().chain([wt]).chain(outs) {
             g.free(p).unwrap();

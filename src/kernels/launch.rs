@@ -1881,6 +1881,59 @@ mod tests {
             Ok(ConvWgmmaVariant::Base)
         );
         assert!(ConvWgmmaVariant::parse(Some("tma")).is_err());
+        // The persistent halo conv: 3x3, 64 -> 64 (one or two 64-channel sources); a grid of
+        // min(ctas, tiles) over 8 x 16 tiles of all frames; everything else refused.
+        let halo = |cout: usize, srcs: &[ConvSource], frames: usize, ctas: u32| {
+            let cin = srcs.iter().map(|s| s.c0 + s.channels).max().unwrap_or(0);
+            let l = conv_on(
+                srcs,
+                x,
+                shape(cout, cin),
+                (10, 30),
+                ep,
+                ConvOut {
+                    frames,
+                    ..out(cout)
+                },
+                true,
+            )
+            .unwrap();
+            assert_eq!(conv_halo_fits(&l), conv_halo(l, ctas).is_ok());
+            conv_halo(l, ctas).ok().map(|h| {
+                assert_eq!(h.params.frames, l.params.frames);
+                (h.kernel, h.grid, h.block)
+            })
+        };
+        let hk = (Kernel::ConvHaloN64, BC_CONV_HALO_THREADS);
+        let grid = |g: u32| [g, 1, 1];
+        // 10 x 30: 2 x 2 tiles per frame.
+        let one = [src(64, false)];
+        assert_eq!(halo(64, &one, 1, 132), Some((hk.0, grid(4), hk.1)));
+        assert_eq!(halo(64, &one, 3, 5), Some((hk.0, grid(5), hk.1)));
+        assert_eq!(halo(64, &one, 3, 0), Some((hk.0, grid(1), hk.1)));
+        let two = [
+            src(64, false),
+            ConvSource {
+                c0: 64,
+                ..src(64, false)
+            },
+        ];
+        assert_eq!(halo(64, &two, 2, 132), Some((hk.0, grid(8), hk.1)));
+        assert!(halo(64, &[src(64, true)], 1, 132).is_none());
+        assert!(halo(64, &[src(128, false)], 1, 132).is_none());
+        assert!(halo(64, &[src(32, false)], 1, 132).is_none());
+        assert!(halo(128, &one, 1, 132).is_none());
+        let three = [
+            two[0],
+            two[1],
+            ConvSource {
+                c0: 128,
+                ..src(64, false)
+            },
+        ];
+        assert!(halo(64, &three, 1, 132).is_none());
+        assert_eq!(Kernel::ConvHaloN64.dynamic_smem_bytes(), BC_CONV_HALO_SMEM);
+        assert!(Kernel::ConvHaloN64.sm90a_only());
     }
 
     /// The wgmma prototype tile runs its own kernels (one warpgroup of 64 rows for hd64, two of

@@ -34,13 +34,16 @@
 //     A fragments alternate between two register sets by k-step parity (a wgmma may read its
 //     A registers until its group completes; wait_group 1 after each k-step's commit frees the
 //     set the next k-step overwrites); a source starts on the parity its first k-step has in
-//     the flat k sequence (9 taps: s & 1), the tile's epilogue waits for all groups.
+//     the flat k sequence (9 taps: s & 1), the tile's epilogue waits for all groups. The one
+//     or two sources are unrolled (ch_run<NS>): with a runtime source loop ptxas waited for the
+//     in-flight wgmma group at the branch (its note C7517).
 // Pipeline (cp.async groups and one __syncthreads per unit): the weights and unit 0's halo are
-// one group; unit u: wait_group 0 (unit u's halo, issued during unit u - 1, landed), fence.proxy.async (the
-// weights for wgmma's async proxy), __syncthreads (every thread's copies landed; every thread
-// is done with its ldmatrix of unit u - 1, whose stage is refilled now); issue unit u + 1's
-// halo into the other stage, commit; 9 k-steps on unit u's stage; after a tile's last source:
-// wait_group 0, the epilogue (the next unit's copies in flight meanwhile), accumulators zeroed.
+// one group; unit u: wait_group 0 (unit u's halo, issued during unit u - 1, landed),
+// fence.proxy.async (the weights for wgmma's async proxy), __syncthreads (every thread's
+// copies landed; every thread is done with its ldmatrix of unit u - 1, whose stage is refilled
+// now); issue unit u + 1's halo into the other stage, commit; 9 k-steps on unit u's stage;
+// after a tile's last source: wait_group 0, the epilogue (the next unit's copies in flight
+// meanwhile), accumulators zeroed.
 //
 // Shared memory (BC_CONV_HALO_SMEM = 194560): 18 x 8 KB weights (147456; a 64-channel source
 // uses 9 k-steps), 2 halo stages of 10 x 18 x 128 = 23040 bytes, 1024 bytes of alignment slack.
@@ -51,8 +54,12 @@
 // every TAEHV-shaped case that fits (64 -> 64 with bias + ReLU, the MemBlock's two sources with
 // residual, masked edges and odd sizes, frame-batched launches, more tiles than blocks), with
 // NaN-poisoned outputs, must give bc_conv_wgmma_n64's exact bits; tests/decode_cuda_emulated.rs
-// decodes the tiny golden TAEHV with it. Never run on a GPU: opt-in (BC_CONV_HALO=1). Below
-// sm_90a: a stub that traps.
+// decodes a synthetic TAEHV of widths 64, 32, 16, 16 with it (9 launches; the golden tiny
+// TAEHV has no 64-channel layer) and must give bc_conv_wgmma's pixels. Not caught by the
+// emulation (there a cp.async lands at its thread's next wait_group, and a wgmma reads its A
+// registers when issued): a refill issued before the barrier, an A register set rewritten while
+// its group runs; the order above rests on the reasoning. Never run on a GPU: opt-in
+// (BC_CONV_HALO=1). Below sm_90a: a stub that traps.
 #include "include/conv_gather.cuh"
 
 namespace {

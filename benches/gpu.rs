@@ -574,7 +574,10 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
         conv_halo, conv_on, ConvEpilogue, ConvOut, ConvShape, ConvSource,
     };
     let (h, w, cout) = (480, 832, 64);
-    let ctas = u32::try_from(g.sm_count()).unwrap_or(1);
+    let ctas = u32::try_from(g.sm_count())
+        .ok()
+        .filter(|&c| c > 0)
+        .unwrap_or(u32::MAX);
     let mut rows = Vec::new();
     for (i, (name, nsrc)) in [
         ("taehv 64->64 @480x832", 1),

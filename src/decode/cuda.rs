@@ -629,8 +629,12 @@ impl Dev {
         if let Ok(l) = &l {
             let tma = self.conv_tma && launch::conv_tma_fits(l);
             if self.conv_halo && launch::conv_halo_fits(l) {
-                // One persistent block per SM (the emulated device counts 1).
-                let ctas = u32::try_from(self.gpu.sm_count()).unwrap_or(1);
+                // One persistent block per SM (the emulated device counts 1); a block per
+                // tile if the driver could not tell.
+                let ctas = u32::try_from(self.gpu.sm_count())
+                    .ok()
+                    .filter(|&c| c > 0)
+                    .unwrap_or(u32::MAX);
                 return self.run(launch::conv_halo(*l, ctas));
             }
             if self.conv_ws && !tma && wg(l.kernel) {

@@ -158,9 +158,16 @@ fn attention_inputs(g: &mut Gpu, n: usize, keys: usize, dim: usize) -> AttnInput
     }
 }
 
-/// Milliseconds per call of `f` (2 warm-up calls, then `iters` timed with events).
+/// Milliseconds per call of `f` (2 warm-up calls, then `iters` timed with events). Under
+/// Nsight Compute (`BC_BENCH_NCU`, which profiles every launch many times over) one call, no
+/// warm-up: ncu measures, and each row's launches are profiled once.
 fn time_ms(g: &mut Gpu, iters: usize, mut f: impl FnMut(&mut Gpu)) -> f64 {
-    for _ in 0..2 {
+    let (warm, iters) = if std::env::var_os("BC_BENCH_NCU").is_some() {
+        (0, 1)
+    } else {
+        (2, iters)
+    };
+    for _ in 0..warm {
         f(g);
     }
     g.sync().unwrap();
@@ -673,6 +680,44 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
     rows
 }
 
+/// Prints `rows[*shown..]` as a table (a `kernel ...` header, the rows, a blank line: the
+/// bundle's summary takes every such table from the log) and marks them shown. The bench prints
+/// its rows in several tables, so that a run cut short (a hang in a kernel never run on a GPU
+/// before, the bundle's time cap) still leaves the rows measured before it.
+fn print_rows(rows: &[Row], shown: &mut usize) {
+    if *shown >= rows.len() {
+        return;
+    }
+    println!(
+        "\n{:<44} {:>10} {:>12} {:>8}",
+        "kernel", "ms", "rate", "% peak"
+    );
+    for r in &rows[*shown..] {
+        println!(
+            "{:<44} {:>10.4} {:>8.1} {:<7} {:>5.1}%",
+            r.name,
+            r.ms,
+            r.value,
+            r.unit,
+            100.0 * r.value / r.peak
+        );
+    }
+    println!();
+    *shown = rows.len();
+}
+
+/// Whether the warp-specialized attention may run: `BC_NO_ATTN_WS=1` (run.sh sets it when
+/// `BC_BENCH_SMOKE=attention-ws` failed or hung) leaves `wgmma64_ws` out; other tiles always.
+fn attn_ws_ok(tile: AttentionTile) -> bool {
+    tile != AttentionTile::WgmmaWs || std::env::var_os("BC_NO_ATTN_WS").is_none()
+}
+
+/// `BC_NO_SPLIT=1` (run.sh sets it, with `BC_ATTN_SPLIT=1`, when `BC_BENCH_SMOKE=split`
+/// failed or hung): no forced split-KV launches (rows, ncu) either.
+fn no_split() -> bool {
+    std::env::var_os("BC_NO_SPLIT").is_some()
+}
+
 struct Row {
     name: String,
     ms: f64,
@@ -704,6 +749,10 @@ fn main() {
     );
     if let Ok(what) = std::env::var("BC_BENCH_NCU") {
         ncu_run(g, &what);
+        return;
+    }
+    if let Ok(what) = std::env::var("BC_BENCH_SMOKE") {
+        smoke_run(g, &what);
         return;
     }
     let mut rows: Vec<Row> = Vec::new();
@@ -774,7 +823,7 @@ fn main() {
     let mut tiles = AttentionTile::ALL.to_vec();
     if g.compute_capability() == Some((9, 0)) {
         if std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1") {
-            tiles.extend(AttentionTile::WGMMA);
+            tiles.extend(AttentionTile::WGMMA.into_iter().filter(|&t| attn_ws_ok(t)));
         } else {
             println!("SKIP attention wgmma64: BC_WGMMA_OK is not 1 (the wgmma layout probe did not pass or did not run)");
         }
@@ -803,16 +852,22 @@ fn main() {
             peak: peak_tflops,
         });
     }
-    attention_split_rows(
-        &mut g,
-        &mut rows,
-        peak_tflops,
-        &tiles,
-        (q, out),
-        (sd, id, gd),
-        n,
-        keys,
-    );
+    if no_split() {
+        println!(
+            "SKIP attention split rows: BC_NO_SPLIT=1 (run.sh: the split-KV smoke run failed)"
+        );
+    } else {
+        attention_split_rows(
+            &mut g,
+            &mut rows,
+            peak_tflops,
+            &tiles,
+            (q, out),
+            (sd, id, gd),
+            n,
+            keys,
+        );
+    }
     // head_dim 64 (24 x 64, the same buffers and FLOPs), the same tiles (the wgmma variants
     // differ only above head_dim 64: their hd64 kernel is the prototype's, timed once).
     for tile in tiles
@@ -946,6 +1001,9 @@ fn main() {
         unit: "GB/s",
         peak: peak_gbs,
     });
+    // The rows so far, before the never-run sections below (their rows follow in later tables).
+    let mut shown = 0;
+    print_rows(&rows, &mut shown);
     // The Wan VAE's convolution layers at 480x832 (60x104 latents) and two of TAEHV's
     // 64-channel ones, one output frame each, on
     // bc_conv and, on sm_90 once the wgmma layouts passed here (BC_WGMMA_OK=1), on the Hopper
@@ -978,6 +1036,7 @@ fn main() {
             rows.extend(taehv_halo_conv_rows(&mut g, peak_tflops));
         }
     }
+    print_rows(&rows, &mut shown);
     drop(g);
     // The video decoders (decode::CudaDecoder): ms per 3-latent-frame block at 480x832, real
     // widths, random weights; rate = the conv FLOPs the decoder launched per block; with
@@ -1087,23 +1146,10 @@ fn main() {
                 );
             }
         }
+        print_rows(&rows, &mut shown);
         decode_profiles(conv_wgmma, &open);
     }
-
-    println!(
-        "\n{:<44} {:>10} {:>12} {:>8}",
-        "kernel", "ms", "rate", "% peak"
-    );
-    for r in &rows {
-        println!(
-            "{:<44} {:>10.4} {:>8.1} {:<7} {:>5.1}%",
-            r.name,
-            r.ms,
-            r.value,
-            r.unit,
-            100.0 * r.value / r.peak
-        );
-    }
+    print_rows(&rows, &mut shown);
     let kernels_json: Vec<Value> = rows
         .iter()
         .map(|r| json!({"name": r.name, "ms": r.ms, "rate": r.value, "unit": r.unit, "fraction_of_peak": r.value / r.peak}))
@@ -1431,6 +1477,10 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
                 None => std::env::remove_var(k),
             }
         }
+        if switch == Some(("BC_ATTN_WGMMA_VARIANT", "ws")) && !attn_ws_ok(AttentionTile::WgmmaWs) {
+            println!("{name}: skipped (BC_NO_ATTN_WS=1)");
+            continue;
+        }
         if let Some((k, v)) = switch {
             std::env::set_var(k, v);
         }
@@ -1545,82 +1595,33 @@ fn decode_profiles(conv_wgmma: bool, open: &dyn Fn() -> blockcascade::Result<Gpu
     }
 }
 
-/// `BC_BENCH_NCU=kernels|dit`: a short run for Nsight Compute instead of the bench (run.sh's
-/// `ncu` part; scripts/ncu_summary.py reads its CSV). `kernels`: the self-attention at the bench
-/// shape (q4680 k32760 12 x 128), two launches unsplit and two with the split the wave-fill
-/// model picks, on the wgmma hd128 variants `pp_k128` (the default) and `ws` where the wgmma
-/// probe passed (`BC_WGMMA_OK=1`), else on `rows128`; then one 3-latent-frame block of each
-/// decoder at 480x832 on the default conv kernels and, with wgmma, on the ws conv. `dit`: two blocks of the
+/// `BC_BENCH_NCU=attention|conv|decode|kernels|dit`: a short run for Nsight Compute instead of
+/// the bench (run.sh's `ncu` part; scripts/ncu_summary.py reads its CSV). `attention`: the
+/// self-attention at the bench shape (q4680 k32760 12 x 128), two launches unsplit and two with
+/// the split the wave-fill model picks, on the wgmma hd128 variants `pp_k128` (the default) and
+/// `ws` where the wgmma probe passed (`BC_WGMMA_OK=1`), else on `rows128`. `conv`: the bench's
+/// conv layers (`wan_conv_rows`, one launch per layer and kernel: see `time_ms`) on bc_conv and,
+/// with wgmma, bc_conv_wgmma* and (unless `BC_BENCH_NO_CONV_WS=1`) bc_conv_wgmma_ws*. `decode`: one
+/// 3-latent-frame block of each decoder at 480x832, the Wan VAE first, each on the default conv
+/// kernels and, with wgmma, then on the ws conv. `kernels`: all three. `dit`: two blocks of the
 /// wan-1.3b-shape model, sequential (run.sh sets `BC_NO_GRAPHS=1`: one launch per kernel).
+/// run.sh stops the program (not ncu) at its deadline: ncu then reports the launches it profiled.
 fn ncu_run(mut g: Gpu, what: &str) {
+    let wgmma = g.compute_capability() == Some((9, 0))
+        && std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1");
     match what {
-        "kernels" => {
-            let (heads, hd, dim, n, keys) = (12, 128, 1536, 3 * 1560, 21 * 1560);
-            let AttnInputs {
-                q, out, sd, id, gd, ..
-            } = attention_inputs(&mut g, n, keys, dim);
-            let wgmma = g.compute_capability() == Some((9, 0))
-                && std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1");
-            let tiles = if wgmma {
-                vec![AttentionTile::WgmmaPpK128, AttentionTile::WgmmaWs]
-            } else {
-                vec![AttentionTile::Rows128]
-            };
-            for tile in tiles {
-                let bytes = blockcascade::kernels::launch::attention_split_bytes(
-                    heads,
-                    hd,
-                    1,
-                    n,
-                    tile,
-                    blockcascade::kernels::launch::ATTN_MAX_SPLITS,
-                )
-                .unwrap();
-                let split = ops::SplitScratch {
-                    ptr: g.alloc(bytes).unwrap(),
-                    bytes,
-                    max_keys: keys,
-                    force: None,
-                };
-                for s in [None, Some(&split)] {
-                    for _ in 0..2 {
-                        let used = ops::attention(&g, q, out, heads, hd, sd, id, gd, 1, n, tile, s);
-                        match used {
-                            Ok(used) => println!("NCU attention {} splits={used}", tile.name()),
-                            Err(e) => println!("NCU attention {} FAILED: {e}", tile.name()),
-                        }
-                    }
-                }
+        "attention" | "conv" | "decode" | "kernels" => {
+            if matches!(what, "attention" | "kernels") {
+                ncu_attention(&mut g, wgmma);
             }
-            g.sync().unwrap();
+            if matches!(what, "conv" | "kernels") {
+                let ws = wgmma && std::env::var_os("BC_BENCH_NO_CONV_WS").is_none();
+                let rows = wan_conv_rows(&mut g, 1.0, wgmma, false, ws);
+                println!("NCU conv: {} layer launches", rows.len());
+            }
             drop(g);
-            let open = || Gpu::open_kernels(0);
-            // Each decoder on the default conv, then (where wgmma runs, unless
-            // BC_BENCH_NO_CONV_WS=1) on the ws conv, never run on a GPU yet: last, so that a
-            // hang there costs only its own counters.
-            let no_ws = std::env::var_os("BC_BENCH_NO_CONV_WS").is_some();
-            for (kind, ws) in [
-                (DecoderKind::Taehv, false),
-                (DecoderKind::WanVae, false),
-                (DecoderKind::Taehv, true),
-                (DecoderKind::WanVae, true),
-            ] {
-                if ws && (!wgmma || no_ws) {
-                    continue;
-                }
-                let tag = if ws { " ws" } else { "" };
-                let r = blockcascade::decode::bench_decode_device(
-                    &[kind],
-                    (60, 104),
-                    (3, 1),
-                    None,
-                    (wgmma, false, ws, true, true, false),
-                    &open,
-                );
-                match r {
-                    Ok(r) => println!("NCU decode {kind}{tag}: {:.1} ms", r[0].first_block_ms),
-                    Err(e) => println!("NCU decode {kind}{tag} FAILED: {e}"),
-                }
+            if matches!(what, "decode" | "kernels") {
+                ncu_decode(wgmma);
             }
         }
         "dit" => {
@@ -1639,6 +1640,192 @@ fn ncu_run(mut g: Gpu, what: &str) {
                 Err(e) => println!("NCU dit FAILED: {e}"),
             }
         }
-        _ => println!("NCU: BC_BENCH_NCU={what}: expected kernels or dit"),
+        _ => println!("NCU: BC_BENCH_NCU={what}: expected attention, conv, decode, kernels or dit"),
+    }
+}
+
+/// [`ncu_run`]'s attention launches: per tile two unsplit, then (unless `BC_NO_SPLIT=1`) two
+/// with the split the model picks.
+fn ncu_attention(g: &mut Gpu, wgmma: bool) {
+    let (heads, hd, dim, n, keys) = (12, 128, 1536, 3 * 1560, 21 * 1560);
+    let AttnInputs {
+        q, out, sd, id, gd, ..
+    } = attention_inputs(g, n, keys, dim);
+    let tiles = if wgmma {
+        [AttentionTile::WgmmaPpK128, AttentionTile::WgmmaWs]
+            .into_iter()
+            .filter(|&t| attn_ws_ok(t))
+            .collect()
+    } else {
+        vec![AttentionTile::Rows128]
+    };
+    for tile in tiles {
+        let split = split_scratch(g, tile, (heads, hd, n, keys), None);
+        let splits: &[Option<&ops::SplitScratch>] = if no_split() {
+            &[None]
+        } else {
+            &[None, Some(&split)]
+        };
+        for &s in splits {
+            for _ in 0..2 {
+                let used = ops::attention(g, q, out, heads, hd, sd, id, gd, 1, n, tile, s);
+                match used {
+                    Ok(used) => println!("NCU attention {} splits={used}", tile.name()),
+                    Err(e) => println!("NCU attention {} FAILED: {e}", tile.name()),
+                }
+            }
+        }
+    }
+    g.sync().unwrap();
+}
+
+/// A split-KV partials buffer for `tile` at one group of `n` query rows against `keys` keys
+/// (room for the most splits), `force`d to that many splits where given.
+fn split_scratch(
+    g: &mut Gpu,
+    tile: AttentionTile,
+    (heads, hd, n, keys): (usize, usize, usize, usize),
+    force: Option<usize>,
+) -> ops::SplitScratch {
+    use blockcascade::kernels::launch;
+    let bytes =
+        launch::attention_split_bytes(heads, hd, 1, n, tile, launch::ATTN_MAX_SPLITS).unwrap();
+    ops::SplitScratch {
+        ptr: g.alloc(bytes).unwrap(),
+        bytes,
+        max_keys: keys,
+        force,
+    }
+}
+
+/// [`ncu_run`]'s decoder blocks: the Wan VAE (the longer block) first, each on the default conv
+/// and then (where wgmma runs, unless `BC_BENCH_NO_CONV_WS=1`) on the ws conv.
+fn ncu_decode(wgmma: bool) {
+    let open = || Gpu::open_kernels(0);
+    let no_ws = std::env::var_os("BC_BENCH_NO_CONV_WS").is_some();
+    for (kind, ws) in [
+        (DecoderKind::WanVae, false),
+        (DecoderKind::WanVae, true),
+        (DecoderKind::Taehv, false),
+        (DecoderKind::Taehv, true),
+    ] {
+        if ws && (!wgmma || no_ws) {
+            continue;
+        }
+        let tag = if ws { " ws" } else { "" };
+        let r = blockcascade::decode::bench_decode_device(
+            &[kind],
+            (60, 104),
+            (3, 1),
+            None,
+            (wgmma, false, ws, true, true, false),
+            &open,
+        );
+        match r {
+            Ok(r) => println!("NCU decode {kind}{tag}: {:.1} ms", r[0].first_block_ms),
+            Err(e) => println!("NCU decode {kind}{tag} FAILED: {e}"),
+        }
+    }
+}
+
+/// `BC_BENCH_SMOKE=split|attention-ws|conv-ws|conv-halo`: one short run of a kernel path never run on a
+/// GPU before, in a process of its own under a short timeout (run.sh's wgmma part, before the
+/// tests and the bench): `split` the default attention tile with a forced 2-way split-KV (and
+/// `bc_attention_combine`), `attention-ws` the warp-specialized attention unsplit and split,
+/// `conv-ws` one 3-latent-frame block of each decoder on the ws conv (every ws tile: n192 and
+/// n96 in the Wan VAE, n64 in TAEHV), `conv-halo` one TAEHV block on the persistent halo conv
+/// (`bc_conv_halo_n64`). Prints `SMOKE <what> ok` last when every launch returned
+/// and the device synchronised; a hang never gets there (run.sh then sets `BC_NO_SPLIT=1`,
+/// `BC_NO_ATTN_WS=1`, `BC_BENCH_NO_CONV_WS=1` or `BC_BENCH_NO_CONV_HALO=1` for the later parts).
+fn smoke_run(mut g: Gpu, what: &str) {
+    let wgmma = g.compute_capability() == Some((9, 0))
+        && std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1");
+    let t0 = std::time::Instant::now();
+    let ok = match what {
+        "split" | "attention-ws" => {
+            let (heads, hd, dim, n, keys) = (12, 128, 1536, 3 * 1560, 21 * 1560);
+            let AttnInputs {
+                q, out, sd, id, gd, ..
+            } = attention_inputs(&mut g, n, keys, dim);
+            let tile = match (what, wgmma) {
+                ("split", true) => AttentionTile::WgmmaPpK128,
+                ("split", false) => AttentionTile::Rows128,
+                _ => AttentionTile::WgmmaWs,
+            };
+            let split = split_scratch(&mut g, tile, (heads, hd, n, keys), Some(2));
+            let cases: &[Option<&ops::SplitScratch>] = if what == "split" {
+                &[Some(&split)]
+            } else {
+                &[None, Some(&split)]
+            };
+            let mut ok = what == "split" || wgmma;
+            if !ok {
+                println!("SMOKE {what}: no wgmma here (BC_WGMMA_OK is not 1 or not sm_90)");
+            }
+            for &s in if ok { cases } else { &[] } {
+                let r = ops::attention(&g, q, out, heads, hd, sd, id, gd, 1, n, tile, s)
+                    .and_then(|used| g.sync().map(|_| used));
+                match r {
+                    Ok(used) => println!(
+                        "SMOKE {what}: {} splits={used} returned ({:.2} s)",
+                        tile.name(),
+                        t0.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => {
+                        println!("SMOKE {what}: {} FAILED: {e}", tile.name());
+                        ok = false;
+                    }
+                }
+            }
+            ok
+        }
+        "conv-ws" | "conv-halo" => {
+            drop(g);
+            let halo = what == "conv-halo";
+            let open = || Gpu::open_kernels(0);
+            let mut ok = wgmma;
+            if !ok {
+                println!("SMOKE {what}: no wgmma here (BC_WGMMA_OK is not 1 or not sm_90)");
+            }
+            // The halo conv takes only TAEHV's 64-channel layers.
+            let kinds: &[DecoderKind] = match (ok, halo) {
+                (false, _) => &[],
+                (true, false) => &[DecoderKind::Taehv, DecoderKind::WanVae],
+                (true, true) => &[DecoderKind::Taehv],
+            };
+            for &kind in kinds {
+                match blockcascade::decode::bench_decode_device(
+                    &[kind],
+                    (60, 104),
+                    (3, 1),
+                    None,
+                    (true, false, !halo, true, true, halo),
+                    &open,
+                ) {
+                    Ok(r) => println!(
+                        "SMOKE {what}: {kind} block returned, {:.1} ms ({:.2} s)",
+                        r[0].first_block_ms,
+                        t0.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => {
+                        println!("SMOKE {what}: {kind} FAILED: {e}");
+                        ok = false;
+                    }
+                }
+            }
+            ok
+        }
+        _ => {
+            println!(
+                "SMOKE: BC_BENCH_SMOKE={what}: expected split, attention-ws, conv-ws or conv-halo"
+            );
+            false
+        }
+    };
+    if ok {
+        println!("SMOKE {what} ok");
+    } else {
+        println!("SMOKE {what} FAILED");
+        std::process::exit(1);
     }
 }

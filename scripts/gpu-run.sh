@@ -26,7 +26,9 @@
 # which adds the wgmma attention prototype to the attention test and the benchmark on sm_90:
 # set it by hand for a later `run.sh device tests bench`; then tma_layouts_match_the_hardware,
 # one TMA PASS/FAIL line per box / layout, all PASS -> BC_TMA_OK=1: the TMA conv joins the
-# benchmark), tests (the rest of tests/cuda.rs),
+# benchmark; then smoke runs of the paths never run on a GPU before, split-KV, the ws attention
+# and the ws conv, one short process each: one that fails or hangs is left out of the later
+# parts), tests (the rest of tests/cuda.rs),
 # ncu (Nsight Compute, when the image has it: the device time of every kernel of two
 # sequential wan-1.3b-shape blocks, `NCU dit` lines, and the throughput, tensor-pipe, occupancy
 # and warp-stall counters of the attention kernels and the decoders' convolutions, `NCU kern`
@@ -62,7 +64,7 @@ reserve=15 # seconds kept back for the kill grace of a timed-out part, the summa
 # BC_CAP_BENCH, BC_CAP_PYTORCH, BC_CAP_MEMCHECK and BC_CAP_RACECHECK override the device-mode
 # caps. Estimated times on an H100/H200 (docs/gpu-bundle.md): tests ~40 s, bench
 # ~45 s, pytorch ~25 s, memcheck and racecheck ~30-60 s each.
-declare -A cap=([wgmma]=${BC_CAP_WGMMA:-60} [tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-150} [pytorch]=${BC_CAP_PYTORCH:-90} [ncu]=${BC_CAP_NCU:-140}
+declare -A cap=([wgmma]=${BC_CAP_WGMMA:-60} [tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-180} [pytorch]=${BC_CAP_PYTORCH:-90} [ncu]=${BC_CAP_NCU:-140}
     [memcheck]=${BC_CAP_MEMCHECK:-90} [racecheck]=${BC_CAP_RACECHECK:-90})
 declare -A need=([wgmma]=15 [tests]=45 [bench]=45 [pytorch]=30 [ncu]=40 [memcheck]=30 [racecheck]=30)
 declare -A cap_full=([wgmma]=120 [tests]=570 [bench]=570 [pytorch]=570 [ncu]=570 [memcheck]=270 [racecheck]=270)
@@ -79,7 +81,7 @@ chmod +x bin/* 2>/dev/null || true # in case a copy lost the executable bits
 if [ $mode = device ]; then
     # Fresh logs (a bundle folder may carry logs of an earlier run): only the files run.sh writes.
     rm -f "$logs"/{wgmma,tma,tma-sanitizer,tma-bisect,tma-conv,tests,bench,pytorch,sanitizer-memcheck,sanitizer-racecheck}.log \
-        "$logs"/{sanitizer,parts,env,devices,nvidia-smi,summary,ncu}.txt "$logs"/gpu-bench.json "$logs"/ncu.log "$logs"/ncu-{dit,kernels}.csv
+        "$logs"/{sanitizer,parts,env,devices,nvidia-smi,summary,ncu}.txt "$logs"/gpu-bench.json "$logs"/ncu.log "$logs"/ncu-*.csv "$logs"/smoke-*.log
 fi
 : >> "$logs"/parts.txt
 
@@ -233,6 +235,8 @@ summary() {
     grep -h -m4 -E '^========= +(Illegal|Invalid|Error|at |by thread)' "$logs"/tma-sanitizer.log 2>/dev/null | cut -c1-200 | sed 's/^/  TMA sanitizer: /'
     sed 's/^/  /' "$logs"/tma-bisect.log 2>/dev/null
     tagged GOLDEN "$logs"/tma-conv.log | grep 'conv-tma' | sed 's/^/  TMA conv golden: /'
+    # The smoke runs of the never-run paths (a failed or hung one is left out of the later parts).
+    grep -h -E '^SMOKE ' "$logs"/smoke-*.log 2>/dev/null | cut -c1-200 | sed 's/^/  /'
     echo "-- kernel max error vs CPU reference (tolerance ~1e-2)"
     if [ "$1" = compact ]; then
         tagged KERNEL "$logs"/tests.log | awk '{
@@ -254,7 +258,8 @@ summary() {
     grep -ho 'SKIP.*' "$logs"/tests.log 2>/dev/null | sed 's/^SKIP [^:]*: //' | sort | uniq -c |
         awk '{ n = $1; $1 = ""; printf "  SKIP (%d tests):%s\n", n, $0 }' | head -n 8
     echo "-- kernels (rate and % of measured peak)"
-    sed -n '/^kernel /,/^$/p' "$logs"/bench.log 2>/dev/null | sed '/^$/d; s/^/  /'
+    # The bench prints its rows in several tables (a run cut short keeps the earlier ones): one header.
+    sed -n '/^kernel /,/^$/p' "$logs"/bench.log 2>/dev/null | sed '/^$/d; s/^/  /' | awk '!/^  kernel / || !h++'
     echo "-- end to end (wan-1.3b-shape, 60x104, 21 frames, 4 steps)"
     sed -n '/^schedule /,/^$/p' "$logs"/bench.log 2>/dev/null | grep -vE '^(JSON|TUNE) ' | sed '/^$/d; s/^/  /'
     grep -hE '^(SKIP|TUNE|TEXT|DECODE|CONV|SWITCH|PIXELS|SPLIT) ' "$logs"/bench.log 2>/dev/null | cut -c1-300 | sed 's/^/  /'
@@ -321,7 +326,7 @@ progress() {
     local l
     while IFS= read -r l; do
         case "$l" in
-            'test '*|WGMMA*FAIL*|'WGMMA SKIP'*|*panicked*|*FAILED*|SKIP*|'device:'*|'end to end'*|'sequential '*|'cascade lag '*|PYTORCH*|*Traceback*|*'ERROR SUMMARY'*|*'RACECHECK SUMMARY'*|*'not supported'*|*'Error:'*|*'error:'*)
+            'test '*|WGMMA*FAIL*|'WGMMA SKIP'*|'SMOKE '*|'NCU '*|'== ncu '*|*panicked*|*FAILED*|SKIP*|'device:'*|'end to end'*|'sequential '*|'cascade lag '*|PYTORCH*|*Traceback*|*'ERROR SUMMARY'*|*'RACECHECK SUMMARY'*|*'not supported'*|*'Error:'*|*'error:'*)
                 say "    ${l:0:120}";;
         esac
     done
@@ -350,10 +355,11 @@ run_part() {
     save
     say "== $name (timeout ${t}s)"
     local s=$SECONDS
+    # BC_PART_TIMEOUT: the part's own time, for a part that shares it out (ncu).
     if [ $mode = device ]; then
-        timeout -k 10 "$t" "$@" 2>&1 | tee "$log" | progress
+        BC_PART_TIMEOUT=$t timeout -k 10 "$t" "$@" 2>&1 | tee "$log" | progress
     else
-        timeout -k 10 "$t" "$@" 2>&1 | tee "$log"
+        BC_PART_TIMEOUT=$t timeout -k 10 "$t" "$@" 2>&1 | tee "$log"
     fi
     rc=${PIPESTATUS[0]}
     dt=$((SECONDS - s))
@@ -407,6 +413,49 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
         export BC_WGMMA_OK=1
         note="$note; wgmma attention enabled"
     fi
+    # Smoke runs of the paths never run on a GPU before (split-KV, the ws attention, the ws
+    # conv), each one short process under a short timeout, before the tests and the bench that
+    # use them: a hang costs its timeout here instead of a part's cap and everything that part
+    # would print after it. One that fails or hangs is left out of the later parts:
+    # BC_NO_SPLIT=1 + BC_ATTN_SPLIT=1, BC_NO_ATTN_WS=1, BC_BENCH_NO_CONV_WS=1,
+    # BC_BENCH_NO_CONV_HALO=1 (`SMOKE` lines in
+    # the summary, smoke-*.log).
+    smoke() { # smoke WHAT SECONDS: succeeds when the run printed `SMOKE WHAT ok`
+        timeout -k 3 "$2" env BC_BENCH_SMOKE="$1" ./bin/gpu-bench > "$logs/smoke-$1.log" 2>&1
+        local r=$?
+        if grep -q "^SMOKE $1 ok" "$logs/smoke-$1.log"; then
+            say "    SMOKE $1 ok"
+            return 0
+        fi
+        if [ $r -eq 124 ] || [ $r -eq 137 ]; then
+            echo "SMOKE $1 HUNG: killed after ${2}s" >> "$logs/smoke-$1.log"
+        else
+            echo "SMOKE $1 FAILED: exit $r" >> "$logs/smoke-$1.log"
+        fi
+        say "    SMOKE $1 FAILED or hung (smoke-$1.log): left out of the later parts"
+        status=1 # a finding: the RESULT line says FAILED
+        return 1
+    }
+    if [ -z "$nogpu" ] && ! grep -q 'SKIP.*no GPU' "$logs"/wgmma.log; then
+        if ! smoke split 30; then
+            export BC_NO_SPLIT=1 BC_ATTN_SPLIT=1
+            note="$note; split-KV smoke FAILED: split off"
+        fi
+        if [ "${BC_WGMMA_OK:-}" = 1 ]; then
+            if ! smoke attention-ws 30; then
+                export BC_NO_ATTN_WS=1
+                note="$note; ws attention smoke FAILED: left out"
+            fi
+            if [ -z "${BC_BENCH_NO_CONV_WS:-}" ] && ! smoke conv-ws 45; then
+                export BC_BENCH_NO_CONV_WS=1
+                note="$note; ws conv smoke FAILED: left out"
+            fi
+            if [ -z "${BC_BENCH_NO_CONV_HALO:-}" ] && ! smoke conv-halo 30; then
+                export BC_BENCH_NO_CONV_HALO=1
+                note="$note; halo conv smoke FAILED: left out"
+            fi
+        fi
+    fi
     # The TMA / mbarrier probe (tests/cuda.rs tma_layouts_match_the_hardware), in its own
     # process too: every TMA line PASSes -> BC_TMA_OK=1 (the TMA conv bc_conv_wgmma_tma then
     # joins the tests and the benchmark, with BC_WGMMA_OK=1 as well).
@@ -421,8 +470,14 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
         note="$note, TMA probe FAILED (tma.log)"
         # The diagnostics below come out of the budget too: in device mode they keep 200 s for
         # the parts after them (tests, bench, pytorch) and stop where that would not hold.
+        # At most BC_TMA_DIAG_S (default 60) seconds in all: the bisect is worth less than the
+        # new kernels' data in the bench and ncu parts.
+        diag_end=$(( $(el) + ${BC_TMA_DIAG_S:-60} ))
         diag_left() {
-            if [ $mode = device ]; then echo $((budget - reserve - $(el) - 200)); else echo 100000; fi
+            local l=100000
+            if [ $mode = device ]; then l=$((budget - reserve - $(el) - 200)); fi
+            [ $((diag_end - $(el))) -ge "$l" ] || l=$((diag_end - $(el)))
+            echo "$l"
         }
         # Seconds for one diagnostic of at most $1 s (0: no time left for it).
         diag_t() { local l; l=$(diag_left); [ "$l" -ge 5 ] || { echo 0; return; }; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
@@ -439,7 +494,7 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
         for c in wgmma:B128 raw:None:2:2 raw:None:2:2:inside raw:None:2:2:dense \
                  raw:None:2:2:fit raw:None:2:2:rows8 raw:None:2:2:dense,fit \
                  raw:None:2:2:dense,fit,inside raw:B128:2:2:dense,fit,inside raw:None:2:2:dense,fit,rows8,inside; do
-            dt_c=$(diag_t 20)
+            dt_c=$(diag_t 10)
             [ "$dt_c" -gt 0 ] || { echo "TMA bisect $c: skipped (time budget)"; continue; }
             r=$(BC_TMA_ONLY=$c timeout -k 2 "$dt_c" ./bin/cuda-tests --test-threads=1 --nocapture --exact \
                 tma_layouts_match_the_hardware 2>&1 | grep -m1 -E '^(test [^ ]+ \.\.\. )?TMA (raw|wgmma|global)' | grep -oE ' (PASS|FAIL)' | head -n 1)
@@ -508,13 +563,17 @@ if want pytorch; then
 fi
 
 # --- Nsight Compute --------------------------------------------------------------------------
-# Two runs of the bench binary in its BC_BENCH_NCU modes (75 s and 50 s at most), clocks and
-# caches left as they are: `kernels` (the attention at the bench shape, then one block of each
-# decoder on the default conv, then on the ws conv) with the counter sections for the first 240
-# attention and conv launches, then `dit` (two sequential blocks of the 1.3B-shaped model,
-# graphs off) with only the durations of its first 2500 kernels (about 5 of its ~9 ticks; the
-# rest runs unprofiled). ncu prints its table when the program ends: a run cut by its timeout
-# leaves no summary. Reported, never a failure.
+# Runs of the bench binary in its BC_BENCH_NCU modes, clocks and caches left as they are, most
+# valuable first, each with its own CSV and its summary appended to ncu.txt as soon as it ends:
+# `attention` (the self-attention at the bench shape on pp_k128 and ws, unsplit and split) and
+# `conv` (the bench's conv layers, one launch per layer and kernel) with the counter sections;
+# `dit` (two sequential blocks of the 1.3B-shaped model, graphs off) with only the durations of
+# its first 1000 kernels (about two of its ~9 ticks); `decode` (one block of each decoder, the
+# Wan VAE first) with the counter sections for its first 40 conv launches. The launch counts
+# are sized so that each program ends by itself (ncu prints its table only when its program
+# ends); in case it does not, the program (not ncu) is stopped at a deadline cut from the
+# part's time (BC_PART_TIMEOUT), and ncu then reports the launches it had profiled (expected,
+# not yet seen). Reported, never a failure.
 if want ncu; then
     # shellcheck disable=SC2012
     ncu_bin=$(command -v ncu || ls -d /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -n 1)
@@ -524,17 +583,36 @@ if want ncu; then
     elif gpu_missing; then
         echo "NCU skipped: no GPU" > "$logs"/ncu.txt
         set_status ncu "skipped: no GPU"
-    elif run_part ncu "$logs"/ncu.log env NCU="$ncu_bin" LOGS="$logs" BC_WGMMA_OK="${BC_WGMMA_OK:-}" bash -c '
+    elif run_part ncu "$logs"/ncu.log env NCU="$ncu_bin" LOGS="$logs" bash -c '
             : > "$LOGS"/ncu.txt
-            timeout -k 5 75 "$NCU" --clock-control none --cache-control none --print-units base --section SpeedOfLight --section Occupancy --section LaunchStats \
-                --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-                --section SchedulerStats -k "regex:^bc_(attention|conv)" -c 240 --csv --page raw \
-                --log-file "$LOGS"/ncu-kernels.csv env BC_BENCH_NCU=kernels ./bin/gpu-bench; b=$?
-            timeout -k 5 50 "$NCU" --clock-control none --cache-control none --print-units base -c 2500 --metrics gpu__time_duration.sum --csv --page raw \
-                --log-file "$LOGS"/ncu-dit.csv env BC_NO_GRAPHS=1 BC_BENCH_NCU=dit ./bin/gpu-bench; a=$?
-            python3 ncu_summary.py dit "$LOGS"/ncu-dit.csv >> "$LOGS"/ncu.txt
-            python3 ncu_summary.py kernels "$LOGS"/ncu-kernels.csv >> "$LOGS"/ncu.txt
-            [ $a -eq 0 ] && [ $b -eq 0 ]'; then
+            timeout 20 "$NCU" --version 2>&1 | tail -n 1
+            end=$((SECONDS + ${BC_PART_TIMEOUT:-140} - 10))
+            # prof NAME KIND SECONDS NCU-ARGS...: the bench in mode NAME under ncu, the program
+            # stopped after SECONDS (cut to the time left, 15 s kept for ncu to start and print),
+            # then its summary (ncu_summary.py KIND).
+            prof() {
+                local name=$1 kind=$2 s=$3 left
+                shift 3
+                left=$((end - SECONDS - 15))
+                [ "$s" -le "$left" ] || s=$left
+                if [ "$s" -lt 15 ]; then
+                    echo "NCU $name: skipped (${left}s left in the part)" >> "$LOGS"/ncu.txt
+                    return
+                fi
+                echo "== ncu $name: the program stopped after ${s}s at most"
+                timeout -k 5 $((s + 15)) "$NCU" --target-processes all --clock-control none --cache-control none \
+                    --print-units base --print-metric-name name --csv --page raw --log-file "$LOGS/ncu-$name.csv" "$@" \
+                    timeout -k 3 "$s" env BC_BENCH_NCU="$name" ./bin/gpu-bench
+                echo "== ncu $name: exit $?"
+                python3 ncu_summary.py "$kind" "$LOGS/ncu-$name.csv" | sed "s/^NCU kernels:/NCU kernels ($name):/" >> "$LOGS"/ncu.txt
+            }
+            counters="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+                      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats"
+            prof attention kernels 35 $counters -k regex:^bc_attention -c 40
+            prof conv kernels 45 $counters -k regex:^bc_conv_wgmma -c 60
+            BC_NO_GRAPHS=1 prof dit dit 45 -c 1000 --metrics gpu__time_duration.sum
+            prof decode kernels 60 $counters -k regex:^bc_conv -c 40
+            true'; then
         st=$status
         finish ncu "$logs"/ncu.log "$(head -n 1 "$logs"/ncu.txt 2>/dev/null)"
         status=$st # a profiler problem is reported, not a failed validation

@@ -600,23 +600,35 @@ fn gemms_match_the_cpu() {
 /// The attention tiles to check on `g` at `head_dim`: both of [`AttentionTile::ALL`], and the
 /// Hopper wgmma prototype and its hd128 variants ([`AttentionTile::WGMMA`]) when `BC_WGMMA_OK=1` (the GPU bundle sets
 /// it once every wgmma layout of `wgmma_layouts_match_the_hardware` PASSed) on compute
-/// capability 9.0.
+/// capability 9.0; without [`AttentionTile::WgmmaWs`] under `BC_NO_ATTN_WS=1` (the GPU bundle
+/// sets it when the ws kernel's smoke run failed or hung: one hang would cost the whole test run).
 fn attention_tiles(g: &Gpu) -> Vec<AttentionTile> {
     let mut tiles = AttentionTile::ALL.to_vec();
     if std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1")
         && g.compute_capability() == Some((9, 0))
     {
-        tiles.extend(AttentionTile::WGMMA);
+        let no_ws = std::env::var_os("BC_NO_ATTN_WS").is_some();
+        tiles.extend(
+            AttentionTile::WGMMA
+                .into_iter()
+                .filter(|&t| !(no_ws && t == AttentionTile::WgmmaWs)),
+        );
     }
     tiles
 }
 
 /// Every tile of [`attention_tiles`] unsplit, and split-KV with 2 and 3 key splits
-/// (`bc_attention_combine` after the kernel).
+/// (`bc_attention_combine` after the kernel); unsplit only under `BC_NO_SPLIT=1` (the GPU bundle
+/// sets it when the split-KV smoke run failed or hung).
 fn split_tiles(g: &Gpu) -> Vec<(AttentionTile, usize)> {
     let mut v = Vec::new();
+    let no_split = std::env::var_os("BC_NO_SPLIT").is_some();
     for t in attention_tiles(g) {
-        let splits: &[usize] = if t.supports_split() { &[1, 2, 3] } else { &[1] };
+        let splits: &[usize] = if t.supports_split() && !no_split {
+            &[1, 2, 3]
+        } else {
+            &[1]
+        };
         v.extend(splits.iter().map(|&s| (t, s)));
     }
     v

@@ -1033,6 +1033,8 @@ fn main() {
             conv_ws,
         ));
         if conv_halo {
+            // The rows so far first: a hang in the halo conv would cost only its own.
+            print_rows(&rows, &mut shown);
             rows.extend(taehv_halo_conv_rows(&mut g, peak_tflops));
         }
     }

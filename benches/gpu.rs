@@ -538,22 +538,141 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool, ws: bool) -> Ve
             if !ran[k] || !ran[base] {
                 continue;
             }
-            let mut a = vec![bf16::ZERO; h * w * cout];
-            let mut b = a.clone();
-            g.download(&mut a, outs[base]).unwrap();
-            g.download(&mut b, outs[k]).unwrap();
-            let diff = a
-                .iter()
-                .zip(&b)
-                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                .count();
-            println!(
-                "CONV {tag} {name}: bits vs bc_conv_wgmma: {diff} of {} differ {}",
-                a.len(),
-                if diff == 0 { "PASS" } else { "FAIL" }
+            print_bits_line(
+                g,
+                (outs[base], outs[k], h * w * cout),
+                &format!("{tag} {name}"),
+                "bc_conv_wgmma",
             );
         }
         for p in srcs.into_iter().chain([wt]).chain(pw).chain(outs) {
+            g.free(p).unwrap();
+        }
+        g.free(bias).unwrap();
+    }
+    rows
+}
+
+/// `CONV <what>: bits vs <base>: N of M differ PASS/FAIL` for the `n` bf16 values at `want`
+/// (the base kernel's output) and `got`, which must be identical.
+fn print_bits_line(g: &mut Gpu, (want, got, n): (DevPtr, DevPtr, usize), what: &str, base: &str) {
+    let mut a = vec![bf16::ZERO; n];
+    let mut b = a.clone();
+    g.download(&mut a, want).unwrap();
+    g.download(&mut b, got).unwrap();
+    let diff = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    println!(
+        "CONV {what}: bits vs {base}: {diff} of {n} differ {}",
+        if diff == 0 { "PASS" } else { "FAIL" }
+    );
+}
+
+/// TAEHV's two 64-channel 3x3 layers at 480x832 as the decoder launches them (64 -> 64 over one
+/// source; the MemBlock's 128 -> 64 over `cat[x, past]` as two 64-channel sources, residual and
+/// ReLU) on `bc_conv_wgmma_n64` and on the persistent halo conv `bc_conv_halo_n64` (one block
+/// per SM), in TFLOP/s; `CONV halo ... bits vs bc_conv_wgmma_n64 ... PASS/FAIL`: the outputs
+/// must be identical.
+fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
+    use blockcascade::kernels::launch::{
+        conv_halo, conv_on, ConvEpilogue, ConvOut, ConvShape, ConvSource,
+    };
+    let (h, w, cout) = (480, 832, 64);
+    let ctas = u32::try_from(g.sm_count())
+        .ok()
+        .filter(|&c| c > 0)
+        .unwrap_or(u32::MAX);
+    let mut rows = Vec::new();
+    for (i, (name, nsrc)) in [
+        ("taehv 64->64 @480x832", 1),
+        ("taehv memblock 2x64->64 @480x832", 2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 90 + 4 * i as u64;
+        let cin = 64 * nsrc;
+        let srcs: Vec<DevPtr> = (0..nsrc)
+            .map(|s| rand_bf16(g, h * w * 64, 1.0, seed + s as u64))
+            .collect();
+        let wv = randn_par(
+            cout * 9 * cin,
+            (1.0 / (9 * cin) as f32).sqrt(),
+            seed + 2,
+            bf16::from_f32,
+        );
+        let wt = up(g, &wv);
+        let bias = rand_f32(g, cout, 0.1, seed + 3);
+        // ReLU; the MemBlock adds its input x as the residual (0: none).
+        let res: DevPtr = if nsrc == 2 { srcs[0] } else { 0 };
+        let act = blockcascade::kernels::params::BC_ACT_RELU;
+        let outs: Vec<DevPtr> = (0..2).map(|_| g.alloc(h * w * cout * 2).unwrap()).collect();
+        let ls: Vec<ConvSource> = srcs
+            .iter()
+            .enumerate()
+            .map(|(s, &x)| ConvSource {
+                x: x as *const _,
+                channels: 64,
+                stride: 64,
+                c0: 64 * s,
+                t: 0,
+                up: false,
+            })
+            .collect();
+        let fl = 2.0 * (h * w * cout * 9 * cin) as f64;
+        for (k, out) in outs.iter().enumerate() {
+            let l = conv_on(
+                &ls,
+                wt as *const _,
+                ConvShape::new(cout, cin, 1, 3, 3),
+                (h, w),
+                ConvEpilogue {
+                    bias: bias as *const f32,
+                    res: res as *const _,
+                    res_stride: 64,
+                    act,
+                },
+                ConvOut {
+                    out: *out as *mut _,
+                    f32: false,
+                    stride: cout,
+                    split: cout,
+                    frame_stride: 0,
+                    cstride: 1,
+                    frames: 1,
+                },
+                true,
+            )
+            .unwrap();
+            let l = if k == 1 {
+                conv_halo(l, ctas).unwrap()
+            } else {
+                l
+            };
+            let ms = time_ms(g, 5, |g| {
+                // SAFETY: the sources, weights, bias, residual and output were allocated above
+                // with the sizes this launch reads and writes.
+                unsafe { g.launch(l.kernel, l.grid, l.block, &l.params) }.unwrap()
+            });
+            rows.push(Row {
+                name: format!("conv {name} {}", l.kernel.name()),
+                ms,
+                value: fl / ms / 1e9,
+                unit: "TFLOP/s",
+                peak,
+            });
+        }
+        g.sync().unwrap();
+        print_bits_line(
+            g,
+            (outs[0], outs[1], h * w * cout),
+            &format!("halo {name}"),
+            "bc_conv_wgmma_n64",
+        );
+        for p in srcs.into_iter().chain([wt]).chain(outs) {
             g.free(p).unwrap();
         }
         g.free(bias).unwrap();
@@ -902,6 +1021,9 @@ fn main() {
     // And the warp-specialized bc_conv_wgmma_ws* (never run on a GPU before: a hang there would
     // cost the rows after it; BC_BENCH_NO_CONV_WS=1 skips it, here and in the decoder rows).
     let conv_ws = conv_wgmma && std::env::var_os("BC_BENCH_NO_CONV_WS").is_none();
+    // And the persistent halo conv bc_conv_halo_n64 (never run on a GPU before either;
+    // BC_BENCH_NO_CONV_HALO=1 skips it, here and in the decoder rows).
+    let conv_halo = conv_wgmma && std::env::var_os("BC_BENCH_NO_CONV_HALO").is_none();
     if std::env::var_os("BC_BENCH_NO_DECODE").is_none() {
         rows.extend(wan_conv_rows(
             &mut g,
@@ -910,6 +1032,11 @@ fn main() {
             conv_tma,
             conv_ws,
         ));
+        if conv_halo {
+            // The rows so far first: a hang in the halo conv would cost only its own.
+            print_rows(&rows, &mut shown);
+            rows.extend(taehv_halo_conv_rows(&mut g, peak_tflops));
+        }
     }
     print_rows(&rows, &mut shown);
     drop(g);
@@ -922,28 +1049,36 @@ fn main() {
         // Kernels only: the decoders need no cuBLASLt.
         let open = || Gpu::open_kernels(0);
         // Each kernel with the upsample convs in the parity form (the default), then dense;
-        // last the warp-specialized conv (`BC_CONV_WGMMA_VARIANT=ws`) in the parity form.
+        // then the warp-specialized conv (`BC_CONV_WGMMA_VARIANT=ws`) in the parity form; last
+        // the persistent halo conv (`BC_CONV_HALO=1`: TAEHV's 64-channel 3x3 convs) with the
+        // wgmma conv for the rest, in the parity form.
         let configs = [(false, false), (true, false), (true, true)]
             .into_iter()
-            .flat_map(|(w, t)| [(w, t, false, true), (w, t, false, false)])
-            .chain([(true, false, true, true)]);
-        for (wgmma, tma, ws, parity) in configs {
-            if wgmma && !conv_wgmma || tma && !conv_tma || ws && !conv_ws {
+            .flat_map(|(w, t)| [(w, t, false, true, false), (w, t, false, false, false)])
+            .chain([
+                (true, false, true, true, false),
+                (true, false, false, true, true),
+            ]);
+        for (wgmma, tma, ws, parity, halo) in configs {
+            if wgmma && !conv_wgmma || tma && !conv_tma || ws && !conv_ws || halo && !conv_halo {
                 continue;
             }
-            let tag = match (wgmma, tma, ws) {
-                (_, _, true) => " wgmma ws",
-                (_, true, _) => " wgmma tma",
-                (true, _, _) => " wgmma",
+            let tag = match (wgmma, tma, ws, halo) {
+                (_, _, _, true) => " wgmma halo",
+                (_, _, true, _) => " wgmma ws",
+                (_, true, _, _) => " wgmma tma",
+                (true, _, _, _) => " wgmma",
                 _ => "",
             };
             let tag = format!("{tag}{}", if parity { "" } else { " no-parity" });
+            // The halo conv takes only TAEHV's layers.
+            let kinds: &[DecoderKind] = if halo { &kinds[..1] } else { &kinds };
             match blockcascade::decode::bench_decode_device(
-                &kinds,
+                kinds,
                 (60, 104),
                 (3, 3),
                 None,
-                (wgmma, tma, ws, parity, true),
+                (wgmma, tma, ws, parity, true, halo),
                 &open,
             ) {
                 Ok(r) => {
@@ -974,7 +1109,7 @@ fn main() {
                     (60, 104),
                     (3, 3),
                     None,
-                    (conv_wgmma, false, false, true, batch),
+                    (conv_wgmma, false, false, true, batch, false),
                     &open,
                 ) {
                     Ok(r) => {
@@ -1419,7 +1554,7 @@ fn block_flops(c: &blockcascade::ModelConfig, n: usize, ctx: usize) -> f64 {
 /// longest first, then the longest (kernel, grid) pairs, which tell the conv layers apart.
 fn decode_profiles(conv_wgmma: bool, open: &dyn Fn() -> blockcascade::Result<Gpu>) {
     for kind in [DecoderKind::WanVae, DecoderKind::Taehv] {
-        let flags = (conv_wgmma, false, false, true, true);
+        let flags = (conv_wgmma, false, false, true, true, false);
         let p = match blockcascade::decode::profile_decode_device(
             kind,
             (60, 104),
@@ -1585,7 +1720,7 @@ fn ncu_decode(wgmma: bool) {
             (60, 104),
             (3, 1),
             None,
-            (wgmma, false, ws, true, true),
+            (wgmma, false, ws, true, true, false),
             &open,
         );
         match r {
@@ -1595,14 +1730,15 @@ fn ncu_decode(wgmma: bool) {
     }
 }
 
-/// `BC_BENCH_SMOKE=split|attention-ws|conv-ws`: one short run of a kernel path never run on a
+/// `BC_BENCH_SMOKE=split|attention-ws|conv-ws|conv-halo`: one short run of a kernel path never run on a
 /// GPU before, in a process of its own under a short timeout (run.sh's wgmma part, before the
 /// tests and the bench): `split` the default attention tile with a forced 2-way split-KV (and
 /// `bc_attention_combine`), `attention-ws` the warp-specialized attention unsplit and split,
 /// `conv-ws` one 3-latent-frame block of each decoder on the ws conv (every ws tile: n192 and
-/// n96 in the Wan VAE, n64 in TAEHV). Prints `SMOKE <what> ok` last when every launch returned
+/// n96 in the Wan VAE, n64 in TAEHV), `conv-halo` one TAEHV block on the persistent halo conv
+/// (`bc_conv_halo_n64`). Prints `SMOKE <what> ok` last when every launch returned
 /// and the device synchronised; a hang never gets there (run.sh then sets `BC_NO_SPLIT=1`,
-/// `BC_NO_ATTN_WS=1` or `BC_BENCH_NO_CONV_WS=1` for the later parts).
+/// `BC_NO_ATTN_WS=1`, `BC_BENCH_NO_CONV_WS=1` or `BC_BENCH_NO_CONV_HALO=1` for the later parts).
 fn smoke_run(mut g: Gpu, what: &str) {
     let wgmma = g.compute_capability() == Some((9, 0))
         && std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1");
@@ -1645,17 +1781,19 @@ fn smoke_run(mut g: Gpu, what: &str) {
             }
             ok
         }
-        "conv-ws" => {
+        "conv-ws" | "conv-halo" => {
             drop(g);
+            let halo = what == "conv-halo";
             let open = || Gpu::open_kernels(0);
             let mut ok = wgmma;
             if !ok {
                 println!("SMOKE {what}: no wgmma here (BC_WGMMA_OK is not 1 or not sm_90)");
             }
-            let kinds: &[DecoderKind] = if ok {
-                &[DecoderKind::Taehv, DecoderKind::WanVae]
-            } else {
-                &[]
+            // The halo conv takes only TAEHV's 64-channel layers.
+            let kinds: &[DecoderKind] = match (ok, halo) {
+                (false, _) => &[],
+                (true, false) => &[DecoderKind::Taehv, DecoderKind::WanVae],
+                (true, true) => &[DecoderKind::Taehv],
             };
             for &kind in kinds {
                 match blockcascade::decode::bench_decode_device(
@@ -1663,7 +1801,7 @@ fn smoke_run(mut g: Gpu, what: &str) {
                     (60, 104),
                     (3, 1),
                     None,
-                    (true, false, true, true, true),
+                    (true, false, !halo, true, true, halo),
                     &open,
                 ) {
                     Ok(r) => println!(
@@ -1680,7 +1818,9 @@ fn smoke_run(mut g: Gpu, what: &str) {
             ok
         }
         _ => {
-            println!("SMOKE: BC_BENCH_SMOKE={what}: expected split, attention-ws or conv-ws");
+            println!(
+                "SMOKE: BC_BENCH_SMOKE={what}: expected split, attention-ws, conv-ws or conv-halo"
+            );
             false
         }
     };

@@ -417,7 +417,8 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
     # conv), each one short process under a short timeout, before the tests and the bench that
     # use them: a hang costs its timeout here instead of a part's cap and everything that part
     # would print after it. One that fails or hangs is left out of the later parts:
-    # BC_NO_SPLIT=1 + BC_ATTN_SPLIT=1, BC_NO_ATTN_WS=1, BC_BENCH_NO_CONV_WS=1 (`SMOKE` lines in
+    # BC_NO_SPLIT=1 + BC_ATTN_SPLIT=1, BC_NO_ATTN_WS=1, BC_BENCH_NO_CONV_WS=1,
+    # BC_BENCH_NO_CONV_HALO=1 (`SMOKE` lines in
     # the summary, smoke-*.log).
     smoke() { # smoke WHAT SECONDS: succeeds when the run printed `SMOKE WHAT ok`
         timeout -k 3 "$2" env BC_BENCH_SMOKE="$1" ./bin/gpu-bench > "$logs/smoke-$1.log" 2>&1
@@ -448,6 +449,10 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
             if [ -z "${BC_BENCH_NO_CONV_WS:-}" ] && ! smoke conv-ws 45; then
                 export BC_BENCH_NO_CONV_WS=1
                 note="$note; ws conv smoke FAILED: left out"
+            fi
+            if [ -z "${BC_BENCH_NO_CONV_HALO:-}" ] && ! smoke conv-halo 30; then
+                export BC_BENCH_NO_CONV_HALO=1
+                note="$note; halo conv smoke FAILED: left out"
             fi
         fi
     fi

@@ -430,3 +430,59 @@ fn both_decoders_with_and_without_the_parity_form_match_pytorch() {
     assert!(replays >= 4, "{replays} graph frames");
     assert_eq!(graphs, eager, "a graph of the other form was replayed");
 }
+
+/// The persistent halo conv (`bc_conv_halo_n64`, `set_conv_halo`: what `BC_CONV_HALO=1` picks)
+/// in a whole TAEHV decode must give the wgmma conv's pixels bit for bit. The golden tiny
+/// TAEHV has no layer it takes (its widths are 32, 16, 8, 8: no 64-channel conv), so it is
+/// decoded for the record only; a synthetic TAEHV of widths 64, 32, 16, 16 runs its first
+/// stage's 3x3 convs on it (the MemBlocks' 128 -> 64 over cat[x, past] and their 64 -> 64),
+/// 3 frames of 6 x 10 latents in one launch per layer on the emulated device's one block.
+#[test]
+fn taehv_with_the_halo_conv_equals_the_wgmma_conv() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/decode/taehv-tiny");
+    let (ls, golden) = tensor(&dir.join("latents.safetensors"), "latents");
+    let tiny = Decoder::load(&dir.join("taehv/model.safetensors"), None).unwrap();
+    let mut rng = blockcascade::rng::Rng::new(5);
+    let (sh, sw, sf) = (6, 10, 3);
+    let synth_latents: Vec<f32> = (0..sf * 16 * sh * sw).map(|_| rng.normal()).collect();
+    let synth = Decoder::synthetic(DecoderKind::Taehv, 16, 9);
+    for (name, dec, latents, (f, h, w)) in [
+        ("taehv-tiny", &tiny, &golden, (ls[0], ls[2], ls[3])),
+        ("taehv-synthetic-64", &synth, &synth_latents, (sf, sh, sw)),
+    ] {
+        let mut px: Vec<Vec<f32>> = Vec::new();
+        for halo in [false, true] {
+            let mut dev = CudaDecoder::new(dec, Gpu::open_emulated().unwrap()).unwrap();
+            assert!(!dev.conv_halo(), "off unless asked for");
+            dev.set_conv_wgmma(true).unwrap();
+            dev.set_conv_halo(halo).unwrap();
+            // Profiled (eager), to count the halo conv's launches.
+            dev.set_profiling(true).unwrap();
+            dev.begin(h, w).unwrap();
+            px.push(dev.push(latents, f, true).unwrap().f32.unwrap());
+            let launches: u64 = dev
+                .take_profile()
+                .unwrap()
+                .iter()
+                .filter(|k| k.name == "bc_conv_halo_n64")
+                .map(|k| k.launches)
+                .sum();
+            println!("{name}, halo {halo}: {launches} bc_conv_halo_n64 launches");
+            // The synthetic TAEHV's first stage: 3 MemBlocks of 3 convs each, at least.
+            let some = halo && name != "taehv-tiny";
+            assert!(
+                if some { launches >= 9 } else { launches == 0 },
+                "{name}: {launches} bc_conv_halo_n64 launches"
+            );
+        }
+        assert!(px[0].iter().all(|v| v.is_finite()), "{name}");
+        let bad = px[1]
+            .iter()
+            .zip(&px[0])
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(
+            bad.is_none() && px[0].len() == px[1].len(),
+            "{name}: bc_conv_halo_n64 pixels differ from bc_conv_wgmma's at {bad:?}"
+        );
+    }
+}

@@ -30,14 +30,15 @@ struct CvGeo {
     int f;       // the frame of a frame-batched launch (p.frames > 1; else 0)
     int fo;      // its first output frame: f * (cout / out_split)
 };
-__device__ __forceinline__ CvGeo cv_geo(const BcConvParams& p) {
-    const int bz = (int)blockIdx.z;
+/// The geometry of grid z index `bz` (the persistent bc_conv_halo_n64 walks its frames itself).
+__device__ __forceinline__ CvGeo cv_geo_z(const BcConvParams& p, int bz) {
     if (p.parity) {
         const int z = bz & 3, f = bz >> 2;
         return CvGeo{p.h / 2, p.w_px / 2, 2, 4, (z >> 1) - 1, (z & 1) - 1, z, (size_t)z * p.cout * 4 * p.cin, f, f * (p.cout / p.out_split)};
     }
     return CvGeo{p.h, p.w_px, p.kw, p.kh * p.kw, -(p.kh / 2), -(p.kw / 2), -1, 0, bz, bz * (p.cout / p.out_split)};
 }
+__device__ __forceinline__ CvGeo cv_geo(const BcConvParams& p) { return cv_geo_z(p, (int)blockIdx.z); }
 
 /// The fields of one BcConvSource (picked with constant indices only: no local-memory copy of
 /// the params), its pointer moved to frame g.f of a frame-batched launch.

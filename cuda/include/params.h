@@ -664,6 +664,24 @@ typedef struct BcT5AttentionParams {
 #define BC_CONV_WS_N96_SMEM (BC_CONV_WS_N96_STAGES * ((BC_CONV_WG_BM + BC_CONV_WG_BN_96) * BC_CONV_WG_BK * 2 + 16) + 1024)
 /** Dynamic shared memory of `bc_conv_wgmma_ws_n64` (B tiles of 64 rows): 222352. */
 #define BC_CONV_WS_N64_SMEM (BC_CONV_WS_N64_STAGES * ((BC_CONV_WG_BM + BC_CONV_WG_BN_64) * BC_CONV_WG_BK * 2 + 16) + 1024)
+/** Output rows of a pixel tile of the persistent halo convolution `bc_conv_halo_n64`
+ * (cuda/conv_halo.cu): tiles of BC_CONV_HALO_TH x BC_CONV_HALO_TW output pixels (128, one m64
+ * wgmma tile per warpgroup), 64 output channels (wgmma m64n64k16). */
+#define BC_CONV_HALO_TH 8
+/** Output columns of a pixel tile of `bc_conv_halo_n64` (a multiple of 8: ldmatrix's 8 rows in
+ * one tile row). */
+#define BC_CONV_HALO_TW 16
+/** Threads per block of `bc_conv_halo_n64` (two warpgroups). */
+#define BC_CONV_HALO_THREADS 256
+/** Most k-steps (64 weight values each: one tap of a 64-channel source) whose weights
+ * `bc_conv_halo_n64` keeps resident: two 64-channel sources x 9 taps (TAEHV's MemBlock conv). */
+#define BC_CONV_HALO_MAX_KSTEPS 18
+/** Halo stages of `bc_conv_halo_n64` (the next (tile, source) halo loads while one is read). */
+#define BC_CONV_HALO_STAGES 2
+/** Dynamic shared memory of `bc_conv_halo_n64` in bytes: the resident weights (MAX_KSTEPS x 64
+ * rows x 128 B), STAGES halo tiles ((TH + 2) x (TW + 2) pixels x 128 B), 1024 bytes of
+ * alignment slack: 194560 <= 232448. */
+#define BC_CONV_HALO_SMEM (BC_CONV_HALO_MAX_KSTEPS * BC_CONV_WG_BN_64 * BC_CONV_WG_BK * 2 + BC_CONV_HALO_STAGES * (BC_CONV_HALO_TH + 2) * (BC_CONV_HALO_TW + 2) * BC_CONV_WG_BK * 2 + 1024)
 /** Epilogue activation of the decoder kernels: ReLU (`bc_conv`; the others use BC_ACT_NONE
  * and BC_ACT_SILU of `bc_activation`). */
 #define BC_ACT_RELU 4

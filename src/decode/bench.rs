@@ -336,19 +336,20 @@ pub struct DeviceDecodeBench {
 /// sub-pixel (parity) form, else dense (`CudaDecoder::set_conv_parity`); `batch`: the block
 /// walk (every layer one launch over
 /// all of a block's frames), else one latent frame at a time
-/// (`CudaDecoder::set_frame_batching`).
+/// (`CudaDecoder::set_frame_batching`); `halo` (with `wgmma`): the convolutions that fit it on
+/// the persistent halo conv `bc_conv_halo_n64` (`CudaDecoder::set_conv_halo`).
 pub fn bench_decode_device(
     kinds: &[DecoderKind],
     (latent_h, latent_w): (usize, usize),
     (block_frames, blocks): (usize, usize),
     dim: Option<usize>,
-    (wgmma, tma, ws, parity, batch): (bool, bool, bool, bool, bool),
+    (wgmma, tma, ws, parity, batch, halo): (bool, bool, bool, bool, bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<Vec<DeviceDecodeBench>> {
     let mut out = Vec::new();
     let bf = block_frames.max(1);
     for &kind in kinds {
-        let mut dev = device_decoder(kind, dim, (wgmma, tma, ws, parity, batch), gpu)?;
+        let mut dev = device_decoder(kind, dim, (wgmma, tma, ws, parity, batch, halo), gpu)?;
         let cost = dev.measure_block(latent_h, latent_w, bf)?;
         dev.begin(latent_h, latent_w)?;
         let mut rng = crate::rng::Rng::new(2);
@@ -390,7 +391,7 @@ pub fn bench_decode_device(
 fn device_decoder(
     kind: DecoderKind,
     dim: Option<usize>,
-    (wgmma, tma, ws, parity, batch): (bool, bool, bool, bool, bool),
+    (wgmma, tma, ws, parity, batch, halo): (bool, bool, bool, bool, bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<CudaDecoder> {
     let d = dim.unwrap_or(match kind {
@@ -402,6 +403,7 @@ fn device_decoder(
     dev.set_conv_wgmma(wgmma)?;
     dev.set_conv_tma(wgmma && tma)?;
     dev.set_conv_ws(wgmma && ws)?;
+    dev.set_conv_halo(wgmma && halo)?;
     dev.set_conv_parity(parity)?;
     dev.set_frame_batching(batch)?;
     Ok(dev)
@@ -427,7 +429,7 @@ pub fn profile_decode_device(
     (latent_h, latent_w): (usize, usize),
     block_frames: usize,
     dim: Option<usize>,
-    flags: (bool, bool, bool, bool, bool),
+    flags: (bool, bool, bool, bool, bool, bool),
     gpu: &dyn Fn() -> Result<Gpu>,
 ) -> Result<DecodeProfile> {
     let mut dev = device_decoder(kind, dim, flags, gpu)?;
@@ -484,7 +486,7 @@ mod tests {
 
     #[test]
     fn a_profiled_block_times_each_submission_of_its_walks() {
-        let flags = (false, false, false, true, true);
+        let flags = (false, false, false, true, true, false);
         for kind in [DecoderKind::Taehv, DecoderKind::WanVae] {
             let p = profile_decode_device(kind, (2, 3), 2, Some(2), flags, &Gpu::open_emulated)
                 .unwrap();
@@ -539,7 +541,7 @@ mod tests {
                 (h, w),
                 (1, 2),
                 Some(2),
-                (false, false, false, parity, true),
+                (false, false, false, parity, true, false),
                 &Gpu::open_emulated,
             )
             .unwrap()

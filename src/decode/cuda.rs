@@ -226,6 +226,10 @@ struct Dev {
     /// `bc_conv_wgmma_ws` instead (see [`conv_ws_default`]; the TMA variant still takes those
     /// that fit it when `conv_tma` is on).
     conv_ws: bool,
+    /// With `conv_wgmma`, the convolutions that fit it ([`launch::conv_halo_fits`]: TAEHV's 3x3
+    /// convs to 64 channels over one or two 64-channel sources) run the persistent halo conv
+    /// `bc_conv_halo_n64` instead (see [`conv_halo_default`]).
+    conv_halo: bool,
     /// Upsample convs run in the sub-pixel (parity) form (see [`conv_parity_default`]).
     conv_parity: bool,
     /// Launches and copies a `Mode::Measure` walk would have submitted.
@@ -278,6 +282,13 @@ fn conv_ws_default(gpu: &Gpu) -> Result<bool> {
     Ok(variant == launch::ConvWgmmaVariant::Ws && conv_wgmma_default(gpu))
 }
 
+/// Whether a new decoder's wgmma convolutions that fit it use the persistent halo conv
+/// `bc_conv_halo_n64` (`cuda/conv_halo.cu`: the same output bits as `bc_conv_wgmma_n64` under
+/// the emulation): only with `BC_CONV_HALO=1` (opt-in: it has never run on a GPU).
+fn conv_halo_default(gpu: &Gpu) -> bool {
+    std::env::var("BC_CONV_HALO").is_ok_and(|v| v.trim() == "1") && conv_wgmma_default(gpu)
+}
+
 /// Whether a new decoder on `gpu` runs its convolutions on the Hopper wgmma kernel
 /// (`bc_conv_wgmma`): by default on a compute capability 9.0 device, unless `BC_CONV_WGMMA=0`
 /// (elsewhere never). The default comes from the first GPU run (H200, 2026-12-04): the layout
@@ -293,6 +304,7 @@ impl Dev {
         let conv_wgmma = conv_wgmma_default(&gpu);
         let conv_tma = conv_tma_default(&gpu);
         let conv_ws = conv_ws_default(&gpu)?;
+        let conv_halo = conv_halo_default(&gpu);
         Ok(Dev {
             gpu,
             weight_bytes: 0,
@@ -307,6 +319,7 @@ impl Dev {
             conv_wgmma,
             conv_tma,
             conv_ws,
+            conv_halo,
             conv_parity: conv_parity_default(),
             measured: 0,
             batch: frame_batching_default(),
@@ -615,6 +628,15 @@ impl Dev {
         }
         if let Ok(l) = &l {
             let tma = self.conv_tma && launch::conv_tma_fits(l);
+            if self.conv_halo && launch::conv_halo_fits(l) {
+                // One persistent block per SM (the emulated device counts 1); a block per
+                // tile if the driver could not tell.
+                let ctas = u32::try_from(self.gpu.sm_count())
+                    .ok()
+                    .filter(|&c| c > 0)
+                    .unwrap_or(u32::MAX);
+                return self.run(launch::conv_halo(*l, ctas));
+            }
             if self.conv_ws && !tma && wg(l.kernel) {
                 return self.run(launch::conv_ws(*l));
             }
@@ -1191,6 +1213,23 @@ impl CudaDecoder {
         self.need_hopper(on, "the warp-specialized convolution")?;
         self.drop_graphs_if(self.dev.conv_ws != on)?;
         self.dev.conv_ws = on;
+        Ok(())
+    }
+
+    /// Whether the convolutions that fit it run the persistent halo conv `bc_conv_halo_n64`
+    /// (`BC_CONV_HALO=1`).
+    pub fn conv_halo(&self) -> bool {
+        self.dev.conv_halo
+    }
+
+    /// Turns the persistent halo conv `bc_conv_halo_n64` on or off (it applies only while
+    /// [`CudaDecoder::set_conv_wgmma`] is on, to the convolutions
+    /// [`launch::conv_halo_fits`] takes, before the TMA and warp-specialized variants); on is
+    /// refused where the wgmma conv is.
+    pub fn set_conv_halo(&mut self, on: bool) -> Result<()> {
+        self.need_hopper(on, "the halo convolution")?;
+        self.drop_graphs_if(self.dev.conv_halo != on)?;
+        self.dev.conv_halo = on;
         Ok(())
     }
 

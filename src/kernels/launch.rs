@@ -1292,6 +1292,61 @@ pub fn conv_ws(l: Launch<BcConvParams>) -> LaunchResult<Launch<BcConvParams>> {
     })
 }
 
+/// Whether a launch built by [`conv_tiled`] fits the persistent halo conv `bc_conv_halo_n64`
+/// (`cuda/conv_halo.cu`): it runs `bc_conv_wgmma_n64` (the 16-byte path, the 64-channel tile)
+/// with exactly 64 output channels, a plain 3x3 (not the parity form), and 1 or 2 sources
+/// (`BC_CONV_HALO_MAX_KSTEPS` / 9: their weights stay resident) of 64 channels each, none
+/// upsampled: TAEHV's 64 -> 64 convs and its MemBlocks' 128 -> 64 over `cat[x, past]`.
+pub fn conv_halo_fits(l: &Launch<BcConvParams>) -> bool {
+    let p = &l.params;
+    let n = usize::try_from(p.num_src).unwrap_or(0);
+    l.kernel == Kernel::ConvWgmmaN64
+        && p.cout == BC_CONV_WG_BN_64 as i32
+        && p.kh == 3
+        && p.kw == 3
+        && p.parity == 0
+        && p.vec != 0
+        && (1..=(BC_CONV_HALO_MAX_KSTEPS / 9) as usize).contains(&n)
+        && p.src[..n]
+            .iter()
+            .all(|s| s.channels == BC_CONV_WG_BK as i32 && s.up == 0)
+}
+
+/// `bc_conv_halo_n64` (`cuda/conv_halo.cu`) for a launch that [`conv_halo_fits`] (the same
+/// params, `bc_conv_wgmma_n64`'s output bits): a persistent grid of `min(ctas, tiles)` blocks
+/// (`ctas`: the device's SM count; at least 1) over the `BC_CONV_HALO_TH` x `BC_CONV_HALO_TW`
+/// pixel tiles of all the launch's frames, block `BC_CONV_HALO_THREADS`. Any other launch is
+/// refused.
+pub fn conv_halo(l: Launch<BcConvParams>, ctas: u32) -> LaunchResult<Launch<BcConvParams>> {
+    let k = Kernel::ConvHaloN64;
+    if !conv_halo_fits(&l) {
+        return Err(invalid(
+            k,
+            "not a 3x3 conv of one or two 64-channel sources to 64 channels",
+        ));
+    }
+    let p = &l.params;
+    let dim = |v: i32| usize::try_from(v).map_err(|_| invalid(k, "negative size"));
+    let (h, w, frames) = (dim(p.h)?, dim(p.w_px)?, dim(p.frames)?);
+    let per_frame = mul(
+        k,
+        h.div_ceil(BC_CONV_HALO_TH as usize),
+        w.div_ceil(BC_CONV_HALO_TW as usize),
+    )?;
+    let tiles = mul(k, per_frame, frames)?;
+    // The kernel counts tiles in i32.
+    i32_of(k, tiles, "tiles")?;
+    let grid = u32::try_from(tiles)
+        .unwrap_or(u32::MAX)
+        .clamp(1, ctas.max(1));
+    Ok(Launch {
+        kernel: k,
+        grid: [grid, 1, 1],
+        block: BC_CONV_HALO_THREADS,
+        params: l.params,
+    })
+}
+
 /// Whether a launch built by [`conv_tiled`] with a wgmma tile fits the TMA variant
 /// `bc_conv_wgmma_tma*` (`cuda/conv_wgmma_tma.cu`): it runs `bc_conv_wgmma` or
 /// `bc_conv_wgmma_n96` (16-byte path, more than 16 output channels; the TMA variant has no
@@ -1826,6 +1881,59 @@ mod tests {
             Ok(ConvWgmmaVariant::Base)
         );
         assert!(ConvWgmmaVariant::parse(Some("tma")).is_err());
+        // The persistent halo conv: 3x3, 64 -> 64 (one or two 64-channel sources); a grid of
+        // min(ctas, tiles) over 8 x 16 tiles of all frames; everything else refused.
+        let halo = |cout: usize, srcs: &[ConvSource], frames: usize, ctas: u32| {
+            let cin = srcs.iter().map(|s| s.c0 + s.channels).max().unwrap_or(0);
+            let l = conv_on(
+                srcs,
+                x,
+                shape(cout, cin),
+                (10, 30),
+                ep,
+                ConvOut {
+                    frames,
+                    ..out(cout)
+                },
+                true,
+            )
+            .unwrap();
+            assert_eq!(conv_halo_fits(&l), conv_halo(l, ctas).is_ok());
+            conv_halo(l, ctas).ok().map(|h| {
+                assert_eq!(h.params.frames, l.params.frames);
+                (h.kernel, h.grid, h.block)
+            })
+        };
+        let hk = (Kernel::ConvHaloN64, BC_CONV_HALO_THREADS);
+        let grid = |g: u32| [g, 1, 1];
+        // 10 x 30: 2 x 2 tiles per frame.
+        let one = [src(64, false)];
+        assert_eq!(halo(64, &one, 1, 132), Some((hk.0, grid(4), hk.1)));
+        assert_eq!(halo(64, &one, 3, 5), Some((hk.0, grid(5), hk.1)));
+        assert_eq!(halo(64, &one, 3, 0), Some((hk.0, grid(1), hk.1)));
+        let two = [
+            src(64, false),
+            ConvSource {
+                c0: 64,
+                ..src(64, false)
+            },
+        ];
+        assert_eq!(halo(64, &two, 2, 132), Some((hk.0, grid(8), hk.1)));
+        assert!(halo(64, &[src(64, true)], 1, 132).is_none());
+        assert!(halo(64, &[src(128, false)], 1, 132).is_none());
+        assert!(halo(64, &[src(32, false)], 1, 132).is_none());
+        assert!(halo(128, &one, 1, 132).is_none());
+        let three = [
+            two[0],
+            two[1],
+            ConvSource {
+                c0: 128,
+                ..src(64, false)
+            },
+        ];
+        assert!(halo(64, &three, 1, 132).is_none());
+        assert_eq!(Kernel::ConvHaloN64.dynamic_smem_bytes(), BC_CONV_HALO_SMEM);
+        assert!(Kernel::ConvHaloN64.sm90a_only());
     }
 
     /// The wgmma prototype tile runs its own kernels (one warpgroup of 64 rows for hd64, two of

@@ -172,6 +172,10 @@ pub enum Kernel {
     ConvWgmmaWsN96,
     /// `bc_conv_wgmma_ws_n64` ([`BcConvParams`]): the same with 64-channel tiles.
     ConvWgmmaWsN64,
+    /// `bc_conv_halo_n64` ([`BcConvParams`], `cuda/conv_halo.cu`): the persistent,
+    /// weight-resident, halo-tile 3x3 conv to 64 channels ([`launch::conv_halo`]); the same
+    /// output bits as `bc_conv_wgmma_n64` where it fits. sm_90a only; opt-in: `BC_CONV_HALO=1`.
+    ConvHaloN64,
     /// `bc_dec_latent_in` ([`BcDecLatentInParams`]).
     DecLatentIn,
     /// `bc_dec_rms_norm` ([`BcDecRmsNormParams`]).
@@ -201,7 +205,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 44] = [
+    pub const ALL: [Kernel; 45] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -235,6 +239,7 @@ impl Kernel {
         Kernel::ConvWgmmaWs,
         Kernel::ConvWgmmaWsN96,
         Kernel::ConvWgmmaWsN64,
+        Kernel::ConvHaloN64,
         Kernel::DecLatentIn,
         Kernel::DecRmsNorm,
         Kernel::DecUpsample2x,
@@ -284,6 +289,7 @@ impl Kernel {
             Kernel::ConvWgmmaWs => "bc_conv_wgmma_ws",
             Kernel::ConvWgmmaWsN96 => "bc_conv_wgmma_ws_n96",
             Kernel::ConvWgmmaWsN64 => "bc_conv_wgmma_ws_n64",
+            Kernel::ConvHaloN64 => "bc_conv_halo_n64",
             Kernel::DecLatentIn => "bc_dec_latent_in",
             Kernel::DecRmsNorm => "bc_dec_rms_norm",
             Kernel::DecUpsample2x => "bc_dec_upsample2x",
@@ -322,6 +328,7 @@ impl Kernel {
             Kernel::ConvWgmmaWs => BC_CONV_WS_SMEM,
             Kernel::ConvWgmmaWsN96 => BC_CONV_WS_N96_SMEM,
             Kernel::ConvWgmmaWsN64 => BC_CONV_WS_N64_SMEM,
+            Kernel::ConvHaloN64 => BC_CONV_HALO_SMEM,
             _ => 0,
         }
     }
@@ -345,6 +352,7 @@ impl Kernel {
                 | Kernel::ConvWgmmaWs
                 | Kernel::ConvWgmmaWsN96
                 | Kernel::ConvWgmmaWsN64
+                | Kernel::ConvHaloN64
         )
     }
 }

@@ -179,6 +179,36 @@ pub fn conv_wgmma_ws(
     )
 }
 
+/// [`conv_wgmma`] on the persistent halo conv (`cuda/conv_halo.cu`, [`launch::conv_halo`]:
+/// weights resident, one input halo per pixel tile; it must give `bc_conv_wgmma_n64`'s bits)
+/// with a grid of at most `ctas` blocks; an error (nothing runs) where it does not fit
+/// ([`launch::conv_halo_fits`]: 3x3, one or two 64-channel sources, 64 outputs).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_wgmma_halo(
+    srcs: &[ConvSrc],
+    weights: &[bf16],
+    shape: ConvShape,
+    hw: (usize, usize),
+    bias: Option<&[f32]>,
+    res: Option<(&[bf16], usize)>,
+    act: ConvAct,
+    out: ConvDst,
+    geo: (usize, usize, usize, usize),
+    ctas: u32,
+) -> LaunchResult {
+    conv_impl(
+        srcs,
+        weights,
+        shape,
+        hw,
+        (bias, res, act),
+        out,
+        geo,
+        Some(BC_CONV_WG_BN_64),
+        Via::Halo(ctas),
+    )
+}
+
 /// Which wgmma conv kernel a wgmma launch of [`conv_impl`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Via {
@@ -188,6 +218,8 @@ enum Via {
     Tma,
     /// `bc_conv_wgmma_ws*`.
     Ws,
+    /// `bc_conv_halo_n64` with at most this many blocks.
+    Halo(u32),
 }
 
 type ConvEpi<'a> = (Option<&'a [f32]>, Option<(&'a [bf16], usize)>, ConvAct);
@@ -292,6 +324,9 @@ fn conv_impl(
     }
     if via == Via::Ws {
         return run(launch::conv_ws(l));
+    }
+    if let Via::Halo(ctas) = via {
+        return run(launch::conv_halo(l, ctas));
     }
     if via == Via::Tma {
         let kt = Kernel::ConvWgmmaTma;
@@ -705,6 +740,9 @@ mod tests {
                 Some((_, Via::Ws)) => {
                     conv_wgmma_ws(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo)
                 }
+                Some((_, Via::Halo(c))) => {
+                    conv_wgmma_halo(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo, c)
+                }
             }
         };
         let (rel, floor) = if cs.f32_out {
@@ -725,10 +763,15 @@ mod tests {
         // in the parity form, all are), then the warp-specialized bc_conv_wgmma_ws* (its own
         // tile): bc_conv_wgmma's bits exactly, NaN-poisoned padding included.
         let plain = cs.srcs.iter().all(|s| !s.up);
+        // ... and the persistent halo conv bc_conv_halo_n64 (plain form only) on few blocks,
+        // so that they walk several tiles: bc_conv_wgmma_n64's bits exactly.
+        let halo = halo_fits(cs) && fits;
+        let ctas = 1 + (seed % 3) as u32;
         // Each kernel plain, then in the parity form where the case has one.
         let forms: &[bool] = if parity { &[false, true] } else { &[false] };
         for &par in forms {
             let mut wg_bits: Option<Vec<u32>> = None;
+            let mut n64_bits: Option<Vec<u32>> = None;
             for tile in [
                 None,
                 Some((BC_CONV_WG_BN, Via::Wgmma)),
@@ -737,12 +780,13 @@ mod tests {
                 Some((BC_CONV_WG_BN, Via::Tma)),
                 Some((BC_CONV_WG_BN_96, Via::Tma)),
                 Some((BC_CONV_WG_BN, Via::Ws)),
+                Some((BC_CONV_WG_BN_64, Via::Halo(ctas))),
             ] {
                 let wg = tile.is_some();
-                let fits = if matches!(tile, Some((_, Via::Tma))) {
-                    fits && (plain || par)
-                } else {
-                    fits
+                let fits = match tile {
+                    Some((_, Via::Tma)) => fits && (plain || par),
+                    Some((_, Via::Halo(_))) => halo && !par,
+                    _ => fits,
                 };
                 let got = if cs.f32_out {
                     let mut o = vec![f32::NAN; n_out];
@@ -759,6 +803,16 @@ mod tests {
                 let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
                 match tile {
                     Some((BC_CONV_WG_BN, Via::Wgmma)) => wg_bits = Some(bits),
+                    Some((BC_CONV_WG_BN_64, Via::Wgmma)) => n64_bits = Some(bits),
+                    Some((_, Via::Halo(_))) => {
+                        let want = n64_bits.as_ref().expect("bc_conv_wgmma_n64 ran first");
+                        let bad = bits.iter().zip(want).position(|(a, b)| a != b);
+                        assert!(
+                            bad.is_none(),
+                            "bc_conv_halo_n64 differs from bc_conv_wgmma_n64 (case seed {seed}) \
+                             at element {bad:?}"
+                        );
+                    }
                     Some((_, Via::Ws)) => {
                         let want = wg_bits.as_ref().expect("bc_conv_wgmma ran first");
                         let bad = bits.iter().zip(want).position(|(a, b)| a != b);
@@ -783,6 +837,7 @@ mod tests {
                     Some((t, Via::Wgmma)) => format!("bc_conv_wgmma tile {t}"),
                     Some((t, Via::Tma)) => format!("bc_conv_wgmma_tma tile {t}"),
                     Some((_, Via::Ws)) => "bc_conv_wgmma_ws".to_string(),
+                    Some((_, Via::Halo(c))) => format!("bc_conv_halo_n64 on {c} blocks"),
                 };
                 let (what, want) = match (&pwant, par) {
                     (Some(pw), true) => (format!("{what} parity"), pw),
@@ -826,8 +881,10 @@ mod tests {
                 .srcs
                 .iter()
                 .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
+        // ... and bc_conv_halo_n64 (plain form, 2 blocks) where it fits.
+        let halo = fits && halo_fits(cs);
         // Launch frames `f0 .. f0 + n` into `out` (which starts at frame f0's first output).
-        let launch = |f0: usize, n: usize, out: ConvDst, tile: Option<u32>, par: bool| {
+        let launch = |f0: usize, n: usize, out: ConvDst, tile: Option<(u32, Via)>, par: bool| {
             let srcs = case_srcs(cs, &data, |s| f0 * px(s) * s.stride);
             let kshape = ConvShape {
                 cout: cs.cout,
@@ -842,22 +899,29 @@ mod tests {
             let (b, geo) = (bias.as_deref(), (ostride, cs.split, fstride, n));
             match tile {
                 None => conv(&srcs, wts, kshape, (h, w), b, r, cs.act, out, geo),
-                Some(t) => conv_wgmma(&srcs, wts, kshape, (h, w), b, r, cs.act, out, geo, t),
+                Some((_, Via::Halo(c))) => {
+                    conv_wgmma_halo(&srcs, wts, kshape, (h, w), b, r, cs.act, out, geo, c)
+                }
+                Some((t, _)) => conv_wgmma(&srcs, wts, kshape, (h, w), b, r, cs.act, out, geo, t),
             }
         };
         let forms: &[bool] = if parity { &[false, true] } else { &[false] };
         for &par in forms {
+            // bc_conv_wgmma_n64's frame-batched output bits (bc_conv_halo_n64 must equal them).
+            let mut n64_all: Option<Vec<u32>> = None;
             for tile in [
                 None,
-                Some(BC_CONV_WG_BN),
-                Some(BC_CONV_WG_BN_96),
-                Some(BC_CONV_WG_BN_64),
+                Some((BC_CONV_WG_BN, Via::Wgmma)),
+                Some((BC_CONV_WG_BN_96, Via::Wgmma)),
+                Some((BC_CONV_WG_BN_64, Via::Wgmma)),
+                Some((BC_CONV_WG_BN_64, Via::Halo(2))),
             ] {
-                if tile.is_some() && !fits {
+                let is_halo = matches!(tile, Some((_, Via::Halo(_))));
+                if tile.is_some() && !fits || is_halo && (!halo || par) {
                     continue;
                 }
                 let per = nsplit * fstride;
-                let bits: Vec<u32> = if cs.f32_out {
+                let (all, one): (Vec<u32>, Vec<u32>) = if cs.f32_out {
                     let mut all = vec![f32::NAN; n_out];
                     launch(0, frames, ConvDst::F32(&mut all), tile, par).unwrap();
                     let mut one = vec![f32::NAN; n_out];
@@ -865,10 +929,8 @@ mod tests {
                         let o = ConvDst::F32(&mut one[f * per..]);
                         launch(f, 1, o, tile, par).unwrap();
                     }
-                    all.iter()
-                        .zip(&one)
-                        .map(|(a, b)| a.to_bits() ^ b.to_bits())
-                        .collect()
+                    let b = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect();
+                    (b(&all), b(&one))
                 } else {
                     let mut all = vec![bf16::NAN; n_out];
                     launch(0, frames, ConvDst::Bf16(&mut all), tile, par).unwrap();
@@ -877,17 +939,37 @@ mod tests {
                         let o = ConvDst::Bf16(&mut one[f * per..]);
                         launch(f, 1, o, tile, par).unwrap();
                     }
-                    let b = |v: &bf16| u32::from(v.to_bits());
-                    all.iter().zip(&one).map(|(a, o)| b(a) ^ b(o)).collect()
+                    let b = |v: &Vec<bf16>| v.iter().map(|x| u32::from(x.to_bits())).collect();
+                    (b(&all), b(&one))
                 };
-                let bad = bits.iter().position(|&x| x != 0);
+                let bad = all.iter().zip(&one).position(|(a, o)| a != o);
                 assert!(
                     bad.is_none(),
                     "{frames} frames in one launch differ from one launch each (tile {tile:?}, \
                      parity {par}, seed {seed}) at element {bad:?}"
                 );
+                if tile == Some((BC_CONV_WG_BN_64, Via::Wgmma)) {
+                    n64_all = Some(all);
+                } else if is_halo {
+                    let want = n64_all.as_ref().expect("bc_conv_wgmma_n64 ran first");
+                    let bad = all.iter().zip(want).position(|(a, o)| a != o);
+                    assert!(
+                        bad.is_none(),
+                        "bc_conv_halo_n64 over {frames} frames differs from bc_conv_wgmma_n64 \
+                         (seed {seed}) at element {bad:?}"
+                    );
+                }
             }
         }
+    }
+
+    /// Whether case `cs` has the shape of `bc_conv_halo_n64` (`launch::conv_halo_fits`, given
+    /// the 16-byte path): 3x3, 64 outputs, one or two 64-channel sources read as they are.
+    fn halo_fits(cs: &Case) -> bool {
+        cs.k == 3
+            && cs.cout == 64
+            && (1..=2).contains(&cs.srcs.len())
+            && cs.srcs.iter().all(|s| s.c == 64 && !s.up)
     }
 
     #[test]
@@ -1140,6 +1222,73 @@ mod tests {
         c.f32_out = true;
         c.bias = true;
         run_case(23, &c);
+    }
+
+    /// `bc_conv_halo_n64` (`cuda/conv_halo.cu`) on TAEHV's shapes: `run_case` runs each through
+    /// every kernel, the halo conv on 1 to 3 persistent blocks (so each walks several 8 x 16
+    /// tiles), NaN-poisoned outputs, bits equal to `bc_conv_wgmma_n64`'s; `run_frames` batches
+    /// frames (the block walk crosses frames).
+    #[test]
+    fn halo_conv_taehv_shapes() {
+        // 3x3 64 -> 64, bias + ReLU, 13 x 21: partial tiles on both edges (2 x 2 tiles), padded
+        // source stride.
+        run_3x3_bias_relu(40, 64, (64, 72), (13, 21));
+        // The MemBlock's 128 -> 64 over cat[x, past] with residual + ReLU, 13 x 21.
+        let mut c = memblock(64, 64, (13, 21));
+        c.res = true;
+        c.act = ConvAct::Relu;
+        run_case(41, &c);
+        // Exactly one tile row and column (8 x 16), SiLU, f32 output, one block for the lot.
+        let mut c = case(64, 64, 1, 3, (8, 16), vec![s(64, 64, 0, 0, false)]);
+        c.act = ConvAct::Silu;
+        c.f32_out = true;
+        c.bias = true;
+        run_case(42, &c);
+        // 64 -> 64 over 2 frames of 9 x 17 (8 tiles on 2 blocks).
+        let mut c = case(64, 64, 1, 3, (9, 17), vec![s(64, 72, 0, 0, false)]);
+        c.bias = true;
+        c.act = ConvAct::Relu;
+        run_frames(43, &c, 2);
+        // The conv refuses what it does not fit (and so never runs it).
+        for (cout, srcs) in [
+            (64, vec![s(32, 32, 0, 0, false)]),
+            (64, vec![s(64, 64, 0, 0, true)]),
+            (
+                64,
+                vec![
+                    s(64, 64, 0, 0, false),
+                    s(64, 64, 64, 0, false),
+                    s(64, 64, 128, 0, false),
+                ],
+            ),
+            (128, vec![s(64, 64, 0, 0, false)]),
+        ] {
+            let cin = srcs.iter().map(|x| x.c0 + x.c).max().unwrap_or(0);
+            let c = case(cout, cin, 1, 3, (4, 6), srcs);
+            assert!(!halo_fits(&c) || cout != 64);
+            let shape = ConvShape::new(cout, cin, 1, 3, 3);
+            let wts = vec![bf16::ONE; shape.weight_len()];
+            let data = vec![vec![bf16::ONE; 4 * 6 * 64]; 3];
+            let srcs = case_srcs(&c, &data, |_| 0);
+            let mut out = vec![bf16::ZERO; 4 * 6 * cout];
+            let r = conv_wgmma_halo(
+                &srcs,
+                &wts,
+                shape,
+                (4, 6),
+                None,
+                None,
+                ConvAct::None,
+                ConvDst::Bf16(&mut out),
+                (cout, cout, 0, 1),
+                2,
+            );
+            assert!(
+                r.is_err(),
+                "bc_conv_halo_n64 took cout {cout}, {:?}",
+                c.srcs.len()
+            );
+        }
     }
 
     #[test]

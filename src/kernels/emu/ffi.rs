@@ -180,6 +180,12 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_conv_halo_n64(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_dec_softmax(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -302,6 +308,7 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::ConvWgmmaWs => bc_emu_bc_conv_wgmma_ws,
         Kernel::ConvWgmmaWsN96 => bc_emu_bc_conv_wgmma_ws_n96,
         Kernel::ConvWgmmaWsN64 => bc_emu_bc_conv_wgmma_ws_n64,
+        Kernel::ConvHaloN64 => bc_emu_bc_conv_halo_n64,
         Kernel::DecLatentIn => bc_emu_bc_dec_latent_in,
         Kernel::DecRmsNorm => bc_emu_bc_dec_rms_norm,
         Kernel::DecUpsample2x => bc_emu_bc_dec_upsample2x,

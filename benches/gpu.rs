@@ -1603,7 +1603,9 @@ fn decode_profiles(conv_wgmma: bool, open: &dyn Fn() -> blockcascade::Result<Gpu
 /// the split the wave-fill model picks, on the wgmma hd128 variants `pp_k128` (the default) and
 /// `ws` where the wgmma probe passed (`BC_WGMMA_OK=1`), else on `rows128`. `conv`: the bench's
 /// conv layers (`wan_conv_rows`, one launch per layer and kernel: see `time_ms`) on bc_conv and,
-/// with wgmma, bc_conv_wgmma* and (unless `BC_BENCH_NO_CONV_WS=1`) bc_conv_wgmma_ws*. `decode`: one
+/// with wgmma, bc_conv_wgmma* and (unless `BC_BENCH_NO_CONV_WS=1`) bc_conv_wgmma_ws*, then
+/// (unless `BC_BENCH_NO_CONV_HALO=1`) TAEHV's two 64-channel layers on bc_conv_wgmma_n64 and
+/// the halo conv (`taehv_halo_conv_rows`). `decode`: one
 /// 3-latent-frame block of each decoder at 480x832, the Wan VAE first, each on the default conv
 /// kernels and, with wgmma, then on the ws conv. `kernels`: all three. `dit`: two blocks of the
 /// wan-1.3b-shape model, sequential (run.sh sets `BC_NO_GRAPHS=1`: one launch per kernel).
@@ -1618,7 +1620,10 @@ fn ncu_run(mut g: Gpu, what: &str) {
             }
             if matches!(what, "conv" | "kernels") {
                 let ws = wgmma && std::env::var_os("BC_BENCH_NO_CONV_WS").is_none();
-                let rows = wan_conv_rows(&mut g, 1.0, wgmma, false, ws);
+                let mut rows = wan_conv_rows(&mut g, 1.0, wgmma, false, ws);
+                if wgmma && std::env::var_os("BC_BENCH_NO_CONV_HALO").is_none() {
+                    rows.extend(taehv_halo_conv_rows(&mut g, 1.0));
+                }
                 println!("NCU conv: {} layer launches", rows.len());
             }
             drop(g);

@@ -24,11 +24,12 @@
 # Parts: wgmma (tests/cuda.rs wgmma_layouts_match_the_hardware: one WGMMA PASS/FAIL line per
 # shared-memory layout, N and A source; SKIP off sm_90; when all PASS it exports BC_WGMMA_OK=1,
 # which adds the wgmma attention prototype to the attention test and the benchmark on sm_90:
-# set it by hand for a later `run.sh device tests bench`; then tma_layouts_match_the_hardware,
-# one TMA PASS/FAIL line per box / layout, all PASS -> BC_TMA_OK=1: the TMA conv joins the
-# benchmark; then smoke runs of the paths never run on a GPU before, split-KV, the ws attention
-# and the ws conv, one short process each: one that fails or hangs is left out of the later
-# parts), tests (the rest of tests/cuda.rs),
+# set it by hand for a later `run.sh device tests bench`; then smoke runs of the paths never
+# run on a GPU before, split-KV, the ws attention, the ws conv and the halo conv, one short
+# process each: one that fails or hangs is left out of the later parts (a call without the
+# wgmma part runs them before its tests); then tma_layouts_match_the_hardware, one TMA
+# PASS/FAIL line per box / layout, all PASS -> BC_TMA_OK=1: the TMA conv joins the
+# benchmark), tests (the rest of tests/cuda.rs),
 # ncu (Nsight Compute, when the image has it: the device time of every kernel of two
 # sequential wan-1.3b-shape blocks, `NCU dit` lines, and the throughput, tensor-pipe, occupancy
 # and warp-stall counters of the attention kernels and the decoders' convolutions, `NCU kern`
@@ -399,6 +400,59 @@ finish() {
     save
 }
 
+# Smoke runs of the paths never run on a GPU before (split-KV, the ws attention, the ws
+# conv, the halo conv), each one short process under a short timeout, before the tests and the bench that
+# use them: a hang costs its timeout here instead of a part's cap and everything that part
+# would print after it. One that fails or hangs is left out of the later parts:
+# BC_NO_SPLIT=1 + BC_ATTN_SPLIT=1, BC_NO_ATTN_WS=1, BC_BENCH_NO_CONV_WS=1,
+# BC_BENCH_NO_CONV_HALO=1 (`SMOKE` lines in
+# the summary, smoke-*.log).
+smoke() { # smoke WHAT SECONDS: succeeds when the run printed `SMOKE WHAT ok`
+    timeout -k 3 "$2" env BC_BENCH_SMOKE="$1" ./bin/gpu-bench > "$logs/smoke-$1.log" 2>&1
+    local r=$?
+    if grep -q "^SMOKE $1 ok" "$logs/smoke-$1.log"; then
+        say "    SMOKE $1 ok"
+        return 0
+    fi
+    if [ $r -eq 124 ] || [ $r -eq 137 ]; then
+        echo "SMOKE $1 HUNG: killed after ${2}s" >> "$logs/smoke-$1.log"
+    else
+        echo "SMOKE $1 FAILED: exit $r" >> "$logs/smoke-$1.log"
+    fi
+    say "    SMOKE $1 FAILED or hung (smoke-$1.log): left out of the later parts"
+    status=1 # a finding: the RESULT line says FAILED
+    return 1
+}
+# smoke_all: the smoke runs above, once per call; their notes go to $note. Called after the
+# wgmma probe, or (a later `run.sh device tests bench` with BC_WGMMA_OK=1 set by hand, or a
+# failed wgmma part) before the tests, so no part meets a never-run path unsmoked.
+smoked=""
+smoke_all() {
+    [ -z "$smoked" ] || return 0
+    smoked=1
+    note=${note:-} # unset when the wgmma part did not run (set -u)
+    [ -z "$nogpu" ] || return 0
+    ! grep -qs 'SKIP.*no GPU' "$logs"/wgmma.log || return 0
+    if ! smoke split 30; then
+        export BC_NO_SPLIT=1 BC_ATTN_SPLIT=1
+        note="$note; split-KV smoke FAILED: split off"
+    fi
+    if [ "${BC_WGMMA_OK:-}" = 1 ]; then
+        if ! smoke attention-ws 30; then
+            export BC_NO_ATTN_WS=1
+            note="$note; ws attention smoke FAILED: left out"
+        fi
+        if [ -z "${BC_BENCH_NO_CONV_WS:-}" ] && ! smoke conv-ws 45; then
+            export BC_BENCH_NO_CONV_WS=1
+            note="$note; ws conv smoke FAILED: left out"
+        fi
+        if [ -z "${BC_BENCH_NO_CONV_HALO:-}" ] && ! smoke conv-halo 30; then
+            export BC_BENCH_NO_CONV_HALO=1
+            note="$note; halo conv smoke FAILED: left out"
+        fi
+    fi
+}
+
 # --- wgmma layouts first (own process: a faulting probe cannot take the other tests with it) --
 if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-threads=1 --nocapture --exact wgmma_layouts_match_the_hardware; then
     # Lines may follow libtest's "test NAME ... " prefix (the first one does): `tagged`.
@@ -413,49 +467,7 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
         export BC_WGMMA_OK=1
         note="$note; wgmma attention enabled"
     fi
-    # Smoke runs of the paths never run on a GPU before (split-KV, the ws attention, the ws
-    # conv), each one short process under a short timeout, before the tests and the bench that
-    # use them: a hang costs its timeout here instead of a part's cap and everything that part
-    # would print after it. One that fails or hangs is left out of the later parts:
-    # BC_NO_SPLIT=1 + BC_ATTN_SPLIT=1, BC_NO_ATTN_WS=1, BC_BENCH_NO_CONV_WS=1,
-    # BC_BENCH_NO_CONV_HALO=1 (`SMOKE` lines in
-    # the summary, smoke-*.log).
-    smoke() { # smoke WHAT SECONDS: succeeds when the run printed `SMOKE WHAT ok`
-        timeout -k 3 "$2" env BC_BENCH_SMOKE="$1" ./bin/gpu-bench > "$logs/smoke-$1.log" 2>&1
-        local r=$?
-        if grep -q "^SMOKE $1 ok" "$logs/smoke-$1.log"; then
-            say "    SMOKE $1 ok"
-            return 0
-        fi
-        if [ $r -eq 124 ] || [ $r -eq 137 ]; then
-            echo "SMOKE $1 HUNG: killed after ${2}s" >> "$logs/smoke-$1.log"
-        else
-            echo "SMOKE $1 FAILED: exit $r" >> "$logs/smoke-$1.log"
-        fi
-        say "    SMOKE $1 FAILED or hung (smoke-$1.log): left out of the later parts"
-        status=1 # a finding: the RESULT line says FAILED
-        return 1
-    }
-    if [ -z "$nogpu" ] && ! grep -q 'SKIP.*no GPU' "$logs"/wgmma.log; then
-        if ! smoke split 30; then
-            export BC_NO_SPLIT=1 BC_ATTN_SPLIT=1
-            note="$note; split-KV smoke FAILED: split off"
-        fi
-        if [ "${BC_WGMMA_OK:-}" = 1 ]; then
-            if ! smoke attention-ws 30; then
-                export BC_NO_ATTN_WS=1
-                note="$note; ws attention smoke FAILED: left out"
-            fi
-            if [ -z "${BC_BENCH_NO_CONV_WS:-}" ] && ! smoke conv-ws 45; then
-                export BC_BENCH_NO_CONV_WS=1
-                note="$note; ws conv smoke FAILED: left out"
-            fi
-            if [ -z "${BC_BENCH_NO_CONV_HALO:-}" ] && ! smoke conv-halo 30; then
-                export BC_BENCH_NO_CONV_HALO=1
-                note="$note; halo conv smoke FAILED: left out"
-            fi
-        fi
-    fi
+    smoke_all
     # The TMA / mbarrier probe (tests/cuda.rs tma_layouts_match_the_hardware), in its own
     # process too: every TMA line PASSes -> BC_TMA_OK=1 (the TMA conv bc_conv_wgmma_tma then
     # joins the tests and the benchmark, with BC_WGMMA_OK=1 as well).
@@ -522,6 +534,9 @@ if want wgmma && run_part wgmma "$logs"/wgmma.log ./bin/cuda-tests --test-thread
     finish wgmma "$logs"/wgmma.log "$note"
 fi
 
+# The smoke runs, where the wgmma part did not run them (not wanted, or it failed).
+if want tests || want bench || want ncu; then smoke_all; fi
+
 # --- tests -----------------------------------------------------------------------------
 skip_wgmma=()
 want wgmma && skip_wgmma=(--skip wgmma_layouts_match_the_hardware --skip tma_layouts_match_the_hardware) # ran above
@@ -566,7 +581,7 @@ fi
 # Runs of the bench binary in its BC_BENCH_NCU modes, clocks and caches left as they are, most
 # valuable first, each with its own CSV and its summary appended to ncu.txt as soon as it ends:
 # `attention` (the self-attention at the bench shape on pp_k128 and ws, unsplit and split) and
-# `conv` (the bench's conv layers, one launch per layer and kernel) with the counter sections;
+# `conv` (the bench's conv layers, one launch per layer and kernel, then the halo conv's TAEHV layers) with the counter sections;
 # `dit` (two sequential blocks of the 1.3B-shaped model, graphs off) with only the durations of
 # its first 1000 kernels (about two of its ~9 ticks); `decode` (one block of each decoder, the
 # Wan VAE first) with the counter sections for its first 40 conv launches. The launch counts
@@ -585,8 +600,8 @@ if want ncu; then
         set_status ncu "skipped: no GPU"
     elif run_part ncu "$logs"/ncu.log env NCU="$ncu_bin" LOGS="$logs" bash -c '
             : > "$LOGS"/ncu.txt
+            end=$((SECONDS + ${BC_PART_TIMEOUT:-140} - 10)) # before the version query: it counts too
             timeout 20 "$NCU" --version 2>&1 | tail -n 1
-            end=$((SECONDS + ${BC_PART_TIMEOUT:-140} - 10))
             # prof NAME KIND SECONDS NCU-ARGS...: the bench in mode NAME under ncu, the program
             # stopped after SECONDS (cut to the time left, 15 s kept for ncu to start and print),
             # then its summary (ncu_summary.py KIND).
@@ -609,7 +624,7 @@ if want ncu; then
             counters="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
                       --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats"
             prof attention kernels 35 $counters -k regex:^bc_attention -c 40
-            prof conv kernels 45 $counters -k regex:^bc_conv_wgmma -c 60
+            prof conv kernels 50 $counters -k regex:^bc_conv_(wgmma|halo) -c 64
             BC_NO_GRAPHS=1 prof dit dit 45 -c 1000 --metrics gpu__time_duration.sum
             prof decode kernels 60 $counters -k regex:^bc_conv -c 40
             true'; then

@@ -120,12 +120,10 @@ pub fn conv_wgmma(
     )
 }
 
-/// [`conv_wgmma`] on the TMA variant (`cuda/conv_wgmma_tma.cu`: operand tiles by TMA from a
-/// producer warp, the maps encoded as the emulation's tensor maps by the same specs the device
-/// path gives the driver); an error (nothing runs) when the conv does not fit it (it must fit
-/// the wgmma conv with a 128- or 96-channel tile, and no source may be upsampled).
+/// [`conv_wgmma`] on one of the wgmma conv kernels, `via` (each an error, nothing run, where
+/// the conv does not fit it).
 #[allow(clippy::too_many_arguments)]
-pub fn conv_wgmma_tma(
+pub fn conv_wgmma_via(
     srcs: &[ConvSrc],
     weights: &[bf16],
     shape: ConvShape,
@@ -136,6 +134,7 @@ pub fn conv_wgmma_tma(
     out: ConvDst,
     geo: (usize, usize, usize, usize),
     tile: u32,
+    via: Via,
 ) -> LaunchResult {
     conv_impl(
         srcs,
@@ -146,79 +145,27 @@ pub fn conv_wgmma_tma(
         out,
         geo,
         Some(tile),
-        Via::Tma,
+        via,
     )
 }
 
-/// [`conv_wgmma`] on the warp-specialized variant (`cuda/conv_ws.cu`, [`launch::conv_ws`]:
-/// a producer warpgroup gathers for two consumer warpgroups; it picks its own channel tile,
-/// 192, 96 or 64, and must give `bc_conv_wgmma`'s bits); an error (nothing runs) where the
-/// wgmma conv does not fit.
-#[allow(clippy::too_many_arguments)]
-pub fn conv_wgmma_ws(
-    srcs: &[ConvSrc],
-    weights: &[bf16],
-    shape: ConvShape,
-    hw: (usize, usize),
-    bias: Option<&[f32]>,
-    res: Option<(&[bf16], usize)>,
-    act: ConvAct,
-    out: ConvDst,
-    geo: (usize, usize, usize, usize),
-) -> LaunchResult {
-    conv_impl(
-        srcs,
-        weights,
-        shape,
-        hw,
-        (bias, res, act),
-        out,
-        geo,
-        Some(BC_CONV_WG_BN),
-        Via::Ws,
-    )
-}
-
-/// [`conv_wgmma`] on the persistent halo conv (`cuda/conv_halo.cu`, [`launch::conv_halo`]:
-/// weights resident, one input halo per pixel tile; it must give `bc_conv_wgmma_n64`'s bits)
-/// with a grid of at most `ctas` blocks; an error (nothing runs) where it does not fit
-/// ([`launch::conv_halo_fits`]: 3x3, one or two 64-channel sources, 64 outputs).
-#[allow(clippy::too_many_arguments)]
-pub fn conv_wgmma_halo(
-    srcs: &[ConvSrc],
-    weights: &[bf16],
-    shape: ConvShape,
-    hw: (usize, usize),
-    bias: Option<&[f32]>,
-    res: Option<(&[bf16], usize)>,
-    act: ConvAct,
-    out: ConvDst,
-    geo: (usize, usize, usize, usize),
-    ctas: u32,
-) -> LaunchResult {
-    conv_impl(
-        srcs,
-        weights,
-        shape,
-        hw,
-        (bias, res, act),
-        out,
-        geo,
-        Some(BC_CONV_WG_BN_64),
-        Via::Halo(ctas),
-    )
-}
-
-/// Which wgmma conv kernel a wgmma launch of [`conv_impl`] runs.
+/// Which wgmma conv kernel [`conv_wgmma_via`] runs ([`conv_wgmma`] is `Wgmma`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Via {
+pub enum Via {
     /// `bc_conv_wgmma*` (the tile given).
     Wgmma,
-    /// `bc_conv_wgmma_tma*`.
+    /// `bc_conv_wgmma_tma*` (`cuda/conv_wgmma_tma.cu`: operand tiles by TMA from a producer
+    /// warp, the maps encoded as the emulation's tensor maps by the same specs the device path
+    /// gives the driver): the wgmma conv's 128- or 96-channel tile, no upsampled source.
     Tma,
-    /// `bc_conv_wgmma_ws*`.
+    /// `bc_conv_wgmma_ws*` (`cuda/conv_ws.cu`, [`launch::conv_ws`]: a producer warpgroup gathers
+    /// for two consumer warpgroups; it picks its own channel tile, 192, 96 or 64, and must give
+    /// `bc_conv_wgmma`'s bits; the tile given must be `BC_CONV_WG_BN`).
     Ws,
-    /// `bc_conv_halo_n64` with at most this many blocks.
+    /// `bc_conv_halo_n64` with at most this many blocks (`cuda/conv_halo.cu`,
+    /// [`launch::conv_halo`]: weights resident, one input halo per pixel tile; it must give
+    /// `bc_conv_wgmma_n64`'s bits; [`launch::conv_halo_fits`]: 3x3, one or two 64-channel
+    /// sources, 64 outputs; the tile given must be `BC_CONV_WG_BN_64`).
     Halo(u32),
 }
 
@@ -731,17 +678,8 @@ mod tests {
             let wts: &[bf16] = if parity { &ppacked } else { &packed };
             match tile {
                 None => conv(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo),
-                Some((t, Via::Wgmma)) => {
-                    conv_wgmma(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo, t)
-                }
-                Some((t, Via::Tma)) => {
-                    conv_wgmma_tma(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo, t)
-                }
-                Some((_, Via::Ws)) => {
-                    conv_wgmma_ws(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo)
-                }
-                Some((_, Via::Halo(c))) => {
-                    conv_wgmma_halo(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo, c)
+                Some((t, via)) => {
+                    conv_wgmma_via(&srcs, wts, kshape, (h, w), b, r, cs.act, dst, geo, t, via)
                 }
             }
         };
@@ -899,10 +837,9 @@ mod tests {
             let (b, geo) = (bias.as_deref(), (ostride, cs.split, fstride, n));
             match tile {
                 None => conv(&srcs, wts, kshape, (h, w), b, r, cs.act, out, geo),
-                Some((_, Via::Halo(c))) => {
-                    conv_wgmma_halo(&srcs, wts, kshape, (h, w), b, r, cs.act, out, geo, c)
+                Some((t, via)) => {
+                    conv_wgmma_via(&srcs, wts, kshape, (h, w), b, r, cs.act, out, geo, t, via)
                 }
-                Some((t, _)) => conv_wgmma(&srcs, wts, kshape, (h, w), b, r, cs.act, out, geo, t),
             }
         };
         let forms: &[bool] = if parity { &[false, true] } else { &[false] };
@@ -1271,7 +1208,7 @@ mod tests {
             let data = vec![vec![bf16::ONE; 4 * 6 * 64]; 3];
             let srcs = case_srcs(&c, &data, |_| 0);
             let mut out = vec![bf16::ZERO; 4 * 6 * cout];
-            let r = conv_wgmma_halo(
+            let r = conv_wgmma_via(
                 &srcs,
                 &wts,
                 shape,
@@ -1281,7 +1218,8 @@ mod tests {
                 ConvAct::None,
                 ConvDst::Bf16(&mut out),
                 (cout, cout, 0, 1),
-                2,
+                BC_CONV_WG_BN_64,
+                Via::Halo(2),
             );
             assert!(
                 r.is_err(),

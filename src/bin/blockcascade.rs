@@ -608,6 +608,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         fps: a.fps,
         queue_blocks: a.queue_blocks,
         jpeg_quality: a.jpeg_quality,
+        ..Default::default()
     })
 }
 

@@ -93,6 +93,8 @@ impl TensorFile {
         let (header, data_start) = read_header(&map, bad)?;
         let data_len = map.len() - data_start;
         let mut tensors = BTreeMap::new();
+        // Every name, skipped I64 tensors included: a duplicate is an error either way.
+        let mut seen = std::collections::HashSet::new();
         let mut metadata = None;
         for (name, v) in header.0 {
             if name == "__metadata__" {
@@ -102,7 +104,7 @@ impl TensorFile {
                 metadata = Some(parse_metadata(&v, bad)?);
                 continue;
             }
-            if tensors.contains_key(&name) {
+            if !seen.insert(name.clone()) {
                 return Err(bad(format!("tensor `{name}` appears twice in the header")));
             }
             if let Some(info) = parse_entry(&name, &v, skip_i64, data_len, bad)? {

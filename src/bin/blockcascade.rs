@@ -1049,6 +1049,12 @@ fn scaling_cmd(a: &BenchArgs) -> Result<()> {
             return Err(Error::invalid(format!("{name} must be positive, got {v}")));
         }
     }
+    if a.mfu > 1.0 {
+        return Err(Error::invalid(format!(
+            "--mfu is a fraction of the peak, in (0, 1], got {}",
+            a.mfu
+        )));
+    }
     if let Some(ms) = a.measured_ms_per_block {
         if !(ms.is_finite() && ms > 0.0) {
             return Err(Error::invalid(format!(
@@ -1070,6 +1076,13 @@ fn scaling_cmd(a: &BenchArgs) -> Result<()> {
             KvExchange::Joint,
         );
         mfu = p.ms_per_block / ms;
+        if mfu > 1.0 {
+            return Err(Error::invalid(format!(
+                "--measured-ms-per-block {ms} is faster than {:.3} ms/block, the ideal at \
+                 --tflops {}: the measurement or --tflops is wrong",
+                p.ms_per_block, a.tflops
+            )));
+        }
         eprintln!(
             "calibrated efficiency from {ms} ms/block: {:.1}% of {} TFLOP/s",
             mfu * 100.0,

@@ -42,6 +42,25 @@ pub fn read_regular_file(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Refuses an output `path` that exists and is neither a regular file nor a symlink (a device
+/// such as `/dev/null`, a FIFO, a socket): outputs are written to a temporary file that is
+/// renamed over the target, which would replace that node with a regular file (with the rights
+/// to write in `/dev`, `--out /dev/null` replaced the system's `/dev/null`).
+pub fn check_output_target(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !(m.is_file() || m.is_symlink() || m.is_dir()) => Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "exists and is not a regular file (a device, FIFO or socket); outputs are \
+                 written to a temporary file renamed over the target, which would replace it: \
+                 name a regular file",
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +86,18 @@ mod tests {
         assert!(m.contains("not a regular file"), "{m}");
         let e = read_regular_file(&dir.path().join("missing"), "a list", 5).unwrap_err();
         assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn devices_are_not_output_targets() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.safetensors");
+        check_output_target(&f).unwrap();
+        std::fs::write(&f, b"x").unwrap();
+        check_output_target(&f).unwrap();
+        let m = check_output_target(Path::new("/dev/null"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("not a regular file"), "{m}");
     }
 }

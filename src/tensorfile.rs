@@ -534,6 +534,7 @@ pub fn write_tensors(
         entries.push((*name, shape.as_slice(), dtype, size));
     }
     let h = header(&entries, metadata, 0)?;
+    crate::files::check_output_target(path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

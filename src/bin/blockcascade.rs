@@ -665,6 +665,7 @@ fn check_out(out: &std::path::Path) -> Result<()> {
             "--out is a directory; give a file name such as latents.safetensors",
         ));
     }
+    blockcascade::files::check_output_target(out)?;
     let name = out
         .file_name()
         .and_then(|n| n.to_str())

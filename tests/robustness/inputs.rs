@@ -336,7 +336,7 @@ fn within_a_minute<T: Send + 'static>(case: &str, f: impl FnOnce() -> T + Send +
         .unwrap_or_else(|_| panic!("{case}: still blocked after a minute"))
 }
 
-fn mkfifo(p: &Path) {
+pub(crate) fn mkfifo(p: &Path) {
     use std::os::unix::ffi::OsStrExt;
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path.

@@ -20,12 +20,7 @@ pub fn read_regular_file(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, m),
         )
     };
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(refuse(format!(
-            "not a regular file (a directory, FIFO or device); expected {what}"
-        )));
-    }
+    let meta = regular_file(path, what)?;
     let too_large = |n: u64| refuse(format!("{n} bytes is too large for {what} (at most {max})"));
     if meta.len() > max {
         return Err(too_large(meta.len()));
@@ -40,6 +35,22 @@ pub fn read_regular_file(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
         return Err(too_large(bytes.len() as u64));
     }
     Ok(bytes)
+}
+
+/// The metadata of `path`, which must be a regular file (symlinks followed): a directory, FIFO
+/// or device is refused before anything opens it. `what` names the expected file in the error.
+pub fn regular_file(path: &Path, what: &str) -> Result<std::fs::Metadata> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("not a regular file (a directory, FIFO or device); expected {what}"),
+            ),
+        ));
+    }
+    Ok(meta)
 }
 
 /// Refuses an output `path` that exists and is neither a regular file nor a symlink (a device

@@ -208,16 +208,7 @@ fn invalid(path: &Path, m: String) -> Error {
 /// Memory-maps `path`, which must be a regular file: a directory, FIFO or device is refused
 /// before opening it (opening a FIFO would block until some other process writes to it).
 fn map_regular_file(path: &Path) -> Result<memmap2::Mmap> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file (a directory, FIFO or device); expected a safetensors file",
-            ),
-        ));
-    }
+    crate::files::regular_file(path, "a safetensors file")?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only; a concurrent truncation by another process could fault,
     // which is the documented limitation of memory-mapped model files.

@@ -55,16 +55,8 @@ impl Tokenizer {
                     Err(not_found(p, "no tokenizer.json in this folder".into()))
                 };
             }
-            return if p.is_file() {
-                Ok(p.to_path_buf())
-            } else if p.exists() {
-                Err(Error::io(
-                    p,
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "not a regular file (a FIFO or device); expected a tokenizer.json",
-                    ),
-                ))
+            return if p.exists() {
+                crate::files::regular_file(p, "a tokenizer.json").map(|_| p.to_path_buf())
             } else {
                 Err(not_found(p, "the tokenizer file does not exist".into()))
             };

@@ -530,11 +530,8 @@ pub fn write_tensors(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|s| s.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
+    // Unique per call: two writers of one path (threads of a library user) must not share it.
+    let tmp = crate::video::atomic::temp_name(dir, path, "tmp");
     let res = (|| -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         f.write_all(&(h.len() as u64).to_le_bytes())?;

@@ -652,7 +652,8 @@ fn distinct_files(
 }
 
 /// Checks, before any work, that `--out` can be written: not a directory, in an existing
-/// folder where a file can be created (probed with the temporary name `write_f32` uses).
+/// folder where a file can be created (probed with a hidden temporary name, as `write_f32`
+/// writes one).
 fn check_out(out: &std::path::Path) -> Result<()> {
     let not = |msg: &str| {
         Error::io(

@@ -244,3 +244,35 @@ fn an_output_that_is_a_fifo_or_device_is_refused_and_kept() {
         .to_string_lossy()
         .starts_with('.')));
 }
+
+/// Two threads writing the same output at once: each write is whole (temp file + rename), so
+/// the file is always one of the two and neither call fails. They used to share one temporary
+/// name, truncating each other's data or renaming it away mid-write.
+#[test]
+fn concurrent_writes_of_one_output_do_not_mix() {
+    let d = tempfile::tempdir().unwrap();
+    let p = Arc::new(d.path().join("same.safetensors"));
+    let values = |v: f32| vec![v; 1 << 16];
+    let writers: Vec<_> = [1.0f32, 2.0]
+        .into_iter()
+        .map(|v| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let data = values(v);
+                for _ in 0..40 {
+                    write_f32(&p, &[("x", vec![data.len()], &data)], &BTreeMap::new())
+                        .map_err(|e| e.to_string())?;
+                    let f = TensorFile::open(&p).map_err(|e| e.to_string())?;
+                    let got = f.tensor_f32("x", None).map_err(|e| e.to_string())?;
+                    if got != values(1.0) && got != values(2.0) {
+                        return Err("a mixed file".to_string());
+                    }
+                }
+                Ok::<(), String>(())
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap().unwrap();
+    }
+}

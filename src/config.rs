@@ -66,11 +66,15 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_regular_file(
+            path,
+            "a model's config.json",
+            crate::files::MAX_JSON_BYTES,
+        )?;
         let malformed =
             |m: String| Error::format(format!("{}: malformed config: {m}", path.display()));
         let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+            serde_json::from_slice(&text).map_err(|e| malformed(e.to_string()))?;
         let cfg: ModelConfig = serde_json::from_value(v.clone()).map_err(|e| {
             // serde names a missing field but not the field whose value has the wrong type.
             malformed(match bad_config_field(&v) {

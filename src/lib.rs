@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod ffi;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzz_targets;
 pub mod host_memory;

@@ -122,8 +122,12 @@ pub fn load_schedule_with_text(
     if block_frames == 0 {
         return Err(Error::invalid("block frames must be at least 1"));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+    let text = crate::files::read_regular_file(
+        path,
+        "a prompt schedule (JSON)",
+        crate::files::MAX_JSON_BYTES,
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
         Error::format(format!(
             "{}: malformed prompt schedule: {e}",
             path.display()

@@ -93,6 +93,8 @@ impl TensorFile {
         let (header, data_start) = read_header(&map, bad)?;
         let data_len = map.len() - data_start;
         let mut tensors = BTreeMap::new();
+        // Every name, skipped I64 tensors included: a duplicate is an error either way.
+        let mut seen = std::collections::HashSet::new();
         let mut metadata = None;
         for (name, v) in header.0 {
             if name == "__metadata__" {
@@ -102,7 +104,7 @@ impl TensorFile {
                 metadata = Some(parse_metadata(&v, bad)?);
                 continue;
             }
-            if tensors.contains_key(&name) {
+            if !seen.insert(name.clone()) {
                 return Err(bad(format!("tensor `{name}` appears twice in the header")));
             }
             if let Some(info) = parse_entry(&name, &v, skip_i64, data_len, bad)? {
@@ -206,16 +208,7 @@ fn invalid(path: &Path, m: String) -> Error {
 /// Memory-maps `path`, which must be a regular file: a directory, FIFO or device is refused
 /// before opening it (opening a FIFO would block until some other process writes to it).
 fn map_regular_file(path: &Path) -> Result<memmap2::Mmap> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file (a directory, FIFO or device); expected a safetensors file",
-            ),
-        ));
-    }
+    crate::files::regular_file(path, "a safetensors file")?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only; a concurrent truncation by another process could fault,
     // which is the documented limitation of memory-mapped model files.
@@ -532,15 +525,13 @@ pub fn write_tensors(
         entries.push((*name, shape.as_slice(), dtype, size));
     }
     let h = header(&entries, metadata, 0)?;
+    crate::files::check_output_target(path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|s| s.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
+    // Unique per call: two writers of one path (threads of a library user) must not share it.
+    let tmp = crate::video::atomic::temp_name(dir, path, "tmp");
     let res = (|| -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         f.write_all(&(h.len() as u64).to_le_bytes())?;

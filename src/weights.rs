@@ -348,8 +348,12 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     idx.sort();
     st.sort();
     if let Some(ip) = idx.first() {
-        let text = std::fs::read_to_string(ip).map_err(|e| Error::io(ip, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
+        let text = crate::files::read_regular_file(
+            ip,
+            "a safetensors weight index",
+            crate::files::MAX_JSON_BYTES,
+        )?;
+        let v: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| Error::format(format!("{}: malformed index: {e}", ip.display())))?;
         let map = v
             .get("weight_map")

@@ -243,6 +243,49 @@ fn bad_weights_are_clear_errors() {
     assert!("vae".parse::<DecoderKind>().is_err());
 }
 
+/// A NaN or an infinity in a decoder's weights is refused at load: the decoders' ReLUs
+/// (`max(x, 0)`) turn NaN into 0, so such a file used to decode to plausible, wrong frames.
+#[test]
+fn non_finite_weights_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("w.safetensors");
+    for (src, name) in [
+        (
+            case("taehv-tiny").join("taehv/model.safetensors"),
+            "decoder.1.weight",
+        ),
+        (
+            case("taehv-tiny").join("taehv/model.safetensors"),
+            "decoder.1.bias",
+        ),
+        (
+            case("wan-vae-tiny").join("vae/model.safetensors"),
+            "decoder.middle.0.residual.6.weight",
+        ),
+        (
+            case("wan-vae-tiny").join("vae/model.safetensors"),
+            "conv2.weight",
+        ),
+    ] {
+        for (dtype, bad) in [
+            ("F32", f32::NAN),
+            ("BF16", f32::INFINITY),
+            ("F16", f32::NAN),
+        ] {
+            rewrite(&src, &p, dtype, |t| {
+                let (_, _, d) = t.iter_mut().find(|(k, _, _)| k == name).unwrap();
+                let mid = d.len() / 2;
+                d[mid] = bad;
+            });
+            let e = load_err(&p, None);
+            assert!(
+                e.contains(name) && e.contains("NaN or infinite"),
+                "{name} {dtype}: {e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bad_latents_are_clear_errors() {
     let d = Decoder::tiny_taehv(3);

@@ -608,6 +608,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         fps: a.fps,
         queue_blocks: a.queue_blocks,
         jpeg_quality: a.jpeg_quality,
+        ..Default::default()
     })
 }
 
@@ -651,7 +652,8 @@ fn distinct_files(
 }
 
 /// Checks, before any work, that `--out` can be written: not a directory, in an existing
-/// folder where a file can be created (probed with the temporary name `write_f32` uses).
+/// folder where a file can be created (probed with a hidden temporary name, as `write_f32`
+/// writes one).
 fn check_out(out: &std::path::Path) -> Result<()> {
     let not = |msg: &str| {
         Error::io(
@@ -664,6 +666,7 @@ fn check_out(out: &std::path::Path) -> Result<()> {
             "--out is a directory; give a file name such as latents.safetensors",
         ));
     }
+    blockcascade::files::check_output_target(out)?;
     let name = out
         .file_name()
         .and_then(|n| n.to_str())
@@ -1048,6 +1051,12 @@ fn scaling_cmd(a: &BenchArgs) -> Result<()> {
             return Err(Error::invalid(format!("{name} must be positive, got {v}")));
         }
     }
+    if a.mfu > 1.0 {
+        return Err(Error::invalid(format!(
+            "--mfu is a fraction of the peak, in (0, 1], got {}",
+            a.mfu
+        )));
+    }
     if let Some(ms) = a.measured_ms_per_block {
         if !(ms.is_finite() && ms > 0.0) {
             return Err(Error::invalid(format!(
@@ -1069,6 +1078,13 @@ fn scaling_cmd(a: &BenchArgs) -> Result<()> {
             KvExchange::Joint,
         );
         mfu = p.ms_per_block / ms;
+        if mfu > 1.0 {
+            return Err(Error::invalid(format!(
+                "--measured-ms-per-block {ms} is faster than {:.3} ms/block, the ideal at \
+                 --tflops {}: the measurement or --tflops is wrong",
+                p.ms_per_block, a.tflops
+            )));
+        }
         eprintln!(
             "calibrated efficiency from {ms} ms/block: {:.1}% of {} TFLOP/s",
             mfu * 100.0,

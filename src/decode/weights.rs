@@ -79,15 +79,20 @@ impl Weights {
             .ok_or_else(|| self.err(format!("missing tensor `{name}`")))
     }
 
-    /// Values of `name` as f32 (any stored dtype).
+    /// Values of `name` as f32 (any stored dtype), all finite: a NaN would not even show in
+    /// the frames, since the decoders' ReLUs (`max(x, 0)`) turn it into 0.
     pub fn values(&self, name: &str) -> Result<Vec<f32>> {
-        match &self.store {
-            Store::File(f) => f.tensor_f32(name, None),
+        let v = match &self.store {
+            Store::File(f) => f.tensor_f32(name, None)?,
             Store::Mem(m) => m
                 .get(name)
                 .map(|(_, d)| d.clone())
-                .ok_or_else(|| self.err(format!("missing tensor `{name}`"))),
+                .ok_or_else(|| self.err(format!("missing tensor `{name}`")))?,
+        };
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(self.err(format!("tensor `{name}` contains NaN or infinite values")));
         }
+        Ok(v)
     }
 
     /// A per-channel vector (`gamma` `[C, 1, ...]` or a bias `[C]`) of exactly `c` values.

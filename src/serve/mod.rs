@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The viewer page, with `/*BC_CONFIG*/null` standing for the server's settings (filled in by
 /// [`Server::load`]).
@@ -70,6 +71,13 @@ pub struct ServeConfig {
     pub queue_blocks: usize,
     /// JPEG quality, 1..=100.
     pub jpeg_quality: u8,
+    /// Connections (HTTP and WebSocket, idle ones included) open at once, at most
+    /// [`MAX_CONNECTIONS`]; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's head (request line and headers), also
+    /// the longest a kept-alive HTTP connection may sit idle between requests: a client that
+    /// trickles its request (slowloris) is disconnected after it.
+    pub request_timeout: Duration,
 }
 
 impl Default for ServeConfig {
@@ -93,6 +101,8 @@ impl Default for ServeConfig {
             fps: 16.0,
             queue_blocks: 2,
             jpeg_quality: 85,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -105,6 +115,13 @@ pub const DEFAULT_SINK: usize = 3;
 
 /// Most streams `max_streams` accepts.
 pub const MAX_STREAMS: usize = 1024;
+
+/// Connections open at once by default ([`ServeConfig::max_connections`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Most connections `max_connections` accepts (each holds a file descriptor).
+pub const MAX_CONNECTIONS: usize = 16384;
+/// Time for a request's head by default ([`ServeConfig::request_timeout`]).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every connection shares: the loaded models, the settings and the stream count.
 struct Shared {
@@ -147,6 +164,15 @@ impl Drop for Slot {
 /// A loaded server, ready to listen.
 pub struct Server {
     shared: Arc<Shared>,
+    limits: Limits,
+}
+
+/// What bounds the connections of a server ([`ServeConfig::max_connections`] and
+/// [`ServeConfig::request_timeout`]).
+#[derive(Clone, Copy)]
+struct Limits {
+    max_connections: usize,
+    request_timeout: Duration,
 }
 
 impl Server {
@@ -178,6 +204,15 @@ impl Server {
                 "--jpeg-quality must be in 1..=100, got {}",
                 cfg.jpeg_quality
             )));
+        }
+        if cfg.max_connections < cfg.max_streams || cfg.max_connections > MAX_CONNECTIONS {
+            return Err(Error::invalid(format!(
+                "max_connections must be in --max-streams ({})..={MAX_CONNECTIONS}, got {}",
+                cfg.max_streams, cfg.max_connections
+            )));
+        }
+        if cfg.request_timeout.is_zero() {
+            return Err(Error::invalid("request_timeout must be positive"));
         }
         cfg.generate.validate(None)?;
         let builtin = cfg.model.is_none();
@@ -257,6 +292,10 @@ impl Server {
                 streams: AtomicUsize::new(0),
                 page,
             }),
+            limits: Limits {
+                max_connections: cfg.max_connections,
+                request_timeout: cfg.request_timeout,
+            },
         })
     }
 
@@ -293,16 +332,13 @@ impl Server {
             .map_err(|e| Error::io(format!("{host}:{port}"), e))?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let app = self.router();
+        let limits = self.limits;
         let thread = std::thread::Builder::new()
             .name("bc-serve-main".into())
             .spawn(move || {
                 let served = rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = stop_rx.await;
-                        })
-                        .await
+                    accept_loop(listener, app, limits, stop_rx).await
                 });
                 // Open WebSockets are not waited for: their tasks end with the runtime, which
                 // drops their streams (cancel + join).
@@ -382,6 +418,115 @@ pub fn run(cfg: &ServeConfig) -> Result<()> {
         cfg.max_streams
     );
     running.wait()
+}
+
+/// Serves the connections of `listener` until `stop` fires: at most `limits.max_connections`
+/// at once (one more is closed at once), each with `limits.request_timeout` for every request
+/// head. `axum::serve` has neither bound (hyper's header timeout needs a timer it does not
+/// set), so a client could hold any number of connections open forever by sending nothing.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            // A connection that failed before it was accepted, or no file descriptor left:
+            // the listener itself is fine, try again (after a pause for the latter).
+            Err(e) => {
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionRefused
+                ) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            // The permit goes with the socket, into the WebSocket after an upgrade too.
+            let io = TokioIo::new(Counted {
+                stream,
+                _permit: permit,
+            });
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.request_timeout)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await;
+            // A client that went away or sent garbage: nothing to do but close.
+            drop(served);
+        });
+    }
+}
+
+/// A connection's socket and its place among the server's `max_connections`.
+struct Counted {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 async fn page(State(s): State<Arc<Shared>>) -> Html<String> {

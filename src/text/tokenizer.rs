@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 /// Ids of the toy tokenizer's special tokens (umT5's are the same: pad 0, `</s>` 1, unk 2).
 const TOY_SPECIALS: u32 = 3;
 
+/// Most bytes of a `tokenizer.json` (umT5's is about 16 MiB).
+pub const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
+
 /// A tokenizer: text in, ids with the final `</s>` out.
 pub enum Tokenizer {
     /// A `tokenizer.json` (its normaliser, pre-tokenizer and model); `eos` is the id of `</s>`.
@@ -52,8 +55,8 @@ impl Tokenizer {
                     Err(not_found(p, "no tokenizer.json in this folder".into()))
                 };
             }
-            return if p.is_file() {
-                Ok(p.to_path_buf())
+            return if p.exists() {
+                crate::files::regular_file(p, "a tokenizer.json").map(|_| p.to_path_buf())
             } else {
                 Err(not_found(p, "the tokenizer file does not exist".into()))
             };
@@ -77,7 +80,7 @@ impl Tokenizer {
     /// Reads a Hugging Face `tokenizer.json`, which must know `</s>`.
     pub fn from_file(path: &Path) -> Result<Self> {
         // Read first, so that a missing or unreadable file is an I/O error with its path.
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::files::read_regular_file(path, "a tokenizer.json", MAX_TOKENIZER_BYTES)?;
         let bad = |e: &dyn std::fmt::Display| {
             Error::format(format!(
                 "{}: not a valid Hugging Face tokenizer.json: {e}",

@@ -60,6 +60,7 @@ impl TempFile {
                 ),
             ));
         }
+        crate::files::check_output_target(target)?;
         let tmp = temp_name(parent_dir(target), target, tag);
         let file = File::options()
             .read(true)

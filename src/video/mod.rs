@@ -6,7 +6,7 @@
 //! leaves nothing behind. [`VideoWriter::create`] checks that the output can be written before any
 //! decoding work is spent. The formats are described in `docs/formats.md`.
 
-mod atomic;
+pub(crate) mod atomic;
 mod color;
 mod mp4;
 mod png_frames;

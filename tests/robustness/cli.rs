@@ -155,6 +155,17 @@ fn cli_bad_flag_values() {
             vec!["bench", "--model-scaling", "--measured-ms-per-block", "0"],
             "measured",
         ),
+        // More than the peak: predictions faster than the hardware can be.
+        (vec!["bench", "--model-scaling", "--mfu", "2"], "--mfu"),
+        (
+            vec![
+                "bench",
+                "--model-scaling",
+                "--measured-ms-per-block",
+                "1e-9",
+            ],
+            "faster than",
+        ),
         (vec!["frobnicate"], "unrecognized subcommand"),
     ] {
         cli_fails(&args, want);

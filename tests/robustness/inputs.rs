@@ -324,3 +324,96 @@ fn generate_options_fuzz() {
         );
     }
 }
+
+/// Runs `f` on a thread of its own and waits a bounded time for it, so that a call that blocks
+/// for good (opening a FIFO waits for a writer) fails the test instead of hanging it.
+fn within_a_minute<T: Send + 'static>(case: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("{case}: still blocked after a minute"))
+}
+
+pub(crate) fn mkfifo(p: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {p:?}"
+    );
+}
+
+/// The JSON files and the tokenizer a user names are read whole: a FIFO, a device or a huge
+/// file must be one error, not a read that blocks forever, never ends or allocates the file.
+#[test]
+fn special_and_huge_settings_files() {
+    let expect = |r: blockcascade::Result<()>, needle: &str, case: &str| {
+        let e = r.expect_err(case);
+        let m = e.to_string();
+        assert!(m.contains(needle), "{case}: {m}");
+    };
+    // config.json as a FIFO (first: before the fix this case blocked), as /dev/zero, too large.
+    let m = model_copy();
+    let config = m.path().join("config.json");
+    std::fs::remove_file(&config).unwrap();
+    mkfifo(&config);
+    let dir = m.path().to_path_buf();
+    let r = within_a_minute("config.json FIFO", move || {
+        blockcascade::Engine::open(Some(&dir)).map(drop)
+    });
+    expect(r, "not a regular file", "config.json FIFO");
+    std::fs::remove_file(&config).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &config).unwrap();
+    let dir = m.path().to_path_buf();
+    let r = within_a_minute("config.json -> /dev/zero", move || {
+        blockcascade::Engine::open(Some(&dir)).map(drop)
+    });
+    expect(r, "not a regular file", "config.json -> /dev/zero");
+    std::fs::remove_file(&config).unwrap();
+    // Sparse: no disk space, but read whole it would be 64 MiB of NULs in memory.
+    let f = std::fs::File::create(&config).unwrap();
+    f.set_len(blockcascade::files::MAX_JSON_BYTES + 1).unwrap();
+    drop(f);
+    expect(
+        blockcascade::Engine::open(Some(m.path())).map(drop),
+        "is too large for a model's config.json",
+        "huge config.json",
+    );
+
+    // The weight index of a sharded model as a FIFO.
+    let m = model_copy();
+    mkfifo(
+        &m.path()
+            .join("diffusion_pytorch_model.safetensors.index.json"),
+    );
+    let dir = m.path().to_path_buf();
+    let r = within_a_minute("index FIFO", move || {
+        blockcascade::Engine::open(Some(&dir)).map(drop)
+    });
+    expect(r, "not a regular file", "index FIFO");
+
+    // A prompt schedule as a FIFO.
+    let d = tempfile::tempdir().unwrap();
+    let sp = d.path().join("schedule.json");
+    mkfifo(&sp);
+    let r = within_a_minute("schedule FIFO", move || {
+        load_schedule(&sp, &builtin_config("tiny").unwrap(), 3).map(drop)
+    });
+    expect(r, "not a regular file", "schedule FIFO");
+
+    // A tokenizer.json given as a FIFO: not "does not exist".
+    let tok = d.path().join("tokenizer.json");
+    mkfifo(&tok);
+    let enc = golden_dir()
+        .parent()
+        .unwrap()
+        .join("umt5-tiny/text_encoder");
+    let r = within_a_minute("tokenizer FIFO", move || {
+        blockcascade::TextEncoder::load(&enc, Some(&tok)).map(drop)
+    });
+    expect(r, "not a regular file", "tokenizer FIFO");
+}

@@ -195,3 +195,84 @@ fn an_output_over_an_input_or_the_other_output_is_refused() {
     let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
     assert_eq!(left.len(), 1, "{left:?}");
 }
+
+/// An output that exists as a FIFO (or a device: `/dev/null`, not tried here) is refused
+/// before any work: the temporary file used to be renamed over it, replacing the node with a
+/// regular file.
+#[test]
+fn an_output_that_is_a_fifo_or_device_is_refused_and_kept() {
+    use blockcascade::video::{VideoOptions, VideoWriter};
+    use std::os::unix::fs::FileTypeExt;
+    let d = tempfile::tempdir().unwrap();
+    let still_a_fifo = |p: &Path| {
+        let t = std::fs::symlink_metadata(p).unwrap().file_type();
+        assert!(t.is_fifo(), "{} was replaced", p.display());
+    };
+    let fifo = |name: &str| {
+        let p = d.path().join(name);
+        super::inputs::mkfifo(&p);
+        p
+    };
+    let p = fifo("l.safetensors");
+    let e = write_f32(&p, &[("x", vec![1], &[1.0])], &BTreeMap::new()).unwrap_err();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    still_a_fifo(&p);
+    for name in ["v.y4m", "v.mp4", "v.safetensors"] {
+        let p = fifo(name);
+        let e = VideoWriter::create(&p, 16, 16, &VideoOptions::default())
+            .err()
+            .unwrap_or_else(|| panic!("{name}: created"));
+        assert!(e.to_string().contains("not a regular file"), "{name}: {e}");
+        still_a_fifo(&p);
+    }
+    // The CLI refuses it before generating anything.
+    let p = fifo("cli.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_blockcascade"))
+        .args(["generate", "-q", "--frames", "3", "--out"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a regular file"),
+        "{err}"
+    );
+    still_a_fifo(&p);
+    assert!(std::fs::read_dir(d.path()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with('.')));
+}
+
+/// Two threads writing the same output at once: each write is whole (temp file + rename), so
+/// the file is always one of the two and neither call fails. They used to share one temporary
+/// name, truncating each other's data or renaming it away mid-write.
+#[test]
+fn concurrent_writes_of_one_output_do_not_mix() {
+    let d = tempfile::tempdir().unwrap();
+    let p = Arc::new(d.path().join("same.safetensors"));
+    let values = |v: f32| vec![v; 1 << 16];
+    let writers: Vec<_> = [1.0f32, 2.0]
+        .into_iter()
+        .map(|v| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let data = values(v);
+                for _ in 0..40 {
+                    write_f32(&p, &[("x", vec![data.len()], &data)], &BTreeMap::new())
+                        .map_err(|e| e.to_string())?;
+                    let f = TensorFile::open(&p).map_err(|e| e.to_string())?;
+                    let got = f.tensor_f32("x", None).map_err(|e| e.to_string())?;
+                    if got != values(1.0) && got != values(2.0) {
+                        return Err("a mixed file".to_string());
+                    }
+                }
+                Ok::<(), String>(())
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap().unwrap();
+    }
+}

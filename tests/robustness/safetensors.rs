@@ -304,3 +304,19 @@ fn safetensors_random_headers() {
         "only {opened} random headers opened: the fuzzer is too harsh"
     );
 }
+
+/// A name may appear once, also where one of its entries is an `I64` tensor that
+/// `open_skipping_ids` leaves out (it used to keep the other entry without a word).
+#[test]
+fn duplicates_with_a_skipped_id_tensor_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("twice.safetensors");
+    let f32e = r#""prompt_embeds": {"dtype": "F32", "shape": [1, 2], "data_offsets": [0, 8]}"#;
+    let i64e = r#""prompt_embeds": {"dtype": "I64", "shape": [1], "data_offsets": [8, 16]}"#;
+    for h in [format!("{{{f32e}, {i64e}}}"), format!("{{{i64e}, {f32e}}}")] {
+        std::fs::write(&p, raw_file(h.as_bytes(), &[0u8; 16])).unwrap();
+        let e = no_panic(&h, || TensorFile::open_skipping_ids(&p)).err();
+        let m = e.map(|e| e.to_string()).unwrap_or_default();
+        assert!(m.contains("appears twice"), "{h}: {m}");
+    }
+}

@@ -9,6 +9,7 @@ mod soak;
 use blockcascade::serve::protocol::{ClientMessage, ServerMessage};
 use blockcascade::serve::{RunningServer, ServeConfig, Server};
 use client::*;
+use std::time::Duration;
 
 /// A server on a free loopback port with the built-in tiny models, unpaced (tests want blocks
 /// as fast as they come).
@@ -240,6 +241,93 @@ async fn the_page_and_health_are_served() {
     assert_eq!(status, 404);
 }
 
+/// What a raw connection gets before the server closes it (`None`: still open after `wait`).
+async fn read_until_closed(s: &mut tokio::net::TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    match tokio::time::timeout(wait, s.read_to_end(&mut buf)).await {
+        Ok(_) => Some(buf),
+        Err(_) => None,
+    }
+}
+
+/// A client that sends part of a request head and then nothing (slowloris), or nothing at
+/// all, is disconnected after `request_timeout`; a WebSocket is not (its request is done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_is_cut_off_after_the_request_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let cfg = ServeConfig {
+        port: 0,
+        fps: 0.0,
+        request_timeout: Duration::from_millis(200),
+        ..ServeConfig::default()
+    };
+    let server = Server::load(&cfg).unwrap().start("127.0.0.1", 0).unwrap();
+    let addr = server.addr();
+    let mut ws = connect(addr).await;
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // A bound far beyond the 200 ms: without the timeout these stay open for good.
+    let bound = Duration::from_secs(10);
+    let got = read_until_closed(&mut slow, bound).await;
+    assert!(got.is_some(), "a trickled request head kept its connection");
+    assert!(read_until_closed(&mut silent, bound).await.is_some());
+    // The WebSocket outlived the timeout and still works.
+    send(&mut ws, &start("still here", 0)).await;
+    assert_eq!(recv_json(&mut ws).await, ServerMessage::Started);
+    let (b, _) = next_block(&mut ws).await;
+    assert_eq!(b.index, 0);
+}
+
+/// Connections beyond `max_connections` (idle ones and WebSockets count) are closed without an
+/// answer; once one leaves, a new one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let cfg = ServeConfig {
+        port: 0,
+        max_streams: 1,
+        max_connections: 2,
+        ..ServeConfig::default()
+    };
+    let server = Server::load(&cfg).unwrap().start("127.0.0.1", 0).unwrap();
+    let addr = server.addr();
+    let ws = connect(addr).await;
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET").await.unwrap();
+    let request = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The write may fail once the server has closed the socket.
+    let _ = third.write_all(request.as_bytes()).await;
+    let got = read_until_closed(&mut third, WAIT).await;
+    assert_eq!(
+        got.as_deref(),
+        Some(&b""[..]),
+        "a third connection was served"
+    );
+    drop(ws);
+    drop(idle);
+    // The server notices the closed sockets shortly after: a new client gets its answer.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = c.write_all(request.as_bytes()).await;
+        let got = read_until_closed(&mut c, WAIT).await.unwrap_or_default();
+        if got.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no place came free after the clients left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The path with files: a Wan model directory, a TAEHV decoder and a umT5 text encoder with
 /// its tokenizer (the tiny golden files of the test data).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,6 +380,8 @@ fn bad_settings_are_refused_before_listening() {
     assert!(bad(|c| c.jpeg_quality = 0).contains("--jpeg-quality"));
     assert!(bad(|c| c.model = Some("/nonexistent".into())).contains("--vae"));
     assert!(bad(|c| c.generate.height = 3).contains("even"));
+    assert!(bad(|c| c.max_connections = 1).contains("max_connections"));
+    assert!(bad(|c| c.request_timeout = Duration::ZERO).contains("request_timeout"));
 }
 
 /// The `serve` command: starts, prints its address, answers `/health`; bad flags fail.

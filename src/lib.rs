@@ -31,6 +31,7 @@ pub mod serve;
 pub mod stream;
 pub mod tensorfile;
 pub mod text;
+pub mod tune;
 pub mod video;
 pub mod weights;
 pub mod window;

@@ -40,17 +40,15 @@ fn bin() -> Command {
 }
 
 fn tune(out: &Path, fault: Option<&str>) -> Output {
+    tune_with(out, fault, &[])
+}
+
+fn tune_with(out: &Path, fault: Option<&str>, extra: &[&str]) -> Output {
     let mut c = bin();
-    c.args([
-        "tune",
-        "--emulate",
-        "--reps",
-        "1",
-        "--timeout-s",
-        "10",
-        "--out",
-    ])
-    .arg(out);
+    c.args(["tune", "--emulate", "--reps", "1", "--timeout-s", "10"])
+        .arg("--out")
+        .arg(out)
+        .args(extra);
     if let Some(f) = fault {
         c.env("BC_TUNE_TEST_FAULT", f);
     }
@@ -173,7 +171,29 @@ fn every_candidate_matches_the_reference_on_the_emulator() {
         assert_eq!(chosen, 1, "{fam}: {out}");
     }
     let f = TuningFile::load(&path).unwrap().unwrap();
-    assert!(f.entry(&emulated_key()).is_some());
+    let before = f.entry(&emulated_key()).unwrap().clone();
+    assert!(before.choices.conv.is_some());
+    // Tuning the convs again, all of them wrong now: the conv choice goes (defaults apply),
+    // the attention and split choices and their measurements stay.
+    let all_wrong = "wrong:conv=base,wrong:conv=ws,wrong:conv=halo,wrong:conv=ws_halo";
+    let o = tune_with(&path, Some(all_wrong), &["--only", "conv"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.lines().any(|l| l.ends_with('*')), "{out}");
+    let f = TuningFile::load(&path).unwrap().unwrap();
+    let after = f.entry(&emulated_key()).unwrap();
+    assert_eq!(after.choices.attention, before.choices.attention);
+    assert_eq!(after.choices.split, before.choices.split);
+    assert_eq!(
+        (after.choices.conv.as_ref(), after.choices.conv_halo),
+        (None, None)
+    );
+    assert_eq!(after.measured.len(), 13);
+    assert!(after
+        .measured
+        .iter()
+        .filter(|m| m.family == "conv")
+        .all(|m| m.outcome == "differs"));
 }
 
 /// A malformed file: `tune` refuses to overwrite it with one clear error, and a session

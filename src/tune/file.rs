@@ -142,6 +142,18 @@ impl Choices {
         }
     }
 
+    /// Forgets the choice of `family` (its defaults apply again).
+    pub fn clear(&mut self, family: Family) {
+        match family {
+            Family::Attention => self.attention = None,
+            Family::Split => self.split = None,
+            Family::Conv => {
+                self.conv = None;
+                self.conv_halo = None;
+            }
+        }
+    }
+
     /// `attention=ws split=auto conv=base conv_halo=off` (the families tuned).
     pub fn describe(&self) -> String {
         let mut v = Vec::new();

@@ -7,7 +7,7 @@
 //!   fresh random inputs.
 //! - [`child`]: runs a probe in a child process of the same executable with a timeout, so a
 //!   faulting or hanging kernel costs only that child.
-//! - [`file`]: the tuning file, its keys and atomic writes.
+//! - [`mod@file`]: the tuning file, its keys and atomic writes.
 //! - [`apply`]: loading the entry of a device and the precedence of environment variables and
 //!   code options over it.
 //!
@@ -310,7 +310,14 @@ pub fn tune(opts: &TuneOptions, progress: &mut dyn FnMut(&str)) -> Result<TuneRe
             .filter(|f| opts.families.contains(f))
             .collect()
     };
-    let mut choices = Choices::default();
+    // With some families only, the device's other choices (and measurements) stay.
+    let previous = tf.entry(&key).cloned();
+    let mut choices = previous
+        .as_ref()
+        .map_or_else(Choices::default, |e| e.choices.clone());
+    if let Some(a) = &choices.attention {
+        spec.split_tile = a.clone();
+    }
     let mut rows = Vec::new();
     for family in families {
         let mut measured = Vec::new();
@@ -337,11 +344,14 @@ pub fn tune(opts: &TuneOptions, progress: &mut dyn FnMut(&str)) -> Result<TuneRe
             measured.push((c.to_string(), r));
         }
         let winner = choose(family.default_candidate(), &measured);
-        if let Some(w) = &winner {
-            choices.set(family, w);
-            if family == Family::Attention {
-                spec.split_tile = w.clone();
-            }
+        match &winner {
+            Some(w) => choices.set(family, w),
+            None => choices.clear(family),
+        }
+        if family == Family::Attention {
+            spec.split_tile = winner
+                .clone()
+                .unwrap_or_else(|| family.default_candidate().into());
         }
         rows.extend(measured.into_iter().map(|(candidate, result)| Row {
             family,
@@ -356,15 +366,18 @@ pub fn tune(opts: &TuneOptions, progress: &mut dyn FnMut(&str)) -> Result<TuneRe
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         choices,
-        measured: rows
+        measured: previous
             .iter()
-            .map(|r| Measured {
+            .flat_map(|e| e.measured.iter())
+            .filter(|m| !rows.iter().any(|r| r.family.name() == m.family))
+            .cloned()
+            .chain(rows.iter().map(|r| Measured {
                 family: r.family.name().into(),
                 candidate: r.candidate.clone(),
                 outcome: r.result.outcome.name().into(),
                 ms: r.result.ms,
                 err: r.result.err,
-            })
+            }))
             .collect(),
     };
     tf.insert(entry.clone());

@@ -331,7 +331,13 @@ pub fn tune(opts: &TuneOptions, progress: &mut dyn FnMut(&str)) -> Result<TuneRe
                 "--spec".into(),
                 spec_json,
             ];
-            let r = child::run_child(&opts.exe, &args, CHILD_ENV_REMOVE, &[], opts.timeout);
+            let r = child::run_child(
+                &opts.exe,
+                &args,
+                CHILD_ENV_REMOVE,
+                &[("BC_TUNE_PARENT", &std::process::id().to_string())],
+                opts.timeout,
+            );
             progress(&format!(
                 "  {}={c}: {}{}{}",
                 family.name(),
@@ -411,6 +417,7 @@ pub fn table(rows: &[Row]) -> String {
 /// The hidden `tune --probe FAMILY=CANDIDATE --spec JSON`: runs the probe and returns the line
 /// to print and whether the child should exit successfully.
 pub fn probe_main(probe: &str, spec: &str) -> (String, bool) {
+    die_with_parent();
     let r = match (parse_probe(probe), serde_json::from_str::<ProbeSpec>(spec)) {
         (Ok((family, c)), Ok(spec)) => probe::run_probe(family, &c, &spec),
         (Err(e), _) => ProbeResult::failed(e.to_string()),
@@ -420,6 +427,26 @@ pub fn probe_main(probe: &str, spec: &str) -> (String, bool) {
     let json = serde_json::to_string(&r).unwrap_or_else(|_| "{\"outcome\":\"failed\"}".into());
     (format!("{}{json}", probe::RESULT_PREFIX), ok)
 }
+
+/// A probe child dies with its parent (an interrupted tune leaves no child behind: the
+/// children run in their own process group, out of reach of the terminal's Ctrl-C).
+#[cfg(target_os = "linux")]
+fn die_with_parent() {
+    // SAFETY: plain prctl/getppid calls on this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        // The parent died before the prctl: we were reparented.
+        let parent = std::env::var("BC_TUNE_PARENT")
+            .ok()
+            .and_then(|p| p.parse::<i32>().ok());
+        if parent.is_some_and(|p| p != libc::getppid()) {
+            std::process::exit(1);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent() {}
 
 #[cfg(test)]
 mod tests {

@@ -8,13 +8,12 @@
 mod common;
 use blockcascade::backend::cuda::device::Gpu;
 use blockcascade::backend::cuda::ops::{attention_launches, split_attention_launches};
-use blockcascade::backend::cuda::{set_session_options, CudaOptions};
-use blockcascade::config::BackendKind;
+use blockcascade::backend::cuda::CudaOptions;
 use blockcascade::decode::{CudaDecoder, Decoder, DecoderKind};
 use blockcascade::kernels::launch::AttentionTile;
 use blockcascade::tune::apply::{key_of, TuningSource};
 use blockcascade::tune::file::{Choices, Entry, TuningFile, TuningKey};
-use blockcascade::{Error, Generator};
+use blockcascade::{AttentionMode, Error, Schedule};
 use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -233,16 +232,19 @@ fn a_malformed_tuning_file_is_one_clear_error() {
     ));
 }
 
-/// The golden case through the emulated CUDA backend with options `co`: the latents.
+/// The golden case (sequential, causal) through the emulated CUDA backend with `co`.
 fn run_golden(co: CudaOptions) -> Vec<f32> {
-    set_session_options(Some(co));
-    let g = golden();
-    let mut o = g.opts.clone();
-    o.backend = BackendKind::Cuda;
-    let res = Generator::new(g.engine.model(), o.clone(), g.noise.clone(), &g.prompt)
-        .and_then(|gen| gen.generate(g.frames / o.block_frames));
-    set_session_options(None);
-    res.unwrap().0
+    run_opts(Schedule::Sequential, AttentionMode::Causal, co)
+}
+
+/// A tuning file in a new temporary folder with one entry, for the emulated device.
+fn emulated_file(choices: Choices) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuning.json");
+    let mut f = TuningFile::default();
+    f.insert(entry(emulated_key(), choices));
+    f.save(&path).unwrap();
+    (dir, path)
 }
 
 /// A session whose device has an entry launches the entry's attention variant with its key
@@ -251,16 +253,13 @@ fn run_golden(co: CudaOptions) -> Vec<f32> {
 #[test]
 fn the_backend_launches_the_tuned_variant() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuning.json");
     let choices = Choices {
         attention: Some("ws".into()),
         split: Some("2".into()),
         ..Choices::default()
     };
-    let mut f = TuningFile::default();
-    f.insert(entry(emulated_key(), choices.clone()));
-    f.save(&path).unwrap();
+    let (_dir, path) = emulated_file(choices.clone());
+    let f = TuningFile::load(&path).unwrap().unwrap();
     let co = |tuning, tile| CudaOptions {
         emulate: true,
         tuning,
@@ -319,18 +318,11 @@ fn bench_rel_l2(a: &[f32], b: &[f32]) -> f64 {
 /// over it, and `BC_TUNING=off` loads nothing.
 #[test]
 fn environment_variables_win_over_the_file_in_the_cli() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuning.json");
-    let mut f = TuningFile::default();
-    f.insert(entry(
-        emulated_key(),
-        Choices {
-            attention: Some("ws".into()),
-            split: Some("2".into()),
-            ..Choices::default()
-        },
-    ));
-    f.save(&path).unwrap();
+    let (dir, path) = emulated_file(Choices {
+        attention: Some("ws".into()),
+        split: Some("2".into()),
+        ..Choices::default()
+    });
     let d = golden_dir();
     let p = |s: &str| d.join(s).display().to_string();
     let gen = |env: &[(&str, &str)]| {
@@ -373,18 +365,11 @@ fn environment_variables_win_over_the_file_in_the_cli() {
 /// environment set them) and really launches the warp-specialized and halo convs.
 #[test]
 fn the_decoder_launches_the_tuned_convs() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuning.json");
-    let mut f = TuningFile::default();
-    f.insert(entry(
-        emulated_key(),
-        Choices {
-            conv: Some("ws".into()),
-            conv_halo: Some(true),
-            ..Choices::default()
-        },
-    ));
-    f.save(&path).unwrap();
+    let (_dir, path) = emulated_file(Choices {
+        conv: Some("ws".into()),
+        conv_halo: Some(true),
+        ..Choices::default()
+    });
     // A TAEHV of widths 64, 32, 16, 16: its first stage has the 64-channel convs the halo conv
     // takes, the others go to the warp-specialized conv.
     let dec = Decoder::synthetic(DecoderKind::Taehv, 16, 9);

@@ -232,10 +232,24 @@ pub fn devices_report(devices: &[device::DeviceInfo]) -> Vec<String> {
     if TuningSource::from_env() == TuningSource::Off {
         return vec!["tuning: off (BC_TUNING=off)".into()];
     }
-    let Some(path) = tuning_path(None) else {
+    devices_report_with(
+        tuning_path(None).as_deref(),
+        device::driver_version().ok(),
+        devices,
+    )
+}
+
+/// [`devices_report`] for the file `path` (`None`: no location) under driver version
+/// `driver`.
+pub fn devices_report_with(
+    path: Option<&std::path::Path>,
+    driver: Option<i32>,
+    devices: &[device::DeviceInfo],
+) -> Vec<String> {
+    let Some(path) = path else {
         return vec!["tuning: no file location (set BC_TUNING_FILE or HOME)".into()];
     };
-    let file = match TuningFile::load(&path) {
+    let file = match TuningFile::load(path) {
         Ok(Some(f)) => f,
         Ok(None) => {
             return vec![format!(
@@ -245,7 +259,6 @@ pub fn devices_report(devices: &[device::DeviceInfo]) -> Vec<String> {
         }
         Err(e) => return vec![format!("tuning: {e}")],
     };
-    let driver = device::driver_version().ok();
     devices
         .iter()
         .map(|d| {
@@ -323,6 +336,43 @@ mod tests {
         // Options in code win too.
         let t = attention_tuning(&parsed(), Some(AttentionTile::Rows64), Some(3), &env(&[]));
         assert_eq!((t.tile, t.split), (None, None));
+    }
+
+    #[test]
+    fn info_devices_names_the_entry_of_each_gpu() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tuning.json");
+        let dev = |ordinal, name: &str| device::DeviceInfo {
+            ordinal,
+            name: name.into(),
+            total_mem: 0,
+            capability: (9, 0),
+            pci_bus_id: String::new(),
+        };
+        let devs = [dev(0, "NVIDIA H200"), dev(1, "NVIDIA H100")];
+        let none = devices_report_with(Some(&path), Some(13000), &devs);
+        assert!(none.len() == 1 && none[0].contains("no file"), "{none:?}");
+        let mut f = TuningFile::default();
+        f.insert(crate::tune::file::Entry {
+            key: TuningKey::new("NVIDIA H200", Some((9, 0)), Some(13000)),
+            tuned_at: 0,
+            choices: Choices {
+                attention: Some("ws".into()),
+                ..Choices::default()
+            },
+            measured: Vec::new(),
+        });
+        f.save(&path).unwrap();
+        let lines = devices_report_with(Some(&path), Some(13000), &devs);
+        assert!(lines[0].starts_with("tuning: device 0") && lines[0].ends_with("attention=ws"));
+        assert!(lines[1].contains("no entry"), "{lines:?}");
+        // Another driver: the entry does not apply.
+        let lines = devices_report_with(Some(&path), Some(12080), &devs);
+        assert!(lines[0].contains("no entry"), "{lines:?}");
+        std::fs::write(&path, "garbage").unwrap();
+        let bad = devices_report_with(Some(&path), Some(13000), &devs);
+        assert!(bad.len() == 1 && bad[0].contains("rerun `blockcascade tune`"));
+        assert!(devices_report_with(None, None, &devs)[0].contains("no file location"));
     }
 
     #[test]

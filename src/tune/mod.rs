@@ -386,6 +386,10 @@ pub fn tune(opts: &TuneOptions, progress: &mut dyn FnMut(&str)) -> Result<TuneRe
             }))
             .collect(),
     };
+    // Read again: another tune (another device) may have written it while this one measured.
+    if let Some(now) = TuningFile::load(&path)? {
+        tf = now;
+    }
     tf.insert(entry.clone());
     tf.save(&path)?;
     Ok(TuneReport { path, entry, rows })

@@ -654,12 +654,13 @@ fn attention_tile_choice(
     if hopper && flag == Some("1") {
         return Ok((wgmma()?, None));
     }
-    let emulated_tuned = copts.emulate && tuned.is_some();
-    if (hopper || emulated_tuned)
-        && flag != Some("0")
-        && copts.attention_tile.is_none()
-        && (!copts.emulate || emulated_tuned)
-    {
+    // The emulated device runs a wgmma tile by default only when its tuning entry chose one.
+    let wgmma_default = if copts.emulate {
+        tuned.is_some()
+    } else {
+        hopper
+    };
+    if wgmma_default && flag != Some("0") && copts.attention_tile.is_none() {
         return Ok((wgmma()?, None));
     }
     Ok(match copts.attention_tile {

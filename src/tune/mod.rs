@@ -433,7 +433,9 @@ pub fn probe_main(probe: &str, spec: &str) -> (String, bool) {
 }
 
 /// A probe child dies with its parent (an interrupted tune leaves no child behind: the
-/// children run in their own process group, out of reach of the terminal's Ctrl-C).
+/// children run in their own process group, out of reach of the terminal's Ctrl-C). The parent
+/// passes its process id in `BC_TUNE_PARENT`: a child whose parent is already another one
+/// (the tune died before the `prctl`) exits at once.
 #[cfg(target_os = "linux")]
 fn die_with_parent() {
     // SAFETY: plain prctl/getppid calls on this process.

@@ -383,6 +383,24 @@ fn attention_probe(
     Ok((ms, s.flops(), rel_err(&want, &got)?))
 }
 
+/// The launch a conv candidate makes of the base wgmma conv's launch `l`: the persistent halo
+/// conv (`ctas` blocks at most) where it fits and `halo` is on, else with `ws` the
+/// warp-specialized conv, else `l`.
+fn conv_candidate_launch(
+    l: launch::Launch<crate::kernels::params::BcConvParams>,
+    ws: bool,
+    halo: bool,
+    ctas: u32,
+) -> crate::kernels::LaunchResult<launch::Launch<crate::kernels::params::BcConvParams>> {
+    if halo && launch::conv_halo_fits(&l) {
+        launch::conv_halo(l, ctas)
+    } else if ws {
+        launch::conv_ws(l)
+    } else {
+        Ok(l)
+    }
+}
+
 /// Times the conv layers of `spec` on the wgmma conv, warp-specialized with `ws`, with the
 /// persistent halo conv for the layers that fit it with `halo`, against the base wgmma conv:
 /// (the layers' median ms summed, their FLOPs, the largest relative error).
@@ -448,16 +466,7 @@ fn conv_probe(
             )
         };
         let ctas = u32::try_from(gpu.sm_count()).unwrap_or(1).max(1);
-        let candidate = |o: DevPtr| {
-            let l = base(o)?;
-            if halo && launch::conv_halo_fits(&l) {
-                launch::conv_halo(l, ctas)
-            } else if ws {
-                launch::conv_ws(l)
-            } else {
-                Ok(l)
-            }
-        };
+        let candidate = |o: DevPtr| conv_candidate_launch(base(o)?, ws, halo, ctas);
         ops::run(gpu, base(out_ref))?;
         gpu.sync()?;
         let want = download_f32(gpu, out_ref, px * layer.cout)?;
@@ -470,4 +479,73 @@ fn conv_probe(
         flops += layer.flops();
     }
     Ok((total_ms, flops, worst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::Kernel;
+
+    /// The conv candidates really launch their kernels on the layers tuned: the halo conv on
+    /// TAEHV's two 64-channel layers (real and tiny), the warp-specialized conv on the others.
+    #[test]
+    fn conv_candidates_launch_the_halo_and_ws_kernels() {
+        let (_, tiny) = super::super::tiny_spec();
+        for layer in super::super::real_convs().iter().chain(&tiny) {
+            let src = |i: usize| ConvSource {
+                x: (0x10000 * (i + 1)) as *const _,
+                channels: layer.cin,
+                stride: layer.cin,
+                c0: if layer.time_taps { 0 } else { i * layer.cin },
+                t: if layer.time_taps { i } else { 0 },
+                up: false,
+            };
+            let srcs: Vec<ConvSource> = (0..layer.sources).map(src).collect();
+            let shape = if layer.time_taps {
+                ConvShape::new(layer.cout, layer.cin, layer.sources, 3, 3)
+            } else {
+                ConvShape::new(layer.cout, layer.cin * layer.sources, 1, 3, 3)
+            };
+            let base = launch::conv_on(
+                &srcs,
+                0x100000 as *const _,
+                shape,
+                (layer.h, layer.w),
+                ConvEpilogue {
+                    bias: 0x200000 as *const f32,
+                    res: std::ptr::null(),
+                    res_stride: 0,
+                    act: BC_ACT_NONE,
+                },
+                ConvOut {
+                    out: 0x300000 as *mut _,
+                    f32: false,
+                    stride: layer.cout,
+                    split: layer.cout,
+                    frame_stride: layer.h * layer.w * layer.cout,
+                    cstride: 1,
+                    frames: 1,
+                },
+                true,
+            )
+            .unwrap();
+            let k = |ws, halo| conv_candidate_launch(base, ws, halo, 132).unwrap().kernel;
+            let taehv = layer.cout == 64;
+            assert_eq!(
+                k(false, true) == Kernel::ConvHaloN64,
+                taehv,
+                "{}: halo",
+                layer.name
+            );
+            assert!(
+                matches!(
+                    k(true, false),
+                    Kernel::ConvWgmmaWs | Kernel::ConvWgmmaWsN96 | Kernel::ConvWgmmaWsN64
+                ),
+                "{}: ws",
+                layer.name
+            );
+            assert_eq!(k(false, false), base.kernel, "{}: base", layer.name);
+        }
+    }
 }

@@ -401,3 +401,27 @@ fn the_decoder_launches_the_tuned_convs() {
     assert!(launches("bc_conv_halo_n64") > 0, "{prof:?}");
     assert!(launches("bc_conv_wgmma_ws") > 0, "{prof:?}");
 }
+
+/// Bad arguments are one error line, before any child runs or any file is written.
+#[test]
+fn bad_tune_arguments_are_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.json");
+    for (args, want) in [
+        (&["--only", "gemm"][..], "--only"),
+        (&["--timeout-s", "0"][..], "--timeout-s"),
+        (&["--timeout-s", "nan"][..], "--timeout-s"),
+    ] {
+        let o = bin()
+            .args(["tune", "--emulate", "--out"])
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{err}");
+        assert!(!path.exists());
+    }
+}

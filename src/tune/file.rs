@@ -189,7 +189,7 @@ pub struct Measured {
     /// Median milliseconds (`ok` and `differs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ms: Option<f64>,
-    /// Relative L2 error against the reference.
+    /// The largest relative error against the reference (`probe::max_rel_err`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub err: Option<f64>,
 }

@@ -51,8 +51,8 @@ all="wgmma tests sanitizer bench pytorch ncu"
 [ $mode = parts ] || all="wgmma tests bench pytorch ncu sanitizer" # the order device mode runs them in
 parts="${*:-$all}"
 for p in $parts; do
-    case "$p" in wgmma|tests|sanitizer|bench|pytorch|ncu) ;;
-        *) echo "run.sh: unknown part '$p' (run.sh [device] [wgmma tests sanitizer bench pytorch ncu])" >&2; exit 64;;
+    case "$p" in wgmma|tests|sanitizer|bench|pytorch|ncu|tune) ;;
+        *) echo "run.sh: unknown part '$p' (run.sh [device] [wgmma tests sanitizer bench pytorch ncu tune])" >&2; exit 64;;
     esac
 done
 want() { [[ " $parts " == *" $1 "* ]]; }
@@ -66,9 +66,9 @@ reserve=15 # seconds kept back for the kill grace of a timed-out part, the summa
 # caps. Estimated times on an H100/H200 (docs/gpu-bundle.md): tests ~40 s, bench
 # ~45 s, pytorch ~25 s, memcheck and racecheck ~30-60 s each.
 declare -A cap=([wgmma]=${BC_CAP_WGMMA:-60} [tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-180} [pytorch]=${BC_CAP_PYTORCH:-90} [ncu]=${BC_CAP_NCU:-140}
-    [memcheck]=${BC_CAP_MEMCHECK:-90} [racecheck]=${BC_CAP_RACECHECK:-90})
-declare -A need=([wgmma]=15 [tests]=45 [bench]=45 [pytorch]=30 [ncu]=40 [memcheck]=30 [racecheck]=30)
-declare -A cap_full=([wgmma]=120 [tests]=570 [bench]=570 [pytorch]=570 [ncu]=570 [memcheck]=270 [racecheck]=270)
+    [memcheck]=${BC_CAP_MEMCHECK:-90} [racecheck]=${BC_CAP_RACECHECK:-90} [tune]=${BC_CAP_TUNE:-240})
+declare -A need=([wgmma]=15 [tests]=45 [bench]=45 [pytorch]=30 [ncu]=40 [memcheck]=30 [racecheck]=30 [tune]=60)
+declare -A cap_full=([wgmma]=120 [tests]=570 [bench]=570 [pytorch]=570 [ncu]=570 [memcheck]=270 [racecheck]=270 [tune]=570)
 
 # A relative BC_LOGS is relative to where run.sh was started; the default is logs/ here.
 [ -n "${BC_LOGS:-}" ] || cd "$here" || exit 70
@@ -213,12 +213,16 @@ summary() {
     else
         echo "-- parts"
     fi
-    for f in wgmma tests bench pytorch ncu memcheck racecheck; do
+    for f in wgmma tests bench pytorch ncu memcheck racecheck tune; do
         ok=$(grep -m1 "^$f|" "$logs"/parts.txt | cut -d'|' -f2-)
         [ -z "$ok" ] || printf '  %-10s %s\n' "$f" "$ok"
     done
     echo "-- devices (blockcascade info --devices)"
     sed 's/^/  /' "$logs"/devices.txt 2>/dev/null | head -n 20
+    if [ -s "$logs"/tune.log ]; then
+        echo "-- tune (blockcascade tune: every variant in its own process; * chosen)"
+        grep -E '^(family|attention|split|conv|chosen:|written:|error)' "$logs"/tune.log | sed 's/^/  /'
+    fi
     echo "-- wgmma layouts (sm_90a probe, run first: every layout must PASS before a wgmma kernel is trusted)"
     if [ "$1" = compact ]; then
         tagged WGMMA "$logs"/wgmma.log | grep -v ' PASS ' | cut -c1-200 | sed 's/^/  /'
@@ -677,6 +681,14 @@ if want sanitizer; then
             finish "$tool" "$log" "$(grep -m1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | sed 's/^=* *//')"
         fi
     done
+fi
+
+# --- tune (opt-in, never in the default parts: `run.sh device tune`) ------------------------
+# `blockcascade tune`: every Hopper kernel variant in its own child process (30 s timeout each),
+# the table in tune.log, the file in the logs (tuning.json); a hung or faulting variant is a row
+# of the table, not a failure of the part.
+if want tune && run_part tune "$logs"/tune.log ./bin/blockcascade tune --out "$logs/tuning.json" --timeout-s 30; then
+    finish tune "$logs"/tune.log "$(grep -m1 '^chosen:' "$logs"/tune.log)"
 fi
 
 # --- result ------------------------------------------------------------------------------

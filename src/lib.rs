@@ -32,6 +32,7 @@ pub mod serve;
 pub mod stream;
 pub mod tensorfile;
 pub mod text;
+pub mod tune;
 pub mod video;
 pub mod weights;
 pub mod window;

@@ -28,20 +28,6 @@ fn run(schedule: Schedule, mode: AttentionMode, graphs: bool) -> Vec<f32> {
     )
 }
 
-/// The golden case with `schedule` and `mode` through the CUDA backend with options `co`.
-fn run_opts(schedule: Schedule, mode: AttentionMode, co: CudaOptions) -> Vec<f32> {
-    set_session_options(Some(co));
-    let g = golden();
-    let mut o = g.opts.clone();
-    o.schedule = schedule;
-    o.attention = mode;
-    o.backend = BackendKind::Cuda;
-    let res = Generator::new(g.engine.model(), o.clone(), g.noise.clone(), &g.prompt)
-        .and_then(|gen| gen.generate(g.frames / o.block_frames));
-    set_session_options(None);
-    res.unwrap().0
-}
-
 #[test]
 fn golden_case_through_the_emulated_cuda_backend() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,4 +1,5 @@
-//! The `blockcascade` command line: `generate`, `plan`, `info`, `bench`.
+//! The `blockcascade` command line: `generate`, `plan`, `info`, `bench`, `decode`,
+//! `encode-prompt`, `tune`, `serve`.
 
 use blockcascade::bench;
 use blockcascade::cascade::Plan;
@@ -50,6 +51,9 @@ enum Cmd {
     Decode(DecodeArgs),
     /// Encode a text prompt with the umT5 text encoder to prompt embeddings.
     EncodePrompt(EncodePromptArgs),
+    /// Measure the Hopper kernel variants on a GPU (each in its own child process) and write
+    /// the fastest correct ones to the tuning file the CUDA backend and decoder apply.
+    Tune(TuneArgs),
     /// Serve live streams to a browser page and WebSocket clients (see docs/server.md).
     ///
     /// Streams need local attention (bounded memory): without --local-attn (or with -1) they
@@ -526,6 +530,106 @@ struct BenchArgs {
     switch_encode_threads: String,
 }
 
+#[derive(clap::Args)]
+struct TuneArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Model directory (or its config.json) whose heads set the attention shape (default:
+    /// Wan-1.3B, 12 x 128).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The tuning file to write (default: $BC_TUNING_FILE, else
+    /// $XDG_CACHE_HOME/blockcascade/tuning.json, else ~/.cache/blockcascade/tuning.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Wall-clock limit of each candidate's child process, in seconds (it is killed after).
+    #[arg(long, default_value_t = 60.0)]
+    timeout_s: f64,
+    /// Timed launches per candidate (the median counts).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Only these families, comma-separated: attention, split, conv.
+    #[arg(long)]
+    only: Option<String>,
+    /// Measure the emulated device at tiny shapes (for tests: no GPU timing is meaningful).
+    #[arg(long)]
+    emulate: bool,
+    /// Probe child: FAMILY=CANDIDATE (internal).
+    #[arg(long, hide = true, requires = "spec")]
+    probe: Option<String>,
+    /// Probe child: the shapes as JSON (internal).
+    #[arg(long, hide = true, requires = "probe")]
+    spec: Option<String>,
+}
+
+/// `tune`: every candidate in a child process, the table on stdout, the file written.
+fn tune_cmd(a: TuneArgs) -> Result<()> {
+    use blockcascade::tune;
+    if let (Some(p), Some(s)) = (&a.probe, &a.spec) {
+        let (line, ok) = tune::probe_main(p, s);
+        println!("{line}");
+        std::io::stdout()
+            .flush()
+            .map_err(|e| Error::io("stdout", e))?;
+        return if ok {
+            Ok(())
+        } else {
+            Err(Error::Device(format!("probe {p} failed")))
+        };
+    }
+    if !(a.timeout_s.is_finite() && a.timeout_s > 0.0) {
+        return Err(Error::invalid(format!(
+            "--timeout-s {}: expected a positive number of seconds",
+            a.timeout_s
+        )));
+    }
+    let model = match &a.model {
+        Some(m) => {
+            let path = if m.is_dir() {
+                m.join("config.json")
+            } else {
+                m.clone()
+            };
+            Some(blockcascade::ModelConfig::load(&path)?)
+        }
+        None => None,
+    };
+    let families = match &a.only {
+        Some(list) => list
+            .split(',')
+            .map(|f| {
+                tune::Family::parse(f).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "--only {list:?}: expected attention, split or conv, comma-separated"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
+    let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
+    let opts = tune::TuneOptions {
+        device: a.device,
+        emulate: a.emulate,
+        tiny: a.emulate,
+        model,
+        timeout: std::time::Duration::from_secs_f64(a.timeout_s),
+        reps: a.reps,
+        families,
+        out: a.out.clone(),
+        exe,
+    };
+    let report = tune::tune(&opts, &mut |l| eprintln!("{l}"))?;
+    print!("{}", tune::table(&report.rows));
+    println!(
+        "chosen: {}\nwritten: {}",
+        report.entry.choices.describe(),
+        report.path.display()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -535,6 +639,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench_cmd(a),
         Cmd::Decode(a) => decode_cmd(a),
         Cmd::EncodePrompt(a) => encode_prompt(a),
+        Cmd::Tune(a) => tune_cmd(a),
         #[cfg(feature = "serve")]
         Cmd::Serve(a) => serve(*a),
     };
@@ -964,6 +1069,10 @@ fn plan(a: PlanArgs) -> Result<()> {
 /// `info --devices`: CUDA devices, peer access and the link between each pair.
 fn info_devices() -> Result<()> {
     print!("{}", blockcascade::backend::cuda::info::devices_report()?);
+    let (devs, _) = blockcascade::backend::cuda::info::list_devices()?;
+    for l in blockcascade::tune::apply::devices_report(&devs) {
+        println!("{l}");
+    }
     Ok(())
 }
 

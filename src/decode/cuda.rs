@@ -43,6 +43,7 @@ use super::{DecodeDevice, Decoder, Inner};
 use crate::backend::cuda::device::{env_flag, DevPtr, Gpu, Graph, Mark};
 use crate::kernels::launch::{self, ConvEpilogue, ConvOut, ConvShape, ConvSource, Launch};
 use crate::kernels::{Kernel, LaunchResult};
+use crate::tune::apply::{self, TuningSource};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -232,6 +233,8 @@ struct Dev {
     conv_halo: bool,
     /// Upsample convs run in the sub-pixel (parity) form (see [`conv_parity_default`]).
     conv_parity: bool,
+    /// The tuning entry applied to the conv flags, as its stderr line says.
+    tuning: Option<String>,
     /// Launches and copies a `Mode::Measure` walk would have submitted.
     measured: u64,
     /// Both decoders decode a push's latent frames in blocks of up to [`CHUNK_LATENTS`], each
@@ -299,13 +302,35 @@ fn conv_wgmma_default(gpu: &Gpu) -> bool {
         && gpu.compute_capability() == Some((9, 0))
 }
 
+/// The conv choices of `gpu`'s tuning entry from `source` that the environment leaves open
+/// ([`crate::tune::apply::conv_tuning`]), with the line that says what was applied (printed
+/// once to stderr); `None` without an entry.
+fn conv_tuning(gpu: &Gpu, source: &TuningSource) -> Result<Option<(apply::ConvTuning, String)>> {
+    let Some(a) = apply::load(gpu, source)? else {
+        return Ok(None);
+    };
+    let t = apply::conv_tuning(&a.parsed, &apply::env_set);
+    let line = apply::describe(&a, &t.notes);
+    apply::note(&line);
+    Ok(Some((t, line)))
+}
+
 impl Dev {
     fn new(gpu: Gpu) -> Result<Dev> {
         let conv_wgmma = conv_wgmma_default(&gpu);
         let conv_tma = conv_tma_default(&gpu);
-        let conv_ws = conv_ws_default(&gpu)?;
-        let conv_halo = conv_halo_default(&gpu);
+        let mut conv_ws = conv_ws_default(&gpu)?;
+        let mut conv_halo = conv_halo_default(&gpu);
+        let mut tuning = None;
+        if conv_wgmma {
+            if let Some((t, line)) = conv_tuning(&gpu, &TuningSource::Auto)? {
+                conv_ws = t.ws.unwrap_or(conv_ws);
+                conv_halo = t.halo.unwrap_or(conv_halo);
+                tuning = Some(line);
+            }
+        }
         Ok(Dev {
+            tuning,
             gpu,
             weight_bytes: 0,
             pool: Vec::new(),
@@ -1231,6 +1256,35 @@ impl CudaDecoder {
         self.drop_graphs_if(self.dev.conv_halo != on)?;
         self.dev.conv_halo = on;
         Ok(())
+    }
+
+    /// Applies the conv choices of this device's entry in the tuning file `source` names
+    /// (`blockcascade tune`; a new decoder on a real Hopper device applies
+    /// [`TuningSource::Auto`] itself) where the environment leaves them open
+    /// (`BC_CONV_WGMMA_VARIANT`, `BC_CONV_HALO` win), while the wgmma convolution is on. Returns
+    /// what was applied (`None`: no entry, or the wgmma conv is off); a malformed file is an
+    /// error naming it.
+    pub fn apply_tuning(&mut self, source: &TuningSource) -> Result<Option<String>> {
+        if !self.dev.conv_wgmma {
+            return Ok(None);
+        }
+        let Some((t, line)) = conv_tuning(&self.dev.gpu, source)? else {
+            return Ok(None);
+        };
+        if let Some(ws) = t.ws {
+            self.set_conv_ws(ws)?;
+        }
+        if let Some(h) = t.halo {
+            self.set_conv_halo(h)?;
+        }
+        self.dev.tuning = Some(line.clone());
+        Ok(Some(line))
+    }
+
+    /// What the conv flags took from the tuning file (`tuning: FILE: DEVICE: conv=ws,
+    /// conv_halo=off`); `None` when no entry applied.
+    pub fn tuning(&self) -> Option<&str> {
+        self.dev.tuning.as_deref()
     }
 
     /// Convolution FLOPs launched since the decoder was made (the work a benchmark divides by

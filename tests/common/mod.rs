@@ -161,3 +161,23 @@ pub fn c_generate(s: *mut blockcascade::ffi::sys::bc_session, blocks: u32) -> Ve
     assert_eq!(st, blockcascade::ffi::sys::BC_OK, "{}", last_error());
     out
 }
+
+/// The golden case with `schedule` and `mode` through the CUDA backend with options `co`
+/// (set as the session's options for the run: callers serialize).
+pub fn run_opts(
+    schedule: blockcascade::Schedule,
+    mode: blockcascade::AttentionMode,
+    co: blockcascade::backend::cuda::CudaOptions,
+) -> Vec<f32> {
+    use blockcascade::backend::cuda::set_session_options;
+    set_session_options(Some(co));
+    let g = golden();
+    let mut o = g.opts.clone();
+    o.schedule = schedule;
+    o.attention = mode;
+    o.backend = blockcascade::config::BackendKind::Cuda;
+    let res = blockcascade::Generator::new(g.engine.model(), o.clone(), g.noise.clone(), &g.prompt)
+        .and_then(|gen| gen.generate(g.frames / o.block_frames));
+    set_session_options(None);
+    res.unwrap().0
+}

@@ -21,7 +21,7 @@ fn pm<T>(d: DevPtr) -> *mut T {
 
 /// Launches `l` on `g`; a size that does not fit the params is an
 /// [`Error::InvalidArgument`].
-fn run<P>(g: &Gpu, l: LaunchResult<Launch<P>>) -> Result<()> {
+pub(crate) fn run<P>(g: &Gpu, l: LaunchResult<Launch<P>>) -> Result<()> {
     let l = l.map_err(|e| Error::InvalidArgument(format!("{}: {}", e.kernel, e.message)))?;
     // SAFETY: the callers of the launchers below pass device buffers of the documented sizes.
     unsafe { g.launch(l.kernel, l.grid, l.block, &l.params) }

@@ -9,6 +9,7 @@ use crate::config::GenerateOptions;
 use crate::kernels::launch::AttentionTile;
 #[cfg(doc)]
 use crate::model::PromptContext;
+use crate::tune::apply::TuningSource;
 use crate::{Error, Result};
 use std::sync::Mutex;
 
@@ -66,6 +67,10 @@ pub struct CudaOptions {
     /// device it is placed on); off (`BC_HOST_LATENTS=1`): the flows come back every tick and
     /// the executor steps on the host, as the CPU backend does. Both give the same bits.
     pub device_latents: bool,
+    /// Where the tuned kernel choices come from (`blockcascade tune`, [`crate::tune`]): by
+    /// default the tuning file of a real device (`BC_TUNING=off` turns it off); options above
+    /// and environment variables that pick a variant win over it.
+    pub tuning: TuningSource,
 }
 
 impl Default for CudaOptions {
@@ -84,6 +89,7 @@ impl Default for CudaOptions {
             attention_split: None,
             double_kv: true,
             device_latents: true,
+            tuning: TuningSource::Auto,
         }
     }
 }
@@ -91,7 +97,7 @@ impl Default for CudaOptions {
 impl CudaOptions {
     /// Defaults overridden by `BC_CUDA_DEVICE`, `BC_NO_GRAPHS=1`, `BC_CUDA_CACHE_FRAMES`,
     /// `BC_CUDA_EMULATE=1`, `BC_NO_GEMM_EPILOGUE=1`, `BC_NO_GELU_EPILOGUE=1`,
-    /// `BC_HOST_PROMPT_CONTEXT=1`, `BC_HOST_LATENTS=1`.
+    /// `BC_HOST_PROMPT_CONTEXT=1`, `BC_HOST_LATENTS=1`, `BC_TUNING=off`.
     pub fn from_env() -> Self {
         let mut o = CudaOptions::default();
         let num = |k: &str| {
@@ -123,6 +129,7 @@ impl CudaOptions {
         if device::env_flag("BC_HOST_LATENTS") {
             o.device_latents = false;
         }
+        o.tuning = TuningSource::from_env();
         // An unknown value is an error at open (`env_attention_tile`).
         o.attention_tile = env_attention_tile().ok().flatten();
         o

@@ -97,6 +97,8 @@ pub struct CudaBackend<'m> {
     pub(super) attn_auto: Option<attention_tune::AutoTile>,
     /// The window K/V buffers of odd layers when double-buffered ([`Self::kv_bufs`]).
     pub(super) kv_odd: Option<(DevPtr, DevPtr)>,
+    /// The tuning entry applied at open, as its stderr line says (`None`: none applied).
+    pub(super) tuning: Option<String>,
     /// The latents of the blocks being denoised, on the device ([`CudaOptions::device_latents`]).
     pub(super) res: super::resident::Resident,
     /// Which timesteps' embeddings the device table holds.
@@ -148,6 +150,8 @@ impl<'m> CudaBackend<'m> {
         };
         gpu.fused_epilogues = copts.fuse_bias;
         gpu.gelu_epilogue = copts.fuse_gelu;
+        let mut copts = copts;
+        let (tuned_tile, tuning) = apply_tuning(&gpu, &mut copts)?;
         let sz = memory::Sizes::new(opts, &copts, d)?;
         let geom = KvCache::new(0, sz.tpf * d, opts.local_attn, opts.sink)?;
         let plan = memory::RunPlan::new(c, &sz);
@@ -187,7 +191,7 @@ impl<'m> CudaBackend<'m> {
                 cache_v,
             })
             .collect();
-        let (attn_tile, attn_auto) = attention_tile_choice(&gpu, &copts, ordinal)?;
+        let (attn_tile, attn_auto) = attention_tile_choice(&gpu, &copts, ordinal, tuned_tile)?;
         let res = super::resident::Resident::new(
             b.lat_slots,
             sz.max_members,
@@ -228,6 +232,7 @@ impl<'m> CudaBackend<'m> {
             kv_odd: None,
             res,
             times,
+            tuning,
         })
     }
 
@@ -268,6 +273,12 @@ impl<'m> CudaBackend<'m> {
     /// tile, and before the first tick).
     pub fn attention_tune(&self) -> Option<&attention_tune::TuneResult> {
         self.attn_tune.as_ref()
+    }
+
+    /// What this session took from the tuning file (`blockcascade tune`): `tuning: FILE:
+    /// DEVICE: attention=ws, split=auto (BC_ATTN_SPLIT wins)`; `None` when no entry applied.
+    pub fn tuning(&self) -> Option<&str> {
+        self.tuning.as_deref()
     }
 
     /// Number of graphs captured so far.
@@ -613,10 +624,15 @@ fn ensure_fits(
 /// off (back to the tuned `mma.sync` tiles), `BC_ATTN_WGMMA=1` forces it over the option's tile,
 /// and `BC_ATTN_WGMMA_VARIANT` (`base`, `k128`, `pp`, `pp_k128`, `ws`:
 /// [`AttentionTile::wgmma_variant`]) picks another wgmma variant; off 9.0 the flags are ignored.
+///
+/// `tuned`: the wgmma variant of the device's tuning entry ([`apply_tuning`]), used where
+/// `BC_ATTN_WGMMA_VARIANT` is unset; on an emulated device (whose entry loads only from a file
+/// named explicitly) it makes the session run that wgmma variant.
 fn attention_tile_choice(
     gpu: &Gpu,
     copts: &CudaOptions,
     ordinal: usize,
+    tuned: Option<AttentionTile>,
 ) -> Result<(AttentionTile, Option<attention_tune::AutoTile>)> {
     if copts.attention_tile.is_none() {
         // A bad BC_ATTENTION_TILE is an error, unless the options chose a tile in code.
@@ -632,13 +648,19 @@ fn attention_tile_choice(
             .filter(|v| !v.trim().is_empty())
         {
             Some(v) => AttentionTile::wgmma_variant(Some(&v)).map_err(Error::invalid),
-            None => Ok(AttentionTile::WgmmaPpK128),
+            None => Ok(tuned.unwrap_or(AttentionTile::WgmmaPpK128)),
         }
     };
     if hopper && flag == Some("1") {
         return Ok((wgmma()?, None));
     }
-    if hopper && flag != Some("0") && copts.attention_tile.is_none() && !copts.emulate {
+    // The emulated device runs a wgmma tile by default only when its tuning entry chose one.
+    let wgmma_default = if copts.emulate {
+        tuned.is_some()
+    } else {
+        hopper
+    };
+    if wgmma_default && flag != Some("0") && copts.attention_tile.is_none() {
         return Ok((wgmma()?, None));
     }
     Ok(match copts.attention_tile {
@@ -649,4 +671,30 @@ fn attention_tile_choice(
             Some(attention_tune::AutoTile::new(ordinal, &gpu.name)),
         ),
     })
+}
+
+/// Loads the device's tuning entry ([`CudaOptions::tuning`]) and applies what the options and
+/// the environment left open ([`crate::tune::apply::attention_tuning`]): the key splits go into
+/// `copts.attention_split`, the wgmma variant is returned for [`attention_tile_choice`], with
+/// the line that says what was applied (printed once to stderr).
+fn apply_tuning(
+    gpu: &Gpu,
+    copts: &mut CudaOptions,
+) -> Result<(Option<AttentionTile>, Option<String>)> {
+    use crate::tune::apply;
+    let Some(a) = apply::load(gpu, &copts.tuning)? else {
+        return Ok((None, None));
+    };
+    let t = apply::attention_tuning(
+        &a.parsed,
+        copts.attention_tile,
+        copts.attention_split,
+        &apply::env_set,
+    );
+    if t.split.is_some() {
+        copts.attention_split = t.split;
+    }
+    let line = apply::describe(&a, &t.notes);
+    apply::note(&line);
+    Ok((t.tile, Some(line)))
 }

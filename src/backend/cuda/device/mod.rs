@@ -35,7 +35,8 @@ pub use super::dev_types::{DevPtr, Epilogue, GemmArgs, OutType};
 pub use gemm::{unfused_gemm_shapes, BIAS_BF16_ELEMS, GEMM_WORKSPACE};
 pub use graph::graph_replays;
 pub use probe::{
-    cublaslt_present, libraries_report, list_devices, probe, probe_driver, DeviceInfo, ProbeInfo,
+    cublaslt_present, driver_version, libraries_report, list_devices, probe, probe_driver,
+    DeviceInfo, ProbeInfo,
 };
 pub use streams::peer_copy_bytes;
 

@@ -78,6 +78,17 @@ pub fn probe_driver() -> Result<ProbeInfo> {
     })
 }
 
+/// The driver's CUDA version (`cuDriverGetVersion`: 13000 for 13.0), after [`probe_driver`].
+pub fn driver_version() -> Result<i32> {
+    probe_driver()?;
+    let mut driver = 0i32;
+    // SAFETY: an out pointer; the driver library is loaded (probe_driver succeeded).
+    unsafe { sys::cuDriverGetVersion(&mut driver) }
+        .result()
+        .map_err(|e| Error::Device(format!("cuDriverGetVersion failed: {e}")))?;
+    Ok(driver)
+}
+
 /// The CUDA libraries this process loaded: per library (libcuda, then cuBLASLt) a line with
 /// the file the loader mapped (from `/proc/self/maps`, after [`probe_driver`] and, when
 /// present, a cuBLASLt call have loaded them) and its version (`cuDriverGetVersion`,
@@ -85,13 +96,8 @@ pub fn probe_driver() -> Result<ProbeInfo> {
 /// run against the wrong cuBLASLt (not `.so.13`) is visible.
 pub fn libraries_report() -> Vec<String> {
     let mut out = Vec::new();
-    let mut driver = 0i32;
-    let cuda = match probe_driver() {
-        // SAFETY: an out pointer; the driver library is loaded (probe_driver succeeded).
-        Ok(_) => match unsafe { sys::cuDriverGetVersion(&mut driver) }.result() {
-            Ok(()) => format!("driver API {}.{}", driver / 1000, driver % 1000 / 10),
-            Err(e) => format!("cuDriverGetVersion failed: {e}"),
-        },
+    let cuda = match driver_version() {
+        Ok(driver) => format!("driver API {}.{}", driver / 1000, driver % 1000 / 10),
         Err(e) => e.to_string(),
     };
     let lt = if cublaslt_present() {

@@ -64,7 +64,9 @@ impl Family {
     pub fn candidates(self) -> &'static [&'static str] {
         match self {
             Family::Attention => &["pp_k128", "ws", "base", "k128", "pp"],
-            Family::Split => &["auto", "1", "2", "4"],
+            // No fixed counts: one measured on the bench shape would be forced on every launch
+            // (short windows included), where the model chooses per launch.
+            Family::Split => &["auto", "1"],
             Family::Conv => &["base", "ws", "halo", "ws_halo"],
         }
     }

@@ -571,32 +571,58 @@ fn print_bits_line(g: &mut Gpu, (want, got, n): (DevPtr, DevPtr, usize), what: &
     );
 }
 
-/// TAEHV's two 64-channel 3x3 layers at 480x832 as the decoder launches them (64 -> 64 over one
-/// source; the MemBlock's 128 -> 64 over `cat[x, past]` as two 64-channel sources, residual and
-/// ReLU) on `bc_conv_wgmma_n64` and on the persistent halo conv `bc_conv_halo_n64` (one block
-/// per SM), in TFLOP/s; `CONV halo ... bits vs bc_conv_wgmma_n64 ... PASS/FAIL`: the outputs
-/// must be identical.
+/// TAEHV's 3x3 layers to 64 channels as the decoder launches them (64 -> 64 over one source;
+/// the MemBlock's 128 -> 64 over `cat[x, past]` as two 64-channel sources, residual and ReLU;
+/// the convs after an `Upsample` in their dense form, reading through the upsample: 64 -> 64 at
+/// 480x832 and 128 -> 64 at 240x416) on `bc_conv_wgmma_n64` and on the persistent halo conv
+/// `bc_conv_halo_n64` (one block per SM, tiles claimed from a counter pair), in TFLOP/s;
+/// `CONV halo ... bits vs bc_conv_wgmma_n64 ... PASS/FAIL`: the outputs must be identical.
 fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
     use blockcascade::kernels::launch::{
         conv_halo, conv_on, ConvEpilogue, ConvOut, ConvShape, ConvSource,
     };
-    let (h, w, cout) = (480, 832, 64);
+    let cout = 64;
     let ctas = u32::try_from(g.sm_count())
         .ok()
         .filter(|&c| c > 0)
         .unwrap_or(u32::MAX);
+    // Zeroed once; every launch leaves it zero.
+    let ctr = g.alloc(8).unwrap();
+    g.memset(ctr, 0, 8).unwrap();
     let mut rows = Vec::new();
-    for (i, (name, nsrc)) in [
-        ("taehv 64->64 @480x832", 1),
-        ("taehv memblock 2x64->64 @480x832", 2),
+    // (name, output size, channels per source, read through a 2x upsample)
+    for (i, (name, (h, w), chans, upsampled)) in [
+        ("taehv 64->64 @480x832", (480, 832), &[64][..], false),
+        (
+            "taehv memblock 2x64->64 @480x832",
+            (480, 832),
+            &[64, 64][..],
+            false,
+        ),
+        (
+            "taehv up 64->64 @480x832 dense",
+            (480, 832),
+            &[64][..],
+            true,
+        ),
+        (
+            "taehv up 128->64 @240x416 dense",
+            (240, 416),
+            &[128][..],
+            true,
+        ),
     ]
     .into_iter()
     .enumerate()
     {
+        let nsrc = chans.len();
         let seed = 90 + 4 * i as u64;
-        let cin = 64 * nsrc;
-        let srcs: Vec<DevPtr> = (0..nsrc)
-            .map(|s| rand_bf16(g, h * w * 64, 1.0, seed + s as u64))
+        let cin: usize = chans.iter().sum();
+        let px = if upsampled { (h / 2) * (w / 2) } else { h * w };
+        let srcs: Vec<DevPtr> = chans
+            .iter()
+            .enumerate()
+            .map(|(s, &c)| rand_bf16(g, px * c, 1.0, seed + s as u64))
             .collect();
         let wv = randn_par(
             cout * 9 * cin,
@@ -612,14 +638,15 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
         let outs: Vec<DevPtr> = (0..2).map(|_| g.alloc(h * w * cout * 2).unwrap()).collect();
         let ls: Vec<ConvSource> = srcs
             .iter()
+            .zip(chans)
             .enumerate()
-            .map(|(s, &x)| ConvSource {
+            .map(|(s, (&x, &c))| ConvSource {
                 x: x as *const _,
-                channels: 64,
-                stride: 64,
+                channels: c,
+                stride: c,
                 c0: 64 * s,
                 t: 0,
-                up: false,
+                up: upsampled,
             })
             .collect();
         let fl = 2.0 * (h * w * cout * 9 * cin) as f64;
@@ -648,7 +675,7 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
             )
             .unwrap();
             let l = if k == 1 {
-                conv_halo(l, ctas).unwrap()
+                conv_halo(l, ctas, ctr as *mut u32).unwrap()
             } else {
                 l
             };
@@ -677,6 +704,7 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
         }
         g.free(bias).unwrap();
     }
+    g.free(ctr).unwrap();
     rows
 }
 

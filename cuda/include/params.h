@@ -673,8 +673,9 @@ typedef struct BcT5AttentionParams {
 #define BC_CONV_HALO_TW 16
 /** Threads per block of `bc_conv_halo_n64` (two warpgroups). */
 #define BC_CONV_HALO_THREADS 256
-/** Most k-steps (64 weight values each: one tap of a 64-channel source) whose weights
- * `bc_conv_halo_n64` keeps resident: two 64-channel sources x 9 taps (TAEHV's MemBlock conv). */
+/** Most k-steps (64 weight values each: 64 channels of one tap) whose weights
+ * `bc_conv_halo_n64` keeps resident: two 64-channel sources x 9 taps (TAEHV's MemBlock conv),
+ * or one 128-channel source x 9 taps x 2. */
 #define BC_CONV_HALO_MAX_KSTEPS 18
 /** Halo stages of `bc_conv_halo_n64` (the next (tile, source) halo loads while one is read). */
 #define BC_CONV_HALO_STAGES 2
@@ -782,6 +783,12 @@ typedef struct BcConvParams {
     bc_i32 frames;
     /** Padding, keep 0. */
     bc_i32 _pad;
+    /** `bc_conv_halo_n64` only (NULL elsewhere): two u32 in device memory, zero before the
+     * first launch that uses them: [0] the next tile to claim (its blocks take their tiles
+     * one atomicAdd at a time), [1] the blocks done; the last block to finish sets both back
+     * to 0, so the next launch on the same stream (or graph) finds them zero. Launches that
+     * may run at the same time need their own pair. */
+    unsigned int *tile_counter;
 } BcConvParams;
 
 /** `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16

@@ -1019,10 +1019,12 @@ pub struct BcConvParams {
     pub frames: bc_i32,
     #[doc = " Padding, keep 0."]
     pub _pad: bc_i32,
+    #[doc = " `bc_conv_halo_n64` only (NULL elsewhere): two u32 in device memory, zero before the\n first launch that uses them: [0] the next tile to claim (its blocks take their tiles\n one atomicAdd at a time), [1] the blocks done; the last block to finish sets both back\n to 0, so the next launch on the same stream (or graph) finds them zero. Launches that\n may run at the same time need their own pair."]
+    pub tile_counter: *mut ::std::os::raw::c_uint,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BcConvParams"][::std::mem::size_of::<BcConvParams>() - 208usize];
+    ["Size of BcConvParams"][::std::mem::size_of::<BcConvParams>() - 216usize];
     ["Alignment of BcConvParams"][::std::mem::align_of::<BcConvParams>() - 8usize];
     ["Offset of field: BcConvParams::src"][::std::mem::offset_of!(BcConvParams, src) - 0usize];
     ["Offset of field: BcConvParams::w"][::std::mem::offset_of!(BcConvParams, w) - 96usize];
@@ -1057,6 +1059,8 @@ const _: () = {
     ["Offset of field: BcConvParams::frames"]
         [::std::mem::offset_of!(BcConvParams, frames) - 200usize];
     ["Offset of field: BcConvParams::_pad"][::std::mem::offset_of!(BcConvParams, _pad) - 204usize];
+    ["Offset of field: BcConvParams::tile_counter"]
+        [::std::mem::offset_of!(BcConvParams, tile_counter) - 208usize];
 };
 #[doc = " `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16\n `[h*w][c]`, with `mode` 0: as they are, 1: TAEHV's `tanh(z/3)*3`, 2: the Wan VAE's\n un-normalisation `z / scale[c] + mean[c]` (`scale = 1/std`, divided as upstream does);\n flags a non-finite latent in `nonfinite`. Grid (ceil(c*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
 #[repr(C)]
@@ -1460,5 +1464,5 @@ const _: () = {
     ["Offset of field: BcConvTmaParams::conv"]
         [::std::mem::offset_of!(BcConvTmaParams, conv) - 512usize];
     ["Offset of field: BcConvTmaParams::tiles_x"]
-        [::std::mem::offset_of!(BcConvTmaParams, tiles_x) - 720usize];
+        [::std::mem::offset_of!(BcConvTmaParams, tiles_x) - 728usize];
 };

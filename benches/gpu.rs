@@ -1078,14 +1078,16 @@ fn main() {
         let open = || Gpu::open_kernels(0);
         // Each kernel with the upsample convs in the parity form (the default), then dense;
         // then the warp-specialized conv (`BC_CONV_WGMMA_VARIANT=ws`) in the parity form; last
-        // the persistent halo conv (`BC_CONV_HALO=1`: TAEHV's 64-channel 3x3 convs) with the
-        // wgmma conv for the rest, in the parity form.
+        // the persistent halo conv (`BC_CONV_HALO=1`: TAEHV's 3x3 convs to 64 channels) with
+        // the wgmma conv for the rest, in the parity form and dense (where it also takes the
+        // convs after the last two Upsamples: compare with `wgmma no-parity`).
         let configs = [(false, false), (true, false), (true, true)]
             .into_iter()
             .flat_map(|(w, t)| [(w, t, false, true, false), (w, t, false, false, false)])
             .chain([
                 (true, false, true, true, false),
                 (true, false, false, true, true),
+                (true, false, false, false, true),
             ]);
         for (wgmma, tma, ws, parity, halo) in configs {
             if wgmma && !conv_wgmma || tma && !conv_tma || ws && !conv_ws || halo && !conv_halo {

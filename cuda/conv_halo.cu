@@ -109,56 +109,67 @@ static_assert(CH_SMEM == BC_CONV_HALO_SMEM && CH_SMEM <= 232448, "params.h; 227 
 #if BC_HAS_WGMMA
 /// Every weight k-step of the launch into the resident layout (cout rows zero-filled past cout):
 /// source s's k-step j (tap j / kc, channels 64 (j % kc) on, kc = its channels / 64) in slot
-/// (the k-steps of the sources before it) + j, as bc_conv_wgmma_n64 walks them.
+/// (the k-steps of the sources before it) + j, as bc_conv_wgmma_n64 walks them; in the parity
+/// form parity z's 4 taps in slots 4z.. (one 64-channel source).
 __device__ __forceinline__ void ch_load_weights(const BcConvParams& p, bc_saddr wsm, int tid) {
-    const CvGeo geo = cv_geo_z(p, 0);
-    const long long ktot = (long long)p.kt * CH_TAPS * p.cin;
     int slot0 = 0;
-    for (int s = 0; s < p.num_src; ++s) {
-        const CvSrc src = cv_src(p, geo, s);
-        const int kc = src.channels / CW_BK, steps = CH_TAPS * kc;
-        for (int i = tid; i < steps * CH_BN * CW_CPR; i += CH_NT) {
-            const int j = i / (CH_BN * CW_CPR), n = i / CW_CPR % CH_BN, c = i % CW_CPR;
-            const int tap = j / kc, c0 = src.c0 + (j - tap * kc) * CW_BK;
-            const bool ok = n < p.cout;
-            const __nv_bfloat16* wk = p.w + (long long)(src.t * CH_TAPS + tap) * p.cin + c0 + 8 * c + n * ktot;
-            const unsigned dst = (unsigned)((slot0 + j) * CH_WSTEP + n * CW_ROWB + ((c ^ (n % 8)) << 4));
-            bc_cp_async16_zfill(wsm + dst, ok ? wk : p.w, ok ? 16 : 0);
+    for (int z = 0; z < (p.parity ? 4 : 1); ++z) {
+        const CvGeo geo = cv_geo_z(p, z);  // the parity form: parity z's 2x2 taps at geo.w0
+        const long long ktot = (long long)p.kt * geo.taps * p.cin;
+        for (int s = 0; s < p.num_src; ++s) {
+            const CvSrc src = cv_src(p, geo, s);
+            const int kc = src.channels / CW_BK, steps = geo.taps * kc;
+            for (int i = tid; i < steps * CH_BN * CW_CPR; i += CH_NT) {
+                const int j = i / (CH_BN * CW_CPR), n = i / CW_CPR % CH_BN, c = i % CW_CPR;
+                const int tap = j / kc, c0 = src.c0 + (j - tap * kc) * CW_BK;
+                const bool ok = n < p.cout;
+                const __nv_bfloat16* wk =
+                    p.w + geo.w0 + (long long)(src.t * geo.taps + tap) * p.cin + c0 + 8 * c + n * ktot;
+                const unsigned dst = (unsigned)((slot0 + j) * CH_WSTEP + n * CW_ROWB + ((c ^ (n % 8)) << 4));
+                bc_cp_async16_zfill(wsm + dst, ok ? wk : p.w, ok ? 16 : 0);
+            }
+            slot0 += steps;
         }
-        slot0 += steps;
     }
 }
 
-/// The halo of the tile at output pixel (y0, x0) of source `src` (KC x 64 channels) into the
-/// stage at `st`, channels 64 k on at plane k (st + k CH_STAGE). Halo pixel (y, x) at output
-/// resolution reads source pixel (y, x), or (y >> 1, x >> 1) of an upsampled source (the
-/// nearest 2x upsample, as cv_src_off); zero outside the output frame (the padding).
+/// The halo of the tile at grid pixel (y0, x0) of source `src` (KC x 64 channels) into the
+/// stage at `st`, channels 64 k on at plane k (st + k CH_STAGE). The grid is the output (plain)
+/// or the sources' own (h/2) x (w/2) pixels (the parity form). Halo pixel (y, x) of the plain
+/// grid reads source pixel (y, x), or (y >> 1, x >> 1) of an upsampled source (the nearest 2x
+/// upsample, as cv_src_off); of the parity grid, source pixel (y, x); zero outside the grid
+/// (the padding).
 template <int KC>
 __device__ __forceinline__ void ch_load_halo(const BcConvParams& p, const CvSrc& src, int y0, int x0, bc_saddr st,
                                              int tid) {
     constexpr int CPP = CW_CPR * KC;  // 16-byte chunks per halo pixel
-    const int sw = src.up ? p.w_px >> 1 : p.w_px, sh = src.up ? 1 : 0;
+    const int par = p.parity ? 1 : 0, gh = p.h >> par, gw = p.w_px >> par;
+    const int sw = src.up ? p.w_px >> 1 : p.w_px, sh = src.up && !par ? 1 : 0;
     for (int i = tid; i < CH_HPX * CPP; i += CH_NT) {
         const int hp = i / CPP, c = i % CPP;
         const int y = y0 - 1 + hp / CH_HW, x = x0 - 1 + hp % CH_HW;
-        const bool ok = y >= 0 && y < p.h && x >= 0 && x < p.w_px;
+        const bool ok = y >= 0 && y < gh && x >= 0 && x < gw;
         const __nv_bfloat16* a = ok ? src.x + ((size_t)(y >> sh) * sw + (x >> sh)) * src.stride + 8 * c : src.x;
         const unsigned dst = (unsigned)((c / CW_CPR) * CH_STAGE + hp * CW_ROWB + (((c % CW_CPR) ^ (hp % 8)) << 4));
         bc_cp_async16_zfill(st + dst, a, ok ? 16 : 0);
     }
 }
 
-/// The 9 KC k-steps of one source on the halo stage `st` (k-step j = KC tap + k: tap, then the
-/// channel plane k): this lane's ldmatrix row is halo pixel hp0 + dy * HW + dx of plane k,
-/// chunk 2 ks + hi; B = the source's resident weights from `db`, slot j. P: the register set of
-/// its k-step 0 (the source's first k-step's parity in the flat k sequence).
-template <int P, int KC>
-__device__ __forceinline__ void ch_taps(float (&acc)[CH_BN / 2], bc_saddr st, int hp0, int hi, uint64_t db) {
+/// The taps x KC k-steps of one source on the halo stage `st` (k-step j = KC tap + k: tap, then
+/// the channel plane k): this lane's ldmatrix row is halo pixel hp0 + dy * HW + dx of plane k,
+/// chunk 2 ks + hi; B = the source's resident weights from `db`, slot j. !PAR: the 9 taps of
+/// the 3x3 (dy, dx = tap / 3, tap % 3 in the halo); PAR: parity z = 2 py + px of the parity
+/// form, its 4 taps (dy, dx = tap / 2 + py, tap % 2 + px). P: the register set of its
+/// k-step 0 (the source's first k-step's parity in the flat k sequence).
+template <int P, int KC, bool PAR>
+__device__ __forceinline__ void ch_taps(float (&acc)[CH_BN / 2], bc_saddr st, int hp0, int hi, uint64_t db, int z = 0) {
+    constexpr int TAPS = PAR ? 4 : CH_TAPS;
     unsigned a[2][CW_KSTEPS][4];
 #pragma unroll
-    for (int j = 0; j < CH_TAPS * KC; ++j) {
+    for (int j = 0; j < TAPS * KC; ++j) {
         const int tap = j / KC, b = (j + P) & 1;
-        const int hp = hp0 + (tap / 3) * CH_HW + tap % 3;
+        const int dy = PAR ? tap / 2 + (z >> 1) : tap / 3, dx = PAR ? tap % 2 + (z & 1) : tap % 3;
+        const int hp = hp0 + dy * CH_HW + dx;
         const bc_saddr row = st + (unsigned)((j % KC) * CH_STAGE + hp * CW_ROWB);
         const int ph = hp & 7;
 #pragma unroll
@@ -174,18 +185,20 @@ __device__ __forceinline__ void ch_taps(float (&acc)[CH_BN / 2], bc_saddr st, in
     }
 }
 
-/// The epilogue of one warpgroup's 64 tile pixels (from tile pixel 64 wg) at output pixel
+/// The epilogue of one warpgroup's 64 tile pixels (from tile pixel 64 wg) at grid pixel
 /// (y0, x0): register 4j + 2e2 + e1 is tile pixel 64 wg + 16 warp + g + 8 e2, channel
-/// 8j + 2q + e1 (as cw_epilogue), column pairs to cv_store_pair.
+/// 8j + 2q + e1 (as cw_epilogue), column pairs to cv_store_pair; grid pixel (y, x) is output
+/// pixel (y, x), or (2y + py, 2x + px) for parity geo.z = 2 py + px (as cv_out_pixel).
 __device__ __forceinline__ void ch_epilogue(const BcConvParams& p, const CvGeo& geo, const float (&acc)[CH_BN / 2],
                                             int y0, int x0, int wg, int warp, int g, int q) {
     const bool pairs = cv_pairs(p);
+    const int par = geo.z >= 0 ? 1 : 0, py = par ? geo.z >> 1 : 0, px = par ? geo.z & 1 : 0;
 #pragma unroll
     for (int e2 = 0; e2 < 2; ++e2) {
         const int mt = wg * CW_WM + 16 * warp + g + 8 * e2;
         const int y = y0 + mt / CH_TW, x = x0 + mt % CH_TW;
-        if (y >= p.h || x >= p.w_px) continue;
-        const int m = y * p.w_px + x;
+        if (y >= geo.gh || x >= geo.gw) continue;
+        const int m = ((y << par) + py) * p.w_px + (x << par) + px;
 #pragma unroll
         for (int j = 0; j < CH_BN / 8; ++j) {
             const int n = 8 * j + 2 * q;  // even
@@ -195,32 +208,50 @@ __device__ __forceinline__ void ch_epilogue(const BcConvParams& p, const CvGeo& 
 }
 
 /// Tile t of the launch (all frames' `total`, frame-major, tw tiles per tile row, tpf per
-/// frame): its frame and first output pixel.
+/// frame): its frame and first grid pixel; bz: the grid z index of the frame (of its parity 0
+/// in the parity form) for cv_geo_z.
 struct ChTile {
-    int f, y0, x0;
-    __device__ __forceinline__ ChTile(int t, int tw, int tpf) {
+    int f, y0, x0, bz;
+    __device__ __forceinline__ ChTile(const BcConvParams& p, int t, int tw, int tpf) {
         f = t / tpf;
         const int r = t - f * tpf;
         y0 = r / tw * CH_TH;
         x0 = r % tw * CH_TW;
+        bz = p.parity ? 4 * f : f;
     }
 };
+
+/// Parity z of tile c in the parity form: its 4 k-steps on the halo stage `st` (weights from
+/// `db`), all groups waited for, the epilogue into output pixels (2y + py, 2x + px), the
+/// accumulators zeroed.
+__device__ __forceinline__ void ch_parity(const BcConvParams& p, float (&acc)[CH_BN / 2], bc_saddr st, int hp0, int hi,
+                                          uint64_t db, const ChTile& c, int z, int wg, int warp, int lane) {
+    ch_taps<0, 1, true>(acc, st, hp0, hi, db, z);
+    bc_wgmma_wait<0>();
+    bc_wgmma_fence_operand(acc);
+    ch_epilogue(p, cv_geo_z(p, c.bz + z), acc, c.y0, c.x0, wg, warp, lane / 4, lane % 4);
+#pragma unroll
+    for (int k = 0; k < CH_BN / 2; ++k) acc[k] = 0.f;
+}
 
 /// A block's walk over the tiles it claims (the header's "Scheduling" and "Pipeline"), NS
 /// sources of KC x 64 channels each (NS = 1 or 2 with KC = 1: unit u = i NS + s, stage u & 1;
 /// NS = 1 with KC = 2: one unit per tile over both stages, its channel planes). The sources
 /// are unrolled, so no accumulator of an in-flight wgmma group crosses a branch (ptxas would
-/// wait for the group there). `claim`: two shared ints, tile i's successor in claim[(i + 1) & 1].
-template <int NS, int KC>
+/// wait for the group there). PAR: the parity form (NS = KC = 1): per tile the 4 parities one
+/// after the other on the same halo, 4 k-steps and an epilogue each. `claim`: two shared ints,
+/// tile i's successor in claim[(i + 1) & 1].
+template <int NS, int KC, bool PAR>
 __device__ __forceinline__ void ch_run(const BcConvParams& p, bc_saddr base, unsigned wbase, int total, int tw,
                                        int tpf, int tid, int* claim) {
-    static_assert((NS == 1 || NS == 2) && (KC == 1 || NS == 1) && (KC == 1 || KC == 2), "the kernel's shapes");
+    static_assert((NS == 1 || NS == 2) && (KC == 1 || NS == 1) && (KC == 1 || KC == 2) && (!PAR || NS + KC == 2),
+                  "the kernel's shapes");
     const int wg = tid / BC_WGMMA_THREADS, wt = tid % BC_WGMMA_THREADS, warp = wt / 32, lane = wt % 32;
     unsigned* const ctr = p.tile_counter;
     const bc_saddr halo = base + CH_W_BYTES;
     auto load = [&](int t, int s, int stage) {
-        const ChTile c(t, tw, tpf);
-        ch_load_halo<KC>(p, cv_src(p, cv_geo_z(p, c.f), s), c.y0, c.x0, halo + stage * CH_STAGE, tid);
+        const ChTile c(p, t, tw, tpf);
+        ch_load_halo<KC>(p, cv_src(p, cv_geo_z(p, c.bz), s), c.y0, c.x0, halo + stage * CH_STAGE, tid);
     };
     // The unit's halo landed (this thread's copies: wait_group 0; everyone's: the barrier,
     // after which the previous unit's stage is free), the weights visible to wgmma's async proxy.
@@ -257,8 +288,19 @@ __device__ __forceinline__ void ch_run(const BcConvParams& p, bc_saddr base, uns
         // the slot of tile i, which every thread read before this barrier.
         const int next = claim[(i + 1) & 1];
         if (tid == 0) claim[i & 1] = next < total ? (int)atomicAdd(ctr, 1u) : total;
-        if constexpr (KC == 2) {
-            ch_taps<0, 2>(acc, halo, hp0, hi, db0);
+        if constexpr (PAR) {
+            if (next < total) load(next, 0, (u + 1) & 1);
+            bc_cp_async_commit();
+            const ChTile c(p, cur, tw, tpf);
+            const bc_saddr st = halo + (u & 1) * CH_STAGE;
+            constexpr uint64_t PSTEP = 4 * (CH_WSTEP >> 4);  // a parity's 4 weight slots
+            // A runtime loop: every group is complete at its back edge (the epilogue waited).
+#pragma unroll 1
+            for (int z = 0; z < 4; ++z) ch_parity(p, acc, st, hp0, hi, db0 + z * PSTEP, c, z, wg, warp, lane);
+            cur = next;
+            continue;
+        } else if constexpr (KC == 2) {
+            ch_taps<0, 2, false>(acc, halo, hp0, hi, db0);
             __syncthreads();  // every thread's ldmatrix of both planes done: refill them
             if (next < total) load(next, 0, 0);
             bc_cp_async_commit();
@@ -270,18 +312,19 @@ __device__ __forceinline__ void ch_run(const BcConvParams& p, bc_saddr base, uns
             else if (next < total)
                 load(next, 0, (u + 1) & 1);
             bc_cp_async_commit();
-            ch_taps<0, 1>(acc, halo + (u & 1) * CH_STAGE, hp0, hi, db0);
+            ch_taps<0, 1, false>(acc, halo + (u & 1) * CH_STAGE, hp0, hi, db0);
             if constexpr (NS == 2) {
                 landed();
                 if (next < total) load(next, 0, (u + 2) & 1);
                 bc_cp_async_commit();
-                ch_taps<1, 1>(acc, halo + ((u + 1) & 1) * CH_STAGE, hp0, hi, db0 + (uint64_t)(CH_TAPS * (CH_WSTEP >> 4)));
+                ch_taps<1, 1, false>(acc, halo + ((u + 1) & 1) * CH_STAGE, hp0, hi,
+                                  db0 + (uint64_t)(CH_TAPS * (CH_WSTEP >> 4)));
             }
         }
         bc_wgmma_wait<0>();
         bc_wgmma_fence_operand(acc);
-        const ChTile c(cur, tw, tpf);
-        ch_epilogue(p, cv_geo_z(p, c.f), acc, c.y0, c.x0, wg, warp, lane / 4, lane % 4);
+        const ChTile c(p, cur, tw, tpf);
+        ch_epilogue(p, cv_geo_z(p, c.bz), acc, c.y0, c.x0, wg, warp, lane / 4, lane % 4);
 #pragma unroll
         for (int k = 0; k < CH_BN / 2; ++k) acc[k] = 0.f;
         cur = next;
@@ -299,14 +342,15 @@ __device__ __forceinline__ void ch_run(const BcConvParams& p, bc_saddr base, uns
 }
 
 __device__ __forceinline__ void bc_conv_halo_impl(const BcConvParams& p, unsigned char* smem_raw) {
-    BC_EMU_CHECK(p.num_src >= 1 && p.kh == 3 && p.kw == 3 && !p.parity && p.vec && p.out_split > 0 &&
-                 p.cout <= CH_BN && p.frames >= 1 && p.tile_counter != nullptr);
+    BC_EMU_CHECK(p.num_src >= 1 && p.kh == 3 && p.kw == 3 && p.vec && p.out_split > 0 && p.cout <= CH_BN &&
+                 p.frames >= 1 && p.tile_counter != nullptr);
 #ifndef __CUDACC__
     int steps = 0;
     for (int s = 0; s < p.num_src; ++s) {
         const CvSrc src = cv_src(p, cv_geo_z(p, 0), s);
         BC_EMU_CHECK(src.channels == CW_BK || (src.channels == 2 * CW_BK && p.num_src == 1));
-        steps += CH_TAPS * src.channels / CW_BK;
+        BC_EMU_CHECK(!p.parity || (src.up && src.channels == CW_BK && p.num_src == 1));
+        steps += (p.parity ? 16 : CH_TAPS) * src.channels / CW_BK;
     }
     BC_EMU_CHECK(steps <= CH_MAXK);
 #endif
@@ -315,15 +359,19 @@ __device__ __forceinline__ void bc_conv_halo_impl(const BcConvParams& p, unsigne
     const unsigned w0 = bc_smem_window_addr(smem_raw), pad = (1024u - w0 % 1024u) % 1024u;
     bc_saddr base = bc_smem_addr(smem_raw + pad);
     bc_pin(base);
-    // Tiles: tw per tile row, tpf per frame, over all frames.
-    const int tw = (p.w_px + CH_TW - 1) / CH_TW, tpf = tw * ((p.h + CH_TH - 1) / CH_TH);
+    // Tiles of the grid (the output, or the sources' (h/2) x (w/2) in the parity form): tw per
+    // tile row, tpf per frame, over all frames.
+    const int par = p.parity ? 1 : 0, gh = p.h >> par, gw = p.w_px >> par;
+    const int tw = (gw + CH_TW - 1) / CH_TW, tpf = tw * ((gh + CH_TH - 1) / CH_TH);
     const int total = tpf * p.frames, tid = (int)threadIdx.x;
-    if (p.num_src == 2)
-        ch_run<2, 1>(p, base, w0 + pad, total, tw, tpf, tid, claim);
+    if (par)
+        ch_run<1, 1, true>(p, base, w0 + pad, total, tw, tpf, tid, claim);
+    else if (p.num_src == 2)
+        ch_run<2, 1, false>(p, base, w0 + pad, total, tw, tpf, tid, claim);
     else if (p.src[0].channels == 2 * CW_BK)
-        ch_run<1, 2>(p, base, w0 + pad, total, tw, tpf, tid, claim);
+        ch_run<1, 2, false>(p, base, w0 + pad, total, tw, tpf, tid, claim);
     else
-        ch_run<1, 1>(p, base, w0 + pad, total, tw, tpf, tid, claim);
+        ch_run<1, 1, false>(p, base, w0 + pad, total, tw, tpf, tid, claim);
 }
 #endif
 

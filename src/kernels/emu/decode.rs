@@ -731,9 +731,8 @@ mod tests {
         // in the parity form, all are), then the warp-specialized bc_conv_wgmma_ws* (its own
         // tile): bc_conv_wgmma's bits exactly, NaN-poisoned padding included.
         let plain = cs.srcs.iter().all(|s| !s.up);
-        // ... and the persistent halo conv bc_conv_halo_n64 (plain form only) on few blocks,
-        // so that they walk several tiles: bc_conv_wgmma_n64's bits exactly.
-        let halo = halo_fits(cs) && fits;
+        // ... and the persistent halo conv bc_conv_halo_n64 on few blocks, so that they walk
+        // several tiles: bc_conv_wgmma_n64's bits exactly.
         let ctas = 1 + (seed % 3) as u32;
         // Each kernel plain, then in the parity form where the case has one.
         let forms: &[bool] = if parity { &[false, true] } else { &[false] };
@@ -753,7 +752,7 @@ mod tests {
                 let wg = tile.is_some();
                 let fits = match tile {
                     Some((_, Via::Tma)) => fits && (plain || par),
-                    Some((_, Via::Halo(_))) => halo && !par,
+                    Some((_, Via::Halo(_))) => fits && halo_fits(cs, par),
                     _ => fits,
                 };
                 let got = if cs.f32_out {
@@ -849,8 +848,7 @@ mod tests {
                 .srcs
                 .iter()
                 .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
-        // ... and bc_conv_halo_n64 (plain form, 2 blocks) where it fits.
-        let halo = fits && halo_fits(cs);
+        // ... and bc_conv_halo_n64 (2 blocks) where it fits.
         // Launch frames `f0 .. f0 + n` into `out` (which starts at frame f0's first output).
         let launch = |f0: usize, n: usize, out: ConvDst, tile: Option<(u32, Via)>, par: bool| {
             let srcs = case_srcs(cs, &data, |s| f0 * px(s) * s.stride);
@@ -884,7 +882,7 @@ mod tests {
                 Some((BC_CONV_WG_BN_64, Via::Halo(2))),
             ] {
                 let is_halo = matches!(tile, Some((_, Via::Halo(_))));
-                if tile.is_some() && !fits || is_halo && (!halo || par) {
+                if tile.is_some() && !fits || is_halo && !halo_fits(cs, par) {
                     continue;
                 }
                 let per = nsplit * fstride;
@@ -932,10 +930,15 @@ mod tests {
 
     /// Whether case `cs` has the shape of `bc_conv_halo_n64` (`launch::conv_halo_fits`, given
     /// the 16-byte path): 3x3, 64 outputs, one or two 64-channel sources or one of 128, each
-    /// plain or upsampled.
-    fn halo_fits(cs: &Case) -> bool {
+    /// plain or upsampled; in the parity form (`par`), one upsampled 64-channel source.
+    fn halo_fits(cs: &Case, par: bool) -> bool {
         let c: Vec<usize> = cs.srcs.iter().map(|s| s.c).collect();
-        cs.k == 3 && cs.kt == 1 && cs.cout == 64 && matches!(c[..], [64] | [128] | [64, 64])
+        let shapes = if par {
+            c[..] == [64] && cs.srcs.iter().all(|s| s.up)
+        } else {
+            matches!(c[..], [64] | [128] | [64, 64])
+        };
+        cs.k == 3 && cs.kt == 1 && cs.cout == 64 && shapes
     }
 
     #[test]
@@ -1229,6 +1232,15 @@ mod tests {
         run_case(45, &c);
         c.bias = true;
         run_frames(46, &c, 2);
+        // The parity form of the 64 -> 64 after an Upsample over more than one tile: 18 x 36
+        // from 9 x 18 (2 x 2 tiles of the source grid, partial on both edges), over 2 frames
+        // too (run_case and run_frames run every upsampled case plain and in the parity form).
+        let mut c = case(64, 64, 1, 3, (18, 36), vec![s(64, 72, 0, 0, true)]);
+        c.bias = true;
+        c.res = true;
+        c.act = ConvAct::Relu;
+        run_case(49, &c);
+        run_frames(50, &c, 2);
         // A plain 128-channel source (13 x 21), bias + ReLU.
         run_3x3_bias_relu(47, 64, (128, 128), (13, 21));
         // The conv refuses what it does not fit (and so never runs it).
@@ -1248,7 +1260,7 @@ mod tests {
         ] {
             let cin = srcs.iter().map(|x| x.c0 + x.c).max().unwrap_or(0);
             let c = case(cout, cin, 1, 3, (4, 6), srcs);
-            assert!(!halo_fits(&c) || cout != 64);
+            assert!(!halo_fits(&c, false) || cout != 64);
             let shape = ConvShape::new(cout, cin, 1, 3, 3);
             let wts = vec![bf16::ONE; shape.weight_len()];
             let data = vec![vec![bf16::ONE; 4 * 6 * 192]; 3];

@@ -573,8 +573,9 @@ fn print_bits_line(g: &mut Gpu, (want, got, n): (DevPtr, DevPtr, usize), what: &
 
 /// TAEHV's 3x3 layers to 64 channels as the decoder launches them (64 -> 64 over one source;
 /// the MemBlock's 128 -> 64 over `cat[x, past]` as two 64-channel sources, residual and ReLU;
-/// the convs after an `Upsample` in their dense form, reading through the upsample: 64 -> 64 at
-/// 480x832 and 128 -> 64 at 240x416) on `bc_conv_wgmma_n64` and on the persistent halo conv
+/// the convs after an `Upsample` reading through it: 64 -> 64 at 480x832 in the parity form, as
+/// the decoder runs it, and dense, 128 -> 64 at 240x416 dense) on `bc_conv_wgmma_n64` and on
+/// the persistent halo conv
 /// `bc_conv_halo_n64` (one block per SM, tiles claimed from a counter pair), in TFLOP/s;
 /// `CONV halo ... bits vs bc_conv_wgmma_n64 ... PASS/FAIL`: the outputs must be identical.
 fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
@@ -590,31 +591,39 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
     let ctr = g.alloc(8).unwrap();
     g.memset(ctr, 0, 8).unwrap();
     let mut rows = Vec::new();
-    // (name, output size, channels per source, read through a 2x upsample)
-    for (i, (name, (h, w), chans, upsampled)) in [
-        ("taehv 64->64 @480x832", (480, 832), &[64][..], false),
+    // (name, output size, channels per source, read through a 2x upsample, parity form)
+    let cases: [(&str, (usize, usize), &[usize], bool, bool); 5] = [
+        ("taehv 64->64 @480x832", (480, 832), &[64], false, false),
         (
             "taehv memblock 2x64->64 @480x832",
             (480, 832),
-            &[64, 64][..],
+            &[64, 64],
             false,
+            false,
+        ),
+        (
+            "taehv up 64->64 @480x832 parity",
+            (480, 832),
+            &[64],
+            true,
+            true,
         ),
         (
             "taehv up 64->64 @480x832 dense",
             (480, 832),
-            &[64][..],
+            &[64],
             true,
+            false,
         ),
         (
             "taehv up 128->64 @240x416 dense",
             (240, 416),
-            &[128][..],
+            &[128],
             true,
+            false,
         ),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ];
+    for (i, (name, (h, w), chans, upsampled, parity)) in cases.into_iter().enumerate() {
         let nsrc = chans.len();
         let seed = 90 + 4 * i as u64;
         let cin: usize = chans.iter().sum();
@@ -624,9 +633,11 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
             .enumerate()
             .map(|(s, &c)| rand_bf16(g, px * c, 1.0, seed + s as u64))
             .collect();
+        // Taps per output pixel: 9, or 2x2 per parity (weights [4 parities][cout][2][2][cin]).
+        let taps = if parity { 4 } else { 9 };
         let wv = randn_par(
-            cout * 9 * cin,
-            (1.0 / (9 * cin) as f32).sqrt(),
+            cout * taps * cin * if parity { 4 } else { 1 },
+            (1.0 / (taps * cin) as f32).sqrt(),
             seed + 2,
             bf16::from_f32,
         );
@@ -649,12 +660,15 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
                 up: upsampled,
             })
             .collect();
-        let fl = 2.0 * (h * w * cout * 9 * cin) as f64;
+        let fl = 2.0 * (h * w * cout * taps * cin) as f64;
         for (k, out) in outs.iter().enumerate() {
             let l = conv_on(
                 &ls,
                 wt as *const _,
-                ConvShape::new(cout, cin, 1, 3, 3),
+                ConvShape {
+                    parity,
+                    ..ConvShape::new(cout, cin, 1, 3, 3)
+                },
                 (h, w),
                 ConvEpilogue {
                     bias: bias as *const f32,

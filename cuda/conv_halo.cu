@@ -4,15 +4,18 @@
 //
 //   out[m][n] = act(bias[n] + res[m][n] + sum_{s, dy, dx, c} x_s[shift(m, dy, dx)][c] * w[n][t_s][dy][dx][c0_s + c])
 //
-// for the launches it fits (launch::conv_halo_fits): plain (no parity form), 3x3, cout = 64, the
-// 16-byte path (`vec`), and either one or two sources of 64 channels (64 -> 64; the MemBlock's
-// cat[x, past]) or one source of 128 channels (the 128 -> 64 conv after an Upsample), each read
-// as it is or through the nearest 2x upsample (`up`: output pixel (y, x) reads source pixel
-// (y >> 1, x >> 1), zero outside the output frame, as cv_src_off). At most
-// BC_CONV_HALO_MAX_KSTEPS = 18 k-steps of 64 weights, all resident. Same K order: per source,
-// per tap (dy, dx) row-major, per 64-channel chunk of the source, 4 wgmma k16 over the chunk's
-// channels in order, which is bc_conv_wgmma_n64's walk of k-steps of 64 along each source's
-// (tap, channel) sequence when a source has 64 or 128 channels; same epilogue (cv_store_pair).
+// for the launches it fits (launch::conv_halo_fits): 3x3, cout = 64, the 16-byte path (`vec`),
+// at most BC_CONV_HALO_MAX_KSTEPS = 18 k-steps of 64 weights, all resident. Plain: one or two
+// sources of 64 channels (64 -> 64; the MemBlock's cat[x, past]) or one of 128 (the 128 -> 64
+// conv after an Upsample), each read as it is or through the nearest 2x upsample (`up`: output
+// pixel (y, x) reads source pixel (y >> 1, x >> 1), zero outside the output frame, as
+// cv_src_off). The parity form (`p.parity`, the default for the conv after an Upsample): one
+// upsampled source of 64 channels, the GEMM grid the source's (h/2) x (w/2) pixels, each giving
+// the 4 output pixels (2y + py, 2x + px) from parity 2 py + px's 2x2 taps (4 x 4 = 16 k-steps).
+// Same K order: per source, per tap (dy, dx) row-major, per 64-channel chunk of the source, 4
+// wgmma k16 over the chunk's channels in order, which is bc_conv_wgmma_n64's walk of k-steps of
+// 64 along each source's (tap, channel) sequence when a source has 64 or 128 channels (in the
+// parity form per parity, as its grid z); same epilogue (cv_store_pair).
 //
 // Why: for these short-K, narrow layers every 128-pixel tile of bc_conv_wgmma_n64 re-reads all
 // the weights (72 or 144 KB) and each input pixel once per tap (9 times), ~43 FLOP per L2 ->
@@ -20,9 +23,10 @@
 //   - the grid is persistent (launch::conv_halo: about one block per SM) and the tiles are
 //     claimed dynamically (Scheduling, below);
 //   - each block copies the layer's whole packed weight matrix into shared memory once, k-step
-//     j at W + j * 8 KB: 64 channel rows of 128 bytes in the K-major 128B swizzle of wgmma (row
+//     j at W + j * 8 KB (the parity form: parity z's 4 taps at j = 4z..): 64 channel rows of 128 bytes in the K-major 128B swizzle of wgmma (row
 //     n at n * 128, 16-byte chunk c at c ^ (n % 8)): exactly the B tile bc_conv_wgmma_n64
 //     copies for that k-step, so the same descriptor (SBO 1024, +32 bytes per k16) reads it;
+//   - tiles are TH x TW pixels of the GEMM grid (the output; the source grid in the parity form);
 //   - per (tile, source) "unit" it copies the input halo once: (TH + 2) x (TW + 2) pixels x 64
 //     channels per plane (a 128-channel source: two planes, channels 0-63 and 64-127), halo
 //     pixel hp = hy * HW + hx at hp * 128 of its plane, its 16-byte chunk c at c ^ (hp % 8)
@@ -30,7 +34,8 @@
 //   - the two warpgroups (pixels 0..63 and 64..127 of the tile, tile pixel mt at row mt / TW,
 //     column mt % TW) build wgmma's A operand in registers: per k-step and k16, one ldmatrix.x4
 //     whose lane l gives the row address of halo pixel hp0(mt) + dy * HW + dx of the k-step's
-//     plane (mt = 16 warp + 8 ((l / 8) & 1) + l % 8, chunk 2 ks + l / 16): matrices 0..3 = rows
+//     plane ((dy, dx) = (tap / 3, tap % 3); parity 2 py + px: (tap / 2 + py, tap % 2 + px), so
+//     the 4 parities share one halo) (mt = 16 warp + 8 ((l / 8) & 1) + l % 8, chunk 2 ks + l / 16): matrices 0..3 = rows
 //     0-7 / 8-15 x k 0-7 / 8-15, which is mma.sync's (and wgmma's register) A fragment. TW is a
 //     multiple of 8, so a matrix's 8 rows are 8 consecutive halo pixels, 8 distinct swizzle
 //     phases: no bank conflict. Then wgmma m64n64k16 with A from registers, B from the
@@ -38,8 +43,11 @@
 //     wgmma may read its A registers until its group completes; wait_group 1 after each
 //     k-step's commit frees the set the next k-step overwrites); a source starts on the
 //     parity its first k-step has in the flat k sequence, the tile's epilogue waits for all
-//     groups. The shapes are unrolled (ch_run<NS, KC>): with a runtime source loop ptxas
-//     waited for the in-flight wgmma group at the branch (its note C7517).
+//     groups. The shapes are unrolled (ch_run<NS, KC, PAR>): with a runtime source loop ptxas
+//     waited for the in-flight wgmma group at the branch (its note C7517). The parity form
+//     walks its 4 parities in a runtime loop (unrolled it took 255 registers and spilled): per
+//     parity 4 k-steps, wait_group 0, its epilogue (output pixels (2y + py, 2x + px)), so no
+//     group is in flight at the back edge.
 // Scheduling: a tile counter pair in device memory (p.tile_counter: [0] next tile, [1] blocks
 // done; zero before the launch). Thread 0 claims a tile with one atomicAdd and hands it to the
 // block through shared memory, one tile ahead: tile i + 1 is known (claimed during tile i - 1)
@@ -60,20 +68,22 @@
 // meanwhile), accumulators zeroed. A 128-channel source's unit fills both stages (its two
 // planes), so it has no other stage to prefetch into: its 18 k-steps, a second __syncthreads
 // (every ldmatrix done), the next tile's halo issued, then the epilogue while it lands (the
-// copy overlaps the epilogue, not the math).
+// copy overlaps the epilogue, not the math). The parity form prefetches as one 64-channel
+// source; its tile has 4 epilogues.
 //
-// Shared memory (BC_CONV_HALO_SMEM = 194560): 18 x 8 KB weights (147456; a 64-channel source
-// uses 9 k-steps, a 128-channel one 18), 2 halo stages of 10 x 18 x 128 = 23040 bytes, 1024
-// bytes of alignment slack; 8 bytes of static shared memory (the claimed tiles). One block of
-// 256 threads per SM.
+// Shared memory (BC_CONV_HALO_SMEM = 194576): 18 x 8 KB weights (147456; a 64-channel source
+// uses 9 k-steps, a 128-channel one 18, the parity form 16), 2 halo stages of 10 x 18 x 128 =
+// 23040 bytes, 16 bytes for the claimed tiles (addressed from the pinned base: a static
+// __shared__ array's address reads the window base at each use), 1024 bytes of alignment
+// slack. One block of 256 threads per SM.
 //
 // Checked by src/kernels/emu/decode.rs under the SIMT emulation (ldmatrix lane addresses, wgmma
 // with A from registers and the B descriptor's swizzle, cp.async landing only at wait_group,
 // real atomics on the counters): every TAEHV-shaped case that fits (64 -> 64 with bias + ReLU,
 // the MemBlock's two sources with residual, an upsampled 64- and an upsampled 128-channel
-// source at odd source sizes (7 x 13 -> 14 x 26), masked edges, frame-batched launches, more
-// tiles than blocks and more blocks than tiles), with NaN-poisoned outputs, must give
-// bc_conv_wgmma_n64's exact bits, and every launch must leave the counters at zero (the
+// source at odd source sizes (7 x 13 -> 14 x 26), the parity form (9 x 18 -> 18 x 36), masked
+// edges, frame-batched launches, more tiles than blocks and more blocks than tiles), with
+// NaN-poisoned outputs, must give bc_conv_wgmma_n64's exact bits (of the same form), and every launch must leave the counters at zero (the
 // emulated tests share one pair, never reset by the host); tests/decode_cuda_emulated.rs
 // decodes synthetic TAEHVs with it and must give bc_conv_wgmma's pixels. Not caught by the
 // emulation (there a cp.async lands at its thread's next wait_group, a wgmma reads its A
@@ -96,7 +106,8 @@ constexpr int CH_TAPS = 9;                           // 3x3
 constexpr int CH_WSTEP = CH_BN * CW_ROWB;            // 8 KB: one k-step of weights
 constexpr int CH_W_BYTES = CH_MAXK * CH_WSTEP;       // 144 KB
 constexpr int CH_STAGE = CH_HPX * CW_ROWB;           // 23040
-constexpr int CH_SMEM = CH_W_BYTES + CH_STAGES * CH_STAGE + 1024;
+constexpr int CH_CLAIM = CH_W_BYTES + CH_STAGES * CH_STAGE;  // the claimed tiles (2 ints), from the weights
+constexpr int CH_SMEM = CH_CLAIM + 16 + 1024;
 static_assert(CH_TH * CH_TW == CW_BM, "a tile is the 128 pixel rows of two m64 wgmma tiles");
 static_assert(CH_TW % 8 == 0, "an ldmatrix's 8 rows in one tile row (distinct swizzle phases)");
 static_assert(CH_NT == 2 * BC_WGMMA_THREADS, "one warpgroup per 64 tile pixels");
@@ -207,6 +218,24 @@ __device__ __forceinline__ void ch_epilogue(const BcConvParams& p, const CvGeo& 
     }
 }
 
+/// A 32-bit load / store of shared memory at `a` (the claimed tiles, by shared address).
+__device__ __forceinline__ int ch_lds(bc_saddr a) {
+#ifdef __CUDACC__
+    int v;
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(a) : "memory");
+    return v;
+#else
+    return *reinterpret_cast<const volatile int*>(a);
+#endif
+}
+__device__ __forceinline__ void ch_sts(bc_saddr a, int v) {
+#ifdef __CUDACC__
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
+#else
+    *reinterpret_cast<volatile int*>(a) = v;
+#endif
+}
+
 /// Tile t of the launch (all frames' `total`, frame-major, tw tiles per tile row, tpf per
 /// frame): its frame and first grid pixel; bz: the grid z index of the frame (of its parity 0
 /// in the parity form) for cv_geo_z.
@@ -239,11 +268,11 @@ __device__ __forceinline__ void ch_parity(const BcConvParams& p, float (&acc)[CH
 /// NS = 1 with KC = 2: one unit per tile over both stages, its channel planes). The sources
 /// are unrolled, so no accumulator of an in-flight wgmma group crosses a branch (ptxas would
 /// wait for the group there). PAR: the parity form (NS = KC = 1): per tile the 4 parities one
-/// after the other on the same halo, 4 k-steps and an epilogue each. `claim`: two shared ints,
-/// tile i's successor in claim[(i + 1) & 1].
+/// after the other on the same halo, 4 k-steps and an epilogue each. `claim`: two shared ints
+/// (at claim and claim + 4), tile i's successor in int (i + 1) & 1.
 template <int NS, int KC, bool PAR>
 __device__ __forceinline__ void ch_run(const BcConvParams& p, bc_saddr base, unsigned wbase, int total, int tw,
-                                       int tpf, int tid, int* claim) {
+                                       int tpf, int tid, bc_saddr claim) {
     static_assert((NS == 1 || NS == 2) && (KC == 1 || NS == 1) && (KC == 1 || KC == 2) && (!PAR || NS + KC == 2),
                   "the kernel's shapes");
     const int wg = tid / BC_WGMMA_THREADS, wt = tid % BC_WGMMA_THREADS, warp = wt / 32, lane = wt % 32;
@@ -263,12 +292,12 @@ __device__ __forceinline__ void ch_run(const BcConvParams& p, bc_saddr base, uns
     // Thread 0 claims the block's first two tiles (past the last one: `total`, no more claims).
     if (tid == 0) {
         const int t0 = (int)atomicAdd(ctr, 1u);
-        claim[0] = t0;
-        claim[1] = t0 < total ? (int)atomicAdd(ctr, 1u) : total;
+        ch_sts(claim, t0);
+        ch_sts(claim + 4, t0 < total ? (int)atomicAdd(ctr, 1u) : total);
     }
     ch_load_weights(p, base, tid);
     __syncthreads();
-    int cur = claim[0];
+    int cur = ch_lds(claim);
     if (cur < total) load(cur, 0, 0);
     bc_cp_async_commit();
 
@@ -286,8 +315,8 @@ __device__ __forceinline__ void ch_run(const BcConvParams& p, bc_saddr base, uns
         landed();
         // Tile i + 1 (thread 0 wrote it before this barrier); thread 0 claims tile i + 2 into
         // the slot of tile i, which every thread read before this barrier.
-        const int next = claim[(i + 1) & 1];
-        if (tid == 0) claim[i & 1] = next < total ? (int)atomicAdd(ctr, 1u) : total;
+        const int next = ch_lds(claim + 4 * ((i + 1) & 1));
+        if (tid == 0) ch_sts(claim + 4 * (i & 1), next < total ? (int)atomicAdd(ctr, 1u) : total);
         if constexpr (PAR) {
             if (next < total) load(next, 0, (u + 1) & 1);
             bc_cp_async_commit();
@@ -354,7 +383,6 @@ __device__ __forceinline__ void bc_conv_halo_impl(const BcConvParams& p, unsigne
     }
     BC_EMU_CHECK(steps <= CH_MAXK);
 #endif
-    __shared__ int claim[2];
     // The weights start on the first 1024-byte boundary of the shared window (the swizzle period).
     const unsigned w0 = bc_smem_window_addr(smem_raw), pad = (1024u - w0 % 1024u) % 1024u;
     bc_saddr base = bc_smem_addr(smem_raw + pad);
@@ -365,13 +393,13 @@ __device__ __forceinline__ void bc_conv_halo_impl(const BcConvParams& p, unsigne
     const int tw = (gw + CH_TW - 1) / CH_TW, tpf = tw * ((gh + CH_TH - 1) / CH_TH);
     const int total = tpf * p.frames, tid = (int)threadIdx.x;
     if (par)
-        ch_run<1, 1, true>(p, base, w0 + pad, total, tw, tpf, tid, claim);
+        ch_run<1, 1, true>(p, base, w0 + pad, total, tw, tpf, tid, base + CH_CLAIM);
     else if (p.num_src == 2)
-        ch_run<2, 1, false>(p, base, w0 + pad, total, tw, tpf, tid, claim);
+        ch_run<2, 1, false>(p, base, w0 + pad, total, tw, tpf, tid, base + CH_CLAIM);
     else if (p.src[0].channels == 2 * CW_BK)
-        ch_run<1, 2, false>(p, base, w0 + pad, total, tw, tpf, tid, claim);
+        ch_run<1, 2, false>(p, base, w0 + pad, total, tw, tpf, tid, base + CH_CLAIM);
     else
-        ch_run<1, 1, false>(p, base, w0 + pad, total, tw, tpf, tid, claim);
+        ch_run<1, 1, false>(p, base, w0 + pad, total, tw, tpf, tid, base + CH_CLAIM);
 }
 #endif
 

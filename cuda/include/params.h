@@ -680,9 +680,9 @@ typedef struct BcT5AttentionParams {
 /** Halo stages of `bc_conv_halo_n64` (the next (tile, source) halo loads while one is read). */
 #define BC_CONV_HALO_STAGES 2
 /** Dynamic shared memory of `bc_conv_halo_n64` in bytes: the resident weights (MAX_KSTEPS x 64
- * rows x 128 B), STAGES halo tiles ((TH + 2) x (TW + 2) pixels x 128 B), 1024 bytes of
- * alignment slack: 194560 <= 232448. */
-#define BC_CONV_HALO_SMEM (BC_CONV_HALO_MAX_KSTEPS * BC_CONV_WG_BN_64 * BC_CONV_WG_BK * 2 + BC_CONV_HALO_STAGES * (BC_CONV_HALO_TH + 2) * (BC_CONV_HALO_TW + 2) * BC_CONV_WG_BK * 2 + 1024)
+ * rows x 128 B), STAGES halo tiles ((TH + 2) x (TW + 2) pixels x 128 B), 16 bytes for the
+ * claimed tiles, 1024 bytes of alignment slack: 194576 <= 232448. */
+#define BC_CONV_HALO_SMEM (BC_CONV_HALO_MAX_KSTEPS * BC_CONV_WG_BN_64 * BC_CONV_WG_BK * 2 + BC_CONV_HALO_STAGES * (BC_CONV_HALO_TH + 2) * (BC_CONV_HALO_TW + 2) * BC_CONV_WG_BK * 2 + 16 + 1024)
 /** Epilogue activation of the decoder kernels: ReLU (`bc_conv`; the others use BC_ACT_NONE
  * and BC_ACT_SILU of `bc_activation`). */
 #define BC_ACT_RELU 4

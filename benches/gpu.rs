@@ -592,7 +592,8 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
     g.memset(ctr, 0, 8).unwrap();
     let mut rows = Vec::new();
     // (name, output size, channels per source, read through a 2x upsample, parity form)
-    let cases: [(&str, (usize, usize), &[usize], bool, bool); 5] = [
+    type HaloCase = (&'static str, (usize, usize), &'static [usize], bool, bool);
+    let cases: [HaloCase; 5] = [
         ("taehv 64->64 @480x832", (480, 832), &[64], false, false),
         (
             "taehv memblock 2x64->64 @480x832",
@@ -1785,7 +1786,7 @@ fn ncu_decode(wgmma: bool) {
 /// `bc_attention_combine`), `attention-ws` the warp-specialized attention unsplit and split,
 /// `conv-ws` one 3-latent-frame block of each decoder on the ws conv (every ws tile: n192 and
 /// n96 in the Wan VAE, n64 in TAEHV), `conv-halo` one TAEHV block on the persistent halo conv
-/// (`bc_conv_halo_n64`). Prints `SMOKE <what> ok` last when every launch returned
+/// (`bc_conv_halo_n64`), with the upsample convs in the parity form, then dense. Prints `SMOKE <what> ok` last when every launch returned
 /// and the device synchronised; a hang never gets there (run.sh then sets `BC_NO_SPLIT=1`,
 /// `BC_NO_ATTN_WS=1`, `BC_BENCH_NO_CONV_WS=1` or `BC_BENCH_NO_CONV_HALO=1` for the later parts).
 fn smoke_run(mut g: Gpu, what: &str) {
@@ -1844,23 +1845,29 @@ fn smoke_run(mut g: Gpu, what: &str) {
                 (true, false) => &[DecoderKind::Taehv, DecoderKind::WanVae],
                 (true, true) => &[DecoderKind::Taehv],
             };
+            // The halo conv also dense (its 128-channel and upsampled bodies), after the
+            // parity form the decoder runs by default.
+            let forms: &[bool] = if halo { &[true, false] } else { &[true] };
             for &kind in kinds {
-                match blockcascade::decode::bench_decode_device(
-                    &[kind],
-                    (60, 104),
-                    (3, 1),
-                    None,
-                    (true, false, !halo, true, true, halo),
-                    &open,
-                ) {
-                    Ok(r) => println!(
-                        "SMOKE {what}: {kind} block returned, {:.1} ms ({:.2} s)",
-                        r[0].first_block_ms,
-                        t0.elapsed().as_secs_f64()
-                    ),
-                    Err(e) => {
-                        println!("SMOKE {what}: {kind} FAILED: {e}");
-                        ok = false;
+                for &parity in forms {
+                    let form = if parity { "" } else { " dense" };
+                    match blockcascade::decode::bench_decode_device(
+                        &[kind],
+                        (60, 104),
+                        (3, 1),
+                        None,
+                        (true, false, !halo, parity, true, halo),
+                        &open,
+                    ) {
+                        Ok(r) => println!(
+                            "SMOKE {what}: {kind}{form} block returned, {:.1} ms ({:.2} s)",
+                            r[0].first_block_ms,
+                            t0.elapsed().as_secs_f64()
+                        ),
+                        Err(e) => {
+                            println!("SMOKE {what}: {kind}{form} FAILED: {e}");
+                            ok = false;
+                        }
                     }
                 }
             }

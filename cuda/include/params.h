@@ -784,10 +784,10 @@ typedef struct BcConvParams {
     /** Padding, keep 0. */
     bc_i32 _pad;
     /** `bc_conv_halo_n64` only (NULL elsewhere): two u32 in device memory, zero before the
-     * first launch that uses them: [0] the next tile to claim (its blocks take their tiles
-     * one atomicAdd at a time), [1] the blocks done; the last block to finish sets both back
-     * to 0, so the next launch on the same stream (or graph) finds them zero. Launches that
-     * may run at the same time need their own pair. */
+     * first launch that uses them: the first the next tile to claim (its blocks take their
+     * tiles one atomicAdd at a time), the second the blocks done; the last block to finish
+     * sets both back to 0, so the next launch on the same stream (or graph) finds them zero.
+     * Launches that may run at the same time need their own pair. */
     unsigned int *tile_counter;
 } BcConvParams;
 

@@ -1019,7 +1019,7 @@ pub struct BcConvParams {
     pub frames: bc_i32,
     #[doc = " Padding, keep 0."]
     pub _pad: bc_i32,
-    #[doc = " `bc_conv_halo_n64` only (NULL elsewhere): two u32 in device memory, zero before the\n first launch that uses them: [0] the next tile to claim (its blocks take their tiles\n one atomicAdd at a time), [1] the blocks done; the last block to finish sets both back\n to 0, so the next launch on the same stream (or graph) finds them zero. Launches that\n may run at the same time need their own pair."]
+    #[doc = " `bc_conv_halo_n64` only (NULL elsewhere): two u32 in device memory, zero before the\n first launch that uses them: the first the next tile to claim (its blocks take their\n tiles one atomicAdd at a time), the second the blocks done; the last block to finish\n sets both back to 0, so the next launch on the same stream (or graph) finds them zero.\n Launches that may run at the same time need their own pair."]
     pub tile_counter: *mut ::std::os::raw::c_uint,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]

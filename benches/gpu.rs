@@ -571,36 +571,74 @@ fn print_bits_line(g: &mut Gpu, (want, got, n): (DevPtr, DevPtr, usize), what: &
     );
 }
 
-/// TAEHV's two 64-channel 3x3 layers at 480x832 as the decoder launches them (64 -> 64 over one
-/// source; the MemBlock's 128 -> 64 over `cat[x, past]` as two 64-channel sources, residual and
-/// ReLU) on `bc_conv_wgmma_n64` and on the persistent halo conv `bc_conv_halo_n64` (one block
-/// per SM), in TFLOP/s; `CONV halo ... bits vs bc_conv_wgmma_n64 ... PASS/FAIL`: the outputs
-/// must be identical.
+/// TAEHV's 3x3 layers to 64 channels as the decoder launches them (64 -> 64 over one source;
+/// the MemBlock's 128 -> 64 over `cat[x, past]` as two 64-channel sources, residual and ReLU;
+/// the convs after an `Upsample` reading through it: 64 -> 64 at 480x832 in the parity form, as
+/// the decoder runs it, and dense, 128 -> 64 at 240x416 dense) on `bc_conv_wgmma_n64` and on
+/// the persistent halo conv
+/// `bc_conv_halo_n64` (one block per SM, tiles claimed from a counter pair), in TFLOP/s;
+/// `CONV halo ... bits vs bc_conv_wgmma_n64 ... PASS/FAIL`: the outputs must be identical.
 fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
     use blockcascade::kernels::launch::{
         conv_halo, conv_on, ConvEpilogue, ConvOut, ConvShape, ConvSource,
     };
-    let (h, w, cout) = (480, 832, 64);
+    let cout = 64;
     let ctas = u32::try_from(g.sm_count())
         .ok()
         .filter(|&c| c > 0)
         .unwrap_or(u32::MAX);
+    // Zeroed once; every launch leaves it zero.
+    let ctr = g.alloc(8).unwrap();
+    g.memset(ctr, 0, 8).unwrap();
     let mut rows = Vec::new();
-    for (i, (name, nsrc)) in [
-        ("taehv 64->64 @480x832", 1),
-        ("taehv memblock 2x64->64 @480x832", 2),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    // (name, output size, channels per source, read through a 2x upsample, parity form)
+    type HaloCase = (&'static str, (usize, usize), &'static [usize], bool, bool);
+    let cases: [HaloCase; 5] = [
+        ("taehv 64->64 @480x832", (480, 832), &[64], false, false),
+        (
+            "taehv memblock 2x64->64 @480x832",
+            (480, 832),
+            &[64, 64],
+            false,
+            false,
+        ),
+        (
+            "taehv up 64->64 @480x832 parity",
+            (480, 832),
+            &[64],
+            true,
+            true,
+        ),
+        (
+            "taehv up 64->64 @480x832 dense",
+            (480, 832),
+            &[64],
+            true,
+            false,
+        ),
+        (
+            "taehv up 128->64 @240x416 dense",
+            (240, 416),
+            &[128],
+            true,
+            false,
+        ),
+    ];
+    for (i, (name, (h, w), chans, upsampled, parity)) in cases.into_iter().enumerate() {
+        let nsrc = chans.len();
         let seed = 90 + 4 * i as u64;
-        let cin = 64 * nsrc;
-        let srcs: Vec<DevPtr> = (0..nsrc)
-            .map(|s| rand_bf16(g, h * w * 64, 1.0, seed + s as u64))
+        let cin: usize = chans.iter().sum();
+        let px = if upsampled { (h / 2) * (w / 2) } else { h * w };
+        let srcs: Vec<DevPtr> = chans
+            .iter()
+            .enumerate()
+            .map(|(s, &c)| rand_bf16(g, px * c, 1.0, seed + s as u64))
             .collect();
+        // Taps per output pixel: 9, or 2x2 per parity (weights [4 parities][cout][2][2][cin]).
+        let taps = if parity { 4 } else { 9 };
         let wv = randn_par(
-            cout * 9 * cin,
-            (1.0 / (9 * cin) as f32).sqrt(),
+            cout * taps * cin * if parity { 4 } else { 1 },
+            (1.0 / (taps * cin) as f32).sqrt(),
             seed + 2,
             bf16::from_f32,
         );
@@ -612,22 +650,26 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
         let outs: Vec<DevPtr> = (0..2).map(|_| g.alloc(h * w * cout * 2).unwrap()).collect();
         let ls: Vec<ConvSource> = srcs
             .iter()
+            .zip(chans)
             .enumerate()
-            .map(|(s, &x)| ConvSource {
+            .map(|(s, (&x, &c))| ConvSource {
                 x: x as *const _,
-                channels: 64,
-                stride: 64,
+                channels: c,
+                stride: c,
                 c0: 64 * s,
                 t: 0,
-                up: false,
+                up: upsampled,
             })
             .collect();
-        let fl = 2.0 * (h * w * cout * 9 * cin) as f64;
+        let fl = 2.0 * (h * w * cout * taps * cin) as f64;
         for (k, out) in outs.iter().enumerate() {
             let l = conv_on(
                 &ls,
                 wt as *const _,
-                ConvShape::new(cout, cin, 1, 3, 3),
+                ConvShape {
+                    parity,
+                    ..ConvShape::new(cout, cin, 1, 3, 3)
+                },
                 (h, w),
                 ConvEpilogue {
                     bias: bias as *const f32,
@@ -648,7 +690,7 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
             )
             .unwrap();
             let l = if k == 1 {
-                conv_halo(l, ctas).unwrap()
+                conv_halo(l, ctas, ctr as *mut u32).unwrap()
             } else {
                 l
             };
@@ -677,6 +719,7 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
         }
         g.free(bias).unwrap();
     }
+    g.free(ctr).unwrap();
     rows
 }
 
@@ -1050,14 +1093,16 @@ fn main() {
         let open = || Gpu::open_kernels(0);
         // Each kernel with the upsample convs in the parity form (the default), then dense;
         // then the warp-specialized conv (`BC_CONV_WGMMA_VARIANT=ws`) in the parity form; last
-        // the persistent halo conv (`BC_CONV_HALO=1`: TAEHV's 64-channel 3x3 convs) with the
-        // wgmma conv for the rest, in the parity form.
+        // the persistent halo conv (`BC_CONV_HALO=1`: TAEHV's 3x3 convs to 64 channels) with
+        // the wgmma conv for the rest, in the parity form and dense (where it also takes the
+        // convs after the last two Upsamples: compare with `wgmma no-parity`).
         let configs = [(false, false), (true, false), (true, true)]
             .into_iter()
             .flat_map(|(w, t)| [(w, t, false, true, false), (w, t, false, false, false)])
             .chain([
                 (true, false, true, true, false),
                 (true, false, false, true, true),
+                (true, false, false, false, true),
             ]);
         for (wgmma, tma, ws, parity, halo) in configs {
             if wgmma && !conv_wgmma || tma && !conv_tma || ws && !conv_ws || halo && !conv_halo {
@@ -1741,7 +1786,7 @@ fn ncu_decode(wgmma: bool) {
 /// `bc_attention_combine`), `attention-ws` the warp-specialized attention unsplit and split,
 /// `conv-ws` one 3-latent-frame block of each decoder on the ws conv (every ws tile: n192 and
 /// n96 in the Wan VAE, n64 in TAEHV), `conv-halo` one TAEHV block on the persistent halo conv
-/// (`bc_conv_halo_n64`). Prints `SMOKE <what> ok` last when every launch returned
+/// (`bc_conv_halo_n64`), with the upsample convs in the parity form, then dense. Prints `SMOKE <what> ok` last when every launch returned
 /// and the device synchronised; a hang never gets there (run.sh then sets `BC_NO_SPLIT=1`,
 /// `BC_NO_ATTN_WS=1`, `BC_BENCH_NO_CONV_WS=1` or `BC_BENCH_NO_CONV_HALO=1` for the later parts).
 fn smoke_run(mut g: Gpu, what: &str) {
@@ -1800,23 +1845,29 @@ fn smoke_run(mut g: Gpu, what: &str) {
                 (true, false) => &[DecoderKind::Taehv, DecoderKind::WanVae],
                 (true, true) => &[DecoderKind::Taehv],
             };
+            // The halo conv also dense (its 128-channel and upsampled bodies), after the
+            // parity form the decoder runs by default.
+            let forms: &[bool] = if halo { &[true, false] } else { &[true] };
             for &kind in kinds {
-                match blockcascade::decode::bench_decode_device(
-                    &[kind],
-                    (60, 104),
-                    (3, 1),
-                    None,
-                    (true, false, !halo, true, true, halo),
-                    &open,
-                ) {
-                    Ok(r) => println!(
-                        "SMOKE {what}: {kind} block returned, {:.1} ms ({:.2} s)",
-                        r[0].first_block_ms,
-                        t0.elapsed().as_secs_f64()
-                    ),
-                    Err(e) => {
-                        println!("SMOKE {what}: {kind} FAILED: {e}");
-                        ok = false;
+                for &parity in forms {
+                    let form = if parity { "" } else { " dense" };
+                    match blockcascade::decode::bench_decode_device(
+                        &[kind],
+                        (60, 104),
+                        (3, 1),
+                        None,
+                        (true, false, !halo, parity, true, halo),
+                        &open,
+                    ) {
+                        Ok(r) => println!(
+                            "SMOKE {what}: {kind}{form} block returned, {:.1} ms ({:.2} s)",
+                            r[0].first_block_ms,
+                            t0.elapsed().as_secs_f64()
+                        ),
+                        Err(e) => {
+                            println!("SMOKE {what}: {kind}{form} FAILED: {e}");
+                            ok = false;
+                        }
                     }
                 }
             }

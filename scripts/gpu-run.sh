@@ -450,7 +450,7 @@ smoke_all() {
             export BC_BENCH_NO_CONV_WS=1
             note="$note; ws conv smoke FAILED: left out"
         fi
-        if [ -z "${BC_BENCH_NO_CONV_HALO:-}" ] && ! smoke conv-halo 30; then
+        if [ -z "${BC_BENCH_NO_CONV_HALO:-}" ] && ! smoke conv-halo 45; then
             export BC_BENCH_NO_CONV_HALO=1
             note="$note; halo conv smoke FAILED: left out"
         fi

@@ -435,8 +435,11 @@ fn both_decoders_with_and_without_the_parity_form_match_pytorch() {
 /// in a whole TAEHV decode must give the wgmma conv's pixels bit for bit. The golden tiny
 /// TAEHV has no layer it takes (its widths are 32, 16, 8, 8: no 64-channel conv), so it is
 /// decoded for the record only; a synthetic TAEHV of widths 64, 32, 16, 16 runs its first
-/// stage's 3x3 convs on it (the MemBlocks' 128 -> 64 over cat[x, past] and their 64 -> 64),
-/// 3 frames of 6 x 10 latents in one launch per layer on the emulated device's one block.
+/// stage's 3x3 convs on it (the MemBlocks' 128 -> 64 over cat[x, past] and their 64 -> 64);
+/// one of widths 128, 64, 32, 32 its second stage's, and with the upsample convs dense (not the
+/// parity form) also the 128 -> 64 conv after the first `Upsample` (one 128-channel source read
+/// through the upsample): one launch more per block. 3 frames of 6 x 10 latents in one launch
+/// per layer on the emulated device's one block, halo or not in the same conv form.
 #[test]
 fn taehv_with_the_halo_conv_equals_the_wgmma_conv() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/decode/taehv-tiny");
@@ -446,15 +449,43 @@ fn taehv_with_the_halo_conv_equals_the_wgmma_conv() {
     let (sh, sw, sf) = (6, 10, 3);
     let synth_latents: Vec<f32> = (0..sf * 16 * sh * sw).map(|_| rng.normal()).collect();
     let synth = Decoder::synthetic(DecoderKind::Taehv, 16, 9);
-    for (name, dec, latents, (f, h, w)) in [
-        ("taehv-tiny", &tiny, &golden, (ls[0], ls[2], ls[3])),
-        ("taehv-synthetic-64", &synth, &synth_latents, (sf, sh, sw)),
-    ] {
+    let synth128 = Decoder::synthetic(DecoderKind::Taehv, 32, 10);
+    // (name, decoder, latents, (frames, h, w), parity form, halo launches expected: at least)
+    let runs = [
+        ("taehv-tiny", &tiny, &golden, (ls[0], ls[2], ls[3]), true, 0),
+        (
+            "taehv-synthetic-64",
+            &synth,
+            &synth_latents,
+            (sf, sh, sw),
+            true,
+            9,
+        ),
+        (
+            "taehv-synthetic-128",
+            &synth128,
+            &synth_latents,
+            (sf, sh, sw),
+            true,
+            9,
+        ),
+        (
+            "taehv-synthetic-128 dense",
+            &synth128,
+            &synth_latents,
+            (sf, sh, sw),
+            false,
+            10,
+        ),
+    ];
+    let mut counts = Vec::new();
+    for (name, dec, latents, (f, h, w), parity, least) in runs {
         let mut px: Vec<Vec<f32>> = Vec::new();
         for halo in [false, true] {
             let mut dev = CudaDecoder::new(dec, Gpu::open_emulated().unwrap()).unwrap();
             assert!(!dev.conv_halo(), "off unless asked for");
             dev.set_conv_wgmma(true).unwrap();
+            dev.set_conv_parity(parity).unwrap();
             dev.set_conv_halo(halo).unwrap();
             // Profiled (eager), to count the halo conv's launches.
             dev.set_profiling(true).unwrap();
@@ -468,12 +499,17 @@ fn taehv_with_the_halo_conv_equals_the_wgmma_conv() {
                 .map(|k| k.launches)
                 .sum();
             println!("{name}, halo {halo}: {launches} bc_conv_halo_n64 launches");
-            // The synthetic TAEHV's first stage: 3 MemBlocks of 3 convs each, at least.
-            let some = halo && name != "taehv-tiny";
             assert!(
-                if some { launches >= 9 } else { launches == 0 },
+                if halo && least > 0 {
+                    launches >= least
+                } else {
+                    launches == 0
+                },
                 "{name}: {launches} bc_conv_halo_n64 launches"
             );
+            if halo {
+                counts.push(launches);
+            }
         }
         assert!(px[0].iter().all(|v| v.is_finite()), "{name}");
         let bad = px[1]
@@ -485,4 +521,10 @@ fn taehv_with_the_halo_conv_equals_the_wgmma_conv() {
             "{name}: bc_conv_halo_n64 pixels differ from bc_conv_wgmma's at {bad:?}"
         );
     }
+    // Dense, the conv after the first Upsample joins: one launch more than in the parity form.
+    assert_eq!(
+        counts[3],
+        counts[2] + 1,
+        "halo launches per run: {counts:?}"
+    );
 }

@@ -673,15 +673,16 @@ typedef struct BcT5AttentionParams {
 #define BC_CONV_HALO_TW 16
 /** Threads per block of `bc_conv_halo_n64` (two warpgroups). */
 #define BC_CONV_HALO_THREADS 256
-/** Most k-steps (64 weight values each: one tap of a 64-channel source) whose weights
- * `bc_conv_halo_n64` keeps resident: two 64-channel sources x 9 taps (TAEHV's MemBlock conv). */
+/** Most k-steps (64 weight values each: 64 channels of one tap) whose weights
+ * `bc_conv_halo_n64` keeps resident: two 64-channel sources x 9 taps (TAEHV's MemBlock conv),
+ * or one 128-channel source x 9 taps x 2. */
 #define BC_CONV_HALO_MAX_KSTEPS 18
 /** Halo stages of `bc_conv_halo_n64` (the next (tile, source) halo loads while one is read). */
 #define BC_CONV_HALO_STAGES 2
 /** Dynamic shared memory of `bc_conv_halo_n64` in bytes: the resident weights (MAX_KSTEPS x 64
- * rows x 128 B), STAGES halo tiles ((TH + 2) x (TW + 2) pixels x 128 B), 1024 bytes of
- * alignment slack: 194560 <= 232448. */
-#define BC_CONV_HALO_SMEM (BC_CONV_HALO_MAX_KSTEPS * BC_CONV_WG_BN_64 * BC_CONV_WG_BK * 2 + BC_CONV_HALO_STAGES * (BC_CONV_HALO_TH + 2) * (BC_CONV_HALO_TW + 2) * BC_CONV_WG_BK * 2 + 1024)
+ * rows x 128 B), STAGES halo tiles ((TH + 2) x (TW + 2) pixels x 128 B), 16 bytes for the
+ * claimed tiles, 1024 bytes of alignment slack: 194576 <= 232448. */
+#define BC_CONV_HALO_SMEM (BC_CONV_HALO_MAX_KSTEPS * BC_CONV_WG_BN_64 * BC_CONV_WG_BK * 2 + BC_CONV_HALO_STAGES * (BC_CONV_HALO_TH + 2) * (BC_CONV_HALO_TW + 2) * BC_CONV_WG_BK * 2 + 16 + 1024)
 /** Epilogue activation of the decoder kernels: ReLU (`bc_conv`; the others use BC_ACT_NONE
  * and BC_ACT_SILU of `bc_activation`). */
 #define BC_ACT_RELU 4
@@ -782,6 +783,12 @@ typedef struct BcConvParams {
     bc_i32 frames;
     /** Padding, keep 0. */
     bc_i32 _pad;
+    /** `bc_conv_halo_n64` only (NULL elsewhere): two u32 in device memory, zero before the
+     * first launch that uses them: the first the next tile to claim (its blocks take their
+     * tiles one atomicAdd at a time), the second the blocks done; the last block to finish
+     * sets both back to 0, so the next launch on the same stream (or graph) finds them zero.
+     * Launches that may run at the same time need their own pair. */
+    unsigned int *tile_counter;
 } BcConvParams;
 
 /** `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16

@@ -228,13 +228,18 @@ struct Dev {
     /// that fit it when `conv_tma` is on).
     conv_ws: bool,
     /// With `conv_wgmma`, the convolutions that fit it ([`launch::conv_halo_fits`]: TAEHV's 3x3
-    /// convs to 64 channels over one or two 64-channel sources) run the persistent halo conv
-    /// `bc_conv_halo_n64` instead (see [`conv_halo_default`]).
+    /// convs to 64 channels over one or two 64-channel sources or one of 128, plain or
+    /// upsampled) run the persistent halo conv `bc_conv_halo_n64` instead (see
+    /// [`conv_halo_default`]).
     conv_halo: bool,
     /// Upsample convs run in the sub-pixel (parity) form (see [`conv_parity_default`]).
     conv_parity: bool,
     /// The tuning entry applied to the conv flags, as its stderr line says.
     tuning: Option<String>,
+    /// The tile counter pair of `bc_conv_halo_n64` (`BcConvParams::tile_counter`: two u32,
+    /// zeroed once when allocated; every launch leaves them zero, and all of this decoder's
+    /// launches are ordered on its stream, so they share it, captured graphs too).
+    halo_counter: DevPtr,
     /// Launches and copies a `Mode::Measure` walk would have submitted.
     measured: u64,
     /// Both decoders decode a push's latent frames in blocks of up to [`CHUNK_LATENTS`], each
@@ -316,7 +321,7 @@ fn conv_tuning(gpu: &Gpu, source: &TuningSource) -> Result<Option<(apply::ConvTu
 }
 
 impl Dev {
-    fn new(gpu: Gpu) -> Result<Dev> {
+    fn new(mut gpu: Gpu) -> Result<Dev> {
         let conv_wgmma = conv_wgmma_default(&gpu);
         let conv_tma = conv_tma_default(&gpu);
         let mut conv_ws = conv_ws_default(&gpu)?;
@@ -329,6 +334,8 @@ impl Dev {
                 tuning = Some(line);
             }
         }
+        let halo_counter = gpu.alloc(8)?;
+        gpu.memset(halo_counter, 0, 8)?;
         Ok(Dev {
             tuning,
             gpu,
@@ -346,6 +353,7 @@ impl Dev {
             conv_ws,
             conv_halo,
             conv_parity: conv_parity_default(),
+            halo_counter,
             measured: 0,
             batch: frame_batching_default(),
             block_rows: BLOCK_ROWS,
@@ -660,7 +668,8 @@ impl Dev {
                     .ok()
                     .filter(|&c| c > 0)
                     .unwrap_or(u32::MAX);
-                return self.run(launch::conv_halo(*l, ctas));
+                let ctr = self.halo_counter as *mut u32;
+                return self.run(launch::conv_halo(*l, ctas, ctr));
             }
             if self.conv_ws && !tma && wg(l.kernel) {
                 return self.run(launch::conv_ws(*l));

@@ -1229,6 +1229,7 @@ pub fn conv_tiled(
             parity: parity as i32,
             frames: out.frames as i32,
             _pad: 0,
+            tile_counter: std::ptr::null_mut(),
         },
     })
 }
@@ -1294,56 +1295,88 @@ pub fn conv_ws(l: Launch<BcConvParams>) -> LaunchResult<Launch<BcConvParams>> {
 
 /// Whether a launch built by [`conv_tiled`] fits the persistent halo conv `bc_conv_halo_n64`
 /// (`cuda/conv_halo.cu`): it runs `bc_conv_wgmma_n64` (the 16-byte path, the 64-channel tile)
-/// with exactly 64 output channels, a plain 3x3 (not the parity form), and 1 or 2 sources
-/// (`BC_CONV_HALO_MAX_KSTEPS` / 9: their weights stay resident) of 64 channels each, none
-/// upsampled: TAEHV's 64 -> 64 convs and its MemBlocks' 128 -> 64 over `cat[x, past]`.
+/// with exactly 64 output channels, a 3x3, and at most `BC_CONV_HALO_MAX_KSTEPS` = 18 k-steps
+/// of 64 weights (they stay resident): plain, 1 or 2 sources of 64 channels or one of 128, each
+/// read as it is or through the nearest 2x upsample (9 k-steps per 64 channels); in the parity
+/// form, one upsampled source of 64 channels (4 parities x 4 taps = 16 k-steps). So every 3x3
+/// conv of TAEHV to 64 channels but one: 64 -> 64, the MemBlocks' 128 -> 64 over
+/// `cat[x, past]`, the 64 -> 64 after the last `Upsample` in both forms, and the 128 -> 64
+/// after the one before it dense only (its parity form would need 32 k-steps, 256 KB).
 pub fn conv_halo_fits(l: &Launch<BcConvParams>) -> bool {
     let p = &l.params;
     let n = usize::try_from(p.num_src).unwrap_or(0);
+    let bk = BC_CONV_WG_BK as i32;
+    let srcs = &p.src[..n.min(p.src.len())];
+    let shapes = match srcs {
+        [a] => a.channels == bk || a.channels == 2 * bk,
+        [a, b] => a.channels == bk && b.channels == bk,
+        _ => false,
+    };
+    // Weight k-steps per 64 channels: 9 taps, or 4 parities x 4 taps.
+    let per = if p.parity != 0 { 16 } else { 9 };
     l.kernel == Kernel::ConvWgmmaN64
         && p.cout == BC_CONV_WG_BN_64 as i32
         && p.kh == 3
         && p.kw == 3
-        && p.parity == 0
         && p.vec != 0
-        && (1..=(BC_CONV_HALO_MAX_KSTEPS / 9) as usize).contains(&n)
-        && p.src[..n]
-            .iter()
-            .all(|s| s.channels == BC_CONV_WG_BK as i32 && s.up == 0)
+        && shapes
+        && (p.parity == 0 || srcs.iter().all(|s| s.up != 0))
+        && srcs.iter().map(|s| per * s.channels / bk).sum::<i32>() <= BC_CONV_HALO_MAX_KSTEPS as i32
 }
 
 /// `bc_conv_halo_n64` (`cuda/conv_halo.cu`) for a launch that [`conv_halo_fits`] (the same
 /// params, `bc_conv_wgmma_n64`'s output bits): a persistent grid of `min(ctas, tiles)` blocks
 /// (`ctas`: the device's SM count; at least 1) over the `BC_CONV_HALO_TH` x `BC_CONV_HALO_TW`
-/// pixel tiles of all the launch's frames, block `BC_CONV_HALO_THREADS`. Any other launch is
-/// refused.
-pub fn conv_halo(l: Launch<BcConvParams>, ctas: u32) -> LaunchResult<Launch<BcConvParams>> {
+/// pixel tiles of all the launch's frames (of the output, or in the parity form of the
+/// sources' (h/2) x (w/2) grid, each tile then giving all 4 parities), block
+/// `BC_CONV_HALO_THREADS`. The blocks claim their
+/// tiles from `tile_counter` (`BcConvParams::tile_counter`: two u32 in device memory, zero
+/// before the first launch; each launch leaves them zero again, so a stream, or a graph, can
+/// reuse them launch after launch, but two launches that may overlap need a pair each). Any
+/// other launch, or a null counter, is refused.
+pub fn conv_halo(
+    l: Launch<BcConvParams>,
+    ctas: u32,
+    tile_counter: *mut u32,
+) -> LaunchResult<Launch<BcConvParams>> {
     let k = Kernel::ConvHaloN64;
     if !conv_halo_fits(&l) {
         return Err(invalid(
             k,
-            "not a 3x3 conv of one or two 64-channel sources to 64 channels",
+            "not a 3x3 conv to 64 channels of one or two 64-channel sources or one of 128",
         ));
+    }
+    if tile_counter.is_null() {
+        return Err(invalid(k, "no tile counter"));
     }
     let p = &l.params;
     let dim = |v: i32| usize::try_from(v).map_err(|_| invalid(k, "negative size"));
     let (h, w, frames) = (dim(p.h)?, dim(p.w_px)?, dim(p.frames)?);
+    // The GEMM grid: the output, or the sources' pixels in the parity form.
+    let (h, w) = if p.parity != 0 {
+        (h / 2, w / 2)
+    } else {
+        (h, w)
+    };
     let per_frame = mul(
         k,
         h.div_ceil(BC_CONV_HALO_TH as usize),
         w.div_ceil(BC_CONV_HALO_TW as usize),
     )?;
     let tiles = mul(k, per_frame, frames)?;
-    // The kernel counts tiles in i32.
-    i32_of(k, tiles, "tiles")?;
     let grid = u32::try_from(tiles)
         .unwrap_or(u32::MAX)
         .clamp(1, ctas.max(1));
+    // The kernel counts tiles in i32, and each block claims up to one past the last.
+    i32_of(k, tiles.saturating_add(grid as usize), "tiles")?;
     Ok(Launch {
         kernel: k,
         grid: [grid, 1, 1],
         block: BC_CONV_HALO_THREADS,
-        params: l.params,
+        params: BcConvParams {
+            tile_counter,
+            ..l.params
+        },
     })
 }
 
@@ -1881,8 +1914,11 @@ mod tests {
             Ok(ConvWgmmaVariant::Base)
         );
         assert!(ConvWgmmaVariant::parse(Some("tma")).is_err());
-        // The persistent halo conv: 3x3, 64 -> 64 (one or two 64-channel sources); a grid of
-        // min(ctas, tiles) over 8 x 16 tiles of all frames; everything else refused.
+        // The persistent halo conv: 3x3 to 64 channels over one or two 64-channel sources or
+        // one of 128, each plain or upsampled; a grid of min(ctas, tiles) over 8 x 16 tiles of
+        // all frames, the counter in the params; everything else refused, a null counter too.
+        let mut ctr = [0u32; 2];
+        let ctr = ctr.as_mut_ptr();
         let halo = |cout: usize, srcs: &[ConvSource], frames: usize, ctas: u32| {
             let cin = srcs.iter().map(|s| s.c0 + s.channels).max().unwrap_or(0);
             let l = conv_on(
@@ -1898,9 +1934,12 @@ mod tests {
                 true,
             )
             .unwrap();
-            assert_eq!(conv_halo_fits(&l), conv_halo(l, ctas).is_ok());
-            conv_halo(l, ctas).ok().map(|h| {
+            assert_eq!(conv_halo_fits(&l), conv_halo(l, ctas, ctr).is_ok());
+            assert!(conv_halo(l, ctas, std::ptr::null_mut()).is_err());
+            assert!(l.params.tile_counter.is_null());
+            conv_halo(l, ctas, ctr).ok().map(|h| {
                 assert_eq!(h.params.frames, l.params.frames);
+                assert_eq!(h.params.tile_counter, ctr);
                 (h.kernel, h.grid, h.block)
             })
         };
@@ -1919,10 +1958,46 @@ mod tests {
             },
         ];
         assert_eq!(halo(64, &two, 2, 132), Some((hk.0, grid(8), hk.1)));
-        assert!(halo(64, &[src(64, true)], 1, 132).is_none());
-        assert!(halo(64, &[src(128, false)], 1, 132).is_none());
+        assert_eq!(
+            halo(64, &[src(64, true)], 1, 132),
+            Some((hk.0, grid(4), hk.1))
+        );
+        assert_eq!(
+            halo(64, &[src(128, false)], 1, 3),
+            Some((hk.0, grid(3), hk.1))
+        );
+        assert_eq!(
+            halo(64, &[src(128, true)], 2, 132),
+            Some((hk.0, grid(8), hk.1))
+        );
         assert!(halo(64, &[src(32, false)], 1, 132).is_none());
+        // The parity form (10 x 30 from 5 x 15: 1 x 1 tiles per frame): one upsampled
+        // 64-channel source only.
+        let halo_par = |srcs: &[ConvSource], frames: usize| {
+            let cin = srcs.iter().map(|s| s.c0 + s.channels).max().unwrap_or(0);
+            let sh = ConvShape {
+                parity: true,
+                ..shape(64, cin)
+            };
+            let o = ConvOut { frames, ..out(64) };
+            let l = conv_on(srcs, x, sh, (10, 30), ep, o, true).unwrap();
+            assert_eq!(conv_halo_fits(&l), conv_halo(l, 132, ctr).is_ok());
+            conv_halo(l, 132, ctr)
+                .ok()
+                .map(|h| (h.kernel, h.grid, h.block))
+        };
+        assert_eq!(halo_par(&[src(64, true)], 3), Some((hk.0, grid(3), hk.1)));
+        assert!(halo_par(&[src(128, true)], 1).is_none());
+        assert!(halo(64, &[src(192, false)], 1, 132).is_none());
         assert!(halo(128, &one, 1, 132).is_none());
+        let wide_two = [
+            src(128, false),
+            ConvSource {
+                c0: 128,
+                ..src(64, false)
+            },
+        ];
+        assert!(halo(64, &wide_two, 1, 132).is_none());
         let three = [
             two[0],
             two[1],

@@ -64,7 +64,7 @@ pub const BC_CONV_HALO_TW: u32 = 16;
 pub const BC_CONV_HALO_THREADS: u32 = 256;
 pub const BC_CONV_HALO_MAX_KSTEPS: u32 = 18;
 pub const BC_CONV_HALO_STAGES: u32 = 2;
-pub const BC_CONV_HALO_SMEM: u32 = 194560;
+pub const BC_CONV_HALO_SMEM: u32 = 194576;
 pub const BC_ACT_RELU: u32 = 4;
 pub const BC_DEC_NORM_PIXELS: u32 = 8;
 pub const BC_WGMMA_PROBE_THREADS: u32 = 128;
@@ -1019,10 +1019,12 @@ pub struct BcConvParams {
     pub frames: bc_i32,
     #[doc = " Padding, keep 0."]
     pub _pad: bc_i32,
+    #[doc = " `bc_conv_halo_n64` only (NULL elsewhere): two u32 in device memory, zero before the\n first launch that uses them: the first the next tile to claim (its blocks take their\n tiles one atomicAdd at a time), the second the blocks done; the last block to finish\n sets both back to 0, so the next launch on the same stream (or graph) finds them zero.\n Launches that may run at the same time need their own pair."]
+    pub tile_counter: *mut ::std::os::raw::c_uint,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BcConvParams"][::std::mem::size_of::<BcConvParams>() - 208usize];
+    ["Size of BcConvParams"][::std::mem::size_of::<BcConvParams>() - 216usize];
     ["Alignment of BcConvParams"][::std::mem::align_of::<BcConvParams>() - 8usize];
     ["Offset of field: BcConvParams::src"][::std::mem::offset_of!(BcConvParams, src) - 0usize];
     ["Offset of field: BcConvParams::w"][::std::mem::offset_of!(BcConvParams, w) - 96usize];
@@ -1057,6 +1059,8 @@ const _: () = {
     ["Offset of field: BcConvParams::frames"]
         [::std::mem::offset_of!(BcConvParams, frames) - 200usize];
     ["Offset of field: BcConvParams::_pad"][::std::mem::offset_of!(BcConvParams, _pad) - 204usize];
+    ["Offset of field: BcConvParams::tile_counter"]
+        [::std::mem::offset_of!(BcConvParams, tile_counter) - 208usize];
 };
 #[doc = " `bc_dec_latent_in`: latents f32 `[c][h*w]` (one frame, as the DiT emits it) to NHWC bf16\n `[h*w][c]`, with `mode` 0: as they are, 1: TAEHV's `tanh(z/3)*3`, 2: the Wan VAE's\n un-normalisation `z / scale[c] + mean[c]` (`scale = 1/std`, divided as upstream does);\n flags a non-finite latent in `nonfinite`. Grid (ceil(c*h*w / BC_ELEM_THREADS)), block BC_ELEM_THREADS."]
 #[repr(C)]
@@ -1460,5 +1464,5 @@ const _: () = {
     ["Offset of field: BcConvTmaParams::conv"]
         [::std::mem::offset_of!(BcConvTmaParams, conv) - 512usize];
     ["Offset of field: BcConvTmaParams::tiles_x"]
-        [::std::mem::offset_of!(BcConvTmaParams, tiles_x) - 720usize];
+        [::std::mem::offset_of!(BcConvTmaParams, tiles_x) - 728usize];
 };

@@ -399,15 +399,17 @@ fn attention_probe(
 
 /// The launch a conv candidate makes of the base wgmma conv's launch `l`: the persistent halo
 /// conv (`ctas` blocks at most) where it fits and `halo` is on, else with `ws` the
-/// warp-specialized conv, else `l`.
+/// warp-specialized conv, else `l`. `counter`: the halo conv's zeroed tile counter pair
+/// (`BcConvParams::tile_counter`; every launch leaves it zero).
 fn conv_candidate_launch(
     l: launch::Launch<crate::kernels::params::BcConvParams>,
     ws: bool,
     halo: bool,
     ctas: u32,
+    counter: *mut u32,
 ) -> crate::kernels::LaunchResult<launch::Launch<crate::kernels::params::BcConvParams>> {
     if halo && launch::conv_halo_fits(&l) {
-        launch::conv_halo(l, ctas)
+        launch::conv_halo(l, ctas, counter)
     } else if ws {
         launch::conv_ws(l)
     } else {
@@ -427,6 +429,9 @@ fn conv_probe(
 ) -> Result<(f64, f64, f64)> {
     let mut rng = Rng::new(fresh_seed());
     let (mut total_ms, mut flops, mut worst) = (0.0, 0.0, 0.0f64);
+    let counter = gpu.alloc(8)?;
+    gpu.memset(counter, 0, 8)?;
+    let counter = counter as usize as *mut u32;
     for layer in &spec.convs {
         let px = layer.h * layer.w;
         let mut srcs = Vec::with_capacity(layer.sources);
@@ -480,7 +485,7 @@ fn conv_probe(
             )
         };
         let ctas = u32::try_from(gpu.sm_count()).unwrap_or(1).max(1);
-        let candidate = |o: DevPtr| conv_candidate_launch(base(o)?, ws, halo, ctas);
+        let candidate = |o: DevPtr| conv_candidate_launch(base(o)?, ws, halo, ctas, counter);
         ops::run(gpu, base(out_ref))?;
         gpu.sync()?;
         let want = download_f32(gpu, out_ref, px * layer.cout)?;
@@ -558,7 +563,11 @@ mod tests {
                 true,
             )
             .unwrap();
-            let k = |ws, halo| conv_candidate_launch(base, ws, halo, 132).unwrap().kernel;
+            let k = |ws, halo| {
+                conv_candidate_launch(base, ws, halo, 132, 0x400000 as *mut u32)
+                    .unwrap()
+                    .kernel
+            };
             let taehv = layer.cout == 64;
             assert_eq!(
                 k(false, true) == Kernel::ConvHaloN64,

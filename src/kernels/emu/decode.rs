@@ -2,12 +2,13 @@
 //! checks the lengths the launch touches, then runs the launch [`crate::kernels::launch`]
 //! builds (the one the device decoder launches too). NHWC bf16 frames are `[h*w][stride]`.
 
-use super::super::launch::{self, ConvEpilogue, ConvOut, ConvShape, ConvSource};
+use super::super::launch::{self, ConvEpilogue, ConvOut, ConvShape, ConvSource, Launch};
 use super::super::params::*;
 use super::super::{invalid, Kernel, LaunchResult};
 use super::{check_len, run};
 use half::bf16;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// One input frame of [`conv`]: NHWC `data` with `channels` of `stride` per pixel, meeting
 /// time tap `t` and weight channels from `c0`; `up`: read through a nearest 2x upsample.
@@ -162,10 +163,13 @@ pub enum Via {
     /// for two consumer warpgroups; it picks its own channel tile, 192, 96 or 64, and must give
     /// `bc_conv_wgmma`'s bits; the tile given must be `BC_CONV_WG_BN`).
     Ws,
-    /// `bc_conv_halo_n64` with at most this many blocks (`cuda/conv_halo.cu`,
-    /// [`launch::conv_halo`]: weights resident, one input halo per pixel tile; it must give
-    /// `bc_conv_wgmma_n64`'s bits; [`launch::conv_halo_fits`]: 3x3, one or two 64-channel
-    /// sources, 64 outputs; the tile given must be `BC_CONV_WG_BN_64`).
+    /// `bc_conv_halo_n64` on exactly this many blocks, more than the launch has tiles too (the
+    /// extra blocks find none) (`cuda/conv_halo.cu`, [`launch::conv_halo`]: weights resident,
+    /// one input halo per pixel tile, tiles claimed from a counter; it must give
+    /// `bc_conv_wgmma_n64`'s bits; [`launch::conv_halo_fits`]: 3x3, 64 outputs, one or two
+    /// 64-channel sources or one of 128, plain or upsampled; the tile given must be
+    /// `BC_CONV_WG_BN_64`). The launching thread's one counter pair serves all its halo
+    /// launches, never reset by the host: a launch that leaves it non-zero is an error.
     Halo(u32),
 }
 
@@ -273,7 +277,7 @@ fn conv_impl(
         return run(launch::conv_ws(l));
     }
     if let Via::Halo(ctas) = via {
-        return run(launch::conv_halo(l, ctas));
+        return conv_halo_run(l, ctas);
     }
     if via == Via::Tma {
         let kt = Kernel::ConvWgmmaTma;
@@ -290,6 +294,32 @@ fn conv_impl(
         return run(launch::conv_tma(l, &maps));
     }
     run(Ok(l))
+}
+
+thread_local! {
+    /// The tile counter pair of this thread's `bc_conv_halo_n64` launches ([`Via::Halo`]).
+    static HALO_COUNTER: [AtomicU32; 2] = const { [AtomicU32::new(0), AtomicU32::new(0)] };
+}
+
+/// `bc_conv_halo_n64` for the wgmma launch `l` on `ctas` blocks, claiming tiles from the
+/// thread's counter pair, which the launch must leave at zero.
+fn conv_halo_run(l: Launch<BcConvParams>, ctas: u32) -> LaunchResult {
+    let k = Kernel::ConvHaloN64;
+    HALO_COUNTER.with(|c| {
+        let mut h = launch::conv_halo(l, ctas, c[0].as_ptr())?;
+        // Exactly `ctas` blocks (the launcher stops at the tile count).
+        h.grid[0] = ctas.max(1);
+        run(Ok(h))?;
+        let left = [c[0].load(Ordering::SeqCst), c[1].load(Ordering::SeqCst)];
+        if left != [0, 0] {
+            c.iter().for_each(|v| v.store(0, Ordering::SeqCst));
+            return Err(invalid(
+                k,
+                format!("the tile counters were left at {left:?}"),
+            ));
+        }
+        Ok(())
+    })
 }
 
 /// `bc_dec_softmax` (`cuda/decode_ops.cu`): rows of `n` f32 scores to bf16 probabilities.
@@ -701,9 +731,8 @@ mod tests {
         // in the parity form, all are), then the warp-specialized bc_conv_wgmma_ws* (its own
         // tile): bc_conv_wgmma's bits exactly, NaN-poisoned padding included.
         let plain = cs.srcs.iter().all(|s| !s.up);
-        // ... and the persistent halo conv bc_conv_halo_n64 (plain form only) on few blocks,
-        // so that they walk several tiles: bc_conv_wgmma_n64's bits exactly.
-        let halo = halo_fits(cs) && fits;
+        // ... and the persistent halo conv bc_conv_halo_n64 on few blocks, so that they walk
+        // several tiles: bc_conv_wgmma_n64's bits exactly.
         let ctas = 1 + (seed % 3) as u32;
         // Each kernel plain, then in the parity form where the case has one.
         let forms: &[bool] = if parity { &[false, true] } else { &[false] };
@@ -723,7 +752,7 @@ mod tests {
                 let wg = tile.is_some();
                 let fits = match tile {
                     Some((_, Via::Tma)) => fits && (plain || par),
-                    Some((_, Via::Halo(_))) => halo && !par,
+                    Some((_, Via::Halo(_))) => fits && halo_fits(cs, par),
                     _ => fits,
                 };
                 let got = if cs.f32_out {
@@ -819,8 +848,7 @@ mod tests {
                 .srcs
                 .iter()
                 .all(|s| s.c % 8 == 0 && s.stride % 8 == 0 && s.c0 % 8 == 0);
-        // ... and bc_conv_halo_n64 (plain form, 2 blocks) where it fits.
-        let halo = fits && halo_fits(cs);
+        // ... and bc_conv_halo_n64 (2 blocks) where it fits.
         // Launch frames `f0 .. f0 + n` into `out` (which starts at frame f0's first output).
         let launch = |f0: usize, n: usize, out: ConvDst, tile: Option<(u32, Via)>, par: bool| {
             let srcs = case_srcs(cs, &data, |s| f0 * px(s) * s.stride);
@@ -854,7 +882,7 @@ mod tests {
                 Some((BC_CONV_WG_BN_64, Via::Halo(2))),
             ] {
                 let is_halo = matches!(tile, Some((_, Via::Halo(_))));
-                if tile.is_some() && !fits || is_halo && (!halo || par) {
+                if tile.is_some() && !fits || is_halo && !halo_fits(cs, par) {
                     continue;
                 }
                 let per = nsplit * fstride;
@@ -901,12 +929,16 @@ mod tests {
     }
 
     /// Whether case `cs` has the shape of `bc_conv_halo_n64` (`launch::conv_halo_fits`, given
-    /// the 16-byte path): 3x3, 64 outputs, one or two 64-channel sources read as they are.
-    fn halo_fits(cs: &Case) -> bool {
-        cs.k == 3
-            && cs.cout == 64
-            && (1..=2).contains(&cs.srcs.len())
-            && cs.srcs.iter().all(|s| s.c == 64 && !s.up)
+    /// the 16-byte path): 3x3, 64 outputs, one or two 64-channel sources or one of 128, each
+    /// plain or upsampled; in the parity form (`par`), one upsampled 64-channel source.
+    fn halo_fits(cs: &Case, par: bool) -> bool {
+        let c: Vec<usize> = cs.srcs.iter().map(|s| s.c).collect();
+        let shapes = if par {
+            c[..] == [64] && cs.srcs.iter().all(|s| s.up)
+        } else {
+            matches!(c[..], [64] | [128] | [64, 64])
+        };
+        cs.k == 3 && cs.kt == 1 && cs.cout == 64 && shapes
     }
 
     #[test]
@@ -1186,10 +1218,36 @@ mod tests {
         c.bias = true;
         c.act = ConvAct::Relu;
         run_frames(43, &c, 2);
+        // The conv after an Upsample, dense: 64 -> 64 from a 7 x 13 source to 14 x 26
+        // (partial tiles on both edges), bias + ReLU; 128 -> 64 (one 128-channel source: 18
+        // k-steps, both halo stages as its channel planes) likewise with residual + SiLU and a
+        // padded source stride; over 2 frames too.
+        let mut c = case(64, 64, 1, 3, (14, 26), vec![s(64, 64, 0, 0, true)]);
+        c.bias = true;
+        c.act = ConvAct::Relu;
+        run_case(44, &c);
+        let mut c = case(64, 128, 1, 3, (14, 26), vec![s(128, 136, 0, 0, true)]);
+        c.res = true;
+        c.act = ConvAct::Silu;
+        run_case(45, &c);
+        c.bias = true;
+        run_frames(46, &c, 2);
+        // The parity form of the 64 -> 64 after an Upsample over more than one tile: 18 x 36
+        // from 9 x 18 (2 x 2 tiles of the source grid, partial on both edges), over 2 frames
+        // too (run_case and run_frames run every upsampled case plain and in the parity form).
+        let mut c = case(64, 64, 1, 3, (18, 36), vec![s(64, 72, 0, 0, true)]);
+        c.bias = true;
+        c.res = true;
+        c.act = ConvAct::Relu;
+        run_case(49, &c);
+        run_frames(50, &c, 2);
+        // A plain 128-channel source (13 x 21), bias + ReLU.
+        run_3x3_bias_relu(47, 64, (128, 128), (13, 21));
         // The conv refuses what it does not fit (and so never runs it).
         for (cout, srcs) in [
             (64, vec![s(32, 32, 0, 0, false)]),
-            (64, vec![s(64, 64, 0, 0, true)]),
+            (64, vec![s(192, 192, 0, 0, false)]),
+            (64, vec![s(128, 128, 0, 0, false), s(64, 64, 128, 0, false)]),
             (
                 64,
                 vec![
@@ -1202,10 +1260,10 @@ mod tests {
         ] {
             let cin = srcs.iter().map(|x| x.c0 + x.c).max().unwrap_or(0);
             let c = case(cout, cin, 1, 3, (4, 6), srcs);
-            assert!(!halo_fits(&c) || cout != 64);
+            assert!(!halo_fits(&c, false) || cout != 64);
             let shape = ConvShape::new(cout, cin, 1, 3, 3);
             let wts = vec![bf16::ONE; shape.weight_len()];
-            let data = vec![vec![bf16::ONE; 4 * 6 * 64]; 3];
+            let data = vec![vec![bf16::ONE; 4 * 6 * 192]; 3];
             let srcs = case_srcs(&c, &data, |_| 0);
             let mut out = vec![bf16::ZERO; 4 * 6 * cout];
             let r = conv_wgmma_via(
@@ -1226,6 +1284,56 @@ mod tests {
                 "bc_conv_halo_n64 took cout {cout}, {:?}",
                 c.srcs.len()
             );
+        }
+    }
+
+    /// `bc_conv_halo_n64`'s dynamic tile claims: the same bits as `bc_conv_wgmma_n64` on 1 to
+    /// 3 blocks and on more blocks than tiles (12 tiles: 2 frames of 2 x 3), each launch twice
+    /// in a row on fresh NaN-poisoned outputs with no reset of the counter pair in between
+    /// (`conv_halo_run` fails a launch that leaves it non-zero).
+    #[test]
+    fn halo_conv_claims_tiles_dynamically() {
+        let mut rng = Rng::new(48);
+        let (h, w, frames) = (13, 40, 2);
+        let cs = memblock(64, 64, (h, w));
+        let (_, cpu) = case_conv(&mut rng, &cs);
+        let packed = cpu.packed_bf16();
+        let data: Vec<Vec<bf16>> = (0..2)
+            .map(|_| rand_bf16(&mut rng, frames * h * w * 64))
+            .collect();
+        let srcs = case_srcs(&cs, &data, |_| 0);
+        let shape = ConvShape::new(64, 128, 1, 3, 3);
+        let bits = |via: Via| {
+            let mut o = vec![bf16::NAN; frames * h * w * 64];
+            let geo = (64, 64, h * w * 64, frames);
+            let dst = ConvDst::Bf16(&mut o);
+            let r = conv_wgmma_via(
+                &srcs,
+                &packed,
+                shape,
+                (h, w),
+                None,
+                None,
+                ConvAct::Relu,
+                dst,
+                geo,
+                BC_CONV_WG_BN_64,
+                via,
+            );
+            r.unwrap();
+            o.iter().map(|v| v.to_bits()).collect::<Vec<u16>>()
+        };
+        let want = bits(Via::Wgmma);
+        assert!(want.iter().all(|&b| !bf16::from_bits(b).is_nan()));
+        for ctas in [1, 2, 3, 12, 17, 40] {
+            for round in 0..2 {
+                let got = bits(Via::Halo(ctas));
+                let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+                assert!(
+                    bad.is_none(),
+                    "bc_conv_halo_n64 on {ctas} blocks (launch {round}) differs at {bad:?}"
+                );
+            }
         }
     }
 

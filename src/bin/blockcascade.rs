@@ -614,7 +614,15 @@ fn tune_cmd(a: TuneArgs) -> Result<()> {
         emulate: a.emulate,
         tiny: a.emulate,
         model,
-        timeout: std::time::Duration::from_secs_f64(a.timeout_s),
+        timeout: std::time::Duration::try_from_secs_f64(a.timeout_s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "--timeout-s must be a positive number of seconds, got {}",
+                    a.timeout_s
+                ))
+            })?,
         reps: a.reps,
         families,
         out: a.out.clone(),
@@ -709,6 +717,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         host: a.host,
         port: a.port,
         max_streams: a.max_streams,
+        max_connections: blockcascade::serve::default_max_connections(a.max_streams),
         generate,
         fps: a.fps,
         queue_blocks: a.queue_blocks,

@@ -120,6 +120,17 @@ pub const MAX_STREAMS: usize = 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 /// Most connections `max_connections` accepts (each holds a file descriptor).
 pub const MAX_CONNECTIONS: usize = 16384;
+
+/// The connection limit for a server of `max_streams` streams when nobody chose one (the
+/// CLI): [`DEFAULT_MAX_CONNECTIONS`], or twice the streams when that is more (each stream's
+/// WebSocket holds a connection for its life, and its page, previews and reconnects need
+/// more), at most [`MAX_CONNECTIONS`]. Always at least `max_streams` for any stream count
+/// `serve` accepts.
+pub fn default_max_connections(max_streams: usize) -> usize {
+    DEFAULT_MAX_CONNECTIONS
+        .max(max_streams.saturating_mul(2))
+        .min(MAX_CONNECTIONS)
+}
 /// Time for a request's head by default ([`ServeConfig::request_timeout`]).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -165,6 +165,9 @@ fi
 export BC_TEST_DATA="$here/data"
 export BC_CLI="$here/bin/blockcascade"
 export PYTHONUNBUFFERED=1
+# A tuning file on this machine (`blockcascade tune`) must not steer the tests and bench rows:
+# they measure the defaults and name every variant they run. The tune part writes its own.
+export BC_TUNING=off
 status=0
 short="" # parts skipped or cut short for time
 

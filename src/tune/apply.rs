@@ -67,24 +67,41 @@ pub fn key_of(gpu: &Gpu) -> Result<TuningKey> {
 }
 
 /// The tuning entry of `gpu` from `source`: `Ok(None)` when loading is off, there is no file
-/// or no entry with this device's key; an [`crate::Error::Format`] naming the file when it
-/// cannot be read or parsed.
+/// or no entry with this device's key; an [`crate::Error::Format`] naming the file when a file
+/// the user named (`TuningSource::File`, `BC_TUNING_FILE`) cannot be read or parsed or its
+/// entry holds a choice this build does not know. The default cache file under
+/// [`TuningSource::Auto`] is only a cache: a problem with it (unreadable, a directory, another
+/// build's format) is one stderr note and no entry, so a user who never ran `tune` cannot lose
+/// the CUDA backend to it. Off compute capability 9.0 nothing is loaded (`tune` writes no
+/// entry there).
 pub fn load(gpu: &Gpu, source: &TuningSource) -> Result<Option<Applied>> {
-    let path = match source {
+    let (path, named) = match source {
         TuningSource::Off => return Ok(None),
-        TuningSource::File(p) => p.clone(),
+        TuningSource::File(p) => (p.clone(), true),
         TuningSource::Auto => {
             if TuningSource::from_env() == TuningSource::Off
                 || (gpu.is_emulated() && !device::env_flag("BC_TUNING_EMULATED"))
+                || (!gpu.is_emulated() && gpu.compute_capability() != Some((9, 0)))
             {
                 return Ok(None);
             }
             match tuning_path(None) {
-                Some(p) => p,
+                Some(p) => (p, env_set("BC_TUNING_FILE").is_some()),
                 None => return Ok(None),
             }
         }
     };
+    match load_entry(gpu, path) {
+        Err(e) if !named => {
+            note(&format!("tuning: {e}: ignored"));
+            Ok(None)
+        }
+        r => r,
+    }
+}
+
+/// [`load`] once the path is known.
+fn load_entry(gpu: &Gpu, path: PathBuf) -> Result<Option<Applied>> {
     let Some(file) = TuningFile::load(&path)? else {
         return Ok(None);
     };
@@ -97,8 +114,13 @@ pub fn load(gpu: &Gpu, source: &TuningSource) -> Result<Option<Applied>> {
         ));
         return Ok(None);
     };
-    // `TuningFile::load` checked that every entry parses.
-    let parsed = entry.choices.parse().unwrap_or_default();
+    let parsed = entry.choices.parse().map_err(|m| {
+        crate::Error::format(format!(
+            "tuning file {}: {}: {m}; delete or move it, then rerun `blockcascade tune` (BC_TUNING=off ignores it)",
+            path.display(),
+            key.describe()
+        ))
+    })?;
     Ok(Some(Applied {
         path,
         key,

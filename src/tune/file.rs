@@ -229,21 +229,27 @@ impl Default for TuningFile {
 /// The error for a file that exists but cannot be used, naming it and the fix.
 fn malformed(path: &Path, why: impl std::fmt::Display) -> Error {
     Error::format(format!(
-        "tuning file {}: {why}; delete it or rerun `blockcascade tune` (BC_TUNING=off ignores it)",
+        "tuning file {}: {why}; delete or move it, then rerun `blockcascade tune` (BC_TUNING=off ignores it)",
         path.display()
     ))
 }
 
 impl TuningFile {
     /// Reads `path`: `Ok(None)` when it does not exist, an [`Error::Format`] naming the file
-    /// and the fix when it cannot be read or parsed (or holds a choice this build does not
-    /// know).
+    /// and the fix when it cannot be read or parsed. Entries are not checked here: only the
+    /// one that applies ([`TuningFile::entry`]) must hold choices this build knows, so another
+    /// build's entry in a shared file does not break this one.
     pub fn load(path: &Path) -> Result<Option<TuningFile>> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
+        // A FIFO or device is refused before it is opened (no read can block), a huge file
+        // before it is read (files::read_regular_file).
+        match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(malformed(path, format!("cannot be read: {e}"))),
-        };
+            _ => {}
+        }
+        let bytes =
+            crate::files::read_regular_file(path, "a tuning file", crate::files::MAX_JSON_BYTES)
+                .map_err(|e| malformed(path, format!("cannot be read: {e}")))?;
+        let text = String::from_utf8(bytes).map_err(|_| malformed(path, "not UTF-8"))?;
         let f: TuningFile =
             serde_json::from_str(&text).map_err(|e| malformed(path, format!("malformed: {e}")))?;
         if f.version != FILE_VERSION {
@@ -251,11 +257,6 @@ impl TuningFile {
                 path,
                 format!("version {} (this build reads {FILE_VERSION})", f.version),
             ));
-        }
-        for e in &f.entries {
-            e.choices
-                .parse()
-                .map_err(|m| malformed(path, format!("{}: {m}", e.key.device)))?;
         }
         Ok(Some(f))
     }
@@ -428,12 +429,6 @@ mod tests {
         for (text, why) in [
             ("{ not json", "malformed"),
             (r#"{"version": 99, "entries": []}"#, "version 99"),
-            (
-                r#"{"version": 1, "entries": [{"key": {"device": "d", "capability": "9.0",
-                "driver": "1", "engine": "1", "kernels": "x"}, "tuned_at": 0,
-                "choices": {"attention": "fast"}}]}"#,
-                "fast",
-            ),
         ] {
             std::fs::write(&path, text).unwrap();
             let e = TuningFile::load(&path).unwrap_err();
@@ -441,8 +436,23 @@ mod tests {
             assert!(matches!(e, Error::Format(_)), "{m}");
             assert!(m.contains(&path.display().to_string()), "{m}");
             assert!(m.contains(why), "{m}");
-            assert!(m.contains("rerun `blockcascade tune`"), "{m}");
+            assert!(m.contains("then rerun `blockcascade tune`"), "{m}");
         }
+        // A directory (or FIFO, device) is refused without being opened.
+        let m = TuningFile::load(dir.path()).unwrap_err().to_string();
+        assert!(m.contains("cannot be read"), "{m}");
+        // An entry another build wrote (a variant this one does not know) loads: only the
+        // entry that applies is checked, when it is applied (`apply::load`).
+        std::fs::write(
+            &path,
+            r#"{"version": 1, "entries": [{"key": {"device": "d", "capability": "9.0",
+            "driver": "1", "engine": "1", "kernels": "x"}, "tuned_at": 0,
+            "choices": {"attention": "fast"}}]}"#,
+        )
+        .unwrap();
+        let f = TuningFile::load(&path).unwrap().unwrap();
+        let m = f.entries[0].choices.parse().unwrap_err();
+        assert!(m.contains("fast"), "{m}");
     }
 
     #[test]

@@ -313,11 +313,16 @@ __device__ __forceinline__ void ch_run(const BcConvParams& p, bc_saddr base, uns
     for (int i = 0; cur < total; ++i) {
         const int u = i * NS;
         landed();
-        // Tile i + 1 (thread 0 wrote it before this barrier); thread 0 claims tile i + 2 into
-        // the slot of tile i, which every thread read before this barrier.
+        // Tile i + 1 (thread 0 wrote it before this barrier). Thread 0 claims tile i + 2 and
+        // stores it into the slot of tile i (which every thread read before this barrier)
+        // before the next barrier. nvcc aggregates the atomic over the warp and shuffles its
+        // result at once, so warp 0 waits for the round trip where the claim is issued: in the
+        // parity form here (its tile is 4 parities of math, so the wait weighs little); else
+        // after the tile's last wgmma is issued, where warp 0 waits for them to drain anyway.
         const int next = ch_lds(claim + 4 * ((i + 1) & 1));
-        if (tid == 0) ch_sts(claim + 4 * (i & 1), next < total ? (int)atomicAdd(ctr, 1u) : total);
+        int claimed = total;
         if constexpr (PAR) {
+            if (tid == 0 && next < total) claimed = (int)atomicAdd(ctr, 1u);
             if (next < total) load(next, 0, (u + 1) & 1);
             bc_cp_async_commit();
             const ChTile c(p, cur, tw, tpf);
@@ -326,6 +331,7 @@ __device__ __forceinline__ void ch_run(const BcConvParams& p, bc_saddr base, uns
             // A runtime loop: every group is complete at its back edge (the epilogue waited).
 #pragma unroll 1
             for (int z = 0; z < 4; ++z) ch_parity(p, acc, st, hp0, hi, db0 + z * PSTEP, c, z, wg, warp, lane);
+            if (tid == 0) ch_sts(claim + 4 * (i & 1), claimed);
             cur = next;
             continue;
         } else if constexpr (KC == 2) {
@@ -350,12 +356,14 @@ __device__ __forceinline__ void ch_run(const BcConvParams& p, bc_saddr base, uns
                                   db0 + (uint64_t)(CH_TAPS * (CH_WSTEP >> 4)));
             }
         }
+        if (tid == 0 && next < total) claimed = (int)atomicAdd(ctr, 1u);
         bc_wgmma_wait<0>();
         bc_wgmma_fence_operand(acc);
         const ChTile c(p, cur, tw, tpf);
         ch_epilogue(p, cv_geo_z(p, c.bz), acc, c.y0, c.x0, wg, warp, lane / 4, lane % 4);
 #pragma unroll
         for (int k = 0; k < CH_BN / 2; ++k) acc[k] = 0.f;
+        if (tid == 0) ch_sts(claim + 4 * (i & 1), claimed);
         cur = next;
     }
     bc_cp_async_wait_group<0>();

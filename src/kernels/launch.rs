@@ -1314,6 +1314,11 @@ pub fn conv_halo_fits(l: &Launch<BcConvParams>) -> bool {
     };
     // Weight k-steps per 64 channels: 9 taps, or 4 parities x 4 taps.
     let per = if p.parity != 0 { 16 } else { 9 };
+    // One time tap (a conv2d): the kernel's sources are frames of their own, never taps of a
+    // causal conv3d (the emulated cases check kt == 1 only).
+    if p.kt != 1 {
+        return false;
+    }
     l.kernel == Kernel::ConvWgmmaN64
         && p.cout == BC_CONV_WG_BN_64 as i32
         && p.kh == 3

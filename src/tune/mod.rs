@@ -134,16 +134,32 @@ fn layer(
         time_taps,
         h,
         w,
+        up: false,
+        parity: false,
+    }
+}
+
+/// A conv after TAEHV's `Upsample` (sources at `h/2 x w/2`), dense or in the parity form.
+fn up_layer(name: &str, cin: usize, h: usize, w: usize, parity: bool) -> ConvLayer {
+    ConvLayer {
+        up: true,
+        parity,
+        ..layer(name, cin, 64, 1, false, h, w)
     }
 }
 
 /// The decoder convolutions of a 480x832 decode that the conv variants differ on: TAEHV's
-/// 64 -> 64 and its MemBlock's 128 -> 64 at full resolution (the halo conv takes both), the
-/// Wan VAE's causal 3x3x3 convs at 96, 192 and 384 channels at the resolutions they run at.
+/// 64 -> 64 and its MemBlock's 128 -> 64, and the convs after its last two `Upsample`s (64 ->
+/// 64 in the parity form and dense, 128 -> 64 dense): every body of the halo conv a decode can
+/// launch runs here, so a halo choice never enables one that the tune did not run; the Wan
+/// VAE's causal 3x3x3 convs at 96, 192 and 384 channels at the resolutions they run at.
 pub fn real_convs() -> Vec<ConvLayer> {
     vec![
         layer("taehv 64->64 @480x832", 64, 64, 1, false, 480, 832),
         layer("taehv mem 128->64 @480x832", 64, 64, 2, false, 480, 832),
+        up_layer("taehv up 64->64 parity @480x832", 64, 480, 832, true),
+        up_layer("taehv up 64->64 dense @480x832", 64, 480, 832, false),
+        up_layer("taehv up 128->64 dense @240x416", 128, 240, 416, false),
         layer("wan 96 @480x832", 96, 96, 3, true, 480, 832),
         layer("wan 192 @240x416", 192, 192, 3, true, 240, 416),
         layer("wan 384 @120x208", 384, 384, 3, true, 120, 208),
@@ -162,6 +178,8 @@ pub fn tiny_spec() -> (AttnShape, Vec<ConvLayer>) {
         vec![
             layer("taehv 64->64", 64, 64, 1, false, 8, 16),
             layer("taehv mem 128->64", 64, 64, 2, false, 8, 8),
+            up_layer("taehv up 64->64 parity", 64, 8, 16, true),
+            up_layer("taehv up 128->64", 128, 8, 16, false),
             layer("wan 96", 96, 96, 3, true, 8, 8),
         ],
     )

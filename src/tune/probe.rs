@@ -66,12 +66,20 @@ pub struct ConvLayer {
     pub h: usize,
     /// Output width.
     pub w: usize,
+    /// The sources are read through a nearest 2x upsample (they are `h/2 x w/2`): the conv
+    /// after TAEHV's `Upsample`.
+    #[serde(default)]
+    pub up: bool,
+    /// Its sub-pixel (parity) form (needs `up`): the decoders' default for that conv.
+    #[serde(default)]
+    pub parity: bool,
 }
 
 impl ConvLayer {
-    /// Floating-point operations of one launch.
+    /// Floating-point operations of one launch (the parity form: 4 taps per output, not 9).
     pub fn flops(&self) -> f64 {
-        2.0 * (self.h * self.w * self.cout * self.cin * self.sources * 9) as f64
+        let taps = if self.parity { 4 } else { 9 };
+        2.0 * (self.h * self.w * self.cout * self.cin * self.sources * taps) as f64
     }
 }
 
@@ -434,22 +442,26 @@ fn conv_probe(
     let counter = counter as usize as *mut u32;
     for layer in &spec.convs {
         let px = layer.h * layer.w;
+        let src_px = if layer.up { px / 4 } else { px };
         let mut srcs = Vec::with_capacity(layer.sources);
         for i in 0..layer.sources {
-            let x = random_bf16(gpu, px * layer.cin, 1.0, &mut rng)?;
+            let x = random_bf16(gpu, src_px * layer.cin, 1.0, &mut rng)?;
             srcs.push(ConvSource {
                 x: x as usize as *const _,
                 channels: layer.cin,
                 stride: layer.cin,
                 c0: if layer.time_taps { 0 } else { i * layer.cin },
                 t: if layer.time_taps { i } else { 0 },
-                up: false,
+                up: layer.up,
             });
         }
         let shape = if layer.time_taps {
             ConvShape::new(layer.cout, layer.cin, layer.sources, 3, 3)
         } else {
-            ConvShape::new(layer.cout, layer.cin * layer.sources, 1, 3, 3)
+            ConvShape {
+                parity: layer.parity,
+                ..ConvShape::new(layer.cout, layer.cin * layer.sources, 1, 3, 3)
+            }
         };
         let fan_in = (shape.weight_len() / layer.cout.max(1)).max(1) as f32;
         let w = random_bf16(gpu, shape.weight_len(), fan_in.sqrt().recip(), &mut rng)?;

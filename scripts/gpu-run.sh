@@ -66,7 +66,7 @@ reserve=15 # seconds kept back for the kill grace of a timed-out part, the summa
 # caps. Estimated times on an H100/H200 (docs/gpu-bundle.md): tests ~40 s, bench
 # ~45 s, pytorch ~25 s, memcheck and racecheck ~30-60 s each.
 declare -A cap=([wgmma]=${BC_CAP_WGMMA:-60} [tests]=${BC_CAP_TESTS:-150} [bench]=${BC_CAP_BENCH:-180} [pytorch]=${BC_CAP_PYTORCH:-90} [ncu]=${BC_CAP_NCU:-140}
-    [memcheck]=${BC_CAP_MEMCHECK:-90} [racecheck]=${BC_CAP_RACECHECK:-90} [tune]=${BC_CAP_TUNE:-240})
+    [memcheck]=${BC_CAP_MEMCHECK:-90} [racecheck]=${BC_CAP_RACECHECK:-90} [tune]=${BC_CAP_TUNE:-300})
 declare -A need=([wgmma]=15 [tests]=45 [bench]=45 [pytorch]=30 [ncu]=40 [memcheck]=30 [racecheck]=30 [tune]=60)
 declare -A cap_full=([wgmma]=120 [tests]=570 [bench]=570 [pytorch]=570 [ncu]=570 [memcheck]=270 [racecheck]=270 [tune]=570)
 
@@ -687,10 +687,11 @@ if want sanitizer; then
 fi
 
 # --- tune (opt-in, never in the default parts: `run.sh device tune`) ------------------------
-# `blockcascade tune`: every Hopper kernel variant in its own child process (30 s timeout each),
-# the table in tune.log, the file in the logs (tuning.json); a hung or faulting variant is a row
+# `blockcascade tune`: every Hopper kernel variant in its own child process (20 s timeout each:
+# 11 candidates x 20 s stay under the 300 s cap, so even hung ones cannot lose the table), the
+# table in tune.log, the file in the logs (tuning.json); a hung or faulting variant is a row
 # of the table, not a failure of the part.
-if want tune && run_part tune "$logs"/tune.log ./bin/blockcascade tune --out "$logs/tuning.json" --timeout-s 30; then
+if want tune && run_part tune "$logs"/tune.log ./bin/blockcascade tune --out "$logs/tuning.json" --timeout-s 20; then
     finish tune "$logs"/tune.log "$(grep -m1 '^chosen:' "$logs"/tune.log)"
 fi
 

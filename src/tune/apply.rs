@@ -168,8 +168,14 @@ pub fn attention_tuning(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> AttentionTuning {
     let mut t = AttentionTuning::default();
+    // The file's attention and split were measured with the wgmma kernels; with them off the
+    // session runs `mma.sync`, which neither applies to.
+    let wgmma_off = env("BC_ATTN_WGMMA").is_some_and(|v| v.trim() == "0");
     if let Some(a) = p.attention {
-        if tile.is_some() {
+        if wgmma_off {
+            t.notes
+                .push(format!("attention={} (BC_ATTN_WGMMA=0 wins)", a.name()));
+        } else if tile.is_some() {
             t.notes
                 .push(format!("attention={} (the session's tile wins)", a.name()));
         } else if env("BC_ATTN_WGMMA_VARIANT").is_some() {
@@ -184,7 +190,9 @@ pub fn attention_tuning(
     }
     if let Some(s) = p.split {
         let name = s.map_or("auto".to_string(), |n| n.to_string());
-        if split.is_some() {
+        if wgmma_off {
+            t.notes.push(format!("split={name} (BC_ATTN_WGMMA=0 wins)"));
+        } else if split.is_some() {
             t.notes
                 .push(format!("split={name} (the session's split wins)"));
         } else if env("BC_ATTN_SPLIT").is_some() {
@@ -358,6 +366,15 @@ mod tests {
         // Options in code win too.
         let t = attention_tuning(&parsed(), Some(AttentionTile::Rows64), Some(3), &env(&[]));
         assert_eq!((t.tile, t.split), (None, None));
+        // With the wgmma kernels off neither the wgmma tile nor its split applies, and the
+        // line says so instead of naming a tile that does not run.
+        let t = attention_tuning(&parsed(), None, None, &env(&[("BC_ATTN_WGMMA", "0")]));
+        assert_eq!((t.tile, t.split), (None, None));
+        assert!(
+            t.notes.iter().all(|n| n.contains("BC_ATTN_WGMMA=0 wins")),
+            "{:?}",
+            t.notes
+        );
     }
 
     #[test]

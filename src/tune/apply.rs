@@ -5,7 +5,7 @@
 //! | file choice | overridden by |
 //! |---|---|
 //! | attention | [`crate::backend::cuda::CudaOptions::attention_tile`] (and `BC_ATTENTION_TILE`), `BC_ATTN_WGMMA_VARIANT`, `BC_ATTN_WGMMA=0` |
-//! | split | [`crate::backend::cuda::CudaOptions::attention_split`], `BC_ATTN_SPLIT` |
+//! | split | [`crate::backend::cuda::CudaOptions::attention_split`], `BC_ATTN_SPLIT`, `BC_ATTN_WGMMA=0` |
 //! | conv | `BC_CONV_WGMMA_VARIANT`, `BC_CONV_WGMMA=0` |
 //! | conv_halo | `BC_CONV_HALO`, `BC_CONV_WGMMA=0` |
 //!

@@ -324,20 +324,12 @@ impl Dev {
     fn new(mut gpu: Gpu) -> Result<Dev> {
         let conv_wgmma = conv_wgmma_default(&gpu);
         let conv_tma = conv_tma_default(&gpu);
-        let mut conv_ws = conv_ws_default(&gpu)?;
-        let mut conv_halo = conv_halo_default(&gpu);
-        let mut tuning = None;
-        if conv_wgmma {
-            if let Some((t, line)) = conv_tuning(&gpu, &TuningSource::Auto)? {
-                conv_ws = t.ws.unwrap_or(conv_ws);
-                conv_halo = t.halo.unwrap_or(conv_halo);
-                tuning = Some(line);
-            }
-        }
+        let conv_ws = conv_ws_default(&gpu)?;
+        let conv_halo = conv_halo_default(&gpu);
         let halo_counter = gpu.alloc(8)?;
         gpu.memset(halo_counter, 0, 8)?;
         Ok(Dev {
-            tuning,
+            tuning: None,
             gpu,
             weight_bytes: 0,
             pool: Vec::new(),
@@ -1030,7 +1022,7 @@ impl CudaDecoder {
             bytes: dev.weight_bytes,
             home: None,
         });
-        Ok(CudaDecoder::with(dev, weights))
+        CudaDecoder::with(dev, weights)
     }
 
     /// A decoder over shared `weights`: opens its own handle on their device (its own
@@ -1044,11 +1036,14 @@ impl CudaDecoder {
         let gpu = device
             .open()?
             .ok_or_else(|| Error::Internal("device weights on the CPU".into()))?;
-        Ok(CudaDecoder::with(Dev::new(gpu)?, weights))
+        CudaDecoder::with(Dev::new(gpu)?, weights)
     }
 
-    fn with(dev: Dev, weights: Arc<DeviceWeights>) -> CudaDecoder {
-        CudaDecoder {
+    /// The decoder over `dev` and `weights`, with this device's tuning entry applied
+    /// ([`CudaDecoder::apply_tuning`] with [`TuningSource::Auto`]; a `Dev` that only uploads
+    /// weights never reads the file).
+    fn with(dev: Dev, weights: Arc<DeviceWeights>) -> Result<CudaDecoder> {
+        let mut d = CudaDecoder {
             graphs: Graphs {
                 on: !env_flag("BC_NO_GRAPHS"),
                 map: HashMap::new(),
@@ -1061,7 +1056,9 @@ impl CudaDecoder {
             weights,
             state: None,
             io: Io::default(),
-        }
+        };
+        d.apply_tuning(&TuningSource::Auto)?;
+        Ok(d)
     }
 
     /// Turns the CUDA graphs of the steady state on or off (on by default, off with

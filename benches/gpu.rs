@@ -453,15 +453,7 @@ fn wan_conv_rows(g: &mut Gpu, peak: f64, wgmma: bool, tma: bool, ws: bool) -> Ve
                     res_stride: 0,
                     act: 0,
                 },
-                ConvOut {
-                    out: outs[k] as *mut _,
-                    f32: false,
-                    stride: cout,
-                    split: cout,
-                    frame_stride: 0,
-                    cstride: 1,
-                    frames: 1,
-                },
+                ConvOut::nhwc_bf16(outs[k] as *mut _, cout),
                 on,
             )
             .unwrap();
@@ -677,15 +669,7 @@ fn taehv_halo_conv_rows(g: &mut Gpu, peak: f64) -> Vec<Row> {
                     res_stride: 64,
                     act,
                 },
-                ConvOut {
-                    out: *out as *mut _,
-                    f32: false,
-                    stride: cout,
-                    split: cout,
-                    frame_stride: 0,
-                    cstride: 1,
-                    frames: 1,
-                },
+                ConvOut::nhwc_bf16(*out as *mut _, cout),
                 true,
             )
             .unwrap();

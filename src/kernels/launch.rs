@@ -1017,6 +1017,22 @@ pub struct ConvOut {
     pub frames: usize,
 }
 
+impl ConvOut {
+    /// One bf16 output frame, NHWC with `cout` channels per pixel: the plain layout of a single
+    /// conv layer (benchmarks and tests launch it; the decoders set the frame fields).
+    pub fn nhwc_bf16(out: *mut c_void, cout: usize) -> Self {
+        ConvOut {
+            out,
+            f32: false,
+            stride: cout,
+            split: cout,
+            frame_stride: 0,
+            cstride: 1,
+            frames: 1,
+        }
+    }
+}
+
 /// The epilogue of a [`conv_on`]: bias (null: none), residual `[h*w][res_stride]` bf16 (null:
 /// none), activation (`BC_ACT_NONE`, `BC_ACT_RELU`, `BC_ACT_SILU`).
 #[derive(Clone, Copy, Debug)]
@@ -1773,15 +1789,7 @@ mod tests {
             res_stride: 0,
             act: 0,
         };
-        let out = |cout| ConvOut {
-            out: 0x2000usize as *mut c_void,
-            f32: false,
-            stride: cout,
-            split: cout,
-            frame_stride: 0,
-            cstride: 1,
-            frames: 1,
-        };
+        let out = |cout| ConvOut::nhwc_bf16(0x2000usize as *mut c_void, cout);
         let pick = |c: usize, cout: usize, up: bool, wgmma: bool| {
             let l = conv_on(
                 &[src(c, up)],

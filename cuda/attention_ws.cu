@@ -47,6 +47,16 @@
 //     l = 0, O = 0) for bc_attention_combine.
 // So the same inputs give the bits of pp_k128 (and of _k128), split or not (the same partials):
 // tests/kernels_emu.rs checks it.
+//
+// `bc_attention_wgmma_hd128_ws_deep` (ws_kernel<true>, docs/wgmma.md "Deeper producer
+// pipelining") is the same kernel with a deeper producer pipeline: per tile after the first, the
+// producer waits empty[s], issues the copies and hands them to full[s] with
+// cp.async.mbarrier.arrive.noinc (the arrive-on happens when they have landed), then thread 0
+// writes ring[s] and releases it with a plain mbarrier.arrive (full[s] counts WS_WG + 1), and it
+// goes on without any cp.async.wait_group: up to WS_STAGES tiles in flight, bounded by empty[]
+// alone. Tile 0 (with Q) is published as above: the producer must see Q land to flip its sign.
+// The consumers add fence.proxy.async after each full[] wait: no producer instruction runs after
+// the copies land, so the reader orders them for wgmma's async proxy.
 // Phases: the k-th use of stage s (tiles s, s + WS_STAGES, ...) is phase k of full[s] and of
 // empty[s]; waits use parity k & 1 (the producer skips its first WS_STAGES waits).
 //

@@ -188,7 +188,7 @@ fn every_candidate_matches_the_reference_on_the_emulator() {
         (after.choices.conv.as_ref(), after.choices.conv_halo),
         (None, None)
     );
-    assert_eq!(after.measured.len(), 11);
+    assert_eq!(after.measured.len(), 12);
     assert!(after
         .measured
         .iter()

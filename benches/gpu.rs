@@ -1526,6 +1526,11 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
             Schedule::Cascade { lag: 1 },
             Some(("BC_ATTN_WGMMA_VARIANT", "ws")),
         ),
+        (
+            "sequential ws_deep",
+            Schedule::Sequential,
+            Some(("BC_ATTN_WGMMA_VARIANT", "ws_deep")),
+        ),
     ] {
         for (k, v) in &saved {
             match v {
@@ -1535,6 +1540,12 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
         }
         if switch == Some(("BC_ATTN_WGMMA_VARIANT", "ws")) && !attn_ws_ok(AttentionTile::WgmmaWs) {
             println!("{name}: skipped (BC_NO_ATTN_WS=1)");
+            continue;
+        }
+        if switch == Some(("BC_ATTN_WGMMA_VARIANT", "ws_deep"))
+            && !attn_ws_ok(AttentionTile::WgmmaWsDeep)
+        {
+            println!("{name}: skipped (BC_NO_ATTN_WS_DEEP=1)");
             continue;
         }
         if let Some((k, v)) = switch {

@@ -201,10 +201,14 @@ fn attention_split_rows(
     use blockcascade::kernels::launch;
     let (heads, hd) = (12usize, 128usize);
     let split_tiles: Vec<AttentionTile> = if tiles.contains(&AttentionTile::WgmmaPpK128) {
-        [AttentionTile::WgmmaPpK128, AttentionTile::WgmmaWs]
-            .into_iter()
-            .filter(|t| tiles.contains(t))
-            .collect()
+        [
+            AttentionTile::WgmmaPpK128,
+            AttentionTile::WgmmaWs,
+            AttentionTile::WgmmaWsDeep,
+        ]
+        .into_iter()
+        .filter(|t| tiles.contains(t))
+        .collect()
     } else {
         vec![AttentionTile::Rows128]
     };
@@ -734,9 +738,14 @@ fn print_rows(rows: &[Row], shown: &mut usize) {
 }
 
 /// Whether the warp-specialized attention may run: `BC_NO_ATTN_WS=1` (run.sh sets it when
-/// `BC_BENCH_SMOKE=attention-ws` failed or hung) leaves `wgmma64_ws` out; other tiles always.
+/// `BC_BENCH_SMOKE=attention-ws` failed or hung) leaves `wgmma64_ws` out, `BC_NO_ATTN_WS_DEEP=1`
+/// (`attention-ws-deep`) `wgmma64_ws_deep`; other tiles always.
 fn attn_ws_ok(tile: AttentionTile) -> bool {
-    tile != AttentionTile::WgmmaWs || std::env::var_os("BC_NO_ATTN_WS").is_none()
+    match tile {
+        AttentionTile::WgmmaWs => std::env::var_os("BC_NO_ATTN_WS").is_none(),
+        AttentionTile::WgmmaWsDeep => std::env::var_os("BC_NO_ATTN_WS_DEEP").is_none(),
+        _ => true,
+    }
 }
 
 /// `BC_NO_SPLIT=1` (run.sh sets it, with `BC_ATTN_SPLIT=1`, when `BC_BENCH_SMOKE=split`
@@ -1501,6 +1510,11 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
             Schedule::Cascade { lag: 1 },
             Some(("BC_ATTN_WGMMA_VARIANT", "ws")),
         ),
+        (
+            "sequential ws_deep",
+            Schedule::Sequential,
+            Some(("BC_ATTN_WGMMA_VARIANT", "ws_deep")),
+        ),
     ] {
         for (k, v) in &saved {
             match v {
@@ -1510,6 +1524,12 @@ fn end_to_end(model: &Model, built_s: f64, peak_tflops: f64) -> Vec<Value> {
         }
         if switch == Some(("BC_ATTN_WGMMA_VARIANT", "ws")) && !attn_ws_ok(AttentionTile::WgmmaWs) {
             println!("{name}: skipped (BC_NO_ATTN_WS=1)");
+            continue;
+        }
+        if switch == Some(("BC_ATTN_WGMMA_VARIANT", "ws_deep"))
+            && !attn_ws_ok(AttentionTile::WgmmaWsDeep)
+        {
+            println!("{name}: skipped (BC_NO_ATTN_WS_DEEP=1)");
             continue;
         }
         if let Some((k, v)) = switch {
@@ -1688,10 +1708,14 @@ fn ncu_attention(g: &mut Gpu, wgmma: bool) {
         q, out, sd, id, gd, ..
     } = attention_inputs(g, n, keys, dim);
     let tiles = if wgmma {
-        [AttentionTile::WgmmaPpK128, AttentionTile::WgmmaWs]
-            .into_iter()
-            .filter(|&t| attn_ws_ok(t))
-            .collect()
+        [
+            AttentionTile::WgmmaPpK128,
+            AttentionTile::WgmmaWs,
+            AttentionTile::WgmmaWsDeep,
+        ]
+        .into_iter()
+        .filter(|&t| attn_ws_ok(t))
+        .collect()
     } else {
         vec![AttentionTile::Rows128]
     };
@@ -1764,21 +1788,22 @@ fn ncu_decode(wgmma: bool) {
     }
 }
 
-/// `BC_BENCH_SMOKE=split|attention-ws|conv-ws|conv-halo`: one short run of a kernel path never run on a
+/// `BC_BENCH_SMOKE=split|attention-ws|attention-ws-deep|conv-ws|conv-halo`: one short run of a kernel path never run on a
 /// GPU before, in a process of its own under a short timeout (run.sh's wgmma part, before the
 /// tests and the bench): `split` the default attention tile with a forced 2-way split-KV (and
-/// `bc_attention_combine`), `attention-ws` the warp-specialized attention unsplit and split,
+/// `bc_attention_combine`), `attention-ws` the warp-specialized attention unsplit and split
+/// (`attention-ws-deep` its deeper-pipelined twin),
 /// `conv-ws` one 3-latent-frame block of each decoder on the ws conv (every ws tile: n192 and
 /// n96 in the Wan VAE, n64 in TAEHV), `conv-halo` one TAEHV block on the persistent halo conv
 /// (`bc_conv_halo_n64`), with the upsample convs in the parity form, then dense. Prints `SMOKE <what> ok` last when every launch returned
 /// and the device synchronised; a hang never gets there (run.sh then sets `BC_NO_SPLIT=1`,
-/// `BC_NO_ATTN_WS=1`, `BC_BENCH_NO_CONV_WS=1` or `BC_BENCH_NO_CONV_HALO=1` for the later parts).
+/// `BC_NO_ATTN_WS=1`, `BC_NO_ATTN_WS_DEEP=1`, `BC_BENCH_NO_CONV_WS=1` or `BC_BENCH_NO_CONV_HALO=1` for the later parts).
 fn smoke_run(mut g: Gpu, what: &str) {
     let wgmma = g.compute_capability() == Some((9, 0))
         && std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1");
     let t0 = std::time::Instant::now();
     let ok = match what {
-        "split" | "attention-ws" => {
+        "split" | "attention-ws" | "attention-ws-deep" => {
             let (heads, hd, dim, n, keys) = (12, 128, 1536, 3 * 1560, 21 * 1560);
             let AttnInputs {
                 q, out, sd, id, gd, ..
@@ -1786,6 +1811,7 @@ fn smoke_run(mut g: Gpu, what: &str) {
             let tile = match (what, wgmma) {
                 ("split", true) => AttentionTile::WgmmaPpK128,
                 ("split", false) => AttentionTile::Rows128,
+                ("attention-ws-deep", _) => AttentionTile::WgmmaWsDeep,
                 _ => AttentionTile::WgmmaWs,
             };
             let split = split_scratch(&mut g, tile, (heads, hd, n, keys), Some(2));

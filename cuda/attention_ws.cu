@@ -47,6 +47,16 @@
 //     l = 0, O = 0) for bc_attention_combine.
 // So the same inputs give the bits of pp_k128 (and of _k128), split or not (the same partials):
 // tests/kernels_emu.rs checks it.
+//
+// `bc_attention_wgmma_hd128_ws_deep` (ws_kernel<true>, docs/wgmma.md "Deeper producer
+// pipelining") is the same kernel with a deeper producer pipeline: per tile after the first, the
+// producer waits empty[s], issues the copies and hands them to full[s] with
+// cp.async.mbarrier.arrive.noinc (the arrive-on happens when they have landed), then thread 0
+// writes ring[s] and releases it with a plain mbarrier.arrive (full[s] counts WS_WG + 1), and it
+// goes on without any cp.async.wait_group: up to WS_STAGES tiles in flight, bounded by empty[]
+// alone. Tile 0 (with Q) is published as above: the producer must see Q land to flip its sign.
+// The consumers add fence.proxy.async after each full[] wait: no producer instruction runs after
+// the copies land, so the reader orders them for wgmma's async proxy.
 // Phases: the k-th use of stage s (tiles s, s + WS_STAGES, ...) is phase k of full[s] and of
 // empty[s]; waits use parity k & 1 (the producer skips its first WS_STAGES waits).
 //
@@ -118,7 +128,9 @@ constexpr int WS_BAR_SCHED = 1;
 
 #if BC_HAS_WGMMA
 /// The producer warpgroup (thread pt = 0..127): Q, then every key tile of the block's split of
-/// the group's walk, then the end marker, as the header says.
+/// the group's walk, then the end marker, as the header says. DEEP (`_ws_deep`): tiles after
+/// the first are handed to full[s] by cp.async.mbarrier.arrive.noinc, no wait_group.
+template <bool DEEP>
 __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const BcAttnGroup& grp, AttSplitBlock sb,
                                             int r0, unsigned char* smem, bc_saddr base, uint64_t* full,
                                             uint64_t* empty, int* ring, int pt) {
@@ -180,46 +192,82 @@ __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const Bc
     // The block's split of the group's walk (all of it with one split): att_advance stops at the
     // split's end (`left`), and the end marker follows; an empty split publishes only that.
     AttCursor cur = att_split_start(p, grp, WS_BK, sb.split, sb.splits);
-    int s = 0, prev = 0;
+    int s = 0;
     unsigned use = 0;  // uses of stage s so far
-    for (int j = 0;; ++j) {
-        if (use > 0) bc_mbar_wait(&empty[s], (use - 1) & 1);  // its previous tile is consumed
-        const int kn = cur.have ? min(WS_BK, cur.seg.tokens - cur.k0) : 0;
-        if (pt == 0) ring[s] = kn;  // 0: the end marker
-        if (cur.have) {
-            if (j == 0) load_q();
-            load_kv(s, cur.seg, cur.k0, kn);
-        }
-        bc_cp_async_commit();
-        // Tiles 0 .. WS_STAGES-2 need no empty wait: the next copy is issued before this one is
-        // waited for. From then on (and at the end marker) each tile is published as it lands.
-        const bool lagging = j > 0 && j < WS_STAGES;  // tile j-1 is not published yet
-        if (cur.have && j + 1 < WS_STAGES) {
-            if (lagging) {
-                bc_cp_async_wait_group<1>();
-                publish(prev, j == 1);
+    if constexpr (DEEP) {
+        // Per tile: wait for the stage, issue the copies, hand them to full[s] (the arrive-on
+        // happens when they land), then thread 0 writes the ring entry and releases it with a
+        // plain arrive (full[s] counts WS_WG + 1). Tile 0 (with Q) is published as in _ws: the
+        // producer must see Q land to flip its sign. Up to WS_STAGES tiles in flight, bounded by
+        // empty[] only.
+        for (int j = 0;; ++j) {
+            if (use > 0) bc_mbar_wait(&empty[s], (use - 1) & 1);  // its previous tile is consumed
+            const int kn = cur.have ? min(WS_BK, cur.seg.tokens - cur.k0) : 0;
+            if (cur.have) {
+                if (j == 0) load_q();
+                load_kv(s, cur.seg, cur.k0, kn);
             }
-        } else {
-            if (lagging) {
-                bc_cp_async_wait_group<1>();
-                publish(prev, j == 1);
+            if (j == 0 && cur.have) {
+                bc_cp_async_commit();
+                bc_cp_async_wait_group<0>();
+                publish(s, true);
+            } else {
+                bc_cp_async_mbar_arrive_noinc(&full[s]);  // (the end marker: nothing new to track)
             }
-            bc_cp_async_wait_group<0>();
-            publish(s, j == 0 && cur.have);
+            if (pt == 0) {
+                ring[s] = kn;  // 0: the end marker
+                bc_mbar_arrive(&full[s]);
+            }
+            if (!cur.have) break;
+            cur = att_advance(p, grp, cur, WS_BK);
+            if (++s == WS_STAGES) {
+                s = 0;
+                ++use;
+            }
         }
-        if (!cur.have) break;
-        cur = att_advance(p, grp, cur, WS_BK);
-        prev = s;
-        if (++s == WS_STAGES) {
-            s = 0;
-            ++use;
+    } else {
+        int prev = 0;
+        for (int j = 0;; ++j) {
+            if (use > 0) bc_mbar_wait(&empty[s], (use - 1) & 1);  // its previous tile is consumed
+            const int kn = cur.have ? min(WS_BK, cur.seg.tokens - cur.k0) : 0;
+            if (pt == 0) ring[s] = kn;  // 0: the end marker
+            if (cur.have) {
+                if (j == 0) load_q();
+                load_kv(s, cur.seg, cur.k0, kn);
+            }
+            bc_cp_async_commit();
+            // Tiles 0 .. WS_STAGES-2 need no empty wait: the next copy is issued before this one is
+            // waited for. From then on (and at the end marker) each tile is published as it lands.
+            const bool lagging = j > 0 && j < WS_STAGES;  // tile j-1 is not published yet
+            if (cur.have && j + 1 < WS_STAGES) {
+                if (lagging) {
+                    bc_cp_async_wait_group<1>();
+                    publish(prev, j == 1);
+                }
+            } else {
+                if (lagging) {
+                    bc_cp_async_wait_group<1>();
+                    publish(prev, j == 1);
+                }
+                bc_cp_async_wait_group<0>();
+                publish(s, j == 0 && cur.have);
+            }
+            if (!cur.have) break;
+            cur = att_advance(p, grp, cur, WS_BK);
+            prev = s;
+            if (++s == WS_STAGES) {
+                s = 0;
+                ++use;
+            }
         }
     }
 }
 
 /// A consumer warpgroup (cw = 0, 1: query rows r0 + 64 cw ..; ctid = 0..255 over both): the
 /// pp_k128 loop with the tiles from the producer; then the pp_k128 store (or, with splits, its
-/// partial store).
+/// partial store). DEEP: a proxy fence after each full[] wait of a tile the producer handed over
+/// with cp.async.mbarrier.arrive (no producer instruction runs after those copies land).
+template <bool DEEP>
 __device__ __forceinline__ void ws_consumer(const BcAttentionParams& p, const BcAttnGroup& grp, AttSplitBlock sb,
                                             int r0, unsigned w, uint64_t* full, uint64_t* empty,
                                             const int* ring, int ctid) {
@@ -265,6 +313,7 @@ __device__ __forceinline__ void ws_consumer(const BcAttentionParams& p, const Bc
         const int st1 = st == WS_STAGES - 1 ? 0 : st + 1;
         const unsigned ph1 = st1 == 0 ? ph ^ 1u : ph;
         bc_mbar_wait(&full[st1], ph1);  // tile t+1 (or the end marker) is in stage st1
+        if constexpr (DEEP) bc_fence_proxy_async();  // its cp.async data -> wgmma's async proxy
         const int kn1 = ring[st1];
         bc_bar_sync(WS_BAR_SCHED + cw, WS_CONSUMER_NT);
         bc_wgmma_fence_operand(of);
@@ -319,8 +368,9 @@ __device__ __forceinline__ void ws_consumer(const BcAttentionParams& p, const Bc
 // 384 threads (one producer and two consumer warpgroups), 128 query rows and 128-key tiles per
 // block; grid and BcAttentionParams as bc_attention_wgmma_hd128_pp_k128 (split-KV included:
 // grid.x = row tiles x splits, split-major, the partials in its slots), BC_ATTN_WS_SMEM bytes of
-// dynamic shared memory. Opt-in: BC_ATTN_WGMMA_VARIANT=ws.
-extern "C" __global__ void __launch_bounds__(WS_NT, 1) bc_attention_wgmma_hd128_ws(BcAttentionParams p) {
+// dynamic shared memory. Opt-in: BC_ATTN_WGMMA_VARIANT=ws (DEEP false) or ws_deep (DEEP true).
+template <bool DEEP>
+__device__ __forceinline__ void ws_kernel(const BcAttentionParams& p) {
 #if BC_HAS_WGMMA
     BC_DYNAMIC_SMEM(smem_raw, BC_ATTN_WS_SMEM);
     BC_EMU_CHECK(p.head_dim > 0 && p.head_dim <= WS_HD && p.head_dim % 8 == 0 && p.splits >= 1);
@@ -339,7 +389,8 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) bc_attention_wgmma_hd128_
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < WS_STAGES; ++s) {
-            bc_mbar_init(&full[s], WS_WG);                // the producer's threads
+            // the producer's threads (DEEP: and thread 0's release of the ring entry)
+            bc_mbar_init(&full[s], WS_WG + (DEEP ? 1 : 0));
             bc_mbar_init(&empty[s], WS_CONSUMER_NT / 32);  // lane 0 of each consumer warp
         }
         bc_mbar_init_fence();
@@ -347,13 +398,27 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) bc_attention_wgmma_hd128_
     __syncthreads();
     if (tid < WS_WG) {
         bc_setmaxnreg<false, WS_PRODUCER_REGS>();
-        ws_producer(p, grp, sb, r0, smem, base, full, empty, ring, tid);
+        ws_producer<DEEP>(p, grp, sb, r0, smem, base, full, empty, ring, tid);
     } else {
         bc_setmaxnreg<true, WS_CONSUMER_REGS>();
-        ws_consumer(p, grp, sb, r0, w0 + pad, full, empty, ring, tid - WS_WG);
+        ws_consumer<DEEP>(p, grp, sb, r0, w0 + pad, full, empty, ring, tid - WS_WG);
     }
 #else
+    (void)p;
     __trap();
 #endif
 }
+
+extern "C" __global__ void __launch_bounds__(WS_NT, 1) bc_attention_wgmma_hd128_ws(BcAttentionParams p) {
+    ws_kernel<false>(p);
+}
 BC_EMU_ENTRY(bc_attention_wgmma_hd128_ws, BcAttentionParams)
+
+// The deeper-pipelined twin (docs/wgmma.md, "Deeper producer pipelining"): the producer hands
+// each tile after the first to full[s] with cp.async.mbarrier.arrive.noinc and never waits for
+// its copies; the consumers fence the async proxy after each full[] wait. Opt-in:
+// BC_ATTN_WGMMA_VARIANT=ws_deep.
+extern "C" __global__ void __launch_bounds__(WS_NT, 1) bc_attention_wgmma_hd128_ws_deep(BcAttentionParams p) {
+    ws_kernel<true>(p);
+}
+BC_EMU_ENTRY(bc_attention_wgmma_hd128_ws_deep, BcAttentionParams)

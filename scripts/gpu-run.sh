@@ -411,7 +411,7 @@ finish() {
 # conv, the halo conv), each one short process under a short timeout, before the tests and the bench that
 # use them: a hang costs its timeout here instead of a part's cap and everything that part
 # would print after it. One that fails or hangs is left out of the later parts:
-# BC_NO_SPLIT=1 + BC_ATTN_SPLIT=1, BC_NO_ATTN_WS=1, BC_BENCH_NO_CONV_WS=1,
+# BC_NO_SPLIT=1 + BC_ATTN_SPLIT=1, BC_NO_ATTN_WS=1, BC_NO_ATTN_WS_DEEP=1, BC_BENCH_NO_CONV_WS=1,
 # BC_BENCH_NO_CONV_HALO=1 (`SMOKE` lines in
 # the summary, smoke-*.log).
 smoke() { # smoke WHAT SECONDS: succeeds when the run printed `SMOKE WHAT ok`
@@ -448,6 +448,10 @@ smoke_all() {
         if ! smoke attention-ws 30; then
             export BC_NO_ATTN_WS=1
             note="$note; ws attention smoke FAILED: left out"
+        fi
+        if ! smoke attention-ws-deep 30; then
+            export BC_NO_ATTN_WS_DEEP=1
+            note="$note; ws_deep attention smoke FAILED: left out"
         fi
         if [ -z "${BC_BENCH_NO_CONV_WS:-}" ] && ! smoke conv-ws 45; then
             export BC_BENCH_NO_CONV_WS=1
@@ -688,7 +692,7 @@ fi
 
 # --- tune (opt-in, never in the default parts: `run.sh device tune`) ------------------------
 # `blockcascade tune`: every Hopper kernel variant in its own child process (20 s timeout each:
-# 11 candidates x 20 s stay under the 300 s cap, so even hung ones cannot lose the table), the
+# 12 candidates x 20 s stay under the 300 s cap, so even hung ones cannot lose the table), the
 # table in tune.log, the file in the logs (tuning.json); a hung or faulting variant is a row
 # of the table, not a failure of the part.
 if want tune && run_part tune "$logs"/tune.log ./bin/blockcascade tune --out "$logs/tuning.json" --timeout-s 20; then

@@ -600,19 +600,19 @@ fn gemms_match_the_cpu() {
 /// The attention tiles to check on `g` at `head_dim`: both of [`AttentionTile::ALL`], and the
 /// Hopper wgmma prototype and its hd128 variants ([`AttentionTile::WGMMA`]) when `BC_WGMMA_OK=1` (the GPU bundle sets
 /// it once every wgmma layout of `wgmma_layouts_match_the_hardware` PASSed) on compute
-/// capability 9.0; without [`AttentionTile::WgmmaWs`] under `BC_NO_ATTN_WS=1` (the GPU bundle
-/// sets it when the ws kernel's smoke run failed or hung: one hang would cost the whole test run).
+/// capability 9.0; without [`AttentionTile::WgmmaWs`] under `BC_NO_ATTN_WS=1` and without
+/// [`AttentionTile::WgmmaWsDeep`] under `BC_NO_ATTN_WS_DEEP=1` (the GPU bundle sets them when the
+/// kernel's smoke run failed or hung: one hang would cost the whole test run).
 fn attention_tiles(g: &Gpu) -> Vec<AttentionTile> {
     let mut tiles = AttentionTile::ALL.to_vec();
     if std::env::var("BC_WGMMA_OK").is_ok_and(|v| v == "1")
         && g.compute_capability() == Some((9, 0))
     {
         let no_ws = std::env::var_os("BC_NO_ATTN_WS").is_some();
-        tiles.extend(
-            AttentionTile::WGMMA
-                .into_iter()
-                .filter(|&t| !(no_ws && t == AttentionTile::WgmmaWs)),
-        );
+        let no_deep = std::env::var_os("BC_NO_ATTN_WS_DEEP").is_some();
+        tiles.extend(AttentionTile::WGMMA.into_iter().filter(|&t| {
+            !(no_ws && t == AttentionTile::WgmmaWs || no_deep && t == AttentionTile::WgmmaWsDeep)
+        }));
     }
     tiles
 }
@@ -914,11 +914,12 @@ fn attention_matches_the_cpu() {
     }
 }
 
-/// The warp-specialized attention kernel ([`AttentionTile::WgmmaWs`]) runs `pp_k128`'s math, so
-/// the emulation gives it `pp_k128`'s bits, split or not: on the GPU, keeps `pp_k128`'s output
-/// per split count (`keep`) and prints `ATTN_WS_BITS <what> same|differ (<n> of <m> values)` for
-/// the ws one with the same splits (not an assertion: nvcc compiles the two kernels separately;
-/// both are checked against the CPU).
+/// The warp-specialized attention kernels ([`AttentionTile::WgmmaWs`],
+/// [`AttentionTile::WgmmaWsDeep`]) run `pp_k128`'s math, so the emulation gives them `pp_k128`'s
+/// bits, split or not: on the GPU, keeps `pp_k128`'s output per split count (`keep`) and prints
+/// `ATTN_WS_BITS <what> same|differ (<n> of <m> values)` for the ws one with the same splits
+/// (`ATTN_WS_BITS <what> ws_deep ...` for the deep one; not an assertion: nvcc compiles the
+/// kernels separately; all are checked against the CPU).
 fn ws_twin(
     keep: &mut HashMap<usize, Vec<u32>>,
     (tile, splits): (AttentionTile, usize),
@@ -930,12 +931,17 @@ fn ws_twin(
         AttentionTile::WgmmaPpK128 => {
             keep.insert(splits, bits);
         }
-        AttentionTile::WgmmaWs => {
+        AttentionTile::WgmmaWs | AttentionTile::WgmmaWsDeep => {
             if let Some(b) = keep.get(&splits) {
                 let n = b.iter().zip(&bits).filter(|(x, y)| x != y).count();
                 let verdict = if n == 0 { "same" } else { "differ" };
+                let deep = if tile == AttentionTile::WgmmaWsDeep {
+                    " ws_deep"
+                } else {
+                    ""
+                };
                 println!(
-                    "ATTN_WS_BITS {what} {verdict} ({n} of {} values differ from pp_k128)",
+                    "ATTN_WS_BITS {what}{deep} {verdict} ({n} of {} values differ from pp_k128)",
                     bits.len()
                 );
             }

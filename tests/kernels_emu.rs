@@ -437,7 +437,7 @@ fn bit_twin(tile: AttentionTile) -> AttentionTile {
         AttentionTile::WgmmaPp => AttentionTile::Wgmma64,
         AttentionTile::WgmmaPpK128 => AttentionTile::WgmmaK128,
         // the warp-specialized kernel: pp_k128's math, so _k128's bits too
-        AttentionTile::WgmmaWs => AttentionTile::WgmmaK128,
+        AttentionTile::WgmmaWs | AttentionTile::WgmmaWsDeep => AttentionTile::WgmmaK128,
         t => t,
     }
 }
@@ -598,7 +598,7 @@ fn cross_attention_case(rng: &mut Rng, heads: usize, hd: usize) {
         // (the warp-specialized kernel: pp_k128's bits, which TEST_TILES runs before it)
         match tile {
             AttentionTile::WgmmaPpK128 => pp_k128 = Some(out),
-            AttentionTile::WgmmaWs => assert!(
+            AttentionTile::WgmmaWs | AttentionTile::WgmmaWsDeep => assert!(
                 pp_k128.as_ref().is_some_and(|b| same_bits(b, &out)),
                 "cross attention hd{hd}: {tile:?} differs from WgmmaPpK128"
             ),
@@ -609,7 +609,7 @@ fn cross_attention_case(rng: &mut Rng, heads: usize, hd: usize) {
 
 /// The attention tiles the tests run: both of [`AttentionTile::ALL`] and the Hopper wgmma
 /// prototype (its S = Q K^T runs on the emulated wgmma; head_dim <= 64 and <= 128 kernels).
-const TEST_TILES: [AttentionTile; 7] = [
+const TEST_TILES: [AttentionTile; 8] = [
     AttentionTile::Rows64,
     AttentionTile::Rows128,
     AttentionTile::Wgmma64,
@@ -617,6 +617,7 @@ const TEST_TILES: [AttentionTile; 7] = [
     AttentionTile::WgmmaPp,
     AttentionTile::WgmmaPpK128,
     AttentionTile::WgmmaWs,
+    AttentionTile::WgmmaWsDeep,
 ];
 
 /// Every case with every attention tile of [`TEST_TILES`].
@@ -764,7 +765,7 @@ fn attention_raw_split(
     };
     // The warp-specialized kernel must give pp_k128's bits on every input, split or not (the
     // same partials, so the same combine): run that on a copy.
-    let twin = (tile == AttentionTile::WgmmaWs).then(|| {
+    let twin = matches!(tile, AttentionTile::WgmmaWs | AttentionTile::WgmmaWsDeep).then(|| {
         let mut o = out.to_vec();
         let part = attention_raw_split(
             AttentionTile::WgmmaPpK128,
@@ -1142,9 +1143,16 @@ fn attention_split_entry_point_matches_the_unsplit_kernel() {
     for (hd, tiles) in [
         (
             64usize,
-            [AttentionTile::Rows128, AttentionTile::WgmmaPpK128],
+            vec![AttentionTile::Rows128, AttentionTile::WgmmaPpK128],
         ),
-        (128, [AttentionTile::WgmmaPpK128, AttentionTile::WgmmaWs]),
+        (
+            128,
+            vec![
+                AttentionTile::WgmmaPpK128,
+                AttentionTile::WgmmaWs,
+                AttentionTile::WgmmaWsDeep,
+            ],
+        ),
     ] {
         let heads = 2usize;
         let dim = heads * hd;
@@ -1169,7 +1177,7 @@ fn attention_split_entry_point_matches_the_unsplit_kernel() {
                 segments: vec![1],
             },
         ];
-        let mut prev: Option<Vec<Vec<bf16>>> = None; // (the first tile's outputs, hd128)
+        let mut prev: Option<Vec<Vec<bf16>>> = None; // (pp_k128's outputs, hd128)
         for tile in tiles {
             let mut base = vec![bf16::NAN; 95 * dim];
             emu::attention(&q, heads, hd, &segs, &groups, &mut base, tile).unwrap();
@@ -1191,14 +1199,16 @@ fn attention_split_entry_point_matches_the_unsplit_kernel() {
                 );
                 outs.push(got);
             }
-            if tile == AttentionTile::WgmmaWs {
+            if matches!(tile, AttentionTile::WgmmaWs | AttentionTile::WgmmaWsDeep) {
                 let want = prev.as_ref().expect("pp_k128 runs first");
                 assert!(
                     outs.iter().zip(want).all(|(a, b)| same_bits(a, b)),
                     "hd{hd}: {tile:?} (unsplit, 2 or 5 splits) differs from WgmmaPpK128"
                 );
             }
-            prev = Some(outs);
+            if tile == AttentionTile::WgmmaPpK128 {
+                prev = Some(outs);
+            }
         }
     }
 }

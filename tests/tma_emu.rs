@@ -299,3 +299,28 @@ fn async_copy_races_are_reported() {
         assert!(e.message.contains("test_kernels.cu:"), "mode {mode}: {e}");
     }
 }
+
+/// `cp.async.mbarrier.arrive(.noinc)` (bc_test_sync modes 34-38): the producer hands its
+/// cp.async to the mbarrier without a wait_group; with the consumers' proxy fence after their
+/// wait the wgmma reads the data (both forms), without it, with it before the wait, or with the
+/// asynchronous arrive issued before the copies (nothing tracked), the emulation reports it.
+#[test]
+fn cp_async_mbarrier_arrive_hands_copies_over() {
+    for mode in [34, 36] {
+        let mut data = vec![0.0f32; 256];
+        emu::test_sync(&mut data, 256, mode, 0).unwrap();
+        for (t, &v) in data.iter().enumerate().skip(128) {
+            assert_eq!(v, 16.0, "mode {mode}: consumer thread {t}");
+        }
+    }
+    for (mode, what) in [
+        (35, "has not executed fence.proxy.async"),
+        (37, "pending when the wgmma is issued"),
+        (38, "has not executed fence.proxy.async"),
+    ] {
+        let mut data = vec![0.0f32; 256];
+        let e = emu::test_sync(&mut data, 256, mode, 0).unwrap_err();
+        assert!(e.message.contains(what), "mode {mode}: {e}");
+        assert!(e.message.contains("test_kernels.cu:"), "mode {mode}: {e}");
+    }
+}

@@ -99,7 +99,7 @@ fn faulty_candidates_are_reported_and_never_chosen() {
     other.save(&path).unwrap();
     let o = tune(
         &path,
-        Some("hang:attention=ws,fail:attention=k128,wrong:attention=pp,wrong:attention=base,wrong:conv=halo,fail:conv=ws_halo,hang:split=1"),
+        Some("hang:attention=ws,wrong:attention=ws_deep,fail:attention=k128,wrong:attention=pp,wrong:attention=base,wrong:conv=halo,fail:conv=ws_halo,hang:split=1"),
     );
     let (out, err) = (
         String::from_utf8_lossy(&o.stdout),
@@ -109,6 +109,7 @@ fn faulty_candidates_are_reported_and_never_chosen() {
     println!("{out}{err}");
     for (family, candidate, outcome) in [
         ("attention", "ws", "hung"),
+        ("attention", "ws_deep", "differs"),
         ("attention", "k128", "failed"),
         ("attention", "pp", "differs"),
         ("attention", "base", "differs"),
@@ -136,7 +137,7 @@ fn faulty_candidates_are_reported_and_never_chosen() {
     assert!(matches!(mine.choices.conv.as_deref(), Some("base" | "ws")));
     // halo differed and ws_halo failed: the halo conv must not be chosen.
     assert_ne!(mine.choices.conv_halo, Some(true));
-    assert_eq!(mine.measured.len(), 11);
+    assert_eq!(mine.measured.len(), 12);
     assert_eq!(
         f.entry(&h100).and_then(|e| e.choices.attention.clone()),
         Some("k128".into())
@@ -157,7 +158,7 @@ fn every_candidate_matches_the_reference_on_the_emulator() {
         .skip(1)
         .take_while(|l| !l.starts_with("chosen"))
         .collect();
-    assert_eq!(rows.len(), 11, "{out}");
+    assert_eq!(rows.len(), 12, "{out}");
     for r in &rows {
         assert_eq!(r.split_whitespace().nth(2), Some("ok"), "{r}");
     }
@@ -187,7 +188,7 @@ fn every_candidate_matches_the_reference_on_the_emulator() {
         (after.choices.conv.as_ref(), after.choices.conv_halo),
         (None, None)
     );
-    assert_eq!(after.measured.len(), 11);
+    assert_eq!(after.measured.len(), 12);
     assert!(after
         .measured
         .iter()

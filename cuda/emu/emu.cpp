@@ -157,9 +157,14 @@ struct Fiber {
     struct Copy {
         void* dst;
         unsigned char data[16];
+        uint64_t seq;  // this thread's cp.async count at its issue (cp_async_track / land_tracked)
     };
     std::vector<Copy> cp_pending;
     std::vector<size_t> cp_groups;
+    uint64_t cp_seq = 0;
+    // Block::mbar_land_seq at this thread's last fence.proxy.async (a wgmma may read data that
+    // cp.async.mbarrier.arrive landed only after the issuing threads fenced: Block::proxy_landed)
+    uint64_t proxy_fenced = 0;
     // At a warpgroup op (kAtWarpgroup): its kind (WgKind), argument and, for an mma, operands.
     int wg_kind = 0;
     int wg_arg = 0;
@@ -193,6 +198,7 @@ struct WgOp {
     bool chained[128];       // D's input comes from the previous queued op on the same registers
     std::vector<unsigned char> unpub;  // Block::unpub when the op was issued (its reads must be visible then)
     uint64_t issued_at = 0;  // Block::async_seq when the op was issued (see Block::async_stamp)
+    uint64_t fenced = 0;     // the lowest Fiber::proxy_fenced of its 128 threads at issue
 };
 
 // The wgmma state of one warpgroup: queued mma ops, oldest first, and the queue lengths at
@@ -239,6 +245,13 @@ struct Block {
     std::vector<uint32_t> async_pending;
     std::vector<uint64_t> async_stamp;
     uint64_t async_seq = 0;
+    // Per 16-byte chunk: the landing number (mbar_land_seq) when a cp.async tracked by an
+    // mbarrier (cp.async.mbarrier.arrive) landed there, 0 when its last write landed otherwise.
+    // Such data reaches the readers through the mbarrier phase (release / acquire), not through
+    // a fence of the copying thread: a wgmma may read it only once each of its threads executed
+    // fence.proxy.async after the landing (in practice: after its mbarrier wait).
+    std::vector<uint64_t> proxy_landed;
+    uint64_t mbar_land_seq = 0;
     std::vector<Warpgroup> wgs;  // per warpgroup (128 threads) of the block
     std::vector<unsigned char> xbuf;  // warp_exchange slots: [warp][parity][lane][32 bytes]
 
@@ -455,6 +468,7 @@ void cp_async16(void* dst, const void* src, const char* file, int line) {
         fail("cp.async with an address that is not 16-byte aligned", file, line);
     Fiber::Copy c;
     c.dst = dst;
+    c.seq = ++tls_fiber->cp_seq;
     std::memcpy(c.data, src, 16);
     std::memset(dst, 0xff, 16);
     tls_fiber->cp_pending.push_back(c);
@@ -480,6 +494,7 @@ void async_write(const void* dst, size_t bytes, bool issue) {
         for (size_t c = c0; c < c1; ++c) {
             ++b->async_pending[c];
             b->async_stamp[c] = seq;
+            b->proxy_landed[c] = 0;
         }
     } else {
         for (size_t c = c0; c < c1; ++c)
@@ -507,23 +522,24 @@ void cp_async_commit() {
     f->cp_groups.push_back(f->cp_pending.size());
 }
 
-void cp_async_wait(int n) {
-    Fiber* f = tls_fiber;
-    size_t done = f->cp_pending.size();  // wait_all
-    if (n >= 0) {
-        const size_t groups = f->cp_groups.size();
-        if (groups <= (size_t)n) return;
-        done = f->cp_groups[groups - 1 - (size_t)n];
-    }
-    Block* b = tls_block;
+// Lands the oldest `done` pending copies of `f`. At its own wait (`land` 0) a chunk is
+// unpublished until the thread arrives at a barrier (Fiber::landed); tracked by an mbarrier
+// (`land` = the landing number, cp.async.mbarrier.arrive) the arrive-on that follows releases it,
+// and the readers' fence.proxy.async is checked instead (Block::proxy_landed).
+static void cp_land(Block* b, Fiber* f, size_t done, uint64_t land) {
     const uintptr_t base = reinterpret_cast<uintptr_t>(b->smem_base);
     for (size_t i = 0; i < done; ++i) {
         std::memcpy(f->cp_pending[i].dst, f->cp_pending[i].data, 16);
         const uintptr_t a = reinterpret_cast<uintptr_t>(f->cp_pending[i].dst);
         if (a >= base && a - base < b->smem_bytes) {
             const size_t c = (a - base) / 16;
-            b->unpub[c] = 1;
-            f->landed.push_back(c);
+            if (land) {
+                b->unpub[c] = 0;
+            } else {
+                b->unpub[c] = 1;
+                f->landed.push_back(c);
+            }
+            b->proxy_landed[c] = land;
             if (b->async_pending[c]) --b->async_pending[c];
         }
     }
@@ -533,6 +549,36 @@ void cp_async_wait(int n) {
         if (g > done) f->cp_groups[kept++] = g - done;
     f->cp_groups.resize(kept);
 }
+
+void cp_async_wait(int n) {
+    Fiber* f = tls_fiber;
+    size_t done = f->cp_pending.size();  // wait_all
+    if (n >= 0) {
+        const size_t groups = f->cp_groups.size();
+        if (groups <= (size_t)n) return;
+        done = f->cp_groups[groups - 1 - (size_t)n];
+    }
+    cp_land(tls_block, f, done, 0);
+}
+
+bool cp_async_track(int* thread, uint64_t* upto) {
+    Fiber* f = tls_fiber;
+    *thread = f->linear;
+    *upto = f->cp_seq;
+    return !f->cp_pending.empty();
+}
+
+void cp_async_land_tracked(int thread, uint64_t upto) {
+    Block* b = tls_block;
+    Fiber* f = &b->fibers[(size_t)thread];
+    size_t done = 0;
+    while (done < f->cp_pending.size() && f->cp_pending[done].seq <= upto) ++done;
+    cp_land(b, f, done, ++b->mbar_land_seq);
+}
+
+void fence_proxy_async() { tls_fiber->proxy_fenced = tls_block->mbar_land_seq; }
+
+void report_error(const char* what) { set_error(tls_block, 3, "%s", what); }
 
 void named_barrier(int id, int count, bool wait, const char* file, int line) {
     Block* b = tls_block;
@@ -860,6 +906,13 @@ static bool wg_check_pending(Block* b, const WgOp& op, unsigned a, const char* w
                   "landed: e.g. a stage published before its copies landed)", op.file, op.line, what, r, k, a);
         return false;
     }
+    if (b->proxy_landed[(a - kSmemWindowBase) / 16] > op.fenced) {
+        set_error(b, 3, "wgmma at %s:%d: %s element (%d, %d) at shared address 0x%x was landed by a cp.async tracked "
+                  "by an mbarrier (cp.async.mbarrier.arrive) and a thread of the warpgroup has not executed "
+                  "fence.proxy.async since (generic-proxy data read by wgmma's async proxy: fence after the mbarrier "
+                  "wait)", op.file, op.line, what, r, k, a);
+        return false;
+    }
     return true;
 }
 
@@ -1055,6 +1108,8 @@ static bool wg_perform(Block* b, int base) {
     op.line = f0.line;
     op.unpub = b->unpub;
     op.issued_at = b->async_seq;
+    op.fenced = b->fibers[base].proxy_fenced;
+    for (int t = 1; t < 128; ++t) op.fenced = std::min(op.fenced, b->fibers[base + t].proxy_fenced);
     // The operands in shared memory must have no asynchronous copy pending now (and none may be
     // issued into them until the op lands: checked by wg_load).
     if (!op.a_regs && !wg_read_kmajor(b, op, op.da, 64, nullptr, "A")) return false;
@@ -1133,6 +1188,8 @@ static int run_block(Block* b) {
         f.xpar = 0;
         f.cp_pending.clear();
         f.cp_groups.clear();
+        f.cp_seq = 0;
+        f.proxy_fenced = 0;
         f.wg_kind = 0;
         f.nb_id = 0;
         f.landed.clear();
@@ -1152,6 +1209,8 @@ static int run_block(Block* b) {
     b->async_pending.assign(b->smem_bytes / 16 + 1, 0);
     b->async_stamp.assign(b->smem_bytes / 16 + 1, 0);
     b->async_seq = 0;
+    b->proxy_landed.assign(b->smem_bytes / 16 + 1, 0);
+    b->mbar_land_seq = 0;
     b->nreg_free = 0;
     tma_block_begin();
     for (unsigned round = 0;; ++round) {

@@ -40,7 +40,10 @@
 // a barrier (__syncthreads, bar.sync, bar.arrive) since, before the wgmma was issued: the data is
 // not visible to the other threads or the async proxy yet (an approximation: any later arrival of
 // the copying thread counts, not only one the issuing warpgroup waited on; an mbarrier.arrive,
-// which has release semantics, counts as an arrival too).
+// which has release semantics, counts as an arrival too). cp.async.mbarrier.arrive(.noinc)
+// (tma.cpp) lands the calling thread's prior copies later, released by its arrive-on; a wgmma
+// may read such data only after each of its threads executed fence.proxy.async since the landing
+// (generic-proxy writes read by the async proxy: the fence after the mbarrier wait).
 // Asynchronous copies are also race-checked (async_write): a 16-byte chunk of dynamic shared
 // memory is pending from the issue of a cp.async into it until the wait_group that lands it (a
 // TMA box: until it lands). Errors ("race: ...", with the file:line of the reader): a wgmma whose
@@ -196,6 +199,19 @@ void setmaxnreg(bool inc, int count, const char* file, int line);
 /// Publishes the cp.async data that landed at the calling thread's waits (as a barrier arrival
 /// does): the release of `mbarrier.arrive` (cuda/emu/tma.cpp).
 void publish_landed_self();
+/// cp.async.mbarrier.arrive (cuda/emu/tma.cpp): `thread` = the calling thread, `upto` = the
+/// number of its cp.async issued so far (every prior one is tracked); false when none of them is
+/// still pending (the arrive-on is then due at once).
+bool cp_async_track(int* thread, uint64_t* upto);
+/// Lands the pending cp.async of block thread `thread` issued up to `upto` (cp_async_track): the
+/// data is written, released (the arrive-on that follows publishes it) and marked for the
+/// readers' fence.proxy.async check. May run from the scheduler (no calling thread).
+void cp_async_land_tracked(int thread, uint64_t upto);
+/// `fence.proxy.async`: the calling thread's wgmma may read the data landed by tracked cp.async
+/// so far (see cp_async_land_tracked).
+void fence_proxy_async();
+/// Reports a launch error for the running block without a calling thread (scheduler hooks).
+void report_error(const char* what);
 }  // namespace emu
 
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)

@@ -77,6 +77,17 @@ __device__ void bc_test_mbar(const BcTestParams& p) {
 //   32: the consumers release the tiles before their wgmma.wait_group: the refill is issued
 //       while the wgmma may still read A, a reported race;
 //   33: warp 0 reads its own cp.async destination with ldmatrix before the wait_group.
+// Modes 34-38: the same hand-over through cp.async.mbarrier.arrive (tma.h, mbar_cp_arrive): the
+// producer issues its copies and hands them to `full` without any wait_group; the consumers
+// fence the async proxy after their wait (the copies land when every thread is blocked, phase 0
+// being even):
+//   34: correct, .noinc (full counts the 128 asynchronous arrivals);
+//   35: the consumers omit fence.proxy.async: a reported error;
+//   36: correct, without .noinc (the asynchronous arrive raises the pending count, so each
+//       producer thread also arrives itself);
+//   37: the asynchronous arrive before the cp.async (nothing tracked: the phase completes at
+//       once, the wgmma is issued on pending copies), a reported race;
+//   38: the consumers fence before their wait instead of after it: a reported error.
 __device__ void bc_test_race(const BcTestParams& p) {
     constexpr int TILE = BC_WGMMA_M * BC_WGMMA_K * 2;  // bytes of A (and of B: N = 64)
     BC_DYNAMIC_SMEM(smem, 2 * TILE + 16);
@@ -104,13 +115,23 @@ __device__ void bc_test_race(const BcTestParams& p) {
         return;
     }
     if (wg == 0) {
+        if (p.mode == 37) bc_cp_async_mbar_arrive_noinc(full);  // before the copies: tracks none
         bc_cp_async16(smem + off, ones);
         bc_cp_async16(smem + TILE + off, ones);
         bc_cp_async_commit();
-        if (p.mode == 31) bc_mbar_arrive(full);  // published one wait_group too early
-        bc_cp_async_wait_group<0>();
-        bc_fence_proxy_async();
-        if (p.mode != 31) bc_mbar_arrive(full);
+        if (p.mode >= 34) {
+            if (p.mode == 36) {
+                bc_cp_async_mbar_arrive(full);
+                bc_mbar_arrive(full);
+            } else if (p.mode != 37) {
+                bc_cp_async_mbar_arrive_noinc(full);
+            }
+        } else {
+            if (p.mode == 31) bc_mbar_arrive(full);  // published one wait_group too early
+            bc_cp_async_wait_group<0>();
+            bc_fence_proxy_async();
+            if (p.mode != 31) bc_mbar_arrive(full);
+        }
         bc_mbar_wait(empty, 0);
         bc_cp_async16(smem + off, ones);  // the refill
         bc_cp_async_commit();
@@ -119,7 +140,9 @@ __device__ void bc_test_race(const BcTestParams& p) {
     }
     const unsigned sa = bc_smem_window_addr(smem);
     float d[BC_WGMMA_M / 2];
+    if (p.mode == 38) bc_fence_proxy_async();  // too early: the copies land after it
     bc_mbar_wait(full, 0);
+    if (p.mode >= 34 && p.mode != 35 && p.mode != 38) bc_fence_proxy_async();
     bc_wgmma_fence();
     bc_wgmma_ss<64>(d, bc_wgmma_kmajor_desc(sa, BC_WGMMA_SWIZZLE_NONE, BC_WGMMA_M, BC_WGMMA_K, 0),
                     bc_wgmma_kmajor_desc(sa + TILE, BC_WGMMA_SWIZZLE_NONE, BC_WGMMA_M, BC_WGMMA_K, 0), 0);

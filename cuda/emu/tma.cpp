@@ -32,10 +32,21 @@ struct Flight {
     int line;
 };
 
+// One cp.async.mbarrier.arrive whose copies have not landed: its thread's cp.async up to `upto`
+// land, then one arrival on `bar`, when the scheduler finds every thread blocked (tma_progress).
+struct CpArrive {
+    size_t bar;
+    int thread;
+    uint64_t upto;
+    const char* file;
+    int line;
+};
+
 struct BlockState {
     std::vector<uintptr_t> addrs;  // shared address of each initialised barrier
     std::vector<Mbar> bars;
     std::vector<Flight> flights;
+    std::vector<CpArrive> cp_arrives;
     std::string error;
 };
 thread_local BlockState st;
@@ -80,6 +91,8 @@ void mbar_init(void* bar, unsigned count, const char* file, int line) {
     const size_t i = find_bar(bar, true, file, line);
     for (const Flight& f : st.flights)
         if (f.bar == i) fail("mbarrier.init of a barrier with bulk copies in flight", file, line);
+    for (const CpArrive& a : st.cp_arrives)
+        if (a.bar == i) fail("mbarrier.init of a barrier with cp.async.mbarrier.arrive copies in flight", file, line);
     Mbar& m = st.bars[i];
     m = Mbar();
     m.expected = m.pending = count;
@@ -101,6 +114,32 @@ void mbar_arrive(void* bar, unsigned tx, bool arrive, const char* file, int line
     // a producer that published a stage before its cp.async copies landed (a wait_group too
     // early) still has them pending when the consumers issue their wgmma on it, which the
     // emulation reports as a race, instead of landing them at its next wait_group first.
+    if (maybe_complete(m)) yield_last();
+}
+
+void mbar_cp_arrive(void* bar, bool noinc, const char* file, int line) {
+    const size_t i = find_bar(bar, false, file, line);
+    Mbar& m = st.bars[i];
+    // Without .noinc the pending count is incremented first, so the arrive-on leaves the phase's
+    // count as it was (PTX ISA, "cp.async.mbarrier.arrive").
+    if (!noinc) ++m.pending;
+    int thread = 0;
+    uint64_t upto = 0;
+    if (cp_async_track(&thread, &upto) && (m.phases & 1u) == 0) {
+        // Even phase: the copies land (and the arrival counts) as late as possible, once every
+        // thread of the block is blocked; a waiter that reads them without the phase sees NaN or
+        // a reported race.
+        st.cp_arrives.push_back(CpArrive{i, thread, upto, file, line});
+        return;
+    }
+    // Nothing pending (the arrive-on is due now), or an odd phase: the copies land at once (the
+    // fastest possible ones), so the thread's next arrival may complete the phase before it runs
+    // on: a store it makes after its arrivals (unreleased) is then read stale.
+    cp_async_land_tracked(thread, upto);
+    if (m.pending == 0)
+        fail("cp.async.mbarrier.arrive.noinc on a phase that has all its arrivals (more arrivals than the init count)",
+             file, line);
+    --m.pending;
     if (maybe_complete(m)) yield_last();
 }
 
@@ -184,10 +223,27 @@ void tma_block_begin() {
     st.addrs.clear();
     st.bars.clear();
     st.flights.clear();
+    st.cp_arrives.clear();
 }
 
 bool tma_progress() {
-    if (st.flights.empty()) return false;
+    if (st.flights.empty() && st.cp_arrives.empty()) return false;
+    // The tracked cp.async land, then their arrive-on counts (on the phase current now).
+    for (const CpArrive& a : st.cp_arrives) {
+        cp_async_land_tracked(a.thread, a.upto);
+        Mbar& m = st.bars[a.bar];
+        if (m.pending == 0) {
+            char msg[240];
+            snprintf(msg, sizeof msg,
+                     "cp.async.mbarrier.arrive.noinc at %s:%d (thread %d): its arrive-on found a phase that has all its "
+                     "arrivals (more arrivals than the init count)", a.file, a.line, a.thread);
+            report_error(msg);
+            break;
+        }
+        --m.pending;
+        maybe_complete(m);
+    }
+    st.cp_arrives.clear();
     for (Flight& f : st.flights) {
         std::memcpy(f.dst, f.data.data(), f.data.size());
         async_write(f.dst, f.data.size(), false);
@@ -200,6 +256,13 @@ bool tma_progress() {
 }
 
 const char* tma_block_end() {
+    if (!st.cp_arrives.empty()) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "cp.async.mbarrier.arrive at %s:%d: its copies still in flight when the block exited "
+                 "(nobody waited for its mbarrier phase)", st.cp_arrives[0].file, st.cp_arrives[0].line);
+        st.error = msg;
+        return st.error.c_str();
+    }
     if (st.flights.empty()) return nullptr;
     char msg[200];
     snprintf(msg, sizeof msg, "cp.async.bulk.tensor at %s:%d still in flight when the block exited (nobody waited for "

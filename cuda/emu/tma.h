@@ -38,6 +38,15 @@ void mbar_init(void* bar, unsigned count, const char* file, int line);
 /// `mbarrier.expect_tx` (`tx` bytes more expected in the current phase) when `tx` > 0, then,
 /// when `arrive`, `mbarrier.arrive` (one arrival): together `mbarrier.arrive.expect_tx`.
 void mbar_arrive(void* bar, unsigned tx, bool arrive, const char* file, int line);
+/// `cp.async.mbarrier.arrive{.noinc}.shared::cta.b64 [bar]` (PTX ISA, "cp.async.mbarrier.arrive"):
+/// the barrier tracks every prior cp.async of the calling thread and an arrive-on happens when
+/// they have all completed; without .noinc the pending count is raised by one first (the
+/// arrival then does not count against the init count). Emulated: with none of them pending the
+/// arrival happens now; otherwise the copies land (written, released by the arrival) and the
+/// arrival counts at a point the emulation chooses: at once when the barrier is in an odd phase
+/// (the fastest copies), when every thread of the block is blocked in an even one (the slowest).
+/// A wgmma reading the landed data needs fence.proxy.async of its threads after the landing.
+void mbar_cp_arrive(void* bar, bool noinc, const char* file, int line);
 /// `mbarrier.try_wait.parity` in a loop: returns once the phase of parity `parity` has
 /// completed (immediately when the barrier's current phase has the other parity).
 void mbar_wait(void* bar, unsigned parity, const char* file, int line);
@@ -48,9 +57,11 @@ void tma_load(void* dst, const void* map, void* bar, const int* coords, int rank
 
 /// Scheduler hooks (emu.cpp): a new block starts (no barriers, nothing in flight) ...
 void tma_block_begin();
-/// ... every thread is blocked: land the in-flight copies; true when any landed ...
+/// ... every thread is blocked: land the in-flight copies (TMA boxes, and the cp.async tracked by
+/// cp.async.mbarrier.arrive, counting their arrivals); true when any landed ...
 bool tma_progress();
-/// ... every thread exited: null, or why that is an error (copies still in flight).
+/// ... every thread exited: null, or why that is an error (copies or tracked arrivals still in
+/// flight).
 const char* tma_block_end();
 }  // namespace emu
 

@@ -57,6 +57,20 @@ __device__ __forceinline__ void bc_mbar_init_fence() {
 __device__ __forceinline__ void bc_mbar_arrive(uint64_t* bar) {
     asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bc_smem_addr(bar)) : "memory");
 }
+/// cp.async.mbarrier.arrive.noinc: the barrier tracks every prior cp.async of this thread and
+/// one arrive-on happens when they have all completed (PTX ISA, "cp.async.mbarrier.arrive"); .noinc:
+/// the arrival counts against the init count (the pending count is not raised first). The
+/// thread goes on at once (no cp.async.wait_group). The arrive-on releases the copies to the
+/// phase's waiters, not this thread's ordinary stores (those need an mbarrier.arrive after them),
+/// and a waiter reading them through wgmma executes fence.proxy.async after its wait.
+__device__ __forceinline__ void bc_cp_async_mbar_arrive_noinc(uint64_t* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bc_smem_addr(bar)) : "memory");
+}
+/// cp.async.mbarrier.arrive: the same, the pending count raised by one first (the phase's count
+/// of arrivals stays as it was: the arrive-on only delays the phase until the copies land).
+__device__ __forceinline__ void bc_cp_async_mbar_arrive(uint64_t* bar) {
+    asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bc_smem_addr(bar)) : "memory");
+}
 /// mbarrier.arrive.expect_tx: the current phase also waits for `bytes` more bytes of bulk
 /// copies, and one arrival.
 __device__ __forceinline__ void bc_mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
@@ -123,6 +137,8 @@ inline void bc_mbar_arrive(uint64_t* bar) { ::emu::mbar_arrive(bar, 0, true, __F
 inline void bc_mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
     ::emu::mbar_arrive(bar, bytes, true, __FILE__, __LINE__);
 }
+inline void bc_cp_async_mbar_arrive_noinc(uint64_t* bar) { ::emu::mbar_cp_arrive(bar, true, __FILE__, __LINE__); }
+inline void bc_cp_async_mbar_arrive(uint64_t* bar) { ::emu::mbar_cp_arrive(bar, false, __FILE__, __LINE__); }
 inline void bc_mbar_wait(uint64_t* bar, unsigned parity) { ::emu::mbar_wait(bar, parity, __FILE__, __LINE__); }
 template <int RANK>
 inline void bc_tma_load(void* dst, const BcTensorMap* map, uint64_t* bar, const int (&c)[RANK]) {

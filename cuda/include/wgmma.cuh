@@ -291,7 +291,7 @@ __device__ __forceinline__ void bc_wgmma_rs_nmajor<256>(float (&d)[128], const u
 // Emulation (cuda/emu/emu.h, emu::wgmma_*): every op is a warpgroup rendezvous. The mma ops
 // report their caller's file and line (__builtin_FILE / __builtin_LINE) in launch errors.
 inline unsigned bc_smem_window_addr(const void* p) { return ::emu::smem_window_addr(p, __FILE__, __LINE__); }
-inline void bc_fence_proxy_async() {}
+inline void bc_fence_proxy_async() { ::emu::fence_proxy_async(); }
 inline void bc_wgmma_fence() { ::emu::wgmma_sync(::emu::kWgFence, 0, __FILE__, __LINE__); }
 inline void bc_wgmma_commit() { ::emu::wgmma_sync(::emu::kWgCommit, 0, __FILE__, __LINE__); }
 template <int N>

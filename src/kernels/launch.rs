@@ -294,23 +294,30 @@ pub enum AttentionTile {
     /// their math is `pp_k128`'s, so the same output bits. 384 threads for head_dim > 64 (hd64
     /// runs `bc_attention_wgmma_hd64`). Opt-in: `BC_ATTN_WGMMA_VARIANT=ws`.
     WgmmaWs,
+    /// [`AttentionTile::WgmmaWs`] with a deeper producer pipeline
+    /// (`bc_attention_wgmma_hd128_ws_deep`): tiles after the first are handed to their mbarrier
+    /// by `cp.async.mbarrier.arrive.noinc` (up to 3 tiles in flight, no `cp.async.wait_group`),
+    /// the consumers fence the async proxy after each wait; the same math, so the same output
+    /// bits as `pp_k128`. Opt-in: `BC_ATTN_WGMMA_VARIANT=ws_deep`.
+    WgmmaWsDeep,
 }
 
 impl AttentionTile {
-    /// How many variants there are (sizes per-variant tables; `WgmmaWs` is the last).
-    pub const COUNT: usize = AttentionTile::WgmmaWs as usize + 1;
+    /// How many variants there are (sizes per-variant tables; `WgmmaWsDeep` is the last).
+    pub const COUNT: usize = AttentionTile::WgmmaWsDeep as usize + 1;
 
     /// Both tiles.
     pub const ALL: [AttentionTile; 2] = [AttentionTile::Rows64, AttentionTile::Rows128];
 
     /// The Hopper wgmma tiles (never timed or picked by the tuner): the prototype and its
     /// variants, which differ only for head_dim > 64.
-    pub const WGMMA: [AttentionTile; 5] = [
+    pub const WGMMA: [AttentionTile; 6] = [
         AttentionTile::Wgmma64,
         AttentionTile::WgmmaK128,
         AttentionTile::WgmmaPp,
         AttentionTile::WgmmaPpK128,
         AttentionTile::WgmmaWs,
+        AttentionTile::WgmmaWsDeep,
     ];
 
     /// Whether this is one of [`Self::WGMMA`] (sm_90a only; not bit-identical to the others).
@@ -319,8 +326,8 @@ impl AttentionTile {
     }
 
     /// The wgmma tile `BC_ATTN_WGMMA_VARIANT` names (unset or empty: the prototype
-    /// [`AttentionTile::Wgmma64`]; `k128`, `pp`, `pp_k128`, `ws`: its variants); an error for
-    /// anything else.
+    /// [`AttentionTile::Wgmma64`]; `k128`, `pp`, `pp_k128`, `ws`, `ws_deep`: its variants); an
+    /// error for anything else.
     pub fn wgmma_variant(v: Option<&str>) -> std::result::Result<AttentionTile, String> {
         match v.map(str::trim).unwrap_or("") {
             "" | "base" => Ok(AttentionTile::Wgmma64),
@@ -328,8 +335,9 @@ impl AttentionTile {
             "pp" => Ok(AttentionTile::WgmmaPp),
             "pp_k128" => Ok(AttentionTile::WgmmaPpK128),
             "ws" => Ok(AttentionTile::WgmmaWs),
+            "ws_deep" => Ok(AttentionTile::WgmmaWsDeep),
             other => Err(format!(
-                "BC_ATTN_WGMMA_VARIANT={other}: expected base, k128, pp, pp_k128 or ws"
+                "BC_ATTN_WGMMA_VARIANT={other}: expected base, k128, pp, pp_k128, ws or ws_deep"
             )),
         }
     }
@@ -342,7 +350,8 @@ impl AttentionTile {
                 | AttentionTile::WgmmaK128
                 | AttentionTile::WgmmaPp
                 | AttentionTile::WgmmaPpK128
-                | AttentionTile::WgmmaWs,
+                | AttentionTile::WgmmaWs
+                | AttentionTile::WgmmaWsDeep,
                 true,
             ) => Kernel::AttentionWgmmaHd64,
             (AttentionTile::Wgmma64, false) => Kernel::AttentionWgmmaHd128,
@@ -350,6 +359,7 @@ impl AttentionTile {
             (AttentionTile::WgmmaPp, false) => Kernel::AttentionWgmmaHd128Pp,
             (AttentionTile::WgmmaPpK128, false) => Kernel::AttentionWgmmaHd128PpK128,
             (AttentionTile::WgmmaWs, false) => Kernel::AttentionWgmmaHd128Ws,
+            (AttentionTile::WgmmaWsDeep, false) => Kernel::AttentionWgmmaHd128WsDeep,
             (AttentionTile::Rows64, true) => Kernel::AttentionHd64,
             (AttentionTile::Rows64, false) => Kernel::AttentionHd128,
             (AttentionTile::Rows128, true) => Kernel::AttentionHd64Q128,
@@ -380,7 +390,9 @@ impl AttentionTile {
             | AttentionTile::WgmmaPp
             | AttentionTile::WgmmaPpK128
             // (its producer walks the split's key tiles, its consumers store pp_k128's partials)
-            | AttentionTile::WgmmaWs => true,
+            | AttentionTile::WgmmaWs
+            // (ws's split code, only the producer's hand-over differs)
+            | AttentionTile::WgmmaWsDeep => true,
         }
     }
 
@@ -390,7 +402,10 @@ impl AttentionTile {
         match (self, head_dim <= 64) {
             (AttentionTile::Rows64 | AttentionTile::Rows128, false) => BC_ATTN_HD128_BK,
             (
-                AttentionTile::WgmmaK128 | AttentionTile::WgmmaPpK128 | AttentionTile::WgmmaWs,
+                AttentionTile::WgmmaK128
+                | AttentionTile::WgmmaPpK128
+                | AttentionTile::WgmmaWs
+                | AttentionTile::WgmmaWsDeep,
                 false,
             ) => BC_ATTN_WGMMA_K128_BK,
             _ => BC_ATTN_HD64_BK,
@@ -403,7 +418,7 @@ impl AttentionTile {
             AttentionTile::Rows64 => BC_ATTN_THREADS,
             AttentionTile::Rows128 => BC_ATTN_WIDE_THREADS,
             _ if head_dim <= 64 => BC_ATTN_WGMMA_THREADS,
-            AttentionTile::WgmmaWs => BC_ATTN_WS_THREADS,
+            AttentionTile::WgmmaWs | AttentionTile::WgmmaWsDeep => BC_ATTN_WS_THREADS,
             _ => BC_ATTN_WGMMA_HD128_THREADS,
         }
     }
@@ -418,6 +433,7 @@ impl AttentionTile {
             AttentionTile::WgmmaPp => "wgmma64_pp",
             AttentionTile::WgmmaPpK128 => "wgmma64_pp_k128",
             AttentionTile::WgmmaWs => "wgmma64_ws",
+            AttentionTile::WgmmaWsDeep => "wgmma64_ws_deep",
         }
     }
 
@@ -2075,13 +2091,14 @@ mod tests {
             AttentionTile::WgmmaPp,
             AttentionTile::WgmmaPpK128,
             AttentionTile::WgmmaWs,
+            AttentionTile::WgmmaWsDeep,
         ] {
             assert!(!AttentionTile::ALL.contains(&v) && v.is_wgmma());
             let l = |hd| null_attention(v, hd);
             let (a, c) = (l(64), l(128));
             assert_eq!(a.kernel, Kernel::AttentionWgmmaHd64);
             // (the warp-specialized kernel: one more warpgroup, the producer)
-            let threads = if v == AttentionTile::WgmmaWs {
+            let threads = if matches!(v, AttentionTile::WgmmaWs | AttentionTile::WgmmaWsDeep) {
                 384
             } else {
                 256
@@ -2108,6 +2125,14 @@ mod tests {
         );
         assert_eq!(
             Kernel::AttentionWgmmaHd128Ws.dynamic_smem_bytes(),
+            BC_ATTN_WS_SMEM
+        );
+        assert_eq!(
+            AttentionTile::wgmma_variant(Some("ws_deep")),
+            Ok(AttentionTile::WgmmaWsDeep)
+        );
+        assert_eq!(
+            Kernel::AttentionWgmmaHd128WsDeep.dynamic_smem_bytes(),
             BC_ATTN_WS_SMEM
         );
         assert!(AttentionTile::wgmma_variant(Some("ping")).is_err());

@@ -131,6 +131,10 @@ pub enum Kernel {
     /// warp-specialized variant (a producer warpgroup copies the K/V tiles, two consumer
     /// warpgroups compute as `pp_k128`; [`BC_ATTN_WS_THREADS`] threads).
     AttentionWgmmaHd128Ws,
+    /// `bc_attention_wgmma_hd128_ws_deep` ([`BcAttentionParams`], `cuda/attention_ws.cu`): the
+    /// warp-specialized variant whose producer hands its tiles over with
+    /// `cp.async.mbarrier.arrive.noinc` (up to 3 in flight).
+    AttentionWgmmaHd128WsDeep,
     /// `bc_attention_combine` ([`BcAttnCombineParams`]): merges the partial results of a
     /// split-KV attention launch (`BcAttentionParams::splits` > 1) into its output.
     AttentionCombine,
@@ -205,7 +209,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel of the library.
-    pub const ALL: [Kernel; 45] = [
+    pub const ALL: [Kernel; 46] = [
         Kernel::LnModulate,
         Kernel::LayerNormAffine,
         Kernel::GatedResidual,
@@ -221,6 +225,7 @@ impl Kernel {
         Kernel::AttentionWgmmaHd128Pp,
         Kernel::AttentionWgmmaHd128PpK128,
         Kernel::AttentionWgmmaHd128Ws,
+        Kernel::AttentionWgmmaHd128WsDeep,
         Kernel::AttentionCombine,
         Kernel::Activation,
         Kernel::TimeEmbedding,
@@ -271,6 +276,7 @@ impl Kernel {
             Kernel::AttentionWgmmaHd128Pp => "bc_attention_wgmma_hd128_pp",
             Kernel::AttentionWgmmaHd128PpK128 => "bc_attention_wgmma_hd128_pp_k128",
             Kernel::AttentionWgmmaHd128Ws => "bc_attention_wgmma_hd128_ws",
+            Kernel::AttentionWgmmaHd128WsDeep => "bc_attention_wgmma_hd128_ws_deep",
             Kernel::AttentionCombine => "bc_attention_combine",
             Kernel::Activation => "bc_activation",
             Kernel::TimeEmbedding => "bc_time_embedding",
@@ -314,7 +320,7 @@ impl Kernel {
             Kernel::AttentionWgmmaHd128K128 | Kernel::AttentionWgmmaHd128PpK128 => {
                 BC_ATTN_WGMMA_K128_SMEM
             }
-            Kernel::AttentionWgmmaHd128Ws => BC_ATTN_WS_SMEM,
+            Kernel::AttentionWgmmaHd128Ws | Kernel::AttentionWgmmaHd128WsDeep => BC_ATTN_WS_SMEM,
             Kernel::WgmmaProbe => BC_WGMMA_PROBE_SMEM,
             Kernel::TmaProbe => BC_TMA_PROBE_SMEM,
             // Its mbarrier modes keep the barrier in dynamic shared memory, its race modes two
@@ -345,6 +351,7 @@ impl Kernel {
                 | Kernel::AttentionWgmmaHd128Pp
                 | Kernel::AttentionWgmmaHd128PpK128
                 | Kernel::AttentionWgmmaHd128Ws
+                | Kernel::AttentionWgmmaHd128WsDeep
                 | Kernel::WgmmaProbe
                 | Kernel::TmaProbe
                 | Kernel::ConvWgmmaTma

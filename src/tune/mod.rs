@@ -63,7 +63,7 @@ impl Family {
     /// The candidates, the default first.
     pub fn candidates(self) -> &'static [&'static str] {
         match self {
-            Family::Attention => &["pp_k128", "ws", "base", "k128", "pp"],
+            Family::Attention => &["pp_k128", "ws", "ws_deep", "base", "k128", "pp"],
             // No fixed counts: one measured on the bench shape would be forced on every launch
             // (short windows included), where the model chooses per launch.
             Family::Split => &["auto", "1"],

@@ -622,7 +622,7 @@ fn ensure_fits(
 /// (62 of 62), every variant matched the CPU at Wan shapes, and at q4680 k32760 12x128 the
 /// `pp_k128` kernel ran 462.8 TFLOP/s against 307.8 for `Rows128`. `BC_ATTN_WGMMA=0` turns it
 /// off (back to the tuned `mma.sync` tiles), `BC_ATTN_WGMMA=1` forces it over the option's tile,
-/// and `BC_ATTN_WGMMA_VARIANT` (`base`, `k128`, `pp`, `pp_k128`, `ws`:
+/// and `BC_ATTN_WGMMA_VARIANT` (`base`, `k128`, `pp`, `pp_k128`, `ws`, `ws_deep`:
 /// [`AttentionTile::wgmma_variant`]) picks another wgmma variant; off 9.0 the flags are ignored.
 ///
 /// `tuned`: the wgmma variant of the device's tuning entry ([`apply_tuning`]), used where

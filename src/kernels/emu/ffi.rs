@@ -240,6 +240,12 @@ extern "C" {
         e: *mut c_char,
         n: usize,
     ) -> c_int;
+    fn bc_emu_bc_attention_wgmma_hd128_ws_deep(
+        d: *const BcLaunchDims,
+        p: *const c_void,
+        e: *mut c_char,
+        n: usize,
+    ) -> c_int;
     fn bc_emu_bc_attention_combine(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -290,6 +296,7 @@ fn entry(kernel: Kernel) -> Entry {
         Kernel::AttentionWgmmaHd128Pp => bc_emu_bc_attention_wgmma_hd128_pp,
         Kernel::AttentionWgmmaHd128PpK128 => bc_emu_bc_attention_wgmma_hd128_pp_k128,
         Kernel::AttentionWgmmaHd128Ws => bc_emu_bc_attention_wgmma_hd128_ws,
+        Kernel::AttentionWgmmaHd128WsDeep => bc_emu_bc_attention_wgmma_hd128_ws_deep,
         Kernel::AttentionCombine => bc_emu_bc_attention_combine,
         Kernel::Activation => bc_emu_bc_activation,
         Kernel::TimeEmbedding => bc_emu_bc_time_embedding,

@@ -1455,6 +1455,49 @@ fn divergent_barrier_and_bad_masks_are_errors_not_hangs() {
     }
 }
 
+/// Kernels that loop forever while still reaching emulated operations never deadlock: the
+/// emulation's step budget (`BC_EMU_STEP_LIMIT`, here set small for this thread's launches)
+/// fails them with [`LaunchErrorKind::StepLimit`] naming where the threads are, instead of
+/// hanging (`bc_test_sync` modes 40-41: a loop through barriers, warp collectives and atomics;
+/// one thread spinning on an atomic while the others wait at a barrier). The same thread's next
+/// launch runs normally.
+#[test]
+fn a_kernel_that_loops_forever_fails_at_the_step_budget() {
+    let cases = [(40, "__syncthreads at "), (41, "thread 0 at atomicAdd at ")];
+    for (mode, text) in cases {
+        let (err, after) = no_hang(move || {
+            emu::set_step_limit(Some(1000));
+            let mut d = vec![1f32; 3 * 64];
+            let err = emu::test_sync(&mut d, 64, mode, 0);
+            // A correct launch right after the failed one (same thread, same fiber stacks).
+            let mut rng = Rng::new(41);
+            let mut d = randn(&mut rng, 3 * 64, 1.0);
+            let orig = d.clone();
+            let after = emu::test_sync(&mut d, 64, 0, 0).map(|_| (d, orig));
+            emu::set_step_limit(None);
+            (err, after)
+        });
+        let err = err.expect_err("a kernel that loops forever must fail");
+        eprintln!("mode {mode}: {err}");
+        assert_eq!(err.kind, LaunchErrorKind::StepLimit, "mode {mode}: {err}");
+        for want in [
+            "step budget exceeded",
+            "1000 per thread x 64 threads",
+            "test_kernels.cu:",
+            text,
+        ] {
+            assert!(err.message.contains(want), "mode {mode}: {err}");
+        }
+        let (d, orig) = after.unwrap_or_else(|e| panic!("mode {mode}: the next launch: {e}"));
+        for b in 0..3 {
+            let s: f32 = orig[b * 64..(b + 1) * 64].iter().sum();
+            for &v in &d[b * 64..(b + 1) * 64] {
+                assert!((v - s).abs() < 1e-4, "mode {mode}: {v} vs {s}");
+            }
+        }
+    }
+}
+
 #[test]
 fn fatbin_and_report_agree() {
     use blockcascade::kernels;

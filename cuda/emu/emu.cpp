@@ -131,6 +131,7 @@ struct Fiber {
     dim3 tid;
     int linear = 0;
     State state = kRunnable;
+    State stopped = kRunnable;  // the state it last yielded to the scheduler in (for messages)
     const char* file = nullptr;
     int line = 0;
     // barrier
@@ -254,6 +255,11 @@ struct Block {
     uint64_t mbar_land_seq = 0;
     std::vector<Warpgroup> wgs;  // per warpgroup (128 threads) of the block
     std::vector<unsigned char> xbuf;  // warp_exchange slots: [warp][parity][lane][32 bytes]
+    // Step budget of this launch's blocks (0: off; see run_block) and the launch's stop flag
+    // (another block failed: this one stops at its next round).
+    uint64_t step_budget = 0;
+    uint64_t step_per_thread = 0;
+    const std::atomic<bool>* stop = nullptr;
 
     ~Block() {
         if (stacks) munmap(stacks, stacks_n * (kStackBytes + kGuardBytes));
@@ -281,13 +287,14 @@ thread_local dim3 tls_block_idx;
 thread_local dim3 tls_block_dim;
 thread_local dim3 tls_grid_dim;
 static thread_local Block* tls_block = nullptr;
+thread_local uint64_t tls_steps_left = UINT64_MAX;
 
 const dim3& thread_idx() { return tls_fiber->tid; }
 int lane_id() { return tls_fiber->linear & 31; }
 
 static void set_error(Block* b, int code, const char* fmt, ...) {
     if (b->code) return;
-    char buf[512];
+    char buf[896];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
@@ -1178,12 +1185,144 @@ static int resolve_warpgroups(Block* b) {
     return resolved;
 }
 
+// ---- the step budget -----------------------------------------------------------------------
+// A kernel that loops forever through scheduling points (a barrier, a warp collective, a wgmma
+// op in every iteration) never deadlocks: the scheduler always has a thread to resume. So each
+// block gets a budget of steps (tls_steps_left): one per resumption of a thread by the
+// scheduler and one per emulated atomic (a thread spinning on atomics alone never yields).
+// It is per thread of the block (BC_EMU_STEP_LIMIT, default kDefaultStepLimit, 0: off) times
+// the block's threads; a block that spends it fails the launch with code 5 (LaunchErrorKind::
+// StepLimit) and where its threads are. Deterministic: the count depends only on the block's
+// own execution.
+
+// Steps per thread of a block when BC_EMU_STEP_LIMIT is not set: ~350x the most a test's block
+// used when it was chosen (3018 per thread, bc_attention_hd128 in cross_attention_512_text_tokens;
+// docs/wgmma.md, "The step budget"); the halo conv looping forever fails after ~1 minute.
+constexpr uint64_t kDefaultStepLimit = uint64_t{1} << 20;
+
+// What a thread waits at, or last waited at when it is runnable (for the step budget's message).
+static const char* state_label(const Fiber& f) {
+    switch (f.state == kRunnable && f.file ? f.stopped : f.state) {
+        case kAtBarrier:
+            return "__syncthreads";
+        case kAtCollective:
+            return kind_name(f.kind);
+        case kAtWarpgroup:
+            return wg_kind_name(f.wg_kind);
+        case kAtNamedBar:
+            return "bar.sync";
+        case kAtWait:
+            return f.wait_what ? f.wait_what : "a wait";
+        case kDeferred:
+            return "mbarrier.arrive";
+        case kFailed:
+            return "failed";
+        case kRunnable:
+            return f.file ? "runnable (yielded)" : "runnable (not started)";
+        default:
+            return "?";
+    }
+}
+
+// Where the block's threads are, grouped by place ("256 at __syncthreads at f.cu:12; ..."; at
+// most four places). `self` (if not null) is at `what` at file:line instead of its last place.
+static std::string thread_places(const Block* b, const Fiber* self, const char* what, const char* file, int line) {
+    struct Place {
+        const char* label;
+        const char* file;
+        int line;
+        int count;
+        int first;
+    };
+    std::vector<Place> places;
+    int exited = 0;
+    for (const Fiber& f : b->fibers) {
+        if (f.state == kExited) {
+            ++exited;
+            continue;
+        }
+        const bool me = &f == self;
+        const char* l = me ? what : state_label(f);
+        const char* fl = me ? file : f.file;
+        const int ln = me ? line : f.line;
+        bool found = false;
+        for (Place& p : places)
+            if (p.label == l && p.line == ln && (p.file == fl || (p.file && fl && !std::strcmp(p.file, fl)))) {
+                ++p.count;
+                found = true;
+                break;
+            }
+        if (!found) places.push_back(Place{l, fl, ln, 1, f.linear});
+    }
+    std::string r;
+    char buf[320];
+    for (size_t i = 0; i < places.size() && i < 4; ++i) {
+        const Place& p = places[i];
+        if (p.count == 1)
+            snprintf(buf, sizeof buf, "%sthread %d at %s at %s:%d", i ? "; " : "", p.first, p.label,
+                     p.file ? p.file : "?", p.line);
+        else
+            snprintf(buf, sizeof buf, "%s%d threads (first %d) at %s at %s:%d", i ? "; " : "", p.count, p.first,
+                     p.label, p.file ? p.file : "?", p.line);
+        r += buf;
+    }
+    if (places.size() > 4) r += "; " + std::to_string(places.size() - 4) + " more places";
+    if (exited) r += "; " + std::to_string(exited) + " exited";
+    return r;
+}
+
+static void set_step_error(Block* b, const Fiber* self, const char* what, const char* file, int line) {
+    set_error(b, 5,
+              "step budget exceeded: %llu steps (thread resumptions and atomics) in one block, %llu per thread x %zu "
+              "threads (BC_EMU_STEP_LIMIT: raise it, or 0 for off, if the kernel really runs this long): a kernel "
+              "that loops forever? %s",
+              (unsigned long long)b->step_budget, (unsigned long long)b->step_per_thread, b->fibers.size(),
+              thread_places(b, self, what, file, line).c_str());
+}
+
+void step_budget_exceeded(const char* what, const char* file, int line) {
+    Block* b = tls_block;
+    Fiber* f = tls_fiber;
+    if (!b || !f || !b->step_budget) {  // not in a launch (or off): no budget to exceed
+        tls_steps_left = UINT64_MAX;
+        return;
+    }
+    tls_steps_left = 0;
+    set_step_error(b, f, what, file, line);
+    f->state = kFailed;
+    yield_to_scheduler();
+    std::abort();  // a failed fiber is never resumed
+}
+
+// BC_EMU_STEP_STATS=1: the largest step count per thread of a block seen so far in the process,
+// printed to stderr whenever it grows (to size the budget).
+static bool step_stats_on() {
+    static const bool on = [] {
+        const char* e = std::getenv("BC_EMU_STEP_STATS");
+        return e && *e && std::strcmp(e, "0") != 0;
+    }();
+    return on;
+}
+
+static void step_stats(const Block* b, uint64_t used, const char* kernel) {
+    static std::atomic<uint64_t> max_per_thread{0};
+    const uint64_t n = b->fibers.size(), per = (used + n - 1) / n;
+    uint64_t cur = max_per_thread.load(std::memory_order_relaxed);
+    while (per > cur && !max_per_thread.compare_exchange_weak(cur, per, std::memory_order_relaxed)) {
+    }
+    if (per > cur)
+        fprintf(stderr, "bc_emu step stats: new max %llu steps per thread (%llu in a block of %llu threads, %s)\n",
+                (unsigned long long)per, (unsigned long long)used, (unsigned long long)n, kernel ? kernel : "?");
+}
+
 // Runs one block to completion; returns 0 or an error code (message in b->error).
-static int run_block(Block* b) {
+static int run_block(Block* b, const char* kernel) {
     int n = (int)b->fibers.size();
     for (int i = 0; i < n; ++i) {
         Fiber& f = b->fibers[i];
         f.state = kRunnable;
+        f.stopped = kRunnable;
+        f.file = nullptr;
         f.result = 0;
         f.xpar = 0;
         f.cp_pending.clear();
@@ -1213,16 +1352,28 @@ static int run_block(Block* b) {
     b->mbar_land_seq = 0;
     b->nreg_free = 0;
     tma_block_begin();
+    const uint64_t budget = b->step_budget ? b->step_budget : UINT64_MAX;
+    tls_steps_left = budget;
     for (unsigned round = 0;; ++round) {
+        if (b->stop->load(std::memory_order_relaxed)) {
+            set_error(b, 4, "stopped: another block of the launch failed");  // (not reported)
+            return b->code;
+        }
         // Alternate the order threads run in between scheduling points (forward, backward), so
         // a missing barrier shows up whichever side of the race the kernel got wrong.
         for (int k = 0; k < n; ++k) {
             const int i = (round & 1) ? n - 1 - k : k;
             Fiber& f = b->fibers[i];
             if (f.state != kRunnable) continue;
+            if (tls_steps_left-- == 0) {
+                tls_steps_left = 0;
+                set_step_error(b, nullptr, nullptr, nullptr, 0);
+                return b->code;
+            }
             tls_fiber = &f;
             ctx_switch(&b->sched, &f.ctx);
             tls_fiber = nullptr;
+            f.stopped = f.state;
             if (b->code) return b->code;
         }
         int exited = 0, at_bar = 0, at_coll = 0, at_wg = 0, at_nb = 0, at_wait = 0, runnable = 0, deferred = 0;
@@ -1263,6 +1414,7 @@ static int run_block(Block* b) {
                               named_barrier_state(b, id).c_str());
                     return b->code;
                 }
+            if (step_stats_on()) step_stats(b, budget - tls_steps_left, kernel);
             return 0;
         }
         // Threads at an mbarrier wait whose phase has completed run at once, before the warp
@@ -1377,6 +1529,9 @@ struct Shared {
     const BcLaunchDims* dims;
     void (*body)(const void*);
     const void* arg;
+    const char* kernel = nullptr;
+    uint64_t step_budget = 0;      // per block (0: off)
+    uint64_t step_per_thread = 0;  // BC_EMU_STEP_LIMIT (or the launching thread's override)
     std::atomic<uint64_t> next{0};
     std::atomic<bool> stop{false};
     std::mutex mu;
@@ -1420,6 +1575,9 @@ void worker(Shared* s) {
     b->xbuf.assign((size_t)(n + 31) / 32 * 2 * 32 * 32, 0);
     b->body = s->body;
     b->arg = s->arg;
+    b->step_budget = s->step_budget;
+    b->step_per_thread = s->step_per_thread;
+    b->stop = &s->stop;
     tls_block = b;
     tls_block_dim = dim3{d->block[0], d->block[1], d->block[2]};
     tls_grid_dim = dim3{d->grid[0], d->grid[1], d->grid[2]};
@@ -1432,7 +1590,7 @@ void worker(Shared* s) {
                              (unsigned)(idx / ((uint64_t)d->grid[0] * d->grid[1]))};
         b->code = 0;
         b->error.clear();
-        if (run_block(b)) {
+        if (run_block(b, s->kernel)) {
             std::lock_guard<std::mutex> g(s->mu);
             if (!s->code) {
                 s->code = b->code;
@@ -1443,6 +1601,7 @@ void worker(Shared* s) {
         }
     }
     tls_block = nullptr;
+    tls_steps_left = UINT64_MAX;
 }
 
 // Helper threads that run `worker` for the launches of one launching thread.
@@ -1519,9 +1678,32 @@ int worker_count(uint64_t blocks) {
     }();
     return (int)std::min<uint64_t>((uint64_t)configured, blocks);
 }
+
+
+// The step budget per thread of a block: BC_EMU_STEP_LIMIT (0: off; unset or not a number:
+// kDefaultStepLimit), read once.
+uint64_t env_step_limit() {
+    static const uint64_t v = [] {
+        const char* e = std::getenv("BC_EMU_STEP_LIMIT");
+        if (!e || !*e) return kDefaultStepLimit;
+        char* end = nullptr;
+        const unsigned long long x = std::strtoull(e, &end, 10);
+        if (*end || *e == '-') {
+            fprintf(stderr, "bc_emu: BC_EMU_STEP_LIMIT=%s is not a number: the default %llu applies\n", e,
+                    (unsigned long long)kDefaultStepLimit);
+            return kDefaultStepLimit;
+        }
+        return (uint64_t)x;
+    }();
+    return v;
+}
+
+// The calling thread's override of BC_EMU_STEP_LIMIT (bc_emu_set_step_limit; -1: none).
+thread_local int64_t tl_step_limit = -1;
 }  // namespace
 
-int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg, char* err, size_t errlen) {
+int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg, char* err, size_t errlen,
+           const char* kernel) {
     auto report = [&](int code, const std::string& msg) {
         if (err && errlen) snprintf(err, errlen, "%s", msg.c_str());
         return code;
@@ -1537,6 +1719,10 @@ int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg,
     s.dims = dims;
     s.body = body;
     s.arg = arg;
+    s.kernel = kernel;
+    s.step_per_thread = tl_step_limit >= 0 ? (uint64_t)tl_step_limit : env_step_limit();
+    if (s.step_per_thread)
+        s.step_budget = s.step_per_thread > (UINT64_MAX - 1) / threads ? UINT64_MAX - 1 : s.step_per_thread * threads;
     int nw = worker_count(blocks);
     if (nw > 1) {
         // One pool per launching thread, kept for its later launches (threads, fiber stacks
@@ -1551,3 +1737,12 @@ int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg,
 }
 
 }  // namespace emu
+
+// Sets the step budget per thread of the calling thread's later launches (overriding
+// BC_EMU_STEP_LIMIT; 0: off), or removes the override (limit < 0); returns the previous
+// override (-1: none). For tests: other threads' launches keep theirs.
+extern "C" int64_t bc_emu_set_step_limit(int64_t limit) {
+    const int64_t prev = emu::tl_step_limit;
+    emu::tl_step_limit = limit < 0 ? -1 : limit;
+    return prev;
+}

@@ -15,7 +15,10 @@
 // (returned through the launcher to Rust): a barrier that some threads exited without or
 // reached at different lines, a collective whose mask names exited lanes, lanes outside the
 // block, lanes that wait elsewhere, or disagrees between lanes, or whose mask omits the
-// calling lane. `__trap()` and `BC_EMU_CHECK` failures are errors too.
+// calling lane. `__trap()` and `BC_EMU_CHECK` failures are errors too, and so is a block that
+// spends its step budget (a kernel looping forever through scheduling points or atomics, which
+// never deadlocks: one step per thread resumption and per atomic, BC_EMU_STEP_LIMIT per thread
+// of the block; emu.cpp, "the step budget").
 //
 // `__shared__` variables are `static thread_local`: one copy per OS thread, i.e. per block
 // being run, shared by that block's fibers. `threadIdx`, `blockIdx`, `blockDim`, `gridDim`
@@ -266,13 +269,40 @@ inline int width_arg() { return 32; }
 inline int width_arg(int w) { return w; }
 }  // namespace emu
 
-// ---- atomics (real atomics: blocks run concurrently) ----------------------------------------
-inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
-inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+// ---- the step budget (emu.cpp, "step budget") ---------------------------------------------
+namespace emu {
+/// Steps left to the block the calling OS thread runs before its launch fails as a kernel that
+/// loops forever: the scheduler spends one each time it resumes a thread, every emulated atomic
+/// one (a thread that spins on atomics never gets back to the scheduler). UINT64_MAX outside a
+/// launch and with the budget off (BC_EMU_STEP_LIMIT=0).
+extern thread_local uint64_t tls_steps_left;
+/// Fails the launch (code 5, with where the block's threads are): called by `step` when the
+/// running block has spent its budget at operation `what` at file:line (outside a launch: resets
+/// the count and returns).
+void step_budget_exceeded(const char* what, const char* file, int line);
+inline void step(const char* what, const char* file, int line) {
+    if (__builtin_expect(tls_steps_left-- == 0, 0)) step_budget_exceeded(what, file, line);
+}
+}  // namespace emu
+// The call site of an atomic (for the step budget's message).
+#define BC_EMU_SITE const char *site_file = __builtin_FILE(), int site_line = __builtin_LINE()
+#define BC_EMU_STEP(what) ::emu::step(what, site_file, site_line)
+
+// ---- atomics (real atomics: blocks run concurrently; each one a step of the budget) ----------
+inline int atomicAdd(int* p, int v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicAdd");
     return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
-inline float atomicAdd(float* p, float v) {
+inline unsigned atomicAdd(unsigned* p, unsigned v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicAdd");
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicAdd");
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+inline float atomicAdd(float* p, float v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicAdd");
     float old, nv;
     __atomic_load(p, &old, __ATOMIC_RELAXED);
     do {
@@ -280,29 +310,44 @@ inline float atomicAdd(float* p, float v) {
     } while (!__atomic_compare_exchange(p, &old, &nv, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
     return old;
 }
-inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
-inline int atomicMax(int* p, int v) {
+inline unsigned atomicOr(unsigned* p, unsigned v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicOr");
+    return __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
+}
+inline int atomicMax(int* p, int v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicMax");
     int old = __atomic_load_n(p, __ATOMIC_RELAXED);
     while (old < v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
     return old;
 }
-inline int atomicMin(int* p, int v) {
+inline int atomicMin(int* p, int v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicMin");
     int old = __atomic_load_n(p, __ATOMIC_RELAXED);
     while (old > v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
     return old;
 }
-inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
-inline unsigned atomicExch(unsigned* p, unsigned v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
-inline int atomicCAS(int* p, int cmp, int v) {
+inline int atomicExch(int* p, int v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicExch");
+    return __atomic_exchange_n(p, v, __ATOMIC_RELAXED);
+}
+inline unsigned atomicExch(unsigned* p, unsigned v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicExch");
+    return __atomic_exchange_n(p, v, __ATOMIC_RELAXED);
+}
+inline int atomicCAS(int* p, int cmp, int v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicCAS");
     __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return cmp;
 }
-inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned v) {
+inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned v, BC_EMU_SITE) {
+    BC_EMU_STEP("atomicCAS");
     __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return cmp;
 }
+#undef BC_EMU_SITE
+#undef BC_EMU_STEP
 
 // ---- math intrinsics --------------------------------------------------------------------
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
@@ -353,8 +398,11 @@ extern "C" {
 struct BcLaunchDims;
 }
 namespace emu {
-/// Runs `body(arg)` as a kernel over `dims`; returns 0 or an error code (message in `err`).
-int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg, char* err, size_t errlen);
+/// Runs `body(arg)` as a kernel (named `kernel`, for BC_EMU_STEP_STATS) over `dims`; returns 0
+/// or an error code (message in `err`): 1 barrier, 2 warp collective, 3 trap / check / wgmma /
+/// race, 4 invalid launch, 5 the step budget (a kernel that loops forever, see emu.cpp).
+int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg, char* err, size_t errlen,
+           const char* kernel = nullptr);
 }  // namespace emu
 
 /// Defines `bc_emu_<kernel>`, the C entry point the Rust launcher calls for `kernel`.
@@ -367,7 +415,7 @@ int launch(const BcLaunchDims* dims, void (*body)(const void*), const void* arg,
 #define BC_EMU_ENTRY(kernel, Params)                                                                \
     extern "C" int bc_emu_##kernel(const BcLaunchDims* dims, const Params* p, char* err, size_t errlen) { \
         return ::emu::launch(dims, [](const void* a) { kernel(*static_cast<const Params*>(a)); }, p, err, \
-                             errlen);                                                                 \
+                             errlen, #kernel);                                                        \
     }
 
 #endif

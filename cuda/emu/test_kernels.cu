@@ -153,7 +153,40 @@ __device__ void bc_test_race(const BcTestParams& p) {
     p.data[blockIdx.x * blockDim.x + threadIdx.x] = d[0];
 }
 
+// Modes 40-41: kernels that loop forever while still reaching emulated operations (they never
+// deadlock): the step budget of the emulation (emu.cpp) must fail the launch, not hang. The loop
+// conditions are data that never changes (data[0] is never 12345, a shared flag nobody sets).
+//   40: every thread loops on a shared atomicAdd, __syncwarp and __syncthreads;
+//   41: thread 0 spins on atomicAdd(flag, 0) while the others wait at a __syncthreads: the
+//       scheduler never runs again, only the atomics count.
+__device__ void bc_test_loop(const BcTestParams& p) {
+    __shared__ int flag;
+    __shared__ unsigned count;
+    const int t = threadIdx.x;
+    if (t == 0) {
+        flag = 0;
+        count = 0;
+    }
+    __syncthreads();
+    if (p.mode == 40) {
+        while (p.data[0] != 12345.f) {
+            atomicAdd(&count, 1u);
+            __syncwarp();
+            __syncthreads();
+        }
+    } else if (t == 0) {
+        while (atomicAdd(&flag, 0) == 0) {
+        }
+    }
+    __syncthreads();
+    p.data[blockIdx.x * blockDim.x + t] = (float)count;
+}
+
 extern "C" __global__ void bc_test_sync(BcTestParams p) {
+    if (p.mode >= 40) {
+        bc_test_loop(p);
+        return;
+    }
     if (p.mode >= 30) {
         bc_test_race(p);
         return;

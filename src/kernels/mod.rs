@@ -377,6 +377,9 @@ pub enum LaunchErrorKind {
     Trap,
     /// A launch configuration the hardware would refuse.
     InvalidLaunch,
+    /// A block spent the emulation's step budget (`BC_EMU_STEP_LIMIT`): a kernel that loops
+    /// forever while still reaching barriers, warp collectives or atomics (it never deadlocks).
+    StepLimit,
     /// The safe wrapper refused its arguments (sizes, alignment).
     InvalidArgument,
 }

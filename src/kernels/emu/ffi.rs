@@ -10,6 +10,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 type Entry = unsafe extern "C" fn(*const BcLaunchDims, *const c_void, *mut c_char, usize) -> c_int;
 
 extern "C" {
+    fn bc_emu_set_step_limit(limit: i64) -> i64;
     fn bc_emu_bc_ln_modulate(
         d: *const BcLaunchDims,
         p: *const c_void,
@@ -340,6 +341,18 @@ pub fn dims(kernel: Kernel, grid: [u32; 3], block: [u32; 3]) -> BcLaunchDims {
     }
 }
 
+/// Sets the emulation's step budget per thread of a block (`BC_EMU_STEP_LIMIT`, see
+/// docs/wgmma.md; `Some(0)`: off) for the later launches of the calling thread only, or with
+/// `None` goes back to the environment's; returns the calling thread's previous setting. A block
+/// of `n` threads that resumes its threads and runs atomics more than `limit * n` times fails
+/// with [`LaunchErrorKind::StepLimit`] (a kernel that loops forever).
+pub fn set_step_limit(limit: Option<u64>) -> Option<u64> {
+    let v = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+    // SAFETY: sets a thread-local of the emulation runtime; no pointers.
+    let prev = unsafe { bc_emu_set_step_limit(v) };
+    u64::try_from(prev).ok()
+}
+
 /// Runs `kernel` under emulation with `params`, blocking until every block has finished.
 ///
 /// # Safety
@@ -360,6 +373,7 @@ pub unsafe fn launch_raw(
         1 => LaunchErrorKind::BarrierDivergence,
         2 => LaunchErrorKind::WarpCollective,
         3 => LaunchErrorKind::Trap,
+        5 => LaunchErrorKind::StepLimit,
         _ => LaunchErrorKind::InvalidLaunch,
     };
     Err(LaunchError {

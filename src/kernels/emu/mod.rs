@@ -4,7 +4,9 @@
 //! entry point per kernel (`bc_emu_<kernel>`), which runs the kernel's blocks with CUDA
 //! semantics (threads as fibers, real barriers and warp collectives). The same source is what
 //! nvcc compiles, so these functions test the kernels without a GPU. Divergent barriers and
-//! bad warp-collective masks come back as [`LaunchError`](super::LaunchError)s rather than hangs.
+//! bad warp-collective masks come back as [`LaunchError`](super::LaunchError)s rather than hangs,
+//! and so does a kernel that loops forever through them (a block past the step budget,
+//! [`set_step_limit`]).
 //!
 //! [`launch_raw`] takes a kernel, launch dimensions and a params struct (from
 //! [`super::params`]); the safe wrappers below check buffer sizes, then build the params,
@@ -30,7 +32,7 @@ pub use tma::{
     tma_probe_wgmma_spec, TmaProbeCase,
 };
 
-pub use ffi::{dims, launch_raw};
+pub use ffi::{dims, launch_raw, set_step_limit};
 
 /// Runs a launch built by [`super::launch`] (or a test kernel's).
 fn run<P>(l: LaunchResult<Launch<P>>) -> LaunchResult {

@@ -218,7 +218,12 @@ __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const Bc
                 ring[s] = kn;  // 0: the end marker
                 bc_mbar_arrive(&full[s]);
             }
-            if (!cur.have) break;
+            if (!cur.have) {
+                // No producer thread exits with copies in flight: the end marker's phase
+                // completes only when every thread's earlier copies have landed.
+                bc_mbar_wait(&full[s], use & 1);
+                break;
+            }
             cur = att_advance(p, grp, cur, WS_BK);
             if (++s == WS_STAGES) {
                 s = 0;

@@ -10,6 +10,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -1192,8 +1193,9 @@ static int resolve_warpgroups(Block* b) {
 // scheduler and one per emulated atomic (a thread spinning on atomics alone never yields).
 // It is per thread of the block (BC_EMU_STEP_LIMIT, default kDefaultStepLimit, 0: off) times
 // the block's threads; a block that spends it fails the launch with code 5 (LaunchErrorKind::
-// StepLimit) and where its threads are. Deterministic: the count depends only on the block's
-// own execution.
+// StepLimit) and where its threads are. The count depends only on the block's own execution,
+// so it is deterministic unless blocks share work dynamically (a persistent kernel claiming
+// tiles through atomics: a block's count then depends on how many tiles it won).
 
 // Steps per thread of a block when BC_EMU_STEP_LIMIT is not set: ~350x the most a test's block
 // used when it was chosen (3018 per thread, bc_attention_hd128 in cross_attention_512_text_tokens;
@@ -1688,7 +1690,9 @@ uint64_t env_step_limit() {
         if (!e || !*e) return kDefaultStepLimit;
         char* end = nullptr;
         const unsigned long long x = std::strtoull(e, &end, 10);
-        if (*end || *e == '-') {
+        const char* first = e;
+        while (*first == ' ' || *first == '\t') ++first;
+        if (end == e || *end || *first == '-' || x == ULLONG_MAX) {
             fprintf(stderr, "bc_emu: BC_EMU_STEP_LIMIT=%s is not a number: the default %llu applies\n", e,
                     (unsigned long long)kDefaultStepLimit);
             return kDefaultStepLimit;

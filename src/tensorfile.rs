@@ -206,10 +206,10 @@ fn invalid(path: &Path, m: String) -> Error {
 }
 
 /// Memory-maps `path`, which must be a regular file: a directory, FIFO or device is refused
-/// before opening it (opening a FIFO would block until some other process writes to it).
+/// without a blocking open (opening a FIFO would block until some other process writes to
+/// it), checked on the open file ([`crate::files::open_regular_file`]).
 fn map_regular_file(path: &Path) -> Result<memmap2::Mmap> {
-    crate::files::regular_file(path, "a safetensors file")?;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let (file, _) = crate::files::open_regular_file(path, "a safetensors file")?;
     // SAFETY: the map is read-only; a concurrent truncation by another process could fault,
     // which is the documented limitation of memory-mapped model files.
     unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))

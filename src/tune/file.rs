@@ -100,10 +100,14 @@ pub struct Parsed {
 }
 
 impl Choices {
-    /// Parses the choices (an unknown name is an error naming the value).
+    /// Parses the choices. An unknown name is an error naming the file's field and the value
+    /// (`attention "fast": expected ...`), never the environment variable that takes the same
+    /// names: the caller adds the file and the entry.
     pub fn parse(&self) -> std::result::Result<Parsed, String> {
         let attention = match &self.attention {
-            Some(v) => Some(AttentionTile::wgmma_variant(Some(v))?),
+            Some(v) => Some(AttentionTile::wgmma_variant(Some(v)).map_err(|_| {
+                format!("field \"attention\": {v:?} is not base, k128, pp, pp_k128 or ws")
+            })?),
             None => None,
         };
         let split = match self.split.as_deref().map(str::trim) {
@@ -111,12 +115,17 @@ impl Choices {
             Some("auto") => Some(None),
             Some(v) => match v.parse::<usize>() {
                 Ok(n) if n >= 1 => Some(Some(n)),
-                _ => return Err(format!("split {v:?} is not auto or a number >= 1")),
+                _ => {
+                    return Err(format!(
+                        "field \"split\": {v:?} is not auto or a number >= 1"
+                    ))
+                }
             },
         };
         let conv_ws = match &self.conv {
             Some(v) => Some(
-                crate::kernels::launch::ConvWgmmaVariant::parse(Some(v))?
+                crate::kernels::launch::ConvWgmmaVariant::parse(Some(v))
+                    .map_err(|_| format!("field \"conv\": {v:?} is not base or ws"))?
                     == crate::kernels::launch::ConvWgmmaVariant::Ws,
             ),
             None => None,

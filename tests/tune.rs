@@ -402,6 +402,27 @@ fn the_decoder_launches_the_tuned_convs() {
     assert!(launches("bc_conv_wgmma_ws") > 0, "{prof:?}");
 }
 
+/// A child that leaves a descendant (in its own process group) holding its stdout and
+/// stderr open for 20 s still delivers its result line, and the tune does not wait for the
+/// descendant (the parent read the pipe only at its end: the result was lost, `failed`).
+#[test]
+fn a_descendant_holding_a_childs_stdout_does_not_lose_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuning.json");
+    let start = std::time::Instant::now();
+    let o = tune_with(&path, Some("linger:split=1"), &["--only", "split"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{err}");
+    assert_eq!(row(&out, "split", "1").0, "ok", "{out}{err}");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(18),
+        "the tune waited for the descendant"
+    );
+}
+
 /// Bad arguments are one error line, before any child runs or any file is written.
 #[test]
 fn bad_tune_arguments_are_one_clear_error() {

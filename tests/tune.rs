@@ -423,6 +423,27 @@ fn a_descendant_holding_a_childs_stdout_does_not_lose_its_result() {
     );
 }
 
+/// `tune --only split` keeps the entry's attention choice and measures the splits with it: a
+/// choice this build does not know is one error naming the file, the entry and the field,
+/// before any child runs, and the file is left as it was (every split child failed with the
+/// name of an environment variable the user never set, and the bad entry was written again).
+#[test]
+fn a_bad_kept_choice_is_one_error_naming_the_file_and_field() {
+    let (_dir, path) = emulated_file(Choices {
+        attention: Some("fast".into()),
+        ..Choices::default()
+    });
+    let before = std::fs::read(&path).unwrap();
+    let o = tune_with(&path, None, &["--only", "split"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("field \"attention\": \"fast\""), "{err}");
+    assert!(!err.contains("BC_ATTN"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
 /// Bad arguments are one error line, before any child runs or any file is written.
 #[test]
 fn bad_tune_arguments_are_one_clear_error() {

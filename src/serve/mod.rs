@@ -136,8 +136,9 @@ pub const MAX_CONNECTIONS: usize = 16384;
 /// The connection limit for a server of `max_streams` streams when nobody chose one (the
 /// CLI): [`DEFAULT_MAX_CONNECTIONS`], or twice the streams when that is more (each stream's
 /// WebSocket holds a connection for its life, and its page, previews and reconnects need
-/// more), at most [`MAX_CONNECTIONS`]. Always at least `max_streams` for any stream count
-/// `serve` accepts.
+/// more), at most [`MAX_CONNECTIONS`]. For any stream count `serve` accepts, the WebSockets'
+/// share left by the default [`ServeConfig::http_reserved`] ([`default_http_reserved`]) still
+/// holds `max_streams`.
 pub fn default_max_connections(max_streams: usize) -> usize {
     DEFAULT_MAX_CONNECTIONS
         .max(max_streams.saturating_mul(2))

@@ -206,10 +206,10 @@ fn invalid(path: &Path, m: String) -> Error {
 }
 
 /// Memory-maps `path`, which must be a regular file: a directory, FIFO or device is refused
-/// before opening it (opening a FIFO would block until some other process writes to it).
+/// without a blocking open (opening a FIFO would block until some other process writes to
+/// it), checked on the open file ([`crate::files::open_regular_file`]).
 fn map_regular_file(path: &Path) -> Result<memmap2::Mmap> {
-    crate::files::regular_file(path, "a safetensors file")?;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let (file, _) = crate::files::open_regular_file(path, "a safetensors file")?;
     // SAFETY: the map is read-only; a concurrent truncation by another process could fault,
     // which is the documented limitation of memory-mapped model files.
     unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
@@ -532,8 +532,15 @@ pub fn write_tensors(
         .unwrap_or(Path::new("."));
     // Unique per call: two writers of one path (threads of a library user) must not share it.
     let tmp = crate::video::atomic::temp_name(dir, path, "tmp");
+    // Created exclusively: whatever already sits at the (predictable) name, a symlink to
+    // another file or a FIFO, is neither written through nor opened.
+    let file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
     let res = (|| -> std::io::Result<()> {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut f = std::io::BufWriter::new(file);
         f.write_all(&(h.len() as u64).to_le_bytes())?;
         f.write_all(&h)?;
         for (_, _, data) in tensors {
@@ -550,4 +557,31 @@ pub fn write_tensors(
         return Err(Error::io(path, e));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The temporary file of a write is created exclusively: a symlink already at its
+    /// predictable name (`.NAME.tmp-PID-N`) is not written through (the file it points to
+    /// is left as it was) and the write fails cleanly instead.
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_at_the_temporary_name_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim.txt");
+        std::fs::write(&victim, b"keep").unwrap();
+        let out = dir.path().join("o.safetensors");
+        // Every name the next writes of this process may take (other tests run meanwhile).
+        let next = crate::video::atomic::COUNTER.load(std::sync::atomic::Ordering::Relaxed);
+        for n in next..next + 1000 {
+            let name = format!(".o.safetensors.tmp-{}-{n}", std::process::id());
+            std::os::unix::fs::symlink(&victim, dir.path().join(name)).unwrap();
+        }
+        let r = write_f32(&out, &[("x", vec![2], &[1.0, 2.0])], &BTreeMap::new());
+        assert!(matches!(r, Err(Error::Io { .. })), "{r:?}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(!out.exists());
+    }
 }

@@ -227,6 +227,24 @@ fn bad_generation_settings() {
     );
 }
 
+/// On the CPU backend `--devices` is a count of worker threads: a list of indices is taken
+/// only as `0,1,...,N-1` (its length), any other list is one clear error instead of being
+/// run silently as its length.
+#[test]
+fn cpu_device_lists_other_than_0_to_n_are_refused() {
+    for list in ["0,5", "1,2", "0,0"] {
+        let err = fails(&["generate", "--devices", list], "no device indices");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(&format!("--devices {list}")), "{err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let mut args = golden_args(&out);
+    args.extend(["--devices", "0,1"].map(String::from));
+    let o = bin().args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn bad_prompts_and_noise() {
     let d = tempfile::tempdir().unwrap();

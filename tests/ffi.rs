@@ -721,6 +721,20 @@ fn bad_options_and_backends() {
         BC_ERR_INVALID_ARGUMENT,
         "worker threads numbered 0..1",
     );
+    // A repeated or reordered CPU index has no meaning: refused, not run as the count.
+    for devs in [[0i32, 0], [1, 0]] {
+        let d = bc_engine_options {
+            backend: c"cpu".as_ptr(),
+            devices: devs.as_ptr(),
+            n_devices: 2,
+            ..bc_engine_options_default()
+        };
+        expect_c_err(
+            unsafe { bc_engine_open(null(), &d, &mut e) },
+            BC_ERR_INVALID_ARGUMENT,
+            "worker threads numbered 0..2, given once each in order",
+        );
+    }
     let d = bc_engine_options {
         n_devices: 1,
         ..bc_engine_options_default()

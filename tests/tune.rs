@@ -403,6 +403,48 @@ fn the_decoder_launches_the_tuned_convs() {
     assert!(launches("bc_conv_wgmma_ws") > 0, "{prof:?}");
 }
 
+/// A child that leaves a descendant (in its own process group) holding its stdout and
+/// stderr open for 20 s still delivers its result line, and the tune does not wait for the
+/// descendant (the parent read the pipe only at its end: the result was lost, `failed`).
+#[test]
+fn a_descendant_holding_a_childs_stdout_does_not_lose_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuning.json");
+    let start = std::time::Instant::now();
+    let o = tune_with(&path, Some("linger:split=1"), &["--only", "split"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{err}");
+    assert_eq!(row(&out, "split", "1").0, "ok", "{out}{err}");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(18),
+        "the tune waited for the descendant"
+    );
+}
+
+/// `tune --only split` keeps the entry's attention choice and measures the splits with it: a
+/// choice this build does not know is one error naming the file, the entry and the field,
+/// before any child runs, and the file is left as it was (every split child failed with the
+/// name of an environment variable the user never set, and the bad entry was written again).
+#[test]
+fn a_bad_kept_choice_is_one_error_naming_the_file_and_field() {
+    let (_dir, path) = emulated_file(Choices {
+        attention: Some("fast".into()),
+        ..Choices::default()
+    });
+    let before = std::fs::read(&path).unwrap();
+    let o = tune_with(&path, None, &["--only", "split"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("field \"attention\": \"fast\""), "{err}");
+    assert!(!err.contains("BC_ATTN"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
 /// Bad arguments are one error line, before any child runs or any file is written.
 #[test]
 fn bad_tune_arguments_are_one_clear_error() {

@@ -610,3 +610,75 @@ fn a_failed_write_spends_the_writer_and_leaves_nothing() {
     assert!(wr.finish().is_err());
     assert!(listing(dir.path()).is_empty());
 }
+
+/// A FIFO, a device or a folder already at a frame's name is refused (the rule of every
+/// output: `files::check_output_target`) instead of being replaced by the frame's rename, and
+/// nothing is published: no frame of the set, no temporary folder. Checked when the frame is
+/// written and again, for every frame, before the first one is moved.
+#[cfg(unix)]
+#[test]
+fn a_fifo_or_folder_at_a_frame_name_is_refused_and_nothing_is_published() {
+    use std::os::unix::fs::FileTypeExt;
+    let mkfifo = |p: &Path| {
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    };
+    let is_fifo = |p: &Path| std::fs::symlink_metadata(p).unwrap().file_type().is_fifo();
+    let (t, h, w) = (4, 8, 8);
+    let frames = pattern(t, h, w);
+
+    // A FIFO at frame 2 of a pattern, there before the writer: the write of frame 2 fails.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("out0002.png");
+    mkfifo(&fifo);
+    let mut wr = VideoWriter::create(
+        &dir.path().join("out%04d.png"),
+        w,
+        h,
+        &VideoOptions::default(),
+    )
+    .unwrap();
+    let m = wr.write_frames(&frames, t).unwrap_err().to_string();
+    assert!(
+        m.contains("not a regular file") && m.contains("out0002.png"),
+        "{m}"
+    );
+    assert!(wr.finish().is_err());
+    assert_eq!(listing(dir.path()), ["out0002.png"]);
+    assert!(is_fifo(&fifo));
+
+    // A FIFO that appears at frame 3 after the frames were written: finish refuses and moves
+    // none of them.
+    let dir = tempfile::tempdir().unwrap();
+    let mut wr = VideoWriter::create(
+        &dir.path().join("out%04d.png"),
+        w,
+        h,
+        &VideoOptions::default(),
+    )
+    .unwrap();
+    wr.write_frames(&frames, t).unwrap();
+    let fifo = dir.path().join("out0003.png");
+    mkfifo(&fifo);
+    let m = wr.finish().unwrap_err().to_string();
+    assert!(m.contains("not a regular file"), "{m}");
+    assert_eq!(listing(dir.path()), ["out0003.png"]);
+    assert!(is_fifo(&fifo));
+
+    // A folder at frame 1 of an existing frames folder: refused, the folder and its content
+    // kept, no frame published.
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("frame_000001.png");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("keep.txt"), "x").unwrap();
+    let mut wr = VideoWriter::create(dir.path(), w, h, &VideoOptions::default()).unwrap();
+    let m = wr.write_frames(&frames, t).unwrap_err().to_string();
+    assert!(
+        m.contains("frame_000001.png") && m.contains("folder"),
+        "{m}"
+    );
+    assert!(wr.finish().is_err());
+    assert_eq!(listing(dir.path()), ["frame_000001.png"]);
+    assert_eq!(listing(&sub), ["keep.txt"]);
+}

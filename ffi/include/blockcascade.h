@@ -80,7 +80,8 @@ typedef struct {
                              and the kernels are present, else the CPU) */
   const int32_t *devices; /* device ordinals to use; NULL/0 = the default device. With the CPU
                              backend, {0, 1, ..., n-1} runs n worker threads as devices (the
-                             window's members are spread over them; same latents). */
+                             window's members are spread over them; same latents); any
+                             other list is BC_ERR_INVALID_ARGUMENT. */
   uint32_t n_devices;     /* number of entries in devices */
   /* Added after the first version (a struct_size ending at n_devices is still accepted, with
      these NULL): */

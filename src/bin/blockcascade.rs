@@ -830,9 +830,20 @@ fn generate_options(
     opts.graphs = !a.no_graphs;
     opts.devices = devices;
     opts.backend = a.backend.into();
-    if let (BackendKind::Cuda, Some(list)) = (opts.backend, device_list) {
+    match (opts.backend, device_list) {
         // `--devices 0,0`: the CUDA ordinal of every logical device.
-        opts.device_ids = list;
+        (BackendKind::Cuda, Some(list)) => opts.device_ids = list,
+        // The CPU's devices are worker threads without identities: a list means its length
+        // only, so only `0,1,...,N-1` is taken (another list would be silently ignored).
+        (BackendKind::Cpu, Some(list)) if list.iter().enumerate().any(|(i, &d)| i != d) => {
+            return Err(Error::invalid(format!(
+                "--devices {}: the CPU backend has no device indices (--devices N runs N \
+                 worker threads): give a count, e.g. --devices {}, or the list 0..N-1",
+                a.devices.trim(),
+                list.len()
+            )));
+        }
+        _ => {}
     }
     opts.kv_exchange = match a.kv_exchange {
         ExchangeArg::Joint => KvExchange::Joint,

@@ -546,9 +546,12 @@ pub unsafe extern "C" fn bc_engine_open(
             if devs.iter().any(|&d| d < 0) {
                 return invalid(format!("devices {devs:?}: indices must be >= 0"));
             }
-            if kind == BackendKind::Cpu && devs.iter().any(|&d| d as usize >= devs.len()) {
+            // The CPU's devices are worker threads without identities: only {0, 1, ..., n-1}
+            // is taken (a repeated or reordered index would be silently run as the count).
+            if kind == BackendKind::Cpu && devs.iter().enumerate().any(|(i, &d)| d as usize != i) {
                 return invalid(format!(
-                    "devices {devs:?}: CPU devices are worker threads numbered 0..{}",
+                    "devices {devs:?}: CPU devices are worker threads numbered 0..{}, given \
+                     once each in order (0, 1, ..., n-1)",
                     devs.len()
                 ));
             }

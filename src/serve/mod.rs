@@ -74,6 +74,16 @@ pub struct ServeConfig {
     /// Connections (HTTP and WebSocket, idle ones included) open at once, at most
     /// [`MAX_CONNECTIONS`]; one more is closed as soon as it is accepted.
     pub max_connections: usize,
+    /// Connections kept for plain HTTP requests (the page, `/health`): WebSockets may hold at
+    /// most `max_connections` minus this many, and a WebSocket request beyond that is
+    /// answered `503 Service Unavailable`, so the page still loads while the WebSockets'
+    /// share is taken. `None`: an eighth of `max_connections`, at least 1. At least 1, and
+    /// `max_connections` minus it must leave `max_streams` WebSockets.
+    pub http_reserved: Option<usize>,
+    /// How long a WebSocket that runs no stream may go without receiving anything (a message,
+    /// a ping or a pong) before the server closes it; a connection with a running stream is
+    /// never idle.
+    pub ws_idle_timeout: Duration,
     /// How long a client may take to send a request's head (request line and headers), also
     /// the longest a kept-alive HTTP connection may sit idle between requests: a client that
     /// trickles its request (slowloris) is disconnected after it.
@@ -102,6 +112,8 @@ impl Default for ServeConfig {
             queue_blocks: 2,
             jpeg_quality: 85,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            http_reserved: None,
+            ws_idle_timeout: DEFAULT_WS_IDLE_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
@@ -124,8 +136,9 @@ pub const MAX_CONNECTIONS: usize = 16384;
 /// The connection limit for a server of `max_streams` streams when nobody chose one (the
 /// CLI): [`DEFAULT_MAX_CONNECTIONS`], or twice the streams when that is more (each stream's
 /// WebSocket holds a connection for its life, and its page, previews and reconnects need
-/// more), at most [`MAX_CONNECTIONS`]. Always at least `max_streams` for any stream count
-/// `serve` accepts.
+/// more), at most [`MAX_CONNECTIONS`]. For any stream count `serve` accepts, the WebSockets'
+/// share left by the default [`ServeConfig::http_reserved`] ([`default_http_reserved`]) still
+/// holds `max_streams`.
 pub fn default_max_connections(max_streams: usize) -> usize {
     DEFAULT_MAX_CONNECTIONS
         .max(max_streams.saturating_mul(2))
@@ -133,6 +146,15 @@ pub fn default_max_connections(max_streams: usize) -> usize {
 }
 /// Time for a request's head by default ([`ServeConfig::request_timeout`]).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a WebSocket without a stream may stay silent by default
+/// ([`ServeConfig::ws_idle_timeout`]).
+pub const DEFAULT_WS_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The connections kept for plain HTTP out of `max_connections` when nobody chose
+/// ([`ServeConfig::http_reserved`]): an eighth, at least 1.
+pub fn default_http_reserved(max_connections: usize) -> usize {
+    (max_connections / 8).max(1)
+}
 
 /// What every connection shares: the loaded models, the settings and the stream count.
 struct Shared {
@@ -147,6 +169,11 @@ struct Shared {
     max_streams: usize,
     /// Streams running (slots held, see [`Slot`]).
     streams: AtomicUsize,
+    /// The WebSockets' share of the connections (`max_connections - http_reserved`
+    /// permits, one held by each open WebSocket).
+    websockets: Arc<tokio::sync::Semaphore>,
+    /// [`ServeConfig::ws_idle_timeout`].
+    ws_idle_timeout: Duration,
     page: String,
 }
 
@@ -216,14 +243,27 @@ impl Server {
                 cfg.jpeg_quality
             )));
         }
-        if cfg.max_connections < cfg.max_streams || cfg.max_connections > MAX_CONNECTIONS {
+        let reserved = cfg
+            .http_reserved
+            .unwrap_or_else(|| default_http_reserved(cfg.max_connections));
+        if reserved == 0 {
+            return Err(Error::invalid(
+                "http_reserved must be at least 1 (a connection for the page and /health)",
+            ));
+        }
+        if cfg.max_connections < cfg.max_streams.saturating_add(reserved)
+            || cfg.max_connections > MAX_CONNECTIONS
+        {
             return Err(Error::invalid(format!(
-                "max_connections must be in --max-streams ({})..={MAX_CONNECTIONS}, got {}",
+                "max_connections must be in --max-streams ({}) + http_reserved ({reserved})..={MAX_CONNECTIONS}, got {}",
                 cfg.max_streams, cfg.max_connections
             )));
         }
         if cfg.request_timeout.is_zero() {
             return Err(Error::invalid("request_timeout must be positive"));
+        }
+        if cfg.ws_idle_timeout.is_zero() {
+            return Err(Error::invalid("ws_idle_timeout must be positive"));
         }
         cfg.generate.validate(None)?;
         let builtin = cfg.model.is_none();
@@ -301,6 +341,8 @@ impl Server {
                 jpeg_quality: cfg.jpeg_quality,
                 max_streams: cfg.max_streams,
                 streams: AtomicUsize::new(0),
+                websockets: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections - reserved)),
+                ws_idle_timeout: cfg.ws_idle_timeout,
                 page,
             }),
             limits: Limits {
@@ -559,8 +601,26 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
+/// Upgrades to a WebSocket when the WebSockets' share of the connections has room
+/// ([`ServeConfig::http_reserved`]); else `503 Service Unavailable` (and the connection stays
+/// an HTTP one).
 async fn ws(State(s): State<Arc<Shared>>, up: WebSocketUpgrade) -> Response {
+    let Ok(permit) = s.websockets.clone().try_acquire_owned() else {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            "too many WebSocket connections: try again later\n",
+        )
+            .into_response();
+    };
     up.max_message_size(protocol::MAX_MESSAGE_BYTES)
         .max_frame_size(protocol::MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| session::run(socket, s))
+        .on_upgrade(move |socket| async move {
+            // The permit is held for the WebSocket's life.
+            session::run(socket, s).await;
+            drop(permit);
+        })
 }

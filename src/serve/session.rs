@@ -49,7 +49,15 @@ pub(super) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
         in_flight: false,
         pending: None,
     };
+    // When the connection last received something or last ran a stream: one that runs none
+    // and receives nothing for `ws_idle_timeout` is closed (idle sockets would otherwise hold
+    // the server's connections for good).
+    let mut active = tokio::time::Instant::now();
     loop {
+        if live.is_some() {
+            active = tokio::time::Instant::now();
+        }
+        let idle_at = active + shared.ws_idle_timeout;
         tokio::select! {
             // The client's messages first: a switch or a stop waits for at most the block
             // being sent, never for the blocks queued behind it. Then switch answers (rare
@@ -57,6 +65,7 @@ pub(super) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
             biased;
             msg = socket.recv() => {
                 let Some(Ok(msg)) = msg else { break };
+                active = tokio::time::Instant::now();
                 let action = match &msg {
                     Message::Text(t) => proto.on_message(Incoming::Text(t.as_str())),
                     Message::Binary(b) => proto.on_message(Incoming::Binary(b)),
@@ -93,6 +102,14 @@ pub(super) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
                 if !sent {
                     break;
                 }
+            }
+            _ = tokio::time::sleep_until(idle_at), if live.is_none() && !sw.in_flight => {
+                let close = Message::Close(Some(axum::extract::ws::CloseFrame {
+                    code: axum::extract::ws::close_code::AWAY,
+                    reason: "idle timeout".into(),
+                }));
+                let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close)).await;
+                break;
             }
         }
     }

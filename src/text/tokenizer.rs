@@ -49,8 +49,9 @@ impl Tokenizer {
         if let Some(p) = explicit {
             if p.is_dir() {
                 let f = p.join("tokenizer.json");
-                return if f.is_file() {
-                    Ok(f)
+                return if f.exists() {
+                    // A FIFO or folder of that name is its own error, not "no tokenizer.json".
+                    crate::files::regular_file(&f, "a tokenizer.json").map(|_| f)
                 } else {
                     Err(not_found(p, "no tokenizer.json in this folder".into()))
                 };
@@ -65,8 +66,9 @@ impl Tokenizer {
             dir.join("tokenizer.json"),
             dir.join("tokenizer/tokenizer.json"),
         ] {
-            if cand.is_file() {
-                return Ok(cand);
+            if cand.exists() {
+                // A FIFO or folder of that name is its own error, not "no tokenizer.json".
+                return crate::files::regular_file(&cand, "a tokenizer.json").map(|_| cand);
             }
         }
         Err(not_found(
@@ -178,4 +180,33 @@ fn contained<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
             .unwrap_or_else(|| "unknown".into());
         format!("the tokenizers library failed on this file ({msg})")
     })
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// A `tokenizer.json` that is a FIFO (or a folder) where the tokenizer is looked for is
+    /// reported as such, not as a missing tokenizer (nor skipped for the next place).
+    #[test]
+    fn a_fifo_named_tokenizer_json_is_not_a_missing_tokenizer() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokenizer.json");
+        let c = std::ffi::CString::new(f.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for explicit in [None, Some(dir.path())] {
+            let m = Tokenizer::find(dir.path(), explicit)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                m.contains("not a regular file") && m.contains("tokenizer.json"),
+                "{m}"
+            );
+        }
+        let sub = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(sub.path().join("tokenizer/tokenizer.json")).unwrap();
+        let m = Tokenizer::find(sub.path(), None).unwrap_err().to_string();
+        assert!(m.contains("not a regular file"), "{m}");
+    }
 }

@@ -116,7 +116,7 @@ fn load_entry(gpu: &Gpu, path: PathBuf) -> Result<Option<Applied>> {
     };
     let parsed = entry.choices.parse().map_err(|m| {
         crate::Error::format(format!(
-            "tuning file {}: {}: {m}; delete or move it, then rerun `blockcascade tune` (BC_TUNING=off ignores it)",
+            "tuning file {}: the entry for {}: {m}; delete or move it, then rerun `blockcascade tune` (BC_TUNING=off ignores it)",
             path.display(),
             key.describe()
         ))
@@ -412,6 +412,63 @@ mod tests {
         let bad = devices_report_with(Some(&path), Some(13000), &devs);
         assert!(bad.len() == 1 && bad[0].contains("rerun `blockcascade tune`"));
         assert!(devices_report_with(None, None, &devs)[0].contains("no file location"));
+    }
+
+    /// An unknown choice in the file is reported under the file, the device's entry and the
+    /// field, not under the environment variable that takes the same names (the user set
+    /// none).
+    #[test]
+    fn a_bad_choice_in_the_file_names_the_file_entry_and_field() {
+        let g = Gpu::open_emulated().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tuning.json");
+        for (choices, field, value) in [
+            (
+                Choices {
+                    attention: Some("fast".into()),
+                    ..Choices::default()
+                },
+                "attention",
+                "fast",
+            ),
+            (
+                Choices {
+                    conv: Some("turbo".into()),
+                    ..Choices::default()
+                },
+                "conv",
+                "turbo",
+            ),
+            (
+                Choices {
+                    split: Some("0".into()),
+                    ..Choices::default()
+                },
+                "split",
+                "0",
+            ),
+        ] {
+            let mut f = TuningFile::default();
+            f.insert(crate::tune::file::Entry {
+                key: key_of(&g).unwrap(),
+                tuned_at: 0,
+                choices,
+                measured: Vec::new(),
+            });
+            f.save(&path).unwrap();
+            let e = load(&g, &TuningSource::File(path.clone())).unwrap_err();
+            let m = e.to_string();
+            assert!(matches!(e, crate::Error::Format(_)), "{m}");
+            assert!(m.contains(&path.display().to_string()), "{m}");
+            assert!(m.contains(&format!("the entry for {}", g.name)), "{m}");
+            assert!(
+                m.contains(&format!("field \"{field}\": \"{value}\"")),
+                "{m}"
+            );
+            // (`BC_TUNING=off` in the advice is the one variable it may name.)
+            let vars = m.replace("BC_TUNING=off", "");
+            assert!(!vars.contains("BC_"), "named an environment variable: {m}");
+        }
     }
 
     #[test]

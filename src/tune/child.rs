@@ -11,18 +11,53 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// How long the parent waits for a child's output once the child is gone.
+/// How long the parent waits at most for a child's output once the child is gone.
 const DRAIN: Duration = Duration::from_secs(2);
 
-/// Reads `r` to its end on a thread; the text arrives on the returned channel.
-fn drain(mut r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+/// Once the child is gone, how long its pipe may stay silent before the parent stops reading
+/// (everything the child wrote is already in the pipe when it exits; only a descendant that
+/// inherited the pipe and keeps it open delays the end of the stream).
+const QUIET: Duration = Duration::from_millis(200);
+
+/// Reads `r` on a thread and sends each chunk as it arrives (not only at the end of the
+/// stream: a descendant of the child that inherited the pipe and keeps it open would delay
+/// the end past the child's exit, and with it the child's result).
+fn drain(mut r: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
     });
     rx
+}
+
+/// The text a [`drain`] received, once the child is gone: until the end of the stream, or
+/// [`QUIET`] without a chunk, or [`DRAIN`] in all, whichever comes first.
+fn collect(rx: Option<mpsc::Receiver<Vec<u8>>>) -> String {
+    let Some(rx) = rx else {
+        return String::new();
+    };
+    let end = Instant::now() + DRAIN;
+    let mut bytes = Vec::new();
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(QUIET)) {
+            Ok(chunk) => bytes.extend_from_slice(&chunk),
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Kills the child's whole process group (the child leads it).
@@ -98,11 +133,7 @@ pub fn run_child(
             }
         }
     };
-    let text = |rx: Option<mpsc::Receiver<String>>| {
-        rx.and_then(|r| r.recv_timeout(DRAIN).ok())
-            .unwrap_or_default()
-    };
-    let (stdout, stderr) = (text(out), text(err));
+    let (stdout, stderr) = (collect(out), collect(err));
     let last_err = stderr
         .lines()
         .rev()
@@ -161,6 +192,33 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Hung, "{r:?}");
         std::thread::sleep(Duration::from_millis(3500));
         assert!(!marker.exists(), "the grandchild survived the kill");
+    }
+
+    /// A descendant that escaped the child's process group and keeps its stdout and stderr
+    /// open does not make the parent lose the result the child printed before it exited,
+    /// nor wait for the descendant.
+    #[cfg(unix)]
+    #[test]
+    fn a_descendant_holding_the_pipes_does_not_lose_the_result() {
+        let start = Instant::now();
+        let r = run_child(
+            Path::new("/bin/sh"),
+            &[
+                "-c".into(),
+                "echo 'BC_TUNE_RESULT {\"outcome\":\"ok\",\"ms\":2.0,\"err\":0.001}'; \
+                 setsid sleep 3 & exit 0"
+                    .into(),
+            ],
+            &[],
+            &[],
+            Duration::from_secs(30),
+        );
+        assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+        assert_eq!(r.ms, Some(2.0));
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "waited for the descendant"
+        );
     }
 
     #[cfg(unix)]

@@ -100,10 +100,14 @@ pub struct Parsed {
 }
 
 impl Choices {
-    /// Parses the choices (an unknown name is an error naming the value).
+    /// Parses the choices. An unknown name is an error naming the file's field and the value
+    /// (`attention "fast": expected ...`), never the environment variable that takes the same
+    /// names: the caller adds the file and the entry.
     pub fn parse(&self) -> std::result::Result<Parsed, String> {
         let attention = match &self.attention {
-            Some(v) => Some(AttentionTile::wgmma_variant(Some(v))?),
+            Some(v) => Some(AttentionTile::wgmma_variant(Some(v)).map_err(|_| {
+                format!("field \"attention\": {v:?} is not base, k128, pp, pp_k128 or ws")
+            })?),
             None => None,
         };
         let split = match self.split.as_deref().map(str::trim) {
@@ -111,12 +115,17 @@ impl Choices {
             Some("auto") => Some(None),
             Some(v) => match v.parse::<usize>() {
                 Ok(n) if n >= 1 => Some(Some(n)),
-                _ => return Err(format!("split {v:?} is not auto or a number >= 1")),
+                _ => {
+                    return Err(format!(
+                        "field \"split\": {v:?} is not auto or a number >= 1"
+                    ))
+                }
             },
         };
         let conv_ws = match &self.conv {
             Some(v) => Some(
-                crate::kernels::launch::ConvWgmmaVariant::parse(Some(v))?
+                crate::kernels::launch::ConvWgmmaVariant::parse(Some(v))
+                    .map_err(|_| format!("field \"conv\": {v:?} is not base or ws"))?
                     == crate::kernels::launch::ConvWgmmaVariant::Ws,
             ),
             None => None,
@@ -275,9 +284,13 @@ impl TuningFile {
         self.entries.push(entry);
     }
 
-    /// Writes the file atomically: a temporary file beside `path`, then a rename (the
-    /// directory is created when missing).
+    /// Writes the file atomically: a new temporary file beside `path` (created exclusively,
+    /// so nothing already at its name, a FIFO say, is opened or written through), then a rename
+    /// (the directory is created when missing). A device, FIFO or socket at `path` is refused
+    /// (the rule of every output, [`crate::files::check_output_target`]); a failed write
+    /// leaves nothing behind.
     pub fn save(&self, path: &Path) -> Result<()> {
+        crate::files::check_output_target(path)?;
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -287,11 +300,22 @@ impl TuningFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| Error::invalid(format!("{}: not a file name", path.display())))?;
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let tmp = crate::video::atomic::temp_name(&dir, Path::new(&name), "tmp");
         let text =
             serde_json::to_string_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
-        std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
+        let written = (|| {
+            use std::io::Write;
+            f.write_all((text + "\n").as_bytes())?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, path)
+        })();
+        written.map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             Error::io(path, e)
         })
@@ -453,6 +477,62 @@ mod tests {
         let f = TuningFile::load(&path).unwrap().unwrap();
         let m = f.entries[0].choices.parse().unwrap_err();
         assert!(m.contains("fast"), "{m}");
+    }
+
+    /// A FIFO at the target is refused, not renamed over; a FIFO at the name the temporary
+    /// file used to have (`.NAME.PID.tmp`) is neither opened (that blocked for good) nor
+    /// written through; nothing is left behind.
+    #[cfg(unix)]
+    #[test]
+    fn save_refuses_a_fifo_target_and_never_opens_one() {
+        use std::os::unix::fs::FileTypeExt;
+        let mkfifo = |p: &Path| {
+            let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+            // SAFETY: mkfifo with a valid C string.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tuning.json");
+        mkfifo(&path);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(TuningFile::default().save(&p).map_err(|e| e.to_string()));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("save blocked");
+        assert!(r.unwrap_err().contains("not a regular file"));
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        std::fs::remove_file(&path).unwrap();
+        let old_tmp = dir
+            .path()
+            .join(format!(".tuning.json.{}.tmp", std::process::id()));
+        mkfifo(&old_tmp);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(TuningFile::default().save(&p).map_err(|e| e.to_string()));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("save blocked opening a FIFO")
+            .unwrap();
+        assert!(TuningFile::load(&path).unwrap().is_some());
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                format!(".tuning.json.{}.tmp", std::process::id()),
+                "tuning.json".to_string()
+            ]
+        );
     }
 
     #[test]

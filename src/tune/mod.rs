@@ -308,7 +308,6 @@ pub fn tune(opts: &TuneOptions, progress: &mut dyn FnMut(&str)) -> Result<TuneRe
             key.device, key.capability
         )));
     }
-    progress(&format!("tuning {} -> {}", key.describe(), path.display()));
     let (attention, convs) = if opts.tiny {
         tiny_spec()
     } else {
@@ -335,6 +334,22 @@ pub fn tune(opts: &TuneOptions, progress: &mut dyn FnMut(&str)) -> Result<TuneRe
     let mut choices = previous
         .as_ref()
         .map_or_else(Choices::default, |e| e.choices.clone());
+    // The choices kept must be ones this build knows (the split family is measured with the
+    // kept attention tile): a bad one is reported here, under the file and the field, not by
+    // every child under the environment variable that takes the same names.
+    let mut kept = choices.clone();
+    for f in &families {
+        kept.clear(*f);
+    }
+    kept.parse().map_err(|m| {
+        Error::format(format!(
+            "tuning file {}: the entry for {}: {m}; `--only` keeps it: tune that family too, \
+             or delete or move the file",
+            path.display(),
+            key.describe()
+        ))
+    })?;
+    progress(&format!("tuning {} -> {}", key.describe(), path.display()));
     if let Some(a) = &choices.attention {
         spec.split_tile = a.clone();
     }

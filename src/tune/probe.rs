@@ -6,7 +6,9 @@
 //! Test hooks (`BC_TUNE_TEST_FAULT`, a comma-separated list of `KIND:FAMILY=CANDIDATE`): `hang`
 //! makes that candidate's child sleep forever, `fail` makes it fail as a faulting kernel would
 //! (an error, non-zero exit), `wrong` perturbs its output after the run (it then differs from
-//! the reference). They act in the child only, so the parent's handling of each outcome can be
+//! the reference), `linger` starts a descendant in its own process group that keeps the
+//! child's stdout and stderr open for 20 s after the child exits (the result must still reach
+//! the parent). They act in the child only, so the parent's handling of each outcome can be
 //! tested without a GPU.
 
 use super::{conv_candidate, Family};
@@ -165,6 +167,7 @@ enum Fault {
     Hang,
     Fail,
     Wrong,
+    Linger,
 }
 
 fn test_fault(family: Family, candidate: &str) -> Option<Fault> {
@@ -177,6 +180,7 @@ fn test_fault(family: Family, candidate: &str) -> Option<Fault> {
             "hang" => Some(Fault::Hang),
             "fail" => Some(Fault::Fail),
             "wrong" => Some(Fault::Wrong),
+            "linger" => Some(Fault::Linger),
             _ => None,
         }
     })
@@ -194,6 +198,15 @@ pub fn run_probe(family: Family, candidate: &str, spec: &ProbeSpec) -> ProbeResu
     }
     if fault == Some(Fault::Fail) {
         return ProbeResult::failed("BC_TUNE_TEST_FAULT: injected failure");
+    }
+    if fault == Some(Fault::Linger) {
+        let mut c = std::process::Command::new("sleep");
+        c.arg("20").stdin(std::process::Stdio::null());
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        if let Err(e) = c.spawn() {
+            return ProbeResult::failed(format!("BC_TUNE_TEST_FAULT: linger: {e}"));
+        }
     }
     let r = (|| -> Result<(f64, f64, f64)> {
         let mut gpu = if spec.emulate {

@@ -8,10 +8,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The number of the next [`temp_name`].
+pub(crate) static COUNTER: AtomicU64 = AtomicU64::new(0);
+
 /// A fresh hidden name in `dir` derived from `target`'s file name; unique per process and call,
 /// so two writers (threads, processes) aiming at the same target never share a temp file.
 pub(crate) fn temp_name(dir: &Path, target: &Path, tag: &str) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = target
         .file_name()

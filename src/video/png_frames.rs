@@ -134,9 +134,44 @@ impl PngWriter {
         })
     }
 
+    /// Where frame `i` ends up, when the target is an existing folder or a pattern (a new
+    /// folder is published whole).
+    fn final_path(&self, i: usize) -> Option<PathBuf> {
+        match &self.target {
+            PngTarget::Folder(dir) if !dir.exists() => None,
+            PngTarget::Folder(dir) | PngTarget::Pattern { dir, .. } => {
+                Some(dir.join(self.target.name(i)))
+            }
+        }
+    }
+
+    /// Refuses to publish frame `i` over what is at its name now: only a regular file (or a
+    /// symlink, which is replaced, not followed) may be there. A FIFO, device or socket
+    /// (the rule of every output, [`crate::files::check_output_target`]) or a folder would be
+    /// replaced by the rename, or would fail it after the frames before it were moved.
+    fn check_frame_target(&self, i: usize) -> Result<()> {
+        let Some(p) = self.final_path(i) else {
+            return Ok(());
+        };
+        crate::files::check_output_target(&p)?;
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::io(
+                &p,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a folder sits at this frame's name: move it or name other frames",
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Writes `[T][H][W][3]` RGB8 frames.
     pub(crate) fn write_rgb(&mut self, rgb: &[u8]) -> Result<()> {
         for f in rgb.chunks_exact(self.width * self.height * 3) {
+            // Checked as each frame comes (an error before the work is spent) and again for
+            // all of them before the first is moved (see `move_into_place`).
+            self.check_frame_target(self.frames)?;
             let file = self.tmp.join(self.target.name(self.frames));
             self.write_one(&file, f)?;
             self.frames += 1;
@@ -176,6 +211,10 @@ impl PngWriter {
                 std::fs::rename(tmp, dir).map_err(io_err)
             }
             PngTarget::Folder(dir) | PngTarget::Pattern { dir, .. } => {
+                // Every target is checked before any frame moves: a refused one leaves none.
+                for i in 0..self.frames {
+                    self.check_frame_target(i)?;
+                }
                 for i in 0..self.frames {
                     let name = self.target.name(i);
                     std::fs::rename(tmp.join(&name), dir.join(&name)).map_err(io_err)?;

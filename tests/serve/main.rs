@@ -328,6 +328,90 @@ async fn connections_beyond_the_limit_are_closed() {
     }
 }
 
+/// Idle WebSockets holding the WebSockets' share of the connections (`max_connections -
+/// http_reserved`) do not lock the server: one more WebSocket is answered 503, the page and
+/// `/health` still load on the connections kept for HTTP, and a WebSocket is accepted again
+/// once one leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_cannot_take_the_connections_kept_for_http() {
+    let cfg = ServeConfig {
+        port: 0,
+        max_streams: 1,
+        max_connections: 4,
+        http_reserved: Some(2),
+        ..ServeConfig::default()
+    };
+    let server = Server::load(&cfg).unwrap().start("127.0.0.1", 0).unwrap();
+    let addr = server.addr();
+    let a = connect(addr).await;
+    let _b = connect(addr).await;
+    let url = format!("ws://{addr}/ws");
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(&url))
+        .await
+        .expect("an answer in time")
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status().as_u16(), 503);
+            let body = String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).to_string();
+            assert!(body.contains("too many WebSocket connections"), "{body}");
+        }
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a WebSocket beyond the WebSockets' share was accepted"),
+    }
+    let (status, page) = http_get(addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("id=\"start\""));
+    assert_eq!(health(addr).await, (0, 1));
+    drop(a);
+    // The server notices the closed socket shortly after.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio_tungstenite::connect_async(&url).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no WebSocket place came free after a client left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A WebSocket that runs no stream and receives nothing for `ws_idle_timeout` is closed;
+/// pings count as traffic, and a connection with a running stream is not idle while the
+/// client only reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_is_closed_and_pings_keep_one_open() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let idle_timeout = Duration::from_millis(500);
+    let cfg = ServeConfig {
+        port: 0,
+        max_streams: 1,
+        fps: 0.0,
+        ws_idle_timeout: idle_timeout,
+        ..ServeConfig::default()
+    };
+    let server = Server::load(&cfg).unwrap().start("127.0.0.1", 0).unwrap();
+    let addr = server.addr();
+    let mut idle = connect(addr).await;
+    let mut pinging = connect(addr).await;
+    // More than two idle periods, a ping every fifth of one (room for a loaded machine).
+    for _ in 0..12 {
+        pinging.send(Message::Ping(vec![1u8].into())).await.unwrap();
+        tokio::time::sleep(idle_timeout / 5).await;
+    }
+    let got = tokio::time::timeout(Duration::from_secs(10), recv(&mut idle))
+        .await
+        .expect("an idle WebSocket stayed open");
+    assert!(matches!(got, Got::Closed), "{got:?}");
+    // The pinged one is still open and works; while its stream runs the client only reads,
+    // for more than an idle period.
+    send(&mut pinging, &start("still here", 0)).await;
+    await_started(&mut pinging).await;
+    let t = tokio::time::Instant::now();
+    while t.elapsed() < idle_timeout * 2 {
+        next_block(&mut pinging).await;
+    }
+}
+
 /// The path with files: a Wan model directory, a TAEHV decoder and a umT5 text encoder with
 /// its tokenizer (the tiny golden files of the test data).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,6 +466,15 @@ fn bad_settings_are_refused_before_listening() {
     assert!(bad(|c| c.generate.height = 3).contains("even"));
     assert!(bad(|c| c.max_connections = 1).contains("max_connections"));
     assert!(bad(|c| c.request_timeout = Duration::ZERO).contains("request_timeout"));
+    assert!(bad(|c| c.ws_idle_timeout = Duration::ZERO).contains("ws_idle_timeout"));
+    assert!(bad(|c| c.http_reserved = Some(0)).contains("http_reserved"));
+    // The WebSockets' share must hold max_streams.
+    assert!(bad(|c| {
+        c.max_connections = 4;
+        c.max_streams = 2;
+        c.http_reserved = Some(3);
+    })
+    .contains("max_connections"));
 }
 
 /// The `serve` command: starts, prints its address, answers `/health`; bad flags fail.

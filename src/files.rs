@@ -44,7 +44,10 @@ fn not_regular(path: &Path, what: &str) -> Error {
         path,
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("not a regular file (a directory, FIFO or device); expected {what}"),
+            format!(
+                "not a regular file (a directory, FIFO, pipe such as /dev/stdin or <(...), \
+                 socket or device): save it to a file; expected {what}"
+            ),
         ),
     )
 }
@@ -56,6 +59,10 @@ fn not_regular(path: &Path, what: &str) -> Error {
 /// the open cannot make the caller read a FIFO or a device. The file is then switched back to
 /// blocking reads (regular files never block either way).
 pub fn open_regular_file(path: &Path, what: &str) -> Result<(std::fs::File, std::fs::Metadata)> {
+    // The path is checked first, so that a device or socket named by mistake is refused
+    // without being opened (opening a serial port or a tape has effects, and a socket's open
+    // fails with an unhelpful ENXIO); the open file is checked again below.
+    regular_file(path, what)?;
     #[cfg(test)]
     tests::before_open(path);
     #[cfg(unix)]
@@ -63,12 +70,16 @@ pub fn open_regular_file(path: &Path, what: &str) -> Result<(std::fs::File, std:
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
             .open(path)
     };
     #[cfg(not(unix))]
     let file = std::fs::File::open(path);
-    let file = file.map_err(|e| Error::io(path, e))?;
+    let file = file.map_err(|e| match std::fs::metadata(path) {
+        // Swapped for something that is not a regular file since the check.
+        Ok(m) if !m.is_file() => not_regular(path, what),
+        _ => Error::io(path, e),
+    })?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
         return Err(not_regular(path, what));

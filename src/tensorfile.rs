@@ -531,14 +531,10 @@ pub fn write_tensors(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     // Unique per call: two writers of one path (threads of a library user) must not share it.
-    let tmp = crate::video::atomic::temp_name(dir, path, "tmp");
     // Created exclusively: whatever already sits at the (predictable) name, a symlink to
     // another file or a FIFO, is neither written through nor opened.
-    let file = std::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| Error::io(&tmp, e))?;
+    let (tmp, file) = crate::video::atomic::create_temp_file(dir, path, "tmp", false)
+        .map_err(|e| crate::video::atomic::create_error(path, e))?;
     let res = (|| -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(file);
         f.write_all(&(h.len() as u64).to_le_bytes())?;

@@ -375,7 +375,8 @@ struct GenerateArgs {
     /// Backend.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
-    /// Devices: a count N (CPU: N worker threads) or comma-separated indices (one device each).
+    /// Devices: a count N (CPU: N worker threads) or comma-separated indices (one device each;
+    /// on the CPU only 0,1,...,N-1, which means N).
     #[arg(long, default_value = "0")]
     devices: String,
     /// How devices share K/V: joint (every layer, exact) or lagged (once per tick).

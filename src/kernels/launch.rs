@@ -337,10 +337,14 @@ impl AttentionTile {
             "ws" => Ok(AttentionTile::WgmmaWs),
             "ws_deep" => Ok(AttentionTile::WgmmaWsDeep),
             other => Err(format!(
-                "BC_ATTN_WGMMA_VARIANT={other}: expected base, k128, pp, pp_k128, ws or ws_deep"
+                "BC_ATTN_WGMMA_VARIANT={other}: expected {}",
+                Self::WGMMA_VARIANT_NAMES
             )),
         }
     }
+
+    /// The names [`AttentionTile::wgmma_variant`] takes, for error messages.
+    pub const WGMMA_VARIANT_NAMES: &'static str = "base, k128, pp, pp_k128, ws or ws_deep";
 
     /// The kernel for `head_dim` (at most 64: the hd64 kernels, else the hd128 ones).
     pub fn kernel(self, head_dim: usize) -> Kernel {

@@ -611,6 +611,8 @@ async fn ws(State(s): State<Arc<Shared>>, up: WebSocketUpgrade) -> Response {
             [
                 (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
                 (header::CACHE_CONTROL, "no-store"),
+                // Frees the connection (one of those kept for plain HTTP) at once.
+                (header::CONNECTION, "close"),
             ],
             "too many WebSocket connections: try again later\n",
         )

@@ -78,6 +78,7 @@ pub(super) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
                 }
             }
             Some(reply) = acked.recv() => {
+                active = tokio::time::Instant::now();
                 sw.in_flight = false;
                 // The newest switch that waited for this one goes next.
                 if let (Some(prompt), Some(l)) = (sw.pending.take(), live.as_ref()) {
@@ -88,6 +89,9 @@ pub(super) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
                 }
             }
             item = next_item(&mut live) => {
+                // A stream that just ended or failed was activity: its last block may have
+                // taken longer than the idle timeout.
+                active = tokio::time::Instant::now();
                 let sent = match item {
                     Some(Item::Block(header, frames)) => send_block(&mut socket, header, frames).await,
                     Some(Item::Failed(m)) => {
@@ -105,7 +109,7 @@ pub(super) async fn run(mut socket: WebSocket, shared: Arc<Shared>) {
             }
             _ = tokio::time::sleep_until(idle_at), if live.is_none() && !sw.in_flight => {
                 let close = Message::Close(Some(axum::extract::ws::CloseFrame {
-                    code: axum::extract::ws::close_code::AWAY,
+                    code: axum::extract::ws::close_code::NORMAL,
                     reason: "idle timeout".into(),
                 }));
                 let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close)).await;

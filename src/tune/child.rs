@@ -42,20 +42,35 @@ fn drain(mut r: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
     rx
 }
 
+/// Most bytes of a child's stream the parent keeps: the last ones (the result line is the
+/// last line), so a descendant writing at pipe speed cannot fill the parent's memory.
+const KEEP: usize = 1 << 20;
+
 /// The text a [`drain`] received, once the child is gone: until the end of the stream, or
-/// [`QUIET`] without a chunk, or [`DRAIN`] in all, whichever comes first.
-fn collect(rx: Option<mpsc::Receiver<Vec<u8>>>) -> String {
+/// [`QUIET`] without a chunk, or the deadline `end` (shared by both streams), whichever comes
+/// first; only the last [`KEEP`] bytes.
+fn collect(rx: Option<mpsc::Receiver<Vec<u8>>>, end: Instant) -> String {
     let Some(rx) = rx else {
         return String::new();
     };
-    let end = Instant::now() + DRAIN;
     let mut bytes = Vec::new();
     loop {
         let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
         match rx.recv_timeout(left.min(QUIET)) {
-            Ok(chunk) => bytes.extend_from_slice(&chunk),
+            Ok(chunk) => {
+                bytes.extend_from_slice(&chunk);
+                if bytes.len() > 2 * KEEP {
+                    bytes.drain(..bytes.len() - KEEP);
+                }
+            }
             Err(_) => break,
         }
+    }
+    if bytes.len() > KEEP {
+        bytes.drain(..bytes.len() - KEEP);
     }
     String::from_utf8_lossy(&bytes).into_owned()
 }
@@ -133,7 +148,8 @@ pub fn run_child(
             }
         }
     };
-    let (stdout, stderr) = (collect(out), collect(err));
+    let end = Instant::now() + DRAIN;
+    let (stdout, stderr) = (collect(out, end), collect(err, end));
     let last_err = stderr
         .lines()
         .rev()
@@ -206,7 +222,7 @@ mod tests {
             &[
                 "-c".into(),
                 "echo 'BC_TUNE_RESULT {\"outcome\":\"ok\",\"ms\":2.0,\"err\":0.001}'; \
-                 setsid sleep 3 & exit 0"
+                 sleep 3 & exit 0"
                     .into(),
             ],
             &[],

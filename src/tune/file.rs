@@ -106,7 +106,10 @@ impl Choices {
     pub fn parse(&self) -> std::result::Result<Parsed, String> {
         let attention = match &self.attention {
             Some(v) => Some(AttentionTile::wgmma_variant(Some(v)).map_err(|_| {
-                format!("field \"attention\": {v:?} is not base, k128, pp, pp_k128 or ws")
+                format!(
+                    "field \"attention\": {v:?} is not {}",
+                    AttentionTile::WGMMA_VARIANT_NAMES
+                )
             })?),
             None => None,
         };
@@ -300,14 +303,11 @@ impl TuningFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| Error::invalid(format!("{}: not a file name", path.display())))?;
-        let tmp = crate::video::atomic::temp_name(&dir, Path::new(&name), "tmp");
         let text =
             serde_json::to_string_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
-        let mut f = std::fs::File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(&tmp, e))?;
+        let (tmp, mut f) =
+            crate::video::atomic::create_temp_file(&dir, Path::new(&name), "tmp", false)
+                .map_err(|e| crate::video::atomic::create_error(path, e))?;
         let written = (|| {
             use std::io::Write;
             f.write_all((text + "\n").as_bytes())?;
@@ -508,10 +508,18 @@ mod tests {
             .file_type()
             .is_fifo());
         std::fs::remove_file(&path).unwrap();
-        let old_tmp = dir
-            .path()
-            .join(format!(".tuning.json.{}.tmp", std::process::id()));
-        mkfifo(&old_tmp);
+        // FIFOs at the next temporary names this process will take: the save must open none
+        // of them (a plain create would block on the first), skip them and write the file.
+        let next = crate::video::atomic::COUNTER.load(std::sync::atomic::Ordering::Relaxed);
+        let fifos: Vec<PathBuf> = (next..next + 8)
+            .map(|n| {
+                let f = dir
+                    .path()
+                    .join(format!(".tuning.json.tmp-{}-{n}", std::process::id()));
+                mkfifo(&f);
+                f
+            })
+            .collect();
         let (tx, rx) = std::sync::mpsc::channel();
         let p = path.clone();
         std::thread::spawn(move || {
@@ -521,18 +529,11 @@ mod tests {
             .expect("save blocked opening a FIFO")
             .unwrap();
         assert!(TuningFile::load(&path).unwrap().is_some());
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(
-            names,
-            [
-                format!(".tuning.json.{}.tmp", std::process::id()),
-                "tuning.json".to_string()
-            ]
-        );
+        for f in &fifos {
+            assert!(std::fs::symlink_metadata(f).unwrap().file_type().is_fifo());
+        }
+        let names = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(names, fifos.len() + 1, "a temporary file was left behind");
     }
 
     #[test]

@@ -22,6 +22,38 @@ pub(crate) fn temp_name(dir: &Path, target: &Path, tag: &str) -> PathBuf {
     dir.join(format!(".{name}.{tag}-{}-{n}", std::process::id()))
 }
 
+/// How many fresh names [`create_temp_file`] tries: a name already taken (a file left by a
+/// killed run of a process with the same id, as in containers) moves on to the next one.
+const TEMP_TRIES: usize = 16;
+
+/// Creates a fresh temporary file for `target` in `dir` ([`temp_name`]), exclusively: whatever
+/// already sits at a name (a symlink, a FIFO, a file left behind) is neither opened nor
+/// written through; the next name is tried, up to [`TEMP_TRIES`] of them. `read` also opens it
+/// for reading.
+pub(crate) fn create_temp_file(
+    dir: &Path,
+    target: &Path,
+    tag: &str,
+    read: bool,
+) -> io::Result<(PathBuf, File)> {
+    let mut tries = 0;
+    loop {
+        let tmp = temp_name(dir, target, tag);
+        match File::options()
+            .read(read)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries + 1 < TEMP_TRIES => {
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The folder a file `path` lives in ("." for a bare file name).
 pub(crate) fn parent_dir(path: &Path) -> &Path {
     path.parent()
@@ -63,12 +95,7 @@ impl TempFile {
             ));
         }
         crate::files::check_output_target(target)?;
-        let tmp = temp_name(parent_dir(target), target, tag);
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
+        let (tmp, file) = create_temp_file(parent_dir(target), target, tag, true)
             .map_err(|e| create_error(target, e))?;
         Ok(TempFile {
             tmp,

@@ -197,9 +197,12 @@ __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const Bc
     if constexpr (DEEP) {
         // Per tile: wait for the stage, issue the copies, hand them to full[s] (the arrive-on
         // happens when they land), then thread 0 writes the ring entry and releases it with a
-        // plain arrive (full[s] counts WS_WG + 1). Tile 0 (with Q) is published as in _ws: the
-        // producer must see Q land to flip its sign. Up to WS_STAGES tiles in flight, bounded by
-        // empty[] only.
+        // plain arrive (full[s] counts WS_WG + 1). Tile 0 (with Q) is published as in _ws, since
+        // the producer must see Q land to flip its sign, but only after the next tile (or the
+        // end marker) is issued and handed over: its copies are not committed, so the
+        // wait_group for tile 0's group does not wait for them, and two tiles are in flight from
+        // the start as in _ws. Then up to WS_STAGES tiles in flight, bounded by empty[] only.
+        int first = -1;  // the stage of tile 0 while it waits to be published
         for (int j = 0;; ++j) {
             if (use > 0) bc_mbar_wait(&empty[s], (use - 1) & 1);  // its previous tile is consumed
             const int kn = cur.have ? min(WS_BK, cur.seg.tokens - cur.k0) : 0;
@@ -207,16 +210,20 @@ __device__ __forceinline__ void ws_producer(const BcAttentionParams& p, const Bc
                 if (j == 0) load_q();
                 load_kv(s, cur.seg, cur.k0, kn);
             }
+            if (pt == 0) ring[s] = kn;  // 0: the end marker
             if (j == 0 && cur.have) {
-                bc_cp_async_commit();
-                bc_cp_async_wait_group<0>();
-                publish(s, true);
+                bc_cp_async_commit();  // tile 0's group, waited for below
+                first = s;
             } else {
-                bc_cp_async_mbar_arrive_noinc(&full[s]);  // (the end marker: nothing new to track)
-            }
-            if (pt == 0) {
-                ring[s] = kn;  // 0: the end marker
-                bc_mbar_arrive(&full[s]);
+                // Tracks every earlier copy of this thread (the end marker: nothing new).
+                bc_cp_async_mbar_arrive_noinc(&full[s]);
+                if (pt == 0) bc_mbar_arrive(&full[s]);  // releases the ring entry
+                if (first >= 0) {
+                    bc_cp_async_wait_group<0>();  // tile 0 and Q (committed) have landed
+                    publish(first, true);
+                    if (pt == 0) bc_mbar_arrive(&full[first]);
+                    first = -1;
+                }
             }
             if (!cur.have) {
                 // No producer thread exits with copies in flight: the end marker's phase

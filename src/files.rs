@@ -131,6 +131,19 @@ pub fn check_output_target(path: &Path) -> Result<()> {
     }
 }
 
+/// Makes a FIFO at `path` (tests of the refusals above, here and in other modules).
+#[cfg(all(test, unix))]
+pub(crate) fn test_mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in path");
+    // SAFETY: mkfifo with a valid, NUL-terminated C string.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "{}",
+        path.display()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,9 +174,7 @@ mod tests {
         let f = dir.path().join("a.json");
         std::fs::write(&f, b"[1]").unwrap();
         let fifo = dir.path().join("fifo");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: mkfifo with a valid C string.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        test_mkfifo(&fifo);
         let (tx, rx) = std::sync::mpsc::channel();
         let path = f.clone();
         std::thread::spawn(move || {

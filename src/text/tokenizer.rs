@@ -192,9 +192,7 @@ mod tests {
     fn a_fifo_named_tokenizer_json_is_not_a_missing_tokenizer() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("tokenizer.json");
-        let c = std::ffi::CString::new(f.to_str().unwrap()).unwrap();
-        // SAFETY: mkfifo with a valid C string.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        crate::files::test_mkfifo(&f);
         for explicit in [None, Some(dir.path())] {
             let m = Tokenizer::find(dir.path(), explicit)
                 .unwrap_err()

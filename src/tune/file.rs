@@ -486,11 +486,7 @@ mod tests {
     #[test]
     fn save_refuses_a_fifo_target_and_never_opens_one() {
         use std::os::unix::fs::FileTypeExt;
-        let mkfifo = |p: &Path| {
-            let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
-            // SAFETY: mkfifo with a valid C string.
-            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        };
+        let mkfifo = crate::files::test_mkfifo;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tuning.json");
         mkfifo(&path);
